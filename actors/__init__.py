@@ -1,0 +1,1 @@
+"""Thin Ray actors around `rlhf_cluster` objects, the pools that hold them, the driver and the CLI."""

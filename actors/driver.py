@@ -1,0 +1,297 @@
+"""The driver: a producer that runs ahead under admission control and a consumer that trains.
+
+    producer: wait for admission -> prompts -> generation -> scoring -> advantages -> buffer
+    consumer: buffer.take(min_version=step - max_staleness) -> learner.train -> publish version
+
+Every task runs in one asyncio.TaskGroup: if any of them fails, the others are cancelled and the
+job ends with that cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from actors.generation import GenerationWorker
+from actors.learner import LearnerRank
+from actors.pools import ActorPool, actor_options
+from actors.scoring import ReferenceWorker, RewardWorker
+from rlhf_cluster.buffer import ExperienceBuffer
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
+from rlhf_cluster.experience import build_group, group_rollouts
+from rlhf_cluster.metrics import (
+    BUFFER_DEPTH, BUFFER_DROPPED, CORRECTION_ESS, LEARNER_VERSION, STALENESS, TRAIN_CLIP, TRAIN_ENTROPY, TRAIN_KL,
+    TRAIN_REWARD, MetricLabels, serve_metrics,
+)
+from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
+from rlhf_cluster.tiny_model import ensure_tiny_model
+
+
+@dataclass
+class ConsumedSample:
+    """Provenance of a sample the learner trained on (for tests and audits)."""
+
+    step: int
+    sample_id: str
+    policy_version: int
+    worker: str
+
+
+@dataclass
+class JobResult:
+    """What a finished job reports: per-step rows and every consumed sample."""
+
+    rows: list[dict] = field(default_factory=list)
+    consumed: list[ConsumedSample] = field(default_factory=list)
+    final_version: int = 0
+    run_dir: str = ""
+
+
+def prepare_run_dir(cfg: JobConfig) -> Path:
+    """A fresh run directory: artifacts of an earlier run of the same name are removed."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    for stale in (cfg.weights_dir, run_dir / "metrics.jsonl"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class Driver:
+    """Owns the pools, the buffer and the two loops of one job."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.run_dir = prepare_run_dir(cfg)
+        self.model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+        train_file, _ = prepare_prompt_files(cfg.data, self.run_dir)
+        prompts = read_prompt_file(train_file)
+        self.answers = {p.prompt_id: p.answer for p in prompts}
+        self.source = PromptSource(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.buffer = ExperienceBuffer(cfg.buffer.capacity)
+        self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")
+        self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
+        self.published_version = 0
+        self.groups_started = 0
+        self.groups_dropped = 0
+        self.worker_of: dict[str, str] = {}
+        self.result = JobResult(run_dir=str(self.run_dir))
+        self._changed = asyncio.Condition()
+        self._start_pools()
+
+    # ---- pools ---------------------------------------------------------------------------
+    def _start_pools(self) -> None:
+        cfg, cfg_dict = self.cfg, self.cfg.model_dump()
+        gen_opts = actor_options(cfg.generation.resources)
+        score_opts = actor_options(cfg.scoring.resources)
+        learn_opts = actor_options(cfg.learner.resources)
+        world = cfg.learner.world_size
+        # Learner first: rank 0 publishes version 0 before any worker asks the store for weights.
+        self.ranks = [LearnerRank.options(**learn_opts).remote(cfg_dict, self.model_path, r, world) for r in range(world)]
+        addr, port = ray.get(self.ranks[0].address.remote())
+        ray.get([rank.setup.remote(addr, port) for rank in self.ranks])
+        ray.get([rank.publish.remote(0) for rank in self.ranks])
+        ray.get(self.ranks[0].wait_published.remote(0))
+        self.generation = ActorPool(
+            "generation",
+            lambda i: GenerationWorker.options(**gen_opts).remote(cfg_dict, self.model_path, i),
+            cfg.generation.replicas,
+        )
+        self.rewards = ActorPool(
+            "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i), cfg.scoring.reward_replicas
+        )
+        self.references = None
+        if cfg.scoring.reference:
+            self.references = ActorPool(
+                "reference",
+                lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, self.model_path, i),
+                cfg.scoring.reference_replicas,
+            )
+        ray.get([w.info.remote() for w in self.generation.actors])
+
+    def shutdown(self) -> None:
+        for pool in (self.generation, self.rewards, self.references):
+            if pool is not None:
+                pool.kill()
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+
+    # ---- producer ------------------------------------------------------------------------
+    def _allowance(self) -> int:
+        """Prompt groups that may start now (DESIGN: admission control)."""
+        t = self.cfg.train
+        limit = (self.published_version + t.max_staleness + 1) * t.prompts_per_step
+        return limit - (self.groups_started - self.groups_dropped)
+
+    async def _produce(self, tg: asyncio.TaskGroup) -> None:
+        max_requests = 2 * len(self.generation)
+        in_flight: set[asyncio.Task] = set()
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(lambda: self._allowance() > 0 and len(in_flight) < max_requests)
+                    k = min(self.cfg.generation.prompts_per_request, self._allowance())
+                    self.groups_started += k
+                prompts = [self.source.next_prompt() for _ in range(k)]
+                task = tg.create_task(self._process(prompts))
+                in_flight.add(task)
+                task.add_done_callback(lambda t: self._request_done(in_flight, t))
+        finally:
+            # The consumer is done (or the job failed): requests still running are not needed.
+            for task in list(in_flight):
+                task.cancel()
+
+    def _request_done(self, in_flight: set, task: asyncio.Task) -> None:
+        in_flight.discard(task)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _process(self, prompts: list[Prompt]) -> None:
+        worker = self.generation.next()
+        rollouts: list[Rollout] = await worker.generate.remote(prompts, self.published_version)
+        answers = {p.prompt_id: p.answer for p in prompts}
+        score_ref = self.rewards.next().score.remote(rollouts, answers)
+        ref_ref = self.references.next().logprobs.remote(rollouts) if self.references else None
+        scores = await score_ref
+        refs = await ref_ref if ref_ref is not None else None
+        by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
+        async with self._changed:
+            for group in group_rollouts(rollouts).values():
+                idx = [by_index[r.sample_id] for r in group]
+                samples, _ = build_group(
+                    group, [scores[i] for i in idx], [refs[i] for i in idx] if refs else None, self.cfg.algorithm
+                )
+                self.buffer.add_group(samples)
+                for r in group:
+                    self.worker_of[r.sample_id] = r.worker
+            self.labels.of(BUFFER_DEPTH).set(self.buffer.depth)
+            self._changed.notify_all()
+
+    # ---- consumer ------------------------------------------------------------------------
+    async def _take(self, step: int) -> list[ScoredSample]:
+        t = self.cfg.train
+        async with self._changed:
+            while True:
+                before = self.buffer.dropped["stale"]
+                samples = self.buffer.take(t.prompts_per_step, min_version=step - t.max_staleness)
+                dropped = self.buffer.dropped["stale"] - before
+                if dropped:
+                    # Dropped groups free admission so the producer regenerates them.
+                    self.groups_dropped += dropped // self.cfg.generation.sampling.n
+                    self.labels.of(BUFFER_DROPPED, reason="stale").inc(dropped)
+                    self._changed.notify_all()
+                if samples is not None:
+                    self.labels.of(BUFFER_DEPTH).set(self.buffer.depth)
+                    return samples
+                await self._changed.wait()
+
+    async def _publish_done(self, version: int) -> None:
+        await self.ranks[0].wait_published.remote(version)
+        async with self._changed:
+            self.published_version = max(self.published_version, version)
+            self.labels.of(LEARNER_VERSION).set(self.published_version)
+            self._changed.notify_all()
+
+    async def _consume(self, tg: asyncio.TaskGroup, producer: asyncio.Task) -> None:
+        cfg = self.cfg
+        world = cfg.learner.world_size
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        bar = tqdm(total=cfg.train.total_steps, desc="train", disable=not cfg.train.progress, dynamic_ncols=True)
+        last = time.perf_counter()
+        try:
+            for step in range(cfg.train.total_steps):
+                samples = await self._take(step)
+                staleness = [step - s.policy_version for s in samples]
+                for lag in staleness:
+                    self.labels.of(STALENESS).observe(lag)
+                shards = [samples[r::world] for r in range(world)]
+                stats = (await asyncio.gather(
+                    *[rank.train.remote(TrainBatch.from_samples(shard), step + 1) for rank, shard in zip(self.ranks, shards)]
+                ))[0]
+                tg.create_task(self._publish_done(step + 1))
+                for s in samples:
+                    self.result.consumed.append(ConsumedSample(step, s.sample_id, s.policy_version, self.worker_of.pop(s.sample_id)))
+                now = time.perf_counter()
+                row = self._row(step, samples, staleness, stats, now - last)
+                last = now
+                self.result.rows.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                bar.update(1)
+                bar.write(
+                    f"step {row['step']:4d} | version {row['weight_version']:4d} | reward {row['reward_mean']:+.3f} | "
+                    f"kl {row['kl']:.5f} | staleness {row['staleness_mean']:.2f} (max {row['staleness_max']}) | "
+                    f"step {row['step_seconds']:.2f}s"
+                )
+        finally:
+            bar.close()
+            metrics_file.close()
+            producer.cancel()
+
+    def _row(self, step: int, samples: list[ScoredSample], staleness: list[int], stats: dict, seconds: float) -> dict:
+        rewards = [s.reward for s in samples]
+        row = {
+            "step": step,
+            "weight_version": step + 1,
+            "reward_mean": statistics.fmean(rewards),
+            "reward_std": statistics.pstdev(rewards),
+            "kl": stats["policy/kl"],
+            "staleness_mean": statistics.fmean(staleness),
+            "staleness_max": max(staleness),
+            "step_seconds": seconds,
+            "learner_seconds": stats["learner/step_seconds"],
+            "samples": len(samples),
+            "response_len_mean": statistics.fmean(len(s.response_ids) for s in samples),
+            "buffer_depth": self.buffer.depth,
+            "dropped_stale": self.buffer.dropped["stale"],
+            "time": time.time(),
+        }
+        row.update({k: v for k, v in stats.items() if k not in row})
+        self.labels.of(TRAIN_KL).set(row["kl"])
+        self.labels.of(TRAIN_REWARD).set(row["reward_mean"])
+        self.labels.of(TRAIN_ENTROPY).set(stats.get("policy/entropy", 0.0))
+        self.labels.of(TRAIN_CLIP).set(stats.get("policy/clip_frac", 0.0))
+        self.labels.of(CORRECTION_ESS).set(stats.get("correction/ess", 1.0))
+        return row
+
+    # ---- the job -------------------------------------------------------------------------
+    async def run(self) -> JobResult:
+        async with asyncio.TaskGroup() as tg:
+            producer = tg.create_task(self._produce(tg))
+            tg.create_task(self._consume(tg, producer))
+        self.result.final_version = self.published_version
+        return self.result
+
+
+def run_job(cfg: JobConfig) -> JobResult:
+    """Run one job on the connected Ray cluster (the caller has called `ray.init`)."""
+    driver = Driver(cfg)
+    try:
+        return asyncio.run(_run_unwrapped(driver))
+    finally:
+        driver.shutdown()
+
+
+async def _run_unwrapped(driver: Driver) -> JobResult:
+    try:
+        return await driver.run()
+    except BaseExceptionGroup as group:
+        # Surface the first real cause rather than an ExceptionGroup wrapper.
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group

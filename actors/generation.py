@@ -1,0 +1,63 @@
+"""GenerationWorker: a vLLM engine in a Ray actor that pulls weight versions from the store."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from actors._common import actor_setup
+from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster import metrics as m
+from rlhf_cluster.records import Rollout
+from rlhf_cluster.weights import WeightStore
+
+
+@ray.remote
+class GenerationWorker:
+    """Generates rollout groups; before each request it loads the newest published version."""
+
+    def __init__(self, cfg_dict: dict, model_path: str, index: int):
+        self.name = f"gen{index}"
+        cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "generation", self.name)
+        self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
+        self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index, name=self.name)
+        self.labels.of(m.GENERATION_VERSION).set(0)
+
+    def info(self) -> dict:
+        return {"name": self.name, "metrics_port": self.metrics_port, "version": self.engine.version}
+
+    def sync(self, min_version: int = 0) -> int:
+        """Load the newest published version if it is newer than the engine's; returns the version held."""
+        latest = self.store.latest_version()
+        if latest is None or latest <= self.engine.version:
+            if min_version > self.engine.version:
+                raise RuntimeError(f"{self.name}: version {min_version} requested but the store's newest is {latest}")
+            return self.engine.version
+        start = time.perf_counter()
+        self.store.acquire(latest, self.name)
+        try:
+            weights = self.store.load(latest)
+            self.engine.load_weights(latest, weights.items())
+        finally:
+            self.store.release(latest, self.name)
+        self.labels.of(m.WEIGHTS_SYNC_SECONDS).observe(time.perf_counter() - start)
+        self.labels.of(m.WEIGHTS_SYNC_BYTES).inc(sum(t.numel() * t.element_size() for t in weights.values()))
+        self.labels.of(m.GENERATION_VERSION).set(latest)
+        return latest
+
+    def generate(self, prompts: list[Prompt], min_version: int) -> list[Rollout]:
+        """`n` rollouts per prompt with weights of version >= `min_version`."""
+        self.sync(min_version)
+        gauge = self.labels.of(m.GENERATION_IN_FLIGHT)
+        gauge.inc(len(prompts))
+        try:
+            rollouts, stats = self.engine.generate(prompts)
+        finally:
+            gauge.dec(len(prompts))
+        self.labels.of(m.GENERATION_TOKENS).inc(stats.tokens)
+        return rollouts
+
+    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        return self.engine.logprobs_of(prompt_ids, response_ids)

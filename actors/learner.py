@@ -1,0 +1,73 @@
+"""LearnerRank actors: one torch.distributed (FSDP2) group that trains and publishes weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+from concurrent.futures import Future
+
+import ray
+import torch
+import torch.distributed as dist
+
+from actors._common import actor_setup, limit_threads
+from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster import metrics as m
+from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.weights import WeightStore
+
+
+@ray.remote(max_concurrency=2)  # a second thread answers wait_published while a step runs
+class LearnerRank:
+    """One rank of the learner group; rank 0 also publishes versions to the weight store."""
+
+    def __init__(self, cfg_dict: dict, model_path: str, rank: int, world_size: int):
+        self.cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "learner", f"rank{rank}")
+        self.model_path, self.rank, self.world_size = model_path, rank, world_size
+        self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep) if rank == 0 else None
+        self.pending: dict[int, Future] = {}
+        self.learner: FSDP2Learner | None = None
+        limit_threads(world_size + 1)
+
+    def address(self) -> tuple[str, int]:
+        """Host and a free port for the process group's rendezvous (asked of rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group and shard the model (all ranks at once)."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        self.learner = FSDP2Learner(self.cfg, self.model_path)
+        return {"rank": self.rank, "metrics_port": self.metrics_port}
+
+    def publish(self, version: int) -> None:
+        """Collective: gather the full state dict; rank 0 queues it for the store and returns."""
+        state = self.learner.full_state_dict()
+        if self.rank == 0:
+            self.pending[version] = self.store.publish_async(version, state)
+
+    def wait_published(self, version: int) -> dict:
+        """Block until `version` is durable in the store (rank 0); returns write time and bytes."""
+        self.pending.pop(version).result()
+        self.labels.of(m.LEARNER_VERSION).set(version)
+        return {"seconds": self.store.last_publish_seconds, "bytes": self.store.last_publish_bytes}
+
+    def train(self, batch: TrainBatch, version: int) -> dict[str, float]:
+        """One learner step on this rank's share, then publish the result as `version`."""
+        metrics = self.learner.train_step(batch)
+        self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
+        self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
+        self.publish(version)
+        return metrics
+
+    def shard_info(self) -> dict[str, tuple[int, int]]:
+        return self.learner.shard_info()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective; rank 0 returns the gathered weights, other ranks an empty dict."""
+        return self.learner.full_state_dict()

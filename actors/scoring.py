@@ -1,0 +1,44 @@
+"""Scoring pool actors: rule-based rewards and the frozen reference model."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors._common import actor_setup, limit_threads
+from rlhf_cluster import metrics as m
+from rlhf_cluster.records import Rollout
+from rlhf_cluster.scoring.reference import ReferenceModel
+from rlhf_cluster.scoring.rewards import RuleReward
+
+
+@ray.remote
+class RewardWorker:
+    """Applies the task's verifier to responses."""
+
+    def __init__(self, cfg_dict: dict, index: int):
+        cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
+        if cfg.data.task is None:
+            raise ValueError("data.task: a rule-based reward needs a built-in task's verifier")
+        self.reward = RuleReward(cfg.data.task)
+
+    def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
+        out = self.reward.score(rollouts, answers)
+        self.labels.of(m.SCORING_SAMPLES).inc(len(out))
+        return out
+
+
+@ray.remote
+class ReferenceWorker:
+    """Per-token log-probs of responses under the frozen initial policy."""
+
+    def __init__(self, cfg_dict: dict, model_path: str, index: int):
+        cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reference", f"ref{index}")
+        limit_threads(2)
+        dtype = getattr(torch, cfg.model.dtype)
+        self.model = ReferenceModel(model_path, dtype, temperature=cfg.generation.sampling.temperature)
+
+    def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
+        out = self.model.logprobs(rollouts)
+        self.labels.of(m.SCORING_SAMPLES).inc(len(out))
+        return out

@@ -1,0 +1,25 @@
+"""RL maths for the learner: KL, advantages, losses and train/inference mismatch correction."""
+
+from .advantages import broadcast_to_tokens, gae, group_advantages, reinforce_pp_advantages, rloo_advantages
+from .correction import importance_weights
+from .kl import AdaptiveKLController, FixedKLController, kl_penalty
+from .losses import entropy, entropy_from_logits, kl_loss, masked_mean, masked_sum, policy_loss, value_loss
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "broadcast_to_tokens",
+    "entropy",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "importance_weights",
+    "kl_loss",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "policy_loss",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+    "value_loss",
+]

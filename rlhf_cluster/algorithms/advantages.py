@@ -1,0 +1,136 @@
+"""Advantage estimators: GAE (critic), group-relative (GRPO / Dr.GRPO), RLOO and REINFORCE++.
+
+All functions run under ``no_grad``: advantages are targets, never differentiated through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+GroupIds = Sequence[Hashable] | torch.Tensor
+
+
+def _group_index(group_ids: GroupIds, device: torch.device | None = None) -> tuple[torch.Tensor, int]:
+    """Map arbitrary group ids to dense indices ``0..G-1`` (first-seen order for lists)."""
+    if isinstance(group_ids, torch.Tensor):
+        _, idx = torch.unique(group_ids.reshape(-1), return_inverse=True)
+        n = int(idx.max()) + 1 if idx.numel() else 0
+        return idx.to(device), n
+    lookup: dict = {}
+    idx = [lookup.setdefault(g, len(lookup)) for g in group_ids]
+    return torch.tensor(idx, dtype=torch.long, device=device), len(lookup)
+
+
+def _group_stats(rewards: torch.Tensor, idx: torch.Tensor, n: int):
+    """Per-sample group size, sum and a flag for groups with no signal (constant or singleton)."""
+    kw = {"dtype": rewards.dtype, "device": rewards.device}
+    count = torch.zeros(n, **kw).index_add_(0, idx, torch.ones_like(rewards))
+    total = torch.zeros(n, **kw).index_add_(0, idx, rewards)
+    gmax = torch.full((n,), -torch.inf, **kw).scatter_reduce(0, idx, rewards, "amax")
+    gmin = torch.full((n,), torch.inf, **kw).scatter_reduce(0, idx, rewards, "amin")
+    # Compare extremes instead of testing std == 0: r - mean is not exactly 0 in floating point.
+    dead = (gmax == gmin) | (count < 2)
+    return count, total, dead
+
+
+def _group_metrics(rewards: torch.Tensor, dead: torch.Tensor) -> dict[str, float]:
+    return {
+        "zero_signal_group_frac": dead.float().mean().item() if dead.numel() else 0.0,
+        "reward_mean": rewards.mean().item() if rewards.numel() else 0.0,
+        "reward_std": rewards.std(correction=0).item() if rewards.numel() else 0.0,
+    }
+
+
+@torch.no_grad()
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the valid tokens of each row.
+
+    Masked positions are skipped (not treated as terminal), so left/right padding and masked holes
+    inside a response (e.g. tool output) all work; the value after the last valid token is 0.
+    Rewards placed on masked positions are ignored. Returns ``(advantages, returns)`` with
+    ``returns = advantages + values``, both zero on padding.
+    """
+    m = mask.bool()
+    B, T = values.shape
+    adv = torch.zeros_like(values)
+    next_value = values.new_zeros(B)
+    next_adv = values.new_zeros(B)
+    for t in reversed(range(T)):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        mt = m[:, t]
+        adv[:, t] = torch.where(mt, a, 0.0)
+        next_value = torch.where(mt, values[:, t], next_value)
+        next_adv = torch.where(mt, a, next_adv)
+    returns = torch.where(m, adv + values, 0.0)
+    return adv, returns
+
+
+@torch.no_grad()
+def group_advantages(
+    rewards: torch.Tensor, group_ids: GroupIds, scale: str = "std", eps: float = 1e-6
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO outcome advantage ``A = r - mean_group`` (``scale="std"``: divided by ``std_group + eps``).
+
+    ``std`` uses Bessel's correction (``torch.std`` default, like OpenRLHF and TRL's GRPO).
+    ``scale="none"`` is Dr.GRPO's unscaled variant. Groups whose rewards are all equal, and
+    singleton groups, get exactly 0.
+    """
+    if scale not in ("std", "none"):
+        raise ValueError(f"unknown scale {scale!r}; allowed: std, none")
+    idx, n = _group_index(group_ids, rewards.device)
+    count, total, dead = _group_stats(rewards, idx, n)
+    mean = (total / count)[idx]
+    adv = rewards - mean
+    if scale == "std":
+        sq = torch.zeros_like(total).index_add_(0, idx, adv.square())
+        std = (sq / (count - 1).clamp_min(1)).sqrt()
+        adv = adv / (std[idx] + eps)
+    adv = torch.where(dead[idx], 0.0, adv)
+    return adv, _group_metrics(rewards, dead)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: torch.Tensor, group_ids: GroupIds) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE leave-one-out: ``A_i = r_i - mean_{j != i} r_j``; singleton or constant groups get 0."""
+    idx, n = _group_index(group_ids, rewards.device)
+    count, total, dead = _group_stats(rewards, idx, n)
+    c = count[idx]
+    adv = rewards - (total[idx] - rewards) / (c - 1).clamp_min(1)
+    adv = torch.where(dead[idx], 0.0, adv)
+    return adv, _group_metrics(rewards, dead)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE++: discounted return-to-go over valid tokens, whitened over the batch's valid tokens.
+
+    Whitening uses the population std of all valid tokens (``+1e-8``), so it works for any batch
+    composition without a critic or groups. Zero on padding.
+    """
+    m = mask.bool()
+    B, T = token_rewards.shape
+    ret = torch.zeros_like(token_rewards)
+    running = token_rewards.new_zeros(B)
+    for t in reversed(range(T)):
+        mt = m[:, t]
+        g = token_rewards[:, t] + gamma * running
+        ret[:, t] = torch.where(mt, g, 0.0)
+        running = torch.where(mt, g, running)
+    mf = m.to(ret.dtype)
+    n = mf.sum().clamp_min(1)
+    mean = (ret * mf).sum() / n
+    std = (((ret - mean) * mf).square().sum() / n).sqrt()
+    adv = torch.where(m, (ret - mean) / (std + 1e-8), 0.0)
+    return adv, {"return_mean": mean.item(), "return_std": std.item()}
+
+
+def broadcast_to_tokens(seq_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Spread one value per sequence ``[B]`` over its tokens ``[B, T]``; zero on padding."""
+    return seq_values.unsqueeze(-1) * mask.to(seq_values.dtype)

@@ -1,0 +1,79 @@
+"""Train/inference mismatch correction (TIS / MIS) between the learner and the rollout engine.
+
+With ``delta_t = log pi_prox - log pi_roll`` the weight corrects for sampling from ``pi_roll``
+while the PPO ratio is taken against ``pi_prox`` (see DESIGN.md, "Importance correction").
+"""
+
+from __future__ import annotations
+
+import torch
+
+LEVELS = ("token", "sequence", "geometric")
+MODES = ("truncate", "mask")
+
+
+@torch.no_grad()
+def importance_weights(
+    prox_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    level: str = "token",
+    mode: str = "truncate",
+    cap: float | None = 2.0,
+    lower: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Detached per-token weights ``[B, T]`` (zero on padding) and mismatch diagnostics.
+
+    ``level``: ``token`` ``rho_t = exp(delta_t)``; ``sequence`` ``rho = exp(sum_t delta_t)``;
+    ``geometric`` ``g = exp(mean_t delta_t)``, the last two broadcast over the sequence.
+    ``mode``: ``truncate`` (TIS) ``w = min(rho, cap)``, ``lower`` is ignored because truncation only
+    bounds variance from above; ``mask`` (MIS) ``w = rho`` if ``lower <= rho <= cap`` else 0
+    (``lower=None``: no lower bound; ``cap=None``: no upper bound).
+    ``delta`` and the per-sequence sums are clamped to ±20 so ``exp`` cannot overflow.
+    Metrics: ``mismatch_k1``/``mismatch_k3`` estimate KL(pi_roll || pi_prox) from the rollout
+    samples, ``frac_truncated`` or ``frac_masked``, ``ess = (sum w)^2 / (N sum w^2)``,
+    ``weight_mean``, ``weight_max`` (all over valid tokens).
+    """
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}; allowed: {', '.join(LEVELS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    mb = mask.bool()
+    m = mb.to(prox_logprobs.dtype)
+    # where() rather than multiply: padded rollout log-probs may be -inf/NaN.
+    delta = torch.where(mb, (prox_logprobs.detach() - rollout_logprobs).clamp(-20.0, 20.0), 0.0)
+    if level == "token":
+        log_rho = delta
+    elif level == "sequence":
+        log_rho = delta.sum(-1).clamp(-20.0, 20.0).unsqueeze(-1).expand_as(delta)
+    else:
+        # A mean of clamped deltas is already within ±20; clamping the sum would bias long sequences.
+        log_rho = (delta.sum(-1) / m.sum(-1).clamp_min(1)).unsqueeze(-1).expand_as(delta)
+    rho = torch.exp(log_rho)
+
+    metrics: dict[str, float] = {}
+    n = m.sum().clamp_min(1)
+    if mode == "truncate":
+        w = rho if cap is None else rho.clamp(max=cap)
+        over = rho > cap if cap is not None else torch.zeros_like(mb)
+        metrics["frac_truncated"] = ((over & mb).sum() / n).item()
+    else:
+        keep = torch.ones_like(mb)
+        if cap is not None:
+            keep &= rho <= cap
+        if lower is not None:
+            keep &= rho >= lower
+        w = torch.where(keep, rho, 0.0)
+        metrics["frac_masked"] = ((~keep & mb).sum() / n).item()
+    w = torch.where(mb, w, 0.0)
+
+    sw, sw2 = w.sum(), w.square().sum()
+    metrics.update(
+        mismatch_k1=((-delta * m).sum() / n).item(),
+        mismatch_k3=(((torch.exp(delta) - 1.0 - delta) * m).sum() / n).item(),
+        ess=(sw.square() / (n * sw2)).item() if sw2 > 0 else 0.0,
+        weight_mean=(sw / n).item(),
+        weight_max=w[mb].max().item() if mb.any() else 0.0,
+    )
+    return w, metrics

@@ -1,0 +1,161 @@
+"""Policy (PPO / GRPO / DAPO / Dr.GRPO / GSPO), value, entropy and KL losses.
+
+Tensors are ``[B, T]`` over response tokens with a 0/1 ``mask``. Every loss returns
+``(scalar, metrics)``; metrics are python floats over the local valid tokens, computed without grad.
+``denominator`` lets data-parallel ranks and micro-batches normalise by one global count, so that
+summing their gradients equals the gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kl import kl_penalty
+
+RATIO_LEVELS = ("token", "sequence")
+AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum_norm")
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over valid positions."""
+    return (x * mask.to(x.dtype)).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, denominator=None) -> torch.Tensor:
+    """Sum over valid positions divided by ``denominator`` (default: local valid count, at least 1).
+
+    The floor of 1 keeps an all-padding micro-batch at 0 instead of NaN.
+    """
+    if denominator is None:
+        denominator = mask.to(x.dtype).sum().clamp_min(1)
+    return masked_sum(x, mask) / denominator
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.bool()
+    return x[m].max().item() if m.any() else 0.0
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ratio_level: str = "token",
+    aggregation: str = "token_mean",
+    correction: torch.Tensor | None = None,
+    denominator=None,
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate ``max(-A r, -A clip(r, 1-clip_low, 1+clip_high))`` per token, aggregated.
+
+    ``ratio_level="token"``: ``r_t = exp(logp_t - old_t)``. ``"sequence"`` (GSPO): the length-normalised
+    sequence ratio ``s = exp(mean_t(logp - old))`` in GSPO-token form ``sg[s] exp(logp_t - sg[logp_t])``,
+    so its value is ``s`` on every token while gradients flow per token. ``advantages`` is ``[B]``
+    (broadcast) or ``[B, T]``. ``correction`` (TIS/MIS weight, ``[B, T]``) multiplies the clipped loss
+    and is detached. Aggregation: ``token_mean`` (sum / valid tokens, DAPO), ``sequence_mean``
+    (mean over non-empty sequences of per-sequence token means, GRPO), ``sequence_sum_norm``
+    (sum / (B * max_tokens), Dr.GRPO; ``max_tokens`` defaults to T). A given ``denominator``
+    replaces the count: global valid tokens, global sequences, or the Dr.GRPO constant respectively.
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; allowed: {', '.join(RATIO_LEVELS)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    m = mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs.detach()
+    if ratio_level == "sequence":
+        seq_log_ratio = (log_ratio * m).sum(-1) / m.sum(-1).clamp_min(1)
+        log_ratio = seq_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1).expand_as(logprobs)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    if correction is not None:
+        pg = pg * correction.detach()
+
+    if aggregation == "token_mean":
+        loss = masked_mean(pg, m, denominator)
+    elif aggregation == "sequence_mean":
+        n_tok = m.sum(-1)
+        per_seq = (pg * m).sum(-1) / n_tok.clamp_min(1)
+        # Fully masked rows (overlong-filtered samples) must not dilute the mean.
+        loss = per_seq.sum() / (denominator if denominator is not None else (n_tok > 0).sum().clamp_min(1))
+    else:
+        if denominator is None:
+            denominator = logprobs.shape[0] * (max_tokens if max_tokens is not None else logprobs.shape[-1])
+        loss = masked_sum(pg, m) / denominator
+
+    with torch.no_grad():
+        r, lr = ratio.detach(), log_ratio.detach()
+        low = ((r < 1.0 - clip_low) & (adv < 0)).to(m.dtype)
+        high = ((r > 1.0 + clip_high) & (adv > 0)).to(m.dtype)
+        metrics = {
+            "clip_frac_low": masked_mean(low, m).item(),
+            "clip_frac_high": masked_mean(high, m).item(),
+            "approx_kl": masked_mean((r - 1.0) - lr, m).item(),
+            "ratio_mean": masked_mean(r, m).item(),
+            "ratio_max": _masked_max(r, m),
+        }
+        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = 0.2,
+    denominator=None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss ``0.5 max((V - R)^2, (V_clip - R)^2)``, ``V_clip = old + clamp(V - old, ±clip)``.
+
+    ``clip=None`` disables clipping. ``value_clip_frac`` counts tokens where the clipped term wins
+    (their gradient is zero).
+    """
+    m = mask.to(values.dtype)
+    old, ret = old_values.detach(), returns.detach()
+    l1 = (values - ret).square()
+    if clip is None:
+        per_tok, clipped = 0.5 * l1, torch.zeros_like(l1)
+    else:
+        v_clip = old + (values - old).clamp(-clip, clip)
+        l2 = (v_clip - ret).square()
+        per_tok, clipped = 0.5 * torch.maximum(l1, l2), (l2 > l1).to(m.dtype)
+    loss = masked_mean(per_tok, m, denominator)
+    with torch.no_grad():
+        metrics = {"value_clip_frac": masked_mean(clipped, m).item(), "value_mean": masked_mean(values, m).item()}
+    return loss, metrics
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy ``[B, T]`` of the softmax over the last dim (at least fp32 for stability)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean token entropy over valid tokens (differentiable, for an entropy bonus)."""
+    h = masked_mean(entropy_from_logits(logits), mask)
+    return h, {"entropy": h.item()}
+
+
+def kl_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k3",
+    denominator=None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """In-loss KL to the reference (GRPO style): token mean of :func:`kl_penalty`."""
+    kl = kl_penalty(logprobs, ref_logprobs, estimator)
+    loss = masked_mean(kl, mask, denominator)
+    with torch.no_grad():
+        metrics = {"kl": masked_mean(kl.detach(), mask).item()}
+    return loss, metrics

@@ -1,0 +1,285 @@
+"""Typed job configuration: one pydantic class per component, loaded from YAML.
+
+Every field has a description; unknown keys are errors (``extra="forbid"``) so a typo never
+silently falls back to a default. `load_config` turns pydantic's errors into one message that
+names the file, the dotted field path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Strict):
+    """Shape of the random model built locally when `model.path` is empty."""
+
+    architecture: Literal["qwen2", "llama"] = Field("qwen2", description="HF architecture family.")
+    hidden_size: int = Field(64, ge=32, description="Model width.")
+    num_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_heads: int = Field(2, ge=1, description="Attention heads; head_dim = hidden/heads must be >= 32 for vLLM CPU.")
+    num_kv_heads: int = Field(1, ge=1, description="Key/value heads (GQA).")
+    intermediate_size: int = Field(128, ge=8, description="MLP width.")
+    vocab_size: int = Field(512, ge=64, description="Upper bound of the BPE vocabulary trained locally (the model gets exactly the tokenizer size).")
+    max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.hidden_size // self.num_heads < 32:
+            raise ValueError("hidden_size / num_heads (head_dim) must be >= 32: vLLM's CPU attention needs it")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be divisible by num_kv_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The policy model: a Hugging Face folder, or a tiny random model built on first use."""
+
+    path: str | None = Field(None, description="HF model folder. Empty: build the tiny model into `cache_dir`.")
+    cache_dir: str = Field("~/.cache/rlhf_cluster/models", description="Where built tiny models are cached.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model shape.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of generation, scoring and learner compute (fp32 master weights always)."
+    )
+
+
+class DataConfig(_Strict):
+    """Where prompts come from: a built-in task or a user's parquet/jsonl file."""
+
+    task: Literal["arithmetic"] | None = Field(
+        "arithmetic", description="Built-in task: writes its parquet file, and its verifier scores responses."
+    )
+    path: str | None = Field(None, description="Prompt file (.parquet or .jsonl) with columns prompt_id, prompt, answer.")
+    num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
+    eval_prompts: int = Field(64, ge=0, description="Held-out prompts of the built-in task.")
+    seed: int = Field(0, description="Seed for task generation and prompt order.")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
+
+
+class SamplingConfig(_Strict):
+    """Sampling settings of the generation engine."""
+
+    n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner divides logits by it too).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(16, ge=1, description="Per-response token limit.")
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources of one actor of a pool."""
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per actor (0 lets tiny demos overcommit).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {generation_node: 1}.")
+
+
+class GenerationConfig(_Strict):
+    """The generation pool: vLLM engines in Ray actors."""
+
+    replicas: int = Field(1, ge=1, description="Generation workers.")
+    prompts_per_request: int = Field(4, ge=1, description="Prompt groups sent to a worker in one request.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
+    quantization: Literal["none"] = Field("none", description="Rollout weight quantization.")
+    max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
+    kv_cache_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")
+    seed: int = Field(0, description="Engine seed (each worker adds its index).")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
+
+
+class ScoringConfig(_Strict):
+    """The scoring pool: rule-based reward workers and frozen reference workers."""
+
+    reward_replicas: int = Field(1, ge=1, description="RewardWorker actors.")
+    reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
+    reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
+
+
+class LossConfig(_Strict):
+    """The clipped policy loss."""
+
+    clip_low: float = Field(0.2, ge=0, description="PPO clip below 1.")
+    clip_high: float = Field(0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28).")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="token = PPO/GRPO, sequence = GSPO.")
+    aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = Field(
+        "token_mean", description="How per-token losses become one number; denominators are global across ranks."
+    )
+
+
+class KLConfig(_Strict):
+    """KL to the reference policy."""
+
+    placement: Literal["loss", "reward", "none"] = Field("loss", description="KL in the loss (GRPO) or in the reward (PPO).")
+    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    coef: float = Field(0.01, ge=0, description="KL coefficient (beta).")
+
+
+class CorrectionConfig(_Strict):
+    """Importance correction for the rollout/learner mismatch (TIS/MIS)."""
+
+    enabled: bool = Field(True, description="Multiply the policy loss by rollout importance weights.")
+    level: Literal["token", "sequence", "geometric"] = Field("token", description="Granularity of the weight.")
+    mode: Literal["truncate", "mask"] = Field("truncate", description="truncate = TIS, mask = MIS.")
+    cap: float = Field(2.0, gt=0, description="Upper bound C.")
+    lower: float | None = Field(None, ge=0, description="Lower bound for mask mode (None: none).")
+
+
+class AlgorithmConfig(_Strict):
+    """The RL algorithm: advantage estimator, loss, KL and correction."""
+
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field("grpo", description="Advantage estimator.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss.")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference.")
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig, description="TIS/MIS.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+
+
+class LearnerConfig(_Strict):
+    """The learner: a group of FSDP2 ranks."""
+
+    backend: Literal["fsdp2"] = Field("fsdp2", description="Training backend.")
+    world_size: int = Field(1, ge=1, description="Learner ranks (one torch.distributed group).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
+    seed: int = Field(0, description="Torch seed of every rank.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+
+class WeightsConfig(_Strict):
+    """The weight store."""
+
+    transport: Literal["filesystem"] = Field("filesystem", description="How versions move to generation.")
+    dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
+    keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
+
+
+class BufferConfig(_Strict):
+    """The experience buffer."""
+
+    capacity: int = Field(4096, ge=1, description="Most samples held at once.")
+
+
+class MetricsConfig(_Strict):
+    """Prometheus endpoints and the JSONL log."""
+
+    bind_address: str = Field("127.0.0.1", description="Address every /metrics endpoint binds to.")
+    enabled: bool = Field(True, description="Serve /metrics from every actor.")
+
+
+class TrainConfig(_Strict):
+    """The driver loop."""
+
+    total_steps: int = Field(20, ge=1, description="Learner steps.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompt groups per learner step.")
+    max_staleness: int = Field(1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class ClusterConfig(_Strict):
+    """Where Ray runs."""
+
+    address: str | None = Field(None, description="Ray address; empty starts a local Ray instance.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance (default: all).")
+
+
+class JobConfig(_Strict):
+    """A whole job. Load it with `load_config`."""
+
+    name: str = Field("demo", description="Job name, used in metric labels and the run directory.")
+    run_dir: str = Field("runs/demo", description="Where metrics.jsonl, the weight store and the buffer go.")
+    seed: int = Field(0, description="Global seed.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobConfig":
+        if self.data.task is None and self.data.path is None:
+            raise ValueError("data: set `task` (a built-in task) or `path` (a prompt file)")
+        need = (self.train.max_staleness + 1) * self.train.prompts_per_step * self.generation.sampling.n
+        if self.buffer.capacity < need:
+            raise ValueError(
+                f"buffer.capacity={self.buffer.capacity} is smaller than (max_staleness+1) * prompts_per_step * n = {need}"
+            )
+        if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo") and self.generation.sampling.n < 2:
+            raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs generation.sampling.n >= 2")
+        return self
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.train.prompts_per_step * self.generation.sampling.n
+
+    @property
+    def weights_dir(self) -> Path:
+        return Path(self.weights.dir or Path(self.run_dir) / "weights").expanduser()
+
+
+class ConfigError(ValueError):
+    """A config file could not be read or does not validate; the message names file and field."""
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job config, apply `key.sub=value` overrides, and validate it.
+
+    Errors name the file and every offending field with what was expected.
+    """
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {source} must hold a mapping at the top level, got {type(raw).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {where}: {err['msg']}{shown}")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None

@@ -1,0 +1,1 @@
+"""Rollout generation: the vLLM engine wrapper."""

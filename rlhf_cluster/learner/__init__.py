@@ -1,0 +1,1 @@
+"""The policy learner: FSDP2 ranks and the RL objective."""

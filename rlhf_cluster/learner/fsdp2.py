@@ -1,0 +1,148 @@
+"""FSDP2 learner rank: shards the policy with `fully_shard`, runs the RL train step, gathers weights.
+
+One instance per rank; the caller has initialised `torch.distributed` (gloo on CPU, nccl on
+CUDA). Every rank receives its own slice of the step's batch plus the *global* counts, so the
+loss denominator is the same on every rank and for every mini-batch. FSDP2 averages gradients
+over ranks, so each rank scales its loss by the world size to turn that average into the sum
+the global denominator expects.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.objective import RLObjective
+from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.records import TrainBatch
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class FSDP2Learner:
+    """One rank of the policy learner (FSDP2)."""
+
+    def __init__(self, cfg: JobConfig, model_path: str):
+        if not dist.is_initialized():
+            raise RuntimeError("FSDP2Learner needs torch.distributed initialised by the caller")
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = _device()
+        torch.manual_seed(cfg.learner.seed)
+        model = load_causal_lm(model_path, torch.float32, self.device)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        layers = getattr(getattr(model, "model", model), "layers", [])
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        self.model = model
+        lc = cfg.learner
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+        self.objective = RLObjective(cfg.algorithm, cfg.generation.sampling.max_new_tokens)
+        self.temperature = cfg.generation.sampling.temperature
+        self.step = 0
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _to_device(self, batch: TrainBatch) -> TrainBatch:
+        fields = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+        return TrainBatch(**fields)
+
+    def _logprobs(self, b: TrainBatch, rows: slice, with_entropy: bool):
+        return response_logprobs(
+            self.model,
+            b.input_ids[rows],
+            b.attention_mask[rows],
+            b.prompt_lengths[rows],
+            b.response_mask.shape[1],
+            self.temperature,
+            with_entropy,
+        )
+
+    # ---- the step --------------------------------------------------------------------------
+    def train_step(self, local: TrainBatch) -> dict[str, float]:
+        """One optimizer step per mini-batch over this rank's share of the step's batch."""
+        start = time.perf_counter()
+        b = self._to_device(local)
+        lc = self.cfg.learner
+        mask = b.response_mask
+        B = mask.shape[0]
+        self.model.train()
+        # π_prox: the current weights' log-probs before any update, the PPO denominator.
+        with torch.no_grad():
+            prox, _ = self._logprobs(b, slice(None), with_entropy=False)
+        correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
+
+        bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
+        sums: dict[str, float] = {}
+        tokens_seen, loss_total, iterations = 0.0, 0.0, 0
+        grad_norm = 0.0
+        for _ in range(lc.ppo_epochs):
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                rows = slice(lo, hi)
+                m = mask[rows]
+                local_tokens, local_seqs = float(m.sum()), float((m.sum(-1) > 0).sum())
+                global_tokens, global_seqs = self._all_reduce([local_tokens, local_seqs])
+                logprobs, ent = self._logprobs(b, rows, with_entropy=True)
+                loss, metrics = self.objective.loss(
+                    logprobs,
+                    prox[rows],
+                    b.ref_logprobs[rows],
+                    b.advantages[rows],
+                    m,
+                    None if correction is None else correction[rows],
+                    ent,
+                    denominator=self.objective.denominator(global_tokens, global_seqs),
+                    token_denominator=global_tokens,
+                )
+                (loss * self.world_size).backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.max_grad_norm).full_tensor())
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_total += float(loss.detach())
+                iterations += 1
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * local_tokens
+                tokens_seen += local_tokens
+        self.step += 1
+
+        # Token-weighted means across ranks, so every rank reports the same numbers.
+        keys = sorted(set(sums) | set(corr_metrics))
+        local_tok = float(mask.sum())
+        values = [sums.get(k, 0.0) if k in sums else corr_metrics[k] * local_tok for k in keys]
+        reduced = self._all_reduce(values + [tokens_seen, local_tok, loss_total])
+        total_seen, total_tok, loss_sum = reduced[-3:]
+        out = {k: reduced[i] / max(total_seen if k in sums else total_tok, 1.0) for i, k in enumerate(keys)}
+        # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
+        out["policy/loss"] = loss_sum / iterations
+        out["learner/grad_norm"] = grad_norm
+        out["learner/tokens"] = total_tok
+        out["learner/step_seconds"] = time.perf_counter() - start
+        return out
+
+    # ---- weights ---------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the full (unsharded) CPU state dict on rank 0, empty on other ranks."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def shard_info(self) -> dict[str, tuple[int, int]]:
+        """Per parameter: (elements held by this rank, elements of the full parameter)."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            out[name] = (local.numel(), p.numel())
+        return out

@@ -1,0 +1,80 @@
+"""The RL objective the learner minimises, assembled from `rlhf_cluster.algorithms` by config.
+
+The trainer knows nothing about the algorithm: it hands this object log-probs, entropies and
+the batch, with the global denominators, and gets back a scalar loss and metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_cluster.algorithms import importance_weights, kl_loss, masked_mean, policy_loss
+from rlhf_cluster.config import AlgorithmConfig
+
+
+class RLObjective:
+    """Clipped policy loss x importance weights, + KL to the reference, - entropy bonus."""
+
+    def __init__(self, cfg: AlgorithmConfig, max_tokens: int):
+        self.cfg = cfg
+        self.max_tokens = max_tokens
+
+    def correction_weights(
+        self, prox_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """TIS/MIS weights for the step (None when correction is off) and mismatch diagnostics."""
+        c = self.cfg.correction
+        weights, metrics = importance_weights(
+            prox_logprobs, rollout_logprobs, mask, level=c.level, mode=c.mode, cap=c.cap, lower=c.lower
+        )
+        return (weights if c.enabled else None), {f"correction/{k}": v for k, v in metrics.items()}
+
+    def denominator(self, global_tokens: float, global_sequences: float) -> float:
+        """The global normaliser for the configured aggregation (shared by all ranks)."""
+        agg = self.cfg.loss.aggregation
+        if agg == "token_mean":
+            return global_tokens
+        if agg == "sequence_mean":
+            return global_sequences
+        return global_sequences * self.max_tokens
+
+    def loss(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        correction: torch.Tensor | None,
+        entropy: torch.Tensor | None,
+        *,
+        denominator: float,
+        token_denominator: float,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        lc = self.cfg.loss
+        pg, metrics = policy_loss(
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            clip_low=lc.clip_low,
+            clip_high=lc.clip_high,
+            ratio_level=lc.ratio_level,
+            aggregation=lc.aggregation,
+            correction=correction,
+            denominator=denominator,
+            max_tokens=self.max_tokens,
+        )
+        total = pg
+        kl_cfg = self.cfg.kl
+        kl_value, kl_metrics = kl_loss(logprobs, ref_logprobs, mask, estimator=kl_cfg.estimator, denominator=token_denominator)
+        if kl_cfg.placement == "loss" and kl_cfg.coef > 0:
+            total = total + kl_cfg.coef * kl_value
+        metrics = {f"policy/{k}": v for k, v in metrics.items()}
+        metrics.update({f"policy/{k}": v for k, v in kl_metrics.items()})
+        if entropy is not None:
+            ent = masked_mean(entropy, mask, token_denominator)
+            if self.cfg.entropy_coef > 0:
+                total = total - self.cfg.entropy_coef * ent
+            metrics["policy/entropy"] = float(masked_mean(entropy.detach(), mask))
+        return total, metrics

@@ -1,0 +1,51 @@
+"""Metric names (`rlhf_<component>_<what>_<unit>`) and Prometheus collectors.
+
+Every process (actor or driver) creates the collectors of its component once, bound to its
+`job`, `pool` and `worker` labels, and serves them on its own `/metrics` endpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+LABELS = ("job", "pool", "worker")
+
+GENERATION_TOKENS = Counter("rlhf_generation_tokens_total", "Response tokens generated.", LABELS)
+GENERATION_IN_FLIGHT = Gauge("rlhf_generation_requests_in_flight", "Prompt groups being generated.", LABELS)
+GENERATION_VERSION = Gauge("rlhf_generation_weight_version", "Weight version the engine holds.", LABELS)
+WEIGHTS_SYNC_SECONDS = Histogram("rlhf_weights_sync_seconds", "Time to load a weight version into a worker.", LABELS)
+WEIGHTS_SYNC_BYTES = Counter("rlhf_weights_sync_bytes_total", "Weight bytes loaded into workers.", LABELS)
+SCORING_SAMPLES = Counter("rlhf_scoring_samples_total", "Responses scored.", LABELS)
+LEARNER_STEP_SECONDS = Histogram("rlhf_learner_step_seconds", "Learner train-step time.", LABELS)
+LEARNER_TOKENS = Counter("rlhf_learner_tokens_total", "Response tokens trained on.", LABELS)
+BUFFER_DEPTH = Gauge("rlhf_buffer_depth", "Samples waiting in the experience buffer.", LABELS)
+BUFFER_DROPPED = Counter("rlhf_buffer_samples_dropped_total", "Samples dropped, by reason.", LABELS + ("reason",))
+STALENESS = Histogram(
+    "rlhf_staleness_steps", "Learner version minus sample policy version at consumption.", LABELS, buckets=(0, 1, 2, 3, 4, 8, 16)
+)
+TRAIN_KL = Gauge("rlhf_train_kl", "KL to the reference (per token).", LABELS)
+TRAIN_REWARD = Gauge("rlhf_train_reward_mean", "Mean reward of the step's batch.", LABELS)
+TRAIN_ENTROPY = Gauge("rlhf_train_entropy", "Mean token entropy.", LABELS)
+TRAIN_CLIP = Gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.", LABELS)
+CORRECTION_ESS = Gauge("rlhf_correction_ess", "Effective sample size of the importance weights.", LABELS)
+LEARNER_VERSION = Gauge("rlhf_learner_weight_version", "Newest published weight version.", LABELS)
+
+
+@dataclass(frozen=True)
+class MetricLabels:
+    """The label values one process reports under."""
+
+    job: str
+    pool: str
+    worker: str
+
+    def of(self, metric, **extra):
+        return metric.labels(job=self.job, pool=self.pool, worker=self.worker, **extra)
+
+
+def serve_metrics(bind_address: str = "127.0.0.1", port: int = 0) -> int:
+    """Serve this process's `/metrics`; returns the bound port (0 picks a free one)."""
+    server, _thread = start_http_server(port, addr=bind_address)
+    return server.server_port

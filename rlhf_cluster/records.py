@@ -1,0 +1,156 @@
+"""Records that flow through the pipeline and their Arrow schema (the on-disk format too).
+
+`Rollout` leaves generation; `ScoredSample` leaves scoring (reward, reference log-probs,
+advantages) and is what the buffer stores and the learner consumes; `TrainBatch` is one learner
+step's samples as padded tensors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+import pyarrow as pa
+import torch
+
+FinishReason = Literal["stop", "length", "abort"]
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("response_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("rollout_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("policy_version", pa.int64(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("reward", pa.float32(), nullable=False),
+        pa.field("reward_components", pa.map_(pa.string(), pa.float32()), nullable=False),
+        pa.field("ref_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("advantages", pa.list_(pa.float32()), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+@dataclass
+class Rollout:
+    """One response produced by a generation worker, with the engine's per-token log-probs."""
+
+    sample_id: str
+    prompt_id: str
+    group_id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    policy_version: int
+    finish_reason: FinishReason
+    response_text: str = ""
+    worker: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.rollout_logprobs) != len(self.response_ids):
+            raise ValueError(
+                f"rollout {self.sample_id}: {len(self.rollout_logprobs)} log-probs for {len(self.response_ids)} tokens"
+            )
+
+
+@dataclass
+class ScoredSample:
+    """A rollout with its reward, reference log-probs and per-token advantages: one buffer row."""
+
+    sample_id: str
+    prompt_id: str
+    group_id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    policy_version: int
+    finish_reason: FinishReason
+    reward: float
+    reward_components: dict[str, float]
+    ref_logprobs: list[float]
+    advantages: list[float]
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+
+    def __post_init__(self) -> None:
+        n = len(self.response_ids)
+        for name in ("rollout_logprobs", "ref_logprobs", "advantages"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"sample {self.sample_id}: {name} has {len(getattr(self, name))} values for {n} tokens")
+
+
+def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
+    """Samples as an Arrow table with exactly `SAMPLE_SCHEMA`."""
+    rows = list(samples)
+    columns = {f.name: [getattr(s, f.name) for s in rows] for f in SAMPLE_SCHEMA}
+    columns["reward_components"] = [list(s.reward_components.items()) for s in rows]
+    return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
+
+
+def table_to_samples(table: pa.Table) -> list[ScoredSample]:
+    """Inverse of `samples_to_table`; refuses a table whose schema differs."""
+    if not table.schema.equals(SAMPLE_SCHEMA):
+        raise ValueError(f"sample table schema differs from SAMPLE_SCHEMA:\n{table.schema}")
+    out = []
+    for row in table.to_pylist():
+        row["reward_components"] = dict(row["reward_components"])
+        out.append(ScoredSample(**row))
+    return out
+
+
+@dataclass
+class TrainBatch:
+    """One learner step's samples, right-padded to tensors.
+
+    `input_ids` is prompt+response; `response_mask` marks response tokens in the *response*
+    frame [B, T_resp]; the learner slices its log-probs to that frame.
+    """
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    prompt_lengths: torch.Tensor  # [B] long
+    response_mask: torch.Tensor  # [B, T] float
+    rollout_logprobs: torch.Tensor  # [B, T]
+    ref_logprobs: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B, T]
+    policy_versions: torch.Tensor  # [B] long
+    sample_ids: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+    @classmethod
+    def from_samples(cls, samples: list[ScoredSample], pad_id: int = 0) -> "TrainBatch":
+        if not samples:
+            raise ValueError("cannot build a TrainBatch from no samples")
+        B = len(samples)
+        L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        T = max(max(len(s.response_ids) for s in samples), 1)
+        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        response_mask = torch.zeros((B, T))
+        rollout, ref, adv = torch.zeros((B, T)), torch.zeros((B, T)), torch.zeros((B, T))
+        for i, s in enumerate(samples):
+            seq = s.prompt_ids + s.response_ids
+            n = len(s.response_ids)
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, : len(seq)] = 1
+            response_mask[i, :n] = 1.0
+            rollout[i, :n] = torch.tensor(s.rollout_logprobs)
+            ref[i, :n] = torch.tensor(s.ref_logprobs)
+            adv[i, :n] = torch.tensor(s.advantages)
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            prompt_lengths=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
+            response_mask=response_mask,
+            rollout_logprobs=rollout,
+            ref_logprobs=ref,
+            advantages=adv,
+            policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
+            sample_ids=[s.sample_id for s in samples],
+        )

@@ -1,0 +1,1 @@
+"""Frozen-model scoring: reference log-probs and rule-based rewards."""

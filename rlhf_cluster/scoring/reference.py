@@ -1,0 +1,58 @@
+"""Frozen reference model: per-token log-probs of responses for the KL term."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.records import Rollout
+
+
+def pad_rollouts(rollouts: list[Rollout], pad_id: int = 0):
+    """Right-padded (input_ids, attention_mask, prompt_lengths, T) of prompt+response."""
+    L = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    T = max(max(len(r.response_ids) for r in rollouts), 1)
+    input_ids = torch.full((len(rollouts), L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_ids + r.response_ids
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+    prompt_lengths = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    return input_ids, attention_mask, prompt_lengths, T
+
+
+class ReferenceModel:
+    """A frozen causal LM scoring responses in batches of at most `max_tokens_per_batch` tokens."""
+
+    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, temperature: float = 1.0,
+                 max_tokens_per_batch: int = 8192):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_causal_lm(model_path, dtype, self.device).eval().requires_grad_(False)
+        self.temperature = temperature
+        self.max_tokens_per_batch = max_tokens_per_batch
+
+    @torch.no_grad()
+    def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
+        """Reference log-probs of every rollout's response tokens."""
+        out: list[list[float]] = []
+        batch: list[Rollout] = []
+        longest = 0
+        for r in rollouts + [None]:
+            length = 0 if r is None else len(r.prompt_ids) + len(r.response_ids)
+            if batch and (r is None or max(longest, length) * (len(batch) + 1) > self.max_tokens_per_batch):
+                out.extend(self._score(batch))
+                batch, longest = [], 0
+            if r is not None:
+                batch.append(r)
+                longest = max(longest, length)
+        return out
+
+    def _score(self, batch: list[Rollout]) -> list[list[float]]:
+        input_ids, attention_mask, prompt_lengths, T = pad_rollouts(batch)
+        logp, _ = response_logprobs(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device),
+            T, self.temperature,
+        )
+        logp = logp.float().cpu()
+        return [logp[i, : len(r.response_ids)].tolist() for i, r in enumerate(batch)]

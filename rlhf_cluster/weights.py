@@ -1,0 +1,209 @@
+"""WeightStore: versioned policy weights on a filesystem, published atomically.
+
+Layout under the store root::
+
+    v00000003/model-00000.safetensors ...   shards
+    v00000003/manifest.json                 version, tensors (name -> dtype, shape, shard), sha256 per shard
+    v00000003/readers/<reader>              leases: retention never deletes a version a reader holds
+    LATEST                                  the newest complete version number
+
+A version is written under a temp name, fsynced, renamed into place, and only then does
+`LATEST` move (itself written as temp + rename), so a reader never sees half a version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+SHARD_BYTES = 1 << 30
+
+
+class WeightIntegrityError(RuntimeError):
+    """A stored version does not match its manifest (missing shard or wrong sha256)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+class WeightStore:
+    """Publishes and serves policy weight versions (filesystem transport)."""
+
+    def __init__(self, root: str | Path, keep: int = 3):
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-store")
+        self.last_publish_seconds = 0.0
+        self.last_publish_bytes = 0
+
+    @staticmethod
+    def version_dir_name(version: int) -> str:
+        return f"v{version:08d}"
+
+    def version_dir(self, version: int) -> Path:
+        return self.root / self.version_dir_name(version)
+
+    # ---- writing -------------------------------------------------------------------------
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> Path:
+        """Write `version` durably and point LATEST at it. Blocks; see `publish_async`."""
+        start = time.perf_counter()
+        final = self.version_dir(version)
+        if final.exists():
+            raise FileExistsError(f"weight store {self.root}: version {version} already exists")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
+        try:
+            tensors, shards, size, total = {}, {}, 0, 0
+            current: dict[str, torch.Tensor] = {}
+
+            def flush() -> None:
+                nonlocal current, size
+                if not current:
+                    return
+                name = f"model-{len(shards):05d}.safetensors"
+                save_file(current, str(tmp / name), metadata={"version": str(version)})
+                with open(tmp / name, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                shards[name] = _sha256(tmp / name)
+                current, size = {}, 0
+
+            for key, tensor in state_dict.items():
+                t = tensor.detach().to("cpu").contiguous()
+                nbytes = t.numel() * t.element_size()
+                if current and size + nbytes > SHARD_BYTES:
+                    flush()
+                current[key] = t
+                size += nbytes
+                total += nbytes
+                tensors[key] = {
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": list(t.shape),
+                    "shard": f"model-{len(shards):05d}.safetensors",
+                }
+            flush()
+            manifest = {
+                "version": version,
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "total_bytes": total,
+                "tensors": tensors,
+                "shards": shards,
+            }
+            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            (tmp / "readers").mkdir()
+            _fsync_dir(tmp)
+            tmp.rename(final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        latest = self.latest_version()
+        if latest is None or version > latest:
+            _write_atomic(self.root / "LATEST", str(version))
+        self.last_publish_seconds = time.perf_counter() - start
+        self.last_publish_bytes = total
+        self._apply_retention()
+        return final
+
+    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor]) -> Future:
+        """Queue `publish` on the store's writer thread so the learner's next step can start.
+
+        Versions are written in order; the caller must not mutate `state_dict` afterwards
+        (the learner hands over a freshly gathered CPU copy).
+        """
+        return self._writer.submit(self.publish, version, state_dict)
+
+    def _apply_retention(self) -> None:
+        versions = self.versions()
+        for version in versions[: max(0, len(versions) - self.keep)]:
+            directory = self.version_dir(version)
+            if any((directory / "readers").iterdir()):
+                continue
+            # Rename first so a concurrent reader never opens a half-deleted version.
+            doomed = self.root / f".deleting-{directory.name}-{os.getpid()}"
+            try:
+                directory.rename(doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    # ---- reading -------------------------------------------------------------------------
+    def latest_version(self) -> int | None:
+        try:
+            return int((self.root / "LATEST").read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    def versions(self) -> list[int]:
+        out = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith("v") and (entry / MANIFEST).is_file():
+                out.append(int(entry.name[1:]))
+        return sorted(out)
+
+    def manifest(self, version: int) -> dict:
+        path = self.version_dir(version) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"weight store {self.root}: version {version} has no manifest")
+        return json.loads(path.read_text())
+
+    def load(self, version: int, verify: bool = True) -> dict[str, torch.Tensor]:
+        """All tensors of `version`; with `verify`, every shard's sha256 is checked first."""
+        directory = self.version_dir(version)
+        manifest = self.manifest(version)
+        out: dict[str, torch.Tensor] = {}
+        for shard, digest in manifest["shards"].items():
+            path = directory / shard
+            if not path.is_file():
+                raise WeightIntegrityError(f"version {version}: shard {shard} is missing")
+            if verify and _sha256(path) != digest:
+                raise WeightIntegrityError(f"version {version}: shard {shard} sha256 does not match the manifest")
+            out.update(load_file(str(path)))
+        expected = set(manifest["tensors"])
+        if set(out) != expected:
+            raise WeightIntegrityError(f"version {version}: tensors differ from the manifest: {sorted(expected ^ set(out))[:5]}")
+        return out
+
+    def acquire(self, version: int, reader: str) -> None:
+        """Lease `version` for `reader`: retention keeps it until `release`."""
+        (self.version_dir(version) / "readers" / reader).touch()
+
+    def release(self, version: int, reader: str) -> None:
+        (self.version_dir(version) / "readers" / reader).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
