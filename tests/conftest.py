@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny model built once per session, and job configs pointing at tmp dirs."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_cluster.config import JobConfig, TinyModelConfig
+from rlhf_cluster.tiny_model import ensure_tiny_model
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(model_cache) -> str:
+    return str(ensure_tiny_model(TinyModelConfig(), model_cache))
+
+
+@pytest.fixture
+def job_config(tmp_path, model_cache):
+    """Build a small JobConfig in tmp dirs; keyword sections override the defaults."""
+
+    def make(**sections) -> JobConfig:
+        raw = {
+            "name": "test",
+            "run_dir": str(tmp_path / "run"),
+            "model": {"cache_dir": model_cache},
+            "data": {"num_prompts": 256, "eval_prompts": 0},
+            "generation": {"replicas": 1, "prompts_per_request": 2, "sampling": {"n": 4, "max_new_tokens": 8}},
+            "learner": {"world_size": 1, "lr": 1e-3},
+            "train": {"total_steps": 4, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(raw.get(key), dict):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+        return JobConfig.model_validate(raw)
+
+    return make
