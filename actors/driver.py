@@ -27,7 +27,7 @@ from actors.scoring import ReferenceWorker, RewardWorker
 from rlhf_cluster.buffer import ExperienceBuffer
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
-from rlhf_cluster.experience import build_group, group_rollouts
+from rlhf_cluster.experience import batch_advantages, build_group, group_rollouts, kl_controller
 from rlhf_cluster.metrics import (
     BUFFER_DEPTH, BUFFER_DROPPED, CORRECTION_ESS, LEARNER_VERSION, STALENESS, TRAIN_CLIP, TRAIN_ENTROPY, TRAIN_KL,
     TRAIN_REWARD, MetricLabels, serve_metrics,
@@ -80,6 +80,8 @@ class Driver:
         self.answers = {p.prompt_id: p.answer for p in prompts}
         self.source = PromptSource(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.buffer = ExperienceBuffer(cfg.buffer.capacity)
+        self.kl = kl_controller(cfg.algorithm.kl)
+        self.zero_signal_dropped = 0
         self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")
         self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
         self.published_version = 0
@@ -169,12 +171,20 @@ class Driver:
         scores = await score_ref
         refs = await ref_ref if ref_ref is not None else None
         by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
+        algo = self.cfg.algorithm
         async with self._changed:
             for group in group_rollouts(rollouts).values():
                 idx = [by_index[r.sample_id] for r in group]
-                samples, _ = build_group(
-                    group, [scores[i] for i in idx], [refs[i] for i in idx] if refs else None, self.cfg.algorithm
+                samples, metrics = build_group(
+                    group, [scores[i] for i in idx], [refs[i] for i in idx] if refs else None, algo,
+                    kl_coef=self.kl.value, max_new_tokens=self.cfg.generation.sampling.max_new_tokens,
                 )
+                if algo.shaping.dynamic_sampling and metrics["zero_signal"]:
+                    # No learning signal: drop it, count it, and let admission start another.
+                    self.groups_dropped += 1
+                    self.zero_signal_dropped += len(samples)
+                    self.labels.of(BUFFER_DROPPED, reason="zero_signal").inc(len(samples))
+                    continue
                 self.buffer.add_group(samples)
                 for r in group:
                     self.worker_of[r.sample_id] = r.worker
@@ -218,10 +228,19 @@ class Driver:
                 staleness = [step - s.policy_version for s in samples]
                 for lag in staleness:
                     self.labels.of(STALENESS).observe(lag)
-                shards = [samples[r::world] for r in range(world)]
+                kl_coef = self.kl.value
+                batch_metrics = batch_advantages(samples, cfg.algorithm, kl_coef)
+                in_loss = [not (cfg.algorithm.shaping.overlong_filter and s.finish_reason == "length") for s in samples]
+                batches = [TrainBatch.from_samples(samples[r::world], in_loss=in_loss[r::world]) for r in range(world)]
                 stats = (await asyncio.gather(
-                    *[rank.train.remote(TrainBatch.from_samples(shard), step + 1) for rank, shard in zip(self.ranks, shards)]
+                    *[rank.train.remote(batch, step + 1, kl_coef) for rank, batch in zip(self.ranks, batches)]
                 ))[0]
+                stats.update({f"advantage/{k}": v for k, v in batch_metrics.items()})
+                stats["kl_coef"] = kl_coef
+                stats["samples_in_loss"] = sum(in_loss)
+                # The controller steers per-sequence KL (summed over tokens), as in Ziegler et al.
+                mean_len = statistics.fmean(len(s.response_ids) for s in samples)
+                self.kl.update(stats["policy/kl"] * mean_len, len(samples))
                 tg.create_task(self._publish_done(step + 1))
                 for s in samples:
                     self.result.consumed.append(ConsumedSample(step, s.sample_id, s.policy_version, self.worker_of.pop(s.sample_id)))
@@ -258,6 +277,7 @@ class Driver:
             "response_len_mean": statistics.fmean(len(s.response_ids) for s in samples),
             "buffer_depth": self.buffer.depth,
             "dropped_stale": self.buffer.dropped["stale"],
+            "dropped_zero_signal": self.zero_signal_dropped,
             "time": time.time(),
         }
         row.update({k: v for k, v in stats.items() if k not in row})

@@ -57,9 +57,9 @@ class LearnerRank:
         self.labels.of(m.LEARNER_VERSION).set(version)
         return {"seconds": self.store.last_publish_seconds, "bytes": self.store.last_publish_bytes}
 
-    def train(self, batch: TrainBatch, version: int) -> dict[str, float]:
+    def train(self, batch: TrainBatch, version: int, kl_coef: float) -> dict[str, float]:
         """One learner step on this rank's share, then publish the result as `version`."""
-        metrics = self.learner.train_step(batch)
+        metrics = self.learner.train_step(batch, kl_coef)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         self.publish(version)

@@ -35,7 +35,11 @@ class ExperienceBuffer:
 
     def add_group(self, group: list[ScoredSample]) -> int:
         """Add one complete group; returns how many samples were new (duplicates are refused)."""
-        fresh = [s for s in group if s.sample_id not in self._seen]
+        fresh, ids = [], set()
+        for s in group:
+            if s.sample_id not in self._seen and s.sample_id not in ids:
+                fresh.append(s)
+                ids.add(s.sample_id)
         if len(fresh) < len(group):
             self.dropped["duplicate"] += len(group) - len(fresh)
         if not fresh:

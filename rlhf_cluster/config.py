@@ -27,7 +27,7 @@ class TinyModelConfig(_Strict):
     num_heads: int = Field(2, ge=1, description="Attention heads; head_dim = hidden/heads must be >= 32 for vLLM CPU.")
     num_kv_heads: int = Field(1, ge=1, description="Key/value heads (GQA).")
     intermediate_size: int = Field(128, ge=8, description="MLP width.")
-    vocab_size: int = Field(512, ge=64, description="Upper bound of the BPE vocabulary trained locally (the model gets exactly the tokenizer size).")
+    vocab_size: int = Field(512, ge=258, description="Upper bound of the byte-level BPE vocabulary (>= 258: 256 bytes + pad + eos); the model gets exactly the tokenizer size.")
     max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
     seed: int = Field(0, description="Seed of the random initialisation.")
 
@@ -61,7 +61,7 @@ class DataConfig(_Strict):
     )
     path: str | None = Field(None, description="Prompt file (.parquet or .jsonl) with columns prompt_id, prompt, answer.")
     num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
-    eval_prompts: int = Field(64, ge=0, description="Held-out prompts of the built-in task.")
+    eval_prompts: int = Field(64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train).")
     seed: int = Field(0, description="Seed for task generation and prompt order.")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
 
@@ -121,8 +121,11 @@ class KLConfig(_Strict):
     """KL to the reference policy."""
 
     placement: Literal["loss", "reward", "none"] = Field("loss", description="KL in the loss (GRPO) or in the reward (PPO).")
-    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
-    coef: float = Field(0.01, ge=0, description="KL coefficient (beta).")
+    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (in-reward KL always uses k1).")
+    coef: float = Field(0.01, ge=0, description="KL coefficient (beta); the adaptive controller's initial value.")
+    controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed coefficient or a proportional controller.")
+    target: float = Field(6.0, gt=0, description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards.")
+    horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon in samples.")
 
 
 class CorrectionConfig(_Strict):
@@ -135,14 +138,82 @@ class CorrectionConfig(_Strict):
     lower: float | None = Field(None, ge=0, description="Lower bound for mask mode (None: none).")
 
 
-class AlgorithmConfig(_Strict):
-    """The RL algorithm: advantage estimator, loss, KL and correction."""
+class ShapingConfig(_Strict):
+    """Reward shaping and sample filters applied before the learner."""
 
-    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field("grpo", description="Advantage estimator.")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: off).")
+    overlong_penalty: float = Field(1.0, ge=0, description="Penalty at max_new_tokens.")
+    length_target: int | None = Field(None, ge=0, description="Length penalty -coef*max(0, len-target) (None: off).")
+    length_coef: float = Field(0.001, ge=0, description="Length penalty coefficient.")
+    overlong_filter: bool = Field(False, description="Drop truncated responses (finish_reason=length) from the loss.")
+    dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal; generate more instead.")
+
+
+PRESETS: dict[str, dict] = {
+    # Group-normalised advantages, per-sequence token mean, k3 KL in the loss (DeepSeekMath).
+    "grpo": {"advantage": "grpo", "loss": {"aggregation": "sequence_mean"}, "kl": {"placement": "loss", "estimator": "k3", "coef": 0.04}},
+    # No std division and a constant denominator remove GRPO's length and difficulty biases.
+    "dr_grpo": {"advantage": "dr_grpo", "loss": {"aggregation": "sequence_sum_norm"}, "kl": {"placement": "none", "coef": 0.0}},
+    # Clip-higher, token-level loss, no KL, overlong filtering/punishment, dynamic sampling.
+    "dapo": {
+        "advantage": "grpo",
+        "loss": {"clip_low": 0.2, "clip_high": 0.28, "aggregation": "token_mean"},
+        "kl": {"placement": "none", "coef": 0.0},
+        "shaping": {"overlong_buffer": 4, "overlong_penalty": 1.0, "overlong_filter": True, "dynamic_sampling": True},
+    },
+    # Sequence-level, length-normalised ratio with one (tight) clip per sequence.
+    "gspo": {
+        "advantage": "grpo",
+        "loss": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "aggregation": "sequence_mean"},
+        "kl": {"placement": "none", "coef": 0.0},
+    },
+    # Leave-one-out baseline, KL in the reward.
+    "rloo": {"advantage": "rloo", "loss": {"aggregation": "token_mean"}, "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01}},
+    # Per-token KL in the reward, return-to-go whitened over the whole batch.
+    "reinforce_pp": {
+        "advantage": "reinforce_pp",
+        "loss": {"aggregation": "token_mean"},
+        "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01},
+    },
+}
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class AlgorithmConfig(_Strict):
+    """The RL algorithm: advantage estimator, loss, KL, correction and shaping.
+
+    `preset` fills every field it names; fields written next to it override the preset.
+    """
+
+    preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] | None = Field(
+        None, description="One-line algorithm choice; explicit fields override it."
+    )
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field("grpo", description="Advantage estimator.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount for reinforce_pp returns.")
     loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference.")
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig, description="TIS/MIS.")
+    shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="Reward shaping and filters.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return _deep_merge(PRESETS[data["preset"]], data)
+        return data
+
+    @model_validator(mode="after")
+    def _supported(self) -> "AlgorithmConfig":
+        if self.advantage == "gae":
+            raise ValueError("advantage=gae needs a learned critic, which this build does not have yet; use grpo, dr_grpo, rloo or reinforce_pp")
+        return self
 
 
 class LearnerConfig(_Strict):
@@ -223,6 +294,8 @@ class JobConfig(_Strict):
             raise ValueError(
                 f"buffer.capacity={self.buffer.capacity} is smaller than (max_staleness+1) * prompts_per_step * n = {need}"
             )
+        if self.algorithm.shaping.overlong_buffer >= self.generation.sampling.max_new_tokens:
+            raise ValueError("algorithm.shaping.overlong_buffer must be smaller than generation.sampling.max_new_tokens")
         if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo") and self.generation.sampling.n < 2:
             raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs generation.sampling.n >= 2")
         return self
@@ -263,9 +336,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not file.is_file():
             raise ConfigError(f"config file {source} does not exist")
         try:
-            raw = yaml.safe_load(file.read_text()) or {}
+            raw = yaml.safe_load(file.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {source} must hold a mapping at the top level, got {type(raw).__name__}")
     for item in overrides or []:

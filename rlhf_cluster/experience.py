@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cluster.algorithms import group_advantages, kl_penalty, rloo_advantages
-from rlhf_cluster.config import AlgorithmConfig
+from rlhf_cluster.algorithms import group_advantages, kl_penalty, reinforce_pp_advantages, rloo_advantages
+from rlhf_cluster.algorithms import AdaptiveKLController, FixedKLController
+from rlhf_cluster.config import AlgorithmConfig, KLConfig
 from rlhf_cluster.records import Rollout, ScoredSample
+from rlhf_cluster.rewards import length_penalty, overlong_penalty
 
 
 def build_group(
@@ -18,8 +20,17 @@ def build_group(
     scores: list[tuple[float, dict[str, float]]],
     ref_logprobs: list[list[float]] | None,
     cfg: AlgorithmConfig,
+    *,
+    kl_coef: float,
+    max_new_tokens: int,
 ) -> tuple[list[ScoredSample], dict[str, float]]:
-    """Samples of one prompt group with per-token advantages, and group metrics."""
+    """Samples of one prompt group with per-token advantages, and group metrics.
+
+    Reward = task reward + shaping (overlong, length) - kl_coef * sum_t k1 when the KL sits in
+    the reward; every term is recorded in `reward_components`. REINFORCE++ whitens over the
+    whole step's batch, so its advantages are filled in by `batch_advantages` at take time.
+    `metrics["zero_signal"]` is 1 when all rewards of the group are equal.
+    """
     if not rollouts:
         raise ValueError("build_group needs at least one rollout")
     if len({r.group_id for r in rollouts}) != 1:
@@ -27,24 +38,39 @@ def build_group(
     if len(scores) != len(rollouts) or (ref_logprobs is not None and len(ref_logprobs) != len(rollouts)):
         raise ValueError("scores and reference log-probs must match the rollouts one to one")
     refs = ref_logprobs if ref_logprobs is not None else [list(r.rollout_logprobs) for r in rollouts]
-    rewards = torch.tensor([s[0] for s in scores], dtype=torch.float64)
+    for r, ref in zip(rollouts, refs):
+        if len(ref) != len(r.response_ids):
+            raise ValueError(f"sample {r.sample_id}: {len(ref)} reference log-probs for {len(r.response_ids)} response tokens")
     components = [dict(s[1]) for s in scores]
-    kl_per_seq = torch.tensor(
-        [
-            float(kl_penalty(torch.tensor(r.rollout_logprobs), torch.tensor(ref), "k1").sum()) if r.response_ids else 0.0
-            for r, ref in zip(rollouts, refs)
-        ],
-        dtype=torch.float64,
-    )
-    if cfg.kl.placement == "reward" and cfg.kl.coef > 0:
-        rewards = rewards - cfg.kl.coef * kl_per_seq
-        for c, kl in zip(components, kl_per_seq.tolist()):
-            c["kl_penalty"] = -cfg.kl.coef * kl
+    rewards = torch.tensor([s[0] for s in scores], dtype=torch.float64)
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float64)
+    shaping = cfg.shaping
+    if shaping.overlong_buffer:
+        penalty = overlong_penalty(lengths, max_new_tokens, shaping.overlong_buffer, shaping.overlong_penalty).double()
+        rewards = rewards + penalty
+        for c, p in zip(components, penalty.tolist()):
+            c["overlong"] = p
+    if shaping.length_target is not None:
+        penalty = length_penalty(lengths, shaping.length_target, shaping.length_coef).double()
+        rewards = rewards + penalty
+        for c, p in zip(components, penalty.tolist()):
+            c["length"] = p
+    if cfg.kl.placement == "reward" and kl_coef > 0 and cfg.advantage != "reinforce_pp":
+        kl_sum = torch.tensor(
+            [float(kl_penalty(torch.tensor(r.rollout_logprobs), torch.tensor(ref), "k1").sum()) for r, ref in zip(rollouts, refs)],
+            dtype=torch.float64,
+        )
+        rewards = rewards - kl_coef * kl_sum
+        for c, kl in zip(components, kl_sum.tolist()):
+            c["kl_penalty"] = -kl_coef * kl
     group_ids = [r.group_id for r in rollouts]
     if cfg.advantage == "rloo":
         adv, metrics = rloo_advantages(rewards, group_ids)
-    else:
+    elif cfg.advantage in ("grpo", "dr_grpo"):
         adv, metrics = group_advantages(rewards, group_ids, scale="std" if cfg.advantage == "grpo" else "none")
+    else:
+        adv, metrics = torch.zeros_like(rewards), {}
+    metrics["zero_signal"] = float(bool((rewards == rewards[0]).all()))
     samples = [
         ScoredSample(
             sample_id=r.sample_id,
@@ -63,6 +89,38 @@ def build_group(
         for r, reward, c, ref, a in zip(rollouts, rewards.tolist(), components, refs, adv.tolist())
     ]
     return samples, metrics
+
+
+def batch_advantages(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> dict[str, float]:
+    """Fill in advantages that need the whole step's batch (REINFORCE++), in place.
+
+    Token rewards are -kl_coef * k1_t (KL in the reward) plus the sequence reward on the last
+    token; `reinforce_pp_advantages` turns them into whitened returns-to-go.
+    """
+    if cfg.advantage != "reinforce_pp":
+        return {}
+    T = max(max(len(s.response_ids) for s in samples), 1)
+    mask = torch.zeros(len(samples), T)
+    token_rewards = torch.zeros(len(samples), T)
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        if n == 0:
+            continue
+        mask[i, :n] = 1
+        if cfg.kl.placement == "reward" and kl_coef > 0:
+            token_rewards[i, :n] = -kl_coef * kl_penalty(torch.tensor(s.rollout_logprobs), torch.tensor(s.ref_logprobs), "k1")
+        token_rewards[i, n - 1] += s.reward
+    adv, metrics = reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
+    for i, s in enumerate(samples):
+        s.advantages = adv[i, : len(s.response_ids)].tolist()
+    return metrics
+
+
+def kl_controller(cfg: KLConfig) -> FixedKLController | AdaptiveKLController:
+    """The KL coefficient controller a job's config asks for."""
+    if cfg.controller == "adaptive":
+        return AdaptiveKLController(cfg.coef, cfg.target, cfg.horizon)
+    return FixedKLController(cfg.coef)
 
 
 def group_rollouts(rollouts: list[Rollout]) -> dict[str, list[Rollout]]:

@@ -124,7 +124,8 @@ class TrainBatch:
         return int(self.response_mask.sum().item())
 
     @classmethod
-    def from_samples(cls, samples: list[ScoredSample], pad_id: int = 0) -> "TrainBatch":
+    def from_samples(cls, samples: list[ScoredSample], pad_id: int = 0, in_loss: list[bool] | None = None) -> "TrainBatch":
+        """Pad samples into tensors; `in_loss[i] = False` removes sample i from the loss entirely."""
         if not samples:
             raise ValueError("cannot build a TrainBatch from no samples")
         B = len(samples)
@@ -139,7 +140,7 @@ class TrainBatch:
             n = len(s.response_ids)
             input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention_mask[i, : len(seq)] = 1
-            response_mask[i, :n] = 1.0
+            response_mask[i, :n] = 1.0 if in_loss is None or in_loss[i] else 0.0
             rollout[i, :n] = torch.tensor(s.rollout_logprobs)
             ref[i, :n] = torch.tensor(s.ref_logprobs)
             adv[i, :n] = torch.tensor(s.advantages)

@@ -38,7 +38,11 @@ def build_tokenizer(vocab_size: int, out_dir: Path):
         vocab_size=vocab_size, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(arithmetic_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, padding_side="right")
+    # unk_token must be set: without it AutoTokenizer (what vLLM loads) adds its own special
+    # token past the model's vocabulary.
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=EOS, padding_side="right"
+    )
     fast.save_pretrained(out_dir)
     return fast
 

@@ -102,8 +102,14 @@ class WeightStore:
                 shards[name] = _sha256(tmp / name)
                 current, size = {}, 0
 
+            storages: set[int] = set()
             for key, tensor in state_dict.items():
                 t = tensor.detach().to("cpu").contiguous()
+                # safetensors refuses tensors sharing memory (tied embeddings): store a copy.
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in storages:
+                    t = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
                 nbytes = t.numel() * t.element_size()
                 if current and size + nbytes > SHARD_BYTES:
                     flush()

@@ -44,7 +44,10 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     missing = [c for c in ("prompt_id", "prompt") if c not in table.column_names]
     if missing:
         raise ValueError(f"prompt file {file}: missing column(s) {missing}; it has {table.column_names}")
-    ids = [str(x) for x in table.column("prompt_id").to_pylist()]
+    raw_ids = table.column("prompt_id").to_pylist()
+    if any(x is None for x in raw_ids):
+        raise ValueError(f"prompt file {file}: prompt_id has null values (row {raw_ids.index(None)})")
+    ids = [str(x) for x in raw_ids]
     if len(set(ids)) != len(ids):
         raise ValueError(f"prompt file {file}: prompt_id values are not unique")
     texts = table.column("prompt").to_pylist()

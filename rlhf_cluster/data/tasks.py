@@ -17,14 +17,27 @@ import pyarrow.parquet as pq
 PROMPT_COLUMNS = ("prompt_id", "prompt", "answer")
 
 
+ARITHMETIC_OPERAND_MAX = 49
+ARITHMETIC_EVAL_PAIRS = 256
+
+
 def arithmetic_rows(num: int, seed: int, split: str = "train") -> list[dict]:
-    """Addition problems `a+b=` with their answers; `split` keeps train and eval prompts apart."""
-    rng = random.Random(f"{seed}-{split}")
-    rows = []
-    for i in range(num):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
-        rows.append({"prompt_id": f"{split}-{i}", "prompt": f"{a}+{b}=", "answer": str(a + b)})
-    return rows
+    """Addition problems `a+b=` with their answers.
+
+    The operand pairs are split once per seed: the first `ARITHMETIC_EVAL_PAIRS` of a seeded
+    shuffle are held out for `split="eval"`; every other split draws from the rest, so no
+    held-out sum is ever trained on.
+    """
+    pairs = [(a, b) for a in range(ARITHMETIC_OPERAND_MAX + 1) for b in range(ARITHMETIC_OPERAND_MAX + 1)]
+    random.Random(seed).shuffle(pairs)
+    if split == "eval":
+        if num > ARITHMETIC_EVAL_PAIRS:
+            raise ValueError(f"at most {ARITHMETIC_EVAL_PAIRS} held-out arithmetic prompts, asked for {num}")
+        chosen = pairs[:num]
+    else:
+        rng = random.Random(f"{seed}-{split}")
+        chosen = [rng.choice(pairs[ARITHMETIC_EVAL_PAIRS:]) for _ in range(num)]
+    return [{"prompt_id": f"{split}-{i}", "prompt": f"{a}+{b}=", "answer": str(a + b)} for i, (a, b) in enumerate(chosen)]
 
 
 def arithmetic_corpus(num: int = 4000, seed: int = 1234) -> list[str]:

@@ -74,7 +74,7 @@ class FSDP2Learner:
         )
 
     # ---- the step --------------------------------------------------------------------------
-    def train_step(self, local: TrainBatch) -> dict[str, float]:
+    def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
         """One optimizer step per mini-batch over this rank's share of the step's batch."""
         start = time.perf_counter()
         b = self._to_device(local)
@@ -98,6 +98,8 @@ class FSDP2Learner:
                 local_tokens, local_seqs = float(m.sum()), float((m.sum(-1) > 0).sum())
                 global_tokens, global_seqs = self._all_reduce([local_tokens, local_seqs])
                 logprobs, ent = self._logprobs(b, rows, with_entropy=True)
+                # max(.., 1): a mini-batch whose tokens were all filtered out (overlong
+                # filtering) contributes a zero loss rather than NaN.
                 loss, metrics = self.objective.loss(
                     logprobs,
                     prox[rows],
@@ -106,8 +108,9 @@ class FSDP2Learner:
                     m,
                     None if correction is None else correction[rows],
                     ent,
-                    denominator=self.objective.denominator(global_tokens, global_seqs),
-                    token_denominator=global_tokens,
+                    kl_coef=kl_coef,
+                    denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
+                    token_denominator=max(global_tokens, 1.0),
                 )
                 (loss * self.world_size).backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.max_grad_norm).full_tensor())

@@ -48,6 +48,7 @@ class RLObjective:
         correction: torch.Tensor | None,
         entropy: torch.Tensor | None,
         *,
+        kl_coef: float,
         denominator: float,
         token_denominator: float,
     ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -68,8 +69,8 @@ class RLObjective:
         total = pg
         kl_cfg = self.cfg.kl
         kl_value, kl_metrics = kl_loss(logprobs, ref_logprobs, mask, estimator=kl_cfg.estimator, denominator=token_denominator)
-        if kl_cfg.placement == "loss" and kl_cfg.coef > 0:
-            total = total + kl_cfg.coef * kl_value
+        if kl_cfg.placement == "loss" and kl_coef > 0:
+            total = total + kl_coef * kl_value
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         metrics.update({f"policy/{k}": v for k, v in kl_metrics.items()})
         if entropy is not None:

@@ -56,11 +56,6 @@ def test_duplicates_refused_after_take():
     assert buf.depth == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: buffer.py add_group only checks ids against earlier adds, not within the group "
-    "itself, so a sample id repeated inside one group is stored twice",
-)
 def test_duplicate_ids_within_one_group_refused():
     buf = ExperienceBuffer(capacity=16)
     g = _group("g0", 0, n=2)

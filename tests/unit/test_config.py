@@ -102,11 +102,6 @@ def test_non_mapping_top_level_names_file(tmp_path, text):
     assert "mapping" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config.py load_config uses `yaml.safe_load(...) or {}`, so falsy non-mappings "
-    "([], 0, false, '') are silently treated as an empty config",
-)
 @pytest.mark.parametrize("text", ["[]\n", "0\n", "false\n"])
 def test_falsy_non_mapping_top_level_rejected(tmp_path, text):
     with pytest.raises(ConfigError, match="mapping"):
@@ -210,3 +205,20 @@ def test_validate_assignment():
     cfg = load_config()
     with pytest.raises(ValueError):
         cfg.train.total_steps = 0
+
+
+def test_algorithm_preset_fills_fields_and_explicit_fields_win(tmp_path):
+    path = _write(tmp_path, "algorithm:\n  preset: dapo\n  loss:\n    clip_high: 0.3\n")
+    cfg = load_config(path)
+    assert cfg.algorithm.loss.clip_high == 0.3  # explicit beats preset
+    assert cfg.algorithm.loss.aggregation == "token_mean"  # preset sibling kept
+    assert cfg.algorithm.kl.placement == "none"
+    assert cfg.algorithm.shaping.dynamic_sampling is True
+    plain = load_config()
+    assert plain.algorithm.shaping.dynamic_sampling is False
+
+
+def test_overlong_buffer_must_fit_max_new_tokens():
+    with pytest.raises(ConfigError, match=r"algorithm\.shaping\.overlong_buffer"):
+        load_config(None, ["algorithm.shaping.overlong_buffer=16", "generation.sampling.max_new_tokens=16"])
+    load_config(None, ["algorithm.shaping.overlong_buffer=15", "generation.sampling.max_new_tokens=16"])

@@ -81,10 +81,6 @@ def test_empty_prompt_rejected(tmp_path, bad):
     assert "['c']" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prompts.py read_prompt_file maps ids with str(x), so a null prompt_id becomes the id 'None'",
-)
 def test_null_prompt_id_rejected(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt_id": ["a", None], "prompt": ["x", "y"]}), path)
@@ -190,11 +186,6 @@ def test_prepare_prompt_files_no_eval_and_user_path(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tasks.py arithmetic_rows only reseeds per split; train and eval draw from the same "
-    "2500 problems, so most 'held-out' eval prompts also appear in train",
-)
 def test_eval_prompts_are_held_out():
     train = {r["prompt"] for r in arithmetic_rows(2048, 0, "train")}
     held_out = [r["prompt"] for r in arithmetic_rows(64, 0, "eval")]

@@ -196,11 +196,6 @@ def test_store_reopens(tmp_path):
     again.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: weights.py publish passes tensors that share storage (tied embeddings, e.g. "
-    "model.state_dict() of a tie_word_embeddings model) straight to safetensors.save_file, which refuses them",
-)
 def test_publish_tied_tensors(store):
     w = torch.randn(8, 4)
     store.publish(0, {"embed_tokens.weight": w, "lm_head.weight": w})
