@@ -119,17 +119,30 @@ class FSDP2Learner:
                 loss_total += float(loss.detach())
                 iterations += 1
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * local_tokens
+                    if k.endswith("_max"):
+                        sums[k] = max(sums.get(k, float("-inf")), v)
+                    else:
+                        sums[k] = sums.get(k, 0.0) + v * local_tokens
                 tokens_seen += local_tokens
         self.step += 1
 
-        # Token-weighted means across ranks, so every rank reports the same numbers.
-        keys = sorted(set(sums) | set(corr_metrics))
+        # Across ranks: token means are averaged weighted by tokens, maxima take the max, and the
+        # ESS is recomputed from global sums (an average of per-rank ESS would be wrong).
         local_tok = float(mask.sum())
-        values = [sums.get(k, 0.0) if k in sums else corr_metrics[k] * local_tok for k in keys]
-        reduced = self._all_reduce(values + [tokens_seen, local_tok, loss_total])
-        total_seen, total_tok, loss_sum = reduced[-3:]
+        means = {k: v for k, v in sums.items() if not k.endswith("_max")}
+        means.update({k: v * local_tok for k, v in corr_metrics.items() if not k.endswith("_max") and k != "correction/ess"})
+        maxima = {k: v for k, v in {**corr_metrics, **sums}.items() if k.endswith("_max")}
+        keys = sorted(means)
+        w = correction if correction is not None else torch.ones_like(mask)
+        ess_sums = [float((w * mask).sum()), float((w * w * mask).sum())]
+        reduced = self._all_reduce([means[k] for k in keys] + [tokens_seen, local_tok, loss_total] + ess_sums)
+        total_seen, total_tok, loss_sum, w_sum, w2_sum = reduced[len(keys):]
         out = {k: reduced[i] / max(total_seen if k in sums else total_tok, 1.0) for i, k in enumerate(keys)}
+        max_keys = sorted(maxima)
+        t = torch.tensor([maxima[k] for k in max_keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out.update(zip(max_keys, t.tolist()))
+        out["correction/ess"] = w_sum**2 / (total_tok * w2_sum) if w2_sum > 0 else 0.0
         # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
         out["policy/loss"] = loss_sum / iterations
         out["learner/grad_norm"] = grad_norm

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cluster.algorithms import importance_weights, kl_loss, masked_mean, policy_loss
+from rlhf_cluster.algorithms import importance_weights, kl_loss, kl_penalty, masked_mean, policy_loss
 from rlhf_cluster.config import AlgorithmConfig
 
 
@@ -68,11 +68,15 @@ class RLObjective:
         )
         total = pg
         kl_cfg = self.cfg.kl
-        kl_value, kl_metrics = kl_loss(logprobs, ref_logprobs, mask, estimator=kl_cfg.estimator, denominator=token_denominator)
-        if kl_cfg.placement == "loss" and kl_coef > 0:
-            total = total + kl_coef * kl_value
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
-        metrics.update({f"policy/{k}": v for k, v in kl_metrics.items()})
+        if kl_cfg.placement == "loss" and kl_coef > 0:
+            kl_value, kl_metrics = kl_loss(logprobs, ref_logprobs, mask, kl_cfg.estimator, token_denominator)
+            total = total + kl_coef * kl_value
+            metrics["policy/kl_loss_term"] = kl_metrics["kl"]
+        # The reported KL is always k3 (unbiased and >= 0), whatever estimator the loss uses,
+        # so runs with different settings stay comparable.
+        with torch.no_grad():
+            metrics["policy/kl"] = float(masked_mean(kl_penalty(logprobs.detach(), ref_logprobs, "k3"), mask))
         if entropy is not None:
             ent = masked_mean(entropy, mask, token_denominator)
             if self.cfg.entropy_coef > 0:

@@ -1,0 +1,164 @@
+"""Generation overhead: `VLLMEngine.generate` (ours) vs the raw `LLM.generate` it wraps.
+
+Both sides use the SAME engine instance (same weights, same KV cache, same sampling settings):
+"raw" is `engine.llm.generate(texts, SamplingParams(..., logprobs=0))`, "ours" is
+`engine.generate(prompts)`, which makes the same call and then builds one `Rollout` (ids, per-token
+log-probs, version, finish reason) per response. The calls alternate, and the order flips every
+repetition (raw-ours, ours-raw, ...) so drift of the machine (thermal, caches, other processes)
+hits both sides alike. Medians are reported; every single timing goes to the JSON file.
+
+Sampling is random (temperature 1.0), so the two sides do not produce the same number of tokens;
+throughput is counted from the tokens actually generated (sum of len(token_ids)).
+
+    .venv/bin/python benchmarks/generation_overhead.py [--hidden 256 --layers 4 --prompts 32 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
+from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.data.tasks import arithmetic_rows
+from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster.tiny_model import ensure_tiny_model
+
+HEAD_DIM = 64  # vLLM's CPU attention supports it; heads = hidden / 64
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "generation_overhead.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=256, help="model width (multiple of 64; heads = hidden/64)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p.add_argument("--prompts", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--n", type=int, default=4, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="per-response token limit")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per side (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="tiny model cache")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    args = p.parse_args(argv)
+    if args.hidden % HEAD_DIM:
+        p.error(f"--hidden must be a multiple of {HEAD_DIM}")
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    return args
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+    import vllm
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "vllm": vllm.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    heads = args.hidden // HEAD_DIM
+    tiny = TinyModelConfig(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=max(256, args.max_new_tokens + 32),
+    )
+    sampling = SamplingConfig(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
+    gen_cfg = GenerationConfig(sampling=sampling, max_model_len=tiny.max_position_embeddings)
+    prompts = [Prompt(r["prompt_id"], r["prompt"], r["answer"]) for r in arithmetic_rows(args.prompts, seed=0, split="bench")]
+
+    t0 = time.perf_counter()
+    model_dir = ensure_tiny_model(tiny, args.cache_dir)
+    engine = VLLMEngine(str(model_dir), gen_cfg, dtype=args.dtype, seed=0, name="bench")
+    startup_s = time.perf_counter() - t0
+
+    from vllm import SamplingParams
+
+    texts = [p.text for p in prompts]
+
+    def run_raw() -> int:
+        params = SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens, logprobs=0, seed=None,
+        )
+        outs = engine.llm.generate(texts, params, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+    def run_ours() -> int:
+        rollouts, _ = engine.generate(prompts)
+        return sum(len(r.response_ids) for r in rollouts)
+
+    sides = {"raw": run_raw, "ours": run_ours}
+    timings: dict[str, list[dict]] = {"raw": [], "ours": []}
+    for rep in range(-args.warmup, args.reps):
+        order = ("raw", "ours") if rep % 2 == 0 else ("ours", "raw")
+        for side in order:
+            start = time.perf_counter()
+            tokens = sides[side]()
+            seconds = time.perf_counter() - start
+            if rep >= 0:
+                timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
+
+    med = {
+        side: {
+            "seconds": statistics.median(t["seconds"] for t in ts),
+            "tokens": statistics.median(t["tokens"] for t in ts),
+            "tokens_per_s": statistics.median(t["tokens_per_s"] for t in ts),
+        }
+        for side, ts in timings.items()
+    }
+    paired = [o["tokens_per_s"] / r["tokens_per_s"] for r, o in zip(timings["raw"], timings["ours"])]
+    ratio = med["ours"]["tokens_per_s"] / med["raw"]["tokens_per_s"]
+    result = {
+        "benchmark": "generation_overhead",
+        "machine": machine_info(),
+        "config": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "tiny_model": tiny.model_dump(),
+            "sampling": sampling.model_dump(),
+            "model_dir": str(model_dir),
+            "startup_seconds": startup_s,
+        },
+        "timings": timings,
+        "medians": med,
+        "ratio_ours_over_raw_tokens_per_s": ratio,
+        "paired_ratios_ours_over_raw": paired,
+        "median_paired_ratio": statistics.median(paired),
+    }
+
+    print(f"\ngeneration_overhead  model hidden={args.hidden} layers={args.layers} heads={heads} | "
+          f"{args.prompts} prompts x n={args.n} x <= {args.max_new_tokens} tokens | {args.reps} reps (+{args.warmup} warmup), medians")
+    print(f"{'side':<6} {'seconds':>9} {'tokens':>8} {'tokens/s':>10}")
+    for side in ("raw", "ours"):
+        m = med[side]
+        print(f"{side:<6} {m['seconds']:>9.3f} {m['tokens']:>8.0f} {m['tokens_per_s']:>10.1f}")
+    print(f"ratio ours/raw tokens/s: {ratio:.3f}  (median of paired ratios {statistics.median(paired):.3f}; 1.0 = no overhead)")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
