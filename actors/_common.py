@@ -21,6 +21,16 @@ def actor_setup(cfg_dict: dict, pool: str, worker: str) -> tuple[JobConfig, Metr
     return cfg, labels, port
 
 
+def metrics_target(bind_address: str, port: int | None) -> str | None:
+    """`host:port` Prometheus can scrape: the node's IP when bound to all interfaces."""
+    if port is None:
+        return None
+    import ray
+
+    host = ray.util.get_node_ip_address() if bind_address in ("0.0.0.0", "::") else bind_address
+    return f"{host}:{port}"
+
+
 def limit_threads(share: int) -> None:
     """Give this process its share of the node's cores so co-located actors do not thrash."""
     import torch

@@ -59,7 +59,7 @@ class JobResult:
 def prepare_run_dir(cfg: JobConfig) -> Path:
     """A fresh run directory: artifacts of an earlier run of the same name are removed."""
     run_dir = Path(cfg.run_dir).expanduser()
-    for stale in (cfg.weights_dir, run_dir / "metrics.jsonl"):
+    for stale in (cfg.weights_dir, run_dir / "metrics.jsonl", run_dir / "buffer.arrow"):
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -77,7 +77,6 @@ class Driver:
         self.model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
         train_file, _ = prepare_prompt_files(cfg.data, self.run_dir)
         prompts = read_prompt_file(train_file)
-        self.answers = {p.prompt_id: p.answer for p in prompts}
         self.source = PromptSource(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.buffer = ExperienceBuffer(cfg.buffer.capacity)
         self.kl = kl_controller(cfg.algorithm.kl)
@@ -102,7 +101,7 @@ class Driver:
         # Learner first: rank 0 publishes version 0 before any worker asks the store for weights.
         self.ranks = [LearnerRank.options(**learn_opts).remote(cfg_dict, self.model_path, r, world) for r in range(world)]
         addr, port = ray.get(self.ranks[0].address.remote())
-        ray.get([rank.setup.remote(addr, port) for rank in self.ranks])
+        infos = {"learner": ray.get([rank.setup.remote(addr, port) for rank in self.ranks])}
         ray.get([rank.publish.remote(0) for rank in self.ranks])
         ray.get(self.ranks[0].wait_published.remote(0))
         self.generation = ActorPool(
@@ -120,7 +119,26 @@ class Driver:
                 lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, self.model_path, i),
                 cfg.scoring.reference_replicas,
             )
-        ray.get([w.info.remote() for w in self.generation.actors])
+        for pool in (self.generation, self.rewards, self.references):
+            if pool is not None:
+                infos[pool.name] = ray.get([w.info.remote() for w in pool.actors])
+        self._write_scrape_targets(infos)
+
+    def _write_scrape_targets(self, infos: dict[str, list[dict]]) -> None:
+        """Prometheus file-based service discovery (deploy/prometheus.yml reads it)."""
+        groups = [
+            {"targets": [i["metrics"]], "labels": {"job_name": self.cfg.name, "pool": pool, "worker": i["name"]}}
+            for pool, items in infos.items()
+            for i in items
+            if i.get("metrics")
+        ]
+        if self.metrics_port is not None:
+            host = self.cfg.metrics.bind_address
+            groups.append({"targets": [f"{host}:{self.metrics_port}"], "labels": {"job_name": self.cfg.name, "pool": "driver", "worker": "driver"}})
+        path = self.run_dir / "prometheus_targets.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(groups, indent=1))
+        tmp.replace(path)
 
     def shutdown(self) -> None:
         for pool in (self.generation, self.rewards, self.references):
@@ -260,6 +278,8 @@ class Driver:
             bar.close()
             metrics_file.close()
             producer.cancel()
+        # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
+        self.buffer.save(self.run_dir / "buffer.arrow")
 
     def _row(self, step: int, samples: list[ScoredSample], staleness: list[int], stats: dict, seconds: float) -> dict:
         rewards = [s.reward for s in samples]
@@ -290,9 +310,17 @@ class Driver:
 
     # ---- the job -------------------------------------------------------------------------
     async def run(self) -> JobResult:
-        async with asyncio.TaskGroup() as tg:
-            producer = tg.create_task(self._produce(tg))
-            tg.create_task(self._consume(tg, producer))
+        """Run both loops to the last step; the first failure of any task ends the job with its cause."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                producer = tg.create_task(self._produce(tg))
+                tg.create_task(self._consume(tg, producer))
+        except BaseExceptionGroup as group:
+            # Surface the first real cause rather than an ExceptionGroup wrapper.
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from group
         self.result.final_version = self.published_version
         return self.result
 
@@ -301,17 +329,6 @@ def run_job(cfg: JobConfig) -> JobResult:
     """Run one job on the connected Ray cluster (the caller has called `ray.init`)."""
     driver = Driver(cfg)
     try:
-        return asyncio.run(_run_unwrapped(driver))
+        return asyncio.run(driver.run())
     finally:
         driver.shutdown()
-
-
-async def _run_unwrapped(driver: Driver) -> JobResult:
-    try:
-        return await driver.run()
-    except BaseExceptionGroup as group:
-        # Surface the first real cause rather than an ExceptionGroup wrapper.
-        first = group.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from group

@@ -6,7 +6,7 @@ import time
 
 import ray
 
-from actors._common import actor_setup
+from actors._common import actor_setup, metrics_target
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster import metrics as m
@@ -21,12 +21,13 @@ class GenerationWorker:
     def __init__(self, cfg_dict: dict, model_path: str, index: int):
         self.name = f"gen{index}"
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "generation", self.name)
+        self.metrics_target = metrics_target(cfg.metrics.bind_address, self.metrics_port)
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index, name=self.name)
         self.labels.of(m.GENERATION_VERSION).set(0)
 
     def info(self) -> dict:
-        return {"name": self.name, "metrics_port": self.metrics_port, "version": self.engine.version}
+        return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version}
 
     def sync(self, min_version: int = 0) -> int:
         """Load the newest published version if it is newer than the engine's; returns the version held."""

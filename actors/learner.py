@@ -10,7 +10,7 @@ import ray
 import torch
 import torch.distributed as dist
 
-from actors._common import actor_setup, limit_threads
+from actors._common import actor_setup, limit_threads, metrics_target
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import TrainBatch
@@ -43,7 +43,7 @@ class LearnerRank:
             torch.cuda.set_device(0)
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
         self.learner = FSDP2Learner(self.cfg, self.model_path)
-        return {"rank": self.rank, "metrics_port": self.metrics_port}
+        return {"name": f"rank{self.rank}", "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port)}
 
     def publish(self, version: int) -> None:
         """Collective: gather the full state dict; rank 0 queues it for the store and returns."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors._common import actor_setup, limit_threads
+from actors._common import actor_setup, limit_threads, metrics_target
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
@@ -18,9 +18,13 @@ class RewardWorker:
 
     def __init__(self, cfg_dict: dict, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
+        self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
         if cfg.data.task is None:
             raise ValueError("data.task: a rule-based reward needs a built-in task's verifier")
         self.reward = RuleReward(cfg.data.task)
+
+    def info(self) -> dict:
+        return self.info_
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
         out = self.reward.score(rollouts, answers)
@@ -34,9 +38,13 @@ class ReferenceWorker:
 
     def __init__(self, cfg_dict: dict, model_path: str, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reference", f"ref{index}")
+        self.info_ = {"name": f"ref{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
         limit_threads(2)
         dtype = getattr(torch, cfg.model.dtype)
         self.model = ReferenceModel(model_path, dtype, temperature=cfg.generation.sampling.temperature)
+
+    def info(self) -> dict:
+        return self.info_
 
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
         out = self.model.logprobs(rollouts)

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Runs pytest on the given paths. pytest's exit code 5 ("no tests collected") is a failure here:
-# a suite that silently collects nothing must not pass as green.
+# Runs pytest on the given paths. A run that executes no test must not pass as green: pytest's
+# exit code 5 ("no tests collected") and a run where every test was skipped are failures here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/python -m pytest "$@" -ra --durations=15
-rc=$?
+log=$(mktemp)
+.venv/bin/python -m pytest "$@" -ra --durations=15 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests in: $*" >&2
-  exit 1
+  rc=1
+elif [ "$rc" -eq 0 ] && ! tail -n 3 "$log" | grep -qE "[0-9]+ passed"; then
+  echo "run_tests: no test passed (all skipped or deselected) in: $*" >&2
+  rc=1
 fi
+rm -f "$log"
 exit "$rc"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,11 @@ def ray_cluster():
     ray.shutdown()
 
 
+HERE = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(items):
+    # This hook sees every collected item of the session: mark only tests under tests/integration.
     for item in items:
-        item.add_marker(pytest.mark.integration)
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.integration)

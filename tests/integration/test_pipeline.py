@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -51,11 +52,29 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
                 assert key in row
             assert row["staleness_max"] <= max_staleness
 
+        # Every actor's /metrics endpoint answers a real scrape with its component's metrics.
+        targets = json.loads((driver.run_dir / "prometheus_targets.json").read_text())
+        pools = Counter(t["labels"]["pool"] for t in targets)
+        assert pools == {"learner": 2, "generation": 2, "reward": 1, "reference": 1, "driver": 1}, pools
+        expected = {
+            "generation": 'rlhf_generation_tokens_total{job="test",pool="generation"',
+            "learner": "rlhf_learner_step_seconds_count",
+            "reward": "rlhf_scoring_samples_total",
+            "reference": "rlhf_scoring_samples_total",
+            "driver": "rlhf_staleness_steps_bucket",
+        }
+        for target in targets:
+            body = urllib.request.urlopen(f"http://{target['targets'][0]}/metrics", timeout=10).read().decode()
+            assert expected[target["labels"]["pool"]] in body, target
+
         # FSDP2: both ranks hold a strict part of every sharded parameter, together all of it.
         infos = ray.get([rank.shard_info.remote() for rank in driver.ranks])
         for name, (local0, full) in infos[0].items():
             local1, _ = infos[1][name]
             assert local0 + local1 >= full and local0 < full and local1 < full, (name, local0, local1, full)
+
+        # Samples produced but not trained on were persisted in the buffer's Arrow format.
+        assert (driver.run_dir / "buffer.arrow").is_file()
 
         # The published weights equal the gathered full state dict of the trained model.
         gathered = ray.get([rank.full_state_dict.remote() for rank in driver.ranks])[0]
@@ -67,6 +86,19 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         assert any(not torch.equal(gathered[k], v) for k, v in _initial_weights(cfg).items())
     finally:
         driver.shutdown()
+
+
+def test_a_dead_worker_ends_the_job_with_its_cause(ray_cluster, job_config):
+    # Until pools restart workers, a dead scoring worker must fail the job loudly, not hang it.
+    cfg = job_config(train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
+    driver = Driver(cfg)
+    ray.kill(driver.rewards.actors[0], no_restart=True)
+    try:
+        with pytest.raises(ray.exceptions.RayActorError):
+            asyncio.run(driver.run())
+    finally:
+        driver.shutdown()
+    assert driver.result.rows == []
 
 
 def _initial_weights(cfg):

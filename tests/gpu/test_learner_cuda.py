@@ -1,0 +1,60 @@
+"""The FSDP2 learner and reference scoring on CUDA (NCCL, world size 1): run on a GPU machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.records import ScoredSample, TrainBatch
+
+
+@pytest.fixture
+def nccl_group():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _batch(n=4, length=6):
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        ScoredSample(
+            sample_id=f"s{i}", prompt_id="p", group_id="g", prompt_ids=torch.randint(2, 250, (5,), generator=g).tolist(),
+            response_ids=torch.randint(2, 250, (length,), generator=g).tolist(), rollout_logprobs=[-5.5] * length,
+            policy_version=0, finish_reason="length", reward=float(i), reward_components={},
+            ref_logprobs=[-5.5] * length, advantages=[float(i) - 1.5] * length,
+        )
+        for i in range(n)
+    ]
+    return TrainBatch.from_samples(samples)
+
+
+def test_fsdp2_step_on_cuda_matches_cpu_logprobs(nccl_group, tiny_model_path):
+    cfg = JobConfig.model_validate({"learner": {"world_size": 1}})
+    learner = FSDP2Learner(cfg, tiny_model_path)
+    assert next(learner.model.parameters()).is_cuda
+    batch = _batch()
+
+    cpu_model = load_causal_lm(tiny_model_path)
+    with torch.no_grad():
+        cpu_logp, _ = response_logprobs(cpu_model, batch.input_ids, batch.attention_mask, batch.prompt_lengths, 6)
+        gpu_logp, _ = learner._logprobs(learner._to_device(batch), slice(None), with_entropy=False)
+    assert (gpu_logp.cpu() - cpu_logp).abs().max() < 1e-3
+
+    stats = learner.train_step(batch, kl_coef=0.01)
+    assert torch.isfinite(torch.tensor(stats["policy/loss"]))
+    assert stats["learner/grad_norm"] > 0
+    state = learner.full_state_dict()
+    assert all(t.device.type == "cpu" for t in state.values())
