@@ -1,45 +1,101 @@
-"""`rlhf-cluster` command line: train a job on a local or existing Ray cluster."""
+"""`rlhf-cluster` command line: train locally or on a cluster, submit and follow jobs, scale pools."""
 
 from __future__ import annotations
 
 import os
-import sys
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
-from rlhf_cluster.config import ConfigError, load_config
+from rlhf_cluster.config import ConfigError, JobConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+ADDRESS_HELP = "Ray address: ray://HOST:10001 or HOST:6379 for train/scale, http://HEAD:8265 for job commands."
+
+
+def _load(config: Path, overrides: list[str]) -> JobConfig:
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+def _connect(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" always starts a new instance, never attaching to another cluster on the machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _capacity(address: str | None, cfg: JobConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """Cluster totals and the largest node's resources (this machine for a local instance)."""
+    if address is None:
+        import torch
+
+        local = {"CPU": float(cfg.cluster.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+        return local, local
+    import ray
+
+    _connect(address)
+    try:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        largest: dict[str, float] = {}
+        for node in nodes:
+            for k, v in node.items():
+                largest[k] = max(largest.get(k, 0.0), v)
+        return dict(ray.cluster_resources()), largest
+    finally:
+        ray.shutdown()
+
+
+def _dry_run(cfg: JobConfig, address: str | None) -> None:
+    from rlhf_cluster.placement import check_capacity, format_plan, resource_plan
+
+    problems = []
+    if cfg.model.path is not None and not (Path(cfg.model.path).expanduser() / "config.json").is_file():
+        problems.append(f"model.path: {cfg.model.path} is not a Hugging Face model folder (no config.json)")
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().is_file():
+        problems.append(f"data.path: {cfg.data.path} does not exist")
+    plan = resource_plan(cfg)
+    total, largest = _capacity(address, cfg)
+    problems += check_capacity(plan, total, largest)
+    typer.echo(format_plan(plan))
+    if problems:
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"dry run ok: {cfg.name}, {cfg.train.total_steps} steps, {cfg.samples_per_step} samples per step")
 
 
 @app.command()
 def train(
     config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML job config."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; empty starts a local Ray instance."),
+    address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster ('auto' inside a Ray job); empty starts a local instance."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and check the cluster can place every pool; start nothing."),
 ) -> None:
     """Run an RL job: generation, scoring, learner and weight store on Ray."""
-    try:
-        cfg = load_config(config, set_)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    if address:
-        cfg.cluster.address = address
-
+    cfg = _load(config, set_)
+    address = address or cfg.cluster.address
+    if dry_run:
+        _dry_run(cfg, address)
+        return
     import ray
 
     from actors.driver import run_job
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=True)
+    _connect(address, cfg.cluster.num_cpus)
     try:
         result = run_job(cfg)
     finally:
@@ -51,6 +107,105 @@ def train(
     )
 
 
+# ---- jobs on a cluster (Ray Jobs API) ---------------------------------------------------------
+def _job_client(address: str):
+    if (Path.home() / ".ray" / "auth_token").exists():
+        # Ray turns on token auth when this file exists; the client must say so too.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def _stage_working_dir(cfg: JobConfig) -> Path:
+    """A working dir holding the code and the validated config: what the job runs with."""
+    stage = Path(tempfile.mkdtemp(prefix="rlhf-job-"))
+    for package in ("rlhf_cluster", "actors"):
+        shutil.copytree(REPO / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (stage / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return stage
+
+
+@app.command()
+def submit(
+    config: Path = typer.Argument(..., help="YAML job config."),
+    address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    python: str = typer.Option("python", help="Python on the cluster's head node that has rlhf_cluster's dependencies."),
+) -> None:
+    """Submit a job through Ray's Jobs API (code and config shipped as the working dir); print its id."""
+    cfg = _load(config, set_)
+    stage = _stage_working_dir(cfg)
+    try:
+        job_id = _job_client(address).submit_job(
+            entrypoint=f"{python} -m actors.cli train job.yaml --address auto",
+            runtime_env={"working_dir": str(stage)},
+            metadata={"rlhf_job_name": cfg.name},
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    typer.echo(job_id)
+
+
+@app.command()
+def status(job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=ADDRESS_HELP)) -> None:
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    typer.echo(str(_job_client(address).get_job_status(job).value))
+
+
+@app.command()
+def logs(
+    job: str = typer.Argument(..., help="Job id from `submit`."),
+    address: str = typer.Option(..., help=ADDRESS_HELP),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
+) -> None:
+    """Print a submitted job's logs."""
+    client = _job_client(address)
+    if not follow:
+        typer.echo(client.get_job_logs(job), nl=False)
+        return
+    import asyncio
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job):
+            typer.echo(chunk, nl=False)
+
+    asyncio.run(stream())
+
+
+@app.command()
+def stop(job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=ADDRESS_HELP)) -> None:
+    """Stop a submitted job."""
+    stopped = _job_client(address).stop_job(job)
+    typer.echo("stopping" if stopped else "not running")
+
+
+@app.command()
+def scale(
+    job: str = typer.Argument(..., help="The job's name (config `name`) or its submission id."),
+    pool: str = typer.Option(..., help="generation | reward | reference | scoring (both scoring pools)."),
+    replicas: int = typer.Option(..., help="New number of workers."),
+    address: str = typer.Option("auto", help="Ray address of the job's cluster (GCS, e.g. HEAD:6379)."),
+    dashboard: Optional[str] = typer.Option(None, help="Dashboard address, needed only when JOB is a submission id."),
+) -> None:
+    """Grow or shrink a pool of a running job; new workers load the newest weights first."""
+    import ray
+
+    from actors.control import scale as scale_pool
+
+    name = job
+    if job.startswith("raysubmit_") or dashboard:
+        info = _job_client(dashboard or address).get_job_info(job)
+        name = (info.metadata or {}).get("rlhf_job_name", job)
+    ray.init(address=address, log_to_driver=False)
+    try:
+        outcomes = scale_pool(name, pool, replicas)
+    finally:
+        ray.shutdown()
+    for pool_name, outcome in outcomes.items():
+        typer.echo(f"{pool_name}: {outcome['sizes'][pool_name]} workers (changed: {', '.join(outcome['changed']) or 'none'})")
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
@@ -59,5 +214,5 @@ def version() -> None:
     typer.echo(v("rlhf-cluster"))
 
 
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+if __name__ == "__main__":
+    app()

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from actors.generation import GenerationWorker
 from actors.learner import LearnerRank
+from actors.control import NAMESPACE, JobController, controller_name
+from actors.learner import learner_placement_group, learner_rank_options
 from actors.pools import ActorPool, actor_options
 from actors.scoring import ReferenceWorker, RewardWorker
 from rlhf_cluster.buffer import ExperienceBuffer
@@ -32,7 +34,7 @@ from rlhf_cluster.metrics import (
     BUFFER_DEPTH, BUFFER_DROPPED, CORRECTION_ESS, LEARNER_VERSION, STALENESS, TRAIN_CLIP, TRAIN_ENTROPY, TRAIN_KL,
     TRAIN_REWARD, MetricLabels, serve_metrics,
 )
-from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
+from rlhf_cluster.records import ScoredSample, TrainBatch
 from rlhf_cluster.tiny_model import ensure_tiny_model
 
 
@@ -96,40 +98,55 @@ class Driver:
         cfg, cfg_dict = self.cfg, self.cfg.model_dump()
         gen_opts = actor_options(cfg.generation.resources)
         score_opts = actor_options(cfg.scoring.resources)
-        learn_opts = actor_options(cfg.learner.resources)
         world = cfg.learner.world_size
-        # Learner first: rank 0 publishes version 0 before any worker asks the store for weights.
-        self.ranks = [LearnerRank.options(**learn_opts).remote(cfg_dict, self.model_path, r, world) for r in range(world)]
+        # Learner ranks are gang-scheduled: all bundles are reserved before any rank starts.
+        self.learner_group = learner_placement_group(cfg.learner.resources, world)
+        self.ranks = [
+            LearnerRank.options(**learner_rank_options(cfg.learner.resources, self.learner_group, r)).remote(
+                cfg_dict, self.model_path, r, world
+            )
+            for r in range(world)
+        ]
         addr, port = ray.get(self.ranks[0].address.remote())
-        infos = {"learner": ray.get([rank.setup.remote(addr, port) for rank in self.ranks])}
+        self.infos: dict[str, dict[str, dict]] = {"learner": {}}
+        for info in ray.get([rank.setup.remote(addr, port) for rank in self.ranks]):
+            self.infos["learner"][info["name"]] = info
+        # Rank 0 publishes version 0 before any worker asks the store for weights.
         ray.get([rank.publish.remote(0) for rank in self.ranks])
         ray.get(self.ranks[0].wait_published.remote(0))
-        self.generation = ActorPool(
-            "generation",
-            lambda i: GenerationWorker.options(**gen_opts).remote(cfg_dict, self.model_path, i),
-            cfg.generation.replicas,
-        )
-        self.rewards = ActorPool(
-            "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i), cfg.scoring.reward_replicas
-        )
-        self.references = None
+        self.pools: dict[str, ActorPool] = {
+            "generation": ActorPool(
+                "generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(cfg_dict, self.model_path, i)
+            ),
+            "reward": ActorPool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
+        }
         if cfg.scoring.reference:
-            self.references = ActorPool(
-                "reference",
-                lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, self.model_path, i),
-                cfg.scoring.reference_replicas,
+            self.pools["reference"] = ActorPool(
+                "reference", "ref", lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, self.model_path, i)
             )
-        for pool in (self.generation, self.rewards, self.references):
-            if pool is not None:
-                infos[pool.name] = ray.get([w.info.remote() for w in pool.actors])
-        self._write_scrape_targets(infos)
+        replicas = {
+            "generation": cfg.generation.replicas,
+            "reward": cfg.scoring.reward_replicas,
+            "reference": cfg.scoring.reference_replicas,
+        }
+        for name, pool in self.pools.items():
+            created = pool.start(replicas[name])
+            self.infos[name] = dict(zip(created, ray.get([a.info.remote() for a in created.values()])))
+        self._write_scrape_targets()
+        self.controller = JobController.options(
+            name=controller_name(cfg.name), namespace=NAMESPACE, get_if_exists=False
+        ).remote()
+        ray.get(self.controller.report_sizes.remote(self.pool_sizes()))
 
-    def _write_scrape_targets(self, infos: dict[str, list[dict]]) -> None:
-        """Prometheus file-based service discovery (deploy/prometheus.yml reads it)."""
+    def pool_sizes(self) -> dict[str, int]:
+        return {name: len(pool) for name, pool in self.pools.items()}
+
+    def _write_scrape_targets(self) -> None:
+        """Prometheus file-based service discovery, rewritten whenever workers come or go."""
         groups = [
-            {"targets": [i["metrics"]], "labels": {"job_name": self.cfg.name, "pool": pool, "worker": i["name"]}}
-            for pool, items in infos.items()
-            for i in items
+            {"targets": [i["metrics"]], "labels": {"job_name": self.cfg.name, "pool": pool, "worker": name}}
+            for pool, items in self.infos.items()
+            for name, i in items.items()
             if i.get("metrics")
         ]
         if self.metrics_port is not None:
@@ -140,12 +157,44 @@ class Driver:
         tmp.write_text(json.dumps(groups, indent=1))
         tmp.replace(path)
 
+    async def _watch_scaling(self) -> None:
+        """Apply scale requests from the JobController as they arrive."""
+        while True:
+            ticket, pool_name, replicas = await self.controller.next_request.remote()
+            try:
+                changed = await self._resize(pool_name, replicas)
+                outcome = {"pool": pool_name, "changed": changed, "sizes": self.pool_sizes(), "version": self.published_version}
+            except (ValueError, KeyError) as exc:
+                outcome = {"error": str(exc), "sizes": self.pool_sizes()}
+            await self.controller.applied.remote(ticket, outcome)
+
+    async def _resize(self, pool_name: str, replicas: int) -> list[str]:
+        if pool_name not in self.pools:
+            raise KeyError(f"this job has no {pool_name} pool")
+        pool = self.pools[pool_name]
+        before = set(pool.actors)
+
+        async def prepare(actor) -> None:
+            # A new generation worker loads the newest weights before it serves anything.
+            if pool_name == "generation":
+                await actor.sync.remote(self.published_version)
+
+        changed = await pool.resize(replicas, prepare)
+        for name in changed:
+            if name in before:
+                self.infos[pool_name].pop(name, None)
+            else:
+                self.infos[pool_name][name] = await pool.actors[name].info.remote()
+        self._write_scrape_targets()
+        tqdm.write(f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})")
+        return changed
+
     def shutdown(self) -> None:
-        for pool in (self.generation, self.rewards, self.references):
-            if pool is not None:
-                pool.kill()
-        for rank in self.ranks:
-            ray.kill(rank, no_restart=True)
+        for pool in self.pools.values():
+            pool.kill()
+        for actor in [*self.ranks, self.controller]:
+            ray.kill(actor, no_restart=True)
+        ray.util.remove_placement_group(self.learner_group)
 
     # ---- producer ------------------------------------------------------------------------
     def _allowance(self) -> int:
@@ -155,12 +204,13 @@ class Driver:
         return limit - (self.groups_started - self.groups_dropped)
 
     async def _produce(self, tg: asyncio.TaskGroup) -> None:
-        max_requests = 2 * len(self.generation)
+        generation = self.pools["generation"]
         in_flight: set[asyncio.Task] = set()
         try:
             while True:
                 async with self._changed:
-                    await self._changed.wait_for(lambda: self._allowance() > 0 and len(in_flight) < max_requests)
+                    # Two requests per generation worker keep each engine busy while one returns.
+                    await self._changed.wait_for(lambda: self._allowance() > 0 and len(in_flight) < 2 * len(generation))
                     k = min(self.cfg.generation.prompts_per_request, self._allowance())
                     self.groups_started += k
                 prompts = [self.source.next_prompt() for _ in range(k)]
@@ -181,13 +231,14 @@ class Driver:
             self._changed.notify_all()
 
     async def _process(self, prompts: list[Prompt]) -> None:
-        worker = self.generation.next()
-        rollouts: list[Rollout] = await worker.generate.remote(prompts, self.published_version)
+        _, rollouts = await self.pools["generation"].call("generate", prompts, self.published_version)
         answers = {p.prompt_id: p.answer for p in prompts}
-        score_ref = self.rewards.next().score.remote(rollouts, answers)
-        ref_ref = self.references.next().logprobs.remote(rollouts) if self.references else None
-        scores = await score_ref
-        refs = await ref_ref if ref_ref is not None else None
+        scoring = [self.pools["reward"].call("score", rollouts, answers)]
+        if "reference" in self.pools:
+            scoring.append(self.pools["reference"].call("logprobs", rollouts))
+        results = await asyncio.gather(*scoring)
+        scores = results[0][1]
+        refs = results[1][1] if len(results) > 1 else None
         by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
         algo = self.cfg.algorithm
         async with self._changed:
@@ -234,7 +285,7 @@ class Driver:
             self.labels.of(LEARNER_VERSION).set(self.published_version)
             self._changed.notify_all()
 
-    async def _consume(self, tg: asyncio.TaskGroup, producer: asyncio.Task) -> None:
+    async def _consume(self, tg: asyncio.TaskGroup, background: list[asyncio.Task]) -> None:
         cfg = self.cfg
         world = cfg.learner.world_size
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
@@ -277,7 +328,8 @@ class Driver:
         finally:
             bar.close()
             metrics_file.close()
-            producer.cancel()
+            for task in background:
+                task.cancel()
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
         self.buffer.save(self.run_dir / "buffer.arrow")
 
@@ -314,7 +366,8 @@ class Driver:
         try:
             async with asyncio.TaskGroup() as tg:
                 producer = tg.create_task(self._produce(tg))
-                tg.create_task(self._consume(tg, producer))
+                watcher = tg.create_task(self._watch_scaling())
+                tg.create_task(self._consume(tg, [producer, watcher]))
         except BaseExceptionGroup as group:
             # Surface the first real cause rather than an ExceptionGroup wrapper.
             first = group.exceptions[0]

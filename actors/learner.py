@@ -8,13 +8,45 @@ from concurrent.futures import Future
 
 import ray
 import torch
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import torch.distributed as dist
 
 from actors._common import actor_setup, limit_threads, metrics_target
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster import metrics as m
+from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
+
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+def learner_placement_group(res: ResourcesConfig, world_size: int):
+    """Reserve one bundle per rank at once (gang scheduling): all ranks start, or none do."""
+    # A bundle must ask for something; a sliver of CPU stands in when no resources are reserved.
+    bundle = {"CPU": max(res.num_cpus, 0.01), **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.custom}
+    group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        raise RuntimeError(
+            f"learner: {world_size} ranks x {bundle} could not be placed in {PLACEMENT_TIMEOUT_S}s "
+            f"(learner.resources asks for more than the cluster has; try `--dry-run`)"
+        ) from None
+    return group
+
+
+def learner_rank_options(res: ResourcesConfig, group, rank: int) -> dict:
+    """Ray options placing rank `rank` in its bundle of the learner's placement group."""
+    return {
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus,
+        "resources": dict(res.custom),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+    }
 
 
 @ray.remote(max_concurrency=2)  # a second thread answers wait_published while a step runs

@@ -1,9 +1,14 @@
-"""ActorPool: a set of same-kind actors with round-robin dispatch."""
+"""ActorPool: same-kind actors with round-robin dispatch that can grow and shrink while serving.
+
+Dispatch goes through `call`, so the pool knows each actor's requests in flight: a retired
+actor leaves the rotation at once but is killed only after its last request has returned, so
+no request is lost when a pool shrinks.
+"""
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Callable
+import asyncio
+from typing import Any, Awaitable, Callable
 
 import ray
 
@@ -19,19 +24,83 @@ def actor_options(res: ResourcesConfig) -> dict[str, Any]:
 
 
 class ActorPool:
-    """Starts `replicas` actors with `factory(index)` and hands them out round-robin."""
+    """Actors created by `factory(index)`; names are `{prefix}{index}` and never reused."""
 
-    def __init__(self, name: str, factory: Callable[[int], Any], replicas: int):
+    def __init__(self, name: str, prefix: str, factory: Callable[[int], Any]):
         self.name = name
-        self.actors = [factory(i) for i in range(replicas)]
-        self._cycle = itertools.cycle(range(replicas))
-
-    def next(self):
-        return self.actors[next(self._cycle)]
+        self.prefix = prefix
+        self._factory = factory
+        self._next_index = 0
+        self.actors: dict[str, Any] = {}  # in rotation
+        self._in_flight: dict[str, int] = {}
+        self._turn = 0
+        self._drained = asyncio.Condition()
 
     def __len__(self) -> int:
         return len(self.actors)
 
-    def kill(self) -> None:
-        for actor in self.actors:
+    def create(self, count: int) -> dict[str, Any]:
+        """Start `count` new actors (not yet in rotation)."""
+        created = {}
+        for _ in range(count):
+            created[f"{self.prefix}{self._next_index}"] = self._factory(self._next_index)
+            self._next_index += 1
+        return created
+
+    def activate(self, actors: dict[str, Any]) -> None:
+        """Put ready actors into rotation."""
+        for name, actor in actors.items():
+            self.actors[name] = actor
+            self._in_flight.setdefault(name, 0)
+
+    def start(self, count: int) -> dict[str, Any]:
+        """Create and activate `count` actors (at job start, before anything is dispatched)."""
+        created = self.create(count)
+        self.activate(created)
+        return created
+
+    async def call(self, method: str, *args) -> tuple[str, Any]:
+        """Call `method` on the next actor in rotation; returns (actor name, result)."""
+        if not self.actors:
+            raise RuntimeError(f"{self.name} pool has no actors")
+        names = list(self.actors)
+        name = names[self._turn % len(names)]
+        self._turn += 1
+        actor = self.actors[name]
+        self._in_flight[name] += 1
+        try:
+            return name, await getattr(actor, method).remote(*args)
+        finally:
+            self._in_flight[name] -= 1
+            async with self._drained:
+                self._drained.notify_all()
+
+    async def retire(self, count: int) -> list[str]:
+        """Take the newest `count` actors out of rotation, wait for their requests, kill them."""
+        if count >= len(self.actors):
+            raise ValueError(f"{self.name} pool: cannot retire {count} of {len(self.actors)} actors (one must stay)")
+        leaving = list(self.actors)[-count:] if count else []
+        handles = {name: self.actors.pop(name) for name in leaving}
+        async with self._drained:
+            await self._drained.wait_for(lambda: all(self._in_flight[n] == 0 for n in leaving))
+        for name, actor in handles.items():
+            self._in_flight.pop(name, None)
             ray.kill(actor, no_restart=True)
+        return leaving
+
+    async def resize(self, replicas: int, prepare: Callable[[Any], Awaitable[None]] | None = None) -> list[str]:
+        """Grow (new actors are `prepare`d, e.g. loaded with the newest weights, before serving) or shrink."""
+        if replicas < 1:
+            raise ValueError(f"{self.name} pool: replicas must be >= 1, got {replicas}")
+        if replicas > len(self.actors):
+            created = self.create(replicas - len(self.actors))
+            if prepare is not None:
+                await asyncio.gather(*[prepare(actor) for actor in created.values()])
+            self.activate(created)
+            return list(created)
+        return await self.retire(len(self.actors) - replicas)
+
+    def kill(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+        self.actors.clear()

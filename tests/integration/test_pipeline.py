@@ -92,7 +92,7 @@ def test_a_dead_worker_ends_the_job_with_its_cause(ray_cluster, job_config):
     # Until pools restart workers, a dead scoring worker must fail the job loudly, not hang it.
     cfg = job_config(train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
     driver = Driver(cfg)
-    ray.kill(driver.rewards.actors[0], no_restart=True)
+    ray.kill(next(iter(driver.pools["reward"].actors.values())), no_restart=True)
     try:
         with pytest.raises(ray.exceptions.RayActorError):
             asyncio.run(driver.run())

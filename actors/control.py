@@ -1,0 +1,79 @@
+"""JobController: a named actor through which a running job is steered from outside (scaling).
+
+The driver creates it as `rlhf-controller-<job name>` in the `rlhf_cluster` namespace; the CLI
+or Python (`scale(...)`) finds it by name. Requests queue up and the driver applies them one
+at a time between its own awaits, so a resize never races a dispatch decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import ray
+
+NAMESPACE = "rlhf_cluster"
+POOLS = ("generation", "reward", "reference")
+
+
+def controller_name(job_name: str) -> str:
+    return f"rlhf-controller-{job_name}"
+
+
+@ray.remote(num_cpus=0)
+class JobController:
+    """Queue of scale requests for one job, and the pool sizes the driver last reported."""
+
+    def __init__(self):
+        self._requests: asyncio.Queue = asyncio.Queue()
+        self._applied: dict[int, dict] = {}
+        self._next_ticket = 0
+        self.sizes: dict[str, int] = {}
+
+    async def request_scale(self, pool: str, replicas: int) -> int:
+        if pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; scalable pools: {', '.join(POOLS)}")
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        await self._requests.put((ticket, pool, replicas))
+        return ticket
+
+    async def next_request(self) -> tuple[int, str, int]:
+        return await self._requests.get()
+
+    async def applied(self, ticket: int, outcome: dict) -> None:
+        self._applied[ticket] = outcome
+        self.sizes = outcome.get("sizes", self.sizes)
+
+    async def outcome(self, ticket: int) -> dict | None:
+        return self._applied.get(ticket)
+
+    async def report_sizes(self, sizes: dict[str, int]) -> None:
+        self.sizes = sizes
+
+    async def get_sizes(self) -> dict[str, int]:
+        return self.sizes
+
+
+def scale(job_name: str, pool: str, replicas: int, timeout: float = 300.0) -> dict:
+    """Resize `pool` of the running job `job_name` and wait until the driver has applied it.
+
+    Needs a connected Ray client (`ray.init(address=...)`) on the job's cluster. Pool
+    `scoring` resizes both the reward and the reference pool.
+    """
+    controller = ray.get_actor(controller_name(job_name), namespace=NAMESPACE)
+    pools = ("reward", "reference") if pool == "scoring" else (pool,)
+    outcomes = {}
+    for name in pools:
+        ticket = ray.get(controller.request_scale.remote(name, replicas))
+        deadline = time.monotonic() + timeout
+        while (outcome := ray.get(controller.outcome.remote(ticket))) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_name}: resize of {name} to {replicas} not applied in {timeout:.0f}s")
+            time.sleep(0.2)
+        if "error" in outcome:
+            raise RuntimeError(f"job {job_name}: resize of {name} failed: {outcome['error']}")
+        outcomes[name] = outcome
+    return outcomes

@@ -1,0 +1,72 @@
+"""What each pool asks of the cluster, and whether a cluster can give it (the dry run's check).
+
+Ray-free: the caller passes the cluster's capacity (totals and the largest node), read from
+`ray.cluster_resources()` / `ray.nodes()` or, for a local instance, from this machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_cluster.config import JobConfig, ResourcesConfig
+
+
+@dataclass(frozen=True)
+class PoolRequest:
+    """One pool's actors and the resources each of them needs."""
+
+    pool: str
+    field: str  # the config section that sets these resources, for error messages
+    replicas: int
+    per_actor: dict[str, float]
+
+
+def _per_actor(res: ResourcesConfig) -> dict[str, float]:
+    out = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.custom}
+    return {k: v for k, v in out.items() if v}
+
+
+def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
+    """Every pool of the job with its replica count and per-actor resources."""
+    plan = [
+        PoolRequest("learner", "learner.resources", cfg.learner.world_size, _per_actor(cfg.learner.resources)),
+        PoolRequest("generation", "generation.resources", cfg.generation.replicas, _per_actor(cfg.generation.resources)),
+        PoolRequest("reward", "scoring.resources", cfg.scoring.reward_replicas, _per_actor(cfg.scoring.resources)),
+    ]
+    if cfg.scoring.reference:
+        plan.append(
+            PoolRequest("reference", "scoring.resources", cfg.scoring.reference_replicas, _per_actor(cfg.scoring.resources))
+        )
+    return plan
+
+
+def check_capacity(plan: list[PoolRequest], total: dict[str, float], largest_node: dict[str, float]) -> list[str]:
+    """Problems that would keep the job's actors from ever being scheduled (empty: it fits)."""
+    problems: list[str] = []
+    needed: dict[str, float] = {}
+    for req in plan:
+        for resource, amount in req.per_actor.items():
+            needed[resource] = needed.get(resource, 0.0) + amount * req.replicas
+            if amount > largest_node.get(resource, 0.0):
+                problems.append(
+                    f"{req.pool} pool: each actor needs {amount:g} {resource} ({req.field}), "
+                    f"but no node has more than {largest_node.get(resource, 0.0):g}"
+                )
+    for resource, amount in needed.items():
+        if amount > total.get(resource, 0.0) + 1e-9:
+            parts = ", ".join(
+                f"{r.pool} {r.replicas} x {r.per_actor[resource]:g}" for r in plan if r.per_actor.get(resource)
+            )
+            problems.append(
+                f"the job needs {amount:g} {resource} in all ({parts}), but the cluster has {total.get(resource, 0.0):g}"
+            )
+    return problems
+
+
+def format_plan(plan: list[PoolRequest]) -> str:
+    """The plan as a small table for the dry run."""
+    lines = [f"{'pool':<12}{'replicas':>9}  per actor"]
+    for req in plan:
+        per = ", ".join(f"{k}={v:g}" for k, v in req.per_actor.items()) or "(no reserved resources)"
+        lines.append(f"{req.pool:<12}{req.replicas:>9}  {per}")
+    return "\n".join(lines)

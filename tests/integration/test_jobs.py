@@ -1,0 +1,111 @@
+"""Job submission to a real Ray head started by the test (and only its processes stopped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+CLI = str(VENV_BIN / "rlhf-cluster")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir; SIGTERM ends it."""
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env = _free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="rlhf-head-", dir="/tmp")
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}", "--num-cpus=4", f"--temp-dir={temp_dir}",
+    ]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # the dashboard answers (401 when token auth is on): it is up
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                head.kill()
+                raise RuntimeError(f"ray head did not come up: {head.stdout.read().decode()[-3000:]}")
+            time.sleep(1)
+    yield address, env
+    # --block makes `ray start` own the head's processes: SIGTERM to it stops them all. Its
+    # session (start_new_session) is killed as a backstop, nothing else on the machine.
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _cli(env, *args, timeout=120) -> str:
+    out = subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip()
+
+
+def _wait_status(env, address, job, wanted, timeout=300) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = _cli(env, "status", job, "--address", address)
+        if state in wanted or time.monotonic() > deadline:
+            return state
+        time.sleep(2)
+
+
+def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
+    address, env = ray_head
+    run_dir = tmp_path / "run"
+    common = ["--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
+              "--set", "data.num_prompts=128", "--python", sys.executable, "--address", address]
+    job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=3",
+               "--set", f"run_dir={run_dir}", *common).splitlines()[-1]
+    state = _wait_status(env, address, job, {"SUCCEEDED", "FAILED", "STOPPED"})
+    logs = _cli(env, "logs", job, "--address", address)
+    assert state == "SUCCEEDED", logs[-3000:]
+    assert "done: 3 steps, weight version 3" in logs
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["weight_version"] for r in rows] == [1, 2, 3]
+
+    # A long job is stopped through the CLI.
+    long_job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=100000",
+                    "--set", f"run_dir={tmp_path / 'long'}", "--set", "name=long", *common).splitlines()[-1]
+    assert _wait_status(env, address, long_job, {"RUNNING"}, timeout=120) == "RUNNING"
+    assert _cli(env, "stop", long_job, "--address", address) == "stopping"
+    assert _wait_status(env, address, long_job, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout=120) == "STOPPED"

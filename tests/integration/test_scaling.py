@@ -1,0 +1,67 @@
+"""Grow and shrink the generation pool of a running job through its JobController."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+from actors.control import scale
+from actors.driver import Driver
+
+
+def test_scale_generation_up_and_down_while_running(ray_cluster, job_config):
+    steps = 150  # long enough that both resizes (a vLLM start takes seconds) happen mid-run
+    cfg = job_config(
+        name="scaling",
+        generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
+        train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+    )
+    driver = Driver(cfg)
+    seen: dict = {}
+    errors: list[BaseException] = []
+
+    def workers_in_targets() -> set[str]:
+        groups = json.loads((driver.run_dir / "prometheus_targets.json").read_text())
+        return {g["labels"]["worker"] for g in groups if g["labels"]["pool"] == "generation"}
+
+    def operator() -> None:
+        try:
+            while len(driver.result.rows) < 2:
+                time.sleep(0.05)
+            seen["up"] = scale("scaling", "generation", 2)["generation"]
+            seen["targets_up"] = workers_in_targets()
+            seen["step_up"] = len(driver.result.rows)
+            while len(driver.result.rows) < seen["step_up"] + 4:
+                time.sleep(0.05)
+            seen["down"] = scale("scaling", "generation", 1)["generation"]
+            seen["targets_down"] = workers_in_targets()
+            seen["step_down"] = len(driver.result.rows)
+        except BaseException as exc:  # surfaced below; a failing thread must fail the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    try:
+        result = asyncio.run(driver.run())
+    finally:
+        driver.shutdown()
+    thread.join(timeout=5)
+    assert not errors, errors
+    assert seen["up"]["changed"] == ["gen1"] and seen["up"]["sizes"]["generation"] == 2
+    assert seen["down"]["changed"] == ["gen1"] and seen["down"]["sizes"]["generation"] == 1
+    assert seen["targets_up"] == {"gen0", "gen1"} and seen["targets_down"] == {"gen0"}
+
+    # The new worker served samples, all made with weights at least as new as the version
+    # published when it joined (it loaded them before serving).
+    from_new = [c for c in result.consumed if c.worker == "gen1"]
+    assert from_new, "the added worker never served a consumed sample"
+    assert min(c.policy_version for c in from_new) >= seen["up"]["version"]
+
+    # No sample lost or used twice, and the staleness bound held throughout.
+    ids = [c.sample_id for c in result.consumed]
+    assert len(ids) == len(set(ids)) == steps * cfg.samples_per_step
+    assert driver.buffer.dropped["duplicate"] == 0
+    assert all(0 <= c.step - c.policy_version <= cfg.train.max_staleness for c in result.consumed)
+    assert result.final_version == steps
