@@ -30,6 +30,7 @@ from rlhf_cluster.buffer import ExperienceBuffer
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.experience import batch_advantages, build_group, group_rollouts, kl_controller
+from rlhf_cluster import metrics as m
 from rlhf_cluster.metrics import (
     BUFFER_DEPTH, BUFFER_DROPPED, CORRECTION_ESS, LEARNER_VERSION, STALENESS, TRAIN_CLIP, TRAIN_ENTROPY, TRAIN_KL,
     TRAIN_REWARD, MetricLabels, serve_metrics,
@@ -114,14 +115,27 @@ class Driver:
         # Rank 0 publishes version 0 before any worker asks the store for weights.
         ray.get([rank.publish.remote(0) for rank in self.ranks])
         ray.get(self.ranks[0].wait_published.remote(0))
+        faults = cfg.faults
+
+        def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
+            return ActorPool(
+                name, prefix, factory, prepare=prepare, max_restarts=faults.max_worker_restarts,
+                backoff_s=faults.restart_backoff_s, on_restart=lambda dead, new: self._on_restart(name, dead, new),
+            )
+
+        async def load_newest_weights(actor) -> None:
+            # A new generation worker loads the newest weights before it serves anything.
+            await actor.sync.remote(self.published_version)
+
         self.pools: dict[str, ActorPool] = {
-            "generation": ActorPool(
-                "generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(cfg_dict, self.model_path, i)
+            "generation": pool(
+                "generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(cfg_dict, self.model_path, i),
+                load_newest_weights,
             ),
-            "reward": ActorPool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
+            "reward": pool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
         }
         if cfg.scoring.reference:
-            self.pools["reference"] = ActorPool(
+            self.pools["reference"] = pool(
                 "reference", "ref", lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, self.model_path, i)
             )
         replicas = {
@@ -137,6 +151,18 @@ class Driver:
             name=controller_name(cfg.name), namespace=NAMESPACE, get_if_exists=False
         ).remote()
         ray.get(self.controller.report_sizes.remote(self.pool_sizes()))
+
+    def _on_restart(self, pool_name: str, dead: str, new: str) -> None:
+        """Count a restart and keep the scrape targets current (the pool replaced the worker)."""
+        m.RESTARTS.labels(job=self.cfg.name, pool=pool_name, worker=dead).inc()
+        self.infos[pool_name].pop(dead, None)
+        actor = self.pools[pool_name].actors[new]
+        asyncio.get_running_loop().create_task(self._register(pool_name, new, actor))
+        tqdm.write(f"{pool_name} worker {dead} died; replaced by {new} (restart {self.pools[pool_name].restarts})")
+
+    async def _register(self, pool_name: str, name: str, actor) -> None:
+        self.infos[pool_name][name] = await actor.info.remote()
+        self._write_scrape_targets()
 
     def pool_sizes(self) -> dict[str, int]:
         return {name: len(pool) for name, pool in self.pools.items()}
@@ -173,13 +199,7 @@ class Driver:
             raise KeyError(f"this job has no {pool_name} pool")
         pool = self.pools[pool_name]
         before = set(pool.actors)
-
-        async def prepare(actor) -> None:
-            # A new generation worker loads the newest weights before it serves anything.
-            if pool_name == "generation":
-                await actor.sync.remote(self.published_version)
-
-        changed = await pool.resize(replicas, prepare)
+        changed = await pool.resize(replicas)
         for name in changed:
             if name in before:
                 self.infos[pool_name].pop(name, None)
@@ -297,6 +317,8 @@ class Driver:
                 staleness = [step - s.policy_version for s in samples]
                 for lag in staleness:
                     self.labels.of(STALENESS).observe(lag)
+                self.labels.of(m.STALENESS_MAX).set(max(staleness))
+                self.labels.of(m.STALENESS_BOUND).set(cfg.train.max_staleness)
                 kl_coef = self.kl.value
                 batch_metrics = batch_advantages(samples, cfg.algorithm, kl_coef)
                 in_loss = [not (cfg.algorithm.shaping.overlong_filter and s.finish_reason == "length") for s in samples]
@@ -350,6 +372,7 @@ class Driver:
             "buffer_depth": self.buffer.depth,
             "dropped_stale": self.buffer.dropped["stale"],
             "dropped_zero_signal": self.zero_signal_dropped,
+            "worker_restarts": sum(p.restarts for p in self.pools.values()),
             "time": time.time(),
         }
         row.update({k: v for k, v in stats.items() if k not in row})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -27,7 +28,7 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_VERSION).set(0)
 
     def info(self) -> dict:
-        return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version}
+        return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid()}
 
     def sync(self, min_version: int = 0) -> int:
         """Load the newest published version if it is newer than the engine's; returns the version held."""

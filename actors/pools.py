@@ -26,10 +26,25 @@ def actor_options(res: ResourcesConfig) -> dict[str, Any]:
 class ActorPool:
     """Actors created by `factory(index)`; names are `{prefix}{index}` and never reused."""
 
-    def __init__(self, name: str, prefix: str, factory: Callable[[int], Any]):
+    def __init__(
+        self,
+        name: str,
+        prefix: str,
+        factory: Callable[[int], Any],
+        *,
+        prepare: Callable[[Any], Awaitable[None]] | None = None,
+        max_restarts: int = 0,
+        backoff_s: float = 0.0,
+        on_restart: Callable[[str, str], None] | None = None,
+    ):
         self.name = name
         self.prefix = prefix
         self._factory = factory
+        self.prepare = prepare  # run on every new actor before it serves (e.g. load weights)
+        self.max_restarts = max_restarts
+        self.backoff_s = backoff_s
+        self.on_restart = on_restart
+        self.restarts = 0
         self._next_index = 0
         self.actors: dict[str, Any] = {}  # in rotation
         self._in_flight: dict[str, int] = {}
@@ -60,20 +75,56 @@ class ActorPool:
         return created
 
     async def call(self, method: str, *args) -> tuple[str, Any]:
-        """Call `method` on the next actor in rotation; returns (actor name, result)."""
-        if not self.actors:
-            raise RuntimeError(f"{self.name} pool has no actors")
-        names = list(self.actors)
-        name = names[self._turn % len(names)]
-        self._turn += 1
-        actor = self.actors[name]
-        self._in_flight[name] += 1
+        """Call `method` on the next actor in rotation; returns (actor name, result).
+
+        If the actor dies, it is replaced (up to `max_restarts` over the pool's life) and the
+        request is retried on another actor; the caller sees an error only when no restart is
+        left. Retried generation makes new sample ids, retried scoring returns the same
+        samples again, so a retry can never put a sample into the buffer twice.
+        """
+        while True:
+            if not self.actors:
+                async with self._drained:
+                    await self._drained.wait_for(lambda: bool(self.actors))
+            names = list(self.actors)
+            name = names[self._turn % len(names)]
+            self._turn += 1
+            actor = self.actors[name]
+            self._in_flight[name] += 1
+            try:
+                return name, await getattr(actor, method).remote(*args)
+            except ray.exceptions.RayActorError as exc:
+                await self._replace(name, actor, exc)
+            finally:
+                self._in_flight[name] -= 1
+                async with self._drained:
+                    self._drained.notify_all()
+
+    async def _replace(self, name: str, actor: Any, cause: BaseException) -> None:
+        """Swap a dead actor for a new one (the first caller to see it dead does the work)."""
+        if self.actors.get(name) is not actor:
+            return  # already replaced by a concurrent call, or retired
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(
+                f"{self.name} pool: worker {name} died and the {self.max_restarts} allowed restarts are used up"
+            ) from cause
+        del self.actors[name]
+        self.restarts += 1
+        await asyncio.sleep(self.backoff_s * 2 ** (self.restarts - 1))
+        created = self.create(1)
         try:
-            return name, await getattr(actor, method).remote(*args)
-        finally:
-            self._in_flight[name] -= 1
-            async with self._drained:
-                self._drained.notify_all()
+            if self.prepare is not None:
+                await asyncio.gather(*[self.prepare(a) for a in created.values()])
+        except BaseException:
+            # Cancelled (the job ended) or failed while preparing: do not leak the new actor.
+            for a in created.values():
+                ray.kill(a, no_restart=True)
+            raise
+        self.activate(created)
+        if self.on_restart is not None:
+            self.on_restart(name, next(iter(created)))
+        async with self._drained:
+            self._drained.notify_all()
 
     async def retire(self, count: int) -> list[str]:
         """Take the newest `count` actors out of rotation, wait for their requests, kill them."""
@@ -84,18 +135,22 @@ class ActorPool:
         async with self._drained:
             await self._drained.wait_for(lambda: all(self._in_flight[n] == 0 for n in leaving))
         for name, actor in handles.items():
-            self._in_flight.pop(name, None)
             ray.kill(actor, no_restart=True)
         return leaving
 
-    async def resize(self, replicas: int, prepare: Callable[[Any], Awaitable[None]] | None = None) -> list[str]:
+    async def resize(self, replicas: int) -> list[str]:
         """Grow (new actors are `prepare`d, e.g. loaded with the newest weights, before serving) or shrink."""
         if replicas < 1:
             raise ValueError(f"{self.name} pool: replicas must be >= 1, got {replicas}")
         if replicas > len(self.actors):
             created = self.create(replicas - len(self.actors))
-            if prepare is not None:
-                await asyncio.gather(*[prepare(actor) for actor in created.values()])
+            try:
+                if self.prepare is not None:
+                    await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
+            except BaseException:
+                for actor in created.values():
+                    ray.kill(actor, no_restart=True)
+                raise
             self.activate(created)
             return list(created)
         return await self.retire(len(self.actors) - replicas)

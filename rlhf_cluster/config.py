@@ -251,6 +251,13 @@ class MetricsConfig(_Strict):
     enabled: bool = Field(True, description="Serve /metrics from every actor.")
 
 
+class FaultsConfig(_Strict):
+    """How the job reacts to failures of stateless workers."""
+
+    max_worker_restarts: int = Field(3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job.")
+    restart_backoff_s: float = Field(1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool.")
+
+
 class TrainConfig(_Strict):
     """The driver loop."""
 
@@ -283,6 +290,7 @@ class JobConfig(_Strict):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")

@@ -88,14 +88,18 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         driver.shutdown()
 
 
-def test_a_dead_worker_ends_the_job_with_its_cause(ray_cluster, job_config):
-    # Until pools restart workers, a dead scoring worker must fail the job loudly, not hang it.
-    cfg = job_config(train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
+def test_a_dead_worker_without_restarts_left_ends_the_job_with_its_cause(ray_cluster, job_config):
+    # A failure the pool cannot absorb must fail the job loudly with the cause, not hang it.
+    cfg = job_config(
+        train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+        faults={"max_worker_restarts": 0},
+    )
     driver = Driver(cfg)
     ray.kill(next(iter(driver.pools["reward"].actors.values())), no_restart=True)
     try:
-        with pytest.raises(ray.exceptions.RayActorError):
+        with pytest.raises(RuntimeError, match="reward pool: worker reward0 died") as info:
             asyncio.run(driver.run())
+        assert isinstance(info.value.__cause__, ray.exceptions.RayActorError)
     finally:
         driver.shutdown()
     assert driver.result.rows == []
