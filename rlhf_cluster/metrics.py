@@ -31,6 +31,11 @@ TRAIN_ENTROPY = Gauge("rlhf_train_entropy", "Mean token entropy.", LABELS)
 TRAIN_CLIP = Gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.", LABELS)
 CORRECTION_ESS = Gauge("rlhf_correction_ess", "Effective sample size of the importance weights.", LABELS)
 LEARNER_VERSION = Gauge("rlhf_learner_weight_version", "Newest published weight version.", LABELS)
+# Counted when a pool replaces a dead worker, under the dead worker's name (deploy/alerts.yml: RlhfWorkerRestarted).
+RESTARTS = Counter("rlhf_pool_worker_restarts_total", "Workers restarted after a failure.", LABELS)
+# Set by the driver per consumed batch (deploy/alerts.yml: RlhfStalenessAboveBound compares the two).
+STALENESS_MAX = Gauge("rlhf_staleness_max_steps", "Largest staleness in the last consumed batch.", LABELS)
+STALENESS_BOUND = Gauge("rlhf_staleness_bound_steps", "Configured max_staleness (train.max_staleness).", LABELS)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# System packages first (Prometheus + promtool for the observability tests): outside the stamp,
+# so a fresh machine gets them even when .venv came along; a `command -v` check when present.
+bash scripts/setup_system.sh || true
+
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3

@@ -1,0 +1,263 @@
+"""deploy/ checked for real: promtool on the config and alert rules, a real Prometheus scraping a
+running job through the driver's file_sd targets, and the Grafana dashboard's metric names against
+the job's live /metrics endpoints.
+
+Prometheus and promtool come from the Debian `prometheus` package (scripts/setup_system.sh, run by
+scripts/setup.sh); without them these tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "rlhf_cluster.json"
+
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+needs_prometheus = pytest.mark.skipif(
+    not (PROMTOOL and PROMETHEUS),
+    reason="prometheus/promtool not installed (Debian package `prometheus`; scripts/setup.sh installs it as root)",
+)
+
+# rlhf_* metric names in PromQL; not label values such as job="rlhf_cluster".
+METRIC = re.compile(r"(?<![\w\"])rlhf_[a-z_]+\b(?!\")")
+# Counters that only get samples when their event happens (a drop, a restart): a short healthy job
+# may never produce one, so for these the dashboard only needs the name to be exported.
+EVENT_COUNTERS = {"rlhf_buffer_samples_dropped_total", "rlhf_pool_worker_restarts_total"}
+
+
+def _promtool(*args: str) -> str:
+    proc = subprocess.run([PROMTOOL, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"promtool {' '.join(args)} failed:\n{out}"
+    return out
+
+
+def _sample_names(body: str, job: str) -> set[str]:
+    """Names of the samples labelled `job` in a text exposition (`name{labels} value` lines)."""
+    line = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{[^}]*\bjob="' + re.escape(job) + '"', re.M)
+    return {m.group(1) for m in line.finditer(body)}
+
+
+def _declared_names(body: str) -> set[str]:
+    """Every sample name the families declared in an exposition (`# TYPE`) can produce."""
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", body, re.M):
+        names.add(name)
+        if kind == "histogram":
+            names.update(f"{name}_{s}" for s in ("bucket", "sum", "count"))
+    return names
+
+
+def _dashboard_panels() -> list[dict]:
+    panels = []
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        panels.extend([panel] if panel["type"] != "row" else panel.get("panels", []))
+    return panels
+
+
+def _dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in _dashboard_panels() for t in p.get("targets", []) if t.get("expr")]
+
+
+@needs_prometheus
+def test_promtool_accepts_config_rules_and_rule_tests():
+    out = _promtool("check", "config", str(DEPLOY / "prometheus.yml"))
+    assert "1 rule files found" in out, out
+    out = _promtool("check", "rules", str(DEPLOY / "alerts.yml"))
+    assert re.search(r"SUCCESS: \d+ rules found", out), out
+    _promtool("test", "rules", str(DEPLOY / "alerts_test.yml"))
+
+    # promtool cannot know our metric names: every rlhf_* name an alert uses must be one that
+    # rlhf_cluster/metrics.py declares, or the alert silently never fires.
+    from prometheus_client import REGISTRY, generate_latest
+
+    import rlhf_cluster.metrics  # noqa: F401  (registers the collectors)
+
+    declared = _declared_names(generate_latest(REGISTRY).decode())
+    rules = [r for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    assert len(rules) >= 8
+    for rule in rules:
+        unknown = set(METRIC.findall(rule["expr"])) - declared
+        assert not unknown, f"{rule['alert']} uses undeclared metrics {unknown}"
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule["alert"]
+
+
+def test_dashboard_is_well_formed():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["schemaVersion"] >= 36 and dash["uid"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = _dashboard_panels()
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
+    for panel in panels:
+        targets = panel.get("targets", [])
+        assert targets and all(t.get("expr") for t in targets), f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _query(base: str, expr: str) -> list[dict]:
+    data = _get_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    assert data["status"] == "success", (expr, data)
+    return data["data"]["result"]
+
+
+def _scrape_all(targets_file: Path) -> tuple[str, int]:
+    groups = json.loads(targets_file.read_text())
+    bodies = [
+        urllib.request.urlopen(f"http://{target}/metrics", timeout=10).read().decode()
+        for group in groups
+        for target in group["targets"]
+    ]
+    return "\n".join(bodies), len(bodies)
+
+
+@needs_prometheus
+def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, job_config, tmp_path):
+    from actors.driver import Driver
+
+    # Its own job name: the driver's collectors live in this process and may hold other tests' series.
+    cfg = job_config(name="observability", train={"total_steps": 8, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # file_sd watches this directory from the start
+    targets_file = run_dir / "prometheus_targets.json"
+
+    # deploy/prometheus.yml itself (its honor_labels and rules), pointed at this job, 1 s scrapes.
+    prom_cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    prom_cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    prom_cfg["rule_files"] = [str(DEPLOY / name) for name in prom_cfg["rule_files"]]
+    (scrape,) = prom_cfg["scrape_configs"]
+    scrape["file_sd_configs"] = [{"files": [str(targets_file)], "refresh_interval": "1s"}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
+
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "prometheus.log", "w")
+    # Started before the job so its startup overlaps the pools'; ended by this handle only.
+    prom = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    driver = None
+    job: dict = {}
+    thread = None
+    try:
+        driver = Driver(cfg)
+
+        def run_job():
+            try:
+                job["result"] = asyncio.run(driver.run())
+            except BaseException as exc:  # reported by the main thread
+                job["error"] = exc
+
+        thread = threading.Thread(target=run_job, name="rlhf-job", daemon=True)
+        thread.start()
+
+        # Prometheus answers with the job's values (labels kept by honor_labels: job = cfg.name).
+        sel = f'{{job="{cfg.name}"}}'
+        want = {
+            f"sum(rlhf_generation_tokens_total{sel})": lambda v: v > 0,
+            f"sum(rlhf_learner_step_seconds_count{sel})": lambda v: v > 0,
+            f"count(rlhf_buffer_depth{sel})": lambda v: v >= 1,
+        }
+        seen: dict[str, float] = {}
+        deadline = time.monotonic() + 120
+        while True:
+            if "error" in job:
+                raise job["error"]
+            assert prom.poll() is None, f"prometheus exited: {(tmp_path / 'prometheus.log').read_text()}"
+            try:
+                for expr in want:
+                    result = _query(base, expr)
+                    if result:
+                        seen[expr] = float(result[0]["value"][1])
+            except OSError:
+                pass  # not listening yet
+            if all(expr in seen and ok(seen[expr]) for expr, ok in want.items()):
+                break
+            assert time.monotonic() < deadline, (
+                f"Prometheus did not see the job's metrics in time: {seen}\n"
+                f"targets: {_get_json(base + '/api/v1/targets')['data']['activeTargets']}"
+            )
+            time.sleep(1)
+
+        # Every target of the job's file_sd file is scraped and up, with the file's labels.
+        n_targets = len(json.loads(targets_file.read_text()))
+        ups = _query(base, 'up{job="rlhf_cluster"}')
+        assert len(ups) == n_targets and all(u["value"][1] == "1" for u in ups), ups
+        assert {u["metric"]["job_name"] for u in ups} == {cfg.name}
+        assert {u["metric"]["pool"] for u in ups} >= {"generation", "learner", "reward", "driver"}
+
+        # The real server loaded every alert rule of deploy/alerts.yml.
+        groups = _get_json(base + "/api/v1/rules")["data"]["groups"]
+        loaded = {r["name"] for g in groups for r in g["rules"]}
+        defined = {r["alert"] for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+        assert loaded == defined
+
+        # Every dashboard query is valid PromQL for this server (Grafana's variables filled in).
+        for expr in _dashboard_exprs():
+            concrete = expr.replace("$__rate_interval", "1m").replace("$__range", "5m").replace("$job", ".*")
+            _query(base, concrete)
+
+        # Every metric a panel plots has samples on the job's live /metrics endpoints (histogram
+        # series by their _bucket/_sum/_count names); event-only counters need only be exported.
+        names = {n for expr in _dashboard_exprs() for n in METRIC.findall(expr)}
+        missing: set[str] = set()
+        while True:
+            body, n_bodies = _scrape_all(targets_file)
+            samples, declared = _sample_names(body, cfg.name), _declared_names(body)
+            missing = {n for n in names if n not in (declared if n in EVENT_COUNTERS else samples)}
+            if not missing or time.monotonic() > deadline or "error" in job:
+                break
+            time.sleep(1)
+        assert n_bodies == n_targets
+        assert not missing, f"dashboard plots metrics no live endpoint has samples of: {sorted(missing)}"
+        assert {"rlhf_generation_tokens_total", "rlhf_learner_tokens_total", "rlhf_staleness_steps_bucket",
+                "rlhf_train_kl", "rlhf_correction_ess", "rlhf_weights_sync_seconds_bucket"} <= names
+
+        # The job itself ran to its end while being scraped.
+        thread.join(timeout=max(10.0, deadline - time.monotonic()))
+        assert not thread.is_alive(), "the job did not finish"
+        if "error" in job:
+            raise job["error"]
+        assert len(job["result"].rows) == cfg.train.total_steps
+    finally:
+        if driver is not None:
+            driver.shutdown()  # a job still running ends with an actor error in its thread
+        if thread is not None:
+            thread.join(timeout=30)
+        prom.terminate()
+        try:
+            prom.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            prom.kill()
+            prom.wait(timeout=15)
+        log.close()
