@@ -64,6 +64,10 @@ class DataConfig(_Strict):
     eval_prompts: int = Field(64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train).")
     seed: int = Field(0, description="Seed for task generation and prompt order.")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
+    reward_fn: str | None = Field(
+        None,
+        description="Custom reward `module:function(response, answer) -> float | dict[str, float]` (default: the task's verifier).",
+    )
 
 
 class SamplingConfig(_Strict):
@@ -252,10 +256,20 @@ class MetricsConfig(_Strict):
 
 
 class FaultsConfig(_Strict):
-    """How the job reacts to failures of stateless workers."""
+    """How the job reacts to failures."""
 
     max_worker_restarts: int = Field(3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job.")
     restart_backoff_s: float = Field(1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool.")
+    max_learner_restarts: int = Field(2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies.")
+    max_bad_steps: int = Field(3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops.")
+
+
+class CheckpointConfig(_Strict):
+    """Learner + driver checkpoints for exact resume."""
+
+    dir: str | None = Field(None, description="Checkpoint directory (default: RUN_DIR/checkpoints).")
+    every_steps: int = Field(10, ge=1, description="Checkpoint after every N learner steps (and after the last one).")
+    keep: int = Field(3, ge=1, description="Newest complete checkpoints kept.")
 
 
 class TrainConfig(_Strict):
@@ -291,6 +305,7 @@ class JobConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
@@ -311,6 +326,10 @@ class JobConfig(_Strict):
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.generation.sampling.n
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints").expanduser()
 
     @property
     def weights_dir(self) -> Path:
