@@ -60,13 +60,29 @@ def _capacity(address: str | None, cfg: JobConfig) -> tuple[dict[str, float], di
 
 
 def _dry_run(cfg: JobConfig, address: str | None) -> None:
+    from rlhf_cluster.data.prompts import read_prompt_file
     from rlhf_cluster.placement import check_capacity, format_plan, resource_plan
+    from rlhf_cluster.scoring.rewards import load_reward_fn
+    from rlhf_cluster.validation import validate_model_dir
 
     problems = []
-    if cfg.model.path is not None and not (Path(cfg.model.path).expanduser() / "config.json").is_file():
-        problems.append(f"model.path: {cfg.model.path} is not a Hugging Face model folder (no config.json)")
-    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().is_file():
-        problems.append(f"data.path: {cfg.data.path} does not exist")
+    if cfg.model.path is not None:
+        try:
+            validate_model_dir(cfg.model.path)
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.path: {exc}")
+    if cfg.data.path is not None:
+        try:
+            read_prompt_file(cfg.data.path)  # the whole file: every row is checked before any work starts
+        except (OSError, ValueError) as exc:
+            problems.append(f"data.path: {exc}")
+    if cfg.data.reward_fn is not None:
+        try:
+            load_reward_fn(cfg.data.reward_fn)
+        except ValueError as exc:
+            problems.append(str(exc))
+    elif cfg.data.task is None:
+        problems.append("data: no reward: set data.task (a built-in task's verifier) or data.reward_fn ('module:function')")
     plan = resource_plan(cfg)
     total, largest = _capacity(address, cfg)
     problems += check_capacity(plan, total, largest)
@@ -84,6 +100,7 @@ def train(
     address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster ('auto' inside a Ray job); empty starts a local instance."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and check the cluster can place every pool; start nothing."),
+    resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'auto' (the newest that verifies) or its path."),
 ) -> None:
     """Run an RL job: generation, scoring, learner and weight store on Ray."""
     cfg = _load(config, set_)
@@ -97,7 +114,7 @@ def train(
 
     _connect(address, cfg.cluster.num_cpus)
     try:
-        result = run_job(cfg)
+        result = run_job(cfg, resume)
     finally:
         ray.shutdown()
     last = result.rows[-1]

@@ -14,19 +14,20 @@ import json
 import shutil
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 from tqdm import tqdm
 
-from actors.generation import GenerationWorker
-from actors.learner import LearnerRank
 from actors.control import NAMESPACE, JobController, controller_name
-from actors.learner import learner_placement_group, learner_rank_options
+from actors.generation import GenerationWorker
+from actors.learner import LearnerGroup
 from actors.pools import ActorPool, actor_options
 from actors.scoring import ReferenceWorker, RewardWorker
 from rlhf_cluster.buffer import ExperienceBuffer
+from rlhf_cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.experience import batch_advantages, build_group, group_rollouts, kl_controller
@@ -36,7 +37,10 @@ from rlhf_cluster.metrics import (
     TRAIN_REWARD, MetricLabels, serve_metrics,
 )
 from rlhf_cluster.records import ScoredSample, TrainBatch
+from rlhf_cluster.scoring.rewards import load_reward_fn
 from rlhf_cluster.tiny_model import ensure_tiny_model
+from rlhf_cluster.validation import validate_model_dir
+from rlhf_cluster.weights import WeightStore
 
 
 @dataclass
@@ -45,6 +49,7 @@ class ConsumedSample:
 
     step: int
     sample_id: str
+    prompt_id: str
     policy_version: int
     worker: str
 
@@ -59,10 +64,12 @@ class JobResult:
     run_dir: str = ""
 
 
-def prepare_run_dir(cfg: JobConfig) -> Path:
-    """A fresh run directory: artifacts of an earlier run of the same name are removed."""
+def prepare_run_dir(cfg: JobConfig, fresh: bool) -> Path:
+    """The run directory; for a fresh (not resumed) run, an earlier run's artifacts are removed."""
     run_dir = Path(cfg.run_dir).expanduser()
-    for stale in (cfg.weights_dir, run_dir / "metrics.jsonl", run_dir / "buffer.arrow"):
+    stale_paths = (cfg.weights_dir, cfg.checkpoint_dir, run_dir / "metrics.jsonl", run_dir / "consumed.jsonl",
+                   run_dir / "buffer.arrow", run_dir / "resume.json")
+    for stale in stale_paths if fresh else ():
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
@@ -74,47 +81,123 @@ def prepare_run_dir(cfg: JobConfig) -> Path:
 class Driver:
     """Owns the pools, the buffer and the two loops of one job."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, resume: str | None = None):
         self.cfg = cfg
-        self.run_dir = prepare_run_dir(cfg)
+        self.checkpoints = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
+        resume_from = self._checkpoint_to_resume(resume)
+        self.run_dir = prepare_run_dir(cfg, fresh=resume_from is None)
+        # Bad input fails here, before any actor starts.
+        if cfg.model.path is not None:
+            validate_model_dir(cfg.model.path)
+        if cfg.data.reward_fn is not None:
+            load_reward_fn(cfg.data.reward_fn)
         self.model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
         train_file, _ = prepare_prompt_files(cfg.data, self.run_dir)
-        prompts = read_prompt_file(train_file)
-        self.source = PromptSource(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        self.buffer = ExperienceBuffer(cfg.buffer.capacity)
-        self.kl = kl_controller(cfg.algorithm.kl)
-        self.zero_signal_dropped = 0
+        self.prompts = read_prompt_file(train_file)
         self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")
         self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
-        self.published_version = 0
-        self.groups_started = 0
-        self.groups_dropped = 0
+        self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         self.worker_of: dict[str, str] = {}
         self.result = JobResult(run_dir=str(self.run_dir))
+        self.learner_restarts = 0
+        self.bad_steps = 0
+        self.timeline = 0  # bumped by every rollback: late results of an abandoned timeline are ignored
         self._changed = asyncio.Condition()
-        self._start_pools()
+        self._checkpointing: asyncio.Task | None = None
+        self._producer: asyncio.Task | None = None
+        self.cfg_dict = cfg.model_dump()
+        self.infos: dict[str, dict[str, dict]] = {}
+        self._start_learner()
+        self._restore(resume_from)
+        self._start_workers()
+
+    def _checkpoint_to_resume(self, resume: str | None) -> Checkpoint | None:
+        """`auto`: the newest checkpoint that verifies (None if there is none); a path: exactly that one."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.checkpoints.latest(on_refused=lambda exc: tqdm.write(f"refusing {exc}"))
+        return CheckpointStore.verify(resume)
+
+    # ---- state that checkpoints capture ---------------------------------------------------
+    def _reset_state(self) -> None:
+        self.source = PromptSource(self.prompts, seed=self.cfg.data.seed, shuffle=self.cfg.data.shuffle)
+        self.pending_prompts: deque[Prompt] = deque()
+        self.in_flight_prompts: dict[int, list[Prompt]] = {}
+        self.buffer = ExperienceBuffer(self.cfg.buffer.capacity)
+        self.kl = kl_controller(self.cfg.algorithm.kl)
+        self.zero_signal_dropped = 0
+        self.groups_started = 0
+        self.groups_dropped = 0
+        self.start_step = 0
+
+    def _snapshot(self, step: int, directory: Path) -> None:
+        """Write the driver's half of a checkpoint after `step`: state JSON and the buffer."""
+        pending = list(self.pending_prompts) + [p for ps in self.in_flight_prompts.values() for p in ps]
+        state = {
+            "step": step,
+            "version": step + 1,
+            "kl": self.kl.state_dict(),
+            "source": self.source.state_dict(),
+            # Prompts taken from the source but not yet in the buffer: generated again on resume.
+            "pending_prompts": [[p.prompt_id, p.text, p.answer] for p in pending],
+            "zero_signal_dropped": self.zero_signal_dropped,
+            "dropped": dict(self.buffer.dropped),
+        }
+        (directory / "driver.json").write_text(json.dumps(state))
+        self.buffer.save(directory / "buffer.arrow")
+
+    def _restore(self, ckpt: Checkpoint | None) -> None:
+        """Put learner, weight store and driver state where `ckpt` left them (or at the start)."""
+        self._reset_state()
+        if ckpt is None:
+            self.store.discard_from(0)
+            self.learner.publish_now(0)
+            self.published_version = 0
+            self._truncate_logs(-1)
+            return
+        digests = self.learner.load_checkpoint(str(ckpt.path))
+        if digests != ckpt.manifest["rank_digests"]:
+            raise CheckpointError(f"checkpoint {ckpt.path}: restored learner state differs from the saved state")
+        state = ckpt.driver_state()
+        self.source.load_state_dict(state["source"])
+        self.pending_prompts.extend(Prompt(*p) for p in state["pending_prompts"])
+        self.buffer.load(ckpt.path / "buffer.arrow")
+        self.buffer.dropped.update(state["dropped"])
+        self.kl.load_state_dict(state["kl"])
+        self.zero_signal_dropped = state["zero_signal_dropped"]
+        self.start_step = ckpt.step + 1
+        self.groups_started = self.start_step * self.cfg.train.prompts_per_step + self.buffer.ready_groups()
+        # Versions after the checkpoint belong to the abandoned run; the checkpoint's is republished.
+        self.store.discard_from(ckpt.version)
+        self.learner.publish_now(ckpt.version)
+        self.published_version = ckpt.version
+        self._truncate_logs(ckpt.step)
+        resume = {"step": ckpt.step, "version": ckpt.version, "path": str(ckpt.path), "rank_digests": digests}
+        (self.run_dir / "resume.json").write_text(json.dumps(resume))
+        tqdm.write(f"resumed from {ckpt.path}: next step {self.start_step}, weight version {ckpt.version}")
+
+    def _truncate_logs(self, last_step: int) -> None:
+        """Keep the JSONL rows of steps <= last_step, so a resumed run's metrics continue the original's."""
+        for name in ("metrics.jsonl", "consumed.jsonl"):
+            path = self.run_dir / name
+            rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
+            tmp.replace(path)
+        self.result.rows = [r for r in self.result.rows if r["step"] <= last_step]
+        self.result.consumed = [c for c in self.result.consumed if c.step <= last_step]
 
     # ---- pools ---------------------------------------------------------------------------
-    def _start_pools(self) -> None:
-        cfg, cfg_dict = self.cfg, self.cfg.model_dump()
+    def _start_learner(self) -> None:
+        cfg = self.cfg
+        self.learner = LearnerGroup(self.cfg_dict, self.model_path, cfg.learner.resources, cfg.learner.world_size)
+        self.infos["learner"] = self.learner.infos
+
+    def _start_workers(self) -> None:
+        cfg, cfg_dict = self.cfg, self.cfg_dict
         gen_opts = actor_options(cfg.generation.resources)
         score_opts = actor_options(cfg.scoring.resources)
-        world = cfg.learner.world_size
-        # Learner ranks are gang-scheduled: all bundles are reserved before any rank starts.
-        self.learner_group = learner_placement_group(cfg.learner.resources, world)
-        self.ranks = [
-            LearnerRank.options(**learner_rank_options(cfg.learner.resources, self.learner_group, r)).remote(
-                cfg_dict, self.model_path, r, world
-            )
-            for r in range(world)
-        ]
-        addr, port = ray.get(self.ranks[0].address.remote())
-        self.infos: dict[str, dict[str, dict]] = {"learner": {}}
-        for info in ray.get([rank.setup.remote(addr, port) for rank in self.ranks]):
-            self.infos["learner"][info["name"]] = info
-        # Rank 0 publishes version 0 before any worker asks the store for weights.
-        ray.get([rank.publish.remote(0) for rank in self.ranks])
-        ray.get(self.ranks[0].wait_published.remote(0))
         faults = cfg.faults
 
         def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
@@ -210,11 +293,11 @@ class Driver:
         return changed
 
     def shutdown(self) -> None:
-        for pool in self.pools.values():
+        for pool in getattr(self, "pools", {}).values():
             pool.kill()
-        for actor in [*self.ranks, self.controller]:
-            ray.kill(actor, no_restart=True)
-        ray.util.remove_placement_group(self.learner_group)
+        if hasattr(self, "controller"):
+            ray.kill(self.controller, no_restart=True)
+        self.learner.kill()
 
     # ---- producer ------------------------------------------------------------------------
     def _allowance(self) -> int:
@@ -222,6 +305,9 @@ class Driver:
         t = self.cfg.train
         limit = (self.published_version + t.max_staleness + 1) * t.prompts_per_step
         return limit - (self.groups_started - self.groups_dropped)
+
+    def _next_prompt(self) -> Prompt:
+        return self.pending_prompts.popleft() if self.pending_prompts else self.source.next_prompt()
 
     async def _produce(self, tg: asyncio.TaskGroup) -> None:
         generation = self.pools["generation"]
@@ -233,8 +319,10 @@ class Driver:
                     await self._changed.wait_for(lambda: self._allowance() > 0 and len(in_flight) < 2 * len(generation))
                     k = min(self.cfg.generation.prompts_per_request, self._allowance())
                     self.groups_started += k
-                prompts = [self.source.next_prompt() for _ in range(k)]
-                task = tg.create_task(self._process(prompts))
+                prompts = [self._next_prompt() for _ in range(k)]
+                key = id(prompts)
+                self.in_flight_prompts[key] = prompts
+                task = tg.create_task(self._process(prompts, key, self.timeline))
                 in_flight.add(task)
                 task.add_done_callback(lambda t: self._request_done(in_flight, t))
         finally:
@@ -250,7 +338,7 @@ class Driver:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _process(self, prompts: list[Prompt]) -> None:
+    async def _process(self, prompts: list[Prompt], key: int, timeline: int) -> None:
         _, rollouts = await self.pools["generation"].call("generate", prompts, self.published_version)
         answers = {p.prompt_id: p.answer for p in prompts}
         scoring = [self.pools["reward"].call("score", rollouts, answers)]
@@ -262,6 +350,9 @@ class Driver:
         by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
         algo = self.cfg.algorithm
         async with self._changed:
+            if timeline != self.timeline:
+                return  # generated for a timeline a rollback abandoned
+            self.in_flight_prompts.pop(key)
             for group in group_rollouts(rollouts).values():
                 idx = [by_index[r.sample_id] for r in group]
                 samples, metrics = build_group(
@@ -298,62 +389,148 @@ class Driver:
                     return samples
                 await self._changed.wait()
 
-    async def _publish_done(self, version: int) -> None:
-        await self.ranks[0].wait_published.remote(version)
+    async def _publish_done(self, leader, version: int, timeline: int) -> None:
+        try:
+            await leader.wait_published.remote(version)
+        except ray.exceptions.RayActorError:
+            return  # the learner died; the consumer rolls back to the newest checkpoint
         async with self._changed:
+            if timeline != self.timeline:
+                return
             self.published_version = max(self.published_version, version)
             self.labels.of(LEARNER_VERSION).set(self.published_version)
             self._changed.notify_all()
 
-    async def _consume(self, tg: asyncio.TaskGroup, background: list[asyncio.Task]) -> None:
+    async def _train(self, step: int, samples: list[ScoredSample]) -> dict:
+        """One learner step on all ranks; the result is published as version step + 1."""
+        cfg, world = self.cfg, self.cfg.learner.world_size
+        kl_coef = self.kl.value
+        batch_metrics = batch_advantages(samples, cfg.algorithm, kl_coef)
+        in_loss = [not (cfg.algorithm.shaping.overlong_filter and s.finish_reason == "length") for s in samples]
+        batches = [TrainBatch.from_samples(samples[r::world], in_loss=in_loss[r::world]) for r in range(world)]
+        stats = (await asyncio.gather(
+            *[rank.train.remote(batch, step + 1, kl_coef) for rank, batch in zip(self.learner.ranks, batches)]
+        ))[0]
+        stats.update({f"advantage/{k}": v for k, v in batch_metrics.items()})
+        stats["kl_coef"] = kl_coef
+        stats["samples_in_loss"] = sum(in_loss)
+        return stats
+
+    async def _consume(self, tg: asyncio.TaskGroup, watcher: asyncio.Task) -> None:
         cfg = self.cfg
-        world = cfg.learner.world_size
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        bar = tqdm(total=cfg.train.total_steps, desc="train", disable=not cfg.train.progress, dynamic_ncols=True)
+        total = cfg.train.total_steps
+        bar = tqdm(total=total, initial=self.start_step, desc="train", disable=not cfg.train.progress, dynamic_ncols=True)
         last = time.perf_counter()
+        step = self.start_step
         try:
-            for step in range(cfg.train.total_steps):
+            while step < total:
                 samples = await self._take(step)
                 staleness = [step - s.policy_version for s in samples]
                 for lag in staleness:
                     self.labels.of(STALENESS).observe(lag)
                 self.labels.of(m.STALENESS_MAX).set(max(staleness))
                 self.labels.of(m.STALENESS_BOUND).set(cfg.train.max_staleness)
-                kl_coef = self.kl.value
-                batch_metrics = batch_advantages(samples, cfg.algorithm, kl_coef)
-                in_loss = [not (cfg.algorithm.shaping.overlong_filter and s.finish_reason == "length") for s in samples]
-                batches = [TrainBatch.from_samples(samples[r::world], in_loss=in_loss[r::world]) for r in range(world)]
-                stats = (await asyncio.gather(
-                    *[rank.train.remote(batch, step + 1, kl_coef) for rank, batch in zip(self.ranks, batches)]
-                ))[0]
-                stats.update({f"advantage/{k}": v for k, v in batch_metrics.items()})
-                stats["kl_coef"] = kl_coef
-                stats["samples_in_loss"] = sum(in_loss)
+                try:
+                    stats = await self._train(step, samples)
+                except ray.exceptions.RayActorError as exc:
+                    step = await self._recover_learner(tg, exc)
+                    bar.reset(total)
+                    bar.update(step)
+                    continue
+                self._check_bad_step(step, stats)
                 # The controller steers per-sequence KL (summed over tokens), as in Ziegler et al.
                 mean_len = statistics.fmean(len(s.response_ids) for s in samples)
                 self.kl.update(stats["policy/kl"] * mean_len, len(samples))
-                tg.create_task(self._publish_done(step + 1))
-                for s in samples:
-                    self.result.consumed.append(ConsumedSample(step, s.sample_id, s.policy_version, self.worker_of.pop(s.sample_id)))
+                tg.create_task(self._publish_done(self.learner.leader, step + 1, self.timeline))
                 now = time.perf_counter()
                 row = self._row(step, samples, staleness, stats, now - last)
                 last = now
-                self.result.rows.append(row)
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                self._log_step(row, [
+                    ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, self.worker_of.pop(s.sample_id, "?"))
+                    for s in samples
+                ])
                 bar.update(1)
                 bar.write(
                     f"step {row['step']:4d} | version {row['weight_version']:4d} | reward {row['reward_mean']:+.3f} | "
                     f"kl {row['kl']:.5f} | staleness {row['staleness_mean']:.2f} (max {row['staleness_max']}) | "
                     f"step {row['step_seconds']:.2f}s"
                 )
+                if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == total:
+                    await self._checkpoint(tg, step)
+                step += 1
+            if self._checkpointing is not None:
+                await self._checkpointing  # the final checkpoint is complete before the job reports done
         finally:
             bar.close()
-            metrics_file.close()
-            for task in background:
+            for task in (self._producer, watcher):
                 task.cancel()
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
         self.buffer.save(self.run_dir / "buffer.arrow")
+
+    def _log_step(self, row: dict, consumed: list[ConsumedSample]) -> None:
+        self.result.rows.append(row)
+        self.result.consumed.extend(consumed)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        with open(self.run_dir / "consumed.jsonl", "a") as fh:
+            fh.writelines(json.dumps(vars(c)) + "\n" for c in consumed)
+
+    def _check_bad_step(self, step: int, stats: dict) -> None:
+        """A step whose loss was NaN/inf was skipped by the learner; too many in a row end the job."""
+        if not stats.get("learner/skipped_updates"):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        m.BAD_STEPS.labels(job=self.cfg.name, pool="driver", worker="driver").inc()
+        tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.faults.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient (faults.max_bad_steps); stopping"
+            )
+
+    # ---- checkpoints and recovery --------------------------------------------------------
+    async def _checkpoint(self, tg: asyncio.TaskGroup, step: int) -> None:
+        """Snapshot driver state and stage every rank's state now; the files are finished in the background."""
+        if self._checkpointing is not None:
+            await self._checkpointing  # one checkpoint at a time
+        tmp = self.checkpoints.begin(step)
+        self._snapshot(step, tmp)
+        digests = await asyncio.gather(*[rank.save_checkpoint.remote(str(tmp)) for rank in self.learner.ranks])
+        self._checkpointing = tg.create_task(self._finish_checkpoint(tmp, step, digests))
+
+    async def _finish_checkpoint(self, tmp: Path, step: int, digests: list[str]) -> None:
+        try:
+            await asyncio.gather(*[rank.wait_checkpoint.remote() for rank in self.learner.ranks])
+            ckpt = await asyncio.to_thread(self.checkpoints.finalize, tmp, step, step + 1, {"rank_digests": digests})
+            tqdm.write(f"checkpoint {ckpt.path.name} (weight version {ckpt.version})")
+        except (OSError, ray.exceptions.RayError) as exc:
+            # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
+            self.checkpoints.abandon(tmp)
+            m.CHECKPOINT_FAILURES.labels(job=self.cfg.name, pool="driver", worker="driver").inc()
+            tqdm.write(f"checkpoint after step {step} failed ({exc!r}); the previous checkpoint stays in use")
+
+    async def _recover_learner(self, tg: asyncio.TaskGroup, cause: BaseException) -> int:
+        """A learner rank died: rebuild the group from the newest checkpoint; generation keeps running."""
+        if self.learner_restarts >= self.cfg.faults.max_learner_restarts:
+            raise RuntimeError(
+                f"learner rank died and the {self.cfg.faults.max_learner_restarts} learner restarts are used up"
+            ) from cause
+        self.learner_restarts += 1
+        m.RESTARTS.labels(job=self.cfg.name, pool="learner", worker="group").inc()
+        tqdm.write(f"learner rank died ({cause!r}); rebuilding from the newest checkpoint")
+        async with self._changed:
+            self.timeline += 1  # results still arriving from the old timeline are dropped
+        self._producer.cancel()
+        await asyncio.wait([self._producer])
+        if self._checkpointing is not None:
+            await self._checkpointing
+        self.learner.kill()
+        await asyncio.to_thread(self._start_learner)
+        ckpt = self.checkpoints.latest(on_refused=lambda exc: tqdm.write(f"refusing {exc}"))
+        await asyncio.to_thread(self._restore, ckpt)
+        self._write_scrape_targets()
+        self._producer = tg.create_task(self._produce(tg))
+        return self.start_step
 
     def _row(self, step: int, samples: list[ScoredSample], staleness: list[int], stats: dict, seconds: float) -> dict:
         rewards = [s.reward for s in samples]
@@ -373,6 +550,8 @@ class Driver:
             "dropped_stale": self.buffer.dropped["stale"],
             "dropped_zero_signal": self.zero_signal_dropped,
             "worker_restarts": sum(p.restarts for p in self.pools.values()),
+            "learner_restarts": self.learner_restarts,
+            "reward_failures": sum(s.reward_components.get("reward_failed", 0.0) for s in samples),
             "time": time.time(),
         }
         row.update({k: v for k, v in stats.items() if k not in row})
@@ -388,22 +567,22 @@ class Driver:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
         try:
             async with asyncio.TaskGroup() as tg:
-                producer = tg.create_task(self._produce(tg))
+                self._producer = tg.create_task(self._produce(tg))
                 watcher = tg.create_task(self._watch_scaling())
-                tg.create_task(self._consume(tg, [producer, watcher]))
+                tg.create_task(self._consume(tg, watcher))
         except BaseExceptionGroup as group:
             # Surface the first real cause rather than an ExceptionGroup wrapper.
             first = group.exceptions[0]
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
-            raise first from group
+            raise first from first.__cause__  # keep the cause's own chain
         self.result.final_version = self.published_version
         return self.result
 
 
-def run_job(cfg: JobConfig) -> JobResult:
-    """Run one job on the connected Ray cluster (the caller has called `ray.init`)."""
-    driver = Driver(cfg)
+def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
+    """Run (or with `resume`, continue) one job on the connected Ray cluster (the caller has called `ray.init`)."""
+    driver = Driver(cfg, resume)
     try:
         return asyncio.run(driver.run())
     finally:

@@ -12,7 +12,7 @@ from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import Rollout
-from rlhf_cluster.weights import WeightStore
+from rlhf_cluster.weights import WeightIntegrityError, WeightStore
 
 
 @ray.remote
@@ -26,24 +26,41 @@ class GenerationWorker:
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index, name=self.name)
         self.labels.of(m.GENERATION_VERSION).set(0)
+        self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
+        self.refused: set[tuple[int, str]] = set()
 
     def info(self) -> dict:
         return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid()}
 
     def sync(self, min_version: int = 0) -> int:
-        """Load the newest published version if it is newer than the engine's; returns the version held."""
+        """Load the store's newest version unless the engine holds it already; returns the version held.
+
+        A version is identified by number and creation time: after a learner rollback the same
+        number can be published again with other weights. A version whose checksums fail is
+        refused and counted; the engine keeps serving the last good one.
+        """
         latest = self.store.latest_version()
-        if latest is None or latest <= self.engine.version:
-            if min_version > self.engine.version:
-                raise RuntimeError(f"{self.name}: version {min_version} requested but the store's newest is {latest}")
-            return self.engine.version
+        if latest is None or latest < min_version:
+            raise RuntimeError(f"{self.name}: version >= {min_version} requested but the store's newest is {latest}")
         start = time.perf_counter()
-        self.store.acquire(latest, self.name)
+        try:
+            identity = (latest, self.store.manifest(latest)["created_at"])
+            if identity == self.loaded or identity in self.refused:
+                return self.engine.version
+            self.store.acquire(latest, self.name)
+        except FileNotFoundError:
+            return self.sync(min_version)  # retention removed it after a newer one landed: take that
         try:
             weights = self.store.load(latest)
-            self.engine.load_weights(latest, weights.items())
+        except WeightIntegrityError as exc:
+            self.labels.of(m.WEIGHTS_REFUSED).inc()
+            print(f"{self.name}: refused weight version {latest}: {exc}; keeping version {self.engine.version}", flush=True)
+            self.refused.add(identity)
+            return self.engine.version
         finally:
             self.store.release(latest, self.name)
+        self.engine.load_weights(latest, weights.items())
+        self.loaded = identity
         self.labels.of(m.WEIGHTS_SYNC_SECONDS).observe(time.perf_counter() - start)
         self.labels.of(m.WEIGHTS_SYNC_BYTES).inc(sum(t.numel() * t.element_size() for t in weights.values()))
         self.labels.of(m.GENERATION_VERSION).set(latest)
@@ -60,6 +77,9 @@ class GenerationWorker:
             gauge.dec(len(prompts))
         self.labels.of(m.GENERATION_TOKENS).inc(stats.tokens)
         return rollouts
+
+    def refused_versions(self) -> list[int]:
+        return sorted(v for v, _ in self.refused)
 
     def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return self.engine.logprobs_of(prompt_ids, response_ids)

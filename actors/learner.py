@@ -58,6 +58,7 @@ class LearnerRank:
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep) if rank == 0 else None
         self.pending: dict[int, Future] = {}
+        self.checkpoint_write: Future | None = None
         self.learner: FSDP2Learner | None = None
         limit_threads(world_size + 1)
 
@@ -75,7 +76,11 @@ class LearnerRank:
             torch.cuda.set_device(0)
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
         self.learner = FSDP2Learner(self.cfg, self.model_path)
-        return {"name": f"rank{self.rank}", "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port)}
+        return {
+            "name": f"rank{self.rank}",
+            "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),
+            "pid": os.getpid(),
+        }
 
     def publish(self, version: int) -> None:
         """Collective: gather the full state dict; rank 0 queues it for the store and returns."""
@@ -97,9 +102,61 @@ class LearnerRank:
         self.publish(version)
         return metrics
 
+    def save_checkpoint(self, directory: str) -> str:
+        """Stage this rank's state and write it in the background; returns the staged state's digest."""
+        if self.checkpoint_write is not None:
+            self.checkpoint_write.result()  # one checkpoint at a time
+        self.checkpoint_write, digest = self.learner.save_checkpoint(directory)
+        return digest
+
+    def wait_checkpoint(self) -> None:
+        """Block until this rank's last checkpoint write is on disk (raises what the write raised)."""
+        if self.checkpoint_write is not None:
+            write, self.checkpoint_write = self.checkpoint_write, None
+            write.result()
+
+    def load_checkpoint(self, directory: str) -> str:
+        """Restore this rank from a checkpoint; returns the restored state's digest."""
+        return self.learner.load_checkpoint(directory)
+
     def shard_info(self) -> dict[str, tuple[int, int]]:
         return self.learner.shard_info()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective; rank 0 returns the gathered weights, other ranks an empty dict."""
         return self.learner.full_state_dict()
+
+
+class LearnerGroup:
+    """The learner's ranks as one unit: gang-placed, set up together, replaced together."""
+
+    def __init__(self, cfg_dict: dict, model_path: str, res: ResourcesConfig, world_size: int):
+        self.world_size = world_size
+        self.placement = learner_placement_group(res, world_size)
+        self.ranks = [
+            LearnerRank.options(**learner_rank_options(res, self.placement, r)).remote(cfg_dict, model_path, r, world_size)
+            for r in range(world_size)
+        ]
+        addr, port = ray.get(self.ranks[0].address.remote())
+        self.infos = {i["name"]: i for i in ray.get([rank.setup.remote(addr, port) for rank in self.ranks])}
+
+    @property
+    def leader(self):
+        return self.ranks[0]
+
+    def publish_now(self, version: int) -> None:
+        """Publish the current weights as `version` and wait until they are durable."""
+        ray.get([rank.publish.remote(version) for rank in self.ranks])
+        ray.get(self.leader.wait_published.remote(version))
+
+    def load_checkpoint(self, path: str) -> list[str]:
+        """Every rank restores from `path`; returns the per-rank digests of the restored state."""
+        return ray.get([rank.load_checkpoint.remote(path) for rank in self.ranks])
+
+    def pids(self) -> list[int]:
+        return [i["pid"] for i in self.infos.values()]
+
+    def kill(self) -> None:
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+        ray.util.remove_placement_group(self.placement)

@@ -14,17 +14,22 @@ from rlhf_cluster.scoring.rewards import RuleReward
 
 @ray.remote
 class RewardWorker:
-    """Applies the task's verifier to responses."""
+    """Applies the custom reward function (`data.reward_fn`) or the task's verifier to responses.
+
+    Samples whose custom reward failed come back with reward 0.0 and
+    `reward_components["reward_failed"] = 1.0`; `stats()` has this worker's running counts.
+    """
 
     def __init__(self, cfg_dict: dict, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
         self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
-        if cfg.data.task is None:
-            raise ValueError("data.task: a rule-based reward needs a built-in task's verifier")
-        self.reward = RuleReward(cfg.data.task)
+        self.reward = RuleReward(cfg.data.task, reward_fn=cfg.data.reward_fn)
 
     def info(self) -> dict:
         return self.info_
+
+    def stats(self) -> dict[str, int]:
+        return {"scored": self.reward.scored, "failed": self.reward.failed}
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
         out = self.reward.score(rollouts, answers)

@@ -69,6 +69,18 @@ class DataConfig(_Strict):
         description="Custom reward `module:function(response, answer) -> float | dict[str, float]` (default: the task's verifier).",
     )
 
+    @model_validator(mode="after")
+    def _reward_fn_syntax(self) -> "DataConfig":
+        # Only the shape here: importing user code belongs to the reward loader (scoring/rewards.py).
+        if self.reward_fn is not None:
+            module, sep, attr = self.reward_fn.strip().partition(":")
+            if not sep or not all(part.isidentifier() for part in f"{module}.{attr}".split(".")):
+                raise ValueError(
+                    f"data.reward_fn={self.reward_fn!r} must look like 'module:function' "
+                    "(an importable dotted module path, a colon, then the function name), e.g. 'my_rewards:score'"
+                )
+        return self
+
 
 class SamplingConfig(_Strict):
     """Sampling settings of the generation engine."""
@@ -226,6 +238,7 @@ class LearnerConfig(_Strict):
     backend: Literal["fsdp2"] = Field("fsdp2", description="Training backend.")
     world_size: int = Field(1, ge=1, description="Learner ranks (one torch.distributed group).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant (the RL schedule).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
@@ -321,6 +334,21 @@ class JobConfig(_Strict):
             raise ValueError("algorithm.shaping.overlong_buffer must be smaller than generation.sampling.max_new_tokens")
         if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo") and self.generation.sampling.n < 2:
             raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs generation.sampling.n >= 2")
+        # Each step's samples are dealt round-robin to the learner ranks; an uneven split gives
+        # ranks different batch sizes (and the global loss denominators assume equal shares).
+        batch, world = self.samples_per_step, self.learner.world_size
+        if batch % world:
+            raise ValueError(
+                f"the step batch train.prompts_per_step * generation.sampling.n = "
+                f"{self.train.prompts_per_step} * {self.generation.sampling.n} = {batch} is not divisible by "
+                f"learner.world_size={world}; change one of them so every rank gets the same number of samples"
+            )
+        if batch // world < self.learner.mini_batches:
+            raise ValueError(
+                f"learner.mini_batches={self.learner.mini_batches} is larger than the samples each rank gets per step "
+                f"(train.prompts_per_step * generation.sampling.n / learner.world_size = {batch // world}); "
+                "a mini-batch would be empty"
+            )
         return self
 
     @property

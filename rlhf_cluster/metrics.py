@@ -16,6 +16,7 @@ GENERATION_TOKENS = Counter("rlhf_generation_tokens_total", "Response tokens gen
 GENERATION_IN_FLIGHT = Gauge("rlhf_generation_requests_in_flight", "Prompt groups being generated.", LABELS)
 GENERATION_VERSION = Gauge("rlhf_generation_weight_version", "Weight version the engine holds.", LABELS)
 WEIGHTS_SYNC_SECONDS = Histogram("rlhf_weights_sync_seconds", "Time to load a weight version into a worker.", LABELS)
+WEIGHTS_REFUSED = Counter("rlhf_weights_refused_total", "Weight versions refused because their checksums failed.", LABELS)
 WEIGHTS_SYNC_BYTES = Counter("rlhf_weights_sync_bytes_total", "Weight bytes loaded into workers.", LABELS)
 SCORING_SAMPLES = Counter("rlhf_scoring_samples_total", "Responses scored.", LABELS)
 LEARNER_STEP_SECONDS = Histogram("rlhf_learner_step_seconds", "Learner train-step time.", LABELS)
@@ -30,6 +31,8 @@ TRAIN_REWARD = Gauge("rlhf_train_reward_mean", "Mean reward of the step's batch.
 TRAIN_ENTROPY = Gauge("rlhf_train_entropy", "Mean token entropy.", LABELS)
 TRAIN_CLIP = Gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.", LABELS)
 CORRECTION_ESS = Gauge("rlhf_correction_ess", "Effective sample size of the importance weights.", LABELS)
+BAD_STEPS = Counter("rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.", LABELS)
+CHECKPOINT_FAILURES = Counter("rlhf_checkpoint_failures_total", "Checkpoints that could not be written.", LABELS)
 LEARNER_VERSION = Gauge("rlhf_learner_weight_version", "Newest published weight version.", LABELS)
 # Counted when a pool replaces a dead worker, under the dead worker's name (deploy/alerts.yml: RlhfWorkerRestarted).
 RESTARTS = Counter("rlhf_pool_worker_restarts_total", "Workers restarted after a failure.", LABELS)

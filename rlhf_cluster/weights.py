@@ -167,6 +167,22 @@ class WeightStore:
                 continue
             shutil.rmtree(doomed, ignore_errors=True)
 
+    def discard_from(self, version: int) -> None:
+        """Remove `version` and every newer one (a rollback to a checkpoint abandons them).
+
+        LATEST moves back first, so a reader never follows it to a deleted version.
+        """
+        keep = [v for v in self.versions() if v < version]
+        if keep:
+            _write_atomic(self.root / "LATEST", str(keep[-1]))
+        else:
+            (self.root / "LATEST").unlink(missing_ok=True)
+        for v in self.versions():
+            if v >= version:
+                doomed = self.root / f".deleting-{self.version_dir_name(v)}-{os.getpid()}"
+                self.version_dir(v).rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+
     # ---- reading -------------------------------------------------------------------------
     def latest_version(self) -> int | None:
         try:

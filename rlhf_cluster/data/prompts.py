@@ -7,6 +7,7 @@ so a user's dataset and the demo take one path.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,35 +28,70 @@ class Prompt:
     answer: str
 
 
-def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Read prompts from .parquet or .jsonl; errors name the file and the missing column."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file {file} does not exist")
+PROMPT_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def _read_table(file: Path) -> pa.Table:
+    if file.suffix not in PROMPT_SUFFIXES:
+        raise ValueError(
+            f"prompt file {file}: expected a .parquet or .jsonl file (one JSON object per line), got suffix {file.suffix!r}"
+        )
     try:
         if file.suffix == ".parquet":
-            table = pq.read_table(file)
-        elif file.suffix in (".jsonl", ".json"):
-            table = pa_json.read_json(file)
-        else:
-            raise ValueError(f"prompt file {file}: expected a .parquet or .jsonl file")
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"prompt file {file} could not be read: {exc}") from exc
+            return pq.read_table(file)
+        return pa_json.read_json(file)
+    except (pa.ArrowException, OSError) as exc:
+        # ArrowInvalid covers corrupt/truncated parquet and JSON parse errors; OSError covers
+        # unreadable files (permissions, a directory, I/O errors).
+        kind = "parquet" if file.suffix == ".parquet" else "JSON Lines (one JSON object per line, same keys and types on every line)"
+        raise ValueError(f"prompt file {file} could not be read as {kind}: {exc}") from exc
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """Read prompts from .parquet or .jsonl (columns `prompt_id`, `prompt`, optional `answer`).
+
+    Every error names the file and what was expected: missing file, wrong suffix, a file that
+    does not parse, missing columns, no rows, null/empty/duplicate ids, empty prompts.
+    """
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise FileNotFoundError(f"prompt file {file} does not exist")
+    if not file.is_file():
+        raise ValueError(f"prompt file {file} is not a regular file (a directory?); expected a .parquet or .jsonl file")
+    if file.stat().st_size == 0:
+        raise ValueError(f"prompt file {file} is empty (0 bytes): expected rows with columns prompt_id, prompt")
+    table = _read_table(file)
+    if table.num_rows == 0 and not table.column_names:  # a jsonl file of blank lines
+        raise ValueError(f"prompt file {file} has no rows: expected rows with columns prompt_id, prompt")
     missing = [c for c in ("prompt_id", "prompt") if c not in table.column_names]
     if missing:
         raise ValueError(f"prompt file {file}: missing column(s) {missing}; it has {table.column_names}")
+    if table.num_rows == 0:
+        raise ValueError(f"prompt file {file} has no rows: expected at least one prompt")
     raw_ids = table.column("prompt_id").to_pylist()
     if any(x is None for x in raw_ids):
         raise ValueError(f"prompt file {file}: prompt_id has null values (row {raw_ids.index(None)})")
     ids = [str(x) for x in raw_ids]
+    if "" in ids:
+        raise ValueError(f"prompt file {file}: prompt_id has empty values (row {ids.index('')})")
     if len(set(ids)) != len(ids):
-        raise ValueError(f"prompt file {file}: prompt_id values are not unique")
+        dupes = [i for i, count in Counter(ids).items() if count > 1]
+        raise ValueError(f"prompt file {file}: prompt_id values are not unique (repeated: {dupes[:5]})")
     texts = table.column("prompt").to_pylist()
     answers = table.column("answer").to_pylist() if "answer" in table.column_names else [""] * len(ids)
-    bad = [i for i, t in zip(ids, texts) if not isinstance(t, str) or not t]
+    bad = [i for i, t in zip(ids, texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"prompt file {file}: empty or non-string prompt for prompt_id(s) {bad[:5]}")
     return [Prompt(i, t, "" if a is None else str(a)) for i, t, a in zip(ids, texts, answers)]
+
+
+def _write_task_file(rows: list[dict], path: Path) -> Path:
+    try:
+        return write_prompt_file(rows, path)
+    except BaseException:
+        # write_prompt_file renames a temp file into place; a failed write must not leave it behind.
+        path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
+        raise
 
 
 def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Path | None]:
@@ -63,10 +99,10 @@ def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Pa
     if cfg.path is not None:
         return Path(cfg.path).expanduser(), None
     data_dir = Path(run_dir) / "data"
-    train = write_prompt_file(arithmetic_rows(cfg.num_prompts, cfg.seed, "train"), data_dir / "train.parquet")
+    train = _write_task_file(arithmetic_rows(cfg.num_prompts, cfg.seed, "train"), data_dir / "train.parquet")
     held_out = None
     if cfg.eval_prompts:
-        held_out = write_prompt_file(arithmetic_rows(cfg.eval_prompts, cfg.seed, "eval"), data_dir / "eval.parquet")
+        held_out = _write_task_file(arithmetic_rows(cfg.eval_prompts, cfg.seed, "eval"), data_dir / "eval.parquet")
     return train, held_out
 
 

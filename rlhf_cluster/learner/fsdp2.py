@@ -9,11 +9,17 @@ the global denominator expects.
 
 from __future__ import annotations
 
+import hashlib
+import random
 import time
+from concurrent.futures import Future
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -48,6 +54,14 @@ class FSDP2Learner:
         self.model = model
         lc = cfg.learner
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+        warmup = lc.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        # Checkpoints are written by a background thread; their collectives use their own group
+        # so they never interleave with the training step's.
+        self.checkpoint_group = dist.new_group(backend="gloo")
+        self.bad_steps = 0
         self.objective = RLObjective(cfg.algorithm, cfg.generation.sampling.max_new_tokens)
         self.temperature = cfg.generation.sampling.temperature
         self.step = 0
@@ -89,7 +103,7 @@ class FSDP2Learner:
 
         bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
         sums: dict[str, float] = {}
-        tokens_seen, loss_total, iterations = 0.0, 0.0, 0
+        tokens_seen, loss_total, iterations, skipped = 0.0, 0.0, 0, 0
         grad_norm = 0.0
         for _ in range(lc.ppo_epochs):
             for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -114,7 +128,12 @@ class FSDP2Learner:
                 )
                 (loss * self.world_size).backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.max_grad_norm).full_tensor())
-                self.optimizer.step()
+                # A NaN/inf loss or gradient skips the update; the norm is global, so every
+                # rank takes the same decision.
+                if np.isfinite(grad_norm) and bool(torch.isfinite(loss.detach())):
+                    self.optimizer.step()
+                else:
+                    skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total += float(loss.detach())
                 iterations += 1
@@ -125,6 +144,8 @@ class FSDP2Learner:
                         sums[k] = sums.get(k, 0.0) + v * local_tokens
                 tokens_seen += local_tokens
         self.step += 1
+        if skipped == 0:
+            self.scheduler.step()
 
         # Across ranks: token means are averaged weighted by tokens, maxima take the max, and the
         # ESS is recomputed from global sums (an average of per-rank ESS would be wrong).
@@ -144,8 +165,10 @@ class FSDP2Learner:
         out.update(zip(max_keys, t.tolist()))
         out["correction/ess"] = w_sum**2 / (total_tok * w2_sum) if w2_sum > 0 else 0.0
         # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
-        out["policy/loss"] = loss_sum / iterations
+        out["policy/loss"] = loss_sum / max(iterations, 1)
         out["learner/grad_norm"] = grad_norm
+        out["learner/skipped_updates"] = float(skipped)
+        out["learner/lr"] = self.scheduler.get_last_lr()[0]
         out["learner/tokens"] = total_tok
         out["learner/step_seconds"] = time.perf_counter() - start
         return out
@@ -154,6 +177,72 @@ class FSDP2Learner:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the full (unsharded) CPU state dict on rank 0, empty on other ranks."""
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def state_digest(self) -> str:
+        """sha256 over this rank's model and optimizer shards, scheduler and step: equal digests, equal state."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        digest = hashlib.sha256()
+
+        def feed(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for key in sorted(value, key=str):
+                    feed(f"{prefix}/{key}", value[key])
+            elif isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                digest.update(prefix.encode())
+                digest.update(local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(f"{prefix}={value!r}".encode())
+
+        feed("model", model_sd)
+        feed("optim", optim_sd)
+        feed("scheduler", self.scheduler.state_dict())
+        feed("step", self.step)
+        return digest.hexdigest()
+
+    def save_checkpoint(self, directory: str | Path) -> tuple[Future, str]:
+        """Stage this rank's shards and start writing them in the background.
+
+        Returns the write's future and the digest of the staged state. Staging copies the
+        state first, so training may continue while the files are written.
+        """
+        directory = Path(directory)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        future = dcp.async_save(
+            {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "learner"),
+            process_group=self.checkpoint_group,
+        )
+        digest = self.state_digest()
+        torch.save(
+            {"rng": self._rng_state(), "scheduler": self.scheduler.state_dict(), "step": self.step},
+            directory / "rng" / f"rank{self.rank}.pt",
+        )
+        return future, digest
+
+    def load_checkpoint(self, directory: str | Path) -> str:
+        """Restore model, optimizer, scheduler, step and RNG from a checkpoint; returns the state digest."""
+        directory = Path(directory)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory / "learner"), process_group=self.checkpoint_group)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(directory / "rng" / f"rank{self.rank}.pt", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.step = extra["step"]
+        rng = extra["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if torch.cuda.is_available() and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+        return self.state_digest()
 
     def shard_info(self) -> dict[str, tuple[int, int]]:
         """Per parameter: (elements held by this rank, elements of the full parameter)."""

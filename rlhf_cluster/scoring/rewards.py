@@ -1,25 +1,156 @@
-"""Rule-based rewards: a task's verifier applied to responses, components kept per sample."""
+"""Rule-based rewards: a task's verifier, or a user's function, applied to responses.
+
+A custom reward (`data.reward_fn = "module:function"`) is called once per response as
+`function(response_text, answer)` and returns either
+
+- a number: that is the reward; or
+- a `dict[str, float]` of components: the reward is `components["reward"]` when the dict has a
+  `"reward"` key (the other entries are only recorded), otherwise the sum of all components.
+
+Only per-sample functions are supported (no batch functions, so there is no "wrong number of
+values" case). A sample whose call raises, returns NaN/inf, an empty dict or anything that is not
+a number or a dict of numbers gets reward 0.0 and `reward_components["reward_failed"] = 1.0`;
+the job goes on, and `RuleReward.failed` counts it. Scored samples of a custom function carry
+`reward_failed = 0.0`, so the mean of that component over a batch is its failure rate. Only when
+every sample of one `score` call fails does it raise `RewardFunctionError`: that is a broken
+function, not a bad response.
+"""
 
 from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import numbers
+from typing import Callable
 
 from rlhf_cluster.data.tasks import REWARD_WEIGHTS, VERIFIERS, combine_reward
 from rlhf_cluster.records import Rollout
 
+FAILED = "reward_failed"
+RewardFn = Callable[[str, str], "float | dict[str, float]"]
+
+
+class RewardFunctionError(RuntimeError):
+    """Every sample of one scoring call failed in the custom reward function."""
+
+
+def load_reward_fn(spec: str, field: str = "data.reward_fn") -> RewardFn:
+    """Import `module:function` (the attribute may be dotted, e.g. `module:Class.method`).
+
+    Errors are ValueErrors that name the config field, the spec and what went wrong.
+    """
+    module_name, sep, attr = spec.strip().partition(":")
+    where = f"{field}={spec!r}"
+    if not sep or not all(part.isidentifier() for part in f"{module_name}.{attr}".split(".")):
+        raise ValueError(f"{where} must look like 'module:function', e.g. 'my_rewards:score'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ValueError(
+                f"{where}: module {module_name!r} not found (it must be importable on every scoring worker: "
+                "on sys.path / PYTHONPATH, or shipped with the job's working_dir)"
+            ) from exc
+        raise ValueError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the user's module itself is broken (SyntaxError is an Exception too)
+        raise ValueError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ValueError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ValueError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
+    try:
+        inspect.signature(fn).bind("response", "answer")
+    except TypeError as exc:
+        raise ValueError(f"{where}: the function must accept (response: str, answer: str): {exc}") from exc
+    except ValueError:
+        pass  # no introspectable signature (some builtins): let the call decide
+    return fn
+
+
+def _as_float(value: object, what: str) -> float:
+    if isinstance(value, (str, bytes)) or not (isinstance(value, numbers.Real) or hasattr(type(value), "__float__")):
+        raise TypeError(f"{what} is a {type(value).__name__}, expected a float or a dict[str, float]")
+    out = float(value)  # 0-d numpy/torch values convert; a multi-element tensor raises here
+    if not math.isfinite(out):
+        raise ValueError(f"{what} is {out}, expected a finite number")
+    return out
+
+
+def _reward_of(value: object) -> tuple[float, dict[str, float]]:
+    """The reward and components of one return value (see the module docstring)."""
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError("returned an empty dict, expected a float or a dict[str, float] with at least one entry")
+        components: dict[str, float] = {}
+        for key, v in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"component key {key!r} is a {type(key).__name__}, expected str")
+            components[key] = _as_float(v, f"component {key!r}")
+        reward = components["reward"] if "reward" in components else math.fsum(components.values())
+        if not math.isfinite(reward):
+            raise ValueError(f"the components sum to {reward}")
+        return reward, components
+    return _as_float(value, "the return value"), {}
+
 
 class RuleReward:
-    """Scores responses with a built-in task's verifier and its component weights."""
+    """Scores responses with a built-in task's verifier, or with a custom `module:function`.
 
-    def __init__(self, task: str):
+    `scored` counts every sample passed to `score`; `failed` the ones whose custom reward failed
+    (always 0 for a built-in verifier, whose errors propagate: they are bugs, not bad samples).
+    """
+
+    def __init__(self, task: str | None = None, *, reward_fn: str | RewardFn | None = None):
+        self.scored = 0
+        self.failed = 0
+        self.fn: RewardFn | None = None
+        if reward_fn is not None:
+            self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
+            self.fn_name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", repr(reward_fn))
+            return
+        if task is None:
+            raise ValueError("no reward: set data.task (a built-in task's verifier) or data.reward_fn ('module:function')")
         if task not in VERIFIERS:
             raise ValueError(f"unknown reward task {task!r}; known: {sorted(VERIFIERS)}")
         self.verify = VERIFIERS[task]
         self.weights = REWARD_WEIGHTS[task]
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
-        out = []
+        missing = [r.prompt_id for r in rollouts if r.prompt_id not in answers]
+        if missing:
+            raise KeyError(f"no reference answer for prompt {missing[0]!r}")
+        if self.fn is None:
+            out = []
+            for r in rollouts:
+                components = self.verify(r.response_text, answers[r.prompt_id])
+                out.append((combine_reward(components, self.weights), components))
+            self.scored += len(out)
+            return out
+        return self._score_custom(rollouts, answers)
+
+    def _score_custom(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
+        out: list[tuple[float, dict[str, float]]] = []
+        first_failure: str | None = None
+        failed = 0
         for r in rollouts:
-            if r.prompt_id not in answers:
-                raise KeyError(f"no reference answer for prompt {r.prompt_id!r}")
-            components = self.verify(r.response_text, answers[r.prompt_id])
-            out.append((combine_reward(components, self.weights), components))
+            try:
+                reward, components = _reward_of(self.fn(r.response_text, answers[r.prompt_id]))
+            except Exception as exc:  # a bad sample must not end the job; the counters and the mark record it
+                failed += 1
+                if first_failure is None:
+                    first_failure = f"sample {r.sample_id}: {type(exc).__name__}: {exc}"
+                out.append((0.0, {FAILED: 1.0}))
+                continue
+            out.append((reward, {**components, FAILED: 0.0}))
+        self.scored += len(rollouts)
+        self.failed += failed
+        if rollouts and failed == len(rollouts):
+            raise RewardFunctionError(
+                f"reward function {self.fn_name} (data.reward_fn) failed on all {failed} samples of a batch; "
+                f"first failure: {first_failure}"
+            )
         return out

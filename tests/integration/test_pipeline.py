@@ -68,7 +68,7 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
             assert expected[target["labels"]["pool"]] in body, target
 
         # FSDP2: both ranks hold a strict part of every sharded parameter, together all of it.
-        infos = ray.get([rank.shard_info.remote() for rank in driver.ranks])
+        infos = ray.get([rank.shard_info.remote() for rank in driver.learner.ranks])
         for name, (local0, full) in infos[0].items():
             local1, _ = infos[1][name]
             assert local0 + local1 >= full and local0 < full and local1 < full, (name, local0, local1, full)
@@ -77,7 +77,7 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         assert (driver.run_dir / "buffer.arrow").is_file()
 
         # The published weights equal the gathered full state dict of the trained model.
-        gathered = ray.get([rank.full_state_dict.remote() for rank in driver.ranks])[0]
+        gathered = ray.get([rank.full_state_dict.remote() for rank in driver.learner.ranks])[0]
         published = WeightStore(cfg.weights_dir).load(steps)
         assert set(gathered) == set(published)
         for key, tensor in gathered.items():

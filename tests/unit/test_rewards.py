@@ -1,0 +1,212 @@
+"""Rule-based rewards: the built-in verifier, custom `module:function` rewards and their failures."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+import uuid
+
+import pytest
+
+from rlhf_cluster.config import ConfigError, load_config
+from rlhf_cluster.data.tasks import REWARD_WEIGHTS, combine_reward, verify_arithmetic
+from rlhf_cluster.records import Rollout
+from rlhf_cluster.scoring.rewards import RewardFunctionError, RuleReward, load_reward_fn
+
+USER_MODULE = '''
+import math
+
+def exact(response, answer):
+    return 1.0 if response.strip() == answer else 0.0
+
+def parts(response, answer):
+    return {"correct": float(response.strip() == answer), "brevity": -0.1 * len(response)}
+
+def with_total(response, answer):
+    return {"reward": 2.0, "logged_only": 100.0}
+
+def integer(response, answer):
+    return 3
+
+def flaky(response, answer):
+    if response == "raise":
+        raise RuntimeError("cannot parse " + response)
+    if response == "nan":
+        return math.nan
+    if response == "inf":
+        return {"a": math.inf}
+    if response == "str":
+        return "1.0"
+    if response == "none":
+        return None
+    if response == "empty":
+        return {}
+    if response == "badkey":
+        return {1: 1.0}
+    return 0.5
+
+def always_raises(response, answer):
+    raise ZeroDivisionError("broken on purpose")
+
+def one_arg(response):
+    return 1.0
+
+class Scorer:
+    @staticmethod
+    def score(response, answer):
+        return 0.25
+
+not_callable = 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch) -> str:
+    """A reward module written to tmp_path and put on sys.path; a fresh name per test."""
+    name = f"user_rewards_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def _rollouts(texts: list[str], prompt_id: str = "p0") -> list[Rollout]:
+    return [
+        Rollout(f"s{i}", prompt_id, "g0", [1, 2], [3], [-0.5], 0, "stop", response_text=t) for i, t in enumerate(texts)
+    ]
+
+
+ANSWERS = {"p0": "19"}
+
+
+def test_builtin_verifier_unchanged():
+    reward = RuleReward("arithmetic")
+    texts = ["19", "18", "ab"]
+    out = reward.score(_rollouts(texts), ANSWERS)
+    for (r, comps), text in zip(out, texts):
+        expected = verify_arithmetic(text, "19")
+        assert comps == expected  # no reward_failed key on the built-in path
+        assert r == combine_reward(expected, REWARD_WEIGHTS["arithmetic"])
+    assert (reward.scored, reward.failed) == (3, 0)
+
+
+def test_missing_answer_is_an_error():
+    with pytest.raises(KeyError, match="p9"):
+        RuleReward("arithmetic").score(_rollouts(["1"], prompt_id="p9"), ANSWERS)
+
+
+def test_float_reward_fn(user_module):
+    reward = RuleReward(None, reward_fn=f"{user_module}:exact")
+    out = reward.score(_rollouts(["19", " 19\n", "7"]), ANSWERS)
+    assert [r for r, _ in out] == [1.0, 1.0, 0.0]
+    assert all(c == {"reward_failed": 0.0} for _, c in out)
+    assert (reward.scored, reward.failed) == (3, 0)
+
+
+def test_dict_reward_fn_sums_components(user_module):
+    (r, comps), = RuleReward("arithmetic", reward_fn=f"{user_module}:parts").score(_rollouts(["19"]), ANSWERS)
+    assert comps == {"correct": 1.0, "brevity": pytest.approx(-0.2), "reward_failed": 0.0}
+    assert r == pytest.approx(0.8)  # the custom function wins over the task's verifier
+
+
+def test_dict_reward_key_is_the_reward(user_module):
+    (r, comps), = RuleReward(None, reward_fn=f"{user_module}:with_total").score(_rollouts(["x"]), ANSWERS)
+    assert r == 2.0
+    assert comps["logged_only"] == 100.0
+
+
+@pytest.mark.parametrize("spec", ["integer", "Scorer.score"])
+def test_other_callables(user_module, spec):
+    (r, _), = RuleReward(None, reward_fn=f"{user_module}:{spec}").score(_rollouts(["x"]), ANSWERS)
+    assert isinstance(r, float) and r in (3.0, 0.25)
+
+
+def test_callable_object_accepted():
+    reward = RuleReward(None, reward_fn=lambda response, answer: len(response))
+    assert reward.score(_rollouts(["abc"]), ANSWERS)[0][0] == 3.0
+
+
+def test_bad_samples_are_marked_and_counted(user_module):
+    bad = ["raise", "nan", "inf", "str", "none", "empty", "badkey"]
+    reward = RuleReward(None, reward_fn=f"{user_module}:flaky")
+    out = reward.score(_rollouts(["ok"] + bad), ANSWERS)
+    assert out[0] == (0.5, {"reward_failed": 0.0})
+    for (r, comps), text in zip(out[1:], bad):
+        assert r == 0.0 and comps == {"reward_failed": 1.0}, text
+        assert math.isfinite(r)
+    assert (reward.scored, reward.failed) == (8, 7)
+    # The counters accumulate over calls; the job went on.
+    reward.score(_rollouts(["ok", "raise"]), ANSWERS)
+    assert (reward.scored, reward.failed) == (10, 8)
+
+
+def test_all_samples_failing_raises_with_cause(user_module):
+    reward = RuleReward(None, reward_fn=f"{user_module}:always_raises")
+    with pytest.raises(RewardFunctionError) as info:
+        reward.score(_rollouts(["a", "b"]), ANSWERS)
+    msg = str(info.value)
+    assert f"{user_module}:always_raises" in msg
+    assert "ZeroDivisionError: broken on purpose" in msg
+    assert "s0" in msg  # the first failing sample
+    assert (reward.scored, reward.failed) == (2, 2)
+
+
+def test_all_samples_failing_mixed_causes_names_first(user_module):
+    with pytest.raises(RewardFunctionError, match="nan"):
+        RuleReward(None, reward_fn=f"{user_module}:flaky").score(_rollouts(["nan", "raise"]), ANSWERS)
+
+
+def test_empty_batch_is_not_a_failure(user_module):
+    assert RuleReward(None, reward_fn=f"{user_module}:always_raises").score([], ANSWERS) == []
+
+
+@pytest.mark.parametrize(
+    "attr,expected",
+    [
+        ("missing", "has no attribute 'missing'"),
+        ("not_callable", "not a function"),
+        ("one_arg", "must accept (response: str, answer: str)"),
+    ],
+)
+def test_bad_function_spec_is_named(user_module, attr, expected):
+    with pytest.raises(ValueError) as info:
+        load_reward_fn(f"{user_module}:{attr}")
+    assert "data.reward_fn" in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_missing_module_is_named():
+    with pytest.raises(ValueError) as info:
+        RuleReward(None, reward_fn="no_such_module_xyz.sub:fn")
+    msg = str(info.value)
+    assert "data.reward_fn" in msg and "'no_such_module_xyz.sub' not found" in msg
+
+
+def test_broken_module_import_is_named(tmp_path, monkeypatch):
+    (tmp_path / "broken_rewards_dep.py").write_text("import not_installed_dependency_xyz\n")
+    (tmp_path / "broken_rewards_syntax.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="importing module 'broken_rewards_dep' failed: ModuleNotFoundError"):
+        load_reward_fn("broken_rewards_dep:f")
+    with pytest.raises(ValueError, match="importing module 'broken_rewards_syntax' failed: SyntaxError"):
+        load_reward_fn("broken_rewards_syntax:f")
+
+
+@pytest.mark.parametrize("spec", ["nocolon", "mod:", ":fn", "mod:fn()", "a b:c", "mod:fn:extra", "1mod:fn"])
+def test_reward_fn_syntax_checked_in_config(spec):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"data.reward_fn={spec!r}"])
+    assert "data.reward_fn" in str(info.value) and "module:function" in str(info.value)
+    with pytest.raises(ValueError, match="module:function"):
+        load_reward_fn(spec)
+
+
+def test_valid_reward_fn_in_config():
+    cfg = load_config(None, ["data.reward_fn=pkg.mod:Cls.fn", "data.task=null", "data.path=p.jsonl"])
+    assert cfg.data.reward_fn == "pkg.mod:Cls.fn"
+
+
+def test_no_reward_at_all_is_named():
+    with pytest.raises(ValueError, match=r"data\.task.*data\.reward_fn"):
+        RuleReward(None)
+    with pytest.raises(ValueError, match="unknown reward task"):
+        RuleReward("poetry")
