@@ -1,0 +1,159 @@
+"""Checkpoint and resume: a killed job continues exactly; a killed learner rank rolls back and goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import ray
+import torch
+import torch.distributed.checkpoint as dcp
+
+from actors.driver import Driver
+from rlhf_cluster.checkpoint import CheckpointStore
+from rlhf_cluster.data.prompts import PromptSource, read_prompt_file
+from rlhf_cluster.records import table_to_samples
+from rlhf_cluster.weights import WeightStore
+
+
+def _run_in_thread(driver: Driver) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append(asyncio.run(driver.run()))
+        except BaseException as exc:  # the killed run ends with an error; the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def _cfg(job_config, name, steps):
+    return job_config(
+        name=name,
+        generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
+        learner={"world_size": 2, "lr": 1e-3},
+        train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+        checkpoint={"every_steps": 3, "keep": 3},
+    )
+
+
+def _kill_every_process(driver: Driver) -> None:
+    """SIGKILL the processes of every actor of the job: the whole job dies at once."""
+    actors = [a for pool in driver.pools.values() for a in pool.actors.values()]
+    pids = [ray.get(a.info.remote())["pid"] for a in driver.pools["generation"].actors.values()]
+    pids += driver.learner.pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    for actor in actors + [driver.controller]:
+        ray.kill(actor, no_restart=True)
+
+
+def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config):
+    steps = 12
+    cfg = _cfg(job_config, "resume", steps)
+    first = Driver(cfg)
+    thread, outcome = _run_in_thread(first)
+    store = CheckpointStore(cfg.checkpoint_dir)
+    # Kill after a checkpoint exists and the run has gone on past it.
+    _wait_for(lambda: store.list() and len(first.result.rows) >= CheckpointStore.verify(store.list()[-1]).step + 3)
+    _kill_every_process(first)
+    thread.join(timeout=60)
+    assert outcome and isinstance(outcome[0], BaseException), "the killed run should have failed"
+    first.shutdown()
+    ckpt = store.latest()
+    assert ckpt is not None and ckpt.step < steps - 1
+    saved_buffer = {s.sample_id for s in table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))}
+
+    second = Driver(cfg, resume="auto")
+    republished = WeightStore(cfg.weights_dir).load(ckpt.version)  # published while resuming
+    from_files = {f"model.{k}": torch.empty_like(v) for k, v in republished.items()}
+    dcp.load(from_files, checkpoint_id=str(ckpt.path / "learner"), no_dist=True)  # before retention prunes it
+    try:
+        result = asyncio.run(second.run())
+        # The same step and version continue.
+        resume = json.loads((second.run_dir / "resume.json").read_text())
+        assert (resume["step"], resume["version"]) == (ckpt.step, ckpt.version)
+        rows = [json.loads(x) for x in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(steps)), "metrics must continue the original run's"
+        assert [r["weight_version"] for r in rows] == list(range(1, steps + 1))
+        assert result.final_version == steps
+
+        # Learner parameters and optimizer state equal the checkpoint's bit for bit: each rank's
+        # digest of its restored shards matches the digest taken when they were saved...
+        assert resume["rank_digests"] == ckpt.manifest["rank_digests"]
+        # ...and, read independently from the checkpoint files, the model equals what was republished.
+        for key, tensor in republished.items():
+            assert torch.equal(from_files[f"model.{key}"], tensor), key
+
+        # No prompt consumed twice or skipped across the two runs.
+        consumed = [json.loads(x) for x in (second.run_dir / "consumed.jsonl").read_text().splitlines()]
+        groups = {}
+        for c in consumed:
+            groups.setdefault(c["sample_id"].rsplit(":", 1)[0], c["prompt_id"])
+        assert len(set(groups.values())) == len(groups), "a prompt was trained on twice"
+        final = CheckpointStore(cfg.checkpoint_dir).latest()
+        assert final.step == steps - 1
+        state_final = final.driver_state()
+        assert state_final["dropped"].get("stale", 0) == 0, "stale drops would discard prompts legitimately"
+        in_buffer = {s.prompt_id for s in table_to_samples(_read_arrow(final.path / "buffer.arrow"))}
+        pending = {p[0] for p in state_final["pending_prompts"]}
+        source = PromptSource(read_prompt_file(second.run_dir / "data" / "train.parquet"), cfg.data.seed, cfg.data.shuffle)
+        taken = {source.next_prompt().prompt_id for _ in range(state_final["source"]["cursor"])}
+        trained = set(groups.values())
+        assert not (trained & in_buffer) and not (trained & pending) and not (in_buffer & pending)
+        assert trained | in_buffer | pending == taken, "a prompt was skipped or invented"
+
+        # Samples buffered at the checkpoint survived into the resumed run.
+        assert saved_buffer, "the checkpoint held no buffered samples to carry over"
+        final_buffer = {s.sample_id for s in table_to_samples(_read_arrow(final.path / "buffer.arrow"))}
+        assert saved_buffer <= {c["sample_id"] for c in consumed} | final_buffer
+    finally:
+        second.shutdown()
+
+
+def test_killed_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config):
+    steps = 12
+    cfg = _cfg(job_config, "learner-fault", steps)
+    driver = Driver(cfg)
+    thread, outcome = _run_in_thread(driver)
+    store = CheckpointStore(cfg.checkpoint_dir)
+    _wait_for(lambda: store.list() and len(driver.result.rows) >= CheckpointStore.verify(store.list()[-1]).step + 2)
+    generation_before = dict(driver.pools["generation"].actors)
+    os.kill(driver.learner.pids()[1], signal.SIGKILL)
+    thread.join(timeout=300)
+    try:
+        assert outcome and not isinstance(outcome[0], BaseException), outcome
+        result = outcome[0]
+        assert driver.learner_restarts == 1
+        assert result.final_version == steps
+        rows = [json.loads(x) for x in (driver.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(steps))
+        ids = [c.sample_id for c in result.consumed]
+        assert len(ids) == len(set(ids)) == steps * cfg.samples_per_step
+        # Generation was not restarted.
+        assert driver.pools["generation"].actors == generation_before
+    finally:
+        driver.shutdown()
+
+
+def _read_arrow(path):
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
