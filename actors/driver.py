@@ -105,11 +105,16 @@ class Driver:
         self._changed = asyncio.Condition()
         self._checkpointing: asyncio.Task | None = None
         self._producer: asyncio.Task | None = None
+        self.stop_requested = False
         self.cfg_dict = cfg.model_dump()
         self.infos: dict[str, dict[str, dict]] = {}
-        self._start_learner()
-        self._restore(resume_from)
-        self._start_workers()
+        try:
+            self._start_learner()
+            self._restore(resume_from)
+            self._start_workers()
+        except BaseException:
+            self.shutdown()  # no actor outlives a failed start
+            raise
 
     def _checkpoint_to_resume(self, resume: str | None) -> Checkpoint | None:
         """`auto`: the newest checkpoint that verifies (None if there is none); a path: exactly that one."""
@@ -297,7 +302,8 @@ class Driver:
             pool.kill()
         if hasattr(self, "controller"):
             ray.kill(self.controller, no_restart=True)
-        self.learner.kill()
+        if hasattr(self, "learner"):
+            self.learner.kill()
 
     # ---- producer ------------------------------------------------------------------------
     def _allowance(self) -> int:
@@ -423,7 +429,7 @@ class Driver:
         last = time.perf_counter()
         step = self.start_step
         try:
-            while step < total:
+            while step < total and not self.stop_requested:
                 samples = await self._take(step)
                 staleness = [step - s.policy_version for s in samples]
                 for lag in staleness:
@@ -455,7 +461,7 @@ class Driver:
                     f"kl {row['kl']:.5f} | staleness {row['staleness_mean']:.2f} (max {row['staleness_max']}) | "
                     f"step {row['step_seconds']:.2f}s"
                 )
-                if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == total:
+                if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == total or self.stop_requested:
                     await self._checkpoint(tg, step)
                 step += 1
             if self._checkpointing is not None:
@@ -466,6 +472,10 @@ class Driver:
                 task.cancel()
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
         self.buffer.save(self.run_dir / "buffer.arrow")
+
+    def request_stop(self) -> None:
+        """End the job after the step in progress (with a checkpoint); safe to call from any thread."""
+        self.stop_requested = True
 
     def _log_step(self, row: dict, consumed: list[ConsumedSample]) -> None:
         self.result.rows.append(row)

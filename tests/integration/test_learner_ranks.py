@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import ray
+import torch
 
 from actors.learner import LearnerRank
 from rlhf_cluster.records import ScoredSample, TrainBatch
@@ -62,3 +63,20 @@ def test_two_ranks_match_one_rank(ray_cluster, job_config, tiny_model_path, tmp_
     assert abs(one["learner/grad_norm"] - two["learner/grad_norm"]) <= 1e-4 * one["learner/grad_norm"]
     assert abs(one["correction/ess"] - two["correction/ess"]) < 1e-6
     assert one["learner/grad_norm"] > 0
+
+
+def test_non_finite_loss_skips_the_update(ray_cluster, job_config, tiny_model_path):
+    cfg = job_config(learner={"world_size": 1, "lr": 1e-3})
+    (rank,) = _group(cfg, tiny_model_path, 1)
+    samples = _samples(3)
+    samples[0].advantages = [float("nan")] * len(samples[0].advantages)
+    before = ray.get(rank.full_state_dict.remote())
+    stats = ray.get(rank.train.remote(TrainBatch.from_samples(samples), 1, 0.0))
+    after = ray.get(rank.full_state_dict.remote())
+    assert stats["learner/skipped_updates"] == 1
+    assert all(torch.equal(before[k], after[k]) for k in before), "a NaN step must not change the weights"
+    # The next, finite step updates normally.
+    stats = ray.get(rank.train.remote(TrainBatch.from_samples(_samples(3)), 2, 0.0))
+    assert stats["learner/skipped_updates"] == 0
+    assert any(not torch.equal(after[k], v) for k, v in ray.get(rank.full_state_dict.remote()).items())
+    ray.kill(rank)

@@ -6,12 +6,16 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import ray
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 
 from actors.driver import Driver
 from rlhf_cluster.checkpoint import CheckpointStore
@@ -42,39 +46,58 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def _cfg(job_config, name, steps):
+def _cfg(job_config, name, steps, max_staleness=1):
     return job_config(
         name=name,
         generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         learner={"world_size": 2, "lr": 1e-3},
-        train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+        train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": max_staleness, "progress": False},
         checkpoint={"every_steps": 3, "keep": 3},
     )
 
 
-def _kill_every_process(driver: Driver) -> None:
-    """SIGKILL the processes of every actor of the job: the whole job dies at once."""
-    actors = [a for pool in driver.pools.values() for a in pool.actors.values()]
-    pids = [ray.get(a.info.remote())["pid"] for a in driver.pools["generation"].actors.values()]
-    pids += driver.learner.pids()
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    for actor in actors + [driver.controller]:
-        ray.kill(actor, no_restart=True)
+def _job_actors_alive(job_name: str) -> bool:
+    """Whether the killed job's controller (and so its driver's actors) is still registered."""
+    from actors.control import NAMESPACE, controller_name
+
+    try:
+        ray.get_actor(controller_name(job_name), namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
-def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config):
-    steps = 12
-    cfg = _cfg(job_config, "resume", steps)
-    first = Driver(cfg)
-    thread, outcome = _run_in_thread(first)
+def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path):
+    steps = 40
+    # Staleness 2 lets generation run ahead, so checkpoints usually hold buffered samples.
+    cfg = _cfg(job_config, "resume", steps, max_staleness=2)
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # The first run is a real driver process attached to the test's cluster; SIGKILL ends it, and
+    # Ray ends its actors with it (they share the driver's fate).
+    gcs = ray.get_runtime_context().gcs_address
+    first = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rlhf-cluster"), "train", str(config_file), "--address", gcs],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
     store = CheckpointStore(cfg.checkpoint_dir)
-    # Kill after a checkpoint exists and the run has gone on past it.
-    _wait_for(lambda: store.list() and len(first.result.rows) >= CheckpointStore.verify(store.list()[-1]).step + 3)
-    _kill_every_process(first)
-    thread.join(timeout=60)
-    assert outcome and isinstance(outcome[0], BaseException), "the killed run should have failed"
-    first.shutdown()
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+
+    def past_a_checkpoint_with_buffered_samples() -> bool:
+        if first.poll() is not None:
+            raise AssertionError(f"the first run ended early: {first.stdout.read().decode()[-3000:]}")
+        done = store.latest()
+        return (
+            done is not None
+            and _read_arrow(done.path / "buffer.arrow").num_rows > 0
+            and metrics.exists()
+            and len(metrics.read_text().splitlines()) >= done.step + 2
+        )
+
+    _wait_for(past_a_checkpoint_with_buffered_samples, timeout=300)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    _wait_for(lambda: not _job_actors_alive("resume"), timeout=60)
     ckpt = store.latest()
     assert ckpt is not None and ckpt.step < steps - 1
     saved_buffer = {s.sample_id for s in table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))}
@@ -127,24 +150,29 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config):
 
 
 def test_killed_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config):
-    steps = 12
-    cfg = _cfg(job_config, "learner-fault", steps)
+    cfg = _cfg(job_config, "learner-fault", 100_000)  # the test stops the job when it has seen enough
     driver = Driver(cfg)
     thread, outcome = _run_in_thread(driver)
     store = CheckpointStore(cfg.checkpoint_dir)
-    _wait_for(lambda: store.list() and len(driver.result.rows) >= CheckpointStore.verify(store.list()[-1]).step + 2)
     generation_before = dict(driver.pools["generation"].actors)
-    os.kill(driver.learner.pids()[1], signal.SIGKILL)
-    thread.join(timeout=300)
+    try:
+        _wait_for(lambda: store.latest() is not None and len(driver.result.rows) >= store.latest().step + 2)
+        rows_before_kill = len(driver.result.rows)
+        os.kill(driver.learner.pids()[1], signal.SIGKILL)
+        _wait_for(lambda: driver.learner_restarts == 1 and len(driver.result.rows) >= rows_before_kill + 3, timeout=300)
+    finally:
+        driver.request_stop()
+        thread.join(timeout=300)
     try:
         assert outcome and not isinstance(outcome[0], BaseException), outcome
         result = outcome[0]
+        done = len(result.rows)
         assert driver.learner_restarts == 1
-        assert result.final_version == steps
+        assert result.final_version == done
         rows = [json.loads(x) for x in (driver.run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == list(range(steps))
+        assert [r["step"] for r in rows] == list(range(done)), "steps after the rollback continue from the checkpoint"
         ids = [c.sample_id for c in result.consumed]
-        assert len(ids) == len(set(ids)) == steps * cfg.samples_per_step
+        assert len(ids) == len(set(ids)) == done * cfg.samples_per_step
         # Generation was not restarted.
         assert driver.pools["generation"].actors == generation_before
     finally:
