@@ -62,6 +62,18 @@ class ActorPool:
             self._next_index += 1
         return created
 
+    async def _create_prepared(self, count: int) -> dict[str, Any]:
+        """Start `count` actors and `prepare` them; none is leaked if that fails or is cancelled."""
+        created = self.create(count)
+        try:
+            if self.prepare is not None:
+                await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
+        except BaseException:
+            for actor in created.values():
+                ray.kill(actor, no_restart=True)
+            raise
+        return created
+
     def activate(self, actors: dict[str, Any]) -> None:
         """Put ready actors into rotation."""
         for name, actor in actors.items():
@@ -111,15 +123,7 @@ class ActorPool:
         del self.actors[name]
         self.restarts += 1
         await asyncio.sleep(self.backoff_s * 2 ** (self.restarts - 1))
-        created = self.create(1)
-        try:
-            if self.prepare is not None:
-                await asyncio.gather(*[self.prepare(a) for a in created.values()])
-        except BaseException:
-            # Cancelled (the job ended) or failed while preparing: do not leak the new actor.
-            for a in created.values():
-                ray.kill(a, no_restart=True)
-            raise
+        created = await self._create_prepared(1)
         self.activate(created)
         if self.on_restart is not None:
             self.on_restart(name, next(iter(created)))
@@ -143,14 +147,7 @@ class ActorPool:
         if replicas < 1:
             raise ValueError(f"{self.name} pool: replicas must be >= 1, got {replicas}")
         if replicas > len(self.actors):
-            created = self.create(replicas - len(self.actors))
-            try:
-                if self.prepare is not None:
-                    await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
-            except BaseException:
-                for actor in created.values():
-                    ray.kill(actor, no_restart=True)
-                raise
+            created = await self._create_prepared(replicas - len(self.actors))
             self.activate(created)
             return list(created)
         return await self.retire(len(self.actors) - replicas)

@@ -15,12 +15,12 @@ previous checkpoint stays usable.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from rlhf_cluster.fileio import fsync_path, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -29,26 +29,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
+    fsync_path(root)
 
 
 @dataclass(frozen=True)
@@ -94,7 +78,7 @@ class CheckpointStore:
     def finalize(self, tmp: Path, step: int, version: int, extra: dict | None = None) -> Checkpoint:
         """Checksum every file, write the manifest, make it durable and rename it into place."""
         try:
-            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {
                 "step": step,
                 "version": version,
@@ -144,7 +128,7 @@ class CheckpointStore:
             file = path / name
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {path}: file {name} is missing")
-            if _sha256(file) != digest:
+            if sha256_file(file) != digest:
                 raise CheckpointError(f"checkpoint {path}: file {name} does not match its sha256 (corrupted)")
         return Checkpoint(path, manifest)
 

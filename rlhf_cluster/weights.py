@@ -14,12 +14,10 @@ A version is written under a temp name, fsynced, renamed into place, and only th
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,38 +25,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf_cluster.fileio import fsync_path, sha256_file, write_atomic
+
 MANIFEST = "manifest.json"
 SHARD_BYTES = 1 << 30
 
 
 class WeightIntegrityError(RuntimeError):
     """A stored version does not match its manifest (missing shard or wrong sha256)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
 
 
 class WeightStore:
@@ -99,7 +73,7 @@ class WeightStore:
                 save_file(current, str(tmp / name), metadata={"version": str(version)})
                 with open(tmp / name, "rb+") as fh:
                     os.fsync(fh.fileno())
-                shards[name] = _sha256(tmp / name)
+                shards[name] = sha256_file(tmp / name)
                 current, size = {}, 0
 
             storages: set[int] = set()
@@ -129,17 +103,17 @@ class WeightStore:
                 "tensors": tensors,
                 "shards": shards,
             }
-            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             (tmp / "readers").mkdir()
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             tmp.rename(final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         latest = self.latest_version()
         if latest is None or version > latest:
-            _write_atomic(self.root / "LATEST", str(version))
+            write_atomic(self.root / "LATEST", str(version))
         self.last_publish_seconds = time.perf_counter() - start
         self.last_publish_bytes = total
         self._apply_retention()
@@ -174,7 +148,7 @@ class WeightStore:
         """
         keep = [v for v in self.versions() if v < version]
         if keep:
-            _write_atomic(self.root / "LATEST", str(keep[-1]))
+            write_atomic(self.root / "LATEST", str(keep[-1]))
         else:
             (self.root / "LATEST").unlink(missing_ok=True)
         for v in self.versions():
@@ -212,7 +186,7 @@ class WeightStore:
             path = directory / shard
             if not path.is_file():
                 raise WeightIntegrityError(f"version {version}: shard {shard} is missing")
-            if verify and _sha256(path) != digest:
+            if verify and sha256_file(path) != digest:
                 raise WeightIntegrityError(f"version {version}: shard {shard} sha256 does not match the manifest")
             out.update(load_file(str(path)))
         expected = set(manifest["tensors"])
