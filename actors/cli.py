@@ -118,6 +118,10 @@ def train(
     finally:
         ray.shutdown()
     last = result.rows[-1]
+    if result.accuracy_before is not None:
+        typer.echo(
+            f"held-out accuracy (greedy, verifier): before {result.accuracy_before:.3f}, after {result.accuracy_after:.3f}"
+        )
     typer.echo(
         f"done: {len(result.rows)} steps, weight version {result.final_version}, "
         f"final reward {last['reward_mean']:.3f}; metrics in {result.run_dir}/metrics.jsonl"

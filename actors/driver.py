@@ -40,6 +40,7 @@ from rlhf_cluster.records import ScoredSample, TrainBatch
 from rlhf_cluster.scoring.rewards import load_reward_fn
 from rlhf_cluster.tiny_model import ensure_tiny_model
 from rlhf_cluster.validation import validate_model_dir
+from rlhf_cluster.warmup import ensure_warmed_model
 from rlhf_cluster.weights import WeightStore
 
 
@@ -61,6 +62,8 @@ class JobResult:
     rows: list[dict] = field(default_factory=list)
     consumed: list[ConsumedSample] = field(default_factory=list)
     final_version: int = 0
+    accuracy_before: float | None = None  # held-out accuracy (greedy, verifier) before training
+    accuracy_after: float | None = None
     run_dir: str = ""
 
 
@@ -78,6 +81,18 @@ def prepare_run_dir(cfg: JobConfig, fresh: bool) -> Path:
     return run_dir
 
 
+def _warmup_progress(steps: int, show: bool):
+    bar = tqdm(total=steps, desc="supervised warm-up", disable=not show, dynamic_ncols=True)
+
+    def update(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step + 1 == steps:
+            bar.close()
+
+    return update
+
+
 class Driver:
     """Owns the pools, the buffer and the two loops of one job."""
 
@@ -92,8 +107,15 @@ class Driver:
         if cfg.data.reward_fn is not None:
             load_reward_fn(cfg.data.reward_fn)
         self.model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
-        train_file, _ = prepare_prompt_files(cfg.data, self.run_dir)
+        train_file, eval_file = prepare_prompt_files(cfg.data, self.run_dir)
         self.prompts = read_prompt_file(train_file)
+        self.eval_prompts = read_prompt_file(eval_file) if eval_file is not None else []
+        if cfg.model.warmup_steps:
+            # The warmed-up model is version 0: the reference, the learner and generation all start there.
+            self.model_path = str(ensure_warmed_model(
+                self.model_path, self.prompts, cfg.model.warmup_steps, cfg.model.warmup_lr, cfg.model.warmup_batch_size,
+                cfg.seed, progress=_warmup_progress(cfg.model.warmup_steps, cfg.train.progress),
+            ))
         self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")
         self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
@@ -473,6 +495,15 @@ class Driver:
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
         self.buffer.save(self.run_dir / "buffer.arrow")
 
+    async def evaluate(self) -> float | None:
+        """Held-out accuracy of the newest published weights: greedy answers judged by the verifier."""
+        if not self.eval_prompts:
+            return None
+        _, rollouts = await self.pools["generation"].call("evaluate", self.eval_prompts, self.published_version)
+        answers = {p.prompt_id: p.answer for p in self.eval_prompts}
+        _, scores = await self.pools["reward"].call("score", rollouts, answers)
+        return statistics.fmean(components.get("correct", 0.0) for _, components in scores)
+
     def request_stop(self) -> None:
         """End the job after the step in progress (with a checkpoint); safe to call from any thread."""
         self.stop_requested = True
@@ -576,10 +607,16 @@ class Driver:
     async def run(self) -> JobResult:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
         try:
+            self.result.accuracy_before = await self.evaluate()
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(tg))
                 watcher = tg.create_task(self._watch_scaling())
                 tg.create_task(self._consume(tg, watcher))
+            self.result.accuracy_after = await self.evaluate()
+            if self.result.accuracy_before is not None:
+                evaluation = {"prompts": len(self.eval_prompts), "accuracy_before": self.result.accuracy_before,
+                              "accuracy_after": self.result.accuracy_after, "version_after": self.published_version}
+                (self.run_dir / "eval.json").write_text(json.dumps(evaluation))
         except BaseExceptionGroup as group:
             # Surface the first real cause rather than an ExceptionGroup wrapper.
             first = group.exceptions[0]

@@ -78,6 +78,12 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(stats.tokens)
         return rollouts
 
+    def evaluate(self, prompts: list[Prompt], min_version: int) -> list[Rollout]:
+        """One greedy response per prompt with weights of version >= `min_version` (held-out evaluation)."""
+        self.sync(min_version)
+        rollouts, _ = self.engine.generate(prompts, greedy=True)
+        return rollouts
+
     def refused_versions(self) -> list[int]:
         return sorted(v for v, _ in self.refused)
 

@@ -48,6 +48,9 @@ class ModelConfig(_Strict):
     path: str | None = Field(None, description="HF model folder. Empty: build the tiny model into `cache_dir`.")
     cache_dir: str = Field("~/.cache/rlhf_cluster/models", description="Where built tiny models are cached.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model shape.")
+    warmup_steps: int = Field(0, ge=0, description="Supervised warm-up steps on the task's prompts and answers before RL (0: none; cached).")
+    warmup_lr: float = Field(3e-3, gt=0, description="Learning rate of the supervised warm-up.")
+    warmup_batch_size: int = Field(32, ge=1, description="Batch size of the supervised warm-up.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of generation, scoring and learner compute (fp32 master weights always)."
     )
@@ -61,6 +64,7 @@ class DataConfig(_Strict):
     )
     path: str | None = Field(None, description="Prompt file (.parquet or .jsonl) with columns prompt_id, prompt, answer.")
     num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
+    max_operand: int = Field(49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand.")
     eval_prompts: int = Field(64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train).")
     seed: int = Field(0, description="Seed for task generation and prompt order.")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")

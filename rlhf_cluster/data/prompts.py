@@ -99,10 +99,10 @@ def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Pa
     if cfg.path is not None:
         return Path(cfg.path).expanduser(), None
     data_dir = Path(run_dir) / "data"
-    train = _write_task_file(arithmetic_rows(cfg.num_prompts, cfg.seed, "train"), data_dir / "train.parquet")
+    train = _write_task_file(arithmetic_rows(cfg.num_prompts, cfg.seed, "train", cfg.max_operand), data_dir / "train.parquet")
     held_out = None
     if cfg.eval_prompts:
-        held_out = _write_task_file(arithmetic_rows(cfg.eval_prompts, cfg.seed, "eval"), data_dir / "eval.parquet")
+        held_out = _write_task_file(arithmetic_rows(cfg.eval_prompts, cfg.seed, "eval", cfg.max_operand), data_dir / "eval.parquet")
     return train, held_out
 
 

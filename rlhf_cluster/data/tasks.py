@@ -21,22 +21,28 @@ ARITHMETIC_OPERAND_MAX = 49
 ARITHMETIC_EVAL_PAIRS = 256
 
 
-def arithmetic_rows(num: int, seed: int, split: str = "train") -> list[dict]:
-    """Addition problems `a+b=` with their answers.
+def held_out_pairs(max_operand: int) -> int:
+    """How many operand pairs are held out: 256, or 30% of all pairs when there are fewer."""
+    return min(ARITHMETIC_EVAL_PAIRS, (max_operand + 1) ** 2 * 3 // 10)
 
-    The operand pairs are split once per seed: the first `ARITHMETIC_EVAL_PAIRS` of a seeded
-    shuffle are held out for `split="eval"`; every other split draws from the rest, so no
-    held-out sum is ever trained on.
+
+def arithmetic_rows(num: int, seed: int, split: str = "train", max_operand: int = ARITHMETIC_OPERAND_MAX) -> list[dict]:
+    """Addition problems `a+b=` with their answers, operands in 0..max_operand.
+
+    The operand pairs are split once per seed: the first `held_out_pairs` of a seeded shuffle
+    are held out for `split="eval"`; every other split draws from the rest, so no held-out sum
+    is ever trained on.
     """
-    pairs = [(a, b) for a in range(ARITHMETIC_OPERAND_MAX + 1) for b in range(ARITHMETIC_OPERAND_MAX + 1)]
+    pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
     random.Random(seed).shuffle(pairs)
+    held_out = held_out_pairs(max_operand)
     if split == "eval":
-        if num > ARITHMETIC_EVAL_PAIRS:
-            raise ValueError(f"at most {ARITHMETIC_EVAL_PAIRS} held-out arithmetic prompts, asked for {num}")
+        if num > held_out:
+            raise ValueError(f"data.eval_prompts: at most {held_out} held-out prompts with max_operand={max_operand}, asked for {num}")
         chosen = pairs[:num]
     else:
         rng = random.Random(f"{seed}-{split}")
-        chosen = [rng.choice(pairs[ARITHMETIC_EVAL_PAIRS:]) for _ in range(num)]
+        chosen = [rng.choice(pairs[held_out:]) for _ in range(num)]
     return [{"prompt_id": f"{split}-{i}", "prompt": f"{a}+{b}=", "answer": str(a + b)} for i, (a, b) in enumerate(chosen)]
 
 

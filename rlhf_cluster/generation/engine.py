@@ -79,14 +79,17 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
 
-    def generate(self, prompts: list[Prompt], n: int | None = None) -> tuple[list[Rollout], GenerationStats]:
-        """`n` responses per prompt; each is one `Rollout` tagged with the engine's version."""
+    def generate(
+        self, prompts: list[Prompt], n: int | None = None, greedy: bool = False
+    ) -> tuple[list[Rollout], GenerationStats]:
+        """`n` responses per prompt (one greedy response for evaluation); each is a `Rollout`
+        tagged with the engine's version."""
         from vllm import SamplingParams
 
         s = self.cfg.sampling
         params = SamplingParams(
-            n=n or s.n,
-            temperature=s.temperature,
+            n=1 if greedy else (n or s.n),
+            temperature=0.0 if greedy else s.temperature,
             top_p=s.top_p,
             max_tokens=s.max_new_tokens,
             logprobs=0,

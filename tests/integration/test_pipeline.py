@@ -19,6 +19,7 @@ from rlhf_cluster.weights import WeightStore
 def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max_staleness):
     steps = 5
     cfg = job_config(
+        data={"num_prompts": 256, "eval_prompts": 16},
         generation={"replicas": 2, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         learner={"world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": max_staleness, "progress": False},
@@ -26,6 +27,11 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
     driver = Driver(cfg)
     try:
         result = asyncio.run(driver.run())
+
+        # Held-out accuracy was measured before and after, on the held-out prompts.
+        evaluation = json.loads((driver.run_dir / "eval.json").read_text())
+        assert evaluation["prompts"] == 16 and evaluation["version_after"] == steps
+        assert 0.0 <= result.accuracy_before <= 1.0 and 0.0 <= result.accuracy_after <= 1.0
 
         # Versions advance one per step, and the store's newest version is the last step's.
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
