@@ -228,6 +228,21 @@ def scale(
 
 
 @app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default RUN_DIR/metrics.png)."),
+) -> None:
+    """Plot reward, KL, response length and held-out accuracy per step to a PNG."""
+    from rlhf_cluster.plotting import plot_run
+
+    try:
+        typer.echo(str(plot_run(run_dir, out)))
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
 def version() -> None:
     """Print the package version."""
     from importlib.metadata import version as v
