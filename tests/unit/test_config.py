@@ -28,8 +28,10 @@ def test_demo_yaml_loads():
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.name == "demo"
     assert cfg.learner.world_size == 2
-    assert cfg.learner.lr == pytest.approx(1e-3)
-    assert cfg.generation.sampling.max_new_tokens == 8
+    assert cfg.learner.lr == pytest.approx(3e-4)
+    assert cfg.generation.sampling.max_new_tokens == 4
+    assert (cfg.model.warmup_steps, cfg.data.max_operand) == (100, 9)
+    assert cfg.algorithm.preset == "grpo" and cfg.algorithm.loss.aggregation == "sequence_mean"
     assert cfg.model.tiny.num_kv_heads == 1
     assert cfg.algorithm.correction.mode == "truncate"
 
