@@ -16,14 +16,12 @@ throughput is counted from the tokens actually generated (sum of len(token_ids))
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from _common import headline, machine_info, result_path, rotated, write_result
 from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
@@ -31,7 +29,8 @@ from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.tiny_model import ensure_tiny_model
 
 HEAD_DIM = 64  # vLLM's CPU attention supports it; heads = hidden / 64
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "generation_overhead.json"
+DEFAULT_OUT = result_path("generation_overhead")
+TARGET = 0.95  # record building may cost at most 5% of raw throughput
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,24 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reps < 1:
         p.error("--reps must be >= 1")
     return args
-
-
-def machine_info() -> dict:
-    import torch
-    import transformers
-    import vllm
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "vllm": vllm.__version__,
-        "transformers": transformers.__version__,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = {"raw": run_raw, "ours": run_ours}
     timings: dict[str, list[dict]] = {"raw": [], "ours": []}
     for rep in range(-args.warmup, args.reps):
-        order = ("raw", "ours") if rep % 2 == 0 else ("ours", "raw")
+        order = rotated(("raw", "ours"), rep)
         for side in order:
             start = time.perf_counter()
             tokens = sides[side]()
@@ -144,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_ours_over_raw_tokens_per_s": ratio,
         "paired_ratios_ours_over_raw": paired,
         "median_paired_ratio": statistics.median(paired),
+        "headline": headline("ours/raw tokens/s", ratio, f">= {TARGET} (1.0 = no overhead)", ratio >= TARGET, "x"),
     }
 
     print(f"\ngeneration_overhead  model hidden={args.hidden} layers={args.layers} heads={heads} | "
@@ -154,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{side:<6} {m['seconds']:>9.3f} {m['tokens']:>8.0f} {m['tokens_per_s']:>10.1f}")
     print(f"ratio ours/raw tokens/s: {ratio:.3f}  (median of paired ratios {statistics.median(paired):.3f}; 1.0 = no overhead)")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

