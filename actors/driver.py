@@ -31,11 +31,9 @@ from rlhf_cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.experience import batch_advantages, build_group, group_rollouts, kl_controller
+from rlhf_cluster.fileio import write_atomic
 from rlhf_cluster import metrics as m
-from rlhf_cluster.metrics import (
-    BUFFER_DEPTH, BUFFER_DROPPED, CORRECTION_ESS, LEARNER_VERSION, STALENESS, TRAIN_CLIP, TRAIN_ENTROPY, TRAIN_KL,
-    TRAIN_REWARD, MetricLabels, serve_metrics,
-)
+from rlhf_cluster.metrics import MetricLabels, serve_metrics
 from rlhf_cluster.records import ScoredSample, TrainBatch
 from rlhf_cluster.scoring.rewards import load_reward_fn
 from rlhf_cluster.tiny_model import ensure_tiny_model
@@ -209,9 +207,7 @@ class Driver:
         for name in ("metrics.jsonl", "consumed.jsonl"):
             path = self.run_dir / name
             rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
-            tmp.replace(path)
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
         self.result.rows = [r for r in self.result.rows if r["step"] <= last_step]
         self.result.consumed = [c for c in self.result.consumed if c.step <= last_step]
 
@@ -288,10 +284,7 @@ class Driver:
         if self.metrics_port is not None:
             host = self.cfg.metrics.bind_address
             groups.append({"targets": [f"{host}:{self.metrics_port}"], "labels": {"job_name": self.cfg.name, "pool": "driver", "worker": "driver"}})
-        path = self.run_dir / "prometheus_targets.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(groups, indent=1))
-        tmp.replace(path)
+        write_atomic(self.run_dir / "prometheus_targets.json", json.dumps(groups, indent=1))
 
     async def _watch_scaling(self) -> None:
         """Apply scale requests from the JobController as they arrive."""
@@ -391,12 +384,12 @@ class Driver:
                     # No learning signal: drop it, count it, and let admission start another.
                     self.groups_dropped += 1
                     self.zero_signal_dropped += len(samples)
-                    self.labels.of(BUFFER_DROPPED, reason="zero_signal").inc(len(samples))
+                    self.labels.of(m.BUFFER_DROPPED, reason="zero_signal").inc(len(samples))
                     continue
                 self.buffer.add_group(samples)
                 for r in group:
                     self.worker_of[r.sample_id] = r.worker
-            self.labels.of(BUFFER_DEPTH).set(self.buffer.depth)
+            self.labels.of(m.BUFFER_DEPTH).set(self.buffer.depth)
             self._changed.notify_all()
 
     # ---- consumer ------------------------------------------------------------------------
@@ -410,10 +403,10 @@ class Driver:
                 if dropped:
                     # Dropped groups free admission so the producer regenerates them.
                     self.groups_dropped += dropped // self.cfg.generation.sampling.n
-                    self.labels.of(BUFFER_DROPPED, reason="stale").inc(dropped)
+                    self.labels.of(m.BUFFER_DROPPED, reason="stale").inc(dropped)
                     self._changed.notify_all()
                 if samples is not None:
-                    self.labels.of(BUFFER_DEPTH).set(self.buffer.depth)
+                    self.labels.of(m.BUFFER_DEPTH).set(self.buffer.depth)
                     return samples
                 await self._changed.wait()
 
@@ -426,7 +419,7 @@ class Driver:
             if timeline != self.timeline:
                 return
             self.published_version = max(self.published_version, version)
-            self.labels.of(LEARNER_VERSION).set(self.published_version)
+            self.labels.of(m.LEARNER_VERSION).set(self.published_version)
             self._changed.notify_all()
 
     async def _train(self, step: int, samples: list[ScoredSample]) -> dict:
@@ -455,7 +448,7 @@ class Driver:
                 samples = await self._take(step)
                 staleness = [step - s.policy_version for s in samples]
                 for lag in staleness:
-                    self.labels.of(STALENESS).observe(lag)
+                    self.labels.of(m.STALENESS).observe(lag)
                 self.labels.of(m.STALENESS_MAX).set(max(staleness))
                 self.labels.of(m.STALENESS_BOUND).set(cfg.train.max_staleness)
                 try:
@@ -596,11 +589,11 @@ class Driver:
             "time": time.time(),
         }
         row.update({k: v for k, v in stats.items() if k not in row})
-        self.labels.of(TRAIN_KL).set(row["kl"])
-        self.labels.of(TRAIN_REWARD).set(row["reward_mean"])
-        self.labels.of(TRAIN_ENTROPY).set(stats.get("policy/entropy", 0.0))
-        self.labels.of(TRAIN_CLIP).set(stats.get("policy/clip_frac", 0.0))
-        self.labels.of(CORRECTION_ESS).set(stats.get("correction/ess", 1.0))
+        self.labels.of(m.TRAIN_KL).set(row["kl"])
+        self.labels.of(m.TRAIN_REWARD).set(row["reward_mean"])
+        self.labels.of(m.TRAIN_ENTROPY).set(stats.get("policy/entropy", 0.0))
+        self.labels.of(m.TRAIN_CLIP).set(stats.get("policy/clip_frac", 0.0))
+        self.labels.of(m.CORRECTION_ESS).set(stats.get("correction/ess", 1.0))
         return row
 
     # ---- the job -------------------------------------------------------------------------
