@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -43,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: `actors` is not an installed package
 
+from _common import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from rlhf_cluster.config import (  # noqa: E402
     AlgorithmConfig, CheckpointConfig, DataConfig, GenerationConfig, JobConfig, KLConfig, LearnerConfig, ModelConfig,
     SamplingConfig, TinyModelConfig, TrainConfig,
@@ -225,27 +225,6 @@ def summarize(run: dict, warmup: int, reward_last: int) -> dict:
 def medians(summaries: list[dict]) -> dict:
     keys = summaries[0].keys()
     return {k: statistics.median(s[k] for s in summaries) if all(s[k] is not None for s in summaries) else None for k in keys}
-
-
-def machine_info() -> dict:
-    import ray
-    import torch
-    import transformers
-    import vllm
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "vllm": vllm.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "load_average_at_start": os.getloadavg(),
-    }
 
 
 def workload(size: str, args) -> dict:
