@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cluster.algorithms import group_advantages, kl_penalty, reinforce_pp_advantages, rloo_advantages
-from rlhf_cluster.algorithms import AdaptiveKLController, FixedKLController
+from rlhf_cluster.algorithms import (
+    AdaptiveKLController, FixedKLController, group_advantages, kl_penalty, reinforce_pp_advantages, rloo_advantages,
+)
 from rlhf_cluster.config import AlgorithmConfig, KLConfig
 from rlhf_cluster.records import Rollout, ScoredSample
 from rlhf_cluster.rewards import length_penalty, overlong_penalty

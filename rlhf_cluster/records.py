@@ -101,6 +101,21 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
     return out
 
 
+def pad_sequences(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Right-padded prompt+response ids: (input_ids, attention_mask, prompt_lengths, T), where T
+    is the longest response (at least 1). The mask comes from lengths, never from token ids."""
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max(max(len(r) for r in responses), 1)
+    input_ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[i, : len(p) + len(r)] = 1
+    return input_ids, attention_mask, torch.tensor([len(p) for p in prompts], dtype=torch.long), T
+
+
 @dataclass
 class TrainBatch:
     """One learner step's samples, right-padded to tensors.
@@ -129,17 +144,13 @@ class TrainBatch:
         if not samples:
             raise ValueError("cannot build a TrainBatch from no samples")
         B = len(samples)
-        L = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-        T = max(max(len(s.response_ids) for s in samples), 1)
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        input_ids, attention_mask, prompt_lengths, T = pad_sequences(
+            [s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id
+        )
         response_mask = torch.zeros((B, T))
         rollout, ref, adv = torch.zeros((B, T)), torch.zeros((B, T)), torch.zeros((B, T))
         for i, s in enumerate(samples):
-            seq = s.prompt_ids + s.response_ids
             n = len(s.response_ids)
-            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, : len(seq)] = 1
             response_mask[i, :n] = 1.0 if in_loss is None or in_loss[i] else 0.0
             rollout[i, :n] = torch.tensor(s.rollout_logprobs)
             ref[i, :n] = torch.tensor(s.ref_logprobs)
@@ -147,7 +158,7 @@ class TrainBatch:
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            prompt_lengths=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
+            prompt_lengths=prompt_lengths,
             response_mask=response_mask,
             rollout_logprobs=rollout,
             ref_logprobs=ref,

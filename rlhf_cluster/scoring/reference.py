@@ -5,21 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_cluster.modeling import load_causal_lm, response_logprobs
-from rlhf_cluster.records import Rollout
-
-
-def pad_rollouts(rollouts: list[Rollout], pad_id: int = 0):
-    """Right-padded (input_ids, attention_mask, prompt_lengths, T) of prompt+response."""
-    L = max(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
-    T = max(max(len(r.response_ids) for r in rollouts), 1)
-    input_ids = torch.full((len(rollouts), L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(rollouts):
-        seq = r.prompt_ids + r.response_ids
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention_mask[i, : len(seq)] = 1
-    prompt_lengths = torch.tensor([len(r.prompt_ids) for r in rollouts])
-    return input_ids, attention_mask, prompt_lengths, T
+from rlhf_cluster.records import Rollout, pad_sequences
 
 
 class ReferenceModel:
@@ -49,7 +35,9 @@ class ReferenceModel:
         return out
 
     def _score(self, batch: list[Rollout]) -> list[list[float]]:
-        input_ids, attention_mask, prompt_lengths, T = pad_rollouts(batch)
+        input_ids, attention_mask, prompt_lengths, T = pad_sequences(
+            [r.prompt_ids for r in batch], [r.response_ids for r in batch]
+        )
         logp, _ = response_logprobs(
             self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device),
             T, self.temperature,
