@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import statistics
 import time
@@ -32,6 +33,8 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.experience import batch_advantages, build_group, group_rollouts, kl_controller
 from rlhf_cluster.fileio import write_atomic
+from rlhf_cluster.generation.probe import MismatchAlarm, Probe, build_probe
+from rlhf_cluster.generation.quantization import write_int8_model_dir
 from rlhf_cluster import metrics as m
 from rlhf_cluster.metrics import MetricLabels, serve_metrics
 from rlhf_cluster.records import ScoredSample, TrainBatch
@@ -40,6 +43,9 @@ from rlhf_cluster.tiny_model import ensure_tiny_model
 from rlhf_cluster.validation import validate_model_dir
 from rlhf_cluster.warmup import ensure_warmed_model
 from rlhf_cluster.weights import WeightStore
+
+log = logging.getLogger(__name__)
+ENGINE_INT8_DIR = "engine-int8"  # the int8 checkpoint generation engines start from (under run_dir)
 
 
 @dataclass
@@ -69,7 +75,7 @@ def prepare_run_dir(cfg: JobConfig, fresh: bool) -> Path:
     """The run directory; for a fresh (not resumed) run, an earlier run's artifacts are removed."""
     run_dir = Path(cfg.run_dir).expanduser()
     stale_paths = (cfg.weights_dir, cfg.checkpoint_dir, run_dir / "metrics.jsonl", run_dir / "consumed.jsonl",
-                   run_dir / "buffer.arrow", run_dir / "resume.json")
+                   run_dir / "probes.jsonl", run_dir / "buffer.arrow", run_dir / "resume.json", run_dir / ENGINE_INT8_DIR)
     for stale in stale_paths if fresh else ():
         if stale.is_dir():
             shutil.rmtree(stale)
@@ -77,6 +83,15 @@ def prepare_run_dir(cfg: JobConfig, fresh: bool) -> Path:
             stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def build_job_probe(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> Probe | None:
+    """The job's mismatch probe (None when `generation.probe.sequences` is 0)."""
+    if cfg.generation.probe.sequences == 0:
+        return None
+    from transformers import AutoTokenizer
+
+    return build_probe(prompts, AutoTokenizer.from_pretrained(model_path), cfg.generation.probe.sequences)
 
 
 def _warmup_progress(steps: int, show: bool):
@@ -114,6 +129,11 @@ class Driver:
                 self.model_path, self.prompts, cfg.model.warmup_steps, cfg.model.warmup_lr, cfg.model.warmup_batch_size,
                 cfg.seed, progress=_warmup_progress(cfg.model.warmup_steps, cfg.train.progress),
             ))
+        if cfg.generation.quantization == "int8" and not cfg.algorithm.correction.enabled:
+            log.warning("generation.quantization=int8 with algorithm.correction.enabled=false: rollouts from int8 "
+                        "weights are trained on without importance correction; expect a biased gradient")
+        self.probe = build_job_probe(cfg, self.model_path, self.prompts)
+        self.mismatch_alarm = MismatchAlarm(cfg.generation.probe.alert_factor, cfg.generation.probe.alert_floor)
         self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")
         self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
@@ -214,7 +234,7 @@ class Driver:
     # ---- pools ---------------------------------------------------------------------------
     def _start_learner(self) -> None:
         cfg = self.cfg
-        self.learner = LearnerGroup(self.cfg_dict, self.model_path, cfg.learner.resources, cfg.learner.world_size)
+        self.learner = LearnerGroup(self.cfg_dict, self.model_path, cfg.learner.resources, cfg.learner.world_size, self.probe)
         self.infos["learner"] = self.learner.infos
 
     def _start_workers(self) -> None:
@@ -233,9 +253,10 @@ class Driver:
             # A new generation worker loads the newest weights before it serves anything.
             await actor.sync.remote(self.published_version)
 
+        engine_path = self._engine_model_path()
         self.pools: dict[str, ActorPool] = {
             "generation": pool(
-                "generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(cfg_dict, self.model_path, i),
+                "generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(cfg_dict, engine_path, i),
                 load_newest_weights,
             ),
             "reward": pool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
@@ -257,6 +278,14 @@ class Driver:
             name=controller_name(cfg.name), namespace=NAMESPACE, get_if_exists=False
         ).remote()
         ray.get(self.controller.report_sizes.remote(self.pool_sizes()))
+
+    def _engine_model_path(self) -> str:
+        """What generation engines start from: the model folder, or with int8 rollouts an int8
+        checkpoint of the published version's int8 variant (written once; workers then sync)."""
+        if self.cfg.generation.quantization != "int8":
+            return self.model_path
+        quantized = self.store.load(self.published_version, variant="int8")
+        return str(write_int8_model_dir(self.model_path, quantized, self.run_dir / ENGINE_INT8_DIR))
 
     def _on_restart(self, pool_name: str, dead: str, new: str) -> None:
         """Count a restart and keep the scrape targets current (the pool replaced the worker)."""
@@ -360,7 +389,8 @@ class Driver:
             self._changed.notify_all()
 
     async def _process(self, prompts: list[Prompt], key: int, timeline: int) -> None:
-        _, rollouts = await self.pools["generation"].call("generate", prompts, self.published_version)
+        _, (rollouts, probe_reports) = await self.pools["generation"].call("generate", prompts, self.published_version)
+        self._record_probes(probe_reports)
         answers = {p.prompt_id: p.answer for p in prompts}
         scoring = [self.pools["reward"].call("score", rollouts, answers)]
         if "reference" in self.pools:
@@ -391,6 +421,20 @@ class Driver:
                     self.worker_of[r.sample_id] = r.worker
             self.labels.of(m.BUFFER_DEPTH).set(self.buffer.depth)
             self._changed.notify_all()
+
+    def _record_probes(self, reports: list[dict]) -> None:
+        """Log each worker's post-sync probe mismatch (probes.jsonl) and alert when it jumps."""
+        for report in reports:
+            report["alert"] = self.mismatch_alarm.observe(report["k3"])
+            if report["alert"]:
+                self.labels.of(m.MISMATCH_ALERTS).inc()
+                log.warning(
+                    "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
+                    report["worker"], report["version"], report["k3"], report["max_abs_diff"],
+                    statistics.median(self.mismatch_alarm.history[:-1]),
+                )
+            with open(self.run_dir / "probes.jsonl", "a") as fh:
+                fh.write(json.dumps(report) + "\n")
 
     # ---- consumer ------------------------------------------------------------------------
     async def _take(self, step: int) -> list[ScoredSample]:
@@ -594,6 +638,10 @@ class Driver:
         self.labels.of(m.TRAIN_ENTROPY).set(stats.get("policy/entropy", 0.0))
         self.labels.of(m.TRAIN_CLIP).set(stats.get("policy/clip_frac", 0.0))
         self.labels.of(m.CORRECTION_ESS).set(stats.get("correction/ess", 1.0))
+        self.labels.of(m.CORRECTION_MISMATCH_K1).set(stats.get("correction/mismatch_k1", 0.0))
+        self.labels.of(m.CORRECTION_MISMATCH_K3).set(stats.get("correction/mismatch_k3", 0.0))
+        self.labels.of(m.CORRECTION_TRUNCATED).set(stats.get("correction/frac_truncated", 0.0))
+        self.labels.of(m.CORRECTION_MASKED).set(stats.get("correction/frac_masked", 0.0))
         return row
 
     # ---- the job -------------------------------------------------------------------------

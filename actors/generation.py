@@ -10,6 +10,7 @@ import ray
 from actors._common import actor_setup, metrics_target
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.weights import WeightIntegrityError, WeightStore
@@ -24,13 +25,18 @@ class GenerationWorker:
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "generation", self.name)
         self.metrics_target = metrics_target(cfg.metrics.bind_address, self.metrics_port)
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
+        # With int8 rollouts the engine loads the store's int8 variant, derived once per version
+        # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
+        self.variant = "int8" if cfg.generation.quantization == "int8" else None
         self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index, name=self.name)
         self.labels.of(m.GENERATION_VERSION).set(0)
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.refused: set[tuple[int, str]] = set()
+        self.probe_reports: list[dict] = []  # handed to the driver with the next `generate` result
 
     def info(self) -> dict:
-        return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid()}
+        return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid(),
+                "variant": self.variant or "full"}
 
     def sync(self, min_version: int = 0) -> int:
         """Load the store's newest version unless the engine holds it already; returns the version held.
@@ -51,7 +57,8 @@ class GenerationWorker:
         except FileNotFoundError:
             return self.sync(min_version)  # retention removed it after a newer one landed: take that
         try:
-            weights = self.store.load(latest)
+            weights = self.store.load(latest, variant=self.variant)
+            probe = self.store.read_file(latest, PROBE_FILE)
         except WeightIntegrityError as exc:
             self.labels.of(m.WEIGHTS_REFUSED).inc()
             print(f"{self.name}: refused weight version {latest}: {exc}; keeping version {self.engine.version}", flush=True)
@@ -61,13 +68,28 @@ class GenerationWorker:
             self.store.release(latest, self.name)
         self.engine.load_weights(latest, weights.items())
         self.loaded = identity
-        self.labels.of(m.WEIGHTS_SYNC_SECONDS).observe(time.perf_counter() - start)
-        self.labels.of(m.WEIGHTS_SYNC_BYTES).inc(sum(t.numel() * t.element_size() for t in weights.values()))
+        seconds = time.perf_counter() - start
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        self.labels.of(m.WEIGHTS_SYNC_SECONDS).observe(seconds)
+        self.labels.of(m.WEIGHTS_SYNC_BYTES).inc(nbytes)
         self.labels.of(m.GENERATION_VERSION).set(latest)
+        if probe is not None:
+            self._score_probe(latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]})
         return latest
 
-    def generate(self, prompts: list[Prompt], min_version: int) -> list[Rollout]:
-        """`n` rollouts per prompt with weights of version >= `min_version`."""
+    def _score_probe(self, version: int, text: str, sync: dict) -> None:
+        """Score the version's probe with the engine and compare with the learner's log-probs."""
+        probe, learner_logprobs = parse_probe_file(text)
+        engine_logprobs = self.engine.logprobs_of_many(probe.prompt_ids, probe.response_ids)
+        report = {"worker": self.name, "pid": os.getpid(), "version": version, "variant": self.variant or "full",
+                  **sync, **mismatch(learner_logprobs, engine_logprobs)}
+        self.labels.of(m.PROBE_MISMATCH_K3).set(report["k3"])
+        self.labels.of(m.PROBE_MAX_DIFF).set(report["max_abs_diff"])
+        self.probe_reports.append(report)
+
+    def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
+        """`n` rollouts per prompt with weights of version >= `min_version`, and the probe reports
+        of the syncs since the last call."""
         self.sync(min_version)
         gauge = self.labels.of(m.GENERATION_IN_FLIGHT)
         gauge.inc(len(prompts))
@@ -76,7 +98,8 @@ class GenerationWorker:
         finally:
             gauge.dec(len(prompts))
         self.labels.of(m.GENERATION_TOKENS).inc(stats.tokens)
-        return rollouts
+        reports, self.probe_reports = self.probe_reports, []
+        return rollouts, reports
 
     def evaluate(self, prompts: list[Prompt], min_version: int) -> list[Rollout]:
         """One greedy response per prompt with weights of version >= `min_version` (held-out evaluation)."""

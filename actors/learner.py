@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from concurrent.futures import Future
+from functools import partial
 
 import ray
 import torch
@@ -16,6 +17,8 @@ from actors._common import actor_setup, limit_threads, metrics_target
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster import metrics as m
 from rlhf_cluster.config import ResourcesConfig
+from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
+from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
 
@@ -53,10 +56,17 @@ def learner_rank_options(res: ResourcesConfig, group, rank: int) -> dict:
 class LearnerRank:
     """One rank of the learner group; rank 0 also publishes versions to the weight store."""
 
-    def __init__(self, cfg_dict: dict, model_path: str, rank: int, world_size: int):
+    def __init__(self, cfg_dict: dict, model_path: str, rank: int, world_size: int, probe: Probe | None = None):
         self.cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "learner", f"rank{rank}")
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
-        self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep) if rank == 0 else None
+        self.probe = probe
+        self.store = None
+        if rank == 0:
+            # The int8 rollout variant is derived here, once per version, for every generation worker.
+            variants = {}
+            if self.cfg.generation.quantization == "int8":
+                variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.model.dtype))
+            self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
         self.checkpoint_write: Future | None = None
         self.learner: FSDP2Learner | None = None
@@ -83,16 +93,23 @@ class LearnerRank:
         }
 
     def publish(self, version: int) -> None:
-        """Collective: gather the full state dict; rank 0 queues it for the store and returns."""
+        """Collective: gather the full state dict (and score the mismatch probe); rank 0 queues
+        both for the store and returns."""
         state = self.learner.full_state_dict()
+        files = {}
+        if self.probe is not None:
+            logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
+            files[PROBE_FILE] = probe_file(self.probe, logprobs)
         if self.rank == 0:
-            self.pending[version] = self.store.publish_async(version, state)
+            self.pending[version] = self.store.publish_async(version, state, files)
 
     def wait_published(self, version: int) -> dict:
-        """Block until `version` is durable in the store (rank 0); returns write time and bytes."""
-        self.pending.pop(version).result()
+        """Block until `version` is durable in the store (rank 0); returns write times and bytes."""
+        stats = self.pending.pop(version).result()
         self.labels.of(m.LEARNER_VERSION).set(version)
-        return {"seconds": self.store.last_publish_seconds, "bytes": self.store.last_publish_bytes}
+        for variant, seconds in stats["variant_seconds"].items():
+            self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=variant).observe(seconds)
+        return stats
 
     def train(self, batch: TrainBatch, version: int, kl_coef: float) -> dict[str, float]:
         """One learner step on this rank's share, then publish the result as `version`."""
@@ -130,11 +147,13 @@ class LearnerRank:
 class LearnerGroup:
     """The learner's ranks as one unit: gang-placed, set up together, replaced together."""
 
-    def __init__(self, cfg_dict: dict, model_path: str, res: ResourcesConfig, world_size: int):
+    def __init__(self, cfg_dict: dict, model_path: str, res: ResourcesConfig, world_size: int, probe: Probe | None = None):
         self.world_size = world_size
         self.placement = learner_placement_group(res, world_size)
         self.ranks = [
-            LearnerRank.options(**learner_rank_options(res, self.placement, r)).remote(cfg_dict, model_path, r, world_size)
+            LearnerRank.options(**learner_rank_options(res, self.placement, r)).remote(
+                cfg_dict, model_path, r, world_size, probe
+            )
             for r in range(world_size)
         ]
         addr, port = ray.get(self.ranks[0].address.remote())

@@ -103,13 +103,29 @@ class ResourcesConfig(_Strict):
     custom: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {generation_node: 1}.")
 
 
+class ProbeConfig(_Strict):
+    """Fixed sequences each generation worker scores after every weight sync.
+
+    The learner publishes its fp32 log-probs of the probe with each version; the worker compares
+    the engine's log-probs of the same tokens, so rollout/learner mismatch (INT8 weights, kernel
+    changes, a bad reload) shows per version, before it shows in training.
+    """
+
+    sequences: int = Field(8, ge=0, description="Probe sequences (0 turns the probe off).")
+    alert_factor: float = Field(4.0, gt=1, description="Alert when a version's probe k3 exceeds this multiple of the median so far...")
+    alert_floor: float = Field(1e-3, ge=0, description="...and this absolute k3 (so fp32 noise near zero never alerts).")
+
+
 class GenerationConfig(_Strict):
     """The generation pool: vLLM engines in Ray actors."""
 
     replicas: int = Field(1, ge=1, description="Generation workers.")
     prompts_per_request: int = Field(4, ge=1, description="Prompt groups sent to a worker in one request.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
-    quantization: Literal["none"] = Field("none", description="Rollout weight quantization.")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations)."
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Mismatch probe after each weight sync.")
     max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
     kv_cache_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")

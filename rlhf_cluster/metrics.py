@@ -31,6 +31,18 @@ TRAIN_REWARD = Gauge("rlhf_train_reward_mean", "Mean reward of the step's batch.
 TRAIN_ENTROPY = Gauge("rlhf_train_entropy", "Mean token entropy.", LABELS)
 TRAIN_CLIP = Gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.", LABELS)
 CORRECTION_ESS = Gauge("rlhf_correction_ess", "Effective sample size of the importance weights.", LABELS)
+# The step's learner-vs-rollout mismatch (delta = log pi_prox - log pi_roll over the batch's tokens).
+CORRECTION_MISMATCH_K1 = Gauge("rlhf_correction_mismatch_k1", "k1 mismatch KL(pi_roll || pi_prox) of the step's batch.", LABELS)
+CORRECTION_MISMATCH_K3 = Gauge("rlhf_correction_mismatch_k3", "k3 mismatch KL(pi_roll || pi_prox) of the step's batch.", LABELS)
+CORRECTION_TRUNCATED = Gauge("rlhf_correction_truncated_fraction", "Tokens whose TIS weight hit the cap.", LABELS)
+CORRECTION_MASKED = Gauge("rlhf_correction_masked_fraction", "Tokens (or sequences) MIS removed from the loss.", LABELS)
+# Set by each generation worker after a weight sync (generation.probe); the driver counts jumps.
+PROBE_MISMATCH_K3 = Gauge("rlhf_generation_probe_mismatch_k3", "k3 of engine vs learner log-probs on the probe, newest version.", LABELS)
+PROBE_MAX_DIFF = Gauge("rlhf_generation_probe_logprob_diff_max", "Largest |engine - learner| log-prob on the probe, newest version.", LABELS)
+MISMATCH_ALERTS = Counter("rlhf_generation_mismatch_alerts_total", "Versions whose probe mismatch jumped (generation.probe).", LABELS)
+WEIGHTS_VARIANT_SECONDS = Histogram(
+    "rlhf_weights_variant_seconds", "Time to derive and write a weight variant (e.g. int8), once per version.", LABELS + ("variant",)
+)
 BAD_STEPS = Counter("rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.", LABELS)
 CHECKPOINT_FAILURES = Counter("rlhf_checkpoint_failures_total", "Checkpoints that could not be written.", LABELS)
 LEARNER_VERSION = Gauge("rlhf_learner_weight_version", "Newest published weight version.", LABELS)

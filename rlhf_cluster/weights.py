@@ -4,6 +4,8 @@ Layout under the store root::
 
     v00000003/model-00000.safetensors ...   shards
     v00000003/manifest.json                 version, tensors (name -> dtype, shape, shard), sha256 per shard
+    v00000003/probe.json ...                small files published with the version (sha256 in the manifest)
+    v00000003/int8/manifest.json + shards   a derived variant (int8 rollout weights), made once per version
     v00000003/readers/<reader>              leases: retention never deletes a version a reader holds
     LATEST                                  the newest complete version number
 
@@ -21,6 +23,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,10 +41,15 @@ class WeightIntegrityError(RuntimeError):
 class WeightStore:
     """Publishes and serves policy weight versions (filesystem transport)."""
 
-    def __init__(self, root: str | Path, keep: int = 3):
+    def __init__(self, root: str | Path, keep: int = 3,
+                 variants: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] | None = None):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        # name -> function deriving that variant's tensors from the full-precision state dict.
+        self.variants = dict(variants or {})
+        self.last_variant_seconds: dict[str, float] = {}
+        self.last_variant_bytes: dict[str, int] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-store")
         self.last_publish_seconds = 0.0
         self.last_publish_bytes = 0
@@ -54,55 +62,33 @@ class WeightStore:
         return self.root / self.version_dir_name(version)
 
     # ---- writing -------------------------------------------------------------------------
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor]) -> Path:
-        """Write `version` durably and point LATEST at it. Blocks; see `publish_async`."""
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None) -> Path:
+        """Write `version` durably and point LATEST at it. Blocks; see `publish_async`.
+
+        Each of the store's `variants` (e.g. int8 rollout weights) is derived here, once per
+        version, and written under ``<version>/<variant>/`` with its own manifest and checksums.
+        `files` are small text files stored beside the shards (their sha256 in the manifest).
+        """
         start = time.perf_counter()
         final = self.version_dir(version)
         if final.exists():
             raise FileExistsError(f"weight store {self.root}: version {version} already exists")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
+        created_at = dt.datetime.now(dt.timezone.utc).isoformat()
         try:
-            tensors, shards, size, total = {}, {}, 0, 0
-            current: dict[str, torch.Tensor] = {}
-
-            def flush() -> None:
-                nonlocal current, size
-                if not current:
-                    return
-                name = f"model-{len(shards):05d}.safetensors"
-                save_file(current, str(tmp / name), metadata={"version": str(version)})
-                with open(tmp / name, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                shards[name] = sha256_file(tmp / name)
-                current, size = {}, 0
-
-            storages: set[int] = set()
-            for key, tensor in state_dict.items():
-                t = tensor.detach().to("cpu").contiguous()
-                # safetensors refuses tensors sharing memory (tied embeddings): store a copy.
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in storages:
-                    t = t.clone()
-                storages.add(t.untyped_storage().data_ptr())
-                nbytes = t.numel() * t.element_size()
-                if current and size + nbytes > SHARD_BYTES:
-                    flush()
-                current[key] = t
-                size += nbytes
-                total += nbytes
-                tensors[key] = {
-                    "dtype": str(t.dtype).removeprefix("torch."),
-                    "shape": list(t.shape),
-                    "shard": f"model-{len(shards):05d}.safetensors",
-                }
-            flush()
-            manifest = {
-                "version": version,
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                "total_bytes": total,
-                "tensors": tensors,
-                "shards": shards,
-            }
+            manifest = _write_shards(tmp, version, state_dict, created_at)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
+                manifest.setdefault("files", {})[name] = sha256_file(tmp / name)
+            self.last_variant_seconds, self.last_variant_bytes = {}, {}
+            for variant, derive in self.variants.items():
+                begun = time.perf_counter()
+                (tmp / variant).mkdir()
+                derived = _write_shards(tmp / variant, version, derive(state_dict), created_at, variant=variant)
+                write_atomic(tmp / variant / MANIFEST, json.dumps(derived, indent=1))
+                self.last_variant_seconds[variant] = time.perf_counter() - begun
+                self.last_variant_bytes[variant] = derived["total_bytes"]
+            manifest["variants"] = sorted(self.variants)
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             (tmp / "readers").mkdir()
             fsync_path(tmp)
@@ -115,17 +101,25 @@ class WeightStore:
         if latest is None or version > latest:
             write_atomic(self.root / "LATEST", str(version))
         self.last_publish_seconds = time.perf_counter() - start
-        self.last_publish_bytes = total
+        self.last_publish_bytes = manifest["total_bytes"]
         self._apply_retention()
         return final
 
-    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor]) -> Future:
+    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None) -> Future:
         """Queue `publish` on the store's writer thread so the learner's next step can start.
 
         Versions are written in order; the caller must not mutate `state_dict` afterwards
-        (the learner hands over a freshly gathered CPU copy).
+        (the learner hands over a freshly gathered CPU copy). The future's result is the
+        version's write statistics (seconds and bytes, per variant too).
         """
-        return self._writer.submit(self.publish, version, state_dict)
+
+        def write() -> dict:
+            path = self.publish(version, state_dict, files)
+            # The writer thread is serial: these are this version's figures.
+            return {"path": str(path), "seconds": self.last_publish_seconds, "bytes": self.last_publish_bytes,
+                    "variant_seconds": dict(self.last_variant_seconds), "variant_bytes": dict(self.last_variant_bytes)}
+
+        return self._writer.submit(write)
 
     def _apply_retention(self) -> None:
         versions = self.versions()
@@ -171,16 +165,28 @@ class WeightStore:
                 out.append(int(entry.name[1:]))
         return sorted(out)
 
-    def manifest(self, version: int) -> dict:
-        path = self.version_dir(version) / MANIFEST
+    def manifest(self, version: int, variant: str | None = None) -> dict:
+        """The manifest of `version` (or of its `variant`, e.g. ``int8``)."""
+        path = self.version_dir(version) / (variant or "") / MANIFEST
         if not path.is_file():
-            raise FileNotFoundError(f"weight store {self.root}: version {version} has no manifest")
+            what = f"variant {variant!r}" if variant else "manifest"
+            raise FileNotFoundError(f"weight store {self.root}: version {version} has no {what}")
         return json.loads(path.read_text())
 
-    def load(self, version: int, verify: bool = True) -> dict[str, torch.Tensor]:
-        """All tensors of `version`; with `verify`, every shard's sha256 is checked first."""
-        directory = self.version_dir(version)
-        manifest = self.manifest(version)
+    def read_file(self, version: int, name: str) -> str | None:
+        """A text file published with `version` (None if it has none); its sha256 is checked."""
+        digest = self.manifest(version).get("files", {}).get(name)
+        if digest is None:
+            return None
+        path = self.version_dir(version) / name
+        if sha256_file(path) != digest:
+            raise WeightIntegrityError(f"version {version}: {name} sha256 does not match the manifest")
+        return path.read_text()
+
+    def load(self, version: int, verify: bool = True, variant: str | None = None) -> dict[str, torch.Tensor]:
+        """All tensors of `version` (or of its `variant`); with `verify`, every shard's sha256 is checked first."""
+        directory = self.version_dir(version) / (variant or "")
+        manifest = self.manifest(version, variant)
         out: dict[str, torch.Tensor] = {}
         for shard, digest in manifest["shards"].items():
             path = directory / shard
@@ -203,3 +209,46 @@ class WeightStore:
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+
+
+def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Tensor], created_at: str,
+                  variant: str | None = None) -> dict:
+    """Write `state_dict` as fsynced safetensors shards in `directory`; returns their manifest."""
+    tensors, shards, size, total = {}, {}, 0, 0
+    current: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        nonlocal current, size
+        if not current:
+            return
+        name = f"model-{len(shards):05d}.safetensors"
+        save_file(current, str(directory / name), metadata={"version": str(version)})
+        with open(directory / name, "rb+") as fh:
+            os.fsync(fh.fileno())
+        shards[name] = sha256_file(directory / name)
+        current, size = {}, 0
+
+    storages: set[int] = set()
+    for key, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing memory (tied embeddings): store a copy.
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            flush()
+        current[key] = t
+        size += nbytes
+        total += nbytes
+        tensors[key] = {
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "shard": f"model-{len(shards):05d}.safetensors",
+        }
+    flush()
+    manifest = {"version": version, "created_at": created_at, "total_bytes": total, "tensors": tensors, "shards": shards}
+    if variant is not None:
+        manifest["variant"] = variant
+    return manifest

@@ -19,6 +19,7 @@ import torch
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
 from rlhf_cluster.records import Rollout
 
 
@@ -56,7 +57,11 @@ class GenerationStats:
 
 
 class VLLMEngine:
-    """A vLLM `LLM` serving rollouts for one policy version at a time."""
+    """A vLLM `LLM` serving rollouts for one policy version at a time.
+
+    With `generation.quantization: int8`, `model_path` is an int8 start checkpoint
+    (`quantization.write_int8_model_dir`) and every push must be the store's int8 variant.
+    """
 
     def __init__(self, model_path: str, cfg: GenerationConfig, dtype: str = "float32", seed: int = 0, name: str = "gen0"):
         configure_vllm_environment(cfg)
@@ -78,6 +83,15 @@ class VLLMEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+        # What a push must look like: the tensors of the checkpoint the engine was built from.
+        self.spec = checkpoint_spec(model_path)
+        tied = bool(self.llm.llm_engine.model_config.hf_config.get_text_config().tie_word_embeddings)
+        self.optional_tensors = frozenset({"lm_head.weight"} if tied else ())
+        self.quantized = any(dtype == torch.int8 for dtype, _ in self.spec.values())
+        if self.quantized:
+            kernels = sum(self.llm.collective_rpc(keep_int8_scales_alive))
+            if kernels == 0 and not torch.cuda.is_available():
+                raise RuntimeError(f"{name}: {model_path} holds int8 weights but vLLM built no CPU int8 kernel")
 
     def generate(
         self, prompts: list[Prompt], n: int | None = None, greedy: bool = False
@@ -124,21 +138,33 @@ class VLLMEngine:
 
     def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's log-probs of a fixed response (prompt log-probs of the joined sequence)."""
+        return self.logprobs_of_many([prompt_ids], [response_ids])[0]
+
+    def logprobs_of_many(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
+        """`logprobs_of` for several sequences in one engine call (temperature 1)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        out = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids + response_ids), params, use_tqdm=False)[0]
-        seq = prompt_ids + response_ids
-        return [out.prompt_logprobs[i][seq[i]].logprob for i in range(len(prompt_ids), len(seq))]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)], params, use_tqdm=False
+        )
+        result = []
+        for p, r, out in zip(prompts, responses, outputs):
+            seq = p + r
+            result.append([out.prompt_logprobs[i][seq[i]].logprob for i in range(len(p), len(seq))])
+        return result
 
     def load_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Reload weights in place (same engine), then drop the prefix cache.
 
-        Without the reset, prompts longer than one KV block would reuse attention state
-        computed with the old weights.
+        The push is checked against the engine's tensor layout first (`WeightSpecError` if it
+        does not fit). Without the cache reset, prompts longer than one KV block would reuse
+        attention state computed with the old weights.
         """
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        weights = list(weights)
+        check_push(self.spec, weights, self.name, self.optional_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()
         self.version = version
 

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.modeling import load_causal_lm, response_logprobs
-from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.records import TrainBatch, pad_sequences
 
 
 def _device() -> torch.device:
@@ -174,6 +174,19 @@ class FSDP2Learner:
         return out
 
     # ---- weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Collective (every rank runs the same forward): fp32 log-probs of fixed sequences at
+        temperature 1, what an engine holding the same weights should report for them."""
+        input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompt_ids, response_ids)
+        self.model.eval()
+        logp, _ = response_logprobs(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device), T
+        )
+        self.model.train()
+        logp = logp.float().cpu()
+        return [logp[i, : len(r)].tolist() for i, r in enumerate(response_ids)]
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the full (unsharded) CPU state dict on rank 0, empty on other ranks."""
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,200 @@
+"""INT8 rollout weights: W8A8 in the compressed-tensors layout vLLM loads.
+
+Every linear layer of the decoder blocks gets per-output-channel symmetric int8 weights with a
+float32 ``weight_scale`` of shape ``[out, 1]`` (``w ~= weight * weight_scale``); activations are
+quantized per token at run time by the engine. Embeddings, norms, biases and ``lm_head`` stay in
+floating point: the output projection decides the sampled token and is the most sensitive layer.
+
+The same function produces the engine's start checkpoint (a Hugging Face folder with a
+``quantization_config``) and each published version's int8 variant, so the tensors a running
+engine receives always have the names, dtypes and shapes it was built with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# The projections of Llama/Qwen2-style decoder blocks (vLLM fuses them into qkv_proj and
+# gate_up_proj at load time and accepts the unfused names).
+QUANTIZED_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+INT8_MAX = 127
+
+
+class WeightSpecError(ValueError):
+    """Tensors pushed into an engine do not match the names, dtypes or shapes it was built with."""
+
+
+def is_quantized_weight(name: str, tensor: torch.Tensor) -> bool:
+    """True for the 2-D weight of a decoder-block projection (the tensors W8A8 quantizes)."""
+    parts = name.split(".")
+    return tensor.ndim == 2 and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED_MODULES
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: returns ``(q [out, in] int8, scale [out, 1] float32)``."""
+    w = weight.detach().to(torch.float32)
+    # An all-zero row would give scale 0 and 0/0 below; any positive scale represents it exactly.
+    scale = (w.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], float_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The W8A8 variant of a full-precision state dict; unquantized tensors are cast to `float_dtype`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if is_quantized_weight(name, tensor):
+            q, scale = quantize_weight(tensor)
+            out[name] = q
+            out[name.removesuffix("weight") + "weight_scale"] = scale
+        else:
+            out[name] = tensor.detach().to("cpu", float_dtype).contiguous()
+    return out
+
+
+def dequantize_state_dict(quantized: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Back to float32 (``q * scale``): what the engine's weights represent, for error measurement."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in quantized.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale = quantized.get(name + "_scale")
+        out[name] = tensor.float() * scale if scale is not None else tensor.float()
+    return out
+
+
+def quantization_config() -> dict:
+    """The ``quantization_config`` block of config.json for the W8A8 scheme above."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+                "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+            }
+        },
+    }
+
+
+def write_int8_model_dir(model_path: str | Path, quantized: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """An engine start checkpoint: `model_path`'s config (plus `quantization_config`) and tokenizer
+    with the int8 tensors. Written under a temp name and renamed, so it is complete or absent."""
+    src, target = Path(model_path), Path(out_dir)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for entry in src.iterdir():
+            if entry.is_file() and not entry.name.endswith((".safetensors", ".bin")) and entry.name != "model.safetensors.index.json":
+                shutil.copy2(entry, tmp / entry.name)
+        config = json.loads((src / "config.json").read_text())
+        config["quantization_config"] = quantization_config()
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        save_file(dict(quantized), str(tmp / "model.safetensors"))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; same content
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def checkpoint_spec(model_path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor in a Hugging Face folder's safetensors files."""
+    spec: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                spec[name] = (_safetensors_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+    if not spec:
+        raise FileNotFoundError(f"{model_path}: no .safetensors files to read the engine's tensor layout from")
+    return spec
+
+
+def check_push(spec: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], tensors: Iterable[tuple[str, torch.Tensor]],
+               engine: str = "engine", optional: frozenset[str] = frozenset()) -> None:
+    """Refuse a push that does not fit the engine: a missing, unknown, mis-shaped or mistyped tensor.
+
+    vLLM accepts float tensors into an int8 engine silently and then generates garbage, so this
+    check runs before anything reaches the engine. A float tensor may go into a float slot of
+    another width (the engine casts); integer slots need exactly their dtype. `optional` names
+    tensors a push may carry that the engine's checkpoint lacks (a tied ``lm_head.weight``).
+    """
+    seen: set[str] = set()
+    problems: list[str] = []
+    for name, tensor in tensors:
+        seen.add(name)
+        expected = spec.get(name)
+        if expected is None:
+            if name not in optional:
+                problems.append(f"{name}: not a tensor of this engine")
+            continue
+        dtype, shape = expected
+        fits = tensor.dtype.is_floating_point and dtype.is_floating_point or tensor.dtype == dtype
+        if not fits or tuple(tensor.shape) != shape:
+            problems.append(
+                f"{name}: got {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
+                f"expected {str(dtype).removeprefix('torch.')} {list(shape)}"
+            )
+    missing = sorted(set(spec) - seen)
+    if missing:
+        problems.append(f"{len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
+    if problems:
+        quantized = any(dtype == torch.int8 for dtype, _ in spec.values())
+        hint = " (this engine runs int8 weights: push the store's int8 variant)" if quantized else ""
+        raise WeightSpecError(f"{engine}: refused weight push{hint}: " + "; ".join(problems[:5]))
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _safetensors_dtype(code: str) -> torch.dtype:
+    return _ST_DTYPES[code]
+
+
+def keep_int8_scales_alive(worker) -> int:
+    """Run in the engine's worker (``collective_rpc``): make every CPU int8 kernel hold the scale
+    tensor its oneDNN handler was built from.
+
+    The handler keeps a raw pointer to ``weight_scale``; an in-place reload replaces that
+    parameter and frees the tensor, after which every output is NaN. Wrapping the build step
+    so the kernel keeps a Python reference fixes it for every later reload. Returns the number
+    of int8 kernels found (0 on engines without int8 layers, or on GPU kernels, which copy).
+    """
+    from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUInt8ScaledMMLinearKernel
+
+    if not getattr(CPUInt8ScaledMMLinearKernel, "_rlhf_keeps_scale", False):
+        build = CPUInt8ScaledMMLinearKernel.process_weights_for_onednn
+
+        def process_weights_for_onednn(self, layer):
+            build(self, layer)
+            self._scale_keepalive = getattr(layer, self.layer_param_names[1])
+
+        CPUInt8ScaledMMLinearKernel.process_weights_for_onednn = process_weights_for_onednn
+        CPUInt8ScaledMMLinearKernel._rlhf_keeps_scale = True
+    kernels = 0
+    for module in worker.model_runner.model.modules():
+        kernel = getattr(getattr(module, "scheme", None), "kernel", None)
+        if isinstance(kernel, CPUInt8ScaledMMLinearKernel):
+            kernels += 1
+    return kernels
