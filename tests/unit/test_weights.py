@@ -1,5 +1,6 @@
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,8 +160,8 @@ def test_older_version_does_not_move_latest(store):
 
 def test_publish_async_in_order(store):
     futures = [store.publish_async(v, _state(v)) for v in range(5)]
-    paths = [f.result(timeout=30) for f in futures]
-    assert [p.name for p in paths] == [f"v{v:08d}" for v in range(5)]
+    stats = [f.result(timeout=30) for f in futures]
+    assert [Path(x["path"]).name for x in stats] == [f"v{v:08d}" for v in range(5)]
     assert store.latest_version() == 4
     assert store.versions() == [2, 3, 4]
     assert _hidden(store) == []
@@ -170,7 +171,7 @@ def test_publish_async_propagates_errors(store):
     fut = store.publish_async(0, {"bad": [1, 2, 3]})
     with pytest.raises(Exception):
         fut.result(timeout=30)
-    assert store.publish_async(1, _state(1)).result(timeout=30).is_dir()
+    assert Path(store.publish_async(1, _state(1)).result(timeout=30)["path"]).is_dir()
 
 
 def test_failed_publish_leaves_nothing(store):
@@ -202,3 +203,58 @@ def test_publish_tied_tensors(store):
     loaded = store.load(0)
     assert torch.equal(loaded["embed_tokens.weight"], w)
     assert torch.equal(loaded["lm_head.weight"], w)
+
+
+def _counting_variant(calls: list[int]):
+    def derive(state):
+        calls.append(1)
+        return {k: (v.to(torch.int8) if v.is_floating_point() else v) for k, v in state.items()}
+    return derive
+
+
+def test_variant_is_derived_once_per_version_and_shared_by_readers(tmp_path):
+    calls: list[int] = []
+    store = WeightStore(tmp_path / "store", keep=5, variants={"int8": _counting_variant(calls)})
+    for v in range(3):
+        store.publish(v, _state(v))
+    # Two readers (generation workers) load every version's variant: nothing is derived again.
+    readers = [WeightStore(tmp_path / "store") for _ in range(2)]
+    loaded = [[r.load(v, variant="int8") for v in range(3)] for r in readers]
+    assert len(calls) == 3
+    for v in range(3):
+        assert all(torch.equal(loaded[0][v][k], loaded[1][v][k]) for k in loaded[0][v])
+        assert loaded[0][v]["layer.0.weight"].dtype == torch.int8
+        variant = store.manifest(v, "int8")
+        assert variant["variant"] == "int8" and variant["version"] == v
+        assert variant["created_at"] == store.manifest(v)["created_at"]
+        assert store.manifest(v)["variants"] == ["int8"]
+        # Its own checksums, over its own shards.
+        for shard, digest in variant["shards"].items():
+            assert hashlib.sha256((store.version_dir(v) / "int8" / shard).read_bytes()).hexdigest() == digest
+    # The variant is smaller than the full-precision version it came from.
+    assert store.manifest(2, "int8")["total_bytes"] < store.manifest(2)["total_bytes"]
+    store.close()
+
+
+def test_corrupt_variant_shard_is_refused(tmp_path):
+    store = WeightStore(tmp_path / "store", variants={"int8": _counting_variant([])})
+    store.publish(0, _state(0))
+    shard = store.version_dir(0) / "int8" / "model-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(WeightIntegrityError, match="sha256"):
+        store.load(0, variant="int8")
+    store.load(0)  # the full-precision tensors are untouched
+    with pytest.raises(FileNotFoundError, match="variant 'bf16'"):
+        store.load(0, variant="bf16")
+    store.close()
+
+
+def test_files_published_with_a_version_are_checksummed(store):
+    store.publish(0, _state(0), files={"probe.json": '{"a": 1}'})
+    assert store.read_file(0, "probe.json") == '{"a": 1}'
+    assert store.read_file(0, "other.json") is None
+    (store.version_dir(0) / "probe.json").write_text('{"a": 2}')
+    with pytest.raises(WeightIntegrityError, match="probe.json"):
+        store.read_file(0, "probe.json")
