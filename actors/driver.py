@@ -135,6 +135,7 @@ class Driver:
         self.probe = build_job_probe(cfg, self.model_path, self.prompts)
         self.mismatch_alarm = MismatchAlarm(cfg.generation.probe.alert_factor, cfg.generation.probe.alert_floor)
         self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")
+        self.labels.of(m.MISMATCH_ALERTS)  # exported at 0 from the start, so dashboards and rate() see it
         self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         self.worker_of: dict[str, str] = {}
