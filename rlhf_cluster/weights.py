@@ -16,6 +16,7 @@ A version is written under a temp name, fsynced, renamed into place, and only th
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+import safetensors.torch
 
 from rlhf_cluster.fileio import fsync_path, sha256_file, write_atomic
 
@@ -192,9 +193,11 @@ class WeightStore:
             path = directory / shard
             if not path.is_file():
                 raise WeightIntegrityError(f"version {version}: shard {shard} is missing")
-            if verify and sha256_file(path) != digest:
+            # One read serves both the checksum and the tensors.
+            data = path.read_bytes()
+            if verify and hashlib.sha256(data).hexdigest() != digest:
                 raise WeightIntegrityError(f"version {version}: shard {shard} sha256 does not match the manifest")
-            out.update(load_file(str(path)))
+            out.update(safetensors.torch.load(data))
         expected = set(manifest["tensors"])
         if set(out) != expected:
             raise WeightIntegrityError(f"version {version}: tensors differ from the manifest: {sorted(expected ^ set(out))[:5]}")
@@ -222,10 +225,14 @@ def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Ten
         if not current:
             return
         name = f"model-{len(shards):05d}.safetensors"
-        save_file(current, str(directory / name), metadata={"version": str(version)})
-        with open(directory / name, "rb+") as fh:
+        # Serialise once in memory: the checksum comes from the bytes being written, not from
+        # reading the file back (which doubled the store's I/O).
+        data = safetensors.torch.save(current, metadata={"version": str(version)})
+        with open(directory / name, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
-        shards[name] = sha256_file(directory / name)
+        shards[name] = hashlib.sha256(data).hexdigest()
         current, size = {}, 0
 
     storages: set[int] = set()

@@ -96,10 +96,14 @@ class FSDP2Learner:
         mask = b.response_mask
         B = mask.shape[0]
         self.model.train()
-        # π_prox: the current weights' log-probs before any update, the PPO denominator.
-        with torch.no_grad():
-            prox, _ = self._logprobs(b, slice(None), with_entropy=False)
-        correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
+        # π_prox: the current weights' log-probs before any update, the PPO denominator. With one
+        # epoch of one mini-batch the training forward runs on exactly those weights, so its
+        # detached log-probs are π_prox and the separate no-grad forward is skipped.
+        single_pass = lc.ppo_epochs == 1 and lc.mini_batches == 1
+        if not single_pass:
+            with torch.no_grad():
+                prox, _ = self._logprobs(b, slice(None), with_entropy=False)
+            correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
 
         bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
         sums: dict[str, float] = {}
@@ -112,6 +116,9 @@ class FSDP2Learner:
                 local_tokens, local_seqs = float(m.sum()), float((m.sum(-1) > 0).sum())
                 global_tokens, global_seqs = self._all_reduce([local_tokens, local_seqs])
                 logprobs, ent = self._logprobs(b, rows, with_entropy=True)
+                if single_pass:
+                    prox = logprobs.detach()
+                    correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
                 # max(.., 1): a mini-batch whose tokens were all filtered out (overlong
                 # filtering) contributes a zero loss rather than NaN.
                 loss, metrics = self.objective.loss(
