@@ -87,6 +87,8 @@ def _dry_run(cfg: JobConfig, address: str | None) -> None:
     total, largest = _capacity(address, cfg)
     problems += check_capacity(plan, total, largest)
     typer.echo(format_plan(plan))
+    for warning in cfg.warnings():
+        typer.echo(f"warning: {warning}", err=True)
     if problems:
         for problem in problems:
             typer.echo(f"error: {problem}", err=True)

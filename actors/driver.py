@@ -129,9 +129,8 @@ class Driver:
                 self.model_path, self.prompts, cfg.model.warmup_steps, cfg.model.warmup_lr, cfg.model.warmup_batch_size,
                 cfg.seed, progress=_warmup_progress(cfg.model.warmup_steps, cfg.train.progress),
             ))
-        if cfg.generation.quantization == "int8" and not cfg.algorithm.correction.enabled:
-            log.warning("generation.quantization=int8 with algorithm.correction.enabled=false: rollouts from int8 "
-                        "weights are trained on without importance correction; expect a biased gradient")
+        for warning in cfg.warnings():
+            log.warning(warning)
         self.probe = build_job_probe(cfg, self.model_path, self.prompts)
         self.mismatch_alarm = MismatchAlarm(cfg.generation.probe.alert_factor, cfg.generation.probe.alert_floor)
         self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")

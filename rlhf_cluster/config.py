@@ -371,6 +371,16 @@ class JobConfig(_Strict):
             )
         return self
 
+    def warnings(self) -> list[str]:
+        """Settings that are allowed but usually a mistake; the driver logs them, `--dry-run` prints them."""
+        out = []
+        if self.generation.quantization == "int8" and not self.algorithm.correction.enabled:
+            out.append(
+                "generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
+                "are trained on without importance correction, so the gradient carries the quantization mismatch"
+            )
+        return out
+
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.generation.sampling.n

@@ -224,3 +224,19 @@ def test_overlong_buffer_must_fit_max_new_tokens():
     with pytest.raises(ConfigError, match=r"algorithm\.shaping\.overlong_buffer"):
         load_config(None, ["algorithm.shaping.overlong_buffer=16", "generation.sampling.max_new_tokens=16"])
     load_config(None, ["algorithm.shaping.overlong_buffer=15", "generation.sampling.max_new_tokens=16"])
+
+
+def test_int8_rollouts_keep_correction_on_by_default_and_warn_when_it_is_off():
+    cfg = load_config(None, ["generation.quantization=int8"])
+    assert cfg.algorithm.correction.enabled and cfg.algorithm.correction.mode == "truncate"
+    assert cfg.algorithm.correction.level == "token" and cfg.algorithm.correction.cap == 2.0
+    assert cfg.warnings() == []
+    off = load_config(None, ["generation.quantization=int8", "algorithm.correction.enabled=false"])
+    [warning] = off.warnings()
+    assert "generation.quantization=int8" in warning and "algorithm.correction.enabled=false" in warning
+    assert load_config(None, ["algorithm.correction.enabled=false"]).warnings() == []
+
+
+def test_unknown_quantization_names_the_field():
+    with pytest.raises(ConfigError, match=r"generation.quantization: .*'none' or 'int8'.*\(got 'fp8'\)"):
+        load_config(None, ["generation.quantization=fp8"])
