@@ -124,6 +124,11 @@ def train(
         typer.echo(
             f"held-out accuracy (greedy, verifier): before {result.accuracy_before:.3f}, after {result.accuracy_after:.3f}"
         )
+    if result.sampled_accuracy_before is not None:
+        typer.echo(
+            f"held-out accuracy ({cfg.data.eval_samples} samples per prompt, verifier): "
+            f"before {result.sampled_accuracy_before:.3f}, after {result.sampled_accuracy_after:.3f}"
+        )
     typer.echo(
         f"done: {len(result.rows)} steps, weight version {result.final_version}, "
         f"final reward {last['reward_mean']:.3f}; metrics in {result.run_dir}/metrics.jsonl"

@@ -68,6 +68,8 @@ class JobResult:
     final_version: int = 0
     accuracy_before: float | None = None  # held-out accuracy (greedy, verifier) before training
     accuracy_after: float | None = None
+    sampled_accuracy_before: float | None = None  # mean verifier correctness of data.eval_samples samples per prompt
+    sampled_accuracy_after: float | None = None
     run_dir: str = ""
 
 
@@ -532,14 +534,21 @@ class Driver:
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
         self.buffer.save(self.run_dir / "buffer.arrow")
 
-    async def evaluate(self) -> float | None:
-        """Held-out accuracy of the newest published weights: greedy answers judged by the verifier."""
+    async def evaluate(self, samples: int = 0) -> float | None:
+        """Held-out accuracy of the newest published weights, judged by the verifier: of greedy
+        answers, or with `samples` > 0 the mean over that many sampled answers per prompt."""
         if not self.eval_prompts:
             return None
-        _, rollouts = await self.pools["generation"].call("evaluate", self.eval_prompts, self.published_version)
+        _, rollouts = await self.pools["generation"].call("evaluate", self.eval_prompts, self.published_version, samples)
         answers = {p.prompt_id: p.answer for p in self.eval_prompts}
         _, scores = await self.pools["reward"].call("score", rollouts, answers)
         return statistics.fmean(components.get("correct", 0.0) for _, components in scores)
+
+    async def _evaluate_all(self) -> tuple[float | None, float | None]:
+        """Greedy and (if `data.eval_samples`) sampled held-out accuracy."""
+        greedy = await self.evaluate()
+        samples = self.cfg.data.eval_samples
+        return greedy, (await self.evaluate(samples) if samples and greedy is not None else None)
 
     def request_stop(self) -> None:
         """End the job after the step in progress (with a checkpoint); safe to call from any thread."""
@@ -648,15 +657,18 @@ class Driver:
     async def run(self) -> JobResult:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
         try:
-            self.result.accuracy_before = await self.evaluate()
+            self.result.accuracy_before, self.result.sampled_accuracy_before = await self._evaluate_all()
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(tg))
                 watcher = tg.create_task(self._watch_scaling())
                 tg.create_task(self._consume(tg, watcher))
-            self.result.accuracy_after = await self.evaluate()
+            self.result.accuracy_after, self.result.sampled_accuracy_after = await self._evaluate_all()
             if self.result.accuracy_before is not None:
                 evaluation = {"prompts": len(self.eval_prompts), "accuracy_before": self.result.accuracy_before,
-                              "accuracy_after": self.result.accuracy_after, "version_after": self.published_version}
+                              "accuracy_after": self.result.accuracy_after, "version_after": self.published_version,
+                              "samples_per_prompt": self.cfg.data.eval_samples,
+                              "sampled_accuracy_before": self.result.sampled_accuracy_before,
+                              "sampled_accuracy_after": self.result.sampled_accuracy_after}
                 (self.run_dir / "eval.json").write_text(json.dumps(evaluation))
         except BaseExceptionGroup as group:
             # Surface the first real cause rather than an ExceptionGroup wrapper.

@@ -101,10 +101,11 @@ class GenerationWorker:
         reports, self.probe_reports = self.probe_reports, []
         return rollouts, reports
 
-    def evaluate(self, prompts: list[Prompt], min_version: int) -> list[Rollout]:
-        """One greedy response per prompt with weights of version >= `min_version` (held-out evaluation)."""
+    def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
+        """Held-out evaluation with weights of version >= `min_version`: one greedy response per
+        prompt, or with `samples` > 0 that many sampled ones (training sampling settings)."""
         self.sync(min_version)
-        rollouts, _ = self.engine.generate(prompts, greedy=True)
+        rollouts, _ = self.engine.generate(prompts, n=samples or None, greedy=samples == 0)
         return rollouts
 
     def refused_versions(self) -> list[int]:

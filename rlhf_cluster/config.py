@@ -66,6 +66,10 @@ class DataConfig(_Strict):
     num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
     max_operand: int = Field(49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand.")
     eval_prompts: int = Field(64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train).")
+    eval_samples: int = Field(
+        8, ge=0, description="Held-out evaluation also samples this many responses per prompt at the training "
+        "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy only)."
+    )
     seed: int = Field(0, description="Seed for task generation and prompt order.")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
     reward_fn: str | None = Field(

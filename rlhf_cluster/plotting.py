@@ -31,10 +31,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
     ax = axes.flat[3]
-    ax.set_title("held-out accuracy (greedy, verifier)")
+    ax.set_title("held-out accuracy (verifier)")
     ax.set_xlabel("step")
     if evaluation is not None:
-        ax.plot([0, steps[-1] + 1], [evaluation["accuracy_before"], evaluation["accuracy_after"]], marker="o")
+        ends = [0, steps[-1] + 1]
+        ax.plot(ends, [evaluation["accuracy_before"], evaluation["accuracy_after"]], marker="o", label="greedy")
+        if evaluation.get("sampled_accuracy_before") is not None:
+            ax.plot(ends, [evaluation["sampled_accuracy_before"], evaluation["sampled_accuracy_after"]], marker="o",
+                    label=f"{evaluation['samples_per_prompt']} samples per prompt")
+        ax.legend()
         ax.set_ylim(0, 1)
     else:
         ax.text(0.5, 0.5, "no held-out evaluation in this run", ha="center", va="center", transform=ax.transAxes)

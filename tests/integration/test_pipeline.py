@@ -32,6 +32,9 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         evaluation = json.loads((driver.run_dir / "eval.json").read_text())
         assert evaluation["prompts"] == 16 and evaluation["version_after"] == steps
         assert 0.0 <= result.accuracy_before <= 1.0 and 0.0 <= result.accuracy_after <= 1.0
+        # ...and as the mean over data.eval_samples sampled answers per prompt.
+        assert evaluation["samples_per_prompt"] == cfg.data.eval_samples == 8
+        assert 0.0 <= evaluation["sampled_accuracy_before"] <= 1.0 and 0.0 <= evaluation["sampled_accuracy_after"] <= 1.0
 
         # Versions advance one per step, and the store's newest version is the last step's.
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
