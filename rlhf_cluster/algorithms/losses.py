@@ -1,4 +1,4 @@
-"""Policy (PPO / GRPO / DAPO / Dr.GRPO / GSPO), value, entropy and KL losses.
+"""Policy (PPO / GRPO / DAPO / Dr.GRPO / GSPO), value, entropy, KL, SFT and Bradley-Terry losses.
 
 Tensors are ``[B, T]`` over response tokens with a 0/1 ``mask``. Every loss returns
 ``(scalar, metrics)``; metrics are python floats over the local valid tokens, computed without grad.
@@ -158,4 +158,49 @@ def kl_loss(
     loss = masked_mean(kl, mask, denominator)
     with torch.no_grad():
         metrics = {"kl": masked_mean(kl.detach(), mask).item()}
+    return loss, metrics
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, denominator=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy on labelled positions (``labels == -100`` elsewhere).
+
+    Position ``t`` of ``logits`` predicts ``labels[t + 1]``. The loss is the summed NLL divided by
+    ``denominator`` (default: the local count of labelled tokens), so ranks and micro-batches
+    sharing one global token count add up to the whole batch's mean.
+    """
+    targets = labels[:, 1:]
+    valid = targets != -100
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    loss = masked_mean(nll, valid, denominator)
+    with torch.no_grad():
+        tokens = int(valid.sum())
+        correct = (logp.argmax(-1) == targets) & valid
+        metrics = {"nll": masked_mean(nll, valid).item(), "tokens": float(tokens),
+                   "token_accuracy": correct.sum().item() / max(tokens, 1)}
+    return loss, metrics
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float | None = None, denominator=None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pairwise reward-model loss ``-log sigmoid(r_chosen - r_rejected - margin)`` summed over pairs
+    and divided by ``denominator`` (default: the number of pairs).
+
+    Metrics: ``accuracy`` (share of pairs with ``r_chosen > r_rejected``), ``reward_gap`` (mean
+    ``r_chosen - r_rejected``), ``chosen_mean``, ``rejected_mean``.
+    """
+    gap = chosen - rejected
+    shifted = gap - margin if margin is not None else gap
+    per_pair = -torch.nn.functional.logsigmoid(shifted)
+    if denominator is None:
+        denominator = max(per_pair.numel(), 1)
+    loss = per_pair.sum() / denominator
+    with torch.no_grad():
+        metrics = {
+            "accuracy": (gap > 0).float().mean().item(),
+            "reward_gap": gap.mean().item(),
+            "chosen_mean": chosen.mean().item(),
+            "rejected_mean": rejected.mean().item(),
+        }
     return loss, metrics

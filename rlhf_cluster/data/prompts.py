@@ -31,10 +31,11 @@ class Prompt:
 PROMPT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
-def _read_table(file: Path) -> pa.Table:
+def read_table(file: Path, what: str = "prompt file") -> pa.Table:
+    """A .parquet or .jsonl file as an Arrow table; errors start with `what` and the file name."""
     if file.suffix not in PROMPT_SUFFIXES:
         raise ValueError(
-            f"prompt file {file}: expected a .parquet or .jsonl file (one JSON object per line), got suffix {file.suffix!r}"
+            f"{what} {file}: expected a .parquet or .jsonl file (one JSON object per line), got suffix {file.suffix!r}"
         )
     try:
         if file.suffix == ".parquet":
@@ -44,7 +45,7 @@ def _read_table(file: Path) -> pa.Table:
         # ArrowInvalid covers corrupt/truncated parquet and JSON parse errors; OSError covers
         # unreadable files (permissions, a directory, I/O errors).
         kind = "parquet" if file.suffix == ".parquet" else "JSON Lines (one JSON object per line, same keys and types on every line)"
-        raise ValueError(f"prompt file {file} could not be read as {kind}: {exc}") from exc
+        raise ValueError(f"{what} {file} could not be read as {kind}: {exc}") from exc
 
 
 def read_prompt_file(path: str | Path) -> list[Prompt]:
@@ -60,7 +61,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
         raise ValueError(f"prompt file {file} is not a regular file (a directory?); expected a .parquet or .jsonl file")
     if file.stat().st_size == 0:
         raise ValueError(f"prompt file {file} is empty (0 bytes): expected rows with columns prompt_id, prompt")
-    table = _read_table(file)
+    table = read_table(file)
     if table.num_rows == 0 and not table.column_names:  # a jsonl file of blank lines
         raise ValueError(f"prompt file {file} has no rows: expected rows with columns prompt_id, prompt")
     missing = [c for c in ("prompt_id", "prompt") if c not in table.column_names]

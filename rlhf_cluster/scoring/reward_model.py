@@ -1,0 +1,98 @@
+"""A reward model: a causal-LM backbone with a scalar head read at the last valid token.
+
+The last valid token is found from the attention mask (lengths), never from token ids, and
+position ids are rebuilt from the mask, so the same text scores the same under left or right
+padding. Saved as a Hugging Face folder (the backbone) plus ``reward_head.safetensors`` and
+``reward_model.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+HEAD_FILE = "reward_head.safetensors"
+MARKER_FILE = "reward_model.json"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last position with mask 1 (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(-1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting only valid tokens (0 at each row's first real token)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class RewardModel(torch.nn.Module):
+    """Backbone (``AutoModel``, no LM head) + ``Linear(hidden, 1)``; `forward` returns one score per row."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def from_lm(cls, path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> "RewardModel":
+        """A new reward model initialised from a causal LM (or another reward model's backbone)."""
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(path, dtype=dtype)
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(backbone.config.hidden_size, 1, dtype=dtype)
+        # A small head keeps initial scores near 0, so early pairwise losses are ~log 2.
+        torch.nn.init.normal_(head.weight, std=1.0 / (backbone.config.hidden_size + 1))
+        torch.nn.init.zeros_(head.bias)
+        return cls(backbone, head)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "RewardModel":
+        """Load a reward model saved by `save_pretrained`; errors name the folder and what is missing."""
+        from transformers import AutoModel
+
+        folder = Path(path)
+        if not (folder / MARKER_FILE).is_file() or not (folder / HEAD_FILE).is_file():
+            raise FileNotFoundError(
+                f"reward model {folder}: expected {MARKER_FILE} and {HEAD_FILE} (a folder written by `rlhf-cluster train-rm`)"
+            )
+        backbone = AutoModel.from_pretrained(folder, dtype=dtype)
+        head_state = load_file(str(folder / HEAD_FILE))
+        head = torch.nn.Linear(backbone.config.hidden_size, 1, dtype=dtype)
+        head.load_state_dict({k: v.to(dtype) for k, v in head_state.items()})
+        return cls(backbone, head)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        last = last_token_index(attention_mask)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(picked).squeeze(-1).float()
+
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
+        """Write backbone, head and marker under a temp name, then rename: complete or absent."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_FILE))
+            (tmp / MARKER_FILE).write_text(json.dumps({"head": HEAD_FILE, "score": "last valid token"}))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
