@@ -36,3 +36,26 @@ def limit_threads(share: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, share)))
+
+
+def rendezvous_address() -> tuple[str, int]:
+    """This node's IP and a free port, for a torch.distributed group's rank 0 to host the rendezvous."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int) -> None:
+    """Join the group (gloo on CPU, nccl on CUDA); every rank calls it at once."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)

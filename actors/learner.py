@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from concurrent.futures import Future
 from functools import partial
 
@@ -11,9 +10,8 @@ import ray
 import torch
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-import torch.distributed as dist
 
-from actors._common import actor_setup, limit_threads, metrics_target
+from actors._common import actor_setup, join_process_group, limit_threads, metrics_target, rendezvous_address
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster import metrics as m
 from rlhf_cluster.config import ResourcesConfig
@@ -74,17 +72,11 @@ class LearnerRank:
 
     def address(self) -> tuple[str, int]:
         """Host and a free port for the process group's rendezvous (asked of rank 0)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        return rendezvous_address()
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(0)
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        join_process_group(master_addr, master_port, self.rank, self.world_size)
         self.learner = FSDP2Learner(self.cfg, self.model_path)
         return {
             "name": f"rank{self.rank}",

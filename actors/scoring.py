@@ -1,4 +1,4 @@
-"""Scoring pool actors: rule-based rewards and the frozen reference model."""
+"""Scoring pool actors: rule-based rewards with frozen reward models, and the frozen reference model."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from actors._common import actor_setup, limit_threads, metrics_target
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
-from rlhf_cluster.scoring.rewards import RuleReward
+from rlhf_cluster.scoring.reward_model import FrozenRewardModels
+from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
 
 
 @ray.remote
 class RewardWorker:
-    """Applies the custom reward function (`data.reward_fn`) or the task's verifier to responses.
+    """Applies the custom reward function (`data.reward_fn`) or the task's verifier to responses,
+    combined with frozen reward models (`scoring.reward_models`) when the job has any.
 
     Samples whose custom reward failed come back with reward 0.0 and
     `reward_components["reward_failed"] = 1.0`; `stats()` has this worker's running counts.
@@ -24,6 +26,12 @@ class RewardWorker:
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
         self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
         self.reward = RuleReward(cfg.data.task, reward_fn=cfg.data.reward_fn)
+        self.scoring = cfg.scoring
+        self.models = None
+        if cfg.scoring.reward_models:
+            limit_threads(2)
+            self.models = FrozenRewardModels(cfg.scoring.reward_models, getattr(torch, cfg.model.dtype),
+                                             cfg.scoring.max_tokens_per_batch, cfg.scoring.quantization)
 
     def info(self) -> dict:
         return self.info_
@@ -32,7 +40,12 @@ class RewardWorker:
         return {"scored": self.reward.scored, "failed": self.reward.failed}
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
+        """(reward, components) per rollout: the rule reward, plus the reward models' when configured."""
         out = self.reward.score(rollouts, answers)
+        if self.models is not None:
+            s = self.scoring
+            out = combine_rewards(out, self.models.score(rollouts), rule_weight=s.rule_weight,
+                                  model_weight=s.reward_model_weight, combine=s.reward_model_combine)
         self.labels.of(m.SCORING_SAMPLES).inc(len(out))
         return out
 
@@ -46,7 +59,9 @@ class ReferenceWorker:
         self.info_ = {"name": f"ref{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
         limit_threads(2)
         dtype = getattr(torch, cfg.model.dtype)
-        self.model = ReferenceModel(model_path, dtype, temperature=cfg.generation.sampling.temperature)
+        self.model = ReferenceModel(model_path, dtype, temperature=cfg.generation.sampling.temperature,
+                                    max_tokens_per_batch=cfg.scoring.max_tokens_per_batch,
+                                    quantization=cfg.scoring.quantization)
 
     def info(self) -> dict:
         return self.info_

@@ -143,6 +143,14 @@ class ScoringConfig(_Strict):
     reward_replicas: int = Field(1, ge=1, description="RewardWorker actors.")
     reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
     reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
+    reward_models: list[RewardModelSpec] = Field(default_factory=list, description="Frozen reward models (an ensemble).")
+    reward_model_combine: Literal["mean", "min"] = Field("mean", description="How the ensemble's scores become one.")
+    reward_model_weight: float = Field(1.0, ge=0, description="Weight of the reward-model score in the reward.")
+    rule_weight: float = Field(1.0, ge=0, description="Weight of the verifier / custom reward (0: reward models only).")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
+    )
+    max_tokens_per_batch: int = Field(8192, ge=16, description="Token budget of one frozen-model forward (padded tokens).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
 
 
@@ -325,6 +333,41 @@ class ClusterConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance (default: all).")
 
 
+class StageConfig(_Strict):
+    """A supervised stage on FSDP2 ranks: `rlhf-cluster sft` (section `sft`) or
+    `rlhf-cluster train-rm` (section `reward_model`)."""
+
+    path: str | None = Field(
+        None, description="Data file (.parquet/.jsonl). sft: prompt + response, or messages (chat template applied). "
+        "reward_model: prompt, chosen, rejected (optional margin). Empty: examples generated from the built-in task."
+    )
+    num_examples: int = Field(2048, ge=1, description="Built-in task: training examples generated (train pairs only).")
+    eval_examples: int = Field(64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`.")
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    world_size: int = Field(1, ge=1, description="FSDP2 ranks.")
+    margin: float = Field(0.0, ge=0, description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`).")
+    output: str | None = Field(None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model).")
+    seed: int = Field(0, description="Seed of data order and initialisation.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "StageConfig":
+        if self.batch_size % self.world_size:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by world_size={self.world_size}")
+        return self
+
+
+class RewardModelSpec(_Strict):
+    """A frozen reward model served by the reward workers."""
+
+    path: str = Field(..., description="Folder written by `rlhf-cluster train-rm` (backbone, head, tokenizer).")
+    name: str = Field("rm", description="Name in reward_components (`rm/<name>`).")
+
+
 class JobConfig(_Strict):
     """A whole job. Load it with `load_config`."""
 
@@ -344,6 +387,8 @@ class JobConfig(_Strict):
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")
+    reward_model: StageConfig | None = Field(None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
@@ -388,6 +433,11 @@ class JobConfig(_Strict):
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.generation.sampling.n
+
+    def stage_output(self, stage: str) -> Path:
+        """Where the `sft` or `reward_model` stage writes its model folder."""
+        section = getattr(self, stage)
+        return Path((section.output if section is not None else None) or Path(self.run_dir) / stage).expanduser()
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -35,3 +35,28 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
     tmp.replace(path)
     fsync_path(path.parent)
+
+
+def write_dir_atomic(target: str | Path, write) -> Path:
+    """Build a folder with `write(tmp_dir)` under a temp name beside `target`, then put it in place.
+
+    A crash leaves the old `target` (or none), never a half-written one; an old `target` is
+    replaced.
+    """
+    import shutil
+    import tempfile
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            doomed = target.with_name(f".{target.name}.old.{os.getpid()}")
+            target.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -101,6 +101,23 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
     return out
 
 
+def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive index batches whose padded size (rows x longest) stays within `max_tokens`
+    (a single longer item still gets a batch of its own)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, length in enumerate(lengths):
+        if current and max(longest, length) * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, length)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def pad_sequences(
     prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

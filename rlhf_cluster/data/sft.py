@@ -120,3 +120,16 @@ def collate(examples: list[SFTExample], pad_id: int = 0, padding_side: str = "ri
         labels[i, cols] = torch.tensor(e.labels)
         mask[i, cols] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def plain_parts(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """The built-in task's own format (what RL prompts and rollouts look like): prompt ids, and
+    response ids + EOS, tokenised apart as the RL pipeline sees them."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_plain(tokenizer, prompt: str, response: str) -> SFTExample:
+    """`plain_parts` with the response (and its EOS) labelled."""
+    prompt_ids, response_ids = plain_parts(tokenizer, prompt, response)
+    return SFTExample(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids)

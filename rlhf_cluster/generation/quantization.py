@@ -198,3 +198,45 @@ def keep_int8_scales_alive(worker) -> int:
         if isinstance(kernel, CPUInt8ScaledMMLinearKernel):
             kernels += 1
     return kernels
+
+
+class Int8Linear(torch.nn.Module):
+    """The same W8A8 scheme for frozen models outside vLLM (reference and reward models): int8
+    weights per output channel, activations quantized per token at run time, int8 x int8 -> int32
+    matmul (`torch._int_mm`), rescaled to the input's dtype."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        q, scale = quantize_weight(linear.weight)
+        self.register_buffer("weight_t", q.t())  # [in, out] view of the [out, in] int8 weight
+        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).float()
+        x_scale = (flat.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        x_q = torch.round(flat / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        if x_q.is_cuda and x_q.shape[0] <= 16:
+            # CUDA's int8 matmul needs more than 16 rows.
+            x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - x_q.shape[0]))
+        out = torch._int_mm(x_q, self.weight_t)[: flat.shape[0]].float() * x_scale * self.weight_scale
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+def quantize_linears(model: torch.nn.Module) -> int:
+    """Swap the decoder-block projections of a frozen model for `Int8Linear` in place; returns how many.
+
+    Embeddings, the LM head and a reward model's scalar head stay in floating point, as in the
+    rollout engines.
+    """
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and name in QUANTIZED_MODULES:
+                setattr(parent, name, Int8Linear(child))
+                swapped += 1
+    return swapped

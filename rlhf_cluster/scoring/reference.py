@@ -1,37 +1,33 @@
-"""Frozen reference model: per-token log-probs of responses for the KL term."""
+"""Frozen reference model: per-token log-probs of responses for the KL term (optionally on int8 weights)."""
 
 from __future__ import annotations
 
 import torch
 
+from rlhf_cluster.generation.quantization import quantize_linears
 from rlhf_cluster.modeling import load_causal_lm, response_logprobs
-from rlhf_cluster.records import Rollout, pad_sequences
+from rlhf_cluster.records import Rollout, pad_sequences, token_budget_batches
 
 
 class ReferenceModel:
     """A frozen causal LM scoring responses in batches of at most `max_tokens_per_batch` tokens."""
 
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, temperature: float = 1.0,
-                 max_tokens_per_batch: int = 8192):
+                 max_tokens_per_batch: int = 8192, quantization: str = "none"):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_causal_lm(model_path, dtype, self.device).eval().requires_grad_(False)
+        if quantization == "int8":
+            quantize_linears(self.model)
         self.temperature = temperature
         self.max_tokens_per_batch = max_tokens_per_batch
 
     @torch.no_grad()
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
         """Reference log-probs of every rollout's response tokens."""
+        lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
         out: list[list[float]] = []
-        batch: list[Rollout] = []
-        longest = 0
-        for r in rollouts + [None]:
-            length = 0 if r is None else len(r.prompt_ids) + len(r.response_ids)
-            if batch and (r is None or max(longest, length) * (len(batch) + 1) > self.max_tokens_per_batch):
-                out.extend(self._score(batch))
-                batch, longest = [], 0
-            if r is not None:
-                batch.append(r)
-                longest = max(longest, length)
+        for idx in token_budget_batches(lengths, self.max_tokens_per_batch):
+            out.extend(self._score([rollouts[i] for i in idx]))
         return out
 
     def _score(self, batch: list[Rollout]) -> list[list[float]]:

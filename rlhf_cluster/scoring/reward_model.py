@@ -9,13 +9,14 @@ padding. Saved as a Hugging Face folder (the backbone) plus ``reward_head.safete
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from rlhf_cluster.fileio import write_dir_atomic
+from rlhf_cluster.generation.quantization import quantize_linears
+from rlhf_cluster.records import token_budget_batches
 
 HEAD_FILE = "reward_head.safetensors"
 MARKER_FILE = "reward_model.json"
@@ -79,20 +80,48 @@ class RewardModel(torch.nn.Module):
         return self.head(picked).squeeze(-1).float()
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
-        """Write backbone, head and marker under a temp name, then rename: complete or absent."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        """Write backbone, head, marker (and tokenizer) as one folder, complete or absent."""
+
+        def write(tmp: Path) -> None:
             self.backbone.save_pretrained(tmp, safe_serialization=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_FILE))
             (tmp / MARKER_FILE).write_text(json.dumps({"head": HEAD_FILE, "score": "last valid token"}))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+
+        return write_dir_atomic(path, write)
+
+
+class FrozenRewardModels:
+    """The reward models a reward worker serves: frozen, optionally on int8 weights, scoring rollouts
+    (prompt ids + response ids, as generated) in batches of at most `max_tokens_per_batch` padded tokens."""
+
+    def __init__(self, specs: list, dtype: torch.dtype = torch.float32, max_tokens_per_batch: int = 8192,
+                 quantization: str = "none"):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.models: dict[str, RewardModel] = {}
+        for spec in specs:
+            if spec.name in self.models:
+                raise ValueError(f"scoring.reward_models: the name {spec.name!r} is used twice")
+            model = RewardModel.from_pretrained(spec.path, dtype).to(self.device).eval().requires_grad_(False)
+            if quantization == "int8":
+                quantize_linears(model)
+            self.models[spec.name] = model
+
+    @torch.no_grad()
+    def score(self, rollouts: list) -> dict[str, list[float]]:
+        """Per model name, one score per rollout."""
+        sequences = [list(r.prompt_ids) + list(r.response_ids) for r in rollouts]
+        out: dict[str, list[float]] = {name: [] for name in self.models}
+        for idx in token_budget_batches([len(s) for s in sequences], self.max_tokens_per_batch):
+            batch = [sequences[i] for i in idx]
+            width = max(len(s) for s in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(batch):
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+            for name, model in self.models.items():
+                out[name].extend(model(ids.to(self.device), mask.to(self.device)).cpu().tolist())
+        return out

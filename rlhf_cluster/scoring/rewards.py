@@ -154,3 +154,32 @@ class RuleReward:
                 f"first failure: {first_failure}"
             )
         return out
+
+
+def combine_rewards(
+    rule: list[tuple[float, dict[str, float]]],
+    model_scores: dict[str, list[float]],
+    *,
+    rule_weight: float = 1.0,
+    model_weight: float = 1.0,
+    combine: str = "mean",
+) -> list[tuple[float, dict[str, float]]]:
+    """One reward per sample from the rule reward (verifier or custom function) and reward models.
+
+    ``reward = rule_weight * rule + model_weight * ensemble``, where the ensemble is the mean or
+    min of the models' scores. Every part is recorded in the components: the rule's own
+    components, ``rule``, ``rm/<name>`` per model and ``rm`` for the ensemble.
+    """
+    if combine not in ("mean", "min"):
+        raise ValueError(f"combine must be 'mean' or 'min', got {combine!r}")
+    out = []
+    for i, (rule_reward, components) in enumerate(rule):
+        components = {**components, "rule": rule_reward}
+        reward = rule_weight * rule_reward
+        if model_scores:
+            scores = {name: values[i] for name, values in model_scores.items()}
+            ensemble = min(scores.values()) if combine == "min" else sum(scores.values()) / len(scores)
+            components.update({f"rm/{name}": s for name, s in scores.items()}, rm=ensemble)
+            reward += model_weight * ensemble
+        out.append((reward, components))
+    return out

@@ -1,0 +1,145 @@
+"""Supervised stages on FSDP2 ranks: SFT of a causal LM, Bradley-Terry training of a reward model.
+
+One `SupervisedTrainer` per rank; the caller has initialised `torch.distributed`. Every rank gets
+its share of the step's examples, and the loss denominator (labelled tokens for SFT, pairs for the
+reward model) is all-reduced first, so the ranks' summed gradients are the whole batch's. FSDP2
+averages gradients over ranks, hence the loss is scaled by the world size (as in the RL learner).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from rlhf_cluster.algorithms import bradley_terry_loss, sft_loss
+from rlhf_cluster.config import StageConfig
+from rlhf_cluster.data.sft import IGNORE_INDEX, SFTExample, collate
+from rlhf_cluster.fileio import write_dir_atomic
+from rlhf_cluster.modeling import load_causal_lm
+from rlhf_cluster.scoring.reward_model import RewardModel
+
+KINDS = ("sft", "reward_model")
+
+
+class SupervisedTrainer:
+    """One FSDP2 rank of `rlhf-cluster sft` (kind ``sft``) or `rlhf-cluster train-rm` (kind ``reward_model``)."""
+
+    def __init__(self, kind: str, model_path: str, stage: StageConfig, pad_id: int = 0):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if not dist.is_initialized():
+            raise RuntimeError("SupervisedTrainer needs torch.distributed initialised by the caller")
+        self.kind, self.stage, self.pad_id = kind, stage, pad_id
+        self.world_size = dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        torch.manual_seed(stage.seed)
+        if kind == "sft":
+            model = load_causal_lm(model_path, torch.float32, self.device)
+            layers = model.model.layers
+        else:
+            model = RewardModel.from_lm(model_path, seed=stage.seed).to(self.device)
+            layers = model.backbone.layers
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+
+    def _sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _update(self, loss: torch.Tensor) -> float:
+        (loss * self.world_size).backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage.max_grad_norm).full_tensor())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _batch(self, examples: list[SFTExample]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+
+    # ---- SFT -----------------------------------------------------------------------------------
+    def _sft_forward(self, examples: list[SFTExample], denominator: float):
+        b = self._batch(examples)
+        logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        return sft_loss(logits, b["labels"], denominator=denominator)
+
+    def sft_step(self, examples: list[SFTExample]) -> dict[str, float]:
+        """One optimizer step on this rank's examples; the token mean is over all ranks' labelled tokens."""
+        self.model.train()
+        local = float(sum(lab != IGNORE_INDEX for e in examples for lab in e.labels[1:]))
+        [tokens] = self._sum([local])
+        loss, metrics = self._sft_forward(examples, max(tokens, 1.0))
+        norm = self._update(loss)
+        loss_sum, correct = self._sum([float(loss.detach()), metrics["token_accuracy"] * metrics["tokens"]])
+        return {"loss": loss_sum, "token_accuracy": correct / max(tokens, 1.0), "tokens": tokens, "grad_norm": norm}
+
+    @torch.no_grad()
+    def sft_evaluate(self, examples: list[SFTExample]) -> dict[str, float]:
+        """Held-out NLL per labelled token and next-token accuracy (collective)."""
+        self.model.eval()
+        _, metrics = self._sft_forward(examples, 1.0)
+        nll, correct, tokens = self._sum([metrics["nll"] * metrics["tokens"], metrics["token_accuracy"] * metrics["tokens"],
+                                          metrics["tokens"]])
+        return {"eval_nll": nll / max(tokens, 1.0), "eval_token_accuracy": correct / max(tokens, 1.0)}
+
+    # ---- reward model --------------------------------------------------------------------------
+    def _scores(self, sequences: list[list[int]]) -> torch.Tensor:
+        b = self._batch([SFTExample(s, [IGNORE_INDEX] * len(s)) for s in sequences])
+        return self.model(b["input_ids"], b["attention_mask"])
+
+    def rm_step(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float]) -> dict[str, float]:
+        """One optimizer step on this rank's pairs (chosen and rejected in one forward)."""
+        self.model.train()
+        [pairs] = self._sum([float(len(chosen))])
+        scores = self._scores(chosen + rejected)
+        n = len(chosen)
+        margin = torch.tensor(margins, dtype=scores.dtype, device=scores.device) + self.stage.margin
+        loss, metrics = bradley_terry_loss(scores[:n], scores[n:], margin, denominator=pairs)
+        norm = self._update(loss)
+        loss_sum, right = self._sum([float(loss.detach()), metrics["accuracy"] * n])
+        return {"loss": loss_sum, "accuracy": right / pairs, "reward_gap": metrics["reward_gap"], "grad_norm": norm}
+
+    @torch.no_grad()
+    def rm_scores(self, sequences: list[list[int]]) -> list[float]:
+        """Scores of this rank's sequences (collective: every rank must call it, with any share)."""
+        self.model.eval()
+        return self._scores(sequences).tolist() if sequences else self._scores([[self.pad_id]])[:0].tolist()
+
+    # ---- output --------------------------------------------------------------------------------
+    def save(self, output: str | Path, tokenizer_path: str | Path, model_path: str | Path) -> str | None:
+        """Collective: gather the full weights; rank 0 writes the model folder (atomically)."""
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() != 0:
+            return None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        if self.kind == "sft":
+            model = load_causal_lm(model_path)
+            model.load_state_dict(state)
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+
+            return str(write_dir_atomic(output, write))
+        model = RewardModel.from_lm(model_path)
+        model.load_state_dict(state)
+        return str(model.save_pretrained(output, tokenizer))
+
+
+def length_correlation(scores: list[float], lengths: list[int]) -> float:
+    """Pearson correlation of reward with response length (0 when either is constant)."""
+    if len(scores) < 2 or len(set(lengths)) < 2 or len(set(scores)) < 2:
+        return 0.0
+    return statistics.correlation(scores, [float(x) for x in lengths])
