@@ -119,6 +119,10 @@ def train(
         result = run_job(cfg, resume)
     finally:
         ray.shutdown()
+    _print_result(cfg, result)
+
+
+def _print_result(cfg: JobConfig, result) -> None:
     last = result.rows[-1]
     if result.accuracy_before is not None:
         typer.echo(
@@ -133,6 +137,110 @@ def train(
         f"done: {len(result.rows)} steps, weight version {result.final_version}, "
         f"final reward {last['reward_mean']:.3f}; metrics in {result.run_dir}/metrics.jsonl"
     )
+
+
+def _base_model(cfg: JobConfig) -> str:
+    """The model the first stage starts from: `model.path`, or the tiny model built on first use."""
+    from rlhf_cluster.tiny_model import ensure_tiny_model
+    from rlhf_cluster.validation import validate_model_dir
+
+    if cfg.model.path is not None:
+        validate_model_dir(cfg.model.path)
+        return cfg.model.path
+    return str(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+
+
+def _stage_line(summary: dict) -> str:
+    if summary["stage"] == "sft":
+        detail = f"held-out NLL {summary.get('eval_nll', float('nan')):.3f}, token accuracy {summary.get('eval_token_accuracy', float('nan')):.3f}"
+    else:
+        detail = (f"held-out pairwise accuracy {summary.get('eval_pairwise_accuracy', float('nan')):.3f}, "
+                  f"reward/length correlation {summary.get('eval_length_correlation', float('nan')):+.3f}")
+    return f"{summary['stage']}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, {detail}; model in {summary['output']}"
+
+
+def _run_stage_command(config: Path, set_: list[str], address: str | None, kind: str, start_from_sft: bool) -> None:
+    import ray
+
+    from actors.supervised import run_stage
+
+    cfg = _load(config, set_)
+    if getattr(cfg, kind) is None:
+        typer.echo(f"error: {config} has no `{kind}` section (see configs/three_stage.yaml)", err=True)
+        raise typer.Exit(2)
+    sft_out = cfg.stage_output("sft")
+    base = str(sft_out) if start_from_sft and (sft_out / "config.json").is_file() else _base_model(cfg)
+    _connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
+    try:
+        summary = run_stage(cfg, kind, base, progress=cfg.train.progress)
+    finally:
+        ray.shutdown()
+    typer.echo(_stage_line(summary))
+
+
+@app.command()
+def sft(
+    config: Path = typer.Argument(..., help="YAML job config with an `sft` section."),
+    address: Optional[str] = typer.Option(None, help="Ray address; empty starts a local instance."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+) -> None:
+    """Supervised fine-tuning of the config's model on prompt/response data (loss on response tokens only)."""
+    _run_stage_command(config, set_, address, "sft", start_from_sft=False)
+
+
+@app.command("train-rm")
+def train_rm(
+    config: Path = typer.Argument(..., help="YAML job config with a `reward_model` section."),
+    address: Optional[str] = typer.Option(None, help="Ray address; empty starts a local instance."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+) -> None:
+    """Train a reward model (Bradley-Terry on preference pairs), starting from the SFT model if one was trained."""
+    _run_stage_command(config, set_, address, "reward_model", start_from_sft=True)
+
+
+@app.command()
+def pipeline(
+    config: Path = typer.Argument(REPO / "configs" / "three_stage.yaml", help="YAML job config with `sft` and `reward_model` sections."),
+    address: Optional[str] = typer.Option(None, help="Ray address; empty starts a local instance."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+) -> None:
+    """All three RLHF stages: SFT, a reward model, then RL against it; prints the verifier's accuracy after each."""
+    import ray
+
+    from actors.driver import run_job
+    from actors.supervised import run_stage
+    from rlhf_cluster.config import RewardModelSpec
+
+    cfg = _load(config, set_)
+    if cfg.sft is None or cfg.reward_model is None:
+        typer.echo(f"error: {config} needs both an `sft` and a `reward_model` section", err=True)
+        raise typer.Exit(2)
+    _connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
+    try:
+        sft_summary = run_stage(cfg, "sft", _base_model(cfg), progress=cfg.train.progress)
+        typer.echo(_stage_line(sft_summary))
+        rm_summary = run_stage(cfg, "reward_model", sft_summary["output"], progress=cfg.train.progress)
+        typer.echo(_stage_line(rm_summary))
+        # RL starts from the SFT policy (also the reference) and is rewarded by the trained reward model.
+        rl = cfg.model_copy(deep=True)
+        rl.model.path, rl.model.warmup_steps = sft_summary["output"], 0
+        if not rl.scoring.reward_models:
+            rl.scoring.reward_models = [RewardModelSpec(path=rm_summary["output"], name="rm")]
+        result = run_job(rl)
+    finally:
+        ray.shutdown()
+    _print_result(rl, result)
+    lines = [
+        ("after SFT (greedy, verifier)", result.accuracy_before),
+        ("after SFT (sampled, verifier)", result.sampled_accuracy_before),
+        ("reward model: held-out pairwise accuracy", rm_summary.get("eval_pairwise_accuracy")),
+        ("after RL against the reward model (greedy, verifier)", result.accuracy_after),
+        ("after RL against the reward model (sampled, verifier)", result.sampled_accuracy_after),
+    ]
+    typer.echo("three stages:")
+    for label, value in lines:
+        if value is not None:
+            typer.echo(f"  {label:<55} {value:.3f}")
 
 
 # ---- jobs on a cluster (Ray Jobs API) ---------------------------------------------------------

@@ -210,3 +210,19 @@ def test_no_reward_at_all_is_named():
         RuleReward(None)
     with pytest.raises(ValueError, match="unknown reward task"):
         RuleReward("poetry")
+
+
+def test_combine_rewards_weights_rule_and_reward_model_ensemble():
+    from rlhf_cluster.scoring.rewards import combine_rewards
+
+    rule = [(1.0, {"correct": 1.0}), (0.2, {"correct": 0.0})]
+    models = {"a": [0.5, -1.0], "b": [1.5, 0.0]}
+    mean = combine_rewards(rule, models, rule_weight=1.0, model_weight=0.5, combine="mean")
+    assert mean[0] == (1.0 + 0.5 * 1.0, {"correct": 1.0, "rule": 1.0, "rm/a": 0.5, "rm/b": 1.5, "rm": 1.0})
+    assert mean[1][0] == 0.2 + 0.5 * -0.5
+    low = combine_rewards(rule, models, rule_weight=0.0, model_weight=1.0, combine="min")
+    assert [r for r, _ in low] == [0.5, -1.0] and low[1][1]["rm"] == -1.0
+    assert low[1][1]["correct"] == 0.0, "the verifier's components are kept even with rule_weight 0"
+    assert combine_rewards(rule, {}) == [(1.0, {"correct": 1.0, "rule": 1.0}), (0.2, {"correct": 0.0, "rule": 0.2})]
+    with pytest.raises(ValueError, match="combine"):
+        combine_rewards(rule, models, combine="max")
