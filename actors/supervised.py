@@ -26,6 +26,8 @@ from rlhf_cluster.data.tasks import arithmetic_rows, held_out_pairs
 from rlhf_cluster.fileio import write_atomic
 from rlhf_cluster.learner.supervised import SupervisedTrainer, length_correlation
 
+EVAL_PAIRS_PER_PROMPT = 4
+
 
 @ray.remote
 class SupervisedRank:
@@ -82,8 +84,9 @@ def _rm_data(cfg: JobConfig, stage: StageConfig, tokenizer):
     else:
         d = cfg.data
         train = arithmetic_preference_pairs(stage.num_examples, d.seed, "train", d.max_operand)
+        # Every held-out prompt (up to eval_examples) with EVAL_PAIRS_PER_PROMPT wrong answers.
         evals = arithmetic_preference_pairs(min(stage.eval_examples, held_out_pairs(d.max_operand)), d.seed, "eval",
-                                            d.max_operand)
+                                            d.max_operand, per_prompt=EVAL_PAIRS_PER_PROMPT)
 
     def encode(pairs):
         out = []

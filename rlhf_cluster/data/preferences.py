@@ -51,21 +51,26 @@ def read_preference_file(path: str | Path) -> list[PreferencePair]:
     return pairs
 
 
-def arithmetic_preference_pairs(num: int, seed: int, split: str, max_operand: int) -> list[PreferencePair]:
-    """The correct sum over a wrong one, for prompts of `split` ("eval": held-out operand pairs only).
+def arithmetic_preference_pairs(num: int, seed: int, split: str, max_operand: int, per_prompt: int = 1) -> list[PreferencePair]:
+    """The correct sum over a wrong one, `per_prompt` pairs for each of `num` prompts of `split`
+    ("eval": held-out operand pairs only).
 
-    Half of the wrong answers are near misses (off by 1-3), half any other number in range, so
-    the model must read the operands, not just recognise a plausible number.
+    Half of the wrong answers are near misses (off by 1-3), half the sum of two other random
+    operands: drawn like correct answers, so their lengths match and length alone gives nothing away.
     """
     rng = random.Random(f"{seed}-preferences-{split}")
     pairs = []
     for row in arithmetic_rows(num, seed, split, max_operand):
         answer = int(row["answer"])
-        while True:
-            wrong = answer + rng.choice([-3, -2, -1, 1, 2, 3]) if rng.random() < 0.5 else rng.randint(0, 2 * max_operand)
-            if wrong != answer and wrong >= 0:
-                break
-        pairs.append(PreferencePair(row["prompt"], row["answer"], str(wrong)))
+        for _ in range(per_prompt):
+            while True:
+                if rng.random() < 0.5:
+                    wrong = answer + rng.choice([-3, -2, -1, 1, 2, 3])
+                else:
+                    wrong = rng.randint(0, max_operand) + rng.randint(0, max_operand)
+                if wrong != answer and wrong >= 0:
+                    break
+            pairs.append(PreferencePair(row["prompt"], row["answer"], str(wrong)))
     return pairs
 
 

@@ -16,9 +16,9 @@ from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
-# 30 held-out pairs (sums never trained on): chance is 0.5, and one pair is 0.033. The tiny RM
-# measured 0.93-1.0 after 150 steps; 0.7 is above chance by 6 pairs, far outside what a random
-# head does (0.5 +- 0.09 for 30 pairs), and low enough not to flake.
+# 120 held-out pairs (30 sums never trained on, 4 wrong answers each): chance is 0.5 with a standard
+# deviation of 0.046. The tiny RM measured 0.76 after 300 steps and 0.80 after 600 (the config's);
+# 0.7 is 4.4 standard deviations above chance and leaves room for run-to-run variation.
 MIN_PAIRWISE_ACCURACY = 0.7
 
 
@@ -30,7 +30,7 @@ def stages(ray_cluster, tmp_path_factory, model_cache):
     run_dir = tmp_path_factory.mktemp("three_stage")
     cfg = load_config("configs/three_stage.yaml", [
         f"run_dir={run_dir}", f"model.cache_dir={model_cache}", "train.progress=false",
-        "sft.steps=100", "reward_model.steps=150", "train.total_steps=4", "train.prompts_per_step=4",
+        "train.total_steps=4", "train.prompts_per_step=4",
         "generation.sampling.n=4", "checkpoint.every_steps=100",
     ])
     base = str(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
@@ -43,7 +43,7 @@ def test_sft_and_reward_model_train_on_fsdp2_ranks(stages):
     cfg, sft, rm = stages
     assert cfg.sft.world_size == cfg.reward_model.world_size == 2
     assert sft["final_loss"] < 0.5 * sft["first_loss"], sft
-    assert rm["eval_examples"] == 30
+    assert rm["eval_examples"] == 120
     assert rm["eval_pairwise_accuracy"] >= MIN_PAIRWISE_ACCURACY, rm
     assert rm["final_loss"] < rm["first_loss"], rm
     assert -1.0 <= rm["eval_length_correlation"] <= 1.0
