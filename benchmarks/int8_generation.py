@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-from _common import headline, machine_info, print_table, result_path, rotated, write_result
-from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
+from _common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
+from rlhf_cluster.config import GenerationConfig, SamplingConfig
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.probe import mismatch
 from rlhf_cluster.generation.quantization import quantize_state_dict, write_int8_model_dir
 from rlhf_cluster.modeling import load_causal_lm
-from rlhf_cluster.tiny_model import ensure_tiny_model
 from rlhf_cluster.weights import WeightStore
 
 HEAD_DIM = 64
@@ -62,12 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    heads = args.hidden // HEAD_DIM
-    shape = TinyModelConfig(
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=heads, num_kv_heads=max(1, heads // 4),
-        intermediate_size=args.intermediate, max_position_embeddings=256,
-    )
-    model_dir = ensure_tiny_model(shape, args.cache_dir)
+    shape, model_dir = random_model(args.hidden, args.layers, args.intermediate, args.cache_dir)
     model = load_causal_lm(model_dir)
     params = sum(p.numel() for p in model.parameters())
     state = model.state_dict()

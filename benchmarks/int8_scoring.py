@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-from _common import headline, machine_info, print_table, result_path, rotated, write_result
-from rlhf_cluster.config import RewardModelSpec, TinyModelConfig
+from _common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
+from rlhf_cluster.config import RewardModelSpec
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels, RewardModel
-from rlhf_cluster.tiny_model import ensure_tiny_model
 
 VARIANTS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8")}
 
@@ -49,10 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    heads = args.hidden // 64
-    shape = TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
-                            num_kv_heads=max(1, heads // 4), intermediate_size=args.intermediate, max_position_embeddings=256)
-    model_dir = ensure_tiny_model(shape, args.cache_dir)
+    if args.hidden % 64:
+        raise SystemExit("--hidden must be a multiple of 64")
+    shape, model_dir = random_model(args.hidden, args.layers, args.intermediate, args.cache_dir)
     work = Path(tempfile.mkdtemp(prefix="int8-scoring-"))
     rm_dir = RewardModel.from_lm(model_dir, seed=0).save_pretrained(work / "rm")
     from transformers import AutoConfig
