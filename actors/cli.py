@@ -63,7 +63,7 @@ def _dry_run(cfg: JobConfig, address: str | None) -> None:
     from rlhf_cluster.data.prompts import read_prompt_file
     from rlhf_cluster.placement import check_capacity, format_plan, resource_plan
     from rlhf_cluster.scoring.rewards import load_reward_fn
-    from rlhf_cluster.validation import validate_model_dir
+    from rlhf_cluster.validation import validate_model_dir, validate_reward_model_dir
 
     problems = []
     if cfg.model.path is not None:
@@ -83,6 +83,11 @@ def _dry_run(cfg: JobConfig, address: str | None) -> None:
             problems.append(str(exc))
     elif cfg.data.task is None:
         problems.append("data: no reward: set data.task (a built-in task's verifier) or data.reward_fn ('module:function')")
+    for spec in cfg.scoring.reward_models:
+        try:
+            validate_reward_model_dir(spec.path)
+        except (OSError, ValueError) as exc:
+            problems.append(str(exc))
     plan = resource_plan(cfg)
     total, largest = _capacity(address, cfg)
     problems += check_capacity(plan, total, largest)

@@ -40,7 +40,7 @@ from rlhf_cluster.metrics import MetricLabels, serve_metrics
 from rlhf_cluster.records import ScoredSample, TrainBatch
 from rlhf_cluster.scoring.rewards import load_reward_fn
 from rlhf_cluster.tiny_model import ensure_tiny_model
-from rlhf_cluster.validation import validate_model_dir
+from rlhf_cluster.validation import validate_model_dir, validate_reward_model_dir
 from rlhf_cluster.warmup import ensure_warmed_model
 from rlhf_cluster.weights import WeightStore
 
@@ -121,6 +121,8 @@ class Driver:
             validate_model_dir(cfg.model.path)
         if cfg.data.reward_fn is not None:
             load_reward_fn(cfg.data.reward_fn)
+        for spec in cfg.scoring.reward_models:
+            validate_reward_model_dir(spec.path)
         self.model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
         train_file, eval_file = prepare_prompt_files(cfg.data, self.run_dir)
         self.prompts = read_prompt_file(train_file)

@@ -89,3 +89,18 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
                 "or a chat_template.jinja file (a base model needs one added before chat-formatted prompts can be used)"
             )
     return folder
+
+
+def validate_reward_model_dir(path: str | Path, field: str = "scoring.reward_models") -> Path:
+    """A folder written by `rlhf-cluster train-rm`: a model folder plus the scalar head and marker."""
+    from rlhf_cluster.scoring.reward_model import HEAD_FILE, MARKER_FILE
+
+    folder = Path(path).expanduser()
+    try:
+        validate_model_dir(folder)
+    except (OSError, ModelDirError) as exc:
+        raise ModelDirError(f"{field}: {exc}") from exc
+    missing = [name for name in (MARKER_FILE, HEAD_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise ModelDirError(f"{field}: {folder} has no {', '.join(missing)}; expected a reward model written by `rlhf-cluster train-rm`")
+    return folder

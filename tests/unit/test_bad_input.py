@@ -235,3 +235,18 @@ def test_good_inputs_pass(tmp_path):
     validate_model_dir(tmp_path / "model", needs_chat_template=True)
     assert len(read_prompt_file(_jsonl(tmp_path, ROWS))) == 2
     load_config(None, ["train.prompts_per_step=3", "generation.sampling.n=4", "learner.world_size=2", "data.reward_fn=a.b:c"])
+
+
+def test_reward_model_path_must_be_a_trained_reward_model(tiny_model_path, tmp_path):
+    from rlhf_cluster.validation import ModelDirError, validate_reward_model_dir
+
+    with pytest.raises(ModelDirError, match=r"scoring.reward_models: model folder .*nope does not exist"):
+        validate_reward_model_dir(tmp_path / "nope")
+    # A policy folder is a model folder, but not a reward model: the head and marker are missing.
+    with pytest.raises(ModelDirError, match=r"scoring.reward_models: .* has no reward_model.json, reward_head.safetensors"):
+        validate_reward_model_dir(tiny_model_path)
+
+
+def test_sft_stage_batch_must_split_over_ranks():
+    with pytest.raises(ConfigError, match=r"sft: .*batch_size=30 must be divisible by world_size=4"):
+        load_config(None, ["sft.batch_size=30", "sft.world_size=4"])
