@@ -275,6 +275,10 @@ class LearnerConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Gradient accumulation: forward/backward at most this many padded tokens at a time "
+        "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
+    )
     seed: int = Field(0, description="Torch seed of every rank.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 

@@ -88,68 +88,95 @@ class FSDP2Learner:
         )
 
     # ---- the step --------------------------------------------------------------------------
+    def _micro_batches(self, b: TrainBatch, lo: int, hi: int) -> list[tuple[slice, bool]]:
+        """Rows [lo, hi) cut into micro-batches of at most `max_tokens_per_micro_batch` padded
+        tokens, as (rows, real) pairs. Every rank runs the same number of forward/backward passes
+        (FSDP2's collectives must pair up): a rank with fewer pads with `real=False` passes on one
+        row, whose loss counts zero."""
+        budget = self.cfg.learner.max_tokens_per_micro_batch
+        if budget is None:
+            return [(slice(lo, hi), True)]
+        per_micro = max(1, budget // b.input_ids.shape[1])
+        own = [(slice(start, min(start + per_micro, hi)), True) for start in range(lo, hi, per_micro)]
+        t = torch.tensor([len(own)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return own + [(slice(lo, lo + 1), False)] * (int(t.item()) - len(own))
+
     def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
-        """One optimizer step per mini-batch over this rank's share of the step's batch."""
+        """One optimizer step per mini-batch over this rank's share of the step's batch; a
+        mini-batch is accumulated over micro-batches when `max_tokens_per_micro_batch` is set."""
         start = time.perf_counter()
         b = self._to_device(local)
         lc = self.cfg.learner
         mask = b.response_mask
         B = mask.shape[0]
         self.model.train()
+        bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
+        plans = [self._micro_batches(b, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         # π_prox: the current weights' log-probs before any update, the PPO denominator. With one
-        # epoch of one mini-batch the training forward runs on exactly those weights, so its
-        # detached log-probs are π_prox and the separate no-grad forward is skipped.
-        single_pass = lc.ppo_epochs == 1 and lc.mini_batches == 1
+        # epoch of one mini-batch in one pass, the training forward runs on exactly those weights,
+        # so its detached log-probs are π_prox and the separate no-grad forward is skipped.
+        single_pass = lc.ppo_epochs == 1 and len(plans) == 1 and len(plans[0]) == 1
         if not single_pass:
             with torch.no_grad():
                 prox, _ = self._logprobs(b, slice(None), with_entropy=False)
             correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
 
-        bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
         sums: dict[str, float] = {}
         tokens_seen, loss_total, iterations, skipped = 0.0, 0.0, 0, 0
         grad_norm = 0.0
         for _ in range(lc.ppo_epochs):
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                rows = slice(lo, hi)
-                m = mask[rows]
-                local_tokens, local_seqs = float(m.sum()), float((m.sum(-1) > 0).sum())
-                global_tokens, global_seqs = self._all_reduce([local_tokens, local_seqs])
-                logprobs, ent = self._logprobs(b, rows, with_entropy=True)
-                if single_pass:
-                    prox = logprobs.detach()
-                    correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
-                # max(.., 1): a mini-batch whose tokens were all filtered out (overlong
-                # filtering) contributes a zero loss rather than NaN.
-                loss, metrics = self.objective.loss(
-                    logprobs,
-                    prox[rows],
-                    b.ref_logprobs[rows],
-                    b.advantages[rows],
-                    m,
-                    None if correction is None else correction[rows],
-                    ent,
-                    kl_coef=kl_coef,
-                    denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
-                    token_denominator=max(global_tokens, 1.0),
-                )
-                (loss * self.world_size).backward()
+            for (lo, hi), plan in zip(zip(bounds[:-1], bounds[1:]), plans):
+                m_all = mask[lo:hi]
+                global_tokens, global_seqs = self._all_reduce([float(m_all.sum()), float((m_all.sum(-1) > 0).sum())])
+                mini_loss = 0.0
+                finite = True
+                for rows, real in plan:
+                    m = mask[rows]
+                    logprobs, ent = self._logprobs(b, rows, with_entropy=True)
+                    if single_pass:
+                        prox = logprobs.detach()
+                        correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
+                    # max(.., 1): a mini-batch whose tokens were all filtered out (overlong
+                    # filtering) contributes a zero loss rather than NaN.
+                    loss, metrics = self.objective.loss(
+                        logprobs,
+                        prox[rows],
+                        b.ref_logprobs[rows],
+                        b.advantages[rows],
+                        m,
+                        None if correction is None else correction[rows],
+                        ent,
+                        kl_coef=kl_coef,
+                        denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
+                        token_denominator=max(global_tokens, 1.0),
+                    )
+                    if not real:
+                        loss = loss * 0.0  # a padding pass: collectives only
+                    # The denominators are the mini-batch's global counts, so the micro-batch
+                    # losses (and their gradients, accumulated here) add up to the mini-batch's.
+                    (loss * self.world_size).backward()
+                    if not real:
+                        continue
+                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    mini_loss += float(loss.detach())
+                    local_tokens = float(m.sum())
+                    for k, v in metrics.items():
+                        if k.endswith("_max"):
+                            sums[k] = max(sums.get(k, float("-inf")), v)
+                        else:
+                            sums[k] = sums.get(k, 0.0) + v * local_tokens
+                    tokens_seen += local_tokens
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.max_grad_norm).full_tensor())
-                # A NaN/inf loss or gradient skips the update; the norm is global, so every
-                # rank takes the same decision.
-                if np.isfinite(grad_norm) and bool(torch.isfinite(loss.detach())):
+                # A NaN/inf loss or gradient skips the update; the norm is global, so every rank
+                # takes the same decision (a NaN loss makes the gradient norm NaN too).
+                if np.isfinite(grad_norm) and finite:
                     self.optimizer.step()
                 else:
                     skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                loss_total += float(loss.detach())
+                loss_total += mini_loss
                 iterations += 1
-                for k, v in metrics.items():
-                    if k.endswith("_max"):
-                        sums[k] = max(sums.get(k, float("-inf")), v)
-                    else:
-                        sums[k] = sums.get(k, 0.0) + v * local_tokens
-                tokens_seen += local_tokens
         self.step += 1
         if skipped == 0:
             self.scheduler.step()

@@ -80,3 +80,35 @@ def test_non_finite_loss_skips_the_update(ray_cluster, job_config, tiny_model_pa
     assert stats["learner/skipped_updates"] == 0
     assert any(not torch.equal(after[k], v) for k, v in ray.get(rank.full_state_dict.remote()).items())
     ray.kill(rank)
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update(ray_cluster, job_config, tiny_model_path, tmp_path):
+    """4 micro-batches (gradient accumulation) give the step of the whole batch at once: same loss,
+    same pre-clip gradient norm (a per-micro-batch denominator would scale it), same weights. With
+    2 ranks of unequal lengths, the ranks need different micro-batch counts and one pads."""
+    samples = _samples(8)
+    seq_len = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    runs = {"full": (1, None, [samples]), "micro": (1, 2 * seq_len, [samples]),
+            "micro_2_ranks": (2, 2 * seq_len, [samples[:2], samples[2:]])}
+    results, weights = {}, {}
+    for name, (world, budget, shards) in runs.items():
+        cfg = job_config(
+            run_dir=str(tmp_path / name),
+            learner={"world_size": world, "lr": 1e-3, "max_grad_norm": 1e9, "max_tokens_per_micro_batch": budget},
+            algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
+        )
+        ranks = _group(cfg, tiny_model_path, world)
+        stats = ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])
+        results[name] = stats[0]
+        weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
+        for rank in ranks:
+            ray.kill(rank)
+    full = results["full"]
+    for name in ("micro", "micro_2_ranks"):
+        got = results[name]
+        assert abs(got["policy/loss"] - full["policy/loss"]) <= 1e-5 * max(1.0, abs(full["policy/loss"])), name
+        assert abs(got["learner/grad_norm"] - full["learner/grad_norm"]) <= 1e-4 * full["learner/grad_norm"], name
+        assert abs(got["learner/tokens"] - full["learner/tokens"]) < 1e-9, name
+        diff = max(float((weights[name][k] - weights["full"][k]).abs().max()) for k in weights["full"])
+        assert diff < 1e-5, (name, diff)
+    assert full["learner/grad_norm"] > 0
