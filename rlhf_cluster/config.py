@@ -279,6 +279,11 @@ class LearnerConfig(_Strict):
         None, ge=1, description="Gradient accumulation: forward/backward at most this many padded tokens at a time "
         "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
     )
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none", description="bf16: FSDP2 computes in bf16 (all-gathered bf16 params), reduces gradients and keeps master "
+        "weights and optimizer state in fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
     seed: int = Field(0, description="Torch seed of every rank.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.objective import RLObjective
@@ -45,14 +45,20 @@ class FSDP2Learner:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = _device()
         torch.manual_seed(cfg.learner.seed)
+        lc = cfg.learner
         model = load_causal_lm(model_path, torch.float32, self.device)
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        if lc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Master weights and optimizer state stay fp32; with bf16, FSDP2 all-gathers bf16 copies
+        # for compute and reduces gradients in fp32.
+        shard_kwargs = {"mesh": init_device_mesh(self.device.type, (self.world_size,))}
+        if lc.mixed_precision == "bf16":
+            shard_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         layers = getattr(getattr(model, "model", model), "layers", [])
         for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, **shard_kwargs)
+        fully_shard(model, **shard_kwargs)
         self.model = model
-        lc = cfg.learner
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
         warmup = lc.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

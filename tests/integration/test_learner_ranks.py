@@ -112,3 +112,33 @@ def test_micro_batches_accumulate_to_the_full_batch_update(ray_cluster, job_conf
         diff = max(float((weights[name][k] - weights["full"][k]).abs().max()) for k in weights["full"])
         assert diff < 1e-5, (name, diff)
     assert full["learner/grad_norm"] > 0
+
+
+def test_gradient_checkpointing_and_bf16_mixed_precision(ray_cluster, job_config, tiny_model_path, tmp_path):
+    """Checkpointing recomputes the same activations: the step is unchanged. bf16 compute (FSDP2
+    mixed precision over 2 ranks, fp32 master weights and gradient reduction) changes the step only
+    by bf16 rounding, and the weights stay fp32."""
+    samples = _samples(6)
+    settings = {"fp32": ("none", False), "checkpointing": ("none", True), "bf16_checkpointing": ("bf16", True)}
+    results, weights = {}, {}
+    for name, (precision, checkpointing) in settings.items():
+        cfg = job_config(
+            run_dir=str(tmp_path / name),
+            learner={"world_size": 2, "lr": 1e-3, "max_grad_norm": 1e9, "mixed_precision": precision,
+                     "gradient_checkpointing": checkpointing},
+            algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
+        )
+        ranks = _group(cfg, tiny_model_path, 2)
+        stats = ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1)
+                         for rank, s in zip(ranks, (samples[:2], samples[2:]))])
+        results[name] = stats[0]
+        weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
+        for rank in ranks:
+            ray.kill(rank)
+    fp32, ckpt, bf16 = results["fp32"], results["checkpointing"], results["bf16_checkpointing"]
+    assert abs(ckpt["policy/loss"] - fp32["policy/loss"]) <= 1e-6 * max(1.0, abs(fp32["policy/loss"]))
+    assert abs(ckpt["learner/grad_norm"] - fp32["learner/grad_norm"]) <= 1e-5 * fp32["learner/grad_norm"]
+    # bf16 has 8 mantissa bits: the gradient norm agrees to a few percent, not to fp32 precision.
+    rel = abs(bf16["learner/grad_norm"] - fp32["learner/grad_norm"]) / fp32["learner/grad_norm"]
+    assert 0 < rel < 0.05, rel
+    assert all(t.dtype == torch.float32 for t in weights["bf16_checkpointing"].values() if t.is_floating_point())
