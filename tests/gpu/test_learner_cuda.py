@@ -58,3 +58,25 @@ def test_fsdp2_step_on_cuda_matches_cpu_logprobs(nccl_group, tiny_model_path):
     assert stats["learner/grad_norm"] > 0
     state = learner.full_state_dict()
     assert all(t.device.type == "cpu" for t in state.values())
+
+
+def test_bf16_step_with_and_without_checkpointing_reports_peak_memory(nccl_group, tiny_model_path, capsys):
+    """One bf16 step (fp32 master weights) per checkpointing setting; prints peak memory for the note."""
+    batch = _batch(n=8, length=64)
+    peaks = {}
+    for checkpointing in (False, True):
+        cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": "bf16",
+                                                    "gradient_checkpointing": checkpointing}})
+        learner = FSDP2Learner(cfg, tiny_model_path)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        stats = learner.train_step(batch, kl_coef=0.01)
+        torch.cuda.synchronize()
+        peaks[checkpointing] = torch.cuda.max_memory_allocated()
+        assert torch.isfinite(torch.tensor(stats["policy/loss"])) and stats["learner/grad_norm"] > 0
+        assert all(p.dtype == torch.float32 for p in learner.model.parameters()), "master weights stay fp32"
+        del learner
+    with capsys.disabled():
+        print(f"\nbf16 learner step peak memory: {peaks[False] / 2**20:.1f} MiB without checkpointing, "
+              f"{peaks[True] / 2**20:.1f} MiB with")
+    assert peaks[True] <= peaks[False]
