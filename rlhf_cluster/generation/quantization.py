@@ -13,15 +13,15 @@ engine receives always have the names, dtypes and shapes it was built with.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from rlhf_cluster.fileio import write_dir_atomic
 
 # The projections of Llama/Qwen2-style decoder blocks (vLLM fuses them into qkv_proj and
 # gate_up_proj at load time and accepts the unfused names).
@@ -91,13 +91,12 @@ def quantization_config() -> dict:
 
 def write_int8_model_dir(model_path: str | Path, quantized: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
     """An engine start checkpoint: `model_path`'s config (plus `quantization_config`) and tokenizer
-    with the int8 tensors. Written under a temp name and renamed, so it is complete or absent."""
+    with the int8 tensors, written as one folder (complete or absent). An existing one is kept."""
     src, target = Path(model_path), Path(out_dir)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for entry in src.iterdir():
             if entry.is_file() and not entry.name.endswith((".safetensors", ".bin")) and entry.name != "model.safetensors.index.json":
                 shutil.copy2(entry, tmp / entry.name)
@@ -105,14 +104,8 @@ def write_int8_model_dir(model_path: str | Path, quantized: Mapping[str, torch.T
         config["quantization_config"] = quantization_config()
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         save_file(dict(quantized), str(tmp / "model.safetensors"))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; same content
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return write_dir_atomic(target, write)
 
 
 def checkpoint_spec(model_path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_cluster.fileio import write_dir_atomic
 from rlhf_cluster.generation.quantization import quantize_linears
-from rlhf_cluster.records import token_budget_batches
+from rlhf_cluster.records import pad_sequences, token_budget_batches
 
 HEAD_FILE = "reward_head.safetensors"
 MARKER_FILE = "reward_model.json"
@@ -112,16 +112,11 @@ class FrozenRewardModels:
     @torch.no_grad()
     def score(self, rollouts: list) -> dict[str, list[float]]:
         """Per model name, one score per rollout."""
-        sequences = [list(r.prompt_ids) + list(r.response_ids) for r in rollouts]
         out: dict[str, list[float]] = {name: [] for name in self.models}
-        for idx in token_budget_batches([len(s) for s in sequences], self.max_tokens_per_batch):
-            batch = [sequences[i] for i in idx]
-            width = max(len(s) for s in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
+        lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+        for idx in token_budget_batches(lengths, self.max_tokens_per_batch):
+            ids, mask, _, _ = pad_sequences([list(rollouts[i].prompt_ids) for i in idx],
+                                            [list(rollouts[i].response_ids) for i in idx])
             for name, model in self.models.items():
                 out[name].extend(model(ids.to(self.device), mask.to(self.device)).cpu().tolist())
         return out
