@@ -3,6 +3,10 @@
     producer: wait for admission -> prompts -> generation -> scoring -> advantages -> buffer
     consumer: buffer.take(min_version=step - max_staleness) -> learner.train -> publish version
 
+In `generation.mode: streaming` every admitted prompt is its own request: its group goes to
+scoring the moment its last response finishes, and each published version is pushed to the
+generation workers, which load it while responses are in flight.
+
 Every task runs in one asyncio.TaskGroup: if any of them fails, the others are cancelled and the
 job ends with that cause.
 """
@@ -46,6 +50,7 @@ from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
 ENGINE_INT8_DIR = "engine-int8"  # the int8 checkpoint generation engines start from (under run_dir)
+TIMELINE_FILE = "rollout_timeline.jsonl"  # per prompt group: when it was requested, generated, buffered
 
 
 @dataclass
@@ -57,6 +62,7 @@ class ConsumedSample:
     prompt_id: str
     policy_version: int
     worker: str
+    policy_versions: list = field(default_factory=list)  # (first token, version) spans of the response
 
 
 @dataclass
@@ -77,7 +83,8 @@ def prepare_run_dir(cfg: JobConfig, fresh: bool) -> Path:
     """The run directory; for a fresh (not resumed) run, an earlier run's artifacts are removed."""
     run_dir = Path(cfg.run_dir).expanduser()
     stale_paths = (cfg.weights_dir, cfg.checkpoint_dir, run_dir / "metrics.jsonl", run_dir / "consumed.jsonl",
-                   run_dir / "probes.jsonl", run_dir / "buffer.arrow", run_dir / "resume.json", run_dir / ENGINE_INT8_DIR)
+                   run_dir / "probes.jsonl", run_dir / "buffer.arrow", run_dir / "resume.json", run_dir / ENGINE_INT8_DIR,
+                   run_dir / TIMELINE_FILE)
     for stale in stale_paths if fresh else ():
         if stale.is_dir():
             shutil.rmtree(stale)
@@ -357,21 +364,31 @@ class Driver:
     def _allowance(self) -> int:
         """Prompt groups that may start now (DESIGN: admission control)."""
         t = self.cfg.train
-        limit = (self.published_version + t.max_staleness + 1) * t.prompts_per_step
+        limit = (self.published_version + t.max_staleness + 1) * t.prompts_per_step + t.oversample_groups
         return limit - (self.groups_started - self.groups_dropped)
 
     def _next_prompt(self) -> Prompt:
         return self.pending_prompts.popleft() if self.pending_prompts else self.source.next_prompt()
 
+    def _requests_per_worker(self) -> int:
+        """Requests the producer keeps in flight per generation worker."""
+        g = self.cfg.generation
+        if g.mode == "streaming":
+            # One group per request: enough to fill the engine's batch (admission bounds the total).
+            return max(1, g.max_num_seqs // g.sampling.n)
+        return 2  # batched: one request decodes while the other returns
+
     async def _produce(self, tg: asyncio.TaskGroup) -> None:
         generation = self.pools["generation"]
         in_flight: set[asyncio.Task] = set()
+        per_request = self.cfg.generation.prompts_per_request if self.cfg.generation.mode == "batched" else 1
         try:
             while True:
                 async with self._changed:
-                    # Two requests per generation worker keep each engine busy while one returns.
-                    await self._changed.wait_for(lambda: self._allowance() > 0 and len(in_flight) < 2 * len(generation))
-                    k = min(self.cfg.generation.prompts_per_request, self._allowance())
+                    await self._changed.wait_for(
+                        lambda: self._allowance() > 0 and len(in_flight) < self._requests_per_worker() * len(generation)
+                    )
+                    k = min(per_request, self._allowance())
                     self.groups_started += k
                 prompts = [self._next_prompt() for _ in range(k)]
                 key = id(prompts)
@@ -393,7 +410,13 @@ class Driver:
             self._changed.notify_all()
 
     async def _process(self, prompts: list[Prompt], key: int, timeline: int) -> None:
-        _, (rollouts, probe_reports) = await self.pools["generation"].call("generate", prompts, self.published_version)
+        requested_at = time.time()
+        if self.cfg.generation.mode == "streaming":
+            call = ("generate_group", prompts[0], self.published_version)
+        else:
+            call = ("generate", prompts, self.published_version)
+        _, (rollouts, probe_reports) = await self.pools["generation"].call(*call)
+        generated_at = time.time()  # handed to scoring now
         self._record_probes(probe_reports)
         answers = {p.prompt_id: p.answer for p in prompts}
         scoring = [self.pools["reward"].call("score", rollouts, answers)]
@@ -423,8 +446,18 @@ class Driver:
                 self.buffer.add_group(samples)
                 for r in group:
                     self.worker_of[r.sample_id] = r.worker
+                self._log_group(group, requested_at, generated_at)
             self.labels.of(m.BUFFER_DEPTH).set(self.buffer.depth)
             self._changed.notify_all()
+
+    def _log_group(self, group: list, requested_at: float, generated_at: float) -> None:
+        """One timeline row per buffered group: when it was requested, generated (and handed to
+        scoring) and buffered, and the version spans of its responses."""
+        row = {"group_id": group[0].group_id, "worker": group[0].worker, "requested_at": requested_at,
+               "generated_at": generated_at, "buffered_at": time.time(),
+               "policy_versions": [r.policy_versions for r in group]}
+        with open(self.run_dir / TIMELINE_FILE, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
     def _record_probes(self, reports: list[dict]) -> None:
         """Log each worker's post-sync probe mismatch (probes.jsonl) and alert when it jumps."""
@@ -469,6 +502,21 @@ class Driver:
             self.published_version = max(self.published_version, version)
             self.labels.of(m.LEARNER_VERSION).set(self.published_version)
             self._changed.notify_all()
+        if self.cfg.generation.mode == "streaming":
+            await self._push_version(version)
+
+    async def _push_version(self, version: int) -> None:
+        """Streaming: every generation worker loads `version` now, with its requests in flight.
+
+        A worker that dies meanwhile is the pool's business (it is replaced and its replacement
+        loads the newest version before serving); any other failure ends the job.
+        """
+        actors = list(self.pools["generation"].actors.values())
+        # min_version 0: after a rollback `version` may be gone again; the newest is what counts.
+        results = await asyncio.gather(*[a.sync.remote(0) for a in actors], return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError):
+                raise result
 
     async def _train(self, step: int, samples: list[ScoredSample]) -> dict:
         """One learner step on all ranks; the result is published as version step + 1."""
@@ -515,7 +563,8 @@ class Driver:
                 row = self._row(step, samples, staleness, stats, now - last)
                 last = now
                 self._log_step(row, [
-                    ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, self.worker_of.pop(s.sample_id, "?"))
+                    ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, self.worker_of.pop(s.sample_id, "?"),
+                                   [list(span) for span in s.policy_versions])
                     for s in samples
                 ])
                 bar.update(1)
@@ -641,6 +690,7 @@ class Driver:
             "worker_restarts": sum(p.restarts for p in self.pools.values()),
             "learner_restarts": self.learner_restarts,
             "reward_failures": sum(s.reward_components.get("reward_failed", 0.0) for s in samples),
+            "multi_version_fraction": statistics.fmean(s.spans_versions for s in samples),
             "time": time.time(),
         }
         row.update({k: v for k, v in stats.items() if k not in row})
@@ -648,6 +698,7 @@ class Driver:
         self.labels.of(m.TRAIN_REWARD).set(row["reward_mean"])
         self.labels.of(m.TRAIN_ENTROPY).set(stats.get("policy/entropy", 0.0))
         self.labels.of(m.TRAIN_CLIP).set(stats.get("policy/clip_frac", 0.0))
+        self.labels.of(m.MULTI_VERSION).set(row["multi_version_fraction"])
         self.labels.of(m.CORRECTION_ESS).set(stats.get("correction/ess", 1.0))
         self.labels.of(m.CORRECTION_MISMATCH_K1).set(stats.get("correction/mismatch_k1", 0.0))
         self.labels.of(m.CORRECTION_MISMATCH_K3).set(stats.get("correction/mismatch_k3", 0.0))

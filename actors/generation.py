@@ -1,7 +1,15 @@
-"""GenerationWorker: a vLLM engine in a Ray actor that pulls weight versions from the store."""
+"""GenerationWorker: a vLLM engine in an asyncio Ray actor that pulls weight versions from the store.
+
+Calls run concurrently on the actor's event loop; they all feed the one engine, whose loop thread
+batches them (`VLLMEngine`). In `streaming` mode each call is one prompt group that returns as
+soon as its last response finishes, and a `sync` (pushed by the driver when a version is
+published) loads the new weights while requests are in flight. In `batched` mode one request runs
+at a time and weights load only between requests.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -18,33 +26,57 @@ from rlhf_cluster.weights import WeightIntegrityError, WeightStore
 
 @ray.remote
 class GenerationWorker:
-    """Generates rollout groups; before each request it loads the newest published version."""
+    """Generates rollout groups on one vLLM engine; loads published versions in place."""
 
     def __init__(self, cfg_dict: dict, model_path: str, index: int):
         self.name = f"gen{index}"
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "generation", self.name)
+        self.cfg = cfg
         self.metrics_target = metrics_target(cfg.metrics.bind_address, self.metrics_port)
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         # With int8 rollouts the engine loads the store's int8 variant, derived once per version
         # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
         self.variant = "int8" if cfg.generation.quantization == "int8" else None
-        self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index, name=self.name)
+        self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index,
+                                 name=self.name, on_step=self._on_engine_step)
         self.labels.of(m.GENERATION_VERSION).set(0)
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.refused: set[tuple[int, str]] = set()
         self.probe_reports: list[dict] = []  # handed to the driver with the next `generate` result
+        self.swaps: list[dict] = []  # every in-place weight load, for tests and audits
+        self._sync_lock = asyncio.Lock()  # one weight load at a time
+        self._one_request = asyncio.Lock()  # batched mode: requests run one after another
+
+    def _on_engine_step(self, running: int, waiting: int) -> None:
+        """Called by the engine loop after every step with vLLM's scheduler counts."""
+        self.labels.of(m.GENERATION_ENGINE_BATCH).observe(running)
+        self.labels.of(m.GENERATION_IN_FLIGHT).set(running + waiting)
 
     def info(self) -> dict:
         return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid(),
-                "variant": self.variant or "full"}
+                "variant": self.variant or "full", "engine": id(self.engine)}
 
-    def sync(self, min_version: int = 0) -> int:
+    def engine_stats(self) -> dict:
+        """vLLM's batch sizes so far, the version held, requests in flight and the weight loads."""
+        return {**self.engine.batches.stats(), "version": self.engine.version, "in_flight": self.engine.in_flight(),
+                "engine": id(self.engine), "swaps": list(self.swaps)}
+
+    async def sync(self, min_version: int = 0) -> int:
         """Load the store's newest version unless the engine holds it already; returns the version held.
 
-        A version is identified by number and creation time: after a learner rollback the same
-        number can be published again with other weights. A version whose checksums fail is
-        refused and counted; the engine keeps serving the last good one.
+        Requests in flight keep running until the engine loop reaches a token boundary, then
+        continue (or restart) with the new weights. A version is identified by number and
+        creation time: after a learner rollback the same number can be published again with
+        other weights. A version whose checksums fail is refused and counted; the engine keeps
+        serving the last good one.
         """
+        while True:
+            async with self._sync_lock:
+                held = await self._load_newest(min_version)
+            if held is not None:
+                return held  # None: retention removed the newest after a newer one landed; take that
+
+    async def _load_newest(self, min_version: int) -> int | None:
         latest = self.store.latest_version()
         if latest is None or latest < min_version:
             raise RuntimeError(f"{self.name}: version >= {min_version} requested but the store's newest is {latest}")
@@ -55,10 +87,9 @@ class GenerationWorker:
                 return self.engine.version
             self.store.acquire(latest, self.name)
         except FileNotFoundError:
-            return self.sync(min_version)  # retention removed it after a newer one landed: take that
+            return None
         try:
-            weights = self.store.load(latest, variant=self.variant)
-            probe = self.store.read_file(latest, PROBE_FILE)
+            weights, probe = await asyncio.to_thread(self._read_version, latest)
         except WeightIntegrityError as exc:
             self.labels.of(m.WEIGHTS_REFUSED).inc()
             print(f"{self.name}: refused weight version {latest}: {exc}; keeping version {self.engine.version}", flush=True)
@@ -66,50 +97,70 @@ class GenerationWorker:
             return self.engine.version
         finally:
             self.store.release(latest, self.name)
-        self.engine.load_weights(latest, weights.items())
+        swap = await asyncio.to_thread(self.engine.load_weights, latest, weights.items())
         self.loaded = identity
         seconds = time.perf_counter() - start
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         self.labels.of(m.WEIGHTS_SYNC_SECONDS).observe(seconds)
         self.labels.of(m.WEIGHTS_SYNC_BYTES).inc(nbytes)
         self.labels.of(m.GENERATION_VERSION).set(latest)
+        self.labels.of(m.GENERATION_PAUSE_SECONDS).observe(swap.paused_seconds)
+        self.labels.of(m.GENERATION_VERSION_TOKENS).observe(swap.tokens_of_previous)
+        self.labels.of(m.GENERATION_RESUMED).inc(swap.resumed)
+        self.labels.of(m.GENERATION_ABORTED).inc(swap.aborted)
+        self.swaps.append({"version": latest, "paused_seconds": swap.paused_seconds, "resumed": swap.resumed,
+                           "aborted": swap.aborted, "tokens_of_previous": swap.tokens_of_previous})
         if probe is not None:
-            self._score_probe(latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]})
+            await self._score_probe(latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]})
         return latest
 
-    def _score_probe(self, version: int, text: str, sync: dict) -> None:
+    def _read_version(self, version: int):
+        return self.store.load(version, variant=self.variant), self.store.read_file(version, PROBE_FILE)
+
+    async def _score_probe(self, version: int, text: str, sync: dict) -> None:
         """Score the version's probe with the engine and compare with the learner's log-probs."""
         probe, learner_logprobs = parse_probe_file(text)
-        engine_logprobs = self.engine.logprobs_of_many(probe.prompt_ids, probe.response_ids)
+        engine_logprobs = await asyncio.to_thread(self.engine.logprobs_of_many, probe.prompt_ids, probe.response_ids)
         report = {"worker": self.name, "pid": os.getpid(), "version": version, "variant": self.variant or "full",
                   **sync, **mismatch(learner_logprobs, engine_logprobs)}
         self.labels.of(m.PROBE_MISMATCH_K3).set(report["k3"])
         self.labels.of(m.PROBE_MAX_DIFF).set(report["max_abs_diff"])
         self.probe_reports.append(report)
 
-    def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
-        """`n` rollouts per prompt with weights of version >= `min_version`, and the probe reports
-        of the syncs since the last call."""
-        self.sync(min_version)
-        gauge = self.labels.of(m.GENERATION_IN_FLIGHT)
-        gauge.inc(len(prompts))
-        try:
-            rollouts, stats = self.engine.generate(prompts)
-        finally:
-            gauge.dec(len(prompts))
-        self.labels.of(m.GENERATION_TOKENS).inc(stats.tokens)
-        reports, self.probe_reports = self.probe_reports, []
-        return rollouts, reports
+    async def _groups(self, prompts: list[Prompt], n: int | None = None, greedy: bool = False) -> list[Rollout]:
+        futures = [asyncio.wrap_future(self.engine.submit_group(p, n, greedy)) for p in prompts]
+        rollouts = [r for group in await asyncio.gather(*futures) for r in group]
+        self.labels.of(m.GENERATION_TOKENS).inc(sum(len(r.response_ids) for r in rollouts))
+        return rollouts
 
-    def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
+    def _take_reports(self) -> list[dict]:
+        reports, self.probe_reports = self.probe_reports, []
+        return reports
+
+    async def generate_group(self, prompt: Prompt, min_version: int) -> tuple[list[Rollout], list[dict]]:
+        """Streaming: the `n` rollouts of one prompt, started at once with weights of version >=
+        `min_version`; returns when its last response finishes (other calls keep decoding)."""
+        if self.engine.version < min_version:
+            await self.sync(min_version)
+        rollouts = await self._groups([prompt])
+        return rollouts, self._take_reports()
+
+    async def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
+        """Batched: `n` rollouts per prompt with weights of version >= `min_version`, returned
+        together when the slowest finishes, and the probe reports of the syncs since the last call."""
+        async with self._one_request:
+            await self.sync(min_version)
+            rollouts = await self._groups(prompts)
+        return rollouts, self._take_reports()
+
+    async def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
         """Held-out evaluation with weights of version >= `min_version`: one greedy response per
         prompt, or with `samples` > 0 that many sampled ones (training sampling settings)."""
-        self.sync(min_version)
-        rollouts, _ = self.engine.generate(prompts, n=samples or None, greedy=samples == 0)
-        return rollouts
+        await self.sync(min_version)
+        return await self._groups(prompts, n=samples or None, greedy=samples == 0)
 
     def refused_versions(self) -> list[int]:
         return sorted(v for v, _ in self.refused)
 
-    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        return self.engine.logprobs_of(prompt_ids, response_ids)
+    async def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        return await asyncio.to_thread(self.engine.logprobs_of, prompt_ids, response_ids)

@@ -1,4 +1,4 @@
-"""ActorPool: same-kind actors with round-robin dispatch that can grow and shrink while serving.
+"""ActorPool: same-kind actors with least-busy dispatch that can grow and shrink while serving.
 
 Dispatch goes through `call`, so the pool knows each actor's requests in flight: a retired
 actor leaves the rotation at once but is killed only after its last request has returned, so
@@ -98,9 +98,12 @@ class ActorPool:
             if not self.actors:
                 async with self._drained:
                     await self._drained.wait_for(lambda: bool(self.actors))
+            # The least busy actor, ties broken in rotation: a worker stuck on a long request
+            # gets no more until the others have caught up.
             names = list(self.actors)
-            name = names[self._turn % len(names)]
+            start = self._turn % len(names)
             self._turn += 1
+            name = min(names[start:] + names[:start], key=lambda n: self._in_flight[n])
             actor = self.actors[name]
             self._in_flight[name] += 1
             try:

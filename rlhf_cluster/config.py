@@ -96,7 +96,8 @@ class SamplingConfig(_Strict):
     n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner divides logits by it too).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    max_new_tokens: int = Field(16, ge=1, description="Per-response token limit.")
+    max_new_tokens: int = Field(16, ge=1, description="Per-response token limit (bounds the long tail of response lengths).")
+    ignore_eos: bool = Field(False, description="Keep sampling past EOS up to max_new_tokens (benchmarks, long-response tests).")
 
 
 class ResourcesConfig(_Strict):
@@ -124,7 +125,21 @@ class GenerationConfig(_Strict):
     """The generation pool: vLLM engines in Ray actors."""
 
     replicas: int = Field(1, ge=1, description="Generation workers.")
-    prompts_per_request: int = Field(4, ge=1, description="Prompt groups sent to a worker in one request.")
+    mode: Literal["streaming", "batched"] = Field(
+        "streaming", description="streaming: each admitted prompt goes to the engine at once and its group goes to scoring "
+        "as soon as its last response finishes; new weights load in flight. batched: requests of `prompts_per_request` "
+        "prompts return when their slowest response finishes, and weights load only between requests."
+    )
+    in_flight_update: Literal["resume", "abort"] = Field(
+        "resume", description="streaming: what a weight update does to unfinished responses. resume: pause at a token "
+        "boundary, load, recompute their KV with the new weights and continue (tokens keep the version that sampled them); "
+        "abort: drop their tokens and generate them again with the new weights."
+    )
+    prompts_per_request: int = Field(4, ge=1, description="batched: prompt groups sent to a worker in one request.")
+    max_num_seqs: int = Field(256, ge=1, description="vLLM max_num_seqs: most sequences the engine decodes in one batch.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="vLLM max_num_batched_tokens: token budget of one engine step (None: vLLM's default)."
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
     quantization: Literal["none", "int8"] = Field(
         "none", description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations)."
@@ -332,6 +347,11 @@ class TrainConfig(_Strict):
     total_steps: int = Field(20, ge=1, description="Learner steps.")
     prompts_per_step: int = Field(8, ge=1, description="Prompt groups per learner step.")
     max_staleness: int = Field(1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous).")
+    oversample_groups: int = Field(
+        0, ge=0, description="Extra prompt groups admitted beyond the staleness allowance, so a step can start once "
+        "prompts_per_step groups are complete; late groups wait in the buffer for the next step (dropped and counted "
+        "as stale only if they exceed max_staleness)."
+    )
     progress: bool = Field(True, description="Show a progress bar.")
 
 
@@ -403,10 +423,12 @@ class JobConfig(_Strict):
     def _consistent(self) -> "JobConfig":
         if self.data.task is None and self.data.path is None:
             raise ValueError("data: set `task` (a built-in task) or `path` (a prompt file)")
-        need = (self.train.max_staleness + 1) * self.train.prompts_per_step * self.generation.sampling.n
+        t = self.train
+        need = ((t.max_staleness + 1) * t.prompts_per_step + t.oversample_groups) * self.generation.sampling.n
         if self.buffer.capacity < need:
             raise ValueError(
-                f"buffer.capacity={self.buffer.capacity} is smaller than (max_staleness+1) * prompts_per_step * n = {need}"
+                f"buffer.capacity={self.buffer.capacity} is smaller than "
+                f"((max_staleness+1) * prompts_per_step + oversample_groups) * n = {need}"
             )
         if self.algorithm.shaping.overlong_buffer >= self.generation.sampling.max_new_tokens:
             raise ValueError("algorithm.shaping.overlong_buffer must be smaller than generation.sampling.max_new_tokens")

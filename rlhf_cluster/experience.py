@@ -81,6 +81,7 @@ def build_group(
             response_ids=list(r.response_ids),
             rollout_logprobs=list(r.rollout_logprobs),
             policy_version=r.policy_version,
+            policy_versions=list(r.policy_versions),
             finish_reason=r.finish_reason,
             reward=float(reward),
             reward_components=c,

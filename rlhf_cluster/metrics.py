@@ -13,7 +13,25 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 LABELS = ("job", "pool", "worker")
 
 GENERATION_TOKENS = Counter("rlhf_generation_tokens_total", "Response tokens generated.", LABELS)
-GENERATION_IN_FLIGHT = Gauge("rlhf_generation_requests_in_flight", "Prompt groups being generated.", LABELS)
+GENERATION_IN_FLIGHT = Gauge("rlhf_generation_requests_in_flight", "Responses in the worker's engine (running + waiting).", LABELS)
+GENERATION_ENGINE_BATCH = Histogram(
+    "rlhf_generation_engine_batch_size", "Sequences vLLM decoded together in one engine step.", LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+GENERATION_PAUSE_SECONDS = Histogram(
+    "rlhf_generation_weight_pause_seconds", "Time the engine stood still for an in-place weight load.", LABELS,
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10),
+)
+GENERATION_VERSION_TOKENS = Histogram(
+    "rlhf_generation_version_tokens", "Tokens a worker sampled with one weight version (observed when it is replaced).",
+    LABELS, buckets=(0, 64, 256, 1024, 4096, 16384, 65536, 262144),
+)
+GENERATION_RESUMED = Counter(
+    "rlhf_generation_resumed_requests_total", "Unfinished responses that continued with newly loaded weights.", LABELS
+)
+GENERATION_ABORTED = Counter(
+    "rlhf_generation_aborted_requests_total", "Unfinished responses restarted after a weight load (in_flight_update: abort).", LABELS
+)
 GENERATION_VERSION = Gauge("rlhf_generation_weight_version", "Weight version the engine holds.", LABELS)
 WEIGHTS_SYNC_SECONDS = Histogram("rlhf_weights_sync_seconds", "Time to load a weight version into a worker.", LABELS)
 WEIGHTS_REFUSED = Counter("rlhf_weights_refused_total", "Weight versions refused because their checksums failed.", LABELS)
@@ -51,6 +69,9 @@ RESTARTS = Counter("rlhf_pool_worker_restarts_total", "Workers restarted after a
 # Set by the driver per consumed batch (deploy/alerts.yml: RlhfStalenessAboveBound compares the two).
 STALENESS_MAX = Gauge("rlhf_staleness_max_steps", "Largest staleness in the last consumed batch.", LABELS)
 STALENESS_BOUND = Gauge("rlhf_staleness_bound_steps", "Configured max_staleness (train.max_staleness).", LABELS)
+MULTI_VERSION = Gauge(
+    "rlhf_train_multi_version_fraction", "Share of the last consumed batch's samples sampled by more than one weight version.", LABELS
+)
 
 
 @dataclass(frozen=True)

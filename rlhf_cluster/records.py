@@ -3,6 +3,10 @@
 `Rollout` leaves generation; `ScoredSample` leaves scoring (reward, reference log-probs,
 advantages) and is what the buffer stores and the learner consumes; `TrainBatch` is one learner
 step's samples as padded tensors.
+
+A response can span weight versions (a version loaded in flight while it was generated):
+`policy_versions` lists `(first token index, version)` spans in order, and `policy_version` is
+the oldest, the one the staleness bound is checked against.
 """
 
 from __future__ import annotations
@@ -31,8 +35,36 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("ref_logprobs", pa.list_(pa.float32()), nullable=False),
         pa.field("advantages", pa.list_(pa.float32()), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field(
+            "policy_versions",
+            pa.list_(pa.struct([pa.field("start", pa.int32(), nullable=False), pa.field("version", pa.int64(), nullable=False)])),
+            nullable=False,
+        ),
     ]
 )
+
+VersionSpans = list[tuple[int, int]]  # (index of the span's first response token, weight version)
+
+
+def check_version_spans(sample_id: str, spans: VersionSpans, num_tokens: int, policy_version: int) -> None:
+    """Spans start at token 0, start strictly later each time with a newer version, and the
+    first one's version is `policy_version` (the oldest)."""
+    problem = None
+    if not spans or spans[0][0] != 0:
+        problem = "must start at token 0"
+    elif spans[0][1] != policy_version:
+        problem = f"first version {spans[0][1]} differs from policy_version {policy_version}"
+    elif any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(spans, spans[1:])):
+        problem = "starts and versions must both increase"
+    elif len(spans) > 1 and spans[-1][0] >= num_tokens:
+        problem = f"a span starts at or after the last of {num_tokens} tokens"
+    if problem:
+        raise ValueError(f"sample {sample_id}: policy_versions {spans} {problem}")
+
+
+def spans_version(spans: VersionSpans, token: int) -> int:
+    """The weight version that sampled response token `token`."""
+    return [v for start, v in spans if start <= token][-1]
 
 
 @dataclass
@@ -49,12 +81,16 @@ class Rollout:
     finish_reason: FinishReason
     response_text: str = ""
     worker: str = ""
+    policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
 
     def __post_init__(self) -> None:
         if len(self.rollout_logprobs) != len(self.response_ids):
             raise ValueError(
                 f"rollout {self.sample_id}: {len(self.rollout_logprobs)} log-probs for {len(self.response_ids)} tokens"
             )
+        if self.policy_versions is None:
+            self.policy_versions = [(0, self.policy_version)]
+        check_version_spans(self.sample_id, self.policy_versions, len(self.response_ids), self.policy_version)
 
 
 @dataclass
@@ -74,12 +110,22 @@ class ScoredSample:
     ref_logprobs: list[float]
     advantages: list[float]
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
         for name in ("rollout_logprobs", "ref_logprobs", "advantages"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"sample {self.sample_id}: {name} has {len(getattr(self, name))} values for {n} tokens")
+        if self.policy_versions is None:
+            self.policy_versions = [(0, self.policy_version)]
+        self.policy_versions = [tuple(span) for span in self.policy_versions]
+        check_version_spans(self.sample_id, self.policy_versions, n, self.policy_version)
+
+    @property
+    def spans_versions(self) -> bool:
+        """Whether the response was sampled by more than one weight version."""
+        return len(self.policy_versions) > 1
 
 
 def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
@@ -87,6 +133,7 @@ def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
     rows = list(samples)
     columns = {f.name: [getattr(s, f.name) for s in rows] for f in SAMPLE_SCHEMA}
     columns["reward_components"] = [list(s.reward_components.items()) for s in rows]
+    columns["policy_versions"] = [[{"start": a, "version": v} for a, v in s.policy_versions] for s in rows]
     return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
 
 
@@ -97,6 +144,7 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
     out = []
     for row in table.to_pylist():
         row["reward_components"] = dict(row["reward_components"])
+        row["policy_versions"] = [(span["start"], span["version"]) for span in row["policy_versions"]]
         out.append(ScoredSample(**row))
     return out
 

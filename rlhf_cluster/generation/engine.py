@@ -1,19 +1,24 @@
 """The vLLM engine behind a generation worker: rollouts with per-token log-probs, weight reloads.
 
 The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds and lets
-`collective_rpc("reload_weights", ...)` receive tensors directly. Log-probs are taken in
+`collective_rpc("reload_weights", ...)` receive tensors directly. `VLLMEngine` drives vLLM's
+engine loop itself (add requests, step, collect finished ones) on one thread, which is what lets
+it take requests while others decode and load weights between two steps. Log-probs are taken in
 `processed_logprobs` mode, i.e. after temperature, so they are the probabilities the tokens
 were actually sampled with; the learner divides its logits by the same temperature.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 
@@ -56,14 +61,91 @@ class GenerationStats:
     seconds: float
 
 
+@dataclass
+class WeightSwap:
+    """What one in-place weight load did to the requests in the engine."""
+
+    version: int
+    paused_seconds: float  # the engine loop stood still this long (reload + cache reset)
+    resumed: int  # unfinished requests carried on with the new weights
+    aborted: int  # unfinished requests dropped and started again (in_flight_update: abort)
+    tokens_of_previous: int  # tokens this engine sampled with the version being replaced
+
+
+@dataclass
+class _Batch:
+    """Engine requests answered together: the n responses of a group, or the sequences of one scoring call."""
+
+    inputs: list  # per request: (prompt, SamplingParams)
+    finish: Callable[[list], object]  # final outputs (in input order) -> the future's result
+    future: Future
+    outputs: list = field(default_factory=list)
+    remaining: int = 0
+
+
+class EngineBatchRecorder:
+    """A vLLM stat logger that keeps the engine's batch size (running requests) after each step.
+
+    This is vLLM's own scheduler accounting (`SchedulerStats.num_running_reqs`), the number of
+    sequences the engine decoded together; it is what shows whether requests that arrive one at a
+    time really share engine steps.
+    """
+
+    def __init__(self, on_step: Callable[[int, int], None] | None = None):
+        self.on_step = on_step
+        self.steps = 0
+        self.max_running = 0
+        self.running_total = 0
+        self.generated_tokens = 0  # sampled tokens, counted per engine step
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if iteration_stats is not None:
+            self.generated_tokens += iteration_stats.num_generation_tokens
+        if scheduler_stats is None:
+            return
+        running = scheduler_stats.num_running_reqs
+        self.steps += 1
+        self.max_running = max(self.max_running, running)
+        self.running_total += running
+        if self.on_step is not None:
+            self.on_step(running, scheduler_stats.num_waiting_reqs)
+
+    def log_engine_initialized(self) -> None:  # the StatLoggerBase interface
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
+
+    def record_admission_rejection(self, reason: str) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "max_batch": self.max_running,
+                "mean_batch": self.running_total / self.steps if self.steps else 0.0}
+
+
 class VLLMEngine:
-    """A vLLM `LLM` serving rollouts for one policy version at a time.
+    """A vLLM engine serving rollouts, driven by its own loop thread (continuous batching).
+
+    Callers on any thread submit requests (`submit_group`, `generate`, `logprobs_of_many`) and get
+    futures; the loop thread adds them to vLLM between engine steps and resolves each future as
+    soon as its requests finish, so requests that arrive one at a time share engine steps with
+    those already decoding. A weight load (`load_weights`) also runs on the loop thread between
+    two steps, i.e. at a token boundary, while requests are in flight: with
+    `in_flight_update: resume` the unfinished requests are preempted (vLLM recomputes their KV
+    with the new weights) and carry on; with `abort` they start again. vLLM records which weight
+    version sampled each token (`set_weight_version`), which becomes the rollout's
+    `policy_versions` spans.
 
     With `generation.quantization: int8`, `model_path` is an int8 start checkpoint
     (`quantization.write_int8_model_dir`) and every push must be the store's int8 variant.
     """
 
-    def __init__(self, model_path: str, cfg: GenerationConfig, dtype: str = "float32", seed: int = 0, name: str = "gen0"):
+    def __init__(self, model_path: str, cfg: GenerationConfig, dtype: str = "float32", seed: int = 0, name: str = "gen0",
+                 on_step: Callable[[int, int], None] | None = None):
         configure_vllm_environment(cfg)
         from vllm import LLM
 
@@ -77,64 +159,195 @@ class VLLMEngine:
             seed=seed,
             enforce_eager=True,
             max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
+            disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
         )
+        self.engine = self.llm.llm_engine
+        # `LLM` takes no stat loggers; the recorder joins the ones its engine already has.
+        self.batches = EngineBatchRecorder(on_step)
+        self.engine.logger_manager.stat_loggers.append(self.batches)
+        self.engine.set_weight_version(str(self.version))
         self.tokenizer = self.llm.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
         # What a push must look like: the tensors of the checkpoint the engine was built from.
         self.spec = checkpoint_spec(model_path)
-        tied = bool(self.llm.llm_engine.model_config.hf_config.get_text_config().tie_word_embeddings)
+        tied = bool(self.engine.model_config.hf_config.get_text_config().tie_word_embeddings)
         self.optional_tensors = frozenset({"lm_head.weight"} if tied else ())
         self.quantized = any(dtype == torch.int8 for dtype, _ in self.spec.values())
         if self.quantized:
             kernels = sum(self.llm.collective_rpc(keep_int8_scales_alive))
             if kernels == 0 and not torch.cuda.is_available():
                 raise RuntimeError(f"{name}: {model_path} holds int8 weights but vLLM built no CPU int8 kernel")
+        self._version_started_at_tokens = 0  # self.batches.generated_tokens when self.version was loaded
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._incoming: list[_Batch] = []
+        self._at_boundary: list[tuple[Callable[[], object], Future]] = []
+        self._requests: dict[str, tuple[_Batch, int]] = {}  # engine request id -> (its batch, index in it)
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._loop = threading.Thread(target=self._run, name=f"{name}-engine-loop", daemon=True)
+        self._loop.start()
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not (self._incoming or self._at_boundary or self._requests or self._closed):
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                    incoming, self._incoming = self._incoming, []
+                    at_boundary, self._at_boundary = self._at_boundary, []
+                # Between two engine steps: a token boundary for every request in flight.
+                for fn, future in at_boundary:
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # noqa: BLE001 - the caller receives it
+                        future.set_exception(exc)
+                for batch in incoming:
+                    self._add(batch)
+                if self._requests:
+                    for out in self.engine.step():
+                        self._finished(out)
+        except BaseException as exc:  # the engine is unusable: every waiter hears why
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._wake:
+            self._failure = exc
+            pending = {id(b): b for b, _ in self._requests.values()} | {id(b): b for b in self._incoming}
+            self._requests.clear()
+            self._incoming.clear()
+            boundary, self._at_boundary = self._at_boundary, []
+        for batch in pending.values():
+            if not batch.future.done():
+                batch.future.set_exception(exc)
+        for _, future in boundary:
+            future.set_exception(exc)
+
+    def _add(self, batch: _Batch) -> None:
+        batch.outputs = [None] * len(batch.inputs)
+        batch.remaining = len(batch.inputs)
+        for i, (prompt, params) in enumerate(batch.inputs):
+            self._add_request(batch, i, prompt, params)
+
+    def _add_request(self, batch: _Batch, index: int, prompt, params) -> None:
+        request_id = f"{self.name}-{next(self._ids)}"
+        self._requests[request_id] = (batch, index)
+        self.engine.add_request(request_id, prompt, params)
+
+    def _finished(self, out) -> None:
+        if not out.finished:
+            return
+        batch, index = self._requests.pop(out.request_id)
+        batch.outputs[index] = out
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            try:
+                batch.future.set_result(batch.finish(batch.outputs))
+            except Exception as exc:  # noqa: BLE001 - a bad output fails its own caller only
+                batch.future.set_exception(exc)
+
+    def _submit(self, inputs: list, finish: Callable[[list], object]) -> Future:
+        future: Future = Future()
+        with self._wake:
+            if self._failure is not None:
+                raise RuntimeError(f"{self.name}: the engine loop died") from self._failure
+            if self._closed:
+                raise RuntimeError(f"{self.name}: the engine is closed")
+            self._incoming.append(_Batch(inputs, finish, future))
+            self._wake.notify()
+        return future
+
+    def at_token_boundary(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the loop thread between two engine steps; the future holds its result."""
+        future: Future = Future()
+        with self._wake:
+            if self._failure is not None:
+                raise RuntimeError(f"{self.name}: the engine loop died") from self._failure
+            self._at_boundary.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def in_flight(self) -> int:
+        """Engine requests (single responses) not finished yet."""
+        with self._wake:
+            return len(self._requests) + sum(len(b.inputs) for b in self._incoming)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._loop.join(timeout=30)
+
+    # ---- requests ------------------------------------------------------------------------
+    def _sampling_params(self, n: int, greedy: bool, max_tokens: int | None = None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = self.cfg.sampling
+        # One engine request per response: each finishes (and can be aborted) on its own.
+        params = SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else s.temperature,
+            top_p=s.top_p,
+            max_tokens=max_tokens or s.max_new_tokens,
+            ignore_eos=s.ignore_eos,
+            logprobs=0,
+            seed=None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        return [params] * (1 if greedy else n)
+
+    def submit_group(self, prompt: Prompt, n: int | None = None, greedy: bool = False,
+                     max_tokens: int | None = None) -> Future:
+        """Start the `n` responses of one prompt group now; the future resolves to its `Rollout`s
+        when the last response finishes (one greedy response with `greedy`)."""
+        group_id = f"{prompt.prompt_id}:{uuid.uuid4().hex[:12]}"
+        params = self._sampling_params(n or self.cfg.sampling.n, greedy, max_tokens)
+        return self._submit([(prompt.text, p) for p in params], lambda outs: self._rollouts(prompt, group_id, outs))
+
+    def _rollouts(self, prompt: Prompt, group_id: str, outputs: list) -> list[Rollout]:
+        rollouts = []
+        for k, out in enumerate(outputs):
+            comp = out.outputs[0]
+            ids = list(comp.token_ids)
+            spans = [(span.start, int(span.version)) for span in comp.weight_versions or () if span.end > span.start]
+            if not spans:  # no token sampled: the response belongs to the version it was asked of
+                spans = [(0, int(self.engine.get_weight_version()))]
+            rollouts.append(
+                Rollout(
+                    sample_id=f"{group_id}:{k}",
+                    prompt_id=prompt.prompt_id,
+                    group_id=group_id,
+                    prompt_ids=list(out.prompt_token_ids),
+                    response_ids=ids,
+                    rollout_logprobs=[step[tok].logprob for tok, step in zip(ids, comp.logprobs)],
+                    policy_version=spans[0][1],
+                    policy_versions=spans,
+                    finish_reason=_finish_reason(comp.finish_reason),
+                    response_text=comp.text,
+                    worker=self.name,
+                )
+            )
+        return rollouts
 
     def generate(
         self, prompts: list[Prompt], n: int | None = None, greedy: bool = False
     ) -> tuple[list[Rollout], GenerationStats]:
-        """`n` responses per prompt (one greedy response for evaluation); each is a `Rollout`
-        tagged with the engine's version."""
-        from vllm import SamplingParams
-
-        s = self.cfg.sampling
-        params = SamplingParams(
-            n=1 if greedy else (n or s.n),
-            temperature=0.0 if greedy else s.temperature,
-            top_p=s.top_p,
-            max_tokens=s.max_new_tokens,
-            logprobs=0,
-            seed=None,
-        )
+        """`n` responses per prompt (one greedy response for evaluation), all submitted at once;
+        returns when the slowest has finished."""
         start = time.perf_counter()
-        outputs = self.llm.generate([p.text for p in prompts], params, use_tqdm=False)
-        rollouts: list[Rollout] = []
-        tokens = 0
-        for prompt, out in zip(prompts, outputs):
-            group_id = f"{prompt.prompt_id}:{uuid.uuid4().hex[:12]}"
-            for k, comp in enumerate(out.outputs):
-                ids = list(comp.token_ids)
-                logprobs = [step[tok].logprob for tok, step in zip(ids, comp.logprobs)]
-                tokens += len(ids)
-                rollouts.append(
-                    Rollout(
-                        sample_id=f"{group_id}:{k}",
-                        prompt_id=prompt.prompt_id,
-                        group_id=group_id,
-                        prompt_ids=list(out.prompt_token_ids),
-                        response_ids=ids,
-                        rollout_logprobs=logprobs,
-                        policy_version=self.version,
-                        finish_reason=_finish_reason(comp.finish_reason),
-                        response_text=comp.text,
-                        worker=self.name,
-                    )
-                )
-        stats = GenerationStats(len(prompts), len(rollouts), tokens, time.perf_counter() - start)
-        return rollouts, stats
+        futures = [self.submit_group(p, n, greedy) for p in prompts]
+        rollouts = [r for f in futures for r in f.result()]
+        tokens = sum(len(r.response_ids) for r in rollouts)
+        return rollouts, GenerationStats(len(prompts), len(rollouts), tokens, time.perf_counter() - start)
 
     def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's log-probs of a fixed response (prompt log-probs of the joined sequence)."""
@@ -144,29 +357,52 @@ class VLLMEngine:
         """`logprobs_of` for several sequences in one engine call (temperature 1)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)], params, use_tqdm=False
-        )
-        result = []
-        for p, r, out in zip(prompts, responses, outputs):
-            seq = p + r
-            result.append([out.prompt_logprobs[i][seq[i]].logprob for i in range(len(p), len(seq))])
-        return result
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, output_kind=RequestOutputKind.FINAL_ONLY)
+        sequences = [p + r for p, r in zip(prompts, responses)]
 
-    def load_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload weights in place (same engine), then drop the prefix cache.
+        def finish(outputs: list) -> list[list[float]]:
+            return [
+                [out.prompt_logprobs[i][seq[i]].logprob for i in range(len(p), len(seq))]
+                for p, seq, out in zip(prompts, sequences, outputs)
+            ]
+
+        return self._submit([(TokensPrompt(prompt_token_ids=seq), params) for seq in sequences], finish).result()
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> WeightSwap:
+        """Reload weights in place (same engine) at the next token boundary, with requests in flight.
 
         The push is checked against the engine's tensor layout first (`WeightSpecError` if it
-        does not fit). Without the cache reset, prompts longer than one KV block would reuse
-        attention state computed with the old weights.
+        does not fit). Afterwards no cached KV from the old weights is used again: the prefix
+        cache is dropped (prompts longer than one KV block would otherwise reuse old attention
+        state) and so is the KV of every unfinished request, which vLLM recomputes from its
+        tokens so far with the new weights (`resume`) or which starts again (`abort`).
         """
         weights = list(weights)
         check_push(self.spec, weights, self.name, self.optional_tensors)
+        return self.at_token_boundary(lambda: self._swap(version, weights)).result()
+
+    def _swap(self, version: int, weights: list[tuple[str, torch.Tensor]]) -> WeightSwap:
+        start = time.perf_counter()
+        unfinished = list(self._requests)
+        aborted = []
+        if unfinished and self.cfg.in_flight_update == "abort":
+            self.engine.abort_request(unfinished)
+            aborted = [self._requests.pop(rid) for rid in unfinished]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.llm.reset_prefix_cache()
-        self.version = version
+        self.engine.set_weight_version(str(version))
+        # With requests running, resetting the cache preempts them: their KV is recomputed.
+        self.engine.reset_prefix_cache(reset_running_requests=bool(self._requests))
+        for batch, index in aborted:
+            self._add_request(batch, index, *batch.inputs[index])
+        # Weights change only between steps, so every step's tokens belong to one version.
+        generated = self.batches.generated_tokens
+        swap = WeightSwap(version, time.perf_counter() - start, len(unfinished) - len(aborted), len(aborted),
+                          generated - self._version_started_at_tokens)
+        self.version, self._version_started_at_tokens = version, generated
+        return swap
 
 
 def _finish_reason(reason: str | None) -> str:

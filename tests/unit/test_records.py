@@ -10,6 +10,7 @@ from rlhf_cluster.records import (
     ScoredSample,
     TrainBatch,
     samples_to_table,
+    spans_version,
     table_to_samples,
 )
 
@@ -49,6 +50,7 @@ def test_schema_matches_contract():
         "ref_logprobs",
         "advantages",
         "created_at",
+        "policy_versions",
     ]
     assert SAMPLE_SCHEMA.field("prompt_ids").type == pa.list_(pa.int32())
     assert SAMPLE_SCHEMA.field("rollout_logprobs").type == pa.list_(pa.float32())
@@ -56,7 +58,38 @@ def test_schema_matches_contract():
     assert SAMPLE_SCHEMA.field("reward").type == pa.float32()
     assert SAMPLE_SCHEMA.field("reward_components").type == pa.map_(pa.string(), pa.float32())
     assert SAMPLE_SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
+    assert SAMPLE_SCHEMA.field("policy_versions").type == pa.list_(
+        pa.struct([pa.field("start", pa.int32(), nullable=False), pa.field("version", pa.int64(), nullable=False)])
+    )
     assert not any(f.nullable for f in SAMPLE_SCHEMA)
+
+
+def test_version_spans_default_and_round_trip():
+    plain = _sample(response=(4, 5, 6), version=3)
+    assert plain.policy_versions == [(0, 3)] and not plain.spans_versions
+    spanning = _sample(sid="s1", response=(4, 5, 6, 7), version=2, policy_versions=[(0, 2), (3, 4)])
+    assert spanning.spans_versions
+    assert [spans_version(spanning.policy_versions, t) for t in range(4)] == [2, 2, 2, 4]
+    back = table_to_samples(samples_to_table([plain, spanning]))
+    assert [s.policy_versions for s in back] == [[(0, 3)], [(0, 2), (3, 4)]]
+
+
+@pytest.mark.parametrize(
+    "spans, problem",
+    [
+        ([], "must start at token 0"),
+        ([(1, 2)], "must start at token 0"),
+        ([(0, 1)], "differs from policy_version"),
+        ([(0, 2), (2, 2)], "must both increase"),
+        ([(0, 2), (0, 3)], "must both increase"),
+        ([(0, 2), (3, 3)], "starts at or after the last"),
+    ],
+)
+def test_bad_version_spans_are_refused(spans, problem):
+    with pytest.raises(ValueError, match=problem):
+        _sample(sid="bad", response=(4, 5, 6), version=2, policy_versions=spans)
+    with pytest.raises(ValueError, match="bad"):
+        Rollout("bad", "p", "g", [1], [4, 5, 6], [-1.0] * 3, 2, "length", policy_versions=spans)
 
 
 def test_rollout_length_validation():
