@@ -99,3 +99,52 @@ def ensure_tiny_model(cfg: TinyModelConfig, cache_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def ensure_long_tail_model(source: str | Path, eos_rate: float, out_dir: str | Path, seed: int = 0) -> Path:
+    """A copy of a tiny model whose response lengths are long-tailed, like real RL responses.
+
+    A random model almost never samples EOS, so every response runs to `max_new_tokens`. Here
+    the EOS row of `lm_head` is set along the mean direction of the model's final hidden states,
+    scaled so that EOS has probability `eos_rate` on average over positions of random text: the
+    stopping point becomes roughly geometric (lengths spread over more than 10x). Benchmarks and
+    tests of long-tail generation use it; written once per (source, rate, seed).
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf_cluster.fileio import write_dir_atomic
+    from rlhf_cluster.modeling import load_causal_lm
+
+    target = Path(out_dir).expanduser() / f"{Path(source).name}-eos{eos_rate:g}-s{seed}"
+    if (target / "model.safetensors").is_file():
+        return target
+    model = load_causal_lm(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    eos = tokenizer.eos_token_id
+    ids = torch.randint(2, model.config.vocab_size, (16, 48), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        logits = model.lm_head(hidden)
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        projection = hidden @ direction
+
+        def mean_eos_prob(scale: float) -> float:
+            eos_logits = scale * projection
+            others = torch.cat([logits[:, :eos], logits[:, eos + 1:]], dim=1)
+            return torch.sigmoid(eos_logits - torch.logsumexp(others, dim=1)).mean().item()
+
+        low, high = 0.0, 1.0
+        while mean_eos_prob(high) < eos_rate:  # the projection's mean is positive by construction
+            low, high = high, high * 2
+            if high > 1e6:
+                raise ValueError(f"{source}: cannot raise the EOS probability to {eos_rate}")
+        for _ in range(50):
+            mid = (low + high) / 2
+            low, high = (mid, high) if mean_eos_prob(mid) < eos_rate else (low, mid)
+        model.lm_head.weight[eos] = high * direction
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomic(target, write)
