@@ -13,6 +13,9 @@ reported), while a publisher thread writes a new weight version to a real `Weigh
   one at once, and each new version is loaded in flight at a token boundary (unfinished responses
   resume with their KV recomputed). This is `generation.mode: streaming` with
   `in_flight_update: resume`.
+- **streaming_no_loads**: the same, but it ignores the published versions. It separates the gain
+  of continuous batching from the cost of the in-flight loads: the recompute of the unfinished
+  responses' KV after each load.
 
 Same concurrency cap on both sides; the sides alternate (rotated order) over `--reps`. Reported:
 samples/s (and tokens/s) per side, the ratio streaming / batched, weight loads and the pause they
@@ -46,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--eos-rate", type=float, default=0.03, help="mean EOS probability per position (sets the length spread)")
-    p.add_argument("--publish-every", type=float, default=0.5, help="seconds between published versions")
+    p.add_argument("--publish-every", type=float, default=1.0, help="seconds between published versions")
+    p.add_argument("--hidden", type=int, default=64, help="model width (64: the demo's tiny model; 512+: a model whose "
+                   "small-batch decode is memory-bound, as on a GPU)")
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="tiny model cache")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -102,12 +108,12 @@ def run_batched(engine, store, prompts, args) -> dict:
     return {"rollouts": rollouts, "pauses": pauses}
 
 
-def run_streaming(engine, store, prompts, args) -> dict:
+def run_streaming(engine, store, prompts, args, follow: bool = True) -> dict:
     pauses: list[float] = []
     done = threading.Event()
 
     def follow_versions() -> None:  # what the driver's version push does
-        while not done.wait(0.01):
+        while follow and not done.wait(0.01):
             loaded = load_newest(engine, store)
             if loaded:
                 pauses.append(loaded[1])
@@ -138,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     from rlhf_cluster.tiny_model import ensure_long_tail_model, ensure_tiny_model
     from rlhf_cluster.weights import WeightStore
 
-    tiny = TinyModelConfig(max_position_embeddings=max(256, args.max_new_tokens + 64))
+    heads = max(1, args.hidden // 64)
+    tiny = TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=heads, num_kv_heads=max(1, heads // 4),
+                           intermediate_size=4 * args.hidden, max_position_embeddings=max(256, args.max_new_tokens + 64))
     model_dir = ensure_long_tail_model(ensure_tiny_model(tiny, args.cache_dir), args.eos_rate, Path(args.cache_dir) / "long-tail")
     sampling = SamplingConfig(n=args.n, max_new_tokens=args.max_new_tokens)
     gen_cfg = GenerationConfig(sampling=sampling, max_model_len=tiny.max_position_embeddings, mode="streaming")
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     state = load_causal_lm(model_dir).state_dict()
     engine.generate(prompts[: args.batch_groups])  # warm-up
 
-    runs = {"batched": run_batched, "streaming": run_streaming}
+    runs = {"batched": run_batched, "streaming": run_streaming,
+            "streaming_no_loads": lambda *a: run_streaming(*a, follow=False)}
     timings: dict[str, list[dict]] = {side: [] for side in runs}
     lengths: list[int] = []
     with tempfile.TemporaryDirectory(prefix="long-tail-") as tmp:
