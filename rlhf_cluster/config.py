@@ -459,6 +459,13 @@ class JobConfig(_Strict):
                 "generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
                 "are trained on without importance correction, so the gradient carries the quantization mismatch"
             )
+        if self.train.oversample_groups and self.train.max_staleness == 0:
+            out.append(
+                "train.oversample_groups > 0 with train.max_staleness = 0: a late group is always one version old "
+                "by the next step, so every over-sampled group is generated and then dropped as stale"
+            )
+        if self.generation.mode == "batched" and self.generation.in_flight_update != "resume":
+            out.append("generation.in_flight_update applies to mode streaming only; batched loads weights between requests")
         return out
 
     @property

@@ -240,3 +240,19 @@ def test_int8_rollouts_keep_correction_on_by_default_and_warn_when_it_is_off():
 def test_unknown_quantization_names_the_field():
     with pytest.raises(ConfigError, match=r"generation.quantization: .*'none' or 'int8'.*\(got 'fp8'\)"):
         load_config(None, ["generation.quantization=fp8"])
+
+
+def test_streaming_settings_validate_and_warn():
+    cfg = load_config(None, ["generation.max_num_seqs=64", "train.oversample_groups=2", "train.max_staleness=1"])
+    assert cfg.generation.mode == "streaming" and cfg.generation.in_flight_update == "resume"
+    assert cfg.generation.max_num_seqs == 64 and cfg.warnings() == []
+    [warning] = load_config(None, ["train.oversample_groups=2", "train.max_staleness=0"]).warnings()
+    assert "oversample_groups" in warning and "stale" in warning
+    [warning] = load_config(None, ["generation.mode=batched", "generation.in_flight_update=abort"]).warnings()
+    assert "in_flight_update" in warning
+    # Over-sampled groups must fit in the buffer beside the staleness allowance.
+    with pytest.raises(ConfigError, match="oversample_groups"):
+        load_config(None, ["buffer.capacity=64", "train.prompts_per_step=8", "generation.sampling.n=4",
+                           "train.max_staleness=0", "train.oversample_groups=9"])
+    with pytest.raises(ConfigError, match="generation.mode"):
+        load_config(None, ["generation.mode=sometimes"])
