@@ -58,3 +58,13 @@ def response_logprobs(
     if with_entropy:
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
+
+
+def sequence_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [T] of one response under `model` (no grad): the reference an engine's
+    per-token log-probs are checked against."""
+    seq = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, seq, torch.ones_like(seq), torch.tensor([len(prompt_ids)]), len(response_ids),
+                                    temperature)
+    return logp[0]

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.driver import TIMELINE_FILE, Driver
 from actors.generation import GenerationWorker
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.records import spans_version
 from rlhf_cluster.tiny_model import ensure_long_tail_model
 from rlhf_cluster.weights import WeightStore
@@ -79,13 +79,6 @@ def test_prompts_submitted_one_at_a_time_share_engine_steps(ray_cluster, job_con
         ray.kill(worker)
 
 
-def _hf_logprobs(model, prompt_ids, response_ids):
-    seq = torch.tensor([prompt_ids + response_ids])
-    with torch.no_grad():
-        logp, _ = response_logprobs(model, seq, torch.ones_like(seq), torch.tensor([len(prompt_ids)]), len(response_ids))
-    return logp[0]
-
-
 def test_version_loaded_in_flight_continues_unfinished_responses(ray_cluster, job_config, tiny_model_path):
     length = 96
     cfg = job_config(generation={"sampling": {"n": 2, "max_new_tokens": length, "ignore_eos": True}})
@@ -129,8 +122,8 @@ def test_version_loaded_in_flight_continues_unfinished_responses(ray_cluster, jo
             assert [spans_version(r.policy_versions, t) for t in (switch - 1, switch)] == [0, 1]
 
             got = torch.tensor(r.rollout_logprobs)
-            new = _hf_logprobs(model, r.prompt_ids, r.response_ids)
-            old = _hf_logprobs(old_model, r.prompt_ids, r.response_ids)
+            new = sequence_logprobs(model, r.prompt_ids, r.response_ids)
+            old = sequence_logprobs(old_model, r.prompt_ids, r.response_ids)
             # Tokens after the switch: exactly the new weights' log-probs (their KV was recomputed).
             assert (got[switch:] - new[switch:]).abs().max() < TOLERANCE
             # Tokens before it: the old weights' (what sampled them, for the importance correction).

@@ -6,19 +6,12 @@ import ray
 import torch
 
 from actors.generation import GenerationWorker
-from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights import WeightStore
 
 # fp32 engine vs fp32 HF forward: measured max |diff| ~5e-7 on the tiny model; 1e-4 leaves room
 # for kernel differences while a stale prefix cache or a missed reload is off by >1e-2.
 TOLERANCE = 1e-4
-
-
-def _hf_logprobs(model, prompt_ids, response_ids):
-    seq = torch.tensor([prompt_ids + response_ids])
-    with torch.no_grad():
-        logp, _ = response_logprobs(model, seq, torch.ones_like(seq), torch.tensor([len(prompt_ids)]), len(response_ids))
-    return logp[0]
 
 
 def test_reload_matches_hf_forward_of_published_weights(ray_cluster, job_config, tiny_model_path):
@@ -32,7 +25,7 @@ def test_reload_matches_hf_forward_of_published_weights(ray_cluster, job_config,
     prompt_ids = [int(x) for x in torch.randint(2, 250, (70,), generator=torch.Generator().manual_seed(0))]
     response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
     before = torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
-    assert (before - _hf_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
+    assert (before - sequence_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
 
     torch.manual_seed(3)
     new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
@@ -41,7 +34,7 @@ def test_reload_matches_hf_forward_of_published_weights(ray_cluster, job_config,
     after = torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
 
     model.load_state_dict(store.load(1))
-    expected = _hf_logprobs(model, prompt_ids, response_ids)
+    expected = sequence_logprobs(model, prompt_ids, response_ids)
     assert (after - expected).abs().max() < TOLERANCE
     # The test can fail: the new weights really change the log-probs.
     assert (before - expected).abs().max() > 100 * TOLERANCE
