@@ -468,6 +468,11 @@ class JobConfig(_Strict):
     def warnings(self) -> list[str]:
         """Settings that are allowed but usually a mistake; the driver logs them, `--dry-run` prints them."""
         out = []
+        if self.learner.backend != "deepspeed" and self.learner.deepspeed != DeepSpeedConfig():
+            out.append(
+                f"learner.deepspeed is set but learner.backend={self.learner.backend}: the DeepSpeed options are "
+                "ignored (set learner.backend: deepspeed to use them)"
+            )
         if self.generation.quantization == "int8" and not self.algorithm.correction.enabled:
             out.append(
                 "generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
