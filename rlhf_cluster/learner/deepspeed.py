@@ -69,8 +69,18 @@ class DeepSpeedLearner(LearnerBase):
         ds_config, adamw_kwargs = engine_config(lc, self.world_size)
         self.ds_config = ds_config
         adamw = torch.optim.AdamW(model.parameters(), **adamw_kwargs)
+        # With bf16, DeepSpeed casts the model to bf16 and builds the fp32 master weights from
+        # that cast, which would round the initial weights to bf16 once. Keep the fp32 values
+        # (references, no copy: the cast swaps in new tensors) and restore the masters from them.
+        initial_fp32 = {name: p.data for name, p in model.named_parameters()} if lc.mixed_precision == "bf16" else {}
         # deepspeed.initialize joins the existing torch.distributed group (it does not start one).
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=ds_config)
+        if initial_fp32:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, param in self.model.module.named_parameters():
+                safe_set_full_fp32_param(param, initial_fp32[name])  # this rank's slice of it
+            del initial_fp32
         # ZeRO swaps AdamW's parameters for its fp32 partitions but keeps the param groups, so
         # the schedule drives the lr the wrapped optimizer uses.
         warmup = lc.warmup_steps

@@ -172,3 +172,55 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         assert any(not torch.equal(published[k], v) for k, v in _initial_weights(cfg).items())
     finally:
         driver.shutdown()
+
+
+def test_deepspeed_checkpointing_offload_bf16_and_nan_skip(ray_cluster, job_config, tiny_model_path, tmp_path):
+    """The DeepSpeed learner's switches do what they say at world size 2.
+
+    Gradient checkpointing recomputes the same activations and CPU offload steps the same AdamW
+    on CPU copies: together they leave the step unchanged (same loss and gradient norm to fp32
+    rounding, parameters within PARAM_ATOL). bf16 (DeepSpeed's bf16 mode) changes the step only
+    by bf16 rounding, and the gathered weights are the fp32 master weights. A NaN loss on one
+    rank skips the update on both, and the next finite step updates normally.
+    """
+    samples = _samples(6)
+    shards = [samples[:2], samples[2:]]
+    settings = {
+        "fp32": {},
+        "checkpointing_offload": {"gradient_checkpointing": True,
+                                  "deepspeed": {"offload_optimizer": True, "offload_params": True}},
+        "bf16": {"mixed_precision": "bf16"},
+    }
+    results, weights = {}, {}
+    for name, learner in settings.items():
+        cfg = _config(job_config, tmp_path / name, "deepspeed", max_grad_norm=1e9, **learner)
+        ranks = _group(cfg, tiny_model_path, 2)
+        results[name] = _train(ranks, shards, 1)[0]
+        weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
+        if name == "fp32":
+            nan_shards = [_samples(6)[:2], _samples(6)[2:]]
+            nan_shards[0][0].advantages = [float("nan")] * len(nan_shards[0][0].advantages)
+            skipped = _train(ranks, nan_shards, 2)
+            after_nan = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
+            assert [s["learner/skipped_updates"] for s in skipped] == [1.0, 1.0]
+            assert all(torch.equal(after_nan[k], v) for k, v in weights["fp32"].items()), "a NaN step changed weights"
+            assert _train(ranks, shards, 3)[0]["learner/skipped_updates"] == 0
+            after = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
+            assert any(not torch.equal(after[k], v) for k, v in after_nan.items()), "the finite step after a NaN did nothing"
+        _kill(ranks)
+    fp32, same, bf16 = results["fp32"], results["checkpointing_offload"], results["bf16"]
+    assert same["policy/loss"] == pytest.approx(fp32["policy/loss"], rel=1e-6, abs=1e-7)
+    assert same["learner/grad_norm"] == pytest.approx(fp32["learner/grad_norm"], rel=1e-5)
+    diff = max(float((weights["checkpointing_offload"][k] - v).abs().max()) for k, v in weights["fp32"].items())
+    assert diff <= PARAM_ATOL, diff
+    # bf16 has 8 mantissa bits: the gradient norm agrees to a few percent, not to fp32 precision.
+    rel = abs(bf16["learner/grad_norm"] - fp32["learner/grad_norm"]) / fp32["learner/grad_norm"]
+    assert 0 < rel < 0.05, rel
+    assert all(t.dtype == torch.float32 for t in weights["bf16"].values())
+    # fp32 master weights: AdamW's first step moves a weight by ~lr whatever the gradient's
+    # rounding, so bf16 and fp32 runs give nearly the same fp32 weights; weights kept in bf16
+    # would be off by up to half a bf16 step (~4e-5 for a 0.02 weight) almost everywhere.
+    every = torch.cat([(weights["bf16"][k] - v).abs().flatten() for k, v in weights["fp32"].items()])
+    close = float((every <= 1e-6).float().mean())
+    print(f"bf16 vs fp32 DeepSpeed step: grad-norm rel diff {rel:.2e}, fraction of weights within 1e-6: {close:.4f}")
+    assert close > 0.95, close
