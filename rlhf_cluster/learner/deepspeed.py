@@ -87,7 +87,6 @@ class DeepSpeedLearner(LearnerBase):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
-        self.zero_stage = lc.deepspeed.zero_stage
 
     # ---- the step --------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
@@ -98,7 +97,10 @@ class DeepSpeedLearner(LearnerBase):
 
     def _clip_and_step(self, loss_finite: bool) -> tuple[float, bool]:
         # A non-finite loss gives a non-finite gradient, hence a non-finite global norm, which
-        # ZeRO detects on every rank alike: the step is skipped and the gradients cleared.
+        # ZeRO detects on every rank alike: the step is skipped and the gradients cleared. The
+        # decision is ZeRO's, on the global norm (`loss_finite` is not consulted): the gradients
+        # are already reduced into ZeRO's partitions, and there is no public way to drop them
+        # without a step.
         self.model.step()
         norm = self.model.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")

@@ -87,6 +87,7 @@ def test_user_json_is_honoured_where_it_agrees(tmp_path):
         ({"scheduler": {"type": "WarmupLR"}}, "scheduler", "learner.warmup_steps"),
         ({"fp16": {"enabled": True}}, "fp16.enabled", "learner.mixed_precision: bf16"),
         ({"bf16": {"enabled": True}}, "bf16.enabled", "learner.mixed_precision: none"),
+        ({"bf16": {"check_grad_overflow": False}}, "bf16.check_grad_overflow", "skips non-finite steps"),
         ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage", "learner.deepspeed.zero_stage = 3"),
         ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "zero_optimization.offload_optimizer.device",
          "learner.deepspeed.offload_optimizer: false"),
