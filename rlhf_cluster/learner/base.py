@@ -313,6 +313,8 @@ class LearnerBase(ABC):
             host = self._host_state_file(directory)
             if host.is_file():
                 written = torch.load(host, weights_only=False).get("backend", "fsdp2")
+            if written == self.backend_name:
+                raise RuntimeError(f"checkpoint {directory}: incomplete, {marker} is missing (was its write finished?)")
             raise RuntimeError(
                 f"checkpoint {directory}: no {self.backend_name} learner state at {marker} (written by backend "
                 f"{written!r}); resume with the learner.backend it was written with"

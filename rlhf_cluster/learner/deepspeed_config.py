@@ -83,7 +83,10 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig",
     for key in ("bf16", "bfloat16"):
         section = user.get(key)
         if isinstance(section, dict) and "enabled" in section and bool(section["enabled"]) != want_bf16:
-            raise _conflict(path, f"{key}.enabled", section["enabled"], f"absent or {str(want_bf16).lower()} (learner.mixed_precision: {lc.mixed_precision})")
+            raise _conflict(
+                path, f"{key}.enabled", section["enabled"],
+                f"absent or {str(want_bf16).lower()} (learner.mixed_precision: {lc.mixed_precision})",
+            )
         if isinstance(section, dict) and section.get("check_grad_overflow") is False:
             # Without it ZeRO 1/2 would apply a bf16 step with a NaN/inf gradient.
             raise _conflict(path, f"{key}.check_grad_overflow", False, "absent or true (the learner skips non-finite steps)")
