@@ -1,4 +1,4 @@
-"""LearnerRank actors: one torch.distributed (FSDP2) group that trains and publishes weights."""
+"""LearnerRank actors: one torch.distributed group (FSDP2 or DeepSpeed ranks) that trains and publishes weights."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors._common import actor_setup, join_process_group, limit_threads, metrics_target, rendezvous_address
-from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster import metrics as m
 from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
+from rlhf_cluster.learner import create_learner
+from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
 
@@ -67,7 +68,7 @@ class LearnerRank:
             self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
         self.checkpoint_write: Future | None = None
-        self.learner: FSDP2Learner | None = None
+        self.learner: LearnerBase | None = None
         limit_threads(world_size + 1)
 
     def address(self) -> tuple[str, int]:
@@ -77,7 +78,7 @@ class LearnerRank:
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""
         join_process_group(master_addr, master_port, self.rank, self.world_size)
-        self.learner = FSDP2Learner(self.cfg, self.model_path)
+        self.learner = create_learner(self.cfg, self.model_path)  # learner.backend picks the class
         return {
             "name": f"rank{self.rank}",
             "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),

@@ -279,10 +279,37 @@ class AlgorithmConfig(_Strict):
         return self
 
 
-class LearnerConfig(_Strict):
-    """The learner: a group of FSDP2 ranks."""
+class DeepSpeedConfig(_Strict):
+    """Options of the DeepSpeed ZeRO learner backend (used when `learner.backend: deepspeed`)."""
 
-    backend: Literal["fsdp2"] = Field("fsdp2", description="Training backend.")
+    zero_stage: int = Field(3, ge=1, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    offload_optimizer: bool = Field(
+        False, description="Keep fp32 master weights and optimizer state in CPU memory; torch's AdamW steps them there."
+    )
+    offload_params: bool = Field(False, description="Keep parameter shards in CPU memory between uses (ZeRO stage 3 only).")
+    config_file: str | None = Field(
+        None, description="Your own DeepSpeed JSON, honoured except where the learner owns a setting (batch sizes, "
+        "accumulation, clipping, optimizer lr/weight decay, scheduler, precision, ZeRO stage, offload): "
+        "those must be absent or agree with the learner config."
+    )
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"learner.deepspeed.offload_params needs zero_stage 3 (parameters are only partitioned in stage 3), "
+                f"got zero_stage {self.zero_stage}"
+            )
+        return self
+
+
+class LearnerConfig(_Strict):
+    """The learner: a group of FSDP2 or DeepSpeed ZeRO ranks."""
+
+    backend: Literal["fsdp2", "deepspeed"] = Field(
+        "fsdp2", description="Training backend: fsdp2 (torch fully_shard) or deepspeed (ZeRO, see `deepspeed`)."
+    )
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed backend options.")
     world_size: int = Field(1, ge=1, description="Learner ranks (one torch.distributed group).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant (the RL schedule).")
@@ -295,12 +322,21 @@ class LearnerConfig(_Strict):
         "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
     )
     mixed_precision: Literal["none", "bf16"] = Field(
-        "none", description="bf16: FSDP2 computes in bf16 (all-gathered bf16 params), reduces gradients and keeps master "
-        "weights and optimizer state in fp32."
+        "none", description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
+        "gradients and keep master weights and optimizer state in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
     seed: int = Field(0, description="Torch seed of every rank.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+    @model_validator(mode="after")
+    def _deepspeed_json_agrees(self) -> "LearnerConfig":
+        # Checked at load time (and `--dry-run`), not only when the ranks start.
+        if self.backend == "deepspeed" and self.deepspeed.config_file:
+            from rlhf_cluster.learner.deepspeed_config import check_user_json, read_user_json
+
+            check_user_json(read_user_json(self.deepspeed.config_file), self.deepspeed.config_file, self, self.world_size)
+        return self
 
 
 class WeightsConfig(_Strict):
@@ -454,6 +490,11 @@ class JobConfig(_Strict):
     def warnings(self) -> list[str]:
         """Settings that are allowed but usually a mistake; the driver logs them, `--dry-run` prints them."""
         out = []
+        if self.learner.backend != "deepspeed" and self.learner.deepspeed != DeepSpeedConfig():
+            out.append(
+                f"learner.deepspeed is set but learner.backend={self.learner.backend}: the DeepSpeed options are "
+                "ignored (set learner.backend: deepspeed to use them)"
+            )
         if self.generation.quantization == "int8" and not self.algorithm.correction.enabled:
             out.append(
                 "generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "

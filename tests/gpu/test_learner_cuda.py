@@ -1,4 +1,4 @@
-"""The FSDP2 learner and reference scoring on CUDA (NCCL, world size 1): run on a GPU machine."""
+"""The FSDP2 and DeepSpeed learners and reference scoring on CUDA (NCCL, world size 1): run on a GPU machine."""
 
 from __future__ import annotations
 
@@ -80,3 +80,19 @@ def test_bf16_step_with_and_without_checkpointing_reports_peak_memory(nccl_group
         print(f"\nbf16 learner step peak memory: {peaks[False] / 2**20:.1f} MiB without checkpointing, "
               f"{peaks[True] / 2**20:.1f} MiB with")
     assert peaks[True] <= peaks[False]
+
+
+def test_deepspeed_zero3_step_on_cuda(nccl_group, tiny_model_path):
+    """The DeepSpeed backend on CUDA (NCCL, world size 1): its step runs on the GPU and the
+    gathered weights come back as fp32 CPU tensors with the HF names."""
+    from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
+
+    cfg = JobConfig.model_validate({"learner": {"backend": "deepspeed", "world_size": 1, "mixed_precision": "bf16"}})
+    learner = DeepSpeedLearner(cfg, tiny_model_path)
+    assert learner.device.type == "cuda"
+    stats = learner.train_step(_batch(), kl_coef=0.01)
+    assert torch.isfinite(torch.tensor(stats["policy/loss"])) and stats["learner/grad_norm"] > 0
+    assert stats["learner/skipped_updates"] == 0
+    state = learner.full_state_dict()
+    assert set(state) == set(load_causal_lm(tiny_model_path).state_dict())
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values())

@@ -1,0 +1,321 @@
+"""What every learner backend shares: the RL train step over micro-batches, metric reduction,
+probe log-probs, RNG state, the host-side checkpoint part and the state digest.
+
+A backend (FSDP2, DeepSpeed) owns only sharding, the optimizer, the backward/step mechanics, the
+full state dict and its checkpoint files. The caller has initialised `torch.distributed` (gloo on
+CPU, nccl on CUDA). Every rank receives its own slice of the step's batch plus the *global*
+counts, so the loss denominator is the same on every rank and for every micro-batch. Both
+backends average gradients over ranks, so each rank scales its loss by the world size to turn
+that average into the sum the global denominator expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.objective import RLObjective
+from rlhf_cluster.modeling import response_logprobs
+from rlhf_cluster.records import TrainBatch, pad_sequences
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def feed_digest(digest: "hashlib._Hash", prefix: str, value: Any) -> None:
+    """Hash a nested state (dicts, lists, tensors, plain values) in a stable order.
+
+    Tensors are hashed by their bytes (a sharded tensor by its local shard), so two states hash
+    equal only if they are bitwise equal.
+    """
+    if isinstance(value, dict):
+        for key in sorted(value, key=str):
+            feed_digest(digest, f"{prefix}/{key}", value[key])
+    elif isinstance(value, torch.Tensor):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        digest.update(prefix.encode())
+        digest.update(local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(f"{prefix}={value!r}".encode())
+
+
+def rng_state() -> dict:
+    """This process's torch / numpy / python (and CUDA) RNG states."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def done_future() -> Future:
+    """A future that has already finished (for a checkpoint written synchronously)."""
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+class LearnerBase(ABC):
+    """One rank of the policy learner: the backend-independent RL step and bookkeeping.
+
+    Subclasses set `self.model` (a callable module or engine with `train()`/`eval()`) and
+    `self.scheduler` (an LR scheduler whose `step()` runs once per applied train step), and
+    implement the backward/step hooks and the state methods.
+    """
+
+    backend_name = "base"
+
+    def __init__(self, cfg: JobConfig):
+        if not dist.is_initialized():
+            raise RuntimeError(f"{type(self).__name__} needs torch.distributed initialised by the caller")
+        self.cfg = cfg
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = default_device()
+        torch.manual_seed(cfg.learner.seed)
+        self.bad_steps = 0
+        self.objective = RLObjective(cfg.algorithm, cfg.generation.sampling.max_new_tokens)
+        self.temperature = cfg.generation.sampling.temperature
+        self.step = 0
+        self.model: Any = None
+        self.scheduler: Any = None
+
+    # ---- backend hooks ---------------------------------------------------------------------
+    @abstractmethod
+    def _backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Accumulate the gradient of `loss` (already scaled for the rank average); the last
+        micro-batch of a mini-batch is marked so a backend can close its accumulation there."""
+
+    @abstractmethod
+    def _clip_and_step(self, loss_finite: bool) -> tuple[float, bool]:
+        """Clip to `learner.max_grad_norm`, step unless the global gradient norm (or the loss)
+        is not finite, clear gradients. Returns (pre-clip global gradient norm, step applied)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the full (unsharded) fp32 CPU state dict on rank 0, empty on other ranks."""
+
+    @abstractmethod
+    def _digest_parts(self) -> dict[str, Any]:
+        """This rank's model and optimizer state (local shards) as a nested dict to hash."""
+
+    @abstractmethod
+    def save_checkpoint(self, directory: str | Path) -> tuple[Future, str]:
+        """Stage this rank's shards and write them; returns the write's future and the digest."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: str | Path) -> str:
+        """Restore model, optimizer, scheduler, step and RNG from a checkpoint; returns the digest."""
+
+    @abstractmethod
+    def shard_info(self) -> dict[str, tuple[int, int]]:
+        """Per parameter: (elements held by this rank, elements of the full parameter)."""
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _to_device(self, batch: TrainBatch) -> TrainBatch:
+        fields = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+        return TrainBatch(**fields)
+
+    def _logprobs(self, b: TrainBatch, rows: slice, with_entropy: bool):
+        return response_logprobs(
+            self.model,
+            b.input_ids[rows],
+            b.attention_mask[rows],
+            b.prompt_lengths[rows],
+            b.response_mask.shape[1],
+            self.temperature,
+            with_entropy,
+        )
+
+    # ---- the step --------------------------------------------------------------------------
+    def _micro_batches(self, b: TrainBatch, lo: int, hi: int) -> list[tuple[slice, bool]]:
+        """Rows [lo, hi) cut into micro-batches of at most `max_tokens_per_micro_batch` padded
+        tokens, as (rows, real) pairs. Every rank runs the same number of forward/backward passes
+        (the sharded backends' collectives must pair up): a rank with fewer pads with `real=False`
+        passes on one row, whose loss counts zero."""
+        budget = self.cfg.learner.max_tokens_per_micro_batch
+        if budget is None:
+            return [(slice(lo, hi), True)]
+        per_micro = max(1, budget // b.input_ids.shape[1])
+        own = [(slice(start, min(start + per_micro, hi)), True) for start in range(lo, hi, per_micro)]
+        t = torch.tensor([len(own)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return own + [(slice(lo, lo + 1), False)] * (int(t.item()) - len(own))
+
+    def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
+        """One optimizer step per mini-batch over this rank's share of the step's batch; a
+        mini-batch is accumulated over micro-batches when `max_tokens_per_micro_batch` is set."""
+        start = time.perf_counter()
+        b = self._to_device(local)
+        lc = self.cfg.learner
+        mask = b.response_mask
+        B = mask.shape[0]
+        self.model.train()
+        bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
+        plans = [self._micro_batches(b, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        # π_prox: the current weights' log-probs before any update, the PPO denominator. With one
+        # epoch of one mini-batch in one pass, the training forward runs on exactly those weights,
+        # so its detached log-probs are π_prox and the separate no-grad forward is skipped.
+        single_pass = lc.ppo_epochs == 1 and len(plans) == 1 and len(plans[0]) == 1
+        if not single_pass:
+            with torch.no_grad():
+                prox, _ = self._logprobs(b, slice(None), with_entropy=False)
+            correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
+
+        sums: dict[str, float] = {}
+        tokens_seen, loss_total, iterations, skipped = 0.0, 0.0, 0, 0
+        grad_norm = 0.0
+        for _ in range(lc.ppo_epochs):
+            for (lo, hi), plan in zip(zip(bounds[:-1], bounds[1:]), plans):
+                m_all = mask[lo:hi]
+                global_tokens, global_seqs = self._all_reduce([float(m_all.sum()), float((m_all.sum(-1) > 0).sum())])
+                mini_loss = 0.0
+                finite = True
+                for index, (rows, real) in enumerate(plan):
+                    m = mask[rows]
+                    logprobs, ent = self._logprobs(b, rows, with_entropy=True)
+                    if single_pass:
+                        prox = logprobs.detach()
+                        correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
+                    # max(.., 1): a mini-batch whose tokens were all filtered out (overlong
+                    # filtering) contributes a zero loss rather than NaN.
+                    loss, metrics = self.objective.loss(
+                        logprobs,
+                        prox[rows],
+                        b.ref_logprobs[rows],
+                        b.advantages[rows],
+                        m,
+                        None if correction is None else correction[rows],
+                        ent,
+                        kl_coef=kl_coef,
+                        denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
+                        token_denominator=max(global_tokens, 1.0),
+                    )
+                    if not real:
+                        loss = loss * 0.0  # a padding pass: collectives only
+                    # The denominators are the mini-batch's global counts, so the micro-batch
+                    # losses (and their gradients, accumulated here) add up to the mini-batch's.
+                    self._backward(loss * self.world_size, last_micro_batch=index == len(plan) - 1)
+                    if not real:
+                        continue
+                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    mini_loss += float(loss.detach())
+                    local_tokens = float(m.sum())
+                    for k, v in metrics.items():
+                        if k.endswith("_max"):
+                            sums[k] = max(sums.get(k, float("-inf")), v)
+                        else:
+                            sums[k] = sums.get(k, 0.0) + v * local_tokens
+                    tokens_seen += local_tokens
+                grad_norm, applied = self._clip_and_step(finite)
+                if not applied:
+                    skipped += 1
+                loss_total += mini_loss
+                iterations += 1
+        self.step += 1
+        if skipped == 0:
+            self.scheduler.step()
+
+        # Across ranks: token means are averaged weighted by tokens, maxima take the max, and the
+        # ESS is recomputed from global sums (an average of per-rank ESS would be wrong).
+        local_tok = float(mask.sum())
+        means = {k: v for k, v in sums.items() if not k.endswith("_max")}
+        means.update({k: v * local_tok for k, v in corr_metrics.items() if not k.endswith("_max") and k != "correction/ess"})
+        maxima = {k: v for k, v in {**corr_metrics, **sums}.items() if k.endswith("_max")}
+        keys = sorted(means)
+        w = correction if correction is not None else torch.ones_like(mask)
+        ess_sums = [float((w * mask).sum()), float((w * w * mask).sum())]
+        reduced = self._all_reduce([means[k] for k in keys] + [tokens_seen, local_tok, loss_total] + ess_sums)
+        total_seen, total_tok, loss_sum, w_sum, w2_sum = reduced[len(keys):]
+        out = {k: reduced[i] / max(total_seen if k in sums else total_tok, 1.0) for i, k in enumerate(keys)}
+        max_keys = sorted(maxima)
+        t = torch.tensor([maxima[k] for k in max_keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out.update(zip(max_keys, t.tolist()))
+        out["correction/ess"] = w_sum**2 / (total_tok * w2_sum) if w2_sum > 0 else 0.0
+        # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
+        out["policy/loss"] = loss_sum / max(iterations, 1)
+        out["learner/grad_norm"] = grad_norm
+        out["learner/skipped_updates"] = float(skipped)
+        out["learner/lr"] = self.scheduler.get_last_lr()[0]
+        out["learner/tokens"] = total_tok
+        out["learner/step_seconds"] = time.perf_counter() - start
+        return out
+
+    # ---- weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Collective (every rank runs the same forward): fp32 log-probs of fixed sequences at
+        temperature 1, what an engine holding the same weights should report for them."""
+        input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompt_ids, response_ids)
+        self.model.eval()
+        logp, _ = response_logprobs(
+            self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device), T
+        )
+        self.model.train()
+        logp = logp.float().cpu()
+        return [logp[i, : len(r)].tolist() for i, r in enumerate(response_ids)]
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_digest(self) -> str:
+        """sha256 over this rank's model and optimizer shards, scheduler and step: equal digests, equal state."""
+        digest = hashlib.sha256()
+        for prefix, value in self._digest_parts().items():
+            feed_digest(digest, prefix, value)
+        feed_digest(digest, "scheduler", self.scheduler.state_dict())
+        feed_digest(digest, "step", self.step)
+        return digest.hexdigest()
+
+    def _host_state_file(self, directory: Path) -> Path:
+        return directory / "rng" / f"rank{self.rank}.pt"
+
+    def _save_host_state(self, directory: Path) -> None:
+        """RNG, scheduler and step of this rank (the part of the state outside the backend)."""
+        torch.save(
+            {"rng": rng_state(), "scheduler": self.scheduler.state_dict(), "step": self.step, "backend": self.backend_name},
+            self._host_state_file(directory),
+        )
+
+    def _load_host_state(self, directory: Path) -> None:
+        extra = torch.load(self._host_state_file(directory), weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.step = extra["step"]
+        set_rng_state(extra["rng"])
+
+    def _check_backend_of(self, directory: Path, marker: Path) -> None:
+        """A clear error when a checkpoint was written by the other backend (its files differ)."""
+        if not marker.exists():
+            written = "unknown"
+            host = self._host_state_file(directory)
+            if host.is_file():
+                written = torch.load(host, weights_only=False).get("backend", "fsdp2")
+            if written == self.backend_name:
+                raise RuntimeError(f"checkpoint {directory}: incomplete, {marker} is missing (was its write finished?)")
+            raise RuntimeError(
+                f"checkpoint {directory}: no {self.backend_name} learner state at {marker} (written by backend "
+                f"{written!r}); resume with the learner.backend it was written with"
+            )
