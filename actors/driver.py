@@ -272,7 +272,8 @@ class Driver:
             ),
             "reward": pool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
         }
-        if cfg.scoring.reference:
+        # With LoRA the learner's base model (adapters off) is the reference: no copy to run.
+        if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
                 "reference", "ref", lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, self.model_path, i)
             )

@@ -132,6 +132,20 @@ class LearnerRank:
     def shard_info(self) -> dict[str, tuple[int, int]]:
         return self.learner.shard_info()
 
+    def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Collective: the policy's fp32 log-probs of fixed sequences (what an engine holding the
+        published weights should report)."""
+        return self.learner.probe_logprobs(prompt_ids, response_ids)
+
+    def reference_logprobs(self, batch: TrainBatch) -> list[list[float]] | None:
+        """Collective: the reference log-probs the learner would train this batch against when it
+        computes them itself (LoRA: base model, adapters off); None when they come from scoring."""
+        ref = self.learner.reference_logprobs(self.learner._to_device(batch))
+        if ref is None:
+            return None
+        lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()
+        return [ref[i, :n].float().cpu().tolist() for i, n in enumerate(lengths)]
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective; rank 0 returns the gathered weights, other ranks an empty dict."""
         return self.learner.full_state_dict()

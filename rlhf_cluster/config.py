@@ -303,6 +303,22 @@ class DeepSpeedConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters on the policy (peft): only they are trained, checkpointed and published (merged)."""
+
+    rank: int = Field(0, ge=0, description="Adapter rank r (0: no LoRA, full fine-tuning).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (0 keeps the RL ratios exact).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Linear layers (by name) that get adapters.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class LearnerConfig(_Strict):
     """The learner: a group of FSDP2 or DeepSpeed ZeRO ranks."""
 
@@ -310,6 +326,10 @@ class LearnerConfig(_Strict):
         "fsdp2", description="Training backend: fsdp2 (torch fully_shard) or deepspeed (ZeRO, see `deepspeed`)."
     )
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed backend options.")
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
+        "learner's base model with the adapters disabled, so no reference workers run."
+    )
     world_size: int = Field(1, ge=1, description="Learner ranks (one torch.distributed group).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant (the RL schedule).")
@@ -468,6 +488,14 @@ class JobConfig(_Strict):
             )
         if self.algorithm.shaping.overlong_buffer >= self.generation.sampling.max_new_tokens:
             raise ValueError("algorithm.shaping.overlong_buffer must be smaller than generation.sampling.max_new_tokens")
+        if self.learner.lora.enabled:
+            if self.learner.backend != "fsdp2":
+                raise ValueError(f"learner.lora needs learner.backend: fsdp2 (got {self.learner.backend})")
+            if self.algorithm.kl.placement == "reward":
+                raise ValueError(
+                    "learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
+                    "the learner at train time, after rewards are final; use kl.placement loss or none"
+                )
         if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo") and self.generation.sampling.n < 2:
             raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs generation.sampling.n >= 2")
         # Each step's samples are dealt round-robin to the learner ranks; an uneven split gives

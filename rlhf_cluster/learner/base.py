@@ -114,6 +114,11 @@ class LearnerBase(ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the full (unsharded) fp32 CPU state dict on rank 0, empty on other ranks."""
 
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor | None:
+        """Reference log-probs the learner computes itself (LoRA: the base model); None: the
+        batch's, from the reference workers."""
+        return None
+
     @abstractmethod
     def _digest_parts(self) -> dict[str, Any]:
         """This rank's model and optimizer state (local shards) as a nested dict to hash."""
@@ -171,6 +176,9 @@ class LearnerBase(ABC):
         mini-batch is accumulated over micro-batches when `max_tokens_per_micro_batch` is set."""
         start = time.perf_counter()
         b = self._to_device(local)
+        ref = self.reference_logprobs(b)
+        if ref is not None:
+            b.ref_logprobs = ref.to(b.ref_logprobs.dtype)
         lc = self.cfg.learner
         mask = b.response_mask
         B = mask.shape[0]

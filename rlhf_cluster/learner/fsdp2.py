@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerBase
+from rlhf_cluster.learner.lora import apply_lora, merge_lora_state_dict
 from rlhf_cluster.modeling import load_causal_lm
 
 
@@ -34,17 +35,23 @@ class FSDP2Learner(LearnerBase):
         model = load_causal_lm(model_path, torch.float32, self.device)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = model
+        if lc.lora.enabled:
+            model = apply_lora(model, lc.lora)
+        # With LoRA the frozen base weights are never saved or hashed: they are the model folder's.
+        self.state_options = StateDictOptions(ignore_frozen_params=lc.lora.enabled)
         # Master weights and optimizer state stay fp32; with bf16, FSDP2 all-gathers bf16 copies
         # for compute and reduces gradients in fp32.
         shard_kwargs = {"mesh": init_device_mesh(self.device.type, (self.world_size,))}
         if lc.mixed_precision == "bf16":
             shard_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        layers = getattr(getattr(model, "model", model), "layers", [])
+        layers = getattr(getattr(base, "model", base), "layers", [])
         for layer in layers:
             fully_shard(layer, **shard_kwargs)
         fully_shard(model, **shard_kwargs)
         self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, weight_decay=lc.weight_decay)
         warmup = lc.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -70,12 +77,24 @@ class FSDP2Learner(LearnerBase):
 
     # ---- weights ---------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the full (unsharded) CPU state dict on rank 0, empty on other ranks."""
-        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """Collective: the full (unsharded) CPU state dict on rank 0, empty on other ranks; with
+        LoRA the merged weights under the base model's names."""
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        lora = self.cfg.learner.lora
+        return merge_lora_state_dict(state, lora.alpha / lora.rank) if lora.enabled else state
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch):
+        """With LoRA, the reference is the base model: the same forward with the adapters disabled."""
+        if not self.cfg.learner.lora.enabled:
+            return None
+        with self.model.disable_adapter():
+            ref, _ = self._logprobs(batch, slice(None), with_entropy=False)
+        return ref
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _digest_parts(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         return {"model": model_sd, "optim": optim_sd}
 
     def save_checkpoint(self, directory: str | Path) -> tuple[Future, str]:
@@ -85,7 +104,7 @@ class FSDP2Learner(LearnerBase):
         state first, so training may continue while the files are written.
         """
         directory = Path(directory)
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         future = dcp.async_save(
             {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "learner"),
             process_group=self.checkpoint_group,
@@ -98,10 +117,11 @@ class FSDP2Learner(LearnerBase):
         """Restore model, optimizer, scheduler, step and RNG from a checkpoint; returns the state digest."""
         directory = Path(directory)
         self._check_backend_of(directory, directory / "learner" / ".metadata")
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(directory / "learner"), process_group=self.checkpoint_group)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.state_options)
         self._load_host_state(directory)
         return self.state_digest()
 

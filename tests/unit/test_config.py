@@ -256,3 +256,15 @@ def test_streaming_settings_validate_and_warn():
                            "train.max_staleness=0", "train.oversample_groups=9"])
     with pytest.raises(ConfigError, match="generation.mode"):
         load_config(None, ["generation.mode=sometimes"])
+
+
+def test_lora_needs_fsdp2_and_a_kl_outside_the_reward():
+    cfg = load_config(None, ["learner.lora.rank=8"])
+    assert cfg.learner.lora.enabled and cfg.learner.lora.alpha == 16.0
+    assert not load_config(None, []).learner.lora.enabled
+    with pytest.raises(ConfigError, match=r"learner\.lora needs learner\.backend: fsdp2"):
+        load_config(None, ["learner.lora.rank=8", "learner.backend=deepspeed"])
+    with pytest.raises(ConfigError, match=r"kl\.placement=reward"):
+        load_config(None, ["learner.lora.rank=8", "algorithm.kl.placement=reward"])
+    with pytest.raises(ConfigError, match=r"learner\.lora\.rank"):
+        load_config(None, ["learner.lora.rank=-1"])

@@ -1,0 +1,52 @@
+"""LoRA for the policy (peft): adapters on, base frozen; merged weights for the weight store.
+
+Only the adapter matrices train. Generation engines load plain checkpoints in place
+(`reload_weights`), so each published version is the merged model, W + (alpha / r) B A, under
+the base model's tensor names: the engine needs no LoRA support, and the bytes it reads are the
+same as for full fine-tuning. The base model with the adapters disabled is the frozen reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_cluster.config import LoraConfig
+
+PEFT_PREFIX = "base_model.model."
+
+
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """`model` wrapped by peft with adapters on `cfg.target_modules`; every base weight frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = sorted(set(cfg.target_modules) - present)
+    if missing:
+        raise ValueError(
+            f"learner.lora.target_modules: {missing} name no linear layer of this model (it has {sorted(present)})"
+        )
+    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def is_adapter_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def merge_lora_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft LoRA model's full state dict as the plain model's: W + scale * (B @ A) per adapted
+    layer, names without peft's prefixes (what the weight store and the engines expect)."""
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if is_adapter_param(name):
+            continue
+        plain = name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        if name.endswith(".base_layer.weight"):
+            layer = name[: -len(".base_layer.weight")]
+            a = state[f"{layer}.lora_A.default.weight"].to(torch.float32)
+            b = state[f"{layer}.lora_B.default.weight"].to(torch.float32)
+            tensor = (tensor.to(torch.float32) + scale * (b @ a)).to(tensor.dtype)
+        merged[plain] = tensor
+    return merged

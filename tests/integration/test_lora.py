@@ -1,0 +1,106 @@
+"""LoRA on the policy: only adapters train, the base model (adapters off) is the reference, and
+generation engines receive and sample from the merged weights. Real Ray, FSDP2 (gloo), vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import ray
+import torch
+
+from actors.driver import Driver
+from actors.learner import LearnerRank
+from rlhf_cluster.learner.lora import is_adapter_param
+from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
+from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.weights import WeightStore
+
+from test_learner_ranks import _samples
+
+RANK, ALPHA = 4, 8.0
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_ranks(cfg, model_path, world):
+    ranks = [LearnerRank.remote(cfg.model_dump(), model_path, r, world) for r in range(world)]
+    addr, port = ray.get(ranks[0].address.remote())
+    ray.get([rank.setup.remote(addr, port) for rank in ranks])
+    return ranks
+
+
+def test_lora_trains_adapters_only_and_references_the_base_model(ray_cluster, job_config, tiny_model_path, tmp_path):
+    cfg = job_config(learner={"world_size": 2, "lr": 1e-2, "lora": {"rank": RANK, "alpha": ALPHA}},
+                     algorithm={"kl": {"placement": "loss", "coef": 0.1}})
+    samples = _samples()
+    shards = [samples[0::2], samples[1::2]]
+    batches = [TrainBatch.from_samples(s) for s in shards]
+    base = load_causal_lm(tiny_model_path)
+    base_state = base.state_dict()
+    ranks = _lora_ranks(cfg, tiny_model_path, 2)
+    try:
+        def reference():
+            return [r for rs in ray.get([k.reference_logprobs.remote(b) for k, b in zip(ranks, batches)]) for r in rs]
+
+        def base_logprobs():
+            return [sequence_logprobs(base, s.prompt_ids, s.response_ids).tolist() for shard in shards for s in shard]
+
+        # Version 0 is the base model exactly (LoRA's B starts at zero).
+        before = ray.get([k.full_state_dict.remote() for k in ranks])[0]
+        assert set(before) == set(base_state) and all(torch.equal(before[k], v) for k, v in base_state.items())
+
+        stats = ray.get([k.train.remote(b, 1, 0.1) for k, b in zip(ranks, batches)])
+        assert stats[0]["learner/skipped_updates"] == 0.0
+        after = ray.get([k.full_state_dict.remote() for k in ranks])[0]
+        changed = {k for k, v in base_state.items() if not torch.equal(after[k], v)}
+        # Only the adapted layers moved, each by a matrix of rank <= r (B A): the base stayed frozen.
+        assert changed and all(k.endswith(".weight") and any(f".{t}." in k for t in TARGETS) for k in changed)
+        for k in changed:
+            assert torch.linalg.matrix_rank(after[k] - base_state[k]).item() <= RANK
+
+        # The reference log-probs are the base model's, before and after the adapters changed...
+        for got, want in zip(reference(), base_logprobs()):
+            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5
+        # ...while the policy (adapters on) has moved away from them.
+        policy = ray.get([k.probe_logprobs.remote([s.prompt_ids for s in sh], [s.response_ids for s in sh])
+                          for k, sh in zip(ranks, shards)])[0]
+        moved = max(abs(a - b) for got, want in zip(policy, base_logprobs()[: len(policy)]) for a, b in zip(got, want))
+        assert moved > 1e-3
+
+        # Checkpoints hold the adapters (and their optimizer state) only.
+        ckpt = tmp_path / "ckpt"
+        (ckpt / "rng").mkdir(parents=True)
+        ray.get([k.save_checkpoint.remote(str(ckpt)) for k in ranks])
+        ray.get([k.wait_checkpoint.remote() for k in ranks])
+        import torch.distributed.checkpoint as dcp
+
+        keys = dcp.FileSystemReader(str(ckpt / "learner")).read_metadata().state_dict_metadata
+        model_keys = [k for k in keys if k.startswith("model.")]
+        assert model_keys and all(is_adapter_param(k) for k in model_keys)
+    finally:
+        for rank in ranks:
+            ray.kill(rank)
+
+
+def test_lora_job_publishes_merged_weights_that_generation_samples_from(ray_cluster, job_config, tiny_model_path):
+    steps = 3
+    cfg = job_config(learner={"world_size": 1, "lr": 1e-2, "lora": {"rank": RANK, "alpha": ALPHA}},
+                     train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False})
+    driver = Driver(cfg)
+    try:
+        assert "reference" not in driver.pools  # the learner's base model is the reference
+        result = asyncio.run(driver.run())
+    finally:
+        driver.shutdown()
+    assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
+    assert all(torch.isfinite(torch.tensor(r["kl"])) for r in result.rows)
+    store = WeightStore(cfg.weights_dir)
+    final, base = store.load(steps), load_causal_lm(tiny_model_path).state_dict()
+    assert set(final) == set(base) and any(not torch.equal(final[k], base[k]) for k in base)
+    # The worker loaded each new version it generated with and scored the probe: its log-probs equal
+    # the learner's (adapters on) to fp32 precision, so it samples from the updated adapters. (The
+    # last version is published after the last step; nothing generates with it.)
+    probes = [json.loads(x) for x in (Path(result.run_dir) / "probes.jsonl").read_text().splitlines()]
+    assert {p["version"] for p in probes} >= set(range(1, steps))
+    assert max(p["max_abs_diff"] for p in probes) < 1e-4
