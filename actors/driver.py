@@ -504,16 +504,17 @@ class Driver:
             self.labels.of(m.LEARNER_VERSION).set(self.published_version)
             self._changed.notify_all()
         if self.cfg.generation.mode == "streaming":
-            await self._push_version(version)
+            await self._push_newest_version()
 
-    async def _push_version(self, version: int) -> None:
-        """Streaming: every generation worker loads `version` now, with its requests in flight.
+    async def _push_newest_version(self) -> None:
+        """Streaming: every generation worker loads the newest version now, with its requests in flight.
 
         A worker that dies meanwhile is the pool's business (it is replaced and its replacement
         loads the newest version before serving); any other failure ends the job.
         """
         actors = list(self.pools["generation"].actors.values())
-        # min_version 0: after a rollback `version` may be gone again; the newest is what counts.
+        # min_version 0: after a rollback the version just published may be gone again; the
+        # newest is what counts.
         results = await asyncio.gather(*[a.sync.remote(0) for a in actors], return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError):
