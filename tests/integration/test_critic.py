@@ -78,15 +78,19 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
         group.kill()
 
 
-def test_ppo_job_with_a_critic_runs_real_steps(ray_cluster, job_config):
-    steps = 3
-    cfg = job_config(
+def _ppo_config(job_config, steps: int):
+    return job_config(
         generation={"replicas": 1, "prompts_per_request": 4, "sampling": {"n": 1, "max_new_tokens": 8}},
         algorithm={"advantage": "gae", "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01}},
         critic={"world_size": 1, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 8, "max_staleness": 1, "progress": False},
         checkpoint={"every_steps": 2},
     )
+
+
+def test_ppo_job_with_a_critic_runs_real_steps_and_resumes(ray_cluster, job_config):
+    steps = 3
+    cfg = _ppo_config(job_config, steps)
     driver = Driver(cfg)
     try:
         result = asyncio.run(driver.run())
@@ -108,5 +112,19 @@ def test_ppo_job_with_a_critic_runs_real_steps(ray_cluster, job_config):
 
         loss = REGISTRY.get_sample_value("rlhf_critic_value_loss", {"job": "test", "pool": "driver", "worker": "driver"})
         assert loss == rows[-1]["critic/value_loss"]
+    finally:
+        driver.shutdown()
+
+    # Resume one more step from the newest checkpoint: the critic's restored state must match the
+    # digests its ranks took at save (the driver refuses the checkpoint otherwise).
+    driver = Driver(_ppo_config(job_config, steps + 1), resume="auto")
+    try:
+        resumed = json.loads((driver.run_dir / "resume.json").read_text())
+        assert resumed["step"] == steps - 1
+        result = asyncio.run(driver.run())
+        assert [r["step"] for r in result.rows] == [steps]
+        lines = [json.loads(x) for x in (driver.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines] == list(range(steps + 1))
+        assert math.isfinite(result.rows[-1]["critic/value_loss"])
     finally:
         driver.shutdown()
