@@ -339,6 +339,10 @@ class CriticConfig(_Strict):
         0.2, gt=0, description="Clipped value loss: new values may move at most this far from the values the "
         "advantages were computed with before the loss stops pulling them (None: unclipped squared error)."
     )
+    epochs: int = Field(
+        1, ge=1, description="Optimizer steps of the critic on each step's batch. The value clip only acts from the "
+        "second on: the first starts from exactly the values the advantages used."
+    )
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1, description="Gradient accumulation for the critic, as `learner.max_tokens_per_micro_batch`."
     )

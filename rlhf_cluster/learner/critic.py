@@ -94,9 +94,9 @@ class ValueLearner(FSDP2Learner):
         return torch.cat(out).float().cpu()
 
     def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
-        """One optimizer step of the clipped value loss towards `local.returns`, clipped around
-        `local.old_values` (the values the advantages were computed with). The loss is a token mean
-        over every rank's valid tokens (one global denominator for all ranks and micro-batches)."""
+        """`critic.epochs` optimizer steps of the clipped value loss towards `local.returns`, clipped
+        around `local.old_values` (the values the advantages were computed with). The loss is a token
+        mean over every rank's valid tokens (one global denominator for all ranks and micro-batches)."""
         del kl_coef  # the policy learner's signature; the value loss has no KL term
         start = time.perf_counter()
         if local.returns is None or local.old_values is None:
@@ -107,45 +107,56 @@ class ValueLearner(FSDP2Learner):
         [global_tokens] = self._all_reduce([float(mask.sum())])
         denominator = max(global_tokens, 1.0)
         plan = self._micro_batches(b, 0, mask.shape[0])
-        loss_sum, clipped_tokens, finite = 0.0, 0.0, True
-        for index, (rows, real) in enumerate(plan):
-            loss, metrics = value_loss(
-                self._values(b, rows), b.old_values[rows], b.returns[rows], mask[rows],
-                clip=self.critic.value_clip, denominator=denominator,
-            )
-            if not real:
-                loss = loss * 0.0  # a padding pass: collectives only
-            # FSDP2 averages gradients over ranks; x world size turns that into the global sum.
-            self._backward(loss * self.world_size, last_micro_batch=index == len(plan) - 1)
-            if not real:
-                continue
-            finite = finite and bool(torch.isfinite(loss.detach()))
-            loss_sum += float(loss.detach())
-            clipped_tokens += metrics["value_clip_frac"] * float(mask[rows].sum())
-        grad_norm, applied = self._clip_and_step(finite)
+        loss_sum, first_loss, clipped_tokens, skipped = 0.0, 0.0, 0.0, 0
+        grad_norm = 0.0
+        for epoch in range(self.critic.epochs):
+            epoch_loss, finite = 0.0, True
+            for index, (rows, real) in enumerate(plan):
+                loss, metrics = value_loss(
+                    self._values(b, rows), b.old_values[rows], b.returns[rows], mask[rows],
+                    clip=self.critic.value_clip, denominator=denominator,
+                )
+                if not real:
+                    loss = loss * 0.0  # a padding pass: collectives only
+                # FSDP2 averages gradients over ranks; x world size turns that into the global sum.
+                self._backward(loss * self.world_size, last_micro_batch=index == len(plan) - 1)
+                if not real:
+                    continue
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                epoch_loss += float(loss.detach())
+                clipped_tokens += metrics["value_clip_frac"] * float(mask[rows].sum())
+            grad_norm, applied = self._clip_and_step(finite)
+            skipped += int(not applied)
+            loss_sum += epoch_loss
+            if epoch == 0:
+                first_loss = epoch_loss
         self.step += 1
-        if applied:
+        if skipped == 0:
             self.scheduler.step()
 
         # Explained variance of the returns by the values the advantages used, from global sums:
         # 1 - Var(R - V) / Var(R) over every rank's valid tokens.
         ret, old = b.returns * mask, b.old_values * mask
         resid = ret - old
-        sums = [loss_sum, clipped_tokens, float(ret.sum()), float(ret.square().sum()), float(resid.sum()),
+        sums = [loss_sum, first_loss, clipped_tokens, float(ret.sum()), float(ret.square().sum()), float(resid.sum()),
                 float(resid.square().sum()), float(old.sum())]
-        loss_total, clipped, r1, r2, d1, d2, v1 = self._all_reduce(sums)
+        loss_total, first_total, clipped, r1, r2, d1, d2, v1 = self._all_reduce(sums)
         n = denominator
+        epochs = self.critic.epochs
         var_r = r2 / n - (r1 / n) ** 2
         var_d = d2 / n - (d1 / n) ** 2
         return {
-            "critic/value_loss": loss_total,  # each rank's share of the global-denominator loss: the sum is the loss
-            "critic/value_clip_frac": clipped / n,
+            # Each rank's share of the global-denominator loss: the sum over ranks is the loss.
+            "critic/value_loss": loss_total / epochs,  # mean over the epochs
+            # The first epoch's loss is the error of the values the advantages used: comparable across steps.
+            "critic/value_loss_before": first_total,
+            "critic/value_clip_frac": clipped / (n * epochs),
             # Constant returns leave nothing to explain: reported as 0 rather than NaN.
             "critic/explained_variance": 1.0 - var_d / var_r if var_r > 1e-12 else 0.0,
             "critic/value_mean": v1 / n,
             "critic/return_mean": r1 / n,
             "critic/grad_norm": grad_norm,
-            "critic/skipped_updates": float(not applied),
+            "critic/skipped_updates": float(skipped),
             "critic/lr": self.scheduler.get_last_lr()[0],
             "critic/step_seconds": time.perf_counter() - start,
         }

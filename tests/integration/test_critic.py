@@ -34,7 +34,7 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
     world = 2
     cfg = job_config(
         algorithm={"advantage": "gae"},
-        critic={"world_size": world, "lr": 3e-3, "value_clip": 0.2},
+        critic={"world_size": world, "lr": 3e-3, "value_clip": 0.2, "epochs": 2},
         generation={"sampling": {"n": 1, "max_new_tokens": 8}},
     )
     samples = _samples()
@@ -44,7 +44,7 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
     group = CriticGroup(cfg.model_dump(), tiny_model_path, cfg.critic.resources, world)
     try:
         shares = [samples[r::world] for r in range(world)]
-        losses, variances = [], []
+        losses, variances, clip_fracs = [], [], []
         for _ in range(12):
             # As in the job: the values of this step are the clip centre (old values) of its update.
             values = ray.get([rank.values.remote(TrainBatch.from_samples(s)) for rank, s in zip(group.ranks, shares)])
@@ -56,13 +56,18 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
             ]
             stats = ray.get([rank.train.remote(b) for rank, b in zip(group.ranks, batches)])
             assert all(abs(st["critic/value_loss"] - stats[0]["critic/value_loss"]) < 1e-9 for st in stats), "ranks disagree"
-            losses.append(stats[0]["critic/value_loss"])
+            # The first epoch's loss is the error of the values before this step's updates.
+            losses.append(stats[0]["critic/value_loss_before"])
             variances.append(stats[0]["critic/explained_variance"])
+            clip_fracs.append(stats[0]["critic/value_clip_frac"])
         print(f"critic value loss per step: {[round(x, 4) for x in losses]}")
         print(f"explained variance per step: {[round(x, 3) for x in variances]}")
+        print(f"value clip fraction per step: {[round(x, 3) for x in clip_fracs]}")
         assert all(math.isfinite(x) for x in losses + variances)
         assert losses[-1] < 0.5 * losses[0], losses
         assert variances[-1] > variances[0] + 0.3, variances
+        # The second epoch starts from moved values: the clip acted on some tokens, never on all.
+        assert 0 < max(clip_fracs) < 0.5, clip_fracs
 
         # FSDP2 sharded the value model across the critic's own two ranks.
         infos = ray.get([rank.shard_info.remote() for rank in group.ranks])
