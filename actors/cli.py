@@ -88,6 +88,11 @@ def _dry_run(cfg: JobConfig, address: str | None) -> None:
             validate_reward_model_dir(spec.path)
         except (OSError, ValueError) as exc:
             problems.append(str(exc))
+    if cfg.critic is not None and cfg.algorithm.advantage == "gae" and cfg.critic.init != "policy":
+        try:
+            validate_reward_model_dir(cfg.critic.init, field="critic.init")
+        except (OSError, ValueError) as exc:
+            problems.append(str(exc))
     plan = resource_plan(cfg)
     total, largest = _capacity(address, cfg)
     problems += check_capacity(plan, total, largest)

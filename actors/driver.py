@@ -27,6 +27,7 @@ import ray
 from tqdm import tqdm
 
 from actors.control import NAMESPACE, JobController, controller_name
+from actors.critic import CriticGroup
 from actors.generation import GenerationWorker
 from actors.learner import LearnerGroup
 from actors.pools import ActorPool, actor_options
@@ -35,7 +36,7 @@ from rlhf_cluster.buffer import ExperienceBuffer
 from rlhf_cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
-from rlhf_cluster.experience import batch_advantages, build_group, group_rollouts, kl_controller
+from rlhf_cluster.experience import batch_advantages, build_group, critic_advantages, group_rollouts, kl_controller
 from rlhf_cluster.fileio import write_atomic
 from rlhf_cluster.generation.probe import MismatchAlarm, Probe, build_probe
 from rlhf_cluster.generation.quantization import write_int8_model_dir
@@ -51,6 +52,7 @@ from rlhf_cluster.weights import WeightStore
 log = logging.getLogger(__name__)
 ENGINE_INT8_DIR = "engine-int8"  # the int8 checkpoint generation engines start from (under run_dir)
 TIMELINE_FILE = "rollout_timeline.jsonl"  # per prompt group: when it was requested, generated, buffered
+CRITIC_DIR = "critic"  # the critic's learner checkpoint inside a job checkpoint
 
 
 @dataclass
@@ -130,6 +132,8 @@ class Driver:
             load_reward_fn(cfg.data.reward_fn)
         for spec in cfg.scoring.reward_models:
             validate_reward_model_dir(spec.path)
+        if self.uses_critic and cfg.critic.init != "policy":
+            validate_reward_model_dir(cfg.critic.init, field="critic.init")
         self.model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
         train_file, eval_file = prepare_prompt_files(cfg.data, self.run_dir)
         self.prompts = read_prompt_file(train_file)
@@ -166,6 +170,11 @@ class Driver:
         except BaseException:
             self.shutdown()  # no actor outlives a failed start
             raise
+
+    @property
+    def uses_critic(self) -> bool:
+        """PPO with a learned critic: a critic group runs beside the learner."""
+        return self.cfg.algorithm.advantage == "gae"
 
     def _checkpoint_to_resume(self, resume: str | None) -> Checkpoint | None:
         """`auto`: the newest checkpoint that verifies (None if there is none); a path: exactly that one."""
@@ -215,6 +224,11 @@ class Driver:
         digests = self.learner.load_checkpoint(str(ckpt.path))
         if digests != ckpt.manifest["rank_digests"]:
             raise CheckpointError(f"checkpoint {ckpt.path}: restored learner state differs from the saved state")
+        if self.critic is not None:
+            if "critic_rank_digests" not in ckpt.manifest:
+                raise CheckpointError(f"checkpoint {ckpt.path}: has no critic state (written by a job without a critic)")
+            if self.critic.load_checkpoint(str(ckpt.path / CRITIC_DIR)) != ckpt.manifest["critic_rank_digests"]:
+                raise CheckpointError(f"checkpoint {ckpt.path}: restored critic state differs from the saved state")
         state = ckpt.driver_state()
         self.source.load_state_dict(state["source"])
         self.pending_prompts.extend(Prompt(*p) for p in state["pending_prompts"])
@@ -247,6 +261,10 @@ class Driver:
         cfg = self.cfg
         self.learner = LearnerGroup(self.cfg_dict, self.model_path, cfg.learner.resources, cfg.learner.world_size, self.probe)
         self.infos["learner"] = self.learner.infos
+        self.critic: CriticGroup | None = None
+        if self.uses_critic:
+            self.critic = CriticGroup(self.cfg_dict, self.model_path, cfg.critic.resources, cfg.critic.world_size)
+            self.infos["critic"] = self.critic.infos
 
     def _start_workers(self) -> None:
         cfg, cfg_dict = self.cfg, self.cfg_dict
@@ -360,6 +378,8 @@ class Driver:
             ray.kill(self.controller, no_restart=True)
         if hasattr(self, "learner"):
             self.learner.kill()
+        if getattr(self, "critic", None) is not None:
+            self.critic.kill()
 
     # ---- producer ------------------------------------------------------------------------
     def _allowance(self) -> int:
@@ -526,14 +546,45 @@ class Driver:
         kl_coef = self.kl.value
         batch_metrics = batch_advantages(samples, cfg.algorithm, kl_coef)
         in_loss = [not (cfg.algorithm.shaping.overlong_filter and s.finish_reason == "length") for s in samples]
+        critic_step = None
+        if self.critic is not None:
+            # PPO with a critic: the critic's values of this batch (before either model steps) give
+            # the GAE advantages the policy trains on and the returns the critic regresses to.
+            values = await self._critic_values(samples)
+            returns, gae_metrics = critic_advantages(samples, values, cfg.algorithm, kl_coef)
+            batch_metrics.update(gae_metrics)
+            cw = self.critic.world_size
+            critic_batches = [
+                TrainBatch.from_samples(samples[r::cw], in_loss=in_loss[r::cw], returns=returns[r::cw], old_values=values[r::cw])
+                for r in range(cw)
+            ]
+            critic_step = asyncio.gather(*[rank.train.remote(b) for rank, b in zip(self.critic.ranks, critic_batches)])
         batches = [TrainBatch.from_samples(samples[r::world], in_loss=in_loss[r::world]) for r in range(world)]
-        stats = (await asyncio.gather(
+        policy_step = asyncio.gather(
             *[rank.train.remote(batch, step + 1, kl_coef) for rank, batch in zip(self.learner.ranks, batches)]
-        ))[0]
+        )
+        # The two groups train on the same batch at the same time.
+        if critic_step is None:
+            stats = (await policy_step)[0]
+        else:
+            policy_stats, critic_stats = await asyncio.gather(policy_step, critic_step)
+            stats = {**policy_stats[0], **critic_stats[0]}
         stats.update({f"advantage/{k}": v for k, v in batch_metrics.items()})
         stats["kl_coef"] = kl_coef
         stats["samples_in_loss"] = sum(in_loss)
         return stats
+
+    async def _critic_values(self, samples: list[ScoredSample]) -> list[list[float]]:
+        """Per-token values of every sample (in order), each critic rank computing its round-robin share."""
+        cw = self.critic.world_size
+        shares = await asyncio.gather(
+            *[rank.values.remote(TrainBatch.from_samples(samples[r::cw])) for r, rank in enumerate(self.critic.ranks)]
+        )
+        values: list[list[float]] = [[] for _ in samples]
+        for r, share in enumerate(shares):
+            for row, i in enumerate(range(r, len(samples), cw)):
+                values[i] = share[row, : len(samples[i].response_ids)].tolist()
+        return values
 
     async def _consume(self, tg: asyncio.TaskGroup, watcher: asyncio.Task) -> None:
         cfg = self.cfg
@@ -636,12 +687,18 @@ class Driver:
         tmp = self.checkpoints.begin(step)
         self._snapshot(step, tmp)
         digests = await asyncio.gather(*[rank.save_checkpoint.remote(str(tmp)) for rank in self.learner.ranks])
-        self._checkpointing = tg.create_task(self._finish_checkpoint(tmp, step, digests))
+        extra = {"rank_digests": digests}
+        if self.critic is not None:
+            extra["critic_rank_digests"] = await asyncio.gather(
+                *[rank.save_checkpoint.remote(str(tmp / CRITIC_DIR)) for rank in self.critic.ranks]
+            )
+        self._checkpointing = tg.create_task(self._finish_checkpoint(tmp, step, extra))
 
-    async def _finish_checkpoint(self, tmp: Path, step: int, digests: list[str]) -> None:
+    async def _finish_checkpoint(self, tmp: Path, step: int, extra: dict) -> None:
         try:
-            await asyncio.gather(*[rank.wait_checkpoint.remote() for rank in self.learner.ranks])
-            ckpt = await asyncio.to_thread(self.checkpoints.finalize, tmp, step, step + 1, {"rank_digests": digests})
+            ranks = self.learner.ranks + (self.critic.ranks if self.critic is not None else [])
+            await asyncio.gather(*[rank.wait_checkpoint.remote() for rank in ranks])
+            ckpt = await asyncio.to_thread(self.checkpoints.finalize, tmp, step, step + 1, extra)
             tqdm.write(f"checkpoint {ckpt.path.name} (weight version {ckpt.version})")
         except (OSError, ray.exceptions.RayError) as exc:
             # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
@@ -665,6 +722,8 @@ class Driver:
         if self._checkpointing is not None:
             await self._checkpointing
         self.learner.kill()
+        if self.critic is not None:
+            self.critic.kill()  # rebuilt with the learner, from the same checkpoint
         await asyncio.to_thread(self._start_learner)
         ckpt = self.checkpoints.latest(on_refused=lambda exc: tqdm.write(f"refusing {exc}"))
         await asyncio.to_thread(self._restore, ckpt)
@@ -706,6 +765,10 @@ class Driver:
         self.labels.of(m.CORRECTION_MISMATCH_K3).set(stats.get("correction/mismatch_k3", 0.0))
         self.labels.of(m.CORRECTION_TRUNCATED).set(stats.get("correction/frac_truncated", 0.0))
         self.labels.of(m.CORRECTION_MASKED).set(stats.get("correction/frac_masked", 0.0))
+        if "critic/value_loss" in stats:
+            self.labels.of(m.CRITIC_VALUE_LOSS).set(stats["critic/value_loss"])
+            self.labels.of(m.CRITIC_EXPLAINED_VARIANCE).set(stats["critic/explained_variance"])
+            self.labels.of(m.CRITIC_VALUE_CLIP).set(stats["critic/value_clip_frac"])
         return row
 
     # ---- the job -------------------------------------------------------------------------

@@ -25,8 +25,9 @@ from rlhf_cluster.weights import WeightStore
 PLACEMENT_TIMEOUT_S = 120
 
 
-def learner_placement_group(res: ResourcesConfig, world_size: int):
-    """Reserve one bundle per rank at once (gang scheduling): all ranks start, or none do."""
+def learner_placement_group(res: ResourcesConfig, world_size: int, section: str = "learner"):
+    """Reserve one bundle per rank at once (gang scheduling): all ranks start, or none do.
+    `section` names the config section in errors (the critic's group is placed the same way)."""
     # A bundle must ask for something; a sliver of CPU stands in when no resources are reserved.
     bundle = {"CPU": max(res.num_cpus, 0.01), **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.custom}
     group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
@@ -35,8 +36,8 @@ def learner_placement_group(res: ResourcesConfig, world_size: int):
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(group)
         raise RuntimeError(
-            f"learner: {world_size} ranks x {bundle} could not be placed in {PLACEMENT_TIMEOUT_S}s "
-            f"(learner.resources asks for more than the cluster has; try `--dry-run`)"
+            f"{section}: {world_size} ranks x {bundle} could not be placed in {PLACEMENT_TIMEOUT_S}s "
+            f"({section}.resources asks for more than the cluster has; try `--dry-run`)"
         ) from None
     return group
 

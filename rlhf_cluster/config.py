@@ -258,7 +258,11 @@ class AlgorithmConfig(_Strict):
         None, description="One-line algorithm choice; explicit fields override it."
     )
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field("grpo", description="Advantage estimator.")
-    gamma: float = Field(1.0, gt=0, le=1, description="Discount for reinforce_pp returns.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
+    lam: float = Field(0.95, ge=0, le=1, description="gae: the GAE lambda (1: Monte-Carlo returns minus values, 0: one-step TD).")
+    whiten_advantages: bool = Field(
+        True, description="gae: whiten the advantages over the step's valid tokens (the critic's returns stay unwhitened)."
+    )
     loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference.")
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig, description="TIS/MIS.")
@@ -271,12 +275,6 @@ class AlgorithmConfig(_Strict):
         if isinstance(data, dict) and data.get("preset") in PRESETS:
             return _deep_merge(PRESETS[data["preset"]], data)
         return data
-
-    @model_validator(mode="after")
-    def _supported(self) -> "AlgorithmConfig":
-        if self.advantage == "gae":
-            raise ValueError("advantage=gae needs a learned critic, which this build does not have yet; use grpo, dr_grpo, rloo or reinforce_pp")
-        return self
 
 
 class DeepSpeedConfig(_Strict):
@@ -357,6 +355,43 @@ class LearnerConfig(_Strict):
 
             check_user_json(read_user_json(self.deepspeed.config_file), self.deepspeed.config_file, self, self.world_size)
         return self
+
+
+class CriticConfig(_Strict):
+    """PPO's learned critic: a value model (causal-LM backbone + scalar head per token) trained by its
+    own FSDP2 group with the clipped value loss. Needed by (and only used with) `algorithm.advantage: gae`."""
+
+    init: str = Field(
+        "policy", description="Where the value model starts: `policy` (the policy's backbone, a fresh small head) or "
+        "the folder of a reward model written by `rlhf-cluster train-rm` (its backbone and head)."
+    )
+    world_size: int = Field(1, ge=1, description="Critic ranks (their own torch.distributed group, sized apart from the learner's).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the critic.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip of the critic.")
+    value_clip: float | None = Field(
+        0.2, gt=0, description="Clipped value loss: new values may move at most this far from the values the "
+        "advantages were computed with before the loss stops pulling them (None: unclipped squared error)."
+    )
+    epochs: int = Field(
+        1, ge=1, description="Optimizer steps of the critic on each step's batch. The value clip only acts from the "
+        "second on: the first starts from exactly the values the advantages used."
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Gradient accumulation for the critic, as `learner.max_tokens_per_micro_batch`."
+    )
+    seed: int = Field(0, description="Torch seed of every critic rank (and of the fresh value head).")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+    def learner_settings(self) -> "LearnerConfig":
+        """The critic's optimisation settings in the policy learner's terms, so the critic runs the
+        same FSDP2 machinery (sharding, AdamW, clipping, micro-batching, checkpoints) with its own values."""
+        return LearnerConfig(
+            backend="fsdp2", world_size=self.world_size, lr=self.lr, warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch, seed=self.seed, resources=self.resources,
+        )
 
 
 class WeightsConfig(_Strict):
@@ -471,6 +506,7 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    critic: CriticConfig | None = Field(None, description="PPO's learned critic (required by algorithm.advantage: gae).")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")
     reward_model: StageConfig | None = Field(None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`).")
@@ -498,15 +534,25 @@ class JobConfig(_Strict):
                 )
         if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo") and self.generation.sampling.n < 2:
             raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs generation.sampling.n >= 2")
+        if self.algorithm.advantage == "gae" and self.critic is None:
+            raise ValueError(
+                "algorithm.advantage=gae needs a learned critic: add a `critic` section (e.g. `critic: {init: policy}`), "
+                "or choose an advantage without one (grpo, dr_grpo, rloo, reinforce_pp)"
+            )
         # Each step's samples are dealt round-robin to the learner ranks; an uneven split gives
         # ranks different batch sizes (and the global loss denominators assume equal shares).
-        batch, world = self.samples_per_step, self.learner.world_size
-        if batch % world:
-            raise ValueError(
-                f"the step batch train.prompts_per_step * generation.sampling.n = "
-                f"{self.train.prompts_per_step} * {self.generation.sampling.n} = {batch} is not divisible by "
-                f"learner.world_size={world}; change one of them so every rank gets the same number of samples"
-            )
+        batch = self.samples_per_step
+        groups = [("learner.world_size", self.learner.world_size)]
+        if self.critic is not None:
+            groups.append(("critic.world_size", self.critic.world_size))
+        for field, world in groups:
+            if batch % world:
+                raise ValueError(
+                    f"the step batch train.prompts_per_step * generation.sampling.n = "
+                    f"{self.train.prompts_per_step} * {self.generation.sampling.n} = {batch} is not divisible by "
+                    f"{field}={world}; change one of them so every rank gets the same number of samples"
+                )
+        world = self.learner.world_size
         if batch // world < self.learner.mini_batches:
             raise ValueError(
                 f"learner.mini_batches={self.learner.mini_batches} is larger than the samples each rank gets per step "
@@ -518,6 +564,11 @@ class JobConfig(_Strict):
     def warnings(self) -> list[str]:
         """Settings that are allowed but usually a mistake; the driver logs them, `--dry-run` prints them."""
         out = []
+        if self.critic is not None and self.algorithm.advantage != "gae":
+            out.append(
+                f"a critic section is set but algorithm.advantage={self.algorithm.advantage}: only gae uses the critic, "
+                "so no critic is started"
+            )
         if self.learner.backend != "deepspeed" and self.learner.deepspeed != DeepSpeedConfig():
             out.append(
                 f"learner.deepspeed is set but learner.backend={self.learner.backend}: the DeepSpeed options are "

@@ -9,11 +9,16 @@ from __future__ import annotations
 import torch
 
 from rlhf_cluster.algorithms import (
-    AdaptiveKLController, FixedKLController, group_advantages, kl_penalty, reinforce_pp_advantages, rloo_advantages,
+    AdaptiveKLController, FixedKLController, gae, group_advantages, kl_penalty, reinforce_pp_advantages, rloo_advantages,
+    whiten,
 )
 from rlhf_cluster.config import AlgorithmConfig, KLConfig
 from rlhf_cluster.records import Rollout, ScoredSample
 from rlhf_cluster.rewards import length_penalty, overlong_penalty
+
+
+# Advantages computed from per-token rewards at take time: their KL penalty sits on each token.
+PER_TOKEN_KL = ("reinforce_pp", "gae")
 
 
 def build_group(
@@ -29,7 +34,9 @@ def build_group(
 
     Reward = task reward + shaping (overlong, length) - kl_coef * sum_t k1 when the KL sits in
     the reward; every term is recorded in `reward_components`. REINFORCE++ whitens over the
-    whole step's batch, so its advantages are filled in by `batch_advantages` at take time.
+    whole step's batch, so its advantages are filled in by `batch_advantages` at take time; GAE
+    needs the critic's values of the step, so `critic_advantages` fills them in then. Both put the
+    KL on each token (`token_rewards`) rather than summed into the sequence reward here.
     `metrics["zero_signal"]` is 1 when all rewards of the group are equal.
     """
     if not rollouts:
@@ -56,7 +63,7 @@ def build_group(
         rewards = rewards + penalty
         for c, p in zip(components, penalty.tolist()):
             c["length"] = p
-    if cfg.kl.placement == "reward" and kl_coef > 0 and cfg.advantage != "reinforce_pp":
+    if cfg.kl.placement == "reward" and kl_coef > 0 and cfg.advantage not in PER_TOKEN_KL:
         kl_sum = torch.tensor(
             [float(kl_penalty(torch.tensor(r.rollout_logprobs), torch.tensor(ref), "k1").sum()) for r, ref in zip(rollouts, refs)],
             dtype=torch.float64,
@@ -93,29 +100,70 @@ def build_group(
     return samples, metrics
 
 
-def batch_advantages(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> dict[str, float]:
-    """Fill in advantages that need the whole step's batch (REINFORCE++), in place.
+def token_rewards(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``[B, T]`` and the response mask of a step's samples.
 
-    Token rewards are -kl_coef * k1_t (KL in the reward) plus the sequence reward on the last
-    token; `reinforce_pp_advantages` turns them into whitened returns-to-go.
+    A token's reward is -kl_coef * k1_t when the KL sits in the reward, and the last response
+    token also gets the sequence reward (task reward + shaping). Zero on padding.
     """
-    if cfg.advantage != "reinforce_pp":
-        return {}
     T = max(max(len(s.response_ids) for s in samples), 1)
     mask = torch.zeros(len(samples), T)
-    token_rewards = torch.zeros(len(samples), T)
+    rewards = torch.zeros(len(samples), T)
     for i, s in enumerate(samples):
         n = len(s.response_ids)
         if n == 0:
             continue
         mask[i, :n] = 1
         if cfg.kl.placement == "reward" and kl_coef > 0:
-            token_rewards[i, :n] = -kl_coef * kl_penalty(torch.tensor(s.rollout_logprobs), torch.tensor(s.ref_logprobs), "k1")
-        token_rewards[i, n - 1] += s.reward
-    adv, metrics = reinforce_pp_advantages(token_rewards, mask, gamma=cfg.gamma)
+            rewards[i, :n] = -kl_coef * kl_penalty(torch.tensor(s.rollout_logprobs), torch.tensor(s.ref_logprobs), "k1")
+        rewards[i, n - 1] += s.reward
+    return rewards, mask
+
+
+def batch_advantages(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> dict[str, float]:
+    """Fill in advantages that need the whole step's batch (REINFORCE++), in place.
+
+    `reinforce_pp_advantages` turns the `token_rewards` into whitened returns-to-go.
+    """
+    if cfg.advantage != "reinforce_pp":
+        return {}
+    rewards, mask = token_rewards(samples, cfg, kl_coef)
+    adv, metrics = reinforce_pp_advantages(rewards, mask, gamma=cfg.gamma)
     for i, s in enumerate(samples):
         s.advantages = adv[i, : len(s.response_ids)].tolist()
     return metrics
+
+
+def critic_advantages(
+    samples: list[ScoredSample], values: list[list[float]], cfg: AlgorithmConfig, kl_coef: float
+) -> tuple[list[list[float]], dict[str, float]]:
+    """PPO with a critic: GAE advantages from the `token_rewards` and the critic's per-token values.
+
+    Sets each sample's advantages in place (whitened over the batch's tokens when
+    `cfg.whiten_advantages`) and returns the per-token returns (advantage + value, unwhitened:
+    the critic's regression targets) with batch metrics.
+    """
+    if len(values) != len(samples):
+        raise ValueError(f"critic_advantages: {len(values)} value rows for {len(samples)} samples")
+    rewards, mask = token_rewards(samples, cfg, kl_coef)
+    v = torch.zeros_like(rewards)
+    for i, (s, row) in enumerate(zip(samples, values)):
+        if len(row) != len(s.response_ids):
+            raise ValueError(f"sample {s.sample_id}: {len(row)} values for {len(s.response_ids)} response tokens")
+        v[i, : len(row)] = torch.tensor(row, dtype=v.dtype)
+    adv, returns = gae(rewards, v, mask, gamma=cfg.gamma, lam=cfg.lam)
+    n = mask.sum().clamp_min(1)
+    metrics = {
+        "return_mean": float((returns * mask).sum() / n),
+        "value_mean": float((v * mask).sum() / n),
+        "gae_mean": float((adv * mask).sum() / n),
+    }
+    if cfg.whiten_advantages:
+        adv, stats = whiten(adv, mask)
+        metrics["gae_std"] = stats["std"]
+    for i, s in enumerate(samples):
+        s.advantages = adv[i, : len(s.response_ids)].tolist()
+    return [returns[i, : len(s.response_ids)].tolist() for i, s in enumerate(samples)], metrics
 
 
 def kl_controller(cfg: KLConfig) -> FixedKLController | AdaptiveKLController:

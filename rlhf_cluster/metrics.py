@@ -48,6 +48,12 @@ TRAIN_KL = Gauge("rlhf_train_kl", "KL to the reference (per token).", LABELS)
 TRAIN_REWARD = Gauge("rlhf_train_reward_mean", "Mean reward of the step's batch.", LABELS)
 TRAIN_ENTROPY = Gauge("rlhf_train_entropy", "Mean token entropy.", LABELS)
 TRAIN_CLIP = Gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.", LABELS)
+# PPO with a critic (algorithm.advantage: gae): the critic's step on the consumed batch.
+CRITIC_VALUE_LOSS = Gauge("rlhf_critic_value_loss", "Clipped value loss of the critic's last step (token mean).", LABELS)
+CRITIC_EXPLAINED_VARIANCE = Gauge(
+    "rlhf_critic_explained_variance_ratio", "1 - Var(returns - values) / Var(returns) of the last consumed batch.", LABELS
+)
+CRITIC_VALUE_CLIP = Gauge("rlhf_critic_value_clip_fraction", "Tokens whose clipped value term won in the critic's last step.", LABELS)
 CORRECTION_ESS = Gauge("rlhf_correction_ess", "Effective sample size of the importance weights.", LABELS)
 # The step's learner-vs-rollout mismatch (delta = log pi_prox - log pi_roll over the batch's tokens).
 CORRECTION_MISMATCH_K1 = Gauge("rlhf_correction_mismatch_k1", "k1 mismatch KL(pi_roll || pi_prox) of the step's batch.", LABELS)

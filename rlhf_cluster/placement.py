@@ -33,6 +33,8 @@ def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
         PoolRequest("generation", "generation.resources", cfg.generation.replicas, _per_actor(cfg.generation.resources)),
         PoolRequest("reward", "scoring.resources", cfg.scoring.reward_replicas, _per_actor(cfg.scoring.resources)),
     ]
+    if cfg.critic is not None and cfg.algorithm.advantage == "gae":
+        plan.append(PoolRequest("critic", "critic.resources", cfg.critic.world_size, _per_actor(cfg.critic.resources)))
     if cfg.scoring.reference:
         plan.append(
             PoolRequest("reference", "scoring.resources", cfg.scoring.reference_replicas, _per_actor(cfg.scoring.resources))

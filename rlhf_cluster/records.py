@@ -198,14 +198,26 @@ class TrainBatch:
     advantages: torch.Tensor  # [B, T]
     policy_versions: torch.Tensor  # [B] long
     sample_ids: list[str]
+    # The critic's regression targets and the values the advantages were computed with (PPO with a
+    # critic only; None otherwise).
+    returns: torch.Tensor | None = None  # [B, T]
+    old_values: torch.Tensor | None = None  # [B, T]
 
     @property
     def num_tokens(self) -> int:
         return int(self.response_mask.sum().item())
 
     @classmethod
-    def from_samples(cls, samples: list[ScoredSample], pad_id: int = 0, in_loss: list[bool] | None = None) -> "TrainBatch":
-        """Pad samples into tensors; `in_loss[i] = False` removes sample i from the loss entirely."""
+    def from_samples(
+        cls,
+        samples: list[ScoredSample],
+        pad_id: int = 0,
+        in_loss: list[bool] | None = None,
+        returns: list[list[float]] | None = None,
+        old_values: list[list[float]] | None = None,
+    ) -> "TrainBatch":
+        """Pad samples into tensors; `in_loss[i] = False` removes sample i from the loss entirely.
+        `returns` and `old_values` (per sample, one per response token) are the critic's inputs."""
         if not samples:
             raise ValueError("cannot build a TrainBatch from no samples")
         B = len(samples)
@@ -230,4 +242,18 @@ class TrainBatch:
             advantages=adv,
             policy_versions=torch.tensor([s.policy_version for s in samples], dtype=torch.long),
             sample_ids=[s.sample_id for s in samples],
+            returns=None if returns is None else _pad_rows(returns, samples, T, "returns"),
+            old_values=None if old_values is None else _pad_rows(old_values, samples, T, "old_values"),
         )
+
+
+def _pad_rows(rows: list[list[float]], samples: list[ScoredSample], T: int, name: str) -> torch.Tensor:
+    """Per-token rows into a zero-padded [B, T] tensor, each row checked against its sample's length."""
+    if len(rows) != len(samples):
+        raise ValueError(f"{name}: {len(rows)} rows for {len(samples)} samples")
+    out = torch.zeros((len(samples), T))
+    for i, (row, s) in enumerate(zip(rows, samples)):
+        if len(row) != len(s.response_ids):
+            raise ValueError(f"sample {s.sample_id}: {name} has {len(row)} values for {len(s.response_ids)} tokens")
+        out[i, : len(row)] = torch.tensor(row)
+    return out

@@ -1,6 +1,6 @@
 """Learner maths: KL, advantages, RL/SFT/reward-model losses and train/inference mismatch correction."""
 
-from .advantages import broadcast_to_tokens, gae, group_advantages, reinforce_pp_advantages, rloo_advantages
+from .advantages import broadcast_to_tokens, gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
 from .correction import importance_weights
 from .kl import AdaptiveKLController, FixedKLController, kl_penalty
 from .losses import (
@@ -34,4 +34,5 @@ __all__ = [
     "rloo_advantages",
     "sft_loss",
     "value_loss",
+    "whiten",
 ]

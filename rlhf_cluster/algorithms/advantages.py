@@ -123,12 +123,20 @@ def reinforce_pp_advantages(
         g = token_rewards[:, t] + gamma * running
         ret[:, t] = torch.where(mt, g, 0.0)
         running = torch.where(mt, g, running)
-    mf = m.to(ret.dtype)
+    adv, stats = whiten(ret, m)
+    return adv, {"return_mean": stats["mean"], "return_std": stats["std"]}
+
+
+@torch.no_grad()
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(x - mean) / (std + eps)`` over the valid tokens of the whole batch (population std); zero on
+    padding. Returns the whitened tensor and the mean and std it used."""
+    m = mask.bool()
+    mf = m.to(values.dtype)
     n = mf.sum().clamp_min(1)
-    mean = (ret * mf).sum() / n
-    std = (((ret - mean) * mf).square().sum() / n).sqrt()
-    adv = torch.where(m, (ret - mean) / (std + 1e-8), 0.0)
-    return adv, {"return_mean": mean.item(), "return_std": std.item()}
+    mean = (values * mf).sum() / n
+    std = (((values - mean) * mf).square().sum() / n).sqrt()
+    return torch.where(m, (values - mean) / (std + eps), 0.0), {"mean": mean.item(), "std": std.item()}
 
 
 def broadcast_to_tokens(seq_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

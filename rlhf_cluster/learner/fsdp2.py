@@ -32,7 +32,7 @@ class FSDP2Learner(LearnerBase):
     def __init__(self, cfg: JobConfig, model_path: str):
         super().__init__(cfg)
         lc = cfg.learner
-        model = load_causal_lm(model_path, torch.float32, self.device)
+        model = self._load_model(model_path)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base = model
@@ -59,6 +59,11 @@ class FSDP2Learner(LearnerBase):
         # Checkpoints are written by a background thread; their collectives use their own group
         # so they never interleave with the training step's.
         self.checkpoint_group = dist.new_group(backend="gloo")
+
+    def _load_model(self, model_path: str) -> torch.nn.Module:
+        """The fp32 model to shard (the critic overrides it with its value model); it exposes its
+        decoder `layers` (directly or under `.model`) so each layer is sharded on its own."""
+        return load_causal_lm(model_path, torch.float32, self.device)
 
     # ---- the step --------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:

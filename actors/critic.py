@@ -1,0 +1,95 @@
+"""CriticRank actors: PPO's value model as its own gang-placed torch.distributed group.
+
+The critic's group is sized by `critic.world_size`, apart from the policy learner's; the driver
+asks it for the values of each step's batch before the policy step, then trains both on it.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+
+import ray
+import torch
+
+from actors._common import actor_setup, join_process_group, limit_threads, metrics_target, rendezvous_address
+from actors.learner import LearnerGroup, learner_placement_group, learner_rank_options
+from rlhf_cluster import metrics as m
+from rlhf_cluster.config import ResourcesConfig
+from rlhf_cluster.learner.critic import ValueLearner
+from rlhf_cluster.records import TrainBatch
+
+
+@ray.remote
+class CriticRank:
+    """One rank of the critic group (a `ValueLearner`)."""
+
+    def __init__(self, cfg_dict: dict, policy_path: str, rank: int, world_size: int):
+        self.cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "critic", f"rank{rank}")
+        self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
+        self.checkpoint_write: Future | None = None
+        self.learner: ValueLearner | None = None
+        limit_threads(world_size + 1)
+
+    def address(self) -> tuple[str, int]:
+        """Host and a free port for the process group's rendezvous (asked of rank 0)."""
+        return rendezvous_address()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the critic's process group and shard the value model (all ranks at once)."""
+        join_process_group(master_addr, master_port, self.rank, self.world_size)
+        self.learner = ValueLearner(self.cfg, self.policy_path)
+        return {
+            "name": f"rank{self.rank}",
+            "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),
+            "pid": os.getpid(),
+        }
+
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """Collective: per-token values [B, T] of this rank's share of the step's batch."""
+        return self.learner.values(batch)
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """Collective: one clipped-value-loss step on this rank's share (with returns and old values)."""
+        metrics = self.learner.train_step(batch)
+        self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["critic/step_seconds"])
+        self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
+        return metrics
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Stage this rank's state and write it in the background; returns the staged state's digest."""
+        if self.checkpoint_write is not None:
+            self.checkpoint_write.result()  # one checkpoint at a time
+        self.checkpoint_write, digest = self.learner.save_checkpoint(directory)
+        return digest
+
+    def wait_checkpoint(self) -> None:
+        """Block until this rank's last checkpoint write is on disk (raises what the write raised)."""
+        if self.checkpoint_write is not None:
+            write, self.checkpoint_write = self.checkpoint_write, None
+            write.result()
+
+    def load_checkpoint(self, directory: str) -> str:
+        """Restore this rank from a checkpoint; returns the restored state's digest."""
+        return self.learner.load_checkpoint(directory)
+
+    def shard_info(self) -> dict[str, tuple[int, int]]:
+        return self.learner.shard_info()
+
+
+class CriticGroup(LearnerGroup):
+    """The critic's ranks as one unit: gang-placed in their own placement group, set up together.
+
+    Checkpoint loading, pids and kill are the learner group's.
+    """
+
+    def __init__(self, cfg_dict: dict, policy_path: str, res: ResourcesConfig, world_size: int):
+        self.world_size = world_size
+        self.placement = learner_placement_group(res, world_size, section="critic")
+        self.ranks = [
+            CriticRank.options(**learner_rank_options(res, self.placement, r)).remote(cfg_dict, policy_path, r, world_size)
+            for r in range(world_size)
+        ]
+        addr, port = ray.get(self.ranks[0].address.remote())
+        self.infos = {i["name"]: i for i in ray.get([rank.setup.remote(addr, port) for rank in self.ranks])}
+

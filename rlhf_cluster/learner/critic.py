@@ -1,0 +1,167 @@
+"""PPO's critic: a value model trained by its own FSDP2 group with the clipped value loss.
+
+The value model is the reward model's architecture (causal-LM backbone + `Linear(hidden, 1)`)
+read at every response position instead of the last token, so it starts either from the policy
+(its backbone, a fresh small head) or from a trained reward model (backbone and head).
+
+`ValueLearner` is an `FSDP2Learner` with a different model and step: sharding, AdamW, gradient
+clipping with the NaN skip, micro-batching by token budget and the checkpoint files are the
+policy learner's, configured by `critic.*` instead of `learner.*`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster.algorithms import value_loss
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.scoring.reward_model import RewardModel, positions_from_mask
+
+
+class ValueModel(RewardModel):
+    """A reward model's backbone and head applied at every position: per-token values ``[B, T]``.
+
+    The value of response token t is read at the position that predicts it (``prompt_len - 1 + t``):
+    V(s_t) is the expected return of the state before token t is chosen, the PPO convention.
+    """
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The decoder layers (each is sharded on its own)."""
+        return self.backbone.layers
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int
+    ) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        values = self.head(hidden).squeeze(-1).float()  # [B, L]
+        steps = torch.arange(response_len, device=input_ids.device)
+        # Positions past a response's end are clamped into range; the caller masks them.
+        pos = (prompt_lengths.to(input_ids.device)[:, None] - 1 + steps[None, :]).clamp(max=input_ids.shape[1] - 1)
+        return values.gather(1, pos)
+
+
+def critic_view(cfg: JobConfig) -> JobConfig:
+    """The job config as the critic's ranks see it: `learner` replaced by the critic's settings, so the
+    shared FSDP2 machinery (which reads `cfg.learner`) uses the critic's lr, clip, budget and seed."""
+    if cfg.critic is None:
+        raise ValueError("the critic needs a `critic` section in the job config")
+    return cfg.model_copy(update={"learner": cfg.critic.learner_settings()})
+
+
+class ValueLearner(FSDP2Learner):
+    """One rank of the critic group: per-token values of a batch, and clipped-value-loss steps.
+
+    Every method is collective over the critic's process group (FSDP2 all-gathers parameters in
+    each forward), so all ranks call it together, each with its own slice of the step's batch.
+    """
+
+    def __init__(self, cfg: JobConfig, policy_path: str):
+        view = critic_view(cfg)
+        self.critic = view.critic
+        super().__init__(view, policy_path)
+
+    def _load_model(self, model_path: str) -> torch.nn.Module:
+        if self.critic.init == "policy":
+            model = ValueModel.from_lm(model_path, seed=self.critic.seed)
+        else:
+            model = ValueModel.from_pretrained(self.critic.init)
+        return model.to(self.device)
+
+    def _values(self, b: TrainBatch, rows: slice) -> torch.Tensor:
+        return self.model(b.input_ids[rows], b.attention_mask[rows], b.prompt_lengths[rows], b.response_mask.shape[1])
+
+    @torch.no_grad()
+    def values(self, local: TrainBatch) -> torch.Tensor:
+        """Per-token values ``[B, T]`` (CPU, fp32) of this rank's samples; garbage past each response's end."""
+        b = self._to_device(local)
+        self.model.eval()
+        out = [self._values(b, rows) for rows, real in self._micro_batches(b, 0, b.input_ids.shape[0]) if real]
+        self.model.train()
+        # A padding pass (real=False) only keeps the collectives paired; its rows are dropped above.
+        return torch.cat(out).float().cpu()
+
+    def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
+        """`critic.epochs` optimizer steps of the clipped value loss towards `local.returns`, clipped
+        around `local.old_values` (the values the advantages were computed with). The loss is a token
+        mean over every rank's valid tokens (one global denominator for all ranks and micro-batches)."""
+        del kl_coef  # the policy learner's signature; the value loss has no KL term
+        start = time.perf_counter()
+        if local.returns is None or local.old_values is None:
+            raise ValueError("the critic's train step needs a batch with returns and old_values")
+        b = self._to_device(local)
+        mask = b.response_mask
+        self.model.train()
+        [global_tokens] = self._all_reduce([float(mask.sum())])
+        denominator = max(global_tokens, 1.0)
+        plan = self._micro_batches(b, 0, mask.shape[0])
+        loss_sum, first_loss, clipped_tokens, skipped = 0.0, 0.0, 0.0, 0
+        grad_norm = 0.0
+        for epoch in range(self.critic.epochs):
+            epoch_loss, finite = 0.0, True
+            for index, (rows, real) in enumerate(plan):
+                loss, metrics = value_loss(
+                    self._values(b, rows), b.old_values[rows], b.returns[rows], mask[rows],
+                    clip=self.critic.value_clip, denominator=denominator,
+                )
+                if not real:
+                    loss = loss * 0.0  # a padding pass: collectives only
+                # FSDP2 averages gradients over ranks; x world size turns that into the global sum.
+                self._backward(loss * self.world_size, last_micro_batch=index == len(plan) - 1)
+                if not real:
+                    continue
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                epoch_loss += float(loss.detach())
+                clipped_tokens += metrics["value_clip_frac"] * float(mask[rows].sum())
+            grad_norm, applied = self._clip_and_step(finite)
+            skipped += int(not applied)
+            loss_sum += epoch_loss
+            if epoch == 0:
+                first_loss = epoch_loss
+        self.step += 1
+        if skipped == 0:
+            self.scheduler.step()
+
+        # Explained variance of the returns by the values the advantages used, from global sums:
+        # 1 - Var(R - V) / Var(R) over every rank's valid tokens.
+        ret, old = b.returns * mask, b.old_values * mask
+        resid = ret - old
+        sums = [loss_sum, first_loss, clipped_tokens, float(ret.sum()), float(ret.square().sum()), float(resid.sum()),
+                float(resid.square().sum()), float(old.sum())]
+        loss_total, first_total, clipped, r1, r2, d1, d2, v1 = self._all_reduce(sums)
+        n = denominator
+        epochs = self.critic.epochs
+        var_r = r2 / n - (r1 / n) ** 2
+        var_d = d2 / n - (d1 / n) ** 2
+        return {
+            # Each rank's share of the global-denominator loss: the sum over ranks is the loss.
+            "critic/value_loss": loss_total / epochs,  # mean over the epochs
+            # The first epoch's loss is the error of the values the advantages used: comparable across steps.
+            "critic/value_loss_before": first_total,
+            "critic/value_clip_frac": clipped / (n * epochs),
+            # Constant returns leave nothing to explain: reported as 0 rather than NaN.
+            "critic/explained_variance": 1.0 - var_d / var_r if var_r > 1e-12 else 0.0,
+            "critic/value_mean": v1 / n,
+            "critic/return_mean": r1 / n,
+            "critic/grad_norm": grad_norm,
+            "critic/skipped_updates": float(skipped),
+            "critic/lr": self.scheduler.get_last_lr()[0],
+            "critic/step_seconds": time.perf_counter() - start,
+        }
+
+    def save_checkpoint(self, directory: str | Path) -> tuple[Future, str]:
+        """As the policy learner's, under `directory` (the job checkpoint's `critic/` folder)."""
+        (Path(directory) / "rng").mkdir(parents=True, exist_ok=True)
+        return super().save_checkpoint(directory)
