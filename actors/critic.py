@@ -12,8 +12,8 @@ from concurrent.futures import Future
 import ray
 import torch
 
-from actors._common import actor_setup, join_process_group, limit_threads, metrics_target, rendezvous_address
-from actors.learner import LearnerGroup, learner_placement_group, learner_rank_options
+from actors._common import actor_setup, join_process_group, limit_threads, metrics_target
+from actors.learner import LearnerGroup, ShardedRank, learner_placement_group, learner_rank_options
 from rlhf_cluster import metrics as m
 from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.learner.critic import ValueLearner
@@ -21,7 +21,7 @@ from rlhf_cluster.records import TrainBatch
 
 
 @ray.remote
-class CriticRank:
+class CriticRank(ShardedRank):
     """One rank of the critic group (a `ValueLearner`)."""
 
     def __init__(self, cfg_dict: dict, policy_path: str, rank: int, world_size: int):
@@ -30,10 +30,6 @@ class CriticRank:
         self.checkpoint_write: Future | None = None
         self.learner: ValueLearner | None = None
         limit_threads(world_size + 1)
-
-    def address(self) -> tuple[str, int]:
-        """Host and a free port for the process group's rendezvous (asked of rank 0)."""
-        return rendezvous_address()
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the critic's process group and shard the value model (all ranks at once)."""
@@ -56,25 +52,6 @@ class CriticRank:
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         return metrics
 
-    def save_checkpoint(self, directory: str) -> str:
-        """Stage this rank's state and write it in the background; returns the staged state's digest."""
-        if self.checkpoint_write is not None:
-            self.checkpoint_write.result()  # one checkpoint at a time
-        self.checkpoint_write, digest = self.learner.save_checkpoint(directory)
-        return digest
-
-    def wait_checkpoint(self) -> None:
-        """Block until this rank's last checkpoint write is on disk (raises what the write raised)."""
-        if self.checkpoint_write is not None:
-            write, self.checkpoint_write = self.checkpoint_write, None
-            write.result()
-
-    def load_checkpoint(self, directory: str) -> str:
-        """Restore this rank from a checkpoint; returns the restored state's digest."""
-        return self.learner.load_checkpoint(directory)
-
-    def shard_info(self) -> dict[str, tuple[int, int]]:
-        return self.learner.shard_info()
 
 
 class CriticGroup(LearnerGroup):

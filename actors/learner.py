@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import Future
 from functools import partial
+from typing import Any
 
 import ray
 import torch
@@ -52,8 +53,41 @@ def learner_rank_options(res: ResourcesConfig, group, rank: int) -> dict:
     }
 
 
+class ShardedRank:
+    """What every rank of a sharded group (policy learner, critic) answers besides its step:
+    the rendezvous address and its checkpoint. Subclasses set `self.learner` and
+    `self.checkpoint_write`."""
+
+    learner: Any
+    checkpoint_write: Future | None
+
+    def address(self) -> tuple[str, int]:
+        """Host and a free port for the process group's rendezvous (asked of rank 0)."""
+        return rendezvous_address()
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Stage this rank's state and write it in the background; returns the staged state's digest."""
+        if self.checkpoint_write is not None:
+            self.checkpoint_write.result()  # one checkpoint at a time
+        self.checkpoint_write, digest = self.learner.save_checkpoint(directory)
+        return digest
+
+    def wait_checkpoint(self) -> None:
+        """Block until this rank's last checkpoint write is on disk (raises what the write raised)."""
+        if self.checkpoint_write is not None:
+            write, self.checkpoint_write = self.checkpoint_write, None
+            write.result()
+
+    def load_checkpoint(self, directory: str) -> str:
+        """Restore this rank from a checkpoint; returns the restored state's digest."""
+        return self.learner.load_checkpoint(directory)
+
+    def shard_info(self) -> dict[str, tuple[int, int]]:
+        return self.learner.shard_info()
+
+
 @ray.remote(max_concurrency=2)  # a second thread answers wait_published while a step runs
-class LearnerRank:
+class LearnerRank(ShardedRank):
     """One rank of the learner group; rank 0 also publishes versions to the weight store."""
 
     def __init__(self, cfg_dict: dict, model_path: str, rank: int, world_size: int, probe: Probe | None = None):
@@ -71,10 +105,6 @@ class LearnerRank:
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
         limit_threads(world_size + 1)
-
-    def address(self) -> tuple[str, int]:
-        """Host and a free port for the process group's rendezvous (asked of rank 0)."""
-        return rendezvous_address()
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""
@@ -112,26 +142,6 @@ class LearnerRank:
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         self.publish(version)
         return metrics
-
-    def save_checkpoint(self, directory: str) -> str:
-        """Stage this rank's state and write it in the background; returns the staged state's digest."""
-        if self.checkpoint_write is not None:
-            self.checkpoint_write.result()  # one checkpoint at a time
-        self.checkpoint_write, digest = self.learner.save_checkpoint(directory)
-        return digest
-
-    def wait_checkpoint(self) -> None:
-        """Block until this rank's last checkpoint write is on disk (raises what the write raised)."""
-        if self.checkpoint_write is not None:
-            write, self.checkpoint_write = self.checkpoint_write, None
-            write.result()
-
-    def load_checkpoint(self, directory: str) -> str:
-        """Restore this rank from a checkpoint; returns the restored state's digest."""
-        return self.learner.load_checkpoint(directory)
-
-    def shard_info(self) -> dict[str, tuple[int, int]]:
-        return self.learner.shard_info()
 
     def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Collective: the policy's fp32 log-probs of fixed sequences (what an engine holding the

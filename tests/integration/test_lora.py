@@ -11,23 +11,15 @@ import ray
 import torch
 
 from actors.driver import Driver
-from actors.learner import LearnerRank
 from rlhf_cluster.learner.lora import is_adapter_param
 from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
 
-from test_learner_ranks import _samples
+from test_learner_ranks import _group, _samples
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _lora_ranks(cfg, model_path, world):
-    ranks = [LearnerRank.remote(cfg.model_dump(), model_path, r, world) for r in range(world)]
-    addr, port = ray.get(ranks[0].address.remote())
-    ray.get([rank.setup.remote(addr, port) for rank in ranks])
-    return ranks
 
 
 def test_lora_trains_adapters_only_and_references_the_base_model(ray_cluster, job_config, tiny_model_path, tmp_path):
@@ -38,7 +30,7 @@ def test_lora_trains_adapters_only_and_references_the_base_model(ray_cluster, jo
     batches = [TrainBatch.from_samples(s) for s in shards]
     base = load_causal_lm(tiny_model_path)
     base_state = base.state_dict()
-    ranks = _lora_ranks(cfg, tiny_model_path, 2)
+    ranks = _group(cfg, tiny_model_path, 2)
     try:
         def reference():
             return [r for rs in ray.get([k.reference_logprobs.remote(b) for k, b in zip(ranks, batches)]) for r in rs]
