@@ -539,6 +539,9 @@ class Driver:
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError):
                 raise result
+        # The probe reports of these loads, now: the last version of a job is never generated with.
+        reports = await asyncio.gather(*[a.take_probe_reports.remote() for a in actors], return_exceptions=True)
+        self._record_probes([r for rs in reports if not isinstance(rs, BaseException) for r in rs])
 
     async def _train(self, step: int, samples: list[ScoredSample]) -> dict:
         """One learner step on all ranks; the result is published as version step + 1."""

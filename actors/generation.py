@@ -133,17 +133,19 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(sum(len(r.response_ids) for r in rollouts))
         return rollouts
 
-    def _take_reports(self) -> list[dict]:
+    def take_probe_reports(self) -> list[dict]:
+        """The probe reports of the syncs since they were last taken (each is handed over once)."""
         reports, self.probe_reports = self.probe_reports, []
         return reports
 
     async def generate_group(self, prompt: Prompt, min_version: int) -> tuple[list[Rollout], list[dict]]:
         """Streaming: the `n` rollouts of one prompt, started at once with weights of version >=
         `min_version`; returns when its last response finishes (other calls keep decoding)."""
-        if self.engine.version < min_version:
-            await self.sync(min_version)
+        # Cheap when the engine holds the store's newest version (a manifest read). Checking the
+        # identity, not just the number, also catches a version republished after a rollback.
+        await self.sync(min_version)
         rollouts = await self._groups([prompt])
-        return rollouts, self._take_reports()
+        return rollouts, self.take_probe_reports()
 
     async def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
         """Batched: `n` rollouts per prompt with weights of version >= `min_version`, returned
@@ -151,7 +153,7 @@ class GenerationWorker:
         async with self._one_request:
             await self.sync(min_version)
             rollouts = await self._groups(prompts)
-        return rollouts, self._take_reports()
+        return rollouts, self.take_probe_reports()
 
     async def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
         """Held-out evaluation with weights of version >= `min_version`: one greedy response per

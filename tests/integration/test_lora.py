@@ -90,9 +90,9 @@ def test_lora_job_publishes_merged_weights_that_generation_samples_from(ray_clus
     store = WeightStore(cfg.weights_dir)
     final, base = store.load(steps), load_causal_lm(tiny_model_path).state_dict()
     assert set(final) == set(base) and any(not torch.equal(final[k], base[k]) for k in base)
-    # The worker loaded each new version it generated with and scored the probe: its log-probs equal
-    # the learner's (adapters on) to fp32 precision, so it samples from the updated adapters. (The
-    # last version is published after the last step; nothing generates with it.)
+    # The worker loaded every new version (pushed as it was published) and scored the probe: its
+    # log-probs equal the learner's (adapters on) to fp32 precision, so it samples from the
+    # updated adapters.
     probes = [json.loads(x) for x in (Path(result.run_dir) / "probes.jsonl").read_text().splitlines()]
-    assert {p["version"] for p in probes} >= set(range(1, steps))
+    assert {p["version"] for p in probes} == set(range(steps + 1))
     assert max(p["max_abs_diff"] for p in probes) < 1e-4
