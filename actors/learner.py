@@ -151,7 +151,7 @@ class LearnerRank(ShardedRank):
     def reference_logprobs(self, batch: TrainBatch) -> list[list[float]] | None:
         """Collective: the reference log-probs the learner would train this batch against when it
         computes them itself (LoRA: base model, adapters off); None when they come from scoring."""
-        ref = self.learner.reference_logprobs(self.learner._to_device(batch))
+        ref = self.learner.reference_logprobs(batch)
         if ref is None:
             return None
         lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()

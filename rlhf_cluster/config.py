@@ -317,7 +317,23 @@ class LoraConfig(_Strict):
         return self.rank > 0
 
 
-class LearnerConfig(_Strict):
+class TrainingGroupConfig(_Strict):
+    """What every trained group of ranks (the policy learner, the critic) is sized and optimised by."""
+
+    world_size: int = Field(1, ge=1, description="Ranks of the group (one torch.distributed group, sized apart from the others).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant (the RL schedule).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Gradient accumulation: forward/backward at most this many padded tokens at a time "
+        "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
+    )
+    seed: int = Field(0, description="Torch seed of every rank (the critic's also seeds its fresh value head).")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+
+class LearnerConfig(TrainingGroupConfig):
     """The learner: a group of FSDP2 or DeepSpeed ZeRO ranks."""
 
     backend: Literal["fsdp2", "deepspeed"] = Field(
@@ -328,24 +344,13 @@ class LearnerConfig(_Strict):
         default_factory=LoraConfig, description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
         "learner's base model with the adapters disabled, so no reference workers run."
     )
-    world_size: int = Field(1, ge=1, description="Learner ranks (one torch.distributed group).")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant (the RL schedule).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
-    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
-    max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Gradient accumulation: forward/backward at most this many padded tokens at a time "
-        "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
-    )
     mixed_precision: Literal["none", "bf16"] = Field(
         "none", description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
         "gradients and keep master weights and optimizer state in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
-    seed: int = Field(0, description="Torch seed of every rank.")
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 
     @model_validator(mode="after")
     def _deepspeed_json_agrees(self) -> "LearnerConfig":
@@ -357,7 +362,7 @@ class LearnerConfig(_Strict):
         return self
 
 
-class CriticConfig(_Strict):
+class CriticConfig(TrainingGroupConfig):
     """PPO's learned critic: a value model (causal-LM backbone + scalar head per token) trained by its
     own FSDP2 group with the clipped value loss. Needed by (and only used with) `algorithm.advantage: gae`."""
 
@@ -365,11 +370,6 @@ class CriticConfig(_Strict):
         "policy", description="Where the value model starts: `policy` (the policy's backbone, a fresh small head) or "
         "the folder of a reward model written by `rlhf-cluster train-rm` (its backbone and head)."
     )
-    world_size: int = Field(1, ge=1, description="Critic ranks (their own torch.distributed group, sized apart from the learner's).")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the critic.")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip of the critic.")
     value_clip: float | None = Field(
         0.2, gt=0, description="Clipped value loss: new values may move at most this far from the values the "
         "advantages were computed with before the loss stops pulling them (None: unclipped squared error)."
@@ -378,20 +378,11 @@ class CriticConfig(_Strict):
         1, ge=1, description="Optimizer steps of the critic on each step's batch. The value clip only acts from the "
         "second on: the first starts from exactly the values the advantages used."
     )
-    max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Gradient accumulation for the critic, as `learner.max_tokens_per_micro_batch`."
-    )
-    seed: int = Field(0, description="Torch seed of every critic rank (and of the fresh value head).")
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 
     def learner_settings(self) -> "LearnerConfig":
         """The critic's optimisation settings in the policy learner's terms, so the critic runs the
         same FSDP2 machinery (sharding, AdamW, clipping, micro-batching, checkpoints) with its own values."""
-        return LearnerConfig(
-            backend="fsdp2", world_size=self.world_size, lr=self.lr, warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch, seed=self.seed, resources=self.resources,
-        )
+        return LearnerConfig(backend="fsdp2", **{name: getattr(self, name) for name in TrainingGroupConfig.model_fields})
 
 
 class WeightsConfig(_Strict):

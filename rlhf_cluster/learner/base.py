@@ -12,6 +12,7 @@ that average into the sum the global denominator expects.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import time
 from abc import ABC, abstractmethod
@@ -136,6 +137,15 @@ class LearnerBase(ABC):
         """Per parameter: (elements held by this rank, elements of the full parameter)."""
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _accumulate(self, loss: torch.Tensor, real: bool, last_micro_batch: bool) -> float | None:
+        """Backward one micro-batch's loss (over the global denominator); returns its value, or
+        None for a padding pass, which runs only so the ranks' collectives pair up."""
+        if not real:
+            loss = loss * 0.0
+        # Both backends average gradients over ranks; x world size turns that into the global sum.
+        self._backward(loss * self.world_size, last_micro_batch)
+        return float(loss.detach()) if real else None
+
     def _all_reduce(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
@@ -223,15 +233,13 @@ class LearnerBase(ABC):
                         denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
                         token_denominator=max(global_tokens, 1.0),
                     )
-                    if not real:
-                        loss = loss * 0.0  # a padding pass: collectives only
                     # The denominators are the mini-batch's global counts, so the micro-batch
                     # losses (and their gradients, accumulated here) add up to the mini-batch's.
-                    self._backward(loss * self.world_size, last_micro_batch=index == len(plan) - 1)
-                    if not real:
+                    value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
+                    if value is None:
                         continue
-                    finite = finite and bool(torch.isfinite(loss.detach()))
-                    mini_loss += float(loss.detach())
+                    finite = finite and math.isfinite(value)
+                    mini_loss += value
                     local_tokens = float(m.sum())
                     for k, v in metrics.items():
                         if k.endswith("_max"):

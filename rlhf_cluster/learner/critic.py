@@ -11,6 +11,7 @@ policy learner's, configured by `critic.*` instead of `learner.*`.
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -116,14 +117,11 @@ class ValueLearner(FSDP2Learner):
                     self._values(b, rows), b.old_values[rows], b.returns[rows], mask[rows],
                     clip=self.critic.value_clip, denominator=denominator,
                 )
-                if not real:
-                    loss = loss * 0.0  # a padding pass: collectives only
-                # FSDP2 averages gradients over ranks; x world size turns that into the global sum.
-                self._backward(loss * self.world_size, last_micro_batch=index == len(plan) - 1)
-                if not real:
+                value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
+                if value is None:
                     continue
-                finite = finite and bool(torch.isfinite(loss.detach()))
-                epoch_loss += float(loss.detach())
+                finite = finite and math.isfinite(value)
+                epoch_loss += value
                 clipped_tokens += metrics["value_clip_frac"] * float(mask[rows].sum())
             grad_norm, applied = self._clip_and_step(finite)
             skipped += int(not applied)

@@ -94,7 +94,7 @@ class FSDP2Learner(LearnerBase):
         if not self.cfg.learner.lora.enabled:
             return None
         with self.model.disable_adapter():
-            ref, _ = self._logprobs(batch, slice(None), with_entropy=False)
+            ref, _ = self._logprobs(self._to_device(batch), slice(None), with_entropy=False)
         return ref
 
     # ---- checkpoints -------------------------------------------------------------------------
