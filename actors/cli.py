@@ -122,7 +122,7 @@ def train(
         return
     import ray
 
-    from actors.driver import run_job
+    from actors.job import run_job
 
     _connect(address, cfg.cluster.num_cpus)
     try:
@@ -217,7 +217,7 @@ def pipeline(
     """All three RLHF stages: SFT, a reward model, then RL against it; prints the verifier's accuracy after each."""
     import ray
 
-    from actors.driver import run_job
+    from actors.job import run_job
     from actors.supervised import run_stage
     from rlhf_cluster.config import RewardModelSpec
 

@@ -1,7 +1,6 @@
-"""CriticRank actors: PPO's value model as its own gang-placed torch.distributed group.
-
-The critic's group is sized by `critic.world_size`, apart from the policy learner's; the driver
-asks it for the values of each step's batch before the policy step, then trains both on it.
+"""CriticRank actors: PPO's value model as its own `RankGroup`, sized by `critic.world_size` apart
+from the policy learner's; the trainer asks it for the values of each step's batch before the
+policy step, then trains both on it.
 """
 
 from __future__ import annotations
@@ -10,12 +9,10 @@ import os
 from concurrent.futures import Future
 
 import ray
-import torch
 
 from actors._common import actor_setup, join_process_group, limit_threads, metrics_target
-from actors.learner import LearnerGroup, ShardedRank, learner_placement_group, learner_rank_options
+from actors.learner import ShardedRank
 from rlhf_cluster import metrics as m
-from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.learner.critic import ValueLearner
 from rlhf_cluster.records import TrainBatch
 
@@ -41,9 +38,11 @@ class CriticRank(ShardedRank):
             "pid": os.getpid(),
         }
 
-    def values(self, batch: TrainBatch) -> torch.Tensor:
-        """Collective: per-token values [B, T] of this rank's share of the step's batch."""
-        return self.learner.values(batch)
+    def values(self, batch: TrainBatch) -> list[list[float]]:
+        """Collective: the per-token values of each response in this rank's share of the step's batch."""
+        values = self.learner.values(batch)
+        lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()
+        return [values[i, :n].tolist() for i, n in enumerate(lengths)]
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """Collective: one clipped-value-loss step on this rank's share (with returns and old values)."""
@@ -51,22 +50,3 @@ class CriticRank(ShardedRank):
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["critic/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         return metrics
-
-
-
-class CriticGroup(LearnerGroup):
-    """The critic's ranks as one unit: gang-placed in their own placement group, set up together.
-
-    Checkpoint loading, pids and kill are the learner group's.
-    """
-
-    def __init__(self, cfg_dict: dict, policy_path: str, res: ResourcesConfig, world_size: int):
-        self.world_size = world_size
-        self.placement = learner_placement_group(res, world_size, section="critic")
-        self.ranks = [
-            CriticRank.options(**learner_rank_options(res, self.placement, r)).remote(cfg_dict, policy_path, r, world_size)
-            for r in range(world_size)
-        ]
-        addr, port = ray.get(self.ranks[0].address.remote())
-        self.infos = {i["name"]: i for i in ray.get([rank.setup.remote(addr, port) for rank in self.ranks])}
-

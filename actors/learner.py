@@ -1,4 +1,4 @@
-"""LearnerRank actors: one torch.distributed group (FSDP2 or DeepSpeed ranks) that trains and publishes weights."""
+"""LearnerRank actors: the policy's FSDP2 or DeepSpeed ranks (one `RankGroup`), which train and publish weights."""
 
 from __future__ import annotations
 
@@ -9,48 +9,15 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors._common import actor_setup, join_process_group, limit_threads, metrics_target, rendezvous_address
 from rlhf_cluster import metrics as m
-from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
 from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
-
-
-PLACEMENT_TIMEOUT_S = 120
-
-
-def learner_placement_group(res: ResourcesConfig, world_size: int, section: str = "learner"):
-    """Reserve one bundle per rank at once (gang scheduling): all ranks start, or none do.
-    `section` names the config section in errors (the critic's group is placed the same way)."""
-    # A bundle must ask for something; a sliver of CPU stands in when no resources are reserved.
-    bundle = {"CPU": max(res.num_cpus, 0.01), **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.custom}
-    group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
-    try:
-        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
-        ray.util.remove_placement_group(group)
-        raise RuntimeError(
-            f"{section}: {world_size} ranks x {bundle} could not be placed in {PLACEMENT_TIMEOUT_S}s "
-            f"({section}.resources asks for more than the cluster has; try `--dry-run`)"
-        ) from None
-    return group
-
-
-def learner_rank_options(res: ResourcesConfig, group, rank: int) -> dict:
-    """Ray options placing rank `rank` in its bundle of the learner's placement group."""
-    return {
-        "num_cpus": res.num_cpus,
-        "num_gpus": res.num_gpus,
-        "resources": dict(res.custom),
-        "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-    }
 
 
 class ShardedRank:
@@ -160,40 +127,3 @@ class LearnerRank(ShardedRank):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective; rank 0 returns the gathered weights, other ranks an empty dict."""
         return self.learner.full_state_dict()
-
-
-class LearnerGroup:
-    """The learner's ranks as one unit: gang-placed, set up together, replaced together."""
-
-    def __init__(self, cfg_dict: dict, model_path: str, res: ResourcesConfig, world_size: int, probe: Probe | None = None):
-        self.world_size = world_size
-        self.placement = learner_placement_group(res, world_size)
-        self.ranks = [
-            LearnerRank.options(**learner_rank_options(res, self.placement, r)).remote(
-                cfg_dict, model_path, r, world_size, probe
-            )
-            for r in range(world_size)
-        ]
-        addr, port = ray.get(self.ranks[0].address.remote())
-        self.infos = {i["name"]: i for i in ray.get([rank.setup.remote(addr, port) for rank in self.ranks])}
-
-    @property
-    def leader(self):
-        return self.ranks[0]
-
-    def publish_now(self, version: int) -> None:
-        """Publish the current weights as `version` and wait until they are durable."""
-        ray.get([rank.publish.remote(version) for rank in self.ranks])
-        ray.get(self.leader.wait_published.remote(version))
-
-    def load_checkpoint(self, path: str) -> list[str]:
-        """Every rank restores from `path`; returns the per-rank digests of the restored state."""
-        return ray.get([rank.load_checkpoint.remote(path) for rank in self.ranks])
-
-    def pids(self) -> list[int]:
-        return [i["pid"] for i in self.infos.values()]
-
-    def kill(self) -> None:
-        for rank in self.ranks:
-            ray.kill(rank, no_restart=True)
-        ray.util.remove_placement_group(self.placement)

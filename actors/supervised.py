@@ -18,7 +18,7 @@ import ray
 from tqdm import tqdm
 
 from actors._common import join_process_group, limit_threads, rendezvous_address
-from actors.learner import learner_placement_group, learner_rank_options
+from actors.rank_group import RankGroup, deal
 from rlhf_cluster.config import JobConfig, StageConfig
 from rlhf_cluster.data.preferences import arithmetic_preference_pairs, encode_response, read_preference_file
 from rlhf_cluster.data.sft import SFTExample, read_sft_file, tokenize_conversation, tokenize_plain
@@ -42,10 +42,10 @@ class SupervisedRank:
     def address(self) -> tuple[str, int]:
         return rendezvous_address()
 
-    def setup(self, master_addr: str, master_port: int) -> int:
+    def setup(self, master_addr: str, master_port: int) -> dict:
         join_process_group(master_addr, master_port, self.rank, self.world_size)
         self.trainer = SupervisedTrainer(self.kind, self.model_path, self.stage, self.pad_id)
-        return os.getpid()
+        return {"name": f"rank{self.rank}", "metrics": None, "pid": os.getpid()}
 
     def sft_step(self, examples: list[SFTExample]) -> dict:
         return self.trainer.sft_step(examples)
@@ -135,27 +135,22 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
     if not train:
         raise ValueError(f"{kind}: no training examples")
     world = stage.world_size
-    group = learner_placement_group(stage.resources, world)
-    ranks = [
-        SupervisedRank.options(**learner_rank_options(stage.resources, group, r)).remote(
-            kind, model_path, stage.model_dump(), r, world, tokenizer.pad_token_id or 0
-        )
-        for r in range(world)
-    ]
+    pad_id = tokenizer.pad_token_id or 0
+    group = RankGroup(SupervisedRank, lambda r: (kind, model_path, stage.model_dump(), r, world, pad_id),
+                      stage.resources, world, section=kind)
     try:
-        addr, port = ray.get(ranks[0].address.remote())
-        ray.get([rank.setup.remote(addr, port) for rank in ranks])
         start = time.perf_counter()
         history = []
         bar = tqdm(total=stage.steps, desc=kind, disable=not progress, dynamic_ncols=True)
         for step, idx in enumerate(_batches(len(train), stage.batch_size, stage.steps, stage.seed)):
             items = [train[i] for i in idx]
             if kind == "sft":
-                calls = [rank.sft_step.remote(items[r::world]) for r, rank in enumerate(ranks)]
+                metrics = ray.get(group.split("sft_step", deal(items, world)))[0]
             else:
-                calls = [rank.rm_step.remote([p.chosen for p in items[r::world]], [p.rejected for p in items[r::world]],
-                                             [p.margin for p in items[r::world]]) for r, rank in enumerate(ranks)]
-            metrics = ray.get(calls)[0]
+                shares = deal(items, world)
+                metrics = ray.get([rank.rm_step.remote([p.chosen for p in share], [p.rejected for p in share],
+                                                       [p.margin for p in share])
+                                   for rank, share in zip(group.ranks, shares)])[0]
             history.append({"step": step, **metrics})
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
@@ -163,30 +158,24 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
         summary = {"stage": kind, "base_model": model_path, "steps": stage.steps, "train_examples": len(train),
                    "eval_examples": len(evals), "seconds": time.perf_counter() - start,
                    "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
-        summary.update(_evaluate(kind, ranks, evals))
+        summary.update(_evaluate(kind, group, evals))
         output = cfg.stage_output(kind)
-        ray.get([rank.save.remote(str(output)) for rank in ranks])
+        group.call("save", str(output))
     finally:
-        for rank in ranks:
-            ray.kill(rank, no_restart=True)
-        ray.util.remove_placement_group(group)
+        group.kill()
     summary["output"] = str(output)
     write_atomic(Path(output) / "stage.json", json.dumps({**summary, "history": history}, indent=1))
     return summary
 
 
-def _evaluate(kind: str, ranks: list, evals: list) -> dict:
-    world = len(ranks)
+def _evaluate(kind: str, group: RankGroup, evals: list) -> dict:
     if not evals:
         return {}
     if kind == "sft":
-        return ray.get([rank.sft_evaluate.remote(evals[r::world]) for r, rank in enumerate(ranks)])[0]
+        return ray.get(group.split("sft_evaluate", deal(evals, group.world_size)))[0]
     sequences = [p.chosen for p in evals] + [p.rejected for p in evals]
     lengths = [p.chosen_response_len for p in evals] + [p.rejected_response_len for p in evals]
-    shares = ray.get([rank.rm_scores.remote(sequences[r::world]) for r, rank in enumerate(ranks)])
-    scores = [0.0] * len(sequences)
-    for r, share in enumerate(shares):
-        scores[r::world] = share
+    scores = group.run("rm_scores", sequences)
     n = len(evals)
     return {
         "eval_pairwise_accuracy": sum(c > x for c, x in zip(scores[:n], scores[n:])) / n,

@@ -1,7 +1,7 @@
 """Async vs sync RL: the same job with `train.max_staleness` 0 (synchronous) vs 1 vs 2.
 
 One local Ray instance (own temp dir, no dashboard) runs every job; each job is a full
-`Driver(cfg)` -> `driver.run()` -> `driver.shutdown()` with its own run_dir: a generation worker
+`Job(cfg)` -> `job.run()` -> `job.shutdown()` with its own run_dir: a generation worker
 (vLLM), a reward and a reference worker, an FSDP2 learner, the weight store, admission control.
 The config is built here, demo-like: the tiny random Qwen2, the built-in arithmetic task, GRPO
 with token TIS and k3 KL, but longer responses (16 tokens x n=4 x 8 prompts per step) so that
@@ -23,7 +23,6 @@ machine does, not what a cluster with separate generation and learner nodes does
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import os
@@ -93,7 +92,7 @@ def job_config(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path
 
 
 def run_job(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path) -> dict:
-    from actors.driver import Driver
+    from actors.job import Job
 
     cfg = job_config(args, staleness, rep, run_dir)
     log = io.StringIO()
@@ -101,12 +100,12 @@ def run_job(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path) -
     t0 = time.perf_counter()
     try:
         with redirect:
-            driver = Driver(cfg)
+            job = Job(cfg)
             started = time.perf_counter()
             try:
-                result = asyncio.run(driver.run())
+                result = job.run()
             finally:
-                driver.shutdown()
+                job.shutdown()
     except BaseException:
         sys.stdout.write(log.getvalue()[-4000:])
         raise

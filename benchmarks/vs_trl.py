@@ -8,7 +8,7 @@ top-k), reward (the arithmetic verifier: correct + 0.2 * digits; TRL calls the v
 token mean over the whole batch, AdamW (constant LR, no weight decay, grad-norm clip 1.0), fp32,
 one optimizer step per batch, and the same number of steps.
 
-- **ours**: `Driver(cfg)` on a local Ray instance started by this script (one generation
+- **ours**: `Job(cfg)` on a local Ray instance started by this script (one generation
   replica with vLLM, one reward and one reference worker, one FSDP2 learner rank,
   `max_staleness` 1: generation runs one version ahead of the learner), in this process.
 - **TRL**: `benchmarks/_trl_side.py` run as a subprocess with the python of TRL's own virtual
@@ -28,7 +28,6 @@ medians over repetitions. Final reward (tiny only): mean reward of the last `--r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
@@ -168,22 +167,22 @@ def our_config(size: str, model_dir: Path, prompts_file: Path, w: dict, run_dir:
 def run_ours(cfg: JobConfig, args) -> dict:
     import ray
 
-    from actors.driver import Driver
+    from actors.job import Job
 
     temp_dir = tempfile.mkdtemp(prefix="vs-trl-ray-", dir="/tmp")
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp_dir,
              log_to_driver=False, _system_config={"worker_niceness": args.ray_worker_niceness})
-    driver = None
+    job = None
     try:
-        driver = Driver(cfg)
+        job = Job(cfg)
         setup_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        result = asyncio.run(driver.run())
+        result = job.run()
         train_s = time.perf_counter() - t1
     finally:
-        if driver is not None:
-            driver.shutdown()
+        if job is not None:
+            job.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
     rows = result.rows

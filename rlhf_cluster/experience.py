@@ -6,6 +6,9 @@ log-probs and updates.
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass, replace
+
 import torch
 
 from rlhf_cluster.algorithms import (
@@ -13,7 +16,7 @@ from rlhf_cluster.algorithms import (
     whiten,
 )
 from rlhf_cluster.config import AlgorithmConfig, KLConfig
-from rlhf_cluster.records import Rollout, ScoredSample
+from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
 from rlhf_cluster.rewards import length_penalty, overlong_penalty
 
 
@@ -166,7 +169,72 @@ def critic_advantages(
     return [returns[i, : len(s.response_ids)].tolist() for i, s in enumerate(samples)], metrics
 
 
-def kl_controller(cfg: KLConfig) -> FixedKLController | AdaptiveKLController:
+def accept_group(metrics: dict[str, float], cfg: AlgorithmConfig) -> bool:
+    """Dynamic sampling (DAPO): a group whose rewards are all equal carries no learning signal and
+    is dropped (the producer generates another in its place)."""
+    return not (cfg.shaping.dynamic_sampling and metrics["zero_signal"])
+
+
+@dataclass
+class StepBatch:
+    """A step's samples ready for the learner: final advantages, which samples enter the loss,
+    and (PPO with a critic) the critic's per-token targets and the values the advantages used."""
+
+    samples: list[ScoredSample]
+    in_loss: list[bool]
+    returns: list[list[float]] | None = None
+    old_values: list[list[float]] | None = None
+
+    def policy_shares(self, world: int) -> list[TrainBatch]:
+        """Rank r of `world` trains on samples r, r + world, ... (round robin)."""
+        return [TrainBatch.from_samples(self.samples[r::world], in_loss=self.in_loss[r::world]) for r in range(world)]
+
+    def critic_shares(self, world: int) -> list[TrainBatch]:
+        """The critic's round-robin shares, with the returns it regresses to and the old values."""
+        if self.returns is None or self.old_values is None:
+            raise ValueError("this batch has no critic targets (finalize_batch was given no values)")
+        return [
+            TrainBatch.from_samples(self.samples[r::world], in_loss=self.in_loss[r::world],
+                                    returns=self.returns[r::world], old_values=self.old_values[r::world])
+            for r in range(world)
+        ]
+
+
+def finalize_batch(
+    samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float, values: list[list[float]] | None = None
+) -> tuple[StepBatch, dict[str, float]]:
+    """The one place a step's batch becomes final, on copies (buffered samples are not changed):
+    advantages that need the whole batch (REINFORCE++ whitened returns-to-go; GAE from the critic's
+    per-token `values`, with the KL on each token), and the overlong filter's loss mask.
+    Group advantages (GRPO, Dr. GRPO, RLOO) and the sequence-level KL shaping were fixed when the
+    group was scored (`build_group`)."""
+    if (cfg.advantage == "gae") != (values is not None):
+        raise ValueError("finalize_batch: critic values are needed exactly when algorithm.advantage is gae")
+    samples = [replace(s, advantages=list(s.advantages)) for s in samples]
+    metrics: dict[str, float] = {}
+    returns = None
+    if values is not None:
+        returns, metrics = critic_advantages(samples, values, cfg, kl_coef)
+    else:
+        metrics = batch_advantages(samples, cfg, kl_coef)
+    in_loss = [not (cfg.shaping.overlong_filter and s.finish_reason == "length") for s in samples]
+    out = {f"advantage/{k}": v for k, v in metrics.items()}
+    out["samples_in_loss"] = sum(in_loss)
+    return StepBatch(samples, in_loss, returns, values), out
+
+
+def observe_step_kl(controller: "KLController", policy_kl: float,
+                    samples: list[ScoredSample]) -> None:
+    """Feed a step's KL to the controller: it steers per-sequence KL (the per-token mean times the
+    mean response length), as in Ziegler et al."""
+    mean_len = statistics.fmean(len(s.response_ids) for s in samples)
+    controller.update(policy_kl * mean_len, len(samples))
+
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+def kl_controller(cfg: KLConfig) -> KLController:
     """The KL coefficient controller a job's config asks for."""
     if cfg.controller == "adaptive":
         return AdaptiveKLController(cfg.coef, cfg.target, cfg.horizon)

@@ -79,6 +79,27 @@ MULTI_VERSION = Gauge(
     "rlhf_train_multi_version_fraction", "Share of the last consumed batch's samples sampled by more than one weight version.", LABELS
 )
 
+# The one table from a step's row (metrics.jsonl column) to the driver's Prometheus gauge: every
+# step sets each gauge whose column is in the row. Components return metrics dicts; only this
+# table decides what Prometheus shows of them.
+STEP_GAUGES = {
+    "kl": TRAIN_KL,
+    "reward_mean": TRAIN_REWARD,
+    "policy/entropy": TRAIN_ENTROPY,
+    "policy/clip_frac": TRAIN_CLIP,
+    "multi_version_fraction": MULTI_VERSION,
+    "staleness_max": STALENESS_MAX,
+    "buffer_depth": BUFFER_DEPTH,
+    "correction/ess": CORRECTION_ESS,
+    "correction/mismatch_k1": CORRECTION_MISMATCH_K1,
+    "correction/mismatch_k3": CORRECTION_MISMATCH_K3,
+    "correction/frac_truncated": CORRECTION_TRUNCATED,
+    "correction/frac_masked": CORRECTION_MASKED,
+    "critic/value_loss": CRITIC_VALUE_LOSS,
+    "critic/explained_variance": CRITIC_EXPLAINED_VARIANCE,
+    "critic/value_clip_frac": CRITIC_VALUE_CLIP,
+}
+
 
 @dataclass(frozen=True)
 class MetricLabels:

@@ -17,8 +17,9 @@ import random
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -74,6 +75,16 @@ def done_future() -> Future:
     future: Future = Future()
     future.set_result(None)
     return future
+
+
+@dataclass
+class Passes:
+    """What `LearnerBase._optimize` did in one learner step."""
+
+    losses: list[list[float]] = field(default_factory=list)  # [epoch][mini-batch]: this rank's summed micro-batch losses
+    micro_metrics: list[tuple[slice, dict[str, float]]] = field(default_factory=list)  # every real micro-batch's rows and metrics
+    grad_norm: float = 0.0  # pre-clip global gradient norm of the last update
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient
 
 
 class LearnerBase(ABC):
@@ -167,6 +178,38 @@ class LearnerBase(ABC):
         )
 
     # ---- the step --------------------------------------------------------------------------
+    def _optimize(self, epochs: int, plans: list[list[tuple[slice, bool]]],
+                  micro_loss: Callable[[int, slice], tuple[torch.Tensor, dict[str, float]]]) -> "Passes":
+        """The one epoch / mini-batch / micro-batch loop of every learner (policy and critic).
+
+        `plans[k]` is mini-batch k's micro-batches (`_micro_batches`); `micro_loss(k, rows)` is a
+        micro-batch's loss over its mini-batch's global denominator, so the accumulated gradients
+        add up to the mini-batch's. Each mini-batch ends with one clipped optimizer step (skipped
+        when the loss or the global gradient norm is not finite); the LR schedule advances once
+        per learner step unless an update was skipped.
+        """
+        passes = Passes()
+        for _ in range(epochs):
+            epoch_losses = []
+            for mini, plan in enumerate(plans):
+                total, finite = 0.0, True
+                for index, (rows, real) in enumerate(plan):
+                    loss, metrics = micro_loss(mini, rows)
+                    value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
+                    if value is None:
+                        continue
+                    finite = finite and math.isfinite(value)
+                    total += value
+                    passes.micro_metrics.append((rows, metrics))
+                passes.grad_norm, applied = self._clip_and_step(finite)
+                passes.skipped += int(not applied)
+                epoch_losses.append(total)
+            passes.losses.append(epoch_losses)
+        self.step += 1
+        if passes.skipped == 0:
+            self.scheduler.step()
+        return passes
+
     def _micro_batches(self, b: TrainBatch, lo: int, hi: int) -> list[tuple[slice, bool]]:
         """Rows [lo, hi) cut into micro-batches of at most `max_tokens_per_micro_batch` padded
         tokens, as (rows, real) pairs. Every rank runs the same number of forward/backward passes
@@ -204,57 +247,42 @@ class LearnerBase(ABC):
                 prox, _ = self._logprobs(b, slice(None), with_entropy=False)
             correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
 
+        # The global counts of each mini-batch: its loss denominators on every rank.
+        counts = [self._all_reduce([float(mask[lo:hi].sum()), float((mask[lo:hi].sum(-1) > 0).sum())])
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+        def micro_loss(mini: int, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            nonlocal prox, correction, corr_metrics
+            logprobs, ent = self._logprobs(b, rows, with_entropy=True)
+            if single_pass:
+                prox = logprobs.detach()
+                correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
+            global_tokens, global_seqs = counts[mini]
+            # max(.., 1): a mini-batch whose tokens were all filtered out (overlong filtering)
+            # contributes a zero loss rather than NaN.
+            return self.objective.loss(
+                logprobs, prox[rows], b.ref_logprobs[rows], b.advantages[rows], mask[rows],
+                None if correction is None else correction[rows], ent, kl_coef=kl_coef,
+                denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
+                token_denominator=max(global_tokens, 1.0),
+            )
+
+        if single_pass:
+            prox = correction = corr_metrics = None  # set by the one micro-batch's forward
+        passes = self._optimize(lc.ppo_epochs, plans, micro_loss)
         sums: dict[str, float] = {}
-        tokens_seen, loss_total, iterations, skipped = 0.0, 0.0, 0, 0
-        grad_norm = 0.0
-        for _ in range(lc.ppo_epochs):
-            for (lo, hi), plan in zip(zip(bounds[:-1], bounds[1:]), plans):
-                m_all = mask[lo:hi]
-                global_tokens, global_seqs = self._all_reduce([float(m_all.sum()), float((m_all.sum(-1) > 0).sum())])
-                mini_loss = 0.0
-                finite = True
-                for index, (rows, real) in enumerate(plan):
-                    m = mask[rows]
-                    logprobs, ent = self._logprobs(b, rows, with_entropy=True)
-                    if single_pass:
-                        prox = logprobs.detach()
-                        correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
-                    # max(.., 1): a mini-batch whose tokens were all filtered out (overlong
-                    # filtering) contributes a zero loss rather than NaN.
-                    loss, metrics = self.objective.loss(
-                        logprobs,
-                        prox[rows],
-                        b.ref_logprobs[rows],
-                        b.advantages[rows],
-                        m,
-                        None if correction is None else correction[rows],
-                        ent,
-                        kl_coef=kl_coef,
-                        denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
-                        token_denominator=max(global_tokens, 1.0),
-                    )
-                    # The denominators are the mini-batch's global counts, so the micro-batch
-                    # losses (and their gradients, accumulated here) add up to the mini-batch's.
-                    value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
-                    if value is None:
-                        continue
-                    finite = finite and math.isfinite(value)
-                    mini_loss += value
-                    local_tokens = float(m.sum())
-                    for k, v in metrics.items():
-                        if k.endswith("_max"):
-                            sums[k] = max(sums.get(k, float("-inf")), v)
-                        else:
-                            sums[k] = sums.get(k, 0.0) + v * local_tokens
-                    tokens_seen += local_tokens
-                grad_norm, applied = self._clip_and_step(finite)
-                if not applied:
-                    skipped += 1
-                loss_total += mini_loss
-                iterations += 1
-        self.step += 1
-        if skipped == 0:
-            self.scheduler.step()
+        tokens_seen = 0.0
+        for rows, metrics in passes.micro_metrics:
+            local_tokens = float(mask[rows].sum())
+            for k, v in metrics.items():
+                if k.endswith("_max"):
+                    sums[k] = max(sums.get(k, float("-inf")), v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + v * local_tokens
+            tokens_seen += local_tokens
+        loss_total = sum(sum(epoch) for epoch in passes.losses)
+        iterations = sum(len(epoch) for epoch in passes.losses)
+        grad_norm, skipped = passes.grad_norm, passes.skipped
 
         # Across ranks: token means are averaged weighted by tokens, maxima take the max, and the
         # ESS is recomputed from global sums (an average of per-rank ESS would be wrong).

@@ -11,7 +11,6 @@ policy learner's, configured by `critic.*` instead of `learner.*`.
 
 from __future__ import annotations
 
-import math
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -108,29 +107,16 @@ class ValueLearner(FSDP2Learner):
         [global_tokens] = self._all_reduce([float(mask.sum())])
         denominator = max(global_tokens, 1.0)
         plan = self._micro_batches(b, 0, mask.shape[0])
-        loss_sum, first_loss, clipped_tokens, skipped = 0.0, 0.0, 0.0, 0
-        grad_norm = 0.0
-        for epoch in range(self.critic.epochs):
-            epoch_loss, finite = 0.0, True
-            for index, (rows, real) in enumerate(plan):
-                loss, metrics = value_loss(
-                    self._values(b, rows), b.old_values[rows], b.returns[rows], mask[rows],
-                    clip=self.critic.value_clip, denominator=denominator,
-                )
-                value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
-                if value is None:
-                    continue
-                finite = finite and math.isfinite(value)
-                epoch_loss += value
-                clipped_tokens += metrics["value_clip_frac"] * float(mask[rows].sum())
-            grad_norm, applied = self._clip_and_step(finite)
-            skipped += int(not applied)
-            loss_sum += epoch_loss
-            if epoch == 0:
-                first_loss = epoch_loss
-        self.step += 1
-        if skipped == 0:
-            self.scheduler.step()
+
+        def micro_loss(_mini: int, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+            return value_loss(self._values(b, rows), b.old_values[rows], b.returns[rows], mask[rows],
+                              clip=self.critic.value_clip, denominator=denominator)
+
+        passes = self._optimize(self.critic.epochs, [plan], micro_loss)
+        loss_sum = sum(epoch[0] for epoch in passes.losses)
+        first_loss = passes.losses[0][0]
+        clipped_tokens = sum(metrics["value_clip_frac"] * float(mask[rows].sum()) for rows, metrics in passes.micro_metrics)
+        grad_norm, skipped = passes.grad_norm, passes.skipped
 
         # Explained variance of the returns by the values the advantages used, from global sums:
         # 1 - Var(R - V) / Var(R) over every rank's valid tokens.

@@ -3,15 +3,15 @@ batch's returns and restores its checkpoint exactly, and a PPO job runs real ste
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
 
 import ray
 
-from actors.critic import CriticGroup
-from actors.driver import Driver
+from actors.critic import CriticRank
+from actors.rank_group import RankGroup
+from actors.job import Job
 from rlhf_cluster.records import ScoredSample, TrainBatch
 
 
@@ -40,7 +40,8 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
     # Per-token targets that differ by sequence: a terminal reward of 0 or 1 with a small per-token
     # term, so fitting a single offset cannot halve the loss; the critic must tell sequences apart.
     returns = [[s.reward + 0.1 * t for t in range(len(s.response_ids))] for s in samples]
-    group = CriticGroup(cfg.model_dump(), tiny_model_path, cfg.critic.resources, world)
+    group = RankGroup(CriticRank, lambda r: (cfg.model_dump(), tiny_model_path, r, world), cfg.critic.resources, world,
+                      section="critic")
     try:
         shares = [samples[r::world] for r in range(world)]
         losses, variances, clip_fracs = [], [], []
@@ -48,9 +49,7 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
             # As in the job: the values of this step are the clip centre (old values) of its update.
             values = ray.get([rank.values.remote(TrainBatch.from_samples(s)) for rank, s in zip(group.ranks, shares)])
             batches = [
-                TrainBatch.from_samples(
-                    s, returns=returns[r::world], old_values=[v[i, : len(x.response_ids)].tolist() for i, x in enumerate(s)]
-                )
+                TrainBatch.from_samples(s, returns=returns[r::world], old_values=v)
                 for r, (s, v) in enumerate(zip(shares, values))
             ]
             stats = ray.get([rank.train.remote(b) for rank, b in zip(group.ranks, batches)])
@@ -77,7 +76,7 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
         saved = ray.get([rank.save_checkpoint.remote(str(directory)) for rank in group.ranks])
         ray.get([rank.wait_checkpoint.remote() for rank in group.ranks])
         ray.get([rank.train.remote(b) for rank, b in zip(group.ranks, batches)])
-        assert group.load_checkpoint(str(directory)) == saved
+        assert group.call("load_checkpoint", str(directory)) == saved
     finally:
         group.kill()
 
@@ -95,40 +94,40 @@ def _ppo_config(job_config, steps: int):
 def test_ppo_job_with_a_critic_runs_real_steps_and_resumes(ray_cluster, job_config):
     steps = 3
     cfg = _ppo_config(job_config, steps)
-    driver = Driver(cfg)
+    job = Job(cfg)
     try:
-        result = asyncio.run(driver.run())
+        result = job.run()
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
-        rows = [json.loads(x) for x in (driver.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
         for row in rows:
             for key in ("critic/value_loss", "critic/explained_variance", "critic/value_clip_frac", "advantage/return_mean"):
                 assert math.isfinite(row[key]), (key, row)
             # The critic stepped on every batch (a real, finite gradient, not skipped).
             assert row["critic/grad_norm"] > 0 and row["critic/skipped_updates"] == 0
         # The critic is in the job checkpoint, and the manifest carries its rank digests.
-        manifest = json.loads(next(driver.checkpoints.root.glob("step-*/manifest.json")).read_text())
+        manifest = json.loads(next(job.checkpoint_dir.glob("step-*/manifest.json")).read_text())
         assert len(manifest["critic_rank_digests"]) == 1
         assert any(name.startswith("critic/learner/") for name in manifest["files"])
         # Prometheus: the driver exports the critic gauges, and the critic rank is a scrape target.
-        targets = json.loads((driver.run_dir / "prometheus_targets.json").read_text())
+        targets = json.loads((job.run_dir / "prometheus_targets.json").read_text())
         assert "critic" in {t["labels"]["pool"] for t in targets}
         from prometheus_client import REGISTRY
 
         loss = REGISTRY.get_sample_value("rlhf_critic_value_loss", {"job": "test", "pool": "driver", "worker": "driver"})
         assert loss == rows[-1]["critic/value_loss"]
     finally:
-        driver.shutdown()
+        job.shutdown()
 
     # Resume one more step from the newest checkpoint: the critic's restored state must match the
     # digests its ranks took at save (the driver refuses the checkpoint otherwise).
-    driver = Driver(_ppo_config(job_config, steps + 1), resume="auto")
+    job = Job(_ppo_config(job_config, steps + 1), resume="auto")
     try:
-        resumed = json.loads((driver.run_dir / "resume.json").read_text())
+        resumed = json.loads((job.run_dir / "resume.json").read_text())
         assert resumed["step"] == steps - 1
-        result = asyncio.run(driver.run())
+        result = job.run()
         assert [r["step"] for r in result.rows] == [steps]
-        lines = [json.loads(x) for x in (driver.run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == list(range(steps + 1))
         assert math.isfinite(result.rows[-1]["critic/value_loss"])
     finally:
-        driver.shutdown()
+        job.shutdown()

@@ -20,7 +20,7 @@ the smallest gain any seed reached with this config.
 from __future__ import annotations
 
 from rlhf_cluster.config import load_config
-from actors.driver import run_job
+from actors.job import run_job
 
 MARGIN = 0.05
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
@@ -11,7 +10,7 @@ import urllib.request
 
 import ray
 
-from actors.driver import Driver
+from actors.job import Job
 
 
 def test_killed_generation_worker_is_replaced_and_no_sample_is_duplicated(ray_cluster, job_config):
@@ -22,40 +21,40 @@ def test_killed_generation_worker_is_replaced_and_no_sample_is_duplicated(ray_cl
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
         faults={"max_worker_restarts": 2, "restart_backoff_s": 0.1},
     )
-    driver = Driver(cfg)
-    victim = driver.pools["generation"].actors["gen1"]
+    job = Job(cfg)
+    victim = job.workers("generation")["gen1"]
     pid = ray.get(victim.info.remote())["pid"]
     killed = threading.Event()
 
     def kill_mid_run() -> None:
         try:
-            while len(driver.result.rows) < 3:
+            while len(job.rows) < 3:
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)  # the worker's process, not a polite ray.kill
             killed.set()
             deadline = time.monotonic() + 240
-            while not any(c.worker == "gen2" for c in list(driver.result.consumed)) and time.monotonic() < deadline:
+            while not any(c.worker == "gen2" for c in list(job.consumed)) and time.monotonic() < deadline:
                 time.sleep(0.1)
         finally:
-            driver.request_stop()
+            job.stop()
 
     threading.Thread(target=kill_mid_run, daemon=True).start()
     try:
-        result = asyncio.run(driver.run())
+        result = job.run()
         assert killed.is_set()
         # The job completed with the worker replaced and the restart counted in metrics.
         done = len(result.rows)
         assert result.final_version == done
-        assert driver.pools["generation"].restarts == 1
-        assert set(driver.pools["generation"].actors) == {"gen0", "gen2"}
+        assert job.restarts("generation") == 1
+        assert set(job.workers("generation")) == {"gen0", "gen2"}
         assert result.rows[-1]["worker_restarts"] == 1
-        body = urllib.request.urlopen(f"http://127.0.0.1:{driver.metrics_port}/metrics", timeout=10).read().decode()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
         assert 'rlhf_pool_worker_restarts_total{job="faults",pool="generation",worker="gen1"} 1.0' in body
         # Exactly once: no sample trained on twice, none refused as a duplicate, all steps full.
         ids = [c.sample_id for c in result.consumed]
         assert len(ids) == len(set(ids)) == done * cfg.samples_per_step
-        assert driver.buffer.dropped["duplicate"] == 0
+        assert job.dropped["duplicate"] == 0
         # The replacement loaded current weights and served.
         assert any(c.worker == "gen2" for c in result.consumed)
     finally:
-        driver.shutdown()
+        job.shutdown()

@@ -7,14 +7,15 @@ whole driver with vLLM generation.
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 import ray
 import torch
 
-from actors.driver import Driver
+from actors.job import Job
 from actors.learner import LearnerRank
+from actors.rank_group import RankGroup
+from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
 
@@ -37,16 +38,12 @@ PARAM_ELEMENT_ATOL, MAX_FRACTION_ABOVE = 1e-8, 1e-3  # ...while nearly every ele
 LR = 1e-3
 
 
-def _group(cfg, model_path, world):
-    ranks = [LearnerRank.remote(cfg.model_dump(), model_path, r, world) for r in range(world)]
-    addr, port = ray.get(ranks[0].address.remote())
-    ray.get([rank.setup.remote(addr, port) for rank in ranks])
-    return ranks
+def _group(cfg, model_path, world) -> RankGroup:
+    return RankGroup(LearnerRank, lambda r: (cfg.model_dump(), model_path, r, world), ResourcesConfig(), world)
 
 
 def _kill(ranks):
-    for rank in ranks:
-        ray.kill(rank)
+    ranks.kill()
 
 
 def _config(job_config, run_dir, backend, **learner):
@@ -152,18 +149,18 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         learner={"backend": "deepspeed", "world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
     )
-    driver = Driver(cfg)
+    job = Job(cfg)
     try:
-        result = asyncio.run(driver.run())
+        result = job.run()
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
         assert WeightStore(cfg.weights_dir).latest_version() == steps
 
-        infos = ray.get([rank.shard_info.remote() for rank in driver.learner.ranks])
+        infos = ray.get([rank.shard_info.remote() for rank in job.learner_ranks])
         for name, (local0, full) in infos[0].items():
             local1, _ = infos[1][name]
             assert local0 + local1 >= full and local0 < full and local1 < full, (name, local0, local1, full)
 
-        gathered = ray.get([rank.full_state_dict.remote() for rank in driver.learner.ranks])[0]
+        gathered = ray.get([rank.full_state_dict.remote() for rank in job.learner_ranks])[0]
         published = WeightStore(cfg.weights_dir).load(steps)
         assert set(gathered) == set(published)
         assert all(torch.equal(tensor, published[key]) for key, tensor in gathered.items())
@@ -171,7 +168,7 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         assert any(not torch.equal(first[k], v) for k, v in published.items()), "step 2 published the same weights"
         assert any(not torch.equal(published[k], v) for k, v in _initial_weights(cfg).items())
     finally:
-        driver.shutdown()
+        job.shutdown()
 
 
 def test_deepspeed_checkpointing_offload_bf16_and_nan_skip(ray_cluster, job_config, tiny_model_path, tmp_path):

@@ -12,6 +12,8 @@ import ray
 import torch
 
 from actors.learner import LearnerRank
+from actors.rank_group import RankGroup
+from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.records import ScoredSample, TrainBatch
 
 
@@ -35,11 +37,8 @@ def _samples(n: int = 6) -> list[ScoredSample]:
     return out
 
 
-def _group(cfg, model_path, world):
-    ranks = [LearnerRank.remote(cfg.model_dump(), model_path, r, world) for r in range(world)]
-    addr, port = ray.get(ranks[0].address.remote())
-    ray.get([rank.setup.remote(addr, port) for rank in ranks])
-    return ranks
+def _group(cfg, model_path, world) -> RankGroup:
+    return RankGroup(LearnerRank, lambda r: (cfg.model_dump(), model_path, r, world), ResourcesConfig(), world)
 
 
 def test_two_ranks_match_one_rank(ray_cluster, job_config, tiny_model_path, tmp_path):
@@ -56,8 +55,7 @@ def test_two_ranks_match_one_rank(ray_cluster, job_config, tiny_model_path, tmp_
         stats = ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])
         results[world] = stats[0]
         assert all(abs(s["policy/loss"] - stats[0]["policy/loss"]) < 1e-9 for s in stats), "ranks disagree"
-        for rank in ranks:
-            ray.kill(rank)
+        ranks.kill()
     one, two = results[1], results[2]
     assert abs(one["policy/loss"] - two["policy/loss"]) <= 1e-5 * max(1.0, abs(one["policy/loss"]))
     assert abs(one["learner/grad_norm"] - two["learner/grad_norm"]) <= 1e-4 * one["learner/grad_norm"]
@@ -67,7 +65,8 @@ def test_two_ranks_match_one_rank(ray_cluster, job_config, tiny_model_path, tmp_
 
 def test_non_finite_loss_skips_the_update(ray_cluster, job_config, tiny_model_path):
     cfg = job_config(learner={"world_size": 1, "lr": 1e-3})
-    (rank,) = _group(cfg, tiny_model_path, 1)
+    group = _group(cfg, tiny_model_path, 1)
+    (rank,) = group
     samples = _samples(3)
     samples[0].advantages = [float("nan")] * len(samples[0].advantages)
     before = ray.get(rank.full_state_dict.remote())
@@ -79,7 +78,7 @@ def test_non_finite_loss_skips_the_update(ray_cluster, job_config, tiny_model_pa
     stats = ray.get(rank.train.remote(TrainBatch.from_samples(_samples(3)), 2, 0.0))
     assert stats["learner/skipped_updates"] == 0
     assert any(not torch.equal(after[k], v) for k, v in ray.get(rank.full_state_dict.remote()).items())
-    ray.kill(rank)
+    group.kill()
 
 
 def test_micro_batches_accumulate_to_the_full_batch_update(ray_cluster, job_config, tiny_model_path, tmp_path):
@@ -101,8 +100,7 @@ def test_micro_batches_accumulate_to_the_full_batch_update(ray_cluster, job_conf
         stats = ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])
         results[name] = stats[0]
         weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
-        for rank in ranks:
-            ray.kill(rank)
+        ranks.kill()
     full = results["full"]
     for name in ("micro", "micro_2_ranks"):
         got = results[name]
@@ -133,8 +131,7 @@ def test_gradient_checkpointing_and_bf16_mixed_precision(ray_cluster, job_config
                          for rank, s in zip(ranks, (samples[:2], samples[2:]))])
         results[name] = stats[0]
         weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
-        for rank in ranks:
-            ray.kill(rank)
+        ranks.kill()
     fp32, ckpt, bf16 = results["fp32"], results["checkpointing"], results["bf16_checkpointing"]
     assert abs(ckpt["policy/loss"] - fp32["policy/loss"]) <= 1e-6 * max(1.0, abs(fp32["policy/loss"]))
     assert abs(ckpt["learner/grad_norm"] - fp32["learner/grad_norm"]) <= 1e-5 * fp32["learner/grad_norm"]

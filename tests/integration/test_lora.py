@@ -3,14 +3,13 @@ generation engines receive and sample from the merged weights. Real Ray, FSDP2 (
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import ray
 import torch
 
-from actors.driver import Driver
+from actors.job import Job
 from rlhf_cluster.learner.lora import is_adapter_param
 from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.records import TrainBatch
@@ -79,12 +78,12 @@ def test_lora_job_publishes_merged_weights_that_generation_samples_from(ray_clus
     steps = 3
     cfg = job_config(learner={"world_size": 1, "lr": 1e-2, "lora": {"rank": RANK, "alpha": ALPHA}},
                      train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False})
-    driver = Driver(cfg)
+    job = Job(cfg)
     try:
-        assert "reference" not in driver.pools  # the learner's base model is the reference
-        result = asyncio.run(driver.run())
+        assert "reference" not in job.pool_sizes()  # the learner's base model is the reference
+        result = job.run()
     finally:
-        driver.shutdown()
+        job.shutdown()
     assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
     assert all(torch.isfinite(torch.tensor(r["kl"])) for r in result.rows)
     store = WeightStore(cfg.weights_dir)

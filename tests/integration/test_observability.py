@@ -8,7 +8,6 @@ scripts/setup.sh); without them these tests skip and say why.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
@@ -141,7 +140,7 @@ def _scrape_all(targets_file: Path) -> tuple[str, int]:
 
 @needs_prometheus
 def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, job_config, tmp_path):
-    from actors.driver import Driver
+    from actors.job import Job
 
     # Its own job name: the driver's collectors live in this process and may hold other tests' series.
     cfg = job_config(name="observability", train={"total_steps": 8, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
@@ -166,17 +165,17 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
     )
-    driver = None
-    job: dict = {}
+    job = None
+    outcome: dict = {}
     thread = None
     try:
-        driver = Driver(cfg)
+        job = Job(cfg)
 
         def run_job():
             try:
-                job["result"] = asyncio.run(driver.run())
+                outcome["result"] = job.run()
             except BaseException as exc:  # reported by the main thread
-                job["error"] = exc
+                outcome["error"] = exc
 
         thread = threading.Thread(target=run_job, name="rlhf-job", daemon=True)
         thread.start()
@@ -191,8 +190,8 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
         seen: dict[str, float] = {}
         deadline = time.monotonic() + 120
         while True:
-            if "error" in job:
-                raise job["error"]
+            if "error" in outcome:
+                raise outcome["error"]
             assert prom.poll() is None, f"prometheus exited: {(tmp_path / 'prometheus.log').read_text()}"
             try:
                 for expr in want:
@@ -235,7 +234,7 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
             body, n_bodies = _scrape_all(targets_file)
             samples, declared = _sample_names(body, cfg.name), _declared_names(body)
             missing = {n for n in names if n not in (declared if n in EVENT_COUNTERS else samples)}
-            if not missing or time.monotonic() > deadline or "error" in job:
+            if not missing or time.monotonic() > deadline or "error" in outcome:
                 break
             time.sleep(1)
         assert n_bodies == n_targets
@@ -246,12 +245,12 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
         # The job itself ran to its end while being scraped.
         thread.join(timeout=max(10.0, deadline - time.monotonic()))
         assert not thread.is_alive(), "the job did not finish"
-        if "error" in job:
-            raise job["error"]
-        assert len(job["result"].rows) == cfg.train.total_steps
+        if "error" in outcome:
+            raise outcome["error"]
+        assert len(outcome["result"].rows) == cfg.train.total_steps
     finally:
-        if driver is not None:
-            driver.shutdown()  # a job still running ends with an actor error in its thread
+        if job is not None:
+            job.shutdown()  # a job still running ends with an actor error in its thread
         if thread is not None:
             thread.join(timeout=30)
         prom.terminate()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import urllib.request
 from collections import Counter
@@ -11,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from actors.driver import Driver
+from actors.job import Job
 from rlhf_cluster.weights import WeightStore
 
 
@@ -24,12 +23,12 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         learner={"world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": max_staleness, "progress": False},
     )
-    driver = Driver(cfg)
+    job = Job(cfg)
     try:
-        result = asyncio.run(driver.run())
+        result = job.run()
 
         # Held-out accuracy was measured before and after, on the held-out prompts.
-        evaluation = json.loads((driver.run_dir / "eval.json").read_text())
+        evaluation = json.loads((job.run_dir / "eval.json").read_text())
         assert evaluation["prompts"] == 16 and evaluation["version_after"] == steps
         assert 0.0 <= result.accuracy_before <= 1.0 and 0.0 <= result.accuracy_after <= 1.0
         # ...and as the mean over data.eval_samples sampled answers per prompt.
@@ -54,7 +53,7 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         assert set(by_worker) == {"gen0", "gen1"}, by_worker
 
         # Per-step rows carry what the job prints, and the JSONL file holds the same rows.
-        lines = [json.loads(x) for x in (driver.run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == list(range(steps))
         for row in lines:
             for key in ("reward_mean", "kl", "staleness_mean", "weight_version", "step_seconds"):
@@ -62,7 +61,7 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
             assert row["staleness_max"] <= max_staleness
 
         # Every actor's /metrics endpoint answers a real scrape with its component's metrics.
-        targets = json.loads((driver.run_dir / "prometheus_targets.json").read_text())
+        targets = json.loads((job.run_dir / "prometheus_targets.json").read_text())
         pools = Counter(t["labels"]["pool"] for t in targets)
         assert pools == {"learner": 2, "generation": 2, "reward": 1, "reference": 1, "driver": 1}, pools
         expected = {
@@ -77,16 +76,16 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
             assert expected[target["labels"]["pool"]] in body, target
 
         # FSDP2: both ranks hold a strict part of every sharded parameter, together all of it.
-        infos = ray.get([rank.shard_info.remote() for rank in driver.learner.ranks])
+        infos = ray.get([rank.shard_info.remote() for rank in job.learner_ranks])
         for name, (local0, full) in infos[0].items():
             local1, _ = infos[1][name]
             assert local0 + local1 >= full and local0 < full and local1 < full, (name, local0, local1, full)
 
         # Samples produced but not trained on were persisted in the buffer's Arrow format.
-        assert (driver.run_dir / "buffer.arrow").is_file()
+        assert (job.run_dir / "buffer.arrow").is_file()
 
         # The published weights equal the gathered full state dict of the trained model.
-        gathered = ray.get([rank.full_state_dict.remote() for rank in driver.learner.ranks])[0]
+        gathered = ray.get([rank.full_state_dict.remote() for rank in job.learner_ranks])[0]
         published = WeightStore(cfg.weights_dir).load(steps)
         assert set(gathered) == set(published)
         for key, tensor in gathered.items():
@@ -94,7 +93,7 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         # ...and training moved them away from the initial weights.
         assert any(not torch.equal(gathered[k], v) for k, v in _initial_weights(cfg).items())
     finally:
-        driver.shutdown()
+        job.shutdown()
 
 
 def test_a_dead_worker_without_restarts_left_ends_the_job_with_its_cause(ray_cluster, job_config):
@@ -103,15 +102,15 @@ def test_a_dead_worker_without_restarts_left_ends_the_job_with_its_cause(ray_clu
         train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
         faults={"max_worker_restarts": 0},
     )
-    driver = Driver(cfg)
-    ray.kill(next(iter(driver.pools["reward"].actors.values())), no_restart=True)
+    job = Job(cfg)
+    ray.kill(next(iter(job.workers("reward").values())), no_restart=True)
     try:
         with pytest.raises(RuntimeError, match="reward pool: worker reward0 died") as info:
-            asyncio.run(driver.run())
+            job.run()
         assert isinstance(info.value.__cause__, ray.exceptions.RayActorError)
     finally:
-        driver.shutdown()
-    assert driver.result.rows == []
+        job.shutdown()
+    assert job.rows == []
 
 
 def _initial_weights(cfg):

@@ -17,19 +17,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from actors.driver import Driver
+from actors.job import Job
 from rlhf_cluster.checkpoint import CheckpointStore
 from rlhf_cluster.data.prompts import PromptSource, read_prompt_file
 from rlhf_cluster.records import table_to_samples
 from rlhf_cluster.weights import WeightStore
 
 
-def _run_in_thread(driver: Driver) -> tuple[threading.Thread, list]:
+def _run_in_thread(job: Job) -> tuple[threading.Thread, list]:
     outcome: list = []
 
     def target() -> None:
         try:
-            outcome.append(asyncio.run(driver.run()))
+            outcome.append(job.run())
         except BaseException as exc:  # the killed run ends with an error; the test inspects it
             outcome.append(exc)
 
@@ -102,7 +102,7 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
     assert ckpt is not None and ckpt.step < steps - 1
     saved_buffer = {s.sample_id for s in table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))}
 
-    second = Driver(cfg, resume="auto")
+    second = Job(cfg, resume="auto")
     republished = WeightStore(cfg.weights_dir).load(ckpt.version)  # published while resuming
     from_files = {f"model.{k}": torch.empty_like(v) for k, v in republished.items()}
     dcp.load(from_files, checkpoint_id=str(ckpt.path / "learner"), no_dist=True)  # before retention prunes it
@@ -151,32 +151,32 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
 
 def test_killed_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config):
     cfg = _cfg(job_config, "learner-fault", 100_000)  # the test stops the job when it has seen enough
-    driver = Driver(cfg)
-    thread, outcome = _run_in_thread(driver)
+    job = Job(cfg)
+    thread, outcome = _run_in_thread(job)
     store = CheckpointStore(cfg.checkpoint_dir)
-    generation_before = dict(driver.pools["generation"].actors)
+    generation_before = job.workers("generation")
     try:
-        _wait_for(lambda: store.latest() is not None and len(driver.result.rows) >= store.latest().step + 2)
-        rows_before_kill = len(driver.result.rows)
-        os.kill(driver.learner.pids()[1], signal.SIGKILL)
-        _wait_for(lambda: driver.learner_restarts == 1 and len(driver.result.rows) >= rows_before_kill + 3, timeout=300)
+        _wait_for(lambda: store.latest() is not None and len(job.rows) >= store.latest().step + 2)
+        rows_before_kill = len(job.rows)
+        os.kill(job.learner_pids()[1], signal.SIGKILL)
+        _wait_for(lambda: job.learner_restarts == 1 and len(job.rows) >= rows_before_kill + 3, timeout=300)
     finally:
-        driver.request_stop()
+        job.stop()
         thread.join(timeout=300)
     try:
         assert outcome and not isinstance(outcome[0], BaseException), outcome
         result = outcome[0]
         done = len(result.rows)
-        assert driver.learner_restarts == 1
+        assert job.learner_restarts == 1
         assert result.final_version == done
-        rows = [json.loads(x) for x in (driver.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(done)), "steps after the rollback continue from the checkpoint"
         ids = [c.sample_id for c in result.consumed]
         assert len(ids) == len(set(ids)) == done * cfg.samples_per_step
         # Generation was not restarted.
-        assert driver.pools["generation"].actors == generation_before
+        assert job.workers("generation") == generation_before
     finally:
-        driver.shutdown()
+        job.shutdown()
 
 
 def _read_arrow(path):

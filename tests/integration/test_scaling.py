@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
 
 from actors.control import scale
-from actors.driver import Driver
+from actors.job import Job
 
 
 def test_scale_generation_up_and_down_while_running(ray_cluster, job_config):
@@ -20,39 +19,39 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config):
         generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
     )
-    driver = Driver(cfg)
+    job = Job(cfg)
     seen: dict = {}
     errors: list[BaseException] = []
 
     def workers_in_targets() -> set[str]:
-        groups = json.loads((driver.run_dir / "prometheus_targets.json").read_text())
+        groups = json.loads((job.run_dir / "prometheus_targets.json").read_text())
         return {g["labels"]["worker"] for g in groups if g["labels"]["pool"] == "generation"}
 
     def operator() -> None:
         try:
-            while len(driver.result.rows) < 2:
+            while len(job.rows) < 2:
                 time.sleep(0.05)
             seen["up"] = scale("scaling", "generation", 2)["generation"]
             seen["targets_up"] = workers_in_targets()
-            seen["step_up"] = len(driver.result.rows)
-            while len(driver.result.rows) < seen["step_up"] + 4:
+            seen["step_up"] = len(job.rows)
+            while len(job.rows) < seen["step_up"] + 4:
                 time.sleep(0.05)
             seen["down"] = scale("scaling", "generation", 1)["generation"]
             seen["targets_down"] = workers_in_targets()
-            seen["step_down"] = len(driver.result.rows)
-            while len(driver.result.rows) < seen["step_down"] + 3:
+            seen["step_down"] = len(job.rows)
+            while len(job.rows) < seen["step_down"] + 3:
                 time.sleep(0.05)
         except BaseException as exc:  # surfaced below; a failing thread must fail the test
             errors.append(exc)
         finally:
-            driver.request_stop()
+            job.stop()
 
     thread = threading.Thread(target=operator, daemon=True)
     thread.start()
     try:
-        result = asyncio.run(driver.run())
+        result = job.run()
     finally:
-        driver.shutdown()
+        job.shutdown()
     thread.join(timeout=5)
     assert not errors, errors
     assert seen["up"]["changed"] == ["gen1"] and seen["up"]["sizes"]["generation"] == 2
@@ -69,6 +68,6 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config):
     done = len(result.rows)
     ids = [c.sample_id for c in result.consumed]
     assert len(ids) == len(set(ids)) == done * cfg.samples_per_step
-    assert driver.buffer.dropped["duplicate"] == 0
+    assert job.dropped["duplicate"] == 0
     assert all(0 <= c.step - c.policy_version <= cfg.train.max_staleness for c in result.consumed)
     assert result.final_version == done

@@ -6,7 +6,6 @@ the reference for log-probs.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.request
@@ -16,7 +15,8 @@ import ray
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.driver import TIMELINE_FILE, Driver
+from actors.job import Job
+from rlhf_cluster.run_dir import RunDir
 from actors.generation import GenerationWorker
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
@@ -165,14 +165,14 @@ def test_streaming_job_hands_groups_to_scoring_early_and_keeps_the_bound(ray_clu
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": max_staleness, "oversample_groups": 2,
                "progress": False},
     )
-    driver = Driver(cfg)
+    job = Job(cfg)
     try:
-        result = asyncio.run(driver.run())
-        info = next(iter(driver.infos["generation"].values()))
+        result = job.run()
+        info = next(iter(job.worker_infos("generation").values()))
         scraped = _scrape(info["metrics"])
     finally:
-        driver.shutdown()
-    timeline = {row["group_id"]: row for row in map(json.loads, (driver.run_dir / TIMELINE_FILE).read_text().splitlines())}
+        job.shutdown()
+    timeline = {row["group_id"]: row for row in map(json.loads, (job.run_dir / RunDir.TIMELINE).read_text().splitlines())}
     groups_of_step = defaultdict(set)
     for c in result.consumed:
         groups_of_step[c.step].add(c.sample_id.rsplit(":", 1)[0])

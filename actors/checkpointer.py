@@ -1,0 +1,90 @@
+"""Checkpointing: snapshot the whole job (the JobState, every rank's state) without stopping the
+step loop, and restore it: on `--resume`, and when a lost learner is rebuilt."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from actors.reporting import Reporter
+from actors.trainer import Trainer
+from rlhf_cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.job_state import JobState
+from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.weights import WeightStore
+
+
+class Checkpointer:
+    """Writes job checkpoints (one at a time, files finished in the background) and restores them."""
+
+    def __init__(self, cfg: JobConfig, run_dir: RunDir, store: WeightStore, reporter: Reporter):
+        self.cfg, self.run_dir, self.store, self.reporter = cfg, run_dir, store, reporter
+        self.checkpoints = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
+        self._writing: asyncio.Task | None = None
+
+    def to_resume(self, resume: str | None) -> Checkpoint | None:
+        """`auto`: the newest checkpoint that verifies (None if there is none); a path: exactly that one."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.newest()
+        return CheckpointStore.verify(resume)
+
+    def newest(self) -> Checkpoint | None:
+        return self.checkpoints.latest(on_refused=lambda exc: tqdm.write(f"refusing {exc}"))
+
+    def due(self, step: int, stopping: bool) -> bool:
+        return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping
+
+    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState) -> int:
+        """Put the ranks, the weight store and `state` (fresh) where `ckpt` left them, or at the
+        start; publishes the weights the job continues from and returns their version."""
+        if ckpt is None:
+            self.store.discard_from(0)
+            trainer.publish_now(0)
+            self.reporter.keep_steps(-1)
+            return 0
+        if trainer.critic is not None and "critic_rank_digests" not in ckpt.manifest:
+            raise CheckpointError(f"checkpoint {ckpt.path}: has no critic state (written by a job without a critic)")
+        digests = trainer.load_checkpoint(ckpt.path)
+        for group, restored in digests.items():
+            what = "critic" if group.startswith("critic") else "learner"
+            if restored != ckpt.manifest[group]:
+                raise CheckpointError(f"checkpoint {ckpt.path}: restored {what} state differs from the saved state")
+        state.load(ckpt)
+        # Versions after the checkpoint belong to the abandoned run; the checkpoint's is republished.
+        self.store.discard_from(ckpt.version)
+        trainer.publish_now(ckpt.version)
+        self.reporter.keep_steps(ckpt.step)
+        self.run_dir.write_json(RunDir.RESUME, {"step": ckpt.step, "version": ckpt.version, "path": str(ckpt.path),
+                                                "rank_digests": digests["rank_digests"]})
+        tqdm.write(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}")
+        return ckpt.version
+
+    async def save(self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState) -> None:
+        """Snapshot the state and stage every rank's state now; the files are finished in the background."""
+        await self.wait()  # one checkpoint at a time
+        tmp = self.checkpoints.begin(step)
+        state.save(step, tmp)
+        digests = await trainer.stage_checkpoint(tmp)
+        self._writing = tg.create_task(self._finish(tmp, step, digests, trainer))
+
+    async def wait(self) -> None:
+        """Until the checkpoint being written (if any) is complete."""
+        if self._writing is not None:
+            await self._writing
+
+    async def _finish(self, tmp: Path, step: int, digests: dict, trainer: Trainer) -> None:
+        try:
+            await trainer.wait_checkpoint()
+            ckpt = await asyncio.to_thread(self.checkpoints.finalize, tmp, step, step + 1, digests)
+            tqdm.write(f"checkpoint {ckpt.path.name} (weight version {ckpt.version})")
+        except (OSError, ray.exceptions.RayError) as exc:
+            # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
+            self.checkpoints.abandon(tmp)
+            self.reporter.checkpoint_failed()
+            tqdm.write(f"checkpoint after step {step} failed ({exc!r}); the previous checkpoint stays in use")

@@ -1,0 +1,159 @@
+"""The job's worker pools (generation, reward, reference), its scaling controller and the
+Prometheus scrape targets of every actor it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import ray
+from tqdm import tqdm
+
+from actors.control import NAMESPACE, JobController, controller_name
+from actors.generation import GenerationWorker
+from actors.pools import ActorPool, actor_options
+from actors.scoring import ReferenceWorker, RewardWorker
+from rlhf_cluster import metrics as m
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.generation.quantization import write_int8_model_dir
+from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.weights import WeightStore
+
+log = logging.getLogger(__name__)
+
+
+def engine_model_path(cfg: JobConfig, model_path: str, store: WeightStore, version: int, run_dir: RunDir) -> str:
+    """What generation engines start from: the model folder, or with int8 rollouts an int8
+    checkpoint of `version`'s int8 variant (written once; workers then sync)."""
+    if cfg.generation.quantization != "int8":
+        return model_path
+    return str(write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8))
+
+
+class Cluster:
+    """Starts, resizes, replaces and ends the job's worker pools, and keeps the scrape targets
+    current. `newest_version()` is the version a new generation worker loads before it serves;
+    `other_targets()` adds the rank groups' and the driver's endpoints to the scrape targets."""
+
+    def __init__(self, cfg: JobConfig, cfg_dict: dict, run_dir: RunDir, model_path: str, engine_path: str,
+                 newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]]):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.other_targets = other_targets
+        self.infos: dict[str, dict[str, dict]] = {}
+        gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
+
+        def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
+            return ActorPool(name, prefix, factory, prepare=prepare, max_restarts=cfg.faults.max_worker_restarts,
+                             backoff_s=cfg.faults.restart_backoff_s,
+                             on_restart=lambda dead, new: self._on_restart(name, dead, new))
+
+        async def load_newest_weights(actor) -> None:
+            # A new generation worker loads the newest weights before it serves anything.
+            await actor.sync.remote(newest_version())
+
+        self.pools: dict[str, ActorPool] = {
+            "generation": pool("generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(
+                cfg_dict, engine_path, i), load_newest_weights),
+            "reward": pool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
+        }
+        # With LoRA the learner's base model (adapters off) is the reference: no copy to run.
+        if cfg.scoring.reference and not cfg.learner.lora.enabled:
+            self.pools["reference"] = pool(
+                "reference", "ref", lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
+        replicas = {"generation": cfg.generation.replicas, "reward": cfg.scoring.reward_replicas,
+                    "reference": cfg.scoring.reference_replicas}
+        try:
+            for name, p in self.pools.items():
+                created = p.start(replicas[name])
+                self.infos[name] = dict(zip(created, ray.get([a.info.remote() for a in created.values()])))
+            self.write_scrape_targets()
+            self.controller = JobController.options(name=controller_name(cfg.name), namespace=NAMESPACE,
+                                                    get_if_exists=False).remote()
+            ray.get(self.controller.report_sizes.remote(self.pool_sizes()))
+        except BaseException:
+            for p in self.pools.values():
+                p.kill()  # no worker outlives a failed start
+            raise
+
+    async def call(self, pool: str, method: str, *args):
+        """One request to the least busy worker of `pool`; returns (worker name, result)."""
+        return await self.pools[pool].call(method, *args)
+
+    def restarts(self) -> int:
+        """Workers replaced so far, over every pool."""
+        return sum(pool.restarts for pool in self.pools.values())
+
+    def pool_sizes(self) -> dict[str, int]:
+        return {name: len(pool) for name, pool in self.pools.items()}
+
+    async def push_newest_version(self) -> list[dict]:
+        """Every generation worker loads the store's newest version now, with its requests in flight;
+        returns the probe reports of those loads (the job's last version is never generated with,
+        so its reports must not wait for a generate result).
+
+        A worker that dies meanwhile is the pool's business (it is replaced and its replacement
+        loads the newest version before serving); any other failure ends the job.
+        """
+        actors = list(self.pools["generation"].actors.values())
+        # min_version 0: after a rollback the version just published may be gone again; the newest counts.
+        results = await asyncio.gather(*[a.sync.remote(0) for a in actors], return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError):
+                raise result
+        reports = await asyncio.gather(*[a.take_probe_reports.remote() for a in actors], return_exceptions=True)
+        return [r for rs in reports if not isinstance(rs, BaseException) for r in rs]
+
+    def _on_restart(self, pool_name: str, dead: str, new: str) -> None:
+        """Count a restart and keep the scrape targets current (the pool replaced the worker)."""
+        m.RESTARTS.labels(job=self.cfg.name, pool=pool_name, worker=dead).inc()
+        self.infos[pool_name].pop(dead, None)
+        actor = self.pools[pool_name].actors[new]
+        asyncio.get_running_loop().create_task(self._register(pool_name, new, actor))
+        tqdm.write(f"{pool_name} worker {dead} died; replaced by {new} (restart {self.pools[pool_name].restarts})")
+
+    async def _register(self, pool_name: str, name: str, actor) -> None:
+        self.infos[pool_name][name] = await actor.info.remote()
+        self.write_scrape_targets()
+
+    def write_scrape_targets(self) -> None:
+        """Prometheus file-based service discovery, rewritten whenever workers come or go."""
+        infos = {**self.other_targets(), **self.infos}
+        groups = [
+            {"targets": [i["metrics"]], "labels": {"job_name": self.cfg.name, "pool": pool, "worker": name}}
+            for pool, items in infos.items()
+            for name, i in items.items()
+            if i.get("metrics")
+        ]
+        self.run_dir.write_json(RunDir.SCRAPE_TARGETS, groups)
+
+    async def watch_scaling(self, version: Callable[[], int]) -> None:
+        """Apply scale requests from the JobController as they arrive."""
+        while True:
+            ticket, pool_name, replicas = await self.controller.next_request.remote()
+            try:
+                changed = await self._resize(pool_name, replicas)
+                outcome = {"pool": pool_name, "changed": changed, "sizes": self.pool_sizes(), "version": version()}
+            except (ValueError, KeyError) as exc:
+                outcome = {"error": str(exc), "sizes": self.pool_sizes()}
+            await self.controller.applied.remote(ticket, outcome)
+
+    async def _resize(self, pool_name: str, replicas: int) -> list[str]:
+        if pool_name not in self.pools:
+            raise KeyError(f"this job has no {pool_name} pool")
+        pool = self.pools[pool_name]
+        before = set(pool.actors)
+        changed = await pool.resize(replicas)
+        for name in changed:
+            if name in before:
+                self.infos[pool_name].pop(name, None)
+            else:
+                self.infos[pool_name][name] = await pool.actors[name].info.remote()
+        self.write_scrape_targets()
+        tqdm.write(f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})")
+        return changed
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            pool.kill()
+        ray.kill(self.controller, no_restart=True)

@@ -1,0 +1,118 @@
+"""RankGroup: every torch.distributed group of Ray actors in the project (policy learner, critic,
+SFT and reward-model stages, tests) is built, called and ended through this one class."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_cluster.config import ResourcesConfig
+
+PLACEMENT_TIMEOUT_S = 120
+SETUP_TIMEOUT_S = 600  # loading and sharding a model on every rank
+
+
+def deal(items: list, world: int) -> list[list]:
+    """Round-robin shares: rank r gets items r, r + world, ..."""
+    return [items[r::world] for r in range(world)]
+
+
+def interleave(shares: list[list]) -> list:
+    """Undo `deal`: item i came from share i % len(shares), position i // len(shares)."""
+    out: list = [None] * sum(len(s) for s in shares)
+    for r, share in enumerate(shares):
+        out[r::len(shares)] = share
+    return out
+
+
+class RankGroup:
+    """A gang-placed group of rank actors forming one torch.distributed process group.
+
+    Placement: one bundle per rank in one placement group, all placed or none (`section` names the
+    config section in errors). Rendezvous: rank 0's `address()`. Setup: every rank's
+    `setup(master_addr, master_port)` at once, returning its info (`name`, `metrics`, `pid`).
+    Calls: `submit`/`call` send every rank the same arguments (collectives); `split`/`run` send
+    rank r its own share. `kill` ends the ranks and frees the placement.
+    """
+
+    def __init__(self, actor_cls, rank_args: Callable[[int], tuple], resources: ResourcesConfig, world_size: int,
+                 section: str = "learner"):
+        self.world_size, self.section = world_size, section
+        self.ranks: list = []
+        self.placement = _place(resources, world_size, section)
+        try:
+            self.ranks = [
+                actor_cls.options(**_rank_options(resources, self.placement, r)).remote(*rank_args(r))
+                for r in range(world_size)
+            ]
+            addr, port = ray.get(self.ranks[0].address.remote(), timeout=SETUP_TIMEOUT_S)
+            infos = ray.get([rank.setup.remote(addr, port) for rank in self.ranks], timeout=SETUP_TIMEOUT_S)
+            self.infos: dict[str, dict] = {info["name"]: info for info in infos}
+        except BaseException:
+            self.kill()
+            raise
+
+    def __iter__(self):
+        return iter(self.ranks)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def leader(self):
+        """Rank 0."""
+        return self.ranks[0]
+
+    def submit(self, method: str, *args) -> list[ray.ObjectRef]:
+        """Every rank runs `method(*args)`; one ref per rank (awaitable)."""
+        return [getattr(rank, method).remote(*args) for rank in self.ranks]
+
+    def split(self, method: str, shares: list, *args) -> list[ray.ObjectRef]:
+        """Rank r runs `method(shares[r], *args)`; one ref per rank (awaitable)."""
+        if len(shares) != self.world_size:
+            raise ValueError(f"{self.section}: {len(shares)} shares for {self.world_size} ranks")
+        return [getattr(rank, method).remote(share, *args) for rank, share in zip(self.ranks, shares)]
+
+    def call(self, method: str, *args, timeout: float | None = None) -> list[Any]:
+        """`submit` and wait: every rank's result, in rank order."""
+        return ray.get(self.submit(method, *args), timeout=timeout)
+
+    def run(self, method: str, items: list, *args, timeout: float | None = None) -> list[Any]:
+        """Deal `items` round-robin, run `method` on every share and gather the results in item order
+        (each rank returns one result per item of its share)."""
+        return interleave(ray.get(self.split(method, deal(items, self.world_size), *args), timeout=timeout))
+
+    def pids(self) -> list[int]:
+        return [info["pid"] for info in self.infos.values()]
+
+    def kill(self) -> None:
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+        ray.util.remove_placement_group(self.placement)
+
+
+def _place(res: ResourcesConfig, world_size: int, section: str):
+    # A bundle must ask for something; a sliver of CPU stands in when no resources are reserved.
+    bundle = {"CPU": max(res.num_cpus, 0.01), **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.custom}
+    group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        raise RuntimeError(
+            f"{section}: {world_size} ranks x {bundle} could not be placed in {PLACEMENT_TIMEOUT_S}s "
+            f"({section}.resources asks for more than the cluster has; try `--dry-run`)"
+        ) from None
+    return group
+
+
+def _rank_options(res: ResourcesConfig, group, rank: int) -> dict:
+    return {
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus,
+        "resources": dict(res.custom),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+    }

@@ -1,0 +1,149 @@
+"""Reporting: one row per step to `metrics.jsonl`, Prometheus and the console; the consumed
+samples' provenance; the generation workers' probe reports; the rollout timeline."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from rlhf_cluster import metrics as m
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.generation.probe import MismatchAlarm
+from rlhf_cluster.metrics import MetricLabels
+from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.step_report import console_line, step_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsumedSample:
+    """Provenance of a sample the learner trained on (for tests and audits)."""
+
+    step: int
+    sample_id: str
+    prompt_id: str
+    policy_version: int
+    worker: str
+    policy_versions: list = field(default_factory=list)  # (first token, version) spans of the response
+
+
+@dataclass
+class JobResult:
+    """What a finished job reports: per-step rows and every consumed sample."""
+
+    rows: list[dict] = field(default_factory=list)
+    consumed: list[ConsumedSample] = field(default_factory=list)
+    final_version: int = 0
+    accuracy_before: float | None = None  # held-out accuracy (greedy, verifier) before training
+    accuracy_after: float | None = None
+    sampled_accuracy_before: float | None = None  # mean verifier correctness of data.eval_samples samples per prompt
+    sampled_accuracy_after: float | None = None
+    run_dir: str = ""
+
+
+class Reporter:
+    """Writes what the job did, where operators and tests read it; the driver's Prometheus labels."""
+
+    def __init__(self, cfg: JobConfig, run_dir: RunDir):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.labels = MetricLabels(job=cfg.name, pool="driver", worker="driver")
+        self.labels.of(m.MISMATCH_ALERTS)  # exported at 0 from the start, so dashboards and rate() see it
+        self.labels.of(m.STALENESS_BOUND).set(cfg.train.max_staleness)
+        self.mismatch_alarm = MismatchAlarm(cfg.generation.probe.alert_factor, cfg.generation.probe.alert_floor)
+        self.result = JobResult(run_dir=str(run_dir.root))
+        self.bad_steps = 0
+
+    def step(self, step: int, samples: list[ScoredSample], stats: dict, seconds: float, counters: dict,
+             worker_of: dict[str, str]) -> dict:
+        """Record one learner step: its row everywhere, and the provenance of every sample it used."""
+        self._check_bad_step(step, stats)
+        row = step_row(step, samples, stats, seconds, counters)
+        for s in samples:
+            self.labels.of(m.STALENESS).observe(step - s.policy_version)
+        for column, gauge in m.STEP_GAUGES.items():
+            if column in row:
+                self.labels.of(gauge).set(row[column])
+        consumed = [
+            ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, worker_of.pop(s.sample_id, "?"),
+                           [list(span) for span in s.policy_versions])
+            for s in samples
+        ]
+        self.result.rows.append(row)
+        self.result.consumed.extend(consumed)
+        self.run_dir.append(RunDir.METRICS, [row])
+        self.run_dir.append(RunDir.CONSUMED, [vars(c) for c in consumed])
+        tqdm.write(console_line(row))
+        return row
+
+    def evaluation(self, prompts: int, version: int, samples_per_prompt: int) -> None:
+        """Held-out accuracy before and after RL to `eval.json` (when the job has held-out prompts)."""
+        r = self.result
+        if r.accuracy_before is not None:
+            self.run_dir.write_json(RunDir.EVAL, {
+                "prompts": prompts, "accuracy_before": r.accuracy_before, "accuracy_after": r.accuracy_after,
+                "version_after": version, "samples_per_prompt": samples_per_prompt,
+                "sampled_accuracy_before": r.sampled_accuracy_before, "sampled_accuracy_after": r.sampled_accuracy_after,
+            })
+
+    def keep_steps(self, last_step: int) -> None:
+        """A resumed or rolled-back run continues from `last_step`: later rows are forgotten."""
+        self.run_dir.keep_steps(last_step)
+        self.result.rows = [r for r in self.result.rows if r["step"] <= last_step]
+        self.result.consumed = [c for c in self.result.consumed if c.step <= last_step]
+
+    def _check_bad_step(self, step: int, stats: dict) -> None:
+        """A step whose loss was NaN/inf was skipped by the learner; too many in a row end the job."""
+        if not stats.get("learner/skipped_updates"):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.labels.of(m.BAD_STEPS).inc()
+        tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.faults.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient (faults.max_bad_steps); stopping"
+            )
+
+    def dropped(self, reason: str, samples: int) -> None:
+        if samples:
+            self.labels.of(m.BUFFER_DROPPED, reason=reason).inc(samples)
+
+    def buffer_depth(self, depth: int) -> None:
+        self.labels.of(m.BUFFER_DEPTH).set(depth)
+
+    def version(self, version: int) -> None:
+        self.labels.of(m.LEARNER_VERSION).set(version)
+
+    def restart(self, pool: str, worker: str) -> None:
+        m.RESTARTS.labels(job=self.cfg.name, pool=pool, worker=worker).inc()
+
+    def checkpoint_failed(self) -> None:
+        self.labels.of(m.CHECKPOINT_FAILURES).inc()
+
+    def group_buffered(self, samples: list[ScoredSample], worker: str, requested_at: float, generated_at: float) -> None:
+        """One timeline row per buffered group: when it was requested, generated (and handed to
+        scoring) and buffered, and the version spans of its responses."""
+        self.run_dir.append(RunDir.TIMELINE, [{
+            "group_id": samples[0].group_id, "worker": worker, "requested_at": requested_at,
+            "generated_at": generated_at, "buffered_at": time.time(),
+            "policy_versions": [[list(span) for span in s.policy_versions] for s in samples],
+        }])
+
+    def probes(self, reports: list[dict]) -> None:
+        """Log each worker's post-load probe mismatch (probes.jsonl) and alert when it jumps."""
+        for report in reports:
+            report["alert"] = self.mismatch_alarm.observe(report["k3"])
+            if report["alert"]:
+                self.labels.of(m.MISMATCH_ALERTS).inc()
+                log.warning(
+                    "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
+                    report["worker"], report["version"], report["k3"], report["max_abs_diff"],
+                    statistics.median(self.mismatch_alarm.history[:-1]),
+                )
+        self.run_dir.append(RunDir.PROBES, reports)

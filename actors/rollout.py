@@ -1,0 +1,58 @@
+"""Rollout: one admitted request's way from prompts to scored groups: generate on the least busy
+engine, score with reward and reference workers at once, build each group's samples."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from actors.cluster import Cluster
+from actors.reporting import Reporter
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.experience import KLController, build_group, group_rollouts
+from rlhf_cluster.records import ScoredSample
+
+
+@dataclass
+class ScoredGroup:
+    """A prompt group's samples (rewards, reference log-probs, group advantages) and its metrics."""
+
+    samples: list[ScoredSample]
+    metrics: dict[str, float]
+    worker: str
+    requested_at: float
+    generated_at: float  # when it was handed to scoring
+
+
+async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts: list[Prompt], version: int,
+                  kl: KLController) -> list[ScoredGroup]:
+    """Generate `prompts` with weights at least `version`, score them, and build their groups
+    (with the KL coefficient `kl` holds once they are scored).
+
+    Streaming: one prompt per request, returned the moment its group finishes. Batched: the
+    request's prompts together, after the worker has loaded `version`.
+    """
+    requested_at = time.time()
+    call = ("generate_group", prompts[0], version) if cfg.generation.mode == "streaming" else ("generate", prompts, version)
+    _, (rollouts, probe_reports) = await cluster.call("generation", *call)
+    generated_at = time.time()
+    reporter.probes(probe_reports)
+    answers = {p.prompt_id: p.answer for p in prompts}
+    scoring = [cluster.call("reward", "score", rollouts, answers)]
+    if "reference" in cluster.pools:
+        scoring.append(cluster.call("reference", "logprobs", rollouts))
+    results = await asyncio.gather(*scoring)
+    scores = results[0][1]
+    refs = results[1][1] if len(results) > 1 else None
+    by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
+    groups = []
+    for group in group_rollouts(rollouts).values():
+        idx = [by_index[r.sample_id] for r in group]
+        samples, metrics = build_group(
+            group, [scores[i] for i in idx], [refs[i] for i in idx] if refs else None, cfg.algorithm,
+            kl_coef=kl.value, max_new_tokens=cfg.generation.sampling.max_new_tokens,
+        )
+        groups.append(ScoredGroup(samples, metrics, group[0].worker, requested_at, generated_at))
+    return groups

@@ -1,0 +1,90 @@
+"""The trainer: the policy's rank group and, for PPO with a critic, the critic's; trains a step's
+batch on both at once and publishes the policy's result as the next weight version."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+
+from actors.critic import CriticRank
+from actors.learner import LearnerRank
+from actors.rank_group import RankGroup, deal, interleave
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.experience import finalize_batch
+from rlhf_cluster.generation.probe import Probe
+from rlhf_cluster.records import ScoredSample, TrainBatch
+from rlhf_cluster.run_dir import RunDir
+
+
+class Trainer:
+    """Owns the learner's RankGroup (and the critic's): step, publish, checkpoint, kill."""
+
+    def __init__(self, cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe | None):
+        self.cfg = cfg
+        w = cfg.learner.world_size
+        self.policy = RankGroup(LearnerRank, lambda r: (cfg_dict, model_path, r, w, probe), cfg.learner.resources, w)
+        self.critic: RankGroup | None = None
+        if cfg.algorithm.advantage == "gae":  # PPO with a learned critic
+            try:
+                cw = cfg.critic.world_size
+                self.critic = RankGroup(CriticRank, lambda r: (cfg_dict, model_path, r, cw), cfg.critic.resources, cw,
+                                        section="critic")
+            except BaseException:
+                self.policy.kill()
+                raise
+
+    @property
+    def infos(self) -> dict[str, dict[str, dict]]:
+        """Every rank's info (metrics endpoint, pid) by group, for scrape targets."""
+        return {"learner": self.policy.infos, **({"critic": self.critic.infos} if self.critic else {})}
+
+    def groups(self) -> list[RankGroup]:
+        return [self.policy] + ([self.critic] if self.critic else [])
+
+    async def train(self, step: int, samples: list[ScoredSample], kl_coef: float) -> dict[str, float]:
+        """One step on every rank; the policy's result is published as version step + 1."""
+        values = None
+        if self.critic is not None:
+            # The critic's values of this batch, before either model steps, give the GAE advantages
+            # the policy trains on and the returns the critic regresses to.
+            shares = [TrainBatch.from_samples(share) for share in deal(samples, self.critic.world_size)]
+            values = interleave(await asyncio.gather(*self.critic.split("values", shares)))
+        batch, stats = finalize_batch(samples, self.cfg.algorithm, kl_coef, values)
+        steps = [asyncio.gather(*self.policy.split("train", batch.policy_shares(self.policy.world_size), step + 1, kl_coef))]
+        if self.critic is not None:
+            steps.append(asyncio.gather(*self.critic.split("train", batch.critic_shares(self.critic.world_size))))
+        # The two groups train on the same batch at the same time; rank 0 speaks for each.
+        for group_stats in await asyncio.gather(*steps):
+            stats.update(group_stats[0])
+        stats["kl_coef"] = kl_coef
+        return stats
+
+    def publish_now(self, version: int) -> None:
+        """Publish the policy's current weights as `version` and wait until they are durable."""
+        self.policy.call("publish", version)
+        ray.get(self.policy.leader.wait_published.remote(version))
+
+    async def wait_published(self, version: int) -> dict:
+        return await self.policy.leader.wait_published.remote(version)
+
+    def load_checkpoint(self, path) -> dict[str, list[str]]:
+        """Every rank restores from the job checkpoint at `path`; the restored states' digests by group."""
+        digests = {"rank_digests": self.policy.call("load_checkpoint", str(path))}
+        if self.critic is not None:
+            digests["critic_rank_digests"] = self.critic.call("load_checkpoint", str(path / RunDir.CRITIC))
+        return digests
+
+    async def stage_checkpoint(self, tmp) -> dict[str, list[str]]:
+        """Every rank stages its state under `tmp` (written in the background); the staged digests."""
+        digests = {"rank_digests": await asyncio.gather(*self.policy.submit("save_checkpoint", str(tmp)))}
+        if self.critic is not None:
+            digests["critic_rank_digests"] = await asyncio.gather(*self.critic.submit("save_checkpoint", str(tmp / RunDir.CRITIC)))
+        return digests
+
+    async def wait_checkpoint(self) -> None:
+        await asyncio.gather(*[ref for group in self.groups() for ref in group.submit("wait_checkpoint")])
+
+    def kill(self) -> None:
+        for group in self.groups():
+            group.kill()

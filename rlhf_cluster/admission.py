@@ -1,0 +1,77 @@
+"""Admission control (DESIGN: versions and staleness): how many prompt groups may start now, and which.
+
+Generation may run ahead of the learner by at most `max_staleness` versions: a new group starts
+only while `groups started - groups given back <= (version + max_staleness + 1) * prompts_per_step
++ oversample_groups`. A group is given back when it is dropped (stale, or without signal under
+dynamic sampling), so the producer generates another in its place and no step goes short.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+from rlhf_cluster.config import GenerationConfig, TrainConfig
+from rlhf_cluster.data.prompts import Prompt, PromptSource
+
+
+class Admission:
+    """The producer's ledger: the prompt order, the prompts taken but not yet buffered, the counts
+    admission control compares against the learner's version. Ray-free and unit-testable."""
+
+    def __init__(self, train: TrainConfig, generation: GenerationConfig, source: PromptSource):
+        self.train, self.generation, self.source = train, generation, source
+        self.pending: deque[Prompt] = deque()  # taken from the source by an earlier run, not yet generated
+        self.in_flight: dict[int, list[Prompt]] = {}
+        self.started = 0
+        self.given_back = 0
+        self._keys = itertools.count()
+
+    def allowance(self, published_version: int) -> int:
+        """Prompt groups that may start now."""
+        t = self.train
+        limit = (published_version + t.max_staleness + 1) * t.prompts_per_step + t.oversample_groups
+        return limit - (self.started - self.given_back)
+
+    def requests_per_worker(self) -> int:
+        """Requests the producer keeps in flight per generation worker."""
+        g = self.generation
+        if g.mode == "streaming":
+            # One group per request: enough to fill the engine's batch (admission bounds the total).
+            return max(1, g.max_num_seqs // g.sampling.n)
+        return 2  # batched: one request decodes while the other returns
+
+    def may_start(self, published_version: int, requests_in_flight: int, workers: int) -> bool:
+        return self.allowance(published_version) > 0 and requests_in_flight < self.requests_per_worker() * workers
+
+    def admit(self, published_version: int) -> tuple[int, list[Prompt]]:
+        """Take the next request's prompts (one group when streaming, up to `prompts_per_request`
+        when batched, never more than the allowance); returns its key and the prompts."""
+        per_request = self.generation.prompts_per_request if self.generation.mode == "batched" else 1
+        k = min(per_request, self.allowance(published_version))
+        if k <= 0:
+            raise RuntimeError("admit() called without an allowance")
+        self.started += k
+        prompts = [self.pending.popleft() if self.pending else self.source.next_prompt() for _ in range(k)]
+        key = next(self._keys)
+        self.in_flight[key] = prompts
+        return key, prompts
+
+    def buffered(self, key: int) -> None:
+        """The request's groups reached the buffer (or were dropped and given back)."""
+        self.in_flight.pop(key)
+
+    def give_back(self, groups: int) -> None:
+        """Groups dropped after they were admitted: admission lets as many start again."""
+        self.given_back += groups
+
+    def state_dict(self) -> dict:
+        pending = list(self.pending) + [p for ps in self.in_flight.values() for p in ps]
+        # Prompts taken from the source but not yet in the buffer are generated again on resume.
+        return {"source": self.source.state_dict(), "pending_prompts": [[p.prompt_id, p.text, p.answer] for p in pending]}
+
+    def load_state_dict(self, state: dict, groups_done: int) -> None:
+        """Restore the prompt order; `groups_done` groups (trained on or buffered) count as started."""
+        self.source.load_state_dict(state["source"])
+        self.pending.extend(Prompt(*p) for p in state["pending_prompts"])
+        self.started, self.given_back = groups_done, 0

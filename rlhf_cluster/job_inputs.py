@@ -1,0 +1,61 @@
+"""A job's inputs, made ready before any actor starts: the model folder (the tiny demo model and
+its supervised warm-up when no model is given), the prompt files and the mismatch probe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.data.prompts import Prompt, prepare_prompt_files, read_prompt_file
+from rlhf_cluster.generation.probe import Probe, build_probe
+from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.tiny_model import ensure_tiny_model
+from rlhf_cluster.warmup import ensure_warmed_model
+
+
+@dataclass
+class JobInputs:
+    """What every pool starts from: version 0's model folder, the prompts, the probe."""
+
+    model_path: str
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    probe: Probe | None
+
+
+def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
+    """Build (or find cached) the model and the prompt files; the warmed-up model is version 0:
+    the reference, the learner and generation all start there."""
+    model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+    train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
+    prompts = read_prompt_file(train_file)
+    eval_prompts = read_prompt_file(eval_file) if eval_file is not None else []
+    if cfg.model.warmup_steps:
+        model_path = str(ensure_warmed_model(
+            model_path, prompts, cfg.model.warmup_steps, cfg.model.warmup_lr, cfg.model.warmup_batch_size,
+            cfg.seed, progress=_warmup_progress(cfg.model.warmup_steps, cfg.train.progress),
+        ))
+    return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, model_path, prompts))
+
+
+def build_job_probe(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> Probe | None:
+    """The job's mismatch probe (None when `generation.probe.sequences` is 0)."""
+    if cfg.generation.probe.sequences == 0:
+        return None
+    from transformers import AutoTokenizer
+
+    return build_probe(prompts, AutoTokenizer.from_pretrained(model_path), cfg.generation.probe.sequences)
+
+
+def _warmup_progress(steps: int, show: bool):
+    bar = tqdm(total=steps, desc="supervised warm-up", disable=not show, dynamic_ncols=True)
+
+    def update(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step + 1 == steps:
+            bar.close()
+
+    return update

@@ -1,0 +1,135 @@
+"""Admission control, the job state a checkpoint captures, and the one batch finalisation, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_cluster.admission import Admission
+from rlhf_cluster.checkpoint import CheckpointStore
+from rlhf_cluster.config import AlgorithmConfig, JobConfig
+from rlhf_cluster.data.prompts import Prompt, PromptSource
+from rlhf_cluster.experience import finalize_batch
+from rlhf_cluster.job_state import JobState
+from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.run_dir import RunDir
+
+PROMPTS = [Prompt(f"p{i}", f"{i}+1=", str(i + 1)) for i in range(10)]
+
+
+def _cfg(tmp_path, **sections) -> JobConfig:
+    raw = {"run_dir": str(tmp_path / "run"),
+           "train": {"prompts_per_step": 2, "max_staleness": 1, "total_steps": 4, "progress": False},
+           "generation": {"mode": "streaming", "max_num_seqs": 8, "sampling": {"n": 2}}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return JobConfig.model_validate(raw)
+
+
+def _group(gid: str, version: int, rewards=(0.0, 1.0), finish="stop") -> list[ScoredSample]:
+    return [
+        ScoredSample(sample_id=f"{gid}-{i}", prompt_id=gid, group_id=gid, prompt_ids=[1, 2], response_ids=[3, 4, 5],
+                     rollout_logprobs=[-1.0, -2.0, -3.0], policy_version=version, finish_reason=finish, reward=r,
+                     reward_components={}, ref_logprobs=[-1.1, -2.1, -3.1], advantages=[r - 0.5] * 3)
+        for i, r in enumerate(rewards)
+    ]
+
+
+def test_admission_runs_ahead_by_at_most_max_staleness(tmp_path):
+    cfg = _cfg(tmp_path)
+    adm = Admission(cfg.train, cfg.generation, PromptSource(PROMPTS, seed=0))
+    # Version 0, max_staleness 1: (0 + 1 + 1) * 2 groups may start, one per streaming request.
+    assert adm.allowance(0) == 4
+    assert adm.requests_per_worker() == 4  # max_num_seqs 8 // n 2
+    keys = [adm.admit(0)[0] for _ in range(4)]
+    assert adm.allowance(0) == 0 and not adm.may_start(0, 0, 1)
+    with pytest.raises(RuntimeError, match="allowance"):
+        adm.admit(0)
+    assert adm.allowance(1) == 2  # a published version frees one step's groups
+    adm.give_back(1)  # a dropped group is started again
+    assert adm.allowance(0) == 1
+    assert not adm.may_start(1, requests_in_flight=4, workers=1)  # the worker's requests are full
+    adm.buffered(keys[0])
+    assert len(adm.in_flight) == 3
+
+
+def test_admission_state_returns_unbuffered_prompts(tmp_path):
+    cfg = _cfg(tmp_path)
+    adm = Admission(cfg.train, cfg.generation, PromptSource(PROMPTS, seed=3))
+    taken = [adm.admit(0) for _ in range(3)]
+    adm.buffered(taken[0][0])
+    state = adm.state_dict()
+    again = Admission(cfg.train, cfg.generation, PromptSource(PROMPTS, seed=3))
+    again.load_state_dict(state, groups_done=1)
+    # The two prompts in flight come first, then the source continues where it was.
+    replay = [again.admit(5)[1][0] for _ in range(3)]
+    assert replay[:2] == [taken[1][1][0], taken[2][1][0]]
+    assert replay[2] == adm.admit(5)[1][0]
+    assert again.started == 4
+
+
+def test_dynamic_sampling_drops_a_group_without_signal_and_gives_it_back(tmp_path):
+    state = JobState(_cfg(tmp_path, algorithm={"shaping": {"dynamic_sampling": True}}), PROMPTS)
+    state.admission.admit(0)
+    assert not state.add_group(_group("g0", 0, rewards=(1.0, 1.0)), {"zero_signal": 1.0}, "gen0")
+    assert state.zero_signal_dropped == 2 and state.admission.given_back == 1 and state.buffer.depth == 0
+    assert state.add_group(_group("g1", 0), {"zero_signal": 0.0}, "gen0")
+    assert state.worker_of == {"g1-0": "gen0", "g1-1": "gen0"}
+
+
+def test_take_drops_stale_groups_and_frees_their_admission(tmp_path):
+    state = JobState(_cfg(tmp_path), PROMPTS)
+    for gid, version in (("old", 0), ("a", 2), ("b", 2)):
+        state.add_group(_group(gid, version), {"zero_signal": 0.0}, "gen0")
+    samples, dropped = state.take(step=2)  # min version 2 - 1 = 1: "old" is stale
+    assert dropped == 2 and state.admission.given_back == 1
+    assert {s.group_id for s in samples} == {"a", "b"}
+    assert state.take(step=2) == (None, 0)
+
+
+def test_job_state_round_trips_through_a_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, algorithm={"kl": {"controller": "adaptive", "coef": 0.1, "target": 1.0}})
+    state = JobState(cfg, PROMPTS)
+    for _ in range(3):
+        state.admission.admit(0)
+    state.add_group(_group("g0", 0), {"zero_signal": 0.0}, "gen0")
+    state.kl.update(3.0, 4)
+    store = CheckpointStore(tmp_path / "ckpt")
+    tmp = store.begin(1)
+    state.save(1, tmp)
+    ckpt = store.finalize(tmp, 1, 2)
+    restored = JobState(cfg, PROMPTS)
+    restored.load(ckpt)
+    assert restored.start_step == 2
+    assert restored.kl.value == state.kl.value != 0.1
+    assert restored.buffer.depth == state.buffer.depth == 2
+    assert restored.admission.started == 2 * 2 + 1  # two steps' groups done + one buffered
+    assert len(restored.admission.pending) == 3
+    assert (ckpt.path / RunDir.DRIVER_STATE).is_file()
+
+
+def test_finalize_batch_masks_overlong_and_leaves_buffered_samples_untouched(tmp_path):
+    cfg = _cfg(tmp_path, algorithm={"preset": "reinforce_pp", "shaping": {"overlong_filter": True}}).algorithm
+    samples = _group("g0", 0) + _group("g1", 0, rewards=(0.5, 2.0), finish="length")
+    before = [list(s.advantages) for s in samples]
+    batch, metrics = finalize_batch(samples, cfg, kl_coef=0.0)
+    assert batch.in_loss == [True, True, False, False] and metrics["samples_in_loss"] == 2
+    assert [s.advantages for s in samples] == before  # the buffer's copies are final as scored
+    assert [s.advantages for s in batch.samples] != before  # REINFORCE++ whitens over the whole batch
+    assert [len(share.input_ids) for share in batch.policy_shares(2)] == [2, 2]
+    with pytest.raises(ValueError, match="critic values"):
+        finalize_batch(samples, cfg, kl_coef=0.0, values=[[0.0] * 3] * 4)
+
+
+def test_finalize_batch_gae_needs_values_and_gives_critic_targets(tmp_path):
+    cfg = AlgorithmConfig(advantage="gae", gamma=1.0, lam=1.0, kl={"placement": "reward", "coef": 0.0})
+    samples = _group("g0", 0)
+    with pytest.raises(ValueError, match="critic values"):
+        finalize_batch(samples, cfg, kl_coef=0.0)
+    values = [[0.1, 0.2, 0.3], [0.0, 0.0, 0.0]]
+    batch, metrics = finalize_batch(samples, cfg, kl_coef=0.0, values=values)
+    # gamma = lam = 1, no KL: every token's return is the sequence reward.
+    assert batch.returns[1] == pytest.approx([1.0, 1.0, 1.0])
+    assert batch.old_values == values
+    assert "advantage/return_mean" in metrics
+    shares = batch.critic_shares(2)
+    assert shares[0].returns is not None and shares[1].old_values is not None
