@@ -12,6 +12,7 @@ import typer
 import yaml
 
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
+from rlhf_cluster.preflight import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
 
@@ -59,45 +60,29 @@ def _capacity(address: str | None, cfg: JobConfig) -> tuple[dict[str, float], di
         ray.shutdown()
 
 
-def _dry_run(cfg: JobConfig, address: str | None) -> None:
-    from rlhf_cluster.data.prompts import read_prompt_file
-    from rlhf_cluster.placement import check_capacity, format_plan, resource_plan
-    from rlhf_cluster.scoring.rewards import load_reward_fn
-    from rlhf_cluster.validation import validate_model_dir, validate_reward_model_dir
+def _preflight(cfg: JobConfig, files: bool = True) -> list[str]:
+    """`preflight`'s warnings; its refusal ends the command with the message (exit code 2)."""
+    try:
+        return preflight(cfg, files=files)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
 
-    problems = []
-    if cfg.model.path is not None:
-        try:
-            validate_model_dir(cfg.model.path)
-        except (OSError, ValueError) as exc:
-            problems.append(f"model.path: {exc}")
-    if cfg.data.path is not None:
-        try:
-            read_prompt_file(cfg.data.path)  # the whole file: every row is checked before any work starts
-        except (OSError, ValueError) as exc:
-            problems.append(f"data.path: {exc}")
-    if cfg.data.reward_fn is not None:
-        try:
-            load_reward_fn(cfg.data.reward_fn)
-        except ValueError as exc:
-            problems.append(str(exc))
-    elif cfg.data.task is None:
-        problems.append("data: no reward: set data.task (a built-in task's verifier) or data.reward_fn ('module:function')")
-    for spec in cfg.scoring.reward_models:
-        try:
-            validate_reward_model_dir(spec.path)
-        except (OSError, ValueError) as exc:
-            problems.append(str(exc))
-    if cfg.critic is not None and cfg.algorithm.advantage == "gae" and cfg.critic.init != "policy":
-        try:
-            validate_reward_model_dir(cfg.critic.init, field="critic.init")
-        except (OSError, ValueError) as exc:
-            problems.append(str(exc))
+
+def _dry_run(cfg: JobConfig, address: str | None) -> None:
+    from rlhf_cluster.placement import check_capacity, format_plan, resource_plan
+
+    problems, warnings = [], []
+    try:
+        warnings = preflight(cfg)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    # Placement needs the cluster's capacity, so it is the dry run's own check, not preflight's.
     plan = resource_plan(cfg)
     total, largest = _capacity(address, cfg)
     problems += check_capacity(plan, total, largest)
     typer.echo(format_plan(plan))
-    for warning in cfg.warnings():
+    for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     if problems:
         for problem in problems:
@@ -120,6 +105,7 @@ def train(
     if dry_run:
         _dry_run(cfg, address)
         return
+    _preflight(cfg)  # a refusal ends here, before Ray starts; the driver runs it again and logs the warnings
     import ray
 
     from actors.job import run_job
@@ -225,6 +211,7 @@ def pipeline(
     if cfg.sft is None or cfg.reward_model is None:
         typer.echo(f"error: {config} needs both an `sft` and a `reward_model` section", err=True)
         raise typer.Exit(2)
+    _preflight(cfg)  # the RL stage's rules, before hours of SFT and reward-model training
     _connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
     try:
         sft_summary = run_stage(cfg, "sft", _base_model(cfg), progress=cfg.train.progress)
@@ -233,7 +220,7 @@ def pipeline(
         typer.echo(_stage_line(rm_summary))
         # RL starts from the SFT policy (also the reference) and is rewarded by the trained reward model.
         rl = cfg.model_copy(deep=True)
-        rl.model.path, rl.model.warmup_steps = sft_summary["output"], 0
+        rl.model.path, rl.model.sft_warmup_steps = sft_summary["output"], 0
         if not rl.scoring.reward_models:
             rl.scoring.reward_models = [RewardModelSpec(path=rm_summary["output"], name="rm")]
         result = run_job(rl)
@@ -281,6 +268,9 @@ def submit(
 ) -> None:
     """Submit a job through Ray's Jobs API (code and config shipped as the working dir); print its id."""
     cfg = _load(config, set_)
+    # The files a config names are paths on the cluster, not here: only the config's own rules.
+    for warning in _preflight(cfg, files=False):
+        typer.echo(f"warning: {warning}", err=True)
     stage = _stage_working_dir(cfg)
     try:
         job_id = _job_client(address).submit_job(

@@ -15,7 +15,7 @@ from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
 
 @ray.remote
 class RewardWorker:
-    """Applies the custom reward function (`data.reward_fn`) or the task's verifier to responses,
+    """Applies the custom reward function (a `function` source in `scoring.rewards`) or the task's verifier to responses,
     combined with frozen reward models (`scoring.reward_models`) when the job has any.
 
     Samples whose custom reward failed come back with reward 0.0 and
@@ -25,7 +25,7 @@ class RewardWorker:
     def __init__(self, cfg_dict: dict, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
         self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
-        self.reward = RuleReward(cfg.data.task, reward_fn=cfg.data.reward_fn)
+        self.reward = RuleReward(cfg.data.task, reward_fn=cfg.scoring.reward_fn)
         self.scoring = cfg.scoring
         self.models = None
         if cfg.scoring.reward_models:

@@ -3,19 +3,77 @@
 Every field has a description; unknown keys are errors (``extra="forbid"``) so a typo never
 silently falls back to a default. `load_config` turns pydantic's errors into one message that
 names the file, the dotted field path and what was expected.
+
+Validation here is per field and per section. Rules that relate sections to each other, and
+checks of the files a config names, live in `rlhf_cluster.preflight`; the driver and
+`--dry-run` run them before anything starts.
+
+Pluggable parts are typed unions picked by a `type` key: `learner.backend` (fsdp2 | deepspeed),
+`weights.transport` (filesystem) and each entry of `scoring.rewards` (verifier | function |
+model). Adding a kind is one class added to its union.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlhf_cluster.algorithms.presets import PRESETS, merge_preset
+
+
+class ConfigError(ValueError):
+    """A config cannot be used: a file that does not read or validate, or a rule `preflight`
+    refuses. The message names the file or the dotted field and what was expected."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # revalidate_instances: a section passed in as an object is copied, so filling in its
+    # derived seed never changes an object the caller still holds.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, revalidate_instances="always")
+
+
+class _Typed(_Strict):
+    """One kind of a pluggable part; its `type` names the kind.
+
+    It equals its type name, so `learner.backend == "deepspeed"` reads as it did when the
+    backend was a plain string.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return getattr(self, "type") == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every section
+
+
+def typed_union(*kinds: type[_Typed]):
+    """The annotation of a pluggable part: one of `kinds`, picked by the `type` key.
+
+    A bare name is short for `{type: name}` (`backend: deepspeed`, also the old spelling); a
+    mapping without `type` is refused with the kinds to choose from.
+    """
+    names = [k.model_fields["type"].default for k in kinds]
+
+    def shorthand(value: object) -> object:
+        if isinstance(value, str):
+            return {"type": value}
+        if isinstance(value, dict) and "type" not in value:
+            raise ValueError(f"needs a `type`: one of {', '.join(names)}")
+        return value
+
+    return Annotated[Union[kinds], Field(discriminator="type"), BeforeValidator(shorthand)]
+
+
+def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None:
+    """An old field name is an error that names its new name, never silently ignored or accepted."""
+    if isinstance(data, dict):
+        for old, new in renamed.items():
+            if old in data:
+                raise ValueError(f"{section}.{old} was renamed to {section}.{new}")
 
 
 class TinyModelConfig(_Strict):
@@ -29,7 +87,10 @@ class TinyModelConfig(_Strict):
     intermediate_size: int = Field(128, ge=8, description="MLP width.")
     vocab_size: int = Field(512, ge=258, description="Upper bound of the byte-level BPE vocabulary (>= 258: 256 bytes + pad + eos); the model gets exactly the tokenizer size.")
     max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
-    seed: int = Field(0, description="Seed of the random initialisation.")
+    seed: int = Field(
+        0, description="Seed of the random initialisation. Not derived from the job's `seed`: the tiny model stands "
+        "in for a pretrained checkpoint, which stays the same whatever the job's seed."
+    )
 
     @model_validator(mode="after")
     def _head_dim(self) -> "TinyModelConfig":
@@ -48,12 +109,21 @@ class ModelConfig(_Strict):
     path: str | None = Field(None, description="HF model folder. Empty: build the tiny model into `cache_dir`.")
     cache_dir: str = Field("~/.cache/rlhf_cluster/models", description="Where built tiny models are cached.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model shape.")
-    warmup_steps: int = Field(0, ge=0, description="Supervised warm-up steps on the task's prompts and answers before RL (0: none; cached).")
-    warmup_lr: float = Field(3e-3, gt=0, description="Learning rate of the supervised warm-up.")
-    warmup_batch_size: int = Field(32, ge=1, description="Batch size of the supervised warm-up.")
+    sft_warmup_steps: int = Field(
+        0, ge=0, description="Supervised warm-up steps on the task's prompts and answers before RL (0: none; cached)."
+    )
+    sft_warmup_lr: float = Field(3e-3, gt=0, description="Learning rate of the supervised warm-up.")
+    sft_warmup_batch_size: int = Field(32, ge=1, description="Batch size of the supervised warm-up.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of generation, scoring and learner compute (fp32 master weights always)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        # `warmup_*` read like the learner's LR warm-up; the supervised phase has its own names.
+        _refuse_renamed(data, "model", {f"warmup_{k}": f"sft_warmup_{k}" for k in ("steps", "lr", "batch_size")})
+        return data
 
 
 class DataConfig(_Strict):
@@ -70,24 +140,8 @@ class DataConfig(_Strict):
         8, ge=0, description="Held-out evaluation also samples this many responses per prompt at the training "
         "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy only)."
     )
-    seed: int = Field(0, description="Seed for task generation and prompt order.")
+    seed: int | None = Field(None, description="Seed for task generation and prompt order (None: the job's `seed`).")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
-    reward_fn: str | None = Field(
-        None,
-        description="Custom reward `module:function(response, answer) -> float | dict[str, float]` (default: the task's verifier).",
-    )
-
-    @model_validator(mode="after")
-    def _reward_fn_syntax(self) -> "DataConfig":
-        # Only the shape here: importing user code belongs to the reward loader (scoring/rewards.py).
-        if self.reward_fn is not None:
-            module, sep, attr = self.reward_fn.strip().partition(":")
-            if not sep or not all(part.isidentifier() for part in f"{module}.{attr}".split(".")):
-                raise ValueError(
-                    f"data.reward_fn={self.reward_fn!r} must look like 'module:function' "
-                    "(an importable dotted module path, a colon, then the function name), e.g. 'my_rewards:score'"
-                )
-        return self
 
 
 class SamplingConfig(_Strict):
@@ -148,25 +202,181 @@ class GenerationConfig(_Strict):
     max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
     kv_cache_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")
-    seed: int = Field(0, description="Engine seed (each worker adds its index).")
+    seed: int | None = Field(None, description="Engine seed; each worker adds its index (None: the job's `seed`).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
 
 
+class RewardModelSpec(_Strict):
+    """A frozen reward model served by the reward workers."""
+
+    path: str = Field(..., description="Folder written by `rlhf-cluster train-rm` (backbone, head, tokenizer).")
+    name: str = Field("rm", description="Name in reward_components (`rm/<name>`).")
+
+
+def _check_function_spec(spec: str, field: str) -> str:
+    # Only the shape here: importing user code belongs to the reward loader (scoring/rewards.py),
+    # which preflight calls.
+    module, sep, attr = spec.strip().partition(":")
+    if not sep or not all(part.isidentifier() for part in f"{module}.{attr}".split(".")):
+        raise ValueError(
+            f"{field}={spec!r} must look like 'module:function' (an importable dotted module path, a colon, "
+            "then the function name), e.g. 'my_rewards:score'"
+        )
+    return spec
+
+
+class VerifierReward(_Typed):
+    """The built-in task's verifier (`data.task`): 1 for a correct answer, plus its components."""
+
+    type: Literal["verifier"] = Field("verifier", description="Reward source kind.")
+    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+
+
+class FunctionReward(_Typed):
+    """A user's reward function `module:function(response, answer) -> float | dict[str, float]`,
+    in place of the task's verifier (see rlhf_cluster/scoring/rewards.py for the contract)."""
+
+    type: Literal["function"] = Field("function", description="Reward source kind.")
+    function: str = Field(..., description="`module:function`, importable on every reward worker.")
+    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+
+    @field_validator("function")
+    @classmethod
+    def _syntax(cls, spec: str) -> str:
+        return _check_function_spec(spec, "function")
+
+
+class ModelReward(_Typed):
+    """Frozen reward models (folders written by `rlhf-cluster train-rm`), scored as one ensemble."""
+
+    type: Literal["model"] = Field("model", description="Reward source kind.")
+    models: list[RewardModelSpec] = Field(
+        default_factory=list, description="The ensemble's models (empty: none yet; `rlhf-cluster pipeline` fills it)."
+    )
+    combine: Literal["mean", "min"] = Field("mean", description="How the ensemble's scores become one.")
+    weight: float = Field(1.0, ge=0, description="Weight of the ensemble's score in the reward.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[RewardModelSpec]) -> list[RewardModelSpec]:
+        names = [m.name for m in models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"every model needs its own name (reward_components rm/<name>); used twice: {', '.join(twice)}")
+        return models
+
+
+# A sample's reward = weight x (verifier or function) + weight x ensemble(models).
+RewardSource = typed_union(VerifierReward, FunctionReward, ModelReward)
+
+
 class ScoringConfig(_Strict):
-    """The scoring pool: rule-based reward workers and frozen reference workers."""
+    """The scoring pool: reward workers (the reward sources) and frozen reference workers."""
 
     reward_replicas: int = Field(1, ge=1, description="RewardWorker actors.")
     reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
     reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
-    reward_models: list[RewardModelSpec] = Field(default_factory=list, description="Frozen reward models (an ensemble).")
-    reward_model_combine: Literal["mean", "min"] = Field("mean", description="How the ensemble's scores become one.")
-    reward_model_weight: float = Field(1.0, ge=0, description="Weight of the reward-model score in the reward.")
-    rule_weight: float = Field(1.0, ge=0, description="Weight of the verifier / custom reward (0: reward models only).")
+    rewards: list[RewardSource] = Field(
+        default_factory=lambda: [VerifierReward()], min_length=1,
+        description="Reward sources, summed with their weights: at most one rule source (`verifier`: the task's, or "
+        "`function`: yours, in its place) and at most one `model` ensemble.",
+    )
     quantization: Literal["none", "int8"] = Field(
         "none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
     )
     max_tokens_per_batch: int = Field(8192, ge=16, description="Token budget of one frozen-model forward (padded tokens).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
+
+    @field_validator("rewards")
+    @classmethod
+    def _one_of_each(cls, sources: list) -> list:
+        rules = [s.type for s in sources if s.type != "model"]
+        if len(rules) > 1:
+            raise ValueError(
+                f"at most one rule source (verifier or function: a function replaces the verifier), got {', '.join(rules)}"
+            )
+        if sum(s.type == "model" for s in sources) > 1:
+            raise ValueError("at most one `model` source: list every reward model in its `models`")
+        return sources
+
+    # ---- views for the reward workers -------------------------------------------------------
+    @property
+    def rule_source(self) -> VerifierReward | FunctionReward | None:
+        return next((s for s in self.rewards if s.type != "model"), None)
+
+    @property
+    def model_source(self) -> ModelReward | None:
+        return next((s for s in self.rewards if s.type == "model"), None)
+
+    @property
+    def reward_fn(self) -> str | None:
+        """The custom reward function `module:function`, or None for the task's verifier."""
+        rule = self.rule_source
+        return rule.function if isinstance(rule, FunctionReward) else None
+
+    @property
+    def rule_weight(self) -> float:
+        rule = self.rule_source
+        return rule.weight if rule is not None else 0.0
+
+    @property
+    def reward_models(self) -> list[RewardModelSpec]:
+        """The `model` source's models (a copy). Setting it replaces them, keeping the source's weight
+        and combine (or adds a `model` source: weight 1, mean), as `rlhf-cluster pipeline` does."""
+        model = self.model_source
+        return list(model.models) if model is not None else []
+
+    @reward_models.setter
+    def reward_models(self, models: list[RewardModelSpec]) -> None:
+        source = self.model_source or ModelReward()
+        source = source.model_copy(update={"models": list(models)})
+        self.rewards = [s for s in self.rewards if s.type != "model"] + [source]
+
+    @property
+    def reward_model_weight(self) -> float:
+        model = self.model_source
+        return model.weight if model is not None else 0.0
+
+    @property
+    def reward_model_combine(self) -> str:
+        model = self.model_source
+        return model.combine if model is not None else "mean"
+
+
+def _legacy_rewards(raw: dict) -> dict:
+    """The old spellings `data.reward_fn` and `scoring.{reward_models, rule_weight, reward_model_weight,
+    reward_model_combine}` as `scoring.rewards`; `raw` is a job's input mapping (a copy is returned)."""
+    data, scoring = raw.get("data"), raw.get("scoring")
+    fn = None
+    if isinstance(data, dict) and "reward_fn" in data:
+        fn = data["reward_fn"]
+        raw = {**raw, "data": {k: v for k, v in data.items() if k != "reward_fn"}}
+    old = {k: scoring[k] for k in _LEGACY_SCORING if k in scoring} if isinstance(scoring, dict) else {}
+    if fn is None and not old:
+        return raw
+    if scoring is not None and not isinstance(scoring, dict):
+        raise ValueError("data.reward_fn is the old spelling of a `function` source: add it to scoring.rewards")
+    scoring = {k: v for k, v in (scoring or {}).items() if k not in _LEGACY_SCORING}
+    if "rewards" in scoring:
+        raise ValueError(
+            "scoring.rewards cannot be combined with the old spellings data.reward_fn, scoring.reward_models, "
+            "scoring.rule_weight, scoring.reward_model_weight, scoring.reward_model_combine: write every source in scoring.rewards"
+        )
+    if fn is not None:
+        if not isinstance(fn, str):
+            raise ValueError(f"data.reward_fn must be a string 'module:function', got {fn!r}")
+        rule: dict = {"type": "function", "function": _check_function_spec(fn, "data.reward_fn")}
+    else:
+        rule = {"type": "verifier"}
+    rule["weight"] = old.get("rule_weight", 1.0)
+    sources = [rule]
+    if old.keys() - {"rule_weight"}:
+        sources.append({"type": "model", "models": old.get("reward_models") or [],
+                        "weight": old.get("reward_model_weight", 1.0), "combine": old.get("reward_model_combine", "mean")})
+    return {**raw, "scoring": {**scoring, "rewards": sources}}
+
+
+_LEGACY_SCORING = ("reward_models", "rule_weight", "reward_model_weight", "reward_model_combine")
 
 
 class LossConfig(_Strict):
@@ -212,50 +422,15 @@ class ShapingConfig(_Strict):
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal; generate more instead.")
 
 
-PRESETS: dict[str, dict] = {
-    # Group-normalised advantages, per-sequence token mean, k3 KL in the loss (DeepSeekMath).
-    "grpo": {"advantage": "grpo", "loss": {"aggregation": "sequence_mean"}, "kl": {"placement": "loss", "estimator": "k3", "coef": 0.04}},
-    # No std division and a constant denominator remove GRPO's length and difficulty biases.
-    "dr_grpo": {"advantage": "dr_grpo", "loss": {"aggregation": "sequence_sum_norm"}, "kl": {"placement": "none", "coef": 0.0}},
-    # Clip-higher, token-level loss, no KL, overlong filtering/punishment, dynamic sampling.
-    "dapo": {
-        "advantage": "grpo",
-        "loss": {"clip_low": 0.2, "clip_high": 0.28, "aggregation": "token_mean"},
-        "kl": {"placement": "none", "coef": 0.0},
-        "shaping": {"overlong_buffer": 4, "overlong_penalty": 1.0, "overlong_filter": True, "dynamic_sampling": True},
-    },
-    # Sequence-level, length-normalised ratio with one (tight) clip per sequence.
-    "gspo": {
-        "advantage": "grpo",
-        "loss": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "aggregation": "sequence_mean"},
-        "kl": {"placement": "none", "coef": 0.0},
-    },
-    # Leave-one-out baseline, KL in the reward.
-    "rloo": {"advantage": "rloo", "loss": {"aggregation": "token_mean"}, "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01}},
-    # Per-token KL in the reward, return-to-go whitened over the whole batch.
-    "reinforce_pp": {
-        "advantage": "reinforce_pp",
-        "loss": {"aggregation": "token_mean"},
-        "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01},
-    },
-}
-
-
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 class AlgorithmConfig(_Strict):
     """The RL algorithm: advantage estimator, loss, KL, correction and shaping.
 
-    `preset` fills every field it names; fields written next to it override the preset.
+    `preset` fills every field it names (rlhf_cluster/algorithms/presets.py); fields written
+    next to it override the preset.
     """
 
-    preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"] | None = Field(
-        None, description="One-line algorithm choice; explicit fields override it."
+    preset: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
+        None, description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it."
     )
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field("grpo", description="Advantage estimator.")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
@@ -273,13 +448,20 @@ class AlgorithmConfig(_Strict):
     @classmethod
     def _apply_preset(cls, data):
         if isinstance(data, dict) and data.get("preset") in PRESETS:
-            return _deep_merge(PRESETS[data["preset"]], data)
+            return merge_preset(PRESETS[data["preset"]], data)
         return data
 
 
-class DeepSpeedConfig(_Strict):
-    """Options of the DeepSpeed ZeRO learner backend (used when `learner.backend: deepspeed`)."""
+class FSDP2Backend(_Typed):
+    """torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the ranks."""
 
+    type: Literal["fsdp2"] = Field("fsdp2", description="Learner backend kind.")
+
+
+class DeepSpeedBackend(_Typed):
+    """DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+
+    type: Literal["deepspeed"] = Field("deepspeed", description="Learner backend kind.")
     zero_stage: int = Field(3, ge=1, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
     offload_optimizer: bool = Field(
         False, description="Keep fp32 master weights and optimizer state in CPU memory; torch's AdamW steps them there."
@@ -288,17 +470,20 @@ class DeepSpeedConfig(_Strict):
     config_file: str | None = Field(
         None, description="Your own DeepSpeed JSON, honoured except where the learner owns a setting (batch sizes, "
         "accumulation, clipping, optimizer lr/weight decay, scheduler, precision, ZeRO stage, offload): "
-        "those must be absent or agree with the learner config."
+        "those must be absent or agree with the learner config (checked by preflight)."
     )
 
     @model_validator(mode="after")
-    def _offload_params_needs_stage3(self) -> "DeepSpeedConfig":
+    def _offload_params_needs_stage3(self) -> "DeepSpeedBackend":
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(
-                f"learner.deepspeed.offload_params needs zero_stage 3 (parameters are only partitioned in stage 3), "
+                f"learner.backend.offload_params needs zero_stage 3 (parameters are only partitioned in stage 3), "
                 f"got zero_stage {self.zero_stage}"
             )
         return self
+
+
+LearnerBackend = typed_union(FSDP2Backend, DeepSpeedBackend)
 
 
 class LoraConfig(_Strict):
@@ -320,26 +505,37 @@ class LoraConfig(_Strict):
 class TrainingGroupConfig(_Strict):
     """What every trained group of ranks (the policy learner, the critic) is sized and optimised by."""
 
+    SECTION: ClassVar[str] = "learner"  # the config section, for messages
+
     world_size: int = Field(1, ge=1, description="Ranks of the group (one torch.distributed group, sized apart from the others).")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps, then constant (the RL schedule).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps, then constant (the RL schedule).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1, description="Gradient accumulation: forward/backward at most this many padded tokens at a time "
         "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
     )
-    seed: int = Field(0, description="Torch seed of every rank (the critic's also seeds its fresh value head).")
+    seed: int | None = Field(
+        None, description="Torch seed of every rank (the critic's also seeds its fresh value head; None: the job's `seed`)."
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        # `warmup_steps` read like the supervised warm-up before RL (model.sft_warmup_steps).
+        _refuse_renamed(data, cls.SECTION, {"warmup_steps": "lr_warmup_steps"})
+        return data
 
 
 class LearnerConfig(TrainingGroupConfig):
     """The learner: a group of FSDP2 or DeepSpeed ZeRO ranks."""
 
-    backend: Literal["fsdp2", "deepspeed"] = Field(
-        "fsdp2", description="Training backend: fsdp2 (torch fully_shard) or deepspeed (ZeRO, see `deepspeed`)."
+    backend: LearnerBackend = Field(
+        default_factory=FSDP2Backend, description="Training backend, by `type`: fsdp2 (torch fully_shard) or deepspeed "
+        "(ZeRO, with its options beside the type). `backend: fsdp2` is short for `backend: {type: fsdp2}`."
     )
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed backend options.")
     lora: LoraConfig = Field(
         default_factory=LoraConfig, description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
         "learner's base model with the adapters disabled, so no reference workers run."
@@ -352,19 +548,32 @@ class LearnerConfig(TrainingGroupConfig):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
 
-    @model_validator(mode="after")
-    def _deepspeed_json_agrees(self) -> "LearnerConfig":
-        # Checked at load time (and `--dry-run`), not only when the ranks start.
-        if self.backend == "deepspeed" and self.deepspeed.config_file:
-            from rlhf_cluster.learner.deepspeed_config import check_user_json, read_user_json
-
-            check_user_json(read_user_json(self.deepspeed.config_file), self.deepspeed.config_file, self, self.world_size)
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _old_deepspeed_section(cls, data: object) -> object:
+        # The old spelling `backend: deepspeed` + a separate `deepspeed:` section becomes one typed backend.
+        if not isinstance(data, dict) or "deepspeed" not in data:
+            return data
+        data = dict(data)
+        options = data.pop("deepspeed")
+        backend = data.get("backend", "fsdp2")
+        backend = {"type": backend} if isinstance(backend, str) else backend
+        if not isinstance(backend, dict) or backend.get("type") != "deepspeed":
+            raise ValueError(
+                "learner.deepspeed sets DeepSpeed options but learner.backend is not deepspeed; write them as "
+                "learner.backend: {type: deepspeed, ...} (or drop them)"
+            )
+        if not isinstance(options, dict):
+            raise ValueError(f"learner.deepspeed must be a mapping of DeepSpeed options, got {options!r}")
+        data["backend"] = {**options, **backend}
+        return data
 
 
 class CriticConfig(TrainingGroupConfig):
     """PPO's learned critic: a value model (causal-LM backbone + scalar head per token) trained by its
     own FSDP2 group with the clipped value loss. Needed by (and only used with) `algorithm.advantage: gae`."""
+
+    SECTION: ClassVar[str] = "critic"
 
     init: str = Field(
         "policy", description="Where the value model starts: `policy` (the policy's backbone, a fresh small head) or "
@@ -382,13 +591,26 @@ class CriticConfig(TrainingGroupConfig):
     def learner_settings(self) -> "LearnerConfig":
         """The critic's optimisation settings in the policy learner's terms, so the critic runs the
         same FSDP2 machinery (sharding, AdamW, clipping, micro-batching, checkpoints) with its own values."""
-        return LearnerConfig(backend="fsdp2", **{name: getattr(self, name) for name in TrainingGroupConfig.model_fields})
+        return LearnerConfig(backend=FSDP2Backend(), **{name: getattr(self, name) for name in TrainingGroupConfig.model_fields})
+
+
+class FilesystemTransport(_Typed):
+    """Every version is written to the weight store's directory; generation workers load it from there."""
+
+    type: Literal["filesystem"] = Field("filesystem", description="Weight transport kind.")
+
+
+# One kind today; `direct` (learner -> engines without disk, DESIGN.md) joins as a second class here.
+WeightTransport = typed_union(FilesystemTransport)
 
 
 class WeightsConfig(_Strict):
-    """The weight store."""
+    """The weight store and how versions reach generation."""
 
-    transport: Literal["filesystem"] = Field("filesystem", description="How versions move to generation.")
+    transport: WeightTransport = Field(
+        default_factory=FilesystemTransport, description="How versions move to generation, by `type` "
+        "(`transport: filesystem` is short for `transport: {type: filesystem}`)."
+    )
     dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
     keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
 
@@ -462,7 +684,7 @@ class StageConfig(_Strict):
     world_size: int = Field(1, ge=1, description="FSDP2 ranks.")
     margin: float = Field(0.0, ge=0, description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`).")
     output: str | None = Field(None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model).")
-    seed: int = Field(0, description="Seed of data order and initialisation.")
+    seed: int | None = Field(None, description="Seed of data order and initialisation (None: the job's `seed`).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 
     @model_validator(mode="after")
@@ -472,112 +694,50 @@ class StageConfig(_Strict):
         return self
 
 
-class RewardModelSpec(_Strict):
-    """A frozen reward model served by the reward workers."""
-
-    path: str = Field(..., description="Folder written by `rlhf-cluster train-rm` (backbone, head, tokenizer).")
-    name: str = Field("rm", description="Name in reward_components (`rm/<name>`).")
-
-
 class JobConfig(_Strict):
-    """A whole job. Load it with `load_config`."""
+    """A whole job. Load it with `load_config`; `rlhf_cluster.preflight.preflight` checks it as a whole."""
 
     name: str = Field("demo", description="Job name, used in metric labels and the run directory.")
     run_dir: str = Field("runs/demo", description="Where metrics.jsonl, the weight store and the buffer go.")
-    seed: int = Field(0, description="Global seed.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    weights: WeightsConfig = Field(default_factory=WeightsConfig)
-    buffer: BufferConfig = Field(default_factory=BufferConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    faults: FaultsConfig = Field(default_factory=FaultsConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    seed: int = Field(
+        0, description="The job's seed: every component seed left empty (data, generation, learner, critic, sft, "
+        "reward_model) takes this value, and it seeds the supervised warm-up. The components draw from different "
+        "generators (Python's for task and prompt order, vLLM's sampler, torch on the ranks), so one value seeds "
+        "them independently. model.tiny.seed is not derived: the tiny model stands in for a fixed checkpoint."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompts: a built-in task or a file.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="The generation pool.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="The scoring pool and the reward sources.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="The RL algorithm.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The policy learner's ranks.")
+    weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store and transport.")
+    buffer: BufferConfig = Field(default_factory=BufferConfig, description="The experience buffer.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoints.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The driver loop.")
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Reactions to failures.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints for exact resume.")
     critic: CriticConfig | None = Field(None, description="PPO's learned critic (required by algorithm.advantage: gae).")
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
     sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")
     reward_model: StageConfig | None = Field(None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`).")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "JobConfig":
-        if self.data.task is None and self.data.path is None:
-            raise ValueError("data: set `task` (a built-in task) or `path` (a prompt file)")
-        t = self.train
-        need = ((t.max_staleness + 1) * t.prompts_per_step + t.oversample_groups) * self.generation.sampling.n
-        if self.buffer.capacity < need:
-            raise ValueError(
-                f"buffer.capacity={self.buffer.capacity} is smaller than "
-                f"((max_staleness+1) * prompts_per_step + oversample_groups) * n = {need}"
-            )
-        if self.algorithm.shaping.overlong_buffer >= self.generation.sampling.max_new_tokens:
-            raise ValueError("algorithm.shaping.overlong_buffer must be smaller than generation.sampling.max_new_tokens")
-        if self.learner.lora.enabled:
-            if self.learner.backend != "fsdp2":
-                raise ValueError(f"learner.lora needs learner.backend: fsdp2 (got {self.learner.backend})")
-            if self.algorithm.kl.placement == "reward":
-                raise ValueError(
-                    "learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
-                    "the learner at train time, after rewards are final; use kl.placement loss or none"
-                )
-        if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo") and self.generation.sampling.n < 2:
-            raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs generation.sampling.n >= 2")
-        if self.algorithm.advantage == "gae" and self.critic is None:
-            raise ValueError(
-                "algorithm.advantage=gae needs a learned critic: add a `critic` section (e.g. `critic: {init: policy}`), "
-                "or choose an advantage without one (grpo, dr_grpo, rloo, reinforce_pp)"
-            )
-        # Each step's samples are dealt round-robin to the learner ranks; an uneven split gives
-        # ranks different batch sizes (and the global loss denominators assume equal shares).
-        batch = self.samples_per_step
-        groups = [("learner.world_size", self.learner.world_size)]
-        if self.critic is not None:
-            groups.append(("critic.world_size", self.critic.world_size))
-        for field, world in groups:
-            if batch % world:
-                raise ValueError(
-                    f"the step batch train.prompts_per_step * generation.sampling.n = "
-                    f"{self.train.prompts_per_step} * {self.generation.sampling.n} = {batch} is not divisible by "
-                    f"{field}={world}; change one of them so every rank gets the same number of samples"
-                )
-        world = self.learner.world_size
-        if batch // world < self.learner.mini_batches:
-            raise ValueError(
-                f"learner.mini_batches={self.learner.mini_batches} is larger than the samples each rank gets per step "
-                f"(train.prompts_per_step * generation.sampling.n / learner.world_size = {batch // world}); "
-                "a mini-batch would be empty"
-            )
-        return self
+    SEEDED: ClassVar[tuple[str, ...]] = ("data", "generation", "learner", "critic", "sft", "reward_model")
 
-    def warnings(self) -> list[str]:
-        """Settings that are allowed but usually a mistake; the driver logs them, `--dry-run` prints them."""
-        out = []
-        if self.critic is not None and self.algorithm.advantage != "gae":
-            out.append(
-                f"a critic section is set but algorithm.advantage={self.algorithm.advantage}: only gae uses the critic, "
-                "so no critic is started"
-            )
-        if self.learner.backend != "deepspeed" and self.learner.deepspeed != DeepSpeedConfig():
-            out.append(
-                f"learner.deepspeed is set but learner.backend={self.learner.backend}: the DeepSpeed options are "
-                "ignored (set learner.backend: deepspeed to use them)"
-            )
-        if self.generation.quantization == "int8" and not self.algorithm.correction.enabled:
-            out.append(
-                "generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
-                "are trained on without importance correction, so the gradient carries the quantization mismatch"
-            )
-        if self.train.oversample_groups and self.train.max_staleness == 0:
-            out.append(
-                "train.oversample_groups > 0 with train.max_staleness = 0: a late group is always one version old "
-                "by the next step, so every over-sampled group is generated and then dropped as stale"
-            )
-        if self.generation.mode == "batched" and self.generation.in_flight_update != "resume":
-            out.append("generation.in_flight_update applies to mode streaming only; batched loads weights between requests")
-        return out
+    @model_validator(mode="before")
+    @classmethod
+    def _old_reward_spellings(cls, data: object) -> object:
+        return _legacy_rewards(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _derive(self) -> "JobConfig":
+        # Resolved once, here: a component seed is an int from now on, for every reader
+        # (a later change of `seed` does not move seeds already resolved).
+        for name in self.SEEDED:
+            section = getattr(self, name)
+            if section is not None and section.seed is None:
+                section.seed = self.seed
+        return self
 
     @property
     def samples_per_step(self) -> int:
@@ -597,24 +757,43 @@ class JobConfig(_Strict):
         return Path(self.weights.dir or Path(self.run_dir) / "weights").expanduser()
 
 
-class ConfigError(ValueError):
-    """A config file could not be read or does not validate; the message names file and field."""
-
-
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
+        if key in _UNION_TAGS and isinstance(node.get(key), str):
+            node[key] = {"type": node[key]}  # `backend: deepspeed`, then `--set learner.backend.zero_stage=2`
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
     node[keys[-1]] = value
 
 
+# Where pydantic puts a union's tag into an error location (`learner.backend.deepspeed.zero_stage`):
+# the tag is not a field, so messages leave it out.
+_UNION_TAGS = {
+    "backend": {"fsdp2", "deepspeed"},
+    "transport": {"filesystem"},
+    "rewards": {"verifier", "function", "model"},
+}
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the dotted field path a user writes (`scoring.rewards[0].function`)."""
+    out = ""
+    for i, part in enumerate(loc):
+        owner = loc[i - 2] if i >= 2 and isinstance(loc[i - 1], int) else loc[i - 1] if i else None
+        if isinstance(part, str) and part in _UNION_TAGS.get(owner, ()):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML job config, apply `key.sub=value` overrides, and validate it.
 
-    Errors name the file and every offending field with what was expected.
+    Errors name the file and every offending field with what was expected. Rules between
+    sections and checks of named files are `preflight`'s.
     """
     raw: dict = {}
     source = "<defaults>"
@@ -641,8 +820,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {where}: {err['msg']}{shown}")
+            lines.append(f"  {field_path(err['loc'])}: {err['msg']}{shown}")
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None

@@ -32,10 +32,10 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
     prompts = read_prompt_file(train_file)
     eval_prompts = read_prompt_file(eval_file) if eval_file is not None else []
-    if cfg.model.warmup_steps:
+    if cfg.model.sft_warmup_steps:
         model_path = str(ensure_warmed_model(
-            model_path, prompts, cfg.model.warmup_steps, cfg.model.warmup_lr, cfg.model.warmup_batch_size,
-            cfg.seed, progress=_warmup_progress(cfg.model.warmup_steps, cfg.train.progress),
+            model_path, prompts, cfg.model.sft_warmup_steps, cfg.model.sft_warmup_lr, cfg.model.sft_warmup_batch_size,
+            cfg.seed, progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
         ))
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, model_path, prompts))
 

@@ -1,22 +1,234 @@
-"""One preflight for the dry run and the driver: every check that needs more than one field or a
-file, before anything is written or started. Raises with the field and what was expected;
-returns the warnings."""
+"""Preflight: every check of a whole job config, run before anything starts.
+
+`load_config` (pydantic) checks each field and each section on its own. What relates sections to
+each other, and whether the files a config names are usable (model folders, the prompt file, the
+reward function, reward models, the DeepSpeed JSON), is checked here, in one place: the driver
+runs `preflight` first thing (before any Ray call), `rlhf-cluster train --dry-run` runs it and
+prints the outcome, `submit` runs the config rules before shipping a job.
+
+Every refusal names the field and what was expected; all refusals of one config are reported
+together in one `ConfigError`. Settings that are allowed but usually a mistake come back as
+warnings. Ray-free; torch is imported only when a custom reward function has to be loaded.
+"""
 
 from __future__ import annotations
 
-from rlhf_cluster.config import JobConfig
-from rlhf_cluster.scoring.rewards import load_reward_fn
-from rlhf_cluster.validation import validate_model_dir, validate_reward_model_dir
+from typing import Callable
+
+from rlhf_cluster.config import DeepSpeedBackend, FunctionReward, JobConfig, ModelReward, VerifierReward
+from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
+
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 
 
-def preflight(cfg: JobConfig) -> list[str]:
-    """Check `cfg` against the files it names; returns its warnings."""
-    if cfg.model.path is not None:
+def preflight(cfg: JobConfig, *, files: bool = True) -> list[str]:
+    """Check `cfg` as a whole; return its warnings, or raise `ConfigError` naming every problem.
+
+    `files=False` skips the checks that read files (for a config checked on another machine than
+    the one that runs it, as `submit` does).
+    """
+    problems = [p for rule in CONFIG_RULES for p in rule(cfg)]
+    if files:
+        problems += [p for check in FILE_CHECKS for p in check(cfg)]
+    if problems:
+        head = "config refused:" if len(problems) == 1 else f"config refused ({len(problems)} problems):"
+        raise ConfigError(head + "".join(f"\n  {p}" for p in problems))
+    return [w for rule in WARNING_RULES for w in rule(cfg)]
+
+
+# ---- rules between sections -----------------------------------------------------------------
+def _data_source(cfg: JobConfig) -> list[str]:
+    if cfg.data.task is None and cfg.data.path is None:
+        return ["data.task / data.path: both empty; set `task` (a built-in task) or `path` (a prompt file)"]
+    return []
+
+
+def _reward_sources(cfg: JobConfig) -> list[str]:
+    # The reward workers always run a rule reward (the task's verifier records `correct` even at
+    # weight 0), so without a task there must be a function.
+    if cfg.data.task is not None or isinstance(cfg.scoring.rule_source, FunctionReward):
+        return []
+    where = next((f"scoring.rewards[{i}]" for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, VerifierReward)),
+                 "scoring.rewards")
+    return [f"{where}: no reward without a task: data.task is empty, so there is no verifier; set data.task or add "
+            "a `{type: function, function: 'module:function'}` source"]
+
+
+def _buffer_fits(cfg: JobConfig) -> list[str]:
+    t = cfg.train
+    need = ((t.max_staleness + 1) * t.prompts_per_step + t.oversample_groups) * cfg.generation.sampling.n
+    if cfg.buffer.capacity < need:
+        return [f"buffer.capacity={cfg.buffer.capacity} is smaller than ((train.max_staleness+1) * train.prompts_per_step "
+                f"+ train.oversample_groups) * generation.sampling.n = {need}; expected at least {need}"]
+    return []
+
+
+def _overlong_fits(cfg: JobConfig) -> list[str]:
+    buffer, limit = cfg.algorithm.shaping.overlong_buffer, cfg.generation.sampling.max_new_tokens
+    if buffer >= limit:
+        return [f"algorithm.shaping.overlong_buffer={buffer} must be smaller than generation.sampling.max_new_tokens={limit}"]
+    return []
+
+
+def _lora(cfg: JobConfig) -> list[str]:
+    if not cfg.learner.lora.enabled:
+        return []
+    out = []
+    if cfg.learner.backend.type != "fsdp2":
+        out.append(f"learner.lora needs learner.backend: fsdp2 (got {cfg.learner.backend.type})")
+    if cfg.algorithm.kl.placement == "reward":
+        out.append("learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
+                   "the learner at train time, after rewards are final; use kl.placement loss or none")
+    return out
+
+
+def _advantage_needs(cfg: JobConfig) -> list[str]:
+    a = cfg.algorithm.advantage
+    if a in GROUP_ADVANTAGES and cfg.generation.sampling.n < 2:
+        return [f"algorithm.advantage={a} needs generation.sampling.n >= 2 (a group per prompt), got {cfg.generation.sampling.n}"]
+    if a == "gae" and cfg.critic is None:
+        return ["algorithm.advantage=gae needs a learned critic: add a `critic` section (e.g. `critic: {init: policy}`), "
+                "or choose an advantage without one (grpo, dr_grpo, rloo, reinforce_pp)"]
+    return []
+
+
+def _batch_splits(cfg: JobConfig) -> list[str]:
+    # Each step's samples are dealt round-robin to the ranks; an uneven split gives ranks
+    # different batch sizes (and the global loss denominators assume equal shares).
+    batch = cfg.samples_per_step
+    groups = [("learner.world_size", cfg.learner.world_size)]
+    if cfg.critic is not None:
+        groups.append(("critic.world_size", cfg.critic.world_size))
+    out = [
+        f"the step batch train.prompts_per_step * generation.sampling.n = {cfg.train.prompts_per_step} * "
+        f"{cfg.generation.sampling.n} = {batch} is not divisible by {field}={world}; change one of them so every "
+        "rank gets the same number of samples"
+        for field, world in groups if batch % world
+    ]
+    per_rank = batch // cfg.learner.world_size
+    if not out and per_rank < cfg.learner.mini_batches:
+        out.append(f"learner.mini_batches={cfg.learner.mini_batches} is larger than the samples each rank gets per step "
+                   f"(train.prompts_per_step * generation.sampling.n / learner.world_size = {per_rank}); "
+                   "a mini-batch would be empty")
+    return out
+
+
+CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
+    _data_source, _reward_sources, _buffer_fits, _overlong_fits, _lora, _advantage_needs, _batch_splits,
+]
+
+
+# ---- files the config names -----------------------------------------------------------------
+def _model_dir(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.validation import validate_model_dir
+
+    if cfg.model.path is None:
+        return []
+    try:
         validate_model_dir(cfg.model.path)
-    if cfg.data.reward_fn is not None:
-        load_reward_fn(cfg.data.reward_fn)
-    for spec in cfg.scoring.reward_models:
-        validate_reward_model_dir(spec.path)
-    if cfg.algorithm.advantage == "gae" and cfg.critic is not None and cfg.critic.init != "policy":
+    except (OSError, ValueError) as exc:
+        return [f"model.path: {exc}"]
+    return []
+
+
+def _prompt_file(cfg: JobConfig) -> list[str]:
+    # The whole file: every row is checked before any work starts.
+    from rlhf_cluster.data.prompts import read_prompt_file
+
+    if cfg.data.path is None:
+        return []
+    try:
+        read_prompt_file(cfg.data.path)
+    except (OSError, ValueError) as exc:
+        return [f"data.path: {exc}"]
+    return []
+
+
+def _reward_files(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.validation import validate_reward_model_dir
+
+    out = []
+    for i, source in enumerate(cfg.scoring.rewards):
+        if isinstance(source, FunctionReward):
+            from rlhf_cluster.scoring.rewards import load_reward_fn  # imports torch: only when there is one
+
+            try:
+                load_reward_fn(source.function, field=f"scoring.rewards[{i}].function")
+            except ValueError as exc:
+                out.append(str(exc))
+        elif isinstance(source, ModelReward):
+            for j, spec in enumerate(source.models):
+                try:
+                    validate_reward_model_dir(spec.path, field=f"scoring.rewards[{i}].models[{j}].path")
+                except (OSError, ValueError) as exc:
+                    out.append(str(exc))
+    return out
+
+
+def _critic_init(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.validation import validate_reward_model_dir
+
+    if cfg.critic is None or cfg.algorithm.advantage != "gae" or cfg.critic.init == "policy":
+        return []
+    try:
         validate_reward_model_dir(cfg.critic.init, field="critic.init")
-    return cfg.warnings()
+    except (OSError, ValueError) as exc:
+        return [str(exc)]
+    return []
+
+
+def _deepspeed_json(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.learner.deepspeed_config import DeepSpeedJSONError, check_user_json, read_user_json
+
+    backend = cfg.learner.backend
+    if not isinstance(backend, DeepSpeedBackend) or not backend.config_file:
+        return []
+    try:
+        check_user_json(read_user_json(backend.config_file), backend.config_file, cfg.learner, cfg.learner.world_size)
+    except DeepSpeedJSONError as exc:
+        return [str(exc)]
+    return []
+
+
+FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [_model_dir, _prompt_file, _reward_files, _critic_init, _deepspeed_json]
+
+
+# ---- allowed, but usually a mistake ---------------------------------------------------------
+def _unused_critic(cfg: JobConfig) -> list[str]:
+    if cfg.critic is not None and cfg.algorithm.advantage != "gae":
+        return [f"a critic section is set but algorithm.advantage={cfg.algorithm.advantage}: only gae uses the critic, "
+                "so no critic is started"]
+    return []
+
+
+def _int8_without_correction(cfg: JobConfig) -> list[str]:
+    if cfg.generation.quantization == "int8" and not cfg.algorithm.correction.enabled:
+        return ["generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
+                "are trained on without importance correction, so the gradient carries the quantization mismatch"]
+    return []
+
+
+def _oversampling_always_stale(cfg: JobConfig) -> list[str]:
+    if cfg.train.oversample_groups and cfg.train.max_staleness == 0:
+        return ["train.oversample_groups > 0 with train.max_staleness = 0: a late group is always one version old "
+                "by the next step, so every over-sampled group is generated and then dropped as stale"]
+    return []
+
+
+def _in_flight_update_unused(cfg: JobConfig) -> list[str]:
+    if cfg.generation.mode == "batched" and cfg.generation.in_flight_update != "resume":
+        return ["generation.in_flight_update applies to mode streaming only; batched loads weights between requests"]
+    return []
+
+
+def _empty_ensemble(cfg: JobConfig) -> list[str]:
+    return [
+        f"scoring.rewards[{i}] (type: model) lists no models, so it adds nothing to the reward "
+        "(`rlhf-cluster pipeline` fills it with the reward model it trains)"
+        for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, ModelReward) and not s.models
+    ]
+
+
+WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
+    _unused_critic, _int8_without_correction, _oversampling_always_stale, _in_flight_update_unused, _empty_ensemble,
+]

@@ -1,38 +1,47 @@
-"""Learner maths: KL, advantages, RL/SFT/reward-model losses and train/inference mismatch correction."""
+"""Learner maths: KL, advantages, RL/SFT/reward-model losses and train/inference mismatch correction.
 
-from .advantages import broadcast_to_tokens, gae, group_advantages, reinforce_pp_advantages, rloo_advantages, whiten
-from .correction import importance_weights
-from .kl import AdaptiveKLController, FixedKLController, kl_penalty
-from .losses import (
-    bradley_terry_loss,
-    entropy,
-    entropy_from_logits,
-    kl_loss,
-    masked_mean,
-    masked_sum,
-    policy_loss,
-    sft_loss,
-    value_loss,
-)
+The names below load on first use (PEP 562 `__getattr__`): `rlhf_cluster.config` imports
+`algorithms.presets` (plain data), and reading a config (the CLI, `--dry-run`) must not pay for
+importing torch.
+"""
 
-__all__ = [
-    "AdaptiveKLController",
-    "FixedKLController",
-    "bradley_terry_loss",
-    "broadcast_to_tokens",
-    "entropy",
-    "entropy_from_logits",
-    "gae",
-    "group_advantages",
-    "importance_weights",
-    "kl_loss",
-    "kl_penalty",
-    "masked_mean",
-    "masked_sum",
-    "policy_loss",
-    "reinforce_pp_advantages",
-    "rloo_advantages",
-    "sft_loss",
-    "value_loss",
-    "whiten",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "broadcast_to_tokens": "advantages",
+    "gae": "advantages",
+    "group_advantages": "advantages",
+    "reinforce_pp_advantages": "advantages",
+    "rloo_advantages": "advantages",
+    "whiten": "advantages",
+    "importance_weights": "correction",
+    "AdaptiveKLController": "kl",
+    "FixedKLController": "kl",
+    "kl_penalty": "kl",
+    "bradley_terry_loss": "losses",
+    "entropy": "losses",
+    "entropy_from_logits": "losses",
+    "kl_loss": "losses",
+    "masked_mean": "losses",
+    "masked_sum": "losses",
+    "policy_loss": "losses",
+    "sft_loss": "losses",
+    "value_loss": "losses",
+    "PRESETS": "presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -10,8 +10,8 @@ if TYPE_CHECKING:
 
 
 def create_learner(cfg: "JobConfig", model_path: str) -> "LearnerBase":
-    """This rank's learner for `cfg.learner.backend`; deepspeed is imported only when chosen."""
-    if cfg.learner.backend == "deepspeed":
+    """This rank's learner for `cfg.learner.backend.type`; deepspeed is imported only when chosen."""
+    if cfg.learner.backend.type == "deepspeed":
         from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
 
         return DeepSpeedLearner(cfg, model_path)

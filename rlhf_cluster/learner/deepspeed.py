@@ -48,7 +48,7 @@ def _as_tree(value: Any) -> Any:
 
 
 class DeepSpeedLearner(LearnerBase):
-    """One rank of the policy learner (DeepSpeed ZeRO, stage `learner.deepspeed.zero_stage`)."""
+    """One rank of the policy learner (DeepSpeed ZeRO, stage `learner.backend.zero_stage`)."""
 
     backend_name = "deepspeed"
 
@@ -83,7 +83,7 @@ class DeepSpeedLearner(LearnerBase):
             del initial_fp32
         # ZeRO swaps AdamW's parameters for its fp32 partitions but keeps the param groups, so
         # the schedule drives the lr the wrapped optimizer uses.
-        warmup = lc.warmup_steps
+        warmup = lc.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )

@@ -2,13 +2,14 @@
 
 The learner drives the parts DeepSpeed would otherwise own: gradient accumulation (micro-batches
 cut by `learner.max_tokens_per_micro_batch`, with global loss denominators), the learning rate
-(`learner.lr` with `learner.warmup_steps`), clipping (`learner.max_grad_norm`) and precision
+(`learner.lr` with `learner.lr_warmup_steps`), clipping (`learner.max_grad_norm`) and precision
 (`learner.mixed_precision`). A user JSON that sets any of these differently would be silently
 overridden or, worse, applied twice, so it is an error that names the file, the field and what
 was expected. Everything else in the JSON (ZeRO bucket sizes, prefetching, communication
 settings, ...) is passed through to DeepSpeed as written.
 
-This module does not import deepspeed (the config is validated where deepspeed is not installed).
+This module imports neither deepspeed (the config is checked where deepspeed is not installed) nor,
+at run time, `rlhf_cluster.config`: `rlhf_cluster.preflight` calls `check_user_json` before a job starts.
 """
 
 from __future__ import annotations
@@ -37,20 +38,20 @@ def read_user_json(path: str | Path) -> dict[str, Any]:
     """The user's DeepSpeed config file as a dict; a clear error when missing or not a JSON object."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DeepSpeedJSONError(f"learner.deepspeed.config_file {path}: file does not exist")
+        raise DeepSpeedJSONError(f"learner.backend.config_file {path}: file does not exist")
     try:
         data = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DeepSpeedJSONError(f"learner.deepspeed.config_file {path}: not valid JSON ({exc})") from None
+        raise DeepSpeedJSONError(f"learner.backend.config_file {path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise DeepSpeedJSONError(
-            f"learner.deepspeed.config_file {path}: expected a JSON object at the top level, got {type(data).__name__}"
+            f"learner.backend.config_file {path}: expected a JSON object at the top level, got {type(data).__name__}"
         )
     return data
 
 
 def _conflict(path, field: str, got: Any, expected: str) -> DeepSpeedJSONError:
-    return DeepSpeedJSONError(f"learner.deepspeed.config_file {path}: field {field!r} is {got!r}; expected {expected}")
+    return DeepSpeedJSONError(f"learner.backend.config_file {path}: field {field!r} is {got!r}; expected {expected}")
 
 
 def _offload_device(user_zero: dict, key: str) -> str | None:
@@ -75,7 +76,7 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig",
     if "gradient_clipping" in user and float(user["gradient_clipping"]) != lc.max_grad_norm:
         raise _conflict(path, "gradient_clipping", user["gradient_clipping"], f"absent or learner.max_grad_norm = {lc.max_grad_norm}")
     if "scheduler" in user:
-        raise _conflict(path, "scheduler", user["scheduler"], "absent (the schedule is learner.lr with learner.warmup_steps)")
+        raise _conflict(path, "scheduler", user["scheduler"], "absent (the schedule is learner.lr with learner.lr_warmup_steps)")
     fp16 = user.get("fp16", {})
     if isinstance(fp16, dict) and fp16.get("enabled", False):
         raise _conflict(path, "fp16.enabled", fp16["enabled"], "absent or false (use learner.mixed_precision: bf16)")
@@ -110,9 +111,9 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig",
     zero = user.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise _conflict(path, "zero_optimization", zero, "a JSON object")
-    ds = lc.deepspeed
+    ds = lc.backend
     if "stage" in zero and zero["stage"] != ds.zero_stage:
-        raise _conflict(path, "zero_optimization.stage", zero["stage"], f"absent or learner.deepspeed.zero_stage = {ds.zero_stage}")
+        raise _conflict(path, "zero_optimization.stage", zero["stage"], f"absent or learner.backend.zero_stage = {ds.zero_stage}")
     for key, flag, name in (("offload_optimizer", ds.offload_optimizer, "offload_optimizer"),
                             ("offload_param", ds.offload_params, "offload_params")):
         device = _offload_device(zero, key)
@@ -123,8 +124,8 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig",
         if (device != "none") != flag:
             raise _conflict(
                 path, f"zero_optimization.{key}.device", device,
-                f"{'cpu or nvme' if flag else 'none'} to agree with learner.deepspeed.{name}: {str(flag).lower()} "
-                f"(switch offloading with learner.deepspeed.{name})",
+                f"{'cpu or nvme' if flag else 'none'} to agree with learner.backend.{name}: {str(flag).lower()} "
+                f"(switch offloading with learner.backend.{name})",
             )
 
 
@@ -134,7 +135,7 @@ def engine_config(lc: "LearnerConfig", world_size: int) -> tuple[dict[str, Any],
     The user's JSON (if any) is the base; the learner's settings are written over it after
     `check_user_json` has made sure they agree.
     """
-    ds = lc.deepspeed
+    ds = lc.backend
     user: dict[str, Any] = {}
     if ds.config_file:
         user = read_user_json(ds.config_file)

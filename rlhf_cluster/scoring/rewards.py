@@ -24,8 +24,11 @@ import math
 import numbers
 from typing import Callable
 
+import torch
+
 from rlhf_cluster.data.tasks import REWARD_WEIGHTS, VERIFIERS, combine_reward
 from rlhf_cluster.records import Rollout
+from rlhf_cluster.rewards import ensemble
 
 FAILED = "reward_failed"
 RewardFn = Callable[[str, str], "float | dict[str, float]"]
@@ -172,14 +175,13 @@ def combine_rewards(
     """
     if combine not in ("mean", "min"):
         raise ValueError(f"combine must be 'mean' or 'min', got {combine!r}")
+    combined = ensemble(torch.tensor(list(model_scores.values()), dtype=torch.float64), combine).tolist() if model_scores else None
     out = []
     for i, (rule_reward, components) in enumerate(rule):
         components = {**components, "rule": rule_reward}
         reward = rule_weight * rule_reward
-        if model_scores:
-            scores = {name: values[i] for name, values in model_scores.items()}
-            ensemble = min(scores.values()) if combine == "min" else sum(scores.values()) / len(scores)
-            components.update({f"rm/{name}": s for name, s in scores.items()}, rm=ensemble)
-            reward += model_weight * ensemble
+        if combined is not None:
+            components.update({f"rm/{name}": values[i] for name, values in model_scores.items()}, rm=combined[i])
+            reward += model_weight * combined[i]
         out.append((reward, components))
     return out

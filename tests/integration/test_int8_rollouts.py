@@ -3,14 +3,13 @@ in-place reloads checked against the learner's fp32 log-probs of each version.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import defaultdict
 
 import ray
 import torch
 
-from actors.driver import Driver
+from actors.job import Job
 from rlhf_cluster.generation.quantization import quantize_state_dict, write_int8_model_dir
 from rlhf_cluster.modeling import load_causal_lm
 from rlhf_cluster.weights import WeightStore
@@ -30,15 +29,20 @@ def test_int8_pipeline_reloads_in_place_and_tracks_the_learner(ray_cluster, job_
                     "sampling": {"n": 4, "max_new_tokens": 8}, "probe": {"sequences": 8}},
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
     )
-    driver = Driver(cfg)
+    job = Job(cfg)
     try:
-        pids = {name: info["pid"] for name, info in driver.infos["generation"].items()}
-        result = asyncio.run(driver.run())
+        pids = {name: info["pid"] for name, info in job.worker_infos("generation").items()}
+        result = job.run()
         store = WeightStore(cfg.weights_dir)
-        reports = [json.loads(line) for line in (driver.run_dir / "probes.jsonl").read_text().splitlines()]
+        reports = [json.loads(line) for line in (job.run_dir / "probes.jsonl").read_text().splitlines()]
     finally:
-        driver.shutdown()
+        job.shutdown()
     assert result.final_version == steps
+    published = [0] + [row["weight_version"] for row in result.rows]
+    assert published == list(range(steps + 1))
+    # Every version's int8 variant has the same tensors: one byte count, smaller than fp32.
+    [int8_bytes] = {store.manifest(v, "int8")["total_bytes"] for v in store.versions()}
+    assert int8_bytes < store.manifest(steps)["total_bytes"]
 
     by_worker = defaultdict(list)
     for report in reports:
@@ -46,24 +50,33 @@ def test_int8_pipeline_reloads_in_place_and_tracks_the_learner(ray_cluster, job_
     assert set(by_worker) == {"gen0", "gen1"}
     for worker, seen in by_worker.items():
         versions = [r["version"] for r in seen]
-        # Several reloads, each in place: the same engine process served every version.
-        assert len(set(versions)) >= 3 and versions == sorted(versions), (worker, versions)
+        # Which versions a worker loads depends on timing (a push loads the newest and skips any
+        # published meanwhile), so their number is not asserted. What holds: it starts on the
+        # initial weights, never goes back, loads a version at most once, and only published ones.
+        assert versions[0] == 0 and versions == sorted(set(versions)), (worker, versions)
+        assert set(versions) <= set(published), (worker, versions)
+        # Each load was in place: the same engine process served every version.
         assert {r["pid"] for r in seen} == {pids[worker]}, "the engine process changed: it was restarted"
         for r in seen:
             assert r["variant"] == "int8"
+            # The engine scores like the learner's weights of exactly that version.
             assert r["max_abs_diff"] < MAX_ABS_LOGPROB_DIFF, r
             assert r["k3"] < MAX_PROBE_K3, r
             assert r["max_abs_diff"] > 1e-5, "int8 weights cannot score exactly like fp32: was the variant loaded?"
+    # The final version is pushed to every worker before the job ends; its report can only go
+    # missing when a generation call that loaded it first is cancelled at the end, so one suffices.
+    assert any(r["version"] == steps for r in reports), "no worker reloaded beyond version 0"
 
-    # Each version's int8 variant exists once in the store (derived by the publisher) and is what
-    # both workers loaded: same creation time, same bytes.
-    for version in store.versions():
-        variant = store.manifest(version, "int8")
-        loads = [r for r in reports if r["version"] == version]
-        assert loads, f"no worker loaded version {version}"
-        assert {r["created_at"] for r in loads} == {variant["created_at"]}
-        assert {r["sync_bytes"] for r in loads} == {variant["total_bytes"]}
-        assert variant["total_bytes"] < store.manifest(version)["total_bytes"]
+    # A version's int8 variant exists once in the store (derived by the publisher): every worker
+    # that loaded a version loaded that one (same creation time, same bytes).
+    by_version = defaultdict(list)
+    for r in reports:
+        by_version[r["version"]].append(r)
+    for version, loads in by_version.items():
+        assert len({r["created_at"] for r in loads}) == 1, loads
+        assert {r["sync_bytes"] for r in loads} == {int8_bytes}, loads
+        if version in store.versions():  # the store keeps the newest `weights.keep`
+            assert {r["created_at"] for r in loads} == {store.manifest(version, "int8")["created_at"]}
 
     # The per-step mismatch diagnostics are logged with every step.
     for row in result.rows:

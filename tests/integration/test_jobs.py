@@ -93,7 +93,7 @@ def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
     address, env = ray_head
     run_dir = tmp_path / "run"
     common = ["--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
-              "--set", "data.num_prompts=128", "--set", "model.warmup_steps=0", "--python", sys.executable, "--address", address]
+              "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--python", sys.executable, "--address", address]
     job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=3",
                "--set", f"run_dir={run_dir}", *common).splitlines()[-1]
     state = _wait_status(env, address, job, {"SUCCEEDED", "FAILED", "STOPPED"})

@@ -69,7 +69,7 @@ def test_deepspeed_zero3_step_equals_fsdp2_step(ray_cluster, job_config, tiny_mo
     for backend in ("fsdp2", "deepspeed"):
         # The pre-clip gradient norm of this batch is 0.86 (checked below): 0.5 clips it.
         # Warmup: the first step runs at lr / 2, so the test also sees DeepSpeed take our schedule's lr.
-        cfg = _config(job_config, tmp_path / backend, backend, max_grad_norm=0.5, warmup_steps=2,
+        cfg = _config(job_config, tmp_path / backend, backend, max_grad_norm=0.5, lr_warmup_steps=2,
                       max_tokens_per_micro_batch=2 * seq_len)
         ranks = _group(cfg, tiny_model_path, 2)
         stats = _train(ranks, shards, 1)
@@ -107,7 +107,7 @@ def test_checkpoint_round_trips_exactly(ray_cluster, job_config, tiny_model_path
     samples = _samples(6)
     step1 = [samples[:2], samples[2:4]]
     step2 = [samples[4:5], samples[5:]]
-    cfg = _config(job_config, tmp_path / "run", backend, warmup_steps=4)
+    cfg = _config(job_config, tmp_path / "run", backend, lr_warmup_steps=4)
     ckpt = tmp_path / "ckpt"
     (ckpt / "learner").mkdir(parents=True)
     (ckpt / "rng").mkdir()

@@ -12,14 +12,34 @@ import torch
 from actors.driver import Driver
 from actors.supervised import run_stage
 from rlhf_cluster.config import RewardModelSpec
+from rlhf_cluster.data.preferences import arithmetic_preference_pairs
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
-# 120 held-out pairs (30 sums never trained on, 4 wrong answers each): chance is 0.5 with a standard
-# deviation of 0.046. The tiny RM measured 0.76 after 300 steps and 0.80 after 600 (the config's);
-# 0.7 is 4.4 standard deviations above chance and leaves room for run-to-run variation.
-MIN_PAIRWISE_ACCURACY = 0.7
+# The reward model's held-out pairwise accuracy: 120 pairs (30 sums never trained on, 4 wrong
+# answers each); chance is 0.5. Training is seeded and bit-identical run to run on one machine
+# (seed 0 measured 0.825 twice), but another CPU's kernels round differently and the run follows
+# another trajectory, so the spread over seeds is the noise that matters. With reward_model.lr
+# 3e-4 (set below), 600 steps, stage seeds 0-11 measured 0.825, 0.775, 0.75, 0.70, 0.842, 0.867,
+# 0.808, 0.742, 0.817, 0.825, 0.833, 0.70 (worst 0.70); the config's lr 1e-3 spread far wider
+# (seeds 0-5: 0.80, 0.65, 0.567, 0.883, 0.867, 0.90; CI measured 0.667 at seed 0). 0.65 sits
+# below the worst of the twelve and 3 standard deviations (0.046 each) above chance.
+MIN_PAIRWISE_ACCURACY = 0.65
+# The same 24 trained (SFT, RM) pairs (stage seeds 0-11 at lr 3e-4, 0-5 at lr 1e-3 for 600 and
+# 1200 steps), scored on the 64 training pairs below:
+# - accuracy of the served (full-precision) reward model: worst 0.906, median 0.984;
+MIN_TRAIN_PAIR_ACCURACY = 0.85
+# - int8 vs full reward model: preference agreement worst 0.969 (one or two of 64 pairs flip when
+#   their scores are nearly tied); mean |score difference| / score std worst 0.020 (its max over
+#   the 128 sequences reached 0.51, so the max is not bounded);
+MIN_INT8_PREFERENCE_AGREEMENT = 0.9
+MAX_INT8_MEAN_SCORE_ERROR_OVER_STD = 0.05
+# - int8 vs full reference (SFT) model: mean |logprob difference| worst 0.011 (DESIGN.md: 0.01-0.02
+#   on a 156M model), max over tokens worst 0.196.
+MAX_INT8_MEAN_REF_ERROR = 0.03
+MAX_INT8_REF_ERROR = 0.4
+TRAIN_PAIRS = 64
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +52,7 @@ def stages(ray_cluster, tmp_path_factory, model_cache):
         f"run_dir={run_dir}", f"model.cache_dir={model_cache}", "train.progress=false",
         "train.total_steps=4", "train.prompts_per_step=4",
         "generation.sampling.n=4", "checkpoint.every_steps=100",
+        "reward_model.lr=3e-4",  # measured far steadier across seeds than 1e-3 (see MIN_PAIRWISE_ACCURACY)
     ])
     base = str(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
     sft = run_stage(cfg, "sft", base, progress=False)
@@ -59,17 +80,21 @@ def test_rl_runs_against_the_frozen_reward_model(stages):
     rl.model.path = sft["output"]
     rl.scoring.reward_models = [RewardModelSpec(path=rm["output"], name="rm")]
 
-    # The scoring pool serves the reward model frozen: with rule_weight 0 the reward is its score,
-    # and the verifier's verdict is still recorded beside it.
-    worker = RewardWorker.remote(rl.model_dump(), 0)
+    # The scoring pool serves the reward model frozen: with rule_weight 0 the reward is its score
+    # (the same as scoring in this process), and the verifier's verdict is recorded beside it.
     tokenizer = AutoTokenizer.from_pretrained(sft["output"])
-    rollouts = _rollouts(tokenizer, [("3+4=", "7"), ("3+4=", "9")])
-    scored = ray.get(worker.score.remote(rollouts, {"p0": "7", "p1": "7"}))
+    rollouts, answers = _train_pair_rollouts(cfg, tokenizer)
+    worker = RewardWorker.remote(rl.model_dump(), 0)
+    scored = ray.get(worker.score.remote(rollouts, answers))
     ray.kill(worker)
-    (right, right_parts), (wrong, wrong_parts) = scored
-    assert right == right_parts["rm"] == right_parts["rm/rm"] and wrong == wrong_parts["rm"]
-    assert right_parts["correct"] == 1.0 and wrong_parts["correct"] == 0.0
-    assert right > wrong, "the trained reward model prefers the correct sum"
+    served = [reward for reward, _ in scored]
+    assert all(reward == parts["rm"] == parts["rm/rm"] for reward, parts in scored)
+    local = FrozenRewardModels(rl.scoring.reward_models).score(rollouts)["rm"]
+    assert served == pytest.approx(local, abs=1e-4)
+    n = TRAIN_PAIRS
+    assert [parts["correct"] for _, parts in scored] == [1.0] * n + [0.0] * n
+    accuracy = sum(c > r for c, r in zip(served[:n], served[n:])) / n
+    assert accuracy >= MIN_TRAIN_PAIR_ACCURACY, f"the served reward model prefers the correct sum on {accuracy:.3f} of pairs"
 
     driver = Driver(rl)
     try:
@@ -90,23 +115,32 @@ def _rollouts(tokenizer, pairs):
     return out
 
 
+def _train_pair_rollouts(cfg, tokenizer):
+    """The first TRAIN_PAIRS preference pairs the reward model trained on, as rollouts: the chosen
+    (correct) responses first, then the rejected ones; and each rollout's reference answer."""
+    pairs = arithmetic_preference_pairs(TRAIN_PAIRS, cfg.data.seed, "train", cfg.data.max_operand)
+    rollouts = _rollouts(tokenizer, [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs])
+    return rollouts, {r.prompt_id: pairs[i % TRAIN_PAIRS].chosen for i, r in enumerate(rollouts)}
+
+
 def test_int8_frozen_scoring_error_is_small(stages):
     from transformers import AutoTokenizer
 
     cfg, sft, rm = stages
     tokenizer = AutoTokenizer.from_pretrained(sft["output"])
-    rollouts = _rollouts(tokenizer, [(f"{a}+{b}=", str(a + b + (i % 3 == 0))) for i, (a, b) in
-                                     enumerate([(1, 2), (3, 4), (5, 5), (9, 8), (0, 7), (6, 2)])])
+    rollouts, _ = _train_pair_rollouts(cfg, tokenizer)
     spec = [RewardModelSpec(path=rm["output"], name="rm")]
     full, int8 = FrozenRewardModels(spec), FrozenRewardModels(spec, quantization="int8")
     s_full, s_int8 = torch.tensor(full.score(rollouts)["rm"]), torch.tensor(int8.score(rollouts)["rm"])
     ref_full = ReferenceModel(sft["output"]).logprobs(rollouts)
     ref_int8 = ReferenceModel(sft["output"], quantization="int8").logprobs(rollouts)
-    ref_err = max(abs(a - b) for x, y in zip(ref_full, ref_int8) for a, b in zip(x, y))
-    score_err = float((s_full - s_int8).abs().max())
-    print(f"int8 frozen scoring: max |d ref logprob| {ref_err:.4f}, max |d RM score| {score_err:.4f} "
-          f"(RM score spread {float(s_full.std()):.3f})")
-    assert 0 < ref_err < 0.1
-    assert 0 < score_err < 0.1 * float(s_full.abs().max() + 1)
-    # The ranking the reward model gives is what RL uses: int8 keeps it.
-    assert torch.equal(s_full.argsort(), s_int8.argsort())
+    ref_err = torch.tensor([abs(a - b) for x, y in zip(ref_full, ref_int8) for a, b in zip(x, y)])
+    score_err = float((s_full - s_int8).abs().mean() / s_full.std())
+    n = TRAIN_PAIRS
+    agreement = float(((s_full[:n] > s_full[n:]) == (s_int8[:n] > s_int8[n:])).float().mean())
+    print(f"int8 frozen scoring: |d ref logprob| mean {float(ref_err.mean()):.4f} max {float(ref_err.max()):.4f}; "
+          f"mean |d RM score| / std {score_err:.4f}; preference agreement {agreement:.3f}")
+    assert 0 < float(ref_err.mean()) < MAX_INT8_MEAN_REF_ERROR and float(ref_err.max()) < MAX_INT8_REF_ERROR
+    assert 0 < score_err < MAX_INT8_MEAN_SCORE_ERROR_OVER_STD
+    # The preferences the reward model gives are what RL uses: int8 keeps them.
+    assert agreement >= MIN_INT8_PREFERENCE_AGREEMENT

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from rlhf_cluster.config import ConfigError, DataConfig, load_config
 from rlhf_cluster.data import tasks
 from rlhf_cluster.data.prompts import prepare_prompt_files, read_prompt_file
+from rlhf_cluster.preflight import preflight
 from rlhf_cluster.scoring.rewards import RuleReward
 from rlhf_cluster.validation import validate_model_dir
 
@@ -65,6 +66,10 @@ def _model_dir(tmp: Path, drop: tuple[str, ...] = (), **files: str | bytes) -> P
     return folder
 
 
+def _preflight(*overrides: str) -> list[str]:
+    return preflight(load_config(None, list(overrides)))
+
+
 def _dry_run(*overrides: str) -> None:
     from actors.cli import app
 
@@ -97,15 +102,15 @@ CASES = {
         lambda: load_config(_yaml(t, "train:\n  total_steps: many\n")), ConfigError, ["train.total_steps", "many"]
     ),
     "config-grpo-needs-n>=2": lambda t, mp: (
-        lambda: load_config(None, ["algorithm.preset=grpo", "generation.sampling.n=1"]), ConfigError, ["generation.sampling.n", "grpo"]
+        lambda: _preflight("algorithm.preset=grpo", "generation.sampling.n=1"), ConfigError, ["generation.sampling.n", "grpo"]
     ),
     "config-batch-not-divisible-by-world-size": lambda t, mp: (
-        lambda: load_config(None, ["train.prompts_per_step=3", "generation.sampling.n=3", "learner.world_size=2"]),
+        lambda: _preflight("train.prompts_per_step=3", "generation.sampling.n=3", "learner.world_size=2"),
         ConfigError,
         ["train.prompts_per_step", "generation.sampling.n", "learner.world_size=2", "= 9"],
     ),
     "config-mini-batches-exceed-rank-batch": lambda t, mp: (
-        lambda: load_config(None, ["learner.world_size=2", "learner.mini_batches=17"]), ConfigError, ["learner.mini_batches=17"]
+        lambda: _preflight("learner.world_size=2", "learner.mini_batches=17"), ConfigError, ["learner.mini_batches=17"]
     ),
     "config-negative-lr": lambda t, mp: (lambda: load_config(None, ["learner.lr=-0.001"]), ConfigError, ["learner.lr", "-0.001"]),
     "config-unknown-preset": lambda t, mp: (
@@ -113,6 +118,15 @@ CASES = {
     ),
     "config-reward-fn-syntax": lambda t, mp: (
         lambda: load_config(None, ["data.reward_fn=my_rewards.score"]), ConfigError, ["data.reward_fn", "module:function"]
+    ),
+    "config-renamed-sft-warmup": lambda t, mp: (
+        lambda: load_config(None, ["model.warmup_steps=5"]), ConfigError, ["model.warmup_steps was renamed to model.sft_warmup_steps"]
+    ),
+    "config-renamed-lr-warmup": lambda t, mp: (
+        lambda: load_config(None, ["learner.warmup_steps=5"]), ConfigError, ["learner.warmup_steps was renamed to learner.lr_warmup_steps"]
+    ),
+    "config-backend-without-type": lambda t, mp: (
+        lambda: load_config(None, ["learner.backend={zero_stage: 2}"]), ConfigError, ["learner.backend", "fsdp2, deepspeed"]
     ),
     "config-invalid-yaml": lambda t, mp: (
         lambda: load_config(_yaml(t, "train: [unclosed\n  total_steps: 3\n")), ConfigError, [str(t / "job.yaml"), "YAML"]
@@ -203,7 +217,14 @@ CASES = {
     "dry-run-bad-model-path": lambda t, mp: (
         lambda: _dry_run(f"model.path={_model_dir(t, drop=('model.safetensors',))}"), SystemExit, ["model.path", str(t / "model"), "no weights"]
     ),
+    "dry-run-missing-reward-model": lambda t, mp: (
+        lambda: _dry_run(f"scoring.rewards=[{{type: verifier}}, {{type: model, models: [{{path: {t / 'rm'}}}]}}]"), SystemExit,
+        ["scoring.rewards[1].models[0].path", str(t / "rm"), "does not exist"]
+    ),
     # ---- reward function ---------------------------------------------------------------------
+    "dry-run-reward-fn-module-missing": lambda t, mp: (
+        lambda: _dry_run("data.reward_fn=no_such_rewards_mod:score"), SystemExit, ["scoring.rewards[0].function", "no_such_rewards_mod"]
+    ),
     "reward-fn-module-missing": lambda t, mp: (
         lambda: RuleReward(None, reward_fn="no_such_rewards_mod:score"), ValueError, ["data.reward_fn", "no_such_rewards_mod"]
     ),
@@ -234,7 +255,8 @@ def test_good_inputs_pass(tmp_path):
     (tmp_path / "model" / "chat_template.jinja").write_text("{{ messages }}")
     validate_model_dir(tmp_path / "model", needs_chat_template=True)
     assert len(read_prompt_file(_jsonl(tmp_path, ROWS))) == 2
-    load_config(None, ["train.prompts_per_step=3", "generation.sampling.n=4", "learner.world_size=2", "data.reward_fn=a.b:c"])
+    preflight(load_config(None, ["train.prompts_per_step=3", "generation.sampling.n=4", "learner.world_size=2",
+                                 "data.reward_fn=rlhf_cluster.rewards.controls:placebo_arithmetic"]))
 
 
 def test_reward_model_path_must_be_a_trained_reward_model(tiny_model_path, tmp_path):

@@ -37,3 +37,31 @@ def test_bad_config_field_is_named():
     result = CliRunner().invoke(app, ["train", str(CONFIGS[0]), "--dry-run", "--set", "train.total_stepz=3"])
     assert result.exit_code == 2
     assert "train.total_stepz" in result.output
+
+
+def test_preflight_refusal_fails_the_dry_run_naming_the_field():
+    result = CliRunner().invoke(app, ["train", str(CONFIGS[0]), "--dry-run", "--set", "buffer.capacity=1"])
+    assert result.exit_code == 2
+    assert "buffer.capacity=1" in result.output and "dry run ok" not in result.output
+
+
+def test_preflight_warnings_are_printed():
+    three_stage = next(c for c in CONFIGS if c.name == "three_stage.yaml")
+    result = CliRunner().invoke(app, ["train", str(three_stage), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "warning: scoring.rewards[1] (type: model) lists no models" in result.output
+
+
+@pytest.mark.parametrize("command", [["train"], ["submit", "--address", "http://127.0.0.1:9"], ["pipeline"]])
+def test_a_refused_config_ends_before_ray_or_the_cluster_is_touched(monkeypatch, command):
+    import actors.cli as cli
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("preflight should have refused the config first")
+
+    monkeypatch.setattr(cli, "_connect", no_cluster)
+    monkeypatch.setattr(cli, "_job_client", no_cluster)
+    config = next(c for c in CONFIGS if c.name == "three_stage.yaml")
+    result = CliRunner().invoke(app, [command[0], str(config), *command[1:], "--set", "buffer.capacity=1"])
+    assert result.exit_code == 2, result.output
+    assert "error: config refused" in result.output and "buffer.capacity=1" in result.output

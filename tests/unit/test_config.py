@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_cluster.config import ConfigError, JobConfig, load_config
+from rlhf_cluster.algorithms.presets import PRESETS
+from rlhf_cluster.config import ConfigError, JobConfig, RewardModelSpec, load_config
+from rlhf_cluster.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +32,8 @@ def test_demo_yaml_loads():
     assert cfg.learner.world_size == 2
     assert cfg.learner.lr == pytest.approx(3e-4)
     assert cfg.generation.sampling.max_new_tokens == 4
-    assert (cfg.model.warmup_steps, cfg.data.max_operand) == (100, 9)
+    assert (cfg.model.sft_warmup_steps, cfg.data.max_operand) == (100, 9)
+    assert cfg.learner.backend.type == "fsdp2"
     assert cfg.algorithm.preset == "grpo" and cfg.algorithm.loss.aggregation == "sequence_mean"
     assert cfg.model.tiny.num_kv_heads == 1
     assert cfg.algorithm.correction.mode == "truncate"
@@ -160,26 +163,31 @@ def test_override_unknown_key_named():
         load_config(None, ["train.totl_steps=3"])
 
 
+def _checked(*overrides: str) -> list[str]:
+    """Load with overrides and run preflight's rules (no files named here); its warnings."""
+    return preflight(load_config(None, list(overrides)))
+
+
 def test_buffer_capacity_boundary():
     # default: (max_staleness 1 + 1) * prompts_per_step 8 * n 4 = 64
-    assert load_config(None, ["buffer.capacity=64"]).buffer.capacity == 64
+    assert _checked("buffer.capacity=64") == []
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["buffer.capacity=63"])
+        _checked("buffer.capacity=63")
     assert "buffer.capacity" in str(info.value)
 
 
 def test_buffer_capacity_depends_on_staleness():
-    load_config(None, ["buffer.capacity=32", "train.max_staleness=0"])
+    _checked("buffer.capacity=32", "train.max_staleness=0")
     with pytest.raises(ConfigError, match="buffer.capacity"):
-        load_config(None, ["buffer.capacity=32", "train.max_staleness=1"])
+        _checked("buffer.capacity=32", "train.max_staleness=1")
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo"])
 def test_group_advantage_needs_n_at_least_2(advantage):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [f"algorithm.advantage={advantage}", "generation.sampling.n=1"])
+        _checked(f"algorithm.advantage={advantage}", "generation.sampling.n=1")
     assert "generation.sampling.n" in str(info.value)
-    assert load_config(None, [f"algorithm.advantage={advantage}", "generation.sampling.n=2"])
+    _checked(f"algorithm.advantage={advantage}", "generation.sampling.n=2")
 
 
 def test_tiny_head_dim_below_32_rejected():
@@ -197,10 +205,11 @@ def test_tiny_heads_must_divide():
 
 
 def test_data_needs_task_or_path():
-    with pytest.raises(ConfigError, match="data"):
-        load_config(None, ["data.task=null"])
-    cfg = load_config(None, ["data.task=null", "data.path=prompts.jsonl"])
+    with pytest.raises(ConfigError, match=r"data\.task / data\.path"):
+        _checked("data.task=null")
+    cfg = load_config(None, ["data.task=null", "data.path=prompts.jsonl", "data.reward_fn=pkg.mod:fn"])
     assert cfg.data.path == "prompts.jsonl"
+    preflight(cfg, files=False)
 
 
 def test_validate_assignment():
@@ -222,19 +231,18 @@ def test_algorithm_preset_fills_fields_and_explicit_fields_win(tmp_path):
 
 def test_overlong_buffer_must_fit_max_new_tokens():
     with pytest.raises(ConfigError, match=r"algorithm\.shaping\.overlong_buffer"):
-        load_config(None, ["algorithm.shaping.overlong_buffer=16", "generation.sampling.max_new_tokens=16"])
-    load_config(None, ["algorithm.shaping.overlong_buffer=15", "generation.sampling.max_new_tokens=16"])
+        _checked("algorithm.shaping.overlong_buffer=16", "generation.sampling.max_new_tokens=16")
+    _checked("algorithm.shaping.overlong_buffer=15", "generation.sampling.max_new_tokens=16")
 
 
 def test_int8_rollouts_keep_correction_on_by_default_and_warn_when_it_is_off():
     cfg = load_config(None, ["generation.quantization=int8"])
     assert cfg.algorithm.correction.enabled and cfg.algorithm.correction.mode == "truncate"
     assert cfg.algorithm.correction.level == "token" and cfg.algorithm.correction.cap == 2.0
-    assert cfg.warnings() == []
-    off = load_config(None, ["generation.quantization=int8", "algorithm.correction.enabled=false"])
-    [warning] = off.warnings()
+    assert preflight(cfg) == []
+    [warning] = _checked("generation.quantization=int8", "algorithm.correction.enabled=false")
     assert "generation.quantization=int8" in warning and "algorithm.correction.enabled=false" in warning
-    assert load_config(None, ["algorithm.correction.enabled=false"]).warnings() == []
+    assert _checked("algorithm.correction.enabled=false") == []
 
 
 def test_unknown_quantization_names_the_field():
@@ -245,15 +253,15 @@ def test_unknown_quantization_names_the_field():
 def test_streaming_settings_validate_and_warn():
     cfg = load_config(None, ["generation.max_num_seqs=64", "train.oversample_groups=2", "train.max_staleness=1"])
     assert cfg.generation.mode == "streaming" and cfg.generation.in_flight_update == "resume"
-    assert cfg.generation.max_num_seqs == 64 and cfg.warnings() == []
-    [warning] = load_config(None, ["train.oversample_groups=2", "train.max_staleness=0"]).warnings()
+    assert cfg.generation.max_num_seqs == 64 and preflight(cfg) == []
+    [warning] = _checked("train.oversample_groups=2", "train.max_staleness=0")
     assert "oversample_groups" in warning and "stale" in warning
-    [warning] = load_config(None, ["generation.mode=batched", "generation.in_flight_update=abort"]).warnings()
+    [warning] = _checked("generation.mode=batched", "generation.in_flight_update=abort")
     assert "in_flight_update" in warning
     # Over-sampled groups must fit in the buffer beside the staleness allowance.
     with pytest.raises(ConfigError, match="oversample_groups"):
-        load_config(None, ["buffer.capacity=64", "train.prompts_per_step=8", "generation.sampling.n=4",
-                           "train.max_staleness=0", "train.oversample_groups=9"])
+        _checked("buffer.capacity=64", "train.prompts_per_step=8", "generation.sampling.n=4",
+                 "train.max_staleness=0", "train.oversample_groups=9")
     with pytest.raises(ConfigError, match="generation.mode"):
         load_config(None, ["generation.mode=sometimes"])
 
@@ -263,8 +271,154 @@ def test_lora_needs_fsdp2_and_a_kl_outside_the_reward():
     assert cfg.learner.lora.enabled and cfg.learner.lora.alpha == 16.0
     assert not load_config(None, []).learner.lora.enabled
     with pytest.raises(ConfigError, match=r"learner\.lora needs learner\.backend: fsdp2"):
-        load_config(None, ["learner.lora.rank=8", "learner.backend=deepspeed"])
+        _checked("learner.lora.rank=8", "learner.backend=deepspeed")
     with pytest.raises(ConfigError, match=r"kl\.placement=reward"):
-        load_config(None, ["learner.lora.rank=8", "algorithm.kl.placement=reward"])
+        _checked("learner.lora.rank=8", "algorithm.kl.placement=reward")
     with pytest.raises(ConfigError, match=r"learner\.lora\.rank"):
         load_config(None, ["learner.lora.rank=-1"])
+
+
+# ---- seeds -------------------------------------------------------------------------------------
+SEEDED = ["data", "generation", "learner", "critic", "sft", "reward_model"]
+WITH_EVERY_SECTION = {"critic": {}, "sft": {}, "reward_model": {}}
+
+
+def _seeds(cfg: JobConfig) -> dict[str, int]:
+    return {name: getattr(cfg, name).seed for name in SEEDED}
+
+
+def test_every_component_seed_is_derived_from_the_job_seed():
+    base = JobConfig.model_validate(WITH_EVERY_SECTION)
+    other = JobConfig.model_validate({**WITH_EVERY_SECTION, "seed": 7})
+    assert all(isinstance(v, int) for v in _seeds(base).values()), _seeds(base)
+    changed = [name for name in SEEDED if _seeds(base)[name] != _seeds(other)[name]]
+    assert changed == SEEDED, "every component seed follows the job's seed"
+    # The tiny model stands in for a pretrained checkpoint: the job's seed leaves it alone.
+    assert base.model.tiny.seed == other.model.tiny.seed == 0
+
+
+def test_an_explicit_component_seed_wins():
+    cfg = load_config(None, ["seed=7", "learner.seed=3", "data.seed=0", "critic={}", "sft={}", "reward_model={}"])
+    assert (cfg.learner.seed, cfg.data.seed, cfg.generation.seed) == (3, 0, 7)
+    # A resolved config dumps explicit seeds, so a worker rebuilding it gets the same ones.
+    assert _seeds(JobConfig.model_validate(cfg.model_dump())) == _seeds(cfg)
+
+
+def test_a_section_passed_as_an_object_is_not_changed():
+    from rlhf_cluster.config import DataConfig
+
+    data = DataConfig()
+    cfg = JobConfig(seed=5, data=data)
+    assert cfg.data.seed == 5 and data.seed is None
+
+
+# ---- renamed fields ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("old", "new"), [
+    ("model.warmup_steps", "model.sft_warmup_steps"),
+    ("model.warmup_lr", "model.sft_warmup_lr"),
+    ("model.warmup_batch_size", "model.sft_warmup_batch_size"),
+    ("learner.warmup_steps", "learner.lr_warmup_steps"),
+    ("critic.warmup_steps", "critic.lr_warmup_steps"),
+])
+def test_renamed_fields_are_refused_with_their_new_name(old, new):
+    with pytest.raises(ConfigError, match=rf"{old} was renamed to {new}"):
+        load_config(None, [f"{old}=2"])
+    assert load_config(None, [f"{new}=2"])
+
+
+def test_the_two_warmups_are_separate_fields():
+    cfg = load_config(None, ["model.sft_warmup_steps=100", "learner.lr_warmup_steps=5", "critic.lr_warmup_steps=2"])
+    assert (cfg.model.sft_warmup_steps, cfg.learner.lr_warmup_steps, cfg.critic.lr_warmup_steps) == (100, 5, 2)
+    assert cfg.critic.learner_settings().lr_warmup_steps == 2
+
+
+# ---- typed pluggable parts ---------------------------------------------------------------------
+def test_learner_backend_is_typed_and_a_bare_name_is_short_for_its_type():
+    typed = load_config(None, ["learner.backend={type: deepspeed, zero_stage: 2}"])
+    assert typed.learner.backend.type == "deepspeed" and typed.learner.backend.zero_stage == 2
+    assert load_config(None, ["learner.backend=deepspeed"]).learner.backend.zero_stage == 3
+    assert typed.learner.backend == "deepspeed" and typed.learner.backend != "fsdp2"
+    with pytest.raises(ConfigError, match=r"learner\.backend\.zero_stage.*[Ee]xtra"):
+        load_config(None, ["learner.backend={type: fsdp2, zero_stage: 2}"])
+
+
+def test_override_into_a_backend_given_by_name(tmp_path):
+    cfg = load_config(_write(tmp_path, "learner:\n  backend: deepspeed\n"), ["learner.backend.offload_optimizer=true"])
+    assert cfg.learner.backend.type == "deepspeed" and cfg.learner.backend.offload_optimizer
+
+
+def test_old_deepspeed_section_still_loads_and_options_without_the_backend_are_refused():
+    cfg = load_config(None, ["learner.backend=deepspeed", "learner.deepspeed={zero_stage: 1}"])
+    assert cfg.learner.backend.type == "deepspeed" and cfg.learner.backend.zero_stage == 1
+    with pytest.raises(ConfigError, match=r"learner\.deepspeed.*learner\.backend is not deepspeed"):
+        load_config(None, ["learner.deepspeed={zero_stage: 1}"])
+
+
+def test_weight_transport_is_typed():
+    assert load_config().weights.transport.type == "filesystem"
+    assert load_config(None, ["weights.transport=filesystem"]).weights.transport.type == "filesystem"
+    with pytest.raises(ConfigError, match=r"weights\.transport.*'filesystem'"):
+        load_config(None, ["weights.transport=carrier_pigeon"])
+
+
+# ---- reward sources ----------------------------------------------------------------------------
+def test_default_reward_is_the_task_verifier():
+    s = load_config().scoring
+    assert [r.type for r in s.rewards] == ["verifier"]
+    assert (s.reward_fn, s.rule_weight, s.reward_models) == (None, 1.0, [])
+
+
+def test_reward_sources_in_the_new_spelling():
+    s = load_config(None, ["scoring.rewards=[{type: function, function: 'pkg.mod:fn', weight: 0.5}, "
+                           "{type: model, models: [{path: a, name: a}, {path: b, name: b}], combine: min, weight: 2}]"]).scoring
+    assert (s.reward_fn, s.rule_weight) == ("pkg.mod:fn", 0.5)
+    assert [m.path for m in s.reward_models] == ["a", "b"]
+    assert (s.reward_model_weight, s.reward_model_combine) == (2.0, "min")
+
+
+def test_old_reward_spellings_load_as_sources():
+    cfg = load_config(None, ["data.reward_fn=pkg.mod:fn", "scoring.reward_models=[{path: rm}]", "scoring.rule_weight=0",
+                             "scoring.reward_model_combine=min"])
+    assert [r.type for r in cfg.scoring.rewards] == ["function", "model"]
+    assert (cfg.scoring.reward_fn, cfg.scoring.rule_weight, cfg.scoring.reward_model_combine) == ("pkg.mod:fn", 0.0, "min")
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        load_config(None, ["data.reward_fn=pkg.mod:fn", "scoring.rewards=[verifier]"])
+
+
+def test_reward_source_rules():
+    with pytest.raises(ConfigError, match=r"scoring\.rewards: .*at most one rule source"):
+        load_config(None, ["scoring.rewards=[verifier, {type: function, function: 'a:b'}]"])
+    with pytest.raises(ConfigError, match=r"scoring\.rewards: .*at most one `model` source"):
+        load_config(None, ["scoring.rewards=[model, model]"])
+    with pytest.raises(ConfigError, match=r"scoring\.rewards\[0\]\.function: .*module:function"):
+        load_config(None, ["scoring.rewards=[{type: function, function: nocolon}]"])
+    with pytest.raises(ConfigError, match=r"scoring\.rewards\[0\]: .*needs a `type`: one of verifier, function, model"):
+        load_config(None, ["scoring.rewards=[{weight: 1}]"])
+    with pytest.raises(ConfigError, match=r"scoring\.rewards"):
+        load_config(None, ["scoring.rewards=[]"])
+
+
+def test_setting_reward_models_fills_the_model_source(tmp_path):
+    cfg = load_config(REPO / "configs" / "three_stage.yaml")
+    assert cfg.scoring.rule_weight == 0.0 and cfg.scoring.reward_models == []
+    cfg.scoring.reward_models = [RewardModelSpec(path="rm")]
+    assert [r.type for r in cfg.scoring.rewards] == ["verifier", "model"]
+    assert cfg.scoring.reward_model_weight == 1.0 and cfg.scoring.reward_models[0].path == "rm"
+
+
+# ---- presets -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_loads_and_passes_preflight(name):
+    cfg = load_config(None, [f"algorithm.preset={name}"])
+    assert cfg.algorithm.preset == name
+    assert cfg.algorithm.advantage == PRESETS[name]["advantage"]
+    preflight(cfg)
+
+
+def test_preset_names_are_the_registry():
+    from typing import get_args
+
+    from rlhf_cluster.config import AlgorithmConfig
+
+    literal = AlgorithmConfig.model_fields["preset"].annotation
+    assert {a for arg in get_args(literal) for a in get_args(arg)} == set(PRESETS)

@@ -1,6 +1,6 @@
-"""learner.backend: deepspeed — the typed options and the checks of the user's DeepSpeed JSON.
+"""learner.backend: {type: deepspeed} — the typed options and preflight's checks of the user's DeepSpeed JSON.
 
-No deepspeed import here: the config is built and validated without it.
+No deepspeed import here: the config is built and checked without it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
 from rlhf_cluster.learner.deepspeed_config import engine_config
+from rlhf_cluster.preflight import preflight
 
 
 def _write_yaml(tmp_path, learner: dict) -> str:
@@ -28,22 +29,25 @@ def _ds_json(tmp_path, content, name="ds.json") -> str:
 
 
 def _load(tmp_path, ds_json: dict | str, **learner) -> JobConfig:
+    """The job config with `ds_json` as the user's DeepSpeed JSON, after preflight (which checks it)."""
     config_file = _ds_json(tmp_path, ds_json)
-    learner = {"backend": "deepspeed", "deepspeed": {"config_file": config_file}, **learner}
-    return load_config(_write_yaml(tmp_path, learner))
+    backend = {"type": "deepspeed", "config_file": config_file, **learner.pop("backend", {})}
+    cfg = load_config(_write_yaml(tmp_path, {"backend": backend, **learner}))
+    preflight(cfg)
+    return cfg
 
 
 def test_defaults_are_fsdp2_and_zero3():
-    cfg = JobConfig()
-    assert cfg.learner.backend == "fsdp2"
-    assert cfg.learner.deepspeed.zero_stage == 3
-    assert not cfg.learner.deepspeed.offload_optimizer and not cfg.learner.deepspeed.offload_params
+    assert JobConfig().learner.backend.type == "fsdp2"
+    ds = JobConfig.model_validate({"learner": {"backend": "deepspeed"}}).learner.backend
+    assert ds.type == "deepspeed" and ds.zero_stage == 3
+    assert not ds.offload_optimizer and not ds.offload_params and ds.config_file is None
 
 
 def test_engine_config_from_learner_settings():
     cfg = JobConfig.model_validate(
-        {"learner": {"backend": "deepspeed", "world_size": 2, "lr": 3e-4, "weight_decay": 0.01, "max_grad_norm": 0.7,
-                     "mixed_precision": "bf16", "deepspeed": {"zero_stage": 2, "offload_optimizer": True}}}
+        {"learner": {"backend": {"type": "deepspeed", "zero_stage": 2, "offload_optimizer": True}, "world_size": 2,
+                     "lr": 3e-4, "weight_decay": 0.01, "max_grad_norm": 0.7, "mixed_precision": "bf16"}}
     )
     ds, adamw = engine_config(cfg.learner, world_size=2)
     assert ds["zero_optimization"]["stage"] == 2
@@ -84,15 +88,15 @@ def test_user_json_is_honoured_where_it_agrees(tmp_path):
         ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}}, "optimizer.params.weight_decay", "learner.weight_decay"),
         ({"optimizer": {"type": "Lamb", "params": {}}}, "optimizer.type", "'AdamW'"),
         ({"optimizer": {"type": "AdamW", "params": {"amsgrad": True}}}, "optimizer.params.amsgrad", "only lr, weight_decay"),
-        ({"scheduler": {"type": "WarmupLR"}}, "scheduler", "learner.warmup_steps"),
+        ({"scheduler": {"type": "WarmupLR"}}, "scheduler", "learner.lr_warmup_steps"),
         ({"fp16": {"enabled": True}}, "fp16.enabled", "learner.mixed_precision: bf16"),
         ({"bf16": {"enabled": True}}, "bf16.enabled", "learner.mixed_precision: none"),
         ({"bf16": {"check_grad_overflow": False}}, "bf16.check_grad_overflow", "skips non-finite steps"),
-        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage", "learner.deepspeed.zero_stage = 3"),
+        ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage", "learner.backend.zero_stage = 3"),
         ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "zero_optimization.offload_optimizer.device",
-         "learner.deepspeed.offload_optimizer: false"),
+         "learner.backend.offload_optimizer: false"),
         ({"zero_optimization": {"offload_param": {"device": "cpu"}}}, "zero_optimization.offload_param.device",
-         "learner.deepspeed.offload_params: false"),
+         "learner.backend.offload_params: false"),
     ],
 )
 def test_conflicting_field_names_file_field_and_expectation(tmp_path, user, field, expected):
@@ -106,36 +110,38 @@ def test_conflicting_field_names_file_field_and_expectation(tmp_path, user, fiel
 
 def test_offload_flag_must_agree_with_the_json_offload(tmp_path):
     with pytest.raises(ConfigError, match=r"'zero_optimization.offload_optimizer.device' is 'none'.*offload_optimizer: true"):
-        _load(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "none"}}},
-              deepspeed={"config_file": _ds_json(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "none"}}}),
-                         "offload_optimizer": True})
+        _load(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "none"}}}, backend={"offload_optimizer": True})
 
 
 def test_missing_json_file_is_named(tmp_path):
     missing = tmp_path / "nope.json"
-    with pytest.raises(ConfigError, match=rf"config_file {missing}: file does not exist"):
-        load_config(_write_yaml(tmp_path, {"backend": "deepspeed", "deepspeed": {"config_file": str(missing)}}))
+    cfg = load_config(_write_yaml(tmp_path, {"backend": {"type": "deepspeed", "config_file": str(missing)}}))
+    with pytest.raises(ConfigError, match=rf"learner.backend.config_file {missing}: file does not exist"):
+        preflight(cfg)
+    preflight(cfg, files=False)  # `submit`: the file is a path on the cluster
 
 
 @pytest.mark.parametrize(("content", "why"), [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object")])
 def test_bad_json_file_is_named(tmp_path, content, why):
     path = _ds_json(tmp_path, content, "bad.json")
     with pytest.raises(ConfigError) as info:
-        load_config(_write_yaml(tmp_path, {"backend": "deepspeed", "deepspeed": {"config_file": path}}))
+        preflight(load_config(_write_yaml(tmp_path, {"backend": {"type": "deepspeed", "config_file": path}})))
     assert path in str(info.value) and why in str(info.value)
 
 
-def test_json_is_ignored_by_the_fsdp2_backend(tmp_path):
-    # The file is only read when the DeepSpeed backend is selected.
-    cfg = load_config(_write_yaml(tmp_path, {"deepspeed": {"config_file": str(tmp_path / "absent.json")}}))
-    assert cfg.learner.backend == "fsdp2"
-    assert any("learner.deepspeed is set but learner.backend=fsdp2" in w for w in cfg.warnings())
-    assert not JobConfig().warnings()
+def test_old_spelling_loads_and_deepspeed_options_need_the_deepspeed_backend(tmp_path):
+    old = load_config(_write_yaml(tmp_path, {"backend": "deepspeed", "deepspeed": {"zero_stage": 1}}))
+    assert old.learner.backend.type == "deepspeed" and old.learner.backend.zero_stage == 1
+    # Options of a backend that is not chosen have no place to go: refused, not ignored.
+    with pytest.raises(ConfigError, match=r"learner\.deepspeed sets DeepSpeed options but learner\.backend is not deepspeed"):
+        load_config(_write_yaml(tmp_path, {"deepspeed": {"config_file": str(tmp_path / "absent.json")}}))
+    with pytest.raises(ConfigError, match=r"learner\.backend\.config_file: Extra inputs"):
+        load_config(_write_yaml(tmp_path, {"backend": {"type": "fsdp2", "config_file": "ds.json"}}))
 
 
 def test_offload_params_needs_stage_3():
     with pytest.raises(ValueError, match="offload_params needs zero_stage 3"):
-        JobConfig.model_validate({"learner": {"backend": "deepspeed", "deepspeed": {"zero_stage": 2, "offload_params": True}}})
+        JobConfig.model_validate({"learner": {"backend": {"type": "deepspeed", "zero_stage": 2, "offload_params": True}}})
 
 
 def test_unknown_backend_is_rejected(tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 from rlhf_cluster.algorithms import kl_penalty
 from rlhf_cluster.config import AlgorithmConfig, ConfigError, JobConfig, load_config
+from rlhf_cluster.preflight import preflight
 from rlhf_cluster.experience import build_group, critic_advantages
 from rlhf_cluster.placement import resource_plan
 from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
@@ -26,7 +27,7 @@ def _sample(i: int, n: int, reward: float) -> ScoredSample:
 # ---- config --------------------------------------------------------------------------------------
 def test_gae_without_a_critic_section_names_both_fields():
     with pytest.raises(ValueError, match=r"algorithm.advantage=gae needs a learned critic.*`critic` section"):
-        JobConfig.model_validate({"algorithm": {"advantage": "gae"}})
+        preflight(JobConfig.model_validate({"algorithm": {"advantage": "gae"}}))
 
 
 def test_gae_with_a_critic_accepts_one_sample_per_prompt():
@@ -37,7 +38,7 @@ def test_gae_with_a_critic_accepts_one_sample_per_prompt():
 
 def test_critic_world_size_must_divide_the_step_batch():
     with pytest.raises(ValueError, match=r"not divisible by critic.world_size=3"):
-        JobConfig.model_validate({**PPO, "critic": {"world_size": 3}, "train": {"prompts_per_step": 4}})
+        preflight(JobConfig.model_validate({**PPO, "critic": {"world_size": 3}, "train": {"prompts_per_step": 4}}))
 
 
 def test_critic_fields_are_typed_and_strict(tmp_path):
@@ -50,7 +51,7 @@ def test_critic_fields_are_typed_and_strict(tmp_path):
 
 def test_a_critic_with_another_advantage_is_a_warning_and_starts_no_critic():
     cfg = JobConfig.model_validate({"critic": {"init": "policy"}})
-    assert any("only gae uses the critic" in w for w in cfg.warnings())
+    assert any("only gae uses the critic" in w for w in preflight(cfg))
     assert "critic" not in [r.pool for r in resource_plan(cfg)]
 
 

@@ -114,10 +114,12 @@ def test_dict_reward_key_is_the_reward(user_module):
     assert comps["logged_only"] == 100.0
 
 
-@pytest.mark.parametrize("spec", ["integer", "Scorer.score"])
-def test_other_callables(user_module, spec):
-    (r, _), = RuleReward(None, reward_fn=f"{user_module}:{spec}").score(_rollouts(["x"]), ANSWERS)
-    assert isinstance(r, float) and r in (3.0, 0.25)
+@pytest.mark.parametrize("spec,expected", [("integer", 3.0), ("Scorer.score", 0.25)])
+def test_other_callables(user_module, spec, expected):
+    # An int return becomes a float; a dotted path reaches a static method of a class.
+    (r, comps), = RuleReward(None, reward_fn=f"{user_module}:{spec}").score(_rollouts(["x"]), ANSWERS)
+    assert type(r) is float and r == expected
+    assert comps == {"reward_failed": 0.0}
 
 
 def test_callable_object_accepted():
@@ -202,7 +204,7 @@ def test_reward_fn_syntax_checked_in_config(spec):
 
 def test_valid_reward_fn_in_config():
     cfg = load_config(None, ["data.reward_fn=pkg.mod:Cls.fn", "data.task=null", "data.path=p.jsonl"])
-    assert cfg.data.reward_fn == "pkg.mod:Cls.fn"
+    assert cfg.scoring.reward_fn == "pkg.mod:Cls.fn"
 
 
 def test_no_reward_at_all_is_named():

@@ -1,0 +1,147 @@
+"""The import graph of the project's own modules (`rlhf_cluster/`, `actors/`), read with `ast`:
+no import cycle, and the library never imports ray.
+
+Every `import` counts: at module level, inside a function (still a dependency; it only runs
+later) and under `if TYPE_CHECKING:` (annotations couple modules too; the old
+config <-> learner.deepspeed_config circle ran through one).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("rlhf_cluster", "actors")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _project_modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
+
+
+def _imported_names(module: str, path: Path) -> set[str]:
+    """Dotted names `module` imports (relative imports resolved): `from a.b import c` gives a.b and a.b.c."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+            continue
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:
+            anchor = package.split(".")
+            anchor = anchor[: len(anchor) - (node.level - 1)]
+            base = ".".join(anchor + ([node.module] if node.module else []))
+        out.add(base)
+        out.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return out
+
+
+def _project_target(name: str, modules: dict[str, Path]) -> str | None:
+    """The project module an imported name lands in (the longest project-module prefix), or None."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:n])
+        if candidate in modules:
+            return candidate
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _project_modules()
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets = {_project_target(n, modules) for n in _imported_names(module, path)}
+        graph[module] = {t for t in targets if t is not None and t != module}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each strongly connected component with more than one module (Tarjan), as one cycle through it."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_one_cycle(graph, c) for c in components]
+
+
+def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """A concrete path start -> ... -> start inside a strongly connected component (BFS back to start)."""
+    members, start = set(component), component[0]
+    parent: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & members):
+                if w == start:
+                    chain = [v]
+                    while chain[-1] != start:
+                        chain.append(parent[chain[-1]])
+                    return [*reversed(chain), start]
+                if w not in parent:
+                    parent[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return component
+
+
+def test_the_project_modules_are_found():
+    modules = _project_modules()
+    assert {"rlhf_cluster.config", "rlhf_cluster.preflight", "actors.driver", "actors.cli"} <= set(modules)
+
+
+def test_cycle_finder_reports_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles (each as a path back to its start):\n" + "\n".join(
+        "  " + " -> ".join(c) for c in cycles)
+
+
+def test_the_library_never_imports_ray():
+    modules = _project_modules()
+    offenders = sorted(
+        f"{module} imports {name}"
+        for module, path in modules.items() if module.startswith("rlhf_cluster")
+        for name in _imported_names(module, path)
+        if name == "ray" or name.startswith("ray.")
+    )
+    assert not offenders, offenders

@@ -1,0 +1,78 @@
+"""preflight: every config of `BAD_CONFIGS` (tests/unit/bad_configs.py) loads but is refused, with a
+message naming the field; a file case is refused for its file alone; warnings come back, not raised."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from bad_configs import BAD_CONFIGS, build
+from rlhf_cluster.config import ConfigError, JobConfig, load_config
+from rlhf_cluster.preflight import preflight
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c.name for c in BAD_CONFIGS])
+def test_bad_config_is_refused_naming_the_field(case):
+    cfg = build(case)  # loads: every field is valid on its own
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg)
+    message = str(info.value)
+    for expected in [case.field, *case.also]:
+        assert expected in message, f"{expected!r} not in: {message}"
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_CONFIGS if c.reads_files], ids=lambda c: c.name)
+def test_file_checks_are_skipped_without_files(case):
+    """Each file case is refused only for its file: the config rules alone accept it (`submit`)."""
+    preflight(build(case), files=False)
+
+
+def test_the_default_config_passes():
+    assert preflight(JobConfig()) == []
+
+
+def test_every_problem_is_reported_at_once():
+    cfg = load_config(None, ["buffer.capacity=1", "model.path=/nonexistent/rlhf-preflight/model"])
+    with pytest.raises(ConfigError, match=r"config refused \(2 problems\)") as info:
+        preflight(cfg)
+    assert "buffer.capacity" in str(info.value) and "model.path" in str(info.value)
+
+
+def test_warnings_are_returned():
+    cfg = load_config(None, ["critic={init: policy}", "scoring.rewards=[verifier, model]"])
+    warnings = preflight(cfg)
+    assert any("only gae uses the critic" in w for w in warnings)
+    assert any("scoring.rewards[1] (type: model) lists no models" in w for w in warnings)
+
+
+def test_preflight_imports_neither_ray_nor_torch_at_module_level():
+    tree = ast.parse((REPO / "rlhf_cluster" / "preflight.py").read_text())
+    top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    assert not top & {"ray", "torch"}, top
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c.name for c in BAD_CONFIGS])
+def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path):
+    """One preflight serves both: `--dry-run` on the config's file and the Driver built from it refuse
+    it with the same field named, and the Driver does so before it writes anything or touches Ray."""
+    import ray
+    import yaml
+    from typer.testing import CliRunner
+
+    from actors.cli import app
+    from actors.job import Job
+
+    cfg = build(case, {"run_dir": str(tmp_path / "run")})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
+    assert result.exit_code != 0 and case.field in result.output, result.output
+    with pytest.raises(ConfigError) as info:
+        Job(load_config(path))
+    assert case.field in str(info.value)
+    assert not (tmp_path / "run").exists() and not ray.is_initialized()
