@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -107,7 +106,7 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
     from_files = {f"model.{k}": torch.empty_like(v) for k, v in republished.items()}
     dcp.load(from_files, checkpoint_id=str(ckpt.path / "learner"), no_dist=True)  # before retention prunes it
     try:
-        result = asyncio.run(second.run())
+        result = second.run()
         # The same step and version continue.
         resume = json.loads((second.run_dir / "resume.json").read_text())
         assert (resume["step"], resume["version"]) == (ckpt.step, ckpt.version)

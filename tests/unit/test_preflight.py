@@ -57,10 +57,9 @@ def test_preflight_imports_neither_ray_nor_torch_at_module_level():
 
 
 @pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c.name for c in BAD_CONFIGS])
-def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path):
+def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path, monkeypatch):
     """One preflight serves both: `--dry-run` on the config's file and the Driver built from it refuse
-    it with the same field named, and the Driver does so before it writes anything or touches Ray."""
-    import ray
+    it with the same field named, and the Driver does so before it writes anything or starts an actor."""
     import yaml
     from typer.testing import CliRunner
 
@@ -72,7 +71,14 @@ def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path):
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
     assert result.exit_code != 0 and case.field in result.output, result.output
+    import actors.driver
+
+    def no_actors(*args, **kwargs):
+        raise AssertionError("preflight should have refused the config before any actor starts")
+
+    monkeypatch.setattr(actors.driver, "Trainer", no_actors)
+    monkeypatch.setattr(actors.driver, "Cluster", no_actors)
     with pytest.raises(ConfigError) as info:
         Job(load_config(path))
     assert case.field in str(info.value)
-    assert not (tmp_path / "run").exists() and not ray.is_initialized()
+    assert not (tmp_path / "run").exists()
