@@ -74,6 +74,12 @@ class Job:
         return list(self._driver.reporter.result.consumed)
 
     @property
+    def delivery_receipts(self) -> list[dict]:
+        """Direct transport: every engine's receipt of every delivered version (worker, version,
+        fingerprint of what it loaded, or `refused` with the cause), in order (a copy)."""
+        return list(self._driver.cluster.receipts)
+
+    @property
     def learner_restarts(self) -> int:
         return self._driver.learner_restarts
 

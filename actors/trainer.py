@@ -60,10 +60,18 @@ class Trainer:
         stats["kl_coef"] = kl_coef
         return stats
 
-    def publish_now(self, version: int) -> None:
-        """Publish the policy's current weights as `version` and wait until they are durable."""
-        self.policy.call("publish", version)
-        ray.get(self.policy.leader.wait_published.remote(version))
+    def publish_now(self, version: int) -> dict | None:
+        """Publish the policy's current weights as `version` (persisted in the store whatever the
+        transport) and wait until they are durable; returns their direct `delivery` (None with
+        the filesystem transport)."""
+        self.policy.call("publish", version, True)
+        published = ray.get(self.policy.leader.wait_published.remote(version))
+        ray.get(self.policy.leader.wait_persisted.remote())
+        return published.get("delivery")
+
+    async def wait_persisted(self) -> None:
+        """Until every version queued for the store is durable (the job's end)."""
+        await self.policy.leader.wait_persisted.remote()
 
     async def wait_published(self, version: int) -> dict:
         return await self.policy.leader.wait_published.remote(version)

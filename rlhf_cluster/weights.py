@@ -3,8 +3,8 @@
 Layout under the store root::
 
     v00000003/model-00000.safetensors ...   shards
-    v00000003/manifest.json                 version, tensors (name -> dtype, shape, shard), sha256 per shard
-    v00000003/probe.json ...                small files published with the version (sha256 in the manifest)
+    v00000003/manifest.json                 version, tensors (name -> dtype, shape, shard), BLAKE3 per shard
+    v00000003/probe.json ...                small files published with the version (checksums in the manifest)
     v00000003/int8/manifest.json + shards   a derived variant (int8 rollout weights), made once per version
     v00000003/readers/<reader>              leases: retention never deletes a version a reader holds
     LATEST                                  the newest complete version number
@@ -16,7 +16,6 @@ A version is written under a temp name, fsynced, renamed into place, and only th
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -29,14 +28,14 @@ from typing import Callable
 import torch
 import safetensors.torch
 
-from rlhf_cluster.fileio import fsync_path, sha256_file, write_atomic
+from rlhf_cluster.fileio import checksum, checksum_file, fsync_path, write_atomic
 
 MANIFEST = "manifest.json"
 SHARD_BYTES = 1 << 30
 
 
 class WeightIntegrityError(RuntimeError):
-    """A stored version does not match its manifest (missing shard or wrong sha256)."""
+    """A stored version does not match its manifest (missing shard or wrong checksum)."""
 
 
 class WeightStore:
@@ -63,24 +62,27 @@ class WeightStore:
         return self.root / self.version_dir_name(version)
 
     # ---- writing -------------------------------------------------------------------------
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None) -> Path:
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
+                created_at: str | None = None) -> Path:
         """Write `version` durably and point LATEST at it. Blocks; see `publish_async`.
 
         Each of the store's `variants` (e.g. int8 rollout weights) is derived here, once per
         version, and written under ``<version>/<variant>/`` with its own manifest and checksums.
-        `files` are small text files stored beside the shards (their sha256 in the manifest).
+        `files` are small text files stored beside the shards (their checksums in the manifest).
+        `created_at` is the version's identity beside its number (a direct delivery of the same
+        version carries the same); by default now.
         """
         start = time.perf_counter()
         final = self.version_dir(version)
         if final.exists():
             raise FileExistsError(f"weight store {self.root}: version {version} already exists")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
-        created_at = dt.datetime.now(dt.timezone.utc).isoformat()
+        created_at = created_at or dt.datetime.now(dt.timezone.utc).isoformat()
         try:
             manifest = _write_shards(tmp, version, state_dict, created_at)
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
-                manifest.setdefault("files", {})[name] = sha256_file(tmp / name)
+                manifest.setdefault("files", {})[name] = checksum_file(tmp / name)
             self.last_variant_seconds, self.last_variant_bytes = {}, {}
             for variant, derive in self.variants.items():
                 begun = time.perf_counter()
@@ -106,7 +108,8 @@ class WeightStore:
         self._apply_retention()
         return final
 
-    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None) -> Future:
+    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
+                      created_at: str | None = None) -> Future:
         """Queue `publish` on the store's writer thread so the learner's next step can start.
 
         Versions are written in order; the caller must not mutate `state_dict` afterwards
@@ -115,7 +118,7 @@ class WeightStore:
         """
 
         def write() -> dict:
-            path = self.publish(version, state_dict, files)
+            path = self.publish(version, state_dict, files, created_at)
             # The writer thread is serial: these are this version's figures.
             return {"path": str(path), "seconds": self.last_publish_seconds, "bytes": self.last_publish_bytes,
                     "variant_seconds": dict(self.last_variant_seconds), "variant_bytes": dict(self.last_variant_bytes)}
@@ -175,17 +178,17 @@ class WeightStore:
         return json.loads(path.read_text())
 
     def read_file(self, version: int, name: str) -> str | None:
-        """A text file published with `version` (None if it has none); its sha256 is checked."""
+        """A text file published with `version` (None if it has none); its checksum is checked."""
         digest = self.manifest(version).get("files", {}).get(name)
         if digest is None:
             return None
         path = self.version_dir(version) / name
-        if sha256_file(path) != digest:
-            raise WeightIntegrityError(f"version {version}: {name} sha256 does not match the manifest")
+        if checksum_file(path) != digest:
+            raise WeightIntegrityError(f"version {version}: {name} checksum does not match the manifest")
         return path.read_text()
 
     def load(self, version: int, verify: bool = True, variant: str | None = None) -> dict[str, torch.Tensor]:
-        """All tensors of `version` (or of its `variant`); with `verify`, every shard's sha256 is checked first."""
+        """All tensors of `version` (or of its `variant`); with `verify`, every shard's checksum is checked first."""
         directory = self.version_dir(version) / (variant or "")
         manifest = self.manifest(version, variant)
         out: dict[str, torch.Tensor] = {}
@@ -195,8 +198,8 @@ class WeightStore:
                 raise WeightIntegrityError(f"version {version}: shard {shard} is missing")
             # One read serves both the checksum and the tensors.
             data = path.read_bytes()
-            if verify and hashlib.sha256(data).hexdigest() != digest:
-                raise WeightIntegrityError(f"version {version}: shard {shard} sha256 does not match the manifest")
+            if verify and checksum(data) != digest:
+                raise WeightIntegrityError(f"version {version}: shard {shard} checksum does not match the manifest")
             out.update(safetensors.torch.load(data))
         expected = set(manifest["tensors"])
         if set(out) != expected:
@@ -232,7 +235,7 @@ def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Ten
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        shards[name] = hashlib.sha256(data).hexdigest()
+        shards[name] = checksum(data)
         current, size = {}, 0
 
     storages: set[int] = set()
@@ -255,7 +258,8 @@ def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Ten
             "shard": f"model-{len(shards):05d}.safetensors",
         }
     flush()
-    manifest = {"version": version, "created_at": created_at, "total_bytes": total, "tensors": tensors, "shards": shards}
+    manifest = {"version": version, "created_at": created_at, "checksum": "blake3", "total_bytes": total,
+                "tensors": tensors, "shards": shards}
     if variant is not None:
         manifest["variant"] = variant
     return manifest
