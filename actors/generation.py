@@ -139,6 +139,7 @@ class GenerationWorker:
                 self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
                 self.labels.of(m.WEIGHTS_REFUSED).inc()
                 self.refused.add(identity)
+                self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, manifest.version - self.engine.version))
                 print(f"{self.name}: refused delivered version {manifest.version}: {exc}; keeping version {self.engine.version}",
                       flush=True)
                 return {"worker": self.name, "version": manifest.version, "variant": manifest.variant, "refused": str(exc),
@@ -180,6 +181,7 @@ class GenerationWorker:
         self.labels.of(m.WEIGHTS_DELIVERY_SECONDS, transport=transport).observe(seconds)
         self.labels.of(m.WEIGHTS_DELIVERY_BYTES, transport=transport).inc(nbytes)
         self.labels.of(m.GENERATION_VERSION).set(version)
+        self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(0)  # it holds the newest it was given
         self.labels.of(m.GENERATION_PAUSE_SECONDS).observe(swap.paused_seconds)
         self.labels.of(m.GENERATION_VERSION_TOKENS).observe(swap.tokens_of_previous)
         self.labels.of(m.GENERATION_RESUMED).inc(swap.resumed)
