@@ -43,7 +43,9 @@ class Cluster:
                  delivery: dict | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
+        self.direct = cfg.weights.transport == "direct"
         self.delivery = delivery  # direct transport: the newest version's delivery, for every worker that joins
+        self._joining: dict[str, object] = {}  # direct: workers being prepared, by actor id; pushes reach them too
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
         self.infos: dict[str, dict[str, dict]] = {}
         self.receipts: list[dict] = []  # direct transport: every engine's receipt of every delivery
@@ -57,22 +59,30 @@ class Cluster:
         async def load_newest_weights(actor) -> None:
             # A new generation worker loads the newest weights before it serves anything: from the
             # store, or (direct) the newest persisted version there and then the newest delivery.
-            if self.delivery is None:
+            # While it joins, pushes include it (`_joining`), and it takes any it missed meanwhile.
+            if not self.direct:
                 await actor.sync.remote(newest_version())
                 return
+            self._joining[actor._actor_id.hex()] = actor
             await actor.sync.remote(0)
-            self._record_receipts([await actor.receive.remote(self.delivery)], self.delivery)
+            delivery = None
+            while delivery is not self.delivery:
+                delivery = self.delivery
+                try:
+                    self._record_receipts([await actor.receive.remote(delivery)], delivery)
+                except ray.exceptions.ObjectLostError:
+                    return  # its learner rank died; the rollback's push reaches this worker too
 
         self.pools: dict[str, ActorPool] = {
-            "generation": pool("generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(
-                cfg_dict, engine_paths["int8" if cfg.generation.quantization_of(i) == "int8" else "full"], i),
+            "generation": pool("generation", "gen", lambda i, slot: GenerationWorker.options(**gen_opts).remote(
+                cfg_dict, engine_paths["int8" if cfg.generation.quantization_of(slot) == "int8" else "full"], i, slot),
                 load_newest_weights),
-            "reward": pool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
+            "reward": pool("reward", "reward", lambda i, _slot: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
         }
         # With LoRA the learner's base model (adapters off) is the reference: no copy to run.
         if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
-                "reference", "ref", lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
+                "reference", "ref", lambda i, _slot: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
         replicas = {"generation": cfg.generation.replicas, "reward": cfg.scoring.reward_replicas,
                     "reference": cfg.scoring.reference_replicas}
         try:
@@ -119,14 +129,23 @@ class Cluster:
                     return []
                 self.delivery = delivery
             actors = list(self.pools["generation"].actors.values())
+            active = {a._actor_id.hex() for a in actors}
+            for key in [k for k in self._joining if k in active]:
+                del self._joining[key]
+            actors += list(self._joining.values())
             # min_version 0: after a rollback the version just published may be gone again; the newest counts.
             calls = [a.sync.remote(0) if delivery is None else a.receive.remote(delivery) for a in actors]
             results = await asyncio.gather(*calls, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError):
+        for actor, result in zip(actors, results):
+            if isinstance(result, ray.exceptions.RayActorError):
+                self._joining.pop(actor._actor_id.hex(), None)  # dead: the pool replaces it
+            elif isinstance(result, ray.exceptions.ObjectLostError):
+                pass  # the learner rank that owned the buckets died: its rollback pushes the restored version
+            elif isinstance(result, BaseException):
                 raise result
         if delivery is not None:
             self._record_receipts([r for r in results if not isinstance(r, BaseException)], delivery)
+        actors = [a for a, r in zip(actors, results) if not isinstance(r, BaseException)]
         reports = await asyncio.gather(*[a.take_probe_reports.remote() for a in actors], return_exceptions=True)
         return [r for rs in reports if not isinstance(rs, BaseException) for r in rs]
 

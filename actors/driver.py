@@ -71,6 +71,7 @@ class Driver:
                 newest_version=lambda: self.published_version, other_targets=self._scrape_targets,
                 delivery=self.delivery,
             )
+            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
         except BaseException:
             self.shutdown()  # no actor outlives a failed start
             raise
@@ -203,11 +204,10 @@ class Driver:
 
     async def _publish(self, version: int, timeline: int, previous: asyncio.Task | None) -> None:
         """Once `version` is durable (or packed, direct): admission moves on and every engine loads
-        it (filesystem: in streaming mode). Versions reach the engines in order, after `previous`'s."""
-        if previous is not None:
-            await asyncio.wait([previous])
+        it (filesystem: in streaming mode), after `previous` version's push: versions arrive in order."""
+        published = self.trainer.wait_published(version)  # this step's trainer, even if a rollback replaces it
         try:
-            delivery = (await self.trainer.wait_published(version)).get("delivery")
+            delivery = (await published).get("delivery")
         except ray.exceptions.RayActorError:
             return  # the learner died; the step loop rolls back to the newest checkpoint
         async with self.changed:
@@ -216,6 +216,10 @@ class Driver:
             self.published_version = max(self.published_version, version)
             self.reporter.version(self.published_version)
             self.changed.notify_all()
+        if previous is not None:
+            await asyncio.wait([previous])
+        if timeline != self.timeline:
+            return
         # Filesystem, batched: each request pulls the newest version itself. Direct: pushed always.
         if delivery is not None or self.cfg.generation.mode == "streaming":
             self.reporter.probes(await self.cluster.push_version(delivery))
@@ -236,8 +240,10 @@ class Driver:
         await self.checkpointer.wait()
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
         await asyncio.to_thread(self._start_learner, self.checkpointer.newest())
+        self._publishing = None  # the old timeline's pushes end without pushing
         if self.delivery is not None:  # every engine holds the restored version before new groups start
             self.reporter.probes(await self.cluster.push_version(self.delivery, rollback=True))
+            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
         self.cluster.write_scrape_targets()
         self._producer = tg.create_task(self._produce(tg))
         return self.state.start_step

@@ -10,6 +10,7 @@ at a time and weights load only between requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -31,7 +32,7 @@ DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version 
 class GenerationWorker:
     """Generates rollout groups on one vLLM engine; loads published versions in place."""
 
-    def __init__(self, cfg_dict: dict, model_path: str, index: int):
+    def __init__(self, cfg_dict: dict, model_path: str, index: int, slot: int | None = None):
         self.name = f"gen{index}"
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "generation", self.name)
         self.cfg = cfg
@@ -39,7 +40,8 @@ class GenerationWorker:
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         # With int8 rollouts the engine loads the store's int8 variant, derived once per version
         # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
-        self.variant = "int8" if cfg.generation.quantization_of(index) == "int8" else None
+        # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
+        self.variant = "int8" if cfg.generation.quantization_of(index if slot is None else slot) == "int8" else None
         self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index,
                                  name=self.name, on_step=self._on_engine_step)
         self.labels.of(m.GENERATION_VERSION).set(0)
@@ -53,6 +55,9 @@ class GenerationWorker:
         self.direct = cfg.weights.transport == "direct"
         self._delivered = asyncio.Condition()  # direct transport: the engine's version moved
         self._corrupt_bucket: int | None = None  # test hook: flip a byte of this bucket of the next delivery
+        # Direct: the newest version refused. Requests that need it go on with the version held,
+        # as with a refused stored version (the staleness filter judges their samples).
+        self.refused_up_to = -1
 
     def _on_engine_step(self, running: int, waiting: int) -> None:
         """Called by the engine loop after every step with vLLM's scheduler counts."""
@@ -124,7 +129,9 @@ class GenerationWorker:
         mine = delivery["variants"][self.variant or "full"]
         manifest = DeliveryManifest.from_dict(mine["manifest"])
         identity = (manifest.version, manifest.created_at)
-        async with self._sync_lock:
+        # Batched mode loads weights only between requests.
+        between_requests = self._one_request if self.cfg.generation.mode == "batched" else contextlib.nullcontext()
+        async with between_requests, self._sync_lock:
             # Held already and proven by a delivery (one loaded from the store is loaded again: proven here).
             if identity == self.loaded and self.fingerprint is not None:
                 return {"worker": self.name, "version": manifest.version, "variant": manifest.variant,
@@ -139,7 +146,10 @@ class GenerationWorker:
                 self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
                 self.labels.of(m.WEIGHTS_REFUSED).inc()
                 self.refused.add(identity)
+                self.refused_up_to = max(self.refused_up_to, manifest.version)
                 self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, manifest.version - self.engine.version))
+                async with self._delivered:
+                    self._delivered.notify_all()
                 print(f"{self.name}: refused delivered version {manifest.version}: {exc}; keeping version {self.engine.version}",
                       flush=True)
                 return {"worker": self.name, "version": manifest.version, "variant": manifest.variant, "refused": str(exc),
@@ -170,7 +180,8 @@ class GenerationWorker:
             return
         async with self._delivered:
             try:
-                await asyncio.wait_for(self._delivered.wait_for(lambda: self.engine.version >= min_version), DELIVERY_WAIT_S)
+                await asyncio.wait_for(self._delivered.wait_for(
+                    lambda: max(self.engine.version, self.refused_up_to) >= min_version), DELIVERY_WAIT_S)
             except TimeoutError:
                 raise TimeoutError(f"{self.name}: no delivery of version >= {min_version} within {DELIVERY_WAIT_S} s "
                                    f"(the engine holds {self.engine.version})") from None
@@ -227,8 +238,11 @@ class GenerationWorker:
     async def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
         """Batched: `n` rollouts per prompt with weights of version >= `min_version`, returned
         together when the slowest finishes, and the probe reports of the syncs since the last call."""
+        if self.direct:
+            await self._hold(min_version)  # outside the request lock: the delivery it waits for takes that lock
         async with self._one_request:
-            await self._hold(min_version)
+            if not self.direct:
+                await self.sync(min_version)
             rollouts = await self._groups(prompts)
         return rollouts, self.take_probe_reports()
 

@@ -73,8 +73,9 @@ class Trainer:
         """Until every version queued for the store is durable (the job's end)."""
         await self.policy.leader.wait_persisted.remote()
 
-    async def wait_published(self, version: int) -> dict:
-        return await self.policy.leader.wait_published.remote(version)
+    def wait_published(self, version: int):
+        """An awaitable of `version`'s publication stats (and `delivery`), asked of this trainer's rank 0 now."""
+        return self.policy.leader.wait_published.remote(version)
 
     def load_checkpoint(self, path) -> dict[str, list[str]]:
         """Every rank restores from the job checkpoint at `path`; the restored states' digests by group."""

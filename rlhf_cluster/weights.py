@@ -191,6 +191,9 @@ class WeightStore:
         """All tensors of `version` (or of its `variant`); with `verify`, every shard's checksum is checked first."""
         directory = self.version_dir(version) / (variant or "")
         manifest = self.manifest(version, variant)
+        if verify and manifest.get("checksum") != "blake3":
+            raise WeightIntegrityError(f"version {version}: written by an older build (sha256 checksums); "
+                                       f"this build checks BLAKE3: publish it again or start a new run_dir")
         out: dict[str, torch.Tensor] = {}
         for shard, digest in manifest["shards"].items():
             path = directory / shard
