@@ -102,12 +102,15 @@ class LearnerRank(ShardedRank):
         # What the engines hold is what goes on disk too: no fp32 copy when the engine runs bf16.
         state = {k: v.to(self.engine_dtype) if v.is_floating_point() else v for k, v in state.items()}
         weights = self.cfg.weights
+        snapshot = persist or persisted(version, weights.persist_every, self.cfg.checkpoint.every_steps,
+                                        self.cfg.train.total_steps)
         if weights.transport != "direct":
-            self.pending[version] = self.store.publish_async(version, state, files)
+            # Every version goes through the store; only snapshots pay for fsync.
+            self.pending[version] = self.store.publish_async(version, state, files, durable=snapshot)
             return
         self._reap_writes()
         created_at = delivery_time()
-        if persist or persisted(version, weights.persist_every, self.cfg.checkpoint.every_steps, self.cfg.train.total_steps):
+        if snapshot:
             self.writes.append(self.store.publish_async(version, state, files, created_at))
         start = time.perf_counter()
         variants, total = {}, 0

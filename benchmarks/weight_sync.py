@@ -11,10 +11,14 @@ order rotated every repetition, each side moves one new version into both engine
 - `broadcast` (bare wire): the same bucket bytes, already packed, sent by `torch.distributed`
   gloo broadcast from the sender to both bare engines, which load them with the bare
   `VLLMEngine.load_weights` (no checksum, no manifest, no fingerprint).
-- `filesystem` (ours): `WeightStore.publish` on the sender (engine-dtype safetensors, BLAKE3,
-  fsync, manifest, LATEST), then `GenerationWorker.sync` on both workers (verified load, reload).
+- `filesystem` (ours): `WeightStore.publish` on the sender as the filesystem transport writes a
+  version between snapshots (engine-dtype safetensors, BLAKE3 beside the write, manifest, atomic
+  rename, LATEST; no fsync of the shards), then `GenerationWorker.sync` on both workers
+  (manifest, lease, verified load, in-place reload).
 - `files` (bare disk): `safetensors.save_file` of the same engine-dtype tensors, then on both
   bare engines `load_file` + the bare engine load.
+- `snapshot` (ours) and `files_fsync` (bare): the same two with the shards fsynced, as every
+  `persist_every`-th version and every checkpoint's is written: what durability costs.
 
 Targets: direct <= 1.5x broadcast, filesystem <= 2x files. Also printed: seconds per GB of each
 side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
@@ -38,7 +42,7 @@ from _common import headline, machine_info, median, print_table, result_path, ro
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.tiny_model import ensure_tiny_model
 
-SIDES = ("direct", "broadcast", "filesystem", "files")
+SIDES = ("direct", "broadcast", "filesystem", "files", "snapshot", "files_fsync")
 DIRECT_TARGET, FILESYSTEM_TARGET = 1.5, 2.0
 SIZES = {  # ~params: width, layers (head_dim 64, 4 KV heads, MLP 4x)
     "100m": (768, 12),
@@ -79,9 +83,7 @@ class Sender:
         return rendezvous_address()
 
     def join(self, addr: str, port: int, world: int) -> None:
-        from actors._common import join_process_group
-
-        join_process_group(addr, port, 0, world)
+        self.group = _gloo_group(addr, port, 0, world)
 
     def pack(self, version: int, bucket_mb: float) -> dict:
         """What `LearnerRank.publish` does for `direct` (one variant): a delivery of object-store buckets."""
@@ -102,24 +104,26 @@ class Sender:
         return [s for s, _ in packed]
 
     def broadcast(self) -> float:
-        import torch.distributed as dist
-
         start = time.perf_counter()
         for payload in self.payloads:
-            dist.broadcast(payload, src=0)
+            _broadcast(self.group, payload)
         return time.perf_counter() - start
 
-    def publish(self, store_dir: str, version: int) -> None:
+    def publish(self, store_dir: str, version: int, durable: bool) -> None:
         """What `LearnerRank.publish` does for `filesystem`: the engine-dtype state into the store."""
         from rlhf_cluster.weights import WeightStore
 
         state = {k: v.to(self.dtype) for k, v in self.state.items()}
-        WeightStore(store_dir, keep=2).publish(version, state)
+        WeightStore(store_dir, keep=2).publish(version, state, durable=durable)
 
-    def save_raw(self, path: str) -> None:
+    def save_raw(self, path: str, fsync: bool) -> None:
         from safetensors.torch import save_file
 
+        from rlhf_cluster.fileio import fsync_path
+
         save_file({k: v.to(self.dtype).contiguous() for k, v in self.state.items()}, path)
+        if fsync:
+            fsync_path(path)
 
     def engine_bytes(self) -> dict[str, int]:
         """Bytes one sync moves per engine, by engine kind."""
@@ -145,20 +149,16 @@ class BareEngine:
         self.version = 0
 
     def join(self, addr: str, port: int, rank: int, world: int) -> None:
-        from actors._common import join_process_group
-
-        join_process_group(addr, port, rank, world)
+        self.group = _gloo_group(addr, port, rank, world)
 
     def receive_broadcast(self, specs: list) -> float:
-        import torch.distributed as dist
-
         from rlhf_cluster.weight_delivery import unpack_bucket
 
         start = time.perf_counter()
         tensors = []
         for spec in specs:
             buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
-            dist.broadcast(buffer, src=0)
+            _broadcast(self.group, buffer)
             tensors.extend(unpack_bucket(spec, buffer.numpy()))
         self.version += 1
         self.engine.load_weights(self.version, tensors)
@@ -171,6 +171,26 @@ class BareEngine:
         self.version += 1
         self.engine.load_weights(self.version, load_file(path).items())
         return time.perf_counter() - start
+
+
+def _gloo_group(addr: str, port: int, rank: int, world: int):
+    """A gloo group of its own between the sender and the engines. The in-process vLLM engine has
+    already made this process's default torch.distributed group (world size 1), so a weight
+    group cannot be the default one; it is built directly on a TCPStore, as peers build theirs."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=300))
+    return dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=300))
+
+
+def _broadcast(group, tensor: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,26 +253,27 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         ray.get(loads)
         return {"send": send, "rest": time.perf_counter() - t - send}
 
-    def filesystem() -> dict:
+    def filesystem(durable: bool) -> dict:
         nonlocal version
         version += 1
         t = time.perf_counter()
-        ray.get(sender.publish.remote(str(store_dir), version))
+        ray.get(sender.publish.remote(str(store_dir), version, durable))
         t_pub = time.perf_counter()
         ray.get([w.sync.remote(version) for w in workers])
         return {"publish": t_pub - t, "load_verify_reload": time.perf_counter() - t_pub}
 
-    def files() -> dict:
+    def files(fsync: bool) -> dict:
         path = str(work / "raw.safetensors")
         t = time.perf_counter()
-        ray.get(sender.save_raw.remote(path))
+        ray.get(sender.save_raw.remote(path, fsync))
         t_save = time.perf_counter()
         ray.get([b.load_raw.remote(path) for b in bare])
         t_load = time.perf_counter()
         Path(path).unlink()
         return {"save": t_save - t, "load_reload": t_load - t_save}
 
-    run = {"direct": direct, "broadcast": broadcast, "filesystem": filesystem, "files": files}
+    run = {"direct": direct, "broadcast": broadcast, "filesystem": lambda: filesystem(False), "files": lambda: files(False),
+           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True)}
     timings: dict[str, list[dict]] = {s: [] for s in SIDES}
     for rep in range(-args.warmup, args.reps):
         order = rotated(SIDES, rep)
@@ -268,6 +289,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     med = {s: {k: median(t[k] for t in ts) for k in ts[0] if k not in ("rep", "position")} for s, ts in timings.items()}
     direct_ratio = med["direct"]["seconds"] / med["broadcast"]["seconds"]
     fs_ratio = med["filesystem"]["seconds"] / med["files"]["seconds"]
+    snapshot_ratio = med["snapshot"]["seconds"] / med["files_fsync"]["seconds"]
     print(f"\nweight_sync  Qwen2 {args.size}: hidden={hidden} layers={layers} ({params / 1e6:.0f}M params) | engine dtype "
           f"{args.dtype}: {nbytes / 1e9:.3f} GB per engine per sync | 2 engines | bucket {args.bucket_mb} MB "
           f"({len(specs)} buckets) | {args.reps} reps (+{args.warmup} warmup), medians")
@@ -276,14 +298,17 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         [["direct (ours)", med["direct"]["seconds"], med["direct"]["s_per_gb"], direct_ratio],
          ["broadcast (gloo + bare load)", med["broadcast"]["seconds"], med["broadcast"]["s_per_gb"], 1.0],
          ["filesystem (ours)", med["filesystem"]["seconds"], med["filesystem"]["s_per_gb"], fs_ratio],
-         ["files (save + load_file + bare load)", med["files"]["seconds"], med["files"]["s_per_gb"], 1.0]],
+         ["files (save + load_file + bare load)", med["files"]["seconds"], med["files"]["s_per_gb"], 1.0],
+         ["snapshot (ours, fsynced)", med["snapshot"]["seconds"], med["snapshot"]["s_per_gb"], snapshot_ratio],
+         ["files_fsync (save + fsync + load)", med["files_fsync"]["seconds"], med["files_fsync"]["s_per_gb"], 1.0]],
         ["{}", "{:.3f}", "{:.3f}", "{:.2f}"],
     )
     print("breakdown (medians, seconds): " + "; ".join(
         f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in med[s].items() if k not in ("seconds", "s_per_gb")) for s in SIDES))
     print("bytes per sync per engine: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
     print(f"direct/broadcast: {direct_ratio:.2f} (target <= {DIRECT_TARGET}); filesystem/files: {fs_ratio:.2f} "
-          f"(target <= {FILESYSTEM_TARGET}); every direct delivery proven by fingerprint: {proven}")
+          f"(target <= {FILESYSTEM_TARGET}); snapshot/files_fsync: {snapshot_ratio:.2f}; every direct delivery "
+          f"proven by fingerprint: {proven}")
 
     write_result(args.out, {
         "benchmark": "weight_sync",
@@ -296,6 +321,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         "medians": med,
         "ratio_direct_over_broadcast": direct_ratio,
         "ratio_filesystem_over_files": fs_ratio,
+        "ratio_snapshot_over_files_fsync": snapshot_ratio,
         "direct_deliveries_proven": proven,
         "headline": headline("direct/broadcast seconds", direct_ratio, f"<= {DIRECT_TARGET}x",
                              direct_ratio <= DIRECT_TARGET, "x"),

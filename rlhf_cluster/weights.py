@@ -9,8 +9,10 @@ Layout under the store root::
     v00000003/readers/<reader>              leases: retention never deletes a version a reader holds
     LATEST                                  the newest complete version number
 
-A version is written under a temp name, fsynced, renamed into place, and only then does
-`LATEST` move (itself written as temp + rename), so a reader never sees half a version.
+A version is written under a temp name, fsynced (a durable one: every snapshot the direct
+transport persists; the filesystem transport's versions between them skip the shards' fsync),
+renamed into place, and only then does `LATEST` move (itself written as temp + rename), so a
+reader never sees half a version.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import safetensors.torch
 from rlhf_cluster.fileio import checksum, checksum_file, fsync_path, write_atomic
 
 MANIFEST = "manifest.json"
+_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weight-checksum")  # shared: hashing beside I/O
 SHARD_BYTES = 1 << 30
 
 
@@ -63,14 +66,16 @@ class WeightStore:
 
     # ---- writing -------------------------------------------------------------------------
     def publish(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
-                created_at: str | None = None) -> Path:
+                created_at: str | None = None, durable: bool = True) -> Path:
         """Write `version` durably and point LATEST at it. Blocks; see `publish_async`.
 
         Each of the store's `variants` (e.g. int8 rollout weights) is derived here, once per
         version, and written under ``<version>/<variant>/`` with its own manifest and checksums.
         `files` are small text files stored beside the shards (their checksums in the manifest).
         `created_at` is the version's identity beside its number (a direct delivery of the same
-        version carries the same); by default now.
+        version carries the same); by default now. Without `durable`, shards are not fsynced: the
+        version is visible whole (rename) and checked (checksums) but may not survive a power
+        loss, which is what the filesystem transport needs between durable snapshots.
         """
         start = time.perf_counter()
         final = self.version_dir(version)
@@ -79,7 +84,8 @@ class WeightStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         created_at = created_at or dt.datetime.now(dt.timezone.utc).isoformat()
         try:
-            manifest = _write_shards(tmp, version, state_dict, created_at)
+            manifest = _write_shards(tmp, version, state_dict, created_at, durable=durable)
+            manifest["durable"] = durable
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
                 manifest.setdefault("files", {})[name] = checksum_file(tmp / name)
@@ -87,7 +93,8 @@ class WeightStore:
             for variant, derive in self.variants.items():
                 begun = time.perf_counter()
                 (tmp / variant).mkdir()
-                derived = _write_shards(tmp / variant, version, derive(state_dict), created_at, variant=variant)
+                derived = _write_shards(tmp / variant, version, derive(state_dict), created_at, variant=variant,
+                                        durable=durable)
                 write_atomic(tmp / variant / MANIFEST, json.dumps(derived, indent=1))
                 self.last_variant_seconds[variant] = time.perf_counter() - begun
                 self.last_variant_bytes[variant] = derived["total_bytes"]
@@ -109,7 +116,7 @@ class WeightStore:
         return final
 
     def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
-                      created_at: str | None = None) -> Future:
+                      created_at: str | None = None, durable: bool = True) -> Future:
         """Queue `publish` on the store's writer thread so the learner's next step can start.
 
         Versions are written in order; the caller must not mutate `state_dict` afterwards
@@ -118,7 +125,7 @@ class WeightStore:
         """
 
         def write() -> dict:
-            path = self.publish(version, state_dict, files, created_at)
+            path = self.publish(version, state_dict, files, created_at, durable)
             # The writer thread is serial: these are this version's figures.
             return {"path": str(path), "seconds": self.last_publish_seconds, "bytes": self.last_publish_bytes,
                     "variant_seconds": dict(self.last_variant_seconds), "variant_bytes": dict(self.last_variant_bytes)}
@@ -199,11 +206,12 @@ class WeightStore:
             path = directory / shard
             if not path.is_file():
                 raise WeightIntegrityError(f"version {version}: shard {shard} is missing")
-            # One read serves both the checksum and the tensors.
-            data = path.read_bytes()
-            if verify and checksum(data) != digest:
+            # The checksum (through a memory map) runs beside loading the tensors; both read the page cache.
+            computed = _HASHER.submit(checksum_file, path) if verify else None
+            tensors = safetensors.torch.load_file(str(path))
+            if computed is not None and computed.result() != digest:
                 raise WeightIntegrityError(f"version {version}: shard {shard} checksum does not match the manifest")
-            out.update(safetensors.torch.load(data))
+            out.update(tensors)
         expected = set(manifest["tensors"])
         if set(out) != expected:
             raise WeightIntegrityError(f"version {version}: tensors differ from the manifest: {sorted(expected ^ set(out))[:5]}")
@@ -221,8 +229,8 @@ class WeightStore:
 
 
 def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Tensor], created_at: str,
-                  variant: str | None = None) -> dict:
-    """Write `state_dict` as fsynced safetensors shards in `directory`; returns their manifest."""
+                  variant: str | None = None, durable: bool = True) -> dict:
+    """Write `state_dict` as safetensors shards in `directory` (fsynced if `durable`); returns their manifest."""
     tensors, shards, size, total = {}, {}, 0, 0
     current: dict[str, torch.Tensor] = {}
 
@@ -233,12 +241,13 @@ def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Ten
         name = f"model-{len(shards):05d}.safetensors"
         # Serialise once in memory: the checksum comes from the bytes being written, not from
         # reading the file back (which doubled the store's I/O).
-        data = safetensors.torch.save(current, metadata={"version": str(version)})
-        with open(directory / name, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        shards[name] = checksum(data)
+        path = directory / name
+        safetensors.torch.save_file(current, str(path), metadata={"version": str(version)})
+        # The checksum reads the written bytes back from the page cache while fsync makes them durable.
+        digest = _HASHER.submit(checksum_file, path)
+        if durable:
+            fsync_path(path)
+        shards[name] = digest.result()
         current, size = {}, 0
 
     storages: set[int] = set()
