@@ -639,8 +639,9 @@ class WeightsConfig(_Strict):
     """The weight store and how versions reach generation."""
 
     transport: WeightTransport = Field(
-        default_factory=FilesystemTransport, description="How versions move to generation, by `type` "
-        "(`transport: filesystem` is short for `transport: {type: filesystem}`)."
+        default_factory=DirectTransport, description="How versions move to generation, by `type`: direct (the "
+        "default: learner to engines without disk) or filesystem (every version through the store directory; "
+        "`transport: filesystem` is short for `transport: {type: filesystem}`)."
     )
     dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
     keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
