@@ -4,6 +4,7 @@ Prometheus scrape targets of every actor it runs."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Callable
 
@@ -22,6 +23,7 @@ from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
 DELIVERY_TIMEOUT_S = 600  # the first delivery to the starting engines (fetch, verify, load)
+RECEIPTS_KEPT = 10_000
 
 
 def engine_model_paths(cfg: JobConfig, model_path: str, store: WeightStore, version: int, run_dir: RunDir) -> dict[str, str]:
@@ -48,7 +50,8 @@ class Cluster:
         self._joining: dict[str, object] = {}  # direct: workers being prepared, by actor id; pushes reach them too
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
         self.infos: dict[str, dict[str, dict]] = {}
-        self.receipts: list[dict] = []  # direct transport: every engine's receipt of every delivery
+        # direct transport: each engine's receipt of each delivery (the newest RECEIPTS_KEPT)
+        self.receipts: collections.deque[dict] = collections.deque(maxlen=RECEIPTS_KEPT)
         gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
 
         def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
