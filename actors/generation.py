@@ -220,6 +220,11 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(sum(len(r.response_ids) for r in rollouts))
         return rollouts
 
+    def _reports_of_own_loads(self) -> list[dict]:
+        # Direct: every load comes from a push, which collects its reports (a generate call
+        # cancelled at the job's end would lose them). Filesystem: a request may load by itself.
+        return [] if self.direct else self.take_probe_reports()
+
     def take_probe_reports(self) -> list[dict]:
         """The probe reports of the syncs since they were last taken (each is handed over once)."""
         reports, self.probe_reports = self.probe_reports, []
@@ -233,7 +238,7 @@ class GenerationWorker:
         # rollback. Direct: the driver pushes every version (a rollback's too) before it is needed.
         await self._hold(min_version)
         rollouts = await self._groups([prompt])
-        return rollouts, self.take_probe_reports()
+        return rollouts, self._reports_of_own_loads()
 
     async def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
         """Batched: `n` rollouts per prompt with weights of version >= `min_version`, returned
@@ -244,7 +249,7 @@ class GenerationWorker:
             if not self.direct:
                 await self.sync(min_version)
             rollouts = await self._groups(prompts)
-        return rollouts, self.take_probe_reports()
+        return rollouts, self._reports_of_own_loads()
 
     async def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
         """Held-out evaluation with weights of version >= `min_version`: one greedy response per
