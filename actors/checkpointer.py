@@ -40,14 +40,15 @@ class Checkpointer:
     def due(self, step: int, stopping: bool) -> bool:
         return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping
 
-    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState) -> int:
+    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState) -> tuple[int, dict | None]:
         """Put the ranks, the weight store and `state` (fresh) where `ckpt` left them, or at the
-        start; publishes the weights the job continues from and returns their version."""
+        start; publishes the weights the job continues from and returns their version and (direct
+        transport) their delivery."""
         if ckpt is None:
             self.store.discard_from(0)
-            trainer.publish_now(0)
+            delivery = trainer.publish_now(0)
             self.reporter.keep_steps(-1)
-            return 0
+            return 0, delivery
         if trainer.critic is not None and "critic_rank_digests" not in ckpt.manifest:
             raise CheckpointError(f"checkpoint {ckpt.path}: has no critic state (written by a job without a critic)")
         digests = trainer.load_checkpoint(ckpt.path)
@@ -58,12 +59,12 @@ class Checkpointer:
         state.load(ckpt)
         # Versions after the checkpoint belong to the abandoned run; the checkpoint's is republished.
         self.store.discard_from(ckpt.version)
-        trainer.publish_now(ckpt.version)
+        delivery = trainer.publish_now(ckpt.version)
         self.reporter.keep_steps(ckpt.step)
         self.run_dir.write_json(RunDir.RESUME, {"step": ckpt.step, "version": ckpt.version, "path": str(ckpt.path),
                                                 "rank_digests": digests["rank_digests"]})
         tqdm.write(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}")
-        return ckpt.version
+        return ckpt.version, delivery
 
     async def save(self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState) -> None:
         """Snapshot the state and stage every rank's state now; the files are finished in the background."""

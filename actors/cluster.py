@@ -4,6 +4,7 @@ Prometheus scrape targets of every actor it runs."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Callable
 
@@ -21,14 +22,17 @@ from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
+DELIVERY_TIMEOUT_S = 600  # the first delivery to the starting engines (fetch, verify, load)
+RECEIPTS_KEPT = 10_000
 
 
-def engine_model_path(cfg: JobConfig, model_path: str, store: WeightStore, version: int, run_dir: RunDir) -> str:
-    """What generation engines start from: the model folder, or with int8 rollouts an int8
-    checkpoint of `version`'s int8 variant (written once; workers then sync)."""
-    if cfg.generation.quantization != "int8":
-        return model_path
-    return str(write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8))
+def engine_model_paths(cfg: JobConfig, model_path: str, store: WeightStore, version: int, run_dir: RunDir) -> dict[str, str]:
+    """What generation engines start from, by weight variant: the model folder (`full`), and for
+    int8 rollouts an int8 checkpoint of `version`'s int8 variant (written once; workers then sync)."""
+    paths = {"full": model_path}
+    if "int8" in cfg.generation.weight_variants:
+        paths["int8"] = str(write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8))
+    return paths
 
 
 class Cluster:
@@ -36,11 +40,18 @@ class Cluster:
     current. `newest_version()` is the version a new generation worker loads before it serves;
     `other_targets()` adds the rank groups' and the driver's endpoints to the scrape targets."""
 
-    def __init__(self, cfg: JobConfig, cfg_dict: dict, run_dir: RunDir, model_path: str, engine_path: str,
-                 newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]]):
+    def __init__(self, cfg: JobConfig, cfg_dict: dict, run_dir: RunDir, model_path: str, engine_paths: dict[str, str],
+                 newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]],
+                 delivery: dict | None = None):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
+        self.direct = cfg.weights.transport == "direct"
+        self.delivery = delivery  # direct transport: the newest version's delivery, for every worker that joins
+        self._joining: dict[str, object] = {}  # direct: workers being prepared, by actor id; pushes reach them too
+        self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
         self.infos: dict[str, dict[str, dict]] = {}
+        # direct transport: each engine's receipt of each delivery (the newest RECEIPTS_KEPT)
+        self.receipts: collections.deque[dict] = collections.deque(maxlen=RECEIPTS_KEPT)
         gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
 
         def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
@@ -49,24 +60,42 @@ class Cluster:
                              on_restart=lambda dead, new: self._on_restart(name, dead, new))
 
         async def load_newest_weights(actor) -> None:
-            # A new generation worker loads the newest weights before it serves anything.
-            await actor.sync.remote(newest_version())
+            # A new generation worker loads the newest weights before it serves anything: from the
+            # store, or (direct) the newest persisted version there and then the newest delivery.
+            # While it joins, pushes include it (`_joining`), and it takes any it missed meanwhile.
+            if not self.direct:
+                await actor.sync.remote(newest_version())
+                return
+            self._joining[actor._actor_id.hex()] = actor
+            await actor.sync.remote(0)
+            delivery = None
+            while delivery is not self.delivery:
+                delivery = self.delivery
+                try:
+                    self._record_receipts([await actor.receive.remote(delivery)], delivery)
+                except ray.exceptions.ObjectLostError:
+                    return  # its learner rank died; the rollback's push reaches this worker too
 
         self.pools: dict[str, ActorPool] = {
-            "generation": pool("generation", "gen", lambda i: GenerationWorker.options(**gen_opts).remote(
-                cfg_dict, engine_path, i), load_newest_weights),
-            "reward": pool("reward", "reward", lambda i: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
+            "generation": pool("generation", "gen", lambda i, slot: GenerationWorker.options(**gen_opts).remote(
+                cfg_dict, engine_paths["int8" if cfg.generation.quantization_of(slot) == "int8" else "full"], i, slot),
+                load_newest_weights),
+            "reward": pool("reward", "reward", lambda i, _slot: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
         }
         # With LoRA the learner's base model (adapters off) is the reference: no copy to run.
         if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
-                "reference", "ref", lambda i: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
+                "reference", "ref", lambda i, _slot: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
         replicas = {"generation": cfg.generation.replicas, "reward": cfg.scoring.reward_replicas,
                     "reference": cfg.scoring.reference_replicas}
         try:
             for name, p in self.pools.items():
                 created = p.start(replicas[name])
                 self.infos[name] = dict(zip(created, ray.get([a.info.remote() for a in created.values()])))
+            if delivery is not None:  # direct: the engines start from the model folder, so they load the job's version
+                engines = self.pools["generation"].actors.values()
+                self._record_receipts(ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S),
+                                      delivery)
             self.write_scrape_targets()
             self.controller = JobController.options(name=controller_name(cfg.name), namespace=NAMESPACE,
                                                     get_if_exists=False).remote()
@@ -87,22 +116,53 @@ class Cluster:
     def pool_sizes(self) -> dict[str, int]:
         return {name: len(pool) for name, pool in self.pools.items()}
 
-    async def push_newest_version(self) -> list[dict]:
-        """Every generation worker loads the store's newest version now, with its requests in flight;
-        returns the probe reports of those loads (the job's last version is never generated with,
-        so its reports must not wait for a generate result).
+    async def push_version(self, delivery: dict | None, rollback: bool = False) -> list[dict]:
+        """Every generation worker loads the newest version now, with its requests in flight:
+        `delivery` (direct transport; skipped if a newer one was pushed, unless it is a
+        `rollback`'s), or the store's newest (filesystem, `delivery` None). Returns the probe
+        reports of those loads (the job's last version is never generated with, so its reports
+        must not wait for a generate result).
 
         A worker that dies meanwhile is the pool's business (it is replaced and its replacement
         loads the newest version before serving); any other failure ends the job.
         """
-        actors = list(self.pools["generation"].actors.values())
-        # min_version 0: after a rollback the version just published may be gone again; the newest counts.
-        results = await asyncio.gather(*[a.sync.remote(0) for a in actors], return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError):
+        async with self._pushing:
+            if delivery is not None:
+                if self.delivery is not None and delivery["version"] <= self.delivery["version"] and not rollback:
+                    return []
+                self.delivery = delivery
+            actors = list(self.pools["generation"].actors.values())
+            active = {a._actor_id.hex() for a in actors}
+            for key in [k for k in self._joining if k in active]:
+                del self._joining[key]
+            actors += list(self._joining.values())
+            # min_version 0: after a rollback the version just published may be gone again; the newest counts.
+            calls = [a.sync.remote(0) if delivery is None else a.receive.remote(delivery) for a in actors]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        for actor, result in zip(actors, results):
+            if isinstance(result, ray.exceptions.RayActorError):
+                self._joining.pop(actor._actor_id.hex(), None)  # dead: the pool replaces it
+            elif isinstance(result, ray.exceptions.ObjectLostError):
+                pass  # the learner rank that owned the buckets died: its rollback pushes the restored version
+            elif isinstance(result, BaseException):
                 raise result
+        if delivery is not None:
+            self._record_receipts([r for r in results if not isinstance(r, BaseException)], delivery)
+        actors = [a for a, r in zip(actors, results) if not isinstance(r, BaseException)]
         reports = await asyncio.gather(*[a.take_probe_reports.remote() for a in actors], return_exceptions=True)
         return [r for rs in reports if not isinstance(rs, BaseException) for r in rs]
+
+    def _record_receipts(self, receipts: list[dict], delivery: dict) -> None:
+        """Proof of delivery: an engine that loaded the version reports the sender's fingerprint;
+        any other is counted (a refused version was counted by its worker) and kept in `receipts`."""
+        for receipt in receipts:
+            sent = delivery["variants"][receipt["variant"]]["fingerprint"]
+            if "refused" not in receipt and receipt["fingerprint"] != sent:
+                m.WEIGHTS_FINGERPRINT_MISMATCH.labels(job=self.cfg.name, pool="generation", worker=receipt["worker"]).inc()
+                tqdm.write(f"{receipt['worker']}: loaded version {receipt['version']} with fingerprint "
+                           f"{receipt['fingerprint']}, the learner sent {sent[:12]}")
+            receipt["sent_fingerprint"] = sent
+        self.receipts.extend(receipts)
 
     def _on_restart(self, pool_name: str, dead: str, new: str) -> None:
         """Count a restart and keep the scrape targets current (the pool replaced the worker)."""

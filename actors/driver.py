@@ -20,7 +20,7 @@ import ray
 from tqdm import tqdm
 
 from actors.checkpointer import Checkpointer
-from actors.cluster import Cluster, engine_model_path
+from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
@@ -59,15 +59,19 @@ class Driver:
         self.learner_restarts = 0
         self.stop_requested = False
         self.trainer: Trainer | None = None
+        self.delivery: dict | None = None
+        self._publishing: asyncio.Task | None = None  # the newest version's publication
         self.cluster: Cluster | None = None
         self.state: JobState | None = None
         try:
             self._start_learner(resume_from)
             self.cluster = Cluster(
                 cfg, self.cfg_dict, self.run_dir, self.inputs.model_path,
-                engine_model_path(cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir),
+                engine_model_paths(cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir),
                 newest_version=lambda: self.published_version, other_targets=self._scrape_targets,
+                delivery=self.delivery,
             )
+            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
         except BaseException:
             self.shutdown()  # no actor outlives a failed start
             raise
@@ -78,7 +82,8 @@ class Driver:
         previous, self.state = self.state, JobState(self.cfg, self.inputs.prompts)
         if previous is not None:
             self.state.worker_of = previous.worker_of  # provenance of samples the checkpoint's buffer holds
-        self.published_version = self.checkpointer.restore(ckpt, self.trainer, self.state)
+        # With the direct transport `delivery` carries these weights to every engine (None: filesystem).
+        self.published_version, self.delivery = self.checkpointer.restore(ckpt, self.trainer, self.state)
         self.reporter.version(self.published_version)
 
     def _scrape_targets(self) -> dict[str, dict[str, dict]]:
@@ -165,7 +170,7 @@ class Driver:
                     bar.update(step)
                     continue
                 observe_step_kl(self.state.kl, stats["policy/kl"], samples)
-                tg.create_task(self._publish(step + 1, self.timeline))
+                self._publishing = tg.create_task(self._publish(step + 1, self.timeline, self._publishing))
                 counters = {**self.state.counters(), "worker_restarts": self.cluster.restarts(),
                             "learner_restarts": self.learner_restarts}
                 now = time.perf_counter()
@@ -176,6 +181,7 @@ class Driver:
                     await self.checkpointer.save(tg, step, self.trainer, self.state)
                 step += 1
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done
+            await self.trainer.wait_persisted()
         finally:
             bar.close()
             self._producer.cancel()
@@ -196,10 +202,12 @@ class Driver:
                     return samples
                 await self.changed.wait()
 
-    async def _publish(self, version: int, timeline: int) -> None:
-        """Once `version` is durable: admission moves on and (streaming) every engine loads it."""
+    async def _publish(self, version: int, timeline: int, previous: asyncio.Task | None) -> None:
+        """Once `version` is durable (or packed, direct): admission moves on and every engine loads
+        it (filesystem: in streaming mode), after `previous` version's push: versions arrive in order."""
+        published = self.trainer.wait_published(version)  # this step's trainer, even if a rollback replaces it
         try:
-            await self.trainer.wait_published(version)
+            delivery = (await published).get("delivery")
         except ray.exceptions.RayActorError:
             return  # the learner died; the step loop rolls back to the newest checkpoint
         async with self.changed:
@@ -208,8 +216,13 @@ class Driver:
             self.published_version = max(self.published_version, version)
             self.reporter.version(self.published_version)
             self.changed.notify_all()
-        if self.cfg.generation.mode == "streaming":
-            self.reporter.probes(await self.cluster.push_newest_version())
+        if previous is not None:
+            await asyncio.wait([previous])
+        if timeline != self.timeline:
+            return
+        # Filesystem, batched: each request pulls the newest version itself. Direct: pushed always.
+        if delivery is not None or self.cfg.generation.mode == "streaming":
+            self.reporter.probes(await self.cluster.push_version(delivery))
 
     async def _recover_learner(self, tg: asyncio.TaskGroup, cause: BaseException) -> int:
         """A learner rank died: rebuild the groups from the newest checkpoint; generation keeps running."""
@@ -227,6 +240,10 @@ class Driver:
         await self.checkpointer.wait()
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
         await asyncio.to_thread(self._start_learner, self.checkpointer.newest())
+        self._publishing = None  # the old timeline's pushes end without pushing
+        if self.delivery is not None:  # every engine holds the restored version before new groups start
+            self.reporter.probes(await self.cluster.push_version(self.delivery, rollback=True))
+            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
         self.cluster.write_scrape_targets()
         self._producer = tg.create_task(self._produce(tg))
         return self.state.start_step

@@ -10,6 +10,7 @@ at a time and weights load only between requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -21,14 +22,17 @@ from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import Rollout
+from rlhf_cluster.weight_delivery import DeliveryError, DeliveryManifest, verified_tensors
 from rlhf_cluster.weights import WeightIntegrityError, WeightStore
+
+DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
 
 
 @ray.remote
 class GenerationWorker:
     """Generates rollout groups on one vLLM engine; loads published versions in place."""
 
-    def __init__(self, cfg_dict: dict, model_path: str, index: int):
+    def __init__(self, cfg_dict: dict, model_path: str, index: int, slot: int | None = None):
         self.name = f"gen{index}"
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "generation", self.name)
         self.cfg = cfg
@@ -36,16 +40,24 @@ class GenerationWorker:
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         # With int8 rollouts the engine loads the store's int8 variant, derived once per version
         # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
-        self.variant = "int8" if cfg.generation.quantization == "int8" else None
+        # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
+        self.variant = "int8" if cfg.generation.quantization_of(index if slot is None else slot) == "int8" else None
         self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index,
                                  name=self.name, on_step=self._on_engine_step)
         self.labels.of(m.GENERATION_VERSION).set(0)
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
+        self.fingerprint: str | None = None  # of the delivered bytes the engine holds (direct transport)
         self.refused: set[tuple[int, str]] = set()
         self.probe_reports: list[dict] = []  # handed to the driver with the next `generate` result
         self.swaps: list[dict] = []  # every in-place weight load, for tests and audits
         self._sync_lock = asyncio.Lock()  # one weight load at a time
         self._one_request = asyncio.Lock()  # batched mode: requests run one after another
+        self.direct = cfg.weights.transport == "direct"
+        self._delivered = asyncio.Condition()  # direct transport: the engine's version moved
+        self._corrupt_bucket: int | None = None  # test hook: flip a byte of this bucket of the next delivery
+        # Direct: the newest version refused. Requests that need it go on with the version held,
+        # as with a refused stored version (the staleness filter judges their samples).
+        self.refused_up_to = -1
 
     def _on_engine_step(self, running: int, waiting: int) -> None:
         """Called by the engine loop after every step with vLLM's scheduler counts."""
@@ -98,21 +110,96 @@ class GenerationWorker:
         finally:
             self.store.release(latest, self.name)
         swap = await asyncio.to_thread(self.engine.load_weights, latest, weights.items())
-        self.loaded = identity
+        self.loaded, self.fingerprint = identity, None
         seconds = time.perf_counter() - start
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        self._record_swap(latest, swap, seconds, nbytes, "filesystem")
+        if self.direct:
+            async with self._delivered:
+                self._delivered.notify_all()
+        if probe is not None:
+            await self._score_probe(latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]})
+        return latest
+
+    async def receive(self, delivery: dict) -> dict:
+        """Direct transport: fetch a delivered version's buckets, check every one against the
+        sender's checksum, then load them all in place at one token boundary. Returns a receipt
+        with the fingerprint of the bytes loaded; a version whose bytes do not match is refused
+        and counted, and the engine keeps serving the one it holds."""
+        mine = delivery["variants"][self.variant or "full"]
+        manifest = DeliveryManifest.from_dict(mine["manifest"])
+        identity = (manifest.version, manifest.created_at)
+        # Batched mode loads weights only between requests.
+        between_requests = self._one_request if self.cfg.generation.mode == "batched" else contextlib.nullcontext()
+        async with between_requests, self._sync_lock:
+            # Held already and proven by a delivery (one loaded from the store is loaded again: proven here).
+            if identity == self.loaded and self.fingerprint is not None:
+                return {"worker": self.name, "version": manifest.version, "variant": manifest.variant,
+                        "fingerprint": self.fingerprint, "loaded": False}
+            start = time.perf_counter()
+            payloads = await asyncio.gather(*mine["buckets"])  # shared memory on this node: no copy
+            corrupt, self._corrupt_bucket = self._corrupt_bucket, None
+            try:
+                tensors, fingerprint = await asyncio.to_thread(
+                    verified_tensors, manifest, payloads, None if corrupt is None else _flip_byte_of(corrupt))
+            except DeliveryError as exc:
+                self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
+                self.labels.of(m.WEIGHTS_REFUSED).inc()
+                self.refused.add(identity)
+                self.refused_up_to = max(self.refused_up_to, manifest.version)
+                self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, manifest.version - self.engine.version))
+                async with self._delivered:
+                    self._delivered.notify_all()
+                print(f"{self.name}: refused delivered version {manifest.version}: {exc}; keeping version {self.engine.version}",
+                      flush=True)
+                return {"worker": self.name, "version": manifest.version, "variant": manifest.variant, "refused": str(exc),
+                        "held": self.engine.version}
+            swap = await asyncio.to_thread(self.engine.load_weights, manifest.version, tensors)
+            del tensors, payloads
+            self.loaded, self.fingerprint = identity, fingerprint
+            seconds = time.perf_counter() - start
+            self._record_swap(manifest.version, swap, seconds, manifest.total_bytes, "direct")
+        async with self._delivered:
+            self._delivered.notify_all()
+        probe = delivery.get("files", {}).get(PROBE_FILE)
+        if probe is not None:
+            await self._score_probe(manifest.version, probe, {"sync_seconds": seconds, "sync_bytes": manifest.total_bytes,
+                                                              "created_at": manifest.created_at})
+        return {"worker": self.name, "version": manifest.version, "variant": manifest.variant, "fingerprint": fingerprint,
+                "loaded": True, "seconds": seconds, "bytes": manifest.total_bytes}
+
+    def corrupt_next_delivery(self, bucket: int) -> None:
+        """Test hook: the next delivery's `bucket` arrives with one byte flipped (as if damaged in transit)."""
+        self._corrupt_bucket = bucket
+
+    async def _hold(self, min_version: int) -> None:
+        """Until the engine holds a version >= `min_version`: pulled from the store (filesystem),
+        or pushed by the driver (direct), waiting at most `DELIVERY_WAIT_S`."""
+        if not self.direct:
+            await self.sync(min_version)
+            return
+        async with self._delivered:
+            try:
+                await asyncio.wait_for(self._delivered.wait_for(
+                    lambda: max(self.engine.version, self.refused_up_to) >= min_version), DELIVERY_WAIT_S)
+            except TimeoutError:
+                raise TimeoutError(f"{self.name}: no delivery of version >= {min_version} within {DELIVERY_WAIT_S} s "
+                                   f"(the engine holds {self.engine.version})") from None
+
+    def _record_swap(self, version: int, swap, seconds: float, nbytes: int, transport: str) -> None:
         self.labels.of(m.WEIGHTS_SYNC_SECONDS).observe(seconds)
         self.labels.of(m.WEIGHTS_SYNC_BYTES).inc(nbytes)
-        self.labels.of(m.GENERATION_VERSION).set(latest)
+        self.labels.of(m.WEIGHTS_DELIVERY_SECONDS, transport=transport).observe(seconds)
+        self.labels.of(m.WEIGHTS_DELIVERY_BYTES, transport=transport).inc(nbytes)
+        self.labels.of(m.GENERATION_VERSION).set(version)
+        self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(0)  # it holds the newest it was given
         self.labels.of(m.GENERATION_PAUSE_SECONDS).observe(swap.paused_seconds)
         self.labels.of(m.GENERATION_VERSION_TOKENS).observe(swap.tokens_of_previous)
         self.labels.of(m.GENERATION_RESUMED).inc(swap.resumed)
         self.labels.of(m.GENERATION_ABORTED).inc(swap.aborted)
-        self.swaps.append({"version": latest, "paused_seconds": swap.paused_seconds, "resumed": swap.resumed,
-                           "aborted": swap.aborted, "tokens_of_previous": swap.tokens_of_previous})
-        if probe is not None:
-            await self._score_probe(latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]})
-        return latest
+        self.swaps.append({"version": version, "paused_seconds": swap.paused_seconds, "resumed": swap.resumed,
+                           "aborted": swap.aborted, "tokens_of_previous": swap.tokens_of_previous,
+                           "seconds": seconds, "bytes": nbytes, "transport": transport})
 
     def _read_version(self, version: int):
         return self.store.load(version, variant=self.variant), self.store.read_file(version, PROBE_FILE)
@@ -133,6 +220,11 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(sum(len(r.response_ids) for r in rollouts))
         return rollouts
 
+    def _reports_of_own_loads(self) -> list[dict]:
+        # Direct: every load comes from a push, which collects its reports (a generate call
+        # cancelled at the job's end would lose them). Filesystem: a request may load by itself.
+        return [] if self.direct else self.take_probe_reports()
+
     def take_probe_reports(self) -> list[dict]:
         """The probe reports of the syncs since they were last taken (each is handed over once)."""
         reports, self.probe_reports = self.probe_reports, []
@@ -141,24 +233,28 @@ class GenerationWorker:
     async def generate_group(self, prompt: Prompt, min_version: int) -> tuple[list[Rollout], list[dict]]:
         """Streaming: the `n` rollouts of one prompt, started at once with weights of version >=
         `min_version`; returns when its last response finishes (other calls keep decoding)."""
-        # Cheap when the engine holds the store's newest version (a manifest read). Checking the
-        # identity, not just the number, also catches a version republished after a rollback.
-        await self.sync(min_version)
+        # Filesystem: cheap when the engine holds the store's newest version (a manifest read);
+        # checking the identity, not just the number, also catches a version republished after a
+        # rollback. Direct: the driver pushes every version (a rollback's too) before it is needed.
+        await self._hold(min_version)
         rollouts = await self._groups([prompt])
-        return rollouts, self.take_probe_reports()
+        return rollouts, self._reports_of_own_loads()
 
     async def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
         """Batched: `n` rollouts per prompt with weights of version >= `min_version`, returned
         together when the slowest finishes, and the probe reports of the syncs since the last call."""
+        if self.direct:
+            await self._hold(min_version)  # outside the request lock: the delivery it waits for takes that lock
         async with self._one_request:
-            await self.sync(min_version)
+            if not self.direct:
+                await self.sync(min_version)
             rollouts = await self._groups(prompts)
-        return rollouts, self.take_probe_reports()
+        return rollouts, self._reports_of_own_loads()
 
     async def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
         """Held-out evaluation with weights of version >= `min_version`: one greedy response per
         prompt, or with `samples` > 0 that many sampled ones (training sampling settings)."""
-        await self.sync(min_version)
+        await self._hold(min_version)
         return await self._groups(prompts, n=samples or None, greedy=samples == 0)
 
     def refused_versions(self) -> list[int]:
@@ -166,3 +262,13 @@ class GenerationWorker:
 
     async def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return await asyncio.to_thread(self.engine.logprobs_of, prompt_ids, response_ids)
+
+
+def _flip_byte_of(bucket: int):
+    def corrupt(index: int, payload):
+        if index != bucket:
+            return payload
+        damaged = bytearray(memoryview(payload).cast("B"))
+        damaged[len(damaged) // 2] ^= 0xFF
+        return damaged
+    return corrupt

@@ -74,6 +74,13 @@ class Job:
         return list(self._driver.reporter.result.consumed)
 
     @property
+    def delivery_receipts(self) -> list[dict]:
+        """Direct transport: each engine's receipt of each delivered version (worker, version,
+        variant, fingerprint of what it loaded and the learner's, or `refused` with the cause), in
+        order, the newest 10,000 (a copy)."""
+        return list(self._driver.cluster.receipts)
+
+    @property
     def learner_restarts(self) -> int:
         return self._driver.learner_restarts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import Future
 from functools import partial
 from typing import Any
@@ -15,8 +16,9 @@ from rlhf_cluster import metrics as m
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
-from rlhf_cluster.learner.base import LearnerBase
+from rlhf_cluster.learner.base import LearnerBase, done_future
 from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.weight_delivery import now as delivery_time, pack_version, persisted
 from rlhf_cluster.weights import WeightStore
 
 
@@ -65,10 +67,12 @@ class LearnerRank(ShardedRank):
         if rank == 0:
             # The int8 rollout variant is derived here, once per version, for every generation worker.
             variants = {}
-            if self.cfg.generation.quantization == "int8":
+            if "int8" in self.cfg.generation.weight_variants:
                 variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.model.dtype))
             self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
+        self.writes: list[Future] = []  # direct transport: store writes of persisted versions, in order
+        self.engine_dtype = getattr(torch, self.cfg.model.dtype)
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
         limit_threads(world_size + 1)
@@ -83,19 +87,57 @@ class LearnerRank(ShardedRank):
             "pid": os.getpid(),
         }
 
-    def publish(self, version: int) -> None:
-        """Collective: gather the full state dict (and score the mismatch probe); rank 0 queues
-        both for the store and returns."""
+    def publish(self, version: int, persist: bool = False) -> None:
+        """Collective: gather the full state dict (and score the mismatch probe); rank 0 hands the
+        version to the transport and returns. `filesystem`: queue its write to the store.
+        `direct`: pack it into checksummed object-store buckets for the engines now, and queue a
+        store write when one is due (`persist` forces it: the start, a restored checkpoint)."""
         state = self.learner.full_state_dict()
         files = {}
         if self.probe is not None:
             logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
             files[PROBE_FILE] = probe_file(self.probe, logprobs)
-        if self.rank == 0:
-            self.pending[version] = self.store.publish_async(version, state, files)
+        if self.rank != 0:
+            return
+        # What the engines hold is what goes on disk too: no fp32 copy when the engine runs bf16.
+        state = {k: v.to(self.engine_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        weights = self.cfg.weights
+        snapshot = persist or persisted(version, weights.persist_every, self.cfg.checkpoint.every_steps,
+                                        self.cfg.train.total_steps)
+        if weights.transport != "direct":
+            # Every version goes through the store; only snapshots pay for fsync.
+            self.pending[version] = self.store.publish_async(version, state, files, durable=snapshot)
+            return
+        self._reap_writes()
+        created_at = delivery_time()
+        if snapshot:
+            self.writes.append(self.store.publish_async(version, state, files, created_at))
+        start = time.perf_counter()
+        variants, total = {}, 0
+        for variant in self.cfg.generation.weight_variants:  # each made once here, for every engine of its kind
+            begun = time.perf_counter()
+            manifest, buckets = pack_version(state.items(), version, created_at, variant, self.engine_dtype,
+                                             int(weights.transport.bucket_mb * (1 << 20)), ray.put)
+            self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=f"direct-{variant}").observe(time.perf_counter() - begun)
+            variants[variant] = {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}
+            total += manifest.total_bytes
+        delivery = {"version": version, "created_at": created_at, "variants": variants, "files": files}
+        self.pending[version] = done_future({"seconds": time.perf_counter() - start, "bytes": total,
+                                             "variant_seconds": {}, "delivery": delivery})
+
+    def _reap_writes(self) -> None:
+        """Store writes queued by earlier versions: a failed one fails the learner with its cause."""
+        while self.writes and self.writes[0].done():
+            self.writes.pop(0).result()
+
+    def wait_persisted(self) -> None:
+        """Block until every queued store write is durable (rank 0; raises what a write raised)."""
+        while self.writes:
+            self.writes.pop(0).result()
 
     def wait_published(self, version: int) -> dict:
-        """Block until `version` is durable in the store (rank 0); returns write times and bytes."""
+        """Block until `version` is durable in the store (filesystem) or packed for delivery
+        (direct, whose result carries the `delivery`); returns times and bytes."""
         stats = self.pending.pop(version).result()
         self.labels.of(m.LEARNER_VERSION).set(version)
         for variant, seconds in stats["variant_seconds"].items():

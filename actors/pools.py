@@ -24,13 +24,15 @@ def actor_options(res: ResourcesConfig) -> dict[str, Any]:
 
 
 class ActorPool:
-    """Actors created by `factory(index)`; names are `{prefix}{index}` and never reused."""
+    """Actors created by `factory(index, slot)`; names are `{prefix}{index}` and never reused. The
+    slot is the index of the worker a replacement stands in for (its own index otherwise), so a
+    per-replica setting (e.g. `generation.quantization: [none, int8]`) survives restarts."""
 
     def __init__(
         self,
         name: str,
         prefix: str,
-        factory: Callable[[int], Any],
+        factory: Callable[[int, int], Any],
         *,
         prepare: Callable[[Any], Awaitable[None]] | None = None,
         max_restarts: int = 0,
@@ -46,6 +48,7 @@ class ActorPool:
         self.on_restart = on_restart
         self.restarts = 0
         self._next_index = 0
+        self.slot_of: dict[str, int] = {}  # worker name -> slot
         self.actors: dict[str, Any] = {}  # in rotation
         self._in_flight: dict[str, int] = {}
         self._turn = 0
@@ -54,17 +57,21 @@ class ActorPool:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def create(self, count: int) -> dict[str, Any]:
-        """Start `count` new actors (not yet in rotation)."""
+    def create(self, count: int, replacing: str | None = None) -> dict[str, Any]:
+        """Start `count` new actors (not yet in rotation); with `replacing`, one in that worker's slot."""
         created = {}
         for _ in range(count):
-            created[f"{self.prefix}{self._next_index}"] = self._factory(self._next_index)
+            index = self._next_index
+            slot = self.slot_of.get(replacing, index) if replacing else index
+            name = f"{self.prefix}{index}"
+            created[name] = self._factory(index, slot)
+            self.slot_of[name] = slot
             self._next_index += 1
         return created
 
-    async def _create_prepared(self, count: int) -> dict[str, Any]:
+    async def _create_prepared(self, count: int, replacing: str | None = None) -> dict[str, Any]:
         """Start `count` actors and `prepare` them; none is leaked if that fails or is cancelled."""
-        created = self.create(count)
+        created = self.create(count, replacing)
         try:
             if self.prepare is not None:
                 await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
@@ -126,7 +133,7 @@ class ActorPool:
         del self.actors[name]
         self.restarts += 1
         await asyncio.sleep(self.backoff_s * 2 ** (self.restarts - 1))
-        created = await self._create_prepared(1)
+        created = await self._create_prepared(1, replacing=name)
         self.activate(created)
         if self.on_restart is not None:
             self.on_restart(name, next(iter(created)))

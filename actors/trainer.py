@@ -60,13 +60,22 @@ class Trainer:
         stats["kl_coef"] = kl_coef
         return stats
 
-    def publish_now(self, version: int) -> None:
-        """Publish the policy's current weights as `version` and wait until they are durable."""
-        self.policy.call("publish", version)
-        ray.get(self.policy.leader.wait_published.remote(version))
+    def publish_now(self, version: int) -> dict | None:
+        """Publish the policy's current weights as `version` (persisted in the store whatever the
+        transport) and wait until they are durable; returns their direct `delivery` (None with
+        the filesystem transport)."""
+        self.policy.call("publish", version, True)
+        published = ray.get(self.policy.leader.wait_published.remote(version))
+        ray.get(self.policy.leader.wait_persisted.remote())
+        return published.get("delivery")
 
-    async def wait_published(self, version: int) -> dict:
-        return await self.policy.leader.wait_published.remote(version)
+    async def wait_persisted(self) -> None:
+        """Until every version queued for the store is durable (the job's end)."""
+        await self.policy.leader.wait_persisted.remote()
+
+    def wait_published(self, version: int):
+        """An awaitable of `version`'s publication stats (and `delivery`), asked of this trainer's rank 0 now."""
+        return self.policy.leader.wait_published.remote(version)
 
     def load_checkpoint(self, path) -> dict[str, list[str]]:
         """Every rank restores from the job checkpoint at `path`; the restored states' digests by group."""

@@ -3,8 +3,11 @@
 RL response lengths have a long tail. Both sides generate the same number of prompt groups on the
 same vLLM engine (`VLLMEngine`, one process) from a tiny model whose EOS probability is raised so
 that response lengths spread over more than 10x (`ensure_long_tail_model`; the spread measured is
-reported), while a publisher thread writes a new weight version to a real `WeightStore` every
-`--publish-every` seconds, as a learner would:
+reported), while a publisher thread makes a new weight version every `--publish-every` seconds, as a
+learner would, and hands it over by `--transport`: `direct` (the default: the learner side packs
+checksummed engine-dtype buckets, the engine side verifies them all and loads them, as
+`weights.transport: direct` does, minus the object store: both ends share this process) or
+`filesystem` (a real `WeightStore`, written and read back with its checksums):
 
 - **batched**: requests of `--batch-groups` groups; each returns when its slowest response has
   finished; the newest version is loaded between requests (the engine is idle then).
@@ -54,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "small-batch decode is memory-bound, as on a GPU)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--transport", choices=["direct", "filesystem"], default="direct", help="how versions reach the engine")
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="tiny model cache")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     return p.parse_args(argv)
@@ -82,6 +86,31 @@ class Publisher:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+class DirectChannel:
+    """The direct transport's two ends in one process: `publish` packs a version into checksummed
+    engine-dtype buckets (no disk); `load` checks every bucket and returns the tensors to load."""
+
+    def __init__(self, bucket_bytes: int = 64 << 20):
+        self.bucket_bytes = bucket_bytes
+        self.newest = None  # (manifest, payloads)
+
+    def publish(self, version: int, state: dict) -> None:
+        from rlhf_cluster.weight_delivery import now, pack_version
+
+        self.newest = pack_version(state.items(), version, now(), "full", torch.float32, self.bucket_bytes, lambda p: p)
+
+    def latest_version(self) -> int | None:
+        return None if self.newest is None else self.newest[0].version
+
+    def load(self, version: int) -> dict:
+        from rlhf_cluster.weight_delivery import verified_tensors
+
+        manifest, payloads = self.newest
+        if manifest.version != version:
+            raise FileNotFoundError(version)  # a newer one landed meanwhile: the caller takes that next
+        return dict(verified_tensors(manifest, payloads)[0])
 
 
 def load_newest(engine, store) -> tuple[int, float] | None:
@@ -162,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="long-tail-") as tmp:
         for rep in range(args.reps):
             for side in rotated(tuple(runs), rep):
-                store = WeightStore(Path(tmp) / f"{side}-{rep}", keep=3)
+                store = DirectChannel() if args.transport == "direct" else WeightStore(Path(tmp) / f"{side}-{rep}", keep=3)
                 store.publish(0, state)
                 load_newest(engine, store) or engine.load_weights(0, store.load(0).items())
                 start = time.perf_counter()
@@ -192,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
           m["multi_version_fraction"]] for side, m in med.items()],
         ["{}", "{:.1f}", "{:.0f}", "{:.2f}", "{:.0f}", "{:.4f}", "{:.2f}"],
     )
-    print(f"streaming / batched samples/s: {ratio:.2f}x (target >= {TARGET}x)")
+    print(f"streaming / batched samples/s: {ratio:.2f}x (target >= {TARGET}x), transport {args.transport}")
     result = {
         "benchmark": "long_tail",
         "machine": machine_info(),

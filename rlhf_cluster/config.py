@@ -195,8 +195,9 @@ class GenerationConfig(_Strict):
         None, ge=16, description="vLLM max_num_batched_tokens: token budget of one engine step (None: vLLM's default)."
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
-    quantization: Literal["none", "int8"] = Field(
-        "none", description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations)."
+    quantization: Literal["none", "int8"] | list[Literal["none", "int8"]] = Field(
+        "none", description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations). "
+        "A list sets it per replica (replica i takes entry i modulo its length), e.g. [none, int8] to serve both side by side."
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Mismatch probe after each weight sync.")
     max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
@@ -204,6 +205,27 @@ class GenerationConfig(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")
     seed: int | None = Field(None, description="Engine seed; each worker adds its index (None: the job's `seed`).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _known_quantization(cls, value):
+        # Checked here so that a bad value gets one message, not one per branch of the union.
+        items = value if isinstance(value, list) else [value]
+        if not items or any(q not in ("none", "int8") for q in items):
+            raise ValueError("should be 'none' or 'int8', or a list of them with one entry per replica")
+        return value
+
+    def quantization_of(self, index: int) -> str:
+        """The quantization of the replica with this index (`none` or `int8`)."""
+        if isinstance(self.quantization, str):
+            return self.quantization
+        return self.quantization[index % len(self.quantization)]
+
+    @property
+    def weight_variants(self) -> list[str]:
+        """The engine weight variants the pool serves (`full`, `int8`): what each version is made into."""
+        kinds = [self.quantization] if isinstance(self.quantization, str) else self.quantization
+        return sorted({"int8" if q == "int8" else "full" for q in kinds})
 
 
 class RewardModelSpec(_Strict):
@@ -600,19 +622,32 @@ class FilesystemTransport(_Typed):
     type: Literal["filesystem"] = Field("filesystem", description="Weight transport kind.")
 
 
-# One kind today; `direct` (learner -> engines without disk, DESIGN.md) joins as a second class here.
-WeightTransport = typed_union(FilesystemTransport)
+class DirectTransport(_Typed):
+    """Each version goes from the learner's rank 0 straight into every generation engine, without
+    disk: layer-aligned buckets of engine-dtype bytes (int8 quantised once on the sender) in Ray's
+    shared-memory object store, each checked by its checksum before the engine loads any of them.
+    The store on disk then keeps only every `weights.persist_every`-th version (recovery, late joiners)."""
+
+    type: Literal["direct"] = Field("direct", description="Weight transport kind.")
+    bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (a bucket never splits a decoder layer).")
+
+
+WeightTransport = typed_union(FilesystemTransport, DirectTransport)
 
 
 class WeightsConfig(_Strict):
     """The weight store and how versions reach generation."""
 
     transport: WeightTransport = Field(
-        default_factory=FilesystemTransport, description="How versions move to generation, by `type` "
-        "(`transport: filesystem` is short for `transport: {type: filesystem}`)."
+        default_factory=DirectTransport, description="How versions move to generation, by `type`: direct (the "
+        "default: learner to engines without disk) or filesystem (every version through the store directory; "
+        "`transport: filesystem` is short for `transport: {type: filesystem}`)."
     )
     dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
     keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
+    persist_every: int = Field(
+        10, ge=1, description="With `transport: direct`, write every K-th version (and every checkpoint's) to the "
+        "store on disk, off the step's critical path; the filesystem transport writes every version.")
 
 
 class BufferConfig(_Strict):
@@ -773,7 +808,7 @@ def _set_dotted(tree: dict, dotted: str, value: object) -> None:
 # the tag is not a field, so messages leave it out.
 _UNION_TAGS = {
     "backend": {"fsdp2", "deepspeed"},
-    "transport": {"filesystem"},
+    "transport": {"filesystem", "direct"},
     "rewards": {"verifier", "function", "model"},
 }
 

@@ -17,7 +17,7 @@ from rlhf_cluster.algorithms import (
 )
 from rlhf_cluster.config import AlgorithmConfig, KLConfig
 from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
-from rlhf_cluster.rewards import length_penalty, overlong_penalty
+from rlhf_cluster.rewards import dynamic_sampling_filter, length_penalty, overlong_filter_mask, overlong_penalty
 
 
 # Advantages computed from per-token rewards at take time: their KL penalty sits on each token.
@@ -81,7 +81,8 @@ def build_group(
         adv, metrics = group_advantages(rewards, group_ids, scale="std" if cfg.advantage == "grpo" else "none")
     else:
         adv, metrics = torch.zeros_like(rewards), {}
-    metrics["zero_signal"] = float(bool((rewards == rewards[0]).all()))
+    kept, _ = dynamic_sampling_filter(rewards, group_ids)  # one group: kept whole or not at all
+    metrics["zero_signal"] = float(not bool(kept.any()))
     samples = [
         ScoredSample(
             sample_id=r.sample_id,
@@ -217,7 +218,8 @@ def finalize_batch(
         returns, metrics = critic_advantages(samples, values, cfg, kl_coef)
     else:
         metrics = batch_advantages(samples, cfg, kl_coef)
-    in_loss = [not (cfg.shaping.overlong_filter and s.finish_reason == "length") for s in samples]
+    in_loss = (overlong_filter_mask([s.finish_reason for s in samples]).tolist() if cfg.shaping.overlong_filter
+               else [True] * len(samples))
     out = {f"advantage/{k}": v for k, v in metrics.items()}
     out["samples_in_loss"] = sum(in_loss)
     return StepBatch(samples, in_loss, returns, values), out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+
+import blake3
 import threading
 from pathlib import Path
 
@@ -15,6 +17,22 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def checksum(payload) -> str:
+    """BLAKE3 of a bytes-like object: the weight store's and weight delivery's checksum. It is
+    multi-threaded above 1 MiB and runs at memory speed, where sha256 ran at ~0.5 GB/s."""
+    view = memoryview(payload).cast("B")
+    threads = blake3.blake3.AUTO if view.nbytes >= (1 << 20) else 1
+    return blake3.blake3(view, max_threads=threads).hexdigest()
+
+
+def checksum_file(path: str | Path) -> str:
+    """`checksum` of a file's bytes, read through a memory map (no copy into this process)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if Path(path).stat().st_size:
+        hasher.update_mmap(str(path))
+    return hasher.hexdigest()
 
 
 def fsync_path(path: str | Path) -> None:

@@ -36,6 +36,17 @@ GENERATION_VERSION = Gauge("rlhf_generation_weight_version", "Weight version the
 WEIGHTS_SYNC_SECONDS = Histogram("rlhf_weights_sync_seconds", "Time to load a weight version into a worker.", LABELS)
 WEIGHTS_REFUSED = Counter("rlhf_weights_refused_total", "Weight versions refused because their checksums failed.", LABELS)
 WEIGHTS_SYNC_BYTES = Counter("rlhf_weights_sync_bytes_total", "Weight bytes loaded into workers.", LABELS)
+# Direct transport: per worker and transport, what each delivered version cost and whether it was proven.
+WEIGHTS_DELIVERY_SECONDS = Histogram(
+    "rlhf_weights_delivery_seconds", "Time from a version's delivery call to the engine holding it (fetch, verify, load).",
+    LABELS + ("transport",))
+WEIGHTS_DELIVERY_BYTES = Counter("rlhf_weights_delivery_bytes_total", "Engine-dtype weight bytes delivered.",
+                                 LABELS + ("transport",))
+WEIGHTS_FINGERPRINT_MISMATCH = Counter(
+    "rlhf_weights_fingerprint_mismatches_total", "Delivered versions refused: a bucket or the fingerprint did not match the sender's.",
+    LABELS)
+GENERATION_VERSIONS_BEHIND = Gauge(
+    "rlhf_generation_versions_behind", "Versions between the newest delivered one and the one this engine holds.", LABELS)
 SCORING_SAMPLES = Counter("rlhf_scoring_samples_total", "Responses scored.", LABELS)
 LEARNER_STEP_SECONDS = Histogram("rlhf_learner_step_seconds", "Learner train-step time.", LABELS)
 LEARNER_TOKENS = Counter("rlhf_learner_tokens_total", "Response tokens trained on.", LABELS)

@@ -202,7 +202,7 @@ def _unused_critic(cfg: JobConfig) -> list[str]:
 
 
 def _int8_without_correction(cfg: JobConfig) -> list[str]:
-    if cfg.generation.quantization == "int8" and not cfg.algorithm.correction.enabled:
+    if "int8" in cfg.generation.weight_variants and not cfg.algorithm.correction.enabled:
         return ["generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
                 "are trained on without importance correction, so the gradient carries the quantization mismatch"]
     return []

@@ -3,20 +3,21 @@
 Layout under the store root::
 
     v00000003/model-00000.safetensors ...   shards
-    v00000003/manifest.json                 version, tensors (name -> dtype, shape, shard), sha256 per shard
-    v00000003/probe.json ...                small files published with the version (sha256 in the manifest)
+    v00000003/manifest.json                 version, tensors (name -> dtype, shape, shard), BLAKE3 per shard
+    v00000003/probe.json ...                small files published with the version (checksums in the manifest)
     v00000003/int8/manifest.json + shards   a derived variant (int8 rollout weights), made once per version
     v00000003/readers/<reader>              leases: retention never deletes a version a reader holds
     LATEST                                  the newest complete version number
 
-A version is written under a temp name, fsynced, renamed into place, and only then does
-`LATEST` move (itself written as temp + rename), so a reader never sees half a version.
+A version is written under a temp name, fsynced (a durable one: every snapshot the direct
+transport persists; the filesystem transport's versions between them skip the shards' fsync),
+renamed into place, and only then does `LATEST` move (itself written as temp + rename), so a
+reader never sees half a version.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -29,14 +30,15 @@ from typing import Callable
 import torch
 import safetensors.torch
 
-from rlhf_cluster.fileio import fsync_path, sha256_file, write_atomic
+from rlhf_cluster.fileio import checksum, checksum_file, fsync_path, write_atomic
 
 MANIFEST = "manifest.json"
+_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weight-checksum")  # shared: hashing beside I/O
 SHARD_BYTES = 1 << 30
 
 
 class WeightIntegrityError(RuntimeError):
-    """A stored version does not match its manifest (missing shard or wrong sha256)."""
+    """A stored version does not match its manifest (missing shard or wrong checksum)."""
 
 
 class WeightStore:
@@ -63,29 +65,36 @@ class WeightStore:
         return self.root / self.version_dir_name(version)
 
     # ---- writing -------------------------------------------------------------------------
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None) -> Path:
+    def publish(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
+                created_at: str | None = None, durable: bool = True) -> Path:
         """Write `version` durably and point LATEST at it. Blocks; see `publish_async`.
 
         Each of the store's `variants` (e.g. int8 rollout weights) is derived here, once per
         version, and written under ``<version>/<variant>/`` with its own manifest and checksums.
-        `files` are small text files stored beside the shards (their sha256 in the manifest).
+        `files` are small text files stored beside the shards (their checksums in the manifest).
+        `created_at` is the version's identity beside its number (a direct delivery of the same
+        version carries the same); by default now. Without `durable`, shards are not fsynced: the
+        version is visible whole (rename) and checked (checksums) but may not survive a power
+        loss, which is what the filesystem transport needs between durable snapshots.
         """
         start = time.perf_counter()
         final = self.version_dir(version)
         if final.exists():
             raise FileExistsError(f"weight store {self.root}: version {version} already exists")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
-        created_at = dt.datetime.now(dt.timezone.utc).isoformat()
+        created_at = created_at or dt.datetime.now(dt.timezone.utc).isoformat()
         try:
-            manifest = _write_shards(tmp, version, state_dict, created_at)
+            manifest = _write_shards(tmp, version, state_dict, created_at, durable=durable)
+            manifest["durable"] = durable
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
-                manifest.setdefault("files", {})[name] = sha256_file(tmp / name)
+                manifest.setdefault("files", {})[name] = checksum_file(tmp / name)
             self.last_variant_seconds, self.last_variant_bytes = {}, {}
             for variant, derive in self.variants.items():
                 begun = time.perf_counter()
                 (tmp / variant).mkdir()
-                derived = _write_shards(tmp / variant, version, derive(state_dict), created_at, variant=variant)
+                derived = _write_shards(tmp / variant, version, derive(state_dict), created_at, variant=variant,
+                                        durable=durable)
                 write_atomic(tmp / variant / MANIFEST, json.dumps(derived, indent=1))
                 self.last_variant_seconds[variant] = time.perf_counter() - begun
                 self.last_variant_bytes[variant] = derived["total_bytes"]
@@ -106,7 +115,8 @@ class WeightStore:
         self._apply_retention()
         return final
 
-    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None) -> Future:
+    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
+                      created_at: str | None = None, durable: bool = True) -> Future:
         """Queue `publish` on the store's writer thread so the learner's next step can start.
 
         Versions are written in order; the caller must not mutate `state_dict` afterwards
@@ -115,7 +125,7 @@ class WeightStore:
         """
 
         def write() -> dict:
-            path = self.publish(version, state_dict, files)
+            path = self.publish(version, state_dict, files, created_at, durable)
             # The writer thread is serial: these are this version's figures.
             return {"path": str(path), "seconds": self.last_publish_seconds, "bytes": self.last_publish_bytes,
                     "variant_seconds": dict(self.last_variant_seconds), "variant_bytes": dict(self.last_variant_bytes)}
@@ -175,29 +185,33 @@ class WeightStore:
         return json.loads(path.read_text())
 
     def read_file(self, version: int, name: str) -> str | None:
-        """A text file published with `version` (None if it has none); its sha256 is checked."""
+        """A text file published with `version` (None if it has none); its checksum is checked."""
         digest = self.manifest(version).get("files", {}).get(name)
         if digest is None:
             return None
         path = self.version_dir(version) / name
-        if sha256_file(path) != digest:
-            raise WeightIntegrityError(f"version {version}: {name} sha256 does not match the manifest")
+        if checksum_file(path) != digest:
+            raise WeightIntegrityError(f"version {version}: {name} checksum does not match the manifest")
         return path.read_text()
 
     def load(self, version: int, verify: bool = True, variant: str | None = None) -> dict[str, torch.Tensor]:
-        """All tensors of `version` (or of its `variant`); with `verify`, every shard's sha256 is checked first."""
+        """All tensors of `version` (or of its `variant`); with `verify`, every shard's checksum is checked first."""
         directory = self.version_dir(version) / (variant or "")
         manifest = self.manifest(version, variant)
+        if verify and manifest.get("checksum") != "blake3":
+            raise WeightIntegrityError(f"version {version}: written by an older build (sha256 checksums); "
+                                       f"this build checks BLAKE3: publish it again or start a new run_dir")
         out: dict[str, torch.Tensor] = {}
         for shard, digest in manifest["shards"].items():
             path = directory / shard
             if not path.is_file():
                 raise WeightIntegrityError(f"version {version}: shard {shard} is missing")
-            # One read serves both the checksum and the tensors.
-            data = path.read_bytes()
-            if verify and hashlib.sha256(data).hexdigest() != digest:
-                raise WeightIntegrityError(f"version {version}: shard {shard} sha256 does not match the manifest")
-            out.update(safetensors.torch.load(data))
+            # The checksum (through a memory map) runs beside loading the tensors; both read the page cache.
+            computed = _HASHER.submit(checksum_file, path) if verify else None
+            tensors = safetensors.torch.load_file(str(path))
+            if computed is not None and computed.result() != digest:
+                raise WeightIntegrityError(f"version {version}: shard {shard} checksum does not match the manifest")
+            out.update(tensors)
         expected = set(manifest["tensors"])
         if set(out) != expected:
             raise WeightIntegrityError(f"version {version}: tensors differ from the manifest: {sorted(expected ^ set(out))[:5]}")
@@ -215,8 +229,8 @@ class WeightStore:
 
 
 def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Tensor], created_at: str,
-                  variant: str | None = None) -> dict:
-    """Write `state_dict` as fsynced safetensors shards in `directory`; returns their manifest."""
+                  variant: str | None = None, durable: bool = True) -> dict:
+    """Write `state_dict` as safetensors shards in `directory` (fsynced if `durable`); returns their manifest."""
     tensors, shards, size, total = {}, {}, 0, 0
     current: dict[str, torch.Tensor] = {}
 
@@ -227,12 +241,13 @@ def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Ten
         name = f"model-{len(shards):05d}.safetensors"
         # Serialise once in memory: the checksum comes from the bytes being written, not from
         # reading the file back (which doubled the store's I/O).
-        data = safetensors.torch.save(current, metadata={"version": str(version)})
-        with open(directory / name, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        shards[name] = hashlib.sha256(data).hexdigest()
+        path = directory / name
+        safetensors.torch.save_file(current, str(path), metadata={"version": str(version)})
+        # The checksum reads the written bytes back from the page cache while fsync makes them durable.
+        digest = _HASHER.submit(checksum_file, path)
+        if durable:
+            fsync_path(path)
+        shards[name] = digest.result()
         current, size = {}, 0
 
     storages: set[int] = set()
@@ -255,7 +270,8 @@ def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Ten
             "shard": f"model-{len(shards):05d}.safetensors",
         }
     flush()
-    manifest = {"version": version, "created_at": created_at, "total_bytes": total, "tensors": tensors, "shards": shards}
+    manifest = {"version": version, "created_at": created_at, "checksum": "blake3", "total_bytes": total,
+                "tensors": tensors, "shards": shards}
     if variant is not None:
         manifest["variant"] = variant
     return manifest

@@ -70,10 +70,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def done_future() -> Future:
-    """A future that has already finished (for a checkpoint written synchronously)."""
+def done_future(result: Any = None) -> Future:
+    """A future that has already finished with `result` (for work done synchronously)."""
     future: Future = Future()
-    future.set_result(None)
+    future.set_result(result)
     return future
 
 

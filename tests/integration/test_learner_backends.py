@@ -148,6 +148,7 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         generation={"replicas": 1, "prompts_per_request": 2, "sampling": {"n": 4, "max_new_tokens": 8}},
         learner={"backend": "deepspeed", "world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+        weights={"persist_every": 1},  # every version on disk too: the test compares them
     )
     job = Job(cfg)
     try:

@@ -37,7 +37,8 @@ needs_prometheus = pytest.mark.skipif(
 METRIC = re.compile(r"(?<![\w\"])rlhf_[a-z_]+\b(?!\")")
 # Counters that only get samples when their event happens (a drop, a restart): a short healthy job
 # may never produce one, so for these the dashboard only needs the name to be exported.
-EVENT_COUNTERS = {"rlhf_buffer_samples_dropped_total", "rlhf_pool_worker_restarts_total"}
+EVENT_COUNTERS = {"rlhf_buffer_samples_dropped_total", "rlhf_pool_worker_restarts_total",
+                  "rlhf_weights_fingerprint_mismatches_total"}
 
 
 def _promtool(*args: str) -> str:

@@ -355,10 +355,16 @@ def test_old_deepspeed_section_still_loads_and_options_without_the_backend_are_r
 
 
 def test_weight_transport_is_typed():
-    assert load_config().weights.transport.type == "filesystem"
+    default = load_config().weights
+    assert default.transport.type == "direct" and default.transport.bucket_mb == 64 and default.persist_every == 10
     assert load_config(None, ["weights.transport=filesystem"]).weights.transport.type == "filesystem"
-    with pytest.raises(ConfigError, match=r"weights\.transport.*'filesystem'"):
+    assert load_config(None, ["weights.transport={type: direct, bucket_mb: 8}"]).weights.transport.bucket_mb == 8
+    with pytest.raises(ConfigError, match=r"weights\.transport.*'filesystem'.*'direct'"):
         load_config(None, ["weights.transport=carrier_pigeon"])
+    with pytest.raises(ConfigError, match=r"weights\.transport\.bucket_mb"):
+        load_config(None, ["weights.transport={type: direct, bucket_mb: 0}"])
+    with pytest.raises(ConfigError, match=r"weights\.transport\.bucket_mb"):
+        load_config(None, ["weights.transport={type: filesystem, bucket_mb: 8}"])  # not a field of that kind
 
 
 # ---- reward sources ----------------------------------------------------------------------------

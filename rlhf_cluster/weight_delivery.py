@@ -1,0 +1,206 @@
+"""Direct weight delivery, the Ray-free half: a version's tensors in the engine's dtype, packed
+into layer-aligned buckets of flat bytes, each with a checksum, and a fingerprint over them.
+
+The sender (the learner's rank 0) casts every tensor to what the engine holds (bf16/fp16/fp32,
+or W8A8 int8 quantised once here), packs consecutive tensors into buckets of about `bucket_bytes`
+that never split a decoder layer (vLLM fuses q/k/v and gate/up of one layer at load time, so a
+layer's tensors must arrive together), and checksums each bucket with BLAKE3. The receiver checks
+every bucket against its checksum before anything reaches the engine, then unpacks the buckets as
+zero-copy views in the order they were packed. Both sides compute the version's fingerprint from
+the bucket checksums of the bytes they hold, so an engine proves what it loaded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import blake3
+import numpy as np
+import torch
+
+from rlhf_cluster.fileio import checksum
+from rlhf_cluster.generation.quantization import is_quantized_weight, quantize_weight
+
+ALIGN = 64  # every tensor starts on a 64-byte boundary inside its bucket, so any dtype view is legal
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+class DeliveryError(RuntimeError):
+    """A delivered bucket or version does not match what the sender declared."""
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lies in its bucket's bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """One bucket: its tensors, its size and the BLAKE3 digest of its bytes."""
+
+    tensors: tuple[TensorSlot, ...]
+    nbytes: int
+    digest: str
+
+
+@dataclass
+class DeliveryManifest:
+    """What the sender declares for one version of one engine variant (`full` or `int8`)."""
+
+    version: int
+    created_at: str
+    variant: str
+    buckets: list[BucketSpec] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.version, self.created_at, [b.digest for b in self.buckets])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeliveryManifest":
+        buckets = [BucketSpec(tuple(TensorSlot(**{**t, "shape": tuple(t["shape"])}) for t in b["tensors"]),
+                              b["nbytes"], b["digest"]) for b in data["buckets"]]
+        return cls(data["version"], data["created_at"], data["variant"], buckets)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def fingerprint(version: int, created_at: str, digests: Iterable[str]) -> str:
+    """One digest for a delivered version: its identity and every bucket's checksum, in order."""
+    h = blake3.blake3(f"{version}|{created_at}".encode())
+    for d in digests:
+        h.update(b"|" + d.encode())
+    return h.hexdigest()
+
+
+def engine_tensors(named: Iterable[tuple[str, torch.Tensor]], variant: str,
+                   float_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors an engine of `variant` holds: floats cast to `float_dtype`; for `int8` the
+    decoder projections quantised per output channel, each followed by its `weight_scale`."""
+    for name, tensor in named:
+        if variant == "int8" and is_quantized_weight(name, tensor):
+            q, scale = quantize_weight(tensor)
+            yield name, q
+            yield name.removesuffix("weight") + "weight_scale", scale
+        elif tensor.is_floating_point():
+            yield name, tensor.detach().to("cpu", float_dtype)
+        else:
+            yield name, tensor.detach().to("cpu")
+
+
+def layer_of(name: str) -> str:
+    """The unit a bucket never splits: a decoder layer (`model.layers.3`) or a top-level module."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name.rsplit(".", 1)[0]
+
+
+def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[tuple[BucketSpec, np.ndarray]]:
+    """Pack `named` (in order) into buckets of at least `bucket_bytes` unless the tensors run out,
+    closing a bucket only between two layers; yields each bucket's spec and its bytes.
+
+    Tensors are consumed lazily, so a sender that gathers them one at a time holds at most one
+    bucket (plus one layer) of them.
+    """
+    pending: list[tuple[str, torch.Tensor]] = []
+    size, layer = 0, None
+    for name, tensor in named:
+        this_layer = layer_of(name)
+        if pending and size >= bucket_bytes and this_layer != layer:
+            yield _pack(pending)
+            pending, size = [], 0
+        pending.append((name, tensor))
+        size += _aligned(tensor.numel() * tensor.element_size())
+        layer = this_layer
+    if pending:
+        yield _pack(pending)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _pack(tensors: list[tuple[str, torch.Tensor]]) -> tuple[BucketSpec, np.ndarray]:
+    slots, offset = [], 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        slots.append(TensorSlot(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
+        offset += _aligned(nbytes)
+    buffer = torch.zeros(offset, dtype=torch.uint8)
+    for slot, (_, t) in zip(slots, tensors):
+        buffer[slot.offset: slot.offset + slot.nbytes] = t.contiguous().reshape(-1).view(torch.uint8)
+    payload = buffer.numpy()
+    return BucketSpec(tuple(slots), offset, checksum(payload)), payload
+
+
+def check_bucket(spec: BucketSpec, payload, index: int) -> str:
+    """Refuse a bucket whose bytes are not the sender's; returns its digest."""
+    nbytes = memoryview(payload).nbytes
+    if nbytes != spec.nbytes:
+        raise DeliveryError(f"bucket {index}: {nbytes} bytes arrived, {spec.nbytes} were sent")
+    digest = checksum(payload)
+    if digest != spec.digest:
+        raise DeliveryError(f"bucket {index}: checksum {digest[:12]} does not match the sender's {spec.digest[:12]}")
+    return digest
+
+
+def unpack_bucket(spec: BucketSpec, payload) -> list[tuple[str, torch.Tensor]]:
+    """The bucket's tensors as views of `payload` (no copy; the engine copies them in place)."""
+    with warnings.catch_warnings():  # payloads from the object store are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(memoryview(payload).cast("B"), dtype=torch.uint8)
+    out = []
+    for slot in spec.tensors:
+        view = raw[slot.offset: slot.offset + slot.nbytes].view(getattr(torch, slot.dtype)).reshape(slot.shape)
+        out.append((slot.name, view))
+    return out
+
+
+def pack_version(named: Iterable[tuple[str, torch.Tensor]], version: int, created_at: str, variant: str,
+                 float_dtype: torch.dtype, bucket_bytes: int, put: Callable[[np.ndarray], object]) -> tuple[DeliveryManifest, list]:
+    """Pack one version for engines of `variant`, handing each bucket's bytes to `put` as soon as
+    it is packed (the sender's transport, e.g. the object store); returns the manifest and what
+    `put` returned, bucket by bucket."""
+    manifest, handles = DeliveryManifest(version, created_at, variant), []
+    for spec, payload in pack_buckets(engine_tensors(named, variant, float_dtype), bucket_bytes):
+        manifest.buckets.append(spec)
+        handles.append(put(payload))
+    return manifest, handles
+
+
+def verified_tensors(manifest: DeliveryManifest, payloads: list, corrupt: Callable[[int, object], object] | None = None
+                     ) -> tuple[list[tuple[str, torch.Tensor]], str]:
+    """Check every bucket against the manifest, then return all tensors (views, in packing order)
+    and the fingerprint of the bytes checked. Raises `DeliveryError` before anything is unpacked.
+    `corrupt` is a test hook that may replace a bucket's bytes as they arrive."""
+    if len(payloads) != len(manifest.buckets):
+        raise DeliveryError(f"version {manifest.version}: {len(payloads)} buckets arrived, {len(manifest.buckets)} were sent")
+    if corrupt is not None:
+        payloads = [corrupt(i, p) for i, p in enumerate(payloads)]
+    digests = [check_bucket(spec, payload, i) for i, (spec, payload) in enumerate(zip(manifest.buckets, payloads))]
+    tensors = [t for spec, payload in zip(manifest.buckets, payloads) for t in unpack_bucket(spec, payload)]
+    return tensors, fingerprint(manifest.version, manifest.created_at, digests)
+
+
+def persisted(version: int, persist_every: int, checkpoint_every: int, total_steps: int) -> bool:
+    """Whether the direct transport also writes `version` to the store on disk: every
+    `persist_every`-th, every checkpoint's (version = step + 1) and the last."""
+    return version % persist_every == 0 or version % checkpoint_every == 0 or version == total_steps

@@ -1,0 +1,122 @@
+"""Direct weight delivery on real parts: FSDP2 / DeepSpeed ranks pack every version into the Ray
+object store, vLLM engines in Ray actors verify and load it in place, the store on disk keeps
+only every K-th version, and a damaged bucket is refused."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections import defaultdict
+
+import pytest
+import ray
+import torch
+
+from actors.generation import GenerationWorker
+from actors.job import Job
+from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
+from rlhf_cluster.weight_delivery import now, pack_version
+from rlhf_cluster.weights import WeightStore
+
+# fp32 engine vs the learner's fp32 forward of the same weights on the probe: measured ~5e-7.
+MAX_FP32_DIFF = 1e-4
+# The int8 engine's bound is the existing probe bound (tests/integration/test_int8_rollouts.py).
+MAX_INT8_DIFF = 0.05
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
+def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cluster, job_config, backend):
+    steps, every = 5, 2
+    cfg = job_config(
+        name=f"direct-{backend}",
+        # One full-precision and one int8 engine: the learner makes both variants of every version.
+        generation={"replicas": 2, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8},
+                    "probe": {"sequences": 8}, "quantization": ["none", "int8"]},
+        learner={"world_size": 2, "lr": 1e-3, "backend": backend},
+        train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
+        weights={"transport": {"type": "direct", "bucket_mb": 0.05}, "persist_every": every, "keep": 100},
+        checkpoint={"every_steps": 100},
+    )
+    job = Job(cfg)
+    try:
+        result = job.run()
+        receipts = job.delivery_receipts
+        reports = [json.loads(line) for line in (job.run_dir / "probes.jsonl").read_text().splitlines()]
+    finally:
+        job.shutdown()
+    assert result.final_version == steps
+    # The store on disk holds only every K-th version (and the last), all others went by wire only.
+    assert WeightStore(cfg.weights_dir).versions() == [0, 2, 4, 5]
+
+    # Every version reached every engine (pushes are serial and in order), each proven by the
+    # fingerprint of the bytes it loaded matching the learner's.
+    by_worker = defaultdict(list)
+    for receipt in receipts:
+        assert "refused" not in receipt, receipt
+        by_worker[receipt["worker"]].append(receipt)
+    assert set(by_worker) == {"gen0", "gen1"}
+    fingerprints = defaultdict(set)
+    for worker, seen in by_worker.items():
+        loaded = [r["version"] for r in seen if r["loaded"]]
+        assert loaded == list(range(steps + 1)), (worker, loaded)  # the driver pushes versions in order
+        for r in seen:
+            assert r["fingerprint"] == r["sent_fingerprint"], r
+            fingerprints[r["version"], r["variant"]].add(r["fingerprint"])
+    assert {v for _, v in fingerprints} == {"full", "int8"}
+    assert all(len(f) == 1 for f in fingerprints.values()), fingerprints
+
+    # Each engine scores the probe like the learner's forward of that version: exactly (fp32), or
+    # within the int8 probe bound, and never exactly (the int8 variant was loaded, not the fp32 one).
+    assert {(r["worker"], r["version"]) for r in reports} == {(w, v) for w in by_worker for v in range(steps + 1)}
+    for r in reports:
+        assert r["variant"] == ("full" if r["worker"] == "gen0" else "int8"), r
+        if r["variant"] == "full":
+            assert r["max_abs_diff"] < MAX_FP32_DIFF, r
+        else:
+            assert 1e-5 < r["max_abs_diff"] < MAX_INT8_DIFF, r
+    sizes = {r["variant"]: r["bytes"] for r in receipts if r["loaded"]}
+    assert sizes["int8"] < sizes["full"], sizes
+
+
+@ray.remote
+def _hf_logprobs(model_path: str, state: dict, prompt: list[int], response: list[int]) -> list[float]:
+    model = load_causal_lm(model_path)
+    model.load_state_dict(state)
+    return sequence_logprobs(model, prompt, response).tolist()
+
+
+def test_a_damaged_bucket_is_refused_counted_and_the_engine_keeps_its_version(ray_cluster, job_config, tiny_model_path):
+    cfg = job_config(weights={"transport": {"type": "direct", "bucket_mb": 0.05}})
+    worker = GenerationWorker.remote(cfg.model_dump(), str(tiny_model_path), 0)
+    try:
+        prompt, response = list(range(5, 40)), list(range(40, 50))
+        before = ray.get(worker.logprobs_of.remote(prompt, response))
+        torch.manual_seed(3)
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in load_causal_lm(tiny_model_path).state_dict().items()}
+        manifest, buckets = pack_version(state.items(), 1, now(), "full", torch.float32, 50_000, ray.put)
+        assert len(buckets) >= 3
+        delivery = {"version": 1, "created_at": manifest.created_at, "files": {}, "variants": {
+            "full": {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}}}
+
+        ray.get(worker.corrupt_next_delivery.remote(1))
+        receipt = ray.get(worker.receive.remote(delivery), timeout=120)
+        assert "bucket 1: checksum" in receipt["refused"] and receipt["held"] == 0, receipt
+        assert ray.get(worker.logprobs_of.remote(prompt, response)) == before, "the engine must keep version 0"
+        target = ray.get(worker.info.remote())["metrics"]
+        body = urllib.request.urlopen(f"http://{target}/metrics", timeout=10).read().decode()
+        assert 'rlhf_weights_fingerprint_mismatches_total{job="test",pool="generation",worker="gen0"} 1.0' in body
+
+        # The same version, undamaged, is loaded and proven, and the engine then scores like it.
+        receipt = ray.get(worker.receive.remote(delivery), timeout=120)
+        assert receipt["loaded"] and receipt["fingerprint"] == manifest.fingerprint, receipt
+        after = ray.get(worker.logprobs_of.remote(prompt, response))
+        expected = ray.get(_hf_logprobs.remote(str(tiny_model_path), state, prompt, response))
+        assert max(abs(a - b) for a, b in zip(after, expected)) < MAX_FP32_DIFF
+        assert max(abs(a - b) for a, b in zip(after, before)) > 1e-2, "the two versions must differ to prove anything"
+        body = urllib.request.urlopen(f"http://{target}/metrics", timeout=10).read().decode()
+        delivered = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                     if line.startswith("rlhf_weights_delivery_bytes_total{") and 'transport="direct"' in line
+                     and 'worker="gen0"' in line]
+        assert delivered == [manifest.total_bytes], delivered  # only the loaded delivery counts
+    finally:
+        ray.kill(worker)
