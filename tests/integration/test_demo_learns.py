@@ -5,7 +5,7 @@ seed 0. The figure is the sampled held-out accuracy: 30 sums never trained on, 3
 the training temperature, judged by the verifier; the same prompts before and after RL.
 
 How MARGIN was chosen (measurements of 2026-11-21, `rlhf-cluster train configs/demo.yaml
---set seed=S`, README "Seed-to-seed noise"):
+--set seed=S`, docs/demo-results.md):
 - Measurement noise: one sampled accuracy over 30 x 32 answers has a standard error of at most
   sqrt(0.25 / 32 / 30) = 0.016, so a before/after difference at most 0.023.
 - Training noise: with a uniform random reward (the placebo control), every one of five seeds
