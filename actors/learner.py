@@ -18,7 +18,7 @@ from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
 from rlhf_cluster.learner.base import LearnerBase, done_future
 from rlhf_cluster.records import TrainBatch
-from rlhf_cluster.weight_delivery import now as delivery_time, pack_version, persisted
+from rlhf_cluster.weight_delivery import VersionPacker, now as delivery_time, persisted
 from rlhf_cluster.weights import WeightStore
 
 
@@ -88,40 +88,51 @@ class LearnerRank(ShardedRank):
         }
 
     def publish(self, version: int, persist: bool = False) -> None:
-        """Collective: gather the full state dict (and score the mismatch probe); rank 0 hands the
-        version to the transport and returns. `filesystem`: queue its write to the store.
-        `direct`: pack it into checksummed object-store buckets for the engines now, and queue a
-        store write when one is due (`persist` forces it: the start, a restored checkpoint)."""
-        state = self.learner.full_state_dict()
+        """Collective: score the mismatch probe, then gather the weights one tensor at a time;
+        rank 0 hands the version to the transport and returns. `filesystem`: queue its write to
+        the store. `direct`: pack each tensor into checksummed object-store buckets as it is
+        gathered (the whole model is never held at once, unless this version is also written to
+        the store: when one is due, or `persist` forces it at the start or a restored checkpoint)."""
         files = {}
         if self.probe is not None:
             logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
             files[PROBE_FILE] = probe_file(self.probe, logprobs)
+        gathered = self.learner.named_full_tensors()
         if self.rank != 0:
+            for _ in gathered:  # this rank's part of every gather
+                pass
             return
         # What the engines hold is what goes on disk too: no fp32 copy when the engine runs bf16.
-        state = {k: v.to(self.engine_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        named = ((k, v.to(self.engine_dtype) if v.is_floating_point() else v) for k, v in gathered)
         weights = self.cfg.weights
         snapshot = persist or persisted(version, weights.persist_every, self.cfg.checkpoint.every_steps,
                                         self.cfg.train.total_steps)
         if weights.transport != "direct":
             # Every version goes through the store; only snapshots pay for fsync.
-            self.pending[version] = self.store.publish_async(version, state, files, durable=snapshot)
+            self.pending[version] = self.store.publish_async(version, dict(named), files, durable=snapshot)
             return
         self._reap_writes()
-        created_at = delivery_time()
+        start, created_at = time.perf_counter(), delivery_time()
+        bucket_bytes = int(weights.transport.bucket_mb * (1 << 20))
+        # Each variant is made once here, for every engine of its kind.
+        packers = [VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, ray.put)
+                   for variant in self.cfg.generation.weight_variants]
+        kept = {}
+        for name, tensor in named:
+            for packer in packers:
+                packer.add(name, tensor)
+            if snapshot:
+                kept[name] = tensor
         if snapshot:
-            self.writes.append(self.store.publish_async(version, state, files, created_at))
-        start = time.perf_counter()
-        variants, total = {}, 0
-        for variant in self.cfg.generation.weight_variants:  # each made once here, for every engine of its kind
-            begun = time.perf_counter()
-            manifest, buckets = pack_version(state.items(), version, created_at, variant, self.engine_dtype,
-                                             int(weights.transport.bucket_mb * (1 << 20)), ray.put)
-            self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=f"direct-{variant}").observe(time.perf_counter() - begun)
-            variants[variant] = {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}
-            total += manifest.total_bytes
+            self.writes.append(self.store.publish_async(version, kept, files, created_at))
+        variants = {}
+        for packer in packers:
+            manifest, buckets = packer.finish()
+            self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=f"direct-{manifest.variant}").observe(packer.seconds)
+            variants[manifest.variant] = {"manifest": manifest.to_dict(), "buckets": buckets,
+                                          "fingerprint": manifest.fingerprint}
         delivery = {"version": version, "created_at": created_at, "variants": variants, "files": files}
+        total = sum(p.manifest.total_bytes for p in packers)
         self.pending[version] = done_future({"seconds": time.perf_counter() - start, "bytes": total,
                                              "variant_seconds": {}, "delivery": delivery})
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -107,31 +108,51 @@ def engine_tensors(named: Iterable[tuple[str, torch.Tensor]], variant: str,
             yield name, tensor.detach().to("cpu")
 
 
+def decoder_layer(name: str) -> str | None:
+    """The decoder layer a tensor belongs to (`model.layers.3`), None outside the layers."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else None
+
+
 def layer_of(name: str) -> str:
     """The unit a bucket never splits: a decoder layer (`model.layers.3`) or a top-level module."""
-    match = _LAYER.match(name)
-    return match.group(1) if match else name.rsplit(".", 1)[0]
+    return decoder_layer(name) or name.rsplit(".", 1)[0]
+
+
+class BucketFiller:
+    """Collects tensors (in order) into buckets of at least `bucket_bytes` unless the tensors run
+    out, closing a bucket only between two layers. Fed one tensor at a time, it holds at most one
+    bucket (plus one layer) of them."""
+
+    def __init__(self, bucket_bytes: int):
+        self.bucket_bytes = bucket_bytes
+        self.pending: list[tuple[str, torch.Tensor]] = []
+        self.size, self.layer = 0, None
+
+    def add(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[BucketSpec, np.ndarray]]:
+        """Take one tensor; yields the bucket it closes, if any."""
+        this_layer = layer_of(name)
+        if self.pending and self.size >= self.bucket_bytes and this_layer != self.layer:
+            yield _pack(self.pending)
+            self.pending, self.size = [], 0
+        self.pending.append((name, tensor))
+        self.size += _aligned(tensor.numel() * tensor.element_size())
+        self.layer = this_layer
+
+    def finish(self) -> Iterator[tuple[BucketSpec, np.ndarray]]:
+        """The last bucket."""
+        if self.pending:
+            yield _pack(self.pending)
+            self.pending, self.size = [], 0
 
 
 def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[tuple[BucketSpec, np.ndarray]]:
-    """Pack `named` (in order) into buckets of at least `bucket_bytes` unless the tensors run out,
-    closing a bucket only between two layers; yields each bucket's spec and its bytes.
-
-    Tensors are consumed lazily, so a sender that gathers them one at a time holds at most one
-    bucket (plus one layer) of them.
-    """
-    pending: list[tuple[str, torch.Tensor]] = []
-    size, layer = 0, None
+    """Pack `named` (in order, consumed lazily) into layer-aligned buckets; yields each bucket's
+    spec and its bytes."""
+    filler = BucketFiller(bucket_bytes)
     for name, tensor in named:
-        this_layer = layer_of(name)
-        if pending and size >= bucket_bytes and this_layer != layer:
-            yield _pack(pending)
-            pending, size = [], 0
-        pending.append((name, tensor))
-        size += _aligned(tensor.numel() * tensor.element_size())
-        layer = this_layer
-    if pending:
-        yield _pack(pending)
+        yield from filler.add(name, tensor)
+    yield from filler.finish()
 
 
 def _aligned(n: int) -> int:
@@ -174,16 +195,47 @@ def unpack_bucket(spec: BucketSpec, payload) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+class VersionPacker:
+    """Packs one version for engines of one variant (`full` or `int8`) as its tensors arrive, so
+    a sender that gathers the model a layer at a time never holds it whole: each tensor is turned
+    into what the engine holds, each closed bucket is handed to `put` (the sender's transport,
+    e.g. the object store) at once. `seconds` is the time spent here."""
+
+    def __init__(self, version: int, created_at: str, variant: str, float_dtype: torch.dtype, bucket_bytes: int,
+                 put: Callable[[np.ndarray], object]):
+        self.manifest = DeliveryManifest(version, created_at, variant)
+        self.handles: list = []
+        self.seconds = 0.0
+        self._variant, self._dtype, self._put = variant, float_dtype, put
+        self._filler = BucketFiller(bucket_bytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        begun = time.perf_counter()
+        for engine_name, engine_tensor in engine_tensors([(name, tensor)], self._variant, self._dtype):
+            self._emit(self._filler.add(engine_name, engine_tensor))
+        self.seconds += time.perf_counter() - begun
+
+    def finish(self) -> tuple[DeliveryManifest, list]:
+        """Close the last bucket; returns the manifest and what `put` returned, bucket by bucket."""
+        begun = time.perf_counter()
+        self._emit(self._filler.finish())
+        self.seconds += time.perf_counter() - begun
+        return self.manifest, self.handles
+
+    def _emit(self, buckets: Iterator[tuple[BucketSpec, np.ndarray]]) -> None:
+        for spec, payload in buckets:
+            self.manifest.buckets.append(spec)
+            self.handles.append(self._put(payload))
+
+
 def pack_version(named: Iterable[tuple[str, torch.Tensor]], version: int, created_at: str, variant: str,
                  float_dtype: torch.dtype, bucket_bytes: int, put: Callable[[np.ndarray], object]) -> tuple[DeliveryManifest, list]:
-    """Pack one version for engines of `variant`, handing each bucket's bytes to `put` as soon as
-    it is packed (the sender's transport, e.g. the object store); returns the manifest and what
-    `put` returned, bucket by bucket."""
-    manifest, handles = DeliveryManifest(version, created_at, variant), []
-    for spec, payload in pack_buckets(engine_tensors(named, variant, float_dtype), bucket_bytes):
-        manifest.buckets.append(spec)
-        handles.append(put(payload))
-    return manifest, handles
+    """Pack one version for engines of `variant` (see `VersionPacker`); returns the manifest and
+    what `put` returned, bucket by bucket."""
+    packer = VersionPacker(version, created_at, variant, float_dtype, bucket_bytes, put)
+    for name, tensor in named:
+        packer.add(name, tensor)
+    return packer.finish()
 
 
 def verified_tensors(manifest: DeliveryManifest, payloads: list, corrupt: Callable[[int, object], object] | None = None

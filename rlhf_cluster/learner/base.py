@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -123,8 +123,14 @@ class LearnerBase(ABC):
         is not finite, clear gradients. Returns (pre-clip global gradient norm, step applied)."""
 
     @abstractmethod
+    def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective generator: the full (unsharded) fp32 CPU tensors, in state-dict order and
+        under the plain model's names, gathered one at a time; rank 0 gets them, other ranks get
+        nothing but must run it to the end too (their part of every gather)."""
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the full (unsharded) fp32 CPU state dict on rank 0, empty on other ranks."""
+        """Collective: the whole `named_full_tensors` on rank 0, empty on other ranks."""
+        return dict(self.named_full_tensors())
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor | None:
         """Reference log-probs the learner computes itself (LoRA: the base model); None: the

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -114,23 +115,27 @@ class DeepSpeedLearner(LearnerBase):
         buffers = dict(module.named_buffers(remove_duplicate=False))
         return [(name, params.get(name, buffers.get(name))) for name in module.state_dict().keys()]
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the full fp32 CPU state dict on rank 0 (ZeRO's fp32 master weights,
-        gathered one parameter at a time), empty on other ranks."""
+    def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective generator: ZeRO's fp32 master weights gathered one parameter at a time
+        (every rank takes part in each gather; rank 0 gets them)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        out: dict[str, torch.Tensor] = {}
-        gathered: dict[int, torch.Tensor] = {}  # tied weights are gathered once
-        for name, tensor in self._named_state_tensors():
+        named = self._named_state_tensors()
+        uses = Counter(id(tensor) for _, tensor in named)
+        tied: dict[int, torch.Tensor] = {}  # a tied weight is gathered once, kept until its last name
+        for name, tensor in named:
             if isinstance(tensor, torch.nn.Parameter):
-                if id(tensor) not in gathered:
-                    gathered[id(tensor)] = safe_get_full_fp32_param(tensor)  # every rank takes part
-                full = gathered[id(tensor)]
+                key = id(tensor)
+                full = tied[key] if key in tied else safe_get_full_fp32_param(tensor)
+                uses[key] -= 1
+                if uses[key] > 0:
+                    tied[key] = full
+                else:
+                    tied.pop(key, None)
             else:
                 full = tensor  # buffers are not partitioned
             if self.rank == 0:
-                out[name] = full.detach().to("cpu", torch.float32 if full.is_floating_point() else full.dtype).clone()
-        return out
+                yield name, full.detach().to("cpu", torch.float32 if full.is_floating_point() else full.dtype).clone()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _local_model_tensor(self, param: torch.nn.Parameter) -> torch.Tensor:

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerBase
-from rlhf_cluster.learner.lora import apply_lora, merge_lora_state_dict
+from rlhf_cluster.learner.lora import apply_lora, merged_lora_tensors
 from rlhf_cluster.modeling import load_causal_lm
 
 
@@ -81,12 +82,19 @@ class FSDP2Learner(LearnerBase):
         return grad_norm, applied
 
     # ---- weights ---------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the full (unsharded) CPU state dict on rank 0, empty on other ranks; with
-        LoRA the merged weights under the base model's names."""
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective generator: each parameter all-gathered on its own (`DTensor.full_tensor`),
+        so no rank holds more than one full tensor beyond what rank 0's consumer keeps; with LoRA
+        the merged weights under the base model's names, merged a decoder layer at a time."""
+        gathered = self._gathered_tensors()
         lora = self.cfg.learner.lora
-        return merge_lora_state_dict(state, lora.alpha / lora.rank) if lora.enabled else state
+        return merged_lora_tensors(gathered, lora.alpha / lora.rank) if lora.enabled else gathered
+
+    def _gathered_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.model.state_dict().items():
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank takes part
+            if self.rank == 0:
+                yield name, full.detach().to("cpu", copy=not isinstance(tensor, DTensor))
 
     @torch.no_grad()
     def reference_logprobs(self, batch):

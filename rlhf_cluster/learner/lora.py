@@ -8,9 +8,12 @@ same as for full fine-tuning. The base model with the adapters disabled is the f
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 
 from rlhf_cluster.config import LoraConfig
+from rlhf_cluster.weight_delivery import decoder_layer
 
 PEFT_PREFIX = "base_model.model."
 
@@ -50,3 +53,18 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[
             tensor = (tensor.to(torch.float32) + scale * (b @ a)).to(tensor.dtype)
         merged[plain] = tensor
     return merged
+
+
+def merged_lora_tensors(named: Iterable[tuple[str, torch.Tensor]], scale: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """`merge_lora_state_dict` over a stream of tensors, one decoder layer at a time (a layer's
+    base weights and adapters arrive together), so a sender gathering layer by layer never holds
+    the whole model."""
+    group: dict[str, torch.Tensor] = {}
+    layer: str | None = None
+    for name, tensor in named:
+        this_layer = decoder_layer(name)
+        if group and this_layer != layer:
+            yield from merge_lora_state_dict(group, scale).items()
+            group = {}
+        group[name], layer = tensor, this_layer
+    yield from merge_lora_state_dict(group, scale).items()
