@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	.venv/bin/rlhf-cluster train $(CONFIG)
+	.venv/bin/rlhf-cluster train $(CONFIG) --overwrite
 
 test: setup
 	@bash scripts/run_tests.sh tests

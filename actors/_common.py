@@ -49,8 +49,11 @@ def rendezvous_address() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int) -> None:
-    """Join the group (gloo on CPU, nccl on CUDA); every rank calls it at once."""
+def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float = 300.0) -> None:
+    """Join the group (gloo on CPU, nccl on CUDA); every rank calls it at once. A collective
+    that waits `timeout_s` for a peer fails instead of waiting forever."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -58,4 +61,20 @@ def join_process_group(master_addr: str, master_port: int, rank: int, world_size
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+async def heartbeat(actor, timeout_s: float) -> "Heartbeat":
+    """One heartbeat to `actor` (its `heartbeat()` answers `{"stalled_s": ...}`), bounded by
+    `timeout_s`; a dead or silent actor counts as not answering."""
+    import asyncio
+
+    import ray
+
+    from rlhf_cluster.liveness import Heartbeat
+
+    try:
+        reply = await asyncio.wait_for(actor.heartbeat.remote(), timeout_s)
+    except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+        return Heartbeat(answered=False)
+    return Heartbeat(answered=True, stalled_s=reply["stalled_s"])

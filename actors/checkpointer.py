@@ -61,9 +61,13 @@ class Checkpointer:
         self.store.discard_from(ckpt.version)
         delivery = trainer.publish_now(ckpt.version)
         self.reporter.keep_steps(ckpt.step)
+        overrides = {name: {"checkpoint": old, "now": new} for name, (old, new) in state.overrides.items()}
         self.run_dir.write_json(RunDir.RESUME, {"step": ckpt.step, "version": ckpt.version, "path": str(ckpt.path),
-                                                "rank_digests": digests["rank_digests"]})
+                                                "rank_digests": digests["rank_digests"], "overrides": overrides})
         tqdm.write(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}")
+        if overrides:
+            tqdm.write("settings changed since the checkpoint, this job's apply: "
+                       + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items()))
         return ckpt.version, delivery
 
     async def save(self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState) -> None:

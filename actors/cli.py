@@ -98,6 +98,8 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and check the cluster can place every pool; start nothing."),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'auto' (the newest that verifies) or its path."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run_dir that holds an earlier run (deletes its metrics, checkpoints and weights)."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error caused by input (config, files, reward code, checkpoints)."),
 ) -> None:
     """Run an RL job: generation, scoring, learner and weight store on Ray."""
     cfg = _load(config, set_)
@@ -109,16 +111,52 @@ def train(
     import ray
 
     from actors.job import run_job
+    from actors.preemption import GracefulStop
 
-    _connect(address, cfg.cluster.num_cpus)
     try:
-        result = run_job(cfg, resume)
+        _connect(address, cfg.cluster.num_cpus)
+        # After ray.init, which installs its own SIGTERM handler (a stack dump, then exit 15).
+        with GracefulStop(cfg.faults.preempt_grace_s) as stop:
+            result = run_job(cfg, resume, stop, overwrite)
+    except KeyboardInterrupt as exc:
+        typer.echo(f"error: {exc or 'interrupted'}; the job was torn down without a final checkpoint "
+                   f"(continue from the newest one with --resume auto)", err=True)
+        raise typer.Exit(130)
+    except Exception as exc:
+        _exit_on_input_error(exc, debug)
+        raise
     finally:
         ray.shutdown()
     _print_result(cfg, result)
+    if result.stopped:
+        why = f" by {stop.received}" if stop.received else ""
+        done = result.rows[-1]["step"] + 1 if result.rows else 0
+        typer.echo(f"stopped{why} after step {done} of {cfg.train.total_steps}, with a checkpoint; "
+                   f"continue with: rlhf-cluster train {config} --resume auto")
+
+
+def _exit_on_input_error(exc: BaseException, debug: bool) -> None:
+    """An error caused by the user's input ends the command with its one-line message (exit 2);
+    anything else, or with --debug, keeps its traceback."""
+    from rlhf_cluster.checkpoint import CheckpointError
+    from rlhf_cluster.run_dir import RunDirInUse
+    from rlhf_cluster.run_lock import RunDirBusy
+    from rlhf_cluster.scoring.rewards import RewardFunctionError
+    from rlhf_cluster.weights import WeightIntegrityError
+
+    cause = getattr(exc, "cause", None) or exc  # a remote task's error arrives wrapped by Ray
+    input_errors = (ValueError, FileNotFoundError, RunDirBusy, RunDirInUse, CheckpointError, RewardFunctionError,
+                    WeightIntegrityError)
+    if debug or not isinstance(cause, input_errors):
+        return
+    typer.echo(f"error: {cause}", err=True)
+    typer.echo("(the full traceback: the same command with --debug)", err=True)
+    raise typer.Exit(2)
 
 
 def _print_result(cfg: JobConfig, result) -> None:
+    if not result.rows:
+        return
     last = result.rows[-1]
     if result.accuracy_before is not None:
         typer.echo(

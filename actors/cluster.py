@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from functools import partial
 from typing import Callable
 
 import ray
@@ -187,7 +188,20 @@ class Cluster:
         ]
         self.run_dir.write_json(RunDir.SCRAPE_TARGETS, groups)
 
-    async def watch_scaling(self, version: Callable[[], int]) -> None:
+    async def watch(self, version: Callable[[], int]) -> None:
+        """Until cancelled: apply scale requests, and heartbeat every pool's workers (a hung one is
+        killed and replaced); a failure of either ends the job with its cause."""
+        await asyncio.gather(self._watch_scaling(version),
+                             *(pool.watch(self.cfg.faults, partial(self._on_hung, name)) for name, pool in self.pools.items()))
+
+    def _on_hung(self, pool_name: str, dead: str, reason: str, detected_s: float, replaced_s: float) -> None:
+        labels = {"job": self.cfg.name, "pool": pool_name, "worker": dead}
+        m.HUNG_DETECTION_SECONDS.labels(**labels).observe(detected_s)
+        m.WORKER_REPLACEMENT_SECONDS.labels(**labels).observe(replaced_s)
+        tqdm.write(f"{pool_name} worker {dead} was hung ({reason}): detected in {detected_s:.1f} s, "
+                   f"replaced in {replaced_s:.1f} s")
+
+    async def _watch_scaling(self, version: Callable[[], int]) -> None:
         """Apply scale requests from the JobController as they arrive."""
         while True:
             ticket, pool_name, replicas = await self.controller.next_request.remote()

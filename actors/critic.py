@@ -17,7 +17,7 @@ from rlhf_cluster.learner.critic import ValueLearner
 from rlhf_cluster.records import TrainBatch
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"health": 1})
 class CriticRank(ShardedRank):
     """One rank of the critic group (a `ValueLearner`)."""
 
@@ -30,7 +30,7 @@ class CriticRank(ShardedRank):
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the critic's process group and shard the value model (all ranks at once)."""
-        join_process_group(master_addr, master_port, self.rank, self.world_size)
+        join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
         self.learner = ValueLearner(self.cfg, self.policy_path)
         return {
             "name": f"rank{self.rank}",

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class Driver:
     """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
 
-    def __init__(self, cfg: JobConfig, resume: str | None = None):
+    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool = False):
         for warning in preflight(cfg):  # bad input fails here, before anything is written or started
             log.warning(warning)
         self.cfg, self.cfg_dict = cfg, cfg.model_dump()
@@ -51,19 +51,21 @@ class Driver:
         self.reporter = Reporter(cfg, self.run_dir)
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.store, self.reporter)
         resume_from = self.checkpointer.to_resume(resume)
-        self.run_dir.prepare(fresh=resume_from is None)
-        self.inputs = prepare_inputs(cfg, self.run_dir)
-        self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
+        # One job per run_dir; a fresh job wipes an earlier run only when told to (or asked to resume one).
+        self.run_dir.prepare(fresh=resume_from is None, job_name=cfg.name, overwrite=overwrite or resume is not None)
         self.changed = asyncio.Condition()  # the buffer, the published version or the requests in flight moved
         self.timeline = 0  # bumped by every rollback: late results of an abandoned timeline are ignored
         self.learner_restarts = 0
         self.stop_requested = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # where `request_stop` wakes the step loop
         self.trainer: Trainer | None = None
         self.delivery: dict | None = None
         self._publishing: asyncio.Task | None = None  # the newest version's publication
         self.cluster: Cluster | None = None
         self.state: JobState | None = None
         try:
+            self.inputs = prepare_inputs(cfg, self.run_dir)
+            self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
             self._start_learner(resume_from)
             self.cluster = Cluster(
                 cfg, self.cfg_dict, self.run_dir, self.inputs.model_path,
@@ -93,20 +95,23 @@ class Driver:
     async def run(self) -> JobResult:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
         result, eval_args = self.reporter.result, (self.inputs.eval_prompts, self.cfg.data.eval_samples)
+        self.loop = asyncio.get_running_loop()
         try:
             result.accuracy_before, result.sampled_accuracy_before = await evaluate(
                 self.cluster, eval_args[0], self.published_version, eval_args[1])
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(tg))
-                self._watcher = tg.create_task(self.cluster.watch_scaling(lambda: self.published_version))
+                self._watcher = tg.create_task(self.cluster.watch(lambda: self.published_version))
+                self._learner_watch = tg.create_task(self._watch_learner())
                 tg.create_task(self._steps(tg))
-            result.accuracy_after, result.sampled_accuracy_after = await evaluate(
-                self.cluster, eval_args[0], self.published_version, eval_args[1])
-            self.reporter.evaluation(len(eval_args[0]), self.published_version, eval_args[1])
+            if not self.stop_requested:  # a stopped job (e.g. preempted) is continued, not evaluated
+                result.accuracy_after, result.sampled_accuracy_after = await evaluate(
+                    self.cluster, eval_args[0], self.published_version, eval_args[1])
+                self.reporter.evaluation(len(eval_args[0]), self.published_version, eval_args[1])
         except BaseExceptionGroup as group:
             first = _first_cause(group)
             raise first from first.__cause__  # the cause itself, its own chain kept
-        result.final_version = self.published_version
+        result.final_version, result.stopped = self.published_version, self.stop_requested
         return result
 
     # ---- producer ------------------------------------------------------------------------
@@ -145,10 +150,11 @@ class Driver:
                 return  # generated for a timeline a rollback abandoned
             self.state.admission.buffered(key)
             for g in groups:
-                if self.state.add_group(g.samples, g.metrics, g.worker):
+                dropped = self.state.add_group(g.samples, g.metrics, g.worker)
+                if dropped is None:
                     self.reporter.group_buffered(g.samples, g.worker, g.requested_at, g.generated_at)
                 else:
-                    self.reporter.dropped("zero_signal", len(g.samples))
+                    self.reporter.dropped(dropped, len(g.samples))
             self.reporter.buffer_depth(self.state.buffer.depth)
             self.changed.notify_all()
 
@@ -158,10 +164,12 @@ class Driver:
         total = self.cfg.train.total_steps
         step = self.state.start_step
         bar = tqdm(total=total, initial=step, desc="train", disable=not self.cfg.train.progress, dynamic_ncols=True)
-        last = time.perf_counter()
+        last, checkpointed = time.perf_counter(), None
         try:
             while step < total and not self.stop_requested:
                 samples = await self._take(step)
+                if samples is None:  # stopped while the batch was gathering
+                    break
                 try:
                     stats = await self.trainer.train(step, samples, self.state.kl.value)
                 except ray.exceptions.RayActorError as exc:
@@ -179,18 +187,23 @@ class Driver:
                 bar.update(1)
                 if self.checkpointer.due(step, self.stop_requested):
                     await self.checkpointer.save(tg, step, self.trainer, self.state)
+                    checkpointed = step
                 step += 1
+            if self.stop_requested and step > self.state.start_step and checkpointed != step - 1:
+                await self.checkpointer.save(tg, step - 1, self.trainer, self.state)  # no trained step is lost
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done
             await self.trainer.wait_persisted()
         finally:
             bar.close()
             self._producer.cancel()
             self._watcher.cancel()
+            self._learner_watch.cancel()
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
         self.state.buffer.save(self.run_dir / RunDir.BUFFER)
 
-    async def _take(self, step: int) -> list[ScoredSample]:
-        """The step's batch, once enough admissible groups are buffered; stale ones are dropped."""
+    async def _take(self, step: int) -> list[ScoredSample] | None:
+        """The step's batch, once enough admissible groups are buffered (None if a stop is
+        requested first); stale ones are dropped."""
         async with self.changed:
             while True:
                 samples, dropped = self.state.take(step)
@@ -200,6 +213,8 @@ class Driver:
                 if samples is not None:
                     self.reporter.buffer_depth(self.state.buffer.depth)
                     return samples
+                if self.stop_requested:
+                    return None
                 await self.changed.wait()
 
     async def _publish(self, version: int, timeline: int, previous: asyncio.Task | None) -> None:
@@ -223,6 +238,15 @@ class Driver:
         # Filesystem, batched: each request pulls the newest version itself. Direct: pushed always.
         if delivery is not None or self.cfg.generation.mode == "streaming":
             self.reporter.probes(await self.cluster.push_version(delivery))
+
+    async def _watch_learner(self) -> None:
+        """Heartbeat the learner's ranks, and after a rollback the new ranks: a hung rank is
+        killed, so the step in flight fails and `_recover_learner` rolls back as for a dead one."""
+        while True:
+            trainer = self.trainer
+            await trainer.watch(self.cfg.faults)
+            while self.trainer is trainer:  # until the rollback has built the next ranks
+                await asyncio.sleep(self.cfg.faults.heartbeat_interval_s)
 
     async def _recover_learner(self, tg: asyncio.TaskGroup, cause: BaseException) -> int:
         """A learner rank died: rebuild the groups from the newest checkpoint; generation keeps running."""
@@ -249,8 +273,16 @@ class Driver:
         return self.state.start_step
 
     def request_stop(self) -> None:
-        """End the job after the step in progress (with a checkpoint); safe to call from any thread."""
+        """End the job after the step in progress, or at once if it is waiting for its batch, with
+        a checkpoint of the last trained step; safe to call from any thread or a signal handler."""
         self.stop_requested = True
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._wake()))
+
+    async def _wake(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
 
     def shutdown(self) -> None:
         """End every actor of the job (safe after a failed start)."""
@@ -258,6 +290,7 @@ class Driver:
             self.cluster.shutdown()
         if self.trainer is not None:
             self.trainer.kill()
+        self.run_dir.release()
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

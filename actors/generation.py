@@ -23,12 +23,13 @@ from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.weight_delivery import DeliveryError, DeliveryManifest, verified_tensors
+from rlhf_cluster.liveness import StallClock
 from rlhf_cluster.weights import WeightIntegrityError, WeightStore
 
 DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"health": 1})
 class GenerationWorker:
     """Generates rollout groups on one vLLM engine; loads published versions in place."""
 
@@ -58,11 +59,19 @@ class GenerationWorker:
         # Direct: the newest version refused. Requests that need it go on with the version held,
         # as with a refused stored version (the staleness filter judges their samples).
         self.refused_up_to = -1
+        self.stall = StallClock()
 
     def _on_engine_step(self, running: int, waiting: int) -> None:
         """Called by the engine loop after every step with vLLM's scheduler counts."""
         self.labels.of(m.GENERATION_ENGINE_BATCH).observe(running)
         self.labels.of(m.GENERATION_IN_FLIGHT).set(running + waiting)
+        self.stall.stepped(running + waiting)
+
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict:
+        """Answered on its own thread even while requests run: a stopped process does not answer,
+        a hung engine reports how long it has gone without a step."""
+        return {"stalled_s": self.stall.stalled_s()}
 
     def info(self) -> dict:
         return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid(),

@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 from actors.driver import Driver
+from actors.preemption import GracefulStop
 from actors.reporting import ConsumedSample, JobResult
 from rlhf_cluster.config import JobConfig
 
@@ -19,8 +20,8 @@ class Job:
     """One job on the connected Ray cluster (the caller has called `ray.init`): started on
     construction (actors up, version 0 or the resumed checkpoint's published), trained by `run`."""
 
-    def __init__(self, cfg: JobConfig, resume: str | None = None):
-        self._driver = Driver(cfg, resume)
+    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool = False):
+        self._driver = Driver(cfg, resume, overwrite)
 
     # ---- steering ------------------------------------------------------------------------
     def run(self) -> JobResult:
@@ -86,10 +87,10 @@ class Job:
 
     @property
     def dropped(self) -> dict[str, int]:
-        """Samples the buffer refused or dropped, by reason (`stale`, `duplicate`), and `zero_signal`."""
+        """Samples the buffer refused or dropped, by reason (`stale`, `duplicate`), and those dropped
+        before it (`zero_signal`, `reward_failed`)."""
         state = self._driver.state
-        counts = {"stale": 0, "duplicate": 0, **state.buffer.dropped}
-        return {**counts, "zero_signal": state.zero_signal_dropped}
+        return {"stale": 0, "duplicate": 0, **state.buffer.dropped, **state.dropped}
 
     def pool_sizes(self) -> dict[str, int]:
         """Workers per pool (`generation`, `reward`, and `reference` unless LoRA serves it)."""
@@ -121,7 +122,12 @@ class Job:
                 "pools": self.pool_sizes(), "learner_restarts": self.learner_restarts, "dropped": self.dropped}
 
 
-def run_job(cfg: JobConfig, resume: str | None = None) -> JobResult:
-    """Run (or with `resume`, continue) one job to its end on the connected Ray cluster."""
-    with Job(cfg, resume) as job:
+def run_job(cfg: JobConfig, resume: str | None = None, stop: GracefulStop | None = None,
+            overwrite: bool = False) -> JobResult:
+    """Run (or with `resume`, continue) one job to its end on the connected Ray cluster; `stop`
+    (active in the main thread) lets SIGTERM/SIGINT end it early with a checkpoint; `overwrite`
+    lets a fresh job replace an earlier run in its run_dir."""
+    with Job(cfg, resume, overwrite) as job:
+        if stop is not None:
+            stop.attach(job)
         return job.run()

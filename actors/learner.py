@@ -34,6 +34,11 @@ class ShardedRank:
         """Host and a free port for the process group's rendezvous (asked of rank 0)."""
         return rendezvous_address()
 
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict:
+        """Answered on its own thread during a step or a collective: a stopped rank does not answer."""
+        return {"stalled_s": 0.0}
+
     def save_checkpoint(self, directory: str) -> str:
         """Stage this rank's state and write it in the background; returns the staged state's digest."""
         if self.checkpoint_write is not None:
@@ -48,14 +53,18 @@ class ShardedRank:
             write.result()
 
     def load_checkpoint(self, directory: str) -> str:
-        """Restore this rank from a checkpoint; returns the restored state's digest."""
-        return self.learner.load_checkpoint(directory)
+        """Restore this rank from a checkpoint, then take this job's optimizer settings over the
+        checkpoint's; returns the digest of the state as restored."""
+        digest = self.learner.load_checkpoint(directory)
+        self.learner.apply_settings()
+        return digest
 
     def shard_info(self) -> dict[str, tuple[int, int]]:
         return self.learner.shard_info()
 
 
-@ray.remote(max_concurrency=2)  # a second thread answers wait_published while a step runs
+# A second thread answers wait_published while a step runs; heartbeats have a thread of their own.
+@ray.remote(max_concurrency=2, concurrency_groups={"health": 1})
 class LearnerRank(ShardedRank):
     """One rank of the learner group; rank 0 also publishes versions to the weight store."""
 
@@ -79,7 +88,7 @@ class LearnerRank(ShardedRank):
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""
-        join_process_group(master_addr, master_port, self.rank, self.world_size)
+        join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
         self.learner = create_learner(self.cfg, self.model_path)  # learner.backend picks the class
         return {
             "name": f"rank{self.rank}",

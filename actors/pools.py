@@ -8,11 +8,14 @@ no request is lost when a pool shrinks.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Awaitable, Callable
 
 import ray
 
-from rlhf_cluster.config import ResourcesConfig
+from rlhf_cluster.config import FaultsConfig, ResourcesConfig
+from actors._common import heartbeat
+from rlhf_cluster.liveness import HungWorkerError
 
 
 def actor_options(res: ResourcesConfig) -> dict[str, Any]:
@@ -139,6 +142,32 @@ class ActorPool:
             self.on_restart(name, next(iter(created)))
         async with self._drained:
             self._drained.notify_all()
+
+    async def watch(self, faults: FaultsConfig, on_hung: Callable[[str, str, float, float], None]) -> None:
+        """Heartbeat every worker in rotation each `faults.heartbeat_interval_s`; one that does not
+        answer within `heartbeat_timeout_s`, or whose engine is stalled past `stall_timeout_s`, is
+        killed and replaced (its requests in flight fail over to the others and are retried, as
+        when a worker dies). `on_hung(dead, reason, detected_s, replaced_s)`: detected_s is the
+        time since its last good heartbeat, replaced_s from the kill to its replacement serving."""
+        last_ok: dict[str, float] = {}
+        while True:
+            started = time.monotonic()
+            names = list(self.actors)
+            beats = await asyncio.gather(*[heartbeat(self.actors[n], faults.heartbeat_timeout_s) for n in names])
+            for name, beat in zip(names, beats):
+                reason = beat.hung(faults.stall_timeout_s)
+                actor = self.actors.get(name)
+                if reason is None:
+                    last_ok[name] = time.monotonic()
+                    continue
+                if actor is None:
+                    continue  # replaced or retired meanwhile
+                detected = time.monotonic() - last_ok.pop(name, started)
+                ray.kill(actor, no_restart=True)
+                killed = time.monotonic()
+                await self._replace(name, actor, HungWorkerError(f"{self.name} worker {name}: {reason}"))
+                on_hung(name, reason, detected, time.monotonic() - killed)
+            await asyncio.sleep(max(0.0, faults.heartbeat_interval_s - (time.monotonic() - started)))
 
     async def retire(self, count: int) -> list[str]:
         """Take the newest `count` actors out of rotation, wait for their requests, kill them."""

@@ -3,13 +3,16 @@ SFT and reward-model stages, tests) is built, called and ended through this one 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_cluster.config import ResourcesConfig
+from actors._common import heartbeat
+from rlhf_cluster.config import FaultsConfig, ResourcesConfig
 
 PLACEMENT_TIMEOUT_S = 120
 SETUP_TIMEOUT_S = 600  # loading and sharding a model on every rank
@@ -42,6 +45,7 @@ class RankGroup:
                  section: str = "learner"):
         self.world_size, self.section = world_size, section
         self.ranks: list = []
+        self.ended = False  # killed, or a rank was found hung (the group is lost either way)
         self.placement = _place(resources, world_size, section)
         try:
             self.ranks = [
@@ -85,10 +89,32 @@ class RankGroup:
         (each rank returns one result per item of its share)."""
         return interleave(ray.get(self.split(method, deal(items, self.world_size), *args), timeout=timeout))
 
+    async def watch(self, faults: FaultsConfig, on_hung: Callable[[int, float], None]) -> None:
+        """Heartbeat every rank until the group ends. A rank that does not answer within
+        `faults.heartbeat_timeout_s` (stopped, wedged) is killed, so the group's call in flight
+        fails as if it had died (the driver then rolls back); `on_hung(rank, seconds since its
+        last good heartbeat)`."""
+        last_ok = [time.monotonic()] * self.world_size
+        while not self.ended:
+            started = time.monotonic()
+            beats = await asyncio.gather(*[heartbeat(rank, faults.heartbeat_timeout_s) for rank in self.ranks])
+            if self.ended:
+                return
+            for r, beat in enumerate(beats):
+                if beat.answered:
+                    last_ok[r] = time.monotonic()
+                    continue
+                self.ended = True
+                ray.kill(self.ranks[r], no_restart=True)
+                on_hung(r, time.monotonic() - last_ok[r])
+                return
+            await asyncio.sleep(max(0.0, faults.heartbeat_interval_s - (time.monotonic() - started)))
+
     def pids(self) -> list[int]:
         return [info["pid"] for info in self.infos.values()]
 
     def kill(self) -> None:
+        self.ended = True
         for rank in self.ranks:
             ray.kill(rank, no_restart=True)
         ray.util.remove_placement_group(self.placement)

@@ -45,6 +45,7 @@ class JobResult:
     sampled_accuracy_before: float | None = None  # mean verifier correctness of data.eval_samples samples per prompt
     sampled_accuracy_after: float | None = None
     run_dir: str = ""
+    stopped: bool = False  # ended by `Job.stop` (or a signal) before the last step, with a checkpoint
 
 
 class Reporter:

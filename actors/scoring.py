@@ -13,19 +13,22 @@ from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"health": 1})
 class RewardWorker:
     """Applies the custom reward function (a `function` source in `scoring.rewards`) or the task's verifier to responses,
     combined with frozen reward models (`scoring.reward_models`) when the job has any.
 
     Samples whose custom reward failed come back with reward 0.0 and
-    `reward_components["reward_failed"] = 1.0`; `stats()` has this worker's running counts.
+    `reward_components["reward_failed"] = 1.0` (their groups are dropped), or the call raises
+    (`on_error: fail`); `stats()` has this worker's running counts.
     """
 
     def __init__(self, cfg_dict: dict, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
         self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
-        self.reward = RuleReward(cfg.data.task, reward_fn=cfg.scoring.reward_fn)
+        rule = cfg.scoring.rule_source
+        handling = {"on_error": rule.on_error, "timeout_s": rule.timeout_s} if cfg.scoring.reward_fn else {}
+        self.reward = RuleReward(cfg.data.task, reward_fn=cfg.scoring.reward_fn, **handling)
         self.scoring = cfg.scoring
         self.models = None
         if cfg.scoring.reward_models:
@@ -36,8 +39,13 @@ class RewardWorker:
     def info(self) -> dict:
         return self.info_
 
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict:
+        """Answered on its own thread while a scoring call runs: a stopped process does not answer."""
+        return {"stalled_s": 0.0}
+
     def stats(self) -> dict[str, int]:
-        return {"scored": self.reward.scored, "failed": self.reward.failed}
+        return {"scored": self.reward.scored, "failed": self.reward.failed, "timed_out": self.reward.timed_out}
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
         """(reward, components) per rollout: the rule reward, plus the reward models' when configured."""
@@ -50,7 +58,7 @@ class RewardWorker:
         return out
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"health": 1})
 class ReferenceWorker:
     """Per-token log-probs of responses under the frozen initial policy."""
 
@@ -65,6 +73,11 @@ class ReferenceWorker:
 
     def info(self) -> dict:
         return self.info_
+
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict:
+        """Answered on its own thread while a scoring call runs: a stopped process does not answer."""
+        return {"stalled_s": 0.0}
 
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
         out = self.model.logprobs(rollouts)

@@ -4,13 +4,16 @@ batch on both at once and publishes the policy's result as the next weight versi
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import ray
+from tqdm import tqdm
 
 from actors.critic import CriticRank
 from actors.learner import LearnerRank
 from actors.rank_group import RankGroup, deal, interleave
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster import metrics as m
+from rlhf_cluster.config import FaultsConfig, JobConfig
 from rlhf_cluster.experience import finalize_batch
 from rlhf_cluster.generation.probe import Probe
 from rlhf_cluster.records import ScoredSample, TrainBatch
@@ -41,6 +44,15 @@ class Trainer:
 
     def groups(self) -> list[RankGroup]:
         return [self.policy] + ([self.critic] if self.critic else [])
+
+    async def watch(self, faults: FaultsConfig) -> None:
+        """Heartbeat every rank of both groups until they end; a hung rank is killed (and timed in
+        `rlhf_fault_detection_seconds`), which fails the step in flight like a dead rank."""
+        def hung(group: str, rank: int, detected_s: float) -> None:
+            m.HUNG_DETECTION_SECONDS.labels(job=self.cfg.name, pool=group, worker=f"rank{rank}").observe(detected_s)
+            tqdm.write(f"{group} rank {rank} was hung (no heartbeat answer): detected in {detected_s:.1f} s")
+
+        await asyncio.gather(*(group.watch(faults, partial(hung, group.section)) for group in self.groups()))
 
     async def train(self, step: int, samples: list[ScoredSample], kl_coef: float) -> dict[str, float]:
         """One step on every rank; the policy's result is published as version step + 1."""

@@ -261,6 +261,11 @@ class FunctionReward(_Typed):
     type: Literal["function"] = Field("function", description="Reward source kind.")
     function: str = Field(..., description="`module:function`, importable on every reward worker.")
     weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+    on_error: Literal["fail", "drop"] = Field(
+        "drop", description="A call that raises, returns NaN/inf or a wrong type, or runs past timeout_s: `fail` ends "
+        "the job naming the function, prompt and cause; `drop` drops the sample's whole group (counted, never trained on).",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned).")
 
     @field_validator("function")
     @classmethod
@@ -670,6 +675,20 @@ class FaultsConfig(_Strict):
     restart_backoff_s: float = Field(1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool.")
     max_learner_restarts: int = Field(2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies.")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops.")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="Every worker of every pool is sent a heartbeat this often.")
+    heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="A worker that has not answered a heartbeat within this is hung (e.g. SIGSTOP): killed and replaced."
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="A generation worker whose engine has requests running but takes no step for this long is hung."
+    )
+    collective_timeout_s: float = Field(
+        300.0, gt=0, description="A torch.distributed collective that waits this long for a peer rank fails (no silent hang)."
+    )
+    preempt_grace_s: float = Field(
+        120.0, gt=0, description="After SIGTERM/SIGINT, seconds to finish the step in progress and write a checkpoint "
+        "before the job is torn down without one.",
+    )
 
 
 class CheckpointConfig(_Strict):

@@ -4,6 +4,7 @@ admission, the experience buffer, the KL controller and the drop counters. Ray-f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from rlhf_cluster.admission import Admission
@@ -14,6 +15,26 @@ from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience import accept_group, kl_controller
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.scoring.rewards import FAILED
+
+
+# Settings a resume may change (`--resume auto --set learner.lr=...`): the job's value replaces
+# the checkpoint's. Others that a step reads from the config (clip ranges, loss settings) apply
+# by themselves; these are the ones a checkpoint also holds as state.
+RESUME_SETTINGS = ("learner.lr", "learner.weight_decay", "learner.lr_warmup_steps", "algorithm.kl.coef",
+                   "algorithm.kl.target", "algorithm.kl.horizon", "algorithm.loss.clip_low",
+                   "algorithm.loss.clip_high", "learner.max_grad_norm")
+
+
+def settings_of(cfg: JobConfig) -> dict[str, object]:
+    """The RESUME_SETTINGS values of `cfg` (None where a field does not apply)."""
+    out = {}
+    for name in RESUME_SETTINGS:
+        value: object = cfg
+        for part in name.split("."):
+            value = getattr(value, part, None)
+        out[name] = value
+    return out
 
 
 class JobState:
@@ -25,25 +46,31 @@ class JobState:
         self.admission = Admission(cfg.train, cfg.generation, source)
         self.buffer = ExperienceBuffer(cfg.buffer.capacity)
         self.kl = kl_controller(cfg.algorithm.kl)
-        self.zero_signal_dropped = 0
+        self.dropped = {"zero_signal": 0, "reward_failed": 0}  # samples of groups dropped before the buffer
         self.start_step = 0
+        self.overrides: dict[str, tuple[object, object]] = {}  # setting -> (checkpoint's, this job's), on resume
         self.worker_of: dict[str, str] = {}  # sample id -> the generation worker that produced it
 
-    def add_group(self, samples: list[ScoredSample], metrics: dict[str, float], worker: str) -> bool:
-        """Buffer one scored group, or drop it (dynamic sampling: no signal) and give its
-        admission back; returns whether it was buffered."""
-        if not accept_group(metrics, self.cfg.algorithm):
-            self.admission.give_back(1)
-            self.zero_signal_dropped += len(samples)
-            return False
-        self.buffer.add_group(samples)
-        self.worker_of.update((s.sample_id, worker) for s in samples)
-        return True
+    def add_group(self, samples: list[ScoredSample], metrics: dict[str, float], worker: str) -> str | None:
+        """Buffer one scored group, or drop it and give its admission back; returns None when
+        buffered, else why it was dropped: `reward_failed` (a sample's reward function failed or
+        its reward is not finite: nothing is trained on it) or `zero_signal` (dynamic sampling)."""
+        if any(s.reward_components.get(FAILED, 0.0) or not math.isfinite(s.reward) for s in samples):
+            reason = "reward_failed"
+        elif not accept_group(metrics, self.cfg.algorithm):
+            reason = "zero_signal"
+        else:
+            self.buffer.add_group(samples)
+            self.worker_of.update((s.sample_id, worker) for s in samples)
+            return None
+        self.admission.give_back(1)
+        self.dropped[reason] += len(samples)
+        return reason
 
     def counters(self) -> dict[str, int]:
         """The buffer's depth and drops, for the step's row."""
         return {"buffer_depth": self.buffer.depth, "dropped_stale": self.buffer.dropped["stale"],
-                "dropped_zero_signal": self.zero_signal_dropped}
+                "dropped_zero_signal": self.dropped["zero_signal"], "dropped_reward_failed": self.dropped["reward_failed"]}
 
     def take(self, step: int) -> tuple[list[ScoredSample] | None, int]:
         """The step's groups if enough admissible ones are buffered (else None), and how many
@@ -62,8 +89,10 @@ class JobState:
             "version": step + 1,
             "kl": self.kl.state_dict(),
             **self.admission.state_dict(),
-            "zero_signal_dropped": self.zero_signal_dropped,
+            "zero_signal_dropped": self.dropped["zero_signal"],
+            "reward_failed_dropped": self.dropped["reward_failed"],
             "dropped": dict(self.buffer.dropped),
+            "settings": settings_of(self.cfg),
         }
         (directory / RunDir.DRIVER_STATE).write_text(json.dumps(state))
         self.buffer.save(directory / RunDir.CHECKPOINT_BUFFER)
@@ -74,7 +103,12 @@ class JobState:
         self.buffer.load(ckpt.path / RunDir.CHECKPOINT_BUFFER)
         self.buffer.dropped.update(state["dropped"])
         self.kl.load_state_dict(state["kl"])
-        self.zero_signal_dropped = state["zero_signal_dropped"]
+        saved, now = state.get("settings", {}), settings_of(self.cfg)
+        self.overrides = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+        if any(k.startswith("algorithm.kl.") for k in self.overrides):
+            self.kl.override(self.cfg.algorithm.kl, coef="algorithm.kl.coef" in self.overrides)
+        self.dropped["zero_signal"] = state["zero_signal_dropped"]
+        self.dropped["reward_failed"] = state.get("reward_failed_dropped", 0)  # absent from older checkpoints
         self.start_step = ckpt.step + 1
         groups_done = self.start_step * self.cfg.train.prompts_per_step + self.buffer.ready_groups()
         self.admission.load_state_dict(state, groups_done)

@@ -83,6 +83,14 @@ CHECKPOINT_FAILURES = Counter("rlhf_checkpoint_failures_total", "Checkpoints tha
 LEARNER_VERSION = Gauge("rlhf_learner_weight_version", "Newest published weight version.", LABELS)
 # Counted when a pool replaces a dead worker, under the dead worker's name (deploy/alerts.yml: RlhfWorkerRestarted).
 RESTARTS = Counter("rlhf_pool_worker_restarts_total", "Workers restarted after a failure.", LABELS)
+HUNG_DETECTION_SECONDS = Histogram(
+    "rlhf_fault_detection_seconds", "From a hung worker's last good heartbeat to its kill.", LABELS,
+    buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300),
+)
+WORKER_REPLACEMENT_SECONDS = Histogram(
+    "rlhf_worker_replacement_seconds", "From killing a hung worker to its replacement serving (weights loaded).", LABELS,
+    buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300),
+)
 # Set by the driver per consumed batch (deploy/alerts.yml: RlhfStalenessAboveBound compares the two).
 STALENESS_MAX = Gauge("rlhf_staleness_max_steps", "Largest staleness in the last consumed batch.", LABELS)
 STALENESS_BOUND = Gauge("rlhf_staleness_bound_steps", "Configured max_staleness (train.max_staleness).", LABELS)

@@ -7,6 +7,11 @@ import shutil
 from pathlib import Path
 
 from rlhf_cluster.fileio import write_atomic
+from rlhf_cluster.run_lock import RunLock
+
+
+class RunDirInUse(RuntimeError):
+    """A fresh job was pointed at a directory that holds an earlier run's results."""
 
 
 class RunDir:
@@ -40,17 +45,35 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.root / name
 
-    def prepare(self, fresh: bool) -> "RunDir":
-        """Create the directory; for a fresh run remove an earlier run's artifacts first."""
+    def prepare(self, fresh: bool, job_name: str, overwrite: bool = False) -> "RunDir":
+        """Take the directory's lock (`RunDirBusy` while another job holds it), then for a fresh
+        run remove an earlier run's artifacts, which only `overwrite` allows: a fresh job never
+        silently wipes a run that trained (`RunDirInUse` names what is there)."""
+        self.lock = RunLock(self.root, job_name)
         stale = (self.weights_dir, self.checkpoint_dir, *(self.root / n for n in (
             self.METRICS, self.CONSUMED, self.PROBES, self.BUFFER, self.RESUME, self.ENGINE_INT8, self.TIMELINE)))
+        if fresh and not overwrite:
+            trained = self.read(self.METRICS)
+            checkpoints = sorted(p.name for p in self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []
+            if trained or checkpoints:
+                self.release()
+                raise RunDirInUse(
+                    f"run_dir {self.root} holds an earlier run ({len(trained)} steps in {self.METRICS}"
+                    f"{', checkpoints up to ' + checkpoints[-1] if checkpoints else ''}): continue it with "
+                    "--resume auto, or start over with --overwrite (deletes its metrics, checkpoints and weights)"
+                )
         for path in stale if fresh else ():
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-        self.root.mkdir(parents=True, exist_ok=True)
         return self
+
+    def release(self) -> None:
+        """Let another job use the directory (also happens when this process exits)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     def append(self, name: str, rows: list[dict]) -> None:
         """Append rows to a JSONL file of the run."""

@@ -42,6 +42,12 @@ class FixedKLController:
         """Restore from :meth:`state_dict`."""
         self.value = float(d["value"])
 
+    def override(self, cfg, coef: bool) -> None:
+        """A resume's new settings (a `KLConfig`) replace the checkpoint's state: the coefficient
+        when `coef` (it was changed)."""
+        if coef:
+            self.value = float(cfg.coef)
+
 
 class AdaptiveKLController:
     """Proportional controller (Ziegler et al. 2019) steering the observed KL towards ``target``.
@@ -71,3 +77,11 @@ class AdaptiveKLController:
         self.value = float(d["value"])
         self.target = float(d.get("target", self.target))
         self.horizon = float(d.get("horizon", self.horizon))
+
+    def override(self, cfg, coef: bool) -> None:
+        """A resume's new settings (a `KLConfig`): steer towards the new target over the new
+        horizon; the coefficient restarts from `coef` when `coef` (it was changed), else it keeps
+        where the controller had taken it."""
+        self.target, self.horizon = float(cfg.target), float(cfg.horizon)
+        if coef:
+            self.value = float(cfg.coef)

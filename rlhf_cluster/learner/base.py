@@ -149,6 +149,16 @@ class LearnerBase(ABC):
     def load_checkpoint(self, directory: str | Path) -> str:
         """Restore model, optimizer, scheduler, step and RNG from a checkpoint; returns the digest."""
 
+    def apply_settings(self) -> None:
+        """After a restore: this job's `lr` and `weight_decay` replace the checkpoint's (a resume
+        with `--set learner.lr=...` means it); the schedule keeps the checkpoint's position."""
+        lc, scheduler = self.cfg.learner, self.scheduler
+        groups = scheduler.optimizer.param_groups
+        scheduler.base_lrs = [lc.lr] * len(groups)
+        for group, factor in zip(groups, scheduler.lr_lambdas):
+            group.update(initial_lr=lc.lr, weight_decay=lc.weight_decay, lr=lc.lr * factor(scheduler.last_epoch))
+        scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr reports until the next step
+
     @abstractmethod
     def shard_info(self) -> dict[str, tuple[int, int]]:
         """Per parameter: (elements held by this rank, elements of the full parameter)."""

@@ -1,6 +1,6 @@
 """Rule-based rewards: a task's verifier, or a user's function, applied to responses.
 
-A custom reward (`data.reward_fn = "module:function"`) is called once per response as
+A custom reward (a `function` source in `scoring.rewards`) is called once per response as
 `function(response_text, answer)` and returns either
 
 - a number: that is the reward; or
@@ -8,12 +8,18 @@ A custom reward (`data.reward_fn = "module:function"`) is called once per respon
   `"reward"` key (the other entries are only recorded), otherwise the sum of all components.
 
 Only per-sample functions are supported (no batch functions, so there is no "wrong number of
-values" case). A sample whose call raises, returns NaN/inf, an empty dict or anything that is not
-a number or a dict of numbers gets reward 0.0 and `reward_components["reward_failed"] = 1.0`;
-the job goes on, and `RuleReward.failed` counts it. Scored samples of a custom function carry
-`reward_failed = 0.0`, so the mean of that component over a batch is its failure rate. Only when
-every sample of one `score` call fails does it raise `RewardFunctionError`: that is a broken
-function, not a bad response.
+values" case). Each call runs on its own daemon thread and is abandoned after `timeout_s` (a
+Python thread cannot be killed: a call that never returns keeps its thread, but never stalls the
+worker). A call that raises, returns NaN/inf, an empty dict or anything that is not a number or a
+dict of numbers, or runs past its timeout, has failed; the source's `on_error` decides:
+
+- `fail`: `RewardFunctionError` at once, naming the function, the prompt id and the cause;
+- `drop`: the sample gets reward 0.0 and `reward_components["reward_failed"] = 1.0`, and the
+  driver drops its whole group (counted; never trained on). `RuleReward.failed` counts it.
+
+Scored samples of a custom function carry `reward_failed = 0.0`, so the mean of that component
+over a batch is its failure rate. Even with `drop`, `BROKEN_AFTER` failures in a row (over calls)
+raise `RewardFunctionError`: that is a broken function, not a bad response.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import importlib
 import inspect
 import math
 import numbers
-from typing import Callable
+import threading
+from typing import Callable, Literal
 
 import torch
 
@@ -31,11 +38,35 @@ from rlhf_cluster.records import Rollout
 from rlhf_cluster.rewards import ensemble
 
 FAILED = "reward_failed"
+BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken
 RewardFn = Callable[[str, str], "float | dict[str, float]"]
 
 
 class RewardFunctionError(RuntimeError):
-    """Every sample of one scoring call failed in the custom reward function."""
+    """The custom reward function failed (`on_error: fail`), or failed on every sample of one call."""
+
+
+def call_with_timeout(fn: Callable, args: tuple, timeout_s: float | None):
+    """`fn(*args)`, abandoned after `timeout_s` seconds with a `TimeoutError` (None: no limit).
+    The call runs on a daemon thread, so one that never returns cannot hold the process open."""
+    if timeout_s is None:
+        return fn(*args)
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="reward-fn", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"did not return within {timeout_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def load_reward_fn(spec: str, field: str = "data.reward_fn") -> RewardFn:
@@ -107,10 +138,14 @@ class RuleReward:
     (always 0 for a built-in verifier, whose errors propagate: they are bugs, not bad samples).
     """
 
-    def __init__(self, task: str | None = None, *, reward_fn: str | RewardFn | None = None):
+    def __init__(self, task: str | None = None, *, reward_fn: str | RewardFn | None = None,
+                 on_error: Literal["fail", "drop"] = "drop", timeout_s: float | None = None):
         self.scored = 0
         self.failed = 0
+        self.timed_out = 0
+        self.failed_in_a_row = 0
         self.fn: RewardFn | None = None
+        self.on_error, self.timeout_s = on_error, timeout_s
         if reward_fn is not None:
             self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
             self.fn_name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", repr(reward_fn))
@@ -137,25 +172,30 @@ class RuleReward:
 
     def _score_custom(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
         out: list[tuple[float, dict[str, float]]] = []
-        first_failure: str | None = None
         failed = 0
         for r in rollouts:
             try:
-                reward, components = _reward_of(self.fn(r.response_text, answers[r.prompt_id]))
-            except Exception as exc:  # a bad sample must not end the job; the counters and the mark record it
+                value = call_with_timeout(self.fn, (r.response_text, answers[r.prompt_id]), self.timeout_s)
+                reward, components = _reward_of(value)
+            except Exception as exc:  # a bad sample must not end the job unless on_error says so
                 failed += 1
-                if first_failure is None:
-                    first_failure = f"sample {r.sample_id}: {type(exc).__name__}: {exc}"
+                self.timed_out += isinstance(exc, TimeoutError)
+                cause = f"prompt {r.prompt_id!r} (sample {r.sample_id}): {type(exc).__name__}: {exc}"
+                if self.on_error == "fail":
+                    self.scored, self.failed = self.scored + len(out) + 1, self.failed + 1
+                    raise RewardFunctionError(f"reward function {self.fn_name} failed on {cause} "
+                                              "(scoring.rewards on_error: fail; `drop` drops such groups instead)") from exc
+                self.failed_in_a_row += 1
+                if self.failed_in_a_row >= BROKEN_AFTER:
+                    self.scored, self.failed = self.scored + len(out) + 1, self.failed + failed
+                    raise RewardFunctionError(f"reward function {self.fn_name} (scoring.rewards) failed on "
+                                              f"{self.failed_in_a_row} samples in a row; the last: {cause}") from exc
                 out.append((0.0, {FAILED: 1.0}))
                 continue
+            self.failed_in_a_row = 0
             out.append((reward, {**components, FAILED: 0.0}))
         self.scored += len(rollouts)
         self.failed += failed
-        if rollouts and failed == len(rollouts):
-            raise RewardFunctionError(
-                f"reward function {self.fn_name} (data.reward_fn) failed on all {failed} samples of a batch; "
-                f"first failure: {first_failure}"
-            )
         return out
 
 

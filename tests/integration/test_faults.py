@@ -1,4 +1,6 @@
-"""Stateless workers come back: a generation worker's process is killed mid-run and the job completes."""
+"""Stateless workers come back: a generation worker's process is killed (filesystem transport)
+or stopped with SIGSTOP, hung, and found by the heartbeat (direct transport) mid-run, and the job
+completes with every sample trained once."""
 
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ def test_killed_generation_worker_is_replaced_and_no_sample_is_duplicated(ray_cl
         weights={"transport": transport, "persist_every": 3},
         generation={"replicas": 2, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
-        faults={"max_worker_restarts": 2, "restart_backoff_s": 0.1},
+        faults={"max_worker_restarts": 2, "restart_backoff_s": 0.1, "heartbeat_interval_s": 1.0,
+                "heartbeat_timeout_s": 5.0},
     )
+    fault = signal.SIGKILL if transport == "filesystem" else signal.SIGSTOP  # SIGSTOP: alive, answering nothing
     job = Job(cfg)
     victim = job.workers("generation")["gen1"]
     pid = ray.get(victim.info.remote())["pid"]
@@ -34,7 +38,7 @@ def test_killed_generation_worker_is_replaced_and_no_sample_is_duplicated(ray_cl
         try:
             while len(job.rows) < 3:
                 time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)  # the worker's process, not a polite ray.kill
+            os.kill(pid, fault)  # the worker's process, not a polite ray.kill
             killed.set()
             deadline = time.monotonic() + 240
             while not any(c.worker == "gen2" for c in list(job.consumed)) and time.monotonic() < deadline:
@@ -54,6 +58,12 @@ def test_killed_generation_worker_is_replaced_and_no_sample_is_duplicated(ray_cl
         assert result.rows[-1]["worker_restarts"] == 1
         body = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
         assert f'rlhf_pool_worker_restarts_total{{job="{cfg.name}",pool="generation",worker="gen1"}} 1.0' in body
+        hung = f'{{job="{cfg.name}",pool="generation",worker="gen1"}}'
+        if fault == signal.SIGSTOP:  # found by the heartbeat, not by a call failing: detection and replacement timed
+            assert f"rlhf_fault_detection_seconds_count{hung} 1.0" in body
+            assert f"rlhf_worker_replacement_seconds_count{hung} 1.0" in body
+        else:
+            assert f"rlhf_fault_detection_seconds_count{hung}" not in body
         # Exactly once: no sample trained on twice, none refused as a duplicate, all steps full.
         ids = [c.sample_id for c in result.consumed]
         assert len(ids) == len(set(ids)) == done * cfg.samples_per_step

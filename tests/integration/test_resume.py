@@ -1,4 +1,5 @@
-"""Checkpoint and resume: a killed job continues exactly; a killed learner rank rolls back and goes on."""
+"""Checkpoint and resume: a killed job continues exactly; a hung learner rank (SIGSTOP) is found
+by its heartbeat, killed, and the job rolls back and goes on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import ray
@@ -148,8 +150,10 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
         second.shutdown()
 
 
-def test_killed_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config):
+def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config):
     cfg = _cfg(job_config, "learner-fault", 100_000)  # the test stops the job when it has seen enough
+    cfg = cfg.model_copy(update={"faults": cfg.faults.model_copy(update={"heartbeat_interval_s": 1.0,
+                                                                            "heartbeat_timeout_s": 5.0})})
     job = Job(cfg)
     thread, outcome = _run_in_thread(job)
     store = CheckpointStore(cfg.checkpoint_dir)
@@ -157,7 +161,7 @@ def test_killed_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, jo
     try:
         _wait_for(lambda: store.latest() is not None and len(job.rows) >= store.latest().step + 2)
         rows_before_kill = len(job.rows)
-        os.kill(job.learner_pids()[1], signal.SIGKILL)
+        os.kill(job.learner_pids()[1], signal.SIGSTOP)  # alive, answering nothing: only a heartbeat can tell
         _wait_for(lambda: job.learner_restarts == 1 and len(job.rows) >= rows_before_kill + 3, timeout=300)
     finally:
         job.stop()
@@ -167,6 +171,8 @@ def test_killed_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, jo
         result = outcome[0]
         done = len(result.rows)
         assert job.learner_restarts == 1
+        body = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'rlhf_fault_detection_seconds_count{job="learner-fault",pool="learner",worker="rank1"} 1.0' in body
         assert result.final_version == done
         rows = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(done)), "steps after the rollback continue from the checkpoint"

@@ -70,10 +70,25 @@ def test_admission_state_returns_unbuffered_prompts(tmp_path):
 def test_dynamic_sampling_drops_a_group_without_signal_and_gives_it_back(tmp_path):
     state = JobState(_cfg(tmp_path, algorithm={"shaping": {"dynamic_sampling": True}}), PROMPTS)
     state.admission.admit(0)
-    assert not state.add_group(_group("g0", 0, rewards=(1.0, 1.0)), {"zero_signal": 1.0}, "gen0")
-    assert state.zero_signal_dropped == 2 and state.admission.given_back == 1 and state.buffer.depth == 0
-    assert state.add_group(_group("g1", 0), {"zero_signal": 0.0}, "gen0")
+    assert state.add_group(_group("g0", 0, rewards=(1.0, 1.0)), {"zero_signal": 1.0}, "gen0") == "zero_signal"
+    assert state.dropped["zero_signal"] == 2 and state.admission.given_back == 1 and state.buffer.depth == 0
+    assert state.add_group(_group("g1", 0), {"zero_signal": 0.0}, "gen0") is None
     assert state.worker_of == {"g1-0": "gen0", "g1-1": "gen0"}
+
+
+@pytest.mark.parametrize("broken", ["marked", "nan", "inf"])
+def test_a_group_with_a_failed_or_non_finite_reward_is_dropped_whole(tmp_path, broken):
+    state = JobState(_cfg(tmp_path), PROMPTS)
+    state.admission.admit(0)
+    group = _group("g0", 0)
+    if broken == "marked":  # the reward function failed on this sample (on_error: drop)
+        group[1].reward_components["reward_failed"] = 1.0
+    else:  # e.g. a reward model's score
+        group[1].reward = float(broken)
+    assert state.add_group(group, {"zero_signal": 0.0}, "gen0") == "reward_failed"
+    assert state.dropped == {"zero_signal": 0, "reward_failed": 2}
+    assert state.buffer.depth == 0 and state.admission.given_back == 1 and state.worker_of == {}
+    assert state.counters()["dropped_reward_failed"] == 2
 
 
 def test_take_drops_stale_groups_and_frees_their_admission(tmp_path):
@@ -133,3 +148,29 @@ def test_finalize_batch_gae_needs_values_and_gives_critic_targets(tmp_path):
     assert "advantage/return_mean" in metrics
     shares = batch.critic_shares(2)
     assert shares[0].returns is not None and shares[1].old_values is not None
+
+
+def test_a_resume_with_changed_settings_applies_them_over_the_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, algorithm={"kl": {"controller": "adaptive", "coef": 0.1, "target": 1.0}})
+    state = JobState(cfg, PROMPTS)
+    state.kl.update(3.0, 400)  # the controller moved the coefficient away from 0.1
+    moved = state.kl.value
+    store = CheckpointStore(tmp_path / "ckpt")
+    tmp = store.begin(0)
+    state.save(0, tmp)
+    ckpt = store.finalize(tmp, 0, 1)
+
+    same = JobState(cfg, PROMPTS)
+    same.load(ckpt)
+    assert same.overrides == {} and same.kl.value == moved  # unchanged settings: the checkpoint's state
+
+    changed_cfg = _cfg(tmp_path, learner={"lr": 5e-4}, algorithm={"kl": {"controller": "adaptive", "coef": 0.3, "target": 2.0}})
+    changed = JobState(changed_cfg, PROMPTS)
+    changed.load(ckpt)
+    assert changed.overrides == {"learner.lr": (cfg.learner.lr, 5e-4), "algorithm.kl.coef": (0.1, 0.3),
+                                 "algorithm.kl.target": (1.0, 2.0)}
+    assert (changed.kl.value, changed.kl.target) == (0.3, 2.0)
+
+    target_only = JobState(_cfg(tmp_path, algorithm={"kl": {"controller": "adaptive", "coef": 0.1, "target": 2.0}}), PROMPTS)
+    target_only.load(ckpt)
+    assert (target_only.kl.value, target_only.kl.target) == (moved, 2.0)  # the adapted coefficient is kept

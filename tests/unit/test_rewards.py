@@ -11,7 +11,7 @@ import pytest
 from rlhf_cluster.config import ConfigError, load_config
 from rlhf_cluster.data.tasks import REWARD_WEIGHTS, combine_reward, verify_arithmetic
 from rlhf_cluster.records import Rollout
-from rlhf_cluster.scoring.rewards import RewardFunctionError, RuleReward, load_reward_fn
+from rlhf_cluster.scoring.rewards import BROKEN_AFTER, RewardFunctionError, RuleReward, load_reward_fn
 
 USER_MODULE = '''
 import math
@@ -44,6 +44,12 @@ def flaky(response, answer):
     if response == "badkey":
         return {1: 1.0}
     return 0.5
+
+def slow(response, answer):
+    import time
+    if response == "hang":
+        time.sleep(30)
+    return 1.0
 
 def always_raises(response, answer):
     raise ZeroDivisionError("broken on purpose")
@@ -141,20 +147,48 @@ def test_bad_samples_are_marked_and_counted(user_module):
     assert (reward.scored, reward.failed) == (10, 8)
 
 
-def test_all_samples_failing_raises_with_cause(user_module):
-    reward = RuleReward(None, reward_fn=f"{user_module}:always_raises")
+def test_on_error_fail_ends_at_the_first_failure_naming_function_prompt_and_cause(user_module):
+    reward = RuleReward(None, reward_fn=f"{user_module}:flaky", on_error="fail")
+    assert reward.score(_rollouts(["ok", "ok"]), ANSWERS) == [(0.5, {"reward_failed": 0.0})] * 2
     with pytest.raises(RewardFunctionError) as info:
-        reward.score(_rollouts(["a", "b"]), ANSWERS)
+        reward.score(_rollouts(["ok", "nan", "ok"], prompt_id="p7"), {"p7": "1"})
     msg = str(info.value)
-    assert f"{user_module}:always_raises" in msg
-    assert "ZeroDivisionError: broken on purpose" in msg
-    assert "s0" in msg  # the first failing sample
-    assert (reward.scored, reward.failed) == (2, 2)
+    assert f"{user_module}:flaky" in msg and "prompt 'p7'" in msg and "sample s1" in msg and "nan" in msg
+    assert (reward.scored, reward.failed) == (4, 1)
 
 
-def test_all_samples_failing_mixed_causes_names_first(user_module):
-    with pytest.raises(RewardFunctionError, match="nan"):
-        RuleReward(None, reward_fn=f"{user_module}:flaky").score(_rollouts(["nan", "raise"]), ANSWERS)
+def test_a_call_past_its_timeout_fails_without_stalling_the_worker(user_module):
+    import time
+
+    reward = RuleReward(None, reward_fn=f"{user_module}:slow", timeout_s=0.3)
+    begun = time.perf_counter()
+    out = reward.score(_rollouts(["fast", "hang", "fast"]), ANSWERS)
+    assert time.perf_counter() - begun < 5  # the hung call was abandoned after 0.3 s, not waited out
+    assert [r for r, _ in out] == [1.0, 0.0, 1.0]
+    assert out[1][1] == {"reward_failed": 1.0}
+    assert (reward.failed, reward.timed_out) == (1, 1)
+    with pytest.raises(RewardFunctionError, match="TimeoutError: did not return within 0.3 s"):
+        RuleReward(None, reward_fn=f"{user_module}:slow", timeout_s=0.3, on_error="fail").score(_rollouts(["hang"]), ANSWERS)
+
+
+def test_a_broken_function_ends_the_job_even_with_drop(user_module):
+    # Failures in a row over calls, not per call: one prompt's group failing whole is a bad prompt.
+    reward = RuleReward(None, reward_fn=f"{user_module}:always_raises")
+    for _ in range((BROKEN_AFTER - 1) // 4):
+        assert reward.score(_rollouts(["a"] * 4), ANSWERS) == [(0.0, {"reward_failed": 1.0})] * 4
+    with pytest.raises(RewardFunctionError) as info:
+        reward.score(_rollouts(["a"] * 4), ANSWERS)
+    msg = str(info.value)
+    assert f"{user_module}:always_raises" in msg and f"{BROKEN_AFTER} samples in a row" in msg
+    assert "ZeroDivisionError: broken on purpose" in msg and "prompt 'p0'" in msg
+    assert reward.failed == BROKEN_AFTER
+
+
+def test_a_success_resets_the_failure_streak(user_module):
+    reward = RuleReward(None, reward_fn=f"{user_module}:flaky")
+    for _ in range(3):
+        reward.score(_rollouts(["raise"] * (BROKEN_AFTER - 1) + ["ok"]), ANSWERS)
+    assert reward.failed == 3 * (BROKEN_AFTER - 1)
 
 
 def test_empty_batch_is_not_a_failure(user_module):

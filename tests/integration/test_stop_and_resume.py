@@ -1,0 +1,131 @@
+"""A job driven from the CLI as an operator would: a reward function that raises, returns NaN
+or hangs on some prompts; a second job pointed at the live job's run_dir; SIGTERM, then SIGINT,
+each followed by `--resume auto`. Every stop exits 0 with a checkpoint of the last trained step,
+every step is trained exactly once over the three runs, no sample twice, nothing on a bad reward."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+import yaml
+
+from rlhf_cluster.checkpoint import CheckpointStore
+from rlhf_cluster.data.prompts import read_prompt_file
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "rlhf-cluster")
+STEPS = 9
+
+
+def flaky_reward(response: str, answer: str) -> float:
+    """Broken on a fixed share of prompts (by answer): raises, NaN, or hangs past the timeout."""
+    kind = int(answer) % 9
+    if kind == 0:
+        raise ValueError(f"cannot score against {answer}")
+    if kind == 1:
+        return math.nan
+    if kind == 2:
+        time.sleep(5)  # past the 0.5 s timeout: abandoned, the group dropped
+    return 1.0 if response.strip() == answer else min(len(set(response)), 10) / 10
+
+
+def bad_reward(answer: str) -> bool:
+    return int(answer) % 9 in (0, 1, 2)
+
+
+def _launch(config: Path, *extra: str) -> subprocess.Popen:
+    gcs = ray.get_runtime_context().gcs_address
+    return subprocess.Popen([CLI, "train", str(config), "--address", gcs, *extra], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _stop_after(proc: subprocess.Popen, run_dir: Path, rows: int, sig: signal.Signals) -> str:
+    """Signal the driver once `rows` steps are logged; returns its output (it must exit 0 in bound)."""
+    deadline = time.monotonic() + 300
+    while len(_rows(run_dir)) < rows:
+        assert proc.poll() is None, f"the run ended early:\n{proc.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.1)
+    os.kill(proc.pid, sig)  # the driver process only, as `kill` or a scheduler would
+    out, _ = proc.communicate(timeout=120)  # well within faults.preempt_grace_s
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_path):
+    cfg = job_config(
+        name="stop-resume",
+        generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
+        scoring={"rewards": [{"type": "function", "function": "tests.integration.test_stop_and_resume:flaky_reward",
+                              "on_error": "drop", "timeout_s": 0.5}]},
+        train={"total_steps": STEPS, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+        checkpoint={"every_steps": 100},  # only the stops (and the end) write checkpoints
+    )
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run_dir, store = Path(cfg.run_dir), CheckpointStore(cfg.checkpoint_dir)
+
+    driver = _launch(config)
+    while not (run_dir / "metrics.jsonl").exists():
+        assert driver.poll() is None, driver.stdout.read()[-4000:]
+        time.sleep(0.1)
+    # A second job on the live job's run_dir is refused with one line naming the first; nothing is touched.
+    intruder = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address,
+                             "--overwrite"], cwd=REPO, text=True, capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert intruder.returncode == 2, intruder.stdout + intruder.stderr
+    assert "is in use by job 'stop-resume'" in intruder.stderr and "Traceback" not in intruder.stderr
+    out = _stop_after(driver, run_dir, 3, signal.SIGTERM)
+    assert "SIGTERM: stopping after the step in progress" in out and "continue with:" in out and "--resume auto" in out
+    resumed_at = []
+    for stop_number, sig in ((1, signal.SIGINT), (2, None)):
+        done = len(_rows(run_dir))
+        resumed_at.append(done)
+        ckpt = store.latest()
+        assert ckpt is not None and ckpt.step == done - 1, "the stop's checkpoint holds every trained step"
+        # Starting over without --resume or --overwrite is refused: the stopped run is not wiped.
+        refused = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address],
+                                 cwd=REPO, text=True,
+                                 capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert refused.returncode == 2 and "--resume auto" in refused.stderr, refused.stderr
+        # The first resume also changes the learning rate and the KL coefficient: they apply.
+        overrides = ["--set", "learner.lr=0.0005", "--set", "algorithm.kl.coef=0.05"] if stop_number == 1 else []
+        proc = _launch(config, "--resume", "auto", *overrides)
+        if sig is not None:
+            out = _stop_after(proc, run_dir, done + 3, sig)
+            assert f"{sig.name}: stopping" in out
+        else:
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, out[-4000:]
+            assert "done:" in out
+
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(STEPS)), "every step once over the three runs"
+    # The first resume's --set values apply over the checkpoint's; the second resume, without them,
+    # is back at the config file's (a change in either direction applies).
+    first, second = resumed_at
+    for part, lr, coef in ((rows[:first], cfg.learner.lr, cfg.algorithm.kl.coef), (rows[first:second], 0.0005, 0.05),
+                           (rows[second:], cfg.learner.lr, cfg.algorithm.kl.coef)):
+        assert {r["learner/lr"] for r in part} == {lr} and {r["kl_coef"] for r in part} == {coef}, (resumed_at, rows)
+    assert store.latest().step == STEPS - 1
+    consumed = [json.loads(x) for x in (run_dir / "consumed.jsonl").read_text().splitlines()]
+    ids = [c["sample_id"] for c in consumed]
+    assert len(ids) == len(set(ids)) == STEPS * cfg.samples_per_step
+    answer_of = {p.prompt_id: p.answer for p in read_prompt_file(run_dir / "data" / "train.parquet")}
+    assert not [c for c in consumed if bad_reward(answer_of[c["prompt_id"]])], "trained on a group whose reward failed"
+    assert all(math.isfinite(r["reward_mean"]) for r in rows)
+    assert rows[-1]["dropped_reward_failed"] > 0, "no broken reward was met: the test tested nothing"

@@ -1,0 +1,78 @@
+"""One job per run directory: a live job's lock refuses a second job (naming the first), a dead
+job's lock is taken over, and a fresh job never silently wipes an earlier run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rlhf_cluster.run_dir import RunDir, RunDirInUse
+from rlhf_cluster.run_lock import RunDirBusy
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from rlhf_cluster.run_dir import RunDir
+    root = Path(sys.argv[1])
+    RunDir(root, root / "weights", root / "checkpoints").prepare(fresh=True, job_name="first-job")
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def _run_dir(root):
+    return RunDir(root, root / "weights", root / "checkpoints")
+
+
+@pytest.fixture
+def live_job(tmp_path):
+    """A real second process that holds tmp_path/run as a job would."""
+    root = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    yield root, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_second_job_on_a_live_run_dir_is_refused_naming_the_first(live_job):
+    root, proc = live_job
+    (root / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    for fresh in (True, False):  # neither a fresh job nor a resume may share a live job's directory
+        with pytest.raises(RunDirBusy) as info:
+            _run_dir(root).prepare(fresh=fresh, job_name="second-job", overwrite=True)
+        msg = str(info.value)
+        assert "'first-job'" in msg and f"pid {proc.pid}" in msg and str(root) in msg
+    assert (root / "metrics.jsonl").exists(), "the refused job touched the live job's files"
+
+
+def test_a_dead_jobs_lock_is_taken_over(live_job):
+    root, proc = live_job
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (root / "job.lock").exists()  # the file stays; the lock died with its process
+    run_dir = _run_dir(root).prepare(fresh=False, job_name="after")
+    assert json.loads((root / "job.lock").read_text())["job"] == "after"
+    run_dir.release()
+
+
+def test_a_fresh_job_refuses_an_earlier_run_unless_told_to_overwrite(tmp_path):
+    root = tmp_path / "run"
+    (root / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (root / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(5)))
+    with pytest.raises(RunDirInUse) as info:
+        _run_dir(root).prepare(fresh=True, job_name="new")
+    msg = str(info.value)
+    assert "5 steps" in msg and "step-00000004" in msg and "--resume auto" in msg and "--overwrite" in msg
+    assert (root / "metrics.jsonl").exists() and (root / "checkpoints").exists()
+    # The refusal let go of the lock; resuming keeps the files, overwriting removes them.
+    _run_dir(root).prepare(fresh=False, job_name="resumed").release()
+    assert (root / "metrics.jsonl").exists()
+    _run_dir(root).prepare(fresh=True, job_name="new", overwrite=True).release()
+    assert not (root / "metrics.jsonl").exists() and not (root / "checkpoints").exists()
