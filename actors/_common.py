@@ -66,7 +66,7 @@ def join_process_group(master_addr: str, master_port: int, rank: int, world_size
 
 async def heartbeat(actor, timeout_s: float) -> "Heartbeat":
     """One heartbeat to `actor` (its `heartbeat()` answers `{"stalled_s": ...}`), bounded by
-    `timeout_s`; a dead or silent actor counts as not answering."""
+    `timeout_s`."""
     import asyncio
 
     import ray
@@ -75,6 +75,8 @@ async def heartbeat(actor, timeout_s: float) -> "Heartbeat":
 
     try:
         reply = await asyncio.wait_for(actor.heartbeat.remote(), timeout_s)
-    except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+    except asyncio.TimeoutError:
         return Heartbeat(answered=False)
+    except ray.exceptions.RayActorError:
+        return Heartbeat(answered=False, dead=True)
     return Heartbeat(answered=True, stalled_s=reply["stalled_s"])

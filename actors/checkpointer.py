@@ -46,15 +46,26 @@ class Checkpointer:
         transport) their delivery."""
         if ckpt is None:
             self.store.discard_from(0)
+            state.log.truncate(0)  # a rollback to the start: what the log holds belongs to the abandoned run
             delivery = trainer.publish_now(0)
             self.reporter.keep_steps(-1)
             return 0, delivery
         if trainer.critic is not None and "critic_rank_digests" not in ckpt.manifest:
             raise CheckpointError(f"checkpoint {ckpt.path}: has no critic state (written by a job without a critic)")
+        saved_world = len(ckpt.manifest["rank_digests"])
+        resharded = saved_world != self.cfg.learner.world_size
+        if resharded and self.cfg.learner.backend == "deepspeed":
+            raise CheckpointError(
+                f"checkpoint {ckpt.path}: written by {saved_world} DeepSpeed ranks, resumed with learner.world_size="
+                f"{self.cfg.learner.world_size}; DeepSpeed ZeRO checkpoints resume at the world size they were written "
+                f"with (set learner.world_size={saved_world}), FSDP2 ones at any")
         digests = trainer.load_checkpoint(ckpt.path)
         for group, restored in digests.items():
             what = "critic" if group.startswith("critic") else "learner"
-            if restored != ckpt.manifest[group]:
+            if len(restored) != len(ckpt.manifest[group]):
+                # Resharded (DCP): per-rank digests are not comparable; every file was checked by its checksum.
+                tqdm.write(f"{what}: resharded from {len(ckpt.manifest[group])} to {len(restored)} ranks")
+            elif restored != ckpt.manifest[group]:
                 raise CheckpointError(f"checkpoint {ckpt.path}: restored {what} state differs from the saved state")
         state.load(ckpt)
         # Versions after the checkpoint belong to the abandoned run; the checkpoint's is republished.
@@ -63,8 +74,10 @@ class Checkpointer:
         self.reporter.keep_steps(ckpt.step)
         overrides = {name: {"checkpoint": old, "now": new} for name, (old, new) in state.overrides.items()}
         self.run_dir.write_json(RunDir.RESUME, {"step": ckpt.step, "version": ckpt.version, "path": str(ckpt.path),
-                                                "rank_digests": digests["rank_digests"], "overrides": overrides})
-        tqdm.write(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}")
+                                                "rank_digests": digests["rank_digests"], "overrides": overrides,
+                                                "scored_groups": state.recovered})
+        tqdm.write(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}; scored groups "
+                   f"after it reused {state.recovered['reused']}, generated again {state.recovered['discarded']}")
         if overrides:
             tqdm.write("settings changed since the checkpoint, this job's apply: "
                        + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items()))
@@ -76,18 +89,21 @@ class Checkpointer:
         tmp = self.checkpoints.begin(step)
         state.save(step, tmp)
         digests = await trainer.stage_checkpoint(tmp)
-        self._writing = tg.create_task(self._finish(tmp, step, digests, trainer))
+        self._writing = tg.create_task(self._finish(tmp, step, digests, trainer, state))
 
     async def wait(self) -> None:
         """Until the checkpoint being written (if any) is complete."""
         if self._writing is not None:
             await self._writing
 
-    async def _finish(self, tmp: Path, step: int, digests: dict, trainer: Trainer) -> None:
+    async def _finish(self, tmp: Path, step: int, digests: dict, trainer: Trainer, state: JobState) -> None:
         try:
             await trainer.wait_checkpoint()
             ckpt = await asyncio.to_thread(self.checkpoints.finalize, tmp, step, step + 1, digests)
             tqdm.write(f"checkpoint {ckpt.path.name} (weight version {ckpt.version})")
+            # Scored groups older than every kept checkpoint can never be recovered: drop them.
+            oldest = Checkpoint(self.checkpoints.list()[0], {}).driver_state()
+            state.log.compact(oldest.get("scored_seq", 0))
         except (OSError, ray.exceptions.RayError) as exc:
             # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
             self.checkpoints.abandon(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -60,21 +61,21 @@ def _capacity(address: str | None, cfg: JobConfig) -> tuple[dict[str, float], di
         ray.shutdown()
 
 
-def _preflight(cfg: JobConfig, files: bool = True) -> list[str]:
+def _preflight(cfg: JobConfig, files: bool = True, resume: str | None = None) -> list[str]:
     """`preflight`'s warnings; its refusal ends the command with the message (exit code 2)."""
     try:
-        return preflight(cfg, files=files)
+        return preflight(cfg, files=files, resume=resume)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
 
 
-def _dry_run(cfg: JobConfig, address: str | None) -> None:
+def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
     from rlhf_cluster.placement import check_capacity, format_plan, resource_plan
 
     problems, warnings = [], []
     try:
-        warnings = preflight(cfg)
+        warnings = preflight(cfg, resume=resume)
     except ConfigError as exc:
         problems.append(str(exc))
     # Placement needs the cluster's capacity, so it is the dry run's own check, not preflight's.
@@ -100,14 +101,22 @@ def train(
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'auto' (the newest that verifies) or its path."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run_dir that holds an earlier run (deletes its metrics, checkpoints and weights)."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error caused by input (config, files, reward code, checkpoints)."),
+    max_retries: int = typer.Option(0, "--max-retries", min=0, help="Run the driver as a child and resume it (--resume auto) after it dies, up to this many times."),
 ) -> None:
     """Run an RL job: generation, scoring, learner and weight store on Ray."""
     cfg = _load(config, set_)
     address = address or cfg.cluster.address
     if dry_run:
-        _dry_run(cfg, address)
+        _dry_run(cfg, address, resume)
         return
-    _preflight(cfg)  # a refusal ends here, before Ray starts; the driver runs it again and logs the warnings
+    _preflight(cfg, resume=resume)  # a refusal ends here, before Ray starts; the driver runs it again and logs the warnings
+    if max_retries:
+        from actors.supervisor import supervise
+
+        argv = [sys.executable, "-m", "actors.cli", "train", str(config), *(f"--set={s}" for s in set_),
+                *(["--address", address] if address else []), *(["--resume", resume] if resume else []),
+                *(["--overwrite"] if overwrite else []), *(["--debug"] if debug else [])]
+        raise typer.Exit(supervise(argv, max_retries, lambda line: typer.echo(line, err=True)))
     import ray
 
     from actors.job import run_job
@@ -303,6 +312,7 @@ def submit(
     address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
     python: str = typer.Option("python", help="Python on the cluster's head node that has rlhf_cluster's dependencies."),
+    max_retries: int = typer.Option(0, "--max-retries", min=0, help="Resume the job (--resume auto) after its driver dies, up to this many times."),
 ) -> None:
     """Submit a job through Ray's Jobs API (code and config shipped as the working dir); print its id."""
     cfg = _load(config, set_)
@@ -312,7 +322,7 @@ def submit(
     stage = _stage_working_dir(cfg)
     try:
         job_id = _job_client(address).submit_job(
-            entrypoint=f"{python} -m actors.cli train job.yaml --address auto",
+            entrypoint=f"{python} -m actors.cli train job.yaml --address auto --max-retries {max_retries}",
             runtime_env={"working_dir": str(stage)},
             metadata={"rlhf_job_name": cfg.name},
         )
@@ -378,6 +388,8 @@ def scale(
         ray.shutdown()
     for pool_name, outcome in outcomes.items():
         typer.echo(f"{pool_name}: {outcome['sizes'][pool_name]} workers (changed: {', '.join(outcome['changed']) or 'none'})")
+    sizes = list(outcomes.values())[-1]["sizes"]
+    typer.echo("layout: " + ", ".join(f"{name} {count}" for name, count in sizes.items()))
 
 
 @app.command()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from functools import partial
 from typing import Callable
 
@@ -34,6 +35,21 @@ def engine_model_paths(cfg: JobConfig, model_path: str, store: WeightStore, vers
     if "int8" in cfg.generation.weight_variants:
         paths["int8"] = str(write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8))
     return paths
+
+
+def _named_controller(job_name: str, wait_s: float = 60.0):
+    """The job's JobController. A driver that just died (and is being resumed) still holds the
+    name until Ray has reaped its actors: wait for that, a bounded time."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return JobController.options(name=controller_name(job_name), namespace=NAMESPACE,
+                                         get_if_exists=False).remote()
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"a job named {job_name!r} is already running on this cluster (its controller "
+                                   f"{controller_name(job_name)} exists); give this job another `name`") from None
+            time.sleep(1.0)
 
 
 class Cluster:
@@ -98,8 +114,7 @@ class Cluster:
                 self._record_receipts(ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S),
                                       delivery)
             self.write_scrape_targets()
-            self.controller = JobController.options(name=controller_name(cfg.name), namespace=NAMESPACE,
-                                                    get_if_exists=False).remote()
+            self.controller = _named_controller(cfg.name)
             ray.get(self.controller.report_sizes.remote(self.pool_sizes()))
         except BaseException:
             for p in self.pools.values():

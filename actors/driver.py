@@ -43,7 +43,7 @@ class Driver:
     """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
 
     def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool = False):
-        for warning in preflight(cfg):  # bad input fails here, before anything is written or started
+        for warning in preflight(cfg, resume=resume):  # bad input fails here, before anything is written or started
             log.warning(warning)
         self.cfg, self.cfg_dict = cfg, cfg.model_dump()
         self.run_dir = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
@@ -183,6 +183,7 @@ class Driver:
                             "learner_restarts": self.learner_restarts}
                 now = time.perf_counter()
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
+                await asyncio.to_thread(self.state.log.flush)  # the groups scored so far survive a kill
                 last = now
                 bar.update(1)
                 if self.checkpointer.due(step, self.stop_requested):

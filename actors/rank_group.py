@@ -104,6 +104,8 @@ class RankGroup:
                 if beat.answered:
                     last_ok[r] = time.monotonic()
                     continue
+                if beat.dead:  # the group's call in flight fails by itself
+                    return
                 self.ended = True
                 ray.kill(self.ranks[r], no_restart=True)
                 on_hung(r, time.monotonic() - last_ok[r])

@@ -9,7 +9,7 @@ dynamic sampling), so the producer generates another in its place and no step go
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 
 from rlhf_cluster.config import GenerationConfig, TrainConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
@@ -25,6 +25,7 @@ class Admission:
         self.in_flight: dict[int, list[Prompt]] = {}
         self.started = 0
         self.given_back = 0
+        self.skipping: Counter[str] = Counter()  # prompts whose groups a resume recovered: not generated again
         self._keys = itertools.count()
 
     def allowance(self, published_version: int) -> int:
@@ -52,10 +53,21 @@ class Admission:
         if k <= 0:
             raise RuntimeError("admit() called without an allowance")
         self.started += k
-        prompts = [self.pending.popleft() if self.pending else self.source.next_prompt() for _ in range(k)]
+        prompts = [self._next_prompt() for _ in range(k)]
         key = next(self._keys)
         self.in_flight[key] = prompts
         return key, prompts
+
+    def _next_prompt(self) -> Prompt:
+        while True:
+            prompt = self.pending.popleft() if self.pending else self.source.next_prompt()
+            if not self.skipping[prompt.prompt_id]:
+                return prompt
+            self.skipping[prompt.prompt_id] -= 1
+
+    def skip(self, prompt_id: str) -> None:
+        """The next time `prompt_id` comes up, pass over it (a resume recovered its scored group)."""
+        self.skipping[prompt_id] += 1
 
     def buffered(self, key: int) -> None:
         """The request's groups reached the buffer (or were dropped and given back)."""

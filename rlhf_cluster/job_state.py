@@ -15,6 +15,7 @@ from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience import accept_group, kl_controller
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.scored_log import BUFFERED, ScoredLog
 from rlhf_cluster.scoring.rewards import FAILED
 
 
@@ -50,6 +51,8 @@ class JobState:
         self.start_step = 0
         self.overrides: dict[str, tuple[object, object]] = {}  # setting -> (checkpoint's, this job's), on resume
         self.worker_of: dict[str, str] = {}  # sample id -> the generation worker that produced it
+        self.log = ScoredLog(Path(cfg.run_dir).expanduser() / RunDir.SCORED_LOG)
+        self.recovered = {"reused": 0, "discarded": 0}  # scored groups found in the log on resume
 
     def add_group(self, samples: list[ScoredSample], metrics: dict[str, float], worker: str) -> str | None:
         """Buffer one scored group, or drop it and give its admission back; returns None when
@@ -60,12 +63,20 @@ class JobState:
         elif not accept_group(metrics, self.cfg.algorithm):
             reason = "zero_signal"
         else:
+            reason = None
+        self._keep(samples, reason, worker)
+        if reason is not None:
+            self.admission.give_back(1)
+        return reason
+
+    def _keep(self, samples: list[ScoredSample], dropped: str | None, worker: str) -> None:
+        """Log a scored group, then buffer it (or count its drop)."""
+        self.log.append(samples, dropped or BUFFERED)
+        if dropped is None:
             self.buffer.add_group(samples)
             self.worker_of.update((s.sample_id, worker) for s in samples)
-            return None
-        self.admission.give_back(1)
-        self.dropped[reason] += len(samples)
-        return reason
+        else:
+            self.dropped[dropped] += len(samples)
 
     def counters(self) -> dict[str, int]:
         """The buffer's depth and drops, for the step's row."""
@@ -83,8 +94,11 @@ class JobState:
         return samples, dropped
 
     def save(self, step: int, directory: Path) -> None:
-        """Write this half of a checkpoint after `step`: the state JSON and the buffer."""
+        """Write this half of a checkpoint after `step`: the state JSON and the buffer; the scored
+        log is flushed, so the checkpoint's seq falls between two of its segments."""
+        self.log.flush()
         state = {
+            "scored_seq": self.log.next_seq,
             "step": step,
             "version": step + 1,
             "kl": self.kl.state_dict(),
@@ -110,5 +124,29 @@ class JobState:
         self.dropped["zero_signal"] = state["zero_signal_dropped"]
         self.dropped["reward_failed"] = state.get("reward_failed_dropped", 0)  # absent from older checkpoints
         self.start_step = ckpt.step + 1
+        recovered = self._recover(state.get("scored_seq"), ckpt.version)
         groups_done = self.start_step * self.cfg.train.prompts_per_step + self.buffer.ready_groups()
         self.admission.load_state_dict(state, groups_done)
+        for prompt_id in recovered:
+            self.admission.skip(prompt_id)
+
+    def _recover(self, seq: int | None, version: int) -> list[str]:
+        """Groups scored after the checkpoint (the log from `seq` on) that were generated with
+        weights the resumed job holds too (no version newer than the checkpoint's: later versions
+        belong to the abandoned run, so their samples would name weights that no longer exist)
+        are reused as if they had just arrived; the rest are generated again. Returns the reused
+        groups' prompt ids."""
+        if seq is None:  # a checkpoint from before the log: everything after it is generated again
+            return []
+        found = self.log.since(seq)
+        self.log.truncate(seq)
+        reused = []
+        for fate, samples in found:
+            newest = max(v for s in samples for _, v in s.policy_versions)
+            if newest > version:
+                self.recovered["discarded"] += 1
+                continue
+            self._keep(samples, None if fate == BUFFERED else fate, "recovered")
+            reused.append(samples[0].prompt_id)
+        self.recovered["reused"] = len(reused)
+        return reused

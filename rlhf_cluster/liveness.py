@@ -34,9 +34,12 @@ class Heartbeat:
 
     answered: bool
     stalled_s: float = 0.0
+    dead: bool = False  # its process is gone: whoever calls it next replaces it, as before heartbeats
 
     def hung(self, stall_timeout_s: float) -> str | None:
-        """Why the worker counts as hung, or None if it is alive."""
+        """Why the worker counts as hung, or None if it is alive (or dead, which is not hung)."""
+        if self.dead:
+            return None
         if not self.answered:
             return "no heartbeat answer"
         if self.stalled_s > stall_timeout_s:

@@ -21,15 +21,17 @@ from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what 
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 
 
-def preflight(cfg: JobConfig, *, files: bool = True) -> list[str]:
+def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:
     """Check `cfg` as a whole; return its warnings, or raise `ConfigError` naming every problem.
 
-    `files=False` skips the checks that read files (for a config checked on another machine than
-    the one that runs it, as `submit` does).
+    `files=False` skips the checks that read files or this machine (for a config checked on
+    another machine than the one that runs it, as `submit` does). `resume`: a checkpoint path
+    (`--resume PATH`) must verify.
     """
     problems = [p for rule in CONFIG_RULES for p in rule(cfg)]
     if files:
         problems += [p for check in FILE_CHECKS for p in check(cfg)]
+        problems += _resume_path(resume)
     if problems:
         head = "config refused:" if len(problems) == 1 else f"config refused ({len(problems)} problems):"
         raise ConfigError(head + "".join(f"\n  {p}" for p in problems))
@@ -190,7 +192,34 @@ def _deepspeed_json(cfg: JobConfig) -> list[str]:
     return []
 
 
-FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [_model_dir, _prompt_file, _reward_files, _critic_init, _deepspeed_json]
+def _bind_address(cfg: JobConfig) -> list[str]:
+    if not cfg.metrics.enabled:
+        return []
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in cfg.metrics.bind_address else socket.AF_INET) as sock:
+            sock.bind((cfg.metrics.bind_address, 0))
+    except OSError as exc:
+        return [f"metrics.bind_address={cfg.metrics.bind_address!r}: cannot listen there on this machine ({exc.strerror}); "
+                "use an address of this host, e.g. 127.0.0.1 or 0.0.0.0"]
+    return []
+
+
+def _resume_path(resume: str | None) -> list[str]:
+    if resume is None or resume == "auto":
+        return []  # auto: the newest checkpoint that verifies, or a fresh start when there is none
+    from rlhf_cluster.checkpoint import CheckpointError, CheckpointStore
+
+    try:
+        CheckpointStore.verify(resume)
+    except CheckpointError as exc:
+        return [f"--resume {resume}: {exc}"]
+    return []
+
+
+FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [_model_dir, _prompt_file, _reward_files, _critic_init, _deepspeed_json,
+                                                       _bind_address]
 
 
 # ---- allowed, but usually a mistake ---------------------------------------------------------

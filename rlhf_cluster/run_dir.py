@@ -26,6 +26,7 @@ class RunDir:
     PROBES = "probes.jsonl"  # each worker's post-load mismatch probe
     TIMELINE = "rollout_timeline.jsonl"  # per prompt group: when it was requested, generated, buffered
     BUFFER = "buffer.arrow"  # scored samples not yet trained on, at the end of a run
+    SCORED_LOG = "scored"  # every scored group as it arrives (ScoredLog segments)
     RESUME = "resume.json"  # which checkpoint a resumed run started from
     EVAL = "eval.json"  # held-out accuracy before and after
     SCRAPE_TARGETS = "prometheus_targets.json"  # Prometheus file-based service discovery
@@ -51,7 +52,8 @@ class RunDir:
         silently wipes a run that trained (`RunDirInUse` names what is there)."""
         self.lock = RunLock(self.root, job_name)
         stale = (self.weights_dir, self.checkpoint_dir, *(self.root / n for n in (
-            self.METRICS, self.CONSUMED, self.PROBES, self.BUFFER, self.RESUME, self.ENGINE_INT8, self.TIMELINE)))
+            self.METRICS, self.CONSUMED, self.PROBES, self.BUFFER, self.RESUME, self.ENGINE_INT8, self.TIMELINE,
+            self.SCORED_LOG)))
         if fresh and not overwrite:
             trained = self.read(self.METRICS)
             checkpoints = sorted(p.name for p in self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []

@@ -361,10 +361,17 @@ class LearnerBase(ABC):
         )
 
     def _load_host_state(self, directory: Path) -> None:
-        extra = torch.load(self._host_state_file(directory), weights_only=False)
+        path = self._host_state_file(directory)
+        if not path.is_file():  # more ranks than wrote the checkpoint: rank 0's schedule, this rank's own RNG
+            path = directory / "rng" / "rank0.pt"
+            extra = torch.load(path, weights_only=False)
+            extra.pop("rng")
+        else:
+            extra = torch.load(path, weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.step = extra["step"]
-        set_rng_state(extra["rng"])
+        if "rng" in extra:
+            set_rng_state(extra["rng"])
 
     def _check_backend_of(self, directory: Path, marker: Path) -> None:
         """A clear error when a checkpoint was written by the other backend (its files differ)."""

@@ -60,7 +60,7 @@ def ray_head():
                 head.kill()
                 raise RuntimeError(f"ray head did not come up: {head.stdout.read().decode()[-3000:]}")
             time.sleep(1)
-    yield address, env
+    yield address, env, f"127.0.0.1:{gcs}"
     # --block makes `ray start` own the head's processes: SIGTERM to it stops them all. Its
     # session (start_new_session) is killed as a backstop, nothing else on the machine.
     head.send_signal(signal.SIGTERM)
@@ -90,7 +90,7 @@ def _wait_status(env, address, job, wanted, timeout=300) -> str:
 
 
 def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
-    address, env = ray_head
+    address, env, gcs = ray_head
     run_dir = tmp_path / "run"
     common = ["--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
               "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--python", sys.executable, "--address", address]
@@ -107,5 +107,15 @@ def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
     long_job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=100000",
                     "--set", f"run_dir={tmp_path / 'long'}", "--set", "name=long", *common).splitlines()[-1]
     assert _wait_status(env, address, long_job, {"RUNNING"}, timeout=120) == "RUNNING"
+    deadline = time.monotonic() + 300
+    while "step    1 |" not in _cli(env, "logs", long_job, "--address", address):  # its pools serve
+        assert time.monotonic() < deadline, "the long job did not train"
+        time.sleep(2)
+    # The submitted job's generation and reward pools are resized from the CLI while it trains.
+    for pool, replicas in (("generation", 2), ("reward", 2)):
+        out = _cli(env, "scale", long_job, "--pool", pool, "--replicas", str(replicas), "--address", gcs,
+                   "--dashboard", address, timeout=300)
+        assert out.splitlines()[0].startswith(f"{pool}: {replicas} workers (changed: "), out
+        assert f"{pool} {replicas}" in out.splitlines()[-1], out  # the new layout, every pool
     assert _cli(env, "stop", long_job, "--address", address) == "stopping"
     assert _wait_status(env, address, long_job, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout=120) == "STOPPED"

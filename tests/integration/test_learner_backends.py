@@ -141,8 +141,10 @@ def test_checkpoint_round_trips_exactly(ray_cluster, job_config, tiny_model_path
 
 def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
     """The whole job (vLLM generation, scoring, buffer, weight store) on a 2-rank DeepSpeed
-    ZeRO-3 learner: versions advance, ZeRO-3 partitions every parameter across the ranks, and
-    the published weights are the trained ones and differ from the initial weights."""
+    ZeRO-3 learner: versions advance, ZeRO-3 partitions every parameter across the ranks, every
+    version reaches the engine by direct delivery from the DeepSpeed ranks (the default
+    transport), proven by fingerprint, and the published weights are the trained ones and differ
+    from the initial weights."""
     steps = 2
     cfg = job_config(
         generation={"replicas": 1, "prompts_per_request": 2, "sampling": {"n": 4, "max_new_tokens": 8}},
@@ -155,6 +157,10 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         result = job.run()
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
         assert WeightStore(cfg.weights_dir).latest_version() == steps
+        assert cfg.weights.transport == "direct"
+        receipts = job.delivery_receipts
+        assert [r["version"] for r in receipts if r["loaded"]] == list(range(steps + 1)), receipts
+        assert all("refused" not in r and r["fingerprint"] == r["sent_fingerprint"] for r in receipts), receipts
 
         infos = ray.get([rank.shard_info.remote() for rank in job.learner_ranks])
         for name, (local0, full) in infos[0].items():

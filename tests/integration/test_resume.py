@@ -22,6 +22,8 @@ from actors.job import Job
 from rlhf_cluster.checkpoint import CheckpointStore
 from rlhf_cluster.data.prompts import PromptSource, read_prompt_file
 from rlhf_cluster.records import table_to_samples
+from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.scored_log import ScoredLog
 from rlhf_cluster.weights import WeightStore
 
 
@@ -69,7 +71,7 @@ def _job_actors_alive(job_name: str) -> bool:
 
 
 def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path):
-    steps = 40
+    steps = 16
     # Staleness 2 lets generation run ahead, so checkpoints usually hold buffered samples.
     cfg = _cfg(job_config, "resume", steps, max_staleness=2)
     config_file = tmp_path / "job.yaml"
@@ -93,6 +95,7 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
             and _read_arrow(done.path / "buffer.arrow").num_rows > 0
             and metrics.exists()
             and len(metrics.read_text().splitlines()) >= done.step + 2
+            and len(_reusable(cfg, done)) > 0  # scored after the checkpoint, with weights it holds
         )
 
     _wait_for(past_a_checkpoint_with_buffered_samples, timeout=300)
@@ -102,6 +105,7 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
     ckpt = store.latest()
     assert ckpt is not None and ckpt.step < steps - 1
     saved_buffer = {s.sample_id for s in table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))}
+    reusable = _reusable(cfg, ckpt)  # what the killed run scored after the checkpoint, read from its log
 
     second = Job(cfg, resume="auto")
     republished = WeightStore(cfg.weights_dir).load(ckpt.version)  # published while resuming
@@ -141,6 +145,15 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
         trained = set(groups.values())
         assert not (trained & in_buffer) and not (trained & pending) and not (in_buffer & pending)
         assert trained | in_buffer | pending == taken, "a prompt was skipped or invented"
+
+        # Groups scored after the checkpoint with its weights were reused, not generated again: a
+        # reused prompt's samples in the resumed run are exactly the logged ones (none if dropped).
+        assert resume["scored_groups"]["reused"] == len(reusable)  # > 0 unless a newer checkpoint landed just before the kill
+        final_buffer_samples = table_to_samples(_read_arrow(final.path / "buffer.arrow"))
+        seen = [(c["sample_id"], c["prompt_id"]) for c in consumed] + [(x.sample_id, x.prompt_id) for x in final_buffer_samples]
+        for fate, group in reusable:
+            logged = {x.sample_id for x in group} if fate == "buffered" else set()
+            assert {i for i, pid in seen if pid == group[0].prompt_id} == logged, f"prompt {group[0].prompt_id}"
 
         # Samples buffered at the checkpoint survived into the resumed run.
         assert saved_buffer, "the checkpoint held no buffered samples to carry over"
@@ -182,6 +195,12 @@ def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_
         assert job.workers("generation") == generation_before
     finally:
         job.shutdown()
+
+
+def _reusable(cfg, ckpt) -> list:
+    """Groups the run's scored log holds after `ckpt` that were generated with weights up to its version."""
+    groups = ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(ckpt.driver_state()["scored_seq"])
+    return [(fate, s) for fate, s in groups if max(v for x in s for _, v in x.policy_versions) <= ckpt.version]
 
 
 def _read_arrow(path):

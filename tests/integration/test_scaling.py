@@ -16,6 +16,7 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config):
     steps = 100_000
     cfg = job_config(
         name="scaling",
+        weights={"transport": "filesystem"},  # a joining worker loads the store's newest version (direct: test_faults)
         generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
     )

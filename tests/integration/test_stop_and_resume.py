@@ -1,7 +1,9 @@
 """A job driven from the CLI as an operator would: a reward function that raises, returns NaN
 or hangs on some prompts; a second job pointed at the live job's run_dir; SIGTERM, then SIGINT,
-each followed by `--resume auto`. Every stop exits 0 with a checkpoint of the last trained step,
-every step is trained exactly once over the three runs, no sample twice, nothing on a bad reward."""
+each followed by `--resume auto` (the first at a new learning rate, KL coefficient and learner
+world size 2 -> 1, the second back to the config's, 1 -> 2, under a supervisor whose driver is
+SIGKILLed once and resumed). Every stop exits 0 with a checkpoint of the last trained step, every
+step is trained exactly once over the runs, no sample twice, nothing on a bad reward."""
 
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
         generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         scoring={"rewards": [{"type": "function", "function": "tests.integration.test_stop_and_resume:flaky_reward",
                               "on_error": "drop", "timeout_s": 0.5}]},
+        learner={"world_size": 2, "lr": 1e-3},
         train={"total_steps": STEPS, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
         checkpoint={"every_steps": 100},  # only the stops (and the end) write checkpoints
     )
@@ -97,21 +100,31 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
         resumed_at.append(done)
         ckpt = store.latest()
         assert ckpt is not None and ckpt.step == done - 1, "the stop's checkpoint holds every trained step"
-        # Starting over without --resume or --overwrite is refused: the stopped run is not wiped.
-        refused = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address],
-                                 cwd=REPO, text=True,
-                                 capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert refused.returncode == 2 and "--resume auto" in refused.stderr, refused.stderr
-        # The first resume also changes the learning rate and the KL coefficient: they apply.
-        overrides = ["--set", "learner.lr=0.0005", "--set", "algorithm.kl.coef=0.05"] if stop_number == 1 else []
-        proc = _launch(config, "--resume", "auto", *overrides)
+        if stop_number == 1:  # starting over without --resume or --overwrite is refused: the stopped run is kept
+            refused = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address],
+                                     cwd=REPO, text=True, capture_output=True, timeout=60,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+            assert refused.returncode == 2 and "--resume auto" in refused.stderr, refused.stderr
+        # The first resume also changes the learning rate and the KL coefficient (they apply) and
+        # shrinks the learner from 2 ranks to 1; the second grows it back to the config's 2.
+        overrides = ["--set", "learner.lr=0.0005", "--set", "algorithm.kl.coef=0.05",
+                     "--set", "learner.world_size=1"] if stop_number == 1 else []
         if sig is not None:
+            proc = _launch(config, "--resume", "auto", *overrides)
             out = _stop_after(proc, run_dir, done + 3, sig)
-            assert f"{sig.name}: stopping" in out
+            assert f"{sig.name}: stopping" in out and "learner: resharded from 2 to 1 ranks" in out
         else:
+            # The last run has a supervisor (--max-retries): its driver is SIGKILLed once mid-run
+            # (as the OOM killer would), and is resumed from the newest checkpoint to the end.
+            proc = _launch(config, "--resume", "auto", "--max-retries", "1")
+            while len(_rows(run_dir)) < done + 2:
+                assert proc.poll() is None, proc.stdout.read()[-4000:]
+                time.sleep(0.1)
+            os.kill(json.loads((run_dir / "job.lock").read_text())["pid"], signal.SIGKILL)
             out, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0, out[-4000:]
-            assert "done:" in out
+            assert "driver exited with -9; resuming from the newest checkpoint (retry 1 of 1)" in out
+            assert "done:" in out and "learner: resharded from 1 to 2 ranks" in out
 
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == list(range(STEPS)), "every step once over the three runs"

@@ -55,6 +55,9 @@ BAD_CONFIGS: list[BadConfig] = [
     BadConfig("empty-mini-batches", {"learner": {"world_size": 1, "mini_batches": 100_000}}, "learner.mini_batches"),
     # ---- files the config names ----
     BadConfig("model-dir-missing", {"model": {"path": f"{MISSING}/model"}}, "model.path", reads_files=True),
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine.
+    BadConfig("metrics-bind-address-not-here", {"metrics": {"bind_address": "192.0.2.1", "enabled": True}},
+              "metrics.bind_address", reads_files=True, also=["cannot listen there"]),
     BadConfig("prompt-file-missing", {"data": {"task": None, "path": f"{MISSING}/prompts.jsonl"},
                                       "scoring": {"rewards": [{"type": "function", "function": PLACEBO}]}},
               "data.path", reads_files=True),

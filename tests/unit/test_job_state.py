@@ -10,6 +10,7 @@ from rlhf_cluster.config import AlgorithmConfig, JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience import finalize_batch
 from rlhf_cluster.job_state import JobState
+from rlhf_cluster.scored_log import ScoredLog
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
 
@@ -174,3 +175,58 @@ def test_a_resume_with_changed_settings_applies_them_over_the_checkpoint(tmp_pat
     target_only = JobState(_cfg(tmp_path, algorithm={"kl": {"controller": "adaptive", "coef": 0.1, "target": 2.0}}), PROMPTS)
     target_only.load(ckpt)
     assert (target_only.kl.value, target_only.kl.target) == (moved, 2.0)  # the adapted coefficient is kept
+
+
+def test_groups_scored_after_a_checkpoint_are_reused_on_resume_unless_from_newer_weights(tmp_path):
+    cfg = _cfg(tmp_path, algorithm={"shaping": {"dynamic_sampling": True}})
+    state = JobState(cfg, PROMPTS)
+    requests = [state.admission.admit(1) for _ in range(5)]  # five groups in flight
+    admitted = [prompts[0] for _, prompts in requests]
+    state.add_group(_group(admitted[0].prompt_id, 0), {"zero_signal": 0.0}, "gen0")  # in the checkpoint's buffer
+    state.admission.buffered(requests[0][0])
+    store = CheckpointStore(tmp_path / "ckpt")
+    tmp = store.begin(0)
+    state.save(0, tmp)
+    ckpt = store.finalize(tmp, 0, 1)  # version 1
+    # After the checkpoint: a group from version 1 (reusable), one from version 2 (the abandoned
+    # run's weights), one dropped for no signal (its drop is reused too), then the job is killed.
+    state.add_group(_group(admitted[1].prompt_id, 1), {"zero_signal": 0.0}, "gen0")
+    state.add_group(_group(admitted[2].prompt_id, 2), {"zero_signal": 0.0}, "gen0")
+    state.add_group(_group(admitted[3].prompt_id, 1, rewards=(1.0, 1.0)), {"zero_signal": 1.0}, "gen0")
+    state.log.flush()
+    state.add_group(_group(admitted[4].prompt_id, 1), {"zero_signal": 0.0}, "gen0")  # never flushed: lost
+
+    resumed = JobState(cfg, PROMPTS)
+    resumed.load(ckpt)
+    assert resumed.recovered == {"reused": 2, "discarded": 1}
+    assert resumed.dropped["zero_signal"] == 2
+    buffered = {s.group_id for s in resumed.buffer.take(resumed.buffer.ready_groups(), min_version=0)}
+    assert buffered == {admitted[0].prompt_id, admitted[1].prompt_id}
+    # The resumed admission generates the lost and the discarded groups' prompts, not the reused ones.
+    again = [resumed.admission.admit(5)[1][0].prompt_id for _ in range(3)]
+    assert again[:2] == [admitted[2].prompt_id, admitted[4].prompt_id]
+    assert admitted[1].prompt_id not in again and admitted[3].prompt_id not in again
+    # The reused groups are in the log again, numbered from the checkpoint on; a second resume finds them.
+    resumed.log.flush()
+    assert [s[0].group_id for _, s in resumed.log.since(ckpt.driver_state()["scored_seq"])] == [
+        admitted[1].prompt_id, admitted[3].prompt_id]
+
+
+def test_the_scored_log_is_durable_per_flush_and_compacts_whole_segments(tmp_path):
+    log = ScoredLog(tmp_path / "scored")
+    log.append(_group("a", 0), "buffered")
+    log.append(_group("b", 0), "zero_signal")
+    log.flush()
+    log.append(_group("c", 1), "buffered")
+    log.flush()
+    log.flush()  # nothing pending: no empty segment
+    assert len(list((tmp_path / "scored").iterdir())) == 2
+    reread = ScoredLog(tmp_path / "scored")  # e.g. after a kill
+    assert [(fate, s[0].group_id) for fate, s in reread.since(1)] == [("zero_signal", "b"), ("buffered", "c")]
+    reread.compact(2)  # the first segment holds only groups 0 and 1
+    assert [s[0].group_id for _, s in reread.since(0)] == ["c"]
+    log.append(_group("d", 1), "buffered")
+    log.append(_group("e", 1), "buffered")
+    log.flush()  # one segment: groups 3 and 4
+    with pytest.raises(ValueError, match="straddles"):
+        log.truncate(4)

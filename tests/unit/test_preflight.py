@@ -31,6 +31,12 @@ def test_file_checks_are_skipped_without_files(case):
     preflight(build(case), files=False)
 
 
+def test_a_resume_path_that_is_no_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--resume .*no manifest.json"):
+        preflight(JobConfig(), resume=str(tmp_path / "nowhere"))
+    assert preflight(JobConfig(), resume="auto") == []  # auto: the newest checkpoint, or a fresh start
+
+
 def test_the_default_config_passes():
     assert preflight(JobConfig()) == []
 
