@@ -18,6 +18,9 @@ from actors._common import heartbeat
 from rlhf_cluster.liveness import HungWorkerError
 
 
+STARTUP_TIMEOUT_S = 900  # a new worker's constructor (model load, engine start) must finish within this
+
+
 def actor_options(res: ResourcesConfig) -> dict[str, Any]:
     """Ray options for one actor of a pool from its resources config."""
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
@@ -76,6 +79,9 @@ class ActorPool:
         """Start `count` actors and `prepare` them; none is leaked if that fails or is cancelled."""
         created = self.create(count, replacing)
         try:
+            # Started (its constructor done: a model loaded, an engine up) before it counts: a
+            # heartbeat is answered only then, and an actor still starting is not a hung one.
+            await asyncio.wait_for(asyncio.gather(*[actor.heartbeat.remote() for actor in created.values()]), STARTUP_TIMEOUT_S)
             if self.prepare is not None:
                 await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
         except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
 
@@ -25,7 +27,8 @@ class RewardWorker:
 
     def __init__(self, cfg_dict: dict, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
-        self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
+        self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
+                      "pid": os.getpid()}
         rule = cfg.scoring.rule_source
         handling = {"on_error": rule.on_error, "timeout_s": rule.timeout_s} if cfg.scoring.reward_fn else {}
         self.reward = RuleReward(cfg.data.task, reward_fn=cfg.scoring.reward_fn, **handling)
@@ -64,7 +67,8 @@ class ReferenceWorker:
 
     def __init__(self, cfg_dict: dict, model_path: str, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reference", f"ref{index}")
-        self.info_ = {"name": f"ref{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port)}
+        self.info_ = {"name": f"ref{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
+                      "pid": os.getpid()}
         limit_threads(2)
         dtype = getattr(torch, cfg.model.dtype)
         self.model = ReferenceModel(model_path, dtype, temperature=cfg.generation.sampling.temperature,

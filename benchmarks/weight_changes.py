@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--size", choices=sorted(SIZES), default="demo", help="demo: the demo's tiny model; 100m: 768 x 12")
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lr", type=float, default=None, help="learner.lr (default: the demo's 3e-4; RL at scale runs ~1e-6)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"model.tiny.num_heads={hidden // 64}", "model.tiny.num_kv_heads=4",
                       f"model.tiny.intermediate_size={4 * hidden}", "model.sft_warmup_steps=0",
                       "train.prompts_per_step=4", "generation.sampling.n=4"]
+    if args.lr is not None:
+        overrides.append(f"learner.lr={args.lr}")
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", overrides)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, _temp_dir=str(work / "ray"))
     try:
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    if t.ndim == 2 and n.split(".")[-2] in PROJECTIONS)
     mean = {k: statistics.fmean(r[k] for r in rows) for k in ("fp32", "bf16", "layers")}
     params = sum(t.numel() for t in state.values())
-    print(f"\nweight_changes  {args.size} ({params / 1e6:.1f}M params), {args.steps} steps of the demo job")
+    print(f"\nweight_changes  {args.size} ({params / 1e6:.1f}M params), {args.steps} steps of the demo job, lr {cfg.learner.lr:g}")
     for r in rows:
         print(f"version {r['version']:3d}: changed elements fp32 {r['fp32']:.4f}, bf16 {r['bf16']:.4f}; layers touched {r['layers']:.2f}")
     print(f"mean: fp32 {mean['fp32']:.4f}, bf16 {mean['bf16']:.4f}, layers {mean['layers']:.2f}")
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{adapters / 1e6:.2f} MB ({adapters / merged:.3f} of merged)")
     write_result(args.out, {
         "benchmark": "weight_changes", "machine": machine_info(),
-        "config": {"steps": args.steps, "size": args.size, "params": params, "lora_rank": args.lora_rank},
+        "config": {"steps": args.steps, "size": args.size, "params": params, "lora_rank": args.lora_rank,
+                   "lr": cfg.learner.lr},
         "per_version": rows, "mean": mean, "bytes_merged_bf16": merged, "bytes_lora_adapters_bf16": adapters,
         "headline": headline("bf16 elements changed per step", mean["bf16"], "report", None),
     })

@@ -114,13 +114,14 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
             out = _stop_after(proc, run_dir, done + 3, sig)
             assert f"{sig.name}: stopping" in out and "learner: resharded from 2 to 1 ranks" in out
         else:
-            # The last run has a supervisor (--max-retries): its driver is SIGKILLed once mid-run
-            # (as the OOM killer would), and is resumed from the newest checkpoint to the end.
+            # The last run has a supervisor (--max-retries): its driver is SIGKILLed once, as soon as
+            # it holds the run directory (as the OOM killer would), and is resumed to the end.
+            before = json.loads((run_dir / "job.lock").read_text())["pid"]
             proc = _launch(config, "--resume", "auto", "--max-retries", "1")
-            while len(_rows(run_dir)) < done + 2:
+            while (holder := json.loads((run_dir / "job.lock").read_text() or "{}").get("pid", before)) == before:
                 assert proc.poll() is None, proc.stdout.read()[-4000:]
-                time.sleep(0.1)
-            os.kill(json.loads((run_dir / "job.lock").read_text())["pid"], signal.SIGKILL)
+                time.sleep(0.05)
+            os.kill(holder, signal.SIGKILL)
             out, _ = proc.communicate(timeout=600)
             assert proc.returncode == 0, out[-4000:]
             assert "driver exited with -9; resuming from the newest checkpoint (retry 1 of 1)" in out
