@@ -22,8 +22,8 @@ from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
 from rlhf_cluster import metrics as m
 from rlhf_cluster.records import Rollout
-from rlhf_cluster.weight_delivery import DeliveryError, DeliveryManifest, verified_tensors
 from rlhf_cluster.liveness import StallClock
+from rlhf_cluster.weight_delivery import DeliveryError, DeliveryManifest, verified_tensors
 from rlhf_cluster.weights import WeightIntegrityError, WeightStore
 
 DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
@@ -43,6 +43,7 @@ class GenerationWorker:
         # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
         # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
         self.variant = "int8" if cfg.generation.quantization_of(index if slot is None else slot) == "int8" else None
+        self.stall = StallClock()  # before the engine: its loop reports every step here
         self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index,
                                  name=self.name, on_step=self._on_engine_step)
         self.labels.of(m.GENERATION_VERSION).set(0)
@@ -59,7 +60,6 @@ class GenerationWorker:
         # Direct: the newest version refused. Requests that need it go on with the version held,
         # as with a refused stored version (the staleness filter judges their samples).
         self.refused_up_to = -1
-        self.stall = StallClock()
 
     def _on_engine_step(self, running: int, waiting: int) -> None:
         """Called by the engine loop after every step with vLLM's scheduler counts."""

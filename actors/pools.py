@@ -13,10 +13,9 @@ from typing import Any, Awaitable, Callable
 
 import ray
 
-from rlhf_cluster.config import FaultsConfig, ResourcesConfig
 from actors._common import heartbeat
+from rlhf_cluster.config import FaultsConfig, ResourcesConfig
 from rlhf_cluster.liveness import HungWorkerError
-
 
 STARTUP_TIMEOUT_S = 900  # a new worker's constructor (model load, engine start) must finish within this
 

@@ -209,10 +209,14 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
             )
             time.sleep(1)
 
-        # Every target of the job's file_sd file is scraped and up, with the file's labels.
+        # Every target of the job's file_sd file is scraped and up, with the file's labels. Each
+        # target is scraped on its own schedule, so the last may come up a scrape interval after
+        # the metrics above did: wait for it (bounded), then check.
         n_targets = len(json.loads(targets_file.read_text()))
-        ups = _query(base, 'up{job="rlhf_cluster"}')
-        assert len(ups) == n_targets and all(u["value"][1] == "1" for u in ups), ups
+        deadline = time.monotonic() + 60
+        while len(ups := _query(base, 'up{job="rlhf_cluster"}')) < n_targets and time.monotonic() < deadline:
+            time.sleep(1)
+        assert len(ups) == n_targets and all(u["value"][1] == "1" for u in ups), (n_targets, ups)
         assert {u["metric"]["job_name"] for u in ups} == {cfg.name}
         assert {u["metric"]["pool"] for u in ups} >= {"generation", "learner", "reward", "driver"}
 
