@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from actors.control import NAMESPACE, JobController, controller_name
 from actors.generation import GenerationWorker
-from actors.pools import ActorPool, actor_options
+from actors.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.scoring import ReferenceWorker, RewardWorker
 from rlhf_cluster import metrics as m
 from rlhf_cluster.config import JobConfig
@@ -58,15 +58,15 @@ class Cluster:
     `other_targets()` adds the rank groups' and the driver's endpoints to the scrape targets."""
 
     def __init__(self, cfg: JobConfig, cfg_dict: dict, run_dir: RunDir, model_path: str, engine_paths: dict[str, str],
-                 newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]],
-                 delivery: dict | None = None):
+                 newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]]):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
         self.direct = cfg.weights.transport == "direct"
-        self.delivery = delivery  # direct transport: the newest version's delivery, for every worker that joins
+        self.delivery: dict | None = None  # direct transport: the newest version's delivery, for every worker that joins
         self._joining: dict[str, object] = {}  # direct: workers being prepared, by actor id; pushes reach them too
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
         self.infos: dict[str, dict[str, dict]] = {}
+        self.controller = None
         # direct transport: each engine's receipt of each delivery (the newest RECEIPTS_KEPT)
         self.receipts: collections.deque[dict] = collections.deque(maxlen=RECEIPTS_KEPT)
         gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
@@ -106,20 +106,23 @@ class Cluster:
         replicas = {"generation": cfg.generation.replicas, "reward": cfg.scoring.reward_replicas,
                     "reference": cfg.scoring.reference_replicas}
         try:
-            for name, p in self.pools.items():
-                created = p.start(replicas[name])
-                self.infos[name] = dict(zip(created, ray.get([a.info.remote() for a in created.values()])))
-            if delivery is not None:  # direct: the engines start from the model folder, so they load the job's version
-                engines = self.pools["generation"].actors.values()
-                self._record_receipts(ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S),
-                                      delivery)
-            self.write_scrape_targets()
+            # Every pool's workers start at once: their constructors (an engine, a model) overlap.
+            created = {name: p.start(replicas[name]) for name, p in self.pools.items()}
             self.controller = _named_controller(cfg.name)
-            ray.get(self.controller.report_sizes.remote(self.pool_sizes()))
+            infos = {name: [a.info.remote() for a in actors.values()] for name, actors in created.items()}
+            for name, actors in created.items():
+                self.infos[name] = dict(zip(actors, ray.get(infos[name], timeout=STARTUP_TIMEOUT_S)))
+            ray.get(self.controller.report_sizes.remote(self.pool_sizes()), timeout=STARTUP_TIMEOUT_S)
         except BaseException:
-            for p in self.pools.values():
-                p.kill()  # no worker outlives a failed start
+            self.shutdown()  # no worker outlives a failed start
             raise
+
+    def deliver_first(self, delivery: dict) -> None:
+        """Direct transport: the engines started from the model folder, so they load the job's
+        version (`delivery`) before anything is generated."""
+        self.delivery = delivery
+        engines = self.pools["generation"].actors.values()
+        self._record_receipts(ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S), delivery)
 
     async def call(self, pool: str, method: str, *args):
         """One request to the least busy worker of `pool`; returns (worker name, result)."""
@@ -245,4 +248,5 @@ class Cluster:
     def shutdown(self) -> None:
         for pool in self.pools.values():
             pool.kill()
-        ray.kill(self.controller, no_restart=True)
+        if self.controller is not None:
+            ray.kill(self.controller, no_restart=True)

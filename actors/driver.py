@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from tqdm import tqdm
@@ -63,20 +64,35 @@ class Driver:
         self._publishing: asyncio.Task | None = None  # the newest version's publication
         self.cluster: Cluster | None = None
         self.state: JobState | None = None
+        self.published_version = 0
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
             self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
-            self._start_learner(resume_from)
-            self.cluster = Cluster(
-                cfg, self.cfg_dict, self.run_dir, self.inputs.model_path,
-                engine_model_paths(cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir),
-                newest_version=lambda: self.published_version, other_targets=self._scrape_targets,
-                delivery=self.delivery,
-            )
-            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
+            self._start_learner_and_pools(resume_from)
         except BaseException:
             self.shutdown()  # no actor outlives a failed start
             raise
+
+    def _start_learner_and_pools(self, resume_from: Checkpoint | None) -> None:
+        """The learner's ranks (in a thread) and the worker pools start at the same time: each loads
+        a model, and vLLM's engine start is the longest. Int8 engines start from the learner's
+        int8 variant of the job's version, so with int8 rollouts the pools wait for the learner."""
+        with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
+            learner = starter.submit(self._start_learner, resume_from)
+            try:
+                if "int8" in self.cfg.generation.weight_variants:
+                    learner.result()
+                self.cluster = Cluster(
+                    self.cfg, self.cfg_dict, self.run_dir, self.inputs.model_path,
+                    engine_model_paths(self.cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir),
+                    newest_version=lambda: self.published_version, other_targets=self._scrape_targets,
+                )
+            finally:
+                learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
+        if self.delivery is not None:
+            self.cluster.deliver_first(self.delivery)
+            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
+        self.cluster.write_scrape_targets()
 
     def _start_learner(self, ckpt: Checkpoint | None) -> None:
         """(Re)build the rank groups and the job state from `ckpt` (or the start) and publish its weights."""
