@@ -40,23 +40,17 @@ def _connect(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _capacity(address: str | None, cfg: JobConfig) -> tuple[dict[str, float], dict[str, float]]:
-    """Cluster totals and the largest node's resources (this machine for a local instance)."""
+def _capacity(address: str | None, cfg: JobConfig) -> list[dict[str, float]]:
+    """The resources of every live node (this machine for a local instance)."""
     if address is None:
         import torch
 
-        local = {"CPU": float(cfg.cluster.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-        return local, local
+        return [{"CPU": float(cfg.cluster.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
     import ray
 
     _connect(address)
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        largest: dict[str, float] = {}
-        for node in nodes:
-            for k, v in node.items():
-                largest[k] = max(largest.get(k, 0.0), v)
-        return dict(ray.cluster_resources()), largest
+        return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
     finally:
         ray.shutdown()
 
@@ -71,7 +65,8 @@ def _preflight(cfg: JobConfig, files: bool = True, resume: str | None = None) ->
 
 
 def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
-    from rlhf_cluster.placement import check_capacity, format_plan, resource_plan
+    from rlhf_cluster.job_preview import preview_lines
+    from rlhf_cluster.placement import check_capacity, check_packing, format_plan, resource_plan
 
     problems, warnings = [], []
     try:
@@ -80,9 +75,19 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
         problems.append(str(exc))
     # Placement needs the cluster's capacity, so it is the dry run's own check, not preflight's.
     plan = resource_plan(cfg)
-    total, largest = _capacity(address, cfg)
-    problems += check_capacity(plan, total, largest)
+    nodes = _capacity(address, cfg)
+    total: dict[str, float] = {}
+    largest: dict[str, float] = {}
+    for node in nodes:
+        for k, v in node.items():
+            total[k] = total.get(k, 0.0) + v
+            largest[k] = max(largest.get(k, 0.0), v)
+    capacity = check_capacity(plan, total, largest)
+    problems += capacity or check_packing(plan, nodes)
     typer.echo(format_plan(plan))
+    if not problems:  # the inputs are readable: show them as the engine will see them
+        for line in preview_lines(cfg):
+            typer.echo(line)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     if problems:
@@ -297,13 +302,57 @@ def _job_client(address: str):
     return JobSubmissionClient(address)
 
 
-def _stage_working_dir(cfg: JobConfig) -> Path:
-    """A working dir holding the code and the validated config: what the job runs with."""
+def _stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path | None) -> Path:
+    """A working dir holding the code, the validated config, the user's `working_dir` contents
+    and modules (those named and the reward functions' own): what the job runs with. The
+    working dir is on the path of the driver and of every actor, so the modules import there."""
     stage = Path(tempfile.mkdtemp(prefix="rlhf-job-"))
-    for package in ("rlhf_cluster", "actors"):
-        shutil.copytree(REPO / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (stage / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    try:
+        if working_dir is not None:
+            if not working_dir.is_dir():
+                raise typer.BadParameter(f"--working-dir {working_dir}: not a directory")
+            shutil.copytree(working_dir, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+        for module in [*py_modules, *_reward_modules(cfg)]:
+            if not module.exists():
+                raise typer.BadParameter(f"--py-modules {module}: no such file or package directory")
+            if module.is_dir():
+                shutil.copytree(module, stage / module.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(module, stage / module.name)
+        for package in ("rlhf_cluster", "actors"):
+            shutil.copytree(REPO / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
+        (stage / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return stage
+
+
+def _reward_modules(cfg: JobConfig) -> list[Path]:
+    """The local files of the config's reward functions that live outside this project and outside
+    installed packages (a user's `my_rewards.py`): the cluster has no other way to import them."""
+    import importlib.util
+    import sysconfig
+
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # `module:function` names a module importable from here
+    found = []
+    for source in cfg.scoring.rewards:
+        if source.type != "function":
+            continue
+        top = source.function.split(":")[0].split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if spec is None or spec.origin in (None, "built-in", "frozen"):
+            continue
+        origin = Path(spec.origin).resolve()
+        path = origin.parent if origin.name == "__init__.py" else origin
+        if path.is_relative_to(REPO / "rlhf_cluster") or path.is_relative_to(REPO / "actors") \
+                or any(path.is_relative_to(root) for root in installed) or path.is_relative_to(Path(sys.base_prefix)):
+            continue
+        typer.echo(f"shipping reward module {top} ({path})", err=True)
+        found.append(path)
+    return found
 
 
 @app.command()
@@ -313,13 +362,15 @@ def submit(
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
     python: str = typer.Option("python", help="Python on the cluster's head node that has rlhf_cluster's dependencies."),
     max_retries: int = typer.Option(0, "--max-retries", min=0, help="Resume the job (--resume auto) after its driver dies, up to this many times."),
+    py_modules: list[Path] = typer.Option([], "--py-modules", help="A module file or package directory to ship with the job (repeatable); reward functions' own modules are shipped without it."),
+    working_dir: Optional[Path] = typer.Option(None, "--working-dir", help="A directory whose contents are shipped into the job's working directory (on the path of every actor)."),
 ) -> None:
-    """Submit a job through Ray's Jobs API (code and config shipped as the working dir); print its id."""
+    """Submit a job through Ray's Jobs API (code, config and the user's modules shipped as the working dir); print its id."""
     cfg = _load(config, set_)
     # The files a config names are paths on the cluster, not here: only the config's own rules.
     for warning in _preflight(cfg, files=False):
         typer.echo(f"warning: {warning}", err=True)
-    stage = _stage_working_dir(cfg)
+    stage = _stage_working_dir(cfg, py_modules, working_dir)
     try:
         job_id = _job_client(address).submit_job(
             entrypoint=f"{python} -m actors.cli train job.yaml --address auto --max-retries {max_retries}",

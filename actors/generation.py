@@ -44,7 +44,7 @@ class GenerationWorker:
         # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
         self.variant = "int8" if cfg.generation.quantization_of(index if slot is None else slot) == "int8" else None
         self.stall = StallClock()  # before the engine: its loop reports every step here
-        self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.model.dtype, seed=cfg.generation.seed + index,
+        self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed + index,
                                  name=self.name, on_step=self._on_engine_step)
         self.labels.of(m.GENERATION_VERSION).set(0)
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine

@@ -77,11 +77,11 @@ class LearnerRank(ShardedRank):
             # The int8 rollout variant is derived here, once per version, for every generation worker.
             variants = {}
             if "int8" in self.cfg.generation.weight_variants:
-                variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.model.dtype))
+                variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.engine_dtype))
             self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
         self.writes: list[Future] = []  # direct transport: store writes of persisted versions, in order
-        self.engine_dtype = getattr(torch, self.cfg.model.dtype)
+        self.engine_dtype = getattr(torch, self.cfg.engine_dtype)
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
         limit_threads(world_size + 1)

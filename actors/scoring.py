@@ -31,7 +31,8 @@ class RewardWorker:
                       "pid": os.getpid()}
         rule = cfg.scoring.rule_source
         handling = {"on_error": rule.on_error, "timeout_s": rule.timeout_s} if cfg.scoring.reward_fn else {}
-        self.reward = RuleReward(cfg.data.task, reward_fn=cfg.scoring.reward_fn, **handling)
+        self.reward = RuleReward(cfg.data.verifier_name, pattern=cfg.data.verifier_pattern, reward_fn=cfg.scoring.reward_fn,
+                                 **handling)
         self.scoring = cfg.scoring
         self.models = None
         if cfg.scoring.reward_models:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.data.prompts import Prompt, prepare_prompt_files, read_prompt_file
+from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.generation.probe import Probe, build_probe
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.tiny_model import ensure_tiny_model
@@ -30,14 +30,31 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     the reference, the learner and generation all start there."""
     model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
     train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
-    prompts = read_prompt_file(train_file)
+    prompts = read_prompt_file(train_file, cfg.data.columns if cfg.data.path else None)
     eval_prompts = read_prompt_file(eval_file) if eval_file is not None else []
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if cfg.data.chat_template:
+        prompts = apply_chat_template(prompts, tokenizer, cfg.data.system_prompt)
+        eval_prompts = apply_chat_template(eval_prompts, tokenizer, cfg.data.system_prompt)
+    check_prompt_lengths(prompts, tokenizer, cfg.generation.max_model_len - cfg.generation.sampling.max_new_tokens,
+                         str(train_file))
     if cfg.model.sft_warmup_steps:
         model_path = str(ensure_warmed_model(
             model_path, prompts, cfg.model.sft_warmup_steps, cfg.model.sft_warmup_lr, cfg.model.sft_warmup_batch_size,
             cfg.seed, progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
         ))
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, model_path, prompts))
+
+
+def check_prompt_lengths(prompts: list[Prompt], tokenizer, limit: int, source: str) -> None:
+    """Every prompt leaves room for a full response in the engine's context, or the job stops here."""
+    too_long = [(p.prompt_id, n) for p in prompts if (n := len(p.encode(tokenizer))) > limit]
+    if too_long:
+        raise ValueError(f"data.path {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
+                         f"generation.sampling.max_new_tokens = {limit} tokens (first: {too_long[0][0]!r}, "
+                         f"{too_long[0][1]} tokens); raise max_model_len or shorten the prompts")
 
 
 def build_job_probe(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> Probe | None:

@@ -12,7 +12,11 @@ import torch
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A Hugging Face causal LM from a local folder; flash-attn on CUDA when installed, SDPA otherwise."""
+    """A Hugging Face causal LM from a local folder; flash-attn on CUDA when installed, SDPA otherwise.
+
+    `device="spread"`: over every visible GPU, its layers split between them (accelerate's
+    `device_map="auto"`): a frozen scoring model larger than one GPU (the reference design's 70B
+    reference on 4 GPUs); one GPU or none is the same as "cuda" / "cpu"."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)
@@ -26,6 +30,10 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device:
             attn = "flash_attention_2"
         except ImportError:
             pass
+    if device == "spread":
+        if torch.cuda.device_count() > 1:
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn, device_map="auto")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
     return model.to(device)
 

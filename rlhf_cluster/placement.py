@@ -35,7 +35,7 @@ def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
     ]
     if cfg.critic is not None and cfg.algorithm.advantage == "gae":
         plan.append(PoolRequest("critic", "critic.resources", cfg.critic.world_size, _per_actor(cfg.critic.resources)))
-    if cfg.scoring.reference:
+    if cfg.scoring.reference and not cfg.learner.lora.enabled:  # with LoRA the learner's base model is the reference
         plan.append(
             PoolRequest("reference", "scoring.resources", cfg.scoring.reference_replicas, _per_actor(cfg.scoring.resources))
         )
@@ -65,10 +65,36 @@ def check_capacity(plan: list[PoolRequest], total: dict[str, float], largest_nod
     return problems
 
 
+def check_packing(plan: list[PoolRequest], nodes: list[dict[str, float]]) -> list[str]:
+    """Whether every actor fits on some node at once (first fit, largest actors first), beyond
+    the per-actor and total checks: e.g. two 4-GPU engines and eight 1-GPU ranks on 8-GPU nodes
+    whose CPUs run out first. Names the pools left unplaced (empty: they all pack)."""
+    free = [dict(node) for node in nodes]
+    actors = [(req.pool, req.per_actor) for req in plan for _ in range(req.replicas)]
+    actors.sort(key=lambda a: (-a[1].get("GPU", 0.0), -sum(a[1].values())))
+    unplaced: dict[str, int] = {}
+    for pool, need in actors:
+        node = next((n for n in free if all(n.get(r, 0.0) + 1e-9 >= v for r, v in need.items())), None)
+        if node is None:
+            unplaced[pool] = unplaced.get(pool, 0) + 1
+            continue
+        for r, v in need.items():
+            node[r] = node.get(r, 0.0) - v
+    if not unplaced:
+        return []
+    return ["the pools do not pack onto the cluster's nodes all at once; left unplaced: "
+            + ", ".join(f"{pool} {count}" for pool, count in unplaced.items())]
+
+
 def format_plan(plan: list[PoolRequest]) -> str:
-    """The plan as a small table for the dry run."""
+    """The plan as a small table for the dry run, with the totals it asks of the cluster."""
     lines = [f"{'pool':<12}{'replicas':>9}  per actor"]
+    totals: dict[str, float] = {}
     for req in plan:
         per = ", ".join(f"{k}={v:g}" for k, v in req.per_actor.items()) or "(no reserved resources)"
         lines.append(f"{req.pool:<12}{req.replicas:>9}  {per}")
+        for k, v in req.per_actor.items():
+            totals[k] = totals.get(k, 0.0) + v * req.replicas
+    if totals:
+        lines.append(f"{'in all':<12}{sum(r.replicas for r in plan):>9}  " + ", ".join(f"{k}={v:g}" for k, v in totals.items()))
     return "\n".join(lines)

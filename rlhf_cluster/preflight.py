@@ -48,12 +48,12 @@ def _data_source(cfg: JobConfig) -> list[str]:
 def _reward_sources(cfg: JobConfig) -> list[str]:
     # The reward workers always run a rule reward (the task's verifier records `correct` even at
     # weight 0), so without a task there must be a function.
-    if cfg.data.task is not None or isinstance(cfg.scoring.rule_source, FunctionReward):
+    if cfg.data.verifier_name is not None or isinstance(cfg.scoring.rule_source, FunctionReward):
         return []
     where = next((f"scoring.rewards[{i}]" for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, VerifierReward)),
                  "scoring.rewards")
-    return [f"{where}: no reward without a task: data.task is empty, so there is no verifier; set data.task or add "
-            "a `{type: function, function: 'module:function'}` source"]
+    return [f"{where}: no reward without a verifier: data.verifier and data.task are empty; set data.verifier (e.g. "
+            "gsm8k) or add a `{type: function, function: 'module:function'}` source"]
 
 
 def _buffer_fits(cfg: JobConfig) -> list[str]:
@@ -124,13 +124,19 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
 def _model_dir(cfg: JobConfig) -> list[str]:
     from rlhf_cluster.validation import validate_model_dir
 
-    if cfg.model.path is None:
-        return []
-    try:
-        validate_model_dir(cfg.model.path)
-    except (OSError, ValueError) as exc:
-        return [f"model.path: {exc}"]
-    return []
+    problems = []
+    if cfg.model.path is not None:
+        try:
+            validate_model_dir(cfg.model.path, needs_chat_template=cfg.data.chat_template)
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.path: {exc}" + (" (data.chat_template is on)" if "chat template" in str(exc) else ""))
+    draft = cfg.generation.speculative.model if cfg.generation.speculative else None
+    if draft is not None:
+        try:
+            validate_model_dir(draft)
+        except (OSError, ValueError) as exc:
+            problems.append(f"generation.speculative.model: {exc}")
+    return problems
 
 
 def _prompt_file(cfg: JobConfig) -> list[str]:
@@ -140,7 +146,7 @@ def _prompt_file(cfg: JobConfig) -> list[str]:
     if cfg.data.path is None:
         return []
     try:
-        read_prompt_file(cfg.data.path)
+        read_prompt_file(cfg.data.path, cfg.data.columns)
     except (OSError, ValueError) as exc:
         return [f"data.path: {exc}"]
     return []
@@ -218,8 +224,27 @@ def _resume_path(resume: str | None) -> list[str]:
     return []
 
 
+def _engine_kwargs(cfg: JobConfig) -> list[str]:
+    # Checked against the installed vLLM's own EngineArgs (imported only when there are any).
+    if not cfg.generation.engine_kwargs:
+        return []
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(cfg.generation.engine_kwargs) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k}" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
+                 for k in unknown]
+        return [f"generation.engine_kwargs: not a vllm EngineArgs field: {', '.join(hints)}"]
+    return []
+
+
 FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [_model_dir, _prompt_file, _reward_files, _critic_init, _deepspeed_json,
-                                                       _bind_address]
+                                                       _bind_address, _engine_kwargs]
 
 
 # ---- allowed, but usually a mistake ---------------------------------------------------------

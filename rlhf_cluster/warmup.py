@@ -47,7 +47,7 @@ def ensure_warmed_model(
     eos = tokenizer.eos_token_id
     examples = []
     for p in prompts:
-        prompt_ids = tokenizer(p.text)["input_ids"]
+        prompt_ids = p.encode(tokenizer)
         answer_ids = tokenizer(p.answer)["input_ids"] + [eos]
         examples.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
     rng = random.Random(seed)

@@ -77,10 +77,6 @@ def verify_arithmetic(response: str, answer: str) -> dict[str, float]:
     return {"correct": float(text == answer and _NUMBER.fullmatch(text) is not None), "digits": digits}
 
 
-VERIFIERS = {"arithmetic": verify_arithmetic}
-REWARD_WEIGHTS = {"arithmetic": {"correct": 1.0, "digits": 0.2}}
-
-
 def combine_reward(components: dict[str, float], weights: dict[str, float]) -> float:
     """Weighted sum of reward components (weights name the components they use)."""
     return float(sum(weights[k] * v for k, v in components.items() if k in weights))

@@ -157,14 +157,18 @@ class VLLMEngine:
             model=model_path,
             dtype=dtype,
             seed=seed,
-            enforce_eager=True,
+            # CUDA graphs where CUDA is present (vLLM captures them once per engine), eager on CPU.
+            enforce_eager=cfg.enforce_eager if cfg.enforce_eager is not None else not torch.cuda.is_available(),
+            tensor_parallel_size=cfg.tensor_parallel_size,
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            speculative_config=cfg.speculative.engine_config() if cfg.speculative else None,
             disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
+            **cfg.engine_kwargs,
         )
         self.engine = self.llm.llm_engine
         # `LLM` takes no stat loggers; the recorder joins the ones its engine already has.
@@ -311,7 +315,11 @@ class VLLMEngine:
         when the last response finishes (one greedy response with `greedy`)."""
         group_id = f"{prompt.prompt_id}:{uuid.uuid4().hex[:12]}"
         params = self._sampling_params(n or self.cfg.sampling.n, greedy, max_tokens)
-        return self._submit([(prompt.text, p) for p in params], lambda outs: self._rollouts(prompt, group_id, outs))
+        from vllm.inputs import TokensPrompt
+
+        # A chat-templated prompt goes in as the template's token ids: nothing is re-tokenised.
+        request = prompt.text if prompt.token_ids is None else TokensPrompt(prompt_token_ids=list(prompt.token_ids))
+        return self._submit([(request, p) for p in params], lambda outs: self._rollouts(prompt, group_id, outs))
 
     def _rollouts(self, prompt: Prompt, group_id: str, outputs: list) -> list[Rollout]:
         rollouts = []

@@ -38,7 +38,7 @@ def build_probe(prompts: list[Prompt], tokenizer, count: int) -> Probe:
     """
     chosen = prompts[:count]
     return Probe(
-        prompt_ids=[tokenizer(p.text)["input_ids"] for p in chosen],
+        prompt_ids=[p.encode(tokenizer) for p in chosen],
         response_ids=[tokenizer(p.answer)["input_ids"] + [tokenizer.eos_token_id] for p in chosen],
     )
 

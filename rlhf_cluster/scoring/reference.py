@@ -14,8 +14,9 @@ class ReferenceModel:
 
     def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, temperature: float = 1.0,
                  max_tokens_per_batch: int = 8192, quantization: str = "none"):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_causal_lm(model_path, dtype, self.device).eval().requires_grad_(False)
+        # Over every GPU the worker holds (scoring.resources.num_gpus), layers split when more than one.
+        self.model = load_causal_lm(model_path, dtype, "spread").eval().requires_grad_(False)
+        self.device = self.model.get_input_embeddings().weight.device
         if quantization == "int8":
             quantize_linears(self.model)
         self.temperature = temperature

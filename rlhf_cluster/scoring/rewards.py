@@ -33,7 +33,8 @@ from typing import Callable, Literal
 
 import torch
 
-from rlhf_cluster.data.tasks import REWARD_WEIGHTS, VERIFIERS, combine_reward
+from rlhf_cluster.data.tasks import combine_reward
+from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.rewards import ensemble
 
@@ -132,13 +133,13 @@ def _reward_of(value: object) -> tuple[float, dict[str, float]]:
 
 
 class RuleReward:
-    """Scores responses with a built-in task's verifier, or with a custom `module:function`.
+    """Scores responses with a built-in verifier (`data.verifier`), or with a custom `module:function`.
 
     `scored` counts every sample passed to `score`; `failed` the ones whose custom reward failed
     (always 0 for a built-in verifier, whose errors propagate: they are bugs, not bad samples).
     """
 
-    def __init__(self, task: str | None = None, *, reward_fn: str | RewardFn | None = None,
+    def __init__(self, verifier: str | None = None, *, pattern: str | None = None, reward_fn: str | RewardFn | None = None,
                  on_error: Literal["fail", "drop"] = "drop", timeout_s: float | None = None):
         self.scored = 0
         self.failed = 0
@@ -150,12 +151,10 @@ class RuleReward:
             self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
             self.fn_name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", repr(reward_fn))
             return
-        if task is None:
-            raise ValueError("no reward: set data.task (a built-in task's verifier) or data.reward_fn ('module:function')")
-        if task not in VERIFIERS:
-            raise ValueError(f"unknown reward task {task!r}; known: {sorted(VERIFIERS)}")
-        self.verify = VERIFIERS[task]
-        self.weights = REWARD_WEIGHTS[task]
+        if verifier is None:
+            raise ValueError("no reward: set data.verifier (or data.task, whose verifier is used) or add a "
+                             "`function` source ('module:function') to scoring.rewards")
+        self.verify, self.weights = build_verifier(verifier, pattern)
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
         missing = [r.prompt_id for r in rollouts if r.prompt_id not in answers]

@@ -74,8 +74,8 @@ def ray_head():
         pass
 
 
-def _cli(env, *args, timeout=120) -> str:
-    out = subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def _cli(env, *args, timeout=120, cwd=REPO) -> str:
+    out = subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout.strip()
 
@@ -94,14 +94,21 @@ def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
     run_dir = tmp_path / "run"
     common = ["--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
               "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--python", sys.executable, "--address", address]
+    # The user's reward module lives in their own directory, outside the project: submitted from
+    # there, it is shipped with the job and scores every response on the cluster.
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    (user_dir / "user_reward.py").write_text("def score(response, answer):\n    return 0.375\n")
     job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=3",
-               "--set", f"run_dir={run_dir}", *common).splitlines()[-1]
+               "--set", f"run_dir={run_dir}", "--set", "scoring.rewards=[{type: function, function: 'user_reward:score'}]",
+               *common, cwd=user_dir).splitlines()[-1]
     state = _wait_status(env, address, job, {"SUCCEEDED", "FAILED", "STOPPED"})
     logs = _cli(env, "logs", job, "--address", address)
     assert state == "SUCCEEDED", logs[-3000:]
     assert "done: 3 steps, weight version 3" in logs
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["weight_version"] for r in rows] == [1, 2, 3]
+    assert all(r["reward_mean"] == 0.375 for r in rows), [r["reward_mean"] for r in rows]
 
     # A long job is stopped through the CLI.
     long_job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=100000",

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from rlhf_cluster.config import ConfigError, DataConfig, load_config
+from rlhf_cluster.config import ConfigError, DataConfig, PromptColumns, load_config
 from rlhf_cluster.data import tasks
-from rlhf_cluster.data.prompts import prepare_prompt_files, read_prompt_file
+from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.preflight import preflight
 from rlhf_cluster.scoring.rewards import RuleReward
 from rlhf_cluster.validation import validate_model_dir
@@ -147,8 +147,34 @@ CASES = {
     "data-missing-prompt-column": lambda t, mp: (
         lambda: read_prompt_file(_jsonl(t, [{"prompt_id": "a", "text": "x"}])), ValueError, [str(t / "prompts.jsonl"), "['prompt']"]
     ),
-    "data-missing-id-column": lambda t, mp: (
-        lambda: read_prompt_file(_parquet(t, pa.table({"prompt": ["x"]}))), ValueError, [str(t / "prompts.parquet"), "['prompt_id']"]
+    "data-missing-named-id-column": lambda t, mp: (
+        lambda: read_prompt_file(_parquet(t, pa.table({"prompt": ["x"]})), PromptColumns(prompt_id="id")), ValueError,
+        [str(t / "prompts.parquet"), "['id']", "data.columns"]
+    ),
+    "data-missing-mapped-prompt-column": lambda t, mp: (
+        lambda: read_prompt_file(_jsonl(t, ROWS), PromptColumns(prompt="question")), ValueError,
+        [str(t / "prompts.jsonl"), "['question']", "data.columns"]
+    ),
+    "data-messages-not-a-chat": lambda t, mp: (
+        lambda: read_prompt_file(_jsonl(t, [{"messages": "hello"}]), PromptColumns(messages="messages")), ValueError,
+        [str(t / "prompts.jsonl"), "'row-0'", "role, content"]
+    ),
+    "data-messages-end-with-the-answer": lambda t, mp: (
+        lambda: read_prompt_file(_jsonl(t, [{"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "yo"}]}]),
+                                 PromptColumns(messages="messages")), ValueError,
+        [str(t / "prompts.jsonl"), "'row-0'", "assistant turn"]
+    ),
+    "data-folder-not-a-dataset": lambda t, mp: (
+        lambda: read_prompt_file(t), ValueError, [str(t), "state.json", "save_to_disk"]
+    ),
+    "data-dataset-dict-folder": lambda t, mp: (
+        lambda: read_prompt_file(_write(t, "dataset_dict.json", '{"splits": ["train", "test"]}').parent), ValueError,
+        [str(t), "DatasetDict", str(t / "train")]
+    ),
+    "data-chat-template-without-one": lambda t, mp: (
+        lambda: apply_chat_template([Prompt("a", "1+1=", "2")], _NoTemplate()), ValueError,
+        ["data.chat_template", "no chat template"]
     ),
     "data-empty-file": lambda t, mp: (
         lambda: read_prompt_file(_jsonl(t, [])), ValueError, [str(t / "prompts.jsonl"), "empty"]
@@ -235,6 +261,10 @@ CASES = {
         lambda: RuleReward(None, reward_fn="json:__version__"), ValueError, ["data.reward_fn", "__version__", "not a function"]
     ),
 }
+
+
+class _NoTemplate:
+    chat_template = None
 
 
 @pytest.mark.parametrize("build", list(CASES.values()), ids=list(CASES))

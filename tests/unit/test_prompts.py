@@ -7,13 +7,8 @@ import pytest
 
 from rlhf_cluster.config import DataConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource, prepare_prompt_files, read_prompt_file
-from rlhf_cluster.data.tasks import (
-    REWARD_WEIGHTS,
-    arithmetic_rows,
-    combine_reward,
-    verify_arithmetic,
-    write_prompt_file,
-)
+from rlhf_cluster.data.tasks import arithmetic_rows, combine_reward, verify_arithmetic, write_prompt_file
+from rlhf_cluster.data.verifiers import REWARD_WEIGHTS
 
 
 def _jsonl(path, rows):
@@ -56,9 +51,12 @@ def test_write_prompt_file_round_trip(tmp_path):
 
 @pytest.mark.parametrize("drop", ["prompt_id", "prompt"])
 def test_missing_column_names_file_and_column(tmp_path, drop):
+    """A column the reader needs (the prompt, or an id column the config names) must be there."""
+    from rlhf_cluster.config import PromptColumns
+
     path = _jsonl(tmp_path / "p.jsonl", [{k: v for k, v in r.items() if k != drop} for r in ROWS])
     with pytest.raises(ValueError) as info:
-        read_prompt_file(path)
+        read_prompt_file(path, PromptColumns(prompt_id="prompt_id"))
     assert str(path) in str(info.value)
     assert drop in str(info.value)
 
@@ -230,3 +228,65 @@ def test_arithmetic_rows_deterministic_and_correct():
     assert rows != arithmetic_rows(30, 8, "train")
     assert Counter(r["prompt_id"] for r in rows).most_common(1)[0][1] == 1
     assert all(r["prompt"].endswith("=") for r in rows)
+
+
+# ---- a user's dataset: mapped columns, derived ids, chat messages, save_to_disk folders ----
+def test_columns_are_mapped_and_ids_derived(tmp_path):
+    from rlhf_cluster.config import PromptColumns
+
+    path = tmp_path / "gsm.parquet"
+    pq.write_table(pa.table({"question": ["What is 2+2?", "What is 3+3?"], "solution": ["so 4\n#### 4", "#### 6"]}), path)
+    prompts = read_prompt_file(path, PromptColumns(prompt="question", answer="solution"))
+    assert prompts == [Prompt("row-0", "What is 2+2?", "so 4\n#### 4"), Prompt("row-1", "What is 3+3?", "#### 6")]
+    # Unnamed id/answer columns are taken when the file has them under their usual names.
+    assert read_prompt_file(_jsonl(tmp_path / "p.jsonl", ROWS))[0].prompt_id == ROWS[0]["prompt_id"]
+    no_answer = tmp_path / "q.jsonl"
+    _jsonl(no_answer, [{"prompt": "hi"}])
+    assert read_prompt_file(no_answer) == [Prompt("row-0", "hi", "")]
+
+
+class _ChatML:
+    """The two calls `apply_chat_template` makes of a tokenizer, rendering ChatML."""
+
+    chat_template = "chatml"
+
+    def apply_chat_template(self, chat, tokenize, add_generation_prompt):
+        text = "".join(f"<{m['role']}>{m['content']}</>" for m in chat) + ("<assistant>" if add_generation_prompt else "")
+        return [ord(c) for c in text] if tokenize else text
+
+    def __call__(self, text):
+        raise AssertionError("a templated prompt is never re-tokenised from its text")
+
+
+def test_chat_template_renders_messages_and_user_turns(tmp_path):
+    from rlhf_cluster.config import PromptColumns
+    from rlhf_cluster.data.prompts import apply_chat_template
+
+    path = _jsonl(tmp_path / "chat.jsonl", [
+        {"id": "a", "messages": [{"role": "user", "content": "2+2?"}], "answer": "4"},
+        {"id": "b", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "3+3?"}],
+         "answer": "6"},
+    ])
+    prompts = read_prompt_file(path, PromptColumns(messages="messages", prompt_id="id"))
+    tok = _ChatML()
+    rendered = apply_chat_template(prompts, tok, system_prompt="think")
+    assert rendered[0].text == "<system>think</><user>2+2?</><assistant>"
+    assert rendered[1].text == "<system>be brief</><user>3+3?</><assistant>"  # its own system turn is kept
+    assert all(p.encode(tok) == [ord(c) for c in p.text] for p in rendered)
+    plain = apply_chat_template([Prompt("c", "1+1=", "2")], tok)
+    assert plain[0].text == "<user>1+1=</><assistant>" and plain[0].answer == "2"
+
+
+def test_a_save_to_disk_folder_is_read(tmp_path):
+    import datasets  # a dev dependency (pyproject)
+    from rlhf_cluster.config import PromptColumns
+
+    ds = datasets.Dataset.from_dict({"question": [f"q{i}" for i in range(5)], "answer": [f"#### {i}" for i in range(5)]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    prompts = read_prompt_file(tmp_path / "ds", PromptColumns(prompt="question"))
+    assert [p.text for p in prompts] == [f"q{i}" for i in range(5)]
+    assert prompts[3].answer == "#### 3" and prompts[3].prompt_id == "row-3"
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match="DatasetDict"):
+        read_prompt_file(tmp_path / "dd")
+    assert len(read_prompt_file(tmp_path / "dd" / "train", PromptColumns(prompt="question"))) == 5

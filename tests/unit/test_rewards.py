@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from rlhf_cluster.config import ConfigError, load_config
-from rlhf_cluster.data.tasks import REWARD_WEIGHTS, combine_reward, verify_arithmetic
+from rlhf_cluster.data.tasks import combine_reward, verify_arithmetic
+from rlhf_cluster.data.verifiers import REWARD_WEIGHTS
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.rewards import BROKEN_AFTER, RewardFunctionError, RuleReward, load_reward_fn
 
@@ -242,9 +243,9 @@ def test_valid_reward_fn_in_config():
 
 
 def test_no_reward_at_all_is_named():
-    with pytest.raises(ValueError, match=r"data\.task.*data\.reward_fn"):
+    with pytest.raises(ValueError, match=r"data\.verifier.*data\.task.*function"):
         RuleReward(None)
-    with pytest.raises(ValueError, match="unknown reward task"):
+    with pytest.raises(ValueError, match="data.verifier: unknown verifier"):
         RuleReward("poetry")
 
 

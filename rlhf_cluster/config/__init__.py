@@ -1,0 +1,31 @@
+"""Typed job configuration: one pydantic class per component, loaded from YAML.
+
+One module per part of the job (`inputs`, `generation`, `scoring`, `algorithm`, `training`,
+`job`) on `base`'s building blocks, and `loading` for files and overrides; every public name is
+imported from here.
+
+Every field has a description; unknown keys are errors (``extra="forbid"``) so a typo never
+silently falls back to a default. `load_config` turns pydantic's errors into one message that
+names the file, the dotted field path and what was expected.
+
+Validation here is per field and per section. Rules that relate sections to each other, and
+checks of the files a config names, live in `rlhf_cluster.preflight`; the driver and
+`--dry-run` run them before anything starts.
+
+Pluggable parts are typed unions picked by a `type` key: `learner.backend` (fsdp2 | deepspeed),
+`weights.transport` (filesystem) and each entry of `scoring.rewards` (verifier | function |
+model). Adding a kind is one class added to its union.
+"""
+
+from __future__ import annotations
+
+from rlhf_cluster.config.base import ConfigError, typed_union, ResourcesConfig
+from rlhf_cluster.config.inputs import TinyModelConfig, ModelConfig, PromptColumns, DataConfig
+from rlhf_cluster.config.generation import SamplingConfig, ProbeConfig, SpeculativeConfig, GenerationConfig
+from rlhf_cluster.config.scoring import RewardModelSpec, VerifierReward, FunctionReward, ModelReward, ScoringConfig, RewardSource
+from rlhf_cluster.config.algorithm import LossConfig, KLConfig, CorrectionConfig, ShapingConfig, AlgorithmConfig
+from rlhf_cluster.config.training import FSDP2Backend, DeepSpeedBackend, LoraConfig, TrainingGroupConfig, LearnerConfig, CriticConfig, StageConfig, LearnerBackend
+from rlhf_cluster.config.job import FilesystemTransport, DirectTransport, WeightsConfig, BufferConfig, MetricsConfig, FaultsConfig, CheckpointConfig, TrainConfig, ClusterConfig, JobConfig, WeightTransport
+from rlhf_cluster.config.loading import field_path, load_config
+
+__all__ = ["ConfigError", "typed_union", "ResourcesConfig", "TinyModelConfig", "ModelConfig", "PromptColumns", "DataConfig", "SamplingConfig", "ProbeConfig", "SpeculativeConfig", "GenerationConfig", "RewardModelSpec", "VerifierReward", "FunctionReward", "ModelReward", "ScoringConfig", "RewardSource", "LossConfig", "KLConfig", "CorrectionConfig", "ShapingConfig", "AlgorithmConfig", "FSDP2Backend", "DeepSpeedBackend", "LoraConfig", "TrainingGroupConfig", "LearnerConfig", "CriticConfig", "StageConfig", "LearnerBackend", "FilesystemTransport", "DirectTransport", "WeightsConfig", "BufferConfig", "MetricsConfig", "FaultsConfig", "CheckpointConfig", "TrainConfig", "ClusterConfig", "JobConfig", "WeightTransport", "field_path", "load_config"]

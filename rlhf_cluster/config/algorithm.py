@@ -1,0 +1,83 @@
+"""The RL algorithm: advantage estimator, policy loss, KL, importance correction, shaping, presets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_cluster.algorithms.presets import PRESETS, merge_preset
+from rlhf_cluster.config.base import _Strict
+
+
+class LossConfig(_Strict):
+    """The clipped policy loss."""
+
+    clip_low: float = Field(0.2, ge=0, description="PPO clip below 1.")
+    clip_high: float = Field(0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28).")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="token = PPO/GRPO, sequence = GSPO.")
+    aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = Field(
+        "token_mean", description="How per-token losses become one number; denominators are global across ranks."
+    )
+
+
+class KLConfig(_Strict):
+    """KL to the reference policy."""
+
+    placement: Literal["loss", "reward", "none"] = Field("loss", description="KL in the loss (GRPO) or in the reward (PPO).")
+    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (in-reward KL always uses k1).")
+    coef: float = Field(0.01, ge=0, description="KL coefficient (beta); the adaptive controller's initial value.")
+    controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed coefficient or a proportional controller.")
+    target: float = Field(6.0, gt=0, description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards.")
+    horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon in samples.")
+
+
+class CorrectionConfig(_Strict):
+    """Importance correction for the rollout/learner mismatch (TIS/MIS)."""
+
+    enabled: bool = Field(True, description="Multiply the policy loss by rollout importance weights.")
+    level: Literal["token", "sequence", "geometric"] = Field("token", description="Granularity of the weight.")
+    mode: Literal["truncate", "mask"] = Field("truncate", description="truncate = TIS, mask = MIS.")
+    cap: float = Field(2.0, gt=0, description="Upper bound C.")
+    lower: float | None = Field(None, ge=0, description="Lower bound for mask mode (None: none).")
+
+
+class ShapingConfig(_Strict):
+    """Reward shaping and sample filters applied before the learner."""
+
+    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: off).")
+    overlong_penalty: float = Field(1.0, ge=0, description="Penalty at max_new_tokens.")
+    length_target: int | None = Field(None, ge=0, description="Length penalty -coef*max(0, len-target) (None: off).")
+    length_coef: float = Field(0.001, ge=0, description="Length penalty coefficient.")
+    overlong_filter: bool = Field(False, description="Drop truncated responses (finish_reason=length) from the loss.")
+    dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal; generate more instead.")
+
+
+class AlgorithmConfig(_Strict):
+    """The RL algorithm: advantage estimator, loss, KL, correction and shaping.
+
+    `preset` fills every field it names (rlhf_cluster/algorithms/presets.py); fields written
+    next to it override the preset.
+    """
+
+    preset: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
+        None, description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it."
+    )
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field("grpo", description="Advantage estimator.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
+    lam: float = Field(0.95, ge=0, le=1, description="gae: the GAE lambda (1: Monte-Carlo returns minus values, 0: one-step TD).")
+    whiten_advantages: bool = Field(
+        True, description="gae: whiten the advantages over the step's valid tokens (the critic's returns stay unwhitened)."
+    )
+    loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss.")
+    kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference.")
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig, description="TIS/MIS.")
+    shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="Reward shaping and filters.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return merge_preset(PRESETS[data["preset"]], data)
+        return data

@@ -1,0 +1,68 @@
+"""The building blocks of a config: strict sections, typed unions picked by `type`, the error type,
+and the resources section every pool uses."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+class ConfigError(ValueError):
+    """A config cannot be used: a file that does not read or validate, or a rule `preflight`
+    refuses. The message names the file or the dotted field and what was expected."""
+
+
+class _Strict(BaseModel):
+    # revalidate_instances: a section passed in as an object is copied, so filling in its
+    # derived seed never changes an object the caller still holds.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, revalidate_instances="always")
+
+
+class _Typed(_Strict):
+    """One kind of a pluggable part; its `type` names the kind.
+
+    It equals its type name, so `learner.backend == "deepspeed"` reads as it did when the
+    backend was a plain string.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return getattr(self, "type") == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every section
+
+
+def typed_union(*kinds: type[_Typed]):
+    """The annotation of a pluggable part: one of `kinds`, picked by the `type` key.
+
+    A bare name is short for `{type: name}` (`backend: deepspeed`, also the old spelling); a
+    mapping without `type` is refused with the kinds to choose from.
+    """
+    names = [k.model_fields["type"].default for k in kinds]
+
+    def shorthand(value: object) -> object:
+        if isinstance(value, str):
+            return {"type": value}
+        if isinstance(value, dict) and "type" not in value:
+            raise ValueError(f"needs a `type`: one of {', '.join(names)}")
+        return value
+
+    return Annotated[Union[kinds], Field(discriminator="type"), BeforeValidator(shorthand)]
+
+
+def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None:
+    """An old field name is an error that names its new name, never silently ignored or accepted."""
+    if isinstance(data, dict):
+        for old, new in renamed.items():
+            if old in data:
+                raise ValueError(f"{section}.{old} was renamed to {section}.{new}")
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources of one actor of a pool."""
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per actor (0 lets tiny demos overcommit).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {generation_node: 1}.")

@@ -1,0 +1,147 @@
+"""The generation pool: vLLM engine settings, sampling, the mismatch probe."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from rlhf_cluster.config.base import ResourcesConfig, _Strict
+
+
+class SamplingConfig(_Strict):
+    """Sampling settings of the generation engine."""
+
+    n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner divides logits by it too).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(16, ge=1, description="Per-response token limit (bounds the long tail of response lengths).")
+    ignore_eos: bool = Field(False, description="Keep sampling past EOS up to max_new_tokens (benchmarks, long-response tests).")
+
+
+class ProbeConfig(_Strict):
+    """Fixed sequences each generation worker scores after every weight sync.
+
+    The learner publishes its fp32 log-probs of the probe with each version; the worker compares
+    the engine's log-probs of the same tokens, so rollout/learner mismatch (INT8 weights, kernel
+    changes, a bad reload) shows per version, before it shows in training.
+    """
+
+    sequences: int = Field(8, ge=0, description="Probe sequences (0 turns the probe off).")
+    alert_factor: float = Field(4.0, gt=1, description="Alert when a version's probe k3 exceeds this multiple of the median so far...")
+    alert_floor: float = Field(1e-3, ge=0, description="...and this absolute k3 (so fp32 noise near zero never alerts).")
+
+
+class SpeculativeConfig(_Strict):
+    """vLLM speculative decoding: proposals from n-grams of the context or from a draft model
+    (frozen: weight syncs update the target model only)."""
+
+    method: Literal["ngram", "draft_model"] = Field(..., description="ngram: prompt lookup; draft_model: `model` proposes.")
+    num_speculative_tokens: int = Field(3, ge=1, description="Tokens proposed per step.")
+    model: str | None = Field(None, description="draft_model: the draft model's HF folder (same tokenizer as the policy).")
+    prompt_lookup_max: int = Field(4, ge=1, description="ngram: longest n-gram matched.")
+    prompt_lookup_min: int = Field(1, ge=1, description="ngram: shortest n-gram matched.")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "SpeculativeConfig":
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("generation.speculative.model: the draft_model method needs a draft model folder")
+        if self.method == "ngram" and self.model:
+            raise ValueError("generation.speculative.model is for method draft_model; ngram proposes from the context")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("generation.speculative.prompt_lookup_min must be <= prompt_lookup_max")
+        return self
+
+    def engine_config(self) -> dict:
+        """vLLM's `speculative_config`."""
+        if self.method == "ngram":
+            return {"method": "ngram", "num_speculative_tokens": self.num_speculative_tokens,
+                    "prompt_lookup_max": self.prompt_lookup_max, "prompt_lookup_min": self.prompt_lookup_min}
+        return {"method": "draft_model", "model": self.model, "num_speculative_tokens": self.num_speculative_tokens}
+
+
+class GenerationConfig(_Strict):
+    """The generation pool: vLLM engines in Ray actors."""
+
+    replicas: int = Field(1, ge=1, description="Generation workers.")
+    mode: Literal["streaming", "batched"] = Field(
+        "streaming", description="streaming: each admitted prompt goes to the engine at once and its group goes to scoring "
+        "as soon as its last response finishes; new weights load in flight. batched: requests of `prompts_per_request` "
+        "prompts return when their slowest response finishes, and weights load only between requests."
+    )
+    in_flight_update: Literal["resume", "abort"] = Field(
+        "resume", description="streaming: what a weight update does to unfinished responses. resume: pause at a token "
+        "boundary, load, recompute their KV with the new weights and continue (tokens keep the version that sampled them); "
+        "abort: drop their tokens and generate them again with the new weights."
+    )
+    prompts_per_request: int = Field(4, ge=1, description="batched: prompt groups sent to a worker in one request.")
+    max_num_seqs: int = Field(256, ge=1, description="vLLM max_num_seqs: most sequences the engine decodes in one batch.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="vLLM max_num_batched_tokens: token budget of one engine step (None: vLLM's default)."
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
+    quantization: Literal["none", "int8"] | list[Literal["none", "int8"]] = Field(
+        "none", description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations). "
+        "A list sets it per replica (replica i takes entry i modulo its length), e.g. [none, int8] to serve both side by side."
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Mismatch probe after each weight sync.")
+    max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
+    kv_cache_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")
+    seed: int | None = Field(None, description="Engine seed; each worker adds its index (None: the job's `seed`).")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Per-worker resources (num_gpus: the GPUs of one engine, at least "
+        "tensor_parallel_size).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism: GPUs one engine shards its model over.")
+    enforce_eager: bool | None = Field(
+        None, description="vLLM enforce_eager: no CUDA graphs (None: eager on CPU, CUDA graphs where CUDA is present).")
+    enable_prefix_caching: bool = Field(True, description="vLLM automatic prefix caching (a group's n responses share their prompt's KV).")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Engine weight dtype (None: model.dtype); what each weight sync sends.")
+    speculative: SpeculativeConfig | None = Field(
+        None, description="Speculative decoding (None: off). Rollout log-probs are the target model's either way.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vllm.EngineArgs field, passed to the engine as is; checked against "
+        "EngineArgs by the dry run and the driver (a typo names the field).")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _known_quantization(cls, value):
+        # Checked here so that a bad value gets one message, not one per branch of the union.
+        items = value if isinstance(value, list) else [value]
+        if not items or any(q not in ("none", "int8") for q in items):
+            raise ValueError("should be 'none' or 'int8', or a list of them with one entry per replica")
+        return value
+
+    # Engine arguments set from their own fields; engine_kwargs may not set them a second way.
+    OWN_ENGINE_ARGS: ClassVar[dict[str, str]] = {
+        "model": "model.path", "dtype": "generation.dtype", "seed": "generation.seed", "enforce_eager": "generation.enforce_eager",
+        "max_model_len": "generation.max_model_len", "max_num_seqs": "generation.max_num_seqs",
+        "max_num_batched_tokens": "generation.max_num_batched_tokens", "tensor_parallel_size": "generation.tensor_parallel_size",
+        "gpu_memory_utilization": "generation.gpu_memory_utilization", "enable_prefix_caching": "generation.enable_prefix_caching",
+        "speculative_config": "generation.speculative", "quantization": "generation.quantization",
+        "logprobs_mode": "(fixed: processed_logprobs, the learner's view of the sampled distribution)",
+    }
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> "GenerationConfig":
+        gpus, tp = self.resources.num_gpus, self.tensor_parallel_size
+        if tp > 1 and 0 < gpus < tp:  # a fraction of one GPU is fine for one unsharded engine
+            raise ValueError(f"generation.resources.num_gpus={gpus:g} is fewer than tensor_parallel_size={tp}: one engine "
+                             f"shards its model over {tp} GPUs, so each worker needs num_gpus >= {tp}")
+        taken = [f"{k} (set it with {self.OWN_ENGINE_ARGS[k]})" for k in self.engine_kwargs if k in self.OWN_ENGINE_ARGS]
+        if taken:
+            raise ValueError(f"generation.engine_kwargs: {', '.join(taken)}")
+        return self
+
+    def quantization_of(self, index: int) -> str:
+        """The quantization of the replica with this index (`none` or `int8`)."""
+        if isinstance(self.quantization, str):
+            return self.quantization
+        return self.quantization[index % len(self.quantization)]
+
+    @property
+    def weight_variants(self) -> list[str]:
+        """The engine weight variants the pool serves (`full`, `int8`): what each version is made into."""
+        kinds = [self.quantization] if isinstance(self.quantization, str) else self.quantization
+        return sorted({"int8" if q == "int8" else "full" for q in kinds})

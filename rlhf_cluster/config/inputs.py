@@ -1,0 +1,120 @@
+"""What a job starts from: the model (a folder, or the tiny demo model) and the prompts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_cluster.config.base import _Strict, _refuse_renamed
+
+
+class TinyModelConfig(_Strict):
+    """Shape of the random model built locally when `model.path` is empty."""
+
+    architecture: Literal["qwen2", "llama"] = Field("qwen2", description="HF architecture family.")
+    hidden_size: int = Field(64, ge=32, description="Model width.")
+    num_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_heads: int = Field(2, ge=1, description="Attention heads; head_dim = hidden/heads must be >= 32 for vLLM CPU.")
+    num_kv_heads: int = Field(1, ge=1, description="Key/value heads (GQA).")
+    intermediate_size: int = Field(128, ge=8, description="MLP width.")
+    vocab_size: int = Field(512, ge=258, description="Upper bound of the byte-level BPE vocabulary (>= 258: 256 bytes + pad + eos); the model gets exactly the tokenizer size.")
+    max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
+    seed: int = Field(
+        0, description="Seed of the random initialisation. Not derived from the job's `seed`: the tiny model stands "
+        "in for a pretrained checkpoint, which stays the same whatever the job's seed."
+    )
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.hidden_size // self.num_heads < 32:
+            raise ValueError("hidden_size / num_heads (head_dim) must be >= 32: vLLM's CPU attention needs it")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be divisible by num_kv_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The policy model: a Hugging Face folder, or a tiny random model built on first use."""
+
+    path: str | None = Field(None, description="HF model folder. Empty: build the tiny model into `cache_dir`.")
+    cache_dir: str = Field("~/.cache/rlhf_cluster/models", description="Where built tiny models are cached.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model shape.")
+    sft_warmup_steps: int = Field(
+        0, ge=0, description="Supervised warm-up steps on the task's prompts and answers before RL (0: none; cached)."
+    )
+    sft_warmup_lr: float = Field(3e-3, gt=0, description="Learning rate of the supervised warm-up.")
+    sft_warmup_batch_size: int = Field(32, ge=1, description="Batch size of the supervised warm-up.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of generation, scoring and learner compute (fp32 master weights always)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        # `warmup_*` read like the learner's LR warm-up; the supervised phase has its own names.
+        _refuse_renamed(data, "model", {f"warmup_{k}": f"sft_warmup_{k}" for k in ("steps", "lr", "batch_size")})
+        return data
+
+
+class PromptColumns(_Strict):
+    """The names of a prompt file's columns: the prompt text (or a chat `messages` list), the
+    reference answer, and the id. An id or answer column left unnamed is used when the file has
+    one named `prompt_id` / `answer` (else ids are `row-<n>`, answers empty); a named one must exist."""
+
+    prompt: str = Field("prompt", description="Column of prompt text (ignored when `messages` is set).")
+    messages: str | None = Field(
+        None, description="Column of chat messages (a list of {role, content}) used instead of `prompt`; needs "
+        "data.chat_template.")
+    answer: str | None = Field(None, description="Column of reference answers (None: `answer` if present).")
+    prompt_id: str | None = Field(None, description="Column of unique ids (None: `prompt_id` if present, else `row-<n>`).")
+
+
+class DataConfig(_Strict):
+    """Where prompts come from: a built-in task or a user's parquet/jsonl file."""
+
+    task: Literal["arithmetic"] | None = Field(
+        "arithmetic", description="Built-in task: writes its parquet file, and its verifier scores responses."
+    )
+    path: str | None = Field(
+        None, description="The user's prompts: a .parquet or .jsonl file, or a folder written by `datasets.save_to_disk` "
+        "(its columns named by `columns`). Set: the built-in task writes nothing (its verifier still scores, unless "
+        "`verifier` says otherwise).")
+    columns: PromptColumns = Field(default_factory=lambda: PromptColumns(), description="Which columns of `path` hold what.")
+    chat_template: bool = Field(
+        False, description="Put each prompt through the model tokenizer's chat template as a user turn (after "
+        "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.")
+    system_prompt: str | None = Field(None, description="A system turn before every prompt (with `chat_template`).")
+    verifier: Literal["arithmetic", "gsm8k", "boxed", "exact", "regex"] | None = Field(
+        None, description="Built-in verifier scoring responses against the answer column (rlhf_cluster/data/verifiers.py); "
+        "None: the task's (arithmetic).")
+    verifier_pattern: str | None = Field(None, description="`regex` verifier: the pattern (group 1, if any, is the answer).")
+    num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
+    max_operand: int = Field(49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand.")
+    eval_prompts: int = Field(64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train).")
+    eval_samples: int = Field(
+        8, ge=0, description="Held-out evaluation also samples this many responses per prompt at the training "
+        "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy only)."
+    )
+    seed: int | None = Field(None, description="Seed for task generation and prompt order (None: the job's `seed`).")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
+
+    @model_validator(mode="after")
+    def _verifier_and_template(self) -> "DataConfig":
+        if self.verifier == "regex" and not self.verifier_pattern:
+            raise ValueError("data.verifier_pattern: the regex verifier needs a pattern, e.g. 'answer: (\\S+)'")
+        if self.verifier_pattern is not None and self.verifier != "regex":
+            raise ValueError(f"data.verifier_pattern is set but data.verifier is {self.verifier!r}; set verifier: regex")
+        if self.columns.messages is not None and not self.chat_template:
+            raise ValueError("data.columns.messages: a messages column is rendered with the model's chat template; "
+                             "set data.chat_template: true")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("data.system_prompt is a chat turn: set data.chat_template: true")
+        return self
+
+    @property
+    def verifier_name(self) -> str | None:
+        """The verifier that scores responses: `verifier`, else the built-in task's."""
+        return self.verifier or self.task

@@ -1,0 +1,183 @@
+"""The whole job: its runtime sections (weights, buffer, metrics, faults, checkpoints, the driver
+loop, the cluster) and `JobConfig`, which holds every section and derives component seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_cluster.config.base import _Strict, _Typed, typed_union
+from rlhf_cluster.config.inputs import DataConfig, ModelConfig
+from rlhf_cluster.config.generation import GenerationConfig
+from rlhf_cluster.config.scoring import ScoringConfig, _legacy_rewards
+from rlhf_cluster.config.algorithm import AlgorithmConfig
+from rlhf_cluster.config.training import CriticConfig, LearnerConfig, StageConfig
+
+
+class FilesystemTransport(_Typed):
+    """Every version is written to the weight store's directory; generation workers load it from there."""
+
+    type: Literal["filesystem"] = Field("filesystem", description="Weight transport kind.")
+
+
+class DirectTransport(_Typed):
+    """Each version goes from the learner's rank 0 straight into every generation engine, without
+    disk: layer-aligned buckets of engine-dtype bytes (int8 quantised once on the sender) in Ray's
+    shared-memory object store, each checked by its checksum before the engine loads any of them.
+    The store on disk then keeps only every `weights.persist_every`-th version (recovery, late joiners)."""
+
+    type: Literal["direct"] = Field("direct", description="Weight transport kind.")
+    bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (a bucket never splits a decoder layer).")
+
+
+WeightTransport = typed_union(FilesystemTransport, DirectTransport)
+
+
+class WeightsConfig(_Strict):
+    """The weight store and how versions reach generation."""
+
+    transport: WeightTransport = Field(
+        default_factory=DirectTransport, description="How versions move to generation, by `type`: direct (the "
+        "default: learner to engines without disk) or filesystem (every version through the store directory; "
+        "`transport: filesystem` is short for `transport: {type: filesystem}`)."
+    )
+    dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
+    keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
+    persist_every: int = Field(
+        10, ge=1, description="With `transport: direct`, write every K-th version (and every checkpoint's) to the "
+        "store on disk, off the step's critical path; the filesystem transport writes every version.")
+
+
+class BufferConfig(_Strict):
+    """The experience buffer."""
+
+    capacity: int = Field(4096, ge=1, description="Most samples held at once.")
+
+
+class MetricsConfig(_Strict):
+    """Prometheus endpoints and the JSONL log."""
+
+    bind_address: str = Field("127.0.0.1", description="Address every /metrics endpoint binds to.")
+    enabled: bool = Field(True, description="Serve /metrics from every actor.")
+
+
+class FaultsConfig(_Strict):
+    """How the job reacts to failures."""
+
+    max_worker_restarts: int = Field(3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job.")
+    restart_backoff_s: float = Field(1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool.")
+    max_learner_restarts: int = Field(2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies.")
+    max_bad_steps: int = Field(3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops.")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="Every worker of every pool is sent a heartbeat this often.")
+    heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="A worker that has not answered a heartbeat within this is hung (e.g. SIGSTOP): killed and replaced."
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="A generation worker whose engine has requests running but takes no step for this long is hung."
+    )
+    collective_timeout_s: float = Field(
+        300.0, gt=0, description="A torch.distributed collective that waits this long for a peer rank fails (no silent hang)."
+    )
+    preempt_grace_s: float = Field(
+        120.0, gt=0, description="After SIGTERM/SIGINT, seconds to finish the step in progress and write a checkpoint "
+        "before the job is torn down without one.",
+    )
+
+
+class CheckpointConfig(_Strict):
+    """Learner + driver checkpoints for exact resume."""
+
+    dir: str | None = Field(None, description="Checkpoint directory (default: RUN_DIR/checkpoints).")
+    every_steps: int = Field(10, ge=1, description="Checkpoint after every N learner steps (and after the last one).")
+    keep: int = Field(3, ge=1, description="Newest complete checkpoints kept.")
+
+
+class TrainConfig(_Strict):
+    """The driver loop."""
+
+    total_steps: int = Field(20, ge=1, description="Learner steps.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompt groups per learner step.")
+    max_staleness: int = Field(1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous).")
+    oversample_groups: int = Field(
+        0, ge=0, description="Extra prompt groups admitted beyond the staleness allowance, so a step can start once "
+        "prompts_per_step groups are complete; late groups wait in the buffer for the next step (dropped and counted "
+        "as stale only if they exceed max_staleness)."
+    )
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class ClusterConfig(_Strict):
+    """Where Ray runs."""
+
+    address: str | None = Field(None, description="Ray address; empty starts a local Ray instance.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance (default: all).")
+
+
+class JobConfig(_Strict):
+    """A whole job. Load it with `load_config`; `rlhf_cluster.preflight.preflight` checks it as a whole."""
+
+    name: str = Field("demo", description="Job name, used in metric labels and the run directory.")
+    run_dir: str = Field("runs/demo", description="Where metrics.jsonl, the weight store and the buffer go.")
+    seed: int = Field(
+        0, description="The job's seed: every component seed left empty (data, generation, learner, critic, sft, "
+        "reward_model) takes this value, and it seeds the supervised warm-up. The components draw from different "
+        "generators (Python's for task and prompt order, vLLM's sampler, torch on the ranks), so one value seeds "
+        "them independently. model.tiny.seed is not derived: the tiny model stands in for a fixed checkpoint."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompts: a built-in task or a file.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="The generation pool.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="The scoring pool and the reward sources.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="The RL algorithm.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The policy learner's ranks.")
+    weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store and transport.")
+    buffer: BufferConfig = Field(default_factory=BufferConfig, description="The experience buffer.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoints.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The driver loop.")
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Reactions to failures.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints for exact resume.")
+    critic: CriticConfig | None = Field(None, description="PPO's learned critic (required by algorithm.advantage: gae).")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
+    sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")
+    reward_model: StageConfig | None = Field(None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`).")
+
+    SEEDED: ClassVar[tuple[str, ...]] = ("data", "generation", "learner", "critic", "sft", "reward_model")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_reward_spellings(cls, data: object) -> object:
+        return _legacy_rewards(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _derive(self) -> "JobConfig":
+        # Resolved once, here: a component seed is an int from now on, for every reader
+        # (a later change of `seed` does not move seeds already resolved).
+        for name in self.SEEDED:
+            section = getattr(self, name)
+            if section is not None and section.seed is None:
+                section.seed = self.seed
+        return self
+
+    @property
+    def engine_dtype(self) -> str:
+        """The generation engines' weight dtype: what every weight sync sends."""
+        return self.generation.dtype or self.model.dtype
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.train.prompts_per_step * self.generation.sampling.n
+
+    def stage_output(self, stage: str) -> Path:
+        """Where the `sft` or `reward_model` stage writes its model folder."""
+        section = getattr(self, stage)
+        return Path((section.output if section is not None else None) or Path(self.run_dir) / stage).expanduser()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints").expanduser()
+
+    @property
+    def weights_dir(self) -> Path:
+        return Path(self.weights.dir or Path(self.run_dir) / "weights").expanduser()

@@ -1,0 +1,81 @@
+"""Loading a job config: YAML, `section.field=value` overrides, and pydantic's errors turned into
+one message naming the file and every dotted field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from rlhf_cluster.config.base import ConfigError
+from rlhf_cluster.config.job import JobConfig
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if key in _UNION_TAGS and isinstance(node.get(key), str):
+            node[key] = {"type": node[key]}  # `backend: deepspeed`, then `--set learner.backend.zero_stage=2`
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+# Where pydantic puts a union's tag into an error location (`learner.backend.deepspeed.zero_stage`):
+# the tag is not a field, so messages leave it out.
+_UNION_TAGS = {
+    "backend": {"fsdp2", "deepspeed"},
+    "transport": {"filesystem", "direct"},
+    "rewards": {"verifier", "function", "model"},
+}
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the dotted field path a user writes (`scoring.rewards[0].function`)."""
+    out = ""
+    for i, part in enumerate(loc):
+        owner = loc[i - 2] if i >= 2 and isinstance(loc[i - 1], int) else loc[i - 1] if i else None
+        if isinstance(part, str) and part in _UNION_TAGS.get(owner, ()):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job config, apply `key.sub=value` overrides, and validate it.
+
+    Errors name the file and every offending field with what was expected. Rules between
+    sections and checks of named files are `preflight`'s.
+    """
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            raw = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {source} must hold a mapping at the top level, got {type(raw).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {field_path(err['loc'])}: {err['msg']}{shown}")
+        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None

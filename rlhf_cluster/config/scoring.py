@@ -1,0 +1,188 @@
+"""The scoring pool and the reward sources (verifier | function | model), with the old spellings
+of the reward settings refused or translated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from rlhf_cluster.config.base import ResourcesConfig, _Strict, _Typed, typed_union
+
+
+class RewardModelSpec(_Strict):
+    """A frozen reward model served by the reward workers."""
+
+    path: str = Field(..., description="Folder written by `rlhf-cluster train-rm` (backbone, head, tokenizer).")
+    name: str = Field("rm", description="Name in reward_components (`rm/<name>`).")
+
+
+def _check_function_spec(spec: str, field: str) -> str:
+    # Only the shape here: importing user code belongs to the reward loader (scoring/rewards.py),
+    # which preflight calls.
+    module, sep, attr = spec.strip().partition(":")
+    if not sep or not all(part.isidentifier() for part in f"{module}.{attr}".split(".")):
+        raise ValueError(
+            f"{field}={spec!r} must look like 'module:function' (an importable dotted module path, a colon, "
+            "then the function name), e.g. 'my_rewards:score'"
+        )
+    return spec
+
+
+class VerifierReward(_Typed):
+    """The built-in task's verifier (`data.task`): 1 for a correct answer, plus its components."""
+
+    type: Literal["verifier"] = Field("verifier", description="Reward source kind.")
+    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+
+
+class FunctionReward(_Typed):
+    """A user's reward function `module:function(response, answer) -> float | dict[str, float]`,
+    in place of the task's verifier (see rlhf_cluster/scoring/rewards.py for the contract)."""
+
+    type: Literal["function"] = Field("function", description="Reward source kind.")
+    function: str = Field(..., description="`module:function`, importable on every reward worker.")
+    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+    on_error: Literal["fail", "drop"] = Field(
+        "drop", description="A call that raises, returns NaN/inf or a wrong type, or runs past timeout_s: `fail` ends "
+        "the job naming the function, prompt and cause; `drop` drops the sample's whole group (counted, never trained on).",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned).")
+
+    @field_validator("function")
+    @classmethod
+    def _syntax(cls, spec: str) -> str:
+        return _check_function_spec(spec, "function")
+
+
+class ModelReward(_Typed):
+    """Frozen reward models (folders written by `rlhf-cluster train-rm`), scored as one ensemble."""
+
+    type: Literal["model"] = Field("model", description="Reward source kind.")
+    models: list[RewardModelSpec] = Field(
+        default_factory=list, description="The ensemble's models (empty: none yet; `rlhf-cluster pipeline` fills it)."
+    )
+    combine: Literal["mean", "min"] = Field("mean", description="How the ensemble's scores become one.")
+    weight: float = Field(1.0, ge=0, description="Weight of the ensemble's score in the reward.")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[RewardModelSpec]) -> list[RewardModelSpec]:
+        names = [m.name for m in models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"every model needs its own name (reward_components rm/<name>); used twice: {', '.join(twice)}")
+        return models
+
+
+# A sample's reward = weight x (verifier or function) + weight x ensemble(models).
+RewardSource = typed_union(VerifierReward, FunctionReward, ModelReward)
+
+
+class ScoringConfig(_Strict):
+    """The scoring pool: reward workers (the reward sources) and frozen reference workers."""
+
+    reward_replicas: int = Field(1, ge=1, description="RewardWorker actors.")
+    reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
+    reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
+    rewards: list[RewardSource] = Field(
+        default_factory=lambda: [VerifierReward()], min_length=1,
+        description="Reward sources, summed with their weights: at most one rule source (`verifier`: the task's, or "
+        "`function`: yours, in its place) and at most one `model` ensemble.",
+    )
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
+    )
+    max_tokens_per_batch: int = Field(8192, ge=16, description="Token budget of one frozen-model forward (padded tokens).")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
+
+    @field_validator("rewards")
+    @classmethod
+    def _one_of_each(cls, sources: list) -> list:
+        rules = [s.type for s in sources if s.type != "model"]
+        if len(rules) > 1:
+            raise ValueError(
+                f"at most one rule source (verifier or function: a function replaces the verifier), got {', '.join(rules)}"
+            )
+        if sum(s.type == "model" for s in sources) > 1:
+            raise ValueError("at most one `model` source: list every reward model in its `models`")
+        return sources
+
+    # ---- views for the reward workers -------------------------------------------------------
+    @property
+    def rule_source(self) -> VerifierReward | FunctionReward | None:
+        return next((s for s in self.rewards if s.type != "model"), None)
+
+    @property
+    def model_source(self) -> ModelReward | None:
+        return next((s for s in self.rewards if s.type == "model"), None)
+
+    @property
+    def reward_fn(self) -> str | None:
+        """The custom reward function `module:function`, or None for the task's verifier."""
+        rule = self.rule_source
+        return rule.function if isinstance(rule, FunctionReward) else None
+
+    @property
+    def rule_weight(self) -> float:
+        rule = self.rule_source
+        return rule.weight if rule is not None else 0.0
+
+    @property
+    def reward_models(self) -> list[RewardModelSpec]:
+        """The `model` source's models (a copy). Setting it replaces them, keeping the source's weight
+        and combine (or adds a `model` source: weight 1, mean), as `rlhf-cluster pipeline` does."""
+        model = self.model_source
+        return list(model.models) if model is not None else []
+
+    @reward_models.setter
+    def reward_models(self, models: list[RewardModelSpec]) -> None:
+        source = self.model_source or ModelReward()
+        source = source.model_copy(update={"models": list(models)})
+        self.rewards = [s for s in self.rewards if s.type != "model"] + [source]
+
+    @property
+    def reward_model_weight(self) -> float:
+        model = self.model_source
+        return model.weight if model is not None else 0.0
+
+    @property
+    def reward_model_combine(self) -> str:
+        model = self.model_source
+        return model.combine if model is not None else "mean"
+
+
+def _legacy_rewards(raw: dict) -> dict:
+    """The old spellings `data.reward_fn` and `scoring.{reward_models, rule_weight, reward_model_weight,
+    reward_model_combine}` as `scoring.rewards`; `raw` is a job's input mapping (a copy is returned)."""
+    data, scoring = raw.get("data"), raw.get("scoring")
+    fn = None
+    if isinstance(data, dict) and "reward_fn" in data:
+        fn = data["reward_fn"]
+        raw = {**raw, "data": {k: v for k, v in data.items() if k != "reward_fn"}}
+    old = {k: scoring[k] for k in _LEGACY_SCORING if k in scoring} if isinstance(scoring, dict) else {}
+    if fn is None and not old:
+        return raw
+    if scoring is not None and not isinstance(scoring, dict):
+        raise ValueError("data.reward_fn is the old spelling of a `function` source: add it to scoring.rewards")
+    scoring = {k: v for k, v in (scoring or {}).items() if k not in _LEGACY_SCORING}
+    if "rewards" in scoring:
+        raise ValueError(
+            "scoring.rewards cannot be combined with the old spellings data.reward_fn, scoring.reward_models, "
+            "scoring.rule_weight, scoring.reward_model_weight, scoring.reward_model_combine: write every source in scoring.rewards"
+        )
+    if fn is not None:
+        if not isinstance(fn, str):
+            raise ValueError(f"data.reward_fn must be a string 'module:function', got {fn!r}")
+        rule: dict = {"type": "function", "function": _check_function_spec(fn, "data.reward_fn")}
+    else:
+        rule = {"type": "verifier"}
+    rule["weight"] = old.get("rule_weight", 1.0)
+    sources = [rule]
+    if old.keys() - {"rule_weight"}:
+        sources.append({"type": "model", "models": old.get("reward_models") or [],
+                        "weight": old.get("reward_model_weight", 1.0), "combine": old.get("reward_model_combine", "mean")})
+    return {**raw, "scoring": {**scoring, "rewards": sources}}
+
+
+_LEGACY_SCORING = ("reward_models", "rule_weight", "reward_model_weight", "reward_model_combine")

@@ -1,0 +1,180 @@
+"""Rank groups that train: the policy learner (FSDP2 | DeepSpeed, LoRA), the critic, and the
+supervised stages (SFT, reward model)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_cluster.config.base import ResourcesConfig, _Strict, _Typed, _refuse_renamed, typed_union
+
+
+class FSDP2Backend(_Typed):
+    """torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the ranks."""
+
+    type: Literal["fsdp2"] = Field("fsdp2", description="Learner backend kind.")
+
+
+class DeepSpeedBackend(_Typed):
+    """DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+
+    type: Literal["deepspeed"] = Field("deepspeed", description="Learner backend kind.")
+    zero_stage: int = Field(3, ge=1, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    offload_optimizer: bool = Field(
+        False, description="Keep fp32 master weights and optimizer state in CPU memory; torch's AdamW steps them there."
+    )
+    offload_params: bool = Field(False, description="Keep parameter shards in CPU memory between uses (ZeRO stage 3 only).")
+    config_file: str | None = Field(
+        None, description="Your own DeepSpeed JSON, honoured except where the learner owns a setting (batch sizes, "
+        "accumulation, clipping, optimizer lr/weight decay, scheduler, precision, ZeRO stage, offload): "
+        "those must be absent or agree with the learner config (checked by preflight)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> "DeepSpeedBackend":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"learner.backend.offload_params needs zero_stage 3 (parameters are only partitioned in stage 3), "
+                f"got zero_stage {self.zero_stage}"
+            )
+        return self
+
+
+LearnerBackend = typed_union(FSDP2Backend, DeepSpeedBackend)
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters on the policy (peft): only they are trained, checkpointed and published (merged)."""
+
+    rank: int = Field(0, ge=0, description="Adapter rank r (0: no LoRA, full fine-tuning).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (0 keeps the RL ratios exact).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Linear layers (by name) that get adapters.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+class TrainingGroupConfig(_Strict):
+    """What every trained group of ranks (the policy learner, the critic) is sized and optimised by."""
+
+    SECTION: ClassVar[str] = "learner"  # the config section, for messages
+
+    world_size: int = Field(1, ge=1, description="Ranks of the group (one torch.distributed group, sized apart from the others).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps, then constant (the RL schedule).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Gradient accumulation: forward/backward at most this many padded tokens at a time "
+        "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
+    )
+    seed: int | None = Field(
+        None, description="Torch seed of every rank (the critic's also seeds its fresh value head; None: the job's `seed`)."
+    )
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        # `warmup_steps` read like the supervised warm-up before RL (model.sft_warmup_steps).
+        _refuse_renamed(data, cls.SECTION, {"warmup_steps": "lr_warmup_steps"})
+        return data
+
+
+class LearnerConfig(TrainingGroupConfig):
+    """The learner: a group of FSDP2 or DeepSpeed ZeRO ranks."""
+
+    backend: LearnerBackend = Field(
+        default_factory=FSDP2Backend, description="Training backend, by `type`: fsdp2 (torch fully_shard) or deepspeed "
+        "(ZeRO, with its options beside the type). `backend: fsdp2` is short for `backend: {type: fsdp2}`."
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
+        "learner's base model with the adapters disabled, so no reference workers run."
+    )
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none", description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
+        "gradients and keep master weights and optimizer state in fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_deepspeed_section(cls, data: object) -> object:
+        # The old spelling `backend: deepspeed` + a separate `deepspeed:` section becomes one typed backend.
+        if not isinstance(data, dict) or "deepspeed" not in data:
+            return data
+        data = dict(data)
+        options = data.pop("deepspeed")
+        backend = data.get("backend", "fsdp2")
+        backend = {"type": backend} if isinstance(backend, str) else backend
+        if not isinstance(backend, dict) or backend.get("type") != "deepspeed":
+            raise ValueError(
+                "learner.deepspeed sets DeepSpeed options but learner.backend is not deepspeed; write them as "
+                "learner.backend: {type: deepspeed, ...} (or drop them)"
+            )
+        if not isinstance(options, dict):
+            raise ValueError(f"learner.deepspeed must be a mapping of DeepSpeed options, got {options!r}")
+        data["backend"] = {**options, **backend}
+        return data
+
+
+class CriticConfig(TrainingGroupConfig):
+    """PPO's learned critic: a value model (causal-LM backbone + scalar head per token) trained by its
+    own FSDP2 group with the clipped value loss. Needed by (and only used with) `algorithm.advantage: gae`."""
+
+    SECTION: ClassVar[str] = "critic"
+
+    init: str = Field(
+        "policy", description="Where the value model starts: `policy` (the policy's backbone, a fresh small head) or "
+        "the folder of a reward model written by `rlhf-cluster train-rm` (its backbone and head)."
+    )
+    value_clip: float | None = Field(
+        0.2, gt=0, description="Clipped value loss: new values may move at most this far from the values the "
+        "advantages were computed with before the loss stops pulling them (None: unclipped squared error)."
+    )
+    epochs: int = Field(
+        1, ge=1, description="Optimizer steps of the critic on each step's batch. The value clip only acts from the "
+        "second on: the first starts from exactly the values the advantages used."
+    )
+
+    def learner_settings(self) -> "LearnerConfig":
+        """The critic's optimisation settings in the policy learner's terms, so the critic runs the
+        same FSDP2 machinery (sharding, AdamW, clipping, micro-batching, checkpoints) with its own values."""
+        return LearnerConfig(backend=FSDP2Backend(), **{name: getattr(self, name) for name in TrainingGroupConfig.model_fields})
+
+
+class StageConfig(_Strict):
+    """A supervised stage on FSDP2 ranks: `rlhf-cluster sft` (section `sft`) or
+    `rlhf-cluster train-rm` (section `reward_model`)."""
+
+    path: str | None = Field(
+        None, description="Data file (.parquet/.jsonl). sft: prompt + response, or messages (chat template applied). "
+        "reward_model: prompt, chosen, rejected (optional margin). Empty: examples generated from the built-in task."
+    )
+    num_examples: int = Field(2048, ge=1, description="Built-in task: training examples generated (train pairs only).")
+    eval_examples: int = Field(64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`.")
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    world_size: int = Field(1, ge=1, description="FSDP2 ranks.")
+    margin: float = Field(0.0, ge=0, description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`).")
+    output: str | None = Field(None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model).")
+    seed: int | None = Field(None, description="Seed of data order and initialisation (None: the job's `seed`).")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "StageConfig":
+        if self.batch_size % self.world_size:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by world_size={self.world_size}")
+        return self

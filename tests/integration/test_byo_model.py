@@ -1,0 +1,66 @@
+"""Bring your own model and data, by config alone, through the CLI: a Qwen2 folder saved with
+`save_pretrained` (ChatML chat template) and a GSM8K-format parquet with its own column names,
+prompts put through the chat template, responses judged by the gsm8k verifier. The engine must
+receive exactly the tokenizer's chat-template encoding of every prompt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+import yaml
+from transformers import AutoTokenizer
+
+from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.scored_log import ScoredLog
+from tests.byo import gsm8k_rows, save_chat_model, write_gsm8k_parquet
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "rlhf-cluster")
+SYSTEM = "Solve the problem. End with #### and the number."
+
+
+def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path):
+    model = save_chat_model(tmp_path / "my-qwen2")
+    data = write_gsm8k_parquet(tmp_path / "gsm8k.parquet", count=64)
+    run_dir = tmp_path / "run"
+    config = tmp_path / "byo.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "byo", "run_dir": str(run_dir),
+        "model": {"path": str(model)},
+        "data": {"path": str(data), "columns": {"prompt": "question", "answer": "answer"}, "chat_template": True,
+                 "system_prompt": SYSTEM, "verifier": "gsm8k"},
+        "generation": {"sampling": {"n": 4, "max_new_tokens": 16}},
+        "algorithm": {"preset": "grpo"},
+        "learner": {"world_size": 1, "lr": 1e-4},
+        "train": {"total_steps": 3, "prompts_per_step": 4, "progress": False},
+        "checkpoint": {"every_steps": 1},
+    }))
+
+    dry = subprocess.run([CLI, "train", str(config), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": gsm8k_rows(1)[0]["question"]}]
+    rendered = tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+    assert json.dumps(rendered) in dry.stdout, dry.stdout  # the first prompt as the engine will see it
+    assert f"{len(tokenizer(rendered)['input_ids'])} tokens" in dry.stdout, dry.stdout
+
+    out = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["weight_version"] for r in rows] == [1, 2, 3]
+
+    # Every scored group the run kept: its prompt ids are the chat template's encoding of its row.
+    questions = {f"row-{i}": r["question"] for i, r in enumerate(gsm8k_rows(64))}
+    groups = ScoredLog(run_dir / RunDir.SCORED_LOG).since(0)
+    assert groups, "no scored group left in the log"
+    for _fate, samples in groups:
+        for s in samples:
+            chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": questions[s.prompt_id]}]
+            expected = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+            assert list(s.prompt_ids) == list(expected), s.prompt_id
+            assert "correct" in s.reward_components  # the gsm8k verifier scored it

@@ -1,0 +1,44 @@
+"""Engine settings users set by config: vLLM's own arguments are checked against vLLM's EngineArgs,
+and the ones the project sets from its own fields cannot be set a second way."""
+
+import pytest
+
+from rlhf_cluster.config import ConfigError, load_config
+from rlhf_cluster.preflight import preflight
+
+
+def test_engine_kwargs_typo_names_the_field():
+    with pytest.raises(ConfigError, match=r"generation\.engine_kwargs: not a vllm EngineArgs field: block_sise"):
+        preflight(load_config(None, ["generation.engine_kwargs={block_sise: 16}"]))
+    preflight(load_config(None, ["generation.engine_kwargs={block_size: 16}"]))  # the control: a real field passes
+
+
+@pytest.mark.parametrize("key, field", [("dtype", "generation.dtype"), ("tensor_parallel_size", "generation.tensor_parallel_size"),
+                                        ("speculative_config", "generation.speculative"), ("model", "model.path")])
+def test_engine_kwargs_cannot_set_what_has_its_own_field(key, field):
+    with pytest.raises(ConfigError, match=rf"{key} \(set it with {field}\)"):
+        load_config(None, [f"generation.engine_kwargs={{{key}: 1}}"])
+
+
+def test_tensor_parallel_engines_reserve_their_gpus():
+    with pytest.raises(ConfigError, match="num_gpus=2 is fewer than tensor_parallel_size=4"):
+        load_config(None, ["generation.tensor_parallel_size=4", "generation.resources={num_gpus: 2}"])
+    cfg = load_config(None, ["generation.tensor_parallel_size=4", "generation.resources={num_gpus: 4}"])
+    assert cfg.generation.tensor_parallel_size == 4
+
+
+def test_speculative_settings_become_vllms():
+    ngram = load_config(None, ["generation.speculative={method: ngram, num_speculative_tokens: 2, prompt_lookup_max: 3}"])
+    assert ngram.generation.speculative.engine_config() == {
+        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    draft = load_config(None, ["generation.speculative={method: draft_model, model: /models/qwen-0.5b}"])
+    assert draft.generation.speculative.engine_config()["model"] == "/models/qwen-0.5b"
+    with pytest.raises(ConfigError, match="generation.speculative.model"):
+        load_config(None, ["generation.speculative={method: draft_model}"])
+    with pytest.raises(ConfigError, match="prompt_lookup_min"):
+        load_config(None, ["generation.speculative={method: ngram, prompt_lookup_min: 5, prompt_lookup_max: 2}"])
+
+
+def test_engine_dtype_defaults_to_the_models():
+    assert load_config(None, ["model.dtype=bfloat16"]).engine_dtype == "bfloat16"
+    assert load_config(None, ["model.dtype=float32", "generation.dtype=bfloat16"]).engine_dtype == "bfloat16"

@@ -1,0 +1,25 @@
+"""The dry run's placement checks: per actor, in total, and packed onto the nodes all at once."""
+
+from rlhf_cluster.config import load_config
+from rlhf_cluster.placement import PoolRequest, check_capacity, check_packing, format_plan, resource_plan
+
+
+def test_totals_can_fit_while_the_actors_do_not_pack():
+    # Two 8-GPU nodes: 16 GPUs in all, enough for three 4-GPU engines and four 1-GPU ranks (16),
+    # but each engine also takes 40 CPUs of a node's 64, so only one engine fits per node.
+    plan = [PoolRequest("generation", "generation.resources", 3, {"GPU": 4, "CPU": 40}),
+            PoolRequest("learner", "learner.resources", 4, {"GPU": 1, "CPU": 1})]
+    nodes = [{"GPU": 8, "CPU": 64}, {"GPU": 8, "CPU": 64}]
+    total = {"GPU": 16, "CPU": 128}  # 3 x 40 + 4 x 1 = 124 CPUs: fits in total
+    assert check_capacity(plan, total, nodes[0]) == []
+    assert check_packing(plan, nodes) == [
+        "the pools do not pack onto the cluster's nodes all at once; left unplaced: generation 1"]
+    assert check_packing(plan, nodes + [{"GPU": 8, "CPU": 64}]) == []
+
+
+def test_lora_has_no_reference_pool_and_the_plan_shows_totals():
+    lora = load_config(None, ["learner.lora={rank: 8}"])
+    assert "reference" not in [r.pool for r in resource_plan(lora)]
+    cfg = load_config(None, ["generation.replicas=2", "generation.resources={num_gpus: 4}", "learner.world_size=2",
+                             "learner.resources={num_gpus: 1}"])
+    assert format_plan(resource_plan(cfg)).splitlines()[-1].split() == ["in", "all", "6", "GPU=10"]
