@@ -17,6 +17,14 @@ from rlhf_cluster.preflight import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
 
+
+@app.callback()
+def _before_any_command() -> None:
+    # Ray turns on token auth when ~/.ray/auth_token exists, and reads RAY_AUTH_MODE once, when
+    # it is imported: say so before any command imports it (`scale` did first, and was refused).
+    if (Path.home() / ".ray" / "auth_token").exists():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 ADDRESS_HELP = "Ray address: ray://HOST:10001 or HOST:6379 for train/scale, http://HEAD:8265 for job commands."
@@ -294,9 +302,6 @@ def pipeline(
 
 # ---- jobs on a cluster (Ray Jobs API) ---------------------------------------------------------
 def _job_client(address: str):
-    if (Path.home() / ".ray" / "auth_token").exists():
-        # Ray turns on token auth when this file exists; the client must say so too.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address)

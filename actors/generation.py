@@ -78,9 +78,10 @@ class GenerationWorker:
                 "variant": self.variant or "full", "engine": id(self.engine)}
 
     def engine_stats(self) -> dict:
-        """vLLM's batch sizes so far, the version held, requests in flight and the weight loads."""
+        """vLLM's batch sizes so far, the version held, requests in flight, the weight loads and the
+        speculative-decoding counters."""
         return {**self.engine.batches.stats(), "version": self.engine.version, "in_flight": self.engine.in_flight(),
-                "engine": id(self.engine), "swaps": list(self.swaps)}
+                "engine": id(self.engine), "swaps": list(self.swaps), "speculative": self.engine.speculative_stats()}
 
     async def sync(self, min_version: int = 0) -> int:
         """Load the store's newest version unless the engine holds it already; returns the version held.

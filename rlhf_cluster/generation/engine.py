@@ -357,6 +357,16 @@ class VLLMEngine:
         tokens = sum(len(r.response_ids) for r in rollouts)
         return rollouts, GenerationStats(len(prompts), len(rollouts), tokens, time.perf_counter() - start)
 
+    def speculative_stats(self) -> dict[str, int]:
+        """vLLM's speculative-decoding counters so far: drafts, draft tokens, accepted tokens (all 0 when off)."""
+        names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+        out = dict.fromkeys(names.values(), 0)
+        for metric in self.llm.get_metrics():
+            if metric.name in names:
+                out[names[metric.name]] = int(metric.value)
+        return out
+
     def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """The engine's log-probs of a fixed response (prompt log-probs of the joined sequence)."""
         return self.logprobs_of_many([prompt_ids], [response_ids])[0]

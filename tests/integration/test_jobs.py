@@ -94,14 +94,18 @@ def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
     run_dir = tmp_path / "run"
     common = ["--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
               "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--python", sys.executable, "--address", address]
-    # The user's reward module lives in their own directory, outside the project: submitted from
-    # there, it is shipped with the job and scores every response on the cluster.
+    # Two jobs run side by side on the head. The short one's reward module lives in the user's own
+    # directory, outside the project: submitted from there, it is shipped with the job and scores
+    # every response on the cluster. The long one is resized and stopped from the CLI.
     user_dir = tmp_path / "user"
     user_dir.mkdir()
     (user_dir / "user_reward.py").write_text("def score(response, answer):\n    return 0.375\n")
     job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=3",
                "--set", f"run_dir={run_dir}", "--set", "scoring.rewards=[{type: function, function: 'user_reward:score'}]",
                *common, cwd=user_dir).splitlines()[-1]
+    long_job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=100000",
+                    "--set", f"run_dir={tmp_path / 'long'}", "--set", "name=long", *common).splitlines()[-1]
+
     state = _wait_status(env, address, job, {"SUCCEEDED", "FAILED", "STOPPED"})
     logs = _cli(env, "logs", job, "--address", address)
     assert state == "SUCCEEDED", logs[-3000:]
@@ -110,12 +114,10 @@ def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
     assert [r["weight_version"] for r in rows] == [1, 2, 3]
     assert all(r["reward_mean"] == 0.375 for r in rows), [r["reward_mean"] for r in rows]
 
-    # A long job is stopped through the CLI.
-    long_job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=100000",
-                    "--set", f"run_dir={tmp_path / 'long'}", "--set", "name=long", *common).splitlines()[-1]
-    assert _wait_status(env, address, long_job, {"RUNNING"}, timeout=120) == "RUNNING"
     deadline = time.monotonic() + 300
     while "step    1 |" not in _cli(env, "logs", long_job, "--address", address):  # its pools serve
+        assert _cli(env, "status", long_job, "--address", address) in ("PENDING", "RUNNING"), \
+            _cli(env, "logs", long_job, "--address", address)[-3000:]
         assert time.monotonic() < deadline, "the long job did not train"
         time.sleep(2)
     # The submitted job's generation and reward pools are resized from the CLI while it trains.
