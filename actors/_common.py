@@ -17,7 +17,7 @@ def actor_setup(cfg_dict: dict, pool: str, worker: str) -> tuple[JobConfig, Metr
     """Parse the job config shipped to the actor and start its /metrics endpoint."""
     cfg = JobConfig.model_validate(cfg_dict)
     labels = MetricLabels(job=cfg.name, pool=pool, worker=worker)
-    port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
+    port = serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range) if cfg.metrics.enabled else None
     return cfg, labels, port
 
 

@@ -67,7 +67,8 @@ class Driver:
         self.published_version = 0
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
-            self.metrics_port = serve_metrics(cfg.metrics.bind_address) if cfg.metrics.enabled else None
+            self.metrics_port = (serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range)
+                                 if cfg.metrics.enabled else None)
             self._start_learner_and_pools(resume_from)
         except BaseException:
             self.shutdown()  # no actor outlives a failed start

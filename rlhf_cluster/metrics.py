@@ -132,7 +132,17 @@ class MetricLabels:
         return metric.labels(job=self.job, pool=self.pool, worker=self.worker, **extra)
 
 
-def serve_metrics(bind_address: str = "127.0.0.1", port: int = 0) -> int:
-    """Serve this process's `/metrics`; returns the bound port (0 picks a free one)."""
-    server, _thread = start_http_server(port, addr=bind_address)
-    return server.server_port
+def serve_metrics(bind_address: str = "127.0.0.1", port: int = 0, port_range: tuple[int, int] | None = None) -> int:
+    """Serve this process's `/metrics`; returns the bound port (0 picks a free one; with
+    `port_range`, the first free port of [first, last])."""
+    if port_range is None:
+        server, _thread = start_http_server(port, addr=bind_address)
+        return server.server_port
+    for candidate in range(port_range[0], port_range[1] + 1):
+        try:
+            server, _thread = start_http_server(candidate, addr=bind_address)
+        except OSError:
+            continue  # taken by another actor on this node
+        return server.server_port
+    raise RuntimeError(f"metrics.port_range {list(port_range)}: every port is taken on this node; widen the range "
+                       "(one port per actor on a node, plus the driver's)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf_cluster.config.base import _Strict, _Typed, typed_union
 from rlhf_cluster.config.inputs import DataConfig, ModelConfig
@@ -61,6 +61,16 @@ class MetricsConfig(_Strict):
 
     bind_address: str = Field("127.0.0.1", description="Address every /metrics endpoint binds to.")
     enabled: bool = Field(True, description="Serve /metrics from every actor.")
+    port_range: tuple[int, int] | None = Field(
+        None, description="[first, last]: every endpoint binds the first free port of this range (None: any free port). "
+        "On Kubernetes the pods declare the range so a PodMonitor can scrape it (deploy/kuberay/).")
+
+    @field_validator("port_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 1024 <= value[0] <= value[1] <= 65535:
+            raise ValueError(f"expected [first, last] with 1024 <= first <= last <= 65535, got {list(value)}")
+        return value
 
 
 class FaultsConfig(_Strict):

@@ -1,0 +1,100 @@
+"""deploy/kuberay/: the manifests parse, the RayJob's entrypoint is a real CLI command with real
+options and config fields, the RayCluster's node groups carry the custom resources the 70B
+recipe's pools ask for and hold every actor of it, and the metrics ports agree everywhere."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import typer
+import yaml
+
+from actors.cli import app
+from rlhf_cluster.config import load_config
+from rlhf_cluster.placement import check_capacity, check_packing, resource_plan
+
+REPO = Path(__file__).resolve().parents[2]
+KUBERAY = REPO / "deploy" / "kuberay"
+
+
+def _manifest(name: str) -> dict:
+    [doc] = list(yaml.safe_load_all((KUBERAY / name).read_text()))
+    return doc
+
+
+def _entrypoint() -> tuple[str, list[str]]:
+    words = shlex.split(_manifest("rayjob.yaml")["spec"]["entrypoint"])
+    assert words[0] == "rlhf-cluster"
+    return words[1], words[2:]
+
+
+def _job_config():
+    command, args = _entrypoint()
+    config = args[0]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    return load_config(REPO / config, sets)  # every --set names a real field, or this raises
+
+
+def _nodes() -> list[dict[str, float]]:
+    """Each node of the RayCluster as Ray will see it: its start params' CPUs, GPUs, resources."""
+    spec = _manifest("raycluster.yaml")["spec"]
+    nodes = []
+    for group in [spec["headGroupSpec"] | {"replicas": 1}, *spec["workerGroupSpecs"]]:
+        params = group["rayStartParams"]
+        node = {"CPU": float(params.get("num-cpus", 0)), "GPU": float(params.get("num-gpus", 0))}
+        node.update(json.loads(json.loads(params["resources"])) if "resources" in params else {})
+        nodes += [dict(node) for _ in range(group["replicas"])]
+    return nodes
+
+
+def test_manifests_parse_with_their_kinds():
+    kinds = {name: _manifest(name)["kind"] for name in ("raycluster.yaml", "rayjob.yaml", "podmonitor.yaml")}
+    assert kinds == {"raycluster.yaml": "RayCluster", "rayjob.yaml": "RayJob", "podmonitor.yaml": "PodMonitor"}
+    assert _manifest("rayjob.yaml")["spec"]["clusterSelector"]["ray.io/cluster"] == _manifest("raycluster.yaml")["metadata"]["name"]
+
+
+def test_the_entrypoint_names_only_documented_commands_options_and_fields():
+    command, args = _entrypoint()
+    cli = typer.main.get_command(app)
+    assert command in cli.commands, f"rlhf-cluster has no command {command!r}"
+    options = {opt for p in cli.commands[command].params if not getattr(p, "param_type_name", "") == "argument"
+               for opt in getattr(p, "opts", [])}
+    used = [a for a in args if a.startswith("--")]
+    assert set(used) <= options, set(used) - options
+    assert (REPO / args[0]).is_file()
+    cfg = _job_config()
+    assert cfg.metrics.bind_address == "0.0.0.0"  # scraped from other pods
+
+
+def test_node_groups_carry_the_recipes_labels_and_hold_every_actor():
+    cfg = _job_config()
+    plan = resource_plan(cfg)
+    custom = {k for req in plan for k in req.per_actor if k not in ("CPU", "GPU")}
+    nodes = _nodes()
+    declared = {k for node in nodes for k in node if k not in ("CPU", "GPU")}
+    assert custom == declared == {"rlhf_generation", "rlhf_scoring", "rlhf_learner"}
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in {k for n in nodes for k in n}}
+    largest = {k: max(n.get(k, 0.0) for n in nodes) for k in total}
+    assert check_capacity(plan, total, largest) == [] and check_packing(plan, nodes) == []
+    assert total["GPU"] == 72
+    # And it is a tight fit: one generation node fewer cannot hold the recipe.
+    fewer = nodes[:]
+    fewer.remove(next(n for n in nodes if "rlhf_generation" in n))
+    assert check_packing(plan, fewer) or check_capacity(plan, {k: sum(n.get(k, 0.0) for n in fewer) for k in total}, largest)
+
+
+def test_metrics_ports_agree_between_config_pods_and_podmonitor():
+    first, last = _job_config().metrics.port_range
+    wanted = set(range(first, last + 1))
+    spec = _manifest("raycluster.yaml")["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        [container] = group["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"] if p["name"].startswith("rlhf-m")}
+        assert set(ports.values()) == wanted, group.get("groupName", "head")
+    scraped = {e["port"] for e in _manifest("podmonitor.yaml")["spec"]["podMetricsEndpoints"]}
+    assert scraped == set(ports)
+    labels = _manifest("podmonitor.yaml")["spec"]["selector"]["matchLabels"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert labels.items() <= group["template"]["metadata"]["labels"].items()
