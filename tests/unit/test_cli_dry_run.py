@@ -65,3 +65,30 @@ def test_a_refused_config_ends_before_ray_or_the_cluster_is_touched(monkeypatch,
     result = CliRunner().invoke(app, [command[0], str(config), *command[1:], "--set", "buffer.capacity=1"])
     assert result.exit_code == 2, result.output
     assert "error: config refused" in result.output and "buffer.capacity=1" in result.output
+
+
+def test_submit_stages_the_users_modules_and_working_dir(tmp_path, monkeypatch):
+    """What `submit` ships: the code, the config, a reward module found next to the user, the
+    modules and the working directory named on the command line."""
+    from actors.cli import _stage_working_dir
+    from rlhf_cluster.config import load_config
+
+    home = tmp_path / "home"
+    (home / "mypkg").mkdir(parents=True)
+    (home / "mypkg" / "__init__.py").write_text("")
+    (home / "my_rewards.py").write_text("def score(response, answer):\n    return 1.0\n")
+    (home / "helpers.py").write_text("X = 1\n")
+    (home / "assets").mkdir()
+    (home / "assets" / "lexicon.txt").write_text("words")
+    monkeypatch.chdir(home)
+    cfg = load_config(None, ["scoring.rewards=[{type: function, function: 'my_rewards:score'}]"])
+    stage = _stage_working_dir(cfg, [home / "helpers.py", home / "mypkg"], home / "assets")
+    try:
+        shipped = {p.relative_to(stage).as_posix() for p in stage.rglob("*") if "__pycache__" not in p.parts}
+        assert {"my_rewards.py", "helpers.py", "mypkg/__init__.py", "lexicon.txt", "job.yaml",
+                "rlhf_cluster/config/__init__.py", "actors/cli.py"} <= shipped
+        assert not any(p.startswith("site-packages") for p in shipped)
+    finally:
+        import shutil
+
+        shutil.rmtree(stage)
