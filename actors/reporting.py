@@ -70,6 +70,9 @@ class Reporter:
         for column, gauge in m.STEP_GAUGES.items():
             if column in row:
                 self.labels.of(gauge).set(row[column])
+        for column, (gauge, extra) in m.STEP_LABELLED_GAUGES.items():
+            if column in row:
+                self.labels.of(gauge, **extra).set(row[column])
         consumed = [
             ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, worker_of.pop(s.sample_id, "?"),
                            [list(span) for span in s.policy_versions])

@@ -98,6 +98,16 @@ MULTI_VERSION = Gauge(
     "rlhf_train_multi_version_fraction", "Share of the last consumed batch's samples sampled by more than one weight version.", LABELS
 )
 
+# The step's rollouts (rlhf_cluster/rollout_stats.py): length runaway, truncation, reward spread, diversity.
+RESPONSE_LENGTH = Gauge("rlhf_train_response_length_tokens", "Response length of the last consumed batch, by statistic.",
+                        LABELS + ("stat",))
+TRUNCATED = Gauge("rlhf_train_truncated_fraction", "Share of the last consumed batch's responses cut at max_new_tokens.", LABELS)
+REWARD_SPREAD = Gauge("rlhf_train_reward", "Reward of the last consumed batch, by statistic (min, max, std).", LABELS + ("stat",))
+DISTINCT = Gauge("rlhf_train_distinct_ngrams_ratio", "Distinct n-grams / n-grams over the last consumed batch's responses.",
+                 LABELS + ("n",))
+UNIQUE_PER_GROUP = Gauge("rlhf_train_unique_responses_per_group_ratio",
+                         "Mean share of distinct responses within a group (1/n: mode collapse).", LABELS)
+
 # The one table from a step's row (metrics.jsonl column) to the driver's Prometheus gauge: every
 # step sets each gauge whose column is in the row. Components return metrics dicts; only this
 # table decides what Prometheus shows of them.
@@ -117,6 +127,21 @@ STEP_GAUGES = {
     "critic/value_loss": CRITIC_VALUE_LOSS,
     "critic/explained_variance": CRITIC_EXPLAINED_VARIANCE,
     "critic/value_clip_frac": CRITIC_VALUE_CLIP,
+    "truncated_fraction": TRUNCATED,
+    "unique_per_group": UNIQUE_PER_GROUP,
+}
+# Columns that are one labelled series of a gauge: column -> (gauge, extra labels).
+STEP_LABELLED_GAUGES = {
+    "response_len_mean": (RESPONSE_LENGTH, {"stat": "mean"}),
+    "response_len_p50": (RESPONSE_LENGTH, {"stat": "p50"}),
+    "response_len_p90": (RESPONSE_LENGTH, {"stat": "p90"}),
+    "response_len_max": (RESPONSE_LENGTH, {"stat": "max"}),
+    "reward_min": (REWARD_SPREAD, {"stat": "min"}),
+    "reward_max": (REWARD_SPREAD, {"stat": "max"}),
+    "reward_std": (REWARD_SPREAD, {"stat": "std"}),
+    "distinct_1": (DISTINCT, {"n": "1"}),
+    "distinct_2": (DISTINCT, {"n": "2"}),
+    "distinct_3": (DISTINCT, {"n": "3"}),
 }
 
 

@@ -1,5 +1,6 @@
 """One learner step's row: the batch's statistics, the learner's metrics and the job's counters,
-as written to `metrics.jsonl` (and, through `metrics.STEP_GAUGES`, to Prometheus)."""
+as written to `metrics.jsonl` (and, through `metrics.STEP_GAUGES` and `STEP_LABELLED_GAUGES`, to
+Prometheus)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import statistics
 import time
 
 from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.rollout_stats import rollout_stats
 
 
 def step_row(step: int, samples: list[ScoredSample], stats: dict[str, float], seconds: float,
@@ -27,6 +29,7 @@ def step_row(step: int, samples: list[ScoredSample], stats: dict[str, float], se
         "learner_seconds": stats["learner/step_seconds"],
         "samples": len(samples),
         "response_len_mean": statistics.fmean(len(s.response_ids) for s in samples),
+        **rollout_stats(samples),  # length percentiles, truncation, reward spread, diversity
         **counters,
         "reward_failures": sum(s.reward_components.get("reward_failed", 0.0) for s in samples),
         "multi_version_fraction": statistics.fmean(s.spans_versions for s in samples),

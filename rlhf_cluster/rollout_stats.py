@@ -1,0 +1,73 @@
+"""Statistics of a step's rollouts that warn of reward hacking before it shows in the reward:
+response length (mean, percentiles, share truncated), reward spread, diversity (distinct-n over
+the step's responses, unique responses per group), and the unbiased pass@k estimator. Pure
+functions of token ids and numbers; Ray-free."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from rlhf_cluster.records import ScoredSample
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def distinct_n(responses: Iterable[Sequence[int]], n: int) -> float:
+    """Distinct n-grams over all responses / all n-grams (0 when no response has n tokens):
+    1.0 when nothing repeats, near 0 when the policy says the same thing every time."""
+    seen, total = set(), 0
+    for tokens in responses:
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        seen.update(grams)
+        total += len(grams)
+    return len(seen) / total if total else 0.0
+
+
+def unique_per_group(groups: Iterable[Sequence[Sequence[int]]]) -> float:
+    """Mean over groups of (distinct responses / responses): 1/n when a group's n responses are
+    all the same (mode collapse), 1.0 when all differ."""
+    shares = [len({tuple(r) for r in group}) / len(group) for group in groups if group]
+    return sum(shares) / len(shares) if shares else 0.0
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which `correct` are right: 1 - C(n-c, k) / C(n, k)
+    (Chen et al., 2021), the chance that k samples drawn without replacement include a right one."""
+    if not 0 <= correct <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= correct <= n and 1 <= k <= n, got n={n}, correct={correct}, k={k}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def rollout_stats(samples: list[ScoredSample]) -> dict[str, float]:
+    """The step's length, truncation, reward-spread and diversity figures, keyed as `metrics.jsonl` columns."""
+    lengths = [len(s.response_ids) for s in samples]
+    rewards = [s.reward for s in samples]
+    groups: dict[str, list[Sequence[int]]] = defaultdict(list)
+    for s in samples:
+        groups[s.group_id].append(s.response_ids)
+    responses = [s.response_ids for s in samples]
+    return {
+        "response_len_p50": percentile(lengths, 50),
+        "response_len_p90": percentile(lengths, 90),
+        "response_len_max": max(lengths),
+        "truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "reward_min": min(rewards),
+        "reward_max": max(rewards),
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+        "distinct_3": distinct_n(responses, 3),
+        "unique_per_group": unique_per_group(groups.values()),
+    }
