@@ -1,7 +1,7 @@
 """Statistics of a step's rollouts that warn of reward hacking before it shows in the reward:
 response length (mean, percentiles, share truncated), reward spread, diversity (distinct-n over
-the step's responses, unique responses per group), and the unbiased pass@k estimator. Pure
-functions of token ids and numbers; Ray-free."""
+the step's responses, unique responses per group). Pure functions of token ids and numbers;
+Ray-free."""
 
 from __future__ import annotations
 
@@ -39,16 +39,6 @@ def unique_per_group(groups: Iterable[Sequence[Sequence[int]]]) -> float:
     all the same (mode collapse), 1.0 when all differ."""
     shares = [len({tuple(r) for r in group}) / len(group) for group in groups if group]
     return sum(shares) / len(shares) if shares else 0.0
-
-
-def pass_at_k(n: int, correct: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which `correct` are right: 1 - C(n-c, k) / C(n, k)
-    (Chen et al., 2021), the chance that k samples drawn without replacement include a right one."""
-    if not 0 <= correct <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= correct <= n and 1 <= k <= n, got n={n}, correct={correct}, k={k}")
-    if n - correct < k:
-        return 1.0
-    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
 def rollout_stats(samples: list[ScoredSample]) -> dict[str, float]:

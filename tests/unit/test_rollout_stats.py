@@ -1,10 +1,8 @@
 """The rollout statistics against values worked out by hand."""
 
-import math
-
 import pytest
 
-from rlhf_cluster.rollout_stats import distinct_n, pass_at_k, percentile, rollout_stats, unique_per_group
+from rlhf_cluster.rollout_stats import distinct_n, percentile, rollout_stats, unique_per_group
 from rlhf_cluster.records import ScoredSample
 
 
@@ -21,16 +19,6 @@ def test_unique_per_group_by_hand():
     collapsed = [[7, 7], [7, 7], [7, 7], [7, 7]]  # one answer 4 times: 1/4
     varied = [[1], [2], [1], [3]]                 # 3 distinct of 4
     assert unique_per_group([collapsed, varied]) == (0.25 + 0.75) / 2
-
-
-def test_pass_at_k_by_hand():
-    # n=4 samples, 1 right: pass@1 = 1/4; pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6.
-    assert pass_at_k(4, 1, 1) == 0.25
-    assert pass_at_k(4, 1, 2) == 0.5
-    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0
-    assert pass_at_k(10, 3, 5) == pytest.approx(1 - math.comb(7, 5) / math.comb(10, 5))
-    with pytest.raises(ValueError, match="pass@k"):
-        pass_at_k(4, 5, 1)
 
 
 def test_percentiles_interpolate_like_numpy():
