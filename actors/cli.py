@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 import yaml
 
+from actors.submission import job_client, stage_working_dir
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
 from rlhf_cluster.preflight import preflight
 
@@ -301,65 +302,6 @@ def pipeline(
 
 
 # ---- jobs on a cluster (Ray Jobs API) ---------------------------------------------------------
-def _job_client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address)
-
-
-def _stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path | None) -> Path:
-    """A working dir holding the code, the validated config, the user's `working_dir` contents
-    and modules (those named and the reward functions' own): what the job runs with. The
-    working dir is on the path of the driver and of every actor, so the modules import there."""
-    stage = Path(tempfile.mkdtemp(prefix="rlhf-job-"))
-    try:
-        if working_dir is not None:
-            if not working_dir.is_dir():
-                raise typer.BadParameter(f"--working-dir {working_dir}: not a directory")
-            shutil.copytree(working_dir, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".git"))
-        for module in [*py_modules, *_reward_modules(cfg)]:
-            if not module.exists():
-                raise typer.BadParameter(f"--py-modules {module}: no such file or package directory")
-            if module.is_dir():
-                shutil.copytree(module, stage / module.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy2(module, stage / module.name)
-        for package in ("rlhf_cluster", "actors"):
-            shutil.copytree(REPO / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
-        (stage / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return stage
-
-
-def _reward_modules(cfg: JobConfig) -> list[Path]:
-    """The local files of the config's reward functions that live outside this project and outside
-    installed packages (a user's `my_rewards.py`): the cluster has no other way to import them."""
-    import importlib.util
-    import sysconfig
-
-    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # `module:function` names a module importable from here
-    found = []
-    for source in cfg.scoring.rewards:
-        if source.type != "function":
-            continue
-        top = source.function.split(":")[0].split(".")[0]
-        spec = importlib.util.find_spec(top)
-        if spec is None or spec.origin in (None, "built-in", "frozen"):
-            continue
-        origin = Path(spec.origin).resolve()
-        path = origin.parent if origin.name == "__init__.py" else origin
-        if path.is_relative_to(REPO / "rlhf_cluster") or path.is_relative_to(REPO / "actors") \
-                or any(path.is_relative_to(root) for root in installed) or path.is_relative_to(Path(sys.base_prefix)):
-            continue
-        typer.echo(f"shipping reward module {top} ({path})", err=True)
-        found.append(path)
-    return found
-
-
 @app.command()
 def submit(
     config: Path = typer.Argument(..., help="YAML job config."),
@@ -375,9 +317,9 @@ def submit(
     # The files a config names are paths on the cluster, not here: only the config's own rules.
     for warning in _preflight(cfg, files=False):
         typer.echo(f"warning: {warning}", err=True)
-    stage = _stage_working_dir(cfg, py_modules, working_dir)
+    stage = stage_working_dir(cfg, py_modules, working_dir)
     try:
-        job_id = _job_client(address).submit_job(
+        job_id = job_client(address).submit_job(
             entrypoint=f"{python} -m actors.cli train job.yaml --address auto --max-retries {max_retries}",
             runtime_env={"working_dir": str(stage)},
             metadata={"rlhf_job_name": cfg.name},
@@ -390,7 +332,7 @@ def submit(
 @app.command()
 def status(job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=ADDRESS_HELP)) -> None:
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    typer.echo(str(_job_client(address).get_job_status(job).value))
+    typer.echo(str(job_client(address).get_job_status(job).value))
 
 
 @app.command()
@@ -400,7 +342,7 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
 ) -> None:
     """Print a submitted job's logs."""
-    client = _job_client(address)
+    client = job_client(address)
     if not follow:
         typer.echo(client.get_job_logs(job), nl=False)
         return
@@ -416,7 +358,7 @@ def logs(
 @app.command()
 def stop(job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=ADDRESS_HELP)) -> None:
     """Stop a submitted job."""
-    stopped = _job_client(address).stop_job(job)
+    stopped = job_client(address).stop_job(job)
     typer.echo("stopping" if stopped else "not running")
 
 
@@ -435,7 +377,7 @@ def scale(
 
     name = job
     if job.startswith("raysubmit_") or dashboard:
-        info = _job_client(dashboard or address).get_job_info(job)
+        info = job_client(dashboard or address).get_job_info(job)
         name = (info.metadata or {}).get("rlhf_job_name", job)
     ray.init(address=address, log_to_driver=False)
     try:

@@ -60,7 +60,7 @@ def test_a_refused_config_ends_before_ray_or_the_cluster_is_touched(monkeypatch,
         raise AssertionError("preflight should have refused the config first")
 
     monkeypatch.setattr(cli, "_connect", no_cluster)
-    monkeypatch.setattr(cli, "_job_client", no_cluster)
+    monkeypatch.setattr(cli, "job_client", no_cluster)
     config = next(c for c in CONFIGS if c.name == "three_stage.yaml")
     result = CliRunner().invoke(app, [command[0], str(config), *command[1:], "--set", "buffer.capacity=1"])
     assert result.exit_code == 2, result.output
@@ -70,7 +70,7 @@ def test_a_refused_config_ends_before_ray_or_the_cluster_is_touched(monkeypatch,
 def test_submit_stages_the_users_modules_and_working_dir(tmp_path, monkeypatch):
     """What `submit` ships: the code, the config, a reward module found next to the user, the
     modules and the working directory named on the command line."""
-    from actors.cli import _stage_working_dir
+    from actors.submission import stage_working_dir
     from rlhf_cluster.config import load_config
 
     home = tmp_path / "home"
@@ -82,7 +82,7 @@ def test_submit_stages_the_users_modules_and_working_dir(tmp_path, monkeypatch):
     (home / "assets" / "lexicon.txt").write_text("words")
     monkeypatch.chdir(home)
     cfg = load_config(None, ["scoring.rewards=[{type: function, function: 'my_rewards:score'}]"])
-    stage = _stage_working_dir(cfg, [home / "helpers.py", home / "mypkg"], home / "assets")
+    stage = stage_working_dir(cfg, [home / "helpers.py", home / "mypkg"], home / "assets")
     try:
         shipped = {p.relative_to(stage).as_posix() for p in stage.rglob("*") if "__pycache__" not in p.parts}
         assert {"my_rewards.py", "helpers.py", "mypkg/__init__.py", "lexicon.txt", "job.yaml",
