@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 
 from actors.submission import job_client, stage_working_dir
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
