@@ -69,7 +69,10 @@ def preview_lines(cfg: JobConfig) -> list[str]:
         return ["first prompt: the model is not built yet (its tokenizer renders the chat template)"]
     prompt = first_prompt(cfg, tokenizer)
     count = f"{len(prompt.encode(tokenizer))} tokens" if tokenizer is not None else "tokens: model not built yet"
-    lines = [f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}"]
+    rule = cfg.scoring.rule_source
+    scorer = f"function {rule.function}" if rule is not None and rule.type == "function" else f"verifier {cfg.data.verifier_name}"
+    lines = [f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}",
+             f"reward: {scorer}" + (" + reward models" if cfg.scoring.model_source else "")]
     if folder is not None:
         per_variant = sync_bytes(folder, cfg.engine_dtype, cfg.generation.weight_variants)
         lines.append("bytes per weight sync, per engine: "

@@ -283,6 +283,14 @@ def _empty_ensemble(cfg: JobConfig) -> list[str]:
     ]
 
 
+def _task_verifier_on_a_users_file(cfg: JobConfig) -> list[str]:
+    if cfg.data.path and cfg.data.verifier is None and cfg.data.task and not isinstance(cfg.scoring.rule_source, FunctionReward):
+        return [f"data.path is a file of your own but data.verifier is not set: the built-in task's {cfg.data.task!r} "
+                "verifier scores its responses; set data.verifier (gsm8k, boxed, exact, regex) or a function reward"]
+    return []
+
+
 WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
     _unused_critic, _int8_without_correction, _oversampling_always_stale, _in_flight_update_unused, _empty_ensemble,
+    _task_verifier_on_a_users_file,
 ]

@@ -88,3 +88,10 @@ def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path, 
         Job(load_config(path))
     assert case.field in str(info.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_users_file_scored_by_the_tasks_verifier_is_warned_about():
+    warned = preflight(load_config(None, ["data.path=/data/gsm8k.parquet"]), files=False)
+    assert any("data.verifier is not set" in w and "'arithmetic'" in w for w in warned), warned
+    assert not any("data.verifier" in w for w in preflight(
+        load_config(None, ["data.path=/data/gsm8k.parquet", "data.verifier=gsm8k"]), files=False))
