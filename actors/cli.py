@@ -73,7 +73,7 @@ def _preflight(cfg: JobConfig, files: bool = True, resume: str | None = None) ->
 
 def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
     from rlhf_cluster.job_preview import preview_lines
-    from rlhf_cluster.placement import check_capacity, check_packing, format_plan, resource_plan
+    from rlhf_cluster.placement import check_placement, format_plan, resource_plan
 
     problems, warnings = [], []
     try:
@@ -82,15 +82,7 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
         problems.append(str(exc))
     # Placement needs the cluster's capacity, so it is the dry run's own check, not preflight's.
     plan = resource_plan(cfg)
-    nodes = _capacity(address, cfg)
-    total: dict[str, float] = {}
-    largest: dict[str, float] = {}
-    for node in nodes:
-        for k, v in node.items():
-            total[k] = total.get(k, 0.0) + v
-            largest[k] = max(largest.get(k, 0.0), v)
-    capacity = check_capacity(plan, total, largest)
-    problems += capacity or check_packing(plan, nodes)
+    problems += check_placement(plan, _capacity(address, cfg))
     typer.echo(format_plan(plan))
     if not problems:  # the inputs are readable: show them as the engine will see them
         for line in preview_lines(cfg):

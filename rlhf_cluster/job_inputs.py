@@ -34,7 +34,7 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     eval_prompts = read_prompt_file(eval_file) if eval_file is not None else []
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the warm-up keeps it: one for templates, lengths, probe
     if cfg.data.chat_template:
         prompts = apply_chat_template(prompts, tokenizer, cfg.data.system_prompt)
         eval_prompts = apply_chat_template(eval_prompts, tokenizer, cfg.data.system_prompt)
@@ -45,25 +45,23 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
             model_path, prompts, cfg.model.sft_warmup_steps, cfg.model.sft_warmup_lr, cfg.model.sft_warmup_batch_size,
             cfg.seed, progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
         ))
-    return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, model_path, prompts))
+    return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts))
 
 
 def check_prompt_lengths(prompts: list[Prompt], tokenizer, limit: int, source: str) -> None:
     """Every prompt leaves room for a full response in the engine's context, or the job stops here."""
     too_long = [(p.prompt_id, n) for p in prompts if (n := len(p.encode(tokenizer))) > limit]
     if too_long:
-        raise ValueError(f"data.path {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
+        raise ValueError(f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
                          f"generation.sampling.max_new_tokens = {limit} tokens (first: {too_long[0][0]!r}, "
                          f"{too_long[0][1]} tokens); raise max_model_len or shorten the prompts")
 
 
-def build_job_probe(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> Probe | None:
+def build_job_probe(cfg: JobConfig, tokenizer, prompts: list[Prompt]) -> Probe | None:
     """The job's mismatch probe (None when `generation.probe.sequences` is 0)."""
     if cfg.generation.probe.sequences == 0:
         return None
-    from transformers import AutoTokenizer
-
-    return build_probe(prompts, AutoTokenizer.from_pretrained(model_path), cfg.generation.probe.sequences)
+    return build_probe(prompts, tokenizer, cfg.generation.probe.sequences)
 
 
 def _warmup_progress(steps: int, show: bool):

@@ -86,6 +86,18 @@ def check_packing(plan: list[PoolRequest], nodes: list[dict[str, float]]) -> lis
             + ", ".join(f"{pool} {count}" for pool, count in unplaced.items())]
 
 
+def check_placement(plan: list[PoolRequest], nodes: list[dict[str, float]]) -> list[str]:
+    """Every reason the job's actors could not all be placed on `nodes` (each node's resources):
+    an actor larger than every node, totals beyond the cluster's, or actors that do not pack."""
+    total: dict[str, float] = {}
+    largest: dict[str, float] = {}
+    for node in nodes:
+        for k, v in node.items():
+            total[k] = total.get(k, 0.0) + v
+            largest[k] = max(largest.get(k, 0.0), v)
+    return check_capacity(plan, total, largest) or check_packing(plan, nodes)
+
+
 def format_plan(plan: list[PoolRequest]) -> str:
     """The plan as a small table for the dry run, with the totals it asks of the cluster."""
     lines = [f"{'pool':<12}{'replicas':>9}  per actor"]

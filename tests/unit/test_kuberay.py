@@ -13,7 +13,7 @@ import yaml
 
 from actors.cli import app
 from rlhf_cluster.config import load_config
-from rlhf_cluster.placement import check_capacity, check_packing, resource_plan
+from rlhf_cluster.placement import check_placement, resource_plan
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "deploy" / "kuberay"
@@ -75,14 +75,12 @@ def test_node_groups_carry_the_recipes_labels_and_hold_every_actor():
     nodes = _nodes()
     declared = {k for node in nodes for k in node if k not in ("CPU", "GPU")}
     assert custom == declared == {"rlhf_generation", "rlhf_scoring", "rlhf_learner"}
-    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in {k for n in nodes for k in n}}
-    largest = {k: max(n.get(k, 0.0) for n in nodes) for k in total}
-    assert check_capacity(plan, total, largest) == [] and check_packing(plan, nodes) == []
-    assert total["GPU"] == 72
+    assert check_placement(plan, nodes) == []
+    assert sum(n["GPU"] for n in nodes) == 72
     # And it is a tight fit: one generation node fewer cannot hold the recipe.
     fewer = nodes[:]
     fewer.remove(next(n for n in nodes if "rlhf_generation" in n))
-    assert check_packing(plan, fewer) or check_capacity(plan, {k: sum(n.get(k, 0.0) for n in fewer) for k in total}, largest)
+    assert check_placement(plan, fewer)
 
 
 def test_metrics_ports_agree_between_config_pods_and_podmonitor():
