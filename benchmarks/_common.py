@@ -119,3 +119,30 @@ def random_model(hidden: int, layers: int, intermediate: int, cache_dir: str):
     shape = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 4),
                             intermediate_size=intermediate, max_position_embeddings=256)
     return shape, ensure_tiny_model(shape, cache_dir)
+
+
+def raw_generate(engine, texts: Sequence[str], params) -> list:
+    """vLLM's own generate loop (add every request, step until none is left) on a `VLLMEngine`'s
+    engine: the raw baseline the benchmarks compare against.
+
+    It runs on the engine's loop thread between two steps, so nothing else drives the engine
+    meanwhile; the outputs come back in the order of `texts`.
+    """
+
+    from vllm.sampling_params import RequestOutputKind
+
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY  # what `LLM.generate` sets: one output per request, with all n
+
+    def run() -> list:
+        ids = [f"raw-{i}" for i in range(len(texts))]
+        for request_id, text in zip(ids, texts):
+            engine.engine.add_request(request_id, text, params)
+        finished = {}
+        while engine.engine.has_unfinished_requests():
+            for out in engine.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[i] for i in ids]
+
+    return engine.at_token_boundary(run).result()

@@ -1,7 +1,8 @@
-"""Generation overhead: `VLLMEngine.generate` (ours) vs the raw `LLM.generate` it wraps.
+"""Generation overhead: `VLLMEngine.generate` (ours) vs vLLM's own generate loop on the engine it wraps.
 
 Both sides use the SAME engine instance (same weights, same KV cache, same sampling settings):
-"raw" is `engine.llm.generate(texts, SamplingParams(..., logprobs=0))`, "ours" is
+"raw" is `raw_generate(engine, texts, SamplingParams(..., logprobs=0))` (vLLM's add-requests,
+step-until-done loop, as `LLM.generate` runs it), "ours" is
 `engine.generate(prompts)`, which makes the same call and then builds one `Rollout` (ids, per-token
 log-probs, version, finish reason) per response. The calls alternate, and the order flips every
 repetition (raw-ours, ours-raw, ...) so drift of the machine (thermal, caches, other processes)
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import headline, machine_info, result_path, rotated, write_result
+from _common import headline, machine_info, raw_generate, result_path, rotated, write_result
 from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
             max_tokens=sampling.max_new_tokens, logprobs=0, seed=None,
         )
-        outs = engine.llm.generate(texts, params, use_tqdm=False)
+        outs = raw_generate(engine, texts, params)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     def run_ours() -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from _common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
+from _common import headline, machine_info, print_table, random_model, raw_generate, result_path, rotated, write_result
 from rlhf_cluster.config import GenerationConfig, SamplingConfig
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.engine import VLLMEngine
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingParams(n=1, temperature=1.0, max_tokens=args.max_new_tokens, ignore_eos=True, seed=0)
 
     def run(side: str) -> int:
-        outs = engines[side].llm.generate(texts, sampling, use_tqdm=False)
+        outs = raw_generate(engines[side], texts, sampling)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     timings: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     derive_seconds = dict(store.last_variant_seconds)
 
     # Mismatch vs the fp32 engine, on the fp32 engine's own samples of the new version.
-    outs = engines["fp32"].llm.generate(texts, SamplingParams(n=1, temperature=1.0, max_tokens=32, seed=1), use_tqdm=False)
+    outs = raw_generate(engines["fp32"], texts, SamplingParams(n=1, temperature=1.0, max_tokens=32, seed=1))
     prompt_ids = [list(o.prompt_token_ids) for o in outs]
     response_ids = [list(o.outputs[0].token_ids) for o in outs]
     reference = engines["fp32"].logprobs_of_many(prompt_ids, response_ids)

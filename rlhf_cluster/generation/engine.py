@@ -147,13 +147,17 @@ class VLLMEngine:
     def __init__(self, model_path: str, cfg: GenerationConfig, dtype: str = "float32", seed: int = 0, name: str = "gen0",
                  on_step: Callable[[int, int], None] | None = None):
         configure_vllm_environment(cfg)
-        from vllm import LLM
+        # vLLM's engine itself, not the `LLM` wrapper: the wrapper adds nothing this loop uses and
+        # warms up a chat renderer at start (~2 s per engine on CPU).
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.llm_engine import LLMEngine
 
         self.cfg = cfg
         self.name = name
         self.model_path = model_path
         self.version = 0
-        self.llm = LLM(
+        args = EngineArgs(
             model=model_path,
             dtype=dtype,
             seed=seed,
@@ -170,12 +174,12 @@ class VLLMEngine:
             disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
             **cfg.engine_kwargs,
         )
-        self.engine = self.llm.llm_engine
-        # `LLM` takes no stat loggers; the recorder joins the ones its engine already has.
+        self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        # The recorder joins vLLM's own stat loggers (the Prometheus one feeds `get_metrics`).
         self.batches = EngineBatchRecorder(on_step)
         self.engine.logger_manager.stat_loggers.append(self.batches)
         self.engine.set_weight_version(str(self.version))
-        self.tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = self.engine.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
         # What a push must look like: the tensors of the checkpoint the engine was built from.
         self.spec = checkpoint_spec(model_path)
@@ -183,7 +187,7 @@ class VLLMEngine:
         self.optional_tensors = frozenset({"lm_head.weight"} if tied else ())
         self.quantized = any(dtype == torch.int8 for dtype, _ in self.spec.values())
         if self.quantized:
-            kernels = sum(self.llm.collective_rpc(keep_int8_scales_alive))
+            kernels = sum(self.engine.collective_rpc(keep_int8_scales_alive))
             if kernels == 0 and not torch.cuda.is_available():
                 raise RuntimeError(f"{name}: {model_path} holds int8 weights but vLLM built no CPU int8 kernel")
         self._version_started_at_tokens = 0  # self.batches.generated_tokens when self.version was loaded
@@ -362,7 +366,7 @@ class VLLMEngine:
         names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
         out = dict.fromkeys(names.values(), 0)
-        for metric in self.llm.get_metrics():
+        for metric in self.engine.get_metrics():
             if metric.name in names:
                 out[names[metric.name]] = int(metric.value)
         return out
@@ -409,7 +413,7 @@ class VLLMEngine:
         if unfinished and self.cfg.in_flight_update == "abort":
             self.engine.abort_request(unfinished)
             aborted = [self._requests.pop(rid) for rid in unfinished]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.engine.set_weight_version(str(version))
         # With requests running, resetting the cache preempts them: their KV is recomputed.
         self.engine.reset_prefix_cache(reset_running_requests=bool(self._requests))
