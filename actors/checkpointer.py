@@ -77,7 +77,7 @@ class Checkpointer:
                                                 "rank_digests": digests["rank_digests"], "overrides": overrides,
                                                 "scored_groups": state.recovered})
         tqdm.write(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}; scored groups "
-                   f"after it reused {state.recovered['reused']}, generated again {state.recovered['discarded']}")
+                   f"after it reused {state.recovered['reused']} (from rolled-back weights: {state.recovered['rolled_back']})")
         if overrides:
             tqdm.write("settings changed since the checkpoint, this job's apply: "
                        + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items()))

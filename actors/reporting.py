@@ -31,6 +31,7 @@ class ConsumedSample:
     policy_version: int
     worker: str
     policy_versions: list = field(default_factory=list)  # (first token, version) spans of the response
+    rolled_back_steps: int = 0  # steps of its weights a rollback abandoned (a group scored before a resume)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Reporter:
         self._check_bad_step(step, stats)
         row = step_row(step, samples, stats, seconds, counters)
         for s in samples:
-            self.labels.of(m.STALENESS).observe(step - s.policy_version)
+            self.labels.of(m.STALENESS).observe(s.staleness(step))
         for column, gauge in m.STEP_GAUGES.items():
             if column in row:
                 self.labels.of(gauge).set(row[column])
@@ -75,7 +76,7 @@ class Reporter:
                 self.labels.of(gauge, **extra).set(row[column])
         consumed = [
             ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, worker_of.pop(s.sample_id, "?"),
-                           [list(span) for span in s.policy_versions])
+                           [list(span) for span in s.policy_versions], s.rolled_back_steps)
             for s in samples
         ]
         self.result.rows.append(row)

@@ -2,7 +2,8 @@
 
 Samples enter as complete groups (advantages are already computed over the group) and leave as
 complete groups. `take` enforces the staleness bound where data is consumed: groups generated
-with a version older than `min_version` are dropped and counted, never used. A sample id is
+with a version older than `min_version` (`ScoredSample.effective_version`, which counts steps a
+rollback abandoned) are dropped and counted, never used. A sample id is
 accepted once; a retry that lands twice is refused and counted.
 """
 
@@ -15,6 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from rlhf_cluster.records import SAMPLE_SCHEMA, ScoredSample, samples_to_table, table_to_samples
+
+
+def _version(group: list[ScoredSample]) -> int:
+    """The version a group's staleness is measured from: its stalest sample's."""
+    return min(s.effective_version for s in group)
 
 
 class BufferFullError(RuntimeError):
@@ -54,7 +60,7 @@ class ExperienceBuffer:
 
     def drop_stale(self, min_version: int) -> int:
         """Drop every group generated with a version older than `min_version`; returns samples dropped."""
-        stale = [g for g, samples in self._groups.items() if min(s.policy_version for s in samples) < min_version]
+        stale = [g for g, samples in self._groups.items() if _version(samples) < min_version]
         n = 0
         for group_id in stale:
             n += len(self._groups.pop(group_id))
@@ -70,7 +76,7 @@ class ExperienceBuffer:
         self.drop_stale(min_version)
         if len(self._groups) < num_groups:
             return None
-        order = sorted(self._groups, key=lambda g: min(s.policy_version for s in self._groups[g]))
+        order = sorted(self._groups, key=lambda g: _version(self._groups[g]))
         out: list[ScoredSample] = []
         for group_id in order[:num_groups]:
             out.extend(self._groups.pop(group_id))

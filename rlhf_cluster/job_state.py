@@ -3,6 +3,7 @@ admission, the experience buffer, the KL controller and the drop counters. Ray-f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -52,7 +53,7 @@ class JobState:
         self.overrides: dict[str, tuple[object, object]] = {}  # setting -> (checkpoint's, this job's), on resume
         self.worker_of: dict[str, str] = {}  # sample id -> the generation worker that produced it
         self.log = ScoredLog(Path(cfg.run_dir).expanduser() / RunDir.SCORED_LOG)
-        self.recovered = {"reused": 0, "discarded": 0}  # scored groups found in the log on resume
+        self.recovered = {"reused": 0, "rolled_back": 0}  # scored groups found in the log on resume (from abandoned weights)
 
     def add_group(self, samples: list[ScoredSample], metrics: dict[str, float], worker: str) -> str | None:
         """Buffer one scored group, or drop it and give its admission back; returns None when
@@ -131,10 +132,11 @@ class JobState:
             self.admission.skip(prompt_id)
 
     def _recover(self, seq: int | None, version: int) -> list[str]:
-        """Groups scored after the checkpoint (the log from `seq` on) that were generated with
-        weights the resumed job holds too (no version newer than the checkpoint's: later versions
-        belong to the abandoned run, so their samples would name weights that no longer exist)
-        are reused as if they had just arrived; the rest are generated again. Returns the reused
+        """Every group scored after the checkpoint (the log from `seq` on) is reused as if it had
+        just arrived, so nothing scored is generated again. A group sampled by weights newer than
+        the checkpoint's `version` came from steps the rollback abandons: it keeps its versions
+        (the truth about what sampled it) and counts those steps in `rolled_back_steps`, so the
+        staleness bound sees how far its weights are from the learner's. Returns the reused
         groups' prompt ids."""
         if seq is None:  # a checkpoint from before the log: everything after it is generated again
             return []
@@ -142,11 +144,17 @@ class JobState:
         self.log.truncate(seq)
         reused = []
         for fate, samples in found:
-            newest = max(v for s in samples for _, v in s.policy_versions)
-            if newest > version:
-                self.recovered["discarded"] += 1
-                continue
+            samples = [roll_back(s, version) for s in samples]
+            if any(s.rolled_back_steps for s in samples):
+                self.recovered["rolled_back"] += 1
             self._keep(samples, None if fate == BUFFERED else fate, "recovered")
             reused.append(samples[0].prompt_id)
         self.recovered["reused"] = len(reused)
         return reused
+
+
+def roll_back(sample: ScoredSample, version: int) -> ScoredSample:
+    """`sample` after a rollback to weight `version`: the weights it was sampled by share the
+    learner's history up to the older of `version` and the point they shared before."""
+    shared = min(sample.newest_version - sample.rolled_back_steps, version)
+    return dataclasses.replace(sample, rolled_back_steps=sample.newest_version - shared)

@@ -7,6 +7,13 @@ step's samples as padded tensors.
 A response can span weight versions (a version loaded in flight while it was generated):
 `policy_versions` lists `(first token index, version)` spans in order, and `policy_version` is
 the oldest, the one the staleness bound is checked against.
+
+A rollback (resume, or a lost learner rebuilt from a checkpoint) publishes version numbers again
+with other weights. A sample scored before it, with weights newer than the checkpoint, is still
+used (its rollout log-probs are its own, so importance correction holds), and
+`rolled_back_steps` says how many optimizer steps of its weights the rollback abandoned: its
+staleness counts the steps back to the weights both share and forward again
+(`ScoredSample.staleness`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ SAMPLE_SCHEMA = pa.schema(
             pa.list_(pa.struct([pa.field("start", pa.int32(), nullable=False), pa.field("version", pa.int64(), nullable=False)])),
             nullable=False,
         ),
+        pa.field("rolled_back_steps", pa.int32(), nullable=False),
     ]
 )
 
@@ -111,6 +119,9 @@ class ScoredSample:
     advantages: list[float]
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
     policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
+    # Optimizer steps behind the newest weights that sampled this response which a later rollback
+    # abandoned: the learner's history shares its weights only up to version `newest - rolled_back_steps`.
+    rolled_back_steps: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
@@ -121,6 +132,27 @@ class ScoredSample:
             self.policy_versions = [(0, self.policy_version)]
         self.policy_versions = [tuple(span) for span in self.policy_versions]
         check_version_spans(self.sample_id, self.policy_versions, n, self.policy_version)
+
+    @property
+    def newest_version(self) -> int:
+        """The newest weight version that sampled a token of the response."""
+        return self.policy_versions[-1][1]
+
+    @property
+    def effective_version(self) -> int:
+        """The version a sample from the learner's own history would need to be as stale as this one.
+
+        `policy_version` when nothing was rolled back. Otherwise the sample's weights and the
+        learner's share history up to version `shared = newest_version - rolled_back_steps`, and
+        the tokens of the newest version are `newest - shared` steps past it on the abandoned path
+        plus the learner's steps past it: as stale as version `newest - 2 * rolled_back_steps`.
+        Tokens of an older kept version count as that version.
+        """
+        return min(self.policy_version, self.newest_version - 2 * self.rolled_back_steps)
+
+    def staleness(self, learner_version: int) -> int:
+        """Optimizer steps between the weights that sampled this response and `learner_version`'s."""
+        return learner_version - self.effective_version
 
     @property
     def spans_versions(self) -> bool:
@@ -139,6 +171,8 @@ def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
 
 def table_to_samples(table: pa.Table) -> list[ScoredSample]:
     """Inverse of `samples_to_table`; refuses a table whose schema differs."""
+    if "rolled_back_steps" not in table.schema.names:  # written before the field existed: nothing rolled back
+        table = table.append_column(SAMPLE_SCHEMA.field("rolled_back_steps"), pa.array([0] * table.num_rows, pa.int32()))
     if not table.schema.equals(SAMPLE_SCHEMA):
         raise ValueError(f"sample table schema differs from SAMPLE_SCHEMA:\n{table.schema}")
     out = []

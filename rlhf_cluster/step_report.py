@@ -16,7 +16,7 @@ def step_row(step: int, samples: list[ScoredSample], stats: dict[str, float], se
     """The row of `step`: trained on `samples`, with the learner's `stats` and the job's `counters`
     (buffer depth, drops, restarts); `seconds` since the previous step ended."""
     rewards = [s.reward for s in samples]
-    staleness = [step - s.policy_version for s in samples]
+    staleness = [s.staleness(step) for s in samples]
     row = {
         "step": step,
         "weight_version": step + 1,

@@ -95,7 +95,8 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
             and _read_arrow(done.path / "buffer.arrow").num_rows > 0
             and metrics.exists()
             and len(metrics.read_text().splitlines()) >= done.step + 2
-            and len(_reusable(cfg, done)) > 0  # scored after the checkpoint, with weights it holds
+            # scored after the checkpoint, one of them with weights the resume will roll back
+            and any(_newest(group) > done.version for _, group in _scored_after(cfg, done))
         )
 
     _wait_for(past_a_checkpoint_with_buffered_samples, timeout=300)
@@ -104,8 +105,9 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
     _wait_for(lambda: not _job_actors_alive("resume"), timeout=60)
     ckpt = store.latest()
     assert ckpt is not None and ckpt.step < steps - 1
-    saved_buffer = {s.sample_id for s in table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))}
-    reusable = _reusable(cfg, ckpt)  # what the killed run scored after the checkpoint, read from its log
+    saved_buffer = {(s.sample_id, s.prompt_id) for s in table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))}
+    scored_after = _scored_after(cfg, ckpt)  # what the killed run scored after the checkpoint, read from its log
+    rolled_back = [g for _, g in scored_after if _newest(g) > ckpt.version]
 
     second = Job(cfg, resume="auto")
     republished = WeightStore(cfg.weights_dir).load(ckpt.version)  # published while resuming
@@ -137,28 +139,34 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
         final = CheckpointStore(cfg.checkpoint_dir).latest()
         assert final.step == steps - 1
         state_final = final.driver_state()
-        assert state_final["dropped"].get("stale", 0) == 0, "stale drops would discard prompts legitimately"
         in_buffer = {s.prompt_id for s in table_to_samples(_read_arrow(final.path / "buffer.arrow"))}
         pending = {p[0] for p in state_final["pending_prompts"]}
         source = PromptSource(read_prompt_file(second.run_dir / "data" / "train.parquet"), cfg.data.seed, cfg.data.shuffle)
         taken = {source.next_prompt().prompt_id for _ in range(state_final["source"]["cursor"])}
         trained = set(groups.values())
         assert not (trained & in_buffer) and not (trained & pending) and not (in_buffer & pending)
-        assert trained | in_buffer | pending == taken, "a prompt was skipped or invented"
+        assert trained | in_buffer | pending <= taken, "a prompt was invented"
+        # What is left was dropped as stale, and counted (a rolled-back group is staler than its version).
+        stale = taken - (trained | in_buffer | pending)
+        assert state_final["dropped"].get("stale", 0) == cfg.generation.sampling.n * len(stale), "a prompt was skipped"
 
-        # Groups scored after the checkpoint with its weights were reused, not generated again: a
-        # reused prompt's samples in the resumed run are exactly the logged ones (none if dropped).
-        assert resume["scored_groups"]["reused"] == len(reusable)  # > 0 unless a newer checkpoint landed just before the kill
+        # Every group scored after the checkpoint was reused, none generated again, those from
+        # rolled-back weights included: a reused prompt's samples in the resumed run are exactly
+        # the logged ones (none if the group was dropped).
+        assert resume["scored_groups"] == {"reused": len(scored_after), "rolled_back": len(rolled_back)}
+        assert rolled_back, "the kill came before any group from weights newer than the checkpoint"
         final_buffer_samples = table_to_samples(_read_arrow(final.path / "buffer.arrow"))
         seen = [(c["sample_id"], c["prompt_id"]) for c in consumed] + [(x.sample_id, x.prompt_id) for x in final_buffer_samples]
-        for fate, group in reusable:
-            logged = {x.sample_id for x in group} if fate == "buffered" else set()
+        for fate, group in scored_after:
+            logged = {x.sample_id for x in group} if fate == "buffered" and group[0].prompt_id not in stale else set()
             assert {i for i, pid in seen if pid == group[0].prompt_id} == logged, f"prompt {group[0].prompt_id}"
+        consumed_rolled_back = [c for c in consumed if c["rolled_back_steps"]]
+        assert {c["sample_id"] for c in consumed_rolled_back} <= {x.sample_id for g in rolled_back for x in g}
 
-        # Samples buffered at the checkpoint survived into the resumed run.
+        # Samples buffered at the checkpoint survived into the resumed run (unless dropped as stale).
         assert saved_buffer, "the checkpoint held no buffered samples to carry over"
         final_buffer = {s.sample_id for s in table_to_samples(_read_arrow(final.path / "buffer.arrow"))}
-        assert saved_buffer <= {c["sample_id"] for c in consumed} | final_buffer
+        assert {i for i, pid in saved_buffer if pid not in stale} <= {c["sample_id"] for c in consumed} | final_buffer
     finally:
         second.shutdown()
 
@@ -197,10 +205,14 @@ def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_
         job.shutdown()
 
 
-def _reusable(cfg, ckpt) -> list:
-    """Groups the run's scored log holds after `ckpt` that were generated with weights up to its version."""
-    groups = ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(ckpt.driver_state()["scored_seq"])
-    return [(fate, s) for fate, s in groups if max(v for x in s for _, v in x.policy_versions) <= ckpt.version]
+def _scored_after(cfg, ckpt) -> list:
+    """(fate, samples) of every group the run's scored log holds after `ckpt`."""
+    return ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(ckpt.driver_state()["scored_seq"])
+
+
+def _newest(group) -> int:
+    """The newest weight version that sampled a token of the group."""
+    return max(v for x in group for _, v in x.policy_versions)
 
 
 def _read_arrow(path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rlhf_cluster.admission import Admission
@@ -9,7 +11,7 @@ from rlhf_cluster.checkpoint import CheckpointStore
 from rlhf_cluster.config import AlgorithmConfig, JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience import finalize_batch
-from rlhf_cluster.job_state import JobState
+from rlhf_cluster.job_state import JobState, roll_back
 from rlhf_cluster.scored_log import ScoredLog
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
@@ -177,7 +179,7 @@ def test_a_resume_with_changed_settings_applies_them_over_the_checkpoint(tmp_pat
     assert (target_only.kl.value, target_only.kl.target) == (moved, 2.0)  # the adapted coefficient is kept
 
 
-def test_groups_scored_after_a_checkpoint_are_reused_on_resume_unless_from_newer_weights(tmp_path):
+def test_every_group_scored_after_a_checkpoint_is_reused_on_resume(tmp_path):
     cfg = _cfg(tmp_path, algorithm={"shaping": {"dynamic_sampling": True}})
     state = JobState(cfg, PROMPTS)
     requests = [state.admission.admit(1) for _ in range(5)]  # five groups in flight
@@ -188,8 +190,8 @@ def test_groups_scored_after_a_checkpoint_are_reused_on_resume_unless_from_newer
     tmp = store.begin(0)
     state.save(0, tmp)
     ckpt = store.finalize(tmp, 0, 1)  # version 1
-    # After the checkpoint: a group from version 1 (reusable), one from version 2 (the abandoned
-    # run's weights), one dropped for no signal (its drop is reused too), then the job is killed.
+    # After the checkpoint: a group from version 1, one from version 2 (weights the rollback
+    # abandons), one dropped for no signal (its drop is reused too), then the job is killed.
     state.add_group(_group(admitted[1].prompt_id, 1), {"zero_signal": 0.0}, "gen0")
     state.add_group(_group(admitted[2].prompt_id, 2), {"zero_signal": 0.0}, "gen0")
     state.add_group(_group(admitted[3].prompt_id, 1, rewards=(1.0, 1.0)), {"zero_signal": 1.0}, "gen0")
@@ -198,18 +200,44 @@ def test_groups_scored_after_a_checkpoint_are_reused_on_resume_unless_from_newer
 
     resumed = JobState(cfg, PROMPTS)
     resumed.load(ckpt)
-    assert resumed.recovered == {"reused": 2, "discarded": 1}
+    assert resumed.recovered == {"reused": 3, "rolled_back": 1}
     assert resumed.dropped["zero_signal"] == 2
-    buffered = {s.group_id for s in resumed.buffer.take(resumed.buffer.ready_groups(), min_version=0)}
-    assert buffered == {admitted[0].prompt_id, admitted[1].prompt_id}
-    # The resumed admission generates the lost and the discarded groups' prompts, not the reused ones.
-    again = [resumed.admission.admit(5)[1][0].prompt_id for _ in range(3)]
-    assert again[:2] == [admitted[2].prompt_id, admitted[4].prompt_id]
-    assert admitted[1].prompt_id not in again and admitted[3].prompt_id not in again
-    # The reused groups are in the log again, numbered from the checkpoint on; a second resume finds them.
+    groups = {}
+    for s in resumed.buffer.take(resumed.buffer.ready_groups(), min_version=-10):
+        groups.setdefault(s.group_id, s)
+    assert set(groups) == {admitted[i].prompt_id for i in (0, 1, 2)}
+    # The version-2 group keeps its versions; the step the rollback abandoned counts twice in its
+    # staleness: one back to version 1, which the resumed learner holds too, one per step after.
+    orphan = groups[admitted[2].prompt_id]
+    assert (orphan.policy_version, orphan.rolled_back_steps, orphan.staleness(1), orphan.staleness(2)) == (2, 1, 1, 2)
+    assert [groups[admitted[i].prompt_id].staleness(1) for i in (0, 1)] == [1, 0]
+    # Only the lost group's prompt is generated again.
+    again = [resumed.admission.admit(5)[1][0].prompt_id for _ in range(2)]
+    assert again[0] == admitted[4].prompt_id
+    assert not {admitted[i].prompt_id for i in (1, 2, 3)} & set(again)
+    # The reused groups are in the log again, numbered from the checkpoint on; a second resume
+    # finds them, with what was rolled back so far.
     resumed.log.flush()
-    assert [s[0].group_id for _, s in resumed.log.since(ckpt.driver_state()["scored_seq"])] == [
-        admitted[1].prompt_id, admitted[3].prompt_id]
+    relogged = resumed.log.since(ckpt.driver_state()["scored_seq"])
+    assert [s[0].group_id for _, s in relogged] == [admitted[i].prompt_id for i in (1, 2, 3)]
+    assert [s[0].rolled_back_steps for _, s in relogged] == [0, 1, 0]
+
+
+def test_rolling_back_again_counts_every_abandoned_step_once():
+    sample = _group("p", 5)[0]
+    once = roll_back(sample, 3)  # versions 4 and 5 abandoned
+    assert (once.rolled_back_steps, once.effective_version, once.staleness(3)) == (2, 1, 2)
+    assert roll_back(once, 4).rolled_back_steps == 2  # a later rollback that keeps version 3 changes nothing
+    twice = roll_back(once, 1)  # back to version 1: 2, 3, 4, 5 are on the abandoned path
+    assert (twice.rolled_back_steps, twice.staleness(1)) == (4, 4)
+    assert roll_back(_group("q", 1)[0], 3).rolled_back_steps == 0  # weights the learner still descends from
+    # A response sampled by version 3, then 5 (loaded in flight), rolled back to 4: its version-5
+    # tokens are one step past 4 on the abandoned path (staleness 1 at learner version 4, 2 at 5),
+    # its version-3 tokens one step behind (1, then 2); at 4 and 5 they tie. Rolled back to 3, the
+    # version-5 tokens are the stalest (2 + 0, then 2 + 1).
+    straddling = dataclasses.replace(sample, policy_version=3, policy_versions=[(0, 3), (1, 5)])
+    assert [roll_back(straddling, 4).staleness(v) for v in (4, 5)] == [1, 2]
+    assert [roll_back(straddling, 3).staleness(v) for v in (3, 4)] == [2, 3]
 
 
 def test_the_scored_log_is_durable_per_flush_and_compacts_whole_segments(tmp_path):

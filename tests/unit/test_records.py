@@ -51,7 +51,9 @@ def test_schema_matches_contract():
         "advantages",
         "created_at",
         "policy_versions",
+        "rolled_back_steps",
     ]
+    assert SAMPLE_SCHEMA.field("rolled_back_steps").type == pa.int32()
     assert SAMPLE_SCHEMA.field("prompt_ids").type == pa.list_(pa.int32())
     assert SAMPLE_SCHEMA.field("rollout_logprobs").type == pa.list_(pa.float32())
     assert SAMPLE_SCHEMA.field("policy_version").type == pa.int64()
@@ -72,6 +74,14 @@ def test_version_spans_default_and_round_trip():
     assert [spans_version(spanning.policy_versions, t) for t in range(4)] == [2, 2, 2, 4]
     back = table_to_samples(samples_to_table([plain, spanning]))
     assert [s.policy_versions for s in back] == [[(0, 3)], [(0, 2), (3, 4)]]
+
+
+def test_rolled_back_steps_round_trip_and_files_from_before_the_field_read_as_zero():
+    rolled = _sample(version=5, rolled_back_steps=2)
+    assert table_to_samples(samples_to_table([rolled]))[0].rolled_back_steps == 2
+    old = samples_to_table([_sample(version=4)]).drop_columns(["rolled_back_steps"])  # a checkpoint's buffer of before
+    back = table_to_samples(old)[0]
+    assert (back.rolled_back_steps, back.staleness(6)) == (0, 2)
 
 
 @pytest.mark.parametrize(
