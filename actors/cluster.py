@@ -11,6 +11,7 @@ from functools import partial
 from typing import Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from actors.control import NAMESPACE, JobController, controller_name
@@ -43,8 +44,11 @@ def _named_controller(job_name: str, wait_s: float = 60.0):
     deadline = time.monotonic() + wait_s
     while True:
         try:
+            # On the driver's node: it shares the driver's fate anyway, and a lost worker node
+            # (e.g. a learner's, with `faults.elastic`) must not take the job's control down.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             return JobController.options(name=controller_name(job_name), namespace=NAMESPACE,
-                                         get_if_exists=False).remote()
+                                         get_if_exists=False, scheduling_strategy=here).remote()
         except ValueError:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"a job named {job_name!r} is already running on this cluster (its controller "

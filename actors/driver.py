@@ -25,7 +25,7 @@ from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
-from actors.trainer import Trainer
+from actors.trainer import Trainer, start_trainer
 from rlhf_cluster.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience import observe_step_kl
@@ -97,7 +97,10 @@ class Driver:
 
     def _start_learner(self, ckpt: Checkpoint | None) -> None:
         """(Re)build the rank groups and the job state from `ckpt` (or the start) and publish its weights."""
-        self.trainer = Trainer(self.cfg, self.cfg_dict, self.inputs.model_path, self.inputs.probe)
+        self.trainer, cfg = start_trainer(self.cfg, self.cfg_dict, self.inputs.model_path, self.inputs.probe)
+        if cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
+            self.cfg, self.cfg_dict, self.checkpointer.cfg = cfg, cfg.model_dump(), cfg
+        self.reporter.learner_ranks(cfg.learner.world_size)
         previous, self.state = self.state, JobState(self.cfg, self.inputs.prompts)
         if previous is not None:
             self.state.worker_of = previous.worker_of  # provenance of samples the checkpoint's buffer holds

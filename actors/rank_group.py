@@ -42,11 +42,11 @@ class RankGroup:
     """
 
     def __init__(self, actor_cls, rank_args: Callable[[int], tuple], resources: ResourcesConfig, world_size: int,
-                 section: str = "learner"):
+                 section: str = "learner", placement_timeout_s: float = PLACEMENT_TIMEOUT_S):
         self.world_size, self.section = world_size, section
         self.ranks: list = []
         self.ended = False  # killed, or a rank was found hung (the group is lost either way)
-        self.placement = _place(resources, world_size, section)
+        self.placement = _place(resources, world_size, section, placement_timeout_s)
         try:
             self.ranks = [
                 actor_cls.options(**_rank_options(resources, self.placement, r)).remote(*rank_args(r))
@@ -122,17 +122,45 @@ class RankGroup:
         ray.util.remove_placement_group(self.placement)
 
 
-def _place(res: ResourcesConfig, world_size: int, section: str):
+class PlacementError(RuntimeError):
+    """A group's ranks could not all be placed; `placeable` says how many could be now."""
+
+    def __init__(self, message: str, placeable: int):
+        super().__init__(message)
+        self.placeable = placeable
+
+
+def _bundle(res: ResourcesConfig) -> dict[str, float]:
     # A bundle must ask for something; a sliver of CPU stands in when no resources are reserved.
-    bundle = {"CPU": max(res.num_cpus, 0.01), **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.custom}
+    return {"CPU": max(res.num_cpus, 0.01), **({"GPU": res.num_gpus} if res.num_gpus else {}), **res.custom}
+
+
+def placeable_ranks(res: ResourcesConfig) -> int:
+    """How many ranks with `res` each alive node could take now, summed over the nodes."""
+    total = 0
+    for available in _available_per_node():
+        total += min(int(available.get(name, 0.0) / need + 1e-9) for name, need in _bundle(res).items())
+    return total
+
+
+def _available_per_node() -> list[dict[str, float]]:
+    # Ray's public API gives free resources per cluster and totals per node; a rank needs its
+    # whole bundle on one node, so this reads the per-node free resources the autoscaler uses.
+    from ray._private.state import available_resources_per_node
+
+    return list(available_resources_per_node().values())
+
+
+def _place(res: ResourcesConfig, world_size: int, section: str, timeout_s: float = PLACEMENT_TIMEOUT_S):
+    bundle = _bundle(res)
     group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
     try:
-        ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        ray.get(group.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(group)
-        raise RuntimeError(
-            f"{section}: {world_size} ranks x {bundle} could not be placed in {PLACEMENT_TIMEOUT_S}s "
-            f"({section}.resources asks for more than the cluster has; try `--dry-run`)"
+        raise PlacementError(
+            f"{section}: {world_size} ranks x {bundle} could not be placed in {timeout_s:g}s "
+            f"({section}.resources asks for more than the cluster has; try `--dry-run`)", placeable_ranks(res)
         ) from None
     return group
 

@@ -122,6 +122,9 @@ class Reporter:
     def buffer_depth(self, depth: int) -> None:
         self.labels.of(m.BUFFER_DEPTH).set(depth)
 
+    def learner_ranks(self, world_size: int) -> None:
+        self.labels.of(m.LEARNER_RANKS).set(world_size)
+
     def version(self, version: int) -> None:
         self.labels.of(m.LEARNER_VERSION).set(version)
 

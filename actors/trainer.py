@@ -11,9 +11,10 @@ from tqdm import tqdm
 
 from actors.critic import CriticRank
 from actors.learner import LearnerRank
-from actors.rank_group import RankGroup, deal, interleave
+from actors.rank_group import PLACEMENT_TIMEOUT_S, PlacementError, RankGroup, deal, interleave
 from rlhf_cluster import metrics as m
 from rlhf_cluster.config import FaultsConfig, JobConfig
+from rlhf_cluster.elastic import shrunk_learner
 from rlhf_cluster.experience import finalize_batch
 from rlhf_cluster.generation.probe import Probe
 from rlhf_cluster.records import ScoredSample, TrainBatch
@@ -23,10 +24,12 @@ from rlhf_cluster.run_dir import RunDir
 class Trainer:
     """Owns the learner's RankGroup (and the critic's): step, publish, checkpoint, kill."""
 
-    def __init__(self, cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe | None):
+    def __init__(self, cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe | None,
+                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S):
         self.cfg = cfg
         w = cfg.learner.world_size
-        self.policy = RankGroup(LearnerRank, lambda r: (cfg_dict, model_path, r, w, probe), cfg.learner.resources, w)
+        self.policy = RankGroup(LearnerRank, lambda r: (cfg_dict, model_path, r, w, probe), cfg.learner.resources, w,
+                                placement_timeout_s=placement_timeout_s)
         self.critic: RankGroup | None = None
         if cfg.algorithm.advantage == "gae":  # PPO with a learned critic
             try:
@@ -109,3 +112,18 @@ class Trainer:
     def kill(self) -> None:
         for group in self.groups():
             group.kill()
+
+
+def start_trainer(cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe | None) -> tuple[Trainer, JobConfig]:
+    """A trainer with `cfg`'s learner; with `faults.elastic`, when its ranks cannot all be placed
+    within `faults.elastic_wait_s`, one with as many as can be (`shrunk_learner`). Returns the
+    trainer and the config it runs (`cfg` itself unless it shrank)."""
+    if not cfg.faults.elastic:
+        return Trainer(cfg, cfg_dict, model_path, probe), cfg
+    try:
+        return Trainer(cfg, cfg_dict, model_path, probe, placement_timeout_s=cfg.faults.elastic_wait_s), cfg
+    except PlacementError as exc:
+        smaller = shrunk_learner(cfg, exc.placeable)
+        tqdm.write(f"learner: {cfg.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
+                   f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)")
+        return Trainer(smaller, smaller.model_dump(), model_path, probe), smaller

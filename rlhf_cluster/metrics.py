@@ -81,6 +81,7 @@ WEIGHTS_VARIANT_SECONDS = Histogram(
 BAD_STEPS = Counter("rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.", LABELS)
 CHECKPOINT_FAILURES = Counter("rlhf_checkpoint_failures_total", "Checkpoints that could not be written.", LABELS)
 LEARNER_VERSION = Gauge("rlhf_learner_weight_version", "Newest published weight version.", LABELS)
+LEARNER_RANKS = Gauge("rlhf_learner_world_size", "Learner ranks training now (fewer than configured after an elastic shrink).", LABELS)
 # Counted when a pool replaces a dead worker, under the dead worker's name (deploy/alerts.yml: RlhfWorkerRestarted).
 RESTARTS = Counter("rlhf_pool_worker_restarts_total", "Workers restarted after a failure.", LABELS)
 HUNG_DETECTION_SECONDS = Histogram(

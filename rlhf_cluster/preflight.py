@@ -94,7 +94,8 @@ def _advantage_needs(cfg: JobConfig) -> list[str]:
     return []
 
 
-def _batch_splits(cfg: JobConfig) -> list[str]:
+def batch_splits(cfg: JobConfig) -> list[str]:
+    """Problems with how the step batch splits over the learner's (and critic's) ranks."""
     # Each step's samples are dealt round-robin to the ranks; an uneven split gives ranks
     # different batch sizes (and the global loss denominators assume equal shares).
     batch = cfg.samples_per_step
@@ -115,8 +116,15 @@ def _batch_splits(cfg: JobConfig) -> list[str]:
     return out
 
 
+def _elastic_backend(cfg: JobConfig) -> list[str]:
+    if cfg.faults.elastic and cfg.learner.backend == "deepspeed":
+        return ["faults.elastic needs learner.backend=fsdp2: DeepSpeed ZeRO checkpoints resume only at the world size "
+                "that wrote them, so a learner cannot continue on fewer ranks"]
+    return []
+
+
 CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
-    _data_source, _reward_sources, _buffer_fits, _overlong_fits, _lora, _advantage_needs, _batch_splits,
+    _data_source, _reward_sources, _buffer_fits, _overlong_fits, _lora, _advantage_needs, batch_splits, _elastic_backend,
 ]
 
 

@@ -94,6 +94,15 @@ class FaultsConfig(_Strict):
         120.0, gt=0, description="After SIGTERM/SIGINT, seconds to finish the step in progress and write a checkpoint "
         "before the job is torn down without one.",
     )
+    elastic: bool = Field(
+        False, description="When the learner is rebuilt (a rank died or hung, or the job resumes) and its "
+        "learner.world_size ranks cannot all be placed (a node is gone), continue on the most ranks that can be "
+        "(the checkpoint is resharded; the batch must split evenly over them). FSDP2 only.",
+    )
+    elastic_wait_s: float = Field(
+        30.0, gt=0, description="With `elastic`, how long a rebuilt learner waits for all its ranks to be placed "
+        "before it continues on fewer.",
+    )
 
 
 class CheckpointConfig(_Strict):

@@ -1,0 +1,44 @@
+"""Which world size an elastic learner continues at."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.elastic import ElasticError, shrunk_learner
+from rlhf_cluster.preflight import preflight
+from rlhf_cluster.config import ConfigError
+
+
+def _cfg(world: int, prompts: int = 4, n: int = 4, **learner) -> JobConfig:
+    return JobConfig.model_validate({
+        "learner": {"world_size": world, **learner},
+        "train": {"prompts_per_step": prompts},
+        "generation": {"sampling": {"n": n}},
+        "faults": {"elastic": True},
+    })
+
+
+@pytest.mark.parametrize("world, placeable, prompts, n, expected", [
+    (4, 3, 4, 4, 2),  # 16 samples: 3 ranks would split unevenly, 2 do
+    (4, 1, 4, 4, 1),
+    (8, 100, 4, 4, 4),  # never above the configured size minus one (it could not be placed)
+    (3, 2, 3, 2, 2),  # 6 samples over 2
+    (3, 2, 3, 3, 1),  # 9 samples: 2 would split unevenly
+])
+def test_largest_smaller_world_size_the_batch_splits_over(world, placeable, prompts, n, expected):
+    cfg = _cfg(world, prompts, n)
+    smaller = shrunk_learner(cfg, placeable)
+    assert smaller.learner.world_size == expected
+    assert smaller.learner.lr == cfg.learner.lr and cfg.learner.world_size == world  # the rest kept, cfg untouched
+
+
+def test_no_rank_placeable_is_an_error_naming_the_counts():
+    with pytest.raises(ElasticError, match="0 of learner.world_size=2"):
+        shrunk_learner(_cfg(2), 0)
+
+
+def test_elastic_with_deepspeed_is_refused_by_preflight():
+    cfg = _cfg(2, backend="deepspeed")
+    with pytest.raises(ConfigError, match="faults.elastic needs learner.backend=fsdp2"):
+        preflight(cfg, files=False)
