@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster import tracing
 from rlhf_cluster.metrics import MetricLabels, serve_metrics
 
 
 def actor_setup(cfg_dict: dict, pool: str, worker: str) -> tuple[JobConfig, MetricLabels, int | None]:
-    """Parse the job config shipped to the actor and start its /metrics endpoint."""
+    """Parse the job config shipped to the actor, start its /metrics endpoint and its tracer (its
+    spans travel back on the heartbeats it answers)."""
     cfg = JobConfig.model_validate(cfg_dict)
+    if cfg.metrics.trace:
+        tracing.start(worker, pool)
     labels = MetricLabels(job=cfg.name, pool=pool, worker=worker)
     port = serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range) if cfg.metrics.enabled else None
     return cfg, labels, port
@@ -79,4 +83,4 @@ async def heartbeat(actor, timeout_s: float) -> "Heartbeat":
         return Heartbeat(answered=False)
     except ray.exceptions.RayActorError:
         return Heartbeat(answered=False, dead=True)
-    return Heartbeat(answered=True, stalled_s=reply["stalled_s"])
+    return Heartbeat(answered=True, stalled_s=reply["stalled_s"], spans=reply.get("spans", []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -393,6 +394,29 @@ def plot(
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
+
+
+@app.command()
+def trace(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds trace.jsonl)."),
+    steps: Optional[str] = typer.Option(None, help="A:B (steps A to B) or A; default: the whole run."),
+    out: Optional[Path] = typer.Option(None, help="JSON to write (default RUN_DIR/trace.json)."),
+    png: Optional[Path] = typer.Option(None, help="Also draw the trace to this PNG (one row per track)."),
+) -> None:
+    """Write the run's step trace as Chrome/Perfetto trace-event JSON (open it in ui.perfetto.dev)."""
+    from rlhf_cluster.run_dir import RunDir
+    from rlhf_cluster.tracing import parse_steps, read_spans, write_trace
+
+    try:
+        path = write_trace(read_spans(run_dir / RunDir.TRACE), out or run_dir / "trace.json", parse_steps(steps))
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(str(path))
+    if png is not None:
+        from rlhf_cluster.plotting import plot_trace
+
+        typer.echo(str(plot_trace(json.loads(path.read_text()), png, f"{run_dir.name}: steps {steps or 'all'}")))
 
 
 @app.command()

@@ -14,6 +14,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
+from actors._common import heartbeat
 from actors.control import NAMESPACE, JobController, controller_name
 from actors.generation import GenerationWorker
 from actors.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
@@ -22,6 +23,7 @@ from rlhf_cluster import metrics as m
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
 from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.tracing import PoolActivity
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -71,13 +73,14 @@ class Cluster:
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
         self.infos: dict[str, dict[str, dict]] = {}
         self.controller = None
+        self.activity = PoolActivity()  # every pool's requests in flight, for each step's busy share
         # direct transport: each engine's receipt of each delivery (the newest RECEIPTS_KEPT)
         self.receipts: collections.deque[dict] = collections.deque(maxlen=RECEIPTS_KEPT)
         gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
 
         def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
             return ActorPool(name, prefix, factory, prepare=prepare, max_restarts=cfg.faults.max_worker_restarts,
-                             backoff_s=cfg.faults.restart_backoff_s,
+                             backoff_s=cfg.faults.restart_backoff_s, activity=self.activity,
                              on_restart=lambda dead, new: self._on_restart(name, dead, new))
 
         async def load_newest_weights(actor) -> None:
@@ -210,11 +213,23 @@ class Cluster:
         ]
         self.run_dir.write_json(RunDir.SCRAPE_TARGETS, groups)
 
-    async def watch(self, version: Callable[[], int]) -> None:
+    async def watch(self, version: Callable[[], int], on_spans: Callable[[list[dict]], None]) -> None:
         """Until cancelled: apply scale requests, and heartbeat every pool's workers (a hung one is
-        killed and replaced); a failure of either ends the job with its cause."""
-        await asyncio.gather(self._watch_scaling(version),
-                             *(pool.watch(self.cfg.faults, partial(self._on_hung, name)) for name, pool in self.pools.items()))
+        killed and replaced; the trace spans they answer with go to `on_spans`); a failure of
+        either ends the job with its cause."""
+        await asyncio.gather(self._watch_scaling(version), *(pool.watch(self.cfg.faults, partial(self._on_hung, name), on_spans)
+                                                             for name, pool in self.pools.items()))
+
+    async def collect_spans(self) -> list[dict]:
+        """One heartbeat round to every worker now: the trace spans recorded since the last one."""
+        beats = await asyncio.gather(*(heartbeat(a, self.cfg.faults.heartbeat_timeout_s)
+                                       for pool in self.pools.values() for a in pool.actors.values()))
+        return [span for beat in beats for span in beat.spans]
+
+    def busy_shares(self, start: float, end: float) -> dict[str, float]:
+        """`busy_<pool>`: the share of [start, end] (wall clock) each pool's workers had a request in flight."""
+        shares = self.activity.busy_shares(start, end, self.pool_sizes())
+        return {f"busy_{pool}": share for pool, share in shares.items()}
 
     def _on_hung(self, pool_name: str, dead: str, reason: str, detected_s: float, replaced_s: float) -> None:
         labels = {"job": self.cfg.name, "pool": pool_name, "worker": dead}

@@ -12,7 +12,7 @@ import ray
 
 from actors._common import actor_setup, join_process_group, limit_threads, metrics_target
 from actors.learner import ShardedRank
-from rlhf_cluster import metrics as m
+from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.learner.critic import ValueLearner
 from rlhf_cluster.records import TrainBatch
 
@@ -40,13 +40,15 @@ class CriticRank(ShardedRank):
 
     def values(self, batch: TrainBatch) -> list[list[float]]:
         """Collective: the per-token values of each response in this rank's share of the step's batch."""
-        values = self.learner.values(batch)
+        with tracing.span("values"):
+            values = self.learner.values(batch)
         lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()
         return [values[i, :n].tolist() for i, n in enumerate(lengths)]
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """Collective: one clipped-value-loss step on this rank's share (with returns and old values)."""
-        metrics = self.learner.train_step(batch)
+        with tracing.span("train_step"):
+            metrics = self.learner.train_step(batch)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["critic/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         return metrics

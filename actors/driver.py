@@ -121,7 +121,7 @@ class Driver:
                 self.cluster, eval_args[0], self.published_version, eval_args[1])
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(tg))
-                self._watcher = tg.create_task(self.cluster.watch(lambda: self.published_version))
+                self._watcher = tg.create_task(self.cluster.watch(lambda: self.published_version, self.reporter.trace))
                 self._learner_watch = tg.create_task(self._watch_learner())
                 tg.create_task(self._steps(tg))
             if not self.stop_requested:  # a stopped job (e.g. preempted) is continued, not evaluated
@@ -131,6 +131,8 @@ class Driver:
         except BaseExceptionGroup as group:
             first = _first_cause(group)
             raise first from first.__cause__  # the cause itself, its own chain kept
+        # The spans every actor recorded since its last heartbeat: the trace covers the whole run.
+        self.reporter.trace(await self.cluster.collect_spans() + await self.trainer.collect_spans(self.cfg.faults.heartbeat_timeout_s))
         result.final_version, result.stopped = self.published_version, self.stop_requested
         return result
 
@@ -184,14 +186,18 @@ class Driver:
         total = self.cfg.train.total_steps
         step = self.state.start_step
         bar = tqdm(total=total, initial=step, desc="train", disable=not self.cfg.train.progress, dynamic_ncols=True)
-        last, checkpointed = time.perf_counter(), None
+        last, checkpointed, began = time.perf_counter(), None, time.time()
         try:
             while step < total and not self.stop_requested:
-                samples = await self._take(step)
+                with self.reporter.span("wait_for_batch", step=step):
+                    waited = time.perf_counter()
+                    samples = await self._take(step)
+                    waited = time.perf_counter() - waited
                 if samples is None:  # stopped while the batch was gathering
                     break
                 try:
-                    stats = await self.trainer.train(step, samples, self.state.kl.value)
+                    with self.reporter.span("train", step=step):
+                        stats = await self.trainer.train(step, samples, self.state.kl.value)
                 except ray.exceptions.RayActorError as exc:
                     step = await self._recover_learner(tg, exc)
                     bar.reset(total)
@@ -200,14 +206,16 @@ class Driver:
                 observe_step_kl(self.state.kl, stats["policy/kl"], samples)
                 self._publishing = tg.create_task(self._publish(step + 1, self.timeline, self._publishing))
                 counters = {**self.state.counters(), "worker_restarts": self.cluster.restarts(),
-                            "learner_restarts": self.learner_restarts}
+                            "learner_restarts": self.learner_restarts, "learner_wait_seconds": waited,
+                            **self.cluster.busy_shares(began, time.time())}
                 now = time.perf_counter()
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
                 await asyncio.to_thread(self.state.log.flush)  # the groups scored so far survive a kill
-                last = now
+                last, began = now, time.time()
                 bar.update(1)
                 if self.checkpointer.due(step, self.stop_requested):
-                    await self.checkpointer.save(tg, step, self.trainer, self.state)
+                    with self.reporter.span("checkpoint", step=step):
+                        await self.checkpointer.save(tg, step, self.trainer, self.state)
                     checkpointed = step
                 step += 1
             if self.stop_requested and step > self.state.start_step and checkpointed != step - 1:
@@ -258,14 +266,15 @@ class Driver:
             return
         # Filesystem, batched: each request pulls the newest version itself. Direct: pushed always.
         if delivery is not None or self.cfg.generation.mode == "streaming":
-            self.reporter.probes(await self.cluster.push_version(delivery))
+            with self.reporter.span("weights.push", version=version):
+                self.reporter.probes(await self.cluster.push_version(delivery))
 
     async def _watch_learner(self) -> None:
         """Heartbeat the learner's ranks, and after a rollback the new ranks: a hung rank is
         killed, so the step in flight fails and `_recover_learner` rolls back as for a dead one."""
         while True:
             trainer = self.trainer
-            await trainer.watch(self.cfg.faults)
+            await trainer.watch(self.cfg.faults, self.reporter.trace)
             while self.trainer is trainer:  # until the rollback has built the next ranks
                 await asyncio.sleep(self.cfg.faults.heartbeat_interval_s)
 

@@ -20,7 +20,7 @@ from actors._common import actor_setup, metrics_target
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
-from rlhf_cluster import metrics as m
+from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.liveness import StallClock
 from rlhf_cluster.weight_delivery import DeliveryError, DeliveryManifest, verified_tensors
@@ -71,7 +71,7 @@ class GenerationWorker:
     def heartbeat(self) -> dict:
         """Answered on its own thread even while requests run: a stopped process does not answer,
         a hung engine reports how long it has gone without a step."""
-        return {"stalled_s": self.stall.stalled_s()}
+        return {"stalled_s": self.stall.stalled_s(), "spans": tracing.drain()}
 
     def info(self) -> dict:
         return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid(),
@@ -122,6 +122,7 @@ class GenerationWorker:
         swap = await asyncio.to_thread(self.engine.load_weights, latest, weights.items())
         self.loaded, self.fingerprint = identity, None
         seconds = time.perf_counter() - start
+        tracing.add("weights.load", time.time() - seconds, time.time(), version=latest, transport="filesystem")
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
         self._record_swap(latest, swap, seconds, nbytes, "filesystem")
         if self.direct:
@@ -168,6 +169,7 @@ class GenerationWorker:
             del tensors, payloads
             self.loaded, self.fingerprint = identity, fingerprint
             seconds = time.perf_counter() - start
+            tracing.add("weights.load", time.time() - seconds, time.time(), version=manifest.version, transport="direct")
             self._record_swap(manifest.version, swap, seconds, manifest.total_bytes, "direct")
         async with self._delivered:
             self._delivered.notify_all()
@@ -247,7 +249,8 @@ class GenerationWorker:
         # checking the identity, not just the number, also catches a version republished after a
         # rollback. Direct: the driver pushes every version (a rollback's too) before it is needed.
         await self._hold(min_version)
-        rollouts = await self._groups([prompt])
+        with tracing.span("generate", prompt=prompt.prompt_id):
+            rollouts = await self._groups([prompt])
         return rollouts, self._reports_of_own_loads()
 
     async def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
@@ -258,7 +261,8 @@ class GenerationWorker:
         async with self._one_request:
             if not self.direct:
                 await self.sync(min_version)
-            rollouts = await self._groups(prompts)
+            with tracing.span("generate", prompts=len(prompts)):
+                rollouts = await self._groups(prompts)
         return rollouts, self._reports_of_own_loads()
 
     async def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from actors._common import actor_setup, join_process_group, limit_threads, metrics_target, rendezvous_address
-from rlhf_cluster import metrics as m
+from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
@@ -37,7 +37,7 @@ class ShardedRank:
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> dict:
         """Answered on its own thread during a step or a collective: a stopped rank does not answer."""
-        return {"stalled_s": 0.0}
+        return {"stalled_s": 0.0, "spans": tracing.drain()}
 
     def save_checkpoint(self, directory: str) -> str:
         """Stage this rank's state and write it in the background; returns the staged state's digest."""
@@ -166,10 +166,12 @@ class LearnerRank(ShardedRank):
 
     def train(self, batch: TrainBatch, version: int, kl_coef: float) -> dict[str, float]:
         """One learner step on this rank's share, then publish the result as `version`."""
-        metrics = self.learner.train_step(batch, kl_coef)
+        with tracing.span("train_step", version=version):
+            metrics = self.learner.train_step(batch, kl_coef)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
-        self.publish(version)
+        with tracing.span("publish", version=version):
+            self.publish(version)
         return metrics
 
     def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

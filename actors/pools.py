@@ -16,6 +16,7 @@ import ray
 from actors._common import heartbeat
 from rlhf_cluster.config import FaultsConfig, ResourcesConfig
 from rlhf_cluster.liveness import HungWorkerError
+from rlhf_cluster.tracing import PoolActivity
 
 STARTUP_TIMEOUT_S = 900  # a new worker's constructor (model load, engine start) must finish within this
 
@@ -43,8 +44,10 @@ class ActorPool:
         max_restarts: int = 0,
         backoff_s: float = 0.0,
         on_restart: Callable[[str, str], None] | None = None,
+        activity: PoolActivity | None = None,
     ):
         self.name = name
+        self.activity = activity or PoolActivity()  # when each worker had a request in flight (busy share)
         self.prefix = prefix
         self._factory = factory
         self.prepare = prepare  # run on every new actor before it serves (e.g. load weights)
@@ -121,11 +124,13 @@ class ActorPool:
             name = min(names[start:] + names[:start], key=lambda n: self._in_flight[n])
             actor = self.actors[name]
             self._in_flight[name] += 1
+            busy = self.activity.begin(self.name, name)
             try:
                 return name, await getattr(actor, method).remote(*args)
             except ray.exceptions.RayActorError as exc:
                 await self._replace(name, actor, exc)
             finally:
+                self.activity.end(busy)
                 self._in_flight[name] -= 1
                 async with self._drained:
                     self._drained.notify_all()
@@ -148,17 +153,20 @@ class ActorPool:
         async with self._drained:
             self._drained.notify_all()
 
-    async def watch(self, faults: FaultsConfig, on_hung: Callable[[str, str, float, float], None]) -> None:
+    async def watch(self, faults: FaultsConfig, on_hung: Callable[[str, str, float, float], None],
+                    on_spans: Callable[[list[dict]], None] = lambda spans: None) -> None:
         """Heartbeat every worker in rotation each `faults.heartbeat_interval_s`; one that does not
         answer within `heartbeat_timeout_s`, or whose engine is stalled past `stall_timeout_s`, is
         killed and replaced (its requests in flight fail over to the others and are retried, as
         when a worker dies). `on_hung(dead, reason, detected_s, replaced_s)`: detected_s is the
-        time since its last good heartbeat, replaced_s from the kill to its replacement serving."""
+        time since its last good heartbeat, replaced_s from the kill to its replacement serving.
+        The trace spans the heartbeats bring back go to `on_spans`."""
         last_ok: dict[str, float] = {}
         while True:
             started = time.monotonic()
             names = list(self.actors)
             beats = await asyncio.gather(*[heartbeat(self.actors[n], faults.heartbeat_timeout_s) for n in names])
+            on_spans([span for beat in beats for span in beat.spans])
             for name, beat in zip(names, beats):
                 reason = beat.hung(faults.stall_timeout_s)
                 actor = self.actors.get(name)

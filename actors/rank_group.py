@@ -89,15 +89,17 @@ class RankGroup:
         (each rank returns one result per item of its share)."""
         return interleave(ray.get(self.split(method, deal(items, self.world_size), *args), timeout=timeout))
 
-    async def watch(self, faults: FaultsConfig, on_hung: Callable[[int, float], None]) -> None:
+    async def watch(self, faults: FaultsConfig, on_hung: Callable[[int, float], None],
+                    on_spans: Callable[[list[dict]], None] = lambda spans: None) -> None:
         """Heartbeat every rank until the group ends. A rank that does not answer within
         `faults.heartbeat_timeout_s` (stopped, wedged) is killed, so the group's call in flight
         fails as if it had died (the driver then rolls back); `on_hung(rank, seconds since its
-        last good heartbeat)`."""
+        last good heartbeat)`; the trace spans the heartbeats bring back go to `on_spans`."""
         last_ok = [time.monotonic()] * self.world_size
         while not self.ended:
             started = time.monotonic()
             beats = await asyncio.gather(*[heartbeat(rank, faults.heartbeat_timeout_s) for rank in self.ranks])
+            on_spans([span for beat in beats for span in beat.spans])
             if self.ended:
                 return
             for r, beat in enumerate(beats):

@@ -3,6 +3,7 @@ samples' provenance; the generation workers' probe reports; the rollout timeline
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -17,6 +18,7 @@ from rlhf_cluster.metrics import MetricLabels
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.step_report import console_line, step_row
+from rlhf_cluster.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,17 @@ class Reporter:
         self.mismatch_alarm = MismatchAlarm(cfg.generation.probe.alert_factor, cfg.generation.probe.alert_floor)
         self.result = JobResult(run_dir=str(run_dir.root))
         self.bad_steps = 0
+        # The driver's own track of the trace (an instance: several jobs may share a process).
+        self.tracer = Tracer("driver", "driver") if cfg.metrics.trace else None
 
     def step(self, step: int, samples: list[ScoredSample], stats: dict, seconds: float, counters: dict,
              worker_of: dict[str, str]) -> dict:
         """Record one learner step: its row everywhere, and the provenance of every sample it used."""
         self._check_bad_step(step, stats)
         row = step_row(step, samples, stats, seconds, counters)
+        if self.tracer is not None:
+            self.tracer.add("step", time.time() - seconds, time.time(), step=step)
+            self.trace(self.tracer.drain())
         for s in samples:
             self.labels.of(m.STALENESS).observe(s.staleness(step))
         for column, gauge in m.STEP_GAUGES.items():
@@ -121,6 +128,15 @@ class Reporter:
 
     def buffer_depth(self, depth: int) -> None:
         self.labels.of(m.BUFFER_DEPTH).set(depth)
+
+    def span(self, name: str, **args):
+        """A span of the driver's track (nothing when tracing is off)."""
+        return self.tracer.span(name, **args) if self.tracer is not None else contextlib.nullcontext()
+
+    def trace(self, spans: list[dict]) -> None:
+        """Keep trace spans (the actors', arriving with heartbeats, and the driver's) in trace.jsonl."""
+        if spans:
+            self.run_dir.append(RunDir.TRACE, spans)
 
     def learner_ranks(self, world_size: int) -> None:
         self.labels.of(m.LEARNER_RANKS).set(world_size)

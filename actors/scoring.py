@@ -8,7 +8,7 @@ import ray
 import torch
 
 from actors._common import actor_setup, limit_threads, metrics_target
-from rlhf_cluster import metrics as m
+from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels
@@ -46,18 +46,19 @@ class RewardWorker:
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> dict:
         """Answered on its own thread while a scoring call runs: a stopped process does not answer."""
-        return {"stalled_s": 0.0}
+        return {"stalled_s": 0.0, "spans": tracing.drain()}
 
     def stats(self) -> dict[str, int]:
         return {"scored": self.reward.scored, "failed": self.reward.failed, "timed_out": self.reward.timed_out}
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
         """(reward, components) per rollout: the rule reward, plus the reward models' when configured."""
-        out = self.reward.score(rollouts, answers)
-        if self.models is not None:
-            s = self.scoring
-            out = combine_rewards(out, self.models.score(rollouts), rule_weight=s.rule_weight,
-                                  model_weight=s.reward_model_weight, combine=s.reward_model_combine)
+        with tracing.span("score", responses=len(rollouts)):
+            out = self.reward.score(rollouts, answers)
+            if self.models is not None:
+                s = self.scoring
+                out = combine_rewards(out, self.models.score(rollouts), rule_weight=s.rule_weight,
+                                      model_weight=s.reward_model_weight, combine=s.reward_model_combine)
         self.labels.of(m.SCORING_SAMPLES).inc(len(out))
         return out
 
@@ -82,9 +83,10 @@ class ReferenceWorker:
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> dict:
         """Answered on its own thread while a scoring call runs: a stopped process does not answer."""
-        return {"stalled_s": 0.0}
+        return {"stalled_s": 0.0, "spans": tracing.drain()}
 
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
-        out = self.model.logprobs(rollouts)
+        with tracing.span("reference", responses=len(rollouts)):
+            out = self.model.logprobs(rollouts)
         self.labels.of(m.SCORING_SAMPLES).inc(len(out))
         return out

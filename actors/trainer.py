@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from typing import Callable
 
 import ray
 from tqdm import tqdm
 
+from actors._common import heartbeat
 from actors.critic import CriticRank
 from actors.learner import LearnerRank
 from actors.rank_group import PLACEMENT_TIMEOUT_S, PlacementError, RankGroup, deal, interleave
@@ -48,14 +50,20 @@ class Trainer:
     def groups(self) -> list[RankGroup]:
         return [self.policy] + ([self.critic] if self.critic else [])
 
-    async def watch(self, faults: FaultsConfig) -> None:
+    async def watch(self, faults: FaultsConfig, on_spans: Callable[[list[dict]], None]) -> None:
         """Heartbeat every rank of both groups until they end; a hung rank is killed (and timed in
-        `rlhf_fault_detection_seconds`), which fails the step in flight like a dead rank."""
+        `rlhf_fault_detection_seconds`), which fails the step in flight like a dead rank. The
+        trace spans the ranks answer with go to `on_spans`."""
         def hung(group: str, rank: int, detected_s: float) -> None:
             m.HUNG_DETECTION_SECONDS.labels(job=self.cfg.name, pool=group, worker=f"rank{rank}").observe(detected_s)
             tqdm.write(f"{group} rank {rank} was hung (no heartbeat answer): detected in {detected_s:.1f} s")
 
-        await asyncio.gather(*(group.watch(faults, partial(hung, group.section)) for group in self.groups()))
+        await asyncio.gather(*(group.watch(faults, partial(hung, group.section), on_spans) for group in self.groups()))
+
+    async def collect_spans(self, timeout_s: float) -> list[dict]:
+        """One heartbeat round to every rank now: the trace spans recorded since the last one."""
+        beats = await asyncio.gather(*(heartbeat(rank, timeout_s) for group in self.groups() for rank in group))
+        return [span for beat in beats for span in beat.spans]
 
     async def train(self, step: int, samples: list[ScoredSample], kl_coef: float) -> dict[str, float]:
         """One step on every rank; the policy's result is published as version step + 1."""

@@ -10,7 +10,7 @@ reports how long in `stalled_s` (`StallClock`): its engine thread is hung.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class StallClock:
@@ -35,6 +35,7 @@ class Heartbeat:
     answered: bool
     stalled_s: float = 0.0
     dead: bool = False  # its process is gone: whoever calls it next replaces it, as before heartbeats
+    spans: list = field(default_factory=list)  # trace spans the worker recorded since the previous heartbeat
 
     def hung(self, stall_timeout_s: float) -> str | None:
         """Why the worker counts as hung, or None if it is alive (or dead, which is not hung)."""

@@ -100,6 +100,10 @@ MULTI_VERSION = Gauge(
 )
 
 # The step's rollouts (rlhf_cluster/rollout_stats.py): length runaway, truncation, reward spread, diversity.
+POOL_BUSY = Gauge("rlhf_step_pool_busy_ratio", "Share of the last step a pool's workers had a request from the driver in "
+                  "flight (mean over the pool's workers).", LABELS + ("busy_pool",))
+LEARNER_WAIT = Gauge("rlhf_step_learner_wait_seconds", "Time the last step waited for its batch (the learner idle for data).",
+                     LABELS)
 RESPONSE_LENGTH = Gauge("rlhf_train_response_length_tokens", "Response length of the last consumed batch, by statistic.",
                         LABELS + ("stat",))
 TRUNCATED = Gauge("rlhf_train_truncated_fraction", "Share of the last consumed batch's responses cut at max_new_tokens.", LABELS)
@@ -130,6 +134,7 @@ STEP_GAUGES = {
     "critic/value_clip_frac": CRITIC_VALUE_CLIP,
     "truncated_fraction": TRUNCATED,
     "unique_per_group": UNIQUE_PER_GROUP,
+    "learner_wait_seconds": LEARNER_WAIT,
 }
 # Columns that are one labelled series of a gauge: column -> (gauge, extra labels).
 STEP_LABELLED_GAUGES = {
@@ -143,6 +148,7 @@ STEP_LABELLED_GAUGES = {
     "distinct_1": (DISTINCT, {"n": "1"}),
     "distinct_2": (DISTINCT, {"n": "2"}),
     "distinct_3": (DISTINCT, {"n": "3"}),
+    **{f"busy_{pool}": (POOL_BUSY, {"busy_pool": pool}) for pool in ("generation", "reward", "reference")},
 }
 
 

@@ -50,3 +50,33 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plt.close(fig)
     tmp.replace(target)
     return target
+
+
+def plot_trace(doc: dict, out: str | Path, title: str = "") -> Path:
+    """Draw a trace-event JSON (`tracing.chrome_trace`) as one row of bars per track, coloured by
+    span name, for a picture where no trace viewer is at hand; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = doc["traceEvents"]
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    rows = sorted(threads, reverse=True)  # the first process (the driver) at the top
+    spans = [e for e in events if e["ph"] == "X"]
+    names = sorted({e["name"] for e in spans})
+    colours = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(14, 0.45 * len(rows) + 1.6), constrained_layout=True)
+    for y, key in enumerate(rows):
+        # Longest first: a span nested in another (forward inside train_step) is drawn on top of it.
+        for e in sorted((e for e in spans if (e["pid"], e["tid"]) == key), key=lambda e: -e["dur"]):
+            ax.broken_barh([(e["ts"] / 1e6, max(e["dur"] / 1e6, 1e-4))], (y - 0.4, 0.8), color=colours[e["name"]])
+    ax.set_yticks(range(len(rows)), [threads[k] for k in rows])
+    ax.set_xlabel("seconds")
+    ax.set_title(title)
+    ax.legend(handles=[matplotlib.patches.Patch(color=colours[n], label=n) for n in names], ncol=min(len(names), 8),
+              loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize="small")
+    out = Path(out)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -25,6 +25,7 @@ class RunDir:
     CONSUMED = "consumed.jsonl"  # provenance of every sample trained on
     PROBES = "probes.jsonl"  # each worker's post-load mismatch probe
     TIMELINE = "rollout_timeline.jsonl"  # per prompt group: when it was requested, generated, buffered
+    TRACE = "trace.jsonl"  # spans of every actor's work (rlhf_cluster.tracing; `rlhf-cluster trace` converts)
     BUFFER = "buffer.arrow"  # scored samples not yet trained on, at the end of a run
     SCORED_LOG = "scored"  # every scored group as it arrives (ScoredLog segments)
     RESUME = "resume.json"  # which checkpoint a resumed run started from
@@ -53,7 +54,7 @@ class RunDir:
         self.lock = RunLock(self.root, job_name)
         stale = (self.weights_dir, self.checkpoint_dir, *(self.root / n for n in (
             self.METRICS, self.CONSUMED, self.PROBES, self.BUFFER, self.RESUME, self.ENGINE_INT8, self.TIMELINE,
-            self.SCORED_LOG)))
+            self.SCORED_LOG, self.TRACE)))
         if fresh and not overwrite:
             trained = self.read(self.METRICS)
             checkpoints = sorted(p.name for p in self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []

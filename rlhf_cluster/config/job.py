@@ -64,6 +64,8 @@ class MetricsConfig(_Strict):
     port_range: tuple[int, int] | None = Field(
         None, description="[first, last]: every endpoint binds the first free port of this range (None: any free port). "
         "On Kubernetes the pods declare the range so a PodMonitor can scrape it (deploy/kuberay/).")
+    trace: bool = Field(True, description="Every actor records spans of its work (RUN_DIR/trace.jsonl; "
+                        "`rlhf-cluster trace RUN_DIR` writes a Chrome/Perfetto trace).")
 
     @field_validator("port_range")
     @classmethod

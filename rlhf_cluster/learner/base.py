@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlhf_cluster import tracing
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.modeling import response_logprobs
@@ -210,14 +211,17 @@ class LearnerBase(ABC):
             for mini, plan in enumerate(plans):
                 total, finite = 0.0, True
                 for index, (rows, real) in enumerate(plan):
-                    loss, metrics = micro_loss(mini, rows)
-                    value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
+                    with tracing.span("forward", mini_batch=mini):
+                        loss, metrics = micro_loss(mini, rows)
+                    with tracing.span("backward", mini_batch=mini):
+                        value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
                     if value is None:
                         continue
                     finite = finite and math.isfinite(value)
                     total += value
                     passes.micro_metrics.append((rows, metrics))
-                passes.grad_norm, applied = self._clip_and_step(finite)
+                with tracing.span("optimizer", mini_batch=mini):
+                    passes.grad_norm, applied = self._clip_and_step(finite)
                 passes.skipped += int(not applied)
                 epoch_losses.append(total)
             passes.losses.append(epoch_losses)
@@ -245,7 +249,8 @@ class LearnerBase(ABC):
         mini-batch is accumulated over micro-batches when `max_tokens_per_micro_batch` is set."""
         start = time.perf_counter()
         b = self._to_device(local)
-        ref = self.reference_logprobs(b)
+        with tracing.span("reference_logprobs"):
+            ref = self.reference_logprobs(b)
         if ref is not None:
             b.ref_logprobs = ref.to(b.ref_logprobs.dtype)
         lc = self.cfg.learner
@@ -259,7 +264,7 @@ class LearnerBase(ABC):
         # so its detached log-probs are π_prox and the separate no-grad forward is skipped.
         single_pass = lc.ppo_epochs == 1 and len(plans) == 1 and len(plans[0]) == 1
         if not single_pass:
-            with torch.no_grad():
+            with torch.no_grad(), tracing.span("prox_logprobs"):
                 prox, _ = self._logprobs(b, slice(None), with_entropy=False)
             correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -23,6 +24,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "rlhf-cluster")
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "rlhf_cluster.json"
 
@@ -140,6 +142,54 @@ def _scrape_all(targets_file: Path) -> tuple[str, int]:
 
 
 @needs_prometheus
+def _check_trace(doc: dict, pools: set[str], steps: int) -> None:
+    """`doc` follows the trace-event format (chrome://tracing, Perfetto): complete events nest
+    per thread; spans of every pool are there and in pipeline order."""
+    assert isinstance(doc["traceEvents"], list) and doc.get("displayTimeUnit", "ms") in ("ms", "ns")
+    threads, processes, complete = {}, {}, []
+    for e in doc["traceEvents"]:
+        assert isinstance(e["name"], str) and isinstance(e["pid"], int) and isinstance(e["tid"], int), e
+        assert e["ph"] in ("X", "M"), e
+        if e["ph"] == "M":
+            assert e["name"] in ("process_name", "process_sort_index", "thread_name", "thread_sort_index"), e
+            if e["name"] == "process_name":
+                processes[e["pid"]] = e["args"]["name"]
+            elif e["name"] == "thread_name":
+                threads[(e["pid"], e["tid"])] = e["args"]["name"]
+        else:
+            assert isinstance(e["ts"], (int, float)) and e["ts"] >= 0 and isinstance(e["dur"], (int, float)) and e["dur"] >= 0, e
+            assert isinstance(e.get("args", {}), dict), e
+            complete.append(e)
+    # Complete events of one thread nest (or follow one another), as the viewers require.
+    for key in threads:
+        open_ends: list[float] = []
+        for e in sorted((e for e in complete if (e["pid"], e["tid"]) == key), key=lambda e: (e["ts"], -e["dur"])):
+            while open_ends and open_ends[-1] <= e["ts"]:
+                open_ends.pop()
+            assert not open_ends or e["ts"] + e["dur"] <= open_ends[-1] + 1, f"{threads[key]}: {e} overlaps its enclosing span"
+            open_ends.append(e["ts"] + e["dur"])
+    assert all((e["pid"], e["tid"]) in threads and e["pid"] in processes for e in complete)
+    by_kind: dict[str, list[dict]] = {}
+    for e in complete:
+        by_kind.setdefault(processes[e["pid"]], []).append(e)
+    assert set(by_kind) >= pools, (set(by_kind), pools)
+    names = {kind: {e["name"] for e in events} for kind, events in by_kind.items()}
+    assert {"step", "wait_for_batch", "train"} <= names["driver"]
+    assert "generate" in names["generation"] and "weights.load" in names["generation"]
+    assert "score" in names["reward"]
+    assert {"train_step", "forward", "backward", "optimizer", "publish"} <= names["learner"]
+    assert sum(e["name"] == "step" for e in by_kind["driver"]) == steps
+    # Pipeline order: each learner step runs inside the driver's `train` call of that step, and
+    # the first responses were generated before the first learner step began.
+    trains = sorted((e for e in by_kind["driver"] if e["name"] == "train"), key=lambda e: e["ts"])
+    rank_steps = sorted((e for e in by_kind["learner"] if e["name"] == "train_step"), key=lambda e: e["ts"])
+    assert len(rank_steps) >= steps
+    for e in rank_steps:
+        assert any(t["ts"] <= e["ts"] and e["ts"] + e["dur"] <= t["ts"] + t["dur"] for t in trains), e
+    first_generate = min(e["ts"] + e["dur"] for e in by_kind["generation"] if e["name"] == "generate")
+    assert first_generate <= rank_steps[0]["ts"]
+
+
 def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, job_config, tmp_path):
     from actors.job import Job
 
@@ -253,6 +303,16 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
         if "error" in outcome:
             raise outcome["error"]
         assert len(outcome["result"].rows) == cfg.train.total_steps
+        rows = outcome["result"].rows
+        assert all(0.0 <= r["busy_generation"] <= 1.0 and r["learner_wait_seconds"] >= 0 for r in rows)
+        assert max(r["busy_generation"] for r in rows) > 0 and max(r["busy_reward"] for r in rows) > 0
+
+        # The step trace, written by the CLI as an operator would, is trace-event JSON with a track
+        # per actor and every actor kind's work in it, in the order the pipeline does it.
+        out = tmp_path / "trace.json"
+        done = subprocess.run([CLI, "trace", str(run_dir), "--out", str(out)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        _check_trace(json.loads(out.read_text()), {u["metric"]["pool"] for u in ups}, cfg.train.total_steps)
     finally:
         if job is not None:
             job.shutdown()  # a job still running ends with an actor error in its thread
