@@ -7,11 +7,14 @@ import torch
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
+               k3_clamp: float | None = None) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi, with ``log r = ref - logp``.
 
     ``k1 = -log r`` (unbiased, can be negative), ``k2 = 0.5 (log r)^2``,
     ``k3 = exp(log r) - 1 - log r`` (unbiased and >= 0). Gradients flow into ``logprobs`` only.
+    ``k3_clamp``: k3's ``log r`` is clamped to ``[-k3_clamp, k3_clamp]`` first (its gradient is
+    zero where the clamp binds).
     """
     log_r = ref_logprobs.detach() - logprobs
     if estimator == "k1":
@@ -20,7 +23,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         return 0.5 * log_r.square()
     if estimator == "k3":
         # exp overflows long before the clamp bound matters for any real policy/ref pair.
-        log_r = log_r.clamp(-20.0, 20.0)
+        bound = 20.0 if k3_clamp is None else min(k3_clamp, 20.0)
+        log_r = log_r.clamp(-bound, bound)
         return torch.exp(log_r) - 1.0 - log_r
     raise ValueError(f"unknown KL estimator {estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}")
 

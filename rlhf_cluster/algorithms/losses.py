@@ -44,6 +44,7 @@ def policy_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
     ratio_level: str = "token",
     aggregation: str = "token_mean",
     correction: torch.Tensor | None = None,
@@ -51,6 +52,9 @@ def policy_loss(
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate ``max(-A r, -A clip(r, 1-clip_low, 1+clip_high))`` per token, aggregated.
+
+    ``clip_ratio_c`` (dual-clip PPO): where ``A < 0`` the per-token loss is further capped at
+    ``-A * clip_ratio_c`` (> 1), bounding the push on a token whose ratio has grown large.
 
     ``ratio_level="token"``: ``r_t = exp(logp_t - old_t)``. ``"sequence"`` (GSPO): the length-normalised
     sequence ratio ``s = exp(mean_t(logp - old))`` in GSPO-token form ``sg[s] exp(logp_t - sg[logp_t])``,
@@ -75,6 +79,11 @@ def policy_loss(
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1).expand_as(logprobs)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    dual = None
+    if clip_ratio_c is not None:
+        cap = -adv * clip_ratio_c
+        dual = (adv < 0) & (pg > cap)
+        pg = torch.where(dual, cap, pg)
     if correction is not None:
         pg = pg * correction.detach()
 
@@ -102,6 +111,8 @@ def policy_loss(
             "ratio_max": _masked_max(r, m),
         }
         metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+        if dual is not None:
+            metrics["clip_frac_dual"] = masked_mean(dual.to(m.dtype), m).item()
     return loss, metrics
 
 
@@ -152,9 +163,10 @@ def kl_loss(
     mask: torch.Tensor,
     estimator: str = "k3",
     denominator=None,
+    k3_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """In-loss KL to the reference (GRPO style): token mean of :func:`kl_penalty`."""
-    kl = kl_penalty(logprobs, ref_logprobs, estimator)
+    kl = kl_penalty(logprobs, ref_logprobs, estimator, k3_clamp)
     loss = masked_mean(kl, mask, denominator)
     with torch.no_grad():
         metrics = {"kl": masked_mean(kl.detach(), mask).item()}

@@ -15,6 +15,9 @@ class LossConfig(_Strict):
 
     clip_low: float = Field(0.2, ge=0, description="PPO clip below 1.")
     clip_high: float = Field(0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28).")
+    clip_ratio_c: float | None = Field(
+        None, gt=1.0, description="Dual-clip PPO (Ye et al. 2020): for a negative advantage the per-token loss is capped "
+        "at -A * clip_ratio_c, so a ratio far above 1 cannot push a bad token down without bound (e.g. 3.0; None: off).")
     ratio_level: Literal["token", "sequence"] = Field("token", description="token = PPO/GRPO, sequence = GSPO.")
     aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = Field(
         "token_mean", description="How per-token losses become one number; denominators are global across ranks."
@@ -26,6 +29,10 @@ class KLConfig(_Strict):
 
     placement: Literal["loss", "reward", "none"] = Field("loss", description="KL in the loss (GRPO) or in the reward (PPO).")
     estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (in-reward KL always uses k1).")
+    k3_log_ratio_clamp: float | None = Field(
+        None, gt=0, description="Clamp the k3 estimator's log-ratio log(pi_ref/pi) to [-c, c] in the loss: bounds the "
+        "exp(log r) term (and its gradient) on tokens where the policy has moved far from the reference, at the price of "
+        "a biased estimate there (e.g. 10; None: only the overflow guard at 20).")
     coef: float = Field(0.01, ge=0, description="KL coefficient (beta); the adaptive controller's initial value.")
     controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed coefficient or a proportional controller.")
     target: float = Field(6.0, gt=0, description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards.")

@@ -64,3 +64,17 @@ def test_adaptive_controller_formula_and_state():
     c.update(3.0, 10)
     d.update(3.0, 10)
     assert d.value == c.value
+
+
+def test_k3_log_ratio_clamp_matches_a_float64_reference_and_bounds_the_gradient():
+    logp = torch.tensor([[-0.1, -6.0, -0.5, -12.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-0.2, -0.1, -0.4, -0.3]], dtype=torch.float64)
+    clamped = kl_penalty(logp, ref, "k3", k3_clamp=4.0)
+    for got, lp, rf in zip(clamped[0].tolist(), logp[0].tolist(), ref[0].tolist()):
+        log_r = min(max(rf - lp, -4.0), 4.0)
+        assert got == pytest.approx(math.exp(log_r) - 1 - log_r, rel=1e-14)
+    clamped.sum().backward()
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 3] == 0  # log r = 5.9 and 11.7: clamped, no push
+    assert logp.grad[0, 0] != 0 and logp.grad[0, 2] != 0
+    # Off (None): unchanged estimator, only the overflow guard.
+    assert torch.equal(kl_penalty(logp.detach(), ref, "k3"), kl_penalty(logp.detach(), ref, "k3", None))

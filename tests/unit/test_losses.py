@@ -250,3 +250,37 @@ def test_kl_loss():
     assert met_d["kl"] == pytest.approx(((logp - ref) * MASK).sum().item() / MASK.sum().item(), rel=1e-12)
     loss.backward()
     assert logp.grad is not None
+
+
+def _dual_clip_reference(logp, old, adv, mask, cl, ch, c):
+    """Dual-clip PPO per token in float64 Python floats, token-mean aggregated."""
+    total, n = 0.0, 0
+    for i in range(len(logp)):
+        for t in range(len(logp[0])):
+            if not mask[i][t]:
+                continue
+            r = math.exp(logp[i][t] - old[i][t])
+            a = adv[i][t]
+            loss = max(-a * r, -a * min(max(r, 1 - cl), 1 + ch))
+            if a < 0:
+                loss = min(loss, -a * c)
+            total += loss
+            n += 1
+    return total / n
+
+
+def test_dual_clip_matches_a_float64_reference_and_caps_negative_advantages():
+    logp, old, adv = _data(seed=3)
+    logp = logp + torch.where(adv < 0, 1.5, 0.0)  # ratios well above c where the advantage is negative
+    loss, metrics = policy_loss(logp, old, adv, MASK, clip_ratio_c=3.0, aggregation="token_mean")
+    expected = _dual_clip_reference(logp.tolist(), old.tolist(), adv.tolist(), MASK.tolist(), 0.2, 0.2, 3.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    plain, _ = policy_loss(logp, old, adv, MASK, aggregation="token_mean")
+    assert loss.item() < plain.item() and metrics["clip_frac_dual"] > 0
+    # Where the cap binds the token gets no gradient; elsewhere dual clip changes nothing.
+    x = logp.clone().requires_grad_(True)
+    policy_loss(x, old, adv, MASK, clip_ratio_c=3.0, aggregation="token_mean")[0].backward()
+    capped = (adv < 0) & (torch.exp(logp - old) > 3.0) & MASK.bool()
+    assert capped.any() and torch.all(x.grad[capped] == 0)
+    off, off_metrics = policy_loss(*_data(seed=1), MASK, clip_ratio_c=None)
+    assert "clip_frac_dual" not in off_metrics
