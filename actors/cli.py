@@ -397,6 +397,30 @@ def plot(
 
 
 @app.command()
+def samples(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds samples.jsonl)."),
+    step: Optional[int] = typer.Option(None, help="The step to show (default: the last one logged)."),
+    top: Optional[int] = typer.Option(None, help="Show only this many of the highest- and lowest-reward ones."),
+) -> None:
+    """Print the decoded prompts and responses a step trained on: highest and lowest reward, random."""
+    from rlhf_cluster.run_dir import RunDir
+    from rlhf_cluster.sample_log import fewest_extremes, format_samples
+
+    rows = [json.loads(x) for x in (run_dir / RunDir.SAMPLES).read_text().splitlines()] if (run_dir / RunDir.SAMPLES).exists() else []
+    if not rows:
+        typer.echo(f"error: {run_dir / RunDir.SAMPLES}: no samples logged (is this a run directory?)", err=True)
+        raise typer.Exit(2)
+    step = rows[-1]["step"] if step is None else step
+    chosen = [r for r in rows if r["step"] == step]
+    if not chosen:
+        typer.echo(f"error: no samples of step {step} (logged: steps {rows[0]['step']}..{rows[-1]['step']})", err=True)
+        raise typer.Exit(2)
+    if top is not None:
+        chosen = fewest_extremes(chosen, top)
+    typer.echo(format_samples(chosen))
+
+
+@app.command()
 def trace(
     run_dir: Path = typer.Argument(..., help="A run directory (holds trace.jsonl)."),
     steps: Optional[str] = typer.Option(None, help="A:B (steps A to B) or A; default: the whole run."),

@@ -67,6 +67,7 @@ class Driver:
         self.published_version = 0
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
+            self.reporter.tokenizer = self.inputs.tokenizer
             self.metrics_port = (serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range)
                                  if cfg.metrics.enabled else None)
             self._start_learner_and_pools(resume_from)

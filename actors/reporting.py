@@ -17,6 +17,7 @@ from rlhf_cluster.generation.probe import MismatchAlarm
 from rlhf_cluster.metrics import MetricLabels
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.sample_log import pick_samples, sample_rows
 from rlhf_cluster.step_report import console_line, step_row
 from rlhf_cluster.tracing import Tracer
 
@@ -64,6 +65,7 @@ class Reporter:
         self.bad_steps = 0
         # The driver's own track of the trace (an instance: several jobs may share a process).
         self.tracer = Tracer("driver", "driver") if cfg.metrics.trace else None
+        self.tokenizer = None  # set once the job's inputs are prepared: samples.jsonl decodes with it
 
     def step(self, step: int, samples: list[ScoredSample], stats: dict, seconds: float, counters: dict,
              worker_of: dict[str, str]) -> dict:
@@ -90,6 +92,9 @@ class Reporter:
         self.result.consumed.extend(consumed)
         self.run_dir.append(RunDir.METRICS, [row])
         self.run_dir.append(RunDir.CONSUMED, [vars(c) for c in consumed])
+        if self.tokenizer is not None:
+            picked = pick_samples(samples, self.cfg.metrics.samples_top, self.cfg.metrics.samples_random, seed=step)
+            self.run_dir.append(RunDir.SAMPLES, sample_rows(step, picked, self.tokenizer))
         tqdm.write(console_line(row))
         return row
 

@@ -23,6 +23,7 @@ class JobInputs:
     prompts: list[Prompt]
     eval_prompts: list[Prompt]
     probe: Probe | None
+    tokenizer: object  # the model's tokenizer (templates, lengths, probe; decoding samples.jsonl)
 
 
 def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
@@ -45,7 +46,7 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
             model_path, prompts, cfg.model.sft_warmup_steps, cfg.model.sft_warmup_lr, cfg.model.sft_warmup_batch_size,
             cfg.seed, progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
         ))
-    return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts))
+    return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
 
 
 def check_prompt_lengths(prompts: list[Prompt], tokenizer, limit: int, source: str) -> None:

@@ -25,6 +25,7 @@ class RunDir:
     CONSUMED = "consumed.jsonl"  # provenance of every sample trained on
     PROBES = "probes.jsonl"  # each worker's post-load mismatch probe
     TIMELINE = "rollout_timeline.jsonl"  # per prompt group: when it was requested, generated, buffered
+    SAMPLES = "samples.jsonl"  # per step, the decoded highest-, lowest-reward and random responses
     TRACE = "trace.jsonl"  # spans of every actor's work (rlhf_cluster.tracing; `rlhf-cluster trace` converts)
     BUFFER = "buffer.arrow"  # scored samples not yet trained on, at the end of a run
     SCORED_LOG = "scored"  # every scored group as it arrives (ScoredLog segments)
@@ -37,7 +38,7 @@ class RunDir:
     CHECKPOINT_BUFFER = "buffer.arrow"
     CRITIC = "critic"  # the critic's rank checkpoints
 
-    STEP_LOGS = (METRICS, CONSUMED)
+    STEP_LOGS = (METRICS, CONSUMED, SAMPLES)
 
     def __init__(self, root: str | Path, weights_dir: Path, checkpoint_dir: Path):
         self.root = Path(root).expanduser()
@@ -54,7 +55,7 @@ class RunDir:
         self.lock = RunLock(self.root, job_name)
         stale = (self.weights_dir, self.checkpoint_dir, *(self.root / n for n in (
             self.METRICS, self.CONSUMED, self.PROBES, self.BUFFER, self.RESUME, self.ENGINE_INT8, self.TIMELINE,
-            self.SCORED_LOG, self.TRACE)))
+            self.SCORED_LOG, self.TRACE, self.SAMPLES)))
         if fresh and not overwrite:
             trained = self.read(self.METRICS)
             checkpoints = sorted(p.name for p in self.checkpoint_dir.glob("step-*")) if self.checkpoint_dir.is_dir() else []

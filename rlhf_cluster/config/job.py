@@ -64,6 +64,9 @@ class MetricsConfig(_Strict):
     port_range: tuple[int, int] | None = Field(
         None, description="[first, last]: every endpoint binds the first free port of this range (None: any free port). "
         "On Kubernetes the pods declare the range so a PodMonitor can scrape it (deploy/kuberay/).")
+    samples_top: int = Field(2, ge=0, description="Per step, samples.jsonl keeps the decoded text of this many highest- "
+                             "and as many lowest-reward responses (`rlhf-cluster samples RUN_DIR` prints them).")
+    samples_random: int = Field(2, ge=0, description="Per step, samples.jsonl also keeps this many random responses.")
     trace: bool = Field(True, description="Every actor records spans of its work (RUN_DIR/trace.jsonl; "
                         "`rlhf-cluster trace RUN_DIR` writes a Chrome/Perfetto trace).")
 

@@ -313,6 +313,25 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
         done = subprocess.run([CLI, "trace", str(run_dir), "--out", str(out)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         _check_trace(json.loads(out.read_text()), {u["metric"]["pool"] for u in ups}, cfg.train.total_steps)
+
+        # samples.jsonl: per step the decoded text of what was trained on, which round-trips to the
+        # stored token ids through the model's own tokenizer; the CLI prints a step of it.
+        from transformers import AutoTokenizer
+
+        logged = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+        consumed = {(c.step, c.sample_id) for c in outcome["result"].consumed}
+        assert sorted({r["step"] for r in logged}) == list(range(cfg.train.total_steps))
+        from rlhf_cluster.tiny_model import ensure_tiny_model
+
+        tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+        for r in logged:
+            assert (r["step"], r["sample_id"]) in consumed and r["response_ids"]
+            assert r["response"] == tokenizer.decode(r["response_ids"]) and r["prompt"] == tokenizer.decode(r["prompt_ids"])
+        printed = subprocess.run([CLI, "samples", str(run_dir), "--step", "2"], capture_output=True, text=True, timeout=60)
+        assert printed.returncode == 0, printed.stderr
+        step_two = [r for r in logged if r["step"] == 2]
+        assert printed.stdout.count("--- step 2 |") == len(step_two) >= 4
+        assert all(r["response"].splitlines()[0] in printed.stdout for r in step_two if r["response"].strip())
     finally:
         if job is not None:
             job.shutdown()  # a job still running ends with an actor error in its thread
