@@ -115,20 +115,18 @@ class Driver:
 
     async def run(self) -> JobResult:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
-        result, eval_args = self.reporter.result, (self.inputs.eval_prompts, self.cfg.data.eval_samples)
+        result, held_out = self.reporter.result, self.inputs.eval_prompts
         self.loop = asyncio.get_running_loop()
         try:
-            result.accuracy_before, result.sampled_accuracy_before = await evaluate(
-                self.cluster, eval_args[0], self.published_version, eval_args[1])
+            result.evaluation_before = await evaluate(self.cluster, held_out, self.published_version, self.cfg.data)
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(tg))
                 self._watcher = tg.create_task(self.cluster.watch(lambda: self.published_version, self.reporter.trace))
                 self._learner_watch = tg.create_task(self._watch_learner())
                 tg.create_task(self._steps(tg))
             if not self.stop_requested:  # a stopped job (e.g. preempted) is continued, not evaluated
-                result.accuracy_after, result.sampled_accuracy_after = await evaluate(
-                    self.cluster, eval_args[0], self.published_version, eval_args[1])
-                self.reporter.evaluation(len(eval_args[0]), self.published_version, eval_args[1])
+                result.evaluation_after = await evaluate(self.cluster, held_out, self.published_version, self.cfg.data)
+                self.reporter.evaluation(len(held_out), self.published_version, self.cfg.data.eval_samples)
         except BaseExceptionGroup as group:
             first = _first_cause(group)
             raise first from first.__cause__  # the cause itself, its own chain kept
@@ -210,9 +208,14 @@ class Driver:
                             "learner_restarts": self.learner_restarts, "learner_wait_seconds": waited,
                             **self.cluster.busy_shares(began, time.time())}
                 now = time.perf_counter()
+                if self.cfg.data.eval_every_steps and (step + 1) % self.cfg.data.eval_every_steps == 0:
+                    await asyncio.wait([self._publishing])  # the step's version, held by the engines
+                    with self.reporter.span("evaluate", version=self.published_version):
+                        counters.update(await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version,
+                                                       self.cfg.data))
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
                 await asyncio.to_thread(self.state.log.flush)  # the groups scored so far survive a kill
-                last, began = now, time.time()
+                last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
                 bar.update(1)
                 if self.checkpointer.due(step, self.stop_requested):
                     with self.reporter.span("checkpoint", step=step):

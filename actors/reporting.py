@@ -44,12 +44,29 @@ class JobResult:
     rows: list[dict] = field(default_factory=list)
     consumed: list[ConsumedSample] = field(default_factory=list)
     final_version: int = 0
-    accuracy_before: float | None = None  # held-out accuracy (greedy, verifier) before training
-    accuracy_after: float | None = None
-    sampled_accuracy_before: float | None = None  # mean verifier correctness of data.eval_samples samples per prompt
-    sampled_accuracy_after: float | None = None
+    # Held-out evaluation before and after training (`actors.evaluation.evaluate`): eval_accuracy
+    # (greedy, verifier), eval_sampled_accuracy (mean verifier correctness of data.eval_samples
+    # answers per prompt), eval_pass@k; empty without held-out prompts.
+    evaluation_before: dict[str, float] = field(default_factory=dict)
+    evaluation_after: dict[str, float] = field(default_factory=dict)
     run_dir: str = ""
     stopped: bool = False  # ended by `Job.stop` (or a signal) before the last step, with a checkpoint
+
+    @property
+    def accuracy_before(self) -> float | None:
+        return self.evaluation_before.get("eval_accuracy")
+
+    @property
+    def accuracy_after(self) -> float | None:
+        return self.evaluation_after.get("eval_accuracy")
+
+    @property
+    def sampled_accuracy_before(self) -> float | None:
+        return self.evaluation_before.get("eval_sampled_accuracy")
+
+    @property
+    def sampled_accuracy_after(self) -> float | None:
+        return self.evaluation_after.get("eval_sampled_accuracy")
 
 
 class Reporter:
@@ -83,6 +100,9 @@ class Reporter:
         for column, (gauge, extra) in m.STEP_LABELLED_GAUGES.items():
             if column in row:
                 self.labels.of(gauge, **extra).set(row[column])
+        for prefix, (gauge, label) in m.STEP_PREFIXED_GAUGES.items():
+            for column in (c for c in row if c.startswith(prefix)):
+                self.labels.of(gauge, **{label: column.removeprefix(prefix)}).set(row[column])
         consumed = [
             ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, worker_of.pop(s.sample_id, "?"),
                            [list(span) for span in s.policy_versions], s.rolled_back_steps)
@@ -106,6 +126,9 @@ class Reporter:
                 "prompts": prompts, "accuracy_before": r.accuracy_before, "accuracy_after": r.accuracy_after,
                 "version_after": version, "samples_per_prompt": samples_per_prompt,
                 "sampled_accuracy_before": r.sampled_accuracy_before, "sampled_accuracy_after": r.sampled_accuracy_after,
+                **{f"{k.removeprefix('eval_')}_{when}": v for when, e in (("before", r.evaluation_before),
+                                                                         ("after", r.evaluation_after))
+                   for k, v in e.items() if k.startswith("eval_pass@")},
             })
 
     def keep_steps(self, last_step: int) -> None:

@@ -100,6 +100,10 @@ MULTI_VERSION = Gauge(
 )
 
 # The step's rollouts (rlhf_cluster/rollout_stats.py): length runaway, truncation, reward spread, diversity.
+EVAL_ACCURACY = Gauge("rlhf_eval_accuracy", "Held-out accuracy at the last periodic evaluation (verifier), greedy "
+                      "or sampled (mean over data.eval_samples answers per prompt).", LABELS + ("mode",))
+EVAL_PASS_AT_K = Gauge("rlhf_eval_pass_at_k", "Held-out pass@k at the last periodic evaluation (unbiased estimator).",
+                       LABELS + ("k",))
 POOL_BUSY = Gauge("rlhf_step_pool_busy_ratio", "Share of the last step a pool's workers had a request from the driver in "
                   "flight (mean over the pool's workers).", LABELS + ("busy_pool",))
 LEARNER_WAIT = Gauge("rlhf_step_learner_wait_seconds", "Time the last step waited for its batch (the learner idle for data).",
@@ -149,7 +153,11 @@ STEP_LABELLED_GAUGES = {
     "distinct_2": (DISTINCT, {"n": "2"}),
     "distinct_3": (DISTINCT, {"n": "3"}),
     **{f"busy_{pool}": (POOL_BUSY, {"busy_pool": pool}) for pool in ("generation", "reward", "reference")},
+    "eval_accuracy": (EVAL_ACCURACY, {"mode": "greedy"}),
+    "eval_sampled_accuracy": (EVAL_ACCURACY, {"mode": "sampled"}),
 }
+# Columns named by a prefix and one label value: prefix -> (gauge, the label the rest fills).
+STEP_PREFIXED_GAUGES = {"eval_pass@": (EVAL_PASS_AT_K, "k")}
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Statistics of a step's rollouts that warn of reward hacking before it shows in the reward:
 response length (mean, percentiles, share truncated), reward spread, diversity (distinct-n over
-the step's responses, unique responses per group). Pure functions of token ids and numbers;
-Ray-free."""
+the step's responses, unique responses per group), and pass@k of held-out answers. Pure
+functions of token ids and numbers; Ray-free."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from typing import Iterable, Sequence
 
@@ -61,3 +62,19 @@ def rollout_stats(samples: list[ScoredSample]) -> dict[str, float]:
         "distinct_3": distinct_n(responses, 3),
         "unique_per_group": unique_per_group(groups.values()),
     }
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased pass@k estimate from `n` sampled answers of which `correct` are right:
+    1 - C(n - c, k) / C(n, k), the chance that k answers drawn without replacement include a
+    right one (Chen et al. 2021)."""
+    if not 0 <= correct <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@{k} of {correct} correct in {n}: need 0 <= correct <= n and 1 <= k <= n")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def mean_pass_at_k(correct_by_prompt: dict[str, list[bool]], k: int) -> float:
+    """pass@k averaged over prompts (each prompt's estimate from its own answers)."""
+    return statistics.fmean(pass_at_k(len(c), sum(c), k) for c in correct_by_prompt.values())

@@ -98,11 +98,20 @@ class DataConfig(_Strict):
         8, ge=0, description="Held-out evaluation also samples this many responses per prompt at the training "
         "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy only)."
     )
+    eval_every_steps: int = Field(
+        0, ge=0, description="Also evaluate on the held-out prompts after every this many steps (0: only before and "
+        "after the job); the results are columns of that step's row in metrics.jsonl.")
+    eval_pass_k: list[int] = Field(
+        default_factory=lambda: [1, 4], description="pass@k reported for each k (unbiased estimator over the "
+        "eval_samples sampled answers per prompt; each k <= eval_samples).")
     seed: int | None = Field(None, description="Seed for task generation and prompt order (None: the job's `seed`).")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
 
     @model_validator(mode="after")
     def _verifier_and_template(self) -> "DataConfig":
+        if self.eval_samples and any(not 1 <= k <= self.eval_samples for k in self.eval_pass_k):
+            raise ValueError(f"data.eval_pass_k: each k must be between 1 and data.eval_samples={self.eval_samples}, "
+                             f"got {self.eval_pass_k}")
         if self.verifier == "regex" and not self.verifier_pattern:
             raise ValueError("data.verifier_pattern: the regex verifier needs a pattern, e.g. 'answer: (\\S+)'")
         if self.verifier_pattern is not None and self.verifier != "regex":

@@ -194,7 +194,9 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
     from actors.job import Job
 
     # Its own job name: the driver's collectors live in this process and may hold other tests' series.
-    cfg = job_config(name="observability", train={"total_steps": 8, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
+    # Held-out evaluation every 4 steps, so its series (and pass@k) are live too.
+    cfg = job_config(name="observability", train={"total_steps": 8, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+                     data={"eval_prompts": 4, "eval_samples": 4, "eval_pass_k": [1, 2], "eval_every_steps": 4})
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # file_sd watches this directory from the start
     targets_file = run_dir / "prometheus_targets.json"
@@ -304,6 +306,10 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
             raise outcome["error"]
         assert len(outcome["result"].rows) == cfg.train.total_steps
         rows = outcome["result"].rows
+        # The periodic evaluation is in the rows of the steps it followed, and only there.
+        evaluated = [r["step"] for r in rows if "eval_accuracy" in r]
+        assert evaluated == [3, 7]
+        assert all(0 <= r["eval_pass@1"] <= r["eval_pass@2"] <= 1 for r in rows if r["step"] in evaluated)
         assert all(0.0 <= r["busy_generation"] <= 1.0 and r["learner_wait_seconds"] >= 0 for r in rows)
         assert max(r["busy_generation"] for r in rows) > 0 and max(r["busy_reward"] for r in rows) > 0
 

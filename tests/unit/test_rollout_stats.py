@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_cluster.rollout_stats import distinct_n, percentile, rollout_stats, unique_per_group
+from rlhf_cluster.rollout_stats import distinct_n, mean_pass_at_k, pass_at_k, percentile, rollout_stats, unique_per_group
 from rlhf_cluster.records import ScoredSample
 
 
@@ -50,6 +50,29 @@ def test_every_labelled_gauge_column_is_in_a_step_row():
     from rlhf_cluster.step_report import step_row
 
     samples = [_sample(0, "g0", [1, 2], 1.0), _sample(1, "g0", [2, 2], 0.0)]
-    row = step_row(0, samples, {"policy/kl": 0.0, "learner/step_seconds": 0.1}, 0.2, {})
+    # The driver's counters bring the pipeline's columns (busy shares, periodic evaluation).
+    driver = {c: 0.5 for c in m.STEP_LABELLED_GAUGES if c.startswith(("busy_", "eval_"))}
+    row = step_row(0, samples, {"policy/kl": 0.0, "learner/step_seconds": 0.1}, 0.2, driver)
     missing = [c for c in [*m.STEP_LABELLED_GAUGES, "truncated_fraction", "unique_per_group"] if c not in row]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (4, 0, 1, 0.0), (4, 4, 2, 1.0), (4, 1, 1, 0.25),
+    (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    (8, 2, 4, 1 - 15 / 70),  # 1 - C(6,4)/C(8,4)
+    (5, 3, 3, 1.0),  # fewer wrong answers than k: some right one is always drawn
+])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12)
+
+
+def test_pass_at_k_matches_brute_force_over_subsets_and_averages_per_prompt():
+    import itertools
+
+    answers = [True, False, False, True, False, False]
+    subsets = list(itertools.combinations(answers, 3))
+    assert pass_at_k(6, 2, 3) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), rel=1e-12)
+    assert mean_pass_at_k({"a": [True, False], "b": [False, False]}, 1) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
