@@ -24,7 +24,6 @@ raise `RewardFunctionError`: that is a broken function, not a bad response.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import numbers
@@ -33,6 +32,7 @@ from typing import Callable, Literal
 
 import torch
 
+from rlhf_cluster.user_code import import_spec
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.records import Rollout
@@ -75,26 +75,9 @@ def load_reward_fn(spec: str, field: str = "data.reward_fn") -> RewardFn:
 
     Errors are ValueErrors that name the config field, the spec and what went wrong.
     """
-    module_name, sep, attr = spec.strip().partition(":")
     where = f"{field}={spec!r}"
-    if not sep or not all(part.isidentifier() for part in f"{module_name}.{attr}".split(".")):
-        raise ValueError(f"{where} must look like 'module:function', e.g. 'my_rewards:score'")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise ValueError(
-                f"{where}: module {module_name!r} not found (it must be importable on every scoring worker: "
-                "on sys.path / PYTHONPATH, or shipped with the job's working_dir)"
-            ) from exc
-        raise ValueError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # the user's module itself is broken (SyntaxError is an Exception too)
-        raise ValueError(f"{where}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"{where}: module {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
+    fn = import_spec(spec, field)
+    attr = spec.strip().partition(":")[2]
     if not callable(fn):
         raise ValueError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
     try:
