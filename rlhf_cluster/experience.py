@@ -107,8 +107,9 @@ def build_group(
 def token_rewards(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards ``[B, T]`` and the response mask of a step's samples.
 
-    A token's reward is -kl_coef * k1_t when the KL sits in the reward, and the last response
-    token also gets the sequence reward (task reward + shaping). Zero on padding.
+    A token's reward is -kl_coef * k1_t when the KL sits in the reward, and the last token the
+    model sampled also gets the sequence reward (task reward + shaping). The mask (and so every
+    reward) is zero on padding and on tokens an environment wrote (`loss_mask`).
     """
     T = max(max(len(s.response_ids) for s in samples), 1)
     mask = torch.zeros(len(samples), T)
@@ -117,10 +118,13 @@ def token_rewards(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: fl
         n = len(s.response_ids)
         if n == 0:
             continue
-        mask[i, :n] = 1
+        mask[i, :n] = torch.tensor(s.model_tokens, dtype=mask.dtype)
+        if not mask[i].any():
+            continue
         if cfg.kl.placement == "reward" and kl_coef > 0:
-            rewards[i, :n] = -kl_coef * kl_penalty(torch.tensor(s.rollout_logprobs), torch.tensor(s.ref_logprobs), "k1")
-        rewards[i, n - 1] += s.reward
+            kl = kl_penalty(torch.tensor(s.rollout_logprobs), torch.tensor(s.ref_logprobs), "k1")
+            rewards[i, :n] = -kl_coef * kl * mask[i, :n]
+        rewards[i, int(mask[i].nonzero().max())] += s.reward
     return rewards, mask
 
 

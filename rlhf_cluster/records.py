@@ -48,6 +48,9 @@ SAMPLE_SCHEMA = pa.schema(
             nullable=False,
         ),
         pa.field("rolled_back_steps", pa.int32(), nullable=False),
+        # Multi-turn: 1 on tokens the model sampled, 0 on tokens an environment or tool wrote
+        # (no rollout log-prob; out of the loss, the advantages and the KL). Empty: all the model's.
+        pa.field("loss_mask", pa.list_(pa.int8()), nullable=False),
     ]
 )
 
@@ -122,9 +125,12 @@ class ScoredSample:
     # Optimizer steps behind the newest weights that sampled this response which a later rollback
     # abandoned: the learner's history shares its weights only up to version `newest - rolled_back_steps`.
     rolled_back_steps: int = 0
+    loss_mask: list[int] | None = None  # None: every response token was sampled by the model
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
+        if self.loss_mask is not None and (len(self.loss_mask) != n or any(x not in (0, 1) for x in self.loss_mask)):
+            raise ValueError(f"sample {self.sample_id}: loss_mask must be {n} values of 0 or 1")
         for name in ("rollout_logprobs", "ref_logprobs", "advantages"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"sample {self.sample_id}: {name} has {len(getattr(self, name))} values for {n} tokens")
@@ -132,6 +138,11 @@ class ScoredSample:
             self.policy_versions = [(0, self.policy_version)]
         self.policy_versions = [tuple(span) for span in self.policy_versions]
         check_version_spans(self.sample_id, self.policy_versions, n, self.policy_version)
+
+    @property
+    def model_tokens(self) -> list[int]:
+        """1 where the model sampled the response token, 0 where an environment wrote it."""
+        return [1] * len(self.response_ids) if self.loss_mask is None else list(self.loss_mask)
 
     @property
     def newest_version(self) -> int:
@@ -166,6 +177,7 @@ def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
     columns = {f.name: [getattr(s, f.name) for s in rows] for f in SAMPLE_SCHEMA}
     columns["reward_components"] = [list(s.reward_components.items()) for s in rows]
     columns["policy_versions"] = [[{"start": a, "version": v} for a, v in s.policy_versions] for s in rows]
+    columns["loss_mask"] = [s.loss_mask or [] for s in rows]
     return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
 
 
@@ -173,12 +185,17 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
     """Inverse of `samples_to_table`; refuses a table whose schema differs."""
     if "rolled_back_steps" not in table.schema.names:  # written before the field existed: nothing rolled back
         table = table.append_column(SAMPLE_SCHEMA.field("rolled_back_steps"), pa.array([0] * table.num_rows, pa.int32()))
+    if "loss_mask" not in table.schema.names:  # written before multi-turn: every token the model's
+        table = table.append_column(SAMPLE_SCHEMA.field("loss_mask"), pa.array([[]] * table.num_rows, pa.list_(pa.int8())))
+    if set(table.schema.names) == set(SAMPLE_SCHEMA.names):
+        table = table.select(SAMPLE_SCHEMA.names)
     if not table.schema.equals(SAMPLE_SCHEMA):
         raise ValueError(f"sample table schema differs from SAMPLE_SCHEMA:\n{table.schema}")
     out = []
     for row in table.to_pylist():
         row["reward_components"] = dict(row["reward_components"])
         row["policy_versions"] = [(span["start"], span["version"]) for span in row["policy_versions"]]
+        row["loss_mask"] = row["loss_mask"] or None
         out.append(ScoredSample(**row))
     return out
 
@@ -262,7 +279,8 @@ class TrainBatch:
         rollout, ref, adv = torch.zeros((B, T)), torch.zeros((B, T)), torch.zeros((B, T))
         for i, s in enumerate(samples):
             n = len(s.response_ids)
-            response_mask[i, :n] = 1.0 if in_loss is None or in_loss[i] else 0.0
+            if in_loss is None or in_loss[i]:
+                response_mask[i, :n] = torch.tensor(s.model_tokens, dtype=response_mask.dtype)
             rollout[i, :n] = torch.tensor(s.rollout_logprobs)
             ref[i, :n] = torch.tensor(s.ref_logprobs)
             adv[i, :n] = torch.tensor(s.advantages)

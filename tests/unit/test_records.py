@@ -52,8 +52,10 @@ def test_schema_matches_contract():
         "created_at",
         "policy_versions",
         "rolled_back_steps",
+        "loss_mask",
     ]
     assert SAMPLE_SCHEMA.field("rolled_back_steps").type == pa.int32()
+    assert SAMPLE_SCHEMA.field("loss_mask").type == pa.list_(pa.int8())
     assert SAMPLE_SCHEMA.field("prompt_ids").type == pa.list_(pa.int32())
     assert SAMPLE_SCHEMA.field("rollout_logprobs").type == pa.list_(pa.float32())
     assert SAMPLE_SCHEMA.field("policy_version").type == pa.int64()
@@ -79,7 +81,7 @@ def test_version_spans_default_and_round_trip():
 def test_rolled_back_steps_round_trip_and_files_from_before_the_field_read_as_zero():
     rolled = _sample(version=5, rolled_back_steps=2)
     assert table_to_samples(samples_to_table([rolled]))[0].rolled_back_steps == 2
-    old = samples_to_table([_sample(version=4)]).drop_columns(["rolled_back_steps"])  # a checkpoint's buffer of before
+    old = samples_to_table([_sample(version=4)]).drop_columns(["rolled_back_steps", "loss_mask"])  # a buffer of before
     back = table_to_samples(old)[0]
     assert (back.rolled_back_steps, back.staleness(6)) == (0, 2)
 
