@@ -1,0 +1,68 @@
+"""Commands that read a run directory: `plot`, `samples`, `trace` (registered by actors/cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default RUN_DIR/metrics.png)."),
+) -> None:
+    """Plot reward, KL, response length and held-out accuracy per step to a PNG."""
+    from rlhf_cluster.plotting import plot_run
+
+    try:
+        typer.echo(str(plot_run(run_dir, out)))
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+def samples(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds samples.jsonl)."),
+    step: Optional[int] = typer.Option(None, help="The step to show (default: the last one logged)."),
+    top: Optional[int] = typer.Option(None, help="Show only this many of the highest- and lowest-reward ones."),
+) -> None:
+    """Print the decoded prompts and responses a step trained on: highest and lowest reward, random."""
+    from rlhf_cluster.run_dir import RunDir
+    from rlhf_cluster.sample_log import fewest_extremes, format_samples
+
+    rows = [json.loads(x) for x in (run_dir / RunDir.SAMPLES).read_text().splitlines()] if (run_dir / RunDir.SAMPLES).exists() else []
+    if not rows:
+        typer.echo(f"error: {run_dir / RunDir.SAMPLES}: no samples logged (is this a run directory?)", err=True)
+        raise typer.Exit(2)
+    step = rows[-1]["step"] if step is None else step
+    chosen = [r for r in rows if r["step"] == step]
+    if not chosen:
+        typer.echo(f"error: no samples of step {step} (logged: steps {rows[0]['step']}..{rows[-1]['step']})", err=True)
+        raise typer.Exit(2)
+    if top is not None:
+        chosen = fewest_extremes(chosen, top)
+    typer.echo(format_samples(chosen))
+
+
+def trace(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds trace.jsonl)."),
+    steps: Optional[str] = typer.Option(None, help="A:B (steps A to B) or A; default: the whole run."),
+    out: Optional[Path] = typer.Option(None, help="JSON to write (default RUN_DIR/trace.json)."),
+    png: Optional[Path] = typer.Option(None, help="Also draw the trace to this PNG (one row per track)."),
+) -> None:
+    """Write the run's step trace as Chrome/Perfetto trace-event JSON (open it in ui.perfetto.dev)."""
+    from rlhf_cluster.run_dir import RunDir
+    from rlhf_cluster.tracing import parse_steps, read_spans, write_trace
+
+    try:
+        path = write_trace(read_spans(run_dir / RunDir.TRACE), out or run_dir / "trace.json", parse_steps(steps))
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(str(path))
+    if png is not None:
+        from rlhf_cluster.plotting import plot_trace
+
+        typer.echo(str(plot_trace(json.loads(path.read_text()), png, f"{run_dir.name}: steps {steps or 'all'}")))
