@@ -100,9 +100,9 @@ class FaultsConfig(_Strict):
         "before the job is torn down without one.",
     )
     elastic: bool = Field(
-        False, description="When the learner is rebuilt (a rank died or hung, or the job resumes) and its "
-        "learner.world_size ranks cannot all be placed (a node is gone), continue on the most ranks that can be "
-        "(the checkpoint is resharded; the batch must split evenly over them). FSDP2 only.",
+        False, description="When the learner is built (at the start, on resume, or rebuilt after a rank died or "
+        "hung) and its learner.world_size ranks cannot all be placed (a node is gone), continue on the most ranks that "
+        "can be (the checkpoint is resharded; the batch must split evenly over them). FSDP2 only.",
     )
     elastic_wait_s: float = Field(
         30.0, gt=0, description="With `elastic`, how long a rebuilt learner waits for all its ranks to be placed "
