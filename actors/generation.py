@@ -13,11 +13,14 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 
 import ray
 
 from actors._common import actor_setup, metrics_target
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.environments import load_environment
+from rlhf_cluster.generation.episodes import run_episode
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
 from rlhf_cluster import metrics as m, tracing
@@ -47,6 +50,8 @@ class GenerationWorker:
         self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed + index,
                                  name=self.name, on_step=self._on_engine_step)
         self.labels.of(m.GENERATION_VERSION).set(0)
+        # Multi-turn: a fresh environment per episode (None: one response per prompt).
+        self.environment = load_environment(cfg.generation.environment) if cfg.generation.environment else None
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.fingerprint: str | None = None  # of the delivered bytes the engine holds (direct transport)
         self.refused: set[tuple[int, str]] = set()
@@ -227,9 +232,30 @@ class GenerationWorker:
         self.probe_reports.append(report)
 
     async def _groups(self, prompts: list[Prompt], n: int | None = None, greedy: bool = False) -> list[Rollout]:
+        if self.environment is not None:
+            return await self._episodes(prompts, n, greedy)
         futures = [asyncio.wrap_future(self.engine.submit_group(p, n, greedy)) for p in prompts]
         rollouts = [r for group in await asyncio.gather(*futures) for r in group]
         self.labels.of(m.GENERATION_TOKENS).inc(sum(len(r.response_ids) for r in rollouts))
+        return rollouts
+
+    async def _episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
+        """Multi-turn: `n` episodes per prompt (one greedy), all at once, each with its own environment."""
+        count = 1 if greedy else n or self.cfg.generation.sampling.n
+        jobs = []
+        for p in prompts:
+            group_id = f"{p.prompt_id}:{uuid.uuid4().hex[:12]}"
+            jobs += [run_episode(self.engine, self.cfg.generation, p, self.environment(), f"{group_id}:{k}", group_id, greedy)
+                     for k in range(count)]
+        done = await asyncio.gather(*jobs)
+        for rollout, stats in done:
+            self.labels.of(m.EPISODE_TURNS).observe(stats.turns)
+            self.labels.of(m.TOOL_CALLS).inc(stats.tool_calls)
+            for tool, errors in stats.tool_errors.items():
+                self.labels.of(m.TOOL_ERRORS, tool=tool).inc(errors)
+            self.labels.of(m.ENVIRONMENT_SECONDS).inc(stats.environment_seconds)
+        rollouts = [r for r, _ in done]
+        self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))
         return rollouts
 
     def _reports_of_own_loads(self) -> list[dict]:

@@ -1,7 +1,8 @@
 """Environments for multi-turn episodes: the model writes a turn, the environment answers with an
 observation (appended as tokens the policy is not trained on), until it is done. Ray-free.
 
-An environment is named in config like a reward function (`module:Class`; built-in: `tools`).
+An environment is named in config like a reward function (`module:Class`; built-in: `tools`,
+`scripted`).
 `reset(prompt)` starts an episode and returns the first observation ("" for none); `step(turn)`
 takes the model's turn and returns the next observation, a reward for the turn, whether the
 episode is over, and diagnostics.
@@ -65,7 +66,28 @@ class ToolEnvironment(Environment):
                                 "error_kinds": [r.name for r in errors]})
 
 
-BUILT_IN = {"tools": ToolEnvironment}
+class ScriptedEnvironment(Environment):
+    """Answers model turn k with the fixed observation "\n[observation k]\n" and ends the episode at
+    `max_turns`: multi-turn plumbing without a task (tests, smoke runs)."""
+
+    def __init__(self, max_turns: int = 3):
+        self.max_turns = max_turns
+        self.turns = 0
+
+    @staticmethod
+    def observation(turn: int) -> str:
+        return f"\n[observation {turn}]\n"
+
+    def reset(self, prompt: Prompt) -> str:
+        self.turns = 0
+        return ""
+
+    def step(self, turn: str) -> StepResult:
+        self.turns += 1
+        return StepResult(self.observation(self.turns), done=self.turns >= self.max_turns)
+
+
+BUILT_IN = {"tools": ToolEnvironment, "scripted": ScriptedEnvironment}
 
 
 def load_environment(spec: str, field: str = "generation.environment") -> type[Environment]:

@@ -93,6 +93,7 @@ def build_group(
             rollout_logprobs=list(r.rollout_logprobs),
             policy_version=r.policy_version,
             policy_versions=list(r.policy_versions),
+            loss_mask=None if r.loss_mask is None else list(r.loss_mask),
             finish_reason=r.finish_reason,
             reward=float(reward),
             reward_components=c,

@@ -104,6 +104,13 @@ EVAL_ACCURACY = Gauge("rlhf_eval_accuracy", "Held-out accuracy at the last perio
                       "or sampled (mean over data.eval_samples answers per prompt).", LABELS + ("mode",))
 EVAL_PASS_AT_K = Gauge("rlhf_eval_pass_at_k", "Held-out pass@k at the last periodic evaluation (unbiased estimator).",
                        LABELS + ("k",))
+EPISODE_TURNS = Histogram("rlhf_generation_episode_turns", "Model turns per multi-turn episode.", LABELS,
+                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+TOOL_CALLS = Counter("rlhf_generation_tool_calls_total", "Tool calls the policy made in multi-turn episodes.", LABELS)
+TOOL_ERRORS = Counter("rlhf_generation_tool_errors_total", "Tool calls that came back as errors, by tool.",
+                      LABELS + ("tool",))
+ENVIRONMENT_SECONDS = Counter("rlhf_generation_environment_seconds_total", "Time environments took to answer turns.",
+                              LABELS)
 POOL_BUSY = Gauge("rlhf_step_pool_busy_ratio", "Share of the last step a pool's workers had a request from the driver in "
                   "flight (mean over the pool's workers).", LABELS + ("busy_pool",))
 LEARNER_WAIT = Gauge("rlhf_step_learner_wait_seconds", "Time the last step waited for its batch (the learner idle for data).",

@@ -93,8 +93,12 @@ class Rollout:
     response_text: str = ""
     worker: str = ""
     policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
+    loss_mask: list[int] | None = None  # multi-turn: 0 on tokens an environment wrote (None: all the model's)
 
     def __post_init__(self) -> None:
+        if self.loss_mask is not None and len(self.loss_mask) != len(self.response_ids):
+            raise ValueError(f"rollout {self.sample_id}: {len(self.loss_mask)} loss-mask values for "
+                             f"{len(self.response_ids)} tokens")
         if len(self.rollout_logprobs) != len(self.response_ids):
             raise ValueError(
                 f"rollout {self.sample_id}: {len(self.rollout_logprobs)} log-probs for {len(self.response_ids)} tokens"

@@ -29,6 +29,7 @@ def sample_rows(step: int, picked: list[tuple[str, ScoredSample]], tokenizer) ->
         "finish_reason": s.finish_reason, "policy_version": s.policy_version,
         "prompt": tokenizer.decode(s.prompt_ids), "response": tokenizer.decode(s.response_ids),
         "prompt_ids": s.prompt_ids, "response_ids": s.response_ids,
+        **({"loss_mask": s.loss_mask} if s.loss_mask is not None else {}),  # multi-turn: 0 on environment tokens
     } for tag, s in picked]
 
 

@@ -100,6 +100,16 @@ class GenerationConfig(_Strict):
         None, description="Engine weight dtype (None: model.dtype); what each weight sync sends.")
     speculative: SpeculativeConfig | None = Field(
         None, description="Speculative decoding (None: off). Rollout log-probs are the target model's either way.")
+    environment: str | None = Field(
+        None, description="Multi-turn episodes: the environment answering each model turn (`tools`, or `module:Class` "
+        "of rlhf_cluster.environments.Environment); None: one response per prompt.")
+    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most.")
+    turn_max_tokens: int | None = Field(
+        None, ge=1, description="Multi-turn: tokens per model turn at most (None: what is left of sampling.max_new_tokens, "
+        "which bounds the whole response, observations included).")
+    turn_stop: list[str] = Field(
+        default_factory=lambda: ["</calculator>", "</python>"], description="Multi-turn: strings that end a model "
+        "turn (kept in it), e.g. the closing tag of a tool call, so the environment answers at once.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Any other vllm.EngineArgs field, passed to the engine as is; checked against "
         "EngineArgs by the dry run and the driver (a typo names the field).")

@@ -52,6 +52,18 @@ class _RotaryReloadFilter(logging.Filter):
 
 
 @dataclass
+class Turn:
+    """One model turn of a multi-turn episode: its tokens, their log-probs and weight-version spans
+    (token indices within the turn), why it ended, and its text."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    spans: list[tuple[int, int]]
+    finish_reason: str
+    text: str
+
+
+@dataclass
 class GenerationStats:
     """What one `generate` call did, for metrics."""
 
@@ -349,6 +361,28 @@ class VLLMEngine:
                 )
             )
         return rollouts
+
+    def submit_turn(self, context_ids: list[int], max_tokens: int, stop: list[str], greedy: bool = False) -> Future:
+        """One model turn of an episode: a single response continuing `context_ids` (the prompt
+        and the episode so far), ending at EOS, a `stop` string (kept) or `max_tokens`. The
+        future resolves to a `Turn`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        s = self.cfg.sampling
+        params = SamplingParams(n=1, temperature=0.0 if greedy else s.temperature, top_p=s.top_p, max_tokens=max_tokens,
+                                ignore_eos=s.ignore_eos, logprobs=0, seed=None, stop=list(stop) or None,
+                                include_stop_str_in_output=True, output_kind=RequestOutputKind.FINAL_ONLY)
+
+        def finish(outputs: list) -> Turn:
+            comp = outputs[0].outputs[0]
+            ids = list(comp.token_ids)
+            spans = [(span.start, int(span.version)) for span in comp.weight_versions or () if span.end > span.start]
+            return Turn(ids, [step[tok].logprob for tok, step in zip(ids, comp.logprobs)],
+                        spans or [(0, int(self.engine.get_weight_version()))], _finish_reason(comp.finish_reason), comp.text)
+
+        return self._submit([(TokensPrompt(prompt_token_ids=list(context_ids)), params)], finish)
 
     def generate(
         self, prompts: list[Prompt], n: int | None = None, greedy: bool = False
