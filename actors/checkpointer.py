@@ -102,8 +102,9 @@ class Checkpointer:
             ckpt = await asyncio.to_thread(self.checkpoints.finalize, tmp, step, step + 1, digests)
             tqdm.write(f"checkpoint {ckpt.path.name} (weight version {ckpt.version})")
             # Scored groups older than every kept checkpoint can never be recovered: drop them.
-            oldest = Checkpoint(self.checkpoints.list()[0], {}).driver_state()
-            state.log.compact(oldest.get("scored_seq", 0))
+            if not self.cfg.train.record_rollouts:  # a recording keeps every group
+                oldest = Checkpoint(self.checkpoints.list()[0], {}).driver_state()
+                state.log.compact(oldest.get("scored_seq", 0))
         except (OSError, ray.exceptions.RayError) as exc:
             # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
             self.checkpoints.abandon(tmp)

@@ -107,8 +107,10 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run_dir that holds an earlier run (deletes its metrics, checkpoints and weights)."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error caused by input (config, files, reward code, checkpoints)."),
     max_retries: int = typer.Option(0, "--max-retries", min=0, help="Run the driver as a child and resume it (--resume auto) after it dies, up to this many times."),
+    record_rollouts: bool = typer.Option(False, "--record-rollouts", help="Keep every scored group (RUN_DIR/scored) for `rlhf-cluster replay`."),
 ) -> None:
     """Run an RL job: generation, scoring, learner and weight store on Ray."""
+    set_ = [*set_, *(["train.record_rollouts=true"] if record_rollouts else [])]
     cfg = _load(config, set_)
     address = address or cfg.cluster.address
     if dry_run:
@@ -381,7 +383,7 @@ def scale(
     typer.echo("layout: " + ", ".join(f"{name} {count}" for name, count in sizes.items()))
 
 
-for view in (run_views.plot, run_views.samples, run_views.trace):
+for view in (run_views.plot, run_views.samples, run_views.trace, run_views.replay):
     app.command()(view)
 
 

@@ -68,6 +68,7 @@ class Driver:
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
             self.reporter.tokenizer = self.inputs.tokenizer
+            self.run_dir.write_yaml(RunDir.CONFIG, cfg.model_dump(mode="json"))
             self.metrics_port = (serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range)
                                  if cfg.metrics.enabled else None)
             self._start_learner_and_pools(resume_from)

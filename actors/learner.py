@@ -39,6 +39,10 @@ class ShardedRank:
         """Answered on its own thread during a step or a collective: a stopped rank does not answer."""
         return {"stalled_s": 0.0, "spans": tracing.drain()}
 
+    def state_digest(self) -> str:
+        """The digest of this rank's model and optimizer shards, scheduler and step (as checkpoints record it)."""
+        return self.learner.state_digest()
+
     def save_checkpoint(self, directory: str) -> str:
         """Stage this rank's state and write it in the background; returns the staged state's digest."""
         if self.checkpoint_write is not None:

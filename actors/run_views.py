@@ -1,4 +1,4 @@
-"""Commands that read a run directory: `plot`, `samples`, `trace` (registered by actors/cli.py)."""
+"""Commands that read a run directory: `plot`, `samples`, `trace`, `replay` (registered by actors/cli.py)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,38 @@ def trace(
         from rlhf_cluster.plotting import plot_trace
 
         typer.echo(str(plot_trace(json.loads(path.read_text()), png, f"{run_dir.name}: steps {steps or 'all'}")))
+
+
+def replay(
+    run_dir: Path = typer.Argument(..., help="The run directory of a job run with --record-rollouts."),
+    steps: Optional[str] = typer.Option(None, help="A:B (steps A to B; A > 0 starts from the run's checkpoint of step A-1); default: all."),
+    out: Optional[Path] = typer.Option(None, help="Where the replay writes (default RUN_DIR/replay)."),
+    address: Optional[str] = typer.Option(None, help="Ray address; empty starts a local instance."),
+) -> None:
+    """Train a recorded run's steps again from its recorded groups (no generation); print each
+    rank's state digest and whether it equals the run's checkpoint at the last step."""
+    import ray
+
+    from actors.replay import replay as run_replay
+    from rlhf_cluster.tracing import parse_steps
+
+    try:
+        window = parse_steps(steps)
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            result = run_replay(run_dir, out or run_dir / "replay", window)
+        finally:
+            ray.shutdown()
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    first, last = result["steps"]
+    typer.echo(f"replayed steps {first}..{last}")
+    for rank, digest in enumerate(result["rank_digests"]):
+        typer.echo(f"rank {rank}: {digest}")
+    if result["run_rank_digests"] is not None:
+        same = result["run_rank_digests"] == result["rank_digests"]
+        typer.echo(f"the run's checkpoint of step {last}: {'identical' if same else 'DIFFERENT'}")

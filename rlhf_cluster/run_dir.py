@@ -25,6 +25,7 @@ class RunDir:
     CONSUMED = "consumed.jsonl"  # provenance of every sample trained on
     PROBES = "probes.jsonl"  # each worker's post-load mismatch probe
     TIMELINE = "rollout_timeline.jsonl"  # per prompt group: when it was requested, generated, buffered
+    CONFIG = "config.yaml"  # the job's whole config, as it ran (a resume writes its own)
     SAMPLES = "samples.jsonl"  # per step, the decoded highest-, lowest-reward and random responses
     TRACE = "trace.jsonl"  # spans of every actor's work (rlhf_cluster.tracing; `rlhf-cluster trace` converts)
     BUFFER = "buffer.arrow"  # scored samples not yet trained on, at the end of a run
@@ -91,6 +92,11 @@ class RunDir:
 
     def write_json(self, name: str, value: dict) -> None:
         write_atomic(self.root / name, json.dumps(value, indent=1))
+
+    def write_yaml(self, name: str, value: dict) -> None:
+        import yaml
+
+        write_atomic(self.root / name, yaml.safe_dump(value, sort_keys=False))
 
     def keep_steps(self, last_step: int) -> None:
         """Keep the step logs' rows of steps <= last_step, so a resumed run's logs continue the original's."""

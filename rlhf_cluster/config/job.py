@@ -130,6 +130,9 @@ class TrainConfig(_Strict):
         "as stale only if they exceed max_staleness)."
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    record_rollouts: bool = Field(
+        False, description="Keep every scored group (RUN_DIR/scored, Arrow, append-only: never compacted), so "
+        "`rlhf-cluster replay RUN_DIR` can retrain the run's steps without generation (`--record-rollouts`).")
 
 
 class ClusterConfig(_Strict):
