@@ -1,4 +1,5 @@
-"""Plot a run's per-step metrics (reward, KL, response length) and held-out accuracy to a PNG."""
+"""Plot a run's per-step metrics (reward, KL, response length, diversity, pool busy share) and held-out
+accuracy (before, periodic, after) to a PNG; draw a step trace."""
 
 from __future__ import annotations
 
@@ -23,14 +24,26 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     steps = [r["step"] for r in rows]
     evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    panels = [("reward_mean", "reward (mean)"), ("kl", "KL to reference (k3, per token)"),
-              ("response_len_mean", "response length (tokens)")]
-    for ax, (key, title) in zip(axes.flat, panels):
-        ax.plot(steps, [r[key] for r in rows])
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7), constrained_layout=True)
+    # Each panel: its title and the series it draws when the rows have them (older runs lack some).
+    panels = [("reward", [("reward_mean", "mean"), ("reward_min", "min"), ("reward_max", "max")]),
+              ("KL to reference (k3, per token)", [("kl", "kl")]),
+              ("response length (tokens)", [("response_len_mean", "mean"), ("response_len_p90", "p90"),
+                                            ("response_len_max", "max")]),
+              ("diversity (reward hacking watch)", [("distinct_2", "distinct-2"), ("unique_per_group", "unique per group"),
+                                                    ("truncated_fraction", "truncated")]),
+              ("where the step goes (share)", [("busy_generation", "generation busy"), ("busy_reward", "reward busy"),
+                                               ("busy_reference", "reference busy")])]
+    for ax, (title, series) in zip(axes.flat, panels):
+        for key, label in series:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], label=label)
+        if len(series) > 1 and ax.lines:
+            ax.legend(fontsize="small")
         ax.set_title(title)
         ax.set_xlabel("step")
-    ax = axes.flat[3]
+    ax = axes.flat[5]
     ax.set_title("held-out accuracy (verifier)")
     ax.set_xlabel("step")
     periodic = [r for r in rows if "eval_accuracy" in r]  # data.eval_every_steps: after step r["step"]
