@@ -73,23 +73,3 @@ def test_three_turn_episodes_mask_observations_and_keep_exact_logprobs_across_a_
     assert (sequence_logprobs(old_model, r.prompt_ids, r.response_ids)
             - sequence_logprobs(model, r.prompt_ids, r.response_ids)).abs().max() > 100 * TOLERANCE
 
-
-def test_a_job_trains_on_multi_turn_episodes(ray_cluster, job_config):
-    import json
-
-    from actors.job import Job
-
-    cfg = job_config(name="episodes", generation={"environment": "scripted", "max_turns": 2, "turn_max_tokens": 6,
-                                                  "turn_stop": [], "sampling": {"n": 4, "max_new_tokens": 24}},
-                     train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
-    job = Job(cfg)
-    try:
-        result = job.run()
-    finally:
-        job.shutdown()
-    assert [r["step"] for r in result.rows] == [0, 1, 2]
-    assert all(torch.isfinite(torch.tensor([r["kl"], r["reward_mean"], r["policy/entropy"]])).all() for r in result.rows)
-    # What the steps trained on were episodes: model turns and the environment's observations.
-    logged = [json.loads(x) for x in (job.run_dir / "samples.jsonl").read_text().splitlines()]
-    assert logged and all(0 in r["loss_mask"] and r["loss_mask"].count(1) >= 6 for r in logged)
-    assert all("[observation 1]" in r["response"] for r in logged)

@@ -1,7 +1,8 @@
 """Record and replay: a job recorded with --record-rollouts is trained again from its recorded
 groups, without generation. Two replays give bit-identical learner states, and a replay of the
-first steps of a synchronous run (max_staleness 0) ends in exactly the state the run
-checkpointed at that step."""
+steps of a synchronous run (max_staleness 0) ends in exactly the state the run checkpointed
+after them, also when it starts from the run's checkpoint of an earlier step. The job is multi-turn (the scripted environment), so this is also the
+job test of episodes: their masked samples are trained on, recorded and replayed."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def _digests(out: str) -> list[str]:
 def test_replays_are_identical_and_match_the_run(ray_cluster, job_config, tmp_path):
     gcs = ray_cluster.get_runtime_context().gcs_address
     cfg = job_config(name="recorded", learner={"world_size": 1, "lr": 1e-3},
+                     generation={"environment": "scripted", "max_turns": 2, "turn_max_tokens": 6, "turn_stop": [],
+                                 "sampling": {"n": 4, "max_new_tokens": 24}},
                      train={"total_steps": 4, "prompts_per_step": 2, "max_staleness": 0, "progress": False},
                      checkpoint={"every_steps": 2, "keep": 2})
     config = tmp_path / "job.yaml"
@@ -36,17 +39,20 @@ def test_replays_are_identical_and_match_the_run(ray_cluster, job_config, tmp_pa
     _cli("train", str(config), "--record-rollouts", "--address", gcs)
     run_dir = Path(cfg.run_dir)
     assert (run_dir / "config.yaml").exists()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    # The steps trained on episodes: model turns and the environment's observations, masked.
+    logged = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert logged and all(0 in r["loss_mask"] and r["loss_mask"].count(1) >= 6 for r in logged)
+    assert all("[observation 1]" in r["response"] for r in logged)
 
     first = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-a"), "--address", gcs)
     second = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-b"), "--address", gcs)
     assert _digests(first) and _digests(first) == _digests(second)
-    # All four steps: the state the run checkpointed after its last step, exactly.
+    # All four steps: exactly the state the run checkpointed after its fourth step.
     assert "the run's checkpoint of step 3: identical" in first
-    # The first two steps: the run's checkpoint of step 1.
-    head = _cli("replay", str(run_dir), "--steps", "0:1", "--out", str(tmp_path / "replay-c"), "--address", gcs)
-    assert "the run's checkpoint of step 1: identical" in head
-    manifest = json.loads(next((run_dir / "checkpoints").glob("step-*1/manifest.json")).read_text())
-    assert _digests(head) == manifest["rank_digests"]
-    # Steps 2..3 from the run's checkpoint of step 1 end where the whole replay did.
-    tail = _cli("replay", str(run_dir), "--steps", "2:3", "--out", str(tmp_path / "replay-d"), "--address", gcs)
+    manifest = json.loads(next((run_dir / "checkpoints").glob("step-*3/manifest.json")).read_text())
+    assert _digests(first) == manifest["rank_digests"]
+    # Steps 2..3 from the run's checkpoint of step 1 end in the same state.
+    tail = _cli("replay", str(run_dir), "--steps", "2:3", "--out", str(tmp_path / "replay-c"), "--address", gcs)
     assert _digests(tail) == _digests(first)
