@@ -209,7 +209,8 @@ class Driver:
                             "learner_restarts": self.learner_restarts, "learner_wait_seconds": waited,
                             **self.cluster.busy_shares(began, time.time())}
                 now = time.perf_counter()
-                if self.cfg.data.eval_every_steps and (step + 1) % self.cfg.data.eval_every_steps == 0:
+                every = self.cfg.data.eval_every_steps  # the last step's evaluation is the final one (eval.json)
+                if every and (step + 1) % every == 0 and step + 1 < total:
                     await asyncio.wait([self._publishing])  # the step's version, held by the engines
                     with self.reporter.span("evaluate", version=self.published_version):
                         counters.update(await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version,

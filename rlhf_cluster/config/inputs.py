@@ -100,7 +100,7 @@ class DataConfig(_Strict):
     )
     eval_every_steps: int = Field(
         0, ge=0, description="Also evaluate on the held-out prompts after every this many steps (0: only before and "
-        "after the job); the results are columns of that step's row in metrics.jsonl.")
+        "after the job); the results are columns of that step's row in metrics.jsonl (after the last step: eval.json).")
     eval_pass_k: list[int] = Field(
         default_factory=lambda: [1, 4], description="pass@k reported for each k (unbiased estimator over the "
         "eval_samples sampled answers per prompt; each k <= eval_samples).")

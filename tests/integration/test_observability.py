@@ -194,9 +194,9 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
     from actors.job import Job
 
     # Its own job name: the driver's collectors live in this process and may hold other tests' series.
-    # Held-out evaluation every 4 steps, so its series (and pass@k) are live too.
+    # Held-out evaluation every 3 steps, so its series (and pass@k) are live too.
     cfg = job_config(name="observability", train={"total_steps": 8, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
-                     data={"eval_prompts": 4, "eval_samples": 4, "eval_pass_k": [1, 2], "eval_every_steps": 4})
+                     data={"eval_prompts": 4, "eval_samples": 4, "eval_pass_k": [1, 2], "eval_every_steps": 3})
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # file_sd watches this directory from the start
     targets_file = run_dir / "prometheus_targets.json"
@@ -306,9 +306,12 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
             raise outcome["error"]
         assert len(outcome["result"].rows) == cfg.train.total_steps
         rows = outcome["result"].rows
-        # The periodic evaluation is in the rows of the steps it followed, and only there.
+        # The periodic evaluation is in the rows of the steps it followed, and only there (after the
+        # last step it is the final one, in eval.json).
         evaluated = [r["step"] for r in rows if "eval_accuracy" in r]
-        assert evaluated == [3, 7]
+        assert evaluated == [2, 5]
+        final = json.loads((run_dir / "eval.json").read_text())
+        assert 0 <= final["pass@1_after"] <= final["pass@2_after"] <= 1
         assert all(0 <= r["eval_pass@1"] <= r["eval_pass@2"] <= 1 for r in rows if r["step"] in evaluated)
         assert all(0.0 <= r["busy_generation"] <= 1.0 and r["learner_wait_seconds"] >= 0 for r in rows)
         assert max(r["busy_generation"] for r in rows) > 0 and max(r["busy_reward"] for r in rows) > 0
