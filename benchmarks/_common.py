@@ -9,13 +9,18 @@ scripts/run_benchmarks.sh prints as the one-line summary.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
+import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -146,3 +151,38 @@ def raw_generate(engine, texts: Sequence[str], params) -> list:
         return [finished[i] for i in ids]
 
     return engine.at_token_boundary(run).result()
+
+
+@contextlib.contextmanager
+def local_ray(verbose: bool, prefix: str):
+    """A local Ray instance of the benchmark's own (temp dir, no dashboard) for its jobs; yields a
+    scratch directory for their run dirs. Both are removed afterwards."""
+    import ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")
+    runs = Path(tempfile.mkdtemp(prefix=prefix))
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=ray_tmp,
+             log_to_driver=verbose)
+    try:
+        yield runs
+    finally:
+        ray.shutdown()
+        shutil.rmtree(runs, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def run_job_quietly(cfg, verbose: bool):
+    """`Job(cfg).run()` then shutdown, the driver's lines kept back unless `verbose` (shown if it fails)."""
+    from actors.job import Job
+
+    log = io.StringIO()
+    try:
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log):
+            job = Job(cfg)
+            try:
+                return job.run()
+            finally:
+                job.shutdown()
+    except BaseException:
+        sys.stdout.write(log.getvalue()[-4000:])
+        raise

@@ -26,15 +26,13 @@ import argparse
 import contextlib
 import io
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from _common import headline, machine_info, median, print_table, result_path, rotated, write_result
+from _common import headline, local_ray, machine_info, median, print_table, result_path, rotated, write_result
 
 TARGET = 1.3  # async samples/s >= 1.3x sync
 DEFAULT_OUT = result_path("async_vs_sync")
@@ -132,30 +130,20 @@ def run_job(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
-
     settings = tuple(args.staleness)
     base = settings[0]
-    ray_tmp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")
-    runs_tmp = Path(tempfile.mkdtemp(prefix="bench-async-"))
     jobs: list[dict] = []
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=ray_tmp,
-             log_to_driver=args.verbose)
-    try:
+    with local_ray(args.verbose, "bench-async-") as runs:
         for rep in range(args.reps):
             for staleness in rotated(settings, rep):
-                job = run_job(args, staleness, rep, runs_tmp / f"s{staleness}-r{rep}")
+                job = run_job(args, staleness, rep, runs / f"s{staleness}-r{rep}")
                 jobs.append(job)
                 print(f"  rep {rep} max_staleness {staleness}: median step {job['median_step_seconds']:.3f}s, "
                       f"{job['samples_per_s']:.1f} samples/s, learner {job['learner_share']:.0%} of a step, "
                       f"final reward {job['final_reward']:+.3f} (job {job['startup_seconds']:.0f}s start + "
                       f"{job['run_seconds']:.0f}s run)", flush=True)
                 time.sleep(2)  # let the killed actors' processes exit before the next job starts
-    finally:
-        ray.shutdown()
-        shutil.rmtree(runs_tmp, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     total_s = time.perf_counter() - t0
 
     per = {}

@@ -14,18 +14,14 @@ worst seed beats the placebo's best.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from _common import headline, machine_info, print_table, result_path, write_result
+from _common import headline, local_ray, machine_info, print_table, result_path, run_job_quietly, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 PLACEBO = "placebo"
@@ -61,17 +57,8 @@ def job_config(args: argparse.Namespace, preset: str, seed: int, run_dir: Path):
 
 
 def run_job(args: argparse.Namespace, preset: str, seed: int, run_dir: Path) -> dict:
-    from actors.job import Job
-
-    cfg = job_config(args, preset, seed, run_dir)
-    log = io.StringIO()
     start = time.perf_counter()
-    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(log):
-        job = Job(cfg)
-        try:
-            result = job.run()
-        finally:
-            job.shutdown()
+    result = run_job_quietly(job_config(args, preset, seed, run_dir), args.verbose)
     return {"preset": preset, "seed": seed, "seconds": time.perf_counter() - start,
             "sampled_before": result.sampled_accuracy_before, "sampled_after": result.sampled_accuracy_after,
             "greedy_before": result.accuracy_before, "greedy_after": result.accuracy_after,
@@ -81,26 +68,16 @@ def run_job(args: argparse.Namespace, preset: str, seed: int, run_dir: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
-
-    ray_tmp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")
-    runs_tmp = Path(tempfile.mkdtemp(prefix="bench-presets-"))
     jobs: list[dict] = []
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=ray_tmp,
-             log_to_driver=args.verbose)
-    try:
+    with local_ray(args.verbose, "bench-presets-") as runs:
         for seed in args.seeds:
             for preset in args.presets:
-                job = run_job(args, preset, seed, runs_tmp / f"{preset}-s{seed}")
+                job = run_job(args, preset, seed, runs / f"{preset}-s{seed}")
                 jobs.append(job)
                 print(f"  {preset} seed {seed}: sampled held-out {job['sampled_before']:.3f} -> {job['sampled_after']:.3f} "
                       f"({job['gain']:+.3f}), {job['seconds']:.0f}s", flush=True)
                 time.sleep(2)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(runs_tmp, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     gains = {p: [j["gain"] for j in jobs if j["preset"] == p] for p in args.presets}
     placebo_best = max(gains[PLACEBO]) if gains.get(PLACEBO) else None
     table = []

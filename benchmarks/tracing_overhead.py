@@ -12,18 +12,14 @@ trace bytes per step, what the driver writes to `trace.jsonl`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from _common import headline, machine_info, median, print_table, result_path, rotated, write_result
+from _common import headline, local_ray, machine_info, median, print_table, result_path, rotated, run_job_quietly, write_result
 from async_vs_sync import job_config
 
 TARGET = 1.02  # tracing may cost at most 2% of step time
@@ -53,18 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_job(args: argparse.Namespace, trace: bool, rep: int, run_dir: Path) -> dict:
-    from actors.job import Job
-
     cfg = job_config(args, 1, rep, run_dir)
     cfg = cfg.model_copy(update={"name": f"bench-trace-{'on' if trace else 'off'}-r{rep}-{os.getpid()}",
                                  "metrics": cfg.metrics.model_copy(update={"trace": trace})})
-    log = io.StringIO()
-    with contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(log):
-        job = Job(cfg)
-        try:
-            rows = job.run().rows
-        finally:
-            job.shutdown()
+    rows = run_job_quietly(cfg, args.verbose).rows
     timed = rows[args.warmup_steps:]
     trace_file = run_dir / "trace.jsonl"
     spans = len(trace_file.read_text().splitlines()) if trace_file.exists() else 0
@@ -75,26 +63,16 @@ def run_job(args: argparse.Namespace, trace: bool, rep: int, run_dir: Path) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import ray
-
-    ray_tmp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")
-    runs_tmp = Path(tempfile.mkdtemp(prefix="bench-trace-"))
     jobs: list[dict] = []
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=ray_tmp,
-             log_to_driver=args.verbose)
-    try:
+    with local_ray(args.verbose, "bench-trace-") as runs:
         for rep in range(args.reps):
             for side in rotated(("on", "off"), rep):
-                job = run_job(args, side == "on", rep, runs_tmp / f"{side}-r{rep}")
+                job = run_job(args, side == "on", rep, runs / f"{side}-r{rep}")
                 jobs.append(job)
                 print(f"  rep {rep} trace {side}: median step {job['median_step_seconds']:.3f}s, "
                       f"{job['spans_per_step']:.0f} spans/step", flush=True)
                 time.sleep(2)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(runs_tmp, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     by = {(j["trace"], j["rep"]): j for j in jobs}
     paired = [by[(True, r)]["median_step_seconds"] / by[(False, r)]["median_step_seconds"] for r in range(args.reps)]
     value = median(paired)

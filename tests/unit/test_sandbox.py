@@ -11,7 +11,6 @@ import threading
 import time
 import uuid
 
-import pytest
 
 from rlhf_cluster.tools.sandbox import SandboxLimits, run_python
 
