@@ -216,7 +216,8 @@ class Driver:
                         counters.update(await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version,
                                                        self.cfg.data))
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
-                await asyncio.to_thread(self.state.log.flush)  # the groups scored so far survive a kill
+                with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
+                    await asyncio.to_thread(self.state.log.flush)
                 last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
                 bar.update(1)
                 if self.checkpointer.due(step, self.stop_requested):

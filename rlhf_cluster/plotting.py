@@ -96,8 +96,8 @@ def plot_trace(doc: dict, out: str | Path, title: str = "") -> Path:
     ax.set_yticks(range(len(rows)), [threads[k] for k in rows])
     ax.set_xlabel("seconds")
     ax.set_title(title)
-    ax.legend(handles=[matplotlib.patches.Patch(color=colours[n], label=n) for n in names], ncol=min(len(names), 8),
-              loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize="small")
+    fig.legend(handles=[matplotlib.patches.Patch(color=colours[n], label=n) for n in names], ncol=min(len(names), 8),
+               loc="outside lower center", fontsize="small")
     out = Path(out)
     fig.savefig(out, dpi=90)
     plt.close(fig)
