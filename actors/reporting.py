@@ -83,6 +83,7 @@ class Reporter:
         # The driver's own track of the trace (an instance: several jobs may share a process).
         self.tracer = Tracer("driver", "driver") if cfg.metrics.trace else None
         self.tokenizer = None  # set once the job's inputs are prepared: samples.jsonl decodes with it
+        self.trace_full = False  # trace.jsonl reached metrics.trace_max_mb
 
     def step(self, step: int, samples: list[ScoredSample], stats: dict, seconds: float, counters: dict,
              worker_of: dict[str, str]) -> dict:
@@ -162,9 +163,16 @@ class Reporter:
         return self.tracer.span(name, **args) if self.tracer is not None else contextlib.nullcontext()
 
     def trace(self, spans: list[dict]) -> None:
-        """Keep trace spans (the actors', arriving with heartbeats, and the driver's) in trace.jsonl."""
-        if spans:
-            self.run_dir.append(RunDir.TRACE, spans)
+        """Keep trace spans (the actors', arriving with heartbeats, and the driver's) in trace.jsonl,
+        until it reaches `metrics.trace_max_mb` (~35 spans of ~130 bytes a step on the demo)."""
+        if not spans or self.trace_full:
+            return
+        path = self.run_dir / RunDir.TRACE
+        if path.exists() and path.stat().st_size > self.cfg.metrics.trace_max_mb << 20:
+            self.trace_full = True
+            log.warning("%s reached metrics.trace_max_mb=%d: no more spans are kept", path, self.cfg.metrics.trace_max_mb)
+            return
+        self.run_dir.append(RunDir.TRACE, spans)
 
     def learner_ranks(self, world_size: int) -> None:
         self.labels.of(m.LEARNER_RANKS).set(world_size)

@@ -69,6 +69,8 @@ class MetricsConfig(_Strict):
     samples_random: int = Field(2, ge=0, description="Per step, samples.jsonl also keeps this many random responses.")
     trace: bool = Field(True, description="Every actor records spans of its work (RUN_DIR/trace.jsonl; "
                         "`rlhf-cluster trace RUN_DIR` writes a Chrome/Perfetto trace).")
+    trace_max_mb: int = Field(512, ge=1, description="trace.jsonl stops growing at this size (a long run keeps its first "
+                              "~100k steps of spans at the demo's ~4.5 KB a step).")
 
     @field_validator("port_range")
     @classmethod

@@ -97,3 +97,17 @@ def test_steps_option(text, expected):
 def test_bad_steps_option_is_refused(text):
     with pytest.raises(ValueError, match="--steps"):
         parse_steps(text)
+
+
+def test_the_trace_file_stops_growing_at_its_cap(tmp_path):
+    from actors.reporting import Reporter
+    from rlhf_cluster.config import JobConfig
+    from rlhf_cluster.run_dir import RunDir
+
+    cfg = JobConfig.model_validate({"run_dir": str(tmp_path), "metrics": {"trace_max_mb": 1}})
+    reporter = Reporter(cfg, RunDir(tmp_path, tmp_path / "weights", tmp_path / "checkpoints"))
+    span = _span("gen0", "generation", "generate", 0.0, 1.0)
+    for _ in range(300):
+        reporter.trace([span] * 100)
+    size = (tmp_path / "trace.jsonl").stat().st_size
+    assert reporter.trace_full and (1 << 20) < size < (1 << 20) + 100 * 200
