@@ -78,28 +78,36 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {preset} seed {seed}: sampled held-out {job['sampled_before']:.3f} -> {job['sampled_after']:.3f} "
                       f"({job['gain']:+.3f}), {job['seconds']:.0f}s", flush=True)
                 time.sleep(2)
+                report(args, jobs, time.perf_counter() - t0, final=False)
+    report(args, jobs, time.perf_counter() - t0, final=True)
+    return 0
+
+
+def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bool) -> None:
+    """The table over the jobs run so far: written to the result file after every job (a cut-off
+    run keeps what it measured, marked `complete: false`), printed at the end."""
     gains = {p: [j["gain"] for j in jobs if j["preset"] == p] for p in args.presets}
-    placebo_best = max(gains[PLACEBO]) if gains.get(PLACEBO) else None
+    gains = {p: g for p, g in gains.items() if g}
+    placebo_best = max(gains[PLACEBO]) if PLACEBO in gains else None
     table = []
     for preset, g in gains.items():
         learns = None if placebo_best is None or preset == PLACEBO else min(g) > placebo_best
         table.append([preset, " ".join(f"{x:+.3f}" for x in g), statistics.fmean(g), min(g), max(g),
                       "-" if learns is None else ("yes" if learns else "NO")])
-    print(f"\npresets_learn  demo task, {args.steps} steps, seeds {args.seeds}: sampled held-out accuracy gain "
-          f"(after - before) | {os.cpu_count()} CPUs | {time.perf_counter() - t0:.0f}s")
-    print_table(["preset", "gain per seed", "mean", "min", "max", "worst seed > placebo's best"], table,
-                ["{}", "{}", "{:+.3f}", "{:+.3f}", "{:+.3f}", "{}"])
     learning = [row for row in table if row[5] in ("yes", "NO")]
     value = sum(row[5] == "yes" for row in learning)
     write_result(args.out, {
-        "benchmark": "presets_learn", "machine": machine_info(),
+        "benchmark": "presets_learn", "machine": machine_info(), "complete": final, "seconds": seconds,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "jobs": jobs, "gains": gains,
         "headline": headline("presets whose worst seed beats the placebo's best", value,
                              f"= {len(learning)} (all)", value == len(learning) if learning else None, ""),
     })
-    return 0
-
+    if final:
+        print(f"\npresets_learn  demo task, {args.steps} steps, seeds {args.seeds}: sampled held-out accuracy gain "
+              f"(after - before) | {os.cpu_count()} CPUs | {seconds:.0f}s")
+        print_table(["preset", "gain per seed", "mean", "min", "max", "worst seed > placebo's best"], table,
+                    ["{}", "{}", "{:+.3f}", "{:+.3f}", "{:+.3f}", "{}"])
 
 if __name__ == "__main__":
     try:
