@@ -1,0 +1,51 @@
+"""What makes a generation worker start fast: vLLM imported with the GC paused and its objects
+frozen, and no torch.compile in an engine that runs eager (docs/performance.md, "Job start")."""
+
+import gc
+import os
+
+import pytest
+
+from rlhf_cluster.config import GenerationConfig
+from rlhf_cluster.gc_pause import imports_without_gc
+from rlhf_cluster.generation import engine
+
+
+@pytest.fixture
+def restore_gc():
+    was = gc.isenabled()
+    yield
+    gc.unfreeze()
+    (gc.enable if was else gc.disable)()
+
+
+def test_the_collector_is_paused_inside_and_what_was_made_is_frozen(restore_gc):
+    gc.enable()
+    gc.unfreeze()
+    with imports_without_gc():
+        assert not gc.isenabled()
+        made = [[i] for i in range(1000)]  # tracked containers, as an import makes
+    assert gc.isenabled()
+    assert gc.get_freeze_count() >= len(made)
+
+
+def test_a_collector_that_was_off_stays_off(restore_gc):
+    gc.disable()
+    with imports_without_gc():
+        pass
+    assert not gc.isenabled()
+
+
+@pytest.mark.parametrize("enforce_eager, cuda, disabled", [(None, False, True), (None, True, False), (True, True, True),
+                                                           (False, False, False)])
+def test_only_an_eager_engine_turns_torch_compile_off(monkeypatch, enforce_eager, cuda, disabled):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "recorded")  # so that teardown restores the process's value
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                 "VLLM_NO_USAGE_STATS", "VLLM_LOGGING_LEVEL"):
+        monkeypatch.setenv(name, "kept")  # setdefault: the test leaves the process's values alone
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
+    cfg = GenerationConfig(enforce_eager=enforce_eager)
+    assert engine.runs_eager(cfg) == (enforce_eager if enforce_eager is not None else not cuda)
+    engine.configure_vllm_environment(cfg)
+    assert (os.environ.get("TORCHDYNAMO_DISABLE") == "1") == disabled
