@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="HF model folder (the same one our side loads)")
     p.add_argument("--prompts", required=True, help="JSONL file with prompt_id, prompt, answer (in training order)")
     p.add_argument("--tasks-file", required=True, help="path of rlhf_cluster/data/tasks.py (verifier + weights)")
-    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--task", default="arithmetic", help="its verifier is tasks.verify_<task>")
+    p.add_argument("--reward-weights", required=True,
+                   help="JSON {component: weight}: rlhf_cluster.data.verifiers.REWARD_WEIGHTS[task], from our side")
     p.add_argument("--n", type=int, required=True, help="num_generations (group size)")
     p.add_argument("--prompts-per-step", type=int, required=True)
     p.add_argument("--max-new-tokens", type=int, required=True, help="max_completion_length")
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = load_tasks(args.tasks_file)
-    verify = tasks.VERIFIERS[args.task]
-    weights = tasks.REWARD_WEIGHTS[args.task]
+    verify = getattr(tasks, f"verify_{args.task}")
+    weights = json.loads(args.reward_weights)
 
     def task_reward(completions, answer, **_):
         # The same reward our RewardWorker computes: combine_reward(verify(response, answer), weights).

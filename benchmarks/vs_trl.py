@@ -47,6 +47,7 @@ from rlhf_cluster.config import (  # noqa: E402
     SamplingConfig, TinyModelConfig, TrainConfig,
 )
 from rlhf_cluster.data.tasks import arithmetic_rows  # noqa: E402
+from rlhf_cluster.data.verifiers import REWARD_WEIGHTS  # noqa: E402
 from rlhf_cluster.tiny_model import ensure_tiny_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "vs_trl.json"
@@ -132,7 +133,7 @@ def ensure_trl_venv(venv: Path) -> Path:
 def run_trl(python: Path, model_dir: Path, prompts_file: Path, w: dict, out: Path, threads: int) -> dict:
     cmd = [
         str(python), str(TRL_SIDE), "--model", str(model_dir), "--prompts", str(prompts_file),
-        "--tasks-file", str(TASKS_FILE), "--n", str(w["n"]), "--prompts-per-step", str(w["prompts"]),
+        "--tasks-file", str(TASKS_FILE), "--reward-weights", json.dumps(REWARD_WEIGHTS["arithmetic"]), "--n", str(w["n"]), "--prompts-per-step", str(w["prompts"]),
         "--max-new-tokens", str(w["max_new_tokens"]), "--steps", str(w["steps"]), "--lr", str(w["lr"]),
         "--beta", str(w["beta"]), "--temperature", "1.0", "--top-p", "1.0", "--threads", str(threads), "--out", str(out),
     ]
