@@ -6,8 +6,9 @@ Each job is `configs/demo.yaml` with `algorithm.preset` set (PPO with a critic: 
 run as a full `Job` in one local Ray instance. The figure is the sampled held-out accuracy gain:
 30 held-out sums x `data.eval_samples` answers each, after RL minus before. Per preset: every
 seed's gain, their mean, min and max, and the placebo's beside them; a preset learns when its
-worst seed gains, and by more than the placebo's best. The demo's own overrides apply to every preset (no KL term,
-token TIS with cap 2); DAPO's overlong buffer is 1 token (its 4 would cover the whole response).
+worst seed gains, and by more than the placebo's best. The demo's own overrides apply to every
+preset (no KL term, token TIS with cap 2); DAPO's overlong buffer is 1 token (its 4 would cover
+the whole response).
 
     .venv/bin/python benchmarks/presets_learn.py [--presets grpo dapo ... --seeds 0 1 2 --steps 240]
 """
@@ -116,6 +117,7 @@ def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bo
               f"(after - before) | {os.cpu_count()} CPUs | {seconds:.0f}s")
         print_table(["preset", "gain per seed", "mean", "min", "max", "worst seed > max(0, placebo's best)"], table,
                     ["{}", "{}", "{:+.3f}", "{:+.3f}", "{:+.3f}", "{}"])
+
 
 if __name__ == "__main__":
     try:
