@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=240, help="learner steps per job (the demo's: 240)")
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--keep-runs", type=Path, default=None,
+                   help="keep every job's run directory under this folder (default: removed with the scratch space)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with local_ray(args.verbose, "bench-presets-") as runs:
         for seed in args.seeds:
             for preset in args.presets:
-                job = run_job(args, preset, seed, runs / f"{preset}-s{seed}")
+                job = run_job(args, preset, seed, (args.keep_runs or runs) / f"{preset}-s{seed}-job{len(jobs)}")
                 jobs.append(job)
                 print(f"  {preset} seed {seed}: sampled held-out {job['sampled_before']:.3f} -> {job['sampled_after']:.3f} "
                       f"({job['gain']:+.3f}), {job['seconds']:.0f}s", flush=True)
