@@ -1,11 +1,11 @@
 """Heavy imports with Python's cyclic garbage collector paused, their objects frozen afterwards.
 
 Importing vLLM creates ~460,000 long-lived objects the collector tracks (on top of torch's
-~170,000: modules, classes, functions). While it
-runs, the allocation count keeps triggering collections that scan all of them again, and vLLM's
-engine start calls `gc.collect()` itself several times: on the 2-core CPU machine that is ~2.4 s of
-a ~7 s engine start. `gc.freeze()` moves what the import made into the permanent generation, so
-neither those collections nor later ones during generation scan it. Nothing imported is garbage.
+~170,000: modules, classes, functions). While it runs, the allocation count keeps triggering
+collections that scan all of them again, and vLLM's engine start calls `gc.collect()` itself
+several times: on the 2-core CPU machine that is ~2.4 s of a ~7 s engine start. `gc.freeze()`
+moves what the import made into the permanent generation, so neither those collections nor later
+ones during generation scan it. Nothing imported is garbage.
 """
 
 from __future__ import annotations
