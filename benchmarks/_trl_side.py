@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="HF model folder (the same one our side loads)")
     p.add_argument("--prompts", required=True, help="JSONL file with prompt_id, prompt, answer (in training order)")
-    p.add_argument("--tasks-file", required=True, help="path of rlhf_cluster/data/tasks.py (verifier + weights)")
+    p.add_argument("--tasks-file", required=True, help="path of rlhf_cluster/data/tasks.py (the verifier and combine_reward)")
     p.add_argument("--task", default="arithmetic", help="its verifier is tasks.verify_<task>")
     p.add_argument("--reward-weights", required=True,
                    help="JSON {component: weight}: rlhf_cluster.data.verifiers.REWARD_WEIGHTS[task], from our side")

@@ -133,7 +133,8 @@ def ensure_trl_venv(venv: Path) -> Path:
 def run_trl(python: Path, model_dir: Path, prompts_file: Path, w: dict, out: Path, threads: int) -> dict:
     cmd = [
         str(python), str(TRL_SIDE), "--model", str(model_dir), "--prompts", str(prompts_file),
-        "--tasks-file", str(TASKS_FILE), "--reward-weights", json.dumps(REWARD_WEIGHTS["arithmetic"]), "--n", str(w["n"]), "--prompts-per-step", str(w["prompts"]),
+        "--tasks-file", str(TASKS_FILE), "--reward-weights", json.dumps(REWARD_WEIGHTS["arithmetic"]),
+        "--n", str(w["n"]), "--prompts-per-step", str(w["prompts"]),
         "--max-new-tokens", str(w["max_new_tokens"]), "--steps", str(w["steps"]), "--lr", str(w["lr"]),
         "--beta", str(w["beta"]), "--temperature", "1.0", "--top-p", "1.0", "--threads", str(threads), "--out", str(out),
     ]

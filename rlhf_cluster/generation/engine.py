@@ -42,6 +42,7 @@ def configure_vllm_environment(cfg: GenerationConfig) -> None:
     if runs_eager(cfg):
         # Eager means no compilation at all: vLLM still torch.compiles a few helpers (the
         # log-prob rank count), and inductor's first C++ build costs ~2 s per engine on CPU.
+        # Process-wide, like the settings above: a generation worker's process runs only its engine.
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
