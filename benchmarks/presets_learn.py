@@ -1,8 +1,9 @@
 """Does every algorithm preset learn? The demo job with each preset, over several seeds, against a
 placebo (GRPO on a uniform random reward).
 
-Each job is `configs/demo.yaml` with `algorithm.preset` set (PPO with a critic: `configs/ppo.yaml`),
-`seed` varied (it seeds data order, engine sampling, learner and critic head) and `--steps` steps,
+Each job is `configs/demo.yaml` (or `--config`, e.g. `configs/tool_demo.yaml`, the multi-turn tool
+task) with `algorithm.preset` set (PPO with a critic: `configs/ppo.yaml`), `seed` varied (it seeds
+data order, engine sampling, learner and critic head) and the config's steps (or `--steps`),
 run as a full `Job` in one local Ray instance. The figure is the sampled held-out accuracy gain:
 30 held-out sums x `data.eval_samples` answers each, after RL minus before. Per preset: every
 seed's gain, their mean, min and max, and the placebo's beside them; a preset learns when its
@@ -11,6 +12,7 @@ preset (no KL term, token TIS with cap 2); DAPO's overlong buffer is 1 token (it
 the whole response).
 
     .venv/bin/python benchmarks/presets_learn.py [--presets grpo dapo ... --seeds 0 1 2 --steps 240]
+    .venv/bin/python benchmarks/presets_learn.py --config configs/tool_demo.yaml --presets grpo placebo --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -35,13 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from rlhf_cluster.algorithms.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml",
+                   help="the job every preset starts from (configs/tool_demo.yaml: the multi-turn tool task)")
     p.add_argument("--presets", nargs="+", default=[*PRESETS, PPO, PLACEBO], help="presets to run (ppo: configs/ppo.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="job seeds")
-    p.add_argument("--steps", type=int, default=240, help="learner steps per job (the demo's: 240)")
+    p.add_argument("--steps", type=int, default=None, help="learner steps per job (default: the config's; the demo's 240)")
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--keep-runs", type=Path, default=None,
                    help="keep every job's run directory under this folder (default: removed with the scratch space)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="held-out evaluation every N steps, into each run's metrics.jsonl (default: before and after only)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
@@ -49,12 +55,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def job_config(args: argparse.Namespace, preset: str, seed: int, run_dir: Path):
     from rlhf_cluster.config import load_config
 
-    base = REPO / "configs" / ("ppo.yaml" if preset == PPO else "demo.yaml")
-    sets = [f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}", f"train.total_steps={args.steps}",
+    if preset == PPO and args.config.name != "demo.yaml":
+        raise SystemExit("--presets ppo runs configs/ppo.yaml (the demo with a critic); leave it out with --config")
+    base = REPO / "configs" / "ppo.yaml" if preset == PPO else args.config
+    sets = [f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}",
             "train.progress=false", f"name=bench-presets-{preset}-s{seed}-{os.getpid()}", "metrics.enabled=false",
-            "checkpoint.every_steps=1000000", "data.eval_every_steps=0"]
+            "checkpoint.every_steps=1000000", f"data.eval_every_steps={args.eval_every}"]
+    if args.steps is not None:
+        sets += [f"train.total_steps={args.steps}"]
     if preset == PLACEBO:
-        sets += ["scoring.rewards=[{type: function, function: 'rlhf_cluster.rewards.controls:placebo_arithmetic'}]"]
+        task = load_config(base).data.task  # the placebo judges correctness the way the task's verifier does
+        sets += [f"scoring.rewards=[{{type: function, function: 'rlhf_cluster.rewards.controls:placebo_{task}'}}]"]
     elif preset != PPO:
         sets += [f"algorithm.preset={preset}"]
         if preset == "dapo":
@@ -115,7 +126,8 @@ def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bo
                              f"= {len(learning)} (all)", value == len(learning) if learning else None, ""),
     })
     if final:
-        print(f"\npresets_learn  demo task, {args.steps} steps, seeds {args.seeds}: sampled held-out accuracy gain "
+        steps = args.steps or "the config's"
+        print(f"\npresets_learn  {args.config.name}, {steps} steps, seeds {args.seeds}: sampled held-out accuracy gain "
               f"(after - before) | {os.cpu_count()} CPUs | {seconds:.0f}s")
         print_table(["preset", "gain per seed", "mean", "min", "max", "worst seed > max(0, placebo's best)"], table,
                     ["{}", "{}", "{:+.3f}", "{:+.3f}", "{:+.3f}", "{}"])

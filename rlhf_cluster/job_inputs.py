@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
+from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.tiny_model import ensure_tiny_model
@@ -42,9 +43,12 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     check_prompt_lengths(prompts, tokenizer, cfg.generation.max_model_len - cfg.generation.sampling.max_new_tokens,
                          str(train_file))
     if cfg.model.sft_warmup_steps:
+        # The tool task is warmed up on episodes (some calling the calculator), the others on answers.
+        demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None
         model_path = str(ensure_warmed_model(
             model_path, prompts, cfg.model.sft_warmup_steps, cfg.model.sft_warmup_lr, cfg.model.sft_warmup_batch_size,
             cfg.seed, progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
+            demonstrations=demonstrations,
         ))
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
 

@@ -42,8 +42,15 @@ def unique_per_group(groups: Iterable[Sequence[Sequence[int]]]) -> float:
     return sum(shares) / len(shares) if shares else 0.0
 
 
+def model_turns(mask: Sequence[int]) -> int:
+    """Turns the model wrote in an episode: runs of model tokens (1) between observations (0)."""
+    return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+
+
 def rollout_stats(samples: list[ScoredSample]) -> dict[str, float]:
-    """The step's length, truncation, reward-spread and diversity figures, keyed as `metrics.jsonl` columns."""
+    """The step's length, truncation, reward-spread and diversity figures, keyed as `metrics.jsonl`
+    columns; with multi-turn samples also the mean model turns per episode (2 when every episode
+    makes one tool call and answers)."""
     lengths = [len(s.response_ids) for s in samples]
     rewards = [s.reward for s in samples]
     groups: dict[str, list[Sequence[int]]] = defaultdict(list)
@@ -61,6 +68,8 @@ def rollout_stats(samples: list[ScoredSample]) -> dict[str, float]:
         "distinct_2": distinct_n(responses, 2),
         "distinct_3": distinct_n(responses, 3),
         "unique_per_group": unique_per_group(groups.values()),
+        **({"episode_turns_mean": statistics.fmean(model_turns(s.model_tokens) for s in samples)}
+           if any(s.loss_mask is not None for s in samples) else {}),
     }
 
 

@@ -19,11 +19,17 @@ import torch
 
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.data.tasks import arithmetic_corpus
+from rlhf_cluster.data.tool_task import tool_arithmetic_corpus
 
 PAD, EOS = "<pad>", "<eos>"
 
 
-def build_tokenizer(vocab_size: int, out_dir: Path):
+def tokenizer_corpus(corpus: str) -> list[str]:
+    """The text a tiny tokenizer is trained on: the arithmetic task's, plus tool episodes for the tool task."""
+    return arithmetic_corpus() + (tool_arithmetic_corpus() if corpus == "tool_arithmetic" else [])
+
+
+def build_tokenizer(vocab_size: int, out_dir: Path, corpus: str = "arithmetic"):
     """Train a BPE tokenizer (single-digit tokens, spaces kept) and save it as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -37,7 +43,7 @@ def build_tokenizer(vocab_size: int, out_dir: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(arithmetic_corpus(), trainer=trainer)
+    tok.train_from_iterator(tokenizer_corpus(corpus), trainer=trainer)
     # unk_token must be set: without it AutoTokenizer (what vLLM loads) adds its own special
     # token past the model's vocabulary.
     fast = PreTrainedTokenizerFast(
@@ -73,7 +79,9 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int)
 
 def tiny_model_dir(cfg: TinyModelConfig, cache_dir: str | Path) -> Path:
     """The cache folder for a config: same shape and seed, same folder."""
-    key = hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+    # The default corpus is left out of the key: folders built before it existed keep their names.
+    shape = cfg.model_dump(exclude={"corpus"} if cfg.corpus == "arithmetic" else None)
+    key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / f"tiny-{cfg.architecture}-{key}"
 
 
@@ -85,7 +93,7 @@ def ensure_tiny_model(cfg: TinyModelConfig, cache_dir: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        tokenizer = build_tokenizer(cfg.vocab_size, tmp)
+        tokenizer = build_tokenizer(cfg.vocab_size, tmp, cfg.corpus)
         model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id

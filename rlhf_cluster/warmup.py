@@ -1,6 +1,6 @@
-"""A short supervised warm-up on the task (prompt -> answer + EOS), so RL starts from a model that
-knows the answer format. Runs in-process on CPU in seconds for the tiny model and is cached: the
-same base model, data and settings give the same folder.
+"""A short supervised warm-up on the task (prompt -> answer + EOS, or a multi-turn demonstration),
+so RL starts from a model that knows the answer format. Runs in-process on CPU in seconds for the
+tiny model and is cached: the same base model, data and settings give the same folder.
 """
 
 from __future__ import annotations
@@ -17,39 +17,55 @@ import torch
 
 from rlhf_cluster.data.prompts import Prompt
 
+Segment = tuple[str, bool]  # a piece of a demonstrated response, and whether the loss covers it
 
-def warmed_model_dir(base: str | Path, prompts: list[Prompt], steps: int, lr: float, batch_size: int, seed: int) -> Path:
+
+def warmed_model_dir(base: str | Path, prompts: list[Prompt], steps: int, lr: float, batch_size: int, seed: int,
+                     demonstrations: list[list[Segment]] | None = None) -> Path:
     """The cache folder for a warm-up: beside the base model, named by a hash of everything that matters."""
-    key = json.dumps(
-        {"base": str(base), "data": [(p.text, p.answer) for p in prompts], "steps": steps, "lr": lr,
-         "batch": batch_size, "seed": seed},
-        sort_keys=True,
-    )
+    fields = {"base": str(base), "data": [(p.text, p.answer) for p in prompts], "steps": steps, "lr": lr,
+              "batch": batch_size, "seed": seed}
+    if demonstrations is not None:
+        fields["demonstrations"] = demonstrations
+    key = json.dumps(fields, sort_keys=True)
     return Path(base).parent / f"{Path(base).name}-sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def ensure_warmed_model(
     base: str | Path, prompts: list[Prompt], steps: int, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
-    progress=None,
+    progress=None, demonstrations: list[list[Segment]] | None = None,
 ) -> Path:
-    """Fine-tune `base` on (prompt, answer + EOS) pairs with the loss on answer tokens only."""
+    """Fine-tune `base` on (prompt, answer + EOS) pairs with the loss on answer tokens only; with
+    `demonstrations` (one per prompt), on prompt + segments + EOS with the loss on the segments
+    marked trained (a tool's observations are not), each segment tokenized apart as an episode does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = warmed_model_dir(base, prompts, steps, lr, batch_size, seed)
+    target = warmed_model_dir(base, prompts, steps, lr, batch_size, seed, demonstrations)
     if (target / "config.json").is_file():
         return target
-    if not prompts or any(not p.answer for p in prompts):
-        raise ValueError("the supervised warm-up needs prompts with reference answers")
+    if demonstrations is None:
+        if not prompts or any(not p.answer for p in prompts):
+            raise ValueError("the supervised warm-up needs prompts with reference answers")
+    elif not prompts or len(demonstrations) != len(prompts):
+        raise ValueError(f"the supervised warm-up needs one demonstration per prompt: {len(prompts)} prompts, "
+                         f"{0 if demonstrations is None else len(demonstrations)} demonstrations")
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     eos = tokenizer.eos_token_id
     examples = []
-    for p in prompts:
-        prompt_ids = p.encode(tokenizer)
-        answer_ids = tokenizer(p.answer)["input_ids"] + [eos]
-        examples.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+    for i, p in enumerate(prompts):
+        ids = p.encode(tokenizer)
+        labels = [-100] * len(ids)
+        if demonstrations is None:
+            answer_ids = tokenizer(p.answer)["input_ids"]
+            ids, labels = ids + answer_ids, labels + answer_ids
+        else:
+            for text, trained in demonstrations[i]:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
+        examples.append((ids + [eos], labels + [eos]))
     rng = random.Random(seed)
     model.train()
     for step in range(steps):

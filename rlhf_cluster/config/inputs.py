@@ -20,6 +20,9 @@ class TinyModelConfig(_Strict):
     intermediate_size: int = Field(128, ge=8, description="MLP width.")
     vocab_size: int = Field(512, ge=258, description="Upper bound of the byte-level BPE vocabulary (>= 258: 256 bytes + pad + eos); the model gets exactly the tokenizer size.")
     max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
+    corpus: Literal["arithmetic", "tool_arithmetic"] = Field(
+        "arithmetic", description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
+        "episodes, so the tool tags are a few tokens each).")
     seed: int = Field(
         0, description="Seed of the random initialisation. Not derived from the job's `seed`: the tiny model stands "
         "in for a pretrained checkpoint, which stays the same whatever the job's seed."
@@ -75,9 +78,9 @@ class PromptColumns(_Strict):
 class DataConfig(_Strict):
     """Where prompts come from: a built-in task or a user's parquet/jsonl file."""
 
-    task: Literal["arithmetic"] | None = Field(
-        "arithmetic", description="Built-in task: writes its parquet file, and its verifier scores responses."
-    )
+    task: Literal["arithmetic", "tool_arithmetic"] | None = Field(
+        "arithmetic", description="Built-in task: writes its parquet file, and its verifier scores responses. "
+        "`tool_arithmetic`: the same sums, answered in multi-turn episodes with a calculator tool (configs/tool_demo.yaml).")
     path: str | None = Field(
         None, description="The user's prompts: a .parquet or .jsonl file, or a folder written by `datasets.save_to_disk` "
         "(its columns named by `columns`). Set: the built-in task writes nothing (its verifier still scores, unless "
@@ -87,7 +90,7 @@ class DataConfig(_Strict):
         False, description="Put each prompt through the model tokenizer's chat template as a user turn (after "
         "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.")
     system_prompt: str | None = Field(None, description="A system turn before every prompt (with `chat_template`).")
-    verifier: Literal["arithmetic", "gsm8k", "boxed", "exact", "regex"] | None = Field(
+    verifier: Literal["arithmetic", "tool_arithmetic", "gsm8k", "boxed", "exact", "regex"] | None = Field(
         None, description="Built-in verifier scoring responses against the answer column (rlhf_cluster/data/verifiers.py); "
         "None: the task's (arithmetic).")
     verifier_pattern: str | None = Field(None, description="`regex` verifier: the pattern (group 1, if any, is the answer).")

@@ -172,7 +172,8 @@ def _write_task_file(rows: list[dict], path: Path) -> Path:
 
 
 def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Path | None]:
-    """The train (and, for built-in tasks, held-out eval) prompt files of a job."""
+    """The train (and, for built-in tasks, held-out eval) prompt files of a job. Both built-in
+    tasks ask the same sums; `tool_arithmetic` differs in how they are answered and judged."""
     if cfg.path is not None:
         return Path(cfg.path).expanduser(), None
     data_dir = Path(run_dir) / "data"

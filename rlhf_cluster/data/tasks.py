@@ -42,7 +42,8 @@ def arithmetic_rows(num: int, seed: int, split: str = "train", max_operand: int 
         chosen = pairs[:num]
     else:
         rng = random.Random(f"{seed}-{split}")
-        chosen = [rng.choice(pairs[held_out:]) for _ in range(num)]
+        allowed = pairs[held_out:]  # sliced once: with operands up to 999 it is a million pairs
+        chosen = [rng.choice(allowed) for _ in range(num)]
     return [{"prompt_id": f"{split}-{i}", "prompt": f"{a}+{b}=", "answer": str(a + b)} for i, (a, b) in enumerate(chosen)]
 
 

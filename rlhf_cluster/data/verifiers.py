@@ -5,6 +5,8 @@ of REWARD_WEIGHTS[name]). `data.verifier` names one; a custom `module:function` 
 the way to anything else.
 
 - `arithmetic`: the built-in task (the response is exactly the sum), plus a dense `digits` term.
+- `tool_arithmetic`: the built-in tool task: the episode's final turn (after the last tool result)
+  is exactly the sum; `tool_calls` counts calculator calls (weight 0, a diagnostic).
 - `gsm8k`: the reference is what follows `####` (GSM8K's answer column); the response's answer is
   what follows its last `####`, else its last number. Commas, `$`, `%` and a trailing `.` are
   ignored and numbers compare by value (`1,000.00` equals `1000`).
@@ -23,6 +25,7 @@ from fractions import Fraction
 from typing import Callable
 
 from rlhf_cluster.data.tasks import verify_arithmetic
+from rlhf_cluster.data.tool_task import verify_tool_arithmetic
 
 Verifier = Callable[[str, str], dict[str, float]]
 
@@ -123,10 +126,11 @@ def regex_verifier(pattern: str) -> Verifier:
     return verify_regex
 
 
-VERIFIERS: dict[str, Verifier] = {"arithmetic": verify_arithmetic, "gsm8k": verify_gsm8k, "boxed": verify_boxed,
-                                  "exact": verify_exact}
+VERIFIERS: dict[str, Verifier] = {"arithmetic": verify_arithmetic, "tool_arithmetic": verify_tool_arithmetic,
+                                  "gsm8k": verify_gsm8k, "boxed": verify_boxed, "exact": verify_exact}
 VERIFIER_NAMES = (*VERIFIERS, "regex")
-REWARD_WEIGHTS: dict[str, dict[str, float]] = {"arithmetic": {"correct": 1.0, "digits": 0.2}}
+REWARD_WEIGHTS: dict[str, dict[str, float]] = {"arithmetic": {"correct": 1.0, "digits": 0.2},
+                                                "tool_arithmetic": {"correct": 1.0}}
 
 
 def build_verifier(name: str, pattern: str | None = None) -> tuple[Verifier, dict[str, float]]:

@@ -92,5 +92,6 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
         spans = [(0, engine.version)]
     rollout = Rollout(sample_id=sample_id, prompt_id=prompt.prompt_id, group_id=group_id, prompt_ids=list(prompt_ids),
                       response_ids=ids, rollout_logprobs=logprobs, policy_version=spans[0][1], policy_versions=spans,
-                      finish_reason=finish, response_text=tokenizer.decode(ids), worker=engine.name, loss_mask=mask)
+                      finish_reason=finish, response_text=tokenizer.decode(ids, skip_special_tokens=True),
+                      worker=engine.name, loss_mask=mask)
     return rollout, stats

@@ -12,8 +12,14 @@ from __future__ import annotations
 import random
 
 from rlhf_cluster.data.tasks import verify_arithmetic
+from rlhf_cluster.data.tool_task import verify_tool_arithmetic
 
 
 def placebo_arithmetic(response: str, answer: str) -> dict[str, float]:
     """`data.reward_fn: rlhf_cluster.rewards.controls:placebo_arithmetic`."""
     return {"reward": random.random(), "correct": verify_arithmetic(response, answer)["correct"]}
+
+
+def placebo_tool_arithmetic(response: str, answer: str) -> dict[str, float]:
+    """The placebo of the tool task (`configs/tool_demo.yaml`): correctness judged on the final turn."""
+    return {"reward": random.random(), "correct": verify_tool_arithmetic(response, answer)["correct"]}

@@ -2,7 +2,8 @@
 
 import pytest
 
-from rlhf_cluster.rollout_stats import distinct_n, mean_pass_at_k, pass_at_k, percentile, rollout_stats, unique_per_group
+from rlhf_cluster.rollout_stats import (distinct_n, mean_pass_at_k, model_turns, pass_at_k, percentile, rollout_stats,
+                                        unique_per_group)
 from rlhf_cluster.records import ScoredSample
 
 
@@ -43,6 +44,17 @@ def test_a_steps_rollout_stats():
     assert (stats["reward_min"], stats["reward_max"]) == (-1.0, 1.0)
     assert stats["unique_per_group"] == (0.5 + 1.0) / 2
     assert stats["distinct_1"] == 6 / 9
+    assert "episode_turns_mean" not in stats  # single-turn samples
+
+
+def test_model_turns_of_episodes_by_hand():
+    assert model_turns([1, 1, 0, 0, 1]) == 2        # call, observation, answer
+    assert model_turns([1, 1, 1]) == 1              # answered at once
+    assert model_turns([0, 1, 0, 1, 0, 1]) == 3     # the environment spoke first
+    assert model_turns([]) == 0
+    episodes = [_sample(0, "g0", [1, 2, 3, 4, 5], 1.0), _sample(1, "g0", [1, 2], 0.0)]
+    episodes[0].loss_mask, episodes[1].loss_mask = [1, 1, 0, 0, 1], [1, 1]
+    assert rollout_stats(episodes)["episode_turns_mean"] == (2 + 1) / 2
 
 
 def test_every_labelled_gauge_column_is_in_a_step_row():
