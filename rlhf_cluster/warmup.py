@@ -80,7 +80,7 @@ def ensure_warmed_model(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, loss.item())
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import ray
 import torch
 import torch.distributed.checkpoint as dcp
@@ -49,14 +50,29 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def _cfg(job_config, name, steps, max_staleness=1):
+def _cfg(job_config, name, steps, max_staleness=1, tool_demo=False):
+    generation = {"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}}
+    sections = _tool_demo_sections(generation) if tool_demo else {"generation": generation}
     return job_config(
         name=name,
-        generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         learner={"world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": max_staleness, "progress": False},
         checkpoint={"every_steps": 3, "keep": 3},
+        **sections,
     )
+
+
+def _tool_demo_sections(generation: dict) -> dict:
+    """configs/tool_demo.yaml's model, task and episode settings, at the test's sizes: multi-turn
+    samples (observation tokens masked) through the same kill and resume."""
+    demo = yaml.safe_load(Path("configs/tool_demo.yaml").read_text())
+    episodes = {k: demo["generation"][k] for k in ("environment", "max_turns", "turn_max_tokens")}
+    sampling = {**generation["sampling"], "max_new_tokens": demo["generation"]["sampling"]["max_new_tokens"]}
+    # The warm-up is cut to 200 steps: half its episodes call the tool from the start, and this
+    # test needs episodes with observations, not right answers.
+    return {"model": {"tiny": demo["model"]["tiny"], "sft_warmup_steps": 200, "sft_warmup_lr": demo["model"]["sft_warmup_lr"]},
+            "data": {"task": demo["data"]["task"], "max_operand": demo["data"]["max_operand"]},
+            "generation": {**generation, **episodes, "sampling": sampling}}
 
 
 def _job_actors_alive(job_name: str) -> bool:
@@ -70,10 +86,11 @@ def _job_actors_alive(job_name: str) -> bool:
         return False
 
 
-def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path):
+@pytest.mark.parametrize("tool_demo", [False, True], ids=["single-turn", "tool-demo"])
+def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path, tool_demo):
     steps = 16
     # Staleness 2 lets generation run ahead, so checkpoints usually hold buffered samples.
-    cfg = _cfg(job_config, "resume", steps, max_staleness=2)
+    cfg = _cfg(job_config, "resume", steps, max_staleness=2, tool_demo=tool_demo)
     config_file = tmp_path / "job.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     # The first run is a real driver process attached to the test's cluster; SIGKILL ends it, and
@@ -105,7 +122,10 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path)
     _wait_for(lambda: not _job_actors_alive("resume"), timeout=60)
     ckpt = store.latest()
     assert ckpt is not None and ckpt.step < steps - 1
-    saved_buffer = {(s.sample_id, s.prompt_id) for s in table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))}
+    saved_samples = table_to_samples(_read_arrow(ckpt.path / "buffer.arrow"))
+    saved_buffer = {(s.sample_id, s.prompt_id) for s in saved_samples}
+    if tool_demo:  # the checkpoint carries episodes whose observation tokens are masked
+        assert any(0 in s.model_tokens and 1 in s.model_tokens for s in saved_samples), "no episode used the tool"
     scored_after = _scored_after(cfg, ckpt)  # what the killed run scored after the checkpoint, read from its log
     rolled_back = [g for _, g in scored_after if _newest(g) > ckpt.version]
 
