@@ -33,3 +33,27 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if HERE in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def demo_learns(tmp_path, model_cache):
+    """Runs a demo config as the README does, at seed 0, and requires its sampled held-out accuracy
+    to rise by at least `margin`; returns the config and the job's result."""
+
+    def run(config: str, margin: float):
+        from actors.job import run_job
+        from rlhf_cluster.config import load_config
+
+        cfg = load_config(config, [f"run_dir={tmp_path / Path(config).stem}", f"model.cache_dir={model_cache}",
+                                   "train.progress=false", "seed=0"])
+        assert cfg.data.eval_samples == 32 and cfg.data.eval_prompts == 30
+        result = run_job(cfg)
+        before, after = result.sampled_accuracy_before, result.sampled_accuracy_after
+        print(f"held-out accuracy: sampled {before:.3f} -> {after:.3f}, greedy {result.accuracy_before:.3f} -> "
+              f"{result.accuracy_after:.3f}")
+        assert after - before >= margin, (
+            f"sampled held-out accuracy rose by {after - before:+.3f}, less than the margin {margin} ({before:.3f} -> {after:.3f})")
+        return cfg, result
+
+    return run
+
