@@ -123,8 +123,17 @@ def _elastic_backend(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _tool_task_episodes(cfg: JobConfig) -> list[str]:
+    # Its warm-up teaches calculator calls, and its verifier reads the answer after the tool's result.
+    if cfg.data.task == "tool_arithmetic" and cfg.generation.environment is None:
+        return ["generation.environment is empty, but data.task=tool_arithmetic is answered in episodes with a "
+                "calculator: set generation.environment: tools (configs/tool_demo.yaml)"]
+    return []
+
+
 CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     _data_source, _reward_sources, _buffer_fits, _overlong_fits, _lora, _advantage_needs, batch_splits, _elastic_backend,
+    _tool_task_episodes,
 ]
 
 

@@ -48,7 +48,7 @@ def ensure_warmed_model(
             raise ValueError("the supervised warm-up needs prompts with reference answers")
     elif not prompts or len(demonstrations) != len(prompts):
         raise ValueError(f"the supervised warm-up needs one demonstration per prompt: {len(prompts)} prompts, "
-                         f"{0 if demonstrations is None else len(demonstrations)} demonstrations")
+                         f"{len(demonstrations)} demonstrations")
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -34,6 +34,8 @@ BAD_CONFIGS: list[BadConfig] = [
                                   "scoring": {"rewards": [{"type": "function", "function": PLACEBO}]}}, "data.path"),
     BadConfig("verifier-without-task", {"data": {"task": None, "path": f"{MISSING}/prompts.jsonl"}},
               "scoring.rewards[0]", also=["data.task"]),
+    BadConfig("tool-task-without-episodes", {"data": {"task": "tool_arithmetic"}, "generation": {"environment": None}},
+              "generation.environment", also=["data.task=tool_arithmetic"]),
     BadConfig("buffer-too-small", {"buffer": {"capacity": 1}, "train": {"prompts_per_step": 4, "max_staleness": 1}},
               "buffer.capacity"),
     BadConfig("overlong-buffer-too-long", {"algorithm": {"shaping": {"overlong_buffer": 8}},
