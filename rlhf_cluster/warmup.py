@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cluster.data.prompts import Prompt
-
-Segment = tuple[str, bool]  # a piece of a demonstrated response, and whether the loss covers it
+from rlhf_cluster.data.prompts import Prompt, Segment
 
 
 def warmed_model_dir(base: str | Path, prompts: list[Prompt], steps: int, lr: float, batch_size: int, seed: int,

@@ -37,6 +37,8 @@ class Prompt:
         return list(self.token_ids) if self.token_ids is not None else tokenizer(self.text)["input_ids"]
 
 
+Segment = tuple[str, bool]  # a piece of a demonstrated response, and whether a warm-up's loss covers it
+
 PROMPT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import random
 
-from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.data.prompts import Prompt, Segment
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.tools.calls import ToolCall, run_tool
-from rlhf_cluster.warmup import Segment
 
 TOOL_DEMO_SHARE = 0.5  # share of warm-up demonstrations that call the calculator
 
