@@ -51,9 +51,8 @@ def demo_learns(tmp_path, model_cache):
         before, after = result.sampled_accuracy_before, result.sampled_accuracy_after
         print(f"held-out accuracy: sampled {before:.3f} -> {after:.3f}, greedy {result.accuracy_before:.3f} -> "
               f"{result.accuracy_after:.3f}")
-        assert after - before >= margin, (
-            f"sampled held-out accuracy rose by {after - before:+.3f}, less than the margin {margin} ({before:.3f} -> {after:.3f})")
+        assert after - before >= margin, (f"sampled held-out accuracy rose by {after - before:+.3f}, less than the "
+                                          f"margin {margin} ({before:.3f} -> {after:.3f})")
         return cfg, result
 
     return run
-
