@@ -11,7 +11,7 @@ from typing import Any
 import ray
 import torch
 
-from actors._common import actor_setup, join_process_group, limit_threads, metrics_target, rendezvous_address
+from actors._common import actor_setup, join_process_group, metrics_target, rendezvous_address
 from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
@@ -88,7 +88,8 @@ class LearnerRank(ShardedRank):
         self.engine_dtype = getattr(torch, self.cfg.engine_dtype)
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
-        limit_threads(world_size + 1)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1))
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""

@@ -105,6 +105,18 @@ class LearnerConfig(TrainingGroupConfig):
         "gradients and keep master weights and optimizer state in fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="Torch CPU threads per rank (None: `resources.num_cpus` when it reserves whole cores, "
+        "else the node's cores divided among the ranks). Generation and scoring workers run one thread each."
+    )
+
+    def cpu_threads_per_rank(self, node_cores: int) -> int:
+        """The torch threads each rank computing on CPU runs (`cpu_threads`, resolved)."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        if self.resources.num_cpus >= 1:
+            return int(self.resources.num_cpus)
+        return max(1, node_cores // self.world_size)
 
     @model_validator(mode="before")
     @classmethod

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_cluster.algorithms.presets import PRESETS
-from rlhf_cluster.config import ConfigError, JobConfig, RewardModelSpec, load_config
+from rlhf_cluster.config import ConfigError, JobConfig, LearnerConfig, RewardModelSpec, load_config
 from rlhf_cluster.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[2]
@@ -428,3 +428,14 @@ def test_preset_names_are_the_registry():
 
     literal = AlgorithmConfig.model_fields["preset"].annotation
     assert {a for arg in get_args(literal) for a in get_args(arg)} == set(PRESETS)
+
+
+def test_learner_cpu_threads_share_the_node_among_ranks():
+    # Unset: the node's cores split among the ranks (at least one each); reserved whole cores
+    # win over that; an explicit count wins over both.
+    assert LearnerConfig().cpu_threads_per_rank(2) == 2
+    assert LearnerConfig(world_size=2).cpu_threads_per_rank(2) == 1
+    assert LearnerConfig(world_size=4).cpu_threads_per_rank(2) == 1
+    assert LearnerConfig(world_size=2, resources={"num_cpus": 3}).cpu_threads_per_rank(16) == 3
+    assert LearnerConfig(world_size=2, resources={"num_cpus": 0.5}).cpu_threads_per_rank(16) == 8
+    assert LearnerConfig(cpu_threads=5, resources={"num_cpus": 3}).cpu_threads_per_rank(16) == 5
