@@ -1,0 +1,37 @@
+"""The engine skips vLLM's per-token detokenizing for single-turn responses and decodes each
+finished one itself: the text must be what vLLM's detokenizer would have given."""
+
+from __future__ import annotations
+
+from rlhf_cluster.config import GenerationConfig, SamplingConfig
+from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.generation.engine import VLLMEngine
+
+
+def test_response_text_is_what_vllms_detokenizer_gives(tiny_model_path):
+    engine = VLLMEngine(tiny_model_path, GenerationConfig(sampling=SamplingConfig(n=4, max_new_tokens=40)))
+    ours, build = engine._sampling_params, engine._rollouts
+    pairs = []
+
+    def detokenizing(*args, **kwargs):  # this test turns vLLM's detokenizer back on, to compare
+        params = ours(*args, **kwargs)
+        assert not any(p.detokenize for p in params)
+        for p in params:
+            p.detokenize = True
+        return params
+
+    def rollouts(prompt, group_id, outputs):
+        built = build(prompt, group_id, outputs)
+        pairs.extend((out.outputs[0].text, r.response_text) for out, r in zip(outputs, built))
+        return built
+
+    engine._sampling_params, engine._rollouts = detokenizing, rollouts
+    try:
+        futures = [engine.submit_group(Prompt(f"p{a}", f"{a}+{a * 7 % 50}=", "")) for a in range(40)]
+        for future in futures:
+            future.result(timeout=120)
+    finally:
+        engine.close()
+    assert len(pairs) == 160
+    # A random model writes byte soup: many responses end inside a multi-byte character.
+    assert [(vllm_text, text) for vllm_text, text in pairs if vllm_text != text] == []
