@@ -6,6 +6,7 @@ import os
 import time
 from concurrent.futures import Future
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -89,7 +90,8 @@ class LearnerRank(ShardedRank):
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
         if not torch.cuda.is_available():
-            torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1))
+            weight_bytes = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+            torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1, weight_bytes))
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""

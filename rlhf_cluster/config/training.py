@@ -106,16 +106,27 @@ class LearnerConfig(TrainingGroupConfig):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
     cpu_threads: int | None = Field(
-        None, ge=1, description="Torch CPU threads per rank (None: `resources.num_cpus` when it reserves whole cores, "
-        "else the node's cores divided among the ranks). Generation and scoring workers run one thread each."
+        None, ge=1, description="Torch CPU threads per rank (None: `resources.num_cpus` when it reserves whole cores; "
+        "else one for a model under 40 MB of weights, and the node's cores divided among the ranks for a larger one). "
+        "Generation and scoring workers run one thread each."
     )
 
-    def cpu_threads_per_rank(self, node_cores: int) -> int:
-        """The torch threads each rank computing on CPU runs (`cpu_threads`, resolved)."""
+    # Below this, one thread: a model this small cannot keep two cores busy, and OpenMP's fork
+    # and join on every op costs more than it gains. Measured on 2 cores (benchmarks/vs_trl.py
+    # workloads): the 0.1M-parameter demo model's learner step took 60-68 ms at one thread and
+    # 79-81 ms at two; the 145M model's job step went from 22.6-23.4 s to 17.9-18.7 s with two.
+    # Where between them the two meet was not measured; 40 MB is ~10M fp32 parameters.
+    SMALL_MODEL_BYTES: ClassVar[int] = 40 << 20
+
+    def cpu_threads_per_rank(self, node_cores: int, weight_bytes: int) -> int:
+        """The torch threads each rank computing on CPU runs (`cpu_threads`, resolved for a model
+        whose weight files hold `weight_bytes`)."""
         if self.cpu_threads is not None:
             return self.cpu_threads
         if self.resources.num_cpus >= 1:
             return int(self.resources.num_cpus)
+        if weight_bytes < self.SMALL_MODEL_BYTES:
+            return 1
         return max(1, node_cores // self.world_size)
 
     @model_validator(mode="before")

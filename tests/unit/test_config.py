@@ -431,11 +431,13 @@ def test_preset_names_are_the_registry():
 
 
 def test_learner_cpu_threads_share_the_node_among_ranks():
-    # Unset: the node's cores split among the ranks (at least one each); reserved whole cores
-    # win over that; an explicit count wins over both.
-    assert LearnerConfig().cpu_threads_per_rank(2) == 2
-    assert LearnerConfig(world_size=2).cpu_threads_per_rank(2) == 1
-    assert LearnerConfig(world_size=4).cpu_threads_per_rank(2) == 1
-    assert LearnerConfig(world_size=2, resources={"num_cpus": 3}).cpu_threads_per_rank(16) == 3
-    assert LearnerConfig(world_size=2, resources={"num_cpus": 0.5}).cpu_threads_per_rank(16) == 8
-    assert LearnerConfig(cpu_threads=5, resources={"num_cpus": 3}).cpu_threads_per_rank(16) == 5
+    # Unset: the node's cores split among the ranks (at least one each), one for a small model;
+    # reserved whole cores win over that; an explicit count wins over both.
+    big, small = 600 << 20, 1 << 20
+    assert LearnerConfig().cpu_threads_per_rank(2, big) == 2
+    assert LearnerConfig().cpu_threads_per_rank(2, small) == 1
+    assert LearnerConfig(world_size=2).cpu_threads_per_rank(2, big) == 1
+    assert LearnerConfig(world_size=4).cpu_threads_per_rank(2, big) == 1
+    assert LearnerConfig(world_size=2, resources={"num_cpus": 3}).cpu_threads_per_rank(16, small) == 3
+    assert LearnerConfig(world_size=2, resources={"num_cpus": 0.5}).cpu_threads_per_rank(16, big) == 8
+    assert LearnerConfig(cpu_threads=5, resources={"num_cpus": 3}).cpu_threads_per_rank(16, small) == 5
