@@ -289,7 +289,7 @@ class VLLMEngine:
         s = self.cfg.sampling
         # One engine request per response: each finishes (and can be aborted) on its own.
         # No stop strings, so nothing needs text while a response grows: the engine skips its
-        # per-token detokenizing (a third of its CPU time on a tiny model) and `_rollouts`
+        # per-token detokenizing (a quarter of its time on a tiny model) and `_rollouts`
         # decodes each finished response once.
         params = SamplingParams(
             detokenize=False,
