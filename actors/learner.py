@@ -90,7 +90,8 @@ class LearnerRank(ShardedRank):
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
         if not torch.cuda.is_available():
-            weight_bytes = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+            weight_bytes = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
+                               for f in Path(model_path).glob(pattern))
             torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1, weight_bytes))
 
     def setup(self, master_addr: str, master_port: int) -> dict:
