@@ -3,19 +3,25 @@ finished one itself: the text must be what vLLM's detokenizer would have given."
 
 from __future__ import annotations
 
-from rlhf_cluster.config import GenerationConfig, SamplingConfig
-from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.generation.engine import VLLMEngine
+import ray
 
 
-def test_response_text_is_what_vllms_detokenizer_gives(tiny_model_path):
-    engine = VLLMEngine(tiny_model_path, GenerationConfig(sampling=SamplingConfig(n=4, max_new_tokens=40)))
+@ray.remote(max_calls=1)  # the worker exits after it, with vLLM's process group
+def _texts_both_ways(model_path: str) -> list[tuple[str, str]]:
+    """(vLLM's text, ours) for 160 sampled responses. The engine runs in a Ray worker: vLLM
+    sets up a torch.distributed group in its process, which would outlive the test here."""
+    from rlhf_cluster.config import GenerationConfig, SamplingConfig
+    from rlhf_cluster.data.prompts import Prompt
+    from rlhf_cluster.generation.engine import VLLMEngine
+
+    engine = VLLMEngine(model_path, GenerationConfig(sampling=SamplingConfig(n=4, max_new_tokens=40)))
     ours, build = engine._sampling_params, engine._rollouts
     pairs = []
 
-    def detokenizing(*args, **kwargs):  # this test turns vLLM's detokenizer back on, to compare
+    def detokenizing(*args, **kwargs):  # vLLM's detokenizer back on, to compare with
         params = ours(*args, **kwargs)
-        assert not any(p.detokenize for p in params)
+        if any(p.detokenize for p in params):
+            raise AssertionError("single-turn sampling asks vLLM for text again")
         for p in params:
             p.detokenize = True
         return params
@@ -32,6 +38,11 @@ def test_response_text_is_what_vllms_detokenizer_gives(tiny_model_path):
             future.result(timeout=120)
     finally:
         engine.close()
+    return pairs
+
+
+def test_response_text_is_what_vllms_detokenizer_gives(ray_cluster, tiny_model_path):
+    pairs = ray.get(_texts_both_ways.remote(tiny_model_path), timeout=300)
     assert len(pairs) == 160
     # A random model writes byte soup: many responses end inside a multi-byte character.
     assert [(vllm_text, text) for vllm_text, text in pairs if vllm_text != text] == []
