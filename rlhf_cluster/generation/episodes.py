@@ -19,7 +19,7 @@ from typing import Callable
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.environments import Environment
-from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster.generation.engine import VLLMEngine, response_text
 from rlhf_cluster.records import Rollout
 
 
@@ -92,6 +92,6 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
         spans = [(0, engine.version)]
     rollout = Rollout(sample_id=sample_id, prompt_id=prompt.prompt_id, group_id=group_id, prompt_ids=list(prompt_ids),
                       response_ids=ids, rollout_logprobs=logprobs, policy_version=spans[0][1], policy_versions=spans,
-                      finish_reason=finish, response_text=tokenizer.decode(ids, skip_special_tokens=True),
+                      finish_reason=finish, response_text=response_text(tokenizer, ids),
                       worker=engine.name, loss_mask=mask)
     return rollout, stats
