@@ -20,6 +20,7 @@ from actors.generation import GenerationWorker
 from actors.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.scoring import ReferenceWorker, RewardWorker
 from rlhf_cluster import metrics as m
+from rlhf_cluster.call_coalescing import CallCoalescer
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
 from rlhf_cluster.run_dir import RunDir
@@ -110,6 +111,9 @@ class Cluster:
         if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
                 "reference", "ref", lambda i, _slot: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
+        # Scoring calls of groups that finish together leave as one call per free worker.
+        self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]))
+        self._references = CallCoalescer(self._send_references, lambda: len(self.pools["reference"]))
         replicas = {"generation": cfg.generation.replicas, "reward": cfg.scoring.reward_replicas,
                     "reference": cfg.scoring.reference_replicas}
         try:
@@ -134,6 +138,25 @@ class Cluster:
     async def call(self, pool: str, method: str, *args):
         """One request to the least busy worker of `pool`; returns (worker name, result)."""
         return await self.pools[pool].call(method, *args)
+
+    async def score(self, rollouts: list, answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
+        """(reward, components) per rollout, from the reward pool; joined with other groups' calls
+        that wait for a free reward worker."""
+        return await self._rewards([(r, answers) for r in rollouts])
+
+    async def reference_logprobs(self, rollouts: list) -> list[list[float]] | None:
+        """Per-token reference log-probs per rollout (None: the job runs no reference pool); joined
+        with other groups' calls that wait for a free reference worker."""
+        return await self._references(rollouts) if "reference" in self.pools else None
+
+    async def _send_rewards(self, items: list[tuple]) -> list:
+        answers: dict[str, str] = {}
+        for held in {id(a): a for _, a in items}.values():
+            answers.update(held)
+        return (await self.call("reward", "score", [r for r, _ in items], answers))[1]
+
+    async def _send_references(self, rollouts: list) -> list:
+        return (await self.call("reference", "logprobs", rollouts))[1]
 
     def restarts(self) -> int:
         """Workers replaced so far, over every pool."""

@@ -40,12 +40,7 @@ async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts:
     generated_at = time.time()
     reporter.probes(probe_reports)
     answers = {p.prompt_id: p.answer for p in prompts}
-    scoring = [cluster.call("reward", "score", rollouts, answers)]
-    if "reference" in cluster.pools:
-        scoring.append(cluster.call("reference", "logprobs", rollouts))
-    results = await asyncio.gather(*scoring)
-    scores = results[0][1]
-    refs = results[1][1] if len(results) > 1 else None
+    scores, refs = await asyncio.gather(cluster.score(rollouts, answers), cluster.reference_logprobs(rollouts))
     by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
     groups = []
     for group in group_rollouts(rollouts).values():

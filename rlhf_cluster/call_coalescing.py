@@ -1,0 +1,85 @@
+"""Joining concurrent small calls into one: the scoring calls of many prompt groups.
+
+In streaming mode every prompt group is its own generation request, and a batch's groups tend to
+finish at the same engine step. Scored one call per group, a tiny model's reference pays its
+fixed cost (a Ray round trip, a forward's Python overhead) once per group, one after another, on
+the step's critical path. A `CallCoalescer` sends a call at once while the pool has a free
+worker, and otherwise holds it: every call that arrives while the workers are busy leaves
+together, as one call, when the next worker frees up. Idle scoring adds no delay; busy scoring
+gets batches as large as the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class CallCoalescer(Generic[Item, Result]):
+    """Sends lists of items through `send` (one list in, one result per item out, in order), with at
+    most `capacity()` sends in flight; lists that wait for a free slot are joined into one send.
+
+    `capacity` is read at each dispatch, so a pool that grows or shrinks is followed. If a send
+    raises, every call joined into it raises the same exception.
+    """
+
+    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Result]]], capacity: Callable[[], int]):
+        self._send = send
+        self._capacity = capacity
+        self._waiting: list[tuple[list[Item], asyncio.Future]] = []
+        self._in_flight = 0
+        self._scheduled = False
+        self._sends: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    async def __call__(self, items: Sequence[Item]) -> list[Result]:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting.append((list(items), future))
+        self._schedule()
+        return await future
+
+    def _schedule(self) -> None:
+        # Dispatch after the callbacks already queued on the loop: calls that become ready in the
+        # same loop iteration (groups finishing at one engine step) leave together.
+        if not self._scheduled and self._waiting and self._in_flight < max(1, self._capacity()):
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        if not self._waiting or self._in_flight >= max(1, self._capacity()):
+            return
+        # A caller cancelled while waiting (a rollout a rollback abandoned) sends nothing.
+        joined, self._waiting = [(items, f) for items, f in self._waiting if not f.done()], []
+        if not joined:
+            return
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run(joined))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _run(self, joined: list[tuple[list[Item], asyncio.Future]]) -> None:
+        try:
+            results = list(await self._send([item for items, _ in joined for item in items]))
+            expected = sum(len(items) for items, _ in joined)
+            if len(results) != expected:
+                raise RuntimeError(f"coalesced call returned {len(results)} results for {expected} items")
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller joined into this send
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            for _, future in joined:
+                if not future.done():
+                    future.cancel() if cancelled else future.set_exception(exc)
+            if cancelled:
+                raise
+            return
+        finally:
+            self._in_flight -= 1
+            self._schedule()
+        start = 0
+        for items, future in joined:
+            if not future.done():  # a caller cancelled meanwhile
+                future.set_result(results[start:start + len(items)])
+            start += len(items)

@@ -1,0 +1,132 @@
+"""CallCoalescer: calls that wait for a busy worker leave together; every caller gets its own results."""
+
+import asyncio
+
+import pytest
+
+from rlhf_cluster.call_coalescing import CallCoalescer
+
+
+class FakeWorkers:
+    """A scoring pool stand-in: each send takes until released, and records what it was sent."""
+
+    def __init__(self):
+        self.sent: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+        self.fail_with: BaseException | None = None
+
+    async def send(self, items: list[int]) -> list[int]:
+        self.sent.append(list(items))
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [10 * x for x in items]
+
+    async def release(self, index: int) -> None:
+        while len(self.gates) <= index:
+            await asyncio.sleep(0)
+        self.gates[index].set()
+
+
+async def settle():
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_idle_pool_sends_at_once_and_busy_pool_joins_the_backlog():
+    async def scenario():
+        workers = FakeWorkers()
+        coalescer = CallCoalescer(workers.send, capacity=lambda: 1)
+        first = asyncio.create_task(coalescer([1, 2]))
+        await settle()
+        assert workers.sent == [[1, 2]]  # nothing in flight: sent without waiting for company
+        later = [asyncio.create_task(coalescer([k])) for k in (3, 4, 5)]
+        await settle()
+        assert workers.sent == [[1, 2]]  # the one worker is busy: the three wait
+        await workers.release(0)
+        assert await first == [10, 20]
+        await settle()
+        assert workers.sent == [[1, 2], [3, 4, 5]]  # ...and leave as one call
+        await workers.release(1)
+        assert [await t for t in later] == [[30], [40], [50]]
+
+    asyncio.run(scenario())
+
+
+def test_capacity_is_read_at_each_dispatch():
+    async def scenario():
+        workers = FakeWorkers()
+        size = {"workers": 2}
+        coalescer = CallCoalescer(workers.send, capacity=lambda: size["workers"])
+        a = asyncio.create_task(coalescer([1]))
+        await settle()
+        b = asyncio.create_task(coalescer([2]))
+        await settle()
+        assert workers.sent == [[1], [2]]  # two workers: two sends in flight
+        size["workers"] = 1  # the pool shrank
+        await workers.release(0)
+        await a
+        c = asyncio.create_task(coalescer([3]))
+        await settle()
+        assert workers.sent == [[1], [2]]  # one still in flight and capacity is 1 now
+        await workers.release(1)
+        await b
+        await settle()
+        assert workers.sent == [[1], [2], [3]]
+        await workers.release(2)
+        assert await c == [30]
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_send_fails_every_call_joined_into_it():
+    async def scenario():
+        workers = FakeWorkers()
+        coalescer = CallCoalescer(workers.send, capacity=lambda: 1)
+        first = asyncio.create_task(coalescer([1]))
+        await settle()
+        joined = [asyncio.create_task(coalescer([k])) for k in (2, 3)]
+        await workers.release(0)
+        await first
+        workers.fail_with = RuntimeError("reward worker: no reference answer for prompt 'p7'")
+        await workers.release(1)
+        for task in joined:
+            with pytest.raises(RuntimeError, match="no reference answer"):
+                await task
+        workers.fail_with = None  # the coalescer keeps serving after a failure
+        after = asyncio.create_task(coalescer([4]))
+        await workers.release(2)
+        assert await after == [40]
+
+    asyncio.run(scenario())
+
+
+def test_a_send_that_returns_the_wrong_count_is_an_error():
+    async def short(items):
+        return items[:-1]
+
+    async def scenario():
+        with pytest.raises(RuntimeError, match="returned 1 results for 2 items"):
+            await CallCoalescer(short, capacity=lambda: 1)([1, 2])
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_does_not_disturb_the_others():
+    async def scenario():
+        workers = FakeWorkers()
+        coalescer = CallCoalescer(workers.send, capacity=lambda: 1)
+        first = asyncio.create_task(coalescer([1]))
+        await settle()
+        gone, kept = asyncio.create_task(coalescer([2])), asyncio.create_task(coalescer([3]))
+        await settle()
+        gone.cancel()  # e.g. a rollout of a timeline a rollback abandoned
+        await workers.release(0)
+        await first
+        await workers.release(1)
+        assert await kept == [30]
+        assert workers.sent[1] == [3]  # what the cancelled caller waited with is not sent
+
+    asyncio.run(scenario())
