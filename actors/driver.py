@@ -205,6 +205,7 @@ class Driver:
                     continue
                 observe_step_kl(self.state.kl, stats["policy/kl"], samples)
                 self._publishing = tg.create_task(self._publish(step + 1, self.timeline, self._publishing))
+                await asyncio.sleep(0)  # the push goes out before this step's bookkeeping runs
                 counters = {**self.state.counters(), "worker_restarts": self.cluster.restarts(),
                             "learner_restarts": self.learner_restarts, "learner_wait_seconds": waited,
                             **self.cluster.busy_shares(began, time.time())}
@@ -267,7 +268,7 @@ class Driver:
             self.published_version = max(self.published_version, version)
             self.reporter.version(self.published_version)
             self.changed.notify_all()
-        if previous is not None:
+        if previous is not None and not previous.done():  # (a done one: no yield, the push goes out now)
             await asyncio.wait([previous])
         if timeline != self.timeline:
             return

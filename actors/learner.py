@@ -172,15 +172,18 @@ class LearnerRank(ShardedRank):
             self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=variant).observe(seconds)
         return stats
 
-    def train(self, batch: TrainBatch, version: int, kl_coef: float) -> dict[str, float]:
-        """One learner step on this rank's share, then publish the result as `version`."""
+    def train(self, batch: TrainBatch, version: int, kl_coef: float) -> tuple[dict[str, float], dict | None]:
+        """One learner step on this rank's share, then publish the result as `version`. Returns the
+        step's metrics and, when the publication is complete already (rank 0, direct transport),
+        what `wait_published` would: the driver pushes it without another round trip."""
         with tracing.span("train_step", version=version):
             metrics = self.learner.train_step(batch, kl_coef)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         with tracing.span("publish", version=version):
             self.publish(version)
-        return metrics
+        publication = self.pending.get(version)
+        return metrics, (self.wait_published(version) if publication is not None and publication.done() else None)
 
     def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Collective: the policy's fp32 log-probs of fixed sequences (what an engine holding the

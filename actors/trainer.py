@@ -33,6 +33,7 @@ class Trainer:
         self.policy = RankGroup(LearnerRank, lambda r: (cfg_dict, model_path, r, w, probe), cfg.learner.resources, w,
                                 placement_timeout_s=placement_timeout_s)
         self.critic: RankGroup | None = None
+        self._published: dict[int, dict] = {}  # publications that came back with their step
         if cfg.algorithm.advantage == "gae":  # PPO with a learned critic
             try:
                 cw = cfg.critic.world_size
@@ -78,7 +79,12 @@ class Trainer:
         if self.critic is not None:
             steps.append(asyncio.gather(*self.critic.split("train", batch.critic_shares(self.critic.world_size))))
         # The two groups train on the same batch at the same time; rank 0 speaks for each.
-        for group_stats in await asyncio.gather(*steps):
+        policy, *critic = await asyncio.gather(*steps)
+        metrics, publication = policy[0]
+        if publication is not None:
+            self._published[step + 1] = publication
+        stats.update(metrics)
+        for group_stats in critic:
             stats.update(group_stats[0])
         stats["kl_coef"] = kl_coef
         return stats
@@ -97,8 +103,16 @@ class Trainer:
         await self.policy.leader.wait_persisted.remote()
 
     def wait_published(self, version: int):
-        """An awaitable of `version`'s publication stats (and `delivery`), asked of this trainer's rank 0 now."""
-        return self.policy.leader.wait_published.remote(version)
+        """An awaitable of `version`'s publication stats (and `delivery`): the one its step brought
+        back (done already), else asked of this trainer's rank 0 now."""
+        publication = self._published.pop(version, None)
+        for older in [v for v in self._published if v < version]:
+            del self._published[older]
+        if publication is None:
+            return self.policy.leader.wait_published.remote(version)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(publication)
+        return done
 
     def load_checkpoint(self, path) -> dict[str, list[str]]:
         """Every rank restores from the job checkpoint at `path`; the restored states' digests by group."""

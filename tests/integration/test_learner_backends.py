@@ -55,7 +55,8 @@ def _config(job_config, run_dir, backend, **learner):
 
 
 def _train(ranks, shards, version):
-    return ray.get([rank.train.remote(TrainBatch.from_samples(s), version, 0.1) for rank, s in zip(ranks, shards)])
+    return [metrics for metrics, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), version, 0.1)
+                                              for rank, s in zip(ranks, shards)])]
 
 
 def test_deepspeed_zero3_step_equals_fsdp2_step(ray_cluster, job_config, tiny_model_path, tmp_path):

@@ -52,7 +52,7 @@ def test_two_ranks_match_one_rank(ray_cluster, job_config, tiny_model_path, tmp_
             algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
         )
         ranks = _group(cfg, tiny_model_path, world)
-        stats = ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])
+        stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])]
         results[world] = stats[0]
         assert all(abs(s["policy/loss"] - stats[0]["policy/loss"]) < 1e-9 for s in stats), "ranks disagree"
         ranks.kill()
@@ -70,12 +70,12 @@ def test_non_finite_loss_skips_the_update(ray_cluster, job_config, tiny_model_pa
     samples = _samples(3)
     samples[0].advantages = [float("nan")] * len(samples[0].advantages)
     before = ray.get(rank.full_state_dict.remote())
-    stats = ray.get(rank.train.remote(TrainBatch.from_samples(samples), 1, 0.0))
+    stats, _ = ray.get(rank.train.remote(TrainBatch.from_samples(samples), 1, 0.0))
     after = ray.get(rank.full_state_dict.remote())
     assert stats["learner/skipped_updates"] == 1
     assert all(torch.equal(before[k], after[k]) for k in before), "a NaN step must not change the weights"
     # The next, finite step updates normally.
-    stats = ray.get(rank.train.remote(TrainBatch.from_samples(_samples(3)), 2, 0.0))
+    stats, _ = ray.get(rank.train.remote(TrainBatch.from_samples(_samples(3)), 2, 0.0))
     assert stats["learner/skipped_updates"] == 0
     assert any(not torch.equal(after[k], v) for k, v in ray.get(rank.full_state_dict.remote()).items())
     group.kill()
@@ -97,7 +97,7 @@ def test_micro_batches_accumulate_to_the_full_batch_update(ray_cluster, job_conf
             algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
         )
         ranks = _group(cfg, tiny_model_path, world)
-        stats = ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])
+        stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])]
         results[name] = stats[0]
         weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
         ranks.kill()
@@ -127,8 +127,8 @@ def test_gradient_checkpointing_and_bf16_mixed_precision(ray_cluster, job_config
             algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
         )
         ranks = _group(cfg, tiny_model_path, 2)
-        stats = ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1)
-                         for rank, s in zip(ranks, (samples[:2], samples[2:]))])
+        stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1)
+                                        for rank, s in zip(ranks, (samples[:2], samples[2:]))])]
         results[name] = stats[0]
         weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
         ranks.kill()
