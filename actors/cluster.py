@@ -111,9 +111,10 @@ class Cluster:
         if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
                 "reference", "ref", lambda i, _slot: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
-        # Scoring calls of groups that finish together leave as one call per free worker.
-        self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]))
-        self._references = CallCoalescer(self._send_references, lambda: len(self.pools["reference"]))
+        # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.
+        self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]), cfg.samples_per_step)
+        self._references = CallCoalescer(self._send_references, lambda: len(self.pools["reference"]),
+                                         cfg.samples_per_step)
         replicas = {"generation": cfg.generation.replicas, "reward": cfg.scoring.reward_replicas,
                     "reference": cfg.scoring.reference_replicas}
         try:

@@ -6,7 +6,8 @@ fixed cost (a Ray round trip, a forward's Python overhead) once per group, one a
 the step's critical path. A `CallCoalescer` sends a call at once while the pool has a free
 worker, and otherwise holds it: every call that arrives while the workers are busy leaves
 together, as one call, when the next worker frees up. Idle scoring adds no delay; busy scoring
-gets batches as large as the backlog.
+gets batches as large as the backlog, up to `max_items` (a step's samples: one step's batch is
+never held back by the next step's groups joined to it).
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ class CallCoalescer(Generic[Item, Result]):
     """Sends lists of items through `send` (one list in, one result per item out, in order), with at
     most `capacity()` sends in flight; lists that wait for a free slot are joined into one send.
 
-    `capacity` is read at each dispatch, so a pool that grows or shrinks is followed. If a send
-    raises, every call joined into it raises the same exception.
+    A send takes the waiting calls in arrival order up to `max_items` items (at least one call,
+    however large). `capacity` is read at each dispatch, so a pool that grows or shrinks is
+    followed. If a send raises, every call joined into it raises the same exception.
     """
 
-    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Result]]], capacity: Callable[[], int]):
+    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Result]]], capacity: Callable[[], int],
+                 max_items: int | None = None):
         self._send = send
         self._capacity = capacity
+        self._max_items = max_items
         self._waiting: list[tuple[list[Item], asyncio.Future]] = []
         self._in_flight = 0
         self._scheduled = False
@@ -50,16 +54,19 @@ class CallCoalescer(Generic[Item, Result]):
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        if not self._waiting or self._in_flight >= max(1, self._capacity()):
-            return
         # A caller cancelled while waiting (a rollout a rollback abandoned) sends nothing.
-        joined, self._waiting = [(items, f) for items, f in self._waiting if not f.done()], []
-        if not joined:
-            return
-        self._in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(joined))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
+        self._waiting = [(items, f) for items, f in self._waiting if not f.done()]
+        while self._waiting and self._in_flight < max(1, self._capacity()):
+            taken, size = 0, 0
+            while taken < len(self._waiting) and (taken == 0 or self._max_items is None
+                                                   or size + len(self._waiting[taken][0]) <= self._max_items):
+                size += len(self._waiting[taken][0])
+                taken += 1
+            joined, self._waiting = self._waiting[:taken], self._waiting[taken:]
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._run(joined))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
 
     async def _run(self, joined: list[tuple[list[Item], asyncio.Future]]) -> None:
         try:
@@ -77,7 +84,7 @@ class CallCoalescer(Generic[Item, Result]):
             return
         finally:
             self._in_flight -= 1
-            self._schedule()
+            self._schedule()  # the rest of the backlog, if any
         start = 0
         for items, future in joined:
             if not future.done():  # a caller cancelled meanwhile

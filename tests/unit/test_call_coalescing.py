@@ -130,3 +130,32 @@ def test_a_cancelled_caller_does_not_disturb_the_others():
         assert workers.sent[1] == [3]  # what the cancelled caller waited with is not sent
 
     asyncio.run(scenario())
+
+
+def test_a_send_carries_at_most_max_items_and_free_workers_take_the_rest():
+    async def scenario():
+        workers = FakeWorkers()
+        size = {"workers": 1}
+        coalescer = CallCoalescer(workers.send, capacity=lambda: size["workers"], max_items=4)
+        first = asyncio.create_task(coalescer([0]))
+        await settle()
+        # Two steps' groups finish together behind the busy worker: 4 groups of 2 samples.
+        groups = [asyncio.create_task(coalescer([10 * g + 1, 10 * g + 2])) for g in range(1, 5)]
+        await settle()
+        size["workers"] = 2  # a second worker joins while they wait
+        await workers.release(0)
+        await first
+        await settle()
+        # Both workers are free: the backlog leaves as two sends of one step's worth (4 items) each.
+        assert workers.sent[1:] == [[11, 12, 21, 22], [31, 32, 41, 42]]
+        await workers.release(1)
+        await workers.release(2)
+        assert [await t for t in groups] == [[110, 120], [210, 220], [310, 320], [410, 420]]
+        # One call larger than max_items still goes, alone.
+        big = asyncio.create_task(coalescer([1, 2, 3, 4, 5, 6]))
+        await settle()
+        assert workers.sent[3] == [1, 2, 3, 4, 5, 6]
+        await workers.release(3)
+        assert len(await big) == 6
+
+    asyncio.run(scenario())
