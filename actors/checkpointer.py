@@ -26,8 +26,26 @@ class Checkpointer:
         self.checkpoints = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
         self._writing: asyncio.Task | None = None
 
+    def open_run(self, resume: str | None, overwrite: bool | str, job_name: str) -> Checkpoint | None:
+        """Lock the run directory (one job per run_dir), then pick the checkpoint to resume from and
+        prepare the directory: resumed, or fresh with an earlier run refused / moved aside / deleted
+        as `overwrite` says. `--resume auto` with no checkpoint at all starts over with the earlier
+        files moved aside; with checkpoints of which none verifies it is refused
+        (`NoVerifiedCheckpoint`) and nothing on disk changes. Returns the checkpoint (None: fresh)."""
+        self.run_dir.acquire(job_name)  # before judging checkpoints: a live job's are not ours to rename
+        try:
+            resume_from = self.to_resume(resume)
+            self.run_dir.prepare(fresh=resume_from is None, job_name=job_name,
+                                 overwrite=overwrite or ("aside" if resume is not None else False))
+        except BaseException:
+            self.run_dir.release()
+            raise
+        return resume_from
+
     def to_resume(self, resume: str | None) -> Checkpoint | None:
-        """`auto`: the newest checkpoint that verifies (None if there is none); a path: exactly that one."""
+        """`auto`: the newest checkpoint that verifies (None if there is no checkpoint at all;
+        `NoVerifiedCheckpoint` if there are some and none verifies); a path: exactly that one.
+        Call it holding the run directory's lock: a refused checkpoint is renamed aside."""
         if resume is None:
             return None
         if resume == "auto":
@@ -35,7 +53,14 @@ class Checkpointer:
         return CheckpointStore.verify(resume)
 
     def newest(self) -> Checkpoint | None:
-        return self.checkpoints.latest(on_refused=lambda exc: tqdm.write(f"refusing {exc}"))
+        """The newest checkpoint that verifies; newer ones that do not are kept aside, not deleted,
+        and when none verifies the job stops (`NoVerifiedCheckpoint`) rather than start over."""
+        return self.checkpoints.resume_point(on_refused=self._refused)
+
+    def _refused(self, path: Path, exc: CheckpointError) -> None:
+        # Left under its name, a later checkpoint of the same step (or retention) would delete it.
+        kept = self.checkpoints.set_aside(path)
+        tqdm.write(f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})")
 
     def due(self, step: int, stopping: bool) -> bool:
         return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping
@@ -87,7 +112,11 @@ class Checkpointer:
         """Snapshot the state and stage every rank's state now; the files are finished in the background."""
         await self.wait()  # one checkpoint at a time
         tmp = self.checkpoints.begin(step)
-        state.save(step, tmp)
+        try:
+            state.save(step, tmp)  # flushes the scored log first: a full disk fails it with its groups kept pending
+        except OSError as exc:
+            self._failed(tmp, step, exc)
+            return
         digests = await trainer.stage_checkpoint(tmp)
         self._writing = tg.create_task(self._finish(tmp, step, digests, trainer, state))
 
@@ -106,7 +135,10 @@ class Checkpointer:
                 oldest = Checkpoint(self.checkpoints.list()[0], {}).driver_state()
                 state.log.compact(oldest.get("scored_seq", 0))
         except (OSError, ray.exceptions.RayError) as exc:
-            # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
-            self.checkpoints.abandon(tmp)
-            self.reporter.checkpoint_failed()
-            tqdm.write(f"checkpoint after step {step} failed ({exc!r}); the previous checkpoint stays in use")
+            self._failed(tmp, step, exc)
+
+    def _failed(self, tmp: Path, step: int, exc: BaseException) -> None:
+        # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
+        self.checkpoints.abandon(tmp)
+        self.reporter.checkpoint_failed()
+        tqdm.write(f"checkpoint after step {step} failed ({exc!r}); the previous checkpoint stays in use")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from actors import run_views
 from actors.submission import job_client, stage_working_dir
@@ -97,14 +98,22 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
     typer.echo(f"dry run ok: {cfg.name}, {cfg.train.total_steps} steps, {cfg.samples_per_step} samples per step")
 
 
-@app.command()
+class _TrainCommand(TyperCommand):
+    """`train`'s command: `--overwrite` alone means `--overwrite=aside` (Typer has no options whose
+    value may be left out), so `make run`'s bare `--overwrite` keeps working beside `--overwrite=delete`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, ["--overwrite=aside" if a == "--overwrite" else a for a in args])
+
+
+@app.command(cls=_TrainCommand)
 def train(
     config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML job config."),
     address: Optional[str] = typer.Option(None, help="Ray address of an existing cluster ('auto' inside a Ray job); empty starts a local instance."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and check the cluster can place every pool; start nothing."),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'auto' (the newest that verifies) or its path."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run_dir that holds an earlier run (deletes its metrics, checkpoints and weights)."),
+    overwrite: Optional[str] = typer.Option(None, "--overwrite", metavar="[=delete]", help="Start over in a run_dir that holds an earlier run: its files are moved aside to RUN_DIR.old-<time>; --overwrite=delete deletes them."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error caused by input (config, files, reward code, checkpoints)."),
     max_retries: int = typer.Option(0, "--max-retries", min=0, help="Run the driver as a child and resume it (--resume auto) after it dies, up to this many times."),
     record_rollouts: bool = typer.Option(False, "--record-rollouts", help="Keep every scored group (RUN_DIR/scored) for `rlhf-cluster replay`."),
@@ -112,6 +121,10 @@ def train(
     """Run an RL job: generation, scoring, learner and weight store on Ray."""
     set_ = [*set_, *(["train.record_rollouts=true"] if record_rollouts else [])]
     cfg = _load(config, set_)
+    if overwrite not in (None, "aside", "delete"):
+        typer.echo(f"error: --overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
+                   "--overwrite=delete (deletes it)", err=True)
+        raise typer.Exit(2)
     address = address or cfg.cluster.address
     if dry_run:
         _dry_run(cfg, address, resume)
@@ -122,7 +135,7 @@ def train(
 
         argv = [sys.executable, "-m", "actors.cli", "train", str(config), *(f"--set={s}" for s in set_),
                 *(["--address", address] if address else []), *(["--resume", resume] if resume else []),
-                *(["--overwrite"] if overwrite else []), *(["--debug"] if debug else [])]
+                *([f"--overwrite={overwrite}"] if overwrite else []), *(["--debug"] if debug else [])]
         raise typer.Exit(supervise(argv, max_retries, lambda line: typer.echo(line, err=True)))
     import ray
 

@@ -35,6 +35,7 @@ from rlhf_cluster.metrics import serve_metrics
 from rlhf_cluster.preflight import preflight
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.scored_log import ScoredLogFlushError
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 class Driver:
     """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
 
-    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool = False):
+    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool | str = False):
         for warning in preflight(cfg, resume=resume):  # bad input fails here, before anything is written or started
             log.warning(warning)
         self.cfg, self.cfg_dict = cfg, cfg.model_dump()
@@ -51,9 +52,7 @@ class Driver:
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         self.reporter = Reporter(cfg, self.run_dir)
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.store, self.reporter)
-        resume_from = self.checkpointer.to_resume(resume)
-        # One job per run_dir; a fresh job wipes an earlier run only when told to (or asked to resume one).
-        self.run_dir.prepare(fresh=resume_from is None, job_name=cfg.name, overwrite=overwrite or resume is not None)
+        resume_from = self.checkpointer.open_run(resume, overwrite, cfg.name)  # nothing unverified is deleted
         self.changed = asyncio.Condition()  # the buffer, the published version or the requests in flight moved
         self.timeline = 0  # bumped by every rollback: late results of an abandoned timeline are ignored
         self.learner_restarts = 0
@@ -172,7 +171,8 @@ class Driver:
                 return  # generated for a timeline a rollback abandoned
             self.state.admission.buffered(key)
             for g in groups:
-                dropped = self.state.add_group(g.samples, g.metrics, g.worker)
+                dropped = self.state.add_group(g.samples, g.metrics, g.worker, g.failed)
+                self.reporter.dropped("reward_failed", g.failed)  # left out of a group that kept the rest
                 if dropped is None:
                     self.reporter.group_buffered(g.samples, g.worker, g.requested_at, g.generated_at)
                 else:
@@ -208,6 +208,8 @@ class Driver:
                 await asyncio.sleep(0)  # the push goes out before this step's bookkeeping runs
                 counters = {**self.state.counters(), "worker_restarts": self.cluster.restarts(),
                             "learner_restarts": self.learner_restarts, "learner_wait_seconds": waited,
+                            "scored_log_failed_flushes": self.state.log.failed_flushes,
+                            "scored_log_unflushed_groups": self.state.log.unflushed,
                             **self.cluster.busy_shares(began, time.time())}
                 now = time.perf_counter()
                 every = self.cfg.data.eval_every_steps  # the last step's evaluation is the final one (eval.json)
@@ -218,7 +220,7 @@ class Driver:
                                                        self.cfg.data))
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
                 with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
-                    await asyncio.to_thread(self.state.log.flush)
+                    await self._flush_scored_log()
                 last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
                 bar.update(1)
                 if self.checkpointer.due(step, self.stop_requested):
@@ -252,7 +254,10 @@ class Driver:
                     return samples
                 if self.stop_requested:
                     return None
-                await self.changed.wait()
+                try:  # wake now and then even if nothing arrives: `take` runs the no-progress watchdog
+                    await asyncio.wait_for(self.changed.wait(), self.state.watchdog.poll_s())
+                except TimeoutError:
+                    pass
 
     async def _publish(self, version: int, timeline: int, previous: asyncio.Task | None) -> None:
         """Once `version` is durable (or packed, direct): admission moves on and every engine loads
@@ -285,6 +290,13 @@ class Driver:
             await trainer.watch(self.cfg.faults, self.reporter.trace)
             while self.trainer is trainer:  # until the rollback has built the next ranks
                 await asyncio.sleep(self.cfg.faults.heartbeat_interval_s)
+
+    async def _flush_scored_log(self) -> None:
+        """A full disk must not end the job nor lose groups: they stay pending for the next flush."""
+        try:
+            await asyncio.to_thread(self.state.log.flush)
+        except ScoredLogFlushError as exc:
+            tqdm.write(f"warning: {exc}")
 
     async def _recover_learner(self, tg: asyncio.TaskGroup, cause: BaseException) -> int:
         """A learner rank died: rebuild the groups from the newest checkpoint; generation keeps running."""

@@ -1,5 +1,6 @@
 """Rollout: one admitted request's way from prompts to scored groups: generate on the least busy
-engine, score with reward and reference workers at once, build each group's samples."""
+engine, score with reward and reference workers at once, build each group's samples (over the
+samples whose reward did not fail, `kept_samples`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from actors.reporting import Reporter
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience import KLController, build_group, group_rollouts
+from rlhf_cluster.job_state import kept_samples, min_group_size
 from rlhf_cluster.records import ScoredSample
 
 
@@ -24,6 +26,7 @@ class ScoredGroup:
     worker: str
     requested_at: float
     generated_at: float  # when it was handed to scoring
+    failed: int = 0  # samples left out because their reward failed (the group's advantages are over the rest)
 
 
 async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts: list[Prompt], version: int,
@@ -42,12 +45,14 @@ async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts:
     answers = {p.prompt_id: p.answer for p in prompts}
     scores, refs = await asyncio.gather(cluster.score(rollouts, answers), cluster.reference_logprobs(rollouts))
     by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
-    groups = []
-    for group in group_rollouts(rollouts).values():
+    groups, at_least = [], min_group_size(cfg)
+    for whole in group_rollouts(rollouts).values():
+        kept = kept_samples([scores[by_index[r.sample_id]] for r in whole], at_least)
+        group = [whole[k] for k in kept]
         idx = [by_index[r.sample_id] for r in group]
         samples, metrics = build_group(
             group, [scores[i] for i in idx], [refs[i] for i in idx] if refs else None, cfg.algorithm,
             kl_coef=kl.value, max_new_tokens=cfg.generation.sampling.max_new_tokens,
         )
-        groups.append(ScoredGroup(samples, metrics, group[0].worker, requested_at, generated_at))
+        groups.append(ScoredGroup(samples, metrics, group[0].worker, requested_at, generated_at, len(whole) - len(group)))
     return groups

@@ -29,10 +29,10 @@ def samples(
     top: Optional[int] = typer.Option(None, help="Show only this many of the highest- and lowest-reward ones."),
 ) -> None:
     """Print the decoded prompts and responses a step trained on: highest and lowest reward, random."""
-    from rlhf_cluster.run_dir import RunDir
+    from rlhf_cluster.run_dir import RunDir, read_jsonl
     from rlhf_cluster.sample_log import fewest_extremes, format_samples
 
-    rows = [json.loads(x) for x in (run_dir / RunDir.SAMPLES).read_text().splitlines()] if (run_dir / RunDir.SAMPLES).exists() else []
+    rows = read_jsonl(run_dir / RunDir.SAMPLES).rows  # none if absent; a torn final line is left out
     if not rows:
         typer.echo(f"error: {run_dir / RunDir.SAMPLES}: no samples logged (is this a run directory?)", err=True)
         raise typer.Exit(2)

@@ -30,7 +30,8 @@ class RewardWorker:
         self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
                       "pid": os.getpid()}
         rule = cfg.scoring.rule_source
-        handling = {"on_error": rule.on_error, "timeout_s": rule.timeout_s} if cfg.scoring.reward_fn else {}
+        handling = {"on_error": rule.on_error, "timeout_s": rule.timeout_s, "max_failure_fraction": rule.max_failure_fraction,
+                    "failure_window": rule.failure_window} if cfg.scoring.reward_fn else {}
         self.reward = RuleReward(cfg.data.verifier_name, pattern=cfg.data.verifier_pattern, reward_fn=cfg.scoring.reward_fn,
                                  **handling)
         self.scoring = cfg.scoring

@@ -49,6 +49,6 @@ def _resuming(argv: list[str]) -> list[str]:
             skip = False
         elif arg == "--resume":
             skip = True
-        elif arg != "--overwrite":
+        elif arg != "--overwrite" and not arg.startswith("--overwrite="):
             out.append(arg)
     return out + ["--resume", "auto"]

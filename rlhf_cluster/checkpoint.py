@@ -3,6 +3,7 @@
     step-00000009/
       learner/            torch.distributed.checkpoint shards (model + optimizer), each rank its part
       rng/rank<r>.pt      torch / numpy / python RNG states and the LR scheduler of rank r
+                          (tensors and a JSON string, read with `torch.load(weights_only=True)`)
       driver.json         step, weight version, KL controller, prompt cursor, pending prompts, counters
       buffer.arrow        the experience buffer's samples (its on-disk format)
       manifest.json       step, version, sha256 of every file, per-rank state digests
@@ -10,12 +11,18 @@
 Only a directory with a manifest whose checksums verify is a checkpoint; a crash or a full
 disk while writing leaves a `.step-*.tmp` directory that is ignored and cleaned up, so the
 previous checkpoint stays usable.
+
+Resuming never deletes what it cannot verify (`resume_point`): a `step-*` directory that does not
+verify is skipped for an older one that does and kept, renamed `refused-step-*` (so neither
+retention nor a later checkpoint of the same step removes it); when none verifies the resume is
+refused with every checkpoint named and nothing on disk changed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,14 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not match its manifest."""
+
+
+class NoVerifiedCheckpoint(CheckpointError):
+    """Checkpoints are present but none verifies: resuming would have to start over, which only
+    an explicit `--overwrite` may do."""
+
+
+STEP_DIR = re.compile(r"step-\d+")  # a checkpoint's own name; `refused-step-*` and `.step-*.tmp` are not
 
 
 def _fsync_tree(root: Path) -> None:
@@ -110,9 +125,14 @@ class CheckpointStore:
 
     def list(self) -> list[Path]:
         """Checkpoint directories with a manifest, oldest first (not yet verified)."""
+        return [p for p in self.candidates() if (p / MANIFEST).is_file()]
+
+    def candidates(self) -> list[Path]:
+        """Every `step-*` directory, oldest first, a manifest or not: finalize renames a directory
+        into place only after its manifest is written, so one without is a damaged checkpoint."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step-*") if (p / MANIFEST).is_file())
+        return sorted(p for p in self.root.glob("step-*") if STEP_DIR.fullmatch(p.name) and p.is_dir())
 
     @staticmethod
     def verify(path: str | Path) -> Checkpoint:
@@ -131,6 +151,41 @@ class CheckpointStore:
             if sha256_file(file) != digest:
                 raise CheckpointError(f"checkpoint {path}: file {name} does not match its sha256 (corrupted)")
         return Checkpoint(path, manifest)
+
+    def resume_point(self, on_refused=None) -> Checkpoint | None:
+        """The newest checkpoint that verifies, None when there is no checkpoint at all, and
+        `NoVerifiedCheckpoint` (naming each one and why) when there are some but none verifies:
+        starting over would lose the run. Nothing is changed on disk; `on_refused` hears of each
+        newer checkpoint skipped on the way to one that verifies, as (path, error)."""
+        refused: list[tuple[Path, CheckpointError]] = []
+        for path in reversed(self.candidates()):
+            try:
+                chosen = self.verify(path)
+            except CheckpointError as exc:
+                refused.append((path, exc))
+                continue
+            for path, exc in refused:
+                if on_refused is not None:
+                    on_refused(path, exc)
+            return chosen
+        if refused:
+            raise NoVerifiedCheckpoint(
+                f"none of the {len(refused)} checkpoint(s) in {self.root} verifies, so there is nothing to resume "
+                "from; nothing was changed on disk:\n" + "\n".join(f"  - {exc}" for _, exc in refused)
+                + "\nresume from one you trust with --resume PATH, repair or move away the damaged ones, or start "
+                "over with --overwrite (moves this run aside)")
+        return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a checkpoint that did not verify to `refused-<name>` beside it, out of reach of
+        retention and of a later checkpoint of the same step: it is kept, never deleted."""
+        target = path.with_name(f"refused-{path.name}")
+        n = 1
+        while target.exists():
+            target, n = path.with_name(f"refused-{path.name}.{n}"), n + 1
+        path.rename(target)
+        fsync_path(path.parent)
+        return target
 
     def latest(self, on_refused=None) -> Checkpoint | None:
         """The newest checkpoint that verifies; corrupted ones are reported to `on_refused` and skipped."""

@@ -55,26 +55,66 @@ def write_atomic(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+def _aside(target: Path) -> Path:
+    """Where `write_dir_atomic` keeps the previous version of `target` while the new one goes in."""
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_dir(target: str | Path) -> Path:
+    """Undo a crash inside `write_dir_atomic`: when only the previous version is left (at its
+    aside name), put it back as `target`; remove what a crash left to be deleted. Returns `target`."""
+    import shutil
+
+    target = Path(target)
+    aside = _aside(target)
+    if aside.is_dir() and not target.exists():
+        aside.rename(target)  # the aside copy is always complete: it got its name by one rename
+        fsync_path(target.parent)
+    for doomed in target.parent.glob(f".{target.name}.doomed.*"):
+        shutil.rmtree(doomed, ignore_errors=True)
+    return target
+
+
 def write_dir_atomic(target: str | Path, write) -> Path:
     """Build a folder with `write(tmp_dir)` under a temp name beside `target`, then put it in place.
 
-    A crash leaves the old `target` (or none), never a half-written one; an old `target` is
-    replaced.
+    The new version is installed before the old one is removed: old -> `.NAME.old`, new -> NAME,
+    then the old one is renamed to a doomed name and deleted. Every step is one rename, so a
+    crash at any point leaves a complete version (`recover_dir`, run first here, puts back an
+    old version that a crash left only at its aside name).
     """
     import shutil
     import tempfile
 
-    target = Path(target)
+    target = recover_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(tmp)
-        if target.exists():
-            doomed = target.with_name(f".{target.name}.old.{os.getpid()}")
-            target.rename(doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    aside = _aside(target)
+    if aside.exists():  # a crash after an earlier install: `target` is the newer complete version
+        _discard(aside)
+    try:
+        if target.exists():
+            target.rename(aside)
+        tmp.rename(target)
+    except Exception:  # an error, not a crash: the old version goes back in place at once
+        recover_dir(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(target.parent)
+    if aside.exists():
+        _discard(aside)
     return target
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory by first renaming it out of its name, so no name ever holds half of one."""
+    import shutil
+
+    doomed = path.with_name(f"{path.name.removesuffix('.old')}.doomed.{os.getpid()}.{threading.get_ident()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -1,11 +1,17 @@
 """The state of one job that a checkpoint captures beside the ranks' own: prompt order and
-admission, the experience buffer, the KL controller and the drop counters. Ray-free."""
+admission, the experience buffer, the KL controller and the drop counters. Ray-free.
+
+Also what keeps the job from spinning without progress: a sample whose reward failed is dropped
+alone (its group keeps the rest when `min_group_size` remain), and the no-progress watchdog
+(`liveness.ProgressWatchdog`) ends a step loop that waits too long for its batch, saying why.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from rlhf_cluster.admission import Admission
@@ -14,7 +20,9 @@ from rlhf_cluster.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience import accept_group, kl_controller
+from rlhf_cluster.liveness import NoProgressError, ProgressWatchdog
 from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.preflight import GROUP_ADVANTAGES
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.scored_log import BUFFERED, ScoredLog
 from rlhf_cluster.scoring.rewards import FAILED
@@ -26,6 +34,32 @@ from rlhf_cluster.scoring.rewards import FAILED
 RESUME_SETTINGS = ("learner.lr", "learner.weight_decay", "learner.lr_warmup_steps", "algorithm.kl.coef",
                    "algorithm.kl.target", "algorithm.kl.horizon", "algorithm.loss.clip_low",
                    "algorithm.loss.clip_high", "learner.max_grad_norm")
+
+
+def reward_failed(reward: float, components: dict[str, float]) -> bool:
+    """Whether a sample's reward failed: its reward function failed (`on_error: drop` marks it) or
+    its reward is not finite (e.g. a reward model's NaN). Nothing is trained on such a sample."""
+    return bool(components.get(FAILED, 0.0)) or not math.isfinite(reward)
+
+
+def min_group_size(cfg: JobConfig) -> int:
+    """The fewest samples a group may keep once its failed ones are left out: 2 for a group-relative
+    advantage (grpo, dr_grpo, rloo: each sample's baseline comes from the others), and enough that
+    a step of `prompts_per_step` such groups still gives every learner (and critic) rank a sample
+    per mini-batch; never more than the group's size."""
+    need = 2 if cfg.algorithm.advantage in GROUP_ADVANTAGES else 1
+    groups = [cfg.learner] + ([cfg.critic] if cfg.critic is not None else [])
+    per_step = max(g.world_size * g.mini_batches for g in groups)
+    need = max(need, -(-per_step // cfg.train.prompts_per_step))
+    return min(need, cfg.generation.sampling.n)
+
+
+def kept_samples(scores: list[tuple[float, dict[str, float]]], at_least: int) -> list[int]:
+    """Positions of a group's samples to build the group from (before its advantages): those whose
+    reward did not fail when at least `at_least` remain, else all of them (a group that still
+    holds a failed sample is dropped whole by `JobState.add_group`, and counted)."""
+    ok = [i for i, (reward, components) in enumerate(scores) if not reward_failed(reward, components)]
+    return ok if len(ok) >= at_least else list(range(len(scores)))
 
 
 def settings_of(cfg: JobConfig) -> dict[str, object]:
@@ -54,18 +88,27 @@ class JobState:
         self.worker_of: dict[str, str] = {}  # sample id -> the generation worker that produced it
         self.log = ScoredLog(Path(cfg.run_dir).expanduser() / RunDir.SCORED_LOG)
         self.recovered = {"reused": 0, "rolled_back": 0}  # scored groups found in the log on resume (from abandoned weights)
+        f = cfg.faults
+        self.watchdog = ProgressWatchdog(f.progress_timeout_s, f.progress_timeout_factor)
+        # What happened since the last batch was formed, for the watchdog's message.
+        self.since_progress: Counter[str] = Counter()
 
-    def add_group(self, samples: list[ScoredSample], metrics: dict[str, float], worker: str) -> str | None:
+    def add_group(self, samples: list[ScoredSample], metrics: dict[str, float], worker: str, failed: int = 0) -> str | None:
         """Buffer one scored group, or drop it and give its admission back; returns None when
         buffered, else why it was dropped: `reward_failed` (a sample's reward function failed or
-        its reward is not finite: nothing is trained on it) or `zero_signal` (dynamic sampling)."""
-        if any(s.reward_components.get(FAILED, 0.0) or not math.isfinite(s.reward) for s in samples):
+        its reward is not finite: nothing is trained on it) or `zero_signal` (dynamic sampling).
+        `failed`: samples of the group the caller already left out because their reward failed
+        (`kept_samples`; the group's advantages are over the rest); they count as dropped."""
+        self.dropped["reward_failed"] += failed
+        self.since_progress["samples whose reward failed"] += failed
+        if any(reward_failed(s.reward, s.reward_components) for s in samples):
             reason = "reward_failed"
         elif not accept_group(metrics, self.cfg.algorithm):
             reason = "zero_signal"
         else:
             reason = None
         self._keep(samples, reason, worker)
+        self.since_progress[f"groups dropped ({reason})" if reason else "groups buffered"] += 1
         if reason is not None:
             self.admission.give_back(1)
         return reason
@@ -86,13 +129,38 @@ class JobState:
 
     def take(self, step: int) -> tuple[list[ScoredSample] | None, int]:
         """The step's groups if enough admissible ones are buffered (else None), and how many
-        samples were dropped as stale on the way; dropped groups give their admission back."""
+        samples were dropped as stale on the way; dropped groups give their admission back.
+        Raises `NoProgressError` (saying why) when the step has waited past the watchdog's bound."""
         t = self.cfg.train
-        before = self.buffer.dropped["stale"]
+        before, groups_before = self.buffer.dropped["stale"], self.buffer.ready_groups()
         samples = self.buffer.take(t.prompts_per_step, min_version=step - t.max_staleness)
         dropped = self.buffer.dropped["stale"] - before
-        self.admission.give_back(dropped // self.cfg.generation.sampling.n)
+        # Groups, not samples / n: a group may have kept only some of its samples.
+        stale_groups = groups_before - self.buffer.ready_groups() - (t.prompts_per_step if samples is not None else 0)
+        self.admission.give_back(stale_groups)
+        self.since_progress["groups dropped (stale)"] += stale_groups
+        if samples is not None:
+            self.watchdog.progressed()
+            self.since_progress.clear()
+        else:
+            self.watchdog.waiting()
+            self._check_progress(step)
         return samples, dropped
+
+    def _check_progress(self, step: int) -> None:
+        waited = self.watchdog.overdue_s()
+        if waited is None:
+            return
+        t = self.cfg.train
+        seen = ", ".join(f"{n} {what}" for what, n in sorted(self.since_progress.items()) if n) or "no group arrived"
+        raise NoProgressError(
+            f"no learner step for {waited:.0f} s ({self.watchdog.explain()}): step {step} waits for "
+            f"{t.prompts_per_step} groups sampled at version >= {step - t.max_staleness}, the buffer holds "
+            f"{self.buffer.ready_groups()} ({self.buffer.depth} samples), {len(self.admission.in_flight)} requests are "
+            f"in flight; since the last step: {seen}. Every group being dropped means no batch can form: check the "
+            "reward function (scoring.rewards on_error, max_failure_fraction), algorithm.shaping.dynamic_sampling "
+            "and the generation workers' logs"
+        )
 
     def save(self, step: int, directory: Path) -> None:
         """Write this half of a checkpoint after `step`: the state JSON and the buffer; the scored

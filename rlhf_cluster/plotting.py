@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rlhf_cluster.run_dir import read_jsonl
+
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Read RUN_DIR/metrics.jsonl (and eval.json when present) and write a PNG; returns its path."""
@@ -18,7 +20,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} does not exist: is {run_dir} a run directory?")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics).rows  # a torn final line (a crash mid-append) is left out
     if not rows:
         raise ValueError(f"{metrics} has no rows yet")
     steps = [r["step"] for r in rows]

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rlhf_cluster.config import JobConfig, load_config
 from rlhf_cluster.records import ScoredSample
-from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.run_dir import RunDir, read_jsonl
 from rlhf_cluster.scored_log import ScoredLog
 
 
@@ -26,8 +25,7 @@ def recorded_batches(run_dir: Path, steps: tuple[int, int] | None = None) -> dic
     if not consumed_path.exists():
         raise FileNotFoundError(f"{consumed_path}: not found (did the run train a step?)")
     order: dict[int, list[str]] = {}
-    for line in consumed_path.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(consumed_path).rows:  # a torn final line (a crash mid-append) is left out
         order.setdefault(row["step"], []).append(row["sample_id"])
     first, last = steps if steps is not None else (0, max(order))
     wanted = [s for s in range(first, last + 1)]

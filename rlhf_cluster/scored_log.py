@@ -4,7 +4,8 @@ resumed job does not generate again what was already generated and scored. Ray-f
 Groups are numbered in arrival order (`seq`). `append` keeps them in memory; `flush` writes the
 pending ones as one segment (an Arrow IPC file of the sample schema, its groups' seq numbers and
 fates in the schema metadata), fsynced and renamed into place, so a kill loses at most the groups
-since the last flush and never leaves half a segment. A checkpoint records the seq its state
+since the last flush and never leaves half a segment; a flush that fails (a full disk) keeps its
+groups pending and the next one writes them. A checkpoint records the seq its state
 covers (`next_seq`, flushed first, so a segment never straddles it); on resume the groups from
 that seq on are read back (`since`), the log is cut back to it (`truncate`), and the job decides
 which to reuse. `compact` drops segments no kept checkpoint can need.
@@ -24,6 +25,10 @@ from rlhf_cluster.records import SAMPLE_SCHEMA, ScoredSample, samples_to_table, 
 BUFFERED = "buffered"
 
 
+class ScoredLogFlushError(OSError):
+    """A flush could not write its segment; its groups stay pending for the next flush."""
+
+
 class ScoredLog:
     """Append-only log of scored groups under `directory` (one file per flush)."""
 
@@ -31,6 +36,7 @@ class ScoredLog:
         self.directory = directory
         self.next_seq = next_seq
         self._pending: list[tuple[int, str, list[ScoredSample]]] = []
+        self.failed_flushes = 0  # in a row: reset by a flush that succeeds
         self._lock = threading.Lock()  # `flush` may run on a worker thread while groups arrive
 
     def append(self, samples: list[ScoredSample], fate: str) -> None:
@@ -40,23 +46,49 @@ class ScoredLog:
             self.next_seq += 1
 
     def flush(self) -> None:
-        """Write the pending groups as one durable segment (nothing when none are pending)."""
+        """Write the pending groups as one durable segment (nothing when none are pending).
+
+        A failed write (a full disk: ENOSPC, or any OSError) leaves no partial segment and keeps
+        every group pending, so the next flush writes them with the newer ones; the error is
+        raised as `ScoredLogFlushError` for the caller to report and go on (see `failed_flushes`)."""
         with self._lock:
-            pending, self._pending = self._pending, []
+            pending = list(self._pending)
         if not pending:
             return
+        try:
+            self._write_segment(pending)
+        except OSError as exc:
+            self.failed_flushes += 1
+            raise ScoredLogFlushError(
+                f"scored log {self.directory}: writing {len(pending)} scored group(s) failed ({exc}); they are kept in "
+                f"memory and written by the next flush ({self.failed_flushes} failed flush(es) so far)") from exc
+        written = {id(p) for p in pending}
+        with self._lock:  # groups that arrived during the write stay pending
+            self._pending = [p for p in self._pending if id(p) not in written]
+        self.failed_flushes = 0
+
+    @property
+    def unflushed(self) -> int:
+        """How many groups are held in memory only (since the last flush that succeeded)."""
+        return len(self._pending)
+
+    def _write_segment(self, pending: list[tuple[int, str, list[ScoredSample]]]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         groups = [[seq, fate, samples[0].group_id] for seq, fate, samples in pending]
         table = samples_to_table(s for _, _, samples in pending for s in samples)
         table = table.replace_schema_metadata({"groups": json.dumps(groups)})
         path = self.directory / f"seg-{pending[0][0]:010d}-{pending[-1][0]:010d}.arrow"
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            with pa.ipc.new_file(fh, table.schema) as writer:
-                writer.write_table(table)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as fh:
+                with pa.ipc.new_file(fh, table.schema) as writer:
+                    writer.write_table(table)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # half a segment would take the space the retry needs
+            raise
 
     def _segments(self) -> list[tuple[int, int, Path]]:
         if not self.directory.is_dir():

@@ -189,7 +189,9 @@ def read_spans(path: Path) -> list[dict]:
     """The spans of a run's trace.jsonl."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trace (is this a run directory, of a job with metrics.trace on?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from rlhf_cluster.run_dir import read_jsonl
+
+    return read_jsonl(path).rows  # a torn final line (a crash mid-append) is left out
 
 
 def parse_steps(text: str | None) -> tuple[int, int] | None:

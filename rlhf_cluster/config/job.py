@@ -110,6 +110,16 @@ class FaultsConfig(_Strict):
         30.0, gt=0, description="With `elastic`, how long a rebuilt learner waits for all its ranks to be placed "
         "before it continues on fewer.",
     )
+    progress_timeout_s: float = Field(
+        3600.0, gt=0, description="Ceiling of the no-progress watchdog: a step loop that has waited this long for its "
+        "batch fails the job with why (groups dropped and for what, the buffer, requests in flight) instead of "
+        "spinning. Before the first step this is the bound; after, the bound is progress_timeout_factor x the "
+        "slowest recent step, at least 600 s and at most this.",
+    )
+    progress_timeout_factor: float = Field(
+        10.0, ge=1, description="The no-progress watchdog's bound in multiples of the slowest of the last 20 steps "
+        "(wait for the batch included), between 600 s and progress_timeout_s.",
+    )
 
 
 class CheckpointConfig(_Strict):

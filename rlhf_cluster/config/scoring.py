@@ -45,9 +45,19 @@ class FunctionReward(_Typed):
     weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
     on_error: Literal["fail", "drop"] = Field(
         "drop", description="A call that raises, returns NaN/inf or a wrong type, or runs past timeout_s: `fail` ends "
-        "the job naming the function, prompt and cause; `drop` drops the sample's whole group (counted, never trained on).",
+        "the job naming the function, prompt and cause; `drop` drops the sample (counted, never trained on); its group "
+        "keeps the rest when enough remain for the advantage estimator (2 for grpo, dr_grpo, rloo), else is dropped whole.",
     )
     timeout_s: float = Field(30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned).")
+    max_failure_fraction: float = Field(
+        0.5, ge=0, le=1, description="With `on_error: drop`, the job stops with an error naming the function, the "
+        "failure rate and the last cause when more than this share of the last `failure_window` samples a reward worker "
+        "scored failed (a warning is logged at half of it): dropping that many would bias or starve training.",
+    )
+    failure_window: int = Field(
+        200, ge=1, description="Recent samples (per reward worker) over which `max_failure_fraction` is judged; the "
+        "rate is judged once the window is full.",
+    )
 
     @field_validator("function")
     @classmethod

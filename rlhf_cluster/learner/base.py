@@ -12,7 +12,9 @@ that average into the sum the global denominator expects.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import pickle
 import random
 import time
 from abc import ABC, abstractmethod
@@ -55,6 +57,9 @@ def feed_digest(digest: "hashlib._Hash", prefix: str, value: Any) -> None:
         digest.update(f"{prefix}={value!r}".encode())
 
 
+HOST_STATE_FORMAT = 2  # rng/rank<r>.pt: tensors + JSON (format 1 was a pickled dict)
+
+
 def rng_state() -> dict:
     """This process's torch / numpy / python (and CUDA) RNG states."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -69,6 +74,45 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def encode_host_state(rng: dict, scheduler: dict, step: int, backend: str) -> dict:
+    """A rank's host state (`rng_state()`, the LR scheduler's state, step, backend) as tensors and
+    one JSON string: all that `torch.load(weights_only=True)` reads, so loading a checkpoint
+    from elsewhere runs no code from it (numpy's and python's RNG tuples would need pickle)."""
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    version, internal, gauss_next = rng["python"]
+    tensors = {"torch": rng["torch"], "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    if "cuda" in rng:
+        tensors["cuda"] = rng["cuda"]
+    meta = {"format": HOST_STATE_FORMAT, "numpy": [name, int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss_next], "scheduler": scheduler, "step": step, "backend": backend}
+    return {"tensors": tensors, "json": json.dumps(meta)}
+
+
+def decode_host_state(saved: dict) -> dict:
+    """`encode_host_state`'s inverse: {"rng": ..., "scheduler": ..., "step": ..., "backend": ...}."""
+    meta, tensors = json.loads(saved["json"]), saved["tensors"]
+    name, pos, has_gauss, cached = meta["numpy"]
+    version, internal, gauss_next = meta["python"]
+    rng = {"torch": tensors["torch"], "numpy": (name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
+           "python": (version, tuple(internal), gauss_next)}
+    if "cuda" in tensors:
+        rng["cuda"] = tensors["cuda"]
+    return {"rng": rng, "scheduler": meta["scheduler"], "step": meta["step"], "backend": meta["backend"]}
+
+
+def load_host_state(path: Path) -> dict:
+    """A checkpoint's `rng/rank<r>.pt`, read with `weights_only=True` (no code in the file runs);
+    a file in another format is a clear error naming it."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RuntimeError(f"{path}: not a host-state file that can be read without unpickling (written before "
+                           f"format {HOST_STATE_FORMAT}, or not by rlhf_cluster); refusing to run code from it: {exc}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("json"), str) or not isinstance(saved.get("tensors"), dict):
+        raise RuntimeError(f"{path}: expected a host-state file of format {HOST_STATE_FORMAT} (tensors and a JSON string)")
+    return decode_host_state(saved)
 
 
 def done_future(result: Any = None) -> Future:
@@ -360,19 +404,17 @@ class LearnerBase(ABC):
 
     def _save_host_state(self, directory: Path) -> None:
         """RNG, scheduler and step of this rank (the part of the state outside the backend)."""
-        torch.save(
-            {"rng": rng_state(), "scheduler": self.scheduler.state_dict(), "step": self.step, "backend": self.backend_name},
-            self._host_state_file(directory),
-        )
+        torch.save(encode_host_state(rng_state(), self.scheduler.state_dict(), self.step, self.backend_name),
+                   self._host_state_file(directory))
 
     def _load_host_state(self, directory: Path) -> None:
         path = self._host_state_file(directory)
         if not path.is_file():  # more ranks than wrote the checkpoint: rank 0's schedule, this rank's own RNG
             path = directory / "rng" / "rank0.pt"
-            extra = torch.load(path, weights_only=False)
+            extra = load_host_state(path)
             extra.pop("rng")
         else:
-            extra = torch.load(path, weights_only=False)
+            extra = load_host_state(path)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.step = extra["step"]
         if "rng" in extra:
@@ -384,7 +426,7 @@ class LearnerBase(ABC):
             written = "unknown"
             host = self._host_state_file(directory)
             if host.is_file():
-                written = torch.load(host, weights_only=False).get("backend", "fsdp2")
+                written = load_host_state(host).get("backend", "fsdp2")
             if written == self.backend_name:
                 raise RuntimeError(f"checkpoint {directory}: incomplete, {marker} is missing (was its write finished?)")
             raise RuntimeError(

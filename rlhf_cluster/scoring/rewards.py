@@ -14,20 +14,27 @@ worker). A call that raises, returns NaN/inf, an empty dict or anything that is 
 dict of numbers, or runs past its timeout, has failed; the source's `on_error` decides:
 
 - `fail`: `RewardFunctionError` at once, naming the function, the prompt id and the cause;
-- `drop`: the sample gets reward 0.0 and `reward_components["reward_failed"] = 1.0`, and the
-  driver drops its whole group (counted; never trained on). `RuleReward.failed` counts it.
+- `drop`: the sample gets reward 0.0 and `reward_components["reward_failed"] = 1.0`; the driver
+  drops that sample (counted; never trained on) and its group keeps the rest when enough remain
+  for the advantage estimator (`job_state.min_group_size`), else drops the group whole.
+  `RuleReward.failed` counts it.
 
 Scored samples of a custom function carry `reward_failed = 0.0`, so the mean of that component
-over a batch is its failure rate. Even with `drop`, `BROKEN_AFTER` failures in a row (over calls)
-raise `RewardFunctionError`: that is a broken function, not a bad response.
+over a batch is its failure rate. Even with `drop`, two bounds raise `RewardFunctionError` naming
+the function, the failure rate and the last cause: `BROKEN_AFTER` failures in a row (a broken
+function, not a bad response), and more than `max_failure_fraction` failures among the last
+`failure_window` samples this worker scored (a function that fails often enough that dropping
+its samples would bias or starve training; a warning is logged at half that rate).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import numbers
 import threading
+from collections import deque
 from typing import Callable, Literal
 
 import torch
@@ -40,11 +47,13 @@ from rlhf_cluster.rewards import ensemble
 
 FAILED = "reward_failed"
 BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken
+log = logging.getLogger(__name__)
 RewardFn = Callable[[str, str], "float | dict[str, float]"]
 
 
 class RewardFunctionError(RuntimeError):
-    """The custom reward function failed (`on_error: fail`), or failed on every sample of one call."""
+    """The custom reward function failed (`on_error: fail`), failed `BROKEN_AFTER` times in a row,
+    or failed on more than `max_failure_fraction` of its recent samples."""
 
 
 def call_with_timeout(fn: Callable, args: tuple, timeout_s: float | None):
@@ -123,11 +132,19 @@ class RuleReward:
     """
 
     def __init__(self, verifier: str | None = None, *, pattern: str | None = None, reward_fn: str | RewardFn | None = None,
-                 on_error: Literal["fail", "drop"] = "drop", timeout_s: float | None = None):
+                 on_error: Literal["fail", "drop"] = "drop", timeout_s: float | None = None,
+                 max_failure_fraction: float = 0.5, failure_window: int = 200):
         self.scored = 0
         self.failed = 0
         self.timed_out = 0
         self.failed_in_a_row = 0
+        if not 0.0 <= max_failure_fraction <= 1.0:
+            raise ValueError(f"max_failure_fraction={max_failure_fraction}: expected a fraction in [0, 1]")
+        if failure_window < 1:
+            raise ValueError(f"failure_window={failure_window}: expected at least 1 sample")
+        self.max_failure_fraction = max_failure_fraction
+        self.recent: deque[bool] = deque(maxlen=failure_window)  # True: that sample's call failed
+        self.warned = False  # the failure rate is past half the bound (logged once per crossing)
         self.fn: RewardFn | None = None
         self.on_error, self.timeout_s = on_error, timeout_s
         if reward_fn is not None:
@@ -168,17 +185,39 @@ class RuleReward:
                     raise RewardFunctionError(f"reward function {self.fn_name} failed on {cause} "
                                               "(scoring.rewards on_error: fail; `drop` drops such groups instead)") from exc
                 self.failed_in_a_row += 1
-                if self.failed_in_a_row >= BROKEN_AFTER:
+                self.recent.append(True)
+                broken = self._broken(cause)
+                if broken is not None:
                     self.scored, self.failed = self.scored + len(out) + 1, self.failed + failed
-                    raise RewardFunctionError(f"reward function {self.fn_name} (scoring.rewards) failed on "
-                                              f"{self.failed_in_a_row} samples in a row; the last: {cause}") from exc
+                    raise RewardFunctionError(broken) from exc
                 out.append((0.0, {FAILED: 1.0}))
                 continue
             self.failed_in_a_row = 0
+            self.recent.append(False)
             out.append((reward, {**components, FAILED: 0.0}))
         self.scored += len(rollouts)
         self.failed += failed
         return out
+
+    def _broken(self, cause: str) -> str | None:
+        """Why the function counts as broken after a failure (None: not yet). The rate is judged
+        over a full window only: a few early failures are noise, and `BROKEN_AFTER` covers a
+        function that fails from the start."""
+        where = f"reward function {self.fn_name} (scoring.rewards)"
+        if self.failed_in_a_row >= BROKEN_AFTER:
+            return f"{where} failed on {self.failed_in_a_row} samples in a row; the last: {cause}"
+        window = self.recent.maxlen or 1
+        if len(self.recent) < window:
+            return None
+        rate = sum(self.recent) / window
+        if rate > self.max_failure_fraction:
+            return (f"{where} failed on {sum(self.recent)} of its last {window} samples ({rate:.0%}, more than "
+                    f"max_failure_fraction {self.max_failure_fraction:g}); the last: {cause}")
+        if rate > self.max_failure_fraction / 2 and not self.warned:
+            log.warning("%s fails on %.0f%% of its last %d samples (stops the job above %.0f%%); the last: %s",
+                        where, 100 * rate, window, 100 * self.max_failure_fraction, cause)
+        self.warned = rate > self.max_failure_fraction / 2
+        return None
 
 
 def combine_rewards(

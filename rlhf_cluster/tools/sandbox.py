@@ -77,7 +77,11 @@ if libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | (0 if root else CLON
 child = os.fork()
 if child:
     _, status = os.waitpid(child, 0)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+    if os.WIFEXITED(status):
+        os._exit(os.WEXITSTATUS(status))
+    # An exit status alone cannot tell `sys.exit(139)` from a SIGSEGV: a signal death is marked.
+    sys.stderr.write(f"\nSANDBOX-SIGNAL: {os.WTERMSIG(status)}\n"); sys.stderr.flush()
+    os._exit(128 + os.WTERMSIG(status))
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 # A /proc of this PID namespace only: no other process (the caller's environment) is visible.
@@ -204,16 +208,42 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _failure(returncode: int, stderr: str, limits: SandboxLimits) -> str | None:
+    """Why the run failed, from its exit status and stderr; any status (0-255, or a signal) gives
+    a message, never an exception: the code chooses its own status (`os._exit(255)`)."""
     if returncode == 0:
         return None
     if returncode == 97 and "SANDBOX-SETUP:" in stderr:
         return "sandbox unavailable: " + stderr.split("SANDBOX-SETUP:", 1)[1].strip().splitlines()[0]
-    if returncode > 128:
-        sig = signal.Signals(returncode - 128)
-        if sig in (signal.SIGXCPU, signal.SIGKILL):
-            return f"killed ({sig.name}; cpu limit {limits.cpu_s} s)"
-        return f"crashed ({sig.name})"
-    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    lines = stderr.strip().splitlines()
+    number = _signal_number(returncode, lines[-1] if lines else "")
+    if number is not None:
+        name = _signal_name(number)
+        if number in (signal.SIGXCPU, signal.SIGKILL):
+            return f"killed ({name}; cpu limit {limits.cpu_s} s)"
+        return f"crashed ({name})"
+    last = lines[-1] if lines else ""
     if "MemoryError" in last:
         return f"out of memory (limit {limits.memory_mb} MB)"
     return last or f"exited with status {returncode}"
+
+
+_SIGNAL_MARK = "SANDBOX-SIGNAL: "
+
+
+def _signal_number(returncode: int, last_line: str) -> int | None:
+    """The signal that ended the code, or None when it exited: the bootstrap was signalled itself
+    (a negative status), or its last stderr line marks the code's signal death (status 128 + n)."""
+    if returncode < 0:
+        return -returncode
+    if last_line.startswith(_SIGNAL_MARK):
+        number = last_line[len(_SIGNAL_MARK):].strip()
+        if number.isdigit() and returncode == 128 + int(number):
+            return int(number)
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, or one this platform does not name
+        return f"signal {number}"

@@ -129,7 +129,22 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
     scored_after = _scored_after(cfg, ckpt)  # what the killed run scored after the checkpoint, read from its log
     rolled_back = [g for _, g in scored_after if _newest(g) > ckpt.version]
 
+    # On top of the kill, damage the newest files (as a torn copy or a power loss would): a newer
+    # checkpoint whose manifest is torn, and a half-written last line in metrics.jsonl. The resume
+    # falls back to `ckpt`, keeps the damaged checkpoint, and every file of the run is still there.
+    damaged = store.root / CheckpointStore.name(ckpt.step + 1)
+    damaged.mkdir()
+    torn = (ckpt.path / "manifest.json").read_text()[:100]
+    (damaged / "manifest.json").write_text(torn)
+    with open(metrics, "a") as fh:
+        fh.write('{"step": 99, "reward_')
+    run_files = {p.name for p in Path(cfg.run_dir).iterdir()}
+    checkpoints = {p.name for p in store.root.iterdir() if not p.name.startswith(".")}
+
     second = Job(cfg, resume="auto")
+    assert run_files <= {p.name for p in Path(cfg.run_dir).iterdir()}, "the resume removed a file of the run"
+    assert {p.name.removeprefix("refused-") for p in store.root.iterdir()} >= checkpoints, "a checkpoint was removed"
+    assert (store.root / f"refused-{damaged.name}" / "manifest.json").read_text() == torn
     republished = WeightStore(cfg.weights_dir).load(ckpt.version)  # published while resuming
     from_files = {f"model.{k}": torch.empty_like(v) for k, v in republished.items()}
     dcp.load(from_files, checkpoint_id=str(ckpt.path / "learner"), no_dist=True)  # before retention prunes it

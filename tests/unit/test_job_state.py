@@ -10,10 +10,11 @@ from rlhf_cluster.admission import Admission
 from rlhf_cluster.checkpoint import CheckpointStore
 from rlhf_cluster.config import AlgorithmConfig, JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
-from rlhf_cluster.experience import finalize_batch
-from rlhf_cluster.job_state import JobState, roll_back
+from rlhf_cluster.experience import build_group, finalize_batch
+from rlhf_cluster.job_state import JobState, kept_samples, min_group_size, roll_back
+from rlhf_cluster.liveness import NoProgressError, ProgressWatchdog
 from rlhf_cluster.scored_log import ScoredLog
-from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.records import Rollout, ScoredSample
 from rlhf_cluster.run_dir import RunDir
 
 PROMPTS = [Prompt(f"p{i}", f"{i}+1=", str(i + 1)) for i in range(10)]
@@ -258,3 +259,117 @@ def test_the_scored_log_is_durable_per_flush_and_compacts_whole_segments(tmp_pat
     log.flush()  # one segment: groups 3 and 4
     with pytest.raises(ValueError, match="straddles"):
         log.truncate(4)
+
+
+# ---- issue 34: a failed reward drops its sample, not its group; no silent livelock -------------
+
+def _scored_group(cfg: JobConfig, gid: str, failed: set[int], n: int = 8, version: int = 0):
+    """The rollout path without Ray: score n samples (those in `failed` marked as on_error: drop
+    marks them), keep what `kept_samples` keeps, build the group over it."""
+    rollouts = [Rollout(f"{gid}-{i}", gid, gid, [1, 2], [3, 4], [-0.5, -0.5], version, "stop") for i in range(n)]
+    scores = [(0.0, {"reward_failed": 1.0}) if i in failed else (float(i % 2), {"reward_failed": 0.0}) for i in range(n)]
+    kept = kept_samples(scores, min_group_size(cfg))
+    samples, metrics = build_group([rollouts[k] for k in kept], [scores[k] for k in kept], None, cfg.algorithm,
+                                   kl_coef=0.0, max_new_tokens=4)
+    return samples, metrics, n - len(kept)
+
+
+def test_a_failed_reward_drops_only_its_sample_and_the_group_keeps_the_rest(tmp_path):
+    cfg = _cfg(tmp_path, generation={"sampling": {"n": 8}})
+    state = JobState(cfg, PROMPTS)
+    state.admission.admit(0)
+    samples, metrics, failed = _scored_group(cfg, "g0", failed={0, 4, 5})  # ~1 in 3, as in the issue
+    assert failed == 3 and {s.sample_id for s in samples} == {"g0-1", "g0-2", "g0-3", "g0-6", "g0-7"}
+    # GRPO's baseline is over the 5 that kept a reward: their advantages sum to 0, none is a failure's 0.0.
+    assert abs(sum(s.advantages[0] for s in samples)) < 1e-6
+    assert state.add_group(samples, metrics, "gen0", failed) is None
+    assert state.buffer.depth == 5 and state.admission.given_back == 0
+    assert state.dropped["reward_failed"] == 3 and state.counters()["dropped_reward_failed"] == 3
+
+
+def test_a_group_left_too_small_for_its_advantage_is_dropped_whole(tmp_path):
+    cfg = _cfg(tmp_path, generation={"sampling": {"n": 8}})
+    state = JobState(cfg, PROMPTS)
+    state.admission.admit(0)
+    samples, metrics, failed = _scored_group(cfg, "g0", failed=set(range(7)))  # one left: no GRPO baseline
+    assert failed == 0 and len(samples) == 8  # built whole, so the drop is logged and counted as one group
+    assert state.add_group(samples, metrics, "gen0", failed) == "reward_failed"
+    assert state.buffer.depth == 0 and state.dropped["reward_failed"] == 8 and state.admission.given_back == 1
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({}, 2),  # grpo: a baseline needs another sample
+    ({"algorithm": {"advantage": "rloo"}}, 2),
+    ({"algorithm": {"advantage": "reinforce_pp"}}, 1),  # whitened over the batch: one sample is enough
+    ({"learner": {"world_size": 2, "mini_batches": 4}}, 4),  # 2 groups per step must fill 2 ranks x 4 mini-batches
+    ({"learner": {"world_size": 4, "mini_batches": 8}}, 8),  # never more than the group's size
+])
+def test_min_group_size(tmp_path, sections, expected):
+    assert min_group_size(_cfg(tmp_path, generation={"sampling": {"n": 8}}, **sections)) == expected
+
+
+def test_stale_groups_that_kept_part_of_their_samples_give_their_admission_back(tmp_path):
+    cfg = _cfg(tmp_path, generation={"sampling": {"n": 8}})
+    state = JobState(cfg, PROMPTS)
+    for gid, version in (("old", 0), ("a", 2), ("b", 2)):
+        samples, metrics, failed = _scored_group(cfg, gid, failed={1, 2, 3}, version=version)
+        assert state.add_group(samples, metrics, "gen0", failed) is None
+    samples, dropped = state.take(step=2)
+    assert dropped == 5 and state.admission.given_back == 1  # one group of 5 samples, not 5 // 8 = 0 groups
+    assert len(samples) == 10
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_watchdog_ends_a_step_loop_whose_groups_are_all_dropped_saying_why(tmp_path):
+    cfg = _cfg(tmp_path, generation={"sampling": {"n": 8}}, faults={"progress_timeout_s": 120})
+    state = JobState(cfg, PROMPTS)
+    clock = _Clock()
+    state.watchdog = ProgressWatchdog(cfg.faults.progress_timeout_s, cfg.faults.progress_timeout_factor, clock=clock)
+    for i in range(30):  # every group loses 7 of 8 samples: each is dropped, no batch ever forms
+        clock.now = 5.0 * i
+        state.admission.admit(0)
+        samples, metrics, failed = _scored_group(cfg, f"g{i}", failed=set(range(7)))
+        assert state.add_group(samples, metrics, "gen0", failed) == "reward_failed"
+        if clock.now <= 120:
+            assert state.take(step=0) == (None, 0)
+    with pytest.raises(NoProgressError) as info:
+        state.take(step=0)
+    msg = str(info.value)
+    assert msg.startswith("no learner step for 145 s (the bound before the first step is faults.progress_timeout_s = 120 s)")
+    assert "30 groups dropped (reward_failed)" in msg and "scoring.rewards on_error, max_failure_fraction" in msg
+    assert "the buffer holds 0 (0 samples)" in msg
+
+
+def test_the_watchdog_lets_slow_healthy_steps_and_the_time_between_steps_pass():
+    clock = _Clock()
+    dog = ProgressWatchdog(3600, 10, clock=clock)
+    for step in range(5):  # steps of 500 s, 400 of them waiting for the batch
+        clock.now += 100  # training, evaluation, checkpoint: no wait
+        dog.waiting()
+        clock.now += 400
+        assert dog.overdue_s() is None
+        dog.progressed()
+    assert dog.bound_s() == 3600  # 10 x 500 s, at most the ceiling
+    clock.now += 7200  # a long evaluation between steps is not a wait
+    dog.waiting()
+    clock.now += 3000  # a slow batch: six times the usual, still under the bound
+    assert dog.overdue_s() is None
+    clock.now += 601
+    assert dog.overdue_s() == 3601
+    fast = ProgressWatchdog(3600, 10, clock=clock)
+    for _ in range(3):  # 1 s steps (2 between 3 batches): the bound is the 600 s floor, not 10 s
+        fast.waiting()
+        clock.now += 1
+        fast.progressed()
+    fast.waiting()
+    clock.now += 599
+    assert fast.overdue_s() is None and fast.bound_s() == 600
+    clock.now += 2
+    assert fast.overdue_s() == 601 and "faults.progress_timeout_factor 10 x the slowest of the last 2 steps" in fast.explain()

@@ -1,6 +1,7 @@
 """deploy/kuberay/: the manifests parse, the RayJob's entrypoint is a real CLI command with real
 options and config fields, the RayCluster's node groups carry the custom resources the 70B
-recipe's pools ask for and hold every actor of it, and the metrics ports agree everywhere."""
+recipe's pools ask for and hold every actor of it, the metrics ports agree everywhere, and
+submitting code needs Ray's token (from a Secret) and a pod the NetworkPolicy admits."""
 
 from __future__ import annotations
 
@@ -96,3 +97,64 @@ def test_metrics_ports_agree_between_config_pods_and_podmonitor():
     labels = _manifest("podmonitor.yaml")["spec"]["selector"]["matchLabels"]
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         assert labels.items() <= group["template"]["metadata"]["labels"].items()
+
+
+# ---- issue 34: submitting code needs the token, and only the submitter reaches the dashboard ----
+
+DASHBOARD = 8265
+TOKEN_SECRET = {"name": "rlhf-ray-token", "key": "auth_token"}
+
+
+def _containers() -> dict[str, dict]:
+    spec = _manifest("raycluster.yaml")["spec"]
+    out = {"head": spec["headGroupSpec"]["template"]["spec"]["containers"][0]}
+    out.update({g["groupName"]: g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]})
+    out["submitter"] = _manifest("rayjob.yaml")["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    return out
+
+
+def test_every_ray_pod_and_the_submitter_require_the_token_from_a_secret():
+    for name, container in _containers().items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", name
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == TOKEN_SECRET, name  # never a literal token
+        assert "value" not in env["RAY_AUTH_TOKEN"], name
+
+
+def test_the_dashboard_listens_on_the_pod_network_only():
+    head = _manifest("raycluster.yaml")["spec"]["headGroupSpec"]
+    host = head["rayStartParams"]["dashboard-host"]
+    assert host == "$(POD_IP)" and host not in ("0.0.0.0", "::")
+    env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def _admits(rule: dict, port: int) -> bool:
+    ports = rule.get("ports")
+    if not ports:  # a rule without ports admits every port
+        return True
+    return any(p["port"] <= port <= p.get("endPort", p["port"]) for p in ports)
+
+
+def test_the_network_policy_admits_only_the_submitter_and_the_operator_to_the_dashboard():
+    policy = _manifest("networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    cluster = _manifest("raycluster.yaml")["metadata"]["name"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    sources = []
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits every pod and address"
+        if _admits(rule, DASHBOARD):
+            sources += rule["from"]
+    assert sources and all("ipBlock" not in s and s["podSelector"]["matchLabels"] for s in sources)
+    labels = [s["podSelector"]["matchLabels"] for s in sources]
+    assert labels == [{"rlhf-cluster/role": "submitter"}, {"app.kubernetes.io/name": "kuberay-operator"}]
+    submitter = _manifest("rayjob.yaml")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    assert labels[0].items() <= submitter.items()
+    # The cluster's own pods reach every port Ray uses between nodes (fixed, not random), but not 8265.
+    params = _manifest("raycluster.yaml")["spec"]["headGroupSpec"]["rayStartParams"]
+    inner = [r for r in policy["spec"]["ingress"] if r["from"] == [{"podSelector": {"matchLabels": {"ray.io/cluster": cluster}}}]]
+    fixed = [6379, 10001] + [int(params[k]) for k in ("node-manager-port", "object-manager-port", "runtime-env-agent-port",
+                                                      "dashboard-agent-grpc-port", "metrics-export-port",
+                                                      "dashboard-agent-listen-port", "min-worker-port", "max-worker-port")]
+    assert len(inner) == 1 and all(_admits(inner[0], port) for port in fixed) and not _admits(inner[0], DASHBOARD)

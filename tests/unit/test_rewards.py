@@ -263,3 +263,46 @@ def test_combine_rewards_weights_rule_and_reward_model_ensemble():
     assert combine_rewards(rule, {}) == [(1.0, {"correct": 1.0, "rule": 1.0}), (0.2, {"correct": 0.0, "rule": 0.2})]
     with pytest.raises(ValueError, match="combine"):
         combine_rewards(rule, models, combine="max")
+
+
+def _one_in_three():
+    """The issue's function: NaN on every 5th call, inf on every 7th (31% of calls fail, never 32 in a row)."""
+    calls = iter(range(1, 10 ** 9))
+
+    def score(response: str, answer: str) -> float:
+        n = next(calls)
+        return math.nan if n % 5 == 0 else math.inf if n % 7 == 0 else 1.0
+
+    return score
+
+
+def test_a_function_failing_on_a_third_of_its_calls_stops_the_job_above_max_failure_fraction():
+    reward = RuleReward(None, reward_fn=_one_in_three(), max_failure_fraction=0.25, failure_window=100)
+    with pytest.raises(RewardFunctionError) as info:
+        for _ in range(50):  # 400 samples: the window is full after 100
+            reward.score(_rollouts(["a"] * 8), ANSWERS)
+    msg = str(info.value)
+    assert "_one_in_three.<locals>.score (scoring.rewards)" in msg
+    assert "of its last 100 samples" in msg and "more than max_failure_fraction 0.25" in msg
+    rate = int(msg.split("failed on ")[1].split(" of its")[0])
+    assert 25 < rate < 40 and f"({rate}%" in msg
+    assert "the last: prompt 'p0'" in msg and ("is nan" in msg or "is inf" in msg)
+    assert reward.scored <= 110  # stopped as soon as the window was full, not long after
+
+
+def test_a_function_failing_below_max_failure_fraction_keeps_scoring(caplog):
+    reward = RuleReward(None, reward_fn=_one_in_three(), failure_window=100)  # the default bound, 0.5
+    with caplog.at_level("WARNING", logger="rlhf_cluster.scoring.rewards"):
+        for _ in range(100):
+            out = reward.score(_rollouts(["a"] * 8), ANSWERS)
+    assert reward.scored == 800 and 0.28 < reward.failed / 800 < 0.34
+    assert sum(c[1]["reward_failed"] for c in out) == sum(1 for r, c in out if r == 0.0)
+    # Past half the bound (25%): an early warning naming the function and the rate, logged once.
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "(stops the job above 50%)" in warnings[0] and "_one_in_three" in warnings[0]
+
+
+@pytest.mark.parametrize("fraction, window", [(1.5, 10), (-0.1, 10), (0.5, 0)])
+def test_failure_bound_settings_are_checked(fraction, window):
+    with pytest.raises(ValueError, match="max_failure_fraction|failure_window"):
+        RuleReward(None, reward_fn=lambda r, a: 1.0, max_failure_fraction=fraction, failure_window=window)

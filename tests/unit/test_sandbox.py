@@ -11,7 +11,9 @@ import threading
 import time
 import uuid
 
+import pytest
 
+from rlhf_cluster.tools.calls import ToolCall, run_tool
 from rlhf_cluster.tools.sandbox import SandboxLimits, run_python
 
 LIMITS = SandboxLimits(wall_s=4.0, cpu_s=1, memory_mb=256, processes=8, output_bytes=4096)
@@ -107,3 +109,24 @@ def test_deep_recursion_is_an_error_not_a_hang():
 def test_an_output_flood_is_cut_at_the_cap():
     r = run_python("while True:\n    print('x' * 1000)", LIMITS)
     assert not r.ok and "output over 4096 bytes" in r.error and len(r.stdout) <= 4096
+
+
+# Any exit status the code picks, and a real signal death, is a tool error, never an exception
+# (issue 34: `raise SystemExit(200)` and `os._exit(255)` used to raise ValueError in the caller).
+@pytest.mark.parametrize("code, error", [
+    ("raise SystemExit(200)", "exited with status 200"),
+    ("import os\nos._exit(255)", "exited with status 255"),
+    ("import sys\nsys.exit(139)", "exited with status 139"),  # was reported as a SIGSEGV
+])
+def test_any_exit_status_is_a_tool_error(code, error):
+    r = run_python(code, LIMITS)
+    assert not r.ok and r.error == error and r.seconds < LIMITS.wall_s + 1
+    result = run_tool(ToolCall("python", code), LIMITS)
+    assert result.observation() == f'<error name="python">{error}</error>'
+
+
+def test_a_signal_death_is_still_a_crash_naming_the_signal():
+    code = "import ctypes\nctypes.string_at(0)"  # the kernel's SIGSEGV: even the namespace's PID 1 dies of it
+    r = run_python(code, LIMITS)
+    assert not r.ok and r.error == "crashed (SIGSEGV)"
+    assert run_tool(ToolCall("python", code), LIMITS).observation() == '<error name="python">crashed (SIGSEGV)</error>'
