@@ -48,7 +48,7 @@ def min_group_size(cfg: JobConfig) -> int:
     a step of `prompts_per_step` such groups still gives every learner (and critic) rank a sample
     per mini-batch; never more than the group's size."""
     need = 2 if cfg.algorithm.advantage in GROUP_ADVANTAGES else 1
-    groups = [cfg.learner] + ([cfg.critic] if cfg.critic is not None else [])
+    groups = [cfg.learner] + ([cfg.critic.learner_settings()] if cfg.critic is not None else [])
     per_step = max(g.world_size * g.mini_batches for g in groups)
     need = max(need, -(-per_step // cfg.train.prompts_per_step))
     return min(need, cfg.generation.sampling.n)

@@ -187,7 +187,13 @@ class StageConfig(_Strict):
     eval_examples: int = Field(64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`.")
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks.")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (constant).")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="After warm-up: `constant` keeps `lr`; `cosine` decays it to `lr * min_lr_ratio` at the "
+        "last step, so the model written is the average of a settled run, not one point of a noisy walk."
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps before the schedule.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of `lr`.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     world_size: int = Field(1, ge=1, description="FSDP2 ranks.")

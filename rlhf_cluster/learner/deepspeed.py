@@ -31,6 +31,7 @@ import torch
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerBase, done_future
 from rlhf_cluster.learner.deepspeed_config import engine_config
+from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.modeling import load_causal_lm
 
 CHECKPOINT_TAG = "deepspeed"
@@ -85,9 +86,7 @@ class DeepSpeedLearner(LearnerBase):
         # ZeRO swaps AdamW's parameters for its fp32 partitions but keeps the param groups, so
         # the schedule drives the lr the wrapped optimizer uses.
         warmup = lc.lr_warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            adamw, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lambda step: lr_multiplier(step, warmup))
 
     # ---- the step --------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:

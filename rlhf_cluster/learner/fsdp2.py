@@ -22,6 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.learner.lora import apply_lora, merged_lora_tensors
+from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.modeling import load_causal_lm
 
 
@@ -54,9 +55,7 @@ class FSDP2Learner(LearnerBase):
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, weight_decay=lc.weight_decay)
         warmup = lc.lr_warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, warmup))
         # Checkpoints are written by a background thread; their collectives use their own group
         # so they never interleave with the training step's.
         self.checkpoint_group = dist.new_group(backend="gloo")

@@ -21,6 +21,7 @@ from rlhf_cluster.algorithms import bradley_terry_loss, sft_loss
 from rlhf_cluster.config import StageConfig
 from rlhf_cluster.data.sft import IGNORE_INDEX, SFTExample, collate
 from rlhf_cluster.fileio import write_dir_atomic
+from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.modeling import load_causal_lm
 from rlhf_cluster.scoring.reward_model import RewardModel
 
@@ -51,6 +52,8 @@ class SupervisedTrainer:
         fully_shard(model, mesh=mesh)
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
+            step, stage.lr_warmup_steps, stage.steps, stage.lr_schedule, stage.min_lr_ratio))
 
     def _sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -61,6 +64,7 @@ class SupervisedTrainer:
         (loss * self.world_size).backward()
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage.max_grad_norm).full_tensor())
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 

@@ -19,6 +19,10 @@ the smallest gain any seed reached with this config.
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.learning
+
 MARGIN = 0.05
 
 

@@ -15,6 +15,8 @@ from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
+pytestmark = pytest.mark.learning
+
 # The reward model's held-out pairwise accuracy: 120 pairs (30 sums never trained on, 4 wrong
 # answers each); chance is 0.5. Training is seeded and bit-identical run to run on one machine
 # (seed 0 measured 0.825 twice), but another CPU's kernels round differently and the run follows

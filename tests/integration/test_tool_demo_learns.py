@@ -15,6 +15,10 @@ that and below the smallest gain of the five seeds.
 
 from __future__ import annotations
 
+import pytest
+
+pytestmark = pytest.mark.learning
+
 MARGIN = 0.2
 
 

@@ -303,6 +303,8 @@ def test_a_group_left_too_small_for_its_advantage_is_dropped_whole(tmp_path):
     ({"algorithm": {"advantage": "reinforce_pp"}}, 1),  # whitened over the batch: one sample is enough
     ({"learner": {"world_size": 2, "mini_batches": 4}}, 4),  # 2 groups per step must fill 2 ranks x 4 mini-batches
     ({"learner": {"world_size": 4, "mini_batches": 8}}, 8),  # never more than the group's size
+    # a critic group counts too (its config has no mini_batches of its own: the learner's default applies)
+    ({"algorithm": {"advantage": "gae"}, "critic": {"world_size": 6}}, 3),
 ])
 def test_min_group_size(tmp_path, sections, expected):
     assert min_group_size(_cfg(tmp_path, generation={"sampling": {"n": 8}}, **sections)) == expected

@@ -1,0 +1,123 @@
+"""How far does the reward-model stage's held-out accuracy move with the seed and the CPU's kernels?
+
+`configs/three_stage.yaml`'s SFT and reward-model stages, exactly as `rlhf-cluster pipeline` and
+`tests/integration/test_three_stages.py` run them (FSDP2 ranks in a local Ray instance), for each
+seed and each ATen CPU capability. PyTorch picks its vectorised kernels by the CPU it finds
+(`torch.backends.cpu.get_cpu_capability()`); `ATEN_CPU_CAPABILITY` makes it dispatch as a lesser
+CPU, so one machine runs the trajectories of several: `avx2` (what an AVX2-only CI machine runs),
+`default` (the scalar kernels) and the machine's own. Each capability runs in its own process (the
+variable is read when torch loads, and Ray's workers inherit it from that process).
+
+The figures: held-out pairwise accuracy (30 sums never trained on, 4 wrong answers each; chance
+0.5) and the mean reward gap (chosen minus rejected) on them, per seed and capability.
+
+    .venv/bin/python benchmarks/reward_model_spread.py [--seeds 0 1 2 3 4] [--capabilities avx2 default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from _common import headline, local_ray, machine_info, print_table, result_path, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 0.75  # issue 39: every seed, every capability
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "three_stage.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--capabilities", nargs="+", default=["native", "avx2", "default"],
+                   help="`native`: no ATEN_CPU_CAPABILITY; others are its values. A capability that dispatches "
+                        "the same kernels as an earlier one on this CPU is run once.")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], help="config overrides (key=value)")
+    p.add_argument("--out", type=Path, default=result_path("reward_model_spread"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def run_seeds(args: argparse.Namespace) -> list[dict]:
+    """In this process (one capability): both stages per seed, in one local Ray instance."""
+    import torch
+
+    from actors.supervised import run_stage
+    from rlhf_cluster.config import load_config
+    from rlhf_cluster.tiny_model import ensure_tiny_model
+
+    rows = []
+    with local_ray(args.verbose, "rm-spread-") as runs:
+        for seed in args.seeds:
+            cfg = load_config(str(args.config), [f"run_dir={runs / f'seed{seed}'}", f"model.cache_dir={runs / 'models'}",
+                                                 f"seed={seed}", *args.overrides])
+            base = str(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+            sft = run_stage(cfg, "sft", base, progress=False)
+            rm = run_stage(cfg, "reward_model", sft["output"], progress=False)
+            rows.append({"seed": seed, "capability": torch.backends.cpu.get_cpu_capability(),
+                         "sft_eval_token_accuracy": sft.get("eval_token_accuracy"), "sft_seconds": sft["seconds"],
+                         "rm_seconds": rm["seconds"], "accuracy": rm["eval_pairwise_accuracy"],
+                         "reward_gap": rm["eval_reward_gap"], "rm_first_loss": rm["first_loss"],
+                         "rm_final_loss": rm["final_loss"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def dispatch(capability: str) -> str:
+    """The kernel set torch picks in a fresh process under `capability`."""
+    env = _env(capability)
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _env(capability: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability != "native":
+        env["ATEN_CPU_CAPABILITY"] = capability
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print("ROWS " + json.dumps(run_seeds(args)), flush=True)
+        return 0
+    rows, seen = [], set()
+    for capability in args.capabilities:
+        kernels = dispatch(capability)
+        if kernels in seen:
+            print(f"capability {capability}: dispatches {kernels}, already run; skipped")
+            continue
+        seen.add(kernels)
+        print(f"=== capability {capability} ({kernels}), seeds {args.seeds}", flush=True)
+        cmd = [sys.executable, __file__, "--worker", "--config", str(args.config), "--seeds", *map(str, args.seeds)]
+        if args.overrides:
+            cmd += ["--set", *args.overrides]
+        out = subprocess.run(cmd, env=_env(capability), cwd=REPO, capture_output=not args.verbose, text=True)
+        if out.returncode:
+            print(out.stdout[-4000:] if out.stdout else "", out.stderr[-4000:] if out.stderr else "", file=sys.stderr)
+            raise SystemExit(f"capability {capability}: the stages failed (exit {out.returncode})")
+        [line] = [x for x in out.stdout.splitlines() if x.startswith("ROWS ")]
+        rows += [{**r, "asked": capability} for r in json.loads(line[5:])]
+    print_table(["capability", "seed", "SFT held-out token acc", "RM held-out pairwise acc", "reward gap", "RM s"],
+                [[r["capability"], r["seed"], r["sft_eval_token_accuracy"], r["accuracy"], r["reward_gap"], r["rm_seconds"]]
+                 for r in rows], ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{:.0f}"])
+    worst = min(r["accuracy"] for r in rows)
+    accs = [r["accuracy"] for r in rows]
+    print(f"held-out pairwise accuracy over {len(rows)} runs: min {worst:.3f}, mean {statistics.mean(accs):.3f}, "
+          f"max {max(accs):.3f}; reward gap min {min(r['reward_gap'] for r in rows):+.3f}")
+    met = worst >= TARGET and all(r["reward_gap"] > 0 for r in rows)
+    write_result(args.out, {"machine": machine_info(), "config": str(args.config), "overrides": args.overrides, "rows": rows,
+                            "headline": headline("worst held-out pairwise accuracy", worst,
+                                                 f">= {TARGET} at every seed and capability, gap > 0", met)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
