@@ -53,8 +53,9 @@ class SupervisedRank:
     def sft_evaluate(self, examples: list[SFTExample]) -> dict:
         return self.trainer.sft_evaluate(examples)
 
-    def rm_step(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float]) -> dict:
-        return self.trainer.rm_step(chosen, rejected, margins)
+    def rm_step(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float],
+                prompt_lengths: list[int]) -> dict:
+        return self.trainer.rm_step(chosen, rejected, margins, prompt_lengths)
 
     def rm_scores(self, sequences: list[list[int]]) -> list[float]:
         return self.trainer.rm_scores(sequences)
@@ -109,6 +110,10 @@ class EncodedPair:
     chosen_response_len: int
     rejected_response_len: int
 
+    @property
+    def prompt_length(self) -> int:
+        return len(self.chosen) - self.chosen_response_len
+
 
 def _batches(n_items: int, batch_size: int, steps: int, seed: int):
     """Index batches for `steps` steps: epochs of a seeded shuffle, no example twice in an epoch."""
@@ -149,9 +154,11 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
             else:
                 shares = deal(items, world)
                 metrics = ray.get([rank.rm_step.remote([p.chosen for p in share], [p.rejected for p in share],
-                                                       [p.margin for p in share])
+                                                       [p.margin for p in share], [p.prompt_length for p in share])
                                    for rank, share in zip(group.ranks, shares)])[0]
             history.append({"step": step, **metrics})
+            if stage.eval_every_steps and (step + 1) % stage.eval_every_steps == 0 and step + 1 < stage.steps:
+                history[-1].update(_evaluate(kind, group, evals))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         bar.close()
@@ -159,6 +166,7 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
                    "eval_examples": len(evals), "seconds": time.perf_counter() - start,
                    "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
         summary.update(_evaluate(kind, group, evals))
+        history[-1].update({k: v for k, v in summary.items() if k.startswith("eval_")})
         output = cfg.stage_output(kind)
         group.call("save", str(output))
     finally:

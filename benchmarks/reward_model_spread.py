@@ -64,9 +64,21 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
                          "sft_eval_token_accuracy": sft.get("eval_token_accuracy"), "sft_seconds": sft["seconds"],
                          "rm_seconds": rm["seconds"], "accuracy": rm["eval_pairwise_accuracy"],
                          "reward_gap": rm["eval_reward_gap"], "rm_first_loss": rm["first_loss"],
-                         "rm_final_loss": rm["final_loss"]})
-            print(json.dumps(rows[-1]), flush=True)
+                         "rm_final_loss": rm["final_loss"], "curve": _curve(rm["output"])})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
+            evals = [(r["step"] + 1, r["eval_pairwise_accuracy"]) for r in rows[-1]["curve"] if "eval_pairwise_accuracy" in r]
+            if len(evals) > 1:
+                print("{" + f'"held-out accuracy by step": "{" ".join(f"{s}:{a:.2f}" for s, a in evals)}"' + "}", flush=True)
     return rows
+
+
+def _curve(output: str) -> list[dict]:
+    """The reward-model stage's training curve: every step's loss and batch accuracy, and held-out
+    accuracy where it was evaluated (`reward_model.eval_every_steps`)."""
+    history = json.loads((Path(output) / "stage.json").read_text())["history"]
+    return [{k: round(v, 4) for k, v in row.items() if k in ("step", "loss", "accuracy", "grad_norm",
+                                                              "eval_pairwise_accuracy", "eval_reward_gap")}
+            for row in history]
 
 
 def dispatch(capability: str) -> str:
@@ -99,11 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--worker", "--config", str(args.config), "--seeds", *map(str, args.seeds)]
         if args.overrides:
             cmd += ["--set", *args.overrides]
-        out = subprocess.run(cmd, env=_env(capability), cwd=REPO, capture_output=not args.verbose, text=True)
-        if out.returncode:
-            print(out.stdout[-4000:] if out.stdout else "", out.stderr[-4000:] if out.stderr else "", file=sys.stderr)
-            raise SystemExit(f"capability {capability}: the stages failed (exit {out.returncode})")
-        [line] = [x for x in out.stdout.splitlines() if x.startswith("ROWS ")]
+        # Each seed's row is printed as it finishes (a capability's five seeds take minutes).
+        worker = subprocess.Popen(cmd, env=_env(capability), cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                  stderr=None if args.verbose else subprocess.STDOUT)
+        lines = []
+        for line in worker.stdout:
+            lines.append(line)
+            if line.startswith("{") or args.verbose:
+                print(line, end="", flush=True)
+        if worker.wait():
+            print("".join(lines[-60:]), file=sys.stderr)
+            raise SystemExit(f"capability {capability}: the stages failed (exit {worker.returncode})")
+        [line] = [x for x in lines if x.startswith("ROWS ")]
         rows += [{**r, "asked": capability} for r in json.loads(line[5:])]
     print_table(["capability", "seed", "SFT held-out token acc", "RM held-out pairwise acc", "reward gap", "RM s"],
                 [[r["capability"], r["seed"], r["sft_eval_token_accuracy"], r["accuracy"], r["reward_gap"], r["rm_seconds"]]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+
 import pytest
 
 from rlhf_cluster.config import JobConfig, TinyModelConfig
 from rlhf_cluster.tiny_model import ensure_tiny_model
+from tests.process_groups import one_rank_process_group
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +42,10 @@ def job_config(tmp_path, model_cache):
         return JobConfig.model_validate(raw)
 
     return make
+
+
+@pytest.fixture
+def gloo_group():
+    """A one-rank gloo process group (for code that needs torch.distributed on the CPU)."""
+    with one_rank_process_group("gloo"):
+        yield

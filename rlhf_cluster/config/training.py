@@ -185,6 +185,8 @@ class StageConfig(_Strict):
     )
     num_examples: int = Field(2048, ge=1, description="Built-in task: training examples generated (train pairs only).")
     eval_examples: int = Field(64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`.")
+    eval_every_steps: int = Field(0, ge=0, description="Also evaluate on the held-out examples every this many steps "
+                                  "(recorded in the stage's history; 0: only after the last step).")
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks.")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
@@ -198,6 +200,12 @@ class StageConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     world_size: int = Field(1, ge=1, description="FSDP2 ranks.")
     margin: float = Field(0.0, ge=0, description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`).")
+    lm_regularization: float = Field(
+        0.0, ge=0, description="reward_model: weight of an LM loss on the chosen responses, through the starting LM's "
+        "own output layer (trained along, not saved), added to the pairwise loss. It keeps the backbone's features "
+        "for predicting good responses, so the head does not learn the training pairs by heart (Yang et al. 2024, "
+        "'Regularizing hidden states enables learning generalizable reward model'). 0: off."
+    )
     output: str | None = Field(None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model).")
     seed: int | None = Field(None, description="Seed of data order and initialisation (None: the job's `seed`).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")

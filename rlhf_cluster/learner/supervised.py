@@ -44,7 +44,7 @@ class SupervisedTrainer:
             model = load_causal_lm(model_path, torch.float32, self.device)
             layers = model.model.layers
         else:
-            model = RewardModel.from_lm(model_path, seed=stage.seed).to(self.device)
+            model = RewardModel.from_lm(model_path, seed=stage.seed, keep_lm_head=stage.lm_regularization > 0).to(self.device)
             layers = model.backbone.layers
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         for layer in layers:
@@ -101,17 +101,38 @@ class SupervisedTrainer:
         b = self._batch([SFTExample(s, [IGNORE_INDEX] * len(s)) for s in sequences])
         return self.model(b["input_ids"], b["attention_mask"])
 
-    def rm_step(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float]) -> dict[str, float]:
-        """One optimizer step on this rank's pairs (chosen and rejected in one forward)."""
+    def rm_step(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float],
+                prompt_lengths: list[int] | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's pairs (chosen and rejected in one forward).
+
+        With `reward_model.lm_regularization` > 0 the loss adds that weight times the LM loss on the
+        chosen responses (their first `prompt_lengths` tokens are the prompt, not trained on)."""
         self.model.train()
-        [pairs] = self._sum([float(len(chosen))])
-        scores = self._scores(chosen + rejected)
-        n = len(chosen)
+        n, weight = len(chosen), self.stage.lm_regularization
+        if weight and (prompt_lengths is None or len(prompt_lengths) != n):
+            raise ValueError("reward_model.lm_regularization needs each chosen sequence's prompt length")
+        labels = [[IGNORE_INDEX] * len(s) for s in chosen + rejected]
+        if weight:  # the chosen responses are labelled for the LM loss (not the prompts, not the rejected)
+            labels[:n] = [[IGNORE_INDEX] * p + c[p:] for c, p in zip(chosen, prompt_lengths)]
+        local_tokens = float(sum(lab != IGNORE_INDEX for row in labels[:n] for lab in row[1:]))
+        pairs, tokens = self._sum([float(n), local_tokens])
+        b = self._batch([SFTExample(s, lab) for s, lab in zip(chosen + rejected, labels)])
+        out = self.model(b["input_ids"], b["attention_mask"], lm_rows=n if weight else 0)
+        scores = out[0] if weight else out
         margin = torch.tensor(margins, dtype=scores.dtype, device=scores.device) + self.stage.margin
         loss, metrics = bradley_terry_loss(scores[:n], scores[n:], margin, denominator=pairs)
+        pairwise, lm_nll = float(loss.detach()), 0.0
+        if weight:
+            lm_loss, lm_metrics = sft_loss(out[1], b["labels"][:n], denominator=max(tokens, 1.0))
+            loss = loss + weight * lm_loss
+            lm_nll = lm_metrics["nll"] * lm_metrics["tokens"]
         norm = self._update(loss)
-        loss_sum, right = self._sum([float(loss.detach()), metrics["accuracy"] * n])
-        return {"loss": loss_sum, "accuracy": right / pairs, "reward_gap": metrics["reward_gap"], "grad_norm": norm}
+        # `loss` reports the pairwise loss alone (comparable with and without the LM term).
+        loss_sum, right, nll_sum = self._sum([pairwise, metrics["accuracy"] * n, lm_nll])
+        out_metrics = {"loss": loss_sum, "accuracy": right / pairs, "reward_gap": metrics["reward_gap"], "grad_norm": norm}
+        if weight:
+            out_metrics["lm_nll"] = nll_sum / max(tokens, 1.0)
+        return out_metrics
 
     @torch.no_grad()
     def rm_scores(self, sequences: list[list[int]]) -> list[float]:
@@ -138,7 +159,8 @@ class SupervisedTrainer:
 
             return str(write_dir_atomic(output, write))
         model = RewardModel.from_lm(model_path)
-        model.load_state_dict(state)
+        # The LM head kept for `lm_regularization` is a training aid: the reward model is backbone + head.
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("lm_head.")})
         return str(model.save_pretrained(output, tokenizer))
 
 

@@ -36,23 +36,35 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class RewardModel(torch.nn.Module):
     """Backbone (``AutoModel``, no LM head) + ``Linear(hidden, 1)``; `forward` returns one score per row."""
 
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear):
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, lm_head: torch.nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # Training only (`reward_model.lm_regularization`): the causal LM's own output layer, so the
+        # backbone keeps predicting the chosen responses while the head learns to score. Never saved.
+        self.lm_head = lm_head
 
     @classmethod
-    def from_lm(cls, path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> "RewardModel":
-        """A new reward model initialised from a causal LM (or another reward model's backbone)."""
-        from transformers import AutoModel
+    def from_lm(cls, path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0,
+                keep_lm_head: bool = False) -> "RewardModel":
+        """A new reward model initialised from a causal LM (or another reward model's backbone);
+        `keep_lm_head` also keeps the LM's output layer (the folder must hold a causal LM)."""
+        from transformers import AutoModel, AutoModelForCausalLM
 
-        backbone = AutoModel.from_pretrained(path, dtype=dtype)
+        lm_head = None
+        if keep_lm_head:
+            if (Path(path) / MARKER_FILE).is_file():
+                raise ValueError(f"reward_model.lm_regularization needs a causal LM to start from; {path} is a reward model")
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            backbone, lm_head = lm.model, lm.lm_head
+        else:
+            backbone = AutoModel.from_pretrained(path, dtype=dtype)
         torch.manual_seed(seed)
         head = torch.nn.Linear(backbone.config.hidden_size, 1, dtype=dtype)
         # A small head keeps initial scores near 0, so early pairwise losses are ~log 2.
         torch.nn.init.normal_(head.weight, std=1.0 / (backbone.config.hidden_size + 1))
         torch.nn.init.zeros_(head.bias)
-        return cls(backbone, head)
+        return cls(backbone, head, lm_head)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "RewardModel":
@@ -70,14 +82,21 @@ class RewardModel(torch.nn.Module):
         head.load_state_dict({k: v.to(dtype) for k, v in head_state.items()})
         return cls(backbone, head)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0):
+        """One score per row; with `lm_rows` > 0 also the LM logits of the first `lm_rows` rows
+        (needs the LM head kept by `from_lm(keep_lm_head=True)`)."""
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
         last = last_token_index(attention_mask)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(picked).squeeze(-1).float()
+        scores = self.head(picked).squeeze(-1).float()
+        if not lm_rows:
+            return scores
+        if self.lm_head is None:
+            raise RuntimeError("LM logits asked of a reward model without its LM head (from_lm(keep_lm_head=True))")
+        return scores, self.lm_head(hidden[:lm_rows])
 
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
         """Write backbone, head, marker (and tokenizer) as one folder, complete or absent."""

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.modeling import load_causal_lm, response_logprobs
 from rlhf_cluster.records import ScoredSample, TrainBatch
+from tests.process_groups import one_rank_process_group
 
 
 @pytest.fixture
 def nccl_group():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_rank_process_group("nccl"):
+        yield
 
 
 def _batch(n=4, length=6):

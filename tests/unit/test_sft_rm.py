@@ -151,3 +151,49 @@ def test_reward_model_scores_the_same_text_the_same_under_both_padding_sides(tin
         assert torch.equal(again(batch["input_ids"], batch["attention_mask"]), rm(batch["input_ids"], batch["attention_mask"]))
     with pytest.raises(FileNotFoundError, match="reward_model.json"):
         RewardModel.from_pretrained(tiny_model_path)
+
+
+def test_lm_regularization_adds_the_starting_lms_loss_on_chosen_responses_only(gloo_group, tiny_model_path, tokenizer,
+                                                                              tmp_path):
+    """`reward_model.lm_regularization`: the LM term is the starting LM's own NLL of the chosen
+    responses (prompts and rejected responses unlabelled), the reported loss stays the pairwise one,
+    and the saved reward model is backbone + head alone."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cluster.config import StageConfig
+    from rlhf_cluster.data.sft import plain_parts
+    from rlhf_cluster.learner.supervised import SupervisedTrainer
+
+    pairs = [("3+4=", "7", "8"), ("9+9=", "18", "17"), ("0+5=", "5", "12")]
+    chosen, rejected, prompt_lengths = [], [], []
+    for prompt, good, bad in pairs:
+        p, r = plain_parts(tokenizer, prompt, good)
+        chosen.append(p + r)
+        rejected.append(sum(plain_parts(tokenizer, prompt, bad), []))
+        prompt_lengths.append(len(p))
+    # The reference: the starting LM's mean NLL over the chosen responses' tokens (and their EOS).
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids, p in zip(chosen, prompt_lengths):
+            logp = torch.log_softmax(lm(torch.tensor([ids])).logits[0].double(), -1)
+            nll -= sum(float(logp[t - 1, ids[t]]) for t in range(p, len(ids)))
+            count += len(ids) - p
+
+    stages = {w: StageConfig(lm_regularization=w, lr=1e-3, seed=0) for w in (0.0, 1.0)}
+    plain = SupervisedTrainer("reward_model", tiny_model_path, stages[0.0], tokenizer.pad_token_id)
+    regularised = SupervisedTrainer("reward_model", tiny_model_path, stages[1.0], tokenizer.pad_token_id)
+    assert plain.model.lm_head is None and regularised.model.lm_head is not None
+    a = plain.rm_step(chosen, rejected, [0.0] * 3, prompt_lengths)
+    b = regularised.rm_step(chosen, rejected, [0.0] * 3, prompt_lengths)
+    assert "lm_nll" not in a and b["lm_nll"] == pytest.approx(nll / count, rel=1e-5)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # same start, same pairwise loss
+    assert b["grad_norm"] != pytest.approx(a["grad_norm"], rel=1e-3)  # ... but the LM term moved the gradient
+    with pytest.raises(ValueError, match="prompt length"):
+        regularised.rm_step(chosen, rejected, [0.0] * 3)
+
+    saved = regularised.save(tmp_path / "rm", tiny_model_path, tiny_model_path)
+    served = RewardModel.from_pretrained(saved)
+    assert served.lm_head is None and not any(k.startswith("lm_head") for k in served.state_dict())
+    with pytest.raises(ValueError, match="is a reward model"):
+        RewardModel.from_lm(saved, keep_lm_head=True)

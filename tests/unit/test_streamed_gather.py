@@ -3,28 +3,13 @@ what torch's full state dict holds, with and without LoRA (merged under the plai
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.lora import merge_lora_state_dict
-
-
-@pytest.fixture
-def gloo_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("lora", [False, True])
