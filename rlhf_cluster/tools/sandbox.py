@@ -2,27 +2,42 @@
 
 `run_python(code, limits)` starts a fresh interpreter whose bootstrap confines itself before it
 runs `code` (read from stdin), so nothing unsafe happens between fork and exec in the caller's
-(threaded) process:
+(threaded) process. Layers, each stopping something the others do not:
 
-- a new network namespace: no interface but a down loopback, so no connection anywhere;
-- a new PID namespace whose init (the code's process) is killed with the bootstrap: every
-  process the code starts ends with it, even one that left its session; its own /proc (a new
-  mount namespace), so no other process and no other process's environment is visible;
-- as root, the code runs as `nobody` (65534) with no supplementary groups; unprivileged, in a
-  new user namespace. Either way `RLIMIT_NPROC` caps its processes (a fork bomb hits the cap);
+- namespaces: a new network namespace (no interface but a down loopback: no connection anywhere,
+  no abstract unix socket of the host), IPC namespace (SysV shared memory, semaphores and message
+  queues die with the call; `shmall`/`shmmax` capped at `tmp_mb`), UTS namespace, and PID
+  namespace whose init (the code's process) is killed with the bootstrap and by the caller by pid:
+  every process the code starts ends with the call, even one that left its session;
+- a private filesystem view (a new mount namespace, `pivot_root` into a tmpfs): only the system
+  libraries (`/usr`, `/lib*`), the interpreter's installation, a few `/etc` files the loader reads,
+  `/dev/{null,zero,full,random,urandom}` and its own `/proc`, all read-only; `/tmp` (the working
+  directory) and `/dev/shm` are fresh tmpfs capped at `tmp_mb` each. The caller's run directory,
+  the checkout, host sockets and other calls' files are not in the view at all;
+- as root, the code runs as a uid of its own (`UID_BASE` + a slot held for the call's duration,
+  no supplementary groups): concurrent calls cannot signal or read each other, and `RLIMIT_NPROC`
+  caps each call's processes separately (a fork bomb hits the cap). Unprivileged, it runs in a new
+  user namespace mapping only the caller's uid, with every capability dropped;
 - rlimits: CPU seconds, address space (memory), file size, open files, no core dumps;
-- Landlock: the filesystem is read-only except the private temporary directory (removed after);
+- Landlock (required): reads, executes and writes are allowed only beneath the paths of the view
+  above (writes only in `/tmp` and `/dev/shm`); where the kernel offers them, TCP bind/connect are
+  denied (ABI 4) and abstract unix sockets and signals are scoped to the call (ABI 6);
+- seccomp (required; x86_64 and aarch64): a deny-list of kernel interfaces the code has no use for
+  (`ptrace`, `mount`, `unshare`/`setns`/namespace `clone`, `bpf`, `perf_event_open`, `keyctl`,
+  `io_uring`, module and kexec calls, clearing the parent-death signal, ...);
 - `no_new_privs`, an empty environment (no inherited secrets), `-I -S` (isolated, no site-packages:
   the standard library only);
 - the caller enforces the wall time and the output cap, killing the whole confinement.
 
 Every failure (a limit hit, a crash, an exception in the code, a confinement that cannot be set
 up) comes back as `SandboxResult.error`, never as an exception to the caller: a tool error the
-policy reads. Nothing runs unconfined: when a mechanism is missing, the code is not run.
+policy reads. Nothing runs unconfined: when a mechanism is missing, the code is not run. What the
+layers do not stop is written in docs/operations.md ("Security model").
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import shutil
@@ -34,6 +49,11 @@ import time
 from dataclasses import dataclass
 
 NOBODY = 65534
+# Root mode: each concurrent call runs as UID_BASE + a free slot (gid likewise), a range no
+# account uses; the slot is held by an flock on /run/rlhf-sandbox/uid-<slot> for the call.
+UID_BASE = 2_000_000_000
+UID_SLOTS = 4096
+_SLOT_DIR = "/run/rlhf-sandbox"
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,7 @@ class SandboxLimits:
     processes: int = 8  # processes of the sandbox's user at once (RLIMIT_NPROC)
     output_bytes: int = 8192  # stdout and stderr each; more ends the run
     file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
+    tmp_mb: int = 64  # /tmp, /dev/shm (tmpfs, in memory) and SysV shared memory: each at most this
 
 
 @dataclass
@@ -63,17 +84,46 @@ class SandboxResult:
 
 
 # The confined process's own first steps (it cannot trust anything it inherits but its fds).
+# argv: the mount point of the new root (an empty directory of the caller's), cpu seconds, memory
+# bytes, processes, file bytes, tmp bytes, the uid to run as (-1: unprivileged, a user namespace).
 _BOOTSTRAP = r'''
-import ctypes, os, resource, signal, sys
+import ctypes, os, resource, signal, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
-tmp, cpu_s, memory, nproc, fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.syscall.restype = ctypes.c_long
+mnt = sys.argv[1]
+cpu_s, memory, nproc, fsize, tmp_bytes, uid = map(int, sys.argv[2:8])
 code = sys.stdin.read()
 def fail(what):
     sys.stderr.write(f"SANDBOX-SETUP: {what}: {os.strerror(ctypes.get_errno())}\n"); sys.stderr.flush(); os._exit(97)
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWNS = 0x10000000, 0x40000000, 0x20000000, 0x00020000
-root = os.getuid() == 0
-if libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | (0 if root else CLONE_NEWUSER)) != 0:
-    fail("unshare(net, pid, mount)")
+# Per-architecture numbers: (audit arch, pivot_root, clone, clone3, prctl, the denied syscalls).
+ARCHES = {
+    "x86_64": (0xC000003E, 155, 56, 435, 157, (
+        101, 103, 134, 153, 154, 155, 161, 163, 165, 166, 167, 168, 169, 170, 171, 172, 173, 175, 176, 179,
+        212, 246, 248, 249, 250, 272, 298, 303, 304, 308, 310, 311, 312, 313, 320, 321, 323,
+        425, 426, 427, 428, 429, 430, 431, 432, 433, 442)),
+    "aarch64": (0xC00000B7, 41, 220, 435, 167, (
+        117, 116, 39, 40, 41, 51, 60, 89, 97, 104, 105, 106, 142, 161, 162, 217, 218, 219, 224, 225, 241,
+        264, 265, 268, 270, 271, 272, 273, 280, 282, 294, 425, 426, 427, 428, 429, 430, 431, 432, 433, 442)),
+}
+arch = ARCHES.get(os.uname().machine)
+if arch is None:
+    ctypes.set_errno(0); fail(f"seccomp: unsupported architecture {os.uname().machine}")
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+root = uid >= 0
+outer_uid, outer_gid = os.getuid(), os.getgid()
+os.umask(0o022)
+if libc.unshare(CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if root else CLONE_NEWUSER)) != 0:
+    fail("unshare(net, pid, mount, ipc, uts)")
+if not root:
+    # Only the caller's own uid and gid exist in the namespace (files on the tmpfs need a mapped
+    # owner), as 0: the namespace's root alone may set its IPC limits. Its capabilities go below.
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {outer_uid} 1"), ("gid_map", f"0 {outer_gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as exc:
+        ctypes.set_errno(exc.errno or 0); fail("user namespace mapping")
 child = os.fork()
 if child:
     _, status = os.waitpid(child, 0)
@@ -82,84 +132,198 @@ if child:
     # An exit status alone cannot tell `sys.exit(139)` from a SIGSEGV: a signal death is marked.
     sys.stderr.write(f"\nSANDBOX-SIGNAL: {os.WTERMSIG(status)}\n"); sys.stderr.flush()
     os._exit(128 + os.WTERMSIG(status))
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 38, 22
 libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-# A /proc of this PID namespace only: no other process (the caller's environment) is visible.
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+# The filesystem view: a tmpfs root holding read-only binds of what the interpreter needs, nothing else.
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
 if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
     fail("mount(private)")
-if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
+if libc.mount(b"tmpfs", mnt.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755") != 0:
+    fail("mount(root tmpfs)")
+def bind(src):
+    dst = mnt + src
+    if os.path.islink(src):  # a merged /usr: /bin -> usr/bin, /etc/localtime -> ...
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.symlink(os.readlink(src), dst)
+        return
+    if not os.path.exists(src) or os.path.lexists(dst):
+        return
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(dst, "x").close()
+    if libc.mount(src.encode(), dst.encode(), None, MS_BIND | MS_REC, None) != 0:
+        fail(f"bind {src}")
+system = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
+python = sorted({os.path.abspath(p) for p in (sys.base_prefix, sys.base_exec_prefix)
+                 if not any(p == s or p.startswith(s + "/") for s in system)})
+etc = ["/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/nsswitch.conf"]
+devices = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"]
+try:
+    for path in system + python + etc + devices:
+        bind(path)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{mnt}/dev/{name}")
+    for d in ("/dev/shm", "/proc", "/tmp"):
+        os.makedirs(mnt + d)
+except OSError as exc:
+    ctypes.set_errno(exc.errno or 0); fail("build the filesystem view")
+# A /proc of this PID namespace only: no other process (the caller's environment) is visible.
+if libc.mount(b"proc", (mnt + "/proc").encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) != 0:
     fail("mount(proc)")
-os.chdir(tmp)
+# SysV shared memory lives in this IPC namespace (gone with it); cap it like /dev/shm, and remove
+# a segment as soon as no process holds it.
+try:
+    for name, value in (("shmmax", tmp_bytes), ("shmall", tmp_bytes // os.sysconf("SC_PAGE_SIZE")), ("shm_rmid_forced", 1)):
+        with open(f"{mnt}/proc/sys/kernel/{name}", "w") as f:
+            f.write(str(value))
+except OSError as exc:
+    ctypes.set_errno(exc.errno or 0); fail("cap SysV shared memory")
+# Everything so far read-only, recursively (mount_setattr, Linux 5.12; Landlock needs 5.13 anyway).
+class MountAttr(ctypes.Structure): _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+attr = MountAttr(1, 0, 0, 0)  # MOUNT_ATTR_RDONLY
+if libc.syscall(442, -100, mnt.encode(), 0x8000, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:  # AT_RECURSIVE
+    fail("read-only view")
+for d in ("/tmp", "/dev/shm"):
+    if libc.mount(b"tmpfs", (mnt + d).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_bytes},mode=1777".encode()) != 0:
+        fail(f"mount({d})")
+os.chdir(mnt)
+if libc.syscall(arch[1], b".", b".") != 0:  # pivot_root: the host's tree is stacked under the new root...
+    fail("pivot_root")
+if libc.umount2(b".", 2) != 0:  # ...and detached (MNT_DETACH): no path leads back to it
+    fail("detach the host's root")
+os.chdir("/tmp")
 if root:
-    # `nobody` may not traverse the directory the interpreter lives in (e.g. /root/.pyenv): its
-    # standard library is bind-mounted read-only inside the private directory for it.
-    MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
-    view = os.path.join(tmp, ".python")
-    os.mkdir(view)
-    if libc.mount(sys.base_prefix.encode(), view.encode(), None, MS_BIND | MS_REC, None) != 0:
-        fail("bind the interpreter")
-    if libc.mount(None, view.encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY, None) != 0:
-        fail("read-only interpreter")
-    moved = lambda p: view + p[len(sys.base_prefix):] if p.startswith(sys.base_prefix) else p
-    sys.path = [moved(p) for p in sys.path]
-    for module in list(sys.modules.values()):  # packages imported already find their submodules there too
-        if isinstance(getattr(module, "__path__", None), list):
-            module.__path__[:] = [moved(p) for p in module.__path__]
-    sys.path_importer_cache.clear()
-    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)  # clears every capability
+else:
+    class CapHeader(ctypes.Structure): _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class CapData(ctypes.Structure): _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    # Every capability in the namespace, for good: none in the bounding set, and uid 0 gains none
+    # at execve (SECBIT_NOROOT, locked), then none held now.
+    PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28
+    cap = 0
+    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+    if cap < 38 or libc.prctl(PR_SET_SECUREBITS, 0x3, 0, 0, 0) != 0:
+        fail("drop the capability bounding set")
+    if libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), (CapData * 2)()) != 0:
+        fail("drop capabilities")
+# A change of credentials clears the parent-death signal: set it again (seccomp keeps it set).
+libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 for limit, value in ((resource.RLIMIT_CPU, cpu_s), (resource.RLIMIT_AS, memory), (resource.RLIMIT_NPROC, nproc),
                      (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(limit, (value, value))
 if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
     fail("no_new_privs")
-# Landlock: every write-like access is handled (denied) except beneath `tmp`.
+# Landlock: every file access it knows is handled, so denied except beneath the view's paths
+# (read and execute) and /tmp, /dev/shm (everything).
 abi = libc.syscall(444, None, 0, 1)
 if abi < 1:
     fail("landlock")
-write_access = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12)
-if abi >= 2: write_access |= 1 << 13  # REFER
-if abi >= 3: write_access |= 1 << 14  # TRUNCATE
-class RulesetAttr(ctypes.Structure): _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1, 2, 4, 8
+read = EXECUTE | READ_FILE | READ_DIR
+write = WRITE_FILE | sum(1 << bit for bit in range(4, 13))  # REMOVE_DIR .. MAKE_SYM
+truncate = (1 << 14) if abi >= 3 else 0
+ioctl_dev = (1 << 15) if abi >= 5 else 0
+everything = read | write | truncate | ioctl_dev | ((1 << 13) if abi >= 2 else 0)  # REFER from ABI 2
+class RulesetAttr(ctypes.Structure): _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
 class PathBeneath(ctypes.Structure): _pack_ = 1; _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-attr = RulesetAttr(write_access)
-ruleset = libc.syscall(444, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+# TCP bind/connect (ABI 4) with no rule: none; abstract unix sockets and signals (ABI 6): this call's only.
+attr = RulesetAttr(everything, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+ruleset = libc.syscall(444, ctypes.byref(attr), 8 if abi < 4 else 16 if abi < 6 else 24, 0)
 if ruleset < 0:
     fail("landlock_create_ruleset")
-fd = os.open(tmp, os.O_PATH | os.O_DIRECTORY)
-rule = PathBeneath(write_access, fd)
-if libc.syscall(445, ruleset, 1, ctypes.byref(rule), 0) != 0:
-    fail("landlock_add_rule")
+rules = [(p, read) for p in system + python + ["/etc", "/proc"]]
+rules += [("/dev", read | WRITE_FILE | truncate | ioctl_dev), ("/tmp", everything), ("/dev/shm", everything)]
+for path, access in rules:
+    if not os.path.exists(path):
+        continue
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    rule = PathBeneath(access, fd)
+    if libc.syscall(445, ruleset, 1, ctypes.byref(rule), 0) != 0:
+        fail(f"landlock_add_rule {path}")
+    os.close(fd)
 if libc.syscall(446, ruleset, 0) != 0:
     fail("landlock_restrict_self")
-os.close(fd); os.close(ruleset)
-del libc, ctypes, attr, rule
+os.close(ruleset)
+# seccomp: a deny-list (EPERM) of kernel interfaces the code has no use for; clone3 answers ENOSYS
+# (its flags are out of the filter's reach: the C library falls back to clone, whose flags are
+# checked); another architecture's syscalls (x32, i386) kill the process.
+LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+ALLOW, KILL, EPERM, ENOSYS = 0x7FFF0000, 0x80000000, 0x50000 | 1, 0x50000 | 38
+audit, _, clone, clone3, prctl, denied = arch
+op = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)
+prog = [op(LD, 4), op(JEQ, audit, 1, 0), op(RET, KILL), op(LD, 0)]
+if audit == 0xC000003E:
+    prog += [op(JGE, 0x40000000, 0, 1), op(RET, KILL)]
+for nr in denied:
+    prog += [op(JEQ, nr, 0, 1), op(RET, EPERM)]
+prog += [op(JEQ, clone3, 0, 1), op(RET, ENOSYS)]
+prog += [op(JEQ, clone, 0, 4), op(LD, 16), op(JSET, 0x7E020000, 0, 1), op(RET, EPERM), op(RET, ALLOW)]  # CLONE_NEW*
+prog += [op(JEQ, prctl, 0, 4), op(LD, 16), op(JEQ, PR_SET_PDEATHSIG, 0, 1), op(RET, EPERM), op(RET, ALLOW)]
+prog += [op(RET, ALLOW)]
+filters = ctypes.create_string_buffer(b"".join(prog))
+class Fprog(ctypes.Structure): _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Fprog(len(prog), ctypes.addressof(filters))
+if libc.prctl(PR_SET_SECCOMP, 2, ctypes.byref(fprog), 0, 0) != 0:  # SECCOMP_MODE_FILTER
+    fail("seccomp")
+del libc, ctypes, attr, rule, fprog, filters
 exec(compile(code, "<tool>", "exec"), {"__name__": "__main__"})
 '''
 
 
 def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `code` confined (see the module docstring); returns its output and its failure, if any."""
-    tmp = tempfile.mkdtemp(prefix="rlhf-sandbox-")
-    if os.getuid() == 0:
-        os.chown(tmp, NOBODY, NOBODY)
     start = time.monotonic()
-    args = [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, tmp, str(limits.cpu_s), str(limits.memory_mb << 20),
-            str(limits.processes), str(limits.file_mb << 20)]
+    slot = None
     try:
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={}, cwd=tmp, start_new_session=True)
+        # An empty directory for the bootstrap to mount its root on (in its own mount namespace:
+        # nothing appears here on the host).
+        mnt = tempfile.mkdtemp(prefix="rlhf-sandbox-")
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return SandboxResult("", "", f"sandbox did not start: {exc}", 0.0)
+    try:
+        uid = -1
+        if os.getuid() == 0:
+            uid, slot = _claim_uid()
+        args = [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, mnt, str(limits.cpu_s), str(limits.memory_mb << 20),
+                str(limits.processes), str(limits.file_mb << 20), str(limits.tmp_mb << 20), str(uid)]
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={}, cwd="/", start_new_session=True)
+    except OSError as exc:
+        _release(mnt, slot)
         return SandboxResult("", "", f"sandbox did not start: {exc}", 0.0)
     try:
         out, err, cut = _communicate(proc, code.encode(), limits, start)
     finally:
         _kill(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _release(mnt, slot)
     seconds = time.monotonic() - start
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     return SandboxResult(stdout, stderr, cut or _failure(proc.returncode, stderr, limits), seconds)
+
+
+def _claim_uid() -> tuple[int, int]:
+    """A uid no other call (of any process on this host) runs as now, and the fd of the lock that
+    holds it: `flock` on one file per slot, released by closing the fd (or by the caller's death)."""
+    os.makedirs(_SLOT_DIR, mode=0o700, exist_ok=True)
+    for slot in range(UID_SLOTS):
+        fd = os.open(os.path.join(_SLOT_DIR, f"uid-{slot}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return UID_BASE + slot, fd
+    raise OSError(f"all {UID_SLOTS} sandbox uids are in use")
+
+
+def _release(mnt: str, slot: int | None) -> None:
+    """Remove the mount point and free the uid (after the call's processes are dead)."""
+    shutil.rmtree(mnt, ignore_errors=True)
+    if slot is not None:
+        os.close(slot)
 
 
 def _communicate(proc: subprocess.Popen, code: bytes, limits: SandboxLimits, start: float) -> tuple[bytes, bytes, str | None]:
@@ -196,8 +360,15 @@ def _communicate(proc: subprocess.Popen, code: bytes, limits: SandboxLimits, sta
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """End the bootstrap's session; its PID namespace (every process the code started) dies with it."""
+    """End the confinement: the code's process (the PID namespace's init: every process the code
+    started dies with it) by pid, since it may have left the bootstrap's session (`os.setsid()`),
+    then the bootstrap's session."""
     if proc.poll() is None:
+        for pid in _children(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -205,6 +376,23 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
     for pipe in (proc.stdout, proc.stderr):
         pipe.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (not yet reaped by it, so their pids are still theirs)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN: every process's parent, from /proc
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
 
 
 def _failure(returncode: int, stderr: str, limits: SandboxLimits) -> str | None:
