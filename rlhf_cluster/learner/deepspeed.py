@@ -77,6 +77,9 @@ class DeepSpeedLearner(LearnerBase):
         initial_fp32 = {name: p.data for name, p in model.named_parameters()} if lc.mixed_precision == "bf16" else {}
         # deepspeed.initialize joins the existing torch.distributed group (it does not start one).
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=ds_config)
+        from rlhf_cluster.learner.deepspeed_checkpoint import use_weights_only_loading
+
+        use_weights_only_loading(self.model)  # DeepSpeed's own engine unpickles checkpoint files
         if initial_fp32:
             from deepspeed.utils import safe_set_full_fp32_param
 

