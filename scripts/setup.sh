@@ -19,7 +19,8 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 
 echo "[setup] creating $VENV and installing dependencies (first time takes several minutes)"
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# A venv whose creation was interrupted has a python but no pip: make it again.
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$PY" -m venv --clear "$VENV"
 # pip warns once per package about configured local index paths that do not exist; hide only that.
 pip_() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 PIP=pip_
