@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_cluster.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
+
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A Hugging Face causal LM from a local folder; flash-attn on CUDA when installed, SDPA otherwise.
@@ -38,6 +40,16 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device:
     return model.to(device)
 
 
+def response_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets) [B, T]: position p's output predicts token p+1, so response token t of
+    a row is scored at `prompt_len - 1 + t`. The clamp keeps padded positions in range (their
+    values are garbage the caller masks)."""
+    L = input_ids.shape[1]
+    steps = torch.arange(response_len, device=input_ids.device)
+    positions = (prompt_lengths.to(input_ids.device)[:, None] - 1 + steps[None, :]).clamp(max=L - 2)
+    return positions, input_ids.gather(1, positions + 1)
+
+
 def response_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -46,25 +58,34 @@ def response_logprobs(
     response_len: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, T] of the response tokens (and their entropies if asked) under `model`.
+    """float32 log-probs [B, T] of the response tokens (and their entropies if asked) under `model`.
 
-    Positions past a response's end hold garbage and must be masked by the caller.
+    The output layer runs only at the response positions, `chunk_tokens` at a time
+    (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. Positions past a response's end
+    hold garbage and must be masked by the caller.
     """
+    positions, targets = response_positions(input_ids, prompt_lengths, response_len)
+    with scored_positions(model, positions, targets, temperature, with_entropy, chunk_tokens) as scored:
+        return scored.read(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
+
+
+def full_logits_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  prompt_lengths: torch.Tensor, response_len: int, temperature: float = 1.0,
+                                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same figures through the model's full [B, L, vocab] logits and a float32 log-softmax:
+    the path `response_logprobs` replaced (issue 35), kept as the reference tests and the memory
+    benchmark compare it with."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    B, L = input_ids.shape
-    steps = torch.arange(response_len, device=input_ids.device)
-    # Position p predicts token p+1; clamp keeps padded positions in range (they are masked later).
-    pos = (prompt_lengths.to(input_ids.device)[:, None] - 1 + steps[None, :]).clamp(max=L - 2)
-    targets = input_ids.gather(1, pos + 1)
-    picked = logits.gather(1, pos[:, :, None].expand(B, response_len, logits.shape[-1])).float()
+    positions, targets = response_positions(input_ids, prompt_lengths, response_len)
+    B = input_ids.shape[0]
+    picked = logits.gather(1, positions[:, :, None].expand(B, response_len, logits.shape[-1])).float()
     if temperature != 1.0:
         picked = picked / temperature
     logp_all = picked.log_softmax(-1)
     logprobs = logp_all.gather(-1, targets[:, :, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     return logprobs, entropy
 
 
