@@ -121,7 +121,7 @@ class _ScoredPositions:
 
     def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         B, T = self.positions.shape
-        rows = hidden.gather(1, self.positions[:, :, None].expand(B, T, hidden.shape[-1])).reshape(B * T, -1)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions.reshape(-1))
         logp, entropy = token_logprobs(rows, layer.weight, self.targets.reshape(-1), getattr(layer, "bias", None),
                                        self.temperature, self.with_entropy, self.chunk_tokens)
         # Returned in place of the logits, and read from the model's output: the gradient must
@@ -138,7 +138,8 @@ def scored_positions(model: torch.nn.Module, positions: torch.Tensor, targets: t
                      with_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[_ScoredPositions]:
     """While active, `model`'s output layer returns, instead of logits for every position, the
     log-probs of `targets` [B, T] at `positions` [B, T] of its input (and their entropies), which
-    the model passes on as its `logits`: `scored.read(model(...).logits)` gives them."""
+    the model passes on as its `logits`: `scored.read(model(...).logits)` gives them. A position is
+    an index into the model's outputs flattened over batch and length (row b, position p: b * L + p)."""
     layer = model.get_output_embeddings()
     if layer is None or not hasattr(layer, "weight"):
         raise TypeError(f"{type(model).__name__}: no output layer with a weight to score tokens with")

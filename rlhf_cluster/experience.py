@@ -16,6 +16,7 @@ from rlhf_cluster.algorithms import (
     whiten,
 )
 from rlhf_cluster.config import AlgorithmConfig, KLConfig
+from rlhf_cluster.packing import balanced_shares
 from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
 from rlhf_cluster.rewards import dynamic_sampling_filter, length_penalty, overlong_filter_mask, overlong_penalty
 
@@ -192,8 +193,11 @@ class StepBatch:
     old_values: list[list[float]] | None = None
 
     def policy_shares(self, world: int) -> list[TrainBatch]:
-        """Rank r of `world` trains on samples r, r + world, ... (round robin)."""
-        return [TrainBatch.from_samples(self.samples[r::world], in_loss=self.in_loss[r::world]) for r in range(world)]
+        """The policy ranks' shares: equal row counts (+-1) and near-equal tokens (`balanced_shares`):
+        the step waits for its slowest rank."""
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in self.samples]
+        return [TrainBatch.from_samples([self.samples[i] for i in share], in_loss=[self.in_loss[i] for i in share])
+                for share in balanced_shares(lengths, world)]
 
     def critic_shares(self, world: int) -> list[TrainBatch]:
         """The critic's round-robin shares, with the returns it regresses to and the old values."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
+from rlhf_cluster.packing import pack_rows, prepared_mask
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -59,15 +60,29 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 log-probs [B, T] of the response tokens (and their entropies if asked) under `model`.
 
     The output layer runs only at the response positions, `chunk_tokens` at a time
-    (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. Positions past a response's end
-    hold garbage and must be masked by the caller.
+    (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. `packed`: the rows' real tokens
+    run as one packed sequence (`packing`), no padding through the model. Positions past a
+    response's end hold garbage and must be masked by the caller.
     """
+    if packed:
+        rows = pack_rows(input_ids, attention_mask, prompt_lengths, response_len)
+        with scored_positions(model, rows.positions, rows.targets, temperature, with_entropy, chunk_tokens) as scored:
+            mask = rows.attention_mask(model.config._attn_implementation, model.get_input_embeddings().weight.dtype)
+            return scored.read(model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask,
+                                     use_cache=False).logits)
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
-    with scored_positions(model, positions, targets, temperature, with_entropy, chunk_tokens) as scored:
+    B, L = input_ids.shape
+    flat = positions + L * torch.arange(B, device=positions.device)[:, None]
+    impl = model.config._attn_implementation
+    if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
+        keys = attention_mask.bool()
+        attention_mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, model.get_input_embeddings().weight.dtype)
+    with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens) as scored:
         return scored.read(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .losses import masked_max
+
 LEVELS = ("token", "sequence", "geometric")
 MODES = ("truncate", "mask")
 
@@ -22,7 +24,7 @@ def importance_weights(
     mode: str = "truncate",
     cap: float | None = 2.0,
     lower: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Detached per-token weights ``[B, T]`` (zero on padding) and mismatch diagnostics.
 
     ``level``: ``token`` ``rho_t = exp(delta_t)``; ``sequence`` ``rho = exp(sum_t delta_t)``;
@@ -33,7 +35,8 @@ def importance_weights(
     ``delta`` and the per-sequence sums are clamped to ±20 so ``exp`` cannot overflow.
     Metrics: ``mismatch_k1``/``mismatch_k3`` estimate KL(pi_roll || pi_prox) from the rollout
     samples, ``frac_truncated`` or ``frac_masked``, ``ess = (sum w)^2 / (N sum w^2)``,
-    ``weight_mean``, ``weight_max`` (all over valid tokens).
+    ``weight_mean``, ``weight_max`` (all over valid tokens), as 0-dim tensors on the inputs'
+    device: nothing here waits for the device (the learner reads a step's metrics at once).
     """
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}; allowed: {', '.join(LEVELS)}")
@@ -52,12 +55,12 @@ def importance_weights(
         log_rho = (delta.sum(-1) / m.sum(-1).clamp_min(1)).unsqueeze(-1).expand_as(delta)
     rho = torch.exp(log_rho)
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     n = m.sum().clamp_min(1)
     if mode == "truncate":
         w = rho if cap is None else rho.clamp(max=cap)
         over = rho > cap if cap is not None else torch.zeros_like(mb)
-        metrics["frac_truncated"] = ((over & mb).sum() / n).item()
+        metrics["frac_truncated"] = (over & mb).sum() / n
     else:
         keep = torch.ones_like(mb)
         if cap is not None:
@@ -65,15 +68,15 @@ def importance_weights(
         if lower is not None:
             keep &= rho >= lower
         w = torch.where(keep, rho, 0.0)
-        metrics["frac_masked"] = ((~keep & mb).sum() / n).item()
+        metrics["frac_masked"] = (~keep & mb).sum() / n
     w = torch.where(mb, w, 0.0)
 
     sw, sw2 = w.sum(), w.square().sum()
     metrics.update(
-        mismatch_k1=((-delta * m).sum() / n).item(),
-        mismatch_k3=(((torch.exp(delta) - 1.0 - delta) * m).sum() / n).item(),
-        ess=(sw.square() / (n * sw2)).item() if sw2 > 0 else 0.0,
-        weight_mean=(sw / n).item(),
-        weight_max=w[mb].max().item() if mb.any() else 0.0,
+        mismatch_k1=(-delta * m).sum() / n,
+        mismatch_k3=((torch.exp(delta) - 1.0 - delta) * m).sum() / n,
+        ess=torch.where(sw2 > 0, sw.square() / (n * sw2).clamp_min(torch.finfo(sw2.dtype).tiny), 0.0),
+        weight_mean=sw / n,
+        weight_max=masked_max(w, mb),
     )
     return w, metrics

@@ -1,7 +1,9 @@
 """Policy (PPO / GRPO / DAPO / Dr.GRPO / GSPO), value, entropy, KL, SFT and Bradley-Terry losses.
 
 Tensors are ``[B, T]`` over response tokens with a 0/1 ``mask``. Every loss returns
-``(scalar, metrics)``; metrics are python floats over the local valid tokens, computed without grad.
+``(scalar, metrics)``; metrics are over the local valid tokens, computed without grad: 0-dim
+tensors for the RL losses (`policy_loss`, `kl_loss`: the learner reads a whole step's at once,
+never waiting for the device inside it), python floats for the others.
 ``denominator`` lets data-parallel ranks and micro-batches normalise by one global count, so that
 summing their gradients equals the gradient of the whole batch.
 """
@@ -31,9 +33,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, denominator=None) -> torch.
     return masked_sum(x, mask) / denominator
 
 
-def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max of ``x`` over valid positions (0 when none), a 0-dim tensor: no boolean indexing, which
+    would wait for the device to count the valid positions."""
     m = mask.bool()
-    return x[m].max().item() if m.any() else 0.0
+    return torch.where(m.any(), x.detach().masked_fill(~m, float("-inf")).amax(), 0.0).to(x.dtype)
 
 
 def policy_loss(
@@ -104,15 +108,15 @@ def policy_loss(
         low = ((r < 1.0 - clip_low) & (adv < 0)).to(m.dtype)
         high = ((r > 1.0 + clip_high) & (adv > 0)).to(m.dtype)
         metrics = {
-            "clip_frac_low": masked_mean(low, m).item(),
-            "clip_frac_high": masked_mean(high, m).item(),
-            "approx_kl": masked_mean((r - 1.0) - lr, m).item(),
-            "ratio_mean": masked_mean(r, m).item(),
-            "ratio_max": _masked_max(r, m),
+            "clip_frac_low": masked_mean(low, m),
+            "clip_frac_high": masked_mean(high, m),
+            "approx_kl": masked_mean((r - 1.0) - lr, m),
+            "ratio_mean": masked_mean(r, m),
+            "ratio_max": masked_max(r, m),
         }
         metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
         if dual is not None:
-            metrics["clip_frac_dual"] = masked_mean(dual.to(m.dtype), m).item()
+            metrics["clip_frac_dual"] = masked_mean(dual.to(m.dtype), m)
     return loss, metrics
 
 
@@ -169,7 +173,7 @@ def kl_loss(
     kl = kl_penalty(logprobs, ref_logprobs, estimator, k3_clamp)
     loss = masked_mean(kl, mask, denominator)
     with torch.no_grad():
-        metrics = {"kl": masked_mean(kl.detach(), mask).item()}
+        metrics = {"kl": masked_mean(kl.detach(), mask)}
     return loss, metrics
 
 

@@ -71,8 +71,13 @@ class TrainingGroupConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Gradient accumulation: forward/backward at most this many padded tokens at a time "
-        "(None: a whole mini-batch at once). The loss denominators stay global, so the update is the same."
+        None, ge=1, description="Gradient accumulation: forward/backward at most this many tokens at a time (real "
+        "tokens when packed, padded ones otherwise; rows dealt so micro-batches balance). None: a whole mini-batch at "
+        "once on CPU, 16,384 tokens on CUDA. The loss denominators stay global, so the update is the same."
+    )
+    sequence_packing: bool = Field(
+        True, description="Run each micro-batch's real tokens as one packed sequence (position ids restart per row): "
+        "no padding through the model. Off: right-padded rows."
     )
     seed: int | None = Field(
         None, description="Torch seed of every rank (the critic's also seeds its fresh value head; None: the job's `seed`)."

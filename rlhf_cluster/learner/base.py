@@ -31,6 +31,7 @@ from rlhf_cluster import tracing
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.modeling import response_logprobs
+from rlhf_cluster.packing import token_budget_micro_batches
 from rlhf_cluster.records import TrainBatch, pad_sequences
 
 
@@ -115,6 +116,21 @@ def load_host_state(path: Path) -> dict:
     return decode_host_state(saved)
 
 
+Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
+
+# Tokens per micro-batch on CUDA when `learner.max_tokens_per_micro_batch` is unset: an RL batch of
+# 16 sequences of ~1k tokens at Qwen2.5-1.5B's shape in one pass (issue 35).
+CUDA_MICRO_BATCH_TOKENS = 16384
+
+
+def micro_batch_token_budget(lc, device: torch.device) -> int | None:
+    """The learner's tokens per micro-batch: the config's, else CUDA_MICRO_BATCH_TOKENS on CUDA,
+    else None (a whole mini-batch at once)."""
+    if lc.max_tokens_per_micro_batch is not None:
+        return lc.max_tokens_per_micro_batch
+    return CUDA_MICRO_BATCH_TOKENS if device.type == "cuda" else None
+
+
 def done_future(result: Any = None) -> Future:
     """A future that has already finished with `result` (for work done synchronously)."""
     future: Future = Future()
@@ -127,9 +143,11 @@ class Passes:
     """What `LearnerBase._optimize` did in one learner step."""
 
     losses: list[list[float]] = field(default_factory=list)  # [epoch][mini-batch]: this rank's summed micro-batch losses
-    micro_metrics: list[tuple[slice, dict[str, float]]] = field(default_factory=list)  # every real micro-batch's rows and metrics
+    micro_metrics: list[tuple[Rows, dict]] = field(default_factory=list)  # every real micro-batch's rows and metrics
     grad_norm: float = 0.0  # pre-clip global gradient norm of the last update
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
+    step_values: list[float] = field(default_factory=list)  # `read_at_last_update`'s values, read with the last update
+    loss_tensors: list[torch.Tensor] = field(default_factory=list)  # every update's summed loss, on the device
 
 
 class LearnerBase(ABC):
@@ -155,6 +173,8 @@ class LearnerBase(ABC):
         self.step = 0
         self.model: Any = None
         self.scheduler: Any = None
+        # Host-side agreements (how many micro-batches) go over gloo, never through the device.
+        self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
     # ---- backend hooks ---------------------------------------------------------------------
     @abstractmethod
@@ -163,9 +183,11 @@ class LearnerBase(ABC):
         micro-batch of a mini-batch is marked so a backend can close its accumulation there."""
 
     @abstractmethod
-    def _clip_and_step(self, loss_finite: bool) -> tuple[float, bool]:
-        """Clip to `learner.max_grad_norm`, step unless the global gradient norm (or the loss)
-        is not finite, clear gradients. Returns (pre-clip global gradient norm, step applied)."""
+    def _clip_and_step(self, loss: torch.Tensor, also_read: torch.Tensor) -> tuple[float, bool, list[float]]:
+        """Clip to `learner.max_grad_norm`, step unless the global gradient norm or this rank's
+        summed `loss` (a device scalar) is not finite, clear gradients. The update's one host read
+        takes the norm, the loss and `also_read` (a flat device tensor) together. Returns (pre-clip
+        global gradient norm, step applied, [loss, *also_read] as floats)."""
 
     @abstractmethod
     def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -209,14 +231,15 @@ class LearnerBase(ABC):
         """Per parameter: (elements held by this rank, elements of the full parameter)."""
 
     # ---- helpers ---------------------------------------------------------------------------
-    def _accumulate(self, loss: torch.Tensor, real: bool, last_micro_batch: bool) -> float | None:
-        """Backward one micro-batch's loss (over the global denominator); returns its value, or
-        None for a padding pass, which runs only so the ranks' collectives pair up."""
+    def _accumulate(self, loss: torch.Tensor, real: bool, last_micro_batch: bool) -> torch.Tensor | None:
+        """Backward one micro-batch's loss (over the global denominator); returns it detached (on
+        the device: not read here), or None for a padding pass, which runs only so the ranks'
+        collectives pair up."""
         if not real:
             loss = loss * 0.0
         # Both backends average gradients over ranks; x world size turns that into the global sum.
         self._backward(loss * self.world_size, last_micro_batch)
-        return float(loss.detach()) if real else None
+        return loss.detach() if real else None
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -227,7 +250,7 @@ class LearnerBase(ABC):
         fields = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
         return TrainBatch(**fields)
 
-    def _logprobs(self, b: TrainBatch, rows: slice, with_entropy: bool):
+    def _logprobs(self, b: TrainBatch, rows: Rows, with_entropy: bool):
         return response_logprobs(
             self.model,
             b.input_ids[rows],
@@ -236,24 +259,29 @@ class LearnerBase(ABC):
             b.response_mask.shape[1],
             self.temperature,
             with_entropy,
+            packed=self.cfg.learner.sequence_packing,
         )
 
     # ---- the step --------------------------------------------------------------------------
-    def _optimize(self, epochs: int, plans: list[list[tuple[slice, bool]]],
-                  micro_loss: Callable[[int, slice], tuple[torch.Tensor, dict[str, float]]]) -> "Passes":
+    def _optimize(self, epochs: int, plans: list[list[tuple[Rows, bool]]],
+                  micro_loss: Callable[[int, Rows], tuple[torch.Tensor, dict]],
+                  read_at_last_update: Callable[["Passes"], torch.Tensor] | None = None) -> "Passes":
         """The one epoch / mini-batch / micro-batch loop of every learner (policy and critic).
 
         `plans[k]` is mini-batch k's micro-batches (`_micro_batches`); `micro_loss(k, rows)` is a
         micro-batch's loss over its mini-batch's global denominator, so the accumulated gradients
         add up to the mini-batch's. Each mini-batch ends with one clipped optimizer step (skipped
         when the loss or the global gradient norm is not finite); the LR schedule advances once
-        per learner step unless an update was skipped.
+        per learner step unless an update was skipped. Nothing inside waits for the device but
+        each update's decision: `read_at_last_update(passes)` (the step's metrics, as one flat
+        device tensor) is read along with the last one, into `passes.step_values`.
         """
         passes = Passes()
-        for _ in range(epochs):
+        empty = torch.zeros(0, dtype=torch.float64, device=self.device)
+        for epoch in range(epochs):
             epoch_losses = []
             for mini, plan in enumerate(plans):
-                total, finite = 0.0, True
+                total = torch.zeros((), dtype=torch.float64, device=self.device)
                 for index, (rows, real) in enumerate(plan):
                     with tracing.span("forward", mini_batch=mini):
                         loss, metrics = micro_loss(mini, rows)
@@ -261,117 +289,105 @@ class LearnerBase(ABC):
                         value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
                     if value is None:
                         continue
-                    finite = finite and math.isfinite(value)
-                    total += value
+                    total = total + value
                     passes.micro_metrics.append((rows, metrics))
+                passes.loss_tensors.append(total)
+                last = epoch == epochs - 1 and mini == len(plans) - 1
+                also = read_at_last_update(passes) if last and read_at_last_update is not None else empty
                 with tracing.span("optimizer", mini_batch=mini):
-                    passes.grad_norm, applied = self._clip_and_step(finite)
+                    passes.grad_norm, applied, values = self._clip_and_step(total, also)
                 passes.skipped += int(not applied)
-                epoch_losses.append(total)
+                epoch_losses.append(values[0])
+                if last:
+                    passes.step_values = values[1:]
             passes.losses.append(epoch_losses)
         self.step += 1
         if passes.skipped == 0:
             self.scheduler.step()
         return passes
 
-    def _micro_batches(self, b: TrainBatch, lo: int, hi: int) -> list[tuple[slice, bool]]:
-        """Rows [lo, hi) cut into micro-batches of at most `max_tokens_per_micro_batch` padded
-        tokens, as (rows, real) pairs. Every rank runs the same number of forward/backward passes
-        (the sharded backends' collectives must pair up): a rank with fewer pads with `real=False`
-        passes on one row, whose loss counts zero."""
-        budget = self.cfg.learner.max_tokens_per_micro_batch
+    def _micro_batches(self, b: TrainBatch, lo: int, hi: int) -> list[tuple[Rows, bool]]:
+        """Rows [lo, hi) dealt into micro-batches of at most `max_tokens_per_micro_batch` tokens (real
+        tokens when packed, padded ones otherwise; `micro_batch_token_budget`), balanced by tokens,
+        as (rows, real) pairs. Every rank runs the same number of forward/backward passes (the
+        sharded backends' collectives must pair up): a rank with fewer pads with `real=False`
+        passes on one row, whose loss counts zero. Planned from the host copy of the batch and
+        agreed over a gloo group: planning never waits for the device."""
+        budget = micro_batch_token_budget(self.cfg.learner, self.device)
         if budget is None:
             return [(slice(lo, hi), True)]
-        per_micro = max(1, budget // b.input_ids.shape[1])
-        own = [(slice(start, min(start + per_micro, hi)), True) for start in range(lo, hi, per_micro)]
-        t = torch.tensor([len(own)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if self.cfg.learner.sequence_packing:
+            lengths = b.attention_mask[lo:hi].sum(1).tolist()
+        else:
+            lengths = [b.input_ids.shape[1]] * (hi - lo)
+        own = [(torch.tensor([lo + i for i in part], device=self.device), True)
+               for part in token_budget_micro_batches(lengths, budget)]
+        t = torch.tensor([len(own)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return own + [(slice(lo, lo + 1), False)] * (int(t.item()) - len(own))
 
     def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
         """One optimizer step per mini-batch over this rank's share of the step's batch; a
-        mini-batch is accumulated over micro-batches when `max_tokens_per_micro_batch` is set."""
+        mini-batch is accumulated over micro-batches when a token budget applies. The device is
+        waited for once per optimizer step (`_clip_and_step`'s read), the step's metrics with the last."""
         start = time.perf_counter()
+        lc = self.cfg.learner
+        B = local.response_mask.shape[0]
+        bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
+        plans = [self._micro_batches(local, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]  # on the host copy
         b = self._to_device(local)
         with tracing.span("reference_logprobs"):
             ref = self.reference_logprobs(b)
         if ref is not None:
             b.ref_logprobs = ref.to(b.ref_logprobs.dtype)
-        lc = self.cfg.learner
         mask = b.response_mask
-        B = mask.shape[0]
         self.model.train()
-        bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
-        plans = [self._micro_batches(b, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
         # π_prox: the current weights' log-probs before any update, the PPO denominator. With one
         # epoch of one mini-batch in one pass, the training forward runs on exactly those weights,
         # so its detached log-probs are π_prox and the separate no-grad forward is skipped.
         single_pass = lc.ppo_epochs == 1 and len(plans) == 1 and len(plans[0]) == 1
         if not single_pass:
             with torch.no_grad(), tracing.span("prox_logprobs"):
-                prox, _ = self._logprobs(b, slice(None), with_entropy=False)
+                # Micro-batch by micro-batch, padding passes included (their collectives pair up).
+                prox = torch.zeros_like(b.rollout_logprobs, dtype=torch.float32)
+                for rows, real in (entry for plan in plans for entry in plan):
+                    logprobs, _ = self._logprobs(b, rows, with_entropy=False)
+                    if real:
+                        prox[rows] = logprobs
             correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
 
-        # The global counts of each mini-batch: its loss denominators on every rank.
-        counts = [self._all_reduce([float(mask[lo:hi].sum()), float((mask[lo:hi].sum(-1) > 0).sum())])
-                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+        # The global counts of each mini-batch, its loss denominators on every rank: summed on the
+        # device (float64: exact), used as float32 scalars (exact below 2^24 tokens).
+        counts = torch.stack([torch.stack([mask[lo:hi].sum(), (mask[lo:hi].sum(-1) > 0).sum()]).double()
+                              for lo, hi in zip(bounds[:-1], bounds[1:])])
+        dist.all_reduce(counts)
+        counts = counts.float()
 
-        def micro_loss(mini: int, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
+        def micro_loss(mini: int, rows: Rows) -> tuple[torch.Tensor, dict]:
             nonlocal prox, correction, corr_metrics
             logprobs, ent = self._logprobs(b, rows, with_entropy=True)
             if single_pass:
                 prox = logprobs.detach()
                 correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
             global_tokens, global_seqs = counts[mini]
-            # max(.., 1): a mini-batch whose tokens were all filtered out (overlong filtering)
+            # clamp_min(1): a mini-batch whose tokens were all filtered out (overlong filtering)
             # contributes a zero loss rather than NaN.
             return self.objective.loss(
                 logprobs, prox[rows], b.ref_logprobs[rows], b.advantages[rows], mask[rows],
                 None if correction is None else correction[rows], ent, kl_coef=kl_coef,
-                denominator=max(self.objective.denominator(global_tokens, global_seqs), 1.0),
-                token_denominator=max(global_tokens, 1.0),
+                denominator=self.objective.denominator(global_tokens, global_seqs).clamp_min(1.0),
+                token_denominator=global_tokens.clamp_min(1.0),
             )
 
         if single_pass:
             prox = correction = corr_metrics = None  # set by the one micro-batch's forward
-        passes = self._optimize(lc.ppo_epochs, plans, micro_loss)
-        sums: dict[str, float] = {}
-        tokens_seen = 0.0
-        for rows, metrics in passes.micro_metrics:
-            local_tokens = float(mask[rows].sum())
-            for k, v in metrics.items():
-                if k.endswith("_max"):
-                    sums[k] = max(sums.get(k, float("-inf")), v)
-                else:
-                    sums[k] = sums.get(k, 0.0) + v * local_tokens
-            tokens_seen += local_tokens
-        loss_total = sum(sum(epoch) for epoch in passes.losses)
-        iterations = sum(len(epoch) for epoch in passes.losses)
-        grad_norm, skipped = passes.grad_norm, passes.skipped
-
-        # Across ranks: token means are averaged weighted by tokens, maxima take the max, and the
-        # ESS is recomputed from global sums (an average of per-rank ESS would be wrong).
-        local_tok = float(mask.sum())
-        means = {k: v for k, v in sums.items() if not k.endswith("_max")}
-        means.update({k: v * local_tok for k, v in corr_metrics.items() if not k.endswith("_max") and k != "correction/ess"})
-        maxima = {k: v for k, v in {**corr_metrics, **sums}.items() if k.endswith("_max")}
-        keys = sorted(means)
-        w = correction if correction is not None else torch.ones_like(mask)
-        ess_sums = [float((w * mask).sum()), float((w * w * mask).sum())]
-        reduced = self._all_reduce([means[k] for k in keys] + [tokens_seen, local_tok, loss_total] + ess_sums)
-        total_seen, total_tok, loss_sum, w_sum, w2_sum = reduced[len(keys):]
-        out = {k: reduced[i] / max(total_seen if k in sums else total_tok, 1.0) for i, k in enumerate(keys)}
-        max_keys = sorted(maxima)
-        t = torch.tensor([maxima[k] for k in max_keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out.update(zip(max_keys, t.tolist()))
-        out["correction/ess"] = w_sum**2 / (total_tok * w2_sum) if w2_sum > 0 else 0.0
-        # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
-        out["policy/loss"] = loss_sum / max(iterations, 1)
-        out["learner/grad_norm"] = grad_norm
-        out["learner/skipped_updates"] = float(skipped)
+        reduction = _StepMetrics(self, mask)
+        passes = self._optimize(lc.ppo_epochs, plans, micro_loss,
+                                lambda p: reduction.device_values(p, correction, corr_metrics))
+        out = reduction.read(passes.step_values)
+        out["learner/grad_norm"] = passes.grad_norm
+        out["learner/skipped_updates"] = float(passes.skipped)
         out["learner/lr"] = self.scheduler.get_last_lr()[0]
-        out["learner/tokens"] = total_tok
         out["learner/step_seconds"] = time.perf_counter() - start
         return out
 
@@ -433,3 +449,60 @@ class LearnerBase(ABC):
                 f"checkpoint {directory}: no {self.backend_name} learner state at {marker} (written by backend "
                 f"{written!r}); resume with the learner.backend it was written with"
             )
+
+
+class _StepMetrics:
+    """A policy step's metrics across micro-batches and ranks, reduced on the device and read once.
+
+    Token means are averaged weighted by tokens, maxima take the max, and the ESS is recomputed
+    from global sums (an average of per-rank ESS would be wrong). `device_values` builds one flat
+    tensor (sums all-reduced, maxima all-reduced by max) that the last update reads with its own
+    decision; `read` turns the floats back into named metrics."""
+
+    def __init__(self, learner: LearnerBase, mask: torch.Tensor):
+        self.learner, self.mask = learner, mask
+        self.mean_keys: list[str] = []
+        self.from_micro: set[str] = set()
+        self.max_keys: list[str] = []
+        self.iterations = 0
+
+    def device_values(self, passes: Passes, correction: torch.Tensor | None, corr_metrics: dict) -> torch.Tensor:
+        mask, dev = self.mask, self.learner.device
+        sums: dict[str, torch.Tensor] = {}
+        tokens_seen = torch.zeros((), dtype=torch.float64, device=dev)
+        for rows, metrics in passes.micro_metrics:
+            local_tokens = mask[rows].sum().double()
+            for k, v in metrics.items():
+                v = torch.as_tensor(v, device=dev).double()
+                sums[k] = torch.maximum(sums[k], v) if k.endswith("_max") and k in sums else (
+                    v if k.endswith("_max") else sums.get(k, 0.0) + v * local_tokens)
+            tokens_seen = tokens_seen + local_tokens
+        local_tok = mask.sum().double()
+        means = {k: v for k, v in sums.items() if not k.endswith("_max")}
+        self.from_micro = set(means)
+        means.update({k: torch.as_tensor(v, device=dev).double() * local_tok for k, v in corr_metrics.items()
+                      if not k.endswith("_max") and k != "correction/ess"})
+        maxima = {k: torch.as_tensor(v, device=dev).double() for k, v in {**corr_metrics, **sums}.items() if k.endswith("_max")}
+        self.mean_keys, self.max_keys = sorted(means), sorted(maxima)
+        w = correction if correction is not None else torch.ones_like(mask)
+        losses = torch.stack(passes.loss_tensors).sum()  # this rank's share of every update's loss
+        summed = torch.stack([means[k] for k in self.mean_keys] + [tokens_seen, local_tok, losses,
+                                                                   (w * mask).sum().double(), (w * w * mask).sum().double()])
+        dist.all_reduce(summed)
+        peaks = torch.stack([maxima[k] for k in self.max_keys]) if self.max_keys else summed.new_zeros(0)
+        if self.max_keys:
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        self.iterations = len(passes.loss_tensors)
+        return torch.cat([summed, peaks])
+
+    def read(self, values: list[float]) -> dict[str, float]:
+        n = len(self.mean_keys)
+        summed, peaks = values[: n + 5], values[n + 5:]
+        total_seen, total_tok, loss_sum, w_sum, w2_sum = summed[n:]
+        out = {k: summed[i] / max(total_seen if k in self.from_micro else total_tok, 1.0) for i, k in enumerate(self.mean_keys)}
+        out.update(zip(self.max_keys, peaks))
+        out["correction/ess"] = w_sum**2 / (total_tok * w2_sum) if w2_sum > 0 else 0.0
+        out["learner/tokens"] = total_tok
+        # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
+        out["policy/loss"] = loss_sum / max(self.iterations, 1)
+        return out

@@ -98,16 +98,17 @@ class DeepSpeedLearner(LearnerBase):
         self.model.set_gradient_accumulation_boundary(last_micro_batch)
         self.model.backward(loss)
 
-    def _clip_and_step(self, loss_finite: bool) -> tuple[float, bool]:
+    def _clip_and_step(self, loss: torch.Tensor, also_read: torch.Tensor) -> tuple[float, bool, list[float]]:
         # A non-finite loss gives a non-finite gradient, hence a non-finite global norm, which
         # ZeRO detects on every rank alike: the step is skipped and the gradients cleared. The
-        # decision is ZeRO's, on the global norm (`loss_finite` is not consulted): the gradients
-        # are already reduced into ZeRO's partitions, and there is no public way to drop them
-        # without a step.
+        # decision is ZeRO's, on the global norm (the loss is not consulted): the gradients are
+        # already reduced into ZeRO's partitions, and there is no public way to drop them without
+        # a step. (ZeRO reads its own overflow flag and norm from the device inside `step`.)
         self.model.step()
         norm = self.model.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
-        return grad_norm, bool(self.model.was_step_applied())
+        values = torch.cat([loss.reshape(1).double(), also_read]).tolist()
+        return grad_norm, bool(self.model.was_step_applied()), values
 
     # ---- weights ---------------------------------------------------------------------------
     def _named_state_tensors(self) -> list[tuple[str, Any]]:

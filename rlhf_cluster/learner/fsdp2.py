@@ -53,7 +53,9 @@ class FSDP2Learner(LearnerBase):
         fully_shard(model, **shard_kwargs)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, weight_decay=lc.weight_decay)
+        # Fused on CUDA (one kernel for every parameter), foreach on CPU.
+        self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, weight_decay=lc.weight_decay,
+                                           **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
         warmup = lc.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, warmup))
         # Checkpoints are written by a background thread; their collectives use their own group
@@ -70,15 +72,17 @@ class FSDP2Learner(LearnerBase):
         # FSDP2 accumulates into the sharded .grad across backward calls until zero_grad.
         loss.backward()
 
-    def _clip_and_step(self, loss_finite: bool) -> tuple[float, bool]:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm).full_tensor())
+    def _clip_and_step(self, loss: torch.Tensor, also_read: torch.Tensor) -> tuple[float, bool, list[float]]:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm).full_tensor()
+        # The update's one wait for the device: the norm, the loss and what the caller reads along.
+        grad_norm, *values = torch.cat([norm.reshape(1).double(), loss.reshape(1).double(), also_read]).tolist()
         # A NaN/inf loss or gradient skips the update; the norm is global, so every rank takes
         # the same decision (a NaN loss makes the gradient norm NaN too).
-        applied = bool(np.isfinite(grad_norm) and loss_finite)
+        applied = bool(np.isfinite(grad_norm) and np.isfinite(values[0]))
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, applied
+        return grad_norm, applied, values
 
     # ---- weights ---------------------------------------------------------------------------
     def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

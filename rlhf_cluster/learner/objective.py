@@ -21,7 +21,7 @@ class RLObjective:
 
     def correction_weights(
         self, prox_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """TIS/MIS weights for the step (None when correction is off) and mismatch diagnostics."""
         c = self.cfg.correction
         weights, metrics = importance_weights(
@@ -29,8 +29,9 @@ class RLObjective:
         )
         return (weights if c.enabled else None), {f"correction/{k}": v for k, v in metrics.items()}
 
-    def denominator(self, global_tokens: float, global_sequences: float) -> float:
-        """The global normaliser for the configured aggregation (shared by all ranks)."""
+    def denominator(self, global_tokens, global_sequences):
+        """The global normaliser for the configured aggregation (shared by all ranks); floats or
+        device scalars alike."""
         agg = self.cfg.loss.aggregation
         if agg == "token_mean":
             return global_tokens
@@ -49,9 +50,10 @@ class RLObjective:
         entropy: torch.Tensor | None,
         *,
         kl_coef: float,
-        denominator: float,
-        token_denominator: float,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        denominator,
+        token_denominator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its metrics (0-dim device tensors: read by the learner once per step)."""
         lc = self.cfg.loss
         pg, metrics = policy_loss(
             logprobs,
@@ -78,10 +80,10 @@ class RLObjective:
         # The reported KL is always k3 (unbiased and >= 0), whatever estimator the loss uses,
         # so runs with different settings stay comparable.
         with torch.no_grad():
-            metrics["policy/kl"] = float(masked_mean(kl_penalty(logprobs.detach(), ref_logprobs, "k3"), mask))
+            metrics["policy/kl"] = masked_mean(kl_penalty(logprobs.detach(), ref_logprobs, "k3"), mask)
         if entropy is not None:
             ent = masked_mean(entropy, mask, token_denominator)
             if self.cfg.entropy_coef > 0:
                 total = total - self.cfg.entropy_coef * ent
-            metrics["policy/entropy"] = float(masked_mean(entropy.detach(), mask))
+            metrics["policy/entropy"] = masked_mean(entropy.detach(), mask)
         return total, metrics

@@ -1,0 +1,133 @@
+"""Sequence packing (rlhf_cluster/packing.py): packed rows give the padded rows' log-probs and
+gradients, a learner step packed equals one padded, and micro-batches keep to a token budget."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.packing import balanced_parts, balanced_shares, pack_rows, token_budget_micro_batches
+from rlhf_cluster.records import ScoredSample, TrainBatch, pad_sequences
+
+
+def _rows(vocab: int, seed: int = 0):
+    """Right-padded rows of unequal prompt and response lengths, and the response mask."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, vocab) for _ in range(n)] for n in (4, 2, 6, 3)]
+    responses = [[rng.randrange(1, vocab) for _ in range(n)] for n in (5, 1, 3, 8)]
+    input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompts, responses)
+    mask = torch.zeros(len(responses), T)
+    for i, r in enumerate(responses):
+        mask[i, : len(r)] = 1
+    return input_ids, attention_mask, prompt_lengths, T, mask
+
+
+def test_packed_rows_hold_only_real_tokens_and_score_inside_their_own_row():
+    input_ids, attention_mask, prompt_lengths, T, mask = _rows(50)
+    packed = pack_rows(input_ids, attention_mask, prompt_lengths, T)
+    lengths = attention_mask.sum(1)
+    assert packed.input_ids.shape == (1, int(lengths.sum()))
+    assert packed.input_ids[0].tolist() == input_ids[attention_mask.bool()].tolist()
+    starts = torch.cumsum(lengths, 0) - lengths
+    for i in range(len(lengths)):
+        row = slice(int(starts[i]), int(starts[i] + lengths[i]))
+        assert packed.position_ids[0, row].tolist() == list(range(int(lengths[i])))
+        assert ((packed.positions[i] >= row.start) & (packed.positions[i] <= row.stop - 2)).all()
+        n = int(mask[i].sum())  # the real response tokens: each predicted by the token before it
+        assert packed.targets[i, :n].tolist() == input_ids[i, int(prompt_lengths[i]): int(prompt_lengths[i]) + n].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from rlhf_cluster.config import TinyModelConfig
+    from rlhf_cluster.tiny_model import ensure_tiny_model
+
+    return load_causal_lm(ensure_tiny_model(TinyModelConfig(), str(tmp_path_factory.mktemp("models"))))
+
+
+def test_packed_log_probs_and_gradients_equal_the_padded_ones(tiny_model):
+    padded_model, packed_model = tiny_model, copy.deepcopy(tiny_model)
+    input_ids, attention_mask, prompt_lengths, T, mask = _rows(tiny_model.config.vocab_size)
+    a, a_ent = response_logprobs(padded_model, input_ids, attention_mask, prompt_lengths, T, 0.9, True)
+    b, b_ent = response_logprobs(packed_model, input_ids, attention_mask, prompt_lengths, T, 0.9, True, packed=True)
+    assert torch.allclose(a * mask, b * mask, atol=1e-5) and torch.allclose(a_ent * mask, b_ent * mask, atol=1e-5)
+    ((a * mask).sum() + (a_ent * mask).sum()).backward()
+    ((b * mask).sum() + (b_ent * mask).sum()).backward()
+    for (name, p), q in zip(padded_model.named_parameters(), packed_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    padded_model.zero_grad()
+
+
+def test_a_row_attends_only_to_itself_when_packed(tiny_model):
+    """Changing one row's tokens moves no other row's log-probs (a causal mask across rows would)."""
+    input_ids, attention_mask, prompt_lengths, T, mask = _rows(tiny_model.config.vocab_size)
+    with torch.no_grad():
+        before, _ = response_logprobs(tiny_model, input_ids, attention_mask, prompt_lengths, T, packed=True)
+        changed = input_ids.clone()
+        changed[0, :4] = (changed[0, :4] + 7) % tiny_model.config.vocab_size
+        after, _ = response_logprobs(tiny_model, changed, attention_mask, prompt_lengths, T, packed=True)
+    assert torch.equal((before * mask)[1:], (after * mask)[1:])
+    assert not torch.equal((before * mask)[0], (after * mask)[0])
+
+
+def test_micro_batches_keep_the_budget_and_balance():
+    lengths = [900, 120, 640, 300, 300, 75, 1500, 40, 512]
+    parts = token_budget_micro_batches(lengths, 1024)
+    assert sorted(i for part in parts for i in part) == list(range(len(lengths)))
+    loads = [sum(lengths[i] for i in part) for part in parts]
+    assert all(load <= 1024 or len(part) == 1 for load, part in zip(loads, parts)), loads
+    assert len(parts) <= 6  # 4,387 tokens, one row over the budget alone
+    assert token_budget_micro_batches(lengths, None) == [list(range(len(lengths)))]
+    shares = balanced_parts(lengths, 2)
+    assert abs(sum(lengths[i] for i in shares[0]) - sum(lengths[i] for i in shares[1])) <= max(lengths)
+
+
+def _batch() -> TrainBatch:
+    rng = random.Random(1)
+    samples = []
+    for i, (p, r) in enumerate(((5, 3), (2, 9), (7, 1), (3, 6), (4, 4))):
+        samples.append(ScoredSample(
+            sample_id=f"s{i}", prompt_id=f"p{i}", group_id="g", prompt_ids=[rng.randrange(2, 250) for _ in range(p)],
+            response_ids=[rng.randrange(2, 250) for _ in range(r)], rollout_logprobs=[-5.5] * r, policy_version=0,
+            finish_reason="length", reward=0.0, reward_components={}, ref_logprobs=[-5.4] * r,
+            advantages=[rng.uniform(-1, 1)] * r))
+    return TrainBatch.from_samples(samples)
+
+
+@pytest.mark.parametrize("budget", [None, 12])
+def test_a_packed_learner_step_equals_a_padded_one(gloo_group, tiny_model_path, budget):
+    """The same step (two mini-batches, so the π_prox forward runs too) packed and padded: the same
+    loss and the same weights after it, with and without a token budget cutting micro-batches."""
+    results = []
+    for packing in (False, True):
+        cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lr": 1e-2, "sequence_packing": packing,
+                                                    "max_tokens_per_micro_batch": budget, "mini_batches": 2},
+                                        "algorithm": {"kl": {"placement": "loss", "coef": 0.1}}})
+        learner = FSDP2Learner(cfg, tiny_model_path)
+        metrics = learner.train_step(_batch(), kl_coef=0.1)
+        results.append((metrics, {k: v.detach().clone() for k, v in learner.full_state_dict().items()}))
+    (padded, padded_weights), (packed, packed_weights) = results
+    assert packed["policy/loss"] == pytest.approx(padded["policy/loss"], abs=1e-5)
+    assert packed["learner/grad_norm"] == pytest.approx(padded["learner/grad_norm"], rel=1e-4)
+    # AdamW moves a weight by about lr per update whatever its gradient's size, so float rounding
+    # between the two paths shows in the weights at a fraction of lr (measured up to 1.8e-4 at lr
+    # 1e-2, where a gradient is near AdamW's eps); 5e-4 is 5% of one update. A row attending to
+    # another would already move the loss far past the 1e-5 above.
+    for name, weight in padded_weights.items():
+        assert torch.allclose(weight, packed_weights[name], atol=5e-4), (name, (weight - packed_weights[name]).abs().max())
+
+
+def test_rank_shares_have_equal_rows_and_near_equal_tokens():
+    lengths = [900, 120, 640, 300, 300, 75, 1500, 40, 512, 33]
+    shares = balanced_shares(lengths, 3)
+    assert sorted(i for share in shares for i in share) == list(range(len(lengths)))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    loads = [sum(lengths[i] for i in share) for share in shares]
+    round_robin = [sum(lengths[r::3]) for r in range(3)]
+    assert max(loads) - min(loads) < max(round_robin) - min(round_robin), (loads, round_robin)
