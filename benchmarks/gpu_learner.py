@@ -1,26 +1,40 @@
-"""Learner throughput on a GPU: `FSDP2Learner.train_step` tokens/s and model FLOPs utilisation,
-with gradient checkpointing off vs on, side by side, plus peak GPU memory of each.
+"""The learner at real model shapes: our FSDP2 step against a plain PyTorch loop on the same tokens,
+and the memory of the log-prob path at a real vocabulary.
 
-On CUDA (the point of this benchmark) the defaults are a random ~0.5B Qwen2 (hidden 1280, 24
-layers, MLP 5120) in bf16 mixed precision (`learner.mixed_precision: bf16`: bf16 compute, fp32
-master weights), SDPA or flash-attn (`load_causal_lm` picks flash-attn when installed), one rank.
-Without CUDA it runs the same code on a small model as a smoke run: tokens/s only (no MFU, no
-memory figures), so `make bench` exercises it everywhere.
+Learner step (`--shape`): random weights built from a published shape (vocabulary 151,936, tied
+embeddings where the real model ties them) and RL-shaped batches (on CUDA 16 sequences, 256-token
+prompts, responses of 64..768 tokens drawn with a fixed seed; a third of a padded batch is
+padding). Side by side, alternating, `--reps` timed steps each after `--warmup`, medians:
+- `ours`: `FSDP2Learner.train_step` as configured by default (sequence packing, chunked log-probs,
+  one host read per update, a 16k-token micro-batch budget on CUDA; bf16 mixed precision on CUDA);
+- `ours+ckpt` (`--checkpointing`): the same with gradient checkpointing;
+- `plain`: the loop a user would write: fp32 master weights, bf16 autocast on CUDA, fused AdamW on
+  CUDA, the model's full logits and a log-softmax over them, the padded batch.
+Figures: seconds per step, real-token MFU (6 x parameters x real tokens / step time / the GPU's
+dense bf16 peak), peak GPU memory, and ours / plain. Without CUDA the same code runs at the `tiny`
+shape (still vocabulary 151,936) as a smoke run: seconds only, and the before/after ratio of the
+CPU learner (`ours` vs `ours` with the padded full-logits path of before issue 35).
 
-MFU = 6 x parameters x tokens / step time / the GPU's dense bf16 peak (per-token FLOPs of a
-forward and backward, ignoring attention; with checkpointing the recomputed forward is not
-counted, so its MFU is "useful" FLOPs). The two settings run alternately, `--reps` timed steps
-each after `--warmup`, medians reported.
+Log-prob path memory (CPU, `--logprob-tokens`): forward and backward of the response tokens'
+log-probs and entropies from final hidden states (hidden 896, vocabulary 151,936), the chunked
+path (`rlhf_cluster.chunked_logprobs`) against the full-logits path it replaced, each in its own
+process, peak resident memory above the inputs. The full path runs under a data limit
+(`--full-limit-gib`): where it does not fit, its figure is "more than the limit".
 
-    .venv/bin/python benchmarks/gpu_learner.py [--hidden 1280 --layers 24 --batch 16 --seq 512 ...]
+    .venv/bin/python benchmarks/gpu_learner.py                       # CPU: tiny shape + log-prob memory at 8k tokens
+    python3 benchmarks/gpu_learner.py --shape qwen2.5-1.5b [--checkpointing]   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,110 +43,272 @@ import torch
 import torch.distributed as dist
 
 from _common import free_port, headline, machine_info, print_table, random_model, result_path, write_result
-from rlhf_cluster.config import JobConfig
-from rlhf_cluster.learner.fsdp2 import FSDP2Learner
-from rlhf_cluster.records import ScoredSample, TrainBatch
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets; sparse figures halved).
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
-SIDES = ("no_checkpointing", "checkpointing")
+VOCAB = 151936
+# Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU smoke shape.
+SHAPES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                 intermediate_size=1024, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                       intermediate_size=11008, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       intermediate_size=18944, tie_word_embeddings=False),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=1280 if cuda else 256)
-    p.add_argument("--layers", type=int, default=24 if cuda else 2)
-    p.add_argument("--intermediate", type=int, default=5120 if cuda else 1024)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b" if cuda else "tiny")
     p.add_argument("--batch", type=int, default=16 if cuda else 4, help="sequences per step")
-    p.add_argument("--seq", type=int, default=512 if cuda else 128, help="tokens per sequence (prompt 1/4, response 3/4)")
-    p.add_argument("--reps", type=int, default=5 if cuda else 2)
+    p.add_argument("--prompt", type=int, default=256 if cuda else 32, help="prompt tokens per sequence")
+    p.add_argument("--response", type=int, nargs=2, default=[64, 768] if cuda else [8, 96],
+                   help="response lengths drawn uniformly from this range (seeded)")
+    p.add_argument("--checkpointing", action="store_true", help="also time ours with gradient checkpointing")
+    p.add_argument("--reps", type=int, default=5 if cuda else 3)
     p.add_argument("--warmup", type=int, default=2 if cuda else 1)
-    p.add_argument("--precision", default="bf16" if cuda else "none", choices=["bf16", "none"])
+    p.add_argument("--logprob-tokens", type=int, nargs="*", default=[] if cuda else [8192],
+                   help="CPU log-prob path memory at these response-token counts (none: skip)")
+    p.add_argument("--full-limit-gib", type=float, default=16.0, help="data limit of the full-logits path's process")
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--out", type=Path, default=result_path("gpu_learner"))
+    p.add_argument("--logprob-worker", nargs=2, metavar=("PATH", "TOKENS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def make_batch(batch: int, seq: int, vocab: int) -> TrainBatch:
+# ---- models and batches -------------------------------------------------------------------------
+def build_model(shape: str, cache_dir: str) -> Path:
+    """A random-weight Qwen2 of a published shape, saved once as an HF folder with the tiny tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(cache_dir).expanduser() / f"random-{shape}-v{VOCAB}"
+    if (folder / "config.json").is_file():
+        return folder
+    _, tiny = random_model(64, 1, 128, cache_dir)  # its tokenizer files
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=4096, **SHAPES[shape])
+    scratch = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    Qwen2ForCausalLM(config).save_pretrained(scratch)
+    for f in Path(tiny).iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, scratch / f.name)
+    scratch.rename(folder)
+    return folder
+
+
+def make_batch(args: argparse.Namespace):
+    from rlhf_cluster.records import ScoredSample, TrainBatch
+
     rng = random.Random(0)
-    prompt, response = seq // 4, seq - seq // 4
-    samples = [ScoredSample(
-        sample_id=f"s{i}", prompt_id=f"p{i}", group_id=f"g{i}",
-        prompt_ids=[rng.randrange(2, vocab) for _ in range(prompt)],
-        response_ids=[rng.randrange(2, vocab) for _ in range(response)],
-        rollout_logprobs=[-6.0] * response, policy_version=0, finish_reason="length", reward=0.0,
-        reward_components={}, ref_logprobs=[-6.0] * response, advantages=[rng.uniform(-1, 1)] * response,
-    ) for i in range(batch)]
+    samples = []
+    for i in range(args.batch):
+        r = rng.randint(*args.response)
+        samples.append(ScoredSample(
+            sample_id=f"s{i}", prompt_id=f"p{i}", group_id=f"g{i // 4}",
+            prompt_ids=[rng.randrange(2, VOCAB) for _ in range(args.prompt)],
+            response_ids=[rng.randrange(2, VOCAB) for _ in range(r)], rollout_logprobs=[-6.0] * r, policy_version=0,
+            finish_reason="stop", reward=0.0, reward_components={}, ref_logprobs=[-6.0] * r,
+            advantages=[rng.uniform(-1, 1)] * r))
     return TrainBatch.from_samples(samples)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    shape, model_dir = random_model(args.hidden, args.layers, args.intermediate, args.cache_dir)
-    from transformers import AutoConfig
+# ---- the sides ------------------------------------------------------------------------------------
+class Ours:
+    """FSDP2Learner.train_step as configured by default (`before`: the padded full-logits path)."""
 
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    batch = make_batch(args.batch, args.seq, vocab)
-    tokens = int(batch.attention_mask.sum())
+    def __init__(self, model_dir: Path, precision: str, checkpointing: bool = False, before: bool = False):
+        from rlhf_cluster.config import JobConfig
+        from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 
-    learners, peaks = {}, {}
-    for side in SIDES:
         cfg = JobConfig.model_validate({
-            "learner": {"lr": 1e-5, "mixed_precision": args.precision, "gradient_checkpointing": side == "checkpointing"},
-            "generation": {"sampling": {"max_new_tokens": args.seq}},
+            "learner": {"lr": 1e-5, "mixed_precision": precision, "gradient_checkpointing": checkpointing,
+                        "sequence_packing": not before},
+            "generation": {"sampling": {"max_new_tokens": 1024}},
             "algorithm": {"kl": {"placement": "loss", "coef": 0.01}},
             "metrics": {"enabled": False},
         })
-        learners[side] = FSDP2Learner(cfg, str(model_dir))
-    params = sum(p.numel() for p in learners[SIDES[0]].model.parameters())
+        self.learner = FSDP2Learner(cfg, str(model_dir))
+        self.before = before
 
-    timings: dict[str, list[float]] = {side: [] for side in SIDES}
+    def step(self, batch) -> None:
+        if not self.before:
+            self.learner.train_step(batch, kl_coef=0.01)
+            return
+        import rlhf_cluster.learner.base as base
+        from rlhf_cluster.modeling import full_logits_response_logprobs
+
+        chunked = base.response_logprobs
+        base.response_logprobs = lambda model, *a, packed=False, **k: full_logits_response_logprobs(model, *a, **k)
+        try:
+            self.learner.train_step(batch, kl_coef=0.01)
+        finally:
+            base.response_logprobs = chunked
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.learner.model.parameters())
+
+
+class Plain:
+    """The plain loop: fp32 master weights, bf16 autocast (CUDA), fused AdamW (CUDA), full logits."""
+
+    def __init__(self, model_dir: Path, precision: str):
+        from rlhf_cluster.modeling import load_causal_lm
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_causal_lm(model_dir, torch.float32, self.device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=self.device.type == "cuda")
+        self.autocast = precision == "bf16"
+
+    def step(self, batch) -> None:
+        from rlhf_cluster.modeling import full_logits_response_logprobs
+
+        b = {k: v.to(self.device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            logp, _ = full_logits_response_logprobs(self.model, b["input_ids"], b["attention_mask"], b["prompt_lengths"],
+                                                    b["response_mask"].shape[1])
+        mask = b["response_mask"]
+        loss = -(logp * b["advantages"] * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_sides(args: argparse.Namespace, sides: dict, batch) -> tuple[dict, dict]:
+    cuda = torch.cuda.is_available()
+    timings: dict[str, list[float]] = {name: [] for name in sides}
+    peaks: dict[str, int] = {}
+    names = list(sides)
     for rep in range(-args.warmup, args.reps):
-        for side in (SIDES if rep % 2 == 0 else SIDES[::-1]):
+        for name in (names if rep % 2 == 0 else names[::-1]):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            learners[side].train_step(batch, kl_coef=0.01)
+            sides[name].step(batch)
             if cuda:
                 torch.cuda.synchronize()
-                peaks[side] = max(peaks.get(side, 0), torch.cuda.max_memory_allocated())
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
             if rep >= 0:
-                timings[side].append(time.perf_counter() - start)
+                timings[name].append(time.perf_counter() - start)
+            print(f"  {name} rep {rep}: {time.perf_counter() - start:.3f}s", flush=True)
+    return timings, peaks
+
+
+# ---- log-prob path memory -----------------------------------------------------------------------
+def logprob_worker(path: str, tokens: int) -> None:
+    """In this process: one forward and backward of `path` (chunked / full); prints the peak RSS above
+    the inputs, in bytes, as JSON."""
+    from rlhf_cluster.chunked_logprobs import token_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, 896, requires_grad=True)
+    weight = (torch.randn(VOCAB, 896) * 0.02).requires_grad_()
+    targets = torch.randint(0, VOCAB, (tokens,))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if path == "chunked":
+        logp, entropy = token_logprobs(hidden, weight, targets, with_entropy=True)
+    else:
+        log_p = (hidden @ weight.T).float().log_softmax(-1)
+        logp = log_p.gather(1, targets[:, None]).squeeze(1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+    (logp.sum() + entropy.sum()).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"path": path, "tokens": tokens, "peak_bytes": peak - base}))
+
+
+def logprob_memory(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for tokens in args.logprob_tokens:
+        for path in ("chunked", "full"):
+            limit = int(args.full_limit_gib * 2**30) if path == "full" else None
+
+            def cap(limit=limit):
+                if limit:
+                    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+            proc = subprocess.run([sys.executable, __file__, "--logprob-worker", path, str(tokens)], capture_output=True,
+                                  text=True, preexec_fn=cap, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            if proc.returncode == 0:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["fits"] = True
+            else:  # out of memory under the limit: more than the limit
+                row = {"path": path, "tokens": tokens, "peak_bytes": limit, "fits": False,
+                       "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            rows.append(row)
+            shown = f"{row['peak_bytes'] / 2**30:.2f} GiB" if row["fits"] else f"> {args.full_limit_gib:.0f} GiB (did not fit)"
+            print(f"  log-prob path {path}, {tokens} tokens: {shown}", flush=True)
+    return rows
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.logprob_worker:
+        logprob_worker(args.logprob_worker[0], int(args.logprob_worker[1]))
+        return 0
+    cuda = torch.cuda.is_available()
+    precision = "bf16" if cuda else "none"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    model_dir = build_model(args.shape, args.cache_dir)
+    batch = make_batch(args)
+    real_tokens, padded_tokens = int(batch.attention_mask.sum()), batch.attention_mask.numel()
+
+    sides: dict = {"ours": Ours(model_dir, precision)}
+    if args.checkpointing:
+        sides["ours+ckpt"] = Ours(model_dir, precision, checkpointing=True)
+    if not cuda:
+        sides["ours, before issue 35"] = Ours(model_dir, precision, before=True)
+    sides["plain"] = Plain(model_dir, precision)
+    params = sides["ours"].parameters()
+    timings, peaks = time_sides(args, sides, batch)
+    dist.destroy_process_group()
 
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak = next((flops for name, flops in BF16_PEAK.items() if name in device), None) if cuda else None
-    med = {side: statistics.median(ts) for side, ts in timings.items()}
+    peak_flops = next((f for name, f in BF16_PEAK.items() if name in device), None) if cuda else None
     figures = {}
-    for side in SIDES:
-        tps = tokens / med[side]
-        figures[side] = {"seconds_per_step": med[side], "tokens_per_s": tps,
-                         "mfu": 6 * params * tps / peak if peak else None,
-                         "peak_memory_gib": peaks[side] / 2**30 if side in peaks else None}
-    main_side = figures["no_checkpointing"]
+    for name, ts in timings.items():
+        s = statistics.median(ts)
+        figures[name] = {"seconds_per_step": s, "real_tokens_per_s": real_tokens / s,
+                         "mfu": 6 * params * real_tokens / s / peak_flops if peak_flops else None,
+                         "peak_memory_gib": peaks[name] / 2**30 if name in peaks else None,
+                         "vs_plain": statistics.median(timings["plain"]) / s}
+    memory = logprob_memory(args) if args.logprob_tokens else []
+    mem_ratio = None
+    for tokens in args.logprob_tokens:
+        got = {r["path"]: r for r in memory if r["tokens"] == tokens}
+        mem_ratio = got["chunked"]["peak_bytes"] / got["full"]["peak_bytes"]  # an upper bound where full did not fit
     result = {
-        "benchmark": "gpu_learner",
-        "machine": machine_info(),
-        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "model": shape.model_dump(), "parameters": params,
-                   "tokens_per_step": tokens, "device": device, "bf16_peak_flops": peak},
-        "timings": timings,
-        "figures": figures,
-        "headline": headline("learner MFU (bf16, no checkpointing)" if peak else "learner tokens/s (no MFU without a known GPU)",
-                             main_side["mfu"] if peak else main_side["tokens_per_s"], "report", None, "" if peak else "tokens/s"),
+        "benchmark": "gpu_learner", "machine": machine_info(),
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "logprob_worker")}, "model": SHAPES[args.shape],
+                   "vocab": VOCAB, "parameters": params, "real_tokens": real_tokens, "padded_tokens": padded_tokens,
+                   "device": device, "precision": precision, "bf16_peak_flops": peak_flops},
+        "timings": timings, "figures": figures, "logprob_memory": memory,
+        "headline": (headline("real-token MFU of ours", figures["ours"]["mfu"], ">= 0.20 at 0.5B, >= 0.30 at 1.5B",
+                              None, "") if peak_flops else
+                     headline("log-prob path peak memory, chunked / full logits (8k tokens, vocab 151,936)",
+                              mem_ratio, "<= 0.125", None if mem_ratio is None else mem_ratio <= 0.125, "")),
     }
-    print(f"\ngpu_learner  {device} | {params / 1e6:.0f}M params | {args.batch} x {args.seq} tokens | "
-          f"precision {args.precision} | {args.reps} reps (+{args.warmup} warmup), medians")
-    print_table(["setting", "s/step", "tokens/s", "MFU", "peak GiB"],
-                [[side, f["seconds_per_step"], f["tokens_per_s"], f["mfu"], f["peak_memory_gib"]] for side, f in figures.items()],
-                ["{}", "{:.3f}", "{:.0f}", "{:.1%}", "{:.2f}"])
+    print(f"\ngpu_learner  {device} | {args.shape}: {params / 1e6:.0f}M params, vocab {VOCAB} | {args.batch} sequences, "
+          f"{real_tokens} real tokens in {padded_tokens} padded | {precision} | {args.reps} reps (+{args.warmup}), medians")
+    print_table(["side", "s/step", "real tok/s", "MFU", "peak GiB", "x plain"],
+                [[n, f["seconds_per_step"], f["real_tokens_per_s"], f["mfu"], f["peak_memory_gib"], f["vs_plain"]]
+                 for n, f in figures.items()], ["{}", "{:.3f}", "{:.0f}", "{:.1%}", "{:.2f}", "{:.2f}"])
+    if memory:
+        print_table(["log-prob path", "tokens", "peak above inputs"],
+                    [[r["path"], r["tokens"], f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["fits"] else
+                      f"> {args.full_limit_gib:.0f} GiB (did not fit)"] for r in memory], ["{}", "{}", "{}"])
     write_result(args.out, result)
-    dist.destroy_process_group()
     return 0
 
 

@@ -51,6 +51,13 @@ def response_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, re
     return positions, input_ids.gather(1, positions + 1)
 
 
+def _attention_of(model) -> tuple[str, torch.dtype]:
+    """(attention implementation, compute dtype) of a Hugging Face model, also inside a DeepSpeed
+    engine (whose own `config` is its settings)."""
+    inner = getattr(model, "module", model)
+    return inner.config._attn_implementation, inner.get_input_embeddings().weight.dtype
+
+
 def response_logprobs(
     model,
     input_ids: torch.Tensor,
@@ -72,16 +79,16 @@ def response_logprobs(
     if packed:
         rows = pack_rows(input_ids, attention_mask, prompt_lengths, response_len)
         with scored_positions(model, rows.positions, rows.targets, temperature, with_entropy, chunk_tokens) as scored:
-            mask = rows.attention_mask(model.config._attn_implementation, model.get_input_embeddings().weight.dtype)
+            mask = rows.attention_mask(*_attention_of(model))
             return scored.read(model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask,
                                      use_cache=False).logits)
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
-    impl = model.config._attn_implementation
+    impl, dtype = _attention_of(model)
     if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
         keys = attention_mask.bool()
-        attention_mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, model.get_input_embeddings().weight.dtype)
+        attention_mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)
     with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens) as scored:
         return scored.read(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
 
