@@ -126,7 +126,9 @@ class _ScoredPositions:
                                        self.temperature, self.with_entropy, self.chunk_tokens)
         # Returned in place of the logits, and read from the model's output: the gradient must
         # flow through the layer's own output, where ZeRO-3 and FSDP hook their backward.
-        return torch.stack([logp, entropy], -1).view(B, T, 2) if self.with_entropy else logp.view(B, T, 1)
+        # (Stacked: a new tensor, not a view, which a sharding backend's output hooks would warn about.)
+        parts = [logp.view(B, T)] + ([entropy.view(B, T)] if self.with_entropy else [])
+        return torch.stack(parts, -1)
 
     def read(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probs [B, T], entropies [B, T] or None) from what the model returned as `logits`."""
