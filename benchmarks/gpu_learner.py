@@ -209,8 +209,9 @@ def logprob_worker(path: str, tokens: int) -> None:
     from rlhf_cluster.chunked_logprobs import token_logprobs
 
     torch.manual_seed(0)
-    hidden = torch.randn(tokens, 896, requires_grad=True)
-    weight = (torch.randn(VOCAB, 896) * 0.02).requires_grad_()
+    # Made in place: a temporary here would raise the peak the baseline is read from.
+    hidden = torch.randn(tokens, 896).requires_grad_()
+    weight = torch.randn(VOCAB, 896).mul_(0.02).requires_grad_()
     targets = torch.randint(0, VOCAB, (tokens,))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if path == "chunked":

@@ -28,9 +28,10 @@ from typing import Iterator
 
 import torch
 
-# Tokens per chunk: the working set is ~4 float32 [chunk, vocab] tensors, ~2.5 GB at a vocabulary
-# of 151,936 with 1,024 tokens; small vocabularies take a whole batch in one chunk.
-DEFAULT_CHUNK_TOKENS = 1024
+# Tokens per chunk: the working set is two float32 [chunk, vocab] buffers, ~0.6 GB at a vocabulary
+# of 151,936 with 512 tokens (plus the output layer's float32 gradient); a small vocabulary's batch
+# fits in one chunk.
+DEFAULT_CHUNK_TOKENS = 512
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -58,8 +59,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             lse[start:end] = chunk_lse
             logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
             if with_entropy:
-                # H = lse - sum p z: one [chunk, vocab] temporary besides z.
-                entropy[start:end] = chunk_lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+                # H = -sum p log p, as a row-wise dot product: one [chunk, vocab] buffer besides z.
+                log_p = z.sub_(chunk_lse[:, None])
+                p = log_p.exp()
+                entropy[start:end] = -torch.bmm(p[:, None, :], log_p[:, :, None]).view(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         if not with_entropy:
@@ -77,14 +80,16 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
             z = _chunk_logits(hidden[start:end], weight, bias, ctx.temperature)
-            log_p = z.sub_(lse[start:end, None])  # z is not needed past this point
+            # Two [chunk, vocab] buffers: z (log p, then the gradient, in place) and p.
+            log_p = z.sub_(lse[start:end, None])
             p = log_p.exp()
             g_logp = grad_logp[start:end, None]
-            grad_z = p * -g_logp  # (onehot - p) * g, the onehot added below
-            if ctx.with_entropy:
-                # -p * (log p + H) * g_entropy
-                weighted = log_p.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None])
-                grad_z.addcmul_(p, weighted, value=-1.0)
+            if ctx.with_entropy:  # g_logp + g_entropy * (log p + H)
+                coef = log_p.add_(entropy[start:end, None]).mul_(grad_entropy[start:end, None]).add_(g_logp)
+            else:
+                coef = log_p.copy_(g_logp.expand_as(log_p))
+            grad_z = coef.mul_(p).neg_()  # -p * coef; the onehot's g_logp is added below
+            del p
             grad_z.scatter_add_(1, targets[start:end, None], g_logp)
             if ctx.temperature != 1.0:
                 grad_z.div_(ctx.temperature)
