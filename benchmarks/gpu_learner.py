@@ -22,6 +22,8 @@ process, peak resident memory above the inputs. The full path runs under a data 
 (`--full-limit-gib`): where it does not fit, its figure is "more than the limit".
 
     .venv/bin/python benchmarks/gpu_learner.py                       # CPU: tiny shape + log-prob memory at 8k tokens
+    .venv/bin/python benchmarks/gpu_learner.py --shape demo --batch 128 --prompt 8 --response 1 4 --logprob-tokens
+                                                                     # CPU: the demo's learner step, before vs after
     python3 benchmarks/gpu_learner.py --shape qwen2.5-1.5b [--checkpointing]   # on a GPU
 """
 
@@ -49,6 +51,9 @@ BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 VOCAB = 151936
 # Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU smoke shape.
 SHAPES = {
+    # The CPU demo's model (configs/demo.yaml: hidden 64, 2 layers), its own small vocabulary.
+    "demo": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128,
+                 tie_word_embeddings=None),  # as the tiny model builder ties it
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                  intermediate_size=1024, tie_word_embeddings=True),
     "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -87,6 +92,14 @@ def build_model(shape: str, cache_dir: str) -> Path:
     """A random-weight Qwen2 of a published shape, saved once as an HF folder with the tiny tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    if shape == "demo":
+        from rlhf_cluster.config import TinyModelConfig
+        from rlhf_cluster.tiny_model import ensure_tiny_model
+
+        d = SHAPES["demo"]
+        return Path(ensure_tiny_model(TinyModelConfig(hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+                                                      num_heads=d["num_attention_heads"], num_kv_heads=d["num_key_value_heads"]),
+                                      cache_dir))
     folder = Path(cache_dir).expanduser() / f"random-{shape}-v{VOCAB}"
     if (folder / "config.json").is_file():
         return folder
@@ -103,7 +116,7 @@ def build_model(shape: str, cache_dir: str) -> Path:
     return folder
 
 
-def make_batch(args: argparse.Namespace):
+def make_batch(args: argparse.Namespace, vocab: int):
     from rlhf_cluster.records import ScoredSample, TrainBatch
 
     rng = random.Random(0)
@@ -112,8 +125,8 @@ def make_batch(args: argparse.Namespace):
         r = rng.randint(*args.response)
         samples.append(ScoredSample(
             sample_id=f"s{i}", prompt_id=f"p{i}", group_id=f"g{i // 4}",
-            prompt_ids=[rng.randrange(2, VOCAB) for _ in range(args.prompt)],
-            response_ids=[rng.randrange(2, VOCAB) for _ in range(r)], rollout_logprobs=[-6.0] * r, policy_version=0,
+            prompt_ids=[rng.randrange(2, vocab) for _ in range(args.prompt)],
+            response_ids=[rng.randrange(2, vocab) for _ in range(r)], rollout_logprobs=[-6.0] * r, policy_version=0,
             finish_reason="stop", reward=0.0, reward_components={}, ref_logprobs=[-6.0] * r,
             advantages=[rng.uniform(-1, 1)] * r))
     return TrainBatch.from_samples(samples)
@@ -262,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     model_dir = build_model(args.shape, args.cache_dir)
-    batch = make_batch(args)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    batch = make_batch(args, vocab)
     real_tokens, padded_tokens = int(batch.attention_mask.sum()), batch.attention_mask.numel()
 
     sides: dict = {"ours": Ours(model_dir, precision)}
@@ -292,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "gpu_learner", "machine": machine_info(),
         "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "logprob_worker")}, "model": SHAPES[args.shape],
-                   "vocab": VOCAB, "parameters": params, "real_tokens": real_tokens, "padded_tokens": padded_tokens,
+                   "vocab": vocab, "parameters": params, "real_tokens": real_tokens, "padded_tokens": padded_tokens,
                    "device": device, "precision": precision, "bf16_peak_flops": peak_flops},
         "timings": timings, "figures": figures, "logprob_memory": memory,
         "headline": (headline("real-token MFU of ours", figures["ours"]["mfu"], ">= 0.20 at 0.5B, >= 0.30 at 1.5B",
@@ -300,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                      headline("log-prob path peak memory, chunked / full logits (8k tokens, vocab 151,936)",
                               mem_ratio, "<= 0.125", None if mem_ratio is None else mem_ratio <= 0.125, "")),
     }
-    print(f"\ngpu_learner  {device} | {args.shape}: {params / 1e6:.0f}M params, vocab {VOCAB} | {args.batch} sequences, "
+    print(f"\ngpu_learner  {device} | {args.shape}: {params / 1e6:.1f}M params, vocab {vocab} | {args.batch} sequences, "
           f"{real_tokens} real tokens in {padded_tokens} padded | {precision} | {args.reps} reps (+{args.warmup}), medians")
     print_table(["side", "s/step", "real tok/s", "MFU", "peak GiB", "x plain"],
                 [[n, f["seconds_per_step"], f["real_tokens_per_s"], f["mfu"], f["peak_memory_gib"], f["vs_plain"]]

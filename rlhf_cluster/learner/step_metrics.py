@@ -1,0 +1,64 @@
+"""A policy step's metrics over its micro-batches and ranks, reduced on the device and read once
+(issue 35: the step waits for the device only at its optimizer updates)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class StepMetrics:
+    """A policy step's metrics across micro-batches and ranks, reduced on the device and read once.
+
+    Token means are averaged weighted by tokens, maxima take the max, and the ESS is recomputed
+    from global sums (an average of per-rank ESS would be wrong). `device_values` builds one flat
+    tensor (sums all-reduced, maxima all-reduced by max) that the last update reads with its own
+    decision; `read` turns the floats back into named metrics."""
+
+    def __init__(self, device: torch.device, mask: torch.Tensor):
+        self.device, self.mask = device, mask
+        self.mean_keys: list[str] = []
+        self.from_micro: set[str] = set()
+        self.max_keys: list[str] = []
+        self.iterations = 0
+
+    def device_values(self, passes, correction: torch.Tensor | None, corr_metrics: dict) -> torch.Tensor:
+        mask, dev = self.mask, self.device
+        sums: dict[str, torch.Tensor] = {}
+        tokens_seen = torch.zeros((), dtype=torch.float64, device=dev)
+        for rows, metrics in passes.micro_metrics:
+            local_tokens = mask[rows].sum().double()
+            for k, v in metrics.items():
+                v = torch.as_tensor(v, device=dev).double()
+                sums[k] = torch.maximum(sums[k], v) if k.endswith("_max") and k in sums else (
+                    v if k.endswith("_max") else sums.get(k, 0.0) + v * local_tokens)
+            tokens_seen = tokens_seen + local_tokens
+        local_tok = mask.sum().double()
+        means = {k: v for k, v in sums.items() if not k.endswith("_max")}
+        self.from_micro = set(means)
+        means.update({k: torch.as_tensor(v, device=dev).double() * local_tok for k, v in corr_metrics.items()
+                      if not k.endswith("_max") and k != "correction/ess"})
+        maxima = {k: torch.as_tensor(v, device=dev).double() for k, v in {**corr_metrics, **sums}.items() if k.endswith("_max")}
+        self.mean_keys, self.max_keys = sorted(means), sorted(maxima)
+        w = correction if correction is not None else torch.ones_like(mask)
+        losses = torch.stack(passes.loss_tensors).sum()  # this rank's share of every update's loss
+        summed = torch.stack([means[k] for k in self.mean_keys] + [tokens_seen, local_tok, losses,
+                                                                   (w * mask).sum().double(), (w * w * mask).sum().double()])
+        dist.all_reduce(summed)
+        peaks = torch.stack([maxima[k] for k in self.max_keys]) if self.max_keys else summed.new_zeros(0)
+        if self.max_keys:
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        self.iterations = len(passes.loss_tensors)
+        return torch.cat([summed, peaks])
+
+    def read(self, values: list[float]) -> dict[str, float]:
+        n = len(self.mean_keys)
+        summed, peaks = values[: n + 5], values[n + 5:]
+        total_seen, total_tok, loss_sum, w_sum, w2_sum = summed[n:]
+        out = {k: summed[i] / max(total_seen if k in self.from_micro else total_tok, 1.0) for i, k in enumerate(self.mean_keys)}
+        out.update(zip(self.max_keys, peaks))
+        out["correction/ess"] = w_sum**2 / (total_tok * w2_sum) if w2_sum > 0 else 0.0
+        out["learner/tokens"] = total_tok
+        # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
+        out["policy/loss"] = loss_sum / max(self.iterations, 1)
+        return out
