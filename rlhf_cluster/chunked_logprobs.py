@@ -39,7 +39,7 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     would (so a bf16 model's log-probs round as its plain forward's do)."""
     z = torch.nn.functional.linear(hidden, weight, bias).float()
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)  # z is this call's own tensor: no second [chunk, vocab] buffer
     return z
 
 
