@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response", type=int, nargs=2, default=[64, 768] if cuda else [8, 96],
                    help="response lengths drawn uniformly from this range (seeded)")
     p.add_argument("--checkpointing", action="store_true", help="also time ours with gradient checkpointing")
+    p.add_argument("--packed", action="store_true", help="also time ours with sequence packing forced on (default: "
+                   "packed only with flash-attention)")
     p.add_argument("--reps", type=int, default=5 if cuda else 3)
     p.add_argument("--warmup", type=int, default=2 if cuda else 1)
     p.add_argument("--logprob-tokens", type=int, nargs="*", default=[] if cuda else [8192],
@@ -136,13 +138,14 @@ def make_batch(args: argparse.Namespace, vocab: int):
 class Ours:
     """FSDP2Learner.train_step as configured by default (`before`: the padded full-logits path)."""
 
-    def __init__(self, model_dir: Path, precision: str, checkpointing: bool = False, before: bool = False):
+    def __init__(self, model_dir: Path, precision: str, checkpointing: bool = False, before: bool = False,
+                 packing: bool | None = None):
         from rlhf_cluster.config import JobConfig
         from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 
         cfg = JobConfig.model_validate({
             "learner": {"lr": 1e-5, "mixed_precision": precision, "gradient_checkpointing": checkpointing,
-                        "sequence_packing": not before},
+                        "sequence_packing": False if before else packing},
             "generation": {"sampling": {"max_new_tokens": 1024}},
             "algorithm": {"kl": {"placement": "loss", "coef": 0.01}},
             "metrics": {"enabled": False},
@@ -217,8 +220,8 @@ def time_sides(args: argparse.Namespace, sides: dict, batch) -> tuple[dict, dict
 
 # ---- log-prob path memory -----------------------------------------------------------------------
 def logprob_worker(path: str, tokens: int) -> None:
-    """In this process: one forward and backward of `path` (chunked / full); prints the peak RSS above
-    the inputs, in bytes, as JSON."""
+    """In this process: one forward and backward of `path` (chunked / full); prints the peak resident
+    memory above the inputs (sampled every 0.5 ms from /proc/self/statm), in bytes, as JSON."""
     from rlhf_cluster.chunked_logprobs import token_logprobs
 
     torch.manual_seed(0)
@@ -226,7 +229,23 @@ def logprob_worker(path: str, tokens: int) -> None:
     hidden = torch.randn(tokens, 896).requires_grad_()
     weight = torch.randn(VOCAB, 896).mul_(0.02).requires_grad_()
     targets = torch.randint(0, VOCAB, (tokens,))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:  # resident bytes now (ru_maxrss is a peak since start: inputs' temporaries included)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     if path == "chunked":
         logp, entropy = token_logprobs(hidden, weight, targets, with_entropy=True)
     else:
@@ -234,8 +253,9 @@ def logprob_worker(path: str, tokens: int) -> None:
         logp = log_p.gather(1, targets[:, None]).squeeze(1)
         entropy = -(log_p.exp() * log_p).sum(-1)
     (logp.sum() + entropy.sum()).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"path": path, "tokens": tokens, "peak_bytes": peak - base}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"path": path, "tokens": tokens, "peak_bytes": max(peak[0], rss()) - base}))
 
 
 def logprob_memory(args: argparse.Namespace) -> list[dict]:
@@ -282,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     real_tokens, padded_tokens = int(batch.attention_mask.sum()), batch.attention_mask.numel()
 
     sides: dict = {"ours": Ours(model_dir, precision)}
+    if args.packed:
+        sides["ours, packed"] = Ours(model_dir, precision, packing=True)
     if args.checkpointing:
         sides["ours+ckpt"] = Ours(model_dir, precision, checkpointing=True)
     if not cuda:

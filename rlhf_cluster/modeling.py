@@ -67,15 +67,18 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    packed: bool = False,
+    packed: bool | None = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 log-probs [B, T] of the response tokens (and their entropies if asked) under `model`.
 
     The output layer runs only at the response positions, `chunk_tokens` at a time
     (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. `packed`: the rows' real tokens
-    run as one packed sequence (`packing`), no padding through the model. Positions past a
+    run as one packed sequence (`packing`), no padding through the model (None: when the model
+    runs flash-attention). Positions past a
     response's end hold garbage and must be masked by the caller.
     """
+    if packed is None:  # where packing pays: varlen flash-attention attends within each row only
+        packed = _attention_of(model)[0].startswith("flash")
     if packed:
         rows = pack_rows(input_ids, attention_mask, prompt_lengths, response_len)
         with scored_positions(model, rows.positions, rows.targets, temperature, with_entropy, chunk_tokens) as scored:

@@ -259,8 +259,17 @@ class LearnerBase(ABC):
             b.response_mask.shape[1],
             self.temperature,
             with_entropy,
-            packed=self.cfg.learner.sequence_packing,
+            packed=self._packs(),
         )
+
+    def _packs(self) -> bool:
+        """Whether this learner packs rows (`learner.sequence_packing`; None: with flash-attention)."""
+        configured = self.cfg.learner.sequence_packing
+        if configured is not None:
+            return configured
+        from rlhf_cluster.modeling import _attention_of
+
+        return _attention_of(self.model)[0].startswith("flash")
 
     # ---- the step --------------------------------------------------------------------------
     def _optimize(self, epochs: int, plans: list[list[tuple[Rows, bool]]],
@@ -316,7 +325,7 @@ class LearnerBase(ABC):
         budget = micro_batch_token_budget(self.cfg.learner, self.device)
         if budget is None:
             return [(slice(lo, hi), True)]
-        if self.cfg.learner.sequence_packing:
+        if self._packs():
             lengths = b.attention_mask[lo:hi].sum(1).tolist()
         else:
             lengths = [b.input_ids.shape[1]] * (hi - lo)

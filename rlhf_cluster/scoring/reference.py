@@ -37,7 +37,7 @@ class ReferenceModel:
         )
         logp, _ = response_logprobs(
             self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device),
-            T, self.temperature, packed=True,
+            T, self.temperature, packed=None,
         )
         logp = logp.float().cpu()
         return [logp[i, : len(r.response_ids)].tolist() for i, r in enumerate(batch)]
