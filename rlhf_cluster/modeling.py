@@ -51,7 +51,7 @@ def response_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, re
     return positions, input_ids.gather(1, positions + 1)
 
 
-def _attention_of(model) -> tuple[str, torch.dtype]:
+def attention_of(model) -> tuple[str, torch.dtype]:
     """(attention implementation, compute dtype) of a Hugging Face model, also inside a DeepSpeed
     engine (whose own `config` is its settings)."""
     inner = getattr(model, "module", model)
@@ -78,17 +78,17 @@ def response_logprobs(
     response's end hold garbage and must be masked by the caller.
     """
     if packed is None:  # where packing pays: varlen flash-attention attends within each row only
-        packed = _attention_of(model)[0].startswith("flash")
+        packed = attention_of(model)[0].startswith("flash")
     if packed:
         rows = pack_rows(input_ids, attention_mask, prompt_lengths, response_len)
         with scored_positions(model, rows.positions, rows.targets, temperature, with_entropy, chunk_tokens) as scored:
-            mask = rows.attention_mask(*_attention_of(model))
+            mask = rows.attention_mask(*attention_of(model))
             return scored.read(model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask,
                                      use_cache=False).logits)
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
-    impl, dtype = _attention_of(model)
+    impl, dtype = attention_of(model)
     if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
         keys = attention_mask.bool()
         attention_mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)

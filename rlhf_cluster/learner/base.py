@@ -12,9 +12,6 @@ that average into the sum the global denominator expects.
 from __future__ import annotations
 
 import hashlib
-import json
-import pickle
-import random
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -22,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from rlhf_cluster import tracing
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
-from rlhf_cluster.modeling import response_logprobs
+from rlhf_cluster.modeling import attention_of, response_logprobs
 from rlhf_cluster.packing import token_budget_micro_batches
 from rlhf_cluster.records import TrainBatch, pad_sequences
 
@@ -56,64 +53,6 @@ def feed_digest(digest: "hashlib._Hash", prefix: str, value: Any) -> None:
         digest.update(local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     else:
         digest.update(f"{prefix}={value!r}".encode())
-
-
-HOST_STATE_FORMAT = 2  # rng/rank<r>.pt: tensors + JSON (format 1 was a pickled dict)
-
-
-def rng_state() -> dict:
-    """This process's torch / numpy / python (and CUDA) RNG states."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def encode_host_state(rng: dict, scheduler: dict, step: int, backend: str) -> dict:
-    """A rank's host state (`rng_state()`, the LR scheduler's state, step, backend) as tensors and
-    one JSON string: all that `torch.load(weights_only=True)` reads, so loading a checkpoint
-    from elsewhere runs no code from it (numpy's and python's RNG tuples would need pickle)."""
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    version, internal, gauss_next = rng["python"]
-    tensors = {"torch": rng["torch"], "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
-    if "cuda" in rng:
-        tensors["cuda"] = rng["cuda"]
-    meta = {"format": HOST_STATE_FORMAT, "numpy": [name, int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss_next], "scheduler": scheduler, "step": step, "backend": backend}
-    return {"tensors": tensors, "json": json.dumps(meta)}
-
-
-def decode_host_state(saved: dict) -> dict:
-    """`encode_host_state`'s inverse: {"rng": ..., "scheduler": ..., "step": ..., "backend": ...}."""
-    meta, tensors = json.loads(saved["json"]), saved["tensors"]
-    name, pos, has_gauss, cached = meta["numpy"]
-    version, internal, gauss_next = meta["python"]
-    rng = {"torch": tensors["torch"], "numpy": (name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
-           "python": (version, tuple(internal), gauss_next)}
-    if "cuda" in tensors:
-        rng["cuda"] = tensors["cuda"]
-    return {"rng": rng, "scheduler": meta["scheduler"], "step": meta["step"], "backend": meta["backend"]}
-
-
-def load_host_state(path: Path) -> dict:
-    """A checkpoint's `rng/rank<r>.pt`, read with `weights_only=True` (no code in the file runs);
-    a file in another format is a clear error naming it."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise RuntimeError(f"{path}: not a host-state file that can be read without unpickling (written before "
-                           f"format {HOST_STATE_FORMAT}, or not by rlhf_cluster); refusing to run code from it: {exc}") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("json"), str) or not isinstance(saved.get("tensors"), dict):
-        raise RuntimeError(f"{path}: expected a host-state file of format {HOST_STATE_FORMAT} (tensors and a JSON string)")
-    return decode_host_state(saved)
 
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
@@ -267,9 +206,7 @@ class LearnerBase(ABC):
         configured = self.cfg.learner.sequence_packing
         if configured is not None:
             return configured
-        from rlhf_cluster.modeling import _attention_of
-
-        return _attention_of(self.model)[0].startswith("flash")
+        return attention_of(self.model)[0].startswith("flash")
 
     # ---- the step --------------------------------------------------------------------------
     def _optimize(self, epochs: int, plans: list[list[tuple[Rows, bool]]],

@@ -21,7 +21,7 @@ import torch
 
 from rlhf_cluster import fileio
 from rlhf_cluster.checkpoint import CheckpointStore, NoVerifiedCheckpoint
-from rlhf_cluster.learner.base import encode_host_state, load_host_state, rng_state, set_rng_state
+from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import CorruptLogError, RunDir, RunDirInUse
 from rlhf_cluster.scored_log import ScoredLog, ScoredLogFlushError

@@ -12,7 +12,6 @@ out: planning micro-batches (it reads the host copy of the batch) and the optimi
 from __future__ import annotations
 
 import contextlib
-import random
 
 import pytest
 import torch
@@ -20,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
-from rlhf_cluster.records import ScoredSample, TrainBatch
+from rlhf_cluster.records import TrainBatch
+from tests.batches import ragged_batch
 
 READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
 
@@ -72,16 +72,7 @@ def counting(learner, monkeypatch):
 
 
 def _batch(n: int = 6) -> TrainBatch:
-    rng = random.Random(0)
-    samples = []
-    for i in range(n):
-        p, r = 3 + i % 3, 2 + (5 * i) % 7
-        samples.append(ScoredSample(
-            sample_id=f"s{i}", prompt_id=f"p{i}", group_id="g", prompt_ids=[rng.randrange(2, 250) for _ in range(p)],
-            response_ids=[rng.randrange(2, 250) for _ in range(r)], rollout_logprobs=[-5.5] * r, policy_version=0,
-            finish_reason="length", reward=0.0, reward_components={}, ref_logprobs=[-5.4] * r,
-            advantages=[rng.uniform(-1, 1)] * r))
-    return TrainBatch.from_samples(samples)
+    return ragged_batch([(3 + i % 3, 2 + (5 * i) % 7) for i in range(n)], seed=0)
 
 
 @pytest.mark.parametrize("mini_batches,budget,packing", [(1, None, True), (2, None, True), (2, 10, True), (2, 10, False)])

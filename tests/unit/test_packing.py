@@ -13,7 +13,8 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.modeling import load_causal_lm, response_logprobs
 from rlhf_cluster.packing import balanced_parts, balanced_shares, pack_rows, token_budget_micro_batches
-from rlhf_cluster.records import ScoredSample, TrainBatch, pad_sequences
+from rlhf_cluster.records import TrainBatch, pad_sequences
+from tests.batches import ragged_batch
 
 
 def _rows(vocab: int, seed: int = 0):
@@ -89,15 +90,7 @@ def test_micro_batches_keep_the_budget_and_balance():
 
 
 def _batch() -> TrainBatch:
-    rng = random.Random(1)
-    samples = []
-    for i, (p, r) in enumerate(((5, 3), (2, 9), (7, 1), (3, 6), (4, 4))):
-        samples.append(ScoredSample(
-            sample_id=f"s{i}", prompt_id=f"p{i}", group_id="g", prompt_ids=[rng.randrange(2, 250) for _ in range(p)],
-            response_ids=[rng.randrange(2, 250) for _ in range(r)], rollout_logprobs=[-5.5] * r, policy_version=0,
-            finish_reason="length", reward=0.0, reward_components={}, ref_logprobs=[-5.4] * r,
-            advantages=[rng.uniform(-1, 1)] * r))
-    return TrainBatch.from_samples(samples)
+    return ragged_batch([(5, 3), (2, 9), (7, 1), (3, 6), (4, 4)], seed=1)
 
 
 @pytest.mark.parametrize("budget", [None, 12])
