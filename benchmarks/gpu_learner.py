@@ -76,8 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response", type=int, nargs=2, default=[64, 768] if cuda else [8, 96],
                    help="response lengths drawn uniformly from this range (seeded)")
     p.add_argument("--checkpointing", action="store_true", help="also time ours with gradient checkpointing")
-    p.add_argument("--packed", action="store_true", help="also time ours with sequence packing forced on (default: "
-                   "packed only with flash-attention)")
+    p.add_argument("--padded", action="store_true", help="also time ours with sequence packing off (right-padded rows)")
     p.add_argument("--reps", type=int, default=5 if cuda else 3)
     p.add_argument("--warmup", type=int, default=2 if cuda else 1)
     p.add_argument("--logprob-tokens", type=int, nargs="*", default=[] if cuda else [8192],
@@ -139,7 +138,7 @@ class Ours:
     """FSDP2Learner.train_step as configured by default (`before`: the padded full-logits path)."""
 
     def __init__(self, model_dir: Path, precision: str, checkpointing: bool = False, before: bool = False,
-                 packing: bool | None = None):
+                 packing: bool = True):
         from rlhf_cluster.config import JobConfig
         from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 
@@ -161,7 +160,8 @@ class Ours:
         from rlhf_cluster.modeling import full_logits_response_logprobs
 
         chunked = base.response_logprobs
-        base.response_logprobs = lambda model, *a, packed=False, **k: full_logits_response_logprobs(model, *a, **k)
+        base.response_logprobs = lambda model, *a, packed=False, packing=None, **k: full_logits_response_logprobs(
+            model, *a, **k)
         try:
             self.learner.train_step(batch, kl_coef=0.01)
         finally:
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     real_tokens, padded_tokens = int(batch.attention_mask.sum()), batch.attention_mask.numel()
 
     sides: dict = {"ours": Ours(model_dir, precision)}
-    if args.packed:
-        sides["ours, packed"] = Ours(model_dir, precision, packing=True)
+    if args.padded:
+        sides["ours, padded"] = Ours(model_dir, precision, packing=False)
     if args.checkpointing:
         sides["ours+ckpt"] = Ours(model_dir, precision, checkpointing=True)
     if not cuda:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
-from rlhf_cluster.packing import pack_rows, prepared_mask
+from rlhf_cluster.packing import PackedRows, pack_rows, prepared_mask
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -67,28 +67,29 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    packed: bool | None = False,
+    packed: bool = True,
+    packing: PackedRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 log-probs [B, T] of the response tokens (and their entropies if asked) under `model`.
 
     The output layer runs only at the response positions, `chunk_tokens` at a time
-    (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. `packed`: the rows' real tokens
-    run as one packed sequence (`packing`), no padding through the model (None: when the model
-    runs flash-attention). Positions past a
-    response's end hold garbage and must be masked by the caller.
+    (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. `packed`: only the rows' real
+    tokens run through the model, packed into rows sized for its attention (`packing`); `packing`
+    is that layout planned already on the host (else it is planned here, reading the lengths back
+    from the device). Positions past a response's end hold garbage and must be masked by the caller.
     """
-    if packed is None:  # where packing pays: varlen flash-attention attends within each row only
-        packed = attention_of(model)[0].startswith("flash")
+    impl, dtype = attention_of(model)
     if packed:
-        rows = pack_rows(input_ids, attention_mask, prompt_lengths, response_len)
-        with scored_positions(model, rows.positions, rows.targets, temperature, with_entropy, chunk_tokens) as scored:
-            mask = rows.attention_mask(*attention_of(model))
-            return scored.read(model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask,
-                                     use_cache=False).logits)
+        if packing is None:
+            packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
+        packed_ids = packing.input_ids(input_ids)
+        with scored_positions(model, packing.positions, packing.targets(packed_ids), temperature, with_entropy,
+                              chunk_tokens) as scored:
+            return scored.read(model(input_ids=packed_ids, position_ids=packing.position_ids,
+                                     attention_mask=packing.attention_mask(impl, dtype), use_cache=False).logits)
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
-    impl, dtype = attention_of(model)
     if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
         keys = attention_mask.bool()
         attention_mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)

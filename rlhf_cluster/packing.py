@@ -1,16 +1,19 @@
-"""Sequence packing: a batch's real tokens only, one row after another, and micro-batches and rank
-shares cut by a token budget.
+"""Sequence packing: a batch's real tokens only, rows of sequences one after another, and
+micro-batches and rank shares cut by a token budget.
 
 An RL batch is right-padded to its longest sequence, so a third or more of its positions are
-padding (issue 35: 10,335 real tokens in 15,744 positions). Packed, the rows are concatenated into
-one sequence whose position ids restart at 0 for each row; Hugging Face models read that as a
-packed batch (a block-diagonal causal mask for SDPA and eager attention, per-sequence `cu_seqlens`
-for varlen flash-attention), so no row attends to another and the forward costs the real tokens
-only. Log-probs come back in the same [rows, response] frame as the padded path's.
+padding (issue 35: 10,335 real tokens in 15,744 positions). Packed, sequences sit one after another
+in rows whose position ids restart at 0 for each sequence; Hugging Face models read that as packed
+sequences (per-sequence `cu_seqlens` for varlen flash-attention, and the block-diagonal causal mask
+given here for SDPA and eager attention), so no sequence attends to another. With flash-attention
+every sequence shares one row and the forward costs the real tokens only; SDPA and eager attention
+cost a row's width squared, so their rows are as wide as the longest sequence and fewer than the
+padded batch's. Log-probs come back in the same [rows, response] frame as the padded path's.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
 
@@ -19,21 +22,42 @@ import torch
 
 @dataclass
 class PackedRows:
-    """Rows of a right-padded batch as one packed sequence, and where each response token is scored."""
+    """Where every real token of a right-padded batch [B, L] sits once packed into R rows of C slots,
+    and where each response token is scored. Built on the host (`plan_packing`), so packing never
+    reads the device; `to` moves it once per micro-batch, before any of the step's compute."""
 
-    input_ids: torch.Tensor  # [1, S]: every row's real tokens, one after another
-    position_ids: torch.Tensor  # [1, S]: 0, 1, ... restarting at each row
-    positions: torch.Tensor  # [rows, T]: the packed position whose output predicts response token t
-    targets: torch.Tensor  # [rows, T]: the token it predicts (garbage past a response's end, masked by the caller)
-    sequence_ids: torch.Tensor  # [S]: the row every packed token came from
+    gather: torch.Tensor  # [R, C]: the flat index (b * L + p) in the padded batch of each slot's token
+    position_ids: torch.Tensor  # [R, C]: 0, 1, ... restarting at each sequence (0 on a row's tail)
+    sequence_ids: torch.Tensor  # [R, C]: the padded row each slot's token came from; -1 on a row's tail
+    positions: torch.Tensor  # [B, T]: the flat slot (r * C + c) whose output predicts response token t
+
+    def to(self, device: torch.device) -> "PackedRows":
+        """On `device` (`to_device`)."""
+        return PackedRows(*(to_device(t, device) for t in vars(self).values()))
+
+    def input_ids(self, padded_ids: torch.Tensor) -> torch.Tensor:
+        """The packed [R, C] token ids of the padded batch `padded_ids` [B, L]."""
+        return padded_ids.reshape(-1)[self.gather]
+
+    def targets(self, packed_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T]: the token each scored slot predicts, the next slot's (garbage past a response's
+        end, masked by the caller)."""
+        return packed_ids.reshape(-1)[self.positions + 1]
 
     def attention_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
-        """Causal within each row, nothing across rows (`prepared_mask`); None for flash-attention,
-        whose varlen kernels take the rows from the position ids."""
+        """Causal within each sequence, nothing across sequences (`prepared_mask`); None for
+        flash-attention, whose varlen kernels take the sequences from the position ids."""
         if attn_implementation.startswith("flash"):
             return None
-        same_row = self.sequence_ids[:, None] == self.sequence_ids[None, :]
-        return prepared_mask(same_row[None], attn_implementation, dtype)
+        same_sequence = self.sequence_ids[:, :, None] == self.sequence_ids[:, None, :]
+        return prepared_mask(same_sequence, attn_implementation, dtype)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA from pinned memory, a copy the host does not wait for."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def prepared_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -49,22 +73,66 @@ def prepared_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def row_tokens_for(attn_implementation: str, lengths: list[int]) -> int | None:
+    """Slots per packed row: unbounded (one row) for flash-attention, whose varlen kernels cost the
+    real tokens; the longest sequence otherwise, since SDPA and eager attention cost a row's slots
+    squared: rows no wider than the padded batch's, and fewer of them (measured: one row of every
+    sequence ran 2x slower than padding at the CPU demo's shape)."""
+    return None if attn_implementation.startswith("flash") else max(lengths, default=1)
+
+
+def plan_packing(lengths: list[int], prompt_lengths: list[int], padded_len: int, response_len: int,
+                 row_tokens: int | None = None) -> PackedRows:
+    """Sequences of `lengths` real tokens (rows of a batch right-padded to `padded_len`) packed
+    best-fit, longest first, into rows of at most `row_tokens` slots (None: one row of all of
+    them); on the host, deterministic."""
+    n = len(lengths)
+    capacity = sum(lengths) if row_tokens is None else max(row_tokens, max(lengths, default=1))
+    # Best-fit decreasing: each sequence, longest first, to the row with the least room that holds it.
+    rooms: list[tuple[int, int]] = []  # (room left, row), ascending
+    row_of, offset_of, filled = [0] * n, [0] * n, []
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        k = bisect.bisect_left(rooms, (lengths[i], -1))
+        if k == len(rooms):
+            row, used = len(filled), 0
+            filled.append(0)
+        else:
+            row = rooms.pop(k)[1]
+            used = filled[row]
+        row_of[i], offset_of[i] = row, used
+        filled[row] = used + lengths[i]
+        if capacity > filled[row]:
+            bisect.insort(rooms, (capacity - filled[row], row))
+    width = max(filled, default=1)
+    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    first_slot = torch.tensor(row_of, dtype=torch.long) * width + torch.tensor(offset_of, dtype=torch.long)
+    sequence = torch.repeat_interleave(torch.arange(n), lengths_t)  # every real token's sequence
+    within = torch.arange(int(lengths_t.sum())) - (torch.cumsum(lengths_t, 0) - lengths_t)[sequence]
+    slots = first_slot[sequence] + within
+    gather = torch.zeros(len(filled) * width, dtype=torch.long)
+    position_ids = torch.zeros(len(filled) * width, dtype=torch.long)
+    sequence_ids = torch.full((len(filled) * width,), -1, dtype=torch.long)
+    gather[slots] = sequence * padded_len + within
+    position_ids[slots] = within
+    sequence_ids[slots] = sequence
+    # Response token t of a sequence is predicted at its position prompt_len - 1 + t; positions past
+    # its end are clamped into the sequence (garbage, masked) so they never read another one.
+    steps = torch.arange(response_len)
+    last = (lengths_t - 2).clamp(min=0)
+    scored = torch.minimum(torch.tensor(prompt_lengths, dtype=torch.long)[:, None] - 1 + steps[None, :], last[:, None])
+    positions = (first_slot[:, None] + scored.clamp(min=0)).clamp(max=gather.numel() - 2)
+    shape = (len(filled), width)
+    return PackedRows(gather.view(shape), position_ids.view(shape), sequence_ids.view(shape), positions)
+
+
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
-              response_len: int) -> PackedRows:
-    """Pack right-padded rows [B, L] (the attention mask marks each row's real prefix)."""
-    lengths = attention_mask.sum(1)
-    keep = attention_mask.bool()
-    packed = input_ids[keep][None, :]
-    starts = torch.cumsum(lengths, 0) - lengths
-    # Position ids: the index within its own row of every kept token.
-    position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :].expand_as(input_ids))[keep][None, :]
-    steps = torch.arange(response_len, device=input_ids.device)
-    # Response token t of a row is predicted at its row's position prompt_len - 1 + t; positions
-    # past the row's end are clamped into the row (garbage, masked) so they never read another row.
-    within = torch.minimum(prompt_lengths.to(input_ids.device)[:, None] - 1 + steps[None, :], (lengths - 2)[:, None])
-    positions = starts[:, None] + within
-    sequence_ids = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)
-    return PackedRows(packed, position_ids, positions, packed[0, positions + 1], sequence_ids)
+              response_len: int, attn_implementation: str = "flash_attention_2") -> PackedRows:
+    """`plan_packing` of right-padded rows [B, L] whose attention mask marks each row's real prefix,
+    in rows sized for `attn_implementation` (`row_tokens_for`), on their device. It reads the
+    lengths back from the device: a learner step plans from its host copy instead."""
+    lengths = attention_mask.sum(1).tolist()
+    return plan_packing(lengths, prompt_lengths.tolist(), input_ids.shape[1], response_len,
+                        row_tokens_for(attn_implementation, lengths)).to(input_ids.device)
 
 
 def balanced_parts(lengths: list[int], parts: int) -> list[list[int]]:

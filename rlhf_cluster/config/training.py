@@ -75,11 +75,11 @@ class TrainingGroupConfig(_Strict):
         "tokens when packed, padded ones otherwise; rows dealt so micro-batches balance). None: a whole mini-batch at "
         "once on CPU, 16,384 tokens on CUDA. The loss denominators stay global, so the update is the same."
     )
-    sequence_packing: bool | None = Field(
-        None, description="Run each micro-batch's real tokens as one packed sequence (position ids restart per row): "
-        "no padding through the model. None: packed exactly when the model runs flash-attention, whose varlen kernels "
-        "attend within each row; SDPA and eager attention would attend over the whole packed sequence under a mask "
-        "(measured 2x slower at the CPU demo's shape), so they get right-padded rows."
+    sequence_packing: bool = Field(
+        True, description="Run each micro-batch's real tokens only, sequences packed one after another in rows "
+        "whose position ids restart per sequence: no padding through the model. With flash-attention all share one "
+        "row (varlen kernels); with SDPA or eager attention, rows as wide as the longest sequence, under a "
+        "block-diagonal causal mask. False: right-padded rows."
     )
     seed: int | None = Field(
         None, description="Torch seed of every rank (the critic's also seeds its fresh value head; None: the job's `seed`)."

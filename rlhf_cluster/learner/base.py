@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, 
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.modeling import attention_of, response_logprobs
-from rlhf_cluster.packing import token_budget_micro_batches
+from rlhf_cluster.packing import PackedRows, plan_packing, row_tokens_for, to_device, token_budget_micro_batches
 from rlhf_cluster.records import TrainBatch, pad_sequences
 
 
@@ -56,6 +56,16 @@ def feed_digest(digest: "hashlib._Hash", prefix: str, value: Any) -> None:
 
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
+
+
+class MicroBatch(NamedTuple):
+    """One forward/backward pass: its rows of the step's batch, whether they count (a padding pass
+    only keeps the sharded backends' collectives paired; its loss counts zero) and, when packing,
+    where its real tokens sit (planned on the host)."""
+
+    rows: Rows
+    real: bool
+    packing: PackedRows | None = None
 
 # Tokens per micro-batch on CUDA when `learner.max_tokens_per_micro_batch` is unset: an RL batch of
 # 16 sequences of ~1k tokens at Qwen2.5-1.5B's shape in one pass (issue 35).
@@ -138,9 +148,13 @@ class LearnerBase(ABC):
         """Collective: the whole `named_full_tensors` on rank 0, empty on other ranks."""
         return dict(self.named_full_tensors())
 
-    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor | None:
-        """Reference log-probs the learner computes itself (LoRA: the base model); None: the
-        batch's, from the reference workers."""
+    def reference_logprobs(self, local: TrainBatch) -> torch.Tensor | None:
+        """Collective: the reference log-probs of the host batch `local` the learner computes itself
+        (LoRA: the base model); None: the batch's, from the reference workers."""
+        return self._reference_logprobs(self._to_device(local), [self._micro_batches(local, 0, len(local.input_ids))])
+
+    def _reference_logprobs(self, b: TrainBatch, plans: list[list[MicroBatch]]) -> torch.Tensor | None:
+        """`reference_logprobs` of the device batch `b`, pass by pass of `plans`."""
         return None
 
     @abstractmethod
@@ -189,7 +203,19 @@ class LearnerBase(ABC):
         fields = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
         return TrainBatch(**fields)
 
-    def _logprobs(self, b: TrainBatch, rows: Rows, with_entropy: bool):
+    @torch.no_grad()
+    def _frozen_logprobs(self, b: TrainBatch, plans: list[list[MicroBatch]]) -> torch.Tensor:
+        """Log-probs [B, T] of the device batch `b` under the model as it is, no gradient, pass by
+        pass of `plans`, padding passes included (their collectives pair up)."""
+        out = torch.zeros_like(b.rollout_logprobs, dtype=torch.float32)
+        for micro in (entry for plan in plans for entry in plan):
+            logprobs, _ = self._logprobs(b, micro, with_entropy=False)
+            if micro.real:
+                out[micro.rows] = logprobs
+        return out
+
+    def _logprobs(self, b: TrainBatch, micro: MicroBatch, with_entropy: bool):
+        rows = micro.rows
         return response_logprobs(
             self.model,
             b.input_ids[rows],
@@ -198,23 +224,17 @@ class LearnerBase(ABC):
             b.response_mask.shape[1],
             self.temperature,
             with_entropy,
-            packed=self._packs(),
+            packed=micro.packing is not None,
+            packing=micro.packing,
         )
 
-    def _packs(self) -> bool:
-        """Whether this learner packs rows (`learner.sequence_packing`; None: with flash-attention)."""
-        configured = self.cfg.learner.sequence_packing
-        if configured is not None:
-            return configured
-        return attention_of(self.model)[0].startswith("flash")
-
     # ---- the step --------------------------------------------------------------------------
-    def _optimize(self, epochs: int, plans: list[list[tuple[Rows, bool]]],
-                  micro_loss: Callable[[int, Rows], tuple[torch.Tensor, dict]],
+    def _optimize(self, epochs: int, plans: list[list[MicroBatch]],
+                  micro_loss: Callable[[int, MicroBatch], tuple[torch.Tensor, dict]],
                   read_at_last_update: Callable[["Passes"], torch.Tensor] | None = None) -> "Passes":
         """The one epoch / mini-batch / micro-batch loop of every learner (policy and critic).
 
-        `plans[k]` is mini-batch k's micro-batches (`_micro_batches`); `micro_loss(k, rows)` is a
+        `plans[k]` is mini-batch k's micro-batches (`_micro_batches`); `micro_loss(k, micro)` is a
         micro-batch's loss over its mini-batch's global denominator, so the accumulated gradients
         add up to the mini-batch's. Each mini-batch ends with one clipped optimizer step (skipped
         when the loss or the global gradient norm is not finite); the LR schedule advances once
@@ -228,15 +248,15 @@ class LearnerBase(ABC):
             epoch_losses = []
             for mini, plan in enumerate(plans):
                 total = torch.zeros((), dtype=torch.float64, device=self.device)
-                for index, (rows, real) in enumerate(plan):
+                for index, micro in enumerate(plan):
                     with tracing.span("forward", mini_batch=mini):
-                        loss, metrics = micro_loss(mini, rows)
+                        loss, metrics = micro_loss(mini, micro)
                     with tracing.span("backward", mini_batch=mini):
-                        value = self._accumulate(loss, real, last_micro_batch=index == len(plan) - 1)
+                        value = self._accumulate(loss, micro.real, last_micro_batch=index == len(plan) - 1)
                     if value is None:
                         continue
                     total = total + value
-                    passes.micro_metrics.append((rows, metrics))
+                    passes.micro_metrics.append((micro.rows, metrics))
                 passes.loss_tensors.append(total)
                 last = epoch == epochs - 1 and mini == len(plans) - 1
                 also = read_at_last_update(passes) if last and read_at_last_update is not None else empty
@@ -252,25 +272,40 @@ class LearnerBase(ABC):
             self.scheduler.step()
         return passes
 
-    def _micro_batches(self, b: TrainBatch, lo: int, hi: int) -> list[tuple[Rows, bool]]:
-        """Rows [lo, hi) dealt into micro-batches of at most `max_tokens_per_micro_batch` tokens (real
-        tokens when packed, padded ones otherwise; `micro_batch_token_budget`), balanced by tokens,
-        as (rows, real) pairs. Every rank runs the same number of forward/backward passes (the
-        sharded backends' collectives must pair up): a rank with fewer pads with `real=False`
-        passes on one row, whose loss counts zero. Planned from the host copy of the batch and
-        agreed over a gloo group: planning never waits for the device."""
+    def _micro_batches(self, local: TrainBatch, lo: int, hi: int) -> list[MicroBatch]:
+        """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most
+        `max_tokens_per_micro_batch` tokens (real tokens when packed, padded ones otherwise;
+        `micro_batch_token_budget`), balanced by tokens. Every rank runs the same number of
+        forward/backward passes (the sharded backends' collectives must pair up): a rank with fewer
+        pads with `real=False` passes on one row. Planned from the host copy of the batch and agreed
+        over a gloo group: planning never waits for the device."""
         budget = micro_batch_token_budget(self.cfg.learner, self.device)
         if budget is None:
-            return [(slice(lo, hi), True)]
-        if self._packs():
-            lengths = b.attention_mask[lo:hi].sum(1).tolist()
+            return [self._micro_batch(local, list(range(lo, hi)), True)]
+        if self.cfg.learner.sequence_packing:
+            lengths = local.attention_mask[lo:hi].sum(1).tolist()
         else:
-            lengths = [b.input_ids.shape[1]] * (hi - lo)
-        own = [(torch.tensor([lo + i for i in part], device=self.device), True)
-               for part in token_budget_micro_batches(lengths, budget)]
+            lengths = [local.input_ids.shape[1]] * (hi - lo)
+        own = [self._micro_batch(local, [lo + i for i in part], True) for part in token_budget_micro_batches(lengths, budget)]
         t = torch.tensor([len(own)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return own + [(slice(lo, lo + 1), False)] * (int(t.item()) - len(own))
+        return own + [self._micro_batch(local, [lo], False)] * (int(t.item()) - len(own))
+
+    def _micro_batch(self, local: TrainBatch, indices: list[int], real: bool) -> MicroBatch:
+        """The pass over rows `indices` of the host batch `local`, its row indices and packed layout
+        on the device (copies from the host that never wait for the device)."""
+        contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+        rows = slice(indices[0], indices[-1] + 1) if contiguous else to_device(torch.tensor(indices), self.device)
+        if not self.cfg.learner.sequence_packing:
+            return MicroBatch(rows, real)
+        lengths = local.attention_mask[indices].sum(1).tolist()
+        packing = plan_packing(lengths, local.prompt_lengths[indices].tolist(), local.input_ids.shape[1],
+                               local.response_mask.shape[1], row_tokens_for(self._attention_implementation(), lengths))
+        return MicroBatch(rows, real, packing.to(self.device))
+
+    def _attention_implementation(self) -> str:
+        """The attention the learner's model runs (how its packed rows are sized)."""
+        return attention_of(self.model)[0]
 
     def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
         """One optimizer step per mini-batch over this rank's share of the step's batch; a
@@ -283,7 +318,7 @@ class LearnerBase(ABC):
         plans = [self._micro_batches(local, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]  # on the host copy
         b = self._to_device(local)
         with tracing.span("reference_logprobs"):
-            ref = self.reference_logprobs(b)
+            ref = self._reference_logprobs(b, plans)
         if ref is not None:
             b.ref_logprobs = ref.to(b.ref_logprobs.dtype)
         mask = b.response_mask
@@ -294,12 +329,7 @@ class LearnerBase(ABC):
         single_pass = lc.ppo_epochs == 1 and len(plans) == 1 and len(plans[0]) == 1
         if not single_pass:
             with torch.no_grad(), tracing.span("prox_logprobs"):
-                # Micro-batch by micro-batch, padding passes included (their collectives pair up).
-                prox = torch.zeros_like(b.rollout_logprobs, dtype=torch.float32)
-                for rows, real in (entry for plan in plans for entry in plan):
-                    logprobs, _ = self._logprobs(b, rows, with_entropy=False)
-                    if real:
-                        prox[rows] = logprobs
+                prox = self._frozen_logprobs(b, plans)
             correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
 
         # The global counts of each mini-batch, its loss denominators on every rank: summed on the
@@ -309,9 +339,10 @@ class LearnerBase(ABC):
         dist.all_reduce(counts)
         counts = counts.float()
 
-        def micro_loss(mini: int, rows: Rows) -> tuple[torch.Tensor, dict]:
+        def micro_loss(mini: int, micro: MicroBatch) -> tuple[torch.Tensor, dict]:
             nonlocal prox, correction, corr_metrics
-            logprobs, ent = self._logprobs(b, rows, with_entropy=True)
+            rows = micro.rows
+            logprobs, ent = self._logprobs(b, micro, with_entropy=True)
             if single_pass:
                 prox = logprobs.detach()
                 correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)

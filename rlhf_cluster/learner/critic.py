@@ -19,7 +19,10 @@ import torch
 
 from rlhf_cluster.algorithms import value_loss
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.base import MicroBatch
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.modeling import attention_of
+from rlhf_cluster.packing import PackedRows
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.scoring.reward_model import RewardModel, positions_from_mask
 
@@ -40,8 +43,15 @@ class ValueModel(RewardModel):
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int,
+        packing: PackedRows | None = None,
     ) -> torch.Tensor:
+        if packing is not None:  # the real tokens only, as the policy learner runs them (`packing`)
+            hidden = self.backbone(
+                input_ids=packing.input_ids(input_ids), position_ids=packing.position_ids,
+                attention_mask=packing.attention_mask(*attention_of(self.backbone)), use_cache=False,
+            ).last_hidden_state
+            return self.head(hidden).squeeze(-1).float().reshape(-1)[packing.positions]
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
             use_cache=False,
@@ -80,18 +90,26 @@ class ValueLearner(FSDP2Learner):
             model = ValueModel.from_pretrained(self.critic.init)
         return model.to(self.device)
 
-    def _values(self, b: TrainBatch, rows: slice) -> torch.Tensor:
-        return self.model(b.input_ids[rows], b.attention_mask[rows], b.prompt_lengths[rows], b.response_mask.shape[1])
+    def _attention_implementation(self) -> str:
+        return attention_of(self.model.backbone)[0]
+
+    def _values(self, b: TrainBatch, micro: MicroBatch) -> torch.Tensor:
+        rows = micro.rows
+        return self.model(b.input_ids[rows], b.attention_mask[rows], b.prompt_lengths[rows], b.response_mask.shape[1],
+                          micro.packing)
 
     @torch.no_grad()
     def values(self, local: TrainBatch) -> torch.Tensor:
         """Per-token values ``[B, T]`` (CPU, fp32) of this rank's samples; garbage past each response's end."""
         b = self._to_device(local)
         self.model.eval()
-        out = [self._values(b, rows) for rows, real in self._micro_batches(b, 0, b.input_ids.shape[0]) if real]
+        out = torch.zeros(b.response_mask.shape, dtype=torch.float32, device=self.device)
+        for micro in self._micro_batches(local, 0, b.input_ids.shape[0]):
+            values = self._values(b, micro)
+            if micro.real:  # a padding pass only keeps the collectives paired
+                out[micro.rows] = values.float()
         self.model.train()
-        # A padding pass (real=False) only keeps the collectives paired; its rows are dropped above.
-        return torch.cat(out).float().cpu()
+        return out.cpu()
 
     def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
         """`critic.epochs` optimizer steps of the clipped value loss towards `local.returns`, clipped
@@ -106,10 +124,11 @@ class ValueLearner(FSDP2Learner):
         self.model.train()
         [global_tokens] = self._all_reduce([float(mask.sum())])
         denominator = max(global_tokens, 1.0)
-        plan = self._micro_batches(b, 0, mask.shape[0])
+        plan = self._micro_batches(local, 0, mask.shape[0])
 
-        def micro_loss(_mini: int, rows: slice) -> tuple[torch.Tensor, dict[str, float]]:
-            return value_loss(self._values(b, rows), b.old_values[rows], b.returns[rows], mask[rows],
+        def micro_loss(_mini: int, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+            rows = micro.rows
+            return value_loss(self._values(b, micro), b.old_values[rows], b.returns[rows], mask[rows],
                               clip=self.critic.value_clip, denominator=denominator)
 
         passes = self._optimize(self.critic.epochs, [plan], micro_loss)

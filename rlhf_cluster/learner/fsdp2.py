@@ -100,13 +100,12 @@ class FSDP2Learner(LearnerBase):
                 yield name, full.detach().to("cpu", copy=not isinstance(tensor, DTensor))
 
     @torch.no_grad()
-    def reference_logprobs(self, batch):
-        """With LoRA, the reference is the base model: the same forward with the adapters disabled."""
+    def _reference_logprobs(self, b, plans):
+        """With LoRA, the reference is the base model: the same passes with the adapters disabled."""
         if not self.cfg.learner.lora.enabled:
             return None
         with self.model.disable_adapter():
-            ref, _ = self._logprobs(self._to_device(batch), slice(None), with_entropy=False)
-        return ref
+            return self._frozen_logprobs(b, plans)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _digest_parts(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from rlhf_cluster.generation.quantization import quantize_linears
-from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.modeling import attention_of, load_causal_lm, response_logprobs
+from rlhf_cluster.packing import pack_rows
 from rlhf_cluster.records import Rollout, pad_sequences, token_budget_batches
 
 
@@ -35,9 +36,11 @@ class ReferenceModel:
         input_ids, attention_mask, prompt_lengths, T = pad_sequences(
             [r.prompt_ids for r in batch], [r.response_ids for r in batch]
         )
+        # Packed on the host copy: the lengths are never read back from the device.
+        packing = pack_rows(input_ids, attention_mask, prompt_lengths, T, attention_of(self.model)[0]).to(self.device)
         logp, _ = response_logprobs(
             self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device),
-            T, self.temperature, packed=None,
+            T, self.temperature, packing=packing,
         )
         logp = logp.float().cpu()
         return [logp[i, : len(r.response_ids)].tolist() for i, r in enumerate(batch)]

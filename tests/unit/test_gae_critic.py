@@ -136,3 +136,34 @@ def test_value_model_reads_token_t_before_it_is_chosen_and_ignores_padding(tiny_
     assert not torch.allclose(values[0, 3], values[1, 3], atol=1e-6)
     # The padded row's value equals the same sequence scored alone.
     assert torch.allclose(values[2, 0], alone[0, 0], atol=1e-5)
+
+
+def _critic_batch():
+    from tests.batches import ragged_batch
+
+    batch = ragged_batch([(5, 3), (2, 9), (7, 1), (3, 6), (4, 4), (2, 2)], seed=3)
+    generator = torch.Generator().manual_seed(0)
+    batch.returns = torch.randn(batch.advantages.shape, generator=generator) * batch.response_mask
+    batch.old_values = torch.zeros_like(batch.returns)
+    return batch
+
+
+def test_critic_values_and_step_packed_equal_padded_in_row_order(gloo_group, tiny_model_path):
+    """The critic runs the policy learner's packed path: the same values, in the batch's row order
+    when a token budget deals rows into micro-batches out of order, and the same value-loss step."""
+    from rlhf_cluster.learner.critic import ValueLearner
+
+    results = []
+    for packing, budget in ((False, None), (True, None), (True, 14)):
+        cfg = JobConfig.model_validate({**PPO, "critic": {"init": "policy", "world_size": 1, "lr": 1e-2, "seed": 5,
+                                                          "sequence_packing": packing,
+                                                          "max_tokens_per_micro_batch": budget}})
+        critic = ValueLearner(cfg, tiny_model_path)
+        batch = _critic_batch()
+        values = critic.values(batch)
+        metrics = critic.train_step(batch)
+        results.append((values * batch.response_mask, metrics))
+    (padded, padded_metrics), *others = results
+    for values, metrics in others:
+        assert torch.allclose(values, padded, atol=1e-5), (values - padded).abs().max()
+        assert metrics["critic/value_loss"] == pytest.approx(padded_metrics["critic/value_loss"], abs=1e-5)

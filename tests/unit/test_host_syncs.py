@@ -25,6 +25,21 @@ from tests.batches import ragged_batch
 READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
 
 
+def reads_the_device(func, args, kwargs) -> bool:
+    """Whether an operation needs a device value on the host: the reads above, indexing by a boolean
+    mask (its output size is the mask's count; on the CPU it reaches no `nonzero` a dispatch mode
+    sees) and `repeat_interleave` by a repeats tensor without its output size."""
+    name = func._schema.name
+    if name in READS:
+        return True
+    if name == "aten::index":
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+    if name == "aten::repeat_interleave":
+        return isinstance(args[0] if args else None, torch.Tensor) and len(args) < 2 and \
+            (kwargs or {}).get("output_size") is None
+    return False
+
+
 class HostReads(TorchDispatchMode):
     """Counts the operations that read a tensor's value back to the host, with where they came from."""
 
@@ -34,7 +49,7 @@ class HostReads(TorchDispatchMode):
         self.paused = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused and func._schema.name in READS:
+        if not self.paused and reads_the_device(func, args, kwargs):
             self.reads.append(func._schema.name)
         return func(*args, **(kwargs or {}))
 
@@ -90,3 +105,14 @@ def test_one_host_read_per_optimizer_update(gloo_group, tiny_model_path, monkeyp
     assert len(mode.reads) == updates, mode.reads
     assert metrics["learner/skipped_updates"] == 0 and metrics["policy/loss"] == metrics["policy/loss"]
     assert {"policy/kl", "policy/entropy", "correction/ess", "correction/weight_max", "policy/ratio_max"} <= set(metrics)
+
+
+def test_the_counter_sees_boolean_indexing_and_tensor_repeats():
+    """The reads a dispatch mode on the CPU would otherwise miss are counted; an index by positions is not one."""
+    mode = HostReads()
+    x = torch.arange(6)
+    with mode:
+        x[x % 2 == 0]
+        torch.repeat_interleave(torch.arange(2), torch.tensor([1, 2]))
+        x[torch.tensor([0, 2])]
+    assert mode.reads == ["aten::index", "aten::repeat_interleave"]

@@ -11,17 +11,18 @@ import torch
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
-from rlhf_cluster.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.modeling import attention_of, load_causal_lm, response_logprobs
 from rlhf_cluster.packing import balanced_parts, balanced_shares, pack_rows, token_budget_micro_batches
 from rlhf_cluster.records import TrainBatch, pad_sequences
 from tests.batches import ragged_batch
 
 
 def _rows(vocab: int, seed: int = 0):
-    """Right-padded rows of unequal prompt and response lengths, and the response mask."""
+    """Right-padded rows of unequal prompt and response lengths (9, 3, 9, 11, 4 and 7 tokens), and
+    the response mask."""
     rng = random.Random(seed)
-    prompts = [[rng.randrange(1, vocab) for _ in range(n)] for n in (4, 2, 6, 3)]
-    responses = [[rng.randrange(1, vocab) for _ in range(n)] for n in (5, 1, 3, 8)]
+    prompts = [[rng.randrange(1, vocab) for _ in range(n)] for n in (4, 2, 6, 3, 2, 5)]
+    responses = [[rng.randrange(1, vocab) for _ in range(n)] for n in (5, 1, 3, 8, 2, 2)]
     input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompts, responses)
     mask = torch.zeros(len(responses), T)
     for i, r in enumerate(responses):
@@ -29,19 +30,28 @@ def _rows(vocab: int, seed: int = 0):
     return input_ids, attention_mask, prompt_lengths, T, mask
 
 
-def test_packed_rows_hold_only_real_tokens_and_score_inside_their_own_row():
+@pytest.mark.parametrize("attention", ["flash_attention_2", "sdpa"])
+def test_packed_rows_hold_only_real_tokens_and_score_inside_their_own_sequence(attention):
     input_ids, attention_mask, prompt_lengths, T, mask = _rows(50)
-    packed = pack_rows(input_ids, attention_mask, prompt_lengths, T)
-    lengths = attention_mask.sum(1)
-    assert packed.input_ids.shape == (1, int(lengths.sum()))
-    assert packed.input_ids[0].tolist() == input_ids[attention_mask.bool()].tolist()
-    starts = torch.cumsum(lengths, 0) - lengths
-    for i in range(len(lengths)):
-        row = slice(int(starts[i]), int(starts[i] + lengths[i]))
-        assert packed.position_ids[0, row].tolist() == list(range(int(lengths[i])))
-        assert ((packed.positions[i] >= row.start) & (packed.positions[i] <= row.stop - 2)).all()
+    packing = pack_rows(input_ids, attention_mask, prompt_lengths, T, attention)
+    packed = packing.input_ids(input_ids)
+    lengths = attention_mask.sum(1).tolist()
+    R, C = packed.shape
+    if attention == "sdpa":  # rows no wider than the longest sequence, fewer than the padded rows
+        assert C == max(lengths) and R < len(lengths)
+    else:  # every sequence in one row, nothing else
+        assert (R, C) == (1, sum(lengths))
+    assert int((packing.sequence_ids >= 0).sum()) == sum(lengths)  # each real token once, no padding else
+    for i, length in enumerate(lengths):
+        slots = (packing.sequence_ids.reshape(-1) == i).nonzero().squeeze(1)
+        assert slots.tolist() == list(range(int(slots[0]), int(slots[0]) + length))  # contiguous
+        assert int(slots[0]) // C == int(slots[-1]) // C  # within one row
+        assert packed.reshape(-1)[slots].tolist() == input_ids[i, :length].tolist()
+        assert packing.position_ids.reshape(-1)[slots].tolist() == list(range(length))
+        assert ((packing.positions[i] >= slots[0]) & (packing.positions[i] <= slots[-1] - 1)).all()
         n = int(mask[i].sum())  # the real response tokens: each predicted by the token before it
-        assert packed.targets[i, :n].tolist() == input_ids[i, int(prompt_lengths[i]): int(prompt_lengths[i]) + n].tolist()
+        start = int(prompt_lengths[i])
+        assert packing.targets(packed)[i, :n].tolist() == input_ids[i, start: start + n].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -52,29 +62,40 @@ def tiny_model(tmp_path_factory):
     return load_causal_lm(ensure_tiny_model(TinyModelConfig(), str(tmp_path_factory.mktemp("models"))))
 
 
-def test_packed_log_probs_and_gradients_equal_the_padded_ones(tiny_model):
-    padded_model, packed_model = tiny_model, copy.deepcopy(tiny_model)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_log_probs_and_gradients_equal_the_padded_ones(tiny_model, attention):
+    """Several sequences share a packed row (SDPA's and eager attention's rows are as wide as the
+    longest sequence): the same values and gradients as right-padded rows."""
+    padded_model, packed_model = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    for model in (padded_model, packed_model):
+        model.config._attn_implementation = attention
     input_ids, attention_mask, prompt_lengths, T, mask = _rows(tiny_model.config.vocab_size)
-    a, a_ent = response_logprobs(padded_model, input_ids, attention_mask, prompt_lengths, T, 0.9, True)
-    b, b_ent = response_logprobs(packed_model, input_ids, attention_mask, prompt_lengths, T, 0.9, True, packed=True)
+    a, a_ent = response_logprobs(padded_model, input_ids, attention_mask, prompt_lengths, T, 0.9, True, packed=False)
+    b, b_ent = response_logprobs(packed_model, input_ids, attention_mask, prompt_lengths, T, 0.9, True)
     assert torch.allclose(a * mask, b * mask, atol=1e-5) and torch.allclose(a_ent * mask, b_ent * mask, atol=1e-5)
     ((a * mask).sum() + (a_ent * mask).sum()).backward()
     ((b * mask).sum() + (b_ent * mask).sum()).backward()
     for (name, p), q in zip(padded_model.named_parameters(), packed_model.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name
-    padded_model.zero_grad()
 
 
-def test_a_row_attends_only_to_itself_when_packed(tiny_model):
-    """Changing one row's tokens moves no other row's log-probs (a causal mask across rows would)."""
+def test_a_sequence_attends_only_to_itself_when_packed(tiny_model):
+    """Changing one sequence's tokens moves no other's log-probs (a causal mask across the
+    sequences sharing a row would)."""
     input_ids, attention_mask, prompt_lengths, T, mask = _rows(tiny_model.config.vocab_size)
+    packing = pack_rows(input_ids, attention_mask, prompt_lengths, T, attention_of(tiny_model)[0])
+    # Sequences 4 (4 tokens) and 5 (7 tokens) share a row: change the one placed first in it.
+    shared_row = packing.sequence_ids[(packing.sequence_ids == 5).any(1)].reshape(-1).tolist()
+    assert {4, 5} <= set(shared_row) <= {-1, 4, 5}
+    first = shared_row[0]
     with torch.no_grad():
-        before, _ = response_logprobs(tiny_model, input_ids, attention_mask, prompt_lengths, T, packed=True)
+        before, _ = response_logprobs(tiny_model, input_ids, attention_mask, prompt_lengths, T)
         changed = input_ids.clone()
-        changed[0, :4] = (changed[0, :4] + 7) % tiny_model.config.vocab_size
-        after, _ = response_logprobs(tiny_model, changed, attention_mask, prompt_lengths, T, packed=True)
-    assert torch.equal((before * mask)[1:], (after * mask)[1:])
-    assert not torch.equal((before * mask)[0], (after * mask)[0])
+        changed[first, :2] = (changed[first, :2] + 7) % tiny_model.config.vocab_size
+        after, _ = response_logprobs(tiny_model, changed, attention_mask, prompt_lengths, T)
+    others = [i for i in range(len(mask)) if i != first]
+    assert torch.equal((before * mask)[others], (after * mask)[others])
+    assert not torch.equal((before * mask)[first], (after * mask)[first])
 
 
 def test_micro_batches_keep_the_budget_and_balance():
