@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,10 +25,10 @@ import torch.distributed as dist
 from rlhf_cluster import tracing
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
+from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.modeling import attention_of, response_logprobs
-from rlhf_cluster.packing import PackedRows, plan_packing, row_tokens_for, to_device, token_budget_micro_batches
 from rlhf_cluster.records import TrainBatch, pad_sequences
 
 
@@ -53,31 +53,6 @@ def feed_digest(digest: "hashlib._Hash", prefix: str, value: Any) -> None:
         digest.update(local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     else:
         digest.update(f"{prefix}={value!r}".encode())
-
-
-Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
-
-
-class MicroBatch(NamedTuple):
-    """One forward/backward pass: its rows of the step's batch, whether they count (a padding pass
-    only keeps the sharded backends' collectives paired; its loss counts zero) and, when packing,
-    where its real tokens sit (planned on the host)."""
-
-    rows: Rows
-    real: bool
-    packing: PackedRows | None = None
-
-# Tokens per micro-batch on CUDA when `learner.max_tokens_per_micro_batch` is unset: an RL batch of
-# 16 sequences of ~1k tokens at Qwen2.5-1.5B's shape in one pass (issue 35).
-CUDA_MICRO_BATCH_TOKENS = 16384
-
-
-def micro_batch_token_budget(lc, device: torch.device) -> int | None:
-    """The learner's tokens per micro-batch: the config's, else CUDA_MICRO_BATCH_TOKENS on CUDA,
-    else None (a whole mini-batch at once)."""
-    if lc.max_tokens_per_micro_batch is not None:
-        return lc.max_tokens_per_micro_batch
-    return CUDA_MICRO_BATCH_TOKENS if device.type == "cuda" else None
 
 
 def done_future(result: Any = None) -> Future:
@@ -273,35 +248,9 @@ class LearnerBase(ABC):
         return passes
 
     def _micro_batches(self, local: TrainBatch, lo: int, hi: int) -> list[MicroBatch]:
-        """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most
-        `max_tokens_per_micro_batch` tokens (real tokens when packed, padded ones otherwise;
-        `micro_batch_token_budget`), balanced by tokens. Every rank runs the same number of
-        forward/backward passes (the sharded backends' collectives must pair up): a rank with fewer
-        pads with `real=False` passes on one row. Planned from the host copy of the batch and agreed
-        over a gloo group: planning never waits for the device."""
-        budget = micro_batch_token_budget(self.cfg.learner, self.device)
-        if budget is None:
-            return [self._micro_batch(local, list(range(lo, hi)), True)]
-        if self.cfg.learner.sequence_packing:
-            lengths = local.attention_mask[lo:hi].sum(1).tolist()
-        else:
-            lengths = [local.input_ids.shape[1]] * (hi - lo)
-        own = [self._micro_batch(local, [lo + i for i in part], True) for part in token_budget_micro_batches(lengths, budget)]
-        t = torch.tensor([len(own)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return own + [self._micro_batch(local, [lo], False)] * (int(t.item()) - len(own))
-
-    def _micro_batch(self, local: TrainBatch, indices: list[int], real: bool) -> MicroBatch:
-        """The pass over rows `indices` of the host batch `local`, its row indices and packed layout
-        on the device (copies from the host that never wait for the device)."""
-        contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
-        rows = slice(indices[0], indices[-1] + 1) if contiguous else to_device(torch.tensor(indices), self.device)
-        if not self.cfg.learner.sequence_packing:
-            return MicroBatch(rows, real)
-        lengths = local.attention_mask[indices].sum(1).tolist()
-        packing = plan_packing(lengths, local.prompt_lengths[indices].tolist(), local.input_ids.shape[1],
-                               local.response_mask.shape[1], row_tokens_for(self._attention_implementation(), lengths))
-        return MicroBatch(rows, real, packing.to(self.device))
+        """Rows [lo, hi) of the host batch `local` as this step's passes (`plan_micro_batches`)."""
+        return plan_micro_batches(local, lo, hi, self.cfg.learner, self.device, self._attention_implementation(),
+                                  self.host_group)
 
     def _attention_implementation(self) -> str:
         """The attention the learner's model runs (how its packed rows are sized)."""

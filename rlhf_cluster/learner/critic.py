@@ -19,8 +19,8 @@ import torch
 
 from rlhf_cluster.algorithms import value_loss
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.learner.base import MicroBatch
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.modeling import attention_of
 from rlhf_cluster.packing import PackedRows
 from rlhf_cluster.records import TrainBatch

@@ -1,0 +1,72 @@
+"""A learner step's passes: rows dealt into micro-batches by a token budget, each with its packed
+layout, planned on the host so that planning never waits for the device."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from rlhf_cluster.packing import PackedRows, plan_packing, row_tokens_for, to_device, token_budget_micro_batches
+from rlhf_cluster.records import TrainBatch
+
+Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
+
+# Tokens per micro-batch on CUDA when `learner.max_tokens_per_micro_batch` is unset: an RL batch of
+# 16 sequences of ~1k tokens at Qwen2.5-1.5B's shape in one pass (issue 35).
+CUDA_MICRO_BATCH_TOKENS = 16384
+
+
+class MicroBatch(NamedTuple):
+    """One forward/backward pass: its rows of the step's batch, whether they count (a padding pass
+    only keeps the sharded backends' collectives paired; its loss counts zero) and, when packing,
+    where its real tokens sit (planned on the host)."""
+
+    rows: Rows
+    real: bool
+    packing: PackedRows | None = None
+
+
+def micro_batch_token_budget(lc, device: torch.device) -> int | None:
+    """The learner's tokens per micro-batch: the config's, else CUDA_MICRO_BATCH_TOKENS on CUDA,
+    else None (a whole mini-batch at once)."""
+    if lc.max_tokens_per_micro_batch is not None:
+        return lc.max_tokens_per_micro_batch
+    return CUDA_MICRO_BATCH_TOKENS if device.type == "cuda" else None
+
+
+def plan_micro_batches(local: TrainBatch, lo: int, hi: int, lc, device: torch.device, attention: str,
+                       host_group: dist.ProcessGroup | None) -> list[MicroBatch]:
+    """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most
+    `lc.max_tokens_per_micro_batch` tokens (real tokens when packed, padded ones otherwise;
+    `micro_batch_token_budget`), balanced by tokens. Every rank runs the same number of
+    forward/backward passes (the sharded backends' collectives must pair up): a rank with fewer pads
+    with `real=False` passes on one row. The count is agreed over `host_group` (gloo)."""
+    budget = micro_batch_token_budget(lc, device)
+    packed = lc.sequence_packing
+    if budget is None:
+        return [micro_batch(local, list(range(lo, hi)), True, packed, device, attention)]
+    if packed:
+        lengths = local.attention_mask[lo:hi].sum(1).tolist()
+    else:
+        lengths = [local.input_ids.shape[1]] * (hi - lo)
+    own = [micro_batch(local, [lo + i for i in part], True, packed, device, attention)
+           for part in token_budget_micro_batches(lengths, budget)]
+    count = torch.tensor([len(own)])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=host_group)
+    return own + [micro_batch(local, [lo], False, packed, device, attention)] * (int(count.item()) - len(own))
+
+
+def micro_batch(local: TrainBatch, indices: list[int], real: bool, packed: bool, device: torch.device,
+                attention: str) -> MicroBatch:
+    """The pass over rows `indices` of the host batch `local`: its row indices and (`packed`) its
+    layout for a model running `attention`, on `device` by copies the host does not wait for."""
+    contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
+    rows = slice(indices[0], indices[-1] + 1) if contiguous else to_device(torch.tensor(indices), device)
+    if not packed:
+        return MicroBatch(rows, real)
+    lengths = local.attention_mask[indices].sum(1).tolist()
+    packing = plan_packing(lengths, local.prompt_lengths[indices].tolist(), local.input_ids.shape[1],
+                           local.response_mask.shape[1], row_tokens_for(attention, lengths))
+    return MicroBatch(rows, real, packing.to(device))
