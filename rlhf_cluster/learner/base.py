@@ -29,6 +29,7 @@ from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batc
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.modeling import attention_of, response_logprobs
+from rlhf_cluster.packing import to_device
 from rlhf_cluster.records import TrainBatch, pad_sequences
 
 
@@ -175,7 +176,8 @@ class LearnerBase(ABC):
         return t.tolist()
 
     def _to_device(self, batch: TrainBatch) -> TrainBatch:
-        fields = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+        """The host batch on the learner's device, by copies the host does not wait for (`to_device`)."""
+        fields = {k: (to_device(v, self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
         return TrainBatch(**fields)
 
     @torch.no_grad()
