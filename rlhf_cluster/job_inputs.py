@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
@@ -32,16 +33,24 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     the reference, the learner and generation all start there."""
     model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
     train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
-    prompts = read_prompt_file(train_file, cfg.data.columns if cfg.data.path else None)
-    eval_prompts = read_prompt_file(eval_file) if eval_file is not None else []
+    columns = cfg.data.columns if cfg.data.path else None
+    prompts = read_prompt_file(train_file, columns)
+    eval_prompts = read_prompt_file(eval_file, columns) if eval_file is not None else []
+    if cfg.data.path is not None and (cfg.data.eval_fraction or eval_file is not None):
+        split = (split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed) if cfg.data.eval_fraction
+                 else split_by_file(prompts, eval_prompts, str(eval_file)))
+        split.write(run_dir.root / "data" / "held_out.json")
+        prompts, eval_prompts = split.train, evaluated(split.held_out, cfg.data.eval_prompts, cfg.data.seed)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # the warm-up keeps it: one for templates, lengths, probe
     if cfg.data.chat_template:
         prompts = apply_chat_template(prompts, tokenizer, cfg.data.system_prompt)
         eval_prompts = apply_chat_template(eval_prompts, tokenizer, cfg.data.system_prompt)
-    check_prompt_lengths(prompts, tokenizer, cfg.generation.max_model_len - cfg.generation.sampling.max_new_tokens,
-                         str(train_file))
+    room = cfg.generation.max_model_len - cfg.generation.sampling.max_new_tokens
+    check_prompt_lengths(prompts, tokenizer, room, str(train_file))
+    if eval_file is not None:
+        check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file))
     if cfg.model.sft_warmup_steps:
         # The tool task is warmed up on episodes (some calling the calculator), the others on answers.
         demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None

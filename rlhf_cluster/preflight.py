@@ -160,12 +160,21 @@ def _prompt_file(cfg: JobConfig) -> list[str]:
     # The whole file: every row is checked before any work starts.
     from rlhf_cluster.data.prompts import read_prompt_file
 
+    from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
+
     if cfg.data.path is None:
         return []
     try:
-        read_prompt_file(cfg.data.path, cfg.data.columns)
+        prompts = read_prompt_file(cfg.data.path, cfg.data.columns)
     except (OSError, ValueError) as exc:
         return [f"data.path: {exc}"]
+    try:
+        if cfg.data.eval_path is not None:
+            split_by_file(prompts, read_prompt_file(cfg.data.eval_path, cfg.data.columns), cfg.data.eval_path)
+        elif cfg.data.eval_fraction:
+            split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
+    except (OSError, ValueError) as exc:
+        return [str(exc) if str(exc).startswith("data.") else f"data.eval_path: {exc}"]
     return []
 
 

@@ -96,7 +96,16 @@ class DataConfig(_Strict):
     verifier_pattern: str | None = Field(None, description="`regex` verifier: the pattern (group 1, if any, is the answer).")
     num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
     max_operand: int = Field(49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand.")
-    eval_prompts: int = Field(64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train).")
+    eval_prompts: int = Field(
+        64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train); with the user's "
+        "data, at most this many of the held-out prompts (a seeded choice) are evaluated each time.")
+    eval_path: str | None = Field(
+        None, description="Held-out prompts of the user's data: a file or folder as `path` takes, with the same "
+        "`columns`. Training prompts that repeat one of them are dropped from training.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `path`'s distinct prompts (a seeded split by "
+        "content: a prompt repeated under another id stays on one side), never trained on; the held-out ids are "
+        "written to <run_dir>/data/held_out.json. 0: no split.")
     eval_samples: int = Field(
         8, ge=0, description="Held-out evaluation also samples this many responses per prompt at the training "
         "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy only)."
@@ -112,6 +121,12 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _verifier_and_template(self) -> "DataConfig":
+        for name in ("eval_path", "eval_fraction"):
+            if getattr(self, name) and self.path is None:
+                raise ValueError(f"data.{name} holds out part of the user's prompts (data.path), which is not set; the "
+                                 "built-in task writes its own held-out prompts (data.eval_prompts)")
+        if self.eval_path is not None and self.eval_fraction:
+            raise ValueError("data.eval_path and data.eval_fraction both name held-out prompts; set one of them")
         if self.eval_samples and any(not 1 <= k <= self.eval_samples for k in self.eval_pass_k):
             raise ValueError(f"data.eval_pass_k: each k must be between 1 and data.eval_samples={self.eval_samples}, "
                              f"got {self.eval_pass_k}")

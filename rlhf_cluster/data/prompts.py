@@ -174,10 +174,11 @@ def _write_task_file(rows: list[dict], path: Path) -> Path:
 
 
 def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Path | None]:
-    """The train (and, for built-in tasks, held-out eval) prompt files of a job. Both built-in
-    tasks ask the same sums; `tool_arithmetic` differs in how they are answered and judged."""
+    """The train and held-out eval prompt files of a job (the user's `path` and `eval_path`; a
+    built-in task writes both). Both built-in tasks ask the same sums; `tool_arithmetic` differs in
+    how they are answered and judged."""
     if cfg.path is not None:
-        return Path(cfg.path).expanduser(), None
+        return Path(cfg.path).expanduser(), Path(cfg.eval_path).expanduser() if cfg.eval_path else None
     data_dir = Path(run_dir) / "data"
     train = _write_task_file(arithmetic_rows(cfg.num_prompts, cfg.seed, "train", cfg.max_operand), data_dir / "train.parquet")
     held_out = None

@@ -1,7 +1,8 @@
 """Bring your own model and data, by config alone, through the CLI: a Qwen2 folder saved with
 `save_pretrained` (ChatML chat template) and a GSM8K-format parquet with its own column names,
 prompts put through the chat template, responses judged by the gsm8k verifier. The engine must
-receive exactly the tokenizer's chat-template encoding of every prompt."""
+receive exactly the tokenizer's chat-template encoding of every prompt. A quarter of the file is
+held out (`data.eval_fraction`), evaluated every 2 steps, and never trained on."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
         "name": "byo", "run_dir": str(run_dir),
         "model": {"path": str(model)},
         "data": {"path": str(data), "columns": {"prompt": "question", "answer": "answer"}, "chat_template": True,
-                 "system_prompt": SYSTEM, "verifier": "gsm8k"},
+                 "system_prompt": SYSTEM, "verifier": "gsm8k", "eval_fraction": 0.25, "eval_every_steps": 2,
+                 "eval_prompts": 4, "eval_samples": 2, "eval_pass_k": [1, 2]},
         "generation": {"sampling": {"n": 4, "max_new_tokens": 16}},
         "algorithm": {"preset": "grpo"},
         "learner": {"world_size": 1, "lr": 1e-4},
@@ -64,3 +66,15 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
             expected = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
             assert list(s.prompt_ids) == list(expected), s.prompt_id
             assert "correct" in s.reward_components  # the gsm8k verifier scored it
+
+    # The held-out quarter: written down, evaluated every 2 steps and at the end, never trained on
+    # (by content: the file repeats some questions under other row ids).
+    held_ids = json.loads((run_dir / "data" / "held_out.json").read_text())["held_out_ids"]
+    held_questions = {questions[i] for i in held_ids}
+    assert len(held_questions) == -(-len(set(questions.values())) // 4)
+    trained = {questions[s.prompt_id] for _fate, samples in groups for s in samples}
+    assert trained and trained.isdisjoint(held_questions)
+    assert {"eval_accuracy", "eval_sampled_accuracy", "eval_pass@1", "eval_pass@2"} <= set(rows[1]), rows[1]
+    assert all(0.0 <= rows[1][k] <= 1.0 for k in ("eval_accuracy", "eval_pass@2"))
+    assert "eval_accuracy" not in rows[0]
+    assert (run_dir / "eval.json").is_file()

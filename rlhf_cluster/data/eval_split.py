@@ -1,0 +1,72 @@
+"""The held-out prompts of a job on the user's data: a seeded split of its prompt file
+(`data.eval_fraction`) or a file of its own (`data.eval_path`), never trained on.
+
+"Never trained on" is by content, not by id: a prompt file may repeat a prompt under another id,
+so prompts are grouped by what the engine would see (the text, or the chat messages and system
+prompt) and a group is wholly train or wholly held out; a train prompt that repeats a held-out one
+is dropped from training (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_cluster.data.prompts import Prompt
+
+
+def content_key(prompt: Prompt) -> str:
+    """What identifies a prompt's content: its chat messages when it has them, else its text."""
+    return json.dumps(list(prompt.messages), sort_keys=True) if prompt.messages else prompt.text
+
+
+@dataclass
+class EvalSplit:
+    """The prompts a job trains on and the held-out ones it evaluates on (disjoint by content)."""
+
+    train: list[Prompt]
+    held_out: list[Prompt]
+    dropped_repeats: int  # train prompts dropped for repeating a held-out prompt's content
+
+    def write(self, path: Path) -> None:
+        """The held-out prompt ids, for audit (`<run_dir>/data/held_out.json`)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"held_out_ids": [p.prompt_id for p in self.held_out],
+                                   "dropped_train_repeats": self.dropped_repeats}, indent=1))
+        tmp.replace(path)
+
+
+def split_by_fraction(prompts: list[Prompt], fraction: float, seed: int) -> EvalSplit:
+    """`fraction` of the distinct prompt contents (rounded up, at least one, never all), chosen by
+    a seeded shuffle, held out with every prompt that repeats them."""
+    keys = list(dict.fromkeys(content_key(p) for p in prompts))
+    if len(keys) < 2:
+        raise ValueError(f"data.eval_fraction={fraction}: the prompt file has {len(keys)} distinct prompt(s); "
+                         "a split needs at least 2 (or give held-out prompts in data.eval_path)")
+    count = min(max(1, math.ceil(fraction * len(keys))), len(keys) - 1)
+    order = keys[:]
+    random.Random(f"eval-split-{seed}").shuffle(order)
+    held = set(order[:count])
+    return EvalSplit([p for p in prompts if content_key(p) not in held], [p for p in prompts if content_key(p) in held], 0)
+
+
+def split_by_file(prompts: list[Prompt], held_out: list[Prompt], source: str) -> EvalSplit:
+    """The held-out prompts of `source`; train prompts repeating one of them are dropped."""
+    held = {content_key(p) for p in held_out}
+    train = [p for p in prompts if content_key(p) not in held]
+    if not train:
+        raise ValueError(f"data.eval_path={source}: every training prompt repeats a held-out one; nothing is left to train on")
+    return EvalSplit(train, held_out, len(prompts) - len(train))
+
+
+def evaluated(held_out: list[Prompt], limit: int, seed: int) -> list[Prompt]:
+    """At most `limit` of the held-out prompts (a seeded choice, in file order): what each
+    evaluation runs, so its cost stays bounded however large the held-out set."""
+    if len(held_out) <= limit:
+        return held_out
+    chosen = set(random.Random(f"eval-subset-{seed}").sample(range(len(held_out)), limit))
+    return [p for i, p in enumerate(held_out) if i in chosen]
