@@ -102,6 +102,10 @@ MULTI_VERSION = Gauge(
 # The step's rollouts (rlhf_cluster/rollout_stats.py): length runaway, truncation, reward spread, diversity.
 EVAL_ACCURACY = Gauge("rlhf_eval_accuracy", "Held-out accuracy at the last periodic evaluation (verifier), greedy "
                       "or sampled (mean over data.eval_samples answers per prompt).", LABELS + ("mode",))
+EVAL_SOURCE_ACCURACY = Gauge("rlhf_eval_source_accuracy", "Held-out greedy accuracy at the last periodic evaluation "
+                             "within one source of the prompts (data.columns.source).", LABELS + ("source",))
+EVAL_REWARD = Gauge("rlhf_eval_reward_mean", "Held-out mean reward of the greedy answers at the last periodic "
+                    "evaluation.", LABELS)
 EVAL_PASS_AT_K = Gauge("rlhf_eval_pass_at_k", "Held-out pass@k at the last periodic evaluation (unbiased estimator).",
                        LABELS + ("k",))
 EPISODE_TURNS = Histogram("rlhf_generation_episode_turns", "Model turns per multi-turn episode.", LABELS,
@@ -146,6 +150,7 @@ STEP_GAUGES = {
     "truncated_fraction": TRUNCATED,
     "unique_per_group": UNIQUE_PER_GROUP,
     "learner_wait_seconds": LEARNER_WAIT,
+    "eval_reward_mean": EVAL_REWARD,
 }
 # Columns that are one labelled series of a gauge: column -> (gauge, extra labels).
 STEP_LABELLED_GAUGES = {
@@ -164,7 +169,7 @@ STEP_LABELLED_GAUGES = {
     "eval_sampled_accuracy": (EVAL_ACCURACY, {"mode": "sampled"}),
 }
 # Columns named by a prefix and one label value: prefix -> (gauge, the label the rest fills).
-STEP_PREFIXED_GAUGES = {"eval_pass@": (EVAL_PASS_AT_K, "k")}
+STEP_PREFIXED_GAUGES = {"eval_pass@": (EVAL_PASS_AT_K, "k"), "eval_accuracy/": (EVAL_SOURCE_ACCURACY, "source")}
 
 
 @dataclass(frozen=True)

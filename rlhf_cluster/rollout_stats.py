@@ -84,6 +84,21 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
+def accuracy(correct_by_prompt: dict[str, list[bool]]) -> float:
+    """The share of right answers over every prompt's answers."""
+    return statistics.fmean(x for answers in correct_by_prompt.values() for x in answers)
+
+
+def accuracy_by_source(correct_by_prompt: dict[str, list[bool]], source_of: dict[str, str | None]) -> dict[str, float]:
+    """`accuracy` within each source of the prompts that name one (empty when none does)."""
+    grouped: dict[str, dict[str, list[bool]]] = {}
+    for prompt_id, answers in correct_by_prompt.items():
+        source = source_of.get(prompt_id)
+        if source is not None:
+            grouped.setdefault(source, {})[prompt_id] = answers
+    return {source: accuracy(group) for source, group in sorted(grouped.items())}
+
+
 def mean_pass_at_k(correct_by_prompt: dict[str, list[bool]], k: int) -> float:
     """pass@k averaged over prompts (each prompt's estimate from its own answers)."""
     return statistics.fmean(pass_at_k(len(c), sum(c), k) for c in correct_by_prompt.values())

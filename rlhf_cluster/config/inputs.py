@@ -73,6 +73,8 @@ class PromptColumns(_Strict):
         "data.chat_template.")
     answer: str | None = Field(None, description="Column of reference answers (None: `answer` if present).")
     prompt_id: str | None = Field(None, description="Column of unique ids (None: `prompt_id` if present, else `row-<n>`).")
+    source: str | None = Field(None, description="Column naming each prompt's source (a dataset, a difficulty): "
+                               "evaluation also reports accuracy per source (`eval_accuracy/<source>`).")
 
 
 class DataConfig(_Strict):

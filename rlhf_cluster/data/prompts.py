@@ -31,6 +31,7 @@ class Prompt:
     answer: str
     token_ids: tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None  # a chat `messages` column, rendered by `apply_chat_template`
+    source: str | None = None  # where the prompt comes from (`data.columns.source`): evaluation reports per source
 
     def encode(self, tokenizer) -> list[int]:
         """The prompt's token ids as the engine sees them."""
@@ -100,7 +101,8 @@ def read_prompt_file(path: str | Path, columns: PromptColumns | None = None) -> 
     text_column = columns.messages or columns.prompt
     id_column = columns.prompt_id or ("prompt_id" if "prompt_id" in table.column_names else None)
     answer_column = columns.answer or ("answer" if "answer" in table.column_names else None)
-    missing = [c for c in (text_column, id_column, answer_column) if c is not None and c not in table.column_names]
+    missing = [c for c in (text_column, id_column, answer_column, columns.source)
+               if c is not None and c not in table.column_names]
     if missing:
         raise ValueError(f"prompt file {file}: missing column(s) {missing} (data.columns); it has {table.column_names}")
     if table.num_rows == 0:
@@ -108,14 +110,16 @@ def read_prompt_file(path: str | Path, columns: PromptColumns | None = None) -> 
     ids = _prompt_ids(file, table.column(id_column).to_pylist() if id_column else None, table.num_rows)
     answers = table.column(answer_column).to_pylist() if answer_column else [""] * len(ids)
     answers = ["" if a is None else str(a) for a in answers]
+    sources = [None if x is None else str(x) for x in table.column(columns.source).to_pylist()] if columns.source \
+        else [None] * len(ids)
     if columns.messages:
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
-        return [Prompt(i, "", a, messages=m) for i, a, m in zip(ids, answers, chats)]
+        return [Prompt(i, "", a, messages=m, source=src) for i, a, m, src in zip(ids, answers, chats, sources)]
     texts = table.column(columns.prompt).to_pylist()
     bad = [i for i, t in zip(ids, texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"prompt file {file}: empty or non-string prompt for prompt_id(s) {bad[:5]}")
-    return [Prompt(i, t, a) for i, t, a in zip(ids, texts, answers)]
+    return [Prompt(i, t, a, source=src) for i, t, a, src in zip(ids, texts, answers, sources)]
 
 
 def _prompt_ids(file: Path, raw_ids: list | None, rows: int) -> list[str]:
@@ -160,7 +164,7 @@ def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | N
         ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
-        out.append(Prompt(p.prompt_id, text, p.answer, tuple(int(t) for t in ids)))
+        out.append(Prompt(p.prompt_id, text, p.answer, tuple(int(t) for t in ids), source=p.source))
     return out
 
 

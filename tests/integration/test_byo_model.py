@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import yaml
 from transformers import AutoTokenizer
@@ -27,12 +29,15 @@ SYSTEM = "Solve the problem. End with #### and the number."
 def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path):
     model = save_chat_model(tmp_path / "my-qwen2")
     data = write_gsm8k_parquet(tmp_path / "gsm8k.parquet", count=64)
+    table = pq.read_table(data)  # a source column: evaluation reports accuracy per source
+    pq.write_table(table.append_column("level", pa.array(["easy" if i % 2 else "hard" for i in range(table.num_rows)])), data)
     run_dir = tmp_path / "run"
     config = tmp_path / "byo.yaml"
     config.write_text(yaml.safe_dump({
         "name": "byo", "run_dir": str(run_dir),
         "model": {"path": str(model)},
-        "data": {"path": str(data), "columns": {"prompt": "question", "answer": "answer"}, "chat_template": True,
+        "data": {"path": str(data), "columns": {"prompt": "question", "answer": "answer", "source": "level"},
+                 "chat_template": True,
                  "system_prompt": SYSTEM, "verifier": "gsm8k", "eval_fraction": 0.25, "eval_every_steps": 2,
                  "eval_prompts": 4, "eval_samples": 2, "eval_pass_k": [1, 2]},
         "generation": {"sampling": {"n": 4, "max_new_tokens": 16}},
@@ -76,5 +81,7 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
     assert trained and trained.isdisjoint(held_questions)
     assert {"eval_accuracy", "eval_sampled_accuracy", "eval_pass@1", "eval_pass@2"} <= set(rows[1]), rows[1]
     assert all(0.0 <= rows[1][k] <= 1.0 for k in ("eval_accuracy", "eval_pass@2"))
-    assert "eval_accuracy" not in rows[0]
+    per_source = {k.removeprefix("eval_accuracy/") for k in rows[1] if k.startswith("eval_accuracy/")}
+    assert per_source and per_source <= {"easy", "hard"}, rows[1]
+    assert "eval_reward_mean" in rows[1] and "eval_accuracy" not in rows[0]
     assert (run_dir / "eval.json").is_file()

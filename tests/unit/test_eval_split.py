@@ -88,3 +88,18 @@ def test_preflight_names_a_bad_eval_file_and_reads_it_with_the_same_columns(tmp_
     one = JobConfig.model_validate({"data": {**data, "path": str(tmp_path / "eval.parquet"), "eval_fraction": 0.5}})
     with pytest.raises(ConfigError, match="data.eval_fraction=0.5: the prompt file has 1 distinct"):
         preflight(one)
+
+
+def test_accuracy_per_source_from_a_source_column(tmp_path):
+    from rlhf_cluster.config.inputs import PromptColumns
+    from rlhf_cluster.rollout_stats import accuracy, accuracy_by_source
+
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "origin": ["easy", "hard", None]}), tmp_path / "p.parquet")
+    prompts = read_prompt_file(tmp_path / "p.parquet", PromptColumns(source="origin"))
+    assert [p.source for p in prompts] == ["easy", "hard", None]
+    correct = {"row-0": [True, True], "row-1": [False, True], "row-2": [False, False]}
+    by_source = accuracy_by_source(correct, {p.prompt_id: p.source for p in prompts})
+    assert by_source == {"easy": 1.0, "hard": 0.5} and accuracy(correct) == 0.5
+    assert accuracy_by_source(correct, {}) == {}
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['kind'\]"):
+        read_prompt_file(tmp_path / "p.parquet", PromptColumns(source="kind"))
