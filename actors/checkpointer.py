@@ -13,6 +13,7 @@ from actors.reporting import Reporter
 from actors.trainer import Trainer
 from rlhf_cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.guardrails import GuardVerdict
 from rlhf_cluster.job_state import JobState
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
@@ -23,7 +24,8 @@ class Checkpointer:
 
     def __init__(self, cfg: JobConfig, run_dir: RunDir, store: WeightStore, reporter: Reporter):
         self.cfg, self.run_dir, self.store, self.reporter = cfg, run_dir, store, reporter
-        self.checkpoints = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep)
+        self.checkpoints = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.guardrails.keep_best,
+                                           cfg.guardrails.higher_is_better)
         self._writing: asyncio.Task | None = None
 
     def open_run(self, resume: str | None, overwrite: bool | str, job_name: str) -> Checkpoint | None:
@@ -62,8 +64,12 @@ class Checkpointer:
         kept = self.checkpoints.set_aside(path)
         tqdm.write(f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})")
 
-    def due(self, step: int, stopping: bool) -> bool:
-        return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping
+    def due(self, step: int, stopping: bool, verdict: GuardVerdict | None = None) -> bool:
+        """Whether step `step` is checkpointed: every `checkpoint.every_steps`, the last, a stop, and
+        (`guardrails.keep_best`) an evaluation better than every earlier one."""
+        best = verdict is not None and verdict.improved and self.cfg.guardrails.keep_best > 0
+        return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping \
+            or best
 
     def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState) -> tuple[int, dict | None]:
         """Put the ranks, the weight store and `state` (fresh) where `ckpt` left them, or at the
@@ -108,8 +114,10 @@ class Checkpointer:
                        + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items()))
         return ckpt.version, delivery
 
-    async def save(self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState) -> None:
-        """Snapshot the state and stage every rank's state now; the files are finished in the background."""
+    async def save(self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState,
+                   verdict: GuardVerdict | None = None) -> None:
+        """Snapshot the state and stage every rank's state now; the files are finished in the
+        background. `verdict`: the step's evaluation, the score best-k retention ranks it by."""
         await self.wait()  # one checkpoint at a time
         tmp = self.checkpoints.begin(step)
         try:
@@ -118,6 +126,8 @@ class Checkpointer:
             self._failed(tmp, step, exc)
             return
         digests = await trainer.stage_checkpoint(tmp)
+        if verdict is not None:
+            digests = {**digests, "guard": {"metric": self.cfg.guardrails.metric, "value": verdict.value}}
         self._writing = tg.create_task(self._finish(tmp, step, digests, trainer, state))
 
     async def wait(self) -> None:

@@ -196,6 +196,8 @@ def _print_result(cfg: JobConfig, result) -> None:
             f"held-out accuracy ({cfg.data.eval_samples} samples per prompt, verifier): "
             f"before {result.sampled_accuracy_before:.3f}, after {result.sampled_accuracy_after:.3f}"
         )
+    if result.early_stop:
+        typer.echo(f"stopped early: {result.early_stop}")
     typer.echo(
         f"done: {len(result.rows)} steps, weight version {result.final_version}, "
         f"final reward {last['reward_mean']:.3f}; metrics in {result.run_dir}/metrics.jsonl"

@@ -29,6 +29,7 @@ from actors.trainer import Trainer, start_trainer
 from rlhf_cluster.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience import observe_step_kl
+from rlhf_cluster.guardrails import EvalGuard
 from rlhf_cluster.job_inputs import prepare_inputs
 from rlhf_cluster.job_state import JobState
 from rlhf_cluster.metrics import serve_metrics
@@ -108,6 +109,8 @@ class Driver:
         # With the direct transport `delivery` carries these weights to every engine (None: filesystem).
         self.published_version, self.delivery = self.checkpointer.restore(ckpt, self.trainer, self.state)
         self.reporter.version(self.published_version)
+        self.guard = EvalGuard(self.cfg.guardrails)  # the evaluations of the steps the checkpoint keeps
+        self.guard.replay(self.run_dir.read(RunDir.METRICS))
 
     def _scrape_targets(self) -> dict[str, dict[str, dict]]:
         driver = {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}} if self.metrics_port else {}
@@ -218,16 +221,23 @@ class Driver:
                     with self.reporter.span("evaluate", version=self.published_version):
                         counters.update(await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version,
                                                        self.cfg.data))
+                verdict = self.guard.observe(step, counters)  # None unless this step evaluated the watched metric
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
+                if verdict is not None:
+                    self.reporter.guardrails(verdict)
                 with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
                     await self._flush_scored_log()
                 last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
                 bar.update(1)
-                if self.checkpointer.due(step, self.stop_requested):
+                early_stop = verdict.stop if verdict is not None else None
+                if self.checkpointer.due(step, self.stop_requested or early_stop is not None, verdict):
                     with self.reporter.span("checkpoint", step=step):
-                        await self.checkpointer.save(tg, step, self.trainer, self.state)
+                        await self.checkpointer.save(tg, step, self.trainer, self.state, verdict)
                     checkpointed = step
                 step += 1
+                if early_stop is not None:  # the job ends as if at its last step: evaluated, reported
+                    self.reporter.result.early_stop = early_stop
+                    break
             if self.stop_requested and step > self.state.start_step and checkpointed != step - 1:
                 await self.checkpointer.save(tg, step - 1, self.trainer, self.state)  # no trained step is lost
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from rlhf_cluster import metrics as m
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.probe import MismatchAlarm
+from rlhf_cluster.guardrails import GuardVerdict
 from rlhf_cluster.metrics import MetricLabels
 from rlhf_cluster.records import ScoredSample
 from rlhf_cluster.run_dir import RunDir
@@ -51,6 +52,7 @@ class JobResult:
     evaluation_after: dict[str, float] = field(default_factory=dict)
     run_dir: str = ""
     stopped: bool = False  # ended by `Job.stop` (or a signal) before the last step, with a checkpoint
+    early_stop: str | None = None  # why the guardrails ended the run before the last step (checkpointed, evaluated)
 
     @property
     def accuracy_before(self) -> float | None:
@@ -182,6 +184,20 @@ class Reporter:
 
     def restart(self, pool: str, worker: str) -> None:
         m.RESTARTS.labels(job=self.cfg.name, pool=pool, worker=worker).inc()
+
+    def guardrails(self, verdict: GuardVerdict) -> None:
+        """An evaluation the guardrails acted on (a best checkpoint kept, an early stop): a row of
+        events.jsonl, the actions counter, and a line on the console for a stop."""
+        actions = (["best"] if verdict.improved and self.cfg.guardrails.keep_best else []) + (["stop"] if verdict.stop else [])
+        if not actions:
+            return
+        for action in actions:
+            self.labels.of(m.GUARDRAIL_ACTIONS, action=action).inc()
+        self.run_dir.append(RunDir.EVENTS, [{"step": verdict.step, "event": "guardrails", "actions": actions,
+                                             "metric": self.cfg.guardrails.metric, "value": verdict.value,
+                                             "reason": verdict.stop, "time": time.time()}])
+        if verdict.stop:
+            tqdm.write(f"stopping early: {verdict.stop}")
 
     def checkpoint_failed(self) -> None:
         self.labels.of(m.CHECKPOINT_FAILURES).inc()

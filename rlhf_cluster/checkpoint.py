@@ -69,12 +69,21 @@ class Checkpoint:
         return json.loads((self.path / "driver.json").read_text())
 
 
+def best_checkpoints(scored: dict[int, float], keep: int, higher_is_better: bool) -> set[int]:
+    """The keys of the `keep` best scores (ties: the smaller key, the older checkpoint)."""
+    order = sorted(scored, key=lambda step: (-scored[step] if higher_is_better else scored[step], step))
+    return set(order[:keep])
+
+
 class CheckpointStore:
     """Creates, finalises, verifies and prunes the checkpoints of one job."""
 
-    def __init__(self, root: str | Path, keep: int = 3):
+    def __init__(self, root: str | Path, keep: int = 3, keep_best: int = 0, higher_is_better: bool = True):
         self.root = Path(root).expanduser()
         self.keep = keep
+        # Also kept: the `keep_best` checkpoints whose manifest scores best (its "guard" entry, the
+        # evaluation metric `guardrails.keep_best` ranks by).
+        self.keep_best, self.higher_is_better = keep_best, higher_is_better
 
     @staticmethod
     def name(step: int) -> str:
@@ -118,10 +127,24 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         complete = self.list()
-        for path in complete[: max(0, len(complete) - self.keep)]:
-            shutil.rmtree(path, ignore_errors=True)
+        kept = set(complete[max(0, len(complete) - self.keep):])
+        if self.keep_best:
+            scored = {i: score for i, path in enumerate(complete) if (score := self.score(path)) is not None}
+            kept |= {complete[i] for i in best_checkpoints(scored, self.keep_best, self.higher_is_better)}
+        for path in complete:
+            if path not in kept:
+                shutil.rmtree(path, ignore_errors=True)
         for tmp in self.root.glob(".step-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def score(path: Path) -> float | None:
+        """The evaluation metric a checkpoint was ranked by (`guardrails.keep_best`), if any."""
+        try:
+            guard = json.loads((path / MANIFEST).read_text()).get("guard")
+        except (OSError, json.JSONDecodeError):
+            return None
+        return None if guard is None else float(guard["value"])
 
     def list(self) -> list[Path]:
         """Checkpoint directories with a manifest, oldest first (not yet verified)."""

@@ -131,9 +131,22 @@ def _tool_task_episodes(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _guardrails(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.guardrails import metric_problem
+
+    g = cfg.guardrails
+    if not g.active:
+        return []
+    if not cfg.data.eval_every_steps:
+        return ["guardrails: keep_best / patience / target act on the periodic evaluation, which is off; set "
+                "data.eval_every_steps (and held-out prompts: data.eval_prompts, or data.eval_fraction / eval_path)"]
+    problem = metric_problem(g.metric, cfg.data)
+    return [problem] if problem else []
+
+
 CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     _data_source, _reward_sources, _buffer_fits, _overlong_fits, _lora, _advantage_needs, batch_splits, _elastic_backend,
-    _tool_task_episodes,
+    _tool_task_episodes, _guardrails,
 ]
 
 

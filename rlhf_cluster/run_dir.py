@@ -127,6 +127,7 @@ class RunDir:
     SCORED_LOG = "scored"  # every scored group as it arrives (ScoredLog segments)
     RESUME = "resume.json"  # which checkpoint a resumed run started from
     EVAL = "eval.json"  # held-out accuracy before and after
+    EVENTS = "events.jsonl"  # actions the run took on its own (guardrails: a best checkpoint kept, an early stop)
     SCRAPE_TARGETS = "prometheus_targets.json"  # Prometheus file-based service discovery
     ENGINE_INT8 = "engine-int8"  # the int8 checkpoint generation engines start from
     # Inside a job checkpoint:
@@ -134,8 +135,8 @@ class RunDir:
     CHECKPOINT_BUFFER = "buffer.arrow"
     CRITIC = "critic"  # the critic's rank checkpoints
 
-    STEP_LOGS = (METRICS, CONSUMED, SAMPLES)
-    JSONL_LOGS = (METRICS, CONSUMED, SAMPLES, PROBES, TIMELINE, TRACE)
+    STEP_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS)
+    JSONL_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS, PROBES, TIMELINE, TRACE)
 
     def __init__(self, root: str | Path, weights_dir: Path, checkpoint_dir: Path):
         self.root = Path(root).expanduser()

@@ -130,6 +130,27 @@ class CheckpointConfig(_Strict):
     keep: int = Field(3, ge=1, description="Newest complete checkpoints kept.")
 
 
+class GuardrailsConfig(_Strict):
+    """Actions on the periodic evaluation (`data.eval_every_steps`): keep the best checkpoints by an
+    eval metric, and stop early when it stops improving or reaches a target (`rlhf_cluster.guardrails`)."""
+
+    metric: str = Field(
+        "eval_accuracy", description="The evaluation's column watched: eval_accuracy, eval_sampled_accuracy, "
+        "eval_reward_mean, eval_pass@<k> (k in data.eval_pass_k) or eval_accuracy/<source>.")
+    higher_is_better: bool = Field(True, description="False: the metric improves as it falls.")
+    min_delta: float = Field(0.0, ge=0.0, description="An evaluation improves on the best only by more than this.")
+    keep_best: int = Field(
+        0, ge=0, description="Also keep the k checkpoints with the best metric, besides the checkpoint.keep newest; an "
+        "evaluation that improves on the best so far is checkpointed at once. 0: off.")
+    patience: int | None = Field(
+        None, ge=1, description="Stop (checkpointed, evaluated) after this many evaluations without improvement.")
+    target: float | None = Field(None, description="Stop (checkpointed, evaluated) once the metric reaches this value.")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.keep_best) or self.patience is not None or self.target is not None
+
+
 class TrainConfig(_Strict):
     """The driver loop."""
 
@@ -177,6 +198,8 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="The driver loop.")
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Reactions to failures.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints for exact resume.")
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig,
+                                         description="Best-k checkpoints and early stopping on the periodic evaluation.")
     critic: CriticConfig | None = Field(None, description="PPO's learned critic (required by algorithm.advantage: gae).")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
     sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")

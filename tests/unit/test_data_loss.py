@@ -72,7 +72,8 @@ def _flip_a_byte(path: Path) -> None:
 def _checkpointer(root: Path):
     from actors.checkpointer import Checkpointer
 
-    cfg = SimpleNamespace(checkpoint_dir=root / "checkpoints", checkpoint=SimpleNamespace(keep=5))
+    cfg = SimpleNamespace(checkpoint_dir=root / "checkpoints", checkpoint=SimpleNamespace(keep=5),
+                          guardrails=SimpleNamespace(keep_best=0, higher_is_better=True))
     return Checkpointer(cfg, _run_dir(root), store=None, reporter=None)
 
 

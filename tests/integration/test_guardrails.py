@@ -1,0 +1,46 @@
+"""Guardrails act on a live job's periodic evaluation: the first evaluation is the best so far and
+its checkpoint is kept beside the newest; evaluations that do not improve end the run after
+`patience` of them, checkpointed and evaluated, with each action in events.jsonl and Prometheus."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import REGISTRY
+
+from actors.job import Job
+from rlhf_cluster.run_dir import RunDir
+
+
+def test_best_checkpoint_kept_and_patience_stops_the_run(ray_cluster, job_config):
+    # min_delta 1.0: no accuracy can improve on the first by more, so the verdicts are known ahead:
+    # step 0 best (checkpointed at once), steps 1 and 2 without improvement, the stop after step 2.
+    cfg = job_config(
+        name="guarded",
+        data={"eval_prompts": 4, "eval_samples": 0, "eval_every_steps": 1},
+        train={"total_steps": 8},
+        checkpoint={"every_steps": 100, "keep": 1},
+        guardrails={"keep_best": 1, "patience": 2, "min_delta": 1.0},
+    )
+    before = REGISTRY.get_sample_value("rlhf_guardrail_actions_total",
+                                       {"job": "guarded", "pool": "driver", "worker": "driver", "action": "stop"}) or 0.0
+    job = Job(cfg)
+    result = job.run()
+    rows = result.rows
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all("eval_accuracy" in r for r in rows)
+    assert result.early_stop is not None and result.early_stop.startswith("guardrails.patience: eval_accuracy")
+    assert not result.stopped and result.evaluation_after  # a finished run: the final evaluation ran
+
+    root = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
+    events = root.read(RunDir.EVENTS)
+    assert [(e["step"], e["actions"]) for e in events] == [(0, ["best"]), (2, ["stop"])], events
+    assert events[1]["reason"] == result.early_stop
+    # The newest checkpoint (the stop's) and the best one (step 0, scored in its manifest).
+    kept = sorted(p.name for p in cfg.checkpoint_dir.glob("step-*"))
+    assert kept == ["step-00000000", "step-00000002"], kept
+    manifest = json.loads((cfg.checkpoint_dir / "step-00000000" / "manifest.json").read_text())
+    assert manifest["guard"] == {"metric": "eval_accuracy", "value": rows[0]["eval_accuracy"]}
+    after = REGISTRY.get_sample_value("rlhf_guardrail_actions_total",
+                                      {"job": "guarded", "pool": "driver", "worker": "driver", "action": "stop"})
+    assert after == before + 1

@@ -1,0 +1,64 @@
+"""Guardrails' bookkeeping (rlhf_cluster/guardrails.py): verdicts on a run's evaluations, replay on
+resume, best-k retention of checkpoints, and config errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_cluster.checkpoint import CheckpointStore, best_checkpoints
+from rlhf_cluster.config import ConfigError, GuardrailsConfig, JobConfig
+from rlhf_cluster.guardrails import EvalGuard
+from rlhf_cluster.preflight import preflight
+
+
+def _verdicts(cfg: GuardrailsConfig, values: list[float]):
+    guard = EvalGuard(cfg)
+    return [guard.observe(step, {cfg.metric: v}) for step, v in enumerate(values)]
+
+
+def test_patience_counts_evaluations_without_improvement_by_more_than_min_delta():
+    cfg = GuardrailsConfig(patience=2, min_delta=0.05)
+    verdicts = _verdicts(cfg, [0.2, 0.5, 0.52, 0.6, 0.58, 0.61])
+    assert [v.improved for v in verdicts] == [True, True, False, True, False, False]
+    assert [v.stop is not None for v in verdicts] == [False] * 5 + [True]
+    assert verdicts[-1].stop == ("guardrails.patience: eval_accuracy has not improved on 0.6 (step 3) for 2 evaluations")
+
+
+def test_a_target_stops_and_lower_can_be_better():
+    assert _verdicts(GuardrailsConfig(target=0.5), [0.1, 0.5])[1].stop.startswith("guardrails.target: eval_accuracy = 0.5")
+    lower = GuardrailsConfig(metric="eval_reward_mean", higher_is_better=False, target=-1.0)
+    verdicts = _verdicts(lower, [0.0, -0.5, -0.2, -1.0])
+    assert [v.improved for v in verdicts] == [True, True, False, True] and verdicts[-1].stop is not None
+
+
+def test_a_step_without_the_metric_is_no_evaluation_and_replay_rebuilds_the_state():
+    cfg = GuardrailsConfig(patience=3)
+    guard = EvalGuard(cfg)
+    assert guard.observe(0, {"reward_mean": 1.0}) is None
+    rows = [{"step": 0, "eval_accuracy": 0.4}, {"step": 1}, {"step": 2, "eval_accuracy": 0.3}]
+    guard.replay(rows)
+    assert (guard.best, guard.best_step, guard.since_best) == (0.4, 0, 1)
+
+
+def test_best_k_retention_keeps_the_newest_and_the_best_scored(tmp_path):
+    store = CheckpointStore(tmp_path, keep=1, keep_best=2)
+    for step, score in ((0, 0.3), (1, None), (2, 0.7), (3, 0.5), (4, 0.1)):
+        tmp = store.begin(step)
+        (tmp / "learner" / "x").write_text("w")
+        store.finalize(tmp, step, step + 1, {} if score is None else {"guard": {"metric": "m", "value": score}})
+    assert [p.name for p in store.list()] == ["step-00000002", "step-00000003", "step-00000004"]
+    assert best_checkpoints({0: 0.5, 1: 0.5, 2: 0.1}, 1, higher_is_better=True) == {0}
+    assert best_checkpoints({0: 0.5, 1: 0.5, 2: 0.1}, 1, higher_is_better=False) == {2}
+
+
+def test_guardrails_need_the_periodic_evaluation_and_a_metric_it_reports():
+    with pytest.raises(ConfigError, match="guardrails: keep_best / patience / target act on the periodic evaluation"):
+        preflight(JobConfig.model_validate({"guardrails": {"patience": 2}}))
+    on = {"data": {"eval_every_steps": 2}}
+    with pytest.raises(ConfigError, match="guardrails.metric='accuracy': not an evaluation column"):
+        preflight(JobConfig.model_validate({**on, "guardrails": {"keep_best": 1, "metric": "accuracy"}}))
+    with pytest.raises(ConfigError, match=r"k=3 is not in data.eval_pass_k=\[1, 4\]"):
+        preflight(JobConfig.model_validate({**on, "guardrails": {"keep_best": 1, "metric": "eval_pass@3"}}))
+    with pytest.raises(ConfigError, match="data.columns.source names no column"):
+        preflight(JobConfig.model_validate({**on, "guardrails": {"keep_best": 1, "metric": "eval_accuracy/easy"}}))
+    preflight(JobConfig.model_validate({**on, "guardrails": {"keep_best": 1, "metric": "eval_pass@4"}}))
