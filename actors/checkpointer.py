@@ -59,6 +59,21 @@ class Checkpointer:
         and when none verifies the job stops (`NoVerifiedCheckpoint`) rather than start over."""
         return self.checkpoints.resume_point(on_refused=self._refused)
 
+    def roll_back_to(self, step: int) -> Checkpoint | None:
+        """The newest checkpoint of a step <= `step` that verifies (None: the start); every newer
+        one belongs to the abandoned timeline and is set aside as `rolled-back-<name>`, never
+        deleted, out of reach of a later resume."""
+        for path in reversed(self.checkpoints.list()):
+            if int(path.name.removeprefix("step-")) > step:
+                kept = self.checkpoints.set_aside(path, "rolled-back")
+                tqdm.write(f"rollback: {path.name} is set aside as {kept.name}")
+                continue
+            try:
+                return self.checkpoints.verify(path)
+            except CheckpointError as exc:
+                self._refused(path, exc)
+        return None
+
     def _refused(self, path: Path, exc: CheckpointError) -> None:
         # Left under its name, a later checkpoint of the same step (or retention) would delete it.
         kept = self.checkpoints.set_aside(path)

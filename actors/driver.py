@@ -29,7 +29,7 @@ from actors.trainer import Trainer, start_trainer
 from rlhf_cluster.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience import observe_step_kl
-from rlhf_cluster.guardrails import EvalGuard
+from rlhf_cluster.guardrails import EvalGuard, RollbackGuard
 from rlhf_cluster.job_inputs import prepare_inputs
 from rlhf_cluster.job_state import JobState
 from rlhf_cluster.metrics import serve_metrics
@@ -57,6 +57,8 @@ class Driver:
         self.changed = asyncio.Condition()  # the buffer, the published version or the requests in flight moved
         self.timeline = 0  # bumped by every rollback: late results of an abandoned timeline are ignored
         self.learner_restarts = 0
+        g = cfg.guardrails
+        self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)  # its count spans rebuilds
         self.stop_requested = False
         self.loop: asyncio.AbstractEventLoop | None = None  # where `request_stop` wakes the step loop
         self.trainer: Trainer | None = None
@@ -225,6 +227,13 @@ class Driver:
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
                 if verdict is not None:
                     self.reporter.guardrails(verdict)
+                reason = self.rollback.tripped(self.reporter.result.rows[-1], self.guard, verdict)
+                if reason is not None:  # this step is not checkpointed: back to the last good one
+                    step = await self._roll_back(tg, step, reason)
+                    bar.reset(total)
+                    bar.update(step)
+                    last, began = time.perf_counter(), time.time()
+                    continue
                 with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
                     await self._flush_scored_log()
                 last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
@@ -317,13 +326,29 @@ class Driver:
         self.learner_restarts += 1
         self.reporter.restart("learner", "group")
         tqdm.write(f"learner rank died ({cause!r}); rebuilding from the newest checkpoint")
+        await self.checkpointer.wait()
+        return await self._rebuild_learner(tg, self.checkpointer.newest())
+
+    async def _roll_back(self, tg: asyncio.TaskGroup, step: int, reason: str) -> int:
+        """A guardrails condition held at `step`: the learner is rebuilt from the last good
+        checkpoint with adjusted settings (`RollbackGuard`); later checkpoints are set aside."""
+        self.cfg = self.rollback.adjusted(self.cfg, reason)  # an error once the rollbacks are used up
+        self.cfg_dict, self.checkpointer.cfg = self.cfg.model_dump(), self.cfg
+        await self.checkpointer.wait()
+        target = self.checkpointer.roll_back_to(self.rollback.last_good_step(step, reason))
+        start = await self._rebuild_learner(tg, target)
+        self.reporter.rollback(step, start - 1, reason, self.cfg)
+        return start
+
+    async def _rebuild_learner(self, tg: asyncio.TaskGroup, ckpt: Checkpoint | None) -> int:
+        """New learner ranks from `ckpt` (None: the start); generation keeps running, and results of
+        the abandoned timeline are dropped. Returns the next step."""
         async with self.changed:
             self.timeline += 1  # results still arriving from the old timeline are dropped
         self._producer.cancel()
         await asyncio.wait([self._producer])
-        await self.checkpointer.wait()
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
-        await asyncio.to_thread(self._start_learner, self.checkpointer.newest())
+        await asyncio.to_thread(self._start_learner, ckpt)
         self._publishing = None  # the old timeline's pushes end without pushing
         if self.delivery is not None:  # every engine holds the restored version before new groups start
             self.reporter.probes(await self.cluster.push_version(self.delivery, rollback=True))

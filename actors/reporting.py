@@ -199,6 +199,17 @@ class Reporter:
         if verdict.stop:
             tqdm.write(f"stopping early: {verdict.stop}")
 
+    def rollback(self, at_step: int, to_step: int, reason: str, cfg: JobConfig) -> None:
+        """A guardrails rollback done: the run continues after `to_step` (-1: from the start) with
+        `cfg`'s adjusted settings. Its row in events.jsonl carries the step it continues from, so a
+        later resume that keeps that step keeps the row."""
+        self.labels.of(m.GUARDRAIL_ACTIONS, action="rollback").inc()
+        self.run_dir.append(RunDir.EVENTS, [{"step": to_step, "event": "guardrails", "actions": ["rollback"],
+                                             "at_step": at_step, "reason": reason, "lr": cfg.learner.lr,
+                                             "kl_coef": cfg.algorithm.kl.coef, "time": time.time()}])
+        tqdm.write(f"rolling back: {reason}; continuing after step {to_step} with learner.lr {cfg.learner.lr:g}, "
+                   f"algorithm.kl.coef {cfg.algorithm.kl.coef:g}")
+
     def checkpoint_failed(self) -> None:
         self.labels.of(m.CHECKPOINT_FAILURES).inc()
 

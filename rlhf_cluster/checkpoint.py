@@ -199,13 +199,14 @@ class CheckpointStore:
                 "over with --overwrite (moves this run aside)")
         return None
 
-    def set_aside(self, path: Path) -> Path:
-        """Rename a checkpoint that did not verify to `refused-<name>` beside it, out of reach of
-        retention and of a later checkpoint of the same step: it is kept, never deleted."""
-        target = path.with_name(f"refused-{path.name}")
+    def set_aside(self, path: Path, why: str = "refused") -> Path:
+        """Rename a checkpoint (one that did not verify, or one a rollback abandoned) to
+        `<why>-<name>` beside it, out of reach of retention and of a later checkpoint of the same
+        step: it is kept, never deleted."""
+        target = path.with_name(f"{why}-{path.name}")
         n = 1
         while target.exists():
-            target, n = path.with_name(f"refused-{path.name}.{n}"), n + 1
+            target, n = path.with_name(f"{why}-{path.name}.{n}"), n + 1
         path.rename(target)
         fsync_path(path.parent)
         return target

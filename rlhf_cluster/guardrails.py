@@ -1,8 +1,9 @@
-"""Guardrails on the periodic evaluation: which evaluation is the best so far (its checkpoint is
-kept, `guardrails.keep_best`) and when a run should stop (`patience`, `target`).
+"""Guardrails: which evaluation is the best so far (its checkpoint is kept, `guardrails.keep_best`),
+when a run should stop (`patience`, `target`), and when it should roll back to its last good
+checkpoint with adjusted settings (`guardrails.rollback`).
 
-Pure bookkeeping: the driver feeds it each evaluation's metrics and acts on the verdict. Its state is
-the run's evaluation history, so a resumed run rebuilds it by replaying the kept metrics rows.
+Pure bookkeeping: the driver feeds it each step's row and evaluation and acts on the verdicts. The
+evaluation history is replayed from the kept metrics rows on resume.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from rlhf_cluster.config import DataConfig, GuardrailsConfig
+from rlhf_cluster.config import DataConfig, GuardrailsConfig, JobConfig, RollbackConfig
 
 _METRIC = re.compile(r"eval_accuracy|eval_sampled_accuracy|eval_reward_mean|eval_pass@(\d+)|eval_accuracy/.+")
 
@@ -80,3 +81,51 @@ class EvalGuard:
         for row in rows:
             self.observe(int(row["step"]), row)
 
+
+
+# A step row's column each per-step rollback condition reads, and whether it trips above or below.
+_STEP_CONDITIONS = {
+    "kl_above": ("kl", 1), "mismatch_above": ("correction/mismatch_k3", 1),
+    "entropy_below": ("policy/entropy", -1), "response_length_above": ("response_len_mean", 1),
+}
+
+
+class RollbackGuard:
+    """Decides when a run rolls back (`guardrails.rollback`), to which checkpoint, with what settings."""
+
+    def __init__(self, cfg: RollbackConfig, metric: str, higher_is_better: bool):
+        self.cfg, self.metric, self.higher_is_better = cfg, metric, higher_is_better
+        self.rollbacks = 0
+
+    def tripped(self, row: dict, eval_guard: EvalGuard, verdict: GuardVerdict | None) -> str | None:
+        """The condition step `row` meets, named with its value and bound (None: none)."""
+        for name, (column, sign) in _STEP_CONDITIONS.items():
+            bound = getattr(self.cfg, name)
+            value = row.get(column)
+            if bound is not None and value is not None and sign * (value - bound) > 0:
+                return f"guardrails.rollback.{name}={bound:g}: {column} = {value:.4g} at step {row['step']}"
+        drop = self.cfg.eval_drop
+        if drop is not None and verdict is not None and eval_guard.best is not None:
+            worse = eval_guard.best - verdict.value if self.higher_is_better else verdict.value - eval_guard.best
+            if worse > drop:
+                return (f"guardrails.rollback.eval_drop={drop:g}: {self.metric} = {verdict.value:.4g} at step {verdict.step}, "
+                        f"{worse:.4g} below the best {eval_guard.best:.4g} (step {eval_guard.best_step})")
+        return None
+
+    def last_good_step(self, trigger_step: int, reason: str) -> int:
+        """The newest step whose checkpoint may be restored: a step's figures judge the weights it
+        trained on, those of the step before (an evaluation judges its own step's), so the
+        checkpoint of the step before the trigger is suspect too."""
+        return trigger_step - 1 if reason.startswith("guardrails.rollback.eval_drop") else trigger_step - 2
+
+    def adjusted(self, cfg: JobConfig, reason: str) -> JobConfig:
+        """`cfg` with the rollback's adjustments (learner.lr x lr_factor, algorithm.kl.coef x
+        kl_coef_factor), or an error when the rollbacks are used up."""
+        if self.rollbacks >= self.cfg.max_rollbacks:
+            raise RuntimeError(f"{reason}; giving up: the {self.cfg.max_rollbacks} rollbacks allowed "
+                               "(guardrails.rollback.max_rollbacks) are used up")
+        self.rollbacks += 1
+        learner = cfg.learner.model_copy(update={"lr": cfg.learner.lr * self.cfg.lr_factor})
+        kl = cfg.algorithm.kl.model_copy(update={"coef": cfg.algorithm.kl.coef * self.cfg.kl_coef_factor})
+        algorithm = cfg.algorithm.model_copy(update={"kl": kl})
+        return cfg.model_copy(update={"learner": learner, "algorithm": algorithm})

@@ -107,7 +107,8 @@ EVAL_SOURCE_ACCURACY = Gauge("rlhf_eval_source_accuracy", "Held-out greedy accur
 EVAL_REWARD = Gauge("rlhf_eval_reward_mean", "Held-out mean reward of the greedy answers at the last periodic "
                     "evaluation.", LABELS)
 GUARDRAIL_ACTIONS = Counter("rlhf_guardrail_actions_total", "Actions the guardrails took on the periodic evaluation: "
-                            "best (a best-so-far checkpoint kept), stop (an early stop).", LABELS + ("action",))
+                            "best (a best-so-far checkpoint kept), stop (an early stop), rollback (to the last good checkpoint).",
+                            LABELS + ("action",))
 EVAL_PASS_AT_K = Gauge("rlhf_eval_pass_at_k", "Held-out pass@k at the last periodic evaluation (unbiased estimator).",
                        LABELS + ("k",))
 EPISODE_TURNS = Histogram("rlhf_generation_episode_turns", "Model turns per multi-turn episode.", LABELS,

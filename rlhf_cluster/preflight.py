@@ -138,7 +138,7 @@ def _guardrails(cfg: JobConfig) -> list[str]:
     if not g.active:
         return []
     if not cfg.data.eval_every_steps:
-        return ["guardrails: keep_best / patience / target act on the periodic evaluation, which is off; set "
+        return ["guardrails: keep_best / patience / target / rollback.eval_drop act on the periodic evaluation, which is off; set "
                 "data.eval_every_steps (and held-out prompts: data.eval_prompts, or data.eval_fraction / eval_path)"]
     problem = metric_problem(g.metric, cfg.data)
     return [problem] if problem else []

@@ -130,6 +130,28 @@ class CheckpointConfig(_Strict):
     keep: int = Field(3, ge=1, description="Newest complete checkpoints kept.")
 
 
+class RollbackConfig(_Strict):
+    """Conditions that roll a run back to its last good checkpoint, with adjusted settings
+    (`guardrails.rollback`; every condition unset: off)."""
+
+    kl_above: float | None = Field(None, gt=0, description="A step's KL to the reference (`kl`) above this.")
+    mismatch_above: float | None = Field(
+        None, gt=0, description="A step's engine/learner mismatch (`correction/mismatch_k3`) above this.")
+    entropy_below: float | None = Field(None, gt=0, description="A step's policy entropy below this (collapse).")
+    response_length_above: float | None = Field(
+        None, gt=0, description="A step's mean response length above this many tokens (runaway).")
+    eval_drop: float | None = Field(
+        None, gt=0, description="An evaluation's guardrails.metric this far worse than the best so far.")
+    max_rollbacks: int = Field(2, ge=1, description="Rollbacks allowed over the run; one more condition ends it with an error.")
+    lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies learner.lr by this.")
+    kl_coef_factor: float = Field(2.0, ge=1, description="Each rollback multiplies algorithm.kl.coef (beta) by this.")
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, name) is not None for name in
+                   ("kl_above", "mismatch_above", "entropy_below", "response_length_above", "eval_drop"))
+
+
 class GuardrailsConfig(_Strict):
     """Actions on the periodic evaluation (`data.eval_every_steps`): keep the best checkpoints by an
     eval metric, and stop early when it stops improving or reaches a target (`rlhf_cluster.guardrails`)."""
@@ -145,10 +167,13 @@ class GuardrailsConfig(_Strict):
     patience: int | None = Field(
         None, ge=1, description="Stop (checkpointed, evaluated) after this many evaluations without improvement.")
     target: float | None = Field(None, description="Stop (checkpointed, evaluated) once the metric reaches this value.")
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig, description="Automatic rollback conditions.")
 
     @property
     def active(self) -> bool:
-        return bool(self.keep_best) or self.patience is not None or self.target is not None
+        """Whether anything acts on the periodic evaluation."""
+        return bool(self.keep_best) or self.patience is not None or self.target is not None or \
+            self.rollback.eval_drop is not None
 
 
 class TrainConfig(_Strict):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from prometheus_client import REGISTRY
 
 from actors.job import Job
@@ -24,8 +26,8 @@ def test_best_checkpoint_kept_and_patience_stops_the_run(ray_cluster, job_config
     )
     before = REGISTRY.get_sample_value("rlhf_guardrail_actions_total",
                                        {"job": "guarded", "pool": "driver", "worker": "driver", "action": "stop"}) or 0.0
-    job = Job(cfg)
-    result = job.run()
+    with Job(cfg) as job:
+        result = job.run()
     rows = result.rows
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all("eval_accuracy" in r for r in rows)
@@ -44,3 +46,38 @@ def test_best_checkpoint_kept_and_patience_stops_the_run(ray_cluster, job_config
     after = REGISTRY.get_sample_value("rlhf_guardrail_actions_total",
                                       {"job": "guarded", "pool": "driver", "worker": "driver", "action": "stop"})
     assert after == before + 1
+
+
+def test_a_kl_blow_up_is_rolled_back_with_a_smaller_lr_and_the_run_recovers(ray_cluster, job_config):
+    """lr 0.5 wrecks the policy in one update, so step 1's KL to the reference is far above the
+    bound; the run goes back to the start (step 0's checkpoint holds the wrecked weights too) with
+    lr x 1e-4 and beta x 2, and trains to the end without another rollback."""
+    cfg = job_config(
+        name="rolled", learner={"lr": 0.5}, train={"total_steps": 4}, checkpoint={"every_steps": 1, "keep": 5},
+        guardrails={"rollback": {"kl_above": 1.0, "lr_factor": 1e-4, "kl_coef_factor": 2.0, "max_rollbacks": 1}},
+    )
+    with Job(cfg) as job:
+        result = job.run()
+    root = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
+    events = root.read(RunDir.EVENTS)
+    assert [e["actions"] for e in events] == [["rollback"]], events
+    event = events[0]
+    assert event["reason"].startswith("guardrails.rollback.kl_above=1: kl = ") and event["at_step"] >= 1
+    assert event["lr"] == pytest.approx(0.5e-4) and event["kl_coef"] == pytest.approx(2 * cfg.algorithm.kl.coef)
+    rows = result.rows
+    assert [r["step"] for r in rows] == list(range(4))  # the run continued to its last step
+    assert all(r["kl"] <= 1.0 for r in rows) and rows[-1]["learner/lr"] == pytest.approx(0.5e-4)
+    # Checkpoints of the abandoned timeline are set aside, never deleted; the new ones are in place.
+    aside = sorted(p.name for p in cfg.checkpoint_dir.glob("rolled-back-step-*"))
+    assert aside and all(int(name.rsplit("-", 1)[1]) < event["at_step"] + 1 for name in aside), aside
+    assert (cfg.checkpoint_dir / "step-00000003").is_dir()
+
+
+def test_rollbacks_used_up_end_the_run_with_the_condition_named(ray_cluster, job_config):
+    cfg = job_config(
+        name="given-up", learner={"lr": 0.5}, train={"total_steps": 6}, checkpoint={"every_steps": 1},
+        guardrails={"rollback": {"kl_above": 1.0, "lr_factor": 1.0, "max_rollbacks": 1}},
+    )
+    with Job(cfg) as job, pytest.raises(RuntimeError, match=r"guardrails.rollback.kl_above=1: kl = .*giving up: the 1 "
+                                        "rollbacks allowed"):
+        job.run()

@@ -52,7 +52,7 @@ def test_best_k_retention_keeps_the_newest_and_the_best_scored(tmp_path):
 
 
 def test_guardrails_need_the_periodic_evaluation_and_a_metric_it_reports():
-    with pytest.raises(ConfigError, match="guardrails: keep_best / patience / target act on the periodic evaluation"):
+    with pytest.raises(ConfigError, match="guardrails: keep_best / patience / target / rollback.eval_drop act on the periodic evaluation"):
         preflight(JobConfig.model_validate({"guardrails": {"patience": 2}}))
     on = {"data": {"eval_every_steps": 2}}
     with pytest.raises(ConfigError, match="guardrails.metric='accuracy': not an evaluation column"):
@@ -62,3 +62,27 @@ def test_guardrails_need_the_periodic_evaluation_and_a_metric_it_reports():
     with pytest.raises(ConfigError, match="data.columns.source names no column"):
         preflight(JobConfig.model_validate({**on, "guardrails": {"keep_best": 1, "metric": "eval_accuracy/easy"}}))
     preflight(JobConfig.model_validate({**on, "guardrails": {"keep_best": 1, "metric": "eval_pass@4"}}))
+
+
+def test_rollback_conditions_name_the_bound_and_the_value_and_adjust_the_settings():
+    from rlhf_cluster.config import RollbackConfig
+    from rlhf_cluster.guardrails import RollbackGuard
+
+    rollback = RollbackGuard(RollbackConfig(entropy_below=0.1, response_length_above=100, eval_drop=0.2,
+                                            max_rollbacks=1, lr_factor=0.25), "eval_accuracy", True)
+    guard = EvalGuard(GuardrailsConfig())
+    assert rollback.tripped({"step": 3, "policy/entropy": 0.5, "response_len_mean": 40}, guard, None) is None
+    assert rollback.tripped({"step": 3, "policy/entropy": 0.05}, guard, None) == \
+        "guardrails.rollback.entropy_below=0.1: policy/entropy = 0.05 at step 3"
+    assert rollback.tripped({"step": 4, "response_len_mean": 180.0}, guard, None).startswith(
+        "guardrails.rollback.response_length_above=100: response_len_mean = 180")
+    guard.observe(2, {"eval_accuracy": 0.6})
+    drop = guard.observe(5, {"eval_accuracy": 0.3})
+    reason = rollback.tripped({"step": 5}, guard, drop)
+    assert reason.startswith("guardrails.rollback.eval_drop=0.2: eval_accuracy = 0.3 at step 5, 0.3 below the best 0.6")
+    assert rollback.last_good_step(5, reason) == 4 and rollback.last_good_step(5, "guardrails.rollback.kl_above=1") == 3
+    cfg = JobConfig.model_validate({"learner": {"lr": 1e-4}, "algorithm": {"kl": {"coef": 0.01}}})
+    adjusted = rollback.adjusted(cfg, reason)
+    assert adjusted.learner.lr == pytest.approx(2.5e-5) and adjusted.algorithm.kl.coef == pytest.approx(0.02)
+    with pytest.raises(RuntimeError, match="eval_drop=0.2.*giving up: the 1 rollbacks allowed"):
+        rollback.adjusted(adjusted, reason)
