@@ -15,6 +15,7 @@ from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience import KLController, build_group, group_rollouts
 from rlhf_cluster.job_state import kept_samples, min_group_size
 from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.rewards.turns import combined_reward
 
 
 @dataclass
@@ -44,6 +45,9 @@ async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts:
     reporter.probes(probe_reports)
     answers = {p.prompt_id: p.answer for p in prompts}
     scores, refs = await asyncio.gather(cluster.score(rollouts, answers), cluster.reference_logprobs(rollouts))
+    if cfg.generation.turn_rewards.combine != "none":  # multi-turn: the environment's per-turn rewards too
+        scores = [combined_reward(reward, components, r.turn_rewards or [], cfg.generation.turn_rewards)
+                  for r, (reward, components) in zip(rollouts, scores)]
     by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
     groups, at_least = [], min_group_size(cfg)
     for whole in group_rollouts(rollouts).values():

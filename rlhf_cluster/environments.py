@@ -2,7 +2,7 @@
 observation (appended as tokens the policy is not trained on), until it is done. Ray-free.
 
 An environment is named in config like a reward function (`module:Class`; built-in: `tools`,
-`scripted`).
+`tools_rewarded`, `scripted`).
 `reset(prompt)` starts an episode and returns the first observation ("" for none); `step(turn)`
 takes the model's turn and returns the next observation, a reward for the turn, whether the
 episode is over, and diagnostics.
@@ -67,8 +67,8 @@ class ToolEnvironment(Environment):
 
 
 class ScriptedEnvironment(Environment):
-    """Answers model turn k with the fixed observation "\n[observation k]\n" and ends the episode at
-    `max_turns`: multi-turn plumbing without a task (tests, smoke runs)."""
+    """Answers model turn k with the fixed observation "\n[observation k]\n" and the turn reward
+    k / 10, and ends the episode at `max_turns`: multi-turn plumbing without a task (tests, smoke runs)."""
 
     def __init__(self, max_turns: int = 3):
         self.max_turns = max_turns
@@ -84,10 +84,24 @@ class ScriptedEnvironment(Environment):
 
     def step(self, turn: str) -> StepResult:
         self.turns += 1
-        return StepResult(self.observation(self.turns), done=self.turns >= self.max_turns)
+        return StepResult(self.observation(self.turns), reward=self.turns / 10, done=self.turns >= self.max_turns)
 
 
-BUILT_IN = {"tools": ToolEnvironment, "scripted": ScriptedEnvironment}
+class RewardedToolEnvironment(ToolEnvironment):
+    """`ToolEnvironment` that also rewards each turn's tool calls that ran without an error
+    (`CALL_REWARD` each): the example of per-turn rewards (`generation.turn_rewards` combines them
+    with the verifier's final reward). Built in as `tools_rewarded`."""
+
+    CALL_REWARD = 0.1
+
+    def step(self, turn: str) -> StepResult:
+        result = super().step(turn)
+        succeeded = result.info.get("tool_calls", 0) - result.info.get("tool_errors", 0)
+        result.reward = self.CALL_REWARD * succeeded
+        return result
+
+
+BUILT_IN = {"tools": ToolEnvironment, "tools_rewarded": RewardedToolEnvironment, "scripted": ScriptedEnvironment}
 
 
 def load_environment(spec: str, field: str = "generation.environment") -> type[Environment]:

@@ -94,6 +94,7 @@ class Rollout:
     worker: str = ""
     policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
     loss_mask: list[int] | None = None  # multi-turn: 0 on tokens an environment wrote (None: all the model's)
+    turn_rewards: list[float] | None = None  # multi-turn: the reward the environment gave each model turn
 
     def __post_init__(self) -> None:
         if self.loss_mask is not None and len(self.loss_mask) != len(self.response_ids):

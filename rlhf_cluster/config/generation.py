@@ -60,6 +60,16 @@ class SpeculativeConfig(_Strict):
         return {"method": "draft_model", "model": self.model, "num_speculative_tokens": self.num_speculative_tokens}
 
 
+class TurnRewardsConfig(_Strict):
+    """How the rewards a multi-turn environment gives each model turn (`StepResult.reward`) enter
+    the episode's reward, beside the scoring pool's final one (`rlhf_cluster.rewards.turns`)."""
+
+    combine: Literal["none", "sum", "last", "weighted"] = Field(
+        "none", description="none: turn rewards are ignored; sum: final + the turns' sum; last: final + the last "
+        "turn's; weighted: final + weight x the turns' sum.")
+    weight: float = Field(1.0, description="`weighted`: the factor on the turns' sum.")
+
+
 class GenerationConfig(_Strict):
     """The generation pool: vLLM engines in Ray actors."""
 
@@ -107,6 +117,8 @@ class GenerationConfig(_Strict):
     turn_max_tokens: int | None = Field(
         None, ge=1, description="Multi-turn: tokens per model turn at most (None: what is left of sampling.max_new_tokens, "
         "which bounds the whole response, observations included).")
+    turn_rewards: TurnRewardsConfig = Field(
+        default_factory=lambda: TurnRewardsConfig(), description="Multi-turn: per-turn rewards and the final one.")
     turn_stop: list[str] = Field(
         default_factory=lambda: ["</calculator>", "</python>"], description="Multi-turn: strings that end a model "
         "turn (kept in it), e.g. the closing tag of a tool call, so the environment answers at once.")

@@ -45,6 +45,7 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
     mask: list[int] = []
     spans: list[tuple[int, int]] = []
     stats = EpisodeStats()
+    turn_rewards: list[float] = []
     finish = "stop"
 
     async def environment(call: Callable, *args):
@@ -79,6 +80,7 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
         stats.turns += 1
         finish = turn.finish_reason
         result = await environment(env.step, turn.text)
+        turn_rewards.append(float(result.reward))
         stats.tool_calls += result.info.get("tool_calls", 0)
         for kind in result.info.get("error_kinds", ()):
             stats.tool_errors[kind] = stats.tool_errors.get(kind, 0) + 1
@@ -93,5 +95,5 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
     rollout = Rollout(sample_id=sample_id, prompt_id=prompt.prompt_id, group_id=group_id, prompt_ids=list(prompt_ids),
                       response_ids=ids, rollout_logprobs=logprobs, policy_version=spans[0][1], policy_versions=spans,
                       finish_reason=finish, response_text=response_text(tokenizer, ids),
-                      worker=engine.name, loss_mask=mask)
+                      worker=engine.name, loss_mask=mask, turn_rewards=turn_rewards)
     return rollout, stats

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def test_replays_are_identical_and_match_the_run(ray_cluster, job_config, tmp_pa
     gcs = ray_cluster.get_runtime_context().gcs_address
     cfg = job_config(name="recorded", learner={"world_size": 1, "lr": 1e-3},
                      generation={"environment": "scripted", "max_turns": 2, "turn_max_tokens": 6, "turn_stop": [],
-                                 "sampling": {"n": 4, "max_new_tokens": 24}},
+                                 "sampling": {"n": 4, "max_new_tokens": 24}, "turn_rewards": {"combine": "sum"}},
                      train={"total_steps": 4, "prompts_per_step": 2, "max_staleness": 0, "progress": False},
                      checkpoint={"every_steps": 2, "keep": 2})
     config = tmp_path / "job.yaml"
@@ -45,6 +46,10 @@ def test_replays_are_identical_and_match_the_run(ray_cluster, job_config, tmp_pa
     logged = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert logged and all(0 in r["loss_mask"] and r["loss_mask"].count(1) >= 6 for r in logged)
     assert all("[observation 1]" in r["response"] for r in logged)
+    # Per-turn rewards (the scripted environment gives turn k k/10) added to the verifier's final one.
+    for r in logged:
+        parts = r["reward_components"]
+        assert parts["turn_reward"] == pytest.approx(0.1 + 0.2) and r["reward"] == pytest.approx(parts["final_reward"] + 0.3)
 
     first = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-a"), "--address", gcs)
     second = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-b"), "--address", gcs)
