@@ -127,6 +127,8 @@ class LearnerBase(ABC):
     def reference_logprobs(self, local: TrainBatch) -> torch.Tensor | None:
         """Collective: the reference log-probs of the host batch `local` the learner computes itself
         (LoRA: the base model); None: the batch's, from the reference workers."""
+        if not self.cfg.learner.lora.enabled:
+            return None
         return self._reference_logprobs(self._to_device(local), [self._micro_batches(local, 0, len(local.input_ids))])
 
     def _reference_logprobs(self, b: TrainBatch, plans: list[list[MicroBatch]]) -> torch.Tensor | None:
