@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
-from rlhf_cluster.packing import PackedRows, pack_rows, prepared_mask
+from rlhf_cluster.packing import PackedRows, pack_rows, packing_pays, prepared_mask
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -74,14 +74,15 @@ def response_logprobs(
 
     The output layer runs only at the response positions, `chunk_tokens` at a time
     (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. `packed`: only the rows' real
-    tokens run through the model, packed into rows sized for its attention (`packing`); `packing`
-    is that layout planned already on the host (else it is planned here, reading the lengths back
-    from the device). Positions past a response's end hold garbage and must be masked by the caller.
+    tokens run through the model, packed into rows sized for its attention (`packing`), where that
+    holds fewer slots than the padded rows (`packing_pays`); `packing` is that layout planned
+    already on the host (else it is planned here, reading the lengths back from the device).
+    Positions past a response's end hold garbage and must be masked by the caller.
     """
     impl, dtype = attention_of(model)
-    if packed:
-        if packing is None:
-            packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
+    if packed and packing is None:
+        packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
+    if packed and packing_pays(packing, input_ids.numel()):
         packed_ids = packing.input_ids(input_ids)
         with scored_positions(model, packing.positions, packing.targets(packed_ids), temperature, with_entropy,
                               chunk_tokens) as scored:

@@ -8,7 +8,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from rlhf_cluster.packing import PackedRows, plan_packing, row_tokens_for, to_device, token_budget_micro_batches
+from rlhf_cluster.packing import (PackedRows, packing_pays, plan_packing, row_tokens_for, to_device,
+                                  token_budget_micro_batches)
 from rlhf_cluster.records import TrainBatch
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
@@ -60,8 +61,9 @@ def plan_micro_batches(local: TrainBatch, lo: int, hi: int, lc, device: torch.de
 
 def micro_batch(local: TrainBatch, indices: list[int], real: bool, packed: bool, device: torch.device,
                 attention: str) -> MicroBatch:
-    """The pass over rows `indices` of the host batch `local`: its row indices and (`packed`) its
-    layout for a model running `attention`, on `device` by copies the host does not wait for."""
+    """The pass over rows `indices` of the host batch `local`: its row indices and (`packed`, where
+    `packing_pays`) its layout for a model running `attention`, on `device` by copies the host does
+    not wait for."""
     contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
     rows = slice(indices[0], indices[-1] + 1) if contiguous else to_device(torch.tensor(indices), device)
     if not packed:
@@ -69,4 +71,6 @@ def micro_batch(local: TrainBatch, indices: list[int], real: bool, packed: bool,
     lengths = local.attention_mask[indices].sum(1).tolist()
     packing = plan_packing(lengths, local.prompt_lengths[indices].tolist(), local.input_ids.shape[1],
                            local.response_mask.shape[1], row_tokens_for(attention, lengths))
+    if not packing_pays(packing, len(indices) * local.input_ids.shape[1]):
+        return MicroBatch(rows, real)
     return MicroBatch(rows, real, packing.to(device))

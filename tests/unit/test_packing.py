@@ -111,7 +111,23 @@ def test_micro_batches_keep_the_budget_and_balance():
 
 
 def _batch() -> TrainBatch:
-    return ragged_batch([(5, 3), (2, 9), (7, 1), (3, 6), (4, 4)], seed=1)
+    # 8, 11, 8, 9, 8 and 3 tokens: the 3 shares a row, so packing holds fewer slots than padding.
+    return ragged_batch([(5, 3), (2, 9), (7, 1), (3, 6), (4, 4), (2, 1)], seed=1)
+
+
+def test_the_learner_packs_only_where_it_saves_slots():
+    """Sequences that all need a row of their own (equal lengths) run as the padded rows they are;
+    one that fits beside another makes the micro-batch packed."""
+    from rlhf_cluster.learner.micro_batches import micro_batch
+
+    cpu = torch.device("cpu")
+    same = ragged_batch([(4, 4), (5, 3), (6, 2)], seed=2)  # 8 tokens each
+    assert micro_batch(same, [0, 1, 2], True, True, cpu, "sdpa").packing is None
+    assert micro_batch(same, [0, 1, 2], True, True, cpu, "flash_attention_2").packing is None  # no padding at all
+    mixed = ragged_batch([(4, 4), (2, 1), (5, 3), (2, 2)], seed=2)  # 8, 3, 8, 4 tokens
+    packing = micro_batch(mixed, [0, 1, 2, 3], True, True, cpu, "sdpa").packing
+    assert packing is not None and packing.gather.numel() < 4 * mixed.input_ids.shape[1]
+    assert micro_batch(mixed, [0, 1, 2, 3], True, False, cpu, "sdpa").packing is None  # sequence_packing: false
 
 
 @pytest.mark.parametrize("budget", [None, 12])
