@@ -338,8 +338,15 @@ def submit(
 
 
 @app.command()
-def status(job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=ADDRESS_HELP)) -> None:
-    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+def status(job: str = typer.Argument(..., help="Job id from `submit`, or a run directory."),
+           address: Optional[str] = typer.Option(None, help=ADDRESS_HELP + " Needed for a job id.")) -> None:
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); for a run
+    directory, the run's progress, held-out accuracy, checkpoints and guardrail actions."""
+    if Path(job).is_dir():
+        return run_views.run_status(Path(job))
+    if address is None:
+        typer.echo(f"error: {job!r} is no run directory; a submitted job's id needs --address", err=True)
+        raise typer.Exit(2)
     typer.echo(str(job_client(address).get_job_status(job).value))
 
 

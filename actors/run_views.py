@@ -1,4 +1,5 @@
-"""Commands that read a run directory: `plot`, `samples`, `trace`, `replay` (registered by actors/cli.py)."""
+"""Commands that read a run directory: `plot`, `samples`, `trace`, `replay`, and `status` of a run
+directory (registered by actors/cli.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+
+def run_status(run_dir: Path) -> None:
+    """Print a run directory's progress, held-out accuracy, checkpoints and guardrail actions."""
+    from rlhf_cluster.run_status import describe_run
+
+    try:
+        typer.echo("\n".join(describe_run(run_dir)))
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
 
 
 def plot(

@@ -43,6 +43,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no holder named once released (`holder`; a killed job's stays, dead)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
@@ -53,3 +54,24 @@ def _describe(raw: bytes) -> str:
         return f"job {holder['job']!r} (pid {holder['pid']} on {holder['host']}, started {holder['started_at']})"
     except (ValueError, KeyError, TypeError):
         return "another job"
+
+
+def holder(root: Path) -> dict | None:
+    """Who holds `root`'s lock now, as it wrote itself into the lock file (job, pid, host,
+    started_at), or None when no live process on this host does. Reads only: it never takes the
+    lock, so a job starting meanwhile is never refused because of it. A holder on another host
+    is reported as it wrote itself (its liveness cannot be checked from here)."""
+    try:
+        raw = json.loads((root / RunLock.NAME).read_text())
+        pid, host = int(raw["pid"]), str(raw["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname():
+        return raw
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return raw

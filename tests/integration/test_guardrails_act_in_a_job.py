@@ -5,6 +5,9 @@ its checkpoint is kept beside the newest; evaluations that do not improve end th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +74,13 @@ def test_a_kl_blow_up_is_rolled_back_with_a_smaller_lr_and_the_run_recovers(ray_
     aside = sorted(p.name for p in cfg.checkpoint_dir.glob("rolled-back-step-*"))
     assert aside and all(int(name.rsplit("-", 1)[1]) < event["at_step"] + 1 for name in aside), aside
     assert (cfg.checkpoint_dir / "step-00000003").is_dir()
+    # `rlhf-cluster status RUN_DIR` tells the operator what happened, from the run's files alone.
+    shown = subprocess.run([str(Path(sys.executable).parent / "rlhf-cluster"), "status", str(cfg.run_dir)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "state: not running" in shown.stdout and "steps: 4 of 4" in shown.stdout, shown.stdout
+    assert "guardrail actions: 1" in shown.stdout and f"step {event['at_step']}: rolled back (guardrails.rollback" \
+        ".kl_above=1: kl = " in shown.stdout and "learner.lr 5e-05" in shown.stdout, shown.stdout
 
 
 def test_rollbacks_used_up_end_the_run_with_the_condition_named(ray_cluster, job_config):

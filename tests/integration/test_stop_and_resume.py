@@ -116,7 +116,7 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
         else:
             # The last run has a supervisor (--max-retries): its driver is SIGKILLed once, as soon as
             # it holds the run directory (as the OOM killer would), and is resumed to the end.
-            before = json.loads((run_dir / "job.lock").read_text())["pid"]
+            before = json.loads((run_dir / "job.lock").read_text() or "{}").get("pid")  # empty once released
             proc = _launch(config, "--resume", "auto", "--max-retries", "1")
             while (holder := json.loads((run_dir / "job.lock").read_text() or "{}").get("pid", before)) == before:
                 assert proc.poll() is None, proc.stdout.read()[-4000:]

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from rlhf_cluster.run_dir import RunDir, RunDirInUse
-from rlhf_cluster.run_lock import RunDirBusy
+from rlhf_cluster.run_lock import RunDirBusy, holder
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -54,12 +54,16 @@ def test_a_second_job_on_a_live_run_dir_is_refused_naming_the_first(live_job):
 
 def test_a_dead_jobs_lock_is_taken_over(live_job):
     root, proc = live_job
+    assert holder(root)["pid"] == proc.pid and holder(root)["job"] == "first-job"  # what `status` shows
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (root / "job.lock").exists()  # the file stays; the lock died with its process
+    assert holder(root) is None
     run_dir = _run_dir(root).prepare(fresh=False, job_name="after")
     assert json.loads((root / "job.lock").read_text())["job"] == "after"
+    assert holder(root)["pid"] == os.getpid()
     run_dir.release()
+    assert holder(root) is None, "a released lock names no holder, though its process lives on"
 
 
 def test_a_fresh_job_refuses_an_earlier_run_unless_told_to_overwrite(tmp_path):

@@ -1,0 +1,60 @@
+"""`rlhf-cluster status RUN_DIR`: a run directory's files read back as the operator's summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.run_status import describe_run
+
+
+def _run(tmp_path, events: list[dict], scores: dict[int, float | None]):
+    cfg = JobConfig.model_validate({"name": "guarded", "run_dir": str(tmp_path / "run"), "train": {"total_steps": 10},
+                                    "guardrails": {"keep_best": 1, "patience": 2}})
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    (root / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "weight_version": i + 1, "reward_mean": 0.1 * i}) + "\n"
+                                                for i in range(6)))
+    (root / "eval.json").write_text(json.dumps({"prompts": 30, "accuracy_before": 0.3, "accuracy_after": 0.5,
+                                                "sampled_accuracy_before": 0.2, "sampled_accuracy_after": 0.4}))
+    (root / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    for step, score in scores.items():
+        ckpt = cfg.checkpoint_dir / f"step-{step:08d}"
+        ckpt.mkdir(parents=True)
+        manifest = {"step": step} | ({"guard": {"metric": "eval_accuracy", "value": score}} if score is not None else {})
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_a_guarded_run_shows_its_progress_checkpoints_and_every_action(tmp_path):
+    events = [
+        {"step": 1, "event": "guardrails", "actions": ["best"], "metric": "eval_accuracy", "value": 0.6, "reason": None},
+        {"step": 1, "event": "guardrails", "actions": ["rollback"], "at_step": 3, "reason": "guardrails.rollback.kl_above=1: kl = 4.2",
+         "lr": 5e-5, "kl_coef": 0.02},
+        {"step": 5, "event": "guardrails", "actions": ["stop"], "metric": "eval_accuracy", "value": 0.5,
+         "reason": "guardrails.patience: eval_accuracy did not improve"},
+    ]
+    lines = describe_run(_run(tmp_path, events, {1: 0.6, 5: 0.5}))
+    text = "\n".join(lines)
+    assert lines[0].startswith("run: guarded (") and "state: not running" in lines
+    assert "steps: 6 of 10 (last: step 5, weight version 6, reward +0.500)" in text
+    assert "greedy 0.300 -> 0.500, sampled 0.200 -> 0.400 (30 prompts)" in text
+    assert "checkpoints: 2 kept, newest step-00000005; best by eval_accuracy: step-00000001 (0.600)" in text
+    assert lines[-4:] == [
+        "guardrail actions: 3",
+        "  step 1: best checkpoint kept (eval_accuracy = 0.600)",
+        "  step 3: rolled back (guardrails.rollback.kl_above=1: kl = 4.2); continued after step 1 with learner.lr 5e-05, "
+        "algorithm.kl.coef 0.02",
+        "  step 5: early stop (guardrails.patience: eval_accuracy did not improve)",
+    ]
+
+
+def test_a_run_without_actions_says_so_and_a_folder_without_a_run_is_named(tmp_path):
+    lines = describe_run(_run(tmp_path, [], {4: None}))
+    assert "checkpoints: 1 kept, newest step-00000004" in lines and lines[-1] == "guardrail actions: none"
+    with pytest.raises(FileNotFoundError, match="no config.yaml; not a run directory"):
+        describe_run(tmp_path)
