@@ -56,7 +56,7 @@ async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts:
         idx = [by_index[r.sample_id] for r in group]
         samples, metrics = build_group(
             group, [scores[i] for i in idx], [refs[i] for i in idx] if refs else None, cfg.algorithm,
-            kl_coef=kl.value, max_new_tokens=cfg.generation.sampling.max_new_tokens,
+            kl_coef=kl.value, max_new_tokens=cfg.generation.sampling.max_new_tokens, turns=cfg.generation.turn_rewards,
         )
         groups.append(ScoredGroup(samples, metrics, group[0].worker, requested_at, generated_at, len(whole) - len(group)))
     return groups

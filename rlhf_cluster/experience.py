@@ -13,12 +13,13 @@ import torch
 
 from rlhf_cluster.algorithms import (
     AdaptiveKLController, FixedKLController, gae, group_advantages, kl_penalty, reinforce_pp_advantages, rloo_advantages,
-    whiten,
+    turn_level_advantages, whiten,
 )
-from rlhf_cluster.config import AlgorithmConfig, KLConfig
+from rlhf_cluster.config import AlgorithmConfig, KLConfig, TurnRewardsConfig
 from rlhf_cluster.packing import balanced_shares
 from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
 from rlhf_cluster.rewards import dynamic_sampling_filter, length_penalty, overlong_filter_mask, overlong_penalty
+from rlhf_cluster.rewards.turns import turn_returns
 
 
 # Advantages computed from per-token rewards at take time: their KL penalty sits on each token.
@@ -33,6 +34,7 @@ def build_group(
     *,
     kl_coef: float,
     max_new_tokens: int,
+    turns: TurnRewardsConfig | None = None,
 ) -> tuple[list[ScoredSample], dict[str, float]]:
     """Samples of one prompt group with per-token advantages, and group metrics.
 
@@ -41,7 +43,9 @@ def build_group(
     whole step's batch, so its advantages are filled in by `batch_advantages` at take time; GAE
     needs the critic's values of the step, so `critic_advantages` fills them in then. Both put the
     KL on each token (`token_rewards`) rather than summed into the sequence reward here.
-    `metrics["zero_signal"]` is 1 when all rewards of the group are equal.
+    `metrics["zero_signal"]` is 1 when all rewards of the group are equal. With `turns.assign`
+    `turn`, each model turn's tokens get the advantage of that turn's return (`turn_returns`,
+    `turn_level_advantages`) instead of the episode's.
     """
     if not rollouts:
         raise ValueError("build_group needs at least one rollout")
@@ -82,6 +86,9 @@ def build_group(
         adv, metrics = group_advantages(rewards, group_ids, scale="std" if cfg.advantage == "grpo" else "none")
     else:
         adv, metrics = torch.zeros_like(rewards), {}
+    token_adv = [[float(a)] * len(r.response_ids) for r, a in zip(rollouts, adv.tolist())]
+    if turns is not None and turns.assign == "turn":
+        token_adv, metrics = _turn_level(rollouts, rewards, group_ids, cfg.advantage, turns)
     kept, _ = dynamic_sampling_filter(rewards, group_ids)  # one group: kept whole or not at all
     metrics["zero_signal"] = float(not bool(kept.any()))
     samples = [
@@ -99,11 +106,30 @@ def build_group(
             reward=float(reward),
             reward_components=c,
             ref_logprobs=list(ref),
-            advantages=[float(a)] * len(r.response_ids),
+            advantages=a,
         )
-        for r, reward, c, ref, a in zip(rollouts, rewards.tolist(), components, refs, adv.tolist())
+        for r, reward, c, ref, a in zip(rollouts, rewards.tolist(), components, refs, token_adv)
     ]
     return samples, metrics
+
+
+def _turn_level(rollouts: list[Rollout], rewards: torch.Tensor, group_ids: list, estimator: str,
+                turns: TurnRewardsConfig) -> tuple[list[list[float]], dict[str, float]]:
+    """Per-token advantages where every token of model turn k carries turn k's advantage (tokens
+    an environment wrote after it too; the loss mask leaves them out). A rollout without turns (a
+    single response) is one turn: its episode's advantage."""
+    returns = [torch.tensor(turn_returns(float(reward), r.turn_rewards or [], turns) if r.turn_starts else [float(reward)],
+                            dtype=torch.float64) for r, reward in zip(rollouts, rewards.tolist())]
+    per_turn, metrics = turn_level_advantages(returns, group_ids, estimator)
+    out = []
+    for r, adv in zip(rollouts, per_turn):
+        starts = r.turn_starts or [0]
+        ends = [*starts[1:], len(r.response_ids)]
+        tokens = [0.0] * starts[0]  # an opening observation (before the first turn) is never trained on
+        for a, start, end in zip(adv.tolist(), starts, ends):
+            tokens += [a] * (end - start)
+        out.append(tokens)
+    return out, metrics
 
 
 def token_rewards(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,8 +95,14 @@ class Rollout:
     policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
     loss_mask: list[int] | None = None  # multi-turn: 0 on tokens an environment wrote (None: all the model's)
     turn_rewards: list[float] | None = None  # multi-turn: the reward the environment gave each model turn
+    turn_starts: list[int] | None = None  # multi-turn: where each model turn's tokens begin in the response
 
     def __post_init__(self) -> None:
+        if self.turn_starts is not None and (len(self.turn_starts) != len(self.turn_rewards or [])
+                                             or self.turn_starts != sorted(self.turn_starts)
+                                             or any(not 0 <= t <= len(self.response_ids) for t in self.turn_starts)):
+            raise ValueError(f"rollout {self.sample_id}: turn starts {self.turn_starts} are not one ordered offset "
+                             f"into the {len(self.response_ids)} response tokens per turn reward")
         if self.loss_mask is not None and len(self.loss_mask) != len(self.response_ids):
             raise ValueError(f"rollout {self.sample_id}: {len(self.loss_mask)} loss-mask values for "
                              f"{len(self.response_ids)} tokens")

@@ -15,6 +15,7 @@ _EXPORTS = {
     "group_advantages": "advantages",
     "reinforce_pp_advantages": "advantages",
     "rloo_advantages": "advantages",
+    "turn_level_advantages": "advantages",
     "whiten": "advantages",
     "importance_weights": "correction",
     "AdaptiveKLController": "kl",

@@ -106,6 +106,37 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: GroupIds) -> tuple[torch.T
 
 
 @torch.no_grad()
+def turn_level_advantages(
+    turn_returns: list[torch.Tensor], group_ids: GroupIds, estimator: str, eps: float = 1e-6
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Group-relative advantages of each turn's return (`generation.turn_rewards.assign: turn`).
+
+    ``turn_returns[i]`` holds episode i's return from each of its model turns on, the first being
+    the episode's return. The baseline (and GRPO's scale) comes from the episode returns, exactly
+    as `group_advantages` / `rloo_advantages` compute it, and applies to every turn:
+    ``A_ik = (G_ik - b_i) / s_i``. So a turn's advantage differs from its episode's by what the
+    turns before it earned (over the scale), and with a single turn it is the estimator's own.
+    Groups whose episode returns are all equal, and singletons, get 0 (as the episode-level ones).
+    """
+    if estimator not in ("grpo", "dr_grpo", "rloo"):
+        raise ValueError(f"turn-level advantages take grpo, dr_grpo or rloo, not {estimator!r}")
+    episode = torch.stack([r[0] for r in turn_returns])
+    idx, n = _group_index(group_ids, episode.device)
+    count, total, dead = _group_stats(episode, idx, n)
+    if estimator == "rloo":
+        baseline = (total[idx] - episode) / (count[idx] - 1).clamp_min(1)
+        scale = torch.ones_like(episode)
+    else:
+        baseline = (total / count)[idx]
+        scale = torch.ones_like(episode)
+        if estimator == "grpo":
+            sq = torch.zeros_like(total).index_add_(0, idx, (episode - baseline).square())
+            scale = (sq / (count - 1).clamp_min(1)).sqrt()[idx] + eps
+    out = [torch.zeros_like(r) if bool(dead[idx[i]]) else (r - baseline[i]) / scale[i] for i, r in enumerate(turn_returns)]
+    return out, _group_metrics(episode, dead)
+
+
+@torch.no_grad()
 def reinforce_pp_advantages(
     token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:

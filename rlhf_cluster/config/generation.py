@@ -68,6 +68,18 @@ class TurnRewardsConfig(_Strict):
         "none", description="none: turn rewards are ignored; sum: final + the turns' sum; last: final + the last "
         "turn's; weighted: final + weight x the turns' sum.")
     weight: float = Field(1.0, description="`weighted`: the factor on the turns' sum.")
+    assign: Literal["episode", "turn"] = Field(
+        "episode", description="episode: every token of the episode gets the episode's advantage; turn: each model "
+        "turn's tokens get the advantage of that turn's return (the rewards from that turn on, discounted by `gamma` "
+        "per turn), against the group's baseline of episode returns (GRPO, Dr.GRPO, RLOO; needs combine sum or weighted).")
+    gamma: float = Field(1.0, gt=0, le=1, description="`assign: turn`: the discount per turn.")
+
+    @model_validator(mode="after")
+    def _turn_credit_needs_added_rewards(self) -> "TurnRewardsConfig":
+        if self.assign == "turn" and self.combine not in ("sum", "weighted"):
+            raise ValueError(f"assign 'turn' splits the episode's reward by the turns that earned it, so combine must be "
+                             f"'sum' or 'weighted', not {self.combine!r}")
+        return self
 
 
 class GenerationConfig(_Strict):

@@ -16,6 +16,9 @@ from rlhf_cluster.config.algorithm import AlgorithmConfig
 from rlhf_cluster.config.training import CriticConfig, LearnerConfig, StageConfig
 
 
+# Group estimators that take turn-level returns (`generation.turn_rewards.assign: turn`).
+TURN_LEVEL_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
 class FilesystemTransport(_Typed):
     """Every version is written to the weight store's directory; generation workers load it from there."""
 
@@ -245,6 +248,11 @@ class JobConfig(_Strict):
             section = getattr(self, name)
             if section is not None and section.seed is None:
                 section.seed = self.seed
+        if self.generation.turn_rewards.assign == "turn" and self.algorithm.advantage not in TURN_LEVEL_ESTIMATORS:
+            raise ValueError(
+                f"generation.turn_rewards.assign 'turn' gives each turn its group-relative return, which the "
+                f"{', '.join(TURN_LEVEL_ESTIMATORS)} estimators take; algorithm.advantage "
+                f"{self.algorithm.advantage!r} places rewards per token itself (use assign 'episode')")
         return self
 
     @property

@@ -46,6 +46,7 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
     spans: list[tuple[int, int]] = []
     stats = EpisodeStats()
     turn_rewards: list[float] = []
+    turn_starts: list[int] = []
     finish = "stop"
 
     async def environment(call: Callable, *args):
@@ -74,6 +75,7 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
             for start, version in turn.spans:  # at the turn's offset; a version that carries on is one span
                 if not spans or version != spans[-1][1]:
                     spans.append((len(ids) + start, version))
+        turn_starts.append(len(ids))
         ids.extend(turn.token_ids)
         logprobs.extend(turn.logprobs)
         mask.extend([1] * len(turn.token_ids))
@@ -95,5 +97,5 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
     rollout = Rollout(sample_id=sample_id, prompt_id=prompt.prompt_id, group_id=group_id, prompt_ids=list(prompt_ids),
                       response_ids=ids, rollout_logprobs=logprobs, policy_version=spans[0][1], policy_versions=spans,
                       finish_reason=finish, response_text=response_text(tokenizer, ids),
-                      worker=engine.name, loss_mask=mask, turn_rewards=turn_rewards)
+                      worker=engine.name, loss_mask=mask, turn_rewards=turn_rewards, turn_starts=turn_starts)
     return rollout, stats

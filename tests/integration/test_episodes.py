@@ -56,6 +56,7 @@ def test_three_turn_episodes_mask_observations_and_keep_exact_logprobs_across_a_
         expected_mask = [1] * TURN + [0] * len(observations[0]) + [1] * TURN + [0] * len(observations[1]) + [1] * TURN
         assert r.loss_mask == expected_mask, r.loss_mask
         assert r.turn_rewards == [0.1, 0.2, 0.3]  # the environment's reward for each model turn
+        assert r.turn_starts == [0, TURN + len(observations[0]), 2 * TURN + len(observations[0]) + len(observations[1])]
         first_obs = r.response_ids[TURN:TURN + len(observations[0])]
         assert first_obs == observations[0]
         assert r.response_ids[2 * TURN + len(observations[0]):][:len(observations[1])] == observations[1]

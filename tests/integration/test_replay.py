@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.scored_log import ScoredLog
+
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "rlhf-cluster")
 
@@ -24,6 +27,17 @@ def _cli(*args: str) -> str:
     return done.stdout
 
 
+def _turn_advantages(advantages: list[float], model_tokens: list[int]) -> list[list[float]]:
+    """The advantages on each run of model tokens (a turn; observations lie between them)."""
+    turns: list[set[float]] = []
+    for t, (a, m) in enumerate(zip(advantages, model_tokens)):
+        if m and (t == 0 or not model_tokens[t - 1]):
+            turns.append(set())
+        if m:
+            turns[-1].add(a)
+    return [sorted(t) for t in turns]
+
+
 def _digests(out: str) -> list[str]:
     return [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("rank ")]
 
@@ -32,7 +46,8 @@ def test_replays_are_identical_and_match_the_run(ray_cluster, job_config, tmp_pa
     gcs = ray_cluster.get_runtime_context().gcs_address
     cfg = job_config(name="recorded", learner={"world_size": 1, "lr": 1e-3},
                      generation={"environment": "scripted", "max_turns": 2, "turn_max_tokens": 6, "turn_stop": [],
-                                 "sampling": {"n": 4, "max_new_tokens": 24}, "turn_rewards": {"combine": "sum"}},
+                                 "sampling": {"n": 4, "max_new_tokens": 24},
+                                 "turn_rewards": {"combine": "sum", "assign": "turn"}},
                      train={"total_steps": 4, "prompts_per_step": 2, "max_staleness": 0, "progress": False},
                      checkpoint={"every_steps": 2, "keep": 2})
     config = tmp_path / "job.yaml"
@@ -50,6 +65,16 @@ def test_replays_are_identical_and_match_the_run(ray_cluster, job_config, tmp_pa
     for r in logged:
         parts = r["reward_components"]
         assert parts["turn_reward"] == pytest.approx(0.1 + 0.2) and r["reward"] == pytest.approx(parts["final_reward"] + 0.3)
+    # Turn-level credit (`assign: turn`): the second turn's return leaves out the first turn's 0.1,
+    # so in every group with a signal its tokens carry a smaller advantage than the first turn's.
+    scored = [s for _, group in ScoredLog(run_dir / RunDir.SCORED_LOG).since(0) for s in group]
+    assert scored
+    two_turns = [(s, turns) for s in scored if len(turns := _turn_advantages(s.advantages, s.model_tokens)) == 2]
+    assert len(two_turns) >= len(scored) // 2, "few episodes had two non-empty turns: nothing was checked"
+    for s, turns in two_turns:  # (a turn that sampled EOS at once has no tokens, hence no run of its own)
+        assert all(len(t) == 1 for t in turns), (s.sample_id, turns)  # one advantage per turn
+        assert turns[1][0] < turns[0][0] or turns[0][0] == turns[1][0] == 0.0, (s.sample_id, turns)
+    assert any(s.advantages[0] != 0.0 for s in scored), "no group had a signal: nothing was checked"
 
     first = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-a"), "--address", gcs)
     second = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-b"), "--address", gcs)

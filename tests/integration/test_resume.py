@@ -66,7 +66,7 @@ def _tool_demo_sections(generation: dict) -> dict:
     """configs/tool_demo.yaml's model, task and episode settings, at the test's sizes: multi-turn
     samples (observation tokens masked) through the same kill and resume."""
     demo = yaml.safe_load(Path("configs/tool_demo.yaml").read_text())
-    episodes = {k: demo["generation"][k] for k in ("environment", "max_turns", "turn_max_tokens")}
+    episodes = {k: demo["generation"][k] for k in ("environment", "max_turns", "turn_max_tokens", "turn_rewards")}
     sampling = {**generation["sampling"], "max_new_tokens": demo["generation"]["sampling"]["max_new_tokens"]}
     # The warm-up is cut to 200 steps: half its episodes call the tool from the start, and this
     # test needs episodes with observations, not right answers.
