@@ -80,15 +80,16 @@ def build_group(
         for c, kl in zip(components, kl_sum.tolist()):
             c["kl_penalty"] = -kl_coef * kl
     group_ids = [r.group_id for r in rollouts]
-    if cfg.advantage == "rloo":
-        adv, metrics = rloo_advantages(rewards, group_ids)
-    elif cfg.advantage in ("grpo", "dr_grpo"):
-        adv, metrics = group_advantages(rewards, group_ids, scale="std" if cfg.advantage == "grpo" else "none")
-    else:
-        adv, metrics = torch.zeros_like(rewards), {}
-    token_adv = [[float(a)] * len(r.response_ids) for r, a in zip(rollouts, adv.tolist())]
-    if turns is not None and turns.assign == "turn":
+    if turns is not None and turns.assign == "turn":  # (the config allows it with the group estimators only)
         token_adv, metrics = _turn_level(rollouts, rewards, group_ids, cfg.advantage, turns)
+    else:
+        if cfg.advantage == "rloo":
+            adv, metrics = rloo_advantages(rewards, group_ids)
+        elif cfg.advantage in ("grpo", "dr_grpo"):
+            adv, metrics = group_advantages(rewards, group_ids, scale="std" if cfg.advantage == "grpo" else "none")
+        else:
+            adv, metrics = torch.zeros_like(rewards), {}
+        token_adv = [[float(a)] * len(r.response_ids) for r, a in zip(rollouts, adv.tolist())]
     kept, _ = dynamic_sampling_filter(rewards, group_ids)  # one group: kept whole or not at all
     metrics["zero_signal"] = float(not bool(kept.any()))
     samples = [

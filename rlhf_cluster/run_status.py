@@ -11,20 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from rlhf_cluster.checkpoint import CheckpointStore
+from rlhf_cluster.checkpoint import CheckpointStore, best_checkpoints
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.replay import recorded_config
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.run_lock import holder
 
 
 def describe_run(root: Path) -> list[str]:
     """The status lines of the run in `root`; `FileNotFoundError` when `root` holds no run."""
-    config_path = root / RunDir.CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{root}: no {RunDir.CONFIG}; not a run directory")
-    cfg = JobConfig.model_validate(yaml.safe_load(config_path.read_text()))
+    cfg = recorded_config(root)
     run = RunDir(root, cfg.weights_dir, cfg.checkpoint_dir)
     lines = [f"run: {cfg.name} ({root})"]
     live = holder(root)
@@ -65,8 +61,7 @@ def _checkpoints(cfg: JobConfig) -> str:
     text = f"checkpoints: {len(kept)} kept, newest {kept[-1].name}"
     scored = {path.name: score for path in kept if (score := store.score(path)) is not None}
     if scored:
-        pick = max if cfg.guardrails.higher_is_better else min
-        best = pick(scored, key=scored.get)
+        best = best_checkpoints(scored, 1, cfg.guardrails.higher_is_better).pop()
         text += f"; best by {cfg.guardrails.metric}: {best} ({scored[best]:.3f})"
     return text
 

@@ -56,5 +56,5 @@ def test_a_guarded_run_shows_its_progress_checkpoints_and_every_action(tmp_path)
 def test_a_run_without_actions_says_so_and_a_folder_without_a_run_is_named(tmp_path):
     lines = describe_run(_run(tmp_path, [], {4: None}))
     assert "checkpoints: 1 kept, newest step-00000004" in lines and lines[-1] == "guardrail actions: none"
-    with pytest.raises(FileNotFoundError, match="no config.yaml; not a run directory"):
+    with pytest.raises(FileNotFoundError, match=r"config.yaml: not found \(is .* the run directory of a job\?\)"):
         describe_run(tmp_path)
