@@ -52,6 +52,13 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_VERSION).set(0)
         # Multi-turn: a fresh environment per episode (None: one response per prompt).
         self.environment = load_environment(cfg.generation.environment) if cfg.generation.environment else None
+        # Agent episodes: the user's agent drives each sample through this worker's own gateway.
+        self.agents = None
+        if cfg.generation.agent:
+            from rlhf_cluster.gateway.runner import AgentRunner  # FastAPI and uvicorn load only where a gateway serves
+
+            self.agents = AgentRunner(self.engine, cfg.generation)
+        self._gateway_seen = (0, {})  # the gateway's request and refusal counts already exported
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.fingerprint: str | None = None  # of the delivered bytes the engine holds (direct transport)
         self.refused: set[tuple[int, str]] = set()
@@ -232,6 +239,8 @@ class GenerationWorker:
         self.probe_reports.append(report)
 
     async def _groups(self, prompts: list[Prompt], n: int | None = None, greedy: bool = False) -> list[Rollout]:
+        if self.agents is not None:
+            return await self._agent_episodes(prompts, n, greedy)
         if self.environment is not None:
             return await self._episodes(prompts, n, greedy)
         futures = [asyncio.wrap_future(self.engine.submit_group(p, n, greedy)) for p in prompts]
@@ -257,6 +266,31 @@ class GenerationWorker:
         rollouts = [r for r, _ in done]
         self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))
         return rollouts
+
+    async def _agent_episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
+        """Agent episodes: `n` calls of the user's agent per prompt (one greedy), all at once."""
+        count = 1 if greedy else n or self.cfg.generation.sampling.n
+        jobs = []
+        for p in prompts:
+            group_id = f"{p.prompt_id}:{uuid.uuid4().hex[:12]}"
+            jobs += [self.agents.episode(p, group_id, f"{group_id}:{k}", greedy) for k in range(count)]
+        done = await asyncio.gather(*jobs)
+        stats = self.agents.gateway.stats
+        seen_requests, seen_refused = self._gateway_seen
+        self.labels.of(m.GATEWAY_REQUESTS).inc(stats.requests - seen_requests)
+        for status, refused in stats.refused.items():
+            self.labels.of(m.GATEWAY_REFUSED, status=status).inc(refused - seen_refused.get(status, 0))
+        self._gateway_seen = (stats.requests, dict(stats.refused))
+        for rollout, rewrites in done:
+            self.labels.of(m.EPISODE_TURNS).observe(len(rollout.turn_starts))
+            self.labels.of(m.GATEWAY_HISTORY_REWRITES).inc(rewrites)
+        rollouts = [r for r, _ in done]
+        self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))
+        return rollouts
+
+    def gateway_url(self) -> str | None:
+        """Where this worker's agent gateway listens (None: no agent configured, or not started yet)."""
+        return self.agents.url if self.agents else None
 
     def _reports_of_own_loads(self) -> list[dict]:
         # Direct: every load comes from a push, which collects its reports (a generate call

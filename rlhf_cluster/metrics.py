@@ -116,6 +116,13 @@ EPISODE_TURNS = Histogram("rlhf_generation_episode_turns", "Model turns per mult
 TOOL_CALLS = Counter("rlhf_generation_tool_calls_total", "Tool calls the policy made in multi-turn episodes.", LABELS)
 TOOL_ERRORS = Counter("rlhf_generation_tool_errors_total", "Tool calls that came back as errors, by tool.",
                       LABELS + ("tool",))
+GATEWAY_REQUESTS = Counter("rlhf_gateway_requests_total", "Calls the agent gateway answered (chat and completions).",
+                           LABELS)
+GATEWAY_REFUSED = Counter("rlhf_gateway_refused_total", "Calls the agent gateway refused, by HTTP status.",
+                          LABELS + ("status",))
+GATEWAY_HISTORY_REWRITES = Counter(
+    "rlhf_gateway_history_rewrites_total", "Agent calls whose earlier messages differed from what the model saw (e.g. a "
+    "stripped <think> block); the engine's own tokens were kept.", LABELS)
 ENVIRONMENT_SECONDS = Counter("rlhf_generation_environment_seconds_total", "Time environments took to answer turns.",
                               LABELS)
 POOL_BUSY = Gauge("rlhf_step_pool_busy_ratio", "Share of the last step a pool's workers had a request from the driver in "

@@ -82,6 +82,37 @@ class TurnRewardsConfig(_Strict):
         return self
 
 
+class AgentConfig(_Strict):
+    """Agent episodes through the OpenAI-compatible gateway (`rlhf_cluster.gateway`): each sample
+    is one call of the user's agent function, whose requests to the gateway are recorded token for
+    token."""
+
+    function: str = Field(..., description="`module:function` called as agent(base_url, api_key, messages) per sample; "
+                          "returns the agent's reward (a number) or None.")
+    timeout_s: float = Field(300.0, gt=0, description="An agent call that has not returned by then fails the request.")
+    max_concurrent: int = Field(64, ge=1, description="Agent calls running at once per generation worker (threads).")
+    bind_address: str = Field("127.0.0.1", description="Where each worker's gateway listens (loopback by default).")
+    port: int = Field(0, ge=0, le=65535, description="Gateway port (0: any free port; each worker serves its own).")
+    advertise_address: str | None = Field(
+        None, description="The host agents reach the gateway at (None: bind_address, or 127.0.0.1 for a wildcard).")
+    token: str | None = Field(
+        None, description="Bearer token every call must carry (required when bind_address is not loopback).")
+    model_name: str = Field("policy", description="The model id the gateway reports and accepts.")
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "AgentConfig":
+        import ipaddress
+
+        try:
+            loopback = ipaddress.ip_address(self.bind_address).is_loopback
+        except ValueError:
+            loopback = self.bind_address == "localhost"
+        if not loopback and not self.token:
+            raise ValueError(f"generation.agent.token: the gateway binds {self.bind_address!r}, reachable from other "
+                             "hosts, so every call must carry a token; set one (or bind 127.0.0.1)")
+        return self
+
+
 class GenerationConfig(_Strict):
     """The generation pool: vLLM engines in Ray actors."""
 
@@ -125,6 +156,9 @@ class GenerationConfig(_Strict):
     environment: str | None = Field(
         None, description="Multi-turn episodes: the environment answering each model turn (`tools`, or `module:Class` "
         "of rlhf_cluster.environments.Environment); None: one response per prompt.")
+    agent: AgentConfig | None = Field(
+        None, description="Agent episodes: the user's agent code drives each sample through the OpenAI-compatible "
+        "gateway (instead of `environment`); None: no gateway.")
     max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most.")
     turn_max_tokens: int | None = Field(
         None, ge=1, description="Multi-turn: tokens per model turn at most (None: what is left of sampling.max_new_tokens, "
@@ -163,6 +197,8 @@ class GenerationConfig(_Strict):
         if tp > 1 and 0 < gpus < tp:  # a fraction of one GPU is fine for one unsharded engine
             raise ValueError(f"generation.resources.num_gpus={gpus:g} is fewer than tensor_parallel_size={tp}: one engine "
                              f"shards its model over {tp} GPUs, so each worker needs num_gpus >= {tp}")
+        if self.agent is not None and self.environment is not None:
+            raise ValueError("generation.agent and generation.environment both drive episodes; set one of them")
         taken = [f"{k} (set it with {self.OWN_ENGINE_ARGS[k]})" for k in self.engine_kwargs if k in self.OWN_ENGINE_ARGS]
         if taken:
             raise ValueError(f"generation.engine_kwargs: {', '.join(taken)}")

@@ -164,7 +164,7 @@ def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | N
         ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
-        out.append(Prompt(p.prompt_id, text, p.answer, tuple(int(t) for t in ids), source=p.source))
+        out.append(Prompt(p.prompt_id, text, p.answer, tuple(int(t) for t in ids), messages=tuple(chat), source=p.source))
     return out
 
 

@@ -227,15 +227,26 @@ class VLLMEngine:
             future.set_exception(exc)
 
     def _add(self, batch: _Batch) -> None:
+        from vllm.exceptions import VLLMClientError
+
         batch.outputs = [None] * len(batch.inputs)
         batch.remaining = len(batch.inputs)
         for i, (prompt, params) in enumerate(batch.inputs):
-            self._add_request(batch, i, prompt, params)
+            try:
+                self._add_request(batch, i, prompt, params)
+            except VLLMClientError as exc:  # a request vLLM refuses (e.g. too long) fails its caller, not the engine
+                added = [rid for rid, (b, _) in self._requests.items() if b is batch]
+                for rid in added:
+                    del self._requests[rid]
+                if added:  # the batch's requests vLLM took before the refused one
+                    self.engine.abort_request(added)
+                batch.future.set_exception(exc)
+                return
 
     def _add_request(self, batch: _Batch, index: int, prompt, params) -> None:
         request_id = f"{self.name}-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt, params)  # adding steps nothing: no output before it is registered
         self._requests[request_id] = (batch, index)
-        self.engine.add_request(request_id, prompt, params)
 
     def _finished(self, out) -> None:
         if not out.finished:

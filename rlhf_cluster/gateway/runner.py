@@ -1,0 +1,119 @@
+"""Runs a user's agent against the gateway, one call per sample, and turns each episode's trace
+into a rollout.
+
+The agent is any function `agent(base_url, api_key, messages)` (named in config as
+`module:function`) that talks to an OpenAI-compatible server at `base_url` with any client, e.g.
+`openai.OpenAI(base_url=base_url, api_key=api_key)`, starting from the prompt's `messages`. It may
+return a number, the episode's reward from the agent's side (added to the episode's last turn as
+a turn reward, combined by `generation.turn_rewards`), or None; the scoring pool scores the
+episode's text as it does every sample. The agent runs in a thread with a deadline; when it
+passes, its episode is closed (its further calls are refused) and the call fails naming the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from rlhf_cluster.config import AgentConfig, GenerationConfig
+from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.gateway.server import Gateway, build_app
+from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster.records import Rollout
+from rlhf_cluster.user_code import import_spec
+
+AgentFunction = Callable[[str, str, list[dict]], "float | None"]
+
+
+class AgentError(RuntimeError):
+    """The user's agent failed, timed out or returned something that is not a reward."""
+
+
+def load_agent(spec: str, field: str = "generation.agent.function") -> AgentFunction:
+    found = import_spec(spec, field, kind="function", example="my_agent:run")
+    if not callable(found):
+        raise ValueError(f"{field}={spec!r}: expected a function agent(base_url, api_key, messages), "
+                         f"got {type(found).__name__}")
+    return found
+
+
+class AgentRunner:
+    """The gateway of one generation worker (its own HTTP server on the worker's event loop) and
+    the agent episodes run through it."""
+
+    def __init__(self, engine: VLLMEngine, cfg: GenerationConfig):
+        agent: AgentConfig = cfg.agent
+        self.cfg, self.engine, self.agent = cfg, engine, load_agent(agent.function)
+        # The agent needs a key either way (the openai client refuses none); one is checked only if set.
+        self.api_key = agent.token or secrets.token_hex(8)
+
+        async def generate(context, max_tokens, stop, greedy):
+            return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
+
+        self.gateway = Gateway(engine.tokenizer, generate, model_name=agent.model_name, budget=cfg.sampling.max_new_tokens,
+                               max_model_len=cfg.max_model_len, turn_max_tokens=cfg.turn_max_tokens, token=agent.token)
+        self.server = None
+        self.url: str | None = None
+        # Agents block on HTTP calls: each needs its own thread (the default pool has cores + 4).
+        self.threads = ThreadPoolExecutor(agent.max_concurrent, thread_name_prefix="agent")
+
+    async def start(self) -> str:
+        """Serve the gateway (once); returns its URL."""
+        if self.server is None:
+            import uvicorn
+
+            agent = self.cfg.agent
+            sock = socket.socket(socket.AF_INET6 if ":" in agent.bind_address else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((agent.bind_address, agent.port))
+            self.server = uvicorn.Server(uvicorn.Config(build_app(self.gateway), log_level="warning", access_log=False,
+                                                        lifespan="off"))
+            self._serving = asyncio.ensure_future(self.server.serve(sockets=[sock]))
+            host = agent.advertise_address or ("127.0.0.1" if agent.bind_address in ("0.0.0.0", "::") else agent.bind_address)
+            self.url = f"http://{host}:{sock.getsockname()[1]}"
+            while not self.server.started:
+                if self._serving.done():
+                    self._serving.result()  # the server failed to start: raise its error
+                await asyncio.sleep(0.01)
+        return self.url
+
+    async def episode(self, prompt: Prompt, group_id: str, sample_id: str, greedy: bool) -> tuple[Rollout, int]:
+        """Run the agent once on `prompt`; returns the episode's rollout and its history rewrites."""
+        url = await self.start()
+        episode_id = f"{sample_id}:{uuid.uuid4().hex[:8]}"
+        self.gateway.open(episode_id, greedy)
+        messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.text}]
+        timeout = self.cfg.agent.timeout_s
+        try:
+            result = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(
+                    self.threads, self.agent, f"{url}/episodes/{episode_id}/v1", self.api_key, messages), timeout)
+        except TimeoutError as exc:
+            raise AgentError(f"generation.agent.function={self.cfg.agent.function!r} did not return within "
+                             f"generation.agent.timeout_s={timeout:g} s (episode {episode_id})") from exc
+        except Exception as exc:
+            raise AgentError(f"generation.agent.function={self.cfg.agent.function!r} raised on episode {episode_id}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            trace = self.gateway.close(episode_id)
+        if result is not None:
+            if isinstance(result, bool) or not isinstance(result, (int, float)):
+                raise AgentError(f"generation.agent.function={self.cfg.agent.function!r} returned {result!r}; expected "
+                                 "a number (the episode's reward from the agent) or None")
+            trace.rewards.append(float(result))
+        try:
+            rollout = trace.to_rollout(self.engine.tokenizer, prompt.prompt_id, group_id, sample_id, self.engine.name,
+                                       self.engine.version)
+        except ValueError as exc:
+            raise AgentError(f"generation.agent.function={self.cfg.agent.function!r}: {exc}") from exc
+        return rollout, trace.rewrites
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            await self._serving
+        self.threads.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,255 @@
+"""The gateway's HTTP API (FastAPI): OpenAI's `/v1/chat/completions`, `/v1/completions` and
+`/v1/models` over one engine, with every tagged call recorded in its episode's trace.
+
+A call names its episode in the path (`/episodes/<id>/v1/...`, so an agent only needs a
+`base_url`), in an `X-Episode-Id` header, or in the request's `user` field; an untagged call is
+answered and not recorded. Sampling follows the job's settings, not the request's `temperature`
+or `top_p`: the samples must come from the policy the learner corrects for. `max_tokens` and
+`stop` are honoured within the episode's token budget. Each response carries an `rlhf` field with
+the episode id, the sampled token ids and their weight versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from rlhf_cluster.gateway.chat import ChatError, parse_reply
+from rlhf_cluster.gateway.episode import EpisodeTrace, HistoryError
+from rlhf_cluster.generation.engine import Turn
+
+# (context token ids, max tokens, stop strings, greedy) -> the engine's turn
+Generate = Callable[[list[int], int, list[str], bool], Awaitable[Turn]]
+
+
+class GatewayError(Exception):
+    """A request refused with an HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+@dataclass
+class GatewayStats:
+    """What the gateway served, for metrics."""
+
+    requests: int = 0
+    untagged: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # by HTTP status
+
+
+class Gateway:
+    """Episodes and the engine behind the API. `open_on_first_use`: a call with an unknown
+    episode id starts that episode (a standalone gateway); otherwise only episodes opened with
+    `open` are served (a job's agent runner)."""
+
+    def __init__(self, tokenizer, generate: Generate, model_name: str, budget: int, max_model_len: int,
+                 turn_max_tokens: int | None = None, open_on_first_use: bool = False, token: str | None = None):
+        self.tokenizer, self.generate, self.model_name = tokenizer, generate, model_name
+        self.budget, self.max_model_len, self.turn_max_tokens = budget, max_model_len, turn_max_tokens
+        self.open_on_first_use, self.token = open_on_first_use, token
+        self.episodes: dict[str, EpisodeTrace] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.stats = GatewayStats()
+
+    def open(self, episode_id: str, greedy: bool = False) -> EpisodeTrace:
+        trace = self.episodes[episode_id] = EpisodeTrace(episode_id, self.budget, greedy)
+        self._locks[episode_id] = asyncio.Lock()
+        return trace
+
+    def close(self, episode_id: str) -> EpisodeTrace:
+        """End an episode: later calls naming it are refused (410)."""
+        trace = self.episodes.pop(episode_id)
+        self._locks.pop(episode_id, None)
+        trace.closed = True
+        return trace
+
+    def _episode(self, episode_id: str | None) -> tuple[EpisodeTrace, asyncio.Lock]:
+        if episode_id is None:
+            self.stats.untagged += 1
+            return EpisodeTrace("untagged", self.budget), asyncio.Lock()
+        if episode_id not in self.episodes:
+            if not self.open_on_first_use:
+                raise GatewayError(404, f"episode {episode_id!r} is not open (closed, timed out, or never started)")
+            self.open(episode_id)
+        return self.episodes[episode_id], self._locks[episode_id]
+
+    def reward(self, episode_id: str, value) -> None:
+        if episode_id not in self.episodes:
+            raise GatewayError(404, f"episode {episode_id!r} is not open")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise GatewayError(400, f"reward: expected a number, got {value!r}")
+        self.episodes[episode_id].rewards.append(float(value))
+
+    async def _turn(self, trace: EpisodeTrace, context: list[int], body: dict) -> tuple[Turn, str]:
+        """Sample one model turn after `context`; returns it and its text with special tokens."""
+        if len(context) >= self.max_model_len and not trace.turn_starts:
+            raise GatewayError(400, f"the prompt is {len(context)} tokens; the engine's context holds "
+                               f"{self.max_model_len} (generation.max_model_len)")
+        limit = min(trace.remaining, self.max_model_len - len(context))
+        if self.turn_max_tokens is not None:
+            limit = min(limit, self.turn_max_tokens)
+        asked = body.get("max_completion_tokens") or body.get("max_tokens")
+        if asked is not None:
+            if not isinstance(asked, int) or asked < 1:
+                raise GatewayError(400, f"max_tokens: expected a positive integer, got {asked!r}")
+            limit = min(limit, asked)
+        if limit <= 0:  # the episode's token budget or the context is spent: the agent is told, nothing is sampled
+            return Turn([], [], [], "length", ""), ""
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        turn = await self.generate(context, limit, stop, trace.greedy)
+        text = self.tokenizer.decode(turn.token_ids, skip_special_tokens=True)
+        for s in stop:  # OpenAI leaves the stop string out of the text; the tokens keep it
+            if turn.finish_reason == "stop" and text.endswith(s):
+                text = text[: -len(s)]
+                break
+        return Turn(turn.token_ids, turn.logprobs, turn.spans, turn.finish_reason, text), \
+            self.tokenizer.decode(turn.token_ids, skip_special_tokens=False)
+
+    async def chat(self, episode_id: str | None, body: dict) -> dict:
+        self.stats.requests += 1
+        if (body.get("n") or 1) != 1:
+            raise GatewayError(400, "n: the gateway samples one choice per call (an episode is one trajectory)")
+        messages, tools = body.get("messages"), body.get("tools")
+        if not isinstance(messages, list):
+            raise GatewayError(400, "messages: expected a list of message objects")
+        trace, lock = self._episode(episode_id)
+        async with lock:
+            if trace.closed:
+                raise GatewayError(410, f"episode {episode_id!r} is closed")
+            context = trace.context_for(self.tokenizer, [_plain(m) for m in messages], tools)
+            turn, with_specials = await self._turn(trace, context, body)
+            content, calls = parse_reply(turn.text, bool(tools))
+            reply = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            trace.add_turn(turn, reply, with_specials)
+        finish = "tool_calls" if calls else turn.finish_reason
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [{"index": 0, "message": reply, "finish_reason": finish,
+                             "logprobs": self._logprobs(turn) if body.get("logprobs") else None}],
+                "usage": _usage(context, turn), "rlhf": self._extension(episode_id, turn)}
+
+    async def complete(self, episode_id: str | None, body: dict) -> dict:
+        self.stats.requests += 1
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise GatewayError(400, "prompt: expected one string")
+        trace, lock = self._episode(episode_id)
+        async with lock:
+            if trace.closed:
+                raise GatewayError(410, f"episode {episode_id!r} is closed")
+            context = trace.context_for_text(self.tokenizer, prompt)
+            turn, with_specials = await self._turn(trace, context, body)
+            trace.add_turn(turn, {"role": "assistant", "content": turn.text}, with_specials)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [{"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}],
+                "usage": _usage(context, turn), "rlhf": self._extension(episode_id, turn)}
+
+    def _logprobs(self, turn: Turn) -> dict:
+        return {"content": [{"token": self.tokenizer.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
+                            for t, lp in zip(turn.token_ids, turn.logprobs)]}
+
+    @staticmethod
+    def _extension(episode_id: str | None, turn: Turn) -> dict:
+        return {"episode_id": episode_id, "token_ids": list(turn.token_ids), "weight_versions": [list(s) for s in turn.spans]}
+
+
+def build_app(gateway: Gateway) -> FastAPI:
+    """The FastAPI app serving `gateway` (a bearer token is required when `gateway.token` is set)."""
+    app = FastAPI(title="rlhf_cluster agent gateway")
+
+    def authorized(request: Request) -> None:
+        if gateway.token and request.headers.get("authorization") != f"Bearer {gateway.token}":
+            raise GatewayError(401, "missing or wrong bearer token (Authorization: Bearer <generation.agent.token>)",
+                               "authentication_error")
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GatewayError(400, f"the request body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise GatewayError(400, "the request body must be a JSON object")
+        return body
+
+    def episode_of(request: Request, body: dict, path_id: str | None) -> str | None:
+        return path_id or request.headers.get("x-episode-id") or body.get("user") or None
+
+    @app.exception_handler(GatewayError)
+    async def refused(request: Request, exc: GatewayError):
+        gateway.stats.refused[str(exc.status)] = gateway.stats.refused.get(str(exc.status), 0) + 1
+        return JSONResponse({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):  # the agent hears the cause, not a bare 500
+        return await refused(request, GatewayError(500, f"{type(exc).__name__}: {exc}", "server_error"))
+
+    @app.exception_handler(ChatError)
+    async def unrenderable(request: Request, exc: ChatError):
+        return await refused(request, GatewayError(409 if isinstance(exc, HistoryError) else 400, str(exc)))
+
+    async def chat(request: Request, episode: str | None = None):
+        authorized(request)
+        body = await body_of(request)
+        reply = await gateway.chat(episode_of(request, body, episode), body)
+        return _stream_chat(reply) if body.get("stream") else reply
+
+    async def complete(request: Request, episode: str | None = None):
+        authorized(request)
+        body = await body_of(request)
+        return await gateway.complete(episode_of(request, body, episode), body)
+
+    async def models(request: Request, episode: str | None = None):
+        authorized(request)
+        return {"object": "list", "data": [{"id": gateway.model_name, "object": "model", "created": 0,
+                                            "owned_by": "rlhf_cluster"}]}
+
+    async def reward(request: Request, episode: str):
+        authorized(request)
+        gateway.reward(episode, (await body_of(request)).get("reward"))
+        return {"episode_id": episode, "rewards": gateway.episodes[episode].rewards}
+
+    for prefix in ("/v1", "/episodes/{episode}/v1"):
+        app.add_api_route(f"{prefix}/chat/completions", chat, methods=["POST"])
+        app.add_api_route(f"{prefix}/completions", complete, methods=["POST"])
+        app.add_api_route(f"{prefix}/models", models, methods=["GET"])
+    app.add_api_route("/episodes/{episode}/v1/reward", reward, methods=["POST"])
+    app.add_api_route("/v1/episodes/{episode}/reward", reward, methods=["POST"])
+    return app
+
+
+def _plain(message) -> dict:
+    return message if isinstance(message, dict) else {}
+
+
+def _usage(context: list[int], turn: Turn) -> dict:
+    return {"prompt_tokens": len(context), "completion_tokens": len(turn.token_ids),
+            "total_tokens": len(context) + len(turn.token_ids)}
+
+
+def _stream_chat(reply: dict) -> StreamingResponse:
+    """A finished reply as OpenAI server-sent events: one delta with the whole turn, then its end."""
+    choice = reply["choices"][0]
+    delta = {k: v for k, v in choice["message"].items() if v is not None}
+    if "tool_calls" in delta:
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+    head = {k: reply[k] for k in ("id", "created", "model")}
+
+    def events():
+        for part, finish in ((delta, None), ({}, choice["finish_reason"])):
+            chunk = {**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": part, "finish_reason": finish}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,167 @@
+"""The agent gateway's pure parts over a real tokenizer and the real FastAPI app: an `openai`
+client drives it (through httpx's ASGI transport) against a scripted engine, and each episode's
+trace is the exact token context the engine saw, model turns masked in, everything else out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from rlhf_cluster.gateway.chat import continuation_text, parse_reply, render
+from rlhf_cluster.gateway.server import Gateway, build_app
+from rlhf_cluster.generation.engine import Turn
+
+CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "calculator", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+class ScriptedEngine:
+    """Answers turn k with `replies[k]` (EOS appended), log-prob -0.5 per token, weight version 3;
+    records every context it was given."""
+
+    def __init__(self, tokenizer, replies: list[str]):
+        self.tokenizer, self.replies, self.contexts = tokenizer, list(replies), []
+
+    async def __call__(self, context, max_tokens, stop, greedy) -> Turn:
+        self.contexts.append(list(context))
+        ids = (self.tokenizer(self.replies.pop(0), add_special_tokens=False)["input_ids"]
+               + [self.tokenizer.eos_token_id])[:max_tokens]
+        return Turn(ids, [-0.5] * len(ids), [(0, 3)], "stop" if len(ids) < max_tokens else "length",
+                    self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def client_of(gateway: Gateway, episode: str | None = "e1", key: str = "k") -> openai.AsyncOpenAI:
+    base = f"http://gateway/episodes/{episode}/v1" if episode else "http://gateway/v1"
+    transport = httpx.ASGITransport(app=build_app(gateway))
+    return openai.AsyncOpenAI(base_url=base, api_key=key, http_client=httpx.AsyncClient(transport=transport), max_retries=0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_tool_loop_through_the_openai_client_is_one_exact_token_context(tokenizer):
+    engine = ScriptedEngine(tokenizer, [f"let me compute {CALL}", "the answer is 5"])
+    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096)
+    gateway.open("e1")
+    messages = [{"role": "system", "content": "use tools"}, {"role": "user", "content": "what is 2+3?"}]
+
+    async def agent():
+        client = client_of(gateway)
+        first = await client.chat.completions.create(model="policy", messages=messages, tools=TOOLS)
+        call = first.choices[0].message.tool_calls[0]
+        assert first.choices[0].finish_reason == "tool_calls"
+        assert (call.function.name, json.loads(call.function.arguments)) == ("calculator", {"expression": "2+3"})
+        assert first.choices[0].message.content == "let me compute"
+        messages.append(first.choices[0].message.model_dump(exclude_none=True))
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "5"})
+        second = await client.chat.completions.create(model="policy", messages=messages, tools=TOOLS)
+        messages.append(second.choices[0].message.model_dump(exclude_none=True))
+        return first, second
+
+    first, second = run(agent())
+    trace = gateway.close("e1")
+    # What the engine saw second is exactly the first context, the first turn, then the appended tokens.
+    assert engine.contexts[1][: len(engine.contexts[0])] == engine.contexts[0]
+    assert engine.contexts[1] == trace.prompt_ids + trace.response_ids[: trace.turn_starts[1]]
+    # The trace is the whole conversation as the template renders it, token for token in model turns.
+    # (The first reply as the model wrote it: the agent got its call parsed out of the text.)
+    as_written = messages[:2] + [{"role": "assistant", "content": f"let me compute {CALL}"}] + messages[3:]
+    whole = tokenizer.decode(trace.prompt_ids + trace.response_ids, skip_special_tokens=False)
+    assert whole == render(tokenizer, as_written, TOOLS, generation_prompt=False)
+    first_ids, second_ids = first.model_extra["rlhf"]["token_ids"], second.model_extra["rlhf"]["token_ids"]
+    start0, start1 = trace.turn_starts
+    assert trace.response_ids[start0:start0 + len(first_ids)] == first_ids
+    assert trace.response_ids[start1:] == second_ids
+    assert trace.loss_mask == [1] * len(first_ids) + [0] * (start1 - len(first_ids)) + [1] * len(second_ids)
+    assert all((lp == -0.5) == bool(m) for lp, m in zip(trace.logprobs, trace.loss_mask))
+    assert trace.rewrites == 0
+    rollout = trace.to_rollout(tokenizer, "p", "g", "g:0", "gen0", 3)
+    assert rollout.turn_starts == [0, start1] and rollout.policy_versions == [(0, 3)]
+
+
+def test_an_edited_earlier_message_is_counted_and_the_engine_keeps_its_own_tokens(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["<think>hmm</think> 5", "done"])
+    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096)
+    gateway.open("e1")
+
+    async def agent():
+        client = client_of(gateway)
+        messages = [{"role": "user", "content": "2+3?"}]
+        first = await client.chat.completions.create(model="policy", messages=messages)
+        messages.append({"role": "assistant", "content": first.choices[0].message.content.split("</think>")[-1].strip()})
+        messages.append({"role": "user", "content": "sure?"})
+        await client.chat.completions.create(model="policy", messages=messages)
+
+    run(agent())
+    trace = gateway.episodes["e1"]
+    assert trace.rewrites == 1
+    assert "<think>hmm</think>" in tokenizer.decode(engine.contexts[1])  # what the model wrote, not the edit
+
+
+def test_dropped_history_unknown_episodes_and_missing_tokens_are_refused(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["a", "b", "c"])
+    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096, token="secret")
+    gateway.open("e1")
+
+    async def calls():
+        ok = client_of(gateway, key="secret")
+        with pytest.raises(openai.AuthenticationError):
+            await client_of(gateway, key="wrong").chat.completions.create(model="policy", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.NotFoundError, match="not open"):
+            await client_of(gateway, "nope", key="secret").chat.completions.create(
+                model="policy", messages=[{"role": "user", "content": "x"}])
+        await ok.chat.completions.create(model="policy", messages=[{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
+        with pytest.raises(openai.ConflictError, match="do not extend"):
+            await ok.chat.completions.create(model="policy", messages=[{"role": "user", "content": "y"}])
+        untagged = await client_of(gateway, None, key="secret").chat.completions.create(
+            model="policy", messages=[{"role": "user", "content": "x"}])
+        assert untagged.choices[0].message.content == "b"
+        models = await ok.models.list()
+        assert [m.id for m in models.data] == ["policy"]
+
+    run(calls())
+    assert gateway.stats.refused == {"401": 1, "404": 1, "409": 1} and gateway.stats.untagged == 1
+
+
+def test_streaming_and_completions_and_the_token_budget(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["12345678", "1", "more"])
+    gateway = Gateway(tokenizer, engine, "policy", budget=10, max_model_len=4096, open_on_first_use=True)
+
+    async def calls():
+        client = client_of(gateway, "s1")
+        stream = await client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "x"}],
+                                                      stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream])
+        assert text == "12345678"
+        done = await client_of(gateway, "c1").completions.create(model="policy", prompt="1+1=")
+        assert done.choices[0].text == "1"
+        later = await client_of(gateway, "c1").completions.create(model="policy", prompt="1+1=1 and 2+2=")
+        return later
+
+    later = run(calls())
+    c1 = gateway.episodes["c1"]
+    # The model's "1" and EOS, then the prompt's new text cut at the episode's 10-token budget: nothing left to sample.
+    assert "1+1=1 and 2+2=".startswith(tokenizer.decode(c1.prompt_ids + c1.response_ids, skip_special_tokens=True))
+    assert len(c1.response_ids) == 10 and c1.loss_mask[:2] == [1, 1] and not any(c1.loss_mask[2:])
+    assert later.choices[0].finish_reason == "length" and len(engine.contexts) == 2
+
+
+def test_the_continuation_finishes_the_assistant_turn_the_model_left_open(tokenizer):
+    added = [{"role": "user", "content": "next"}]
+    closed = continuation_text(tokenizer, "5" + tokenizer.eos_token, added, None)
+    cut = continuation_text(tokenizer, "5", added, None)  # stopped by length: the template's turn end is added
+    assert cut == tokenizer.eos_token + closed
+    assert parse_reply(f"x {CALL}", tools_offered=False) == (f"x {CALL}", [])
+    assert parse_reply('<tool_call>{"bad json</tool_call>', tools_offered=True)[1] == []
