@@ -405,6 +405,29 @@ def scale(
     typer.echo("layout: " + ", ".join(f"{name} {count}" for name, count in sizes.items()))
 
 
+@app.command()
+def gateway(
+    config: Path = typer.Argument(DEFAULT_CONFIG, exists=True, dir_okay=False),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field: --set generation.sampling.max_new_tokens=256"),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (anything but loopback needs --token)."),
+    port: int = typer.Option(8000, help="Port (0: any free one; the URL is printed)."),
+    token: Optional[str] = typer.Option(None, help="Bearer token every call must carry."),
+    out: Optional[Path] = typer.Option(None, help="Where closed episodes go (default: <run_dir>/gateway/episodes.jsonl)."),
+) -> None:
+    """Serve the agent gateway (OpenAI-compatible, token-exact episode traces) over the config's
+    model on this machine, without training; Ctrl-C stops it."""
+    from rlhf_cluster.config.generation import is_loopback
+    from rlhf_cluster.gateway.standalone import serve
+
+    cfg = _load(config, set_)
+    if not is_loopback(host) and not token:
+        typer.echo(f"error: --host {host} is reachable from other machines: set --token", err=True)
+        raise typer.Exit(2)
+    out = out or Path(cfg.run_dir) / "gateway" / "episodes.jsonl"
+    serve(cfg, _base_model(cfg), host, port, token, out,
+          on_ready=lambda url: typer.echo(f"gateway: {url}/v1 (episodes: {url}/episodes/<id>/v1); closed episodes -> {out}"))
+
+
 for view in (run_views.plot, run_views.samples, run_views.trace, run_views.replay):
     app.command()(view)
 

@@ -82,6 +82,16 @@ class TurnRewardsConfig(_Strict):
         return self
 
 
+def is_loopback(address: str) -> bool:
+    """Whether an address to bind is reachable only from this machine."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
 class AgentConfig(_Strict):
     """Agent episodes through the OpenAI-compatible gateway (`rlhf_cluster.gateway`): each sample
     is one call of the user's agent function, whose requests to the gateway are recorded token for
@@ -101,13 +111,7 @@ class AgentConfig(_Strict):
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "AgentConfig":
-        import ipaddress
-
-        try:
-            loopback = ipaddress.ip_address(self.bind_address).is_loopback
-        except ValueError:
-            loopback = self.bind_address == "localhost"
-        if not loopback and not self.token:
+        if not is_loopback(self.bind_address) and not self.token:
             raise ValueError(f"generation.agent.token: the gateway binds {self.bind_address!r}, reachable from other "
                              "hosts, so every call must carry a token; set one (or bind 127.0.0.1)")
         return self

@@ -101,6 +101,13 @@ class EpisodeTrace:
         self.last_turn_text = text_with_specials
         self.finish_reason = turn.finish_reason
 
+    def record(self) -> dict:
+        """The episode as one JSON object (what a standalone gateway writes when it is closed)."""
+        return {"episode_id": self.episode_id, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids,
+                "loss_mask": self.loss_mask, "logprobs": self.logprobs, "weight_versions": [list(s) for s in self.spans],
+                "turn_starts": self.turn_starts, "rewards": self.rewards, "history_rewrites": self.rewrites,
+                "finish_reason": self.finish_reason, "messages": self.messages}
+
     def to_rollout(self, tokenizer, prompt_id: str, group_id: str, sample_id: str, worker: str, version: int) -> Rollout:
         """The episode as a sample: its response interleaves model turns and appended messages."""
         if self.prompt_ids is None or not self.turn_starts:

@@ -48,14 +48,16 @@ class GatewayStats:
 
 class Gateway:
     """Episodes and the engine behind the API. `open_on_first_use`: a call with an unknown
-    episode id starts that episode (a standalone gateway); otherwise only episodes opened with
-    `open` are served (a job's agent runner)."""
+    episode id starts that episode and the agent closes it (`/close`, handed to `on_close`): a
+    standalone gateway. Otherwise only episodes opened with `open` are served, and whoever opened
+    them closes them (a job's agent runner)."""
 
     def __init__(self, tokenizer, generate: Generate, model_name: str, budget: int, max_model_len: int,
-                 turn_max_tokens: int | None = None, open_on_first_use: bool = False, token: str | None = None):
+                 turn_max_tokens: int | None = None, open_on_first_use: bool = False, token: str | None = None,
+                 on_close: Callable[[EpisodeTrace], None] | None = None):
         self.tokenizer, self.generate, self.model_name = tokenizer, generate, model_name
         self.budget, self.max_model_len, self.turn_max_tokens = budget, max_model_len, turn_max_tokens
-        self.open_on_first_use, self.token = open_on_first_use, token
+        self.open_on_first_use, self.token, self.on_close = open_on_first_use, token, on_close
         self.episodes: dict[str, EpisodeTrace] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.stats = GatewayStats()
@@ -88,6 +90,16 @@ class Gateway:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise GatewayError(400, f"reward: expected a number, got {value!r}")
         self.episodes[episode_id].rewards.append(float(value))
+
+    async def close_by_agent(self, episode_id: str) -> dict:
+        if self.on_close is None:
+            raise GatewayError(409, "episodes end when the job's agent function returns; there is nothing to close")
+        if episode_id not in self.episodes:
+            raise GatewayError(404, f"episode {episode_id!r} is not open")
+        async with self._locks[episode_id]:  # after the call in flight, if any
+            trace = self.close(episode_id)
+        self.on_close(trace)
+        return trace.record()
 
     async def _turn(self, trace: EpisodeTrace, context: list[int], body: dict) -> tuple[Turn, str]:
         """Sample one model turn after `context`; returns it and its text with special tokens."""
@@ -219,12 +231,18 @@ def build_app(gateway: Gateway) -> FastAPI:
         gateway.reward(episode, (await body_of(request)).get("reward"))
         return {"episode_id": episode, "rewards": gateway.episodes[episode].rewards}
 
+    async def close(request: Request, episode: str):
+        authorized(request)
+        return await gateway.close_by_agent(episode)
+
     for prefix in ("/v1", "/episodes/{episode}/v1"):
         app.add_api_route(f"{prefix}/chat/completions", chat, methods=["POST"])
         app.add_api_route(f"{prefix}/completions", complete, methods=["POST"])
         app.add_api_route(f"{prefix}/models", models, methods=["GET"])
     app.add_api_route("/episodes/{episode}/v1/reward", reward, methods=["POST"])
     app.add_api_route("/v1/episodes/{episode}/reward", reward, methods=["POST"])
+    app.add_api_route("/episodes/{episode}/v1/close", close, methods=["POST"])
+    app.add_api_route("/v1/episodes/{episode}/close", close, methods=["POST"])
     return app
 
 

@@ -6,7 +6,13 @@ reward reaches the advantages."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
+
+import httpx
+import openai
 
 from actors.job import run_job
 from rlhf_cluster.run_dir import RunDir
@@ -55,3 +61,41 @@ def test_an_openai_client_agent_trains_through_the_gateway_with_exact_traces(ray
     assert any(s.reward_components["turn_reward"] == 1.0 for s in scored)
     assert any(a != 0.0 for s in scored for a in s.advantages), "no group had a signal: nothing was trained"
     assert max(s.policy_version for s in scored) >= 1, "no episode was sampled with trained weights"
+
+
+def test_the_standalone_gateway_serves_an_agent_and_writes_each_closed_episode(tmp_path, model_cache):
+    cli = str(Path(sys.executable).parent / "rlhf-cluster")
+    refused = subprocess.run([cli, "gateway", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--token" in refused.stderr
+
+    out = tmp_path / "episodes.jsonl"
+    server = subprocess.Popen(
+        [cli, "gateway", "--port", "0", "--token", "t0k", "--out", str(out), "--set", f"model.cache_dir={model_cache}",
+         "--set", "generation.sampling.max_new_tokens=64", "--set", f"run_dir={tmp_path / 'run'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in server.stdout:  # the URL comes once it listens
+            if line.startswith("gateway: "):
+                url = line.split()[1].removesuffix("/v1")
+                break
+        assert url, "the gateway never said where it listens"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="t0k", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "12+7="}]
+        replies = []
+        for _ in range(2):
+            reply = client.chat.completions.create(model="policy", messages=messages, max_tokens=5,
+                                                   extra_headers={"X-Episode-Id": "ep-1"})
+            replies.append(reply.model_extra["rlhf"]["token_ids"])
+            messages += [reply.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "and?"}]
+        headers = {"Authorization": "Bearer t0k"}
+        assert httpx.post(f"{url}/v1/episodes/ep-1/reward", json={"reward": 0.5}, headers=headers).status_code == 200
+        closed = httpx.post(f"{url}/v1/episodes/ep-1/close", headers=headers).json()
+        assert httpx.post(f"{url}/v1/episodes/ep-1/close", headers=headers).status_code == 404
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    [written] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == closed and written["rewards"] == [0.5]
+    assert _model_turns(written["response_ids"], written["loss_mask"]) == [r for r in replies if r]
+    assert 0 in written["loss_mask"]  # the user's "and?" turn, in the context and out of the loss

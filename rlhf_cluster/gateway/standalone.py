@@ -1,0 +1,76 @@
+"""`rlhf-cluster gateway`: the gateway on its own, over one in-process engine, no training. An
+agent harness runs against it as against any OpenAI endpoint; each episode it names (path,
+`X-Episode-Id` header or `user` field) starts on first use, and when the harness closes it
+(`POST /v1/episodes/<id>/close`, after an optional `/reward`) its exact token trace is appended to
+a JSONL file: a way to try an agent on the gateway, or to collect token-faithful traces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Callable
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.gateway.episode import EpisodeTrace
+from rlhf_cluster.gateway.server import Gateway, build_app
+from rlhf_cluster.generation.engine import VLLMEngine
+
+
+class EpisodeFile:
+    """Closed episodes, one JSON line each, flushed and fsynced per line (a kill loses none)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, trace: EpisodeTrace) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(trace.record()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def serve(cfg: JobConfig, model_path: str, host: str, port: int, token: str | None, out: Path,
+          on_ready: Callable[[str], None]) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM); `on_ready` gets the URL once it listens."""
+    engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed, name="gateway")
+    episodes = EpisodeFile(out)
+
+    async def generate(context, max_tokens, stop, greedy):
+        return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
+
+    gateway = Gateway(engine.tokenizer, generate, model_name=cfg.generation.agent.model_name if cfg.generation.agent
+                      else "policy", budget=cfg.generation.sampling.max_new_tokens,
+                      max_model_len=cfg.generation.max_model_len, turn_max_tokens=cfg.generation.turn_max_tokens,
+                      open_on_first_use=True, token=token, on_close=episodes.write)
+
+    async def run() -> None:
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        server = uvicorn.Server(uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off"))
+        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            on_ready(f"http://{host}:{sock.getsockname()[1]}")
+        await serving
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # uvicorn stops on SIGINT/SIGTERM, then raises the signal again once it has: a requested stop.
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.close()
