@@ -1,5 +1,7 @@
 """The engine skips vLLM's per-token detokenizing for single-turn responses and decodes each
-finished one itself: the text must be what vLLM's detokenizer would have given."""
+finished one itself: the text must be what vLLM's detokenizer would have given. A request vLLM
+refuses (a context past max_model_len, as an agent can send) fails its caller, and the engine
+goes on serving."""
 
 from __future__ import annotations
 
@@ -34,15 +36,23 @@ def _texts_both_ways(model_path: str) -> list[tuple[str, str]]:
     engine._sampling_params, engine._rollouts = detokenizing, rollouts
     try:
         futures = [engine.submit_group(Prompt(f"p{a}", f"{a}+{a * 7 % 50}=", "")) for a in range(40)]
+        too_long = engine.submit_turn([5] * 300, 4, [])  # max_model_len is 256
         for future in futures:
             future.result(timeout=120)
+        try:
+            too_long.result(timeout=120)
+            refused = ""
+        except Exception as exc:  # noqa: BLE001 - what the caller hears
+            refused = f"{type(exc).__name__}: {exc}"
+        after = engine.submit_turn([5] * 10, 4, []).result(timeout=120)
     finally:
         engine.close()
-    return pairs
+    return pairs, refused, len(after.token_ids)
 
 
 def test_response_text_is_what_vllms_detokenizer_gives(ray_cluster, tiny_model_path):
-    pairs = ray.get(_texts_both_ways.remote(tiny_model_path), timeout=300)
+    pairs, refused, served_after = ray.get(_texts_both_ways.remote(tiny_model_path), timeout=300)
+    assert "maximum context length is 256" in refused and served_after > 0
     assert len(pairs) == 160
     # A random model writes byte soup: many responses end inside a multi-byte character.
     assert [(vllm_text, text) for vllm_text, text in pairs if vllm_text != text] == []
