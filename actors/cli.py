@@ -187,15 +187,14 @@ def _print_result(cfg: JobConfig, result) -> None:
     if not result.rows:
         return
     last = result.rows[-1]
+    def before_after(before: float, after: float | None) -> str:  # a stopped run has no final evaluation
+        return f"before {before:.3f}, after {after:.3f}" if after is not None else f"before {before:.3f} (stopped before the last)"
+
     if result.accuracy_before is not None:
-        typer.echo(
-            f"held-out accuracy (greedy, verifier): before {result.accuracy_before:.3f}, after {result.accuracy_after:.3f}"
-        )
+        typer.echo(f"held-out accuracy (greedy, verifier): {before_after(result.accuracy_before, result.accuracy_after)}")
     if result.sampled_accuracy_before is not None:
-        typer.echo(
-            f"held-out accuracy ({cfg.data.eval_samples} samples per prompt, verifier): "
-            f"before {result.sampled_accuracy_before:.3f}, after {result.sampled_accuracy_after:.3f}"
-        )
+        typer.echo(f"held-out accuracy ({cfg.data.eval_samples} samples per prompt, verifier): "
+                   f"{before_after(result.sampled_accuracy_before, result.sampled_accuracy_after)}")
     if result.early_stop:
         typer.echo(f"stopped early: {result.early_stop}")
     typer.echo(
