@@ -288,10 +288,6 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))
         return rollouts
 
-    def gateway_url(self) -> str | None:
-        """Where this worker's agent gateway listens (None: no agent configured, or not started yet)."""
-        return self.agents.url if self.agents else None
-
     def _reports_of_own_loads(self) -> list[dict]:
         # Direct: every load comes from a push, which collects its reports (a generate call
         # cancelled at the job's end would lose them). Filesystem: a request may load by itself.

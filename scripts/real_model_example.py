@@ -9,8 +9,9 @@
 2. transformers reads GGUF with the `gguf` package, installed into a temporary folder (not the
    project's venv); the dequantized weights are saved as a plain Llama HF folder (fp32 safetensors,
    the chat template and tokenizer included), which the job loads like any model folder.
-3. The task: sums "What is a + b?" of two numbers up to 10, answers in GSM8K's `#### n` form
-   (the `gsm8k` verifier takes the response's last number), as a user's own parquet file.
+3. The task: every sum "What is a + b?" of two numbers up to 20 (441 distinct questions, each
+   once, shuffled), answers in GSM8K's `#### n` form (the `gsm8k` verifier takes the response's
+   last number), as a user's own parquet file.
 """
 
 from __future__ import annotations
@@ -57,15 +58,16 @@ def convert(out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
-def write_sums(path: Path, count: int = 2000, seed: int = 0) -> None:
+def write_sums(path: Path, largest: int = 20, seed: int = 0) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rng = random.Random(seed)
-    pairs = [(rng.randint(0, 10), rng.randint(0, 10)) for _ in range(count)]
+    pairs = [(a, b) for a in range(largest + 1) for b in range(largest + 1)]
+    random.Random(seed).shuffle(pairs)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"question": [f"What is {a} + {b}?" for a, b in pairs],
                              "answer": [f"#### {a + b}" for a, b in pairs]}), path)
+    return len(pairs)
 
 
 def main() -> None:
@@ -78,8 +80,7 @@ def main() -> None:
     else:
         convert(args.model)
         print(f"{args.model}: SmolLM2-135M-Instruct as an HF folder")
-    write_sums(args.data)
-    print(f"{args.data}: 2000 sums")
+    print(f"{args.data}: {write_sums(args.data)} sums")
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from rlhf_cluster.config import AgentConfig, GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.gateway.server import Gateway, build_app
+from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.user_code import import_spec
@@ -60,26 +59,20 @@ class AgentRunner:
         self.url: str | None = None
         # Agents block on HTTP calls: each needs its own thread (the default pool has cores + 4).
         self.threads = ThreadPoolExecutor(agent.max_concurrent, thread_name_prefix="agent")
+        self._starting = asyncio.Lock()  # the first episodes of a request all wait for the one start
 
     async def start(self) -> str:
-        """Serve the gateway (once); returns its URL."""
-        if self.server is None:
-            import uvicorn
-
-            agent = self.cfg.agent
-            sock = socket.socket(socket.AF_INET6 if ":" in agent.bind_address else socket.AF_INET)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((agent.bind_address, agent.port))
-            self.server = uvicorn.Server(uvicorn.Config(build_app(self.gateway), log_level="warning", access_log=False,
-                                                        lifespan="off"))
-            self._serving = asyncio.ensure_future(self.server.serve(sockets=[sock]))
-            host = agent.advertise_address or ("127.0.0.1" if agent.bind_address in ("0.0.0.0", "::") else agent.bind_address)
-            self.url = f"http://{host}:{sock.getsockname()[1]}"
-            while not self.server.started:
-                if self._serving.done():
-                    self._serving.result()  # the server failed to start: raise its error
-                await asyncio.sleep(0.01)
+        """Serve the gateway (once); returns its URL once it listens."""
+        async with self._starting:
+            if self.server is None:
+                await self._serve()
         return self.url
+
+    async def _serve(self) -> None:
+        agent = self.cfg.agent
+        self.server, self._serving, port = await start_server(self.gateway, agent.bind_address, agent.port)
+        wildcard = agent.bind_address in ("0.0.0.0", "::")
+        self.url = f"http://{agent.advertise_address or ('127.0.0.1' if wildcard else agent.bind_address)}:{port}"
 
     async def episode(self, prompt: Prompt, group_id: str, sample_id: str, greedy: bool) -> tuple[Rollout, int]:
         """Run the agent once on `prompt`; returns the episode's rollout and its history rewrites."""
@@ -111,9 +104,3 @@ class AgentRunner:
         except ValueError as exc:
             raise AgentError(f"generation.agent.function={self.cfg.agent.function!r}: {exc}") from exc
         return rollout, trace.rewrites
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-            await self._serving
-        self.threads.shutdown(wait=False, cancel_futures=True)

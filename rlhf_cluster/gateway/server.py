@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -244,6 +245,24 @@ def build_app(gateway: Gateway) -> FastAPI:
     app.add_api_route("/episodes/{episode}/v1/close", close, methods=["POST"])
     app.add_api_route("/v1/episodes/{episode}/close", close, methods=["POST"])
     return app
+
+
+async def start_server(gateway: Gateway, host: str, port: int) -> tuple[object, asyncio.Task, int]:
+    """Serve `gateway` with uvicorn on the running event loop; returns the server, its task and the
+    port it listens on (`port` 0: a free one), once it accepts connections."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off"))
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started:
+        if serving.done():
+            serving.result()  # it failed to start: raise why
+            raise RuntimeError(f"the gateway on {host}:{port} stopped before it started")
+        await asyncio.sleep(0.01)
+    return server, serving, sock.getsockname()[1]
 
 
 def _plain(message) -> dict:

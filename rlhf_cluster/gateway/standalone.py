@@ -10,13 +10,12 @@ import asyncio
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 from typing import Callable
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.gateway.episode import EpisodeTrace
-from rlhf_cluster.gateway.server import Gateway, build_app
+from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
 
 
@@ -49,17 +48,8 @@ def serve(cfg: JobConfig, model_path: str, host: str, port: int, token: str | No
                       open_on_first_use=True, token=token, on_close=episodes.write)
 
     async def run() -> None:
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        server = uvicorn.Server(uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off"))
-        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.01)
-        if server.started:
-            on_ready(f"http://{host}:{sock.getsockname()[1]}")
+        server, serving, bound = await start_server(gateway, host, port)
+        on_ready(f"http://{host}:{bound}")
         await serving
 
     def interrupted(signum, frame):
