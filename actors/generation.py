@@ -248,15 +248,20 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(sum(len(r.response_ids) for r in rollouts))
         return rollouts
 
-    async def _episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
-        """Multi-turn: `n` episodes per prompt (one greedy), all at once, each with its own environment."""
+    async def _per_sample(self, prompts: list[Prompt], n: int | None, greedy: bool, start) -> list:
+        """`start(prompt, group_id, sample_id)` for each of the `n` samples of every prompt (one
+        greedy), all at once; their results in order."""
         count = 1 if greedy else n or self.cfg.generation.sampling.n
         jobs = []
         for p in prompts:
             group_id = f"{p.prompt_id}:{uuid.uuid4().hex[:12]}"
-            jobs += [run_episode(self.engine, self.cfg.generation, p, self.environment(), f"{group_id}:{k}", group_id, greedy)
-                     for k in range(count)]
-        done = await asyncio.gather(*jobs)
+            jobs += [start(p, group_id, f"{group_id}:{k}") for k in range(count)]
+        return await asyncio.gather(*jobs)
+
+    async def _episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
+        """Multi-turn: `n` episodes per prompt (one greedy), all at once, each with its own environment."""
+        done = await self._per_sample(prompts, n, greedy, lambda p, group_id, sample_id: run_episode(
+            self.engine, self.cfg.generation, p, self.environment(), sample_id, group_id, greedy))
         for rollout, stats in done:
             self.labels.of(m.EPISODE_TURNS).observe(stats.turns)
             self.labels.of(m.TOOL_CALLS).inc(stats.tool_calls)
@@ -269,12 +274,8 @@ class GenerationWorker:
 
     async def _agent_episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
         """Agent episodes: `n` calls of the user's agent per prompt (one greedy), all at once."""
-        count = 1 if greedy else n or self.cfg.generation.sampling.n
-        jobs = []
-        for p in prompts:
-            group_id = f"{p.prompt_id}:{uuid.uuid4().hex[:12]}"
-            jobs += [self.agents.episode(p, group_id, f"{group_id}:{k}", greedy) for k in range(count)]
-        done = await asyncio.gather(*jobs)
+        done = await self._per_sample(prompts, n, greedy, lambda p, group_id, sample_id: self.agents.episode(
+            p, group_id, sample_id, greedy))
         stats = self.agents.gateway.stats
         seen_requests, seen_refused = self._gateway_seen
         self.labels.of(m.GATEWAY_REQUESTS).inc(stats.requests - seen_requests)

@@ -102,6 +102,20 @@ class Gateway:
         self.on_close(trace)
         return trace.record()
 
+    async def _sample(self, episode_id: str | None, body: dict, context_of: Callable[[EpisodeTrace], list[int]],
+                      reply_to: Callable[[Turn], dict]) -> tuple[list[int], Turn, dict]:
+        """One call of an episode, under its lock: extend its context, sample a turn, record it with
+        the message the agent is sent; returns the context, the turn and that message."""
+        trace, lock = self._episode(episode_id)
+        async with lock:
+            if trace.closed:
+                raise GatewayError(410, f"episode {episode_id!r} is closed")
+            context = context_of(trace)
+            turn, with_specials = await self._turn(trace, context, body)
+            reply = reply_to(turn)
+            trace.add_turn(turn, reply, with_specials)
+        return context, turn, reply
+
     async def _turn(self, trace: EpisodeTrace, context: list[int], body: dict) -> tuple[Turn, str]:
         """Sample one model turn after `context`; returns it and its text with special tokens."""
         if len(context) >= self.max_model_len and not trace.turn_starts:
@@ -135,15 +149,13 @@ class Gateway:
         messages, tools = body.get("messages"), body.get("tools")
         if not isinstance(messages, list):
             raise GatewayError(400, "messages: expected a list of message objects")
-        trace, lock = self._episode(episode_id)
-        async with lock:
-            if trace.closed:
-                raise GatewayError(410, f"episode {episode_id!r} is closed")
-            context = trace.context_for(self.tokenizer, [_plain(m) for m in messages], tools)
-            turn, with_specials = await self._turn(trace, context, body)
+        def reply_to(turn: Turn) -> dict:
             content, calls = parse_reply(turn.text, bool(tools))
-            reply = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-            trace.add_turn(turn, reply, with_specials)
+            return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
+        context, turn, reply = await self._sample(
+            episode_id, body, lambda trace: trace.context_for(self.tokenizer, [_plain(m) for m in messages], tools), reply_to)
+        calls = reply.get("tool_calls")
         finish = "tool_calls" if calls else turn.finish_reason
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name,
@@ -156,13 +168,8 @@ class Gateway:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise GatewayError(400, "prompt: expected one string")
-        trace, lock = self._episode(episode_id)
-        async with lock:
-            if trace.closed:
-                raise GatewayError(410, f"episode {episode_id!r} is closed")
-            context = trace.context_for_text(self.tokenizer, prompt)
-            turn, with_specials = await self._turn(trace, context, body)
-            trace.add_turn(turn, {"role": "assistant", "content": turn.text}, with_specials)
+        context, turn, _ = await self._sample(episode_id, body, lambda trace: trace.context_for_text(self.tokenizer, prompt),
+                                              lambda turn: {"role": "assistant", "content": turn.text})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name,
                 "choices": [{"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import time
 import uuid
@@ -27,46 +26,14 @@ from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.gc_pause import imports_without_gc
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
+from rlhf_cluster.generation.vllm_process import RotaryReloadFilter, configure_vllm_environment, runs_eager
 from rlhf_cluster.records import Rollout
-
-
-def configure_vllm_environment(cfg: GenerationConfig) -> None:
-    """Environment vLLM reads at import/engine start; call before importing vllm."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
-    # Several engines share a 2-core machine with other actors: pinning each to "its" cores
-    # would stack them all on the same ones.
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if runs_eager(cfg):
-        # Eager means no compilation at all: vLLM still torch.compiles a few helpers (the
-        # log-prob rank count), and inductor's first C++ build costs ~2 s per engine on CPU.
-        # Process-wide, like the settings above: a generation worker's process runs only its engine.
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def response_text(tokenizer, token_ids: list[int]) -> str:
     """A finished response's text as vLLM's own detokenizer gives it: special tokens skipped,
     and the bytes of a character cut off by the token limit (decoded as U+FFFD) left out."""
     return tokenizer.decode(token_ids, skip_special_tokens=True).rstrip("\ufffd")
-
-
-def runs_eager(cfg: GenerationConfig) -> bool:
-    """vLLM's enforce_eager for this engine: the config's, else eager exactly when no CUDA."""
-    return cfg.enforce_eager if cfg.enforce_eager is not None else not torch.cuda.is_available()
-
-
-class _RotaryReloadFilter(logging.Filter):
-    """Drop vLLM's "RotaryEmbedding: Failed to load weights" on every reload.
-
-    The rotary cos/sin cache is derived, not a checkpoint tensor, so an in-place reload never
-    carries it and vLLM keeps the existing one, which is what we want. The warning is noise;
-    the reload test checks log-probs after reload against the published weights.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
 
 
 @dataclass
@@ -167,7 +134,7 @@ class VLLMEngine:
         self.engine.logger_manager.stat_loggers.append(self.batches)
         self.engine.set_weight_version(str(self.version))
         self.tokenizer = self.engine.get_tokenizer()
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(RotaryReloadFilter())
         # What a push must look like: the tensors of the checkpoint the engine was built from.
         self.spec = checkpoint_spec(model_path)
         tied = bool(self.engine.model_config.hf_config.get_text_config().tie_word_embeddings)

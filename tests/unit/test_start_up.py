@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.gc_pause import imports_without_gc
-from rlhf_cluster.generation import engine
+from rlhf_cluster.generation import vllm_process
 
 
 @pytest.fixture
@@ -44,8 +44,8 @@ def test_only_an_eager_engine_turns_torch_compile_off(monkeypatch, enforce_eager
     for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
                  "VLLM_NO_USAGE_STATS", "VLLM_LOGGING_LEVEL"):
         monkeypatch.setenv(name, "kept")  # setdefault: the test leaves the process's values alone
-    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(vllm_process.torch.cuda, "is_available", lambda: cuda)
     cfg = GenerationConfig(enforce_eager=enforce_eager)
-    assert engine.runs_eager(cfg) == (enforce_eager if enforce_eager is not None else not cuda)
-    engine.configure_vllm_environment(cfg)
+    assert vllm_process.runs_eager(cfg) == (enforce_eager if enforce_eager is not None else not cuda)
+    vllm_process.configure_vllm_environment(cfg)
     assert (os.environ.get("TORCHDYNAMO_DISABLE") == "1") == disabled
