@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup run test test-unit test-integration test-avx2 bench clean
+.PHONY: setup run test test-slow test-all test-unit test-integration test-avx2 bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -10,14 +10,23 @@ setup:
 run: setup
 	.venv/bin/rlhf-cluster train $(CONFIG) --overwrite
 
+# The suite CI runs (.ci/run): everything but the long learning runs marked `slow`.
 test: setup
+	@bash scripts/run_tests.sh tests -m "not slow"
+
+# The long learning runs (the tool demo to its margin, SFT and the reward model to their
+# accuracies); `make test-all` runs both.
+test-slow: setup
+	@bash scripts/run_tests.sh tests -m slow
+
+test-all: setup
 	@bash scripts/run_tests.sh tests
 
 test-unit: setup
 	@bash scripts/run_tests.sh tests/unit
 
 test-integration: setup
-	@bash scripts/run_tests.sh tests/integration
+	@bash scripts/run_tests.sh tests/integration -m "not slow"
 
 # The learning tests again, with PyTorch dispatching as an AVX2-only CPU (CI's kind): a recipe that
 # learns only on some CPUs' kernels fails here on any x86 machine (issue 39).

@@ -22,9 +22,13 @@ def tiny_model_path(model_cache) -> str:
 
 @pytest.fixture
 def job_config(tmp_path, model_cache):
-    """Build a small JobConfig in tmp dirs; keyword sections override the defaults."""
+    """Build a small JobConfig in tmp dirs; keyword sections override the defaults.
 
-    def make(**sections) -> JobConfig:
+    A job runs without a reference model (and so without a KL term) unless the test asks for one
+    with `reference=True`: a reference worker is a process that loads a model, about a quarter of a
+    small job's start-up, and most tests are not about KL."""
+
+    def make(*, reference: bool = False, **sections) -> JobConfig:
         raw = {
             "name": "test",
             "run_dir": str(tmp_path / "run"),
@@ -39,6 +43,9 @@ def job_config(tmp_path, model_cache):
                 raw[key] = {**raw[key], **value}
             else:
                 raw[key] = value
+        if not reference:  # a test's own KL settings (a coefficient above 0) need reference=True
+            raw["scoring"] = {"reference": False, **raw.get("scoring", {})}
+            raw["algorithm"] = {"kl": {"coef": 0.0}, **raw.get("algorithm", {})}
         return JobConfig.model_validate(raw)
 
     return make

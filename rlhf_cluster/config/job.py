@@ -253,7 +253,23 @@ class JobConfig(_Strict):
                 f"generation.turn_rewards.assign 'turn' gives each turn its group-relative return, which the "
                 f"{', '.join(TURN_LEVEL_ESTIMATORS)} estimators take; algorithm.advantage "
                 f"{self.algorithm.advantage!r} places rewards per token itself (use assign 'episode')")
+        self._check_reference_needed()
         return self
+
+    def _check_reference_needed(self) -> None:
+        # Without reference log-probs the experience falls back to the rollout's own, so a KL term
+        # would silently pull towards the behaviour policy instead of the reference: refuse it.
+        if self.scoring.reference or self.learner.lora.enabled:  # with LoRA the base model is the reference
+            return
+        kl, needs = self.algorithm.kl, []
+        if kl.placement != "none" and (kl.coef > 0 or kl.controller == "adaptive"):
+            needs.append(f"algorithm.kl (placement {kl.placement!r}, coef {kl.coef}, controller {kl.controller!r})")
+        if self.guardrails.rollback.kl_above is not None:
+            needs.append("guardrails.rollback.kl_above")
+        if needs:
+            raise ValueError(f"scoring.reference is false (no reference model), but {' and '.join(needs)} need(s) the "
+                             f"reference's log-probs: set scoring.reference true, or algorithm.kl.coef 0 / "
+                             f"placement 'none'")
 
     @property
     def engine_dtype(self) -> str:

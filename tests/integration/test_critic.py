@@ -82,7 +82,7 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
 
 
 def _ppo_config(job_config, steps: int):
-    return job_config(
+    return job_config(reference=True,
         generation={"replicas": 1, "prompts_per_request": 4, "sampling": {"n": 1, "max_new_tokens": 8}},
         algorithm={"advantage": "gae", "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01}},
         critic={"world_size": 1, "lr": 1e-3},

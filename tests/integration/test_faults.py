@@ -19,7 +19,7 @@ from actors.job import Job
 
 def test_killed_and_hung_workers_of_every_pool_are_replaced_and_no_sample_is_duplicated(ray_cluster, job_config):
     steps = 100_000  # the test stops the job once the replacements have served, however slow the machine
-    cfg = job_config(
+    cfg = job_config(reference=True,
         name="faults",
         # The store keeps every 3rd version, so a replacement catches up in two moves.
         weights={"transport": "direct", "persist_every": 3},

@@ -55,7 +55,7 @@ def test_a_kl_blow_up_is_rolled_back_with_a_smaller_lr_and_the_run_recovers(ray_
     """lr 0.5 wrecks the policy in one update, so step 1's KL to the reference is far above the
     bound; the run goes back to the start (step 0's checkpoint holds the wrecked weights too) with
     lr x 1e-4 and beta x 2, and trains to the end without another rollback."""
-    cfg = job_config(
+    cfg = job_config(reference=True,
         name="rolled", learner={"lr": 0.5}, train={"total_steps": 4}, checkpoint={"every_steps": 1, "keep": 5},
         guardrails={"rollback": {"kl_above": 1.0, "lr_factor": 1e-4, "kl_coef_factor": 2.0, "max_rollbacks": 1}},
     )
@@ -84,7 +84,7 @@ def test_a_kl_blow_up_is_rolled_back_with_a_smaller_lr_and_the_run_recovers(ray_
 
 
 def test_rollbacks_used_up_end_the_run_with_the_condition_named(ray_cluster, job_config):
-    cfg = job_config(
+    cfg = job_config(reference=True,
         name="given-up", learner={"lr": 0.5}, train={"total_steps": 6}, checkpoint={"every_steps": 1},
         guardrails={"rollback": {"kl_above": 1.0, "lr_factor": 1.0, "max_rollbacks": 1}},
     )

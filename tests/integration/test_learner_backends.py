@@ -47,7 +47,7 @@ def _kill(ranks):
 
 
 def _config(job_config, run_dir, backend, **learner):
-    return job_config(
+    return job_config(reference=True,
         run_dir=str(run_dir),
         learner={"backend": backend, "world_size": 2, "lr": LR, **learner},
         algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},

@@ -46,7 +46,7 @@ def test_two_ranks_match_one_rank(ray_cluster, job_config, tiny_model_path, tmp_
     first, second = samples[:2], samples[2:]  # 5+7 tokens vs 9+11+13+15 tokens
     results = {}
     for world, shards in ((1, [samples]), (2, [first, second])):
-        cfg = job_config(
+        cfg = job_config(reference=True,
             run_dir=str(tmp_path / f"world{world}"),
             learner={"world_size": world, "lr": 1e-3, "max_grad_norm": 1e9},
             algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
@@ -91,7 +91,7 @@ def test_micro_batches_accumulate_to_the_full_batch_update(ray_cluster, job_conf
             "micro_2_ranks": (2, 2 * seq_len, [samples[:2], samples[2:]])}
     results, weights = {}, {}
     for name, (world, budget, shards) in runs.items():
-        cfg = job_config(
+        cfg = job_config(reference=True,
             run_dir=str(tmp_path / name),
             learner={"world_size": world, "lr": 1e-3, "max_grad_norm": 1e9, "max_tokens_per_micro_batch": budget},
             algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
@@ -120,7 +120,7 @@ def test_gradient_checkpointing_and_bf16_mixed_precision(ray_cluster, job_config
     settings = {"fp32": ("none", False), "checkpointing": ("none", True), "bf16_checkpointing": ("bf16", True)}
     results, weights = {}, {}
     for name, (precision, checkpointing) in settings.items():
-        cfg = job_config(
+        cfg = job_config(reference=True,
             run_dir=str(tmp_path / name),
             learner={"world_size": 2, "lr": 1e-3, "max_grad_norm": 1e9, "mixed_precision": precision,
                      "gradient_checkpointing": checkpointing},

@@ -17,7 +17,7 @@ from rlhf_cluster.weights import WeightStore
 @pytest.mark.parametrize("max_staleness", [0, 2])
 def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max_staleness):
     steps = 5
-    cfg = job_config(
+    cfg = job_config(reference=True,
         data={"num_prompts": 256, "eval_prompts": 16},
         generation={"replicas": 2, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         learner={"world_size": 2, "lr": 1e-3},

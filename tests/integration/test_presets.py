@@ -47,7 +47,7 @@ def parity_reward(response: str, answer: str) -> float:
 def test_preset_runs_and_keeps_its_promises(ray_cluster, job_config, monkeypatch, preset):
     monkeypatch.syspath_prepend(str(REPO))  # preflight imports the reward function in this process
     assert Path.cwd() == REPO, "run from the repo root: the reward workers import this module from there"
-    cfg = job_config(
+    cfg = job_config(reference=True,
         algorithm={"preset": preset, **EXTRA.get(preset, {})},
         generation={"replicas": 1, "prompts_per_request": 2,
                     "sampling": {"n": 4, "max_new_tokens": 8, "ignore_eos": True}},

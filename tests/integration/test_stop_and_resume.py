@@ -69,7 +69,7 @@ def _stop_after(proc: subprocess.Popen, run_dir: Path, rows: int, sig: signal.Si
 
 
 def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_path):
-    cfg = job_config(
+    cfg = job_config(reference=True,
         name="stop-resume",
         generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         scoring={"rewards": [{"type": "function", "function": "tests.integration.test_stop_and_resume:flaky_reward",

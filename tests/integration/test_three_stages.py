@@ -15,7 +15,6 @@ from rlhf_cluster.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
-pytestmark = pytest.mark.learning
 
 # The reward model's held-out pairwise accuracy: 120 pairs (30 sums never trained on, 4 wrong
 # answers each); chance is 0.5. Training is seeded and bit-identical run to run on one machine, but
@@ -45,8 +44,7 @@ MAX_INT8_REF_ERROR = 0.4
 TRAIN_PAIRS = 64
 
 
-@pytest.fixture(scope="module")
-def stages(ray_cluster, tmp_path_factory, model_cache):
+def _train_stages(tmp_path_factory, model_cache, overrides: list[str]):
     from rlhf_cluster.config import load_config
     from rlhf_cluster.tiny_model import ensure_tiny_model
 
@@ -54,7 +52,7 @@ def stages(ray_cluster, tmp_path_factory, model_cache):
     cfg = load_config("configs/three_stage.yaml", [
         f"run_dir={run_dir}", f"model.cache_dir={model_cache}", "train.progress=false",
         "train.total_steps=4", "train.prompts_per_step=4",
-        "generation.sampling.n=4", "checkpoint.every_steps=100",
+        "generation.sampling.n=4", "checkpoint.every_steps=100", *overrides,
     ])
     base = str(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
     sft = run_stage(cfg, "sft", base, progress=False)
@@ -62,6 +60,32 @@ def stages(ray_cluster, tmp_path_factory, model_cache):
     return cfg, sft, rm
 
 
+@pytest.fixture(scope="module")
+def stages(ray_cluster, tmp_path_factory, model_cache):
+    """configs/three_stage.yaml's recipe in full (1,000 supervised steps on two ranks)."""
+    return _train_stages(tmp_path_factory, model_cache, [])
+
+
+@pytest.fixture(scope="module")
+def short_stages(ray_cluster, tmp_path_factory, model_cache):
+    """The same stages, 12 steps each: the hand-overs on real parts, not what the steps learn."""
+    return _train_stages(tmp_path_factory, model_cache, [
+        "sft.steps=12", "sft.lr_warmup_steps=2", "reward_model.steps=12", "reward_model.lr_warmup_steps=2",
+        "train.total_steps=2"])
+
+
+def test_short_stages_train_on_fsdp2_ranks_and_rl_runs_against_the_reward_model(short_stages):
+    # `make test`'s check of the three stages; the slow tests below check what they learn.
+    cfg, sft, rm = short_stages
+    assert cfg.sft.world_size == cfg.reward_model.world_size == 2
+    assert sft["final_loss"] < sft["first_loss"], sft
+    assert rm["eval_examples"] == 120 and 0.0 <= rm["eval_pairwise_accuracy"] <= 1.0, rm
+    _served_scores(cfg, sft, rm)
+    _rl_against(cfg, sft, rm)
+
+
+@pytest.mark.learning
+@pytest.mark.slow
 def test_sft_and_reward_model_train_on_fsdp2_ranks(stages):
     cfg, sft, rm = stages
     assert cfg.sft.world_size == cfg.reward_model.world_size == 2
@@ -73,18 +97,33 @@ def test_sft_and_reward_model_train_on_fsdp2_ranks(stages):
     assert -1.0 <= rm["eval_length_correlation"] <= 1.0
 
 
+@pytest.mark.slow
 def test_rl_runs_against_the_frozen_reward_model(stages):
+    cfg, sft, rm = stages
+    served = _served_scores(cfg, sft, rm)
+    n = TRAIN_PAIRS
+    accuracy = sum(c > r for c, r in zip(served[:n], served[n:])) / n
+    print(f"served reward model: pairwise accuracy {accuracy:.3f} on {n} training pairs")
+    assert accuracy >= MIN_TRAIN_PAIR_ACCURACY, f"the served reward model prefers the correct sum on {accuracy:.3f} of pairs"
+    _rl_against(cfg, sft, rm)
+
+
+def _with_reward_model(cfg, sft, rm):
+    rl = cfg.model_copy(deep=True)
+    rl.model.path = sft["output"]
+    rl.scoring.reward_models = [RewardModelSpec(path=rm["output"], name="rm")]
+    return rl
+
+
+def _served_scores(cfg, sft, rm) -> list[float]:
+    """The scoring pool serves the reward model frozen: with rule_weight 0 the reward is its score
+    (the same as scoring in this process), and the verifier's verdict is recorded beside it. Returns
+    the served scores of the training pairs' chosen responses, then their rejected ones."""
     from transformers import AutoTokenizer
 
     from actors.scoring import RewardWorker
 
-    cfg, sft, rm = stages
-    rl = cfg.model_copy(deep=True)
-    rl.model.path = sft["output"]
-    rl.scoring.reward_models = [RewardModelSpec(path=rm["output"], name="rm")]
-
-    # The scoring pool serves the reward model frozen: with rule_weight 0 the reward is its score
-    # (the same as scoring in this process), and the verifier's verdict is recorded beside it.
+    rl = _with_reward_model(cfg, sft, rm)
     tokenizer = AutoTokenizer.from_pretrained(sft["output"])
     rollouts, answers = _train_pair_rollouts(cfg, tokenizer)
     worker = RewardWorker.remote(rl.model_dump(), 0)
@@ -94,12 +133,13 @@ def test_rl_runs_against_the_frozen_reward_model(stages):
     assert all(reward == parts["rm"] == parts["rm/rm"] for reward, parts in scored)
     local = FrozenRewardModels(rl.scoring.reward_models).score(rollouts)["rm"]
     assert served == pytest.approx(local, abs=1e-4)
-    n = TRAIN_PAIRS
-    assert [parts["correct"] for _, parts in scored] == [1.0] * n + [0.0] * n
-    accuracy = sum(c > r for c, r in zip(served[:n], served[n:])) / n
-    print(f"served reward model: pairwise accuracy {accuracy:.3f} on {n} training pairs")
-    assert accuracy >= MIN_TRAIN_PAIR_ACCURACY, f"the served reward model prefers the correct sum on {accuracy:.3f} of pairs"
+    assert [parts["correct"] for _, parts in scored] == [1.0] * TRAIN_PAIRS + [0.0] * TRAIN_PAIRS
+    return served
 
+
+def _rl_against(cfg, sft, rm) -> None:
+    """RL steps from the SFT model, rewarded by the reward model alone."""
+    rl = _with_reward_model(cfg, sft, rm)
     job = Job(rl)
     try:
         result = job.run()
@@ -127,6 +167,7 @@ def _train_pair_rollouts(cfg, tokenizer):
     return rollouts, {r.prompt_id: pairs[i % TRAIN_PAIRS].chosen for i, r in enumerate(rollouts)}
 
 
+@pytest.mark.slow
 def test_int8_frozen_scoring_error_is_small(stages):
     from transformers import AutoTokenizer
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.learning
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 MARGIN = 0.2
 

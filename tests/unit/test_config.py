@@ -5,6 +5,7 @@ import pytest
 from rlhf_cluster.algorithms.presets import PRESETS
 from rlhf_cluster.config import ConfigError, JobConfig, LearnerConfig, RewardModelSpec, load_config
 from rlhf_cluster.preflight import preflight
+from pydantic import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -441,3 +442,22 @@ def test_learner_cpu_threads_share_the_node_among_ranks():
     assert LearnerConfig(world_size=2, resources={"num_cpus": 3}).cpu_threads_per_rank(16, small) == 3
     assert LearnerConfig(world_size=2, resources={"num_cpus": 0.5}).cpu_threads_per_rank(16, big) == 8
     assert LearnerConfig(cpu_threads=5, resources={"num_cpus": 3}).cpu_threads_per_rank(16, small) == 5
+
+
+@pytest.mark.parametrize("sections, named", [
+    ({"algorithm": {"kl": {"coef": 0.05}}}, "algorithm.kl"),
+    ({"algorithm": {"kl": {"coef": 0.0, "controller": "adaptive"}}}, "algorithm.kl"),
+    ({"algorithm": {"kl": {"placement": "none"}}, "guardrails": {"rollback": {"kl_above": 1.0}}},
+     "guardrails.rollback.kl_above"),
+])
+def test_kl_without_a_reference_model_is_refused(sections, named):
+    # Without reference log-probs the KL would be taken to the rollout policy, silently.
+    with pytest.raises(ValidationError, match=rf"scoring.reference is false.*{named}"):
+        JobConfig.model_validate({"scoring": {"reference": False}, **sections})
+
+
+def test_no_reference_model_is_fine_when_nothing_needs_one():
+    for kl in ({"coef": 0.0}, {"placement": "none", "coef": 0.1}):
+        assert not JobConfig.model_validate({"scoring": {"reference": False}, "algorithm": {"kl": kl}}).scoring.reference
+    lora = JobConfig.model_validate({"scoring": {"reference": False}, "learner": {"lora": {"rank": 4}}})
+    assert lora.algorithm.kl.coef > 0  # the learner's base model is the reference
