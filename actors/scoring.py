@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 
 import ray
-import torch
 
 from actors._common import actor_setup, limit_threads, metrics_target
 from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.records import Rollout
-from rlhf_cluster.scoring.reference import ReferenceModel
-from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
+
+# torch and the frozen models are imported where a worker loads a model: a reward worker with rule
+# rewards alone starts without them (torch's import is most of its start-up).
 
 
 @ray.remote(concurrency_groups={"health": 1})
@@ -37,6 +37,10 @@ class RewardWorker:
         self.scoring = cfg.scoring
         self.models = None
         if cfg.scoring.reward_models:
+            import torch
+
+            from rlhf_cluster.scoring.reward_model import FrozenRewardModels
+
             limit_threads(2)
             self.models = FrozenRewardModels(cfg.scoring.reward_models, getattr(torch, cfg.model.dtype),
                                              cfg.scoring.max_tokens_per_batch, cfg.scoring.quantization)
@@ -72,6 +76,10 @@ class ReferenceWorker:
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reference", f"ref{index}")
         self.info_ = {"name": f"ref{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
                       "pid": os.getpid()}
+        import torch
+
+        from rlhf_cluster.scoring.reference import ReferenceModel
+
         limit_threads(2)
         dtype = getattr(torch, cfg.model.dtype)
         self.model = ReferenceModel(model_path, dtype, temperature=cfg.generation.sampling.temperature,

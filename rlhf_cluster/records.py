@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Iterable, Literal
 
 import pyarrow as pa
-import torch
+
+# torch is imported by the functions that build tensors (TrainBatch): the scoring pool's reward
+# workers use the records alone, and start ~2.5 CPU-s faster without it.
+if TYPE_CHECKING:
+    import torch
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -233,6 +237,8 @@ def pad_sequences(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Right-padded prompt+response ids: (input_ids, attention_mask, prompt_lengths, T), where T
     is the longest response (at least 1). The mask comes from lengths, never from token ids."""
+    import torch
+
     L = max(len(p) + len(r) for p, r in zip(prompts, responses))
     T = max(max(len(r) for r in responses), 1)
     input_ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
@@ -280,6 +286,8 @@ class TrainBatch:
     ) -> "TrainBatch":
         """Pad samples into tensors; `in_loss[i] = False` removes sample i from the loss entirely.
         `returns` and `old_values` (per sample, one per response token) are the critic's inputs."""
+        import torch
+
         if not samples:
             raise ValueError("cannot build a TrainBatch from no samples")
         B = len(samples)
@@ -312,6 +320,8 @@ class TrainBatch:
 
 def _pad_rows(rows: list[list[float]], samples: list[ScoredSample], T: int, name: str) -> torch.Tensor:
     """Per-token rows into a zero-padded [B, T] tensor, each row checked against its sample's length."""
+    import torch
+
     if len(rows) != len(samples):
         raise ValueError(f"{name}: {len(rows)} rows for {len(samples)} samples")
     out = torch.zeros((len(samples), T))

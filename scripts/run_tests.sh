@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
-.venv/bin/python -m pytest "$@" -ra --durations=15 2>&1 | tee "$log"
+.venv/bin/python -m pytest "$@" -ra --durations=40 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests in: $*" >&2

@@ -37,13 +37,10 @@ import threading
 from collections import deque
 from typing import Callable, Literal
 
-import torch
-
 from rlhf_cluster.user_code import import_spec
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.records import Rollout
-from rlhf_cluster.rewards import ensemble
 
 FAILED = "reward_failed"
 BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken
@@ -234,6 +231,11 @@ def combine_rewards(
     min of the models' scores. Every part is recorded in the components: the rule's own
     components, ``rule``, ``rm/<name>`` per model and ``rm`` for the ensemble.
     """
+    # torch only here: a reward worker without reward models never imports it (~2.5 CPU-s per start).
+    import torch
+
+    from rlhf_cluster.rewards import ensemble
+
     if combine not in ("mean", "min"):
         raise ValueError(f"combine must be 'mean' or 'min', got {combine!r}")
     combined = ensemble(torch.tensor(list(model_scores.values()), dtype=torch.float64), combine).tolist() if model_scores else None

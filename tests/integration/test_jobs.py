@@ -102,8 +102,11 @@ def _steps_logged(run_dir: Path) -> int:
 def test_submit_follow_and_stop(ray_head, model_cache, tmp_path):
     address, env, gcs = ray_head
     run_dir = tmp_path / "run"
+    # The demo at the test's sizes: one learner rank, no warm-up, no held-out evaluation, and no
+    # reference model (the demo's KL coefficient is 0), so each job starts three worker processes, not four.
     common = ["--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
-              "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--python", sys.executable, "--address", address]
+              "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--set", "data.eval_prompts=0",
+              "--set", "scoring.reference=false", "--python", sys.executable, "--address", address]
     # Two jobs run side by side on the head. The short one's reward module lives in the user's own
     # directory, outside the project: submitted from there, it is shipped with the job and scores
     # every response on the cluster. The long one is resized and stopped from the CLI.

@@ -1,8 +1,9 @@
 """Record and replay: a job recorded with --record-rollouts is trained again from its recorded
-groups, without generation. Two replays give bit-identical learner states, and a replay of the
-steps of a synchronous run (max_staleness 0) ends in exactly the state the run checkpointed
-after them, also when it starts from the run's checkpoint of an earlier step. The job is multi-turn (the scripted environment), so this is also the
-job test of episodes: their masked samples are trained on, recorded and replayed."""
+groups, without generation. A replay of the steps of a synchronous run (max_staleness 0) ends in
+exactly the state the run checkpointed after them, also when it starts from the run's checkpoint of
+an earlier step, so the two replays are bit-identical too. The job is multi-turn (the scripted
+environment), so this is also the job test of episodes: their masked samples are trained on,
+recorded and replayed."""
 
 from __future__ import annotations
 
@@ -76,9 +77,10 @@ def test_replays_are_identical_and_match_the_run(ray_cluster, job_config, tmp_pa
         assert turns[1][0] < turns[0][0] or turns[0][0] == turns[1][0] == 0.0, (s.sample_id, turns)
     assert any(s.advantages[0] != 0.0 for s in scored), "no group had a signal: nothing was checked"
 
+    # (A second full replay, compared with the first, is not run: both are compared with the run's
+    # own checkpoint below, which the first must equal bit for bit, and the tail replay too.)
     first = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-a"), "--address", gcs)
-    second = _cli("replay", str(run_dir), "--out", str(tmp_path / "replay-b"), "--address", gcs)
-    assert _digests(first) and _digests(first) == _digests(second)
+    assert _digests(first)
     # All four steps: exactly the state the run checkpointed after its fourth step.
     assert "the run's checkpoint of step 3: identical" in first
     manifest = json.loads(next((run_dir / "checkpoints").glob("step-*3/manifest.json")).read_text())
