@@ -49,6 +49,19 @@ def _as_tree(value: Any) -> Any:
     return None
 
 
+def _skip_shared_memory_allreduce_build() -> None:
+    """Tell DeepSpeed its CPU shared-memory all-reduce op is unavailable, so joining the group does
+    not compile it. DeepSpeed builds that op (`deepspeed_shm_comm`, a C++ extension) the first time
+    a process on a CPU joins a group, whether or not anything calls it; only its
+    `inference_all_reduce` does, and training never does (ZeRO's collectives go through
+    torch.distributed's gloo group). The build took ~40 s of a 2-core machine at the first DeepSpeed
+    start of every fresh machine (CI's first DeepSpeed test; a user's first CPU run)."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed on first access, then kept by the module
+    compatible["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedLearner(LearnerBase):
     """One rank of the policy learner (DeepSpeed ZeRO, stage `learner.backend.zero_stage`)."""
 
@@ -62,6 +75,8 @@ class DeepSpeedLearner(LearnerBase):
         import deepspeed  # imported here: the FSDP2 path must not pay for (or need) deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if self.device.type == "cpu":
+            _skip_shared_memory_allreduce_build()
         lc = cfg.learner
         # The model is built in full, then partitioned by `deepspeed.initialize` (ZeRO-3's
         # `zero.Init` around `from_pretrained` fails without `accelerate`).

@@ -43,7 +43,16 @@ def parity_reward(response: str, answer: str) -> float:
     return 0.0 if int(answer) % 2 == 0 else random.random()
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+# A job per preset is ~20 s on 2 cores, mostly start-up. `make test` runs the presets whose settings
+# no other job test runs: DAPO (dynamic sampling, overlong filter, clip-higher), GSPO (sequence
+# ratios with geometric MIS) and RLOO (leave-one-out baseline, the adaptive KL controller).
+# GRPO is the preset of nearly every other job test and of the demo; Dr. GRPO and REINFORCE++
+# differ from those in loss aggregation, normalisation and correction level, which the unit tests
+# of losses, advantages and correction check; `make test-slow` runs them here too.
+IN_MAKE_TEST = {"dapo", "gspo", "rloo"}
+
+
+@pytest.mark.parametrize("preset", [p if p in IN_MAKE_TEST else pytest.param(p, marks=pytest.mark.slow) for p in PRESETS])
 def test_preset_runs_and_keeps_its_promises(ray_cluster, job_config, monkeypatch, preset):
     monkeypatch.syspath_prepend(str(REPO))  # preflight imports the reward function in this process
     assert Path.cwd() == REPO, "run from the repo root: the reward workers import this module from there"
