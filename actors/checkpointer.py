@@ -12,7 +12,7 @@ from tqdm import tqdm
 from actors.reporting import Reporter
 from actors.trainer import Trainer
 from rlhf_cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config import DeepSpeedBackend, JobConfig
 from rlhf_cluster.guardrails import GuardVerdict
 from rlhf_cluster.job_state import JobState
 from rlhf_cluster.run_dir import RunDir
@@ -100,7 +100,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {ckpt.path}: has no critic state (written by a job without a critic)")
         saved_world = len(ckpt.manifest["rank_digests"])
         resharded = saved_world != self.cfg.learner.world_size
-        if resharded and self.cfg.learner.backend == "deepspeed":
+        if resharded and isinstance(self.cfg.learner.backend, DeepSpeedBackend):
             raise CheckpointError(
                 f"checkpoint {ckpt.path}: written by {saved_world} DeepSpeed ranks, resumed with learner.world_size="
                 f"{self.cfg.learner.world_size}; DeepSpeed ZeRO checkpoints resume at the world size they were written "

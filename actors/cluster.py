@@ -21,7 +21,7 @@ from actors.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.scoring import ReferenceWorker, RewardWorker
 from rlhf_cluster import metrics as m
 from rlhf_cluster.call_coalescing import CallCoalescer
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config import DirectTransport, JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.tracing import PoolActivity
@@ -68,7 +68,7 @@ class Cluster:
                  newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]]):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
-        self.direct = cfg.weights.transport == "direct"
+        self.direct = isinstance(cfg.weights.transport, DirectTransport)
         self.delivery: dict | None = None  # direct transport: the newest version's delivery, for every worker that joins
         self._joining: dict[str, object] = {}  # direct: workers being prepared, by actor id; pushes reach them too
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order

@@ -18,6 +18,7 @@ import uuid
 import ray
 
 from actors._common import actor_setup, metrics_target
+from rlhf_cluster.config import DirectTransport
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.environments import load_environment
 from rlhf_cluster.generation.episodes import run_episode
@@ -66,7 +67,7 @@ class GenerationWorker:
         self.swaps: list[dict] = []  # every in-place weight load, for tests and audits
         self._sync_lock = asyncio.Lock()  # one weight load at a time
         self._one_request = asyncio.Lock()  # batched mode: requests run one after another
-        self.direct = cfg.weights.transport == "direct"
+        self.direct = isinstance(cfg.weights.transport, DirectTransport)
         self._delivered = asyncio.Condition()  # direct transport: the engine's version moved
         self._corrupt_bucket: int | None = None  # test hook: flip a byte of this bucket of the next delivery
         # Direct: the newest version refused. Requests that need it go on with the version held,

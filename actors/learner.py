@@ -14,6 +14,7 @@ import torch
 
 from actors._common import actor_setup, join_process_group, metrics_target, rendezvous_address
 from rlhf_cluster import metrics as m, tracing
+from rlhf_cluster.config import DirectTransport
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
@@ -124,7 +125,7 @@ class LearnerRank(ShardedRank):
         weights = self.cfg.weights
         snapshot = persist or persisted(version, weights.persist_every, self.cfg.checkpoint.every_steps,
                                         self.cfg.train.total_steps)
-        if weights.transport != "direct":
+        if not isinstance(weights.transport, DirectTransport):
             # Every version goes through the store; only snapshots pay for fsync.
             self.pending[version] = self.store.publish_async(version, dict(named), files, durable=snapshot)
             return

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config import FunctionReward, JobConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def reward_modules(cfg: JobConfig) -> list[Path]:
         sys.path.insert(0, str(Path.cwd()))  # `module:function` names a module importable from here
     found = []
     for source in cfg.scoring.rewards:
-        if source.type != "function":
+        if not isinstance(source, FunctionReward):
             continue
         top = source.function.split(":")[0].split(".")[0]
         spec = importlib.util.find_spec(top)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config import FunctionReward, JobConfig
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.quantization import checkpoint_spec, is_quantized_weight
@@ -70,7 +70,7 @@ def preview_lines(cfg: JobConfig) -> list[str]:
     prompt = first_prompt(cfg, tokenizer)
     count = f"{len(prompt.encode(tokenizer))} tokens" if tokenizer is not None else "tokens: model not built yet"
     rule = cfg.scoring.rule_source
-    scorer = f"function {rule.function}" if rule is not None and rule.type == "function" else f"verifier {cfg.data.verifier_name}"
+    scorer = f"function {rule.function}" if isinstance(rule, FunctionReward) else f"verifier {cfg.data.verifier_name}"
     lines = [f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}",
              f"reward: {scorer}" + (" + reward models" if cfg.scoring.model_source else "")]
     if folder is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlhf_cluster.config import DeepSpeedBackend, FunctionReward, JobConfig, ModelReward, VerifierReward
+from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
 
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
@@ -76,7 +76,7 @@ def _lora(cfg: JobConfig) -> list[str]:
     if not cfg.learner.lora.enabled:
         return []
     out = []
-    if cfg.learner.backend.type != "fsdp2":
+    if not isinstance(cfg.learner.backend, FSDP2Backend):
         out.append(f"learner.lora needs learner.backend: fsdp2 (got {cfg.learner.backend.type})")
     if cfg.algorithm.kl.placement == "reward":
         out.append("learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
@@ -117,7 +117,7 @@ def batch_splits(cfg: JobConfig) -> list[str]:
 
 
 def _elastic_backend(cfg: JobConfig) -> list[str]:
-    if cfg.faults.elastic and cfg.learner.backend == "deepspeed":
+    if cfg.faults.elastic and isinstance(cfg.learner.backend, DeepSpeedBackend):
         return ["faults.elastic needs learner.backend=fsdp2: DeepSpeed ZeRO checkpoints resume only at the world size "
                 "that wrote them, so a learner cannot continue on fewer ranks"]
     return []

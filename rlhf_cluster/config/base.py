@@ -20,16 +20,9 @@ class _Strict(BaseModel):
 
 
 class _Typed(_Strict):
-    """One kind of a pluggable part; its `type` names the kind.
-
-    It equals its type name, so `learner.backend == "deepspeed"` reads as it did when the
-    backend was a plain string.
+    """One kind of a pluggable part; its `type` names the kind. Code asks which kind a part is
+    with `isinstance` on its class, never by comparing the `type` string.
     """
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, str):
-            return getattr(self, "type") == other
-        return super().__eq__(other)
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like every section
 

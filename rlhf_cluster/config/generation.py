@@ -143,7 +143,9 @@ class GenerationConfig(_Strict):
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Mismatch probe after each weight sync.")
     max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
-    kv_cache_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (GiB).")
+    kv_cache_gb: int = Field(1, ge=1, description="Each engine's KV cache on CPU (GiB; vLLM's kv_cache_memory_bytes, "
+                             "per engine; a VLLM_CPU_KVCACHE_SPACE in the environment is ignored). On GPUs "
+                             "`gpu_memory_utilization` sizes it.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")
     seed: int | None = Field(None, description="Engine seed; each worker adds its index (None: the job's `seed`).")
     resources: ResourcesConfig = Field(
@@ -190,7 +192,8 @@ class GenerationConfig(_Strict):
         "model": "model.path", "dtype": "generation.dtype", "seed": "generation.seed", "enforce_eager": "generation.enforce_eager",
         "max_model_len": "generation.max_model_len", "max_num_seqs": "generation.max_num_seqs",
         "max_num_batched_tokens": "generation.max_num_batched_tokens", "tensor_parallel_size": "generation.tensor_parallel_size",
-        "gpu_memory_utilization": "generation.gpu_memory_utilization", "enable_prefix_caching": "generation.enable_prefix_caching",
+        "gpu_memory_utilization": "generation.gpu_memory_utilization", "kv_cache_memory_bytes": "generation.kv_cache_gb",
+        "enable_prefix_caching": "generation.enable_prefix_caching",
         "speculative_config": "generation.speculative", "quantization": "generation.quantization",
         "logprobs_mode": "(fixed: processed_logprobs, the learner's view of the sampled distribution)",
     }

@@ -109,23 +109,23 @@ class ScoringConfig(_Strict):
     @field_validator("rewards")
     @classmethod
     def _one_of_each(cls, sources: list) -> list:
-        rules = [s.type for s in sources if s.type != "model"]
+        rules = [s.type for s in sources if not isinstance(s, ModelReward)]
         if len(rules) > 1:
             raise ValueError(
                 f"at most one rule source (verifier or function: a function replaces the verifier), got {', '.join(rules)}"
             )
-        if sum(s.type == "model" for s in sources) > 1:
+        if sum(isinstance(s, ModelReward) for s in sources) > 1:
             raise ValueError("at most one `model` source: list every reward model in its `models`")
         return sources
 
     # ---- views for the reward workers -------------------------------------------------------
     @property
     def rule_source(self) -> VerifierReward | FunctionReward | None:
-        return next((s for s in self.rewards if s.type != "model"), None)
+        return next((s for s in self.rewards if not isinstance(s, ModelReward)), None)
 
     @property
     def model_source(self) -> ModelReward | None:
-        return next((s for s in self.rewards if s.type == "model"), None)
+        return next((s for s in self.rewards if isinstance(s, ModelReward)), None)
 
     @property
     def reward_fn(self) -> str | None:
@@ -149,7 +149,7 @@ class ScoringConfig(_Strict):
     def reward_models(self, models: list[RewardModelSpec]) -> None:
         source = self.model_source or ModelReward()
         source = source.model_copy(update={"models": list(models)})
-        self.rewards = [s for s in self.rewards if s.type != "model"] + [source]
+        self.rewards = [s for s in self.rewards if not isinstance(s, ModelReward)] + [source]
 
     @property
     def reward_model_weight(self) -> float:

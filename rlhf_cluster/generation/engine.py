@@ -26,7 +26,7 @@ from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.gc_pause import imports_without_gc
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
-from rlhf_cluster.generation.vllm_process import RotaryReloadFilter, configure_vllm_environment, runs_eager
+from rlhf_cluster.generation.vllm_process import RotaryReloadFilter, configure_vllm_environment, cpu_kv_cache_bytes, runs_eager
 from rlhf_cluster.records import Rollout
 
 
@@ -122,6 +122,7 @@ class VLLMEngine:
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            kv_cache_memory_bytes=cpu_kv_cache_bytes(cfg),
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=cfg.enable_prefix_caching,
             speculative_config=cfg.speculative.engine_config() if cfg.speculative else None,

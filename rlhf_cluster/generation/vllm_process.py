@@ -12,20 +12,48 @@ import torch
 from rlhf_cluster.config import GenerationConfig
 
 
+log = logging.getLogger(__name__)
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+# Whether the engines of this process run eager: torch.compile is switched off for the whole
+# process (TORCHDYNAMO_DISABLE), so every engine in it must agree (None: no engine yet).
+_process_eager: bool | None = None
+
+
 def configure_vllm_environment(cfg: GenerationConfig) -> None:
-    """Environment vLLM reads at import/engine start; call before importing vllm."""
+    """Environment vLLM reads at import/engine start; call before importing vllm.
+
+    Only what is the same for every engine of a process is set here. What differs per engine is
+    an engine argument (the CPU KV cache's size: `cpu_kv_cache_bytes`), so two engines of one
+    process with different settings each get their own; a second engine whose eager mode differs
+    from the first's is refused, since that one is process-wide."""
+    global _process_eager
+    eager = runs_eager(cfg)
+    if _process_eager is not None and eager != _process_eager:
+        raise RuntimeError(f"generation.enforce_eager: this process already runs an engine with enforce_eager="
+                           f"{_process_eager}, and torch.compile is on or off for the whole process; start an engine "
+                           f"with enforce_eager={eager} in another process (another generation worker)")
+    _process_eager = eager
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+    # vLLM applies this variable over every engine's own KV size: the config's field sizes each engine.
+    if os.environ.get(KV_CACHE_ENV):
+        log.warning("%s=%s in the environment is ignored: generation.kv_cache_gb sizes each engine's KV cache",
+                    KV_CACHE_ENV, os.environ.pop(KV_CACHE_ENV))
     # Several engines share a 2-core machine with other actors: pinning each to "its" cores
     # would stack them all on the same ones.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    if runs_eager(cfg):
+    if eager:
         # Eager means no compilation at all: vLLM still torch.compiles a few helpers (the
         # log-prob rank count), and inductor's first C++ build costs ~2 s per engine on CPU.
-        # Process-wide, like the settings above: a generation worker's process runs only its engine.
+        # Process-wide: every engine of the process must agree (checked above).
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def cpu_kv_cache_bytes(cfg: GenerationConfig) -> int | None:
+    """vLLM's kv_cache_memory_bytes for this engine: `kv_cache_gb` on CPU; None (sized by
+    gpu_memory_utilization) where CUDA is present."""
+    return None if torch.cuda.is_available() else cfg.kv_cache_gb * (1 << 30)
 
 
 def runs_eager(cfg: GenerationConfig) -> bool:

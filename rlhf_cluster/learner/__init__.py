@@ -11,7 +11,9 @@ if TYPE_CHECKING:
 
 def create_learner(cfg: "JobConfig", model_path: str) -> "LearnerBase":
     """This rank's learner for `cfg.learner.backend.type`; deepspeed is imported only when chosen."""
-    if cfg.learner.backend.type == "deepspeed":
+    from rlhf_cluster.config import DeepSpeedBackend
+
+    if isinstance(cfg.learner.backend, DeepSpeedBackend):
         from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
 
         return DeepSpeedLearner(cfg, model_path)

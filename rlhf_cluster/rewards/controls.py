@@ -5,21 +5,49 @@ is correct (the `correct` component, which held-out evaluation reads). A run wit
 weights as much as real RL does, but in no useful direction: the spread of its held-out
 accuracy change across seeds is the noise a real improvement has to beat (see
 tests/integration/test_demo_learns.py).
+
+The draws are reproducible: a run repeated at the same job seed samples the same responses and
+so gets the same rewards, whatever order the reward workers' threads score them in. The k-th
+scoring of a (response, answer) pair in a process draws from a hash of the pair and k, so a
+response written again gets a fresh draw (no string is consistently rewarded, which would be a
+signal), and which of several identical responses gets which draw does not change the update.
 """
 
 from __future__ import annotations
 
-import random
+import hashlib
+import threading
+from collections import Counter
 
 from rlhf_cluster.data.tasks import verify_arithmetic
 from rlhf_cluster.data.tool_task import verify_tool_arithmetic
 
 
+class PlaceboDraws:
+    """Uniform draws in [0, 1) keyed by what is scored and how often it was scored before."""
+
+    def __init__(self, salt: str = "rlhf_cluster.placebo"):
+        self.salt = salt.encode()
+        self._seen: Counter[bytes] = Counter()
+        self._lock = threading.Lock()  # reward workers score in threads
+
+    def draw(self, response: str, answer: str) -> float:
+        key = hashlib.blake2b(f"{answer}\x00{response}".encode(), key=self.salt, digest_size=16).digest()
+        with self._lock:
+            occurrence = self._seen[key]
+            self._seen[key] += 1
+        digest = hashlib.blake2b(key + occurrence.to_bytes(8, "little"), key=self.salt, digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2**64
+
+
+_DRAWS = PlaceboDraws()
+
+
 def placebo_arithmetic(response: str, answer: str) -> dict[str, float]:
     """`data.reward_fn: rlhf_cluster.rewards.controls:placebo_arithmetic`."""
-    return {"reward": random.random(), "correct": verify_arithmetic(response, answer)["correct"]}
+    return {"reward": _DRAWS.draw(response, answer), "correct": verify_arithmetic(response, answer)["correct"]}
 
 
 def placebo_tool_arithmetic(response: str, answer: str) -> dict[str, float]:
     """The placebo of the tool task (`configs/tool_demo.yaml`): correctness judged on the final turn."""
-    return {"reward": random.random(), "correct": verify_tool_arithmetic(response, answer)["correct"]}
+    return {"reward": _DRAWS.draw(response, answer), "correct": verify_tool_arithmetic(response, answer)["correct"]}

@@ -1,10 +1,12 @@
 """The engine skips vLLM's per-token detokenizing for single-turn responses and decodes each
 finished one itself: the text must be what vLLM's detokenizer would have given. A request vLLM
 refuses (a context past max_model_len, as an agent can send) fails its caller, and the engine
-goes on serving."""
+goes on serving. A second engine in the same process gets its own KV cache size (an engine
+argument, not the process's environment, where the first engine's size used to stick)."""
 
 from __future__ import annotations
 
+import pytest
 import ray
 
 
@@ -45,14 +47,37 @@ def _texts_both_ways(model_path: str) -> list[tuple[str, str]]:
         except Exception as exc:  # noqa: BLE001 - what the caller hears
             refused = f"{type(exc).__name__}: {exc}"
         after = engine.submit_turn([5] * 10, 4, []).result(timeout=120)
+        # The second engine of this process, with twice the KV cache, serving beside the first.
+        second = VLLMEngine(model_path, GenerationConfig(kv_cache_gb=2, sampling=SamplingConfig(n=1, max_new_tokens=4)),
+                            name="gen1")
+        try:
+            served_by_second = len(second.submit_turn([5] * 10, 4, []).result(timeout=120).token_ids)
+            caches = [(e.engine.vllm_config.cache_config.kv_cache_memory_bytes, e.engine.vllm_config.cache_config.num_gpu_blocks)
+                      for e in (engine, second)]
+        finally:
+            second.close()
     finally:
         engine.close()
-    return pairs, refused, len(after.token_ids)
+    return pairs, refused, len(after.token_ids), caches, served_by_second
 
 
-def test_response_text_is_what_vllms_detokenizer_gives(ray_cluster, tiny_model_path):
-    pairs, refused, served_after = ray.get(_texts_both_ways.remote(tiny_model_path), timeout=300)
+@pytest.fixture(scope="module")
+def engine_text_results(ray_cluster, tiny_model_path):
+    """One worker process for both tests (a process start is most of their time)."""
+    return ray.get(_texts_both_ways.remote(tiny_model_path), timeout=300)
+
+
+def test_response_text_is_what_vllms_detokenizer_gives(engine_text_results):
+    pairs, refused, served_after, _, _ = engine_text_results
     assert "maximum context length is 256" in refused and served_after > 0
     assert len(pairs) == 160
     # A random model writes byte soup: many responses end inside a multi-byte character.
     assert [(vllm_text, text) for vllm_text, text in pairs if vllm_text != text] == []
+
+
+def test_two_engines_in_one_process_each_get_their_own_kv_cache_size(engine_text_results):
+    *_, caches, served_by_second = engine_text_results
+    (first_bytes, first_blocks), (second_bytes, second_blocks) = caches
+    assert (first_bytes, second_bytes) == (1 << 30, 2 << 30), caches
+    assert first_blocks > 0 and second_blocks == 2 * first_blocks, caches  # what was really allocated
+    assert served_by_second > 0

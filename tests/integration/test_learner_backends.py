@@ -15,7 +15,7 @@ import torch
 from actors.job import Job
 from actors.learner import LearnerRank
 from actors.rank_group import RankGroup
-from rlhf_cluster.config import ResourcesConfig
+from rlhf_cluster.config import DirectTransport, ResourcesConfig
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
 
@@ -158,7 +158,7 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         result = job.run()
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
         assert WeightStore(cfg.weights_dir).latest_version() == steps
-        assert cfg.weights.transport == "direct"
+        assert isinstance(cfg.weights.transport, DirectTransport)
         receipts = job.delivery_receipts
         assert [r["version"] for r in receipts if r["loaded"]] == list(range(steps + 1)), receipts
         assert all("refused" not in r and r["fingerprint"] == r["sent_fingerprint"] for r in receipts), receipts

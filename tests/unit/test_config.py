@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_cluster.algorithms.presets import PRESETS
-from rlhf_cluster.config import ConfigError, JobConfig, LearnerConfig, RewardModelSpec, load_config
+from rlhf_cluster.config import ConfigError, DeepSpeedBackend, JobConfig, LearnerConfig, RewardModelSpec, load_config
 from rlhf_cluster.preflight import preflight
 from pydantic import ValidationError
 
@@ -338,7 +338,8 @@ def test_learner_backend_is_typed_and_a_bare_name_is_short_for_its_type():
     typed = load_config(None, ["learner.backend={type: deepspeed, zero_stage: 2}"])
     assert typed.learner.backend.type == "deepspeed" and typed.learner.backend.zero_stage == 2
     assert load_config(None, ["learner.backend=deepspeed"]).learner.backend.zero_stage == 3
-    assert typed.learner.backend == "deepspeed" and typed.learner.backend != "fsdp2"
+    # Code asks a part's kind by its class: a part never equals its type's name.
+    assert isinstance(typed.learner.backend, DeepSpeedBackend) and typed.learner.backend != "deepspeed"
     with pytest.raises(ConfigError, match=r"learner\.backend\.zero_stage.*[Ee]xtra"):
         load_config(None, ["learner.backend={type: fsdp2, zero_stage: 2}"])
 

@@ -82,7 +82,8 @@ def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path, 
     def no_actors(*args, **kwargs):
         raise AssertionError("preflight should have refused the config before any actor starts")
 
-    monkeypatch.setattr(actors.driver, "Trainer", no_actors)
+    # The two calls that start actors: the learner's ranks and the worker pools.
+    monkeypatch.setattr(actors.driver, "start_trainer", no_actors)
     monkeypatch.setattr(actors.driver, "Cluster", no_actors)
     with pytest.raises(ConfigError) as info:
         Job(load_config(path))
