@@ -86,10 +86,11 @@ class Checkpointer:
         return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping \
             or best
 
-    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState) -> tuple[int, dict | None]:
+    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState, cfg: JobConfig) -> tuple[int, dict | None]:
         """Put the ranks, the weight store and `state` (fresh) where `ckpt` left them, or at the
         start; publishes the weights the job continues from and returns their version and (direct
-        transport) their delivery."""
+        transport) their delivery. `cfg` is the config the ranks were built with (faults.elastic
+        may have shrunk the learner from this job's)."""
         if ckpt is None:
             self.store.discard_from(0)
             state.log.truncate(0)  # a rollback to the start: what the log holds belongs to the abandoned run
@@ -99,11 +100,11 @@ class Checkpointer:
         if trainer.critic is not None and "critic_rank_digests" not in ckpt.manifest:
             raise CheckpointError(f"checkpoint {ckpt.path}: has no critic state (written by a job without a critic)")
         saved_world = len(ckpt.manifest["rank_digests"])
-        resharded = saved_world != self.cfg.learner.world_size
-        if resharded and isinstance(self.cfg.learner.backend, DeepSpeedBackend):
+        resharded = saved_world != cfg.learner.world_size
+        if resharded and isinstance(cfg.learner.backend, DeepSpeedBackend):
             raise CheckpointError(
                 f"checkpoint {ckpt.path}: written by {saved_world} DeepSpeed ranks, resumed with learner.world_size="
-                f"{self.cfg.learner.world_size}; DeepSpeed ZeRO checkpoints resume at the world size they were written "
+                f"{cfg.learner.world_size}; DeepSpeed ZeRO checkpoints resume at the world size they were written "
                 f"with (set learner.world_size={saved_world}), FSDP2 ones at any")
         digests = trainer.load_checkpoint(ckpt.path)
         for group, restored in digests.items():

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import ray
 from tqdm import tqdm
@@ -42,6 +44,19 @@ from rlhf_cluster.weights import WeightStore
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class LearnerStart:
+    """What building the learner's ranks from a checkpoint yields, made in a worker thread and
+    adopted by the driver on its own thread (no thread assigns the driver's state)."""
+
+    trainer: Trainer
+    cfg: JobConfig  # the job's config from now on (faults.elastic may have shrunk the learner)
+    state: JobState
+    published_version: int
+    delivery: dict | None  # direct transport: the restored version's delivery (None: filesystem)
+    guard: EvalGuard
+
+
 class Driver:
     """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
 
@@ -59,7 +74,7 @@ class Driver:
         self.learner_restarts = 0
         g = cfg.guardrails
         self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)  # its count spans rebuilds
-        self.stop_requested = False
+        self._stop = threading.Event()  # set by `request_stop` from any thread or a signal handler
         self.loop: asyncio.AbstractEventLoop | None = None  # where `request_stop` wakes the step loop
         self.trainer: Trainer | None = None
         self.delivery: dict | None = None
@@ -83,36 +98,48 @@ class Driver:
         a model, and vLLM's engine start is the longest. Int8 engines start from the learner's
         int8 variant of the job's version, so with int8 rollouts the pools wait for the learner."""
         with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
-            learner = starter.submit(self._start_learner, resume_from)
+            learner = starter.submit(self._build_learner, resume_from, None)
             try:
                 if "int8" in self.cfg.generation.weight_variants:
-                    learner.result()
+                    self._adopt_learner(learner.result())
                 self.cluster = Cluster(
                     self.cfg, self.cfg_dict, self.run_dir, self.inputs.model_path,
                     engine_model_paths(self.cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir),
                     newest_version=lambda: self.published_version, other_targets=self._scrape_targets,
                 )
             finally:
-                learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
+                started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
+                if self.trainer is None:
+                    self._adopt_learner(started)
         if self.delivery is not None:
             self.cluster.deliver_first(self.delivery)
             self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
         self.cluster.write_scrape_targets()
 
-    def _start_learner(self, ckpt: Checkpoint | None) -> None:
-        """(Re)build the rank groups and the job state from `ckpt` (or the start) and publish its weights."""
-        self.trainer, cfg = start_trainer(self.cfg, self.cfg_dict, self.inputs.model_path, self.inputs.probe)
-        if cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
-            self.cfg, self.cfg_dict, self.checkpointer.cfg = cfg, cfg.model_dump(), cfg
-        self.reporter.learner_ranks(cfg.learner.world_size)
-        previous, self.state = self.state, JobState(self.cfg, self.inputs.prompts)
-        if previous is not None:
-            self.state.worker_of = previous.worker_of  # provenance of samples the checkpoint's buffer holds
-        # With the direct transport `delivery` carries these weights to every engine (None: filesystem).
-        self.published_version, self.delivery = self.checkpointer.restore(ckpt, self.trainer, self.state)
-        self.reporter.version(self.published_version)
-        self.guard = EvalGuard(self.cfg.guardrails)  # the evaluations of the steps the checkpoint keeps
-        self.guard.replay(self.run_dir.read(RunDir.METRICS))
+    def _build_learner(self, ckpt: Checkpoint | None, previous: JobState | None) -> LearnerStart:
+        """(Re)build the rank groups and a job state from `ckpt` (or the start) and publish its
+        weights. Blocking, run in a worker thread: it reads the driver and assigns nothing of it."""
+        trainer, cfg = start_trainer(self.cfg, self.cfg_dict, self.inputs.model_path, self.inputs.probe)
+        try:
+            state = JobState(cfg, self.inputs.prompts)
+            if previous is not None:
+                state.worker_of = previous.worker_of  # provenance of samples the checkpoint's buffer holds
+            version, delivery = self.checkpointer.restore(ckpt, trainer, state, cfg)
+            guard = EvalGuard(cfg.guardrails)  # the evaluations of the steps the checkpoint keeps
+            guard.replay(self.run_dir.read(RunDir.METRICS))
+        except BaseException:
+            trainer.kill()  # the ranks are nobody's yet
+            raise
+        return LearnerStart(trainer, cfg, state, version, delivery, guard)
+
+    def _adopt_learner(self, start: LearnerStart) -> None:
+        """The built learner becomes the job's, on the driver's thread."""
+        if start.cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
+            self.cfg, self.cfg_dict, self.checkpointer.cfg = start.cfg, start.cfg.model_dump(), start.cfg
+        self.trainer, self.state, self.guard = start.trainer, start.state, start.guard
+        self.published_version, self.delivery = start.published_version, start.delivery
+        self.reporter.learner_ranks(start.cfg.learner.world_size)
+        self.reporter.version(start.published_version)
 
     def _scrape_targets(self) -> dict[str, dict[str, dict]]:
         driver = {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}} if self.metrics_port else {}
@@ -348,7 +375,7 @@ class Driver:
         self._producer.cancel()
         await asyncio.wait([self._producer])
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
-        await asyncio.to_thread(self._start_learner, ckpt)
+        self._adopt_learner(await asyncio.to_thread(self._build_learner, ckpt, self.state))
         self._publishing = None  # the old timeline's pushes end without pushing
         if self.delivery is not None:  # every engine holds the restored version before new groups start
             self.reporter.probes(await self.cluster.push_version(self.delivery, rollback=True))
@@ -360,7 +387,7 @@ class Driver:
     def request_stop(self) -> None:
         """End the job after the step in progress, or at once if it is waiting for its batch, with
         a checkpoint of the last trained step; safe to call from any thread or a signal handler."""
-        self.stop_requested = True
+        self._stop.set()
         loop = self.loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(lambda: loop.create_task(self._wake()))
@@ -368,6 +395,10 @@ class Driver:
     async def _wake(self) -> None:
         async with self.changed:
             self.changed.notify_all()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def shutdown(self) -> None:
         """End every actor of the job (safe after a failed start)."""

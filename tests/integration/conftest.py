@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,24 @@ def demo_learns(tmp_path, model_cache):
         return cfg, result
 
     return run
+
+
+@pytest.fixture
+def driver_assigned_on_its_loop(monkeypatch):
+    """Records every assignment to a Driver's attributes made, once the driver runs, from a thread
+    other than its event loop's (the driver's state belongs to its loop: worker threads return
+    values, they do not assign). The test asserts the list it yields is empty."""
+    from actors.driver import Driver
+
+    offenders: list[tuple[str, str]] = []
+
+    def checked(self, name, value):
+        owner = self.__dict__.get("_loop_thread")
+        if owner is not None and threading.current_thread() is not owner:
+            offenders.append((name, threading.current_thread().name))
+        if name == "loop" and value is not None:
+            object.__setattr__(self, "_loop_thread", threading.current_thread())
+        object.__setattr__(self, name, value)
+
+    monkeypatch.setattr(Driver, "__setattr__", checked)
+    yield offenders

@@ -200,7 +200,7 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
         second.shutdown()
 
 
-def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config):
+def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config, driver_assigned_on_its_loop):
     cfg = _cfg(job_config, "learner-fault", 100_000)  # the test stops the job when it has seen enough
     cfg = cfg.model_copy(update={"faults": cfg.faults.model_copy(update={"heartbeat_interval_s": 1.0,
                                                                             "heartbeat_timeout_s": 5.0})})
@@ -221,6 +221,8 @@ def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_
         result = outcome[0]
         done = len(result.rows)
         assert job.learner_restarts == 1
+        # The learner was rebuilt in a worker thread, and stopped from this one: neither assigned the driver's state.
+        assert driver_assigned_on_its_loop == []
         body = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
         assert 'rlhf_fault_detection_seconds_count{job="learner-fault",pool="learner",worker="rank1"} 1.0' in body
         assert result.final_version == done

@@ -10,7 +10,7 @@ from actors.control import scale
 from actors.job import Job
 
 
-def test_scale_generation_up_and_down_while_running(ray_cluster, job_config):
+def test_scale_generation_up_and_down_while_running(ray_cluster, job_config, driver_assigned_on_its_loop):
     # Far more steps than needed: the test stops the job once both resizes are done, however slow
     # the machine is.
     steps = 100_000
@@ -55,6 +55,7 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config):
         job.shutdown()
     thread.join(timeout=5)
     assert not errors, errors
+    assert driver_assigned_on_its_loop == [], "the operator's thread (scale, stop) assigned the driver's state"
     assert seen["up"]["changed"] == ["gen1"] and seen["up"]["sizes"]["generation"] == 2
     assert seen["down"]["changed"] == ["gen1"] and seen["down"]["sizes"]["generation"] == 1
     assert seen["targets_up"] == {"gen0", "gen1"} and seen["targets_down"] == {"gen0"}
