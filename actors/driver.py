@@ -4,8 +4,9 @@
     step loop: take a batch (staleness checked) -> train -> publish -> report -> checkpoint when due
 
 Everything else has a room of its own: `cluster` (pools, scaling, scrape targets), `rollout`,
-`trainer` (policy and critic rank groups), `checkpointer`, `reporting`, `evaluation`, and in the
-library `JobState` (admission, buffer, KL controller) and `finalize_batch` (every advantage).
+`trainer` (policy and critic rank groups), `learner_start` (building them from a checkpoint),
+`checkpointer`, `reporting`, `evaluation`, and in the library `JobState` (admission, buffer, KL
+controller) and `finalize_batch` (every advantage).
 Every task runs in one asyncio.TaskGroup: if any fails, the others are cancelled and the job ends
 with that cause.
 """
@@ -17,7 +18,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import ray
 from tqdm import tqdm
@@ -25,13 +25,14 @@ from tqdm import tqdm
 from actors.checkpointer import Checkpointer
 from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
+from actors.learner_start import LearnerStart, build_learner
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
-from actors.trainer import Trainer, start_trainer
+from actors.trainer import Trainer
 from rlhf_cluster.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience import observe_step_kl
-from rlhf_cluster.guardrails import EvalGuard, RollbackGuard
+from rlhf_cluster.guardrails import RollbackGuard
 from rlhf_cluster.job_inputs import prepare_inputs
 from rlhf_cluster.job_state import JobState
 from rlhf_cluster.metrics import serve_metrics
@@ -42,19 +43,6 @@ from rlhf_cluster.scored_log import ScoredLogFlushError
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LearnerStart:
-    """What building the learner's ranks from a checkpoint yields, made in a worker thread and
-    adopted by the driver on its own thread (no thread assigns the driver's state)."""
-
-    trainer: Trainer
-    cfg: JobConfig  # the job's config from now on (faults.elastic may have shrunk the learner)
-    state: JobState
-    published_version: int
-    delivery: dict | None  # direct transport: the restored version's delivery (None: filesystem)
-    guard: EvalGuard
 
 
 class Driver:
@@ -117,20 +105,8 @@ class Driver:
         self.cluster.write_scrape_targets()
 
     def _build_learner(self, ckpt: Checkpoint | None, previous: JobState | None) -> LearnerStart:
-        """(Re)build the rank groups and a job state from `ckpt` (or the start) and publish its
-        weights. Blocking, run in a worker thread: it reads the driver and assigns nothing of it."""
-        trainer, cfg = start_trainer(self.cfg, self.cfg_dict, self.inputs.model_path, self.inputs.probe)
-        try:
-            state = JobState(cfg, self.inputs.prompts)
-            if previous is not None:
-                state.worker_of = previous.worker_of  # provenance of samples the checkpoint's buffer holds
-            version, delivery = self.checkpointer.restore(ckpt, trainer, state, cfg)
-            guard = EvalGuard(cfg.guardrails)  # the evaluations of the steps the checkpoint keeps
-            guard.replay(self.run_dir.read(RunDir.METRICS))
-        except BaseException:
-            trainer.kill()  # the ranks are nobody's yet
-            raise
-        return LearnerStart(trainer, cfg, state, version, delivery, guard)
+        """Blocking, run in a worker thread: reads the driver, assigns nothing of it."""
+        return build_learner(self.cfg, self.cfg_dict, self.inputs, self.checkpointer, self.run_dir, ckpt, previous)
 
     def _adopt_learner(self, start: LearnerStart) -> None:
         """The built learner becomes the job's, on the driver's thread."""

@@ -83,7 +83,7 @@ def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path, 
         raise AssertionError("preflight should have refused the config before any actor starts")
 
     # The two calls that start actors: the learner's ranks and the worker pools.
-    monkeypatch.setattr(actors.driver, "start_trainer", no_actors)
+    monkeypatch.setattr(actors.driver, "build_learner", no_actors)
     monkeypatch.setattr(actors.driver, "Cluster", no_actors)
     with pytest.raises(ConfigError) as info:
         Job(load_config(path))
