@@ -35,9 +35,10 @@ def configure_vllm_environment(cfg: GenerationConfig) -> None:
     _process_eager = eager
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM applies this variable over every engine's own KV size: the config's field sizes each engine.
-    if os.environ.get(KV_CACHE_ENV):
+    ignored = os.environ.pop(KV_CACHE_ENV, "")
+    if ignored:
         log.warning("%s=%s in the environment is ignored: generation.kv_cache_gb sizes each engine's KV cache",
-                    KV_CACHE_ENV, os.environ.pop(KV_CACHE_ENV))
+                    KV_CACHE_ENV, ignored)
     # Several engines share a 2-core machine with other actors: pinning each to "its" cores
     # would stack them all on the same ones.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")

@@ -28,16 +28,15 @@ class PlaceboDraws:
 
     def __init__(self, salt: str = "rlhf_cluster.placebo"):
         self.salt = salt.encode()
-        self._seen: Counter[bytes] = Counter()
+        self._seen: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()  # reward workers score in threads
 
     def draw(self, response: str, answer: str) -> float:
-        key = hashlib.blake2b(f"{answer}\x00{response}".encode(), key=self.salt, digest_size=16).digest()
         with self._lock:
-            occurrence = self._seen[key]
-            self._seen[key] += 1
-        digest = hashlib.blake2b(key + occurrence.to_bytes(8, "little"), key=self.salt, digest_size=8).digest()
-        return int.from_bytes(digest, "little") / 2**64
+            occurrence = self._seen[response, answer]
+            self._seen[response, answer] += 1
+        scored = f"{occurrence}\x00{answer}\x00{response}".encode()
+        return int.from_bytes(hashlib.blake2b(scored, key=self.salt, digest_size=8).digest(), "little") / 2**64
 
 
 _DRAWS = PlaceboDraws()
