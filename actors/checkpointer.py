@@ -86,10 +86,10 @@ class Checkpointer:
         return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping \
             or best
 
-    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState, cfg: JobConfig) -> tuple[int, dict | None]:
+    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState, cfg: JobConfig) -> tuple[int, dict]:
         """Put the ranks, the weight store and `state` (fresh) where `ckpt` left them, or at the
-        start; publishes the weights the job continues from and returns their version and (direct
-        transport) their delivery. `cfg` is the config the ranks were built with (faults.elastic
+        start; publishes the weights the job continues from and returns their version and their
+        delivery. `cfg` is the config the ranks were built with (faults.elastic
         may have shrunk the learner from this job's)."""
         if ckpt is None:
             self.store.discard_from(0)

@@ -21,7 +21,7 @@ from actors.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.scoring import ReferenceWorker, RewardWorker
 from rlhf_cluster import metrics as m
 from rlhf_cluster.call_coalescing import CallCoalescer
-from rlhf_cluster.config import DirectTransport, JobConfig
+from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
 from rlhf_cluster.run_dir import RunDir
 from rlhf_cluster.tracing import PoolActivity
@@ -68,14 +68,13 @@ class Cluster:
                  newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]]):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
-        self.direct = isinstance(cfg.weights.transport, DirectTransport)
-        self.delivery: dict | None = None  # direct transport: the newest version's delivery, for every worker that joins
-        self._joining: dict[str, object] = {}  # direct: workers being prepared, by actor id; pushes reach them too
+        self.delivery: dict | None = None  # the newest version's delivery, for every worker that joins
+        self._joining: dict[str, object] = {}  # workers being prepared, by actor id; pushes reach them too
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
         self.infos: dict[str, dict[str, dict]] = {}
         self.controller = None
         self.activity = PoolActivity()  # every pool's requests in flight, for each step's busy share
-        # direct transport: each engine's receipt of each delivery (the newest RECEIPTS_KEPT)
+        # each engine's receipt of each delivery (the newest RECEIPTS_KEPT)
         self.receipts: collections.deque[dict] = collections.deque(maxlen=RECEIPTS_KEPT)
         gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
 
@@ -85,12 +84,9 @@ class Cluster:
                              on_restart=lambda dead, new: self._on_restart(name, dead, new))
 
         async def load_newest_weights(actor) -> None:
-            # A new generation worker loads the newest weights before it serves anything: from the
-            # store, or (direct) the newest persisted version there and then the newest delivery.
-            # While it joins, pushes include it (`_joining`), and it takes any it missed meanwhile.
-            if not self.direct:
-                await actor.sync.remote(newest_version())
-                return
+            # A new generation worker loads the newest weights before it serves anything: the newest
+            # version in the store, then the newest delivery (not loaded again when it is the same
+            # bytes). While it joins, pushes include it (`_joining`), and it takes any it missed meanwhile.
             self._joining[actor._actor_id.hex()] = actor
             await actor.sync.remote(0)
             delivery = None
@@ -130,8 +126,8 @@ class Cluster:
             raise
 
     def deliver_first(self, delivery: dict) -> None:
-        """Direct transport: the engines started from the model folder, so they load the job's
-        version (`delivery`) before anything is generated."""
+        """The engines started from the model folder: they load the job's version (`delivery`)
+        before anything is generated."""
         self.delivery = delivery
         engines = self.pools["generation"].actors.values()
         self._record_receipts(ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S), delivery)
@@ -166,28 +162,25 @@ class Cluster:
     def pool_sizes(self) -> dict[str, int]:
         return {name: len(pool) for name, pool in self.pools.items()}
 
-    async def push_version(self, delivery: dict | None, rollback: bool = False) -> list[dict]:
-        """Every generation worker loads the newest version now, with its requests in flight:
-        `delivery` (direct transport; skipped if a newer one was pushed, unless it is a
-        `rollback`'s), or the store's newest (filesystem, `delivery` None). Returns the probe
-        reports of those loads (the job's last version is never generated with, so its reports
-        must not wait for a generate result).
+    async def push_version(self, delivery: dict, rollback: bool = False) -> list[dict]:
+        """Every generation worker loads `delivery` now, with its requests in flight (skipped if a
+        newer one was pushed, unless it is a `rollback`'s). Returns the probe reports of those
+        loads (the job's last version is never generated with, so its reports must not wait for a
+        generate result).
 
         A worker that dies meanwhile is the pool's business (it is replaced and its replacement
         loads the newest version before serving); any other failure ends the job.
         """
         async with self._pushing:
-            if delivery is not None:
-                if self.delivery is not None and delivery["version"] <= self.delivery["version"] and not rollback:
-                    return []
-                self.delivery = delivery
+            if self.delivery is not None and delivery["version"] <= self.delivery["version"] and not rollback:
+                return []
+            self.delivery = delivery
             actors = list(self.pools["generation"].actors.values())
             active = {a._actor_id.hex() for a in actors}
             for key in [k for k in self._joining if k in active]:
                 del self._joining[key]
             actors += list(self._joining.values())
-            # min_version 0: after a rollback the version just published may be gone again; the newest counts.
-            calls = [a.sync.remote(0) if delivery is None else a.receive.remote(delivery) for a in actors]
+            calls = [a.receive.remote(delivery) for a in actors]
             results = await asyncio.gather(*calls, return_exceptions=True)
         for actor, result in zip(actors, results):
             if isinstance(result, ray.exceptions.RayActorError):
@@ -196,8 +189,7 @@ class Cluster:
                 pass  # the learner rank that owned the buckets died: its rollback pushes the restored version
             elif isinstance(result, BaseException):
                 raise result
-        if delivery is not None:
-            self._record_receipts([r for r in results if not isinstance(r, BaseException)], delivery)
+        self._record_receipts([r for r in results if not isinstance(r, BaseException)], delivery)
         actors = [a for a, r in zip(actors, results) if not isinstance(r, BaseException)]
         reports = await asyncio.gather(*[a.take_probe_reports.remote() for a in actors], return_exceptions=True)
         return [r for rs in reports if not isinstance(rs, BaseException) for r in rs]

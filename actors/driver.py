@@ -173,7 +173,7 @@ class Driver:
 
     async def _rollout(self, key: int, prompts: list, timeline: int) -> None:
         """Generate and score one request's groups, then buffer them (or drop those without signal)."""
-        groups = await rollout(self.cfg, self.cluster, self.reporter, prompts, self.published_version, self.state.kl)
+        groups = await rollout(self.cfg, self.cluster, prompts, self.published_version, self.state.kl)
         async with self.changed:
             if timeline != self.timeline:
                 return  # generated for a timeline a rollback abandoned
@@ -282,11 +282,11 @@ class Driver:
                     pass
 
     async def _publish(self, version: int, timeline: int, previous: asyncio.Task | None) -> None:
-        """Once `version` is durable (or packed, direct): admission moves on and every engine loads
-        it (filesystem: in streaming mode), after `previous` version's push: versions arrive in order."""
+        """Once `version` is published (durable in the store, or packed for delivery): admission moves
+        on and every engine loads it, after `previous` version's push: versions arrive in order."""
         published = self.trainer.wait_published(version)  # this step's trainer, even if a rollback replaces it
         try:
-            delivery = (await published).get("delivery")
+            delivery = (await published)["delivery"]
         except ray.exceptions.RayActorError:
             return  # the learner died; the step loop rolls back to the newest checkpoint
         async with self.changed:
@@ -299,10 +299,8 @@ class Driver:
             await asyncio.wait([previous])
         if timeline != self.timeline:
             return
-        # Filesystem, batched: each request pulls the newest version itself. Direct: pushed always.
-        if delivery is not None or self.cfg.generation.mode == "streaming":
-            with self.reporter.span("weights.push", version=version):
-                self.reporter.probes(await self.cluster.push_version(delivery))
+        with self.reporter.span("weights.push", version=version):
+            self.reporter.probes(await self.cluster.push_version(delivery))
 
     async def _watch_learner(self) -> None:
         """Heartbeat the learner's ranks, and after a rollback the new ranks: a hung rank is

@@ -1,10 +1,11 @@
-"""GenerationWorker: a vLLM engine in an asyncio Ray actor that pulls weight versions from the store.
+"""GenerationWorker: a vLLM engine in an asyncio Ray actor that loads the weight versions pushed to it.
 
 Calls run concurrently on the actor's event loop; they all feed the one engine, whose loop thread
 batches them (`VLLMEngine`). In `streaming` mode each call is one prompt group that returns as
-soon as its last response finishes, and a `sync` (pushed by the driver when a version is
-published) loads the new weights while requests are in flight. In `batched` mode one request runs
-at a time and weights load only between requests.
+soon as its last response finishes, and a delivery (`receive`, pushed by the driver when a version
+is published) loads the new weights while requests are in flight. In `batched` mode one request
+runs at a time and weights load only between requests. How a delivery's bytes arrive is the
+transport's business (`rlhf_cluster.weights.transports`); this worker knows none of them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 import uuid
 
 import ray
+import torch
 
 from actors._common import actor_setup, metrics_target
-from rlhf_cluster.config import DirectTransport
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.environments import load_environment
 from rlhf_cluster.generation.episodes import run_episode
@@ -27,8 +28,8 @@ from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
 from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.liveness import StallClock
-from rlhf_cluster.weight_delivery import DeliveryError, DeliveryManifest, verified_tensors
 from rlhf_cluster.weights import WeightIntegrityError, WeightStore
+from rlhf_cluster.weights.transports import WeightRefused, build_transport, store_fingerprint
 
 DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
 
@@ -61,17 +62,17 @@ class GenerationWorker:
             self.agents = AgentRunner(self.engine, cfg.generation)
         self._gateway_seen = (0, {})  # the gateway's request and refusal counts already exported
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
-        self.fingerprint: str | None = None  # of the delivered bytes the engine holds (direct transport)
+        self.fingerprint: str | None = None  # of the bytes the engine holds, as its transport proves them
         self.refused: set[tuple[int, str]] = set()
         self.probe_reports: list[dict] = []  # handed to the driver with the next `generate` result
         self.swaps: list[dict] = []  # every in-place weight load, for tests and audits
         self._sync_lock = asyncio.Lock()  # one weight load at a time
         self._one_request = asyncio.Lock()  # batched mode: requests run one after another
-        self.direct = isinstance(cfg.weights.transport, DirectTransport)
-        self._delivered = asyncio.Condition()  # direct transport: the engine's version moved
-        self._corrupt_bucket: int | None = None  # test hook: flip a byte of this bucket of the next delivery
-        # Direct: the newest version refused. Requests that need it go on with the version held,
-        # as with a refused stored version (the staleness filter judges their samples).
+        self.transport = build_transport(cfg.weights, self.store, cfg.generation.weight_variants,
+                                         getattr(torch, cfg.engine_dtype), get=ray.get)
+        self._delivered = asyncio.Condition()  # the engine's version moved (or a delivery was refused)
+        # The newest version refused. Requests that need it go on with the version held, as with a
+        # refused stored version (the staleness filter judges their samples).
         self.refused_up_to = -1
 
     def _on_engine_step(self, running: int, waiting: int) -> None:
@@ -133,76 +134,71 @@ class GenerationWorker:
         finally:
             self.store.release(latest, self.name)
         swap = await asyncio.to_thread(self.engine.load_weights, latest, weights.items())
-        self.loaded, self.fingerprint = identity, None
+        # A transport that moves other bytes than the store's proves its delivery with another fingerprint: loaded again then.
+        self.loaded, self.fingerprint = identity, store_fingerprint(self.store.manifest(latest, self.variant))
         seconds = time.perf_counter() - start
-        tracing.add("weights.load", time.time() - seconds, time.time(), version=latest, transport="filesystem")
+        tracing.add("weights.load", time.time() - seconds, time.time(), version=latest, transport="store")
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        self._record_swap(latest, swap, seconds, nbytes, "filesystem")
-        if self.direct:
-            async with self._delivered:
-                self._delivered.notify_all()
+        self._record_swap(latest, swap, seconds, nbytes, "store")
+        async with self._delivered:
+            self._delivered.notify_all()
         if probe is not None:
             await self._score_probe(latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]})
         return latest
 
     async def receive(self, delivery: dict) -> dict:
-        """Direct transport: fetch a delivered version's buckets, check every one against the
-        sender's checksum, then load them all in place at one token boundary. Returns a receipt
-        with the fingerprint of the bytes loaded; a version whose bytes do not match is refused
-        and counted, and the engine keeps serving the one it holds."""
-        mine = delivery["variants"][self.variant or "full"]
-        manifest = DeliveryManifest.from_dict(mine["manifest"])
-        identity = (manifest.version, manifest.created_at)
+        """Load a delivered version in place at one token boundary, its bytes fetched and checked by
+        the job's transport first. Returns a receipt with the fingerprint of the bytes loaded; a
+        version whose bytes do not match what the sender declared is refused and counted, and the
+        engine keeps serving the one it holds."""
+        variant = self.variant or "full"
+        identity = (delivery["version"], delivery["created_at"])
+        sent = delivery["variants"][variant]["fingerprint"]
+        transport = delivery["transport"]
         # Batched mode loads weights only between requests.
         between_requests = self._one_request if self.cfg.generation.mode == "batched" else contextlib.nullcontext()
         async with between_requests, self._sync_lock:
-            # Held already and proven by a delivery (one loaded from the store is loaded again: proven here).
-            if identity == self.loaded and self.fingerprint is not None:
-                return {"worker": self.name, "version": manifest.version, "variant": manifest.variant,
-                        "fingerprint": self.fingerprint, "loaded": False}
+            if identity == self.loaded and self.fingerprint == sent:  # held already, and proven
+                return {"worker": self.name, "version": identity[0], "variant": variant, "fingerprint": self.fingerprint,
+                        "loaded": False}
             start = time.perf_counter()
-            payloads = await asyncio.gather(*mine["buckets"])  # shared memory on this node: no copy
-            corrupt, self._corrupt_bucket = self._corrupt_bucket, None
             try:
-                tensors, fingerprint = await asyncio.to_thread(
-                    verified_tensors, manifest, payloads, None if corrupt is None else _flip_byte_of(corrupt))
-            except DeliveryError as exc:
+                fetched = await asyncio.to_thread(self.transport.fetch, delivery, variant, self.name)
+            except WeightRefused as exc:
                 self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
                 self.labels.of(m.WEIGHTS_REFUSED).inc()
                 self.refused.add(identity)
-                self.refused_up_to = max(self.refused_up_to, manifest.version)
-                self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, manifest.version - self.engine.version))
+                self.refused_up_to = max(self.refused_up_to, identity[0])
+                self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, identity[0] - self.engine.version))
                 async with self._delivered:
                     self._delivered.notify_all()
-                print(f"{self.name}: refused delivered version {manifest.version}: {exc}; keeping version {self.engine.version}",
+                print(f"{self.name}: refused delivered version {identity[0]}: {exc}; keeping version {self.engine.version}",
                       flush=True)
-                return {"worker": self.name, "version": manifest.version, "variant": manifest.variant, "refused": str(exc),
+                return {"worker": self.name, "version": identity[0], "variant": variant, "refused": str(exc),
                         "held": self.engine.version}
-            swap = await asyncio.to_thread(self.engine.load_weights, manifest.version, tensors)
-            del tensors, payloads
+            swap = await asyncio.to_thread(self.engine.load_weights, fetched.version, fetched.tensors)
+            nbytes, fingerprint = fetched.nbytes, fetched.fingerprint
+            del fetched
             self.loaded, self.fingerprint = identity, fingerprint
             seconds = time.perf_counter() - start
-            tracing.add("weights.load", time.time() - seconds, time.time(), version=manifest.version, transport="direct")
-            self._record_swap(manifest.version, swap, seconds, manifest.total_bytes, "direct")
+            tracing.add("weights.load", time.time() - seconds, time.time(), version=identity[0], transport=transport)
+            self._record_swap(identity[0], swap, seconds, nbytes, transport)
         async with self._delivered:
             self._delivered.notify_all()
         probe = delivery.get("files", {}).get(PROBE_FILE)
         if probe is not None:
-            await self._score_probe(manifest.version, probe, {"sync_seconds": seconds, "sync_bytes": manifest.total_bytes,
-                                                              "created_at": manifest.created_at})
-        return {"worker": self.name, "version": manifest.version, "variant": manifest.variant, "fingerprint": fingerprint,
-                "loaded": True, "seconds": seconds, "bytes": manifest.total_bytes}
+            await self._score_probe(identity[0], probe, {"sync_seconds": seconds, "sync_bytes": nbytes,
+                                                         "created_at": identity[1]})
+        return {"worker": self.name, "version": identity[0], "variant": variant, "fingerprint": fingerprint,
+                "loaded": True, "seconds": seconds, "bytes": nbytes}
 
     def corrupt_next_delivery(self, bucket: int) -> None:
         """Test hook: the next delivery's `bucket` arrives with one byte flipped (as if damaged in transit)."""
-        self._corrupt_bucket = bucket
+        self.transport.corrupt_bucket = bucket
 
     async def _hold(self, min_version: int) -> None:
-        """Until the engine holds a version >= `min_version`: pulled from the store (filesystem),
-        or pushed by the driver (direct), waiting at most `DELIVERY_WAIT_S`."""
-        if not self.direct:
-            await self.sync(min_version)
-            return
+        """Until the engine holds a version >= `min_version` (pushed by the driver, or refused),
+        waiting at most `DELIVERY_WAIT_S`."""
         async with self._delivered:
             try:
                 await asyncio.wait_for(self._delivered.wait_for(
@@ -290,38 +286,27 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))
         return rollouts
 
-    def _reports_of_own_loads(self) -> list[dict]:
-        # Direct: every load comes from a push, which collects its reports (a generate call
-        # cancelled at the job's end would lose them). Filesystem: a request may load by itself.
-        return [] if self.direct else self.take_probe_reports()
-
     def take_probe_reports(self) -> list[dict]:
         """The probe reports of the syncs since they were last taken (each is handed over once)."""
         reports, self.probe_reports = self.probe_reports, []
         return reports
 
-    async def generate_group(self, prompt: Prompt, min_version: int) -> tuple[list[Rollout], list[dict]]:
+    async def generate_group(self, prompt: Prompt, min_version: int) -> list[Rollout]:
         """Streaming: the `n` rollouts of one prompt, started at once with weights of version >=
         `min_version`; returns when its last response finishes (other calls keep decoding)."""
-        # Filesystem: cheap when the engine holds the store's newest version (a manifest read);
-        # checking the identity, not just the number, also catches a version republished after a
-        # rollback. Direct: the driver pushes every version (a rollback's too) before it is needed.
+        # The driver pushes every version (a rollback's too) before it is needed. Every load's
+        # probe report goes back with the push that caused it (`take_probe_reports`).
         await self._hold(min_version)
         with tracing.span("generate", prompt=prompt.prompt_id):
-            rollouts = await self._groups([prompt])
-        return rollouts, self._reports_of_own_loads()
+            return await self._groups([prompt])
 
-    async def generate(self, prompts: list[Prompt], min_version: int) -> tuple[list[Rollout], list[dict]]:
+    async def generate(self, prompts: list[Prompt], min_version: int) -> list[Rollout]:
         """Batched: `n` rollouts per prompt with weights of version >= `min_version`, returned
-        together when the slowest finishes, and the probe reports of the syncs since the last call."""
-        if self.direct:
-            await self._hold(min_version)  # outside the request lock: the delivery it waits for takes that lock
+        together when the slowest finishes."""
+        await self._hold(min_version)  # outside the request lock: the delivery it waits for takes that lock
         async with self._one_request:
-            if not self.direct:
-                await self.sync(min_version)
             with tracing.span("generate", prompts=len(prompts)):
-                rollouts = await self._groups(prompts)
-        return rollouts, self._reports_of_own_loads()
+                return await self._groups(prompts)
 
     async def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
         """Held-out evaluation with weights of version >= `min_version`: one greedy response per
@@ -334,13 +319,3 @@ class GenerationWorker:
 
     async def logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return await asyncio.to_thread(self.engine.logprobs_of, prompt_ids, response_ids)
-
-
-def _flip_byte_of(bucket: int):
-    def corrupt(index: int, payload):
-        if index != bucket:
-            return payload
-        damaged = bytearray(memoryview(payload).cast("B"))
-        damaged[len(damaged) // 2] ^= 0xFF
-        return damaged
-    return corrupt

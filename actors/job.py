@@ -76,7 +76,7 @@ class Job:
 
     @property
     def delivery_receipts(self) -> list[dict]:
-        """Direct transport: each engine's receipt of each delivered version (worker, version,
+        """Each engine's receipt of each delivered version (worker, version,
         variant, fingerprint of what it loaded and the learner's, or `refused` with the cause), in
         order, the newest 10,000 (a copy)."""
         return list(self._driver.cluster.receipts)

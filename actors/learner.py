@@ -14,13 +14,13 @@ import torch
 
 from actors._common import actor_setup, join_process_group, metrics_target, rendezvous_address
 from rlhf_cluster import metrics as m, tracing
-from rlhf_cluster.config import DirectTransport
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
 from rlhf_cluster.learner.base import LearnerBase, done_future
 from rlhf_cluster.records import TrainBatch
-from rlhf_cluster.weight_delivery import VersionPacker, now as delivery_time, persisted
+from rlhf_cluster.weights.buckets import now as delivery_time, persisted
+from rlhf_cluster.weights.transports import build_transport
 from rlhf_cluster.weights import WeightStore
 
 
@@ -86,8 +86,9 @@ class LearnerRank(ShardedRank):
                 variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.engine_dtype))
             self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
-        self.writes: list[Future] = []  # direct transport: store writes of persisted versions, in order
         self.engine_dtype = getattr(torch, self.cfg.engine_dtype)
+        self.transport = (build_transport(self.cfg.weights, self.store, self.cfg.generation.weight_variants,
+                                          self.engine_dtype, put=ray.put) if rank == 0 else None)
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
         if not torch.cuda.is_available():
@@ -107,10 +108,9 @@ class LearnerRank(ShardedRank):
 
     def publish(self, version: int, persist: bool = False) -> None:
         """Collective: score the mismatch probe, then gather the weights one tensor at a time;
-        rank 0 hands the version to the transport and returns. `filesystem`: queue its write to
-        the store. `direct`: pack each tensor into checksummed object-store buckets as it is
-        gathered (the whole model is never held at once, unless this version is also written to
-        the store: when one is due, or `persist` forces it at the start or a restored checkpoint)."""
+        rank 0 streams them, cast to the engine's dtype, to the job's transport and returns (see
+        `rlhf_cluster.weights.transports`). The version is also a durable snapshot in the store
+        when one is due, or when `persist` forces it (the start, a restored checkpoint)."""
         files = {}
         if self.probe is not None:
             logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
@@ -122,51 +122,17 @@ class LearnerRank(ShardedRank):
             return
         # What the engines hold is what goes on disk too: no fp32 copy when the engine runs bf16.
         named = ((k, v.to(self.engine_dtype) if v.is_floating_point() else v) for k, v in gathered)
-        weights = self.cfg.weights
-        snapshot = persist or persisted(version, weights.persist_every, self.cfg.checkpoint.every_steps,
+        snapshot = persist or persisted(version, self.cfg.weights.persist_every, self.cfg.checkpoint.every_steps,
                                         self.cfg.train.total_steps)
-        if not isinstance(weights.transport, DirectTransport):
-            # Every version goes through the store; only snapshots pay for fsync.
-            self.pending[version] = self.store.publish_async(version, dict(named), files, durable=snapshot)
-            return
-        self._reap_writes()
-        start, created_at = time.perf_counter(), delivery_time()
-        bucket_bytes = int(weights.transport.bucket_mb * (1 << 20))
-        # Each variant is made once here, for every engine of its kind.
-        packers = [VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, ray.put)
-                   for variant in self.cfg.generation.weight_variants]
-        kept = {}
-        for name, tensor in named:
-            for packer in packers:
-                packer.add(name, tensor)
-            if snapshot:
-                kept[name] = tensor
-        if snapshot:
-            self.writes.append(self.store.publish_async(version, kept, files, created_at))
-        variants = {}
-        for packer in packers:
-            manifest, buckets = packer.finish()
-            self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=f"direct-{manifest.variant}").observe(packer.seconds)
-            variants[manifest.variant] = {"manifest": manifest.to_dict(), "buckets": buckets,
-                                          "fingerprint": manifest.fingerprint}
-        delivery = {"version": version, "created_at": created_at, "variants": variants, "files": files}
-        total = sum(p.manifest.total_bytes for p in packers)
-        self.pending[version] = done_future({"seconds": time.perf_counter() - start, "bytes": total,
-                                             "variant_seconds": {}, "delivery": delivery})
-
-    def _reap_writes(self) -> None:
-        """Store writes queued by earlier versions: a failed one fails the learner with its cause."""
-        while self.writes and self.writes[0].done():
-            self.writes.pop(0).result()
+        self.pending[version] = self.transport.publish(version, delivery_time(), named, files, snapshot)
 
     def wait_persisted(self) -> None:
         """Block until every queued store write is durable (rank 0; raises what a write raised)."""
-        while self.writes:
-            self.writes.pop(0).result()
+        self.transport.wait_persisted()
 
     def wait_published(self, version: int) -> dict:
-        """Block until `version` is durable in the store (filesystem) or packed for delivery
-        (direct, whose result carries the `delivery`); returns times and bytes."""
+        """Block until the transport has published `version`; returns times, bytes and the
+        `delivery` to push to the engines."""
         stats = self.pending.pop(version).result()
         self.labels.of(m.LEARNER_VERSION).set(version)
         for variant, seconds in stats["variant_seconds"].items():
@@ -175,7 +141,7 @@ class LearnerRank(ShardedRank):
 
     def train(self, batch: TrainBatch, version: int, kl_coef: float) -> tuple[dict[str, float], dict | None]:
         """One learner step on this rank's share, then publish the result as `version`. Returns the
-        step's metrics and, when the publication is complete already (rank 0, direct transport),
+        step's metrics and, when the publication is complete already (rank 0, e.g. packed in the object store),
         what `wait_published` would: the driver pushes it without another round trip."""
         with tracing.span("train_step", version=version):
             metrics = self.learner.train_step(batch, kl_coef)

@@ -28,7 +28,7 @@ class LearnerStart:
     cfg: JobConfig  # the job's config from now on (faults.elastic may have shrunk the learner)
     state: JobState
     published_version: int
-    delivery: dict | None  # direct transport: the restored version's delivery (None: filesystem)
+    delivery: dict  # the restored version's delivery, for every engine
     guard: EvalGuard
 
 

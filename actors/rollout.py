@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 
 from actors.cluster import Cluster
-from actors.reporting import Reporter
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience import KLController, build_group, group_rollouts
@@ -30,8 +29,7 @@ class ScoredGroup:
     failed: int = 0  # samples left out because their reward failed (the group's advantages are over the rest)
 
 
-async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts: list[Prompt], version: int,
-                  kl: KLController) -> list[ScoredGroup]:
+async def rollout(cfg: JobConfig, cluster: Cluster, prompts: list[Prompt], version: int, kl: KLController) -> list[ScoredGroup]:
     """Generate `prompts` with weights at least `version`, score them, and build their groups
     (with the KL coefficient `kl` holds once they are scored).
 
@@ -40,9 +38,8 @@ async def rollout(cfg: JobConfig, cluster: Cluster, reporter: Reporter, prompts:
     """
     requested_at = time.time()
     call = ("generate_group", prompts[0], version) if cfg.generation.mode == "streaming" else ("generate", prompts, version)
-    _, (rollouts, probe_reports) = await cluster.call("generation", *call)
+    _, rollouts = await cluster.call("generation", *call)
     generated_at = time.time()
-    reporter.probes(probe_reports)
     answers = {p.prompt_id: p.answer for p in prompts}
     scores, refs = await asyncio.gather(cluster.score(rollouts, answers), cluster.reference_logprobs(rollouts))
     if cfg.generation.turn_rewards.combine != "none":  # multi-turn: the environment's per-turn rewards too

@@ -91,8 +91,7 @@ class Trainer:
 
     def publish_now(self, version: int) -> dict | None:
         """Publish the policy's current weights as `version` (persisted in the store whatever the
-        transport) and wait until they are durable; returns their direct `delivery` (None with
-        the filesystem transport)."""
+        transport) and wait until they are durable; returns their `delivery`."""
         self.policy.call("publish", version, True)
         published = ray.get(self.policy.leader.wait_published.remote(version))
         ray.get(self.policy.leader.wait_persisted.remote())

@@ -97,7 +97,7 @@ class DirectChannel:
         self.newest = None  # (manifest, payloads)
 
     def publish(self, version: int, state: dict) -> None:
-        from rlhf_cluster.weight_delivery import now, pack_version
+        from rlhf_cluster.weights.buckets import now, pack_version
 
         self.newest = pack_version(state.items(), version, now(), "full", torch.float32, self.bucket_bytes, lambda p: p)
 
@@ -105,7 +105,7 @@ class DirectChannel:
         return None if self.newest is None else self.newest[0].version
 
     def load(self, version: int) -> dict:
-        from rlhf_cluster.weight_delivery import verified_tensors
+        from rlhf_cluster.weights.buckets import verified_tensors
 
         manifest, payloads = self.newest
         if manifest.version != version:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from actors.job import Job
     from rlhf_cluster.config import load_config
-    from rlhf_cluster.weight_delivery import layer_of
+    from rlhf_cluster.weights.buckets import layer_of
     from rlhf_cluster.weights import WeightStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-weight-changes-"))

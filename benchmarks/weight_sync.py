@@ -87,17 +87,17 @@ class Sender:
 
     def pack(self, version: int, bucket_mb: float) -> dict:
         """What `LearnerRank.publish` does for `direct` (one variant): a delivery of object-store buckets."""
-        from rlhf_cluster.weight_delivery import now, pack_version
+        from rlhf_cluster.weights.buckets import now, pack_version
 
         created = now()
         manifest, buckets = pack_version(self.state.items(), version, created, "full", self.dtype,
                                          int(bucket_mb * (1 << 20)), ray.put)
-        return {"version": version, "created_at": created, "files": {},
+        return {"transport": "direct", "version": version, "created_at": created, "files": {},
                 "variants": {"full": {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}}}
 
     def bucket_specs(self, bucket_mb: float) -> list:
         """Pack once, untimed: the broadcast side sends exactly these bytes."""
-        from rlhf_cluster.weight_delivery import engine_tensors, pack_buckets
+        from rlhf_cluster.weights.buckets import engine_tensors, pack_buckets
 
         packed = list(pack_buckets(engine_tensors(self.state.items(), "full", self.dtype), int(bucket_mb * (1 << 20))))
         self.payloads = [torch.from_numpy(p) for _, p in packed]
@@ -127,7 +127,7 @@ class Sender:
 
     def engine_bytes(self) -> dict[str, int]:
         """Bytes one sync moves per engine, by engine kind."""
-        from rlhf_cluster.weight_delivery import engine_tensors
+        from rlhf_cluster.weights.buckets import engine_tensors
 
         out = {}
         for kind, variant, dtype in (("fp32", "full", torch.float32), ("bf16", "full", torch.bfloat16),
@@ -152,7 +152,7 @@ class BareEngine:
         self.group = _gloo_group(addr, port, rank, world)
 
     def receive_broadcast(self, specs: list) -> float:
-        from rlhf_cluster.weight_delivery import unpack_bucket
+        from rlhf_cluster.weights.buckets import unpack_bucket
 
         start = time.perf_counter()
         tensors = []

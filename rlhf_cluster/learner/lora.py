@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import torch
 
 from rlhf_cluster.config import LoraConfig
-from rlhf_cluster.weight_delivery import decoder_layer
+from rlhf_cluster.weights.buckets import decoder_layer
 
 PEFT_PREFIX = "base_model.model."
 

@@ -14,7 +14,8 @@ import torch
 from actors.generation import GenerationWorker
 from actors.job import Job
 from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
-from rlhf_cluster.weight_delivery import now, pack_version
+from rlhf_cluster.weights.buckets import DeliveryManifest, now
+from rlhf_cluster.weights.transports import build_transport
 from rlhf_cluster.weights import WeightStore
 
 # fp32 engine vs the learner's fp32 forward of the same weights on the probe: measured ~5e-7.
@@ -84,7 +85,8 @@ def _hf_logprobs(model_path: str, state: dict, prompt: list[int], response: list
     return sequence_logprobs(model, prompt, response).tolist()
 
 
-def test_a_damaged_bucket_is_refused_counted_and_the_engine_keeps_its_version(ray_cluster, job_config, tiny_model_path):
+def test_a_damaged_bucket_is_refused_counted_and_the_engine_keeps_its_version(ray_cluster, job_config, tiny_model_path,
+                                                                               tmp_path):
     cfg = job_config(weights={"transport": {"type": "direct", "bucket_mb": 0.05}})
     worker = GenerationWorker.remote(cfg.model_dump(), str(tiny_model_path), 0)
     try:
@@ -92,10 +94,11 @@ def test_a_damaged_bucket_is_refused_counted_and_the_engine_keeps_its_version(ra
         before = ray.get(worker.logprobs_of.remote(prompt, response))
         torch.manual_seed(3)
         state = {k: v + 0.05 * torch.randn_like(v) for k, v in load_causal_lm(tiny_model_path).state_dict().items()}
-        manifest, buckets = pack_version(state.items(), 1, now(), "full", torch.float32, 50_000, ray.put)
-        assert len(buckets) >= 3
-        delivery = {"version": 1, "created_at": manifest.created_at, "files": {}, "variants": {
-            "full": {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}}}
+        # What the learner's rank 0 does: the job's transport publishes the version.
+        sender = build_transport(cfg.weights, WeightStore(tmp_path / "sender"), ["full"], torch.float32, put=ray.put)
+        delivery = sender.publish(1, now(), state.items(), {}, snapshot=False).result()["delivery"]
+        manifest = DeliveryManifest.from_dict(delivery["variants"]["full"]["manifest"])
+        assert len(manifest.buckets) >= 3
 
         ray.get(worker.corrupt_next_delivery.remote(1))
         receipt = ray.get(worker.receive.remote(delivery), timeout=120)

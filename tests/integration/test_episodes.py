@@ -42,7 +42,7 @@ def test_three_turn_episodes_mask_observations_and_keep_exact_logprobs_across_a_
             time.sleep(0.01)
         store.publish(1, new_state)
         assert ray.get(worker.sync.remote(1)) == 1
-        rollouts = [r for rs, _ in ray.get(refs) for r in rs]
+        rollouts = [r for rs in ray.get(refs) for r in rs]
     finally:
         ray.kill(worker)
 

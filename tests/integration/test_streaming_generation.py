@@ -64,7 +64,7 @@ def test_prompts_submitted_one_at_a_time_share_engine_steps(ray_cluster, job_con
                 _wait_for(lambda: ray.get(worker.engine_stats.remote())["steps"] >= 3, what="first request decoding")
             time.sleep(0.03)
         results = ray.get(refs)
-        assert all(len(rollouts) == 1 and len(rollouts[0].response_ids) == 48 for rollouts, _ in results)
+        assert all(len(rollouts) == 1 and len(rollouts[0].response_ids) == 48 for rollouts in results)
         stats = ray.get(worker.engine_stats.remote())
         # vLLM's own scheduler stats: requests sent one at a time ran in the same engine steps.
         assert stats["max_batch"] > 1, stats
@@ -100,7 +100,7 @@ def test_version_loaded_in_flight_continues_unfinished_responses(ray_cluster, jo
         assert ray.get(worker.sync.remote(1)) == 1  # returns once loaded, with the responses still running
         stats = ray.get(worker.engine_stats.remote())
         assert stats["in_flight"] > 0, "the responses finished before the new version was loaded"
-        rollouts = [r for rs, _ in ray.get(refs) for r in rs]
+        rollouts = [r for rs in ray.get(refs) for r in rs]
 
         # Same engine, same process: no restart.
         after = ray.get(worker.info.remote())
@@ -146,7 +146,7 @@ def test_abort_policy_restarts_unfinished_responses_with_the_new_version(ray_clu
         _wait_for(lambda: ray.get(worker.engine_stats.remote())["steps"] >= 8, what="responses under way")
         store.publish(1, {k: v * 1.01 for k, v in state.items()})
         ray.get(worker.sync.remote(1))
-        rollouts = [r for rs, _ in ray.get(refs) for r in rs]
+        rollouts = [r for rs in ray.get(refs) for r in rs]
         swap = ray.get(worker.engine_stats.remote())["swaps"][-1]
         assert (swap["version"], swap["resumed"], swap["aborted"]) == (1, 0, 4)
         # Restarted from scratch with the new weights: one version, the full length, no lost sample.

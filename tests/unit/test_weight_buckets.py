@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf_cluster.generation.quantization import quantize_state_dict
-from rlhf_cluster.weight_delivery import (
+from rlhf_cluster.weights.buckets import (
     DeliveryError, DeliveryManifest, pack_buckets, pack_version, persisted, unpack_bucket, verified_tensors,
 )
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from rlhf_cluster import weights as weights_mod
+from rlhf_cluster.weights import store as weights_mod
 from rlhf_cluster.weights import MANIFEST, WeightIntegrityError, WeightStore
 
 

@@ -1,0 +1,207 @@
+"""The weight transports, one class each, dispatched on `weights.transport.type`.
+
+Every transport has the same two ends and the same unit, the *delivery* of one version:
+
+    learner rank 0:  publish(version, tensors, files, snapshot) -> Future[publication]
+                     (the publication's `delivery` is what the driver pushes to every engine)
+    engine:          fetch(delivery, variant) -> Fetched (tensors to load, fingerprint to report)
+
+A delivery is a plain dict (it crosses Ray): `version`, `created_at` (the version's identity:
+after a rollback the same number is published again with other weights), `files` (the probe),
+`transport` and, per engine variant (`full`, `int8`), what that variant's engines fetch and the
+`fingerprint` an engine must report back to prove what it loaded. Each transport computes the
+fingerprint from the bytes it moves (bucket checksums in flight, shard checksums on disk), and a
+fetch refuses (`WeightRefused`) bytes that do not match what the sender declared.
+
+The object store is the one Ray-specific part: the actors hand `put` and `get` in, so this
+package never imports ray.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable
+
+import torch
+
+from rlhf_cluster.config import DirectTransport, FilesystemTransport, WeightsConfig
+from rlhf_cluster.learner.base import done_future
+from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, VersionPacker, fingerprint, verified_tensors
+from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
+
+Named = Iterable[tuple[str, torch.Tensor]]
+
+
+class WeightRefused(RuntimeError):
+    """A delivered version's bytes do not match what its sender declared; the engine keeps the version it holds."""
+
+
+@dataclass
+class Fetched:
+    """A delivered version, checked and ready to load into an engine."""
+
+    version: int
+    created_at: str
+    tensors: list[tuple[str, torch.Tensor]]
+    fingerprint: str
+    nbytes: int
+
+
+def store_fingerprint(manifest: dict) -> str:
+    """The fingerprint of a stored version (or variant): its identity and every shard's checksum,
+    in shard order. The publisher computes it from the manifest it wrote, an engine from the
+    manifest whose shards it checked while loading."""
+    return fingerprint(manifest["version"], manifest["created_at"], [manifest["shards"][s] for s in sorted(manifest["shards"])])
+
+
+class WeightTransport(ABC):
+    """Both ends of one way versions move from the learner to the engines."""
+
+    type: ClassVar[str]
+
+    def __init__(self, cfg: WeightsConfig, store: WeightStore, variants: list[str], engine_dtype: torch.dtype,
+                 put: Callable[[object], object] | None = None, get: Callable[[list], list] | None = None):
+        self.cfg, self.store, self.variants, self.engine_dtype = cfg, store, variants, engine_dtype
+        # The object store's put and get (Ray's, handed in by the actors), for transports that move bytes through it.
+        self.put, self.get = put, get
+        self.corrupt_bucket: int | None = None  # test hook (engine side): damage this bucket of the next fetch
+
+    # ---- learner rank 0 ------------------------------------------------------------------
+    @abstractmethod
+    def publish(self, version: int, created_at: str, named: Named, files: dict[str, str], snapshot: bool) -> Future:
+        """Hand one version (engine-dtype tensors, streamed) to the transport. The future's result
+        is the publication: `seconds`, `bytes`, `variant_seconds` and the `delivery` to push.
+        `snapshot`: the version must also be in the store on disk, durably."""
+
+    def wait_persisted(self) -> None:
+        """Block until every store write this transport queued is durable (raises what one raised)."""
+
+    # ---- engine --------------------------------------------------------------------------
+    @abstractmethod
+    def fetch(self, delivery: dict, variant: str, reader: str) -> Fetched:
+        """Blocking: the delivered version's tensors for an engine of `variant`, checked against
+        the sender's declaration (`WeightRefused` if they do not match)."""
+
+
+class StoreTransport(WeightTransport):
+    """`filesystem`: every version is written to the store; engines load it from there, checking
+    each shard's checksum. Between durable snapshots the shards are not fsynced."""
+
+    type = "filesystem"
+
+    def publish(self, version, created_at, named, files, snapshot) -> Future:
+        written = self.store.publish_async(version, dict(named), files, created_at, durable=snapshot)
+        publication: Future = Future()
+
+        def delivered(write: Future) -> None:
+            try:
+                stats = write.result()
+                variants = {v: {"fingerprint": store_fingerprint(self.store.manifest(version, None if v == "full" else v))}
+                            for v in self.variants}
+                publication.set_result({**stats, "delivery": {"transport": self.type, "version": version,
+                                                              "created_at": created_at, "files": files,
+                                                              "variants": variants}})
+            except BaseException as exc:  # the learner's wait_published raises it
+                publication.set_exception(exc)
+
+        written.add_done_callback(delivered)
+        return publication
+
+    def fetch(self, delivery, variant, reader) -> Fetched:
+        version = delivery["version"]
+        self.store.acquire(version, reader)  # retention keeps it while it is read
+        try:
+            manifest = self.store.manifest(version, None if variant == "full" else variant)
+            if manifest["created_at"] != delivery["created_at"]:
+                raise WeightRefused(f"version {version} in the store was created at {manifest['created_at']}, "
+                                    f"the delivery's at {delivery['created_at']}")
+            tensors = self.store.load(version, variant=None if variant == "full" else variant)
+        except WeightIntegrityError as exc:
+            raise WeightRefused(str(exc)) from exc
+        finally:
+            self.store.release(version, reader)
+        return Fetched(version, manifest["created_at"], list(tensors.items()), store_fingerprint(manifest),
+                       manifest["total_bytes"])
+
+
+class ObjectStoreTransport(WeightTransport):
+    """`direct`: each version goes from the learner's rank 0 to every engine without disk, as
+    layer-aligned buckets of engine-dtype bytes in the object store (`put`/`get` handed in),
+    each checked by its checksum before the engine loads any of them. Every
+    `persist_every`-th version (and any `snapshot`) is also written to the store on disk."""
+
+    type = "direct"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.writes: list[Future] = []  # store writes of persisted versions, in order
+
+    def publish(self, version, created_at, named, files, snapshot) -> Future:
+        self._reap_writes()
+        start = time.perf_counter()
+        bucket_bytes = int(self.cfg.transport.bucket_mb * (1 << 20))
+        # Each variant is made once here, for every engine of its kind.
+        packers = [VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, self.put)
+                   for variant in self.variants]
+        kept = {}
+        for name, tensor in named:
+            for packer in packers:
+                packer.add(name, tensor)
+            if snapshot:
+                kept[name] = tensor
+        if snapshot:
+            self.writes.append(self.store.publish_async(version, kept, files, created_at))
+        variants, variant_seconds = {}, {}
+        for packer in packers:
+            manifest, buckets = packer.finish()
+            variant_seconds[f"direct-{manifest.variant}"] = packer.seconds
+            variants[manifest.variant] = {"manifest": manifest.to_dict(), "buckets": buckets,
+                                          "fingerprint": manifest.fingerprint}
+        delivery = {"transport": self.type, "version": version, "created_at": created_at, "variants": variants,
+                    "files": files}
+        return done_future({"seconds": time.perf_counter() - start, "bytes": sum(p.manifest.total_bytes for p in packers),
+                            "variant_seconds": variant_seconds, "delivery": delivery})
+
+    def _reap_writes(self) -> None:
+        """Store writes queued by earlier versions: a failed one fails the learner with its cause."""
+        while self.writes and self.writes[0].done():
+            self.writes.pop(0).result()
+
+    def wait_persisted(self) -> None:
+        while self.writes:
+            self.writes.pop(0).result()
+
+    def fetch(self, delivery, variant, reader) -> Fetched:
+        mine = delivery["variants"][variant]
+        manifest = DeliveryManifest.from_dict(mine["manifest"])
+        payloads = self.get(mine["buckets"])  # shared memory on this node: no copy
+        corrupt, self.corrupt_bucket = self.corrupt_bucket, None
+        try:
+            tensors, fp = verified_tensors(manifest, payloads, None if corrupt is None else _flip_byte_of(corrupt))
+        except DeliveryError as exc:
+            raise WeightRefused(str(exc)) from exc
+        return Fetched(manifest.version, manifest.created_at, tensors, fp, manifest.total_bytes)
+
+
+def _flip_byte_of(bucket: int):
+    def corrupt(index: int, payload):
+        if index != bucket:
+            return payload
+        damaged = bytearray(memoryview(payload).cast("B"))
+        damaged[len(damaged) // 2] ^= 0xFF
+        return damaged
+    return corrupt
+
+
+TRANSPORTS: dict[type, type[WeightTransport]] = {FilesystemTransport: StoreTransport, DirectTransport: ObjectStoreTransport}
+
+
+def build_transport(cfg: WeightsConfig, store: WeightStore, variants: list[str], engine_dtype: torch.dtype,
+                    put: Callable[[object], object] | None = None, get: Callable[[list], list] | None = None
+                    ) -> WeightTransport:
+    """The transport `cfg.transport` names (by its config class), for either end; `put`/`get`
+    are the object store's (Ray's), for transports that move bytes through it."""
+    return TRANSPORTS[type(cfg.transport)](cfg, store, variants, engine_dtype, put, get)

@@ -1,0 +1,123 @@
+"""Both ends of every weight transport, without Ray: the object store is a list (put appends,
+get reads back), the store a temp directory. And the rule that only `rlhf_cluster/weights/`
+knows the transports: no actor names one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_cluster.config import DirectTransport, FilesystemTransport, WeightsConfig
+from rlhf_cluster.weights import WeightStore
+from rlhf_cluster.weights.buckets import now
+from rlhf_cluster.weights.transports import TRANSPORTS, WeightRefused, build_transport
+
+REPO = Path(__file__).resolve().parents[2]
+TENSORS = {
+    "model.embed_tokens.weight": torch.randn(32, 8),
+    "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8),
+    "model.layers.0.mlp.up_proj.weight": torch.randn(16, 8),
+    "model.layers.1.self_attn.q_proj.weight": torch.randn(8, 8),
+    "model.norm.weight": torch.randn(8),
+}
+
+
+class ObjectStore:
+    """Ray's put/get for one process: a handle is an index into a list."""
+
+    def __init__(self):
+        self.objects: list = []
+
+    def put(self, value) -> int:
+        self.objects.append(value)
+        return len(self.objects) - 1
+
+    def get(self, handles: list[int]) -> list:
+        return [self.objects[h] for h in handles]
+
+
+def _transport(kind, tmp_path, objects: ObjectStore, **fields):
+    cfg = WeightsConfig(transport=kind(**fields))
+    return build_transport(cfg, WeightStore(tmp_path / "store"), ["full"], torch.bfloat16, put=objects.put, get=objects.get)
+
+
+@pytest.mark.parametrize("kind", [FilesystemTransport, DirectTransport])
+def test_a_delivery_fetches_the_published_tensors_and_proves_them(kind, tmp_path):
+    objects = ObjectStore()
+    sender = _transport(kind, tmp_path, objects, **({"bucket_mb": 0.001} if kind is DirectTransport else {}))
+    receiver = _transport(kind, tmp_path, objects, **({"bucket_mb": 0.001} if kind is DirectTransport else {}))
+    assert type(sender).type == kind().type
+    named = [(k, v.to(torch.bfloat16)) for k, v in TENSORS.items()]
+    publication = sender.publish(3, now(), iter(named), {"probe.json": "{}"}, snapshot=False).result(timeout=60)
+    delivery = publication["delivery"]
+    assert delivery["version"] == 3 and delivery["transport"] == kind().type and delivery["files"] == {"probe.json": "{}"}
+    fetched = receiver.fetch(delivery, "full", "gen0")
+    assert fetched.version == 3 and fetched.created_at == delivery["created_at"]
+    assert fetched.fingerprint == delivery["variants"]["full"]["fingerprint"]
+    got = dict(fetched.tensors)
+    assert set(got) == set(TENSORS)
+    for name, tensor in named:
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor), name
+    assert fetched.nbytes >= sum(t.numel() * 2 for t in TENSORS.values())
+
+
+def test_damaged_bytes_are_refused_by_every_transport(tmp_path):
+    objects = ObjectStore()
+    direct = _transport(DirectTransport, tmp_path / "d", objects, bucket_mb=0.0001)
+    delivery = direct.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
+    assert len(delivery["variants"]["full"]["buckets"]) > 1
+    direct.corrupt_bucket = 1
+    with pytest.raises(WeightRefused, match="bucket 1: checksum"):
+        direct.fetch(delivery, "full", "gen0")
+    assert direct.fetch(delivery, "full", "gen0").fingerprint == delivery["variants"]["full"]["fingerprint"]  # hook used once
+
+    store = _transport(FilesystemTransport, tmp_path / "f", objects)
+    delivery = store.publish(1, now(), iter(TENSORS.items()), {}, snapshot=True).result()["delivery"]
+    shard = next((tmp_path / "f" / "store" / "v00000001").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(WeightRefused, match="checksum"):
+        store.fetch(delivery, "full", "gen0")
+
+
+def test_a_stored_version_republished_after_a_rollback_is_not_taken_for_an_older_delivery(tmp_path):
+    objects = ObjectStore()
+    store = _transport(FilesystemTransport, tmp_path, objects)
+    old = store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
+    store.store.discard_from(2)  # the rollback abandons version 2; the same number is published again
+    new = store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
+    assert old["created_at"] != new["created_at"]
+    with pytest.raises(WeightRefused, match="created at"):
+        store.fetch(old, "full", "gen0")
+    assert store.fetch(new, "full", "gen0").fingerprint == new["variants"]["full"]["fingerprint"]
+
+
+def test_direct_snapshots_reach_the_store_and_are_waited_for(tmp_path):
+    objects = ObjectStore()
+    direct = _transport(DirectTransport, tmp_path, objects)
+    direct.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result()
+    direct.publish(2, now(), iter(TENSORS.items()), {}, snapshot=True).result()
+    direct.wait_persisted()
+    assert direct.store.versions() == [2]
+
+
+def test_every_config_transport_has_a_class():
+    assert set(TRANSPORTS) == {FilesystemTransport, DirectTransport}
+    assert {cls.type for cls in TRANSPORTS.values()} == {"filesystem", "direct"}
+
+
+# What "knowing a transport" looks like in code: naming its config class or its `type` string,
+# or reading `weights.transport`. Only rlhf_cluster/weights/ (and the config that declares them) may.
+KNOWS_A_TRANSPORT = re.compile(r"DirectTransport|FilesystemTransport|weights\.transport\b|[\"'](direct|filesystem)[\"']")
+
+
+def test_no_actor_knows_a_transport():
+    offenders = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+                 for path in sorted((REPO / "actors").rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if KNOWS_A_TRANSPORT.search(line) and not line.lstrip().startswith("#")]
+    assert not offenders, "transport-specific code belongs in rlhf_cluster/weights/:\n" + "\n".join(offenders)
