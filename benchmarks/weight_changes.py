@@ -11,7 +11,11 @@ version with the one before, as the engine would receive them:
 
 It also prints the bytes one sync ships for the merged weights vs LoRA adapters only (rank
 `--lora-rank` on every decoder projection, bf16), computed from the model's shapes.
-This decides whether a `delta` transport is worth building (veRL reports 1-3% changed in bf16).
+It then sends every version (cast to bf16, as a bf16 engine gets it) through the real `direct`
+transport twice, side by side: whole, and with `delta: sparse` (each version after the first as
+the elements changed since the previous one), each fetched and rebuilt by an engine-side
+transport, and reports bytes and seconds (publish + fetch) of sparse vs whole, checking that the
+rebuilt weights equal the version sent (veRL reports 1-3% of bf16 elements changed per step).
 
     .venv/bin/python benchmarks/weight_changes.py [--steps 8 --size demo|100m]
 """
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                      "layers": sum(layers_changed.values()) / len(layers_changed)})
         previous = current
 
+    delta = sparse_vs_whole(store, versions)
+
     state = store.load(versions[-1])
     merged = sum(t.numel() * 2 for t in state.values())  # bf16
     adapters = sum(args.lora_rank * (t.shape[0] + t.shape[1]) * 2 for n, t in state.items()
@@ -102,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"version {r['version']:3d}: changed elements fp32 {r['fp32']:.4f}, bf16 {r['bf16']:.4f}; layers touched {r['layers']:.2f}")
     print(f"mean: fp32 {mean['fp32']:.4f}, bf16 {mean['bf16']:.4f}, layers {mean['layers']:.2f}")
+    print(f"sparse delta vs whole, bf16, versions after the first: bytes {delta['bytes_ratio']:.3f} "
+          f"({delta['sparse_bytes'] / 1e6:.2f} vs {delta['whole_bytes'] / 1e6:.2f} MB), seconds publish+fetch "
+          f"{delta['seconds_ratio']:.2f} ({delta['sparse_seconds']:.3f} vs {delta['whole_seconds']:.3f} s); "
+          f"rebuilt == sent: {delta['exact']}")
     print(f"bytes per sync (bf16): merged {merged / 1e6:.2f} MB, LoRA r={args.lora_rank} adapters only "
           f"{adapters / 1e6:.2f} MB ({adapters / merged:.3f} of merged)")
     write_result(args.out, {
@@ -109,9 +119,51 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"steps": args.steps, "size": args.size, "params": params, "lora_rank": args.lora_rank,
                    "lr": cfg.learner.lr},
         "per_version": rows, "mean": mean, "bytes_merged_bf16": merged, "bytes_lora_adapters_bf16": adapters,
+        "sparse_delta": delta,
         "headline": headline("bf16 elements changed per step", mean["bf16"], "report", None),
     })
-    return 0
+    return 0 if delta["exact"] else 1
+
+
+def sparse_vs_whole(store, versions: list[int]) -> dict:
+    """Every stored version through the `direct` transport, whole and as sparse deltas (bf16)."""
+    import time
+
+    from rlhf_cluster.config import DirectTransport, WeightsConfig
+    from rlhf_cluster.weights.buckets import now
+    from rlhf_cluster.weights.transports import build_transport
+
+    objects: list = []
+
+    def put(payload) -> int:
+        objects.append(payload)
+        return len(objects) - 1
+
+    def get(handles: list[int]) -> list:
+        return [objects[h] for h in handles]
+
+    def ends(delta: str):
+        cfg = WeightsConfig(transport=DirectTransport(delta=delta, full_every=1_000_000))
+        return [build_transport(cfg, store, ["full"], torch.bfloat16, put=put, get=get) for _ in range(2)]
+
+    sides = {"whole": ends("none"), "sparse": ends("sparse")}
+    totals = {f"{side}_{what}": 0.0 for side in sides for what in ("bytes", "seconds")}
+    exact = True
+    for i, v in enumerate(versions):
+        state = {k: t.to(torch.bfloat16) for k, t in store.load(v).items()}
+        created = now()
+        for side, (sender, engine) in sides.items():
+            begun = time.perf_counter()
+            delivery = sender.publish(v, created, iter(state.items()), {}, snapshot=False).result()["delivery"]
+            fetched = engine.fetch(delivery, "full", "engine")
+            seconds = time.perf_counter() - begun
+            got = dict(fetched.tensors)
+            exact &= all(torch.equal(got[k], t) for k, t in state.items())
+            if i > 0:  # the first version goes whole on both sides
+                totals[f"{side}_bytes"] += fetched.nbytes
+                totals[f"{side}_seconds"] += seconds
+    return {**totals, "bytes_ratio": totals["sparse_bytes"] / totals["whole_bytes"],
+            "seconds_ratio": totals["sparse_seconds"] / totals["whole_seconds"], "exact": exact}
 
 
 if __name__ == "__main__":

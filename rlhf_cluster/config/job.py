@@ -33,6 +33,13 @@ class DirectTransport(_Typed):
 
     type: Literal["direct"] = Field("direct", description="Weight transport kind.")
     bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (a bucket never splits a decoder layer).")
+    delta: Literal["none", "sparse"] = Field(
+        "none", description="`sparse`: full-precision engines get only the elements that changed since the previous "
+        "version (indices + values; a tensor whole where that is smaller), rebuilt on the engine and proven by the "
+        "fingerprint of the full weights. Int8 engines still get every version whole.")
+    full_every: int = Field(10, ge=1, description="With `delta: sparse`, every K-th version (and every one also "
+                            "written to the store) goes whole; an engine that missed a delta rebuilds from the "
+                            "newest whole version and the deltas since.")
 
 
 WeightTransport = typed_union(FilesystemTransport, DirectTransport)

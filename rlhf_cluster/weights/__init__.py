@@ -5,6 +5,7 @@
   fingerprint an engine proves its load with.
 - `transports`: one class per transport (`weights.transport.type`), each with the learner's
   publishing side and the engine's loading side; the actors call them and know no transport.
+- `sparse_delta`: a version as the elements changed since the previous one (`delta: sparse`).
 
 May import: torch, numpy, safetensors, blake3 and `rlhf_cluster` (config, generation.quantization,
 fileio); never ray (the actors hand in the object store's put/get).

@@ -29,6 +29,7 @@ import torch
 
 from rlhf_cluster.config import DirectTransport, FilesystemTransport, WeightsConfig
 from rlhf_cluster.learner.base import done_future
+from rlhf_cluster.weights import sparse_delta
 from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, VersionPacker, fingerprint, verified_tensors
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
 
@@ -131,38 +132,65 @@ class ObjectStoreTransport(WeightTransport):
     """`direct`: each version goes from the learner's rank 0 to every engine without disk, as
     layer-aligned buckets of engine-dtype bytes in the object store (`put`/`get` handed in),
     each checked by its checksum before the engine loads any of them. Every
-    `persist_every`-th version (and any `snapshot`) is also written to the store on disk."""
+    `persist_every`-th version (and any `snapshot`) is also written to the store on disk.
+
+    With `delta: sparse` the full-precision variant travels as a *chain*: the newest whole
+    version (every `full_every`-th, and every snapshot) and the sparse deltas since, each a
+    packed version of its own. An engine fetches only the links after the version it holds (in
+    steady state: the newest delta), rebuilds the full tensors and proves them by
+    `sparse_delta.fingerprint_tensors`, which the sender computed over the same tensors."""
 
     type = "direct"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.writes: list[Future] = []  # store writes of persisted versions, in order
+        self.sparse = self.cfg.transport.delta == "sparse"
+        # Sender, `delta: sparse`: the previous version's full-precision tensors and the chain's links.
+        self.previous: dict[str, torch.Tensor] | None = None
+        self.chain: list[dict] = []
+        # Engine, `delta: sparse`: the identity and tensors of the version it rebuilt last.
+        self.held: tuple[tuple[int, str], dict[str, torch.Tensor]] | None = None
 
     def publish(self, version, created_at, named, files, snapshot) -> Future:
         self._reap_writes()
         start = time.perf_counter()
         bucket_bytes = int(self.cfg.transport.bucket_mb * (1 << 20))
+        sparse = self.sparse and "full" in self.variants
+        whole = not sparse or self.previous is None or snapshot or version % self.cfg.transport.full_every == 0
         # Each variant is made once here, for every engine of its kind.
-        packers = [VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, self.put)
-                   for variant in self.variants]
-        kept = {}
+        packers = {variant: VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, self.put)
+                   for variant in self.variants}
+        kept, current = {}, {}
         for name, tensor in named:
-            for packer in packers:
-                packer.add(name, tensor)
+            for variant, packer in packers.items():
+                if sparse and variant == "full" and not whole:
+                    for part, value in sparse_delta.encode(name, self.previous.get(name), tensor):
+                        packer.add(part, value)
+                else:
+                    packer.add(name, tensor)
             if snapshot:
                 kept[name] = tensor
+            if sparse:  # a copy: the learner's own tensor may be its live parameter
+                current[name] = tensor.detach().to("cpu", self.engine_dtype, copy=True)
         if snapshot:
             self.writes.append(self.store.publish_async(version, kept, files, created_at))
         variants, variant_seconds = {}, {}
-        for packer in packers:
+        for variant, packer in packers.items():
             manifest, buckets = packer.finish()
-            variant_seconds[f"direct-{manifest.variant}"] = packer.seconds
-            variants[manifest.variant] = {"manifest": manifest.to_dict(), "buckets": buckets,
-                                          "fingerprint": manifest.fingerprint}
+            variant_seconds[f"direct-{variant}"] = packer.seconds
+            link = {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}
+            if sparse and variant == "full":
+                self.chain = [link] if whole else [*self.chain, link]
+                link = {"chain": list(self.chain), "whole": whole,
+                        "fingerprint": sparse_delta.fingerprint_tensors(version, created_at, sorted(current.items()))}
+            variants[variant] = link
+        if sparse:
+            self.previous = current
         delivery = {"transport": self.type, "version": version, "created_at": created_at, "variants": variants,
                     "files": files}
-        return done_future({"seconds": time.perf_counter() - start, "bytes": sum(p.manifest.total_bytes for p in packers),
+        return done_future({"seconds": time.perf_counter() - start,
+                            "bytes": sum(p.manifest.total_bytes for p in packers.values()),
                             "variant_seconds": variant_seconds, "delivery": delivery})
 
     def _reap_writes(self) -> None:
@@ -176,14 +204,46 @@ class ObjectStoreTransport(WeightTransport):
 
     def fetch(self, delivery, variant, reader) -> Fetched:
         mine = delivery["variants"][variant]
-        manifest = DeliveryManifest.from_dict(mine["manifest"])
-        payloads = self.get(mine["buckets"])  # shared memory on this node: no copy
+        if "chain" in mine:
+            return self._fetch_chain(delivery, mine)
+        tensors, fp, manifest = self._verified(mine)
+        return Fetched(manifest.version, manifest.created_at, tensors, fp, manifest.total_bytes)
+
+    def _verified(self, link: dict) -> tuple[list[tuple[str, torch.Tensor]], str, DeliveryManifest]:
+        manifest = DeliveryManifest.from_dict(link["manifest"])
+        payloads = self.get(link["buckets"])  # shared memory on this node: no copy
         corrupt, self.corrupt_bucket = self.corrupt_bucket, None
         try:
             tensors, fp = verified_tensors(manifest, payloads, None if corrupt is None else _flip_byte_of(corrupt))
         except DeliveryError as exc:
             raise WeightRefused(str(exc)) from exc
-        return Fetched(manifest.version, manifest.created_at, tensors, fp, manifest.total_bytes)
+        return tensors, fp, manifest
+
+    def _fetch_chain(self, delivery: dict, mine: dict) -> Fetched:
+        """Rebuild the version from the links after the one this engine holds (or from the whole one)."""
+        chain = mine["chain"]
+        identities = [(link["manifest"]["version"], link["manifest"]["created_at"]) for link in chain]
+        held_identity, tensors = self.held or (None, {})
+        first = identities.index(held_identity) + 1 if held_identity in identities else 0
+        if first == 0:
+            tensors = {}
+        moved = 0
+        for link in chain[first:]:
+            parts, _, manifest = self._verified(link)
+            moved += manifest.total_bytes
+            try:
+                tensors = sparse_delta.apply(tensors, parts)
+            except (KeyError, ValueError) as exc:
+                raise WeightRefused(f"version {manifest.version}: {exc}") from exc
+        # Tensors sent whole stay views of their (read-only) buckets until a later link replaces
+        # them; `apply` never writes into them, it copies a tensor before changing its elements.
+        version, created_at = delivery["version"], delivery["created_at"]
+        fp = sparse_delta.fingerprint_tensors(version, created_at, sorted(tensors.items()))
+        if fp != mine["fingerprint"]:
+            raise WeightRefused(f"version {version}: the weights rebuilt from {len(chain) - first} link(s) do not "
+                                f"match the sender's (fingerprint {fp[:12]} vs {mine['fingerprint'][:12]})")
+        self.held = ((version, created_at), tensors)
+        return Fetched(version, created_at, list(tensors.items()), fp, moved)
 
 
 def _flip_byte_of(bucket: int):

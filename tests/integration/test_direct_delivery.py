@@ -26,7 +26,7 @@ MAX_INT8_DIFF = 0.05
 
 def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cluster, job_config):
     # DeepSpeed ranks deliver through the same path: test_learner_backends.test_pipeline_runs_on_deepspeed_ranks.
-    steps, every, backend = 5, 2, "fsdp2"
+    steps, every, backend = 5, 3, "fsdp2"
     cfg = job_config(
         name=f"direct-{backend}",
         # One full-precision and one int8 engine: the learner makes both variants of every version.
@@ -34,7 +34,11 @@ def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cl
                     "probe": {"sequences": 8}, "quantization": ["none", "int8"]},
         learner={"world_size": 2, "lr": 1e-3, "backend": backend},
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
-        weights={"transport": {"type": "direct", "bucket_mb": 0.05}, "persist_every": every, "keep": 100},
+        # Sparse deltas: the full-precision engine gets versions 1, 2 and 4 as the elements changed
+        # since the previous one, rebuilds them on its copy and proves the result (0, 3 and 5 go
+        # whole: they are written to the store). The int8 engine gets every version whole.
+        weights={"transport": {"type": "direct", "bucket_mb": 0.05, "delta": "sparse", "full_every": 100},
+                 "persist_every": every, "keep": 100},
         checkpoint={"every_steps": 100},
     )
     job = Job(cfg)
@@ -46,7 +50,7 @@ def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cl
         job.shutdown()
     assert result.final_version == steps
     # The store on disk holds only every K-th version (and the last), all others went by wire only.
-    assert WeightStore(cfg.weights_dir).versions() == [0, 2, 4, 5]
+    assert WeightStore(cfg.weights_dir).versions() == [0, 3, 5]
 
     # Every version reached every engine (pushes are serial and in order), each proven by the
     # fingerprint of the bytes it loaded matching the learner's.

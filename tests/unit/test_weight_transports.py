@@ -121,3 +121,72 @@ def test_no_actor_knows_a_transport():
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if KNOWS_A_TRANSPORT.search(line) and not line.lstrip().startswith("#")]
     assert not offenders, "transport-specific code belongs in rlhf_cluster/weights/:\n" + "\n".join(offenders)
+
+
+def _step(state: dict[str, torch.Tensor], fraction: float, seed: int) -> dict[str, torch.Tensor]:
+    """A learner step as a bf16 engine sees it: `fraction` of the elements move."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in state.items():
+        moved = torch.rand(t.shape, generator=g) < fraction
+        out[name] = torch.where(moved, t + 0.5, t).to(t.dtype)
+    return out
+
+
+def test_sparse_deltas_move_the_changed_elements_and_rebuild_the_exact_weights(tmp_path):
+    objects = ObjectStore()
+    fields = {"bucket_mb": 0.0001, "delta": "sparse", "full_every": 3}
+    sender, engine = (_transport(DirectTransport, tmp_path / side, objects, **fields) for side in ("s", "e"))
+    state = {k: torch.randn(64, 32).to(torch.bfloat16) for k in ("model.layers.0.q.weight", "model.layers.1.q.weight")}
+    state["model.norm.weight"] = torch.zeros(32, dtype=torch.bfloat16)  # never changes
+    full_bytes = sum(t.numel() * 2 for t in state.values())
+    late = _transport(DirectTransport, tmp_path / "late", objects, **fields)
+    for version in range(1, 6):
+        if version > 1:
+            state = _step(state, 0.03, version)
+            state["model.norm.weight"] = torch.zeros(32, dtype=torch.bfloat16)
+        delivery = sender.publish(version, now(), iter(state.items()), {}, snapshot=False).result()["delivery"]
+        link = delivery["variants"]["full"]
+        assert link["whole"] == (version in (1, 3)), version  # the first and every 3rd go whole
+        fetched = engine.fetch(delivery, "full", "gen0")
+        assert fetched.fingerprint == link["fingerprint"]
+        got = dict(fetched.tensors)
+        assert all(torch.equal(got[k], v) for k, v in state.items())
+        if link["whole"]:
+            assert fetched.nbytes >= full_bytes
+        else:  # 3% changed: indices (4 B) + values (2 B) for each, and a tensor that did not change costs nothing
+            assert fetched.nbytes < 0.25 * full_bytes, (version, fetched.nbytes, full_bytes)
+    # An engine that joins late (holds nothing) rebuilds from the whole version 3 and the deltas since.
+    fetched = late.fetch(delivery, "full", "gen1")
+    assert fetched.fingerprint == delivery["variants"]["full"]["fingerprint"] and fetched.nbytes > full_bytes
+    assert all(torch.equal(dict(fetched.tensors)[k], v) for k, v in state.items())
+
+
+def test_a_sparse_delta_applied_to_other_weights_is_refused(tmp_path):
+    objects = ObjectStore()
+    fields = {"bucket_mb": 0.0001, "delta": "sparse", "full_every": 10}
+    sender, engine = (_transport(DirectTransport, tmp_path / side, objects, **fields) for side in ("s", "e"))
+    state = {"model.layers.0.q.weight": torch.randn(64, 32).to(torch.bfloat16)}
+    engine.fetch(sender.publish(1, now(), iter(state.items()), {}, False).result()["delivery"], "full", "gen0")
+    (identity, held) = engine.held
+    engine.held = (identity, {k: v + 1 for k, v in held.items()})  # the engine's copy drifted
+    delivery = sender.publish(2, now(), iter(_step(state, 0.03, 2).items()), {}, False).result()["delivery"]
+    with pytest.raises(WeightRefused, match="do not match the sender's"):
+        engine.fetch(delivery, "full", "gen0")
+
+
+def test_sparse_encoding_compares_bits_and_falls_back_to_dense():
+    from rlhf_cluster.weights import sparse_delta
+
+    old = torch.tensor([0.0, 1.0, float("nan"), 3.0] * 8)
+    new = old.clone()
+    new[0] = -0.0  # equal as a value, not as bits
+    parts = sparse_delta.encode("w", old, new)
+    assert [n for n, _ in parts] == ["w::index", "w::value"] and parts[0][1].tolist() == [0]
+    rebuilt = sparse_delta.apply({"w": old}, parts)["w"]
+    assert torch.equal(rebuilt.view(torch.int32), new.view(torch.int32))
+    assert [n for n, _ in sparse_delta.encode("w", old, old + 1)] == ["w"]  # everything changed: whole
+    assert [n for n, _ in sparse_delta.encode("w", None, new)] == ["w"]
+    with pytest.raises(ValueError, match="does not fit"):
+        sparse_delta.apply({"w": old.double()}, parts)
+    assert sparse_delta.encode("w", old, old.clone()) == []  # unchanged: nothing to send
