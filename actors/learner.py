@@ -115,13 +115,13 @@ class LearnerRank(ShardedRank):
         if self.probe is not None:
             logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
             files[PROBE_FILE] = probe_file(self.probe, logprobs)
-        gathered = self.learner.named_full_tensors()
+        # What the engines hold is what leaves the device and goes on disk too: cast there (no
+        # fp32 copy when the engine runs bf16), a tied output embedding once.
+        named = self.learner.named_full_tensors(self.engine_dtype)
         if self.rank != 0:
-            for _ in gathered:  # this rank's part of every gather
+            for _ in named:  # this rank's part of every gather
                 pass
             return
-        # What the engines hold is what goes on disk too: no fp32 copy when the engine runs bf16.
-        named = ((k, v.to(self.engine_dtype) if v.is_floating_point() else v) for k, v in gathered)
         snapshot = persist or persisted(version, self.cfg.weights.persist_every, self.cfg.checkpoint.every_steps,
                                         self.cfg.train.total_steps)
         self.pending[version] = self.transport.publish(version, delivery_time(), named, files, snapshot)

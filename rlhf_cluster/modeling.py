@@ -124,3 +124,13 @@ def sequence_logprobs(model, prompt_ids: list[int], response_ids: list[int], tem
         logp, _ = response_logprobs(model, seq, torch.ones_like(seq), torch.tensor([len(prompt_ids)]), len(response_ids),
                                     temperature)
     return logp[0]
+
+
+def tied_output_names(model: torch.nn.Module) -> set[str]:
+    """The state-dict names of an output embedding tied to the input embedding (empty if the
+    model unties them): an engine ties it itself, so a weight sync need not send it."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "tie_word_embeddings", False):
+        return set()
+    return {name for name in model.state_dict() if name.removeprefix("base_model.model.") == "lm_head.weight"}

@@ -115,13 +115,19 @@ class LearnerBase(ABC):
         global gradient norm, step applied, [loss, *also_read] as floats)."""
 
     @abstractmethod
-    def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Collective generator: the full (unsharded) fp32 CPU tensors, in state-dict order and
         under the plain model's names, gathered one at a time; rank 0 gets them, other ranks get
-        nothing but must run it to the end too (their part of every gather)."""
+        nothing but must run it to the end too (their part of every gather).
+
+        With `dtype` (what the generation engines hold): floating tensors are cast to it on the
+        device, before they leave it, and an output embedding tied to the input one is left out
+        (the engine ties it itself, `VLLMEngine.optional_tensors`): what crosses to the host is
+        exactly what an engine loads."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the whole `named_full_tensors` on rank 0, empty on other ranks."""
+        """Collective: the whole `named_full_tensors` (fp32, tied tensors under both names) on rank 0,
+        empty on other ranks."""
         return dict(self.named_full_tensors())
 
     def reference_logprobs(self, local: TrainBatch) -> torch.Tensor | None:

@@ -133,17 +133,22 @@ class DeepSpeedLearner(LearnerBase):
         buffers = dict(module.named_buffers(remove_duplicate=False))
         return [(name, params.get(name, buffers.get(name))) for name in module.state_dict().keys()]
 
-    def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Collective generator: ZeRO's fp32 master weights gathered one parameter at a time
-        (every rank takes part in each gather; rank 0 gets them)."""
+        (every rank takes part in each gather; rank 0 gets them). With `dtype`, cast on the
+        device and a tied tensor under its first name only (see `LearnerBase.named_full_tensors`)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         named = self._named_state_tensors()
         uses = Counter(id(tensor) for _, tensor in named)
         tied: dict[int, torch.Tensor] = {}  # a tied weight is gathered once, kept until its last name
+        yielded: set[int] = set()
         for name, tensor in named:
             if isinstance(tensor, torch.nn.Parameter):
                 key = id(tensor)
+                if dtype is not None and key in yielded:
+                    continue  # tied: the engine ties it itself, it crosses to the host once
+                yielded.add(key)
                 full = tied[key] if key in tied else safe_get_full_fp32_param(tensor)
                 uses[key] -= 1
                 if uses[key] > 0:
@@ -153,7 +158,8 @@ class DeepSpeedLearner(LearnerBase):
             else:
                 full = tensor  # buffers are not partitioned
             if self.rank == 0:
-                yield name, full.detach().to("cpu", torch.float32 if full.is_floating_point() else full.dtype).clone()
+                wanted = (dtype or torch.float32) if full.is_floating_point() else full.dtype
+                yield name, full.detach().to(wanted).to("cpu").clone()  # cast on the device, then a host copy of our own
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _local_model_tensor(self, param: torch.nn.Parameter) -> torch.Tensor:

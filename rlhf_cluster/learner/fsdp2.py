@@ -23,7 +23,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.learner.lora import apply_lora, merged_lora_tensors
 from rlhf_cluster.learner.schedule import lr_multiplier
-from rlhf_cluster.modeling import load_causal_lm
+from rlhf_cluster.modeling import load_causal_lm, tied_output_names
 
 
 class FSDP2Learner(LearnerBase):
@@ -85,19 +85,30 @@ class FSDP2Learner(LearnerBase):
         return grad_norm, applied, values
 
     # ---- weights ---------------------------------------------------------------------------
-    def named_full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Collective generator: each parameter all-gathered on its own (`DTensor.full_tensor`),
         so no rank holds more than one full tensor beyond what rank 0's consumer keeps; with LoRA
-        the merged weights under the base model's names, merged a decoder layer at a time."""
-        gathered = self._gathered_tensors()
+        the merged weights under the base model's names, merged a decoder layer at a time (in
+        fp32, so with LoRA the cast to `dtype` follows the merge, on the host)."""
+        tied = tied_output_names(self.model) if dtype is not None else set()
         lora = self.cfg.learner.lora
-        return merged_lora_tensors(gathered, lora.alpha / lora.rank) if lora.enabled else gathered
+        if not lora.enabled:
+            return self._gathered_tensors(dtype, skip=tied)
+        merged = merged_lora_tensors(self._gathered_tensors(None, skip=tied), lora.alpha / lora.rank)
+        return merged if dtype is None else ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in merged)
 
-    def _gathered_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _gathered_tensors(self, dtype: torch.dtype | None, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.model.state_dict().items():
+            if name in skip:  # the same on every rank: no gather is left unmatched
+                continue
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank takes part
-            if self.rank == 0:
-                yield name, full.detach().to("cpu", copy=not isinstance(tensor, DTensor))
+            if self.rank != 0:
+                continue
+            out = full.detach()
+            if dtype is not None and out.is_floating_point():
+                out = out.to(dtype)  # on the device: only the engine's bytes leave it
+            # A plain (unsharded) parameter is the live one: the consumer gets a copy, never a view of it.
+            yield name, out.to("cpu", copy=not isinstance(tensor, DTensor) and out.data_ptr() == tensor.data_ptr())
 
     @torch.no_grad()
     def _reference_logprobs(self, b, plans):

@@ -33,3 +33,25 @@ def test_streamed_gather_equals_full_state_dict(gloo_group, tiny_model_path, lor
         plain = dict(base.named_full_tensors())
         assert list(plain) == [name for name, _ in streamed]
         assert any(not torch.equal(plain[n], t) for n, t in streamed)  # the adapters were merged in
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_engines_gather_is_cast_on_the_device_and_sends_a_tied_embedding_once(gloo_group, tmp_path, lora):
+    from tests.byo import save_chat_model
+
+    model = save_chat_model(tmp_path / "tied")  # Qwen2 with tie_word_embeddings
+    cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lora": {"rank": 4 if lora else 0}}})
+    learner = FSDP2Learner(cfg, str(model))
+    full = dict(learner.named_full_tensors())
+    assert "lm_head.weight" in full and torch.equal(full["lm_head.weight"], full["model.embed_tokens.weight"])
+    engine = list(learner.named_full_tensors(torch.bfloat16))
+    assert [n for n, _ in engine] == [n for n in full if n != "lm_head.weight"]
+    for name, tensor in engine:
+        assert tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16, name
+        assert torch.equal(tensor, full[name].to(torch.bfloat16)), name
+    # What the engine holds is a copy: training on does not change it.
+    before = {n: t.clone() for n, t in engine}
+    with torch.no_grad():
+        for param in learner.model.parameters():
+            param.to_local().add_(1.0)
+    assert all(torch.equal(before[n], t) for n, t in engine)
