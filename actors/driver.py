@@ -213,7 +213,6 @@ class Driver:
                     continue
                 observe_step_kl(self.state.kl, stats["policy/kl"], samples)
                 self._publishing = tg.create_task(self._publish(step + 1, self.timeline, self._publishing))
-                await asyncio.sleep(0)  # the push goes out before this step's bookkeeping runs
                 counters = {**self.state.counters(), "worker_restarts": self.cluster.restarts(),
                             "learner_restarts": self.learner_restarts, "learner_wait_seconds": waited,
                             "scored_log_failed_flushes": self.state.log.failed_flushes,

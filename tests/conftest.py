@@ -10,6 +10,19 @@ from rlhf_cluster.tiny_model import ensure_tiny_model
 from tests.process_groups import one_rank_process_group
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Whatever a test sets in os.environ (e.g. the CLI's RAY_AUTH_MODE, run in-process through
+    CliRunner) is undone after it: a later test's Ray start must not inherit it."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("models"))
