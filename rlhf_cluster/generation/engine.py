@@ -1,7 +1,8 @@
 """The vLLM engine behind a generation worker: rollouts with per-token log-probs, weight reloads.
 
-The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds and lets
-`collective_rpc("reload_weights", ...)` receive tensors directly. `VLLMEngine` drives vLLM's
+The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds, and a
+weight load hands the checked tensors to vLLM's weight-transfer API directly
+(`generation/weight_transfer.py`). `VLLMEngine` drives vLLM's
 engine loop itself (add requests, step, collect finished ones) on one thread, which is what lets
 it take requests while others decode and load weights between two steps. Log-probs are taken in
 `processed_logprobs` mode, i.e. after temperature, so they are the probabilities the tokens
@@ -103,9 +104,13 @@ class VLLMEngine:
         # vLLM's engine itself, not the `LLM` wrapper: the wrapper adds nothing this loop uses and
         # warms up a chat renderer at start (~2 s per engine on CPU).
         with imports_without_gc():  # ~2.4 s of a ~7 s engine start on CPU (see gc_pause.py)
+            from vllm.config import WeightTransferConfig
             from vllm.engine.arg_utils import EngineArgs
             from vllm.usage.usage_lib import UsageContext
             from vllm.v1.engine.llm_engine import LLMEngine
+
+            from rlhf_cluster.generation import weight_transfer
+        weight_transfer.register()
 
         self.cfg = cfg
         self.name = name
@@ -127,6 +132,8 @@ class VLLMEngine:
             enable_prefix_caching=cfg.enable_prefix_caching,
             speculative_config=cfg.speculative.engine_config() if cfg.speculative else None,
             disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
+            # Weights load through vLLM's weight-transfer API, as the checked tensors our transports fetched.
+            weight_transfer_config=WeightTransferConfig(backend=weight_transfer.BACKEND),
             **cfg.engine_kwargs,
         )
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
@@ -406,7 +413,9 @@ class VLLMEngine:
         if unfinished and self.cfg.in_flight_update == "abort":
             self.engine.abort_request(unfinished)
             aborted = [self._requests.pop(rid) for rid in unfinished]
-        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.engine.collective_rpc("start_weight_update")
+        self.engine.collective_rpc("update_weights", kwargs={"update_info": {"weights": weights}})
+        self.engine.collective_rpc("finish_weight_update")
         self.engine.set_weight_version(str(version))
         # With requests running, resetting the cache preempts them: their KV is recomputed.
         self.engine.reset_prefix_cache(reset_running_requests=bool(self._requests))
