@@ -69,7 +69,8 @@ class Cluster:
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
         self.delivery: dict | None = None  # the newest version's delivery, for every worker that joins
-        self._joining: dict[str, object] = {}  # workers being prepared, by actor id; pushes reach them too
+        # Workers being prepared; pushes reach them too. (Actor handles hash and compare by actor id.)
+        self._joining: set = set()
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
         self.infos: dict[str, dict[str, dict]] = {}
         self.controller = None
@@ -87,7 +88,7 @@ class Cluster:
             # A new generation worker loads the newest weights before it serves anything: the newest
             # version in the store, then the newest delivery (not loaded again when it is the same
             # bytes). While it joins, pushes include it (`_joining`), and it takes any it missed meanwhile.
-            self._joining[actor._actor_id.hex()] = actor
+            self._joining.add(actor)
             await actor.sync.remote(0)
             delivery = None
             while delivery is not self.delivery:
@@ -176,15 +177,13 @@ class Cluster:
                 return []
             self.delivery = delivery
             actors = list(self.pools["generation"].actors.values())
-            active = {a._actor_id.hex() for a in actors}
-            for key in [k for k in self._joining if k in active]:
-                del self._joining[key]
-            actors += list(self._joining.values())
+            self._joining -= set(actors)  # joined: in the pool now
+            actors += list(self._joining)
             calls = [a.receive.remote(delivery) for a in actors]
             results = await asyncio.gather(*calls, return_exceptions=True)
         for actor, result in zip(actors, results):
             if isinstance(result, ray.exceptions.RayActorError):
-                self._joining.pop(actor._actor_id.hex(), None)  # dead: the pool replaces it
+                self._joining.discard(actor)  # dead: the pool replaces it
             elif isinstance(result, ray.exceptions.ObjectLostError):
                 pass  # the learner rank that owned the buckets died: its rollback pushes the restored version
             elif isinstance(result, BaseException):
