@@ -8,10 +8,14 @@ be pickled.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster import tracing
 from rlhf_cluster.metrics import MetricLabels, serve_metrics
+
+if TYPE_CHECKING:
+    from rlhf_cluster.liveness import Heartbeat
 
 
 def actor_setup(cfg_dict: dict, pool: str, worker: str) -> tuple[JobConfig, MetricLabels, int | None]:
@@ -68,7 +72,7 @@ def join_process_group(master_addr: str, master_port: int, rank: int, world_size
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-async def heartbeat(actor, timeout_s: float) -> "Heartbeat":
+async def heartbeat(actor, timeout_s: float) -> Heartbeat:
     """One heartbeat to `actor` (its `heartbeat()` answers `{"stalled_s": ...}`), bounded by
     `timeout_s`."""
     import asyncio

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,7 @@ from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
-from rlhf_cluster.learner.base import LearnerBase, done_future
+from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.records import TrainBatch
 from rlhf_cluster.weights.buckets import now as delivery_time, persisted
 from rlhf_cluster.weights.transports import build_transport

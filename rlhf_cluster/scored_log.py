@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from rlhf_cluster.records import SAMPLE_SCHEMA, ScoredSample, samples_to_table, table_to_samples
+from rlhf_cluster.records import ScoredSample, samples_to_table, table_to_samples
 
 BUFFERED = "buffered"
 

@@ -4,13 +4,11 @@ worker) carries on. Real processes, real limits: nothing is mocked."""
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
