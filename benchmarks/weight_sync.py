@@ -19,6 +19,12 @@ order rotated every repetition, each side moves one new version into both engine
   bare engines `load_file` + the bare engine load.
 - `snapshot` (ours) and `files_fsync` (bare): the same two with the shards fsynced, as every
   `persist_every`-th version and every checkpoint's is written: what durability costs.
+- `sparse` (ours, `delta: sparse`): the sender's `direct` transport with sparse deltas publishes
+  a version in which `--delta-fraction` of each tensor's elements changed since the previous one
+  (a synthetic step, made untimed before; 0.032 is what a learner step changed in bf16 at lr
+  1e-6, `weight_changes.py`), then `GenerationWorker.receive` on both workers (fetch the newest
+  delta, rebuild on the engine's copy, prove the full tensors, in-place reload). Compared with
+  `direct`, which moves the whole version.
 
 Targets: direct <= 1.5x broadcast, filesystem <= 2x files. Also printed: seconds per GB of each
 side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
@@ -42,7 +48,7 @@ from _common import headline, machine_info, median, print_table, result_path, ro
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.tiny_model import ensure_tiny_model
 
-SIDES = ("direct", "broadcast", "filesystem", "files", "snapshot", "files_fsync")
+SIDES = ("direct", "broadcast", "filesystem", "files", "snapshot", "files_fsync", "sparse")
 DIRECT_TARGET, FILESYSTEM_TARGET = 1.5, 2.0
 SIZES = {  # ~params: width, layers (head_dim 64, 4 KV heads, MLP 4x)
     "100m": (768, 12),
@@ -57,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="engine dtype (what travels)")
     p.add_argument("--bucket-mb", type=float, default=64.0, help="direct transport bucket size")
     p.add_argument("--reps", type=int, default=4, help="timed repetitions per side (after --warmup)")
+    p.add_argument("--delta-fraction", type=float, default=0.032,
+                   help="sparse side: share of each tensor's elements a version changes")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
     p.add_argument("--dir", default=None, help="filesystem to measure (default: a temp dir under $TMPDIR)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -94,6 +102,28 @@ class Sender:
                                          int(bucket_mb * (1 << 20)), ray.put)
         return {"transport": "direct", "version": version, "created_at": created, "files": {},
                 "variants": {"full": {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}}}
+
+    def step_sparse(self, fraction: float, seed: int) -> None:
+        """Untimed: a synthetic learner step for the sparse side, `fraction` of each tensor's elements changed."""
+        if getattr(self, "sparse_state", None) is None:
+            self.sparse_state = {k: v.to(self.dtype) for k, v in self.state.items()}
+        g = torch.Generator().manual_seed(seed)
+        for name, t in self.sparse_state.items():
+            moved = torch.rand(t.shape, generator=g) < fraction
+            self.sparse_state[name] = torch.where(moved, -t - 0.5, t)
+
+    def pack_sparse(self, version: int, bucket_mb: float) -> dict:
+        """What `LearnerRank.publish` does for `direct` with `delta: sparse`."""
+        from rlhf_cluster.config import DirectTransport, WeightsConfig
+        from rlhf_cluster.weights import WeightStore
+        from rlhf_cluster.weights.buckets import now
+        from rlhf_cluster.weights.transports import build_transport
+
+        if getattr(self, "sparse", None) is None:
+            cfg = WeightsConfig(transport=DirectTransport(bucket_mb=bucket_mb, delta="sparse", full_every=1_000_000))
+            self.sparse = build_transport(cfg, WeightStore(tempfile.mkdtemp(prefix="bench-sparse-")), ["full"], self.dtype,
+                                          put=ray.put)
+        return self.sparse.publish(version, now(), iter(self.sparse_state.items()), {}, snapshot=False).result()["delivery"]
 
     def bucket_specs(self, bucket_mb: float) -> list:
         """Pack once, untimed: the broadcast side sends exactly these bytes."""
@@ -246,6 +276,19 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         del delivery
         return {"pack_put": t_pack - t, "fetch_verify_load": time.perf_counter() - t_pack}
 
+    def sparse() -> dict:
+        nonlocal version
+        version += 1
+        ray.get(sender.step_sparse.remote(args.delta_fraction, version))  # untimed: the step itself
+        t = time.perf_counter()
+        delivery = ray.get(sender.pack_sparse.remote(version, args.bucket_mb))
+        t_pack = time.perf_counter()
+        got = ray.get([w.receive.remote(delivery) for w in workers])
+        receipts.extend({**r, "sent": delivery["variants"]["full"]["fingerprint"]} for r in got)
+        del delivery
+        return {"pack_put": t_pack - t, "fetch_rebuild_load": time.perf_counter() - t_pack,
+                "bytes_moved_per_engine": got[0]["bytes"]}
+
     def broadcast() -> dict:
         t = time.perf_counter()
         loads = [b.receive_broadcast.remote(specs) for b in bare]
@@ -273,7 +316,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         return {"save": t_save - t, "load_reload": t_load - t_save}
 
     run = {"direct": direct, "broadcast": broadcast, "filesystem": lambda: filesystem(False), "files": lambda: files(False),
-           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True)}
+           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True), "sparse": sparse}
     timings: dict[str, list[dict]] = {s: [] for s in SIDES}
     for rep in range(-args.warmup, args.reps):
         order = rotated(SIDES, rep)
@@ -290,6 +333,9 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     direct_ratio = med["direct"]["seconds"] / med["broadcast"]["seconds"]
     fs_ratio = med["filesystem"]["seconds"] / med["files"]["seconds"]
     snapshot_ratio = med["snapshot"]["seconds"] / med["files_fsync"]["seconds"]
+    sparse_seconds = med["sparse"]["pack_put"] + med["sparse"]["fetch_rebuild_load"]  # without the untimed step
+    sparse_ratio = sparse_seconds / med["direct"]["seconds"]
+    sparse_bytes = med["sparse"]["bytes_moved_per_engine"] / nbytes
     print(f"\nweight_sync  Qwen2 {args.size}: hidden={hidden} layers={layers} ({params / 1e6:.0f}M params) | engine dtype "
           f"{args.dtype}: {nbytes / 1e9:.3f} GB per engine per sync | 2 engines | bucket {args.bucket_mb} MB "
           f"({len(specs)} buckets) | {args.reps} reps (+{args.warmup} warmup), medians")
@@ -305,6 +351,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     )
     print("breakdown (medians, seconds): " + "; ".join(
         f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in med[s].items() if k not in ("seconds", "s_per_gb")) for s in SIDES))
+    print(f"sparse (delta, {args.delta_fraction:.3f} of elements changed) / direct (whole): seconds {sparse_ratio:.2f} "
+          f"({sparse_seconds:.3f} vs {med['direct']['seconds']:.3f}), bytes moved per engine {sparse_bytes:.3f}")
     print("bytes per sync per engine: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
     print(f"direct/broadcast: {direct_ratio:.2f} (target <= {DIRECT_TARGET}); filesystem/files: {fs_ratio:.2f} "
           f"(target <= {FILESYSTEM_TARGET}); snapshot/files_fsync: {snapshot_ratio:.2f}; every direct delivery "
@@ -322,6 +370,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         "ratio_direct_over_broadcast": direct_ratio,
         "ratio_filesystem_over_files": fs_ratio,
         "ratio_snapshot_over_files_fsync": snapshot_ratio,
+        "ratio_sparse_over_direct_seconds": sparse_ratio,
+        "ratio_sparse_over_direct_bytes": sparse_bytes,
         "direct_deliveries_proven": proven,
         "headline": headline("direct/broadcast seconds", direct_ratio, f"<= {DIRECT_TARGET}x",
                              direct_ratio <= DIRECT_TARGET, "x"),
