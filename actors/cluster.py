@@ -198,7 +198,7 @@ class Cluster:
         any other is counted (a refused version was counted by its worker) and kept in `receipts`."""
         for receipt in receipts:
             sent = delivery["variants"][receipt["variant"]]["fingerprint"]
-            if "refused" not in receipt and receipt["fingerprint"] != sent:
+            if "fingerprint" in receipt and receipt["fingerprint"] != sent:  # not refused, not superseded
                 m.WEIGHTS_FINGERPRINT_MISMATCH.labels(job=self.cfg.name, pool="generation", worker=receipt["worker"]).inc()
                 tqdm.write(f"{receipt['worker']}: loaded version {receipt['version']} with fingerprint "
                            f"{receipt['fingerprint']}, the learner sent {sent[:12]}")

@@ -29,7 +29,7 @@ from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.liveness import StallClock
 from rlhf_cluster.weights import WeightIntegrityError, WeightStore
-from rlhf_cluster.weights.transports import WeightRefused, build_transport, store_fingerprint
+from rlhf_cluster.weights.transports import WeightRefused, WeightSuperseded, build_transport, store_fingerprint
 
 DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
 
@@ -164,6 +164,9 @@ class GenerationWorker:
             start = time.perf_counter()
             try:
                 fetched = await asyncio.to_thread(self.transport.fetch, delivery, variant, self.name)
+            except WeightSuperseded:  # not a fault: a newer version's push is on its way
+                return {"worker": self.name, "version": identity[0], "variant": variant, "superseded": True,
+                        "loaded": False, "held": self.engine.version}
             except WeightRefused as exc:
                 self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
                 self.labels.of(m.WEIGHTS_REFUSED).inc()

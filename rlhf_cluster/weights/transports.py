@@ -40,6 +40,11 @@ class WeightRefused(RuntimeError):
     """A delivered version's bytes do not match what its sender declared; the engine keeps the version it holds."""
 
 
+class WeightSuperseded(RuntimeError):
+    """A delivered version is no longer there to fetch (the store's retention removed it after
+    newer ones were published); the newer versions' deliveries follow."""
+
+
 @dataclass
 class Fetched:
     """A delivered version, checked and ready to load into an engine."""
@@ -113,7 +118,10 @@ class StoreTransport(WeightTransport):
 
     def fetch(self, delivery, variant, reader) -> Fetched:
         version = delivery["version"]
-        self.store.acquire(version, reader)  # retention keeps it while it is read
+        try:
+            self.store.acquire(version, reader)  # retention keeps it while it is read
+        except FileNotFoundError:
+            raise WeightSuperseded(f"version {version} has left the store (newer versions were published)") from None
         try:
             manifest = self.store.manifest(version, None if variant == "full" else variant)
             if manifest["created_at"] != delivery["created_at"]:

@@ -190,3 +190,16 @@ def test_sparse_encoding_compares_bits_and_falls_back_to_dense():
     with pytest.raises(ValueError, match="does not fit"):
         sparse_delta.apply({"w": old.double()}, parts)
     assert sparse_delta.encode("w", old, old.clone()) == []  # unchanged: nothing to send
+
+
+def test_a_stored_version_retention_removed_is_superseded_not_refused(tmp_path):
+    from rlhf_cluster.weights.transports import WeightSuperseded
+
+    objects = ObjectStore()
+    store = _transport(FilesystemTransport, tmp_path, objects)
+    store.store.keep = 1
+    old = store.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
+    store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result()  # retention removes version 1
+    assert store.store.versions() == [2]
+    with pytest.raises(WeightSuperseded, match="version 1 has left the store"):
+        store.fetch(old, "full", "gen0")
