@@ -28,8 +28,8 @@ from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
 from rlhf_cluster import metrics as m, tracing
 from rlhf_cluster.records import Rollout
 from rlhf_cluster.liveness import StallClock
-from rlhf_cluster.weights import WeightIntegrityError, WeightStore
-from rlhf_cluster.weights.transports import WeightRefused, WeightSuperseded, build_transport, store_fingerprint
+from rlhf_cluster.weights import WeightStore
+from rlhf_cluster.weights.transports import WeightRefused, WeightSuperseded, build_transport, fetch_stored
 
 DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
 
@@ -119,26 +119,27 @@ class GenerationWorker:
         start = time.perf_counter()
         try:
             identity = (latest, self.store.manifest(latest)["created_at"])
-            if identity == self.loaded or identity in self.refused:
-                return self.engine.version
-            self.store.acquire(latest, self.name)
         except FileNotFoundError:
             return None
+        if identity == self.loaded or identity in self.refused:
+            return self.engine.version
         try:
-            weights, probe = await asyncio.to_thread(self._read_version, latest)
-        except WeightIntegrityError as exc:
+            fetched = await asyncio.to_thread(fetch_stored, self.store, latest, self.variant or "full", self.name,
+                                              identity[1], (PROBE_FILE,))
+        except WeightSuperseded:
+            return None
+        except WeightRefused as exc:
             self.labels.of(m.WEIGHTS_REFUSED).inc()
             print(f"{self.name}: refused weight version {latest}: {exc}; keeping version {self.engine.version}", flush=True)
             self.refused.add(identity)
             return self.engine.version
-        finally:
-            self.store.release(latest, self.name)
-        swap = await asyncio.to_thread(self.engine.load_weights, latest, weights.items())
+        swap = await asyncio.to_thread(self.engine.load_weights, latest, fetched.tensors)
         # A transport that moves other bytes than the store's proves its delivery with another fingerprint: loaded again then.
-        self.loaded, self.fingerprint = identity, store_fingerprint(self.store.manifest(latest, self.variant))
+        self.loaded, self.fingerprint = identity, fetched.fingerprint
         seconds = time.perf_counter() - start
         tracing.add("weights.load", time.time() - seconds, time.time(), version=latest, transport="store")
-        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        nbytes, probe = fetched.nbytes, fetched.files.get(PROBE_FILE)
+        del fetched
         self._record_swap(latest, swap, seconds, nbytes, "store")
         async with self._delivered:
             self._delivered.notify_all()
@@ -224,9 +225,6 @@ class GenerationWorker:
         self.swaps.append({"version": version, "paused_seconds": swap.paused_seconds, "resumed": swap.resumed,
                            "aborted": swap.aborted, "tokens_of_previous": swap.tokens_of_previous,
                            "seconds": seconds, "bytes": nbytes, "transport": transport})
-
-    def _read_version(self, version: int):
-        return self.store.load(version, variant=self.variant), self.store.read_file(version, PROBE_FILE)
 
     async def _score_probe(self, version: int, text: str, sync: dict) -> None:
         """Score the version's probe with the engine and compare with the learner's log-probs."""

@@ -141,25 +141,23 @@ class DeepSpeedLearner(LearnerBase):
 
         named = self._named_state_tensors()
         uses = Counter(id(tensor) for _, tensor in named)
-        tied: dict[int, torch.Tensor] = {}  # a tied weight is gathered once, kept until its last name
-        yielded: set[int] = set()
+        tied: dict[int, torch.Tensor] = {}  # fp32 callers: a tied weight is gathered once, kept until its last name
+        seen: set[int] = set()
         for name, tensor in named:
             if isinstance(tensor, torch.nn.Parameter):
                 key = id(tensor)
-                if dtype is not None and key in yielded:
-                    continue  # tied: the engine ties it itself, it crosses to the host once
-                yielded.add(key)
-                full = tied[key] if key in tied else safe_get_full_fp32_param(tensor)
                 uses[key] -= 1
-                if uses[key] > 0:
+                if key in seen and dtype is not None:
+                    continue  # tied: the engine ties it itself, it crosses to the host once
+                full = tied.pop(key) if key in tied else safe_get_full_fp32_param(tensor)
+                seen.add(key)
+                if uses[key] > 0 and dtype is None:
                     tied[key] = full
-                else:
-                    tied.pop(key, None)
             else:
                 full = tensor  # buffers are not partitioned
             if self.rank == 0:
                 wanted = (dtype or torch.float32) if full.is_floating_point() else full.dtype
-                yield name, full.detach().to(wanted).to("cpu").clone()  # cast on the device, then a host copy of our own
+                yield name, full.detach().to(wanted).to("cpu", copy=True)  # cast on the device, then a host copy of our own
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _local_model_tensor(self, param: torch.nn.Parameter) -> torch.Tensor:

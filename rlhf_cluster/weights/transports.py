@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
 import torch
@@ -54,6 +54,7 @@ class Fetched:
     tensors: list[tuple[str, torch.Tensor]]
     fingerprint: str
     nbytes: int
+    files: dict[str, str] = field(default_factory=dict)  # small files read with it (store only), by name
 
 
 def store_fingerprint(manifest: dict) -> str:
@@ -78,9 +79,11 @@ class WeightTransport(ABC):
     # ---- learner rank 0 ------------------------------------------------------------------
     @abstractmethod
     def publish(self, version: int, created_at: str, named: Named, files: dict[str, str], snapshot: bool) -> Future:
-        """Hand one version (engine-dtype tensors, streamed) to the transport. The future's result
-        is the publication: `seconds`, `bytes`, `variant_seconds` and the `delivery` to push.
-        `snapshot`: the version must also be in the store on disk, durably."""
+        """Hand one version (engine-dtype host tensors, streamed) to the transport. The tensors are
+        given away, copies the caller will not change (`named_full_tensors(dtype)` makes them): the
+        transport may keep them. The future's result is the publication: `seconds`, `bytes`,
+        `variant_seconds` and the `delivery` to push. `snapshot`: the version must also be in the
+        store on disk, durably."""
 
     def wait_persisted(self) -> None:
         """Block until every store write this transport queued is durable (raises what one raised)."""
@@ -117,23 +120,32 @@ class StoreTransport(WeightTransport):
         return publication
 
     def fetch(self, delivery, variant, reader) -> Fetched:
-        version = delivery["version"]
-        try:
-            self.store.acquire(version, reader)  # retention keeps it while it is read
-        except FileNotFoundError:
-            raise WeightSuperseded(f"version {version} has left the store (newer versions were published)") from None
-        try:
-            manifest = self.store.manifest(version, None if variant == "full" else variant)
-            if manifest["created_at"] != delivery["created_at"]:
-                raise WeightRefused(f"version {version} in the store was created at {manifest['created_at']}, "
-                                    f"the delivery's at {delivery['created_at']}")
-            tensors = self.store.load(version, variant=None if variant == "full" else variant)
-        except WeightIntegrityError as exc:
-            raise WeightRefused(str(exc)) from exc
-        finally:
-            self.store.release(version, reader)
-        return Fetched(version, manifest["created_at"], list(tensors.items()), store_fingerprint(manifest),
-                       manifest["total_bytes"])
+        return fetch_stored(self.store, delivery["version"], variant, reader, created_at=delivery["created_at"])
+
+
+def fetch_stored(store: WeightStore, version: int, variant: str, reader: str, created_at: str | None = None,
+                 files: Iterable[str] = ()) -> Fetched:
+    """A stored version's `variant` (`full`, `int8`), every shard checked, under a lease for
+    `reader`, with the text `files` published beside it. `WeightSuperseded` if retention removed
+    it; `WeightRefused` if its bytes fail their checksums or it is not the version `created_at` names."""
+    stored_variant = None if variant == "full" else variant
+    try:
+        store.acquire(version, reader)  # retention keeps it while it is read
+    except FileNotFoundError:
+        raise WeightSuperseded(f"version {version} has left the store (newer versions were published)") from None
+    try:
+        manifest = store.manifest(version, stored_variant)
+        if created_at is not None and manifest["created_at"] != created_at:
+            raise WeightRefused(f"version {version} in the store was created at {manifest['created_at']}, "
+                                f"the delivery's at {created_at}")
+        tensors = store.load(version, variant=stored_variant)
+        texts = {name: text for name in files if (text := store.read_file(version, name)) is not None}
+    except WeightIntegrityError as exc:
+        raise WeightRefused(str(exc)) from exc
+    finally:
+        store.release(version, reader)
+    return Fetched(version, manifest["created_at"], list(tensors.items()), store_fingerprint(manifest),
+                   manifest["total_bytes"], texts)
 
 
 class ObjectStoreTransport(WeightTransport):
@@ -179,8 +191,8 @@ class ObjectStoreTransport(WeightTransport):
                     packer.add(name, tensor)
             if snapshot:
                 kept[name] = tensor
-            if sparse:  # a copy: the learner's own tensor may be its live parameter
-                current[name] = tensor.detach().to("cpu", self.engine_dtype, copy=True)
+            if sparse:  # the next version's delta is taken against it
+                current[name] = tensor
         if snapshot:
             self.writes.append(self.store.publish_async(version, kept, files, created_at))
         variants, variant_seconds = {}, {}
@@ -231,10 +243,9 @@ class ObjectStoreTransport(WeightTransport):
         """Rebuild the version from the links after the one this engine holds (or from the whole one)."""
         chain = mine["chain"]
         identities = [(link["manifest"]["version"], link["manifest"]["created_at"]) for link in chain]
-        held_identity, tensors = self.held or (None, {})
+        held_identity, held = self.held or (None, {})
         first = identities.index(held_identity) + 1 if held_identity in identities else 0
-        if first == 0:
-            tensors = {}
+        tensors = held if first else {}  # the links after the one held, or all from the whole one
         moved = 0
         for link in chain[first:]:
             parts, _, manifest = self._verified(link)
