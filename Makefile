@@ -14,7 +14,7 @@ run: setup
 test: setup
 	@bash scripts/run_tests.sh tests -m "not slow"
 
-# The long learning runs (the tool demo to its margin, SFT and the reward model to their
+# The long learning runs (the demo and the tool demo to their margins, SFT and the reward model to their
 # accuracies) and the job tests whose code paths `make test` covers in another job (three
 # presets, synchronous staleness, single-turn resume); `make test-all` runs both.
 test-slow: setup

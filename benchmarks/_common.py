@@ -19,6 +19,7 @@ import platform
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -186,3 +187,18 @@ def run_job_quietly(cfg, verbose: bool):
     except BaseException:
         sys.stdout.write(log.getvalue()[-4000:])
         raise
+
+
+def capability_env(capability: str) -> dict:
+    """This process's environment with ATen dispatching as `capability` (`native`: as the CPU is)."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    if capability != "native":
+        env["ATEN_CPU_CAPABILITY"] = capability
+    return env
+
+
+def dispatched_kernels(capability: str) -> str:
+    """The kernel set torch picks in a fresh process under `capability`."""
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    return subprocess.run([sys.executable, "-c", code], env=capability_env(capability), capture_output=True, text=True,
+                          check=True).stdout.strip()

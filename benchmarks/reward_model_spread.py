@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import headline, local_ray, machine_info, print_table, result_path, write_result
+from _common import capability_env, dispatched_kernels, headline, local_ray, machine_info, print_table, result_path, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.75  # issue 39: every seed, every capability
@@ -81,20 +80,6 @@ def _curve(output: str) -> list[dict]:
             for row in history]
 
 
-def dispatch(capability: str) -> str:
-    """The kernel set torch picks in a fresh process under `capability`."""
-    env = _env(capability)
-    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _env(capability: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    if capability != "native":
-        env["ATEN_CPU_CAPABILITY"] = capability
-    return env
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -102,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows, seen = [], set()
     for capability in args.capabilities:
-        kernels = dispatch(capability)
+        kernels = dispatched_kernels(capability)
         if kernels in seen:
             print(f"capability {capability}: dispatches {kernels}, already run; skipped")
             continue
@@ -112,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.overrides:
             cmd += ["--set", *args.overrides]
         # Each seed's row is printed as it finishes (a capability's five seeds take minutes).
-        worker = subprocess.Popen(cmd, env=_env(capability), cwd=REPO, text=True, stdout=subprocess.PIPE,
+        worker = subprocess.Popen(cmd, env=capability_env(capability), cwd=REPO, text=True, stdout=subprocess.PIPE,
                                   stderr=None if args.verbose else subprocess.STDOUT)
         lines = []
         for line in worker.stdout:

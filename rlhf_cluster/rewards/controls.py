@@ -1,4 +1,5 @@
-"""Control rewards for experiments: rewards that carry no learning signal on purpose.
+"""Control rewards for experiments: rewards that carry no learning signal on purpose, and one
+that carries a signal any model can learn in a few steps.
 
 `placebo_arithmetic` trains on a uniform random reward while still recording whether the answer
 is correct (the `correct` component, which held-out evaluation reads). A run with it moves the
@@ -11,6 +12,11 @@ so gets the same rewards, whatever order the reward workers' threads score them 
 scoring of a (response, answer) pair in a process draws from a hash of the pair and k, so a
 response written again gets a fresh draw (no string is consistently rewarded, which would be a
 signal), and which of several identical responses gets which draw does not change the update.
+
+`digit_share` is the positive control: the share of digits in the response. A random tiny model
+writes few digits and can write many without learning anything about the task, so RL at a high
+learning rate raises it within a few steps (tests/integration/test_learns_a_strong_signal.py;
+its spread over seeds and CPU kernels: benchmarks/strong_signal_spread.py).
 """
 
 from __future__ import annotations
@@ -50,3 +56,8 @@ def placebo_arithmetic(response: str, answer: str) -> dict[str, float]:
 def placebo_tool_arithmetic(response: str, answer: str) -> dict[str, float]:
     """The placebo of the tool task (`configs/tool_demo.yaml`): correctness judged on the final turn."""
     return {"reward": _DRAWS.draw(response, answer), "correct": verify_tool_arithmetic(response, answer)["correct"]}
+
+
+def digit_share(response: str, answer: str) -> float:
+    """The share of the response's characters that are digits (0 for an empty response)."""
+    return sum(c.isdigit() for c in response) / len(response) if response else 0.0

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.learning
+# 240 steps (about 100 s): `make test-slow`, `make test-all` and `make test-avx2` run it; `make
+# test`'s check that the loop learns is test_learns_a_strong_signal.py.
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 MARGIN = 0.05
 
