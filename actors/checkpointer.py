@@ -11,11 +11,11 @@ from tqdm import tqdm
 
 from actors.reporting import Reporter
 from actors.trainer import Trainer
-from rlhf_cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from rlhf_cluster.run.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.config import DeepSpeedBackend, JobConfig
-from rlhf_cluster.guardrails import GuardVerdict
-from rlhf_cluster.job_state import JobState
-from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.job.guardrails import GuardVerdict
+from rlhf_cluster.run.job_state import JobState
+from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
 
 

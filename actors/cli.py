@@ -11,10 +11,10 @@ from typing import Optional
 import typer
 from typer.core import TyperCommand
 
-from actors import run_views
-from actors.submission import job_client, stage_working_dir
+from actors.commands import run_views
+from actors.commands.submission import job_client, stage_working_dir
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.preflight import preflight
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
 
@@ -74,8 +74,8 @@ def _preflight(cfg: JobConfig, files: bool = True, resume: str | None = None) ->
 
 
 def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
-    from rlhf_cluster.job_preview import preview_lines
-    from rlhf_cluster.placement import check_placement, format_plan, resource_plan
+    from rlhf_cluster.job.preview import preview_lines
+    from rlhf_cluster.job.placement import check_placement, format_plan, resource_plan
 
     problems, warnings = [], []
     try:
@@ -131,7 +131,7 @@ def train(
         return
     _preflight(cfg, resume=resume)  # a refusal ends here, before Ray starts; the driver runs it again and logs the warnings
     if max_retries:
-        from actors.supervisor import supervise
+        from actors.commands.supervisor import supervise
 
         argv = [sys.executable, "-m", "actors.cli", "train", str(config), *(f"--set={s}" for s in set_),
                 *(["--address", address] if address else []), *(["--resume", resume] if resume else []),
@@ -140,7 +140,7 @@ def train(
     import ray
 
     from actors.job import run_job
-    from actors.preemption import GracefulStop
+    from actors.commands.preemption import GracefulStop
 
     try:
         _connect(address, cfg.cluster.num_cpus)
@@ -167,9 +167,9 @@ def train(
 def _exit_on_input_error(exc: BaseException, debug: bool) -> None:
     """An error caused by the user's input ends the command with its one-line message (exit 2);
     anything else, or with --debug, keeps its traceback."""
-    from rlhf_cluster.checkpoint import CheckpointError
-    from rlhf_cluster.run_dir import RunDirInUse
-    from rlhf_cluster.run_lock import RunDirBusy
+    from rlhf_cluster.run.checkpoint import CheckpointError
+    from rlhf_cluster.run.run_dir import RunDirInUse
+    from rlhf_cluster.run.lock import RunDirBusy
     from rlhf_cluster.scoring.rewards import RewardFunctionError
     from rlhf_cluster.weights import WeightIntegrityError
 
@@ -205,8 +205,8 @@ def _print_result(cfg: JobConfig, result) -> None:
 
 def _base_model(cfg: JobConfig) -> str:
     """The model the first stage starts from: `model.path`, or the tiny model built on first use."""
-    from rlhf_cluster.tiny_model import ensure_tiny_model
-    from rlhf_cluster.validation import validate_model_dir
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
+    from rlhf_cluster.job.validation import validate_model_dir
 
     if cfg.model.path is not None:
         validate_model_dir(cfg.model.path)
@@ -226,7 +226,7 @@ def _stage_line(summary: dict) -> str:
 def _run_stage_command(config: Path, set_: list[str], address: str | None, kind: str, start_from_sft: bool) -> None:
     import ray
 
-    from actors.supervised import run_stage
+    from actors.commands.supervised import run_stage
 
     cfg = _load(config, set_)
     if getattr(cfg, kind) is None:
@@ -272,7 +272,7 @@ def pipeline(
     import ray
 
     from actors.job import run_job
-    from actors.supervised import run_stage
+    from actors.commands.supervised import run_stage
     from rlhf_cluster.config import RewardModelSpec
 
     cfg = _load(config, set_)
@@ -387,7 +387,7 @@ def scale(
     """Grow or shrink a pool of a running job; new workers load the newest weights first."""
     import ray
 
-    from actors.control import scale as scale_pool
+    from actors.commands.control import scale as scale_pool
 
     name = job
     if job.startswith("raysubmit_") or dashboard:

@@ -14,17 +14,17 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from actors._common import heartbeat
-from actors.control import NAMESPACE, JobController, controller_name
-from actors.generation import GenerationWorker
-from actors.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
-from actors.scoring import ReferenceWorker, RewardWorker
-from rlhf_cluster import metrics as m
-from rlhf_cluster.call_coalescing import CallCoalescer
+from actors.workers._common import heartbeat
+from actors.commands.control import NAMESPACE, JobController, controller_name
+from actors.workers.generation import GenerationWorker
+from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
+from actors.workers.scoring import ReferenceWorker, RewardWorker
+from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.scoring.call_coalescing import CallCoalescer
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
-from rlhf_cluster.run_dir import RunDir
-from rlhf_cluster.tracing import PoolActivity
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.telemetry.tracing import PoolActivity
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)

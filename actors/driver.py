@@ -25,21 +25,21 @@ from tqdm import tqdm
 from actors.checkpointer import Checkpointer
 from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
-from actors.learner_start import LearnerStart, build_learner
+from actors.workers.learner_start import LearnerStart, build_learner
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
 from actors.trainer import Trainer
-from rlhf_cluster.checkpoint import Checkpoint
+from rlhf_cluster.run.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.experience import observe_step_kl
-from rlhf_cluster.guardrails import RollbackGuard
-from rlhf_cluster.job_inputs import prepare_inputs
-from rlhf_cluster.job_state import JobState
-from rlhf_cluster.metrics import serve_metrics
-from rlhf_cluster.preflight import preflight
-from rlhf_cluster.records import ScoredSample
-from rlhf_cluster.run_dir import RunDir
-from rlhf_cluster.scored_log import ScoredLogFlushError
+from rlhf_cluster.experience.build import observe_step_kl
+from rlhf_cluster.job.guardrails import RollbackGuard
+from rlhf_cluster.job.inputs import prepare_inputs
+from rlhf_cluster.run.job_state import JobState
+from rlhf_cluster.telemetry.metrics import serve_metrics
+from rlhf_cluster.job.preflight import preflight
+from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.scored_log import ScoredLogFlushError
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from collections import defaultdict
 from actors.cluster import Cluster
 from rlhf_cluster.config import DataConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.rollout_stats import accuracy, accuracy_by_source, mean_pass_at_k
+from rlhf_cluster.telemetry.rollout_stats import accuracy, accuracy_by_source, mean_pass_at_k
 
 
 async def _judged(cluster: Cluster, prompts: list[Prompt], version: int,

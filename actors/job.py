@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 
 from actors.driver import Driver
-from actors.preemption import GracefulStop
+from actors.commands.preemption import GracefulStop
 from actors.reporting import ConsumedSample, JobResult
 from rlhf_cluster.config import JobConfig
 

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from rlhf_cluster import metrics as m
+from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.probe import MismatchAlarm
-from rlhf_cluster.guardrails import GuardVerdict
-from rlhf_cluster.metrics import MetricLabels
-from rlhf_cluster.records import ScoredSample
-from rlhf_cluster.run_dir import RunDir
-from rlhf_cluster.sample_log import pick_samples, sample_rows
-from rlhf_cluster.step_report import console_line, step_row
-from rlhf_cluster.tracing import Tracer
+from rlhf_cluster.job.guardrails import GuardVerdict
+from rlhf_cluster.telemetry.metrics import MetricLabels
+from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.sample_log import pick_samples, sample_rows
+from rlhf_cluster.telemetry.step_report import console_line, step_row
+from rlhf_cluster.telemetry.tracing import Tracer
 
 log = logging.getLogger(__name__)
 

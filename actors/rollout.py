@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from actors.cluster import Cluster
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.experience import KLController, build_group, group_rollouts
-from rlhf_cluster.job_state import kept_samples, min_group_size
-from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.experience.build import KLController, build_group, group_rollouts
+from rlhf_cluster.run.job_state import kept_samples, min_group_size
+from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.rewards.turns import combined_reward
 
 

@@ -10,17 +10,17 @@ from typing import Callable
 import ray
 from tqdm import tqdm
 
-from actors._common import heartbeat
-from actors.critic import CriticRank
-from actors.learner import LearnerRank
-from actors.rank_group import PLACEMENT_TIMEOUT_S, PlacementError, RankGroup, deal, interleave
-from rlhf_cluster import metrics as m
+from actors.workers._common import heartbeat
+from actors.workers.critic import CriticRank
+from actors.workers.learner import LearnerRank
+from actors.workers.rank_group import PLACEMENT_TIMEOUT_S, PlacementError, RankGroup, deal, interleave
+from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.config import FaultsConfig, JobConfig
-from rlhf_cluster.elastic import shrunk_learner
-from rlhf_cluster.experience import finalize_batch
+from rlhf_cluster.job.elastic import shrunk_learner
+from rlhf_cluster.experience.build import finalize_batch
 from rlhf_cluster.generation.probe import Probe
-from rlhf_cluster.records import ScoredSample, TrainBatch
-from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+from rlhf_cluster.run.run_dir import RunDir
 
 
 class Trainer:

@@ -119,7 +119,7 @@ def random_model(hidden: int, layers: int, intermediate: int, cache_dir: str):
     """A random Qwen2 of the given width and depth (head_dim 64, a quarter as many KV heads), built
     once into `cache_dir` with the tiny tokenizer; returns (shape config, folder)."""
     from rlhf_cluster.config import TinyModelConfig
-    from rlhf_cluster.tiny_model import ensure_tiny_model
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
     heads = hidden // 64
     shape = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 4),

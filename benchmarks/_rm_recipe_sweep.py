@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from actors.supervised import _batches, _rm_data, _sft_data
+    from actors.commands.supervised import _batches, _rm_data, _sft_data
     from rlhf_cluster.config import load_config
     from rlhf_cluster.learner.supervised import SupervisedTrainer
-    from rlhf_cluster.tiny_model import ensure_tiny_model
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
     torch.set_num_threads(args.threads)
     with socket.socket() as s:

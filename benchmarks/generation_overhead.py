@@ -27,7 +27,7 @@ from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfi
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.engine import VLLMEngine
-from rlhf_cluster.tiny_model import ensure_tiny_model
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 HEAD_DIM = 64  # vLLM's CPU attention supports it; heads = hidden / 64
 DEFAULT_OUT = result_path("generation_overhead")

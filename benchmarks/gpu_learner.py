@@ -17,7 +17,7 @@ CPU learner (`ours` vs `ours` with the padded full-logits path of before issue 3
 
 Log-prob path memory (CPU, `--logprob-tokens`): forward and backward of the response tokens'
 log-probs and entropies from final hidden states (hidden 896, vocabulary 151,936), the chunked
-path (`rlhf_cluster.chunked_logprobs`) against the full-logits path it replaced, each in its own
+path (`rlhf_cluster.models.chunked_logprobs`) against the full-logits path it replaced, each in its own
 process, peak resident memory above the inputs. The full path runs under a data limit
 (`--full-limit-gib`): where it does not fit, its figure is "more than the limit".
 
@@ -95,7 +95,7 @@ def build_model(shape: str, cache_dir: str) -> Path:
 
     if shape == "demo":
         from rlhf_cluster.config import TinyModelConfig
-        from rlhf_cluster.tiny_model import ensure_tiny_model
+        from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
         d = SHAPES["demo"]
         return Path(ensure_tiny_model(TinyModelConfig(hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
@@ -118,7 +118,7 @@ def build_model(shape: str, cache_dir: str) -> Path:
 
 
 def make_batch(args: argparse.Namespace, vocab: int):
-    from rlhf_cluster.records import ScoredSample, TrainBatch
+    from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 
     rng = random.Random(0)
     samples = []
@@ -157,7 +157,7 @@ class Ours:
             self.learner.train_step(batch, kl_coef=0.01)
             return
         import rlhf_cluster.learner.base as base
-        from rlhf_cluster.modeling import full_logits_response_logprobs
+        from rlhf_cluster.models.modeling import full_logits_response_logprobs
 
         chunked = base.response_logprobs
         base.response_logprobs = lambda model, *a, packed=False, packing=None, **k: full_logits_response_logprobs(
@@ -175,7 +175,7 @@ class Plain:
     """The plain loop: fp32 master weights, bf16 autocast (CUDA), fused AdamW (CUDA), full logits."""
 
     def __init__(self, model_dir: Path, precision: str):
-        from rlhf_cluster.modeling import load_causal_lm
+        from rlhf_cluster.models.modeling import load_causal_lm
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_causal_lm(model_dir, torch.float32, self.device).train()
@@ -183,7 +183,7 @@ class Plain:
         self.autocast = precision == "bf16"
 
     def step(self, batch) -> None:
-        from rlhf_cluster.modeling import full_logits_response_logprobs
+        from rlhf_cluster.models.modeling import full_logits_response_logprobs
 
         b = {k: v.to(self.device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
@@ -222,7 +222,7 @@ def time_sides(args: argparse.Namespace, sides: dict, batch) -> tuple[dict, dict
 def logprob_worker(path: str, tokens: int) -> None:
     """In this process: one forward and backward of `path` (chunked / full); prints the peak resident
     memory above the inputs (sampled every 0.5 ms from /proc/self/statm), in bytes, as JSON."""
-    from rlhf_cluster.chunked_logprobs import token_logprobs
+    from rlhf_cluster.models.chunked_logprobs import token_logprobs
 
     torch.manual_seed(0)
     # Made in place: a temporary here would raise the peak the baseline is read from.

@@ -24,7 +24,7 @@ import torch
 
 from _common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
 from rlhf_cluster.config import RewardModelSpec
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels, RewardModel
 

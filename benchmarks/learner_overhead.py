@@ -39,9 +39,9 @@ import torch.distributed as dist
 from _common import free_port, headline, machine_info, median, print_table, result_path, rotated, write_result
 from rlhf_cluster.config import JobConfig, TinyModelConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
-from rlhf_cluster.modeling import load_causal_lm, response_logprobs
-from rlhf_cluster.records import ScoredSample, TrainBatch
-from rlhf_cluster.tiny_model import ensure_tiny_model
+from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 HEAD_DIM = 64
 SIDES = ("ours", "hand", "hand_prox")

@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     from rlhf_cluster.data.prompts import Prompt
     from rlhf_cluster.data.tasks import arithmetic_rows
     from rlhf_cluster.generation.engine import VLLMEngine
-    from rlhf_cluster.modeling import load_causal_lm
-    from rlhf_cluster.tiny_model import ensure_long_tail_model, ensure_tiny_model
+    from rlhf_cluster.models.modeling import load_causal_lm
+    from rlhf_cluster.models.tiny_model import ensure_long_tail_model, ensure_tiny_model
     from rlhf_cluster.weights import WeightStore
 
     heads = max(1, args.hidden // 64)

@@ -47,9 +47,9 @@ def run_seeds(args: argparse.Namespace) -> list[dict]:
     """In this process (one capability): both stages per seed, in one local Ray instance."""
     import torch
 
-    from actors.supervised import run_stage
+    from actors.commands.supervised import run_stage
     from rlhf_cluster.config import load_config
-    from rlhf_cluster.tiny_model import ensure_tiny_model
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
     rows = []
     with local_ray(args.verbose, "rm-spread-") as runs:

@@ -48,7 +48,7 @@ from rlhf_cluster.config import (  # noqa: E402
 )
 from rlhf_cluster.data.tasks import arithmetic_rows  # noqa: E402
 from rlhf_cluster.data.verifiers import REWARD_WEIGHTS  # noqa: E402
-from rlhf_cluster.tiny_model import ensure_tiny_model  # noqa: E402
+from rlhf_cluster.models.tiny_model import ensure_tiny_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "vs_trl.json"
 DEFAULT_VENV = Path("~/.cache/rlhf_cluster/venv-trl")

@@ -46,7 +46,7 @@ import torch
 
 from _common import headline, machine_info, median, print_table, result_path, rotated, write_result
 from rlhf_cluster.config import TinyModelConfig
-from rlhf_cluster.tiny_model import ensure_tiny_model
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("direct", "broadcast", "filesystem", "files", "snapshot", "files_fsync", "sparse")
 DIRECT_TARGET, FILESYSTEM_TARGET = 1.5, 2.0
@@ -86,7 +86,7 @@ class Sender:
         self.payloads: list | None = None
 
     def address(self):
-        from actors._common import rendezvous_address
+        from actors.workers._common import rendezvous_address
 
         return rendezvous_address()
 
@@ -149,7 +149,7 @@ class Sender:
     def save_raw(self, path: str, fsync: bool) -> None:
         from safetensors.torch import save_file
 
-        from rlhf_cluster.fileio import fsync_path
+        from rlhf_cluster.run.fileio import fsync_path
 
         save_file({k: v.to(self.dtype).contiguous() for k, v in self.state.items()}, path)
         if fsync:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, work: Path) -> int:
-    from actors.generation import GenerationWorker
+    from actors.workers.generation import GenerationWorker
     from rlhf_cluster.config import JobConfig
 
     hidden, layers = SIZES[args.size]

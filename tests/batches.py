@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from rlhf_cluster.records import ScoredSample, TrainBatch
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 
 
 def ragged_batch(lengths: list[tuple[int, int]], seed: int = 0, vocab: int = 250) -> TrainBatch:

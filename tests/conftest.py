@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf_cluster.config import JobConfig, TinyModelConfig
-from rlhf_cluster.tiny_model import ensure_tiny_model
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from tests.process_groups import one_rank_process_group
 
 

@@ -9,7 +9,7 @@ silently falls back to a default. `load_config` turns pydantic's errors into one
 names the file, the dotted field path and what was expected.
 
 Validation here is per field and per section. Rules that relate sections to each other, and
-checks of the files a config names, live in `rlhf_cluster.preflight`; the driver and
+checks of the files a config names, live in `rlhf_cluster.job.preflight`; the driver and
 `--dry-run` run them before anything starts.
 
 Pluggable parts are typed unions picked by a `type` key: `learner.backend` (fsdp2 | deepspeed),

@@ -161,7 +161,7 @@ class GenerationConfig(_Strict):
         None, description="Speculative decoding (None: off). Rollout log-probs are the target model's either way.")
     environment: str | None = Field(
         None, description="Multi-turn episodes: the environment answering each model turn (`tools`, or `module:Class` "
-        "of rlhf_cluster.environments.Environment); None: one response per prompt.")
+        "of rlhf_cluster.generation.environments.Environment); None: one response per prompt.")
     agent: AgentConfig | None = Field(
         None, description="Agent episodes: the user's agent code drives each sample through the OpenAI-compatible "
         "gateway (instead of `environment`); None: no gateway.")

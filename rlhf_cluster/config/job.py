@@ -164,7 +164,7 @@ class RollbackConfig(_Strict):
 
 class GuardrailsConfig(_Strict):
     """Actions on the periodic evaluation (`data.eval_every_steps`): keep the best checkpoints by an
-    eval metric, and stop early when it stops improving or reaches a target (`rlhf_cluster.guardrails`)."""
+    eval metric, and stop early when it stops improving or reaches a target (`rlhf_cluster.job.guardrails`)."""
 
     metric: str = Field(
         "eval_accuracy", description="The evaluation's column watched: eval_accuracy, eval_sampled_accuracy, "
@@ -211,7 +211,7 @@ class ClusterConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    """A whole job. Load it with `load_config`; `rlhf_cluster.preflight.preflight` checks it as a whole."""
+    """A whole job. Load it with `load_config`; `rlhf_cluster.job.preflight.preflight` checks it as a whole."""
 
     name: str = Field("demo", description="Job name, used in metric labels and the run directory.")
     run_dir: str = Field("runs/demo", description="Where metrics.jsonl, the weight store and the buffer go.")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from rlhf_cluster.gateway.chat import ChatError, continuation_text, render, same_message
 from rlhf_cluster.generation.engine import Turn, response_text
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.records import Rollout
 
 
 class HistoryError(ChatError):

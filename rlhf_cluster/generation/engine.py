@@ -24,11 +24,11 @@ import torch
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.gc_pause import imports_without_gc
+from rlhf_cluster.generation.gc_pause import imports_without_gc
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
 from rlhf_cluster.generation.vllm_process import RotaryReloadFilter, configure_vllm_environment, cpu_kv_cache_bytes, runs_eager
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.records import Rollout
 
 
 def response_text(tokenizer, token_ids: list[int]) -> str:

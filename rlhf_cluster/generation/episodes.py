@@ -18,9 +18,9 @@ from typing import Callable
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.environments import Environment
+from rlhf_cluster.generation.environments import Environment
 from rlhf_cluster.generation.engine import VLLMEngine, response_text
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.records import Rollout
 
 
 @dataclass

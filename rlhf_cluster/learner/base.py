@@ -22,15 +22,15 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from rlhf_cluster import tracing
+from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
-from rlhf_cluster.modeling import attention_of, response_logprobs
-from rlhf_cluster.packing import to_device
-from rlhf_cluster.records import TrainBatch, pad_sequences
+from rlhf_cluster.models.modeling import attention_of, response_logprobs
+from rlhf_cluster.models.packing import to_device
+from rlhf_cluster.experience.records import TrainBatch, pad_sequences
 
 
 def default_device() -> torch.device:

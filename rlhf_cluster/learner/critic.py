@@ -21,9 +21,9 @@ from rlhf_cluster.algorithms import value_loss
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
-from rlhf_cluster.modeling import attention_of
-from rlhf_cluster.packing import PackedRows
-from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.models.modeling import attention_of
+from rlhf_cluster.models.packing import PackedRows
+from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.scoring.reward_model import RewardModel, positions_from_mask
 
 

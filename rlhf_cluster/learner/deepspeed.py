@@ -32,7 +32,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerBase, done_future
 from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.schedule import lr_multiplier
-from rlhf_cluster.modeling import load_causal_lm
+from rlhf_cluster.models.modeling import load_causal_lm
 
 CHECKPOINT_TAG = "deepspeed"
 

@@ -9,7 +9,7 @@ was expected. Everything else in the JSON (ZeRO bucket sizes, prefetching, commu
 settings, ...) is passed through to DeepSpeed as written.
 
 This module imports neither deepspeed (the config is checked where deepspeed is not installed) nor,
-at run time, `rlhf_cluster.config`: `rlhf_cluster.preflight` calls `check_user_json` before a job starts.
+at run time, `rlhf_cluster.config`: `rlhf_cluster.job.preflight` calls `check_user_json` before a job starts.
 """
 
 from __future__ import annotations

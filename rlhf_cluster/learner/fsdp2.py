@@ -23,7 +23,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.learner.lora import apply_lora, merged_lora_tensors
 from rlhf_cluster.learner.schedule import lr_multiplier
-from rlhf_cluster.modeling import load_causal_lm, tied_output_names
+from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names
 
 
 class FSDP2Learner(LearnerBase):

@@ -8,9 +8,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from rlhf_cluster.packing import (PackedRows, packing_pays, plan_packing, row_tokens_for, to_device,
+from rlhf_cluster.models.packing import (PackedRows, packing_pays, plan_packing, row_tokens_for, to_device,
                                   token_budget_micro_batches)
-from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.experience.records import TrainBatch
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
 

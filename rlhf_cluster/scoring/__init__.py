@@ -1,1 +1,2 @@
-"""Frozen-model scoring: reference log-probs and rule-based rewards."""
+"""Frozen-model scoring: reference log-probs, reward models and rule-based rewards, and the
+coalescing of many groups' scoring calls into one (`call_coalescing`)."""

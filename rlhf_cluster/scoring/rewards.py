@@ -37,10 +37,10 @@ import threading
 from collections import deque
 from typing import Callable, Literal
 
-from rlhf_cluster.user_code import import_spec
+from rlhf_cluster.job.user_code import import_spec
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.records import Rollout
 
 FAILED = "reward_failed"
 BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken

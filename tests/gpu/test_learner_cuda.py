@@ -7,8 +7,8 @@ import torch
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
-from rlhf_cluster.modeling import load_causal_lm, response_logprobs
-from rlhf_cluster.records import ScoredSample, TrainBatch
+from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from tests.process_groups import one_rank_process_group
 
 
@@ -109,7 +109,7 @@ def test_chunked_and_packed_log_probs_equal_the_full_logits_on_cuda(tiny_model_p
     full-logits padded path, values and gradients."""
     import copy
 
-    from rlhf_cluster.modeling import full_logits_response_logprobs
+    from rlhf_cluster.models.modeling import full_logits_response_logprobs
 
     b = _ragged_batch()
     ours = load_causal_lm(tiny_model_path, dtype, "cuda")

@@ -15,8 +15,8 @@ import httpx
 import openai
 
 from actors.job import run_job
-from rlhf_cluster.run_dir import RunDir
-from rlhf_cluster.scored_log import ScoredLog
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.scored_log import ScoredLog
 from tests.integration.calculator_agent import NUDGE, TRACES
 
 

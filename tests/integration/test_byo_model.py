@@ -17,8 +17,8 @@ import ray
 import yaml
 from transformers import AutoTokenizer
 
-from rlhf_cluster.run_dir import RunDir
-from rlhf_cluster.scored_log import ScoredLog
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.scored_log import ScoredLog
 from tests.byo import gsm8k_rows, save_chat_model, write_gsm8k_parquet
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,10 +9,10 @@ import random
 
 import ray
 
-from actors.critic import CriticRank
-from actors.rank_group import RankGroup
+from actors.workers.critic import CriticRank
+from actors.workers.rank_group import RankGroup
 from actors.job import Job
-from rlhf_cluster.records import ScoredSample, TrainBatch
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 
 
 def _samples(n: int = 8) -> list[ScoredSample]:

@@ -11,9 +11,9 @@ from collections import defaultdict
 import ray
 import torch
 
-from actors.generation import GenerationWorker
+from actors.workers.generation import GenerationWorker
 from actors.job import Job
-from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
+from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights.buckets import DeliveryManifest, now
 from rlhf_cluster.weights.transports import build_transport
 from rlhf_cluster.weights import WeightStore

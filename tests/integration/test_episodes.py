@@ -11,11 +11,11 @@ import ray
 import torch
 from transformers import AutoTokenizer
 
-from actors.generation import GenerationWorker
+from actors.workers.generation import GenerationWorker
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.environments import ScriptedEnvironment
-from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
-from rlhf_cluster.records import spans_version
+from rlhf_cluster.generation.environments import ScriptedEnvironment
+from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
+from rlhf_cluster.experience.records import spans_version
 from rlhf_cluster.weights import WeightStore
 
 TOLERANCE = 1e-4

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from actors.job import Job
-from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.run.run_dir import RunDir
 
 
 def test_best_checkpoint_kept_and_patience_stops_the_run(ray_cluster, job_config):

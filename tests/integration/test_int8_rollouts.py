@@ -11,7 +11,7 @@ import torch
 
 from actors.job import Job
 from rlhf_cluster.generation.quantization import quantize_state_dict, write_int8_model_dir
-from rlhf_cluster.modeling import load_causal_lm
+from rlhf_cluster.models.modeling import load_causal_lm
 from rlhf_cluster.weights import WeightStore
 
 # Engine (int8 weights, int8 activations) vs learner (fp32) on the probe's fixed tokens. Measured on
@@ -119,7 +119,7 @@ def test_unquantized_push_into_an_int8_engine_is_refused(ray_cluster, job_config
 
 
 def test_worker_refuses_a_corrupt_int8_variant(ray_cluster, job_config, tiny_model_path):
-    from actors.generation import GenerationWorker
+    from actors.workers.generation import GenerationWorker
 
     cfg = job_config(generation={"quantization": "int8"})
     model = load_causal_lm(tiny_model_path)

@@ -13,10 +13,10 @@ import ray
 import torch
 
 from actors.job import Job
-from actors.learner import LearnerRank
-from actors.rank_group import RankGroup
+from actors.workers.learner import LearnerRank
+from actors.workers.rank_group import RankGroup
 from rlhf_cluster.config import DirectTransport, ResourcesConfig
-from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
 
 # Test modules sit on sys.path by their basename (pytest's default import mode): share their fixtures' data.

@@ -11,10 +11,10 @@ import random
 import ray
 import torch
 
-from actors.learner import LearnerRank
-from actors.rank_group import RankGroup
+from actors.workers.learner import LearnerRank
+from actors.workers.rank_group import RankGroup
 from rlhf_cluster.config import ResourcesConfig
-from rlhf_cluster.records import ScoredSample, TrainBatch
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 
 
 def _samples(n: int = 6) -> list[ScoredSample]:

@@ -11,8 +11,8 @@ import torch
 
 from actors.job import Job
 from rlhf_cluster.learner.lora import is_adapter_param
-from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
-from rlhf_cluster.records import TrainBatch
+from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
+from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
 
 from test_learner_ranks import _group, _samples

@@ -86,10 +86,10 @@ def test_promtool_accepts_config_rules_and_rule_tests():
     _promtool("test", "rules", str(DEPLOY / "alerts_test.yml"))
 
     # promtool cannot know our metric names: every rlhf_* name an alert uses must be one that
-    # rlhf_cluster/metrics.py declares, or the alert silently never fires.
+    # rlhf_cluster/telemetry/metrics.py declares, or the alert silently never fires.
     from prometheus_client import REGISTRY, generate_latest
 
-    import rlhf_cluster.metrics  # noqa: F401  (registers the collectors)
+    import rlhf_cluster.telemetry.metrics  # noqa: F401  (registers the collectors)
 
     declared = _declared_names(generate_latest(REGISTRY).decode())
     rules = [r for g in yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]]
@@ -330,7 +330,7 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
         logged = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
         consumed = {(c.step, c.sample_id) for c in outcome["result"].consumed}
         assert sorted({r["step"] for r in logged}) == list(range(cfg.train.total_steps))
-        from rlhf_cluster.tiny_model import ensure_tiny_model
+        from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
         tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
         for r in logged:

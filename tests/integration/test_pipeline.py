@@ -119,6 +119,6 @@ def test_a_dead_worker_without_restarts_left_ends_the_job_with_its_cause(ray_clu
 def _initial_weights(cfg):
     from safetensors.torch import load_file
 
-    from rlhf_cluster.tiny_model import tiny_model_dir
+    from rlhf_cluster.models.tiny_model import tiny_model_dir
 
     return load_file(str(tiny_model_dir(cfg.model.tiny, cfg.model.cache_dir) / "model.safetensors"))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_cluster.run_dir import RunDir
-from rlhf_cluster.scored_log import ScoredLog
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.scored_log import ScoredLog
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "rlhf-cluster")

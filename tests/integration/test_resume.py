@@ -20,11 +20,11 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from actors.job import Job
-from rlhf_cluster.checkpoint import CheckpointStore
+from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.data.prompts import PromptSource, read_prompt_file
-from rlhf_cluster.records import table_to_samples
-from rlhf_cluster.run_dir import RunDir
-from rlhf_cluster.scored_log import ScoredLog
+from rlhf_cluster.experience.records import table_to_samples
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.scored_log import ScoredLog
 from rlhf_cluster.weights import WeightStore
 
 
@@ -69,7 +69,7 @@ def _cfg(job_config, name, steps, max_staleness=1, episodes=False):
 
 def _job_actors_alive(job_name: str) -> bool:
     """Whether the killed job's controller (and so its driver's actors) is still registered."""
-    from actors.control import NAMESPACE, controller_name
+    from actors.commands.control import NAMESPACE, controller_name
 
     try:
         ray.get_actor(controller_name(job_name), namespace=NAMESPACE)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.generation import GenerationWorker
+from actors.workers.generation import GenerationWorker
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
+from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights import WeightStore
 
 # A repetitive prompt: the tiny random model falls into a loop under greedy decoding, so the

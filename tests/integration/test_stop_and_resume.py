@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from rlhf_cluster.checkpoint import CheckpointStore
+from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.data.prompts import read_prompt_file
 
 REPO = Path(__file__).resolve().parents[2]

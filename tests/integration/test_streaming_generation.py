@@ -16,12 +16,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.job import Job
-from rlhf_cluster.run_dir import RunDir
-from actors.generation import GenerationWorker
+from rlhf_cluster.run.run_dir import RunDir
+from actors.workers.generation import GenerationWorker
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
-from rlhf_cluster.records import spans_version
-from rlhf_cluster.tiny_model import ensure_long_tail_model
+from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
+from rlhf_cluster.experience.records import spans_version
+from rlhf_cluster.models.tiny_model import ensure_long_tail_model
 from rlhf_cluster.weights import WeightStore
 
 # fp32 engine vs fp32 HF forward of the same weights: measured max |diff| ~1e-6 on the tiny model;

@@ -8,10 +8,10 @@ import ray
 import torch
 
 from actors.job import Job
-from actors.supervised import run_stage
+from actors.commands.supervised import run_stage
 from rlhf_cluster.config import RewardModelSpec
 from rlhf_cluster.data.preferences import arithmetic_preference_pairs
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
@@ -46,7 +46,7 @@ TRAIN_PAIRS = 64
 
 def _train_stages(tmp_path_factory, model_cache, overrides: list[str]):
     from rlhf_cluster.config import load_config
-    from rlhf_cluster.tiny_model import ensure_tiny_model
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
     run_dir = tmp_path_factory.mktemp("three_stage")
     cfg = load_config("configs/three_stage.yaml", [
@@ -121,7 +121,7 @@ def _served_scores(cfg, sft, rm) -> list[float]:
     the served scores of the training pairs' chosen responses, then their rejected ones."""
     from transformers import AutoTokenizer
 
-    from actors.scoring import RewardWorker
+    from actors.workers.scoring import RewardWorker
 
     rl = _with_reward_model(cfg, sft, rm)
     tokenizer = AutoTokenizer.from_pretrained(sft["output"])

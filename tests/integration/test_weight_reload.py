@@ -5,8 +5,8 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.generation import GenerationWorker
-from rlhf_cluster.modeling import load_causal_lm, sequence_logprobs
+from actors.workers.generation import GenerationWorker
+from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights import WeightStore
 
 # fp32 engine vs fp32 HF forward: measured max |diff| ~5e-7 on the tiny model; 1e-4 leaves room

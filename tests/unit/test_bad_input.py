@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from rlhf_cluster.config import ConfigError, DataConfig, PromptColumns, load_config
 from rlhf_cluster.data import tasks
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.scoring.rewards import RuleReward
-from rlhf_cluster.validation import validate_model_dir
+from rlhf_cluster.job.validation import validate_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [{"prompt_id": "a", "prompt": "1+2=", "answer": "3"}, {"prompt_id": "b", "prompt": "4+5=", "answer": "9"}]
@@ -290,7 +290,7 @@ def test_good_inputs_pass(tmp_path):
 
 
 def test_reward_model_path_must_be_a_trained_reward_model(tiny_model_path, tmp_path):
-    from rlhf_cluster.validation import ModelDirError, validate_reward_model_dir
+    from rlhf_cluster.job.validation import ModelDirError, validate_reward_model_dir
 
     with pytest.raises(ModelDirError, match=r"scoring.reward_models: model folder .*nope does not exist"):
         validate_reward_model_dir(tmp_path / "nope")

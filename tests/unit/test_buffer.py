@@ -1,8 +1,8 @@
 import pyarrow as pa
 import pytest
 
-from rlhf_cluster.buffer import BufferFullError, ExperienceBuffer
-from rlhf_cluster.records import SAMPLE_SCHEMA, ScoredSample
+from rlhf_cluster.experience.buffer import BufferFullError, ExperienceBuffer
+from rlhf_cluster.experience.records import SAMPLE_SCHEMA, ScoredSample
 
 
 def _group(gid: str, version: int, n: int = 4, start: int = 0) -> list[ScoredSample]:

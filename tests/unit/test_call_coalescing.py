@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from rlhf_cluster.call_coalescing import CallCoalescer
+from rlhf_cluster.scoring.call_coalescing import CallCoalescer
 
 
 class FakeWorkers:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from rlhf_cluster import checkpoint as ckpt_mod
-from rlhf_cluster.checkpoint import CheckpointError, CheckpointStore
+from rlhf_cluster.run import checkpoint as ckpt_mod
+from rlhf_cluster.run.checkpoint import CheckpointError, CheckpointStore
 
 
 def _write(store: CheckpointStore, step: int, payload: bytes = b"weights") -> ckpt_mod.Checkpoint:

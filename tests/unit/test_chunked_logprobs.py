@@ -1,4 +1,4 @@
-"""Log-probs and entropies from the chunked output layer (rlhf_cluster/chunked_logprobs.py) equal
+"""Log-probs and entropies from the chunked output layer (rlhf_cluster/models/chunked_logprobs.py) equal
 a float64 log-softmax over full logits, in value and gradient, and never hold [tokens, vocab]."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from rlhf_cluster.chunked_logprobs import scored_positions, token_logprobs
+from rlhf_cluster.models.chunked_logprobs import scored_positions, token_logprobs
 from rlhf_cluster.config import TinyModelConfig
-from rlhf_cluster.modeling import full_logits_response_logprobs, load_causal_lm, response_logprobs
-from rlhf_cluster.tiny_model import ensure_tiny_model
+from rlhf_cluster.models.modeling import full_logits_response_logprobs, load_causal_lm, response_logprobs
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 
 def _reference(hidden, weight, bias, targets, temperature):

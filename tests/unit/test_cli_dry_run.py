@@ -70,7 +70,7 @@ def test_a_refused_config_ends_before_ray_or_the_cluster_is_touched(monkeypatch,
 def test_submit_stages_the_users_modules_and_working_dir(tmp_path, monkeypatch):
     """What `submit` ships: the code, the config, a reward module found next to the user, the
     modules and the working directory named on the command line."""
-    from actors.submission import stage_working_dir
+    from actors.commands.submission import stage_working_dir
     from rlhf_cluster.config import load_config
 
     home = tmp_path / "home"

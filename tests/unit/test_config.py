@@ -4,7 +4,7 @@ import pytest
 
 from rlhf_cluster.algorithms.presets import PRESETS
 from rlhf_cluster.config import ConfigError, DeepSpeedBackend, JobConfig, LearnerConfig, RewardModelSpec, load_config
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.preflight import preflight
 from pydantic import ValidationError
 
 REPO = Path(__file__).resolve().parents[2]

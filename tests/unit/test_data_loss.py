@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_cluster import fileio
-from rlhf_cluster.checkpoint import CheckpointStore, NoVerifiedCheckpoint
+from rlhf_cluster.run import fileio
+from rlhf_cluster.run.checkpoint import CheckpointStore, NoVerifiedCheckpoint
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
-from rlhf_cluster.records import ScoredSample
-from rlhf_cluster.run_dir import CorruptLogError, RunDir, RunDirInUse
-from rlhf_cluster.scored_log import ScoredLog, ScoredLogFlushError
+from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.run.run_dir import CorruptLogError, RunDir, RunDirInUse
+from rlhf_cluster.run.scored_log import ScoredLog, ScoredLogFlushError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -176,7 +176,7 @@ def test_the_cli_takes_a_bare_overwrite_as_aside_and_overwrite_equals_delete():
     import typer.main
 
     from actors.cli import app
-    from actors.supervisor import _resuming
+    from actors.commands.supervisor import _resuming
 
     train = typer.main.get_command(app).commands["train"]
     for args, expected in ((["job.yaml", "--overwrite"], "aside"), (["job.yaml", "--overwrite=delete"], "delete"),
@@ -197,7 +197,7 @@ def test_a_torn_final_line_is_tolerated_then_cut_off_on_resume_with_a_warning(tm
     run_dir = _run_dir(root)
     assert [r["step"] for r in run_dir.read(RunDir.METRICS)] == list(range(9))
 
-    with caplog.at_level(logging.WARNING, logger="rlhf_cluster.run_dir"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_cluster.run.run_dir"):
         run_dir.prepare(fresh=False, job_name="resumed")
     assert (root / RunDir.METRICS).read_bytes() == whole
     assert any(RunDir.METRICS in r.getMessage() and "cut off" in r.getMessage() for r in caplog.records)

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
 from rlhf_cluster.learner.deepspeed_config import engine_config
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.preflight import preflight
 
 
 def _write_yaml(tmp_path, learner: dict) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.elastic import ElasticError, shrunk_learner
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.elastic import ElasticError, shrunk_learner
+from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.config import ConfigError
 
 

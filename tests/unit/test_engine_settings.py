@@ -4,7 +4,7 @@ and the ones the project sets from its own fields cannot be set a second way."""
 import pytest
 
 from rlhf_cluster.config import ConfigError, load_config
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.preflight import preflight
 
 
 def test_engine_kwargs_typo_names_the_field():

@@ -12,7 +12,7 @@ import pytest
 from rlhf_cluster.config import ConfigError, JobConfig
 from rlhf_cluster.data.eval_split import content_key, evaluated, split_by_file, split_by_fraction
 from rlhf_cluster.data.prompts import Prompt, read_prompt_file
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.preflight import preflight
 
 
 def _prompts(n: int, repeats: int = 0) -> list[Prompt]:
@@ -92,7 +92,7 @@ def test_preflight_names_a_bad_eval_file_and_reads_it_with_the_same_columns(tmp_
 
 def test_accuracy_per_source_from_a_source_column(tmp_path):
     from rlhf_cluster.config.inputs import PromptColumns
-    from rlhf_cluster.rollout_stats import accuracy, accuracy_by_source
+    from rlhf_cluster.telemetry.rollout_stats import accuracy, accuracy_by_source
 
     pq.write_table(pa.table({"prompt": ["a", "b", "c"], "origin": ["easy", "hard", None]}), tmp_path / "p.parquet")
     prompts = read_prompt_file(tmp_path / "p.parquet", PromptColumns(source="origin"))

@@ -3,9 +3,9 @@ import math
 import pytest
 
 from rlhf_cluster.config import AlgorithmConfig
-from rlhf_cluster.experience import build_group as _build_group
-from rlhf_cluster.experience import group_rollouts
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.build import build_group as _build_group
+from rlhf_cluster.experience.build import group_rollouts
+from rlhf_cluster.experience.records import Rollout
 
 REWARDS = [1.0, 0.0, 0.5, 0.5]
 LENGTHS = [3, 1, 2, 4]

@@ -8,10 +8,10 @@ import torch
 
 from rlhf_cluster.algorithms import kl_penalty
 from rlhf_cluster.config import AlgorithmConfig, ConfigError, FSDP2Backend, JobConfig, load_config
-from rlhf_cluster.preflight import preflight
-from rlhf_cluster.experience import build_group, critic_advantages
-from rlhf_cluster.placement import resource_plan
-from rlhf_cluster.records import Rollout, ScoredSample, TrainBatch
+from rlhf_cluster.job.preflight import preflight
+from rlhf_cluster.experience.build import build_group, critic_advantages
+from rlhf_cluster.job.placement import resource_plan
+from rlhf_cluster.experience.records import Rollout, ScoredSample, TrainBatch
 
 PPO = {"algorithm": {"advantage": "gae"}, "critic": {"init": "policy"}, "generation": {"sampling": {"n": 1}}}
 
@@ -120,7 +120,7 @@ def test_train_batch_pads_returns_and_old_values_and_checks_lengths():
 # ---- the value model ----------------------------------------------------------------------------
 def test_value_model_reads_token_t_before_it_is_chosen_and_ignores_padding(tiny_model_path):
     from rlhf_cluster.learner.critic import ValueModel
-    from rlhf_cluster.records import pad_sequences
+    from rlhf_cluster.experience.records import pad_sequences
 
     model = ValueModel.from_lm(tiny_model_path).eval()
     prompt, response = [5, 6, 7], [20, 21, 22, 23]

@@ -1,14 +1,14 @@
-"""Guardrails' bookkeeping (rlhf_cluster/guardrails.py): verdicts on a run's evaluations, replay on
+"""Guardrails' bookkeeping (rlhf_cluster/job/guardrails.py): verdicts on a run's evaluations, replay on
 resume, best-k retention of checkpoints, and config errors that name the field."""
 
 from __future__ import annotations
 
 import pytest
 
-from rlhf_cluster.checkpoint import CheckpointStore, best_checkpoints
+from rlhf_cluster.run.checkpoint import CheckpointStore, best_checkpoints
 from rlhf_cluster.config import ConfigError, GuardrailsConfig, JobConfig
-from rlhf_cluster.guardrails import EvalGuard
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.guardrails import EvalGuard
+from rlhf_cluster.job.preflight import preflight
 
 
 def _verdicts(cfg: GuardrailsConfig, values: list[float]):
@@ -66,7 +66,7 @@ def test_guardrails_need_the_periodic_evaluation_and_a_metric_it_reports():
 
 def test_rollback_conditions_name_the_bound_and_the_value_and_adjust_the_settings():
     from rlhf_cluster.config import RollbackConfig
-    from rlhf_cluster.guardrails import RollbackGuard
+    from rlhf_cluster.job.guardrails import RollbackGuard
 
     rollback = RollbackGuard(RollbackConfig(entropy_below=0.1, response_length_above=100, eval_drop=0.2,
                                             max_rollbacks=1, lr_factor=0.25), "eval_accuracy", True)

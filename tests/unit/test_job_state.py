@@ -6,16 +6,16 @@ import dataclasses
 
 import pytest
 
-from rlhf_cluster.admission import Admission
-from rlhf_cluster.checkpoint import CheckpointStore
+from rlhf_cluster.experience.admission import Admission
+from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.config import AlgorithmConfig, JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
-from rlhf_cluster.experience import build_group, finalize_batch
-from rlhf_cluster.job_state import JobState, kept_samples, min_group_size, roll_back
-from rlhf_cluster.liveness import NoProgressError, ProgressWatchdog
-from rlhf_cluster.scored_log import ScoredLog
-from rlhf_cluster.records import Rollout, ScoredSample
-from rlhf_cluster.run_dir import RunDir
+from rlhf_cluster.experience.build import build_group, finalize_batch
+from rlhf_cluster.run.job_state import JobState, kept_samples, min_group_size, roll_back
+from rlhf_cluster.telemetry.liveness import NoProgressError, ProgressWatchdog
+from rlhf_cluster.run.scored_log import ScoredLog
+from rlhf_cluster.experience.records import Rollout, ScoredSample
+from rlhf_cluster.run.run_dir import RunDir
 
 PROMPTS = [Prompt(f"p{i}", f"{i}+1=", str(i + 1)) for i in range(10)]
 

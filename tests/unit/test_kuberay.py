@@ -14,7 +14,7 @@ import yaml
 
 from actors.cli import app
 from rlhf_cluster.config import load_config
-from rlhf_cluster.placement import check_placement, resource_plan
+from rlhf_cluster.job.placement import check_placement, resource_plan
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "deploy" / "kuberay"

@@ -7,7 +7,7 @@ import torch
 
 from rlhf_cluster.config import LoraConfig
 from rlhf_cluster.learner.lora import apply_lora, is_adapter_param, merge_lora_state_dict
-from rlhf_cluster.modeling import load_causal_lm
+from rlhf_cluster.models.modeling import load_causal_lm
 
 
 def test_merged_state_equals_peft_merge_and_plain_names(tiny_model_path):

@@ -11,8 +11,8 @@ import torch
 
 from rlhf_cluster.algorithms import gae, kl_loss, policy_loss, reinforce_pp_advantages
 from rlhf_cluster.config import AlgorithmConfig
-from rlhf_cluster.experience import token_rewards
-from rlhf_cluster.records import ScoredSample, TrainBatch, samples_to_table, table_to_samples
+from rlhf_cluster.experience.build import token_rewards
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch, samples_to_table, table_to_samples
 
 MASK = [1, 1, 0, 0, 0, 1, 1, 0]  # model turn, tool output, model turn, tool output
 

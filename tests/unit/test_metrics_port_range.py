@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from rlhf_cluster.config import ConfigError, load_config
-from rlhf_cluster.metrics import serve_metrics
+from rlhf_cluster.telemetry.metrics import serve_metrics
 
 
 def _free_block(size: int) -> int:

@@ -1,4 +1,4 @@
-"""Sequence packing (rlhf_cluster/packing.py): packed rows give the padded rows' log-probs and
+"""Sequence packing (rlhf_cluster/models/packing.py): packed rows give the padded rows' log-probs and
 gradients, a learner step packed equals one padded, and micro-batches keep to a token budget."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
-from rlhf_cluster.modeling import attention_of, load_causal_lm, response_logprobs
-from rlhf_cluster.packing import balanced_parts, balanced_shares, pack_rows, token_budget_micro_batches
-from rlhf_cluster.records import TrainBatch, pad_sequences
+from rlhf_cluster.models.modeling import attention_of, load_causal_lm, response_logprobs
+from rlhf_cluster.models.packing import balanced_parts, balanced_shares, pack_rows, token_budget_micro_batches
+from rlhf_cluster.experience.records import TrainBatch, pad_sequences
 from tests.batches import ragged_batch
 
 
@@ -57,7 +57,7 @@ def test_packed_rows_hold_only_real_tokens_and_score_inside_their_own_sequence(a
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from rlhf_cluster.config import TinyModelConfig
-    from rlhf_cluster.tiny_model import ensure_tiny_model
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
     return load_causal_lm(ensure_tiny_model(TinyModelConfig(), str(tmp_path_factory.mktemp("models"))))
 

@@ -1,7 +1,7 @@
 """The dry run's placement checks: per actor, in total, and packed onto the nodes all at once."""
 
 from rlhf_cluster.config import load_config
-from rlhf_cluster.placement import PoolRequest, check_capacity, check_packing, format_plan, resource_plan
+from rlhf_cluster.job.placement import PoolRequest, check_capacity, check_packing, format_plan, resource_plan
 
 
 def test_totals_can_fit_while_the_actors_do_not_pack():

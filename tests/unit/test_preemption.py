@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from actors.preemption import GracefulStop
+from actors.commands.preemption import GracefulStop
 
 
 class _Job:

@@ -10,7 +10,7 @@ import pytest
 
 from bad_configs import BAD_CONFIGS, build
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
-from rlhf_cluster.preflight import preflight
+from rlhf_cluster.job.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_warnings_are_returned():
 
 
 def test_preflight_imports_neither_ray_nor_torch_at_module_level():
-    tree = ast.parse((REPO / "rlhf_cluster" / "preflight.py").read_text())
+    tree = ast.parse((REPO / "rlhf_cluster" / "job" / "preflight.py").read_text())
     top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
     top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert not top & {"ray", "torch"}, top

@@ -1,6 +1,6 @@
 """The rank group's dealing of a batch to ranks and the gathering of per-item results (no Ray started)."""
 
-from actors.rank_group import deal, interleave
+from actors.workers.rank_group import deal, interleave
 
 
 def test_deal_is_round_robin_and_interleave_undoes_it():

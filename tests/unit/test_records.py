@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rlhf_cluster.records import (
+from rlhf_cluster.experience.records import (
     SAMPLE_SCHEMA,
     Rollout,
     ScoredSample,

@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_rule_reward_scoring_does_not_import_torch():
     code = """
 import sys
-import actors.scoring
-from rlhf_cluster.records import Rollout
+import actors.workers.scoring
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.rewards import RuleReward
 reward = RuleReward("arithmetic")
 rollout = Rollout("s0", "p0", "g0", [1, 2], [3], [0.0], 0, "stop", "7", "test")

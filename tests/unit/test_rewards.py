@@ -11,7 +11,7 @@ import pytest
 from rlhf_cluster.config import ConfigError, load_config
 from rlhf_cluster.data.tasks import combine_reward, verify_arithmetic
 from rlhf_cluster.data.verifiers import REWARD_WEIGHTS
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.rewards import BROKEN_AFTER, RewardFunctionError, RuleReward, load_reward_fn
 
 USER_MODULE = '''

@@ -2,9 +2,9 @@
 
 import pytest
 
-from rlhf_cluster.rollout_stats import (distinct_n, mean_pass_at_k, model_turns, pass_at_k, percentile, rollout_stats,
+from rlhf_cluster.telemetry.rollout_stats import (distinct_n, mean_pass_at_k, model_turns, pass_at_k, percentile, rollout_stats,
                                         unique_per_group)
-from rlhf_cluster.records import ScoredSample
+from rlhf_cluster.experience.records import ScoredSample
 
 
 def test_distinct_n_by_hand():
@@ -58,8 +58,8 @@ def test_model_turns_of_episodes_by_hand():
 
 
 def test_every_labelled_gauge_column_is_in_a_step_row():
-    from rlhf_cluster import metrics as m
-    from rlhf_cluster.step_report import step_row
+    from rlhf_cluster.telemetry import metrics as m
+    from rlhf_cluster.telemetry.step_report import step_row
 
     samples = [_sample(0, "g0", [1, 2], 1.0), _sample(1, "g0", [2, 2], 0.0)]
     # The driver's counters bring the pipeline's columns (busy shares, periodic evaluation).

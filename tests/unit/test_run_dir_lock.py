@@ -12,13 +12,13 @@ import textwrap
 
 import pytest
 
-from rlhf_cluster.run_dir import RunDir, RunDirInUse
-from rlhf_cluster.run_lock import RunDirBusy, holder
+from rlhf_cluster.run.run_dir import RunDir, RunDirInUse
+from rlhf_cluster.run.lock import RunDirBusy, holder
 
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from rlhf_cluster.run_dir import RunDir
+    from rlhf_cluster.run.run_dir import RunDir
     root = Path(sys.argv[1])
     RunDir(root, root / "weights", root / "checkpoints").prepare(fresh=True, job_name="first-job")
     print("locked", flush=True)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.run_status import describe_run
+from rlhf_cluster.run.status import describe_run
 
 
 def _run(tmp_path, events: list[dict], scores: dict[int, float | None]):

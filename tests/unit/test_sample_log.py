@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rlhf_cluster.records import ScoredSample
-from rlhf_cluster.sample_log import fewest_extremes, format_samples, pick_samples, sample_rows
+from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.run.sample_log import fewest_extremes, format_samples, pick_samples, sample_rows
 
 
 class _Tokenizer:

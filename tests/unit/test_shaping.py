@@ -52,7 +52,7 @@ def test_dynamic_sampling_filter():
 # their values, edge cases included (a singleton group, -0.0, a tiny reward difference).
 
 def _group(lengths, finish, group="g0"):
-    from rlhf_cluster.records import Rollout
+    from rlhf_cluster.experience.records import Rollout
 
     return [Rollout(f"{group}-{i}", "p0", group, [1, 2], list(range(3, 3 + n)), [-1.0] * n, 0, f)
             for i, (n, f) in enumerate(zip(lengths, finish))]
@@ -60,7 +60,7 @@ def _group(lengths, finish, group="g0"):
 
 def test_build_group_applies_the_overlong_and_length_penalties():
     from rlhf_cluster.config import AlgorithmConfig
-    from rlhf_cluster.experience import build_group
+    from rlhf_cluster.experience.build import build_group
 
     lengths, max_len = [2, 9, 13, 16], 16
     cfg = AlgorithmConfig(advantage="grpo", kl={"placement": "loss", "coef": 0.0},
@@ -76,7 +76,7 @@ def test_build_group_applies_the_overlong_and_length_penalties():
 @pytest.mark.parametrize("rewards", [[0.5, 0.5, 0.5], [0.5, 0.5, 0.25], [1.0], [0.0, -0.0], [1e-12, 0.0]])
 def test_build_group_zero_signal_is_the_dynamic_sampling_verdict(rewards):
     from rlhf_cluster.config import AlgorithmConfig
-    from rlhf_cluster.experience import build_group
+    from rlhf_cluster.experience.build import build_group
 
     cfg = AlgorithmConfig(advantage="grpo", kl={"placement": "loss", "coef": 0.0}, shaping={"dynamic_sampling": True})
     n = len(rewards)
@@ -89,7 +89,7 @@ def test_build_group_zero_signal_is_the_dynamic_sampling_verdict(rewards):
 @pytest.mark.parametrize("enabled", [True, False])
 def test_finalize_batch_in_loss_is_the_overlong_filter(enabled):
     from rlhf_cluster.config import AlgorithmConfig
-    from rlhf_cluster.experience import build_group, finalize_batch
+    from rlhf_cluster.experience.build import build_group, finalize_batch
 
     finish = ["stop", "length", "abort", "length"]
     cfg = AlgorithmConfig(advantage="grpo", kl={"placement": "loss", "coef": 0.0}, shaping={"overlong_filter": enabled})

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from rlhf_cluster.config import GenerationConfig
-from rlhf_cluster.gc_pause import imports_without_gc
+from rlhf_cluster.generation.gc_pause import imports_without_gc
 from rlhf_cluster.generation import vllm_process
 
 

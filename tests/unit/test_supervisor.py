@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from actors.supervisor import supervise
+from actors.commands.supervisor import supervise
 
 # A stand-in driver: records its arguments, then exits with the next code of a list.
 DRIVER = """

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rlhf_cluster.config import TinyModelConfig
-from rlhf_cluster.tiny_model import PAD, EOS, ensure_tiny_model, tiny_model_dir
+from rlhf_cluster.models.tiny_model import PAD, EOS, ensure_tiny_model, tiny_model_dir
 
 CFG = TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=300)
 

@@ -11,9 +11,9 @@ from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tool_task import (calculator_observation, final_turn, tool_demonstration, tool_demonstrations,
                                          verify_tool_arithmetic)
-from rlhf_cluster.environments import ToolEnvironment
-from rlhf_cluster.tiny_model import ensure_tiny_model, tiny_model_dir
-from rlhf_cluster.warmup import ensure_warmed_model, warmed_model_dir
+from rlhf_cluster.generation.environments import ToolEnvironment
+from rlhf_cluster.models.tiny_model import ensure_tiny_model, tiny_model_dir
+from rlhf_cluster.job.warmup import ensure_warmed_model, warmed_model_dir
 
 PROMPT = Prompt("p", "683+467=", "1150")
 

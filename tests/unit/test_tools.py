@@ -8,7 +8,7 @@ import time
 import pytest
 
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.environments import ToolEnvironment, load_environment
+from rlhf_cluster.generation.environments import ToolEnvironment, load_environment
 from rlhf_cluster.tools.calls import ToolCall, calculate, parse_tool_calls, run_tool
 from rlhf_cluster.tools.sandbox import SandboxLimits
 
@@ -57,7 +57,7 @@ def test_an_episode_ends_at_max_turns():
 
 def test_environments_load_by_name_or_module_and_bad_names_say_why():
     assert load_environment("tools") is ToolEnvironment
-    assert load_environment("rlhf_cluster.environments:ToolEnvironment") is ToolEnvironment
+    assert load_environment("rlhf_cluster.generation.environments:ToolEnvironment") is ToolEnvironment
     with pytest.raises(ValueError, match="generation.environment='nope' must look like 'module:Class'"):
         load_environment("nope")
     with pytest.raises(ValueError, match="expected a class with reset"):

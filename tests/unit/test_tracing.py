@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from rlhf_cluster import tracing
-from rlhf_cluster.tracing import PoolActivity, Tracer, chrome_trace, covered, parse_steps, step_window, write_trace
+from rlhf_cluster.telemetry import tracing
+from rlhf_cluster.telemetry.tracing import PoolActivity, Tracer, chrome_trace, covered, parse_steps, step_window, write_trace
 
 
 def _span(track, kind, name, start, end, **args):
@@ -102,7 +102,7 @@ def test_bad_steps_option_is_refused(text):
 def test_the_trace_file_stops_growing_at_its_cap(tmp_path):
     from actors.reporting import Reporter
     from rlhf_cluster.config import JobConfig
-    from rlhf_cluster.run_dir import RunDir
+    from rlhf_cluster.run.run_dir import RunDir
 
     cfg = JobConfig.model_validate({"run_dir": str(tmp_path), "metrics": {"trace_max_mb": 1}})
     reporter = Reporter(cfg, RunDir(tmp_path, tmp_path / "weights", tmp_path / "checkpoints"))

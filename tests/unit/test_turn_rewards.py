@@ -12,9 +12,9 @@ import torch
 from rlhf_cluster.algorithms.advantages import group_advantages, rloo_advantages, turn_level_advantages
 from rlhf_cluster.config import AlgorithmConfig, JobConfig, TurnRewardsConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.environments import BUILT_IN, RewardedToolEnvironment
-from rlhf_cluster.experience import build_group
-from rlhf_cluster.records import Rollout
+from rlhf_cluster.generation.environments import BUILT_IN, RewardedToolEnvironment
+from rlhf_cluster.experience.build import build_group
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.rewards.turns import combined_reward, turn_returns
 
 

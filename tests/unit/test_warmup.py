@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows, held_out_pairs
-from rlhf_cluster.warmup import ensure_warmed_model
+from rlhf_cluster.job.warmup import ensure_warmed_model
 
 
 def _answer_logprob(path, prompt: Prompt) -> float:

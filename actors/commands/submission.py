@@ -1,0 +1,75 @@
+"""What `rlhf-cluster submit` sends to a cluster: a staged working directory holding the code, the
+validated config and the user's own modules, and the Ray Jobs client the job commands use."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+import yaml
+
+from rlhf_cluster.config import FunctionReward, JobConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def job_client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path | None) -> Path:
+    """A working dir holding the code, the validated config, the user's `working_dir` contents
+    and modules (those named and the reward functions' own): what the job runs with. The
+    working dir is on the path of the driver and of every actor, so the modules import there."""
+    stage = Path(tempfile.mkdtemp(prefix="rlhf-job-"))
+    try:
+        if working_dir is not None:
+            if not working_dir.is_dir():
+                raise typer.BadParameter(f"--working-dir {working_dir}: not a directory")
+            shutil.copytree(working_dir, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+        for module in [*py_modules, *reward_modules(cfg)]:
+            if not module.exists():
+                raise typer.BadParameter(f"--py-modules {module}: no such file or package directory")
+            if module.is_dir():
+                shutil.copytree(module, stage / module.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(module, stage / module.name)
+        for package in ("rlhf_cluster", "actors"):
+            shutil.copytree(REPO / package, stage / package, ignore=shutil.ignore_patterns("__pycache__"))
+        (stage / "job.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stage
+
+
+def reward_modules(cfg: JobConfig) -> list[Path]:
+    """The local files of the config's reward functions that live outside this project and outside
+    installed packages (a user's `my_rewards.py`): the cluster has no other way to import them."""
+    import importlib.util
+    import sysconfig
+
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # `module:function` names a module importable from here
+    found = []
+    for source in cfg.scoring.rewards:
+        if not isinstance(source, FunctionReward):
+            continue
+        top = source.function.split(":")[0].split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if spec is None or spec.origin in (None, "built-in", "frozen"):
+            continue
+        origin = Path(spec.origin).resolve()
+        path = origin.parent if origin.name == "__init__.py" else origin
+        if path.is_relative_to(REPO / "rlhf_cluster") or path.is_relative_to(REPO / "actors") \
+                or any(path.is_relative_to(root) for root in installed) or path.is_relative_to(Path(sys.base_prefix)):
+            continue
+        typer.echo(f"shipping reward module {top} ({path})", err=True)
+        found.append(path)
+    return found

@@ -1,0 +1,90 @@
+"""What every actor does at start: validate its config copy and serve its metrics.
+
+Actor modules reach metric collectors through the `rlhf_cluster.telemetry.metrics` module, never as
+imported globals: Ray pickles actor classes by value, and a collector (it holds a lock) cannot
+be pickled.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.telemetry import tracing
+from rlhf_cluster.telemetry.metrics import MetricLabels, serve_metrics
+
+if TYPE_CHECKING:
+    from rlhf_cluster.telemetry.liveness import Heartbeat
+
+
+def actor_setup(cfg_dict: dict, pool: str, worker: str) -> tuple[JobConfig, MetricLabels, int | None]:
+    """Parse the job config shipped to the actor, start its /metrics endpoint and its tracer (its
+    spans travel back on the heartbeats it answers)."""
+    cfg = JobConfig.model_validate(cfg_dict)
+    if cfg.metrics.trace:
+        tracing.start(worker, pool)
+    labels = MetricLabels(job=cfg.name, pool=pool, worker=worker)
+    port = serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range) if cfg.metrics.enabled else None
+    return cfg, labels, port
+
+
+def metrics_target(bind_address: str, port: int | None) -> str | None:
+    """`host:port` Prometheus can scrape: the node's IP when bound to all interfaces."""
+    if port is None:
+        return None
+    import ray
+
+    host = ray.util.get_node_ip_address() if bind_address in ("0.0.0.0", "::") else bind_address
+    return f"{host}:{port}"
+
+
+def limit_threads(share: int) -> None:
+    """Give this process its share of the node's cores so co-located actors do not thrash."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, share)))
+
+
+def rendezvous_address() -> tuple[str, int]:
+    """This node's IP and a free port, for a torch.distributed group's rank 0 to host the rendezvous."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float = 300.0) -> None:
+    """Join the group (gloo on CPU, nccl on CUDA); every rank calls it at once. A collective
+    that waits `timeout_s` for a peer fails instead of waiting forever."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+async def heartbeat(actor, timeout_s: float) -> Heartbeat:
+    """One heartbeat to `actor` (its `heartbeat()` answers `{"stalled_s": ...}`), bounded by
+    `timeout_s`."""
+    import asyncio
+
+    import ray
+
+    from rlhf_cluster.telemetry.liveness import Heartbeat
+
+    try:
+        reply = await asyncio.wait_for(actor.heartbeat.remote(), timeout_s)
+    except asyncio.TimeoutError:
+        return Heartbeat(answered=False)
+    except ray.exceptions.RayActorError:
+        return Heartbeat(answered=False, dead=True)
+    return Heartbeat(answered=True, stalled_s=reply["stalled_s"], spans=reply.get("spans", []))

@@ -1,0 +1,54 @@
+"""CriticRank actors: PPO's value model as its own `RankGroup`, sized by `critic.world_size` apart
+from the policy learner's; the trainer asks it for the values of each step's batch before the
+policy step, then trains both on it.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+
+import ray
+
+from actors.workers._common import actor_setup, join_process_group, limit_threads, metrics_target
+from actors.workers.learner import ShardedRank
+from rlhf_cluster.telemetry import metrics as m, tracing
+from rlhf_cluster.learner.critic import ValueLearner
+from rlhf_cluster.experience.records import TrainBatch
+
+
+@ray.remote(concurrency_groups={"health": 1})
+class CriticRank(ShardedRank):
+    """One rank of the critic group (a `ValueLearner`)."""
+
+    def __init__(self, cfg_dict: dict, policy_path: str, rank: int, world_size: int):
+        self.cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "critic", f"rank{rank}")
+        self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
+        self.checkpoint_write: Future | None = None
+        self.learner: ValueLearner | None = None
+        limit_threads(world_size + 1)
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the critic's process group and shard the value model (all ranks at once)."""
+        join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
+        self.learner = ValueLearner(self.cfg, self.policy_path)
+        return {
+            "name": f"rank{self.rank}",
+            "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),
+            "pid": os.getpid(),
+        }
+
+    def values(self, batch: TrainBatch) -> list[list[float]]:
+        """Collective: the per-token values of each response in this rank's share of the step's batch."""
+        with tracing.span("values"):
+            values = self.learner.values(batch)
+        lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()
+        return [values[i, :n].tolist() for i, n in enumerate(lengths)]
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """Collective: one clipped-value-loss step on this rank's share (with returns and old values)."""
+        with tracing.span("train_step"):
+            metrics = self.learner.train_step(batch)
+        self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["critic/step_seconds"])
+        self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
+        return metrics

@@ -1,0 +1,170 @@
+"""LearnerRank actors: the policy's FSDP2 or DeepSpeed ranks (one `RankGroup`), which train and publish weights."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.workers._common import actor_setup, join_process_group, metrics_target, rendezvous_address
+from rlhf_cluster.telemetry import metrics as m, tracing
+from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
+from rlhf_cluster.generation.quantization import quantize_state_dict
+from rlhf_cluster.learner import create_learner
+from rlhf_cluster.learner.base import LearnerBase
+from rlhf_cluster.experience.records import TrainBatch
+from rlhf_cluster.weights.buckets import now as delivery_time, persisted
+from rlhf_cluster.weights.transports import build_transport
+from rlhf_cluster.weights import WeightStore
+
+
+class ShardedRank:
+    """What every rank of a sharded group (policy learner, critic) answers besides its step:
+    the rendezvous address and its checkpoint. Subclasses set `self.learner` and
+    `self.checkpoint_write`."""
+
+    learner: Any
+    checkpoint_write: Future | None
+
+    def address(self) -> tuple[str, int]:
+        """Host and a free port for the process group's rendezvous (asked of rank 0)."""
+        return rendezvous_address()
+
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict:
+        """Answered on its own thread during a step or a collective: a stopped rank does not answer."""
+        return {"stalled_s": 0.0, "spans": tracing.drain()}
+
+    def state_digest(self) -> str:
+        """The digest of this rank's model and optimizer shards, scheduler and step (as checkpoints record it)."""
+        return self.learner.state_digest()
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Stage this rank's state and write it in the background; returns the staged state's digest."""
+        if self.checkpoint_write is not None:
+            self.checkpoint_write.result()  # one checkpoint at a time
+        self.checkpoint_write, digest = self.learner.save_checkpoint(directory)
+        return digest
+
+    def wait_checkpoint(self) -> None:
+        """Block until this rank's last checkpoint write is on disk (raises what the write raised)."""
+        if self.checkpoint_write is not None:
+            write, self.checkpoint_write = self.checkpoint_write, None
+            write.result()
+
+    def load_checkpoint(self, directory: str) -> str:
+        """Restore this rank from a checkpoint, then take this job's optimizer settings over the
+        checkpoint's; returns the digest of the state as restored."""
+        digest = self.learner.load_checkpoint(directory)
+        self.learner.apply_settings()
+        return digest
+
+    def shard_info(self) -> dict[str, tuple[int, int]]:
+        return self.learner.shard_info()
+
+
+# A second thread answers wait_published while a step runs; heartbeats have a thread of their own.
+@ray.remote(max_concurrency=2, concurrency_groups={"health": 1})
+class LearnerRank(ShardedRank):
+    """One rank of the learner group; rank 0 also publishes versions to the weight store."""
+
+    def __init__(self, cfg_dict: dict, model_path: str, rank: int, world_size: int, probe: Probe | None = None):
+        self.cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "learner", f"rank{rank}")
+        self.model_path, self.rank, self.world_size = model_path, rank, world_size
+        self.probe = probe
+        self.store = None
+        if rank == 0:
+            # The int8 rollout variant is derived here, once per version, for every generation worker.
+            variants = {}
+            if "int8" in self.cfg.generation.weight_variants:
+                variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.engine_dtype))
+            self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
+        self.pending: dict[int, Future] = {}
+        self.engine_dtype = getattr(torch, self.cfg.engine_dtype)
+        self.transport = (build_transport(self.cfg.weights, self.store, self.cfg.generation.weight_variants,
+                                          self.engine_dtype, put=ray.put) if rank == 0 else None)
+        self.checkpoint_write: Future | None = None
+        self.learner: LearnerBase | None = None
+        if not torch.cuda.is_available():
+            weight_bytes = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
+                               for f in Path(model_path).glob(pattern))
+            torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1, weight_bytes))
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group and shard the model (all ranks at once)."""
+        join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
+        self.learner = create_learner(self.cfg, self.model_path)  # learner.backend picks the class
+        return {
+            "name": f"rank{self.rank}",
+            "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),
+            "pid": os.getpid(),
+        }
+
+    def publish(self, version: int, persist: bool = False) -> None:
+        """Collective: score the mismatch probe, then gather the weights one tensor at a time;
+        rank 0 streams them, cast to the engine's dtype, to the job's transport and returns (see
+        `rlhf_cluster.weights.transports`). The version is also a durable snapshot in the store
+        when one is due, or when `persist` forces it (the start, a restored checkpoint)."""
+        files = {}
+        if self.probe is not None:
+            logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
+            files[PROBE_FILE] = probe_file(self.probe, logprobs)
+        # What the engines hold is what leaves the device and goes on disk too: cast there (no
+        # fp32 copy when the engine runs bf16), a tied output embedding once.
+        named = self.learner.named_full_tensors(self.engine_dtype)
+        if self.rank != 0:
+            for _ in named:  # this rank's part of every gather
+                pass
+            return
+        snapshot = persist or persisted(version, self.cfg.weights.persist_every, self.cfg.checkpoint.every_steps,
+                                        self.cfg.train.total_steps)
+        self.pending[version] = self.transport.publish(version, delivery_time(), named, files, snapshot)
+
+    def wait_persisted(self) -> None:
+        """Block until every queued store write is durable (rank 0; raises what a write raised)."""
+        self.transport.wait_persisted()
+
+    def wait_published(self, version: int) -> dict:
+        """Block until the transport has published `version`; returns times, bytes and the
+        `delivery` to push to the engines."""
+        stats = self.pending.pop(version).result()
+        self.labels.of(m.LEARNER_VERSION).set(version)
+        for variant, seconds in stats["variant_seconds"].items():
+            self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=variant).observe(seconds)
+        return stats
+
+    def train(self, batch: TrainBatch, version: int, kl_coef: float) -> tuple[dict[str, float], dict | None]:
+        """One learner step on this rank's share, then publish the result as `version`. Returns the
+        step's metrics and, when the publication is complete already (rank 0, e.g. packed in the object store),
+        what `wait_published` would: the driver pushes it without another round trip."""
+        with tracing.span("train_step", version=version):
+            metrics = self.learner.train_step(batch, kl_coef)
+        self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
+        self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
+        with tracing.span("publish", version=version):
+            self.publish(version)
+        publication = self.pending.get(version)
+        return metrics, (self.wait_published(version) if publication is not None and publication.done() else None)
+
+    def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Collective: the policy's fp32 log-probs of fixed sequences (what an engine holding the
+        published weights should report)."""
+        return self.learner.probe_logprobs(prompt_ids, response_ids)
+
+    def reference_logprobs(self, batch: TrainBatch) -> list[list[float]] | None:
+        """Collective: the reference log-probs the learner would train this batch against when it
+        computes them itself (LoRA: base model, adapters off); None when they come from scoring."""
+        ref = self.learner.reference_logprobs(batch)
+        if ref is None:
+            return None
+        lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()
+        return [ref[i, :n].float().cpu().tolist() for i, n in enumerate(lengths)]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective; rank 0 returns the gathered weights, other ranks an empty dict."""
+        return self.learner.full_state_dict()

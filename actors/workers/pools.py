@@ -1,0 +1,210 @@
+"""ActorPool: same-kind actors with least-busy dispatch that can grow and shrink while serving.
+
+Dispatch goes through `call`, so the pool knows each actor's requests in flight: a retired
+actor leaves the rotation at once but is killed only after its last request has returned, so
+no request is lost when a pool shrinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable
+
+import ray
+
+from actors.workers._common import heartbeat
+from rlhf_cluster.config import FaultsConfig, ResourcesConfig
+from rlhf_cluster.telemetry.liveness import HungWorkerError
+from rlhf_cluster.telemetry.tracing import PoolActivity
+
+STARTUP_TIMEOUT_S = 900  # a new worker's constructor (model load, engine start) must finish within this
+
+
+def actor_options(res: ResourcesConfig) -> dict[str, Any]:
+    """Ray options for one actor of a pool from its resources config."""
+    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.custom:
+        opts["resources"] = dict(res.custom)
+    return opts
+
+
+class ActorPool:
+    """Actors created by `factory(index, slot)`; names are `{prefix}{index}` and never reused. The
+    slot is the index of the worker a replacement stands in for (its own index otherwise), so a
+    per-replica setting (e.g. `generation.quantization: [none, int8]`) survives restarts."""
+
+    def __init__(
+        self,
+        name: str,
+        prefix: str,
+        factory: Callable[[int, int], Any],
+        *,
+        prepare: Callable[[Any], Awaitable[None]] | None = None,
+        max_restarts: int = 0,
+        backoff_s: float = 0.0,
+        on_restart: Callable[[str, str], None] | None = None,
+        activity: PoolActivity | None = None,
+    ):
+        self.name = name
+        self.activity = activity or PoolActivity()  # when each worker had a request in flight (busy share)
+        self.prefix = prefix
+        self._factory = factory
+        self.prepare = prepare  # run on every new actor before it serves (e.g. load weights)
+        self.max_restarts = max_restarts
+        self.backoff_s = backoff_s
+        self.on_restart = on_restart
+        self.restarts = 0
+        self._next_index = 0
+        self.slot_of: dict[str, int] = {}  # worker name -> slot
+        self.actors: dict[str, Any] = {}  # in rotation
+        self._in_flight: dict[str, int] = {}
+        self._turn = 0
+        self._drained = asyncio.Condition()
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def create(self, count: int, replacing: str | None = None) -> dict[str, Any]:
+        """Start `count` new actors (not yet in rotation); with `replacing`, one in that worker's slot."""
+        created = {}
+        for _ in range(count):
+            index = self._next_index
+            slot = self.slot_of.get(replacing, index) if replacing else index
+            name = f"{self.prefix}{index}"
+            created[name] = self._factory(index, slot)
+            self.slot_of[name] = slot
+            self._next_index += 1
+        return created
+
+    async def _create_prepared(self, count: int, replacing: str | None = None) -> dict[str, Any]:
+        """Start `count` actors and `prepare` them; none is leaked if that fails or is cancelled."""
+        created = self.create(count, replacing)
+        try:
+            # Started (its constructor done: a model loaded, an engine up) before it counts: a
+            # heartbeat is answered only then, and an actor still starting is not a hung one.
+            await asyncio.wait_for(asyncio.gather(*[actor.heartbeat.remote() for actor in created.values()]), STARTUP_TIMEOUT_S)
+            if self.prepare is not None:
+                await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
+        except BaseException:
+            for actor in created.values():
+                ray.kill(actor, no_restart=True)
+            raise
+        return created
+
+    def activate(self, actors: dict[str, Any]) -> None:
+        """Put ready actors into rotation."""
+        for name, actor in actors.items():
+            self.actors[name] = actor
+            self._in_flight.setdefault(name, 0)
+
+    def start(self, count: int) -> dict[str, Any]:
+        """Create and activate `count` actors (at job start, before anything is dispatched)."""
+        created = self.create(count)
+        self.activate(created)
+        return created
+
+    async def call(self, method: str, *args) -> tuple[str, Any]:
+        """Call `method` on the next actor in rotation; returns (actor name, result).
+
+        If the actor dies, it is replaced (up to `max_restarts` over the pool's life) and the
+        request is retried on another actor; the caller sees an error only when no restart is
+        left. Retried generation makes new sample ids, retried scoring returns the same
+        samples again, so a retry can never put a sample into the buffer twice.
+        """
+        while True:
+            if not self.actors:
+                async with self._drained:
+                    await self._drained.wait_for(lambda: bool(self.actors))
+            # The least busy actor, ties broken in rotation: a worker stuck on a long request
+            # gets no more until the others have caught up.
+            names = list(self.actors)
+            start = self._turn % len(names)
+            self._turn += 1
+            name = min(names[start:] + names[:start], key=lambda n: self._in_flight[n])
+            actor = self.actors[name]
+            self._in_flight[name] += 1
+            busy = self.activity.begin(self.name, name)
+            try:
+                return name, await getattr(actor, method).remote(*args)
+            except ray.exceptions.RayActorError as exc:
+                await self._replace(name, actor, exc)
+            finally:
+                self.activity.end(busy)
+                self._in_flight[name] -= 1
+                async with self._drained:
+                    self._drained.notify_all()
+
+    async def _replace(self, name: str, actor: Any, cause: BaseException) -> None:
+        """Swap a dead actor for a new one (the first caller to see it dead does the work)."""
+        if self.actors.get(name) is not actor:
+            return  # already replaced by a concurrent call, or retired
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(
+                f"{self.name} pool: worker {name} died and the {self.max_restarts} allowed restarts are used up"
+            ) from cause
+        del self.actors[name]
+        self.restarts += 1
+        await asyncio.sleep(self.backoff_s * 2 ** (self.restarts - 1))
+        created = await self._create_prepared(1, replacing=name)
+        self.activate(created)
+        if self.on_restart is not None:
+            self.on_restart(name, next(iter(created)))
+        async with self._drained:
+            self._drained.notify_all()
+
+    async def watch(self, faults: FaultsConfig, on_hung: Callable[[str, str, float, float], None],
+                    on_spans: Callable[[list[dict]], None] = lambda spans: None) -> None:
+        """Heartbeat every worker in rotation each `faults.heartbeat_interval_s`; one that does not
+        answer within `heartbeat_timeout_s`, or whose engine is stalled past `stall_timeout_s`, is
+        killed and replaced (its requests in flight fail over to the others and are retried, as
+        when a worker dies). `on_hung(dead, reason, detected_s, replaced_s)`: detected_s is the
+        time since its last good heartbeat, replaced_s from the kill to its replacement serving.
+        The trace spans the heartbeats bring back go to `on_spans`."""
+        last_ok: dict[str, float] = {}
+        while True:
+            started = time.monotonic()
+            names = list(self.actors)
+            beats = await asyncio.gather(*[heartbeat(self.actors[n], faults.heartbeat_timeout_s) for n in names])
+            on_spans([span for beat in beats for span in beat.spans])
+            for name, beat in zip(names, beats):
+                reason = beat.hung(faults.stall_timeout_s)
+                actor = self.actors.get(name)
+                if reason is None:
+                    last_ok[name] = time.monotonic()
+                    continue
+                if actor is None:
+                    continue  # replaced or retired meanwhile
+                detected = time.monotonic() - last_ok.pop(name, started)
+                ray.kill(actor, no_restart=True)
+                killed = time.monotonic()
+                await self._replace(name, actor, HungWorkerError(f"{self.name} worker {name}: {reason}"))
+                on_hung(name, reason, detected, time.monotonic() - killed)
+            await asyncio.sleep(max(0.0, faults.heartbeat_interval_s - (time.monotonic() - started)))
+
+    async def retire(self, count: int) -> list[str]:
+        """Take the newest `count` actors out of rotation, wait for their requests, kill them."""
+        if count >= len(self.actors):
+            raise ValueError(f"{self.name} pool: cannot retire {count} of {len(self.actors)} actors (one must stay)")
+        leaving = list(self.actors)[-count:] if count else []
+        handles = {name: self.actors.pop(name) for name in leaving}
+        async with self._drained:
+            await self._drained.wait_for(lambda: all(self._in_flight[n] == 0 for n in leaving))
+        for name, actor in handles.items():
+            ray.kill(actor, no_restart=True)
+        return leaving
+
+    async def resize(self, replicas: int) -> list[str]:
+        """Grow (new actors are `prepare`d, e.g. loaded with the newest weights, before serving) or shrink."""
+        if replicas < 1:
+            raise ValueError(f"{self.name} pool: replicas must be >= 1, got {replicas}")
+        if replicas > len(self.actors):
+            created = await self._create_prepared(replicas - len(self.actors))
+            self.activate(created)
+            return list(created)
+        return await self.retire(len(self.actors) - replicas)
+
+    def kill(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+        self.actors.clear()

@@ -1,0 +1,14 @@
+"""A job before and around its run: inputs made ready, checks, placement, warm-up, and the
+decisions taken on the run's own measurements.
+
+- `inputs`: the model folder and prompt files made ready before any actor starts.
+- `preflight`, `validation`: every check of a config and of the files it names, before anything
+  starts; `preview`: what `--dry-run` shows; `placement`: what each pool asks of the cluster.
+- `warmup`: the short supervised warm-up on the task.
+- `user_code`: importing what a config names as `module:attribute`.
+- `guardrails`: the best checkpoint kept, rollbacks and early stops; `elastic`: the world size a
+  rebuilt learner continues at.
+
+May import: `rlhf_cluster.config`, `data`, `models`, `learner`, `generation`, `scoring`, `run`;
+never ray.
+"""

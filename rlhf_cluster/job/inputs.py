@@ -1,0 +1,90 @@
+"""A job's inputs, made ready before any actor starts: the model folder (the tiny demo model and
+its supervised warm-up when no model is given), the prompt files and the mismatch probe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
+from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
+from rlhf_cluster.data.tool_task import tool_demonstrations
+from rlhf_cluster.generation.probe import Probe, build_probe
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
+from rlhf_cluster.job.warmup import ensure_warmed_model
+
+
+@dataclass
+class JobInputs:
+    """What every pool starts from: version 0's model folder, the prompts, the probe."""
+
+    model_path: str
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    probe: Probe | None
+    tokenizer: object  # the model's tokenizer (templates, lengths, probe; decoding samples.jsonl)
+
+
+def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
+    """Build (or find cached) the model and the prompt files; the warmed-up model is version 0:
+    the reference, the learner and generation all start there."""
+    model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+    train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
+    columns = cfg.data.columns if cfg.data.path else None
+    prompts = read_prompt_file(train_file, columns)
+    eval_prompts = read_prompt_file(eval_file, columns) if eval_file is not None else []
+    if cfg.data.path is not None and (cfg.data.eval_fraction or eval_file is not None):
+        split = (split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed) if cfg.data.eval_fraction
+                 else split_by_file(prompts, eval_prompts, str(eval_file)))
+        split.write(run_dir.root / "data" / "held_out.json")
+        prompts, eval_prompts = split.train, evaluated(split.held_out, cfg.data.eval_prompts, cfg.data.seed)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the warm-up keeps it: one for templates, lengths, probe
+    if cfg.data.chat_template:
+        prompts = apply_chat_template(prompts, tokenizer, cfg.data.system_prompt)
+        eval_prompts = apply_chat_template(eval_prompts, tokenizer, cfg.data.system_prompt)
+    room = cfg.generation.max_model_len - cfg.generation.sampling.max_new_tokens
+    check_prompt_lengths(prompts, tokenizer, room, str(train_file))
+    if eval_file is not None:
+        check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file))
+    if cfg.model.sft_warmup_steps:
+        # The tool task is warmed up on episodes (some calling the calculator), the others on answers.
+        demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None
+        model_path = str(ensure_warmed_model(
+            model_path, prompts, cfg.model.sft_warmup_steps, cfg.model.sft_warmup_lr, cfg.model.sft_warmup_batch_size,
+            cfg.seed, progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
+            demonstrations=demonstrations,
+        ))
+    return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
+
+
+def check_prompt_lengths(prompts: list[Prompt], tokenizer, limit: int, source: str) -> None:
+    """Every prompt leaves room for a full response in the engine's context, or the job stops here."""
+    too_long = [(p.prompt_id, n) for p in prompts if (n := len(p.encode(tokenizer))) > limit]
+    if too_long:
+        raise ValueError(f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
+                         f"generation.sampling.max_new_tokens = {limit} tokens (first: {too_long[0][0]!r}, "
+                         f"{too_long[0][1]} tokens); raise max_model_len or shorten the prompts")
+
+
+def build_job_probe(cfg: JobConfig, tokenizer, prompts: list[Prompt]) -> Probe | None:
+    """The job's mismatch probe (None when `generation.probe.sequences` is 0)."""
+    if cfg.generation.probe.sequences == 0:
+        return None
+    return build_probe(prompts, tokenizer, cfg.generation.probe.sequences)
+
+
+def _warmup_progress(steps: int, show: bool):
+    bar = tqdm(total=steps, desc="supervised warm-up", disable=not show, dynamic_ncols=True)
+
+    def update(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step + 1 == steps:
+            bar.close()
+
+    return update

@@ -1,0 +1,335 @@
+"""Preflight: every check of a whole job config, run before anything starts.
+
+`load_config` (pydantic) checks each field and each section on its own. What relates sections to
+each other, and whether the files a config names are usable (model folders, the prompt file, the
+reward function, reward models, the DeepSpeed JSON), is checked here, in one place: the driver
+runs `preflight` first thing (before any Ray call), `rlhf-cluster train --dry-run` runs it and
+prints the outcome, `submit` runs the config rules before shipping a job.
+
+Every refusal names the field and what was expected; all refusals of one config are reported
+together in one `ConfigError`. Settings that are allowed but usually a mistake come back as
+warnings. Ray-free; torch is imported only when a custom reward function has to be loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
+from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
+
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
+
+def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:
+    """Check `cfg` as a whole; return its warnings, or raise `ConfigError` naming every problem.
+
+    `files=False` skips the checks that read files or this machine (for a config checked on
+    another machine than the one that runs it, as `submit` does). `resume`: a checkpoint path
+    (`--resume PATH`) must verify.
+    """
+    problems = [p for rule in CONFIG_RULES for p in rule(cfg)]
+    if files:
+        problems += [p for check in FILE_CHECKS for p in check(cfg)]
+        problems += _resume_path(resume)
+    if problems:
+        head = "config refused:" if len(problems) == 1 else f"config refused ({len(problems)} problems):"
+        raise ConfigError(head + "".join(f"\n  {p}" for p in problems))
+    return [w for rule in WARNING_RULES for w in rule(cfg)]
+
+
+# ---- rules between sections -----------------------------------------------------------------
+def _data_source(cfg: JobConfig) -> list[str]:
+    if cfg.data.task is None and cfg.data.path is None:
+        return ["data.task / data.path: both empty; set `task` (a built-in task) or `path` (a prompt file)"]
+    return []
+
+
+def _reward_sources(cfg: JobConfig) -> list[str]:
+    # The reward workers always run a rule reward (the task's verifier records `correct` even at
+    # weight 0), so without a task there must be a function.
+    if cfg.data.verifier_name is not None or isinstance(cfg.scoring.rule_source, FunctionReward):
+        return []
+    where = next((f"scoring.rewards[{i}]" for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, VerifierReward)),
+                 "scoring.rewards")
+    return [f"{where}: no reward without a verifier: data.verifier and data.task are empty; set data.verifier (e.g. "
+            "gsm8k) or add a `{type: function, function: 'module:function'}` source"]
+
+
+def _buffer_fits(cfg: JobConfig) -> list[str]:
+    t = cfg.train
+    need = ((t.max_staleness + 1) * t.prompts_per_step + t.oversample_groups) * cfg.generation.sampling.n
+    if cfg.buffer.capacity < need:
+        return [f"buffer.capacity={cfg.buffer.capacity} is smaller than ((train.max_staleness+1) * train.prompts_per_step "
+                f"+ train.oversample_groups) * generation.sampling.n = {need}; expected at least {need}"]
+    return []
+
+
+def _overlong_fits(cfg: JobConfig) -> list[str]:
+    buffer, limit = cfg.algorithm.shaping.overlong_buffer, cfg.generation.sampling.max_new_tokens
+    if buffer >= limit:
+        return [f"algorithm.shaping.overlong_buffer={buffer} must be smaller than generation.sampling.max_new_tokens={limit}"]
+    return []
+
+
+def _lora(cfg: JobConfig) -> list[str]:
+    if not cfg.learner.lora.enabled:
+        return []
+    out = []
+    if not isinstance(cfg.learner.backend, FSDP2Backend):
+        out.append(f"learner.lora needs learner.backend: fsdp2 (got {cfg.learner.backend.type})")
+    if cfg.algorithm.kl.placement == "reward":
+        out.append("learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
+                   "the learner at train time, after rewards are final; use kl.placement loss or none")
+    return out
+
+
+def _advantage_needs(cfg: JobConfig) -> list[str]:
+    a = cfg.algorithm.advantage
+    if a in GROUP_ADVANTAGES and cfg.generation.sampling.n < 2:
+        return [f"algorithm.advantage={a} needs generation.sampling.n >= 2 (a group per prompt), got {cfg.generation.sampling.n}"]
+    if a == "gae" and cfg.critic is None:
+        return ["algorithm.advantage=gae needs a learned critic: add a `critic` section (e.g. `critic: {init: policy}`), "
+                "or choose an advantage without one (grpo, dr_grpo, rloo, reinforce_pp)"]
+    return []
+
+
+def batch_splits(cfg: JobConfig) -> list[str]:
+    """Problems with how the step batch splits over the learner's (and critic's) ranks."""
+    # Each step's samples are dealt round-robin to the ranks; an uneven split gives ranks
+    # different batch sizes (and the global loss denominators assume equal shares).
+    batch = cfg.samples_per_step
+    groups = [("learner.world_size", cfg.learner.world_size)]
+    if cfg.critic is not None:
+        groups.append(("critic.world_size", cfg.critic.world_size))
+    out = [
+        f"the step batch train.prompts_per_step * generation.sampling.n = {cfg.train.prompts_per_step} * "
+        f"{cfg.generation.sampling.n} = {batch} is not divisible by {field}={world}; change one of them so every "
+        "rank gets the same number of samples"
+        for field, world in groups if batch % world
+    ]
+    per_rank = batch // cfg.learner.world_size
+    if not out and per_rank < cfg.learner.mini_batches:
+        out.append(f"learner.mini_batches={cfg.learner.mini_batches} is larger than the samples each rank gets per step "
+                   f"(train.prompts_per_step * generation.sampling.n / learner.world_size = {per_rank}); "
+                   "a mini-batch would be empty")
+    return out
+
+
+def _elastic_backend(cfg: JobConfig) -> list[str]:
+    if cfg.faults.elastic and isinstance(cfg.learner.backend, DeepSpeedBackend):
+        return ["faults.elastic needs learner.backend=fsdp2: DeepSpeed ZeRO checkpoints resume only at the world size "
+                "that wrote them, so a learner cannot continue on fewer ranks"]
+    return []
+
+
+def _tool_task_episodes(cfg: JobConfig) -> list[str]:
+    # Its warm-up teaches calculator calls, and its verifier reads the answer after the tool's result.
+    if cfg.data.task == "tool_arithmetic" and cfg.generation.environment is None:
+        return ["generation.environment is empty, but data.task=tool_arithmetic is answered in episodes with a "
+                "calculator: set generation.environment: tools (configs/tool_demo.yaml)"]
+    return []
+
+
+def _guardrails(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.job.guardrails import metric_problem
+
+    g = cfg.guardrails
+    if not g.active:
+        return []
+    if not cfg.data.eval_every_steps:
+        return ["guardrails: keep_best / patience / target / rollback.eval_drop act on the periodic evaluation, which is off; set "
+                "data.eval_every_steps (and held-out prompts: data.eval_prompts, or data.eval_fraction / eval_path)"]
+    problem = metric_problem(g.metric, cfg.data)
+    return [problem] if problem else []
+
+
+CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
+    _data_source, _reward_sources, _buffer_fits, _overlong_fits, _lora, _advantage_needs, batch_splits, _elastic_backend,
+    _tool_task_episodes, _guardrails,
+]
+
+
+# ---- files the config names -----------------------------------------------------------------
+def _model_dir(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.job.validation import validate_model_dir
+
+    problems = []
+    if cfg.model.path is not None:
+        try:
+            validate_model_dir(cfg.model.path, needs_chat_template=cfg.data.chat_template)
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.path: {exc}" + (" (data.chat_template is on)" if "chat template" in str(exc) else ""))
+    draft = cfg.generation.speculative.model if cfg.generation.speculative else None
+    if draft is not None:
+        try:
+            validate_model_dir(draft)
+        except (OSError, ValueError) as exc:
+            problems.append(f"generation.speculative.model: {exc}")
+    return problems
+
+
+def _prompt_file(cfg: JobConfig) -> list[str]:
+    # The whole file: every row is checked before any work starts.
+    from rlhf_cluster.data.prompts import read_prompt_file
+
+    from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
+
+    if cfg.data.path is None:
+        return []
+    try:
+        prompts = read_prompt_file(cfg.data.path, cfg.data.columns)
+    except (OSError, ValueError) as exc:
+        return [f"data.path: {exc}"]
+    try:
+        if cfg.data.eval_path is not None:
+            split_by_file(prompts, read_prompt_file(cfg.data.eval_path, cfg.data.columns), cfg.data.eval_path)
+        elif cfg.data.eval_fraction:
+            split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
+    except (OSError, ValueError) as exc:
+        return [str(exc) if str(exc).startswith("data.") else f"data.eval_path: {exc}"]
+    return []
+
+
+def _reward_files(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.job.validation import validate_reward_model_dir
+
+    out = []
+    for i, source in enumerate(cfg.scoring.rewards):
+        if isinstance(source, FunctionReward):
+            from rlhf_cluster.scoring.rewards import load_reward_fn  # imports torch: only when there is one
+
+            try:
+                load_reward_fn(source.function, field=f"scoring.rewards[{i}].function")
+            except ValueError as exc:
+                out.append(str(exc))
+        elif isinstance(source, ModelReward):
+            for j, spec in enumerate(source.models):
+                try:
+                    validate_reward_model_dir(spec.path, field=f"scoring.rewards[{i}].models[{j}].path")
+                except (OSError, ValueError) as exc:
+                    out.append(str(exc))
+    return out
+
+
+def _critic_init(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.job.validation import validate_reward_model_dir
+
+    if cfg.critic is None or cfg.algorithm.advantage != "gae" or cfg.critic.init == "policy":
+        return []
+    try:
+        validate_reward_model_dir(cfg.critic.init, field="critic.init")
+    except (OSError, ValueError) as exc:
+        return [str(exc)]
+    return []
+
+
+def _deepspeed_json(cfg: JobConfig) -> list[str]:
+    from rlhf_cluster.learner.deepspeed_config import DeepSpeedJSONError, check_user_json, read_user_json
+
+    backend = cfg.learner.backend
+    if not isinstance(backend, DeepSpeedBackend) or not backend.config_file:
+        return []
+    try:
+        check_user_json(read_user_json(backend.config_file), backend.config_file, cfg.learner, cfg.learner.world_size)
+    except DeepSpeedJSONError as exc:
+        return [str(exc)]
+    return []
+
+
+def _bind_address(cfg: JobConfig) -> list[str]:
+    if not cfg.metrics.enabled:
+        return []
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in cfg.metrics.bind_address else socket.AF_INET) as sock:
+            sock.bind((cfg.metrics.bind_address, 0))
+    except OSError as exc:
+        return [f"metrics.bind_address={cfg.metrics.bind_address!r}: cannot listen there on this machine ({exc.strerror}); "
+                "use an address of this host, e.g. 127.0.0.1 or 0.0.0.0"]
+    return []
+
+
+def _resume_path(resume: str | None) -> list[str]:
+    if resume is None or resume == "auto":
+        return []  # auto: the newest checkpoint that verifies, or a fresh start when there is none
+    from rlhf_cluster.run.checkpoint import CheckpointError, CheckpointStore
+
+    try:
+        CheckpointStore.verify(resume)
+    except CheckpointError as exc:
+        return [f"--resume {resume}: {exc}"]
+    return []
+
+
+def _engine_kwargs(cfg: JobConfig) -> list[str]:
+    # Checked against the installed vLLM's own EngineArgs (imported only when there are any).
+    if not cfg.generation.engine_kwargs:
+        return []
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(cfg.generation.engine_kwargs) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k}" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
+                 for k in unknown]
+        return [f"generation.engine_kwargs: not a vllm EngineArgs field: {', '.join(hints)}"]
+    return []
+
+
+FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [_model_dir, _prompt_file, _reward_files, _critic_init, _deepspeed_json,
+                                                       _bind_address, _engine_kwargs]
+
+
+# ---- allowed, but usually a mistake ---------------------------------------------------------
+def _unused_critic(cfg: JobConfig) -> list[str]:
+    if cfg.critic is not None and cfg.algorithm.advantage != "gae":
+        return [f"a critic section is set but algorithm.advantage={cfg.algorithm.advantage}: only gae uses the critic, "
+                "so no critic is started"]
+    return []
+
+
+def _int8_without_correction(cfg: JobConfig) -> list[str]:
+    if "int8" in cfg.generation.weight_variants and not cfg.algorithm.correction.enabled:
+        return ["generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
+                "are trained on without importance correction, so the gradient carries the quantization mismatch"]
+    return []
+
+
+def _oversampling_always_stale(cfg: JobConfig) -> list[str]:
+    if cfg.train.oversample_groups and cfg.train.max_staleness == 0:
+        return ["train.oversample_groups > 0 with train.max_staleness = 0: a late group is always one version old "
+                "by the next step, so every over-sampled group is generated and then dropped as stale"]
+    return []
+
+
+def _in_flight_update_unused(cfg: JobConfig) -> list[str]:
+    if cfg.generation.mode == "batched" and cfg.generation.in_flight_update != "resume":
+        return ["generation.in_flight_update applies to mode streaming only; batched loads weights between requests"]
+    return []
+
+
+def _empty_ensemble(cfg: JobConfig) -> list[str]:
+    return [
+        f"scoring.rewards[{i}] (type: model) lists no models, so it adds nothing to the reward "
+        "(`rlhf-cluster pipeline` fills it with the reward model it trains)"
+        for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, ModelReward) and not s.models
+    ]
+
+
+def _task_verifier_on_a_users_file(cfg: JobConfig) -> list[str]:
+    if cfg.data.path and cfg.data.verifier is None and cfg.data.task and not isinstance(cfg.scoring.rule_source, FunctionReward):
+        return [f"data.path is a file of your own but data.verifier is not set: the built-in task's {cfg.data.task!r} "
+                "verifier scores its responses; set data.verifier (gsm8k, boxed, exact, regex) or a function reward"]
+    return []
+
+
+WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
+    _unused_critic, _int8_without_correction, _oversampling_always_stale, _in_flight_update_unused, _empty_ensemble,
+    _task_verifier_on_a_users_file,
+]

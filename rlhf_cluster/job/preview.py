@@ -1,0 +1,80 @@
+"""What the dry run shows before anything starts: the first prompt exactly as the engine will
+receive it (after the chat template) with its token count, and the bytes one weight sync moves
+to each engine, per weight variant. Ray-free; reads the model folder's tokenizer and safetensors
+headers only (no weights are loaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster.config import FunctionReward, JobConfig
+from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
+from rlhf_cluster.data.tasks import arithmetic_rows
+from rlhf_cluster.generation.quantization import checkpoint_spec, is_quantized_weight
+from rlhf_cluster.models.tiny_model import tiny_model_dir
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_folder(cfg: JobConfig) -> Path | None:
+    """The policy's model folder: `model.path`, or the cached tiny model (None before its first build)."""
+    if cfg.model.path:
+        return Path(cfg.model.path).expanduser()
+    tiny = tiny_model_dir(cfg.model.tiny, cfg.model.cache_dir)
+    return tiny if (tiny / "config.json").is_file() else None
+
+
+def first_prompt(cfg: JobConfig, tokenizer=None) -> Prompt:
+    """The job's first prompt in file order, templated as the engine will receive it."""
+    if cfg.data.path:
+        prompt = read_prompt_file(cfg.data.path, cfg.data.columns)[0]
+    else:
+        row = arithmetic_rows(1, cfg.data.seed, "train", cfg.data.max_operand)[0]
+        prompt = Prompt(row["prompt_id"], row["prompt"], row["answer"])
+    if cfg.data.chat_template:
+        prompt = apply_chat_template([prompt], tokenizer, cfg.data.system_prompt)[0]
+    return prompt
+
+
+def sync_bytes(model_path: str | Path, dtype: str, variants: list[str]) -> dict[str, int]:
+    """Bytes one weight version moves to an engine of each variant: every tensor in the engine
+    dtype (`full`), or linear weights as int8 plus a float32 scale per output row (`int8`)."""
+    spec = checkpoint_spec(model_path)
+    size = _BYTES[dtype]
+    out = {}
+    for variant in variants:
+        total = 0
+        for name, (_, shape) in spec.items():
+            numel = int(torch.Size(shape).numel())
+            if variant == "int8" and is_quantized_weight(name, torch.empty(shape, device="meta")):
+                total += numel + 4 * shape[0]
+            else:
+                total += numel * size
+        out[variant] = total
+    return out
+
+
+def preview_lines(cfg: JobConfig) -> list[str]:
+    """The dry run's view of the job's inputs (see the module docstring)."""
+    folder = model_folder(cfg)
+    tokenizer = None
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    if cfg.data.chat_template and tokenizer is None:
+        return ["first prompt: the model is not built yet (its tokenizer renders the chat template)"]
+    prompt = first_prompt(cfg, tokenizer)
+    count = f"{len(prompt.encode(tokenizer))} tokens" if tokenizer is not None else "tokens: model not built yet"
+    rule = cfg.scoring.rule_source
+    scorer = f"function {rule.function}" if isinstance(rule, FunctionReward) else f"verifier {cfg.data.verifier_name}"
+    lines = [f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}",
+             f"reward: {scorer}" + (" + reward models" if cfg.scoring.model_source else "")]
+    if folder is not None:
+        per_variant = sync_bytes(folder, cfg.engine_dtype, cfg.generation.weight_variants)
+        lines.append("bytes per weight sync, per engine: "
+                     + ", ".join(f"{variant} {n / 1e6:.1f} MB" for variant, n in per_variant.items()))
+    return lines

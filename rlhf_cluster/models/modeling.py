@@ -1,0 +1,136 @@
+"""Model loading and per-token log-probs of responses, shared by the learner and the reference.
+
+Sequences are prompt+response, right-padded. The log-prob of response token t comes from the
+logits at position `prompt_len - 1 + t`; the output is in the response frame [B, T].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
+from rlhf_cluster.models.packing import PackedRows, pack_rows, packing_pays, prepared_mask
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A Hugging Face causal LM from a local folder; flash-attn on CUDA when installed, SDPA otherwise.
+
+    `device="spread"`: over every visible GPU, its layers split between them (accelerate's
+    `device_map="auto"`): a frozen scoring model larger than one GPU (the reference design's 70B
+    reference on 4 GPUs); one GPU or none is the same as "cuda" / "cpu"."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model path {folder}: expected a Hugging Face folder with config.json")
+    attn = "sdpa"
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    if device == "spread":
+        if torch.cuda.device_count() > 1:
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn, device_map="auto")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    return model.to(device)
+
+
+def response_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets) [B, T]: position p's output predicts token p+1, so response token t of
+    a row is scored at `prompt_len - 1 + t`. The clamp keeps padded positions in range (their
+    values are garbage the caller masks)."""
+    L = input_ids.shape[1]
+    steps = torch.arange(response_len, device=input_ids.device)
+    positions = (prompt_lengths.to(input_ids.device)[:, None] - 1 + steps[None, :]).clamp(max=L - 2)
+    return positions, input_ids.gather(1, positions + 1)
+
+
+def attention_of(model) -> tuple[str, torch.dtype]:
+    """(attention implementation, compute dtype) of a Hugging Face model, also inside a DeepSpeed
+    engine (whose own `config` is its settings)."""
+    inner = getattr(model, "module", model)
+    return inner.config._attn_implementation, inner.get_input_embeddings().weight.dtype
+
+
+def response_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    packed: bool = True,
+    packing: PackedRows | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 log-probs [B, T] of the response tokens (and their entropies if asked) under `model`.
+
+    The output layer runs only at the response positions, `chunk_tokens` at a time
+    (`chunked_logprobs`): no [tokens, vocab] tensor is ever whole. `packed`: only the rows' real
+    tokens run through the model, packed into rows sized for its attention (`packing`), where that
+    holds fewer slots than the padded rows (`packing_pays`); `packing` is that layout planned
+    already on the host (else it is planned here, reading the lengths back from the device).
+    Positions past a response's end hold garbage and must be masked by the caller.
+    """
+    impl, dtype = attention_of(model)
+    if packed and packing is None:
+        packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
+    if packed and packing_pays(packing, input_ids.numel()):
+        packed_ids = packing.input_ids(input_ids)
+        with scored_positions(model, packing.positions, packing.targets(packed_ids), temperature, with_entropy,
+                              chunk_tokens) as scored:
+            return scored.read(model(input_ids=packed_ids, position_ids=packing.position_ids,
+                                     attention_mask=packing.attention_mask(impl, dtype), use_cache=False).logits)
+    positions, targets = response_positions(input_ids, prompt_lengths, response_len)
+    B, L = input_ids.shape
+    flat = positions + L * torch.arange(B, device=positions.device)[:, None]
+    if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
+        keys = attention_mask.bool()
+        attention_mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)
+    with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens) as scored:
+        return scored.read(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
+
+
+def full_logits_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                  prompt_lengths: torch.Tensor, response_len: int, temperature: float = 1.0,
+                                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same figures through the model's full [B, L, vocab] logits and a float32 log-softmax:
+    the path `response_logprobs` replaced (issue 35), kept as the reference tests and the memory
+    benchmark compare it with."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    positions, targets = response_positions(input_ids, prompt_lengths, response_len)
+    B = input_ids.shape[0]
+    picked = logits.gather(1, positions[:, :, None].expand(B, response_len, logits.shape[-1])).float()
+    if temperature != 1.0:
+        picked = picked / temperature
+    logp_all = picked.log_softmax(-1)
+    logprobs = logp_all.gather(-1, targets[:, :, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logprobs, entropy
+
+
+def sequence_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [T] of one response under `model` (no grad): the reference an engine's
+    per-token log-probs are checked against."""
+    seq = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, seq, torch.ones_like(seq), torch.tensor([len(prompt_ids)]), len(response_ids),
+                                    temperature)
+    return logp[0]
+
+
+def tied_output_names(model: torch.nn.Module) -> set[str]:
+    """The state-dict names of an output embedding tied to the input embedding (empty if the
+    model unties them): an engine ties it itself, so a weight sync need not send it."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "tie_word_embeddings", False):
+        return set()
+    return {name for name in model.state_dict() if name.removeprefix("base_model.model.") == "lm_head.weight"}

@@ -1,0 +1,274 @@
+"""The files of one run, by name: every component reads and writes the run directory through here.
+
+Nothing of a run is deleted unless asked for by name: a fresh job in a directory that holds an
+earlier run refuses it, `--overwrite` moves it aside to `RUN_DIR.old-<time>`, and only
+`--overwrite=delete` removes it. The JSONL logs survive a crash mid-append: a torn final line is
+ignored when read and cut off (with a warning) when a run resumes; a damaged line anywhere else is
+an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_cluster.run.checkpoint import STEP_DIR
+from rlhf_cluster.run.fileio import fsync_path, write_atomic
+from rlhf_cluster.run.lock import RunLock
+
+log = logging.getLogger(__name__)
+
+OVERWRITE_MODES = ("aside", "delete")
+_BLANK = b" \t\r\0"  # a power loss can leave a file's last blocks as NUL bytes
+
+
+class RunDirInUse(RuntimeError):
+    """A fresh job was pointed at a directory that holds an earlier run's results."""
+
+
+class CorruptLogError(ValueError):
+    """A JSONL log has a damaged line that is not its last, so a crash mid-append does not explain it."""
+
+
+@dataclass(frozen=True)
+class JsonlLog:
+    """A JSONL file as read: its rows, and where its well-formed part ends (`clean_end` bytes of
+    `size`; anything after is a torn final line, `torn_line`, or trailing NUL/blank junk)."""
+
+    path: Path
+    rows: list[dict]
+    clean_end: int
+    size: int
+    torn_line: int | None = None
+
+
+def read_jsonl(path: Path) -> JsonlLog:
+    """The rows of a JSONL file (none if it does not exist). A final line that does not parse is
+    what a crash mid-append leaves: it is left out (`torn_line`). A line that does not parse with
+    rows after it raises `CorruptLogError` naming the file and line."""
+    data = path.read_bytes() if path.exists() else b""
+    pieces = data.split(b"\n")
+    meaningful = [i for i, piece in enumerate(pieces) if piece.strip(_BLANK)]
+    last = meaningful[-1] if meaningful else -1
+    rows: list[dict] = []
+    start = clean_end = 0
+    for i, piece in enumerate(pieces):
+        if piece.strip(_BLANK):
+            try:
+                row = json.loads(piece)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, expected an object")
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+                if i != last:
+                    raise CorruptLogError(
+                        f"{path}: line {i + 1} is not a JSON object ({exc}); only the last line can be torn by a "
+                        f"crash and {len(meaningful) - meaningful.index(i) - 1} line(s) follow it, so the file was "
+                        "damaged otherwise: repair or remove that line") from None
+                return JsonlLog(path, rows, clean_end, len(data), torn_line=i + 1)
+            rows.append(row)
+            clean_end = min(start + len(piece) + 1, len(data))
+        start += len(piece) + 1
+    return JsonlLog(path, rows, clean_end, len(data))
+
+
+def repair_jsonl(path: Path) -> str | None:
+    """Cut a torn final line (or trailing junk) off a JSONL file, so appends after a crash start
+    on a line of their own; returns what was done (None when the file was whole)."""
+    found = read_jsonl(path)
+    with open(path, "rb") as fh:
+        fh.seek(max(found.clean_end - 1, 0))
+        unterminated = found.clean_end > 0 and fh.read(1) != b"\n"
+    if found.clean_end == found.size and not unterminated:
+        return None
+    with open(path, "r+b") as fh:
+        fh.truncate(found.clean_end)
+        if unterminated:  # a whole row whose newline was lost: keep it, end it
+            fh.seek(found.clean_end)
+            fh.write(b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    what = f"a torn final line (line {found.torn_line})" if found.torn_line else "trailing partial data"
+    return (f"{path}: cut off {what}, {found.size - found.clean_end} bytes left by a crash mid-write; "
+            f"{len(found.rows)} rows kept")
+
+
+def overwrite_mode(overwrite: bool | str | None) -> str | None:
+    """`--overwrite` as given: False/None (refuse an earlier run), True or 'aside', or 'delete'."""
+    if overwrite is True:
+        return "aside"
+    if not overwrite:
+        return None
+    if overwrite not in OVERWRITE_MODES:
+        raise ValueError(f"--overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
+                         "--overwrite=delete (deletes it)")
+    return overwrite
+
+
+class RunDir:
+    """Names every file of a run under `root` (`run_dir` in the config) and owns their lifecycle.
+
+    A fresh (not resumed) run starts by clearing an earlier run's artifacts away (`prepare`); a
+    resumed run keeps the JSONL rows of the steps its checkpoint covers.
+    """
+
+    METRICS = "metrics.jsonl"  # one row per learner step
+    CONSUMED = "consumed.jsonl"  # provenance of every sample trained on
+    PROBES = "probes.jsonl"  # each worker's post-load mismatch probe
+    TIMELINE = "rollout_timeline.jsonl"  # per prompt group: when it was requested, generated, buffered
+    CONFIG = "config.yaml"  # the job's whole config, as it ran (a resume writes its own)
+    SAMPLES = "samples.jsonl"  # per step, the decoded highest-, lowest-reward and random responses
+    TRACE = "trace.jsonl"  # spans of every actor's work (rlhf_cluster.telemetry.tracing; `rlhf-cluster trace` converts)
+    BUFFER = "buffer.arrow"  # scored samples not yet trained on, at the end of a run
+    SCORED_LOG = "scored"  # every scored group as it arrives (ScoredLog segments)
+    RESUME = "resume.json"  # which checkpoint a resumed run started from
+    EVAL = "eval.json"  # held-out accuracy before and after
+    EVENTS = "events.jsonl"  # actions the run took on its own (guardrails: a best checkpoint kept, an early stop)
+    SCRAPE_TARGETS = "prometheus_targets.json"  # Prometheus file-based service discovery
+    ENGINE_INT8 = "engine-int8"  # the int8 checkpoint generation engines start from
+    # Inside a job checkpoint:
+    DRIVER_STATE = "driver.json"
+    CHECKPOINT_BUFFER = "buffer.arrow"
+    CRITIC = "critic"  # the critic's rank checkpoints
+
+    STEP_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS)
+    JSONL_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS, PROBES, TIMELINE, TRACE)
+
+    def __init__(self, root: str | Path, weights_dir: Path, checkpoint_dir: Path):
+        self.root = Path(root).expanduser()
+        self.weights_dir = weights_dir
+        self.checkpoint_dir = checkpoint_dir
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    def acquire(self, job_name: str) -> "RunDir":
+        """Take the directory's lock (`RunDirBusy` while another job holds it); a second call is a no-op."""
+        if getattr(self, "lock", None) is None:
+            self.lock = RunLock(self.root, job_name)
+        return self
+
+    def prepare(self, fresh: bool, job_name: str, overwrite: bool | str | None = False) -> "RunDir":
+        """Take the directory's lock, then for a resumed run cut torn final lines off its logs,
+        and for a fresh run clear an earlier run's artifacts away: refused unless `overwrite`
+        (`RunDirInUse` names what is there), moved aside to `RUN_DIR.old-<time>` by default,
+        deleted only with 'delete'."""
+        mode = overwrite_mode(overwrite)
+        self.acquire(job_name)
+        if not fresh:
+            self.repair_logs()
+            return self
+        if mode is None:
+            self._refuse_an_earlier_run()
+        stale = [p for p in self._artifacts(mode or "aside") if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+        if stale and mode == "delete":
+            self._delete(stale)
+        elif stale:
+            aside = self._set_aside(stale)
+            log.warning("run_dir %s: the earlier run's files were moved aside to %s (nothing deleted)", self.root, aside)
+        return self
+
+    def _refuse_an_earlier_run(self) -> None:
+        """`RunDirInUse` (lock released) when the directory holds a run that trained or checkpointed."""
+        try:
+            trained = len(self.read(self.METRICS))
+        except CorruptLogError:
+            trained = -1  # damaged, but a run was there all the same
+        checkpoints = self._checkpoint_names()
+        if trained or checkpoints:
+            self.release()
+            raise RunDirInUse(
+                f"run_dir {self.root} holds an earlier run ({trained if trained >= 0 else 'some'} steps in "
+                f"{self.METRICS}{', checkpoints up to ' + checkpoints[-1] if checkpoints else ''}): continue it with "
+                "--resume auto, or start over with --overwrite (moves it aside to "
+                f"{self.root.name}.old-<time>; --overwrite=delete deletes it)"
+            )
+
+    def _checkpoint_names(self) -> list[str]:
+        """Checkpoint directories, oldest first, those set aside as `refused-` included (they are the run's too)."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        names = [p.name for p in self.checkpoint_dir.iterdir() if STEP_DIR.fullmatch(p.name.removeprefix("refused-"))]
+        return sorted(names, key=lambda name: name.removeprefix("refused-"))
+
+    def _artifacts(self, mode: str) -> list[Path]:
+        """What a fresh run clears away; moved aside, the earlier run's config and evaluation go with it."""
+        names = [self.METRICS, self.CONSUMED, self.PROBES, self.BUFFER, self.RESUME, self.ENGINE_INT8, self.TIMELINE,
+                 self.SCORED_LOG, self.TRACE, self.SAMPLES, *((self.CONFIG, self.EVAL) if mode == "aside" else ())]
+        return [self.weights_dir, self.checkpoint_dir, *(self.root / n for n in names)]
+
+    @staticmethod
+    def _delete(paths: list[Path]) -> None:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def _set_aside(self, paths: list[Path]) -> Path:
+        """Move `paths` into `RUN_DIR.old-<time>` (keeping their place in the run directory;
+        weights or checkpoints kept elsewhere become `<dir>.old-<time>` beside themselves).
+        A rename on one filesystem; a crash half way leaves every file in one place or the other."""
+        root = Path(os.path.abspath(self.root))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = _unused(root.with_name(f"{root.name}.old-{stamp}"))
+        for path in paths:
+            path = Path(os.path.abspath(path))
+            dest = aside / path.relative_to(root) if path.is_relative_to(root) else _unused(
+                path.with_name(f"{path.name}.old-{stamp}"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path), str(dest))
+        for directory in (root, aside, root.parent):
+            fsync_path(directory)
+        return aside
+
+    def release(self) -> None:
+        """Let another job use the directory (also happens when this process exits)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
+            self.lock = None
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        """Append rows to a JSONL file of the run."""
+        with open(self.root / name, "a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def read(self, name: str) -> list[dict]:
+        """The rows of a JSONL file of the run (none if it does not exist); a torn final line is
+        left out, a damaged line before it is a `CorruptLogError` naming file and line."""
+        return read_jsonl(self.root / name).rows
+
+    def repair_logs(self) -> None:
+        """Cut the torn final line a crash left in any JSONL log, with a warning, before a
+        resumed run appends to it (an append after half a line would damage both)."""
+        for name in self.JSONL_LOGS:
+            done = repair_jsonl(self.root / name) if (self.root / name).exists() else None
+            if done:
+                log.warning(done)
+
+    def write_json(self, name: str, value: dict) -> None:
+        write_atomic(self.root / name, json.dumps(value, indent=1))
+
+    def write_yaml(self, name: str, value: dict) -> None:
+        import yaml
+
+        write_atomic(self.root / name, yaml.safe_dump(value, sort_keys=False))
+
+    def keep_steps(self, last_step: int) -> None:
+        """Keep the step logs' rows of steps <= last_step, so a resumed run's logs continue the original's."""
+        for name in self.STEP_LOGS:
+            rows = self.read(name)
+            write_atomic(self.root / name, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if it exists (two overwrites within a second)."""
+    candidate, n = path, 2
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate

@@ -1,0 +1,81 @@
+"""What `rlhf-cluster status RUN_DIR` prints: a run directory read back as an operator asks of it.
+
+Whether a job holds the directory now, how far it trained, its held-out accuracy, which
+checkpoints it keeps (the newest, and the best by the guardrails' metric) and every action the
+guardrails took on their own (a best checkpoint kept, a rollback, an early stop), from the run's
+own files only: it works on a finished, stopped or killed run as on a live one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlhf_cluster.run.checkpoint import CheckpointStore, best_checkpoints
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.run.replay import recorded_config
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.lock import holder
+
+
+def describe_run(root: Path) -> list[str]:
+    """The status lines of the run in `root`; `FileNotFoundError` when `root` holds no run."""
+    cfg = recorded_config(root)
+    run = RunDir(root, cfg.weights_dir, cfg.checkpoint_dir)
+    lines = [f"run: {cfg.name} ({root})"]
+    live = holder(root)
+    lines.append(f"state: running: job {live.get('job')!r}, pid {live.get('pid')} on {live.get('host')}, "
+                 f"started {live.get('started_at')}" if live else "state: not running")
+    rows = run.read(RunDir.METRICS)
+    if rows:
+        last = rows[-1]
+        lines.append(f"steps: {len(rows)} of {cfg.train.total_steps} (last: step {last['step']}, weight version "
+                     f"{last.get('weight_version')}, reward {last.get('reward_mean', float('nan')):+.3f})")
+    else:
+        lines.append(f"steps: none of {cfg.train.total_steps} yet")
+    evaluation = _read_json(root / RunDir.EVAL)
+    if evaluation and evaluation.get("accuracy_before") is not None:
+        lines.append(f"held-out accuracy: greedy {evaluation['accuracy_before']:.3f} -> {evaluation['accuracy_after']:.3f}"
+                     + (f", sampled {evaluation['sampled_accuracy_before']:.3f} -> {evaluation['sampled_accuracy_after']:.3f}"
+                        if evaluation.get("sampled_accuracy_after") is not None else "")
+                     + f" ({evaluation.get('prompts')} prompts)")
+    lines.append(_checkpoints(cfg))
+    events = [e for e in run.read(RunDir.EVENTS) if e.get("event") == "guardrails"]
+    lines.append(f"guardrail actions: {len(events) or 'none'}")
+    lines += [f"  {_describe_event(e)}" for e in events]
+    return lines
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _checkpoints(cfg: JobConfig) -> str:
+    store = CheckpointStore(cfg.checkpoint_dir)
+    kept = store.list()
+    if not kept:
+        return "checkpoints: none"
+    text = f"checkpoints: {len(kept)} kept, newest {kept[-1].name}"
+    scored = {path.name: score for path in kept if (score := store.score(path)) is not None}
+    if scored:
+        best = best_checkpoints(scored, 1, cfg.guardrails.higher_is_better).pop()
+        text += f"; best by {cfg.guardrails.metric}: {best} ({scored[best]:.3f})"
+    return text
+
+
+def _describe_event(event: dict) -> str:
+    actions = event.get("actions", [])
+    if "rollback" in actions:
+        to = event["step"]
+        return (f"step {event.get('at_step')}: rolled back ({event.get('reason')}); continued after "
+                f"{'the start' if to < 0 else f'step {to}'} with learner.lr {event.get('lr'):g}, "
+                f"algorithm.kl.coef {event.get('kl_coef'):g}")
+    parts = []
+    if "best" in actions:
+        parts.append(f"best checkpoint kept ({event.get('metric')} = {event.get('value'):.3f})")
+    if "stop" in actions:
+        parts.append(f"early stop ({event.get('reason')})")
+    return f"step {event.get('step')}: " + "; ".join(parts or actions)
