@@ -4,10 +4,10 @@ step loop, and restore it: on `--resume`, and when a lost learner is rebuilt."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import ray
-from tqdm import tqdm
 
 from actors.reporting import Reporter
 from actors.trainer import Trainer
@@ -17,6 +17,8 @@ from rlhf_cluster.job.guardrails import GuardVerdict
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -66,7 +68,7 @@ class Checkpointer:
         for path in reversed(self.checkpoints.list()):
             if int(path.name.removeprefix("step-")) > step:
                 kept = self.checkpoints.set_aside(path, "rolled-back")
-                tqdm.write(f"rollback: {path.name} is set aside as {kept.name}")
+                log.info(f"rollback: {path.name} is set aside as {kept.name}")
                 continue
             try:
                 return self.checkpoints.verify(path)
@@ -77,7 +79,7 @@ class Checkpointer:
     def _refused(self, path: Path, exc: CheckpointError) -> None:
         # Left under its name, a later checkpoint of the same step (or retention) would delete it.
         kept = self.checkpoints.set_aside(path)
-        tqdm.write(f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})")
+        log.warning(f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})")
 
     def due(self, step: int, stopping: bool, verdict: GuardVerdict | None = None) -> bool:
         """Whether step `step` is checkpointed: every `checkpoint.every_steps`, the last, a stop, and
@@ -111,7 +113,7 @@ class Checkpointer:
             what = "critic" if group.startswith("critic") else "learner"
             if len(restored) != len(ckpt.manifest[group]):
                 # Resharded (DCP): per-rank digests are not comparable; every file was checked by its checksum.
-                tqdm.write(f"{what}: resharded from {len(ckpt.manifest[group])} to {len(restored)} ranks")
+                log.info(f"{what}: resharded from {len(ckpt.manifest[group])} to {len(restored)} ranks")
             elif restored != ckpt.manifest[group]:
                 raise CheckpointError(f"checkpoint {ckpt.path}: restored {what} state differs from the saved state")
         state.load(ckpt)
@@ -123,11 +125,11 @@ class Checkpointer:
         self.run_dir.write_json(RunDir.RESUME, {"step": ckpt.step, "version": ckpt.version, "path": str(ckpt.path),
                                                 "rank_digests": digests["rank_digests"], "overrides": overrides,
                                                 "scored_groups": state.recovered})
-        tqdm.write(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}; scored groups "
-                   f"after it reused {state.recovered['reused']} (from rolled-back weights: {state.recovered['rolled_back']})")
+        log.info(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}; scored groups "
+                 f"after it reused {state.recovered['reused']} (from rolled-back weights: {state.recovered['rolled_back']})")
         if overrides:
-            tqdm.write("settings changed since the checkpoint, this job's apply: "
-                       + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items()))
+            log.info("settings changed since the checkpoint, this job's apply: "
+                     + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items()))
         return ckpt.version, delivery
 
     async def save(self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState,
@@ -155,7 +157,7 @@ class Checkpointer:
         try:
             await trainer.wait_checkpoint()
             ckpt = await asyncio.to_thread(self.checkpoints.finalize, tmp, step, step + 1, digests)
-            tqdm.write(f"checkpoint {ckpt.path.name} (weight version {ckpt.version})")
+            log.info(f"checkpoint {ckpt.path.name} (weight version {ckpt.version})")
             # Scored groups older than every kept checkpoint can never be recovered: drop them.
             if not self.cfg.train.record_rollouts:  # a recording keeps every group
                 oldest = Checkpoint(self.checkpoints.list()[0], {}).driver_state()
@@ -167,4 +169,4 @@ class Checkpointer:
         # A full disk or a dying rank must not take the job down: the previous checkpoint stays.
         self.checkpoints.abandon(tmp)
         self.reporter.checkpoint_failed()
-        tqdm.write(f"checkpoint after step {step} failed ({exc!r}); the previous checkpoint stays in use")
+        log.warning(f"checkpoint after step {step} failed ({exc!r}); the previous checkpoint stays in use")

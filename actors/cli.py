@@ -13,6 +13,7 @@ from typer.core import TyperCommand
 
 from actors.commands import run_views
 from actors.commands.submission import job_client, stage_working_dir
+from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
 from rlhf_cluster.job.preflight import preflight
 
@@ -25,6 +26,7 @@ def _before_any_command() -> None:
     # it is imported: say so before any command imports it (`scale` did first, and was refused).
     if (Path.home() / ".ray" / "auth_token").exists():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+    attach_console()  # what the job and its actors log reaches this console, above the progress bars
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"

@@ -12,7 +12,6 @@ from typing import Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tqdm import tqdm
 
 from actors.workers._common import heartbeat
 from actors.commands.control import NAMESPACE, JobController, controller_name
@@ -200,8 +199,8 @@ class Cluster:
             sent = delivery["variants"][receipt["variant"]]["fingerprint"]
             if "fingerprint" in receipt and receipt["fingerprint"] != sent:  # not refused, not superseded
                 m.WEIGHTS_FINGERPRINT_MISMATCH.labels(job=self.cfg.name, pool="generation", worker=receipt["worker"]).inc()
-                tqdm.write(f"{receipt['worker']}: loaded version {receipt['version']} with fingerprint "
-                           f"{receipt['fingerprint']}, the learner sent {sent[:12]}")
+                log.warning(f"{receipt['worker']}: loaded version {receipt['version']} with fingerprint "
+                            f"{receipt['fingerprint']}, the learner sent {sent[:12]}")
             receipt["sent_fingerprint"] = sent
         self.receipts.extend(receipts)
 
@@ -211,7 +210,7 @@ class Cluster:
         self.infos[pool_name].pop(dead, None)
         actor = self.pools[pool_name].actors[new]
         asyncio.get_running_loop().create_task(self._register(pool_name, new, actor))
-        tqdm.write(f"{pool_name} worker {dead} died; replaced by {new} (restart {self.pools[pool_name].restarts})")
+        log.info(f"{pool_name} worker {dead} died; replaced by {new} (restart {self.pools[pool_name].restarts})")
 
     async def _register(self, pool_name: str, name: str, actor) -> None:
         self.infos[pool_name][name] = await actor.info.remote()
@@ -250,8 +249,8 @@ class Cluster:
         labels = {"job": self.cfg.name, "pool": pool_name, "worker": dead}
         m.HUNG_DETECTION_SECONDS.labels(**labels).observe(detected_s)
         m.WORKER_REPLACEMENT_SECONDS.labels(**labels).observe(replaced_s)
-        tqdm.write(f"{pool_name} worker {dead} was hung ({reason}): detected in {detected_s:.1f} s, "
-                   f"replaced in {replaced_s:.1f} s")
+        log.info(f"{pool_name} worker {dead} was hung ({reason}): detected in {detected_s:.1f} s, "
+                 f"replaced in {replaced_s:.1f} s")
 
     async def _watch_scaling(self, version: Callable[[], int]) -> None:
         """Apply scale requests from the JobController as they arrive."""
@@ -276,7 +275,7 @@ class Cluster:
             else:
                 self.infos[pool_name][name] = await pool.actors[name].info.remote()
         self.write_scrape_targets()
-        tqdm.write(f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})")
+        log.info(f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})")
         return changed
 
     def shutdown(self) -> None:

@@ -35,6 +35,7 @@ from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.job.guardrails import RollbackGuard
 from rlhf_cluster.job.inputs import prepare_inputs
 from rlhf_cluster.run.job_state import JobState
+from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.telemetry.metrics import serve_metrics
 from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.experience.records import ScoredSample
@@ -49,6 +50,7 @@ class Driver:
     """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
 
     def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool | str = False):
+        attach_console()  # the job's lines (and its warnings) reach this process's console
         for warning in preflight(cfg, resume=resume):  # bad input fails here, before anything is written or started
             log.warning(warning)
         self.cfg, self.cfg_dict = cfg, cfg.model_dump()
@@ -315,7 +317,7 @@ class Driver:
         try:
             await asyncio.to_thread(self.state.log.flush)
         except ScoredLogFlushError as exc:
-            tqdm.write(f"warning: {exc}")
+            log.warning("%s", exc)
 
     async def _recover_learner(self, tg: asyncio.TaskGroup, cause: BaseException) -> int:
         """A learner rank died: rebuild the groups from the newest checkpoint; generation keeps running."""
@@ -325,7 +327,7 @@ class Driver:
             ) from cause
         self.learner_restarts += 1
         self.reporter.restart("learner", "group")
-        tqdm.write(f"learner rank died ({cause!r}); rebuilding from the newest checkpoint")
+        log.info(f"learner rank died ({cause!r}); rebuilding from the newest checkpoint")
         await self.checkpointer.wait()
         return await self._rebuild_learner(tg, self.checkpointer.newest())
 

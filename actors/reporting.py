@@ -9,7 +9,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
 
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.config import JobConfig
@@ -118,7 +117,7 @@ class Reporter:
         if self.tokenizer is not None:
             picked = pick_samples(samples, self.cfg.metrics.samples_top, self.cfg.metrics.samples_random, seed=step)
             self.run_dir.append(RunDir.SAMPLES, sample_rows(step, picked, self.tokenizer))
-        tqdm.write(console_line(row))
+        log.info(console_line(row))
         return row
 
     def evaluation(self, prompts: int, version: int, samples_per_prompt: int) -> None:
@@ -147,7 +146,7 @@ class Reporter:
             return
         self.bad_steps += 1
         self.labels.of(m.BAD_STEPS).inc()
-        tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)")
+        log.info(f"step {step}: non-finite loss or gradient, update skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.cfg.faults.max_bad_steps:
             raise RuntimeError(
                 f"{self.bad_steps} consecutive steps had a NaN/inf loss or gradient (faults.max_bad_steps); stopping"
@@ -197,7 +196,7 @@ class Reporter:
                                              "metric": self.cfg.guardrails.metric, "value": verdict.value,
                                              "reason": verdict.stop, "time": time.time()}])
         if verdict.stop:
-            tqdm.write(f"stopping early: {verdict.stop}")
+            log.info(f"stopping early: {verdict.stop}")
 
     def rollback(self, at_step: int, to_step: int, reason: str, cfg: JobConfig) -> None:
         """A guardrails rollback done: the run continues after `to_step` (-1: from the start) with
@@ -207,8 +206,8 @@ class Reporter:
         self.run_dir.append(RunDir.EVENTS, [{"step": to_step, "event": "guardrails", "actions": ["rollback"],
                                              "at_step": at_step, "reason": reason, "lr": cfg.learner.lr,
                                              "kl_coef": cfg.algorithm.kl.coef, "time": time.time()}])
-        tqdm.write(f"rolling back: {reason}; continuing after step {to_step} with learner.lr {cfg.learner.lr:g}, "
-                   f"algorithm.kl.coef {cfg.algorithm.kl.coef:g}")
+        log.info(f"rolling back: {reason}; continuing after step {to_step} with learner.lr {cfg.learner.lr:g}, "
+                 f"algorithm.kl.coef {cfg.algorithm.kl.coef:g}")
 
     def checkpoint_failed(self) -> None:
         self.labels.of(m.CHECKPOINT_FAILURES).inc()
@@ -229,8 +228,8 @@ class Reporter:
             if report["alert"]:
                 self.labels.of(m.MISMATCH_ALERTS).inc()
                 log.warning(
-                    "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
-                    report["worker"], report["version"], report["k3"], report["max_abs_diff"],
-                    statistics.median(self.mismatch_alarm.history[:-1]),
-                )
+                            "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
+                            report["worker"], report["version"], report["k3"], report["max_abs_diff"],
+                            statistics.median(self.mismatch_alarm.history[:-1]),
+                            )
         self.run_dir.append(RunDir.PROBES, reports)

@@ -4,11 +4,11 @@ batch on both at once and publishes the policy's result as the next weight versi
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import partial
 from typing import Callable
 
 import ray
-from tqdm import tqdm
 
 from actors.workers._common import heartbeat
 from actors.workers.critic import CriticRank
@@ -21,6 +21,8 @@ from rlhf_cluster.experience.build import finalize_batch
 from rlhf_cluster.generation.probe import Probe
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.run.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -57,7 +59,7 @@ class Trainer:
         trace spans the ranks answer with go to `on_spans`."""
         def hung(group: str, rank: int, detected_s: float) -> None:
             m.HUNG_DETECTION_SECONDS.labels(job=self.cfg.name, pool=group, worker=f"rank{rank}").observe(detected_s)
-            tqdm.write(f"{group} rank {rank} was hung (no heartbeat answer): detected in {detected_s:.1f} s")
+            log.info(f"{group} rank {rank} was hung (no heartbeat answer): detected in {detected_s:.1f} s")
 
         await asyncio.gather(*(group.watch(faults, partial(hung, group.section), on_spans) for group in self.groups()))
 
@@ -145,6 +147,6 @@ def start_trainer(cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe 
         return Trainer(cfg, cfg_dict, model_path, probe, placement_timeout_s=cfg.faults.elastic_wait_s), cfg
     except PlacementError as exc:
         smaller = shrunk_learner(cfg, exc.placeable)
-        tqdm.write(f"learner: {cfg.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
-                   f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)")
+        log.info(f"learner: {cfg.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
+                 f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)")
         return Trainer(smaller, smaller.model_dump(), model_path, probe), smaller

@@ -140,6 +140,7 @@ class Ours:
     def __init__(self, model_dir: Path, precision: str, checkpointing: bool = False, before: bool = False,
                  packing: bool = True):
         from rlhf_cluster.config import JobConfig
+        from rlhf_cluster.learner.base import LearnerSpec
         from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 
         cfg = JobConfig.model_validate({
@@ -149,7 +150,7 @@ class Ours:
             "algorithm": {"kl": {"placement": "loss", "coef": 0.01}},
             "metrics": {"enabled": False},
         })
-        self.learner = FSDP2Learner(cfg, str(model_dir))
+        self.learner = FSDP2Learner(LearnerSpec.of_policy(cfg), str(model_dir))
         self.before = before
 
     def step(self, batch) -> None:

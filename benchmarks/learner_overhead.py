@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from _common import free_port, headline, machine_info, median, print_table, result_path, rotated, write_result
 from rlhf_cluster.config import JobConfig, TinyModelConfig
+from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        ours = FSDP2Learner(cfg, model_dir)
+        ours = FSDP2Learner(LearnerSpec.of_policy(cfg), model_dir)
         hand = HandLoop(model_dir, cfg, args.kl_coef, separate_prox=False)
         hand_prox = HandLoop(model_dir, cfg, args.kl_coef, separate_prox=True)
         batch = make_batch(hand.model, args, hand.model.config.vocab_size)

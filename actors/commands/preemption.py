@@ -4,10 +4,12 @@ stop a job the way `Job.stop` does, so no trained step is lost and the job conti
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
+
+log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -50,8 +52,8 @@ class GracefulStop:
         if self.received is not None or self._job is None:
             raise KeyboardInterrupt(f"{name}: stopping at once")
         self.received = name
-        print(f"{name}: stopping after the step in progress and writing a checkpoint "
-              f"(within {self.grace_s:g} s; a second signal stops at once)", file=sys.stderr, flush=True)
+        log.info(f"{name}: stopping after the step in progress and writing a checkpoint "
+                 f"(within {self.grace_s:g} s; a second signal stops at once)")
         self._job.stop()
         self._timer = threading.Timer(self.grace_s, self._expire)
         self._timer.daemon = True

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.telemetry import tracing
+from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.telemetry.metrics import MetricLabels, serve_metrics
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ def actor_setup(cfg_dict: dict, pool: str, worker: str) -> tuple[JobConfig, Metr
     """Parse the job config shipped to the actor, start its /metrics endpoint and its tracer (its
     spans travel back on the heartbeats it answers)."""
     cfg = JobConfig.model_validate(cfg_dict)
+    attach_console()  # the actor's log lines reach the driver's console (Ray forwards its stdout)
     if cfg.metrics.trace:
         tracing.start(worker, pool)
     labels = MetricLabels(job=cfg.name, pool=pool, worker=worker)

@@ -13,7 +13,7 @@ import ray
 from actors.workers._common import actor_setup, join_process_group, limit_threads, metrics_target
 from actors.workers.learner import ShardedRank
 from rlhf_cluster.telemetry import metrics as m, tracing
-from rlhf_cluster.learner.critic import ValueLearner
+from rlhf_cluster.learner.critic import ValueLearner, critic_spec
 from rlhf_cluster.experience.records import TrainBatch
 
 
@@ -31,7 +31,7 @@ class CriticRank(ShardedRank):
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the critic's process group and shard the value model (all ranks at once)."""
         join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
-        self.learner = ValueLearner(self.cfg, self.policy_path)
+        self.learner = ValueLearner(*critic_spec(self.cfg), self.policy_path)
         return {
             "name": f"rank{self.rank}",
             "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),

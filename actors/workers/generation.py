@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -30,6 +31,8 @@ from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.telemetry.liveness import StallClock
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.transports import WeightRefused, WeightSuperseded, build_transport, fetch_stored
+
+log = logging.getLogger(__name__)
 
 DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
 
@@ -130,7 +133,7 @@ class GenerationWorker:
             return None
         except WeightRefused as exc:
             self.labels.of(m.WEIGHTS_REFUSED).inc()
-            print(f"{self.name}: refused weight version {latest}: {exc}; keeping version {self.engine.version}", flush=True)
+            log.warning(f"{self.name}: refused weight version {latest}: {exc}; keeping version {self.engine.version}")
             self.refused.add(identity)
             return self.engine.version
         swap = await asyncio.to_thread(self.engine.load_weights, latest, fetched.tensors)
@@ -176,8 +179,7 @@ class GenerationWorker:
                 self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, identity[0] - self.engine.version))
                 async with self._delivered:
                     self._delivered.notify_all()
-                print(f"{self.name}: refused delivered version {identity[0]}: {exc}; keeping version {self.engine.version}",
-                      flush=True)
+                log.warning(f"{self.name}: refused delivered version {identity[0]}: {exc}; keeping version {self.engine.version}")
                 return {"worker": self.name, "version": identity[0], "variant": variant, "refused": str(exc),
                         "held": self.engine.version}
             swap = await asyncio.to_thread(self.engine.load_weights, fetched.version, fetched.tensors)

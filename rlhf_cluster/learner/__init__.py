@@ -10,13 +10,17 @@ if TYPE_CHECKING:
 
 
 def create_learner(cfg: "JobConfig", model_path: str) -> "LearnerBase":
-    """This rank's learner for `cfg.learner.backend.type`; deepspeed is imported only when chosen."""
+    """This rank's policy learner for `cfg.learner.backend.type`, built from its spec (the job's
+    `learner` and `algorithm` sections and the sampling values it needs); deepspeed is imported
+    only when chosen."""
     from rlhf_cluster.config import DeepSpeedBackend
+    from rlhf_cluster.learner.base import LearnerSpec
 
+    spec = LearnerSpec.of_policy(cfg)
     if isinstance(cfg.learner.backend, DeepSpeedBackend):
         from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
 
-        return DeepSpeedLearner(cfg, model_path)
+        return DeepSpeedLearner(spec, model_path)
     from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 
-    return FSDP2Learner(cfg, model_path)
+    return FSDP2Learner(spec, model_path)

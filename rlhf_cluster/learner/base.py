@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_cluster.telemetry import tracing
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config import AlgorithmConfig, JobConfig, LearnerConfig
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
@@ -63,6 +63,24 @@ def done_future(result: Any = None) -> Future:
     return future
 
 
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What one learner rank is built from: its own section, the algorithm it optimises, and the
+    two values of how rollouts are sampled that its maths needs, named (log-probs are recomputed
+    at the engines' temperature; `seq_mean_token_sum_norm` divides by max_new_tokens)."""
+
+    learner: LearnerConfig
+    algorithm: AlgorithmConfig
+    temperature: float
+    max_new_tokens: int
+
+    @classmethod
+    def of_policy(cls, cfg: JobConfig) -> "LearnerSpec":
+        """The policy learner's spec from the job's sections (`learner`, `algorithm`, `generation.sampling`)."""
+        sampling = cfg.generation.sampling
+        return cls(cfg.learner, cfg.algorithm, sampling.temperature, sampling.max_new_tokens)
+
+
 @dataclass
 class Passes:
     """What `LearnerBase._optimize` did in one learner step."""
@@ -85,16 +103,16 @@ class LearnerBase(ABC):
 
     backend_name = "base"
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, spec: LearnerSpec):
         if not dist.is_initialized():
             raise RuntimeError(f"{type(self).__name__} needs torch.distributed initialised by the caller")
-        self.cfg = cfg
+        self.spec = spec
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = default_device()
-        torch.manual_seed(cfg.learner.seed)
+        torch.manual_seed(spec.learner.seed)
         self.bad_steps = 0
-        self.objective = RLObjective(cfg.algorithm, cfg.generation.sampling.max_new_tokens)
-        self.temperature = cfg.generation.sampling.temperature
+        self.objective = RLObjective(spec.algorithm, spec.max_new_tokens)
+        self.temperature = spec.temperature
         self.step = 0
         self.model: Any = None
         self.scheduler: Any = None
@@ -133,7 +151,7 @@ class LearnerBase(ABC):
     def reference_logprobs(self, local: TrainBatch) -> torch.Tensor | None:
         """Collective: the reference log-probs of the host batch `local` the learner computes itself
         (LoRA: the base model); None: the batch's, from the reference workers."""
-        if not self.cfg.learner.lora.enabled:
+        if not self.spec.learner.lora.enabled:
             return None
         return self._reference_logprobs(self._to_device(local), [self._micro_batches(local, 0, len(local.input_ids))])
 
@@ -156,7 +174,7 @@ class LearnerBase(ABC):
     def apply_settings(self) -> None:
         """After a restore: this job's `lr` and `weight_decay` replace the checkpoint's (a resume
         with `--set learner.lr=...` means it); the schedule keeps the checkpoint's position."""
-        lc, scheduler = self.cfg.learner, self.scheduler
+        lc, scheduler = self.spec.learner, self.scheduler
         groups = scheduler.optimizer.param_groups
         scheduler.base_lrs = [lc.lr] * len(groups)
         for group, factor in zip(groups, scheduler.lr_lambdas):
@@ -259,7 +277,7 @@ class LearnerBase(ABC):
 
     def _micro_batches(self, local: TrainBatch, lo: int, hi: int) -> list[MicroBatch]:
         """Rows [lo, hi) of the host batch `local` as this step's passes (`plan_micro_batches`)."""
-        return plan_micro_batches(local, lo, hi, self.cfg.learner, self.device, self._attention_implementation(),
+        return plan_micro_batches(local, lo, hi, self.spec.learner, self.device, self._attention_implementation(),
                                   self.host_group)
 
     def _attention_implementation(self) -> str:
@@ -271,7 +289,7 @@ class LearnerBase(ABC):
         mini-batch is accumulated over micro-batches when a token budget applies. The device is
         waited for once per optimizer step (`_clip_and_step`'s read), the step's metrics with the last."""
         start = time.perf_counter()
-        lc = self.cfg.learner
+        lc = self.spec.learner
         B = local.response_mask.shape[0]
         bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
         plans = [self._micro_batches(local, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]  # on the host copy

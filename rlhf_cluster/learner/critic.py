@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.algorithms import value_loss
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config import CriticConfig, JobConfig
+from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.models.modeling import attention_of
@@ -63,14 +64,6 @@ class ValueModel(RewardModel):
         return values.gather(1, pos)
 
 
-def critic_view(cfg: JobConfig) -> JobConfig:
-    """The job config as the critic's ranks see it: `learner` replaced by the critic's settings, so the
-    shared FSDP2 machinery (which reads `cfg.learner`) uses the critic's lr, clip, budget and seed."""
-    if cfg.critic is None:
-        raise ValueError("the critic needs a `critic` section in the job config")
-    return cfg.model_copy(update={"learner": cfg.critic.learner_settings()})
-
-
 class ValueLearner(FSDP2Learner):
     """One rank of the critic group: per-token values of a batch, and clipped-value-loss steps.
 
@@ -78,10 +71,10 @@ class ValueLearner(FSDP2Learner):
     each forward), so all ranks call it together, each with its own slice of the step's batch.
     """
 
-    def __init__(self, cfg: JobConfig, policy_path: str):
-        view = critic_view(cfg)
-        self.critic = view.critic
-        super().__init__(view, policy_path)
+    def __init__(self, critic: CriticConfig, spec: LearnerSpec, policy_path: str):
+        """`spec`: the critic's own learner settings (`critic_spec`) over the shared FSDP2 machinery."""
+        self.critic = critic
+        super().__init__(spec, policy_path)
 
     def _load_model(self, model_path: str) -> torch.nn.Module:
         if self.critic.init == "policy":
@@ -168,3 +161,13 @@ class ValueLearner(FSDP2Learner):
         """As the policy learner's, under `directory` (the job checkpoint's `critic/` folder)."""
         (Path(directory) / "rng").mkdir(parents=True, exist_ok=True)
         return super().save_checkpoint(directory)
+
+
+def critic_spec(cfg: JobConfig) -> tuple[CriticConfig, LearnerSpec]:
+    """The critic's section and the learner spec its ranks train with: the critic's lr, clip,
+    token budget and seed (`CriticConfig.learner_settings`) with the job's algorithm and sampling."""
+    if cfg.critic is None:
+        raise ValueError("the critic needs a `critic` section in the job config")
+    sampling = cfg.generation.sampling
+    return cfg.critic, LearnerSpec(cfg.critic.learner_settings(), cfg.algorithm, sampling.temperature,
+                                   sampling.max_new_tokens)

@@ -28,8 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from rlhf_cluster.config import JobConfig
-from rlhf_cluster.learner.base import LearnerBase, done_future
+from rlhf_cluster.learner.base import LearnerBase, LearnerSpec, done_future
 from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.modeling import load_causal_lm
@@ -67,8 +66,8 @@ class DeepSpeedLearner(LearnerBase):
 
     backend_name = "deepspeed"
 
-    def __init__(self, cfg: JobConfig, model_path: str):
-        super().__init__(cfg)
+    def __init__(self, spec: LearnerSpec, model_path: str):
+        super().__init__(spec)
         # DeepSpeed reads its device index from LOCAL_RANK. Every rank actor sees exactly one
         # device (Ray sets CUDA_VISIBLE_DEVICES), index 0, as `join_process_group` assumes too.
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -77,7 +76,7 @@ class DeepSpeedLearner(LearnerBase):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.device.type == "cpu":
             _skip_shared_memory_allreduce_build()
-        lc = cfg.learner
+        lc = spec.learner
         # The model is built in full, then partitioned by `deepspeed.initialize` (ZeRO-3's
         # `zero.Init` around `from_pretrained` fails without `accelerate`).
         model = load_causal_lm(model_path, torch.float32, self.device)

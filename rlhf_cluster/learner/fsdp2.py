@@ -19,8 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from rlhf_cluster.config import JobConfig
-from rlhf_cluster.learner.base import LearnerBase
+from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.lora import apply_lora, merged_lora_tensors
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names
@@ -31,9 +30,9 @@ class FSDP2Learner(LearnerBase):
 
     backend_name = "fsdp2"
 
-    def __init__(self, cfg: JobConfig, model_path: str):
-        super().__init__(cfg)
-        lc = cfg.learner
+    def __init__(self, spec: LearnerSpec, model_path: str):
+        super().__init__(spec)
+        lc = spec.learner
         model = self._load_model(model_path)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -73,7 +72,7 @@ class FSDP2Learner(LearnerBase):
         loss.backward()
 
     def _clip_and_step(self, loss: torch.Tensor, also_read: torch.Tensor) -> tuple[float, bool, list[float]]:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.learner.max_grad_norm).full_tensor()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.learner.max_grad_norm).full_tensor()
         # The update's one wait for the device: the norm, the loss and what the caller reads along.
         grad_norm, *values = torch.cat([norm.reshape(1).double(), loss.reshape(1).double(), also_read]).tolist()
         # A NaN/inf loss or gradient skips the update; the norm is global, so every rank takes
@@ -91,7 +90,7 @@ class FSDP2Learner(LearnerBase):
         the merged weights under the base model's names, merged a decoder layer at a time (in
         fp32, so with LoRA the cast to `dtype` follows the merge, on the host)."""
         tied = tied_output_names(self.model) if dtype is not None else set()
-        lora = self.cfg.learner.lora
+        lora = self.spec.learner.lora
         if not lora.enabled:
             return self._gathered_tensors(dtype, skip=tied)
         merged = merged_lora_tensors(self._gathered_tensors(None, skip=tied), lora.alpha / lora.rank)
@@ -113,7 +112,7 @@ class FSDP2Learner(LearnerBase):
     @torch.no_grad()
     def _reference_logprobs(self, b, plans):
         """With LoRA, the reference is the base model: the same passes with the adapters disabled."""
-        if not self.cfg.learner.lora.enabled:
+        if not self.spec.learner.lora.enabled:
             return None
         with self.model.disable_adapter():
             return self._frozen_logprobs(b, plans)

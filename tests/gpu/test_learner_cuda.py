@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
@@ -35,7 +36,7 @@ def _batch(n=4, length=6):
 
 def test_fsdp2_step_on_cuda_matches_cpu_logprobs(nccl_group, tiny_model_path):
     cfg = JobConfig.model_validate({"learner": {"world_size": 1}})
-    learner = FSDP2Learner(cfg, tiny_model_path)
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
     assert next(learner.model.parameters()).is_cuda
     batch = _batch()
 
@@ -59,7 +60,7 @@ def test_bf16_step_with_and_without_checkpointing_reports_peak_memory(nccl_group
     for checkpointing in (False, True):
         cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": "bf16",
                                                     "gradient_checkpointing": checkpointing}})
-        learner = FSDP2Learner(cfg, tiny_model_path)
+        learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         stats = learner.train_step(batch, kl_coef=0.01)
@@ -80,7 +81,7 @@ def test_deepspeed_zero3_step_on_cuda(nccl_group, tiny_model_path):
     from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
 
     cfg = JobConfig.model_validate({"learner": {"backend": "deepspeed", "world_size": 1, "mixed_precision": "bf16"}})
-    learner = DeepSpeedLearner(cfg, tiny_model_path)
+    learner = DeepSpeedLearner(LearnerSpec.of_policy(cfg), tiny_model_path)
     assert learner.device.type == "cuda"
     stats = learner.train_step(_batch(), kl_coef=0.01)
     assert torch.isfinite(torch.tensor(stats["policy/loss"])) and stats["learner/grad_norm"] > 0
@@ -136,7 +137,7 @@ def test_the_step_synchronises_with_the_device_once_per_update(nccl_group, tiny_
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": "bf16", "mini_batches": 2,
                                                 "max_tokens_per_micro_batch": 48},
                                     "algorithm": {"kl": {"placement": "loss", "coef": 0.01}}})
-    learner = FSDP2Learner(cfg, tiny_model_path)
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
     learner.train_step(_ragged_batch(), kl_coef=0.01)  # lazy initialisation is not the step's
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:

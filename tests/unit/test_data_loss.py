@@ -84,7 +84,7 @@ def _group(gid: str) -> list[ScoredSample]:
 
 
 # ---- resume never deletes what it cannot verify -------------------------------------------------
-def test_resume_auto_falls_back_to_an_older_verified_checkpoint_and_keeps_the_damaged_one(tmp_path, capsys):
+def test_resume_auto_falls_back_to_an_older_verified_checkpoint_and_keeps_the_damaged_one(tmp_path, caplog):
     root = tmp_path / "run"
     store = _a_run(root)
     newest = store.list()[-1]
@@ -92,11 +92,12 @@ def test_resume_auto_falls_back_to_an_older_verified_checkpoint_and_keeps_the_da
     before = _snapshot(root)
 
     checkpointer = _checkpointer(root)
-    chosen = checkpointer.open_run("auto", False, "resumed")
+    with caplog.at_level(logging.WARNING, logger="actors.checkpointer"):
+        chosen = checkpointer.open_run("auto", False, "resumed")
     checkpointer.run_dir.release()
 
     assert chosen is not None and chosen.step == 5, "the newest checkpoint that verifies"
-    out = capsys.readouterr().out
+    out = caplog.text  # a warning on the job's console
     assert "refusing checkpoint" in out and "step-00000008" in out and "learner/shard.distcp" in out
     kept = root / "checkpoints" / "refused-step-00000008"
     assert kept.is_dir() and not newest.exists()

@@ -152,14 +152,14 @@ def _critic_batch():
 def test_critic_values_and_step_packed_equal_padded_in_row_order(gloo_group, tiny_model_path):
     """The critic runs the policy learner's packed path: the same values, in the batch's row order
     when a token budget deals rows into micro-batches out of order, and the same value-loss step."""
-    from rlhf_cluster.learner.critic import ValueLearner
+    from rlhf_cluster.learner.critic import ValueLearner, critic_spec
 
     results = []
     for packing, budget in ((False, None), (True, None), (True, 14)):
         cfg = JobConfig.model_validate({**PPO, "critic": {"init": "policy", "world_size": 1, "lr": 1e-2, "seed": 5,
                                                           "sequence_packing": packing,
                                                           "max_tokens_per_micro_batch": budget}})
-        critic = ValueLearner(cfg, tiny_model_path)
+        critic = ValueLearner(*critic_spec(cfg), tiny_model_path)
         batch = _critic_batch()
         values = critic.values(batch)
         metrics = critic.train_step(batch)

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.experience.records import TrainBatch
 from tests.batches import ragged_batch
@@ -97,7 +98,7 @@ def test_one_host_read_per_optimizer_update(gloo_group, tiny_model_path, monkeyp
                     "sequence_packing": packing},
         "algorithm": {"kl": {"placement": "loss", "coef": 0.1}, "correction": {"enabled": True, "mode": "truncate"}},
     })
-    learner = FSDP2Learner(cfg, tiny_model_path)
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
     learner.train_step(_batch(), kl_coef=0.1)  # first step: lazy initialisation is not the step's
     with counting(learner, monkeypatch) as mode:
         metrics = learner.train_step(_batch(), kl_coef=0.1)

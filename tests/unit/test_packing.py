@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models.modeling import attention_of, load_causal_lm, response_logprobs
 from rlhf_cluster.models.packing import balanced_parts, balanced_shares, pack_rows, token_budget_micro_batches
@@ -139,7 +140,7 @@ def test_a_packed_learner_step_equals_a_padded_one(gloo_group, tiny_model_path, 
         cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lr": 1e-2, "sequence_packing": packing,
                                                     "max_tokens_per_micro_batch": budget, "mini_batches": 2},
                                         "algorithm": {"kl": {"placement": "loss", "coef": 0.1}}})
-        learner = FSDP2Learner(cfg, tiny_model_path)
+        learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
         metrics = learner.train_step(_batch(), kl_coef=0.1)
         results.append((metrics, {k: v.detach().clone() for k, v in learner.full_state_dict().items()}))
     (padded, padded_weights), (packed, packed_weights) = results

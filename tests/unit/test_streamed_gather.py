@@ -8,6 +8,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.lora import merge_lora_state_dict
 
@@ -15,7 +16,7 @@ from rlhf_cluster.learner.lora import merge_lora_state_dict
 @pytest.mark.parametrize("lora", [False, True])
 def test_streamed_gather_equals_full_state_dict(gloo_group, tiny_model_path, lora):
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lora": {"rank": 4 if lora else 0}}})
-    learner = FSDP2Learner(cfg, tiny_model_path)
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
     if lora:  # non-zero adapters, so the merge changes the weights
         with torch.no_grad():
             for name, param in learner.model.named_parameters():
@@ -29,7 +30,7 @@ def test_streamed_gather_equals_full_state_dict(gloo_group, tiny_model_path, lor
     for name, tensor in streamed:
         assert torch.equal(tensor, expected[name]), name
     if lora:
-        base = FSDP2Learner(JobConfig.model_validate({"learner": {"world_size": 1}}), tiny_model_path)
+        base = FSDP2Learner(LearnerSpec.of_policy(JobConfig.model_validate({"learner": {"world_size": 1}})), tiny_model_path)
         plain = dict(base.named_full_tensors())
         assert list(plain) == [name for name, _ in streamed]
         assert any(not torch.equal(plain[n], t) for n, t in streamed)  # the adapters were merged in
@@ -41,7 +42,7 @@ def test_the_engines_gather_is_cast_on_the_device_and_sends_a_tied_embedding_onc
 
     model = save_chat_model(tmp_path / "tied")  # Qwen2 with tie_word_embeddings
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lora": {"rank": 4 if lora else 0}}})
-    learner = FSDP2Learner(cfg, str(model))
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), str(model))
     full = dict(learner.named_full_tensors())
     assert "lm_head.weight" in full and torch.equal(full["lm_head.weight"], full["model.embed_tokens.weight"])
     engine = list(learner.named_full_tensors(torch.bfloat16))
