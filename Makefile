@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup run test test-slow test-all test-unit test-integration test-avx2 bench clean
+.PHONY: setup run test lint test-slow test-all test-unit test-integration test-avx2 bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,12 @@ run: setup
 # The suite CI runs (.ci/run): everything but the long learning runs marked `slow`.
 test: setup
 	@bash scripts/run_tests.sh tests -m "not slow"
+
+# Lint and format checks of the library and the actors (ruff, configured in pyproject.toml);
+# `ruff format rlhf_cluster actors` and `ruff check --fix rlhf_cluster actors` repair most findings.
+lint: setup
+	.venv/bin/ruff check rlhf_cluster actors
+	.venv/bin/ruff format --check rlhf_cluster actors
 
 # The long learning runs (the demo and the tool demo to their margins, SFT and the reward model to their
 # accuracies) and the job tests whose code paths `make test` covers in another job (three

@@ -11,9 +11,9 @@ import ray
 
 from actors.reporting import Reporter
 from actors.trainer import Trainer
-from rlhf_cluster.run.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.config import DeepSpeedBackend, JobConfig
 from rlhf_cluster.job.guardrails import GuardVerdict
+from rlhf_cluster.run.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
@@ -26,8 +26,9 @@ class Checkpointer:
 
     def __init__(self, cfg: JobConfig, run_dir: RunDir, store: WeightStore, reporter: Reporter):
         self.cfg, self.run_dir, self.store, self.reporter = cfg, run_dir, store, reporter
-        self.checkpoints = CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.guardrails.keep_best,
-                                           cfg.guardrails.higher_is_better)
+        self.checkpoints = CheckpointStore(
+            cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.guardrails.keep_best, cfg.guardrails.higher_is_better
+        )
         self._writing: asyncio.Task | None = None
 
     def open_run(self, resume: str | None, overwrite: bool | str, job_name: str) -> Checkpoint | None:
@@ -39,8 +40,11 @@ class Checkpointer:
         self.run_dir.acquire(job_name)  # before judging checkpoints: a live job's are not ours to rename
         try:
             resume_from = self.to_resume(resume)
-            self.run_dir.prepare(fresh=resume_from is None, job_name=job_name,
-                                 overwrite=overwrite or ("aside" if resume is not None else False))
+            self.run_dir.prepare(
+                fresh=resume_from is None,
+                job_name=job_name,
+                overwrite=overwrite or ("aside" if resume is not None else False),
+            )
         except BaseException:
             self.run_dir.release()
             raise
@@ -79,14 +83,20 @@ class Checkpointer:
     def _refused(self, path: Path, exc: CheckpointError) -> None:
         # Left under its name, a later checkpoint of the same step (or retention) would delete it.
         kept = self.checkpoints.set_aside(path)
-        log.warning(f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})")
+        log.warning(
+            f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})"
+        )
 
     def due(self, step: int, stopping: bool, verdict: GuardVerdict | None = None) -> bool:
         """Whether step `step` is checkpointed: every `checkpoint.every_steps`, the last, a stop, and
         (`guardrails.keep_best`) an evaluation better than every earlier one."""
         best = verdict is not None and verdict.improved and self.cfg.guardrails.keep_best > 0
-        return (step + 1) % self.cfg.checkpoint.every_steps == 0 or step + 1 == self.cfg.train.total_steps or stopping \
+        return (
+            (step + 1) % self.cfg.checkpoint.every_steps == 0
+            or step + 1 == self.cfg.train.total_steps
+            or stopping
             or best
+        )
 
     def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState, cfg: JobConfig) -> tuple[int, dict]:
         """Put the ranks, the weight store and `state` (fresh) where `ckpt` left them, or at the
@@ -107,7 +117,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {ckpt.path}: written by {saved_world} DeepSpeed ranks, resumed with learner.world_size="
                 f"{cfg.learner.world_size}; DeepSpeed ZeRO checkpoints resume at the world size they were written "
-                f"with (set learner.world_size={saved_world}), FSDP2 ones at any")
+                f"with (set learner.world_size={saved_world}), FSDP2 ones at any"
+            )
         digests = trainer.load_checkpoint(ckpt.path)
         for group, restored in digests.items():
             what = "critic" if group.startswith("critic") else "learner"
@@ -122,18 +133,31 @@ class Checkpointer:
         delivery = trainer.publish_now(ckpt.version)
         self.reporter.keep_steps(ckpt.step)
         overrides = {name: {"checkpoint": old, "now": new} for name, (old, new) in state.overrides.items()}
-        self.run_dir.write_json(RunDir.RESUME, {"step": ckpt.step, "version": ckpt.version, "path": str(ckpt.path),
-                                                "rank_digests": digests["rank_digests"], "overrides": overrides,
-                                                "scored_groups": state.recovered})
-        log.info(f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}; scored groups "
-                 f"after it reused {state.recovered['reused']} (from rolled-back weights: {state.recovered['rolled_back']})")
+        self.run_dir.write_json(
+            RunDir.RESUME,
+            {
+                "step": ckpt.step,
+                "version": ckpt.version,
+                "path": str(ckpt.path),
+                "rank_digests": digests["rank_digests"],
+                "overrides": overrides,
+                "scored_groups": state.recovered,
+            },
+        )
+        log.info(
+            f"resumed from {ckpt.path}: next step {state.start_step}, weight version {ckpt.version}; scored groups "
+            f"after it reused {state.recovered['reused']} (from rolled-back weights: {state.recovered['rolled_back']})"
+        )
         if overrides:
-            log.info("settings changed since the checkpoint, this job's apply: "
-                     + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items()))
+            log.info(
+                "settings changed since the checkpoint, this job's apply: "
+                + ", ".join(f"{k} {v['checkpoint']} -> {v['now']}" for k, v in overrides.items())
+            )
         return ckpt.version, delivery
 
-    async def save(self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState,
-                   verdict: GuardVerdict | None = None) -> None:
+    async def save(
+        self, tg: asyncio.TaskGroup, step: int, trainer: Trainer, state: JobState, verdict: GuardVerdict | None = None
+    ) -> None:
         """Snapshot the state and stage every rank's state now; the files are finished in the
         background. `verdict`: the step's evaluation, the score best-k retention ranks it by."""
         await self.wait()  # one checkpoint at a time

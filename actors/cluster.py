@@ -7,22 +7,22 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.workers._common import heartbeat
 from actors.commands.control import NAMESPACE, JobController, controller_name
+from actors.workers._common import heartbeat
 from actors.workers.generation import GenerationWorker
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.workers.scoring import ReferenceWorker, RewardWorker
-from rlhf_cluster.telemetry import metrics as m
-from rlhf_cluster.scoring.call_coalescing import CallCoalescer
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
 from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.scoring.call_coalescing import CallCoalescer
+from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry.tracing import PoolActivity
 from rlhf_cluster.weights import WeightStore
 
@@ -31,12 +31,16 @@ DELIVERY_TIMEOUT_S = 600  # the first delivery to the starting engines (fetch, v
 RECEIPTS_KEPT = 10_000
 
 
-def engine_model_paths(cfg: JobConfig, model_path: str, store: WeightStore, version: int, run_dir: RunDir) -> dict[str, str]:
+def engine_model_paths(
+    cfg: JobConfig, model_path: str, store: WeightStore, version: int, run_dir: RunDir
+) -> dict[str, str]:
     """What generation engines start from, by weight variant: the model folder (`full`), and for
     int8 rollouts an int8 checkpoint of `version`'s int8 variant (written once; workers then sync)."""
     paths = {"full": model_path}
     if "int8" in cfg.generation.weight_variants:
-        paths["int8"] = str(write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8))
+        paths["int8"] = str(
+            write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8)
+        )
     return paths
 
 
@@ -49,12 +53,15 @@ def _named_controller(job_name: str, wait_s: float = 60.0):
             # On the driver's node: it shares the driver's fate anyway, and a lost worker node
             # (e.g. a learner's, with `faults.elastic`) must not take the job's control down.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            return JobController.options(name=controller_name(job_name), namespace=NAMESPACE,
-                                         get_if_exists=False, scheduling_strategy=here).remote()
+            return JobController.options(
+                name=controller_name(job_name), namespace=NAMESPACE, get_if_exists=False, scheduling_strategy=here
+            ).remote()
         except ValueError:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"a job named {job_name!r} is already running on this cluster (its controller "
-                                   f"{controller_name(job_name)} exists); give this job another `name`") from None
+                raise RuntimeError(
+                    f"a job named {job_name!r} is already running on this cluster (its controller "
+                    f"{controller_name(job_name)} exists); give this job another `name`"
+                ) from None
             time.sleep(1.0)
 
 
@@ -63,8 +70,16 @@ class Cluster:
     current. `newest_version()` is the version a new generation worker loads before it serves;
     `other_targets()` adds the rank groups' and the driver's endpoints to the scrape targets."""
 
-    def __init__(self, cfg: JobConfig, cfg_dict: dict, run_dir: RunDir, model_path: str, engine_paths: dict[str, str],
-                 newest_version: Callable[[], int], other_targets: Callable[[], dict[str, dict[str, dict]]]):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        cfg_dict: dict,
+        run_dir: RunDir,
+        model_path: str,
+        engine_paths: dict[str, str],
+        newest_version: Callable[[], int],
+        other_targets: Callable[[], dict[str, dict[str, dict]]],
+    ):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
         self.delivery: dict | None = None  # the newest version's delivery, for every worker that joins
@@ -79,9 +94,16 @@ class Cluster:
         gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
 
         def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
-            return ActorPool(name, prefix, factory, prepare=prepare, max_restarts=cfg.faults.max_worker_restarts,
-                             backoff_s=cfg.faults.restart_backoff_s, activity=self.activity,
-                             on_restart=lambda dead, new: self._on_restart(name, dead, new))
+            return ActorPool(
+                name,
+                prefix,
+                factory,
+                prepare=prepare,
+                max_restarts=cfg.faults.max_worker_restarts,
+                backoff_s=cfg.faults.restart_backoff_s,
+                activity=self.activity,
+                on_restart=lambda dead, new: self._on_restart(name, dead, new),
+            )
 
         async def load_newest_weights(actor) -> None:
             # A new generation worker loads the newest weights before it serves anything: the newest
@@ -98,21 +120,36 @@ class Cluster:
                     return  # its learner rank died; the rollback's push reaches this worker too
 
         self.pools: dict[str, ActorPool] = {
-            "generation": pool("generation", "gen", lambda i, slot: GenerationWorker.options(**gen_opts).remote(
-                cfg_dict, engine_paths["int8" if cfg.generation.quantization_of(slot) == "int8" else "full"], i, slot),
-                load_newest_weights),
+            "generation": pool(
+                "generation",
+                "gen",
+                lambda i, slot: GenerationWorker.options(**gen_opts).remote(
+                    cfg_dict,
+                    engine_paths["int8" if cfg.generation.quantization_of(slot) == "int8" else "full"],
+                    i,
+                    slot,
+                ),
+                load_newest_weights,
+            ),
             "reward": pool("reward", "reward", lambda i, _slot: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
         }
         # With LoRA the learner's base model (adapters off) is the reference: no copy to run.
         if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
-                "reference", "ref", lambda i, _slot: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i))
+                "reference",
+                "ref",
+                lambda i, _slot: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i),
+            )
         # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.
         self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]), cfg.samples_per_step)
-        self._references = CallCoalescer(self._send_references, lambda: len(self.pools["reference"]),
-                                         cfg.samples_per_step)
-        replicas = {"generation": cfg.generation.replicas, "reward": cfg.scoring.reward_replicas,
-                    "reference": cfg.scoring.reference_replicas}
+        self._references = CallCoalescer(
+            self._send_references, lambda: len(self.pools["reference"]), cfg.samples_per_step
+        )
+        replicas = {
+            "generation": cfg.generation.replicas,
+            "reward": cfg.scoring.reward_replicas,
+            "reference": cfg.scoring.reference_replicas,
+        }
         try:
             # Every pool's workers start at once: their constructors (an engine, a model) overlap.
             created = {name: p.start(replicas[name]) for name, p in self.pools.items()}
@@ -130,7 +167,9 @@ class Cluster:
         before anything is generated."""
         self.delivery = delivery
         engines = self.pools["generation"].actors.values()
-        self._record_receipts(ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S), delivery)
+        self._record_receipts(
+            ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S), delivery
+        )
 
     async def call(self, pool: str, method: str, *args):
         """One request to the least busy worker of `pool`; returns (worker name, result)."""
@@ -198,9 +237,13 @@ class Cluster:
         for receipt in receipts:
             sent = delivery["variants"][receipt["variant"]]["fingerprint"]
             if "fingerprint" in receipt and receipt["fingerprint"] != sent:  # not refused, not superseded
-                m.WEIGHTS_FINGERPRINT_MISMATCH.labels(job=self.cfg.name, pool="generation", worker=receipt["worker"]).inc()
-                log.warning(f"{receipt['worker']}: loaded version {receipt['version']} with fingerprint "
-                            f"{receipt['fingerprint']}, the learner sent {sent[:12]}")
+                m.WEIGHTS_FINGERPRINT_MISMATCH.labels(
+                    job=self.cfg.name, pool="generation", worker=receipt["worker"]
+                ).inc()
+                log.warning(
+                    f"{receipt['worker']}: loaded version {receipt['version']} with fingerprint "
+                    f"{receipt['fingerprint']}, the learner sent {sent[:12]}"
+                )
             receipt["sent_fingerprint"] = sent
         self.receipts.extend(receipts)
 
@@ -231,13 +274,20 @@ class Cluster:
         """Until cancelled: apply scale requests, and heartbeat every pool's workers (a hung one is
         killed and replaced; the trace spans they answer with go to `on_spans`); a failure of
         either ends the job with its cause."""
-        await asyncio.gather(self._watch_scaling(version), *(pool.watch(self.cfg.faults, partial(self._on_hung, name), on_spans)
-                                                             for name, pool in self.pools.items()))
+        await asyncio.gather(
+            self._watch_scaling(version),
+            *(pool.watch(self.cfg.faults, partial(self._on_hung, name), on_spans) for name, pool in self.pools.items()),
+        )
 
     async def collect_spans(self) -> list[dict]:
         """One heartbeat round to every worker now: the trace spans recorded since the last one."""
-        beats = await asyncio.gather(*(heartbeat(a, self.cfg.faults.heartbeat_timeout_s)
-                                       for pool in self.pools.values() for a in pool.actors.values()))
+        beats = await asyncio.gather(
+            *(
+                heartbeat(a, self.cfg.faults.heartbeat_timeout_s)
+                for pool in self.pools.values()
+                for a in pool.actors.values()
+            )
+        )
         return [span for beat in beats for span in beat.spans]
 
     def busy_shares(self, start: float, end: float) -> dict[str, float]:
@@ -249,8 +299,10 @@ class Cluster:
         labels = {"job": self.cfg.name, "pool": pool_name, "worker": dead}
         m.HUNG_DETECTION_SECONDS.labels(**labels).observe(detected_s)
         m.WORKER_REPLACEMENT_SECONDS.labels(**labels).observe(replaced_s)
-        log.info(f"{pool_name} worker {dead} was hung ({reason}): detected in {detected_s:.1f} s, "
-                 f"replaced in {replaced_s:.1f} s")
+        log.info(
+            f"{pool_name} worker {dead} was hung ({reason}): detected in {detected_s:.1f} s, "
+            f"replaced in {replaced_s:.1f} s"
+        )
 
     async def _watch_scaling(self, version: Callable[[], int]) -> None:
         """Apply scale requests from the JobController as they arrive."""
@@ -275,7 +327,9 @@ class Cluster:
             else:
                 self.infos[pool_name][name] = await pool.actors[name].info.remote()
         self.write_scrape_targets()
-        log.info(f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})")
+        log.info(
+            f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})"
+        )
         return changed
 
     def shutdown(self) -> None:

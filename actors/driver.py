@@ -25,22 +25,22 @@ from tqdm import tqdm
 from actors.checkpointer import Checkpointer
 from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
-from actors.workers.learner_start import LearnerStart, build_learner
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
 from actors.trainer import Trainer
-from rlhf_cluster.run.checkpoint import Checkpoint
+from actors.workers.learner_start import LearnerStart, build_learner
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
+from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.job.guardrails import RollbackGuard
 from rlhf_cluster.job.inputs import prepare_inputs
-from rlhf_cluster.run.job_state import JobState
-from rlhf_cluster.telemetry.console import attach_console
-from rlhf_cluster.telemetry.metrics import serve_metrics
 from rlhf_cluster.job.preflight import preflight
-from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.run.checkpoint import Checkpoint
+from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLogFlushError
+from rlhf_cluster.telemetry.console import attach_console
+from rlhf_cluster.telemetry.metrics import serve_metrics
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,11 @@ class Driver:
             self.inputs = prepare_inputs(cfg, self.run_dir)
             self.reporter.tokenizer = self.inputs.tokenizer
             self.run_dir.write_yaml(RunDir.CONFIG, cfg.model_dump(mode="json"))
-            self.metrics_port = (serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range)
-                                 if cfg.metrics.enabled else None)
+            self.metrics_port = (
+                serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range)
+                if cfg.metrics.enabled
+                else None
+            )
             self._start_learner_and_pools(resume_from)
         except BaseException:
             self.shutdown()  # no actor outlives a failed start
@@ -93,9 +96,15 @@ class Driver:
                 if "int8" in self.cfg.generation.weight_variants:
                     self._adopt_learner(learner.result())
                 self.cluster = Cluster(
-                    self.cfg, self.cfg_dict, self.run_dir, self.inputs.model_path,
-                    engine_model_paths(self.cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir),
-                    newest_version=lambda: self.published_version, other_targets=self._scrape_targets,
+                    self.cfg,
+                    self.cfg_dict,
+                    self.run_dir,
+                    self.inputs.model_path,
+                    engine_model_paths(
+                        self.cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir
+                    ),
+                    newest_version=lambda: self.published_version,
+                    other_targets=self._scrape_targets,
                 )
             finally:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
@@ -120,7 +129,9 @@ class Driver:
         self.reporter.version(start.published_version)
 
     def _scrape_targets(self) -> dict[str, dict[str, dict]]:
-        driver = {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}} if self.metrics_port else {}
+        driver = (
+            {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}} if self.metrics_port else {}
+        )
         return {**self.trainer.infos, "driver": driver}
 
     async def run(self) -> JobResult:
@@ -141,7 +152,9 @@ class Driver:
             first = _first_cause(group)
             raise first from first.__cause__  # the cause itself, its own chain kept
         # The spans every actor recorded since its last heartbeat: the trace covers the whole run.
-        self.reporter.trace(await self.cluster.collect_spans() + await self.trainer.collect_spans(self.cfg.faults.heartbeat_timeout_s))
+        self.reporter.trace(
+            await self.cluster.collect_spans() + await self.trainer.collect_spans(self.cfg.faults.heartbeat_timeout_s)
+        )
         result.final_version, result.stopped = self.published_version, self.stop_requested
         return result
 
@@ -163,7 +176,8 @@ class Driver:
             while True:
                 async with self.changed:
                     await self.changed.wait_for(
-                        lambda: admission.may_start(self.published_version, len(in_flight), len(workers)))
+                        lambda: admission.may_start(self.published_version, len(in_flight), len(workers))
+                    )
                     key, prompts = admission.admit(self.published_version)
                 task = tg.create_task(self._rollout(key, prompts, self.timeline))
                 in_flight.add(task)
@@ -215,18 +229,25 @@ class Driver:
                     continue
                 observe_step_kl(self.state.kl, stats["policy/kl"], samples)
                 self._publishing = tg.create_task(self._publish(step + 1, self.timeline, self._publishing))
-                counters = {**self.state.counters(), "worker_restarts": self.cluster.restarts(),
-                            "learner_restarts": self.learner_restarts, "learner_wait_seconds": waited,
-                            "scored_log_failed_flushes": self.state.log.failed_flushes,
-                            "scored_log_unflushed_groups": self.state.log.unflushed,
-                            **self.cluster.busy_shares(began, time.time())}
+                counters = {
+                    **self.state.counters(),
+                    "worker_restarts": self.cluster.restarts(),
+                    "learner_restarts": self.learner_restarts,
+                    "learner_wait_seconds": waited,
+                    "scored_log_failed_flushes": self.state.log.failed_flushes,
+                    "scored_log_unflushed_groups": self.state.log.unflushed,
+                    **self.cluster.busy_shares(began, time.time()),
+                }
                 now = time.perf_counter()
                 every = self.cfg.data.eval_every_steps  # the last step's evaluation is the final one (eval.json)
                 if every and (step + 1) % every == 0 and step + 1 < total:
                     await asyncio.wait([self._publishing])  # the step's version, held by the engines
                     with self.reporter.span("evaluate", version=self.published_version):
-                        counters.update(await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version,
-                                                       self.cfg.data))
+                        counters.update(
+                            await evaluate(
+                                self.cluster, self.inputs.eval_prompts, self.published_version, self.cfg.data
+                            )
+                        )
                 verdict = self.guard.observe(step, counters)  # None unless this step evaluated the watched metric
                 self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
                 if verdict is not None:
@@ -390,4 +411,3 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
     return first
-

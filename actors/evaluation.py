@@ -12,8 +12,9 @@ from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.telemetry.rollout_stats import accuracy, accuracy_by_source, mean_pass_at_k
 
 
-async def _judged(cluster: Cluster, prompts: list[Prompt], version: int,
-                  samples: int = 0) -> tuple[dict[str, list[bool]], list[float]]:
+async def _judged(
+    cluster: Cluster, prompts: list[Prompt], version: int, samples: int = 0
+) -> tuple[dict[str, list[bool]], list[float]]:
     """Per prompt, whether each answer of `version` (or newer) is right, and every answer's reward:
     one greedy answer per prompt, or with `samples` > 0 that many sampled ones."""
     _, rollouts = await cluster.call("generation", "evaluate", prompts, version, samples)
@@ -35,8 +36,12 @@ async def evaluate(cluster: Cluster, prompts: list[Prompt], version: int, data: 
         return {}
     greedy, rewards = await _judged(cluster, prompts, version)
     out = {"eval_accuracy": accuracy(greedy), "eval_reward_mean": statistics.fmean(rewards)}
-    out.update({f"eval_accuracy/{source}": value
-                for source, value in accuracy_by_source(greedy, {p.prompt_id: p.source for p in prompts}).items()})
+    out.update(
+        {
+            f"eval_accuracy/{source}": value
+            for source, value in accuracy_by_source(greedy, {p.prompt_id: p.source for p in prompts}).items()
+        }
+    )
     if samples:
         sampled, _ = await _judged(cluster, prompts, version, samples)
         out["eval_sampled_accuracy"] = accuracy(sampled)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from actors.driver import Driver
 from actors.commands.preemption import GracefulStop
+from actors.driver import Driver
 from actors.reporting import ConsumedSample, JobResult
 from rlhf_cluster.config import JobConfig
 
@@ -39,7 +39,7 @@ class Job:
         """End every actor of the job."""
         self._driver.shutdown()
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -118,12 +118,18 @@ class Job:
 
     def status(self) -> dict:
         """A summary: steps done, the published version, pool sizes, restarts and drops."""
-        return {"steps": len(self._driver.reporter.result.rows), "version": self.published_version,
-                "pools": self.pool_sizes(), "learner_restarts": self.learner_restarts, "dropped": self.dropped}
+        return {
+            "steps": len(self._driver.reporter.result.rows),
+            "version": self.published_version,
+            "pools": self.pool_sizes(),
+            "learner_restarts": self.learner_restarts,
+            "dropped": self.dropped,
+        }
 
 
-def run_job(cfg: JobConfig, resume: str | None = None, stop: GracefulStop | None = None,
-            overwrite: bool = False) -> JobResult:
+def run_job(
+    cfg: JobConfig, resume: str | None = None, stop: GracefulStop | None = None, overwrite: bool = False
+) -> JobResult:
     """Run (or with `resume`, continue) one job to its end on the connected Ray cluster; `stop`
     (active in the main thread) lets SIGTERM/SIGINT end it early with a checkpoint; `overwrite`
     lets a fresh job replace an earlier run in its run_dir."""

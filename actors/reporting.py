@@ -9,15 +9,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-
-from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.generation.probe import MismatchAlarm
 from rlhf_cluster.job.guardrails import GuardVerdict
-from rlhf_cluster.telemetry.metrics import MetricLabels
-from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.sample_log import pick_samples, sample_rows
+from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.telemetry.metrics import MetricLabels
 from rlhf_cluster.telemetry.step_report import console_line, step_row
 from rlhf_cluster.telemetry.tracing import Tracer
 
@@ -86,8 +85,15 @@ class Reporter:
         self.tokenizer = None  # set once the job's inputs are prepared: samples.jsonl decodes with it
         self.trace_full = False  # trace.jsonl reached metrics.trace_max_mb
 
-    def step(self, step: int, samples: list[ScoredSample], stats: dict, seconds: float, counters: dict,
-             worker_of: dict[str, str]) -> dict:
+    def step(
+        self,
+        step: int,
+        samples: list[ScoredSample],
+        stats: dict,
+        seconds: float,
+        counters: dict,
+        worker_of: dict[str, str],
+    ) -> dict:
         """Record one learner step: its row everywhere, and the provenance of every sample it used."""
         self._check_bad_step(step, stats)
         row = step_row(step, samples, stats, seconds, counters)
@@ -106,8 +112,15 @@ class Reporter:
             for column in (c for c in row if c.startswith(prefix)):
                 self.labels.of(gauge, **{label: column.removeprefix(prefix)}).set(row[column])
         consumed = [
-            ConsumedSample(step, s.sample_id, s.prompt_id, s.policy_version, worker_of.pop(s.sample_id, "?"),
-                           [list(span) for span in s.policy_versions], s.rolled_back_steps)
+            ConsumedSample(
+                step,
+                s.sample_id,
+                s.prompt_id,
+                s.policy_version,
+                worker_of.pop(s.sample_id, "?"),
+                [list(span) for span in s.policy_versions],
+                s.rolled_back_steps,
+            )
             for s in samples
         ]
         self.result.rows.append(row)
@@ -124,14 +137,24 @@ class Reporter:
         """Held-out accuracy before and after RL to `eval.json` (when the job has held-out prompts)."""
         r = self.result
         if r.accuracy_before is not None:
-            self.run_dir.write_json(RunDir.EVAL, {
-                "prompts": prompts, "accuracy_before": r.accuracy_before, "accuracy_after": r.accuracy_after,
-                "version_after": version, "samples_per_prompt": samples_per_prompt,
-                "sampled_accuracy_before": r.sampled_accuracy_before, "sampled_accuracy_after": r.sampled_accuracy_after,
-                **{f"{k.removeprefix('eval_')}_{when}": v for when, e in (("before", r.evaluation_before),
-                                                                         ("after", r.evaluation_after))
-                   for k, v in e.items() if k.startswith("eval_pass@")},
-            })
+            self.run_dir.write_json(
+                RunDir.EVAL,
+                {
+                    "prompts": prompts,
+                    "accuracy_before": r.accuracy_before,
+                    "accuracy_after": r.accuracy_after,
+                    "version_after": version,
+                    "samples_per_prompt": samples_per_prompt,
+                    "sampled_accuracy_before": r.sampled_accuracy_before,
+                    "sampled_accuracy_after": r.sampled_accuracy_after,
+                    **{
+                        f"{k.removeprefix('eval_')}_{when}": v
+                        for when, e in (("before", r.evaluation_before), ("after", r.evaluation_after))
+                        for k, v in e.items()
+                        if k.startswith("eval_pass@")
+                    },
+                },
+            )
 
     def keep_steps(self, last_step: int) -> None:
         """A resumed or rolled-back run continues from `last_step`: later rows are forgotten."""
@@ -171,7 +194,9 @@ class Reporter:
         path = self.run_dir / RunDir.TRACE
         if path.exists() and path.stat().st_size > self.cfg.metrics.trace_max_mb << 20:
             self.trace_full = True
-            log.warning("%s reached metrics.trace_max_mb=%d: no more spans are kept", path, self.cfg.metrics.trace_max_mb)
+            log.warning(
+                "%s reached metrics.trace_max_mb=%d: no more spans are kept", path, self.cfg.metrics.trace_max_mb
+            )
             return
         self.run_dir.append(RunDir.TRACE, spans)
 
@@ -187,14 +212,27 @@ class Reporter:
     def guardrails(self, verdict: GuardVerdict) -> None:
         """An evaluation the guardrails acted on (a best checkpoint kept, an early stop): a row of
         events.jsonl, the actions counter, and a line on the console for a stop."""
-        actions = (["best"] if verdict.improved and self.cfg.guardrails.keep_best else []) + (["stop"] if verdict.stop else [])
+        actions = (["best"] if verdict.improved and self.cfg.guardrails.keep_best else []) + (
+            ["stop"] if verdict.stop else []
+        )
         if not actions:
             return
         for action in actions:
             self.labels.of(m.GUARDRAIL_ACTIONS, action=action).inc()
-        self.run_dir.append(RunDir.EVENTS, [{"step": verdict.step, "event": "guardrails", "actions": actions,
-                                             "metric": self.cfg.guardrails.metric, "value": verdict.value,
-                                             "reason": verdict.stop, "time": time.time()}])
+        self.run_dir.append(
+            RunDir.EVENTS,
+            [
+                {
+                    "step": verdict.step,
+                    "event": "guardrails",
+                    "actions": actions,
+                    "metric": self.cfg.guardrails.metric,
+                    "value": verdict.value,
+                    "reason": verdict.stop,
+                    "time": time.time(),
+                }
+            ],
+        )
         if verdict.stop:
             log.info(f"stopping early: {verdict.stop}")
 
@@ -203,23 +241,47 @@ class Reporter:
         `cfg`'s adjusted settings. Its row in events.jsonl carries the step it continues from, so a
         later resume that keeps that step keeps the row."""
         self.labels.of(m.GUARDRAIL_ACTIONS, action="rollback").inc()
-        self.run_dir.append(RunDir.EVENTS, [{"step": to_step, "event": "guardrails", "actions": ["rollback"],
-                                             "at_step": at_step, "reason": reason, "lr": cfg.learner.lr,
-                                             "kl_coef": cfg.algorithm.kl.coef, "time": time.time()}])
-        log.info(f"rolling back: {reason}; continuing after step {to_step} with learner.lr {cfg.learner.lr:g}, "
-                 f"algorithm.kl.coef {cfg.algorithm.kl.coef:g}")
+        self.run_dir.append(
+            RunDir.EVENTS,
+            [
+                {
+                    "step": to_step,
+                    "event": "guardrails",
+                    "actions": ["rollback"],
+                    "at_step": at_step,
+                    "reason": reason,
+                    "lr": cfg.learner.lr,
+                    "kl_coef": cfg.algorithm.kl.coef,
+                    "time": time.time(),
+                }
+            ],
+        )
+        log.info(
+            f"rolling back: {reason}; continuing after step {to_step} with learner.lr {cfg.learner.lr:g}, "
+            f"algorithm.kl.coef {cfg.algorithm.kl.coef:g}"
+        )
 
     def checkpoint_failed(self) -> None:
         self.labels.of(m.CHECKPOINT_FAILURES).inc()
 
-    def group_buffered(self, samples: list[ScoredSample], worker: str, requested_at: float, generated_at: float) -> None:
+    def group_buffered(
+        self, samples: list[ScoredSample], worker: str, requested_at: float, generated_at: float
+    ) -> None:
         """One timeline row per buffered group: when it was requested, generated (and handed to
         scoring) and buffered, and the version spans of its responses."""
-        self.run_dir.append(RunDir.TIMELINE, [{
-            "group_id": samples[0].group_id, "worker": worker, "requested_at": requested_at,
-            "generated_at": generated_at, "buffered_at": time.time(),
-            "policy_versions": [[list(span) for span in s.policy_versions] for s in samples],
-        }])
+        self.run_dir.append(
+            RunDir.TIMELINE,
+            [
+                {
+                    "group_id": samples[0].group_id,
+                    "worker": worker,
+                    "requested_at": requested_at,
+                    "generated_at": generated_at,
+                    "buffered_at": time.time(),
+                    "policy_versions": [[list(span) for span in s.policy_versions] for s in samples],
+                }
+            ],
+        )
 
     def probes(self, reports: list[dict]) -> None:
         """Log each worker's post-load probe mismatch (probes.jsonl) and alert when it jumps."""
@@ -228,8 +290,11 @@ class Reporter:
             if report["alert"]:
                 self.labels.of(m.MISMATCH_ALERTS).inc()
                 log.warning(
-                            "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
-                            report["worker"], report["version"], report["k3"], report["max_abs_diff"],
-                            statistics.median(self.mismatch_alarm.history[:-1]),
-                            )
+                    "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
+                    report["worker"],
+                    report["version"],
+                    report["k3"],
+                    report["max_abs_diff"],
+                    statistics.median(self.mismatch_alarm.history[:-1]),
+                )
         self.run_dir.append(RunDir.PROBES, reports)

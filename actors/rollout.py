@@ -12,9 +12,9 @@ from actors.cluster import Cluster
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.build import KLController, build_group, group_rollouts
-from rlhf_cluster.run.job_state import kept_samples, min_group_size
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.rewards.turns import combined_reward
+from rlhf_cluster.run.job_state import kept_samples, min_group_size
 
 
 @dataclass
@@ -29,7 +29,9 @@ class ScoredGroup:
     failed: int = 0  # samples left out because their reward failed (the group's advantages are over the rest)
 
 
-async def rollout(cfg: JobConfig, cluster: Cluster, prompts: list[Prompt], version: int, kl: KLController) -> list[ScoredGroup]:
+async def rollout(
+    cfg: JobConfig, cluster: Cluster, prompts: list[Prompt], version: int, kl: KLController
+) -> list[ScoredGroup]:
     """Generate `prompts` with weights at least `version`, score them, and build their groups
     (with the KL coefficient `kl` holds once they are scored).
 
@@ -37,14 +39,20 @@ async def rollout(cfg: JobConfig, cluster: Cluster, prompts: list[Prompt], versi
     request's prompts together, after the worker has loaded `version`.
     """
     requested_at = time.time()
-    call = ("generate_group", prompts[0], version) if cfg.generation.mode == "streaming" else ("generate", prompts, version)
+    call = (
+        ("generate_group", prompts[0], version)
+        if cfg.generation.mode == "streaming"
+        else ("generate", prompts, version)
+    )
     _, rollouts = await cluster.call("generation", *call)
     generated_at = time.time()
     answers = {p.prompt_id: p.answer for p in prompts}
     scores, refs = await asyncio.gather(cluster.score(rollouts, answers), cluster.reference_logprobs(rollouts))
     if cfg.generation.turn_rewards.combine != "none":  # multi-turn: the environment's per-turn rewards too
-        scores = [combined_reward(reward, components, r.turn_rewards or [], cfg.generation.turn_rewards)
-                  for r, (reward, components) in zip(rollouts, scores)]
+        scores = [
+            combined_reward(reward, components, r.turn_rewards or [], cfg.generation.turn_rewards)
+            for r, (reward, components) in zip(rollouts, scores)
+        ]
     by_index = {r.sample_id: i for i, r in enumerate(rollouts)}
     groups, at_least = [], min_group_size(cfg)
     for whole in group_rollouts(rollouts).values():
@@ -52,8 +60,15 @@ async def rollout(cfg: JobConfig, cluster: Cluster, prompts: list[Prompt], versi
         group = [whole[k] for k in kept]
         idx = [by_index[r.sample_id] for r in group]
         samples, metrics = build_group(
-            group, [scores[i] for i in idx], [refs[i] for i in idx] if refs else None, cfg.algorithm,
-            kl_coef=kl.value, max_new_tokens=cfg.generation.sampling.max_new_tokens, turns=cfg.generation.turn_rewards,
+            group,
+            [scores[i] for i in idx],
+            [refs[i] for i in idx] if refs else None,
+            cfg.algorithm,
+            kl_coef=kl.value,
+            max_new_tokens=cfg.generation.sampling.max_new_tokens,
+            turns=cfg.generation.turn_rewards,
         )
-        groups.append(ScoredGroup(samples, metrics, group[0].worker, requested_at, generated_at, len(whole) - len(group)))
+        groups.append(
+            ScoredGroup(samples, metrics, group[0].worker, requested_at, generated_at, len(whole) - len(group))
+        )
     return groups

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import ray
 
@@ -14,13 +14,13 @@ from actors.workers._common import heartbeat
 from actors.workers.critic import CriticRank
 from actors.workers.learner import LearnerRank
 from actors.workers.rank_group import PLACEMENT_TIMEOUT_S, PlacementError, RankGroup, deal, interleave
-from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.config import FaultsConfig, JobConfig
-from rlhf_cluster.job.elastic import shrunk_learner
 from rlhf_cluster.experience.build import finalize_batch
-from rlhf_cluster.generation.probe import Probe
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+from rlhf_cluster.generation.probe import Probe
+from rlhf_cluster.job.elastic import shrunk_learner
 from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.telemetry import metrics as m
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +28,31 @@ log = logging.getLogger(__name__)
 class Trainer:
     """Owns the learner's RankGroup (and the critic's): step, publish, checkpoint, kill."""
 
-    def __init__(self, cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe | None,
-                 placement_timeout_s: float = PLACEMENT_TIMEOUT_S):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        cfg_dict: dict,
+        model_path: str,
+        probe: Probe | None,
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    ):
         self.cfg = cfg
         w = cfg.learner.world_size
-        self.policy = RankGroup(LearnerRank, lambda r: (cfg_dict, model_path, r, w, probe), cfg.learner.resources, w,
-                                placement_timeout_s=placement_timeout_s)
+        self.policy = RankGroup(
+            LearnerRank,
+            lambda r: (cfg_dict, model_path, r, w, probe),
+            cfg.learner.resources,
+            w,
+            placement_timeout_s=placement_timeout_s,
+        )
         self.critic: RankGroup | None = None
         self._published: dict[int, dict] = {}  # publications that came back with their step
         if cfg.algorithm.advantage == "gae":  # PPO with a learned critic
             try:
                 cw = cfg.critic.world_size
-                self.critic = RankGroup(CriticRank, lambda r: (cfg_dict, model_path, r, cw), cfg.critic.resources, cw,
-                                        section="critic")
+                self.critic = RankGroup(
+                    CriticRank, lambda r: (cfg_dict, model_path, r, cw), cfg.critic.resources, cw, section="critic"
+                )
             except BaseException:
                 self.policy.kill()
                 raise
@@ -57,6 +69,7 @@ class Trainer:
         """Heartbeat every rank of both groups until they end; a hung rank is killed (and timed in
         `rlhf_fault_detection_seconds`), which fails the step in flight like a dead rank. The
         trace spans the ranks answer with go to `on_spans`."""
+
         def hung(group: str, rank: int, detected_s: float) -> None:
             m.HUNG_DETECTION_SECONDS.labels(job=self.cfg.name, pool=group, worker=f"rank{rank}").observe(detected_s)
             log.info(f"{group} rank {rank} was hung (no heartbeat answer): detected in {detected_s:.1f} s")
@@ -77,7 +90,9 @@ class Trainer:
             shares = [TrainBatch.from_samples(share) for share in deal(samples, self.critic.world_size)]
             values = interleave(await asyncio.gather(*self.critic.split("values", shares)))
         batch, stats = finalize_batch(samples, self.cfg.algorithm, kl_coef, values)
-        steps = [asyncio.gather(*self.policy.split("train", batch.policy_shares(self.policy.world_size), step + 1, kl_coef))]
+        steps = [
+            asyncio.gather(*self.policy.split("train", batch.policy_shares(self.policy.world_size), step + 1, kl_coef))
+        ]
         if self.critic is not None:
             steps.append(asyncio.gather(*self.critic.split("train", batch.critic_shares(self.critic.world_size))))
         # The two groups train on the same batch at the same time; rank 0 speaks for each.
@@ -126,7 +141,9 @@ class Trainer:
         """Every rank stages its state under `tmp` (written in the background); the staged digests."""
         digests = {"rank_digests": await asyncio.gather(*self.policy.submit("save_checkpoint", str(tmp)))}
         if self.critic is not None:
-            digests["critic_rank_digests"] = await asyncio.gather(*self.critic.submit("save_checkpoint", str(tmp / RunDir.CRITIC)))
+            digests["critic_rank_digests"] = await asyncio.gather(
+                *self.critic.submit("save_checkpoint", str(tmp / RunDir.CRITIC))
+            )
         return digests
 
     async def wait_checkpoint(self) -> None:
@@ -147,6 +164,8 @@ def start_trainer(cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe 
         return Trainer(cfg, cfg_dict, model_path, probe, placement_timeout_s=cfg.faults.elastic_wait_s), cfg
     except PlacementError as exc:
         smaller = shrunk_learner(cfg, exc.placeable)
-        log.info(f"learner: {cfg.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
-                 f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)")
+        log.info(
+            f"learner: {cfg.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
+            f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)"
+        )
         return Trainer(smaller, smaller.model_dump(), model_path, probe), smaller

@@ -34,7 +34,7 @@ class GracefulStop:
         """The job a signal stops (anything with `stop()`)."""
         self._job = job
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -52,8 +52,10 @@ class GracefulStop:
         if self.received is not None or self._job is None:
             raise KeyboardInterrupt(f"{name}: stopping at once")
         self.received = name
-        log.info(f"{name}: stopping after the step in progress and writing a checkpoint "
-                 f"(within {self.grace_s:g} s; a second signal stops at once)")
+        log.info(
+            f"{name}: stopping after the step in progress and writing a checkpoint "
+            f"(within {self.grace_s:g} s; a second signal stops at once)"
+        )
         self._job.stop()
         self._timer = threading.Timer(self.grace_s, self._expire)
         self._timer.daemon = True

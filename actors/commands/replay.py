@@ -8,9 +8,9 @@ import asyncio
 from pathlib import Path
 
 from actors.trainer import Trainer
-from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.experience.build import kl_controller, observe_step_kl
 from rlhf_cluster.job.inputs import prepare_inputs
+from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.run.replay import recorded_batches, recorded_config
 from rlhf_cluster.run.run_dir import RunDir
 
@@ -29,12 +29,18 @@ def replay(run_dir: Path, out_dir: Path, steps: tuple[int, int] | None = None) -
     store = CheckpointStore(recorded.checkpoint_dir)
     kept = {c.step: c for c in map(CheckpointStore.verify, store.list())}
     if first > 0 and first - 1 not in kept:
-        raise ValueError(f"steps {first}..{last}: starting after step 0 needs the run's checkpoint of step {first - 1}; "
-                         f"it kept steps {sorted(kept)}")
+        raise ValueError(
+            f"steps {first}..{last}: starting after step 0 needs the run's checkpoint of step {first - 1}; "
+            f"it kept steps {sorted(kept)}"
+        )
     # Everything the replay writes (prompt files, the weight store) goes under out_dir.
-    cfg = recorded.model_copy(update={
-        "run_dir": str(out_dir), "weights": recorded.weights.model_copy(update={"dir": None}),
-        "checkpoint": recorded.checkpoint.model_copy(update={"dir": None})})
+    cfg = recorded.model_copy(
+        update={
+            "run_dir": str(out_dir),
+            "weights": recorded.weights.model_copy(update={"dir": None}),
+            "checkpoint": recorded.checkpoint.model_copy(update={"dir": None}),
+        }
+    )
     run = RunDir(out_dir, cfg.weights_dir, cfg.checkpoint_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = prepare_inputs(cfg, run)
@@ -56,5 +62,8 @@ def replay(run_dir: Path, out_dir: Path, steps: tuple[int, int] | None = None) -
     finally:
         trainer.kill()
     original = kept.get(last)
-    return {"steps": [first, last], "rank_digests": digests,
-            "run_rank_digests": None if original is None else original.manifest["rank_digests"]}
+    return {
+        "steps": [first, last],
+        "rank_digests": digests,
+        "run_rank_digests": None if original is None else original.manifest["rank_digests"],
+    }

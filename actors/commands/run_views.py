@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,12 +17,12 @@ def run_status(run_dir: Path) -> None:
         typer.echo("\n".join(describe_run(run_dir)))
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def plot(
     run_dir: Path = typer.Argument(..., help="A run directory (holds metrics.jsonl)."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default RUN_DIR/metrics.png)."),
+    out: Path | None = typer.Option(None, help="PNG to write (default RUN_DIR/metrics.png)."),
 ) -> None:
     """Plot reward, KL, response length and held-out accuracy per step to a PNG."""
     from rlhf_cluster.telemetry.plotting import plot_run
@@ -32,13 +31,13 @@ def plot(
         typer.echo(str(plot_run(run_dir, out)))
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def samples(
     run_dir: Path = typer.Argument(..., help="A run directory (holds samples.jsonl)."),
-    step: Optional[int] = typer.Option(None, help="The step to show (default: the last one logged)."),
-    top: Optional[int] = typer.Option(None, help="Show only this many of the highest- and lowest-reward ones."),
+    step: int | None = typer.Option(None, help="The step to show (default: the last one logged)."),
+    top: int | None = typer.Option(None, help="Show only this many of the highest- and lowest-reward ones."),
 ) -> None:
     """Print the decoded prompts and responses a step trained on: highest and lowest reward, random."""
     from rlhf_cluster.run.run_dir import RunDir, read_jsonl
@@ -47,12 +46,12 @@ def samples(
     rows = read_jsonl(run_dir / RunDir.SAMPLES).rows  # none if absent; a torn final line is left out
     if not rows:
         typer.echo(f"error: {run_dir / RunDir.SAMPLES}: no samples logged (is this a run directory?)", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     step = rows[-1]["step"] if step is None else step
     chosen = [r for r in rows if r["step"] == step]
     if not chosen:
         typer.echo(f"error: no samples of step {step} (logged: steps {rows[0]['step']}..{rows[-1]['step']})", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if top is not None:
         chosen = fewest_extremes(chosen, top)
     typer.echo(format_samples(chosen))
@@ -60,9 +59,9 @@ def samples(
 
 def trace(
     run_dir: Path = typer.Argument(..., help="A run directory (holds trace.jsonl)."),
-    steps: Optional[str] = typer.Option(None, help="A:B (steps A to B) or A; default: the whole run."),
-    out: Optional[Path] = typer.Option(None, help="JSON to write (default RUN_DIR/trace.json)."),
-    png: Optional[Path] = typer.Option(None, help="Also draw the trace to this PNG (one row per track)."),
+    steps: str | None = typer.Option(None, help="A:B (steps A to B) or A; default: the whole run."),
+    out: Path | None = typer.Option(None, help="JSON to write (default RUN_DIR/trace.json)."),
+    png: Path | None = typer.Option(None, help="Also draw the trace to this PNG (one row per track)."),
 ) -> None:
     """Write the run's step trace as Chrome/Perfetto trace-event JSON (open it in ui.perfetto.dev)."""
     from rlhf_cluster.run.run_dir import RunDir
@@ -72,7 +71,7 @@ def trace(
         path = write_trace(read_spans(run_dir / RunDir.TRACE), out or run_dir / "trace.json", parse_steps(steps))
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     typer.echo(str(path))
     if png is not None:
         from rlhf_cluster.telemetry.plotting import plot_trace
@@ -82,9 +81,11 @@ def trace(
 
 def replay(
     run_dir: Path = typer.Argument(..., help="The run directory of a job run with --record-rollouts."),
-    steps: Optional[str] = typer.Option(None, help="A:B (steps A to B; A > 0 starts from the run's checkpoint of step A-1); default: all."),
-    out: Optional[Path] = typer.Option(None, help="Where the replay writes (default RUN_DIR/replay)."),
-    address: Optional[str] = typer.Option(None, help="Ray address; empty starts a local instance."),
+    steps: str | None = typer.Option(
+        None, help="A:B (steps A to B; A > 0 starts from the run's checkpoint of step A-1); default: all."
+    ),
+    out: Path | None = typer.Option(None, help="Where the replay writes (default RUN_DIR/replay)."),
+    address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
 ) -> None:
     """Train a recorded run's steps again from its recorded groups (no generation); print each
     rank's state digest and whether it equals the run's checkpoint at the last step."""
@@ -105,7 +106,7 @@ def replay(
             ray.shutdown()
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     first, last = result["steps"]
     typer.echo(f"replayed steps {first}..{last}")
     for rank, digest in enumerate(result["rank_digests"]):

@@ -31,12 +31,16 @@ def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path 
         if working_dir is not None:
             if not working_dir.is_dir():
                 raise typer.BadParameter(f"--working-dir {working_dir}: not a directory")
-            shutil.copytree(working_dir, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+            shutil.copytree(
+                working_dir, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".git")
+            )
         for module in [*py_modules, *reward_modules(cfg)]:
             if not module.exists():
                 raise typer.BadParameter(f"--py-modules {module}: no such file or package directory")
             if module.is_dir():
-                shutil.copytree(module, stage / module.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(
+                    module, stage / module.name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+                )
             else:
                 shutil.copy2(module, stage / module.name)
         for package in ("rlhf_cluster", "actors"):
@@ -67,8 +71,12 @@ def reward_modules(cfg: JobConfig) -> list[Path]:
             continue
         origin = Path(spec.origin).resolve()
         path = origin.parent if origin.name == "__init__.py" else origin
-        if path.is_relative_to(REPO / "rlhf_cluster") or path.is_relative_to(REPO / "actors") \
-                or any(path.is_relative_to(root) for root in installed) or path.is_relative_to(Path(sys.base_prefix)):
+        if (
+            path.is_relative_to(REPO / "rlhf_cluster")
+            or path.is_relative_to(REPO / "actors")
+            or any(path.is_relative_to(root) for root in installed)
+            or path.is_relative_to(Path(sys.base_prefix))
+        ):
             continue
         typer.echo(f"shipping reward module {top} ({path})", err=True)
         found.append(path)

@@ -23,8 +23,8 @@ from rlhf_cluster.config import JobConfig, StageConfig
 from rlhf_cluster.data.preferences import arithmetic_preference_pairs, encode_response, read_preference_file
 from rlhf_cluster.data.sft import SFTExample, read_sft_file, tokenize_conversation, tokenize_plain
 from rlhf_cluster.data.tasks import arithmetic_rows, held_out_pairs
-from rlhf_cluster.run.fileio import write_atomic
 from rlhf_cluster.learner.supervised import SupervisedTrainer, length_correlation
+from rlhf_cluster.run.fileio import write_atomic
 
 EVAL_PAIRS_PER_PROMPT = 4
 
@@ -53,8 +53,9 @@ class SupervisedRank:
     def sft_evaluate(self, examples: list[SFTExample]) -> dict:
         return self.trainer.sft_evaluate(examples)
 
-    def rm_step(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float],
-                prompt_lengths: list[int]) -> dict:
+    def rm_step(
+        self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float], prompt_lengths: list[int]
+    ) -> dict:
         return self.trainer.rm_step(chosen, rejected, margins, prompt_lengths)
 
     def rm_scores(self, sequences: list[list[int]]) -> list[float]:
@@ -70,10 +71,15 @@ def _sft_data(cfg: JobConfig, stage: StageConfig, tokenizer) -> tuple[list[SFTEx
         cut = len(examples) - min(stage.eval_examples, len(examples) // 5)
         return examples[:cut], examples[cut:]
     d = cfg.data
-    train = [tokenize_plain(tokenizer, r["prompt"], r["answer"])
-             for r in arithmetic_rows(stage.num_examples, d.seed, "train", d.max_operand)]
+    train = [
+        tokenize_plain(tokenizer, r["prompt"], r["answer"])
+        for r in arithmetic_rows(stage.num_examples, d.seed, "train", d.max_operand)
+    ]
     held = min(stage.eval_examples, held_out_pairs(d.max_operand))
-    evals = [tokenize_plain(tokenizer, r["prompt"], r["answer"]) for r in arithmetic_rows(held, d.seed, "eval", d.max_operand)]
+    evals = [
+        tokenize_plain(tokenizer, r["prompt"], r["answer"])
+        for r in arithmetic_rows(held, d.seed, "eval", d.max_operand)
+    ]
     return train, evals
 
 
@@ -86,14 +92,22 @@ def _rm_data(cfg: JobConfig, stage: StageConfig, tokenizer):
         d = cfg.data
         train = arithmetic_preference_pairs(stage.num_examples, d.seed, "train", d.max_operand)
         # Every held-out prompt (up to eval_examples) with EVAL_PAIRS_PER_PROMPT wrong answers.
-        evals = arithmetic_preference_pairs(min(stage.eval_examples, held_out_pairs(d.max_operand)), d.seed, "eval",
-                                            d.max_operand, per_prompt=EVAL_PAIRS_PER_PROMPT)
+        evals = arithmetic_preference_pairs(
+            min(stage.eval_examples, held_out_pairs(d.max_operand)),
+            d.seed,
+            "eval",
+            d.max_operand,
+            per_prompt=EVAL_PAIRS_PER_PROMPT,
+        )
 
     def encode(pairs):
         out = []
         for p in pairs:
             prompt_len = len(tokenizer(p.prompt, add_special_tokens=False)["input_ids"])
-            chosen, rejected = encode_response(tokenizer, p.prompt, p.chosen), encode_response(tokenizer, p.prompt, p.rejected)
+            chosen, rejected = (
+                encode_response(tokenizer, p.prompt, p.chosen),
+                encode_response(tokenizer, p.prompt, p.rejected),
+            )
             out.append(EncodedPair(chosen, rejected, p.margin, len(chosen) - prompt_len, len(rejected) - prompt_len))
         return out
 
@@ -141,8 +155,13 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
         raise ValueError(f"{kind}: no training examples")
     world = stage.world_size
     pad_id = tokenizer.pad_token_id or 0
-    group = RankGroup(SupervisedRank, lambda r: (kind, model_path, stage.model_dump(), r, world, pad_id),
-                      stage.resources, world, section=kind)
+    group = RankGroup(
+        SupervisedRank,
+        lambda r: (kind, model_path, stage.model_dump(), r, world, pad_id),
+        stage.resources,
+        world,
+        section=kind,
+    )
     try:
         start = time.perf_counter()
         history = []
@@ -153,18 +172,33 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
                 metrics = ray.get(group.split("sft_step", deal(items, world)))[0]
             else:
                 shares = deal(items, world)
-                metrics = ray.get([rank.rm_step.remote([p.chosen for p in share], [p.rejected for p in share],
-                                                       [p.margin for p in share], [p.prompt_length for p in share])
-                                   for rank, share in zip(group.ranks, shares)])[0]
+                metrics = ray.get(
+                    [
+                        rank.rm_step.remote(
+                            [p.chosen for p in share],
+                            [p.rejected for p in share],
+                            [p.margin for p in share],
+                            [p.prompt_length for p in share],
+                        )
+                        for rank, share in zip(group.ranks, shares)
+                    ]
+                )[0]
             history.append({"step": step, **metrics})
             if stage.eval_every_steps and (step + 1) % stage.eval_every_steps == 0 and step + 1 < stage.steps:
                 history[-1].update(_evaluate(kind, group, evals))
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         bar.close()
-        summary = {"stage": kind, "base_model": model_path, "steps": stage.steps, "train_examples": len(train),
-                   "eval_examples": len(evals), "seconds": time.perf_counter() - start,
-                   "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
+        summary = {
+            "stage": kind,
+            "base_model": model_path,
+            "steps": stage.steps,
+            "train_examples": len(train),
+            "eval_examples": len(evals),
+            "seconds": time.perf_counter() - start,
+            "first_loss": history[0]["loss"],
+            "final_loss": history[-1]["loss"],
+        }
         summary.update(_evaluate(kind, group, evals))
         history[-1].update({k: v for k, v in summary.items() if k.startswith("eval_")})
         output = cfg.stage_output(kind)

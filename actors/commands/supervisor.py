@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from typing import Callable
+from collections.abc import Callable
 
 FINAL = {0, 2, 130}  # done or stopped with a checkpoint; refused input; torn down on request
 

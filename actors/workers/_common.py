@@ -59,7 +59,9 @@ def rendezvous_address() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def join_process_group(master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float = 300.0) -> None:
+def join_process_group(
+    master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float = 300.0
+) -> None:
     """Join the group (gloo on CPU, nccl on CUDA); every rank calls it at once. A collective
     that waits `timeout_s` for a peer fails instead of waiting forever."""
     import datetime
@@ -85,7 +87,7 @@ async def heartbeat(actor, timeout_s: float) -> Heartbeat:
 
     try:
         reply = await asyncio.wait_for(actor.heartbeat.remote(), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return Heartbeat(answered=False)
     except ray.exceptions.RayActorError:
         return Heartbeat(answered=False, dead=True)

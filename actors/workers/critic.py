@@ -12,9 +12,10 @@ import ray
 
 from actors.workers._common import actor_setup, join_process_group, limit_threads, metrics_target
 from actors.workers.learner import ShardedRank
-from rlhf_cluster.telemetry import metrics as m, tracing
-from rlhf_cluster.learner.critic import ValueLearner, critic_spec
 from rlhf_cluster.experience.records import TrainBatch
+from rlhf_cluster.learner.critic import ValueLearner, critic_spec
+from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.telemetry import tracing
 
 
 @ray.remote(concurrency_groups={"health": 1})

@@ -22,12 +22,13 @@ import torch
 
 from actors.workers._common import actor_setup, metrics_target
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.environments import load_environment
 from rlhf_cluster.generation.episodes import run_episode
-from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.probe import PROBE_FILE, mismatch, parse_probe_file
-from rlhf_cluster.telemetry import metrics as m, tracing
-from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.telemetry.liveness import StallClock
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.transports import WeightRefused, WeightSuperseded, build_transport, fetch_stored
@@ -52,8 +53,14 @@ class GenerationWorker:
         # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
         self.variant = "int8" if cfg.generation.quantization_of(index if slot is None else slot) == "int8" else None
         self.stall = StallClock()  # before the engine: its loop reports every step here
-        self.engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed + index,
-                                 name=self.name, on_step=self._on_engine_step)
+        self.engine = VLLMEngine(
+            model_path,
+            cfg.generation,
+            dtype=cfg.engine_dtype,
+            seed=cfg.generation.seed + index,
+            name=self.name,
+            on_step=self._on_engine_step,
+        )
         self.labels.of(m.GENERATION_VERSION).set(0)
         # Multi-turn: a fresh environment per episode (None: one response per prompt).
         self.environment = load_environment(cfg.generation.environment) if cfg.generation.environment else None
@@ -71,8 +78,9 @@ class GenerationWorker:
         self.swaps: list[dict] = []  # every in-place weight load, for tests and audits
         self._sync_lock = asyncio.Lock()  # one weight load at a time
         self._one_request = asyncio.Lock()  # batched mode: requests run one after another
-        self.transport = build_transport(cfg.weights, self.store, cfg.generation.weight_variants,
-                                         getattr(torch, cfg.engine_dtype), get=ray.get)
+        self.transport = build_transport(
+            cfg.weights, self.store, cfg.generation.weight_variants, getattr(torch, cfg.engine_dtype), get=ray.get
+        )
         self._delivered = asyncio.Condition()  # the engine's version moved (or a delivery was refused)
         # The newest version refused. Requests that need it go on with the version held, as with a
         # refused stored version (the staleness filter judges their samples).
@@ -91,14 +99,26 @@ class GenerationWorker:
         return {"stalled_s": self.stall.stalled_s(), "spans": tracing.drain()}
 
     def info(self) -> dict:
-        return {"name": self.name, "metrics": self.metrics_target, "version": self.engine.version, "pid": os.getpid(),
-                "variant": self.variant or "full", "engine": id(self.engine)}
+        return {
+            "name": self.name,
+            "metrics": self.metrics_target,
+            "version": self.engine.version,
+            "pid": os.getpid(),
+            "variant": self.variant or "full",
+            "engine": id(self.engine),
+        }
 
     def engine_stats(self) -> dict:
         """vLLM's batch sizes so far, the version held, requests in flight, the weight loads and the
         speculative-decoding counters."""
-        return {**self.engine.batches.stats(), "version": self.engine.version, "in_flight": self.engine.in_flight(),
-                "engine": id(self.engine), "swaps": list(self.swaps), "speculative": self.engine.speculative_stats()}
+        return {
+            **self.engine.batches.stats(),
+            "version": self.engine.version,
+            "in_flight": self.engine.in_flight(),
+            "engine": id(self.engine),
+            "swaps": list(self.swaps),
+            "speculative": self.engine.speculative_stats(),
+        }
 
     async def sync(self, min_version: int = 0) -> int:
         """Load the store's newest version unless the engine holds it already; returns the version held.
@@ -127,8 +147,9 @@ class GenerationWorker:
         if identity == self.loaded or identity in self.refused:
             return self.engine.version
         try:
-            fetched = await asyncio.to_thread(fetch_stored, self.store, latest, self.variant or "full", self.name,
-                                              identity[1], (PROBE_FILE,))
+            fetched = await asyncio.to_thread(
+                fetch_stored, self.store, latest, self.variant or "full", self.name, identity[1], (PROBE_FILE,)
+            )
         except WeightSuperseded:
             return None
         except WeightRefused as exc:
@@ -137,7 +158,8 @@ class GenerationWorker:
             self.refused.add(identity)
             return self.engine.version
         swap = await asyncio.to_thread(self.engine.load_weights, latest, fetched.tensors)
-        # A transport that moves other bytes than the store's proves its delivery with another fingerprint: loaded again then.
+        # A transport that moves other bytes than the store's proves its delivery with another fingerprint: loaded
+        # again then.
         self.loaded, self.fingerprint = identity, fetched.fingerprint
         seconds = time.perf_counter() - start
         tracing.add("weights.load", time.time() - seconds, time.time(), version=latest, transport="store")
@@ -147,7 +169,9 @@ class GenerationWorker:
         async with self._delivered:
             self._delivered.notify_all()
         if probe is not None:
-            await self._score_probe(latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]})
+            await self._score_probe(
+                latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]}
+            )
         return latest
 
     async def receive(self, delivery: dict) -> dict:
@@ -163,14 +187,25 @@ class GenerationWorker:
         between_requests = self._one_request if self.cfg.generation.mode == "batched" else contextlib.nullcontext()
         async with between_requests, self._sync_lock:
             if identity == self.loaded and self.fingerprint == sent:  # held already, and proven
-                return {"worker": self.name, "version": identity[0], "variant": variant, "fingerprint": self.fingerprint,
-                        "loaded": False}
+                return {
+                    "worker": self.name,
+                    "version": identity[0],
+                    "variant": variant,
+                    "fingerprint": self.fingerprint,
+                    "loaded": False,
+                }
             start = time.perf_counter()
             try:
                 fetched = await asyncio.to_thread(self.transport.fetch, delivery, variant, self.name)
             except WeightSuperseded:  # not a fault: a newer version's push is on its way
-                return {"worker": self.name, "version": identity[0], "variant": variant, "superseded": True,
-                        "loaded": False, "held": self.engine.version}
+                return {
+                    "worker": self.name,
+                    "version": identity[0],
+                    "variant": variant,
+                    "superseded": True,
+                    "loaded": False,
+                    "held": self.engine.version,
+                }
             except WeightRefused as exc:
                 self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
                 self.labels.of(m.WEIGHTS_REFUSED).inc()
@@ -179,9 +214,17 @@ class GenerationWorker:
                 self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, identity[0] - self.engine.version))
                 async with self._delivered:
                     self._delivered.notify_all()
-                log.warning(f"{self.name}: refused delivered version {identity[0]}: {exc}; keeping version {self.engine.version}")
-                return {"worker": self.name, "version": identity[0], "variant": variant, "refused": str(exc),
-                        "held": self.engine.version}
+                log.warning(
+                    f"{self.name}: refused delivered version {identity[0]}: {exc}; keeping version "
+                    f"{self.engine.version}"
+                )
+                return {
+                    "worker": self.name,
+                    "version": identity[0],
+                    "variant": variant,
+                    "refused": str(exc),
+                    "held": self.engine.version,
+                }
             swap = await asyncio.to_thread(self.engine.load_weights, fetched.version, fetched.tensors)
             nbytes, fingerprint = fetched.nbytes, fetched.fingerprint
             del fetched
@@ -193,10 +236,18 @@ class GenerationWorker:
             self._delivered.notify_all()
         probe = delivery.get("files", {}).get(PROBE_FILE)
         if probe is not None:
-            await self._score_probe(identity[0], probe, {"sync_seconds": seconds, "sync_bytes": nbytes,
-                                                         "created_at": identity[1]})
-        return {"worker": self.name, "version": identity[0], "variant": variant, "fingerprint": fingerprint,
-                "loaded": True, "seconds": seconds, "bytes": nbytes}
+            await self._score_probe(
+                identity[0], probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]}
+            )
+        return {
+            "worker": self.name,
+            "version": identity[0],
+            "variant": variant,
+            "fingerprint": fingerprint,
+            "loaded": True,
+            "seconds": seconds,
+            "bytes": nbytes,
+        }
 
     def corrupt_next_delivery(self, bucket: int) -> None:
         """Test hook: the next delivery's `bucket` arrives with one byte flipped (as if damaged in transit)."""
@@ -207,11 +258,15 @@ class GenerationWorker:
         waiting at most `DELIVERY_WAIT_S`."""
         async with self._delivered:
             try:
-                await asyncio.wait_for(self._delivered.wait_for(
-                    lambda: max(self.engine.version, self.refused_up_to) >= min_version), DELIVERY_WAIT_S)
+                await asyncio.wait_for(
+                    self._delivered.wait_for(lambda: max(self.engine.version, self.refused_up_to) >= min_version),
+                    DELIVERY_WAIT_S,
+                )
             except TimeoutError:
-                raise TimeoutError(f"{self.name}: no delivery of version >= {min_version} within {DELIVERY_WAIT_S} s "
-                                   f"(the engine holds {self.engine.version})") from None
+                raise TimeoutError(
+                    f"{self.name}: no delivery of version >= {min_version} within {DELIVERY_WAIT_S} s "
+                    f"(the engine holds {self.engine.version})"
+                ) from None
 
     def _record_swap(self, version: int, swap, seconds: float, nbytes: int, transport: str) -> None:
         self.labels.of(m.WEIGHTS_SYNC_SECONDS).observe(seconds)
@@ -224,16 +279,31 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_VERSION_TOKENS).observe(swap.tokens_of_previous)
         self.labels.of(m.GENERATION_RESUMED).inc(swap.resumed)
         self.labels.of(m.GENERATION_ABORTED).inc(swap.aborted)
-        self.swaps.append({"version": version, "paused_seconds": swap.paused_seconds, "resumed": swap.resumed,
-                           "aborted": swap.aborted, "tokens_of_previous": swap.tokens_of_previous,
-                           "seconds": seconds, "bytes": nbytes, "transport": transport})
+        self.swaps.append(
+            {
+                "version": version,
+                "paused_seconds": swap.paused_seconds,
+                "resumed": swap.resumed,
+                "aborted": swap.aborted,
+                "tokens_of_previous": swap.tokens_of_previous,
+                "seconds": seconds,
+                "bytes": nbytes,
+                "transport": transport,
+            }
+        )
 
     async def _score_probe(self, version: int, text: str, sync: dict) -> None:
         """Score the version's probe with the engine and compare with the learner's log-probs."""
         probe, learner_logprobs = parse_probe_file(text)
         engine_logprobs = await asyncio.to_thread(self.engine.logprobs_of_many, probe.prompt_ids, probe.response_ids)
-        report = {"worker": self.name, "pid": os.getpid(), "version": version, "variant": self.variant or "full",
-                  **sync, **mismatch(learner_logprobs, engine_logprobs)}
+        report = {
+            "worker": self.name,
+            "pid": os.getpid(),
+            "version": version,
+            "variant": self.variant or "full",
+            **sync,
+            **mismatch(learner_logprobs, engine_logprobs),
+        }
         self.labels.of(m.PROBE_MISMATCH_K3).set(report["k3"])
         self.labels.of(m.PROBE_MAX_DIFF).set(report["max_abs_diff"])
         self.probe_reports.append(report)
@@ -260,9 +330,15 @@ class GenerationWorker:
 
     async def _episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
         """Multi-turn: `n` episodes per prompt (one greedy), all at once, each with its own environment."""
-        done = await self._per_sample(prompts, n, greedy, lambda p, group_id, sample_id: run_episode(
-            self.engine, self.cfg.generation, p, self.environment(), sample_id, group_id, greedy))
-        for rollout, stats in done:
+        done = await self._per_sample(
+            prompts,
+            n,
+            greedy,
+            lambda p, group_id, sample_id: run_episode(
+                self.engine, self.cfg.generation, p, self.environment(), sample_id, group_id, greedy
+            ),
+        )
+        for _rollout, stats in done:
             self.labels.of(m.EPISODE_TURNS).observe(stats.turns)
             self.labels.of(m.TOOL_CALLS).inc(stats.tool_calls)
             for tool, errors in stats.tool_errors.items():
@@ -274,8 +350,9 @@ class GenerationWorker:
 
     async def _agent_episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
         """Agent episodes: `n` calls of the user's agent per prompt (one greedy), all at once."""
-        done = await self._per_sample(prompts, n, greedy, lambda p, group_id, sample_id: self.agents.episode(
-            p, group_id, sample_id, greedy))
+        done = await self._per_sample(
+            prompts, n, greedy, lambda p, group_id, sample_id: self.agents.episode(p, group_id, sample_id, greedy)
+        )
         stats = self.agents.gateway.stats
         seen_requests, seen_refused = self._gateway_seen
         self.labels.of(m.GATEWAY_REQUESTS).inc(stats.requests - seen_requests)

@@ -12,15 +12,17 @@ import ray
 import torch
 
 from actors.workers._common import actor_setup, join_process_group, metrics_target, rendezvous_address
-from rlhf_cluster.telemetry import metrics as m, tracing
+from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
 from rlhf_cluster.learner.base import LearnerBase
-from rlhf_cluster.experience.records import TrainBatch
-from rlhf_cluster.weights.buckets import now as delivery_time, persisted
-from rlhf_cluster.weights.transports import build_transport
+from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.weights import WeightStore
+from rlhf_cluster.weights.buckets import now as delivery_time
+from rlhf_cluster.weights.buckets import persisted
+from rlhf_cluster.weights.transports import build_transport
 
 
 class ShardedRank:
@@ -86,13 +88,19 @@ class LearnerRank(ShardedRank):
             self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
         self.engine_dtype = getattr(torch, self.cfg.engine_dtype)
-        self.transport = (build_transport(self.cfg.weights, self.store, self.cfg.generation.weight_variants,
-                                          self.engine_dtype, put=ray.put) if rank == 0 else None)
+        self.transport = (
+            build_transport(
+                self.cfg.weights, self.store, self.cfg.generation.weight_variants, self.engine_dtype, put=ray.put
+            )
+            if rank == 0
+            else None
+        )
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
         if not torch.cuda.is_available():
-            weight_bytes = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
-                               for f in Path(model_path).glob(pattern))
+            weight_bytes = sum(
+                f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(model_path).glob(pattern)
+            )
             torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1, weight_bytes))
 
     def setup(self, master_addr: str, master_port: int) -> dict:
@@ -121,8 +129,9 @@ class LearnerRank(ShardedRank):
             for _ in named:  # this rank's part of every gather
                 pass
             return
-        snapshot = persist or persisted(version, self.cfg.weights.persist_every, self.cfg.checkpoint.every_steps,
-                                        self.cfg.train.total_steps)
+        snapshot = persist or persisted(
+            version, self.cfg.weights.persist_every, self.cfg.checkpoint.every_steps, self.cfg.train.total_steps
+        )
         self.pending[version] = self.transport.publish(version, delivery_time(), named, files, snapshot)
 
     def wait_persisted(self) -> None:

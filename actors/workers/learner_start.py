@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from actors.trainer import Trainer, start_trainer
-from rlhf_cluster.run.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.job.guardrails import EvalGuard
 from rlhf_cluster.job.inputs import JobInputs
+from rlhf_cluster.run.checkpoint import Checkpoint
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
 
@@ -32,8 +32,15 @@ class LearnerStart:
     guard: EvalGuard
 
 
-def build_learner(cfg: JobConfig, cfg_dict: dict, inputs: JobInputs, checkpointer: "Checkpointer", run_dir: RunDir,
-                  ckpt: Checkpoint | None, previous: JobState | None) -> LearnerStart:
+def build_learner(
+    cfg: JobConfig,
+    cfg_dict: dict,
+    inputs: JobInputs,
+    checkpointer: Checkpointer,
+    run_dir: RunDir,
+    ckpt: Checkpoint | None,
+    previous: JobState | None,
+) -> LearnerStart:
     """The rank groups and a job state from `ckpt` (or the start), its weights published.
     `previous`: the job state being replaced (its samples' provenance carries over)."""
     trainer, cfg = start_trainer(cfg, cfg_dict, inputs.model_path, inputs.probe)

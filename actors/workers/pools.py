@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import ray
 
@@ -83,7 +84,9 @@ class ActorPool:
         try:
             # Started (its constructor done: a model loaded, an engine up) before it counts: a
             # heartbeat is answered only then, and an actor still starting is not a hung one.
-            await asyncio.wait_for(asyncio.gather(*[actor.heartbeat.remote() for actor in created.values()]), STARTUP_TIMEOUT_S)
+            await asyncio.wait_for(
+                asyncio.gather(*[actor.heartbeat.remote() for actor in created.values()]), STARTUP_TIMEOUT_S
+            )
             if self.prepare is not None:
                 await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
         except BaseException:
@@ -153,8 +156,12 @@ class ActorPool:
         async with self._drained:
             self._drained.notify_all()
 
-    async def watch(self, faults: FaultsConfig, on_hung: Callable[[str, str, float, float], None],
-                    on_spans: Callable[[list[dict]], None] = lambda spans: None) -> None:
+    async def watch(
+        self,
+        faults: FaultsConfig,
+        on_hung: Callable[[str, str, float, float], None],
+        on_spans: Callable[[list[dict]], None] = lambda spans: None,
+    ) -> None:
         """Heartbeat every worker in rotation each `faults.heartbeat_interval_s`; one that does not
         answer within `heartbeat_timeout_s`, or whose engine is stalled past `stall_timeout_s`, is
         killed and replaced (its requests in flight fail over to the others and are retried, as
@@ -190,7 +197,7 @@ class ActorPool:
         handles = {name: self.actors.pop(name) for name in leaving}
         async with self._drained:
             await self._drained.wait_for(lambda: all(self._in_flight[n] == 0 for n in leaving))
-        for name, actor in handles.items():
+        for actor in handles.values():
             ray.kill(actor, no_restart=True)
         return leaving
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group
@@ -27,7 +28,7 @@ def interleave(shares: list[list]) -> list:
     """Undo `deal`: item i came from share i % len(shares), position i // len(shares)."""
     out: list = [None] * sum(len(s) for s in shares)
     for r, share in enumerate(shares):
-        out[r::len(shares)] = share
+        out[r :: len(shares)] = share
     return out
 
 
@@ -41,8 +42,15 @@ class RankGroup:
     rank r its own share. `kill` ends the ranks and frees the placement.
     """
 
-    def __init__(self, actor_cls, rank_args: Callable[[int], tuple], resources: ResourcesConfig, world_size: int,
-                 section: str = "learner", placement_timeout_s: float = PLACEMENT_TIMEOUT_S):
+    def __init__(
+        self,
+        actor_cls,
+        rank_args: Callable[[int], tuple],
+        resources: ResourcesConfig,
+        world_size: int,
+        section: str = "learner",
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    ):
         self.world_size, self.section = world_size, section
         self.ranks: list = []
         self.ended = False  # killed, or a rank was found hung (the group is lost either way)
@@ -89,8 +97,12 @@ class RankGroup:
         (each rank returns one result per item of its share)."""
         return interleave(ray.get(self.split(method, deal(items, self.world_size), *args), timeout=timeout))
 
-    async def watch(self, faults: FaultsConfig, on_hung: Callable[[int, float], None],
-                    on_spans: Callable[[list[dict]], None] = lambda spans: None) -> None:
+    async def watch(
+        self,
+        faults: FaultsConfig,
+        on_hung: Callable[[int, float], None],
+        on_spans: Callable[[list[dict]], None] = lambda spans: None,
+    ) -> None:
         """Heartbeat every rank until the group ends. A rank that does not answer within
         `faults.heartbeat_timeout_s` (stopped, wedged) is killed, so the group's call in flight
         fails as if it had died (the driver then rolls back); `on_hung(rank, seconds since its
@@ -162,7 +174,8 @@ def _place(res: ResourcesConfig, world_size: int, section: str, timeout_s: float
         ray.util.remove_placement_group(group)
         raise PlacementError(
             f"{section}: {world_size} ranks x {bundle} could not be placed in {timeout_s:g}s "
-            f"({section}.resources asks for more than the cluster has; try `--dry-run`)", placeable_ranks(res)
+            f"({section}.resources asks for more than the cluster has; try `--dry-run`)",
+            placeable_ranks(res),
         ) from None
     return group
 

@@ -7,9 +7,10 @@ import os
 import ray
 
 from actors.workers._common import actor_setup, limit_threads, metrics_target
-from rlhf_cluster.telemetry import metrics as m, tracing
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
+from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.telemetry import tracing
 
 # torch and the frozen models are imported where a worker loads a model: a reward worker with rule
 # rewards alone starts without them (torch's import is most of its start-up).
@@ -17,8 +18,8 @@ from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
 
 @ray.remote(concurrency_groups={"health": 1})
 class RewardWorker:
-    """Applies the custom reward function (a `function` source in `scoring.rewards`) or the task's verifier to responses,
-    combined with frozen reward models (`scoring.reward_models`) when the job has any.
+    """Applies the custom reward function (a `function` source in `scoring.rewards`) or the task's verifier to
+    responses, combined with frozen reward models (`scoring.reward_models`) when the job has any.
 
     Samples whose custom reward failed come back with reward 0.0 and
     `reward_components["reward_failed"] = 1.0` (their groups are dropped), or the call raises
@@ -27,13 +28,25 @@ class RewardWorker:
 
     def __init__(self, cfg_dict: dict, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
-        self.info_ = {"name": f"reward{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
-                      "pid": os.getpid()}
+        self.info_ = {
+            "name": f"reward{index}",
+            "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
+            "pid": os.getpid(),
+        }
         rule = cfg.scoring.rule_source
-        handling = {"on_error": rule.on_error, "timeout_s": rule.timeout_s, "max_failure_fraction": rule.max_failure_fraction,
-                    "failure_window": rule.failure_window} if cfg.scoring.reward_fn else {}
-        self.reward = RuleReward(cfg.data.verifier_name, pattern=cfg.data.verifier_pattern, reward_fn=cfg.scoring.reward_fn,
-                                 **handling)
+        handling = (
+            {
+                "on_error": rule.on_error,
+                "timeout_s": rule.timeout_s,
+                "max_failure_fraction": rule.max_failure_fraction,
+                "failure_window": rule.failure_window,
+            }
+            if cfg.scoring.reward_fn
+            else {}
+        )
+        self.reward = RuleReward(
+            cfg.data.verifier_name, pattern=cfg.data.verifier_pattern, reward_fn=cfg.scoring.reward_fn, **handling
+        )
         self.scoring = cfg.scoring
         self.models = None
         if cfg.scoring.reward_models:
@@ -42,8 +55,12 @@ class RewardWorker:
             from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
             limit_threads(2)
-            self.models = FrozenRewardModels(cfg.scoring.reward_models, getattr(torch, cfg.model.dtype),
-                                             cfg.scoring.max_tokens_per_batch, cfg.scoring.quantization)
+            self.models = FrozenRewardModels(
+                cfg.scoring.reward_models,
+                getattr(torch, cfg.model.dtype),
+                cfg.scoring.max_tokens_per_batch,
+                cfg.scoring.quantization,
+            )
 
     def info(self) -> dict:
         return self.info_
@@ -62,8 +79,13 @@ class RewardWorker:
             out = self.reward.score(rollouts, answers)
             if self.models is not None:
                 s = self.scoring
-                out = combine_rewards(out, self.models.score(rollouts), rule_weight=s.rule_weight,
-                                      model_weight=s.reward_model_weight, combine=s.reward_model_combine)
+                out = combine_rewards(
+                    out,
+                    self.models.score(rollouts),
+                    rule_weight=s.rule_weight,
+                    model_weight=s.reward_model_weight,
+                    combine=s.reward_model_combine,
+                )
         self.labels.of(m.SCORING_SAMPLES).inc(len(out))
         return out
 
@@ -74,17 +96,24 @@ class ReferenceWorker:
 
     def __init__(self, cfg_dict: dict, model_path: str, index: int):
         cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reference", f"ref{index}")
-        self.info_ = {"name": f"ref{index}", "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
-                      "pid": os.getpid()}
+        self.info_ = {
+            "name": f"ref{index}",
+            "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
+            "pid": os.getpid(),
+        }
         import torch
 
         from rlhf_cluster.scoring.reference import ReferenceModel
 
         limit_threads(2)
         dtype = getattr(torch, cfg.model.dtype)
-        self.model = ReferenceModel(model_path, dtype, temperature=cfg.generation.sampling.temperature,
-                                    max_tokens_per_batch=cfg.scoring.max_tokens_per_batch,
-                                    quantization=cfg.scoring.quantization)
+        self.model = ReferenceModel(
+            model_path,
+            dtype,
+            temperature=cfg.generation.sampling.temperature,
+            max_tokens_per_batch=cfg.scoring.max_tokens_per_batch,
+            quantization=cfg.scoring.quantization,
+        )
 
     def info(self) -> dict:
         return self.info_

@@ -132,7 +132,9 @@ def turn_level_advantages(
         if estimator == "grpo":
             sq = torch.zeros_like(total).index_add_(0, idx, (episode - baseline).square())
             scale = (sq / (count - 1).clamp_min(1)).sqrt()[idx] + eps
-    out = [torch.zeros_like(r) if bool(dead[idx[i]]) else (r - baseline[i]) / scale[i] for i, r in enumerate(turn_returns)]
+    out = [
+        torch.zeros_like(r) if bool(dead[idx[i]]) else (r - baseline[i]) / scale[i] for i, r in enumerate(turn_returns)
+    ]
     return out, _group_metrics(episode, dead)
 
 

@@ -7,8 +7,9 @@ import torch
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
-               k3_clamp: float | None = None) -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str, k3_clamp: float | None = None
+) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi, with ``log r = ref - logp``.
 
     ``k1 = -log r`` (unbiased, can be negative), ``k2 = 0.5 (log r)^2``,

@@ -192,8 +192,11 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, denominator=None) -> tu
     with torch.no_grad():
         tokens = int(valid.sum())
         correct = (logp.argmax(-1) == targets) & valid
-        metrics = {"nll": masked_mean(nll, valid).item(), "tokens": float(tokens),
-                   "token_accuracy": correct.sum().item() / max(tokens, 1)}
+        metrics = {
+            "nll": masked_mean(nll, valid).item(),
+            "tokens": float(tokens),
+            "token_accuracy": correct.sum().item() / max(tokens, 1),
+        }
     return loss, metrics
 
 

@@ -13,9 +13,17 @@ from __future__ import annotations
 
 PRESETS: dict[str, dict] = {
     # Group-normalised advantages, per-sequence token mean, k3 KL in the loss (DeepSeekMath).
-    "grpo": {"advantage": "grpo", "loss": {"aggregation": "sequence_mean"}, "kl": {"placement": "loss", "estimator": "k3", "coef": 0.04}},
+    "grpo": {
+        "advantage": "grpo",
+        "loss": {"aggregation": "sequence_mean"},
+        "kl": {"placement": "loss", "estimator": "k3", "coef": 0.04},
+    },
     # No std division and a constant denominator remove GRPO's length and difficulty biases.
-    "dr_grpo": {"advantage": "dr_grpo", "loss": {"aggregation": "sequence_sum_norm"}, "kl": {"placement": "none", "coef": 0.0}},
+    "dr_grpo": {
+        "advantage": "dr_grpo",
+        "loss": {"aggregation": "sequence_sum_norm"},
+        "kl": {"placement": "none", "coef": 0.0},
+    },
     # Clip-higher, token-level loss, no KL, overlong filtering/punishment, dynamic sampling.
     "dapo": {
         "advantage": "grpo",
@@ -30,7 +38,11 @@ PRESETS: dict[str, dict] = {
         "kl": {"placement": "none", "coef": 0.0},
     },
     # Leave-one-out baseline, KL in the reward.
-    "rloo": {"advantage": "rloo", "loss": {"aggregation": "token_mean"}, "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01}},
+    "rloo": {
+        "advantage": "rloo",
+        "loss": {"aggregation": "token_mean"},
+        "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01},
+    },
     # Per-token KL in the reward, return-to-go whitened over the whole batch.
     "reinforce_pp": {
         "advantage": "reinforce_pp",
@@ -44,5 +56,7 @@ def merge_preset(base: dict, override: dict) -> dict:
     """`base` with `override` written over it, recursively for nested sections (neither is changed)."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge_preset(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge_preset(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out

@@ -19,13 +19,98 @@ model). Adding a kind is one class added to its union.
 
 from __future__ import annotations
 
-from rlhf_cluster.config.base import ConfigError, typed_union, ResourcesConfig
-from rlhf_cluster.config.inputs import TinyModelConfig, ModelConfig, PromptColumns, DataConfig
-from rlhf_cluster.config.generation import SamplingConfig, ProbeConfig, SpeculativeConfig, TurnRewardsConfig, AgentConfig, GenerationConfig
-from rlhf_cluster.config.scoring import RewardModelSpec, VerifierReward, FunctionReward, ModelReward, ScoringConfig, RewardSource
-from rlhf_cluster.config.algorithm import LossConfig, KLConfig, CorrectionConfig, ShapingConfig, AlgorithmConfig
-from rlhf_cluster.config.training import FSDP2Backend, DeepSpeedBackend, LoraConfig, TrainingGroupConfig, LearnerConfig, CriticConfig, StageConfig, LearnerBackend
-from rlhf_cluster.config.job import FilesystemTransport, DirectTransport, WeightsConfig, BufferConfig, MetricsConfig, FaultsConfig, CheckpointConfig, RollbackConfig, GuardrailsConfig, TrainConfig, ClusterConfig, JobConfig, WeightTransport
+from rlhf_cluster.config.algorithm import AlgorithmConfig, CorrectionConfig, KLConfig, LossConfig, ShapingConfig
+from rlhf_cluster.config.base import ConfigError, ResourcesConfig, typed_union
+from rlhf_cluster.config.generation import (
+    AgentConfig,
+    GenerationConfig,
+    ProbeConfig,
+    SamplingConfig,
+    SpeculativeConfig,
+    TurnRewardsConfig,
+)
+from rlhf_cluster.config.inputs import DataConfig, ModelConfig, PromptColumns, TinyModelConfig
+from rlhf_cluster.config.job import (
+    BufferConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    DirectTransport,
+    FaultsConfig,
+    FilesystemTransport,
+    GuardrailsConfig,
+    JobConfig,
+    MetricsConfig,
+    RollbackConfig,
+    TrainConfig,
+    WeightsConfig,
+    WeightTransport,
+)
 from rlhf_cluster.config.loading import field_path, load_config
+from rlhf_cluster.config.scoring import (
+    FunctionReward,
+    ModelReward,
+    RewardModelSpec,
+    RewardSource,
+    ScoringConfig,
+    VerifierReward,
+)
+from rlhf_cluster.config.training import (
+    CriticConfig,
+    DeepSpeedBackend,
+    FSDP2Backend,
+    LearnerBackend,
+    LearnerConfig,
+    LoraConfig,
+    StageConfig,
+    TrainingGroupConfig,
+)
 
-__all__ = ["ConfigError", "typed_union", "ResourcesConfig", "TinyModelConfig", "ModelConfig", "PromptColumns", "DataConfig", "SamplingConfig", "ProbeConfig", "SpeculativeConfig", "TurnRewardsConfig", "AgentConfig", "GenerationConfig", "RewardModelSpec", "VerifierReward", "FunctionReward", "ModelReward", "ScoringConfig", "RewardSource", "LossConfig", "KLConfig", "CorrectionConfig", "ShapingConfig", "AlgorithmConfig", "FSDP2Backend", "DeepSpeedBackend", "LoraConfig", "TrainingGroupConfig", "LearnerConfig", "CriticConfig", "StageConfig", "LearnerBackend", "FilesystemTransport", "DirectTransport", "WeightsConfig", "BufferConfig", "MetricsConfig", "FaultsConfig", "CheckpointConfig", "RollbackConfig", "GuardrailsConfig", "TrainConfig", "ClusterConfig", "JobConfig", "WeightTransport", "field_path", "load_config"]
+__all__ = [
+    "ConfigError",
+    "typed_union",
+    "ResourcesConfig",
+    "TinyModelConfig",
+    "ModelConfig",
+    "PromptColumns",
+    "DataConfig",
+    "SamplingConfig",
+    "ProbeConfig",
+    "SpeculativeConfig",
+    "TurnRewardsConfig",
+    "AgentConfig",
+    "GenerationConfig",
+    "RewardModelSpec",
+    "VerifierReward",
+    "FunctionReward",
+    "ModelReward",
+    "ScoringConfig",
+    "RewardSource",
+    "LossConfig",
+    "KLConfig",
+    "CorrectionConfig",
+    "ShapingConfig",
+    "AlgorithmConfig",
+    "FSDP2Backend",
+    "DeepSpeedBackend",
+    "LoraConfig",
+    "TrainingGroupConfig",
+    "LearnerConfig",
+    "CriticConfig",
+    "StageConfig",
+    "LearnerBackend",
+    "FilesystemTransport",
+    "DirectTransport",
+    "WeightsConfig",
+    "BufferConfig",
+    "MetricsConfig",
+    "FaultsConfig",
+    "CheckpointConfig",
+    "RollbackConfig",
+    "GuardrailsConfig",
+    "TrainConfig",
+    "ClusterConfig",
+    "JobConfig",
+    "WeightTransport",
+    "field_path",
+    "load_config",
+]

@@ -16,8 +16,12 @@ class LossConfig(_Strict):
     clip_low: float = Field(0.2, ge=0, description="PPO clip below 1.")
     clip_high: float = Field(0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28).")
     clip_ratio_c: float | None = Field(
-        None, gt=1.0, description="Dual-clip PPO (Ye et al. 2020): for a negative advantage the per-token loss is capped "
-        "at -A * clip_ratio_c, so a ratio far above 1 cannot push a bad token down without bound (e.g. 3.0; None: off).")
+        None,
+        gt=1.0,
+        description="Dual-clip PPO (Ye et al. 2020): for a negative advantage the per-token loss is capped "
+        "at -A * clip_ratio_c, so a ratio far above 1 cannot push a bad token down without bound "
+        "(e.g. 3.0; None: off).",
+    )
     ratio_level: Literal["token", "sequence"] = Field("token", description="token = PPO/GRPO, sequence = GSPO.")
     aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = Field(
         "token_mean", description="How per-token losses become one number; denominators are global across ranks."
@@ -27,15 +31,25 @@ class LossConfig(_Strict):
 class KLConfig(_Strict):
     """KL to the reference policy."""
 
-    placement: Literal["loss", "reward", "none"] = Field("loss", description="KL in the loss (GRPO) or in the reward (PPO).")
+    placement: Literal["loss", "reward", "none"] = Field(
+        "loss", description="KL in the loss (GRPO) or in the reward (PPO)."
+    )
     estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (in-reward KL always uses k1).")
     k3_log_ratio_clamp: float | None = Field(
-        None, gt=0, description="Clamp the k3 estimator's log-ratio log(pi_ref/pi) to [-c, c] in the loss: bounds the "
-        "exp(log r) term (and its gradient) on tokens where the policy has moved far from the reference, at the price of "
-        "a biased estimate there (e.g. 10; None: only the overflow guard at 20).")
+        None,
+        gt=0,
+        description="Clamp the k3 estimator's log-ratio log(pi_ref/pi) to [-c, c] in the loss: bounds the "
+        "exp(log r) term (and its gradient) on tokens where the policy has moved far from the reference, at the price "
+        "of "
+        "a biased estimate there (e.g. 10; None: only the overflow guard at 20).",
+    )
     coef: float = Field(0.01, ge=0, description="KL coefficient (beta); the adaptive controller's initial value.")
-    controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed coefficient or a proportional controller.")
-    target: float = Field(6.0, gt=0, description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards.")
+    controller: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="Fixed coefficient or a proportional controller."
+    )
+    target: float = Field(
+        6.0, gt=0, description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards."
+    )
     horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon in samples.")
 
 
@@ -52,7 +66,9 @@ class CorrectionConfig(_Strict):
 class ShapingConfig(_Strict):
     """Reward shaping and sample filters applied before the learner."""
 
-    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: off).")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: off)."
+    )
     overlong_penalty: float = Field(1.0, ge=0, description="Penalty at max_new_tokens.")
     length_target: int | None = Field(None, ge=0, description="Length penalty -coef*max(0, len-target) (None: off).")
     length_coef: float = Field(0.001, ge=0, description="Length penalty coefficient.")
@@ -68,13 +84,19 @@ class AlgorithmConfig(_Strict):
     """
 
     preset: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
-        None, description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it."
+        None,
+        description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it.",
     )
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field("grpo", description="Advantage estimator.")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
+        "grpo", description="Advantage estimator."
+    )
     gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
-    lam: float = Field(0.95, ge=0, le=1, description="gae: the GAE lambda (1: Monte-Carlo returns minus values, 0: one-step TD).")
+    lam: float = Field(
+        0.95, ge=0, le=1, description="gae: the GAE lambda (1: Monte-Carlo returns minus values, 0: one-step TD)."
+    )
     whiten_advantages: bool = Field(
-        True, description="gae: whiten the advantages over the step's valid tokens (the critic's returns stay unwhitened)."
+        True,
+        description="gae: whiten the advantages over the step's valid tokens (the critic's returns stay unwhitened).",
     )
     loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference.")

@@ -3,7 +3,7 @@ and the resources section every pool uses."""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -42,7 +42,7 @@ def typed_union(*kinds: type[_Typed]):
             raise ValueError(f"needs a `type`: one of {', '.join(names)}")
         return value
 
-    return Annotated[Union[kinds], Field(discriminator="type"), BeforeValidator(shorthand)]
+    return Annotated[kinds, Field(discriminator="type"), BeforeValidator(shorthand)]
 
 
 def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None:

@@ -15,8 +15,12 @@ class SamplingConfig(_Strict):
     n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner divides logits by it too).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    max_new_tokens: int = Field(16, ge=1, description="Per-response token limit (bounds the long tail of response lengths).")
-    ignore_eos: bool = Field(False, description="Keep sampling past EOS up to max_new_tokens (benchmarks, long-response tests).")
+    max_new_tokens: int = Field(
+        16, ge=1, description="Per-response token limit (bounds the long tail of response lengths)."
+    )
+    ignore_eos: bool = Field(
+        False, description="Keep sampling past EOS up to max_new_tokens (benchmarks, long-response tests)."
+    )
 
 
 class ProbeConfig(_Strict):
@@ -28,22 +32,30 @@ class ProbeConfig(_Strict):
     """
 
     sequences: int = Field(8, ge=0, description="Probe sequences (0 turns the probe off).")
-    alert_factor: float = Field(4.0, gt=1, description="Alert when a version's probe k3 exceeds this multiple of the median so far...")
-    alert_floor: float = Field(1e-3, ge=0, description="...and this absolute k3 (so fp32 noise near zero never alerts).")
+    alert_factor: float = Field(
+        4.0, gt=1, description="Alert when a version's probe k3 exceeds this multiple of the median so far..."
+    )
+    alert_floor: float = Field(
+        1e-3, ge=0, description="...and this absolute k3 (so fp32 noise near zero never alerts)."
+    )
 
 
 class SpeculativeConfig(_Strict):
     """vLLM speculative decoding: proposals from n-grams of the context or from a draft model
     (frozen: weight syncs update the target model only)."""
 
-    method: Literal["ngram", "draft_model"] = Field(..., description="ngram: prompt lookup; draft_model: `model` proposes.")
+    method: Literal["ngram", "draft_model"] = Field(
+        ..., description="ngram: prompt lookup; draft_model: `model` proposes."
+    )
     num_speculative_tokens: int = Field(3, ge=1, description="Tokens proposed per step.")
-    model: str | None = Field(None, description="draft_model: the draft model's HF folder (same tokenizer as the policy).")
+    model: str | None = Field(
+        None, description="draft_model: the draft model's HF folder (same tokenizer as the policy)."
+    )
     prompt_lookup_max: int = Field(4, ge=1, description="ngram: longest n-gram matched.")
     prompt_lookup_min: int = Field(1, ge=1, description="ngram: shortest n-gram matched.")
 
     @model_validator(mode="after")
-    def _method_fields(self) -> "SpeculativeConfig":
+    def _method_fields(self) -> SpeculativeConfig:
         if self.method == "draft_model" and not self.model:
             raise ValueError("generation.speculative.model: the draft_model method needs a draft model folder")
         if self.method == "ngram" and self.model:
@@ -55,8 +67,12 @@ class SpeculativeConfig(_Strict):
     def engine_config(self) -> dict:
         """vLLM's `speculative_config`."""
         if self.method == "ngram":
-            return {"method": "ngram", "num_speculative_tokens": self.num_speculative_tokens,
-                    "prompt_lookup_max": self.prompt_lookup_max, "prompt_lookup_min": self.prompt_lookup_min}
+            return {
+                "method": "ngram",
+                "num_speculative_tokens": self.num_speculative_tokens,
+                "prompt_lookup_max": self.prompt_lookup_max,
+                "prompt_lookup_min": self.prompt_lookup_min,
+            }
         return {"method": "draft_model", "model": self.model, "num_speculative_tokens": self.num_speculative_tokens}
 
 
@@ -65,20 +81,27 @@ class TurnRewardsConfig(_Strict):
     the episode's reward, beside the scoring pool's final one (`rlhf_cluster.rewards.turns`)."""
 
     combine: Literal["none", "sum", "last", "weighted"] = Field(
-        "none", description="none: turn rewards are ignored; sum: final + the turns' sum; last: final + the last "
-        "turn's; weighted: final + weight x the turns' sum.")
+        "none",
+        description="none: turn rewards are ignored; sum: final + the turns' sum; last: final + the last "
+        "turn's; weighted: final + weight x the turns' sum.",
+    )
     weight: float = Field(1.0, description="`weighted`: the factor on the turns' sum.")
     assign: Literal["episode", "turn"] = Field(
-        "episode", description="episode: every token of the episode gets the episode's advantage; turn: each model "
+        "episode",
+        description="episode: every token of the episode gets the episode's advantage; turn: each model "
         "turn's tokens get the advantage of that turn's return (the rewards from that turn on, discounted by `gamma` "
-        "per turn), against the group's baseline of episode returns (GRPO, Dr.GRPO, RLOO; needs combine sum or weighted).")
+        "per turn), against the group's baseline of episode returns (GRPO, Dr.GRPO, RLOO; needs combine sum or "
+        "weighted).",
+    )
     gamma: float = Field(1.0, gt=0, le=1, description="`assign: turn`: the discount per turn.")
 
     @model_validator(mode="after")
-    def _turn_credit_needs_added_rewards(self) -> "TurnRewardsConfig":
+    def _turn_credit_needs_added_rewards(self) -> TurnRewardsConfig:
         if self.assign == "turn" and self.combine not in ("sum", "weighted"):
-            raise ValueError(f"assign 'turn' splits the episode's reward by the turns that earned it, so combine must be "
-                             f"'sum' or 'weighted', not {self.combine!r}")
+            raise ValueError(
+                f"assign 'turn' splits the episode's reward by the turns that earned it, so combine must be "
+                f"'sum' or 'weighted', not {self.combine!r}"
+            )
         return self
 
 
@@ -97,23 +120,30 @@ class AgentConfig(_Strict):
     is one call of the user's agent function, whose requests to the gateway are recorded token for
     token."""
 
-    function: str = Field(..., description="`module:function` called as agent(base_url, api_key, messages) per sample; "
-                          "returns the agent's reward (a number) or None.")
+    function: str = Field(
+        ...,
+        description="`module:function` called as agent(base_url, api_key, messages) per sample; "
+        "returns the agent's reward (a number) or None.",
+    )
     timeout_s: float = Field(300.0, gt=0, description="An agent call that has not returned by then fails the request.")
     max_concurrent: int = Field(64, ge=1, description="Agent calls running at once per generation worker (threads).")
     bind_address: str = Field("127.0.0.1", description="Where each worker's gateway listens (loopback by default).")
     port: int = Field(0, ge=0, le=65535, description="Gateway port (0: any free port; each worker serves its own).")
     advertise_address: str | None = Field(
-        None, description="The host agents reach the gateway at (None: bind_address, or 127.0.0.1 for a wildcard).")
+        None, description="The host agents reach the gateway at (None: bind_address, or 127.0.0.1 for a wildcard)."
+    )
     token: str | None = Field(
-        None, description="Bearer token every call must carry (required when bind_address is not loopback).")
+        None, description="Bearer token every call must carry (required when bind_address is not loopback)."
+    )
     model_name: str = Field("policy", description="The model id the gateway reports and accepts.")
 
     @model_validator(mode="after")
-    def _token_off_loopback(self) -> "AgentConfig":
+    def _token_off_loopback(self) -> AgentConfig:
         if not is_loopback(self.bind_address) and not self.token:
-            raise ValueError(f"generation.agent.token: the gateway binds {self.bind_address!r}, reachable from other "
-                             "hosts, so every call must carry a token; set one (or bind 127.0.0.1)")
+            raise ValueError(
+                f"generation.agent.token: the gateway binds {self.bind_address!r}, reachable from other "
+                "hosts, so every call must carry a token; set one (or bind 127.0.0.1)"
+            )
         return self
 
 
@@ -122,61 +152,92 @@ class GenerationConfig(_Strict):
 
     replicas: int = Field(1, ge=1, description="Generation workers.")
     mode: Literal["streaming", "batched"] = Field(
-        "streaming", description="streaming: each admitted prompt goes to the engine at once and its group goes to scoring "
+        "streaming",
+        description="streaming: each admitted prompt goes to the engine at once and its group goes to scoring "
         "as soon as its last response finishes; new weights load in flight. batched: requests of `prompts_per_request` "
-        "prompts return when their slowest response finishes, and weights load only between requests."
+        "prompts return when their slowest response finishes, and weights load only between requests.",
     )
     in_flight_update: Literal["resume", "abort"] = Field(
-        "resume", description="streaming: what a weight update does to unfinished responses. resume: pause at a token "
-        "boundary, load, recompute their KV with the new weights and continue (tokens keep the version that sampled them); "
-        "abort: drop their tokens and generate them again with the new weights."
+        "resume",
+        description="streaming: what a weight update does to unfinished responses. resume: pause at a token "
+        "boundary, load, recompute their KV with the new weights and continue (tokens keep the version that sampled "
+        "them); "
+        "abort: drop their tokens and generate them again with the new weights.",
     )
     prompts_per_request: int = Field(4, ge=1, description="batched: prompt groups sent to a worker in one request.")
-    max_num_seqs: int = Field(256, ge=1, description="vLLM max_num_seqs: most sequences the engine decodes in one batch.")
+    max_num_seqs: int = Field(
+        256, ge=1, description="vLLM max_num_seqs: most sequences the engine decodes in one batch."
+    )
     max_num_batched_tokens: int | None = Field(
         None, ge=16, description="vLLM max_num_batched_tokens: token budget of one engine step (None: vLLM's default)."
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
     quantization: Literal["none", "int8"] | list[Literal["none", "int8"]] = Field(
-        "none", description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations). "
-        "A list sets it per replica (replica i takes entry i modulo its length), e.g. [none, int8] to serve both side by side."
+        "none",
+        description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations). "
+        "A list sets it per replica (replica i takes entry i modulo its length), e.g. [none, int8] to serve both side "
+        "by side.",
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Mismatch probe after each weight sync.")
     max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
-    kv_cache_gb: int = Field(1, ge=1, description="Each engine's KV cache on CPU (GiB; vLLM's kv_cache_memory_bytes, "
-                             "per engine; a VLLM_CPU_KVCACHE_SPACE in the environment is ignored). On GPUs "
-                             "`gpu_memory_utilization` sizes it.")
+    kv_cache_gb: int = Field(
+        1,
+        ge=1,
+        description="Each engine's KV cache on CPU (GiB; vLLM's kv_cache_memory_bytes, "
+        "per engine; a VLLM_CPU_KVCACHE_SPACE in the environment is ignored). On GPUs "
+        "`gpu_memory_utilization` sizes it.",
+    )
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")
     seed: int | None = Field(None, description="Engine seed; each worker adds its index (None: the job's `seed`).")
     resources: ResourcesConfig = Field(
-        default_factory=ResourcesConfig, description="Per-worker resources (num_gpus: the GPUs of one engine, at least "
-        "tensor_parallel_size).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism: GPUs one engine shards its model over.")
+        default_factory=ResourcesConfig,
+        description="Per-worker resources (num_gpus: the GPUs of one engine, at least tensor_parallel_size).",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM tensor parallelism: GPUs one engine shards its model over."
+    )
     enforce_eager: bool | None = Field(
-        None, description="vLLM enforce_eager: no CUDA graphs (None: eager on CPU, CUDA graphs where CUDA is present).")
-    enable_prefix_caching: bool = Field(True, description="vLLM automatic prefix caching (a group's n responses share their prompt's KV).")
+        None, description="vLLM enforce_eager: no CUDA graphs (None: eager on CPU, CUDA graphs where CUDA is present)."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="vLLM automatic prefix caching (a group's n responses share their prompt's KV)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="Engine weight dtype (None: model.dtype); what each weight sync sends.")
+        None, description="Engine weight dtype (None: model.dtype); what each weight sync sends."
+    )
     speculative: SpeculativeConfig | None = Field(
-        None, description="Speculative decoding (None: off). Rollout log-probs are the target model's either way.")
+        None, description="Speculative decoding (None: off). Rollout log-probs are the target model's either way."
+    )
     environment: str | None = Field(
-        None, description="Multi-turn episodes: the environment answering each model turn (`tools`, or `module:Class` "
-        "of rlhf_cluster.generation.environments.Environment); None: one response per prompt.")
+        None,
+        description="Multi-turn episodes: the environment answering each model turn (`tools`, or `module:Class` "
+        "of rlhf_cluster.generation.environments.Environment); None: one response per prompt.",
+    )
     agent: AgentConfig | None = Field(
-        None, description="Agent episodes: the user's agent code drives each sample through the OpenAI-compatible "
-        "gateway (instead of `environment`); None: no gateway.")
+        None,
+        description="Agent episodes: the user's agent code drives each sample through the OpenAI-compatible "
+        "gateway (instead of `environment`); None: no gateway.",
+    )
     max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most.")
     turn_max_tokens: int | None = Field(
-        None, ge=1, description="Multi-turn: tokens per model turn at most (None: what is left of sampling.max_new_tokens, "
-        "which bounds the whole response, observations included).")
+        None,
+        ge=1,
+        description="Multi-turn: tokens per model turn at most (None: what is left of sampling.max_new_tokens, "
+        "which bounds the whole response, observations included).",
+    )
     turn_rewards: TurnRewardsConfig = Field(
-        default_factory=lambda: TurnRewardsConfig(), description="Multi-turn: per-turn rewards and the final one.")
+        default_factory=lambda: TurnRewardsConfig(), description="Multi-turn: per-turn rewards and the final one."
+    )
     turn_stop: list[str] = Field(
-        default_factory=lambda: ["</calculator>", "</python>"], description="Multi-turn: strings that end a model "
-        "turn (kept in it), e.g. the closing tag of a tool call, so the environment answers at once.")
+        default_factory=lambda: ["</calculator>", "</python>"],
+        description="Multi-turn: strings that end a model "
+        "turn (kept in it), e.g. the closing tag of a tool call, so the environment answers at once.",
+    )
     engine_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Any other vllm.EngineArgs field, passed to the engine as is; checked against "
-        "EngineArgs by the dry run and the driver (a typo names the field).")
+        default_factory=dict,
+        description="Any other vllm.EngineArgs field, passed to the engine as is; checked against "
+        "EngineArgs by the dry run and the driver (a typo names the field).",
+    )
 
     @field_validator("quantization", mode="before")
     @classmethod
@@ -189,24 +250,35 @@ class GenerationConfig(_Strict):
 
     # Engine arguments set from their own fields; engine_kwargs may not set them a second way.
     OWN_ENGINE_ARGS: ClassVar[dict[str, str]] = {
-        "model": "model.path", "dtype": "generation.dtype", "seed": "generation.seed", "enforce_eager": "generation.enforce_eager",
-        "max_model_len": "generation.max_model_len", "max_num_seqs": "generation.max_num_seqs",
-        "max_num_batched_tokens": "generation.max_num_batched_tokens", "tensor_parallel_size": "generation.tensor_parallel_size",
-        "gpu_memory_utilization": "generation.gpu_memory_utilization", "kv_cache_memory_bytes": "generation.kv_cache_gb",
+        "model": "model.path",
+        "dtype": "generation.dtype",
+        "seed": "generation.seed",
+        "enforce_eager": "generation.enforce_eager",
+        "max_model_len": "generation.max_model_len",
+        "max_num_seqs": "generation.max_num_seqs",
+        "max_num_batched_tokens": "generation.max_num_batched_tokens",
+        "tensor_parallel_size": "generation.tensor_parallel_size",
+        "gpu_memory_utilization": "generation.gpu_memory_utilization",
+        "kv_cache_memory_bytes": "generation.kv_cache_gb",
         "enable_prefix_caching": "generation.enable_prefix_caching",
-        "speculative_config": "generation.speculative", "quantization": "generation.quantization",
+        "speculative_config": "generation.speculative",
+        "quantization": "generation.quantization",
         "logprobs_mode": "(fixed: processed_logprobs, the learner's view of the sampled distribution)",
     }
 
     @model_validator(mode="after")
-    def _engine_settings(self) -> "GenerationConfig":
+    def _engine_settings(self) -> GenerationConfig:
         gpus, tp = self.resources.num_gpus, self.tensor_parallel_size
         if tp > 1 and 0 < gpus < tp:  # a fraction of one GPU is fine for one unsharded engine
-            raise ValueError(f"generation.resources.num_gpus={gpus:g} is fewer than tensor_parallel_size={tp}: one engine "
-                             f"shards its model over {tp} GPUs, so each worker needs num_gpus >= {tp}")
+            raise ValueError(
+                f"generation.resources.num_gpus={gpus:g} is fewer than tensor_parallel_size={tp}: one engine "
+                f"shards its model over {tp} GPUs, so each worker needs num_gpus >= {tp}"
+            )
         if self.agent is not None and self.environment is not None:
             raise ValueError("generation.agent and generation.environment both drive episodes; set one of them")
-        taken = [f"{k} (set it with {self.OWN_ENGINE_ARGS[k]})" for k in self.engine_kwargs if k in self.OWN_ENGINE_ARGS]
+        taken = [
+            f"{k} (set it with {self.OWN_ENGINE_ARGS[k]})" for k in self.engine_kwargs if k in self.OWN_ENGINE_ARGS
+        ]
         if taken:
             raise ValueError(f"generation.engine_kwargs: {', '.join(taken)}")
         return self

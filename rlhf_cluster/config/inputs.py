@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_cluster.config.base import _Strict, _refuse_renamed
+from rlhf_cluster.config.base import _refuse_renamed, _Strict
 
 
 class TinyModelConfig(_Strict):
@@ -18,18 +18,26 @@ class TinyModelConfig(_Strict):
     num_heads: int = Field(2, ge=1, description="Attention heads; head_dim = hidden/heads must be >= 32 for vLLM CPU.")
     num_kv_heads: int = Field(1, ge=1, description="Key/value heads (GQA).")
     intermediate_size: int = Field(128, ge=8, description="MLP width.")
-    vocab_size: int = Field(512, ge=258, description="Upper bound of the byte-level BPE vocabulary (>= 258: 256 bytes + pad + eos); the model gets exactly the tokenizer size.")
+    vocab_size: int = Field(
+        512,
+        ge=258,
+        description="Upper bound of the byte-level BPE vocabulary (>= 258: 256 bytes + pad + eos); the model gets "
+        "exactly the tokenizer size.",
+    )
     max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
     corpus: Literal["arithmetic", "tool_arithmetic"] = Field(
-        "arithmetic", description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
-        "episodes, so the tool tags are a few tokens each).")
+        "arithmetic",
+        description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
+        "episodes, so the tool tags are a few tokens each).",
+    )
     seed: int = Field(
-        0, description="Seed of the random initialisation. Not derived from the job's `seed`: the tiny model stands "
-        "in for a pretrained checkpoint, which stays the same whatever the job's seed."
+        0,
+        description="Seed of the random initialisation. Not derived from the job's `seed`: the tiny model stands "
+        "in for a pretrained checkpoint, which stays the same whatever the job's seed.",
     )
 
     @model_validator(mode="after")
-    def _head_dim(self) -> "TinyModelConfig":
+    def _head_dim(self) -> TinyModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
         if self.hidden_size // self.num_heads < 32:
@@ -69,76 +77,124 @@ class PromptColumns(_Strict):
 
     prompt: str = Field("prompt", description="Column of prompt text (ignored when `messages` is set).")
     messages: str | None = Field(
-        None, description="Column of chat messages (a list of {role, content}) used instead of `prompt`; needs "
-        "data.chat_template.")
+        None,
+        description="Column of chat messages (a list of {role, content}) used instead of `prompt`; needs "
+        "data.chat_template.",
+    )
     answer: str | None = Field(None, description="Column of reference answers (None: `answer` if present).")
-    prompt_id: str | None = Field(None, description="Column of unique ids (None: `prompt_id` if present, else `row-<n>`).")
-    source: str | None = Field(None, description="Column naming each prompt's source (a dataset, a difficulty): "
-                               "evaluation also reports accuracy per source (`eval_accuracy/<source>`).")
+    prompt_id: str | None = Field(
+        None, description="Column of unique ids (None: `prompt_id` if present, else `row-<n>`)."
+    )
+    source: str | None = Field(
+        None,
+        description="Column naming each prompt's source (a dataset, a difficulty): "
+        "evaluation also reports accuracy per source (`eval_accuracy/<source>`).",
+    )
 
 
 class DataConfig(_Strict):
     """Where prompts come from: a built-in task or a user's parquet/jsonl file."""
 
     task: Literal["arithmetic", "tool_arithmetic"] | None = Field(
-        "arithmetic", description="Built-in task: writes its parquet file, and its verifier scores responses. "
-        "`tool_arithmetic`: the same sums, answered in multi-turn episodes with a calculator tool (configs/tool_demo.yaml).")
+        "arithmetic",
+        description="Built-in task: writes its parquet file, and its verifier scores responses. "
+        "`tool_arithmetic`: the same sums, answered in multi-turn episodes with a calculator tool "
+        "(configs/tool_demo.yaml).",
+    )
     path: str | None = Field(
-        None, description="The user's prompts: a .parquet or .jsonl file, or a folder written by `datasets.save_to_disk` "
+        None,
+        description="The user's prompts: a .parquet or .jsonl file, or a folder written by `datasets.save_to_disk` "
         "(its columns named by `columns`). Set: the built-in task writes nothing (its verifier still scores, unless "
-        "`verifier` says otherwise).")
-    columns: PromptColumns = Field(default_factory=lambda: PromptColumns(), description="Which columns of `path` hold what.")
+        "`verifier` says otherwise).",
+    )
+    columns: PromptColumns = Field(
+        default_factory=lambda: PromptColumns(), description="Which columns of `path` hold what."
+    )
     chat_template: bool = Field(
-        False, description="Put each prompt through the model tokenizer's chat template as a user turn (after "
-        "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.")
+        False,
+        description="Put each prompt through the model tokenizer's chat template as a user turn (after "
+        "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.",
+    )
     system_prompt: str | None = Field(None, description="A system turn before every prompt (with `chat_template`).")
     verifier: Literal["arithmetic", "tool_arithmetic", "gsm8k", "boxed", "exact", "regex"] | None = Field(
-        None, description="Built-in verifier scoring responses against the answer column (rlhf_cluster/data/verifiers.py); "
-        "None: the task's (arithmetic).")
-    verifier_pattern: str | None = Field(None, description="`regex` verifier: the pattern (group 1, if any, is the answer).")
+        None,
+        description="Built-in verifier scoring responses against the answer column (rlhf_cluster/data/verifiers.py); "
+        "None: the task's (arithmetic).",
+    )
+    verifier_pattern: str | None = Field(
+        None, description="`regex` verifier: the pattern (group 1, if any, is the answer)."
+    )
     num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
-    max_operand: int = Field(49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand.")
+    max_operand: int = Field(
+        49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand."
+    )
     eval_prompts: int = Field(
-        64, ge=0, le=256, description="Held-out prompts of the built-in task (disjoint from train); with the user's "
-        "data, at most this many of the held-out prompts (a seeded choice) are evaluated each time.")
+        64,
+        ge=0,
+        le=256,
+        description="Held-out prompts of the built-in task (disjoint from train); with the user's "
+        "data, at most this many of the held-out prompts (a seeded choice) are evaluated each time.",
+    )
     eval_path: str | None = Field(
-        None, description="Held-out prompts of the user's data: a file or folder as `path` takes, with the same "
-        "`columns`. Training prompts that repeat one of them are dropped from training.")
+        None,
+        description="Held-out prompts of the user's data: a file or folder as `path` takes, with the same "
+        "`columns`. Training prompts that repeat one of them are dropped from training.",
+    )
     eval_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `path`'s distinct prompts (a seeded split by "
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Hold out this fraction of `path`'s distinct prompts (a seeded split by "
         "content: a prompt repeated under another id stays on one side), never trained on; the held-out ids are "
-        "written to <run_dir>/data/held_out.json. 0: no split.")
+        "written to <run_dir>/data/held_out.json. 0: no split.",
+    )
     eval_samples: int = Field(
-        8, ge=0, description="Held-out evaluation also samples this many responses per prompt at the training "
-        "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy only)."
+        8,
+        ge=0,
+        description="Held-out evaluation also samples this many responses per prompt at the training "
+        "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy "
+        "only).",
     )
     eval_every_steps: int = Field(
-        0, ge=0, description="Also evaluate on the held-out prompts after every this many steps (0: only before and "
-        "after the job); the results are columns of that step's row in metrics.jsonl (after the last step: eval.json).")
+        0,
+        ge=0,
+        description="Also evaluate on the held-out prompts after every this many steps (0: only before and "
+        "after the job); the results are columns of that step's row in metrics.jsonl (after the last step: eval.json).",
+    )
     eval_pass_k: list[int] = Field(
-        default_factory=lambda: [1, 4], description="pass@k reported for each k (unbiased estimator over the "
-        "eval_samples sampled answers per prompt; each k <= eval_samples).")
+        default_factory=lambda: [1, 4],
+        description="pass@k reported for each k (unbiased estimator over the "
+        "eval_samples sampled answers per prompt; each k <= eval_samples).",
+    )
     seed: int | None = Field(None, description="Seed for task generation and prompt order (None: the job's `seed`).")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
 
     @model_validator(mode="after")
-    def _verifier_and_template(self) -> "DataConfig":
+    def _verifier_and_template(self) -> DataConfig:
         for name in ("eval_path", "eval_fraction"):
             if getattr(self, name) and self.path is None:
-                raise ValueError(f"data.{name} holds out part of the user's prompts (data.path), which is not set; the "
-                                 "built-in task writes its own held-out prompts (data.eval_prompts)")
+                raise ValueError(
+                    f"data.{name} holds out part of the user's prompts (data.path), which is not set; the "
+                    "built-in task writes its own held-out prompts (data.eval_prompts)"
+                )
         if self.eval_path is not None and self.eval_fraction:
             raise ValueError("data.eval_path and data.eval_fraction both name held-out prompts; set one of them")
         if self.eval_samples and any(not 1 <= k <= self.eval_samples for k in self.eval_pass_k):
-            raise ValueError(f"data.eval_pass_k: each k must be between 1 and data.eval_samples={self.eval_samples}, "
-                             f"got {self.eval_pass_k}")
+            raise ValueError(
+                f"data.eval_pass_k: each k must be between 1 and data.eval_samples={self.eval_samples}, "
+                f"got {self.eval_pass_k}"
+            )
         if self.verifier == "regex" and not self.verifier_pattern:
             raise ValueError("data.verifier_pattern: the regex verifier needs a pattern, e.g. 'answer: (\\S+)'")
         if self.verifier_pattern is not None and self.verifier != "regex":
-            raise ValueError(f"data.verifier_pattern is set but data.verifier is {self.verifier!r}; set verifier: regex")
+            raise ValueError(
+                f"data.verifier_pattern is set but data.verifier is {self.verifier!r}; set verifier: regex"
+            )
         if self.columns.messages is not None and not self.chat_template:
-            raise ValueError("data.columns.messages: a messages column is rendered with the model's chat template; "
-                             "set data.chat_template: true")
+            raise ValueError(
+                "data.columns.messages: a messages column is rendered with the model's chat template; "
+                "set data.chat_template: true"
+            )
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("data.system_prompt is a chat turn: set data.chat_template: true")
         return self

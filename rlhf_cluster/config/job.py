@@ -8,16 +8,16 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhf_cluster.config.base import _Strict, _Typed, typed_union
-from rlhf_cluster.config.inputs import DataConfig, ModelConfig
-from rlhf_cluster.config.generation import GenerationConfig
-from rlhf_cluster.config.scoring import ScoringConfig, _legacy_rewards
 from rlhf_cluster.config.algorithm import AlgorithmConfig
+from rlhf_cluster.config.base import _Strict, _Typed, typed_union
+from rlhf_cluster.config.generation import GenerationConfig
+from rlhf_cluster.config.inputs import DataConfig, ModelConfig
+from rlhf_cluster.config.scoring import ScoringConfig, _legacy_rewards
 from rlhf_cluster.config.training import CriticConfig, LearnerConfig, StageConfig
-
 
 # Group estimators that take turn-level returns (`generation.turn_rewards.assign: turn`).
 TURN_LEVEL_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
 
 class FilesystemTransport(_Typed):
     """Every version is written to the weight store's directory; generation workers load it from there."""
@@ -34,12 +34,18 @@ class DirectTransport(_Typed):
     type: Literal["direct"] = Field("direct", description="Weight transport kind.")
     bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (a bucket never splits a decoder layer).")
     delta: Literal["none", "sparse"] = Field(
-        "none", description="`sparse`: full-precision engines get only the elements that changed since the previous "
+        "none",
+        description="`sparse`: full-precision engines get only the elements that changed since the previous "
         "version (indices + values; a tensor whole where that is smaller), rebuilt on the engine and proven by the "
-        "fingerprint of the full weights. Int8 engines still get every version whole.")
-    full_every: int = Field(10, ge=1, description="With `delta: sparse`, every K-th version (and every one also "
-                            "written to the store) goes whole; an engine that missed a delta rebuilds from the "
-                            "newest whole version and the deltas since.")
+        "fingerprint of the full weights. Int8 engines still get every version whole.",
+    )
+    full_every: int = Field(
+        10,
+        ge=1,
+        description="With `delta: sparse`, every K-th version (and every one also "
+        "written to the store) goes whole; an engine that missed a delta rebuilds from the "
+        "newest whole version and the deltas since.",
+    )
 
 
 WeightTransport = typed_union(FilesystemTransport, DirectTransport)
@@ -49,15 +55,19 @@ class WeightsConfig(_Strict):
     """The weight store and how versions reach generation."""
 
     transport: WeightTransport = Field(
-        default_factory=DirectTransport, description="How versions move to generation, by `type`: direct (the "
+        default_factory=DirectTransport,
+        description="How versions move to generation, by `type`: direct (the "
         "default: learner to engines without disk) or filesystem (every version through the store directory; "
-        "`transport: filesystem` is short for `transport: {type: filesystem}`)."
+        "`transport: filesystem` is short for `transport: {type: filesystem}`).",
     )
     dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
     keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
     persist_every: int = Field(
-        10, ge=1, description="With `transport: direct`, write every K-th version (and every checkpoint's) to the "
-        "store on disk, off the step's critical path; the filesystem transport writes every version.")
+        10,
+        ge=1,
+        description="With `transport: direct`, write every K-th version (and every checkpoint's) to the "
+        "store on disk, off the step's critical path; the filesystem transport writes every version.",
+    )
 
 
 class BufferConfig(_Strict):
@@ -72,15 +82,28 @@ class MetricsConfig(_Strict):
     bind_address: str = Field("127.0.0.1", description="Address every /metrics endpoint binds to.")
     enabled: bool = Field(True, description="Serve /metrics from every actor.")
     port_range: tuple[int, int] | None = Field(
-        None, description="[first, last]: every endpoint binds the first free port of this range (None: any free port). "
-        "On Kubernetes the pods declare the range so a PodMonitor can scrape it (deploy/kuberay/).")
-    samples_top: int = Field(2, ge=0, description="Per step, samples.jsonl keeps the decoded text of this many highest- "
-                             "and as many lowest-reward responses (`rlhf-cluster samples RUN_DIR` prints them).")
+        None,
+        description="[first, last]: every endpoint binds the first free port of this range (None: any free port). "
+        "On Kubernetes the pods declare the range so a PodMonitor can scrape it (deploy/kuberay/).",
+    )
+    samples_top: int = Field(
+        2,
+        ge=0,
+        description="Per step, samples.jsonl keeps the decoded text of this many highest- "
+        "and as many lowest-reward responses (`rlhf-cluster samples RUN_DIR` prints them).",
+    )
     samples_random: int = Field(2, ge=0, description="Per step, samples.jsonl also keeps this many random responses.")
-    trace: bool = Field(True, description="Every actor records spans of its work (RUN_DIR/trace.jsonl; "
-                        "`rlhf-cluster trace RUN_DIR` writes a Chrome/Perfetto trace).")
-    trace_max_mb: int = Field(512, ge=1, description="trace.jsonl stops growing at this size (a long run keeps its first "
-                              "~100k steps of spans at the demo's ~4.5 KB a step).")
+    trace: bool = Field(
+        True,
+        description="Every actor records spans of its work (RUN_DIR/trace.jsonl; "
+        "`rlhf-cluster trace RUN_DIR` writes a Chrome/Perfetto trace).",
+    )
+    trace_max_mb: int = Field(
+        512,
+        ge=1,
+        description="trace.jsonl stops growing at this size (a long run keeps its first "
+        "~100k steps of spans at the demo's ~4.5 KB a step).",
+    )
 
     @field_validator("port_range")
     @classmethod
@@ -93,41 +116,67 @@ class MetricsConfig(_Strict):
 class FaultsConfig(_Strict):
     """How the job reacts to failures."""
 
-    max_worker_restarts: int = Field(3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job.")
-    restart_backoff_s: float = Field(1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool.")
-    max_learner_restarts: int = Field(2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies.")
-    max_bad_steps: int = Field(3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops.")
-    heartbeat_interval_s: float = Field(5.0, gt=0, description="Every worker of every pool is sent a heartbeat this often.")
+    max_worker_restarts: int = Field(
+        3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job."
+    )
+    restart_backoff_s: float = Field(
+        1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool."
+    )
+    max_learner_restarts: int = Field(
+        2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies."
+    )
+    max_bad_steps: int = Field(
+        3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops."
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="Every worker of every pool is sent a heartbeat this often."
+    )
     heartbeat_timeout_s: float = Field(
-        10.0, gt=0, description="A worker that has not answered a heartbeat within this is hung (e.g. SIGSTOP): killed and replaced."
+        10.0,
+        gt=0,
+        description="A worker that has not answered a heartbeat within this is hung (e.g. SIGSTOP): killed and "
+        "replaced.",
     )
     stall_timeout_s: float = Field(
-        60.0, gt=0, description="A generation worker whose engine has requests running but takes no step for this long is hung."
+        60.0,
+        gt=0,
+        description="A generation worker whose engine has requests running but takes no step for this long is hung.",
     )
     collective_timeout_s: float = Field(
-        300.0, gt=0, description="A torch.distributed collective that waits this long for a peer rank fails (no silent hang)."
+        300.0,
+        gt=0,
+        description="A torch.distributed collective that waits this long for a peer rank fails (no silent hang).",
     )
     preempt_grace_s: float = Field(
-        120.0, gt=0, description="After SIGTERM/SIGINT, seconds to finish the step in progress and write a checkpoint "
+        120.0,
+        gt=0,
+        description="After SIGTERM/SIGINT, seconds to finish the step in progress and write a checkpoint "
         "before the job is torn down without one.",
     )
     elastic: bool = Field(
-        False, description="When the learner is built (at the start, on resume, or rebuilt after a rank died or "
+        False,
+        description="When the learner is built (at the start, on resume, or rebuilt after a rank died or "
         "hung) and its learner.world_size ranks cannot all be placed (a node is gone), continue on the most ranks that "
         "can be (the checkpoint is resharded; the batch must split evenly over them). FSDP2 only.",
     )
     elastic_wait_s: float = Field(
-        30.0, gt=0, description="With `elastic`, how long a rebuilt learner waits for all its ranks to be placed "
+        30.0,
+        gt=0,
+        description="With `elastic`, how long a rebuilt learner waits for all its ranks to be placed "
         "before it continues on fewer.",
     )
     progress_timeout_s: float = Field(
-        3600.0, gt=0, description="Ceiling of the no-progress watchdog: a step loop that has waited this long for its "
+        3600.0,
+        gt=0,
+        description="Ceiling of the no-progress watchdog: a step loop that has waited this long for its "
         "batch fails the job with why (groups dropped and for what, the buffer, requests in flight) instead of "
         "spinning. Before the first step this is the bound; after, the bound is progress_timeout_factor x the "
         "slowest recent step, at least 600 s and at most this.",
     )
     progress_timeout_factor: float = Field(
-        10.0, ge=1, description="The no-progress watchdog's bound in multiples of the slowest of the last 20 steps "
+        10.0,
+        ge=1,
+        description="The no-progress watchdog's bound in multiples of the slowest of the last 20 steps "
         "(wait for the batch included), between 600 s and progress_timeout_s.",
     )
 
@@ -146,20 +195,27 @@ class RollbackConfig(_Strict):
 
     kl_above: float | None = Field(None, gt=0, description="A step's KL to the reference (`kl`) above this.")
     mismatch_above: float | None = Field(
-        None, gt=0, description="A step's engine/learner mismatch (`correction/mismatch_k3`) above this.")
+        None, gt=0, description="A step's engine/learner mismatch (`correction/mismatch_k3`) above this."
+    )
     entropy_below: float | None = Field(None, gt=0, description="A step's policy entropy below this (collapse).")
     response_length_above: float | None = Field(
-        None, gt=0, description="A step's mean response length above this many tokens (runaway).")
+        None, gt=0, description="A step's mean response length above this many tokens (runaway)."
+    )
     eval_drop: float | None = Field(
-        None, gt=0, description="An evaluation's guardrails.metric this far worse than the best so far.")
-    max_rollbacks: int = Field(2, ge=1, description="Rollbacks allowed over the run; one more condition ends it with an error.")
+        None, gt=0, description="An evaluation's guardrails.metric this far worse than the best so far."
+    )
+    max_rollbacks: int = Field(
+        2, ge=1, description="Rollbacks allowed over the run; one more condition ends it with an error."
+    )
     lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies learner.lr by this.")
     kl_coef_factor: float = Field(2.0, ge=1, description="Each rollback multiplies algorithm.kl.coef (beta) by this.")
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, name) is not None for name in
-                   ("kl_above", "mismatch_above", "entropy_below", "response_length_above", "eval_drop"))
+        return any(
+            getattr(self, name) is not None
+            for name in ("kl_above", "mismatch_above", "entropy_below", "response_length_above", "eval_drop")
+        )
 
 
 class GuardrailsConfig(_Strict):
@@ -167,23 +223,33 @@ class GuardrailsConfig(_Strict):
     eval metric, and stop early when it stops improving or reaches a target (`rlhf_cluster.job.guardrails`)."""
 
     metric: str = Field(
-        "eval_accuracy", description="The evaluation's column watched: eval_accuracy, eval_sampled_accuracy, "
-        "eval_reward_mean, eval_pass@<k> (k in data.eval_pass_k) or eval_accuracy/<source>.")
+        "eval_accuracy",
+        description="The evaluation's column watched: eval_accuracy, eval_sampled_accuracy, "
+        "eval_reward_mean, eval_pass@<k> (k in data.eval_pass_k) or eval_accuracy/<source>.",
+    )
     higher_is_better: bool = Field(True, description="False: the metric improves as it falls.")
     min_delta: float = Field(0.0, ge=0.0, description="An evaluation improves on the best only by more than this.")
     keep_best: int = Field(
-        0, ge=0, description="Also keep the k checkpoints with the best metric, besides the checkpoint.keep newest; an "
-        "evaluation that improves on the best so far is checkpointed at once. 0: off.")
+        0,
+        ge=0,
+        description="Also keep the k checkpoints with the best metric, besides the checkpoint.keep newest; an "
+        "evaluation that improves on the best so far is checkpointed at once. 0: off.",
+    )
     patience: int | None = Field(
-        None, ge=1, description="Stop (checkpointed, evaluated) after this many evaluations without improvement.")
+        None, ge=1, description="Stop (checkpointed, evaluated) after this many evaluations without improvement."
+    )
     target: float | None = Field(None, description="Stop (checkpointed, evaluated) once the metric reaches this value.")
     rollback: RollbackConfig = Field(default_factory=RollbackConfig, description="Automatic rollback conditions.")
 
     @property
     def active(self) -> bool:
         """Whether anything acts on the periodic evaluation."""
-        return bool(self.keep_best) or self.patience is not None or self.target is not None or \
-            self.rollback.eval_drop is not None
+        return (
+            bool(self.keep_best)
+            or self.patience is not None
+            or self.target is not None
+            or self.rollback.eval_drop is not None
+        )
 
 
 class TrainConfig(_Strict):
@@ -191,16 +257,22 @@ class TrainConfig(_Strict):
 
     total_steps: int = Field(20, ge=1, description="Learner steps.")
     prompts_per_step: int = Field(8, ge=1, description="Prompt groups per learner step.")
-    max_staleness: int = Field(1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous).")
+    max_staleness: int = Field(
+        1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous)."
+    )
     oversample_groups: int = Field(
-        0, ge=0, description="Extra prompt groups admitted beyond the staleness allowance, so a step can start once "
+        0,
+        ge=0,
+        description="Extra prompt groups admitted beyond the staleness allowance, so a step can start once "
         "prompts_per_step groups are complete; late groups wait in the buffer for the next step (dropped and counted "
-        "as stale only if they exceed max_staleness)."
+        "as stale only if they exceed max_staleness).",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     record_rollouts: bool = Field(
-        False, description="Keep every scored group (RUN_DIR/scored, Arrow, append-only: never compacted), so "
-        "`rlhf-cluster replay RUN_DIR` can retrain the run's steps without generation (`--record-rollouts`).")
+        False,
+        description="Keep every scored group (RUN_DIR/scored, Arrow, append-only: never compacted), so "
+        "`rlhf-cluster replay RUN_DIR` can retrain the run's steps without generation (`--record-rollouts`).",
+    )
 
 
 class ClusterConfig(_Strict):
@@ -216,15 +288,18 @@ class JobConfig(_Strict):
     name: str = Field("demo", description="Job name, used in metric labels and the run directory.")
     run_dir: str = Field("runs/demo", description="Where metrics.jsonl, the weight store and the buffer go.")
     seed: int = Field(
-        0, description="The job's seed: every component seed left empty (data, generation, learner, critic, sft, "
+        0,
+        description="The job's seed: every component seed left empty (data, generation, learner, critic, sft, "
         "reward_model) takes this value, and it seeds the supervised warm-up. The components draw from different "
         "generators (Python's for task and prompt order, vLLM's sampler, torch on the ranks), so one value seeds "
-        "them independently. model.tiny.seed is not derived: the tiny model stands in for a fixed checkpoint."
+        "them independently. model.tiny.seed is not derived: the tiny model stands in for a fixed checkpoint.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Prompts: a built-in task or a file.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="The generation pool.")
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="The scoring pool and the reward sources.")
+    scoring: ScoringConfig = Field(
+        default_factory=ScoringConfig, description="The scoring pool and the reward sources."
+    )
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="The RL algorithm.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="The policy learner's ranks.")
     weights: WeightsConfig = Field(default_factory=WeightsConfig, description="The weight store and transport.")
@@ -233,12 +308,18 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="The driver loop.")
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Reactions to failures.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints for exact resume.")
-    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig,
-                                         description="Best-k checkpoints and early stopping on the periodic evaluation.")
-    critic: CriticConfig | None = Field(None, description="PPO's learned critic (required by algorithm.advantage: gae).")
+    guardrails: GuardrailsConfig = Field(
+        default_factory=GuardrailsConfig,
+        description="Best-k checkpoints and early stopping on the periodic evaluation.",
+    )
+    critic: CriticConfig | None = Field(
+        None, description="PPO's learned critic (required by algorithm.advantage: gae)."
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
     sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")
-    reward_model: StageConfig | None = Field(None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`).")
+    reward_model: StageConfig | None = Field(
+        None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`)."
+    )
 
     SEEDED: ClassVar[tuple[str, ...]] = ("data", "generation", "learner", "critic", "sft", "reward_model")
 
@@ -248,7 +329,7 @@ class JobConfig(_Strict):
         return _legacy_rewards(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
-    def _derive(self) -> "JobConfig":
+    def _derive(self) -> JobConfig:
         # Resolved once, here: a component seed is an int from now on, for every reader
         # (a later change of `seed` does not move seeds already resolved).
         for name in self.SEEDED:
@@ -259,7 +340,8 @@ class JobConfig(_Strict):
             raise ValueError(
                 f"generation.turn_rewards.assign 'turn' gives each turn its group-relative return, which the "
                 f"{', '.join(TURN_LEVEL_ESTIMATORS)} estimators take; algorithm.advantage "
-                f"{self.algorithm.advantage!r} places rewards per token itself (use assign 'episode')")
+                f"{self.algorithm.advantage!r} places rewards per token itself (use assign 'episode')"
+            )
         self._check_reference_needed()
         return self
 
@@ -274,9 +356,11 @@ class JobConfig(_Strict):
         if self.guardrails.rollback.kl_above is not None:
             needs.append("guardrails.rollback.kl_above")
         if needs:
-            raise ValueError(f"scoring.reference is false (no reference model), but {' and '.join(needs)} need(s) the "
-                             f"reference's log-probs: set scoring.reference true, or algorithm.kl.coef 0 / "
-                             f"placement 'none'")
+            raise ValueError(
+                f"scoring.reference is false (no reference model), but {' and '.join(needs)} need(s) the "
+                f"reference's log-probs: set scoring.reference true, or algorithm.kl.coef 0 / "
+                f"placement 'none'"
+            )
 
     @property
     def engine_dtype(self) -> str:

@@ -44,18 +44,28 @@ class FunctionReward(_Typed):
     function: str = Field(..., description="`module:function`, importable on every reward worker.")
     weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
     on_error: Literal["fail", "drop"] = Field(
-        "drop", description="A call that raises, returns NaN/inf or a wrong type, or runs past timeout_s: `fail` ends "
+        "drop",
+        description="A call that raises, returns NaN/inf or a wrong type, or runs past timeout_s: `fail` ends "
         "the job naming the function, prompt and cause; `drop` drops the sample (counted, never trained on); its group "
-        "keeps the rest when enough remain for the advantage estimator (2 for grpo, dr_grpo, rloo), else is dropped whole.",
+        "keeps the rest when enough remain for the advantage estimator (2 for grpo, dr_grpo, rloo), else is dropped "
+        "whole.",
     )
-    timeout_s: float = Field(30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned).")
+    timeout_s: float = Field(
+        30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned)."
+    )
     max_failure_fraction: float = Field(
-        0.5, ge=0, le=1, description="With `on_error: drop`, the job stops with an error naming the function, the "
-        "failure rate and the last cause when more than this share of the last `failure_window` samples a reward worker "
+        0.5,
+        ge=0,
+        le=1,
+        description="With `on_error: drop`, the job stops with an error naming the function, the "
+        "failure rate and the last cause when more than this share of the last `failure_window` samples a reward "
+        "worker "
         "scored failed (a warning is logged at half of it): dropping that many would bias or starve training.",
     )
     failure_window: int = Field(
-        200, ge=1, description="Recent samples (per reward worker) over which `max_failure_fraction` is judged; the "
+        200,
+        ge=1,
+        description="Recent samples (per reward worker) over which `max_failure_fraction` is judged; the "
         "rate is judged once the window is full.",
     )
 
@@ -81,7 +91,9 @@ class ModelReward(_Typed):
         names = [m.name for m in models]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"every model needs its own name (reward_components rm/<name>); used twice: {', '.join(twice)}")
+            raise ValueError(
+                f"every model needs its own name (reward_components rm/<name>); used twice: {', '.join(twice)}"
+            )
         return models
 
 
@@ -96,14 +108,17 @@ class ScoringConfig(_Strict):
     reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
     reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
     rewards: list[RewardSource] = Field(
-        default_factory=lambda: [VerifierReward()], min_length=1,
+        default_factory=lambda: [VerifierReward()],
+        min_length=1,
         description="Reward sources, summed with their weights: at most one rule source (`verifier`: the task's, or "
         "`function`: yours, in its place) and at most one `model` ensemble.",
     )
     quantization: Literal["none", "int8"] = Field(
         "none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
     )
-    max_tokens_per_batch: int = Field(8192, ge=16, description="Token budget of one frozen-model forward (padded tokens).")
+    max_tokens_per_batch: int = Field(
+        8192, ge=16, description="Token budget of one frozen-model forward (padded tokens)."
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
 
     @field_validator("rewards")
@@ -112,7 +127,8 @@ class ScoringConfig(_Strict):
         rules = [s.type for s in sources if not isinstance(s, ModelReward)]
         if len(rules) > 1:
             raise ValueError(
-                f"at most one rule source (verifier or function: a function replaces the verifier), got {', '.join(rules)}"
+                "at most one rule source (verifier or function: a function replaces the verifier), got "
+                f"{', '.join(rules)}"
             )
         if sum(isinstance(s, ModelReward) for s in sources) > 1:
             raise ValueError("at most one `model` source: list every reward model in its `models`")
@@ -179,7 +195,8 @@ def _legacy_rewards(raw: dict) -> dict:
     if "rewards" in scoring:
         raise ValueError(
             "scoring.rewards cannot be combined with the old spellings data.reward_fn, scoring.reward_models, "
-            "scoring.rule_weight, scoring.reward_model_weight, scoring.reward_model_combine: write every source in scoring.rewards"
+            "scoring.rule_weight, scoring.reward_model_weight, scoring.reward_model_combine: write every source in "
+            "scoring.rewards"
         )
     if fn is not None:
         if not isinstance(fn, str):
@@ -190,8 +207,14 @@ def _legacy_rewards(raw: dict) -> dict:
     rule["weight"] = old.get("rule_weight", 1.0)
     sources = [rule]
     if old.keys() - {"rule_weight"}:
-        sources.append({"type": "model", "models": old.get("reward_models") or [],
-                        "weight": old.get("reward_model_weight", 1.0), "combine": old.get("reward_model_combine", "mean")})
+        sources.append(
+            {
+                "type": "model",
+                "models": old.get("reward_models") or [],
+                "weight": old.get("reward_model_weight", 1.0),
+                "combine": old.get("reward_model_combine", "mean"),
+            }
+        )
     return {**raw, "scoring": {**scoring, "rewards": sources}}
 
 

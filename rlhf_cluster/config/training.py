@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_cluster.config.base import ResourcesConfig, _Strict, _Typed, _refuse_renamed, typed_union
+from rlhf_cluster.config.base import ResourcesConfig, _refuse_renamed, _Strict, _Typed, typed_union
 
 
 class FSDP2Backend(_Typed):
@@ -20,19 +20,24 @@ class DeepSpeedBackend(_Typed):
     """DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
 
     type: Literal["deepspeed"] = Field("deepspeed", description="Learner backend kind.")
-    zero_stage: int = Field(3, ge=1, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
+    zero_stage: int = Field(
+        3, ge=1, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."
+    )
     offload_optimizer: bool = Field(
         False, description="Keep fp32 master weights and optimizer state in CPU memory; torch's AdamW steps them there."
     )
-    offload_params: bool = Field(False, description="Keep parameter shards in CPU memory between uses (ZeRO stage 3 only).")
+    offload_params: bool = Field(
+        False, description="Keep parameter shards in CPU memory between uses (ZeRO stage 3 only)."
+    )
     config_file: str | None = Field(
-        None, description="Your own DeepSpeed JSON, honoured except where the learner owns a setting (batch sizes, "
+        None,
+        description="Your own DeepSpeed JSON, honoured except where the learner owns a setting (batch sizes, "
         "accumulation, clipping, optimizer lr/weight decay, scheduler, precision, ZeRO stage, offload): "
-        "those must be absent or agree with the learner config (checked by preflight)."
+        "those must be absent or agree with the learner config (checked by preflight).",
     )
 
     @model_validator(mode="after")
-    def _offload_params_needs_stage3(self) -> "DeepSpeedBackend":
+    def _offload_params_needs_stage3(self) -> DeepSpeedBackend:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(
                 f"learner.backend.offload_params needs zero_stage 3 (parameters are only partitioned in stage 3), "
@@ -52,7 +57,8 @@ class LoraConfig(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (0 keeps the RL ratios exact).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1, description="Linear layers (by name) that get adapters.",
+        min_length=1,
+        description="Linear layers (by name) that get adapters.",
     )
 
     @property
@@ -65,24 +71,32 @@ class TrainingGroupConfig(_Strict):
 
     SECTION: ClassVar[str] = "learner"  # the config section, for messages
 
-    world_size: int = Field(1, ge=1, description="Ranks of the group (one torch.distributed group, sized apart from the others).")
+    world_size: int = Field(
+        1, ge=1, description="Ranks of the group (one torch.distributed group, sized apart from the others)."
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps, then constant (the RL schedule).")
+    lr_warmup_steps: int = Field(
+        0, ge=0, description="Linear learning-rate warm-up steps, then constant (the RL schedule)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     max_tokens_per_micro_batch: int | None = Field(
-        None, ge=1, description="Gradient accumulation: forward/backward at most this many tokens at a time (real "
+        None,
+        ge=1,
+        description="Gradient accumulation: forward/backward at most this many tokens at a time (real "
         "tokens when packed, padded ones otherwise; rows dealt so micro-batches balance). None: a whole mini-batch at "
-        "once on CPU, 16,384 tokens on CUDA. The loss denominators stay global, so the update is the same."
+        "once on CPU, 16,384 tokens on CUDA. The loss denominators stay global, so the update is the same.",
     )
     sequence_packing: bool = Field(
-        True, description="Run each micro-batch's real tokens only, sequences packed one after another in rows "
+        True,
+        description="Run each micro-batch's real tokens only, sequences packed one after another in rows "
         "whose position ids restart per sequence: no padding through the model. With flash-attention all share one "
         "row (varlen kernels); with SDPA or eager attention, rows as wide as the longest sequence, under a "
-        "block-diagonal causal mask. False: right-padded rows."
+        "block-diagonal causal mask. False: right-padded rows.",
     )
     seed: int | None = Field(
-        None, description="Torch seed of every rank (the critic's also seeds its fresh value head; None: the job's `seed`)."
+        None,
+        description="Torch seed of every rank (the critic's also seeds its fresh value head; None: the job's `seed`).",
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 
@@ -98,24 +112,31 @@ class LearnerConfig(TrainingGroupConfig):
     """The learner: a group of FSDP2 or DeepSpeed ZeRO ranks."""
 
     backend: LearnerBackend = Field(
-        default_factory=FSDP2Backend, description="Training backend, by `type`: fsdp2 (torch fully_shard) or deepspeed "
-        "(ZeRO, with its options beside the type). `backend: fsdp2` is short for `backend: {type: fsdp2}`."
+        default_factory=FSDP2Backend,
+        description="Training backend, by `type`: fsdp2 (torch fully_shard) or deepspeed "
+        "(ZeRO, with its options beside the type). `backend: fsdp2` is short for `backend: {type: fsdp2}`.",
     )
     lora: LoraConfig = Field(
-        default_factory=LoraConfig, description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
-        "learner's base model with the adapters disabled, so no reference workers run."
+        default_factory=LoraConfig,
+        description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
+        "learner's base model with the adapters disabled, so no reference workers run.",
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
     mixed_precision: Literal["none", "bf16"] = Field(
-        "none", description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
-        "gradients and keep master weights and optimizer state in fp32."
+        "none",
+        description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
+        "gradients and keep master weights and optimizer state in fp32.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% more compute).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (less memory, ~30% more compute)."
+    )
     cpu_threads: int | None = Field(
-        None, ge=1, description="Torch CPU threads per rank (None: `resources.num_cpus` when it reserves whole cores; "
+        None,
+        ge=1,
+        description="Torch CPU threads per rank (None: `resources.num_cpus` when it reserves whole cores; "
         "else one for a model under 40 MB of weights, and the node's cores divided among the ranks for a larger one). "
-        "Generation and scoring workers run one thread each."
+        "Generation and scoring workers run one thread each.",
     )
 
     # Below this, one thread: a model this small cannot keep two cores busy, and OpenMP's fork
@@ -164,22 +185,29 @@ class CriticConfig(TrainingGroupConfig):
     SECTION: ClassVar[str] = "critic"
 
     init: str = Field(
-        "policy", description="Where the value model starts: `policy` (the policy's backbone, a fresh small head) or "
-        "the folder of a reward model written by `rlhf-cluster train-rm` (its backbone and head)."
+        "policy",
+        description="Where the value model starts: `policy` (the policy's backbone, a fresh small head) or "
+        "the folder of a reward model written by `rlhf-cluster train-rm` (its backbone and head).",
     )
     value_clip: float | None = Field(
-        0.2, gt=0, description="Clipped value loss: new values may move at most this far from the values the "
-        "advantages were computed with before the loss stops pulling them (None: unclipped squared error)."
+        0.2,
+        gt=0,
+        description="Clipped value loss: new values may move at most this far from the values the "
+        "advantages were computed with before the loss stops pulling them (None: unclipped squared error).",
     )
     epochs: int = Field(
-        1, ge=1, description="Optimizer steps of the critic on each step's batch. The value clip only acts from the "
-        "second on: the first starts from exactly the values the advantages used."
+        1,
+        ge=1,
+        description="Optimizer steps of the critic on each step's batch. The value clip only acts from the "
+        "second on: the first starts from exactly the values the advantages used.",
     )
 
-    def learner_settings(self) -> "LearnerConfig":
+    def learner_settings(self) -> LearnerConfig:
         """The critic's optimisation settings in the policy learner's terms, so the critic runs the
         same FSDP2 machinery (sharding, AdamW, clipping, micro-batching, checkpoints) with its own values."""
-        return LearnerConfig(backend=FSDP2Backend(), **{name: getattr(self, name) for name in TrainingGroupConfig.model_fields})
+        return LearnerConfig(
+            backend=FSDP2Backend(), **{name: getattr(self, name) for name in TrainingGroupConfig.model_fields}
+        )
 
 
 class StageConfig(_Strict):
@@ -187,38 +215,52 @@ class StageConfig(_Strict):
     `rlhf-cluster train-rm` (section `reward_model`)."""
 
     path: str | None = Field(
-        None, description="Data file (.parquet/.jsonl). sft: prompt + response, or messages (chat template applied). "
-        "reward_model: prompt, chosen, rejected (optional margin). Empty: examples generated from the built-in task."
+        None,
+        description="Data file (.parquet/.jsonl). sft: prompt + response, or messages (chat template applied). "
+        "reward_model: prompt, chosen, rejected (optional margin). Empty: examples generated from the built-in task.",
     )
     num_examples: int = Field(2048, ge=1, description="Built-in task: training examples generated (train pairs only).")
-    eval_examples: int = Field(64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`.")
-    eval_every_steps: int = Field(0, ge=0, description="Also evaluate on the held-out examples every this many steps "
-                                  "(recorded in the stage's history; 0: only after the last step).")
+    eval_examples: int = Field(
+        64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`."
+    )
+    eval_every_steps: int = Field(
+        0,
+        ge=0,
+        description="Also evaluate on the held-out examples every this many steps "
+        "(recorded in the stage's history; 0: only after the last step).",
+    )
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks.")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="After warm-up: `constant` keeps `lr`; `cosine` decays it to `lr * min_lr_ratio` at the "
-        "last step, so the model written is the average of a settled run, not one point of a noisy walk."
+        "constant",
+        description="After warm-up: `constant` keeps `lr`; `cosine` decays it to `lr * min_lr_ratio` at the "
+        "last step, so the model written is the average of a settled run, not one point of a noisy walk.",
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps before the schedule.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of `lr`.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     world_size: int = Field(1, ge=1, description="FSDP2 ranks.")
-    margin: float = Field(0.0, ge=0, description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`).")
+    margin: float = Field(
+        0.0, ge=0, description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`)."
+    )
     lm_regularization: float = Field(
-        0.0, ge=0, description="reward_model: weight of an LM loss on the chosen responses, through the starting LM's "
+        0.0,
+        ge=0,
+        description="reward_model: weight of an LM loss on the chosen responses, through the starting LM's "
         "own output layer (trained along, not saved), added to the pairwise loss. It keeps the backbone's features "
         "for predicting good responses, so the head does not learn the training pairs by heart (Yang et al. 2024, "
-        "'Regularizing hidden states enables learning generalizable reward model'). 0: off."
+        "'Regularizing hidden states enables learning generalizable reward model'). 0: off.",
     )
-    output: str | None = Field(None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model).")
+    output: str | None = Field(
+        None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model)."
+    )
     seed: int | None = Field(None, description="Seed of data order and initialisation (None: the job's `seed`).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 
     @model_validator(mode="after")
-    def _batch_fits(self) -> "StageConfig":
+    def _batch_fits(self) -> StageConfig:
         if self.batch_size % self.world_size:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by world_size={self.world_size}")
         return self

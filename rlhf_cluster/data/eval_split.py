@@ -35,8 +35,12 @@ class EvalSplit:
         """The held-out prompt ids, for audit (`<run_dir>/data/held_out.json`)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"held_out_ids": [p.prompt_id for p in self.held_out],
-                                   "dropped_train_repeats": self.dropped_repeats}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {"held_out_ids": [p.prompt_id for p in self.held_out], "dropped_train_repeats": self.dropped_repeats},
+                indent=1,
+            )
+        )
         tmp.replace(path)
 
 
@@ -45,13 +49,17 @@ def split_by_fraction(prompts: list[Prompt], fraction: float, seed: int) -> Eval
     a seeded shuffle, held out with every prompt that repeats them."""
     keys = list(dict.fromkeys(content_key(p) for p in prompts))
     if len(keys) < 2:
-        raise ValueError(f"data.eval_fraction={fraction}: the prompt file has {len(keys)} distinct prompt(s); "
-                         "a split needs at least 2 (or give held-out prompts in data.eval_path)")
+        raise ValueError(
+            f"data.eval_fraction={fraction}: the prompt file has {len(keys)} distinct prompt(s); "
+            "a split needs at least 2 (or give held-out prompts in data.eval_path)"
+        )
     count = min(max(1, math.ceil(fraction * len(keys))), len(keys) - 1)
     order = keys[:]
     random.Random(f"eval-split-{seed}").shuffle(order)
     held = set(order[:count])
-    return EvalSplit([p for p in prompts if content_key(p) not in held], [p for p in prompts if content_key(p) in held], 0)
+    return EvalSplit(
+        [p for p in prompts if content_key(p) not in held], [p for p in prompts if content_key(p) in held], 0
+    )
 
 
 def split_by_file(prompts: list[Prompt], held_out: list[Prompt], source: str) -> EvalSplit:
@@ -59,7 +67,9 @@ def split_by_file(prompts: list[Prompt], held_out: list[Prompt], source: str) ->
     held = {content_key(p) for p in held_out}
     train = [p for p in prompts if content_key(p) not in held]
     if not train:
-        raise ValueError(f"data.eval_path={source}: every training prompt repeats a held-out one; nothing is left to train on")
+        raise ValueError(
+            f"data.eval_path={source}: every training prompt repeats a held-out one; nothing is left to train on"
+        )
     return EvalSplit(train, held_out, len(prompts) - len(train))
 
 

@@ -41,7 +41,9 @@ def read_preference_file(path: str | Path) -> list[PreferencePair]:
     for i, row in enumerate(rows):
         for column in ("prompt", "chosen", "rejected"):
             if not isinstance(row[column], str) or not row[column]:
-                raise ValueError(f"preference file {file}, row {i}: {column} must be a non-empty string, got {row[column]!r}")
+                raise ValueError(
+                    f"preference file {file}, row {i}: {column} must be a non-empty string, got {row[column]!r}"
+                )
         if row["chosen"] == row["rejected"]:
             raise ValueError(f"preference file {file}, row {i}: chosen and rejected are the same text")
         margin = row.get("margin") or 0.0
@@ -51,7 +53,9 @@ def read_preference_file(path: str | Path) -> list[PreferencePair]:
     return pairs
 
 
-def arithmetic_preference_pairs(num: int, seed: int, split: str, max_operand: int, per_prompt: int = 1) -> list[PreferencePair]:
+def arithmetic_preference_pairs(
+    num: int, seed: int, split: str, max_operand: int, per_prompt: int = 1
+) -> list[PreferencePair]:
     """The correct sum over a wrong one, `per_prompt` pairs for each of `num` prompts of `split`
     ("eval": held-out operand pairs only).
 

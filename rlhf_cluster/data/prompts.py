@@ -49,8 +49,10 @@ def read_table(file: Path, what: str = "prompt file") -> pa.Table:
     if file.is_dir():
         return _read_saved_dataset(file, what)
     if file.suffix not in PROMPT_SUFFIXES:
-        raise ValueError(f"{what} {file}: expected a .parquet or .jsonl file (one JSON object per line) or a folder "
-                         f"written by datasets.save_to_disk, got suffix {file.suffix!r}")
+        raise ValueError(
+            f"{what} {file}: expected a .parquet or .jsonl file (one JSON object per line) or a folder "
+            f"written by datasets.save_to_disk, got suffix {file.suffix!r}"
+        )
     try:
         if file.suffix == ".parquet":
             return pq.read_table(file)
@@ -58,7 +60,11 @@ def read_table(file: Path, what: str = "prompt file") -> pa.Table:
     except (pa.ArrowException, OSError) as exc:
         # ArrowInvalid covers corrupt/truncated parquet and JSON parse errors; OSError covers
         # unreadable files (permissions, I/O errors).
-        kind = "parquet" if file.suffix == ".parquet" else "JSON Lines (one JSON object per line, same keys and types on every line)"
+        kind = (
+            "parquet"
+            if file.suffix == ".parquet"
+            else "JSON Lines (one JSON object per line, same keys and types on every line)"
+        )
         raise ValueError(f"{what} {file} could not be read as {kind}: {exc}") from exc
 
 
@@ -66,12 +72,16 @@ def _read_saved_dataset(folder: Path, what: str) -> pa.Table:
     """A folder written by `datasets.Dataset.save_to_disk`: `state.json` lists Arrow stream files."""
     if (folder / "dataset_dict.json").exists():
         splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
-        raise ValueError(f"{what} {folder} holds a DatasetDict (splits {splits}); point data.path at one split's "
-                         f"folder, e.g. {folder / (splits[0] if splits else 'train')}")
+        raise ValueError(
+            f"{what} {folder} holds a DatasetDict (splits {splits}); point data.path at one split's "
+            f"folder, e.g. {folder / (splits[0] if splits else 'train')}"
+        )
     state = folder / "state.json"
     if not state.exists():
-        raise ValueError(f"{what} {folder} is a folder without state.json; expected a .parquet or .jsonl file or a "
-                         "folder written by datasets.save_to_disk")
+        raise ValueError(
+            f"{what} {folder} is a folder without state.json; expected a .parquet or .jsonl file or a "
+            "folder written by datasets.save_to_disk"
+        )
     try:
         files = [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
         tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
@@ -101,8 +111,11 @@ def read_prompt_file(path: str | Path, columns: PromptColumns | None = None) -> 
     text_column = columns.messages or columns.prompt
     id_column = columns.prompt_id or ("prompt_id" if "prompt_id" in table.column_names else None)
     answer_column = columns.answer or ("answer" if "answer" in table.column_names else None)
-    missing = [c for c in (text_column, id_column, answer_column, columns.source)
-               if c is not None and c not in table.column_names]
+    missing = [
+        c
+        for c in (text_column, id_column, answer_column, columns.source)
+        if c is not None and c not in table.column_names
+    ]
     if missing:
         raise ValueError(f"prompt file {file}: missing column(s) {missing} (data.columns); it has {table.column_names}")
     if table.num_rows == 0:
@@ -110,8 +123,11 @@ def read_prompt_file(path: str | Path, columns: PromptColumns | None = None) -> 
     ids = _prompt_ids(file, table.column(id_column).to_pylist() if id_column else None, table.num_rows)
     answers = table.column(answer_column).to_pylist() if answer_column else [""] * len(ids)
     answers = ["" if a is None else str(a) for a in answers]
-    sources = [None if x is None else str(x) for x in table.column(columns.source).to_pylist()] if columns.source \
+    sources = (
+        [None if x is None else str(x) for x in table.column(columns.source).to_pylist()]
+        if columns.source
         else [None] * len(ids)
+    )
     if columns.messages:
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
         return [Prompt(i, "", a, messages=m, source=src) for i, a, m, src in zip(ids, answers, chats, sources)]
@@ -137,14 +153,23 @@ def _prompt_ids(file: Path, raw_ids: list | None, rows: int) -> list[str]:
 
 
 def _messages(file: Path, prompt_id: str, value) -> tuple[dict, ...]:
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
     if not ok:
-        raise ValueError(f"prompt file {file}: prompt_id {prompt_id!r}: the messages column must hold a non-empty list "
-                         f"of {{role, content}} strings, got {str(value)[:200]}")
+        raise ValueError(
+            f"prompt file {file}: prompt_id {prompt_id!r}: the messages column must hold a non-empty list "
+            f"of {{role, content}} strings, got {str(value)[:200]}"
+        )
     if value[-1]["role"] == "assistant":
-        raise ValueError(f"prompt file {file}: prompt_id {prompt_id!r}: the last message is an assistant turn; a "
-                         "prompt ends with the turn the policy answers")
+        raise ValueError(
+            f"prompt file {file}: prompt_id {prompt_id!r}: the last message is an assistant turn; a "
+            "prompt ends with the turn the policy answers"
+        )
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
@@ -153,8 +178,10 @@ def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | N
     through the tokenizer's chat template with the generation prompt: `text` is the rendered
     string, `token_ids` the template's own encoding (what the engine receives)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.chat_template: the model's tokenizer has no chat template (tokenizer_config.json "
-                         "`chat_template`); set data.chat_template: false or use a tokenizer that has one")
+        raise ValueError(
+            "data.chat_template: the model's tokenizer has no chat template (tokenizer_config.json "
+            "`chat_template`); set data.chat_template: false or use a tokenizer that has one"
+        )
     out = []
     for p in prompts:
         chat = list(p.messages) if p.messages else [{"role": "user", "content": p.text}]
@@ -164,7 +191,9 @@ def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | N
         ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
-        out.append(Prompt(p.prompt_id, text, p.answer, tuple(int(t) for t in ids), messages=tuple(chat), source=p.source))
+        out.append(
+            Prompt(p.prompt_id, text, p.answer, tuple(int(t) for t in ids), messages=tuple(chat), source=p.source)
+        )
     return out
 
 
@@ -184,10 +213,14 @@ def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Pa
     if cfg.path is not None:
         return Path(cfg.path).expanduser(), Path(cfg.eval_path).expanduser() if cfg.eval_path else None
     data_dir = Path(run_dir) / "data"
-    train = _write_task_file(arithmetic_rows(cfg.num_prompts, cfg.seed, "train", cfg.max_operand), data_dir / "train.parquet")
+    train = _write_task_file(
+        arithmetic_rows(cfg.num_prompts, cfg.seed, "train", cfg.max_operand), data_dir / "train.parquet"
+    )
     held_out = None
     if cfg.eval_prompts:
-        held_out = _write_task_file(arithmetic_rows(cfg.eval_prompts, cfg.seed, "eval", cfg.max_operand), data_dir / "eval.parquet")
+        held_out = _write_task_file(
+            arithmetic_rows(cfg.eval_prompts, cfg.seed, "eval", cfg.max_operand), data_dir / "eval.parquet"
+        )
     return train, held_out
 
 

@@ -70,7 +70,9 @@ def _check_conversation(messages, where: str) -> None:
         raise ValueError(f"{where}: expected a non-empty list of messages")
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}, message {j}: expected {{'role': one of {list(ROLES)}, 'content': str}}, got {m!r}")
+            raise ValueError(
+                f"{where}, message {j}: expected {{'role': one of {list(ROLES)}, 'content': str}}, got {m!r}"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: no assistant message, so nothing to learn")
 
@@ -93,8 +95,10 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> SFTExample:
         before = _render(tokenizer, messages[:k], add_generation_prompt=True)
         through = _render(tokenizer, messages[: k + 1])
         if not text.startswith(before) or not text.startswith(through):
-            raise ValueError("the tokenizer's chat template does not render a conversation's prefix as a prefix of it; "
-                             "assistant turns cannot be located")
+            raise ValueError(
+                "the tokenizer's chat template does not render a conversation's prefix as a prefix of it; "
+                "assistant turns cannot be located"
+            )
         spans.append((len(before), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])

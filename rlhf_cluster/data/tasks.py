@@ -38,13 +38,18 @@ def arithmetic_rows(num: int, seed: int, split: str = "train", max_operand: int 
     held_out = held_out_pairs(max_operand)
     if split == "eval":
         if num > held_out:
-            raise ValueError(f"data.eval_prompts: at most {held_out} held-out prompts with max_operand={max_operand}, asked for {num}")
+            raise ValueError(
+                f"data.eval_prompts: at most {held_out} held-out prompts with max_operand={max_operand}, asked for "
+                f"{num}"
+            )
         chosen = pairs[:num]
     else:
         rng = random.Random(f"{seed}-{split}")
         allowed = pairs[held_out:]  # sliced once: with operands up to 999 it is a million pairs
         chosen = [rng.choice(allowed) for _ in range(num)]
-    return [{"prompt_id": f"{split}-{i}", "prompt": f"{a}+{b}=", "answer": str(a + b)} for i, (a, b) in enumerate(chosen)]
+    return [
+        {"prompt_id": f"{split}-{i}", "prompt": f"{a}+{b}=", "answer": str(a + b)} for i, (a, b) in enumerate(chosen)
+    ]
 
 
 def arithmetic_corpus(num: int = 4000, seed: int = 1234) -> list[str]:

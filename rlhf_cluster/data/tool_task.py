@@ -61,8 +61,10 @@ def verify_tool_arithmetic(response: str, answer: str) -> dict[str, float]:
     """`correct`: the final turn is exactly the sum; `tool_calls`: calculator calls in the episode
     (a diagnostic, weight 0: only being right is rewarded)."""
     text = final_turn(response).strip()
-    return {"correct": float(text == answer and text.lstrip("-").isdigit()),
-            "tool_calls": float(response.count("<calculator>"))}
+    return {
+        "correct": float(text == answer and text.lstrip("-").isdigit()),
+        "tool_calls": float(response.count("<calculator>")),
+    }
 
 
 def tool_arithmetic_corpus(num: int = 4000, seed: int = 1234, max_operand: int = 999) -> list[str]:
@@ -72,5 +74,7 @@ def tool_arithmetic_corpus(num: int = 4000, seed: int = 1234, max_operand: int =
     texts = []
     for r in arithmetic_rows(num, seed, "corpus", max_operand):
         texts.append(r["prompt"])
-        texts += [text for text, _ in tool_demonstration(Prompt(r["prompt_id"], r["prompt"], r["answer"]), use_tool=True)]
+        texts += [
+            text for text, _ in tool_demonstration(Prompt(r["prompt_id"], r["prompt"], r["answer"]), use_tool=True)
+        ]
     return texts

@@ -21,8 +21,8 @@ the way to anything else.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
 from rlhf_cluster.data.tasks import verify_arithmetic
 from rlhf_cluster.data.tool_task import verify_tool_arithmetic
@@ -126,11 +126,18 @@ def regex_verifier(pattern: str) -> Verifier:
     return verify_regex
 
 
-VERIFIERS: dict[str, Verifier] = {"arithmetic": verify_arithmetic, "tool_arithmetic": verify_tool_arithmetic,
-                                  "gsm8k": verify_gsm8k, "boxed": verify_boxed, "exact": verify_exact}
+VERIFIERS: dict[str, Verifier] = {
+    "arithmetic": verify_arithmetic,
+    "tool_arithmetic": verify_tool_arithmetic,
+    "gsm8k": verify_gsm8k,
+    "boxed": verify_boxed,
+    "exact": verify_exact,
+}
 VERIFIER_NAMES = (*VERIFIERS, "regex")
-REWARD_WEIGHTS: dict[str, dict[str, float]] = {"arithmetic": {"correct": 1.0, "digits": 0.2},
-                                                "tool_arithmetic": {"correct": 1.0}}
+REWARD_WEIGHTS: dict[str, dict[str, float]] = {
+    "arithmetic": {"correct": 1.0, "digits": 0.2},
+    "tool_arithmetic": {"correct": 1.0},
+}
 
 
 def build_verifier(name: str, pattern: str | None = None) -> tuple[Verifier, dict[str, float]]:

@@ -80,12 +80,17 @@ class Admission:
     def state_dict(self) -> dict:
         pending = list(self.pending) + [p for ps in self.in_flight.values() for p in ps]
         # Prompts taken from the source but not yet in the buffer are generated again on resume.
-        return {"source": self.source.state_dict(), "pending_prompts": [[p.prompt_id, p.text, p.answer, list(p.token_ids) if p.token_ids else None]
-                                                                          for p in pending]}
+        return {
+            "source": self.source.state_dict(),
+            "pending_prompts": [
+                [p.prompt_id, p.text, p.answer, list(p.token_ids) if p.token_ids else None] for p in pending
+            ],
+        }
 
     def load_state_dict(self, state: dict, groups_done: int) -> None:
         """Restore the prompt order; `groups_done` groups (trained on or buffered) count as started."""
         self.source.load_state_dict(state["source"])
-        self.pending.extend(Prompt(p[0], p[1], p[2], tuple(p[3]) if len(p) > 3 and p[3] else None)
-                            for p in state["pending_prompts"])
+        self.pending.extend(
+            Prompt(p[0], p[1], p[2], tuple(p[3]) if len(p) > 3 and p[3] else None) for p in state["pending_prompts"]
+        )
         self.started, self.given_back = groups_done, 0

@@ -51,7 +51,9 @@ class ExperienceBuffer:
         if not fresh:
             return 0
         if self.depth + len(fresh) > self.capacity:
-            raise BufferFullError(f"buffer holds {self.depth} samples; adding {len(fresh)} exceeds capacity {self.capacity}")
+            raise BufferFullError(
+                f"buffer holds {self.depth} samples; adding {len(fresh)} exceeds capacity {self.capacity}"
+            )
         self._groups.setdefault(fresh[0].group_id, []).extend(fresh)
         self._seen.update(s.sample_id for s in fresh)
         self.depth += len(fresh)

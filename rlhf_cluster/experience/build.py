@@ -12,15 +12,21 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlhf_cluster.algorithms import (
-    AdaptiveKLController, FixedKLController, gae, group_advantages, kl_penalty, reinforce_pp_advantages, rloo_advantages,
-    turn_level_advantages, whiten,
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    group_advantages,
+    kl_penalty,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    turn_level_advantages,
+    whiten,
 )
 from rlhf_cluster.config import AlgorithmConfig, KLConfig, TurnRewardsConfig
-from rlhf_cluster.models.packing import balanced_shares
 from rlhf_cluster.experience.records import Rollout, ScoredSample, TrainBatch
+from rlhf_cluster.models.packing import balanced_shares
 from rlhf_cluster.rewards import dynamic_sampling_filter, length_penalty, overlong_filter_mask, overlong_penalty
 from rlhf_cluster.rewards.turns import turn_returns
-
 
 # Advantages computed from per-token rewards at take time: their KL penalty sits on each token.
 PER_TOKEN_KL = ("reinforce_pp", "gae")
@@ -56,7 +62,9 @@ def build_group(
     refs = ref_logprobs if ref_logprobs is not None else [list(r.rollout_logprobs) for r in rollouts]
     for r, ref in zip(rollouts, refs):
         if len(ref) != len(r.response_ids):
-            raise ValueError(f"sample {r.sample_id}: {len(ref)} reference log-probs for {len(r.response_ids)} response tokens")
+            raise ValueError(
+                f"sample {r.sample_id}: {len(ref)} reference log-probs for {len(r.response_ids)} response tokens"
+            )
     components = [dict(s[1]) for s in scores]
     rewards = torch.tensor([s[0] for s in scores], dtype=torch.float64)
     lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float64)
@@ -73,7 +81,10 @@ def build_group(
             c["length"] = p
     if cfg.kl.placement == "reward" and kl_coef > 0 and cfg.advantage not in PER_TOKEN_KL:
         kl_sum = torch.tensor(
-            [float(kl_penalty(torch.tensor(r.rollout_logprobs), torch.tensor(ref), "k1").sum()) for r, ref in zip(rollouts, refs)],
+            [
+                float(kl_penalty(torch.tensor(r.rollout_logprobs), torch.tensor(ref), "k1").sum())
+                for r, ref in zip(rollouts, refs)
+            ],
             dtype=torch.float64,
         )
         rewards = rewards - kl_coef * kl_sum
@@ -114,13 +125,19 @@ def build_group(
     return samples, metrics
 
 
-def _turn_level(rollouts: list[Rollout], rewards: torch.Tensor, group_ids: list, estimator: str,
-                turns: TurnRewardsConfig) -> tuple[list[list[float]], dict[str, float]]:
+def _turn_level(
+    rollouts: list[Rollout], rewards: torch.Tensor, group_ids: list, estimator: str, turns: TurnRewardsConfig
+) -> tuple[list[list[float]], dict[str, float]]:
     """Per-token advantages where every token of model turn k carries turn k's advantage (tokens
     an environment wrote after it too; the loss mask leaves them out). A rollout without turns (a
     single response) is one turn: its episode's advantage."""
-    returns = [torch.tensor(turn_returns(float(reward), r.turn_rewards or [], turns) if r.turn_starts else [float(reward)],
-                            dtype=torch.float64) for r, reward in zip(rollouts, rewards.tolist())]
+    returns = [
+        torch.tensor(
+            turn_returns(float(reward), r.turn_rewards or [], turns) if r.turn_starts else [float(reward)],
+            dtype=torch.float64,
+        )
+        for r, reward in zip(rollouts, rewards.tolist())
+    ]
     per_turn, metrics = turn_level_advantages(returns, group_ids, estimator)
     out = []
     for r, adv in zip(rollouts, per_turn):
@@ -133,7 +150,9 @@ def _turn_level(rollouts: list[Rollout], rewards: torch.Tensor, group_ids: list,
     return out, metrics
 
 
-def token_rewards(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_rewards(
+    samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards ``[B, T]`` and the response mask of a step's samples.
 
     A token's reward is -kl_coef * k1_t when the KL sits in the reward, and the last token the
@@ -223,16 +242,22 @@ class StepBatch:
         """The policy ranks' shares: equal row counts (+-1) and near-equal tokens (`balanced_shares`):
         the step waits for its slowest rank."""
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in self.samples]
-        return [TrainBatch.from_samples([self.samples[i] for i in share], in_loss=[self.in_loss[i] for i in share])
-                for share in balanced_shares(lengths, world)]
+        return [
+            TrainBatch.from_samples([self.samples[i] for i in share], in_loss=[self.in_loss[i] for i in share])
+            for share in balanced_shares(lengths, world)
+        ]
 
     def critic_shares(self, world: int) -> list[TrainBatch]:
         """The critic's round-robin shares, with the returns it regresses to and the old values."""
         if self.returns is None or self.old_values is None:
             raise ValueError("this batch has no critic targets (finalize_batch was given no values)")
         return [
-            TrainBatch.from_samples(self.samples[r::world], in_loss=self.in_loss[r::world],
-                                    returns=self.returns[r::world], old_values=self.old_values[r::world])
+            TrainBatch.from_samples(
+                self.samples[r::world],
+                in_loss=self.in_loss[r::world],
+                returns=self.returns[r::world],
+                old_values=self.old_values[r::world],
+            )
             for r in range(world)
         ]
 
@@ -254,15 +279,17 @@ def finalize_batch(
         returns, metrics = critic_advantages(samples, values, cfg, kl_coef)
     else:
         metrics = batch_advantages(samples, cfg, kl_coef)
-    in_loss = (overlong_filter_mask([s.finish_reason for s in samples]).tolist() if cfg.shaping.overlong_filter
-               else [True] * len(samples))
+    in_loss = (
+        overlong_filter_mask([s.finish_reason for s in samples]).tolist()
+        if cfg.shaping.overlong_filter
+        else [True] * len(samples)
+    )
     out = {f"advantage/{k}": v for k, v in metrics.items()}
     out["samples_in_loss"] = sum(in_loss)
     return StepBatch(samples, in_loss, returns, values), out
 
 
-def observe_step_kl(controller: "KLController", policy_kl: float,
-                    samples: list[ScoredSample]) -> None:
+def observe_step_kl(controller: KLController, policy_kl: float, samples: list[ScoredSample]) -> None:
     """Feed a step's KL to the controller: it steers per-sequence KL (the per-token mean times the
     mean response length), as in Ziegler et al."""
     mean_len = statistics.fmean(len(s.response_ids) for s in samples)

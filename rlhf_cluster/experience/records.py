@@ -19,8 +19,9 @@ staleness counts the steps back to the weights both share and forward again
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Literal
+from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 
@@ -48,7 +49,11 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field(
             "policy_versions",
-            pa.list_(pa.struct([pa.field("start", pa.int32(), nullable=False), pa.field("version", pa.int64(), nullable=False)])),
+            pa.list_(
+                pa.struct(
+                    [pa.field("start", pa.int32(), nullable=False), pa.field("version", pa.int64(), nullable=False)]
+                )
+            ),
             nullable=False,
         ),
         pa.field("rolled_back_steps", pa.int32(), nullable=False),
@@ -102,14 +107,19 @@ class Rollout:
     turn_starts: list[int] | None = None  # multi-turn: where each model turn's tokens begin in the response
 
     def __post_init__(self) -> None:
-        if self.turn_starts is not None and (len(self.turn_starts) != len(self.turn_rewards or [])
-                                             or self.turn_starts != sorted(self.turn_starts)
-                                             or any(not 0 <= t <= len(self.response_ids) for t in self.turn_starts)):
-            raise ValueError(f"rollout {self.sample_id}: turn starts {self.turn_starts} are not one ordered offset "
-                             f"into the {len(self.response_ids)} response tokens per turn reward")
+        if self.turn_starts is not None and (
+            len(self.turn_starts) != len(self.turn_rewards or [])
+            or self.turn_starts != sorted(self.turn_starts)
+            or any(not 0 <= t <= len(self.response_ids) for t in self.turn_starts)
+        ):
+            raise ValueError(
+                f"rollout {self.sample_id}: turn starts {self.turn_starts} are not one ordered offset "
+                f"into the {len(self.response_ids)} response tokens per turn reward"
+            )
         if self.loss_mask is not None and len(self.loss_mask) != len(self.response_ids):
-            raise ValueError(f"rollout {self.sample_id}: {len(self.loss_mask)} loss-mask values for "
-                             f"{len(self.response_ids)} tokens")
+            raise ValueError(
+                f"rollout {self.sample_id}: {len(self.loss_mask)} loss-mask values for {len(self.response_ids)} tokens"
+            )
         if len(self.rollout_logprobs) != len(self.response_ids):
             raise ValueError(
                 f"rollout {self.sample_id}: {len(self.rollout_logprobs)} log-probs for {len(self.response_ids)} tokens"
@@ -135,7 +145,7 @@ class ScoredSample:
     reward_components: dict[str, float]
     ref_logprobs: list[float]
     advantages: list[float]
-    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
     # Optimizer steps behind the newest weights that sampled this response which a later rollback
     # abandoned: the learner's history shares its weights only up to version `newest - rolled_back_steps`.
@@ -148,7 +158,9 @@ class ScoredSample:
             raise ValueError(f"sample {self.sample_id}: loss_mask must be {n} values of 0 or 1")
         for name in ("rollout_logprobs", "ref_logprobs", "advantages"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"sample {self.sample_id}: {name} has {len(getattr(self, name))} values for {n} tokens")
+                raise ValueError(
+                    f"sample {self.sample_id}: {name} has {len(getattr(self, name))} values for {n} tokens"
+                )
         if self.policy_versions is None:
             self.policy_versions = [(0, self.policy_version)]
         self.policy_versions = [tuple(span) for span in self.policy_versions]
@@ -199,9 +211,13 @@ def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
 def table_to_samples(table: pa.Table) -> list[ScoredSample]:
     """Inverse of `samples_to_table`; refuses a table whose schema differs."""
     if "rolled_back_steps" not in table.schema.names:  # written before the field existed: nothing rolled back
-        table = table.append_column(SAMPLE_SCHEMA.field("rolled_back_steps"), pa.array([0] * table.num_rows, pa.int32()))
+        table = table.append_column(
+            SAMPLE_SCHEMA.field("rolled_back_steps"), pa.array([0] * table.num_rows, pa.int32())
+        )
     if "loss_mask" not in table.schema.names:  # written before multi-turn: every token the model's
-        table = table.append_column(SAMPLE_SCHEMA.field("loss_mask"), pa.array([[]] * table.num_rows, pa.list_(pa.int8())))
+        table = table.append_column(
+            SAMPLE_SCHEMA.field("loss_mask"), pa.array([[]] * table.num_rows, pa.list_(pa.int8()))
+        )
     if set(table.schema.names) == set(SAMPLE_SCHEMA.names):
         table = table.select(SAMPLE_SCHEMA.names)
     if not table.schema.equals(SAMPLE_SCHEMA):
@@ -283,7 +299,7 @@ class TrainBatch:
         in_loss: list[bool] | None = None,
         returns: list[list[float]] | None = None,
         old_values: list[list[float]] | None = None,
-    ) -> "TrainBatch":
+    ) -> TrainBatch:
         """Pad samples into tensors; `in_loss[i] = False` removes sample i from the loss entirely.
         `returns` and `old_values` (per sample, one per response token) are the critic's inputs."""
         import torch

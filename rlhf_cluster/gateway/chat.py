@@ -45,9 +45,14 @@ def for_template(message: dict) -> dict:
     """A message as chat templates expect it: content a string, tool-call arguments a dict."""
     out = {"role": message.get("role"), "content": _text(message.get("content"))}
     if message.get("tool_calls"):
-        out["tool_calls"] = [{"type": "function", "id": c.get("id"), "function": {
-            "name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))}}
-            for c in message["tool_calls"]]
+        out["tool_calls"] = [
+            {
+                "type": "function",
+                "id": c.get("id"),
+                "function": {"name": c["function"]["name"], "arguments": _arguments(c["function"].get("arguments"))},
+            }
+            for c in message["tool_calls"]
+        ]
     for key in ("name", "tool_call_id"):
         if message.get(key) is not None:
             out[key] = message[key]
@@ -62,8 +67,13 @@ def render(tokenizer, messages: list[dict], tools: list | None, generation_promp
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
             raise ChatError(f"messages[{i}]: expected an object with role system, user, assistant or tool")
     try:
-        return tokenizer.apply_chat_template([for_template(m) for m in messages], tools=tools or None, tokenize=False,
-                                             add_generation_prompt=generation_prompt, chat_template=template_of(tokenizer))
+        return tokenizer.apply_chat_template(
+            [for_template(m) for m in messages],
+            tools=tools or None,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            chat_template=template_of(tokenizer),
+        )
     except Exception as exc:  # jinja errors: a template that cannot take these messages
         raise ChatError(f"the chat template cannot render these messages: {type(exc).__name__}: {exc}") from exc
 
@@ -76,11 +86,13 @@ def continuation_text(tokenizer, turn_text: str, new_messages: list[dict], tools
     before = render(tokenizer, base, tools, generation_prompt=False)
     after = render(tokenizer, base + new_messages, tools, generation_prompt=True)
     if not after.startswith(before):
-        raise ChatError("the chat template renders earlier turns differently once new messages follow, so turns "
-                        "cannot be appended token for token")
+        raise ChatError(
+            "the chat template renders earlier turns differently once new messages follow, so turns "
+            "cannot be appended token for token"
+        )
     tail = before.split(_MARK)[-1]  # what the template writes after an assistant's content (e.g. "<|im_end|>\n")
     done = next(k for k in range(len(tail), -1, -1) if turn_text.endswith(tail[:k]))
-    return tail[done:] + after[len(before):]
+    return tail[done:] + after[len(before) :]
 
 
 def parse_reply(text: str, tools_offered: bool) -> tuple[str | None, list[dict]]:
@@ -96,10 +108,15 @@ def parse_reply(text: str, tools_offered: bool) -> tuple[str | None, list[dict]]
             name = call["name"]
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-        kept.append(text[last:match.start()])
+        kept.append(text[last : match.start()])
         last = match.end()
-        calls.append({"id": f"call_{uuid.uuid4().hex[:16]}", "type": "function", "function": {
-            "name": str(name), "arguments": json.dumps(call.get("arguments", {}))}})
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:16]}",
+                "type": "function",
+                "function": {"name": str(name), "arguments": json.dumps(call.get("arguments", {}))},
+            }
+        )
     kept.append(text[last:])
     content = "".join(kept).strip() if calls else text
     return (content or None), calls
@@ -108,10 +125,14 @@ def parse_reply(text: str, tools_offered: bool) -> tuple[str | None, list[dict]]
 def same_message(a: dict, b: dict) -> bool:
     """Whether two messages say the same to the model (role, content, tool calls' names and
     arguments; call ids and client-side fields such as `refusal` are ignored)."""
+
     def key(m: dict):
-        calls = [(c["function"]["name"], json.dumps(_arguments(c["function"].get("arguments")), sort_keys=True))
-                 for c in m.get("tool_calls") or ()]
+        calls = [
+            (c["function"]["name"], json.dumps(_arguments(c["function"].get("arguments")), sort_keys=True))
+            for c in m.get("tool_calls") or ()
+        ]
         return m.get("role"), _text(m.get("content")), calls
+
     return key(a) == key(b)
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.gateway.chat import ChatError, continuation_text, render, same_message
 from rlhf_cluster.generation.engine import Turn, response_text
-from rlhf_cluster.experience.records import Rollout
 
 
 class HistoryError(ChatError):
@@ -55,8 +55,10 @@ class EpisodeTrace:
             return list(self.prompt_ids)
         seen = len(self.messages)
         if len(messages) <= seen or any(a.get("role") != b.get("role") for a, b in zip(messages, self.messages)):
-            raise HistoryError(f"episode {self.episode_id}: the request's {len(messages)} messages do not extend the "
-                               f"episode's {seen} (earlier messages dropped or reordered); start a new episode")
+            raise HistoryError(
+                f"episode {self.episode_id}: the request's {len(messages)} messages do not extend the "
+                f"episode's {seen} (earlier messages dropped or reordered); start a new episode"
+            )
         if not all(same_message(a, b) for a, b in zip(messages, self.messages)):
             self.rewrites += 1
         added = list(messages[seen:])
@@ -75,14 +77,16 @@ class EpisodeTrace:
         context = self.prompt_ids + self.response_ids
         seen = tokenizer.decode(context, skip_special_tokens=True)
         if not prompt.startswith(seen):
-            raise HistoryError(f"episode {self.episode_id}: the prompt does not start with the episode's text so far; "
-                               "start a new episode")
-        self.append(tokenizer(prompt[len(seen):], add_special_tokens=False)["input_ids"])
+            raise HistoryError(
+                f"episode {self.episode_id}: the prompt does not start with the episode's text so far; "
+                "start a new episode"
+            )
+        self.append(tokenizer(prompt[len(seen) :], add_special_tokens=False)["input_ids"])
         return self.prompt_ids + self.response_ids
 
     def append(self, ids: list[int]) -> None:
         """Tokens the model did not write (template, tool results, user turns), within the budget."""
-        ids = ids[:max(self.remaining, 0)]
+        ids = ids[: max(self.remaining, 0)]
         self.response_ids += ids
         self.logprobs += [0.0] * len(ids)
         self.loss_mask += [0] * len(ids)
@@ -103,20 +107,42 @@ class EpisodeTrace:
 
     def record(self) -> dict:
         """The episode as one JSON object (what a standalone gateway writes when it is closed)."""
-        return {"episode_id": self.episode_id, "prompt_ids": self.prompt_ids, "response_ids": self.response_ids,
-                "loss_mask": self.loss_mask, "logprobs": self.logprobs, "weight_versions": [list(s) for s in self.spans],
-                "turn_starts": self.turn_starts, "rewards": self.rewards, "history_rewrites": self.rewrites,
-                "finish_reason": self.finish_reason, "messages": self.messages}
+        return {
+            "episode_id": self.episode_id,
+            "prompt_ids": self.prompt_ids,
+            "response_ids": self.response_ids,
+            "loss_mask": self.loss_mask,
+            "logprobs": self.logprobs,
+            "weight_versions": [list(s) for s in self.spans],
+            "turn_starts": self.turn_starts,
+            "rewards": self.rewards,
+            "history_rewrites": self.rewrites,
+            "finish_reason": self.finish_reason,
+            "messages": self.messages,
+        }
 
-    def to_rollout(self, tokenizer, prompt_id: str, group_id: str, sample_id: str, worker: str, version: int) -> Rollout:
+    def to_rollout(
+        self, tokenizer, prompt_id: str, group_id: str, sample_id: str, worker: str, version: int
+    ) -> Rollout:
         """The episode as a sample: its response interleaves model turns and appended messages."""
         if self.prompt_ids is None or not self.turn_starts:
             raise ValueError(f"episode {self.episode_id}: the agent returned without asking the model for a turn")
         spans = self.spans or [(0, version)]
         turn_rewards = [0.0] * len(self.turn_starts)
         turn_rewards[-1] = float(sum(self.rewards))  # the agent's reward belongs to the episode's last turn
-        return Rollout(sample_id=sample_id, prompt_id=prompt_id, group_id=group_id, prompt_ids=list(self.prompt_ids),
-                       response_ids=list(self.response_ids), rollout_logprobs=list(self.logprobs),
-                       policy_version=spans[0][1], policy_versions=list(spans), finish_reason=self.finish_reason,
-                       response_text=response_text(tokenizer, self.response_ids), worker=worker,
-                       loss_mask=list(self.loss_mask), turn_rewards=turn_rewards, turn_starts=list(self.turn_starts))
+        return Rollout(
+            sample_id=sample_id,
+            prompt_id=prompt_id,
+            group_id=group_id,
+            prompt_ids=list(self.prompt_ids),
+            response_ids=list(self.response_ids),
+            rollout_logprobs=list(self.logprobs),
+            policy_version=spans[0][1],
+            policy_versions=list(spans),
+            finish_reason=self.finish_reason,
+            response_text=response_text(tokenizer, self.response_ids),
+            worker=worker,
+            loss_mask=list(self.loss_mask),
+            turn_rewards=turn_rewards,
+            turn_starts=list(self.turn_starts),
+        )

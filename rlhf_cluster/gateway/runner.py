@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from rlhf_cluster.config import AgentConfig, GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
-from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.job.user_code import import_spec
 
 AgentFunction = Callable[[str, str, list[dict]], "float | None"]
@@ -35,8 +35,9 @@ class AgentError(RuntimeError):
 def load_agent(spec: str, field: str = "generation.agent.function") -> AgentFunction:
     found = import_spec(spec, field, kind="function", example="my_agent:run")
     if not callable(found):
-        raise ValueError(f"{field}={spec!r}: expected a function agent(base_url, api_key, messages), "
-                         f"got {type(found).__name__}")
+        raise ValueError(
+            f"{field}={spec!r}: expected a function agent(base_url, api_key, messages), got {type(found).__name__}"
+        )
     return found
 
 
@@ -53,8 +54,15 @@ class AgentRunner:
         async def generate(context, max_tokens, stop, greedy):
             return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
 
-        self.gateway = Gateway(engine.tokenizer, generate, model_name=agent.model_name, budget=cfg.sampling.max_new_tokens,
-                               max_model_len=cfg.max_model_len, turn_max_tokens=cfg.turn_max_tokens, token=agent.token)
+        self.gateway = Gateway(
+            engine.tokenizer,
+            generate,
+            model_name=agent.model_name,
+            budget=cfg.sampling.max_new_tokens,
+            max_model_len=cfg.max_model_len,
+            turn_max_tokens=cfg.turn_max_tokens,
+            token=agent.token,
+        )
         self.server = None
         self.url: str | None = None
         # Agents block on HTTP calls: each needs its own thread (the default pool has cores + 4).
@@ -84,23 +92,33 @@ class AgentRunner:
         try:
             result = await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
-                    self.threads, self.agent, f"{url}/episodes/{episode_id}/v1", self.api_key, messages), timeout)
+                    self.threads, self.agent, f"{url}/episodes/{episode_id}/v1", self.api_key, messages
+                ),
+                timeout,
+            )
         except TimeoutError as exc:
-            raise AgentError(f"generation.agent.function={self.cfg.agent.function!r} did not return within "
-                             f"generation.agent.timeout_s={timeout:g} s (episode {episode_id})") from exc
+            raise AgentError(
+                f"generation.agent.function={self.cfg.agent.function!r} did not return within "
+                f"generation.agent.timeout_s={timeout:g} s (episode {episode_id})"
+            ) from exc
         except Exception as exc:
-            raise AgentError(f"generation.agent.function={self.cfg.agent.function!r} raised on episode {episode_id}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+            raise AgentError(
+                f"generation.agent.function={self.cfg.agent.function!r} raised on episode {episode_id}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             trace = self.gateway.close(episode_id)
         if result is not None:
             if isinstance(result, bool) or not isinstance(result, (int, float)):
-                raise AgentError(f"generation.agent.function={self.cfg.agent.function!r} returned {result!r}; expected "
-                                 "a number (the episode's reward from the agent) or None")
+                raise AgentError(
+                    f"generation.agent.function={self.cfg.agent.function!r} returned {result!r}; expected "
+                    "a number (the episode's reward from the agent) or None"
+                )
             trace.rewards.append(float(result))
         try:
-            rollout = trace.to_rollout(self.engine.tokenizer, prompt.prompt_id, group_id, sample_id, self.engine.name,
-                                       self.engine.version)
+            rollout = trace.to_rollout(
+                self.engine.tokenizer, prompt.prompt_id, group_id, sample_id, self.engine.name, self.engine.version
+            )
         except ValueError as exc:
             raise AgentError(f"generation.agent.function={self.cfg.agent.function!r}: {exc}") from exc
         return rollout, trace.rewrites

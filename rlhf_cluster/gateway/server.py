@@ -16,8 +16,8 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -53,9 +53,18 @@ class Gateway:
     standalone gateway. Otherwise only episodes opened with `open` are served, and whoever opened
     them closes them (a job's agent runner)."""
 
-    def __init__(self, tokenizer, generate: Generate, model_name: str, budget: int, max_model_len: int,
-                 turn_max_tokens: int | None = None, open_on_first_use: bool = False, token: str | None = None,
-                 on_close: Callable[[EpisodeTrace], None] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        generate: Generate,
+        model_name: str,
+        budget: int,
+        max_model_len: int,
+        turn_max_tokens: int | None = None,
+        open_on_first_use: bool = False,
+        token: str | None = None,
+        on_close: Callable[[EpisodeTrace], None] | None = None,
+    ):
         self.tokenizer, self.generate, self.model_name = tokenizer, generate, model_name
         self.budget, self.max_model_len, self.turn_max_tokens = budget, max_model_len, turn_max_tokens
         self.open_on_first_use, self.token, self.on_close = open_on_first_use, token, on_close
@@ -102,8 +111,13 @@ class Gateway:
         self.on_close(trace)
         return trace.record()
 
-    async def _sample(self, episode_id: str | None, body: dict, context_of: Callable[[EpisodeTrace], list[int]],
-                      reply_to: Callable[[Turn], dict]) -> tuple[list[int], Turn, dict]:
+    async def _sample(
+        self,
+        episode_id: str | None,
+        body: dict,
+        context_of: Callable[[EpisodeTrace], list[int]],
+        reply_to: Callable[[Turn], dict],
+    ) -> tuple[list[int], Turn, dict]:
         """One call of an episode, under its lock: extend its context, sample a turn, record it with
         the message the agent is sent; returns the context, the turn and that message."""
         trace, lock = self._episode(episode_id)
@@ -119,8 +133,11 @@ class Gateway:
     async def _turn(self, trace: EpisodeTrace, context: list[int], body: dict) -> tuple[Turn, str]:
         """Sample one model turn after `context`; returns it and its text with special tokens."""
         if len(context) >= self.max_model_len and not trace.turn_starts:
-            raise GatewayError(400, f"the prompt is {len(context)} tokens; the engine's context holds "
-                               f"{self.max_model_len} (generation.max_model_len)")
+            raise GatewayError(
+                400,
+                f"the prompt is {len(context)} tokens; the engine's context holds "
+                f"{self.max_model_len} (generation.max_model_len)",
+            )
         limit = min(trace.remaining, self.max_model_len - len(context))
         if self.turn_max_tokens is not None:
             limit = min(limit, self.turn_max_tokens)
@@ -139,8 +156,9 @@ class Gateway:
             if turn.finish_reason == "stop" and text.endswith(s):
                 text = text[: -len(s)]
                 break
-        return Turn(turn.token_ids, turn.logprobs, turn.spans, turn.finish_reason, text), \
-            self.tokenizer.decode(turn.token_ids, skip_special_tokens=False)
+        return Turn(turn.token_ids, turn.logprobs, turn.spans, turn.finish_reason, text), self.tokenizer.decode(
+            turn.token_ids, skip_special_tokens=False
+        )
 
     async def chat(self, episode_id: str | None, body: dict) -> dict:
         self.stats.requests += 1
@@ -149,39 +167,72 @@ class Gateway:
         messages, tools = body.get("messages"), body.get("tools")
         if not isinstance(messages, list):
             raise GatewayError(400, "messages: expected a list of message objects")
+
         def reply_to(turn: Turn) -> dict:
             content, calls = parse_reply(turn.text, bool(tools))
             return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
 
         context, turn, reply = await self._sample(
-            episode_id, body, lambda trace: trace.context_for(self.tokenizer, [_plain(m) for m in messages], tools), reply_to)
+            episode_id,
+            body,
+            lambda trace: trace.context_for(self.tokenizer, [_plain(m) for m in messages], tools),
+            reply_to,
+        )
         calls = reply.get("tool_calls")
         finish = "tool_calls" if calls else turn.finish_reason
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name,
-                "choices": [{"index": 0, "message": reply, "finish_reason": finish,
-                             "logprobs": self._logprobs(turn) if body.get("logprobs") else None}],
-                "usage": _usage(context, turn), "rlhf": self._extension(episode_id, turn)}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": reply,
+                    "finish_reason": finish,
+                    "logprobs": self._logprobs(turn) if body.get("logprobs") else None,
+                }
+            ],
+            "usage": _usage(context, turn),
+            "rlhf": self._extension(episode_id, turn),
+        }
 
     async def complete(self, episode_id: str | None, body: dict) -> dict:
         self.stats.requests += 1
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise GatewayError(400, "prompt: expected one string")
-        context, turn, _ = await self._sample(episode_id, body, lambda trace: trace.context_for_text(self.tokenizer, prompt),
-                                              lambda turn: {"role": "assistant", "content": turn.text})
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name,
-                "choices": [{"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}],
-                "usage": _usage(context, turn), "rlhf": self._extension(episode_id, turn)}
+        context, turn, _ = await self._sample(
+            episode_id,
+            body,
+            lambda trace: trace.context_for_text(self.tokenizer, prompt),
+            lambda turn: {"role": "assistant", "content": turn.text},
+        )
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}],
+            "usage": _usage(context, turn),
+            "rlhf": self._extension(episode_id, turn),
+        }
 
     def _logprobs(self, turn: Turn) -> dict:
-        return {"content": [{"token": self.tokenizer.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
-                            for t, lp in zip(turn.token_ids, turn.logprobs)]}
+        return {
+            "content": [
+                {"token": self.tokenizer.decode([t]), "logprob": lp, "bytes": None, "top_logprobs": []}
+                for t, lp in zip(turn.token_ids, turn.logprobs)
+            ]
+        }
 
     @staticmethod
     def _extension(episode_id: str | None, turn: Turn) -> dict:
-        return {"episode_id": episode_id, "token_ids": list(turn.token_ids), "weight_versions": [list(s) for s in turn.spans]}
+        return {
+            "episode_id": episode_id,
+            "token_ids": list(turn.token_ids),
+            "weight_versions": [list(s) for s in turn.spans],
+        }
 
 
 def build_app(gateway: Gateway) -> FastAPI:
@@ -190,8 +241,11 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     def authorized(request: Request) -> None:
         if gateway.token and request.headers.get("authorization") != f"Bearer {gateway.token}":
-            raise GatewayError(401, "missing or wrong bearer token (Authorization: Bearer <generation.agent.token>)",
-                               "authentication_error")
+            raise GatewayError(
+                401,
+                "missing or wrong bearer token (Authorization: Bearer <generation.agent.token>)",
+                "authentication_error",
+            )
 
     async def body_of(request: Request) -> dict:
         try:
@@ -208,7 +262,9 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def refused(request: Request, exc: GatewayError):
         gateway.stats.refused[str(exc.status)] = gateway.stats.refused.get(str(exc.status), 0) + 1
-        return JSONResponse({"error": {"message": str(exc), "type": exc.kind, "code": exc.status}}, status_code=exc.status)
+        return JSONResponse(
+            {"error": {"message": str(exc), "type": exc.kind, "code": exc.status}}, status_code=exc.status
+        )
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception):  # the agent hears the cause, not a bare 500
@@ -231,8 +287,10 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     async def models(request: Request, episode: str | None = None):
         authorized(request)
-        return {"object": "list", "data": [{"id": gateway.model_name, "object": "model", "created": 0,
-                                            "owned_by": "rlhf_cluster"}]}
+        return {
+            "object": "list",
+            "data": [{"id": gateway.model_name, "object": "model", "created": 0, "owned_by": "rlhf_cluster"}],
+        }
 
     async def reward(request: Request, episode: str):
         authorized(request)
@@ -277,8 +335,11 @@ def _plain(message) -> dict:
 
 
 def _usage(context: list[int], turn: Turn) -> dict:
-    return {"prompt_tokens": len(context), "completion_tokens": len(turn.token_ids),
-            "total_tokens": len(context) + len(turn.token_ids)}
+    return {
+        "prompt_tokens": len(context),
+        "completion_tokens": len(turn.token_ids),
+        "total_tokens": len(context) + len(turn.token_ids),
+    }
 
 
 def _stream_chat(reply: dict) -> StreamingResponse:
@@ -291,8 +352,11 @@ def _stream_chat(reply: dict) -> StreamingResponse:
 
     def events():
         for part, finish in ((delta, None), ({}, choice["finish_reason"])):
-            chunk = {**head, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": part, "finish_reason": finish}]}
+            chunk = {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": part, "finish_reason": finish}],
+            }
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -10,8 +10,8 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.gateway.episode import EpisodeTrace
@@ -33,8 +33,9 @@ class EpisodeFile:
             os.fsync(f.fileno())
 
 
-def serve(cfg: JobConfig, model_path: str, host: str, port: int, token: str | None, out: Path,
-          on_ready: Callable[[str], None]) -> None:
+def serve(
+    cfg: JobConfig, model_path: str, host: str, port: int, token: str | None, out: Path, on_ready: Callable[[str], None]
+) -> None:
     """Serve until interrupted (SIGINT/SIGTERM); `on_ready` gets the URL once it listens."""
     engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed, name="gateway")
     episodes = EpisodeFile(out)
@@ -42,10 +43,17 @@ def serve(cfg: JobConfig, model_path: str, host: str, port: int, token: str | No
     async def generate(context, max_tokens, stop, greedy):
         return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
 
-    gateway = Gateway(engine.tokenizer, generate, model_name=cfg.generation.agent.model_name if cfg.generation.agent
-                      else "policy", budget=cfg.generation.sampling.max_new_tokens,
-                      max_model_len=cfg.generation.max_model_len, turn_max_tokens=cfg.generation.turn_max_tokens,
-                      open_on_first_use=True, token=token, on_close=episodes.write)
+    gateway = Gateway(
+        engine.tokenizer,
+        generate,
+        model_name=cfg.generation.agent.model_name if cfg.generation.agent else "policy",
+        budget=cfg.generation.sampling.max_new_tokens,
+        max_model_len=cfg.generation.max_model_len,
+        turn_max_tokens=cfg.generation.turn_max_tokens,
+        open_on_first_use=True,
+        token=token,
+        on_close=episodes.write,
+    )
 
     async def run() -> None:
         server, serving, bound = await start_server(gateway, host, port)

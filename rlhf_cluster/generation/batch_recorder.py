@@ -3,7 +3,7 @@ arriving one at a time really share engine steps)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class EngineBatchRecorder:
@@ -46,5 +46,8 @@ class EngineBatchRecorder:
         pass
 
     def stats(self) -> dict:
-        return {"steps": self.steps, "max_batch": self.max_running,
-                "mean_batch": self.running_total / self.steps if self.steps else 0.0}
+        return {
+            "steps": self.steps,
+            "max_batch": self.max_running,
+            "mean_batch": self.running_total / self.steps if self.steps else 0.0,
+        }

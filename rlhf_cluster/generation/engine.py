@@ -16,19 +16,24 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.generation.gc_pause import imports_without_gc
-from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
-from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
-from rlhf_cluster.generation.vllm_process import RotaryReloadFilter, configure_vllm_environment, cpu_kv_cache_bytes, runs_eager
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
+from rlhf_cluster.generation.gc_pause import imports_without_gc
+from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
+from rlhf_cluster.generation.vllm_process import (
+    RotaryReloadFilter,
+    configure_vllm_environment,
+    cpu_kv_cache_bytes,
+    runs_eager,
+)
 
 
 def response_text(tokenizer, token_ids: list[int]) -> str:
@@ -98,8 +103,15 @@ class VLLMEngine:
     (`quantization.write_int8_model_dir`) and every push must be the store's int8 variant.
     """
 
-    def __init__(self, model_path: str, cfg: GenerationConfig, dtype: str = "float32", seed: int = 0, name: str = "gen0",
-                 on_step: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        cfg: GenerationConfig,
+        dtype: str = "float32",
+        seed: int = 0,
+        name: str = "gen0",
+        on_step: Callable[[int, int], None] | None = None,
+    ):
         configure_vllm_environment(cfg)
         # vLLM's engine itself, not the `LLM` wrapper: the wrapper adds nothing this loop uses and
         # warms up a chat renderer at start (~2 s per engine on CPU).
@@ -290,8 +302,9 @@ class VLLMEngine:
         )
         return [params] * (1 if greedy else n)
 
-    def submit_group(self, prompt: Prompt, n: int | None = None, greedy: bool = False,
-                     max_tokens: int | None = None) -> Future:
+    def submit_group(
+        self, prompt: Prompt, n: int | None = None, greedy: bool = False, max_tokens: int | None = None
+    ) -> Future:
         """Start the `n` responses of one prompt group now; the future resolves to its `Rollout`s
         when the last response finishes (one greedy response with `greedy`)."""
         group_id = f"{prompt.prompt_id}:{uuid.uuid4().hex[:12]}"
@@ -336,16 +349,30 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         s = self.cfg.sampling
-        params = SamplingParams(n=1, temperature=0.0 if greedy else s.temperature, top_p=s.top_p, max_tokens=max_tokens,
-                                ignore_eos=s.ignore_eos, logprobs=0, seed=None, stop=list(stop) or None,
-                                include_stop_str_in_output=True, output_kind=RequestOutputKind.FINAL_ONLY)
+        params = SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else s.temperature,
+            top_p=s.top_p,
+            max_tokens=max_tokens,
+            ignore_eos=s.ignore_eos,
+            logprobs=0,
+            seed=None,
+            stop=list(stop) or None,
+            include_stop_str_in_output=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
 
         def finish(outputs: list) -> Turn:
             comp = outputs[0].outputs[0]
             ids = list(comp.token_ids)
             spans = [(span.start, int(span.version)) for span in comp.weight_versions or () if span.end > span.start]
-            return Turn(ids, [step[tok].logprob for tok, step in zip(ids, comp.logprobs)],
-                        spans or [(0, int(self.engine.get_weight_version()))], _finish_reason(comp.finish_reason), comp.text)
+            return Turn(
+                ids,
+                [step[tok].logprob for tok, step in zip(ids, comp.logprobs)],
+                spans or [(0, int(self.engine.get_weight_version()))],
+                _finish_reason(comp.finish_reason),
+                comp.text,
+            )
 
         return self._submit([(TokensPrompt(prompt_token_ids=list(context_ids)), params)], finish)
 
@@ -362,8 +389,11 @@ class VLLMEngine:
 
     def speculative_stats(self) -> dict[str, int]:
         """vLLM's speculative-decoding counters so far: drafts, draft tokens, accepted tokens (all 0 when off)."""
-        names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
-                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+        names = {
+            "vllm:spec_decode_num_drafts": "drafts",
+            "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+            "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+        }
         out = dict.fromkeys(names.values(), 0)
         for metric in self.engine.get_metrics():
             if metric.name in names:
@@ -380,8 +410,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+        )
         sequences = [p + r for p, r in zip(prompts, responses)]
 
         def finish(outputs: list) -> list[list[float]]:
@@ -423,8 +454,13 @@ class VLLMEngine:
             self._add_request(batch, index, *batch.inputs[index])
         # Weights change only between steps, so every step's tokens belong to one version.
         generated = self.batches.generated_tokens
-        swap = WeightSwap(version, time.perf_counter() - start, len(unfinished) - len(aborted), len(aborted),
-                          generated - self._version_started_at_tokens)
+        swap = WeightSwap(
+            version,
+            time.perf_counter() - start,
+            len(unfinished) - len(aborted),
+            len(aborted),
+            generated - self._version_started_at_tokens,
+        )
         self.version, self._version_started_at_tokens = version, generated
         return swap
 

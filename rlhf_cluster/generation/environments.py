@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.job.user_code import import_spec
 from rlhf_cluster.tools.calls import ToolParser, parse_tool_calls, run_tool
 from rlhf_cluster.tools.sandbox import SandboxLimits
-from rlhf_cluster.job.user_code import import_spec
 
 
 @dataclass
@@ -44,8 +44,9 @@ class ToolEnvironment(Environment):
     call is the final answer (the episode ends, and the verifier scores the whole response), as
     does reaching `max_turns`."""
 
-    def __init__(self, max_turns: int = 4, parser: ToolParser = parse_tool_calls,
-                 limits: SandboxLimits = SandboxLimits()):
+    def __init__(
+        self, max_turns: int = 4, parser: ToolParser = parse_tool_calls, limits: SandboxLimits = SandboxLimits()
+    ):
         self.max_turns, self.parser, self.limits = max_turns, parser, limits
         self.turns = 0
 
@@ -61,9 +62,16 @@ class ToolEnvironment(Environment):
         start = time.monotonic()
         results = [run_tool(call, self.limits) for call in calls]
         errors = [r for r in results if r.error is not None]
-        return StepResult("".join(r.observation() for r in results), done=self.turns >= self.max_turns,
-                          info={"tool_calls": len(calls), "tool_errors": len(errors), "tool_seconds": time.monotonic() - start,
-                                "error_kinds": [r.name for r in errors]})
+        return StepResult(
+            "".join(r.observation() for r in results),
+            done=self.turns >= self.max_turns,
+            info={
+                "tool_calls": len(calls),
+                "tool_errors": len(errors),
+                "tool_seconds": time.monotonic() - start,
+                "error_kinds": [r.name for r in errors],
+            },
+        )
 
 
 class ScriptedEnvironment(Environment):
@@ -110,6 +118,7 @@ def load_environment(spec: str, field: str = "generation.environment") -> type[E
         return BUILT_IN[spec]
     found = import_spec(spec, field, kind="Class", example="my_envs:Sokoban")
     if not (isinstance(found, type) and all(callable(getattr(found, m, None)) for m in ("reset", "step"))):
-        raise ValueError(f"{field}={spec!r}: expected a class with reset(prompt) and step(turn) methods, "
-                         f"got {type(found).__name__}")
+        raise ValueError(
+            f"{field}={spec!r}: expected a class with reset(prompt) and step(turn) methods, got {type(found).__name__}"
+        )
     return found

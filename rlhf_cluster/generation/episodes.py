@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.generation.environments import Environment
-from rlhf_cluster.generation.engine import VLLMEngine, response_text
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.generation.engine import VLLMEngine, response_text
+from rlhf_cluster.generation.environments import Environment
 
 
 @dataclass
@@ -33,8 +33,15 @@ class EpisodeStats:
     environment_seconds: float = 0.0
 
 
-async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt, env: Environment, sample_id: str,
-                      group_id: str, greedy: bool = False) -> tuple[Rollout, EpisodeStats]:
+async def run_episode(
+    engine: VLLMEngine,
+    cfg: GenerationConfig,
+    prompt: Prompt,
+    env: Environment,
+    sample_id: str,
+    group_id: str,
+    greedy: bool = False,
+) -> tuple[Rollout, EpisodeStats]:
     """One episode of `prompt` in `env` on `engine`: a Rollout whose response interleaves model
     turns (loss mask 1) and observations (0)."""
     tokenizer = engine.tokenizer
@@ -94,8 +101,20 @@ async def run_episode(engine: VLLMEngine, cfg: GenerationConfig, prompt: Prompt,
             finish = "length"
     if not spans:
         spans = [(0, engine.version)]
-    rollout = Rollout(sample_id=sample_id, prompt_id=prompt.prompt_id, group_id=group_id, prompt_ids=list(prompt_ids),
-                      response_ids=ids, rollout_logprobs=logprobs, policy_version=spans[0][1], policy_versions=spans,
-                      finish_reason=finish, response_text=response_text(tokenizer, ids),
-                      worker=engine.name, loss_mask=mask, turn_rewards=turn_rewards, turn_starts=turn_starts)
+    rollout = Rollout(
+        sample_id=sample_id,
+        prompt_id=prompt.prompt_id,
+        group_id=group_id,
+        prompt_ids=list(prompt_ids),
+        response_ids=ids,
+        rollout_logprobs=logprobs,
+        policy_version=spans[0][1],
+        policy_versions=spans,
+        finish_reason=finish,
+        response_text=response_text(tokenizer, ids),
+        worker=engine.name,
+        loss_mask=mask,
+        turn_rewards=turn_rewards,
+        turn_starts=turn_starts,
+    )
     return rollout, stats

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -83,7 +83,13 @@ def quantization_config() -> dict:
             "group_0": {
                 "targets": ["Linear"],
                 "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
-                "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True},
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "token",
+                    "dynamic": True,
+                },
             }
         },
     }
@@ -98,7 +104,11 @@ def write_int8_model_dir(model_path: str | Path, quantized: Mapping[str, torch.T
 
     def write(tmp: Path) -> None:
         for entry in src.iterdir():
-            if entry.is_file() and not entry.name.endswith((".safetensors", ".bin")) and entry.name != "model.safetensors.index.json":
+            if (
+                entry.is_file()
+                and not entry.name.endswith((".safetensors", ".bin"))
+                and entry.name != "model.safetensors.index.json"
+            ):
                 shutil.copy2(entry, tmp / entry.name)
         config = json.loads((src / "config.json").read_text())
         config["quantization_config"] = quantization_config()
@@ -121,8 +131,12 @@ def checkpoint_spec(model_path: str | Path) -> dict[str, tuple[torch.dtype, tupl
     return spec
 
 
-def check_push(spec: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], tensors: Iterable[tuple[str, torch.Tensor]],
-               engine: str = "engine", optional: frozenset[str] = frozenset()) -> None:
+def check_push(
+    spec: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    engine: str = "engine",
+    optional: frozenset[str] = frozenset(),
+) -> None:
     """Refuse a push that does not fit the engine: a missing, unknown, mis-shaped or mistyped tensor.
 
     vLLM accepts float tensors into an int8 engine silently and then generates garbage, so this
@@ -156,8 +170,16 @@ def check_push(spec: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], tensors:
 
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 

@@ -11,7 +11,6 @@ import torch
 
 from rlhf_cluster.config import GenerationConfig
 
-
 log = logging.getLogger(__name__)
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 # Whether the engines of this process run eager: torch.compile is switched off for the whole
@@ -29,16 +28,21 @@ def configure_vllm_environment(cfg: GenerationConfig) -> None:
     global _process_eager
     eager = runs_eager(cfg)
     if _process_eager is not None and eager != _process_eager:
-        raise RuntimeError(f"generation.enforce_eager: this process already runs an engine with enforce_eager="
-                           f"{_process_eager}, and torch.compile is on or off for the whole process; start an engine "
-                           f"with enforce_eager={eager} in another process (another generation worker)")
+        raise RuntimeError(
+            f"generation.enforce_eager: this process already runs an engine with enforce_eager="
+            f"{_process_eager}, and torch.compile is on or off for the whole process; start an engine "
+            f"with enforce_eager={eager} in another process (another generation worker)"
+        )
     _process_eager = eager
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM applies this variable over every engine's own KV size: the config's field sizes each engine.
     ignored = os.environ.pop(KV_CACHE_ENV, "")
     if ignored:
-        log.warning("%s=%s in the environment is ignored: generation.kv_cache_gb sizes each engine's KV cache",
-                    KV_CACHE_ENV, ignored)
+        log.warning(
+            "%s=%s in the environment is ignored: generation.kv_cache_gb sizes each engine's KV cache",
+            KV_CACHE_ENV,
+            ignored,
+        )
     # Several engines share a 2-core machine with other actors: pinning each to "its" cores
     # would stack them all on the same ones.
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")

@@ -9,8 +9,8 @@ evaluation history is replayed from the kept metrics rows on resume.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from rlhf_cluster.config import DataConfig, GuardrailsConfig, JobConfig, RollbackConfig
 
@@ -21,8 +21,10 @@ def metric_problem(metric: str, data: DataConfig) -> str | None:
     """Why `metric` names no column the job's evaluation reports (None: it does)."""
     match = _METRIC.fullmatch(metric)
     if match is None:
-        return (f"guardrails.metric={metric!r}: not an evaluation column; use eval_accuracy, eval_sampled_accuracy, "
-                "eval_reward_mean, eval_pass@<k> or eval_accuracy/<source>")
+        return (
+            f"guardrails.metric={metric!r}: not an evaluation column; use eval_accuracy, eval_sampled_accuracy, "
+            "eval_reward_mean, eval_pass@<k> or eval_accuracy/<source>"
+        )
     sampled = metric == "eval_sampled_accuracy" or match.group(1) is not None
     if sampled and not data.eval_samples:
         return f"guardrails.metric={metric!r} comes from sampled answers, and data.eval_samples is 0"
@@ -72,8 +74,10 @@ class EvalGuard:
         if target is not None and (value >= target if self.cfg.higher_is_better else value <= target):
             stop = f"guardrails.target: {self.cfg.metric} = {value:.4g} at step {step} reached {target:g}"
         elif self.cfg.patience is not None and self.since_best >= self.cfg.patience:
-            stop = (f"guardrails.patience: {self.cfg.metric} has not improved on {self.best:.4g} (step {self.best_step}) "
-                    f"for {self.since_best} evaluations")
+            stop = (
+                f"guardrails.patience: {self.cfg.metric} has not improved on {self.best:.4g} (step {self.best_step}) "
+                f"for {self.since_best} evaluations"
+            )
         return GuardVerdict(step, value, improved, stop)
 
     def replay(self, rows: Iterable[dict]) -> None:
@@ -82,11 +86,12 @@ class EvalGuard:
             self.observe(int(row["step"]), row)
 
 
-
 # A step row's column each per-step rollback condition reads, and whether it trips above or below.
 _STEP_CONDITIONS = {
-    "kl_above": ("kl", 1), "mismatch_above": ("correction/mismatch_k3", 1),
-    "entropy_below": ("policy/entropy", -1), "response_length_above": ("response_len_mean", 1),
+    "kl_above": ("kl", 1),
+    "mismatch_above": ("correction/mismatch_k3", 1),
+    "entropy_below": ("policy/entropy", -1),
+    "response_length_above": ("response_len_mean", 1),
 }
 
 
@@ -108,8 +113,11 @@ class RollbackGuard:
         if drop is not None and verdict is not None and eval_guard.best is not None:
             worse = eval_guard.best - verdict.value if self.higher_is_better else verdict.value - eval_guard.best
             if worse > drop:
-                return (f"guardrails.rollback.eval_drop={drop:g}: {self.metric} = {verdict.value:.4g} at step {verdict.step}, "
-                        f"{worse:.4g} below the best {eval_guard.best:.4g} (step {eval_guard.best_step})")
+                return (
+                    f"guardrails.rollback.eval_drop={drop:g}: {self.metric} = {verdict.value:.4g} at step "
+                    f"{verdict.step}, "
+                    f"{worse:.4g} below the best {eval_guard.best:.4g} (step {eval_guard.best_step})"
+                )
         return None
 
     def last_good_step(self, trigger_step: int, reason: str) -> int:
@@ -122,8 +130,10 @@ class RollbackGuard:
         """`cfg` with the rollback's adjustments (learner.lr x lr_factor, algorithm.kl.coef x
         kl_coef_factor), or an error when the rollbacks are used up."""
         if self.rollbacks >= self.cfg.max_rollbacks:
-            raise RuntimeError(f"{reason}; giving up: the {self.cfg.max_rollbacks} rollbacks allowed "
-                               "(guardrails.rollback.max_rollbacks) are used up")
+            raise RuntimeError(
+                f"{reason}; giving up: the {self.cfg.max_rollbacks} rollbacks allowed "
+                "(guardrails.rollback.max_rollbacks) are used up"
+            )
         self.rollbacks += 1
         learner = cfg.learner.model_copy(update={"lr": cfg.learner.lr * self.cfg.lr_factor})
         kl = cfg.algorithm.kl.model_copy(update={"coef": cfg.algorithm.kl.coef * self.cfg.kl_coef_factor})

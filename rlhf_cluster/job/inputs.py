@@ -12,9 +12,9 @@ from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_frac
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
-from rlhf_cluster.run.run_dir import RunDir
-from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.job.warmup import ensure_warmed_model
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
+from rlhf_cluster.run.run_dir import RunDir
 
 
 @dataclass
@@ -37,8 +37,11 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     prompts = read_prompt_file(train_file, columns)
     eval_prompts = read_prompt_file(eval_file, columns) if eval_file is not None else []
     if cfg.data.path is not None and (cfg.data.eval_fraction or eval_file is not None):
-        split = (split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed) if cfg.data.eval_fraction
-                 else split_by_file(prompts, eval_prompts, str(eval_file)))
+        split = (
+            split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
+            if cfg.data.eval_fraction
+            else split_by_file(prompts, eval_prompts, str(eval_file))
+        )
         split.write(run_dir.root / "data" / "held_out.json")
         prompts, eval_prompts = split.train, evaluated(split.held_out, cfg.data.eval_prompts, cfg.data.seed)
     from transformers import AutoTokenizer
@@ -54,11 +57,18 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     if cfg.model.sft_warmup_steps:
         # The tool task is warmed up on episodes (some calling the calculator), the others on answers.
         demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None
-        model_path = str(ensure_warmed_model(
-            model_path, prompts, cfg.model.sft_warmup_steps, cfg.model.sft_warmup_lr, cfg.model.sft_warmup_batch_size,
-            cfg.seed, progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
-            demonstrations=demonstrations,
-        ))
+        model_path = str(
+            ensure_warmed_model(
+                model_path,
+                prompts,
+                cfg.model.sft_warmup_steps,
+                cfg.model.sft_warmup_lr,
+                cfg.model.sft_warmup_batch_size,
+                cfg.seed,
+                progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
+                demonstrations=demonstrations,
+            )
+        )
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
 
 
@@ -66,9 +76,11 @@ def check_prompt_lengths(prompts: list[Prompt], tokenizer, limit: int, source: s
     """Every prompt leaves room for a full response in the engine's context, or the job stops here."""
     too_long = [(p.prompt_id, n) for p in prompts if (n := len(p.encode(tokenizer))) > limit]
     if too_long:
-        raise ValueError(f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
-                         f"generation.sampling.max_new_tokens = {limit} tokens (first: {too_long[0][0]!r}, "
-                         f"{too_long[0][1]} tokens); raise max_model_len or shorten the prompts")
+        raise ValueError(
+            f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
+            f"generation.sampling.max_new_tokens = {limit} tokens (first: {too_long[0][0]!r}, "
+            f"{too_long[0][1]} tokens); raise max_model_len or shorten the prompts"
+        )
 
 
 def build_job_probe(cfg: JobConfig, tokenizer, prompts: list[Prompt]) -> Probe | None:

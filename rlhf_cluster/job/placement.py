@@ -30,14 +30,18 @@ def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
     """Every pool of the job with its replica count and per-actor resources."""
     plan = [
         PoolRequest("learner", "learner.resources", cfg.learner.world_size, _per_actor(cfg.learner.resources)),
-        PoolRequest("generation", "generation.resources", cfg.generation.replicas, _per_actor(cfg.generation.resources)),
+        PoolRequest(
+            "generation", "generation.resources", cfg.generation.replicas, _per_actor(cfg.generation.resources)
+        ),
         PoolRequest("reward", "scoring.resources", cfg.scoring.reward_replicas, _per_actor(cfg.scoring.resources)),
     ]
     if cfg.critic is not None and cfg.algorithm.advantage == "gae":
         plan.append(PoolRequest("critic", "critic.resources", cfg.critic.world_size, _per_actor(cfg.critic.resources)))
     if cfg.scoring.reference and not cfg.learner.lora.enabled:  # with LoRA the learner's base model is the reference
         plan.append(
-            PoolRequest("reference", "scoring.resources", cfg.scoring.reference_replicas, _per_actor(cfg.scoring.resources))
+            PoolRequest(
+                "reference", "scoring.resources", cfg.scoring.reference_replicas, _per_actor(cfg.scoring.resources)
+            )
         )
     return plan
 
@@ -60,7 +64,8 @@ def check_capacity(plan: list[PoolRequest], total: dict[str, float], largest_nod
                 f"{r.pool} {r.replicas} x {r.per_actor[resource]:g}" for r in plan if r.per_actor.get(resource)
             )
             problems.append(
-                f"the job needs {amount:g} {resource} in all ({parts}), but the cluster has {total.get(resource, 0.0):g}"
+                f"the job needs {amount:g} {resource} in all ({parts}), but the cluster has "
+                f"{total.get(resource, 0.0):g}"
             )
     return problems
 
@@ -82,8 +87,10 @@ def check_packing(plan: list[PoolRequest], nodes: list[dict[str, float]]) -> lis
             node[r] = node.get(r, 0.0) - v
     if not unplaced:
         return []
-    return ["the pools do not pack onto the cluster's nodes all at once; left unplaced: "
-            + ", ".join(f"{pool} {count}" for pool, count in unplaced.items())]
+    return [
+        "the pools do not pack onto the cluster's nodes all at once; left unplaced: "
+        + ", ".join(f"{pool} {count}" for pool, count in unplaced.items())
+    ]
 
 
 def check_placement(plan: list[PoolRequest], nodes: list[dict[str, float]]) -> list[str]:
@@ -108,5 +115,7 @@ def format_plan(plan: list[PoolRequest]) -> str:
         for k, v in req.per_actor.items():
             totals[k] = totals.get(k, 0.0) + v * req.replicas
     if totals:
-        lines.append(f"{'in all':<12}{sum(r.replicas for r in plan):>9}  " + ", ".join(f"{k}={v:g}" for k, v in totals.items()))
+        lines.append(
+            f"{'in all':<12}{sum(r.replicas for r in plan):>9}  " + ", ".join(f"{k}={v:g}" for k, v in totals.items())
+        )
     return "\n".join(lines)

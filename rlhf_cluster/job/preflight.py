@@ -13,10 +13,10 @@ warnings. Ray-free; torch is imported only when a custom reward function has to 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
+from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 
@@ -50,25 +50,34 @@ def _reward_sources(cfg: JobConfig) -> list[str]:
     # weight 0), so without a task there must be a function.
     if cfg.data.verifier_name is not None or isinstance(cfg.scoring.rule_source, FunctionReward):
         return []
-    where = next((f"scoring.rewards[{i}]" for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, VerifierReward)),
-                 "scoring.rewards")
-    return [f"{where}: no reward without a verifier: data.verifier and data.task are empty; set data.verifier (e.g. "
-            "gsm8k) or add a `{type: function, function: 'module:function'}` source"]
+    where = next(
+        (f"scoring.rewards[{i}]" for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, VerifierReward)),
+        "scoring.rewards",
+    )
+    return [
+        f"{where}: no reward without a verifier: data.verifier and data.task are empty; set data.verifier (e.g. "
+        "gsm8k) or add a `{type: function, function: 'module:function'}` source"
+    ]
 
 
 def _buffer_fits(cfg: JobConfig) -> list[str]:
     t = cfg.train
     need = ((t.max_staleness + 1) * t.prompts_per_step + t.oversample_groups) * cfg.generation.sampling.n
     if cfg.buffer.capacity < need:
-        return [f"buffer.capacity={cfg.buffer.capacity} is smaller than ((train.max_staleness+1) * train.prompts_per_step "
-                f"+ train.oversample_groups) * generation.sampling.n = {need}; expected at least {need}"]
+        return [
+            f"buffer.capacity={cfg.buffer.capacity} is smaller than ((train.max_staleness+1) * train.prompts_per_step "
+            f"+ train.oversample_groups) * generation.sampling.n = {need}; expected at least {need}"
+        ]
     return []
 
 
 def _overlong_fits(cfg: JobConfig) -> list[str]:
     buffer, limit = cfg.algorithm.shaping.overlong_buffer, cfg.generation.sampling.max_new_tokens
     if buffer >= limit:
-        return [f"algorithm.shaping.overlong_buffer={buffer} must be smaller than generation.sampling.max_new_tokens={limit}"]
+        return [
+            f"algorithm.shaping.overlong_buffer={buffer} must be smaller than "
+            f"generation.sampling.max_new_tokens={limit}"
+        ]
     return []
 
 
@@ -79,18 +88,25 @@ def _lora(cfg: JobConfig) -> list[str]:
     if not isinstance(cfg.learner.backend, FSDP2Backend):
         out.append(f"learner.lora needs learner.backend: fsdp2 (got {cfg.learner.backend.type})")
     if cfg.algorithm.kl.placement == "reward":
-        out.append("learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
-                   "the learner at train time, after rewards are final; use kl.placement loss or none")
+        out.append(
+            "learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
+            "the learner at train time, after rewards are final; use kl.placement loss or none"
+        )
     return out
 
 
 def _advantage_needs(cfg: JobConfig) -> list[str]:
     a = cfg.algorithm.advantage
     if a in GROUP_ADVANTAGES and cfg.generation.sampling.n < 2:
-        return [f"algorithm.advantage={a} needs generation.sampling.n >= 2 (a group per prompt), got {cfg.generation.sampling.n}"]
+        return [
+            f"algorithm.advantage={a} needs generation.sampling.n >= 2 (a group per prompt), got "
+            f"{cfg.generation.sampling.n}"
+        ]
     if a == "gae" and cfg.critic is None:
-        return ["algorithm.advantage=gae needs a learned critic: add a `critic` section (e.g. `critic: {init: policy}`), "
-                "or choose an advantage without one (grpo, dr_grpo, rloo, reinforce_pp)"]
+        return [
+            "algorithm.advantage=gae needs a learned critic: add a `critic` section (e.g. `critic: {init: policy}`), "
+            "or choose an advantage without one (grpo, dr_grpo, rloo, reinforce_pp)"
+        ]
     return []
 
 
@@ -106,28 +122,35 @@ def batch_splits(cfg: JobConfig) -> list[str]:
         f"the step batch train.prompts_per_step * generation.sampling.n = {cfg.train.prompts_per_step} * "
         f"{cfg.generation.sampling.n} = {batch} is not divisible by {field}={world}; change one of them so every "
         "rank gets the same number of samples"
-        for field, world in groups if batch % world
+        for field, world in groups
+        if batch % world
     ]
     per_rank = batch // cfg.learner.world_size
     if not out and per_rank < cfg.learner.mini_batches:
-        out.append(f"learner.mini_batches={cfg.learner.mini_batches} is larger than the samples each rank gets per step "
-                   f"(train.prompts_per_step * generation.sampling.n / learner.world_size = {per_rank}); "
-                   "a mini-batch would be empty")
+        out.append(
+            f"learner.mini_batches={cfg.learner.mini_batches} is larger than the samples each rank gets per step "
+            f"(train.prompts_per_step * generation.sampling.n / learner.world_size = {per_rank}); "
+            "a mini-batch would be empty"
+        )
     return out
 
 
 def _elastic_backend(cfg: JobConfig) -> list[str]:
     if cfg.faults.elastic and isinstance(cfg.learner.backend, DeepSpeedBackend):
-        return ["faults.elastic needs learner.backend=fsdp2: DeepSpeed ZeRO checkpoints resume only at the world size "
-                "that wrote them, so a learner cannot continue on fewer ranks"]
+        return [
+            "faults.elastic needs learner.backend=fsdp2: DeepSpeed ZeRO checkpoints resume only at the world size "
+            "that wrote them, so a learner cannot continue on fewer ranks"
+        ]
     return []
 
 
 def _tool_task_episodes(cfg: JobConfig) -> list[str]:
     # Its warm-up teaches calculator calls, and its verifier reads the answer after the tool's result.
     if cfg.data.task == "tool_arithmetic" and cfg.generation.environment is None:
-        return ["generation.environment is empty, but data.task=tool_arithmetic is answered in episodes with a "
-                "calculator: set generation.environment: tools (configs/tool_demo.yaml)"]
+        return [
+            "generation.environment is empty, but data.task=tool_arithmetic is answered in episodes with a "
+            "calculator: set generation.environment: tools (configs/tool_demo.yaml)"
+        ]
     return []
 
 
@@ -138,15 +161,26 @@ def _guardrails(cfg: JobConfig) -> list[str]:
     if not g.active:
         return []
     if not cfg.data.eval_every_steps:
-        return ["guardrails: keep_best / patience / target / rollback.eval_drop act on the periodic evaluation, which is off; set "
-                "data.eval_every_steps (and held-out prompts: data.eval_prompts, or data.eval_fraction / eval_path)"]
+        return [
+            "guardrails: keep_best / patience / target / rollback.eval_drop act on the periodic evaluation, which is "
+            "off; set "
+            "data.eval_every_steps (and held-out prompts: data.eval_prompts, or data.eval_fraction / eval_path)"
+        ]
     problem = metric_problem(g.metric, cfg.data)
     return [problem] if problem else []
 
 
 CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
-    _data_source, _reward_sources, _buffer_fits, _overlong_fits, _lora, _advantage_needs, batch_splits, _elastic_backend,
-    _tool_task_episodes, _guardrails,
+    _data_source,
+    _reward_sources,
+    _buffer_fits,
+    _overlong_fits,
+    _lora,
+    _advantage_needs,
+    batch_splits,
+    _elastic_backend,
+    _tool_task_episodes,
+    _guardrails,
 ]
 
 
@@ -159,7 +193,9 @@ def _model_dir(cfg: JobConfig) -> list[str]:
         try:
             validate_model_dir(cfg.model.path, needs_chat_template=cfg.data.chat_template)
         except (OSError, ValueError) as exc:
-            problems.append(f"model.path: {exc}" + (" (data.chat_template is on)" if "chat template" in str(exc) else ""))
+            problems.append(
+                f"model.path: {exc}" + (" (data.chat_template is on)" if "chat template" in str(exc) else "")
+            )
     draft = cfg.generation.speculative.model if cfg.generation.speculative else None
     if draft is not None:
         try:
@@ -171,9 +207,8 @@ def _model_dir(cfg: JobConfig) -> list[str]:
 
 def _prompt_file(cfg: JobConfig) -> list[str]:
     # The whole file: every row is checked before any work starts.
-    from rlhf_cluster.data.prompts import read_prompt_file
-
     from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
+    from rlhf_cluster.data.prompts import read_prompt_file
 
     if cfg.data.path is None:
         return []
@@ -246,8 +281,10 @@ def _bind_address(cfg: JobConfig) -> list[str]:
         with socket.socket(socket.AF_INET6 if ":" in cfg.metrics.bind_address else socket.AF_INET) as sock:
             sock.bind((cfg.metrics.bind_address, 0))
     except OSError as exc:
-        return [f"metrics.bind_address={cfg.metrics.bind_address!r}: cannot listen there on this machine ({exc.strerror}); "
-                "use an address of this host, e.g. 127.0.0.1 or 0.0.0.0"]
+        return [
+            f"metrics.bind_address={cfg.metrics.bind_address!r}: cannot listen there on this machine ({exc.strerror}); "
+            "use an address of this host, e.g. 127.0.0.1 or 0.0.0.0"
+        ]
     return []
 
 
@@ -276,35 +313,50 @@ def _engine_kwargs(cfg: JobConfig) -> list[str]:
     if unknown:
         import difflib
 
-        hints = [f"{k}" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
-                 for k in unknown]
+        hints = [
+            f"{k}" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
+            for k in unknown
+        ]
         return [f"generation.engine_kwargs: not a vllm EngineArgs field: {', '.join(hints)}"]
     return []
 
 
-FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [_model_dir, _prompt_file, _reward_files, _critic_init, _deepspeed_json,
-                                                       _bind_address, _engine_kwargs]
+FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
+    _model_dir,
+    _prompt_file,
+    _reward_files,
+    _critic_init,
+    _deepspeed_json,
+    _bind_address,
+    _engine_kwargs,
+]
 
 
 # ---- allowed, but usually a mistake ---------------------------------------------------------
 def _unused_critic(cfg: JobConfig) -> list[str]:
     if cfg.critic is not None and cfg.algorithm.advantage != "gae":
-        return [f"a critic section is set but algorithm.advantage={cfg.algorithm.advantage}: only gae uses the critic, "
-                "so no critic is started"]
+        return [
+            f"a critic section is set but algorithm.advantage={cfg.algorithm.advantage}: only gae uses the critic, "
+            "so no critic is started"
+        ]
     return []
 
 
 def _int8_without_correction(cfg: JobConfig) -> list[str]:
     if "int8" in cfg.generation.weight_variants and not cfg.algorithm.correction.enabled:
-        return ["generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
-                "are trained on without importance correction, so the gradient carries the quantization mismatch"]
+        return [
+            "generation.quantization=int8 with algorithm.correction.enabled=false: samples from int8 weights "
+            "are trained on without importance correction, so the gradient carries the quantization mismatch"
+        ]
     return []
 
 
 def _oversampling_always_stale(cfg: JobConfig) -> list[str]:
     if cfg.train.oversample_groups and cfg.train.max_staleness == 0:
-        return ["train.oversample_groups > 0 with train.max_staleness = 0: a late group is always one version old "
-                "by the next step, so every over-sampled group is generated and then dropped as stale"]
+        return [
+            "train.oversample_groups > 0 with train.max_staleness = 0: a late group is always one version old "
+            "by the next step, so every over-sampled group is generated and then dropped as stale"
+        ]
     return []
 
 
@@ -318,18 +370,30 @@ def _empty_ensemble(cfg: JobConfig) -> list[str]:
     return [
         f"scoring.rewards[{i}] (type: model) lists no models, so it adds nothing to the reward "
         "(`rlhf-cluster pipeline` fills it with the reward model it trains)"
-        for i, s in enumerate(cfg.scoring.rewards) if isinstance(s, ModelReward) and not s.models
+        for i, s in enumerate(cfg.scoring.rewards)
+        if isinstance(s, ModelReward) and not s.models
     ]
 
 
 def _task_verifier_on_a_users_file(cfg: JobConfig) -> list[str]:
-    if cfg.data.path and cfg.data.verifier is None and cfg.data.task and not isinstance(cfg.scoring.rule_source, FunctionReward):
-        return [f"data.path is a file of your own but data.verifier is not set: the built-in task's {cfg.data.task!r} "
-                "verifier scores its responses; set data.verifier (gsm8k, boxed, exact, regex) or a function reward"]
+    if (
+        cfg.data.path
+        and cfg.data.verifier is None
+        and cfg.data.task
+        and not isinstance(cfg.scoring.rule_source, FunctionReward)
+    ):
+        return [
+            f"data.path is a file of your own but data.verifier is not set: the built-in task's {cfg.data.task!r} "
+            "verifier scores its responses; set data.verifier (gsm8k, boxed, exact, regex) or a function reward"
+        ]
     return []
 
 
 WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
-    _unused_critic, _int8_without_correction, _oversampling_always_stale, _in_flight_update_unused, _empty_ensemble,
+    _unused_critic,
+    _int8_without_correction,
+    _oversampling_always_stale,
+    _in_flight_update_unused,
+    _empty_ensemble,
     _task_verifier_on_a_users_file,
 ]

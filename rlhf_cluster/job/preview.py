@@ -71,10 +71,14 @@ def preview_lines(cfg: JobConfig) -> list[str]:
     count = f"{len(prompt.encode(tokenizer))} tokens" if tokenizer is not None else "tokens: model not built yet"
     rule = cfg.scoring.rule_source
     scorer = f"function {rule.function}" if isinstance(rule, FunctionReward) else f"verifier {cfg.data.verifier_name}"
-    lines = [f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}",
-             f"reward: {scorer}" + (" + reward models" if cfg.scoring.model_source else "")]
+    lines = [
+        f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}",
+        f"reward: {scorer}" + (" + reward models" if cfg.scoring.model_source else ""),
+    ]
     if folder is not None:
         per_variant = sync_bytes(folder, cfg.engine_dtype, cfg.generation.weight_variants)
-        lines.append("bytes per weight sync, per engine: "
-                     + ", ".join(f"{variant} {n / 1e6:.1f} MB" for variant, n in per_variant.items()))
+        lines.append(
+            "bytes per weight sync, per engine: "
+            + ", ".join(f"{variant} {n / 1e6:.1f} MB" for variant, n in per_variant.items())
+        )
     return lines

@@ -25,7 +25,9 @@ def _read_json(file: Path, what: str, folder: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelDirError(f"model folder {folder}: {file.name} is not valid JSON ({exc}); expected {what}") from exc
     if not isinstance(data, dict):
-        raise ModelDirError(f"model folder {folder}: {file.name} must hold a JSON object ({what}), got {type(data).__name__}")
+        raise ModelDirError(
+            f"model folder {folder}: {file.name} must hold a JSON object ({what}), got {type(data).__name__}"
+        )
     return data
 
 
@@ -44,17 +46,24 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
     """
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise FileNotFoundError(f"model folder {folder} does not exist; expected a Hugging Face model folder (config.json, tokenizer, weights)")
+        raise FileNotFoundError(
+            f"model folder {folder} does not exist; expected a Hugging Face model folder (config.json, tokenizer, "
+            "weights)"
+        )
     if not folder.is_dir():
         raise ModelDirError(f"model folder {folder} is not a directory; expected a Hugging Face model folder")
 
     config = folder / "config.json"
     if not config.is_file():
-        raise ModelDirError(f"model folder {folder}: no config.json; expected a Hugging Face model folder (save_pretrained output)")
+        raise ModelDirError(
+            f"model folder {folder}: no config.json; expected a Hugging Face model folder (save_pretrained output)"
+        )
     _read_json(config, "the model's configuration", folder)
 
     tok_config_file = folder / "tokenizer_config.json"
-    tok_config = _read_json(tok_config_file, "the tokenizer's configuration", folder) if tok_config_file.is_file() else {}
+    tok_config = (
+        _read_json(tok_config_file, "the tokenizer's configuration", folder) if tok_config_file.is_file() else {}
+    )
     if not (folder / "tokenizer.json").is_file() and not _any(folder, _VOCAB_PATTERNS):
         found = " (tokenizer_config.json alone has no vocabulary)" if tok_config_file.is_file() else ""
         raise ModelDirError(
@@ -71,13 +80,18 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
             raise ModelDirError(f"model folder {folder}: {index_file.name} has no weight_map")
         absent = sorted({shard for shard in weight_map.values() if not (folder / str(shard)).is_file()})
         if absent:
-            raise ModelDirError(f"model folder {folder}: {index_file.name} names missing shard(s) {absent[:5]} (an incomplete download?)")
+            raise ModelDirError(
+                f"model folder {folder}: {index_file.name} names missing shard(s) {absent[:5]} (an incomplete "
+                "download?)"
+            )
     weights = _any(folder, _WEIGHT_PATTERNS)
     if not weights:
         raise ModelDirError(f"model folder {folder}: no weights; expected *.safetensors or pytorch_model*.bin files")
     empty = [w.name for w in weights if w.stat().st_size == 0]
     if empty:
-        raise ModelDirError(f"model folder {folder}: weight file(s) {empty[:5]} are empty (an incomplete download or copy?)")
+        raise ModelDirError(
+            f"model folder {folder}: weight file(s) {empty[:5]} are empty (an incomplete download or copy?)"
+        )
 
     if needs_chat_template:
         has_template = bool(tok_config.get("chat_template")) or any(
@@ -102,5 +116,7 @@ def validate_reward_model_dir(path: str | Path, field: str = "scoring.reward_mod
         raise ModelDirError(f"{field}: {exc}") from exc
     missing = [name for name in (MARKER_FILE, HEAD_FILE) if not (folder / name).is_file()]
     if missing:
-        raise ModelDirError(f"{field}: {folder} has no {', '.join(missing)}; expected a reward model written by `rlhf-cluster train-rm`")
+        raise ModelDirError(
+            f"{field}: {folder} has no {', '.join(missing)}; expected a reward model written by `rlhf-cluster train-rm`"
+        )
     return folder

@@ -18,11 +18,24 @@ import torch
 from rlhf_cluster.data.prompts import Prompt, Segment
 
 
-def warmed_model_dir(base: str | Path, prompts: list[Prompt], steps: int, lr: float, batch_size: int, seed: int,
-                     demonstrations: list[list[Segment]] | None = None) -> Path:
+def warmed_model_dir(
+    base: str | Path,
+    prompts: list[Prompt],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    demonstrations: list[list[Segment]] | None = None,
+) -> Path:
     """The cache folder for a warm-up: beside the base model, named by a hash of everything that matters."""
-    fields = {"base": str(base), "data": [(p.text, p.answer) for p in prompts], "steps": steps, "lr": lr,
-              "batch": batch_size, "seed": seed}
+    fields = {
+        "base": str(base),
+        "data": [(p.text, p.answer) for p in prompts],
+        "steps": steps,
+        "lr": lr,
+        "batch": batch_size,
+        "seed": seed,
+    }
     if demonstrations is not None:
         fields["demonstrations"] = demonstrations
     key = json.dumps(fields, sort_keys=True)
@@ -30,8 +43,14 @@ def warmed_model_dir(base: str | Path, prompts: list[Prompt], steps: int, lr: fl
 
 
 def ensure_warmed_model(
-    base: str | Path, prompts: list[Prompt], steps: int, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
-    progress=None, demonstrations: list[list[Segment]] | None = None,
+    base: str | Path,
+    prompts: list[Prompt],
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress=None,
+    demonstrations: list[list[Segment]] | None = None,
 ) -> Path:
     """Fine-tune `base` on (prompt, answer + EOS) pairs with the loss on answer tokens only; with
     `demonstrations` (one per prompt), on prompt + segments + EOS with the loss on the segments
@@ -45,8 +64,10 @@ def ensure_warmed_model(
         if not prompts or any(not p.answer for p in prompts):
             raise ValueError("the supervised warm-up needs prompts with reference answers")
     elif not prompts or len(demonstrations) != len(prompts):
-        raise ValueError(f"the supervised warm-up needs one demonstration per prompt: {len(prompts)} prompts, "
-                         f"{len(demonstrations)} demonstrations")
+        raise ValueError(
+            f"the supervised warm-up needs one demonstration per prompt: {len(prompts)} prompts, "
+            f"{len(demonstrations)} demonstrations"
+        )
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

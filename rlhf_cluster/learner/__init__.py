@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from rlhf_cluster.learner.base import LearnerBase
 
 
-def create_learner(cfg: "JobConfig", model_path: str) -> "LearnerBase":
+def create_learner(cfg: JobConfig, model_path: str) -> LearnerBase:
     """This rank's policy learner for `cfg.learner.backend.type`, built from its spec (the job's
     `learner` and `algorithm` sections and the sampling values it needs); deepspeed is imported
     only when chosen."""

@@ -14,23 +14,24 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.config import AlgorithmConfig, JobConfig, LearnerConfig
+from rlhf_cluster.experience.records import TrainBatch, pad_sequences
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
-from rlhf_cluster.experience.records import TrainBatch, pad_sequences
+from rlhf_cluster.telemetry import tracing
 
 
 def default_device() -> torch.device:
@@ -39,7 +40,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def feed_digest(digest: "hashlib._Hash", prefix: str, value: Any) -> None:
+def feed_digest(digest: hashlib._Hash, prefix: str, value: Any) -> None:
     """Hash a nested state (dicts, lists, tensors, plain values) in a stable order.
 
     Tensors are hashed by their bytes (a sharded tensor by its local shard), so two states hash
@@ -75,7 +76,7 @@ class LearnerSpec:
     max_new_tokens: int
 
     @classmethod
-    def of_policy(cls, cfg: JobConfig) -> "LearnerSpec":
+    def of_policy(cls, cfg: JobConfig) -> LearnerSpec:
         """The policy learner's spec from the job's sections (`learner`, `algorithm`, `generation.sampling`)."""
         sampling = cfg.generation.sampling
         return cls(cfg.learner, cfg.algorithm, sampling.temperature, sampling.max_new_tokens)
@@ -85,7 +86,9 @@ class LearnerSpec:
 class Passes:
     """What `LearnerBase._optimize` did in one learner step."""
 
-    losses: list[list[float]] = field(default_factory=list)  # [epoch][mini-batch]: this rank's summed micro-batch losses
+    losses: list[list[float]] = field(
+        default_factory=list
+    )  # [epoch][mini-batch]: this rank's summed micro-batch losses
     micro_metrics: list[tuple[Rows, dict]] = field(default_factory=list)  # every real micro-batch's rows and metrics
     grad_norm: float = 0.0  # pre-clip global gradient norm of the last update
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
@@ -232,9 +235,13 @@ class LearnerBase(ABC):
         )
 
     # ---- the step --------------------------------------------------------------------------
-    def _optimize(self, epochs: int, plans: list[list[MicroBatch]],
-                  micro_loss: Callable[[int, MicroBatch], tuple[torch.Tensor, dict]],
-                  read_at_last_update: Callable[["Passes"], torch.Tensor] | None = None) -> "Passes":
+    def _optimize(
+        self,
+        epochs: int,
+        plans: list[list[MicroBatch]],
+        micro_loss: Callable[[int, MicroBatch], tuple[torch.Tensor, dict]],
+        read_at_last_update: Callable[[Passes], torch.Tensor] | None = None,
+    ) -> Passes:
         """The one epoch / mini-batch / micro-batch loop of every learner (policy and critic).
 
         `plans[k]` is mini-batch k's micro-batches (`_micro_batches`); `micro_loss(k, micro)` is a
@@ -277,8 +284,9 @@ class LearnerBase(ABC):
 
     def _micro_batches(self, local: TrainBatch, lo: int, hi: int) -> list[MicroBatch]:
         """Rows [lo, hi) of the host batch `local` as this step's passes (`plan_micro_batches`)."""
-        return plan_micro_batches(local, lo, hi, self.spec.learner, self.device, self._attention_implementation(),
-                                  self.host_group)
+        return plan_micro_batches(
+            local, lo, hi, self.spec.learner, self.device, self._attention_implementation(), self.host_group
+        )
 
     def _attention_implementation(self) -> str:
         """The attention the learner's model runs (how its packed rows are sized)."""
@@ -311,8 +319,12 @@ class LearnerBase(ABC):
 
         # The global counts of each mini-batch, its loss denominators on every rank: summed on the
         # device (float64: exact), used as float32 scalars (exact below 2^24 tokens).
-        counts = torch.stack([torch.stack([mask[lo:hi].sum(), (mask[lo:hi].sum(-1) > 0).sum()]).double()
-                              for lo, hi in zip(bounds[:-1], bounds[1:])])
+        counts = torch.stack(
+            [
+                torch.stack([mask[lo:hi].sum(), (mask[lo:hi].sum(-1) > 0).sum()]).double()
+                for lo, hi in zip(bounds[:-1], bounds[1:])
+            ]
+        )
         dist.all_reduce(counts)
         counts = counts.float()
 
@@ -327,8 +339,14 @@ class LearnerBase(ABC):
             # clamp_min(1): a mini-batch whose tokens were all filtered out (overlong filtering)
             # contributes a zero loss rather than NaN.
             return self.objective.loss(
-                logprobs, prox[rows], b.ref_logprobs[rows], b.advantages[rows], mask[rows],
-                None if correction is None else correction[rows], ent, kl_coef=kl_coef,
+                logprobs,
+                prox[rows],
+                b.ref_logprobs[rows],
+                b.advantages[rows],
+                mask[rows],
+                None if correction is None else correction[rows],
+                ent,
+                kl_coef=kl_coef,
                 denominator=self.objective.denominator(global_tokens, global_seqs).clamp_min(1.0),
                 token_denominator=global_tokens.clamp_min(1.0),
             )
@@ -336,8 +354,9 @@ class LearnerBase(ABC):
         if single_pass:
             prox = correction = corr_metrics = None  # set by the one micro-batch's forward
         reduction = StepMetrics(self.device, mask)
-        passes = self._optimize(lc.ppo_epochs, plans, micro_loss,
-                                lambda p: reduction.device_values(p, correction, corr_metrics))
+        passes = self._optimize(
+            lc.ppo_epochs, plans, micro_loss, lambda p: reduction.device_values(p, correction, corr_metrics)
+        )
         out = reduction.read(passes.step_values)
         out["learner/grad_norm"] = passes.grad_norm
         out["learner/skipped_updates"] = float(passes.skipped)
@@ -374,8 +393,10 @@ class LearnerBase(ABC):
 
     def _save_host_state(self, directory: Path) -> None:
         """RNG, scheduler and step of this rank (the part of the state outside the backend)."""
-        torch.save(encode_host_state(rng_state(), self.scheduler.state_dict(), self.step, self.backend_name),
-                   self._host_state_file(directory))
+        torch.save(
+            encode_host_state(rng_state(), self.scheduler.state_dict(), self.step, self.backend_name),
+            self._host_state_file(directory),
+        )
 
     def _load_host_state(self, directory: Path) -> None:
         path = self._host_state_file(directory)
@@ -403,4 +424,3 @@ class LearnerBase(ABC):
                 f"checkpoint {directory}: no {self.backend_name} learner state at {marker} (written by backend "
                 f"{written!r}); resume with the learner.backend it was written with"
             )
-

@@ -19,12 +19,12 @@ import torch
 
 from rlhf_cluster.algorithms import value_loss
 from rlhf_cluster.config import CriticConfig, JobConfig
+from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.models.modeling import attention_of
 from rlhf_cluster.models.packing import PackedRows
-from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.scoring.reward_model import RewardModel, positions_from_mask
 
 
@@ -44,17 +44,25 @@ class ValueModel(RewardModel):
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        response_len: int,
         packing: PackedRows | None = None,
     ) -> torch.Tensor:
         if packing is not None:  # the real tokens only, as the policy learner runs them (`packing`)
             hidden = self.backbone(
-                input_ids=packing.input_ids(input_ids), position_ids=packing.position_ids,
-                attention_mask=packing.attention_mask(*attention_of(self.backbone)), use_cache=False,
+                input_ids=packing.input_ids(input_ids),
+                position_ids=packing.position_ids,
+                attention_mask=packing.attention_mask(*attention_of(self.backbone)),
+                use_cache=False,
             ).last_hidden_state
             return self.head(hidden).squeeze(-1).float().reshape(-1)[packing.positions]
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
         values = self.head(hidden).squeeze(-1).float()  # [B, L]
@@ -88,8 +96,9 @@ class ValueLearner(FSDP2Learner):
 
     def _values(self, b: TrainBatch, micro: MicroBatch) -> torch.Tensor:
         rows = micro.rows
-        return self.model(b.input_ids[rows], b.attention_mask[rows], b.prompt_lengths[rows], b.response_mask.shape[1],
-                          micro.packing)
+        return self.model(
+            b.input_ids[rows], b.attention_mask[rows], b.prompt_lengths[rows], b.response_mask.shape[1], micro.packing
+        )
 
     @torch.no_grad()
     def values(self, local: TrainBatch) -> torch.Tensor:
@@ -121,21 +130,37 @@ class ValueLearner(FSDP2Learner):
 
         def micro_loss(_mini: int, micro: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
             rows = micro.rows
-            return value_loss(self._values(b, micro), b.old_values[rows], b.returns[rows], mask[rows],
-                              clip=self.critic.value_clip, denominator=denominator)
+            return value_loss(
+                self._values(b, micro),
+                b.old_values[rows],
+                b.returns[rows],
+                mask[rows],
+                clip=self.critic.value_clip,
+                denominator=denominator,
+            )
 
         passes = self._optimize(self.critic.epochs, [plan], micro_loss)
         loss_sum = sum(epoch[0] for epoch in passes.losses)
         first_loss = passes.losses[0][0]
-        clipped_tokens = sum(metrics["value_clip_frac"] * float(mask[rows].sum()) for rows, metrics in passes.micro_metrics)
+        clipped_tokens = sum(
+            metrics["value_clip_frac"] * float(mask[rows].sum()) for rows, metrics in passes.micro_metrics
+        )
         grad_norm, skipped = passes.grad_norm, passes.skipped
 
         # Explained variance of the returns by the values the advantages used, from global sums:
         # 1 - Var(R - V) / Var(R) over every rank's valid tokens.
         ret, old = b.returns * mask, b.old_values * mask
         resid = ret - old
-        sums = [loss_sum, first_loss, clipped_tokens, float(ret.sum()), float(ret.square().sum()), float(resid.sum()),
-                float(resid.square().sum()), float(old.sum())]
+        sums = [
+            loss_sum,
+            first_loss,
+            clipped_tokens,
+            float(ret.sum()),
+            float(ret.square().sum()),
+            float(resid.sum()),
+            float(resid.square().sum()),
+            float(old.sum()),
+        ]
         loss_total, first_total, clipped, r1, r2, d1, d2, v1 = self._all_reduce(sums)
         n = denominator
         epochs = self.critic.epochs
@@ -169,5 +194,6 @@ def critic_spec(cfg: JobConfig) -> tuple[CriticConfig, LearnerSpec]:
     if cfg.critic is None:
         raise ValueError("the critic needs a `critic` section in the job config")
     sampling = cfg.generation.sampling
-    return cfg.critic, LearnerSpec(cfg.critic.learner_settings(), cfg.algorithm, sampling.temperature,
-                                   sampling.max_new_tokens)
+    return cfg.critic, LearnerSpec(
+        cfg.critic.learner_settings(), cfg.algorithm, sampling.temperature, sampling.max_new_tokens
+    )

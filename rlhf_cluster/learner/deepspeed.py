@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -156,7 +157,10 @@ class DeepSpeedLearner(LearnerBase):
                 full = tensor  # buffers are not partitioned
             if self.rank == 0:
                 wanted = (dtype or torch.float32) if full.is_floating_point() else full.dtype
-                yield name, full.detach().to(wanted).to("cpu", copy=True)  # cast on the device, then a host copy of our own
+                yield (
+                    name,
+                    full.detach().to(wanted).to("cpu", copy=True),
+                )  # cast on the device, then a host copy of our own
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _local_model_tensor(self, param: torch.nn.Parameter) -> torch.Tensor:
@@ -193,7 +197,9 @@ class DeepSpeedLearner(LearnerBase):
             str(directory / "learner"), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
-            raise RuntimeError(f"checkpoint {directory}: DeepSpeed could not load {directory / 'learner' / CHECKPOINT_TAG}")
+            raise RuntimeError(
+                f"checkpoint {directory}: DeepSpeed could not load {directory / 'learner' / CHECKPOINT_TAG}"
+            )
         self._load_host_state(directory)
         return self.state_digest()
 

@@ -29,14 +29,18 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             try:
                 return torch.load(path, map_location=map_location, weights_only=True)
             except Exception as exc:  # torch raises UnpicklingError (or RuntimeError) naming the global
-                raise ValueError(f"DeepSpeed checkpoint file {path} holds objects a checkpoint may not hold "
-                                 f"(only tensors, plain containers and {[c.__name__ for c in ALLOWED_GLOBALS]}): "
-                                 f"{exc}") from exc
+                raise ValueError(
+                    f"DeepSpeed checkpoint file {path} holds objects a checkpoint may not hold "
+                    f"(only tensors, plain containers and {[c.__name__ for c in ALLOWED_GLOBALS]}): "
+                    f"{exc}"
+                ) from exc
 
 
 def use_weights_only_loading(engine) -> None:
     """Make a `DeepSpeedEngine` read its checkpoints through `WeightsOnlyCheckpointEngine`."""
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise ValueError(f"the DeepSpeed engine uses {type(engine.checkpoint_engine).__name__} for checkpoints; "
-                         "the learner expects DeepSpeed's torch checkpoint engine (no `checkpoint` engine in the config)")
+        raise ValueError(
+            f"the DeepSpeed engine uses {type(engine.checkpoint_engine).__name__} for checkpoints; "
+            "the learner expects DeepSpeed's torch checkpoint engine (no `checkpoint` engine in the config)"
+        )
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)

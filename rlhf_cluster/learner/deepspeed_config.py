@@ -63,20 +63,30 @@ def _offload_device(user_zero: dict, key: str) -> str | None:
     return str(section.get("device", "none")).lower()
 
 
-def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig", world_size: int) -> None:
+def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, world_size: int) -> None:
     """Raise `DeepSpeedJSONError` for every setting of `user` that contradicts the learner config."""
     expected_batch = {
         "train_micro_batch_size_per_gpu": (MICRO_BATCH_PER_RANK, "the learner cuts micro-batches by token budget"),
-        "gradient_accumulation_steps": (ACCUMULATION_STEPS, "the learner accumulates micro-batches itself (learner.max_tokens_per_micro_batch)"),
+        "gradient_accumulation_steps": (
+            ACCUMULATION_STEPS,
+            "the learner accumulates micro-batches itself (learner.max_tokens_per_micro_batch)",
+        ),
         "train_batch_size": (MICRO_BATCH_PER_RANK * ACCUMULATION_STEPS * world_size, "1 x 1 x learner.world_size"),
     }
     for field, (value, why) in expected_batch.items():
         if field in user and user[field] != value:
             raise _conflict(path, field, user[field], f"absent or {value} ({why})")
     if "gradient_clipping" in user and float(user["gradient_clipping"]) != lc.max_grad_norm:
-        raise _conflict(path, "gradient_clipping", user["gradient_clipping"], f"absent or learner.max_grad_norm = {lc.max_grad_norm}")
+        raise _conflict(
+            path,
+            "gradient_clipping",
+            user["gradient_clipping"],
+            f"absent or learner.max_grad_norm = {lc.max_grad_norm}",
+        )
     if "scheduler" in user:
-        raise _conflict(path, "scheduler", user["scheduler"], "absent (the schedule is learner.lr with learner.lr_warmup_steps)")
+        raise _conflict(
+            path, "scheduler", user["scheduler"], "absent (the schedule is learner.lr with learner.lr_warmup_steps)"
+        )
     fp16 = user.get("fp16", {})
     if isinstance(fp16, dict) and fp16.get("enabled", False):
         raise _conflict(path, "fp16.enabled", fp16["enabled"], "absent or false (use learner.mixed_precision: bf16)")
@@ -85,14 +95,20 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig",
         section = user.get(key)
         if isinstance(section, dict) and "enabled" in section and bool(section["enabled"]) != want_bf16:
             raise _conflict(
-                path, f"{key}.enabled", section["enabled"],
+                path,
+                f"{key}.enabled",
+                section["enabled"],
                 f"absent or {str(want_bf16).lower()} (learner.mixed_precision: {lc.mixed_precision})",
             )
         if isinstance(section, dict) and section.get("check_grad_overflow") is False:
             # Without it ZeRO 1/2 would apply a bf16 step with a NaN/inf gradient.
-            raise _conflict(path, f"{key}.check_grad_overflow", False, "absent or true (the learner skips non-finite steps)")
+            raise _conflict(
+                path, f"{key}.check_grad_overflow", False, "absent or true (the learner skips non-finite steps)"
+            )
     if user.get("zero_allow_untested_optimizer") is False:
-        raise _conflict(path, "zero_allow_untested_optimizer", False, "absent or true (the learner passes torch's AdamW)")
+        raise _conflict(
+            path, "zero_allow_untested_optimizer", False, "absent or true (the learner passes torch's AdamW)"
+        )
 
     optimizer = user.get("optimizer")
     if optimizer is not None:
@@ -103,19 +119,33 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig",
         if "lr" in params and float(params["lr"]) != lc.lr:
             raise _conflict(path, "optimizer.params.lr", params["lr"], f"absent or learner.lr = {lc.lr}")
         if "weight_decay" in params and float(params["weight_decay"]) != lc.weight_decay:
-            raise _conflict(path, "optimizer.params.weight_decay", params["weight_decay"], f"absent or learner.weight_decay = {lc.weight_decay}")
+            raise _conflict(
+                path,
+                "optimizer.params.weight_decay",
+                params["weight_decay"],
+                f"absent or learner.weight_decay = {lc.weight_decay}",
+            )
         for key in params:
             if key not in ("lr", "weight_decay", *HONOURED_ADAMW_PARAMS):
-                raise _conflict(path, f"optimizer.params.{key}", params[key], f"only lr, weight_decay, {', '.join(HONOURED_ADAMW_PARAMS)}")
+                raise _conflict(
+                    path,
+                    f"optimizer.params.{key}",
+                    params[key],
+                    f"only lr, weight_decay, {', '.join(HONOURED_ADAMW_PARAMS)}",
+                )
 
     zero = user.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise _conflict(path, "zero_optimization", zero, "a JSON object")
     ds = lc.backend
     if "stage" in zero and zero["stage"] != ds.zero_stage:
-        raise _conflict(path, "zero_optimization.stage", zero["stage"], f"absent or learner.backend.zero_stage = {ds.zero_stage}")
-    for key, flag, name in (("offload_optimizer", ds.offload_optimizer, "offload_optimizer"),
-                            ("offload_param", ds.offload_params, "offload_params")):
+        raise _conflict(
+            path, "zero_optimization.stage", zero["stage"], f"absent or learner.backend.zero_stage = {ds.zero_stage}"
+        )
+    for key, flag, name in (
+        ("offload_optimizer", ds.offload_optimizer, "offload_optimizer"),
+        ("offload_param", ds.offload_params, "offload_params"),
+    ):
         device = _offload_device(zero, key)
         if device is None:
             continue
@@ -123,13 +153,15 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: "LearnerConfig",
             raise _conflict(path, f"zero_optimization.{key}", zero[key], "a JSON object with a 'device'")
         if (device != "none") != flag:
             raise _conflict(
-                path, f"zero_optimization.{key}.device", device,
+                path,
+                f"zero_optimization.{key}.device",
+                device,
                 f"{'cpu or nvme' if flag else 'none'} to agree with learner.backend.{name}: {str(flag).lower()} "
                 f"(switch offloading with learner.backend.{name})",
             )
 
 
-def engine_config(lc: "LearnerConfig", world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def engine_config(lc: LearnerConfig, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The config dict for `deepspeed.initialize` and the keyword arguments of torch's AdamW.
 
     The user's JSON (if any) is the base; the learner's settings are written over it after

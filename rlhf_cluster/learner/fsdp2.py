@@ -6,18 +6,19 @@ module owns sharding, clipping/stepping and the distributed-checkpoint files.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.lora import apply_lora, merged_lora_tensors
@@ -53,8 +54,12 @@ class FSDP2Learner(LearnerBase):
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Fused on CUDA (one kernel for every parameter), foreach on CPU.
-        self.optimizer = torch.optim.AdamW(trainable, lr=lc.lr, weight_decay=lc.weight_decay,
-                                           **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
+        self.optimizer = torch.optim.AdamW(
+            trainable,
+            lr=lc.lr,
+            weight_decay=lc.weight_decay,
+            **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
+        )
         warmup = lc.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, warmup))
         # Checkpoints are written by a background thread; their collectives use their own group
@@ -131,7 +136,8 @@ class FSDP2Learner(LearnerBase):
         directory = Path(directory)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         future = dcp.async_save(
-            {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "learner"),
+            {"model": model_sd, "optim": optim_sd},
+            checkpoint_id=str(directory / "learner"),
             process_group=self.checkpoint_group,
         )
         digest = self.state_digest()
@@ -145,8 +151,13 @@ class FSDP2Learner(LearnerBase):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(directory / "learner"), process_group=self.checkpoint_group)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=self.state_options)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self.state_options,
+        )
         self._load_host_state(directory)
         return self.state_digest()
 

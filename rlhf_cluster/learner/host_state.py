@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 HOST_STATE_FORMAT = 2  # rng/rank<r>.pt: tensors + JSON (format 1 was a pickled dict)
 
 
@@ -41,8 +40,14 @@ def encode_host_state(rng: dict, scheduler: dict, step: int, backend: str) -> di
     tensors = {"torch": rng["torch"], "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
     if "cuda" in rng:
         tensors["cuda"] = rng["cuda"]
-    meta = {"format": HOST_STATE_FORMAT, "numpy": [name, int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss_next], "scheduler": scheduler, "step": step, "backend": backend}
+    meta = {
+        "format": HOST_STATE_FORMAT,
+        "numpy": [name, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+        "scheduler": scheduler,
+        "step": step,
+        "backend": backend,
+    }
     return {"tensors": tensors, "json": json.dumps(meta)}
 
 
@@ -51,8 +56,11 @@ def decode_host_state(saved: dict) -> dict:
     meta, tensors = json.loads(saved["json"]), saved["tensors"]
     name, pos, has_gauss, cached = meta["numpy"]
     version, internal, gauss_next = meta["python"]
-    rng = {"torch": tensors["torch"], "numpy": (name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
-           "python": (version, tuple(internal), gauss_next)}
+    rng = {
+        "torch": tensors["torch"],
+        "numpy": (name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        "python": (version, tuple(internal), gauss_next),
+    }
     if "cuda" in tensors:
         rng["cuda"] = tensors["cuda"]
     return {"rng": rng, "scheduler": meta["scheduler"], "step": meta["step"], "backend": meta["backend"]}
@@ -64,8 +72,16 @@ def load_host_state(path: Path) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise RuntimeError(f"{path}: not a host-state file that can be read without unpickling (written before "
-                           f"format {HOST_STATE_FORMAT}, or not by rlhf_cluster); refusing to run code from it: {exc}") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("json"), str) or not isinstance(saved.get("tensors"), dict):
-        raise RuntimeError(f"{path}: expected a host-state file of format {HOST_STATE_FORMAT} (tensors and a JSON string)")
+        raise RuntimeError(
+            f"{path}: not a host-state file that can be read without unpickling (written before "
+            f"format {HOST_STATE_FORMAT}, or not by rlhf_cluster); refusing to run code from it: {exc}"
+        ) from None
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("json"), str)
+        or not isinstance(saved.get("tensors"), dict)
+    ):
+        raise RuntimeError(
+            f"{path}: expected a host-state file of format {HOST_STATE_FORMAT} (tensors and a JSON string)"
+        )
     return decode_host_state(saved)

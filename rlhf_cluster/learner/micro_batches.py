@@ -8,9 +8,15 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from rlhf_cluster.models.packing import (PackedRows, packing_pays, plan_packing, row_tokens_for, to_device,
-                                  token_budget_micro_batches)
 from rlhf_cluster.experience.records import TrainBatch
+from rlhf_cluster.models.packing import (
+    PackedRows,
+    packing_pays,
+    plan_packing,
+    row_tokens_for,
+    to_device,
+    token_budget_micro_batches,
+)
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
 
@@ -37,8 +43,9 @@ def micro_batch_token_budget(lc, device: torch.device) -> int | None:
     return CUDA_MICRO_BATCH_TOKENS if device.type == "cuda" else None
 
 
-def plan_micro_batches(local: TrainBatch, lo: int, hi: int, lc, device: torch.device, attention: str,
-                       host_group: dist.ProcessGroup | None) -> list[MicroBatch]:
+def plan_micro_batches(
+    local: TrainBatch, lo: int, hi: int, lc, device: torch.device, attention: str, host_group: dist.ProcessGroup | None
+) -> list[MicroBatch]:
     """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most
     `lc.max_tokens_per_micro_batch` tokens (real tokens when packed, padded ones otherwise;
     `micro_batch_token_budget`), balanced by tokens. Every rank runs the same number of
@@ -52,15 +59,18 @@ def plan_micro_batches(local: TrainBatch, lo: int, hi: int, lc, device: torch.de
         lengths = local.attention_mask[lo:hi].sum(1).tolist()
     else:
         lengths = [local.input_ids.shape[1]] * (hi - lo)
-    own = [micro_batch(local, [lo + i for i in part], True, packed, device, attention)
-           for part in token_budget_micro_batches(lengths, budget)]
+    own = [
+        micro_batch(local, [lo + i for i in part], True, packed, device, attention)
+        for part in token_budget_micro_batches(lengths, budget)
+    ]
     count = torch.tensor([len(own)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=host_group)
     return own + [micro_batch(local, [lo], False, packed, device, attention)] * (int(count.item()) - len(own))
 
 
-def micro_batch(local: TrainBatch, indices: list[int], real: bool, packed: bool, device: torch.device,
-                attention: str) -> MicroBatch:
+def micro_batch(
+    local: TrainBatch, indices: list[int], real: bool, packed: bool, device: torch.device, attention: str
+) -> MicroBatch:
     """The pass over rows `indices` of the host batch `local`: its row indices and (`packed`, where
     `packing_pays`) its layout for a model running `attention`, on `device` by copies the host does
     not wait for."""
@@ -69,8 +79,13 @@ def micro_batch(local: TrainBatch, indices: list[int], real: bool, packed: bool,
     if not packed:
         return MicroBatch(rows, real)
     lengths = local.attention_mask[indices].sum(1).tolist()
-    packing = plan_packing(lengths, local.prompt_lengths[indices].tolist(), local.input_ids.shape[1],
-                           local.response_mask.shape[1], row_tokens_for(attention, lengths))
+    packing = plan_packing(
+        lengths,
+        local.prompt_lengths[indices].tolist(),
+        local.input_ids.shape[1],
+        local.response_mask.shape[1],
+        row_tokens_for(attention, lengths),
+    )
     if not packing_pays(packing, len(indices) * local.input_ids.shape[1]):
         return MicroBatch(rows, real)
     return MicroBatch(rows, real, packing.to(device))

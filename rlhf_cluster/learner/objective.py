@@ -73,8 +73,9 @@ class RLObjective:
         kl_cfg = self.cfg.kl
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
         if kl_cfg.placement == "loss" and kl_coef > 0:
-            kl_value, kl_metrics = kl_loss(logprobs, ref_logprobs, mask, kl_cfg.estimator, token_denominator,
-                                           kl_cfg.k3_log_ratio_clamp)
+            kl_value, kl_metrics = kl_loss(
+                logprobs, ref_logprobs, mask, kl_cfg.estimator, token_denominator, kl_cfg.k3_log_ratio_clamp
+            )
             total = total + kl_coef * kl_value
             metrics["policy/kl_loss_term"] = kl_metrics["kl"]
         # The reported KL is always k3 (unbiased and >= 0), whatever estimator the loss uses,

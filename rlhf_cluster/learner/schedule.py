@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 
-def lr_multiplier(step: int, warmup_steps: int = 0, total_steps: int | None = None, schedule: str = "constant",
-                  min_ratio: float = 0.0) -> float:
+def lr_multiplier(
+    step: int, warmup_steps: int = 0, total_steps: int | None = None, schedule: str = "constant", min_ratio: float = 0.0
+) -> float:
     """The factor on the peak learning rate for optimizer step `step` (0-based).
 
     Linear warm-up over `warmup_steps` (step 0 already takes 1/warmup of the peak), then `constant`

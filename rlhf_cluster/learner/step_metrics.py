@@ -30,20 +30,34 @@ class StepMetrics:
             local_tokens = mask[rows].sum().double()
             for k, v in metrics.items():
                 v = torch.as_tensor(v, device=dev).double()
-                sums[k] = torch.maximum(sums[k], v) if k.endswith("_max") and k in sums else (
-                    v if k.endswith("_max") else sums.get(k, 0.0) + v * local_tokens)
+                sums[k] = (
+                    torch.maximum(sums[k], v)
+                    if k.endswith("_max") and k in sums
+                    else (v if k.endswith("_max") else sums.get(k, 0.0) + v * local_tokens)
+                )
             tokens_seen = tokens_seen + local_tokens
         local_tok = mask.sum().double()
         means = {k: v for k, v in sums.items() if not k.endswith("_max")}
         self.from_micro = set(means)
-        means.update({k: torch.as_tensor(v, device=dev).double() * local_tok for k, v in corr_metrics.items()
-                      if not k.endswith("_max") and k != "correction/ess"})
-        maxima = {k: torch.as_tensor(v, device=dev).double() for k, v in {**corr_metrics, **sums}.items() if k.endswith("_max")}
+        means.update(
+            {
+                k: torch.as_tensor(v, device=dev).double() * local_tok
+                for k, v in corr_metrics.items()
+                if not k.endswith("_max") and k != "correction/ess"
+            }
+        )
+        maxima = {
+            k: torch.as_tensor(v, device=dev).double()
+            for k, v in {**corr_metrics, **sums}.items()
+            if k.endswith("_max")
+        }
         self.mean_keys, self.max_keys = sorted(means), sorted(maxima)
         w = correction if correction is not None else torch.ones_like(mask)
         losses = torch.stack(passes.loss_tensors).sum()  # this rank's share of every update's loss
-        summed = torch.stack([means[k] for k in self.mean_keys] + [tokens_seen, local_tok, losses,
-                                                                   (w * mask).sum().double(), (w * w * mask).sum().double()])
+        summed = torch.stack(
+            [means[k] for k in self.mean_keys]
+            + [tokens_seen, local_tok, losses, (w * mask).sum().double(), (w * w * mask).sum().double()]
+        )
         dist.all_reduce(summed)
         peaks = torch.stack([maxima[k] for k in self.max_keys]) if self.max_keys else summed.new_zeros(0)
         if self.max_keys:
@@ -53,9 +67,12 @@ class StepMetrics:
 
     def read(self, values: list[float]) -> dict[str, float]:
         n = len(self.mean_keys)
-        summed, peaks = values[: n + 5], values[n + 5:]
+        summed, peaks = values[: n + 5], values[n + 5 :]
         total_seen, total_tok, loss_sum, w_sum, w2_sum = summed[n:]
-        out = {k: summed[i] / max(total_seen if k in self.from_micro else total_tok, 1.0) for i, k in enumerate(self.mean_keys)}
+        out = {
+            k: summed[i] / max(total_seen if k in self.from_micro else total_tok, 1.0)
+            for i, k in enumerate(self.mean_keys)
+        }
         out.update(zip(self.max_keys, peaks))
         out["correction/ess"] = w_sum**2 / (total_tok * w2_sum) if w2_sum > 0 else 0.0
         out["learner/tokens"] = total_tok

@@ -20,9 +20,9 @@ from torch.distributed.fsdp import fully_shard
 from rlhf_cluster.algorithms import bradley_terry_loss, sft_loss
 from rlhf_cluster.config import StageConfig
 from rlhf_cluster.data.sft import IGNORE_INDEX, SFTExample, collate
-from rlhf_cluster.run.fileio import write_dir_atomic
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.modeling import load_causal_lm
+from rlhf_cluster.run.fileio import write_dir_atomic
 from rlhf_cluster.scoring.reward_model import RewardModel
 
 KINDS = ("sft", "reward_model")
@@ -38,13 +38,17 @@ class SupervisedTrainer:
             raise RuntimeError("SupervisedTrainer needs torch.distributed initialised by the caller")
         self.kind, self.stage, self.pad_id = kind, stage, pad_id
         self.world_size = dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         torch.manual_seed(stage.seed)
         if kind == "sft":
             model = load_causal_lm(model_path, torch.float32, self.device)
             layers = model.model.layers
         else:
-            model = RewardModel.from_lm(model_path, seed=stage.seed, keep_lm_head=stage.lm_regularization > 0).to(self.device)
+            model = RewardModel.from_lm(model_path, seed=stage.seed, keep_lm_head=stage.lm_regularization > 0).to(
+                self.device
+            )
             layers = model.backbone.layers
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         for layer in layers:
@@ -52,8 +56,10 @@ class SupervisedTrainer:
         fully_shard(model, mesh=mesh)
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(
-            step, stage.lr_warmup_steps, stage.steps, stage.lr_schedule, stage.min_lr_ratio))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_multiplier(step, stage.lr_warmup_steps, stage.steps, stage.lr_schedule, stage.min_lr_ratio),
+        )
 
     def _sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -92,8 +98,9 @@ class SupervisedTrainer:
         """Held-out NLL per labelled token and next-token accuracy (collective)."""
         self.model.eval()
         _, metrics = self._sft_forward(examples, 1.0)
-        nll, correct, tokens = self._sum([metrics["nll"] * metrics["tokens"], metrics["token_accuracy"] * metrics["tokens"],
-                                          metrics["tokens"]])
+        nll, correct, tokens = self._sum(
+            [metrics["nll"] * metrics["tokens"], metrics["token_accuracy"] * metrics["tokens"], metrics["tokens"]]
+        )
         return {"eval_nll": nll / max(tokens, 1.0), "eval_token_accuracy": correct / max(tokens, 1.0)}
 
     # ---- reward model --------------------------------------------------------------------------
@@ -101,8 +108,13 @@ class SupervisedTrainer:
         b = self._batch([SFTExample(s, [IGNORE_INDEX] * len(s)) for s in sequences])
         return self.model(b["input_ids"], b["attention_mask"])
 
-    def rm_step(self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float],
-                prompt_lengths: list[int] | None = None) -> dict[str, float]:
+    def rm_step(
+        self,
+        chosen: list[list[int]],
+        rejected: list[list[int]],
+        margins: list[float],
+        prompt_lengths: list[int] | None = None,
+    ) -> dict[str, float]:
         """One optimizer step on this rank's pairs (chosen and rejected in one forward).
 
         With `reward_model.lm_regularization` > 0 the loss adds that weight times the LM loss on the
@@ -129,7 +141,12 @@ class SupervisedTrainer:
         norm = self._update(loss)
         # `loss` reports the pairwise loss alone (comparable with and without the LM term).
         loss_sum, right, nll_sum = self._sum([pairwise, metrics["accuracy"] * n, lm_nll])
-        out_metrics = {"loss": loss_sum, "accuracy": right / pairs, "reward_gap": metrics["reward_gap"], "grad_norm": norm}
+        out_metrics = {
+            "loss": loss_sum,
+            "accuracy": right / pairs,
+            "reward_gap": metrics["reward_gap"],
+            "grad_norm": norm,
+        }
         if weight:
             out_metrics["lm_nll"] = nll_sum / max(tokens, 1.0)
         return out_metrics

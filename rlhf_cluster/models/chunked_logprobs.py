@@ -24,7 +24,7 @@ and saves it for the backward the same way `F.linear` does.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -34,7 +34,9 @@ import torch
 DEFAULT_CHUNK_TOKENS = 512
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
     """float32 [chunk, vocab] logits / temperature, computed in the weight's dtype as `nn.Linear`
     would (so a bf16 model's log-probs round as its plain forward's do)."""
     z = torch.nn.functional.linear(hidden, weight, bias).float()
@@ -100,35 +102,57 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_weight.addmm_(grad_z.t(), hidden[start:end].float())
             if need_bias:
                 grad_bias.add_(grad_z.sum(0))
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
-                   temperature: float = 1.0, with_entropy: bool = False,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 log p(targets[i] | hidden[i]) for hidden [N, H] (and the entropies when asked), with
     the output layer `weight` [V, H] (+ `bias`), never holding more than `chunk_tokens` rows of logits."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    logp, entropy = _ChunkedTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), with_entropy,
-                                                int(chunk_tokens))
+    logp, entropy = _ChunkedTokenLogprobs.apply(
+        hidden, weight, bias, targets, float(temperature), with_entropy, int(chunk_tokens)
+    )
     return logp, (entropy if with_entropy else None)
 
 
 class _ScoredPositions:
     """The output layer's forward while `scored_positions` is active, and how to read its output."""
 
-    def __init__(self, positions: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool,
-                 chunk_tokens: int):
+    def __init__(
+        self, positions: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool, chunk_tokens: int
+    ):
         self.positions, self.targets = positions, targets
         self.temperature, self.with_entropy, self.chunk_tokens = temperature, with_entropy, chunk_tokens
 
     def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         B, T = self.positions.shape
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions.reshape(-1))
-        logp, entropy = token_logprobs(rows, layer.weight, self.targets.reshape(-1), getattr(layer, "bias", None),
-                                       self.temperature, self.with_entropy, self.chunk_tokens)
+        logp, entropy = token_logprobs(
+            rows,
+            layer.weight,
+            self.targets.reshape(-1),
+            getattr(layer, "bias", None),
+            self.temperature,
+            self.with_entropy,
+            self.chunk_tokens,
+        )
         # Returned in place of the logits, and read from the model's output: the gradient must
         # flow through the layer's own output, where ZeRO-3 and FSDP hook their backward.
         # (Stacked: a new tensor, not a view, which a sharding backend's output hooks would warn about.)
@@ -141,8 +165,14 @@ class _ScoredPositions:
 
 
 @contextlib.contextmanager
-def scored_positions(model: torch.nn.Module, positions: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                     with_entropy: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[_ScoredPositions]:
+def scored_positions(
+    model: torch.nn.Module,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Iterator[_ScoredPositions]:
     """While active, `model`'s output layer returns, instead of logits for every position, the
     log-probs of `targets` [B, T] at `positions` [B, T] of its input (and their entropies), which
     the model passes on as its `logits`: `scored.read(model(...).logits)` gives them. A position is

@@ -35,13 +35,17 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device:
             pass
     if device == "spread":
         if torch.cuda.device_count() > 1:
-            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn, device_map="auto")
+            return AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, attn_implementation=attn, device_map="auto"
+            )
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
     return model.to(device)
 
 
-def response_positions(input_ids: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def response_positions(
+    input_ids: torch.Tensor, prompt_lengths: torch.Tensor, response_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions, targets) [B, T]: position p's output predicts token p+1, so response token t of
     a row is scored at `prompt_len - 1 + t`. The clamp keeps padded positions in range (their
     values are garbage the caller masks)."""
@@ -84,10 +88,17 @@ def response_logprobs(
         packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
     if packed and packing_pays(packing, input_ids.numel()):
         packed_ids = packing.input_ids(input_ids)
-        with scored_positions(model, packing.positions, packing.targets(packed_ids), temperature, with_entropy,
-                              chunk_tokens) as scored:
-            return scored.read(model(input_ids=packed_ids, position_ids=packing.position_ids,
-                                     attention_mask=packing.attention_mask(impl, dtype), use_cache=False).logits)
+        with scored_positions(
+            model, packing.positions, packing.targets(packed_ids), temperature, with_entropy, chunk_tokens
+        ) as scored:
+            return scored.read(
+                model(
+                    input_ids=packed_ids,
+                    position_ids=packing.position_ids,
+                    attention_mask=packing.attention_mask(impl, dtype),
+                    use_cache=False,
+                ).logits
+            )
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
@@ -98,9 +109,15 @@ def response_logprobs(
         return scored.read(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
 
 
-def full_logits_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                  prompt_lengths: torch.Tensor, response_len: int, temperature: float = 1.0,
-                                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def full_logits_response_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The same figures through the model's full [B, L, vocab] logits and a float32 log-softmax:
     the path `response_logprobs` replaced (issue 35), kept as the reference tests and the memory
     benchmark compare it with."""
@@ -121,8 +138,9 @@ def sequence_logprobs(model, prompt_ids: list[int], response_ids: list[int], tem
     per-token log-probs are checked against."""
     seq = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
-        logp, _ = response_logprobs(model, seq, torch.ones_like(seq), torch.tensor([len(prompt_ids)]), len(response_ids),
-                                    temperature)
+        logp, _ = response_logprobs(
+            model, seq, torch.ones_like(seq), torch.tensor([len(prompt_ids)]), len(response_ids), temperature
+        )
     return logp[0]
 
 

@@ -31,7 +31,7 @@ class PackedRows:
     sequence_ids: torch.Tensor  # [R, C]: the padded row each slot's token came from; -1 on a row's tail
     positions: torch.Tensor  # [B, T]: the flat slot (r * C + c) whose output predicts response token t
 
-    def to(self, device: torch.device) -> "PackedRows":
+    def to(self, device: torch.device) -> PackedRows:
         """On `device` (`to_device`)."""
         return PackedRows(*(to_device(t, device) for t in vars(self).values()))
 
@@ -70,7 +70,9 @@ def prepared_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.
     allowed = allowed & (index[None, :] <= index[:, None])
     if attn_implementation == "sdpa":
         return allowed[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )[:, None]
 
 
 def packing_pays(packing: PackedRows, padded_slots: int) -> bool:
@@ -89,8 +91,9 @@ def row_tokens_for(attn_implementation: str, lengths: list[int]) -> int | None:
     return None if attn_implementation.startswith("flash") else max(lengths, default=1)
 
 
-def plan_packing(lengths: list[int], prompt_lengths: list[int], padded_len: int, response_len: int,
-                 row_tokens: int | None = None) -> PackedRows:
+def plan_packing(
+    lengths: list[int], prompt_lengths: list[int], padded_len: int, response_len: int, row_tokens: int | None = None
+) -> PackedRows:
     """Sequences of `lengths` real tokens (rows of a batch right-padded to `padded_len`) packed
     best-fit, longest first, into rows of at most `row_tokens` slots (None: one row of all of
     them); on the host, deterministic."""
@@ -133,14 +136,20 @@ def plan_packing(lengths: list[int], prompt_lengths: list[int], padded_len: int,
     return PackedRows(gather.view(shape), position_ids.view(shape), sequence_ids.view(shape), positions)
 
 
-def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
-              response_len: int, attn_implementation: str = "flash_attention_2") -> PackedRows:
+def pack_rows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    response_len: int,
+    attn_implementation: str = "flash_attention_2",
+) -> PackedRows:
     """`plan_packing` of right-padded rows [B, L] whose attention mask marks each row's real prefix,
     in rows sized for `attn_implementation` (`row_tokens_for`), on their device. It reads the
     lengths back from the device: a learner step plans from its host copy instead."""
     lengths = attention_mask.sum(1).tolist()
-    return plan_packing(lengths, prompt_lengths.tolist(), input_ids.shape[1], response_len,
-                        row_tokens_for(attn_implementation, lengths)).to(input_ids.device)
+    return plan_packing(
+        lengths, prompt_lengths.tolist(), input_ids.shape[1], response_len, row_tokens_for(attn_implementation, lengths)
+    ).to(input_ids.device)
 
 
 def balanced_parts(lengths: list[int], parts: int) -> list[list[int]]:

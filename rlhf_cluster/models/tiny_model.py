@@ -120,8 +120,8 @@ def ensure_long_tail_model(source: str | Path, eos_rate: float, out_dir: str | P
     """
     from transformers import AutoTokenizer
 
-    from rlhf_cluster.run.fileio import write_dir_atomic
     from rlhf_cluster.models.modeling import load_causal_lm
+    from rlhf_cluster.run.fileio import write_dir_atomic
 
     target = Path(out_dir).expanduser() / f"{Path(source).name}-eos{eos_rate:g}-s{seed}"
     if (target / "model.safetensors").is_file():
@@ -138,7 +138,7 @@ def ensure_long_tail_model(source: str | Path, eos_rate: float, out_dir: str | P
 
         def mean_eos_prob(scale: float) -> float:
             eos_logits = scale * projection
-            others = torch.cat([logits[:, :eos], logits[:, eos + 1:]], dim=1)
+            others = torch.cat([logits[:, :eos], logits[:, eos + 1 :]], dim=1)
             return torch.sigmoid(eos_logits - torch.logsumexp(others, dim=1)).mean().item()
 
         low, high = 0.0, 1.0

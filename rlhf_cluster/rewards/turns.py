@@ -6,8 +6,9 @@ from __future__ import annotations
 from rlhf_cluster.config import TurnRewardsConfig
 
 
-def combined_reward(final: float, components: dict[str, float], turn_rewards: list[float],
-                    cfg: TurnRewardsConfig) -> tuple[float, dict[str, float]]:
+def combined_reward(
+    final: float, components: dict[str, float], turn_rewards: list[float], cfg: TurnRewardsConfig
+) -> tuple[float, dict[str, float]]:
     """(reward, components) of an episode whose turns earned `turn_rewards` and whose scoring gave
     `final`: the final reward plus the turns' as `cfg.combine` says, with `turn_reward` (what was
     added) and `final_reward` among the components. `none` (or no turn): `final` as it was."""

@@ -106,7 +106,7 @@ class CheckpointStore:
             manifest = {
                 "step": step,
                 "version": version,
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "created_at": dt.datetime.now(dt.UTC).isoformat(),
                 "files": files,
                 **(extra or {}),
             }
@@ -127,7 +127,7 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         complete = self.list()
-        kept = set(complete[max(0, len(complete) - self.keep):])
+        kept = set(complete[max(0, len(complete) - self.keep) :])
         if self.keep_best:
             scored = {i: score for i, path in enumerate(complete) if (score := self.score(path)) is not None}
             kept |= {complete[i] for i in best_checkpoints(scored, self.keep_best, self.higher_is_better)}
@@ -194,9 +194,11 @@ class CheckpointStore:
         if refused:
             raise NoVerifiedCheckpoint(
                 f"none of the {len(refused)} checkpoint(s) in {self.root} verifies, so there is nothing to resume "
-                "from; nothing was changed on disk:\n" + "\n".join(f"  - {exc}" for _, exc in refused)
+                "from; nothing was changed on disk:\n"
+                + "\n".join(f"  - {exc}" for _, exc in refused)
                 + "\nresume from one you trust with --resume PATH, repair or move away the damaged ones, or start "
-                "over with --overwrite (moves this run aside)")
+                "over with --overwrite (moves this run aside)"
+            )
         return None
 
     def set_aside(self, path: Path, why: str = "refused") -> Path:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-
-import blake3
 import threading
 from pathlib import Path
+
+import blake3
 
 
 def sha256_file(path: str | Path) -> str:

@@ -14,26 +14,33 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from rlhf_cluster.experience.admission import Admission
-from rlhf_cluster.experience.buffer import ExperienceBuffer
-from rlhf_cluster.run.checkpoint import Checkpoint
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
+from rlhf_cluster.experience.admission import Admission
+from rlhf_cluster.experience.buffer import ExperienceBuffer
 from rlhf_cluster.experience.build import accept_group, kl_controller
-from rlhf_cluster.telemetry.liveness import NoProgressError, ProgressWatchdog
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.job.preflight import GROUP_ADVANTAGES
+from rlhf_cluster.run.checkpoint import Checkpoint
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import BUFFERED, ScoredLog
 from rlhf_cluster.scoring.rewards import FAILED
-
+from rlhf_cluster.telemetry.liveness import NoProgressError, ProgressWatchdog
 
 # Settings a resume may change (`--resume auto --set learner.lr=...`): the job's value replaces
 # the checkpoint's. Others that a step reads from the config (clip ranges, loss settings) apply
 # by themselves; these are the ones a checkpoint also holds as state.
-RESUME_SETTINGS = ("learner.lr", "learner.weight_decay", "learner.lr_warmup_steps", "algorithm.kl.coef",
-                   "algorithm.kl.target", "algorithm.kl.horizon", "algorithm.loss.clip_low",
-                   "algorithm.loss.clip_high", "learner.max_grad_norm")
+RESUME_SETTINGS = (
+    "learner.lr",
+    "learner.weight_decay",
+    "learner.lr_warmup_steps",
+    "algorithm.kl.coef",
+    "algorithm.kl.target",
+    "algorithm.kl.horizon",
+    "algorithm.loss.clip_low",
+    "algorithm.loss.clip_high",
+    "learner.max_grad_norm",
+)
 
 
 def reward_failed(reward: float, components: dict[str, float]) -> bool:
@@ -87,13 +94,18 @@ class JobState:
         self.overrides: dict[str, tuple[object, object]] = {}  # setting -> (checkpoint's, this job's), on resume
         self.worker_of: dict[str, str] = {}  # sample id -> the generation worker that produced it
         self.log = ScoredLog(Path(cfg.run_dir).expanduser() / RunDir.SCORED_LOG)
-        self.recovered = {"reused": 0, "rolled_back": 0}  # scored groups found in the log on resume (from abandoned weights)
+        self.recovered = {
+            "reused": 0,
+            "rolled_back": 0,
+        }  # scored groups found in the log on resume (from abandoned weights)
         f = cfg.faults
         self.watchdog = ProgressWatchdog(f.progress_timeout_s, f.progress_timeout_factor)
         # What happened since the last batch was formed, for the watchdog's message.
         self.since_progress: Counter[str] = Counter()
 
-    def add_group(self, samples: list[ScoredSample], metrics: dict[str, float], worker: str, failed: int = 0) -> str | None:
+    def add_group(
+        self, samples: list[ScoredSample], metrics: dict[str, float], worker: str, failed: int = 0
+    ) -> str | None:
         """Buffer one scored group, or drop it and give its admission back; returns None when
         buffered, else why it was dropped: `reward_failed` (a sample's reward function failed or
         its reward is not finite: nothing is trained on it) or `zero_signal` (dynamic sampling).
@@ -124,8 +136,12 @@ class JobState:
 
     def counters(self) -> dict[str, int]:
         """The buffer's depth and drops, for the step's row."""
-        return {"buffer_depth": self.buffer.depth, "dropped_stale": self.buffer.dropped["stale"],
-                "dropped_zero_signal": self.dropped["zero_signal"], "dropped_reward_failed": self.dropped["reward_failed"]}
+        return {
+            "buffer_depth": self.buffer.depth,
+            "dropped_stale": self.buffer.dropped["stale"],
+            "dropped_zero_signal": self.dropped["zero_signal"],
+            "dropped_reward_failed": self.dropped["reward_failed"],
+        }
 
     def take(self, step: int) -> tuple[list[ScoredSample] | None, int]:
         """The step's groups if enough admissible ones are buffered (else None), and how many

@@ -34,11 +34,23 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise RunDirBusy(f"run_dir {root} is in use by {holder}; give this job its own run_dir, "
-                             "or stop that one first (`rlhf-cluster stop`, or SIGTERM to its driver)") from None
+            raise RunDirBusy(
+                f"run_dir {root} is in use by {holder}; give this job its own run_dir, "
+                "or stop that one first (`rlhf-cluster stop`, or SIGTERM to its driver)"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"job": job_name, "pid": os.getpid(), "host": socket.gethostname(),
-                                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {
+                    "job": job_name,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            ).encode(),
+            0,
+        )
         self._fd: int | None = fd
 
     def release(self) -> None:

@@ -36,7 +36,9 @@ def recorded_batches(run_dir: Path, steps: tuple[int, int] | None = None) -> dic
     for step in wanted:
         missing = [i for i in order[step] if i not in by_id]
         if missing:
-            raise ValueError(f"step {step}: {len(missing)} of its samples are not in {run_dir / RunDir.SCORED_LOG} "
-                             "(record the run with --record-rollouts / train.record_rollouts: true)")
+            raise ValueError(
+                f"step {step}: {len(missing)} of its samples are not in {run_dir / RunDir.SCORED_LOG} "
+                "(record the run with --record-rollouts / train.record_rollouts: true)"
+            )
         batches[step] = [by_id[i] for i in order[step]]
     return batches

@@ -68,7 +68,8 @@ def read_jsonl(path: Path) -> JsonlLog:
                     raise CorruptLogError(
                         f"{path}: line {i + 1} is not a JSON object ({exc}); only the last line can be torn by a "
                         f"crash and {len(meaningful) - meaningful.index(i) - 1} line(s) follow it, so the file was "
-                        "damaged otherwise: repair or remove that line") from None
+                        "damaged otherwise: repair or remove that line"
+                    ) from None
                 return JsonlLog(path, rows, clean_end, len(data), torn_line=i + 1)
             rows.append(row)
             clean_end = min(start + len(piece) + 1, len(data))
@@ -93,8 +94,10 @@ def repair_jsonl(path: Path) -> str | None:
         fh.flush()
         os.fsync(fh.fileno())
     what = f"a torn final line (line {found.torn_line})" if found.torn_line else "trailing partial data"
-    return (f"{path}: cut off {what}, {found.size - found.clean_end} bytes left by a crash mid-write; "
-            f"{len(found.rows)} rows kept")
+    return (
+        f"{path}: cut off {what}, {found.size - found.clean_end} bytes left by a crash mid-write; "
+        f"{len(found.rows)} rows kept"
+    )
 
 
 def overwrite_mode(overwrite: bool | str | None) -> str | None:
@@ -104,8 +107,10 @@ def overwrite_mode(overwrite: bool | str | None) -> str | None:
     if not overwrite:
         return None
     if overwrite not in OVERWRITE_MODES:
-        raise ValueError(f"--overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
-                         "--overwrite=delete (deletes it)")
+        raise ValueError(
+            f"--overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
+            "--overwrite=delete (deletes it)"
+        )
     return overwrite
 
 
@@ -146,13 +151,13 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.root / name
 
-    def acquire(self, job_name: str) -> "RunDir":
+    def acquire(self, job_name: str) -> RunDir:
         """Take the directory's lock (`RunDirBusy` while another job holds it); a second call is a no-op."""
         if getattr(self, "lock", None) is None:
             self.lock = RunLock(self.root, job_name)
         return self
 
-    def prepare(self, fresh: bool, job_name: str, overwrite: bool | str | None = False) -> "RunDir":
+    def prepare(self, fresh: bool, job_name: str, overwrite: bool | str | None = False) -> RunDir:
         """Take the directory's lock, then for a resumed run cut torn final lines off its logs,
         and for a fresh run clear an earlier run's artifacts away: refused unless `overwrite`
         (`RunDirInUse` names what is there), moved aside to `RUN_DIR.old-<time>` by default,
@@ -169,7 +174,9 @@ class RunDir:
             self._delete(stale)
         elif stale:
             aside = self._set_aside(stale)
-            log.warning("run_dir %s: the earlier run's files were moved aside to %s (nothing deleted)", self.root, aside)
+            log.warning(
+                "run_dir %s: the earlier run's files were moved aside to %s (nothing deleted)", self.root, aside
+            )
         return self
 
     def _refuse_an_earlier_run(self) -> None:
@@ -197,8 +204,19 @@ class RunDir:
 
     def _artifacts(self, mode: str) -> list[Path]:
         """What a fresh run clears away; moved aside, the earlier run's config and evaluation go with it."""
-        names = [self.METRICS, self.CONSUMED, self.PROBES, self.BUFFER, self.RESUME, self.ENGINE_INT8, self.TIMELINE,
-                 self.SCORED_LOG, self.TRACE, self.SAMPLES, *((self.CONFIG, self.EVAL) if mode == "aside" else ())]
+        names = [
+            self.METRICS,
+            self.CONSUMED,
+            self.PROBES,
+            self.BUFFER,
+            self.RESUME,
+            self.ENGINE_INT8,
+            self.TIMELINE,
+            self.SCORED_LOG,
+            self.TRACE,
+            self.SAMPLES,
+            *((self.CONFIG, self.EVAL) if mode == "aside" else ()),
+        ]
         return [self.weights_dir, self.checkpoint_dir, *(self.root / n for n in names)]
 
     @staticmethod
@@ -218,8 +236,11 @@ class RunDir:
         aside = _unused(root.with_name(f"{root.name}.old-{stamp}"))
         for path in paths:
             path = Path(os.path.abspath(path))
-            dest = aside / path.relative_to(root) if path.is_relative_to(root) else _unused(
-                path.with_name(f"{path.name}.old-{stamp}"))
+            dest = (
+                aside / path.relative_to(root)
+                if path.is_relative_to(root)
+                else _unused(path.with_name(f"{path.name}.old-{stamp}"))
+            )
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path), str(dest))
         for directory in (root, aside, root.parent):

@@ -17,20 +17,34 @@ def pick_samples(samples: list[ScoredSample], top: int, random_count: int, seed:
     bottom_ids = [i for i in order[:top] if i not in top_ids]
     rest = [i for i in range(len(samples)) if i not in top_ids and i not in bottom_ids]
     random_ids = random.Random(seed).sample(rest, min(random_count, len(rest)))
-    return ([("top", samples[i]) for i in top_ids] + [("bottom", samples[i]) for i in bottom_ids]
-            + [("random", samples[i]) for i in sorted(random_ids)])
+    return (
+        [("top", samples[i]) for i in top_ids]
+        + [("bottom", samples[i]) for i in bottom_ids]
+        + [("random", samples[i]) for i in sorted(random_ids)]
+    )
 
 
 def sample_rows(step: int, picked: list[tuple[str, ScoredSample]], tokenizer) -> list[dict]:
     """One samples.jsonl row per picked sample: the decoded prompt and response beside their ids."""
-    return [{
-        "step": step, "pick": tag, "sample_id": s.sample_id, "prompt_id": s.prompt_id, "reward": s.reward,
-        "reward_components": s.reward_components, "response_len": len(s.response_ids),
-        "finish_reason": s.finish_reason, "policy_version": s.policy_version,
-        "prompt": tokenizer.decode(s.prompt_ids), "response": tokenizer.decode(s.response_ids),
-        "prompt_ids": s.prompt_ids, "response_ids": s.response_ids,
-        **({"loss_mask": s.loss_mask} if s.loss_mask is not None else {}),  # multi-turn: 0 on environment tokens
-    } for tag, s in picked]
+    return [
+        {
+            "step": step,
+            "pick": tag,
+            "sample_id": s.sample_id,
+            "prompt_id": s.prompt_id,
+            "reward": s.reward,
+            "reward_components": s.reward_components,
+            "response_len": len(s.response_ids),
+            "finish_reason": s.finish_reason,
+            "policy_version": s.policy_version,
+            "prompt": tokenizer.decode(s.prompt_ids),
+            "response": tokenizer.decode(s.response_ids),
+            "prompt_ids": s.prompt_ids,
+            "response_ids": s.response_ids,
+            **({"loss_mask": s.loss_mask} if s.loss_mask is not None else {}),  # multi-turn: 0 on environment tokens
+        }
+        for tag, s in picked
+    ]
 
 
 def fewest_extremes(rows: list[dict], top: int) -> list[dict]:
@@ -51,9 +65,11 @@ def format_samples(rows: list[dict], width: int = 100) -> str:
     out = []
     for r in rows:
         components = ", ".join(f"{k} {v:+.3f}" for k, v in sorted(r["reward_components"].items()))
-        out.append(f"--- step {r['step']} | {r['pick']} | reward {r['reward']:+.3f}"
-                   f"{f' ({components})' if components else ''} | {r['response_len']} tokens, {r['finish_reason']} | "
-                   f"version {r['policy_version']} | {r['sample_id']}")
+        out.append(
+            f"--- step {r['step']} | {r['pick']} | reward {r['reward']:+.3f}"
+            f"{f' ({components})' if components else ''} | {r['response_len']} tokens, {r['finish_reason']} | "
+            f"version {r['policy_version']} | {r['sample_id']}"
+        )
         for label in ("prompt", "response"):
             text = r[label].replace("\n", "\n    ") or "(empty)"
             out.append(f"  {label}:\n" + textwrap.indent(text, "    "))

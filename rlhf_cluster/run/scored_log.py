@@ -61,7 +61,8 @@ class ScoredLog:
             self.failed_flushes += 1
             raise ScoredLogFlushError(
                 f"scored log {self.directory}: writing {len(pending)} scored group(s) failed ({exc}); they are kept in "
-                f"memory and written by the next flush ({self.failed_flushes} failed flush(es) so far)") from exc
+                f"memory and written by the next flush ({self.failed_flushes} failed flush(es) so far)"
+            ) from exc
         written = {id(p) for p in pending}
         with self._lock:  # groups that arrived during the write stay pending
             self._pending = [p for p in self._pending if id(p) not in written]
@@ -102,7 +103,7 @@ class ScoredLog:
     def since(self, seq: int) -> list[tuple[str, list[ScoredSample]]]:
         """The groups numbered `seq` and later, in order: (fate, samples)."""
         out = []
-        for first, last, path in self._segments():
+        for _first, last, path in self._segments():
             if last < seq:
                 continue
             with pa.memory_map(str(path)) as source:
@@ -127,6 +128,6 @@ class ScoredLog:
 
     def compact(self, seq: int) -> None:
         """Drop the segments whose groups are all numbered before `seq`."""
-        for first, last, path in self._segments():
+        for _first, last, path in self._segments():
             if last < seq:
                 path.unlink()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_cluster.run.checkpoint import CheckpointStore, best_checkpoints
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.run.checkpoint import CheckpointStore, best_checkpoints
+from rlhf_cluster.run.lock import holder
 from rlhf_cluster.run.replay import recorded_config
 from rlhf_cluster.run.run_dir import RunDir
-from rlhf_cluster.run.lock import holder
 
 
 def describe_run(root: Path) -> list[str]:
@@ -24,21 +24,32 @@ def describe_run(root: Path) -> list[str]:
     run = RunDir(root, cfg.weights_dir, cfg.checkpoint_dir)
     lines = [f"run: {cfg.name} ({root})"]
     live = holder(root)
-    lines.append(f"state: running: job {live.get('job')!r}, pid {live.get('pid')} on {live.get('host')}, "
-                 f"started {live.get('started_at')}" if live else "state: not running")
+    lines.append(
+        f"state: running: job {live.get('job')!r}, pid {live.get('pid')} on {live.get('host')}, "
+        f"started {live.get('started_at')}"
+        if live
+        else "state: not running"
+    )
     rows = run.read(RunDir.METRICS)
     if rows:
         last = rows[-1]
-        lines.append(f"steps: {len(rows)} of {cfg.train.total_steps} (last: step {last['step']}, weight version "
-                     f"{last.get('weight_version')}, reward {last.get('reward_mean', float('nan')):+.3f})")
+        lines.append(
+            f"steps: {len(rows)} of {cfg.train.total_steps} (last: step {last['step']}, weight version "
+            f"{last.get('weight_version')}, reward {last.get('reward_mean', float('nan')):+.3f})"
+        )
     else:
         lines.append(f"steps: none of {cfg.train.total_steps} yet")
     evaluation = _read_json(root / RunDir.EVAL)
     if evaluation and evaluation.get("accuracy_before") is not None:
-        lines.append(f"held-out accuracy: greedy {evaluation['accuracy_before']:.3f} -> {evaluation['accuracy_after']:.3f}"
-                     + (f", sampled {evaluation['sampled_accuracy_before']:.3f} -> {evaluation['sampled_accuracy_after']:.3f}"
-                        if evaluation.get("sampled_accuracy_after") is not None else "")
-                     + f" ({evaluation.get('prompts')} prompts)")
+        lines.append(
+            f"held-out accuracy: greedy {evaluation['accuracy_before']:.3f} -> {evaluation['accuracy_after']:.3f}"
+            + (
+                f", sampled {evaluation['sampled_accuracy_before']:.3f} -> {evaluation['sampled_accuracy_after']:.3f}"
+                if evaluation.get("sampled_accuracy_after") is not None
+                else ""
+            )
+            + f" ({evaluation.get('prompts')} prompts)"
+        )
     lines.append(_checkpoints(cfg))
     events = [e for e in run.read(RunDir.EVENTS) if e.get("event") == "guardrails"]
     lines.append(f"guardrail actions: {len(events) or 'none'}")
@@ -70,9 +81,11 @@ def _describe_event(event: dict) -> str:
     actions = event.get("actions", [])
     if "rollback" in actions:
         to = event["step"]
-        return (f"step {event.get('at_step')}: rolled back ({event.get('reason')}); continued after "
-                f"{'the start' if to < 0 else f'step {to}'} with learner.lr {event.get('lr'):g}, "
-                f"algorithm.kl.coef {event.get('kl_coef'):g}")
+        return (
+            f"step {event.get('at_step')}: rolled back ({event.get('reason')}); continued after "
+            f"{'the start' if to < 0 else f'step {to}'} with learner.lr {event.get('lr'):g}, "
+            f"algorithm.kl.coef {event.get('kl_coef'):g}"
+        )
     parts = []
     if "best" in actions:
         parts.append(f"best checkpoint kept ({event.get('metric')} = {event.get('value'):.3f})")

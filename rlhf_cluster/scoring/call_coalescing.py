@@ -29,8 +29,12 @@ class CallCoalescer(Generic[Item, Result]):
     followed. If a send raises, every call joined into it raises the same exception.
     """
 
-    def __init__(self, send: Callable[[list[Item]], Awaitable[Sequence[Result]]], capacity: Callable[[], int],
-                 max_items: int | None = None):
+    def __init__(
+        self,
+        send: Callable[[list[Item]], Awaitable[Sequence[Result]]],
+        capacity: Callable[[], int],
+        max_items: int | None = None,
+    ):
         self._send = send
         self._capacity = capacity
         self._max_items = max_items
@@ -58,8 +62,9 @@ class CallCoalescer(Generic[Item, Result]):
         self._waiting = [(items, f) for items, f in self._waiting if not f.done()]
         while self._waiting and self._in_flight < max(1, self._capacity()):
             taken, size = 0, 0
-            while taken < len(self._waiting) and (taken == 0 or self._max_items is None
-                                                   or size + len(self._waiting[taken][0]) <= self._max_items):
+            while taken < len(self._waiting) and (
+                taken == 0 or self._max_items is None or size + len(self._waiting[taken][0]) <= self._max_items
+            ):
                 size += len(self._waiting[taken][0])
                 taken += 1
             joined, self._waiting = self._waiting[:taken], self._waiting[taken:]
@@ -88,5 +93,5 @@ class CallCoalescer(Generic[Item, Result]):
         start = 0
         for items, future in joined:
             if not future.done():  # a caller cancelled meanwhile
-                future.set_result(results[start:start + len(items)])
+                future.set_result(results[start : start + len(items)])
             start += len(items)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_cluster.experience.records import Rollout, pad_sequences, token_budget_batches
 from rlhf_cluster.generation.quantization import quantize_linears
 from rlhf_cluster.models.modeling import attention_of, load_causal_lm, response_logprobs
 from rlhf_cluster.models.packing import pack_rows
-from rlhf_cluster.experience.records import Rollout, pad_sequences, token_budget_batches
 
 
 class ReferenceModel:
     """A frozen causal LM scoring responses in batches of at most `max_tokens_per_batch` tokens."""
 
-    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32, temperature: float = 1.0,
-                 max_tokens_per_batch: int = 8192, quantization: str = "none"):
+    def __init__(
+        self,
+        model_path: str,
+        dtype: torch.dtype = torch.float32,
+        temperature: float = 1.0,
+        max_tokens_per_batch: int = 8192,
+        quantization: str = "none",
+    ):
         # Over every GPU the worker holds (scoring.resources.num_gpus), layers split when more than one.
         self.model = load_causal_lm(model_path, dtype, "spread").eval().requires_grad_(False)
         self.device = self.model.get_input_embeddings().weight.device
@@ -39,8 +45,13 @@ class ReferenceModel:
         # Packed on the host copy: the lengths are never read back from the device.
         packing = pack_rows(input_ids, attention_mask, prompt_lengths, T, attention_of(self.model)[0]).to(self.device)
         logp, _ = response_logprobs(
-            self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device),
-            T, self.temperature, packing=packing,
+            self.model,
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            prompt_lengths.to(self.device),
+            T,
+            self.temperature,
+            packing=packing,
         )
         logp = logp.float().cpu()
         return [logp[i, : len(r.response_ids)].tolist() for i, r in enumerate(batch)]

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_cluster.run.fileio import write_dir_atomic
-from rlhf_cluster.generation.quantization import quantize_linears
 from rlhf_cluster.experience.records import pad_sequences, token_budget_batches
+from rlhf_cluster.generation.quantization import quantize_linears
+from rlhf_cluster.run.fileio import write_dir_atomic
 
 HEAD_FILE = "reward_head.safetensors"
 MARKER_FILE = "reward_model.json"
@@ -45,8 +45,9 @@ class RewardModel(torch.nn.Module):
         self.lm_head = lm_head
 
     @classmethod
-    def from_lm(cls, path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0,
-                keep_lm_head: bool = False) -> "RewardModel":
+    def from_lm(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, keep_lm_head: bool = False
+    ) -> RewardModel:
         """A new reward model initialised from a causal LM (or another reward model's backbone);
         `keep_lm_head` also keeps the LM's output layer (the folder must hold a causal LM)."""
         from transformers import AutoModel, AutoModelForCausalLM
@@ -54,7 +55,9 @@ class RewardModel(torch.nn.Module):
         lm_head = None
         if keep_lm_head:
             if (Path(path) / MARKER_FILE).is_file():
-                raise ValueError(f"reward_model.lm_regularization needs a causal LM to start from; {path} is a reward model")
+                raise ValueError(
+                    f"reward_model.lm_regularization needs a causal LM to start from; {path} is a reward model"
+                )
             lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             backbone, lm_head = lm.model, lm.lm_head
         else:
@@ -67,14 +70,15 @@ class RewardModel(torch.nn.Module):
         return cls(backbone, head, lm_head)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "RewardModel":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
         """Load a reward model saved by `save_pretrained`; errors name the folder and what is missing."""
         from transformers import AutoModel
 
         folder = Path(path)
         if not (folder / MARKER_FILE).is_file() or not (folder / HEAD_FILE).is_file():
             raise FileNotFoundError(
-                f"reward model {folder}: expected {MARKER_FILE} and {HEAD_FILE} (a folder written by `rlhf-cluster train-rm`)"
+                f"reward model {folder}: expected {MARKER_FILE} and {HEAD_FILE} (a folder written by `rlhf-cluster "
+                "train-rm`)"
             )
         backbone = AutoModel.from_pretrained(folder, dtype=dtype)
         head_state = load_file(str(folder / HEAD_FILE))
@@ -86,7 +90,9 @@ class RewardModel(torch.nn.Module):
         """One score per row; with `lm_rows` > 0 also the LM logits of the first `lm_rows` rows
         (needs the LM head kept by `from_lm(keep_lm_head=True)`)."""
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
         last = last_token_index(attention_mask)
@@ -103,7 +109,9 @@ class RewardModel(torch.nn.Module):
 
         def write(tmp: Path) -> None:
             self.backbone.save_pretrained(tmp, safe_serialization=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_FILE))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / HEAD_FILE)
+            )
             (tmp / MARKER_FILE).write_text(json.dumps({"head": HEAD_FILE, "score": "last valid token"}))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -115,8 +123,13 @@ class FrozenRewardModels:
     """The reward models a reward worker serves: frozen, optionally on int8 weights, scoring rollouts
     (prompt ids + response ids, as generated) in batches of at most `max_tokens_per_batch` padded tokens."""
 
-    def __init__(self, specs: list, dtype: torch.dtype = torch.float32, max_tokens_per_batch: int = 8192,
-                 quantization: str = "none"):
+    def __init__(
+        self,
+        specs: list,
+        dtype: torch.dtype = torch.float32,
+        max_tokens_per_batch: int = 8192,
+        quantization: str = "none",
+    ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.max_tokens_per_batch = max_tokens_per_batch
         self.models: dict[str, RewardModel] = {}
@@ -134,8 +147,9 @@ class FrozenRewardModels:
         out: dict[str, list[float]] = {name: [] for name in self.models}
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
         for idx in token_budget_batches(lengths, self.max_tokens_per_batch):
-            ids, mask, _, _ = pad_sequences([list(rollouts[i].prompt_ids) for i in idx],
-                                            [list(rollouts[i].response_ids) for i in idx])
+            ids, mask, _, _ = pad_sequences(
+                [list(rollouts[i].prompt_ids) for i in idx], [list(rollouts[i].response_ids) for i in idx]
+            )
             for name, model in self.models.items():
                 out[name].extend(model(ids.to(self.device), mask.to(self.device)).cpu().tolist())
         return out

@@ -35,12 +35,13 @@ import math
 import numbers
 import threading
 from collections import deque
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
-from rlhf_cluster.job.user_code import import_spec
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.job.user_code import import_spec
 
 FAILED = "reward_failed"
 BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken
@@ -128,9 +129,17 @@ class RuleReward:
     (always 0 for a built-in verifier, whose errors propagate: they are bugs, not bad samples).
     """
 
-    def __init__(self, verifier: str | None = None, *, pattern: str | None = None, reward_fn: str | RewardFn | None = None,
-                 on_error: Literal["fail", "drop"] = "drop", timeout_s: float | None = None,
-                 max_failure_fraction: float = 0.5, failure_window: int = 200):
+    def __init__(
+        self,
+        verifier: str | None = None,
+        *,
+        pattern: str | None = None,
+        reward_fn: str | RewardFn | None = None,
+        on_error: Literal["fail", "drop"] = "drop",
+        timeout_s: float | None = None,
+        max_failure_fraction: float = 0.5,
+        failure_window: int = 200,
+    ):
         self.scored = 0
         self.failed = 0
         self.timed_out = 0
@@ -146,11 +155,15 @@ class RuleReward:
         self.on_error, self.timeout_s = on_error, timeout_s
         if reward_fn is not None:
             self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
-            self.fn_name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", repr(reward_fn))
+            self.fn_name = (
+                reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", repr(reward_fn))
+            )
             return
         if verifier is None:
-            raise ValueError("no reward: set data.verifier (or data.task, whose verifier is used) or add a "
-                             "`function` source ('module:function') to scoring.rewards")
+            raise ValueError(
+                "no reward: set data.verifier (or data.task, whose verifier is used) or add a "
+                "`function` source ('module:function') to scoring.rewards"
+            )
         self.verify, self.weights = build_verifier(verifier, pattern)
 
     def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
@@ -179,8 +192,10 @@ class RuleReward:
                 cause = f"prompt {r.prompt_id!r} (sample {r.sample_id}): {type(exc).__name__}: {exc}"
                 if self.on_error == "fail":
                     self.scored, self.failed = self.scored + len(out) + 1, self.failed + 1
-                    raise RewardFunctionError(f"reward function {self.fn_name} failed on {cause} "
-                                              "(scoring.rewards on_error: fail; `drop` drops such groups instead)") from exc
+                    raise RewardFunctionError(
+                        f"reward function {self.fn_name} failed on {cause} "
+                        "(scoring.rewards on_error: fail; `drop` drops such groups instead)"
+                    ) from exc
                 self.failed_in_a_row += 1
                 self.recent.append(True)
                 broken = self._broken(cause)
@@ -208,11 +223,19 @@ class RuleReward:
             return None
         rate = sum(self.recent) / window
         if rate > self.max_failure_fraction:
-            return (f"{where} failed on {sum(self.recent)} of its last {window} samples ({rate:.0%}, more than "
-                    f"max_failure_fraction {self.max_failure_fraction:g}); the last: {cause}")
+            return (
+                f"{where} failed on {sum(self.recent)} of its last {window} samples ({rate:.0%}, more than "
+                f"max_failure_fraction {self.max_failure_fraction:g}); the last: {cause}"
+            )
         if rate > self.max_failure_fraction / 2 and not self.warned:
-            log.warning("%s fails on %.0f%% of its last %d samples (stops the job above %.0f%%); the last: %s",
-                        where, 100 * rate, window, 100 * self.max_failure_fraction, cause)
+            log.warning(
+                "%s fails on %.0f%% of its last %d samples (stops the job above %.0f%%); the last: %s",
+                where,
+                100 * rate,
+                window,
+                100 * self.max_failure_fraction,
+                cause,
+            )
         self.warned = rate > self.max_failure_fraction / 2
         return None
 
@@ -238,7 +261,11 @@ def combine_rewards(
 
     if combine not in ("mean", "min"):
         raise ValueError(f"combine must be 'mean' or 'min', got {combine!r}")
-    combined = ensemble(torch.tensor(list(model_scores.values()), dtype=torch.float64), combine).tolist() if model_scores else None
+    combined = (
+        ensemble(torch.tensor(list(model_scores.values()), dtype=torch.float64), combine).tolist()
+        if model_scores
+        else None
+    )
     out = []
     for i, (rule_reward, components) in enumerate(rule):
         components = {**components, "rule": rule_reward}

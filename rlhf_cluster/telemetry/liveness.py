@@ -112,6 +112,8 @@ class ProgressWatchdog:
         """How the bound was derived, naming the setting that changes it."""
         if not self._steps:
             return f"the bound before the first step is faults.progress_timeout_s = {self.ceiling_s:g} s"
-        return (f"the bound {self.bound_s():.0f} s is faults.progress_timeout_factor {self.factor:g} x the slowest of "
-                f"the last {len(self._steps)} steps ({max(self._steps):.1f} s), at least {self.FLOOR_S:g} s and at most "
-                f"faults.progress_timeout_s = {self.ceiling_s:g} s")
+        return (
+            f"the bound {self.bound_s():.0f} s is faults.progress_timeout_factor {self.factor:g} x the slowest of "
+            f"the last {len(self._steps)} steps ({max(self._steps):.1f} s), at least {self.FLOOR_S:g} s and at most "
+            f"faults.progress_timeout_s = {self.ceiling_s:g} s"
+        )

@@ -28,14 +28,30 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7), constrained_layout=True)
     # Each panel: its title and the series it draws when the rows have them (older runs lack some).
-    panels = [("reward", [("reward_mean", "mean"), ("reward_min", "min"), ("reward_max", "max")]),
-              ("KL to reference (k3, per token)", [("kl", "kl")]),
-              ("response length (tokens)", [("response_len_mean", "mean"), ("response_len_p90", "p90"),
-                                            ("response_len_max", "max")]),
-              ("diversity (reward hacking watch)", [("distinct_2", "distinct-2"), ("unique_per_group", "unique per group"),
-                                                    ("truncated_fraction", "truncated")]),
-              ("where the step goes (share)", [("busy_generation", "generation busy"), ("busy_reward", "reward busy"),
-                                               ("busy_reference", "reference busy")])]
+    panels = [
+        ("reward", [("reward_mean", "mean"), ("reward_min", "min"), ("reward_max", "max")]),
+        ("KL to reference (k3, per token)", [("kl", "kl")]),
+        (
+            "response length (tokens)",
+            [("response_len_mean", "mean"), ("response_len_p90", "p90"), ("response_len_max", "max")],
+        ),
+        (
+            "diversity (reward hacking watch)",
+            [
+                ("distinct_2", "distinct-2"),
+                ("unique_per_group", "unique per group"),
+                ("truncated_fraction", "truncated"),
+            ],
+        ),
+        (
+            "where the step goes (share)",
+            [
+                ("busy_generation", "generation busy"),
+                ("busy_reward", "reward busy"),
+                ("busy_reference", "reference busy"),
+            ],
+        ),
+    ]
     for ax, (title, series) in zip(axes.flat, panels):
         for key, label in series:
             points = [(r["step"], r[key]) for r in rows if key in r]
@@ -50,6 +66,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_xlabel("step")
     periodic = [r for r in rows if "eval_accuracy" in r]  # data.eval_every_steps: after step r["step"]
     if evaluation is not None or periodic:
+
         def series(column: str, before: str, after: str) -> tuple[list[float], list[float]]:
             points = [(0, (evaluation or {}).get(before))] + [(r["step"] + 1, r.get(column)) for r in periodic]
             points.append((steps[-1] + 1, (evaluation or {}).get(after)))
@@ -62,7 +79,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.plot(xs, ys, marker="o", label="sampled (mean)")
         for column in sorted({c for r in periodic for c in r if c.startswith("eval_pass@")}):
             k = column.removeprefix("eval_pass@")
-            ax.plot(*series(column, f"pass@{k}_before", f"pass@{k}_after"), marker=".", linestyle="--", label=f"pass@{k}")
+            ax.plot(
+                *series(column, f"pass@{k}_before", f"pass@{k}_after"), marker=".", linestyle="--", label=f"pass@{k}"
+            )
         ax.legend()
         ax.set_ylim(0, 1)
     else:
@@ -98,8 +117,12 @@ def plot_trace(doc: dict, out: str | Path, title: str = "") -> Path:
     ax.set_yticks(range(len(rows)), [threads[k] for k in rows])
     ax.set_xlabel("seconds")
     ax.set_title(title)
-    fig.legend(handles=[matplotlib.patches.Patch(color=colours[n], label=n) for n in names], ncol=min(len(names), 8),
-               loc="outside lower center", fontsize="small")
+    fig.legend(
+        handles=[matplotlib.patches.Patch(color=colours[n], label=n) for n in names],
+        ncol=min(len(names), 8),
+        loc="outside lower center",
+        fontsize="small",
+    )
     out = Path(out)
     fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from rlhf_cluster.experience.records import ScoredSample
 
@@ -29,7 +29,7 @@ def distinct_n(responses: Iterable[Sequence[int]], n: int) -> float:
     1.0 when nothing repeats, near 0 when the policy says the same thing every time."""
     seen, total = set(), 0
     for tokens in responses:
-        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
         seen.update(grams)
         total += len(grams)
     return len(seen) / total if total else 0.0
@@ -68,8 +68,11 @@ def rollout_stats(samples: list[ScoredSample]) -> dict[str, float]:
         "distinct_2": distinct_n(responses, 2),
         "distinct_3": distinct_n(responses, 3),
         "unique_per_group": unique_per_group(groups.values()),
-        **({"episode_turns_mean": statistics.fmean(model_turns(s.model_tokens) for s in samples)}
-           if any(s.loss_mask is not None for s in samples) else {}),
+        **(
+            {"episode_turns_mean": statistics.fmean(model_turns(s.model_tokens) for s in samples)}
+            if any(s.loss_mask is not None for s in samples)
+            else {}
+        ),
     }
 
 

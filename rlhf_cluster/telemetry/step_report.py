@@ -11,8 +11,9 @@ from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.telemetry.rollout_stats import rollout_stats
 
 
-def step_row(step: int, samples: list[ScoredSample], stats: dict[str, float], seconds: float,
-             counters: dict[str, float]) -> dict:
+def step_row(
+    step: int, samples: list[ScoredSample], stats: dict[str, float], seconds: float, counters: dict[str, float]
+) -> dict:
     """The row of `step`: trained on `samples`, with the learner's `stats` and the job's `counters`
     (buffer depth, drops, restarts); `seconds` since the previous step ended."""
     rewards = [s.reward for s in samples]

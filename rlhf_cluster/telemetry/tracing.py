@@ -19,8 +19,8 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 MAX_SPANS = 100_000  # kept per process between two drains; the oldest go first (a stalled driver must not grow us)
 
@@ -51,8 +51,17 @@ class Tracer:
         """Every span recorded since the last drain, oldest first, as trace.jsonl rows."""
         with self._lock:
             spans, self._spans = list(self._spans), deque(maxlen=self._spans.maxlen)
-        return [{"track": self.track, "kind": self.kind, "name": name, "start": start, "end": end,
-                 **({"args": args} if args else {})} for name, start, end, args in spans]
+        return [
+            {
+                "track": self.track,
+                "kind": self.kind,
+                "name": name,
+                "start": start,
+                "end": end,
+                **({"args": args} if args else {}),
+            }
+            for name, start, end, args in spans
+        ]
 
 
 _tracer: Tracer | None = None
@@ -134,8 +143,11 @@ KIND_ORDER = ("driver", "generation", "reward", "reference", "learner", "critic"
 
 def step_window(spans: list[dict], first: int, last: int) -> tuple[float, float] | None:
     """Wall-clock start and end of the driver's `step` spans `first`..`last` (None if absent)."""
-    steps = [s for s in spans if s["kind"] == "driver" and s["name"] == "step"
-             and first <= s.get("args", {}).get("step", -1) <= last]
+    steps = [
+        s
+        for s in spans
+        if s["kind"] == "driver" and s["name"] == "step" and first <= s.get("args", {}).get("step", -1) <= last
+    ]
     if not steps:
         return None
     return min(s["start"] for s in steps), max(s["end"] for s in steps)
@@ -148,7 +160,9 @@ def chrome_trace(spans: list[dict], window: tuple[float, float] | None = None) -
         spans = [s for s in spans if s["end"] > window[0] and s["start"] < window[1]]
     if not spans:
         return {"traceEvents": [], "displayTimeUnit": "ms"}
-    kinds = sorted({s["kind"] for s in spans}, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k))
+    kinds = sorted(
+        {s["kind"] for s in spans}, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k)
+    )
     pid = {kind: i + 1 for i, kind in enumerate(kinds)}
     # Spans of one actor may overlap without nesting (concurrent requests to an engine); the
     # trace-event format wants a thread's complete events nested, so those go to extra lanes.
@@ -157,7 +171,7 @@ def chrome_trace(spans: list[dict], window: tuple[float, float] | None = None) -
     spans = sorted(spans, key=lambda s: (s["start"], -s["end"]))
     for s in spans:
         stacks = lanes.setdefault(s["track"], [])
-        for lane, stack in enumerate(stacks):
+        for lane, stack in enumerate(stacks):  # noqa: B007 - `lane` is read after the loop (the break keeps it)
             while stack and stack[-1] <= s["start"]:
                 stack.pop()
             if not stack or s["end"] <= stack[-1]:
@@ -175,13 +189,32 @@ def chrome_trace(spans: list[dict], window: tuple[float, float] | None = None) -
     events: list[dict] = []
     for kind in kinds:
         events.append({"name": "process_name", "ph": "M", "pid": pid[kind], "tid": 0, "args": {"name": kind}})
-        events.append({"name": "process_sort_index", "ph": "M", "pid": pid[kind], "tid": 0, "args": {"sort_index": pid[kind]}})
+        events.append(
+            {"name": "process_sort_index", "ph": "M", "pid": pid[kind], "tid": 0, "args": {"sort_index": pid[kind]}}
+        )
     for name, t in tid.items():
-        events.append({"name": "thread_name", "ph": "M", "pid": pid[kind_of[name.split(" (")[0]]], "tid": t, "args": {"name": name}})
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": pid[kind_of[name.split(" (")[0]]],
+                "tid": t,
+                "args": {"name": name},
+            }
+        )
     for s, lane in zip(spans, lane_of):
-        events.append({"name": s["name"], "cat": s["kind"], "ph": "X", "pid": pid[s["kind"]], "tid": tid[lane],
-                       "ts": round((s["start"] - t0) * 1e6, 1), "dur": round(max(0.0, s["end"] - s["start"]) * 1e6, 1),
-                       "args": s.get("args", {})})
+        events.append(
+            {
+                "name": s["name"],
+                "cat": s["kind"],
+                "ph": "X",
+                "pid": pid[s["kind"]],
+                "tid": tid[lane],
+                "ts": round((s["start"] - t0) * 1e6, 1),
+                "dur": round(max(0.0, s["end"] - s["start"]) * 1e6, 1),
+                "args": s.get("args", {}),
+            }
+        )
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"t0_unix_s": t0}}
 
 

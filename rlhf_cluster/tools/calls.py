@@ -17,8 +17,8 @@ import logging
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from rlhf_cluster.tools.sandbox import SandboxLimits, run_python
 
@@ -55,8 +55,15 @@ def parse_tool_calls(turn: str) -> list[ToolCall]:
     return [ToolCall(m.group(1), m.group(2).strip()) for m in CALL.finditer(turn)]
 
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 # Bounds that keep one call small whatever the policy writes: the parser recurses per nesting
 # level (7,000 nested signs exhaust it), and an integer's size grows with every `**`.

@@ -86,7 +86,7 @@ class SandboxResult:
 # The confined process's own first steps (it cannot trust anything it inherits but its fds).
 # argv: the mount point of the new root (an empty directory of the caller's), cpu seconds, memory
 # bytes, processes, file bytes, tmp bytes, the uid to run as (-1: unprivileged, a user namespace).
-_BOOTSTRAP = r'''
+_BOOTSTRAP = r"""
 import ctypes, os, resource, signal, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -270,7 +270,7 @@ if libc.prctl(PR_SET_SECCOMP, 2, ctypes.byref(fprog), 0, 0) != 0:  # SECCOMP_MOD
     fail("seccomp")
 del libc, ctypes, attr, rule, fprog, filters
 exec(compile(code, "<tool>", "exec"), {"__name__": "__main__"})
-'''
+"""  # noqa: E501 - the child's bootstrap is kept one statement per line, as it runs
 
 
 def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
@@ -287,10 +287,29 @@ def run_python(code: str, limits: SandboxLimits = SandboxLimits()) -> SandboxRes
         uid = -1
         if os.getuid() == 0:
             uid, slot = _claim_uid()
-        args = [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, mnt, str(limits.cpu_s), str(limits.memory_mb << 20),
-                str(limits.processes), str(limits.file_mb << 20), str(limits.tmp_mb << 20), str(uid)]
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={}, cwd="/", start_new_session=True)
+        args = [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _BOOTSTRAP,
+            mnt,
+            str(limits.cpu_s),
+            str(limits.memory_mb << 20),
+            str(limits.processes),
+            str(limits.file_mb << 20),
+            str(limits.tmp_mb << 20),
+            str(uid),
+        ]
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={},
+            cwd="/",
+            start_new_session=True,
+        )
     except OSError as exc:
         _release(mnt, slot)
         return SandboxResult("", "", f"sandbox did not start: {exc}", 0.0)
@@ -309,7 +328,9 @@ def _claim_uid() -> tuple[int, int]:
     holds it: `flock` on one file per slot, released by closing the fd (or by the caller's death)."""
     os.makedirs(_SLOT_DIR, mode=0o700, exist_ok=True)
     for slot in range(UID_SLOTS):
-        fd = os.open(os.path.join(_SLOT_DIR, f"uid-{slot}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(
+            os.path.join(_SLOT_DIR, f"uid-{slot}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -326,7 +347,9 @@ def _release(mnt: str, slot: int | None) -> None:
         os.close(slot)
 
 
-def _communicate(proc: subprocess.Popen, code: bytes, limits: SandboxLimits, start: float) -> tuple[bytes, bytes, str | None]:
+def _communicate(
+    proc: subprocess.Popen, code: bytes, limits: SandboxLimits, start: float
+) -> tuple[bytes, bytes, str | None]:
     """Feed the code, collect output until exit, the wall time or the output cap."""
     try:
         proc.stdin.write(code)
@@ -349,9 +372,12 @@ def _communicate(proc: subprocess.Popen, code: bytes, limits: SandboxLimits, sta
                 buf = buffers[key.fileobj]
                 buf += chunk
                 if len(buf) > limits.output_bytes:
-                    del buf[limits.output_bytes:]
-                    return bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), \
-                        f"output over {limits.output_bytes} bytes (truncated)"
+                    del buf[limits.output_bytes :]
+                    return (
+                        bytes(buffers[proc.stdout]),
+                        bytes(buffers[proc.stderr]),
+                        f"output over {limits.output_bytes} bytes (truncated)",
+                    )
     try:
         proc.wait(timeout=max(0.1, limits.wall_s - (time.monotonic() - start)))
     except subprocess.TimeoutExpired:
@@ -424,7 +450,7 @@ def _signal_number(returncode: int, last_line: str) -> int | None:
     if returncode < 0:
         return -returncode
     if last_line.startswith(_SIGNAL_MARK):
-        number = last_line[len(_SIGNAL_MARK):].strip()
+        number = last_line[len(_SIGNAL_MARK) :].strip()
         if number.isdigit() and returncode == 128 + int(number):
             return int(number)
     return None

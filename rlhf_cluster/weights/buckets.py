@@ -16,15 +16,15 @@ import datetime as dt
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import blake3
 import numpy as np
 import torch
 
-from rlhf_cluster.run.fileio import checksum
 from rlhf_cluster.generation.quantization import is_quantized_weight, quantize_weight
+from rlhf_cluster.run.fileio import checksum
 
 ALIGN = 64  # every tensor starts on a 64-byte boundary inside its bucket, so any dtype view is legal
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
@@ -75,14 +75,18 @@ class DeliveryManifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DeliveryManifest":
-        buckets = [BucketSpec(tuple(TensorSlot(**{**t, "shape": tuple(t["shape"])}) for t in b["tensors"]),
-                              b["nbytes"], b["digest"]) for b in data["buckets"]]
+    def from_dict(cls, data: dict) -> DeliveryManifest:
+        buckets = [
+            BucketSpec(
+                tuple(TensorSlot(**{**t, "shape": tuple(t["shape"])}) for t in b["tensors"]), b["nbytes"], b["digest"]
+            )
+            for b in data["buckets"]
+        ]
         return cls(data["version"], data["created_at"], data["variant"], buckets)
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat()
+    return dt.datetime.now(dt.UTC).isoformat()
 
 
 def fingerprint(version: int, created_at: str, digests: Iterable[str]) -> str:
@@ -93,8 +97,9 @@ def fingerprint(version: int, created_at: str, digests: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def engine_tensors(named: Iterable[tuple[str, torch.Tensor]], variant: str,
-                   float_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def engine_tensors(
+    named: Iterable[tuple[str, torch.Tensor]], variant: str, float_dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors an engine of `variant` holds: floats cast to `float_dtype`; for `int8` the
     decoder projections quantised per output channel, each followed by its `weight_scale`."""
     for name, tensor in named:
@@ -146,7 +151,9 @@ class BucketFiller:
             self.pending, self.size = [], 0
 
 
-def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[tuple[BucketSpec, np.ndarray]]:
+def pack_buckets(
+    named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[tuple[BucketSpec, np.ndarray]]:
     """Pack `named` (in order, consumed lazily) into layer-aligned buckets; yields each bucket's
     spec and its bytes."""
     filler = BucketFiller(bucket_bytes)
@@ -167,7 +174,7 @@ def _pack(tensors: list[tuple[str, torch.Tensor]]) -> tuple[BucketSpec, np.ndarr
         offset += _aligned(nbytes)
     buffer = torch.zeros(offset, dtype=torch.uint8)
     for slot, (_, t) in zip(slots, tensors):
-        buffer[slot.offset: slot.offset + slot.nbytes] = t.contiguous().reshape(-1).view(torch.uint8)
+        buffer[slot.offset : slot.offset + slot.nbytes] = t.contiguous().reshape(-1).view(torch.uint8)
     payload = buffer.numpy()
     return BucketSpec(tuple(slots), offset, checksum(payload)), payload
 
@@ -190,7 +197,7 @@ def unpack_bucket(spec: BucketSpec, payload) -> list[tuple[str, torch.Tensor]]:
         raw = torch.frombuffer(memoryview(payload).cast("B"), dtype=torch.uint8)
     out = []
     for slot in spec.tensors:
-        view = raw[slot.offset: slot.offset + slot.nbytes].view(getattr(torch, slot.dtype)).reshape(slot.shape)
+        view = raw[slot.offset : slot.offset + slot.nbytes].view(getattr(torch, slot.dtype)).reshape(slot.shape)
         out.append((slot.name, view))
     return out
 
@@ -201,8 +208,15 @@ class VersionPacker:
     into what the engine holds, each closed bucket is handed to `put` (the sender's transport,
     e.g. the object store) at once. `seconds` is the time spent here."""
 
-    def __init__(self, version: int, created_at: str, variant: str, float_dtype: torch.dtype, bucket_bytes: int,
-                 put: Callable[[np.ndarray], object]):
+    def __init__(
+        self,
+        version: int,
+        created_at: str,
+        variant: str,
+        float_dtype: torch.dtype,
+        bucket_bytes: int,
+        put: Callable[[np.ndarray], object],
+    ):
         self.manifest = DeliveryManifest(version, created_at, variant)
         self.handles: list = []
         self.seconds = 0.0
@@ -228,8 +242,15 @@ class VersionPacker:
             self.handles.append(self._put(payload))
 
 
-def pack_version(named: Iterable[tuple[str, torch.Tensor]], version: int, created_at: str, variant: str,
-                 float_dtype: torch.dtype, bucket_bytes: int, put: Callable[[np.ndarray], object]) -> tuple[DeliveryManifest, list]:
+def pack_version(
+    named: Iterable[tuple[str, torch.Tensor]],
+    version: int,
+    created_at: str,
+    variant: str,
+    float_dtype: torch.dtype,
+    bucket_bytes: int,
+    put: Callable[[np.ndarray], object],
+) -> tuple[DeliveryManifest, list]:
     """Pack one version for engines of `variant` (see `VersionPacker`); returns the manifest and
     what `put` returned, bucket by bucket."""
     packer = VersionPacker(version, created_at, variant, float_dtype, bucket_bytes, put)
@@ -238,13 +259,16 @@ def pack_version(named: Iterable[tuple[str, torch.Tensor]], version: int, create
     return packer.finish()
 
 
-def verified_tensors(manifest: DeliveryManifest, payloads: list, corrupt: Callable[[int, object], object] | None = None
-                     ) -> tuple[list[tuple[str, torch.Tensor]], str]:
+def verified_tensors(
+    manifest: DeliveryManifest, payloads: list, corrupt: Callable[[int, object], object] | None = None
+) -> tuple[list[tuple[str, torch.Tensor]], str]:
     """Check every bucket against the manifest, then return all tensors (views, in packing order)
     and the fingerprint of the bytes checked. Raises `DeliveryError` before anything is unpacked.
     `corrupt` is a test hook that may replace a bucket's bytes as they arrive."""
     if len(payloads) != len(manifest.buckets):
-        raise DeliveryError(f"version {manifest.version}: {len(payloads)} buckets arrived, {len(manifest.buckets)} were sent")
+        raise DeliveryError(
+            f"version {manifest.version}: {len(payloads)} buckets arrived, {len(manifest.buckets)} were sent"
+        )
     if corrupt is not None:
         payloads = [corrupt(i, p) for i, p in enumerate(payloads)]
     digests = [check_bucket(spec, payload, i) for i, (spec, payload) in enumerate(zip(manifest.buckets, payloads))]

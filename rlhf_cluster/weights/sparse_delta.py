@@ -15,7 +15,7 @@ the engine over what it rebuilt.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import blake3
 import torch
@@ -42,8 +42,9 @@ def encode(name: str, previous: torch.Tensor | None, current: torch.Tensor) -> l
     return [(name + INDEX, changed.to(torch.int32)), (name + VALUE, current.reshape(-1)[changed])]
 
 
-def encode_version(previous: dict[str, torch.Tensor], named: Iterable[tuple[str, torch.Tensor]]
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+def encode_version(
+    previous: dict[str, torch.Tensor], named: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """`encode` over a version's tensors, in their order."""
     for name, tensor in named:
         yield from encode(name, previous.get(name), tensor)
@@ -62,9 +63,15 @@ def apply(base: dict[str, torch.Tensor], parts: Iterable[tuple[str, torch.Tensor
             target = name.removesuffix(VALUE)
             index = pending.pop(target)
             old = base[target]
-            if tensor.dtype != old.dtype or index.numel() != tensor.numel() or (index.numel() and int(index.max()) >= old.numel()):
-                raise ValueError(f"{target}: a delta of {index.numel()} {tensor.dtype} values does not fit "
-                                 f"{tuple(old.shape)} {old.dtype}")
+            if (
+                tensor.dtype != old.dtype
+                or index.numel() != tensor.numel()
+                or (index.numel() and int(index.max()) >= old.numel())
+            ):
+                raise ValueError(
+                    f"{target}: a delta of {index.numel()} {tensor.dtype} values does not fit "
+                    f"{tuple(old.shape)} {old.dtype}"
+                )
             new = old.clone()
             new.reshape(-1)[index.long()] = tensor
             out[target] = new

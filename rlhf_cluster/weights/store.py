@@ -23,12 +23,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
-import torch
 import safetensors.torch
+import torch
 
 from rlhf_cluster.run.fileio import checksum_file, fsync_path, write_atomic
 
@@ -44,8 +44,12 @@ class WeightIntegrityError(RuntimeError):
 class WeightStore:
     """Publishes and serves policy weight versions (filesystem transport)."""
 
-    def __init__(self, root: str | Path, keep: int = 3,
-                 variants: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        keep: int = 3,
+        variants: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] | None = None,
+    ):
         self.root = Path(root).expanduser()
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
@@ -65,8 +69,14 @@ class WeightStore:
         return self.root / self.version_dir_name(version)
 
     # ---- writing -------------------------------------------------------------------------
-    def publish(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
-                created_at: str | None = None, durable: bool = True) -> Path:
+    def publish(
+        self,
+        version: int,
+        state_dict: dict[str, torch.Tensor],
+        files: dict[str, str] | None = None,
+        created_at: str | None = None,
+        durable: bool = True,
+    ) -> Path:
         """Write `version` durably and point LATEST at it. Blocks; see `publish_async`.
 
         Each of the store's `variants` (e.g. int8 rollout weights) is derived here, once per
@@ -82,7 +92,7 @@ class WeightStore:
         if final.exists():
             raise FileExistsError(f"weight store {self.root}: version {version} already exists")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
-        created_at = created_at or dt.datetime.now(dt.timezone.utc).isoformat()
+        created_at = created_at or dt.datetime.now(dt.UTC).isoformat()
         try:
             manifest = _write_shards(tmp, version, state_dict, created_at, durable=durable)
             manifest["durable"] = durable
@@ -93,8 +103,9 @@ class WeightStore:
             for variant, derive in self.variants.items():
                 begun = time.perf_counter()
                 (tmp / variant).mkdir()
-                derived = _write_shards(tmp / variant, version, derive(state_dict), created_at, variant=variant,
-                                        durable=durable)
+                derived = _write_shards(
+                    tmp / variant, version, derive(state_dict), created_at, variant=variant, durable=durable
+                )
                 write_atomic(tmp / variant / MANIFEST, json.dumps(derived, indent=1))
                 self.last_variant_seconds[variant] = time.perf_counter() - begun
                 self.last_variant_bytes[variant] = derived["total_bytes"]
@@ -115,8 +126,14 @@ class WeightStore:
         self._apply_retention()
         return final
 
-    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, str] | None = None,
-                      created_at: str | None = None, durable: bool = True) -> Future:
+    def publish_async(
+        self,
+        version: int,
+        state_dict: dict[str, torch.Tensor],
+        files: dict[str, str] | None = None,
+        created_at: str | None = None,
+        durable: bool = True,
+    ) -> Future:
         """Queue `publish` on the store's writer thread so the learner's next step can start.
 
         Versions are written in order; the caller must not mutate `state_dict` afterwards
@@ -127,8 +144,13 @@ class WeightStore:
         def write() -> dict:
             path = self.publish(version, state_dict, files, created_at, durable)
             # The writer thread is serial: these are this version's figures.
-            return {"path": str(path), "seconds": self.last_publish_seconds, "bytes": self.last_publish_bytes,
-                    "variant_seconds": dict(self.last_variant_seconds), "variant_bytes": dict(self.last_variant_bytes)}
+            return {
+                "path": str(path),
+                "seconds": self.last_publish_seconds,
+                "bytes": self.last_publish_bytes,
+                "variant_seconds": dict(self.last_variant_seconds),
+                "variant_bytes": dict(self.last_variant_bytes),
+            }
 
         return self._writer.submit(write)
 
@@ -199,8 +221,10 @@ class WeightStore:
         directory = self.version_dir(version) / (variant or "")
         manifest = self.manifest(version, variant)
         if verify and manifest.get("checksum") != "blake3":
-            raise WeightIntegrityError(f"version {version}: written by an older build (sha256 checksums); "
-                                       f"this build checks BLAKE3: publish it again or start a new run_dir")
+            raise WeightIntegrityError(
+                f"version {version}: written by an older build (sha256 checksums); "
+                f"this build checks BLAKE3: publish it again or start a new run_dir"
+            )
         out: dict[str, torch.Tensor] = {}
         for shard, digest in manifest["shards"].items():
             path = directory / shard
@@ -214,7 +238,9 @@ class WeightStore:
             out.update(tensors)
         expected = set(manifest["tensors"])
         if set(out) != expected:
-            raise WeightIntegrityError(f"version {version}: tensors differ from the manifest: {sorted(expected ^ set(out))[:5]}")
+            raise WeightIntegrityError(
+                f"version {version}: tensors differ from the manifest: {sorted(expected ^ set(out))[:5]}"
+            )
         return out
 
     def acquire(self, version: int, reader: str) -> None:
@@ -228,8 +254,14 @@ class WeightStore:
         self._writer.shutdown(wait=True)
 
 
-def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Tensor], created_at: str,
-                  variant: str | None = None, durable: bool = True) -> dict:
+def _write_shards(
+    directory: Path,
+    version: int,
+    state_dict: dict[str, torch.Tensor],
+    created_at: str,
+    variant: str | None = None,
+    durable: bool = True,
+) -> dict:
     """Write `state_dict` as safetensors shards in `directory` (fsynced if `durable`); returns their manifest."""
     tensors, shards, size, total = {}, {}, 0, 0
     current: dict[str, torch.Tensor] = {}
@@ -270,8 +302,14 @@ def _write_shards(directory: Path, version: int, state_dict: dict[str, torch.Ten
             "shard": f"model-{len(shards):05d}.safetensors",
         }
     flush()
-    manifest = {"version": version, "created_at": created_at, "checksum": "blake3", "total_bytes": total,
-                "tensors": tensors, "shards": shards}
+    manifest = {
+        "version": version,
+        "created_at": created_at,
+        "checksum": "blake3",
+        "total_bytes": total,
+        "tensors": tensors,
+        "shards": shards,
+    }
     if variant is not None:
         manifest["variant"] = variant
     return manifest

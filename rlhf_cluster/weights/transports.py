@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable
+from typing import ClassVar
 
 import torch
 
@@ -61,7 +62,9 @@ def store_fingerprint(manifest: dict) -> str:
     """The fingerprint of a stored version (or variant): its identity and every shard's checksum,
     in shard order. The publisher computes it from the manifest it wrote, an engine from the
     manifest whose shards it checked while loading."""
-    return fingerprint(manifest["version"], manifest["created_at"], [manifest["shards"][s] for s in sorted(manifest["shards"])])
+    return fingerprint(
+        manifest["version"], manifest["created_at"], [manifest["shards"][s] for s in sorted(manifest["shards"])]
+    )
 
 
 class WeightTransport(ABC):
@@ -69,8 +72,15 @@ class WeightTransport(ABC):
 
     type: ClassVar[str]
 
-    def __init__(self, cfg: WeightsConfig, store: WeightStore, variants: list[str], engine_dtype: torch.dtype,
-                 put: Callable[[object], object] | None = None, get: Callable[[list], list] | None = None):
+    def __init__(
+        self,
+        cfg: WeightsConfig,
+        store: WeightStore,
+        variants: list[str],
+        engine_dtype: torch.dtype,
+        put: Callable[[object], object] | None = None,
+        get: Callable[[list], list] | None = None,
+    ):
         self.cfg, self.store, self.variants, self.engine_dtype = cfg, store, variants, engine_dtype
         # The object store's put and get (Ray's, handed in by the actors), for transports that move bytes through it.
         self.put, self.get = put, get
@@ -87,6 +97,7 @@ class WeightTransport(ABC):
 
     def wait_persisted(self) -> None:
         """Block until every store write this transport queued is durable (raises what one raised)."""
+        return None  # a transport that queues no writes has nothing to wait for
 
     # ---- engine --------------------------------------------------------------------------
     @abstractmethod
@@ -108,11 +119,22 @@ class StoreTransport(WeightTransport):
         def delivered(write: Future) -> None:
             try:
                 stats = write.result()
-                variants = {v: {"fingerprint": store_fingerprint(self.store.manifest(version, None if v == "full" else v))}
-                            for v in self.variants}
-                publication.set_result({**stats, "delivery": {"transport": self.type, "version": version,
-                                                              "created_at": created_at, "files": files,
-                                                              "variants": variants}})
+                variants = {
+                    v: {"fingerprint": store_fingerprint(self.store.manifest(version, None if v == "full" else v))}
+                    for v in self.variants
+                }
+                publication.set_result(
+                    {
+                        **stats,
+                        "delivery": {
+                            "transport": self.type,
+                            "version": version,
+                            "created_at": created_at,
+                            "files": files,
+                            "variants": variants,
+                        },
+                    }
+                )
             except BaseException as exc:  # the learner's wait_published raises it
                 publication.set_exception(exc)
 
@@ -123,8 +145,14 @@ class StoreTransport(WeightTransport):
         return fetch_stored(self.store, delivery["version"], variant, reader, created_at=delivery["created_at"])
 
 
-def fetch_stored(store: WeightStore, version: int, variant: str, reader: str, created_at: str | None = None,
-                 files: Iterable[str] = ()) -> Fetched:
+def fetch_stored(
+    store: WeightStore,
+    version: int,
+    variant: str,
+    reader: str,
+    created_at: str | None = None,
+    files: Iterable[str] = (),
+) -> Fetched:
     """A stored version's `variant` (`full`, `int8`), every shard checked, under a lease for
     `reader`, with the text `files` published beside it. `WeightSuperseded` if retention removed
     it; `WeightRefused` if its bytes fail their checksums or it is not the version `created_at` names."""
@@ -136,16 +164,24 @@ def fetch_stored(store: WeightStore, version: int, variant: str, reader: str, cr
     try:
         manifest = store.manifest(version, stored_variant)
         if created_at is not None and manifest["created_at"] != created_at:
-            raise WeightRefused(f"version {version} in the store was created at {manifest['created_at']}, "
-                                f"the delivery's at {created_at}")
+            raise WeightRefused(
+                f"version {version} in the store was created at {manifest['created_at']}, "
+                f"the delivery's at {created_at}"
+            )
         tensors = store.load(version, variant=stored_variant)
         texts = {name: text for name in files if (text := store.read_file(version, name)) is not None}
     except WeightIntegrityError as exc:
         raise WeightRefused(str(exc)) from exc
     finally:
         store.release(version, reader)
-    return Fetched(version, manifest["created_at"], list(tensors.items()), store_fingerprint(manifest),
-                   manifest["total_bytes"], texts)
+    return Fetched(
+        version,
+        manifest["created_at"],
+        list(tensors.items()),
+        store_fingerprint(manifest),
+        manifest["total_bytes"],
+        texts,
+    )
 
 
 class ObjectStoreTransport(WeightTransport):
@@ -179,8 +215,10 @@ class ObjectStoreTransport(WeightTransport):
         sparse = self.sparse and "full" in self.variants
         whole = not sparse or self.previous is None or snapshot or version % self.cfg.transport.full_every == 0
         # Each variant is made once here, for every engine of its kind.
-        packers = {variant: VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, self.put)
-                   for variant in self.variants}
+        packers = {
+            variant: VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, self.put)
+            for variant in self.variants
+        }
         kept, current = {}, {}
         for name, tensor in named:
             for variant, packer in packers.items():
@@ -202,16 +240,29 @@ class ObjectStoreTransport(WeightTransport):
             link = {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}
             if sparse and variant == "full":
                 self.chain = [link] if whole else [*self.chain, link]
-                link = {"chain": list(self.chain), "whole": whole,
-                        "fingerprint": sparse_delta.fingerprint_tensors(version, created_at, sorted(current.items()))}
+                link = {
+                    "chain": list(self.chain),
+                    "whole": whole,
+                    "fingerprint": sparse_delta.fingerprint_tensors(version, created_at, sorted(current.items())),
+                }
             variants[variant] = link
         if sparse:
             self.previous = current
-        delivery = {"transport": self.type, "version": version, "created_at": created_at, "variants": variants,
-                    "files": files}
-        return done_future({"seconds": time.perf_counter() - start,
-                            "bytes": sum(p.manifest.total_bytes for p in packers.values()),
-                            "variant_seconds": variant_seconds, "delivery": delivery})
+        delivery = {
+            "transport": self.type,
+            "version": version,
+            "created_at": created_at,
+            "variants": variants,
+            "files": files,
+        }
+        return done_future(
+            {
+                "seconds": time.perf_counter() - start,
+                "bytes": sum(p.manifest.total_bytes for p in packers.values()),
+                "variant_seconds": variant_seconds,
+                "delivery": delivery,
+            }
+        )
 
     def _reap_writes(self) -> None:
         """Store writes queued by earlier versions: a failed one fails the learner with its cause."""
@@ -259,8 +310,10 @@ class ObjectStoreTransport(WeightTransport):
         version, created_at = delivery["version"], delivery["created_at"]
         fp = sparse_delta.fingerprint_tensors(version, created_at, sorted(tensors.items()))
         if fp != mine["fingerprint"]:
-            raise WeightRefused(f"version {version}: the weights rebuilt from {len(chain) - first} link(s) do not "
-                                f"match the sender's (fingerprint {fp[:12]} vs {mine['fingerprint'][:12]})")
+            raise WeightRefused(
+                f"version {version}: the weights rebuilt from {len(chain) - first} link(s) do not "
+                f"match the sender's (fingerprint {fp[:12]} vs {mine['fingerprint'][:12]})"
+            )
         self.held = ((version, created_at), tensors)
         return Fetched(version, created_at, list(tensors.items()), fp, moved)
 
@@ -272,15 +325,24 @@ def _flip_byte_of(bucket: int):
         damaged = bytearray(memoryview(payload).cast("B"))
         damaged[len(damaged) // 2] ^= 0xFF
         return damaged
+
     return corrupt
 
 
-TRANSPORTS: dict[type, type[WeightTransport]] = {FilesystemTransport: StoreTransport, DirectTransport: ObjectStoreTransport}
+TRANSPORTS: dict[type, type[WeightTransport]] = {
+    FilesystemTransport: StoreTransport,
+    DirectTransport: ObjectStoreTransport,
+}
 
 
-def build_transport(cfg: WeightsConfig, store: WeightStore, variants: list[str], engine_dtype: torch.dtype,
-                    put: Callable[[object], object] | None = None, get: Callable[[list], list] | None = None
-                    ) -> WeightTransport:
+def build_transport(
+    cfg: WeightsConfig,
+    store: WeightStore,
+    variants: list[str],
+    engine_dtype: torch.dtype,
+    put: Callable[[object], object] | None = None,
+    get: Callable[[list], list] | None = None,
+) -> WeightTransport:
     """The transport `cfg.transport` names (by its config class), for either end; `put`/`get`
     are the object store's (Ray's), for transports that move bytes through it."""
     return TRANSPORTS[type(cfg.transport)](cfg, store, variants, engine_dtype, put, get)
