@@ -3,7 +3,7 @@ and the resources section every pool uses."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -42,7 +42,8 @@ def typed_union(*kinds: type[_Typed]):
             raise ValueError(f"needs a `type`: one of {', '.join(names)}")
         return value
 
-    return Annotated[kinds, Field(discriminator="type"), BeforeValidator(shorthand)]
+    # Union over a tuple built at run time: `X | Y` cannot spell it.
+    return Annotated[Union[kinds], Field(discriminator="type"), BeforeValidator(shorthand)]  # noqa: UP007
 
 
 def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None:
