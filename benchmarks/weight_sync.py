@@ -149,7 +149,7 @@ class Sender:
     def save_raw(self, path: str, fsync: bool) -> None:
         from safetensors.torch import save_file
 
-        from rlhf_cluster.run.fileio import fsync_path
+        from rlhf_cluster.fileio import fsync_path
 
         save_file({k: v.to(self.dtype).contiguous() for k, v in self.state.items()}, path)
         if fsync:

@@ -11,4 +11,7 @@ wraps it in Ray actors and holds the driver). One folder per part, in the order 
 - `weights`: how a version leaves the learner and reaches every engine.
 - `run`: the run directory (checkpoints, logs, lock, job state); `job`: inputs, checks,
   placement, warm-up, guardrails; `telemetry`: metrics, traces, reports, liveness.
+
+Two modules every folder may import sit here: `fileio` (durable writes: temp file, fsync,
+rename) and `user_code` (importing what a config names as `module:attribute`).
 """

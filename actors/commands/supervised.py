@@ -23,8 +23,8 @@ from rlhf_cluster.config import JobConfig, StageConfig
 from rlhf_cluster.data.preferences import arithmetic_preference_pairs, encode_response, read_preference_file
 from rlhf_cluster.data.sft import SFTExample, read_sft_file, tokenize_conversation, tokenize_plain
 from rlhf_cluster.data.tasks import arithmetic_rows, held_out_pairs
+from rlhf_cluster.fileio import write_atomic
 from rlhf_cluster.learner.supervised import SupervisedTrainer, length_correlation
-from rlhf_cluster.run.fileio import write_atomic
 
 EVAL_PAIRS_PER_PROMPT = 4
 

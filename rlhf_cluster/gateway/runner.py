@@ -23,7 +23,7 @@ from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
-from rlhf_cluster.job.user_code import import_spec
+from rlhf_cluster.user_code import import_spec
 
 AgentFunction = Callable[[str, str, list[dict]], "float | None"]
 

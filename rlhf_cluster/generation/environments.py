@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.job.user_code import import_spec
 from rlhf_cluster.tools.calls import ToolParser, parse_tool_calls, run_tool
 from rlhf_cluster.tools.sandbox import SandboxLimits
+from rlhf_cluster.user_code import import_spec
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rlhf_cluster.run.fileio import write_dir_atomic
+from rlhf_cluster.fileio import write_dir_atomic
 
 # The projections of Llama/Qwen2-style decoder blocks (vLLM fuses them into qkv_proj and
 # gate_up_proj at load time and accepts the unfused names).

@@ -5,7 +5,6 @@ decisions taken on the run's own measurements.
 - `preflight`, `validation`: every check of a config and of the files it names, before anything
   starts; `preview`: what `--dry-run` shows; `placement`: what each pool asks of the cluster.
 - `warmup`: the short supervised warm-up on the task.
-- `user_code`: importing what a config names as `module:attribute`.
 - `guardrails`: the best checkpoint kept, rollbacks and early stops; `elastic`: the world size a
   rebuilt learner continues at.
 

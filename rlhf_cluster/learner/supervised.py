@@ -20,9 +20,9 @@ from torch.distributed.fsdp import fully_shard
 from rlhf_cluster.algorithms import bradley_terry_loss, sft_loss
 from rlhf_cluster.config import StageConfig
 from rlhf_cluster.data.sft import IGNORE_INDEX, SFTExample, collate
+from rlhf_cluster.fileio import write_dir_atomic
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.modeling import load_causal_lm
-from rlhf_cluster.run.fileio import write_dir_atomic
 from rlhf_cluster.scoring.reward_model import RewardModel
 
 KINDS = ("sft", "reward_model")

@@ -120,8 +120,8 @@ def ensure_long_tail_model(source: str | Path, eos_rate: float, out_dir: str | P
     """
     from transformers import AutoTokenizer
 
+    from rlhf_cluster.fileio import write_dir_atomic
     from rlhf_cluster.models.modeling import load_causal_lm
-    from rlhf_cluster.run.fileio import write_dir_atomic
 
     target = Path(out_dir).expanduser() / f"{Path(source).name}-eos{eos_rate:g}-s{seed}"
     if (target / "model.safetensors").is_file():

@@ -7,7 +7,8 @@
   admission, buffer, KL controller).
 - `scored_log`, `sample_log`: every scored group as it arrives; a readable sample of each step.
 - `status`, `replay`: a run directory read back for `rlhf-cluster status` and `replay`.
-- `fileio`: durable file primitives (atomic writes, fsync) shared with the weight store.
+
+Its files are written with `rlhf_cluster.fileio`'s durable primitives.
 
 May import: `rlhf_cluster.config`, `data`, `experience`, `job`, `scoring`, `telemetry`; never ray.
 """

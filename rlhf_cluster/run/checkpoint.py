@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_cluster.run.fileio import fsync_path, sha256_file
+from rlhf_cluster.fileio import fsync_path, sha256_file
 
 MANIFEST = "manifest.json"
 

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_cluster.fileio import fsync_path, write_atomic
 from rlhf_cluster.run.checkpoint import STEP_DIR
-from rlhf_cluster.run.fileio import fsync_path, write_atomic
 from rlhf_cluster.run.lock import RunLock
 
 log = logging.getLogger(__name__)

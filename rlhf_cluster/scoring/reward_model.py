@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_cluster.experience.records import pad_sequences, token_budget_batches
+from rlhf_cluster.fileio import write_dir_atomic
 from rlhf_cluster.generation.quantization import quantize_linears
-from rlhf_cluster.run.fileio import write_dir_atomic
 
 HEAD_FILE = "reward_head.safetensors"
 MARKER_FILE = "reward_model.json"

@@ -41,7 +41,7 @@ from typing import Literal
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.job.user_code import import_spec
+from rlhf_cluster.user_code import import_spec
 
 FAILED = "reward_failed"
 BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken

@@ -8,7 +8,7 @@
 - `sparse_delta`: a version as the elements changed since the previous one (`delta: sparse`).
 
 May import: torch, numpy, safetensors, blake3 and `rlhf_cluster` (config, generation.quantization,
-run.fileio); never ray (the actors hand in the object store's put/get).
+fileio); never ray (the actors hand in the object store's put/get).
 """
 
 from rlhf_cluster.weights.store import MANIFEST, WeightIntegrityError, WeightStore

@@ -30,7 +30,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from rlhf_cluster.run.fileio import checksum_file, fsync_path, write_atomic
+from rlhf_cluster.fileio import checksum_file, fsync_path, write_atomic
 
 MANIFEST = "manifest.json"
 _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weight-checksum")  # shared: hashing beside I/O

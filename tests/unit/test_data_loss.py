@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_cluster.run import fileio
+from rlhf_cluster import fileio
 from rlhf_cluster.run.checkpoint import CheckpointStore, NoVerifiedCheckpoint
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
 from rlhf_cluster.experience.records import ScoredSample

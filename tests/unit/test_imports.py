@@ -163,3 +163,15 @@ def test_the_operations_page_names_every_folder():
     folders = sorted({f"{p.parent.relative_to(REPO).as_posix()}/" for pkg in PACKAGES for p in (REPO / pkg).rglob("__init__.py")})
     missing = [f for f in folders if f"| `{f}` |" not in table]
     assert not missing, f"docs/operations.md's folder table lacks {missing}"
+
+
+def test_the_operations_page_diagram_is_the_codes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("package_graph", REPO / "scripts" / "package_graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    page = graph.PAGE.read_text()
+    assert page == graph.page_with_diagram(page), (
+        "docs/operations.md's folder diagram is stale: run .venv/bin/python scripts/package_graph.py --write"
+    )
