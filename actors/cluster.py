@@ -214,9 +214,12 @@ class Cluster:
             if self.delivery is not None and delivery["version"] <= self.delivery["version"] and not rollback:
                 return []
             self.delivery = delivery
-            actors = list(self.pools["generation"].actors.values())
+            pool = self.pools["generation"]
+            actors = list(pool.actors.values())
             self._joining -= set(actors)  # joined: in the pool now
-            actors += list(self._joining)
+            # Retiring workers too: a request of theirs may be waiting for this version (without
+            # it, the retirement waited for that request, and the request for the version).
+            actors += list(self._joining) + list(pool.draining.values())
             calls = [a.receive.remote(delivery) for a in actors]
             results = await asyncio.gather(*calls, return_exceptions=True)
         for actor, result in zip(actors, results):

@@ -202,3 +202,33 @@ def dispatched_kernels(capability: str) -> str:
     code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     return subprocess.run([sys.executable, "-c", code], env=capability_env(capability), capture_output=True, text=True,
                           check=True).stdout.strip()
+
+
+def rows_per_capability(script: str, worker_args: list[str], capabilities: list[str], verbose: bool,
+                        cwd: Path) -> list[dict]:
+    """Run `script --worker *worker_args` once per distinct kernel set among `capabilities` (each in
+    its own process: ATen reads ATEN_CPU_CAPABILITY when torch loads) and gather the rows each
+    prints on its `ROWS <json>` line; rows (lines starting `{`) are echoed as they finish."""
+    rows, seen = [], set()
+    for capability in capabilities:
+        kernels = dispatched_kernels(capability)
+        if kernels in seen:
+            print(f"capability {capability}: dispatches {kernels}, already run; skipped")
+            continue
+        seen.add(kernels)
+        print(f"=== capability {capability} ({kernels})", flush=True)
+        worker = subprocess.Popen([sys.executable, script, "--worker", *worker_args], env=capability_env(capability),
+                                  cwd=cwd, text=True, stdout=subprocess.PIPE,
+                                  stderr=None if verbose else subprocess.STDOUT)
+        lines = []
+        for line in worker.stdout:
+            lines.append(line)
+            if line.startswith("{") or verbose:
+                print(line, end="", flush=True)
+        if worker.wait():
+            print("".join(lines[-60:]), file=sys.stderr)
+            raise SystemExit(f"capability {capability}: the worker failed (exit {worker.returncode})")
+        [line] = [x for x in lines if x.startswith("ROWS ")]
+        rows += [{**r, "asked": capability} for r in json.loads(line[5:])]
+    return rows
+

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from _common import capability_env, dispatched_kernels, headline, local_ray, machine_info, print_table, result_path, write_result
+from _common import headline, local_ray, machine_info, print_table, result_path, rows_per_capability, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.75  # issue 39: every seed, every capability
@@ -85,30 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("ROWS " + json.dumps(run_seeds(args)), flush=True)
         return 0
-    rows, seen = [], set()
-    for capability in args.capabilities:
-        kernels = dispatched_kernels(capability)
-        if kernels in seen:
-            print(f"capability {capability}: dispatches {kernels}, already run; skipped")
-            continue
-        seen.add(kernels)
-        print(f"=== capability {capability} ({kernels}), seeds {args.seeds}", flush=True)
-        cmd = [sys.executable, __file__, "--worker", "--config", str(args.config), "--seeds", *map(str, args.seeds)]
-        if args.overrides:
-            cmd += ["--set", *args.overrides]
-        # Each seed's row is printed as it finishes (a capability's five seeds take minutes).
-        worker = subprocess.Popen(cmd, env=capability_env(capability), cwd=REPO, text=True, stdout=subprocess.PIPE,
-                                  stderr=None if args.verbose else subprocess.STDOUT)
-        lines = []
-        for line in worker.stdout:
-            lines.append(line)
-            if line.startswith("{") or args.verbose:
-                print(line, end="", flush=True)
-        if worker.wait():
-            print("".join(lines[-60:]), file=sys.stderr)
-            raise SystemExit(f"capability {capability}: the stages failed (exit {worker.returncode})")
-        [line] = [x for x in lines if x.startswith("ROWS ")]
-        rows += [{**r, "asked": capability} for r in json.loads(line[5:])]
+    worker_args = ["--config", str(args.config), "--seeds", *map(str, args.seeds)]
+    if args.overrides:
+        worker_args += ["--set", *args.overrides]
+    rows = rows_per_capability(__file__, worker_args, args.capabilities, args.verbose, REPO)
     print_table(["capability", "seed", "SFT held-out token acc", "RM held-out pairwise acc", "reward gap", "RM s"],
                 [[r["capability"], r["seed"], r["sft_eval_token_accuracy"], r["accuracy"], r["reward_gap"], r["rm_seconds"]]
                  for r in rows], ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{:.0f}"])

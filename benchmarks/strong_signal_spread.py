@@ -3,7 +3,7 @@
 `tests/integration/test_learns_a_strong_signal.py` is `make test`'s check that the whole loop
 learns (generation -> scoring -> learner -> weights -> generation): a random tiny model, the
 positive-control reward `digit_share` (`rlhf_cluster/rewards/controls.py`), 20 GRPO steps at lr
-1e-2. It asserts that the mean reward of the last 4 steps exceeds that of the first 4 by a
+1e-2, 8 prompts x 8 samples per step. It asserts that the mean reward of the last 4 steps exceeds that of the first 4 by a
 margin; this benchmark measures that rise at every seed and ATen capability (each capability in
 its own process, as `reward_model_spread.py` does), which is what the margin is set from.
 
@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from _common import (capability_env, dispatched_kernels, headline, local_ray, machine_info, print_table, result_path,
+from _common import (headline, local_ray, machine_info, print_table, result_path, rows_per_capability,
                      run_job_quietly, write_result)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,12 +29,12 @@ WINDOW = 4  # steps averaged at each end
 def job_sections(steps: int = 20) -> dict:
     """The test's job: its sections over tests/conftest.py's `job_config` defaults."""
     return {
-        "generation": {"replicas": 1, "prompts_per_request": 2, "sampling": {"n": 4, "max_new_tokens": 8}},
+        "generation": {"replicas": 1, "prompts_per_request": 2, "sampling": {"n": 8, "max_new_tokens": 8}},
         "scoring": {"reference": False,
                     "rewards": [{"type": "function", "function": "rlhf_cluster.rewards.controls:digit_share"}]},
         "algorithm": {"kl": {"coef": 0.0}},
         "learner": {"world_size": 1, "lr": 1e-2},
-        "train": {"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
+        "train": {"total_steps": steps, "prompts_per_step": 8, "max_staleness": 1, "progress": False},
     }
 
 
@@ -77,20 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("ROWS " + json.dumps(run_seeds(args)), flush=True)
         return 0
-    rows, seen = [], set()
-    for capability in args.capabilities:
-        kernels = dispatched_kernels(capability)
-        if kernels in seen:
-            print(f"capability {capability}: dispatches {kernels}, already run; skipped")
-            continue
-        seen.add(kernels)
-        cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--seeds", *map(str, args.seeds)]
-        done = subprocess.run(cmd, env=capability_env(capability), cwd=REPO, text=True, capture_output=True)
-        if done.returncode:
-            print(done.stdout[-4000:] + done.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"capability {capability}: the runs failed (exit {done.returncode})")
-        [line] = [x for x in done.stdout.splitlines() if x.startswith("ROWS ")]
-        rows += json.loads(line[5:])
+    rows = rows_per_capability(__file__, ["--steps", str(args.steps), "--seeds", *map(str, args.seeds)],
+                               args.capabilities, args.verbose, REPO)
     print_table(["capability", "seed", f"reward, first {WINDOW} steps", f"last {WINDOW}", "rise"],
                 [[r["capability"], r["seed"], r["first"], r["last"], r["rise"]] for r in rows],
                 ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}"])

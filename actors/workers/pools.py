@@ -59,6 +59,9 @@ class ActorPool:
         self._next_index = 0
         self.slot_of: dict[str, int] = {}  # worker name -> slot
         self.actors: dict[str, Any] = {}  # in rotation
+        # Retired from rotation, still finishing their requests: they keep receiving new weight
+        # versions, since a request may be waiting for one before it can finish.
+        self.draining: dict[str, Any] = {}
         self._in_flight: dict[str, int] = {}
         self._turn = 0
         self._drained = asyncio.Condition()
@@ -195,8 +198,13 @@ class ActorPool:
             raise ValueError(f"{self.name} pool: cannot retire {count} of {len(self.actors)} actors (one must stay)")
         leaving = list(self.actors)[-count:] if count else []
         handles = {name: self.actors.pop(name) for name in leaving}
-        async with self._drained:
-            await self._drained.wait_for(lambda: all(self._in_flight[n] == 0 for n in leaving))
+        self.draining.update(handles)
+        try:
+            async with self._drained:
+                await self._drained.wait_for(lambda: all(self._in_flight[n] == 0 for n in leaving))
+        finally:
+            for name in leaving:
+                self.draining.pop(name, None)
         for actor in handles.values():
             ray.kill(actor, no_restart=True)
         return leaving
