@@ -18,6 +18,7 @@ from actors.workers._common import heartbeat
 from actors.workers.generation import GenerationWorker
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.workers.scoring import ReferenceWorker, RewardWorker
+from actors.workers.weight_push import WeightPusher
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
 from rlhf_cluster.run.run_dir import RunDir
@@ -86,6 +87,7 @@ class Cluster:
         # Workers being prepared; pushes reach them too. (Actor handles hash and compare by actor id.)
         self._joining: set = set()
         self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
+        self.pusher = WeightPusher()  # the driver sets its sender (the learner's rank 0)
         self.infos: dict[str, dict[str, dict]] = {}
         self.controller = None
         self.activity = PoolActivity()  # every pool's requests in flight, for each step's busy share
@@ -111,13 +113,16 @@ class Cluster:
             # bytes). While it joins, pushes include it (`_joining`), and it takes any it missed meanwhile.
             self._joining.add(actor)
             await actor.sync.remote(0)
-            delivery = None
-            while delivery is not self.delivery:
+            async with self._pushing:  # then the newest delivery, unless a push brought it meanwhile
                 delivery = self.delivery
-                try:
-                    self._record_receipts([await actor.receive.remote(delivery)], delivery)
-                except ray.exceptions.ObjectLostError:
+                if delivery is None:
+                    return
+                (receipt,) = await self.pusher.push(delivery, [actor])
+                if isinstance(receipt, ray.exceptions.ObjectLostError):
                     return  # its learner rank died; the rollback's push reaches this worker too
+                if isinstance(receipt, BaseException):
+                    raise receipt
+                self._record_receipts([receipt], delivery)
 
         self.pools: dict[str, ActorPool] = {
             "generation": pool(
@@ -167,9 +172,7 @@ class Cluster:
         before anything is generated."""
         self.delivery = delivery
         engines = self.pools["generation"].actors.values()
-        self._record_receipts(
-            ray.get([a.receive.remote(delivery) for a in engines], timeout=DELIVERY_TIMEOUT_S), delivery
-        )
+        self._record_receipts(self.pusher.push_now(delivery, list(engines), DELIVERY_TIMEOUT_S), delivery)
 
     async def call(self, pool: str, method: str, *args):
         """One request to the least busy worker of `pool`; returns (worker name, result)."""
@@ -220,8 +223,7 @@ class Cluster:
             # Retiring workers too: a request of theirs may be waiting for this version (without
             # it, the retirement waited for that request, and the request for the version).
             actors += list(self._joining) + list(pool.draining.values())
-            calls = [a.receive.remote(delivery) for a in actors]
-            results = await asyncio.gather(*calls, return_exceptions=True)
+            results = await self.pusher.push(delivery, actors)
         for actor, result in zip(actors, results):
             if isinstance(result, ray.exceptions.RayActorError):
                 self._joining.discard(actor)  # dead: the pool replaces it

@@ -110,6 +110,8 @@ class Driver:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
                 if self.trainer is None:
                     self._adopt_learner(started)
+        # A transport whose sender takes part in each push reaches the current learner's rank 0.
+        self.cluster.pusher.sender = lambda delivery: self.trainer.send(delivery)
         if self.delivery is not None:
             self.cluster.deliver_first(self.delivery)
             self.delivery = None  # the cluster holds the newest; nothing here pins old buckets

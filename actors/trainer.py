@@ -114,6 +114,10 @@ class Trainer:
         ray.get(self.policy.leader.wait_persisted.remote())
         return published.get("delivery")
 
+    def send(self, delivery: dict) -> ray.ObjectRef:
+        """The policy's rank 0 takes part in pushing `delivery` (see `LearnerRank.send`)."""
+        return self.policy.leader.send.remote(delivery)
+
     async def wait_persisted(self) -> None:
         """Until every version queued for the store is durable (the job's end)."""
         await self.policy.leader.wait_persisted.remote()

@@ -131,7 +131,7 @@ def sparse_vs_whole(store, versions: list[int]) -> dict:
 
     from rlhf_cluster.config import DirectTransport, WeightsConfig
     from rlhf_cluster.weights.buckets import now
-    from rlhf_cluster.weights.transports import build_transport
+    from rlhf_cluster.weights.registry import build_transport
 
     objects: list = []
 

@@ -117,7 +117,7 @@ class Sender:
         from rlhf_cluster.config import DirectTransport, WeightsConfig
         from rlhf_cluster.weights import WeightStore
         from rlhf_cluster.weights.buckets import now
-        from rlhf_cluster.weights.transports import build_transport
+        from rlhf_cluster.weights.registry import build_transport
 
         if getattr(self, "sparse", None) is None:
             cfg = WeightsConfig(transport=DirectTransport(bucket_mb=bucket_mb, delta="sparse", full_every=1_000_000))

@@ -31,7 +31,8 @@ from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.telemetry.liveness import StallClock
 from rlhf_cluster.weights import WeightStore
-from rlhf_cluster.weights.transports import WeightRefused, WeightSuperseded, build_transport, fetch_stored
+from rlhf_cluster.weights.registry import build_transport
+from rlhf_cluster.weights.transports import DeliveryInterrupted, WeightRefused, WeightSuperseded, fetch_stored
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +187,29 @@ class GenerationWorker:
         # Batched mode loads weights only between requests.
         between_requests = self._one_request if self.cfg.generation.mode == "batched" else contextlib.nullcontext()
         async with between_requests, self._sync_lock:
-            if identity == self.loaded and self.fingerprint == sent:  # held already, and proven
+            held = identity == self.loaded and self.fingerprint == sent  # held already, and proven
+            start = time.perf_counter()
+            try:
+                if held:
+                    await asyncio.to_thread(self.transport.decline, delivery, variant)
+                    return {
+                        "worker": self.name,
+                        "version": identity[0],
+                        "variant": variant,
+                        "fingerprint": self.fingerprint,
+                        "loaded": False,
+                    }
+                fetched = await asyncio.to_thread(self.transport.fetch, delivery, variant, self.name)
+            except DeliveryInterrupted as exc:  # a member of the push's group failed: the push goes out again
+                log.warning(f"{self.name}: delivery of version {identity[0]} interrupted: {exc}")
                 return {
                     "worker": self.name,
                     "version": identity[0],
                     "variant": variant,
-                    "fingerprint": self.fingerprint,
+                    "interrupted": str(exc),
                     "loaded": False,
+                    "held": self.engine.version,
                 }
-            start = time.perf_counter()
-            try:
-                fetched = await asyncio.to_thread(self.transport.fetch, delivery, variant, self.name)
             except WeightSuperseded:  # not a fault: a newer version's push is on its way
                 return {
                     "worker": self.name,

@@ -22,7 +22,7 @@ from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now as delivery_time
 from rlhf_cluster.weights.buckets import persisted
-from rlhf_cluster.weights.transports import build_transport
+from rlhf_cluster.weights.registry import build_transport
 
 
 class ShardedRank:
@@ -70,8 +70,9 @@ class ShardedRank:
         return self.learner.shard_info()
 
 
-# A second thread answers wait_published while a step runs; heartbeats have a thread of their own.
-@ray.remote(max_concurrency=2, concurrency_groups={"health": 1})
+# A second thread answers wait_published while a step runs; heartbeats have a thread of their own,
+# and so has rank 0's part of pushing a version (`send`), which runs while the next step trains.
+@ray.remote(max_concurrency=2, concurrency_groups={"health": 1, "weights": 1})
 class LearnerRank(ShardedRank):
     """One rank of the learner group; rank 0 also publishes versions to the weight store."""
 
@@ -90,7 +91,12 @@ class LearnerRank(ShardedRank):
         self.engine_dtype = getattr(torch, self.cfg.engine_dtype)
         self.transport = (
             build_transport(
-                self.cfg.weights, self.store, self.cfg.generation.weight_variants, self.engine_dtype, put=ray.put
+                self.cfg.weights,
+                self.store,
+                self.cfg.generation.weight_variants,
+                self.engine_dtype,
+                put=ray.put,
+                host=ray.util.get_node_ip_address(),
             )
             if rank == 0
             else None
@@ -137,6 +143,12 @@ class LearnerRank(ShardedRank):
     def wait_persisted(self) -> None:
         """Block until every queued store write is durable (rank 0; raises what a write raised)."""
         self.transport.wait_persisted()
+
+    @ray.method(concurrency_group="weights")
+    def send(self, delivery: dict) -> None:
+        """Rank 0's part of pushing `delivery` to the engines its `seat` names, for a transport
+        whose sender takes part (marked `"sender": True`), while the engines fetch it."""
+        self.transport.send(delivery)
 
     def wait_published(self, version: int) -> dict:
         """Block until the transport has published `version`; returns times, bytes and the

@@ -48,7 +48,26 @@ class DirectTransport(_Typed):
     )
 
 
-WeightTransport = typed_union(FilesystemTransport, DirectTransport)
+class CollectiveTransport(_Typed):
+    """Each version is broadcast from the learner's rank 0 to every generation engine over a
+    process group of its own (rank 0 and the engines; rebuilt when an engine joins, leaves or is
+    replaced): NCCL between GPUs, gloo on CPU. The same layer-aligned, checksummed buckets as
+    `direct`, one broadcast per bucket, with the sender taking part in every push. The store on
+    disk keeps every `weights.persist_every`-th version, as with `direct`."""
+
+    type: Literal["collective"] = Field("collective", description="Weight transport kind.")
+    bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (one broadcast each; never splits a layer).")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="The group's backend: `auto` is nccl where the learner has CUDA, else gloo. Every engine "
+        "of an nccl group needs a GPU of its own.",
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="Bound on building the group and on each broadcast (a member that died or hung)."
+    )
+
+
+WeightTransport = typed_union(FilesystemTransport, DirectTransport, CollectiveTransport)
 
 
 class WeightsConfig(_Strict):
@@ -57,7 +76,8 @@ class WeightsConfig(_Strict):
     transport: WeightTransport = Field(
         default_factory=DirectTransport,
         description="How versions move to generation, by `type`: direct (the "
-        "default: learner to engines without disk) or filesystem (every version through the store directory; "
+        "default: learner to engines without disk, through Ray's object store), collective (a broadcast group of "
+        "the learner's rank 0 and the engines: nccl or gloo) or filesystem (every version through the store directory; "
         "`transport: filesystem` is short for `transport: {type: filesystem}`).",
     )
     dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
@@ -65,8 +85,9 @@ class WeightsConfig(_Strict):
     persist_every: int = Field(
         10,
         ge=1,
-        description="With `transport: direct`, write every K-th version (and every checkpoint's) to the "
-        "store on disk, off the step's critical path; the filesystem transport writes every version.",
+        description="With `transport: direct` or `collective`, write every K-th version (and every "
+        "checkpoint's) to the store on disk, off the step's critical path; the filesystem transport writes "
+        "every version.",
     )
 
 

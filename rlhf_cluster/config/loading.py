@@ -28,7 +28,7 @@ def _set_dotted(tree: dict, dotted: str, value: object) -> None:
 # the tag is not a field, so messages leave it out.
 _UNION_TAGS = {
     "backend": {"fsdp2", "deepspeed"},
-    "transport": {"filesystem", "direct"},
+    "transport": {"filesystem", "direct", "collective"},
     "rewards": {"verifier", "function", "model"},
 }
 

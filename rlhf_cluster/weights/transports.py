@@ -1,4 +1,6 @@
-"""The weight transports, one class each, dispatched on `weights.transport.type`.
+"""The weight transports' interface, and the two whose engines fetch on their own: the store
+directory (`filesystem`) and Ray's object store (`direct`). `registry` picks one by
+`weights.transport.type`; `collective` holds the broadcast group's.
 
 Every transport has the same two ends and the same unit, the *delivery* of one version:
 
@@ -28,13 +30,18 @@ from typing import ClassVar
 
 import torch
 
-from rlhf_cluster.config import DirectTransport, FilesystemTransport, WeightsConfig
+from rlhf_cluster.config import WeightsConfig
 from rlhf_cluster.learner.base import done_future
 from rlhf_cluster.weights import sparse_delta
 from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, VersionPacker, fingerprint, verified_tensors
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
 
 Named = Iterable[tuple[str, torch.Tensor]]
+
+
+class DeliveryInterrupted(RuntimeError):
+    """A delivery that needs every member of its group at once lost one (a member died or hung):
+    nothing was loaded, and the push goes out again to the members left."""
 
 
 class WeightRefused(RuntimeError):
@@ -80,10 +87,12 @@ class WeightTransport(ABC):
         engine_dtype: torch.dtype,
         put: Callable[[object], object] | None = None,
         get: Callable[[list], list] | None = None,
+        host: str = "127.0.0.1",
     ):
         self.cfg, self.store, self.variants, self.engine_dtype = cfg, store, variants, engine_dtype
         # The object store's put and get (Ray's, handed in by the actors), for transports that move bytes through it.
         self.put, self.get = put, get
+        self.host = host  # this node's address, for a transport whose sender hosts a rendezvous
         self.corrupt_bucket: int | None = None  # test hook (engine side): damage this bucket of the next fetch
 
     # ---- learner rank 0 ------------------------------------------------------------------
@@ -99,11 +108,21 @@ class WeightTransport(ABC):
         """Block until every store write this transport queued is durable (raises what one raised)."""
         return None  # a transport that queues no writes has nothing to wait for
 
+    def send(self, delivery: dict) -> None:
+        """Blocking, for a delivery marked `"sender": True`: rank 0's part of its push, run while
+        the engines of its `seat` fetch it. Transports whose engines fetch on their own have none."""
+        return None
+
     # ---- engine --------------------------------------------------------------------------
     @abstractmethod
     def fetch(self, delivery: dict, variant: str, reader: str) -> Fetched:
         """Blocking: the delivered version's tensors for an engine of `variant`, checked against
         the sender's declaration (`WeightRefused` if they do not match)."""
+
+    def decline(self, delivery: dict, variant: str) -> None:
+        """Blocking: the engine takes none of this delivery's bytes (it holds the version already).
+        A transport whose sender waits for every engine of the push takes part all the same."""
+        return None
 
 
 class StoreTransport(WeightTransport):
@@ -201,12 +220,15 @@ class ObjectStoreTransport(WeightTransport):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.writes: list[Future] = []  # store writes of persisted versions, in order
-        self.sparse = self.cfg.transport.delta == "sparse"
+        self.sparse = self._sparse()
         # Sender, `delta: sparse`: the previous version's full-precision tensors and the chain's links.
         self.previous: dict[str, torch.Tensor] | None = None
         self.chain: list[dict] = []
         # Engine, `delta: sparse`: the identity and tensors of the version it rebuilt last.
         self.held: tuple[tuple[int, str], dict[str, torch.Tensor]] | None = None
+
+    def _sparse(self) -> bool:
+        return self.cfg.transport.delta == "sparse"
 
     def publish(self, version, created_at, named, files, snapshot) -> Future:
         self._reap_writes()
@@ -327,22 +349,3 @@ def _flip_byte_of(bucket: int):
         return damaged
 
     return corrupt
-
-
-TRANSPORTS: dict[type, type[WeightTransport]] = {
-    FilesystemTransport: StoreTransport,
-    DirectTransport: ObjectStoreTransport,
-}
-
-
-def build_transport(
-    cfg: WeightsConfig,
-    store: WeightStore,
-    variants: list[str],
-    engine_dtype: torch.dtype,
-    put: Callable[[object], object] | None = None,
-    get: Callable[[list], list] | None = None,
-) -> WeightTransport:
-    """The transport `cfg.transport` names (by its config class), for either end; `put`/`get`
-    are the object store's (Ray's), for transports that move bytes through it."""
-    return TRANSPORTS[type(cfg.transport)](cfg, store, variants, engine_dtype, put, get)

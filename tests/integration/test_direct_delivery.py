@@ -15,7 +15,7 @@ from actors.workers.generation import GenerationWorker
 from actors.job import Job
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights.buckets import DeliveryManifest, now
-from rlhf_cluster.weights.transports import build_transport
+from rlhf_cluster.weights.registry import build_transport
 from rlhf_cluster.weights import WeightStore
 
 # fp32 engine vs the learner's fp32 forward of the same weights on the probe: measured ~5e-7.

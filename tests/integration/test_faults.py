@@ -1,8 +1,8 @@
 """Stateless workers come back: mid-run, one generation worker's process is killed; then the other
 is stopped with SIGSTOP (hung: found only by the heartbeat) while the reward worker is killed and
 the reference worker hung. Every one is replaced (generation catches up on the weights), serves,
-and the job completes with every sample trained once. (A worker joining under the
-filesystem transport is tested by test_scaling.)"""
+and the job completes with every sample trained once. (Workers joining and leaving a
+broadcast group, `transport: collective`, are tested by test_scaling.)"""
 
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         generation={"replicas": 2, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         learner={"world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": max_staleness, "progress": False},
+        weights={"transport": "filesystem"},  # every version through the store directory (direct: most tests)
     )
     job = Job(cfg)
     try:
@@ -38,10 +39,11 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         assert evaluation["samples_per_prompt"] == cfg.data.eval_samples == 8
         assert 0.0 <= evaluation["sampled_accuracy_before"] <= 1.0 and 0.0 <= evaluation["sampled_accuracy_after"] <= 1.0
 
-        # Versions advance one per step, and the store's newest version is the last step's.
+        # Versions advance one per step; each went through the store, whose newest is the last step's.
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
         assert result.final_version == steps
         assert WeightStore(cfg.weights_dir).latest_version() == steps
+        assert {r["version"] for r in job.delivery_receipts if r.get("loaded")} == set(range(steps + 1))
 
         # Every consumed sample obeys the bound, at the step that consumed it.
         assert len(result.consumed) == steps * cfg.samples_per_step

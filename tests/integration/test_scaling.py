@@ -16,7 +16,9 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config, dri
     steps = 100_000
     cfg = job_config(
         name="scaling",
-        weights={"transport": "filesystem"},  # a joining worker loads the store's newest version (direct: test_faults)
+        # A broadcast group of the learner's rank 0 and the engines: the added worker and the
+        # retired one change the group of the next push (the filesystem transport: test_pipeline).
+        weights={"transport": {"type": "collective", "bucket_mb": 0.05, "timeout_s": 30}},
         generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
     )
@@ -54,6 +56,7 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config, dri
     finally:
         job.shutdown()
     thread.join(timeout=5)
+    receipts = job.delivery_receipts
     assert not errors, errors
     assert driver_assigned_on_its_loop == [], "the operator's thread (scale, stop) assigned the driver's state"
     assert seen["up"]["changed"] == ["gen1"] and seen["up"]["sizes"]["generation"] == 2
@@ -65,6 +68,14 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config, dri
     from_new = [c for c in result.consumed if c.worker == "gen1"]
     assert from_new, "the added worker never served a consumed sample"
     assert min(c.policy_version for c in from_new) >= seen["up"]["version"]
+
+    # Every version an engine loaded is the learner's (fingerprints), gen1's since it joined;
+    # each was broadcast to a group of the engines of its push.
+    loaded = [r for r in receipts if r.get("loaded")]
+    assert not [r for r in receipts if "refused" in r], receipts
+    assert all(r["fingerprint"] == r["sent_fingerprint"] for r in loaded)
+    assert {"gen0", "gen1"} <= {r["worker"] for r in loaded}
+    assert {r["version"] for r in loaded if r["worker"] == "gen0"} == set(range(result.final_version + 1))
 
     # No sample lost or used twice, and the staleness bound held throughout.
     done = len(result.rows)

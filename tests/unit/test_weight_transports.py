@@ -5,15 +5,17 @@ knows the transports: no actor names one."""
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf_cluster.config import DirectTransport, FilesystemTransport, WeightsConfig
+from rlhf_cluster.config import CollectiveTransport, DirectTransport, FilesystemTransport, WeightsConfig, WeightTransport
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now
-from rlhf_cluster.weights.transports import TRANSPORTS, WeightRefused, build_transport
+from rlhf_cluster.weights.registry import TRANSPORTS, build_transport
+from rlhf_cluster.weights.transports import WeightRefused
 
 REPO = Path(__file__).resolve().parents[2]
 TENSORS = {
@@ -106,13 +108,16 @@ def test_direct_snapshots_reach_the_store_and_are_waited_for(tmp_path):
 
 
 def test_every_config_transport_has_a_class():
-    assert set(TRANSPORTS) == {FilesystemTransport, DirectTransport}
-    assert {cls.type for cls in TRANSPORTS.values()} == {"filesystem", "direct"}
+    kinds = set(typing.get_args(typing.get_args(WeightTransport)[0]))
+    assert set(TRANSPORTS) == kinds == {FilesystemTransport, DirectTransport, CollectiveTransport}
+    assert {cls.type for cls in TRANSPORTS.values()} == {kind().type for kind in kinds}
 
 
 # What "knowing a transport" looks like in code: naming its config class or its `type` string,
 # or reading `weights.transport`. Only rlhf_cluster/weights/ (and the config that declares them) may.
-KNOWS_A_TRANSPORT = re.compile(r"DirectTransport|FilesystemTransport|weights\.transport\b|[\"'](direct|filesystem)[\"']")
+KNOWS_A_TRANSPORT = re.compile(
+    r"DirectTransport|FilesystemTransport|CollectiveTransport|weights\.transport\b|[\"'](direct|filesystem|collective)[\"']"
+)
 
 
 def test_no_actor_knows_a_transport():
