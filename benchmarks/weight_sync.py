@@ -1,8 +1,9 @@
-"""Weight sync: both transports, learner side to two live vLLM engines, against the bare wire and disk.
+"""Weight sync: every transport, learner side to two live vLLM engines, against the bare wire and disk.
 
 A random Qwen2 (`--size 100m` or `500m`, built in a temp dir with the tiny tokenizer) is held by a
 `Sender` actor standing where the learner's rank 0 stands, and served by two real
-`GenerationWorker` actors (vLLM engines) plus two bare engine actors. Per repetition, with the
+`GenerationWorker` actors (vLLM engines) per transport kind (object store, broadcast group) plus
+two bare engine actors. Per repetition, with the
 order rotated every repetition, each side moves one new version into both engines:
 
 - `direct` (ours): the sender's `pack_version` (cast to the engine dtype, layer-aligned buckets,
@@ -11,6 +12,11 @@ order rotated every repetition, each side moves one new version into both engine
 - `broadcast` (bare wire): the same bucket bytes, already packed, sent by `torch.distributed`
   gloo broadcast from the sender to both bare engines, which load them with the bare
   `VLLMEngine.load_weights` (no checksum, no manifest, no fingerprint).
+- `collective` (ours, `weights.transport: collective` over gloo): the sender's transport packs
+  the version (as `direct` does, the buckets kept on the sender), then sends it (a header and one
+  broadcast per bucket, in a group of the sender and two `GenerationWorker`s seated by the push)
+  while both workers `receive` it (take part in the broadcasts, verify every bucket, in-place
+  reload, fingerprint). Against `broadcast`: the same bytes over the same kind of group.
 - `filesystem` (ours): `WeightStore.publish` on the sender as the filesystem transport writes a
   version between snapshots (engine-dtype safetensors, BLAKE3 beside the write, manifest, atomic
   rename, LATEST; no fsync of the shards), then `GenerationWorker.sync` on both workers
@@ -26,7 +32,7 @@ order rotated every repetition, each side moves one new version into both engine
   delta, rebuild on the engine's copy, prove the full tensors, in-place reload). Compared with
   `direct`, which moves the whole version.
 
-Targets: direct <= 1.5x broadcast, filesystem <= 2x files. Also printed: seconds per GB of each
+Targets: direct <= 1.5x broadcast, collective <= 1.2x broadcast, filesystem <= 2x files. Also printed: seconds per GB of each
 side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
 
     .venv/bin/python benchmarks/weight_sync.py [--size 100m|500m --dtype float32|bfloat16 --reps 4]
@@ -48,13 +54,14 @@ from _common import headline, machine_info, median, print_table, result_path, ro
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
-SIDES = ("direct", "broadcast", "filesystem", "files", "snapshot", "files_fsync", "sparse")
-DIRECT_TARGET, FILESYSTEM_TARGET = 1.5, 2.0
+SIDES = ("direct", "broadcast", "collective", "filesystem", "files", "snapshot", "files_fsync", "sparse")
+DIRECT_TARGET, FILESYSTEM_TARGET, COLLECTIVE_TARGET = 1.5, 2.0, 1.2
 SIZES = {  # ~params: width, layers (head_dim 64, 4 KV heads, MLP 4x)
     "100m": (768, 12),
     "500m": (1280, 20),
 }
 DEFAULT_OUT = result_path("weight_sync")
+COLLECTIVE_TIMEOUT_S = 300.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,6 +109,27 @@ class Sender:
                                          int(bucket_mb * (1 << 20)), ray.put)
         return {"transport": "direct", "version": version, "created_at": created, "files": {},
                 "variants": {"full": {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}}}
+
+    def pack_collective(self, version: int, bucket_mb: float, timeout_s: float) -> dict:
+        """What `LearnerRank.publish` does for `collective`: buckets packed and kept here, a
+        delivery of manifests and the group's address."""
+        from rlhf_cluster.config import CollectiveTransport, WeightsConfig
+        from rlhf_cluster.weights import WeightStore
+        from rlhf_cluster.weights.buckets import now
+        from rlhf_cluster.weights.registry import build_transport
+
+        if getattr(self, "collective", None) is None:
+            cfg = WeightsConfig(transport=CollectiveTransport(bucket_mb=bucket_mb, backend="gloo", timeout_s=timeout_s))
+            store = WeightStore(tempfile.mkdtemp(prefix="bench-collective-"))
+            self.collective = build_transport(cfg, store, ["full"], self.dtype, host=ray.util.get_node_ip_address())
+        named = ((k, v.to(self.dtype)) for k, v in self.state.items())
+        return self.collective.publish(version, now(), named, {}, snapshot=False).result()["delivery"]
+
+    def send_collective(self, delivery: dict) -> float:
+        """What `LearnerRank.send` does: rank 0's part of the push."""
+        start = time.perf_counter()
+        self.collective.send(delivery)
+        return time.perf_counter() - start
 
     def step_sparse(self, fraction: float, seed: int) -> None:
         """Untimed: a synthetic learner step for the sparse side, `fraction` of each tensor's elements changed."""
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, work: Path) -> int:
     from actors.workers.generation import GenerationWorker
-    from rlhf_cluster.config import JobConfig
+    from rlhf_cluster.config import CollectiveTransport, JobConfig
 
     hidden, layers = SIZES[args.size]
     tiny = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, num_kv_heads=4,
@@ -253,8 +281,12 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     t0 = time.perf_counter()
     sender = Sender.remote(model_dir, args.dtype)
     workers = [GenerationWorker.remote(cfg.model_dump(), model_dir, i) for i in range(2)]
+    # The collective side's engines: workers whose transport is the broadcast group's.
+    group_cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": CollectiveTransport(
+        bucket_mb=args.bucket_mb, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S)})})
+    group_workers = [GenerationWorker.remote(group_cfg.model_dump(), model_dir, 2 + i) for i in range(2)]
     bare = [BareEngine.remote(model_dir, cfg.model_dump(), args.dtype, i) for i in range(2)]
-    ray.get([w.info.remote() for w in workers])  # engines up first
+    ray.get([w.info.remote() for w in workers + group_workers])  # engines up first
     addr, port = ray.get(sender.address.remote())
     ray.get([sender.join.remote(addr, port, 3)] + [b.join.remote(addr, port, i + 1, 3) for i, b in enumerate(bare)])
     start_s = time.perf_counter() - t0
@@ -291,6 +323,19 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         return {"pack_put": pack_put, "fetch_rebuild_load": loaded, "bytes_moved_per_engine": got[0]["bytes"],
                 "untimed": untimed}
 
+    def collective() -> dict:
+        nonlocal version
+        version += 1
+        t = time.perf_counter()
+        delivery = ray.get(sender.pack_collective.remote(version, args.bucket_mb, COLLECTIVE_TIMEOUT_S))
+        t_pack = time.perf_counter()
+        seat = lambda rank: {**delivery, "seat": {"group": 1, "rank": rank, "size": 3}}  # noqa: E731
+        got = [w.receive.remote(seat(r)) for r, w in enumerate(group_workers, 1)]
+        send = ray.get(sender.send_collective.remote(seat(0)))
+        got = ray.get(got)
+        receipts.extend({**r, "sent": delivery["variants"]["full"]["fingerprint"]} for r in got)
+        return {"pack": t_pack - t, "send": send, "rest": time.perf_counter() - t_pack - send}
+
     def broadcast() -> dict:
         t = time.perf_counter()
         loads = [b.receive_broadcast.remote(specs) for b in bare]
@@ -317,7 +362,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         Path(path).unlink()
         return {"save": t_save - t, "load_reload": t_load - t_save}
 
-    run = {"direct": direct, "broadcast": broadcast, "filesystem": lambda: filesystem(False), "files": lambda: files(False),
+    run = {"direct": direct, "broadcast": broadcast, "collective": collective, "filesystem": lambda: filesystem(False), "files": lambda: files(False),
            "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True), "sparse": sparse}
     timings: dict[str, list[dict]] = {s: [] for s in SIDES}
     for rep in range(-args.warmup, args.reps):
@@ -333,6 +378,10 @@ def _run(args: argparse.Namespace, work: Path) -> int:
 
     med = {s: {k: median(t[k] for t in ts) for k in ts[0] if k not in ("rep", "position")} for s, ts in timings.items()}
     direct_ratio = med["direct"]["seconds"] / med["broadcast"]["seconds"]
+    collective_ratio = med["collective"]["seconds"] / med["broadcast"]["seconds"]
+    # The push alone (what the bare side does: its bytes were packed before the clock started);
+    # the packing is the learner's, once per version, right after its step.
+    collective_push_ratio = (med["collective"]["send"] + med["collective"]["rest"]) / med["broadcast"]["seconds"]
     fs_ratio = med["filesystem"]["seconds"] / med["files"]["seconds"]
     snapshot_ratio = med["snapshot"]["seconds"] / med["files_fsync"]["seconds"]
     sparse_seconds = med["sparse"]["seconds"]
@@ -344,6 +393,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     print_table(
         ["side", "seconds", "s/GB", "ours/bare"],
         [["direct (ours)", med["direct"]["seconds"], med["direct"]["s_per_gb"], direct_ratio],
+         ["collective (ours, gloo group)", med["collective"]["seconds"], med["collective"]["s_per_gb"],
+          collective_ratio],
          ["broadcast (gloo + bare load)", med["broadcast"]["seconds"], med["broadcast"]["s_per_gb"], 1.0],
          ["filesystem (ours)", med["filesystem"]["seconds"], med["filesystem"]["s_per_gb"], fs_ratio],
          ["files (save + load_file + bare load)", med["files"]["seconds"], med["files"]["s_per_gb"], 1.0],
@@ -356,9 +407,11 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     print(f"sparse (delta, {args.delta_fraction:.3f} of elements changed) / direct (whole): seconds {sparse_ratio:.2f} "
           f"({sparse_seconds:.3f} vs {med['direct']['seconds']:.3f}), bytes moved per engine {sparse_bytes:.3f}")
     print("bytes per sync per engine: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+    print(f"collective push (send + receive, verify, load)/broadcast: {collective_push_ratio:.2f} (target <= "
+          f"{COLLECTIVE_TARGET}); with the sender's packing: {collective_ratio:.2f}")
     print(f"direct/broadcast: {direct_ratio:.2f} (target <= {DIRECT_TARGET}); filesystem/files: {fs_ratio:.2f} "
-          f"(target <= {FILESYSTEM_TARGET}); snapshot/files_fsync: {snapshot_ratio:.2f}; every direct delivery "
-          f"proven by fingerprint: {proven}")
+          f"(target <= {FILESYSTEM_TARGET}); snapshot/files_fsync: {snapshot_ratio:.2f}; every direct and "
+          f"collective delivery proven by fingerprint: {proven}")
 
     write_result(args.out, {
         "benchmark": "weight_sync",
@@ -370,6 +423,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         "timings": timings,
         "medians": med,
         "ratio_direct_over_broadcast": direct_ratio,
+        "ratio_collective_over_broadcast": collective_ratio,
+        "ratio_collective_push_over_broadcast": collective_push_ratio,
         "ratio_filesystem_over_files": fs_ratio,
         "ratio_snapshot_over_files_fsync": snapshot_ratio,
         "ratio_sparse_over_direct_seconds": sparse_ratio,

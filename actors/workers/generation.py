@@ -61,6 +61,7 @@ class GenerationWorker:
             seed=cfg.generation.seed + index,
             name=self.name,
             on_step=self._on_engine_step,
+            adapters=cfg.learner.lora if cfg.learner.lora.adapters_only else None,
         )
         self.labels.of(m.GENERATION_VERSION).set(0)
         # Multi-turn: a fresh environment per episode (None: one response per prompt).

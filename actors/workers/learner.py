@@ -129,8 +129,8 @@ class LearnerRank(ShardedRank):
             logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
             files[PROBE_FILE] = probe_file(self.probe, logprobs)
         # What the engines hold is what leaves the device and goes on disk too: cast there (no
-        # fp32 copy when the engine runs bf16), a tied output embedding once.
-        named = self.learner.named_full_tensors(self.engine_dtype)
+        # fp32 copy when the engine runs bf16), a tied output embedding once; LoRA: the adapters alone.
+        named = self.learner.named_engine_tensors(self.engine_dtype)
         if self.rank != 0:
             for _ in named:  # this rank's part of every gather
                 pass

@@ -50,7 +50,7 @@ LearnerBackend = typed_union(FSDP2Backend, DeepSpeedBackend)
 
 
 class LoraConfig(_Strict):
-    """LoRA adapters on the policy (peft): only they are trained, checkpointed and published (merged)."""
+    """LoRA adapters on the policy (peft): only they are trained, checkpointed and published (alone, or merged)."""
 
     rank: int = Field(0, ge=0, description="Adapter rank r (0: no LoRA, full fine-tuning).")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
@@ -60,10 +60,21 @@ class LoraConfig(_Strict):
         min_length=1,
         description="Linear layers (by name) that get adapters.",
     )
+    sync: Literal["adapters", "merged"] = Field(
+        "adapters",
+        description="What each version sends to generation: `adapters` (only the adapter matrices; every "
+        "engine serves them as a vLLM LoRA adapter, reloaded in place) or `merged` (W + alpha/r B A under the "
+        "base model's names: for engines that cannot take adapters, i.e. int8 rollouts and speculative decoding).",
+    )
 
     @property
     def enabled(self) -> bool:
         return self.rank > 0
+
+    @property
+    def adapters_only(self) -> bool:
+        """Versions reach generation as the adapters alone (engines serve them as a LoRA adapter)."""
+        return self.enabled and self.sync == "adapters"
 
 
 class TrainingGroupConfig(_Strict):

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_cluster.config import GenerationConfig
+from rlhf_cluster.config import GenerationConfig, LoraConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.gc_pause import imports_without_gc
+from rlhf_cluster.generation.lora_adapters import AdapterSlot
 from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
 from rlhf_cluster.generation.vllm_process import (
     RotaryReloadFilter,
@@ -111,6 +112,7 @@ class VLLMEngine:
         seed: int = 0,
         name: str = "gen0",
         on_step: Callable[[int, int], None] | None = None,
+        adapters: LoraConfig | None = None,
     ):
         configure_vllm_environment(cfg)
         # vLLM's engine itself, not the `LLM` wrapper: the wrapper adds nothing this loop uses and
@@ -128,6 +130,10 @@ class VLLMEngine:
         self.name = name
         self.model_path = model_path
         self.version = 0
+        # What a push must look like: the tensors of the checkpoint the engine was built from, or
+        # with `adapters` (LoRA, `learner.lora.sync: adapters`) the adapters on them.
+        self.spec = checkpoint_spec(model_path)
+        self.adapters = AdapterSlot(adapters, self.spec, name) if adapters is not None else None
         args = EngineArgs(
             model=model_path,
             dtype=dtype,
@@ -146,6 +152,7 @@ class VLLMEngine:
             disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
             # Weights load through vLLM's weight-transfer API, as the checked tensors our transports fetched.
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer.BACKEND),
+            **(self.adapters.engine_args() if self.adapters is not None else {}),
             **cfg.engine_kwargs,
         )
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
@@ -155,8 +162,6 @@ class VLLMEngine:
         self.engine.set_weight_version(str(self.version))
         self.tokenizer = self.engine.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(RotaryReloadFilter())
-        # What a push must look like: the tensors of the checkpoint the engine was built from.
-        self.spec = checkpoint_spec(model_path)
         tied = bool(self.engine.model_config.hf_config.get_text_config().tie_word_embeddings)
         self.optional_tensors = frozenset({"lm_head.weight"} if tied else ())
         self.quantized = any(dtype == torch.int8 for dtype, _ in self.spec.values())
@@ -232,7 +237,10 @@ class VLLMEngine:
 
     def _add_request(self, batch: _Batch, index: int, prompt, params) -> None:
         request_id = f"{self.name}-{next(self._ids)}"
-        self.engine.add_request(request_id, prompt, params)  # adding steps nothing: no output before it is registered
+        # Adding steps nothing: no output before it is registered. With adapters, every request
+        # runs on the adapter slot (reloaded in place by each version).
+        lora = self.adapters.request if self.adapters is not None else None
+        self.engine.add_request(request_id, prompt, params, lora_request=lora)
         self._requests[request_id] = (batch, index)
 
     def _finished(self, out) -> None:
@@ -278,6 +286,8 @@ class VLLMEngine:
             self._closed = True
             self._wake.notify()
         self._loop.join(timeout=30)
+        if self.adapters is not None:
+            self.adapters.close()
 
     # ---- requests ------------------------------------------------------------------------
     def _sampling_params(self, n: int, greedy: bool, max_tokens: int | None = None):
@@ -434,19 +444,32 @@ class VLLMEngine:
         tokens so far with the new weights (`resume`) or which starts again (`abort`).
         """
         weights = list(weights)
+        if self.adapters is not None:
+            load = self.adapters.write(version, weights)  # checked against the slot's layout first
+            # Requests that started on the base model (before the first adapters) restart on the slot.
+            restart = self.adapters.request is None
+            swap = lambda: self._swap(version, lambda: self._load_adapters(load), restart)  # noqa: E731
+            return self.at_token_boundary(swap).result()
         check_push(self.spec, weights, self.name, self.optional_tensors)
-        return self.at_token_boundary(lambda: self._swap(version, weights)).result()
+        return self.at_token_boundary(lambda: self._swap(version, lambda: self._load_tensors(weights))).result()
 
-    def _swap(self, version: int, weights: list[tuple[str, torch.Tensor]]) -> WeightSwap:
-        start = time.perf_counter()
-        unfinished = list(self._requests)
-        aborted = []
-        if unfinished and self.cfg.in_flight_update == "abort":
-            self.engine.abort_request(unfinished)
-            aborted = [self._requests.pop(rid) for rid in unfinished]
+    def _load_tensors(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         self.engine.collective_rpc("start_weight_update")
         self.engine.collective_rpc("update_weights", kwargs={"update_info": {"weights": weights}})
         self.engine.collective_rpc("finish_weight_update")
+
+    def _load_adapters(self, load) -> None:
+        self.engine.add_lora(load)
+        self.adapters.loaded(load)
+
+    def _swap(self, version: int, load: Callable[[], None], restart: bool = False) -> WeightSwap:
+        start = time.perf_counter()
+        unfinished = list(self._requests)
+        aborted = []
+        if unfinished and (restart or self.cfg.in_flight_update == "abort"):
+            self.engine.abort_request(unfinished)
+            aborted = [self._requests.pop(rid) for rid in unfinished]
+        load()
         self.engine.set_weight_version(str(version))
         # With requests running, resetting the cache preempts them: their KV is recomputed.
         self.engine.reset_prefix_cache(reset_running_requests=bool(self._requests))

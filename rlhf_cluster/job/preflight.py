@@ -92,6 +92,17 @@ def _lora(cfg: JobConfig) -> list[str]:
             "learner.lora with algorithm.kl.placement=reward: with LoRA the reference log-probs are computed by "
             "the learner at train time, after rewards are final; use kl.placement loss or none"
         )
+    if cfg.learner.lora.sync == "adapters":
+        if "int8" in cfg.generation.weight_variants:
+            out.append(
+                "learner.lora.sync: adapters with int8 rollouts (generation.quantization): the int8 engines cannot "
+                "take adapters; set learner.lora.sync: merged"
+            )
+        if cfg.generation.speculative:
+            out.append(
+                "learner.lora.sync: adapters with generation.speculative: adapters are not served beside a "
+                "draft model in this project (untested); set learner.lora.sync: merged"
+            )
     return out
 
 

@@ -146,6 +146,12 @@ class LearnerBase(ABC):
         (the engine ties it itself, `VLLMEngine.optional_tensors`): what crosses to the host is
         exactly what an engine loads."""
 
+    def named_engine_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Collective generator: what the generation engines load for a version, in their `dtype`:
+        with LoRA and `learner.lora.sync: adapters` the adapter matrices alone (peft's names, see
+        `rlhf_cluster.learner.lora`), else `named_full_tensors(dtype)`."""
+        return self.named_full_tensors(dtype)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the whole `named_full_tensors` (fp32, tied tensors under both names) on rank 0,
         empty on other ranks."""

@@ -6,7 +6,7 @@ module owns sharding, clipping/stepping and the distributed-checkpoint files.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
-from rlhf_cluster.learner.lora import apply_lora, merged_lora_tensors
+from rlhf_cluster.learner.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names
 
@@ -101,9 +101,18 @@ class FSDP2Learner(LearnerBase):
         merged = merged_lora_tensors(self._gathered_tensors(None, skip=tied), lora.alpha / lora.rank)
         return merged if dtype is None else ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in merged)
 
-    def _gathered_tensors(self, dtype: torch.dtype | None, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_engine_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        if not self.spec.learner.lora.adapters_only:
+            return self.named_full_tensors(dtype)
+        # Only the adapters are gathered: the base weights never leave the ranks.
+        adapters = self._gathered_tensors(dtype, skip=set(), keep=is_adapter_param)
+        return ((adapter_file_name(name), tensor) for name, tensor in adapters)
+
+    def _gathered_tensors(
+        self, dtype: torch.dtype | None, skip: set[str], keep: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.model.state_dict().items():
-            if name in skip:  # the same on every rank: no gather is left unmatched
+            if name in skip or (keep is not None and not keep(name)):  # the same on every rank: no gather unmatched
                 continue
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank takes part
             if self.rank != 0:

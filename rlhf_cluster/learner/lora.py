@@ -1,9 +1,10 @@
-"""LoRA for the policy (peft): adapters on, base frozen; merged weights for the weight store.
+"""LoRA for the policy (peft): adapters on, base frozen; what each version sends to generation.
 
-Only the adapter matrices train. Generation engines load plain checkpoints in place
-(`reload_weights`), so each published version is the merged model, W + (alpha / r) B A, under
-the base model's tensor names: the engine needs no LoRA support, and the bytes it reads are the
-same as for full fine-tuning. The base model with the adapters disabled is the frozen reference.
+Only the adapter matrices train. With `learner.lora.sync: adapters` (the default) a version is
+the adapters alone, under peft's saved names (`adapter_file_name`): each engine serves them as a
+vLLM LoRA adapter, reloaded in place, and a sync moves the adapters' bytes only. With `merged`
+it is the merged model, W + (alpha / r) B A, under the base model's names, for engines that
+cannot take adapters. The base model with the adapters disabled is the frozen reference.
 """
 
 from __future__ import annotations
@@ -42,6 +43,35 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
 def is_adapter_param(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_file_name(name: str) -> str:
+    """An adapter parameter's name as peft saves it (and vLLM loads it): without the adapter's
+    name (`.default`), e.g. `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    return name.replace(".default.", ".")
+
+
+def adapter_names(base_names: Iterable[str], cfg: LoraConfig) -> set[str]:
+    """The adapter tensors (`adapter_file_name`s) peft makes for a model with these weights."""
+    out = set()
+    for name in base_names:
+        layer, _, kind = name.rpartition(".")
+        if kind == "weight" and layer.rsplit(".", 1)[-1] in cfg.target_modules and decoder_layer(name) is not None:
+            out |= {f"{PEFT_PREFIX}{layer}.lora_A.weight", f"{PEFT_PREFIX}{layer}.lora_B.weight"}
+    return out
+
+
+def adapter_config(cfg: LoraConfig) -> dict:
+    """peft's `adapter_config.json` for adapters made by `apply_lora` (what vLLM reads beside them)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": list(cfg.target_modules),
+        "bias": "none",
+    }
 
 
 def merge_lora_state_dict(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from rlhf_cluster.learner.base import done_future
-from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, verified_tensors
+from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, check_bucket, fingerprint, unpack_bucket
 from rlhf_cluster.weights.transports import (
     DeliveryInterrupted,
     Fetched,
@@ -40,7 +41,7 @@ from rlhf_cluster.weights.transports import (
 
 SENT, MISSING = 1, 2  # the header's status: the buckets follow, or the sender no longer holds the version
 CONNECT_TIMEOUT = dt.timedelta(seconds=10)
-OUTBOX_KEPT = 3  # versions whose buckets rank 0 keeps for pushes still to come (and the joiners' newest)
+OUTBOX_KEPT = 2  # versions rank 0 keeps packed: the newest (for joiners) and one whose push may still come
 
 
 class BroadcastGroup:
@@ -92,13 +93,27 @@ class BroadcastGroup:
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Rank 0's `tensor` into every member's (bounded by the timeout; a failure leaves the group)."""
+        self.wait(self.start(tensor))
+
+    def start(self, tensor: torch.Tensor):
+        """Begin broadcasting rank 0's `tensor` into every member's; `wait` for it. Broadcasts
+        started one after another complete in that order on every member."""
         options = dist.BroadcastOptions()
         options.rootRank = 0
         try:
-            self.group.broadcast([tensor], options).wait(self.timeout)
+            return self.group.broadcast([tensor], options)
         except (RuntimeError, dist.DistError) as exc:
-            self.key, self.group = None, None  # the next push builds a new group
-            raise DeliveryInterrupted(f"weight broadcast failed: {exc}") from exc
+            self._failed(exc)
+
+    def wait(self, work) -> None:
+        try:
+            work.wait(self.timeout)
+        except (RuntimeError, dist.DistError) as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException):
+        self.key, self.group = None, None  # the next push builds a new group
+        raise DeliveryInterrupted(f"weight broadcast failed: {exc}") from exc
 
 
 class BroadcastGroupTransport(ObjectStoreTransport):
@@ -146,27 +161,44 @@ class BroadcastGroupTransport(ObjectStoreTransport):
         self.group.broadcast(_header(SENT if buckets is not None else MISSING, delivery["version"], device))
         if buckets is None:
             return
-        for variant in sorted(delivery["variants"]):
-            for payload in buckets[variant]:
-                self.group.broadcast(torch.from_numpy(payload).to(device))
+        # Every bucket's broadcast is started at once: the group's threads keep the wire busy.
+        works = [
+            self.group.start(torch.from_numpy(payload).to(device))
+            for variant in sorted(delivery["variants"])
+            for payload in buckets[variant]
+        ]
+        for work in works:
+            self.group.wait(work)
 
     # ---- engine --------------------------------------------------------------------------
     def fetch(self, delivery, variant, reader) -> Fetched:
-        payloads = self._receive(delivery, keep=variant)
         manifest = DeliveryManifest.from_dict(delivery["variants"][variant]["manifest"])
         corrupt, self.corrupt_bucket = self.corrupt_bucket, None
-        try:
-            tensors, fp = verified_tensors(manifest, payloads, None if corrupt is None else _flip_byte_of(corrupt))
-        except DeliveryError as exc:
-            raise WeightRefused(str(exc)) from exc
+        damage = None if corrupt is None else _flip_byte_of(corrupt)
+        payloads, digests, refused = [], [], None
+        # Each bucket is checked as it arrives, while the next ones are still on the wire; a bucket
+        # that fails its check refuses the version, once every broadcast of the push is through.
+        for index, payload in self._arrivals(delivery, keep=variant):
+            if damage is not None:
+                payload = damage(index, payload)
+            try:
+                digests.append(check_bucket(manifest.buckets[index], payload, index))
+            except DeliveryError as exc:
+                refused = refused or exc
+            payloads.append(payload)
+        if refused is not None:
+            raise WeightRefused(str(refused)) from refused
+        tensors = [t for spec, payload in zip(manifest.buckets, payloads) for t in unpack_bucket(spec, payload)]
+        fp = fingerprint(manifest.version, manifest.created_at, digests)
         return Fetched(manifest.version, manifest.created_at, tensors, fp, manifest.total_bytes)
 
     def decline(self, delivery, variant) -> None:
-        self._receive(delivery, keep=None)
+        for _ in self._arrivals(delivery, keep=None):
+            pass
 
-    def _receive(self, delivery: dict, keep: str | None) -> list[np.ndarray]:
+    def _arrivals(self, delivery: dict, keep: str | None) -> Iterator[tuple[int, np.ndarray]]:
         """This engine's part of the push's broadcasts: every variant's buckets in the sender's
-        order, `keep`'s kept (the others' pass through one scratch buffer)."""
+        order, all started at once; yields `keep`'s (index, bytes) as each arrives."""
         self.group.join(delivery["group"], delivery["seat"])
         device = self.group.device
         header = _header(0, -1, device)
@@ -179,20 +211,15 @@ class BroadcastGroupTransport(ObjectStoreTransport):
             )
         if status == MISSING:
             raise WeightSuperseded(f"version {version} is no longer held by the sender (newer versions follow)")
-        kept: list[np.ndarray] = []
-        scratch = None
+        arriving = []
         for variant in sorted(delivery["variants"]):
-            for spec in DeliveryManifest.from_dict(delivery["variants"][variant]["manifest"]).buckets:
-                if variant == keep:
-                    buffer = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
-                else:
-                    if scratch is None or scratch.numel() < spec.nbytes:
-                        scratch = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
-                    buffer = scratch[: spec.nbytes]
-                self.group.broadcast(buffer)
-                if variant == keep:
-                    kept.append(buffer.cpu().numpy())
-        return kept
+            for index, spec in enumerate(DeliveryManifest.from_dict(delivery["variants"][variant]["manifest"]).buckets):
+                buffer = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
+                arriving.append((variant == keep, index, buffer, self.group.start(buffer)))
+        for kept, index, buffer, work in arriving:
+            self.group.wait(work)
+            if kept:
+                yield index, buffer.cpu().numpy()
 
 
 def _header(status: int, version: int, device: torch.device) -> torch.Tensor:

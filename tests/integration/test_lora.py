@@ -1,5 +1,6 @@
 """LoRA on the policy: only adapters train, the base model (adapters off) is the reference, and
-generation engines receive and sample from the merged weights. Real Ray, FSDP2 (gloo), vLLM."""
+generation engines receive the adapters alone and sample as the merged model. Real Ray, FSDP2
+(gloo), vLLM (LoRA adapters on CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import ray
 import torch
 
 from actors.job import Job
-from rlhf_cluster.learner.lora import is_adapter_param
+from rlhf_cluster.generation.probe import PROBE_FILE, parse_probe_file
+from rlhf_cluster.learner.lora import PEFT_PREFIX, adapter_names, is_adapter_param
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
@@ -74,24 +76,57 @@ def test_lora_trains_adapters_only_and_references_the_base_model(ray_cluster, jo
             ray.kill(rank)
 
 
-def test_lora_job_publishes_merged_weights_that_generation_samples_from(ray_cluster, job_config, tiny_model_path):
+def test_lora_job_sends_adapters_only_and_engines_sample_as_the_merged_model(ray_cluster, job_config,
+                                                                           tiny_model_path):
     steps = 3
     cfg = job_config(learner={"world_size": 1, "lr": 1e-2, "lora": {"rank": RANK, "alpha": ALPHA}},
-                     train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False})
+                     train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
+                     weights={"persist_every": 1})
+    assert cfg.learner.lora.sync == "adapters"  # the default
     job = Job(cfg)
     try:
         assert "reference" not in job.pool_sizes()  # the learner's base model is the reference
         result = job.run()
+        receipts = job.delivery_receipts
     finally:
         job.shutdown()
     assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
     assert all(torch.isfinite(torch.tensor(r["kl"])) for r in result.rows)
+
+    # Each version is the adapters alone: A (r x in) and B (out x r) of every adapted layer.
+    base = load_causal_lm(tiny_model_path)
+    base_state = {k: v.clone() for k, v in base.state_dict().items() if k != "lm_head.weight"}  # tied: sent once
     store = WeightStore(cfg.weights_dir)
-    final, base = store.load(steps), load_causal_lm(tiny_model_path).state_dict()
-    assert set(final) == set(base) and any(not torch.equal(final[k], base[k]) for k in base)
-    # The worker loaded every new version (pushed as it was published) and scored the probe: its
-    # log-probs equal the learner's (adapters on) to fp32 precision, so it samples from the
-    # updated adapters.
+    final = store.load(steps)
+    assert final and all(is_adapter_param(k) for k in final)
+    assert set(final) == adapter_names(base_state, cfg.learner.lora)
+    adapter_bytes = sum(t.numel() * t.element_size() for t in final.values())
+    merged_bytes = sum(t.numel() * t.element_size() for t in base_state.values())
+    loaded = [r for r in receipts if r.get("loaded")]
+    assert {r["version"] for r in loaded} == set(range(steps + 1))
+    assert all(r["fingerprint"] == r["sent_fingerprint"] for r in loaded)
+    # What one sync moves (the delivery's buckets) is the adapters' bytes, far below the merged model's.
+    moved = max(r["bytes"] for r in loaded)
+    assert adapter_bytes <= moved < adapter_bytes + 4096 * len(final), (moved, adapter_bytes)
+    print(f"bytes per sync: adapters {moved} vs merged {merged_bytes} ({moved / merged_bytes:.3f})")
+    assert moved / merged_bytes < 0.1
+
+    # The engine served the updated adapters: its log-probs of the probe equal the learner's
+    # (adapters on) to fp32 precision, every version...
     probes = [json.loads(x) for x in (Path(result.run_dir) / "probes.jsonl").read_text().splitlines()]
     assert {p["version"] for p in probes} == set(range(steps + 1))
     assert max(p["max_abs_diff"] for p in probes) < 1e-4
+    # ...and the learner's are those of the merged model, W + alpha/r B A, built here from the
+    # version's adapters: the engine samples as the merged model would.
+    probe, learner_logprobs = parse_probe_file(store.read_file(steps, PROBE_FILE))
+    merged = dict(base_state)
+    for name, a in final.items():
+        if name.endswith(".lora_A.weight"):
+            layer = name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+            b = final[name.replace(".lora_A.", ".lora_B.")]
+            merged[f"{layer}.weight"] = base_state[f"{layer}.weight"] + (ALPHA / RANK) * (b.float() @ a.float())
+    base.load_state_dict(merged, strict=False)
+    assert any(not torch.equal(merged[k], v) for k, v in base_state.items())
+    for prompt, response, want in zip(probe.prompt_ids, probe.response_ids, learner_logprobs):
+        got = sequence_logprobs(base, prompt, response).tolist()
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4

@@ -56,3 +56,24 @@ def test_the_engines_gather_is_cast_on_the_device_and_sends_a_tied_embedding_onc
         for param in learner.model.parameters():
             param.to_local().add_(1.0)
     assert all(torch.equal(before[n], t) for n, t in engine)
+
+
+@pytest.mark.parametrize("sync", ["adapters", "merged"])
+def test_the_engines_get_the_adapters_alone_or_the_merged_model(gloo_group, tiny_model_path, sync):
+    from rlhf_cluster.generation.lora_adapters import AdapterSlot
+    from rlhf_cluster.generation.quantization import checkpoint_spec
+
+    cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lora": {"rank": 4, "sync": sync}}})
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
+    sent = dict(learner.named_engine_tensors(torch.bfloat16))
+    if sync == "merged":
+        assert sent.keys() == {n for n, _ in learner.named_full_tensors(torch.bfloat16)}
+        return
+    # peft's saved names and shapes, exactly the layout an engine's adapter slot accepts.
+    slot = AdapterSlot(cfg.learner.lora, checkpoint_spec(tiny_model_path), "gen0")
+    try:
+        assert sent.keys() == slot.spec.keys()
+        assert all(t.dtype == torch.bfloat16 and tuple(t.shape) == slot.spec[n][1] for n, t in sent.items())
+        assert all(not t.any() for n, t in sent.items() if ".lora_B." in n)  # B starts at zero: version 0 is the base
+    finally:
+        slot.close()
