@@ -1,7 +1,10 @@
 """Rollout generation: the vLLM engine wrapper and what runs in its process.
 
-- `engine`: the vLLM engine driven by its own loop thread (continuous batching, in-flight loads);
-  `vllm_process`: the environment vLLM reads; `gc_pause`: its heavy imports with the GC paused.
+- `engine`: the vLLM engine and its request API (rollouts, turns, log-probs, in-flight weight
+  loads); `engine_loop`: the thread that drives it (continuous batching, work at token
+  boundaries); `vllm_process`: the environment vLLM reads; `gc_pause`: its heavy imports with
+  the GC paused.
+- `lora_adapters`: the engine's LoRA adapter slot (`learner.lora.sync: adapters`).
 - `weight_transfer`: the weight-transfer backend through which an engine loads checked tensors.
 - `episodes`, `environments`: multi-turn episodes and the environments that answer each turn.
 - `quantization`: int8 weights; `probe`: the post-sync probe; `batch_recorder`: engine stats.
