@@ -1,18 +1,25 @@
 """Checkpointing: snapshot the whole job (the JobState, every rank's state) without stopping the
-step loop, and restore it: on `--resume`, and when a lost learner is rebuilt."""
+step loop, and restore it: on `--resume`, and when a lost learner is rebuilt.
+
+`build_learner` builds the learner from a checkpoint: the rank groups, a fresh job state restored
+beside them and the weights they continue from. Blocking work, done in a worker thread at a
+job's start and at every rebuild; it returns a `LearnerStart` that the driver adopts on its own
+thread, so no thread assigns the driver's state."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from actors.reporting import Reporter
-from actors.trainer import Trainer
+from actors.trainer import Trainer, start_trainer
 from rlhf_cluster.config import DeepSpeedBackend, JobConfig
-from rlhf_cluster.job.guardrails import GuardVerdict
+from rlhf_cluster.job.guardrails import EvalGuard, GuardVerdict
+from rlhf_cluster.job.inputs import JobInputs
 from rlhf_cluster.run.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
@@ -194,3 +201,40 @@ class Checkpointer:
         self.checkpoints.abandon(tmp)
         self.reporter.checkpoint_failed()
         log.warning(f"checkpoint after step {step} failed ({exc!r}); the previous checkpoint stays in use")
+
+
+@dataclass
+class LearnerStart:
+    """What building the learner yields, for the driver to adopt."""
+
+    trainer: Trainer
+    cfg: JobConfig  # the job's config from now on (faults.elastic may have shrunk the learner)
+    state: JobState
+    published_version: int
+    delivery: dict  # the restored version's delivery, for every engine
+    guard: EvalGuard
+
+
+def build_learner(
+    cfg: JobConfig,
+    cfg_dict: dict,
+    inputs: JobInputs,
+    checkpointer: Checkpointer,
+    run_dir: RunDir,
+    ckpt: Checkpoint | None,
+    previous: JobState | None,
+) -> LearnerStart:
+    """The rank groups and a job state from `ckpt` (or the start), its weights published.
+    `previous`: the job state being replaced (its samples' provenance carries over)."""
+    trainer, cfg = start_trainer(cfg, cfg_dict, inputs.model_path, inputs.probe)
+    try:
+        state = JobState(cfg, inputs.prompts)
+        if previous is not None:
+            state.worker_of = previous.worker_of  # provenance of samples the checkpoint's buffer holds
+        version, delivery = checkpointer.restore(ckpt, trainer, state, cfg)
+        guard = EvalGuard(cfg.guardrails)  # the evaluations of the steps the checkpoint keeps
+        guard.replay(run_dir.read(RunDir.METRICS))
+    except BaseException:
+        trainer.kill()  # the ranks are nobody's yet
+        raise
+    return LearnerStart(trainer, cfg, state, version, delivery, guard)

@@ -178,8 +178,8 @@ def train(
         raise typer.Exit(supervise(argv, max_retries, lambda line: typer.echo(line, err=True)))
     import ray
 
-    from actors.commands.preemption import GracefulStop
     from actors.job import run_job
+    from rlhf_cluster.job.preemption import GracefulStop
 
     try:
         _connect(address, cfg.cluster.num_cpus)
@@ -471,7 +471,7 @@ def scale(
     """Grow or shrink a pool of a running job; new workers load the newest weights first."""
     import ray
 
-    from actors.commands.control import scale as scale_pool
+    from actors.workers.control import scale as scale_pool
 
     name = job
     if job.startswith("raysubmit_") or dashboard:

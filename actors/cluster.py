@@ -13,8 +13,8 @@ from functools import partial
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.commands.control import NAMESPACE, JobController, controller_name
 from actors.workers._common import heartbeat
+from actors.workers.control import NAMESPACE, JobController, controller_name
 from actors.workers.generation import GenerationWorker
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.workers.scoring import ReferenceWorker, RewardWorker

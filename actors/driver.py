@@ -4,8 +4,8 @@
     step loop: take a batch (staleness checked) -> train -> publish -> report -> checkpoint when due
 
 Everything else has a room of its own: `cluster` (pools, scaling, scrape targets), `rollout`,
-`trainer` (policy and critic rank groups), `learner_start` (building them from a checkpoint),
-`checkpointer`, `reporting`, `evaluation`, and in the library `JobState` (admission, buffer, KL
+`trainer` (policy and critic rank groups), `checkpointer` (snapshots, and the learner built
+from one), `reporting`, `evaluation`, and in the library `JobState` (admission, buffer, KL
 controller) and `finalize_batch` (every advantage).
 Every task runs in one asyncio.TaskGroup: if any fails, the others are cancelled and the job ends
 with that cause.
@@ -22,13 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 from tqdm import tqdm
 
-from actors.checkpointer import Checkpointer
+from actors.checkpointer import Checkpointer, LearnerStart, build_learner
 from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
 from actors.trainer import Trainer
-from actors.workers.learner_start import LearnerStart, build_learner
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample

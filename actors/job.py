@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from actors.commands.preemption import GracefulStop
 from actors.driver import Driver
 from actors.reporting import ConsumedSample, JobResult
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.job.preemption import GracefulStop
 
 
 class Job:

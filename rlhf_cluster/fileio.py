@@ -1,10 +1,12 @@
-"""Durable file primitives shared by the weight store and checkpoints."""
+"""File primitives every layer uses: checksums, durable writes, and JSONL logs read as a crash leaves them."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -118,3 +120,52 @@ def _discard(path: Path) -> None:
     doomed = path.with_name(f"{path.name.removesuffix('.old')}.doomed.{os.getpid()}.{threading.get_ident()}")
     path.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+_BLANK = b" \t\r\0"  # a power loss can leave a file's last blocks as NUL bytes
+
+
+class CorruptLogError(ValueError):
+    """A JSONL log has a damaged line that is not its last, so a crash mid-append does not explain it."""
+
+
+@dataclass(frozen=True)
+class JsonlLog:
+    """A JSONL file as read: its rows, and where its well-formed part ends (`clean_end` bytes of
+    `size`; anything after is a torn final line, `torn_line`, or trailing NUL/blank junk)."""
+
+    path: Path
+    rows: list[dict]
+    clean_end: int
+    size: int
+    torn_line: int | None = None
+
+
+def read_jsonl(path: Path) -> JsonlLog:
+    """The rows of a JSONL file (none if it does not exist). A final line that does not parse is
+    what a crash mid-append leaves: it is left out (`torn_line`). A line that does not parse with
+    rows after it raises `CorruptLogError` naming the file and line."""
+    data = path.read_bytes() if path.exists() else b""
+    pieces = data.split(b"\n")
+    meaningful = [i for i, piece in enumerate(pieces) if piece.strip(_BLANK)]
+    last = meaningful[-1] if meaningful else -1
+    rows: list[dict] = []
+    start = clean_end = 0
+    for i, piece in enumerate(pieces):
+        if piece.strip(_BLANK):
+            try:
+                row = json.loads(piece)
+                if not isinstance(row, dict):
+                    raise ValueError(f"a JSON {type(row).__name__}, expected an object")
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+                if i != last:
+                    raise CorruptLogError(
+                        f"{path}: line {i + 1} is not a JSON object ({exc}); only the last line can be torn by a "
+                        f"crash and {len(meaningful) - meaningful.index(i) - 1} line(s) follow it, so the file was "
+                        "damaged otherwise: repair or remove that line"
+                    ) from None
+                return JsonlLog(path, rows, clean_end, len(data), torn_line=i + 1)
+            rows.append(row)
+            clean_end = min(start + len(piece) + 1, len(data))
+        start += len(piece) + 1
+    return JsonlLog(path, rows, clean_end, len(data))

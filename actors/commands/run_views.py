@@ -40,7 +40,8 @@ def samples(
     top: int | None = typer.Option(None, help="Show only this many of the highest- and lowest-reward ones."),
 ) -> None:
     """Print the decoded prompts and responses a step trained on: highest and lowest reward, random."""
-    from rlhf_cluster.run.run_dir import RunDir, read_jsonl
+    from rlhf_cluster.fileio import read_jsonl
+    from rlhf_cluster.run.run_dir import RunDir
     from rlhf_cluster.run.sample_log import fewest_extremes, format_samples
 
     rows = read_jsonl(run_dir / RunDir.SAMPLES).rows  # none if absent; a torn final line is left out

@@ -5,7 +5,8 @@
 - `learner`, `critic`: the policy's and the value model's FSDP2/DeepSpeed ranks.
 - `pools`: same-kind actors with least-busy dispatch that grow and shrink while serving.
 - `rank_group`: every torch.distributed group of actors (learner, critic, supervised stages).
-- `learner_start`: the learner's rank groups built from a checkpoint.
+- `control`: the job's controller actor (resize a pool, stop the job) and the CLI's side of it.
+- `weight_push`: one version pushed to a set of engines (with rank 0 seated when the transport needs it).
 - `_common`: what every actor does at start (its config, its metrics endpoint).
 
 Each actor wraps `rlhf_cluster` objects thinly: the maths and the state live in the library.

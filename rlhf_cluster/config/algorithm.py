@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 from rlhf_cluster.algorithms.presets import PRESETS, merge_preset
 from rlhf_cluster.config.base import _Strict
 
+# Advantage estimators that compare a prompt's samples with each other: a group needs two or more.
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
 
 class LossConfig(_Strict):
     """The clipped policy loss."""

@@ -7,6 +7,7 @@ decisions taken on the run's own measurements.
 - `warmup`: the short supervised warm-up on the task.
 - `guardrails`: the best checkpoint kept, rollbacks and early stops; `elastic`: the world size a
   rebuilt learner continues at.
+- `preemption`: SIGTERM/SIGINT end a job after its step, with a checkpoint.
 
 May import: `rlhf_cluster.config`, `data`, `models`, `learner`, `generation`, `scoring`, `run`;
 never ray.

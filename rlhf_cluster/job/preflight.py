@@ -17,8 +17,7 @@ from collections.abc import Callable
 
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
 from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
-
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
 
 
 def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from rlhf_cluster.config import LoraConfig
-from rlhf_cluster.weights.buckets import decoder_layer
+from rlhf_cluster.models.modeling import decoder_layer
 
 PEFT_PREFIX = "base_model.model."
 

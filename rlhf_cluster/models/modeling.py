@@ -6,12 +6,21 @@ logits at position `prompt_len - 1 + t`; the output is in the response frame [B,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
 from rlhf_cluster.models.packing import PackedRows, pack_rows, packing_pays, prepared_mask
+
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def decoder_layer(name: str) -> str | None:
+    """The decoder layer a tensor belongs to (`model.layers.3`), None outside the layers."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else None
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -15,12 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
 from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience.admission import Admission
 from rlhf_cluster.experience.buffer import ExperienceBuffer
 from rlhf_cluster.experience.build import accept_group, kl_controller
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.job.preflight import GROUP_ADVANTAGES
 from rlhf_cluster.run.checkpoint import Checkpoint
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import BUFFERED, ScoredLog

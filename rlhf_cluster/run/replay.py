@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rlhf_cluster.config import JobConfig, load_config
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.run.run_dir import RunDir, read_jsonl
+from rlhf_cluster.fileio import read_jsonl
+from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
 
 

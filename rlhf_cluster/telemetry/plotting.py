@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_cluster.run.run_dir import read_jsonl
+from rlhf_cluster.fileio import read_jsonl
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:

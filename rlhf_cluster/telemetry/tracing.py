@@ -222,7 +222,7 @@ def read_spans(path: Path) -> list[dict]:
     """The spans of a run's trace.jsonl."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trace (is this a run directory, of a job with metrics.trace on?)")
-    from rlhf_cluster.run.run_dir import read_jsonl
+    from rlhf_cluster.fileio import read_jsonl
 
     return read_jsonl(path).rows  # a torn final line (a crash mid-append) is left out
 

@@ -13,7 +13,6 @@ the bucket checksums of the bytes they hold, so an engine proves what it loaded.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -25,9 +24,9 @@ import torch
 
 from rlhf_cluster.fileio import checksum
 from rlhf_cluster.generation.quantization import is_quantized_weight, quantize_weight
+from rlhf_cluster.models.modeling import decoder_layer
 
 ALIGN = 64  # every tensor starts on a 64-byte boundary inside its bucket, so any dtype view is legal
-_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
 class DeliveryError(RuntimeError):
@@ -111,12 +110,6 @@ def engine_tensors(
             yield name, tensor.detach().to("cpu", float_dtype)
         else:
             yield name, tensor.detach().to("cpu")
-
-
-def decoder_layer(name: str) -> str | None:
-    """The decoder layer a tensor belongs to (`model.layers.3`), None outside the layers."""
-    match = _LAYER.match(name)
-    return match.group(1) if match else None
 
 
 def layer_of(name: str) -> str:

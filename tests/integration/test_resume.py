@@ -69,7 +69,7 @@ def _cfg(job_config, name, steps, max_staleness=1, episodes=False):
 
 def _job_actors_alive(job_name: str) -> bool:
     """Whether the killed job's controller (and so its driver's actors) is still registered."""
-    from actors.commands.control import NAMESPACE, controller_name
+    from actors.workers.control import NAMESPACE, controller_name
 
     try:
         ray.get_actor(controller_name(job_name), namespace=NAMESPACE)

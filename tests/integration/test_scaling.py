@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from actors.commands.control import scale
+from actors.workers.control import scale
 from actors.job import Job
 
 

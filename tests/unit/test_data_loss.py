@@ -23,7 +23,8 @@ from rlhf_cluster import fileio
 from rlhf_cluster.run.checkpoint import CheckpointStore, NoVerifiedCheckpoint
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.run.run_dir import CorruptLogError, RunDir, RunDirInUse
+from rlhf_cluster.fileio import CorruptLogError
+from rlhf_cluster.run.run_dir import RunDir, RunDirInUse
 from rlhf_cluster.run.scored_log import ScoredLog, ScoredLogFlushError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from actors.commands.preemption import GracefulStop
+from rlhf_cluster.job.preemption import GracefulStop
 
 
 class _Job:
