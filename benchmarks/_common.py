@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -232,3 +232,27 @@ def rows_per_capability(script: str, worker_args: list[str], capabilities: list[
         rows += [{**r, "asked": capability} for r in json.loads(line[5:])]
     return rows
 
+
+def in_local_ray(prefix: str, run: Callable[[Path], int], parent: str | None = None) -> int:
+    """`run(work)` with a temp work directory (under `parent`) and a local Ray instance of its own,
+    both gone afterwards; returns what `run` returns."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir=str(work / "ray"))
+    try:
+        return run(work)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def qwen2_shape(hidden: int, layers: int):
+    """A random Qwen2 of this width and depth: head_dim 64, 4 KV heads, MLP 4x (the benchmarks' sizes)."""
+    from rlhf_cluster.config import TinyModelConfig
+
+    return TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, num_kv_heads=4,
+                           intermediate_size=4 * hidden, max_position_embeddings=256)

@@ -1,7 +1,7 @@
 """LoRA weight sync: the adapters alone (`learner.lora.sync: adapters`) against the merged model
 (`merged`), each into a live vLLM engine, and the two engines' outputs compared.
 
-A random Qwen2 (`--size 100m`: hidden 768, 12 layers, 104M parameters; or `20m`) is built in a
+A random Qwen2 (`--size 100m`: hidden 768, 12 layers, 104M parameters; or `30m`: hidden 512, 6 layers) is built in a
 temp dir with the tiny tokenizer. A `Sender` actor holds the base weights and random LoRA
 adapters of `--rank` on every projection (A random, B random at `--b-scale`: a policy that has
 moved), and per repetition, order rotated, packs one new version through the object store
@@ -22,22 +22,21 @@ sequences (the adapter engine must sample as the merged one: target < 1e-3 in fp
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import ray
 import torch
 
-from _common import headline, machine_info, median, print_table, result_path, rotated, write_result
-from rlhf_cluster.config import TinyModelConfig
+from _common import (
+    headline, in_local_ray, machine_info, median, print_table, qwen2_shape, result_path, rotated, write_result,
+)
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("adapters", "merged")
 BYTES_TARGET, LOGPROB_TARGET = 0.05, 1e-3
-SIZES = {"20m": (384, 6), "100m": (768, 12)}  # width, layers (head_dim 64, 4 KV heads, MLP 4x)
+SIZES = {"30m": (512, 6), "100m": (768, 12)}  # width, layers (head_dim 64, 4 KV heads, MLP 4x)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,13 +99,7 @@ class Sender:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench-lora-sync-"))
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir=str(work / "ray"))
-    try:
-        return _run(args, work)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+    return in_local_ray("bench-lora-sync-", lambda work: _run(args, work), None)
 
 
 def _run(args: argparse.Namespace, work: Path) -> int:
@@ -114,8 +107,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from rlhf_cluster.config import JobConfig
 
     hidden, layers = SIZES[args.size]
-    tiny = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, num_kv_heads=4,
-                           intermediate_size=4 * hidden, max_position_embeddings=256)
+    tiny = qwen2_shape(hidden, layers)
     model_dir = str(ensure_tiny_model(tiny, work / "models"))
     lora = {"rank": args.rank, "alpha": args.alpha}
     cfgs = {side: JobConfig.model_validate({

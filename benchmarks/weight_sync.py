@@ -41,7 +41,6 @@ side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -50,8 +49,9 @@ from pathlib import Path
 import ray
 import torch
 
-from _common import headline, machine_info, median, print_table, result_path, rotated, write_result
-from rlhf_cluster.config import TinyModelConfig
+from _common import (
+    headline, in_local_ray, machine_info, median, print_table, qwen2_shape, result_path, rotated, write_result,
+)
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("direct", "broadcast", "collective", "filesystem", "files", "snapshot", "files_fsync", "sparse")
@@ -253,13 +253,7 @@ def _broadcast(group, tensor: torch.Tensor) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="bench-weight-sync-", dir=args.dir))
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir=str(work / "ray"))
-    try:
-        return _run(args, work)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+    return in_local_ray("bench-weight-sync-", lambda work: _run(args, work), args.dir)
 
 
 def _run(args: argparse.Namespace, work: Path) -> int:
@@ -267,8 +261,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from rlhf_cluster.config import CollectiveTransport, JobConfig
 
     hidden, layers = SIZES[args.size]
-    tiny = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, num_kv_heads=4,
-                           intermediate_size=4 * hidden, max_position_embeddings=256)
+    tiny = qwen2_shape(hidden, layers)
     t0 = time.perf_counter()
     model_dir = str(ensure_tiny_model(tiny, work / "models"))
     build_s = time.perf_counter() - t0
