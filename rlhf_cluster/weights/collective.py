@@ -71,6 +71,7 @@ class BroadcastGroup:
         if key == self.key:
             return
         self.key, self.group = None, None
+        self.backend = address["backend"]  # rank 0 chose it (`auto`: nccl where it has CUDA); every member follows
         try:
             store = self.server if seat["rank"] == 0 else None
             if store is None:
