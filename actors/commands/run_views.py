@@ -1,5 +1,5 @@
 """Commands that read a run directory: `plot`, `samples`, `trace`, `replay`, and `status` of a run
-directory (registered by actors/cli.py)."""
+directory (registered by actors/commands/cli.py)."""
 
 from __future__ import annotations
 

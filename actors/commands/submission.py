@@ -1,5 +1,5 @@
 """What `rlhf-cluster submit` sends to a cluster: a staged working directory holding the code, the
-validated config and the user's own modules, and the Ray Jobs client the job commands use."""
+validated config and the user's own modules. (The job commands and the Ray Jobs client: `jobs.py`.)"""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ from pathlib import Path
 import typer
 import yaml
 
+from actors.commands.common import REPO
 from rlhf_cluster.config import FunctionReward, JobConfig
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def job_client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(address)
 
 
 def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path | None) -> Path:

@@ -71,7 +71,7 @@ def _preflight(*overrides: str) -> list[str]:
 
 
 def _dry_run(*overrides: str) -> None:
-    from actors.cli import app
+    from actors.commands.cli import app
 
     args = ["train", str(REPO / "configs" / "demo.yaml"), "--dry-run"]
     for item in overrides:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from actors.cli import app
+from actors.commands.cli import app
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -54,13 +54,15 @@ def test_preflight_warnings_are_printed():
 
 @pytest.mark.parametrize("command", [["train"], ["submit", "--address", "http://127.0.0.1:9"], ["pipeline"]])
 def test_a_refused_config_ends_before_ray_or_the_cluster_is_touched(monkeypatch, command):
-    import actors.cli as cli
+    from actors.commands import jobs, stages, training
 
     def no_cluster(*args, **kwargs):
         raise AssertionError("preflight should have refused the config first")
 
-    monkeypatch.setattr(cli, "_connect", no_cluster)
-    monkeypatch.setattr(cli, "job_client", no_cluster)
+    # Where each command looks the names up.
+    monkeypatch.setattr(training, "connect", no_cluster)
+    monkeypatch.setattr(stages, "connect", no_cluster)
+    monkeypatch.setattr(jobs, "job_client", no_cluster)
     config = next(c for c in CONFIGS if c.name == "three_stage.yaml")
     result = CliRunner().invoke(app, [command[0], str(config), *command[1:], "--set", "buffer.capacity=1"])
     assert result.exit_code == 2, result.output
@@ -86,7 +88,7 @@ def test_submit_stages_the_users_modules_and_working_dir(tmp_path, monkeypatch):
     try:
         shipped = {p.relative_to(stage).as_posix() for p in stage.rglob("*") if "__pycache__" not in p.parts}
         assert {"my_rewards.py", "helpers.py", "mypkg/__init__.py", "lexicon.txt", "job.yaml",
-                "rlhf_cluster/config/__init__.py", "actors/cli.py"} <= shipped
+                "rlhf_cluster/config/__init__.py", "actors/commands/cli.py"} <= shipped
         assert not any(p.startswith("site-packages") for p in shipped)
     finally:
         import shutil

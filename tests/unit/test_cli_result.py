@@ -3,7 +3,7 @@ before its final evaluation: the stopped one printed nothing but a TypeError."""
 
 from __future__ import annotations
 
-from actors.cli import _print_result
+from actors.commands.common import print_result
 from actors.reporting import JobResult
 
 
@@ -11,9 +11,9 @@ def test_a_stopped_run_prints_its_evaluation_before_and_no_after(job_config, cap
     cfg = job_config()
     before = {"eval_accuracy": 0.25, "eval_sampled_accuracy": 0.125}
     rows = [{"step": 0, "reward_mean": 0.5}]
-    _print_result(cfg, JobResult(rows=rows, evaluation_before=before, stopped=True))
+    print_result(cfg, JobResult(rows=rows, evaluation_before=before, stopped=True))
     stopped = capsys.readouterr().out
     assert "before 0.250 (stopped before the last)" in stopped and "before 0.125 (stopped" in stopped
-    _print_result(cfg, JobResult(rows=rows, evaluation_before=before, evaluation_after={"eval_accuracy": 0.5,
+    print_result(cfg, JobResult(rows=rows, evaluation_before=before, evaluation_after={"eval_accuracy": 0.5,
                                                                                           "eval_sampled_accuracy": 0.375}))
     assert "before 0.250, after 0.500" in capsys.readouterr().out

@@ -177,7 +177,7 @@ def test_overwrite_moves_the_earlier_run_aside_and_only_delete_deletes(tmp_path)
 def test_the_cli_takes_a_bare_overwrite_as_aside_and_overwrite_equals_delete():
     import typer.main
 
-    from actors.cli import app
+    from actors.commands.cli import app
     from actors.commands.supervisor import _resuming
 
     train = typer.main.get_command(app).commands["train"]

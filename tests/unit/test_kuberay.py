@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 import yaml
 
-from actors.cli import app
+from actors.commands.cli import app
 from rlhf_cluster.config import load_config
 from rlhf_cluster.job.placement import check_placement, resource_plan
 

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from actors.cli import app
+from actors.commands.cli import app
 
 
 def test_plot_writes_a_png(tmp_path):

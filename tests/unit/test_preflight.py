@@ -69,7 +69,7 @@ def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path, 
     import yaml
     from typer.testing import CliRunner
 
-    from actors.cli import app
+    from actors.commands.cli import app
     from actors.job import Job
 
     cfg = build(case, {"run_dir": str(tmp_path / "run")})

@@ -1,0 +1,86 @@
+"""`rlhf-cluster` command line: the Typer app and every command registered on it, in the order
+`--help` lists them. The commands themselves live beside it: `training` (`train`), `stages` (`sft`,
+`train-rm`, `pipeline`), `jobs` (`submit`, `status`, `logs`, `stop`, `scale`) and `run_views`
+(`plot`, `samples`, `trace`, `replay`); `gateway` and `version` are here. None of them imports this
+module: it imports them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from actors.commands import jobs, run_views, stages, training
+from actors.commands.common import DEFAULT_CONFIG, load_config_or_exit
+from rlhf_cluster.telemetry.console import attach_console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
+
+
+@app.callback()
+def _before_any_command() -> None:
+    # Ray turns on token auth when ~/.ray/auth_token exists, and reads RAY_AUTH_MODE once, when
+    # it is imported: say so before any command imports it (`scale` did first, and was refused).
+    if (Path.home() / ".ray" / "auth_token").exists():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    attach_console()  # what the job and its actors log reaches this console, above the progress bars
+
+
+app.command(cls=training.TrainCommand)(training.train)
+app.command()(stages.sft)
+app.command("train-rm")(stages.train_rm)
+app.command()(stages.pipeline)
+# ---- jobs on a cluster (Ray Jobs API) ---------------------------------------------------------
+for command in (jobs.submit, jobs.status, jobs.logs, jobs.stop, jobs.scale):
+    app.command()(command)
+
+
+@app.command()
+def gateway(
+    config: Path = typer.Argument(DEFAULT_CONFIG, exists=True, dir_okay=False),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config field: --set generation.sampling.max_new_tokens=256"
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (anything but loopback needs --token)."),
+    port: int = typer.Option(8000, help="Port (0: any free one; the URL is printed)."),
+    token: str | None = typer.Option(None, help="Bearer token every call must carry."),
+    out: Path | None = typer.Option(None, help="Where closed episodes go (default: <run_dir>/gateway/episodes.jsonl)."),
+) -> None:
+    """Serve the agent gateway (OpenAI-compatible, token-exact episode traces) over the config's
+    model on this machine, without training; Ctrl-C stops it."""
+    from rlhf_cluster.config.generation import is_loopback
+    from rlhf_cluster.gateway.standalone import serve
+
+    cfg = load_config_or_exit(config, set_)
+    if not is_loopback(host) and not token:
+        typer.echo(f"error: --host {host} is reachable from other machines: set --token", err=True)
+        raise typer.Exit(2) from None
+    out = out or Path(cfg.run_dir) / "gateway" / "episodes.jsonl"
+    serve(
+        cfg,
+        stages.base_model(cfg),
+        host,
+        port,
+        token,
+        out,
+        on_ready=lambda url: typer.echo(
+            f"gateway: {url}/v1 (episodes: {url}/episodes/<id>/v1); closed episodes -> {out}"
+        ),
+    )
+
+
+for view in (run_views.plot, run_views.samples, run_views.trace, run_views.replay):
+    app.command()(view)
+
+
+@app.command()
+def version() -> None:
+    """Print the package version."""
+    from importlib.metadata import version as v
+
+    typer.echo(v("rlhf-cluster"))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,118 @@
+"""What several `rlhf-cluster` commands share: the repository's paths and default config, loading a
+config and running preflight (a refusal ends the command with exit code 2), connecting to Ray and
+reading the cluster's capacity, turning an input error into its one-line message, and printing a
+finished job's result."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from rlhf_cluster.config import ConfigError, JobConfig, load_config
+from rlhf_cluster.job.preflight import preflight
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+ADDRESS_HELP = "Ray address: ray://HOST:10001 or HOST:6379 for train/scale, http://HEAD:8265 for job commands."
+
+
+def load_config_or_exit(config: Path, overrides: list[str]) -> JobConfig:
+    """The config at `config` with `overrides`; an invalid one ends the command with its message (exit code 2)."""
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """`ray.init` on the cluster at `address`, or on a new local instance when it is empty."""
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" always starts a new instance, never attaching to another cluster on the machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def cluster_capacity(address: str | None, cfg: JobConfig) -> list[dict[str, float]]:
+    """The resources of every live node (this machine for a local instance)."""
+    if address is None:
+        import torch
+
+        return [{"CPU": float(cfg.cluster.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+    import ray
+
+    connect(address)
+    try:
+        return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    finally:
+        ray.shutdown()
+
+
+def preflight_or_exit(cfg: JobConfig, files: bool = True, resume: str | None = None) -> list[str]:
+    """`preflight`'s warnings; its refusal ends the command with the message (exit code 2)."""
+    try:
+        return preflight(cfg, files=files, resume=resume)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def exit_on_input_error(exc: BaseException, debug: bool) -> None:
+    """An error caused by the user's input ends the command with its one-line message (exit 2);
+    anything else, or with --debug, keeps its traceback."""
+    from rlhf_cluster.run.checkpoint import CheckpointError
+    from rlhf_cluster.run.lock import RunDirBusy
+    from rlhf_cluster.run.run_dir import RunDirInUse
+    from rlhf_cluster.scoring.rewards import RewardFunctionError
+    from rlhf_cluster.weights import WeightIntegrityError
+
+    cause = getattr(exc, "cause", None) or exc  # a remote task's error arrives wrapped by Ray
+    input_errors = (
+        ValueError,
+        FileNotFoundError,
+        RunDirBusy,
+        RunDirInUse,
+        CheckpointError,
+        RewardFunctionError,
+        WeightIntegrityError,
+    )
+    if debug or not isinstance(cause, input_errors):
+        return
+    typer.echo(f"error: {cause}", err=True)
+    typer.echo("(the full traceback: the same command with --debug)", err=True)
+    raise typer.Exit(2) from None
+
+
+def print_result(cfg: JobConfig, result) -> None:
+    """What an RL job ends with: held-out accuracy before and after, an early stop, the last step's reward."""
+    if not result.rows:
+        return
+    last = result.rows[-1]
+
+    def before_after(before: float, after: float | None) -> str:  # a stopped run has no final evaluation
+        return (
+            f"before {before:.3f}, after {after:.3f}"
+            if after is not None
+            else f"before {before:.3f} (stopped before the last)"
+        )
+
+    if result.accuracy_before is not None:
+        typer.echo(
+            f"held-out accuracy (greedy, verifier): {before_after(result.accuracy_before, result.accuracy_after)}"
+        )
+    if result.sampled_accuracy_before is not None:
+        typer.echo(
+            f"held-out accuracy ({cfg.data.eval_samples} samples per prompt, verifier): "
+            f"{before_after(result.sampled_accuracy_before, result.sampled_accuracy_after)}"
+        )
+    if result.early_stop:
+        typer.echo(f"stopped early: {result.early_stop}")
+    typer.echo(
+        f"done: {len(result.rows)} steps, weight version {result.final_version}, "
+        f"final reward {last['reward_mean']:.3f}; metrics in {result.run_dir}/metrics.jsonl"
+    )

@@ -1,0 +1,131 @@
+"""Jobs on a cluster, through Ray's Jobs API: `rlhf-cluster submit`, `status`, `logs`, `stop` and
+`scale` (a running job's pools), and `job_client`, the API's client. What `submit` ships is staged
+by `submission.py`; these commands are registered by `actors/commands/cli.py`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+
+from actors.commands import run_views
+from actors.commands.common import ADDRESS_HELP, load_config_or_exit, preflight_or_exit
+from actors.commands.submission import stage_working_dir
+
+
+def job_client(address: str):
+    """A Ray Jobs API client for the dashboard at `address` (http://HEAD:8265)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(
+    config: Path = typer.Argument(..., help="YAML job config."),
+    address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    python: str = typer.Option(
+        "python", help="Python on the cluster's head node that has rlhf_cluster's dependencies."
+    ),
+    max_retries: int = typer.Option(
+        0, "--max-retries", min=0, help="Resume the job (--resume auto) after its driver dies, up to this many times."
+    ),
+    py_modules: list[Path] = typer.Option(
+        [],
+        "--py-modules",
+        help="A module file or package directory to ship with the job (repeatable); reward functions' own modules "
+        "are shipped without it.",
+    ),
+    working_dir: Path | None = typer.Option(
+        None,
+        "--working-dir",
+        help="A directory whose contents are shipped into the job's working directory (on the path of every actor).",
+    ),
+) -> None:
+    """Submit a job through Ray's Jobs API (code, config and the user's modules shipped as the working dir);
+    print its id."""
+    cfg = load_config_or_exit(config, set_)
+    # The files a config names are paths on the cluster, not here: only the config's own rules.
+    for warning in preflight_or_exit(cfg, files=False):
+        typer.echo(f"warning: {warning}", err=True)
+    stage = stage_working_dir(cfg, py_modules, working_dir)
+    try:
+        job_id = job_client(address).submit_job(
+            entrypoint=f"{python} -m actors.commands.cli train job.yaml --address auto --max-retries {max_retries}",
+            runtime_env={"working_dir": str(stage)},
+            metadata={"rlhf_job_name": cfg.name},
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    typer.echo(job_id)
+
+
+def status(
+    job: str = typer.Argument(..., help="Job id from `submit`, or a run directory."),
+    address: str | None = typer.Option(None, help=ADDRESS_HELP + " Needed for a job id."),
+) -> None:
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); for a run
+    directory, the run's progress, held-out accuracy, checkpoints and guardrail actions."""
+    if Path(job).is_dir():
+        return run_views.run_status(Path(job))
+    if address is None:
+        typer.echo(f"error: {job!r} is no run directory; a submitted job's id needs --address", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(str(job_client(address).get_job_status(job).value))
+
+
+def logs(
+    job: str = typer.Argument(..., help="Job id from `submit`."),
+    address: str = typer.Option(..., help=ADDRESS_HELP),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
+) -> None:
+    """Print a submitted job's logs."""
+    client = job_client(address)
+    if not follow:
+        typer.echo(client.get_job_logs(job), nl=False)
+        return
+    import asyncio
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job):
+            typer.echo(chunk, nl=False)
+
+    asyncio.run(stream())
+
+
+def stop(
+    job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=ADDRESS_HELP)
+) -> None:
+    """Stop a submitted job."""
+    stopped = job_client(address).stop_job(job)
+    typer.echo("stopping" if stopped else "not running")
+
+
+def scale(
+    job: str = typer.Argument(..., help="The job's name (config `name`) or its submission id."),
+    pool: str = typer.Option(..., help="generation | reward | reference | scoring (both scoring pools)."),
+    replicas: int = typer.Option(..., help="New number of workers."),
+    address: str = typer.Option("auto", help="Ray address of the job's cluster (GCS, e.g. HEAD:6379)."),
+    dashboard: str | None = typer.Option(None, help="Dashboard address, needed only when JOB is a submission id."),
+) -> None:
+    """Grow or shrink a pool of a running job; new workers load the newest weights first."""
+    import ray
+
+    from actors.workers.control import scale as scale_pool
+
+    name = job
+    if job.startswith("raysubmit_") or dashboard:
+        info = job_client(dashboard or address).get_job_info(job)
+        name = (info.metadata or {}).get("rlhf_job_name", job)
+    ray.init(address=address, log_to_driver=False)
+    try:
+        outcomes = scale_pool(name, pool, replicas)
+    finally:
+        ray.shutdown()
+    for pool_name, outcome in outcomes.items():
+        typer.echo(
+            f"{pool_name}: {outcome['sizes'][pool_name]} workers (changed: {', '.join(outcome['changed']) or 'none'})"
+        )
+    sizes = list(outcomes.values())[-1]["sizes"]
+    typer.echo("layout: " + ", ".join(f"{name} {count}" for name, count in sizes.items()))

@@ -1,0 +1,154 @@
+"""`rlhf-cluster train`: an RL job run here or on a cluster, its `--dry-run` (config, preflight and
+placement checked, nothing started) and `--max-retries` (the driver run as a supervised child).
+Registered by `actors/commands/cli.py`, with `TrainCommand` as its command class."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from typer.core import TyperCommand
+
+from actors.commands.common import (
+    DEFAULT_CONFIG,
+    cluster_capacity,
+    connect,
+    exit_on_input_error,
+    load_config_or_exit,
+    preflight_or_exit,
+    print_result,
+)
+from rlhf_cluster.config import ConfigError, JobConfig
+from rlhf_cluster.job.preflight import preflight
+
+
+def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
+    from rlhf_cluster.job.placement import check_placement, format_plan, resource_plan
+    from rlhf_cluster.job.preview import preview_lines
+
+    problems, warnings = [], []
+    try:
+        warnings = preflight(cfg, resume=resume)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    # Placement needs the cluster's capacity, so it is the dry run's own check, not preflight's.
+    plan = resource_plan(cfg)
+    problems += check_placement(plan, cluster_capacity(address, cfg))
+    typer.echo(format_plan(plan))
+    if not problems:  # the inputs are readable: show them as the engine will see them
+        for line in preview_lines(cfg):
+            typer.echo(line)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if problems:
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"dry run ok: {cfg.name}, {cfg.train.total_steps} steps, {cfg.samples_per_step} samples per step")
+
+
+class TrainCommand(TyperCommand):
+    """`train`'s command: `--overwrite` alone means `--overwrite=aside` (Typer has no options whose
+    value may be left out), so `make run`'s bare `--overwrite` keeps working beside `--overwrite=delete`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, ["--overwrite=aside" if a == "--overwrite" else a for a in args])
+
+
+def train(
+    config: Path = typer.Argument(DEFAULT_CONFIG, help="YAML job config."),
+    address: str | None = typer.Option(
+        None, help="Ray address of an existing cluster ('auto' inside a Ray job); empty starts a local instance."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate the config and check the cluster can place every pool; start nothing."
+    ),
+    resume: str | None = typer.Option(
+        None, help="Continue from a checkpoint: 'auto' (the newest that verifies) or its path."
+    ),
+    overwrite: str | None = typer.Option(
+        None,
+        "--overwrite",
+        metavar="[=delete]",
+        help="Start over in a run_dir that holds an earlier run: its files are moved aside to RUN_DIR.old-<time>; "
+        "--overwrite=delete deletes them.",
+    ),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help="Show the full traceback of an error caused by input (config, files, reward code, checkpoints).",
+    ),
+    max_retries: int = typer.Option(
+        0,
+        "--max-retries",
+        min=0,
+        help="Run the driver as a child and resume it (--resume auto) after it dies, up to this many times.",
+    ),
+    record_rollouts: bool = typer.Option(
+        False, "--record-rollouts", help="Keep every scored group (RUN_DIR/scored) for `rlhf-cluster replay`."
+    ),
+) -> None:
+    """Run an RL job: generation, scoring, learner and weight store on Ray."""
+    set_ = [*set_, *(["train.record_rollouts=true"] if record_rollouts else [])]
+    cfg = load_config_or_exit(config, set_)
+    if overwrite not in (None, "aside", "delete"):
+        typer.echo(
+            f"error: --overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
+            "--overwrite=delete (deletes it)",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    address = address or cfg.cluster.address
+    if dry_run:
+        _dry_run(cfg, address, resume)
+        return
+    # A refusal ends here, before Ray starts; the driver runs it again and logs the warnings.
+    preflight_or_exit(cfg, resume=resume)
+    if max_retries:
+        from actors.commands.supervisor import supervise
+
+        argv = [
+            sys.executable,
+            "-m",
+            "actors.commands.cli",
+            "train",
+            str(config),
+            *(f"--set={s}" for s in set_),
+            *(["--address", address] if address else []),
+            *(["--resume", resume] if resume else []),
+            *([f"--overwrite={overwrite}"] if overwrite else []),
+            *(["--debug"] if debug else []),
+        ]
+        raise typer.Exit(supervise(argv, max_retries, lambda line: typer.echo(line, err=True)))
+    import ray
+
+    from actors.job import run_job
+    from rlhf_cluster.job.preemption import GracefulStop
+
+    try:
+        connect(address, cfg.cluster.num_cpus)
+        # After ray.init, which installs its own SIGTERM handler (a stack dump, then exit 15).
+        with GracefulStop(cfg.faults.preempt_grace_s) as stop:
+            result = run_job(cfg, resume, stop, overwrite)
+    except KeyboardInterrupt as exc:
+        typer.echo(
+            f"error: {exc or 'interrupted'}; the job was torn down without a final checkpoint "
+            f"(continue from the newest one with --resume auto)",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        exit_on_input_error(exc, debug)
+        raise
+    finally:
+        ray.shutdown()
+    print_result(cfg, result)
+    if result.stopped:
+        why = f" by {stop.received}" if stop.received else ""
+        done = result.rows[-1]["step"] + 1 if result.rows else 0
+        typer.echo(
+            f"stopped{why} after step {done} of {cfg.train.total_steps}, with a checkpoint; "
+            f"continue with: rlhf-cluster train {config} --resume auto"
+        )
