@@ -7,6 +7,7 @@ import json
 import math
 import random
 
+import pytest
 import ray
 
 from actors.workers.critic import CriticRank
@@ -91,7 +92,11 @@ def _ppo_config(job_config, steps: int):
     )
 
 
-def test_ppo_job_with_a_critic_runs_real_steps_and_resumes(ray_cluster, job_config):
+# The resume is a second job start (~20 s on 2 cores): `make test` runs the PPO job and checks what
+# its checkpoint holds (the critic's files and rank digests; the critic ranks' own save and exact
+# restore: the test above); `make test-slow` also resumes it, the driver restoring the critic.
+@pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["run", "run-and-resume"])
+def test_ppo_job_with_a_critic_runs_real_steps_and_resumes(ray_cluster, job_config, resume):
     steps = 3
     cfg = _ppo_config(job_config, steps)
     job = Job(cfg)
@@ -117,7 +122,8 @@ def test_ppo_job_with_a_critic_runs_real_steps_and_resumes(ray_cluster, job_conf
         assert loss == rows[-1]["critic/value_loss"]
     finally:
         job.shutdown()
-
+    if not resume:
+        return
     # Resume one more step from the newest checkpoint: the critic's restored state must match the
     # digests its ranks took at save (the driver refuses the checkpoint otherwise).
     job = Job(_ppo_config(job_config, steps + 1), resume="auto")

@@ -8,6 +8,8 @@ whole driver with vLLM generation.
 from __future__ import annotations
 
 
+from functools import partial
+
 import pytest
 import ray
 import torch
@@ -18,6 +20,7 @@ from actors.workers.rank_group import RankGroup
 from rlhf_cluster.config import DirectTransport, ResourcesConfig
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
+from tests.job_configs import small_job_config
 
 # Test modules sit on sys.path by their basename (pytest's default import mode): share their fixtures' data.
 from test_learner_ranks import _samples
@@ -47,8 +50,9 @@ def _kill(ranks):
 
 
 def _config(job_config, run_dir, backend, **learner):
+    """A 2-rank learner of `backend` with the KL term in the loss (`run_dir` None: job_config's own)."""
     return job_config(reference=True,
-        run_dir=str(run_dir),
+        **({"run_dir": str(run_dir)} if run_dir is not None else {}),
         learner={"backend": backend, "world_size": 2, "lr": LR, **learner},
         algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
     )
@@ -59,25 +63,47 @@ def _train(ranks, shards, version):
                                               for rank, s in zip(ranks, shards)])]
 
 
-def test_deepspeed_zero3_step_equals_fsdp2_step(ray_cluster, job_config, tiny_model_path, tmp_path):
+# One step's batch for the backend comparisons: 8 samples over 2 ranks of unequal lengths.
+SAMPLES = _samples(8)
+SHARDS = [SAMPLES[:2], SAMPLES[2:]]
+SEQ_LEN = max(len(s.prompt_ids) + len(s.response_ids) for s in SAMPLES)
+# Micro-batching (rank 1 needs more micro-batches, rank 0 pads) and active clipping (the pre-clip
+# gradient norm of this batch is 0.86, checked below: 0.5 clips it) are on, so accumulation, the
+# global denominator and the clip all count. Warmup: the first step runs at lr / 2, so the tests
+# also see DeepSpeed take our schedule's lr.
+STEP_SETTINGS = {"max_grad_norm": 0.5, "lr_warmup_steps": 2, "max_tokens_per_micro_batch": 2 * SEQ_LEN}
+
+
+@pytest.fixture(scope="module")
+def first_step(ray_cluster, model_cache, tiny_model_path, tmp_path_factory):
+    """`first_step(backend)`: every rank's metrics and the gathered weights after one step on
+    SHARDS with STEP_SETTINGS, run once per module (the DeepSpeed step is also the reference of
+    the switches test)."""
+    done: dict = {}
+
+    def step(backend: str) -> tuple[list[dict], dict]:
+        if backend not in done:
+            cfg = _config(partial(small_job_config, tmp_path_factory.mktemp(backend), model_cache), None,
+                          backend, **STEP_SETTINGS)
+            ranks = _group(cfg, tiny_model_path, 2)
+            try:
+                done[backend] = _train(ranks, SHARDS, 1), ray.get([r.full_state_dict.remote() for r in ranks])[0]
+            finally:
+                _kill(ranks)
+        return done[backend]
+
+    return step
+
+
+def test_deepspeed_zero3_step_equals_fsdp2_step(first_step, job_config):
     """Same weights, batch and seed at world size 2: one step of each backend gives the same
-    parameters. Micro-batching with unequal ranks (rank 1 needs more micro-batches, rank 0 pads)
-    and active clipping are on, so accumulation, the global denominator and the clip all count."""
-    samples = _samples(8)
-    shards = [samples[:2], samples[2:]]
-    seq_len = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    parameters."""
     results, weights = {}, {}
     for backend in ("fsdp2", "deepspeed"):
-        # The pre-clip gradient norm of this batch is 0.86 (checked below): 0.5 clips it.
-        # Warmup: the first step runs at lr / 2, so the test also sees DeepSpeed take our schedule's lr.
-        cfg = _config(job_config, tmp_path / backend, backend, max_grad_norm=0.5, lr_warmup_steps=2,
-                      max_tokens_per_micro_batch=2 * seq_len)
-        ranks = _group(cfg, tiny_model_path, 2)
-        stats = _train(ranks, shards, 1)
+        stats, weights[backend] = first_step(backend)
         assert stats[0]["policy/loss"] == pytest.approx(stats[1]["policy/loss"], abs=1e-9), "ranks disagree"
         results[backend] = stats[0]
-        weights[backend] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
-        _kill(ranks)
+    cfg = _config(job_config, None, "deepspeed")
     fsdp2, ds = results["fsdp2"], results["deepspeed"]
     assert fsdp2["learner/grad_norm"] > 0.5, "clipping must be active for this test to check it"
     assert ds["policy/loss"] == pytest.approx(fsdp2["policy/loss"], rel=1e-6, abs=1e-7)
@@ -179,8 +205,9 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         job.shutdown()
 
 
-def test_deepspeed_checkpointing_offload_bf16_and_nan_skip(ray_cluster, job_config, tiny_model_path, tmp_path):
-    """The DeepSpeed learner's switches do what they say at world size 2.
+def test_deepspeed_checkpointing_offload_bf16_and_nan_skip(first_step, job_config, tiny_model_path, tmp_path):
+    """The DeepSpeed learner's switches do what they say at world size 2, against the plain
+    DeepSpeed step of `first_step`.
 
     Gradient checkpointing recomputes the same activations and CPU offload steps the same AdamW
     on CPU copies: together they leave the step unchanged (same loss and gradient norm to fp32
@@ -188,28 +215,26 @@ def test_deepspeed_checkpointing_offload_bf16_and_nan_skip(ray_cluster, job_conf
     by bf16 rounding, and the gathered weights are the fp32 master weights. A NaN loss on one
     rank skips the update on both, and the next finite step updates normally.
     """
-    samples = _samples(6)
-    shards = [samples[:2], samples[2:]]
+    fp32_stats, fp32_weights = first_step("deepspeed")
+    results, weights = {"fp32": fp32_stats[0]}, {"fp32": fp32_weights}
     settings = {
-        "fp32": {},
         "checkpointing_offload": {"gradient_checkpointing": True,
                                   "deepspeed": {"offload_optimizer": True, "offload_params": True}},
         "bf16": {"mixed_precision": "bf16"},
     }
-    results, weights = {}, {}
     for name, learner in settings.items():
-        cfg = _config(job_config, tmp_path / name, "deepspeed", max_grad_norm=1e9, **learner)
+        cfg = _config(job_config, tmp_path / name, "deepspeed", **{**STEP_SETTINGS, **learner})
         ranks = _group(cfg, tiny_model_path, 2)
-        results[name] = _train(ranks, shards, 1)[0]
+        results[name] = _train(ranks, SHARDS, 1)[0]
         weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
-        if name == "fp32":
-            nan_shards = [_samples(6)[:2], _samples(6)[2:]]
+        if name == "bf16":
+            nan_shards = [_samples(8)[:2], _samples(8)[2:]]
             nan_shards[0][0].advantages = [float("nan")] * len(nan_shards[0][0].advantages)
             skipped = _train(ranks, nan_shards, 2)
             after_nan = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
             assert [s["learner/skipped_updates"] for s in skipped] == [1.0, 1.0]
-            assert all(torch.equal(after_nan[k], v) for k, v in weights["fp32"].items()), "a NaN step changed weights"
-            assert _train(ranks, shards, 3)[0]["learner/skipped_updates"] == 0
+            assert all(torch.equal(after_nan[k], v) for k, v in weights[name].items()), "a NaN step changed weights"
+            assert _train(ranks, SHARDS, 3)[0]["learner/skipped_updates"] == 0
             after = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
             assert any(not torch.equal(after[k], v) for k, v in after_nan.items()), "the finite step after a NaN did nothing"
         _kill(ranks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import ray
 import torch
 
@@ -15,6 +16,7 @@ from actors.workers.learner import LearnerRank
 from actors.workers.rank_group import RankGroup
 from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+from tests.job_configs import small_job_config
 
 
 def _samples(n: int = 6) -> list[ScoredSample]:
@@ -41,22 +43,43 @@ def _group(cfg, model_path, world) -> RankGroup:
     return RankGroup(LearnerRank, lambda r: (cfg.model_dump(), model_path, r, world), ResourcesConfig(), world)
 
 
-def test_two_ranks_match_one_rank(ray_cluster, job_config, tiny_model_path, tmp_path):
-    samples = _samples()
-    first, second = samples[:2], samples[2:]  # 5+7 tokens vs 9+11+13+15 tokens
-    results = {}
-    for world, shards in ((1, [samples]), (2, [first, second])):
-        cfg = job_config(reference=True,
-            run_dir=str(tmp_path / f"world{world}"),
-            learner={"world_size": world, "lr": 1e-3, "max_grad_norm": 1e9},
-            algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
-        )
-        ranks = _group(cfg, tiny_model_path, world)
-        stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])]
-        results[world] = stats[0]
-        assert all(abs(s["policy/loss"] - stats[0]["policy/loss"]) < 1e-9 for s in stats), "ranks disagree"
-        ranks.kill()
-    one, two = results[1], results[2]
+SAMPLES = _samples(6)
+# One rank holds the whole batch; two hold 5+7 and 9+11+13+15 tokens.
+SHARDS = {1: [SAMPLES], 2: [SAMPLES[:2], SAMPLES[2:]]}
+SEQ_LEN = max(len(s.prompt_ids) + len(s.response_ids) for s in SAMPLES)
+
+
+@pytest.fixture(scope="module")
+def one_step(ray_cluster, model_cache, tiny_model_path, tmp_path_factory):
+    """`one_step(world, **learner)`: rank 0's metrics and the gathered weights after one step on
+    SHARDS[world] from the tiny model, with the KL term in the loss. Each setting runs once per
+    module (a rank group is seconds of start-up; the tests compare settings, some the same ones),
+    and every rank must report the same loss."""
+    done: dict = {}
+
+    def step(world: int, **learner) -> tuple[dict, dict]:
+        key = (world, tuple(sorted(learner.items())))
+        if key not in done:
+            cfg = small_job_config(tmp_path_factory.mktemp("learner"), model_cache, reference=True,
+                                   learner={"world_size": world, "lr": 1e-3, "max_grad_norm": 1e9, **learner},
+                                   algorithm={"kl": {"placement": "loss", "coef": 0.1},
+                                              "loss": {"aggregation": "token_mean"}})
+            ranks = _group(cfg, tiny_model_path, world)
+            try:
+                stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1)
+                                                for rank, s in zip(ranks, SHARDS[world])])]
+                weights = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
+            finally:
+                ranks.kill()
+            assert all(abs(m["policy/loss"] - stats[0]["policy/loss"]) < 1e-9 for m in stats), "ranks disagree"
+            done[key] = stats[0], weights
+        return done[key]
+
+    return step
+
+
+def test_two_ranks_match_one_rank(one_step):
+    (one, _), (two, _) = one_step(1), one_step(2)
     assert abs(one["policy/loss"] - two["policy/loss"]) <= 1e-5 * max(1.0, abs(one["policy/loss"]))
     assert abs(one["learner/grad_norm"] - two["learner/grad_norm"]) <= 1e-4 * one["learner/grad_norm"]
     assert abs(one["correction/ess"] - two["correction/ess"]) < 1e-6
@@ -81,61 +104,32 @@ def test_non_finite_loss_skips_the_update(ray_cluster, job_config, tiny_model_pa
     group.kill()
 
 
-def test_micro_batches_accumulate_to_the_full_batch_update(ray_cluster, job_config, tiny_model_path, tmp_path):
-    """4 micro-batches (gradient accumulation) give the step of the whole batch at once: same loss,
-    same pre-clip gradient norm (a per-micro-batch denominator would scale it), same weights. With
-    2 ranks of unequal lengths, the ranks need different micro-batch counts and one pads."""
-    samples = _samples(8)
-    seq_len = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    runs = {"full": (1, None, [samples]), "micro": (1, 2 * seq_len, [samples]),
-            "micro_2_ranks": (2, 2 * seq_len, [samples[:2], samples[2:]])}
-    results, weights = {}, {}
-    for name, (world, budget, shards) in runs.items():
-        cfg = job_config(reference=True,
-            run_dir=str(tmp_path / name),
-            learner={"world_size": world, "lr": 1e-3, "max_grad_norm": 1e9, "max_tokens_per_micro_batch": budget},
-            algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
-        )
-        ranks = _group(cfg, tiny_model_path, world)
-        stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1) for rank, s in zip(ranks, shards)])]
-        results[name] = stats[0]
-        weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
-        ranks.kill()
-    full = results["full"]
-    for name in ("micro", "micro_2_ranks"):
-        got = results[name]
-        assert abs(got["policy/loss"] - full["policy/loss"]) <= 1e-5 * max(1.0, abs(full["policy/loss"])), name
-        assert abs(got["learner/grad_norm"] - full["learner/grad_norm"]) <= 1e-4 * full["learner/grad_norm"], name
-        assert abs(got["learner/tokens"] - full["learner/tokens"]) < 1e-9, name
-        diff = max(float((weights[name][k] - weights["full"][k]).abs().max()) for k in weights["full"])
-        assert diff < 1e-5, (name, diff)
+def test_micro_batches_accumulate_to_the_full_batch_update(one_step):
+    """Micro-batches of two padded rows (gradient accumulation: 3 on one rank) give the step of
+    the whole batch at once: same loss, same pre-clip gradient norm (a per-micro-batch denominator
+    would scale it), same weights. With 2 ranks of unequal lengths, the ranks need different
+    micro-batch counts (1 and 2) and one pads."""
+    full, full_weights = one_step(1)
+    for world in (1, 2):
+        got, weights = one_step(world, max_tokens_per_micro_batch=2 * SEQ_LEN)
+        assert abs(got["policy/loss"] - full["policy/loss"]) <= 1e-5 * max(1.0, abs(full["policy/loss"])), world
+        assert abs(got["learner/grad_norm"] - full["learner/grad_norm"]) <= 1e-4 * full["learner/grad_norm"], world
+        assert abs(got["learner/tokens"] - full["learner/tokens"]) < 1e-9, world
+        diff = max(float((weights[k] - full_weights[k]).abs().max()) for k in full_weights)
+        assert diff < 1e-5, (world, diff)
     assert full["learner/grad_norm"] > 0
 
 
-def test_gradient_checkpointing_and_bf16_mixed_precision(ray_cluster, job_config, tiny_model_path, tmp_path):
+def test_gradient_checkpointing_and_bf16_mixed_precision(one_step):
     """Checkpointing recomputes the same activations: the step is unchanged. bf16 compute (FSDP2
     mixed precision over 2 ranks, fp32 master weights and gradient reduction) changes the step only
     by bf16 rounding, and the weights stay fp32."""
-    samples = _samples(6)
-    settings = {"fp32": ("none", False), "checkpointing": ("none", True), "bf16_checkpointing": ("bf16", True)}
-    results, weights = {}, {}
-    for name, (precision, checkpointing) in settings.items():
-        cfg = job_config(reference=True,
-            run_dir=str(tmp_path / name),
-            learner={"world_size": 2, "lr": 1e-3, "max_grad_norm": 1e9, "mixed_precision": precision,
-                     "gradient_checkpointing": checkpointing},
-            algorithm={"kl": {"placement": "loss", "coef": 0.1}, "loss": {"aggregation": "token_mean"}},
-        )
-        ranks = _group(cfg, tiny_model_path, 2)
-        stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1)
-                                        for rank, s in zip(ranks, (samples[:2], samples[2:]))])]
-        results[name] = stats[0]
-        weights[name] = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
-        ranks.kill()
-    fp32, ckpt, bf16 = results["fp32"], results["checkpointing"], results["bf16_checkpointing"]
+    fp32, _ = one_step(2)
+    ckpt, _ = one_step(2, gradient_checkpointing=True)
+    bf16, bf16_weights = one_step(2, gradient_checkpointing=True, mixed_precision="bf16")
     assert abs(ckpt["policy/loss"] - fp32["policy/loss"]) <= 1e-6 * max(1.0, abs(fp32["policy/loss"]))
     assert abs(ckpt["learner/grad_norm"] - fp32["learner/grad_norm"]) <= 1e-5 * fp32["learner/grad_norm"]
     # bf16 has 8 mantissa bits: the gradient norm agrees to a few percent, not to fp32 precision.
     rel = abs(bf16["learner/grad_norm"] - fp32["learner/grad_norm"]) / fp32["learner/grad_norm"]
     assert 0 < rel < 0.05, rel
-    assert all(t.dtype == torch.float32 for t in weights["bf16_checkpointing"].values() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in bf16_weights.values() if t.is_floating_point())

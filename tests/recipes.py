@@ -1,0 +1,59 @@
+"""The shipped recipes (configs/recipes/) and the cluster shape each is written for, with the
+inputs a recipe expects built here: the model and data paths are pointed at folders made in code,
+nothing else is changed. Shared by the recipes' placement check against each shape
+(tests/unit/test_recipes_fit.py) and their dry runs on real raylets of that shape
+(tests/integration/test_recipes.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.byo import save_chat_model, write_gsm8k_parquet
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+
+# Node groups as deploy/kuberay/raycluster.yaml declares them: (count, CPUs, GPUs, labels). The 70B
+# recipe's layout is the reference design's: 8 engines x 4 GPUs, reward model and reference 4 GPUs
+# each, 32 learner GPUs.
+SHAPES = {
+    "qwen2.5-0.5b-gsm8k-1gpu.yaml": [(1, 8, 1, {})],
+    "7b-lora-8gpu.yaml": [(1, 96, 8, {"rlhf_generation": 4, "rlhf_scoring": 1, "rlhf_learner": 3})],
+    "70b-72gpu.yaml": [(4, 96, 8, {"rlhf_generation": 8}), (1, 96, 8, {"rlhf_scoring": 8}),
+                       (4, 96, 8, {"rlhf_learner": 8})],
+}
+
+
+def node_resources(recipe: str) -> list[dict[str, float]]:
+    """Each node's resources, as `ray.nodes()` reports them for a cluster of the recipe's shape."""
+    return [{"CPU": float(cpus), "GPU": float(gpus), **{k: float(v) for k, v in labels.items()}}
+            for count, cpus, gpus, labels in SHAPES[recipe] for _ in range(count)]
+
+
+def build_inputs(root: Path) -> dict:
+    """A chat model (policy, reference and draft), a reward model folder, and prompt files."""
+    from transformers import AutoTokenizer
+
+    from rlhf_cluster.scoring.reward_model import RewardModel
+
+    model = save_chat_model(root / "model")
+    RewardModel.from_lm(model).save_pretrained(root / "rm", AutoTokenizer.from_pretrained(model))
+    pq.write_table(pa.table({"prompt": ["What is 2+2?"], "answer": ["\\boxed{4}"]}), root / "prompts.parquet")
+    return {"model": model, "rm": root / "rm", "gsm8k": write_gsm8k_parquet(root / "gsm8k.parquet", 8),
+            "prompts": root / "prompts.parquet"}
+
+
+def overrides(recipe: str, inputs: dict) -> list[str]:
+    """The `--set` values that point a recipe at `inputs`."""
+    sets = [f"model.path={inputs['model']}", "run_dir=/tmp/never-written"]
+    if recipe.startswith("qwen"):
+        return sets + [f"data.path={inputs['gsm8k']}"]
+    sets.append(f"data.path={inputs['prompts']}")
+    name = "rm7b" if recipe.startswith("7b") else "rm70b"
+    weight = 0.5 if recipe.startswith("7b") else 1.0
+    sets.append(f"scoring.rewards=[{{type: verifier}}, {{type: model, weight: {weight}, models: [{{path: {inputs['rm']}, name: {name}}}]}}]")
+    if recipe.startswith("70b"):
+        sets.append(f"generation.speculative={{method: draft_model, model: {inputs['model']}, num_speculative_tokens: 4}}")
+    return sets
