@@ -83,6 +83,10 @@ def test_a_kl_blow_up_is_rolled_back_with_a_smaller_lr_and_the_run_recovers(ray_
         ".kl_above=1: kl = " in shown.stdout and "learner.lr 5e-05" in shown.stdout, shown.stdout
 
 
+# A second rollback-and-rebuild (~25 s on 2 cores): `make test` rolls back once above, giving up is
+# RollbackGuard's own logic (tests/unit/test_guardrails.py) and its error ends a job as any step
+# loop error does (test_pipeline.py); `make test-slow` runs the whole story here too.
+@pytest.mark.slow
 def test_rollbacks_used_up_end_the_run_with_the_condition_named(ray_cluster, job_config):
     cfg = job_config(reference=True,
         name="given-up", learner={"lr": 0.5}, train={"total_steps": 6}, checkpoint={"every_steps": 1},

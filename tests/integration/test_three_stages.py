@@ -80,8 +80,7 @@ def test_short_stages_train_on_fsdp2_ranks_and_rl_runs_against_the_reward_model(
     assert cfg.sft.world_size == cfg.reward_model.world_size == 2
     assert sft["final_loss"] < sft["first_loss"], sft
     assert rm["eval_examples"] == 120 and 0.0 <= rm["eval_pairwise_accuracy"] <= 1.0, rm
-    _served_scores(cfg, sft, rm)
-    _rl_against(cfg, sft, rm)
+    _served_scores_then_rl(cfg, sft, rm)
 
 
 @pytest.mark.learning
@@ -100,12 +99,11 @@ def test_sft_and_reward_model_train_on_fsdp2_ranks(stages):
 @pytest.mark.slow
 def test_rl_runs_against_the_frozen_reward_model(stages):
     cfg, sft, rm = stages
-    served = _served_scores(cfg, sft, rm)
+    served = _served_scores_then_rl(cfg, sft, rm)
     n = TRAIN_PAIRS
     accuracy = sum(c > r for c, r in zip(served[:n], served[n:])) / n
     print(f"served reward model: pairwise accuracy {accuracy:.3f} on {n} training pairs")
     assert accuracy >= MIN_TRAIN_PAIR_ACCURACY, f"the served reward model prefers the correct sum on {accuracy:.3f} of pairs"
-    _rl_against(cfg, sft, rm)
 
 
 def _with_reward_model(cfg, sft, rm):
@@ -115,39 +113,30 @@ def _with_reward_model(cfg, sft, rm):
     return rl
 
 
-def _served_scores(cfg, sft, rm) -> list[float]:
-    """The scoring pool serves the reward model frozen: with rule_weight 0 the reward is its score
-    (the same as scoring in this process), and the verifier's verdict is recorded beside it. Returns
-    the served scores of the training pairs' chosen responses, then their rejected ones."""
+def _served_scores_then_rl(cfg, sft, rm) -> list[float]:
+    """A job from the SFT model, rewarded by the reward model alone. Before it trains, its scoring
+    pool must serve the reward model frozen: with rule_weight 0 the reward is its score (the same
+    as scoring in this process), and the verifier's verdict is recorded beside it. Then RL steps
+    run. Returns the served scores of the training pairs' chosen responses, then their rejected
+    ones."""
     from transformers import AutoTokenizer
-
-    from actors.workers.scoring import RewardWorker
 
     rl = _with_reward_model(cfg, sft, rm)
     tokenizer = AutoTokenizer.from_pretrained(sft["output"])
     rollouts, answers = _train_pair_rollouts(cfg, tokenizer)
-    worker = RewardWorker.remote(rl.model_dump(), 0)
-    scored = ray.get(worker.score.remote(rollouts, answers))
-    ray.kill(worker)
+    with Job(rl) as job:
+        worker = next(iter(job.workers("reward").values()))
+        scored = ray.get(worker.score.remote(rollouts, answers))
+        result = job.run()
     served = [reward for reward, _ in scored]
     assert all(reward == parts["rm"] == parts["rm/rm"] for reward, parts in scored)
     local = FrozenRewardModels(rl.scoring.reward_models).score(rollouts)["rm"]
     assert served == pytest.approx(local, abs=1e-4)
     assert [parts["correct"] for _, parts in scored] == [1.0] * TRAIN_PAIRS + [0.0] * TRAIN_PAIRS
-    return served
-
-
-def _rl_against(cfg, sft, rm) -> None:
-    """RL steps from the SFT model, rewarded by the reward model alone."""
-    rl = _with_reward_model(cfg, sft, rm)
-    job = Job(rl)
-    try:
-        result = job.run()
-    finally:
-        job.shutdown()
     assert result.final_version == rl.train.total_steps
     assert [r["weight_version"] for r in result.rows] == list(range(1, rl.train.total_steps + 1))
     assert result.accuracy_before is not None and result.accuracy_after is not None
+    return served
 
 
 def _rollouts(tokenizer, pairs):
