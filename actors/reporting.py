@@ -36,6 +36,16 @@ class ConsumedSample:
     rolled_back_steps: int = 0  # steps of its weights a rollback abandoned (a group scored before a resume)
 
 
+def _evaluated(column: str, after: bool) -> property:
+    """A read-only `JobResult` figure: `column` of the evaluation after (or before) training, None
+    where that evaluation has none."""
+
+    def read(result: JobResult) -> float | None:
+        return (result.evaluation_after if after else result.evaluation_before).get(column)
+
+    return property(read)
+
+
 @dataclass
 class JobResult:
     """What a finished job reports: per-step rows and every consumed sample."""
@@ -52,21 +62,10 @@ class JobResult:
     stopped: bool = False  # ended by `Job.stop` (or a signal) before the last step, with a checkpoint
     early_stop: str | None = None  # why the guardrails ended the run before the last step (checkpointed, evaluated)
 
-    @property
-    def accuracy_before(self) -> float | None:
-        return self.evaluation_before.get("eval_accuracy")
-
-    @property
-    def accuracy_after(self) -> float | None:
-        return self.evaluation_after.get("eval_accuracy")
-
-    @property
-    def sampled_accuracy_before(self) -> float | None:
-        return self.evaluation_before.get("eval_sampled_accuracy")
-
-    @property
-    def sampled_accuracy_after(self) -> float | None:
-        return self.evaluation_after.get("eval_sampled_accuracy")
+    accuracy_before = _evaluated("eval_accuracy", after=False)
+    accuracy_after = _evaluated("eval_accuracy", after=True)
+    sampled_accuracy_before = _evaluated("eval_sampled_accuracy", after=False)
+    sampled_accuracy_after = _evaluated("eval_sampled_accuracy", after=True)
 
 
 class Reporter:

@@ -9,6 +9,7 @@ scripts/run_benchmarks.sh prints as the one-line summary.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import io
@@ -22,10 +23,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HEAD_DIM = 64  # the random models' head size (vLLM's CPU attention supports it): heads = hidden / 64
 
 
 def result_path(name: str) -> Path:
@@ -82,6 +86,31 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def time_token_rounds(sides: Sequence[str], run: Callable[[str], int], reps: int, warmup: int,
+                      show: bool = False) -> dict[str, list[dict]]:
+    """`run(side)`, which returns the tokens it generated, for every side in rotated order (`rotated`):
+    `warmup` untimed rounds, then `reps` timed ones. Per side, one row per timed call: rep, position
+    in its round, seconds, tokens, tokens/s. `show` prints every call's tokens/s (warmup included)."""
+    timings: dict[str, list[dict]] = {side: [] for side in sides}
+    for rep in range(-warmup, reps):
+        order = rotated(sides, rep)
+        for side in order:
+            start = time.perf_counter()
+            tokens = run(side)
+            seconds = time.perf_counter() - start
+            if rep >= 0:
+                timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds,
+                                      "tokens": tokens, "tokens_per_s": tokens / seconds})
+            if show:
+                print(f"rep {rep:2d} {side:5s} {tokens / seconds:8.1f} tokens/s", flush=True)
+    return timings
+
+
+def medians(timings: dict[str, list[dict]], keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per side, the median of each of `keys` over its timed rows."""
+    return {side: {k: median(row[k] for row in rows) for k in keys} for side, rows in timings.items()}
+
+
 def headline(name: str, value: float, target: str, met: bool | None, unit: str = "") -> dict:
     """The one number a benchmark is read by (printed by scripts/run_benchmarks.sh)."""
     return {"name": name, "value": value, "unit": unit, "target": target, "met": met}
@@ -97,6 +126,33 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Seque
     print(line(headers))
     for row in cells:
         print(line(row))
+
+
+def model_parser(doc: str, name: str, hidden: int, layers: int, reps: int, warmup: int, unit: str = "calls",
+                 cache: str = "tiny model cache") -> argparse.ArgumentParser:
+    """The parser of a benchmark that times sides on a random model, described by its docstring's
+    first paragraph: the model's --hidden and --layers, --reps timed rounds of `unit` after --warmup
+    untimed ones, --cache-dir and --out (benchmarks/results/<name>.json). The benchmark adds its
+    own options, then parses with `parse_model_args`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=hidden, help="model width (multiple of 64; heads = hidden/64)")
+    p.add_argument("--layers", type=int, default=layers, help="decoder layers")
+    p.add_argument("--reps", type=int, default=reps, help=f"timed {unit} per side (after --warmup)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed {unit} per side first")
+    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help=cache)
+    p.add_argument("--out", type=Path, default=result_path(name), help="JSON results file")
+    return p
+
+
+def parse_model_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`p.parse_args(argv)` of a `model_parser`: --hidden must be a multiple of `HEAD_DIM` and --reps
+    at least 1 (else argparse's usage error)."""
+    args = p.parse_args(argv)
+    if args.hidden % HEAD_DIM:
+        p.error(f"--hidden must be a multiple of {HEAD_DIM}")
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    return args
 
 
 def write_result(out: Path, result: dict) -> None:
@@ -256,3 +312,12 @@ def qwen2_shape(hidden: int, layers: int):
 
     return TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, num_kv_heads=4,
                            intermediate_size=4 * hidden, max_position_embeddings=256)
+
+
+def run_script(main: Callable[[], int]) -> None:
+    """Exit with `main()`'s status; an exception's traceback is printed and the status is 1."""
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

@@ -29,22 +29,29 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from _common import headline, local_ray, machine_info, median, print_table, result_path, rotated, write_result
+from _common import (
+    headline,
+    local_ray,
+    machine_info,
+    median,
+    print_table,
+    result_path,
+    rotated,
+    run_script,
+    write_result,
+)
 
 TARGET = 1.3  # async samples/s >= 1.3x sync
 DEFAULT_OUT = result_path("async_vs_sync")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2], help="max_staleness settings (the first is the baseline)")
-    p.add_argument("--reps", type=int, default=2, help="jobs per setting (order rotated)")
-    p.add_argument("--steps", type=int, default=20, help="learner steps per job")
+def add_job_args(p: argparse.ArgumentParser, steps: int) -> None:
+    """The options of the job `job_config` builds (tracing_overhead.py runs it too): its size,
+    `--steps` per job of which the first `--warmup-steps` are not timed, and `--verbose`."""
+    p.add_argument("--steps", type=int, default=steps, help="learner steps per job")
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps of a job left out of the timing")
-    p.add_argument("--final-steps", type=int, default=3, help="last steps whose reward_mean is averaged as the final reward")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--n", type=int, default=4, help="responses per prompt (GRPO group)")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -55,10 +62,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="tiny model cache")
     p.add_argument("--verbose", action="store_true", help="show the driver's per-step lines and actor logs")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+
+
+def parse_job_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`p.parse_args(argv)` with the options of `add_job_args`: some steps must be timed."""
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps:
         p.error("--steps must be larger than --warmup-steps")
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2], help="max_staleness settings (the first is the baseline)")
+    p.add_argument("--reps", type=int, default=2, help="jobs per setting (order rotated)")
+    p.add_argument("--final-steps", type=int, default=3, help="last steps whose reward_mean is averaged as the final reward")
+    add_job_args(p, steps=20)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    args = parse_job_args(p, argv)
     if args.reps < 1:
         p.error("--reps must be >= 1")
     return args
@@ -193,8 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    run_script(main)

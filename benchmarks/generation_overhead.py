@@ -20,38 +20,25 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from _common import headline, machine_info, raw_generate, result_path, rotated, write_result
+from _common import (HEAD_DIM, headline, machine_info, medians, model_parser, parse_model_args, raw_generate,
+                     time_token_rounds, write_result)
 from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
-HEAD_DIM = 64  # vLLM's CPU attention supports it; heads = hidden / 64
-DEFAULT_OUT = result_path("generation_overhead")
 TARGET = 0.95  # record building may cost at most 5% of raw throughput
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256, help="model width (multiple of 64; heads = hidden/64)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p = model_parser(__doc__, "generation_overhead", hidden=256, layers=4, reps=5, warmup=1)
     p.add_argument("--prompts", type=int, default=32, help="prompts per generate call")
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="per-response token limit")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per side (after --warmup)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="tiny model cache")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    args = p.parse_args(argv)
-    if args.hidden % HEAD_DIM:
-        p.error(f"--hidden must be a multiple of {HEAD_DIM}")
-    if args.reps < 1:
-        p.error("--reps must be >= 1")
-    return args
+    return parse_model_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,24 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return sum(len(r.response_ids) for r in rollouts)
 
     sides = {"raw": run_raw, "ours": run_ours}
-    timings: dict[str, list[dict]] = {"raw": [], "ours": []}
-    for rep in range(-args.warmup, args.reps):
-        order = rotated(("raw", "ours"), rep)
-        for side in order:
-            start = time.perf_counter()
-            tokens = sides[side]()
-            seconds = time.perf_counter() - start
-            if rep >= 0:
-                timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
-
-    med = {
-        side: {
-            "seconds": statistics.median(t["seconds"] for t in ts),
-            "tokens": statistics.median(t["tokens"] for t in ts),
-            "tokens_per_s": statistics.median(t["tokens_per_s"] for t in ts),
-        }
-        for side, ts in timings.items()
-    }
+    timings = time_token_rounds(tuple(sides), lambda side: sides[side](), args.reps, args.warmup)
+    med = medians(timings, ("seconds", "tokens", "tokens_per_s"))
     paired = [o["tokens_per_s"] / r["tokens_per_s"] for r, o in zip(timings["raw"], timings["ours"])]
     ratio = med["ours"]["tokens_per_s"] / med["raw"]["tokens_per_s"]
     result = {

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from _common import headline, machine_info, print_table, random_model, raw_generate, result_path, rotated, write_result
+from _common import (headline, machine_info, medians, model_parser, parse_model_args, print_table, random_model,
+                     raw_generate, time_token_rounds, write_result)
 from rlhf_cluster.config import GenerationConfig, SamplingConfig
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.engine import VLLMEngine
@@ -35,28 +36,17 @@ from rlhf_cluster.generation.quantization import quantize_state_dict, write_int8
 from rlhf_cluster.models.modeling import load_causal_lm
 from rlhf_cluster.weights import WeightStore
 
-HEAD_DIM = 64
 SIDES = ("fp32", "bf16", "int8")
 TARGET = 1.25  # int8 tokens/s over bf16 tokens/s on CPU
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=1024, help="model width (multiple of 64)")
-    p.add_argument("--layers", type=int, default=12, help="decoder layers (1024 x 12 with a 3072 MLP: ~150M parameters)")
+    # 1024 x 12 with a 3072 MLP: ~150M parameters.
+    p = model_parser(__doc__, "int8_generation", hidden=1024, layers=12, reps=3, warmup=1, cache="random model cache")
     p.add_argument("--intermediate", type=int, default=3072, help="MLP width")
     p.add_argument("--prompts", type=int, default=32, help="prompts per generate call (one response each)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per response (EOS ignored)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions per side (after --warmup)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side first")
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="random model cache")
-    p.add_argument("--out", type=Path, default=result_path("int8_generation"), help="JSON results file")
-    args = p.parse_args(argv)
-    if args.hidden % HEAD_DIM:
-        p.error(f"--hidden must be a multiple of {HEAD_DIM}")
-    if args.reps < 1:
-        p.error("--reps must be >= 1")
-    return args
+    return parse_model_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,17 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         outs = raw_generate(engines[side], texts, sampling)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
-    timings: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for rep in range(-args.warmup, args.reps):
-        order = rotated(SIDES, rep)
-        for side in order:
-            begun = time.perf_counter()
-            tokens = run(side)
-            seconds = time.perf_counter() - begun
-            if rep >= 0:
-                timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds,
-                                      "tokens": tokens, "tokens_per_s": tokens / seconds})
-            print(f"rep {rep:2d} {side:5s} {tokens / seconds:8.1f} tokens/s", flush=True)
+    timings = time_token_rounds(SIDES, run, args.reps, args.warmup, show=True)
 
     # One sync per side: publish version 1 (variants derived once), then load + in-place reload.
     torch.manual_seed(1)
@@ -136,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         deltas = [abs(a - b) for ra, rb in zip(reference, other) for a, b in zip(ra, rb)]
         drift[side] = {**m, "mean_abs_diff": statistics.fmean(deltas)}
 
-    med = {side: {k: statistics.median(t[k] for t in ts) for k in ("seconds", "tokens", "tokens_per_s")}
-           for side, ts in timings.items()}
+    med = medians(timings, ("seconds", "tokens", "tokens_per_s"))
     ratio_bf16 = med["int8"]["tokens_per_s"] / med["bf16"]["tokens_per_s"]
     ratio_fp32 = med["int8"]["tokens_per_s"] / med["fp32"]["tokens_per_s"]
     paired = [i["tokens_per_s"] / b["tokens_per_s"] for i, b in zip(timings["int8"], timings["bf16"])]

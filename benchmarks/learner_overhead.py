@@ -31,12 +31,12 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from _common import free_port, headline, machine_info, median, print_table, result_path, rotated, write_result
+from _common import (HEAD_DIM, free_port, headline, machine_info, median, model_parser, parse_model_args, print_table,
+                     rotated, write_result)
 from rlhf_cluster.config import JobConfig, TinyModelConfig
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
@@ -44,30 +44,20 @@ from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
-HEAD_DIM = 64
 SIDES = ("ours", "hand", "hand_prox")
 TARGET = 0.10  # ours may take at most 10% longer per step than the minimal hand loop
-DEFAULT_OUT = result_path("learner_overhead")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256, help="model width (multiple of 64; heads = hidden/64)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
+    p = model_parser(__doc__, "learner_overhead", hidden=256, layers=4, reps=6, warmup=1, unit="steps")
     p.add_argument("--batch", type=int, default=32, help="samples per step")
     p.add_argument("--prompt-len", type=int, default=16, help="longest prompt (prompts are 8..this tokens)")
     p.add_argument("--response-len", type=int, default=64, help="longest response (responses are len/2..len tokens)")
-    p.add_argument("--reps", type=int, default=6, help="timed steps per side (after --warmup)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first (the first one checks the losses)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (small: the batch stays near on-policy)")
     p.add_argument("--kl-coef", type=float, default=0.01, help="coefficient of the k3 KL term in the loss")
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="tiny model cache")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    args = p.parse_args(argv)
-    if args.hidden % HEAD_DIM:
-        p.error(f"--hidden must be a multiple of {HEAD_DIM}")
-    if args.reps < 1 or args.warmup < 1:
-        p.error("--reps and --warmup must be >= 1 (the first warmup step checks the losses agree)")
+    args = parse_model_args(p, argv)
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first warmup step checks the losses agree)")
     return args
 
 

@@ -20,12 +20,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-import traceback
 from pathlib import Path
 
-from _common import headline, local_ray, machine_info, print_table, result_path, run_job_quietly, write_result
+from _common import (
+    headline,
+    local_ray,
+    machine_info,
+    print_table,
+    result_path,
+    run_job_quietly,
+    run_script,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PLACEBO = "placebo"
@@ -134,8 +141,4 @@ def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bo
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    run_script(main)

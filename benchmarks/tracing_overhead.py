@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-import traceback
 from pathlib import Path
 
-from _common import headline, local_ray, machine_info, median, print_table, result_path, rotated, run_job_quietly, write_result
-from async_vs_sync import job_config
+from _common import (headline, local_ray, machine_info, median, print_table, result_path, rotated, run_job_quietly,
+                     run_script, write_result)
+from async_vs_sync import add_job_args, job_config, parse_job_args
 
 TARGET = 1.02  # tracing may cost at most 2% of step time
 DEFAULT_OUT = result_path("tracing_overhead")
@@ -29,23 +28,9 @@ DEFAULT_OUT = result_path("tracing_overhead")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="job pairs (order alternated)")
-    p.add_argument("--steps", type=int, default=16, help="learner steps per job")
-    p.add_argument("--warmup-steps", type=int, default=3, help="first steps of a job left out of the timing")
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--prompts-per-request", type=int, default=4)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
-    p.add_argument("--verbose", action="store_true")
+    add_job_args(p, steps=16)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args(argv)
-    if args.steps <= args.warmup_steps:
-        p.error("--steps must be larger than --warmup-steps")
-    return args
+    return parse_job_args(p, argv)
 
 
 def run_job(args: argparse.Namespace, trace: bool, rep: int, run_dir: Path) -> dict:
@@ -94,8 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        traceback.print_exc()
-        sys.exit(1)
+    run_script(main)

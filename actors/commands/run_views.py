@@ -4,20 +4,30 @@ directory (registered by actors/commands/cli.py)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+
+
+@contextmanager
+def _run_dir_errors_exit() -> Iterator[None]:
+    """A missing or malformed file of the run directory ends the command with its one-line
+    message (exit 2), not a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def run_status(run_dir: Path) -> None:
     """Print a run directory's progress, held-out accuracy, checkpoints and guardrail actions."""
     from rlhf_cluster.run.status import describe_run
 
-    try:
+    with _run_dir_errors_exit():
         typer.echo("\n".join(describe_run(run_dir)))
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def plot(
@@ -27,11 +37,8 @@ def plot(
     """Plot reward, KL, response length and held-out accuracy per step to a PNG."""
     from rlhf_cluster.telemetry.plotting import plot_run
 
-    try:
+    with _run_dir_errors_exit():
         typer.echo(str(plot_run(run_dir, out)))
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def samples(
@@ -68,11 +75,8 @@ def trace(
     from rlhf_cluster.run.run_dir import RunDir
     from rlhf_cluster.telemetry.tracing import parse_steps, read_spans, write_trace
 
-    try:
+    with _run_dir_errors_exit():
         path = write_trace(read_spans(run_dir / RunDir.TRACE), out or run_dir / "trace.json", parse_steps(steps))
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(str(path))
     if png is not None:
         from rlhf_cluster.telemetry.plotting import plot_trace
@@ -95,7 +99,7 @@ def replay(
     from actors.commands.replay import replay as run_replay
     from rlhf_cluster.telemetry.tracing import parse_steps
 
-    try:
+    with _run_dir_errors_exit():
         window = parse_steps(steps)
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -105,9 +109,6 @@ def replay(
             result = run_replay(run_dir, out or run_dir / "replay", window)
         finally:
             ray.shutdown()
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     first, last = result["steps"]
     typer.echo(f"replayed steps {first}..{last}")
     for rank, digest in enumerate(result["rank_digests"]):

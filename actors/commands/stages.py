@@ -55,22 +55,34 @@ def _run_stage_command(config: Path, set_: list[str], address: str | None, kind:
     typer.echo(_stage_line(summary))
 
 
-def sft(
-    config: Path = typer.Argument(..., help="YAML job config with an `sft` section."),
-    address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
-) -> None:
-    """Supervised fine-tuning of the config's model on prompt/response data (loss on response tokens only)."""
-    _run_stage_command(config, set_, address, "sft", start_from_sft=False)
+def _stage_command(name: str, kind: str, section_help: str, start_from_sft: bool, doc: str):
+    """The command that trains one supervised stage (`kind`, the config section it reads)."""
+
+    def command(
+        config: Path = typer.Argument(..., help=section_help),
+        address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
+        set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    ) -> None:
+        _run_stage_command(config, set_, address, kind, start_from_sft=start_from_sft)
+
+    command.__name__, command.__doc__ = name, doc
+    return command
 
 
-def train_rm(
-    config: Path = typer.Argument(..., help="YAML job config with a `reward_model` section."),
-    address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
-) -> None:
-    """Train a reward model (Bradley-Terry on preference pairs), starting from the SFT model if one was trained."""
-    _run_stage_command(config, set_, address, "reward_model", start_from_sft=True)
+sft = _stage_command(
+    "sft",
+    "sft",
+    "YAML job config with an `sft` section.",
+    start_from_sft=False,
+    doc="Supervised fine-tuning of the config's model on prompt/response data (loss on response tokens only).",
+)
+train_rm = _stage_command(
+    "train_rm",
+    "reward_model",
+    "YAML job config with a `reward_model` section.",
+    start_from_sft=True,
+    doc="Train a reward model (Bradley-Terry on preference pairs), starting from the SFT model if one was trained.",
+)
 
 
 def pipeline(

@@ -11,6 +11,10 @@ torch.
 
 from __future__ import annotations
 
+# KL settings shared by several presets.
+_NO_KL = {"placement": "none", "coef": 0.0}
+_KL_IN_REWARD = {"placement": "reward", "estimator": "k1", "coef": 0.01}
+
 PRESETS: dict[str, dict] = {
     # Group-normalised advantages, per-sequence token mean, k3 KL in the loss (DeepSeekMath).
     "grpo": {
@@ -22,32 +26,32 @@ PRESETS: dict[str, dict] = {
     "dr_grpo": {
         "advantage": "dr_grpo",
         "loss": {"aggregation": "sequence_sum_norm"},
-        "kl": {"placement": "none", "coef": 0.0},
+        "kl": _NO_KL,
     },
     # Clip-higher, token-level loss, no KL, overlong filtering/punishment, dynamic sampling.
     "dapo": {
         "advantage": "grpo",
         "loss": {"clip_low": 0.2, "clip_high": 0.28, "aggregation": "token_mean"},
-        "kl": {"placement": "none", "coef": 0.0},
+        "kl": _NO_KL,
         "shaping": {"overlong_buffer": 4, "overlong_penalty": 1.0, "overlong_filter": True, "dynamic_sampling": True},
     },
     # Sequence-level, length-normalised ratio with one (tight) clip per sequence.
     "gspo": {
         "advantage": "grpo",
         "loss": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "aggregation": "sequence_mean"},
-        "kl": {"placement": "none", "coef": 0.0},
+        "kl": _NO_KL,
     },
     # Leave-one-out baseline, KL in the reward.
     "rloo": {
         "advantage": "rloo",
         "loss": {"aggregation": "token_mean"},
-        "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01},
+        "kl": _KL_IN_REWARD,
     },
     # Per-token KL in the reward, return-to-go whitened over the whole batch.
     "reinforce_pp": {
         "advantage": "reinforce_pp",
         "loss": {"aggregation": "token_mean"},
-        "kl": {"placement": "reward", "estimator": "k1", "coef": 0.01},
+        "kl": _KL_IN_REWARD,
     },
 }
 

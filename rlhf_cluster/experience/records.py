@@ -88,8 +88,11 @@ def spans_version(spans: VersionSpans, token: int) -> int:
 
 
 @dataclass
-class Rollout:
-    """One response produced by a generation worker, with the engine's per-token log-probs."""
+class SampledResponse:
+    """What the engine sampled for one response: its identity, tokens and per-token log-probs.
+
+    The leading fields of both `Rollout` and `ScoredSample` (a scored sample keeps its rollout's).
+    """
 
     sample_id: str
     prompt_id: str
@@ -99,6 +102,12 @@ class Rollout:
     rollout_logprobs: list[float]
     policy_version: int
     finish_reason: FinishReason
+
+
+@dataclass
+class Rollout(SampledResponse):
+    """One response produced by a generation worker, with the engine's per-token log-probs."""
+
     response_text: str = ""
     worker: str = ""
     policy_versions: VersionSpans | None = None  # None: every token from `policy_version`
@@ -130,17 +139,9 @@ class Rollout:
 
 
 @dataclass
-class ScoredSample:
+class ScoredSample(SampledResponse):
     """A rollout with its reward, reference log-probs and per-token advantages: one buffer row."""
 
-    sample_id: str
-    prompt_id: str
-    group_id: str
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logprobs: list[float]
-    policy_version: int
-    finish_reason: FinishReason
     reward: float
     reward_components: dict[str, float]
     ref_logprobs: list[float]

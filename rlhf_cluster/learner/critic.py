@@ -25,7 +25,7 @@ from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.models.modeling import attention_of
 from rlhf_cluster.models.packing import PackedRows
-from rlhf_cluster.scoring.reward_model import RewardModel, positions_from_mask
+from rlhf_cluster.scoring.reward_model import RewardModel
 
 
 class ValueModel(RewardModel):
@@ -59,13 +59,7 @@ class ValueModel(RewardModel):
                 use_cache=False,
             ).last_hidden_state
             return self.head(hidden).squeeze(-1).float().reshape(-1)[packing.positions]
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        values = self.head(hidden).squeeze(-1).float()  # [B, L]
+        values = self.head(self.hidden_states(input_ids, attention_mask)).squeeze(-1).float()  # [B, L]
         steps = torch.arange(response_len, device=input_ids.device)
         # Positions past a response's end are clamped into range; the caller masks them.
         pos = (prompt_lengths.to(input_ids.device)[:, None] - 1 + steps[None, :]).clamp(max=input_ids.shape[1] - 1)

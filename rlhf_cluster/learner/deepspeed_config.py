@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,16 @@ def _conflict(path, field: str, got: Any, expected: str) -> DeepSpeedJSONError:
     return DeepSpeedJSONError(f"learner.backend.config_file {path}: field {field!r} is {got!r}; expected {expected}")
 
 
+def _check_setting(
+    path, section: dict[str, Any], field: str, want: Any, setting: str, read: Callable[[Any], Any] = float
+) -> None:
+    """The JSON's `field` (its last part a key of `section`) may be absent or, read by `read`, equal
+    `want`: the value of the learner's `setting`."""
+    key = field.rsplit(".", 1)[-1]
+    if key in section and read(section[key]) != want:
+        raise _conflict(path, field, section[key], f"absent or {setting} = {want}")
+
+
 def _offload_device(user_zero: dict, key: str) -> str | None:
     section = user_zero.get(key)
     if section is None:
@@ -76,13 +87,7 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, w
     for field, (value, why) in expected_batch.items():
         if field in user and user[field] != value:
             raise _conflict(path, field, user[field], f"absent or {value} ({why})")
-    if "gradient_clipping" in user and float(user["gradient_clipping"]) != lc.max_grad_norm:
-        raise _conflict(
-            path,
-            "gradient_clipping",
-            user["gradient_clipping"],
-            f"absent or learner.max_grad_norm = {lc.max_grad_norm}",
-        )
+    _check_setting(path, user, "gradient_clipping", lc.max_grad_norm, "learner.max_grad_norm")
     if "scheduler" in user:
         raise _conflict(
             path, "scheduler", user["scheduler"], "absent (the schedule is learner.lr with learner.lr_warmup_steps)"
@@ -116,15 +121,8 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, w
             got = optimizer.get("type") if isinstance(optimizer, dict) else optimizer
             raise _conflict(path, "optimizer.type", got, "absent or 'AdamW' (the learner's optimizer is AdamW)")
         params = optimizer.get("params", {})
-        if "lr" in params and float(params["lr"]) != lc.lr:
-            raise _conflict(path, "optimizer.params.lr", params["lr"], f"absent or learner.lr = {lc.lr}")
-        if "weight_decay" in params and float(params["weight_decay"]) != lc.weight_decay:
-            raise _conflict(
-                path,
-                "optimizer.params.weight_decay",
-                params["weight_decay"],
-                f"absent or learner.weight_decay = {lc.weight_decay}",
-            )
+        _check_setting(path, params, "optimizer.params.lr", lc.lr, "learner.lr")
+        _check_setting(path, params, "optimizer.params.weight_decay", lc.weight_decay, "learner.weight_decay")
         for key in params:
             if key not in ("lr", "weight_decay", *HONOURED_ADAMW_PARAMS):
                 raise _conflict(
@@ -138,10 +136,7 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, w
     if not isinstance(zero, dict):
         raise _conflict(path, "zero_optimization", zero, "a JSON object")
     ds = lc.backend
-    if "stage" in zero and zero["stage"] != ds.zero_stage:
-        raise _conflict(
-            path, "zero_optimization.stage", zero["stage"], f"absent or learner.backend.zero_stage = {ds.zero_stage}"
-        )
+    _check_setting(path, zero, "zero_optimization.stage", ds.zero_stage, "learner.backend.zero_stage", read=lambda v: v)
     for key, flag, name in (
         ("offload_optimizer", ds.offload_optimizer, "offload_optimizer"),
         ("offload_param", ds.offload_params, "offload_params"),

@@ -86,15 +86,20 @@ class RewardModel(torch.nn.Module):
         head.load_state_dict({k: v.to(dtype) for k, v in head_state.items()})
         return cls(backbone, head)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0):
-        """One score per row; with `lm_rows` > 0 also the LM logits of the first `lm_rows` rows
-        (needs the LM head kept by `from_lm(keep_lm_head=True)`)."""
-        hidden = self.backbone(
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states ``[B, L, H]`` of padded rows, positions counted from the
+        mask (`positions_from_mask`), so left and right padding read the same."""
+        return self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0):
+        """One score per row; with `lm_rows` > 0 also the LM logits of the first `lm_rows` rows
+        (needs the LM head kept by `from_lm(keep_lm_head=True)`)."""
+        hidden = self.hidden_states(input_ids, attention_mask)
         last = last_token_index(attention_mask)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         scores = self.head(picked).squeeze(-1).float()

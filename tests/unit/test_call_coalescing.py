@@ -35,12 +35,18 @@ async def settle():
         await asyncio.sleep(0)
 
 
+async def one_busy_worker(items: list[int]) -> tuple[FakeWorkers, CallCoalescer, asyncio.Task]:
+    """A one-worker pool, its coalescer, and the task of a first call of `items`, already sent."""
+    workers = FakeWorkers()
+    coalescer = CallCoalescer(workers.send, capacity=lambda: 1)
+    first = asyncio.create_task(coalescer(items))
+    await settle()
+    return workers, coalescer, first
+
+
 def test_idle_pool_sends_at_once_and_busy_pool_joins_the_backlog():
     async def scenario():
-        workers = FakeWorkers()
-        coalescer = CallCoalescer(workers.send, capacity=lambda: 1)
-        first = asyncio.create_task(coalescer([1, 2]))
-        await settle()
+        workers, coalescer, first = await one_busy_worker([1, 2])
         assert workers.sent == [[1, 2]]  # nothing in flight: sent without waiting for company
         later = [asyncio.create_task(coalescer([k])) for k in (3, 4, 5)]
         await settle()
@@ -83,10 +89,7 @@ def test_capacity_is_read_at_each_dispatch():
 
 def test_a_failed_send_fails_every_call_joined_into_it():
     async def scenario():
-        workers = FakeWorkers()
-        coalescer = CallCoalescer(workers.send, capacity=lambda: 1)
-        first = asyncio.create_task(coalescer([1]))
-        await settle()
+        workers, coalescer, first = await one_busy_worker([1])
         joined = [asyncio.create_task(coalescer([k])) for k in (2, 3)]
         await workers.release(0)
         await first
@@ -116,10 +119,7 @@ def test_a_send_that_returns_the_wrong_count_is_an_error():
 
 def test_a_cancelled_caller_does_not_disturb_the_others():
     async def scenario():
-        workers = FakeWorkers()
-        coalescer = CallCoalescer(workers.send, capacity=lambda: 1)
-        first = asyncio.create_task(coalescer([1]))
-        await settle()
+        workers, coalescer, first = await one_busy_worker([1])
         gone, kept = asyncio.create_task(coalescer([2])), asyncio.create_task(coalescer([3]))
         await settle()
         gone.cancel()  # e.g. a rollout of a timeline a rollback abandoned

@@ -16,6 +16,13 @@ def _write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
     return path
 
 
+def _refusal(path: Path) -> str:
+    """The message of the ConfigError `load_config(path)` raises."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return str(info.value)
+
+
 def test_defaults_load():
     cfg = load_config()
     assert isinstance(cfg, JobConfig)
@@ -47,9 +54,7 @@ def test_empty_file_gives_defaults(tmp_path):
 
 def test_unknown_key_names_dotted_path_and_file(tmp_path):
     path = _write(tmp_path, "train:\n  totl_steps: 5\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    msg = str(info.value)
+    msg = _refusal(path)
     assert "train.totl_steps" in msg
     assert str(path) in msg
 
@@ -61,9 +66,7 @@ def test_unknown_top_level_key(tmp_path):
 
 def test_wrong_type_names_field_and_value(tmp_path):
     path = _write(tmp_path, "train:\n  total_steps: many\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    msg = str(info.value)
+    msg = _refusal(path)
     assert "train.total_steps" in msg
     assert "many" in msg
     assert str(path) in msg
@@ -71,9 +74,7 @@ def test_wrong_type_names_field_and_value(tmp_path):
 
 def test_every_bad_field_is_reported(tmp_path):
     path = _write(tmp_path, "train:\n  total_steps: 0\ngeneration:\n  sampling:\n    temperature: -1\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    msg = str(info.value)
+    msg = _refusal(path)
     assert "train.total_steps" in msg
     assert "generation.sampling.temperature" in msg
 
@@ -83,29 +84,21 @@ def test_bad_literal_names_field(tmp_path):
         load_config(_write(tmp_path, "algorithm:\n  kl:\n    estimator: k9\n"))
 
 
-def test_missing_file_names_file(tmp_path):
-    path = tmp_path / "nope.yaml"
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(path) in str(info.value)
-    assert "does not exist" in str(info.value)
-
-
-def test_invalid_yaml_names_file(tmp_path):
-    path = _write(tmp_path, "train: [unclosed\n  total_steps: 3\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(path) in str(info.value)
-    assert "YAML" in str(info.value)
-
-
-@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
-def test_non_mapping_top_level_names_file(tmp_path, text):
-    path = _write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert str(path) in str(info.value)
-    assert "mapping" in str(info.value)
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        (None, "does not exist"),  # no file
+        ("train: [unclosed\n  total_steps: 3\n", "YAML"),
+        ("- a\n- b\n", "mapping"),  # a top level that is not a mapping
+        ("just a string\n", "mapping"),
+        ("42\n", "mapping"),
+    ],
+)
+def test_an_unreadable_file_is_refused_by_name(tmp_path, text, why):
+    path = tmp_path / "nope.yaml" if text is None else _write(tmp_path, text)
+    msg = _refusal(path)
+    assert str(path) in msg
+    assert why in msg
 
 
 @pytest.mark.parametrize("text", ["[]\n", "0\n", "false\n"])

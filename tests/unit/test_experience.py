@@ -109,18 +109,11 @@ def test_kl_in_reward_negative_k1_raises_reward():
     assert samples[0].reward == pytest.approx(0.5)
 
 
-def test_kl_in_loss_leaves_reward_alone():
+@pytest.mark.parametrize("placement, coef", [("loss", 0.1), ("reward", 0.0)])
+def test_kl_in_loss_or_with_zero_coef_leaves_reward_alone(placement, coef):
     rollouts = _rollouts(lengths=[3, 3])
     refs = [[-1.5, -0.5, -2.0], [-1.0, -1.0, -1.0]]
-    samples, _ = build_group(rollouts, _scores([1.0, 0.0]), refs, _cfg("grpo", "loss", coef=0.1))
-    assert [s.reward for s in samples] == pytest.approx([1.0, 0.0])
-    assert all("kl_penalty" not in s.reward_components for s in samples)
-
-
-def test_kl_in_reward_with_zero_coef_adds_nothing():
-    rollouts = _rollouts(lengths=[3, 3])
-    refs = [[-1.5, -0.5, -2.0], [-1.0, -1.0, -1.0]]
-    samples, _ = build_group(rollouts, _scores([1.0, 0.0]), refs, _cfg("grpo", "reward", coef=0.0))
+    samples, _ = build_group(rollouts, _scores([1.0, 0.0]), refs, _cfg("grpo", placement, coef=coef))
     assert [s.reward for s in samples] == pytest.approx([1.0, 0.0])
     assert all("kl_penalty" not in s.reward_components for s in samples)
 

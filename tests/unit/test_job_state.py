@@ -29,6 +29,21 @@ def _cfg(tmp_path, **sections) -> JobConfig:
     return JobConfig.model_validate(raw)
 
 
+def _checkpoint(state: JobState, tmp_path, step: int):
+    """`state` saved as the checkpoint of `step` (weight version step + 1) in a store under tmp_path."""
+    store = CheckpointStore(tmp_path / "ckpt")
+    tmp = store.begin(step)
+    state.save(step, tmp)
+    return store.finalize(tmp, step, step + 1)
+
+
+def _resumed(cfg: JobConfig, ckpt) -> JobState:
+    """A fresh job state of `cfg`, loaded from `ckpt`."""
+    state = JobState(cfg, PROMPTS)
+    state.load(ckpt)
+    return state
+
+
 def _group(gid: str, version: int, rewards=(0.0, 1.0), finish="stop") -> list[ScoredSample]:
     return [
         ScoredSample(sample_id=f"{gid}-{i}", prompt_id=gid, group_id=gid, prompt_ids=[1, 2], response_ids=[3, 4, 5],
@@ -112,12 +127,8 @@ def test_job_state_round_trips_through_a_checkpoint(tmp_path):
         state.admission.admit(0)
     state.add_group(_group("g0", 0), {"zero_signal": 0.0}, "gen0")
     state.kl.update(3.0, 4)
-    store = CheckpointStore(tmp_path / "ckpt")
-    tmp = store.begin(1)
-    state.save(1, tmp)
-    ckpt = store.finalize(tmp, 1, 2)
-    restored = JobState(cfg, PROMPTS)
-    restored.load(ckpt)
+    ckpt = _checkpoint(state, tmp_path, 1)
+    restored = _resumed(cfg, ckpt)
     assert restored.start_step == 2
     assert restored.kl.value == state.kl.value != 0.1
     assert restored.buffer.depth == state.buffer.depth == 2
@@ -159,24 +170,18 @@ def test_a_resume_with_changed_settings_applies_them_over_the_checkpoint(tmp_pat
     state = JobState(cfg, PROMPTS)
     state.kl.update(3.0, 400)  # the controller moved the coefficient away from 0.1
     moved = state.kl.value
-    store = CheckpointStore(tmp_path / "ckpt")
-    tmp = store.begin(0)
-    state.save(0, tmp)
-    ckpt = store.finalize(tmp, 0, 1)
+    ckpt = _checkpoint(state, tmp_path, 0)
 
-    same = JobState(cfg, PROMPTS)
-    same.load(ckpt)
+    same = _resumed(cfg, ckpt)
     assert same.overrides == {} and same.kl.value == moved  # unchanged settings: the checkpoint's state
 
     changed_cfg = _cfg(tmp_path, learner={"lr": 5e-4}, algorithm={"kl": {"controller": "adaptive", "coef": 0.3, "target": 2.0}})
-    changed = JobState(changed_cfg, PROMPTS)
-    changed.load(ckpt)
+    changed = _resumed(changed_cfg, ckpt)
     assert changed.overrides == {"learner.lr": (cfg.learner.lr, 5e-4), "algorithm.kl.coef": (0.1, 0.3),
                                  "algorithm.kl.target": (1.0, 2.0)}
     assert (changed.kl.value, changed.kl.target) == (0.3, 2.0)
 
-    target_only = JobState(_cfg(tmp_path, algorithm={"kl": {"controller": "adaptive", "coef": 0.1, "target": 2.0}}), PROMPTS)
-    target_only.load(ckpt)
+    target_only = _resumed(_cfg(tmp_path, algorithm={"kl": {"controller": "adaptive", "coef": 0.1, "target": 2.0}}), ckpt)
     assert (target_only.kl.value, target_only.kl.target) == (moved, 2.0)  # the adapted coefficient is kept
 
 
@@ -187,10 +192,7 @@ def test_every_group_scored_after_a_checkpoint_is_reused_on_resume(tmp_path):
     admitted = [prompts[0] for _, prompts in requests]
     state.add_group(_group(admitted[0].prompt_id, 0), {"zero_signal": 0.0}, "gen0")  # in the checkpoint's buffer
     state.admission.buffered(requests[0][0])
-    store = CheckpointStore(tmp_path / "ckpt")
-    tmp = store.begin(0)
-    state.save(0, tmp)
-    ckpt = store.finalize(tmp, 0, 1)  # version 1
+    ckpt = _checkpoint(state, tmp_path, 0)  # version 1
     # After the checkpoint: a group from version 1, one from version 2 (weights the rollback
     # abandons), one dropped for no signal (its drop is reused too), then the job is killed.
     state.add_group(_group(admitted[1].prompt_id, 1), {"zero_signal": 0.0}, "gen0")
@@ -199,8 +201,7 @@ def test_every_group_scored_after_a_checkpoint_is_reused_on_resume(tmp_path):
     state.log.flush()
     state.add_group(_group(admitted[4].prompt_id, 1), {"zero_signal": 0.0}, "gen0")  # never flushed: lost
 
-    resumed = JobState(cfg, PROMPTS)
-    resumed.load(ckpt)
+    resumed = _resumed(cfg, ckpt)
     assert resumed.recovered == {"reused": 3, "rolled_back": 1}
     assert resumed.dropped["zero_signal"] == 2
     groups = {}

@@ -23,6 +23,14 @@ ROWS = [
 ]
 
 
+def _refusal(path, *columns, error: type[Exception] = ValueError) -> str:
+    """The message of the `error` `read_prompt_file(path, *columns)` raises, checked to name the file."""
+    with pytest.raises(error) as info:
+        read_prompt_file(path, *columns)
+    assert str(path) in str(info.value)
+    return str(info.value)
+
+
 # ---- read_prompt_file -------------------------------------------------------------------------
 def test_read_parquet(tmp_path):
     path = tmp_path / "p.parquet"
@@ -55,28 +63,19 @@ def test_missing_column_names_file_and_column(tmp_path, drop):
     from rlhf_cluster.config import PromptColumns
 
     path = _jsonl(tmp_path / "p.jsonl", [{k: v for k, v in r.items() if k != drop} for r in ROWS])
-    with pytest.raises(ValueError) as info:
-        read_prompt_file(path, PromptColumns(prompt_id="prompt_id"))
-    assert str(path) in str(info.value)
-    assert drop in str(info.value)
+    assert drop in _refusal(path, PromptColumns(prompt_id="prompt_id"))
 
 
 def test_duplicate_ids_rejected(tmp_path):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS + [dict(ROWS[0], prompt="other")]), path)
-    with pytest.raises(ValueError) as info:
-        read_prompt_file(path)
-    assert str(path) in str(info.value)
-    assert "unique" in str(info.value)
+    assert "unique" in _refusal(path)
 
 
 @pytest.mark.parametrize("bad", ["", None])
 def test_empty_prompt_rejected(tmp_path, bad):
     path = _jsonl(tmp_path / "p.jsonl", ROWS[:2] + [dict(ROWS[2], prompt=bad)])
-    with pytest.raises(ValueError) as info:
-        read_prompt_file(path)
-    assert str(path) in str(info.value)
-    assert "['c']" in str(info.value)
+    assert "['c']" in _refusal(path)
 
 
 def test_null_prompt_id_rejected(tmp_path):
@@ -89,24 +88,18 @@ def test_null_prompt_id_rejected(tmp_path):
 def test_wrong_suffix_rejected(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("prompt_id,prompt\na,b\n")
-    with pytest.raises(ValueError) as info:
-        read_prompt_file(path)
-    assert str(path) in str(info.value)
+    _refusal(path)
 
 
 def test_missing_file(tmp_path):
     path = tmp_path / "none.parquet"
-    with pytest.raises(FileNotFoundError) as info:
-        read_prompt_file(path)
-    assert str(path) in str(info.value)
+    _refusal(path, error=FileNotFoundError)
 
 
 def test_unparseable_file_names_file(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("{not json\n")
-    with pytest.raises(ValueError) as info:
-        read_prompt_file(path)
-    assert str(path) in str(info.value)
+    _refusal(path)
 
 
 # ---- PromptSource -----------------------------------------------------------------------------
