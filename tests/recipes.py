@@ -57,3 +57,20 @@ def overrides(recipe: str, inputs: dict) -> list[str]:
     if recipe.startswith("70b"):
         sets.append(f"generation.speculative={{method: draft_model, model: {inputs['model']}, num_speculative_tokens: 4}}")
     return sets
+
+
+# What the 70B recipe's dry run says of a cluster one generation node short.
+SHORT_OF_A_GENERATION_NODE = "the job needs 32 rlhf_generation in all (generation 8 x 4), but the cluster has 24"
+
+
+def assert_70b_layout(dry_run_stdout: str) -> None:
+    """The 70B recipe's plan is the reference design's: 8 engines x 4 GPUs, reward model and
+    reference 4 GPUs each, 32 learner ranks of one GPU, 72 GPUs in all."""
+    lines = dry_run_stdout.splitlines()
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in lines
+            if line.split() and line.split()[0] in ("learner", "generation", "reward", "reference")}
+    assert rows["generation"][0] == "8" and "GPU=4" in rows["generation"][1] and "rlhf_generation=4" in rows["generation"][1]
+    assert rows["reward"][0] == "1" and "GPU=4" in rows["reward"][1]
+    assert rows["reference"][0] == "1" and "GPU=4" in rows["reference"][1]
+    assert rows["learner"][0] == "32" and "GPU=1" in rows["learner"][1]
+    assert "GPU=72" in next(line for line in lines if line.startswith("in all"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+import pytest
 import ray
 import torch
 
@@ -27,6 +28,11 @@ MAX_ABS_LOGPROB_DIFF = 0.05
 MAX_PROBE_K3 = 2e-4
 
 
+# A job of int8 engines only (~30 s on 2 cores). `make test` runs an int8 engine beside a full one in
+# test_direct_delivery's job: it starts from the int8 variant of the learner's start, reloads every
+# version's int8 variant in place, and its probe is held to these bounds; `make test-slow` runs this
+# pool-wide check too (one variant per version in the store, loaded by every worker).
+@pytest.mark.slow
 def test_int8_pipeline_reloads_in_place_and_tracks_the_learner(ray_cluster, job_config):
     steps = 5
     cfg = job_config(

@@ -3,9 +3,11 @@ raylets started on this machine, each declaring a node's GPUs, CPUs and pool lab
 resources deploy/kuberay/ gives its node groups); shapes and inputs: tests/recipes.py. The same
 70B cluster one generation node short is refused.
 
-`make test` runs the 70B recipe here (nine raylets, the placement read from a real cluster);
-every recipe's dry run against its shape's resources, without raylets, is a unit test
-(tests/unit/test_recipes_fit.py), and `make test-slow` runs the two small recipes here too."""
+`make test` runs the 7B LoRA recipe here (one raylet whose labels are custom resources: the
+placement read from a real cluster, through the CLI's --address); every recipe's dry run against
+its shape's resources, the 70B layout and its refusal one node short included, is a unit test
+(tests/unit/test_recipes_fit.py); `make test-slow` runs every recipe here (the 70B one on nine
+raylets)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import RECIPES, SHAPES, build_inputs, overrides
+from tests.recipes import RECIPES, SHAPES, SHORT_OF_A_GENERATION_NODE, assert_70b_layout, build_inputs, overrides
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "rlhf-cluster")
@@ -53,7 +55,7 @@ def test_every_recipe_is_tested():
     assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(SHAPES)
 
 
-@pytest.mark.parametrize("recipe", [r if r.startswith("70b") else pytest.param(r, marks=pytest.mark.slow)
+@pytest.mark.parametrize("recipe", [r if r.startswith("7b") else pytest.param(r, marks=pytest.mark.slow)
                                     for r in sorted(SHAPES)])
 def test_recipe_dry_runs_on_a_cluster_of_its_shape(recipe, inputs):
     with _cluster_of(SHAPES[recipe]) as (cluster, nodes):
@@ -62,16 +64,9 @@ def test_recipe_dry_runs_on_a_cluster_of_its_shape(recipe, inputs):
         assert "dry run ok" in out.stdout
         if not recipe.startswith("70b"):
             return
-        rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()
-                if line.split() and line.split()[0] in ("learner", "generation", "reward", "reference")}
-        assert rows["generation"][0] == "8" and "GPU=4" in rows["generation"][1] and "rlhf_generation=4" in rows["generation"][1]
-        assert rows["reward"][0] == "1" and "GPU=4" in rows["reward"][1]
-        assert rows["reference"][0] == "1" and "GPU=4" in rows["reference"][1]
-        assert rows["learner"][0] == "32" and "GPU=1" in rows["learner"][1]
-        assert "GPU=72" in next(line for line in out.stdout.splitlines() if line.startswith("in all"))
-
+        assert_70b_layout(out.stdout)
         # One generation node short (the head is the first generation node; the last one goes):
         cluster.remove_node(nodes[3])
         short = _dry_run(recipe, inputs, cluster.address)
         assert short.returncode == 2
-        assert "the job needs 32 rlhf_generation in all (generation 8 x 4), but the cluster has 24" in short.stderr, short.stderr
+        assert SHORT_OF_A_GENERATION_NODE in short.stderr, short.stderr

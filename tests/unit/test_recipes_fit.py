@@ -1,7 +1,8 @@
 """Every recipe's `--dry-run` passes against the resources of the cluster it is written for
 (tests/recipes.py), in this process: its config validates, preflight accepts its inputs, and
 every pool finds room on the shape's nodes. The same shape one node short of a pool's label is
-refused. (Against real raylets of each shape: tests/integration/test_recipes.py.)"""
+refused. The 70B plan is the reference design's. (Against real raylets of each shape:
+tests/integration/test_recipes.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from typer.testing import CliRunner
 
 from actors.commands import training
 from actors.commands.cli import app
-from tests.recipes import RECIPES, SHAPES, build_inputs, node_resources, overrides
+from tests.recipes import (
+    RECIPES,
+    SHAPES,
+    SHORT_OF_A_GENERATION_NODE,
+    assert_70b_layout,
+    build_inputs,
+    node_resources,
+    overrides,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +40,8 @@ def test_every_recipe_fits_the_cluster_it_is_written_for(monkeypatch, inputs, re
     result = _dry_run(monkeypatch, recipe, inputs, node_resources(recipe))
     assert result.exit_code == 0, result.output
     assert "dry run ok" in result.output
+    if recipe.startswith("70b"):
+        assert_70b_layout(result.stdout)
 
 
 @pytest.mark.parametrize("recipe", sorted(SHAPES))
@@ -39,3 +50,5 @@ def test_a_node_short_is_refused(monkeypatch, inputs, recipe):
     result = _dry_run(monkeypatch, recipe, inputs, nodes[1:])  # the first node group loses a node
     assert result.exit_code == 2, result.output
     assert "dry run ok" not in result.output and "error:" in result.output
+    if recipe.startswith("70b"):  # the first group is the generation nodes'
+        assert SHORT_OF_A_GENERATION_NODE in result.output, result.output
