@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 import ray
 import yaml
 from transformers import AutoTokenizer
+from typer.testing import CliRunner
 
+from actors.commands.cli import app
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
 from tests.byo import gsm8k_rows, save_chat_model, write_gsm8k_parquet
@@ -47,8 +49,9 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
         "checkpoint": {"every_steps": 1},
     }))
 
-    dry = subprocess.run([CLI, "train", str(config), "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert dry.returncode == 0, dry.stdout + dry.stderr
+    # The dry run in this process (the CLI's own code, without a second interpreter importing it all).
+    dry = CliRunner().invoke(app, ["train", str(config), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
     tokenizer = AutoTokenizer.from_pretrained(model)
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": gsm8k_rows(1)[0]["question"]}]
     rendered = tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
