@@ -21,8 +21,9 @@ lint: setup
 	.venv/bin/ruff format --check rlhf_cluster actors
 
 # The long learning runs (the demo and the tool demo to their margins, SFT and the reward model to their
-# accuracies) and the job tests whose code paths `make test` covers in another job (three
-# presets, synchronous staleness, single-turn resume); `make test-all` runs both.
+# accuracies) and the job tests whose code paths `make test` covers in another job or a unit test
+# (five presets, synchronous staleness, single-turn resume, the PPO job's resume, rollbacks used up,
+# the int8-only pool, the 0.5B and 70B recipes on raylets); `make test-all` runs both.
 test-slow: setup
 	@bash scripts/run_tests.sh tests -m slow
 
