@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from rlhf_cluster.fileio import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -94,9 +95,9 @@ def _wait_status(env, address, job, wanted, timeout=300, poll_s=POLL_S) -> str:
         time.sleep(poll_s)
 
 
-def _steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def _rows(run_dir: Path) -> list[dict]:
+    """The steps logged so far (a line still being appended is left out)."""
+    return read_jsonl(run_dir / "metrics.jsonl").rows
 
 
 def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
@@ -121,14 +122,14 @@ def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
 
     # Progress is read from the run's files; the CLI (a new process each call) is asked now and then.
     deadline, checked = time.monotonic() + 300, 0.0
-    while _steps_logged(run_dir) < 2:  # its pools serve
+    while len(_rows(run_dir)) < 2:  # its pools serve
         if time.monotonic() - checked > POLL_S:
             assert _cli(env, "status", job, "--address", address) in ("PENDING", "RUNNING"), \
                 _cli(env, "logs", job, "--address", address)[-3000:]
             checked = time.monotonic()
         assert time.monotonic() < deadline, "the job did not train"
         time.sleep(0.5)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(run_dir)
     assert [r["weight_version"] for r in rows[:2]] == [1, 2]
     assert all(r["reward_mean"] == 0.375 for r in rows), [r["reward_mean"] for r in rows]  # the user's module scored
     # ...and the job's log, as the CLI shows it, has the steps (the log reaches the head a moment later).
@@ -143,7 +144,7 @@ def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
                timeout=300)
     assert out.splitlines()[0].startswith("reward: 2 workers (changed: "), out
     assert "reward 2" in out.splitlines()[-1] and "generation 1" in out.splitlines()[-1], out  # the new layout
-    trained = _steps_logged(run_dir)
+    trained = len(_rows(run_dir))
     assert _cli(env, "stop", job, "--address", address) == "stopping"
     assert _wait_status(env, address, job, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout=120, poll_s=2) == "STOPPED"
-    assert trained >= 2 and _steps_logged(run_dir) >= trained
+    assert trained >= 2 and len(_rows(run_dir)) >= trained

@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 import yaml
 
+from rlhf_cluster.fileio import read_jsonl
 from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.data.prompts import read_prompt_file
 
@@ -51,8 +52,8 @@ def _launch(config: Path, *extra: str) -> subprocess.Popen:
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    """The steps logged so far (a line the driver is still appending is left out)."""
+    return read_jsonl(run_dir / "metrics.jsonl").rows
 
 
 def _stop_after(proc: subprocess.Popen, run_dir: Path, rows: int, sig: signal.Signals) -> str:
