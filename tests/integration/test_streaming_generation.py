@@ -49,37 +49,10 @@ def _scrape(target: str) -> dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def test_prompts_submitted_one_at_a_time_share_engine_steps(ray_cluster, job_config, tiny_model_path):
-    # n = 1: any engine batch above 1 must come from different requests decoding together.
-    cfg = job_config(generation={"sampling": {"n": 1, "max_new_tokens": 48, "ignore_eos": True}},
-                     algorithm={"advantage": "reinforce_pp"})
-    WeightStore(cfg.weights_dir).publish(0, load_causal_lm(tiny_model_path).state_dict())
-    worker = GenerationWorker.remote(cfg.model_dump(), tiny_model_path, 0)
-    try:
-        assert ray.get(worker.sync.remote(0)) == 0
-        refs = []
-        for i in range(6):
-            refs.append(worker.generate_group.remote(_prompt(i), 0))
-            if i == 0:  # the next ones arrive while the first is decoding
-                _wait_for(lambda: ray.get(worker.engine_stats.remote())["steps"] >= 3, what="first request decoding")
-            time.sleep(0.03)
-        results = ray.get(refs)
-        assert all(len(rollouts) == 1 and len(rollouts[0].response_ids) == 48 for rollouts in results)
-        stats = ray.get(worker.engine_stats.remote())
-        # vLLM's own scheduler stats: requests sent one at a time ran in the same engine steps.
-        assert stats["max_batch"] > 1, stats
-        # A sequential worker would take 6 x 48 steps; batching needs far fewer.
-        assert stats["steps"] < 6 * 48 * 0.75, stats
-        # The same, as scraped from the worker's Prometheus endpoint.
-        scraped = _scrape(ray.get(worker.info.remote())["metrics"])
-        total = scraped['rlhf_generation_engine_batch_size_count{}']
-        single = scraped['rlhf_generation_engine_batch_size_bucket{"le": "1.0"}']
-        assert total >= stats["steps"] - 1 and single < total
-    finally:
-        ray.kill(worker)
-
-
-def test_version_loaded_in_flight_continues_unfinished_responses(ray_cluster, job_config, tiny_model_path):
+def test_requests_share_engine_steps_and_a_version_loaded_in_flight_continues_them(ray_cluster, job_config,
+                                                                                      tiny_model_path):
+    # One worker (an engine start is most of this test's time) for both halves: continuous
+    # batching across requests, then a version loaded while responses are under way.
     length = 96
     cfg = job_config(generation={"sampling": {"n": 2, "max_new_tokens": length, "ignore_eos": True}})
     store = WeightStore(cfg.weights_dir)
@@ -89,9 +62,33 @@ def test_version_loaded_in_flight_continues_unfinished_responses(ray_cluster, jo
     worker = GenerationWorker.remote(cfg.model_dump(), tiny_model_path, 0)
     try:
         assert ray.get(worker.sync.remote(0)) == 0
+
+        # Prompts submitted one at a time share engine steps. n = 2: an engine batch above 2 must
+        # come from different requests decoding together.
+        refs = []
+        for i in range(6):
+            refs.append(worker.generate_group.remote(_prompt(i), 0))
+            if i == 0:  # the next ones arrive while the first is decoding
+                _wait_for(lambda: ray.get(worker.engine_stats.remote())["steps"] >= 3, what="first request decoding")
+            time.sleep(0.03)
+        results = ray.get(refs)
+        assert all(len(rollouts) == 2 and all(len(r.response_ids) == length for r in rollouts) for rollouts in results)
+        stats = ray.get(worker.engine_stats.remote())
+        # vLLM's own scheduler stats: requests sent one at a time ran in the same engine steps.
+        assert stats["max_batch"] > 2, stats
+        # A sequential worker would take 6 x 96 steps; batching needs far fewer.
+        assert stats["steps"] < 6 * length * 0.75, stats
+        # The same, as scraped from the worker's Prometheus endpoint.
+        scraped = _scrape(ray.get(worker.info.remote())["metrics"])
+        total = scraped['rlhf_generation_engine_batch_size_count{}']
+        above_two = total - scraped['rlhf_generation_engine_batch_size_bucket{"le": "2.0"}']
+        assert total >= stats["steps"] - 1 and above_two > 0
+
+        # A version loaded in flight: the unfinished responses continue on the new weights.
         before = ray.get(worker.info.remote())
         refs = [worker.generate_group.remote(_prompt(i), 0) for i in range(3)]
-        _wait_for(lambda: ray.get(worker.engine_stats.remote())["steps"] >= 8, what="responses under way")
+        steps_before = stats["steps"]
+        _wait_for(lambda: ray.get(worker.engine_stats.remote())["steps"] >= steps_before + 8, what="responses under way")
         assert ray.get(worker.engine_stats.remote())["in_flight"] == 6
 
         torch.manual_seed(3)
