@@ -38,7 +38,7 @@ class Checkpointer:
         )
         self._writing: asyncio.Task | None = None
 
-    def open_run(self, resume: str | None, overwrite: bool | str, job_name: str) -> Checkpoint | None:
+    def open_run(self, resume: str | None, overwrite: bool | str | None, job_name: str) -> Checkpoint | None:
         """Lock the run directory (one job per run_dir), then pick the checkpoint to resume from and
         prepare the directory: resumed, or fresh with an earlier run refused / moved aside / deleted
         as `overwrite` says. `--resume auto` with no checkpoint at all starts over with the earlier
@@ -174,7 +174,7 @@ class Checkpointer:
         except OSError as exc:
             self._failed(tmp, step, exc)
             return
-        digests = await trainer.stage_checkpoint(tmp)
+        digests: dict[str, object] = dict(await trainer.stage_checkpoint(tmp))  # the manifest's extra entries
         if verdict is not None:
             digests = {**digests, "guard": {"metric": self.cfg.guardrails.metric, "value": verdict.value}}
         self._writing = tg.create_task(self._finish(tmp, step, digests, trainer, state))

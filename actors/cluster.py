@@ -54,7 +54,8 @@ def _named_controller(job_name: str, wait_s: float = 60.0):
             # On the driver's node: it shares the driver's fate anyway, and a lost worker node
             # (e.g. a learner's, with `faults.elastic`) must not take the job's control down.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            return JobController.options(
+            # `.options`: @ray.remote made the class an ActorClass, which mypy (ignoring class decorators) cannot see.
+            return JobController.options(  # type: ignore[attr-defined]  # ActorClass
                 name=controller_name(job_name), namespace=NAMESPACE, get_if_exists=False, scheduling_strategy=here
             ).remote()
         except ValueError:
@@ -124,11 +125,13 @@ class Cluster:
                     raise receipt
                 self._record_receipts([receipt], delivery)
 
+        # `.options`: @ray.remote made each worker class an ActorClass, which mypy (ignoring class decorators)
+        # cannot see.
         self.pools: dict[str, ActorPool] = {
             "generation": pool(
                 "generation",
                 "gen",
-                lambda i, slot: GenerationWorker.options(**gen_opts).remote(
+                lambda i, slot: GenerationWorker.options(**gen_opts).remote(  # type: ignore[attr-defined]  # ActorClass
                     cfg_dict,
                     engine_paths["int8" if cfg.generation.quantization_of(slot) == "int8" else "full"],
                     i,
@@ -136,14 +139,22 @@ class Cluster:
                 ),
                 load_newest_weights,
             ),
-            "reward": pool("reward", "reward", lambda i, _slot: RewardWorker.options(**score_opts).remote(cfg_dict, i)),
+            "reward": pool(
+                "reward",
+                "reward",
+                lambda i, _slot: RewardWorker.options(**score_opts).remote(  # type: ignore[attr-defined]  # ActorClass
+                    cfg_dict, i
+                ),
+            ),
         }
         # With LoRA the learner's base model (adapters off) is the reference: no copy to run.
         if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
                 "reference",
                 "ref",
-                lambda i, _slot: ReferenceWorker.options(**score_opts).remote(cfg_dict, model_path, i),
+                lambda i, _slot: ReferenceWorker.options(  # type: ignore[attr-defined]  # ActorClass
+                    **score_opts
+                ).remote(cfg_dict, model_path, i),
             )
         # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.
         self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]), cfg.samples_per_step)
@@ -311,14 +322,17 @@ class Cluster:
 
     async def _watch_scaling(self, version: Callable[[], int]) -> None:
         """Apply scale requests from the JobController as they arrive."""
+        controller = self.controller
+        if controller is None:  # set by the constructor, which fails without it
+            raise RuntimeError("the job's JobController is not started")
         while True:
-            ticket, pool_name, replicas = await self.controller.next_request.remote()
+            ticket, pool_name, replicas = await controller.next_request.remote()
             try:
                 changed = await self._resize(pool_name, replicas)
                 outcome = {"pool": pool_name, "changed": changed, "sizes": self.pool_sizes(), "version": version()}
             except (ValueError, KeyError) as exc:
                 outcome = {"error": str(exc), "sizes": self.pool_sizes()}
-            await self.controller.applied.remote(ticket, outcome)
+            await controller.applied.remote(ticket, outcome)
 
     async def _resize(self, pool_name: str, replicas: int) -> list[str]:
         if pool_name not in self.pools:

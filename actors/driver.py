@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 class Driver:
     """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
 
-    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool | str = False):
+    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool | str | None = False):
         attach_console()  # the job's lines (and its warnings) reach this process's console
         for warning in preflight(cfg, resume=resume):  # bad input fails here, before anything is written or started
             log.warning(warning)
@@ -65,11 +65,11 @@ class Driver:
         self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)  # its count spans rebuilds
         self._stop = threading.Event()  # set by `request_stop` from any thread or a signal handler
         self.loop: asyncio.AbstractEventLoop | None = None  # where `request_stop` wakes the step loop
-        self.trainer: Trainer | None = None
+        self._trainer: Trainer | None = None  # with `_cluster` and `_state`: set by the start (read as properties)
         self.delivery: dict | None = None
         self._publishing: asyncio.Task | None = None  # the newest version's publication
-        self.cluster: Cluster | None = None
-        self.state: JobState | None = None
+        self._cluster: Cluster | None = None
+        self._state: JobState | None = None
         self.published_version = 0
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
@@ -94,7 +94,7 @@ class Driver:
             try:
                 if "int8" in self.cfg.generation.weight_variants:
                     self._adopt_learner(learner.result())
-                self.cluster = Cluster(
+                self._cluster = Cluster(
                     self.cfg,
                     self.cfg_dict,
                     self.run_dir,
@@ -107,7 +107,7 @@ class Driver:
                 )
             finally:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
-                if self.trainer is None:
+                if self._trainer is None:
                     self._adopt_learner(started)
         # A transport whose sender takes part in each push reaches the current learner's rank 0.
         self.cluster.pusher.sender = lambda delivery: self.trainer.send(delivery)
@@ -124,10 +124,31 @@ class Driver:
         """The built learner becomes the job's, on the driver's thread."""
         if start.cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
             self.cfg, self.cfg_dict, self.checkpointer.cfg = start.cfg, start.cfg.model_dump(), start.cfg
-        self.trainer, self.state, self.guard = start.trainer, start.state, start.guard
+        self._trainer, self._state, self.guard = start.trainer, start.state, start.guard
         self.published_version, self.delivery = start.published_version, start.delivery
         self.reporter.learner_ranks(start.cfg.learner.world_size)
         self.reporter.version(start.published_version)
+
+    @property
+    def trainer(self) -> Trainer:
+        """The learner's rank groups (the current ones: a rebuild replaces them)."""
+        if self._trainer is None:
+            raise RuntimeError("the job's learner is not started (the driver's start failed or is under way)")
+        return self._trainer
+
+    @property
+    def state(self) -> JobState:
+        """The job state the current learner was built with."""
+        if self._state is None:
+            raise RuntimeError("the job's state is not built (the driver's start failed or is under way)")
+        return self._state
+
+    @property
+    def cluster(self) -> Cluster:
+        """The worker pools."""
+        if self._cluster is None:
+            raise RuntimeError("the job's worker pools are not started (the driver's start failed or is under way)")
+        return self._cluster
 
     def _scrape_targets(self) -> dict[str, dict[str, dict]]:
         driver = (
@@ -399,10 +420,10 @@ class Driver:
 
     def shutdown(self) -> None:
         """End every actor of the job (safe after a failed start)."""
-        if self.cluster is not None:
-            self.cluster.shutdown()
-        if self.trainer is not None:
-            self.trainer.kill()
+        if self._cluster is not None:
+            self._cluster.shutdown()
+        if self._trainer is not None:
+            self._trainer.kill()
         self.run_dir.release()
 
 

@@ -20,7 +20,7 @@ class Job:
     """One job on the connected Ray cluster (the caller has called `ray.init`): started on
     construction (actors up, version 0 or the resumed checkpoint's published), trained by `run`."""
 
-    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool = False):
+    def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool | str | None = False):
         self._driver = Driver(cfg, resume, overwrite)
 
     # ---- steering ------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class Job:
 
 
 def run_job(
-    cfg: JobConfig, resume: str | None = None, stop: GracefulStop | None = None, overwrite: bool = False
+    cfg: JobConfig, resume: str | None = None, stop: GracefulStop | None = None, overwrite: bool | str | None = False
 ) -> JobResult:
     """Run (or with `resume`, continue) one job to its end on the connected Ray cluster; `stop`
     (active in the main thread) lets SIGTERM/SIGINT end it early with a checkpoint; `overwrite`

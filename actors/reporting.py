@@ -8,6 +8,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.records import ScoredSample
@@ -34,6 +35,12 @@ class ConsumedSample:
     worker: str
     policy_versions: list = field(default_factory=list)  # (first token, version) spans of the response
     rolled_back_steps: int = 0  # steps of its weights a rollback abandoned (a group scored before a resume)
+
+
+def _span_lists(sample: ScoredSample) -> list[list[int]]:
+    """The sample's (first token, version) spans, as JSON lists."""
+    assert sample.policy_versions is not None  # `SampledResponse.__post_init__` fills it in
+    return [list(span) for span in sample.policy_versions]
 
 
 def _evaluated(column: str, after: bool) -> property:
@@ -81,7 +88,7 @@ class Reporter:
         self.bad_steps = 0
         # The driver's own track of the trace (an instance: several jobs may share a process).
         self.tracer = Tracer("driver", "driver") if cfg.metrics.trace else None
-        self.tokenizer = None  # set once the job's inputs are prepared: samples.jsonl decodes with it
+        self.tokenizer: Any = None  # set once the job's inputs are prepared: samples.jsonl decodes with it
         self.trace_full = False  # trace.jsonl reached metrics.trace_max_mb
 
     def step(
@@ -117,7 +124,7 @@ class Reporter:
                 s.prompt_id,
                 s.policy_version,
                 worker_of.pop(s.sample_id, "?"),
-                [list(span) for span in s.policy_versions],
+                _span_lists(s),
                 s.rolled_back_steps,
             )
             for s in samples
@@ -277,7 +284,7 @@ class Reporter:
                     "requested_at": requested_at,
                     "generated_at": generated_at,
                     "buffered_at": time.time(),
-                    "policy_versions": [[list(span) for span in s.policy_versions] for s in samples],
+                    "policy_versions": [_span_lists(s) for s in samples],
                 }
             ],
         )

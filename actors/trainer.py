@@ -49,9 +49,12 @@ class Trainer:
         self._published: dict[int, dict] = {}  # publications that came back with their step
         if cfg.algorithm.advantage == "gae":  # PPO with a learned critic
             try:
-                cw = cfg.critic.world_size
+                critic = cfg.critic
+                if critic is None:  # preflight refuses this config; a Trainer built without preflight may see it
+                    raise RuntimeError("algorithm.advantage gae trains a critic: the config has no `critic` section")
+                cw = critic.world_size
                 self.critic = RankGroup(
-                    CriticRank, lambda r: (cfg_dict, model_path, r, cw), cfg.critic.resources, cw, section="critic"
+                    CriticRank, lambda r: (cfg_dict, model_path, r, cw), critic.resources, cw, section="critic"
                 )
             except BaseException:
                 self.policy.kill()
@@ -106,13 +109,13 @@ class Trainer:
         stats["kl_coef"] = kl_coef
         return stats
 
-    def publish_now(self, version: int) -> dict | None:
+    def publish_now(self, version: int) -> dict:
         """Publish the policy's current weights as `version` (persisted in the store whatever the
         transport) and wait until they are durable; returns their `delivery`."""
         self.policy.call("publish", version, True)
         published = ray.get(self.policy.leader.wait_published.remote(version))
         ray.get(self.policy.leader.wait_persisted.remote())
-        return published.get("delivery")
+        return published["delivery"]  # every transport's publication carries one
 
     def send(self, delivery: dict) -> ray.ObjectRef:
         """The policy's rank 0 takes part in pushing `delivery` (see `LearnerRank.send`)."""

@@ -47,22 +47,28 @@ class SupervisedRank:
         self.trainer = SupervisedTrainer(self.kind, self.model_path, self.stage, self.pad_id)
         return {"name": f"rank{self.rank}", "metrics": None, "pid": os.getpid()}
 
+    def _set_up(self) -> SupervisedTrainer:
+        """The trainer `setup` built: a call before it is the driver's bug."""
+        if self.trainer is None:
+            raise RuntimeError(f"supervised rank {self.rank}: called before setup()")
+        return self.trainer
+
     def sft_step(self, examples: list[SFTExample]) -> dict:
-        return self.trainer.sft_step(examples)
+        return self._set_up().sft_step(examples)
 
     def sft_evaluate(self, examples: list[SFTExample]) -> dict:
-        return self.trainer.sft_evaluate(examples)
+        return self._set_up().sft_evaluate(examples)
 
     def rm_step(
         self, chosen: list[list[int]], rejected: list[list[int]], margins: list[float], prompt_lengths: list[int]
     ) -> dict:
-        return self.trainer.rm_step(chosen, rejected, margins, prompt_lengths)
+        return self._set_up().rm_step(chosen, rejected, margins, prompt_lengths)
 
     def rm_scores(self, sequences: list[list[int]]) -> list[float]:
-        return self.trainer.rm_scores(sequences)
+        return self._set_up().rm_scores(sequences)
 
     def save(self, output: str) -> str | None:
-        return self.trainer.save(output, self.model_path, self.model_path)
+        return self._set_up().save(output, self.model_path, self.model_path)
 
 
 def _sft_data(cfg: JobConfig, stage: StageConfig, tokenizer) -> tuple[list[SFTExample], list[SFTExample]]:
@@ -71,6 +77,7 @@ def _sft_data(cfg: JobConfig, stage: StageConfig, tokenizer) -> tuple[list[SFTEx
         cut = len(examples) - min(stage.eval_examples, len(examples) // 5)
         return examples[:cut], examples[cut:]
     d = cfg.data
+    assert d.seed is not None  # JobConfig resolves every component seed when it validates
     train = [
         tokenize_plain(tokenizer, r["prompt"], r["answer"])
         for r in arithmetic_rows(stage.num_examples, d.seed, "train", d.max_operand)
@@ -90,6 +97,7 @@ def _rm_data(cfg: JobConfig, stage: StageConfig, tokenizer):
         train, evals = pairs[:cut], pairs[cut:]
     else:
         d = cfg.data
+        assert d.seed is not None  # JobConfig resolves every component seed when it validates
         train = arithmetic_preference_pairs(stage.num_examples, d.seed, "train", d.max_operand)
         # Every held-out prompt (up to eval_examples) with EVAL_PAIRS_PER_PROMPT wrong answers.
         evals = arithmetic_preference_pairs(
@@ -149,6 +157,7 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
     stage: StageConfig | None = getattr(cfg, kind)
     if stage is None:
         raise ValueError(f"the config has no `{kind}` section; add one (see configs/three_stage.yaml)")
+    assert stage.seed is not None  # JobConfig resolves every component seed when it validates
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train, evals = (_sft_data if kind == "sft" else _rm_data)(cfg, stage, tokenizer)
     if not train:

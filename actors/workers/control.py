@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import ray
 
@@ -24,7 +25,7 @@ def controller_name(job_name: str) -> str:
 class JobController:
     """Queue of scale requests for one job, and the pool sizes the driver last reported."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._requests: asyncio.Queue = asyncio.Queue()
         self._applied: dict[int, dict] = {}
         self._next_ticket = 0
@@ -63,9 +64,10 @@ def scale(job_name: str, pool: str, replicas: int, timeout: float = 300.0) -> di
     Needs a connected Ray client (`ray.init(address=...)`) on the job's cluster. Pool
     `scoring` resizes both the reward and the reference pool.
     """
-    controller = ray.get_actor(controller_name(job_name), namespace=NAMESPACE)
+    # Any: a handle's methods are looked up at run time (ray's stubs type its __getattr__ as Never).
+    controller: Any = ray.get_actor(controller_name(job_name), namespace=NAMESPACE)
     pools = ("reward", "reference") if pool == "scoring" else (pool,)
-    outcomes = {}
+    outcomes: dict[str, dict] = {}
     for name in pools:
         ticket = ray.get(controller.request_scale.remote(name, replicas))
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 
 
-@ray.remote(concurrency_groups={"health": 1})
+@ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
 class CriticRank(ShardedRank):
     """One rank of the critic group (a `ValueLearner`)."""
 
@@ -28,6 +28,12 @@ class CriticRank(ShardedRank):
         self.checkpoint_write: Future | None = None
         self.learner: ValueLearner | None = None
         limit_threads(world_size + 1)
+
+    def _set_up(self) -> ValueLearner:
+        """The value learner `setup` built: a collective called before it is the driver's bug."""
+        if self.learner is None:
+            raise RuntimeError(f"critic rank {self.rank}: called before setup()")
+        return self.learner
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the critic's process group and shard the value model (all ranks at once)."""
@@ -42,14 +48,14 @@ class CriticRank(ShardedRank):
     def values(self, batch: TrainBatch) -> list[list[float]]:
         """Collective: the per-token values of each response in this rank's share of the step's batch."""
         with tracing.span("values"):
-            values = self.learner.values(batch)
+            values = self._set_up().values(batch)
         lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()
         return [values[i, :n].tolist() for i, n in enumerate(lengths)]
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """Collective: one clipped-value-loss step on this rank's share (with returns and old values)."""
         with tracing.span("train_step"):
-            metrics = self.learner.train_step(batch)
+            metrics = self._set_up().train_step(batch)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["critic/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         return metrics

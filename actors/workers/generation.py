@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version it needs
 
 
-@ray.remote(concurrency_groups={"health": 1})
+@ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
 class GenerationWorker:
     """Generates rollout groups on one vLLM engine; loads published versions in place."""
 
@@ -54,6 +54,7 @@ class GenerationWorker:
         # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
         self.variant = "int8" if cfg.generation.quantization_of(index if slot is None else slot) == "int8" else None
         self.stall = StallClock()  # before the engine: its loop reports every step here
+        assert cfg.generation.seed is not None  # JobConfig resolves every component seed when it validates
         self.engine = VLLMEngine(
             model_path,
             cfg.generation,
@@ -72,7 +73,7 @@ class GenerationWorker:
             from rlhf_cluster.gateway.runner import AgentRunner  # FastAPI and uvicorn load only where a gateway serves
 
             self.agents = AgentRunner(self.engine, cfg.generation)
-        self._gateway_seen = (0, {})  # the gateway's request and refusal counts already exported
+        self._gateway_seen: tuple[int, dict[str, int]] = (0, {})  # gateway requests and refusals already exported
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.fingerprint: str | None = None  # of the bytes the engine holds, as its transport proves them
         self.refused: set[tuple[int, str]] = set()
@@ -344,12 +345,14 @@ class GenerationWorker:
 
     async def _episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
         """Multi-turn: `n` episodes per prompt (one greedy), all at once, each with its own environment."""
+        environment = self.environment
+        assert environment is not None  # `_groups` runs episodes only with an environment
         done = await self._per_sample(
             prompts,
             n,
             greedy,
             lambda p, group_id, sample_id: run_episode(
-                self.engine, self.cfg.generation, p, self.environment(), sample_id, group_id, greedy
+                self.engine, self.cfg.generation, p, environment(), sample_id, group_id, greedy
             ),
         )
         for _rollout, stats in done:
@@ -364,10 +367,12 @@ class GenerationWorker:
 
     async def _agent_episodes(self, prompts: list[Prompt], n: int | None, greedy: bool) -> list[Rollout]:
         """Agent episodes: `n` calls of the user's agent per prompt (one greedy), all at once."""
+        agents = self.agents
+        assert agents is not None  # `_groups` runs agent episodes only with an agent runner
         done = await self._per_sample(
-            prompts, n, greedy, lambda p, group_id, sample_id: self.agents.episode(p, group_id, sample_id, greedy)
+            prompts, n, greedy, lambda p, group_id, sample_id: agents.episode(p, group_id, sample_id, greedy)
         )
-        stats = self.agents.gateway.stats
+        stats = agents.gateway.stats
         seen_requests, seen_refused = self._gateway_seen
         self.labels.of(m.GATEWAY_REQUESTS).inc(stats.requests - seen_requests)
         for status, refused in stats.refused.items():

@@ -6,7 +6,7 @@ import os
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -23,6 +23,11 @@ from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now as delivery_time
 from rlhf_cluster.weights.buckets import persisted
 from rlhf_cluster.weights.registry import build_transport
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rlhf_cluster.weights.transports import WeightTransport
 
 
 class ShardedRank:
@@ -72,7 +77,9 @@ class ShardedRank:
 
 # A second thread answers wait_published while a step runs; heartbeats have a thread of their own,
 # and so has rank 0's part of pushing a version (`send`), which runs while the next step trains.
-@ray.remote(max_concurrency=2, concurrency_groups={"health": 1, "weights": 1})
+@ray.remote(  # type: ignore[call-overload]  # ray's stubs lack max_concurrency and concurrency_groups
+    max_concurrency=2, concurrency_groups={"health": 1, "weights": 1}
+)
 class LearnerRank(ShardedRank):
     """One rank of the learner group; rank 0 also publishes versions to the weight store."""
 
@@ -83,7 +90,7 @@ class LearnerRank(ShardedRank):
         self.store = None
         if rank == 0:
             # The int8 rollout variant is derived here, once per version, for every generation worker.
-            variants = {}
+            variants: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
             if "int8" in self.cfg.generation.weight_variants:
                 variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.engine_dtype))
             self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
@@ -109,6 +116,18 @@ class LearnerRank(ShardedRank):
             )
             torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1, weight_bytes))
 
+    def _set_up(self) -> LearnerBase:
+        """The learner `setup` built: a collective called before it is the driver's bug."""
+        if self.learner is None:
+            raise RuntimeError(f"learner rank {self.rank}: called before setup()")
+        return self.learner
+
+    def _publisher(self) -> WeightTransport:
+        """Rank 0's transport: only rank 0 publishes and sends versions."""
+        if self.transport is None:
+            raise RuntimeError(f"learner rank {self.rank}: only rank 0 publishes weights")
+        return self.transport
+
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""
         join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
@@ -126,11 +145,11 @@ class LearnerRank(ShardedRank):
         when one is due, or when `persist` forces it (the start, a restored checkpoint)."""
         files = {}
         if self.probe is not None:
-            logprobs = self.learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
+            logprobs = self._set_up().probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
             files[PROBE_FILE] = probe_file(self.probe, logprobs)
         # What the engines hold is what leaves the device and goes on disk too: cast there (no
         # fp32 copy when the engine runs bf16), a tied output embedding once; LoRA: the adapters alone.
-        named = self.learner.named_engine_tensors(self.engine_dtype)
+        named = self._set_up().named_engine_tensors(self.engine_dtype)
         if self.rank != 0:
             for _ in named:  # this rank's part of every gather
                 pass
@@ -138,17 +157,17 @@ class LearnerRank(ShardedRank):
         snapshot = persist or persisted(
             version, self.cfg.weights.persist_every, self.cfg.checkpoint.every_steps, self.cfg.train.total_steps
         )
-        self.pending[version] = self.transport.publish(version, delivery_time(), named, files, snapshot)
+        self.pending[version] = self._publisher().publish(version, delivery_time(), named, files, snapshot)
 
     def wait_persisted(self) -> None:
         """Block until every queued store write is durable (rank 0; raises what a write raised)."""
-        self.transport.wait_persisted()
+        self._publisher().wait_persisted()
 
     @ray.method(concurrency_group="weights")
     def send(self, delivery: dict) -> None:
         """Rank 0's part of pushing `delivery` to the engines its `seat` names, for a transport
         whose sender takes part (marked `"sender": True`), while the engines fetch it."""
-        self.transport.send(delivery)
+        self._publisher().send(delivery)
 
     def wait_published(self, version: int) -> dict:
         """Block until the transport has published `version`; returns times, bytes and the
@@ -164,7 +183,7 @@ class LearnerRank(ShardedRank):
         step's metrics and, when the publication is complete already (rank 0, e.g. packed in the object store),
         what `wait_published` would: the driver pushes it without another round trip."""
         with tracing.span("train_step", version=version):
-            metrics = self.learner.train_step(batch, kl_coef)
+            metrics = self._set_up().train_step(batch, kl_coef)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         with tracing.span("publish", version=version):
@@ -175,12 +194,12 @@ class LearnerRank(ShardedRank):
     def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Collective: the policy's fp32 log-probs of fixed sequences (what an engine holding the
         published weights should report)."""
-        return self.learner.probe_logprobs(prompt_ids, response_ids)
+        return self._set_up().probe_logprobs(prompt_ids, response_ids)
 
     def reference_logprobs(self, batch: TrainBatch) -> list[list[float]] | None:
         """Collective: the reference log-probs the learner would train this batch against when it
         computes them itself (LoRA: base model, adapters off); None when they come from scoring."""
-        ref = self.learner.reference_logprobs(batch)
+        ref = self._set_up().reference_logprobs(batch)
         if ref is None:
             return None
         lengths = (batch.attention_mask.sum(1) - batch.prompt_lengths).tolist()
@@ -188,4 +207,4 @@ class LearnerRank(ShardedRank):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective; rank 0 returns the gathered weights, other ranks an empty dict."""
-        return self.learner.full_state_dict()
+        return self._set_up().full_state_dict()

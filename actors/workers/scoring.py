@@ -7,6 +7,7 @@ import os
 import ray
 
 from actors.workers._common import actor_setup, limit_threads, metrics_target
+from rlhf_cluster.config import FunctionReward
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
 from rlhf_cluster.telemetry import metrics as m
@@ -16,7 +17,7 @@ from rlhf_cluster.telemetry import tracing
 # rewards alone starts without them (torch's import is most of its start-up).
 
 
-@ray.remote(concurrency_groups={"health": 1})
+@ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
 class RewardWorker:
     """Applies the custom reward function (a `function` source in `scoring.rewards`) or the task's verifier to
     responses, combined with frozen reward models (`scoring.reward_models`) when the job has any.
@@ -34,19 +35,18 @@ class RewardWorker:
             "pid": os.getpid(),
         }
         rule = cfg.scoring.rule_source
-        handling = (
-            {
-                "on_error": rule.on_error,
-                "timeout_s": rule.timeout_s,
-                "max_failure_fraction": rule.max_failure_fraction,
-                "failure_window": rule.failure_window,
-            }
-            if cfg.scoring.reward_fn
-            else {}
-        )
-        self.reward = RuleReward(
-            cfg.data.verifier_name, pattern=cfg.data.verifier_pattern, reward_fn=cfg.scoring.reward_fn, **handling
-        )
+        if isinstance(rule, FunctionReward):  # a custom reward function, with its failure handling
+            self.reward = RuleReward(
+                cfg.data.verifier_name,
+                pattern=cfg.data.verifier_pattern,
+                reward_fn=rule.function,
+                on_error=rule.on_error,
+                timeout_s=rule.timeout_s,
+                max_failure_fraction=rule.max_failure_fraction,
+                failure_window=rule.failure_window,
+            )
+        else:
+            self.reward = RuleReward(cfg.data.verifier_name, pattern=cfg.data.verifier_pattern)
         self.scoring = cfg.scoring
         self.models = None
         if cfg.scoring.reward_models:
@@ -90,7 +90,7 @@ class RewardWorker:
         return out
 
 
-@ray.remote(concurrency_groups={"health": 1})
+@ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
 class ReferenceWorker:
     """Per-token log-probs of responses under the frozen initial policy."""
 

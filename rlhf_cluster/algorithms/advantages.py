@@ -25,11 +25,10 @@ def _group_index(group_ids: GroupIds, device: torch.device | None = None) -> tup
 
 def _group_stats(rewards: torch.Tensor, idx: torch.Tensor, n: int):
     """Per-sample group size, sum and a flag for groups with no signal (constant or singleton)."""
-    kw = {"dtype": rewards.dtype, "device": rewards.device}
-    count = torch.zeros(n, **kw).index_add_(0, idx, torch.ones_like(rewards))
-    total = torch.zeros(n, **kw).index_add_(0, idx, rewards)
-    gmax = torch.full((n,), -torch.inf, **kw).scatter_reduce(0, idx, rewards, "amax")
-    gmin = torch.full((n,), torch.inf, **kw).scatter_reduce(0, idx, rewards, "amin")
+    count = rewards.new_zeros(n).index_add_(0, idx, torch.ones_like(rewards))
+    total = rewards.new_zeros(n).index_add_(0, idx, rewards)
+    gmax = rewards.new_full((n,), -torch.inf).scatter_reduce(0, idx, rewards, "amax")
+    gmin = rewards.new_full((n,), torch.inf).scatter_reduce(0, idx, rewards, "amin")
     # Compare extremes instead of testing std == 0: r - mean is not exactly 0 in floating point.
     dead = (gmax == gmin) | (count < 2)
     return count, total, dead

@@ -54,7 +54,7 @@ def policy_loss(
     correction: torch.Tensor | None = None,
     denominator=None,
     max_tokens: int | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate ``max(-A r, -A clip(r, 1-clip_low, 1+clip_high))`` per token, aggregated.
 
     ``clip_ratio_c`` (dual-clip PPO): where ``A < 0`` the per-token loss is further capped at
@@ -168,7 +168,7 @@ def kl_loss(
     estimator: str = "k3",
     denominator=None,
     k3_clamp: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """In-loss KL to the reference (GRPO style): token mean of :func:`kl_penalty`."""
     kl = kl_penalty(logprobs, ref_logprobs, estimator, k3_clamp)
     loss = masked_mean(kl, mask, denominator)

@@ -38,7 +38,7 @@ def field_path(loc: tuple) -> str:
     out = ""
     for i, part in enumerate(loc):
         owner = loc[i - 2] if i >= 2 and isinstance(loc[i - 1], int) else loc[i - 1] if i else None
-        if isinstance(part, str) and part in _UNION_TAGS.get(owner, ()):
+        if isinstance(part, str) and isinstance(owner, str) and part in _UNION_TAGS.get(owner, ()):
             continue
         out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out or "(top level)"

@@ -59,8 +59,8 @@ def gsm8k_response(response: str) -> str | None:
     if "####" in response:
         found = _NUMBER.search(response.rsplit("####", 1)[-1])
         return found.group(0) if found else None
-    found = _NUMBER.findall(response)
-    return found[-1] if found else None
+    numbers = _NUMBER.findall(response)
+    return numbers[-1] if numbers else None
 
 
 def verify_gsm8k(response: str, answer: str) -> dict[str, float]:

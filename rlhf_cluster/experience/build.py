@@ -12,8 +12,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlhf_cluster.algorithms import (
-    AdaptiveKLController,
-    FixedKLController,
     gae,
     group_advantages,
     kl_penalty,
@@ -22,6 +20,7 @@ from rlhf_cluster.algorithms import (
     turn_level_advantages,
     whiten,
 )
+from rlhf_cluster.algorithms.kl import AdaptiveKLController, FixedKLController  # typed (the package's are lazy: Any)
 from rlhf_cluster.config import AlgorithmConfig, KLConfig, TurnRewardsConfig
 from rlhf_cluster.experience.records import Rollout, ScoredSample, TrainBatch
 from rlhf_cluster.models.packing import balanced_shares
@@ -112,7 +111,7 @@ def build_group(
             response_ids=list(r.response_ids),
             rollout_logprobs=list(r.rollout_logprobs),
             policy_version=r.policy_version,
-            policy_versions=list(r.policy_versions),
+            policy_versions=None if r.policy_versions is None else list(r.policy_versions),
             loss_mask=None if r.loss_mask is None else list(r.loss_mask),
             finish_reason=r.finish_reason,
             reward=float(reward),

@@ -164,8 +164,14 @@ class ScoredSample(SampledResponse):
                 )
         if self.policy_versions is None:
             self.policy_versions = [(0, self.policy_version)]
-        self.policy_versions = [tuple(span) for span in self.policy_versions]
+        self.policy_versions = [(start, version) for start, version in self.policy_versions]
         check_version_spans(self.sample_id, self.policy_versions, n, self.policy_version)
+
+    @property
+    def version_spans(self) -> VersionSpans:
+        """`policy_versions`, which `__post_init__` fills in where it was not given."""
+        assert self.policy_versions is not None  # __post_init__ set it
+        return self.policy_versions
 
     @property
     def model_tokens(self) -> list[int]:
@@ -175,7 +181,7 @@ class ScoredSample(SampledResponse):
     @property
     def newest_version(self) -> int:
         """The newest weight version that sampled a token of the response."""
-        return self.policy_versions[-1][1]
+        return self.version_spans[-1][1]
 
     @property
     def effective_version(self) -> int:
@@ -196,7 +202,7 @@ class ScoredSample(SampledResponse):
     @property
     def spans_versions(self) -> bool:
         """Whether the response was sampled by more than one weight version."""
-        return len(self.policy_versions) > 1
+        return len(self.version_spans) > 1
 
 
 def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
@@ -204,7 +210,7 @@ def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
     rows = list(samples)
     columns = {f.name: [getattr(s, f.name) for s in rows] for f in SAMPLE_SCHEMA}
     columns["reward_components"] = [list(s.reward_components.items()) for s in rows]
-    columns["policy_versions"] = [[{"start": a, "version": v} for a, v in s.policy_versions] for s in rows]
+    columns["policy_versions"] = [[{"start": a, "version": v} for a, v in s.version_spans] for s in rows]
     columns["loss_mask"] = [s.loss_mask or [] for s in rows]
     return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.gateway.chat import ChatError, continuation_text, render, same_message
 from rlhf_cluster.generation.engine import Turn, response_text
 
@@ -39,7 +39,7 @@ class EpisodeTrace:
     last_turn_text: str = ""  # the last model turn's text with special tokens (where the template's turn end continues)
     rewrites: int = 0  # requests whose earlier messages differed from what the model saw
     rewards: list[float] = field(default_factory=list)  # given by the agent (the runner's return value or the endpoint)
-    finish_reason: str = "stop"
+    finish_reason: FinishReason = "stop"
     closed: bool = False
 
     @property

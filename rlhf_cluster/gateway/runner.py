@@ -46,7 +46,10 @@ class AgentRunner:
     the agent episodes run through it."""
 
     def __init__(self, engine: VLLMEngine, cfg: GenerationConfig):
-        agent: AgentConfig = cfg.agent
+        agent = cfg.agent
+        if agent is None:
+            raise RuntimeError("an AgentRunner serves agent episodes: generation.agent must be set")
+        self.agent_cfg: AgentConfig = agent
         self.cfg, self.engine, self.agent = cfg, engine, load_agent(agent.function)
         # The agent needs a key either way (the openai client refuses none); one is checked only if set.
         self.api_key = agent.token or secrets.token_hex(8)
@@ -63,7 +66,7 @@ class AgentRunner:
             turn_max_tokens=cfg.turn_max_tokens,
             token=agent.token,
         )
-        self.server = None
+        self.server: object | None = None  # uvicorn's server, once started
         self.url: str | None = None
         # Agents block on HTTP calls: each needs its own thread (the default pool has cores + 4).
         self.threads = ThreadPoolExecutor(agent.max_concurrent, thread_name_prefix="agent")
@@ -74,10 +77,11 @@ class AgentRunner:
         async with self._starting:
             if self.server is None:
                 await self._serve()
+        assert self.url is not None  # `_serve` set it
         return self.url
 
     async def _serve(self) -> None:
-        agent = self.cfg.agent
+        agent = self.agent_cfg
         self.server, self._serving, port = await start_server(self.gateway, agent.bind_address, agent.port)
         wildcard = agent.bind_address in ("0.0.0.0", "::")
         self.url = f"http://{agent.advertise_address or ('127.0.0.1' if wildcard else agent.bind_address)}:{port}"
@@ -88,7 +92,7 @@ class AgentRunner:
         episode_id = f"{sample_id}:{uuid.uuid4().hex[:8]}"
         self.gateway.open(episode_id, greedy)
         messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.text}]
-        timeout = self.cfg.agent.timeout_s
+        timeout = self.agent_cfg.timeout_s
         try:
             result = await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(
@@ -98,12 +102,12 @@ class AgentRunner:
             )
         except TimeoutError as exc:
             raise AgentError(
-                f"generation.agent.function={self.cfg.agent.function!r} did not return within "
+                f"generation.agent.function={self.agent_cfg.function!r} did not return within "
                 f"generation.agent.timeout_s={timeout:g} s (episode {episode_id})"
             ) from exc
         except Exception as exc:
             raise AgentError(
-                f"generation.agent.function={self.cfg.agent.function!r} raised on episode {episode_id}: "
+                f"generation.agent.function={self.agent_cfg.function!r} raised on episode {episode_id}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         finally:
@@ -111,7 +115,7 @@ class AgentRunner:
         if result is not None:
             if isinstance(result, bool) or not isinstance(result, (int, float)):
                 raise AgentError(
-                    f"generation.agent.function={self.cfg.agent.function!r} returned {result!r}; expected "
+                    f"generation.agent.function={self.agent_cfg.function!r} returned {result!r}; expected "
                     "a number (the episode's reward from the agent) or None"
                 )
             trace.rewards.append(float(result))
@@ -120,5 +124,5 @@ class AgentRunner:
                 self.engine.tokenizer, prompt.prompt_id, group_id, sample_id, self.engine.name, self.engine.version
             )
         except ValueError as exc:
-            raise AgentError(f"generation.agent.function={self.cfg.agent.function!r}: {exc}") from exc
+            raise AgentError(f"generation.agent.function={self.agent_cfg.function!r}: {exc}") from exc
         return rollout, trace.rewrites

@@ -37,6 +37,7 @@ def serve(
     cfg: JobConfig, model_path: str, host: str, port: int, token: str | None, out: Path, on_ready: Callable[[str], None]
 ) -> None:
     """Serve until interrupted (SIGINT/SIGTERM); `on_ready` gets the URL once it listens."""
+    assert cfg.generation.seed is not None  # JobConfig resolves every component seed when it validates
     engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed, name="gateway")
     episodes = EpisodeFile(out)
 

@@ -17,12 +17,13 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf_cluster.config import GenerationConfig, LoraConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.engine_loop import EngineLoop
 from rlhf_cluster.generation.gc_pause import imports_without_gc
@@ -34,6 +35,9 @@ from rlhf_cluster.generation.vllm_process import (
     cpu_kv_cache_bytes,
     runs_eager,
 )
+
+if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
 
 
 def response_text(tokenizer, token_ids: list[int]) -> str:
@@ -50,7 +54,7 @@ class Turn:
     token_ids: list[int]
     logprobs: list[float]
     spans: list[tuple[int, int]]
-    finish_reason: str
+    finish_reason: FinishReason
     text: str
 
 
@@ -96,7 +100,7 @@ class VLLMEngine(EngineLoop):
         self,
         model_path: str,
         cfg: GenerationConfig,
-        dtype: str = "float32",
+        dtype: ModelDType = "float32",
         seed: int = 0,
         name: str = "gen0",
         on_step: Callable[[int, int], None] | None = None,
@@ -146,7 +150,10 @@ class VLLMEngine(EngineLoop):
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         # The recorder joins vLLM's own stat loggers (the Prometheus one feeds `get_metrics`).
         self.batches = EngineBatchRecorder(on_step)
-        self.engine.logger_manager.stat_loggers.append(self.batches)
+        if self.engine.logger_manager is None:  # vLLM builds it whenever log stats are on, as they are here
+            raise RuntimeError(f"{name}: vLLM built no stat logger manager: the batch recorder cannot join it")
+        # vLLM only calls its loggers' methods; the recorder has them without subclassing vLLM's ABC.
+        self.engine.logger_manager.stat_loggers.append(self.batches)  # type: ignore[arg-type]  # duck-typed logger
         self.engine.set_weight_version(str(self.version))
         self.tokenizer = self.engine.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(RotaryReloadFilter())
@@ -284,9 +291,11 @@ class VLLMEngine(EngineLoop):
             "vllm:spec_decode_num_draft_tokens": "draft_tokens",
             "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
         }
+        from vllm.v1.metrics.reader import Counter
+
         out = dict.fromkeys(names.values(), 0)
         for metric in self.engine.get_metrics():
-            if metric.name in names:
+            if isinstance(metric, Counter) and metric.name in names:
                 out[names[metric.name]] = int(metric.value)
         return out
 
@@ -339,6 +348,7 @@ class VLLMEngine(EngineLoop):
         self.engine.collective_rpc("finish_weight_update")
 
     def _load_adapters(self, load) -> None:
+        assert self.adapters is not None  # only an engine with an adapter slot loads adapters
         self.engine.add_lora(load)
         self.adapters.loaded(load)
 
@@ -368,7 +378,7 @@ class VLLMEngine(EngineLoop):
         return swap
 
 
-def _finish_reason(reason: str | None) -> str:
+def _finish_reason(reason: str | None) -> FinishReason:
     if reason == "length":
         return "length"
     if reason == "stop":

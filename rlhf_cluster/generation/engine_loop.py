@@ -13,6 +13,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.llm_engine import LLMEngine
 
 
 @dataclass
@@ -30,7 +34,7 @@ class EngineLoop:
     """Requests in, outputs out, on one thread that owns vLLM's engine (`self.engine`, set by the
     subclass before `_start_loop`)."""
 
-    engine: object
+    engine: LLMEngine
     name: str
 
     def _start_loop(self) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.generation.engine import VLLMEngine, response_text
 from rlhf_cluster.generation.environments import Environment
 
@@ -54,7 +54,7 @@ async def run_episode(
     stats = EpisodeStats()
     turn_rewards: list[float] = []
     turn_starts: list[int] = []
-    finish = "stop"
+    finish: FinishReason = "stop"
 
     async def environment(call: Callable, *args):
         start = time.perf_counter()

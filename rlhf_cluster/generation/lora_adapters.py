@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -24,6 +25,9 @@ from safetensors.torch import save_file
 from rlhf_cluster.config import LoraConfig
 from rlhf_cluster.generation.quantization import check_push
 from rlhf_cluster.learner.lora import PEFT_PREFIX, adapter_config, adapter_names
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
 
 ADAPTER_NAME, ADAPTER_ID = "policy", 1
 # vLLM's LoRA slots come in these ranks; an adapter of a smaller rank fits the next one up.
@@ -46,14 +50,15 @@ class AdapterSlot:
             a = name.endswith(".lora_A.weight")
             self.spec[name] = (dtype, (cfg.rank, in_features) if a else (out_features, cfg.rank))
         self.root = Path(tempfile.mkdtemp(prefix=f"{engine}-adapters-"))
-        self.request = None  # until the first version: requests run on the base model (adapters at B = 0)
+        # Until the first version: requests run on the base model (adapters at B = 0).
+        self.request: LoRARequest | None = None
 
     def engine_args(self) -> dict:
         """What vLLM's engine needs to serve the slot."""
         rank = next(r for r in VLLM_LORA_RANKS if r >= self.cfg.rank)
         return {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
 
-    def write(self, version: int, weights: list[tuple[str, torch.Tensor]]):
+    def write(self, version: int, weights: list[tuple[str, torch.Tensor]]) -> LoRARequest:
         """Check a version's adapters against the slot's layout (`WeightSpecError`), write them as a
         peft folder, and return the in-place load request for it."""
         from vllm.lora.request import LoRARequest
@@ -67,7 +72,7 @@ class AdapterSlot:
         (folder / "adapter_config.json").write_text(json.dumps(adapter_config(self.cfg)))
         return LoRARequest(ADAPTER_NAME, ADAPTER_ID, str(folder), load_inplace=True)
 
-    def loaded(self, load) -> None:
+    def loaded(self, load: LoRARequest) -> None:
         """`load` (the request `write` returned) is in the slot: requests carry the slot from now
         on, and the folders of earlier versions go (vLLM read them once, at their load)."""
         from vllm.lora.request import LoRARequest

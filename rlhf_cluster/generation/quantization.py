@@ -205,8 +205,9 @@ def keep_int8_scales_alive(worker) -> int:
             build(self, layer)
             self._scale_keepalive = getattr(layer, self.layer_param_names[1])
 
-        CPUInt8ScaledMMLinearKernel.process_weights_for_onednn = process_weights_for_onednn
-        CPUInt8ScaledMMLinearKernel._rlhf_keeps_scale = True
+        # A deliberate patch of vLLM's class, marked so that it is applied once per process.
+        CPUInt8ScaledMMLinearKernel.process_weights_for_onednn = process_weights_for_onednn  # type: ignore[method-assign]  # patch
+        CPUInt8ScaledMMLinearKernel._rlhf_keeps_scale = True  # type: ignore[attr-defined]  # our marker on vLLM's class
     kernels = 0
     for module in worker.model_runner.model.modules():
         kernel = getattr(getattr(module, "scheme", None), "kernel", None)
@@ -219,6 +220,11 @@ class Int8Linear(torch.nn.Module):
     """The same W8A8 scheme for frozen models outside vLLM (reference and reward models): int8
     weights per output channel, activations quantized per token at run time, int8 x int8 -> int32
     matmul (`torch._int_mm`), rescaled to the input's dtype."""
+
+    # The buffers registered in __init__.
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()

@@ -55,7 +55,7 @@ class CheckedTensorsEngine(WeightTransferEngine[CheckedTensorsInit, CheckedTenso
             torch.cuda.synchronize()
 
     def receive_weights(self, update_info: CheckedTensorsUpdate) -> None:
-        self.model.load_weights(update_info.weights)
+        self.model.load_weights(update_info.weights)  # type: ignore[operator]  # vLLM types model as nn.Module
 
     def finish_weight_update(self) -> None:
         finalize_layerwise_reload(self.model, self.model_config)

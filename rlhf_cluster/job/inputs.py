@@ -37,6 +37,7 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     prompts = read_prompt_file(train_file, columns)
     eval_prompts = read_prompt_file(eval_file, columns) if eval_file is not None else []
     if cfg.data.path is not None and (cfg.data.eval_fraction or eval_file is not None):
+        assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         split = (
             split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
             if cfg.data.eval_fraction

@@ -8,6 +8,11 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +32,8 @@ class GracefulStop:
         self.received: str | None = None
         self._job = None
         self._timer: threading.Timer | None = None
-        self._previous: dict[int, object] = {}
+        # what `signal.signal` returns: the handler each signal had before
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = {}
         self._expired = False
 
     def attach(self, job) -> None:

@@ -230,6 +230,7 @@ def _prompt_file(cfg: JobConfig) -> list[str]:
         if cfg.data.eval_path is not None:
             split_by_file(prompts, read_prompt_file(cfg.data.eval_path, cfg.data.columns), cfg.data.eval_path)
         elif cfg.data.eval_fraction:
+            assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
             split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
     except (OSError, ValueError) as exc:
         return [str(exc) if str(exc).startswith("data.") else f"data.eval_path: {exc}"]

@@ -32,6 +32,7 @@ def first_prompt(cfg: JobConfig, tokenizer=None) -> Prompt:
     if cfg.data.path:
         prompt = read_prompt_file(cfg.data.path, cfg.data.columns)[0]
     else:
+        assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         row = arithmetic_rows(1, cfg.data.seed, "train", cfg.data.max_operand)[0]
         prompt = Prompt(row["prompt_id"], row["prompt"], row["answer"])
     if cfg.data.chat_template:

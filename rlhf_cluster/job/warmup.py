@@ -93,8 +93,8 @@ def ensure_warmed_model(
         # Masks come from lengths, not token ids: the pad id may equal a real token.
         input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch])
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        batch_labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=batch_labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

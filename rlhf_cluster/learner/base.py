@@ -212,7 +212,10 @@ class LearnerBase(ABC):
 
     def _to_device(self, batch: TrainBatch) -> TrainBatch:
         """The host batch on the learner's device, by copies the host does not wait for (`to_device`)."""
-        fields = {k: (to_device(v, self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+        # Any: the values of every field (tensors, sample ids, None), passed back to the constructor by name.
+        fields: dict[str, Any] = {
+            k: (to_device(v, self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()
+        }
         return TrainBatch(**fields)
 
     @torch.no_grad()
@@ -318,6 +321,9 @@ class LearnerBase(ABC):
         # epoch of one mini-batch in one pass, the training forward runs on exactly those weights,
         # so its detached log-probs are π_prox and the separate no-grad forward is skipped.
         single_pass = lc.ppo_epochs == 1 and len(plans) == 1 and len(plans[0]) == 1
+        prox: torch.Tensor | None
+        correction: torch.Tensor | None
+        corr_metrics: dict[str, torch.Tensor] | None
         if not single_pass:
             with torch.no_grad(), tracing.span("prox_logprobs"):
                 prox = self._frozen_logprobs(b, plans)
@@ -341,6 +347,7 @@ class LearnerBase(ABC):
             if single_pass:
                 prox = logprobs.detach()
                 correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
+            assert prox is not None  # set above (one pass) or by the no-grad forward before the passes
             global_tokens, global_seqs = counts[mini]
             # clamp_min(1): a mini-batch whose tokens were all filtered out (overlong filtering)
             # contributes a zero loss rather than NaN.
@@ -360,9 +367,12 @@ class LearnerBase(ABC):
         if single_pass:
             prox = correction = corr_metrics = None  # set by the one micro-batch's forward
         reduction = StepMetrics(self.device, mask)
-        passes = self._optimize(
-            lc.ppo_epochs, plans, micro_loss, lambda p: reduction.device_values(p, correction, corr_metrics)
-        )
+
+        def step_values(p: Passes) -> torch.Tensor:
+            assert corr_metrics is not None  # set before the passes, or by the one pass's forward
+            return reduction.device_values(p, correction, corr_metrics)
+
+        passes = self._optimize(lc.ppo_epochs, plans, micro_loss, step_values)
         out = reduction.read(passes.step_values)
         out["learner/grad_norm"] = passes.grad_norm
         out["learner/skipped_updates"] = float(passes.skipped)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -25,10 +26,10 @@ from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.models.modeling import attention_of
 from rlhf_cluster.models.packing import PackedRows
-from rlhf_cluster.scoring.reward_model import RewardModel
+from rlhf_cluster.scoring.reward_model import ScalarHeadModel
 
 
-class ValueModel(RewardModel):
+class ValueModel(ScalarHeadModel):
     """A reward model's backbone and head applied at every position: per-token values ``[B, T]``.
 
     The value of response token t is read at the position that predicts it (``prompt_len - 1 + t``):
@@ -38,7 +39,7 @@ class ValueModel(RewardModel):
     @property
     def layers(self) -> torch.nn.ModuleList:
         """The decoder layers (each is sharded on its own)."""
-        return self.backbone.layers
+        return cast(torch.nn.ModuleList, self.backbone.layers)  # an HF decoder's; torch types it Tensor | Module
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
@@ -80,6 +81,8 @@ class ValueLearner(FSDP2Learner):
 
     def _load_model(self, model_path: str) -> torch.nn.Module:
         if self.critic.init == "policy":
+            if self.critic.seed is None:
+                raise RuntimeError("critic.seed is unset: JobConfig resolves it (from the job's `seed`) first")
             model = ValueModel.from_lm(model_path, seed=self.critic.seed)
         else:
             model = ValueModel.from_pretrained(self.critic.init)
@@ -113,9 +116,10 @@ class ValueLearner(FSDP2Learner):
         mean over every rank's valid tokens (one global denominator for all ranks and micro-batches)."""
         del kl_coef  # the policy learner's signature; the value loss has no KL term
         start = time.perf_counter()
-        if local.returns is None or local.old_values is None:
-            raise ValueError("the critic's train step needs a batch with returns and old_values")
         b = self._to_device(local)
+        if b.returns is None or b.old_values is None:
+            raise ValueError("the critic's train step needs a batch with returns and old_values")
+        returns, old_values = b.returns, b.old_values
         mask = b.response_mask
         self.model.train()
         [global_tokens] = self._all_reduce([float(mask.sum())])
@@ -126,8 +130,8 @@ class ValueLearner(FSDP2Learner):
             rows = micro.rows
             return value_loss(
                 self._values(b, micro),
-                b.old_values[rows],
-                b.returns[rows],
+                old_values[rows],
+                returns[rows],
                 mask[rows],
                 clip=self.critic.value_clip,
                 denominator=denominator,
@@ -143,7 +147,7 @@ class ValueLearner(FSDP2Learner):
 
         # Explained variance of the returns by the values the advantages used, from global sums:
         # 1 - Var(R - V) / Var(R) over every rank's valid tokens.
-        ret, old = b.returns * mask, b.old_values * mask
+        ret, old = returns * mask, old_values * mask
         resid = ret - old
         sums = [
             loss_sum,

@@ -18,10 +18,10 @@ import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
-    from rlhf_cluster.config import LearnerConfig
+    from rlhf_cluster.config import DeepSpeedBackend, LearnerConfig
 
 # The batch bookkeeping DeepSpeed is given: one micro-batch per `engine.backward` call and no
 # accumulation of its own (the learner marks the accumulation boundary itself).
@@ -72,6 +72,13 @@ def _offload_device(user_zero: dict, key: str) -> str | None:
     if not isinstance(section, dict):
         return "invalid"
     return str(section.get("device", "none")).lower()
+
+
+def _deepspeed_backend(lc: LearnerConfig) -> DeepSpeedBackend:
+    """`lc.backend`, a `DeepSpeedBackend`: both callers only get here for `learner.backend: deepspeed`
+    (preflight checks its class, `DeepSpeedLearner` is built for it). A cast, not an `isinstance`:
+    this module does not import `rlhf_cluster.config` at run time."""
+    return cast("DeepSpeedBackend", lc.backend)
 
 
 def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, world_size: int) -> None:
@@ -135,7 +142,7 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, w
     zero = user.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise _conflict(path, "zero_optimization", zero, "a JSON object")
-    ds = lc.backend
+    ds = _deepspeed_backend(lc)
     _check_setting(path, zero, "zero_optimization.stage", ds.zero_stage, "learner.backend.zero_stage", read=lambda v: v)
     for key, flag, name in (
         ("offload_optimizer", ds.offload_optimizer, "offload_optimizer"),
@@ -162,14 +169,14 @@ def engine_config(lc: LearnerConfig, world_size: int) -> tuple[dict[str, Any], d
     The user's JSON (if any) is the base; the learner's settings are written over it after
     `check_user_json` has made sure they agree.
     """
-    ds = lc.backend
+    ds = _deepspeed_backend(lc)
     user: dict[str, Any] = {}
     if ds.config_file:
         user = read_user_json(ds.config_file)
         check_user_json(user, ds.config_file, lc, world_size)
     config = copy.deepcopy(user)
     optimizer = config.pop("optimizer", None) or {}
-    adamw = {"lr": lc.lr, "weight_decay": lc.weight_decay}
+    adamw: dict[str, float | tuple[float, ...]] = {"lr": lc.lr, "weight_decay": lc.weight_decay}
     for key in HONOURED_ADAMW_PARAMS:
         if key in optimizer.get("params", {}):
             value = optimizer["params"][key]

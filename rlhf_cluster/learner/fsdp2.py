@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,7 +36,10 @@ class FSDP2Learner(LearnerBase):
         lc = spec.learner
         model = self._load_model(model_path)
         if lc.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # An HF model's (or ValueModel's) method, which torch's Module.__getattr__ types as Tensor | Module.
+            model.gradient_checkpointing_enable(  # type: ignore[operator]  # torch's Module.__getattr__ typing
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         base = model
         if lc.lora.enabled:
             model = apply_lora(model, lc.lora)
@@ -44,21 +47,26 @@ class FSDP2Learner(LearnerBase):
         self.state_options = StateDictOptions(ignore_frozen_params=lc.lora.enabled)
         # Master weights and optimizer state stay fp32; with bf16, FSDP2 all-gathers bf16 copies
         # for compute and reduces gradients in fp32.
-        shard_kwargs = {"mesh": init_device_mesh(self.device.type, (self.world_size,))}
-        if lc.mixed_precision == "bf16":
-            shard_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mp_policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if lc.mixed_precision == "bf16"
+            else MixedPrecisionPolicy()  # fully_shard's default: no casting
+        )
         layers = getattr(getattr(base, "model", base), "layers", [])
         for layer in layers:
-            fully_shard(layer, **shard_kwargs)
-        fully_shard(model, **shard_kwargs)
+            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
-        # Fused on CUDA (one kernel for every parameter), foreach on CPU.
+        # Fused on CUDA (one kernel for every parameter), foreach on CPU (None: AdamW's default).
+        cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             trainable,
             lr=lc.lr,
             weight_decay=lc.weight_decay,
-            **({"fused": True} if self.device.type == "cuda" else {"foreach": True}),
+            fused=True if cuda else None,
+            foreach=None if cuda else True,
         )
         warmup = lc.lr_warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, warmup))
@@ -77,7 +85,8 @@ class FSDP2Learner(LearnerBase):
         loss.backward()
 
     def _clip_and_step(self, loss: torch.Tensor, also_read: torch.Tensor) -> tuple[float, bool, list[float]]:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.learner.max_grad_norm).full_tensor()
+        total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.learner.max_grad_norm)
+        norm = cast(DTensor, total_norm).full_tensor()  # FSDP2's parameters are DTensors, so is their norm
         # The update's one wait for the device: the norm, the loss and what the caller reads along.
         grad_norm, *values = torch.cat([norm.reshape(1).double(), loss.reshape(1).double(), also_read]).tolist()
         # A NaN/inf loss or gradient skips the update; the norm is global, so every rank takes
@@ -149,6 +158,8 @@ class FSDP2Learner(LearnerBase):
             checkpoint_id=str(directory / "learner"),
             process_group=self.checkpoint_group,
         )
+        if not isinstance(future, Future):  # an AsyncSaveResponse comes only with an asynchronous stager
+            raise RuntimeError(f"dcp.async_save returned {type(future).__name__}, not the write's Future")
         digest = self.state_digest()
         self._save_host_state(directory)
         return future, digest
@@ -158,7 +169,7 @@ class FSDP2Learner(LearnerBase):
         directory = Path(directory)
         self._check_backend_of(directory, directory / "learner" / ".metadata")
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
-        state = {"model": model_sd, "optim": optim_sd}
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}  # dcp.load's type; filled in place
         dcp.load(state, checkpoint_id=str(directory / "learner"), process_group=self.checkpoint_group)
         set_state_dict(
             self.model,

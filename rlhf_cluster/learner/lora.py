@@ -32,7 +32,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
         )
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; it is only divided (alpha / r)
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",

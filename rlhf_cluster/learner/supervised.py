@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.algorithms import bradley_terry_loss, sft_loss
 from rlhf_cluster.config import StageConfig
@@ -41,6 +43,8 @@ class SupervisedTrainer:
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
+        if stage.seed is None:
+            raise RuntimeError("the stage's seed is unset: JobConfig resolves it (from the job's `seed`) first")
         torch.manual_seed(stage.seed)
         if kind == "sft":
             model = load_causal_lm(model_path, torch.float32, self.device)
@@ -68,7 +72,8 @@ class SupervisedTrainer:
 
     def _update(self, loss: torch.Tensor) -> float:
         (loss * self.world_size).backward()
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage.max_grad_norm).full_tensor())
+        total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage.max_grad_norm)
+        norm = float(cast(DTensor, total_norm).full_tensor())  # FSDP2's parameters are DTensors, so is their norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -125,6 +130,7 @@ class SupervisedTrainer:
             raise ValueError("reward_model.lm_regularization needs each chosen sequence's prompt length")
         labels = [[IGNORE_INDEX] * len(s) for s in chosen + rejected]
         if weight:  # the chosen responses are labelled for the LM loss (not the prompts, not the rejected)
+            assert prompt_lengths is not None  # checked above
             labels[:n] = [[IGNORE_INDEX] * p + c[p:] for c, p in zip(chosen, prompt_lengths)]
         local_tokens = float(sum(lab != IGNORE_INDEX for row in labels[:n] for lab in row[1:]))
         pairs, tokens = self._sum([float(n), local_tokens])

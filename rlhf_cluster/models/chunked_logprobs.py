@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -132,6 +133,12 @@ def token_logprobs(
     return logp, (entropy if with_entropy else None)
 
 
+class _CausalLM(Protocol):
+    """A Hugging Face causal LM, or a wrapper that forwards to one (a DeepSpeed engine, a peft model)."""
+
+    def get_output_embeddings(self) -> torch.nn.Module | None: ...
+
+
 class _ScoredPositions:
     """The output layer's forward while `scored_positions` is active, and how to read its output."""
 
@@ -144,9 +151,12 @@ class _ScoredPositions:
     def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         B, T = self.positions.shape
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions.reshape(-1))
+        weight = layer.weight  # read at each call: a sharding backend swaps the gathered weight in
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{type(layer).__name__}.weight is a {type(weight).__name__}, not a tensor")
         logp, entropy = token_logprobs(
             rows,
-            layer.weight,
+            weight,
             self.targets.reshape(-1),
             getattr(layer, "bias", None),
             self.temperature,
@@ -156,7 +166,7 @@ class _ScoredPositions:
         # Returned in place of the logits, and read from the model's output: the gradient must
         # flow through the layer's own output, where ZeRO-3 and FSDP hook their backward.
         # (Stacked: a new tensor, not a view, which a sharding backend's output hooks would warn about.)
-        parts = [logp.view(B, T)] + ([entropy.view(B, T)] if self.with_entropy else [])
+        parts = [logp.view(B, T)] + ([entropy.view(B, T)] if entropy is not None else [])  # None: not asked
         return torch.stack(parts, -1)
 
     def read(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -166,7 +176,7 @@ class _ScoredPositions:
 
 @contextlib.contextmanager
 def scored_positions(
-    model: torch.nn.Module,
+    model: _CausalLM,
     positions: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,

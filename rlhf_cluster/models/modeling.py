@@ -49,7 +49,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device:
             )
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types .to as @wraps(nn.Module.to), unbound
 
 
 def response_positions(
@@ -93,21 +93,22 @@ def response_logprobs(
     Positions past a response's end hold garbage and must be masked by the caller.
     """
     impl, dtype = attention_of(model)
-    if packed and packing is None:
-        packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
-    if packed and packing_pays(packing, input_ids.numel()):
-        packed_ids = packing.input_ids(input_ids)
-        with scored_positions(
-            model, packing.positions, packing.targets(packed_ids), temperature, with_entropy, chunk_tokens
-        ) as scored:
-            return scored.read(
-                model(
-                    input_ids=packed_ids,
-                    position_ids=packing.position_ids,
-                    attention_mask=packing.attention_mask(impl, dtype),
-                    use_cache=False,
-                ).logits
-            )
+    if packed:
+        if packing is None:
+            packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
+        if packing_pays(packing, input_ids.numel()):
+            packed_ids = packing.input_ids(input_ids)
+            with scored_positions(
+                model, packing.positions, packing.targets(packed_ids), temperature, with_entropy, chunk_tokens
+            ) as scored:
+                return scored.read(
+                    model(
+                        input_ids=packed_ids,
+                        position_ids=packing.position_ids,
+                        attention_mask=packing.attention_mask(impl, dtype),
+                        use_cache=False,
+                    ).logits
+                )
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
@@ -157,7 +158,7 @@ def tied_output_names(model: torch.nn.Module) -> set[str]:
     """The state-dict names of an output embedding tied to the input embedding (empty if the
     model unties them): an engine ties it itself, so a weight sync need not send it."""
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     if not getattr(text, "tie_word_embeddings", False):
         return set()
     return {name for name in model.state_dict() if name.removeprefix("base_model.model.") == "lm_head.weight"}

@@ -101,7 +101,8 @@ def plan_packing(
     capacity = sum(lengths) if row_tokens is None else max(row_tokens, max(lengths, default=1))
     # Best-fit decreasing: each sequence, longest first, to the row with the least room that holds it.
     rooms: list[tuple[int, int]] = []  # (room left, row), ascending
-    row_of, offset_of, filled = [0] * n, [0] * n, []
+    row_of, offset_of = [0] * n, [0] * n
+    filled: list[int] = []  # slots used, per row
     for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
         k = bisect.bisect_left(rooms, (lengths[i], -1))
         if k == len(rooms):

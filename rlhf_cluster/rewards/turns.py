@@ -34,7 +34,8 @@ def turn_returns(episode_reward: float, turn_rewards: list[float], cfg: TurnRewa
     weight = cfg.weight if cfg.combine == "weighted" else 1.0
     added = [weight * r for r in turn_rewards]
     rest = episode_reward - sum(added)
-    returns, running = [], rest
+    returns: list[float] = []
+    running = rest
     for a in reversed(added):
         running = a + cfg.gamma * running if returns else a + running
         returns.append(running)

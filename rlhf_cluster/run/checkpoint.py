@@ -20,12 +20,14 @@ refused with every checkpoint named and nothing on disk changed.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from rlhf_cluster.fileio import fsync_path, sha256_file
 
@@ -69,7 +71,11 @@ class Checkpoint:
         return json.loads((self.path / "driver.json").read_text())
 
 
-def best_checkpoints(scored: dict[int, float], keep: int, higher_is_better: bool) -> set[int]:
+# A checkpoint's key: its index among the kept ones, or its directory name (zero-padded, so it sorts by age).
+CheckpointKey = TypeVar("CheckpointKey", int, str)
+
+
+def best_checkpoints(scored: dict[CheckpointKey, float], keep: int, higher_is_better: bool) -> set[CheckpointKey]:
     """The keys of the `keep` best scores (ties: the smaller key, the older checkpoint)."""
     order = sorted(scored, key=lambda step: (-scored[step] if higher_is_better else scored[step], step))
     return set(order[:keep])
@@ -146,11 +152,11 @@ class CheckpointStore:
             return None
         return None if guard is None else float(guard["value"])
 
-    def list(self) -> list[Path]:
+    def list(self) -> builtins.list[Path]:  # `builtins.`: in this class `list` is this method
         """Checkpoint directories with a manifest, oldest first (not yet verified)."""
         return [p for p in self.candidates() if (p / MANIFEST).is_file()]
 
-    def candidates(self) -> list[Path]:
+    def candidates(self) -> builtins.list[Path]:
         """Every `step-*` directory, oldest first, a manifest or not: finalize renames a directory
         into place only after its manifest is written, so one without is a damaged checkpoint."""
         if not self.root.is_dir():
@@ -187,9 +193,9 @@ class CheckpointStore:
             except CheckpointError as exc:
                 refused.append((path, exc))
                 continue
-            for path, exc in refused:
+            for skipped, error in refused:
                 if on_refused is not None:
-                    on_refused(path, exc)
+                    on_refused(skipped, error)
             return chosen
         if refused:
             raise NoVerifiedCheckpoint(

@@ -85,6 +85,7 @@ class JobState:
 
     def __init__(self, cfg: JobConfig, prompts: list[Prompt]):
         self.cfg = cfg
+        assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         source = PromptSource(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.admission = Admission(cfg.train, cfg.generation, source)
         self.buffer = ExperienceBuffer(cfg.buffer.capacity)

@@ -95,6 +95,8 @@ class RunDir:
     STEP_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS)
     JSONL_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS, PROBES, TIMELINE, TRACE)
 
+    lock: RunLock | None  # the directory's lock, set by `acquire` (absent before), None after `release`
+
     def __init__(self, root: str | Path, weights_dir: Path, checkpoint_dir: Path):
         self.root = Path(root).expanduser()
         self.weights_dir = weights_dir
@@ -224,7 +226,7 @@ class RunDir:
             if done:
                 log.warning(done)
 
-    def write_json(self, name: str, value: dict) -> None:
+    def write_json(self, name: str, value: dict | list) -> None:
         write_atomic(self.root / name, json.dumps(value, indent=1))
 
     def write_yaml(self, name: str, value: dict) -> None:

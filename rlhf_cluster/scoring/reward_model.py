@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,6 +18,9 @@ from safetensors.torch import load_file, save_file
 from rlhf_cluster.experience.records import pad_sequences, token_budget_batches
 from rlhf_cluster.fileio import write_dir_atomic
 from rlhf_cluster.generation.quantization import quantize_linears
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 HEAD_FILE = "reward_head.safetensors"
 MARKER_FILE = "reward_model.json"
@@ -33,10 +37,12 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-class RewardModel(torch.nn.Module):
-    """Backbone (``AutoModel``, no LM head) + ``Linear(hidden, 1)``; `forward` returns one score per row."""
+class ScalarHeadModel(torch.nn.Module):
+    """Backbone (``AutoModel``, no LM head) + ``Linear(hidden, 1)``: built from a causal LM, saved and
+    loaded as one folder. What the head is read at is the subclass's `forward`: the last valid token
+    (`RewardModel`) or every response position (the critic's `ValueModel`)."""
 
-    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, lm_head: torch.nn.Linear | None = None):
+    def __init__(self, backbone: PreTrainedModel, head: torch.nn.Linear, lm_head: torch.nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -47,7 +53,7 @@ class RewardModel(torch.nn.Module):
     @classmethod
     def from_lm(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0, keep_lm_head: bool = False
-    ) -> RewardModel:
+    ) -> Self:
         """A new reward model initialised from a causal LM (or another reward model's backbone);
         `keep_lm_head` also keeps the LM's output layer (the folder must hold a causal LM)."""
         from transformers import AutoModel, AutoModelForCausalLM
@@ -70,7 +76,7 @@ class RewardModel(torch.nn.Module):
         return cls(backbone, head, lm_head)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> RewardModel:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Self:
         """Load a reward model saved by `save_pretrained`; errors name the folder and what is missing."""
         from transformers import AutoModel
 
@@ -96,19 +102,6 @@ class RewardModel(torch.nn.Module):
             use_cache=False,
         ).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0):
-        """One score per row; with `lm_rows` > 0 also the LM logits of the first `lm_rows` rows
-        (needs the LM head kept by `from_lm(keep_lm_head=True)`)."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        last = last_token_index(attention_mask)
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        scores = self.head(picked).squeeze(-1).float()
-        if not lm_rows:
-            return scores
-        if self.lm_head is None:
-            raise RuntimeError("LM logits asked of a reward model without its LM head (from_lm(keep_lm_head=True))")
-        return scores, self.lm_head(hidden[:lm_rows])
-
     def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
         """Write backbone, head, marker (and tokenizer) as one folder, complete or absent."""
 
@@ -122,6 +115,23 @@ class RewardModel(torch.nn.Module):
                 tokenizer.save_pretrained(tmp)
 
         return write_dir_atomic(path, write)
+
+
+class RewardModel(ScalarHeadModel):
+    """A scalar-head model whose `forward` returns one score per row, read at its last valid token."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_rows: int = 0):
+        """One score per row; with `lm_rows` > 0 also the LM logits of the first `lm_rows` rows
+        (needs the LM head kept by `from_lm(keep_lm_head=True)`)."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        scores = self.head(picked).squeeze(-1).float()
+        if not lm_rows:
+            return scores
+        if self.lm_head is None:
+            raise RuntimeError("LM logits asked of a reward model without its LM head (from_lm(keep_lm_head=True))")
+        return scores, self.lm_head(hidden[:lm_rows])
 
 
 class FrozenRewardModels:

@@ -36,7 +36,7 @@ import numbers
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, SupportsFloat, cast
 
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
@@ -60,20 +60,21 @@ def call_with_timeout(fn: Callable, args: tuple, timeout_s: float | None):
     if timeout_s is None:
         return fn(*args)
     outcome: dict[str, object] = {}
+    failure: list[BaseException] = []  # what the call raised, if it did
 
     def target() -> None:
         try:
             outcome["value"] = fn(*args)
         except BaseException as exc:  # handed to the caller's thread
-            outcome["error"] = exc
+            failure.append(exc)
 
     thread = threading.Thread(target=target, name="reward-fn", daemon=True)
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
         raise TimeoutError(f"did not return within {timeout_s:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
+    if failure:
+        raise failure[0]
     return outcome["value"]
 
 
@@ -99,7 +100,9 @@ def load_reward_fn(spec: str, field: str = "data.reward_fn") -> RewardFn:
 def _as_float(value: object, what: str) -> float:
     if isinstance(value, (str, bytes)) or not (isinstance(value, numbers.Real) or hasattr(type(value), "__float__")):
         raise TypeError(f"{what} is a {type(value).__name__}, expected a float or a dict[str, float]")
-    out = float(value)  # 0-d numpy/torch values convert; a multi-element tensor raises here
+    # Checked above: a real number or a value with __float__ (0-d numpy/torch values convert; a
+    # multi-element tensor raises here).
+    out = float(cast(SupportsFloat, value))
     if not math.isfinite(out):
         raise ValueError(f"{what} is {out}, expected a finite number")
     return out
@@ -180,6 +183,7 @@ class RuleReward:
         return self._score_custom(rollouts, answers)
 
     def _score_custom(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
+        assert self.fn is not None  # score() comes here only for a custom function
         out: list[tuple[float, dict[str, float]]] = []
         failed = 0
         for r in rollouts:

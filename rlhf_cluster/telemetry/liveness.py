@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
 class StallClock:
     """Seconds an engine with work has gone without a step; 0 while it steps or is idle."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._busy_since_step: float | None = None  # when the last step left requests running
 

@@ -67,20 +67,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     periodic = [r for r in rows if "eval_accuracy" in r]  # data.eval_every_steps: after step r["step"]
     if evaluation is not None or periodic:
 
-        def series(column: str, before: str, after: str) -> tuple[list[float], list[float]]:
+        def eval_series(column: str, before: str, after: str) -> tuple[list[float], list[float]]:
             points = [(0, (evaluation or {}).get(before))] + [(r["step"] + 1, r.get(column)) for r in periodic]
             points.append((steps[-1] + 1, (evaluation or {}).get(after)))
             points = [(x, y) for x, y in points if y is not None]
             return [x for x, _ in points], [y for _, y in points]
 
-        ax.plot(*series("eval_accuracy", "accuracy_before", "accuracy_after"), marker="o", label="greedy")
-        xs, ys = series("eval_sampled_accuracy", "sampled_accuracy_before", "sampled_accuracy_after")
+        ax.plot(*eval_series("eval_accuracy", "accuracy_before", "accuracy_after"), marker="o", label="greedy")
+        xs, ys = eval_series("eval_sampled_accuracy", "sampled_accuracy_before", "sampled_accuracy_after")
         if ys:
             ax.plot(xs, ys, marker="o", label="sampled (mean)")
         for column in sorted({c for r in periodic for c in r if c.startswith("eval_pass@")}):
             k = column.removeprefix("eval_pass@")
             ax.plot(
-                *series(column, f"pass@{k}_before", f"pass@{k}_after"), marker=".", linestyle="--", label=f"pass@{k}"
+                *eval_series(column, f"pass@{k}_before", f"pass@{k}_after"),
+                marker=".",
+                linestyle="--",
+                label=f"pass@{k}",
             )
         ax.legend()
         ax.set_ylim(0, 1)

@@ -94,7 +94,7 @@ def drain() -> list[dict]:
 class PoolActivity:
     """When each worker of each pool had a request from the driver in flight."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._open: dict[int, tuple[str, str, float]] = {}  # token -> (pool, worker, start)
         self._closed: list[tuple[str, str, float, float]] = []
         self._tokens = 0
@@ -202,14 +202,14 @@ def chrome_trace(spans: list[dict], window: tuple[float, float] | None = None) -
                 "args": {"name": name},
             }
         )
-    for s, lane in zip(spans, lane_of):
+    for s, lane_name in zip(spans, lane_of):
         events.append(
             {
                 "name": s["name"],
                 "cat": s["kind"],
                 "ph": "X",
                 "pid": pid[s["kind"]],
-                "tid": tid[lane],
+                "tid": tid[lane_name],
                 "ts": round((s["start"] - t0) * 1e6, 1),
                 "dur": round(max(0.0, s["end"] - s["start"]) * 1e6, 1),
                 "args": s.get("args", {}),

@@ -64,7 +64,7 @@ _OPS = {
     ast.Mod: operator.mod,
     ast.Pow: operator.pow,
 }
-_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+_UNARY: dict[type[ast.unaryop], Callable[[int | float], int | float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 # Bounds that keep one call small whatever the policy writes: the parser recurses per nesting
 # level (7,000 nested signs exhaust it), and an integer's size grows with every `**`.
 MAX_DIGITS = 1000  # a result longer than this is refused (10 ** 10 ** 9 must not take the worker down)

@@ -348,44 +348,48 @@ def _release(mnt: str, slot: int | None) -> None:
 
 
 def _communicate(
-    proc: subprocess.Popen, code: bytes, limits: SandboxLimits, start: float
+    proc: subprocess.Popen[bytes], code: bytes, limits: SandboxLimits, start: float
 ) -> tuple[bytes, bytes, str | None]:
     """Feed the code, collect output until exit, the wall time or the output cap."""
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    if stdin is None or stdout is None or stderr is None:
+        raise RuntimeError("the sandbox process must be started with stdin, stdout and stderr pipes")
     try:
-        proc.stdin.write(code)
-        proc.stdin.close()
+        stdin.write(code)
+        stdin.close()
     except BrokenPipeError:
         pass
-    buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    out, err = bytearray(), bytearray()
+    buffers = {stdout.fileno(): out, stderr.fileno(): err}  # by fd, as the selector's keys name them
     with selectors.DefaultSelector() as sel:
-        for pipe in buffers:
+        for pipe in (stdout, stderr):
             sel.register(pipe, selectors.EVENT_READ)
         while sel.get_map():
             left = limits.wall_s - (time.monotonic() - start)
             if left <= 0:
-                return bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), f"timed out after {limits.wall_s:g} s"
+                return bytes(out), bytes(err), f"timed out after {limits.wall_s:g} s"
             for key, _ in sel.select(timeout=left):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
                     continue
-                buf = buffers[key.fileobj]
+                buf = buffers[key.fd]
                 buf += chunk
                 if len(buf) > limits.output_bytes:
                     del buf[limits.output_bytes :]
                     return (
-                        bytes(buffers[proc.stdout]),
-                        bytes(buffers[proc.stderr]),
+                        bytes(out),
+                        bytes(err),
                         f"output over {limits.output_bytes} bytes (truncated)",
                     )
     try:
         proc.wait(timeout=max(0.1, limits.wall_s - (time.monotonic() - start)))
     except subprocess.TimeoutExpired:
-        return bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), f"timed out after {limits.wall_s:g} s"
-    return bytes(buffers[proc.stdout]), bytes(buffers[proc.stderr]), None
+        return bytes(out), bytes(err), f"timed out after {limits.wall_s:g} s"
+    return bytes(out), bytes(err), None
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     """End the confinement: the code's process (the PID namespace's init: every process the code
     started dies with it) by pid, since it may have left the bootstrap's session (`os.setsid()`),
     then the bootstrap's session."""
@@ -401,7 +405,8 @@ def _kill(proc: subprocess.Popen) -> None:
             pass
     proc.wait()
     for pipe in (proc.stdout, proc.stderr):
-        pipe.close()
+        if pipe is not None:
+            pipe.close()
 
 
 def _children(pid: int) -> list[int]:

@@ -125,7 +125,8 @@ class BucketFiller:
     def __init__(self, bucket_bytes: int):
         self.bucket_bytes = bucket_bytes
         self.pending: list[tuple[str, torch.Tensor]] = []
-        self.size, self.layer = 0, None
+        self.size = 0
+        self.layer: str | None = None  # the layer of the last tensor taken
 
     def add(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[BucketSpec, np.ndarray]]:
         """Take one tensor; yields the bucket it closes, if any."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rlhf_cluster.config import CollectiveTransport
 from rlhf_cluster.learner.base import done_future
 from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, check_bucket, fingerprint, unpack_bucket
 from rlhf_cluster.weights.transports import (
@@ -53,7 +54,7 @@ class BroadcastGroup:
         self.backend, self.timeout = backend, dt.timedelta(seconds=timeout_s)
         self.server: dist.TCPStore | None = None  # rank 0's rendezvous store
         self.key: tuple | None = None
-        self.group = None
+        self.group: dist.ProcessGroupNCCL | dist.ProcessGroupGloo | None = None  # built by `join`
 
     @property
     def device(self) -> torch.device:
@@ -99,10 +100,12 @@ class BroadcastGroup:
     def start(self, tensor: torch.Tensor):
         """Begin broadcasting rank 0's `tensor` into every member's; `wait` for it. Broadcasts
         started one after another complete in that order on every member."""
+        if self.group is None:
+            raise RuntimeError("weight broadcast started before `join` built this process's group")
         options = dist.BroadcastOptions()
         options.rootRank = 0
         try:
-            return self.group.broadcast([tensor], options)
+            return self.group.broadcast([tensor], options)  # type: ignore[union-attr]  # torch stubs: Backend lacks broadcast
         except (RuntimeError, dist.DistError) as exc:
             self._failed(exc)
 
@@ -123,12 +126,15 @@ class BroadcastGroupTransport(ObjectStoreTransport):
 
     type = "collective"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        backend = self.cfg.transport.backend
+        transport = self.cfg.transport
+        if not isinstance(transport, CollectiveTransport):
+            raise RuntimeError(f"the collective transport was built for weights.transport.type {transport.type}")
+        backend = transport.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.group = BroadcastGroup(backend, self.cfg.transport.timeout_s)
+        self.group = BroadcastGroup(backend, transport.timeout_s)
         self.put = lambda payload: payload  # the packer's buckets stay in this process
         self.outbox: OrderedDict[tuple[int, str], dict[str, list[np.ndarray]]] = OrderedDict()
         self._outbox_lock = threading.Lock()  # publish (the step's thread) and send (the weights thread)

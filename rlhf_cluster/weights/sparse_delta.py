@@ -88,5 +88,6 @@ def fingerprint_tensors(version: int, created_at: str, named: Iterable[tuple[str
     for name, tensor in named:
         t = tensor.detach().contiguous()
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        h.update(memoryview(data))  # type: ignore[arg-type]  # numpy stubs give ndarray __buffer__ only on Python 3.12+
     return h.hexdigest()

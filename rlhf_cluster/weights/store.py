@@ -263,7 +263,9 @@ def _write_shards(
     durable: bool = True,
 ) -> dict:
     """Write `state_dict` as safetensors shards in `directory` (fsynced if `durable`); returns their manifest."""
-    tensors, shards, size, total = {}, {}, 0, 0
+    tensors: dict[str, dict] = {}  # name -> its dtype, shape and shard
+    shards: dict[str, str] = {}  # shard file name -> its checksum
+    size, total = 0, 0
     current: dict[str, torch.Tensor] = {}
 
     def flush() -> None:

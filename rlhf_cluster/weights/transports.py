@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from rlhf_cluster.config import WeightsConfig
+from rlhf_cluster.config import CollectiveTransport, DirectTransport, WeightsConfig
 from rlhf_cluster.learner.base import done_future
 from rlhf_cluster.weights import sparse_delta
 from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, VersionPacker, fingerprint, verified_tensors
@@ -217,7 +217,7 @@ class ObjectStoreTransport(WeightTransport):
 
     type = "direct"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.writes: list[Future] = []  # store writes of persisted versions, in order
         self.sparse = self._sparse()
@@ -228,23 +228,35 @@ class ObjectStoreTransport(WeightTransport):
         self.held: tuple[tuple[int, str], dict[str, torch.Tensor]] | None = None
 
     def _sparse(self) -> bool:
-        return self.cfg.transport.delta == "sparse"
+        transport = self.cfg.transport
+        return isinstance(transport, DirectTransport) and transport.delta == "sparse"
 
     def publish(self, version, created_at, named, files, snapshot) -> Future:
         self._reap_writes()
+        transport, put = self.cfg.transport, self.put
+        if not isinstance(transport, DirectTransport | CollectiveTransport):
+            raise RuntimeError(f"the {self.type} transport was built for weights.transport.type {transport.type}")
+        if put is None:
+            raise RuntimeError(f"the {self.type} transport publishes through the object store: `put` was not handed in")
         start = time.perf_counter()
-        bucket_bytes = int(self.cfg.transport.bucket_mb * (1 << 20))
-        sparse = self.sparse and "full" in self.variants
-        whole = not sparse or self.previous is None or snapshot or version % self.cfg.transport.full_every == 0
+        bucket_bytes = int(transport.bucket_mb * (1 << 20))
+        sparse = self.sparse and "full" in self.variants  # only a direct transport sends deltas (`_sparse`)
+        whole = (
+            not sparse
+            or self.previous is None
+            or snapshot
+            or (isinstance(transport, DirectTransport) and version % transport.full_every == 0)
+        )
         # Each variant is made once here, for every engine of its kind.
         packers = {
-            variant: VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, self.put)
+            variant: VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, put)
             for variant in self.variants
         }
         kept, current = {}, {}
         for name, tensor in named:
             for variant, packer in packers.items():
                 if sparse and variant == "full" and not whole:
+                    assert self.previous is not None  # not whole: the previous version's tensors are held
                     for part, value in sparse_delta.encode(name, self.previous.get(name), tensor):
                         packer.add(part, value)
                 else:
@@ -259,7 +271,11 @@ class ObjectStoreTransport(WeightTransport):
         for variant, packer in packers.items():
             manifest, buckets = packer.finish()
             variant_seconds[f"direct-{variant}"] = packer.seconds
-            link = {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}
+            link: dict[str, object] = {
+                "manifest": manifest.to_dict(),
+                "buckets": buckets,
+                "fingerprint": manifest.fingerprint,
+            }
             if sparse and variant == "full":
                 self.chain = [link] if whole else [*self.chain, link]
                 link = {
@@ -303,6 +319,8 @@ class ObjectStoreTransport(WeightTransport):
         return Fetched(manifest.version, manifest.created_at, tensors, fp, manifest.total_bytes)
 
     def _verified(self, link: dict) -> tuple[list[tuple[str, torch.Tensor]], str, DeliveryManifest]:
+        if self.get is None:
+            raise RuntimeError(f"the {self.type} transport fetches from the object store: `get` was not handed in")
         manifest = DeliveryManifest.from_dict(link["manifest"])
         payloads = self.get(link["buckets"])  # shared memory on this node: no copy
         corrupt, self.corrupt_bucket = self.corrupt_bucket, None
