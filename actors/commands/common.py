@@ -1,11 +1,13 @@
 """What several `rlhf-cluster` commands share: the repository's paths and default config, loading a
-config and running preflight (a refusal ends the command with exit code 2), connecting to Ray and
-reading the cluster's capacity, turning an input error into its one-line message, and printing a
-finished job's result."""
+config, running preflight and checking the run directory (a refusal ends the command with exit
+code 2, `refused_input`), connecting to Ray and reading the cluster's capacity, turning an input
+error into its one-line message, and printing a finished job's result."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -18,13 +20,21 @@ DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 ADDRESS_HELP = "Ray address: ray://HOST:10001 or HOST:6379 for train/scale, http://HEAD:8265 for job commands."
 
 
-def load_config_or_exit(config: Path, overrides: list[str]) -> JobConfig:
-    """The config at `config` with `overrides`; an invalid one ends the command with its message (exit code 2)."""
+@contextmanager
+def refused_input(*errors: type[BaseException]) -> Iterator[None]:
+    """One of `errors` (input refused: a config, a file of the run) ends the command with its
+    one-line message and exit code 2, not a traceback."""
     try:
-        return load_config(config, overrides)
-    except ConfigError as exc:
+        yield
+    except errors as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def load_config_or_exit(config: Path, overrides: list[str]) -> JobConfig:
+    """The config at `config` with `overrides`; an invalid one ends the command with its message (exit code 2)."""
+    with refused_input(ConfigError):
+        return load_config(config, overrides)
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
@@ -55,11 +65,17 @@ def cluster_capacity(address: str | None, cfg: JobConfig) -> list[dict[str, floa
 
 def preflight_or_exit(cfg: JobConfig, files: bool = True, resume: str | None = None) -> list[str]:
     """`preflight`'s warnings; its refusal ends the command with the message (exit code 2)."""
-    try:
+    with refused_input(ConfigError):
         return preflight(cfg, files=files, resume=resume)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+
+
+def run_dir_refusal(cfg: JobConfig, resume: str | None, overwrite: str | None) -> str | None:
+    """Why the job may not start in its run directory now (another live job holds it, or a fresh
+    start without --overwrite would clear an earlier run), found before Ray starts; None when it
+    may. The driver takes the directory's lock and checks again (`RunDir.prepare`)."""
+    from rlhf_cluster.run.run_dir import RunDir
+
+    return RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir).refusal(fresh=resume is None, overwrite=overwrite)
 
 
 def exit_on_input_error(exc: BaseException, debug: bool) -> None:

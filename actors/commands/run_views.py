@@ -4,29 +4,21 @@ directory (registered by actors/commands/cli.py)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
+from actors.commands.common import refused_input
 
-@contextmanager
-def _run_dir_errors_exit() -> Iterator[None]:
-    """A missing or malformed file of the run directory ends the command with its one-line
-    message (exit 2), not a traceback."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+# A missing or malformed file of the run directory ends a command with its one-line message (exit 2).
+RUN_FILE_ERRORS = (FileNotFoundError, ValueError)
 
 
 def run_status(run_dir: Path) -> None:
     """Print a run directory's progress, held-out accuracy, checkpoints and guardrail actions."""
     from rlhf_cluster.run.status import describe_run
 
-    with _run_dir_errors_exit():
+    with refused_input(*RUN_FILE_ERRORS):
         typer.echo("\n".join(describe_run(run_dir)))
 
 
@@ -37,7 +29,7 @@ def plot(
     """Plot reward, KL, response length and held-out accuracy per step to a PNG."""
     from rlhf_cluster.telemetry.plotting import plot_run
 
-    with _run_dir_errors_exit():
+    with refused_input(*RUN_FILE_ERRORS):
         typer.echo(str(plot_run(run_dir, out)))
 
 
@@ -75,7 +67,7 @@ def trace(
     from rlhf_cluster.run.run_dir import RunDir
     from rlhf_cluster.telemetry.tracing import parse_steps, read_spans, write_trace
 
-    with _run_dir_errors_exit():
+    with refused_input(*RUN_FILE_ERRORS):
         path = write_trace(read_spans(run_dir / RunDir.TRACE), out or run_dir / "trace.json", parse_steps(steps))
     typer.echo(str(path))
     if png is not None:
@@ -99,7 +91,7 @@ def replay(
     from actors.commands.replay import replay as run_replay
     from rlhf_cluster.telemetry.tracing import parse_steps
 
-    with _run_dir_errors_exit():
+    with refused_input(*RUN_FILE_ERRORS):
         window = parse_steps(steps)
         if address:
             ray.init(address=address, log_to_driver=False)

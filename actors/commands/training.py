@@ -18,20 +18,24 @@ from actors.commands.common import (
     load_config_or_exit,
     preflight_or_exit,
     print_result,
+    run_dir_refusal,
 )
 from rlhf_cluster.config import ConfigError, JobConfig
 from rlhf_cluster.job.preflight import preflight
 
 
-def _dry_run(cfg: JobConfig, address: str | None, resume: str | None) -> None:
+def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite: str | None) -> None:
     from rlhf_cluster.job.placement import check_placement, format_plan, resource_plan
     from rlhf_cluster.job.preview import preview_lines
 
-    problems, warnings = [], []
+    problems: list[str] = []
+    warnings: list[str] = []
     try:
         warnings = preflight(cfg, resume=resume)
     except ConfigError as exc:
         problems.append(str(exc))
+    if (busy := run_dir_refusal(cfg, resume, overwrite)) is not None:
+        warnings.append(busy)  # as things stand: that job may end, or the run be given --overwrite
     # Placement needs the cluster's capacity, so it is the dry run's own check, not preflight's.
     plan = resource_plan(cfg)
     problems += check_placement(plan, cluster_capacity(address, cfg))
@@ -102,10 +106,13 @@ def train(
         raise typer.Exit(2) from None
     address = address or cfg.cluster.address
     if dry_run:
-        _dry_run(cfg, address, resume)
+        _dry_run(cfg, address, resume, overwrite)
         return
-    # A refusal ends here, before Ray starts; the driver runs it again and logs the warnings.
+    # A refusal ends here, before Ray starts; the driver runs both checks again (and logs the warnings).
     preflight_or_exit(cfg, resume=resume)
+    if (busy := run_dir_refusal(cfg, resume, overwrite)) is not None:
+        typer.echo(f"error: {busy}", err=True)
+        raise typer.Exit(2) from None
     if max_retries:
         from actors.commands.supervisor import supervise
 

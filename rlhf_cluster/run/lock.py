@@ -32,12 +32,13 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(os.pread(fd, 4096, 0))
+            raw = os.pread(fd, 4096, 0)
             os.close(fd)
-            raise RunDirBusy(
-                f"run_dir {root} is in use by {holder}; give this job its own run_dir, "
-                "or stop that one first (`rlhf-cluster stop`, or SIGTERM to its driver)"
-            ) from None
+            try:
+                written = json.loads(raw)
+            except ValueError:
+                written = None
+            raise RunDirBusy(in_use_message(root, written)) from None
         os.ftruncate(fd, 0)
         os.pwrite(
             fd,
@@ -60,12 +61,15 @@ class RunLock:
             self._fd = None
 
 
-def _describe(raw: bytes) -> str:
-    try:
-        holder = json.loads(raw)
-        return f"job {holder['job']!r} (pid {holder['pid']} on {holder['host']}, started {holder['started_at']})"
-    except (ValueError, KeyError, TypeError):
-        return "another job"
+def in_use_message(root: Path, holder: dict | None) -> str:
+    """What a second job is told: who holds `root`, as it wrote itself into the lock file."""
+    who = "another job"  # a lock file written by something else, or being written
+    if isinstance(holder, dict) and {"job", "pid", "host", "started_at"} <= holder.keys():
+        who = f"job {holder['job']!r} (pid {holder['pid']} on {holder['host']}, started {holder['started_at']})"
+    return (
+        f"run_dir {root} is in use by {who}; give this job its own run_dir, "
+        "or stop that one first (`rlhf-cluster stop`, or SIGTERM to its driver)"
+    )
 
 
 def holder(root: Path) -> dict | None:

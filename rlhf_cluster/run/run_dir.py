@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlhf_cluster.fileio import CorruptLogError, fsync_path, read_jsonl, write_atomic
 from rlhf_cluster.run.checkpoint import STEP_DIR
-from rlhf_cluster.run.lock import RunLock
+from rlhf_cluster.run.lock import RunLock, holder, in_use_message
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +133,37 @@ class RunDir:
             )
         return self
 
-    def _refuse_an_earlier_run(self) -> None:
-        """`RunDirInUse` (lock released) when the directory holds a run that trained or checkpointed."""
+    def refusal(self, fresh: bool, overwrite: bool | str | None) -> str | None:
+        """Why a job may not start here now, found by reading alone (nothing is taken or moved):
+        another live job holds the directory, or a fresh start without `overwrite` would clear an
+        earlier run. None when it may; `acquire` and `prepare` still decide, under the lock."""
+        live = holder(self.root)
+        if live is not None:
+            return in_use_message(self.root, live)
+        return self._earlier_run() if fresh and overwrite_mode(overwrite) is None else None
+
+    def _earlier_run(self) -> str | None:
+        """The refusal of a fresh start when the directory holds a run that trained or checkpointed."""
         try:
             trained = len(self.read(self.METRICS))
         except CorruptLogError:
             trained = -1  # damaged, but a run was there all the same
         checkpoints = self._checkpoint_names()
-        if trained or checkpoints:
+        if not (trained or checkpoints):
+            return None
+        return (
+            f"run_dir {self.root} holds an earlier run ({trained if trained >= 0 else 'some'} steps in "
+            f"{self.METRICS}{', checkpoints up to ' + checkpoints[-1] if checkpoints else ''}): continue it with "
+            "--resume auto, or start over with --overwrite (moves it aside to "
+            f"{self.root.name}.old-<time>; --overwrite=delete deletes it)"
+        )
+
+    def _refuse_an_earlier_run(self) -> None:
+        """`RunDirInUse` (lock released) when the directory holds a run that trained or checkpointed."""
+        message = self._earlier_run()
+        if message is not None:
             self.release()
-            raise RunDirInUse(
-                f"run_dir {self.root} holds an earlier run ({trained if trained >= 0 else 'some'} steps in "
-                f"{self.METRICS}{', checkpoints up to ' + checkpoints[-1] if checkpoints else ''}): continue it with "
-                "--resume auto, or start over with --overwrite (moves it aside to "
-                f"{self.root.name}.old-<time>; --overwrite=delete deletes it)"
-            )
+            raise RunDirInUse(message)
 
     def _checkpoint_names(self) -> list[str]:
         """Checkpoint directories, oldest first, those set aside as `refused-` included (they are the run's too)."""

@@ -49,6 +49,8 @@ def test_a_second_job_on_a_live_run_dir_is_refused_naming_the_first(live_job):
             _run_dir(root).prepare(fresh=fresh, job_name="second-job", overwrite=True)
         msg = str(info.value)
         assert "'first-job'" in msg and f"pid {proc.pid}" in msg and str(root) in msg
+        # The check the CLI makes before Ray starts, by reading alone, says the same.
+        assert _run_dir(root).refusal(fresh=fresh, overwrite=True) == msg
     assert (root / "metrics.jsonl").exists(), "the refused job touched the live job's files"
 
 
@@ -74,9 +76,38 @@ def test_a_fresh_job_refuses_an_earlier_run_unless_told_to_overwrite(tmp_path):
         _run_dir(root).prepare(fresh=True, job_name="new")
     msg = str(info.value)
     assert "5 steps" in msg and "step-00000004" in msg and "--resume auto" in msg and "--overwrite" in msg
+    # The CLI's check before Ray starts: the same refusal, and none for a resume or with --overwrite.
+    assert _run_dir(root).refusal(fresh=True, overwrite=None) == msg
+    assert _run_dir(root).refusal(fresh=False, overwrite=None) is None
+    assert _run_dir(root).refusal(fresh=True, overwrite="delete") is None
     assert (root / "metrics.jsonl").exists() and (root / "checkpoints").exists()
     # The refusal let go of the lock; resuming keeps the files, overwriting removes them.
     _run_dir(root).prepare(fresh=False, job_name="resumed").release()
     assert (root / "metrics.jsonl").exists()
     _run_dir(root).prepare(fresh=True, job_name="new", overwrite=True).release()
     assert not (root / "metrics.jsonl").exists() and not (root / "checkpoints").exists()
+
+
+def test_train_refuses_a_busy_or_used_run_dir_before_ray_starts(live_job, tmp_path, monkeypatch):
+    """`rlhf-cluster train` on a live job's run_dir, or on an earlier run without --resume or
+    --overwrite, exits 2 with the one-line refusal, before it connects to (or starts) Ray."""
+    from typer.testing import CliRunner
+
+    from actors.commands.cli import app
+
+    root, proc = live_job
+    config = tmp_path / "job.yaml"
+    config.write_text(f"run_dir: {root}\n")
+    reached: list[str] = []  # any call to Ray's connection is the test's failure
+    monkeypatch.setattr("actors.commands.training.connect", lambda *args: reached.append("connect"))
+    busy = CliRunner().invoke(app, ["train", str(config)])
+    assert busy.exit_code == 2 and f"pid {proc.pid}" in busy.output and "Traceback" not in busy.output
+    proc.kill()
+    proc.wait()
+    (root / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n")
+    used = CliRunner().invoke(app, ["train", str(config)])
+    assert used.exit_code == 2 and "holds an earlier run" in used.output and "--resume auto" in used.output
+    assert not reached, "the refusal came after Ray was reached"
+    # The dry run reports it as it stands (a warning: that job may end, or --overwrite be given).
+    dry = CliRunner().invoke(app, ["train", str(config), "--dry-run"])
+    assert "warning: run_dir" in dry.output and "holds an earlier run" in dry.output
