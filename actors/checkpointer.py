@@ -217,7 +217,6 @@ class LearnerStart:
 
 def build_learner(
     cfg: JobConfig,
-    cfg_dict: dict,
     inputs: JobInputs,
     checkpointer: Checkpointer,
     run_dir: RunDir,
@@ -226,7 +225,7 @@ def build_learner(
 ) -> LearnerStart:
     """The rank groups and a job state from `ckpt` (or the start), its weights published.
     `previous`: the job state being replaced (its samples' provenance carries over)."""
-    trainer, cfg = start_trainer(cfg, cfg_dict, inputs.model_path, inputs.probe)
+    trainer, cfg = start_trainer(cfg, inputs.model_path, inputs.probe)
     try:
         state = JobState(cfg, inputs.prompts)
         if previous is not None:

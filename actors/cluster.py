@@ -18,6 +18,7 @@ from actors.workers.control import NAMESPACE, JobController, controller_name
 from actors.workers.generation import GenerationWorker
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.workers.scoring import ReferenceWorker, RewardWorker
+from actors.workers.settings import GenerationSettings, ScoringSettings
 from actors.workers.weight_push import WeightPusher
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.generation.quantization import write_int8_model_dir
@@ -75,7 +76,6 @@ class Cluster:
     def __init__(
         self,
         cfg: JobConfig,
-        cfg_dict: dict,
         run_dir: RunDir,
         model_path: str,
         engine_paths: dict[str, str],
@@ -125,6 +125,8 @@ class Cluster:
                     raise receipt
                 self._record_receipts([receipt], delivery)
 
+        # Each worker gets its section and the few job values it needs (`settings`), never the whole job.
+        generation, scoring = GenerationSettings.of(cfg), ScoringSettings.of(cfg)
         # `.options`: @ray.remote made each worker class an ActorClass, which mypy (ignoring class decorators)
         # cannot see.
         self.pools: dict[str, ActorPool] = {
@@ -132,7 +134,7 @@ class Cluster:
                 "generation",
                 "gen",
                 lambda i, slot: GenerationWorker.options(**gen_opts).remote(  # type: ignore[attr-defined]  # ActorClass
-                    cfg_dict,
+                    generation,
                     engine_paths["int8" if cfg.generation.quantization_of(slot) == "int8" else "full"],
                     i,
                     slot,
@@ -143,7 +145,7 @@ class Cluster:
                 "reward",
                 "reward",
                 lambda i, _slot: RewardWorker.options(**score_opts).remote(  # type: ignore[attr-defined]  # ActorClass
-                    cfg_dict, i
+                    scoring, i
                 ),
             ),
         }
@@ -154,7 +156,7 @@ class Cluster:
                 "ref",
                 lambda i, _slot: ReferenceWorker.options(  # type: ignore[attr-defined]  # ActorClass
                     **score_opts
-                ).remote(cfg_dict, model_path, i),
+                ).remote(scoring, model_path, i),
             )
         # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.
         self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]), cfg.samples_per_step)

@@ -52,7 +52,7 @@ class Driver:
         attach_console()  # the job's lines (and its warnings) reach this process's console
         for warning in preflight(cfg, resume=resume):  # bad input fails here, before anything is written or started
             log.warning(warning)
-        self.cfg, self.cfg_dict = cfg, cfg.model_dump()
+        self.cfg = cfg
         self.run_dir = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         self.reporter = Reporter(cfg, self.run_dir)
@@ -96,7 +96,6 @@ class Driver:
                     self._adopt_learner(learner.result())
                 self._cluster = Cluster(
                     self.cfg,
-                    self.cfg_dict,
                     self.run_dir,
                     self.inputs.model_path,
                     engine_model_paths(
@@ -118,12 +117,12 @@ class Driver:
 
     def _build_learner(self, ckpt: Checkpoint | None, previous: JobState | None) -> LearnerStart:
         """Blocking, run in a worker thread: reads the driver, assigns nothing of it."""
-        return build_learner(self.cfg, self.cfg_dict, self.inputs, self.checkpointer, self.run_dir, ckpt, previous)
+        return build_learner(self.cfg, self.inputs, self.checkpointer, self.run_dir, ckpt, previous)
 
     def _adopt_learner(self, start: LearnerStart) -> None:
         """The built learner becomes the job's, on the driver's thread."""
         if start.cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
-            self.cfg, self.cfg_dict, self.checkpointer.cfg = start.cfg, start.cfg.model_dump(), start.cfg
+            self.cfg = self.checkpointer.cfg = start.cfg
         self._trainer, self._state, self.guard = start.trainer, start.state, start.guard
         self.published_version, self.delivery = start.published_version, start.delivery
         self.reporter.learner_ranks(start.cfg.learner.world_size)
@@ -378,7 +377,7 @@ class Driver:
         """A guardrails condition held at `step`: the learner is rebuilt from the last good
         checkpoint with adjusted settings (`RollbackGuard`); later checkpoints are set aside."""
         self.cfg = self.rollback.adjusted(self.cfg, reason)  # an error once the rollbacks are used up
-        self.cfg_dict, self.checkpointer.cfg = self.cfg.model_dump(), self.cfg
+        self.checkpointer.cfg = self.cfg
         await self.checkpointer.wait()
         target = self.checkpointer.roll_back_to(self.rollback.last_good_step(step, reason))
         start = await self._rebuild_learner(tg, target)

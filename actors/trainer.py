@@ -14,6 +14,7 @@ from actors.workers._common import heartbeat
 from actors.workers.critic import CriticRank
 from actors.workers.learner import LearnerRank
 from actors.workers.rank_group import PLACEMENT_TIMEOUT_S, PlacementError, RankGroup, deal, interleave
+from actors.workers.settings import CriticRankSettings, LearnerRankSettings
 from rlhf_cluster.config import FaultsConfig, JobConfig
 from rlhf_cluster.experience.build import finalize_batch
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
@@ -31,16 +32,16 @@ class Trainer:
     def __init__(
         self,
         cfg: JobConfig,
-        cfg_dict: dict,
         model_path: str,
         probe: Probe | None,
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     ):
         self.cfg = cfg
         w = cfg.learner.world_size
+        learner_settings = LearnerRankSettings.of(cfg)  # each rank gets its section, not the whole job
         self.policy = RankGroup(
             LearnerRank,
-            lambda r: (cfg_dict, model_path, r, w, probe),
+            lambda r: (learner_settings, model_path, r, w, probe),
             cfg.learner.resources,
             w,
             placement_timeout_s=placement_timeout_s,
@@ -53,8 +54,9 @@ class Trainer:
                 if critic is None:  # preflight refuses this config; a Trainer built without preflight may see it
                     raise RuntimeError("algorithm.advantage gae trains a critic: the config has no `critic` section")
                 cw = critic.world_size
+                critic_settings = CriticRankSettings.of(cfg)
                 self.critic = RankGroup(
-                    CriticRank, lambda r: (cfg_dict, model_path, r, cw), critic.resources, cw, section="critic"
+                    CriticRank, lambda r: (critic_settings, model_path, r, cw), critic.resources, cw, section="critic"
                 )
             except BaseException:
                 self.policy.kill()
@@ -161,18 +163,18 @@ class Trainer:
             group.kill()
 
 
-def start_trainer(cfg: JobConfig, cfg_dict: dict, model_path: str, probe: Probe | None) -> tuple[Trainer, JobConfig]:
+def start_trainer(cfg: JobConfig, model_path: str, probe: Probe | None) -> tuple[Trainer, JobConfig]:
     """A trainer with `cfg`'s learner; with `faults.elastic`, when its ranks cannot all be placed
     within `faults.elastic_wait_s`, one with as many as can be (`shrunk_learner`). Returns the
     trainer and the config it runs (`cfg` itself unless it shrank)."""
     if not cfg.faults.elastic:
-        return Trainer(cfg, cfg_dict, model_path, probe), cfg
+        return Trainer(cfg, model_path, probe), cfg
     try:
-        return Trainer(cfg, cfg_dict, model_path, probe, placement_timeout_s=cfg.faults.elastic_wait_s), cfg
+        return Trainer(cfg, model_path, probe, placement_timeout_s=cfg.faults.elastic_wait_s), cfg
     except PlacementError as exc:
         smaller = shrunk_learner(cfg, exc.placeable)
         log.info(
             f"learner: {cfg.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
             f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)"
         )
-        return Trainer(smaller, smaller.model_dump(), model_path, probe), smaller
+        return Trainer(smaller, model_path, probe), smaller

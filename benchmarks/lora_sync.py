@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, work: Path) -> int:
     from actors.workers.generation import GenerationWorker
+    from actors.workers.settings import GenerationSettings
     from rlhf_cluster.config import JobConfig
 
     hidden, layers = SIZES[args.size]
@@ -118,7 +119,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     }) for side in SIDES}
     targets = cfgs["adapters"].learner.lora.target_modules
     sender = Sender.remote(model_dir, args.rank, args.alpha, targets)
-    workers = {side: GenerationWorker.remote(cfgs[side].model_dump(), model_dir, i) for i, side in enumerate(SIDES)}
+    workers = {side: GenerationWorker.remote(GenerationSettings.of(cfgs[side]), model_dir, i)
+               for i, side in enumerate(SIDES)}
     ray.get([w.info.remote() for w in workers.values()])
     version, timings = 0, {side: [] for side in SIDES}
     receipts = []

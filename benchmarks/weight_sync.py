@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, work: Path) -> int:
     from actors.workers.generation import GenerationWorker
+    from actors.workers.settings import GenerationSettings
     from rlhf_cluster.config import CollectiveTransport, JobConfig
 
     hidden, layers = SIZES[args.size]
@@ -273,11 +274,11 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     })
     t0 = time.perf_counter()
     sender = Sender.remote(model_dir, args.dtype)
-    workers = [GenerationWorker.remote(cfg.model_dump(), model_dir, i) for i in range(2)]
+    workers = [GenerationWorker.remote(GenerationSettings.of(cfg), model_dir, i) for i in range(2)]
     # The collective side's engines: workers whose transport is the broadcast group's.
     group_cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": CollectiveTransport(
         bucket_mb=args.bucket_mb, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S)})})
-    group_workers = [GenerationWorker.remote(group_cfg.model_dump(), model_dir, 2 + i) for i in range(2)]
+    group_workers = [GenerationWorker.remote(GenerationSettings.of(group_cfg), model_dir, 2 + i) for i in range(2)]
     bare = [BareEngine.remote(model_dir, cfg.model_dump(), args.dtype, i) for i in range(2)]
     ray.get([w.info.remote() for w in workers + group_workers])  # engines up first
     addr, port = ray.get(sender.address.remote())

@@ -44,7 +44,7 @@ def replay(run_dir: Path, out_dir: Path, steps: tuple[int, int] | None = None) -
     run = RunDir(out_dir, cfg.weights_dir, cfg.checkpoint_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = prepare_inputs(cfg, run)
-    trainer = Trainer(cfg, cfg.model_dump(), inputs.model_path, None)
+    trainer = Trainer(cfg, inputs.model_path, None)
     kl = kl_controller(cfg.algorithm.kl)
     try:
         if first > 0:

@@ -1,4 +1,4 @@
-"""What every actor does at start: validate its config copy and serve its metrics.
+"""What every actor does at start: its console, tracer and metrics endpoint (`start_actor`).
 
 Actor modules reach metric collectors through the `rlhf_cluster.telemetry.metrics` module, never as
 imported globals: Ray pickles actor classes by value, and a collector (it holds a lock) cannot
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from rlhf_cluster.config import JobConfig
+from actors.workers.settings import ActorBasics
 from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.telemetry.metrics import MetricLabels, serve_metrics
@@ -19,16 +19,16 @@ if TYPE_CHECKING:
     from rlhf_cluster.telemetry.liveness import Heartbeat
 
 
-def actor_setup(cfg_dict: dict, pool: str, worker: str) -> tuple[JobConfig, MetricLabels, int | None]:
-    """Parse the job config shipped to the actor, start its /metrics endpoint and its tracer (its
-    spans travel back on the heartbeats it answers)."""
-    cfg = JobConfig.model_validate(cfg_dict)
+def start_actor(basics: ActorBasics, pool: str, worker: str) -> tuple[MetricLabels, int | None]:
+    """The actor's console, tracer (its spans travel back on the heartbeats it answers) and
+    /metrics endpoint; returns its metric labels and the endpoint's port (None: metrics off)."""
     attach_console()  # the actor's log lines reach the driver's console (Ray forwards its stdout)
-    if cfg.metrics.trace:
+    metrics = basics.metrics
+    if metrics.trace:
         tracing.start(worker, pool)
-    labels = MetricLabels(job=cfg.name, pool=pool, worker=worker)
-    port = serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range) if cfg.metrics.enabled else None
-    return cfg, labels, port
+    labels = MetricLabels(job=basics.job, pool=pool, worker=worker)
+    port = serve_metrics(metrics.bind_address, port_range=metrics.port_range) if metrics.enabled else None
+    return labels, port
 
 
 def metrics_target(bind_address: str, port: int | None) -> str | None:

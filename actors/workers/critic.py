@@ -10,10 +10,11 @@ from concurrent.futures import Future
 
 import ray
 
-from actors.workers._common import actor_setup, join_process_group, limit_threads, metrics_target
+from actors.workers._common import join_process_group, limit_threads, metrics_target, start_actor
 from actors.workers.learner import ShardedRank
+from actors.workers.settings import CriticRankSettings
 from rlhf_cluster.experience.records import TrainBatch
-from rlhf_cluster.learner.critic import ValueLearner, critic_spec
+from rlhf_cluster.learner.critic import ValueLearner
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 
@@ -22,8 +23,9 @@ from rlhf_cluster.telemetry import tracing
 class CriticRank(ShardedRank):
     """One rank of the critic group (a `ValueLearner`)."""
 
-    def __init__(self, cfg_dict: dict, policy_path: str, rank: int, world_size: int):
-        self.cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "critic", f"rank{rank}")
+    def __init__(self, settings: CriticRankSettings, policy_path: str, rank: int, world_size: int):
+        self.settings = settings
+        self.labels, self.metrics_port = start_actor(settings.basics, "critic", f"rank{rank}")
         self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
         self.checkpoint_write: Future | None = None
         self.learner: ValueLearner | None = None
@@ -37,11 +39,11 @@ class CriticRank(ShardedRank):
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the critic's process group and shard the value model (all ranks at once)."""
-        join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
-        self.learner = ValueLearner(*critic_spec(self.cfg), self.policy_path)
+        join_process_group(master_addr, master_port, self.rank, self.world_size, self.settings.collective_timeout_s)
+        self.learner = ValueLearner(self.settings.critic, self.settings.spec, self.policy_path)
         return {
             "name": f"rank{self.rank}",
-            "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),
+            "metrics": metrics_target(self.settings.basics.metrics.bind_address, self.metrics_port),
             "pid": os.getpid(),
         }
 

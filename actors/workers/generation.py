@@ -20,7 +20,8 @@ import uuid
 import ray
 import torch
 
-from actors.workers._common import actor_setup, metrics_target
+from actors.workers._common import metrics_target, start_actor
+from actors.workers.settings import GenerationSettings
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.engine import VLLMEngine
@@ -43,36 +44,36 @@ DELIVERY_WAIT_S = 600  # a request waits this long at most for a pushed version 
 class GenerationWorker:
     """Generates rollout groups on one vLLM engine; loads published versions in place."""
 
-    def __init__(self, cfg_dict: dict, model_path: str, index: int, slot: int | None = None):
+    def __init__(self, settings: GenerationSettings, model_path: str, index: int, slot: int | None = None):
         self.name = f"gen{index}"
-        cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "generation", self.name)
-        self.cfg = cfg
-        self.metrics_target = metrics_target(cfg.metrics.bind_address, self.metrics_port)
-        self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
+        self.labels, self.metrics_port = start_actor(settings.basics, "generation", self.name)
+        self.generation = gen = settings.generation
+        self.metrics_target = metrics_target(settings.basics.metrics.bind_address, self.metrics_port)
+        self.store = WeightStore(settings.weights_dir, settings.weights.keep)
         # With int8 rollouts the engine loads the store's int8 variant, derived once per version
         # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
         # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
-        self.variant = "int8" if cfg.generation.quantization_of(index if slot is None else slot) == "int8" else None
+        self.variant = "int8" if gen.quantization_of(index if slot is None else slot) == "int8" else None
         self.stall = StallClock()  # before the engine: its loop reports every step here
-        assert cfg.generation.seed is not None  # JobConfig resolves every component seed when it validates
+        assert gen.seed is not None  # JobConfig resolves every component seed when it validates
         self.engine = VLLMEngine(
             model_path,
-            cfg.generation,
-            dtype=cfg.engine_dtype,
-            seed=cfg.generation.seed + index,
+            gen,
+            dtype=settings.engine_dtype,
+            seed=gen.seed + index,
             name=self.name,
             on_step=self._on_engine_step,
-            adapters=cfg.learner.lora if cfg.learner.lora.adapters_only else None,
+            adapters=settings.adapters,
         )
         self.labels.of(m.GENERATION_VERSION).set(0)
         # Multi-turn: a fresh environment per episode (None: one response per prompt).
-        self.environment = load_environment(cfg.generation.environment) if cfg.generation.environment else None
+        self.environment = load_environment(gen.environment) if gen.environment else None
         # Agent episodes: the user's agent drives each sample through this worker's own gateway.
         self.agents = None
-        if cfg.generation.agent:
+        if gen.agent:
             from rlhf_cluster.gateway.runner import AgentRunner  # FastAPI and uvicorn load only where a gateway serves
 
-            self.agents = AgentRunner(self.engine, cfg.generation)
+            self.agents = AgentRunner(self.engine, gen)
         self._gateway_seen: tuple[int, dict[str, int]] = (0, {})  # gateway requests and refusals already exported
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.fingerprint: str | None = None  # of the bytes the engine holds, as its transport proves them
@@ -82,7 +83,7 @@ class GenerationWorker:
         self._sync_lock = asyncio.Lock()  # one weight load at a time
         self._one_request = asyncio.Lock()  # batched mode: requests run one after another
         self.transport = build_transport(
-            cfg.weights, self.store, cfg.generation.weight_variants, getattr(torch, cfg.engine_dtype), get=ray.get
+            settings.weights, self.store, gen.weight_variants, getattr(torch, settings.engine_dtype), get=ray.get
         )
         self._delivered = asyncio.Condition()  # the engine's version moved (or a delivery was refused)
         # The newest version refused. Requests that need it go on with the version held, as with a
@@ -187,7 +188,7 @@ class GenerationWorker:
         sent = delivery["variants"][variant]["fingerprint"]
         transport = delivery["transport"]
         # Batched mode loads weights only between requests.
-        between_requests = self._one_request if self.cfg.generation.mode == "batched" else contextlib.nullcontext()
+        between_requests = self._one_request if self.generation.mode == "batched" else contextlib.nullcontext()
         async with between_requests, self._sync_lock:
             held = identity == self.loaded and self.fingerprint == sent  # held already, and proven
             start = time.perf_counter()
@@ -336,7 +337,7 @@ class GenerationWorker:
     async def _per_sample(self, prompts: list[Prompt], n: int | None, greedy: bool, start) -> list:
         """`start(prompt, group_id, sample_id)` for each of the `n` samples of every prompt (one
         greedy), all at once; their results in order."""
-        count = 1 if greedy else n or self.cfg.generation.sampling.n
+        count = 1 if greedy else n or self.generation.sampling.n
         jobs = []
         for p in prompts:
             group_id = f"{p.prompt_id}:{uuid.uuid4().hex[:12]}"
@@ -352,7 +353,7 @@ class GenerationWorker:
             n,
             greedy,
             lambda p, group_id, sample_id: run_episode(
-                self.engine, self.cfg.generation, p, environment(), sample_id, group_id, greedy
+                self.engine, self.generation, p, environment(), sample_id, group_id, greedy
             ),
         )
         for _rollout, stats in done:

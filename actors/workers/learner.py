@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
-from actors.workers._common import actor_setup, join_process_group, metrics_target, rendezvous_address
+from actors.workers._common import join_process_group, metrics_target, rendezvous_address, start_actor
+from actors.workers.settings import LearnerRankSettings
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
@@ -83,24 +84,27 @@ class ShardedRank:
 class LearnerRank(ShardedRank):
     """One rank of the learner group; rank 0 also publishes versions to the weight store."""
 
-    def __init__(self, cfg_dict: dict, model_path: str, rank: int, world_size: int, probe: Probe | None = None):
-        self.cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "learner", f"rank{rank}")
+    def __init__(
+        self, settings: LearnerRankSettings, model_path: str, rank: int, world_size: int, probe: Probe | None = None
+    ):
+        self.settings = s = settings
+        self.labels, self.metrics_port = start_actor(s.basics, "learner", f"rank{rank}")
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.probe = probe
         self.store = None
         if rank == 0:
             # The int8 rollout variant is derived here, once per version, for every generation worker.
             variants: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
-            if "int8" in self.cfg.generation.weight_variants:
-                variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, self.cfg.engine_dtype))
-            self.store = WeightStore(self.cfg.weights_dir, self.cfg.weights.keep, variants=variants)
+            if "int8" in s.weight_variants:
+                variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, s.engine_dtype))
+            self.store = WeightStore(s.weights_dir, s.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
-        self.engine_dtype = getattr(torch, self.cfg.engine_dtype)
+        self.engine_dtype = getattr(torch, s.engine_dtype)
         self.transport = (
             build_transport(
-                self.cfg.weights,
+                s.weights,
                 self.store,
-                self.cfg.generation.weight_variants,
+                list(s.weight_variants),
                 self.engine_dtype,
                 put=ray.put,
                 host=ray.util.get_node_ip_address(),
@@ -114,7 +118,7 @@ class LearnerRank(ShardedRank):
             weight_bytes = sum(
                 f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(model_path).glob(pattern)
             )
-            torch.set_num_threads(self.cfg.learner.cpu_threads_per_rank(os.cpu_count() or 1, weight_bytes))
+            torch.set_num_threads(s.spec.learner.cpu_threads_per_rank(os.cpu_count() or 1, weight_bytes))
 
     def _set_up(self) -> LearnerBase:
         """The learner `setup` built: a collective called before it is the driver's bug."""
@@ -130,11 +134,11 @@ class LearnerRank(ShardedRank):
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group and shard the model (all ranks at once)."""
-        join_process_group(master_addr, master_port, self.rank, self.world_size, self.cfg.faults.collective_timeout_s)
-        self.learner = create_learner(self.cfg, self.model_path)  # learner.backend picks the class
+        join_process_group(master_addr, master_port, self.rank, self.world_size, self.settings.collective_timeout_s)
+        self.learner = create_learner(self.settings.spec, self.model_path)  # learner.backend picks the class
         return {
             "name": f"rank{self.rank}",
-            "metrics": metrics_target(self.cfg.metrics.bind_address, self.metrics_port),
+            "metrics": metrics_target(self.settings.basics.metrics.bind_address, self.metrics_port),
             "pid": os.getpid(),
         }
 
@@ -154,9 +158,8 @@ class LearnerRank(ShardedRank):
             for _ in named:  # this rank's part of every gather
                 pass
             return
-        snapshot = persist or persisted(
-            version, self.cfg.weights.persist_every, self.cfg.checkpoint.every_steps, self.cfg.train.total_steps
-        )
+        s = self.settings
+        snapshot = persist or persisted(version, s.weights.persist_every, s.checkpoint_every, s.total_steps)
         self.pending[version] = self._publisher().publish(version, delivery_time(), named, files, snapshot)
 
     def wait_persisted(self) -> None:

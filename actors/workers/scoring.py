@@ -6,7 +6,8 @@ import os
 
 import ray
 
-from actors.workers._common import actor_setup, limit_threads, metrics_target
+from actors.workers._common import limit_threads, metrics_target, start_actor
+from actors.workers.settings import ScoringSettings
 from rlhf_cluster.config import FunctionReward
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
@@ -27,18 +28,19 @@ class RewardWorker:
     (`on_error: fail`); `stats()` has this worker's running counts.
     """
 
-    def __init__(self, cfg_dict: dict, index: int):
-        cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reward", f"reward{index}")
+    def __init__(self, settings: ScoringSettings, index: int):
+        self.labels, self.metrics_port = start_actor(settings.basics, "reward", f"reward{index}")
         self.info_ = {
             "name": f"reward{index}",
-            "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
+            "metrics": metrics_target(settings.basics.metrics.bind_address, self.metrics_port),
             "pid": os.getpid(),
         }
-        rule = cfg.scoring.rule_source
+        self.scoring = scoring = settings.scoring
+        rule = scoring.rule_source
         if isinstance(rule, FunctionReward):  # a custom reward function, with its failure handling
             self.reward = RuleReward(
-                cfg.data.verifier_name,
-                pattern=cfg.data.verifier_pattern,
+                settings.verifier_name,
+                pattern=settings.verifier_pattern,
                 reward_fn=rule.function,
                 on_error=rule.on_error,
                 timeout_s=rule.timeout_s,
@@ -46,20 +48,19 @@ class RewardWorker:
                 failure_window=rule.failure_window,
             )
         else:
-            self.reward = RuleReward(cfg.data.verifier_name, pattern=cfg.data.verifier_pattern)
-        self.scoring = cfg.scoring
+            self.reward = RuleReward(settings.verifier_name, pattern=settings.verifier_pattern)
         self.models = None
-        if cfg.scoring.reward_models:
+        if scoring.reward_models:
             import torch
 
             from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
             limit_threads(2)
             self.models = FrozenRewardModels(
-                cfg.scoring.reward_models,
-                getattr(torch, cfg.model.dtype),
-                cfg.scoring.max_tokens_per_batch,
-                cfg.scoring.quantization,
+                scoring.reward_models,
+                getattr(torch, settings.model_dtype),
+                scoring.max_tokens_per_batch,
+                scoring.quantization,
             )
 
     def info(self) -> dict:
@@ -94,11 +95,11 @@ class RewardWorker:
 class ReferenceWorker:
     """Per-token log-probs of responses under the frozen initial policy."""
 
-    def __init__(self, cfg_dict: dict, model_path: str, index: int):
-        cfg, self.labels, self.metrics_port = actor_setup(cfg_dict, "reference", f"ref{index}")
+    def __init__(self, settings: ScoringSettings, model_path: str, index: int):
+        self.labels, self.metrics_port = start_actor(settings.basics, "reference", f"ref{index}")
         self.info_ = {
             "name": f"ref{index}",
-            "metrics": metrics_target(cfg.metrics.bind_address, self.metrics_port),
+            "metrics": metrics_target(settings.basics.metrics.bind_address, self.metrics_port),
             "pid": os.getpid(),
         }
         import torch
@@ -106,13 +107,12 @@ class ReferenceWorker:
         from rlhf_cluster.scoring.reference import ReferenceModel
 
         limit_threads(2)
-        dtype = getattr(torch, cfg.model.dtype)
         self.model = ReferenceModel(
             model_path,
-            dtype,
-            temperature=cfg.generation.sampling.temperature,
-            max_tokens_per_batch=cfg.scoring.max_tokens_per_batch,
-            quantization=cfg.scoring.quantization,
+            getattr(torch, settings.model_dtype),
+            temperature=settings.temperature,
+            max_tokens_per_batch=settings.scoring.max_tokens_per_batch,
+            quantization=settings.scoring.quantization,
         )
 
     def info(self) -> dict:

@@ -5,19 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rlhf_cluster.config import JobConfig
-    from rlhf_cluster.learner.base import LearnerBase
+    from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 
 
-def create_learner(cfg: JobConfig, model_path: str) -> LearnerBase:
-    """This rank's policy learner for `cfg.learner.backend.type`, built from its spec (the job's
+def create_learner(spec: LearnerSpec, model_path: str) -> LearnerBase:
+    """This rank's policy learner for `spec.learner.backend.type`, built from its spec (the job's
     `learner` and `algorithm` sections and the sampling values it needs); deepspeed is imported
     only when chosen."""
     from rlhf_cluster.config import DeepSpeedBackend
-    from rlhf_cluster.learner.base import LearnerSpec
 
-    spec = LearnerSpec.of_policy(cfg)
-    if isinstance(cfg.learner.backend, DeepSpeedBackend):
+    if isinstance(spec.learner.backend, DeepSpeedBackend):
         from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
 
         return DeepSpeedLearner(spec, model_path)

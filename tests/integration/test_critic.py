@@ -12,6 +12,7 @@ import ray
 
 from actors.workers.critic import CriticRank
 from actors.workers.rank_group import RankGroup
+from actors.workers.settings import CriticRankSettings
 from actors.job import Job
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 
@@ -41,7 +42,8 @@ def test_critic_value_loss_falls_on_a_fixed_batch_and_its_checkpoint_restores(ra
     # Per-token targets that differ by sequence: a terminal reward of 0 or 1 with a small per-token
     # term, so fitting a single offset cannot halve the loss; the critic must tell sequences apart.
     returns = [[s.reward + 0.1 * t for t in range(len(s.response_ids))] for s in samples]
-    group = RankGroup(CriticRank, lambda r: (cfg.model_dump(), tiny_model_path, r, world), cfg.critic.resources, world,
+    settings = CriticRankSettings.of(cfg)
+    group = RankGroup(CriticRank, lambda r: (settings, tiny_model_path, r, world), cfg.critic.resources, world,
                       section="critic")
     try:
         shares = [samples[r::world] for r in range(world)]

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from actors.workers.generation import GenerationWorker
+from actors.workers.settings import GenerationSettings
 from actors.job import Job
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights.buckets import DeliveryManifest, now
@@ -97,7 +98,7 @@ def _hf_logprobs(model_path: str, state: dict, prompt: list[int], response: list
 def test_a_damaged_bucket_is_refused_counted_and_the_engine_keeps_its_version(ray_cluster, job_config, tiny_model_path,
                                                                                tmp_path):
     cfg = job_config(weights={"transport": {"type": "direct", "bucket_mb": 0.05}})
-    worker = GenerationWorker.remote(cfg.model_dump(), str(tiny_model_path), 0)
+    worker = GenerationWorker.remote(GenerationSettings.of(cfg), str(tiny_model_path), 0)
     try:
         prompt, response = list(range(5, 40)), list(range(40, 50))
         before = ray.get(worker.logprobs_of.remote(prompt, response))

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.workers.generation import GenerationWorker
+from actors.workers.settings import GenerationSettings
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.generation.environments import ScriptedEnvironment
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
@@ -32,7 +33,7 @@ def test_three_turn_episodes_mask_observations_and_keep_exact_logprobs_across_a_
     store.publish(0, old_state)
     new_state = {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v for k, v in old_state.items()}
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    worker = GenerationWorker.remote(cfg.model_dump(), tiny_model_path, 0)
+    worker = GenerationWorker.remote(GenerationSettings.of(cfg), tiny_model_path, 0)
     try:
         ray.get(worker.sync.remote(0))
         refs = [worker.generate_group.remote(Prompt(f"p{i}", f"{i}+{i}=", str(2 * i)), 0) for i in range(4)]

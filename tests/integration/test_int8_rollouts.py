@@ -126,13 +126,14 @@ def test_unquantized_push_into_an_int8_engine_is_refused(ray_cluster, job_config
 
 def test_worker_refuses_a_corrupt_int8_variant(ray_cluster, job_config, tiny_model_path):
     from actors.workers.generation import GenerationWorker
+    from actors.workers.settings import GenerationSettings
 
     cfg = job_config(generation={"quantization": "int8"})
     model = load_causal_lm(tiny_model_path)
     store = WeightStore(cfg.weights_dir, variants={"int8": lambda s: quantize_state_dict(s, torch.float32)})
     store.publish(0, model.state_dict())
     int8_dir = write_int8_model_dir(tiny_model_path, store.load(0, variant="int8"), cfg.run_dir + "/engine-int8")
-    worker = GenerationWorker.remote(cfg.model_dump(), str(int8_dir), 0)
+    worker = GenerationWorker.remote(GenerationSettings.of(cfg), str(int8_dir), 0)
     assert ray.get(worker.sync.remote(0)) == 0
     torch.manual_seed(1)
     store.publish(1, {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()})

@@ -17,6 +17,7 @@ import torch
 from actors.job import Job
 from actors.workers.learner import LearnerRank
 from actors.workers.rank_group import RankGroup
+from actors.workers.settings import LearnerRankSettings
 from rlhf_cluster.config import DirectTransport, ResourcesConfig
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.weights import WeightStore
@@ -42,7 +43,8 @@ LR = 1e-3
 
 
 def _group(cfg, model_path, world) -> RankGroup:
-    return RankGroup(LearnerRank, lambda r: (cfg.model_dump(), model_path, r, world), ResourcesConfig(), world)
+    settings = LearnerRankSettings.of(cfg)
+    return RankGroup(LearnerRank, lambda r: (settings, model_path, r, world), ResourcesConfig(), world)
 
 
 def _kill(ranks):

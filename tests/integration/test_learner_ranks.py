@@ -14,6 +14,7 @@ import torch
 
 from actors.workers.learner import LearnerRank
 from actors.workers.rank_group import RankGroup
+from actors.workers.settings import LearnerRankSettings
 from rlhf_cluster.config import ResourcesConfig
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from tests.job_configs import small_job_config
@@ -40,7 +41,8 @@ def _samples(n: int = 6) -> list[ScoredSample]:
 
 
 def _group(cfg, model_path, world) -> RankGroup:
-    return RankGroup(LearnerRank, lambda r: (cfg.model_dump(), model_path, r, world), ResourcesConfig(), world)
+    settings = LearnerRankSettings.of(cfg)
+    return RankGroup(LearnerRank, lambda r: (settings, model_path, r, world), ResourcesConfig(), world)
 
 
 SAMPLES = _samples(6)

@@ -8,6 +8,7 @@ import ray
 import torch
 
 from actors.workers.generation import GenerationWorker
+from actors.workers.settings import GenerationSettings
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights import WeightStore
@@ -23,7 +24,7 @@ def test_ngram_speculation_is_accepted_and_keeps_the_target_logprobs(ray_cluster
                                  "sampling": {"n": 1, "max_new_tokens": 48, "ignore_eos": True}})
     model = load_causal_lm(tiny_model_path)
     WeightStore(cfg.weights_dir).publish(0, model.state_dict())
-    worker = GenerationWorker.remote(cfg.model_dump(), tiny_model_path, 0)
+    worker = GenerationWorker.remote(GenerationSettings.of(cfg), tiny_model_path, 0)
     try:
         [rollout] = ray.get(worker.evaluate.remote([PROMPT], 0))
         spec = ray.get(worker.engine_stats.remote())["speculative"]

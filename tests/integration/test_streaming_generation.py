@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.job import Job
 from rlhf_cluster.run.run_dir import RunDir
 from actors.workers.generation import GenerationWorker
+from actors.workers.settings import GenerationSettings
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.experience.records import spans_version
@@ -59,7 +60,7 @@ def test_requests_share_engine_steps_and_a_version_loaded_in_flight_continues_th
     model = load_causal_lm(tiny_model_path)
     old_state = {k: v.clone() for k, v in model.state_dict().items()}
     store.publish(0, old_state)
-    worker = GenerationWorker.remote(cfg.model_dump(), tiny_model_path, 0)
+    worker = GenerationWorker.remote(GenerationSettings.of(cfg), tiny_model_path, 0)
     try:
         assert ray.get(worker.sync.remote(0)) == 0
 
@@ -136,7 +137,7 @@ def test_abort_policy_restarts_unfinished_responses_with_the_new_version(ray_clu
     store = WeightStore(cfg.weights_dir)
     state = load_causal_lm(tiny_model_path).state_dict()
     store.publish(0, state)
-    worker = GenerationWorker.remote(cfg.model_dump(), tiny_model_path, 0)
+    worker = GenerationWorker.remote(GenerationSettings.of(cfg), tiny_model_path, 0)
     try:
         ray.get(worker.sync.remote(0))
         refs = [worker.generate_group.remote(_prompt(i), 0) for i in range(2)]

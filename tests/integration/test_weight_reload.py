@@ -6,6 +6,7 @@ import ray
 import torch
 
 from actors.workers.generation import GenerationWorker
+from actors.workers.settings import GenerationSettings
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights import WeightStore
 
@@ -20,7 +21,7 @@ def test_reload_matches_hf_forward_and_a_corrupted_version_is_refused(ray_cluste
     store = WeightStore(cfg.weights_dir)
     model = load_causal_lm(tiny_model_path)
     store.publish(0, model.state_dict())
-    worker = GenerationWorker.remote(cfg.model_dump(), tiny_model_path, 0)
+    worker = GenerationWorker.remote(GenerationSettings.of(cfg), tiny_model_path, 0)
 
     # A prompt longer than several KV blocks, so a stale prefix cache would be reused.
     prompt_ids = [int(x) for x in torch.randint(2, 250, (70,), generator=torch.Generator().manual_seed(0))]
