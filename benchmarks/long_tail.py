@@ -97,9 +97,9 @@ class DirectChannel:
         self.newest = None  # (manifest, payloads)
 
     def publish(self, version: int, state: dict) -> None:
-        from rlhf_cluster.weights.buckets import now, pack_version
+        from rlhf_cluster.weights.buckets import VersionPacker, now
 
-        self.newest = pack_version(state.items(), version, now(), "full", torch.float32, self.bucket_bytes, lambda p: p)
+        self.newest = VersionPacker(version, now(), "full", torch.float32, self.bucket_bytes, lambda p: p).pack(state.items())
 
     def latest_version(self) -> int | None:
         return None if self.newest is None else self.newest[0].version

@@ -87,11 +87,11 @@ class Sender:
 
     def pack(self, version: int, side: str) -> dict:
         """What `LearnerRank.publish` does with `transport: direct`: one variant's delivery."""
-        from rlhf_cluster.weights.buckets import now, pack_version
+        from rlhf_cluster.weights.buckets import VersionPacker, now
 
         tensors = self.adapters if side == "adapters" else self.merged()
         created = now()
-        manifest, buckets = pack_version(tensors.items(), version, created, "full", torch.float32, 64 << 20, ray.put)
+        manifest, buckets = VersionPacker(version, created, "full", torch.float32, 64 << 20, ray.put).pack(tensors.items())
         return {"transport": "direct", "version": version, "created_at": created, "files": {},
                 "variants": {"full": {"manifest": manifest.to_dict(), "buckets": buckets,
                                       "fingerprint": manifest.fingerprint}}}

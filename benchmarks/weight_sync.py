@@ -6,7 +6,7 @@ A random Qwen2 (`--size 100m` or `500m`, built in a temp dir with the tiny token
 two bare engine actors. Per repetition, with the
 order rotated every repetition, each side moves one new version into both engines:
 
-- `direct` (ours): the sender's `pack_version` (cast to the engine dtype, layer-aligned buckets,
+- `direct` (ours): the sender's `VersionPacker` (cast to the engine dtype, layer-aligned buckets,
   BLAKE3 per bucket, `ray.put`), then `GenerationWorker.receive` on both workers at once (fetch
   from the object store, verify every bucket, in-place reload, fingerprint, prefix-cache reset).
 - `broadcast` (bare wire): the same bucket bytes, already packed, sent by `torch.distributed`
@@ -102,11 +102,11 @@ class Sender:
 
     def pack(self, version: int, bucket_mb: float) -> dict:
         """What `LearnerRank.publish` does for `direct` (one variant): a delivery of object-store buckets."""
-        from rlhf_cluster.weights.buckets import now, pack_version
+        from rlhf_cluster.weights.buckets import VersionPacker, now
 
         created = now()
-        manifest, buckets = pack_version(self.state.items(), version, created, "full", self.dtype,
-                                         int(bucket_mb * (1 << 20)), ray.put)
+        packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put)
+        manifest, buckets = packer.pack(self.state.items())
         return {"transport": "direct", "version": version, "created_at": created, "files": {},
                 "variants": {"full": {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}}}
 

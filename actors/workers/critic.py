@@ -5,12 +5,11 @@ policy step, then trains both on it.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future
 
 import ray
 
-from actors.workers._common import join_process_group, limit_threads, metrics_target, start_actor
+from actors.workers._common import limit_threads, start_actor
 from actors.workers.learner import ShardedRank
 from actors.workers.settings import CriticRankSettings
 from rlhf_cluster.experience.records import TrainBatch
@@ -22,6 +21,8 @@ from rlhf_cluster.telemetry import tracing
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
 class CriticRank(ShardedRank):
     """One rank of the critic group (a `ValueLearner`)."""
+
+    settings: CriticRankSettings
 
     def __init__(self, settings: CriticRankSettings, policy_path: str, rank: int, world_size: int):
         self.settings = settings
@@ -37,15 +38,8 @@ class CriticRank(ShardedRank):
             raise RuntimeError(f"critic rank {self.rank}: called before setup()")
         return self.learner
 
-    def setup(self, master_addr: str, master_port: int) -> dict:
-        """Join the critic's process group and shard the value model (all ranks at once)."""
-        join_process_group(master_addr, master_port, self.rank, self.world_size, self.settings.collective_timeout_s)
-        self.learner = ValueLearner(self.settings.critic, self.settings.spec, self.policy_path)
-        return {
-            "name": f"rank{self.rank}",
-            "metrics": metrics_target(self.settings.basics.metrics.bind_address, self.metrics_port),
-            "pid": os.getpid(),
-        }
+    def _build_learner(self) -> ValueLearner:
+        return ValueLearner(self.settings.critic, self.settings.spec, self.policy_path)
 
     def values(self, batch: TrainBatch) -> list[list[float]]:
         """Collective: the per-token values of each response in this rank's share of the step's batch."""

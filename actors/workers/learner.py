@@ -12,7 +12,7 @@ import ray
 import torch
 
 from actors.workers._common import join_process_group, metrics_target, rendezvous_address, start_actor
-from actors.workers.settings import LearnerRankSettings
+from actors.workers.settings import CriticRankSettings, LearnerRankSettings
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
@@ -33,15 +33,33 @@ if TYPE_CHECKING:
 
 class ShardedRank:
     """What every rank of a sharded group (policy learner, critic) answers besides its step:
-    the rendezvous address and its checkpoint. Subclasses set `self.learner` and
-    `self.checkpoint_write`."""
+    the rendezvous address, its setup (join the group, build its learner) and its checkpoint.
+    Subclasses set `settings`, `rank`, `world_size`, `metrics_port` and `checkpoint_write`, and
+    build their learner in `_build_learner`."""
 
     learner: Any
     checkpoint_write: Future | None
+    settings: LearnerRankSettings | CriticRankSettings
+    rank: int
+    world_size: int
+    metrics_port: int | None
 
     def address(self) -> tuple[str, int]:
         """Host and a free port for the process group's rendezvous (asked of rank 0)."""
         return rendezvous_address()
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the group's process group and shard the model (all ranks at once)."""
+        join_process_group(master_addr, master_port, self.rank, self.world_size, self.settings.collective_timeout_s)
+        self.learner = self._build_learner()
+        return {
+            "name": f"rank{self.rank}",
+            "metrics": metrics_target(self.settings.basics.metrics.bind_address, self.metrics_port),
+            "pid": os.getpid(),
+        }
+
+    def _build_learner(self) -> Any:
+        raise NotImplementedError
 
     @ray.method(concurrency_group="health")
     def heartbeat(self) -> dict:
@@ -83,6 +101,8 @@ class ShardedRank:
 )
 class LearnerRank(ShardedRank):
     """One rank of the learner group; rank 0 also publishes versions to the weight store."""
+
+    settings: LearnerRankSettings
 
     def __init__(
         self, settings: LearnerRankSettings, model_path: str, rank: int, world_size: int, probe: Probe | None = None
@@ -132,15 +152,8 @@ class LearnerRank(ShardedRank):
             raise RuntimeError(f"learner rank {self.rank}: only rank 0 publishes weights")
         return self.transport
 
-    def setup(self, master_addr: str, master_port: int) -> dict:
-        """Join the process group and shard the model (all ranks at once)."""
-        join_process_group(master_addr, master_port, self.rank, self.world_size, self.settings.collective_timeout_s)
-        self.learner = create_learner(self.settings.spec, self.model_path)  # learner.backend picks the class
-        return {
-            "name": f"rank{self.rank}",
-            "metrics": metrics_target(self.settings.basics.metrics.bind_address, self.metrics_port),
-            "pid": os.getpid(),
-        }
+    def _build_learner(self) -> LearnerBase:
+        return create_learner(self.settings.spec, self.model_path)  # learner.backend picks the class
 
     def publish(self, version: int, persist: bool = False) -> None:
         """Collective: score the mismatch probe, then gather the weights one tensor at a time;

@@ -16,19 +16,18 @@ GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 class LossConfig(_Strict):
     """The clipped policy loss."""
 
-    clip_low: float = Field(default=0.2, ge=0, description="PPO clip below 1.")
-    clip_high: float = Field(default=0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28).")
+    clip_low: float = Field(0.2, ge=0, description="PPO clip below 1.")
+    clip_high: float = Field(0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28).")
     clip_ratio_c: float | None = Field(
-        default=None,
+        None,
         gt=1.0,
         description="Dual-clip PPO (Ye et al. 2020): for a negative advantage the per-token loss is capped "
         "at -A * clip_ratio_c, so a ratio far above 1 cannot push a bad token down without bound "
         "(e.g. 3.0; None: off).",
     )
-    ratio_level: Literal["token", "sequence"] = Field(default="token", description="token = PPO/GRPO, sequence = GSPO.")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="token = PPO/GRPO, sequence = GSPO.")
     aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = Field(
-        default="token_mean",
-        description="How per-token losses become one number; denominators are global across ranks.",
+        "token_mean", description="How per-token losses become one number; denominators are global across ranks."
     )
 
 
@@ -36,62 +35,48 @@ class KLConfig(_Strict):
     """KL to the reference policy."""
 
     placement: Literal["loss", "reward", "none"] = Field(
-        default="loss", description="KL in the loss (GRPO) or in the reward (PPO)."
+        "loss", description="KL in the loss (GRPO) or in the reward (PPO)."
     )
-    estimator: Literal["k1", "k2", "k3"] = Field(
-        default="k3", description="KL estimator (in-reward KL always uses k1)."
-    )
+    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (in-reward KL always uses k1).")
     k3_log_ratio_clamp: float | None = Field(
-        default=None,
+        None,
         gt=0,
         description="Clamp the k3 estimator's log-ratio log(pi_ref/pi) to [-c, c] in the loss: bounds the "
         "exp(log r) term (and its gradient) on tokens where the policy has moved far from the reference, at the price "
         "of "
         "a biased estimate there (e.g. 10; None: only the overflow guard at 20).",
     )
-    coef: float = Field(
-        default=0.01, ge=0, description="KL coefficient (beta); the adaptive controller's initial value."
-    )
+    coef: float = Field(0.01, ge=0, description="KL coefficient (beta); the adaptive controller's initial value.")
     controller: Literal["fixed", "adaptive"] = Field(
-        default="fixed", description="Fixed coefficient or a proportional controller."
+        "fixed", description="Fixed coefficient or a proportional controller."
     )
     target: float = Field(
-        default=6.0,
-        gt=0,
-        description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards.",
+        6.0, gt=0, description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards."
     )
-    horizon: int = Field(default=10000, ge=1, description="Adaptive controller: horizon in samples.")
+    horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon in samples.")
 
 
 class CorrectionConfig(_Strict):
     """Importance correction for the rollout/learner mismatch (TIS/MIS)."""
 
-    enabled: bool = Field(default=True, description="Multiply the policy loss by rollout importance weights.")
-    level: Literal["token", "sequence", "geometric"] = Field(default="token", description="Granularity of the weight.")
-    mode: Literal["truncate", "mask"] = Field(default="truncate", description="truncate = TIS, mask = MIS.")
-    cap: float = Field(default=2.0, gt=0, description="Upper bound C.")
-    lower: float | None = Field(default=None, ge=0, description="Lower bound for mask mode (None: none).")
+    enabled: bool = Field(True, description="Multiply the policy loss by rollout importance weights.")
+    level: Literal["token", "sequence", "geometric"] = Field("token", description="Granularity of the weight.")
+    mode: Literal["truncate", "mask"] = Field("truncate", description="truncate = TIS, mask = MIS.")
+    cap: float = Field(2.0, gt=0, description="Upper bound C.")
+    lower: float | None = Field(None, ge=0, description="Lower bound for mask mode (None: none).")
 
 
 class ShapingConfig(_Strict):
     """Reward shaping and sample filters applied before the learner."""
 
     overlong_buffer: int = Field(
-        default=0,
-        ge=0,
-        description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: off).",
+        0, ge=0, description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: off)."
     )
-    overlong_penalty: float = Field(default=1.0, ge=0, description="Penalty at max_new_tokens.")
-    length_target: int | None = Field(
-        default=None, ge=0, description="Length penalty -coef*max(0, len-target) (None: off)."
-    )
-    length_coef: float = Field(default=0.001, ge=0, description="Length penalty coefficient.")
-    overlong_filter: bool = Field(
-        default=False, description="Drop truncated responses (finish_reason=length) from the loss."
-    )
-    dynamic_sampling: bool = Field(
-        default=False, description="Drop groups whose rewards are all equal; generate more instead."
-    )
+    overlong_penalty: float = Field(1.0, ge=0, description="Penalty at max_new_tokens.")
+    length_target: int | None = Field(None, ge=0, description="Length penalty -coef*max(0, len-target) (None: off).")
+    length_coef: float = Field(0.001, ge=0, description="Length penalty coefficient.")
+    overlong_filter: bool = Field(False, description="Drop truncated responses (finish_reason=length) from the loss.")
+    dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal; generate more instead.")
 
 
 class AlgorithmConfig(_Strict):
@@ -102,28 +87,25 @@ class AlgorithmConfig(_Strict):
     """
 
     preset: Literal[tuple(PRESETS)] | None = Field(  # type: ignore[valid-type]
-        default=None,
+        None,
         description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it.",
     )
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
-        default="grpo", description="Advantage estimator."
+        "grpo", description="Advantage estimator."
     )
-    gamma: float = Field(default=1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
     lam: float = Field(
-        default=0.95,
-        ge=0,
-        le=1,
-        description="gae: the GAE lambda (1: Monte-Carlo returns minus values, 0: one-step TD).",
+        0.95, ge=0, le=1, description="gae: the GAE lambda (1: Monte-Carlo returns minus values, 0: one-step TD)."
     )
     whiten_advantages: bool = Field(
-        default=True,
+        True,
         description="gae: whiten the advantages over the step's valid tokens (the critic's returns stay unwhitened).",
     )
     loss: LossConfig = Field(default_factory=LossConfig, description="Policy loss.")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference.")
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig, description="TIS/MIS.")
     shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="Reward shaping and filters.")
-    entropy_coef: float = Field(default=0.0, ge=0, description="Entropy bonus coefficient.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
 
     @model_validator(mode="before")
     @classmethod

@@ -57,6 +57,6 @@ def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None
 class ResourcesConfig(_Strict):
     """Ray resources of one actor of a pool."""
 
-    num_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved per actor (0 lets tiny demos overcommit).")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor.")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per actor (0 lets tiny demos overcommit).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom resources, e.g. {generation_node: 1}.")

@@ -12,16 +12,14 @@ from rlhf_cluster.config.base import ResourcesConfig, _Strict
 class SamplingConfig(_Strict):
     """Sampling settings of the generation engine."""
 
-    n: int = Field(default=4, ge=1, description="Responses per prompt (the GRPO group size).")
-    temperature: float = Field(
-        default=1.0, gt=0, description="Sampling temperature (the learner divides logits by it too)."
-    )
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling.")
+    n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner divides logits by it too).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     max_new_tokens: int = Field(
-        default=16, ge=1, description="Per-response token limit (bounds the long tail of response lengths)."
+        16, ge=1, description="Per-response token limit (bounds the long tail of response lengths)."
     )
     ignore_eos: bool = Field(
-        default=False, description="Keep sampling past EOS up to max_new_tokens (benchmarks, long-response tests)."
+        False, description="Keep sampling past EOS up to max_new_tokens (benchmarks, long-response tests)."
     )
 
 
@@ -33,12 +31,12 @@ class ProbeConfig(_Strict):
     changes, a bad reload) shows per version, before it shows in training.
     """
 
-    sequences: int = Field(default=8, ge=0, description="Probe sequences (0 turns the probe off).")
+    sequences: int = Field(8, ge=0, description="Probe sequences (0 turns the probe off).")
     alert_factor: float = Field(
-        default=4.0, gt=1, description="Alert when a version's probe k3 exceeds this multiple of the median so far..."
+        4.0, gt=1, description="Alert when a version's probe k3 exceeds this multiple of the median so far..."
     )
     alert_floor: float = Field(
-        default=1e-3, ge=0, description="...and this absolute k3 (so fp32 noise near zero never alerts)."
+        1e-3, ge=0, description="...and this absolute k3 (so fp32 noise near zero never alerts)."
     )
 
 
@@ -49,12 +47,12 @@ class SpeculativeConfig(_Strict):
     method: Literal["ngram", "draft_model"] = Field(
         ..., description="ngram: prompt lookup; draft_model: `model` proposes."
     )
-    num_speculative_tokens: int = Field(default=3, ge=1, description="Tokens proposed per step.")
+    num_speculative_tokens: int = Field(3, ge=1, description="Tokens proposed per step.")
     model: str | None = Field(
-        default=None, description="draft_model: the draft model's HF folder (same tokenizer as the policy)."
+        None, description="draft_model: the draft model's HF folder (same tokenizer as the policy)."
     )
-    prompt_lookup_max: int = Field(default=4, ge=1, description="ngram: longest n-gram matched.")
-    prompt_lookup_min: int = Field(default=1, ge=1, description="ngram: shortest n-gram matched.")
+    prompt_lookup_max: int = Field(4, ge=1, description="ngram: longest n-gram matched.")
+    prompt_lookup_min: int = Field(1, ge=1, description="ngram: shortest n-gram matched.")
 
     @model_validator(mode="after")
     def _method_fields(self) -> SpeculativeConfig:
@@ -83,19 +81,19 @@ class TurnRewardsConfig(_Strict):
     the episode's reward, beside the scoring pool's final one (`rlhf_cluster.rewards.turns`)."""
 
     combine: Literal["none", "sum", "last", "weighted"] = Field(
-        default="none",
+        "none",
         description="none: turn rewards are ignored; sum: final + the turns' sum; last: final + the last "
         "turn's; weighted: final + weight x the turns' sum.",
     )
-    weight: float = Field(default=1.0, description="`weighted`: the factor on the turns' sum.")
+    weight: float = Field(1.0, description="`weighted`: the factor on the turns' sum.")
     assign: Literal["episode", "turn"] = Field(
-        default="episode",
+        "episode",
         description="episode: every token of the episode gets the episode's advantage; turn: each model "
         "turn's tokens get the advantage of that turn's return (the rewards from that turn on, discounted by `gamma` "
         "per turn), against the group's baseline of episode returns (GRPO, Dr.GRPO, RLOO; needs combine sum or "
         "weighted).",
     )
-    gamma: float = Field(default=1.0, gt=0, le=1, description="`assign: turn`: the discount per turn.")
+    gamma: float = Field(1.0, gt=0, le=1, description="`assign: turn`: the discount per turn.")
 
     @model_validator(mode="after")
     def _turn_credit_needs_added_rewards(self) -> TurnRewardsConfig:
@@ -127,26 +125,17 @@ class AgentConfig(_Strict):
         description="`module:function` called as agent(base_url, api_key, messages) per sample; "
         "returns the agent's reward (a number) or None.",
     )
-    timeout_s: float = Field(
-        default=300.0, gt=0, description="An agent call that has not returned by then fails the request."
-    )
-    max_concurrent: int = Field(
-        default=64, ge=1, description="Agent calls running at once per generation worker (threads)."
-    )
-    bind_address: str = Field(
-        default="127.0.0.1", description="Where each worker's gateway listens (loopback by default)."
-    )
-    port: int = Field(
-        default=0, ge=0, le=65535, description="Gateway port (0: any free port; each worker serves its own)."
-    )
+    timeout_s: float = Field(300.0, gt=0, description="An agent call that has not returned by then fails the request.")
+    max_concurrent: int = Field(64, ge=1, description="Agent calls running at once per generation worker (threads).")
+    bind_address: str = Field("127.0.0.1", description="Where each worker's gateway listens (loopback by default).")
+    port: int = Field(0, ge=0, le=65535, description="Gateway port (0: any free port; each worker serves its own).")
     advertise_address: str | None = Field(
-        default=None,
-        description="The host agents reach the gateway at (None: bind_address, or 127.0.0.1 for a wildcard).",
+        None, description="The host agents reach the gateway at (None: bind_address, or 127.0.0.1 for a wildcard)."
     )
     token: str | None = Field(
-        default=None, description="Bearer token every call must carry (required when bind_address is not loopback)."
+        None, description="Bearer token every call must carry (required when bind_address is not loopback)."
     )
-    model_name: str = Field(default="policy", description="The model id the gateway reports and accepts.")
+    model_name: str = Field("policy", description="The model id the gateway reports and accepts.")
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> AgentConfig:
@@ -161,85 +150,77 @@ class AgentConfig(_Strict):
 class GenerationConfig(_Strict):
     """The generation pool: vLLM engines in Ray actors."""
 
-    replicas: int = Field(default=1, ge=1, description="Generation workers.")
+    replicas: int = Field(1, ge=1, description="Generation workers.")
     mode: Literal["streaming", "batched"] = Field(
-        default="streaming",
+        "streaming",
         description="streaming: each admitted prompt goes to the engine at once and its group goes to scoring "
         "as soon as its last response finishes; new weights load in flight. batched: requests of `prompts_per_request` "
         "prompts return when their slowest response finishes, and weights load only between requests.",
     )
     in_flight_update: Literal["resume", "abort"] = Field(
-        default="resume",
+        "resume",
         description="streaming: what a weight update does to unfinished responses. resume: pause at a token "
         "boundary, load, recompute their KV with the new weights and continue (tokens keep the version that sampled "
         "them); "
         "abort: drop their tokens and generate them again with the new weights.",
     )
-    prompts_per_request: int = Field(
-        default=4, ge=1, description="batched: prompt groups sent to a worker in one request."
-    )
+    prompts_per_request: int = Field(4, ge=1, description="batched: prompt groups sent to a worker in one request.")
     max_num_seqs: int = Field(
-        default=256, ge=1, description="vLLM max_num_seqs: most sequences the engine decodes in one batch."
+        256, ge=1, description="vLLM max_num_seqs: most sequences the engine decodes in one batch."
     )
     max_num_batched_tokens: int | None = Field(
-        default=None,
-        ge=16,
-        description="vLLM max_num_batched_tokens: token budget of one engine step (None: vLLM's default).",
+        None, ge=16, description="vLLM max_num_batched_tokens: token budget of one engine step (None: vLLM's default)."
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
     quantization: Literal["none", "int8"] | list[Literal["none", "int8"]] = Field(
-        default="none",
+        "none",
         description="Rollout weights: none, or int8 = W8A8 (per-channel int8 weights, per-token int8 activations). "
         "A list sets it per replica (replica i takes entry i modulo its length), e.g. [none, int8] to serve both side "
         "by side.",
     )
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="Mismatch probe after each weight sync.")
-    max_model_len: int = Field(default=256, ge=16, description="vLLM max_model_len.")
+    max_model_len: int = Field(256, ge=16, description="vLLM max_model_len.")
     kv_cache_gb: int = Field(
-        default=1,
+        1,
         ge=1,
         description="Each engine's KV cache on CPU (GiB; vLLM's kv_cache_memory_bytes, "
         "per engine; a VLLM_CPU_KVCACHE_SPACE in the environment is ignored). On GPUs "
         "`gpu_memory_utilization` sizes it.",
     )
-    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description="vLLM memory share on GPU.")
-    seed: int | None = Field(
-        default=None, description="Engine seed; each worker adds its index (None: the job's `seed`)."
-    )
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM memory share on GPU.")
+    seed: int | None = Field(None, description="Engine seed; each worker adds its index (None: the job's `seed`).")
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig,
         description="Per-worker resources (num_gpus: the GPUs of one engine, at least tensor_parallel_size).",
     )
     tensor_parallel_size: int = Field(
-        default=1, ge=1, description="vLLM tensor parallelism: GPUs one engine shards its model over."
+        1, ge=1, description="vLLM tensor parallelism: GPUs one engine shards its model over."
     )
     enforce_eager: bool | None = Field(
-        default=None,
-        description="vLLM enforce_eager: no CUDA graphs (None: eager on CPU, CUDA graphs where CUDA is present).",
+        None, description="vLLM enforce_eager: no CUDA graphs (None: eager on CPU, CUDA graphs where CUDA is present)."
     )
     enable_prefix_caching: bool = Field(
-        default=True, description="vLLM automatic prefix caching (a group's n responses share their prompt's KV)."
+        True, description="vLLM automatic prefix caching (a group's n responses share their prompt's KV)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        default=None, description="Engine weight dtype (None: model.dtype); what each weight sync sends."
+        None, description="Engine weight dtype (None: model.dtype); what each weight sync sends."
     )
     speculative: SpeculativeConfig | None = Field(
-        default=None,
-        description="Speculative decoding (None: off). Rollout log-probs are the target model's either way.",
+        None, description="Speculative decoding (None: off). Rollout log-probs are the target model's either way."
     )
     environment: str | None = Field(
-        default=None,
+        None,
         description="Multi-turn episodes: the environment answering each model turn (`tools`, or `module:Class` "
         "of rlhf_cluster.generation.environments.Environment); None: one response per prompt.",
     )
     agent: AgentConfig | None = Field(
-        default=None,
+        None,
         description="Agent episodes: the user's agent code drives each sample through the OpenAI-compatible "
         "gateway (instead of `environment`); None: no gateway.",
     )
-    max_turns: int = Field(default=4, ge=1, description="Multi-turn: model turns per episode at most.")
+    max_turns: int = Field(4, ge=1, description="Multi-turn: model turns per episode at most.")
     turn_max_tokens: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description="Multi-turn: tokens per model turn at most (None: what is left of sampling.max_new_tokens, "
         "which bounds the whole response, observations included).",

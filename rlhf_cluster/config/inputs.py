@@ -12,28 +12,26 @@ from rlhf_cluster.config.base import _refuse_renamed, _Strict
 class TinyModelConfig(_Strict):
     """Shape of the random model built locally when `model.path` is empty."""
 
-    architecture: Literal["qwen2", "llama"] = Field(default="qwen2", description="HF architecture family.")
-    hidden_size: int = Field(default=64, ge=32, description="Model width.")
-    num_layers: int = Field(default=2, ge=1, description="Decoder layers.")
-    num_heads: int = Field(
-        default=2, ge=1, description="Attention heads; head_dim = hidden/heads must be >= 32 for vLLM CPU."
-    )
-    num_kv_heads: int = Field(default=1, ge=1, description="Key/value heads (GQA).")
-    intermediate_size: int = Field(default=128, ge=8, description="MLP width.")
+    architecture: Literal["qwen2", "llama"] = Field("qwen2", description="HF architecture family.")
+    hidden_size: int = Field(64, ge=32, description="Model width.")
+    num_layers: int = Field(2, ge=1, description="Decoder layers.")
+    num_heads: int = Field(2, ge=1, description="Attention heads; head_dim = hidden/heads must be >= 32 for vLLM CPU.")
+    num_kv_heads: int = Field(1, ge=1, description="Key/value heads (GQA).")
+    intermediate_size: int = Field(128, ge=8, description="MLP width.")
     vocab_size: int = Field(
-        default=512,
+        512,
         ge=258,
         description="Upper bound of the byte-level BPE vocabulary (>= 258: 256 bytes + pad + eos); the model gets "
         "exactly the tokenizer size.",
     )
-    max_position_embeddings: int = Field(default=256, ge=32, description="Longest sequence the model accepts.")
+    max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
     corpus: Literal["arithmetic", "tool_arithmetic"] = Field(
-        default="arithmetic",
+        "arithmetic",
         description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
         "episodes, so the tool tags are a few tokens each).",
     )
     seed: int = Field(
-        default=0,
+        0,
         description="Seed of the random initialisation. Not derived from the job's `seed`: the tiny model stands "
         "in for a pretrained checkpoint, which stays the same whatever the job's seed.",
     )
@@ -52,18 +50,16 @@ class TinyModelConfig(_Strict):
 class ModelConfig(_Strict):
     """The policy model: a Hugging Face folder, or a tiny random model built on first use."""
 
-    path: str | None = Field(default=None, description="HF model folder. Empty: build the tiny model into `cache_dir`.")
-    cache_dir: str = Field(default="~/.cache/rlhf_cluster/models", description="Where built tiny models are cached.")
+    path: str | None = Field(None, description="HF model folder. Empty: build the tiny model into `cache_dir`.")
+    cache_dir: str = Field("~/.cache/rlhf_cluster/models", description="Where built tiny models are cached.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model shape.")
     sft_warmup_steps: int = Field(
-        default=0,
-        ge=0,
-        description="Supervised warm-up steps on the task's prompts and answers before RL (0: none; cached).",
+        0, ge=0, description="Supervised warm-up steps on the task's prompts and answers before RL (0: none; cached)."
     )
-    sft_warmup_lr: float = Field(default=3e-3, gt=0, description="Learning rate of the supervised warm-up.")
-    sft_warmup_batch_size: int = Field(default=32, ge=1, description="Batch size of the supervised warm-up.")
+    sft_warmup_lr: float = Field(3e-3, gt=0, description="Learning rate of the supervised warm-up.")
+    sft_warmup_batch_size: int = Field(32, ge=1, description="Batch size of the supervised warm-up.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="Dtype of generation, scoring and learner compute (fp32 master weights always)."
+        "float32", description="Dtype of generation, scoring and learner compute (fp32 master weights always)."
     )
 
     @model_validator(mode="before")
@@ -79,18 +75,18 @@ class PromptColumns(_Strict):
     reference answer, and the id. An id or answer column left unnamed is used when the file has
     one named `prompt_id` / `answer` (else ids are `row-<n>`, answers empty); a named one must exist."""
 
-    prompt: str = Field(default="prompt", description="Column of prompt text (ignored when `messages` is set).")
+    prompt: str = Field("prompt", description="Column of prompt text (ignored when `messages` is set).")
     messages: str | None = Field(
-        default=None,
+        None,
         description="Column of chat messages (a list of {role, content}) used instead of `prompt`; needs "
         "data.chat_template.",
     )
-    answer: str | None = Field(default=None, description="Column of reference answers (None: `answer` if present).")
+    answer: str | None = Field(None, description="Column of reference answers (None: `answer` if present).")
     prompt_id: str | None = Field(
-        default=None, description="Column of unique ids (None: `prompt_id` if present, else `row-<n>`)."
+        None, description="Column of unique ids (None: `prompt_id` if present, else `row-<n>`)."
     )
     source: str | None = Field(
-        default=None,
+        None,
         description="Column naming each prompt's source (a dataset, a difficulty): "
         "evaluation also reports accuracy per source (`eval_accuracy/<source>`).",
     )
@@ -100,13 +96,13 @@ class DataConfig(_Strict):
     """Where prompts come from: a built-in task or a user's parquet/jsonl file."""
 
     task: Literal["arithmetic", "tool_arithmetic"] | None = Field(
-        default="arithmetic",
+        "arithmetic",
         description="Built-in task: writes its parquet file, and its verifier scores responses. "
         "`tool_arithmetic`: the same sums, answered in multi-turn episodes with a calculator tool "
         "(configs/tool_demo.yaml).",
     )
     path: str | None = Field(
-        default=None,
+        None,
         description="The user's prompts: a .parquet or .jsonl file, or a folder written by `datasets.save_to_disk` "
         "(its columns named by `columns`). Set: the built-in task writes nothing (its verifier still scores, unless "
         "`verifier` says otherwise).",
@@ -115,39 +111,37 @@ class DataConfig(_Strict):
         default_factory=lambda: PromptColumns(), description="Which columns of `path` hold what."
     )
     chat_template: bool = Field(
-        default=False,
+        False,
         description="Put each prompt through the model tokenizer's chat template as a user turn (after "
         "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.",
     )
-    system_prompt: str | None = Field(
-        default=None, description="A system turn before every prompt (with `chat_template`)."
-    )
+    system_prompt: str | None = Field(None, description="A system turn before every prompt (with `chat_template`).")
     verifier: Literal["arithmetic", "tool_arithmetic", "gsm8k", "boxed", "exact", "regex"] | None = Field(
-        default=None,
+        None,
         description="Built-in verifier scoring responses against the answer column (rlhf_cluster/data/verifiers.py); "
         "None: the task's (arithmetic).",
     )
     verifier_pattern: str | None = Field(
-        default=None, description="`regex` verifier: the pattern (group 1, if any, is the answer)."
+        None, description="`regex` verifier: the pattern (group 1, if any, is the answer)."
     )
-    num_prompts: int = Field(default=2048, ge=1, description="Prompts generated for the built-in task.")
+    num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
     max_operand: int = Field(
-        default=49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand."
+        49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand."
     )
     eval_prompts: int = Field(
-        default=64,
+        64,
         ge=0,
         le=256,
         description="Held-out prompts of the built-in task (disjoint from train); with the user's "
         "data, at most this many of the held-out prompts (a seeded choice) are evaluated each time.",
     )
     eval_path: str | None = Field(
-        default=None,
+        None,
         description="Held-out prompts of the user's data: a file or folder as `path` takes, with the same "
         "`columns`. Training prompts that repeat one of them are dropped from training.",
     )
     eval_fraction: float = Field(
-        default=0.0,
+        0.0,
         ge=0.0,
         lt=1.0,
         description="Hold out this fraction of `path`'s distinct prompts (a seeded split by "
@@ -155,14 +149,14 @@ class DataConfig(_Strict):
         "written to <run_dir>/data/held_out.json. 0: no split.",
     )
     eval_samples: int = Field(
-        default=8,
+        8,
         ge=0,
         description="Held-out evaluation also samples this many responses per prompt at the training "
         "temperature: their mean correctness is the policy's expected accuracy, far less noisy than greedy (0: greedy "
         "only).",
     )
     eval_every_steps: int = Field(
-        default=0,
+        0,
         ge=0,
         description="Also evaluate on the held-out prompts after every this many steps (0: only before and "
         "after the job); the results are columns of that step's row in metrics.jsonl (after the last step: eval.json).",
@@ -172,10 +166,8 @@ class DataConfig(_Strict):
         description="pass@k reported for each k (unbiased estimator over the "
         "eval_samples sampled answers per prompt; each k <= eval_samples).",
     )
-    seed: int | None = Field(
-        default=None, description="Seed for task generation and prompt order (None: the job's `seed`)."
-    )
-    shuffle: bool = Field(default=True, description="Shuffle prompts each epoch (seeded).")
+    seed: int | None = Field(None, description="Seed for task generation and prompt order (None: the job's `seed`).")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
 
     @model_validator(mode="after")
     def _verifier_and_template(self) -> DataConfig:

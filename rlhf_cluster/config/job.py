@@ -22,7 +22,7 @@ TURN_LEVEL_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 class FilesystemTransport(_Typed):
     """Every version is written to the weight store's directory; generation workers load it from there."""
 
-    type: Literal["filesystem"] = Field(default="filesystem", description="Weight transport kind.")
+    type: Literal["filesystem"] = Field("filesystem", description="Weight transport kind.")
 
 
 class DirectTransport(_Typed):
@@ -31,18 +31,16 @@ class DirectTransport(_Typed):
     shared-memory object store, each checked by its checksum before the engine loads any of them.
     The store on disk then keeps only every `weights.persist_every`-th version (recovery, late joiners)."""
 
-    type: Literal["direct"] = Field(default="direct", description="Weight transport kind.")
-    bucket_mb: float = Field(
-        default=64.0, gt=0, description="Bucket size in MiB (a bucket never splits a decoder layer)."
-    )
+    type: Literal["direct"] = Field("direct", description="Weight transport kind.")
+    bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (a bucket never splits a decoder layer).")
     delta: Literal["none", "sparse"] = Field(
-        default="none",
+        "none",
         description="`sparse`: full-precision engines get only the elements that changed since the previous "
         "version (indices + values; a tensor whole where that is smaller), rebuilt on the engine and proven by the "
         "fingerprint of the full weights. Int8 engines still get every version whole.",
     )
     full_every: int = Field(
-        default=10,
+        10,
         ge=1,
         description="With `delta: sparse`, every K-th version (and every one also "
         "written to the store) goes whole; an engine that missed a delta rebuilds from the "
@@ -57,19 +55,15 @@ class CollectiveTransport(_Typed):
     `direct`, one broadcast per bucket, with the sender taking part in every push. The store on
     disk keeps every `weights.persist_every`-th version, as with `direct`."""
 
-    type: Literal["collective"] = Field(default="collective", description="Weight transport kind.")
-    bucket_mb: float = Field(
-        default=64.0, gt=0, description="Bucket size in MiB (one broadcast each; never splits a layer)."
-    )
+    type: Literal["collective"] = Field("collective", description="Weight transport kind.")
+    bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (one broadcast each; never splits a layer).")
     backend: Literal["auto", "gloo", "nccl"] = Field(
-        default="auto",
+        "auto",
         description="The group's backend: `auto` is nccl where the learner has CUDA, else gloo. Every engine "
         "of an nccl group needs a GPU of its own.",
     )
     timeout_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="Bound on building the group and on each broadcast (a member that died or hung).",
+        60.0, gt=0, description="Bound on building the group and on each broadcast (a member that died or hung)."
     )
 
 
@@ -89,10 +83,10 @@ class WeightsConfig(_Strict):
         "the learner's rank 0 and the engines: nccl or gloo) or filesystem (every version through the store directory; "
         "`transport: filesystem` is short for `transport: {type: filesystem}`).",
     )
-    dir: str | None = Field(default=None, description="Store directory (default: RUN_DIR/weights).")
-    keep: int = Field(default=3, ge=1, description="Newest versions kept on disk.")
+    dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
+    keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
     persist_every: int = Field(
-        default=10,
+        10,
         ge=1,
         description="With `transport: direct` or `collective`, write every K-th version (and every "
         "checkpoint's) to the store on disk, off the step's critical path; the filesystem transport writes "
@@ -103,35 +97,33 @@ class WeightsConfig(_Strict):
 class BufferConfig(_Strict):
     """The experience buffer."""
 
-    capacity: int = Field(default=4096, ge=1, description="Most samples held at once.")
+    capacity: int = Field(4096, ge=1, description="Most samples held at once.")
 
 
 class MetricsConfig(_Strict):
     """Prometheus endpoints and the JSONL log."""
 
-    bind_address: str = Field(default="127.0.0.1", description="Address every /metrics endpoint binds to.")
-    enabled: bool = Field(default=True, description="Serve /metrics from every actor.")
+    bind_address: str = Field("127.0.0.1", description="Address every /metrics endpoint binds to.")
+    enabled: bool = Field(True, description="Serve /metrics from every actor.")
     port_range: tuple[int, int] | None = Field(
-        default=None,
+        None,
         description="[first, last]: every endpoint binds the first free port of this range (None: any free port). "
         "On Kubernetes the pods declare the range so a PodMonitor can scrape it (deploy/kuberay/).",
     )
     samples_top: int = Field(
-        default=2,
+        2,
         ge=0,
         description="Per step, samples.jsonl keeps the decoded text of this many highest- "
         "and as many lowest-reward responses (`rlhf-cluster samples RUN_DIR` prints them).",
     )
-    samples_random: int = Field(
-        default=2, ge=0, description="Per step, samples.jsonl also keeps this many random responses."
-    )
+    samples_random: int = Field(2, ge=0, description="Per step, samples.jsonl also keeps this many random responses.")
     trace: bool = Field(
-        default=True,
+        True,
         description="Every actor records spans of its work (RUN_DIR/trace.jsonl; "
         "`rlhf-cluster trace RUN_DIR` writes a Chrome/Perfetto trace).",
     )
     trace_max_mb: int = Field(
-        default=512,
+        512,
         ge=1,
         description="trace.jsonl stops growing at this size (a long run keeps its first "
         "~100k steps of spans at the demo's ~4.5 KB a step).",
@@ -149,56 +141,56 @@ class FaultsConfig(_Strict):
     """How the job reacts to failures."""
 
     max_worker_restarts: int = Field(
-        default=3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job."
+        3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job."
     )
     restart_backoff_s: float = Field(
-        default=1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool."
+        1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool."
     )
     max_learner_restarts: int = Field(
-        default=2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies."
+        2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies."
     )
     max_bad_steps: int = Field(
-        default=3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops."
+        3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops."
     )
     heartbeat_interval_s: float = Field(
-        default=5.0, gt=0, description="Every worker of every pool is sent a heartbeat this often."
+        5.0, gt=0, description="Every worker of every pool is sent a heartbeat this often."
     )
     heartbeat_timeout_s: float = Field(
-        default=10.0,
+        10.0,
         gt=0,
         description="A worker that has not answered a heartbeat within this is hung (e.g. SIGSTOP): killed and "
         "replaced.",
     )
     stall_timeout_s: float = Field(
-        default=60.0,
+        60.0,
         gt=0,
         description="A generation worker whose engine has requests running but takes no step for this long is hung.",
     )
     collective_timeout_s: float = Field(
-        default=300.0,
+        300.0,
         gt=0,
         description="A torch.distributed collective that waits this long for a peer rank fails (no silent hang).",
     )
     preempt_grace_s: float = Field(
-        default=120.0,
+        120.0,
         gt=0,
         description="After SIGTERM/SIGINT, seconds to finish the step in progress and write a checkpoint "
         "before the job is torn down without one.",
     )
     elastic: bool = Field(
-        default=False,
+        False,
         description="When the learner is built (at the start, on resume, or rebuilt after a rank died or "
         "hung) and its learner.world_size ranks cannot all be placed (a node is gone), continue on the most ranks that "
         "can be (the checkpoint is resharded; the batch must split evenly over them). FSDP2 only.",
     )
     elastic_wait_s: float = Field(
-        default=30.0,
+        30.0,
         gt=0,
         description="With `elastic`, how long a rebuilt learner waits for all its ranks to be placed "
         "before it continues on fewer.",
     )
     progress_timeout_s: float = Field(
-        default=3600.0,
+        3600.0,
         gt=0,
         description="Ceiling of the no-progress watchdog: a step loop that has waited this long for its "
         "batch fails the job with why (groups dropped and for what, the buffer, requests in flight) instead of "
@@ -206,7 +198,7 @@ class FaultsConfig(_Strict):
         "slowest recent step, at least 600 s and at most this.",
     )
     progress_timeout_factor: float = Field(
-        default=10.0,
+        10.0,
         ge=1,
         description="The no-progress watchdog's bound in multiples of the slowest of the last 20 steps "
         "(wait for the batch included), between 600 s and progress_timeout_s.",
@@ -216,37 +208,31 @@ class FaultsConfig(_Strict):
 class CheckpointConfig(_Strict):
     """Learner + driver checkpoints for exact resume."""
 
-    dir: str | None = Field(default=None, description="Checkpoint directory (default: RUN_DIR/checkpoints).")
-    every_steps: int = Field(
-        default=10, ge=1, description="Checkpoint after every N learner steps (and after the last one)."
-    )
-    keep: int = Field(default=3, ge=1, description="Newest complete checkpoints kept.")
+    dir: str | None = Field(None, description="Checkpoint directory (default: RUN_DIR/checkpoints).")
+    every_steps: int = Field(10, ge=1, description="Checkpoint after every N learner steps (and after the last one).")
+    keep: int = Field(3, ge=1, description="Newest complete checkpoints kept.")
 
 
 class RollbackConfig(_Strict):
     """Conditions that roll a run back to its last good checkpoint, with adjusted settings
     (`guardrails.rollback`; every condition unset: off)."""
 
-    kl_above: float | None = Field(default=None, gt=0, description="A step's KL to the reference (`kl`) above this.")
+    kl_above: float | None = Field(None, gt=0, description="A step's KL to the reference (`kl`) above this.")
     mismatch_above: float | None = Field(
-        default=None, gt=0, description="A step's engine/learner mismatch (`correction/mismatch_k3`) above this."
+        None, gt=0, description="A step's engine/learner mismatch (`correction/mismatch_k3`) above this."
     )
-    entropy_below: float | None = Field(
-        default=None, gt=0, description="A step's policy entropy below this (collapse)."
-    )
+    entropy_below: float | None = Field(None, gt=0, description="A step's policy entropy below this (collapse).")
     response_length_above: float | None = Field(
-        default=None, gt=0, description="A step's mean response length above this many tokens (runaway)."
+        None, gt=0, description="A step's mean response length above this many tokens (runaway)."
     )
     eval_drop: float | None = Field(
-        default=None, gt=0, description="An evaluation's guardrails.metric this far worse than the best so far."
+        None, gt=0, description="An evaluation's guardrails.metric this far worse than the best so far."
     )
     max_rollbacks: int = Field(
-        default=2, ge=1, description="Rollbacks allowed over the run; one more condition ends it with an error."
+        2, ge=1, description="Rollbacks allowed over the run; one more condition ends it with an error."
     )
-    lr_factor: float = Field(default=0.5, gt=0, le=1, description="Each rollback multiplies learner.lr by this.")
-    kl_coef_factor: float = Field(
-        default=2.0, ge=1, description="Each rollback multiplies algorithm.kl.coef (beta) by this."
-    )
+    lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies learner.lr by this.")
+    kl_coef_factor: float = Field(2.0, ge=1, description="Each rollback multiplies algorithm.kl.coef (beta) by this.")
 
     @property
     def active(self) -> bool:
@@ -261,28 +247,22 @@ class GuardrailsConfig(_Strict):
     eval metric, and stop early when it stops improving or reaches a target (`rlhf_cluster.job.guardrails`)."""
 
     metric: str = Field(
-        default="eval_accuracy",
+        "eval_accuracy",
         description="The evaluation's column watched: eval_accuracy, eval_sampled_accuracy, "
         "eval_reward_mean, eval_pass@<k> (k in data.eval_pass_k) or eval_accuracy/<source>.",
     )
-    higher_is_better: bool = Field(default=True, description="False: the metric improves as it falls.")
-    min_delta: float = Field(
-        default=0.0, ge=0.0, description="An evaluation improves on the best only by more than this."
-    )
+    higher_is_better: bool = Field(True, description="False: the metric improves as it falls.")
+    min_delta: float = Field(0.0, ge=0.0, description="An evaluation improves on the best only by more than this.")
     keep_best: int = Field(
-        default=0,
+        0,
         ge=0,
         description="Also keep the k checkpoints with the best metric, besides the checkpoint.keep newest; an "
         "evaluation that improves on the best so far is checkpointed at once. 0: off.",
     )
     patience: int | None = Field(
-        default=None,
-        ge=1,
-        description="Stop (checkpointed, evaluated) after this many evaluations without improvement.",
+        None, ge=1, description="Stop (checkpointed, evaluated) after this many evaluations without improvement."
     )
-    target: float | None = Field(
-        default=None, description="Stop (checkpointed, evaluated) once the metric reaches this value."
-    )
+    target: float | None = Field(None, description="Stop (checkpointed, evaluated) once the metric reaches this value.")
     rollback: RollbackConfig = Field(default_factory=RollbackConfig, description="Automatic rollback conditions.")
 
     @property
@@ -299,21 +279,21 @@ class GuardrailsConfig(_Strict):
 class TrainConfig(_Strict):
     """The driver loop."""
 
-    total_steps: int = Field(default=20, ge=1, description="Learner steps.")
-    prompts_per_step: int = Field(default=8, ge=1, description="Prompt groups per learner step.")
+    total_steps: int = Field(20, ge=1, description="Learner steps.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompt groups per learner step.")
     max_staleness: int = Field(
-        default=1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous)."
+        1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous)."
     )
     oversample_groups: int = Field(
-        default=0,
+        0,
         ge=0,
         description="Extra prompt groups admitted beyond the staleness allowance, so a step can start once "
         "prompts_per_step groups are complete; late groups wait in the buffer for the next step (dropped and counted "
         "as stale only if they exceed max_staleness).",
     )
-    progress: bool = Field(default=True, description="Show a progress bar.")
+    progress: bool = Field(True, description="Show a progress bar.")
     record_rollouts: bool = Field(
-        default=False,
+        False,
         description="Keep every scored group (RUN_DIR/scored, Arrow, append-only: never compacted), so "
         "`rlhf-cluster replay RUN_DIR` can retrain the run's steps without generation (`--record-rollouts`).",
     )
@@ -322,17 +302,17 @@ class TrainConfig(_Strict):
 class ClusterConfig(_Strict):
     """Where Ray runs."""
 
-    address: str | None = Field(default=None, description="Ray address; empty starts a local Ray instance.")
-    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local instance (default: all).")
+    address: str | None = Field(None, description="Ray address; empty starts a local Ray instance.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local instance (default: all).")
 
 
 class JobConfig(_Strict):
     """A whole job. Load it with `load_config`; `rlhf_cluster.job.preflight.preflight` checks it as a whole."""
 
-    name: str = Field(default="demo", description="Job name, used in metric labels and the run directory.")
-    run_dir: str = Field(default="runs/demo", description="Where metrics.jsonl, the weight store and the buffer go.")
+    name: str = Field("demo", description="Job name, used in metric labels and the run directory.")
+    run_dir: str = Field("runs/demo", description="Where metrics.jsonl, the weight store and the buffer go.")
     seed: int = Field(
-        default=0,
+        0,
         description="The job's seed: every component seed left empty (data, generation, learner, critic, sft, "
         "reward_model) takes this value, and it seeds the supervised warm-up. The components draw from different "
         "generators (Python's for task and prompt order, vLLM's sampler, torch on the ranks), so one value seeds "
@@ -357,14 +337,12 @@ class JobConfig(_Strict):
         description="Best-k checkpoints and early stopping on the periodic evaluation.",
     )
     critic: CriticConfig | None = Field(
-        default=None, description="PPO's learned critic (required by algorithm.advantage: gae)."
+        None, description="PPO's learned critic (required by algorithm.advantage: gae)."
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
-    sft: StageConfig | None = Field(
-        default=None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`)."
-    )
+    sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")
     reward_model: StageConfig | None = Field(
-        default=None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`)."
+        None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`)."
     )
 
     SEEDED: ClassVar[tuple[str, ...]] = ("data", "generation", "learner", "critic", "sft", "reward_model")

@@ -14,7 +14,7 @@ class RewardModelSpec(_Strict):
     """A frozen reward model served by the reward workers."""
 
     path: str = Field(..., description="Folder written by `rlhf-cluster train-rm` (backbone, head, tokenizer).")
-    name: str = Field(default="rm", description="Name in reward_components (`rm/<name>`).")
+    name: str = Field("rm", description="Name in reward_components (`rm/<name>`).")
 
 
 def _check_function_spec(spec: str, field: str) -> str:
@@ -32,33 +32,29 @@ def _check_function_spec(spec: str, field: str) -> str:
 class VerifierReward(_Typed):
     """The built-in task's verifier (`data.task`): 1 for a correct answer, plus its components."""
 
-    type: Literal["verifier"] = Field(default="verifier", description="Reward source kind.")
-    weight: float = Field(
-        default=1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components)."
-    )
+    type: Literal["verifier"] = Field("verifier", description="Reward source kind.")
+    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
 
 
 class FunctionReward(_Typed):
     """A user's reward function `module:function(response, answer) -> float | dict[str, float]`,
     in place of the task's verifier (see rlhf_cluster/scoring/rewards.py for the contract)."""
 
-    type: Literal["function"] = Field(default="function", description="Reward source kind.")
+    type: Literal["function"] = Field("function", description="Reward source kind.")
     function: str = Field(..., description="`module:function`, importable on every reward worker.")
-    weight: float = Field(
-        default=1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components)."
-    )
+    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
     on_error: Literal["fail", "drop"] = Field(
-        default="drop",
+        "drop",
         description="A call that raises, returns NaN/inf or a wrong type, or runs past timeout_s: `fail` ends "
         "the job naming the function, prompt and cause; `drop` drops the sample (counted, never trained on); its group "
         "keeps the rest when enough remain for the advantage estimator (2 for grpo, dr_grpo, rloo), else is dropped "
         "whole.",
     )
     timeout_s: float = Field(
-        default=30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned)."
+        30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned)."
     )
     max_failure_fraction: float = Field(
-        default=0.5,
+        0.5,
         ge=0,
         le=1,
         description="With `on_error: drop`, the job stops with an error naming the function, the "
@@ -67,7 +63,7 @@ class FunctionReward(_Typed):
         "scored failed (a warning is logged at half of it): dropping that many would bias or starve training.",
     )
     failure_window: int = Field(
-        default=200,
+        200,
         ge=1,
         description="Recent samples (per reward worker) over which `max_failure_fraction` is judged; the "
         "rate is judged once the window is full.",
@@ -82,12 +78,12 @@ class FunctionReward(_Typed):
 class ModelReward(_Typed):
     """Frozen reward models (folders written by `rlhf-cluster train-rm`), scored as one ensemble."""
 
-    type: Literal["model"] = Field(default="model", description="Reward source kind.")
+    type: Literal["model"] = Field("model", description="Reward source kind.")
     models: list[RewardModelSpec] = Field(
         default_factory=list, description="The ensemble's models (empty: none yet; `rlhf-cluster pipeline` fills it)."
     )
-    combine: Literal["mean", "min"] = Field(default="mean", description="How the ensemble's scores become one.")
-    weight: float = Field(default=1.0, ge=0, description="Weight of the ensemble's score in the reward.")
+    combine: Literal["mean", "min"] = Field("mean", description="How the ensemble's scores become one.")
+    weight: float = Field(1.0, ge=0, description="Weight of the ensemble's score in the reward.")
 
     @field_validator("models")
     @classmethod
@@ -109,15 +105,15 @@ else:
 
 
 def _default_rewards() -> list[RewardSource]:
-    return [VerifierReward()]
+    return [VerifierReward()]  # the task's verifier (a lambda here would be typed list[VerifierReward])
 
 
 class ScoringConfig(_Strict):
     """The scoring pool: reward workers (the reward sources) and frozen reference workers."""
 
-    reward_replicas: int = Field(default=1, ge=1, description="RewardWorker actors.")
-    reference_replicas: int = Field(default=1, ge=1, description="ReferenceWorker actors.")
-    reference: bool = Field(default=True, description="Compute reference log-probs (needed for KL).")
+    reward_replicas: int = Field(1, ge=1, description="RewardWorker actors.")
+    reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
+    reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
     rewards: list[RewardSource] = Field(
         default_factory=_default_rewards,
         min_length=1,
@@ -125,10 +121,10 @@ class ScoringConfig(_Strict):
         "`function`: yours, in its place) and at most one `model` ensemble.",
     )
     quantization: Literal["none", "int8"] = Field(
-        default="none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
+        "none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
     )
     max_tokens_per_batch: int = Field(
-        default=8192, ge=16, description="Token budget of one frozen-model forward (padded tokens)."
+        8192, ge=16, description="Token budget of one frozen-model forward (padded tokens)."
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
 

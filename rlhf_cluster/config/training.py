@@ -13,25 +13,24 @@ from rlhf_cluster.config.base import ResourcesConfig, _refuse_renamed, _Strict, 
 class FSDP2Backend(_Typed):
     """torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the ranks."""
 
-    type: Literal["fsdp2"] = Field(default="fsdp2", description="Learner backend kind.")
+    type: Literal["fsdp2"] = Field("fsdp2", description="Learner backend kind.")
 
 
 class DeepSpeedBackend(_Typed):
     """DeepSpeed ZeRO: stage 1 shards optimizer state, 2 also gradients, 3 also parameters."""
 
-    type: Literal["deepspeed"] = Field(default="deepspeed", description="Learner backend kind.")
+    type: Literal["deepspeed"] = Field("deepspeed", description="Learner backend kind.")
     zero_stage: int = Field(
-        default=3, ge=1, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."
+        3, ge=1, le=3, description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."
     )
     offload_optimizer: bool = Field(
-        default=False,
-        description="Keep fp32 master weights and optimizer state in CPU memory; torch's AdamW steps them there.",
+        False, description="Keep fp32 master weights and optimizer state in CPU memory; torch's AdamW steps them there."
     )
     offload_params: bool = Field(
-        default=False, description="Keep parameter shards in CPU memory between uses (ZeRO stage 3 only)."
+        False, description="Keep parameter shards in CPU memory between uses (ZeRO stage 3 only)."
     )
     config_file: str | None = Field(
-        default=None,
+        None,
         description="Your own DeepSpeed JSON, honoured except where the learner owns a setting (batch sizes, "
         "accumulation, clipping, optimizer lr/weight decay, scheduler, precision, ZeRO stage, offload): "
         "those must be absent or agree with the learner config (checked by preflight).",
@@ -56,18 +55,16 @@ else:
 class LoraConfig(_Strict):
     """LoRA adapters on the policy (peft): only they are trained, checkpointed and published (alone, or merged)."""
 
-    rank: int = Field(default=0, ge=0, description="Adapter rank r (0: no LoRA, full fine-tuning).")
-    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
-    dropout: float = Field(
-        default=0.0, ge=0, lt=1, description="Dropout on the adapter input (0 keeps the RL ratios exact)."
-    )
+    rank: int = Field(0, ge=0, description="Adapter rank r (0: no LoRA, full fine-tuning).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input (0 keeps the RL ratios exact).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
         description="Linear layers (by name) that get adapters.",
     )
     sync: Literal["adapters", "merged"] = Field(
-        default="adapters",
+        "adapters",
         description="What each version sends to generation: `adapters` (only the adapter matrices; every "
         "engine serves them as a vLLM LoRA adapter, reloaded in place) or `merged` (W + alpha/r B A under the "
         "base model's names: for engines that cannot take adapters, i.e. int8 rollouts and speculative decoding).",
@@ -89,30 +86,30 @@ class TrainingGroupConfig(_Strict):
     SECTION: ClassVar[str] = "learner"  # the config section, for messages
 
     world_size: int = Field(
-        default=1, ge=1, description="Ranks of the group (one torch.distributed group, sized apart from the others)."
+        1, ge=1, description="Ranks of the group (one torch.distributed group, sized apart from the others)."
     )
-    lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     lr_warmup_steps: int = Field(
-        default=0, ge=0, description="Linear learning-rate warm-up steps, then constant (the RL schedule)."
+        0, ge=0, description="Linear learning-rate warm-up steps, then constant (the RL schedule)."
     )
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Global gradient-norm clip.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     max_tokens_per_micro_batch: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description="Gradient accumulation: forward/backward at most this many tokens at a time (real "
         "tokens when packed, padded ones otherwise; rows dealt so micro-batches balance). None: a whole mini-batch at "
         "once on CPU, 16,384 tokens on CUDA. The loss denominators stay global, so the update is the same.",
     )
     sequence_packing: bool = Field(
-        default=True,
+        True,
         description="Run each micro-batch's real tokens only, sequences packed one after another in rows "
         "whose position ids restart per sequence: no padding through the model. With flash-attention all share one "
         "row (varlen kernels); with SDPA or eager attention, rows as wide as the longest sequence, under a "
         "block-diagonal causal mask. False: right-padded rows.",
     )
     seed: int | None = Field(
-        default=None,
+        None,
         description="Torch seed of every rank (the critic's also seeds its fresh value head; None: the job's `seed`).",
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
@@ -138,18 +135,18 @@ class LearnerConfig(TrainingGroupConfig):
         description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
         "learner's base model with the adapters disabled, so no reference workers run.",
     )
-    ppo_epochs: int = Field(default=1, ge=1, description="Passes over each step's batch.")
-    mini_batches: int = Field(default=1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
     mixed_precision: Literal["none", "bf16"] = Field(
-        default="none",
+        "none",
         description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
         "gradients and keep master weights and optimizer state in fp32.",
     )
     gradient_checkpointing: bool = Field(
-        default=False, description="Recompute activations in backward (less memory, ~30% more compute)."
+        False, description="Recompute activations in backward (less memory, ~30% more compute)."
     )
     cpu_threads: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description="Torch CPU threads per rank (None: `resources.num_cpus` when it reserves whole cores; "
         "else one for a model under 40 MB of weights, and the node's cores divided among the ranks for a larger one). "
@@ -202,18 +199,18 @@ class CriticConfig(TrainingGroupConfig):
     SECTION: ClassVar[str] = "critic"
 
     init: str = Field(
-        default="policy",
+        "policy",
         description="Where the value model starts: `policy` (the policy's backbone, a fresh small head) or "
         "the folder of a reward model written by `rlhf-cluster train-rm` (its backbone and head).",
     )
     value_clip: float | None = Field(
-        default=0.2,
+        0.2,
         gt=0,
         description="Clipped value loss: new values may move at most this far from the values the "
         "advantages were computed with before the loss stops pulling them (None: unclipped squared error).",
     )
     epochs: int = Field(
-        default=1,
+        1,
         ge=1,
         description="Optimizer steps of the critic on each step's batch. The value clip only acts from the "
         "second on: the first starts from exactly the values the advantages used.",
@@ -232,46 +229,38 @@ class StageConfig(_Strict):
     `rlhf-cluster train-rm` (section `reward_model`)."""
 
     path: str | None = Field(
-        default=None,
+        None,
         description="Data file (.parquet/.jsonl). sft: prompt + response, or messages (chat template applied). "
         "reward_model: prompt, chosen, rejected (optional margin). Empty: examples generated from the built-in task.",
     )
-    num_examples: int = Field(
-        default=2048, ge=1, description="Built-in task: training examples generated (train pairs only)."
-    )
+    num_examples: int = Field(2048, ge=1, description="Built-in task: training examples generated (train pairs only).")
     eval_examples: int = Field(
-        default=64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`."
+        64, ge=0, description="Built-in task: held-out examples (held-out pairs), or the last rows of `path`."
     )
     eval_every_steps: int = Field(
-        default=0,
+        0,
         ge=0,
         description="Also evaluate on the held-out examples every this many steps "
         "(recorded in the stage's history; 0: only after the last step).",
     )
-    steps: int = Field(default=100, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(
-        default=32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks."
-    )
-    lr: float = Field(default=1e-3, gt=0, description="AdamW peak learning rate.")
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        default="constant",
+        "constant",
         description="After warm-up: `constant` keeps `lr`; `cosine` decays it to `lr * min_lr_ratio` at the "
         "last step, so the model written is the average of a settled run, not one point of a noisy walk.",
     )
-    lr_warmup_steps: int = Field(default=0, ge=0, description="Linear learning-rate warm-up steps before the schedule.")
-    min_lr_ratio: float = Field(
-        default=0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of `lr`."
-    )
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Global gradient-norm clip.")
-    world_size: int = Field(default=1, ge=1, description="FSDP2 ranks.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps before the schedule.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of `lr`.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    world_size: int = Field(1, ge=1, description="FSDP2 ranks.")
     margin: float = Field(
-        default=0.0,
-        ge=0,
-        description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`).",
+        0.0, ge=0, description="reward_model: Bradley-Terry margin added for every pair (plus a row's own `margin`)."
     )
     lm_regularization: float = Field(
-        default=0.0,
+        0.0,
         ge=0,
         description="reward_model: weight of an LM loss on the chosen responses, through the starting LM's "
         "own output layer (trained along, not saved), added to the pairwise loss. It keeps the backbone's features "
@@ -279,11 +268,9 @@ class StageConfig(_Strict):
         "'Regularizing hidden states enables learning generalizable reward model'). 0: off.",
     )
     output: str | None = Field(
-        default=None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model)."
+        None, description="Where the trained model folder goes (default RUN_DIR/sft or RUN_DIR/reward_model)."
     )
-    seed: int | None = Field(
-        default=None, description="Seed of data order and initialisation (None: the job's `seed`)."
-    )
+    seed: int | None = Field(None, description="Seed of data order and initialisation (None: the job's `seed`).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-rank resources.")
 
     @model_validator(mode="after")

@@ -223,6 +223,12 @@ class VersionPacker:
             self._emit(self._filler.add(engine_name, engine_tensor))
         self.seconds += time.perf_counter() - begun
 
+    def pack(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[DeliveryManifest, list]:
+        """`add` every tensor of `named`, then `finish`: one whole version at once."""
+        for name, tensor in named:
+            self.add(name, tensor)
+        return self.finish()
+
     def finish(self) -> tuple[DeliveryManifest, list]:
         """Close the last bucket; returns the manifest and what `put` returned, bucket by bucket."""
         begun = time.perf_counter()
@@ -234,23 +240,6 @@ class VersionPacker:
         for spec, payload in buckets:
             self.manifest.buckets.append(spec)
             self.handles.append(self._put(payload))
-
-
-def pack_version(
-    named: Iterable[tuple[str, torch.Tensor]],
-    version: int,
-    created_at: str,
-    variant: str,
-    float_dtype: torch.dtype,
-    bucket_bytes: int,
-    put: Callable[[np.ndarray], object],
-) -> tuple[DeliveryManifest, list]:
-    """Pack one version for engines of `variant` (see `VersionPacker`); returns the manifest and
-    what `put` returned, bucket by bucket."""
-    packer = VersionPacker(version, created_at, variant, float_dtype, bucket_bytes, put)
-    for name, tensor in named:
-        packer.add(name, tensor)
-    return packer.finish()
 
 
 def verified_tensors(

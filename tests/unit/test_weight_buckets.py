@@ -5,7 +5,7 @@ import torch
 
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.weights.buckets import (
-    DeliveryError, DeliveryManifest, pack_buckets, pack_version, persisted, unpack_bucket, verified_tensors,
+    DeliveryError, DeliveryManifest, VersionPacker, pack_buckets, persisted, unpack_bucket, verified_tensors,
 )
 
 
@@ -28,8 +28,9 @@ def _state(layers: int = 3, hidden: int = 32) -> dict[str, torch.Tensor]:
 
 def _pack(state, variant="full", dtype=torch.float32, bucket_bytes=20_000):
     payloads = []
-    manifest, handles = pack_version(state.items(), 3, "2026-11-23T00:00:00", variant, dtype, bucket_bytes,
-                                     lambda p: payloads.append(p) or len(payloads) - 1)
+    packer = VersionPacker(3, "2026-11-23T00:00:00", variant, dtype, bucket_bytes,
+                           lambda p: payloads.append(p) or len(payloads) - 1)
+    manifest, handles = packer.pack(state.items())
     assert handles == list(range(len(payloads)))
     return manifest, payloads
 
