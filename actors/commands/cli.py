@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from actors.commands import jobs, run_views, stages, training
-from actors.commands.common import DEFAULT_CONFIG, load_config_or_exit
+from actors.commands.common import DEFAULT_CONFIG, load_config_or_exit, refuse
 from rlhf_cluster.telemetry.console import attach_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
@@ -54,8 +54,7 @@ def gateway(
 
     cfg = load_config_or_exit(config, set_)
     if not is_loopback(host) and not token:
-        typer.echo(f"error: --host {host} is reachable from other machines: set --token", err=True)
-        raise typer.Exit(2) from None
+        refuse(f"--host {host} is reachable from other machines: set --token")
     out = out or Path(cfg.run_dir) / "gateway" / "episodes.jsonl"
     serve(
         cfg,

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -20,15 +21,23 @@ DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 ADDRESS_HELP = "Ray address: ray://HOST:10001 or HOST:6379 for train/scale, http://HEAD:8265 for job commands."
 
 
+def refuse(*problems: str, hint: str | None = None) -> NoReturn:
+    """End the command on refused input: one `error: ...` line per problem (and the hint), exit code 2."""
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if hint is not None:
+        typer.echo(hint, err=True)
+    raise typer.Exit(2)
+
+
 @contextmanager
 def refused_input(*errors: type[BaseException]) -> Iterator[None]:
     """One of `errors` (input refused: a config, a file of the run) ends the command with its
-    one-line message and exit code 2, not a traceback."""
+    one-line message and exit code 2, not a traceback (`refuse`)."""
     try:
         yield
     except errors as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        refuse(str(exc))
 
 
 def load_config_or_exit(config: Path, overrides: list[str]) -> JobConfig:
@@ -99,9 +108,7 @@ def exit_on_input_error(exc: BaseException, debug: bool) -> None:
     )
     if debug or not isinstance(cause, input_errors):
         return
-    typer.echo(f"error: {cause}", err=True)
-    typer.echo("(the full traceback: the same command with --debug)", err=True)
-    raise typer.Exit(2) from None
+    refuse(str(cause), hint="(the full traceback: the same command with --debug)")
 
 
 def print_result(cfg: JobConfig, result) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from actors.commands import run_views
-from actors.commands.common import ADDRESS_HELP, load_config_or_exit, preflight_or_exit
+from actors.commands.common import ADDRESS_HELP, load_config_or_exit, preflight_or_exit, refuse
 from actors.commands.submission import stage_working_dir
 
 
@@ -70,8 +70,7 @@ def status(
     if Path(job).is_dir():
         return run_views.run_status(Path(job))
     if address is None:
-        typer.echo(f"error: {job!r} is no run directory; a submitted job's id needs --address", err=True)
-        raise typer.Exit(2) from None
+        refuse(f"{job!r} is no run directory; a submitted job's id needs --address")
     typer.echo(str(job_client(address).get_job_status(job).value))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from actors.commands.common import refused_input
+from actors.commands.common import refuse, refused_input
 
 # A missing or malformed file of the run directory ends a command with its one-line message (exit 2).
 RUN_FILE_ERRORS = (FileNotFoundError, ValueError)
@@ -45,13 +45,11 @@ def samples(
 
     rows = read_jsonl(run_dir / RunDir.SAMPLES).rows  # none if absent; a torn final line is left out
     if not rows:
-        typer.echo(f"error: {run_dir / RunDir.SAMPLES}: no samples logged (is this a run directory?)", err=True)
-        raise typer.Exit(2) from None
+        refuse(f"{run_dir / RunDir.SAMPLES}: no samples logged (is this a run directory?)")
     step = rows[-1]["step"] if step is None else step
     chosen = [r for r in rows if r["step"] == step]
     if not chosen:
-        typer.echo(f"error: no samples of step {step} (logged: steps {rows[0]['step']}..{rows[-1]['step']})", err=True)
-        raise typer.Exit(2) from None
+        refuse(f"no samples of step {step} (logged: steps {rows[0]['step']}..{rows[-1]['step']})")
     if top is not None:
         chosen = fewest_extremes(chosen, top)
     typer.echo(format_samples(chosen))

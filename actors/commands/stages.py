@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from actors.commands.common import REPO, connect, load_config_or_exit, preflight_or_exit, print_result
+from actors.commands.common import REPO, connect, load_config_or_exit, preflight_or_exit, print_result, refuse
 from rlhf_cluster.config import JobConfig
 
 
@@ -43,8 +43,7 @@ def _run_stage_command(config: Path, set_: list[str], address: str | None, kind:
 
     cfg = load_config_or_exit(config, set_)
     if getattr(cfg, kind) is None:
-        typer.echo(f"error: {config} has no `{kind}` section (see configs/three_stage.yaml)", err=True)
-        raise typer.Exit(2) from None
+        refuse(f"{config} has no `{kind}` section (see configs/three_stage.yaml)")
     sft_out = cfg.stage_output("sft")
     base = str(sft_out) if start_from_sft and (sft_out / "config.json").is_file() else base_model(cfg)
     connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
@@ -101,8 +100,7 @@ def pipeline(
 
     cfg = load_config_or_exit(config, set_)
     if cfg.sft is None or cfg.reward_model is None:
-        typer.echo(f"error: {config} needs both an `sft` and a `reward_model` section", err=True)
-        raise typer.Exit(2) from None
+        refuse(f"{config} needs both an `sft` and a `reward_model` section")
     preflight_or_exit(cfg)  # the RL stage's rules, before hours of SFT and reward-model training
     connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
     try:

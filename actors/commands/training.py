@@ -18,6 +18,7 @@ from actors.commands.common import (
     load_config_or_exit,
     preflight_or_exit,
     print_result,
+    refuse,
     run_dir_refusal,
 )
 from rlhf_cluster.config import ConfigError, JobConfig
@@ -46,9 +47,7 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite:
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     if problems:
-        for problem in problems:
-            typer.echo(f"error: {problem}", err=True)
-        raise typer.Exit(2) from None
+        refuse(*problems)
     typer.echo(f"dry run ok: {cfg.name}, {cfg.train.total_steps} steps, {cfg.samples_per_step} samples per step")
 
 
@@ -98,12 +97,10 @@ def train(
     set_ = [*set_, *(["train.record_rollouts=true"] if record_rollouts else [])]
     cfg = load_config_or_exit(config, set_)
     if overwrite not in (None, "aside", "delete"):
-        typer.echo(
-            f"error: --overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
-            "--overwrite=delete (deletes it)",
-            err=True,
+        refuse(
+            f"--overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
+            "--overwrite=delete (deletes it)"
         )
-        raise typer.Exit(2) from None
     address = address or cfg.cluster.address
     if dry_run:
         _dry_run(cfg, address, resume, overwrite)
@@ -111,8 +108,7 @@ def train(
     # A refusal ends here, before Ray starts; the driver runs both checks again (and logs the warnings).
     preflight_or_exit(cfg, resume=resume)
     if (busy := run_dir_refusal(cfg, resume, overwrite)) is not None:
-        typer.echo(f"error: {busy}", err=True)
-        raise typer.Exit(2) from None
+        refuse(busy)
     if max_retries:
         from actors.commands.supervisor import supervise
 

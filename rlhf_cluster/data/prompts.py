@@ -213,13 +213,16 @@ def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Pa
     if cfg.path is not None:
         return Path(cfg.path).expanduser(), Path(cfg.eval_path).expanduser() if cfg.eval_path else None
     data_dir = Path(run_dir) / "data"
+    # A job's config always resolves the seed; a DataConfig used on its own gets 0, so that train
+    # and eval split the operand pairs alike (an unseeded split per call would let them overlap).
+    seed = 0 if cfg.seed is None else cfg.seed
     train = _write_task_file(
-        arithmetic_rows(cfg.num_prompts, cfg.seed, "train", cfg.max_operand), data_dir / "train.parquet"
+        arithmetic_rows(cfg.num_prompts, seed, "train", cfg.max_operand), data_dir / "train.parquet"
     )
     held_out = None
     if cfg.eval_prompts:
         held_out = _write_task_file(
-            arithmetic_rows(cfg.eval_prompts, cfg.seed, "eval", cfg.max_operand), data_dir / "eval.parquet"
+            arithmetic_rows(cfg.eval_prompts, seed, "eval", cfg.max_operand), data_dir / "eval.parquet"
         )
     return train, held_out
 

@@ -26,15 +26,12 @@ def held_out_pairs(max_operand: int) -> int:
     return min(ARITHMETIC_EVAL_PAIRS, (max_operand + 1) ** 2 * 3 // 10)
 
 
-def arithmetic_rows(
-    num: int, seed: int | None, split: str = "train", max_operand: int = ARITHMETIC_OPERAND_MAX
-) -> list[dict]:
+def arithmetic_rows(num: int, seed: int, split: str = "train", max_operand: int = ARITHMETIC_OPERAND_MAX) -> list[dict]:
     """Addition problems `a+b=` with their answers, operands in 0..max_operand.
 
     The operand pairs are split once per seed: the first `held_out_pairs` of a seeded shuffle
     are held out for `split="eval"`; every other split draws from the rest, so no held-out sum
-    is ever trained on. A None seed is unseeded: each call splits differently, so that holds
-    only between calls given the same int seed.
+    is ever trained on.
     """
     pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
     random.Random(seed).shuffle(pairs)
