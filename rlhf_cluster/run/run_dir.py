@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -138,7 +139,9 @@ class RunDir:
         another live job holds the directory, or a fresh start without `overwrite` would clear an
         earlier run. None when it may; `acquire` and `prepare` still decide, under the lock."""
         live = holder(self.root)
-        if live is not None:
+        # Only a holder on this host is known to be alive; one another host wrote may be a dead
+        # job's (the flock itself, taken by `acquire`, decides there).
+        if live is not None and live.get("host") == socket.gethostname():
             return in_use_message(self.root, live)
         return self._earlier_run() if fresh and overwrite_mode(overwrite) is None else None
 

@@ -111,3 +111,15 @@ def test_train_refuses_a_busy_or_used_run_dir_before_ray_starts(live_job, tmp_pa
     # The dry run reports it as it stands (a warning: that job may end, or --overwrite be given).
     dry = CliRunner().invoke(app, ["train", str(config), "--dry-run"])
     assert "warning: run_dir" in dry.output and "holds an earlier run" in dry.output
+
+
+def test_a_lock_file_from_another_host_does_not_refuse_before_the_lock_is_tried(tmp_path):
+    """A holder another host wrote cannot be checked for liveness from here (it may be a dead
+    job's): the read-only check leaves the decision to the lock itself."""
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "job.lock").write_text(json.dumps({"job": "elsewhere", "pid": 1, "host": "another-host",
+                                               "started_at": "2026-11-26T00:00:00"}))
+    assert holder(root)["host"] == "another-host"  # what `status` shows
+    assert _run_dir(root).refusal(fresh=True, overwrite=None) is None
+    _run_dir(root).prepare(fresh=True, job_name="here").release()  # the lock is free: the job starts
