@@ -376,10 +376,12 @@ def test_the_unprivileged_mode_holds_too():
                 f"print('unshare', libc.unshare(0x10000000), ctypes.get_errno())\n"
                 f"try:\n    print('READ', open({run_dir + '/secret'!r}).read())\nexcept OSError:\n    print('refused')\n"
                 f"print('shm', libc.shmget(0, ctypes.c_size_t(768 << 20), 0o1600))")
-        # A copy the other user can read wherever the checkout lives (CI's may not be world-readable).
-        sandbox_py = shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                              "rlhf_cluster", "tools", "sandbox.py"), os.path.join(run_dir, "sandbox.py"))
-        os.chmod(sandbox_py, 0o644)
+        # A copy the other user can read wherever the checkout lives (CI's may not be world-readable):
+        # sandbox.py and the confined process's program it reads beside it.
+        tools = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "rlhf_cluster", "tools")
+        for name in ("sandbox.py", "sandbox_child.py"):
+            os.chmod(shutil.copy(os.path.join(tools, name), os.path.join(run_dir, name)), 0o644)
+        sandbox_py = os.path.join(run_dir, "sandbox.py")
         out = subprocess.run([system_python, "-I", "-c", _UNPRIVILEGED, sandbox_py], input=code, capture_output=True,
                              text=True, user=54321, group=54321, cwd="/", env={}, timeout=30)
         assert out.returncode == 0, out.stderr
