@@ -37,12 +37,6 @@ class ConsumedSample:
     rolled_back_steps: int = 0  # steps of its weights a rollback abandoned (a group scored before a resume)
 
 
-def _span_lists(sample: ScoredSample) -> list[list[int]]:
-    """The sample's (first token, version) spans, as JSON lists."""
-    assert sample.policy_versions is not None  # `SampledResponse.__post_init__` fills it in
-    return [list(span) for span in sample.policy_versions]
-
-
 def _evaluated(column: str, after: bool) -> property:
     """A read-only `JobResult` figure: `column` of the evaluation after (or before) training, None
     where that evaluation has none."""
@@ -124,7 +118,7 @@ class Reporter:
                 s.prompt_id,
                 s.policy_version,
                 worker_of.pop(s.sample_id, "?"),
-                _span_lists(s),
+                [list(span) for span in s.version_spans],
                 s.rolled_back_steps,
             )
             for s in samples
@@ -284,7 +278,7 @@ class Reporter:
                     "requested_at": requested_at,
                     "generated_at": generated_at,
                     "buffered_at": time.time(),
-                    "policy_versions": [_span_lists(s) for s in samples],
+                    "policy_versions": [[list(span) for span in s.version_spans] for s in samples],
                 }
             ],
         )
