@@ -158,11 +158,9 @@ class Ours:
             self.learner.train_step(batch, kl_coef=0.01)
             return
         import rlhf_cluster.learner.base as base
-        from rlhf_cluster.models.modeling import full_logits_response_logprobs
 
         chunked = base.response_logprobs
-        base.response_logprobs = lambda model, *a, packed=False, packing=None, **k: full_logits_response_logprobs(
-            model, *a, **k)
+        base.response_logprobs = lambda *a, chunk_tokens=None, **k: chunked(*a, chunk_tokens=None, **k)
         try:
             self.learner.train_step(batch, kl_coef=0.01)
         finally:
@@ -184,12 +182,12 @@ class Plain:
         self.autocast = precision == "bf16"
 
     def step(self, batch) -> None:
-        from rlhf_cluster.models.modeling import full_logits_response_logprobs
+        from rlhf_cluster.models.modeling import response_logprobs
 
         b = {k: v.to(self.device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            logp, _ = full_logits_response_logprobs(self.model, b["input_ids"], b["attention_mask"], b["prompt_lengths"],
-                                                    b["response_mask"].shape[1])
+            logp, _ = response_logprobs(self.model, b["input_ids"], b["attention_mask"], b["prompt_lengths"],
+                                        b["response_mask"].shape[1], chunk_tokens=None)
         mask = b["response_mask"]
         loss = -(logp * b["advantages"] * mask).sum() / mask.sum()
         loss.backward()

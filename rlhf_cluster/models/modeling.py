@@ -79,7 +79,7 @@ def response_logprobs(
     response_len: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     packed: bool = True,
     packing: PackedRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,8 +90,14 @@ def response_logprobs(
     tokens run through the model, packed into rows sized for its attention (`packing`), where that
     holds fewer slots than the padded rows (`packing_pays`); `packing` is that layout planned
     already on the host (else it is planned here, reading the lengths back from the device).
+    `chunk_tokens=None` is the reference path instead (what issue 35 replaced, kept for the tests
+    and the memory benchmark to compare with): the padded rows through the model's full
+    [B, L, vocab] logits and one float32 log-softmax; `packed` does not apply to it.
     Positions past a response's end hold garbage and must be masked by the caller.
     """
+    if chunk_tokens is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return _full_logits_logprobs(logits, input_ids, prompt_lengths, response_len, temperature, with_entropy)
     impl, dtype = attention_of(model)
     if packed:
         if packing is None:
@@ -119,19 +125,8 @@ def response_logprobs(
         return scored.read(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
 
 
-def full_logits_response_logprobs(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    prompt_lengths: torch.Tensor,
-    response_len: int,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same figures through the model's full [B, L, vocab] logits and a float32 log-softmax:
-    the path `response_logprobs` replaced (issue 35), kept as the reference tests and the memory
-    benchmark compare it with."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def _full_logits_logprobs(logits, input_ids, prompt_lengths, response_len, temperature, with_entropy):
+    """`response_logprobs`' reference path from the model's [B, L, vocab] logits."""
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B = input_ids.shape[0]
     picked = logits.gather(1, positions[:, :, None].expand(B, response_len, logits.shape[-1])).float()

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -126,15 +127,9 @@ class WeightStore:
         self._apply_retention()
         return final
 
-    def publish_async(
-        self,
-        version: int,
-        state_dict: dict[str, torch.Tensor],
-        files: dict[str, str] | None = None,
-        created_at: str | None = None,
-        durable: bool = True,
-    ) -> Future:
-        """Queue `publish` on the store's writer thread so the learner's next step can start.
+    def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], **options: Any) -> Future:
+        """Queue `publish` (with its keyword `options`: files, created_at, durable) on the store's
+        writer thread so the learner's next step can start.
 
         Versions are written in order; the caller must not mutate `state_dict` afterwards
         (the learner hands over a freshly gathered CPU copy). The future's result is the
@@ -142,7 +137,7 @@ class WeightStore:
         """
 
         def write() -> dict:
-            path = self.publish(version, state_dict, files, created_at, durable)
+            path = self.publish(version, state_dict, **options)
             # The writer thread is serial: these are this version's figures.
             return {
                 "path": str(path),

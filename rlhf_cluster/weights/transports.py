@@ -132,7 +132,7 @@ class StoreTransport(WeightTransport):
     type = "filesystem"
 
     def publish(self, version, created_at, named, files, snapshot) -> Future:
-        written = self.store.publish_async(version, dict(named), files, created_at, durable=snapshot)
+        written = self.store.publish_async(version, dict(named), files=files, created_at=created_at, durable=snapshot)
         publication: Future = Future()
 
         def delivered(write: Future) -> None:
@@ -266,7 +266,7 @@ class ObjectStoreTransport(WeightTransport):
             if sparse:  # the next version's delta is taken against it
                 current[name] = tensor
         if snapshot:
-            self.writes.append(self.store.publish_async(version, kept, files, created_at))
+            self.writes.append(self.store.publish_async(version, kept, files=files, created_at=created_at))
         variants, variant_seconds = {}, {}
         for variant, packer in packers.items():
             manifest, buckets = packer.finish()

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_cluster.models.chunked_logprobs import scored_positions, token_logprobs
 from rlhf_cluster.config import TinyModelConfig
-from rlhf_cluster.models.modeling import full_logits_response_logprobs, load_causal_lm, response_logprobs
+from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 
@@ -112,7 +112,7 @@ def test_response_logprobs_equal_the_full_logits_path_on_a_model(tiny_model):
     attention_mask[1, 9:] = 0
     prompt_lengths = torch.tensor([4, 3, 5])
     a, a_ent = response_logprobs(chunked_model, input_ids, attention_mask, prompt_lengths, 6, 0.8, True, chunk_tokens=4)
-    b, b_ent = full_logits_response_logprobs(full_model, input_ids, attention_mask, prompt_lengths, 6, 0.8, True)
+    b, b_ent = response_logprobs(full_model, input_ids, attention_mask, prompt_lengths, 6, 0.8, True, chunk_tokens=None)
     assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a_ent, b_ent, atol=1e-5)
     (a.sum() + a_ent.sum()).backward()
     (b.sum() + b_ent.sum()).backward()
