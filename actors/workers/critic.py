@@ -6,6 +6,7 @@ policy step, then trains both on it.
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -13,9 +14,11 @@ from actors.workers._common import limit_threads, start_actor
 from actors.workers.learner import ShardedRank
 from actors.workers.settings import CriticRankSettings
 from rlhf_cluster.experience.records import TrainBatch
-from rlhf_cluster.learner.critic import ValueLearner
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
+
+if TYPE_CHECKING:
+    from rlhf_cluster.learner.critic import ValueLearner
 
 
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
@@ -39,6 +42,9 @@ class CriticRank(ShardedRank):
         return self.learner
 
     def _build_learner(self) -> ValueLearner:
+        # Imported here: the driver imports this module for the actor class, never the learner (FSDP2's stack).
+        from rlhf_cluster.learner.critic import ValueLearner
+
         return ValueLearner(self.settings.critic, self.settings.spec, self.policy_path)
 
     def values(self, batch: TrainBatch) -> list[list[float]]:

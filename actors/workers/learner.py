@@ -17,7 +17,6 @@ from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
-from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.weights import WeightStore
@@ -28,6 +27,7 @@ from rlhf_cluster.weights.registry import build_transport
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from rlhf_cluster.learner.base import LearnerBase
     from rlhf_cluster.weights.transports import WeightTransport
 
 
