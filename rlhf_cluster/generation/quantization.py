@@ -13,6 +13,7 @@ engine receives always have the names, dtypes and shapes it was built with.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rlhf_cluster.fileio import write_dir_atomic
+
+log = logging.getLogger(__name__)
 
 # The projections of Llama/Qwen2-style decoder blocks (vLLM fuses them into qkv_proj and
 # gate_up_proj at load time and accepts the unfused names).
@@ -260,4 +263,21 @@ def quantize_linears(model: torch.nn.Module) -> int:
             if isinstance(child, torch.nn.Linear) and name in QUANTIZED_MODULES:
                 setattr(parent, name, Int8Linear(child))
                 swapped += 1
+    on_cpu = any(b.device.type == "cpu" for b in model.buffers())
+    if swapped and on_cpu and (warning := slow_cpu_int8_warning()) is not None:
+        log.warning(warning)
     return swapped
+
+
+def slow_cpu_int8_warning() -> str | None:
+    """Why `Int8Linear` will be slower than float on this CPU, or None. torch's CPU int8 matmul is
+    fast only with AVX-512 kernels: on an AVX2-only CPU `benchmarks/int8_scoring.py` measured it
+    25-28x slower than fp32 (2026-11-26), on an AVX-512 one 2.5x faster (2026-11-21)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return None
+    return (
+        f"scoring.quantization: int8 on a CPU whose torch kernels are {capability} (no AVX-512): its int8 "
+        "matmul measured ~25x slower than fp32 on AVX2 (benchmarks/README.md, int8_scoring); "
+        "`scoring.quantization: none` scores faster on this machine"
+    )

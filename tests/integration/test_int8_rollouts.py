@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import ray
@@ -95,52 +96,49 @@ def test_int8_pipeline_reloads_in_place_and_tracks_the_learner(ray_cluster, job_
             assert key in row, key
 
 
-@ray.remote
-def _push_into_int8_engine(cfg_dict: dict, int8_dir: str, state: dict) -> tuple[str, list[float], list[float]]:
-    from rlhf_cluster.config import JobConfig
-    from rlhf_cluster.generation.engine import VLLMEngine
-    from rlhf_cluster.generation.quantization import WeightSpecError
-
-    engine = VLLMEngine(int8_dir, JobConfig.model_validate(cfg_dict).generation)
-    prompt, response = list(range(5, 40)), list(range(40, 50))
-    before = engine.logprobs_of(prompt, response)
-    try:
-        engine.load_weights(1, state.items())
-        message = ""
-    except WeightSpecError as exc:
-        message = str(exc)
-    return message, before, engine.logprobs_of(prompt, response)
-
-
-def test_unquantized_push_into_an_int8_engine_is_refused(ray_cluster, job_config, tiny_model_path, tmp_path):
-    cfg = job_config(generation={"quantization": "int8"})
-    model = load_causal_lm(tiny_model_path)
-    int8_dir = write_int8_model_dir(tiny_model_path, quantize_state_dict(model.state_dict(), torch.float32), tmp_path / "int8")
-    torch.manual_seed(0)
-    float_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
-    message, before, after = ray.get(_push_into_int8_engine.remote(cfg.model_dump(), str(int8_dir), float_state))
-    assert "refused weight push" in message and "int8 variant" in message
-    assert "q_proj.weight: got float32" in message and "expected int8" in message
-    assert after == before, "nothing of the refused push reached the engine"
-
-
-def test_worker_refuses_a_corrupt_int8_variant(ray_cluster, job_config, tiny_model_path):
+def test_int8_worker_refuses_an_unquantized_push_and_a_corrupt_int8_variant(ray_cluster, job_config, tiny_model_path):
+    """One int8 engine (its start is most of the time): a push whose int8 variant holds float
+    tensors is refused before any byte reaches the engine, and a version whose int8 shard in the
+    store is damaged is refused; both times the engine keeps serving what it held."""
     from actors.workers.generation import GenerationWorker
     from actors.workers.settings import GenerationSettings
+    from rlhf_cluster.weights.buckets import now
+    from rlhf_cluster.weights.registry import build_transport
 
-    cfg = job_config(generation={"quantization": "int8"})
+    cfg = job_config(generation={"quantization": "int8"}, weights={"transport": {"type": "direct"}})
     model = load_causal_lm(tiny_model_path)
     store = WeightStore(cfg.weights_dir, variants={"int8": lambda s: quantize_state_dict(s, torch.float32)})
     store.publish(0, model.state_dict())
     int8_dir = write_int8_model_dir(tiny_model_path, store.load(0, variant="int8"), cfg.run_dir + "/engine-int8")
     worker = GenerationWorker.remote(GenerationSettings.of(cfg), str(int8_dir), 0)
-    assert ray.get(worker.sync.remote(0)) == 0
-    torch.manual_seed(1)
-    store.publish(1, {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()})
-    shard = store.version_dir(1) / "int8" / "model-00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 0x01
-    shard.write_bytes(bytes(data))
-    assert ray.get(worker.sync.remote(0)) == 0, "a corrupt int8 variant must not be loaded"
-    assert ray.get(worker.refused_versions.remote()) == [1]
-    ray.kill(worker)
+    try:
+        assert ray.get(worker.sync.remote(0)) == 0
+        prompt, response = list(range(5, 40)), list(range(40, 50))
+        before = ray.get(worker.logprobs_of.remote(prompt, response))
+
+        # A sender that forgot to quantize: its delivery's int8 variant carries the float tensors.
+        torch.manual_seed(0)
+        float_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+        sender = build_transport(cfg.weights, WeightStore(Path(cfg.run_dir) / "sender"), ["full"], torch.float32,
+                                 put=ray.put)
+        delivery = sender.publish(1, now(), float_state.items(), {}, snapshot=False).result()["delivery"]
+        delivery["variants"] = {"int8": delivery["variants"]["full"]}
+        with pytest.raises(ray.exceptions.RayTaskError) as refused:
+            ray.get(worker.receive.remote(delivery), timeout=120)
+        message = str(refused.value)
+        assert "refused weight push" in message and "int8 variant" in message
+        assert "q_proj.weight: got float32" in message and "expected int8" in message
+        assert ray.get(worker.logprobs_of.remote(prompt, response)) == before, "nothing of the refused push reached the engine"
+
+        # A damaged int8 shard in the store.
+        torch.manual_seed(1)
+        store.publish(1, {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()})
+        shard = store.version_dir(1) / "int8" / "model-00000.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[-10] ^= 0x01
+        shard.write_bytes(bytes(data))
+        assert ray.get(worker.sync.remote(0)) == 0, "a corrupt int8 variant must not be loaded"
+        assert ray.get(worker.refused_versions.remote()) == [1]
+        assert ray.get(worker.logprobs_of.remote(prompt, response)) == before
+    finally:
+        ray.kill(worker)

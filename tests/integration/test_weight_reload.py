@@ -1,6 +1,11 @@
-"""After a weight reload, a live vLLM engine scores exactly like an HF forward of the published weights."""
+"""After a weight reload, a live vLLM engine scores exactly like an HF forward of the published
+weights: a version loaded from the store, and one delivered directly (the job's transport's
+buckets through the object store). A version whose store files or delivered bytes are damaged is
+refused, counted, and the engine keeps serving the last good one."""
 
 from __future__ import annotations
+
+import urllib.request
 
 import ray
 import torch
@@ -9,48 +14,89 @@ from actors.workers.generation import GenerationWorker
 from actors.workers.settings import GenerationSettings
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights import WeightStore
+from rlhf_cluster.weights.buckets import DeliveryManifest, now
+from rlhf_cluster.weights.registry import build_transport
 
 # fp32 engine vs fp32 HF forward: measured max |diff| ~5e-7 on the tiny model; 1e-4 leaves room
 # for kernel differences while a stale prefix cache or a missed reload is off by >1e-2.
 TOLERANCE = 1e-4
 
 
-def test_reload_matches_hf_forward_and_a_corrupted_version_is_refused(ray_cluster, job_config, tiny_model_path):
-    # One engine for both halves: a worker's start is most of this test's time.
-    cfg = job_config()
+def _changed(model, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+
+
+def _metrics(worker) -> str:
+    target = ray.get(worker.info.remote())["metrics"]
+    return urllib.request.urlopen(f"http://{target}/metrics", timeout=10).read().decode()
+
+
+def test_store_and_direct_reloads_match_hf_forward_and_damaged_versions_are_refused(ray_cluster, job_config,
+                                                                                   tiny_model_path, tmp_path):
+    # One engine for every part: a worker's start is most of this test's time. Small buckets, so a
+    # direct delivery of the tiny model has several.
+    cfg = job_config(weights={"transport": {"type": "direct", "bucket_mb": 0.05}})
     store = WeightStore(cfg.weights_dir)
     model = load_causal_lm(tiny_model_path)
     store.publish(0, model.state_dict())
     worker = GenerationWorker.remote(GenerationSettings.of(cfg), tiny_model_path, 0)
+    try:
+        # A prompt longer than several KV blocks, so a stale prefix cache would be reused.
+        prompt_ids = [int(x) for x in torch.randint(2, 250, (70,), generator=torch.Generator().manual_seed(0))]
+        response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
 
-    # A prompt longer than several KV blocks, so a stale prefix cache would be reused.
-    prompt_ids = [int(x) for x in torch.randint(2, 250, (70,), generator=torch.Generator().manual_seed(0))]
-    response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
-    before = torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
-    assert (before - sequence_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
+        def engine_logprobs() -> torch.Tensor:
+            return torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
 
-    torch.manual_seed(3)
-    new_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
-    store.publish(1, new_state)
-    assert ray.get(worker.sync.remote(1)) == 1
-    after = torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
+        def hf_logprobs(state: dict[str, torch.Tensor]) -> torch.Tensor:
+            model.load_state_dict(state)
+            return sequence_logprobs(model, prompt_ids, response_ids)
 
-    model.load_state_dict(store.load(1))
-    expected = sequence_logprobs(model, prompt_ids, response_ids)
-    assert (after - expected).abs().max() < TOLERANCE
-    # The test can fail: the new weights really change the log-probs.
-    assert (before - expected).abs().max() > 100 * TOLERANCE
+        before = engine_logprobs()
+        assert (before - sequence_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
 
-    # A corrupted version is refused, and the engine keeps serving the last good one (version 1).
-    torch.manual_seed(4)
-    store.publish(2, {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()})
-    shard = store.version_dir(2) / "model-00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-10] ^= 0x01  # one flipped bit in the tensor bytes
-    shard.write_bytes(bytes(data))
+        # From the store.
+        store.publish(1, _changed(model, 3))
+        assert ray.get(worker.sync.remote(1)) == 1
+        after = engine_logprobs()
+        expected = hf_logprobs(store.load(1))
+        assert (after - expected).abs().max() < TOLERANCE
+        assert (before - expected).abs().max() > 100 * TOLERANCE, "the new weights must change the log-probs"
 
-    assert ray.get(worker.sync.remote(1)) == 1, "the corrupted version must not be loaded"
-    assert ray.get(worker.refused_versions.remote()) == [2]
-    still = torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
-    assert torch.equal(still, after), "generation must keep serving the last good version"
-    ray.kill(worker)
+        # A corrupted version in the store is refused, and the engine keeps serving version 1.
+        store.publish(2, _changed(model, 4))
+        shard = store.version_dir(2) / "model-00000.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[-10] ^= 0x01  # one flipped bit in the tensor bytes
+        shard.write_bytes(bytes(data))
+        assert ray.get(worker.sync.remote(1)) == 1, "the corrupted version must not be loaded"
+        assert ray.get(worker.refused_versions.remote()) == [2]
+        assert torch.equal(engine_logprobs(), after), "generation must keep serving the last good version"
+
+        # Delivered directly, as the learner's rank 0 publishes it with the job's transport; a damaged
+        # bucket is refused and counted, and the engine still serves version 1.
+        state = _changed(model, 5)
+        sender = build_transport(cfg.weights, WeightStore(tmp_path / "sender"), ["full"], torch.float32, put=ray.put)
+        delivery = sender.publish(3, now(), state.items(), {}, snapshot=False).result()["delivery"]
+        manifest = DeliveryManifest.from_dict(delivery["variants"]["full"]["manifest"])
+        assert len(manifest.buckets) >= 3
+        ray.get(worker.corrupt_next_delivery.remote(1))
+        receipt = ray.get(worker.receive.remote(delivery), timeout=120)
+        assert "bucket 1: checksum" in receipt["refused"] and receipt["held"] == 1, receipt
+        assert torch.equal(engine_logprobs(), after), "the engine must keep version 1"
+        assert 'rlhf_weights_fingerprint_mismatches_total{job="test",pool="generation",worker="gen0"} 1.0' in _metrics(
+            worker)
+
+        # The same version, undamaged, is loaded and proven, and the engine then scores like it.
+        receipt = ray.get(worker.receive.remote(delivery), timeout=120)
+        assert receipt["loaded"] and receipt["fingerprint"] == manifest.fingerprint, receipt
+        delivered = engine_logprobs()
+        assert (delivered - hf_logprobs(state)).abs().max() < TOLERANCE
+        assert (delivered - after).abs().max() > 1e-2, "the two versions must differ to prove anything"
+        delivered_bytes = [float(line.rsplit(" ", 1)[1]) for line in _metrics(worker).splitlines()
+                           if line.startswith("rlhf_weights_delivery_bytes_total{") and 'transport="direct"' in line
+                           and 'worker="gen0"' in line]
+        assert delivered_bytes == [manifest.total_bytes], delivered_bytes  # only the loaded delivery counts
+    finally:
+        ray.kill(worker)

@@ -119,3 +119,20 @@ def test_int8_linear_matches_float_within_quantization_error():
     block.q_proj, block.lm_head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
     assert quantize_linears(block) == 1
     assert isinstance(block.q_proj, Int8Linear) and isinstance(block.lm_head, torch.nn.Linear)
+
+
+def test_int8_scoring_on_a_cpu_without_avx512_kernels_says_it_is_slower(monkeypatch, caplog):
+    from rlhf_cluster.generation.quantization import quantize_linears
+
+    block = torch.nn.Module()
+    block.q_proj = torch.nn.Linear(8, 8)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level("WARNING"):
+        quantize_linears(block)
+    assert "no AVX-512" in caplog.text and "scoring.quantization: none" in caplog.text
+    caplog.clear()
+    block.k_proj = torch.nn.Linear(8, 8)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with caplog.at_level("WARNING"):
+        quantize_linears(block)
+    assert "AVX-512" not in caplog.text
