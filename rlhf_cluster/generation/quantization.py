@@ -272,7 +272,8 @@ def quantize_linears(model: torch.nn.Module) -> int:
 def slow_cpu_int8_warning() -> str | None:
     """Why `Int8Linear` will be slower than float on this CPU, or None. torch's CPU int8 matmul is
     fast only with AVX-512 kernels: on an AVX2-only CPU `benchmarks/int8_scoring.py` measured it
-    25-28x slower than fp32 (2026-11-26), on an AVX-512 one 2.5x faster (2026-11-21)."""
+    25-28x slower than fp32 (2026-11-26), on 2026-11-21's machine (fast bf16 too, so AVX-512 by
+    all signs; its capability was not recorded) 2.5x faster."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         return None
