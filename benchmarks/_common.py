@@ -53,7 +53,12 @@ def machine_info() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
+    from rlhf_cluster.generation.int8_kernels import cpu_kind_record
+
     return {
+        # amx / avx512 / avx2: which int8 and bf16 kernels vLLM and PyTorch run (int8_kernels.cpu_kind).
+        **cpu_kind_record(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "nproc": usable,
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -69,6 +74,17 @@ def machine_info() -> dict:
         "safetensors": _version("safetensors"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name as /proc/cpuinfo gives it (None elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def rotated(sides: Sequence[str], rep: int) -> tuple[str, ...]:

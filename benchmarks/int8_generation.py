@@ -120,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     ratio_bf16 = med["int8"]["tokens_per_s"] / med["bf16"]["tokens_per_s"]
     ratio_fp32 = med["int8"]["tokens_per_s"] / med["fp32"]["tokens_per_s"]
     paired = [i["tokens_per_s"] / b["tokens_per_s"] for i, b in zip(timings["int8"], timings["bf16"])]
+    machine = machine_info()
     result = {
         "benchmark": "int8_generation",
-        "machine": machine_info(),
+        "machine": machine,
+        "cpu_kind": machine["cpu_kind"],
+        "int8_engine_dtype": engines["int8"].dtype,
         "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "model": shape.model_dump(),
                    "parameters": params, "startup_seconds_all_engines": startup_s},
         "timings": timings,
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     print(f"\nint8_generation  {params / 1e6:.0f}M parameters | {args.prompts} prompts x {args.max_new_tokens} tokens | "
-          f"{args.reps} reps (+{args.warmup} warmup), medians")
+          f"{args.reps} reps (+{args.warmup} warmup), medians | CPU kind {machine['cpu_kind']} ({machine['cpu_model']})")
     print_table(
         ["engine", "tokens/s", "vs bf16", "sync MB", "sync s", "k3 vs fp32", "mean|dlogp|"],
         [[side, med[side]["tokens_per_s"], med[side]["tokens_per_s"] / med["bf16"]["tokens_per_s"],

@@ -25,6 +25,7 @@ import torch
 from _common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
 from rlhf_cluster.config import RewardModelSpec
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.generation.quantization import Int8Linear
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels, RewardModel
 
@@ -92,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         rm_err = max(abs(a - b) for a, b in zip(outputs["reward/fp32"], outputs[f"reward/{name}"]))
         errors[name] = {"reference_max_abs_logprob_diff": ref_err, "reward_max_abs_score_diff": rm_err}
     ratio = {kind: med[f"{kind}/fp32"] / med[f"{kind}/int8"] for kind in ("reference", "reward")}
+    machine = machine_info()
+    # Which kernel Int8Linear ran: vLLM's AMX one where vLLM picks it on this CPU, else torch._int_mm.
+    kernels = sorted({m.kernel for m in refs["int8"].model.modules() if isinstance(m, Int8Linear)})
     result = {
         "benchmark": "int8_scoring",
-        "machine": machine_info(),
+        "machine": machine,
+        "cpu_kind": machine["cpu_kind"],
+        "int8_kernels": kernels,
         "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "model": shape.model_dump(), "tokens_per_call": tokens},
         "timings": timings,
         "median_seconds": med,
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline("int8/fp32 reference scoring tokens/s", ratio["reference"], "report (no target)", None, "x"),
     }
     print(f"\nint8_scoring  {args.rollouts} sequences x {args.prompt_len}+{args.response_len} tokens | "
-          f"{args.reps} reps (+{args.warmup} warmup), medians")
+          f"{args.reps} reps (+{args.warmup} warmup), medians | CPU kind {machine['cpu_kind']} "
+          f"({machine['cpu_model']}), int8 kernel {'+'.join(kernels)}")
     print_table(
         ["model/variant", "tokens/s", "vs fp32", "max |error| vs fp32"],
         [[side, tokens / med[side], med[side.split("/")[0] + "/fp32"] / med[side],

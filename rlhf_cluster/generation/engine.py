@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +26,7 @@ from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.engine_loop import EngineLoop
 from rlhf_cluster.generation.gc_pause import imports_without_gc
+from rlhf_cluster.generation.int8_kernels import EngineDType, int8_engine_dtype
 from rlhf_cluster.generation.lora_adapters import AdapterSlot
 from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
 from rlhf_cluster.generation.vllm_process import (
@@ -36,8 +36,7 @@ from rlhf_cluster.generation.vllm_process import (
     runs_eager,
 )
 
-if TYPE_CHECKING:
-    from vllm.config.model import ModelDType
+log = logging.getLogger(__name__)
 
 
 def response_text(tokenizer, token_ids: list[int]) -> str:
@@ -100,7 +99,7 @@ class VLLMEngine(EngineLoop):
         self,
         model_path: str,
         cfg: GenerationConfig,
-        dtype: ModelDType = "float32",
+        dtype: EngineDType = "float32",
         seed: int = 0,
         name: str = "gen0",
         on_step: Callable[[int, int], None] | None = None,
@@ -126,9 +125,14 @@ class VLLMEngine(EngineLoop):
         # with `adapters` (LoRA, `learner.lora.sync: adapters`) the adapters on them.
         self.spec = checkpoint_spec(model_path)
         self.adapters = AdapterSlot(adapters, self.spec, name) if adapters is not None else None
+        self.quantized = any(dtype == torch.int8 for dtype, _ in self.spec.values())
+        # The activations the engine runs: an int8 engine's kernels may need bf16 (AMX CPUs).
+        self.dtype = int8_engine_dtype(self.spec, dtype) if self.quantized else dtype
+        if self.dtype != dtype:
+            log.info("%s: int8 engine on %s activations (vLLM's AMX int8 kernel takes no %s)", name, self.dtype, dtype)
         args = EngineArgs(
             model=model_path,
-            dtype=dtype,
+            dtype=self.dtype,
             seed=seed,
             # CUDA graphs where CUDA is present (vLLM captures them once per engine), eager on CPU.
             enforce_eager=runs_eager(cfg),
@@ -159,7 +163,6 @@ class VLLMEngine(EngineLoop):
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(RotaryReloadFilter())
         tied = bool(self.engine.model_config.hf_config.get_text_config().tie_word_embeddings)
         self.optional_tensors = frozenset({"lm_head.weight"} if tied else ())
-        self.quantized = any(dtype == torch.int8 for dtype, _ in self.spec.values())
         if self.quantized:
             kernels = sum(self.engine.collective_rpc(keep_int8_scales_alive))
             if kernels == 0 and not torch.cuda.is_available():

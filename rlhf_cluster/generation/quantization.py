@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rlhf_cluster.fileio import write_dir_atomic
+from rlhf_cluster.generation.int8_kernels import amx_int8_kernel_applies
 
 log = logging.getLogger(__name__)
 
@@ -221,24 +222,45 @@ def keep_int8_scales_alive(worker) -> int:
 
 class Int8Linear(torch.nn.Module):
     """The same W8A8 scheme for frozen models outside vLLM (reference and reward models): int8
-    weights per output channel, activations quantized per token at run time, int8 x int8 -> int32
-    matmul (`torch._int_mm`), rescaled to the input's dtype."""
+    weights per output channel, activations quantized per token at run time, rescaled to the
+    input's dtype. The kernel is vLLM's AMX one where vLLM would pick it for this shape on this
+    CPU (`int8_kernels.amx_int8_kernel_applies`: it takes bf16 activations, so the input is cast),
+    else int8 x int8 -> int32 `torch._int_mm`."""
 
-    # The buffers registered in __init__.
-    weight_t: torch.Tensor
+    # The buffers registered in __init__ (`weight_t` for torch._int_mm, `weight_packed` for AMX).
+    weight_t: torch.Tensor | None
+    weight_packed: torch.Tensor | None
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         q, scale = quantize_weight(linear.weight)
-        self.register_buffer("weight_t", q.t())  # [in, out] view of the [out, in] int8 weight
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = (
+            "amx"
+            if linear.weight.device.type == "cpu" and amx_int8_kernel_applies(self.out_features, self.in_features)
+            else "int_mm"
+        )
+        if self.kernel == "amx":
+            self.register_buffer("weight_packed", torch.ops._C.convert_weight_packed(q))
+            self.register_buffer("weight_t", None)
+            self.register_buffer("weight_scale", scale.reshape(-1).contiguous())  # [out]
+        else:
+            self.register_buffer("weight_packed", None)
+            self.register_buffer("weight_t", q.t())  # [in, out] view of the [out, in] int8 weight
+            self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.weight_packed is not None:
+            flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+            bias = None if self.bias is None else self.bias.float()
+            amx_mm = torch.ops._C.int8_scaled_mm_with_quant
+            out = amx_mm(flat, self.weight_packed, self.weight_scale, bias, torch.bfloat16, True)
+            return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        assert self.weight_t is not None  # the torch._int_mm kernel's weight
         flat = x.reshape(-1, shape[-1]).float()
         x_scale = (flat.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
         x_q = torch.round(flat / x_scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -257,23 +279,24 @@ def quantize_linears(model: torch.nn.Module) -> int:
     Embeddings, the LM head and a reward model's scalar head stay in floating point, as in the
     rollout engines.
     """
-    swapped = 0
+    swapped: list[Int8Linear] = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear) and name in QUANTIZED_MODULES:
-                setattr(parent, name, Int8Linear(child))
-                swapped += 1
-    on_cpu = any(b.device.type == "cpu" for b in model.buffers())
-    if swapped and on_cpu and (warning := slow_cpu_int8_warning()) is not None:
+                swapped.append(Int8Linear(child))
+                setattr(parent, name, swapped[-1])
+    on_cpu_int_mm = any(m.kernel == "int_mm" and m.weight_scale.device.type == "cpu" for m in swapped)
+    if on_cpu_int_mm and (warning := slow_cpu_int8_warning()) is not None:
         log.warning(warning)
-    return swapped
+    return len(swapped)
 
 
 def slow_cpu_int8_warning() -> str | None:
-    """Why `Int8Linear` will be slower than float on this CPU, or None. torch's CPU int8 matmul is
-    fast only with AVX-512 kernels: on an AVX2-only CPU `benchmarks/int8_scoring.py` measured it
-    25-28x slower than fp32 (2026-11-26), on 2026-11-21's machine (fast bf16 too, so AVX-512 by
-    all signs; its capability was not recorded) 2.5x faster."""
+    """Why `Int8Linear`'s `torch._int_mm` kernel will be slower than float on this CPU, or None
+    (layers on vLLM's AMX kernel never warn: it runs at bf16's speed, `benchmarks/README.md`).
+    torch's CPU int8 matmul is fast only with AVX-512 kernels: on an AVX2-only CPU
+    `benchmarks/int8_scoring.py` measured it 25-28x slower than fp32 (2026-11-26); on an AMX
+    Xeon (AVX-512 kernels) 2.0-2.1x faster than fp32 but slower than bf16."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
         return None

@@ -1,28 +1,25 @@
-"""The FSDP2 and DeepSpeed learners and reference scoring on CUDA (NCCL, world size 1): run on a GPU machine."""
+"""The FSDP2 and DeepSpeed learners and the log-prob paths on each device (world size 1): on the
+CPU in `make test`, on CUDA on a GPU machine (`conftest.device`)."""
 
 from __future__ import annotations
+
+import copy
+import warnings
 
 import pytest
 import torch
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
-from rlhf_cluster.experience.records import ScoredSample, TrainBatch
-from tests.process_groups import one_rank_process_group
+from tests.unit.test_host_syncs import counting
 
 
-@pytest.fixture
-def nccl_group():
-    torch.cuda.set_device(0)
-    with one_rank_process_group("nccl"):
-        yield
-
-
-def _batch(n=4, length=6):
+def _samples(n=4, length=6) -> list[ScoredSample]:
     g = torch.Generator().manual_seed(0)
-    samples = [
+    return [
         ScoredSample(
             sample_id=f"s{i}", prompt_id="p", group_id="g", prompt_ids=torch.randint(2, 250, (5,), generator=g).tolist(),
             response_ids=torch.randint(2, 250, (length,), generator=g).tolist(), rollout_logprobs=[-5.5] * length,
@@ -31,58 +28,73 @@ def _batch(n=4, length=6):
         )
         for i in range(n)
     ]
-    return TrainBatch.from_samples(samples)
 
 
-def test_fsdp2_step_on_cuda_matches_cpu_logprobs(nccl_group, tiny_model_path):
+def _batch(n=4, length=6):
+    return TrainBatch.from_samples(_samples(n, length))
+
+
+def test_fsdp2_step_matches_cpu_logprobs(device_group, tiny_model_path):
+    device = device_group
     cfg = JobConfig.model_validate({"learner": {"world_size": 1}})
     learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
-    assert next(learner.model.parameters()).is_cuda
-    batch = _batch()
+    assert next(learner.model.parameters()).device.type == device.type
+    samples = _samples()
+    batch = TrainBatch.from_samples(samples)
 
     cpu_model = load_causal_lm(tiny_model_path)
+    prompts, responses = [s.prompt_ids for s in samples], [s.response_ids for s in samples]
     with torch.no_grad():
         cpu_logp, _ = response_logprobs(cpu_model, batch.input_ids, batch.attention_mask, batch.prompt_lengths, 6)
-        gpu_logp, _ = learner._logprobs(learner._to_device(batch), slice(None), with_entropy=False)
-    assert (gpu_logp.cpu() - cpu_logp).abs().max() < 1e-3
+    learner_logp = torch.tensor(learner.probe_logprobs(prompts, responses))
+    assert (learner_logp - cpu_logp).abs().max() < 1e-3
 
     stats = learner.train_step(batch, kl_coef=0.01)
     assert torch.isfinite(torch.tensor(stats["policy/loss"]))
     assert stats["learner/grad_norm"] > 0
     state = learner.full_state_dict()
     assert all(t.device.type == "cpu" for t in state.values())
+    moved = max((state[k] - v).abs().max().item() for k, v in cpu_model.state_dict().items() if k in state)
+    assert moved > 0, "the step changed no weight"
 
 
-def test_bf16_step_with_and_without_checkpointing_reports_peak_memory(nccl_group, tiny_model_path, capsys):
-    """One bf16 step (fp32 master weights) per checkpointing setting; prints peak memory for the note."""
+def test_bf16_step_with_and_without_checkpointing(device_group, tiny_model_path, capsys):
+    """One bf16 step (fp32 master weights) per checkpointing setting; on CUDA, peak memory for the note."""
+    device = device_group
     batch = _batch(n=8, length=64)
     peaks = {}
     for checkpointing in (False, True):
         cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": "bf16",
                                                     "gradient_checkpointing": checkpointing}})
         learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         stats = learner.train_step(batch, kl_coef=0.01)
-        torch.cuda.synchronize()
-        peaks[checkpointing] = torch.cuda.max_memory_allocated()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peaks[checkpointing] = torch.cuda.max_memory_allocated()
         assert torch.isfinite(torch.tensor(stats["policy/loss"])) and stats["learner/grad_norm"] > 0
         assert all(p.dtype == torch.float32 for p in learner.model.parameters()), "master weights stay fp32"
         del learner
-    with capsys.disabled():
-        print(f"\nbf16 learner step peak memory: {peaks[False] / 2**20:.1f} MiB without checkpointing, "
-              f"{peaks[True] / 2**20:.1f} MiB with")
-    assert peaks[True] <= peaks[False]
+    if peaks:
+        with capsys.disabled():
+            print(f"\nbf16 learner step peak memory: {peaks[False] / 2**20:.1f} MiB without checkpointing, "
+                  f"{peaks[True] / 2**20:.1f} MiB with")
+        assert peaks[True] <= peaks[False]
 
 
-def test_deepspeed_zero3_step_on_cuda(nccl_group, tiny_model_path):
-    """The DeepSpeed backend on CUDA (NCCL, world size 1): its step runs on the GPU and the
-    gathered weights come back as fp32 CPU tensors with the HF names."""
+def test_deepspeed_zero3_step(device_group, tiny_model_path):
+    """The DeepSpeed backend (world size 1): its step runs on the device and the gathered weights
+    come back as fp32 CPU tensors with the HF names."""
+    device = device_group
+    if device.type == "cpu" and torch.cuda.is_available():
+        pytest.skip("DeepSpeed picks one accelerator per process, CUDA here: its CUDA half runs on this machine")
     from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
 
     cfg = JobConfig.model_validate({"learner": {"backend": "deepspeed", "world_size": 1, "mixed_precision": "bf16"}})
     learner = DeepSpeedLearner(LearnerSpec.of_policy(cfg), tiny_model_path)
-    assert learner.device.type == "cuda"
+    assert learner.device.type == device.type
     stats = learner.train_step(_batch(), kl_coef=0.01)
     assert torch.isfinite(torch.tensor(stats["policy/loss"])) and stats["learner/grad_norm"] > 0
     assert stats["learner/skipped_updates"] == 0
@@ -105,16 +117,14 @@ def _ragged_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_and_packed_log_probs_equal_the_full_logits_on_cuda(tiny_model_path, dtype):
-    """Issue 35's default path on CUDA: chunked log-probs and entropies, packed rows, against the
+def test_chunked_and_packed_log_probs_equal_the_full_logits(device, tiny_model_path, dtype):
+    """Issue 35's default path: chunked log-probs and entropies, packed rows, against the
     full-logits padded path, values and gradients."""
-    import copy
-
     b = _ragged_batch()
-    ours = load_causal_lm(tiny_model_path, dtype, "cuda")
+    ours = load_causal_lm(tiny_model_path, dtype, device)
     theirs = copy.deepcopy(ours)
-    args = [t.cuda() for t in (b.input_ids, b.attention_mask, b.prompt_lengths)] + [b.response_mask.shape[1]]
-    mask = b.response_mask.cuda()
+    args = [t.to(device) for t in (b.input_ids, b.attention_mask, b.prompt_lengths)] + [b.response_mask.shape[1]]
+    mask = b.response_mask.to(device)
     a, a_ent = response_logprobs(ours, *args, 1.0, True, chunk_tokens=16)
     c, c_ent = response_logprobs(theirs, *args, 1.0, True, chunk_tokens=None)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
@@ -126,23 +136,29 @@ def test_chunked_and_packed_log_probs_equal_the_full_logits_on_cuda(tiny_model_p
         assert ((p.grad - q.grad).abs().max() / scale) < (1e-3 if dtype == torch.float32 else 5e-2), name
 
 
-def test_the_step_synchronises_with_the_device_once_per_update(nccl_group, tiny_model_path):
-    """CUDA's own sync detector (`set_sync_debug_mode("warn")` warns at every synchronising call)
-    over a bf16 step of two mini-batches with a token budget: the two updates' reads, and the
-    optimizer's (fused AdamW keeps its step counters on the device: none)."""
-    import warnings
-
+def test_the_step_synchronises_with_the_device_once_per_update(device_group, tiny_model_path, monkeypatch):
+    """A bf16 step of two mini-batches with a token budget reads the device once per update. On
+    CUDA its own sync detector counts (`set_sync_debug_mode("warn")` warns at every synchronising
+    call; fused AdamW keeps its step counters on the device: none); on the CPU nothing stalls, so
+    the reads are counted instead (`tests/unit/test_host_syncs.py`)."""
+    device = device_group
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": "bf16", "mini_batches": 2,
                                                 "max_tokens_per_micro_batch": 48},
                                     "algorithm": {"kl": {"placement": "loss", "coef": 0.01}}})
     learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
     learner.train_step(_ragged_batch(), kl_coef=0.01)  # lazy initialisation is not the step's
+    batch = _ragged_batch()
+    if device.type == "cpu":
+        with counting(learner, monkeypatch) as mode:
+            learner.train_step(batch, kl_coef=0.01)
+        assert len(mode.reads) == cfg.learner.mini_batches, mode.reads
+        return
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            learner.train_step(_ragged_batch(), kl_coef=0.01)
+            learner.train_step(batch, kl_coef=0.01)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
