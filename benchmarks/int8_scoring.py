@@ -4,7 +4,8 @@ The scoring pool's two frozen models, built from one random Qwen2 (default ~150M
 in int8_generation): `ReferenceModel` (per-token log-probs of responses) and `FrozenRewardModels`
 (a reward model: the same backbone plus a scalar head, saved and loaded as `train-rm` writes it).
 Each runs in three variants, `scoring.quantization: none` at fp32 and at bf16, and `int8`
-(`Int8Linear`: per-channel int8 weights, per-token int8 activations, torch._int_mm). Every
+(`Int8Linear`: per-channel int8 weights, per-token int8 activations, on vLLM's AMX kernel where
+vLLM picks it on this CPU, else torch._int_mm; where AMX runs, `int8_int_mm` beside it). Every
 repetition scores the same rollouts with all of them in a rotated order; medians are reported as
 scored tokens/s, with the error of each variant against fp32 (max |dlogp|, max |dscore|).
 
@@ -25,7 +26,7 @@ import torch
 from _common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
 from rlhf_cluster.config import RewardModelSpec
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.generation.quantization import Int8Linear
+from rlhf_cluster.generation.quantization import Int8Linear, quantize_linears
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels, RewardModel
 
@@ -68,7 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     refs = {name: ReferenceModel(str(model_dir), getattr(torch, dtype), quantization=q) for name, (dtype, q) in VARIANTS.items()}
     rms = {name: FrozenRewardModels([RewardModelSpec(path=str(rm_dir))], getattr(torch, dtype), quantization=q)
            for name, (dtype, q) in VARIANTS.items()}
-    sides = [f"{kind}/{name}" for kind in ("reference", "reward") for name in VARIANTS]
+    # Which kernel Int8Linear runs: vLLM's AMX one where vLLM picks it on this CPU, else torch._int_mm.
+    kernels = sorted({m.kernel for m in refs["int8"].model.modules() if isinstance(m, Int8Linear)})
+    if kernels == ["amx"]:  # where the AMX kernel runs, torch._int_mm beside it (what ran here before issue 53)
+        refs["int8_int_mm"] = ReferenceModel(str(model_dir), torch.float32)
+        rms["int8_int_mm"] = FrozenRewardModels([RewardModelSpec(path=str(rm_dir))], torch.float32)
+        for model in (refs["int8_int_mm"].model, *rms["int8_int_mm"].models.values()):
+            quantize_linears(model, kernel="int_mm")
+    names = list(refs)
+    sides = [f"{kind}/{name}" for kind in ("reference", "reward") for name in names]
     outputs: dict[str, object] = {}
 
     def run(side: str):
@@ -88,14 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 
     med = {side: statistics.median(ts) for side, ts in timings.items()}
     errors = {}
-    for name in ("bf16", "int8"):
+    for name in names[1:]:
         ref_err = max(abs(a - b) for x, y in zip(outputs["reference/fp32"], outputs[f"reference/{name}"]) for a, b in zip(x, y))
         rm_err = max(abs(a - b) for a, b in zip(outputs["reward/fp32"], outputs[f"reward/{name}"]))
         errors[name] = {"reference_max_abs_logprob_diff": ref_err, "reward_max_abs_score_diff": rm_err}
     ratio = {kind: med[f"{kind}/fp32"] / med[f"{kind}/int8"] for kind in ("reference", "reward")}
     machine = machine_info()
-    # Which kernel Int8Linear ran: vLLM's AMX one where vLLM picks it on this CPU, else torch._int_mm.
-    kernels = sorted({m.kernel for m in refs["int8"].model.modules() if isinstance(m, Int8Linear)})
     result = {
         "benchmark": "int8_scoring",
         "machine": machine,

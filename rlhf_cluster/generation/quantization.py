@@ -17,6 +17,7 @@ import logging
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -233,15 +234,14 @@ class Int8Linear(torch.nn.Module):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, kernel: Literal["amx", "int_mm"] | None = None):
+        """`kernel` None: vLLM's AMX kernel where vLLM would pick it, else torch._int_mm (a
+        benchmark names one to compare them)."""
         super().__init__()
         q, scale = quantize_weight(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kernel = (
-            "amx"
-            if linear.weight.device.type == "cpu" and amx_int8_kernel_applies(self.out_features, self.in_features)
-            else "int_mm"
-        )
+        amx = linear.weight.device.type == "cpu" and amx_int8_kernel_applies(self.out_features, self.in_features)
+        self.kernel = kernel or ("amx" if amx else "int_mm")
         if self.kernel == "amx":
             self.register_buffer("weight_packed", torch.ops._C.convert_weight_packed(q))
             self.register_buffer("weight_t", None)
@@ -273,8 +273,9 @@ class Int8Linear(torch.nn.Module):
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
-def quantize_linears(model: torch.nn.Module) -> int:
-    """Swap the decoder-block projections of a frozen model for `Int8Linear` in place; returns how many.
+def quantize_linears(model: torch.nn.Module, kernel: Literal["amx", "int_mm"] | None = None) -> int:
+    """Swap the decoder-block projections of a frozen model for `Int8Linear` (on `kernel`, None:
+    each layer's own choice) in place; returns how many.
 
     Embeddings, the LM head and a reward model's scalar head stay in floating point, as in the
     rollout engines.
@@ -283,7 +284,7 @@ def quantize_linears(model: torch.nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear) and name in QUANTIZED_MODULES:
-                swapped.append(Int8Linear(child))
+                swapped.append(Int8Linear(child, kernel))
                 setattr(parent, name, swapped[-1])
     on_cpu_int_mm = any(m.kernel == "int_mm" and m.weight_scale.device.type == "cpu" for m in swapped)
     if on_cpu_int_mm and (warning := slow_cpu_int8_warning()) is not None:
