@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup run test lint test-slow test-all test-unit test-integration test-avx2 bench clean
+.PHONY: setup run test lint test-slow test-all test-unit test-integration test-avx2 bench gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -45,6 +45,13 @@ test-avx2: setup
 
 bench: setup
 	@bash scripts/run_benchmarks.sh
+
+# On a lent GPU machine (no package index, no setup: ../shared/GPU.md names the wheels to bring in
+# .whl/): tests/gpu, the learner at 0.5B and 1.5B, the reference forward and the host hop, in one
+# call of at most 8 minutes; one JSON (benchmarks/results/gpu_check/) and a table. Without a GPU the
+# same steps run at tiny shapes on the CPU with .venv (make setup first).
+gpu-check:
+	@bash scripts/gpu_check.sh $(WHEEL_DIR)
 
 clean:
 	rm -rf runs .pytest_cache

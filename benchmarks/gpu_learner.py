@@ -4,14 +4,23 @@ and the memory of the log-prob path at a real vocabulary.
 Learner step (`--shape`): random weights built from a published shape (vocabulary 151,936, tied
 embeddings where the real model ties them) and RL-shaped batches (on CUDA 16 sequences, 256-token
 prompts, responses of 64..768 tokens drawn with a fixed seed; a third of a padded batch is
-padding). Side by side, alternating, `--reps` timed steps each after `--warmup`, medians:
+padding). One side at a time (built, timed, freed before the next is built: no two share the
+GPU's memory), `--reps` timed steps each after `--warmup`, medians:
 - `ours`: `FSDP2Learner.train_step` as configured by default (sequence packing, chunked log-probs,
-  one host read per update, a 16k-token micro-batch budget on CUDA; bf16 mixed precision on CUDA);
-- `ours+ckpt` (`--checkpointing`): the same with gradient checkpointing;
+  one host read per update; on CUDA bf16 mixed precision and the memory plan's checkpointing and
+  micro-batch tokens, `rlhf_cluster/learner/memory_plan.py`, whose estimate is printed beside the
+  measured peak);
+- `ours+ckpt` (`--checkpointing`): the same with gradient checkpointing forced on;
+- `ours, deepspeed` (`--deepspeed`): the same step on the DeepSpeed ZeRO-3 backend;
+- `ours, sdpa` (`--attention sdpa`, any `learner.attention`): ours with that attention instead of
+  the default (on CUDA without flash-attn: FlexAttention over one packed row per micro-batch);
 - `plain`: the loop a user would write: fp32 master weights, bf16 autocast on CUDA, fused AdamW on
   CUDA, the model's full logits and a log-softmax over them, the padded batch.
+`--seq-lens 1024 4096 16384` times ours (and `--seq-len-sides`) again on sequences of about those
+lengths, `--tokens-per-step` tokens per step (MFU should not fall with length).
 Figures: seconds per step, real-token MFU (6 x parameters x real tokens / step time / the GPU's
-dense bf16 peak), peak GPU memory, and ours / plain. Without CUDA the same code runs at the `tiny`
+dense bf16 peak), peak GPU memory, and ours / plain. On the CPU also the aten operations of one of
+ours' steps, and those per decoder layer per micro-batch in its forward (what a GPU launches). Without CUDA the same code runs at the `tiny`
 shape (still vocabulary 151,936) as a smoke run: seconds only, and the before/after ratio of the
 CPU learner (`ours` vs `ours` with the padded full-logits path of before issue 35).
 
@@ -24,12 +33,14 @@ process, peak resident memory above the inputs. The full path runs under a data 
     .venv/bin/python benchmarks/gpu_learner.py                       # CPU: tiny shape + log-prob memory at 8k tokens
     .venv/bin/python benchmarks/gpu_learner.py --shape demo --batch 128 --prompt 8 --response 1 4 --logprob-tokens
                                                                      # CPU: the demo's learner step, before vs after
-    python3 benchmarks/gpu_learner.py --shape qwen2.5-1.5b [--checkpointing]   # on a GPU
+    python3 benchmarks/gpu_learner.py --shape qwen2.5-1.5b [--checkpointing] [--deepspeed] [--seq-lens 4096 16384]
+                                                                     # on a GPU (make gpu-check runs the set)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -77,6 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="response lengths drawn uniformly from this range (seeded)")
     p.add_argument("--checkpointing", action="store_true", help="also time ours with gradient checkpointing")
     p.add_argument("--padded", action="store_true", help="also time ours with sequence packing off (right-padded rows)")
+    p.add_argument("--deepspeed", action="store_true", help="also time ours on the DeepSpeed ZeRO-3 backend")
+    p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "flex_attention", "flash_attention_2", "eager"],
+                   help="also time ours with these learner.attention settings (the default is auto)")
+    p.add_argument("--no-plain", dest="plain", action="store_false", help="leave the plain loop out")
+    p.add_argument("--seq-lens", type=int, nargs="*", default=[],
+                   help="also time ours (and --seq-len-sides) on sequences of about these many tokens each, "
+                        "--tokens-per-step tokens per step (e.g. 1024 4096 16384)")
+    p.add_argument("--seq-len-sides", nargs="*", default=["ours"], help="the sides timed at --seq-lens")
+    p.add_argument("--tokens-per-step", type=int, default=16384, help="tokens per step at --seq-lens")
     p.add_argument("--reps", type=int, default=5 if cuda else 3)
     p.add_argument("--warmup", type=int, default=2 if cuda else 1)
     p.add_argument("--logprob-tokens", type=int, nargs="*", default=[] if cuda else [8192],
@@ -106,7 +126,7 @@ def build_model(shape: str, cache_dir: str) -> Path:
         return folder
     _, tiny = random_model(64, 1, 128, cache_dir)  # its tokenizer files
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=4096, **SHAPES[shape])
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, **SHAPES[shape])
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     Qwen2ForCausalLM(config).save_pretrained(scratch)
@@ -118,15 +138,28 @@ def build_model(shape: str, cache_dir: str) -> Path:
 
 
 def make_batch(args: argparse.Namespace, vocab: int):
+    """The step's batch: `--batch` sequences of a `--prompt`-token prompt and a `--response` range."""
+    return batch_of(args.batch, args.prompt, args.response, vocab)
+
+
+def long_batch(seq_len: int, tokens_per_step: int, vocab: int):
+    """Sequences of about `seq_len` tokens (a quarter prompt, responses 80-100% of the rest),
+    `tokens_per_step` // `seq_len` of them (at least one)."""
+    prompt = seq_len // 4
+    rest = seq_len - prompt
+    return batch_of(max(1, tokens_per_step // seq_len), prompt, (rest * 4 // 5, rest), vocab)
+
+
+def batch_of(n: int, prompt: int, response: tuple[int, int] | list[int], vocab: int):
     from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 
     rng = random.Random(0)
     samples = []
-    for i in range(args.batch):
-        r = rng.randint(*args.response)
+    for i in range(n):
+        r = rng.randint(*response)
         samples.append(ScoredSample(
             sample_id=f"s{i}", prompt_id=f"p{i}", group_id=f"g{i // 4}",
-            prompt_ids=[rng.randrange(2, vocab) for _ in range(args.prompt)],
+            prompt_ids=[rng.randrange(2, vocab) for _ in range(prompt)],
             response_ids=[rng.randrange(2, vocab) for _ in range(r)], rollout_logprobs=[-6.0] * r, policy_version=0,
             finish_reason="stop", reward=0.0, reward_components={}, ref_logprobs=[-6.0] * r,
             advantages=[rng.uniform(-1, 1)] * r))
@@ -135,22 +168,29 @@ def make_batch(args: argparse.Namespace, vocab: int):
 
 # ---- the sides ------------------------------------------------------------------------------------
 class Ours:
-    """FSDP2Learner.train_step as configured by default (`before`: the padded full-logits path)."""
+    """The learner's train_step as configured by default (FSDP2; `backend="deepspeed"`: ZeRO-3;
+    `before`: the padded full-logits path)."""
 
-    def __init__(self, model_dir: Path, precision: str, checkpointing: bool = False, before: bool = False,
-                 packing: bool = True):
+    def __init__(self, model_dir: Path, precision: str, checkpointing: bool | None = None, before: bool = False,
+                 packing: bool = True, backend: str = "fsdp2", attention: str = "auto"):
         from rlhf_cluster.config import JobConfig
         from rlhf_cluster.learner.base import LearnerSpec
-        from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 
+        learner = {"lr": 1e-5, "mixed_precision": precision, "sequence_packing": False if before else packing,
+                   "backend": backend, "attention": attention}
+        if checkpointing is not None:  # None: the learner's default
+            learner["gradient_checkpointing"] = checkpointing
         cfg = JobConfig.model_validate({
-            "learner": {"lr": 1e-5, "mixed_precision": precision, "gradient_checkpointing": checkpointing,
-                        "sequence_packing": False if before else packing},
+            "learner": learner,
             "generation": {"sampling": {"max_new_tokens": 1024}},
             "algorithm": {"kl": {"placement": "loss", "coef": 0.01}},
             "metrics": {"enabled": False},
         })
-        self.learner = FSDP2Learner(LearnerSpec.of_policy(cfg), str(model_dir))
+        if backend == "deepspeed":
+            from rlhf_cluster.learner.deepspeed import DeepSpeedLearner as Learner
+        else:
+            from rlhf_cluster.learner.fsdp2 import FSDP2Learner as Learner
+        self.learner = Learner(LearnerSpec.of_policy(cfg), str(model_dir))
         self.before = before
 
     def step(self, batch) -> None:
@@ -196,25 +236,98 @@ class Plain:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def time_sides(args: argparse.Namespace, sides: dict, batch) -> tuple[dict, dict]:
+def time_side(args: argparse.Namespace, name: str, build, batches: dict[str, object]) -> dict[str, dict]:
+    """Build one side, time it on each of `batches` (`--warmup` untimed steps, then `--reps`), free
+    it (and the GPU's cache) before the next side is built: sides never share the GPU's memory.
+    Per batch: the step times and the peak memory, or the error (out of memory) that stopped it."""
     cuda = torch.cuda.is_available()
-    timings: dict[str, list[float]] = {name: [] for name in sides}
-    peaks: dict[str, int] = {}
-    names = list(sides)
-    for rep in range(-args.warmup, args.reps):
-        for name in (names if rep % 2 == 0 else names[::-1]):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            sides[name].step(batch)
-            if cuda:
-                torch.cuda.synchronize()
-                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
-            if rep >= 0:
-                timings[name].append(time.perf_counter() - start)
-            print(f"  {name} rep {rep}: {time.perf_counter() - start:.3f}s", flush=True)
-    return timings, peaks
+    out: dict[str, dict] = {}
+    try:
+        side = build()
+    except torch.OutOfMemoryError as e:
+        return {key: {"error": f"out of memory building it: {str(e)[:120]}"} for key in batches}
+    try:
+        for key, batch in batches.items():
+            times: list[float] = []
+            peak = 0
+            try:
+                for rep in range(-args.warmup, args.reps):
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    start = time.perf_counter()
+                    side.step(batch)
+                    if cuda:
+                        torch.cuda.synchronize()
+                        peak = max(peak, torch.cuda.max_memory_allocated())
+                    seconds = time.perf_counter() - start
+                    if rep >= 0:
+                        times.append(seconds)
+                    print(f"  {name} [{key}] rep {rep}: {seconds:.3f}s", flush=True)
+                plan = getattr(getattr(side, "learner", None), "memory_plan", None)
+                out[key] = {"timings": times, "peak_bytes": peak if cuda else None,
+                            "plan": None if plan is None else {"checkpointing": plan.checkpointing,
+                                                               "micro_batch_tokens": plan.micro_batch_tokens}}
+            except torch.OutOfMemoryError as e:
+                print(f"  {name} [{key}]: out of memory", flush=True)
+                out[key] = {"error": f"out of memory: {str(e)[:120]}"}
+                if cuda:
+                    torch.cuda.empty_cache()
+    finally:
+        del side
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def op_counts(side: Ours, batch) -> dict[str, float]:
+    """aten operations of one step of `side` (on the CPU: what a GPU would launch, before any
+    fusion), and those inside the decoder layers' forward, per layer call (a layer per micro-batch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inner = getattr(side.learner.model, "module", side.learner.model)
+    layers = list(inner.model.layers)
+    state = {"inside": 0, "layer_calls": 0}
+
+    class Count(TorchDispatchMode):
+        total = 0
+        in_layers = 0
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.total += 1
+            Count.in_layers += state["inside"] > 0
+            Count.copies += func._schema.name in ("aten::copy_", "aten::_to_copy")
+            return func(*args, **(kwargs or {}))
+
+    def enter(module, inputs):
+        state["inside"] += 1
+        state["layer_calls"] += 1
+
+    def leave(module, inputs, output):
+        state["inside"] -= 1
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
+    try:
+        with Count():
+            side.step(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = max(1, state["layer_calls"])
+    return {"aten_ops_per_step": Count.total, "copies_per_step": Count.copies,
+            "forward_aten_ops_per_decoder_layer_per_micro_batch": Count.in_layers / calls,
+            "decoder_layer_forward_calls": state["layer_calls"]}
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model `config` describes (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 # ---- log-prob path memory -----------------------------------------------------------------------
@@ -296,52 +409,95 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = build_model(args.shape, args.cache_dir)
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    batch = make_batch(args, vocab)
-    real_tokens, padded_tokens = int(batch.attention_mask.sum()), batch.attention_mask.numel()
+    config = AutoConfig.from_pretrained(model_dir)
+    vocab = config.vocab_size
+    params = parameter_count(config)
+    from rlhf_cluster.learner.memory_plan import ModelShape, estimate
 
-    sides: dict = {"ours": Ours(model_dir, precision)}
+    shape = ModelShape.of_folder(model_dir)
+    batches = {"default": make_batch(args, vocab)}
+    for seq_len in args.seq_lens:
+        batches[f"{seq_len}/seq"] = long_batch(seq_len, args.tokens_per_step, vocab)
+    at_length = {key: b for key, b in batches.items() if key != "default"}
+    default = {"default": batches["default"]}
+
+    def for_side(name: str) -> dict:
+        return {**default, **(at_length if name in args.seq_len_sides else {})}
+
+    sides: dict[str, tuple] = {"ours": (lambda: Ours(model_dir, precision), for_side("ours"))}
     if args.padded:
-        sides["ours, padded"] = Ours(model_dir, precision, packing=False)
+        sides["ours, padded"] = (lambda: Ours(model_dir, precision, packing=False), default)
     if args.checkpointing:
-        sides["ours+ckpt"] = Ours(model_dir, precision, checkpointing=True)
+        sides["ours+ckpt"] = (lambda: Ours(model_dir, precision, checkpointing=True), for_side("ours+ckpt"))
+    for attention in args.attention:
+        sides[f"ours, {attention}"] = (lambda a=attention: Ours(model_dir, precision, attention=a), for_side(f"ours, {attention}"))
+    if args.deepspeed:
+        sides["ours, deepspeed"] = (lambda: Ours(model_dir, precision, backend="deepspeed"), for_side("ours, deepspeed"))
     if not cuda:
-        sides["ours, before issue 35"] = Ours(model_dir, precision, before=True)
-    sides["plain"] = Plain(model_dir, precision)
-    params = sides["ours"].parameters()
-    timings, peaks = time_sides(args, sides, batch)
+        sides["ours, before issue 35"] = (lambda: Ours(model_dir, precision, before=True), default)
+    if args.plain:
+        sides["plain"] = (lambda: Plain(model_dir, precision), for_side("plain"))
+    results = {name: time_side(args, name, build, side_batches) for name, (build, side_batches) in sides.items()}
+    ops = op_counts(Ours(model_dir, precision), batches["default"]) if not cuda else None
     dist.destroy_process_group()
 
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak_flops = next((f for name, f in BF16_PEAK.items() if name in device), None) if cuda else None
-    figures = {}
-    for name, ts in timings.items():
-        s = statistics.median(ts)
-        figures[name] = {"seconds_per_step": s, "real_tokens_per_s": real_tokens / s,
-                         "mfu": 6 * params * real_tokens / s / peak_flops if peak_flops else None,
-                         "peak_memory_gib": peaks[name] / 2**30 if name in peaks else None,
-                         "vs_plain": statistics.median(timings["plain"]) / s}
+    figures: dict[str, dict] = {}
+    for name, per_batch in results.items():
+        for key, got in per_batch.items():
+            b = batches[key]
+            real = int(b.attention_mask.sum())
+            row: dict = {"side": name, "batch": key, "sequences": len(b.input_ids), "real_tokens": real,
+                         "padded_tokens": b.attention_mask.numel()}
+            if "error" in got:
+                row["error"] = got["error"]
+            else:
+                sec = statistics.median(got["timings"])
+                row.update(timings=got["timings"], seconds_per_step=sec, real_tokens_per_s=real / sec,
+                           mfu=6 * params * real / sec / peak_flops if peak_flops else None,
+                           peak_memory_gib=got["peak_bytes"] / 2**30 if got["peak_bytes"] else None, plan=got["plan"])
+                if got["plan"] is not None and name != "ours, deepspeed":  # the memory plan's estimate (FSDP2's)
+                    tokens = min(got["plan"]["micro_batch_tokens"] or real, real)
+                    row["estimate_gib"] = estimate(shape, tokens, 1, got["plan"]["checkpointing"]).total / 2**30
+            figures[f"{name} [{key}]"] = row
+    for row in figures.values():
+        plain = figures.get(f"plain [{row['batch']}]", {})
+        if "seconds_per_step" in row and "seconds_per_step" in plain:
+            row["vs_plain"] = plain["seconds_per_step"] / row["seconds_per_step"]
+    real_tokens, padded_tokens = figures["ours [default]"]["real_tokens"], figures["ours [default]"]["padded_tokens"]
     memory = logprob_memory(args) if args.logprob_tokens else []
     mem_ratio = None
     for tokens in args.logprob_tokens:
         got = {r["path"]: r for r in memory if r["tokens"] == tokens}
         mem_ratio = got["chunked"]["peak_bytes"] / got["full"]["peak_bytes"]  # an upper bound where full did not fit
+    ours = figures["ours [default]"]
     result = {
         "benchmark": "gpu_learner", "machine": machine_info(),
         "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "logprob_worker")}, "model": SHAPES[args.shape],
                    "vocab": vocab, "parameters": params, "real_tokens": real_tokens, "padded_tokens": padded_tokens,
                    "device": device, "precision": precision, "bf16_peak_flops": peak_flops},
-        "timings": timings, "figures": figures, "logprob_memory": memory,
-        "headline": (headline("real-token MFU of ours", figures["ours"]["mfu"], ">= 0.20 at 0.5B, >= 0.30 at 1.5B",
+        "figures": figures, "op_counts": ops, "logprob_memory": memory,
+        "headline": (headline("real-token MFU of ours", ours.get("mfu"), ">= 0.20 at 0.5B, >= 0.30 at 1.5B",
                               None, "") if peak_flops else
                      headline("log-prob path peak memory, chunked / full logits (8k tokens, vocab 151,936)",
                               mem_ratio, "<= 0.125", None if mem_ratio is None else mem_ratio <= 0.125, "")),
     }
-    print(f"\ngpu_learner  {device} | {args.shape}: {params / 1e6:.1f}M params, vocab {vocab} | {args.batch} sequences, "
-          f"{real_tokens} real tokens in {padded_tokens} padded | {precision} | {args.reps} reps (+{args.warmup}), medians")
-    print_table(["side", "s/step", "real tok/s", "MFU", "peak GiB", "x plain"],
-                [[n, f["seconds_per_step"], f["real_tokens_per_s"], f["mfu"], f["peak_memory_gib"], f["vs_plain"]]
-                 for n, f in figures.items()], ["{}", "{:.3f}", "{:.0f}", "{:.1%}", "{:.2f}", "{:.2f}"])
+    print(f"\ngpu_learner  {device} | {args.shape}: {params / 1e6:.1f}M params, vocab {vocab} | default batch {args.batch} "
+          f"sequences, {real_tokens} real tokens in {padded_tokens} padded | {precision} | {args.reps} reps "
+          f"(+{args.warmup}), medians; each side alone on the device")
+    print_table(["side [batch]", "seqs", "real tok", "s/step", "real tok/s", "MFU", "peak GiB", "plan GiB", "ckpt",
+                 "x plain"],
+                [[n, f["sequences"], f["real_tokens"], f.get("seconds_per_step"), f.get("real_tokens_per_s"), f.get("mfu"),
+                  f.get("peak_memory_gib"), f.get("estimate_gib"), (f.get("plan") or {}).get("checkpointing"),
+                  f.get("vs_plain")] if "error" not in f else
+                 [n, f["sequences"], f["real_tokens"], f["error"][:40], None, None, None, None, None, None]
+                 for n, f in figures.items()],
+                ["{}", "{}", "{}", "{:.3f}", "{:.0f}", "{:.1%}", "{:.2f}", "{:.2f}", "{}", "{:.2f}"])
+    if ops:
+        print(f"aten ops per step (CPU dispatch, ours): {ops['aten_ops_per_step']} ({ops['copies_per_step']} copies/casts); "
+              f"forward ops per decoder layer per micro-batch: "
+              f"{ops['forward_aten_ops_per_decoder_layer_per_micro_batch']:.0f}")
     if memory:
         print_table(["log-prob path", "tokens", "peak above inputs"],
                     [[r["path"], r["tokens"], f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["fits"] else

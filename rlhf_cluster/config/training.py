@@ -99,7 +99,8 @@ class TrainingGroupConfig(_Strict):
         ge=1,
         description="Gradient accumulation: forward/backward at most this many tokens at a time (real "
         "tokens when packed, padded ones otherwise; rows dealt so micro-batches balance). None: a whole mini-batch at "
-        "once on CPU, 16,384 tokens on CUDA. The loss denominators stay global, so the update is the same.",
+        "once on CPU; on CUDA planned, 16,384 tokens or fewer where the memory plan needs fewer (`memory_fraction`). "
+        "The loss denominators stay global, so the update is the same.",
     )
     sequence_packing: bool = Field(
         True,
@@ -142,8 +143,29 @@ class LearnerConfig(TrainingGroupConfig):
         description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
         "gradients and keep master weights and optimizer state in fp32.",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward (less memory, ~30% more compute)."
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in backward (less memory, ~30% more compute). None: planned "
+        "(rlhf_cluster/learner/memory_plan.py): on a GPU, on only where the estimated peak without it exceeds "
+        "`memory_fraction` of the device; off on CPU.",
+    )
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="The learner model's attention. auto: flash-attn's varlen kernels on CUDA where installed, else "
+        "FlexAttention on CUDA (packed sequences share one row under a document mask), else SDPA (FlexAttention has "
+        "no backward on CPU). With SDPA and eager attention packed rows are as wide as the longest sequence.",
+    )
+    liger_kernels: bool | None = Field(
+        None,
+        description="Liger's Triton kernels for RMSNorm and SwiGLU (the `gpu` extra: liger-kernel). None: on CUDA "
+        "where installed; true: required (an error without CUDA or the package); false: off.",
+    )
+    memory_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of each GPU the learner's memory plan may fill (checkpointing and micro-batch tokens, "
+        "where not set); the rest is left to colocated engines and the allocator.",
     )
     cpu_threads: int | None = Field(
         None,

@@ -82,4 +82,26 @@ def preview_lines(cfg: JobConfig) -> list[str]:
             "bytes per weight sync, per engine: "
             + ", ".join(f"{variant} {n / 1e6:.1f} MB" for variant, n in per_variant.items())
         )
+        lines.append(learner_memory_line(cfg, folder))
     return lines
+
+
+def learner_memory_line(cfg: JobConfig, folder: Path) -> str:
+    """The learner's memory plan (`learner.memory_plan`) for this model: on this host's GPU where it
+    has one, else on an 80 GiB GPU (an H100's, as a reference), per rank."""
+    import torch
+
+    from rlhf_cluster.learner.memory_plan import GIB, ModelShape, device_memory_bytes, plan_memory
+
+    lc = cfg.learner
+    if torch.cuda.is_available():
+        device_bytes, where = device_memory_bytes(torch.device("cuda", 0)), torch.cuda.get_device_name(0)
+    else:
+        device_bytes, where = 80 * GIB, "an 80 GiB GPU (none here)"
+    plan = plan_memory(lc, ModelShape.of_folder(folder), lc.world_size, device_bytes)
+    assert plan.estimate is not None  # a GPU plan always estimates
+    return (
+        f"learner memory plan on {where}, {lc.world_size} rank(s): checkpointing "
+        f"{'on' if plan.checkpointing else 'off'}, {plan.micro_batch_tokens} tokens per micro-batch, "
+        f"estimated {plan.estimate.describe()}; {plan.reason}"
+    )

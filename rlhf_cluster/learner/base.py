@@ -12,6 +12,7 @@ that average into the sum the global denominator expects.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -26,12 +27,15 @@ import torch.distributed as dist
 from rlhf_cluster.config import AlgorithmConfig, JobConfig, LearnerConfig
 from rlhf_cluster.experience.records import TrainBatch, pad_sequences
 from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
+from rlhf_cluster.learner.memory_plan import MemoryPlan, ModelShape, device_memory_bytes, plan_memory
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
 from rlhf_cluster.telemetry import tracing
+
+log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
@@ -119,8 +123,25 @@ class LearnerBase(ABC):
         self.step = 0
         self.model: Any = None
         self.scheduler: Any = None
+        self.memory_plan = plan_memory(spec.learner, None, self.world_size, None)  # a subclass plans by its model
         # Host-side agreements (how many micro-batches) go over gloo, never through the device.
         self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+
+    def _plan_memory(self, model_path: str) -> MemoryPlan:
+        """Checkpointing and micro-batch tokens for `model_path` on this device (`memory_plan`), logged."""
+        shape = ModelShape.of_folder(model_path) if (Path(model_path) / "config.json").is_file() else None
+        self.memory_plan = plan = plan_memory(
+            self.spec.learner, shape, self.world_size, device_memory_bytes(self.device)
+        )
+        if plan.estimate is not None and self.rank == 0:
+            log.info(
+                "learner memory plan: checkpointing %s, %s tokens per micro-batch, %s (%s)",
+                "on" if plan.checkpointing else "off",
+                plan.micro_batch_tokens,
+                plan.estimate.describe(),
+                plan.reason,
+            )
+        return plan
 
     # ---- backend hooks ---------------------------------------------------------------------
     @abstractmethod
@@ -293,8 +314,16 @@ class LearnerBase(ABC):
 
     def _micro_batches(self, local: TrainBatch, lo: int, hi: int) -> list[MicroBatch]:
         """Rows [lo, hi) of the host batch `local` as this step's passes (`plan_micro_batches`)."""
+        lc, plan = self.spec.learner, self.memory_plan
         return plan_micro_batches(
-            local, lo, hi, self.spec.learner, self.device, self._attention_implementation(), self.host_group
+            local,
+            lo,
+            hi,
+            plan.micro_batch_tokens,
+            lc.sequence_packing,
+            self.device,
+            self._attention_implementation(),
+            self.host_group,
         )
 
     def _attention_implementation(self) -> str:

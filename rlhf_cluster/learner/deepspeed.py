@@ -32,7 +32,8 @@ import torch
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec, done_future
 from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.schedule import lr_multiplier
-from rlhf_cluster.models.modeling import load_causal_lm
+from rlhf_cluster.models.liger import apply_liger
+from rlhf_cluster.models.modeling import load_causal_lm, training_attention
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -80,8 +81,9 @@ class DeepSpeedLearner(LearnerBase):
         lc = spec.learner
         # The model is built in full, then partitioned by `deepspeed.initialize` (ZeRO-3's
         # `zero.Init` around `from_pretrained` fails without `accelerate`).
-        model = load_causal_lm(model_path, torch.float32, self.device)
-        if lc.gradient_checkpointing:
+        model = load_causal_lm(model_path, torch.float32, self.device, training_attention(lc.attention, self.device))
+        self.liger = apply_liger(model, self.device, lc.liger_kernels)
+        if self._plan_memory(model_path).checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ds_config, adamw_kwargs = engine_config(lc, self.world_size)
         self.ds_config = ds_config

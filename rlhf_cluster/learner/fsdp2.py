@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
 from rlhf_cluster.learner.schedule import lr_multiplier
-from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names
+from rlhf_cluster.models.liger import apply_liger
+from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names, training_attention
 
 
 class FSDP2Learner(LearnerBase):
@@ -35,7 +36,8 @@ class FSDP2Learner(LearnerBase):
         super().__init__(spec)
         lc = spec.learner
         model = self._load_model(model_path)
-        if lc.gradient_checkpointing:
+        self.liger = apply_liger(model, self.device, lc.liger_kernels)
+        if self._plan_memory(model_path).checkpointing:
             # An HF model's (or ValueModel's) method, which torch's Module.__getattr__ types as Tensor | Module.
             model.gradient_checkpointing_enable(  # type: ignore[operator]  # torch's Module.__getattr__ typing
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -77,7 +79,8 @@ class FSDP2Learner(LearnerBase):
     def _load_model(self, model_path: str) -> torch.nn.Module:
         """The fp32 model to shard (the critic overrides it with its value model); it exposes its
         decoder `layers` (directly or under `.model`) so each layer is sharded on its own."""
-        return load_causal_lm(model_path, torch.float32, self.device)
+        attention = training_attention(self.spec.learner.attention, self.device)
+        return load_causal_lm(model_path, torch.float32, self.device, attention)
 
     # ---- the step --------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:

@@ -20,10 +20,6 @@ from rlhf_cluster.models.packing import (
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
 
-# Tokens per micro-batch on CUDA when `learner.max_tokens_per_micro_batch` is unset: an RL batch of
-# 16 sequences of ~1k tokens at Qwen2.5-1.5B's shape in one pass (issue 35).
-CUDA_MICRO_BATCH_TOKENS = 16384
-
 
 class MicroBatch(NamedTuple):
     """One forward/backward pass: its rows of the step's batch, whether they count (a padding pass
@@ -35,24 +31,21 @@ class MicroBatch(NamedTuple):
     packing: PackedRows | None = None
 
 
-def micro_batch_token_budget(lc, device: torch.device) -> int | None:
-    """The learner's tokens per micro-batch: the config's, else CUDA_MICRO_BATCH_TOKENS on CUDA,
-    else None (a whole mini-batch at once)."""
-    if lc.max_tokens_per_micro_batch is not None:
-        return lc.max_tokens_per_micro_batch
-    return CUDA_MICRO_BATCH_TOKENS if device.type == "cuda" else None
-
-
 def plan_micro_batches(
-    local: TrainBatch, lo: int, hi: int, lc, device: torch.device, attention: str, host_group: dist.ProcessGroup | None
+    local: TrainBatch,
+    lo: int,
+    hi: int,
+    budget: int | None,
+    packed: bool,
+    device: torch.device,
+    attention: str,
+    host_group: dist.ProcessGroup | None,
 ) -> list[MicroBatch]:
-    """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most
-    `lc.max_tokens_per_micro_batch` tokens (real tokens when packed, padded ones otherwise;
-    `micro_batch_token_budget`), balanced by tokens. Every rank runs the same number of
+    """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most `budget` tokens
+    (real tokens when `packed`, padded ones otherwise; None: one micro-batch; the learner's
+    `memory_plan`), balanced by tokens. Every rank runs the same number of
     forward/backward passes (the sharded backends' collectives must pair up): a rank with fewer pads
     with `real=False` passes on one row. The count is agreed over `host_group` (gloo)."""
-    budget = micro_batch_token_budget(lc, device)
-    packed = lc.sequence_packing
     if budget is None:
         return [micro_batch(local, list(range(lo, hi)), True, packed, device, attention)]
     if packed:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
 from rlhf_cluster.models.packing import PackedRows, pack_rows, packing_pays, prepared_mask
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
@@ -23,8 +27,36 @@ def decoder_layer(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A Hugging Face causal LM from a local folder; flash-attn on CUDA when installed, SDPA otherwise.
+def training_attention(choice: str, device: torch.device) -> str:
+    """The attention a learner's model runs for `learner.attention` on `device`: `auto` is
+    flash-attn's varlen kernels on CUDA where installed, else FlexAttention on CUDA (packed rows
+    under a document mask: one row of real tokens), else SDPA (FlexAttention has no backward on
+    the CPU); any other choice as given."""
+    if choice == "flex_attention" and device.type != "cuda":
+        raise ValueError("learner.attention: flex_attention has no backward on the CPU (PyTorch's): use sdpa or auto")
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "sdpa"
+    return "flash_attention_2" if _flash_attn_installed() else "flex_attention"
+
+
+def _flash_attn_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_causal_lm(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attention: str | None = None,
+):
+    """A Hugging Face causal LM from a local folder running `attention` (None: flash-attn on CUDA
+    when installed, SDPA otherwise).
 
     `device="spread"`: over every visible GPU, its layers split between them (accelerate's
     `device_map="auto"`): a frozen scoring model larger than one GPU (the reference design's 70B
@@ -34,14 +66,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, device:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model path {folder}: expected a Hugging Face folder with config.json")
-    attn = "sdpa"
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            attn = "flash_attention_2"
-        except ImportError:
-            pass
+    attn = attention or ("flash_attention_2" if torch.cuda.is_available() and _flash_attn_installed() else "sdpa")
     if device == "spread":
         if torch.cuda.device_count() > 1:
             return AutoModelForCausalLM.from_pretrained(
@@ -118,11 +143,12 @@ def response_logprobs(
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
+    mask: torch.Tensor | BlockMask = attention_mask
     if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
         keys = attention_mask.bool()
-        attention_mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)
+        mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)
     with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens) as scored:
-        return scored.read(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
+        return scored.read(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
 
 
 def _full_logits_logprobs(logits, input_ids, prompt_lengths, response_len, temperature, with_entropy):

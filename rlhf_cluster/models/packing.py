@@ -16,8 +16,12 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 @dataclass
@@ -44,13 +48,29 @@ class PackedRows:
         end, masked by the caller)."""
         return packed_ids.reshape(-1)[self.positions + 1]
 
-    def attention_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
-        """Causal within each sequence, nothing across sequences (`prepared_mask`); None for
-        flash-attention, whose varlen kernels take the sequences from the position ids."""
+    def attention_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | BlockMask | None:
+        """Causal within each sequence, nothing across sequences: a document mask for FlexAttention
+        (`document_block_mask`), a ready 4D mask for SDPA and eager attention (`prepared_mask`);
+        None for flash-attention, whose varlen kernels take the sequences from the position ids."""
         if attn_implementation.startswith("flash"):
             return None
+        if attn_implementation == "flex_attention":
+            return document_block_mask(self.sequence_ids)
         same_sequence = self.sequence_ids[:, :, None] == self.sequence_ids[:, None, :]
         return prepared_mask(same_sequence, attn_implementation, dtype)
+
+
+def document_block_mask(sequence_ids: torch.Tensor) -> BlockMask:
+    """FlexAttention's block-sparse mask for packed rows [R, C]: each slot attends causally within
+    its own sequence (a row's tail, -1, to itself). Blocks where no sequence meets itself are
+    skipped, so attention costs about the sum of the sequences' squares, not the row's."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sequence_causal(b, h, q, kv):
+        return (sequence_ids[b, q] == sequence_ids[b, kv]) & (q >= kv)
+
+    R, C = sequence_ids.shape
+    return create_block_mask(same_sequence_causal, B=R, H=None, Q_LEN=C, KV_LEN=C, device=sequence_ids.device)
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -60,9 +80,10 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
-def prepared_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+def prepared_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | BlockMask:
     """`allowed` [B, S, S] (query, key) and causality as the ready 4D [B, 1, S, S] mask a Hugging Face
-    model uses as given (boolean for SDPA, additive for eager attention): the model then builds none
+    model uses as given (boolean for SDPA, additive for eager attention, a BlockMask for
+    FlexAttention): the model then builds none
     itself, and its own mask building reads the device (whether the mask is all ones, whether the
     position ids restart)."""
     S = allowed.shape[-1]
@@ -70,6 +91,13 @@ def prepared_mask(allowed: torch.Tensor, attn_implementation: str, dtype: torch.
     allowed = allowed & (index[None, :] <= index[:, None])
     if attn_implementation == "sdpa":
         return allowed[:, None]
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B = allowed.shape[0]
+        return create_block_mask(
+            lambda b, h, q, kv: allowed[b, q, kv], B=B, H=None, Q_LEN=S, KV_LEN=S, device=allowed.device
+        )
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min
     )[:, None]
@@ -85,10 +113,15 @@ def packing_pays(packing: PackedRows, padded_slots: int) -> bool:
 
 def row_tokens_for(attn_implementation: str, lengths: list[int]) -> int | None:
     """Slots per packed row: unbounded (one row) for flash-attention, whose varlen kernels cost the
-    real tokens; the longest sequence otherwise, since SDPA and eager attention cost a row's slots
+    real tokens, and for FlexAttention, whose document mask skips the blocks between sequences; the
+    longest sequence otherwise, since SDPA and eager attention cost a row's slots
     squared: rows no wider than the padded batch's, and fewer of them (measured: one row of every
     sequence ran 2x slower than padding at the CPU demo's shape)."""
-    return None if attn_implementation.startswith("flash") else max(lengths, default=1)
+    return (
+        None
+        if attn_implementation.startswith("flash") or attn_implementation == "flex_attention"
+        else max(lengths, default=1)
+    )
 
 
 def plan_packing(

@@ -1,0 +1,173 @@
+"""The two GPU paths beside the learner step, at a real shape: the scoring pool's reference forward
+and the weight path's host hop.
+
+- Reference forward: `ReferenceModel` (bf16, and `scoring.quantization: int8`) scoring `--rollouts`
+  rollouts (256-token prompts, responses of 64..768 tokens, seeded): tokens/s, forward MFU
+  (2 x parameters x tokens / time / the GPU's dense bf16 peak), peak memory, and the int8 side's
+  mean |log-prob difference| from bf16.
+- Host hop: an FSDP2 learner's `named_full_tensors()` (fp32, what the store publishes) and
+  `named_engine_tensors(bf16)` (what engines load) drained to host memory, GB/s, against one pinned
+  device-to-host copy of 2 GiB (the wire's bound).
+Without CUDA the same code runs at the `tiny` shape on the CPU (a smoke run: figures not comparable).
+
+    python3 benchmarks/gpu_paths.py --shape qwen2.5-0.5b
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from _common import free_port, headline, machine_info, print_table, result_path, write_result
+from gpu_learner import BF16_PEAK, SHAPES, build_model, parameter_count
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b" if cuda else "tiny")
+    p.add_argument("--rollouts", type=int, default=64 if cuda else 4)
+    p.add_argument("--prompt", type=int, default=256 if cuda else 16)
+    p.add_argument("--response", type=int, nargs=2, default=[64, 768] if cuda else [8, 32])
+    p.add_argument("--reps", type=int, default=3 if cuda else 1)
+    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
+    p.add_argument("--out", type=Path, default=result_path("gpu_paths"))
+    return p.parse_args(argv)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reference_forward(args, model_dir: Path, params: int, vocab: int, peak_flops: float | None) -> dict[str, dict]:
+    from rlhf_cluster.experience.records import Rollout
+    from rlhf_cluster.scoring.reference import ReferenceModel
+
+    rng = random.Random(0)
+    rollouts = []
+    for i in range(args.rollouts):
+        r = rng.randint(*args.response)
+        rollouts.append(Rollout(f"s{i}", f"p{i}", "g", [rng.randrange(2, vocab) for _ in range(args.prompt)],
+                                [rng.randrange(2, vocab) for _ in range(r)], [-6.0] * r, 0, "stop"))
+    tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    out: dict[str, dict] = {}
+    first = None
+    for quantization in ("none", "int8"):
+        name = "bf16" if quantization == "none" and dtype == torch.bfloat16 else "fp32" if quantization == "none" else "int8"
+        model = ReferenceModel(str(model_dir), dtype, quantization=quantization)
+        model.logprobs(rollouts[:2])  # warm-up
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.reps):
+            sync()
+            start = time.perf_counter()
+            logprobs = model.logprobs(rollouts)
+            sync()
+            times.append(time.perf_counter() - start)
+        s = statistics.median(times)
+        row = {"seconds": s, "tokens": tokens, "tokens_per_s": tokens / s,
+               "mfu": 2 * params * tokens / s / peak_flops if peak_flops else None,
+               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+        flat = torch.tensor([x for r in logprobs for x in r])
+        if first is None:
+            first = flat
+        else:
+            row["mean_abs_logprob_diff_vs_first"] = float((flat - first).abs().mean())
+        out[f"reference/{name}"] = row
+        print(f"  reference {name}: {tokens / s:.0f} tokens/s", flush=True)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def host_hop(model_dir: Path) -> dict[str, dict]:
+    from rlhf_cluster.config import JobConfig
+    from rlhf_cluster.learner.base import LearnerSpec
+    from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+
+    cuda = torch.cuda.is_available()
+    cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": "bf16" if cuda else "none"},
+                                    "metrics": {"enabled": False}})
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), str(model_dir))
+    out: dict[str, dict] = {}
+    for name, tensors in (("named_full_tensors (fp32)", learner.named_full_tensors),
+                          ("named_engine_tensors (bf16)", lambda: learner.named_engine_tensors(torch.bfloat16))):
+        sync()
+        start = time.perf_counter()
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors())
+        s = time.perf_counter() - start
+        out[name] = {"seconds": s, "bytes": nbytes, "gb_per_s": nbytes / 1e9 / s}
+        print(f"  {name}: {nbytes / 1e9:.2f} GB in {s:.2f} s", flush=True)
+    del learner
+    gc.collect()
+    if cuda:
+        x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+        host = torch.empty(x.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(x)  # warm-up
+        sync()
+        start = time.perf_counter()
+        host.copy_(x)
+        sync()
+        s = time.perf_counter() - start
+        out["pinned device-to-host copy"] = {"seconds": s, "bytes": x.numel(), "gb_per_s": x.numel() / 1e9 / s}
+        del x, host
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    model_dir = build_model(args.shape, args.cache_dir)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    params = parameter_count(config)
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak_flops = next((f for name, f in BF16_PEAK.items() if name in device), None) if cuda else None
+    try:
+        scoring = reference_forward(args, model_dir, params, config.vocab_size, peak_flops)
+        hop = host_hop(model_dir)
+    finally:
+        dist.destroy_process_group()
+    first = next(iter(scoring.values()))
+    result = {
+        "benchmark": "gpu_paths", "machine": machine_info(),
+        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "parameters": params, "device": device,
+                   "bf16_peak_flops": peak_flops},
+        "reference_forward": scoring, "host_hop": hop,
+        "headline": headline("reference forward MFU" if peak_flops else "reference forward tokens/s",
+                             first["mfu"] if peak_flops else first["tokens_per_s"], "report", None, ""),
+    }
+    print(f"\ngpu_paths  {device} | {args.shape}: {params / 1e6:.1f}M params | {args.rollouts} rollouts, "
+          f"{first['tokens']} tokens | {args.reps} reps, medians")
+    print_table(["reference forward", "tokens/s", "MFU", "peak GiB", "|dlogp| vs first"],
+                [[n, r["tokens_per_s"], r["mfu"], r["peak_memory_gib"], r.get("mean_abs_logprob_diff_vs_first")]
+                 for n, r in scoring.items()], ["{}", "{:.0f}", "{:.1%}", "{:.1f}", "{:.4f}"])
+    print_table(["host hop", "GB", "seconds", "GB/s"],
+                [[n, r["bytes"] / 1e9, r["seconds"], r["gb_per_s"]] for n, r in hop.items()],
+                ["{}", "{:.2f}", "{:.3f}", "{:.2f}"])
+    write_result(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

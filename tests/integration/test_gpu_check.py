@@ -1,0 +1,31 @@
+"""`make gpu-check` cannot rot unseen: its script runs here on the CPU at tiny shapes (the steps a GPU
+machine runs at 0.5B and 1.5B: tests/gpu, the learner benchmark with DeepSpeed and a long-sequence
+batch, the reference forward and the host hop) and writes the one JSON the issue is read from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "no-wheels"), "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] and report["smoke"] and set(report["steps"]) == {
+        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B"}
+    learner = report["steps"]["learner 0.5B"]["result"]
+    rows = learner["figures"]
+    # Every side timed on the default batch, ours on the long one too; each alone.
+    assert {"ours [default]", "ours, deepspeed [default]", "plain [default]", "ours [256/seq]"} <= set(rows)
+    assert all(r["seconds_per_step"] > 0 for r in rows.values()), rows
+    assert learner["op_counts"]["forward_aten_ops_per_decoder_layer_per_micro_batch"] > 0
+    paths = report["steps"]["scoring and host hop 0.5B"]["result"]
+    assert {"reference/fp32", "reference/int8"} <= set(paths["reference_forward"])
+    assert paths["host_hop"]["named_full_tensors (fp32)"]["gb_per_s"] > 0
+    assert "passed" in "\n".join(report["steps"]["tests/gpu"]["tail"])
+    assert "learner 0.5B: ours [default]" in done.stdout  # the table

@@ -1,0 +1,43 @@
+"""Liger's kernels on the learner's model (issue 54): where they apply, what is refused, and which
+kernels are asked for (a stand-in module records the call: liger-kernel runs only on CUDA)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from rlhf_cluster.models import liger
+
+CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    calls = []
+    module = types.ModuleType("liger_kernel.transformers")
+    module._apply_liger_kernel_to_instance = lambda model, **kw: calls.append((model, kw))
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    return calls
+
+
+def test_by_default_only_on_cuda_with_the_package(fake_liger, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    assert liger.apply_liger(model, CPU, None) == [] and fake_liger == []
+    assert liger.apply_liger(model, CUDA, None) == ["rms_norm", "swiglu"]
+    [(got, kwargs)] = fake_liger
+    # RoPE would patch the model type's module for every model in the process; the output layer is ours.
+    assert got is model and kwargs["rope"] is False and kwargs["fused_linear_cross_entropy"] is False
+    assert liger.apply_liger(model, CUDA, False) == []
+
+
+def test_asking_for_them_where_they_cannot_run_is_refused(monkeypatch):
+    monkeypatch.setattr(liger, "liger_available", lambda: False)
+    assert liger.apply_liger(torch.nn.Linear(2, 2), CUDA, None) == []
+    with pytest.raises(ValueError, match="not installed"):
+        liger.apply_liger(torch.nn.Linear(2, 2), CUDA, True)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        liger.apply_liger(torch.nn.Linear(2, 2), CPU, True)

@@ -1,0 +1,82 @@
+"""The learner's memory plan (issue 54): the estimate against what one H100 measured, and the
+choice of checkpointing and micro-batch tokens that keeps a rank within its share of the device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf_cluster.config import JobConfig
+from rlhf_cluster.learner.memory_plan import GIB, ModelShape, estimate, plan_memory
+
+# Qwen2.5 model cards' config.json (the fields the shape reads).
+QWEN = {
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+}
+H100 = 80 * GIB
+
+
+def _shape(tmp_path, name: str) -> ModelShape:
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", **QWEN[name]}))
+    return ModelShape.of_folder(folder)
+
+
+def _learner(**learner):
+    return JobConfig.model_validate({"learner": learner}).learner
+
+
+@pytest.mark.parametrize("name", ["0.5b", "1.5b", "7b"])
+def test_the_parameter_count_is_the_models_own(tmp_path, name):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN[name]))
+    # Within the q/k/v biases the shape leaves out.
+    assert _shape(tmp_path, name).parameters == pytest.approx(sum(p.numel() for p in model.parameters()), rel=1e-3)
+
+
+@pytest.mark.parametrize("name,checkpointing,measured_gib", [("0.5b", False, 24.0), ("1.5b", False, 61.5), ("1.5b", True, 24.9)])
+def test_the_estimate_is_near_what_one_h100_measured(tmp_path, name, checkpointing, measured_gib):
+    """GPU.md, 2026-11-26: gpu_probe_real.py's batch, 10,335 real tokens in one micro-batch."""
+    got = estimate(_shape(tmp_path, name), 10335, 1, checkpointing).total / GIB
+    # Over rather than under: a plan that fits on paper must fit on the device.
+    assert measured_gib * 0.95 <= got <= measured_gib * 1.25, got
+
+
+def test_on_a_gpu_the_plan_keeps_each_shape_within_its_share(tmp_path):
+    small = plan_memory(_learner(), _shape(tmp_path, "0.5b"), 1, H100)
+    assert (small.checkpointing, small.micro_batch_tokens) == (False, 16384)
+    # 1.5B at default settings fits half an H100 (issue 54's <= 40 GiB): checkpointing chosen.
+    large = plan_memory(_learner(), _shape(tmp_path, "1.5b"), 1, H100)
+    assert large.checkpointing and large.estimate.total <= 40 * GIB
+    assert estimate(_shape(tmp_path, "1.5b"), 16384, 1, False).total > 40 * GIB
+    # More of the device: no checkpointing, a smaller budget first.
+    roomy = plan_memory(_learner(memory_fraction=0.9), _shape(tmp_path, "1.5b"), 1, H100)
+    assert not roomy.checkpointing and 8192 <= roomy.micro_batch_tokens < 16384, roomy
+    # Sharded over 8 ranks, the 7B states fit: the plan sees the ranks.
+    assert plan_memory(_learner(), _shape(tmp_path, "7b"), 8, H100).estimate.states < 16 * GIB
+
+
+def test_what_the_config_sets_is_kept(tmp_path):
+    shape = _shape(tmp_path, "1.5b")
+    fixed = plan_memory(_learner(gradient_checkpointing=False, max_tokens_per_micro_batch=4096), shape, 1, H100)
+    assert (fixed.checkpointing, fixed.micro_batch_tokens) == (False, 4096)
+    budget_only = plan_memory(_learner(max_tokens_per_micro_batch=4096), shape, 1, H100)
+    assert budget_only.micro_batch_tokens == 4096
+    # On the CPU: the config's settings, a whole mini-batch by default, no estimate.
+    cpu = plan_memory(_learner(), shape, 1, None)
+    assert (cpu.checkpointing, cpu.micro_batch_tokens, cpu.estimate) == (False, None, None)
+
+
+def test_a_model_that_cannot_fit_gets_the_smallest_plan(tmp_path):
+    plan = plan_memory(_learner(), _shape(tmp_path, "7b"), 1, 16 * GIB)
+    assert plan.checkpointing and plan.micro_batch_tokens == 1024 and "does not fit" in plan.reason
