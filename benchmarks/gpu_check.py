@@ -4,7 +4,8 @@ Steps, each a subprocess with its own time limit (a step that fails or runs out 
 recorded as such and the next one runs):
 1. `pytest tests/gpu` (both halves: the CPU bodies and the CUDA ones);
 2. `gpu_learner.py` at Qwen2.5-0.5B (FSDP2 and DeepSpeed ZeRO-3 beside the plain loop; ours also at
-   `--seq-lens`) and at Qwen2.5-1.5B (default settings: the memory plan decides checkpointing);
+   `--seq-lens`; with SDPA instead of FlexAttention, and with `learner.compile`, to choose the
+   defaults by) and at Qwen2.5-1.5B (default settings: the memory plan decides checkpointing);
 3. `gpu_paths.py` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
    host hop.
 Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON) and prints one
@@ -46,18 +47,20 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
         seq = args.seq_lens if args.seq_lens is not None else [256]
         tiny = ["--shape", "tiny", "--batch", "2", "--prompt", "8", "--response", "4", "16", "--reps", "1",
                 "--warmup", "0", "--attention", "eager", "--logprob-tokens"]
-        return [
-            ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider"], 300),
+        return [  # tests/gpu's bodies run in `make test` already: here only collected (the command stays right)
+            ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider",
+                           "--collect-only"], 300),
             ("learner 0.5B", [py, str(HERE / "gpu_learner.py"), *tiny, "--deepspeed", "--seq-lens", *map(str, seq),
                               "--tokens-per-step", "512", "--out", str(out / "gpu_learner_0.5b.json")], 300),
-            ("learner 1.5B", [py, str(HERE / "gpu_learner.py"), *tiny, "--out", str(out / "gpu_learner_1.5b.json")], 300),
+            ("learner 1.5B", [py, str(HERE / "gpu_learner.py"), *tiny, "--no-plain",
+                              "--out", str(out / "gpu_learner_1.5b.json")], 300),
             ("scoring and host hop 0.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "tiny", "--rollouts", "2",
                                            "--out", str(out / "gpu_paths_0.5b.json")], 300),
         ]
     seq = args.seq_lens if args.seq_lens is not None else [4096, 16384]
     return [
         ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider"], 80),
-        ("learner 0.5B", [py, str(HERE / "gpu_learner.py"), "--shape", "qwen2.5-0.5b", "--deepspeed", "--reps", "3",
+        ("learner 0.5B", [py, str(HERE / "gpu_learner.py"), "--shape", "qwen2.5-0.5b", "--deepspeed", "--compile", "--reps", "3",
                           "--attention", "sdpa", "--seq-lens", *map(str, seq), "--seq-len-sides", "ours", "ours, sdpa",
                           "--out", str(out / "gpu_learner_0.5b.json")], 160),
         ("learner 1.5B", [py, str(HERE / "gpu_learner.py"), "--shape", "qwen2.5-1.5b", "--reps", "3",

@@ -12,6 +12,8 @@ GPU's memory), `--reps` timed steps each after `--warmup`, medians:
   measured peak);
 - `ours+ckpt` (`--checkpointing`): the same with gradient checkpointing forced on;
 - `ours, deepspeed` (`--deepspeed`): the same step on the DeepSpeed ZeRO-3 backend;
+- `ours, compiled` (`--compile`): ours with `learner.compile` (each decoder layer's forward through
+  inductor; its compilation falls in the warm-up steps);
 - `ours, sdpa` (`--attention sdpa`, any `learner.attention`): ours with that attention instead of
   the default (on CUDA without flash-attn: FlexAttention over one packed row per micro-batch);
 - `plain`: the loop a user would write: fp32 master weights, bf16 autocast on CUDA, fused AdamW on
@@ -89,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", action="store_true", help="also time ours with gradient checkpointing")
     p.add_argument("--padded", action="store_true", help="also time ours with sequence packing off (right-padded rows)")
     p.add_argument("--deepspeed", action="store_true", help="also time ours on the DeepSpeed ZeRO-3 backend")
+    p.add_argument("--compile", action="store_true", help="also time ours with learner.compile (regional torch.compile)")
     p.add_argument("--attention", nargs="*", default=[], choices=["sdpa", "flex_attention", "flash_attention_2", "eager"],
                    help="also time ours with these learner.attention settings (the default is auto)")
     p.add_argument("--no-plain", dest="plain", action="store_false", help="leave the plain loop out")
@@ -172,12 +175,12 @@ class Ours:
     `before`: the padded full-logits path)."""
 
     def __init__(self, model_dir: Path, precision: str, checkpointing: bool | None = None, before: bool = False,
-                 packing: bool = True, backend: str = "fsdp2", attention: str = "auto"):
+                 packing: bool = True, backend: str = "fsdp2", attention: str = "auto", compile: bool = False):
         from rlhf_cluster.config import JobConfig
         from rlhf_cluster.learner.base import LearnerSpec
 
         learner = {"lr": 1e-5, "mixed_precision": precision, "sequence_packing": False if before else packing,
-                   "backend": backend, "attention": attention}
+                   "backend": backend, "attention": attention, "compile": compile}
         if checkpointing is not None:  # None: the learner's default
             learner["gradient_checkpointing"] = checkpointing
         cfg = JobConfig.model_validate({
@@ -431,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         sides["ours+ckpt"] = (lambda: Ours(model_dir, precision, checkpointing=True), for_side("ours+ckpt"))
     for attention in args.attention:
         sides[f"ours, {attention}"] = (lambda a=attention: Ours(model_dir, precision, attention=a), for_side(f"ours, {attention}"))
+    if args.compile:
+        sides["ours, compiled"] = (lambda: Ours(model_dir, precision, compile=True), for_side("ours, compiled"))
     if args.deepspeed:
         sides["ours, deepspeed"] = (lambda: Ours(model_dir, precision, backend="deepspeed"), for_side("ours, deepspeed"))
     if not cuda:
@@ -457,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(timings=got["timings"], seconds_per_step=sec, real_tokens_per_s=real / sec,
                            mfu=6 * params * real / sec / peak_flops if peak_flops else None,
                            peak_memory_gib=got["peak_bytes"] / 2**30 if got["peak_bytes"] else None, plan=got["plan"])
-                if got["plan"] is not None and name != "ours, deepspeed":  # the memory plan's estimate (FSDP2's)
+                if cuda and got["plan"] is not None and name != "ours, deepspeed":  # the memory plan's (FSDP2's)
                     tokens = min(got["plan"]["micro_batch_tokens"] or real, real)
                     row["estimate_gib"] = estimate(shape, tokens, 1, got["plan"]["checkpointing"]).total / 2**30
             figures[f"{name} [{key}]"] = row

@@ -13,6 +13,7 @@ for script in benchmarks/*.py; do
   base=$(basename "$script")
   case "$base" in
     _*) continue ;;
+    gpu_check.py) continue ;;  # `make gpu-check`: runs gpu_learner and gpu_paths at GPU shapes (tiny on the CPU)
   esac
   scripts+=("$script")
 done

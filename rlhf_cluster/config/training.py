@@ -155,6 +155,12 @@ class LearnerConfig(TrainingGroupConfig):
         "FlexAttention on CUDA (packed sequences share one row under a document mask), else SDPA (FlexAttention has "
         "no backward on CPU). With SDPA and eager attention packed rows are as wide as the longest sequence.",
     )
+    compile: bool = Field(
+        False,
+        description="Regional torch.compile of each decoder layer's forward (inductor: fewer kernel launches and "
+        "casts; the first step pays the compilation). Off until it measures faster on a GPU "
+        "(benchmarks/gpu_learner.py --compile, in make gpu-check).",
+    )
     liger_kernels: bool | None = Field(
         None,
         description="Liger's Triton kernels for RMSNorm and SwiGLU (the `gpu` extra: liger-kernel). None: on CUDA "

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
 from rlhf_cluster.learner.schedule import lr_multiplier
+from rlhf_cluster.models.compiled import compile_layers
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names, training_attention
 
@@ -56,6 +57,8 @@ class FSDP2Learner(LearnerBase):
             else MixedPrecisionPolicy()  # fully_shard's default: no casting
         )
         layers = getattr(getattr(base, "model", base), "layers", [])
+        if lc.compile:
+            compile_layers(layers)
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)

@@ -198,3 +198,20 @@ def test_flex_attention_packed_rows_equal_the_padded_path(device, tiny_model_pat
     if device.type == "cpu":
         with pytest.raises(ValueError, match="no backward on the CPU"):
             training_attention("flex_attention", device)
+
+
+def test_compiled_decoder_layers_step_like_eager_ones(device_group, tiny_model_path):
+    """`learner.compile`: each decoder layer's forward through inductor (on the CPU too), two steps
+    (the second on the compiled graph, a new token count) equal to eager's."""
+    batches = [_ragged_batch(), _batch(n=3, length=9)]
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lr": 1e-3, "compile": compiled}})
+        learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
+        results[compiled] = [learner.train_step(b, kl_coef=0.0) for b in batches]
+        forwards = [layer.forward for layer in learner.model.model.layers]
+        assert all(hasattr(f, "_torchdynamo_orig_callable") for f in forwards) == compiled
+    for eager, compiled in zip(results[False], results[True]):
+        for key in ("policy/loss", "learner/grad_norm"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
