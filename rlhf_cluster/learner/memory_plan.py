@@ -4,7 +4,7 @@ it within `learner.memory_fraction` of the device (issue 54).
 
 The estimate, per rank, for a decoder of `layers` blocks of width `hidden` and MLP `intermediate`:
 - states: fp32 master weights, gradients and AdamW's two moments, 16 bytes per parameter, sharded
-  over the ranks;
+  over the ranks (with LoRA the frozen weights alone, 4 bytes);
 - activations: per token per layer, what autograd saves in a Qwen2/Llama block at bf16 (the
   projections' inputs and outputs, 10 x hidden; the gated MLP's four intermediates, 4 x
   intermediate; at 2 bytes) plus the RMSNorms' float32 inputs (8 x hidden bytes). With
@@ -84,9 +84,12 @@ class MemoryEstimate:
         )
 
 
-def estimate(shape: ModelShape, tokens: int, world_size: int = 1, checkpointing: bool = False) -> MemoryEstimate:
-    """The estimate of the module docstring for a micro-batch of `tokens` tokens."""
-    states = 16 * shape.parameters // world_size
+def estimate(
+    shape: ModelShape, tokens: int, world_size: int = 1, checkpointing: bool = False, frozen_base: bool = False
+) -> MemoryEstimate:
+    """The estimate of the module docstring for a micro-batch of `tokens` tokens (`frozen_base`:
+    LoRA, whose frozen weights have no gradient or optimizer state; the adapters' are left out)."""
+    states = (4 if frozen_base else 16) * shape.parameters // world_size
     per_token_layer = 2 * (10 * shape.hidden + 4 * shape.intermediate) + 8 * shape.hidden
     if checkpointing:
         activations = tokens * (shape.layers * 2 * shape.hidden + per_token_layer)
@@ -126,18 +129,19 @@ def plan_memory(lc, shape: ModelShape | None, world_size: int, device_bytes: int
         return MemoryPlan(bool(fixed_ckpt), fixed_tokens, None, "CPU: the config's settings")
     limit = int(device_bytes * lc.memory_fraction)
     tokens = fixed_tokens or CUDA_MICRO_BATCH_TOKENS
+    lora = lc.lora.enabled
     if fixed_ckpt is not None:
-        chosen = estimate(shape, tokens, world_size, fixed_ckpt)
+        chosen = estimate(shape, tokens, world_size, fixed_ckpt, lora)
         return MemoryPlan(fixed_ckpt, tokens, chosen, "learner.gradient_checkpointing as set")
     share = f"{lc.memory_fraction:.0%} of {device_bytes / GIB:.0f} GiB"
     candidates = [(False, t) for t in _budgets(tokens, MIN_PLANNED_TOKENS, fixed_tokens)]
     candidates += [(True, t) for t in _budgets(tokens, 1024, fixed_tokens)]
     for checkpointing, t in candidates:
-        chosen = estimate(shape, t, world_size, checkpointing)
+        chosen = estimate(shape, t, world_size, checkpointing, lora)
         if chosen.total <= limit:
             return MemoryPlan(checkpointing, t, chosen, f"fits {share}")
     smallest = candidates[-1][1]
-    last = estimate(shape, smallest, world_size, True)
+    last = estimate(shape, smallest, world_size, True, lora)
     return MemoryPlan(True, smallest, last, f"does not fit {share}: smallest plan")
 
 

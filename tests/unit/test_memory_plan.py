@@ -64,6 +64,10 @@ def test_on_a_gpu_the_plan_keeps_each_shape_within_its_share(tmp_path):
     assert not roomy.checkpointing and 8192 <= roomy.micro_batch_tokens < 16384, roomy
     # Sharded over 8 ranks, the 7B states fit: the plan sees the ranks.
     assert plan_memory(_learner(), _shape(tmp_path, "7b"), 8, H100).estimate.states < 16 * GIB
+    # With LoRA the frozen 7B weights alone (fp32, 28 GiB): it fits one GPU's half, full fine-tuning does not.
+    lora = plan_memory(_learner(lora={"rank": 16}), _shape(tmp_path, "7b"), 1, H100)
+    assert "fits" in lora.reason and lora.estimate.states < 30 * GIB, lora
+    assert "does not fit" in plan_memory(_learner(), _shape(tmp_path, "7b"), 1, H100).reason
 
 
 def test_what_the_config_sets_is_kept(tmp_path):
