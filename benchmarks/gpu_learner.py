@@ -287,50 +287,14 @@ def time_side(args: argparse.Namespace, name: str, build, batches: dict[str, obj
 def op_counts(side: Ours, batch) -> dict[str, float]:
     """aten operations of one step of `side` (on the CPU: what a GPU would launch, before any
     fusion), and those inside the decoder layers' forward, per layer call (a layer per micro-batch)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from rlhf_cluster.telemetry.op_counts import count_ops
 
     inner = getattr(side.learner.model, "module", side.learner.model)
-    layers = list(inner.model.layers)
-    state = {"inside": 0, "layer_calls": 0}
-
-    class Count(TorchDispatchMode):
-        total = 0
-        in_layers = 0
-        copies = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.total += 1
-            Count.in_layers += state["inside"] > 0
-            Count.copies += func._schema.name in ("aten::copy_", "aten::_to_copy")
-            return func(*args, **(kwargs or {}))
-
-    def enter(module, inputs):
-        state["inside"] += 1
-        state["layer_calls"] += 1
-
-    def leave(module, inputs, output):
-        state["inside"] -= 1
-
-    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
-    try:
-        with Count():
-            side.step(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    calls = max(1, state["layer_calls"])
-    return {"aten_ops_per_step": Count.total, "copies_per_step": Count.copies,
-            "forward_aten_ops_per_decoder_layer_per_micro_batch": Count.in_layers / calls,
-            "decoder_layer_forward_calls": state["layer_calls"]}
-
-
-def parameter_count(config) -> int:
-    """Parameters of the model `config` describes (built on the meta device: no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    with count_ops(inner.model.layers) as counts:
+        side.step(batch)
+    return {"aten_ops_per_step": counts.total, "copies_per_step": counts.copies,
+            "forward_aten_ops_per_decoder_layer_per_micro_batch": counts.per_layer_call,
+            "decoder_layer_forward_calls": counts.layer_calls}
 
 
 # ---- log-prob path memory -----------------------------------------------------------------------

@@ -347,13 +347,20 @@ class LearnerBase(ABC):
         mask = b.response_mask
         self.model.train()
         # π_prox: the current weights' log-probs before any update, the PPO denominator. With one
-        # epoch of one mini-batch in one pass, the training forward runs on exactly those weights,
-        # so its detached log-probs are π_prox and the separate no-grad forward is skipped.
-        single_pass = lc.ppo_epochs == 1 and len(plans) == 1 and len(plans[0]) == 1
+        # epoch of one mini-batch (one update, however many micro-batches accumulate into it), every
+        # training forward runs on exactly those weights, so its detached log-probs are π_prox for
+        # its rows and the separate no-grad forward is skipped. The correction weights are per row
+        # (token, sequence or geometric level), so each micro-batch takes its own rows'; the
+        # batch's mismatch diagnostics are computed once every row is in.
+        one_update = lc.ppo_epochs == 1 and len(plans) == 1
         prox: torch.Tensor | None
         correction: torch.Tensor | None
         corr_metrics: dict[str, torch.Tensor] | None
-        if not single_pass:
+        if one_update:
+            prox = torch.zeros_like(b.rollout_logprobs, dtype=torch.float32)
+            correction = torch.zeros_like(prox) if self.objective.cfg.correction.enabled else None
+            corr_metrics = None
+        else:
             with torch.no_grad(), tracing.span("prox_logprobs"):
                 prox = self._frozen_logprobs(b, plans)
             correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
@@ -373,10 +380,12 @@ class LearnerBase(ABC):
             nonlocal prox, correction, corr_metrics
             rows = micro.rows
             logprobs, ent = self._logprobs(b, micro, with_entropy=True)
-            if single_pass:
-                prox = logprobs.detach()
-                correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
-            assert prox is not None  # set above (one pass) or by the no-grad forward before the passes
+            assert prox is not None  # filled here row by row (one update) or by the no-grad forward before
+            if one_update:
+                prox[rows] = logprobs.detach()
+                weights, _ = self.objective.correction_weights(prox[rows], b.rollout_logprobs[rows], mask[rows])
+                if correction is not None and weights is not None:
+                    correction[rows] = weights
             global_tokens, global_seqs = counts[mini]
             # clamp_min(1): a mini-batch whose tokens were all filtered out (overlong filtering)
             # contributes a zero loss rather than NaN.
@@ -393,12 +402,13 @@ class LearnerBase(ABC):
                 token_denominator=global_tokens.clamp_min(1.0),
             )
 
-        if single_pass:
-            prox = correction = corr_metrics = None  # set by the one micro-batch's forward
         reduction = StepMetrics(self.device, mask)
 
         def step_values(p: Passes) -> torch.Tensor:
-            assert corr_metrics is not None  # set before the passes, or by the one pass's forward
+            nonlocal corr_metrics
+            if corr_metrics is None:  # one update: every row's π_prox is in by its last pass
+                assert prox is not None
+                _, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
             return reduction.device_values(p, correction, corr_metrics)
 
         passes = self._optimize(lc.ppo_epochs, plans, micro_loss, step_values)

@@ -59,8 +59,11 @@ class FSDP2Learner(LearnerBase):
         layers = getattr(getattr(base, "model", base), "layers", [])
         if lc.compile:
             compile_layers(layers)
+        # Where the plan keeps them (one rank), a layer holds its gathered (bf16) weights from its
+        # forward to its backward: one gather and cast per micro-batch, not two (memory_plan).
+        reshard = not self.memory_plan.keep_gathered
         for layer in layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+            fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]

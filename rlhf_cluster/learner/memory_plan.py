@@ -4,7 +4,9 @@ it within `learner.memory_fraction` of the device (issue 54).
 
 The estimate, per rank, for a decoder of `layers` blocks of width `hidden` and MLP `intermediate`:
 - states: fp32 master weights, gradients and AdamW's two moments, 16 bytes per parameter, sharded
-  over the ranks (with LoRA the frozen weights alone, 4 bytes);
+  over the ranks (with LoRA the frozen weights alone, 4 bytes); where the plan keeps them (one
+  rank, where it fits) also the gathered bf16 weights, 2 bytes per parameter: a layer is then not
+  resharded between its forward and its backward, one cast and gather per micro-batch, not two;
 - activations: per token per layer, what autograd saves in a Qwen2/Llama block at bf16 (the
   projections' inputs and outputs, 10 x hidden; the gated MLP's four intermediates, 4 x
   intermediate; at 2 bytes) plus the RMSNorms' float32 inputs (8 x hidden bytes). With
@@ -12,9 +14,10 @@ The estimate, per rank, for a decoder of `layers` blocks of width `hidden` and M
 - the chunked log-prob path: two float32 [chunk, vocab] buffers and the output layer's float32
   gradient;
 - 10% for the allocator's slack and the all-gathered bf16 layers in flight.
-Checked against one H100 (2026-11-26, 10,335 real tokens in one micro-batch, no checkpointing):
-Qwen2.5-0.5B estimated 25.6 GiB, measured 24.0; Qwen2.5-1.5B estimated 61 GiB, measured 61.5; with
-checkpointing 1.5B estimated 29 GiB, measured 24.9.
+Checked against one H100 (2026-11-26, 10,335 real tokens in one micro-batch, before the one-rank
+learner kept gathered weights, so without those 2 bytes per parameter): Qwen2.5-0.5B estimated
+25.6 GiB, measured 24.0; Qwen2.5-1.5B estimated 61 GiB, measured 61.5; with checkpointing 1.5B
+estimated 29 GiB, measured 24.9. `benchmarks/gpu_learner.py` prints estimate and peak side by side.
 """
 
 from __future__ import annotations
@@ -85,11 +88,19 @@ class MemoryEstimate:
 
 
 def estimate(
-    shape: ModelShape, tokens: int, world_size: int = 1, checkpointing: bool = False, frozen_base: bool = False
+    shape: ModelShape,
+    tokens: int,
+    world_size: int = 1,
+    checkpointing: bool = False,
+    frozen_base: bool = False,
+    keep_gathered: bool = False,
 ) -> MemoryEstimate:
     """The estimate of the module docstring for a micro-batch of `tokens` tokens (`frozen_base`:
-    LoRA, whose frozen weights have no gradient or optimizer state; the adapters' are left out)."""
+    LoRA, whose frozen weights have no gradient or optimizer state; the adapters' are left out;
+    `keep_gathered`: every layer's gathered bf16 weights held from its forward to its backward)."""
     states = (4 if frozen_base else 16) * shape.parameters // world_size
+    if keep_gathered:
+        states += 2 * shape.parameters
     per_token_layer = 2 * (10 * shape.hidden + 4 * shape.intermediate) + 8 * shape.hidden
     if checkpointing:
         activations = tokens * (shape.layers * 2 * shape.hidden + per_token_layer)
@@ -103,12 +114,14 @@ def estimate(
 @dataclass(frozen=True)
 class MemoryPlan:
     """What the learner runs with: checkpointing on or off, tokens per micro-batch (None: a whole
-    mini-batch), the estimate it was chosen by (None on the CPU) and why."""
+    mini-batch), whether a layer keeps its gathered weights from forward to backward (one rank
+    only), the estimate it was chosen by (None on the CPU) and why."""
 
     checkpointing: bool
     micro_batch_tokens: int | None
     estimate: MemoryEstimate | None
     reason: str
+    keep_gathered: bool = False
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
@@ -120,29 +133,31 @@ def device_memory_bytes(device: torch.device) -> int | None:
 
 def plan_memory(lc, shape: ModelShape | None, world_size: int, device_bytes: int | None) -> MemoryPlan:
     """The learner's plan: the config's settings where it sets them; else on a GPU (`device_bytes`)
-    no checkpointing and the largest budget down to MIN_PLANNED_TOKENS whose estimate fits
-    `lc.memory_fraction` of the device, else checkpointing at the largest budget that fits (at
-    least 1,024 tokens). On the CPU: no checkpointing, a whole mini-batch, unless set."""
-    fixed_tokens = lc.max_tokens_per_micro_batch
-    fixed_ckpt = lc.gradient_checkpointing
+    the first of these whose estimate fits `lc.memory_fraction` of the device: no checkpointing at
+    the largest budget from 16k down to MIN_PLANNED_TOKENS (gathered weights kept, then not), then
+    checkpointing likewise down to 1,024 tokens. Gathered weights are kept only at one rank. On the
+    CPU: the config's settings, a whole mini-batch by default, gathered weights kept at one rank."""
+    fixed_tokens, fixed_ckpt = lc.max_tokens_per_micro_batch, lc.gradient_checkpointing
+    one_rank = world_size == 1
     if device_bytes is None or shape is None:
-        return MemoryPlan(bool(fixed_ckpt), fixed_tokens, None, "CPU: the config's settings")
+        return MemoryPlan(bool(fixed_ckpt), fixed_tokens, None, "CPU: the config's settings", one_rank)
     limit = int(device_bytes * lc.memory_fraction)
-    tokens = fixed_tokens or CUDA_MICRO_BATCH_TOKENS
-    lora = lc.lora.enabled
-    if fixed_ckpt is not None:
-        chosen = estimate(shape, tokens, world_size, fixed_ckpt, lora)
-        return MemoryPlan(fixed_ckpt, tokens, chosen, "learner.gradient_checkpointing as set")
     share = f"{lc.memory_fraction:.0%} of {device_bytes / GIB:.0f} GiB"
-    candidates = [(False, t) for t in _budgets(tokens, MIN_PLANNED_TOKENS, fixed_tokens)]
-    candidates += [(True, t) for t in _budgets(tokens, 1024, fixed_tokens)]
-    for checkpointing, t in candidates:
-        chosen = estimate(shape, t, world_size, checkpointing, lora)
+    start = fixed_tokens or CUDA_MICRO_BATCH_TOKENS
+    checkpointing = [False, True] if fixed_ckpt is None else [fixed_ckpt]
+    candidates = [
+        (ckpt, keep, t)
+        for ckpt in checkpointing
+        for keep in ([True, False] if one_rank else [False])
+        for t in _budgets(start, 1024 if ckpt else MIN_PLANNED_TOKENS, fixed_tokens)
+    ]
+    for ckpt, keep, t in candidates:
+        chosen = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep)
         if chosen.total <= limit:
-            return MemoryPlan(checkpointing, t, chosen, f"fits {share}")
-    smallest = candidates[-1][1]
-    last = estimate(shape, smallest, world_size, True, lora)
-    return MemoryPlan(True, smallest, last, f"does not fit {share}: smallest plan")
+            return MemoryPlan(ckpt, t, chosen, f"fits {share}", keep)
+    ckpt, keep, t = candidates[-1]
+    last = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep)
+    return MemoryPlan(ckpt, t, last, f"does not fit {share}: smallest plan", keep)
 
 
 def _budgets(start: int, floor: int, fixed: int | None) -> list[int]:

@@ -47,6 +47,7 @@ def test_the_parameter_count_is_the_models_own(tmp_path, name):
 @pytest.mark.parametrize("name,checkpointing,measured_gib", [("0.5b", False, 24.0), ("1.5b", False, 61.5), ("1.5b", True, 24.9)])
 def test_the_estimate_is_near_what_one_h100_measured(tmp_path, name, checkpointing, measured_gib):
     """GPU.md, 2026-11-26: gpu_probe_real.py's batch, 10,335 real tokens in one micro-batch."""
+    # Measured before the one-rank learner kept its gathered weights from forward to backward.
     got = estimate(_shape(tmp_path, name), 10335, 1, checkpointing).total / GIB
     # Over rather than under: a plan that fits on paper must fit on the device.
     assert measured_gib * 0.95 <= got <= measured_gib * 1.25, got
@@ -54,7 +55,10 @@ def test_the_estimate_is_near_what_one_h100_measured(tmp_path, name, checkpointi
 
 def test_on_a_gpu_the_plan_keeps_each_shape_within_its_share(tmp_path):
     small = plan_memory(_learner(), _shape(tmp_path, "0.5b"), 1, H100)
-    assert (small.checkpointing, small.micro_batch_tokens) == (False, 16384)
+    assert (small.checkpointing, small.micro_batch_tokens, small.keep_gathered) == (False, 16384, True)
+    gathered = small.estimate.states - estimate(_shape(tmp_path, "0.5b"), 16384).states
+    assert gathered == 2 * _shape(tmp_path, "0.5b").parameters  # the bf16 weights each layer keeps gathered
+    assert not plan_memory(_learner(), _shape(tmp_path, "0.5b"), 2, H100).keep_gathered  # only at one rank
     # 1.5B at default settings fits half an H100 (issue 54's <= 40 GiB): checkpointing chosen.
     large = plan_memory(_learner(), _shape(tmp_path, "1.5b"), 1, H100)
     assert large.checkpointing and large.estimate.total <= 40 * GIB
@@ -64,9 +68,10 @@ def test_on_a_gpu_the_plan_keeps_each_shape_within_its_share(tmp_path):
     assert not roomy.checkpointing and 8192 <= roomy.micro_batch_tokens < 16384, roomy
     # Sharded over 8 ranks, the 7B states fit: the plan sees the ranks.
     assert plan_memory(_learner(), _shape(tmp_path, "7b"), 8, H100).estimate.states < 16 * GIB
-    # With LoRA the frozen 7B weights alone (fp32, 28 GiB): it fits one GPU's half, full fine-tuning does not.
+    # With LoRA the frozen 7B weights alone (fp32, 28 GiB): it fits one GPU's half without keeping
+    # gathered copies (14 GiB more); full fine-tuning does not fit.
     lora = plan_memory(_learner(lora={"rank": 16}), _shape(tmp_path, "7b"), 1, H100)
-    assert "fits" in lora.reason and lora.estimate.states < 30 * GIB, lora
+    assert "fits" in lora.reason and not lora.keep_gathered and lora.estimate.states < 30 * GIB, lora
     assert "does not fit" in plan_memory(_learner(), _shape(tmp_path, "7b"), 1, H100).reason
 
 
@@ -78,7 +83,7 @@ def test_what_the_config_sets_is_kept(tmp_path):
     assert budget_only.micro_batch_tokens == 4096
     # On the CPU: the config's settings, a whole mini-batch by default, no estimate.
     cpu = plan_memory(_learner(), shape, 1, None)
-    assert (cpu.checkpointing, cpu.micro_batch_tokens, cpu.estimate) == (False, None, None)
+    assert (cpu.checkpointing, cpu.micro_batch_tokens, cpu.estimate, cpu.keep_gathered) == (False, None, None, True)
 
 
 def test_a_model_that_cannot_fit_gets_the_smallest_plan(tmp_path):
