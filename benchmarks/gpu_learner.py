@@ -297,6 +297,32 @@ def op_counts(side: Ours, batch) -> dict[str, float]:
             "decoder_layer_forward_calls": counts.layer_calls}
 
 
+def join_one_rank_group() -> None:
+    """torch.distributed at world size 1 on this machine's device: NCCL on CUDA, gloo on the CPU."""
+    cuda = torch.cuda.is_available()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+
+
+def device_and_peak() -> tuple[str, float | None]:
+    """The device's name and its dense bf16 peak FLOP/s (None on the CPU or an unknown GPU)."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    device = torch.cuda.get_device_name(0)
+    return device, next((f for name, f in BF16_PEAK.items() if name in device), None)
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model `config` describes (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 # ---- log-prob path memory -----------------------------------------------------------------------
 def logprob_worker(path: str, tokens: int) -> None:
     """In this process: one forward and backward of `path` (chunked / full); prints the peak resident
@@ -369,10 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cuda = torch.cuda.is_available()
     precision = "bf16" if cuda else "none"
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    join_one_rank_group()
     model_dir = build_model(args.shape, args.cache_dir)
     from transformers import AutoConfig
 
@@ -410,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = op_counts(Ours(model_dir, precision), batches["default"]) if not cuda else None
     dist.destroy_process_group()
 
-    device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak_flops = next((f for name, f in BF16_PEAK.items() if name in device), None) if cuda else None
+    device, peak_flops = device_and_peak()
     figures: dict[str, dict] = {}
     for name, per_batch in results.items():
         for key, got in per_batch.items():

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from _common import free_port, headline, machine_info, print_table, result_path, write_result
-from gpu_learner import BF16_PEAK, SHAPES, build_model, parameter_count
+from _common import headline, machine_info, print_table, result_path, write_result
+from gpu_learner import SHAPES, build_model, device_and_peak, join_one_rank_group, parameter_count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def host_hop(model_dir: Path) -> dict[str, dict]:
     learner = FSDP2Learner(LearnerSpec.of_policy(cfg), str(model_dir))
     out: dict[str, dict] = {}
     for name, tensors in (("named_full_tensors (fp32)", learner.named_full_tensors),
-                          ("named_engine_tensors (bf16)", lambda: learner.named_engine_tensors(torch.bfloat16))):
+                          ("named_engine_tensors (bf16)", partial(learner.named_engine_tensors, torch.bfloat16))):
         sync()
         start = time.perf_counter()
         nbytes = sum(t.numel() * t.element_size() for _, t in tensors())
@@ -131,18 +131,13 @@ def host_hop(model_dir: Path) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    join_one_rank_group()
     model_dir = build_model(args.shape, args.cache_dir)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     params = parameter_count(config)
-    device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    peak_flops = next((f for name, f in BF16_PEAK.items() if name in device), None) if cuda else None
+    device, peak_flops = device_and_peak()
     try:
         scoring = reference_forward(args, model_dir, params, config.vocab_size, peak_flops)
         hop = host_hop(model_dir)

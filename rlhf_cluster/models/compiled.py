@@ -19,6 +19,6 @@ def compile_layers(layers: Iterable[torch.nn.Module]) -> int:
     """Compile each layer's forward in place; returns how many."""
     count = 0
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)  # type: ignore[method-assign]  # regional compile
+        layer.forward = torch.compile(layer.forward, dynamic=True)
         count += 1
     return count
