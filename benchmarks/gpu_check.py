@@ -4,7 +4,7 @@ Steps, each a subprocess with its own time limit (a step that fails or runs out 
 recorded as such and the next one runs):
 1. `pytest tests/gpu` (both halves: the CPU bodies and the CUDA ones);
 2. `gpu_learner.py` at Qwen2.5-0.5B (FSDP2 and DeepSpeed ZeRO-3 beside the plain loop; ours also at
-   `--seq-lens`; with SDPA instead of FlexAttention, and with `learner.compile`, to choose the
+   `--seq-lens`; with FlexAttention instead of SDPA, and with `learner.compile`, to choose the
    defaults by) and at Qwen2.5-1.5B (default settings: the memory plan decides checkpointing);
 3. `gpu_paths.py` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
    host hop.
@@ -61,7 +61,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
     return [
         ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider"], 80),
         ("learner 0.5B", [py, str(HERE / "gpu_learner.py"), "--shape", "qwen2.5-0.5b", "--deepspeed", "--compile", "--reps", "3",
-                          "--attention", "sdpa", "--seq-lens", *map(str, seq), "--seq-len-sides", "ours", "ours, sdpa",
+                          "--attention", "flex_attention", "--seq-lens", *map(str, seq),
+                          "--seq-len-sides", "ours", "ours, flex_attention",
                           "--out", str(out / "gpu_learner_0.5b.json")], 160),
         ("learner 1.5B", [py, str(HERE / "gpu_learner.py"), "--shape", "qwen2.5-1.5b", "--reps", "3",
                           "--seq-lens", *map(str, seq), "--out", str(out / "gpu_learner_1.5b.json")], 140),

@@ -14,8 +14,9 @@ GPU's memory), `--reps` timed steps each after `--warmup`, medians:
 - `ours, deepspeed` (`--deepspeed`): the same step on the DeepSpeed ZeRO-3 backend;
 - `ours, compiled` (`--compile`): ours with `learner.compile` (each decoder layer's forward through
   inductor; its compilation falls in the warm-up steps);
-- `ours, sdpa` (`--attention sdpa`, any `learner.attention`): ours with that attention instead of
-  the default (on CUDA without flash-attn: FlexAttention over one packed row per micro-batch);
+- `ours, flex_attention` (`--attention flex_attention`, any `learner.attention`): ours with that
+  attention instead of the default (`auto`: SDPA on CUDA without flash-attn); FlexAttention runs
+  one packed row per micro-batch under a document mask;
 - `plain`: the loop a user would write: fp32 master weights, bf16 autocast on CUDA, fused AdamW on
   CUDA, the model's full logits and a log-softmax over them, the padded batch.
 `--seq-lens 1024 4096 16384` times ours (and `--seq-len-sides`) again on sequences of about those

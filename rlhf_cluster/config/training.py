@@ -152,8 +152,9 @@ class LearnerConfig(TrainingGroupConfig):
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         "auto",
         description="The learner model's attention. auto: flash-attn's varlen kernels on CUDA where installed, else "
-        "FlexAttention on CUDA (packed sequences share one row under a document mask), else SDPA (FlexAttention has "
-        "no backward on CPU). With SDPA and eager attention packed rows are as wide as the longest sequence.",
+        "SDPA. flex_attention (CUDA only: no backward on CPU): a micro-batch's packed sequences share one row under "
+        "a document mask, attention costing each sequence's own length. With SDPA and eager attention packed rows "
+        "are as wide as the longest sequence.",
     )
     compile: bool = Field(
         False,

@@ -101,7 +101,7 @@ def learner_memory_line(cfg: JobConfig, folder: Path) -> str:
     plan = plan_memory(lc, ModelShape.of_folder(folder), lc.world_size, device_bytes)
     assert plan.estimate is not None  # a GPU plan always estimates
     return (
-        f"learner memory plan on {where}, {lc.world_size} rank(s): checkpointing "
+        f"memory plan of each learner rank on {where}, {lc.world_size} rank(s): checkpointing "
         f"{'on' if plan.checkpointing else 'off'}, {plan.micro_batch_tokens} tokens per micro-batch, "
         f"estimated {plan.estimate.describe()}; {plan.reason}"
     )

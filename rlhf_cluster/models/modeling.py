@@ -29,16 +29,15 @@ def decoder_layer(name: str) -> str | None:
 
 def training_attention(choice: str, device: torch.device) -> str:
     """The attention a learner's model runs for `learner.attention` on `device`: `auto` is
-    flash-attn's varlen kernels on CUDA where installed, else FlexAttention on CUDA (packed rows
-    under a document mask: one row of real tokens), else SDPA (FlexAttention has no backward on
-    the CPU); any other choice as given."""
+    flash-attn's varlen kernels on CUDA where installed, else SDPA (packed rows as wide as the
+    longest sequence). FlexAttention (packed rows under a document mask: one row of real tokens)
+    is chosen by name until a GPU measures it faster (`make gpu-check` times both); it has no
+    backward on the CPU."""
     if choice == "flex_attention" and device.type != "cuda":
         raise ValueError("learner.attention: flex_attention has no backward on the CPU (PyTorch's): use sdpa or auto")
     if choice != "auto":
         return choice
-    if device.type != "cuda":
-        return "sdpa"
-    return "flash_attention_2" if _flash_attn_installed() else "flex_attention"
+    return "flash_attention_2" if device.type == "cuda" and _flash_attn_installed() else "sdpa"
 
 
 def _flash_attn_installed() -> bool:

@@ -57,6 +57,8 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
     rendered = tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
     assert json.dumps(rendered) in dry.stdout, dry.stdout  # the first prompt as the engine will see it
     assert f"{len(tokenizer(rendered)['input_ids'])} tokens" in dry.stdout, dry.stdout
+    # The learner's memory plan for this model (on an 80 GiB GPU where the machine has none).
+    assert "memory plan of each learner rank on an 80 GiB GPU (none here), 1 rank(s): checkpointing off" in dry.stdout
 
     out = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
