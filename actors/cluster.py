@@ -21,7 +21,7 @@ from actors.workers.scoring import ReferenceWorker, RewardWorker
 from actors.workers.settings import GenerationSettings, ScoringSettings
 from actors.workers.weight_push import WeightPusher
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.generation.quantization import write_int8_model_dir
+from rlhf_cluster.models.quantization import write_int8_model_dir
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.scoring.call_coalescing import CallCoalescer
 from rlhf_cluster.telemetry import metrics as m

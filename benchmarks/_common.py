@@ -53,7 +53,7 @@ def machine_info() -> dict:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    from rlhf_cluster.generation.int8_kernels import cpu_kind_record
+    from rlhf_cluster.models.int8_kernels import cpu_kind_record
 
     return {
         # amx / avx512 / avx2: which int8 and bf16 kernels vLLM and PyTorch run (int8_kernels.cpu_kind).

@@ -32,7 +32,7 @@ from rlhf_cluster.config import GenerationConfig, SamplingConfig
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.probe import mismatch
-from rlhf_cluster.generation.quantization import quantize_state_dict, write_int8_model_dir
+from rlhf_cluster.models.quantization import quantize_state_dict, write_int8_model_dir
 from rlhf_cluster.models.modeling import load_causal_lm
 from rlhf_cluster.weights import WeightStore
 

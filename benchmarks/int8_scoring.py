@@ -26,7 +26,7 @@ import torch
 from _common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
 from rlhf_cluster.config import RewardModelSpec
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.generation.quantization import Int8Linear, quantize_linears
+from rlhf_cluster.models.quantization import Int8Linear, quantize_linears
 from rlhf_cluster.scoring.reference import ReferenceModel
 from rlhf_cluster.scoring.reward_model import FrozenRewardModels, RewardModel
 

@@ -15,25 +15,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.unit.test_imports import import_graph  # noqa: E402 - the graph test's reader, one reader of imports
+from tests.unit.test_imports import folder_edges  # noqa: E402 - the graph test's reader, one reader of imports
 
 PAGE = REPO / "docs" / "operations.md"
 START, END = "<!-- package-graph:start (scripts/package_graph.py --write) -->", "<!-- package-graph:end -->"
-
-
-def folder_of(module: str) -> str:
-    """`rlhf_cluster.run.checkpoint` -> `rlhf_cluster/run`; the driver's own modules -> `actors`."""
-    parts = module.split(".")
-    if parts[0] == "actors" and len(parts) > 2 and parts[1] in ("workers", "commands"):
-        return "/".join(parts[:2])
-    if parts[0] == "rlhf_cluster" and len(parts) > 1:
-        return "/".join(parts[:2])
-    return parts[0]
-
-
-def folder_edges() -> list[tuple[str, str]]:
-    edges = {(folder_of(a), folder_of(b)) for a, targets in import_graph().items() for b in targets}
-    return sorted((a, b) for a, b in edges if a != b and b != "rlhf_cluster")
 
 
 def mermaid() -> str:

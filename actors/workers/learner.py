@@ -15,8 +15,8 @@ from actors.workers._common import join_process_group, metrics_target, rendezvou
 from actors.workers.settings import CriticRankSettings, LearnerRankSettings
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
-from rlhf_cluster.generation.quantization import quantize_state_dict
 from rlhf_cluster.learner import create_learner
+from rlhf_cluster.models.quantization import quantize_state_dict
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.weights import WeightStore

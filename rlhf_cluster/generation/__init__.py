@@ -7,6 +7,7 @@
 - `lora_adapters`: the engine's LoRA adapter slot (`learner.lora.sync: adapters`).
 - `weight_transfer`: the weight-transfer backend through which an engine loads checked tensors.
 - `episodes`, `environments`: multi-turn episodes and the environments that answer each turn.
-- `quantization`: int8 weights; `int8_kernels`: which int8 kernel a CPU runs and the activation
-  dtype it needs (vLLM's answer); `probe`: the post-sync probe; `batch_recorder`: engine stats.
+- `int8_reload`: vLLM's CPU int8 kernel kept valid across in-place reloads (the int8 weights
+  themselves are `rlhf_cluster.models.quantization`); `probe`: the post-sync probe;
+  `batch_recorder`: engine stats.
 """

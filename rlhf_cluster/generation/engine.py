@@ -26,15 +26,16 @@ from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.engine_loop import EngineLoop
 from rlhf_cluster.generation.gc_pause import imports_without_gc
-from rlhf_cluster.generation.int8_kernels import EngineDType, int8_engine_dtype
+from rlhf_cluster.generation.int8_reload import keep_int8_scales_alive
 from rlhf_cluster.generation.lora_adapters import AdapterSlot
-from rlhf_cluster.generation.quantization import check_push, checkpoint_spec, keep_int8_scales_alive
 from rlhf_cluster.generation.vllm_process import (
     RotaryReloadFilter,
     configure_vllm_environment,
     cpu_kv_cache_bytes,
     runs_eager,
 )
+from rlhf_cluster.models.int8_kernels import EngineDType, int8_engine_dtype
+from rlhf_cluster.models.quantization import check_push, checkpoint_spec
 
 log = logging.getLogger(__name__)
 

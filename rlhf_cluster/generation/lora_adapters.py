@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from rlhf_cluster.config import LoraConfig
-from rlhf_cluster.generation.quantization import check_push
 from rlhf_cluster.learner.lora import PEFT_PREFIX, adapter_config, adapter_names
+from rlhf_cluster.models.quantization import check_push
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest

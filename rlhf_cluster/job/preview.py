@@ -13,7 +13,7 @@ import torch
 from rlhf_cluster.config import FunctionReward, JobConfig
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
 from rlhf_cluster.data.tasks import arithmetic_rows
-from rlhf_cluster.generation.quantization import checkpoint_spec, is_quantized_weight
+from rlhf_cluster.models.quantization import checkpoint_spec, is_quantized_weight
 from rlhf_cluster.models.tiny_model import tiny_model_dir
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from rlhf_cluster.experience.records import Rollout, pad_sequences, token_budget_batches
-from rlhf_cluster.generation.quantization import quantize_linears
 from rlhf_cluster.models.modeling import attention_of, load_causal_lm, response_logprobs
 from rlhf_cluster.models.packing import pack_rows
+from rlhf_cluster.models.quantization import quantize_linears
 
 
 class ReferenceModel:

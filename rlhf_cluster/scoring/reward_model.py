@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf_cluster.experience.records import pad_sequences, token_budget_batches
 from rlhf_cluster.fileio import write_dir_atomic
-from rlhf_cluster.generation.quantization import quantize_linears
+from rlhf_cluster.models.quantization import quantize_linears
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -10,7 +10,7 @@
 - `sparse_delta`: a version as the elements changed since the previous one (`delta: sparse`).
 
 May import: torch (torch.distributed: groups it builds itself, never the default one), numpy,
-safetensors, blake3 and `rlhf_cluster` (config, generation.quantization, fileio); never ray (the
+safetensors, blake3 and `rlhf_cluster` (config, models.quantization, fileio); never ray (the
 actors hand in the object store's put/get).
 """
 

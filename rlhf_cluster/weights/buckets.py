@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from rlhf_cluster.fileio import checksum
-from rlhf_cluster.generation.quantization import is_quantized_weight, quantize_weight
 from rlhf_cluster.models.modeling import decoder_layer
+from rlhf_cluster.models.quantization import is_quantized_weight, quantize_weight
 
 ALIGN = 64  # every tensor starts on a 64-byte boundary inside its bucket, so any dtype view is legal
 

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from actors.job import Job
-from rlhf_cluster.generation.quantization import quantize_state_dict, write_int8_model_dir
+from rlhf_cluster.models.quantization import quantize_state_dict, write_int8_model_dir
 from rlhf_cluster.models.modeling import load_causal_lm
 from rlhf_cluster.weights import WeightStore
 

@@ -63,6 +63,21 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def folder_of(module: str) -> str:
+    """`rlhf_cluster.run.checkpoint` -> `rlhf_cluster/run`; the driver's own modules -> `actors`."""
+    parts = module.split(".")
+    if parts[0] == "actors" and len(parts) > 2 and parts[1] in ("workers", "commands"):
+        return "/".join(parts[:2])
+    if parts[0] == "rlhf_cluster" and len(parts) > 1:
+        return "/".join(parts[:2])
+    return parts[0]
+
+
+def folder_edges() -> list[tuple[str, str]]:
+    edges = {(folder_of(a), folder_of(b)) for a, targets in import_graph().items() for b in targets}
+    return sorted((a, b) for a, b in edges if a != b and b != "rlhf_cluster")
+
+
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Each strongly connected component with more than one module (Tarjan), as one cycle through it."""
     index: dict[str, int] = {}
@@ -134,6 +149,18 @@ def test_no_import_cycle():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles (each as a path back to its start):\n" + "\n".join(
         "  " + " -> ".join(c) for c in cycles)
+
+
+def test_no_folder_level_import_cycle():
+    """Folders as nodes (`scripts/package_graph.py` draws this graph): a module-level graph can be
+    acyclic while its folders import each other round (generation -> learner -> scoring ->
+    generation, once, through three different modules)."""
+    graph: dict[str, set[str]] = {}
+    for a, b in folder_edges():
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+    cycles = find_cycles(graph)
+    assert not cycles, "folder-level import cycles:\n" + "\n".join("  " + " -> ".join(c) for c in cycles)
 
 
 def test_the_library_never_imports_ray():

@@ -12,15 +12,15 @@ import logging
 import pytest
 import torch
 
-from rlhf_cluster.generation import int8_kernels, quantization
-from rlhf_cluster.generation.int8_kernels import (
+from rlhf_cluster.models import int8_kernels, quantization
+from rlhf_cluster.models.int8_kernels import (
     amx_int8_layers,
     cpu_kind,
     cpu_kind_record,
     engine_linear_shapes,
     int8_engine_dtype,
 )
-from rlhf_cluster.generation.quantization import Int8Linear, quantize_linears, quantize_state_dict
+from rlhf_cluster.models.quantization import Int8Linear, quantize_linears, quantize_state_dict
 
 # (AMX tiles, PyTorch's kernel capability) of each kind vLLM and PyTorch tell apart.
 KINDS = {"amx": (True, "AVX512"), "avx512": (False, "AVX512"), "avx2": (False, "AVX2")}

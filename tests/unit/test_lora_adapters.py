@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from rlhf_cluster.config import ConfigError, JobConfig, LoraConfig, load_config
 from rlhf_cluster.generation.lora_adapters import AdapterSlot
-from rlhf_cluster.generation.quantization import WeightSpecError
+from rlhf_cluster.models.quantization import WeightSpecError
 from rlhf_cluster.job.preflight import preflight
 
 BASE = {

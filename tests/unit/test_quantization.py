@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rlhf_cluster.generation.quantization import (
+from rlhf_cluster.models.quantization import (
     WeightSpecError,
     check_push,
     checkpoint_spec,

@@ -61,7 +61,7 @@ def test_the_engines_gather_is_cast_on_the_device_and_sends_a_tied_embedding_onc
 @pytest.mark.parametrize("sync", ["adapters", "merged"])
 def test_the_engines_get_the_adapters_alone_or_the_merged_model(gloo_group, tiny_model_path, sync):
     from rlhf_cluster.generation.lora_adapters import AdapterSlot
-    from rlhf_cluster.generation.quantization import checkpoint_spec
+    from rlhf_cluster.models.quantization import checkpoint_spec
 
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lora": {"rank": 4, "sync": sync}}})
     learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)

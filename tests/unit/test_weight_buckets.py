@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_cluster.generation.quantization import quantize_state_dict
+from rlhf_cluster.models.quantization import quantize_state_dict
 from rlhf_cluster.weights.buckets import (
     DeliveryError, DeliveryManifest, VersionPacker, pack_buckets, persisted, unpack_bucket, verified_tensors,
 )
