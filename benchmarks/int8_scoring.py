@@ -28,7 +28,8 @@ from rlhf_cluster.config import RewardModelSpec
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.models.quantization import Int8Linear, quantize_linears
 from rlhf_cluster.scoring.reference import ReferenceModel
-from rlhf_cluster.scoring.reward_model import FrozenRewardModels, RewardModel
+from rlhf_cluster.models.scalar_head import RewardModel
+from rlhf_cluster.scoring.reward_model import FrozenRewardModels
 
 VARIANTS = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "int8": ("float32", "int8")}
 

@@ -59,7 +59,7 @@ class Sender:
         from safetensors.torch import load_file
 
         from rlhf_cluster.config import LoraConfig
-        from rlhf_cluster.learner.lora import PEFT_PREFIX, adapter_names
+        from rlhf_cluster.models.lora import PEFT_PREFIX, adapter_names
 
         self.base = load_file(str(Path(model_dir) / "model.safetensors"))
         self.cfg = LoraConfig(rank=rank, alpha=alpha, target_modules=targets)

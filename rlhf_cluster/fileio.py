@@ -1,4 +1,5 @@
-"""File primitives every layer uses: checksums, durable writes, and JSONL logs read as a crash leaves them."""
+"""File primitives every layer uses: checksums, durable writes, JSONL logs read as a crash leaves them,
+and a finished future for work done synchronously (`done_future`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import hashlib
 import json
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -169,3 +172,10 @@ def read_jsonl(path: Path) -> JsonlLog:
             clean_end = min(start + len(piece) + 1, len(data))
         start += len(piece) + 1
     return JsonlLog(path, rows, clean_end, len(data))
+
+
+def done_future(result: Any = None) -> Future:
+    """A future that has already finished with `result` (for work done synchronously)."""
+    future: Future = Future()
+    future.set_result(result)
+    return future

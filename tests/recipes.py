@@ -36,7 +36,7 @@ def build_inputs(root: Path) -> dict:
     """A chat model (policy, reference and draft), a reward model folder, and prompt files."""
     from transformers import AutoTokenizer
 
-    from rlhf_cluster.scoring.reward_model import RewardModel
+    from rlhf_cluster.models.scalar_head import RewardModel
 
     model = save_chat_model(root / "model")
     RewardModel.from_lm(model).save_pretrained(root / "rm", AutoTokenizer.from_pretrained(model))

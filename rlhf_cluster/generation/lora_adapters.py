@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from rlhf_cluster.config import LoraConfig
-from rlhf_cluster.learner.lora import PEFT_PREFIX, adapter_config, adapter_names
+from rlhf_cluster.models.lora import PEFT_PREFIX, adapter_config, adapter_names
 from rlhf_cluster.models.quantization import check_push
 
 if TYPE_CHECKING:

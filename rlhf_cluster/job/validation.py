@@ -107,7 +107,7 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
 
 def validate_reward_model_dir(path: str | Path, field: str = "scoring.reward_models") -> Path:
     """A folder written by `rlhf-cluster train-rm`: a model folder plus the scalar head and marker."""
-    from rlhf_cluster.scoring.reward_model import HEAD_FILE, MARKER_FILE
+    from rlhf_cluster.models.scalar_head import HEAD_FILE, MARKER_FILE
 
     folder = Path(path).expanduser()
     try:

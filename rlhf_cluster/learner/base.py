@@ -61,13 +61,6 @@ def feed_digest(digest: hashlib._Hash, prefix: str, value: Any) -> None:
         digest.update(f"{prefix}={value!r}".encode())
 
 
-def done_future(result: Any = None) -> Future:
-    """A future that has already finished with `result` (for work done synchronously)."""
-    future: Future = Future()
-    future.set_result(result)
-    return future
-
-
 @dataclass(frozen=True)
 class LearnerSpec:
     """What one learner rank is built from: its own section, the algorithm it optimises, and the

@@ -26,7 +26,7 @@ from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.models.modeling import attention_of
 from rlhf_cluster.models.packing import PackedRows
-from rlhf_cluster.scoring.reward_model import ScalarHeadModel
+from rlhf_cluster.models.scalar_head import ScalarHeadModel
 
 
 class ValueModel(ScalarHeadModel):

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from rlhf_cluster.learner.base import LearnerBase, LearnerSpec, done_future
+from rlhf_cluster.fileio import done_future
+from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.liger import apply_liger

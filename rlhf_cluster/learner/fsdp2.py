@@ -21,10 +21,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
-from rlhf_cluster.learner.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.compiled import compile_layers
 from rlhf_cluster.models.liger import apply_liger
+from rlhf_cluster.models.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
 from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names, training_attention
 
 

@@ -25,7 +25,7 @@ from rlhf_cluster.data.sft import IGNORE_INDEX, SFTExample, collate
 from rlhf_cluster.fileio import write_dir_atomic
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.modeling import load_causal_lm
-from rlhf_cluster.scoring.reward_model import RewardModel
+from rlhf_cluster.models.scalar_head import RewardModel
 
 KINDS = ("sft", "reward_model")
 

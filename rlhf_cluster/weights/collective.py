@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_cluster.config import CollectiveTransport
-from rlhf_cluster.learner.base import done_future
+from rlhf_cluster.fileio import done_future
 from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, check_bucket, fingerprint, unpack_bucket
 from rlhf_cluster.weights.transports import (
     DeliveryInterrupted,

@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from rlhf_cluster.config import CollectiveTransport, DirectTransport, WeightsConfig
-from rlhf_cluster.learner.base import done_future
+from rlhf_cluster.fileio import done_future
 from rlhf_cluster.weights import sparse_delta
 from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, VersionPacker, fingerprint, verified_tensors
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore

@@ -12,7 +12,7 @@ import torch
 
 from actors.job import Job
 from rlhf_cluster.generation.probe import PROBE_FILE, parse_probe_file
-from rlhf_cluster.learner.lora import PEFT_PREFIX, adapter_names, is_adapter_param
+from rlhf_cluster.models.lora import PEFT_PREFIX, adapter_names, is_adapter_param
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.weights import WeightStore

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_cluster.config import LoraConfig
-from rlhf_cluster.learner.lora import apply_lora, is_adapter_param, merge_lora_state_dict
+from rlhf_cluster.models.lora import apply_lora, is_adapter_param, merge_lora_state_dict
 from rlhf_cluster.models.modeling import load_causal_lm
 
 

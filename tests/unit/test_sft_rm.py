@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from rlhf_cluster.algorithms import bradley_terry_loss, sft_loss
 from rlhf_cluster.data.sft import IGNORE_INDEX, SFTExample, collate, read_sft_file, tokenize_conversation
-from rlhf_cluster.scoring.reward_model import RewardModel, last_token_index
+from rlhf_cluster.models.scalar_head import RewardModel, last_token_index
 
 
 @pytest.fixture(scope="module")

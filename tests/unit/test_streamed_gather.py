@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
-from rlhf_cluster.learner.lora import merge_lora_state_dict
+from rlhf_cluster.models.lora import merge_lora_state_dict
 
 
 @pytest.mark.parametrize("lora", [False, True])
