@@ -3,11 +3,12 @@
 Steps, each a subprocess with its own time limit (a step that fails or runs out of time is
 recorded as such and the next one runs):
 1. `pytest tests/gpu` (both halves: the CPU bodies and the CUDA ones);
-2. `gpu_learner.py` at Qwen2.5-0.5B (FSDP2 and DeepSpeed ZeRO-3 beside the plain loop; ours also at
-   `--seq-lens`; with FlexAttention instead of SDPA, and with `learner.compile`, to choose the
-   defaults by) and at Qwen2.5-1.5B (default settings: the memory plan decides checkpointing);
+2. `gpu_learner.py` at Qwen2.5-0.5B (ours beside the plain loop, and ours with FlexAttention instead
+   of SDPA; both also at `--seq-lens`) and at Qwen2.5-1.5B (default settings: the memory plan decides
+   checkpointing);
 3. `gpu_paths.py` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
-   host hop.
+   host hop;
+4. 0.5B again with DeepSpeed ZeRO-3 and with `learner.compile` (last: the slowest to start).
 Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON) and prints one
 table of the figures. Without CUDA the same steps run at tiny shapes on the CPU (`--smoke` is
 then implied): what `tests/integration/test_gpu_check.py` runs so this script cannot rot.
@@ -41,34 +42,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
-    """(name, command, time limit in seconds) of every step; the limits add up to under 8 minutes."""
+    """(name, command, time limit in seconds) of every step, the figures the issue is read by first
+    (a step that runs out of time writes nothing: the optional sides come last, in their own step);
+    the limits add up to 440 s, about 8 minutes with the wheels' install (~40 s)."""
     py, out = sys.executable, args.out_dir
-    if args.smoke:
+    learner = [py, str(HERE / "gpu_learner.py")]
+    if args.smoke:  # tiny shapes; tests/gpu's bodies run in `make test` already: here only collected
         seq = args.seq_lens if args.seq_lens is not None else [256]
         tiny = ["--shape", "tiny", "--batch", "2", "--prompt", "8", "--response", "4", "16", "--reps", "1",
-                "--warmup", "0", "--attention", "eager", "--logprob-tokens"]
-        return [  # tests/gpu's bodies run in `make test` already: here only collected (the command stays right)
+                "--warmup", "0", "--logprob-tokens"]
+        return [
             ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider",
                            "--collect-only"], 300),
-            ("learner 0.5B", [py, str(HERE / "gpu_learner.py"), *tiny, "--deepspeed", "--seq-lens", *map(str, seq),
+            ("learner 0.5B", [*learner, *tiny, "--attention", "eager", "--seq-lens", *map(str, seq),
                               "--tokens-per-step", "512", "--out", str(out / "gpu_learner_0.5b.json")], 300),
-            ("learner 1.5B", [py, str(HERE / "gpu_learner.py"), *tiny, "--no-plain",
-                              "--out", str(out / "gpu_learner_1.5b.json")], 300),
+            ("learner 1.5B", [*learner, *tiny, "--no-plain", "--out", str(out / "gpu_learner_1.5b.json")], 300),
             ("scoring and host hop 0.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "tiny", "--rollouts", "2",
                                            "--out", str(out / "gpu_paths_0.5b.json")], 300),
+            ("learner 0.5B, more sides", [*learner, *tiny, "--no-plain", "--deepspeed",
+                                          "--out", str(out / "gpu_learner_0.5b_more.json")], 300),
         ]
     seq = args.seq_lens if args.seq_lens is not None else [4096, 16384]
     return [
-        ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider"], 80),
-        ("learner 0.5B", [py, str(HERE / "gpu_learner.py"), "--shape", "qwen2.5-0.5b", "--deepspeed", "--compile", "--reps", "3",
-                          "--attention", "flex_attention", "--seq-lens", *map(str, seq),
-                          "--seq-len-sides", "ours", "ours, flex_attention",
-                          "--out", str(out / "gpu_learner_0.5b.json")], 160),
-        ("learner 1.5B", [py, str(HERE / "gpu_learner.py"), "--shape", "qwen2.5-1.5b", "--reps", "3",
-                          "--seq-lens", *map(str, seq), "--out", str(out / "gpu_learner_1.5b.json")], 140),
-        # 80 + 160 + 140 + 55 = 435 s of limits: under 8 minutes with the wheels' install (~40 s)
+        # The CUDA halves (the CPU halves run in `make test`).
+        ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider",
+                       "-k", "cuda"], 80),
+        ("learner 0.5B", [*learner, "--shape", "qwen2.5-0.5b", "--reps", "3", "--attention", "flex_attention",
+                          "--seq-lens", *map(str, seq), "--seq-len-sides", "ours", "ours, flex_attention",
+                          "--out", str(out / "gpu_learner_0.5b.json")], 120),
+        ("learner 1.5B", [*learner, "--shape", "qwen2.5-1.5b", "--reps", "3", "--seq-lens", *map(str, seq),
+                          "--out", str(out / "gpu_learner_1.5b.json")], 110),
         ("scoring and host hop 0.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "qwen2.5-0.5b",
-                                       "--out", str(out / "gpu_paths_0.5b.json")], 55),
+                                       "--out", str(out / "gpu_paths_0.5b.json")], 45),
+        # DeepSpeed ZeRO-3 beside FSDP2, and learner.compile (its compilation in the warm-up steps).
+        ("learner 0.5B, more sides", [*learner, "--shape", "qwen2.5-0.5b", "--reps", "3", "--no-plain",
+                                      "--deepspeed", "--compile", "--out", str(out / "gpu_learner_0.5b_more.json")],
+         85),
     ]
 
 
@@ -93,7 +102,7 @@ def run_step(name: str, command: list[str], limit: int, log: Path) -> dict:
 def summary_rows(report: dict) -> list[list]:
     """One row per figure the issue's Done-when reads: side, batch, s/step, MFU, peak GiB, x plain."""
     rows = []
-    for step in ("learner 0.5B", "learner 1.5B"):
+    for step in ("learner 0.5B", "learner 1.5B", "learner 0.5B, more sides"):
         result = report["steps"].get(step, {}).get("result") or {}
         for name, f in (result.get("figures") or {}).items():
             rows.append([f"{step}: {name}", f.get("real_tokens"), f.get("seconds_per_step"), f.get("mfu"),

@@ -17,15 +17,16 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["smoke"] and set(report["steps"]) == {
-        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B"}
+        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B", "learner 0.5B, more sides"}
     learner = report["steps"]["learner 0.5B"]["result"]
     rows = learner["figures"]
     # Every side timed on the default batch, ours on the long one too; each alone.
-    assert {"ours [default]", "ours, deepspeed [default]", "plain [default]", "ours [256/seq]"} <= set(rows)
+    assert {"ours [default]", "ours, eager [default]", "plain [default]", "ours [256/seq]"} <= set(rows)
+    assert "ours, deepspeed [default]" in report["steps"]["learner 0.5B, more sides"]["result"]["figures"]
     assert all(r["seconds_per_step"] > 0 for r in rows.values()), rows
     assert learner["op_counts"]["forward_aten_ops_per_decoder_layer_per_micro_batch"] > 0
     paths = report["steps"]["scoring and host hop 0.5B"]["result"]
     assert {"reference/fp32", "reference/int8"} <= set(paths["reference_forward"])
     assert paths["host_hop"]["named_full_tensors (fp32)"]["gb_per_s"] > 0
     assert "tests collected" in "\n".join(report["steps"]["tests/gpu"]["tail"])  # their bodies run in make test
-    assert "learner 0.5B: ours [default]" in done.stdout  # the table
+    assert "learner 0.5B: ours [default]" in done.stdout and "learner 0.5B, more sides: ours, deepspeed" in done.stdout
