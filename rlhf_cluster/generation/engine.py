@@ -126,7 +126,7 @@ class VLLMEngine(EngineLoop):
         # with `adapters` (LoRA, `learner.lora.sync: adapters`) the adapters on them.
         self.spec = checkpoint_spec(model_path)
         self.adapters = AdapterSlot(adapters, self.spec, name) if adapters is not None else None
-        self.quantized = any(dtype == torch.int8 for dtype, _ in self.spec.values())
+        self.quantized = any(kind == torch.int8 for kind, _ in self.spec.values())
         # The activations the engine runs: an int8 engine's kernels may need bf16 (AMX CPUs).
         self.dtype = int8_engine_dtype(self.spec, dtype) if self.quantized else dtype
         if self.dtype != dtype:
