@@ -1,5 +1,6 @@
-"""What every learner backend shares: the RL train step over micro-batches, metric reduction,
-probe log-probs, RNG state, the host-side checkpoint part and the state digest.
+"""What every learner backend shares: the RL train step over micro-batches, metric reduction and
+probe log-probs (a checkpoint's host-side part and the state digest: `host_state`; the memory
+plan: `memory_plan`).
 
 A backend (FSDP2, DeepSpeed) owns only sharding, the optimizer, the backward/step mechanics, the
 full state dict and its checkpoint files. The caller has initialised `torch.distributed` (gloo on
@@ -11,8 +12,6 @@ that average into the sum the global denominator expects.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -26,8 +25,8 @@ import torch.distributed as dist
 
 from rlhf_cluster.config import AlgorithmConfig, JobConfig, LearnerConfig
 from rlhf_cluster.experience.records import TrainBatch, pad_sequences
-from rlhf_cluster.learner.host_state import encode_host_state, load_host_state, rng_state, set_rng_state
-from rlhf_cluster.learner.memory_plan import MemoryPlan, ModelShape, device_memory_bytes, plan_memory
+from rlhf_cluster.learner.host_state import restore_host_state, save_host_state, state_digest
+from rlhf_cluster.learner.memory_plan import MemoryPlan, plan_for_folder, plan_memory
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.step_metrics import StepMetrics
@@ -35,30 +34,11 @@ from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
 from rlhf_cluster.telemetry import tracing
 
-log = logging.getLogger(__name__)
-
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def feed_digest(digest: hashlib._Hash, prefix: str, value: Any) -> None:
-    """Hash a nested state (dicts, lists, tensors, plain values) in a stable order.
-
-    Tensors are hashed by their bytes (a sharded tensor by its local shard), so two states hash
-    equal only if they are bitwise equal.
-    """
-    if isinstance(value, dict):
-        for key in sorted(value, key=str):
-            feed_digest(digest, f"{prefix}/{key}", value[key])
-    elif isinstance(value, torch.Tensor):
-        local = value.to_local() if hasattr(value, "to_local") else value
-        digest.update(prefix.encode())
-        digest.update(local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    else:
-        digest.update(f"{prefix}={value!r}".encode())
 
 
 @dataclass(frozen=True)
@@ -121,20 +101,9 @@ class LearnerBase(ABC):
         self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
     def _plan_memory(self, model_path: str) -> MemoryPlan:
-        """Checkpointing and micro-batch tokens for `model_path` on this device (`memory_plan`), logged."""
-        shape = ModelShape.of_folder(model_path) if (Path(model_path) / "config.json").is_file() else None
-        self.memory_plan = plan = plan_memory(
-            self.spec.learner, shape, self.world_size, device_memory_bytes(self.device)
-        )
-        if plan.estimate is not None and self.rank == 0:
-            log.info(
-                "learner memory plan: checkpointing %s, %s tokens per micro-batch, %s (%s)",
-                "on" if plan.checkpointing else "off",
-                plan.micro_batch_tokens,
-                plan.estimate.describe(),
-                plan.reason,
-            )
-        return plan
+        """Checkpointing and micro-batch tokens for `model_path` on this device (`memory_plan`)."""
+        self.memory_plan = plan_for_folder(self.spec.learner, model_path, self.world_size, self.device, self.rank == 0)
+        return self.memory_plan
 
     # ---- backend hooks ---------------------------------------------------------------------
     @abstractmethod
@@ -377,7 +346,7 @@ class LearnerBase(ABC):
             if one_update:
                 prox[rows] = logprobs.detach()
                 weights, _ = self.objective.correction_weights(prox[rows], b.rollout_logprobs[rows], mask[rows])
-                if correction is not None and weights is not None:
+                if correction is not None and weights is not None:  # both exist where correction is enabled
                     correction[rows] = weights
             global_tokens, global_seqs = counts[mini]
             # clamp_min(1): a mini-batch whose tokens were all filtered out (overlong filtering)
@@ -429,46 +398,10 @@ class LearnerBase(ABC):
     # ---- checkpoints -------------------------------------------------------------------------
     def state_digest(self) -> str:
         """sha256 over this rank's model and optimizer shards, scheduler and step: equal digests, equal state."""
-        digest = hashlib.sha256()
-        for prefix, value in self._digest_parts().items():
-            feed_digest(digest, prefix, value)
-        feed_digest(digest, "scheduler", self.scheduler.state_dict())
-        feed_digest(digest, "step", self.step)
-        return digest.hexdigest()
-
-    def _host_state_file(self, directory: Path) -> Path:
-        return directory / "rng" / f"rank{self.rank}.pt"
+        return state_digest(self._digest_parts(), self.scheduler.state_dict(), self.step)
 
     def _save_host_state(self, directory: Path) -> None:
-        """RNG, scheduler and step of this rank (the part of the state outside the backend)."""
-        torch.save(
-            encode_host_state(rng_state(), self.scheduler.state_dict(), self.step, self.backend_name),
-            self._host_state_file(directory),
-        )
+        save_host_state(directory, self.rank, self.scheduler.state_dict(), self.step, self.backend_name)
 
     def _load_host_state(self, directory: Path) -> None:
-        path = self._host_state_file(directory)
-        if not path.is_file():  # more ranks than wrote the checkpoint: rank 0's schedule, this rank's own RNG
-            path = directory / "rng" / "rank0.pt"
-            extra = load_host_state(path)
-            extra.pop("rng")
-        else:
-            extra = load_host_state(path)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.step = extra["step"]
-        if "rng" in extra:
-            set_rng_state(extra["rng"])
-
-    def _check_backend_of(self, directory: Path, marker: Path) -> None:
-        """A clear error when a checkpoint was written by the other backend (its files differ)."""
-        if not marker.exists():
-            written = "unknown"
-            host = self._host_state_file(directory)
-            if host.is_file():
-                written = load_host_state(host).get("backend", "fsdp2")
-            if written == self.backend_name:
-                raise RuntimeError(f"checkpoint {directory}: incomplete, {marker} is missing (was its write finished?)")
-            raise RuntimeError(
-                f"checkpoint {directory}: no {self.backend_name} learner state at {marker} (written by backend "
-                f"{written!r}); resume with the learner.backend it was written with"
-            )
+        self.step = restore_host_state(directory, self.rank, self.scheduler)

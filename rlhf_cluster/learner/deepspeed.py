@@ -32,6 +32,7 @@ import torch
 from rlhf_cluster.fileio import done_future
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.deepspeed_config import engine_config
+from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.modeling import load_causal_lm, training_attention
@@ -84,7 +85,8 @@ class DeepSpeedLearner(LearnerBase):
         # `zero.Init` around `from_pretrained` fails without `accelerate`).
         model = load_causal_lm(model_path, torch.float32, self.device, training_attention(lc.attention, self.device))
         self.liger = apply_liger(model, self.device, lc.liger_kernels)
-        if self._plan_memory(model_path).checkpointing:
+        plan = self._plan_memory(model_path)
+        if plan.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ds_config, adamw_kwargs = engine_config(lc, self.world_size)
         self.ds_config = ds_config
@@ -195,7 +197,7 @@ class DeepSpeedLearner(LearnerBase):
     def load_checkpoint(self, directory: str | Path) -> str:
         """Restore model, optimizer, scheduler, step and RNG from a checkpoint; returns the state digest."""
         directory = Path(directory)
-        self._check_backend_of(directory, directory / "learner" / CHECKPOINT_TAG)
+        check_written_by(directory, directory / "learner" / CHECKPOINT_TAG, self.rank, self.backend_name)
         path, _ = self.model.load_checkpoint(
             str(directory / "learner"), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
+from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.compiled import compile_layers
 from rlhf_cluster.models.liger import apply_liger
@@ -38,7 +39,8 @@ class FSDP2Learner(LearnerBase):
         lc = spec.learner
         model = self._load_model(model_path)
         self.liger = apply_liger(model, self.device, lc.liger_kernels)
-        if self._plan_memory(model_path).checkpointing:
+        plan = self._plan_memory(model_path)
+        if plan.checkpointing:
             # An HF model's (or ValueModel's) method, which torch's Module.__getattr__ types as Tensor | Module.
             model.gradient_checkpointing_enable(  # type: ignore[operator]  # torch's Module.__getattr__ typing
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -61,7 +63,7 @@ class FSDP2Learner(LearnerBase):
             compile_layers(layers)
         # Where the plan keeps them (one rank), a layer holds its gathered (bf16) weights from its
         # forward to its backward: one gather and cast per micro-batch, not two (memory_plan).
-        reshard = not self.memory_plan.keep_gathered
+        reshard = not plan.keep_gathered
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
@@ -176,7 +178,7 @@ class FSDP2Learner(LearnerBase):
     def load_checkpoint(self, directory: str | Path) -> str:
         """Restore model, optimizer, scheduler, step and RNG from a checkpoint; returns the state digest."""
         directory = Path(directory)
-        self._check_backend_of(directory, directory / "learner" / ".metadata")
+        check_written_by(directory, directory / "learner" / ".metadata", self.rank, self.backend_name)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}  # dcp.load's type; filled in place
         dcp.load(state, checkpoint_id=str(directory / "learner"), process_group=self.checkpoint_group)

@@ -1,13 +1,16 @@
-"""A learner rank's host state in a checkpoint (`rng/rank<r>.pt`): its torch / numpy / python (and
-CUDA) RNG states, the LR scheduler's state, the step and the backend, as tensors and one JSON
-string, so loading a checkpoint from elsewhere runs no code from it."""
+"""A learner rank's checkpoint bookkeeping outside its backend: the host state (`rng/rank<r>.pt`:
+its torch / numpy / python (and CUDA) RNG states, the LR scheduler's state, the step and the
+backend, as tensors and one JSON string, so loading a checkpoint from elsewhere runs no code from
+it), which backend wrote a checkpoint, and the digest that proves a restored state equal."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,3 +88,67 @@ def load_host_state(path: Path) -> dict:
             f"{path}: expected a host-state file of format {HOST_STATE_FORMAT} (tensors and a JSON string)"
         )
     return decode_host_state(saved)
+
+
+def host_state_file(directory: Path, rank: int) -> Path:
+    return directory / "rng" / f"rank{rank}.pt"
+
+
+def save_host_state(directory: Path, rank: int, scheduler: dict, step: int, backend: str) -> None:
+    """RNG, scheduler state and step of this rank (the part of the state outside the backend)."""
+    torch.save(encode_host_state(rng_state(), scheduler, step, backend), host_state_file(directory, rank))
+
+
+def restore_host_state(directory: Path, rank: int, scheduler: Any) -> int:
+    """Load this rank's host state into `scheduler` and the RNGs; returns the step. More ranks than
+    wrote the checkpoint: rank 0's schedule and step, this rank's own RNG."""
+    path = host_state_file(directory, rank)
+    extra = load_host_state(path if path.is_file() else host_state_file(directory, 0))
+    scheduler.load_state_dict(extra["scheduler"])
+    if path.is_file():
+        set_rng_state(extra["rng"])
+    return extra["step"]
+
+
+def check_written_by(directory: Path, marker: Path, rank: int, backend: str) -> None:
+    """A clear error when a checkpoint was written by the other backend (its files differ) or its
+    `backend` files are incomplete (`marker` missing)."""
+    if marker.exists():
+        return
+    written = "unknown"
+    host = host_state_file(directory, rank)
+    if host.is_file():
+        written = load_host_state(host).get("backend", "fsdp2")
+    if written == backend:
+        raise RuntimeError(f"checkpoint {directory}: incomplete, {marker} is missing (was its write finished?)")
+    raise RuntimeError(
+        f"checkpoint {directory}: no {backend} learner state at {marker} (written by backend "
+        f"{written!r}); resume with the learner.backend it was written with"
+    )
+
+
+def state_digest(parts: dict[str, Any], scheduler: dict, step: int) -> str:
+    """sha256 over a rank's state (`parts`: model and optimizer shards), scheduler and step."""
+    digest = hashlib.sha256()
+    for prefix, value in parts.items():
+        feed_digest(digest, prefix, value)
+    feed_digest(digest, "scheduler", scheduler)
+    feed_digest(digest, "step", step)
+    return digest.hexdigest()
+
+
+def feed_digest(digest: hashlib._Hash, prefix: str, value: Any) -> None:
+    """Hash a nested state (dicts, lists, tensors, plain values) in a stable order.
+
+    Tensors are hashed by their bytes (a sharded tensor by its local shard), so two states hash
+    equal only if they are bitwise equal.
+    """
+    if isinstance(value, dict):
+        for key in sorted(value, key=str):
+            feed_digest(digest, f"{prefix}/{key}", value[key])
+    elif isinstance(value, torch.Tensor):
+        local = value.to_local() if hasattr(value, "to_local") else value
+        digest.update(prefix.encode())
+        digest.update(local.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(f"{prefix}={value!r}".encode())

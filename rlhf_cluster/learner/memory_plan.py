@@ -23,6 +23,7 @@ estimated 29 GiB, measured 24.9. `benchmarks/gpu_learner.py` prints estimate and
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ CUDA_MICRO_BATCH_TOKENS = 16384
 MIN_PLANNED_TOKENS = 8192
 SLACK = 1.10
 GIB = 2**30
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,22 @@ def device_memory_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).total_memory
+
+
+def plan_for_folder(lc, model_path: str | Path, world_size: int, device: torch.device, log_it: bool) -> MemoryPlan:
+    """`plan_memory` for the model in `model_path` on `device` (its config.json read where there is
+    one), logged where `log_it` (one rank)."""
+    shape = ModelShape.of_folder(model_path) if (Path(model_path) / "config.json").is_file() else None
+    plan = plan_memory(lc, shape, world_size, device_memory_bytes(device))
+    if plan.estimate is not None and log_it:
+        log.info(
+            "learner memory plan: checkpointing %s, %s tokens per micro-batch, %s (%s)",
+            "on" if plan.checkpointing else "off",
+            plan.micro_batch_tokens,
+            plan.estimate.describe(),
+            plan.reason,
+        )
+    return plan
 
 
 def plan_memory(lc, shape: ModelShape | None, world_size: int, device_bytes: int | None) -> MemoryPlan:

@@ -35,17 +35,19 @@ def training_attention(choice: str, device: torch.device) -> str:
     backward on the CPU."""
     if choice == "flex_attention" and device.type != "cuda":
         raise ValueError("learner.attention: flex_attention has no backward on the CPU (PyTorch's): use sdpa or auto")
-    if choice != "auto":
-        return choice
-    return "flash_attention_2" if device.type == "cuda" and _flash_attn_installed() else "sdpa"
+    return default_attention(device.type == "cuda") if choice == "auto" else choice
 
 
-def _flash_attn_installed() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def default_attention(cuda: bool) -> str:
+    """flash-attn's varlen kernels on CUDA where installed, SDPA otherwise."""
+    if cuda:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
 
 
 def load_causal_lm(
@@ -65,7 +67,7 @@ def load_causal_lm(
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model path {folder}: expected a Hugging Face folder with config.json")
-    attn = attention or ("flash_attention_2" if torch.cuda.is_available() and _flash_attn_installed() else "sdpa")
+    attn = attention or default_attention(torch.cuda.is_available())
     if device == "spread":
         if torch.cuda.device_count() > 1:
             return AutoModelForCausalLM.from_pretrained(

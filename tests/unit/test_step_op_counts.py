@@ -6,6 +6,8 @@ micro-batch, not again for the backward."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rlhf_cluster.config import JobConfig
@@ -23,12 +25,11 @@ FORWARD_OPS_PER_LAYER = 92
 def _step_counts(tiny_model_path, precision: str, keep_gathered: bool, monkeypatch):
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": precision,
                                                 "max_tokens_per_micro_batch": 30}})
-    if not keep_gathered:
+    if not keep_gathered:  # the plan as it is, but resharding after the forward
         from rlhf_cluster.learner import memory_plan
 
         plan = memory_plan.plan_memory
-        monkeypatch.setattr("rlhf_cluster.learner.base.plan_memory",
-                            lambda *a: plan(*a).__class__(**{**vars(plan(*a)), "keep_gathered": False}))
+        monkeypatch.setattr(memory_plan, "plan_memory", lambda *a: dataclasses.replace(plan(*a), keep_gathered=False))
     learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
     batch = ragged_batch([(3 + i % 3, 2 + (5 * i) % 7) for i in range(6)], seed=0)
     learner.train_step(batch, kl_coef=0.0)  # lazy initialisation
