@@ -8,7 +8,8 @@ recorded as such and the next one runs):
    checkpointing);
 3. `gpu_paths.py` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
    host hop;
-4. 0.5B again with DeepSpeed ZeRO-3 and with `learner.compile` (last: the slowest to start).
+4. `gpu_profile.py` at 0.5B: where one step's kernel time goes, ours beside the plain loop;
+5. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start).
 Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON) and prints one
 table of the figures. Without CUDA the same steps run at tiny shapes on the CPU (`--smoke` is
 then implied): what `tests/integration/test_gpu_check.py` runs so this script cannot rot.
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
     """(name, command, time limit in seconds) of every step, the figures the issue is read by first
     (a step that runs out of time writes nothing: the optional sides come last, in their own step);
-    the limits add up to 440 s, about 8 minutes with the wheels' install (~40 s)."""
+    the limits add up to 455 s, about 8 minutes with the wheels' install (~40 s); on an H200
+    (2026-11-26) the steps took 89, 70, 64, 33, ~20 and ~40 s."""
     py, out = sys.executable, args.out_dir
     learner = [py, str(HERE / "gpu_learner.py")]
     if args.smoke:  # tiny shapes; tests/gpu's bodies run in `make test` already: here only collected
@@ -59,6 +61,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
             ("learner 1.5B", [*learner, *tiny, "--no-plain", "--out", str(out / "gpu_learner_1.5b.json")], 300),
             ("scoring and host hop 0.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "tiny", "--rollouts", "2",
                                            "--out", str(out / "gpu_paths_0.5b.json")], 300),
+            ("profile 0.5B", [py, str(HERE / "gpu_profile.py"), "--top", "5",
+                              "--out", str(out / "gpu_profile_0.5b.json")], 300),
             ("learner 0.5B, more sides", [*learner, *tiny, "--no-plain", "--deepspeed",
                                           "--out", str(out / "gpu_learner_0.5b_more.json")], 300),
         ]
@@ -66,18 +70,20 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
     return [
         # The CUDA halves (the CPU halves run in `make test`).
         ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider",
-                       "-k", "cuda"], 80),
+                       "-k", "cuda"], 110),
         ("learner 0.5B", [*learner, "--shape", "qwen2.5-0.5b", "--reps", "3", "--attention", "flex_attention",
                           "--seq-lens", *map(str, seq), "--seq-len-sides", "ours", "ours, flex_attention",
                           "--out", str(out / "gpu_learner_0.5b.json")], 120),
         ("learner 1.5B", [*learner, "--shape", "qwen2.5-1.5b", "--reps", "3", "--seq-lens", *map(str, seq),
-                          "--out", str(out / "gpu_learner_1.5b.json")], 110),
+                          "--out", str(out / "gpu_learner_1.5b.json")], 80),
         ("scoring and host hop 0.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "qwen2.5-0.5b",
-                                       "--out", str(out / "gpu_paths_0.5b.json")], 45),
-        # DeepSpeed ZeRO-3 beside FSDP2, and learner.compile (its compilation in the warm-up steps).
+                                       "--out", str(out / "gpu_paths_0.5b.json")], 40),
+        ("profile 0.5B", [py, str(HERE / "gpu_profile.py"), "--shape", "qwen2.5-0.5b",
+                          "--out", str(out / "gpu_profile_0.5b.json")], 45),
+        # DeepSpeed ZeRO-3 beside FSDP2 (learner.compile's side, ~50 s of compilation, is left to
+        # `gpu_learner.py --compile` by hand: it would not fit the 8 minutes).
         ("learner 0.5B, more sides", [*learner, "--shape", "qwen2.5-0.5b", "--reps", "3", "--no-plain",
-                                      "--deepspeed", "--compile", "--out", str(out / "gpu_learner_0.5b_more.json")],
-         85),
+                                      "--deepspeed", "--out", str(out / "gpu_learner_0.5b_more.json")], 60),
     ]
 
 
@@ -111,6 +117,9 @@ def summary_rows(report: dict) -> list[list]:
     for name, r in (paths.get("reference_forward") or {}).items():
         rows.append([f"scoring 0.5B: {name}", r.get("tokens"), r.get("seconds"), r.get("mfu"), r.get("peak_memory_gib"),
                      None, ""])
+    for side in (report["steps"].get("profile 0.5B", {}).get("result") or {}).get("sides", []):
+        rows.append([f"profile 0.5B: {side['side']}, kernel time", None, side["device_busy_s"], None, None, None,
+                     f"{side['kernel_launches']} launches"])
     for name, r in (paths.get("host_hop") or {}).items():
         rows.append([f"host hop 0.5B: {name}", None, r.get("seconds"), None, None, None, f"{r['gb_per_s']:.1f} GB/s"])
     return rows

@@ -11,8 +11,8 @@ The estimate, per rank, for a decoder of `layers` blocks of width `hidden` and M
   projections' inputs and outputs, 10 x hidden; the gated MLP's four intermediates, 4 x
   intermediate; at 2 bytes) plus the RMSNorms' float32 inputs (8 x hidden bytes). With
   checkpointing only each layer's input is kept (2 x hidden bytes), plus one layer recomputed;
-- the chunked log-prob path: two float32 [chunk, vocab] buffers and the output layer's float32
-  gradient;
+- the chunked log-prob path: two float32 [chunk, vocab] buffers, the chunk's bf16 logits and the
+  output layer's float32 gradient;
 - 10% for the allocator's slack and the all-gathered bf16 layers in flight.
 Checked against one H100 (2026-11-26, 10,335 real tokens in one micro-batch, before the one-rank
 learner kept gathered weights, so without those 2 bytes per parameter): Qwen2.5-0.5B estimated
@@ -110,7 +110,7 @@ def estimate(
     else:
         activations = tokens * shape.layers * per_token_layer
     chunk = min(tokens, 512)
-    logprobs = 2 * chunk * shape.vocab * 4 + shape.vocab * shape.hidden * 4
+    logprobs = (2 * 4 + 2) * chunk * shape.vocab + shape.vocab * shape.hidden * 4
     return MemoryEstimate(tokens, checkpointing, states, activations, logprobs)
 
 

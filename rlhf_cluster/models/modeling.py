@@ -119,7 +119,8 @@ def response_logprobs(
     `chunk_tokens=None` is the reference path instead (what issue 35 replaced, kept for the tests
     and the memory benchmark to compare with): the padded rows through the model's full
     [B, L, vocab] logits and one float32 log-softmax; `packed` does not apply to it.
-    Positions past a response's end hold garbage and must be masked by the caller.
+    Positions past a response's end hold garbage (0 where packed: only the responses' real tokens
+    are scored there) and must be masked by the caller.
     """
     if chunk_tokens is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -131,7 +132,13 @@ def response_logprobs(
         if packing_pays(packing, input_ids.numel()):
             packed_ids = packing.input_ids(input_ids)
             with scored_positions(
-                model, packing.positions, packing.targets(packed_ids), temperature, with_entropy, chunk_tokens
+                model,
+                packing.positions,
+                packing.targets(packed_ids),
+                temperature,
+                with_entropy,
+                chunk_tokens,
+                only=packing.scored,
             ) as scored:
                 return scored.read(
                     model(
@@ -148,7 +155,8 @@ def response_logprobs(
     if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
         keys = attention_mask.bool()
         mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)
-    with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens) as scored:
+    only = None if packing is None else packing.scored  # the same [B, T] whether packing paid or not
+    with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens, only=only) as scored:
         return scored.read(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
 
 

@@ -34,6 +34,9 @@ class PackedRows:
     position_ids: torch.Tensor  # [R, C]: 0, 1, ... restarting at each sequence (0 on a row's tail)
     sequence_ids: torch.Tensor  # [R, C]: the padded row each slot's token came from; -1 on a row's tail
     positions: torch.Tensor  # [B, T]: the flat slot (r * C + c) whose output predicts response token t
+    # [K]: the flat indices (b * T + t) into [B, T] of the response tokens that exist (t < the
+    # sequence's response length): the only ones scored, the rest of [B, T] is padding.
+    scored: torch.Tensor
 
     def to(self, device: torch.device) -> PackedRows:
         """On `device` (`to_device`)."""
@@ -166,8 +169,10 @@ def plan_packing(
     last = (lengths_t - 2).clamp(min=0)
     scored = torch.minimum(torch.tensor(prompt_lengths, dtype=torch.long)[:, None] - 1 + steps[None, :], last[:, None])
     positions = (first_slot[:, None] + scored.clamp(min=0)).clamp(max=gather.numel() - 2)
+    responses = (lengths_t - torch.tensor(prompt_lengths, dtype=torch.long)).clamp(min=0, max=response_len)
+    exists = (steps[None, :] < responses[:, None]).reshape(-1).nonzero().squeeze(1)
     shape = (len(filled), width)
-    return PackedRows(gather.view(shape), position_ids.view(shape), sequence_ids.view(shape), positions)
+    return PackedRows(gather.view(shape), position_ids.view(shape), sequence_ids.view(shape), positions, exists)
 
 
 def pack_rows(

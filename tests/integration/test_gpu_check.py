@@ -17,7 +17,10 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["smoke"] and set(report["steps"]) == {
-        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B", "learner 0.5B, more sides"}
+        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B", "profile 0.5B",
+        "learner 0.5B, more sides"}
+    profiled = report["steps"]["profile 0.5B"]["result"]["sides"]
+    assert [p["side"] for p in profiled] == ["ours", "plain"] and all(p["wall_s"] > 0 for p in profiled)
     learner = report["steps"]["learner 0.5B"]["result"]
     rows = learner["figures"]
     # Every side timed on the default batch, ours on the long one too; each alone.

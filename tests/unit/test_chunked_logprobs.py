@@ -59,6 +59,47 @@ def test_log_probs_alone_have_the_log_softmax_gradient():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
 
 
+def test_an_entropy_kept_as_a_metric_sends_no_gradient():
+    """Entropies computed beside the log-probs but left out of the loss (entropy_coef 0): the
+    log-probs' own gradient, the entropy's term skipped rather than multiplied by zeros."""
+    torch.manual_seed(4)
+    hidden, weight = torch.randn(11, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (11,))
+    g = torch.randn(11)
+    logp, entropy = token_logprobs(hidden, weight, targets, temperature=0.8, with_entropy=True, chunk_tokens=4)
+    assert entropy is not None and entropy.requires_grad
+    got = torch.autograd.grad((logp * g).sum(), [hidden, weight])
+    want = torch.autograd.grad((_reference(hidden, weight, None, targets, 0.8)[0] * g.double()).sum(), [hidden, weight])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_bf16_gradients_are_the_float64_ones_rounded_once(with_entropy):
+    """A bf16 layer's gradients (products in bf16, summed in float32) are within bf16's rounding of
+    float64's, and a chosen token of probability close to 1 keeps its small gradient (onehot - p is
+    taken in float32, not after rounding p)."""
+    torch.manual_seed(5)
+    n, h, v = 24, 32, 64
+    hidden = torch.randn(n, h).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h) * 0.3).bfloat16()
+    weight[7] = hidden.detach()[0] * 4  # token 7 at row 0: p close to 1
+    weight.requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    targets[0] = 7
+    g_logp, g_ent = torch.randn(n), torch.randn(n)
+    logp, entropy = token_logprobs(hidden, weight, targets, with_entropy=with_entropy, chunk_tokens=10)
+    loss = (logp * g_logp).sum() + ((entropy * g_ent).sum() if with_entropy else 0)
+    got = torch.autograd.grad(loss, [hidden, weight])
+    ref_logp, ref_ent = _reference(hidden.float(), weight.float(), None, targets, 1.0)
+    ref_loss = (ref_logp * g_logp.double()).sum() + ((ref_ent * g_ent.double()).sum() if with_entropy else 0)
+    want = torch.autograd.grad(ref_loss, [hidden, weight])
+    assert ref_logp[0] > -0.01  # the check can fail: p_y close to 1
+    for name, a, b in zip(["hidden", "weight"], got, want):
+        assert a.dtype == torch.bfloat16
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < 2e-2, (name, err)
+
+
 def test_bf16_weights_round_as_the_plain_layer_does():
     """A bf16 layer's logits are rounded to bf16 before the float32 log-softmax, as `lm_head(h).float()`:
     the figures agree to float32 rounding (not to bf16's 1e-2)."""

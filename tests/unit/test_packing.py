@@ -55,6 +55,25 @@ def test_packed_rows_hold_only_real_tokens_and_score_inside_their_own_sequence(a
         assert packing.targets(packed)[i, :n].tolist() == input_ids[i, start: start + n].tolist()
 
 
+def test_only_the_response_tokens_that_exist_are_scored(tiny_model, monkeypatch):
+    """The output layer runs at the responses' real tokens only, not at [B, T] padded to the longest
+    response (at the GPU benchmark's batch 6,239 of 11,700 positions); the rest read 0."""
+    import rlhf_cluster.models.chunked_logprobs as chunked
+
+    input_ids, attention_mask, prompt_lengths, T, mask = _rows(tiny_model.config.vocab_size)
+    packing = pack_rows(input_ids, attention_mask, prompt_lengths, T, attention_of(tiny_model)[0])
+    assert packing.scored.tolist() == mask.reshape(-1).nonzero().squeeze(1).tolist()
+    rows: list[int] = []
+    real = chunked.token_logprobs
+    monkeypatch.setattr(chunked, "token_logprobs", lambda hidden, *a, **k: rows.append(len(hidden)) or real(hidden, *a, **k))
+    with torch.no_grad():
+        logp, entropy = response_logprobs(tiny_model, input_ids, attention_mask, prompt_lengths, T, 1.0, True)
+        padded, _ = response_logprobs(tiny_model, input_ids, attention_mask, prompt_lengths, T, packed=False)
+    assert rows == [int(mask.sum()), mask.numel()]  # packed: the real ones; padded (no plan): all of [B, T]
+    assert torch.equal(logp * (1 - mask), torch.zeros_like(logp)) and torch.equal(entropy * (1 - mask), torch.zeros_like(logp))
+    assert torch.allclose(logp * mask, padded * mask, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from rlhf_cluster.config import TinyModelConfig
