@@ -24,6 +24,7 @@ from rlhf_cluster.run.checkpoint import Checkpoint, CheckpointError, CheckpointS
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
+from rlhf_cluster.weights.messages import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class Checkpointer:
             or best
         )
 
-    def restore(self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState, cfg: JobConfig) -> tuple[int, dict]:
+    def restore(
+        self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState, cfg: JobConfig
+    ) -> tuple[int, Delivery]:
         """Put the ranks, the weight store and `state` (fresh) where `ckpt` left them, or at the
         start; publishes the weights the job continues from and returns their version and their
         delivery. `cfg` is the config the ranks were built with (faults.elastic
@@ -211,7 +214,7 @@ class LearnerStart:
     cfg: JobConfig  # the job's config from now on (faults.elastic may have shrunk the learner)
     state: JobState
     published_version: int
-    delivery: dict  # the restored version's delivery, for every engine
+    delivery: Delivery  # the restored version's delivery, for every engine
     guard: EvalGuard
 
 

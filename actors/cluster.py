@@ -4,7 +4,6 @@ Prometheus scrape targets of every actor it runs."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from actors.workers.generation import GenerationWorker
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.workers.scoring import ReferenceWorker, RewardWorker
 from actors.workers.settings import GenerationSettings, ScoringSettings
-from actors.workers.weight_push import WeightPusher
+from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.models.quantization import write_int8_model_dir
 from rlhf_cluster.run.run_dir import RunDir
@@ -29,8 +28,6 @@ from rlhf_cluster.telemetry.tracing import PoolActivity
 from rlhf_cluster.weights import WeightStore
 
 log = logging.getLogger(__name__)
-DELIVERY_TIMEOUT_S = 600  # the first delivery to the starting engines (fetch, verify, load)
-RECEIPTS_KEPT = 10_000
 
 
 def engine_model_paths(
@@ -70,8 +67,9 @@ def _named_controller(job_name: str, wait_s: float = 60.0):
 
 class Cluster:
     """Starts, resizes, replaces and ends the job's worker pools, and keeps the scrape targets
-    current. `newest_version()` is the version a new generation worker loads before it serves;
-    `other_targets()` adds the rank groups' and the driver's endpoints to the scrape targets."""
+    current. A new generation worker joins through `weights` (the job's `WeightSync`, which
+    pushes every version to the generation pool); `other_targets()` adds the rank groups' and the
+    driver's endpoints to the scrape targets."""
 
     def __init__(
         self,
@@ -79,21 +77,14 @@ class Cluster:
         run_dir: RunDir,
         model_path: str,
         engine_paths: dict[str, str],
-        newest_version: Callable[[], int],
         other_targets: Callable[[], dict[str, dict[str, dict]]],
+        weights: WeightSync,
     ):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
-        self.delivery: dict | None = None  # the newest version's delivery, for every worker that joins
-        # Workers being prepared; pushes reach them too. (Actor handles hash and compare by actor id.)
-        self._joining: set = set()
-        self._pushing = asyncio.Lock()  # one push at a time: versions reach every engine in order
-        self.pusher = WeightPusher()  # the driver sets its sender (the learner's rank 0)
         self.infos: dict[str, dict[str, dict]] = {}
         self.controller = None
         self.activity = PoolActivity()  # every pool's requests in flight, for each step's busy share
-        # each engine's receipt of each delivery (the newest RECEIPTS_KEPT)
-        self.receipts: collections.deque[dict] = collections.deque(maxlen=RECEIPTS_KEPT)
         gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
 
         def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
@@ -107,23 +98,6 @@ class Cluster:
                 activity=self.activity,
                 on_restart=lambda dead, new: self._on_restart(name, dead, new),
             )
-
-        async def load_newest_weights(actor) -> None:
-            # A new generation worker loads the newest weights before it serves anything: the newest
-            # version in the store, then the newest delivery (not loaded again when it is the same
-            # bytes). While it joins, pushes include it (`_joining`), and it takes any it missed meanwhile.
-            self._joining.add(actor)
-            await actor.sync.remote(0)
-            async with self._pushing:  # then the newest delivery, unless a push brought it meanwhile
-                delivery = self.delivery
-                if delivery is None:
-                    return
-                (receipt,) = await self.pusher.push(delivery, [actor])
-                if isinstance(receipt, ray.exceptions.ObjectLostError):
-                    return  # its learner rank died; the rollback's push reaches this worker too
-                if isinstance(receipt, BaseException):
-                    raise receipt
-                self._record_receipts([receipt], delivery)
 
         # Each worker gets its section and the few job values it needs (`settings`), never the whole job.
         generation, scoring = GenerationSettings.of(cfg), ScoringSettings.of(cfg)
@@ -139,7 +113,7 @@ class Cluster:
                     i,
                     slot,
                 ),
-                load_newest_weights,
+                weights.join,  # a new worker loads the newest version before it serves
             ),
             "reward": pool(
                 "reward",
@@ -158,6 +132,7 @@ class Cluster:
                     **score_opts
                 ).remote(scoring, model_path, i),
             )
+        weights.serve(self.pools["generation"])
         # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.
         self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]), cfg.samples_per_step)
         self._references = CallCoalescer(
@@ -179,13 +154,6 @@ class Cluster:
         except BaseException:
             self.shutdown()  # no worker outlives a failed start
             raise
-
-    def deliver_first(self, delivery: dict) -> None:
-        """The engines started from the model folder: they load the job's version (`delivery`)
-        before anything is generated."""
-        self.delivery = delivery
-        engines = self.pools["generation"].actors.values()
-        self._record_receipts(self.pusher.push_now(delivery, list(engines), DELIVERY_TIMEOUT_S), delivery)
 
     async def call(self, pool: str, method: str, *args):
         """One request to the least busy worker of `pool`; returns (worker name, result)."""
@@ -216,54 +184,6 @@ class Cluster:
 
     def pool_sizes(self) -> dict[str, int]:
         return {name: len(pool) for name, pool in self.pools.items()}
-
-    async def push_version(self, delivery: dict, rollback: bool = False) -> list[dict]:
-        """Every generation worker loads `delivery` now, with its requests in flight (skipped if a
-        newer one was pushed, unless it is a `rollback`'s). Returns the probe reports of those
-        loads (the job's last version is never generated with, so its reports must not wait for a
-        generate result).
-
-        A worker that dies meanwhile is the pool's business (it is replaced and its replacement
-        loads the newest version before serving); any other failure ends the job.
-        """
-        async with self._pushing:
-            if self.delivery is not None and delivery["version"] <= self.delivery["version"] and not rollback:
-                return []
-            self.delivery = delivery
-            pool = self.pools["generation"]
-            actors = list(pool.actors.values())
-            self._joining -= set(actors)  # joined: in the pool now
-            # Retiring workers too: a request of theirs may be waiting for this version (without
-            # it, the retirement waited for that request, and the request for the version).
-            actors += list(self._joining) + list(pool.draining.values())
-            results = await self.pusher.push(delivery, actors)
-        for actor, result in zip(actors, results):
-            if isinstance(result, ray.exceptions.RayActorError):
-                self._joining.discard(actor)  # dead: the pool replaces it
-            elif isinstance(result, ray.exceptions.ObjectLostError):
-                pass  # the learner rank that owned the buckets died: its rollback pushes the restored version
-            elif isinstance(result, BaseException):
-                raise result
-        self._record_receipts([r for r in results if not isinstance(r, BaseException)], delivery)
-        actors = [a for a, r in zip(actors, results) if not isinstance(r, BaseException)]
-        reports = await asyncio.gather(*[a.take_probe_reports.remote() for a in actors], return_exceptions=True)
-        return [r for rs in reports if not isinstance(rs, BaseException) for r in rs]
-
-    def _record_receipts(self, receipts: list[dict], delivery: dict) -> None:
-        """Proof of delivery: an engine that loaded the version reports the sender's fingerprint;
-        any other is counted (a refused version was counted by its worker) and kept in `receipts`."""
-        for receipt in receipts:
-            sent = delivery["variants"][receipt["variant"]]["fingerprint"]
-            if "fingerprint" in receipt and receipt["fingerprint"] != sent:  # not refused, not superseded
-                m.WEIGHTS_FINGERPRINT_MISMATCH.labels(
-                    job=self.cfg.name, pool="generation", worker=receipt["worker"]
-                ).inc()
-                log.warning(
-                    f"{receipt['worker']}: loaded version {receipt['version']} with fingerprint "
-                    f"{receipt['fingerprint']}, the learner sent {sent[:12]}"
-                )
-            receipt["sent_fingerprint"] = sent
-        self.receipts.extend(receipts)
 
     def _on_restart(self, pool_name: str, dead: str, new: str) -> None:
         """Count a restart and keep the scrape targets current (the pool replaced the worker)."""

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -28,6 +29,7 @@ from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
 from actors.trainer import Trainer
+from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
@@ -41,6 +43,7 @@ from rlhf_cluster.run.scored_log import ScoredLogFlushError
 from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.telemetry.metrics import serve_metrics
 from rlhf_cluster.weights import WeightStore
+from rlhf_cluster.weights.messages import Delivery, Publication
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,10 @@ class Driver:
         self._stop = threading.Event()  # set by `request_stop` from any thread or a signal handler
         self.loop: asyncio.AbstractEventLoop | None = None  # where `request_stop` wakes the step loop
         self._trainer: Trainer | None = None  # with `_cluster` and `_state`: set by the start (read as properties)
-        self.delivery: dict | None = None
+        self.delivery: Delivery | None = None
+        # Every version's way to the engines; a transport whose sender takes part in each push
+        # reaches the current learner's rank 0.
+        self.weights = WeightSync(cfg.name, lambda delivery: self.trainer.send(delivery), self.reporter.probes)
         self._publishing: asyncio.Task | None = None  # the newest version's publication
         self._cluster: Cluster | None = None
         self._state: JobState | None = None
@@ -101,18 +107,16 @@ class Driver:
                     engine_model_paths(
                         self.cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir
                     ),
-                    newest_version=lambda: self.published_version,
                     other_targets=self._scrape_targets,
+                    weights=self.weights,
                 )
             finally:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
                 if self._trainer is None:
                     self._adopt_learner(started)
-        # A transport whose sender takes part in each push reaches the current learner's rank 0.
-        self.cluster.pusher.sender = lambda delivery: self.trainer.send(delivery)
         if self.delivery is not None:
-            self.cluster.deliver_first(self.delivery)
-            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
+            self.weights.first(self.delivery)
+            self.delivery = None  # WeightSync holds the newest; nothing here pins old buckets
         self.cluster.write_scrape_targets()
 
     def _build_learner(self, ckpt: Checkpoint | None, previous: JobState | None) -> LearnerStart:
@@ -242,14 +246,14 @@ class Driver:
                     break
                 try:
                     with self.reporter.span("train", step=step):
-                        stats = await self.trainer.train(step, samples, self.state.kl.value)
+                        stats, published = await self.trainer.train(step, samples, self.state.kl.value)
                 except ray.exceptions.RayActorError as exc:
                     step = await self._recover_learner(tg, exc)
                     bar.reset(total)
                     bar.update(step)
                     continue
                 observe_step_kl(self.state.kl, stats["policy/kl"], samples)
-                self._publishing = tg.create_task(self._publish(step + 1, self.timeline, self._publishing))
+                self._publishing = tg.create_task(self._publish(step + 1, published, self.timeline, self._publishing))
                 counters = {
                     **self.state.counters(),
                     "worker_restarts": self.cluster.restarts(),
@@ -324,12 +328,13 @@ class Driver:
                 except TimeoutError:
                     pass
 
-    async def _publish(self, version: int, timeline: int, previous: asyncio.Task | None) -> None:
-        """Once `version` is published (durable in the store, or packed for delivery): admission moves
-        on and every engine loads it, after `previous` version's push: versions arrive in order."""
-        published = self.trainer.wait_published(version)  # this step's trainer, even if a rollback replaces it
+    async def _publish(
+        self, version: int, published: Awaitable[Publication], timeline: int, previous: asyncio.Task | None
+    ) -> None:
+        """Once `version` is `published` (durable in the store, or packed for delivery): admission
+        moves on and every engine loads it, after `previous` version's push: versions arrive in order."""
         try:
-            delivery = (await published)["delivery"]
+            delivery = (await published).delivery
         except ray.exceptions.RayActorError:
             return  # the learner died; the step loop rolls back to the newest checkpoint
         async with self.changed:
@@ -343,7 +348,7 @@ class Driver:
         if timeline != self.timeline:
             return
         with self.reporter.span("weights.push", version=version):
-            self.reporter.probes(await self.cluster.push_version(delivery))
+            await self.weights.push(delivery)
 
     async def _watch_learner(self) -> None:
         """Heartbeat the learner's ranks, and after a rollback the new ranks: a hung rank is
@@ -395,8 +400,8 @@ class Driver:
         self._adopt_learner(await asyncio.to_thread(self._build_learner, ckpt, self.state))
         self._publishing = None  # the old timeline's pushes end without pushing
         if self.delivery is not None:  # every engine holds the restored version before new groups start
-            self.reporter.probes(await self.cluster.push_version(self.delivery, rollback=True))
-            self.delivery = None  # the cluster holds the newest; nothing here pins old buckets
+            await self.weights.push(self.delivery, rollback=True)
+            self.delivery = None  # WeightSync holds the newest; nothing here pins old buckets
         self.cluster.write_scrape_targets()
         self._producer = tg.create_task(self._produce(tg))
         return self.state.start_step

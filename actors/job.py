@@ -14,6 +14,7 @@ from actors.driver import Driver
 from actors.reporting import ConsumedSample, JobResult
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.job.preemption import GracefulStop
+from rlhf_cluster.weights.messages import Receipt
 
 
 class Job:
@@ -75,11 +76,11 @@ class Job:
         return list(self._driver.reporter.result.consumed)
 
     @property
-    def delivery_receipts(self) -> list[dict]:
-        """Each engine's receipt of each delivered version (worker, version,
-        variant, fingerprint of what it loaded and the learner's, or `refused` with the cause), in
-        order, the newest 10,000 (a copy)."""
-        return list(self._driver.cluster.receipts)
+    def delivery_receipts(self) -> list[Receipt]:
+        """Each engine's receipt of each delivered version (worker, version, variant, status, the
+        fingerprint of what it loaded and the learner's, or the reason it refused), in order, the
+        newest 10,000 (a copy)."""
+        return list(self._driver.weights.receipts)
 
     @property
     def learner_restarts(self) -> int:

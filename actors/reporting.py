@@ -20,6 +20,7 @@ from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry.metrics import MetricLabels
 from rlhf_cluster.telemetry.step_report import console_line, step_row
 from rlhf_cluster.telemetry.tracing import Tracer
+from rlhf_cluster.weights.messages import ProbeReport
 
 log = logging.getLogger(__name__)
 
@@ -283,18 +284,20 @@ class Reporter:
             ],
         )
 
-    def probes(self, reports: list[dict]) -> None:
+    def probes(self, reports: list[ProbeReport]) -> None:
         """Log each worker's post-load probe mismatch (probes.jsonl) and alert when it jumps."""
+        records = []
         for report in reports:
-            report["alert"] = self.mismatch_alarm.observe(report["k3"])
-            if report["alert"]:
+            alert = self.mismatch_alarm.observe(report.k3)
+            if alert:
                 self.labels.of(m.MISMATCH_ALERTS).inc()
                 log.warning(
                     "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
-                    report["worker"],
-                    report["version"],
-                    report["k3"],
-                    report["max_abs_diff"],
+                    report.worker,
+                    report.version,
+                    report.k3,
+                    report.max_abs_diff,
                     statistics.median(self.mismatch_alarm.history[:-1]),
                 )
-        self.run_dir.append(RunDir.PROBES, reports)
+            records.append({**report.record(), "alert": alert})
+        self.run_dir.append(RunDir.PROBES, records)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import ray
@@ -22,6 +22,7 @@ from rlhf_cluster.generation.probe import Probe
 from rlhf_cluster.job.elastic import shrunk_learner
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.weights.messages import Delivery, Publication
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ class Trainer:
             placement_timeout_s=placement_timeout_s,
         )
         self.critic: RankGroup | None = None
-        self._published: dict[int, dict] = {}  # publications that came back with their step
         if cfg.algorithm.advantage == "gae":  # PPO with a learned critic
             try:
                 critic = cfg.critic
@@ -86,8 +86,12 @@ class Trainer:
         beats = await asyncio.gather(*(heartbeat(rank, timeout_s) for group in self.groups() for rank in group))
         return [span for beat in beats for span in beat.spans]
 
-    async def train(self, step: int, samples: list[ScoredSample], kl_coef: float) -> dict[str, float]:
-        """One step on every rank; the policy's result is published as version step + 1."""
+    async def train(
+        self, step: int, samples: list[ScoredSample], kl_coef: float
+    ) -> tuple[dict[str, float], Awaitable[Publication]]:
+        """One step on every rank; the policy's result is published as version step + 1. Returns
+        the step's stats and its publication: the one that came back with the step (done
+        already), else rank 0's answer when it has published."""
         values = None
         if self.critic is not None:
             # The critic's values of this batch, before either model steps, give the GAE advantages
@@ -103,41 +107,31 @@ class Trainer:
         # The two groups train on the same batch at the same time; rank 0 speaks for each.
         policy, *critic = await asyncio.gather(*steps)
         metrics, publication = policy[0]
-        if publication is not None:
-            self._published[step + 1] = publication
         stats.update(metrics)
         for group_stats in critic:
             stats.update(group_stats[0])
         stats["kl_coef"] = kl_coef
-        return stats
+        if publication is None:
+            return stats, self.policy.leader.wait_published.remote(step + 1)
+        done: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        done.set_result(publication)
+        return stats, done
 
-    def publish_now(self, version: int) -> dict:
+    def publish_now(self, version: int) -> Delivery:
         """Publish the policy's current weights as `version` (persisted in the store whatever the
         transport) and wait until they are durable; returns their `delivery`."""
         self.policy.call("publish", version, True)
-        published = ray.get(self.policy.leader.wait_published.remote(version))
+        published: Publication = ray.get(self.policy.leader.wait_published.remote(version))
         ray.get(self.policy.leader.wait_persisted.remote())
-        return published["delivery"]  # every transport's publication carries one
+        return published.delivery
 
-    def send(self, delivery: dict) -> ray.ObjectRef:
+    def send(self, delivery: Delivery) -> ray.ObjectRef:
         """The policy's rank 0 takes part in pushing `delivery` (see `LearnerRank.send`)."""
         return self.policy.leader.send.remote(delivery)
 
     async def wait_persisted(self) -> None:
         """Until every version queued for the store is durable (the job's end)."""
         await self.policy.leader.wait_persisted.remote()
-
-    def wait_published(self, version: int):
-        """An awaitable of `version`'s publication stats (and `delivery`): the one its step brought
-        back (done already), else asked of this trainer's rank 0 now."""
-        publication = self._published.pop(version, None)
-        for older in [v for v in self._published if v < version]:
-            del self._published[older]
-        if publication is None:
-            return self.policy.leader.wait_published.remote(version)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(publication)
-        return done
 
     def load_checkpoint(self, path) -> dict[str, list[str]]:
         """Every rank restores from the job checkpoint at `path`; the restored states' digests by group."""

@@ -53,8 +53,8 @@ def replay(run_dir: Path, out_dir: Path, steps: tuple[int, int] | None = None) -
 
         async def train_all() -> None:
             for step in range(first, last + 1):
-                stats = await trainer.train(step, batches[step], kl.value)
-                await trainer.wait_published(step + 1)
+                stats, published = await trainer.train(step, batches[step], kl.value)
+                await published
                 observe_step_kl(kl, stats["policy/kl"], batches[step])
 
         asyncio.run(train_all())

@@ -6,7 +6,6 @@
 - `pools`: same-kind actors with least-busy dispatch that grow and shrink while serving.
 - `rank_group`: every torch.distributed group of actors (learner, critic, supervised stages).
 - `control`: the job's controller actor (resize a pool, stop the job) and the CLI's side of it.
-- `weight_push`: one version pushed to a set of engines (with rank 0 seated when the transport needs it).
 - `_common`: what every actor does at start (its config, its metrics endpoint).
 
 Each actor wraps `rlhf_cluster` objects thinly: the maths and the state live in the library.

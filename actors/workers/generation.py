@@ -2,8 +2,9 @@
 
 Calls run concurrently on the actor's event loop; they all feed the one engine, whose loop thread
 batches them (`VLLMEngine`). In `streaming` mode each call is one prompt group that returns as
-soon as its last response finishes, and a delivery (`receive`, pushed by the driver when a version
-is published) loads the new weights while requests are in flight. In `batched` mode one request
+soon as its last response finishes, and a delivery (`load`, pushed by the driver's `WeightSync` when
+a version is published; `load_stored` for the store's newest) loads the new weights while requests
+are in flight. In `batched` mode one request
 runs at a time and weights load only between requests. How a delivery's bytes arrive is the
 transport's business (`rlhf_cluster.weights.transports`); this worker knows none of them.
 """
@@ -32,8 +33,14 @@ from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.telemetry.liveness import StallClock
 from rlhf_cluster.weights import WeightStore
-from rlhf_cluster.weights.registry import build_transport
-from rlhf_cluster.weights.transports import DeliveryInterrupted, WeightRefused, WeightSuperseded, fetch_stored
+from rlhf_cluster.weights.messages import Delivery, ProbeReport, Receipt, ReceiptStatus
+from rlhf_cluster.weights.registry import engine_transports
+from rlhf_cluster.weights.transports import (
+    DeliveryInterrupted,
+    WeightRefused,
+    WeightSuperseded,
+    stored_delivery,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +85,15 @@ class GenerationWorker:
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.fingerprint: str | None = None  # of the bytes the engine holds, as its transport proves them
         self.refused: set[tuple[int, str]] = set()
-        self.probe_reports: list[dict] = []  # handed to the driver with the next `generate` result
         self.swaps: list[dict] = []  # every in-place weight load, for tests and audits
         self._sync_lock = asyncio.Lock()  # one weight load at a time
         self._one_request = asyncio.Lock()  # batched mode: requests run one after another
-        self.transport = build_transport(
-            settings.weights, self.store, gen.weight_variants, getattr(torch, settings.engine_dtype), get=ray.get
+        engine_dtype = getattr(torch, settings.engine_dtype)
+        # The job's transport, and the store's (its versions reach the engine as deliveries too), by type.
+        self.transport, stored = engine_transports(
+            settings.weights, self.store, gen.weight_variants, engine_dtype, get=ray.get
         )
+        self.transports = {t.type: t for t in (stored, self.transport)}
         self._delivered = asyncio.Condition()  # the engine's version moved (or a delivery was refused)
         # The newest version refused. Requests that need it go on with the version held, as with a
         # refused stored version (the staleness filter judges their samples).
@@ -125,145 +134,118 @@ class GenerationWorker:
         }
 
     async def sync(self, min_version: int = 0) -> int:
-        """Load the store's newest version unless the engine holds it already; returns the version held.
+        """Load the store's newest version unless the engine holds it already; returns the version
+        held (`load_stored`'s receipt, for callers that need only the number)."""
+        receipt = await self.load_stored(min_version)
+        return self.engine.version if receipt.status != "loaded" else receipt.version
 
-        Requests in flight keep running until the engine loop reaches a token boundary, then
-        continue (or restart) with the new weights. A version is identified by number and
-        creation time: after a learner rollback the same number can be published again with
-        other weights. A version whose checksums fail is refused and counted; the engine keeps
-        serving the last good one.
-        """
+    async def load_stored(self, min_version: int = 0) -> Receipt:
+        """The store's newest version, as a `filesystem` delivery through `load`: the one load
+        path. A stored version refused once (its bytes fail their checksums) is not read again;
+        one that retention removes meanwhile is passed over for the newer one."""
         while True:
-            async with self._sync_lock:
-                held = await self._load_newest(min_version)
-            if held is not None:
-                return held  # None: retention removed the newest after a newer one landed; take that
+            latest = self.store.latest_version()
+            if latest is None or latest < min_version:
+                raise RuntimeError(
+                    f"{self.name}: version >= {min_version} requested but the store's newest is {latest}"
+                )
+            try:
+                delivery = await asyncio.to_thread(stored_delivery, self.store, latest, [self.variant or "full"])
+            except FileNotFoundError:
+                continue  # removed by retention after a newer one landed: take that
+            if delivery.identity in self.refused:
+                return self._receipt(delivery, "refused", reason="refused before")
+            receipt = await self.load(delivery)
+            if receipt.status != "superseded":
+                return receipt
 
-    async def _load_newest(self, min_version: int) -> int | None:
-        latest = self.store.latest_version()
-        if latest is None or latest < min_version:
-            raise RuntimeError(f"{self.name}: version >= {min_version} requested but the store's newest is {latest}")
-        start = time.perf_counter()
-        try:
-            identity = (latest, self.store.manifest(latest)["created_at"])
-        except FileNotFoundError:
-            return None
-        if identity == self.loaded or identity in self.refused:
-            return self.engine.version
-        try:
-            fetched = await asyncio.to_thread(
-                fetch_stored, self.store, latest, self.variant or "full", self.name, identity[1], (PROBE_FILE,)
-            )
-        except WeightSuperseded:
-            return None
-        except WeightRefused as exc:
-            self.labels.of(m.WEIGHTS_REFUSED).inc()
-            log.warning(f"{self.name}: refused weight version {latest}: {exc}; keeping version {self.engine.version}")
-            self.refused.add(identity)
-            return self.engine.version
-        swap = await asyncio.to_thread(self.engine.load_weights, latest, fetched.tensors)
-        # A transport that moves other bytes than the store's proves its delivery with another fingerprint: loaded
-        # again then.
-        self.loaded, self.fingerprint = identity, fetched.fingerprint
-        seconds = time.perf_counter() - start
-        tracing.add("weights.load", time.time() - seconds, time.time(), version=latest, transport="store")
-        nbytes, probe = fetched.nbytes, fetched.files.get(PROBE_FILE)
-        del fetched
-        self._record_swap(latest, swap, seconds, nbytes, "store")
-        async with self._delivered:
-            self._delivered.notify_all()
-        if probe is not None:
-            await self._score_probe(
-                latest, probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]}
-            )
-        return latest
-
-    async def receive(self, delivery: dict) -> dict:
-        """Load a delivered version in place at one token boundary, its bytes fetched and checked by
-        the job's transport first. Returns a receipt with the fingerprint of the bytes loaded; a
-        version whose bytes do not match what the sender declared is refused and counted, and the
-        engine keeps serving the one it holds."""
+    async def load(self, delivery: Delivery) -> Receipt:
+        """Load a delivered version in place at one token boundary, its bytes fetched and checked
+        by the delivery's transport first (the job's, or the store's). Requests in flight keep
+        running until the engine loop reaches a token boundary, then continue (or restart) with
+        the new weights. Returns the receipt: the fingerprint of the bytes loaded (and the probe
+        report of the load); a version whose bytes do not match what the sender declared is
+        refused and counted, and the engine keeps serving the one it holds."""
         variant = self.variant or "full"
-        identity = (delivery["version"], delivery["created_at"])
-        sent = delivery["variants"][variant]["fingerprint"]
-        transport = delivery["transport"]
+        sent = delivery.link(variant).fingerprint
+        transport = self.transports[delivery.transport]
         # Batched mode loads weights only between requests.
         between_requests = self._one_request if self.generation.mode == "batched" else contextlib.nullcontext()
         async with between_requests, self._sync_lock:
-            held = identity == self.loaded and self.fingerprint == sent  # held already, and proven
             start = time.perf_counter()
             try:
-                if held:
-                    await asyncio.to_thread(self.transport.decline, delivery, variant)
-                    return {
-                        "worker": self.name,
-                        "version": identity[0],
-                        "variant": variant,
-                        "fingerprint": self.fingerprint,
-                        "loaded": False,
-                    }
-                fetched = await asyncio.to_thread(self.transport.fetch, delivery, variant, self.name)
+                if delivery.identity == self.loaded and self.fingerprint == sent:  # held already, and proven
+                    await asyncio.to_thread(transport.decline, delivery, variant)
+                    return self._receipt(delivery, "held", fingerprint=self.fingerprint)
+                fetched = await asyncio.to_thread(transport.fetch, delivery, variant, self.name)
             except DeliveryInterrupted as exc:  # a member of the push's group failed: the push goes out again
-                log.warning(f"{self.name}: delivery of version {identity[0]} interrupted: {exc}")
-                return {
-                    "worker": self.name,
-                    "version": identity[0],
-                    "variant": variant,
-                    "interrupted": str(exc),
-                    "loaded": False,
-                    "held": self.engine.version,
-                }
-            except WeightSuperseded:  # not a fault: a newer version's push is on its way
-                return {
-                    "worker": self.name,
-                    "version": identity[0],
-                    "variant": variant,
-                    "superseded": True,
-                    "loaded": False,
-                    "held": self.engine.version,
-                }
+                log.warning(f"{self.name}: delivery of version {delivery.version} interrupted: {exc}")
+                return self._receipt(delivery, "interrupted", reason=str(exc))
+            except WeightSuperseded as exc:  # not a fault: a newer version's push is on its way
+                return self._receipt(delivery, "superseded", reason=str(exc))
             except WeightRefused as exc:
-                self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
-                self.labels.of(m.WEIGHTS_REFUSED).inc()
-                self.refused.add(identity)
-                self.refused_up_to = max(self.refused_up_to, identity[0])
-                self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, identity[0] - self.engine.version))
-                async with self._delivered:
-                    self._delivered.notify_all()
-                log.warning(
-                    f"{self.name}: refused delivered version {identity[0]}: {exc}; keeping version "
-                    f"{self.engine.version}"
-                )
-                return {
-                    "worker": self.name,
-                    "version": identity[0],
-                    "variant": variant,
-                    "refused": str(exc),
-                    "held": self.engine.version,
-                }
+                return await self._refused(delivery, variant, exc)
             swap = await asyncio.to_thread(self.engine.load_weights, fetched.version, fetched.tensors)
             nbytes, fingerprint = fetched.nbytes, fetched.fingerprint
+            probe = delivery.files.get(PROBE_FILE) or fetched.files.get(PROBE_FILE)  # (a stored version's: on disk)
             del fetched
-            self.loaded, self.fingerprint = identity, fingerprint
+            self.loaded, self.fingerprint = delivery.identity, fingerprint
             seconds = time.perf_counter() - start
-            tracing.add("weights.load", time.time() - seconds, time.time(), version=identity[0], transport=transport)
-            self._record_swap(identity[0], swap, seconds, nbytes, transport)
+            tracing.add(
+                "weights.load", time.time() - seconds, time.time(), version=delivery.version, transport=transport.type
+            )
+            self._record_swap(delivery.version, swap, seconds, nbytes, transport.type)
         async with self._delivered:
             self._delivered.notify_all()
-        probe = delivery.get("files", {}).get(PROBE_FILE)
+        report = None
         if probe is not None:
-            await self._score_probe(
-                identity[0], probe, {"sync_seconds": seconds, "sync_bytes": nbytes, "created_at": identity[1]}
-            )
-        return {
-            "worker": self.name,
-            "version": identity[0],
-            "variant": variant,
-            "fingerprint": fingerprint,
-            "loaded": True,
-            "seconds": seconds,
-            "bytes": nbytes,
-        }
+            report = await self._score_probe(delivery, probe, seconds, nbytes)
+        return self._receipt(delivery, "loaded", fingerprint=fingerprint, seconds=seconds, nbytes=nbytes, probe=report)
+
+    async def _refused(self, delivery: Delivery, variant: str, exc: Exception) -> Receipt:
+        async with self._delivered:
+            receipt = self._refuse(delivery, variant, exc)
+            self._delivered.notify_all()
+        return receipt
+
+    def _refuse(self, delivery: Delivery, variant: str, exc: Exception) -> Receipt:
+        """Count and log a refused version; requests that need it go on with the version held."""
+        if self.transports[delivery.transport] is self.transport:  # a push's bytes (not the store's)
+            self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
+        self.labels.of(m.WEIGHTS_REFUSED).inc()
+        self.refused.add(delivery.identity)
+        self.refused_up_to = max(self.refused_up_to, delivery.version)
+        self.labels.of(m.GENERATION_VERSIONS_BEHIND).set(max(0, delivery.version - self.engine.version))
+        log.warning(
+            f"{self.name}: refused {delivery.transport} version {delivery.version}: {exc}; keeping version "
+            f"{self.engine.version}"
+        )
+        return self._receipt(delivery, "refused", reason=str(exc))
+
+    def _receipt(
+        self,
+        delivery: Delivery,
+        status: ReceiptStatus,
+        fingerprint: str | None = None,
+        reason: str = "",
+        seconds: float = 0.0,
+        nbytes: int = 0,
+        probe: ProbeReport | None = None,
+    ) -> Receipt:
+        variant = self.variant or "full"
+        return Receipt(
+            worker=self.name,
+            version=delivery.version,
+            variant=variant,
+            status=status,
+            fingerprint=fingerprint,
+            reason=reason,
+            held_version=self.engine.version,
+            seconds=seconds,
+            bytes=nbytes,
+            sent_fingerprint=delivery.variants[variant].fingerprint if variant in delivery.variants else None,
+            probe=probe,
+        )
 
     def corrupt_next_delivery(self, bucket: int) -> None:
         """Test hook: the next delivery's `bucket` arrives with one byte flipped (as if damaged in transit)."""
@@ -308,21 +290,23 @@ class GenerationWorker:
             }
         )
 
-    async def _score_probe(self, version: int, text: str, sync: dict) -> None:
+    async def _score_probe(self, delivery: Delivery, text: str, seconds: float, nbytes: int) -> ProbeReport:
         """Score the version's probe with the engine and compare with the learner's log-probs."""
         probe, learner_logprobs = parse_probe_file(text)
         engine_logprobs = await asyncio.to_thread(self.engine.logprobs_of_many, probe.prompt_ids, probe.response_ids)
-        report = {
-            "worker": self.name,
-            "pid": os.getpid(),
-            "version": version,
-            "variant": self.variant or "full",
-            **sync,
-            **mismatch(learner_logprobs, engine_logprobs),
-        }
-        self.labels.of(m.PROBE_MISMATCH_K3).set(report["k3"])
-        self.labels.of(m.PROBE_MAX_DIFF).set(report["max_abs_diff"])
-        self.probe_reports.append(report)
+        report = ProbeReport(
+            worker=self.name,
+            pid=os.getpid(),
+            version=delivery.version,
+            variant=self.variant or "full",
+            created_at=delivery.created_at,
+            sync_seconds=seconds,
+            sync_bytes=nbytes,
+            mismatch=mismatch(learner_logprobs, engine_logprobs),
+        )
+        self.labels.of(m.PROBE_MISMATCH_K3).set(report.k3)
+        self.labels.of(m.PROBE_MAX_DIFF).set(report.max_abs_diff)
+        return report
 
     async def _groups(self, prompts: list[Prompt], n: int | None = None, greedy: bool = False) -> list[Rollout]:
         if self.agents is not None:
@@ -386,16 +370,11 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))
         return rollouts
 
-    def take_probe_reports(self) -> list[dict]:
-        """The probe reports of the syncs since they were last taken (each is handed over once)."""
-        reports, self.probe_reports = self.probe_reports, []
-        return reports
-
     async def generate_group(self, prompt: Prompt, min_version: int) -> list[Rollout]:
         """Streaming: the `n` rollouts of one prompt, started at once with weights of version >=
         `min_version`; returns when its last response finishes (other calls keep decoding)."""
         # The driver pushes every version (a rollback's too) before it is needed. Every load's
-        # probe report goes back with the push that caused it (`take_probe_reports`).
+        # probe report goes back on the load's receipt.
         await self._hold(min_version)
         with tracing.span("generate", prompt=prompt.prompt_id):
             return await self._groups([prompt])

@@ -22,6 +22,7 @@ from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now as delivery_time
 from rlhf_cluster.weights.buckets import persisted
+from rlhf_cluster.weights.messages import Delivery, Publication
 from rlhf_cluster.weights.registry import build_transport
 
 if TYPE_CHECKING:
@@ -180,21 +181,21 @@ class LearnerRank(ShardedRank):
         self._publisher().wait_persisted()
 
     @ray.method(concurrency_group="weights")
-    def send(self, delivery: dict) -> None:
+    def send(self, delivery: Delivery) -> None:
         """Rank 0's part of pushing `delivery` to the engines its `seat` names, for a transport
-        whose sender takes part (marked `"sender": True`), while the engines fetch it."""
+        whose sender takes part (`Delivery.sender`), while the engines fetch it."""
         self._publisher().send(delivery)
 
-    def wait_published(self, version: int) -> dict:
-        """Block until the transport has published `version`; returns times, bytes and the
-        `delivery` to push to the engines."""
-        stats = self.pending.pop(version).result()
+    def wait_published(self, version: int) -> Publication:
+        """Block until the transport has published `version`; returns the publication (times,
+        bytes and the `delivery` to push to the engines)."""
+        publication: Publication = self.pending.pop(version).result()
         self.labels.of(m.LEARNER_VERSION).set(version)
-        for variant, seconds in stats["variant_seconds"].items():
+        for variant, seconds in publication.variant_seconds.items():
             self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=variant).observe(seconds)
-        return stats
+        return publication
 
-    def train(self, batch: TrainBatch, version: int, kl_coef: float) -> tuple[dict[str, float], dict | None]:
+    def train(self, batch: TrainBatch, version: int, kl_coef: float) -> tuple[dict[str, float], Publication | None]:
         """One learner step on this rank's share, then publish the result as `version`. Returns the
         step's metrics and, when the publication is complete already (rank 0, e.g. packed in the object store),
         what `wait_published` would: the driver pushes it without another round trip."""

@@ -10,7 +10,7 @@ over a process group of their own (NCCL between GPUs, gloo on CPU).
 The group is not the process's default one (the learner's ranks and vLLM each have theirs): it is
 built from a `TCPStore` that rank 0 hosts, with a `ProcessGroupGloo` / `ProcessGroupNCCL` made
 directly. Who is in it is the push's business: the driver seats rank 0 and every engine the push
-reaches (`delivery["seat"]`: group number, rank, size) and numbers the group anew whenever that
+reaches (`Delivery.seat`: group number, rank, size) and numbers the group anew whenever that
 set changes (an engine joined, retired or was replaced) or a push was interrupted; each member
 builds the numbered group on its first use. A broadcast that a member does not join in time
 (it died, or hung) fails every other member within `timeout_s` (`DeliveryInterrupted`), and the
@@ -23,6 +23,7 @@ import datetime as dt
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ import torch.distributed as dist
 
 from rlhf_cluster.config import CollectiveTransport
 from rlhf_cluster.fileio import done_future
-from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, check_bucket, fingerprint, unpack_bucket
+from rlhf_cluster.weights.buckets import DeliveryError, check_bucket, fingerprint, unpack_bucket
+from rlhf_cluster.weights.messages import Delivery, GroupAddress, Publication, Seat
 from rlhf_cluster.weights.transports import (
     DeliveryInterrupted,
     Fetched,
@@ -60,37 +62,39 @@ class BroadcastGroup:
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
-    def host(self, host: str) -> dict:
+    def host(self, host: str) -> GroupAddress:
         """Rank 0: the rendezvous store's address, the store started on first use."""
         if self.server is None:
             self.server = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.timeout)
-        return {"host": host, "port": self.server.port, "backend": self.backend}
+        return GroupAddress(host, self.server.port, self.backend)
 
-    def join(self, address: dict, seat: dict) -> None:
+    def join(self, address: GroupAddress | None, seat: Seat | None) -> None:
         """Be in the group `seat` names (built collectively by all its members on first use)."""
-        key = (address["host"], address["port"], seat["group"], seat["rank"], seat["size"])
+        if address is None or seat is None:
+            raise ValueError("a collective delivery reaches its members with the group's address and their seat")
+        key = (address.host, address.port, seat.group, seat.rank, seat.size)
         if key == self.key:
             return
         self.key, self.group = None, None
-        self.backend = address["backend"]  # rank 0 chose it (`auto`: nccl where it has CUDA); every member follows
+        self.backend = address.backend  # rank 0 chose it (`auto`: nccl where it has CUDA); every member follows
         try:
-            store = self.server if seat["rank"] == 0 else None
+            store = self.server if seat.rank == 0 else None
             if store is None:
                 # Rank 0 hosts the store from its first publication on: a store that does not
                 # answer at once is a sender that is gone (its group is never built).
                 store = dist.TCPStore(
-                    address["host"], address["port"], is_master=False, timeout=min(self.timeout, CONNECT_TIMEOUT)
+                    address.host, address.port, is_master=False, timeout=min(self.timeout, CONNECT_TIMEOUT)
                 )
                 store.set_timeout(self.timeout)
-            prefixed = dist.PrefixStore(f"weights/group{seat['group']}", store)
+            prefixed = dist.PrefixStore(f"weights/group{seat.group}", store)
             if self.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
                 options._timeout = self.timeout
-                self.group = dist.ProcessGroupNCCL(prefixed, seat["rank"], seat["size"], options)
+                self.group = dist.ProcessGroupNCCL(prefixed, seat.rank, seat.size, options)
             else:
-                self.group = dist.ProcessGroupGloo(prefixed, seat["rank"], seat["size"], self.timeout)
+                self.group = dist.ProcessGroupGloo(prefixed, seat.rank, seat.size, self.timeout)
         except (RuntimeError, dist.DistError) as exc:
-            raise DeliveryInterrupted(f"weight group {seat['group']}: could not be built: {exc}") from exc
+            raise DeliveryInterrupted(f"weight group {seat.group}: could not be built: {exc}") from exc
         self.key = key
 
     def broadcast(self, tensor: torch.Tensor) -> None:
@@ -144,34 +148,35 @@ class BroadcastGroupTransport(ObjectStoreTransport):
 
     # ---- learner rank 0 ------------------------------------------------------------------
     def publish(self, version, created_at, named, files, snapshot):
-        publication = super().publish(version, created_at, named, files, snapshot).result()
-        delivery = publication["delivery"]
-        buckets = {}
-        for variant, link in delivery["variants"].items():
-            buckets[variant] = link.pop("buckets")  # the payloads themselves (`put` kept them)
+        publication: Publication = super().publish(version, created_at, named, files, snapshot).result()
+        packed = publication.delivery
+        # The payloads themselves (`put` kept them) stay here; the engines receive them broadcast.
+        buckets = {variant: list(link.buckets) for variant, link in packed.variants.items()}
         with self._outbox_lock:
             self.outbox[(version, created_at)] = buckets
             while len(self.outbox) > OUTBOX_KEPT:
                 self.outbox.popitem(last=False)
-        delivery.update(transport=self.type, sender=True, group=self.group.host(self.host))
-        return done_future(publication)
+        delivery = replace(
+            packed.without_payloads(), transport=self.type, sender=True, group=self.group.host(self.host)
+        )
+        return done_future(replace(publication, delivery=delivery))
 
-    def send(self, delivery: dict) -> None:
-        self.group.join(delivery["group"], delivery["seat"])
-        identity = (delivery["version"], delivery["created_at"])
+    def send(self, delivery: Delivery) -> None:
+        self.group.join(delivery.group, delivery.seat)
+        identity = delivery.identity
         with self._outbox_lock:
             buckets = self.outbox.get(identity)
             if buckets is not None:  # older versions will not be pushed again
                 while next(iter(self.outbox)) != identity:
                     self.outbox.popitem(last=False)
         device = self.group.device
-        self.group.broadcast(_header(SENT if buckets is not None else MISSING, delivery["version"], device))
+        self.group.broadcast(_header(SENT if buckets is not None else MISSING, delivery.version, device))
         if buckets is None:
             return
         # Every bucket's broadcast is started at once: the group's threads keep the wire busy.
         works = [
             self.group.start(torch.from_numpy(payload).to(device))
-            for variant in sorted(delivery["variants"])
+            for variant in sorted(delivery.variants)
             for payload in buckets[variant]
         ]
         for work in works:
@@ -179,7 +184,7 @@ class BroadcastGroupTransport(ObjectStoreTransport):
 
     # ---- engine --------------------------------------------------------------------------
     def fetch(self, delivery, variant, reader) -> Fetched:
-        manifest = DeliveryManifest.from_dict(delivery["variants"][variant]["manifest"])
+        manifest = delivery.link(variant).packed()
         corrupt, self.corrupt_bucket = self.corrupt_bucket, None
         damage = None if corrupt is None else _flip_byte_of(corrupt)
         payloads, digests, refused = [], [], None
@@ -203,24 +208,24 @@ class BroadcastGroupTransport(ObjectStoreTransport):
         for _ in self._arrivals(delivery, keep=None):
             pass
 
-    def _arrivals(self, delivery: dict, keep: str | None) -> Iterator[tuple[int, np.ndarray]]:
+    def _arrivals(self, delivery: Delivery, keep: str | None) -> Iterator[tuple[int, np.ndarray]]:
         """This engine's part of the push's broadcasts: every variant's buckets in the sender's
         order, all started at once; yields `keep`'s (index, bytes) as each arrives."""
-        self.group.join(delivery["group"], delivery["seat"])
+        self.group.join(delivery.group, delivery.seat)
         device = self.group.device
         header = _header(0, -1, device)
         self.group.broadcast(header)
         status, version = header.tolist()
-        if version != delivery["version"]:
+        if version != delivery.version:
             self.group.key = None  # out of step with the sender: this group is not to be used again
             raise DeliveryInterrupted(
-                f"the sender broadcast version {version}, this engine expected {delivery['version']}"
+                f"the sender broadcast version {version}, this engine expected {delivery.version}"
             )
         if status == MISSING:
             raise WeightSuperseded(f"version {version} is no longer held by the sender (newer versions follow)")
         arriving = []
-        for variant in sorted(delivery["variants"]):
-            for index, spec in enumerate(DeliveryManifest.from_dict(delivery["variants"][variant]["manifest"]).buckets):
+        for variant in sorted(delivery.variants):
+            for index, spec in enumerate(delivery.link(variant).packed().buckets):
                 buffer = torch.empty(spec.nbytes, dtype=torch.uint8, device=device)
                 arriving.append((variant == keep, index, buffer, self.group.start(buffer)))
         for kept, index, buffer, work in arriving:

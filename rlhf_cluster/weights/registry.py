@@ -19,3 +19,11 @@ def build_transport(cfg: WeightsConfig, *args, **kwargs) -> WeightTransport:
     store's `put`/`get` for transports that move bytes through it, and this node's `host`, where
     a sender that hosts a rendezvous is reached)."""
     return TRANSPORTS[type(cfg.transport)](cfg, *args, **kwargs)
+
+
+def engine_transports(cfg: WeightsConfig, *args, **kwargs) -> tuple[WeightTransport, WeightTransport]:
+    """An engine's two transports: the job's, and the store's (`filesystem`, the same one for a
+    filesystem job), through which every engine also loads the store's newest version
+    (`stored_delivery`); arguments as `build_transport`'s."""
+    job = build_transport(cfg, *args, **kwargs)
+    return job, job if isinstance(job, StoreTransport) else StoreTransport(cfg, *args, **kwargs)

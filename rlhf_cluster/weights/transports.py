@@ -4,16 +4,17 @@ directory (`filesystem`) and Ray's object store (`direct`). `registry` picks one
 
 Every transport has the same two ends and the same unit, the *delivery* of one version:
 
-    learner rank 0:  publish(version, tensors, files, snapshot) -> Future[publication]
+    learner rank 0:  publish(version, tensors, files, snapshot) -> Future[Publication]
                      (the publication's `delivery` is what the driver pushes to every engine)
     engine:          fetch(delivery, variant) -> Fetched (tensors to load, fingerprint to report)
 
-A delivery is a plain dict (it crosses Ray): `version`, `created_at` (the version's identity:
-after a rollback the same number is published again with other weights), `files` (the probe),
-`transport` and, per engine variant (`full`, `int8`), what that variant's engines fetch and the
-`fingerprint` an engine must report back to prove what it loaded. Each transport computes the
-fingerprint from the bytes it moves (bucket checksums in flight, shard checksums on disk), and a
-fetch refuses (`WeightRefused`) bytes that do not match what the sender declared.
+A delivery is a typed record (`messages.Delivery`): the version's identity, its files (the
+probe), the transport and, per engine variant (`full`, `int8`), what that variant's engines fetch
+and the `fingerprint` an engine must report back to prove what it loaded. Each transport computes
+the fingerprint from the bytes it moves (bucket checksums in flight, shard checksums on disk), and
+a fetch refuses (`WeightRefused`) bytes that do not match what the sender declared.
+`stored_delivery` makes the store's newest version a `filesystem` delivery, so an engine has one
+load path whichever way a version reached it.
 
 The object store is the one Ray-specific part: the actors hand `put` and `get` in, so this
 package never imports ray.
@@ -34,6 +35,7 @@ from rlhf_cluster.config import CollectiveTransport, DirectTransport, WeightsCon
 from rlhf_cluster.fileio import done_future
 from rlhf_cluster.weights import sparse_delta
 from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, VersionPacker, fingerprint, verified_tensors
+from rlhf_cluster.weights.messages import Delivery, Publication, VariantLink
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
 
 Named = Iterable[tuple[str, torch.Tensor]]
@@ -100,26 +102,25 @@ class WeightTransport(ABC):
     def publish(self, version: int, created_at: str, named: Named, files: dict[str, str], snapshot: bool) -> Future:
         """Hand one version (engine-dtype host tensors, streamed) to the transport. The tensors are
         given away, copies the caller will not change (`named_full_tensors(dtype)` makes them): the
-        transport may keep them. The future's result is the publication: `seconds`, `bytes`,
-        `variant_seconds` and the `delivery` to push. `snapshot`: the version must also be in the
-        store on disk, durably."""
+        transport may keep them. The future's result is the `Publication` (its `delivery` is what
+        the engines are sent). `snapshot`: the version must also be in the store on disk, durably."""
 
     def wait_persisted(self) -> None:
         """Block until every store write this transport queued is durable (raises what one raised)."""
         return None  # a transport that queues no writes has nothing to wait for
 
-    def send(self, delivery: dict) -> None:
-        """Blocking, for a delivery marked `"sender": True`: rank 0's part of its push, run while
+    def send(self, delivery: Delivery) -> None:
+        """Blocking, for a delivery marked `sender`: rank 0's part of its push, run while
         the engines of its `seat` fetch it. Transports whose engines fetch on their own have none."""
         return None
 
     # ---- engine --------------------------------------------------------------------------
     @abstractmethod
-    def fetch(self, delivery: dict, variant: str, reader: str) -> Fetched:
+    def fetch(self, delivery: Delivery, variant: str, reader: str) -> Fetched:
         """Blocking: the delivered version's tensors for an engine of `variant`, checked against
         the sender's declaration (`WeightRefused` if they do not match)."""
 
-    def decline(self, delivery: dict, variant: str) -> None:
+    def decline(self, delivery: Delivery, variant: str) -> None:
         """Blocking: the engine takes none of this delivery's bytes (it holds the version already).
         A transport whose sender waits for every engine of the push takes part all the same."""
         return None
@@ -138,21 +139,11 @@ class StoreTransport(WeightTransport):
         def delivered(write: Future) -> None:
             try:
                 stats = write.result()
-                variants = {
-                    v: {"fingerprint": store_fingerprint(self.store.manifest(version, None if v == "full" else v))}
-                    for v in self.variants
-                }
+                delivery = stored_delivery(self.store, version, self.variants, files)
+                if delivery.created_at != created_at:
+                    raise WeightIntegrityError(f"version {version} in the store is not the one just written")
                 publication.set_result(
-                    {
-                        **stats,
-                        "delivery": {
-                            "transport": self.type,
-                            "version": version,
-                            "created_at": created_at,
-                            "files": files,
-                            "variants": variants,
-                        },
-                    }
+                    Publication(delivery, stats["seconds"], stats["bytes"], stats["variant_seconds"])
                 )
             except BaseException as exc:  # the learner's wait_published raises it
                 publication.set_exception(exc)
@@ -161,7 +152,21 @@ class StoreTransport(WeightTransport):
         return publication
 
     def fetch(self, delivery, variant, reader) -> Fetched:
-        return fetch_stored(self.store, delivery["version"], variant, reader, created_at=delivery["created_at"])
+        return fetch_stored(self.store, delivery.version, variant, reader, created_at=delivery.created_at, files=None)
+
+
+def stored_delivery(
+    store: WeightStore, version: int, variants: Iterable[str], files: dict[str, str] | None = None
+) -> Delivery:
+    """Version `version` of the store as a `filesystem` delivery: its identity and each variant's
+    fingerprint from the manifests on disk, and `files` (the probe) where the caller has them (a
+    fetch reads those stored beside the version, checked). `FileNotFoundError` if retention
+    removed it."""
+    manifest = store.manifest(version)
+    links = {
+        v: VariantLink(store_fingerprint(manifest if v == "full" else store.manifest(version, v))) for v in variants
+    }
+    return Delivery(StoreTransport.type, version, manifest["created_at"], links, files or {})
 
 
 def fetch_stored(
@@ -170,10 +175,10 @@ def fetch_stored(
     variant: str,
     reader: str,
     created_at: str | None = None,
-    files: Iterable[str] = (),
+    files: Iterable[str] | None = (),
 ) -> Fetched:
     """A stored version's `variant` (`full`, `int8`), every shard checked, under a lease for
-    `reader`, with the text `files` published beside it. `WeightSuperseded` if retention removed
+    `reader`, with the text `files` published beside it (None: all of them). `WeightSuperseded` if retention removed
     it; `WeightRefused` if its bytes fail their checksums or it is not the version `created_at` names."""
     stored_variant = None if variant == "full" else variant
     try:
@@ -188,7 +193,8 @@ def fetch_stored(
                 f"the delivery's at {created_at}"
             )
         tensors = store.load(version, variant=stored_variant)
-        texts = {name: text for name in files if (text := store.read_file(version, name)) is not None}
+        names = store.manifest(version).get("files", {}) if files is None else files
+        texts = {name: text for name in names if (text := store.read_file(version, name)) is not None}
     except WeightIntegrityError as exc:
         raise WeightRefused(str(exc)) from exc
     finally:
@@ -223,7 +229,7 @@ class ObjectStoreTransport(WeightTransport):
         self.sparse = self._sparse()
         # Sender, `delta: sparse`: the previous version's full-precision tensors and the chain's links.
         self.previous: dict[str, torch.Tensor] | None = None
-        self.chain: list[dict] = []
+        self.chain: list[VariantLink] = []
         # Engine, `delta: sparse`: the identity and tensors of the version it rebuilt last.
         self.held: tuple[tuple[int, str], dict[str, torch.Tensor]] | None = None
 
@@ -271,36 +277,17 @@ class ObjectStoreTransport(WeightTransport):
         for variant, packer in packers.items():
             manifest, buckets = packer.finish()
             variant_seconds[f"direct-{variant}"] = packer.seconds
-            link: dict[str, object] = {
-                "manifest": manifest.to_dict(),
-                "buckets": buckets,
-                "fingerprint": manifest.fingerprint,
-            }
+            link = VariantLink(manifest.fingerprint, manifest, tuple(buckets))
             if sparse and variant == "full":
                 self.chain = [link] if whole else [*self.chain, link]
-                link = {
-                    "chain": list(self.chain),
-                    "whole": whole,
-                    "fingerprint": sparse_delta.fingerprint_tensors(version, created_at, sorted(current.items())),
-                }
+                fp = sparse_delta.fingerprint_tensors(version, created_at, sorted(current.items()))
+                link = VariantLink(fp, chain=tuple(self.chain), whole=whole)
             variants[variant] = link
         if sparse:
             self.previous = current
-        delivery = {
-            "transport": self.type,
-            "version": version,
-            "created_at": created_at,
-            "variants": variants,
-            "files": files,
-        }
-        return done_future(
-            {
-                "seconds": time.perf_counter() - start,
-                "bytes": sum(p.manifest.total_bytes for p in packers.values()),
-                "variant_seconds": variant_seconds,
-                "delivery": delivery,
-            }
-        )
+        delivery = Delivery(self.type, version, created_at, variants, files)
+        seconds, nbytes = time.perf_counter() - start, sum(p.manifest.total_bytes for p in packers.values())
+        return done_future(Publication(delivery, seconds, nbytes, variant_seconds))
 
     def _reap_writes(self) -> None:
         """Store writes queued by earlier versions: a failed one fails the learner with its cause."""
@@ -312,17 +299,17 @@ class ObjectStoreTransport(WeightTransport):
             self.writes.pop(0).result()
 
     def fetch(self, delivery, variant, reader) -> Fetched:
-        mine = delivery["variants"][variant]
-        if "chain" in mine:
+        mine = delivery.link(variant)
+        if mine.chain:
             return self._fetch_chain(delivery, mine)
         tensors, fp, manifest = self._verified(mine)
         return Fetched(manifest.version, manifest.created_at, tensors, fp, manifest.total_bytes)
 
-    def _verified(self, link: dict) -> tuple[list[tuple[str, torch.Tensor]], str, DeliveryManifest]:
+    def _verified(self, link: VariantLink) -> tuple[list[tuple[str, torch.Tensor]], str, DeliveryManifest]:
         if self.get is None:
             raise RuntimeError(f"the {self.type} transport fetches from the object store: `get` was not handed in")
-        manifest = DeliveryManifest.from_dict(link["manifest"])
-        payloads = self.get(link["buckets"])  # shared memory on this node: no copy
+        manifest = link.packed()
+        payloads = self.get(list(link.buckets))  # shared memory on this node: no copy
         corrupt, self.corrupt_bucket = self.corrupt_bucket, None
         try:
             tensors, fp = verified_tensors(manifest, payloads, None if corrupt is None else _flip_byte_of(corrupt))
@@ -330,10 +317,10 @@ class ObjectStoreTransport(WeightTransport):
             raise WeightRefused(str(exc)) from exc
         return tensors, fp, manifest
 
-    def _fetch_chain(self, delivery: dict, mine: dict) -> Fetched:
+    def _fetch_chain(self, delivery: Delivery, mine: VariantLink) -> Fetched:
         """Rebuild the version from the links after the one this engine holds (or from the whole one)."""
-        chain = mine["chain"]
-        identities = [(link["manifest"]["version"], link["manifest"]["created_at"]) for link in chain]
+        chain = mine.chain
+        identities = [(link.packed().version, link.packed().created_at) for link in chain]
         held_identity, held = self.held or (None, {})
         first = identities.index(held_identity) + 1 if held_identity in identities else 0
         tensors = held if first else {}  # the links after the one held, or all from the whole one
@@ -347,12 +334,12 @@ class ObjectStoreTransport(WeightTransport):
                 raise WeightRefused(f"version {manifest.version}: {exc}") from exc
         # Tensors sent whole stay views of their (read-only) buckets until a later link replaces
         # them; `apply` never writes into them, it copies a tensor before changing its elements.
-        version, created_at = delivery["version"], delivery["created_at"]
+        version, created_at = delivery.identity
         fp = sparse_delta.fingerprint_tensors(version, created_at, sorted(tensors.items()))
-        if fp != mine["fingerprint"]:
+        if fp != mine.fingerprint:
             raise WeightRefused(
                 f"version {version}: the weights rebuilt from {len(chain) - first} link(s) do not "
-                f"match the sender's (fingerprint {fp[:12]} vs {mine['fingerprint'][:12]})"
+                f"match the sender's (fingerprint {fp[:12]} vs {mine.fingerprint[:12]})"
             )
         self.held = ((version, created_at), tensors)
         return Fetched(version, created_at, list(tensors.items()), fp, moved)

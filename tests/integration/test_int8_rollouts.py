@@ -3,6 +3,7 @@ in-place reloads checked against the learner's fp32 log-probs of each version.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -121,10 +122,10 @@ def test_int8_worker_refuses_an_unquantized_push_and_a_corrupt_int8_variant(ray_
         float_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
         sender = build_transport(cfg.weights, WeightStore(Path(cfg.run_dir) / "sender"), ["full"], torch.float32,
                                  put=ray.put)
-        delivery = sender.publish(1, now(), float_state.items(), {}, snapshot=False).result()["delivery"]
-        delivery["variants"] = {"int8": delivery["variants"]["full"]}
+        delivery = sender.publish(1, now(), float_state.items(), {}, snapshot=False).result().delivery
+        delivery = dataclasses.replace(delivery, variants={"int8": delivery.link("full")})
         with pytest.raises(ray.exceptions.RayTaskError) as refused:
-            ray.get(worker.receive.remote(delivery), timeout=120)
+            ray.get(worker.load.remote(delivery), timeout=120)
         message = str(refused.value)
         assert "refused weight push" in message and "int8 variant" in message
         assert "q_proj.weight: got float32" in message and "expected int8" in message

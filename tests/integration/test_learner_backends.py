@@ -190,8 +190,8 @@ def test_pipeline_runs_on_deepspeed_ranks(ray_cluster, job_config):
         assert WeightStore(cfg.weights_dir).latest_version() == steps
         assert isinstance(cfg.weights.transport, DirectTransport)
         receipts = job.delivery_receipts
-        assert [r["version"] for r in receipts if r["loaded"]] == list(range(steps + 1)), receipts
-        assert all("refused" not in r and r["fingerprint"] == r["sent_fingerprint"] for r in receipts), receipts
+        assert [r.version for r in receipts if r.loaded] == list(range(steps + 1)), receipts
+        assert all(r.proven for r in receipts), receipts
 
         infos = ray.get([rank.shard_info.remote() for rank in job.learner_ranks])
         for name, (local0, full) in infos[0].items():

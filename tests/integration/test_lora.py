@@ -102,11 +102,11 @@ def test_lora_job_sends_adapters_only_and_engines_sample_as_the_merged_model(ray
     assert set(final) == adapter_names(base_state, cfg.learner.lora)
     adapter_bytes = sum(t.numel() * t.element_size() for t in final.values())
     merged_bytes = sum(t.numel() * t.element_size() for t in base_state.values())
-    loaded = [r for r in receipts if r.get("loaded")]
-    assert {r["version"] for r in loaded} == set(range(steps + 1))
-    assert all(r["fingerprint"] == r["sent_fingerprint"] for r in loaded)
+    loaded = [r for r in receipts if r.loaded]
+    assert {r.version for r in loaded} == set(range(steps + 1))
+    assert all(r.proven for r in loaded)
     # What one sync moves (the delivery's buckets) is the adapters' bytes, far below the merged model's.
-    moved = max(r["bytes"] for r in loaded)
+    moved = max(r.bytes for r in loaded)
     assert adapter_bytes <= moved < adapter_bytes + 4096 * len(final), (moved, adapter_bytes)
     print(f"bytes per sync: adapters {moved} vs merged {merged_bytes} ({moved / merged_bytes:.3f})")
     assert moved / merged_bytes < 0.1

@@ -43,8 +43,8 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         assert [r["weight_version"] for r in result.rows] == list(range(1, steps + 1))
         assert result.final_version == steps
         assert WeightStore(cfg.weights_dir).latest_version() == steps
-        loaded = [r for r in job.delivery_receipts if r.get("loaded")]
-        assert {r["version"] for r in loaded} == set(range(steps + 1))
+        loaded = [r for r in job.delivery_receipts if r.loaded]
+        assert {r.version for r in loaded} == set(range(steps + 1))
         assert all(r["fingerprint"] == r["sent_fingerprint"] for r in loaded)  # the store's shard checksums
 
         # Every consumed sample obeys the bound, at the step that consumed it.

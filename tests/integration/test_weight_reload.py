@@ -14,7 +14,7 @@ from actors.workers.generation import GenerationWorker
 from actors.workers.settings import GenerationSettings
 from rlhf_cluster.models.modeling import load_causal_lm, sequence_logprobs
 from rlhf_cluster.weights import WeightStore
-from rlhf_cluster.weights.buckets import DeliveryManifest, now
+from rlhf_cluster.weights.buckets import now
 from rlhf_cluster.weights.registry import build_transport
 
 # fp32 engine vs fp32 HF forward: measured max |diff| ~5e-7 on the tiny model; 1e-4 leaves room
@@ -78,19 +78,19 @@ def test_store_and_direct_reloads_match_hf_forward_and_damaged_versions_are_refu
         # bucket is refused and counted, and the engine still serves version 1.
         state = _changed(model, 5)
         sender = build_transport(cfg.weights, WeightStore(tmp_path / "sender"), ["full"], torch.float32, put=ray.put)
-        delivery = sender.publish(3, now(), state.items(), {}, snapshot=False).result()["delivery"]
-        manifest = DeliveryManifest.from_dict(delivery["variants"]["full"]["manifest"])
+        delivery = sender.publish(3, now(), state.items(), {}, snapshot=False).result().delivery
+        manifest = delivery.link("full").packed()
         assert len(manifest.buckets) >= 3
         ray.get(worker.corrupt_next_delivery.remote(1))
-        receipt = ray.get(worker.receive.remote(delivery), timeout=120)
-        assert "bucket 1: checksum" in receipt["refused"] and receipt["held"] == 1, receipt
+        receipt = ray.get(worker.load.remote(delivery), timeout=120)
+        assert receipt.status == "refused" and "bucket 1: checksum" in receipt.reason and receipt.held_version == 1, receipt
         assert torch.equal(engine_logprobs(), after), "the engine must keep version 1"
         assert 'rlhf_weights_fingerprint_mismatches_total{job="test",pool="generation",worker="gen0"} 1.0' in _metrics(
             worker)
 
         # The same version, undamaged, is loaded and proven, and the engine then scores like it.
-        receipt = ray.get(worker.receive.remote(delivery), timeout=120)
-        assert receipt["loaded"] and receipt["fingerprint"] == manifest.fingerprint, receipt
+        receipt = ray.get(worker.load.remote(delivery), timeout=120)
+        assert receipt.loaded and receipt.fingerprint == manifest.fingerprint == receipt.sent_fingerprint, receipt
         delivered = engine_logprobs()
         assert (delivered - hf_logprobs(state)).abs().max() < TOLERANCE
         assert (delivered - after).abs().max() > 1e-2, "the two versions must differ to prove anything"

@@ -11,6 +11,7 @@ import torch
 from rlhf_cluster.config import CollectiveTransport, WeightsConfig
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now
+from rlhf_cluster.weights.messages import Seat
 from rlhf_cluster.weights.registry import build_transport
 from rlhf_cluster.weights.transports import DeliveryInterrupted, WeightRefused, WeightSuperseded
 
@@ -33,8 +34,8 @@ def _push(sender, engines, delivery, group: int, act=None):
     size = len(engines) + 1
     act = act or (lambda engine, seated: engine.fetch(seated, "full", "gen"))
     with ThreadPoolExecutor(size) as pool:
-        sent = pool.submit(sender.send, {**delivery, "seat": {"group": group, "rank": 0, "size": size}})
-        got = [pool.submit(act, e, {**delivery, "seat": {"group": group, "rank": r, "size": size}})
+        sent = pool.submit(sender.send, delivery.seated(Seat(group, 0, size)))
+        got = [pool.submit(act, e, delivery.seated(Seat(group, r, size)))
                for r, e in enumerate(engines, 1)]
         results = []
         for future in got:
@@ -51,18 +52,18 @@ def _push(sender, engines, delivery, group: int, act=None):
 
 def _publish(sender, version):
     named = [(k, (v + version).to(torch.bfloat16)) for k, v in TENSORS.items()]
-    return sender.publish(version, now(), iter(named), {}, snapshot=False).result()["delivery"], dict(named)
+    return sender.publish(version, now(), iter(named), {}, snapshot=False).result().delivery, dict(named)
 
 
 def test_a_broadcast_delivers_the_published_tensors_to_every_engine_and_regroups_on_a_new_seating(tmp_path):
     sender = _transport(tmp_path, "sender")
     engines = [_transport(tmp_path, f"e{i}") for i in range(3)]
     delivery, sent = _publish(sender, 1)
-    assert delivery["sender"] is True and delivery["transport"] == "collective"
-    assert "buckets" not in delivery["variants"]["full"]  # only the manifest travels with the delivery
-    assert len(delivery["variants"]["full"]["manifest"]["buckets"]) > 1
+    assert delivery.sender is True and delivery.transport == "collective"
+    assert delivery.link("full").buckets == ()  # only the manifest travels with the delivery
+    assert len(delivery.link("full").packed().buckets) > 1
     for fetched in _push(sender, engines[:2], delivery, group=1):
-        assert fetched.fingerprint == delivery["variants"]["full"]["fingerprint"]
+        assert fetched.fingerprint == delivery.link("full").fingerprint
         assert all(torch.equal(t, sent[name]) for name, t in fetched.tensors)
     # An engine joins: the next push seats three engines in group 2, built on its first use.
     delivery, sent = _publish(sender, 2)
@@ -98,22 +99,22 @@ def test_a_member_that_never_comes_interrupts_the_push_within_the_timeout(tmp_pa
     # Seated for two engines, only one comes: the group cannot form, and every member learns so.
     size = 3
     with ThreadPoolExecutor(2) as pool:
-        sent = pool.submit(sender.send, {**delivery, "seat": {"group": 1, "rank": 0, "size": size}})
-        got = pool.submit(engine.fetch, {**delivery, "seat": {"group": 1, "rank": 1, "size": size}}, "full", "gen")
+        sent = pool.submit(sender.send, delivery.seated(Seat(1, 0, size)))
+        got = pool.submit(engine.fetch, delivery.seated(Seat(1, 1, size)), "full", "gen")
         for future in (sent, got):
             with pytest.raises(DeliveryInterrupted):
                 future.result(timeout=60)
     # The driver seats the members left in a new group, and the version arrives.
     (fetched,) = _push(sender, [engine], delivery, group=2)
-    assert fetched.fingerprint == delivery["variants"]["full"]["fingerprint"]
+    assert fetched.fingerprint == delivery.link("full").fingerprint
 
 
 def test_int8_and_full_engines_share_one_group_and_each_keeps_its_variant(tmp_path):
     sender = _transport(tmp_path, "sender", variants=("full", "int8"))
     full, int8 = (_transport(tmp_path, name, variants=("full", "int8")) for name in ("f", "q"))
     delivery, _ = _publish(sender, 1)
-    assert set(delivery["variants"]) == {"full", "int8"}
+    assert set(delivery.variants) == {"full", "int8"}
     results = _push(sender, [full, int8], delivery, group=1,
                     act=lambda e, d: e.fetch(d, "full" if e is full else "int8", "gen"))
-    assert results[0].fingerprint == delivery["variants"]["full"]["fingerprint"]
-    assert results[1].fingerprint == delivery["variants"]["int8"]["fingerprint"]
+    assert results[0].fingerprint == delivery.link("full").fingerprint
+    assert results[1].fingerprint == delivery.link("int8").fingerprint

@@ -14,8 +14,9 @@ import torch
 from rlhf_cluster.config import CollectiveTransport, DirectTransport, FilesystemTransport, WeightsConfig, WeightTransport
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now
-from rlhf_cluster.weights.registry import TRANSPORTS, build_transport
-from rlhf_cluster.weights.transports import WeightRefused
+from rlhf_cluster.weights.messages import ProbeReport, Publication, Receipt
+from rlhf_cluster.weights.registry import TRANSPORTS, build_transport, engine_transports
+from rlhf_cluster.weights.transports import WeightRefused, stored_delivery
 
 REPO = Path(__file__).resolve().parents[2]
 TENSORS = {
@@ -54,11 +55,11 @@ def test_a_delivery_fetches_the_published_tensors_and_proves_them(kind, tmp_path
     assert type(sender).type == kind().type
     named = [(k, v.to(torch.bfloat16)) for k, v in TENSORS.items()]
     publication = sender.publish(3, now(), iter(named), {"probe.json": "{}"}, snapshot=False).result(timeout=60)
-    delivery = publication["delivery"]
-    assert delivery["version"] == 3 and delivery["transport"] == kind().type and delivery["files"] == {"probe.json": "{}"}
+    delivery = publication.delivery
+    assert delivery.version == 3 and delivery.transport == kind().type and delivery.files == {"probe.json": "{}"}
     fetched = receiver.fetch(delivery, "full", "gen0")
-    assert fetched.version == 3 and fetched.created_at == delivery["created_at"]
-    assert fetched.fingerprint == delivery["variants"]["full"]["fingerprint"]
+    assert fetched.version == 3 and fetched.created_at == delivery.created_at
+    assert fetched.fingerprint == delivery.link("full").fingerprint
     got = dict(fetched.tensors)
     assert set(got) == set(TENSORS)
     for name, tensor in named:
@@ -69,15 +70,15 @@ def test_a_delivery_fetches_the_published_tensors_and_proves_them(kind, tmp_path
 def test_damaged_bytes_are_refused_by_every_transport(tmp_path):
     objects = ObjectStore()
     direct = _transport(DirectTransport, tmp_path / "d", objects, bucket_mb=0.0001)
-    delivery = direct.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
-    assert len(delivery["variants"]["full"]["buckets"]) > 1
+    delivery = direct.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result().delivery
+    assert len(delivery.link("full").buckets) > 1
     direct.corrupt_bucket = 1
     with pytest.raises(WeightRefused, match="bucket 1: checksum"):
         direct.fetch(delivery, "full", "gen0")
-    assert direct.fetch(delivery, "full", "gen0").fingerprint == delivery["variants"]["full"]["fingerprint"]  # hook used once
+    assert direct.fetch(delivery, "full", "gen0").fingerprint == delivery.link("full").fingerprint  # hook used once
 
     store = _transport(FilesystemTransport, tmp_path / "f", objects)
-    delivery = store.publish(1, now(), iter(TENSORS.items()), {}, snapshot=True).result()["delivery"]
+    delivery = store.publish(1, now(), iter(TENSORS.items()), {}, snapshot=True).result().delivery
     shard = next((tmp_path / "f" / "store" / "v00000001").glob("*.safetensors"))
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
@@ -86,16 +87,53 @@ def test_damaged_bytes_are_refused_by_every_transport(tmp_path):
         store.fetch(delivery, "full", "gen0")
 
 
+def test_the_stores_newest_version_is_a_filesystem_delivery_like_any_other(tmp_path):
+    """Whatever the job's transport, an engine loads the store's versions through the one load
+    path: `stored_delivery` declares the fingerprint, the store's fetch proves it and brings the
+    files stored beside the version (the probe)."""
+    objects = ObjectStore()
+    direct = _transport(DirectTransport, tmp_path, objects)
+    direct.publish(1, now(), iter(TENSORS.items()), {"probe.json": "{}"}, snapshot=True).result()
+    direct.wait_persisted()
+    job, stored = engine_transports(direct.cfg, direct.store, ["full"], torch.bfloat16, get=objects.get)
+    assert (job.type, stored.type) == ("direct", "filesystem")
+    delivery = stored_delivery(direct.store, 1, ["full"])
+    assert delivery.transport == "filesystem" and delivery.identity[0] == 1 and delivery.files == {}
+    fetched = stored.fetch(delivery, "full", "gen0")
+    assert fetched.fingerprint == delivery.link("full").fingerprint and fetched.files == {"probe.json": "{}"}
+    fs_job, fs_stored = engine_transports(WeightsConfig(transport=FilesystemTransport()), direct.store, ["full"],
+                                          torch.bfloat16)
+    assert fs_job is fs_stored  # a filesystem job's engines have one transport
+
+
+def test_messages_are_typed_and_receipts_prove_against_what_was_sent(tmp_path):
+    objects = ObjectStore()
+    direct = _transport(DirectTransport, tmp_path, objects)
+    publication = direct.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result()
+    assert isinstance(publication, Publication) and publication.bytes > 0 and publication.seconds >= 0
+    delivery = publication.delivery
+    assert delivery.link("full").buckets and delivery.without_payloads().link("full").buckets == ()
+    with pytest.raises(KeyError, match="int8"):
+        delivery.link("int8")
+    sent = delivery.link("full").fingerprint
+    loaded = Receipt("gen0", 1, "full", "loaded", fingerprint=sent).against(delivery)
+    other = Receipt("gen1", 1, "full", "loaded", fingerprint="0" * 64).against(delivery)
+    refused = Receipt("gen2", 1, "full", "refused", reason="bucket 1: checksum").against(delivery)
+    assert loaded.proven and not other.proven and not refused.proven and refused.sent_fingerprint == sent
+    report = ProbeReport("gen0", 1, 1, "full", delivery.created_at, 0.5, 10, {"k1": 0.0, "k3": 1e-7, "max_abs_diff": 0.0, "tokens": 3})
+    assert report.k3 == 1e-7 and report.record()["k3"] == 1e-7 and "mismatch" not in report.record()
+
+
 def test_a_stored_version_republished_after_a_rollback_is_not_taken_for_an_older_delivery(tmp_path):
     objects = ObjectStore()
     store = _transport(FilesystemTransport, tmp_path, objects)
-    old = store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
+    old = store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result().delivery
     store.store.discard_from(2)  # the rollback abandons version 2; the same number is published again
-    new = store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
-    assert old["created_at"] != new["created_at"]
+    new = store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result().delivery
+    assert old.created_at != new.created_at
     with pytest.raises(WeightRefused, match="created at"):
         store.fetch(old, "full", "gen0")
-    assert store.fetch(new, "full", "gen0").fingerprint == new["variants"]["full"]["fingerprint"]
+    assert store.fetch(new, "full", "gen0").fingerprint == new.link("full").fingerprint
 
 
 def test_direct_snapshots_reach_the_store_and_are_waited_for(tmp_path):
@@ -150,20 +188,20 @@ def test_sparse_deltas_move_the_changed_elements_and_rebuild_the_exact_weights(t
         if version > 1:
             state = _step(state, 0.03, version)
             state["model.norm.weight"] = torch.zeros(32, dtype=torch.bfloat16)
-        delivery = sender.publish(version, now(), iter(state.items()), {}, snapshot=False).result()["delivery"]
-        link = delivery["variants"]["full"]
-        assert link["whole"] == (version in (1, 3)), version  # the first and every 3rd go whole
+        delivery = sender.publish(version, now(), iter(state.items()), {}, snapshot=False).result().delivery
+        link = delivery.link("full")
+        assert link.whole == (version in (1, 3)), version  # the first and every 3rd go whole
         fetched = engine.fetch(delivery, "full", "gen0")
-        assert fetched.fingerprint == link["fingerprint"]
+        assert fetched.fingerprint == link.fingerprint
         got = dict(fetched.tensors)
         assert all(torch.equal(got[k], v) for k, v in state.items())
-        if link["whole"]:
+        if link.whole:
             assert fetched.nbytes >= full_bytes
         else:  # 3% changed: indices (4 B) + values (2 B) for each, and a tensor that did not change costs nothing
             assert fetched.nbytes < 0.25 * full_bytes, (version, fetched.nbytes, full_bytes)
     # An engine that joins late (holds nothing) rebuilds from the whole version 3 and the deltas since.
     fetched = late.fetch(delivery, "full", "gen1")
-    assert fetched.fingerprint == delivery["variants"]["full"]["fingerprint"] and fetched.nbytes > full_bytes
+    assert fetched.fingerprint == delivery.link("full").fingerprint and fetched.nbytes > full_bytes
     assert all(torch.equal(dict(fetched.tensors)[k], v) for k, v in state.items())
 
 
@@ -172,10 +210,10 @@ def test_a_sparse_delta_applied_to_other_weights_is_refused(tmp_path):
     fields = {"bucket_mb": 0.0001, "delta": "sparse", "full_every": 10}
     sender, engine = (_transport(DirectTransport, tmp_path / side, objects, **fields) for side in ("s", "e"))
     state = {"model.layers.0.q.weight": torch.randn(64, 32).to(torch.bfloat16)}
-    engine.fetch(sender.publish(1, now(), iter(state.items()), {}, False).result()["delivery"], "full", "gen0")
+    engine.fetch(sender.publish(1, now(), iter(state.items()), {}, False).result().delivery, "full", "gen0")
     (identity, held) = engine.held
     engine.held = (identity, {k: v + 1 for k, v in held.items()})  # the engine's copy drifted
-    delivery = sender.publish(2, now(), iter(_step(state, 0.03, 2).items()), {}, False).result()["delivery"]
+    delivery = sender.publish(2, now(), iter(_step(state, 0.03, 2).items()), {}, False).result().delivery
     with pytest.raises(WeightRefused, match="do not match the sender's"):
         engine.fetch(delivery, "full", "gen0")
 
@@ -203,7 +241,7 @@ def test_a_stored_version_retention_removed_is_superseded_not_refused(tmp_path):
     objects = ObjectStore()
     store = _transport(FilesystemTransport, tmp_path, objects)
     store.store.keep = 1
-    old = store.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result()["delivery"]
+    old = store.publish(1, now(), iter(TENSORS.items()), {}, snapshot=False).result().delivery
     store.publish(2, now(), iter(TENSORS.items()), {}, snapshot=False).result()  # retention removes version 1
     assert store.store.versions() == [2]
     with pytest.raises(WeightSuperseded, match="version 1 has left the store"):
