@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import ray
 from tqdm import tqdm
@@ -28,18 +28,18 @@ from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
-from actors.trainer import Trainer
+from actors.trainer import Trainer, watch_learners
 from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.job.guardrails import RollbackGuard
+from rlhf_cluster.job.guardrails import GuardVerdict, RollbackGuard
 from rlhf_cluster.job.inputs import prepare_inputs
+from rlhf_cluster.job.preemption import StopRequest
 from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.run.checkpoint import Checkpoint
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
-from rlhf_cluster.run.scored_log import ScoredLogFlushError
 from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.telemetry.metrics import serve_metrics
 from rlhf_cluster.weights import WeightStore
@@ -48,8 +48,24 @@ from rlhf_cluster.weights.messages import Delivery, Publication
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StepEnd:
+    """What a trained step's end decided: go on, roll back (the guardrails' reason), stop early
+    (the verdict's), and whether a checkpoint is due."""
+
+    verdict: GuardVerdict | None
+    roll_back: str | None = None
+    early_stop: str | None = None
+    checkpoint: bool = False
+
+
 class Driver:
     """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
+
+    # Set by the start (`_start_learner_and_pools`, `_adopt_learner`); a failed start has some or none.
+    trainer: Trainer  # the learner's rank groups (the current ones: a rebuild replaces them)
+    state: JobState  # the job state the current learner was built with
+    cluster: Cluster  # the worker pools
 
     def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool | str | None = False):
         attach_console()  # the job's lines (and its warnings) reach this process's console
@@ -66,16 +82,12 @@ class Driver:
         self.learner_restarts = 0
         g = cfg.guardrails
         self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)  # its count spans rebuilds
-        self._stop = threading.Event()  # set by `request_stop` from any thread or a signal handler
-        self.loop: asyncio.AbstractEventLoop | None = None  # where `request_stop` wakes the step loop
-        self._trainer: Trainer | None = None  # with `_cluster` and `_state`: set by the start (read as properties)
+        self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
         self.delivery: Delivery | None = None
         # Every version's way to the engines; a transport whose sender takes part in each push
         # reaches the current learner's rank 0.
         self.weights = WeightSync(cfg.name, lambda delivery: self.trainer.send(delivery), self.reporter.probes)
         self._publishing: asyncio.Task | None = None  # the newest version's publication
-        self._cluster: Cluster | None = None
-        self._state: JobState | None = None
         self.published_version = 0
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
@@ -96,81 +108,59 @@ class Driver:
         a model, and vLLM's engine start is the longest. Int8 engines start from the learner's
         int8 variant of the job's version, so with int8 rollouts the pools wait for the learner."""
         with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
-            learner = starter.submit(self._build_learner, resume_from, None)
+            learner = starter.submit(
+                build_learner, self.cfg, self.inputs, self.checkpointer, self.run_dir, resume_from, None
+            )
             try:
                 if "int8" in self.cfg.generation.weight_variants:
                     self._adopt_learner(learner.result())
-                self._cluster = Cluster(
+                driver = (
+                    {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}}
+                    if self.metrics_port
+                    else {}
+                )
+                self.cluster = Cluster(
                     self.cfg,
                     self.run_dir,
                     self.inputs.model_path,
                     engine_model_paths(
                         self.cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir
                     ),
-                    other_targets=self._scrape_targets,
+                    other_targets=lambda: {**self.trainer.infos, "driver": driver},
                     weights=self.weights,
                 )
             finally:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
-                if self._trainer is None:
+                if not hasattr(self, "trainer"):
                     self._adopt_learner(started)
         if self.delivery is not None:
             self.weights.first(self.delivery)
             self.delivery = None  # WeightSync holds the newest; nothing here pins old buckets
         self.cluster.write_scrape_targets()
 
-    def _build_learner(self, ckpt: Checkpoint | None, previous: JobState | None) -> LearnerStart:
-        """Blocking, run in a worker thread: reads the driver, assigns nothing of it."""
-        return build_learner(self.cfg, self.inputs, self.checkpointer, self.run_dir, ckpt, previous)
-
     def _adopt_learner(self, start: LearnerStart) -> None:
         """The built learner becomes the job's, on the driver's thread."""
         if start.cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
             self.cfg = self.checkpointer.cfg = start.cfg
-        self._trainer, self._state, self.guard = start.trainer, start.state, start.guard
+        self.trainer, self.state, self.guard = start.trainer, start.state, start.guard
         self.published_version, self.delivery = start.published_version, start.delivery
         self.reporter.learner_ranks(start.cfg.learner.world_size)
         self.reporter.version(start.published_version)
 
-    @property
-    def trainer(self) -> Trainer:
-        """The learner's rank groups (the current ones: a rebuild replaces them)."""
-        if self._trainer is None:
-            raise RuntimeError("the job's learner is not started (the driver's start failed or is under way)")
-        return self._trainer
-
-    @property
-    def state(self) -> JobState:
-        """The job state the current learner was built with."""
-        if self._state is None:
-            raise RuntimeError("the job's state is not built (the driver's start failed or is under way)")
-        return self._state
-
-    @property
-    def cluster(self) -> Cluster:
-        """The worker pools."""
-        if self._cluster is None:
-            raise RuntimeError("the job's worker pools are not started (the driver's start failed or is under way)")
-        return self._cluster
-
-    def _scrape_targets(self) -> dict[str, dict[str, dict]]:
-        driver = (
-            {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}} if self.metrics_port else {}
-        )
-        return {**self.trainer.infos, "driver": driver}
-
     async def run(self) -> JobResult:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
         result, held_out = self.reporter.result, self.inputs.eval_prompts
-        self.loop = asyncio.get_running_loop()
+        self.stop.bind(asyncio.get_running_loop(), lambda: _notify(self.changed))
         try:
             result.evaluation_before = await evaluate(self.cluster, held_out, self.published_version, self.cfg.data)
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(tg))
                 self._watcher = tg.create_task(self.cluster.watch(lambda: self.published_version, self.reporter.trace))
-                self._learner_watch = tg.create_task(self._watch_learner())
+                self._learner_watch = tg.create_task(
+                    watch_learners(lambda: self.trainer, self.cfg.faults, self.reporter.trace)
+                )
                 tg.create_task(self._steps(tg))
-            if not self.stop_requested:  # a stopped job (e.g. preempted) is continued, not evaluated
+            if not self.stop.requested:  # a stopped job (e.g. preempted) is continued, not evaluated
                 result.evaluation_after = await evaluate(self.cluster, held_out, self.published_version, self.cfg.data)
                 self.reporter.evaluation(len(held_out), self.published_version, self.cfg.data.eval_samples)
         except BaseExceptionGroup as group:
@@ -180,7 +170,7 @@ class Driver:
         self.reporter.trace(
             await self.cluster.collect_spans() + await self.trainer.collect_spans(self.cfg.faults.heartbeat_timeout_s)
         )
-        result.final_version, result.stopped = self.published_version, self.stop_requested
+        result.final_version, result.stopped = self.published_version, self.stop.requested
         return result
 
     # ---- producer ------------------------------------------------------------------------
@@ -189,13 +179,9 @@ class Driver:
         admission, workers = self.state.admission, self.cluster.pools["generation"]
         in_flight: set[asyncio.Task] = set()
 
-        async def notify() -> None:
-            async with self.changed:
-                self.changed.notify_all()
-
         def finished(task: asyncio.Task) -> None:
             in_flight.discard(task)
-            asyncio.get_running_loop().create_task(notify())
+            asyncio.get_running_loop().create_task(_notify(self.changed))
 
         try:
             while True:
@@ -237,7 +223,7 @@ class Driver:
         bar = tqdm(total=total, initial=step, desc="train", disable=not self.cfg.train.progress, dynamic_ncols=True)
         last, checkpointed, began = time.perf_counter(), None, time.time()
         try:
-            while step < total and not self.stop_requested:
+            while step < total and not self.stop.requested:
                 with self.reporter.span("wait_for_batch", step=step):
                     waited = time.perf_counter()
                     samples = await self._take(step)
@@ -254,50 +240,24 @@ class Driver:
                     continue
                 observe_step_kl(self.state.kl, stats["policy/kl"], samples)
                 self._publishing = tg.create_task(self._publish(step + 1, published, self.timeline, self._publishing))
-                counters = {
-                    **self.state.counters(),
-                    "worker_restarts": self.cluster.restarts(),
-                    "learner_restarts": self.learner_restarts,
-                    "learner_wait_seconds": waited,
-                    "scored_log_failed_flushes": self.state.log.failed_flushes,
-                    "scored_log_unflushed_groups": self.state.log.unflushed,
-                    **self.cluster.busy_shares(began, time.time()),
-                }
-                now = time.perf_counter()
-                every = self.cfg.data.eval_every_steps  # the last step's evaluation is the final one (eval.json)
-                if every and (step + 1) % every == 0 and step + 1 < total:
-                    await asyncio.wait([self._publishing])  # the step's version, held by the engines
-                    with self.reporter.span("evaluate", version=self.published_version):
-                        counters.update(
-                            await evaluate(
-                                self.cluster, self.inputs.eval_prompts, self.published_version, self.cfg.data
-                            )
-                        )
-                verdict = self.guard.observe(step, counters)  # None unless this step evaluated the watched metric
-                self.reporter.step(step, samples, stats, now - last, counters, self.state.worker_of)
-                if verdict is not None:
-                    self.reporter.guardrails(verdict)
-                reason = self.rollback.tripped(self.reporter.result.rows[-1], self.guard, verdict)
-                if reason is not None:  # this step is not checkpointed: back to the last good one
-                    step = await self._roll_back(tg, step, reason)
+                end = await self._end_step(step, samples, stats, waited, time.perf_counter() - last, began)
+                if end.roll_back is not None:  # this step is not checkpointed: back to the last good one
+                    step = await self._roll_back(tg, step, end.roll_back)
                     bar.reset(total)
                     bar.update(step)
                     last, began = time.perf_counter(), time.time()
                     continue
-                with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
-                    await self._flush_scored_log()
                 last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
                 bar.update(1)
-                early_stop = verdict.stop if verdict is not None else None
-                if self.checkpointer.due(step, self.stop_requested or early_stop is not None, verdict):
+                if end.checkpoint:
                     with self.reporter.span("checkpoint", step=step):
-                        await self.checkpointer.save(tg, step, self.trainer, self.state, verdict)
+                        await self.checkpointer.save(tg, step, self.trainer, self.state, end.verdict)
                     checkpointed = step
                 step += 1
-                if early_stop is not None:  # the job ends as if at its last step: evaluated, reported
-                    self.reporter.result.early_stop = early_stop
+                if end.early_stop is not None:  # the job ends as if at its last step: evaluated, reported
+                    self.reporter.result.early_stop = end.early_stop
                     break
-            if self.stop_requested and step > self.state.start_step and checkpointed != step - 1:
+            if self.stop.requested and step > self.state.start_step and checkpointed != step - 1:
                 await self.checkpointer.save(tg, step - 1, self.trainer, self.state)  # no trained step is lost
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done
             await self.trainer.wait_persisted()
@@ -308,6 +268,42 @@ class Driver:
             self._learner_watch.cancel()
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
         self.state.buffer.save(self.run_dir / RunDir.BUFFER)
+
+    async def _end_step(
+        self, step: int, samples: list[ScoredSample], stats: dict, waited: float, seconds: float, began: float
+    ) -> StepEnd:
+        """A trained step's end: its counters (and the held-out evaluation where one is due), the
+        guardrails' verdict, the step's report, and what follows: a rollback, an early stop, a
+        checkpoint. `seconds`: the step's time (an evaluation is not in it); `began`: its wall start."""
+        counters = {
+            **self.state.counters(),
+            "worker_restarts": self.cluster.restarts(),
+            "learner_restarts": self.learner_restarts,
+            "learner_wait_seconds": waited,
+            "scored_log_failed_flushes": self.state.log.failed_flushes,
+            "scored_log_unflushed_groups": self.state.log.unflushed,
+            **self.cluster.busy_shares(began, time.time()),
+        }
+        every, total = self.cfg.data.eval_every_steps, self.cfg.train.total_steps
+        if every and (step + 1) % every == 0 and step + 1 < total:  # the last step's is the final one (eval.json)
+            if self._publishing is not None:  # the step's version, held by the engines
+                await asyncio.wait([self._publishing])
+            with self.reporter.span("evaluate", version=self.published_version):
+                counters.update(
+                    await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version, self.cfg.data)
+                )
+        verdict = self.guard.observe(step, counters)  # None unless this step evaluated the watched metric
+        self.reporter.step(step, samples, stats, seconds, counters, self.state.worker_of)
+        if verdict is not None:
+            self.reporter.guardrails(verdict)
+        reason = self.rollback.tripped(self.reporter.result.rows[-1], self.guard, verdict)
+        if reason is not None:
+            return StepEnd(verdict, roll_back=reason)
+        with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
+            await asyncio.to_thread(self.state.log.flush_or_keep)
+        early_stop = verdict.stop if verdict is not None else None
+        due = self.checkpointer.due(step, self.stop.requested or early_stop is not None, verdict)
+        return StepEnd(verdict, early_stop=early_stop, checkpoint=due)
 
     async def _take(self, step: int) -> list[ScoredSample] | None:
         """The step's batch, once enough admissible groups are buffered (None if a stop is
@@ -321,7 +317,7 @@ class Driver:
                 if samples is not None:
                     self.reporter.buffer_depth(self.state.buffer.depth)
                     return samples
-                if self.stop_requested:
+                if self.stop.requested:
                     return None
                 try:  # wake now and then even if nothing arrives: `take` runs the no-progress watchdog
                     await asyncio.wait_for(self.changed.wait(), self.state.watchdog.poll_s())
@@ -349,22 +345,6 @@ class Driver:
             return
         with self.reporter.span("weights.push", version=version):
             await self.weights.push(delivery)
-
-    async def _watch_learner(self) -> None:
-        """Heartbeat the learner's ranks, and after a rollback the new ranks: a hung rank is
-        killed, so the step in flight fails and `_recover_learner` rolls back as for a dead one."""
-        while True:
-            trainer = self.trainer
-            await trainer.watch(self.cfg.faults, self.reporter.trace)
-            while self.trainer is trainer:  # until the rollback has built the next ranks
-                await asyncio.sleep(self.cfg.faults.heartbeat_interval_s)
-
-    async def _flush_scored_log(self) -> None:
-        """A full disk must not end the job nor lose groups: they stay pending for the next flush."""
-        try:
-            await asyncio.to_thread(self.state.log.flush)
-        except ScoredLogFlushError as exc:
-            log.warning("%s", exc)
 
     async def _recover_learner(self, tg: asyncio.TaskGroup, cause: BaseException) -> int:
         """A learner rank died: rebuild the groups from the newest checkpoint; generation keeps running."""
@@ -397,7 +377,11 @@ class Driver:
         self._producer.cancel()
         await asyncio.wait([self._producer])
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
-        self._adopt_learner(await asyncio.to_thread(self._build_learner, ckpt, self.state))
+        self._adopt_learner(
+            await asyncio.to_thread(
+                build_learner, self.cfg, self.inputs, self.checkpointer, self.run_dir, ckpt, self.state
+            )
+        )
         self._publishing = None  # the old timeline's pushes end without pushing
         if self.delivery is not None:  # every engine holds the restored version before new groups start
             await self.weights.push(self.delivery, rollback=True)
@@ -406,28 +390,12 @@ class Driver:
         self._producer = tg.create_task(self._produce(tg))
         return self.state.start_step
 
-    def request_stop(self) -> None:
-        """End the job after the step in progress, or at once if it is waiting for its batch, with
-        a checkpoint of the last trained step; safe to call from any thread or a signal handler."""
-        self._stop.set()
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: loop.create_task(self._wake()))
-
-    async def _wake(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
     def shutdown(self) -> None:
         """End every actor of the job (safe after a failed start)."""
-        if self._cluster is not None:
-            self._cluster.shutdown()
-        if self._trainer is not None:
-            self._trainer.kill()
+        if hasattr(self, "cluster"):
+            self.cluster.shutdown()
+        if hasattr(self, "trainer"):
+            self.trainer.kill()
         self.run_dir.release()
 
 
@@ -437,3 +405,8 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
     return first
+
+
+async def _notify(changed: asyncio.Condition) -> None:
+    async with changed:
+        changed.notify_all()

@@ -34,7 +34,7 @@ class Job:
 
     def stop(self) -> None:
         """End after the step in progress, with a checkpoint; safe from any thread."""
-        self._driver.request_stop()
+        self._driver.stop.request()
 
     def shutdown(self) -> None:
         """End every actor of the job."""

@@ -172,3 +172,14 @@ def start_trainer(cfg: JobConfig, model_path: str, probe: Probe | None) -> tuple
             f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)"
         )
         return Trainer(smaller, model_path, probe), smaller
+
+
+async def watch_learners(current: Callable[[], Trainer], faults: FaultsConfig, on_spans: Callable[[list[dict]], None]):
+    """Heartbeat the current trainer's ranks, and after a rollback or a rebuild the new ones
+    (`current()` is the trainer of the moment): a hung rank is killed, so the step in flight
+    fails and the driver rolls back as for a dead one."""
+    while True:
+        trainer = current()
+        await trainer.watch(faults, on_spans)
+        while current() is trainer:  # until the rebuild has made the next ranks
+            await asyncio.sleep(faults.heartbeat_interval_s)

@@ -85,16 +85,15 @@ class Sender:
             out[f"{layer}.weight"] = self.base[f"{layer}.weight"] + scale * (b @ a)
         return out
 
-    def pack(self, version: int, side: str) -> dict:
+    def pack(self, version: int, side: str):
         """What `LearnerRank.publish` does with `transport: direct`: one variant's delivery."""
         from rlhf_cluster.weights.buckets import VersionPacker, now
+        from rlhf_cluster.weights.messages import Delivery, VariantLink
 
         tensors = self.adapters if side == "adapters" else self.merged()
         created = now()
         manifest, buckets = VersionPacker(version, created, "full", torch.float32, 64 << 20, ray.put).pack(tensors.items())
-        return {"transport": "direct", "version": version, "created_at": created, "files": {},
-                "variants": {"full": {"manifest": manifest.to_dict(), "buckets": buckets,
-                                      "fingerprint": manifest.fingerprint}}}
+        return Delivery("direct", version, created, {"full": VariantLink(manifest.fingerprint, manifest, tuple(buckets))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,12 +130,12 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             t = time.perf_counter()
             delivery = ray.get(sender.pack.remote(version, side))
             t_pack = time.perf_counter()
-            receipt = ray.get(workers[side].receive.remote(delivery))
+            receipt = ray.get(workers[side].load.remote(delivery))
             done = time.perf_counter()
-            receipts.append({**receipt, "sent": delivery["variants"]["full"]["fingerprint"]})
+            receipts.append(receipt)
             if rep >= 0:
                 timings[side].append({"seconds": done - t, "pack_put": t_pack - t, "receive": done - t_pack,
-                                      "bytes": receipt["bytes"]})
+                                      "bytes": receipt.bytes})
     # Both engines hold the same version, as adapters and as merged weights: the same log-probs.
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 60, (24,), generator=g).tolist() for _ in range(8)]
@@ -144,7 +143,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     logprobs = {side: [ray.get(w.logprobs_of.remote(p, r)) for p, r in zip(prompts, responses)]
                 for side, w in workers.items()}
     diff = max(abs(a - b) for x, y in zip(logprobs["adapters"], logprobs["merged"]) for a, b in zip(x, y))
-    proven = all(r.get("loaded") and r["fingerprint"] == r["sent"] for r in receipts)
+    proven = all(r.loaded and r.proven for r in receipts)
 
     med = {side: {k: median(t[k] for t in ts) for k in ts[0]} for side, ts in timings.items()}
     bytes_ratio = med["adapters"]["bytes"] / med["merged"]["bytes"]

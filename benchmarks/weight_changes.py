@@ -154,7 +154,7 @@ def sparse_vs_whole(store, versions: list[int]) -> dict:
         created = now()
         for side, (sender, engine) in sides.items():
             begun = time.perf_counter()
-            delivery = sender.publish(v, created, iter(state.items()), {}, snapshot=False).result()["delivery"]
+            delivery = sender.publish(v, created, iter(state.items()), {}, snapshot=False).result().delivery
             fetched = engine.fetch(delivery, "full", "engine")
             seconds = time.perf_counter() - begun
             got = dict(fetched.tensors)

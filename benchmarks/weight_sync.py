@@ -7,7 +7,7 @@ two bare engine actors. Per repetition, with the
 order rotated every repetition, each side moves one new version into both engines:
 
 - `direct` (ours): the sender's `VersionPacker` (cast to the engine dtype, layer-aligned buckets,
-  BLAKE3 per bucket, `ray.put`), then `GenerationWorker.receive` on both workers at once (fetch
+  BLAKE3 per bucket, `ray.put`), then `GenerationWorker.load` on both workers at once (fetch
   from the object store, verify every bucket, in-place reload, fingerprint, prefix-cache reset).
 - `broadcast` (bare wire): the same bucket bytes, already packed, sent by `torch.distributed`
   gloo broadcast from the sender to both bare engines, which load them with the bare
@@ -15,7 +15,7 @@ order rotated every repetition, each side moves one new version into both engine
 - `collective` (ours, `weights.transport: collective` over gloo): the sender's transport packs
   the version (as `direct` does, the buckets kept on the sender), then sends it (a header and one
   broadcast per bucket, in a group of the sender and two `GenerationWorker`s seated by the push)
-  while both workers `receive` it (take part in the broadcasts, verify every bucket, in-place
+  while both workers `load` it (take part in the broadcasts, verify every bucket, in-place
   reload, fingerprint). Against `broadcast`: the same bytes over the same kind of group.
 - `filesystem` (ours): `WeightStore.publish` on the sender as the filesystem transport writes a
   version between snapshots (engine-dtype safetensors, BLAKE3 beside the write, manifest, atomic
@@ -28,7 +28,7 @@ order rotated every repetition, each side moves one new version into both engine
 - `sparse` (ours, `delta: sparse`): the sender's `direct` transport with sparse deltas publishes
   a version in which `--delta-fraction` of each tensor's elements changed since the previous one
   (a synthetic step, made untimed before; 0.032 is what a learner step changed in bf16 at lr
-  1e-6, `weight_changes.py`), then `GenerationWorker.receive` on both workers (fetch the newest
+  1e-6, `weight_changes.py`), then `GenerationWorker.load` on both workers (fetch the newest
   delta, rebuild on the engine's copy, prove the full tensors, in-place reload). Compared with
   `direct`, which moves the whole version.
 
@@ -100,17 +100,17 @@ class Sender:
     def join(self, addr: str, port: int, world: int) -> None:
         self.group = _gloo_group(addr, port, 0, world)
 
-    def pack(self, version: int, bucket_mb: float) -> dict:
+    def pack(self, version: int, bucket_mb: float):
         """What `LearnerRank.publish` does for `direct` (one variant): a delivery of object-store buckets."""
         from rlhf_cluster.weights.buckets import VersionPacker, now
+        from rlhf_cluster.weights.messages import Delivery, VariantLink
 
         created = now()
         packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put)
         manifest, buckets = packer.pack(self.state.items())
-        return {"transport": "direct", "version": version, "created_at": created, "files": {},
-                "variants": {"full": {"manifest": manifest.to_dict(), "buckets": buckets, "fingerprint": manifest.fingerprint}}}
+        return Delivery("direct", version, created, {"full": VariantLink(manifest.fingerprint, manifest, tuple(buckets))})
 
-    def pack_collective(self, version: int, bucket_mb: float, timeout_s: float) -> dict:
+    def pack_collective(self, version: int, bucket_mb: float, timeout_s: float):
         """What `LearnerRank.publish` does for `collective`: buckets packed and kept here, a
         delivery of manifests and the group's address."""
         from rlhf_cluster.config import CollectiveTransport, WeightsConfig
@@ -123,9 +123,9 @@ class Sender:
             store = WeightStore(tempfile.mkdtemp(prefix="bench-collective-"))
             self.collective = build_transport(cfg, store, ["full"], self.dtype, host=ray.util.get_node_ip_address())
         named = ((k, v.to(self.dtype)) for k, v in self.state.items())
-        return self.collective.publish(version, now(), named, {}, snapshot=False).result()["delivery"]
+        return self.collective.publish(version, now(), named, {}, snapshot=False).result().delivery
 
-    def send_collective(self, delivery: dict) -> float:
+    def send_collective(self, delivery) -> float:
         """What `LearnerRank.send` does: rank 0's part of the push."""
         start = time.perf_counter()
         self.collective.send(delivery)
@@ -140,7 +140,7 @@ class Sender:
             moved = torch.rand(t.shape, generator=g) < fraction
             self.sparse_state[name] = torch.where(moved, -t - 0.5, t)
 
-    def pack_sparse(self, version: int, bucket_mb: float) -> dict:
+    def pack_sparse(self, version: int, bucket_mb: float):
         """What `LearnerRank.publish` does for `direct` with `delta: sparse`."""
         from rlhf_cluster.config import DirectTransport, WeightsConfig
         from rlhf_cluster.weights import WeightStore
@@ -151,7 +151,7 @@ class Sender:
             cfg = WeightsConfig(transport=DirectTransport(bucket_mb=bucket_mb, delta="sparse", full_every=1_000_000))
             self.sparse = build_transport(cfg, WeightStore(tempfile.mkdtemp(prefix="bench-sparse-")), ["full"], self.dtype,
                                           put=ray.put)
-        return self.sparse.publish(version, now(), iter(self.sparse_state.items()), {}, snapshot=False).result()["delivery"]
+        return self.sparse.publish(version, now(), iter(self.sparse_state.items()), {}, snapshot=False).result().delivery
 
     def bucket_specs(self, bucket_mb: float) -> list:
         """Pack once, untimed: the broadcast side sends exactly these bytes."""
@@ -260,6 +260,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from actors.workers.generation import GenerationWorker
     from actors.workers.settings import GenerationSettings
     from rlhf_cluster.config import CollectiveTransport, JobConfig
+    from rlhf_cluster.weights.messages import Seat
 
     hidden, layers = SIZES[args.size]
     tiny = qwen2_shape(hidden, layers)
@@ -289,16 +290,16 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     sizes = ray.get(sender.engine_bytes.remote())
     params = _param_count(model_dir)
     version = 0
-    receipts: list[dict] = []
+    receipts: list = []
 
-    def push(pack) -> tuple[list[dict], float, float]:
+    def push(pack) -> tuple[list, float, float]:
         """A version packed by the sender (`pack`, a remote call) into both workers; the receipts,
         the packing's seconds and the fetch + load's."""
         t = time.perf_counter()
         delivery = ray.get(pack)
         t_pack = time.perf_counter()
-        got = ray.get([w.receive.remote(delivery) for w in workers])
-        receipts.extend({**r, "sent": delivery["variants"]["full"]["fingerprint"]} for r in got)
+        got = ray.get([w.load.remote(delivery) for w in workers])
+        receipts.extend(got)
         return got, t_pack - t, time.perf_counter() - t_pack
 
     def direct() -> dict:
@@ -314,7 +315,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         ray.get(sender.step_sparse.remote(args.delta_fraction, version))  # the step itself, not the sync
         untimed = time.perf_counter() - t
         got, pack_put, loaded = push(sender.pack_sparse.remote(version, args.bucket_mb))
-        return {"pack_put": pack_put, "fetch_rebuild_load": loaded, "bytes_moved_per_engine": got[0]["bytes"],
+        return {"pack_put": pack_put, "fetch_rebuild_load": loaded, "bytes_moved_per_engine": got[0].bytes,
                 "untimed": untimed}
 
     def collective() -> dict:
@@ -323,11 +324,11 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         t = time.perf_counter()
         delivery = ray.get(sender.pack_collective.remote(version, args.bucket_mb, COLLECTIVE_TIMEOUT_S))
         t_pack = time.perf_counter()
-        seat = lambda rank: {**delivery, "seat": {"group": 1, "rank": rank, "size": 3}}  # noqa: E731
-        got = [w.receive.remote(seat(r)) for r, w in enumerate(group_workers, 1)]
+        seat = lambda rank: delivery.seated(Seat(1, rank, 3))  # noqa: E731
+        got = [w.load.remote(seat(r)) for r, w in enumerate(group_workers, 1)]
         send = ray.get(sender.send_collective.remote(seat(0)))
         got = ray.get(got)
-        receipts.extend({**r, "sent": delivery["variants"]["full"]["fingerprint"]} for r in got)
+        receipts.extend(got)
         return {"pack": t_pack - t, "send": send, "rest": time.perf_counter() - t_pack - send}
 
     def broadcast() -> dict:
@@ -368,7 +369,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             if rep >= 0:
                 timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds,
                                       "s_per_gb": seconds / (nbytes / 1e9), **parts})
-    proven = all(r.get("loaded") and r["fingerprint"] == r["sent"] for r in receipts)
+    proven = all(r.loaded and r.proven for r in receipts)
 
     med = {s: {k: median(t[k] for t in ts) for k in ts[0] if k not in ("rep", "position")} for s, ts in timings.items()}
     direct_ratio = med["direct"]["seconds"] / med["broadcast"]["seconds"]

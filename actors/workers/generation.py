@@ -141,8 +141,9 @@ class GenerationWorker:
 
     async def load_stored(self, min_version: int = 0) -> Receipt:
         """The store's newest version, as a `filesystem` delivery through `load`: the one load
-        path. A stored version refused once (its bytes fail their checksums) is not read again;
-        one that retention removes meanwhile is passed over for the newer one."""
+        path. A stored version refused once (its bytes fail their checksums) is not read again, nor
+        one the engine holds (whichever transport brought it); one that retention removes
+        meanwhile is passed over for the newer one."""
         while True:
             latest = self.store.latest_version()
             if latest is None or latest < min_version:
@@ -155,6 +156,8 @@ class GenerationWorker:
                 continue  # removed by retention after a newer one landed: take that
             if delivery.identity in self.refused:
                 return self._receipt(delivery, "refused", reason="refused before")
+            if delivery.identity == self.loaded:  # held, proven by the transport that brought it
+                return self._receipt(delivery, "held", fingerprint=self.fingerprint)
             receipt = await self.load(delivery)
             if receipt.status != "superseded":
                 return receipt

@@ -1,14 +1,15 @@
 """Preemption and Ctrl-C: SIGTERM (what Kubernetes and Slurm send before they kill) and SIGINT
 stop a job the way `Job.stop` does, so no trained step is lost and the job continues with
-`--resume auto`."""
+`--resume auto`; `StopRequest` is that stop as the job's loops see it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -72,3 +73,27 @@ class GracefulStop:
         # system call (the event loop's select), so the interrupt lands now, not at its next wake-up.
         self._expired = True
         os.kill(os.getpid(), signal.SIGINT)
+
+
+class StopRequest:
+    """A job's request to stop after the step in progress: made from any thread or a signal
+    handler (`request`), read by the job's loops (`requested`), and waking them on the event loop
+    they run on (`bind`: the loop and a coroutine function that wakes its waiters)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: Callable[[], Coroutine[Any, Any, None]] | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._loop, self._wake = loop, wake
+
+    def request(self) -> None:
+        self._event.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: loop.create_task(wake()))
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()

@@ -14,6 +14,7 @@ which to reuse. `compact` drops segments no kept checkpoint can need.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -23,6 +24,9 @@ import pyarrow as pa
 from rlhf_cluster.experience.records import ScoredSample, samples_to_table, table_to_samples
 
 BUFFERED = "buffered"
+
+
+log = logging.getLogger(__name__)
 
 
 class ScoredLogFlushError(OSError):
@@ -67,6 +71,14 @@ class ScoredLog:
         with self._lock:  # groups that arrived during the write stay pending
             self._pending = [p for p in self._pending if id(p) not in written]
         self.failed_flushes = 0
+
+    def flush_or_keep(self) -> None:
+        """`flush`, where a failed write is logged, not raised: a full disk must neither end the
+        job nor lose groups (they stay pending for the next flush)."""
+        try:
+            self.flush()
+        except ScoredLogFlushError as exc:
+            log.warning("%s", exc)
 
     @property
     def unflushed(self) -> int:

@@ -202,3 +202,19 @@ def test_the_operations_page_diagram_is_the_codes():
     assert page == graph.page_with_diagram(page), (
         "docs/operations.md's folder diagram is stale: run .venv/bin/python scripts/package_graph.py --write"
     )
+
+
+def test_the_driver_stays_on_one_screen():
+    """Issue 55: the driver's loop reads on one screen. `Driver` has at most 15 methods and no
+    function in actors/driver.py runs over 60 lines (the step's end, the stop, the learner watch
+    and the scored log's flush live in objects of their own)."""
+    tree = ast.parse((REPO / "actors" / "driver.py").read_text())
+    (driver,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Driver"]
+    methods = [f.name for f in driver.body if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
+    assert len(methods) <= 15, methods
+    long = {
+        f.name: f.end_lineno - f.lineno + 1
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) and f.end_lineno and f.end_lineno - f.lineno + 1 > 60
+    }
+    assert not long, long
