@@ -22,7 +22,9 @@ from rlhf_cluster.generation.probe import Probe
 from rlhf_cluster.job.elastic import shrunk_learner
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.telemetry import metrics as m
+from rlhf_cluster.weights.buckets import now as delivery_time
 from rlhf_cluster.weights.messages import Delivery, Publication
+from rlhf_cluster.weights.shares import merge_publications
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +101,22 @@ class Trainer:
             shares = [TrainBatch.from_samples(share) for share in deal(samples, self.critic.world_size)]
             values = interleave(await asyncio.gather(*self.critic.split("values", shares)))
         batch, stats = finalize_batch(samples, self.cfg.algorithm, kl_coef, values)
-        steps = [
-            asyncio.gather(*self.policy.split("train", batch.policy_shares(self.policy.world_size), step + 1, kl_coef))
-        ]
+        created_at = delivery_time()  # the version's identity, the same on every rank that sends a share
+        shares = batch.policy_shares(self.policy.world_size)
+        steps = [asyncio.gather(*self.policy.split("train", shares, step + 1, kl_coef, created_at))]
         if self.critic is not None:
             steps.append(asyncio.gather(*self.critic.split("train", batch.critic_shares(self.critic.world_size))))
         # The two groups train on the same batch at the same time; rank 0 speaks for each.
         policy, *critic = await asyncio.gather(*steps)
         metrics, publication = policy[0]
+        parts = [p for _, p in policy[1:] if p is not None]  # the other ranks' shares, where the transport deals
+        if parts:
+            if publication is None or len(parts) != len(policy) - 1:
+                raise RuntimeError(
+                    f"version {step + 1}: {len(parts) + (publication is not None)} of "
+                    f"{len(policy)} learner ranks published their share"
+                )
+            publication = merge_publications([publication, *parts])
         stats.update(metrics)
         for group_stats in critic:
             stats.update(group_stats[0])

@@ -32,6 +32,12 @@ order rotated every repetition, each side moves one new version into both engine
   delta, rebuild on the engine's copy, prove the full tensors, in-place reload). Compared with
   `direct`, which moves the whole version.
 
+- `shares` (ours, `--learner-ranks N` > 1, `senders: every_rank`): N sender actors, each holding
+  the version as a learner rank does after its all-gather, pack and put their share (decoder
+  layers dealt by bytes, `rlhf_cluster.weights.shares`) at the same time; the parts are merged
+  into one delivery and `GenerationWorker.load` on both workers fetches, checks, proves and loads
+  it. Compared with `direct`, where one sender packs everything (issue 55: <= 0.7x).
+
 Targets: direct <= 1.5x broadcast, collective <= 1.2x broadcast, filesystem <= 2x files. Also printed: seconds per GB of each
 side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
 
@@ -55,7 +61,7 @@ from _common import (
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("direct", "broadcast", "collective", "filesystem", "files", "snapshot", "files_fsync", "sparse")
-DIRECT_TARGET, FILESYSTEM_TARGET, COLLECTIVE_TARGET = 1.5, 2.0, 1.2
+DIRECT_TARGET, FILESYSTEM_TARGET, COLLECTIVE_TARGET, SHARES_TARGET = 1.5, 2.0, 1.2, 0.7
 SIZES = {  # ~params: width, layers (head_dim 64, 4 KV heads, MLP 4x)
     "100m": (768, 12),
     "500m": (1280, 20),
@@ -73,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta-fraction", type=float, default=0.032,
                    help="sparse side: share of each tensor's elements a version changes")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
+    p.add_argument("--learner-ranks", type=int, default=1, help="> 1 adds the `shares` side: that many senders")
+    p.add_argument("--sides", nargs="*", default=None, help="the sides to time (default: all)")
     p.add_argument("--dir", default=None, help="filesystem to measure (default: a temp dir under $TMPDIR)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = p.parse_args(argv)
@@ -109,6 +117,18 @@ class Sender:
         packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put)
         manifest, buckets = packer.pack(self.state.items())
         return Delivery("direct", version, created, {"full": VariantLink(manifest.fingerprint, manifest, tuple(buckets))})
+
+    def pack_share(self, version: int, created: str, bucket_mb: float, rank: int, world: int):
+        """What `LearnerRank.publish` does for `direct` with `senders: every_rank`: this rank's share."""
+        from rlhf_cluster.weights.buckets import VersionPacker
+        from rlhf_cluster.weights.messages import Delivery, Publication, VariantLink
+        from rlhf_cluster.weights.shares import Dealer
+
+        dealer = Dealer(world, rank, self.dtype)
+        packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put)
+        manifest, buckets = packer.pack((n, t) for n, t in self.state.items() if dealer.mine(n, t))
+        link = VariantLink(manifest.fingerprint, manifest, tuple(buckets))
+        return Publication(Delivery("direct", version, created, {"full": link}), packer.seconds, manifest.total_bytes)
 
     def pack_collective(self, version: int, bucket_mb: float, timeout_s: float):
         """What `LearnerRank.publish` does for `collective`: buckets packed and kept here, a
@@ -260,7 +280,9 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     from actors.workers.generation import GenerationWorker
     from actors.workers.settings import GenerationSettings
     from rlhf_cluster.config import CollectiveTransport, JobConfig
+    from rlhf_cluster.weights.buckets import now
     from rlhf_cluster.weights.messages import Seat
+    from rlhf_cluster.weights.shares import merge_publications
 
     hidden, layers = SIZES[args.size]
     tiny = qwen2_shape(hidden, layers)
@@ -275,6 +297,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     })
     t0 = time.perf_counter()
     sender = Sender.remote(model_dir, args.dtype)
+    senders = [sender] + [Sender.remote(model_dir, args.dtype) for _ in range(args.learner_ranks - 1)]
     workers = [GenerationWorker.remote(GenerationSettings.of(cfg), model_dir, i) for i in range(2)]
     # The collective side's engines: workers whose transport is the broadcast group's.
     group_cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": CollectiveTransport(
@@ -307,6 +330,19 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         version += 1
         _, pack_put, loaded = push(sender.pack.remote(version, args.bucket_mb))
         return {"pack_put": pack_put, "fetch_verify_load": loaded}
+
+    def shares() -> dict:
+        nonlocal version
+        version += 1
+        created = now()
+        t = time.perf_counter()
+        parts = ray.get([s.pack_share.remote(version, created, args.bucket_mb, r, len(senders))
+                         for r, s in enumerate(senders)])
+        delivery = merge_publications(parts).delivery
+        t_pack = time.perf_counter()
+        got = ray.get([w.load.remote(delivery) for w in workers])
+        receipts.extend(got)
+        return {"pack_put": t_pack - t, "fetch_verify_load": time.perf_counter() - t_pack}
 
     def sparse() -> dict:
         nonlocal version
@@ -358,10 +394,12 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         return {"save": t_save - t, "load_reload": t_load - t_save}
 
     run = {"direct": direct, "broadcast": broadcast, "collective": collective, "filesystem": lambda: filesystem(False), "files": lambda: files(False),
-           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True), "sparse": sparse}
-    timings: dict[str, list[dict]] = {s: [] for s in SIDES}
+           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True), "sparse": sparse, "shares": shares}
+    sides = [s for s in (*SIDES, "shares") if (args.sides is None or s in args.sides)
+             and (s != "shares" or args.learner_ranks > 1)]
+    timings: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(-args.warmup, args.reps):
-        order = rotated(SIDES, rep)
+        order = rotated(sides, rep)
         for side in order:
             t = time.perf_counter()
             parts = run[side]()
@@ -372,41 +410,42 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     proven = all(r.loaded and r.proven for r in receipts)
 
     med = {s: {k: median(t[k] for t in ts) for k in ts[0] if k not in ("rep", "position")} for s, ts in timings.items()}
-    direct_ratio = med["direct"]["seconds"] / med["broadcast"]["seconds"]
-    collective_ratio = med["collective"]["seconds"] / med["broadcast"]["seconds"]
+
+    def ratio(a: str, b: str) -> float | None:
+        return med[a]["seconds"] / med[b]["seconds"] if a in med and b in med else None
+
+    direct_ratio, collective_ratio = ratio("direct", "broadcast"), ratio("collective", "broadcast")
     # The push alone (what the bare side does: its bytes were packed before the clock started);
     # the packing is the learner's, once per version, right after its step.
-    collective_push_ratio = (med["collective"]["send"] + med["collective"]["rest"]) / med["broadcast"]["seconds"]
-    fs_ratio = med["filesystem"]["seconds"] / med["files"]["seconds"]
-    snapshot_ratio = med["snapshot"]["seconds"] / med["files_fsync"]["seconds"]
-    sparse_seconds = med["sparse"]["seconds"]
-    sparse_ratio = sparse_seconds / med["direct"]["seconds"]
-    sparse_bytes = med["sparse"]["bytes_moved_per_engine"] / nbytes
+    collective_push_ratio = (
+        (med["collective"]["send"] + med["collective"]["rest"]) / med["broadcast"]["seconds"]
+        if collective_ratio is not None else None
+    )
+    fs_ratio, snapshot_ratio = ratio("filesystem", "files"), ratio("snapshot", "files_fsync")
+    sparse_ratio, shares_ratio = ratio("sparse", "direct"), ratio("shares", "direct")
+    sparse_bytes = med["sparse"]["bytes_moved_per_engine"] / nbytes if "sparse" in med else None
     print(f"\nweight_sync  Qwen2 {args.size}: hidden={hidden} layers={layers} ({params / 1e6:.0f}M params) | engine dtype "
           f"{args.dtype}: {nbytes / 1e9:.3f} GB per engine per sync | 2 engines | bucket {args.bucket_mb} MB "
           f"({len(specs)} buckets) | {args.reps} reps (+{args.warmup} warmup), medians")
+    labels = {"direct": ("direct (ours)", "broadcast"), "shares": (f"shares (ours, {args.learner_ranks} senders)", "direct"),
+              "collective": ("collective (ours, gloo group)", "broadcast"), "broadcast": ("broadcast (gloo + bare load)", None),
+              "filesystem": ("filesystem (ours)", "files"), "files": ("files (save + load_file + bare load)", None),
+              "snapshot": ("snapshot (ours, fsynced)", "files_fsync"),
+              "files_fsync": ("files_fsync (save + fsync + load)", None), "sparse": ("sparse (ours, deltas)", "direct")}
     print_table(
-        ["side", "seconds", "s/GB", "ours/bare"],
-        [["direct (ours)", med["direct"]["seconds"], med["direct"]["s_per_gb"], direct_ratio],
-         ["collective (ours, gloo group)", med["collective"]["seconds"], med["collective"]["s_per_gb"],
-          collective_ratio],
-         ["broadcast (gloo + bare load)", med["broadcast"]["seconds"], med["broadcast"]["s_per_gb"], 1.0],
-         ["filesystem (ours)", med["filesystem"]["seconds"], med["filesystem"]["s_per_gb"], fs_ratio],
-         ["files (save + load_file + bare load)", med["files"]["seconds"], med["files"]["s_per_gb"], 1.0],
-         ["snapshot (ours, fsynced)", med["snapshot"]["seconds"], med["snapshot"]["s_per_gb"], snapshot_ratio],
-         ["files_fsync (save + fsync + load)", med["files_fsync"]["seconds"], med["files_fsync"]["s_per_gb"], 1.0]],
-        ["{}", "{:.3f}", "{:.3f}", "{:.2f}"],
+        ["side", "seconds", "s/GB", "vs", "ratio"],
+        [[label, med[side]["seconds"], med[side]["s_per_gb"], base or "-", ratio(side, base) if base else None]
+         for side, (label, base) in labels.items() if side in med],
+        ["{}", "{:.3f}", "{:.3f}", "{}", "{:.2f}"],
     )
     print("breakdown (medians, seconds): " + "; ".join(
-        f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in med[s].items() if k not in ("seconds", "s_per_gb")) for s in SIDES))
-    print(f"sparse (delta, {args.delta_fraction:.3f} of elements changed) / direct (whole): seconds {sparse_ratio:.2f} "
-          f"({sparse_seconds:.3f} vs {med['direct']['seconds']:.3f}), bytes moved per engine {sparse_bytes:.3f}")
+        f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in med[s].items() if k not in ("seconds", "s_per_gb")) for s in med))
     print("bytes per sync per engine: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
-    print(f"collective push (send + receive, verify, load)/broadcast: {collective_push_ratio:.2f} (target <= "
-          f"{COLLECTIVE_TARGET}); with the sender's packing: {collective_ratio:.2f}")
-    print(f"direct/broadcast: {direct_ratio:.2f} (target <= {DIRECT_TARGET}); filesystem/files: {fs_ratio:.2f} "
-          f"(target <= {FILESYSTEM_TARGET}); snapshot/files_fsync: {snapshot_ratio:.2f}; every direct and "
-          f"collective delivery proven by fingerprint: {proven}")
+    print(f"ratios: direct/broadcast {direct_ratio} (target <= {DIRECT_TARGET}); collective push/broadcast "
+          f"{collective_push_ratio} (target <= {COLLECTIVE_TARGET}); filesystem/files {fs_ratio} (target <= "
+          f"{FILESYSTEM_TARGET}); snapshot/files_fsync {snapshot_ratio}; sparse/direct {sparse_ratio} (bytes "
+          f"{sparse_bytes}); shares/direct {shares_ratio} (target <= {SHARES_TARGET}); every delivery proven by "
+          f"fingerprint: {proven}")
 
     write_result(args.out, {
         "benchmark": "weight_sync",
@@ -424,9 +463,14 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         "ratio_snapshot_over_files_fsync": snapshot_ratio,
         "ratio_sparse_over_direct_seconds": sparse_ratio,
         "ratio_sparse_over_direct_bytes": sparse_bytes,
+        "ratio_shares_over_direct": shares_ratio,
         "direct_deliveries_proven": proven,
-        "headline": headline("direct/broadcast seconds", direct_ratio, f"<= {DIRECT_TARGET}x",
-                             direct_ratio <= DIRECT_TARGET, "x"),
+        "headline": (
+            headline("shares/direct seconds", shares_ratio, f"<= {SHARES_TARGET}x", shares_ratio <= SHARES_TARGET, "x")
+            if shares_ratio is not None else
+            headline("direct/broadcast seconds", direct_ratio, f"<= {DIRECT_TARGET}x",
+                     direct_ratio is not None and direct_ratio <= DIRECT_TARGET, "x")
+        ),
     })
     if not proven:
         print("ERROR: a direct delivery was not proven by its fingerprint", file=sys.stderr)

@@ -24,6 +24,7 @@ from rlhf_cluster.weights.buckets import now as delivery_time
 from rlhf_cluster.weights.buckets import persisted
 from rlhf_cluster.weights.messages import Delivery, Publication
 from rlhf_cluster.weights.registry import build_transport
+from rlhf_cluster.weights.shares import Dealer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -112,26 +113,23 @@ class LearnerRank(ShardedRank):
         self.labels, self.metrics_port = start_actor(s.basics, "learner", f"rank{rank}")
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.probe = probe
-        self.store = None
-        if rank == 0:
-            # The int8 rollout variant is derived here, once per version, for every generation worker.
-            variants: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
-            if "int8" in s.weight_variants:
-                variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, s.engine_dtype))
-            self.store = WeightStore(s.weights_dir, s.weights.keep, variants=variants)
+        # The int8 rollout variant is derived here, once per version, for every generation worker
+        # (the store's by rank 0, which alone writes it; a share's by the rank that sends it).
+        variants: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
+        if "int8" in s.weight_variants and rank == 0:
+            variants["int8"] = partial(quantize_state_dict, float_dtype=getattr(torch, s.engine_dtype))
+        self.store = WeightStore(s.weights_dir, s.weights.keep, variants=variants)
         self.pending: dict[int, Future] = {}
         self.engine_dtype = getattr(torch, s.engine_dtype)
-        self.transport = (
-            build_transport(
-                s.weights,
-                self.store,
-                list(s.weight_variants),
-                self.engine_dtype,
-                put=ray.put,
-                host=ray.util.get_node_ip_address(),
-            )
-            if rank == 0
-            else None
+        # Every rank has the job's transport: rank 0 publishes every version, and where the
+        # transport deals versions to the ranks (`shares`) each rank publishes its share.
+        self.transport = build_transport(
+            s.weights,
+            self.store,
+            list(s.weight_variants),
+            self.engine_dtype,
+            put=ray.put,
+            host=ray.util.get_node_ip_address(),
         )
         self.checkpoint_write: Future | None = None
         self.learner: LearnerBase | None = None
@@ -148,33 +146,43 @@ class LearnerRank(ShardedRank):
         return self.learner
 
     def _publisher(self) -> WeightTransport:
-        """Rank 0's transport: only rank 0 publishes and sends versions."""
-        if self.transport is None:
-            raise RuntimeError(f"learner rank {self.rank}: only rank 0 publishes weights")
+        """Rank 0's transport: rank 0 sends versions and waits for their store writes."""
+        if self.rank != 0:
+            raise RuntimeError(f"learner rank {self.rank}: only rank 0 sends versions and writes the store")
         return self.transport
 
     def _build_learner(self) -> LearnerBase:
         return create_learner(self.settings.spec, self.model_path)  # learner.backend picks the class
 
-    def publish(self, version: int, persist: bool = False) -> None:
+    def publish(self, version: int, persist: bool = False, created_at: str | None = None) -> None:
         """Collective: score the mismatch probe, then gather the weights one tensor at a time;
         rank 0 streams them, cast to the engine's dtype, to the job's transport and returns (see
-        `rlhf_cluster.weights.transports`). The version is also a durable snapshot in the store
-        when one is due, or when `persist` forces it (the start, a restored checkpoint)."""
+        `rlhf_cluster.weights.transports`), or, where the transport deals versions to the ranks,
+        each rank streams its share (`shares.Dealer`; the driver merges the parts). The version
+        is also a durable snapshot in the store when one is due, or when `persist` forces it (the
+        start, a restored checkpoint). `created_at`: the version's identity, the same on every
+        rank (the trainer's); by default now, on rank 0."""
+        learner = self._set_up()
         files = {}
         if self.probe is not None:
-            logprobs = self._set_up().probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
+            logprobs = learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
             files[PROBE_FILE] = probe_file(self.probe, logprobs)
+        s = self.settings
+        snapshot = persist or persisted(version, s.weights.persist_every, s.checkpoint_every, s.total_steps)
+        dealer = None
+        if self.world_size > 1 and self.transport.shares(snapshot) and learner.deals_engine_tensors():
+            dealer = Dealer(self.world_size, self.rank, self.engine_dtype)
         # What the engines hold is what leaves the device and goes on disk too: cast there (no
         # fp32 copy when the engine runs bf16), a tied output embedding once; LoRA: the adapters alone.
-        named = self._set_up().named_engine_tensors(self.engine_dtype)
-        if self.rank != 0:
+        named = learner.named_engine_tensors(self.engine_dtype, None if dealer is None else dealer.mine)
+        if dealer is None and self.rank != 0:
             for _ in named:  # this rank's part of every gather
                 pass
             return
-        s = self.settings
-        snapshot = persist or persisted(version, s.weights.persist_every, s.checkpoint_every, s.total_steps)
-        self.pending[version] = self._publisher().publish(version, delivery_time(), named, files, snapshot)
+        created_at = created_at or delivery_time()
+        self.pending[version] = self.transport.publish(
+            version, created_at, named, files if self.rank == 0 else {}, snapshot
+        )
 
     def wait_persisted(self) -> None:
         """Block until every queued store write is durable (rank 0; raises what a write raised)."""
@@ -191,20 +199,24 @@ class LearnerRank(ShardedRank):
         bytes and the `delivery` to push to the engines)."""
         publication: Publication = self.pending.pop(version).result()
         self.labels.of(m.LEARNER_VERSION).set(version)
+        self.labels.of(m.WEIGHTS_PUBLISHED_BYTES).inc(publication.bytes)
         for variant, seconds in publication.variant_seconds.items():
             self.labels.of(m.WEIGHTS_VARIANT_SECONDS, variant=variant).observe(seconds)
         return publication
 
-    def train(self, batch: TrainBatch, version: int, kl_coef: float) -> tuple[dict[str, float], Publication | None]:
+    def train(
+        self, batch: TrainBatch, version: int, kl_coef: float, created_at: str | None = None
+    ) -> tuple[dict[str, float], Publication | None]:
         """One learner step on this rank's share, then publish the result as `version`. Returns the
-        step's metrics and, when the publication is complete already (rank 0, e.g. packed in the object store),
-        what `wait_published` would: the driver pushes it without another round trip."""
+        step's metrics and, when the publication is complete already (rank 0's, e.g. packed in the
+        object store, or this rank's share), what `wait_published` would: the driver pushes it
+        without another round trip."""
         with tracing.span("train_step", version=version):
             metrics = self._set_up().train_step(batch, kl_coef)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         with tracing.span("publish", version=version):
-            self.publish(version)
+            self.publish(version, created_at=created_at)
         publication = self.pending.get(version)
         return metrics, (self.wait_published(version) if publication is not None and publication.done() else None)
 

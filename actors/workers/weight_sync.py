@@ -78,7 +78,7 @@ class WeightSync:
         version in the store, then the newest delivery (not loaded again when it is the same
         bytes). While it joins, pushes include it, and it takes any it missed meanwhile."""
         self._joining.add(worker)
-        self._record([await worker.sync.remote(0)], None)
+        self._record([await worker.load_stored.remote(0)], None)
         async with self._pushing:  # then the newest delivery, unless a push brought it meanwhile
             delivery = self.delivery
             if delivery is None:

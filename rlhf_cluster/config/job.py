@@ -46,6 +46,12 @@ class DirectTransport(_Typed):
         "written to the store) goes whole; an engine that missed a delta rebuilds from the "
         "newest whole version and the deltas since.",
     )
+    senders: Literal["every_rank", "rank0"] = Field(
+        "every_rank",
+        description="`every_rank`: each learner rank casts, checksums and puts its share of a version (decoder "
+        "layers dealt by bytes; engines assemble and prove the whole); `rank0`: rank 0 sends everything. Versions "
+        "also written to the store, sparse deltas and LoRA go from rank 0.",
+    )
 
 
 class CollectiveTransport(_Typed):

@@ -129,10 +129,20 @@ class LearnerBase(ABC):
         (the engine ties it itself, `VLLMEngine.optional_tensors`): what crosses to the host is
         exactly what an engine loads."""
 
-    def named_engine_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def deals_engine_tensors(self) -> bool:
+        """Whether `named_engine_tensors` can hand each rank its own share (`mine`)."""
+        return False
+
+    def named_engine_tensors(
+        self, dtype: torch.dtype, mine: Callable[[str, torch.Tensor], bool] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Collective generator: what the generation engines load for a version, in their `dtype`:
         with LoRA and `learner.lora.sync: adapters` the adapter matrices alone (peft's names, see
-        `rlhf_cluster.learner.lora`), else `named_full_tensors(dtype)`."""
+        `rlhf_cluster.learner.lora`), else `named_full_tensors(dtype)`. With `mine` (where
+        `deals_engine_tensors`; asked on every rank of every tensor, in order) each rank gets the
+        tensors that are its; else rank 0 gets all."""
+        if mine is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not deal its tensors to the ranks")
         return self.named_full_tensors(dtype)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

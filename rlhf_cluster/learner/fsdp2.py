@@ -121,7 +121,16 @@ class FSDP2Learner(LearnerBase):
         merged = merged_lora_tensors(self._gathered_tensors(None, skip=tied), lora.alpha / lora.rank)
         return merged if dtype is None else ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in merged)
 
-    def named_engine_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def deals_engine_tensors(self) -> bool:
+        return not self.spec.learner.lora.enabled  # LoRA merges on rank 0 (or sends adapters alone)
+
+    def named_engine_tensors(
+        self, dtype: torch.dtype, mine: Callable[[str, torch.Tensor], bool] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        if mine is not None:
+            if not self.deals_engine_tensors():
+                raise NotImplementedError("a LoRA learner's tensors leave from rank 0")
+            return self._gathered_tensors(dtype, skip=tied_output_names(self.model), mine=mine)
         if not self.spec.learner.lora.adapters_only:
             return self.named_full_tensors(dtype)
         # Only the adapters are gathered: the base weights never leave the ranks.
@@ -129,13 +138,17 @@ class FSDP2Learner(LearnerBase):
         return ((adapter_file_name(name), tensor) for name, tensor in adapters)
 
     def _gathered_tensors(
-        self, dtype: torch.dtype | None, skip: set[str], keep: Callable[[str], bool] | None = None
+        self,
+        dtype: torch.dtype | None,
+        skip: set[str],
+        keep: Callable[[str], bool] | None = None,
+        mine: Callable[[str, torch.Tensor], bool] | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.model.state_dict().items():
             if name in skip or (keep is not None and not keep(name)):  # the same on every rank: no gather unmatched
                 continue
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank takes part
-            if self.rank != 0:
+            if not (self.rank == 0 if mine is None else mine(name, full)):
                 continue
             out = full.detach()
             if dtype is not None and out.is_floating_point():

@@ -121,6 +121,11 @@ WEIGHTS_VARIANT_SECONDS = Histogram(
     "Time to derive and write a weight variant (e.g. int8), once per version.",
     LABELS + ("variant",),
 )
+WEIGHTS_PUBLISHED_BYTES = Counter(
+    "rlhf_weights_published_bytes_total",
+    "Bytes of weight versions this learner rank packed and sent (rank 0 all, or each rank its share).",
+    LABELS,
+)
 BAD_STEPS = Counter(
     "rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.", LABELS
 )

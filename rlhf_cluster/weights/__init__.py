@@ -8,6 +8,8 @@
 - `collective`: a broadcast group of the learner's rank 0 and the engines (`collective`: nccl, gloo).
 - `registry`: the class for each `weights.transport.type`; the actors call it and know no transport.
 - `sparse_delta`: a version as the elements changed since the previous one (`delta: sparse`).
+- `shares`: every learner rank sends its share of a version (`Dealer`, `merge_publications`).
+- `messages`: the typed messages (Publication, Delivery, Receipt and their parts).
 
 May import: torch (torch.distributed: groups it builds itself, never the default one), numpy,
 safetensors, blake3 and `rlhf_cluster` (config, models.quantization, fileio); never ray (the

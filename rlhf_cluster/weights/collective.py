@@ -146,6 +146,9 @@ class BroadcastGroupTransport(ObjectStoreTransport):
     def _sparse(self) -> bool:
         return False  # deltas need the object store's chain of links
 
+    def shares(self, snapshot: bool) -> bool:
+        return False  # one sender seated in each push's group
+
     # ---- learner rank 0 ------------------------------------------------------------------
     def publish(self, version, created_at, named, files, snapshot):
         publication: Publication = super().publish(version, created_at, named, files, snapshot).result()

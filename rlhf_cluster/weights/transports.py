@@ -109,6 +109,12 @@ class WeightTransport(ABC):
         """Block until every store write this transport queued is durable (raises what one raised)."""
         return None  # a transport that queues no writes has nothing to wait for
 
+    def shares(self, snapshot: bool) -> bool:
+        """Whether every learner rank publishes its share of a version (`shares`), each through
+        its own transport, the parts merged into one delivery (`merge_publications`); else rank 0
+        publishes it all. The same answer on every rank (their transports share the config)."""
+        return False
+
     def send(self, delivery: Delivery) -> None:
         """Blocking, for a delivery marked `sender`: rank 0's part of its push, run while
         the engines of its `seat` fetch it. Transports whose engines fetch on their own have none."""
@@ -236,6 +242,17 @@ class ObjectStoreTransport(WeightTransport):
     def _sparse(self) -> bool:
         transport = self.cfg.transport
         return isinstance(transport, DirectTransport) and transport.delta == "sparse"
+
+    def shares(self, snapshot: bool) -> bool:
+        # Not a version the store keeps (one writer holds it whole), nor a sparse chain (its links
+        # and fingerprint are over the whole version).
+        transport = self.cfg.transport
+        return (
+            isinstance(transport, DirectTransport)
+            and transport.senders == "every_rank"
+            and not self.sparse
+            and not snapshot
+        )
 
     def publish(self, version, created_at, named, files, snapshot) -> Future:
         self._reap_writes()

@@ -5,9 +5,11 @@ only every K-th version. (A damaged bucket is refused: test_weight_reload, on it
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections import defaultdict
 
 from actors.job import Job
+from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
 
 # Test modules sit on sys.path by their basename (pytest's default import mode).
@@ -77,3 +79,41 @@ def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cl
     assert all(len({r["pid"] for r in reports if r["worker"] == w}) == 1 for w in by_worker), reports
     sizes = {r.variant: r.bytes for r in receipts if r.loaded}
     assert sizes["int8"] < sizes["full"], sizes
+
+
+def test_every_learner_rank_sends_its_share_of_a_version(ray_cluster, job_config):
+    """`senders: every_rank` (the default): with 2 FSDP2 ranks each version not written to the
+    store leaves as two shares, one packed and put by each rank; the engine loads the merged
+    version, proves it by the fingerprint, and scores the probe exactly like the learner."""
+    steps = 3
+    cfg = job_config(
+        name="direct-shares",
+        generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8},
+                    "probe": {"sequences": 8}},
+        learner={"world_size": 2, "lr": 1e-3},
+        train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
+        weights={"transport": {"type": "direct", "bucket_mb": 0.05}, "persist_every": 100, "keep": 100},
+        checkpoint={"every_steps": 100},
+    )
+    job = Job(cfg)
+    try:
+        job.run()
+        receipts = job.delivery_receipts
+        reports = [json.loads(line) for line in (job.run_dir / "probes.jsonl").read_text().splitlines()]
+        targets = json.loads((job.run_dir / RunDir.SCRAPE_TARGETS).read_text())
+        sent = {}
+        for group in targets:
+            if group["labels"]["pool"] == "learner":
+                text = urllib.request.urlopen(f"http://{group['targets'][0]}/metrics", timeout=10).read().decode()
+                sent[group["labels"]["worker"]] = sum(
+                    float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("rlhf_weights_published_bytes_total{"))
+    finally:
+        job.shutdown()
+    assert [r.version for r in receipts if r.loaded] == list(range(steps + 1)), receipts
+    assert all(r.proven for r in receipts), receipts
+    assert {r["version"] for r in reports} == set(range(steps + 1))
+    assert all(r["max_abs_diff"] < MAX_FP32_DIFF for r in reports), reports  # the whole version, exactly
+    # Versions 1 and 2 went as shares (version 0 and the last are written to the store, by rank 0).
+    assert sent["rank0"] > 0 and sent["rank1"] > 0, sent
+    assert sent["rank1"] < sent["rank0"], sent  # rank 0 also sent versions 0 and 3 whole

@@ -16,6 +16,7 @@ from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now
 from rlhf_cluster.weights.messages import ProbeReport, Publication, Receipt
 from rlhf_cluster.weights.registry import TRANSPORTS, build_transport, engine_transports
+from rlhf_cluster.weights.shares import Dealer, merge_publications
 from rlhf_cluster.weights.transports import WeightRefused, stored_delivery
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,3 +247,38 @@ def test_a_stored_version_retention_removed_is_superseded_not_refused(tmp_path):
     assert store.store.versions() == [2]
     with pytest.raises(WeightSuperseded, match="version 1 has left the store"):
         store.fetch(old, "full", "gen0")
+
+
+def test_every_rank_sends_its_share_and_the_engine_proves_the_merged_version(tmp_path):
+    """`senders: every_rank`: each rank packs the units dealt to it (a decoder layer never split,
+    balanced by bytes, the same deal on every rank); the merged delivery fetches, checks and
+    proves as one sender's would, with every tensor once."""
+    objects = ObjectStore()
+    state = {f"model.layers.{i}.{p}.weight": torch.randn(16 * (i + 1), 8) for i in range(4) for p in ("q", "k")}
+    state["model.embed_tokens.weight"] = torch.randn(64, 8)
+    ranks = [_transport(DirectTransport, tmp_path / f"rank{r}", objects, bucket_mb=0.001) for r in range(2)]
+    assert all(t.shares(snapshot=False) for t in ranks) and not ranks[0].shares(snapshot=True)
+    created = now()
+    dealers = [Dealer(2, r, torch.bfloat16) for r in range(2)]
+    parts = [
+        t.publish(5, created, ((n, v) for n, v in state.items() if d.mine(n, v)), {"probe.json": "{}"} if r == 0 else {},
+                  snapshot=False).result()
+        for r, (t, d) in enumerate(zip(ranks, dealers))
+    ]
+    assert dealers[0].loads == dealers[1].loads  # both ranks dealt the same way
+    names = [{s.name for b in p.delivery.link("full").packed().buckets for s in b.tensors} for p in parts]
+    assert names[0] and names[1] and not names[0] & names[1] and names[0] | names[1] == set(state)
+    for layer in range(4):  # a layer's tensors go together
+        q, k = f"model.layers.{layer}.q.weight", f"model.layers.{layer}.k.weight"
+        assert [q in n for n in names] == [k in n for n in names]
+    merged = merge_publications(parts)
+    assert merged.delivery.files == {"probe.json": "{}"} and merged.bytes == sum(p.bytes for p in parts)
+    fetched = ranks[0].fetch(merged.delivery, "full", "gen0")
+    assert fetched.fingerprint == merged.delivery.link("full").fingerprint
+    assert {n: t.float() for n, t in fetched.tensors}.keys() == state.keys()
+    assert all(torch.equal(t, state[n].to(torch.bfloat16)) for n, t in fetched.tensors)
+    other = ranks[1].publish(6, now(), iter(state.items()), {}, snapshot=False).result()
+    with pytest.raises(ValueError, match="not of one version"):
+        merge_publications([parts[0], other])
+    rank0_only = _transport(DirectTransport, tmp_path / "r0", objects, senders="rank0")
+    assert not rank0_only.shares(snapshot=False)
