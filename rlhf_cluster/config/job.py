@@ -46,11 +46,13 @@ class DirectTransport(_Typed):
         "written to the store) goes whole; an engine that missed a delta rebuilds from the "
         "newest whole version and the deltas since.",
     )
-    senders: Literal["every_rank", "rank0"] = Field(
-        "every_rank",
-        description="`every_rank`: each learner rank casts, checksums and puts its share of a version (decoder "
-        "layers dealt by bytes; engines assemble and prove the whole); `rank0`: rank 0 sends everything. Versions "
-        "also written to the store, sparse deltas and LoRA go from rank 0.",
+    senders: Literal["rank0", "every_rank"] = Field(
+        "rank0",
+        description="`every_rank`: each FSDP2 learner rank casts, checksums and puts its share of a version "
+        "(decoder layers dealt by bytes; engines assemble and prove the whole); `rank0`: rank 0 sends everything. "
+        "Versions also written to the store, sparse deltas and LoRA go from rank 0. Not the default: on a 2-core CPU "
+        "machine one sender already uses every core (1.00-1.12x rank 0's time, benchmarks/weight_sync.py); it is "
+        "for nodes where each rank has its own device-to-host link.",
     )
 
 

@@ -82,7 +82,7 @@ def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cl
 
 
 def test_every_learner_rank_sends_its_share_of_a_version(ray_cluster, job_config):
-    """`senders: every_rank` (the default): with 2 FSDP2 ranks each version not written to the
+    """`senders: every_rank`: with 2 FSDP2 ranks each version not written to the
     store leaves as two shares, one packed and put by each rank; the engine loads the merged
     version, proves it by the fingerprint, and scores the probe exactly like the learner."""
     steps = 3
@@ -92,7 +92,8 @@ def test_every_learner_rank_sends_its_share_of_a_version(ray_cluster, job_config
                     "probe": {"sequences": 8}},
         learner={"world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
-        weights={"transport": {"type": "direct", "bucket_mb": 0.05}, "persist_every": 100, "keep": 100},
+        weights={"transport": {"type": "direct", "bucket_mb": 0.05, "senders": "every_rank"}, "persist_every": 100,
+                 "keep": 100},
         checkpoint={"every_steps": 100},
     )
     job = Job(cfg)

@@ -256,7 +256,8 @@ def test_every_rank_sends_its_share_and_the_engine_proves_the_merged_version(tmp
     objects = ObjectStore()
     state = {f"model.layers.{i}.{p}.weight": torch.randn(16 * (i + 1), 8) for i in range(4) for p in ("q", "k")}
     state["model.embed_tokens.weight"] = torch.randn(64, 8)
-    ranks = [_transport(DirectTransport, tmp_path / f"rank{r}", objects, bucket_mb=0.001) for r in range(2)]
+    ranks = [_transport(DirectTransport, tmp_path / f"rank{r}", objects, bucket_mb=0.001, senders="every_rank")
+             for r in range(2)]
     assert all(t.shares(snapshot=False) for t in ranks) and not ranks[0].shares(snapshot=True)
     created = now()
     dealers = [Dealer(2, r, torch.bfloat16) for r in range(2)]
@@ -280,5 +281,4 @@ def test_every_rank_sends_its_share_and_the_engine_proves_the_merged_version(tmp
     other = ranks[1].publish(6, now(), iter(state.items()), {}, snapshot=False).result()
     with pytest.raises(ValueError, match="not of one version"):
         merge_publications([parts[0], other])
-    rank0_only = _transport(DirectTransport, tmp_path / "r0", objects, senders="rank0")
-    assert not rank0_only.shares(snapshot=False)
+    assert not _transport(DirectTransport, tmp_path / "r0", objects).shares(snapshot=False)  # rank 0 by default
