@@ -3,8 +3,8 @@
 Steps, each a subprocess with its own time limit (a step that fails or runs out of time is
 recorded as such and the next one runs):
 1. `pytest tests/gpu` (both halves: the CPU bodies and the CUDA ones);
-2. `gpu_learner.py` at Qwen2.5-0.5B (ours beside the plain loop, and ours with FlexAttention instead
-   of SDPA; both also at `--seq-lens`) and at Qwen2.5-1.5B (default settings: the memory plan decides
+2. `gpu_learner.py` at Qwen2.5-0.5B (ours beside the plain loop, and ours with SDPA instead of
+   `auto`'s FlexAttention; both also at `--seq-lens`) and at Qwen2.5-1.5B (default settings: the memory plan decides
    checkpointing);
 3. `gpu_paths.py` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
    host hop;
@@ -71,8 +71,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
         # The CUDA halves (the CPU halves run in `make test`).
         ("tests/gpu", [py, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider",
                        "-k", "cuda"], 110),
-        ("learner 0.5B", [*learner, "--shape", "qwen2.5-0.5b", "--reps", "3", "--attention", "flex_attention",
-                          "--seq-lens", *map(str, seq), "--seq-len-sides", "ours", "ours, flex_attention",
+        ("learner 0.5B", [*learner, "--shape", "qwen2.5-0.5b", "--reps", "3", "--attention", "sdpa",
+                          "--seq-lens", *map(str, seq), "--seq-len-sides", "ours", "ours, sdpa",
                           "--out", str(out / "gpu_learner_0.5b.json")], 120),
         ("learner 1.5B", [*learner, "--shape", "qwen2.5-1.5b", "--reps", "3", "--seq-lens", *map(str, seq),
                           "--out", str(out / "gpu_learner_1.5b.json")], 80),

@@ -151,10 +151,11 @@ class LearnerConfig(TrainingGroupConfig):
     )
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         "auto",
-        description="The learner model's attention. auto: flash-attn's varlen kernels on CUDA where installed, else "
-        "SDPA. flex_attention (CUDA only: no backward on CPU): a micro-batch's packed sequences share one row under "
-        "a document mask, attention costing each sequence's own length. With SDPA and eager attention packed rows "
-        "are as wide as the longest sequence.",
+        description="The learner model's attention. auto: on CUDA flash-attn's varlen kernels where installed, else "
+        "flex_attention; SDPA on CPU. flex_attention (CUDA only: no backward on CPU): a micro-batch's packed "
+        "sequences share one row under a document mask, attention costing each sequence's own length (1.22x SDPA "
+        "at 4k tokens per sequence, 1.38x at 16k, 0.95x at <= 1k, less memory throughout; one H200). With SDPA and "
+        "eager attention packed rows are as wide as the longest sequence.",
     )
     compile: bool = Field(
         False,

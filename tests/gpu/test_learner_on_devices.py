@@ -194,7 +194,9 @@ def test_flex_attention_packed_rows_equal_the_padded_path(device, tiny_model_pat
         ((c * mask).sum()).backward()
         for (name, p), q in zip(flex.named_parameters(), sdpa.parameters()):
             assert (p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-6) < 1e-3, name
-    assert training_attention("auto", device) in (("sdpa",) if device.type == "cpu" else ("sdpa", "flash_attention_2"))
+    assert training_attention("auto", device) in (
+        ("sdpa",) if device.type == "cpu" else ("flex_attention", "flash_attention_2")
+    )
     assert training_attention("flex_attention", torch.device("cuda")) == "flex_attention"
     if device.type == "cpu":
         with pytest.raises(ValueError, match="no backward on the CPU"):
