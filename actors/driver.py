@@ -133,6 +133,8 @@ class Driver:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
                 if not hasattr(self, "trainer"):
                     self._adopt_learner(started)
+        if resume_from is not None:  # the rollbacks the run made before (their rows survived the restore)
+            self.rollback.replay(self.run_dir.read(RunDir.EVENTS))
         if self.delivery is not None:
             self.weights.first(self.delivery)
             self.delivery = None  # WeightSync holds the newest; nothing here pins old buckets

@@ -120,6 +120,12 @@ class RollbackGuard:
                 )
         return None
 
+    def replay(self, events: Iterable[dict]) -> None:
+        """A resumed run's rollbacks so far, from its kept events.jsonl rows (each rollback's row
+        carries the step the run continued from, so it outlives the resume that keeps that step):
+        `max_rollbacks` bounds the run, not each process that runs it."""
+        self.rollbacks = sum(1 for e in events if e.get("event") == "guardrails" and "rollback" in e.get("actions", ()))
+
     def last_good_step(self, trigger_step: int, reason: str) -> int:
         """The newest step whose checkpoint may be restored: a step's figures judge the weights it
         trained on, those of the step before (an evaluation judges its own step's), so the

@@ -86,3 +86,26 @@ def test_rollback_conditions_name_the_bound_and_the_value_and_adjust_the_setting
     assert adjusted.learner.lr == pytest.approx(2.5e-5) and adjusted.algorithm.kl.coef == pytest.approx(0.02)
     with pytest.raises(RuntimeError, match="eval_drop=0.2.*giving up: the 1 rollbacks allowed"):
         rollback.adjusted(adjusted, reason)
+
+
+def test_the_rollbacks_a_resumed_run_made_before_count_against_max_rollbacks(tmp_path):
+    """Issue 58: the count starts from the run's kept events.jsonl rows on resume, not at 0 (a job
+    that rolls back, is killed and resumes could otherwise roll back max_rollbacks times per resume)."""
+    from rlhf_cluster.config import RollbackConfig
+    from rlhf_cluster.job.guardrails import RollbackGuard
+    from rlhf_cluster.run.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run", tmp_path / "weights", tmp_path / "ckpt")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.append(RunDir.EVENTS, [
+        {"step": 3, "event": "guardrails", "actions": ["rollback"], "at_step": 6, "reason": "kl_above"},
+        {"step": 7, "event": "guardrails", "actions": ["keep_best"]},
+        {"step": 5, "event": "guardrails", "actions": ["rollback"], "at_step": 9, "reason": "kl_above"},
+    ])
+    rollback = RollbackGuard(RollbackConfig(kl_above=1.0, max_rollbacks=3), "eval_accuracy", True)
+    rollback.replay(run.read(RunDir.EVENTS))
+    assert rollback.rollbacks == 2
+    cfg = JobConfig.model_validate({"learner": {"lr": 1e-4}})
+    cfg = rollback.adjusted(cfg, "guardrails.rollback.kl_above=1")  # the third
+    with pytest.raises(RuntimeError, match="the 3 rollbacks allowed"):
+        rollback.adjusted(cfg, "guardrails.rollback.kl_above=1")
