@@ -45,7 +45,7 @@ def _shifted_exp(z: torch.Tensor, shift: torch.Tensor, scale: float) -> tuple[to
     """((z - shift) * scale, its exp) in float32 for logits `z` [chunk, vocab] in any float dtype
     and a per-row `shift` [chunk] in z's units: two float32 buffers, each written in one pass (the
     subtraction reads `z` in its own dtype and writes float32: no separate cast)."""
-    shifted = torch.sub(z, shift.to(torch.float32)[:, None])
+    shifted = torch.sub(z, shift[:, None])  # `shift` is float32: the result is too
     if scale != 1.0:
         shifted.mul_(scale)
     return shifted, shifted.exp()
@@ -81,16 +81,18 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             z = _chunk_logits(hidden[start:end], weight, bias)
-            top = z.amax(dim=-1).float()
+            top = z.amax(dim=-1)
+            if top.dtype != torch.float32:
+                top = top.float()
             shifted, e = _shifted_exp(z, top, 1.0 / temperature)
             del z
             s = e.sum(dim=-1)
             log_s = s.log()
-            lse[start:end] = top / temperature + log_s
-            logp[start:end] = shifted.gather(1, targets[start:end, None]).squeeze(1) - log_s
+            torch.add(log_s, top, alpha=1.0 / temperature, out=lse[start:end])
+            torch.sub(shifted.gather(1, targets[start:end, None]).squeeze(1), log_s, out=logp[start:end])
             if with_entropy:
                 dot = shifted.mul_(e).sum(dim=-1)  # sum e * (z - m) / T, in place of (z - m) / T
-                entropy[start:end] = log_s - dot / s
+                torch.sub(log_s, dot.div_(s), out=entropy[start:end])
             del shifted, e
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
@@ -117,7 +119,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
             z = _chunk_logits(hidden[start:end], weight, bias)
-            log_p, p = _shifted_exp(z, lse[start:end] * ctx.temperature, scale)
+            shift = lse[start:end] if ctx.temperature == 1.0 else lse[start:end] * ctx.temperature
+            log_p, p = _shifted_exp(z, shift, scale)
             del z
             # d logp_y/dz = onehot(y) - p;  d H/dz = -p * (log p + H):  grad_z = g_logp * (onehot - p)
             # - g_H * p * (log p + H), in float32 (the onehot subtracted there: p_y close to 1 must
