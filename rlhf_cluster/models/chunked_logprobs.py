@@ -24,10 +24,13 @@ and saves it for the backward the same way `F.linear` does.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Tokens per chunk: the working set is two float32 [chunk, vocab] buffers and the chunk's logits in
 # the weight's dtype, ~0.8 GB at a vocabulary of 151,936 with 512 bf16 tokens (plus the output
@@ -51,16 +54,29 @@ def _shifted_exp(z: torch.Tensor, shift: torch.Tensor, scale: float) -> tuple[to
     return shifted, shifted.exp()
 
 
+_fused_accumulation = {"cuda": True}  # whether this process's CUDA GEMM accumulates into float32 itself
+
+
 def _accumulate_weight_grad(acc: torch.Tensor, grad_z: torch.Tensor, hidden: torch.Tensor) -> None:
     """acc [V, H] float32 += grad_z.T @ hidden, a GEMM in `grad_z`'s dtype (tensor cores for bf16)
-    summed in float32: on CUDA into `acc` by the GEMM itself (`out_dtype`), elsewhere through the
-    product in that dtype."""
+    summed in float32: on CUDA into `acc` by the GEMM itself (`aten::addmm.dtype_out`, PyTorch >=
+    2.8), elsewhere (or where that kernel is missing: logged once) through the product in that dtype."""
     if grad_z.dtype == torch.float32:
         acc.addmm_(grad_z.t(), hidden.float())
-    elif acc.is_cuda:
-        torch.ops.aten.addmm.dtype_out(acc, grad_z.t(), hidden.to(grad_z.dtype), torch.float32, out=acc)
-    else:
-        acc.add_(torch.mm(grad_z.t(), hidden.to(grad_z.dtype)))
+        return
+    operand = hidden.to(grad_z.dtype)
+    if acc.is_cuda and _fused_accumulation["cuda"]:
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, grad_z.t(), operand, torch.float32, out=acc)
+            return
+        except (RuntimeError, NotImplementedError, AttributeError) as exc:
+            _fused_accumulation["cuda"] = False
+            log.warning(
+                "the output layer's gradient GEMM cannot accumulate into float32 here (%s): "
+                "adding the bf16 product instead",
+                exc,
+            )
+    acc.add_(torch.mm(grad_z.t(), operand))
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
