@@ -136,8 +136,8 @@ class GenerationWorker:
     async def sync(self, min_version: int = 0) -> int:
         """Load the store's newest version unless the engine holds it already; returns the version
         held (`load_stored`'s receipt, for callers that need only the number)."""
-        receipt = await self.load_stored(min_version)
-        return self.engine.version if receipt.status != "loaded" else receipt.version
+        await self.load_stored(min_version)
+        return self.engine.version
 
     async def load_stored(self, min_version: int = 0) -> Receipt:
         """The store's newest version, as a `filesystem` delivery through `load`: the one load
@@ -187,7 +187,7 @@ class GenerationWorker:
             except WeightSuperseded as exc:  # not a fault: a newer version's push is on its way
                 return self._receipt(delivery, "superseded", reason=str(exc))
             except WeightRefused as exc:
-                return await self._refused(delivery, variant, exc)
+                return await self._refuse(delivery, exc)
             swap = await asyncio.to_thread(self.engine.load_weights, fetched.version, fetched.tensors)
             nbytes, fingerprint = fetched.nbytes, fetched.fingerprint
             probe = delivery.files.get(PROBE_FILE) or fetched.files.get(PROBE_FILE)  # (a stored version's: on disk)
@@ -205,13 +205,7 @@ class GenerationWorker:
             report = await self._score_probe(delivery, probe, seconds, nbytes)
         return self._receipt(delivery, "loaded", fingerprint=fingerprint, seconds=seconds, nbytes=nbytes, probe=report)
 
-    async def _refused(self, delivery: Delivery, variant: str, exc: Exception) -> Receipt:
-        async with self._delivered:
-            receipt = self._refuse(delivery, variant, exc)
-            self._delivered.notify_all()
-        return receipt
-
-    def _refuse(self, delivery: Delivery, variant: str, exc: Exception) -> Receipt:
+    async def _refuse(self, delivery: Delivery, exc: Exception) -> Receipt:
         """Count and log a refused version; requests that need it go on with the version held."""
         if self.transports[delivery.transport] is self.transport:  # a push's bytes (not the store's)
             self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
@@ -223,6 +217,8 @@ class GenerationWorker:
             f"{self.name}: refused {delivery.transport} version {delivery.version}: {exc}; keeping version "
             f"{self.engine.version}"
         )
+        async with self._delivered:
+            self._delivered.notify_all()
         return self._receipt(delivery, "refused", reason=str(exc))
 
     def _receipt(
@@ -246,7 +242,7 @@ class GenerationWorker:
             held_version=self.engine.version,
             seconds=seconds,
             bytes=nbytes,
-            sent_fingerprint=delivery.variants[variant].fingerprint if variant in delivery.variants else None,
+            sent_fingerprint=delivery.link(variant).fingerprint,
             probe=probe,
         )
 

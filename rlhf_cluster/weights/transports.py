@@ -158,7 +158,10 @@ class StoreTransport(WeightTransport):
         return publication
 
     def fetch(self, delivery, variant, reader) -> Fetched:
-        return fetch_stored(self.store, delivery.version, variant, reader, created_at=delivery.created_at, files=None)
+        # The files stored beside the version (the probe) where the delivery does not carry them
+        # (`stored_delivery`'s): read and checked once, here.
+        files = () if delivery.files else None
+        return fetch_stored(self.store, delivery.version, variant, reader, created_at=delivery.created_at, files=files)
 
 
 def stored_delivery(
