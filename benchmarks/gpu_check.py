@@ -7,7 +7,7 @@ recorded as such and the next one runs):
    `auto`'s FlexAttention; both also at `--seq-lens`) and at Qwen2.5-1.5B (default settings: the memory plan decides
    checkpointing);
 3. `gpu_paths.py` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
-   host hop;
+   host hop; the host hop alone at 1.5B (issue 55: >= 25 GB/s in bf16);
 4. `gpu_profile.py` at 0.5B: where one step's kernel time goes, ours beside the plain loop;
 5. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start).
 Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON) and prints one
@@ -61,6 +61,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
             ("learner 1.5B", [*learner, *tiny, "--no-plain", "--out", str(out / "gpu_learner_1.5b.json")], 300),
             ("scoring and host hop 0.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "tiny", "--rollouts", "2",
                                            "--out", str(out / "gpu_paths_0.5b.json")], 300),
+            ("host hop 1.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "tiny", "--parts", "host_hop",
+                               "--out", str(out / "gpu_paths_1.5b.json")], 300),
             ("profile 0.5B", [py, str(HERE / "gpu_profile.py"), "--top", "5",
                               "--out", str(out / "gpu_profile_0.5b.json")], 300),
             ("learner 0.5B, more sides", [*learner, *tiny, "--no-plain", "--deepspeed",
@@ -78,6 +80,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
                           "--out", str(out / "gpu_learner_1.5b.json")], 80),
         ("scoring and host hop 0.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "qwen2.5-0.5b",
                                        "--out", str(out / "gpu_paths_0.5b.json")], 40),
+        ("host hop 1.5B", [py, str(HERE / "gpu_paths.py"), "--shape", "qwen2.5-1.5b", "--parts", "host_hop",
+                           "--out", str(out / "gpu_paths_1.5b.json")], 40),
         ("profile 0.5B", [py, str(HERE / "gpu_profile.py"), "--shape", "qwen2.5-0.5b",
                           "--out", str(out / "gpu_profile_0.5b.json")], 45),
         # DeepSpeed ZeRO-3 beside FSDP2 (learner.compile's side, ~50 s of compilation, is left to
@@ -120,8 +124,11 @@ def summary_rows(report: dict) -> list[list]:
     for side in (report["steps"].get("profile 0.5B", {}).get("result") or {}).get("sides", []):
         rows.append([f"profile 0.5B: {side['side']}, kernel time", None, side["device_busy_s"], None, None, None,
                      f"{side['kernel_launches']} launches"])
-    for name, r in (paths.get("host_hop") or {}).items():
-        rows.append([f"host hop 0.5B: {name}", None, r.get("seconds"), None, None, None, f"{r['gb_per_s']:.1f} GB/s"])
+    for shape, step in (("0.5B", "scoring and host hop 0.5B"), ("1.5B", "host hop 1.5B")):
+        hop = (report["steps"].get(step, {}).get("result") or {}).get("host_hop") or {}
+        for name, r in hop.items():
+            rows.append([f"host hop {shape}: {name}", None, r.get("seconds"), None, None, None,
+                         f"{r['gb_per_s']:.1f} GB/s"])
     return rows
 
 

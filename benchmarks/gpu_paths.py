@@ -5,9 +5,11 @@ and the weight path's host hop.
   rollouts (256-token prompts, responses of 64..768 tokens, seeded): tokens/s, forward MFU
   (2 x parameters x tokens / time / the GPU's dense bf16 peak), peak memory, and the int8 side's
   mean |log-prob difference| from bf16.
-- Host hop: an FSDP2 learner's `named_full_tensors()` (fp32, what the store publishes) and
-  `named_engine_tensors(bf16)` (what engines load) drained to host memory, GB/s, against one pinned
-  device-to-host copy of 2 GiB (the wire's bound).
+- Host hop: an FSDP2 learner's `named_full_tensors()` (fp32, what the store publishes) drained to
+  host memory, and `named_engine_tensors(bf16)` (what engines load, left on the device) packed into
+  host buckets as the `direct` transport packs them (`VersionPacker`: reused pinned staging,
+  asynchronous copies, one wait per bucket), with BLAKE3 per bucket and without (the copies alone),
+  GB/s, against one pinned device-to-host copy of 2 GiB (the wire's bound).
 Without CUDA the same code runs at the `tiny` shape on the CPU (a smoke run: figures not comparable).
 
     python3 benchmarks/gpu_paths.py --shape qwen2.5-0.5b
@@ -21,7 +23,7 @@ import random
 import statistics
 import sys
 import time
-from functools import partial
+from unittest.mock import patch
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=256 if cuda else 16)
     p.add_argument("--response", type=int, nargs=2, default=[64, 768] if cuda else [8, 32])
     p.add_argument("--reps", type=int, default=3 if cuda else 1)
+    p.add_argument("--parts", nargs="+", choices=["reference", "host_hop"], default=["reference", "host_hop"])
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--out", type=Path, default=result_path("gpu_paths"))
     return p.parse_args(argv)
@@ -98,20 +101,37 @@ def host_hop(model_dir: Path) -> dict[str, dict]:
     from rlhf_cluster.config import JobConfig
     from rlhf_cluster.learner.base import LearnerSpec
     from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+    from rlhf_cluster.weights import buckets
+    from rlhf_cluster.weights.buckets import Staging, VersionPacker
 
     cuda = torch.cuda.is_available()
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "mixed_precision": "bf16" if cuda else "none"},
                                     "metrics": {"enabled": False}})
     learner = FSDP2Learner(LearnerSpec.of_policy(cfg), str(model_dir))
     out: dict[str, dict] = {}
-    for name, tensors in (("named_full_tensors (fp32)", learner.named_full_tensors),
-                          ("named_engine_tensors (bf16)", partial(learner.named_engine_tensors, torch.bfloat16))):
+
+    def drained() -> int:
+        return sum(t.numel() * t.element_size() for _, t in learner.named_full_tensors())
+
+    staging = Staging(reuse=True)
+
+    def packed() -> int:
+        packer = VersionPacker(0, "hop", "full", torch.bfloat16, 64 << 20, lambda payload: None, staging)
+        return packer.pack(learner.named_engine_tensors(torch.bfloat16))[0].total_bytes
+
+    def copies_only() -> int:
+        with patch.object(buckets, "checksum", lambda payload: ""):
+            return packed()
+
+    for name, run in (("named_full_tensors (fp32)", drained), ("engine tensors (bf16) packed", packed),
+                      ("engine tensors (bf16) staged, no checksum", copies_only)):
+        run()  # warm-up: the staging buffer, the allocator
         sync()
         start = time.perf_counter()
-        nbytes = sum(t.numel() * t.element_size() for _, t in tensors())
+        nbytes = run()
         s = time.perf_counter() - start
         out[name] = {"seconds": s, "bytes": nbytes, "gb_per_s": nbytes / 1e9 / s}
-        print(f"  {name}: {nbytes / 1e9:.2f} GB in {s:.2f} s", flush=True)
+        print(f"  {name}: {nbytes / 1e9:.2f} GB in {s:.2f} s = {nbytes / 1e9 / s:.1f} GB/s", flush=True)
     del learner
     gc.collect()
     if cuda:
@@ -139,10 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     params = parameter_count(config)
     device, peak_flops = device_and_peak()
     try:
-        scoring = reference_forward(args, model_dir, params, config.vocab_size, peak_flops)
-        hop = host_hop(model_dir)
+        scoring = reference_forward(args, model_dir, params, config.vocab_size, peak_flops) if "reference" in args.parts else {}
+        hop = host_hop(model_dir) if "host_hop" in args.parts else {}
     finally:
         dist.destroy_process_group()
+    if not scoring:  # the host hop alone
+        packed = hop["engine tensors (bf16) packed"]["gb_per_s"]
+        write_result(args.out, {
+            "benchmark": "gpu_paths", "machine": machine_info(), "host_hop": hop,
+            "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "parameters": params, "device": device},
+            "headline": headline("host hop, bf16 engine tensors packed", packed, ">= 25 GB/s (one H100, 1.5B)", None,
+                                 " GB/s"),
+        })
+        print_table(["host hop", "GB", "seconds", "GB/s"],
+                    [[n, r["bytes"] / 1e9, r["seconds"], r["gb_per_s"]] for n, r in hop.items()],
+                    ["{}", "{:.2f}", "{:.3f}", "{:.1f}"])
+        return 0
     first = next(iter(scoring.values()))
     result = {
         "benchmark": "gpu_paths", "machine": machine_info(),

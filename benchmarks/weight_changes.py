@@ -136,7 +136,7 @@ def sparse_vs_whole(store, versions: list[int]) -> dict:
     objects: list = []
 
     def put(payload) -> int:
-        objects.append(payload)
+        objects.append(payload.copy())  # as Ray's put: the sender reuses its staging memory
         return len(objects) - 1
 
     def get(handles: list[int]) -> list:

@@ -6,8 +6,8 @@ A random Qwen2 (`--size 100m` or `500m`, built in a temp dir with the tiny token
 two bare engine actors. Per repetition, with the
 order rotated every repetition, each side moves one new version into both engines:
 
-- `direct` (ours): the sender's `VersionPacker` (cast to the engine dtype, layer-aligned buckets,
-  BLAKE3 per bucket, `ray.put`), then `GenerationWorker.load` on both workers at once (fetch
+- `direct` (ours): the sender's `VersionPacker` (cast to the engine dtype, layer-aligned buckets
+  in reused staging memory, BLAKE3 per bucket, `ray.put`), then `GenerationWorker.load` on both workers at once (fetch
   from the object store, verify every bucket, in-place reload, fingerprint, prefix-cache reset).
 - `broadcast` (bare wire): the same bucket bytes, already packed, sent by `torch.distributed`
   gloo broadcast from the sender to both bare engines, which load them with the bare
@@ -32,11 +32,12 @@ order rotated every repetition, each side moves one new version into both engine
   delta, rebuild on the engine's copy, prove the full tensors, in-place reload). Compared with
   `direct`, which moves the whole version.
 
-- `shares` (ours, `--learner-ranks N` > 1, `senders: every_rank`): N sender actors, each holding
-  the version as a learner rank does after its all-gather, pack and put their share (decoder
-  layers dealt by bytes, `rlhf_cluster.weights.shares`) at the same time; the parts are merged
-  into one delivery and `GenerationWorker.load` on both workers fetches, checks, proves and loads
-  it. Compared with `direct`, where one sender packs everything (issue 55: <= 0.7x).
+- `rank0` and `shares` (ours, `--learner-ranks N` > 1): two real FSDP2 learner groups of N
+  `LearnerRank` actors (gloo), one with `weights.transport.senders: rank0`, one with `every_rank`,
+  each publishing one version (`LearnerRank.publish`: every parameter gathered to the rank that
+  sends it, in a thread ahead of the packing; cast, packed in reused staging memory, checksummed,
+  put) that `GenerationWorker.load` on both workers then fetches, checks, proves and loads (for
+  `shares` the ranks' parts merged into one delivery first). Issue 55: shares <= 0.7x rank0.
 
 Targets: direct <= 1.5x broadcast, collective <= 1.2x broadcast, filesystem <= 2x files. Also printed: seconds per GB of each
 side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
@@ -61,6 +62,7 @@ from _common import (
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("direct", "broadcast", "collective", "filesystem", "files", "snapshot", "files_fsync", "sparse")
+LEARNER_SIDES = ("rank0", "shares")  # with --learner-ranks > 1
 DIRECT_TARGET, FILESYSTEM_TARGET, COLLECTIVE_TARGET, SHARES_TARGET = 1.5, 2.0, 1.2, 0.7
 SIZES = {  # ~params: width, layers (head_dim 64, 4 KV heads, MLP 4x)
     "100m": (768, 12),
@@ -79,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta-fraction", type=float, default=0.032,
                    help="sparse side: share of each tensor's elements a version changes")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
-    p.add_argument("--learner-ranks", type=int, default=1, help="> 1 adds the `shares` side: that many senders")
+    p.add_argument("--learner-ranks", type=int, default=1,
+                   help="> 1 adds the `rank0` and `shares` sides: FSDP2 learner groups of that many ranks")
     p.add_argument("--sides", nargs="*", default=None, help="the sides to time (default: all)")
     p.add_argument("--dir", default=None, help="filesystem to measure (default: a temp dir under $TMPDIR)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -99,6 +102,9 @@ class Sender:
         self.state = load_file(str(Path(model_dir) / "model.safetensors"))  # fp32, as the learner gathers them
         self.dtype = getattr(torch, dtype)
         self.payloads: list | None = None
+        from rlhf_cluster.weights.buckets import Staging
+
+        self.staging = Staging(reuse=True)  # as the direct transport packs: `ray.put` copies each bucket away
 
     def address(self):
         from actors.workers._common import rendezvous_address
@@ -114,21 +120,9 @@ class Sender:
         from rlhf_cluster.weights.messages import Delivery, VariantLink
 
         created = now()
-        packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put)
+        packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put, self.staging)
         manifest, buckets = packer.pack(self.state.items())
         return Delivery("direct", version, created, {"full": VariantLink(manifest.fingerprint, manifest, tuple(buckets))})
-
-    def pack_share(self, version: int, created: str, bucket_mb: float, rank: int, world: int):
-        """What `LearnerRank.publish` does for `direct` with `senders: every_rank`: this rank's share."""
-        from rlhf_cluster.weights.buckets import VersionPacker
-        from rlhf_cluster.weights.messages import Delivery, Publication, VariantLink
-        from rlhf_cluster.weights.shares import Dealer
-
-        dealer = Dealer(world, rank, self.dtype)
-        packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put)
-        manifest, buckets = packer.pack((n, t) for n, t in self.state.items() if dealer.mine(n, t))
-        link = VariantLink(manifest.fingerprint, manifest, tuple(buckets))
-        return Publication(Delivery("direct", version, created, {"full": link}), packer.seconds, manifest.total_bytes)
 
     def pack_collective(self, version: int, bucket_mb: float, timeout_s: float):
         """What `LearnerRank.publish` does for `collective`: buckets packed and kept here, a
@@ -251,6 +245,28 @@ class BareEngine:
         return time.perf_counter() - start
 
 
+def _learner_group(cfg, model_dir: str, work: Path, args: argparse.Namespace, side: str):
+    """A real FSDP2 learner group of `--learner-ranks` ranks whose transport is `direct` with
+    `senders` by `side`; no version of the benchmark is a snapshot (nothing goes to disk)."""
+    from actors.workers.learner import LearnerRank
+    from actors.workers.rank_group import RankGroup
+    from actors.workers.settings import LearnerRankSettings
+    from rlhf_cluster.config import DirectTransport, ResourcesConfig
+
+    never = 1_000_000
+    transport = DirectTransport(bucket_mb=args.bucket_mb, senders="rank0" if side == "rank0" else "every_rank")
+    group_cfg = cfg.model_copy(update={
+        "learner": cfg.learner.model_copy(update={"world_size": args.learner_ranks}),
+        "weights": cfg.weights.model_copy(update={"transport": transport, "persist_every": never,
+                                                  "dir": str(work / f"store-{side}")}),
+        "train": cfg.train.model_copy(update={"total_steps": never}),
+        "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": never}),
+    })
+    settings = LearnerRankSettings.of(group_cfg)
+    return RankGroup(LearnerRank, lambda r: (settings, model_dir, r, args.learner_ranks), ResourcesConfig(),
+                     args.learner_ranks)
+
+
 def _gloo_group(addr: str, port: int, rank: int, world: int):
     """A gloo group of its own between the sender and the engines. The in-process vLLM engine has
     already made this process's default torch.distributed group (world size 1), so a weight
@@ -297,13 +313,15 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     })
     t0 = time.perf_counter()
     sender = Sender.remote(model_dir, args.dtype)
-    senders = [sender] + [Sender.remote(model_dir, args.dtype) for _ in range(args.learner_ranks - 1)]
     workers = [GenerationWorker.remote(GenerationSettings.of(cfg), model_dir, i) for i in range(2)]
     # The collective side's engines: workers whose transport is the broadcast group's.
     group_cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": CollectiveTransport(
         bucket_mb=args.bucket_mb, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S)})})
     group_workers = [GenerationWorker.remote(GenerationSettings.of(group_cfg), model_dir, 2 + i) for i in range(2)]
     bare = [BareEngine.remote(model_dir, cfg.model_dump(), args.dtype, i) for i in range(2)]
+    sides = [s for s in (*SIDES, *LEARNER_SIDES) if (args.sides is None or s in args.sides)
+             and (s not in LEARNER_SIDES or args.learner_ranks > 1)]
+    learners = {s: _learner_group(cfg, model_dir, work, args, s) for s in LEARNER_SIDES if s in sides}
     ray.get([w.info.remote() for w in workers + group_workers])  # engines up first
     addr, port = ray.get(sender.address.remote())
     ray.get([sender.join.remote(addr, port, 3)] + [b.join.remote(addr, port, i + 1, 3) for i, b in enumerate(bare)])
@@ -328,21 +346,26 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     def direct() -> dict:
         nonlocal version
         version += 1
-        _, pack_put, loaded = push(sender.pack.remote(version, args.bucket_mb))
-        return {"pack_put": pack_put, "fetch_verify_load": loaded}
+        got, pack_put, loaded = push(sender.pack.remote(version, args.bucket_mb))
+        return {"pack_put": pack_put, "fetch_verify_load": loaded, "in_engine": max(r.seconds for r in got)}
 
-    def shares() -> dict:
+    def learner_push(side: str) -> dict:
+        """One version published by a learner group (its rank 0 alone, or every rank its share)
+        and loaded by both workers."""
         nonlocal version
         version += 1
-        created = now()
+        group, created = learners[side], now()
         t = time.perf_counter()
-        parts = ray.get([s.pack_share.remote(version, created, args.bucket_mb, r, len(senders))
-                         for r, s in enumerate(senders)])
-        delivery = merge_publications(parts).delivery
-        t_pack = time.perf_counter()
+        ray.get(group.submit("publish", version, False, created))
+        if side == "rank0":
+            delivery = ray.get(group.leader.wait_published.remote(version)).delivery
+        else:
+            delivery = merge_publications(ray.get(group.submit("wait_published", version))).delivery
+        t_pub = time.perf_counter()
         got = ray.get([w.load.remote(delivery) for w in workers])
         receipts.extend(got)
-        return {"pack_put": t_pack - t, "fetch_verify_load": time.perf_counter() - t_pack}
+        return {"gather_pack_put": t_pub - t, "fetch_verify_load": time.perf_counter() - t_pub,
+                "in_engine": max(r.seconds for r in got)}
 
     def sparse() -> dict:
         nonlocal version
@@ -394,9 +417,8 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         return {"save": t_save - t, "load_reload": t_load - t_save}
 
     run = {"direct": direct, "broadcast": broadcast, "collective": collective, "filesystem": lambda: filesystem(False), "files": lambda: files(False),
-           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True), "sparse": sparse, "shares": shares}
-    sides = [s for s in (*SIDES, "shares") if (args.sides is None or s in args.sides)
-             and (s != "shares" or args.learner_ranks > 1)]
+           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True), "sparse": sparse,
+           "rank0": lambda: learner_push("rank0"), "shares": lambda: learner_push("shares")}
     timings: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(-args.warmup, args.reps):
         order = rotated(sides, rep)
@@ -422,12 +444,14 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         if collective_ratio is not None else None
     )
     fs_ratio, snapshot_ratio = ratio("filesystem", "files"), ratio("snapshot", "files_fsync")
-    sparse_ratio, shares_ratio = ratio("sparse", "direct"), ratio("shares", "direct")
+    sparse_ratio, shares_ratio = ratio("sparse", "direct"), ratio("shares", "rank0")
     sparse_bytes = med["sparse"]["bytes_moved_per_engine"] / nbytes if "sparse" in med else None
     print(f"\nweight_sync  Qwen2 {args.size}: hidden={hidden} layers={layers} ({params / 1e6:.0f}M params) | engine dtype "
           f"{args.dtype}: {nbytes / 1e9:.3f} GB per engine per sync | 2 engines | bucket {args.bucket_mb} MB "
           f"({len(specs)} buckets) | {args.reps} reps (+{args.warmup} warmup), medians")
-    labels = {"direct": ("direct (ours)", "broadcast"), "shares": (f"shares (ours, {args.learner_ranks} senders)", "direct"),
+    labels = {"direct": ("direct (ours)", "broadcast"),
+              "rank0": (f"rank0 (ours, {args.learner_ranks} FSDP2 ranks, rank 0 sends)", None),
+              "shares": (f"shares (ours, {args.learner_ranks} FSDP2 ranks, each sends its share)", "rank0"),
               "collective": ("collective (ours, gloo group)", "broadcast"), "broadcast": ("broadcast (gloo + bare load)", None),
               "filesystem": ("filesystem (ours)", "files"), "files": ("files (save + load_file + bare load)", None),
               "snapshot": ("snapshot (ours, fsynced)", "files_fsync"),
@@ -444,7 +468,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     print(f"ratios: direct/broadcast {direct_ratio} (target <= {DIRECT_TARGET}); collective push/broadcast "
           f"{collective_push_ratio} (target <= {COLLECTIVE_TARGET}); filesystem/files {fs_ratio} (target <= "
           f"{FILESYSTEM_TARGET}); snapshot/files_fsync {snapshot_ratio}; sparse/direct {sparse_ratio} (bytes "
-          f"{sparse_bytes}); shares/direct {shares_ratio} (target <= {SHARES_TARGET}); every delivery proven by "
+          f"{sparse_bytes}); shares/rank0 {shares_ratio} (target <= {SHARES_TARGET}); every delivery proven by "
           f"fingerprint: {proven}")
 
     write_result(args.out, {
@@ -463,10 +487,10 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         "ratio_snapshot_over_files_fsync": snapshot_ratio,
         "ratio_sparse_over_direct_seconds": sparse_ratio,
         "ratio_sparse_over_direct_bytes": sparse_bytes,
-        "ratio_shares_over_direct": shares_ratio,
+        "ratio_shares_over_rank0": shares_ratio,
         "direct_deliveries_proven": proven,
         "headline": (
-            headline("shares/direct seconds", shares_ratio, f"<= {SHARES_TARGET}x", shares_ratio <= SHARES_TARGET, "x")
+            headline("shares/rank0 seconds", shares_ratio, f"<= {SHARES_TARGET}x", shares_ratio <= SHARES_TARGET, "x")
             if shares_ratio is not None else
             headline("direct/broadcast seconds", direct_ratio, f"<= {DIRECT_TARGET}x",
                      direct_ratio is not None and direct_ratio <= DIRECT_TARGET, "x")

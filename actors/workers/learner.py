@@ -174,7 +174,7 @@ class LearnerRank(ShardedRank):
             dealer = Dealer(self.world_size, self.rank, self.engine_dtype)
         # What the engines hold is what leaves the device and goes on disk too: cast there (no
         # fp32 copy when the engine runs bf16), a tied output embedding once; LoRA: the adapters alone.
-        named = learner.named_engine_tensors(self.engine_dtype, None if dealer is None else dealer.mine)
+        named = learner.named_engine_tensors(self.engine_dtype, None if dealer is None else dealer.owner)
         if dealer is None and self.rank != 0:
             for _ in named:  # this rank's part of every gather
                 pass

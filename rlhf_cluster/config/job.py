@@ -51,8 +51,9 @@ class DirectTransport(_Typed):
         description="`every_rank`: each FSDP2 learner rank casts, checksums and puts its share of a version "
         "(decoder layers dealt by bytes; engines assemble and prove the whole); `rank0`: rank 0 sends everything. "
         "Versions also written to the store, sparse deltas and LoRA go from rank 0. Not the default: on a 2-core CPU "
-        "machine one sender already uses every core (1.00-1.12x rank 0's time, benchmarks/weight_sync.py); it is "
-        "for nodes where each rank has its own device-to-host link.",
+        "machine one sender already uses every core (two FSDP2 ranks: 1.06-1.07x rank 0's push time, "
+        "benchmarks/weight_sync.py --learner-ranks 2); it is for nodes where each rank has its own device-to-host "
+        "link.",
     )
 
 

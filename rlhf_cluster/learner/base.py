@@ -130,18 +130,19 @@ class LearnerBase(ABC):
         exactly what an engine loads."""
 
     def deals_engine_tensors(self) -> bool:
-        """Whether `named_engine_tensors` can hand each rank its own share (`mine`)."""
+        """Whether `named_engine_tensors` can hand each rank its own share (`owner`)."""
         return False
 
     def named_engine_tensors(
-        self, dtype: torch.dtype, mine: Callable[[str, torch.Tensor], bool] | None = None
+        self, dtype: torch.dtype, owner: Callable[[str, torch.Tensor], int] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Collective generator: what the generation engines load for a version, in their `dtype`:
         with LoRA and `learner.lora.sync: adapters` the adapter matrices alone (peft's names, see
-        `rlhf_cluster.learner.lora`), else `named_full_tensors(dtype)`. With `mine` (where
-        `deals_engine_tensors`; asked on every rank of every tensor, in order) each rank gets the
-        tensors that are its; else rank 0 gets all."""
-        if mine is not None:
+        `rlhf_cluster.learner.lora`), else `named_full_tensors(dtype)`. With `owner` (where
+        `deals_engine_tensors`; asked on every rank of every tensor, in order: the rank that sends
+        it) each rank gets the tensors it sends; else rank 0 gets all. A tensor may still be on the
+        learner's GPU (the transport copies it to the host before its publish returns)."""
+        if owner is not None:
             raise NotImplementedError(f"{type(self).__name__} does not deal its tensors to the ranks")
         return self.named_full_tensors(dtype)
 

@@ -21,6 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
+from rlhf_cluster.learner.gather import gathered_to
 from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.compiled import compile_layers
@@ -125,12 +126,12 @@ class FSDP2Learner(LearnerBase):
         return not self.spec.learner.lora.enabled  # LoRA merges on rank 0 (or sends adapters alone)
 
     def named_engine_tensors(
-        self, dtype: torch.dtype, mine: Callable[[str, torch.Tensor], bool] | None = None
+        self, dtype: torch.dtype, owner: Callable[[str, torch.Tensor], int] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        if mine is not None:
-            if not self.deals_engine_tensors():
-                raise NotImplementedError("a LoRA learner's tensors leave from rank 0")
-            return self._gathered_tensors(dtype, skip=tied_output_names(self.model), mine=mine)
+        if self.spec.learner.lora.enabled and owner is not None:
+            raise NotImplementedError("a LoRA learner's tensors leave from rank 0")
+        if not self.spec.learner.lora.enabled:  # left on the device: the packer copies them to pinned host memory
+            return self._gathered_tensors(dtype, skip=tied_output_names(self.model), owner=owner, on_device=True)
         if not self.spec.learner.lora.adapters_only:
             return self.named_full_tensors(dtype)
         # Only the adapters are gathered: the base weights never leave the ranks.
@@ -142,19 +143,31 @@ class FSDP2Learner(LearnerBase):
         dtype: torch.dtype | None,
         skip: set[str],
         keep: Callable[[str], bool] | None = None,
-        mine: Callable[[str, torch.Tensor], bool] | None = None,
+        owner: Callable[[str, torch.Tensor], int] | None = None,
+        on_device: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each parameter gathered to the rank that sends it alone (`owner(name, tensor)`, asked
+        on every rank in order; None: rank 0), see `gather.gathered_to`."""
         for name, tensor in self.model.state_dict().items():
             if name in skip or (keep is not None and not keep(name)):  # the same on every rank: no gather unmatched
                 continue
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank takes part
-            if not (self.rank == 0 if mine is None else mine(name, full)):
+            sender = 0 if owner is None else owner(name, tensor)
+            if isinstance(tensor, DTensor):
+                full = gathered_to(tensor, sender)  # every rank takes part
+                if full is None:
+                    continue
+            elif self.rank != sender:
                 continue
+            else:
+                full = tensor
             out = full.detach()
             if dtype is not None and out.is_floating_point():
                 out = out.to(dtype)  # on the device: only the engine's bytes leave it
-            # A plain (unsharded) parameter is the live one: the consumer gets a copy, never a view of it.
-            yield name, out.to("cpu", copy=not isinstance(tensor, DTensor) and out.data_ptr() == tensor.data_ptr())
+            if on_device and out.is_cuda:
+                yield name, out  # read (copied to the host) before the transport's publish returns
+            else:
+                # A plain (unsharded) parameter is the live one: the consumer gets a copy, never a view of it.
+                yield name, out.to("cpu", copy=not isinstance(tensor, DTensor) and out.data_ptr() == tensor.data_ptr())
 
     @torch.no_grad()
     def _reference_logprobs(self, b, plans):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from rlhf_cluster.config import CollectiveTransport
 from rlhf_cluster.fileio import done_future
-from rlhf_cluster.weights.buckets import DeliveryError, check_bucket, fingerprint, unpack_bucket
+from rlhf_cluster.weights.buckets import DeliveryError, Staging, check_bucket, fingerprint, unpack_bucket
 from rlhf_cluster.weights.messages import Delivery, GroupAddress, Publication, Seat
 from rlhf_cluster.weights.transports import (
     DeliveryInterrupted,
@@ -139,7 +139,8 @@ class BroadcastGroupTransport(ObjectStoreTransport):
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.group = BroadcastGroup(backend, transport.timeout_s)
-        self.put = lambda payload: payload  # the packer's buckets stay in this process
+        self.put = lambda payload: payload  # the packer's buckets stay in this process...
+        self.staging = {variant: Staging(reuse=False) for variant in self.variants}  # ...each in memory of its own
         self.outbox: OrderedDict[tuple[int, str], dict[str, list[np.ndarray]]] = OrderedDict()
         self._outbox_lock = threading.Lock()  # publish (the step's thread) and send (the weights thread)
 

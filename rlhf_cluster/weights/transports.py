@@ -34,7 +34,14 @@ import torch
 from rlhf_cluster.config import CollectiveTransport, DirectTransport, WeightsConfig
 from rlhf_cluster.fileio import done_future
 from rlhf_cluster.weights import sparse_delta
-from rlhf_cluster.weights.buckets import DeliveryError, DeliveryManifest, VersionPacker, fingerprint, verified_tensors
+from rlhf_cluster.weights.buckets import (
+    DeliveryError,
+    DeliveryManifest,
+    Staging,
+    VersionPacker,
+    fingerprint,
+    verified_tensors,
+)
 from rlhf_cluster.weights.messages import Delivery, Publication, VariantLink
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
 
@@ -92,7 +99,9 @@ class WeightTransport(ABC):
         host: str = "127.0.0.1",
     ):
         self.cfg, self.store, self.variants, self.engine_dtype = cfg, store, variants, engine_dtype
-        # The object store's put and get (Ray's, handed in by the actors), for transports that move bytes through it.
+        # The object store's put and get (Ray's, handed in by the actors), for transports that move
+        # bytes through it. `put` copies the bytes it is given into the store (as Ray's does), so
+        # the sender packs every bucket of every version in the same staging memory.
         self.put, self.get = put, get
         self.host = host  # this node's address, for a transport whose sender hosts a rendezvous
         self.corrupt_bucket: int | None = None  # test hook (engine side): damage this bucket of the next fetch
@@ -139,7 +148,8 @@ class StoreTransport(WeightTransport):
     type = "filesystem"
 
     def publish(self, version, created_at, named, files, snapshot) -> Future:
-        written = self.store.publish_async(version, dict(named), files=files, created_at=created_at, durable=snapshot)
+        state = {name: tensor.cpu() for name, tensor in named}  # a learner's GPU tensors to the host
+        written = self.store.publish_async(version, state, files=files, created_at=created_at, durable=snapshot)
         publication: Future = Future()
 
         def delivered(write: Future) -> None:
@@ -236,6 +246,8 @@ class ObjectStoreTransport(WeightTransport):
         super().__init__(*args, **kwargs)
         self.writes: list[Future] = []  # store writes of persisted versions, in order
         self.sparse = self._sparse()
+        # Sender: each variant's bucket memory, refilled for every bucket (`put` copies it away).
+        self.staging = {variant: Staging(reuse=True) for variant in self.variants}
         # Sender, `delta: sparse`: the previous version's full-precision tensors and the chain's links.
         self.previous: dict[str, torch.Tensor] | None = None
         self.chain: list[VariantLink] = []
@@ -275,11 +287,15 @@ class ObjectStoreTransport(WeightTransport):
         )
         # Each variant is made once here, for every engine of its kind.
         packers = {
-            variant: VersionPacker(version, created_at, variant, self.engine_dtype, bucket_bytes, put)
+            variant: VersionPacker(
+                version, created_at, variant, self.engine_dtype, bucket_bytes, put, self.staging[variant]
+            )
             for variant in self.variants
         }
         kept, current = {}, {}
         for name, tensor in named:
+            if snapshot or sparse:  # kept past this call: on the host (else the packers copy it there, pinned)
+                tensor = tensor.cpu()
             for variant, packer in packers.items():
                 if sparse and variant == "full" and not whole:
                     assert self.previous is not None  # not whole: the previous version's tensors are held

@@ -218,3 +218,30 @@ def test_compiled_decoder_layers_step_like_eager_ones(device_group, tiny_model_p
     for eager, compiled in zip(results[False], results[True]):
         for key in ("policy/loss", "learner/grad_norm"):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("variant", ["full", "int8"])
+def test_a_version_packed_from_the_device_is_the_one_packed_from_host_copies(device_group, tiny_model_path, variant):
+    """The weight path's host hop: the engine tensors stay on the learner's device and the packer
+    copies them into reused (on CUDA, pinned) staging memory, asynchronously, one wait per bucket;
+    every bucket's bytes are those of the same tensors copied to the host first."""
+    from rlhf_cluster.weights.buckets import Staging, VersionPacker
+
+    device = device_group
+    cfg = JobConfig.model_validate({"learner": {"world_size": 1}})
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
+    on_device = list(learner.named_engine_tensors(torch.bfloat16))
+    assert {t.device.type for _, t in on_device} == {device.type}
+    staging = Staging(reuse=True)
+
+    def packed(named, staging):
+        payloads = []
+        packer = VersionPacker(1, "t", variant, torch.bfloat16, 1 << 16, lambda p: payloads.append(p.copy()), staging)
+        return packer.pack(named)[0], payloads
+
+    packed(((n, torch.full_like(t, 3.0)) for n, t in on_device), staging)  # other bytes in the staging memory first
+    manifest, payloads = packed(iter(on_device), staging)
+    host, host_payloads = packed(((n, t.cpu()) for n, t in on_device), Staging())
+    assert len(manifest.buckets) > 1 and manifest.fingerprint == host.fingerprint
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(payloads, host_payloads))
+    assert staging.pinned == (device.type == "cuda")

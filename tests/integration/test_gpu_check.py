@@ -17,7 +17,7 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["smoke"] and set(report["steps"]) == {
-        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B", "profile 0.5B",
+        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B", "host hop 1.5B", "profile 0.5B",
         "learner 0.5B, more sides"}
     profiled = report["steps"]["profile 0.5B"]["result"]["sides"]
     assert [p["side"] for p in profiled] == ["ours", "plain"] and all(p["wall_s"] > 0 for p in profiled)
@@ -31,5 +31,7 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     paths = report["steps"]["scoring and host hop 0.5B"]["result"]
     assert {"reference/fp32", "reference/int8"} <= set(paths["reference_forward"])
     assert paths["host_hop"]["named_full_tensors (fp32)"]["gb_per_s"] > 0
+    hop = report["steps"]["host hop 1.5B"]["result"]["host_hop"]
+    assert hop["engine tensors (bf16) packed"]["bytes"] == hop["engine tensors (bf16) staged, no checksum"]["bytes"] > 0
     assert "tests collected" in "\n".join(report["steps"]["tests/gpu"]["tail"])  # their bodies run in make test
     assert "learner 0.5B: ours [default]" in done.stdout and "learner 0.5B, more sides: ours, deepspeed" in done.stdout

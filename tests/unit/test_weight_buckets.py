@@ -5,7 +5,7 @@ import torch
 
 from rlhf_cluster.models.quantization import quantize_state_dict
 from rlhf_cluster.weights.buckets import (
-    DeliveryError, DeliveryManifest, VersionPacker, pack_buckets, persisted, unpack_bucket, verified_tensors,
+    DeliveryError, DeliveryManifest, Staging, VersionPacker, pack_buckets, persisted, unpack_bucket, verified_tensors,
 )
 
 
@@ -49,6 +49,33 @@ def test_round_trip_is_exact_in_the_engine_dtype(dtype):
     # bf16/fp16 halve what travels.
     if dtype != torch.float32:
         assert manifest.total_bytes < 0.6 * _pack(state)[0].total_bytes
+
+
+@pytest.mark.parametrize("variant", ["full", "int8"])
+def test_a_reused_staging_buffer_packs_the_bytes_a_fresh_one_does(variant):
+    """The object store transport packs every bucket in one reused buffer (its `put` copies the
+    bytes away): no byte of an earlier bucket or version (odd-sized tensors leave alignment gaps)
+    reaches a later bucket's bytes or checksum."""
+    staging = Staging(reuse=True)
+    state = {name: t[..., :-1].contiguous() for name, t in _state().items()}  # odd sizes: gaps to zero
+
+    def packed(tensors, dtype):
+        payloads = []
+        packer = VersionPacker(3, "2026-11-23T00:00:00", variant, dtype, 20_000,
+                               lambda p: payloads.append(p.copy()) or len(payloads) - 1, staging)
+        return packer.pack(tensors.items())[0], payloads
+
+    packed({name: torch.full_like(t, float("nan")) for name, t in state.items()}, torch.float32)  # garbage left behind
+    held = staging.buffer(1, pinned=False).data_ptr()
+    assert not staging.pinned  # CPU tensors: plain memory
+    manifest, payloads = packed(state, torch.bfloat16)
+    fresh, fresh_payloads = _pack(state, variant, torch.bfloat16)
+    assert len(manifest.buckets) > 1
+    assert manifest.fingerprint == fresh.fingerprint
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(payloads, fresh_payloads))
+    assert staging.buffer(1, pinned=False).data_ptr() == held  # the same memory, bucket after bucket
+    tensors, _ = verified_tensors(manifest, payloads)
+    assert dict(tensors).keys() == dict(verified_tensors(fresh, fresh_payloads)[0]).keys()
 
 
 def test_int8_variant_is_what_the_store_variant_holds():

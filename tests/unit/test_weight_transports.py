@@ -8,6 +8,7 @@ import re
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,13 +31,14 @@ TENSORS = {
 
 
 class ObjectStore:
-    """Ray's put/get for one process: a handle is an index into a list."""
+    """Ray's put/get for one process: a handle is an index into a list; `put` copies what it is
+    given, as Ray's does (the sender refills its staging memory for the next bucket)."""
 
     def __init__(self):
         self.objects: list = []
 
     def put(self, value) -> int:
-        self.objects.append(value)
+        self.objects.append(np.array(value, copy=True))
         return len(self.objects) - 1
 
     def get(self, handles: list[int]) -> list:
