@@ -136,6 +136,17 @@ class AgentConfig(_Strict):
         None, description="Bearer token every call must carry (required when bind_address is not loopback)."
     )
     model_name: str = Field("policy", description="The model id the gateway reports and accepts.")
+    tool_parser: str = Field(
+        "hermes",
+        description="How the model's tool calls are read back into OpenAI `tool_calls`: a tool parser of the "
+        "installed vLLM, by the name `vllm serve --tool-call-parser` takes (hermes, llama3_json, mistral, "
+        "qwen3_coder, kimi_k2, openai, ...; checked at preflight).",
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        description="A reasoning parser of the installed vLLM (`vllm serve --reasoning-parser`: qwen3, "
+        "deepseek_r1, ...) that splits the model's thinking into `reasoning_content`; None: none.",
+    )
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> AgentConfig:

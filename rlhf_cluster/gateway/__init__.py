@@ -2,7 +2,8 @@
 every episode token for token, so agent code written against the `openai` client trains like the
 project's own multi-turn episodes. Ray-free.
 
-- `chat`: chat-template rendering, the tokens appended between turns, tool-call parsing.
+- `chat`: chat-template rendering, the tokens appended between turns.
+- `replies`: the model's turn as an assistant message (tool calls, reasoning) by vLLM's parsers.
 - `episode`: one episode's exact token trace (loss mask, log-probs, weight versions) and the
   check that each request extends the conversation the engine saw.
 - `server`: the FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).

@@ -6,16 +6,14 @@ the agent added are rendered and appended. Their text is what the template write
 an assistant turn, found by rendering a fixed two-message conversation with and without them, so
 templates that rewrite earlier turns (e.g. drop `<think>` blocks) cannot change the prefix.
 
-Tool calls follow the Hermes format most open chat templates use:
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the model's text becomes an OpenAI
-`tool_calls` entry, and an assistant message's `tool_calls` are given to the template as dicts.
+An assistant message's `tool_calls` are given to the template as dicts (the template writes them
+in the model's own format); the model's tool-call text is parsed back by vLLM's parsers
+(`replies`). The default template (for tokenizers without one) writes the Hermes format.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 
 # For tokenizers without a chat template (the tiny test models): roles as tags, tools listed in a
 # system turn, tool calls in the Hermes format, and EOS closing each assistant turn.
@@ -28,7 +26,6 @@ GATEWAY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 _MARK = "\u2063gateway-assistant\u2063"  # assistant content no template writes by itself
 
 
@@ -93,33 +90,6 @@ def continuation_text(tokenizer, turn_text: str, new_messages: list[dict], tools
     tail = before.split(_MARK)[-1]  # what the template writes after an assistant's content (e.g. "<|im_end|>\n")
     done = next(k for k in range(len(tail), -1, -1) if turn_text.endswith(tail[:k]))
     return tail[done:] + after[len(before) :]
-
-
-def parse_reply(text: str, tools_offered: bool) -> tuple[str | None, list[dict]]:
-    """The model's turn as OpenAI `content` and `tool_calls` (Hermes `<tool_call>` blocks, only
-    when the request offered tools; a block that is not valid JSON stays in the content)."""
-    if not tools_offered:
-        return text, []
-    calls, kept = [], []
-    last = 0
-    for match in TOOL_CALL.finditer(text):
-        try:
-            call = json.loads(match.group(1))
-            name = call["name"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-        kept.append(text[last : match.start()])
-        last = match.end()
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:16]}",
-                "type": "function",
-                "function": {"name": str(name), "arguments": json.dumps(call.get("arguments", {}))},
-            }
-        )
-    kept.append(text[last:])
-    content = "".join(kept).strip() if calls else text
-    return (content or None), calls
 
 
 def same_message(a: dict, b: dict) -> bool:

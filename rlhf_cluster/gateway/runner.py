@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from rlhf_cluster.config import AgentConfig, GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.gateway.replies import ReplyParser
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.user_code import import_spec
@@ -65,6 +66,7 @@ class AgentRunner:
             max_model_len=cfg.max_model_len,
             turn_max_tokens=cfg.turn_max_tokens,
             token=agent.token,
+            replies=ReplyParser(engine.tokenizer, agent.tool_parser, agent.reasoning_parser),
         )
         self.server: object | None = None  # uvicorn's server, once started
         self.url: str | None = None

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from rlhf_cluster.gateway.chat import ChatError, parse_reply
+from rlhf_cluster.gateway.chat import ChatError
 from rlhf_cluster.gateway.episode import EpisodeTrace, HistoryError
+from rlhf_cluster.gateway.replies import ReplyParser
+from rlhf_cluster.gateway.requests import RequestRefused, check_chat, check_model
 from rlhf_cluster.generation.engine import Turn
 
 # (context token ids, max tokens, stop strings, greedy) -> the engine's turn
@@ -33,9 +35,16 @@ Generate = Callable[[list[int], int, list[str], bool], Awaitable[Turn]]
 class GatewayError(Exception):
     """A request refused with an HTTP status and an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.param, self.code = status, kind, param, code
 
 
 @dataclass
@@ -64,8 +73,12 @@ class Gateway:
         open_on_first_use: bool = False,
         token: str | None = None,
         on_close: Callable[[EpisodeTrace], None] | None = None,
+        replies: ReplyParser | None = None,
     ):
         self.tokenizer, self.generate, self.model_name = tokenizer, generate, model_name
+        # The model's turns as assistant messages (tool calls, reasoning): vLLM's parsers, hermes by default.
+        self.replies = replies or ReplyParser(tokenizer)
+        self._special_ids = set(tokenizer.all_special_ids)
         self.budget, self.max_model_len, self.turn_max_tokens = budget, max_model_len, turn_max_tokens
         self.open_on_first_use, self.token, self.on_close = open_on_first_use, token, on_close
         self.episodes: dict[str, EpisodeTrace] = {}
@@ -164,13 +177,13 @@ class Gateway:
         self.stats.requests += 1
         if (body.get("n") or 1) != 1:
             raise GatewayError(400, "n: the gateway samples one choice per call (an episode is one trajectory)")
-        messages, tools = body.get("messages"), body.get("tools")
-        if not isinstance(messages, list):
-            raise GatewayError(400, "messages: expected a list of message objects")
+        check_chat(body, self.model_name)
+        messages, tools = body["messages"], body.get("tools")
 
         def reply_to(turn: Turn) -> dict:
-            content, calls = parse_reply(turn.text, bool(tools))
-            return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+            if not tools and not self.replies.reads_reasoning:
+                return {"role": "assistant", "content": turn.text}
+            return self.replies.message(self._text_for_parsers(turn, body), tools)
 
         context, turn, reply = await self._sample(
             episode_id,
@@ -197,8 +210,22 @@ class Gateway:
             "rlhf": self._extension(episode_id, turn),
         }
 
+    def _text_for_parsers(self, turn: Turn, body: dict) -> str:
+        """The turn's text with special tokens kept (the parsers read markers that are special
+        tokens), without the token or the stop string that ended it."""
+        ids = turn.token_ids
+        if turn.finish_reason == "stop" and ids and ids[-1] in self._special_ids:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        stop = body.get("stop") or []
+        for s in [stop] if isinstance(stop, str) else stop:
+            if turn.finish_reason == "stop" and text.endswith(s):
+                return text[: -len(s)]
+        return text
+
     async def complete(self, episode_id: str | None, body: dict) -> dict:
         self.stats.requests += 1
+        check_model(body, self.model_name)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise GatewayError(400, "prompt: expected one string")
@@ -262,9 +289,12 @@ def build_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def refused(request: Request, exc: GatewayError):
         gateway.stats.refused[str(exc.status)] = gateway.stats.refused.get(str(exc.status), 0) + 1
-        return JSONResponse(
-            {"error": {"message": str(exc), "type": exc.kind, "code": exc.status}}, status_code=exc.status
-        )
+        error = {"message": str(exc), "type": exc.kind, "param": exc.param, "code": exc.code or exc.status}
+        return JSONResponse({"error": error}, status_code=exc.status)
+
+    @app.exception_handler(RequestRefused)
+    async def invalid(request: Request, exc: RequestRefused):  # what an OpenAI endpoint refuses
+        return await refused(request, GatewayError(exc.status, str(exc), param=exc.param, code=exc.code))
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception):  # the agent hears the cause, not a bare 500

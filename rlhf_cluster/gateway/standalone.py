@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.gateway.episode import EpisodeTrace
+from rlhf_cluster.gateway.replies import ReplyParser
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
 
@@ -40,6 +41,7 @@ def serve(
     assert cfg.generation.seed is not None  # JobConfig resolves every component seed when it validates
     engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed, name="gateway")
     episodes = EpisodeFile(out)
+    agent = cfg.generation.agent
 
     async def generate(context, max_tokens, stop, greedy):
         return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
@@ -47,13 +49,14 @@ def serve(
     gateway = Gateway(
         engine.tokenizer,
         generate,
-        model_name=cfg.generation.agent.model_name if cfg.generation.agent else "policy",
+        model_name=agent.model_name if agent else "policy",
         budget=cfg.generation.sampling.max_new_tokens,
         max_model_len=cfg.generation.max_model_len,
         turn_max_tokens=cfg.generation.turn_max_tokens,
         open_on_first_use=True,
         token=token,
         on_close=episodes.write,
+        replies=ReplyParser(engine.tokenizer, agent.tool_parser, agent.reasoning_parser) if agent else None,
     )
 
     async def run() -> None:

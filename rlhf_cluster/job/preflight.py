@@ -332,6 +332,16 @@ def _engine_kwargs(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _agent_parsers(cfg: JobConfig) -> list[str]:
+    # Checked against the installed vLLM's parser registries (imported only for agent jobs).
+    agent = cfg.generation.agent
+    if agent is None:
+        return []
+    from rlhf_cluster.gateway.replies import parser_problems
+
+    return parser_problems(agent.tool_parser, agent.reasoning_parser)
+
+
 FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _model_dir,
     _prompt_file,
@@ -340,6 +350,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _deepspeed_json,
     _bind_address,
     _engine_kwargs,
+    _agent_parsers,
 ]
 
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from rlhf_cluster.gateway.chat import continuation_text, parse_reply, render
+from rlhf_cluster.gateway.chat import continuation_text, render
 from rlhf_cluster.gateway.server import Gateway, build_app
 from rlhf_cluster.generation.engine import Turn
 
@@ -163,5 +163,3 @@ def test_the_continuation_finishes_the_assistant_turn_the_model_left_open(tokeni
     closed = continuation_text(tokenizer, "5" + tokenizer.eos_token, added, None)
     cut = continuation_text(tokenizer, "5", added, None)  # stopped by length: the template's turn end is added
     assert cut == tokenizer.eos_token + closed
-    assert parse_reply(f"x {CALL}", tools_offered=False) == (f"x {CALL}", [])
-    assert parse_reply('<tool_call>{"bad json</tool_call>', tools_offered=True)[1] == []
