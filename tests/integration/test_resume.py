@@ -50,7 +50,7 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def _cfg(job_config, name, steps, max_staleness=1, episodes=False):
+def _cfg(job_config, name, steps, max_staleness=1, episodes=False, **sections):
     generation = {"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}}
     if episodes:
         # Multi-turn samples (observation tokens masked, per-turn rewards) through the same kill and
@@ -64,6 +64,7 @@ def _cfg(job_config, name, steps, max_staleness=1, episodes=False):
         generation=generation,
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": max_staleness, "progress": False},
         checkpoint={"every_steps": 3, "keep": 3},
+        **sections,
     )
 
 
@@ -200,8 +201,21 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
         second.shutdown()
 
 
-def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_config, driver_assigned_on_its_loop):
-    cfg = _cfg(job_config, "learner-fault", 100_000)  # the test stops the job when it has seen enough
+# A hung rank 1 under the default transport; and the sender itself, rank 0, under `collective`, where
+# the engines of a push under way (or the next one) wait in the broadcast group for it: the
+# heartbeat's kill ends that wait at once (the group's rendezvous store dies with rank 0; measured
+# in a probe: a sender gone before the group formed failed its engine's join in 2.0 s, a stopped
+# one held it for the whole 60 s timeout), long before the group's own `timeout_s`.
+@pytest.mark.parametrize("transport,rank", [("direct", 1), ("collective", 0)])
+def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(
+    ray_cluster, job_config, driver_assigned_on_its_loop, transport, rank
+):
+    name = f"learner-fault-{transport}"
+    collective_timeout_s = 600.0  # the engines' wait, were it not ended: longer than this test may take
+    weights = {"transport": {"type": "collective", "bucket_mb": 0.05, "timeout_s": collective_timeout_s}}
+    # The test stops the job when it has seen enough.
+    cfg = _cfg(job_config, name, 100_000, **({"weights": weights} if transport == "collective" else {}))
+    assert cfg.weights.transport.type == transport
     cfg = cfg.model_copy(update={"faults": cfg.faults.model_copy(update={"heartbeat_interval_s": 1.0,
                                                                             "heartbeat_timeout_s": 5.0})})
     job = Job(cfg)
@@ -211,8 +225,10 @@ def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_
     try:
         _wait_for(lambda: store.latest() is not None and len(job.rows) >= store.latest().step + 2)
         rows_before_kill = len(job.rows)
-        os.kill(job.learner_pids()[1], signal.SIGSTOP)  # alive, answering nothing: only a heartbeat can tell
+        stopped = time.monotonic()
+        os.kill(job.learner_pids()[rank], signal.SIGSTOP)  # alive, answering nothing: only a heartbeat can tell
         _wait_for(lambda: job.learner_restarts == 1 and len(job.rows) >= rows_before_kill + 3, timeout=300)
+        recovered_s = time.monotonic() - stopped
     finally:
         job.stop()
         thread.join(timeout=300)
@@ -224,7 +240,8 @@ def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(ray_cluster, job_
         # The learner was rebuilt in a worker thread, and stopped from this one: neither assigned the driver's state.
         assert driver_assigned_on_its_loop == []
         body = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
-        assert 'rlhf_fault_detection_seconds_count{job="learner-fault",pool="learner",worker="rank1"} 1.0' in body
+        assert f'rlhf_fault_detection_seconds_count{{job="{name}",pool="learner",worker="rank{rank}"}} 1.0' in body
+        assert recovered_s < collective_timeout_s / 3, recovered_s  # no engine sat out the group's timeout
         assert result.final_version == done
         rows = [json.loads(x) for x in (job.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(done)), "steps after the rollback continue from the checkpoint"
