@@ -12,9 +12,10 @@ from actors.cluster import Cluster
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.build import KLController, build_group, group_rollouts
-from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.experience.records import Rollout, ScoredSample
 from rlhf_cluster.rewards.turns import combined_reward
 from rlhf_cluster.run.job_state import kept_samples, min_group_size
+from rlhf_cluster.scoring.rewards import FAILED
 
 
 @dataclass
@@ -27,6 +28,24 @@ class ScoredGroup:
     requested_at: float
     generated_at: float  # when it was handed to scoring
     failed: int = 0  # samples left out because their reward failed (the group's advantages are over the rest)
+
+
+async def _scored(cluster: Cluster, rollouts: list[Rollout], answers: dict) -> tuple[list, list | None]:
+    """Rewards and reference log-probs of `rollouts`, in order. A rollout that failed before it
+    could be scored (`Rollout.failure`: its agent raised, hung or died) is not sent to the scorers:
+    it gets a failed reward (`reward_failed`), which the group's build leaves out like any other."""
+    ok = [r for r in rollouts if not r.failure]
+    if not ok:  # nothing to score: the whole group failed, and is dropped
+        return [(0.0, {FAILED: 1.0})] * len(rollouts), None
+    scores, refs = await asyncio.gather(cluster.score(ok, answers), cluster.reference_logprobs(ok))
+    if len(ok) == len(rollouts):
+        return scores, refs
+    failed: tuple[float, dict[str, float]] = (0.0, {FAILED: 1.0})
+    got_scores, got_refs = iter(scores), iter(refs or [])
+    merged_scores = [failed if r.failure else next(got_scores) for r in rollouts]
+    if refs is None:
+        return merged_scores, None
+    return merged_scores, [[] if r.failure else next(got_refs) for r in rollouts]
 
 
 async def rollout(
@@ -47,7 +66,7 @@ async def rollout(
     _, rollouts = await cluster.call("generation", *call)
     generated_at = time.time()
     answers = {p.prompt_id: p.answer for p in prompts}
-    scores, refs = await asyncio.gather(cluster.score(rollouts, answers), cluster.reference_logprobs(rollouts))
+    scores, refs = await _scored(cluster, rollouts, answers)
     if cfg.generation.turn_rewards.combine != "none":  # multi-turn: the environment's per-turn rewards too
         scores = [
             combined_reward(reward, components, r.turn_rewards or [], cfg.generation.turn_rewards)

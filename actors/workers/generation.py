@@ -81,7 +81,8 @@ class GenerationWorker:
             from rlhf_cluster.gateway.runner import AgentRunner  # FastAPI and uvicorn load only where a gateway serves
 
             self.agents = AgentRunner(self.engine, gen)
-        self._gateway_seen: tuple[int, dict[str, int]] = (0, {})  # gateway requests and refusals already exported
+        # Gateway requests, refusals and agent failures already exported.
+        self._gateway_seen: tuple[int, dict[str, int], dict[str, int]] = (0, {}, {})
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.fingerprint: str | None = None  # of the bytes the engine holds, as its transport proves them
         self.refused: set[tuple[int, str]] = set()
@@ -357,13 +358,15 @@ class GenerationWorker:
             prompts, n, greedy, lambda p, group_id, sample_id: agents.episode(p, group_id, sample_id, greedy)
         )
         stats = agents.gateway.stats
-        seen_requests, seen_refused = self._gateway_seen
+        seen_requests, seen_refused, seen_failed = self._gateway_seen
         self.labels.of(m.GATEWAY_REQUESTS).inc(stats.requests - seen_requests)
         for status, refused in stats.refused.items():
             self.labels.of(m.GATEWAY_REFUSED, status=status).inc(refused - seen_refused.get(status, 0))
-        self._gateway_seen = (stats.requests, dict(stats.refused))
+        for kind, failed in agents.failures.items():
+            self.labels.of(m.AGENT_FAILURES, kind=kind).inc(failed - seen_failed.get(kind, 0))
+        self._gateway_seen = (stats.requests, dict(stats.refused), dict(agents.failures))
         for rollout, rewrites in done:
-            self.labels.of(m.EPISODE_TURNS).observe(len(rollout.turn_starts))
+            self.labels.of(m.EPISODE_TURNS).observe(len(rollout.turn_starts or []))
             self.labels.of(m.GATEWAY_HISTORY_REWRITES).inc(rewrites)
         rollouts = [r for r, _ in done]
         self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))

@@ -136,6 +136,16 @@ class AgentConfig(_Strict):
         None, description="Bearer token every call must carry (required when bind_address is not loopback)."
     )
     model_name: str = Field("policy", description="The model id the gateway reports and accepts.")
+    isolation: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="Where each episode's agent call runs: `process` (one child process per agent.max_concurrent "
+        "slot, killed at timeout_s, its memory capped at memory_mb; a crash or hang costs only its sample) or "
+        "`thread` (in the worker's process: a hung call keeps its thread). `auto`: process for agents from "
+        "outside this project's folder.",
+    )
+    memory_mb: int = Field(
+        4096, ge=64, description="With isolation process: address space an agent call may add to its process."
+    )
     tool_parser: str = Field(
         "hermes",
         description="How the model's tool calls are read back into OpenAI `tool_calls`: a tool parser of the "

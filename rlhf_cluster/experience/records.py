@@ -114,6 +114,9 @@ class Rollout(SampledResponse):
     loss_mask: list[int] | None = None  # multi-turn: 0 on tokens an environment wrote (None: all the model's)
     turn_rewards: list[float] | None = None  # multi-turn: the reward the environment gave each model turn
     turn_starts: list[int] | None = None  # multi-turn: where each model turn's tokens begin in the response
+    # Why the sample failed before it could be scored (an agent that raised, hung or died), or "":
+    # such a sample is not scored; it counts as a failed reward and is dropped like one.
+    failure: str = ""
 
     def __post_init__(self) -> None:
         if self.turn_starts is not None and (

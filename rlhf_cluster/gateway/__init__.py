@@ -8,4 +8,6 @@ project's own multi-turn episodes. Ray-free.
   check that each request extends the conversation the engine saw.
 - `server`: the FastAPI app (`/v1/chat/completions`, `/v1/completions`, `/v1/models`).
 - `runner`: runs a user's agent function per sample against the app and turns traces into rollouts.
+- `requests`: what the app refuses as an OpenAI endpoint would (checked against `openai`'s types).
+- `isolation`: agent calls in child processes (killed at the timeout, memory capped).
 """

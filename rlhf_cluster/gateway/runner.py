@@ -6,31 +6,43 @@ The agent is any function `agent(base_url, api_key, messages)` (named in config 
 `openai.OpenAI(base_url=base_url, api_key=api_key)`, starting from the prompt's `messages`. It may
 return a number, the episode's reward from the agent's side (added to the episode's last turn as
 a turn reward, combined by `generation.turn_rewards`), or None; the scoring pool scores the
-episode's text as it does every sample. The agent runs in a thread with a deadline; when it
-passes, its episode is closed (its further calls are refused) and the call fails naming the agent.
+episode's text as it does every sample. The agent runs in a process of its own per slot
+(`isolation`, killed at its deadline, its memory capped) or in a thread with a deadline; when the
+deadline passes its episode is closed (its further calls are refused). A failed call costs its
+sample only (`Rollout.failure`), never the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import secrets
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from rlhf_cluster.config import AgentConfig, GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.gateway.isolation import AgentFailed, AgentProcesses
 from rlhf_cluster.gateway.replies import ReplyParser
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.user_code import import_spec
 
 AgentFunction = Callable[[str, str, list[dict]], "float | None"]
+log = logging.getLogger(__name__)
+PROJECT = Path(__file__).resolve().parents[2]  # this project's folder: its own agents run in threads by default
 
 
-class AgentError(RuntimeError):
-    """The user's agent failed, timed out or returned something that is not a reward."""
+def _in_project(agent: AgentFunction) -> bool:
+    try:
+        source = inspect.getsourcefile(agent)
+    except TypeError:  # a builtin, a C extension's callable: not ours
+        return False
+    return source is not None and Path(source).resolve().is_relative_to(PROJECT)
 
 
 def load_agent(spec: str, field: str = "generation.agent.function") -> AgentFunction:
@@ -52,6 +64,9 @@ class AgentRunner:
             raise RuntimeError("an AgentRunner serves agent episodes: generation.agent must be set")
         self.agent_cfg: AgentConfig = agent
         self.cfg, self.engine, self.agent = cfg, engine, load_agent(agent.function)
+        isolated = agent.isolation == "process" or (agent.isolation == "auto" and not _in_project(self.agent))
+        self.processes = AgentProcesses(agent.function, agent.max_concurrent, agent.memory_mb) if isolated else None
+        self.failures: dict[str, int] = {}  # failed agent calls by kind (AgentFailed.kind)
         # The agent needs a key either way (the openai client refuses none); one is checked only if set.
         self.api_key = agent.token or secrets.token_hex(8)
 
@@ -89,42 +104,64 @@ class AgentRunner:
         self.url = f"http://{agent.advertise_address or ('127.0.0.1' if wildcard else agent.bind_address)}:{port}"
 
     async def episode(self, prompt: Prompt, group_id: str, sample_id: str, greedy: bool) -> tuple[Rollout, int]:
-        """Run the agent once on `prompt`; returns the episode's rollout and its history rewrites."""
+        """Run the agent once on `prompt`; returns the episode's rollout and its history rewrites.
+        An agent call that fails (raises, hangs, dies, returns a non-reward) costs only its
+        sample: the rollout comes back with its `failure` (logged, counted by kind in
+        `failures`), and the driver drops it as it drops a failed reward."""
         url = await self.start()
         episode_id = f"{sample_id}:{uuid.uuid4().hex[:8]}"
-        self.gateway.open(episode_id, greedy)
+        trace = self.gateway.open(episode_id, greedy)
         messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.text}]
-        timeout = self.agent_cfg.timeout_s
         try:
-            result = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(
-                    self.threads, self.agent, f"{url}/episodes/{episode_id}/v1", self.api_key, messages
-                ),
-                timeout,
-            )
-        except TimeoutError as exc:
-            raise AgentError(
-                f"generation.agent.function={self.agent_cfg.function!r} did not return within "
-                f"generation.agent.timeout_s={timeout:g} s (episode {episode_id})"
-            ) from exc
-        except Exception as exc:
-            raise AgentError(
-                f"generation.agent.function={self.agent_cfg.function!r} raised on episode {episode_id}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            trace = self.gateway.close(episode_id)
-        if result is not None:
-            if isinstance(result, bool) or not isinstance(result, (int, float)):
-                raise AgentError(
-                    f"generation.agent.function={self.agent_cfg.function!r} returned {result!r}; expected "
-                    "a number (the episode's reward from the agent) or None"
+            result = await self._call(f"{url}/episodes/{episode_id}/v1", messages)
+            if result is not None and (isinstance(result, bool) or not isinstance(result, (int, float))):
+                raise AgentFailed(
+                    "bad_result",
+                    f"returned {result!r}; expected a number (the episode's reward from the agent) or None",
                 )
+        except AgentFailed as exc:
+            return self._failed(trace, prompt, group_id, sample_id, exc), 0
+        finally:
+            self.gateway.close(episode_id)
+        if result is not None:
             trace.rewards.append(float(result))
         try:
             rollout = trace.to_rollout(
                 self.engine.tokenizer, prompt.prompt_id, group_id, sample_id, self.engine.name, self.engine.version
             )
         except ValueError as exc:
-            raise AgentError(f"generation.agent.function={self.agent_cfg.function!r}: {exc}") from exc
+            return self._failed(trace, prompt, group_id, sample_id, AgentFailed("bad_result", str(exc))), 0
         return rollout, trace.rewrites
+
+    async def _call(self, base_url: str, messages: list[dict]):
+        """One agent call, in its process slot or a thread, bounded by `agent.timeout_s`."""
+        timeout = self.agent_cfg.timeout_s
+        if self.processes is not None:
+            return await self.processes.call(base_url, self.api_key, messages, timeout)
+        try:
+            return await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self.threads, self.agent, base_url, self.api_key, messages),
+                timeout,
+            )
+        except TimeoutError:
+            raise AgentFailed("timeout", f"did not return within generation.agent.timeout_s={timeout:g} s") from None
+        except Exception as exc:
+            raise AgentFailed("raised", f"raised {type(exc).__name__}: {exc}") from exc
+
+    def _failed(self, trace, prompt: Prompt, group_id: str, sample_id: str, exc: AgentFailed) -> Rollout:
+        reason = f"generation.agent.function={self.agent_cfg.function!r} failed on episode {trace.episode_id}: {exc}"
+        log.warning(reason)
+        self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+        return Rollout(
+            sample_id=sample_id,
+            prompt_id=prompt.prompt_id,
+            group_id=group_id,
+            prompt_ids=list(trace.prompt_ids or []),
+            response_ids=[],
+            rollout_logprobs=[],
+            policy_version=self.engine.version,
+            finish_reason="stop",
+            worker=self.engine.name,
+            loss_mask=[],
+            failure=reason,
+        )

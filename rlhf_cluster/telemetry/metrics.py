@@ -197,6 +197,11 @@ GATEWAY_REQUESTS = Counter(
 GATEWAY_REFUSED = Counter(
     "rlhf_gateway_refused_total", "Calls the agent gateway refused, by HTTP status.", LABELS + ("status",)
 )
+AGENT_FAILURES = Counter(
+    "rlhf_gateway_agent_failures_total",
+    "Agent calls that failed, their samples dropped, by kind: timeout, raised, died (its process ended), bad_result.",
+    LABELS + ("kind",),
+)
 GATEWAY_HISTORY_REWRITES = Counter(
     "rlhf_gateway_history_rewrites_total",
     "Agent calls whose earlier messages differed from what the model saw (e.g. a "

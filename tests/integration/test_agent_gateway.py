@@ -6,18 +6,23 @@ reward reaches the advantages."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import httpx
 import openai
 
-from actors.job import run_job
+from actors.job import Job, run_job
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
 from tests.integration.calculator_agent import NUDGE, TRACES
+from tests.integration.misbehaving_agent import MARKERS
 
 
 def _model_turns(ids: list[int], mask: list[int]) -> list[list[int]]:
@@ -61,6 +66,64 @@ def test_an_openai_client_agent_trains_through_the_gateway_with_exact_traces(ray
     assert any(s.reward_components["turn_reward"] == 1.0 for s in scored)
     assert any(a != 0.0 for s in scored for a in s.advantages), "no group had a signal: nothing was trained"
     assert max(s.policy_version for s in scored) >= 1, "no episode was sampled with trained weights"
+
+
+def _counted(url: str, metric: str, label: str) -> dict[str, float]:
+    """One scrape: `metric`'s samples by the value of `label`."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {line.split(f'{label}="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(metric + "{")}
+
+
+def test_agents_that_hang_hog_memory_or_exit_cost_only_their_own_samples(ray_cluster, job_config):
+    """`isolation: process`: one episode's agent sleeps forever, one allocates without bound, one
+    exits its process; each is counted by kind and dropped like a failed reward, the worker's
+    process (its counters) outlives all three, and the job goes on training until it is stopped."""
+    shutil.rmtree(MARKERS, ignore_errors=True)
+    MARKERS.mkdir(parents=True)
+    cfg = job_config(name="agent-faults", generation={
+        "agent": {"function": "tests.integration.misbehaving_agent:once_each", "timeout_s": 6,
+                  "isolation": "process", "memory_mb": 512, "max_concurrent": 4},
+        "sampling": {"n": 4, "max_new_tokens": 64}, "turn_rewards": {"combine": "sum"}},
+        # Far more steps than needed: the test stops the job once all three failures are counted.
+        train={"total_steps": 100_000, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
+               "record_rollouts": True})  # keeps every scored group in the log
+    job = Job(cfg)
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(job.run()), daemon=True)
+    thread.start()
+    failures: dict[str, float] = {}
+    dropped: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and (
+            sum(failures.values()) < 3 or not dropped.get("reward_failed") or len(job.rows) < 3
+        ):
+            time.sleep(0.5)
+            targets = job.run_dir / RunDir.SCRAPE_TARGETS
+            if targets.exists():
+                [worker] = [g["targets"][0] for g in json.loads(targets.read_text()) if g["labels"]["pool"] == "generation"]
+                failures = _counted(f"http://{worker}/metrics", "rlhf_gateway_agent_failures_total", "kind")
+                dropped = _counted(f"http://127.0.0.1:{job.metrics_port}/metrics", "rlhf_buffer_samples_dropped_total",
+                                   "reason")
+    finally:
+        job.stop()
+        thread.join(timeout=300)
+        job.shutdown()
+    result = outcome[0]
+    assert {p.name for p in MARKERS.iterdir()} == {"sleep", "hog", "exit"}  # each misbehaviour happened
+    # The sleeper killed at its timeout, the process that exited died; the hog raised MemoryError (or died).
+    assert failures.get("timeout") == 1 and failures.get("died", 0) >= 1 and sum(failures.values()) == 3, failures
+    assert dropped.get("reward_failed", 0) >= 1, dropped  # left out of their groups (or dropped with a stale one)
+    # A failed episode's sample is marked failed and never trained on.
+    logged = [s for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0) for s in group]
+    failed = {s.sample_id for s in logged if s.reward_components.get("reward_failed")}
+    assert all(s.sample_id in failed for s in logged if not s.response_ids)
+    trained = [c.sample_id for c in result.consumed]
+    assert len(trained) == len(set(trained)) and not failed & set(trained)
+    # A group that lost one sample to its agent trains on the rest (3 of 4: enough for its advantages).
+    steps = len(result.rows)
+    assert steps >= 3 and steps * cfg.samples_per_step - 3 <= len(trained) <= steps * cfg.samples_per_step
 
 
 def test_the_standalone_gateway_serves_an_agent_and_writes_each_closed_episode(tmp_path, model_cache):
