@@ -123,14 +123,17 @@ class Cluster:
                 ),
             ),
         }
-        # With LoRA the learner's base model (adapters off) is the reference: no copy to run.
+        # With LoRA the learner's base model (adapters off) is the reference: no copy to run. With
+        # distillation the reference workers serve the teacher (preflight refuses it beside LoRA).
+        distillation = cfg.algorithm.distillation
+        reference_path = model_path if distillation is None else distillation.teacher
         if cfg.scoring.reference and not cfg.learner.lora.enabled:
             self.pools["reference"] = pool(
                 "reference",
                 "ref",
                 lambda i, _slot: ReferenceWorker.options(  # type: ignore[attr-defined]  # ActorClass
                     **score_opts
-                ).remote(scoring, model_path, i),
+                ).remote(scoring, reference_path, i),
             )
         weights.serve(self.pools["generation"])
         # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.

@@ -11,6 +11,7 @@ import importlib
 
 _EXPORTS = {
     "broadcast_to_tokens": "advantages",
+    "distillation_advantages": "distillation",
     "gae": "advantages",
     "group_advantages": "advantages",
     "reinforce_pp_advantages": "advantages",

@@ -19,7 +19,14 @@ model). Adding a kind is one class added to its union.
 
 from __future__ import annotations
 
-from rlhf_cluster.config.algorithm import AlgorithmConfig, CorrectionConfig, KLConfig, LossConfig, ShapingConfig
+from rlhf_cluster.config.algorithm import (
+    AlgorithmConfig,
+    CorrectionConfig,
+    DistillationConfig,
+    KLConfig,
+    LossConfig,
+    ShapingConfig,
+)
 from rlhf_cluster.config.base import ConfigError, ResourcesConfig, typed_union
 from rlhf_cluster.config.generation import (
     AgentConfig,
@@ -91,6 +98,7 @@ __all__ = [
     "CorrectionConfig",
     "ShapingConfig",
     "AlgorithmConfig",
+    "DistillationConfig",
     "FSDP2Backend",
     "DeepSpeedBackend",
     "LoraConfig",

@@ -79,6 +79,22 @@ class ShapingConfig(_Strict):
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal; generate more instead.")
 
 
+class DistillationConfig(_Strict):
+    """On-policy distillation from a frozen teacher (rlhf_cluster/algorithms/distillation.py)."""
+
+    teacher: str = Field(
+        ...,
+        description="The teacher: a Hugging Face model folder with the policy's tokenizer. The reference "
+        "workers serve it (scoring.reference), so its per-token log-probs arrive as the reference's do.",
+    )
+    coef: float = Field(1.0, gt=0, description="Weight of each token's reverse-KL advantage.")
+    mix_with_rewards: bool = Field(
+        False,
+        description="Add the task rewards' group advantage on every token (else the teacher is the only signal; "
+        "rewards are still computed and reported).",
+    )
+
+
 class AlgorithmConfig(_Strict):
     """The RL algorithm: advantage estimator, loss, KL, correction and shaping.
 
@@ -106,6 +122,9 @@ class AlgorithmConfig(_Strict):
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig, description="TIS/MIS.")
     shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="Reward shaping and filters.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    distillation: DistillationConfig | None = Field(
+        None, description="On-policy distillation: each sampled token's advantage is its reverse KL to a teacher."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from rlhf_cluster.algorithms import (
+    distillation_advantages,
     gae,
     group_advantages,
     kl_penalty,
@@ -102,6 +103,14 @@ def build_group(
         token_adv = [[float(a)] * len(r.response_ids) for r, a in zip(rollouts, adv.tolist())]
     kept, _ = dynamic_sampling_filter(rewards, group_ids)  # one group: kept whole or not at all
     metrics["zero_signal"] = float(not bool(kept.any()))
+    if cfg.distillation is not None:  # the reference log-probs are the teacher's (it is what the reference pool serves)
+        distilled, distill_metrics = distillation_advantages(
+            [list(r.rollout_logprobs) for r in rollouts], refs, cfg.distillation.coef, [r.loss_mask for r in rollouts]
+        )
+        mix = cfg.distillation.mix_with_rewards
+        token_adv = [[d + a for d, a in zip(ds, task)] if mix else ds for ds, task in zip(distilled, token_adv)]
+        metrics.update(distill_metrics)
+        metrics["zero_signal"] = 0.0  # every token has the teacher's signal, whatever the rewards
     samples = [
         ScoredSample(
             sample_id=r.sample_id,

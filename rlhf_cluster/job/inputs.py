@@ -12,6 +12,7 @@ from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_frac
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
+from rlhf_cluster.job.teacher import tokenizer_mismatch
 from rlhf_cluster.job.warmup import ensure_warmed_model
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.run.run_dir import RunDir
@@ -32,6 +33,10 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     """Build (or find cached) the model and the prompt files; the warmed-up model is version 0:
     the reference, the learner and generation all start there."""
     model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+    if cfg.algorithm.distillation is not None:  # (preflight checked it where the policy's folder existed)
+        problem = tokenizer_mismatch(model_path, cfg.algorithm.distillation.teacher)
+        if problem:
+            raise ValueError(problem)
     train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
     columns = cfg.data.columns if cfg.data.path else None
     prompts = read_prompt_file(train_file, columns)

@@ -1,0 +1,143 @@
+"""On-policy distillation on the demo task: does a student pulled toward a teacher's per-token
+log-probs (`algorithm.distillation`, no task reward in its advantages) rise toward the teacher's
+held-out accuracy, beyond a control distilled from a random-weight teacher?
+
+1. The teacher: `configs/demo.yaml` at `--teacher-seed` (supervised warm-up, then 240 GRPO steps
+   on the verifier's reward), its last version written out as a Hugging Face folder.
+2. The random teacher (control): the demo's tiny model at another initialisation seed (same
+   tokenizer, random weights).
+3. Per `--seeds`: the demo job from the same warmed-up start with `algorithm.distillation.teacher`
+   set to each teacher (coef `--coef`, `mix_with_rewards: false`: the verifier's rewards are
+   computed and reported, never trained on), `--steps` steps.
+
+The figure is the sampled held-out accuracy (30 sums never trained on x 32 answers), before ->
+after, as the demo reports it; the teacher's own is its run's "after".
+
+    .venv/bin/python benchmarks/distillation.py [--seeds 0 1 2 --steps 240 --coef 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from _common import (
+    headline, local_ray, machine_info, print_table, result_path, run_job_quietly, run_script, write_result,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = result_path("distillation")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student job seeds")
+    p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's GRPO run")
+    p.add_argument("--steps", type=int, default=240, help="steps of every job (the teacher's too)")
+    p.add_argument("--coef", type=float, default=1.0, help="algorithm.distillation.coef")
+    p.add_argument("--sides", nargs="+", default=["teacher", "random"], choices=["teacher", "random"])
+    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(argv)
+
+
+def config(args: argparse.Namespace, name: str, seed: int, run_dir: Path, teacher: str | None):
+    from rlhf_cluster.config import load_config
+
+    sets = [f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}", "train.progress=false",
+            f"name=bench-distill-{name}-s{seed}", "metrics.enabled=false", "checkpoint.every_steps=1000000",
+            "data.eval_every_steps=0", f"train.total_steps={args.steps}"]
+    if teacher is not None:
+        sets += [f"algorithm.distillation.teacher={teacher}", f"algorithm.distillation.coef={args.coef}"]
+    return load_config(REPO / "configs" / "demo.yaml", sets)
+
+
+def figures(result, seconds: float) -> dict:
+    return {"sampled_before": result.sampled_accuracy_before, "sampled_after": result.sampled_accuracy_after,
+            "greedy_before": result.accuracy_before, "greedy_after": result.accuracy_after,
+            "gain": result.sampled_accuracy_after - result.sampled_accuracy_before, "seconds": seconds,
+            # The learner's KL estimate to the reference log-probs: with distillation, the teacher's.
+            "kl_first": _mean(result.rows[:10], "kl"), "kl_last": _mean(result.rows[-10:], "kl")}
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else None
+
+
+def teacher_folder(cfg, out: Path) -> str:
+    """The teacher run's newest version as a Hugging Face folder: the tiny model's config and
+    tokenizer, the trained tensors (an output embedding tied to the input one is tied on load)."""
+    from safetensors.torch import save_file
+
+    from rlhf_cluster.models.tiny_model import tiny_model_dir
+    from rlhf_cluster.weights import WeightStore
+
+    store = WeightStore(cfg.weights_dir)
+    version = store.latest_version()
+    assert version is not None, "the teacher's run published no version"
+    shutil.copytree(tiny_model_dir(cfg.model.tiny, cfg.model.cache_dir), out)
+    tensors = {name: t.contiguous() for name, t in store.load(version).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+def random_teacher(cfg) -> str:
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(cfg.model.tiny.model_copy(update={"seed": cfg.model.tiny.seed + 1000}),
+                                 cfg.model.cache_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.cache_dir = str(Path(args.cache_dir).expanduser())
+    t0 = time.perf_counter()
+    jobs: list[dict] = []
+    with local_ray(args.verbose, "bench-distill-") as runs:
+        start = time.perf_counter()
+        cfg = config(args, "teacher-grpo", args.teacher_seed, runs / "teacher", None)
+        trained = figures(run_job_quietly(cfg, args.verbose), time.perf_counter() - start)
+        teachers = {"teacher": teacher_folder(cfg, runs / "teacher-model"), "random": random_teacher(cfg)}
+        print(f"  teacher (GRPO, seed {args.teacher_seed}): sampled held-out {trained['sampled_before']:.3f} -> "
+              f"{trained['sampled_after']:.3f}", flush=True)
+        for seed in args.seeds:
+            for side in args.sides:
+                start = time.perf_counter()
+                result = run_job_quietly(config(args, side, seed, runs / f"{side}-s{seed}", teachers[side]),
+                                         args.verbose)
+                job = {"side": side, "seed": seed, **figures(result, time.perf_counter() - start)}
+                jobs.append(job)
+                print(f"  distilled from the {side} teacher, seed {seed}: sampled held-out "
+                      f"{job['sampled_before']:.3f} -> {job['sampled_after']:.3f} ({job['gain']:+.3f}), KL to the teacher "
+                      f"{job['kl_first']:.4f} -> {job['kl_last']:.4f}, {job['seconds']:.0f}s", flush=True)
+                report(args, trained, jobs, time.perf_counter() - t0, final=False)
+    report(args, trained, jobs, time.perf_counter() - t0, final=True)
+    return 0
+
+
+def report(args: argparse.Namespace, teacher: dict, jobs: list[dict], seconds: float, final: bool) -> None:
+    gains = {side: [j["gain"] for j in jobs if j["side"] == side] for side in args.sides}
+    learns = bool(gains.get("teacher")) and bool(gains.get("random")) and min(gains["teacher"]) > max(
+        max(gains["random"]), 0.0)
+    write_result(args.out, {
+        "benchmark": "distillation", "machine": machine_info(), "complete": final, "seconds": seconds,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "teacher_run": teacher, "jobs": jobs, "gains": gains,
+        "headline": headline("every seed gains, beyond the random-teacher control's best", float(learns), "= 1",
+                             learns, ""),
+    })
+    if final:
+        print(f"\ndistillation  configs/demo.yaml, {args.steps} steps, coef {args.coef}: sampled held-out accuracy "
+              f"(teacher: {teacher['sampled_after']:.3f}) | {seconds:.0f}s")
+        print_table(["teacher", "seed", "before", "after", "gain", "KL to the teacher, first -> last 10 steps"],
+                    [[j["side"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"],
+                      f"{j['kl_first']:.4f} -> {j['kl_last']:.4f}"] for j in jobs],
+                    ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"])
+
+
+if __name__ == "__main__":
+    run_script(main)
