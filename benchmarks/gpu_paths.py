@@ -1,8 +1,10 @@
 """The two GPU paths beside the learner step, at a real shape: the scoring pool's reference forward
 and the weight path's host hop.
 
-- Reference forward: `ReferenceModel` (bf16, and `scoring.quantization: int8`) scoring `--rollouts`
-  rollouts (256-token prompts, responses of 64..768 tokens, seeded): tokens/s, forward MFU
+- Reference forward: `ReferenceModel` (bf16, and `scoring.quantization: int8`) with its default token
+  budget (`scoring.max_tokens_per_batch: auto`: sized by the free memory on a GPU, recorded as
+  `token_budget`) scoring `--rollouts` rollouts (256-token prompts, responses of 64..768 tokens,
+  seeded): tokens/s, forward MFU
   (2 x parameters x tokens / time / the GPU's dense bf16 peak), peak memory, and the int8 side's
   mean |log-prob difference| from bf16.
 - Host hop: an FSDP2 learner's `named_full_tensors()` (fp32, what the store publishes) drained to
@@ -82,14 +84,15 @@ def reference_forward(args, model_dir: Path, params: int, vocab: int, peak_flops
         s = statistics.median(times)
         row = {"seconds": s, "tokens": tokens, "tokens_per_s": tokens / s,
                "mfu": 2 * params * tokens / s / peak_flops if peak_flops else None,
-               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               "token_budget": model.max_tokens_per_batch}  # scoring.max_tokens_per_batch: auto, as resolved
         flat = torch.tensor([x for r in logprobs for x in r])
         if first is None:
             first = flat
         else:
             row["mean_abs_logprob_diff_vs_first"] = float((flat - first).abs().mean())
         out[f"reference/{name}"] = row
-        print(f"  reference {name}: {tokens / s:.0f} tokens/s", flush=True)
+        print(f"  reference {name}: {tokens / s:.0f} tokens/s (token budget {model.max_tokens_per_batch})", flush=True)
         del model
         gc.collect()
         if torch.cuda.is_available():

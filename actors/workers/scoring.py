@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import ray
 
@@ -124,7 +125,20 @@ class ReferenceWorker:
         return {"stalled_s": 0.0, "spans": tracing.drain()}
 
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
-        with tracing.span("reference", responses=len(rollouts)):
-            out = self.model.logprobs(rollouts)
+        tokens, began = sum(len(r.response_ids) for r in rollouts), time.time()
+        out = self.model.logprobs(rollouts)
+        ended = time.time()
+        # The trace shows each call's throughput; the counters give the pool's over any window.
+        tracing.add(
+            "reference",
+            began,
+            ended,
+            responses=len(rollouts),
+            tokens=tokens,
+            tokens_per_s=tokens / max(ended - began, 1e-9),
+            token_budget=self.model.max_tokens_per_batch,
+        )
         self.labels.of(m.SCORING_SAMPLES).inc(len(out))
+        self.labels.of(m.SCORING_TOKENS).inc(tokens)
+        self.labels.of(m.SCORING_SECONDS).inc(ended - began)
         return out

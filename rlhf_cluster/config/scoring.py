@@ -123,9 +123,20 @@ class ScoringConfig(_Strict):
     quantization: Literal["none", "int8"] = Field(
         "none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
     )
-    max_tokens_per_batch: int = Field(
-        8192, ge=16, description="Token budget of one frozen-model forward (padded tokens)."
+    max_tokens_per_batch: int | Literal["auto"] = Field(
+        "auto",
+        description="Token budget of one frozen-model forward (padded tokens). `auto`: 8,192 on a CPU; on a GPU "
+        "what fits in half the memory free once the models are loaded, 8,192 to 65,536 "
+        "(rlhf_cluster/scoring/batching.py).",
     )
+
+    @field_validator("max_tokens_per_batch")
+    @classmethod
+    def _budget(cls, value: int | str) -> int | str:
+        if value != "auto" and int(value) < 16:
+            raise ValueError(f"expected `auto` or a number of tokens >= 16, got {value}")
+        return value
+
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-worker resources.")
 
     @field_validator("rewards")

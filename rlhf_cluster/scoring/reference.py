@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from rlhf_cluster.experience.records import Rollout, pad_sequences, token_budget_batches
 from rlhf_cluster.models.modeling import attention_of, load_causal_lm, response_logprobs
 from rlhf_cluster.models.packing import pack_rows
 from rlhf_cluster.models.quantization import quantize_linears
+from rlhf_cluster.scoring.batching import CPU_TOKENS, tokens_per_batch
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceModel:
-    """A frozen causal LM scoring responses in batches of at most `max_tokens_per_batch` tokens."""
+    """A frozen causal LM scoring responses in batches of at most `max_tokens_per_batch` tokens
+    (`auto`: sized by `batching.tokens_per_batch`)."""
 
     def __init__(
         self,
         model_path: str,
         dtype: torch.dtype = torch.float32,
         temperature: float = 1.0,
-        max_tokens_per_batch: int = 8192,
+        max_tokens_per_batch: int | str = "auto",
         quantization: str = "none",
     ):
         # Over every GPU the worker holds (scoring.resources.num_gpus), layers split when more than one.
@@ -27,15 +34,39 @@ class ReferenceModel:
         if quantization == "int8":
             quantize_linears(self.model)
         self.temperature = temperature
-        self.max_tokens_per_batch = max_tokens_per_batch
+        # Sized once the model is loaded: on a GPU by the memory left (`batching`).
+        self.max_tokens_per_batch = tokens_per_batch(
+            max_tokens_per_batch, self.device, [self.model.config], dtype.itemsize
+        )
+        self.tokens = 0  # response tokens scored, and the seconds it took (`throughput`)
+        self.seconds = 0.0
 
     @torch.no_grad()
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
-        """Reference log-probs of every rollout's response tokens."""
+        """Reference log-probs of every rollout's response tokens. A batch that runs out of device
+        memory halves the token budget (kept for later calls) and goes again."""
+        start = time.perf_counter()
         lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
         out: list[list[float]] = []
-        for idx in token_budget_batches(lengths, self.max_tokens_per_batch):
-            out.extend(self._score([rollouts[i] for i in idx]))
+        pending = list(token_budget_batches(lengths, self.max_tokens_per_batch))
+        while pending:
+            idx = pending.pop(0)
+            try:
+                out.extend(self._score([rollouts[i] for i in idx]))
+            except torch.OutOfMemoryError:
+                if self.max_tokens_per_batch <= CPU_TOKENS or len(idx) == 1:
+                    raise
+                self.max_tokens_per_batch //= 2
+                torch.cuda.empty_cache()
+                log.warning(
+                    f"reference forward out of device memory: token budget halved to {self.max_tokens_per_batch}"
+                )
+                pending = [
+                    [idx[j] for j in part]
+                    for part in token_budget_batches([lengths[i] for i in idx], self.max_tokens_per_batch)
+                ] + pending
+        self.tokens += sum(len(r.response_ids) for r in rollouts)
+        self.seconds += time.perf_counter() - start
         return out
 
     def _score(self, batch: list[Rollout]) -> list[list[float]]:

@@ -8,6 +8,7 @@ import torch
 from rlhf_cluster.experience.records import pad_sequences, token_budget_batches
 from rlhf_cluster.models.quantization import quantize_linears
 from rlhf_cluster.models.scalar_head import RewardModel
+from rlhf_cluster.scoring.batching import tokens_per_batch
 
 
 class FrozenRewardModels:
@@ -18,11 +19,10 @@ class FrozenRewardModels:
         self,
         specs: list,
         dtype: torch.dtype = torch.float32,
-        max_tokens_per_batch: int = 8192,
+        max_tokens_per_batch: int | str = "auto",
         quantization: str = "none",
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.max_tokens_per_batch = max_tokens_per_batch
         self.models: dict[str, RewardModel] = {}
         for spec in specs:
             if spec.name in self.models:
@@ -31,6 +31,8 @@ class FrozenRewardModels:
             if quantization == "int8":
                 quantize_linears(model)
             self.models[spec.name] = model
+        configs = [m.backbone.config for m in self.models.values()]
+        self.max_tokens_per_batch = tokens_per_batch(max_tokens_per_batch, self.device, configs, dtype.itemsize)
 
     @torch.no_grad()
     def score(self, rollouts: list) -> dict[str, list[float]]:

@@ -68,6 +68,14 @@ GENERATION_VERSIONS_BEHIND = Gauge(
     LABELS,
 )
 SCORING_SAMPLES = Counter("rlhf_scoring_samples_total", "Responses scored.", LABELS)
+SCORING_TOKENS = Counter(
+    "rlhf_scoring_reference_tokens_total", "Response tokens the reference (or teacher) workers scored.", LABELS
+)
+SCORING_SECONDS = Counter(
+    "rlhf_scoring_reference_seconds_total",
+    "Seconds the reference (or teacher) forwards took: tokens_total / seconds_total is their throughput.",
+    LABELS,
+)
 LEARNER_STEP_SECONDS = Histogram("rlhf_learner_step_seconds", "Learner train-step time.", LABELS)
 LEARNER_TOKENS = Counter("rlhf_learner_tokens_total", "Response tokens trained on.", LABELS)
 BUFFER_DEPTH = Gauge("rlhf_buffer_depth", "Samples waiting in the experience buffer.", LABELS)
