@@ -82,6 +82,9 @@ class Driver:
         self.learner_restarts = 0
         g = cfg.guardrails
         self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)  # its count spans rebuilds
+        if resume_from is not None:  # the rollbacks the run made up to its checkpoint: counted, and their settings kept
+            kept = [e for e in self.run_dir.read(RunDir.EVENTS) if e.get("step", -1) <= resume_from.step]
+            self.cfg = self.checkpointer.cfg = self.rollback.replay(kept, cfg)
         self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
         self.delivery: Delivery | None = None
         # Every version's way to the engines; a transport whose sender takes part in each push
@@ -133,8 +136,6 @@ class Driver:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
                 if not hasattr(self, "trainer"):
                     self._adopt_learner(started)
-        if resume_from is not None:  # the rollbacks the run made before (their rows survived the restore)
-            self.rollback.replay(self.run_dir.read(RunDir.EVENTS))
         if self.delivery is not None:
             self.weights.first(self.delivery)
             self.delivery = None  # WeightSync holds the newest; nothing here pins old buckets

@@ -120,11 +120,13 @@ class RollbackGuard:
                 )
         return None
 
-    def replay(self, events: Iterable[dict]) -> None:
-        """A resumed run's rollbacks so far, from its kept events.jsonl rows (each rollback's row
-        carries the step the run continued from, so it outlives the resume that keeps that step):
-        `max_rollbacks` bounds the run, not each process that runs it."""
+    def replay(self, events: Iterable[dict], cfg: JobConfig) -> JobConfig:
+        """A resumed run's rollbacks so far, from the events.jsonl rows it keeps (each rollback's row
+        carries the step the run continued from, so it outlives a resume that keeps that step):
+        `max_rollbacks` bounds the run, not each process that runs it, and the run goes on with
+        their adjustments: `cfg` (this job's config) with each kept rollback's factors applied."""
         self.rollbacks = sum(1 for e in events if e.get("event") == "guardrails" and "rollback" in e.get("actions", ()))
+        return self._scaled(cfg, self.rollbacks)
 
     def last_good_step(self, trigger_step: int, reason: str) -> int:
         """The newest step whose checkpoint may be restored: a step's figures judge the weights it
@@ -141,7 +143,13 @@ class RollbackGuard:
                 "(guardrails.rollback.max_rollbacks) are used up"
             )
         self.rollbacks += 1
-        learner = cfg.learner.model_copy(update={"lr": cfg.learner.lr * self.cfg.lr_factor})
-        kl = cfg.algorithm.kl.model_copy(update={"coef": cfg.algorithm.kl.coef * self.cfg.kl_coef_factor})
+        return self._scaled(cfg, 1)
+
+    def _scaled(self, cfg: JobConfig, times: int) -> JobConfig:
+        """`cfg` after `times` rollbacks: learner.lr x lr_factor and algorithm.kl.coef x kl_coef_factor, each time."""
+        if times == 0:
+            return cfg
+        learner = cfg.learner.model_copy(update={"lr": cfg.learner.lr * self.cfg.lr_factor**times})
+        kl = cfg.algorithm.kl.model_copy(update={"coef": cfg.algorithm.kl.coef * self.cfg.kl_coef_factor**times})
         algorithm = cfg.algorithm.model_copy(update={"kl": kl})
         return cfg.model_copy(update={"learner": learner, "algorithm": algorithm})

@@ -103,9 +103,13 @@ def test_the_rollbacks_a_resumed_run_made_before_count_against_max_rollbacks(tmp
         {"step": 5, "event": "guardrails", "actions": ["rollback"], "at_step": 9, "reason": "kl_above"},
     ])
     rollback = RollbackGuard(RollbackConfig(kl_above=1.0, max_rollbacks=3), "eval_accuracy", True)
-    rollback.replay(run.read(RunDir.EVENTS))
+    job = JobConfig.model_validate({"learner": {"lr": 1e-4}, "algorithm": {"kl": {"coef": 0.01}}})
+    cfg = rollback.replay(run.read(RunDir.EVENTS), job)
     assert rollback.rollbacks == 2
-    cfg = JobConfig.model_validate({"learner": {"lr": 1e-4}})
+    # ...and the run goes on with their settings (lr x 0.5, kl x 2 each, the defaults), not the job's.
+    assert cfg.learner.lr == pytest.approx(1e-4 * 0.5**2) and cfg.algorithm.kl.coef == pytest.approx(0.01 * 2**2)
+    assert rollback.replay([], job) is job and rollback.rollbacks == 0  # no rollback kept: the job's own
+    rollback.replay(run.read(RunDir.EVENTS), job)
     cfg = rollback.adjusted(cfg, "guardrails.rollback.kl_above=1")  # the third
     with pytest.raises(RuntimeError, match="the 3 rollbacks allowed"):
         rollback.adjusted(cfg, "guardrails.rollback.kl_above=1")
