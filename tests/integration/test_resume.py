@@ -21,6 +21,7 @@ import yaml
 
 from actors.job import Job
 from rlhf_cluster.run.checkpoint import CheckpointStore
+from rlhf_cluster.run.invariants import check_run
 from rlhf_cluster.data.prompts import PromptSource, read_prompt_file
 from rlhf_cluster.experience.records import table_to_samples
 from rlhf_cluster.run.run_dir import RunDir
@@ -197,6 +198,11 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
         assert saved_buffer, "the checkpoint held no buffered samples to carry over"
         final_buffer = {s.sample_id for s in table_to_samples(_read_arrow(final.path / "buffer.arrow"))}
         assert {i for i, pid in saved_buffer if pid not in stale} <= {c["sample_id"] for c in consumed} | final_buffer
+
+        # And what the soak checks after every fault holds here, read from the run directory alone.
+        invariants = check_run(RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir), cfg.train.max_staleness)
+        assert invariants.hold, invariants.broken()
+        assert invariants["steps_contiguous"].value == steps
     finally:
         second.shutdown()
 

@@ -1,0 +1,42 @@
+"""The invariants a soak run checks after its faults (`rlhf_cluster.run.invariants`), on run
+directories written here: each holds on a clean run and names what broke it on a broken one."""
+
+from __future__ import annotations
+
+from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.run.invariants import check_run
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.scored_log import BUFFERED, ScoredLog
+
+
+def _run(tmp_path, steps, consumed, staleness=(0,), times=None, groups=("g0", "g1")) -> RunDir:
+    run = RunDir(tmp_path / "run", tmp_path / "weights", tmp_path / "ckpt")
+    run.root.mkdir(parents=True)
+    times = times or [100.0 + 2 * i for i in range(len(steps))]
+    run.append(RunDir.METRICS, [{"step": s, "staleness_max": staleness[i % len(staleness)], "time": t}
+                                for i, (s, t) in enumerate(zip(steps, times))])
+    run.append(RunDir.CONSUMED, [{"step": 0, "sample_id": sid} for sid in consumed])
+    log = ScoredLog(run / RunDir.SCORED_LOG)
+    (run / RunDir.SCORED_LOG).mkdir()
+    for g in groups:
+        log.append([ScoredSample(sample_id=f"{g}:0", prompt_id="p", group_id=g, prompt_ids=[1], response_ids=[2],
+                                 rollout_logprobs=[-1.0], policy_version=0, finish_reason="stop", reward=1.0,
+                                 reward_components={}, ref_logprobs=[-1.0], advantages=[0.0])], BUFFERED)
+    log.flush()
+    return run
+
+
+def test_a_clean_run_holds_every_invariant(tmp_path):
+    report = check_run(_run(tmp_path, [0, 1, 2], ["a", "b", "c"]), max_staleness=1, max_gap_s=10)
+    assert report.hold, report.broken()
+    assert report["steps_contiguous"].value == 3 and report["longest_gap_s"].value == 2.0
+
+
+def test_each_broken_invariant_is_named(tmp_path):
+    run = _run(tmp_path, [0, 1, 1, 3], ["a", "b", "a"], staleness=(0, 3), times=[0.0, 1.0, 200.0, 201.0],
+               groups=("g0", "g1", "g0"))
+    report = check_run(run, max_staleness=1, max_gap_s=120)
+    assert {i.name for i in report.broken()} == {"trained_once", "groups_once", "steps_contiguous", "staleness",
+                                                 "longest_gap_s"}
+    assert "'a'" in report["trained_once"].detail and "'g0'" in report["groups_once"].detail
+    assert "(1, 3)" in report["staleness"].detail and report["longest_gap_s"].value == 199.0
