@@ -146,6 +146,14 @@ class AgentConfig(_Strict):
     memory_mb: int = Field(
         4096, ge=64, description="With isolation process: address space an agent call may add to its process."
     )
+    max_failure_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Failed agent calls cost their samples, until the agent counts as broken and the job stops "
+        "naming it: more than this share of the last failure_window calls a worker made failed, or 32 in a row.",
+    )
+    failure_window: int = Field(200, ge=1, description="Recent agent calls (per worker) max_failure_fraction judges.")
     tool_parser: str = Field(
         "hermes",
         description="How the model's tool calls are read back into OpenAI `tool_calls`: a tool parser of the "

@@ -30,10 +30,11 @@ from rlhf_cluster.gateway.isolation import AgentFailed, AgentProcesses
 from rlhf_cluster.gateway.replies import ReplyParser
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
-from rlhf_cluster.user_code import import_spec
+from rlhf_cluster.user_code import FailureRate, import_spec
 
 AgentFunction = Callable[[str, str, list[dict]], "float | None"]
 log = logging.getLogger(__name__)
+BROKEN_AFTER = 32  # agent calls failing in a row that mean the agent itself is broken
 PROJECT = Path(__file__).resolve().parents[2]  # this project's folder: its own agents run in threads by default
 
 
@@ -43,6 +44,11 @@ def _in_project(agent: AgentFunction) -> bool:
     except TypeError:  # a builtin, a C extension's callable: not ours
         return False
     return source is not None and Path(source).resolve().is_relative_to(PROJECT)
+
+
+class AgentBroken(RuntimeError):
+    """The agent failed on too many of its recent calls (`generation.agent.max_failure_fraction`) or on
+    `BROKEN_AFTER` in a row: the job stops, naming it."""
 
 
 def load_agent(spec: str, field: str = "generation.agent.function") -> AgentFunction:
@@ -67,6 +73,12 @@ class AgentRunner:
         isolated = agent.isolation == "process" or (agent.isolation == "auto" and not _in_project(self.agent))
         self.processes = AgentProcesses(agent.function, agent.max_concurrent, agent.memory_mb) if isolated else None
         self.failures: dict[str, int] = {}  # failed agent calls by kind (AgentFailed.kind)
+        self.failure_rate = FailureRate(
+            f"generation.agent.function={agent.function!r}",
+            agent.max_failure_fraction,
+            agent.failure_window,
+            BROKEN_AFTER,
+        )
         # The agent needs a key either way (the openai client refuses none); one is checked only if set.
         self.api_key = agent.token or secrets.token_hex(8)
 
@@ -131,6 +143,7 @@ class AgentRunner:
             )
         except ValueError as exc:
             return self._failed(trace, prompt, group_id, sample_id, AgentFailed("bad_result", str(exc))), 0
+        self.failure_rate.ok()
         return rollout, trace.rewrites
 
     async def _call(self, base_url: str, messages: list[dict]):
@@ -152,6 +165,9 @@ class AgentRunner:
         reason = f"generation.agent.function={self.agent_cfg.function!r} failed on episode {trace.episode_id}: {exc}"
         log.warning(reason)
         self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+        broken = self.failure_rate.failed(f"episode {trace.episode_id}: {exc}")
+        if broken is not None:  # not a bad episode: a broken agent, whose every sample would be dropped
+            raise AgentBroken(broken) from exc
         return Rollout(
             sample_id=sample_id,
             prompt_id=prompt.prompt_id,

@@ -34,14 +34,13 @@ import logging
 import math
 import numbers
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Literal, SupportsFloat, cast
 
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.user_code import import_spec
+from rlhf_cluster.user_code import FailureRate, import_spec
 
 FAILED = "reward_failed"
 BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken
@@ -146,21 +145,14 @@ class RuleReward:
         self.scored = 0
         self.failed = 0
         self.timed_out = 0
-        self.failed_in_a_row = 0
-        if not 0.0 <= max_failure_fraction <= 1.0:
-            raise ValueError(f"max_failure_fraction={max_failure_fraction}: expected a fraction in [0, 1]")
-        if failure_window < 1:
-            raise ValueError(f"failure_window={failure_window}: expected at least 1 sample")
-        self.max_failure_fraction = max_failure_fraction
-        self.recent: deque[bool] = deque(maxlen=failure_window)  # True: that sample's call failed
-        self.warned = False  # the failure rate is past half the bound (logged once per crossing)
         self.fn: RewardFn | None = None
         self.on_error, self.timeout_s = on_error, timeout_s
+        self.fn_name = reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", repr(reward_fn))
+        self.failures = FailureRate(
+            f"reward function {self.fn_name} (scoring.rewards)", max_failure_fraction, failure_window, BROKEN_AFTER
+        )
         if reward_fn is not None:
             self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
-            self.fn_name = (
-                reward_fn if isinstance(reward_fn, str) else getattr(reward_fn, "__qualname__", repr(reward_fn))
-            )
             return
         if verifier is None:
             raise ValueError(
@@ -200,48 +192,17 @@ class RuleReward:
                         f"reward function {self.fn_name} failed on {cause} "
                         "(scoring.rewards on_error: fail; `drop` drops such groups instead)"
                     ) from exc
-                self.failed_in_a_row += 1
-                self.recent.append(True)
-                broken = self._broken(cause)
+                broken = self.failures.failed(cause)
                 if broken is not None:
                     self.scored, self.failed = self.scored + len(out) + 1, self.failed + failed
                     raise RewardFunctionError(broken) from exc
                 out.append((0.0, {FAILED: 1.0}))
                 continue
-            self.failed_in_a_row = 0
-            self.recent.append(False)
+            self.failures.ok()
             out.append((reward, {**components, FAILED: 0.0}))
         self.scored += len(rollouts)
         self.failed += failed
         return out
-
-    def _broken(self, cause: str) -> str | None:
-        """Why the function counts as broken after a failure (None: not yet). The rate is judged
-        over a full window only: a few early failures are noise, and `BROKEN_AFTER` covers a
-        function that fails from the start."""
-        where = f"reward function {self.fn_name} (scoring.rewards)"
-        if self.failed_in_a_row >= BROKEN_AFTER:
-            return f"{where} failed on {self.failed_in_a_row} samples in a row; the last: {cause}"
-        window = self.recent.maxlen or 1
-        if len(self.recent) < window:
-            return None
-        rate = sum(self.recent) / window
-        if rate > self.max_failure_fraction:
-            return (
-                f"{where} failed on {sum(self.recent)} of its last {window} samples ({rate:.0%}, more than "
-                f"max_failure_fraction {self.max_failure_fraction:g}); the last: {cause}"
-            )
-        if rate > self.max_failure_fraction / 2 and not self.warned:
-            log.warning(
-                "%s fails on %.0f%% of its last %d samples (stops the job above %.0f%%); the last: %s",
-                where,
-                100 * rate,
-                window,
-                100 * self.max_failure_fraction,
-                cause,
-            )
-        self.warned = rate > self.max_failure_fraction / 2
-        return None
 
 
 def combine_rewards(

@@ -48,3 +48,8 @@ def once_each(base_url: str, api_key: str, messages: list[dict]) -> float | None
                 continue
             misbehave(what)
     return calculator(base_url, api_key, messages)
+
+
+def always_raises(base_url: str, api_key: str, messages: list[dict]) -> float:
+    """Broken: every call raises (the job must stop naming it, not drop every sample forever)."""
+    raise RuntimeError("the agent is broken")

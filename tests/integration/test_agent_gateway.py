@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from actors.job import Job, run_job
 from rlhf_cluster.run.run_dir import RunDir
@@ -124,6 +125,18 @@ def test_agents_that_hang_hog_memory_or_exit_cost_only_their_own_samples(ray_clu
     # A group that lost one sample to its agent trains on the rest (3 of 4: enough for its advantages).
     steps = len(result.rows)
     assert steps >= 3 and steps * cfg.samples_per_step - 3 <= len(trained) <= steps * cfg.samples_per_step
+
+
+def test_an_agent_that_fails_every_call_stops_the_job_naming_it(ray_cluster, job_config):
+    """Failed calls cost their samples only until the agent counts as broken (32 in a row here):
+    then the job stops with the agent named, instead of dropping every sample until a watchdog."""
+    cfg = job_config(name="agent-broken", generation={
+        "agent": {"function": "tests.integration.misbehaving_agent:always_raises", "isolation": "thread"},
+        "sampling": {"n": 4, "max_new_tokens": 8}},
+        train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False})
+    with pytest.raises(Exception, match=r"misbehaving_agent:always_raises'? failed on 32 samples in a row.*"
+                                        r"RuntimeError: the agent is broken"):
+        run_job(cfg)
 
 
 def test_the_standalone_gateway_serves_an_agent_and_writes_each_closed_episode(tmp_path, model_cache):
