@@ -161,14 +161,8 @@ class Gateway:
             limit = min(limit, asked)
         if limit <= 0:  # the episode's token budget or the context is spent: the agent is told, nothing is sampled
             return Turn([], [], [], "length", ""), ""
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        turn = await self.generate(context, limit, stop, trace.greedy)
-        text = self.tokenizer.decode(turn.token_ids, skip_special_tokens=True)
-        for s in stop:  # OpenAI leaves the stop string out of the text; the tokens keep it
-            if turn.finish_reason == "stop" and text.endswith(s):
-                text = text[: -len(s)]
-                break
+        turn = await self.generate(context, limit, _stops(body), trace.greedy)
+        text = _without_stop(self.tokenizer.decode(turn.token_ids, skip_special_tokens=True), turn, body)
         return Turn(turn.token_ids, turn.logprobs, turn.spans, turn.finish_reason, text), self.tokenizer.decode(
             turn.token_ids, skip_special_tokens=False
         )
@@ -216,12 +210,7 @@ class Gateway:
         ids = turn.token_ids
         if turn.finish_reason == "stop" and ids and ids[-1] in self._special_ids:
             ids = ids[:-1]
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        stop = body.get("stop") or []
-        for s in [stop] if isinstance(stop, str) else stop:
-            if turn.finish_reason == "stop" and text.endswith(s):
-                return text[: -len(s)]
-        return text
+        return _without_stop(self.tokenizer.decode(ids, skip_special_tokens=False), turn, body)
 
     async def complete(self, episode_id: str | None, body: dict) -> dict:
         self.stats.requests += 1
@@ -260,6 +249,19 @@ class Gateway:
             "token_ids": list(turn.token_ids),
             "weight_versions": [list(s) for s in turn.spans],
         }
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop") or []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _without_stop(text: str, turn: Turn, body: dict) -> str:
+    """OpenAI leaves the stop string that ended a turn out of its text (the tokens keep it)."""
+    for s in _stops(body):
+        if turn.finish_reason == "stop" and text.endswith(s):
+            return text[: -len(s)]
+    return text
 
 
 def build_app(gateway: Gateway) -> FastAPI:
