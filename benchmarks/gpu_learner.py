@@ -15,7 +15,7 @@ GPU's memory), `--reps` timed steps each after `--warmup`, medians:
 - `ours, compiled` (`--compile`): ours with `learner.compile` (each decoder layer's forward through
   inductor; its compilation falls in the warm-up steps);
 - `ours, flex_attention` (`--attention flex_attention`, any `learner.attention`): ours with that
-  attention instead of the default (`auto`: SDPA on CUDA without flash-attn); FlexAttention runs
+  attention instead of the default (`auto`: SDPA here, where max_new_tokens is 1024); FlexAttention runs
   one packed row per micro-batch under a document mask;
 - `plain`: the loop a user would write: fp32 master weights, bf16 autocast on CUDA, fused AdamW on
   CUDA, the model's full logits and a log-softmax over them, the padded batch.

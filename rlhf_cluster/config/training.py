@@ -152,16 +152,17 @@ class LearnerConfig(TrainingGroupConfig):
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
         "auto",
         description="The learner model's attention. auto: on CUDA flash-attn's varlen kernels where installed, else "
-        "flex_attention; SDPA on CPU. flex_attention (CUDA only: no backward on CPU): a micro-batch's packed "
-        "sequences share one row under a document mask, attention costing each sequence's own length (1.22x SDPA "
-        "at 4k tokens per sequence, 1.38x at 16k, 0.95x at <= 1k, less memory throughout; one H200). With SDPA and "
-        "eager attention packed rows are as wide as the longest sequence.",
+        "flex_attention when generation.sampling.max_new_tokens >= 2048 and SDPA below; SDPA on CPU. flex_attention "
+        "(CUDA only: no backward on CPU): a micro-batch's packed sequences share one row under a document mask, "
+        "attention costing each sequence's own length (1.2x SDPA at 4k tokens per sequence, 1.4x at 16k, 0.82-0.95x "
+        "at <= 1k, less memory throughout; one H200). With SDPA and eager attention packed rows are as wide as the "
+        "longest sequence.",
     )
     compile: bool = Field(
         False,
         description="Regional torch.compile of each decoder layer's forward (inductor: fewer kernel launches and "
-        "casts; the first step pays the compilation). Off until it measures faster on a GPU "
-        "(benchmarks/gpu_learner.py --compile, in make gpu-check).",
+        "casts; the first step pays the compilation). CPU only for now: on CUDA its gradients differ from eager "
+        "ones (tests/gpu, one H200), so it is refused there.",
     )
     liger_kernels: bool | None = Field(
         None,

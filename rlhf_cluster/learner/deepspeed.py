@@ -83,7 +83,8 @@ class DeepSpeedLearner(LearnerBase):
         lc = spec.learner
         # The model is built in full, then partitioned by `deepspeed.initialize` (ZeRO-3's
         # `zero.Init` around `from_pretrained` fails without `accelerate`).
-        model = load_causal_lm(model_path, torch.float32, self.device, training_attention(lc.attention, self.device))
+        attention = training_attention(lc.attention, self.device, spec.max_new_tokens)
+        model = load_causal_lm(model_path, torch.float32, self.device, attention)
         self.liger = apply_liger(model, self.device, lc.liger_kernels)
         plan = self._plan_memory(model_path)
         if plan.checkpointing:

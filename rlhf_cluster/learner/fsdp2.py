@@ -61,7 +61,7 @@ class FSDP2Learner(LearnerBase):
         )
         layers = getattr(getattr(base, "model", base), "layers", [])
         if lc.compile:
-            compile_layers(layers)
+            compile_layers(layers, self.device)
         # Where the plan keeps them (one rank), a layer holds its gathered (bf16) weights from its
         # forward to its backward: one gather and cast per micro-batch, not two (memory_plan).
         reshard = not plan.keep_gathered
@@ -88,7 +88,7 @@ class FSDP2Learner(LearnerBase):
     def _load_model(self, model_path: str) -> torch.nn.Module:
         """The fp32 model to shard (the critic overrides it with its value model); it exposes its
         decoder `layers` (directly or under `.model`) so each layer is sharded on its own."""
-        attention = training_attention(self.spec.learner.attention, self.device)
+        attention = training_attention(self.spec.learner.attention, self.device, self.spec.max_new_tokens)
         return load_causal_lm(model_path, torch.float32, self.device, attention)
 
     # ---- the step --------------------------------------------------------------------------

@@ -27,20 +27,25 @@ def decoder_layer(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def training_attention(choice: str, device: torch.device) -> str:
+FLEX_FROM_TOKENS = 2048  # `auto` picks FlexAttention on CUDA from responses this long (see training_attention)
+
+
+def training_attention(choice: str, device: torch.device, max_new_tokens: int = 0) -> str:
     """The attention a learner's model runs for `learner.attention` on `device`. `auto`: on CUDA
-    flash-attn's varlen kernels where installed, else FlexAttention (packed rows under a document
-    mask: one row of real tokens, attention costing each sequence its own length); SDPA on the
-    CPU, where FlexAttention has no backward (packed rows as wide as the longest sequence).
-    FlexAttention measured against SDPA on one H200 (2026-11-26, `make gpu-check`, Qwen2.5-0.5B):
-    0.95x at the default batch (sequences of 320-1,024 tokens), 1.22x at 4k and 1.38x at 16k
-    tokens per sequence, with less memory at every length (29 vs 40 GiB at 16k)."""
+    flash-attn's varlen kernels where installed; else FlexAttention (packed rows under a document
+    mask: one row of real tokens, attention costing each sequence its own length) when responses
+    may reach `FLEX_FROM_TOKENS`, SDPA below; SDPA on the CPU, where FlexAttention has no backward.
+    Measured against SDPA on one H200 (`make gpu-check`, Qwen2.5-0.5B, 16 sequences of 320-1,024
+    tokens, or 16,384 tokens per step of longer ones): FlexAttention 0.95x (2026-11-26) and 0.82x
+    (2026-11-27) at <= 1k tokens per sequence, 1.22x / 1.19x at 4k, 1.38x / 1.39x at 16k, with less
+    memory at every length (29 vs 40 GiB at 16k)."""
     if choice == "flex_attention" and device.type != "cuda":
         raise ValueError("learner.attention: flex_attention has no backward on the CPU (PyTorch's): use sdpa or auto")
     if choice != "auto":
         return choice
     chosen = default_attention(device.type == "cuda")
-    return "flex_attention" if device.type == "cuda" and chosen == "sdpa" else chosen
+    long = max_new_tokens >= FLEX_FROM_TOKENS
+    return "flex_attention" if device.type == "cuda" and chosen == "sdpa" and long else chosen
 
 
 def default_attention(cuda: bool) -> str:

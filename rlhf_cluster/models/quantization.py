@@ -48,7 +48,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: returns ``(q [out, in] int8, scale [out, 1] float32)``."""
     w = weight.detach().to(torch.float32)
     # An all-zero row would give scale 0 and 0/0 below; any positive scale represents it exactly.
-    scale = (w.abs().amax(dim=1, keepdim=True) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    # Divided by a tensor, not a Python number: CUDA divides by a host scalar as a product with its
+    # reciprocal (one bit off the CPU's quotient), and a version quantised on a learner's GPU must be
+    # byte-identical to one quantised on the host.
+    divisor = torch.tensor(float(INT8_MAX), dtype=torch.float32, device=w.device)
+    scale = (w.abs().amax(dim=1, keepdim=True) / divisor).clamp_min(torch.finfo(torch.float32).tiny)
     q = torch.round(w / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 

@@ -194,18 +194,17 @@ def test_flex_attention_packed_rows_equal_the_padded_path(device, tiny_model_pat
         ((c * mask).sum()).backward()
         for (name, p), q in zip(flex.named_parameters(), sdpa.parameters()):
             assert (p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-6) < 1e-3, name
-    assert training_attention("auto", device) in (
-        ("sdpa",) if device.type == "cpu" else ("flex_attention", "flash_attention_2")
-    )
+    cuda = torch.device("cuda")  # the rule is the device's kind, checked on either device
+    assert training_attention("auto", torch.device("cpu"), max_new_tokens=4096) == "sdpa"
+    assert training_attention("auto", cuda, max_new_tokens=4096) in ("flex_attention", "flash_attention_2")
+    assert training_attention("auto", cuda, max_new_tokens=1024) in ("sdpa", "flash_attention_2")
     assert training_attention("flex_attention", torch.device("cuda")) == "flex_attention"
     if device.type == "cpu":
         with pytest.raises(ValueError, match="no backward on the CPU"):
             training_attention("flex_attention", device)
 
 
-def test_compiled_decoder_layers_step_like_eager_ones(device_group, tiny_model_path):
-    """`learner.compile`: each decoder layer's forward through inductor (on the CPU too), two steps
-    (the second on the compiled graph, a new token count) equal to eager's."""
+def _compiled_and_eager_steps(tiny_model_path):
     batches = [_ragged_batch(), _batch(n=3, length=9)]
     results = {}
     for compiled in (False, True):
@@ -218,6 +217,30 @@ def test_compiled_decoder_layers_step_like_eager_ones(device_group, tiny_model_p
     for eager, compiled in zip(results[False], results[True]):
         for key in ("policy/loss", "learner/grad_norm"):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+
+
+def test_compiled_decoder_layers_step_like_eager_ones(device_group, tiny_model_path):
+    """`learner.compile`: each decoder layer's forward through inductor, two steps (the second on the
+    compiled graph, a new token count) equal to eager's. On CUDA the gradients differ (the test
+    below), so there the option is refused, naming itself."""
+    if device_group.type == "cuda":
+        cfg = JobConfig.model_validate({"learner": {"world_size": 1, "compile": True}})
+        with pytest.raises(ValueError, match="learner.compile: on CUDA"):
+            FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
+        return
+    _compiled_and_eager_steps(tiny_model_path)
+
+
+@pytest.mark.xfail(strict=True, reason="compiled layers' gradients differ from eager on CUDA (grad norm 0.462 vs "
+                   "0.551, one H200, 2026-11-27); when this passes, set compiled.CUDA_GRADIENTS_MATCH_EAGER")
+def test_compiled_gradients_on_cuda_match_eager_ones(device, tiny_model_path, monkeypatch):
+    """The refused path itself, run anyway: strict, so the day it matches eager this fails and says so."""
+    if device.type != "cuda":
+        pytest.xfail("CUDA only: the CPU's compiled step is the test above")
+    from rlhf_cluster.models import compiled
+
+    monkeypatch.setattr(compiled, "CUDA_GRADIENTS_MATCH_EAGER", True)
+    _compiled_and_eager_steps(tiny_model_path)
 
 
 @pytest.mark.parametrize("variant", ["full", "int8"])
