@@ -1,4 +1,4 @@
-"""The job's worker pools (generation, reward, reference), its scaling controller and the
+"""The job's worker pools (generation, reward, reference, judge), its scaling controller and the
 Prometheus scrape targets of every actor it runs."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from actors.workers._common import heartbeat
 from actors.workers.control import NAMESPACE, JobController, controller_name
 from actors.workers.generation import GenerationWorker
+from actors.workers.judge import JudgeWorker
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
 from actors.workers.scoring import ReferenceWorker, RewardWorker
-from actors.workers.settings import GenerationSettings, ScoringSettings
+from actors.workers.settings import GenerationSettings, JudgeSettings, ScoringSettings
 from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.models.quantization import write_int8_model_dir
+from rlhf_cluster.models.quantization import int8_copy, write_int8_model_dir
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.scoring.call_coalescing import CallCoalescer
 from rlhf_cluster.telemetry import metrics as m
@@ -41,6 +42,17 @@ def engine_model_paths(
             write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8)
         )
     return paths
+
+
+def judge_model_path(cfg: JobConfig, run_dir: RunDir) -> str:
+    """What judge engines start from: the judge's folder, or its int8 copy (written once)."""
+    judge = cfg.scoring.judge_source
+    assert judge is not None
+    if judge.quantization != "int8":
+        return judge.model
+    import torch
+
+    return str(int8_copy(judge.model, getattr(torch, cfg.engine_dtype), run_dir / RunDir.JUDGE_INT8))
 
 
 def _named_controller(job_name: str, wait_s: float = 60.0):
@@ -135,16 +147,29 @@ class Cluster:
                     **score_opts
                 ).remote(scoring, reference_path, i),
             )
+        judge = cfg.scoring.judge_source
+        if judge is not None:  # a judge model's verdicts as a reward: its own pool, scaled like the others
+            judge_settings, judge_path = JudgeSettings.of(cfg), judge_model_path(cfg, run_dir)
+            self.pools["judge"] = pool(
+                "judge",
+                "judge",
+                lambda i, _slot: JudgeWorker.options(**score_opts).remote(  # type: ignore[attr-defined]  # ActorClass
+                    judge_settings, judge_path, i
+                ),
+            )
         weights.serve(self.pools["generation"])
         # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.
         self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]), cfg.samples_per_step)
         self._references = CallCoalescer(
             self._send_references, lambda: len(self.pools["reference"]), cfg.samples_per_step
         )
+        # Calls are joined, never split: a group judge gets each group whole.
+        self._judged = CallCoalescer(self._send_judge, lambda: len(self.pools["judge"]), cfg.samples_per_step)
         replicas = {
             "generation": cfg.generation.replicas,
             "reward": cfg.scoring.reward_replicas,
             "reference": cfg.scoring.reference_replicas,
+            "judge": cfg.scoring.judge_replicas,
         }
         try:
             # Every pool's workers start at once: their constructors (an engine, a model) overlap.
@@ -171,6 +196,17 @@ class Cluster:
         """Per-token reference log-probs per rollout (None: the job runs no reference pool); joined
         with other groups' calls that wait for a free reference worker."""
         return await self._references(rollouts) if "reference" in self.pools else None
+
+    async def judge(self, rollouts: list, prompts: dict[str, str], answers: dict[str, str]) -> list | None:
+        """The judge's reward per rollout (None for one it could not judge), or None when the job
+        has no judge; joined with other groups' calls that wait for a free judge worker (a group's
+        rollouts stay in one call)."""
+        if "judge" not in self.pools:
+            return None
+        return await self._judged([(r, prompts[r.prompt_id], answers[r.prompt_id]) for r in rollouts])
+
+    async def _send_judge(self, items: list[tuple]) -> list:
+        return (await self.call("judge", "judge", items))[1]
 
     async def _send_rewards(self, items: list[tuple]) -> list:
         answers: dict[str, str] = {}

@@ -15,6 +15,7 @@ from rlhf_cluster.experience.build import KLController, build_group, group_rollo
 from rlhf_cluster.experience.records import Rollout, ScoredSample
 from rlhf_cluster.rewards.turns import combined_reward
 from rlhf_cluster.run.job_state import kept_samples, min_group_size
+from rlhf_cluster.scoring.judge import with_judge
 from rlhf_cluster.scoring.rewards import FAILED
 
 
@@ -30,14 +31,22 @@ class ScoredGroup:
     failed: int = 0  # samples left out because their reward failed (the group's advantages are over the rest)
 
 
-async def _scored(cluster: Cluster, rollouts: list[Rollout], answers: dict) -> tuple[list, list | None]:
-    """Rewards and reference log-probs of `rollouts`, in order. A rollout that failed before it
-    could be scored (`Rollout.failure`: its agent raised, hung or died) is not sent to the scorers:
-    it gets a failed reward (`reward_failed`), which the group's build leaves out like any other."""
+async def _scored(cluster: Cluster, cfg: JobConfig, rollouts: list[Rollout], prompts: list[Prompt]) -> tuple:
+    """Rewards (with the judge's, where the job has one) and reference log-probs of `rollouts`, in
+    order. A rollout that failed before it could be scored (`Rollout.failure`: its agent raised,
+    hung or died) is not sent to the scorers: it gets a failed reward (`reward_failed`), which the
+    group's build leaves out like any other."""
     ok = [r for r in rollouts if not r.failure]
     if not ok:  # nothing to score: the whole group failed, and is dropped
         return [(0.0, {FAILED: 1.0})] * len(rollouts), None
-    scores, refs = await asyncio.gather(cluster.score(ok, answers), cluster.reference_logprobs(ok))
+    answers = {p.prompt_id: p.answer for p in prompts}
+    texts = {p.prompt_id: p.text for p in prompts}
+    scores, refs, judged = await asyncio.gather(
+        cluster.score(ok, answers), cluster.reference_logprobs(ok), cluster.judge(ok, texts, answers)
+    )
+    judge = cfg.scoring.judge_source
+    if judged is not None and judge is not None:
+        scores, _ = with_judge(scores, judged, judge.weight, judge.name)
     if len(ok) == len(rollouts):
         return scores, refs
     failed: tuple[float, dict[str, float]] = (0.0, {FAILED: 1.0})
@@ -65,8 +74,7 @@ async def rollout(
     )
     _, rollouts = await cluster.call("generation", *call)
     generated_at = time.time()
-    answers = {p.prompt_id: p.answer for p in prompts}
-    scores, refs = await _scored(cluster, rollouts, answers)
+    scores, refs = await _scored(cluster, cfg, rollouts, prompts)
     if cfg.generation.turn_rewards.combine != "none":  # multi-turn: the environment's per-turn rewards too
         scores = [
             combined_reward(reward, components, r.turn_rewards or [], cfg.generation.turn_rewards)

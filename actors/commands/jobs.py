@@ -103,7 +103,9 @@ def stop(
 
 def scale(
     job: str = typer.Argument(..., help="The job's name (config `name`) or its submission id."),
-    pool: str = typer.Option(..., help="generation | reward | reference | scoring (both scoring pools)."),
+    pool: str = typer.Option(
+        ..., help="generation | reward | reference | judge | scoring (the reward and reference pools)."
+    ),
     replicas: int = typer.Option(..., help="New number of workers."),
     address: str = typer.Option("auto", help="Ray address of the job's cluster (GCS, e.g. HEAD:6379)."),
     dashboard: str | None = typer.Option(None, help="Dashboard address, needed only when JOB is a submission id."),

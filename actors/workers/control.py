@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 NAMESPACE = "rlhf_cluster"
-POOLS = ("generation", "reward", "reference")
+POOLS = ("generation", "reward", "reference", "judge")
 
 
 def controller_name(job_name: str) -> str:

@@ -11,7 +11,7 @@ from actors.workers._common import limit_threads, metrics_target, start_actor
 from actors.workers.settings import ScoringSettings
 from rlhf_cluster.config import FunctionReward
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards
+from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards, weighted_rule
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 
@@ -88,6 +88,8 @@ class RewardWorker:
                     model_weight=s.reward_model_weight,
                     combine=s.reward_model_combine,
                 )
+            else:  # a rule alone: at its weight (0 beside a judge: recorded, not rewarded)
+                out = weighted_rule(out, self.scoring.rule_weight)
         self.labels.of(m.SCORING_SAMPLES).inc(len(out))
         return out
 

@@ -7,13 +7,16 @@ and every field keeps its type and its validation from the job's config.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from rlhf_cluster.config import (
     CriticConfig,
     GenerationConfig,
     JobConfig,
+    JudgeReward,
     LoraConfig,
     MetricsConfig,
     ScoringConfig,
@@ -87,6 +90,48 @@ class ScoringSettings:
             cfg.model.dtype,
             cfg.generation.sampling.temperature,
         )
+
+
+def model_max_len(folder: str) -> int | None:
+    """The longest sequence a model folder's config accepts (`max_position_embeddings`), if it says."""
+    config = Path(folder).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text()).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """A judge worker's: its `judge` source and the engine it runs (the job's `generation`
+    section's engine settings, with room for the judge's prompt: a prompt, a response and the
+    template around them)."""
+
+    basics: ActorBasics
+    judge: JudgeReward
+    engine: GenerationConfig
+    engine_dtype: DType
+
+    @classmethod
+    def of(cls, cfg: JobConfig) -> JudgeSettings:
+        judge = cfg.scoring.judge_source
+        if judge is None:
+            raise ValueError("this job has no judge source in scoring.rewards")
+        g = cfg.generation
+        group = g.sampling.n if judge.group else 1
+        wanted = g.max_model_len * (group + 1) + judge.max_tokens + 256
+        engine = g.model_copy(
+            update={
+                "max_model_len": min(wanted, model_max_len(judge.model) or wanted),
+                "speculative": None,
+                "agent": None,
+                "environment": None,
+                "quantization": judge.quantization,
+                "engine_kwargs": {},
+                "enable_prefix_caching": True,  # every judge prompt starts with the same template text
+            }
+        )
+        return cls(ActorBasics.of(cfg), judge, engine, cfg.engine_dtype)
 
 
 @dataclass(frozen=True)

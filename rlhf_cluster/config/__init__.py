@@ -14,7 +14,7 @@ checks of the files a config names, live in `rlhf_cluster.job.preflight`; the dr
 
 Pluggable parts are typed unions picked by a `type` key: `learner.backend` (fsdp2 | deepspeed),
 `weights.transport` (filesystem) and each entry of `scoring.rewards` (verifier | function |
-model). Adding a kind is one class added to its union.
+model | judge). Adding a kind is one class added to its union.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from rlhf_cluster.config.job import (
 from rlhf_cluster.config.loading import field_path, load_config
 from rlhf_cluster.config.scoring import (
     FunctionReward,
+    JudgeReward,
     ModelReward,
     RewardModelSpec,
     RewardSource,
@@ -90,6 +91,7 @@ __all__ = [
     "RewardModelSpec",
     "VerifierReward",
     "FunctionReward",
+    "JudgeReward",
     "ModelReward",
     "ScoringConfig",
     "RewardSource",

@@ -1,11 +1,11 @@
-"""The scoring pool and the reward sources (verifier | function | model), with the old spellings
-of the reward settings refused or translated."""
+"""The scoring pool and the reward sources (verifier | function | model | judge), with the old
+spellings of the reward settings refused or translated."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf_cluster.config.base import ResourcesConfig, _Strict, _Typed, typed_union
 
@@ -97,11 +97,59 @@ class ModelReward(_Typed):
         return models
 
 
-# A sample's reward = weight x (verifier or function) + weight x ensemble(models).
+class JudgeReward(_Typed):
+    """A judge model's verdict as the reward (LLM-as-judge; `rlhf_cluster/scoring/judge.py`): served
+    greedily by the judge workers' vLLM engines, its prompt a template around the sample."""
+
+    type: Literal["judge"] = Field("judge", description="Reward source kind.")
+    model: str = Field(..., description="The judge's Hugging Face model folder (a causal LM and its tokenizer).")
+    name: str = Field("judge", description="Name in reward_components (`judge/<name>`).")
+    template: str = Field(
+        "correctness",
+        description="The judge's prompt: a built-in template's name (correctness, score, best_of_group) or text "
+        "naming {prompt}, {answer} and {response} ({responses}, numbered, for a group judge). Rendered as the user "
+        "turn of the judge's chat template where its tokenizer has one.",
+    )
+    verdict: Literal["score_0_10", "yes_no", "choice"] = Field(
+        "yes_no",
+        description="How the reply becomes the reward: score_0_10 (the last number 0-10, /10), yes_no (the first "
+        "yes/correct/true = 1 or no/wrong/incorrect/false = 0), choice (group judging: the best response's number; "
+        "it gets 1, the others 0).",
+    )
+    group: bool = Field(False, description="Judge a prompt's whole group in one prompt (needs verdict: choice).")
+    max_tokens: int = Field(16, ge=1, description="Tokens the judge may reply with.")
+    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+    quantization: Literal["none", "int8"] = Field("none", description="The judge engine's weights (int8: W8A8).")
+    on_error: Literal["fail", "drop"] = Field(
+        "drop",
+        description="A reply no parser reads, or a failed judge call: `fail` ends the job naming the judge and "
+        "the reply; `drop` drops the sample (counted, never trained on), as for a failing reward function.",
+    )
+    max_failure_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="With `on_error: drop`, the job stops naming the judge when more than this share of a judge "
+        "worker's last `failure_window` verdicts failed (or 32 in a row).",
+    )
+    failure_window: int = Field(200, ge=1, description="Recent verdicts over which `max_failure_fraction` is judged.")
+
+    @model_validator(mode="after")
+    def _verdict_fits_group(self) -> JudgeReward:
+        # The template's placeholders are checked by preflight (rlhf_cluster/job/judge.py).
+        if (self.verdict == "choice") != self.group:
+            raise ValueError(
+                f"scoring.rewards judge {self.name!r}: verdict `choice` picks among a group's responses and needs "
+                "group: true; a group judge needs verdict: choice"
+            )
+        return self
+
+
+# A sample's reward = weight x (verifier or function) + weight x ensemble(models) + weight x judge.
 if TYPE_CHECKING:  # the union alone: mypy cannot read the Annotated union typed_union builds at run time
-    RewardSource: TypeAlias = VerifierReward | FunctionReward | ModelReward
+    RewardSource: TypeAlias = VerifierReward | FunctionReward | ModelReward | JudgeReward
 else:
-    RewardSource = typed_union(VerifierReward, FunctionReward, ModelReward)
+    RewardSource = typed_union(VerifierReward, FunctionReward, ModelReward, JudgeReward)
 
 
 def _default_rewards() -> list[RewardSource]:
@@ -113,6 +161,7 @@ class ScoringConfig(_Strict):
 
     reward_replicas: int = Field(1, ge=1, description="RewardWorker actors.")
     reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
+    judge_replicas: int = Field(1, ge=1, description="JudgeWorker actors (with a `judge` source).")
     reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
     rewards: list[RewardSource] = Field(
         default_factory=_default_rewards,
@@ -142,7 +191,7 @@ class ScoringConfig(_Strict):
     @field_validator("rewards")
     @classmethod
     def _one_of_each(cls, sources: list) -> list:
-        rules = [s.type for s in sources if not isinstance(s, ModelReward)]
+        rules = [s.type for s in sources if not isinstance(s, ModelReward | JudgeReward)]
         if len(rules) > 1:
             raise ValueError(
                 "at most one rule source (verifier or function: a function replaces the verifier), got "
@@ -150,12 +199,18 @@ class ScoringConfig(_Strict):
             )
         if sum(isinstance(s, ModelReward) for s in sources) > 1:
             raise ValueError("at most one `model` source: list every reward model in its `models`")
+        if sum(isinstance(s, JudgeReward) for s in sources) > 1:
+            raise ValueError("at most one `judge` source")
         return sources
 
     # ---- views for the reward workers -------------------------------------------------------
     @property
     def rule_source(self) -> VerifierReward | FunctionReward | None:
-        return next((s for s in self.rewards if not isinstance(s, ModelReward)), None)
+        return next((s for s in self.rewards if isinstance(s, VerifierReward | FunctionReward)), None)
+
+    @property
+    def judge_source(self) -> JudgeReward | None:
+        return next((s for s in self.rewards if isinstance(s, JudgeReward)), None)
 
     @property
     def model_source(self) -> ModelReward | None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
 from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
-from rlhf_cluster.job import teacher
+from rlhf_cluster.job import judge, teacher
 
 
 def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:
@@ -193,6 +193,7 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     _tool_task_episodes,
     _guardrails,
     teacher.rules,
+    judge.rules,
 ]
 
 
@@ -354,6 +355,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _engine_kwargs,
     _agent_parsers,
     teacher.folder_problems,
+    judge.folder_problems,
 ]
 
 

@@ -74,8 +74,20 @@ def preview_lines(cfg: JobConfig) -> list[str]:
     scorer = f"function {rule.function}" if isinstance(rule, FunctionReward) else f"verifier {cfg.data.verifier_name}"
     lines = [
         f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}",
-        f"reward: {scorer}" + (" + reward models" if cfg.scoring.model_source else ""),
+        f"reward: {scorer}"
+        + (" + reward models" if cfg.scoring.model_source else "")
+        + (" + judge" if cfg.scoring.judge_source else ""),
     ]
+    judge = cfg.scoring.judge_source
+    if judge is not None:
+        from rlhf_cluster.scoring.judge import render, render_group
+
+        text = (
+            render_group(judge.template, prompt.text, prompt.answer, ["<response 1>", "<response 2>"])
+            if judge.group
+            else render(judge.template, prompt.text, prompt.answer, "<response>")
+        )
+        lines.append(f"judge {judge.name!r} ({judge.model}, verdict {judge.verdict}) prompt: {json.dumps(text)}")
     if folder is not None:
         per_variant = sync_bytes(folder, cfg.engine_dtype, cfg.generation.weight_variants)
         lines.append(

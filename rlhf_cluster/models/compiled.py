@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 import torch
 
-
 # On CUDA the compiled layers' gradients are not eager's: `tests/gpu` (one H200, 2026-11-27, fp32,
 # SDPA) measured the first step's gradient norm 0.462 compiled vs 0.551 eager, with equal losses.
 # Until that test passes on CUDA, `learner.compile` is refused there rather than train on them.

@@ -127,6 +127,18 @@ def write_int8_model_dir(model_path: str | Path, quantized: Mapping[str, torch.T
     return write_dir_atomic(target, write)
 
 
+def int8_copy(model_path: str | Path, float_dtype: torch.dtype, out_dir: str | Path) -> Path:
+    """A frozen model folder's int8 engine checkpoint (a judge's), written once (`write_int8_model_dir`)."""
+    from safetensors.torch import load_file
+
+    if (Path(out_dir) / "config.json").is_file():
+        return Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_path).expanduser().glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return write_int8_model_dir(Path(model_path).expanduser(), quantize_state_dict(tensors, float_dtype), out_dir)
+
+
 def checkpoint_spec(model_path: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Name -> (dtype, shape) of every tensor in a Hugging Face folder's safetensors files."""
     spec: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}

@@ -88,6 +88,7 @@ class RunDir:
     EVENTS = "events.jsonl"  # actions the run took on its own (guardrails: a best checkpoint kept, an early stop)
     SCRAPE_TARGETS = "prometheus_targets.json"  # Prometheus file-based service discovery
     ENGINE_INT8 = "engine-int8"  # the int8 checkpoint generation engines start from
+    JUDGE_INT8 = "judge-int8"  # the judge's int8 checkpoint (a judge with quantization: int8)
     # Inside a job checkpoint:
     DRIVER_STATE = "driver.json"
     CHECKPOINT_BUFFER = "buffer.arrow"
@@ -184,6 +185,7 @@ class RunDir:
             self.BUFFER,
             self.RESUME,
             self.ENGINE_INT8,
+            self.JUDGE_INT8,
             self.TIMELINE,
             self.SCORED_LOG,
             self.TRACE,

@@ -205,6 +205,14 @@ class RuleReward:
         return out
 
 
+def weighted_rule(rule: list[tuple[float, dict[str, float]]], weight: float) -> list[tuple[float, dict[str, float]]]:
+    """The rule reward alone at its source's weight (with reward models `combine_rewards` weighs
+    it); the unweighted value is kept as the `rule` component. Weight 1: unchanged."""
+    if weight == 1.0:
+        return rule
+    return [(weight * reward, {**components, "rule": reward}) for reward, components in rule]
+
+
 def combine_rewards(
     rule: list[tuple[float, dict[str, float]]],
     model_scores: dict[str, list[float]],

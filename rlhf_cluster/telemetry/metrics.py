@@ -76,6 +76,12 @@ SCORING_SECONDS = Counter(
     "Seconds the reference (or teacher) forwards took: tokens_total / seconds_total is their throughput.",
     LABELS,
 )
+SCORING_JUDGE_VERDICTS = Counter(
+    "rlhf_scoring_judge_verdicts_total",
+    "Judge replies by outcome: parsed, unparseable (no verdict its parser reads) or error (the call failed); the "
+    "last two drop their samples.",
+    LABELS + ("outcome",),
+)
 LEARNER_STEP_SECONDS = Histogram("rlhf_learner_step_seconds", "Learner train-step time.", LABELS)
 LEARNER_TOKENS = Counter("rlhf_learner_tokens_total", "Response tokens trained on.", LABELS)
 BUFFER_DEPTH = Gauge("rlhf_buffer_depth", "Samples waiting in the experience buffer.", LABELS)
