@@ -36,6 +36,9 @@ class Scorers:
         self.scored += [r.sample_id for r in rollouts]
         return [(float(r.sample_id[-1]), {}) for r in rollouts]
 
+    async def judge(self, rollouts, prompts, answers):
+        return None  # the job has no judge
+
     async def reference_logprobs(self, rollouts):
         self.referenced += [r.sample_id for r in rollouts]
         return [[-1.1] * len(r.response_ids) for r in rollouts]

@@ -1,0 +1,225 @@
+"""Judge rewards on the demo task: does a job rewarded by a judge model alone learn, and does it
+not when the judge is a placebo?
+
+1. The judge: a tiny Qwen2 (the demo's tokenizer; `--judge-hidden`, 4 layers) trained here by
+   supervised fine-tuning to reply `yes` or `no` to the template `TEMPLATE` ("{prompt}{response}
+   |{answer}|"), on synthetic responses to the task's training sums (the right sum, wrong numbers,
+   token junk, the sum with junk after it), labelled by the demo's verifier (`correct`). Its
+   accuracy on fresh examples is printed and recorded.
+2. The placebo: the same training with the labels shuffled (it answers yes/no unrelated to the
+   response).
+3. Per `--seeds`: `configs/demo.yaml` (its supervised warm-up, then `--steps` GRPO steps) with
+   `scoring.rewards: [verifier at weight 0 (recorded, not rewarded), the judge at weight 1]`.
+
+Figures: the sampled held-out accuracy (30 sums never trained on x 32 answers, judged by the
+verifier) before -> after, and how often the judge's verdict agreed with the verifier's `correct`
+over the last fifth of the run's scored samples.
+
+    .venv/bin/python benchmarks/judge.py [--seeds 0 1 2 --steps 240]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+from _common import headline, local_ray, machine_info, print_table, result_path, run_job_quietly, run_script, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = result_path("judge")
+TEMPLATE = "{prompt}{response}|{answer}|"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="job seeds")
+    p.add_argument("--steps", type=int, default=240, help="GRPO steps of every job")
+    p.add_argument("--sides", nargs="+", default=["judge", "placebo"], choices=["judge", "placebo"])
+    p.add_argument("--judge-steps", type=int, default=3000, help="supervised steps of each judge")
+    p.add_argument("--judge-hidden", type=int, default=128)
+    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(argv)
+
+
+def demo_config(args: argparse.Namespace, name: str, seed: int, run_dir: Path, judge: str | None):
+    from rlhf_cluster.config import load_config
+
+    sets = [f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}", "train.progress=false",
+            f"name=bench-judge-{name}-s{seed}", "metrics.enabled=false", "checkpoint.every_steps=1000000",
+            "data.eval_every_steps=0", f"train.total_steps={args.steps}", "train.record_rollouts=true"]
+    cfg = load_config(REPO / "configs" / "demo.yaml", sets)
+    if judge is None:
+        return cfg
+    raw = cfg.model_dump()
+    raw["scoring"]["rewards"] = [
+        {"type": "verifier", "weight": 0.0},
+        {"type": "judge", "model": judge, "template": TEMPLATE, "verdict": "yes_no", "max_tokens": 3},
+    ]
+    return type(cfg).model_validate(raw)
+
+
+# ---- the judge, trained here -----------------------------------------------------------------
+def examples(n: int, seed: int, max_operand: int, tokenizer) -> list[tuple[str, str, str, bool]]:
+    """(prompt, response, answer, the verifier's `correct`) over the task's training sums."""
+    from rlhf_cluster.data.tasks import arithmetic_rows, verify_arithmetic
+
+    rng = random.Random(seed)
+    rows = arithmetic_rows(n, seed, "train", max_operand)
+    vocab = list(range(len(tokenizer)))
+    out = []
+    for row in rows:
+        answer = row["answer"]
+        kind = rng.random()
+        if kind < 0.45:
+            response = answer
+        elif kind < 0.60:
+            response = str(int(answer) + rng.choice([-1, 1, -10, 10]))
+        elif kind < 0.80:
+            response = str(rng.randint(0, 2 * max_operand))
+        elif kind < 0.90:
+            response = tokenizer.decode(rng.sample(vocab, rng.randint(1, 4)), skip_special_tokens=True)
+        else:
+            response = answer + tokenizer.decode(rng.sample(vocab, 1), skip_special_tokens=True)
+        out.append((row["prompt"], response, answer, verify_arithmetic(response, answer)["correct"] >= 0.5))
+    return out
+
+
+def train_judge(args: argparse.Namespace, tokenizer_dir: Path, out: Path, placebo: bool, seed: int = 0) -> dict:
+    """A judge folder at `out` trained to reply yes/no (shuffled labels for the placebo); its
+    accuracy against the verifier on fresh examples."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf_cluster.scoring.judge import render
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=args.judge_hidden, intermediate_size=2 * args.judge_hidden,
+        num_hidden_layers=4, num_attention_heads=args.judge_hidden // 64, num_key_value_heads=1,
+        max_position_embeddings=128, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos,
+        tie_word_embeddings=False))
+    train = examples(20000, seed + 1, 9, tokenizer)
+    labels = [c for *_, c in train]
+    if placebo:
+        random.Random(seed + 2).shuffle(labels)
+    replies = {True: tokenizer("yes")["input_ids"] + [eos], False: tokenizer("no")["input_ids"] + [eos]}
+    rows = []
+    for (prompt, response, answer, _), label in zip(train, labels):
+        ids = tokenizer(render(TEMPLATE, prompt, answer, response))["input_ids"]
+        rows.append((ids, replies[label]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    pad = tokenizer.pad_token_id
+    started = time.perf_counter()
+    model.train()
+    for step in range(args.judge_steps):
+        batch = random.Random(step).sample(rows, 128)
+        width = max(len(a) + len(b) for a, b in batch)
+        ids = torch.full((len(batch), width), pad)
+        target = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (a, b) in enumerate(batch):
+            ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+            target[i, len(a): len(a) + len(b)] = torch.tensor(b)
+            mask[i, : len(a) + len(b)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if args.verbose and step % 500 == 0:
+            print(f"    judge step {step}: loss {loss.item():.4f}", flush=True)
+    model.eval()
+    fresh = examples(400, seed + 99, 9, tokenizer)
+    agree = 0
+    with torch.no_grad():
+        for prompt, response, answer, correct in fresh:
+            ids = torch.tensor([tokenizer(render(TEMPLATE, prompt, answer, response))["input_ids"]])
+            reply = tokenizer.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:],
+                                     skip_special_tokens=True)
+            agree += reply.strip().startswith("yes") == correct
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {"accuracy_vs_verifier": agree / len(fresh), "train_seconds": time.perf_counter() - started,
+            "final_loss": loss.item()}
+
+
+# ---- the jobs ----------------------------------------------------------------------------------
+def agreement(cfg, last_fraction: float = 0.2) -> tuple[float | None, float]:
+    """How often the judge's verdict agreed with the verifier's `correct` over the run's last
+    scored samples, and the share of samples the judge judged among them."""
+    from rlhf_cluster.run.run_dir import RunDir
+    from rlhf_cluster.run.scored_log import ScoredLog
+
+    samples = [s for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0) for s in group]
+    tail = samples[int(len(samples) * (1 - last_fraction)):]
+    pairs = [(s.reward_components["judge/judge"], s.reward_components["correct"]) for s in tail
+             if "judge/judge" in s.reward_components]
+    agreed = sum((j >= 0.5) == (c >= 0.5) for j, c in pairs) / len(pairs) if pairs else None
+    return agreed, len(pairs) / max(len(tail), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_cluster.config import load_config
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
+
+    args = parse_args(argv)
+    args.cache_dir = str(Path(args.cache_dir).expanduser())
+    t0 = time.perf_counter()
+    jobs: list[dict] = []
+    with local_ray(args.verbose, "bench-judge-") as runs:
+        demo = load_config(REPO / "configs" / "demo.yaml", [f"model.cache_dir={args.cache_dir}"])
+        tokenizer_dir = ensure_tiny_model(demo.model.tiny, args.cache_dir)
+        judges, trained = {}, {}
+        for side in args.sides:
+            judges[side] = runs / f"{side}-model"
+            trained[side] = train_judge(args, tokenizer_dir, judges[side], placebo=side == "placebo")
+            print(f"  {side} judge: agrees with the verifier on {trained[side]['accuracy_vs_verifier']:.1%} of fresh "
+                  f"examples ({trained[side]['train_seconds']:.0f}s of training)", flush=True)
+        for seed in args.seeds:
+            for side in args.sides:
+                start = time.perf_counter()
+                cfg = demo_config(args, side, seed, runs / f"{side}-s{seed}", str(judges[side]))
+                result = run_job_quietly(cfg, args.verbose)
+                agreed, judged = agreement(cfg)
+                job = {"side": side, "seed": seed, "sampled_before": result.sampled_accuracy_before,
+                       "sampled_after": result.sampled_accuracy_after,
+                       "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
+                       "agreement_last_fifth": agreed, "judged_share_last_fifth": judged,
+                       "seconds": time.perf_counter() - start}
+                jobs.append(job)
+                print(f"  {side} judge, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
+                      f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), agreement with the verifier at the end "
+                      f"{agreed if agreed is None else f'{agreed:.1%}'}, {job['seconds']:.0f}s", flush=True)
+                report(args, trained, jobs, time.perf_counter() - t0, final=False)
+    report(args, trained, jobs, time.perf_counter() - t0, final=True)
+    return 0
+
+
+def report(args: argparse.Namespace, trained: dict, jobs: list[dict], seconds: float, final: bool) -> None:
+    gains = {side: [j["gain"] for j in jobs if j["side"] == side] for side in args.sides}
+    agree = [j["agreement_last_fifth"] or 0.0 for j in jobs if j["side"] == "judge"]
+    learns = (bool(gains.get("judge")) and bool(gains.get("placebo")) and min(gains["judge"]) > 0
+              and min(gains["judge"]) > max(gains["placebo"]) and min(agree) >= 0.8)
+    write_result(args.out, {
+        "benchmark": "judge", "machine": machine_info(), "complete": final, "seconds": seconds,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "template": TEMPLATE, "judges": trained, "jobs": jobs, "gains": gains,
+        "headline": headline("every judge seed gains beyond the placebo's best, >= 80% agreement", float(learns),
+                             "= 1", learns, ""),
+    })
+    if final:
+        print(f"\njudge  configs/demo.yaml, {args.steps} steps, rewarded by the judge alone: sampled held-out "
+              f"accuracy | {seconds:.0f}s")
+        print_table(["judge", "seed", "before", "after", "gain", "agreement (last fifth)"],
+                    [[j["side"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"],
+                      "-" if j["agreement_last_fifth"] is None else f"{j['agreement_last_fifth']:.1%}"] for j in jobs],
+                    ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"])
+
+
+if __name__ == "__main__":
+    run_script(main)
