@@ -21,6 +21,7 @@ over the last fifth of the run's scored samples.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -37,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="job seeds")
     p.add_argument("--steps", type=int, default=240, help="GRPO steps of every job")
     p.add_argument("--sides", nargs="+", default=["judge", "placebo"], choices=["judge", "placebo"])
-    p.add_argument("--judge-steps", type=int, default=3000, help="supervised steps of each judge")
+    p.add_argument("--judge-steps", type=int, default=1500, help="supervised steps of each judge")
+    p.add_argument("--judges-dir", type=Path, default=None,
+                   help="keep the trained judges here, and reuse those already there (default: the run's temp dir)")
     p.add_argument("--judge-hidden", type=int, default=128)
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--verbose", action="store_true")
@@ -176,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_dir = ensure_tiny_model(demo.model.tiny, args.cache_dir)
         judges, trained = {}, {}
         for side in args.sides:
-            judges[side] = runs / f"{side}-model"
-            trained[side] = train_judge(args, tokenizer_dir, judges[side], placebo=side == "placebo")
+            judges[side] = (args.judges_dir or runs) / f"{side}-model"
+            measured = judges[side] / "judge_training.json"
+            if measured.is_file():
+                trained[side] = json.loads(measured.read_text())
+            else:
+                trained[side] = train_judge(args, tokenizer_dir, judges[side], placebo=side == "placebo")
+                measured.write_text(json.dumps(trained[side]))
             print(f"  {side} judge: agrees with the verifier on {trained[side]['accuracy_vs_verifier']:.1%} of fresh "
                   f"examples ({trained[side]['train_seconds']:.0f}s of training)", flush=True)
         for seed in args.seeds:

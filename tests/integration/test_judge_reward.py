@@ -69,6 +69,25 @@ def test_a_judges_verdict_is_the_reward_beside_a_verifier_recorded_at_weight_0(
         assert 0.0 <= s.reward_components["rule"] <= 1.0  # the verifier's own (graded) value
 
 
+def test_a_group_judge_picks_one_response_of_each_group(ray_cluster, job_config, model_cache, tmp_path):
+    """`group: true, verdict: choice`: one prompt per group listing its responses; the judge here
+    always answers "1", so each group's first response gets 1 and the others 0. The judge runs on
+    int8 weights (a W8A8 copy written into the run directory)."""
+    judge = one_token_judge(model_cache, tmp_path / "judge1", "1")
+    cfg = job_config(
+        name="group-judge",
+        scoring={"rewards": [{"type": "judge", "model": judge, "template": "best_of_group", "verdict": "choice",
+                              "group": True, "max_tokens": 1, "quantization": "int8"}]},
+        train={"total_steps": 2, "prompts_per_step": 2, "max_staleness": 1, "progress": False, "record_rollouts": True},
+    )
+    run_job(cfg)
+    assert "quantization_config" in (Path(cfg.run_dir) / RunDir.JUDGE_INT8 / "config.json").read_text()
+    groups = [group for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0)]
+    assert groups
+    for group in groups:
+        assert sorted(s.reward_components["judge/judge"] for s in group) == [0.0] * (len(group) - 1) + [1.0]
+
+
 def test_a_judge_whose_replies_hold_no_verdict_stops_the_job_naming_it(ray_cluster, job_config, model_cache, tmp_path):
     judge = one_token_judge(model_cache, tmp_path / "mute", None)
     cfg = job_config(
@@ -80,3 +99,63 @@ def test_a_judge_whose_replies_hold_no_verdict_stops_the_job_naming_it(ray_clust
         run_job(cfg)
     assert "no yes_no verdict in the reply" in str(caught.value)
     assert JudgeError.__name__ in str(caught.value) or "judge" in str(caught.value)
+
+
+def test_the_judge_pool_scales_like_the_others(ray_cluster, job_config, model_cache, tmp_path):
+    """`rlhf-cluster scale --pool judge` (its controller call): up to 2 workers and back to 1 while
+    the job runs; both sizes judge samples, and the scrape targets follow."""
+    import json
+    import threading
+    import time
+
+    from actors.job import Job
+    from actors.workers.control import scale
+
+    judge = one_token_judge(model_cache, tmp_path / "judge7", "7")
+    cfg = job_config(
+        name="judge-scaling",
+        scoring={"rewards": [{"type": "judge", "model": judge, "template": "score", "verdict": "score_0_10",
+                              "max_tokens": 1}]},
+        train={"total_steps": 100_000, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
+               "record_rollouts": True},
+    )
+    job = Job(cfg)
+    seen: dict = {}
+    errors: list[BaseException] = []
+
+    def judges_in_targets() -> set[str]:
+        groups = json.loads((job.run_dir / "prometheus_targets.json").read_text())
+        return {g["labels"]["worker"] for g in groups if g["labels"]["pool"] == "judge"}
+
+    def operator() -> None:
+        try:
+            while len(job.rows) < 2:
+                time.sleep(0.05)
+            seen["up"] = scale("judge-scaling", "judge", 2)["judge"]
+            seen["targets_up"] = judges_in_targets()
+            step = len(job.rows)
+            while len(job.rows) < step + 3:
+                time.sleep(0.05)
+            seen["down"] = scale("judge-scaling", "judge", 1)["judge"]
+            seen["targets_down"] = judges_in_targets()
+            step = len(job.rows)
+            while len(job.rows) < step + 2:
+                time.sleep(0.05)
+        except BaseException as exc:  # surfaced below; a failing thread must fail the test
+            errors.append(exc)
+        finally:
+            job.stop()
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    try:
+        job.run()
+    finally:
+        job.shutdown()
+    thread.join(timeout=5)
+    assert not errors, errors
+    assert seen["up"]["sizes"]["judge"] == 2 and seen["up"]["changed"] == ["judge1"]
+    assert seen["targets_up"] == {"judge0", "judge1"}
+    assert seen["down"]["sizes"]["judge"] == 1 and seen["targets_down"] == {"judge0"}
+    samples = _samples(cfg)
+    assert samples and all(s.reward_components["judge/judge"] == pytest.approx(0.7) for s in samples)
