@@ -9,6 +9,7 @@ from collections import defaultdict
 from actors.cluster import Cluster
 from rlhf_cluster.config import DataConfig
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.experience.turn_samples import scored_indices
 from rlhf_cluster.telemetry.rollout_stats import accuracy, accuracy_by_source, mean_pass_at_k
 
 
@@ -18,6 +19,7 @@ async def _judged(
     """Per prompt, whether each answer of `version` (or newer) is right, and every answer's reward:
     one greedy answer per prompt, or with `samples` > 0 that many sampled ones."""
     _, rollouts = await cluster.call("generation", "evaluate", prompts, version, samples)
+    rollouts = [rollouts[i] for i in scored_indices(rollouts)]  # an episode trained per turn: its answer
     answers = {p.prompt_id: p.answer for p in prompts}
     _, scores = await cluster.call("reward", "score", rollouts, answers)
     correct: dict[str, list[bool]] = defaultdict(list)

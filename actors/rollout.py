@@ -13,6 +13,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.build import KLController, build_group, group_rollouts
 from rlhf_cluster.experience.records import Rollout, ScoredSample
+from rlhf_cluster.experience.turn_samples import broadcast_scores, scored_indices
 from rlhf_cluster.rewards.turns import combined_reward
 from rlhf_cluster.run.job_state import kept_samples, min_group_size
 from rlhf_cluster.scoring.judge import with_judge
@@ -41,12 +42,17 @@ async def _scored(cluster: Cluster, cfg: JobConfig, rollouts: list[Rollout], pro
         return [(0.0, {FAILED: 1.0})] * len(rollouts), None
     answers = {p.prompt_id: p.answer for p in prompts}
     texts = {p.prompt_id: p.text for p in prompts}
+    rewarded = scored_indices(ok)  # an episode trained per turn is rewarded once, on its last turn
+    judged_ones = [ok[i] for i in rewarded]
     scores, refs, judged = await asyncio.gather(
-        cluster.score(ok, answers), cluster.reference_logprobs(ok), cluster.judge(ok, texts, answers)
+        cluster.score(judged_ones, answers),
+        cluster.reference_logprobs(ok),
+        cluster.judge(judged_ones, texts, answers),
     )
     judge = cfg.scoring.judge_source
     if judged is not None and judge is not None:
         scores, _ = with_judge(scores, judged, judge.weight, judge.name)
+    scores = broadcast_scores(ok, rewarded, scores)
     if len(ok) == len(rollouts):
         return scores, refs
     failed: tuple[float, dict[str, float]] = (0.0, {FAILED: 1.0})

@@ -365,10 +365,12 @@ class GenerationWorker:
         for kind, failed in agents.failures.items():
             self.labels.of(m.AGENT_FAILURES, kind=kind).inc(failed - seen_failed.get(kind, 0))
         self._gateway_seen = (stats.requests, dict(stats.refused), dict(agents.failures))
-        for rollout, rewrites in done:
-            self.labels.of(m.EPISODE_TURNS).observe(len(rollout.turn_starts or []))
+        for episode, rewrites in done:
+            self.labels.of(m.EPISODE_TURNS).observe(
+                len(episode) if episode[0].episode_id else len(episode[0].turn_starts or [])
+            )
             self.labels.of(m.GATEWAY_HISTORY_REWRITES).inc(rewrites)
-        rollouts = [r for r, _ in done]
+        rollouts = [r for episode, _ in done for r in episode]
         self.labels.of(m.GENERATION_TOKENS).inc(sum(sum(r.loss_mask) for r in rollouts))
         return rollouts
 

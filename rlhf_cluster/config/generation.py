@@ -136,6 +136,16 @@ class AgentConfig(_Strict):
         None, description="Bearer token every call must carry (required when bind_address is not loopback)."
     )
     model_name: str = Field("policy", description="The model id the gateway reports and accepts.")
+    samples: Literal["auto", "episode", "turn"] = Field(
+        "auto",
+        description="What an episode trains as. `episode`: one sample, the episode's whole token sequence (model "
+        "turns in the loss, what the agent added between them masked out); a request that rewrites earlier messages "
+        "(strips a <think> block, summarises the history) is refused with HTTP 409, since no one sequence holds both "
+        "contexts. `turn`: each model turn is its own sample, its prompt the context the engine saw for that turn "
+        "(the agent's messages as sent, rendered by the chat template), its response that turn's tokens; the "
+        "episode's reward goes to every turn and advantages are computed over episodes. `auto`: `episode` until an "
+        "episode rewrites its history, `turn` for that episode.",
+    )
     isolation: Literal["auto", "thread", "process"] = Field(
         "auto",
         description="Where each episode's agent call runs: `process` (one child process per agent.max_concurrent "

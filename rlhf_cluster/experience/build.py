@@ -7,7 +7,9 @@ log-probs and updates.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -24,6 +26,7 @@ from rlhf_cluster.algorithms import (
 from rlhf_cluster.algorithms.kl import AdaptiveKLController, FixedKLController  # typed (the package's are lazy: Any)
 from rlhf_cluster.config import AlgorithmConfig, KLConfig, TurnRewardsConfig
 from rlhf_cluster.experience.records import Rollout, ScoredSample, TrainBatch
+from rlhf_cluster.experience.turn_samples import episode_advantages
 from rlhf_cluster.models.packing import balanced_shares
 from rlhf_cluster.rewards import dynamic_sampling_filter, length_penalty, overlong_filter_mask, overlong_penalty
 from rlhf_cluster.rewards.turns import turn_returns
@@ -91,15 +94,20 @@ def build_group(
         for c, kl in zip(components, kl_sum.tolist()):
             c["kl_penalty"] = -kl_coef * kl
     group_ids = [r.group_id for r in rollouts]
-    if turns is not None and turns.assign == "turn":  # (the config allows it with the group estimators only)
+    per_turn = any(r.episode_id for r in rollouts)  # agent turns as samples: advantages over episodes
+    if turns is not None and turns.assign == "turn" and not per_turn:  # (with the group estimators only)
         token_adv, metrics = _turn_level(rollouts, rewards, group_ids, cfg.advantage, turns)
     else:
         if cfg.advantage == "rloo":
-            adv, metrics = rloo_advantages(rewards, group_ids)
+            estimator: Callable = rloo_advantages
         elif cfg.advantage in ("grpo", "dr_grpo"):
-            adv, metrics = group_advantages(rewards, group_ids, scale="std" if cfg.advantage == "grpo" else "none")
+            estimator = partial(group_advantages, scale="std" if cfg.advantage == "grpo" else "none")
         else:
-            adv, metrics = torch.zeros_like(rewards), {}
+            estimator = lambda r, _groups: (torch.zeros_like(r), {})  # noqa: E731  # filled in at take time
+        if per_turn:
+            adv, metrics = episode_advantages(rollouts, rewards, group_ids, estimator)
+        else:
+            adv, metrics = estimator(rewards, group_ids)
         token_adv = [[float(a)] * len(r.response_ids) for r, a in zip(rollouts, adv.tolist())]
     kept, _ = dynamic_sampling_filter(rewards, group_ids)  # one group: kept whole or not at all
     metrics["zero_signal"] = float(not bool(kept.any()))

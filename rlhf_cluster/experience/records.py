@@ -117,6 +117,9 @@ class Rollout(SampledResponse):
     # Why the sample failed before it could be scored (an agent that raised, hung or died), or "":
     # such a sample is not scored; it counts as a failed reward and is dropped like one.
     failure: str = ""
+    # A turn of an agent episode trained per turn (`generation.agent.samples: turn`): the episode's
+    # sample id, shared by its turns ("": the rollout is a whole episode or response).
+    episode_id: str = ""
 
     def __post_init__(self) -> None:
         if self.turn_starts is not None and (

@@ -4,9 +4,15 @@ The engine sees one growing token context per episode: the first request's rende
 for each model turn its sampled tokens (loss mask 1, their log-probs and weight versions) and the
 tokens of the messages the agent added before the next request (mask 0, log-prob 0). A request
 must extend the conversation so far: the messages already seen, then the assistant's reply as the
-gateway returned it, then new messages. An agent that edits an earlier message (e.g. strips a
-`<think>` block) is counted as a history rewrite and the engine's own tokens are kept, so what is
-trained on is what the model saw; one that drops or reorders messages is refused.
+gateway returned it, then new messages.
+
+An agent that rewrites its history (edits an earlier message, e.g. strips a `<think>` block;
+drops or summarises messages; or a chat template that renders earlier turns differently once new
+ones follow) no longer has one token sequence. `generation.agent.samples` decides: `episode`
+refuses such a request (HTTP 409, naming the setting); `turn` (and `auto` from the first rewrite
+on) renders each request's messages afresh, exactly as the agent sent them, and trains each model
+turn as its own sample: its prompt the context the engine saw, its response that turn's tokens
+(`TurnRecord`, `to_rollouts`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,17 @@ from rlhf_cluster.generation.engine import Turn, response_text
 
 class HistoryError(ChatError):
     """A request whose messages do not extend the episode's conversation (HTTP 409)."""
+
+
+@dataclass
+class TurnRecord:
+    """One model turn as the engine ran it: the context it saw and what it sampled."""
+
+    context: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    spans: list[tuple[int, int]]  # (index in token_ids, weight version)
+    finish_reason: FinishReason
 
 
 @dataclass
@@ -41,10 +58,31 @@ class EpisodeTrace:
     rewards: list[float] = field(default_factory=list)  # given by the agent (the runner's return value or the endpoint)
     finish_reason: FinishReason = "stop"
     closed: bool = False
+    samples: str = "auto"  # generation.agent.samples: episode | turn | auto
+    per_turn: bool = False  # each model turn its own sample (samples: turn, or auto after a rewrite)
+    turns: list[TurnRecord] = field(default_factory=list)
 
     @property
     def remaining(self) -> int:
+        if self.per_turn:  # the budget is the model's tokens: what the agent sends is each turn's prompt
+            return self.budget - sum(len(t.token_ids) for t in self.turns)
         return self.budget - len(self.response_ids)
+
+    def _fresh(self, tokenizer, messages: list[dict], tools: list | None) -> list[int]:
+        """A per-turn context: the agent's messages as it sent them, rendered whole."""
+        self.per_turn = True
+        self.messages = list(messages)
+        return tokenizer(render(tokenizer, messages, tools, True), add_special_tokens=False)["input_ids"]
+
+    def _rewritten(self, why: str, tokenizer, messages: list[dict], tools: list | None) -> list[int]:
+        if self.samples == "episode":
+            raise HistoryError(
+                f"episode {self.episode_id}: {why}; with generation.agent.samples: episode an episode is one token "
+                "sequence, which cannot hold both histories (samples: turn or auto trains each model turn on the "
+                "context it saw)"
+            )
+        self.rewrites += 1
+        return self._fresh(tokenizer, messages, tools)
 
     def context_for(self, tokenizer, messages: list[dict], tools: list | None) -> list[int]:
         """The engine context for a chat request: the first request rendered whole, a later one
@@ -52,17 +90,23 @@ class EpisodeTrace:
         if self.prompt_ids is None:
             self.prompt_ids = tokenizer(render(tokenizer, messages, tools, True), add_special_tokens=False)["input_ids"]
             self.messages = list(messages)
+            self.per_turn = self.samples == "turn"
             return list(self.prompt_ids)
         seen = len(self.messages)
+        extends = len(messages) > seen and all(same_message(a, b) for a, b in zip(messages, self.messages))
+        if self.per_turn:
+            self.rewrites += not extends
+            return self._fresh(tokenizer, messages, tools)
         if len(messages) <= seen or any(a.get("role") != b.get("role") for a, b in zip(messages, self.messages)):
-            raise HistoryError(
-                f"episode {self.episode_id}: the request's {len(messages)} messages do not extend the "
-                f"episode's {seen} (earlier messages dropped or reordered); start a new episode"
-            )
-        if not all(same_message(a, b) for a, b in zip(messages, self.messages)):
-            self.rewrites += 1
+            why = f"the request's {len(messages)} messages do not extend the episode's {seen} (dropped or reordered)"
+            return self._rewritten(why, tokenizer, messages, tools)
+        if not extends:
+            return self._rewritten("the request edits earlier messages", tokenizer, messages, tools)
         added = list(messages[seen:])
-        text = continuation_text(tokenizer, self.last_turn_text, added, tools)
+        try:
+            text = continuation_text(tokenizer, self.last_turn_text, added, tools)
+        except ChatError as exc:  # the template itself rewrites earlier turns (e.g. drops their reasoning)
+            return self._rewritten(str(exc), tokenizer, messages, tools)
         self.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         self.messages += added
         return self.prompt_ids + self.response_ids
@@ -73,14 +117,23 @@ class EpisodeTrace:
         (which it must start with; appended, mask 0)."""
         if self.prompt_ids is None:
             self.prompt_ids = tokenizer(prompt)["input_ids"]
+            self.per_turn = self.samples == "turn"
             return list(self.prompt_ids)
-        context = self.prompt_ids + self.response_ids
+        # The text so far: per turn, the last turn's context and tokens; else the episode's tokens.
+        last = self.turns[-1] if self.per_turn and self.turns else None
+        context = last.context + last.token_ids if last is not None else self.prompt_ids + self.response_ids
         seen = tokenizer.decode(context, skip_special_tokens=True)
-        if not prompt.startswith(seen):
-            raise HistoryError(
-                f"episode {self.episode_id}: the prompt does not start with the episode's text so far; "
-                "start a new episode"
-            )
+        extends = prompt.startswith(seen)
+        if self.per_turn or not extends:
+            if not self.per_turn and self.samples == "episode":
+                raise HistoryError(
+                    f"episode {self.episode_id}: the prompt does not start with the episode's text so far; with "
+                    "generation.agent.samples: episode an episode is one token sequence (samples: turn or auto "
+                    "trains each model turn on the context it saw)"
+                )
+            self.rewrites += not extends
+            self.per_turn = True
+            return tokenizer(prompt)["input_ids"]
         self.append(tokenizer(prompt[len(seen) :], add_special_tokens=False)["input_ids"])
         return self.prompt_ids + self.response_ids
 
@@ -91,8 +144,16 @@ class EpisodeTrace:
         self.logprobs += [0.0] * len(ids)
         self.loss_mask += [0] * len(ids)
 
-    def add_turn(self, turn: Turn, reply: dict, text_with_specials: str) -> None:
-        """A model turn the engine sampled, and the assistant message the agent was sent for it."""
+    def add_turn(self, turn: Turn, reply: dict, text_with_specials: str, context: list[int]) -> None:
+        """A model turn the engine sampled after `context`, and the assistant message the agent was sent for it."""
+        self.turns.append(
+            TurnRecord(list(context), list(turn.token_ids), list(turn.logprobs), list(turn.spans), turn.finish_reason)
+        )
+        if self.per_turn:
+            self.messages.append(reply)
+            self.last_turn_text = text_with_specials
+            self.finish_reason = turn.finish_reason
+            return
         if turn.token_ids:
             for start, version in turn.spans:  # a version that carries on across turns stays one span
                 if not self.spans or version != self.spans[-1][1]:
@@ -119,7 +180,52 @@ class EpisodeTrace:
             "history_rewrites": self.rewrites,
             "finish_reason": self.finish_reason,
             "messages": self.messages,
+            "per_turn": self.per_turn,
+            "turns": [
+                {
+                    "context": t.context,
+                    "token_ids": t.token_ids,
+                    "logprobs": t.logprobs,
+                    "weight_versions": [list(s) for s in t.spans],
+                    "finish_reason": t.finish_reason,
+                }
+                for t in self.turns
+            ],
         }
+
+    def to_rollouts(
+        self, tokenizer, prompt_id: str, group_id: str, sample_id: str, worker: str, version: int
+    ) -> list[Rollout]:
+        """The episode's samples: one (`to_rollout`), or per turn one per model turn, each its
+        context and its tokens, sharing the episode (`episode_id` = `sample_id`); the agent's
+        reward is on every turn (`turn_rewards`), as the scored reward of its last turn will be."""
+        if not self.per_turn:
+            return [self.to_rollout(tokenizer, prompt_id, group_id, sample_id, worker, version)]
+        if not self.turns:
+            raise ValueError(f"episode {self.episode_id}: the agent returned without asking the model for a turn")
+        out = []
+        for k, t in enumerate(self.turns):
+            spans = [(start, v) for start, v in t.spans if start < len(t.token_ids)] or [(0, version)]
+            out.append(
+                Rollout(
+                    sample_id=f"{sample_id}:t{k}",
+                    prompt_id=prompt_id,
+                    group_id=group_id,
+                    prompt_ids=list(t.context),
+                    response_ids=list(t.token_ids),
+                    rollout_logprobs=list(t.logprobs),
+                    policy_version=spans[0][1],
+                    policy_versions=spans,
+                    finish_reason=t.finish_reason,
+                    response_text=response_text(tokenizer, t.token_ids),
+                    worker=worker,
+                    loss_mask=[1] * len(t.token_ids),
+                    turn_rewards=[float(sum(self.rewards))],
+                    turn_starts=[0],
+                    episode_id=sample_id,
+                )
+            )
+        return out
 
     def to_rollout(
         self, tokenizer, prompt_id: str, group_id: str, sample_id: str, worker: str, version: int

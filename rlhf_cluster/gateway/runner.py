@@ -94,6 +94,7 @@ class AgentRunner:
             turn_max_tokens=cfg.turn_max_tokens,
             token=agent.token,
             replies=ReplyParser(engine.tokenizer, agent.tool_parser, agent.reasoning_parser),
+            samples=agent.samples,
         )
         self.server: object | None = None  # uvicorn's server, once started
         self.url: str | None = None
@@ -115,8 +116,9 @@ class AgentRunner:
         wildcard = agent.bind_address in ("0.0.0.0", "::")
         self.url = f"http://{agent.advertise_address or ('127.0.0.1' if wildcard else agent.bind_address)}:{port}"
 
-    async def episode(self, prompt: Prompt, group_id: str, sample_id: str, greedy: bool) -> tuple[Rollout, int]:
-        """Run the agent once on `prompt`; returns the episode's rollout and its history rewrites.
+    async def episode(self, prompt: Prompt, group_id: str, sample_id: str, greedy: bool) -> tuple[list[Rollout], int]:
+        """Run the agent once on `prompt`; returns the episode's rollouts (one, or one per model turn
+        where it trains per turn: `generation.agent.samples`) and its history rewrites.
         An agent call that fails (raises, hangs, dies, returns a non-reward) costs only its
         sample: the rollout comes back with its `failure` (logged, counted by kind in
         `failures`), and the driver drops it as it drops a failed reward."""
@@ -132,19 +134,19 @@ class AgentRunner:
                     f"returned {result!r}; expected a number (the episode's reward from the agent) or None",
                 )
         except AgentFailed as exc:
-            return self._failed(trace, prompt, group_id, sample_id, exc), 0
+            return [self._failed(trace, prompt, group_id, sample_id, exc)], 0
         finally:
             self.gateway.close(episode_id)
         if result is not None:
             trace.rewards.append(float(result))
         try:
-            rollout = trace.to_rollout(
+            rollouts = trace.to_rollouts(
                 self.engine.tokenizer, prompt.prompt_id, group_id, sample_id, self.engine.name, self.engine.version
             )
         except ValueError as exc:
-            return self._failed(trace, prompt, group_id, sample_id, AgentFailed("bad_result", str(exc))), 0
+            return [self._failed(trace, prompt, group_id, sample_id, AgentFailed("bad_result", str(exc)))], 0
         self.failure_rate.ok()
-        return rollout, trace.rewrites
+        return rollouts, trace.rewrites
 
     async def _call(self, base_url: str, messages: list[dict]):
         """One agent call, in its process slot or a thread, bounded by `agent.timeout_s`."""

@@ -74,6 +74,7 @@ class Gateway:
         token: str | None = None,
         on_close: Callable[[EpisodeTrace], None] | None = None,
         replies: ReplyParser | None = None,
+        samples: str = "auto",
     ):
         self.tokenizer, self.generate, self.model_name = tokenizer, generate, model_name
         # The model's turns as assistant messages (tool calls, reasoning): vLLM's parsers, hermes by default.
@@ -81,12 +82,13 @@ class Gateway:
         self._special_ids = set(tokenizer.all_special_ids)
         self.budget, self.max_model_len, self.turn_max_tokens = budget, max_model_len, turn_max_tokens
         self.open_on_first_use, self.token, self.on_close = open_on_first_use, token, on_close
+        self.samples = samples  # generation.agent.samples: what a rewritten history makes of an episode
         self.episodes: dict[str, EpisodeTrace] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.stats = GatewayStats()
 
     def open(self, episode_id: str, greedy: bool = False) -> EpisodeTrace:
-        trace = self.episodes[episode_id] = EpisodeTrace(episode_id, self.budget, greedy)
+        trace = self.episodes[episode_id] = EpisodeTrace(episode_id, self.budget, greedy, samples=self.samples)
         self._locks[episode_id] = asyncio.Lock()
         return trace
 
@@ -100,7 +102,7 @@ class Gateway:
     def _episode(self, episode_id: str | None) -> tuple[EpisodeTrace, asyncio.Lock]:
         if episode_id is None:
             self.stats.untagged += 1
-            return EpisodeTrace("untagged", self.budget), asyncio.Lock()
+            return EpisodeTrace("untagged", self.budget, samples=self.samples), asyncio.Lock()
         if episode_id not in self.episodes:
             if not self.open_on_first_use:
                 raise GatewayError(404, f"episode {episode_id!r} is not open (closed, timed out, or never started)")
@@ -140,7 +142,7 @@ class Gateway:
             context = context_of(trace)
             turn, with_specials = await self._turn(trace, context, body)
             reply = reply_to(turn)
-            trace.add_turn(turn, reply, with_specials)
+            trace.add_turn(turn, reply, with_specials, context)
         return context, turn, reply
 
     async def _turn(self, trace: EpisodeTrace, context: list[int], body: dict) -> tuple[Turn, str]:

@@ -57,6 +57,7 @@ def serve(
         token=token,
         on_close=episodes.write,
         replies=ReplyParser(engine.tokenizer, agent.tool_parser, agent.reasoning_parser) if agent else None,
+        samples=agent.samples if agent else "auto",
     )
 
     async def run() -> None:

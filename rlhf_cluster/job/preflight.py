@@ -157,10 +157,20 @@ def _elastic_backend(cfg: JobConfig) -> list[str]:
 
 def _tool_task_episodes(cfg: JobConfig) -> list[str]:
     # Its warm-up teaches calculator calls, and its verifier reads the answer after the tool's result.
-    if cfg.data.task == "tool_arithmetic" and cfg.generation.environment is None:
+    if cfg.data.task == "tool_arithmetic" and cfg.generation.environment is None and cfg.generation.agent is None:
         return [
             "generation.environment is empty, but data.task=tool_arithmetic is answered in episodes with a "
             "calculator: set generation.environment: tools (configs/tool_demo.yaml)"
+        ]
+    return []
+
+
+def _agent_turn_samples(cfg: JobConfig) -> list[str]:
+    agent = cfg.generation.agent
+    if agent is not None and agent.samples == "turn" and cfg.generation.turn_rewards.assign == "turn":
+        return [
+            "generation.agent.samples: turn with generation.turn_rewards.assign: turn: each turn is its own sample "
+            "and takes its episode's advantage; set turn_rewards.assign: episode"
         ]
     return []
 
@@ -191,6 +201,7 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     batch_splits,
     _elastic_backend,
     _tool_task_episodes,
+    _agent_turn_samples,
     _guardrails,
     teacher.rules,
     judge.rules,

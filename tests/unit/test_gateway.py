@@ -91,28 +91,75 @@ def test_a_tool_loop_through_the_openai_client_is_one_exact_token_context(tokeni
     assert rollout.turn_starts == [0, start1] and rollout.policy_versions == [(0, 3)]
 
 
-def test_an_edited_earlier_message_is_counted_and_the_engine_keeps_its_own_tokens(tokenizer):
-    engine = ScriptedEngine(tokenizer, ["<think>hmm</think> 5", "done"])
-    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096)
-    gateway.open("e1")
+def _strip_think_agent(gateway, episode="e1"):
+    """An agent that strips the <think> block from the model's earlier reply before going on."""
 
     async def agent():
-        client = client_of(gateway)
+        client = client_of(gateway, episode)
         messages = [{"role": "user", "content": "2+3?"}]
         first = await client.chat.completions.create(model="policy", messages=messages)
         messages.append({"role": "assistant", "content": first.choices[0].message.content.split("</think>")[-1].strip()})
         messages.append({"role": "user", "content": "sure?"})
-        await client.chat.completions.create(model="policy", messages=messages)
+        second = await client.chat.completions.create(model="policy", messages=messages)
+        return messages, [first, second]
 
-    run(agent())
-    trace = gateway.episodes["e1"]
-    assert trace.rewrites == 1
-    assert "<think>hmm</think>" in tokenizer.decode(engine.contexts[1])  # what the model wrote, not the edit
+    return run(agent())
+
+
+def test_a_rewritten_history_trains_each_turn_on_the_context_the_engine_saw(tokenizer):
+    """`samples: auto` (the default): the edit makes the episode per-turn; the engine sees the
+    agent's messages as sent, and each model turn becomes a sample of exactly that context and its
+    own tokens and log-probs."""
+    engine = ScriptedEngine(tokenizer, ["<think>hmm</think> 5", "done"])
+    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096)
+    gateway.open("e1")
+    messages, replies = _strip_think_agent(gateway)
+    trace = gateway.close("e1")
+    assert trace.rewrites == 1 and trace.per_turn
+    assert "<think>hmm</think>" in tokenizer.decode(engine.contexts[0] + replies[0].model_extra["rlhf"]["token_ids"])
+    assert "<think>" not in tokenizer.decode(engine.contexts[1])  # the edit is what the model now sees
+    assert tokenizer.decode(engine.contexts[1]) == render(tokenizer, messages, None, generation_prompt=True)
+    trace.rewards.append(1.0)
+    rollouts = trace.to_rollouts(tokenizer, "p", "g", "g:0", "gen0", 3)
+    assert [r.sample_id for r in rollouts] == ["g:0:t0", "g:0:t1"] and {r.episode_id for r in rollouts} == {"g:0"}
+    for r, context, reply in zip(rollouts, engine.contexts, replies):
+        assert r.prompt_ids == context and r.response_ids == reply.model_extra["rlhf"]["token_ids"]
+        assert r.rollout_logprobs == [-0.5] * len(r.response_ids) and r.policy_versions == [(0, 3)]
+        assert r.turn_rewards == [1.0]  # the agent's reward is the episode's, on every turn
+
+
+def test_an_episode_sampled_as_one_sequence_refuses_a_rewrite_naming_the_setting(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["<think>hmm</think> 5", "done"])
+    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096, samples="episode")
+    gateway.open("e1")
+    with pytest.raises(openai.ConflictError, match="samples: episode"):
+        _strip_think_agent(gateway)
+    assert len(engine.contexts) == 1 and gateway.stats.refused == {"409": 1}
+
+
+def test_turn_samples_render_every_request_afresh_even_without_a_rewrite(tokenizer):
+    engine = ScriptedEngine(tokenizer, ["a", "b"])
+    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096, samples="turn")
+    gateway.open("e1")
+
+    async def agent():
+        client = client_of(gateway)
+        messages = [{"role": "user", "content": "x"}]
+        first = await client.chat.completions.create(model="policy", messages=messages)
+        messages += [first.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "y"}]
+        await client.chat.completions.create(model="policy", messages=messages)
+        return messages
+
+    messages = run(agent())
+    trace = gateway.close("e1")
+    assert trace.per_turn and trace.rewrites == 0
+    assert tokenizer.decode(engine.contexts[1]) == render(tokenizer, messages, None, generation_prompt=True)
+    assert len(trace.to_rollouts(tokenizer, "p", "g", "g:0", "gen0", 0)) == 2
 
 
 def test_dropped_history_unknown_episodes_and_missing_tokens_are_refused(tokenizer):
     engine = ScriptedEngine(tokenizer, ["a", "b", "c"])
-    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096, token="secret")
+    gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096, token="secret", samples="episode")
     gateway.open("e1")
 
     async def calls():
@@ -163,3 +210,27 @@ def test_the_continuation_finishes_the_assistant_turn_the_model_left_open(tokeni
     closed = continuation_text(tokenizer, "5" + tokenizer.eos_token, added, None)
     cut = continuation_text(tokenizer, "5", added, None)  # stopped by length: the template's turn end is added
     assert cut == tokenizer.eos_token + closed
+
+
+def test_a_completions_prompt_that_drops_earlier_text_goes_per_turn_or_is_refused(tokenizer):
+    for samples in ("auto", "episode"):
+        engine = ScriptedEngine(tokenizer, ["12", "34"])
+        gateway = Gateway(tokenizer, engine, "policy", budget=400, max_model_len=4096, samples=samples)
+        gateway.open("e1")
+
+        async def agent():
+            client = client_of(gateway)
+            first = await client.completions.create(model="policy", prompt="1+2=")
+            second_prompt = "summary: " + first.choices[0].text  # the earlier text is not repeated
+            return await client.completions.create(model="policy", prompt=second_prompt)
+
+        if samples == "episode":
+            with pytest.raises(openai.ConflictError, match="samples: episode"):
+                run(agent())
+            continue
+        run(agent())
+        trace = gateway.close("e1")
+        assert trace.per_turn and trace.rewrites == 1
+        assert engine.contexts[1] == tokenizer("summary: 12")["input_ids"]
+        first, second = trace.to_rollouts(tokenizer, "p", "g", "g:0", "gen0", 0)
+        assert (first.prompt_ids, second.prompt_ids) == (engine.contexts[0], engine.contexts[1])

@@ -1,0 +1,92 @@
+"""The tool demo through an agent, trained as one sample per episode and as one per model turn
+(`generation.agent.samples`): does it learn the same way both ways?
+
+`configs/tool_demo.yaml` (its supervised warm-up, then `--steps` GRPO steps) with its environment
+replaced by `tests/integration/tool_demo_agent.py`, the same episode written as an agent over the
+gateway's completions endpoint. Per `--seeds`, two jobs from the same warm-up: `samples: episode`
+(the episode is one token sequence, the calculator's results masked out) and `samples: turn`
+(each model turn its own sample, on the context the engine saw; the episode's reward and
+advantage on every turn). The figure is the sampled held-out accuracy (30 sums never trained on x
+32 answers, through the same agent), before -> after.
+
+    .venv/bin/python benchmarks/agent_turn_samples.py [--seeds 0 1 2 --steps 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from _common import headline, local_ray, machine_info, print_table, result_path, run_job_quietly, run_script, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = result_path("agent_turn_samples")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--sides", nargs="+", default=["episode", "turn"], choices=["episode", "turn"])
+    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p.parse_args(argv)
+
+
+def config(args: argparse.Namespace, samples: str, seed: int, run_dir: Path):
+    from rlhf_cluster.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tool_demo.yaml", [
+        f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}", "train.progress=false",
+        f"name=bench-agent-{samples}-s{seed}", "metrics.enabled=false", "checkpoint.every_steps=1000000",
+        "data.eval_every_steps=0", f"train.total_steps={args.steps}"])
+    raw = cfg.model_dump()
+    raw["generation"]["environment"] = None
+    raw["generation"]["agent"] = {"function": "tests.integration.tool_demo_agent:run", "samples": samples,
+                                  "isolation": "thread", "timeout_s": 120}
+    return type(cfg).model_validate(raw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.cache_dir = str(Path(args.cache_dir).expanduser())
+    t0 = time.perf_counter()
+    jobs: list[dict] = []
+    with local_ray(args.verbose, "bench-agent-") as runs:
+        for seed in args.seeds:
+            for samples in args.sides:
+                start = time.perf_counter()
+                result = run_job_quietly(config(args, samples, seed, runs / f"{samples}-s{seed}"), args.verbose)
+                job = {"samples": samples, "seed": seed, "sampled_before": result.sampled_accuracy_before,
+                       "sampled_after": result.sampled_accuracy_after,
+                       "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
+                       "seconds": time.perf_counter() - start}
+                jobs.append(job)
+                print(f"  samples: {samples}, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
+                      f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), {job['seconds']:.0f}s", flush=True)
+                report(args, jobs, time.perf_counter() - t0, final=False)
+    report(args, jobs, time.perf_counter() - t0, final=True)
+    return 0
+
+
+def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bool) -> None:
+    gains = {side: [j["gain"] for j in jobs if j["samples"] == side] for side in args.sides}
+    learns = all(gains.get(side) and min(gains[side]) > 0 for side in args.sides)
+    write_result(args.out, {
+        "benchmark": "agent_turn_samples", "machine": machine_info(), "complete": final, "seconds": seconds,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "jobs": jobs, "gains": gains,
+        "headline": headline("every seed gains with each kind of sample", float(learns), "= 1", learns, ""),
+    })
+    if final:
+        print(f"\nagent_turn_samples  configs/tool_demo.yaml through an agent, {args.steps} steps: sampled held-out "
+              f"accuracy | {seconds:.0f}s")
+        print_table(["samples", "seed", "before", "after", "gain"],
+                    [[j["samples"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"]] for j in jobs],
+                    ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}"])
+
+
+if __name__ == "__main__":
+    run_script(main)
