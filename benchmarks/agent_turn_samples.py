@@ -15,6 +15,8 @@ advantage on every turn). The figure is the sampled held-out accuracy (30 sums n
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +53,9 @@ def config(args: argparse.Namespace, samples: str, seed: int, run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The agent is `tests.integration.tool_demo_agent`: importable here and on every Ray worker.
+    sys.path.insert(0, str(REPO))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     args.cache_dir = str(Path(args.cache_dir).expanduser())
     t0 = time.perf_counter()
     jobs: list[dict] = []

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.job import run_job
+from actors.job import Job, run_job
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
-from rlhf_cluster.scoring.judge import JudgeError
+from tests.integration.scaling_operator import run_while_scaling
 
 
 def one_token_judge(model_cache: str, out: Path, token: str | None) -> str:
@@ -98,19 +98,11 @@ def test_a_judge_whose_replies_hold_no_verdict_stops_the_job_naming_it(ray_clust
     with pytest.raises(Exception, match=r"judge 'mute' \(scoring.rewards\) failed on 32 samples in a row") as caught:
         run_job(cfg)
     assert "no yes_no verdict in the reply" in str(caught.value)
-    assert JudgeError.__name__ in str(caught.value) or "judge" in str(caught.value)
 
 
 def test_the_judge_pool_scales_like_the_others(ray_cluster, job_config, model_cache, tmp_path):
     """`rlhf-cluster scale --pool judge` (its controller call): up to 2 workers and back to 1 while
     the job runs; both sizes judge samples, and the scrape targets follow."""
-    import json
-    import threading
-    import time
-
-    from actors.job import Job
-    from actors.workers.control import scale
-
     judge = one_token_judge(model_cache, tmp_path / "judge7", "7")
     cfg = job_config(
         name="judge-scaling",
@@ -119,41 +111,7 @@ def test_the_judge_pool_scales_like_the_others(ray_cluster, job_config, model_ca
         train={"total_steps": 100_000, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
                "record_rollouts": True},
     )
-    job = Job(cfg)
-    seen: dict = {}
-    errors: list[BaseException] = []
-
-    def judges_in_targets() -> set[str]:
-        groups = json.loads((job.run_dir / "prometheus_targets.json").read_text())
-        return {g["labels"]["worker"] for g in groups if g["labels"]["pool"] == "judge"}
-
-    def operator() -> None:
-        try:
-            while len(job.rows) < 2:
-                time.sleep(0.05)
-            seen["up"] = scale("judge-scaling", "judge", 2)["judge"]
-            seen["targets_up"] = judges_in_targets()
-            step = len(job.rows)
-            while len(job.rows) < step + 3:
-                time.sleep(0.05)
-            seen["down"] = scale("judge-scaling", "judge", 1)["judge"]
-            seen["targets_down"] = judges_in_targets()
-            step = len(job.rows)
-            while len(job.rows) < step + 2:
-                time.sleep(0.05)
-        except BaseException as exc:  # surfaced below; a failing thread must fail the test
-            errors.append(exc)
-        finally:
-            job.stop()
-
-    thread = threading.Thread(target=operator, daemon=True)
-    thread.start()
-    try:
-        job.run()
-    finally:
-        job.shutdown()
-    thread.join(timeout=5)
-    assert not errors, errors
+    _, seen = run_while_scaling(Job(cfg), "judge-scaling", "judge", steps_up=3, steps_down=2)
     assert seen["up"]["sizes"]["judge"] == 2 and seen["up"]["changed"] == ["judge1"]
     assert seen["targets_up"] == {"judge0", "judge1"}
     assert seen["down"]["sizes"]["judge"] == 1 and seen["targets_down"] == {"judge0"}

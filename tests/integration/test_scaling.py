@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-
-from actors.workers.control import scale
 from actors.job import Job
+from tests.integration.scaling_operator import run_while_scaling
 
 
 def test_scale_generation_up_and_down_while_running(ray_cluster, job_config, driver_assigned_on_its_loop):
@@ -23,41 +19,8 @@ def test_scale_generation_up_and_down_while_running(ray_cluster, job_config, dri
         train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
     )
     job = Job(cfg)
-    seen: dict = {}
-    errors: list[BaseException] = []
-
-    def workers_in_targets() -> set[str]:
-        groups = json.loads((job.run_dir / "prometheus_targets.json").read_text())
-        return {g["labels"]["worker"] for g in groups if g["labels"]["pool"] == "generation"}
-
-    def operator() -> None:
-        try:
-            while len(job.rows) < 2:
-                time.sleep(0.05)
-            seen["up"] = scale("scaling", "generation", 2)["generation"]
-            seen["targets_up"] = workers_in_targets()
-            seen["step_up"] = len(job.rows)
-            while len(job.rows) < seen["step_up"] + 4:
-                time.sleep(0.05)
-            seen["down"] = scale("scaling", "generation", 1)["generation"]
-            seen["targets_down"] = workers_in_targets()
-            seen["step_down"] = len(job.rows)
-            while len(job.rows) < seen["step_down"] + 3:
-                time.sleep(0.05)
-        except BaseException as exc:  # surfaced below; a failing thread must fail the test
-            errors.append(exc)
-        finally:
-            job.stop()
-
-    thread = threading.Thread(target=operator, daemon=True)
-    thread.start()
-    try:
-        result = job.run()
-    finally:
-        job.shutdown()
-    thread.join(timeout=5)
+    result, seen = run_while_scaling(job, "scaling", "generation")
     receipts = job.delivery_receipts
-    assert not errors, errors
     assert driver_assigned_on_its_loop == [], "the operator's thread (scale, stop) assigned the driver's state"
     assert seen["up"]["changed"] == ["gen1"] and seen["up"]["sizes"]["generation"] == 2
     assert seen["down"]["changed"] == ["gen1"] and seen["down"]["sizes"]["generation"] == 1
