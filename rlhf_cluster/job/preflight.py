@@ -18,7 +18,7 @@ from collections.abc import Callable
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
 from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
-from rlhf_cluster.job import judge, teacher
+from rlhf_cluster.job import agents, judge, teacher
 
 
 def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:
@@ -165,16 +165,6 @@ def _tool_task_episodes(cfg: JobConfig) -> list[str]:
     return []
 
 
-def _agent_turn_samples(cfg: JobConfig) -> list[str]:
-    agent = cfg.generation.agent
-    if agent is not None and agent.samples == "turn" and cfg.generation.turn_rewards.assign == "turn":
-        return [
-            "generation.agent.samples: turn with generation.turn_rewards.assign: turn: each turn is its own sample "
-            "and takes its episode's advantage; set turn_rewards.assign: episode"
-        ]
-    return []
-
-
 def _guardrails(cfg: JobConfig) -> list[str]:
     from rlhf_cluster.job.guardrails import metric_problem
 
@@ -201,7 +191,7 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     batch_splits,
     _elastic_backend,
     _tool_task_episodes,
-    _agent_turn_samples,
+    agents.rules,
     _guardrails,
     teacher.rules,
     judge.rules,
@@ -346,16 +336,6 @@ def _engine_kwargs(cfg: JobConfig) -> list[str]:
     return []
 
 
-def _agent_parsers(cfg: JobConfig) -> list[str]:
-    # Checked against the installed vLLM's parser registries (imported only for agent jobs).
-    agent = cfg.generation.agent
-    if agent is None:
-        return []
-    from rlhf_cluster.gateway.replies import parser_problems
-
-    return parser_problems(agent.tool_parser, agent.reasoning_parser)
-
-
 FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _model_dir,
     _prompt_file,
@@ -364,7 +344,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _deepspeed_json,
     _bind_address,
     _engine_kwargs,
-    _agent_parsers,
+    agents.file_problems,
     teacher.folder_problems,
     judge.folder_problems,
 ]

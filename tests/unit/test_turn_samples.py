@@ -45,3 +45,17 @@ def test_a_group_of_turn_samples_builds_with_each_episodes_advantage_on_its_toke
                                    max_new_tokens=8)
     assert [s.advantages for s in samples] == [[0.5] * 2, [0.5] * 3, [-0.5] * 4]
     assert metrics["zero_signal"] == 0.0
+
+
+def test_preflight_refuses_turn_samples_beside_turn_level_credit():
+    from rlhf_cluster.config import JobConfig
+    from rlhf_cluster.job import agents
+
+    def cfg(samples: str, assign: str) -> JobConfig:
+        return JobConfig.model_validate({"generation": {
+            "agent": {"function": "my_agent:run", "samples": samples},
+            "turn_rewards": {"combine": "sum", "assign": assign}}})
+
+    (problem,) = agents.rules(cfg("turn", "turn"))
+    assert "generation.agent.samples: turn" in problem and "turn_rewards.assign: episode" in problem
+    assert agents.rules(cfg("auto", "turn")) == [] and agents.rules(cfg("turn", "episode")) == []

@@ -1,0 +1,27 @@
+"""What an agent job (`generation.agent`) must meet: settings that work together (`rules`) and
+parser names the installed vLLM has (`file_problems`, checked where vLLM is importable); preflight
+runs both."""
+
+from __future__ import annotations
+
+from rlhf_cluster.config import JobConfig
+
+
+def rules(cfg: JobConfig) -> list[str]:
+    agent = cfg.generation.agent
+    if agent is not None and agent.samples == "turn" and cfg.generation.turn_rewards.assign == "turn":
+        return [
+            "generation.agent.samples: turn with generation.turn_rewards.assign: turn: each turn is its own sample "
+            "and takes its episode's advantage; set turn_rewards.assign: episode"
+        ]
+    return []
+
+
+def file_problems(cfg: JobConfig) -> list[str]:
+    # Checked against the installed vLLM's parser registries (imported only for agent jobs).
+    agent = cfg.generation.agent
+    if agent is None:
+        return []
+    from rlhf_cluster.gateway.replies import parser_problems
+
+    return parser_problems(agent.tool_parser, agent.reasoning_parser)
