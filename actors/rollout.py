@@ -43,11 +43,11 @@ async def _scored(cluster: Cluster, cfg: JobConfig, rollouts: list[Rollout], pro
     answers = {p.prompt_id: p.answer for p in prompts}
     texts = {p.prompt_id: p.text for p in prompts}
     rewarded = scored_indices(ok)  # an episode trained per turn is rewarded once, on its last turn
-    judged_ones = [ok[i] for i in rewarded]
+    answering = [ok[i] for i in rewarded]
     scores, refs, judged = await asyncio.gather(
-        cluster.score(judged_ones, answers),
+        cluster.score(answering, answers),
         cluster.reference_logprobs(ok),
-        cluster.judge(judged_ones, texts, answers),
+        cluster.judge(answering, texts, answers),
     )
     judge = cfg.scoring.judge_source
     if judged is not None and judge is not None:

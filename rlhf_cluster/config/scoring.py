@@ -167,7 +167,7 @@ class ScoringConfig(_Strict):
         default_factory=_default_rewards,
         min_length=1,
         description="Reward sources, summed with their weights: at most one rule source (`verifier`: the task's, or "
-        "`function`: yours, in its place) and at most one `model` ensemble.",
+        "`function`: yours, in its place), at most one `model` ensemble and at most one `judge`.",
     )
     quantization: Literal["none", "int8"] = Field(
         "none", description="Frozen reward and reference models on int8 weights (per-channel W8A8) or not."
