@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 CONFIG ?= configs/demo.yaml
 
-.PHONY: setup run test lint test-slow test-all test-unit test-integration test-avx2 bench gpu-check clean
+.PHONY: setup run test lint test-slow test-all test-unit test-integration test-avx2 bench soak gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -45,6 +45,13 @@ test-avx2: setup
 
 bench: setup
 	@bash scripts/run_benchmarks.sh
+
+# An hour of chaos (benchmarks/soak.py): the demo's job on two raylets under a seeded schedule of
+# faults, then every invariant checked; SOAK_SEED replays a schedule, SOAK_MINUTES shortens it.
+SOAK_MINUTES ?= 60
+SOAK_SEED ?= 0
+soak: setup
+	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 # On a lent GPU machine (no package index, no setup: ../shared/GPU.md names the wheels to bring in
 # .whl/): tests/gpu, the learner at 0.5B and 1.5B, the reference forward and the host hop, in one

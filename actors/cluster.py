@@ -230,6 +230,7 @@ class Cluster:
         self.infos[pool_name].pop(dead, None)
         actor = self.pools[pool_name].actors[new]
         asyncio.get_running_loop().create_task(self._register(pool_name, new, actor))
+        self.run_dir.event("worker_replaced", pool=pool_name, worker=dead, replacement=new)
         log.info(f"{pool_name} worker {dead} died; replaced by {new} (restart {self.pools[pool_name].restarts})")
 
     async def _register(self, pool_name: str, name: str, actor) -> None:
@@ -276,6 +277,9 @@ class Cluster:
         labels = {"job": self.cfg.name, "pool": pool_name, "worker": dead}
         m.HUNG_DETECTION_SECONDS.labels(**labels).observe(detected_s)
         m.WORKER_REPLACEMENT_SECONDS.labels(**labels).observe(replaced_s)
+        self.run_dir.event(
+            "worker_hung", pool=pool_name, worker=dead, reason=reason, detected_s=detected_s, replaced_s=replaced_s
+        )
         log.info(
             f"{pool_name} worker {dead} was hung ({reason}): detected in {detected_s:.1f} s, "
             f"replaced in {replaced_s:.1f} s"
@@ -307,6 +311,7 @@ class Cluster:
             else:
                 self.infos[pool_name][name] = await pool.actors[name].info.remote()
         self.write_scrape_targets()
+        self.run_dir.event("scaled", pool=pool_name, replicas=len(pool), changed=changed)
         log.info(
             f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})"
         )

@@ -85,11 +85,12 @@ class Driver:
         if resume_from is not None:  # the rollbacks the run made up to its checkpoint: counted, and their settings kept
             kept = [e for e in self.run_dir.read(RunDir.EVENTS) if e.get("step", -1) <= resume_from.step]
             self.cfg = self.checkpointer.cfg = self.rollback.replay(kept, cfg)
+            self.run_dir.event("resumed", from_step=resume_from.step)
         self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
         self.delivery: Delivery | None = None
         # Every version's way to the engines; a transport whose sender takes part in each push
         # reaches the current learner's rank 0.
-        self.weights = WeightSync(cfg.name, lambda delivery: self.trainer.send(delivery), self.reporter.probes)
+        self.weights = WeightSync(cfg.name, lambda delivery: self.trainer.send(delivery), self.reporter.receipts)
         self._publishing: asyncio.Task | None = None  # the newest version's publication
         self.published_version = 0
         try:
@@ -211,6 +212,8 @@ class Driver:
             for g in groups:
                 dropped = self.state.add_group(g.samples, g.metrics, g.worker, g.failed)
                 self.reporter.dropped("reward_failed", g.failed)  # left out of a group that kept the rest
+                if g.failed or dropped == "reward_failed":
+                    self.run_dir.event("reward_failed", worker=g.worker, samples=g.failed or len(g.samples))
                 if dropped is None:
                     self.reporter.group_buffered(g.samples, g.worker, g.requested_at, g.generated_at)
                 else:
@@ -357,6 +360,7 @@ class Driver:
             ) from cause
         self.learner_restarts += 1
         self.reporter.restart("learner", "group")
+        self.run_dir.event("learner_rebuilt", cause=repr(cause)[:500])
         log.info(f"learner rank died ({cause!r}); rebuilding from the newest checkpoint")
         await self.checkpointer.wait()
         return await self._rebuild_learner(tg, self.checkpointer.newest())

@@ -20,7 +20,7 @@ from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry.metrics import MetricLabels
 from rlhf_cluster.telemetry.step_report import console_line, step_row
 from rlhf_cluster.telemetry.tracing import Tracer
-from rlhf_cluster.weights.messages import ProbeReport
+from rlhf_cluster.weights.messages import ProbeReport, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,29 @@ class Reporter:
                 }
             ],
         )
+
+    def receipts(self, receipts: list[Receipt], from_store: bool) -> None:
+        """Every engine's answer to a weight load, in receipts.jsonl: the version it serves and whether
+        that is proven (its fingerprint is the sender's; `from_store`: the engine checked the store's
+        own manifest), and the post-load probes riding on them."""
+        self.run_dir.append(
+            RunDir.RECEIPTS,
+            [
+                {
+                    "worker": r.worker,
+                    "version": r.version,
+                    "variant": r.variant,
+                    "status": r.status,
+                    "proven": r.status in ("loaded", "held") if from_store else r.proven,
+                    "fingerprint": (r.fingerprint or "")[:16],
+                    "time": time.time(),
+                }
+                for r in receipts
+            ],
+        )
+        probes = [r.probe for r in receipts if r.probe is not None]
+        if probes:
+            self.probes(probes)
 
     def probes(self, reports: list[ProbeReport]) -> None:
         """Log each worker's post-load probe mismatch (probes.jsonl) and alert when it jumps."""

@@ -40,10 +40,12 @@ def import_spec(spec: str, field: str, kind: str = "function", example: str = "m
 
 
 class FailureRate:
-    """A user function's recent calls (a reward function's, an agent's): it counts as broken after
-    `in_a_row` failures in a row (it fails from the start), or once more than `max_fraction` of a
+    """A user function's recent calls (a reward function's, an agent's): it counts as broken when
+    its first `in_a_row` calls all fail (it never worked), or once more than `max_fraction` of a
     full `window` of calls failed (a few early failures are noise); past half of that a warning is
-    logged, once per crossing. `failed` returns why it is broken, or None."""
+    logged, once per crossing. A function that has worked and then fails for a while (a verifier's
+    service down) is judged by the rate alone: `max_fraction` 1 rides out any outage. `failed`
+    returns why it is broken, or None."""
 
     def __init__(self, where: str, max_fraction: float, window: int, in_a_row: int):
         if not 0.0 <= max_fraction <= 1.0:
@@ -53,16 +55,18 @@ class FailureRate:
         self.where, self.max_fraction, self.limit_in_a_row = where, max_fraction, in_a_row
         self.recent: deque[bool] = deque(maxlen=window)  # True: that call failed
         self.in_a_row = 0
+        self.worked = False  # a call has succeeded
         self.warned = False
 
     def ok(self) -> None:
         self.in_a_row = 0
+        self.worked = True
         self.recent.append(False)
 
     def failed(self, cause: str) -> str | None:
         self.in_a_row += 1
         self.recent.append(True)
-        if self.in_a_row >= self.limit_in_a_row:
+        if self.in_a_row >= self.limit_in_a_row and not self.worked:
             return f"{self.where} failed on {self.in_a_row} samples in a row; the last: {cause}"
         window = self.recent.maxlen or 1
         if len(self.recent) < window:

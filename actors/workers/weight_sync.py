@@ -8,7 +8,7 @@ It owns the newest delivery, the workers joining, the push lock (versions reach 
 order), the seating of a push's broadcast group for a transport whose sender takes part
 (`Delivery.sender`: the learner's rank 0 and the push's engines form a numbered group, numbered
 anew whenever that set changes or a push was interrupted), the receipts, and the probe reports
-riding on them (handed to `on_probes`). An interrupted push (a member died or hung; each engine
+riding on them (all handed to `on_receipts`). An interrupted push (a member died or hung; each engine
 answers `interrupted` within the transport's timeout) goes out again to the engines it
 interrupted, seated anew, at most `ATTEMPTS` times.
 
@@ -27,7 +27,8 @@ from typing import Any
 import ray
 
 from rlhf_cluster.telemetry import metrics as m
-from rlhf_cluster.weights.messages import Delivery, ProbeReport, Receipt, Seat
+from rlhf_cluster.weights.messages import Delivery, Receipt, Seat
+from rlhf_cluster.weights.transports import DeliveryInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,17 @@ RECEIPTS_KEPT = 10_000
 
 class WeightSync:
     """One job's weight pushes. `sender(delivery)`: the current learner's rank 0 part of a push
-    (its `send`); `on_probes`: where each load's probe reports go. The generation pool it serves
+    (its `send`); `on_receipts`: where every load's receipt goes (each proven or not, with the
+    probe report riding on it). The generation pool it serves
     is set by `serve` (the pool's workers `join` through it)."""
 
     def __init__(
         self,
         job_name: str,
         sender: Callable[[Delivery], ray.ObjectRef],
-        on_probes: Callable[[list[ProbeReport]], None],
+        on_receipts: Callable[[list[Receipt], bool], None],
     ):
-        self.job_name, self.sender, self.on_probes = job_name, sender, on_probes
+        self.job_name, self.sender, self.on_receipts = job_name, sender, on_receipts
         self.delivery: Delivery | None = None  # the newest version's, for every worker that joins
         self.pool: Any = None  # the generation ActorPool (`serve`)
         # Workers being prepared; pushes reach them too. (Actor handles hash and compare by actor id.)
@@ -125,9 +127,12 @@ class WeightSync:
                 results[i] = result
             if isinstance(sent, ray.exceptions.RayActorError):
                 return results  # the learner died: its rollback pushes the restored version
+            # An engine that died in the broadcast fails the sender's side too: that failure is the
+            # death's (the pool replaces the engine, which joins with the newest delivery).
+            died = any(isinstance(results[i], ray.exceptions.RayActorError) for i in pending)
             pending = [i for i in pending if isinstance(results[i], Receipt) and results[i].status == "interrupted"]
             if not pending:
-                if isinstance(sent, BaseException):
+                if isinstance(sent, BaseException) and not (died and isinstance(sent, DeliveryInterrupted)):
                     raise sent
                 return results
             self._seating = None  # a new group, even for the same engines
@@ -148,8 +153,8 @@ class WeightSync:
     def _record(self, receipts: Sequence[Receipt], delivery: Delivery | None) -> list[Receipt]:
         """Proof of delivery: an engine that loaded the version reports the sender's fingerprint;
         any other is counted (a refused version was counted by its worker) and kept in
-        `receipts`; the probe reports riding on them go to `on_probes`. `delivery` None: loads
-        from the store, proven against the store's own manifests by the engine."""
+        `receipts` and handed to `on_receipts`. `delivery` None: loads from the store, proven
+        against the store's own manifests by the engine."""
         recorded = [r if delivery is None else r.against(delivery) for r in receipts]
         for receipt in recorded:
             if delivery is not None and receipt.status in ("loaded", "held") and not receipt.proven:
@@ -159,9 +164,8 @@ class WeightSync:
                     f"the learner sent {(receipt.sent_fingerprint or '')[:12]}"
                 )
         self.receipts.extend(recorded)
-        probes = [r.probe for r in recorded if r.probe is not None]
-        if probes:
-            self.on_probes(probes)
+        if recorded:
+            self.on_receipts(recorded, delivery is None)
         return recorded
 
 

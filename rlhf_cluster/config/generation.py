@@ -161,7 +161,8 @@ class AgentConfig(_Strict):
         ge=0,
         le=1,
         description="Failed agent calls cost their samples, until the agent counts as broken and the job stops "
-        "naming it: more than this share of the last failure_window calls a worker made failed, or 32 in a row.",
+        "naming it: more than this share of the last failure_window calls a worker made failed, or its first 32 "
+        "all did.",
     )
     failure_window: int = Field(200, ge=1, description="Recent agent calls (per worker) max_failure_fraction judges.")
     tool_parser: str = Field(

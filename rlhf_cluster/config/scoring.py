@@ -130,7 +130,7 @@ class JudgeReward(_Typed):
         ge=0,
         le=1,
         description="With `on_error: drop`, the job stops naming the judge when more than this share of a judge "
-        "worker's last `failure_window` verdicts failed (or 32 in a row).",
+        "worker's last `failure_window` verdicts failed (or its first 32 all did).",
     )
     failure_window: int = Field(200, ge=1, description="Recent verdicts over which `max_failure_fraction` is judged.")
 

@@ -8,7 +8,13 @@ checks a soak run (issue 58) asserts after faults, and any test after a kill and
 - `staleness`: no step trained on a sample staler than `train.max_staleness` (its row's
   `staleness_max`);
 - `longest_gap_s`: the longest wall-clock stretch between two steps' rows (a resume's downtime
-  included): the soak bounds it.
+  included): the soak bounds it;
+- `served_proven`: every policy version a trained sample was generated with (above 0, the job's
+  starting model) was loaded by that worker with a proven receipt (`receipts.jsonl`: the
+  fingerprint it reported is the sender's, or the store's manifest for a load from the store).
+  Worker names restart with each driver, so the proof is by (worker name, version).
+
+`detections` matches injected faults to the recoveries the run recorded (`events.jsonl`).
 
 `check_run` returns every invariant with whether it holds and what broke it; nothing here
 raises on a broken run.
@@ -77,10 +83,72 @@ def check_run(run_dir: RunDir, max_staleness: int, max_gap_s: float | None = Non
         )
     )
 
+    proven = {(r["worker"], r["version"]) for r in run_dir.read(RunDir.RECEIPTS) if r.get("proven")}
+    unproven = sorted(
+        {
+            (c["worker"], int(version))
+            for c in consumed
+            for _, version in c.get("policy_versions") or [(0, c["policy_version"])]
+            if version > 0 and (c["worker"], int(version)) not in proven
+        }
+    )
+    out.invariants.append(
+        Invariant(
+            "served_proven",
+            not unproven,
+            f"generated with versions no proven receipt shows: {unproven[:5]}" if unproven else "",
+            float(len(proven)),
+        )
+    )
+
     times = [r["time"] for r in rows if "time" in r]
     gap = max((b - a for a, b in zip(times, times[1:])), default=0.0)
     holds = max_gap_s is None or gap <= max_gap_s
     out.invariants.append(
         Invariant("longest_gap_s", holds, "" if holds else f"{gap:.1f} s between two steps > {max_gap_s:g} s", gap)
     )
+    return out
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An injected fault: when (wall clock), what, and the events.jsonl kinds (and pool, if any)
+    that count as its detection."""
+
+    time: float
+    kind: str
+    detected_by: tuple[str, ...]
+    pool: str | None = None
+
+
+@dataclass(frozen=True)
+class Detection:
+    fault: Fault
+    event: dict | None  # the first matching event after the fault, None: not detected within the bound
+    seconds: float | None
+
+
+def detections(faults: list[Fault], events: list[dict], bound_s: float) -> list[Detection]:
+    """Each fault's detection: the first event of a kind in its `detected_by` (of its pool, where
+    the event names one) from the fault's time to `bound_s` later, not already claimed by an
+    earlier fault."""
+    claimed: set[int] = set()
+    out = []
+    for fault in sorted(faults, key=lambda f: f.time):
+        match = next(
+            (
+                (i, e)
+                for i, e in enumerate(events)
+                if i not in claimed
+                and e.get("event") in fault.detected_by
+                and (fault.pool is None or e.get("pool", fault.pool) == fault.pool)
+                and fault.time <= e.get("time", -1.0) <= fault.time + bound_s
+            ),
+            None,
+        )
+        if match is None:
+            out.append(Detection(fault, None, None))
+            continue
+        claimed.add(match[0])
+        out.append(Detection(fault, match[1], match[1]["time"] - fault.time))
     return out

@@ -9,6 +9,7 @@ an error naming the file and line.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -85,7 +86,11 @@ class RunDir:
     SCORED_LOG = "scored"  # every scored group as it arrives (ScoredLog segments)
     RESUME = "resume.json"  # which checkpoint a resumed run started from
     EVAL = "eval.json"  # held-out accuracy before and after
-    EVENTS = "events.jsonl"  # actions the run took on its own (guardrails: a best checkpoint kept, an early stop)
+    # Actions the run took on its own: guardrails (a best checkpoint kept, an early stop, a rollback:
+    # rows of a step) and recoveries (a worker replaced, the learner rebuilt, a resume, a pool scaled,
+    # failed rewards dropped: rows of a time, kept by every resume; `event`).
+    EVENTS = "events.jsonl"
+    RECEIPTS = "receipts.jsonl"  # every engine's answer to every weight load: the version and its proof
     SCRAPE_TARGETS = "prometheus_targets.json"  # Prometheus file-based service discovery
     ENGINE_INT8 = "engine-int8"  # the int8 checkpoint generation engines start from
     JUDGE_INT8 = "judge-int8"  # the judge's int8 checkpoint (a judge with quantization: int8)
@@ -94,8 +99,10 @@ class RunDir:
     CHECKPOINT_BUFFER = "buffer.arrow"
     CRITIC = "critic"  # the critic's rank checkpoints
 
+    FULL_DISK_WAIT_S = 600.0  # how long an append waits for space on a full disk before it fails
+
     STEP_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS)
-    JSONL_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS, PROBES, TIMELINE, TRACE)
+    JSONL_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS, PROBES, TIMELINE, TRACE, RECEIPTS)
 
     lock: RunLock | None  # the directory's lock, set by `acquire` (absent before), None after `release`
 
@@ -230,9 +237,36 @@ class RunDir:
             self.lock = None
 
     def append(self, name: str, rows: list[dict]) -> None:
-        """Append rows to a JSONL file of the run."""
-        with open(self.root / name, "a") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in rows)
+        """Append rows to a JSONL file of the run, whole or not at all. While the disk is full the
+        append waits (the job pauses, with a warning) and tries again, up to `FULL_DISK_WAIT_S`;
+        what a failed try wrote is cut off first, and the wait is recorded as a `disk_full` event."""
+        path, text = self.root / name, "".join(json.dumps(row) + "\n" for row in rows)
+        began, delay = time.monotonic(), 0.2
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            try:
+                with open(path, "a") as fh:
+                    fh.write(text)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if os.path.exists(path):
+                    os.truncate(path, size)  # frees, so it works on a full disk too
+                waited = time.monotonic() - began
+                if waited > self.FULL_DISK_WAIT_S:
+                    full = f"{path}: the disk stayed full for {waited:.0f} s: {exc.strerror}"
+                    raise OSError(exc.errno, full) from exc
+                if delay == 0.2:
+                    log.warning(f"{path}: the disk is full; the run waits for space (up to {self.FULL_DISK_WAIT_S} s)")
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        if delay > 0.2 and name != self.EVENTS:
+            self.event("disk_full", file=name, waited_s=time.monotonic() - began)
+
+    def event(self, kind: str, **fields) -> None:
+        """A recovery the run made (not tied to a step: every resume keeps it) as a row of events.jsonl."""
+        self.append(self.EVENTS, [{"event": kind, "time": time.time(), **fields}])
 
     def read(self, name: str) -> list[dict]:
         """The rows of a JSONL file of the run (none if it does not exist); a torn final line is
@@ -256,10 +290,12 @@ class RunDir:
         write_atomic(self.root / name, yaml.safe_dump(value, sort_keys=False))
 
     def keep_steps(self, last_step: int) -> None:
-        """Keep the step logs' rows of steps <= last_step, so a resumed run's logs continue the original's."""
+        """Keep the step logs' rows of steps <= last_step, so a resumed run's logs continue the
+        original's (rows of no step, the recoveries of `event`, stay)."""
         for name in self.STEP_LOGS:
             rows = self.read(name)
-            write_atomic(self.root / name, "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= last_step))
+            kept = (r for r in rows if r.get("step", -1) <= last_step)
+            write_atomic(self.root / name, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _unused(path: Path) -> Path:

@@ -21,8 +21,8 @@ dict of numbers, or runs past its timeout, has failed; the source's `on_error` d
 
 Scored samples of a custom function carry `reward_failed = 0.0`, so the mean of that component
 over a batch is its failure rate. Even with `drop`, two bounds raise `RewardFunctionError` naming
-the function, the failure rate and the last cause: `BROKEN_AFTER` failures in a row (a broken
-function, not a bad response), and more than `max_failure_fraction` failures among the last
+the function, the failure rate and the last cause: its first `BROKEN_AFTER` calls all failing (a
+broken function, not a bad response), and more than `max_failure_fraction` failures among the last
 `failure_window` samples this worker scored (a function that fails often enough that dropping
 its samples would bias or starve training; a warning is logged at half that rate).
 """
@@ -43,7 +43,7 @@ from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.user_code import FailureRate, import_spec
 
 FAILED = "reward_failed"
-BROKEN_AFTER = 32  # samples failing in a row that mean the function itself is broken
+BROKEN_AFTER = 32  # first samples all failing: the function itself is broken
 log = logging.getLogger(__name__)
 RewardFn = Callable[[str, str], "float | dict[str, float]"]
 

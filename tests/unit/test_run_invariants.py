@@ -4,18 +4,21 @@ directories written here: each holds on a clean run and names what broke it on a
 from __future__ import annotations
 
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.run.invariants import check_run
+from rlhf_cluster.run.invariants import Fault, check_run, detections
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import BUFFERED, ScoredLog
 
 
-def _run(tmp_path, steps, consumed, staleness=(0,), times=None, groups=("g0", "g1")) -> RunDir:
+def _run(tmp_path, steps, consumed, staleness=(0,), times=None, groups=("g0", "g1"), proven=True) -> RunDir:
     run = RunDir(tmp_path / "run", tmp_path / "weights", tmp_path / "ckpt")
     run.root.mkdir(parents=True)
     times = times or [100.0 + 2 * i for i in range(len(steps))]
     run.append(RunDir.METRICS, [{"step": s, "staleness_max": staleness[i % len(staleness)], "time": t}
                                 for i, (s, t) in enumerate(zip(steps, times))])
-    run.append(RunDir.CONSUMED, [{"step": 0, "sample_id": sid} for sid in consumed])
+    run.append(RunDir.CONSUMED, [{"step": 0, "sample_id": sid, "worker": "gen0", "policy_version": 1,
+                                  "policy_versions": [[0, 0], [1, 1]]} for sid in consumed])
+    run.append(RunDir.RECEIPTS, [{"worker": "gen0", "version": 1, "status": "loaded", "proven": proven},
+                                 {"worker": "gen1", "version": 2, "status": "loaded", "proven": True}])
     log = ScoredLog(run / RunDir.SCORED_LOG)
     (run / RunDir.SCORED_LOG).mkdir()
     for g in groups:
@@ -40,3 +43,28 @@ def test_each_broken_invariant_is_named(tmp_path):
                                                  "longest_gap_s"}
     assert "'a'" in report["trained_once"].detail and "'g0'" in report["groups_once"].detail
     assert "(1, 3)" in report["staleness"].detail and report["longest_gap_s"].value == 199.0
+
+
+def test_a_version_served_without_a_proven_receipt_is_named(tmp_path):
+    """gen0 generated with version 1, and its receipt for it does not prove the bytes it loaded
+    (version 0, the job's starting model, needs none)."""
+    report = check_run(_run(tmp_path, [0, 1], ["a"], proven=False), max_staleness=1)
+    assert [i.name for i in report.broken()] == ["served_proven"]
+    assert "('gen0', 1)" in report["served_proven"].detail
+
+
+def test_each_fault_is_matched_to_its_own_detection_within_the_bound():
+    events = [
+        {"event": "worker_replaced", "pool": "reward", "time": 11.0},
+        {"event": "worker_replaced", "pool": "generation", "time": 12.0},
+        {"event": "resumed", "time": 50.0},
+        {"event": "worker_replaced", "pool": "generation", "time": 400.0},
+    ]
+    faults = [
+        Fault(10.0, "kill_generation", ("worker_replaced",), "generation"),
+        Fault(13.0, "kill_generation", ("worker_replaced",), "generation"),  # the 12 s one is taken; 400 s is too late
+        Fault(40.0, "driver_sigterm", ("resumed",)),
+        Fault(60.0, "driver_sigterm", ("resumed",)),  # a resume before the fault is not its detection
+    ]
+    found = detections(faults, events, bound_s=120)
+    assert [d.seconds for d in found] == [2.0, None, 10.0, None]

@@ -1,0 +1,72 @@
+"""A run's logs on a full disk (found by the soak, issue 58: a step's append of consumed.jsonl
+failed with ENOSPC and ended the job): an append waits for space and then writes its rows whole,
+once; what a failed try wrote is cut off; the wait is a `disk_full` event; a disk that stays full
+past `FULL_DISK_WAIT_S` is an error naming the file, and leaves nothing half-written. The full
+disk is a stand-in `open` that writes part of the text and then fails as a full disk does."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+
+import pytest
+
+import rlhf_cluster.run.run_dir as run_dir_module
+from rlhf_cluster.run.run_dir import RunDir
+
+
+class _FullFor:
+    """`open` for a disk that is full for the first `tries` appends: each writes half its text, then fails."""
+
+    def __init__(self, tries: int):
+        self.tries = tries
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        fh = builtins.open(path, mode, *args, **kwargs)
+        if "a" not in mode or self.tries == 0:
+            return fh
+        self.tries -= 1
+        real_write = fh.write
+
+        def write(text):
+            real_write(text[: len(text) // 2])
+            fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        fh.write = write
+        return fh
+
+
+@pytest.fixture
+def run(tmp_path):
+    run = RunDir(tmp_path / "run", tmp_path / "w", tmp_path / "c")
+    run.root.mkdir()
+    run.append(RunDir.METRICS, [{"step": 0}])
+    return run
+
+
+def test_an_append_waits_out_a_full_disk_and_writes_its_rows_once(run, monkeypatch):
+    monkeypatch.setattr(run_dir_module, "open", _FullFor(tries=2), raising=False)
+    monkeypatch.setattr(run_dir_module.time, "sleep", lambda s: None)
+    run.append(RunDir.METRICS, [{"step": 1, "x": "a" * 100}, {"step": 2}])
+    assert [r["step"] for r in run.read(RunDir.METRICS)] == [0, 1, 2]
+    (event,) = run.read(RunDir.EVENTS)
+    assert event["event"] == "disk_full" and event["file"] == RunDir.METRICS
+
+
+def test_a_disk_that_stays_full_is_an_error_naming_the_file_with_nothing_half_written(run, monkeypatch):
+    monkeypatch.setattr(run_dir_module, "open", _FullFor(tries=10**6), raising=False)
+    monkeypatch.setattr(run_dir_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(RunDir, "FULL_DISK_WAIT_S", -1.0)
+    with pytest.raises(OSError, match="metrics.jsonl: the disk stayed full"):
+        run.append(RunDir.METRICS, [{"step": 1, "x": "a" * 100}])
+    assert (run / RunDir.METRICS).read_text() == '{"step": 0}\n'
+
+
+def test_rows_of_no_step_outlive_a_resume(run):
+    """keep_steps (a resume) cuts the step logs after the checkpoint's step; a recovery's event
+    row (no step) stays."""
+    run.append(RunDir.EVENTS, [{"step": 5, "event": "guardrails"}])
+    run.event("worker_replaced", pool="generation", worker="gen0")
+    run.keep_steps(3)
+    assert [e["event"] for e in run.read(RunDir.EVENTS)] == ["worker_replaced"]
