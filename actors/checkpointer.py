@@ -177,7 +177,11 @@ class Checkpointer:
         except OSError as exc:
             self._failed(tmp, step, exc)
             return
-        digests: dict[str, object] = dict(await trainer.stage_checkpoint(tmp))  # the manifest's extra entries
+        try:  # a rank that dies staging fails the checkpoint; the next step's call finds it dead and rebuilds
+            digests: dict[str, object] = dict(await trainer.stage_checkpoint(tmp))  # the manifest's extra entries
+        except ray.exceptions.RayError as exc:
+            self._failed(tmp, step, exc)
+            return
         if verdict is not None:
             digests = {**digests, "guard": {"metric": self.cfg.guardrails.metric, "value": verdict.value}}
         self._writing = tg.create_task(self._finish(tmp, step, digests, trainer, state))

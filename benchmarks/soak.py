@@ -487,7 +487,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="decides the fault schedule (replay a run with its seed)")
     ap.add_argument("--faults", type=int, default=40, help="faults planned over the run")
     ap.add_argument("--final-steps", type=int, default=8, help="steps of the last resume, before the evaluation")
-    ap.add_argument("--max-gap-s", type=float, default=180.0, help="the longest stretch allowed without a step")
+    ap.add_argument("--max-gap-s", type=float, default=120.0, help="the longest stretch allowed without a step")
     ap.add_argument("--disk-mb", type=int, default=512, help="size of the run directory's tmpfs")
     ap.add_argument("--workdir", default="/tmp/rlhf-soak")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak"))

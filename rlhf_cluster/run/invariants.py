@@ -12,7 +12,9 @@ checks a soak run (issue 58) asserts after faults, and any test after a kill and
 - `served_proven`: every policy version a trained sample was generated with (above 0, the job's
   starting model) was loaded by that worker with a proven receipt (`receipts.jsonl`: the
   fingerprint it reported is the sender's, or the store's manifest for a load from the store).
-  Worker names restart with each driver, so the proof is by (worker name, version).
+  Worker names restart with each driver, so the proof is by (worker name, version); a sample of a
+  group a resume reused from the scored log has no worker (`?`): some proven load of its version
+  stands for it.
 
 `detections` matches injected faults to the recoveries the run recorded (`events.jsonl`).
 
@@ -84,6 +86,7 @@ def check_run(run_dir: RunDir, max_staleness: int, max_gap_s: float | None = Non
     )
 
     proven = {(r["worker"], r["version"]) for r in run_dir.read(RunDir.RECEIPTS) if r.get("proven")}
+    proven |= {("?", version) for _, version in proven}  # a group a resume reused: its worker is not known
     unproven = sorted(
         {
             (c["worker"], int(version))
