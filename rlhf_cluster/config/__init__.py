@@ -31,6 +31,7 @@ from rlhf_cluster.config.base import ConfigError, ResourcesConfig, typed_union
 from rlhf_cluster.config.generation import (
     AgentConfig,
     GenerationConfig,
+    OpenEnvEnvironment,
     ProbeConfig,
     SamplingConfig,
     SpeculativeConfig,
@@ -87,6 +88,7 @@ __all__ = [
     "SpeculativeConfig",
     "TurnRewardsConfig",
     "AgentConfig",
+    "OpenEnvEnvironment",
     "GenerationConfig",
     "RewardModelSpec",
     "VerifierReward",

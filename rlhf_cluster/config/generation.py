@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhf_cluster.config.base import ResourcesConfig, _Strict
+from rlhf_cluster.config.base import ResourcesConfig, _Strict, _Typed
 
 
 class SamplingConfig(_Strict):
@@ -115,15 +115,51 @@ def is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
+class OpenEnvEnvironment(_Typed):
+    """An OpenEnv environment server (the `openenv-core` format: an `Environment` served by its
+    `create_fastapi_app`) as the agent: per sample one episode over the server's WebSocket session
+    (`rlhf_cluster/gateway/openenv.py`): reset, then the model's reply to each observation is the
+    action, until the environment says done or `max_turns`; the episode's reward is the sum of the
+    steps' rewards."""
+
+    type: Literal["openenv"] = Field("openenv", description="Environment format.")
+    url: str = Field(..., description="The environment server's base URL (http://host:port).")
+    action_field: str = Field("message", description="The Action field the model's reply text goes into.")
+    observation_field: str | None = Field(
+        None,
+        description="The observation field shown to the model as the user's turn (None: the whole observation, JSON).",
+    )
+    max_turns: int = Field(8, ge=1, description="Steps at most per episode.")
+    max_tokens: int | None = Field(None, ge=1, description="Tokens per reply (None: the gateway's per-turn budget).")
+    seed_from_prompt: bool = Field(
+        True,
+        description="reset(seed=...) from the prompt's text, so every sample of a prompt's group meets the same "
+        "task (GRPO compares them); false: the environment picks.",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Seconds to connect, and per reset or step reply.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError(f"{url!r}: expected the server's base URL, http://host:port")
+        return url.rstrip("/")
+
+
 class AgentConfig(_Strict):
     """Agent episodes through the OpenAI-compatible gateway (`rlhf_cluster.gateway`): each sample
-    is one call of the user's agent function, whose requests to the gateway are recorded token for
-    token."""
+    is one call of the user's agent function (or one episode of an `environment`), whose requests to
+    the gateway are recorded token for token."""
 
-    function: str = Field(
-        ...,
+    function: str | None = Field(
+        None,
         description="`module:function` called as agent(base_url, api_key, messages) per sample; "
-        "returns the agent's reward (a number) or None.",
+        "returns the agent's reward (a number) or None. Or set `environment`.",
+    )
+    environment: OpenEnvEnvironment | None = Field(
+        None,
+        description="A public environment format run as the agent, in place of `function`: "
+        "{type: openenv, url, action_field, observation_field, max_turns}.",
     )
     timeout_s: float = Field(300.0, gt=0, description="An agent call that has not returned by then fails the request.")
     max_concurrent: int = Field(64, ge=1, description="Agent calls running at once per generation worker (threads).")
@@ -176,6 +212,26 @@ class AgentConfig(_Strict):
         description="A reasoning parser of the installed vLLM (`vllm serve --reasoning-parser`: qwen3, "
         "deepseek_r1, ...) that splits the model's thinking into `reasoning_content`; None: none.",
     )
+
+    @property
+    def name(self) -> str:
+        """How errors and logs name the agent."""
+        if self.environment is not None:
+            return f"generation.agent.environment ({self.environment.type} at {self.environment.url})"
+        return f"generation.agent.function={self.function!r}"
+
+    @model_validator(mode="after")
+    def _one_agent(self) -> AgentConfig:
+        if (self.function is None) == (self.environment is None):
+            raise ValueError(
+                "generation.agent: set one of `function` (module:function) and `environment` ({type: openenv, url})"
+            )
+        if self.environment is not None and self.isolation == "process":
+            raise ValueError(
+                "generation.agent.isolation: process runs a function in a child process; an environment's episodes "
+                "run in the worker's threads (the environment itself runs in its own server): use auto or thread"
+            )
+        return self
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> AgentConfig:

@@ -10,4 +10,5 @@ project's own multi-turn episodes. Ray-free.
 - `runner`: runs a user's agent function per sample against the app and turns traces into rollouts.
 - `requests`: what the app refuses as an OpenAI endpoint would (checked against `openai`'s types).
 - `isolation`: agent calls in child processes (killed at the timeout, memory capped).
+- `openenv`: an OpenEnv environment server as the agent (`generation.agent.environment`).
 """

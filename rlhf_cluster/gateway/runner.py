@@ -2,7 +2,8 @@
 into a rollout.
 
 The agent is any function `agent(base_url, api_key, messages)` (named in config as
-`module:function`) that talks to an OpenAI-compatible server at `base_url` with any client, e.g.
+`module:function`; or an OpenEnv environment server, run by `openenv.OpenEnvAgent`) that talks
+to an OpenAI-compatible server at `base_url` with any client, e.g.
 `openai.OpenAI(base_url=base_url, api_key=api_key)`, starting from the prompt's `messages`. It may
 return a number, the episode's reward from the agent's side (added to the episode's last turn as
 a turn reward, combined by `generation.turn_rewards`), or None; the scoring pool scores the
@@ -27,6 +28,7 @@ from rlhf_cluster.config import AgentConfig, GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.gateway.isolation import AgentFailed, AgentProcesses
+from rlhf_cluster.gateway.openenv import OpenEnvAgent
 from rlhf_cluster.gateway.replies import ReplyParser
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
@@ -69,12 +71,19 @@ class AgentRunner:
         if agent is None:
             raise RuntimeError("an AgentRunner serves agent episodes: generation.agent must be set")
         self.agent_cfg: AgentConfig = agent
-        self.cfg, self.engine, self.agent = cfg, engine, load_agent(agent.function)
-        isolated = agent.isolation == "process" or (agent.isolation == "auto" and not _in_project(self.agent))
-        self.processes = AgentProcesses(agent.function, agent.max_concurrent, agent.memory_mb) if isolated else None
+        self.cfg, self.engine = cfg, engine
+        self.processes: AgentProcesses | None = None
+        if agent.environment is not None:  # a public environment format: its episodes in this worker's threads
+            self.agent: AgentFunction = OpenEnvAgent(agent.environment, agent.model_name)
+        else:
+            assert agent.function is not None  # the config holds one of the two
+            self.agent = load_agent(agent.function)
+            isolated = agent.isolation == "process" or (agent.isolation == "auto" and not _in_project(self.agent))
+            if isolated:
+                self.processes = AgentProcesses(agent.function, agent.max_concurrent, agent.memory_mb)
         self.failures: dict[str, int] = {}  # failed agent calls by kind (AgentFailed.kind)
         self.failure_rate = FailureRate(
-            f"generation.agent.function={agent.function!r}",
+            agent.name,
             agent.max_failure_fraction,
             agent.failure_window,
             BROKEN_AFTER,
@@ -164,7 +173,7 @@ class AgentRunner:
             raise AgentFailed("raised", f"raised {type(exc).__name__}: {exc}") from exc
 
     def _failed(self, trace, prompt: Prompt, group_id: str, sample_id: str, exc: AgentFailed) -> Rollout:
-        reason = f"generation.agent.function={self.agent_cfg.function!r} failed on episode {trace.episode_id}: {exc}"
+        reason = f"{self.agent_cfg.name} failed on episode {trace.episode_id}: {exc}"
         log.warning(reason)
         self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
         broken = self.failure_rate.failed(f"episode {trace.episode_id}: {exc}")
