@@ -421,6 +421,7 @@ class Soak:
             "steps": len(times),
             "steps_per_min_in_faults": in_fault / fault_s * 60 if fault_s else None,
             "steps_per_min_otherwise": (len(times) - in_fault) / max(1e-9, ended - began - fault_s) * 60,
+            "last_step_to_end_s": ended - max(times, default=began),
             "driver_crashes": self.crashes,
             "stop_rc": rc,
             "final_rc": final_rc,
@@ -435,6 +436,7 @@ class Soak:
         checks = {
             **{name: v["holds"] for name, v in report["invariants"].items()},
             "every_fault_detected": not report["undetected"],
+            "steps_until_the_end": report["last_step_to_end_s"] <= self.args.max_gap_s,
             "every_fault_recovered": all(f["recovered_s"] is not None for f in injected),
             "no_fingerprint_mismatch": report["fingerprint_mismatches"] == 0,
             "driver_never_crashed": not self.crashes and rc == 0 and final_rc == 0,
@@ -488,7 +490,12 @@ def main() -> int:
     ap.add_argument("--faults", type=int, default=40, help="faults planned over the run")
     ap.add_argument("--final-steps", type=int, default=8, help="steps of the last resume, before the evaluation")
     ap.add_argument("--max-gap-s", type=float, default=120.0, help="the longest stretch allowed without a step")
-    ap.add_argument("--disk-mb", type=int, default=512, help="size of the run directory's tmpfs")
+    ap.add_argument(
+        "--disk-mb",
+        type=int,
+        default=4096,
+        help="size of the run directory's tmpfs (an hour of the job writes ~0.6 GB)",
+    )
     ap.add_argument("--workdir", default="/tmp/rlhf-soak")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "soak"))
     ap.add_argument("--kinds", type=lambda s: s.split(","), help="only these fault kinds (comma-separated)")

@@ -13,8 +13,8 @@ checks a soak run (issue 58) asserts after faults, and any test after a kill and
   starting model) was loaded by that worker with a proven receipt (`receipts.jsonl`: the
   fingerprint it reported is the sender's, or the store's manifest for a load from the store).
   Worker names restart with each driver, so the proof is by (worker name, version); a sample of a
-  group a resume reused from the scored log has no worker (`?`): some proven load of its version
-  stands for it.
+  group a resume reused from the scored log (worker `recovered`, or `?`) has no live worker: some
+  proven load of its version stands for it.
 
 `detections` matches injected faults to the recoveries the run recorded (`events.jsonl`).
 
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
+
+UNKNOWN_WORKERS = ("recovered", "?")  # what consumed.jsonl names when no live worker generated a sample
 
 
 @dataclass
@@ -86,7 +88,9 @@ def check_run(run_dir: RunDir, max_staleness: int, max_gap_s: float | None = Non
     )
 
     proven = {(r["worker"], r["version"]) for r in run_dir.read(RunDir.RECEIPTS) if r.get("proven")}
-    proven |= {("?", version) for _, version in proven}  # a group a resume reused: its worker is not known
+    # A group a resume reused from the scored log ("recovered") or of no recorded worker ("?"): any
+    # proven load of its version stands for it.
+    proven |= {(unknown, version) for _, version in proven for unknown in UNKNOWN_WORKERS}
     unproven = sorted(
         {
             (c["worker"], int(version))

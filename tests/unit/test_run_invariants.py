@@ -52,12 +52,12 @@ def test_a_version_served_without_a_proven_receipt_is_named(tmp_path):
     assert [i.name for i in report.broken()] == ["served_proven"]
     assert "('gen0', 1)" in report["served_proven"].detail
     run = _run(tmp_path / "reused", [0, 1], ["a"])  # a resume reused a group: its worker is unknown ("?")
-    run.append(RunDir.CONSUMED, [{"step": 1, "sample_id": "b", "worker": "?", "policy_version": 2,
+    run.append(RunDir.CONSUMED, [{"step": 1, "sample_id": "b", "worker": "recovered", "policy_version": 2,
                                   "policy_versions": [[0, 2]]},
                                  {"step": 1, "sample_id": "c", "worker": "?", "policy_version": 3,
                                   "policy_versions": [[0, 3]]}])
     report = check_run(run, max_staleness=5)
-    assert "('?', 3)" in report["served_proven"].detail and "('?', 2)" not in report["served_proven"].detail
+    assert "('?', 3)" in report["served_proven"].detail and "2)" not in report["served_proven"].detail
 
 
 def test_each_fault_is_matched_to_its_own_detection_within_the_bound():
