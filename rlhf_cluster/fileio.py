@@ -52,11 +52,15 @@ def fsync_path(path: str | Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temp file and a rename: readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no temp file taking its space
+        raise
     fsync_path(path.parent)
 
 

@@ -291,11 +291,39 @@ class RunDir:
 
     def keep_steps(self, last_step: int) -> None:
         """Keep the step logs' rows of steps <= last_step, so a resumed run's logs continue the
-        original's (rows of no step, the recoveries of `event`, stay)."""
+        original's (rows of no step, the recoveries of `event`, stay). A log whose later steps are
+        all at its end (as the step loop appends them) is cut in place, needing no room for a copy
+        (an hour of the soak's job wrote 235 MB of consumed.jsonl); any other is rewritten."""
         for name in self.STEP_LOGS:
+            path = self.root / name
+            cut = _first_row_after(path, last_step) if path.exists() else None
+            if cut is not None:  # every row from there on is of a later step: cut the file there, in place
+                os.truncate(path, cut)
+                fsync_path(path)
+                continue
             rows = self.read(name)
             kept = (r for r in rows if r.get("step", -1) <= last_step)
-            write_atomic(self.root / name, "".join(json.dumps(r) + "\n" for r in kept))
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _first_row_after(path: Path, last_step: int) -> int | None:
+    """The byte offset of `path`'s first row of a step after `last_step` when every row from there
+    on is of such a step (the file can be cut there); None when rows to keep follow it, a row is
+    not JSON, or no row is after `last_step` (nothing to cut: `os.truncate` at the end is a no-op)."""
+    offset, cut = 0, None
+    with open(path, "rb") as fh:
+        for line in fh:
+            try:
+                step = json.loads(line).get("step", -1) if line.strip() else None
+            except ValueError:
+                return None
+            if step is not None:
+                if step > last_step:
+                    cut = offset if cut is None else cut
+                elif cut is not None:
+                    return None  # a row to keep after the cut
+            offset += len(line)
+    return cut
 
 
 def _unused(path: Path) -> Path:

@@ -1,8 +1,9 @@
 """A run's logs on a full disk (found by the soak, issue 58: a step's append of consumed.jsonl
 failed with ENOSPC and ended the job): an append waits for space and then writes its rows whole,
 once; what a failed try wrote is cut off; the wait is a `disk_full` event; a disk that stays full
-past `FULL_DISK_WAIT_S` is an error naming the file, and leaves nothing half-written. The full
-disk is a stand-in `open` that writes part of the text and then fails as a full disk does."""
+past `FULL_DISK_WAIT_S` is an error naming the file, and leaves nothing half-written. A resume
+cuts its step logs in place, and a failed atomic write leaves no temp file. The full disk is a
+stand-in `open` (or `fsync`) that fails as a full disk does."""
 
 from __future__ import annotations
 
@@ -70,3 +71,33 @@ def test_rows_of_no_step_outlive_a_resume(run):
     run.event("worker_replaced", pool="generation", worker="gen0")
     run.keep_steps(3)
     assert [e["event"] for e in run.read(RunDir.EVENTS)] == ["worker_replaced"]
+
+
+def test_a_resume_cuts_a_step_log_in_place_needing_no_room_for_a_copy(run):
+    """Found by the soak: each resume rewrote consumed.jsonl (235 MB after an hour) through a
+    temp copy, so a nearly full disk failed every resume. Rows appended in step order are now cut
+    where the kept steps end, in place (the same file, no temp)."""
+    run.append(RunDir.METRICS, [{"step": s} for s in range(1, 6)])
+    inode = (run / RunDir.METRICS).stat().st_ino
+    run.keep_steps(2)
+    assert [r["step"] for r in run.read(RunDir.METRICS)] == [0, 1, 2]
+    assert (run / RunDir.METRICS).stat().st_ino == inode and not list(run.root.glob(".*.tmp"))
+    run.keep_steps(7)  # nothing after it: unchanged
+    assert [r["step"] for r in run.read(RunDir.METRICS)] == [0, 1, 2]
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file_taking_space(tmp_path, monkeypatch):
+    """Found by the soak: each failed rewrite on a full disk left its partial temp file, so the
+    next resume found even less room."""
+    import rlhf_cluster.fileio as fileio
+
+    real_fsync = fileio.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    with pytest.raises(OSError):
+        fileio.write_atomic(tmp_path / "log.jsonl", "x" * 1000)
+    monkeypatch.setattr(fileio.os, "fsync", real_fsync)
+    assert list(tmp_path.iterdir()) == []
