@@ -209,15 +209,18 @@ class Driver:
             if timeline != self.timeline:
                 return  # generated for a timeline a rollback abandoned
             self.state.admission.buffered(key)
+            failed: dict[str, int] = {}  # worker -> samples whose reward failed, one event row per request
             for g in groups:
                 dropped = self.state.add_group(g.samples, g.metrics, g.worker, g.failed)
                 self.reporter.dropped("reward_failed", g.failed)  # left out of a group that kept the rest
                 if g.failed or dropped == "reward_failed":
-                    self.run_dir.event("reward_failed", worker=g.worker, samples=g.failed or len(g.samples))
+                    failed[g.worker] = failed.get(g.worker, 0) + (g.failed or len(g.samples))
                 if dropped is None:
                     self.reporter.group_buffered(g.samples, g.worker, g.requested_at, g.generated_at)
                 else:
                     self.reporter.dropped(dropped, len(g.samples))
+            for worker, samples in failed.items():
+                self.run_dir.event("reward_failed", worker=worker, samples=samples)
             self.reporter.buffer_depth(self.state.buffer.depth)
             self.changed.notify_all()
 

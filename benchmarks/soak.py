@@ -6,15 +6,15 @@ it; then the run directory and the Prometheus scrapes are checked (rlhf_cluster/
 
 The job: 2 generation workers (on the second raylet, which the soak kills and restarts), 2 reward
 workers, a reference worker, 2 learner ranks, the collective weight transport, the run directory
-on a size-limited tmpfs (where the machine lets root mount one). The schedule (`plan`, from the
-seed alone) is rounds of every fault kind in a seeded order, at seeded gaps; a fault is injected
+on a size-limited tmpfs (where the machine lets root mount one). The schedule (soak_plan.py, from
+the seed alone) is rounds of every fault kind in a seeded order, at seeded gaps; a fault is injected
 at its planned time or once the one before has recovered, whichever is later, so each fault's
 detection and recovery are timed on their own. A fault's detection is its recovery's row in
 events.jsonl (`FAULTS` names which); its recovery, the first step trained after that.
 
 At the end the driver is stopped and resumed for a few last steps with the held-out evaluation,
-whose sampled accuracy is held to the demo's seed range. The report (printed, and JSON under
-benchmarks/results/soak/) gives faults by kind, detection and recovery times, steps per minute
+whose sampled accuracy is held to the demo's seed range. The report (soak_report.py; printed, and
+JSON under benchmarks/results/soak/) gives faults by kind, detection and recovery times, steps per minute
 with and without a fault being recovered from, and every invariant.
 """
 
@@ -24,15 +24,13 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
@@ -41,8 +39,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from soak_plan import CLASS_OF, FAULTS, RECOVERY_BOUND_S, Planned, plan  # noqa: E402
+from soak_report import Outcome, build_report  # noqa: E402
+
 from rlhf_cluster.fileio import CorruptLogError  # noqa: E402
-from rlhf_cluster.run.invariants import Fault, check_run, detections  # noqa: E402
+from rlhf_cluster.run.invariants import Fault, detections  # noqa: E402
 from rlhf_cluster.run.run_dir import RunDir  # noqa: E402
 
 # As the CLI does (actors/commands/cli.py): Ray turns token auth on where ~/.ray/auth_token exists, so the
@@ -50,47 +51,6 @@ from rlhf_cluster.run.run_dir import RunDir  # noqa: E402
 if (Path.home() / ".ray" / "auth_token").exists():
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 CLI = str(REPO / ".venv" / "bin" / "rlhf-cluster")
-# kind -> (the pool it hits, the events.jsonl kinds that detect it)
-FAULTS: dict[str, tuple[str | None, tuple[str, ...]]] = {
-    "kill_generation": ("generation", ("worker_replaced",)),
-    "stop_generation": ("generation", ("worker_hung",)),
-    "kill_reward": ("reward", ("worker_replaced",)),
-    "stop_reward": ("reward", ("worker_hung",)),
-    "kill_reference": ("reference", ("worker_replaced",)),
-    "stop_reference": ("reference", ("worker_hung",)),
-    "kill_learner": (None, ("learner_rebuilt",)),
-    "stop_learner": (None, ("learner_rebuilt",)),
-    "push_interrupted": ("generation", ("worker_replaced",)),
-    "raylet_restart": ("generation", ("worker_replaced",)),
-    "driver_sigterm": (None, ("resumed",)),
-    "reward_failing": (None, ("reward_failed",)),
-    "reward_hanging": (None, ("reward_failed",)),
-    "disk_full": (None, ("disk_full",)),
-    "scale_generation": ("generation", ("scaled",)),
-}
-CLASS_OF = {"generation": "GenerationWorker", "reward": "RewardWorker", "reference": "ReferenceWorker"}
-DEMO_SAMPLED_AFTER = (0.389, 0.532)  # docs/demo-results.md: sampled held-out accuracy after RL, seeds 0-4
-RECOVERY_BOUND_S = 300.0
-
-
-@dataclass(frozen=True)
-class Planned:
-    gap_s: float  # after the previous fault's planned time
-    kind: str
-    pick: int  # which worker of the pool (index into the live ones, modulo their count)
-    hold_s: float  # how long a lasting fault lasts (a stopped raylet, a failing reward, a full disk)
-
-
-def plan(seed: int, minutes: float, faults: int, kinds: list[str]) -> list[Planned]:
-    """The fault schedule, from the seed alone: rounds of every kind in a seeded order, at gaps
-    averaging the run's length over `faults` + 1."""
-    rng = random.Random(seed)
-    mean = minutes * 60 / (faults + 1)
-    out: list[Planned] = []
-    while len(out) < faults:
-        for kind in rng.sample(kinds, len(kinds)):
-            out.append(Planned(rng.uniform(0.5, 1.5) * mean, kind, rng.randrange(1000), rng.uniform(8, 20)))
-    return out[:faults]
 
 
 def job_config(workdir: Path, run_dir: Path) -> Path:
@@ -380,71 +340,25 @@ class Soak:
         self.driver.start(True, "--set", f"train.total_steps={steps + self.args.final_steps}")
         assert self.driver.proc is not None
         final_rc = self.driver.proc.wait(900)
-        run = self.logs
-        rows = run.read(RunDir.METRICS)
         evaluation = (
             json.loads((self.run_dir / RunDir.EVAL).read_text()) if (self.run_dir / RunDir.EVAL).exists() else {}
         )
-        faults = [Fault(f["time"], f["kind"], FAULTS[f["kind"]][1], FAULTS[f["kind"]][0]) for f in injected]
-        found = detections(faults, run.read(RunDir.EVENTS), RECOVERY_BOUND_S)
-        invariants = check_run(run, max_staleness=1, max_gap_s=self.args.max_gap_s)
-        sampled = evaluation.get("sampled_accuracy_after")
-        windows = [(f["time"], f["time"] + (f["recovered_s"] or RECOVERY_BOUND_S)) for f in injected]
-        times = [r["time"] for r in rows if began <= r.get("time", 0) <= ended]
-        in_fault = sum(any(a <= t <= b for a, b in windows) for t in times)
-        fault_s = sum(b - a for a, b in windows)
-        by_kind: dict[str, dict] = {}
-        for f in injected:
-            k = by_kind.setdefault(f["kind"], {"count": 0, "detected_s": [], "recovered_s": []})
-            k["count"] += 1
-            for key in ("detected_s", "recovered_s"):
-                if f[key] is not None:
-                    k[key].append(f[key])
-        report = {
-            "seed": self.args.seed,
-            "minutes": self.args.minutes,
-            "cpu": _cpu_kind(),
-            "faults": len(injected),
-            "kinds": len(by_kind),
-            "by_kind": {
-                kind: {
-                    "count": k["count"],
-                    "undetected": k["count"] - len(k["detected_s"]),
-                    "unrecovered": k["count"] - len(k["recovered_s"]),
-                    **_spread("detected_s", k["detected_s"]),
-                    **_spread("recovered_s", k["recovered_s"]),
-                }
-                for kind, k in sorted(by_kind.items())
-            },
-            "injected": injected,
-            "undetected": [asdict(d.fault) for d in found if d.event is None],
-            "steps": len(times),
-            "steps_per_min_in_faults": in_fault / fault_s * 60 if fault_s else None,
-            "steps_per_min_otherwise": (len(times) - in_fault) / max(1e-9, ended - began - fault_s) * 60,
-            "last_step_to_end_s": ended - max(times, default=began),
-            "driver_crashes": self.crashes,
-            "stop_rc": rc,
-            "final_rc": final_rc,
-            "fingerprint_mismatches": sum(s.get("rlhf_weights_fingerprint_mismatches_total", 0) for s in self.scrapes),
-            "worker_restarts_scraped": sum(s.get("rlhf_pool_worker_restarts_total", 0) for s in self.scrapes),
-            "sampled_accuracy_after": sampled,
-            "demo_sampled_after": DEMO_SAMPLED_AFTER,
-            "invariants": {
-                i.name: {"holds": i.holds, "detail": i.detail, "value": i.value} for i in invariants.invariants
-            },
-        }
-        checks = {
-            **{name: v["holds"] for name, v in report["invariants"].items()},
-            "every_fault_detected": not report["undetected"],
-            "steps_until_the_end": report["last_step_to_end_s"] <= self.args.max_gap_s,
-            "every_fault_recovered": all(f["recovered_s"] is not None for f in injected),
-            "no_fingerprint_mismatch": report["fingerprint_mismatches"] == 0,
-            "driver_never_crashed": not self.crashes and rc == 0 and final_rc == 0,
-            "accuracy_in_demo_range": sampled is not None and sampled >= DEMO_SAMPLED_AFTER[0],
-        }
-        report["checks"] = checks
-        report["all_hold"] = all(checks.values())
-        return report
+        return build_report(
+            Outcome(
+                seed=self.args.seed,
+                minutes=self.args.minutes,
+                max_gap_s=self.args.max_gap_s,
+                began=began,
+                ended=ended,
+                injected=injected,
+                crashes=self.crashes,
+                scrapes=self.scrapes,
+                stop_rc=rc,
+                final_rc=final_rc,
+                sampled_accuracy=evaluation.get("sampled_accuracy_after"),
+            ),
+            self.logs,
+        )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -462,25 +376,12 @@ class Soak:
             subprocess.run(["umount", "-l", str(self.disk)], check=False)
 
 
-def _spread(name: str, values: list[float]) -> dict:
-    return {f"{name}_median": statistics.median(values) if values else None, f"{name}_max": max(values, default=None)}
-
-
 def _mount_tmpfs(path: Path, size_mb: int) -> bool:
     """A size-limited filesystem for the run directory (root and a kernel that allow it), else False."""
     if os.geteuid() != 0:
         return False
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True)
     return done.returncode == 0
-
-
-def _cpu_kind() -> str:
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                flags = open("/proc/cpuinfo").read()
-                return line.split(":", 1)[1].strip() + (" (AMX)" if "amx_tile" in flags else "")
-    return "unknown"
 
 
 def main() -> int:

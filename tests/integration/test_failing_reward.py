@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from actors.job import Job
+from rlhf_cluster.run.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 # Imported by the reward workers too: Ray puts the driver's working directory (the repo) on their path.
@@ -53,5 +54,9 @@ def test_a_reward_failing_on_a_third_of_calls_trains_on_the_samples_that_kept_a_
     per_step = [[c for c in result.consumed if c.step == s] for s in range(STEPS)]
     assert all(2 * cfg.train.prompts_per_step <= len(s) <= cfg.samples_per_step for s in per_step)
     assert sum(map(len, per_step)) < STEPS * cfg.samples_per_step
+    # Each failure is on record in events.jsonl (a row per rollout request and worker, the soak's detection).
+    events = [e for e in RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir).read(RunDir.EVENTS)
+              if e.get("event") == "reward_failed"]
+    assert sum(e["samples"] for e in events) >= failed and all(e["worker"] for e in events), events
     print(f"{STEPS} steps in {time.monotonic() - start:.0f} s; {failed} samples dropped for a failed reward; "
           f"{[len(s) for s in per_step]} samples trained per step")

@@ -1,4 +1,4 @@
-"""The soak's fault schedule (benchmarks/soak.py, issue 58) comes from its seed alone, so a run
+"""The soak's fault schedule (benchmarks/soak_plan.py, issue 58) comes from its seed alone, so a run
 that broke an invariant can be replayed fault for fault; every round holds every kind once."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak_plan.py"
 
 
 def _soak():
-    spec = importlib.util.spec_from_file_location("soak", SOAK)
+    spec = importlib.util.spec_from_file_location("soak_plan", SOAK)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # its dataclasses look their module up there
+    sys.modules["soak_plan"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -32,7 +32,27 @@ def test_the_seed_decides_the_schedule_and_every_round_holds_every_kind():
 
 def test_every_fault_kind_names_the_recoveries_that_detect_it():
     soak = _soak()
-    recoveries = {"worker_replaced", "worker_hung", "learner_rebuilt", "resumed", "scaled", "reward_failed", "disk_full"}
+    recoveries = {"worker_replaced", "worker_hung", "learner_rebuilt", "resumed", "scaled", "reward_failed",
+                  "disk_full"}
     for kind, (pool, detected_by) in soak.FAULTS.items():
         assert detected_by and set(detected_by) <= recoveries, kind
         assert pool in (None, "generation", "reward", "reference"), kind
+
+
+def test_the_report_counts_each_kind_s_undetected_and_unrecovered_faults(monkeypatch):
+    monkeypatch.syspath_prepend(str(SOAK.parent))  # soak_report imports its siblings, as soak.py runs it
+    from soak_report import by_kind
+
+    injected = [
+        {"kind": "kill_reward", "detected_s": 2.0, "recovered_s": 3.0},
+        {"kind": "kill_reward", "detected_s": 4.0, "recovered_s": None},
+        {"kind": "kill_reward", "detected_s": 9.0, "recovered_s": 10.0},
+        {"kind": "disk_full", "detected_s": None, "recovered_s": None},
+    ]
+    table = by_kind(injected)
+    assert list(table) == ["disk_full", "kill_reward"]
+    assert table["kill_reward"] == {
+        "count": 3, "undetected": 0, "unrecovered": 1,
+        "detected_s_median": 4.0, "detected_s_max": 9.0, "recovered_s_median": 6.5, "recovered_s_max": 10.0,
+    }
+    assert table["disk_full"]["undetected"] == 1 and table["disk_full"]["recovered_s_max"] is None

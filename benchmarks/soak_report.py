@@ -1,0 +1,101 @@
+"""The soak's report (benchmarks/soak.py, issue 58): from what the soak saw (its faults, the driver's
+exits, the scrapes) and the run directory alone, the faults by kind with detection and recovery
+times, steps per minute inside and outside recovery windows, every invariant of
+rlhf_cluster/run/invariants.py, and the checks that decide whether the hour passed."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+from _common import machine_info
+from soak_plan import FAULTS, RECOVERY_BOUND_S
+
+from rlhf_cluster.run.invariants import Fault, check_run, detections
+from rlhf_cluster.run.run_dir import RunDir
+
+DEMO_SAMPLED_AFTER = (0.389, 0.532)  # docs/demo-results.md: sampled held-out accuracy after RL, seeds 0-4
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the soak itself saw of the run."""
+
+    seed: int
+    minutes: float
+    max_gap_s: float
+    began: float  # wall time of the first step, when the schedule starts
+    ended: float  # wall time the faults' run ended (before the final resume)
+    injected: list[dict]  # a Planned's fields with the fault's time, detected_s, recovered_s
+    crashes: list[dict]  # the driver's exits the soak did not ask for
+    scrapes: list[dict]  # the last Prometheus scrape of each driver's life
+    stop_rc: int  # the driver's exit code at the end of the run
+    final_rc: int  # the final resume's (its last steps and the held-out evaluation)
+    sampled_accuracy: float | None  # the final evaluation's sampled held-out accuracy
+
+
+def build_report(o: Outcome, run: RunDir) -> dict:
+    rows = run.read(RunDir.METRICS)
+    faults = [Fault(f["time"], f["kind"], FAULTS[f["kind"]][1], FAULTS[f["kind"]][0]) for f in o.injected]
+    found = detections(faults, run.read(RunDir.EVENTS), RECOVERY_BOUND_S)
+    invariants = check_run(run, max_staleness=1, max_gap_s=o.max_gap_s)
+    windows = [(f["time"], f["time"] + (f["recovered_s"] or RECOVERY_BOUND_S)) for f in o.injected]
+    times = [r["time"] for r in rows if o.began <= r.get("time", 0) <= o.ended]
+    in_fault = sum(any(a <= t <= b for a, b in windows) for t in times)
+    fault_s = sum(b - a for a, b in windows)
+    report = {
+        "seed": o.seed,
+        "minutes": o.minutes,
+        "machine": machine_info(),
+        "faults": len(o.injected),
+        "kinds": len({f["kind"] for f in o.injected}),
+        "by_kind": by_kind(o.injected),
+        "injected": o.injected,
+        "undetected": [asdict(d.fault) for d in found if d.event is None],
+        "steps": len(times),
+        "steps_per_min_in_faults": in_fault / fault_s * 60 if fault_s else None,
+        "steps_per_min_otherwise": (len(times) - in_fault) / max(1e-9, o.ended - o.began - fault_s) * 60,
+        "last_step_to_end_s": o.ended - max(times, default=o.began),
+        "driver_crashes": o.crashes,
+        "stop_rc": o.stop_rc,
+        "final_rc": o.final_rc,
+        "fingerprint_mismatches": sum(s.get("rlhf_weights_fingerprint_mismatches_total", 0) for s in o.scrapes),
+        "worker_restarts_scraped": sum(s.get("rlhf_pool_worker_restarts_total", 0) for s in o.scrapes),
+        "sampled_accuracy_after": o.sampled_accuracy,
+        "demo_sampled_after": DEMO_SAMPLED_AFTER,
+        "invariants": {i.name: {"holds": i.holds, "detail": i.detail, "value": i.value} for i in invariants.invariants},
+    }
+    checks = {
+        **{name: v["holds"] for name, v in report["invariants"].items()},
+        "every_fault_detected": not report["undetected"],
+        "steps_until_the_end": report["last_step_to_end_s"] <= o.max_gap_s,
+        "every_fault_recovered": all(f["recovered_s"] is not None for f in o.injected),
+        "no_fingerprint_mismatch": report["fingerprint_mismatches"] == 0,
+        "driver_never_crashed": not o.crashes and o.stop_rc == 0 and o.final_rc == 0,
+        "accuracy_in_demo_range": o.sampled_accuracy is not None and o.sampled_accuracy >= DEMO_SAMPLED_AFTER[0],
+    }
+    report["checks"] = checks
+    report["all_hold"] = all(checks.values())
+    return report
+
+
+def by_kind(injected: list[dict]) -> dict[str, dict]:
+    """Per fault kind: how many, how many went undetected or unrecovered, detection and recovery
+    times (median, max; seconds from the fault)."""
+    out: dict[str, dict] = {}
+    for kind in sorted({f["kind"] for f in injected}):
+        of = [f for f in injected if f["kind"] == kind]
+        detected = [f["detected_s"] for f in of if f["detected_s"] is not None]
+        recovered = [f["recovered_s"] for f in of if f["recovered_s"] is not None]
+        out[kind] = {
+            "count": len(of),
+            "undetected": len(of) - len(detected),
+            "unrecovered": len(of) - len(recovered),
+            **_spread("detected_s", detected),
+            **_spread("recovered_s", recovered),
+        }
+    return out
+
+
+def _spread(name: str, values: list[float]) -> dict:
+    return {f"{name}_median": statistics.median(values) if values else None, f"{name}_max": max(values, default=None)}
