@@ -6,14 +6,14 @@ it; then the run directory and the Prometheus scrapes are checked (rlhf_cluster/
 
 The job: 2 generation workers (on the second raylet, which the soak kills and restarts), 2 reward
 workers, a reference worker, 2 learner ranks, the collective weight transport, the run directory
-on a size-limited tmpfs (where the machine lets root mount one). The schedule (soak_plan.py, from
+on a size-limited tmpfs (where the machine lets root mount one). The schedule (_soak_plan.py, from
 the seed alone) is rounds of every fault kind in a seeded order, at seeded gaps; a fault is injected
 at its planned time or once the one before has recovered, whichever is later, so each fault's
 detection and recovery are timed on their own. A fault's detection is its recovery's row in
 events.jsonl (`FAULTS` names which); its recovery, the first step trained after that.
 
 At the end the driver is stopped and resumed for a few last steps with the held-out evaluation,
-whose sampled accuracy is held to the demo's seed range. The report (soak_report.py; printed, and
+whose sampled accuracy is held to the demo's seed range. The report (_soak_report.py; printed, and
 JSON under benchmarks/results/soak/) gives faults by kind, detection and recovery times, steps per minute
 with and without a fault being recovered from, and every invariant.
 """
@@ -39,8 +39,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from soak_plan import CLASS_OF, FAULTS, RECOVERY_BOUND_S, Planned, plan  # noqa: E402
-from soak_report import Outcome, build_report  # noqa: E402
+from _soak_plan import CLASS_OF, FAULTS, RECOVERY_BOUND_S, Planned, plan  # noqa: E402
+from _soak_report import Outcome, build_report  # noqa: E402
 
 from rlhf_cluster.fileio import CorruptLogError  # noqa: E402
 from rlhf_cluster.run.invariants import Fault, detections  # noqa: E402
@@ -63,7 +63,7 @@ def job_config(workdir: Path, run_dir: Path) -> Path:
         "rewards": [
             {
                 "type": "function",
-                "function": "benchmarks.soak_reward:arithmetic",
+                "function": "benchmarks._soak_reward:arithmetic",
                 "on_error": "drop",
                 "timeout_s": 2.0,
                 "max_failure_fraction": 1.0,

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,34 +149,72 @@ class JsonlLog:
     torn_line: int | None = None
 
 
+@dataclass(frozen=True)
+class JsonlScan:
+    """A JSONL file checked as `read_jsonl` reads it, without keeping its rows: where its
+    well-formed part ends, and `steps`, the (byte offset, step) of each row whose `step` differs
+    from the row before (-1 for a row with none): enough to know where to cut it after a step."""
+
+    path: Path
+    clean_end: int
+    size: int
+    torn_line: int | None
+    steps: list[tuple[int, int]]
+
+
 def read_jsonl(path: Path) -> JsonlLog:
     """The rows of a JSONL file (none if it does not exist). A final line that does not parse is
     what a crash mid-append leaves: it is left out (`torn_line`). A line that does not parse with
     rows after it raises `CorruptLogError` naming the file and line."""
-    data = path.read_bytes() if path.exists() else b""
-    pieces = data.split(b"\n")
-    meaningful = [i for i, piece in enumerate(pieces) if piece.strip(_BLANK)]
-    last = meaningful[-1] if meaningful else -1
     rows: list[dict] = []
-    start = clean_end = 0
-    for i, piece in enumerate(pieces):
-        if piece.strip(_BLANK):
-            try:
-                row = json.loads(piece)
-                if not isinstance(row, dict):
-                    raise ValueError(f"a JSON {type(row).__name__}, expected an object")
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
-                if i != last:
-                    raise CorruptLogError(
-                        f"{path}: line {i + 1} is not a JSON object ({exc}); only the last line can be torn by a "
-                        f"crash and {len(meaningful) - meaningful.index(i) - 1} line(s) follow it, so the file was "
-                        "damaged otherwise: repair or remove that line"
-                    ) from None
-                return JsonlLog(path, rows, clean_end, len(data), torn_line=i + 1)
-            rows.append(row)
-            clean_end = min(start + len(piece) + 1, len(data))
-        start += len(piece) + 1
-    return JsonlLog(path, rows, clean_end, len(data))
+    clean_end, size, torn_line = _walk_jsonl(path, lambda offset, row: rows.append(row))
+    return JsonlLog(path, rows, clean_end, size, torn_line)
+
+
+def scan_jsonl(path: Path) -> JsonlScan:
+    """`read_jsonl`'s checks in one streaming pass that keeps no rows (a resume checks logs of
+    millions of rows: read whole, they would take gigabytes)."""
+    steps: list[tuple[int, int]] = []
+
+    def seen(offset: int, row: dict) -> None:
+        step = row.get("step", -1)
+        if not steps or steps[-1][1] != step:
+            steps.append((offset, step))
+
+    clean_end, size, torn_line = _walk_jsonl(path, seen)
+    return JsonlScan(path, clean_end, size, torn_line, steps)
+
+
+def _walk_jsonl(path: Path, on_row: Callable[[int, dict], None]) -> tuple[int, int, int | None]:
+    """Call `on_row(byte offset, row)` for each row of a JSONL file, line by line; returns
+    (clean_end, size, torn_line) as `JsonlLog` defines them."""
+    if not path.exists():
+        return 0, 0, None
+    offset = clean_end = 0
+    bad: tuple[int, str] | None = None  # a line that did not parse: (its number, why)
+    after_bad = 0  # meaningful lines after it (any: it was not torn by a crash, the file is damaged)
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip(_BLANK + b"\n"):
+                if bad is not None:
+                    after_bad += 1
+                else:
+                    try:
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError(f"a JSON {type(row).__name__}, expected an object")
+                    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
+                        bad = (number, str(exc))
+                    else:
+                        on_row(offset, row)
+                        clean_end = offset + len(line)
+            offset += len(line)
+    if bad is not None and after_bad:
+        raise CorruptLogError(
+            f"{path}: line {bad[0]} is not a JSON object ({bad[1]}); only the last line can be torn by a crash and "
+            f"{after_bad} line(s) follow it, so the file was damaged otherwise: repair or remove that line"
+        )
+    return clean_end, offset, bad[0] if bad is not None else None
 
 
 def done_future(result: Any = None) -> Future:

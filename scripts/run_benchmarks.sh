@@ -14,6 +14,7 @@ for script in benchmarks/*.py; do
   case "$base" in
     _*) continue ;;
     gpu_check.py) continue ;;  # `make gpu-check`: runs gpu_learner and gpu_paths at GPU shapes (tiny on the CPU)
+    soak.py) continue ;;  # `make soak`: an hour under faults, not a timing
   esac
   scripts+=("$script")
 done

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from rlhf_cluster.fileio import CorruptLogError, fsync_path, read_jsonl, write_atomic
+from rlhf_cluster.fileio import CorruptLogError, JsonlScan, fsync_path, read_jsonl, scan_jsonl, write_atomic
 from rlhf_cluster.run.checkpoint import STEP_DIR
 from rlhf_cluster.run.lock import RunLock, holder, in_use_message
 
@@ -31,10 +31,11 @@ class RunDirInUse(RuntimeError):
     """A fresh job was pointed at a directory that holds an earlier run's results."""
 
 
-def repair_jsonl(path: Path) -> str | None:
+def repair_jsonl(path: Path, found: JsonlScan | None = None) -> str | None:
     """Cut a torn final line (or trailing junk) off a JSONL file, so appends after a crash start
-    on a line of their own; returns what was done (None when the file was whole)."""
-    found = read_jsonl(path)
+    on a line of their own; returns what was done (None when the file was whole). `found` is the
+    file's scan when the caller has one."""
+    found = found or scan_jsonl(path)
     with open(path, "rb") as fh:
         fh.seek(max(found.clean_end - 1, 0))
         unterminated = found.clean_end > 0 and fh.read(1) != b"\n"
@@ -48,10 +49,7 @@ def repair_jsonl(path: Path) -> str | None:
         fh.flush()
         os.fsync(fh.fileno())
     what = f"a torn final line (line {found.torn_line})" if found.torn_line else "trailing partial data"
-    return (
-        f"{path}: cut off {what}, {found.size - found.clean_end} bytes left by a crash mid-write; "
-        f"{len(found.rows)} rows kept"
-    )
+    return f"{path}: cut off {what}, {found.size - found.clean_end} bytes left by a crash mid-write"
 
 
 def overwrite_mode(overwrite: bool | str | None) -> str | None:
@@ -110,6 +108,9 @@ class RunDir:
         self.root = Path(root).expanduser()
         self.weights_dir = weights_dir
         self.checkpoint_dir = checkpoint_dir
+        # Step logs' scans by `repair_logs`, so the resume's `keep_steps` need not read them again
+        # (an hour of the soak's job: 235 MB of consumed.jsonl), each with the file's stat then.
+        self._scans: dict[str, tuple[tuple[int, int, int], JsonlScan]] = {}
 
     def __truediv__(self, name: str) -> Path:
         return self.root / name
@@ -275,11 +276,19 @@ class RunDir:
 
     def repair_logs(self) -> None:
         """Cut the torn final line a crash left in any JSONL log, with a warning, before a
-        resumed run appends to it (an append after half a line would damage both)."""
+        resumed run appends to it (an append after half a line would damage both); one
+        streaming pass over each log, which also raises `CorruptLogError` for a line damaged
+        otherwise."""
         for name in self.JSONL_LOGS:
-            done = repair_jsonl(self.root / name) if (self.root / name).exists() else None
+            path = self.root / name
+            if not path.exists():
+                continue
+            found = scan_jsonl(path)
+            done = repair_jsonl(path, found)
             if done:
                 log.warning(done)
+            elif name in self.STEP_LOGS:
+                self._scans[name] = (_stat(path), found)
 
     def write_json(self, name: str, value: dict | list) -> None:
         write_atomic(self.root / name, json.dumps(value, indent=1))
@@ -293,10 +302,16 @@ class RunDir:
         """Keep the step logs' rows of steps <= last_step, so a resumed run's logs continue the
         original's (rows of no step, the recoveries of `event`, stay). A log whose later steps are
         all at its end (as the step loop appends them) is cut in place, needing no room for a copy
-        (an hour of the soak's job wrote 235 MB of consumed.jsonl); any other is rewritten."""
+        (an hour of the soak's job wrote 235 MB of consumed.jsonl); any other is rewritten. A log
+        `repair_logs` scanned and nothing changed since is not read again."""
         for name in self.STEP_LOGS:
             path = self.root / name
-            cut = _first_row_after(path, last_step) if path.exists() else None
+            cut = None
+            if path.exists():
+                stat, found = self._scans.pop(name, (None, None))
+                if found is None or stat != _stat(path):
+                    found = scan_jsonl(path)
+                cut = _first_row_after(found, last_step) if found.torn_line is None else None
             if cut is not None:  # every row from there on is of a later step: cut the file there, in place
                 os.truncate(path, cut)
                 fsync_path(path)
@@ -306,23 +321,21 @@ class RunDir:
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _first_row_after(path: Path, last_step: int) -> int | None:
-    """The byte offset of `path`'s first row of a step after `last_step` when every row from there
-    on is of such a step (the file can be cut there); None when rows to keep follow it, a row is
-    not JSON, or no row is after `last_step` (nothing to cut: `os.truncate` at the end is a no-op)."""
-    offset, cut = 0, None
-    with open(path, "rb") as fh:
-        for line in fh:
-            try:
-                step = json.loads(line).get("step", -1) if line.strip() else None
-            except ValueError:
-                return None
-            if step is not None:
-                if step > last_step:
-                    cut = offset if cut is None else cut
-                elif cut is not None:
-                    return None  # a row to keep after the cut
-            offset += len(line)
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _first_row_after(found: JsonlScan, last_step: int) -> int | None:
+    """The byte offset of the scanned file's first row of a step after `last_step` when every row
+    from there on is of such a step (the file can be cut there); None when rows to keep follow it
+    or no row is after `last_step` (nothing to cut)."""
+    cut = None
+    for offset, step in found.steps:
+        if step > last_step:
+            cut = offset if cut is None else cut
+        elif cut is not None:
+            return None  # a row to keep after the cut
     return cut
 
 

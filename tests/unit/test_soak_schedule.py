@@ -1,4 +1,4 @@
-"""The soak's fault schedule (benchmarks/soak_plan.py, issue 58) comes from its seed alone, so a run
+"""The soak's fault schedule (benchmarks/_soak_plan.py, issue 58) comes from its seed alone, so a run
 that broke an invariant can be replayed fault for fault; every round holds every kind once."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak_plan.py"
+SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "_soak_plan.py"
 
 
 def _soak():
-    spec = importlib.util.spec_from_file_location("soak_plan", SOAK)
+    spec = importlib.util.spec_from_file_location("_soak_plan", SOAK)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["soak_plan"] = module  # its dataclasses look their module up there
+    sys.modules["_soak_plan"] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -40,8 +40,8 @@ def test_every_fault_kind_names_the_recoveries_that_detect_it():
 
 
 def test_the_report_counts_each_kind_s_undetected_and_unrecovered_faults(monkeypatch):
-    monkeypatch.syspath_prepend(str(SOAK.parent))  # soak_report imports its siblings, as soak.py runs it
-    from soak_report import by_kind
+    monkeypatch.syspath_prepend(str(SOAK.parent))  # _soak_report imports its siblings, as soak.py runs it
+    from _soak_report import by_kind
 
     injected = [
         {"kind": "kill_reward", "detected_s": 2.0, "recovered_s": 3.0},

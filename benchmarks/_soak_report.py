@@ -9,7 +9,7 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from _common import machine_info
-from soak_plan import FAULTS, RECOVERY_BOUND_S
+from _soak_plan import FAULTS, RECOVERY_BOUND_S
 
 from rlhf_cluster.run.invariants import Fault, check_run, detections
 from rlhf_cluster.run.run_dir import RunDir
