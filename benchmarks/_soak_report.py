@@ -15,6 +15,14 @@ from rlhf_cluster.run.invariants import Fault, check_run, detections
 from rlhf_cluster.run.run_dir import RunDir
 
 DEMO_SAMPLED_AFTER = (0.389, 0.532)  # docs/demo-results.md: sampled held-out accuracy after RL, seeds 0-4
+# What the final accuracy is held to. Not the demo's range above: that is after the demo's 240 steps, and
+# this job trains ~16,000 steps in the hour; without a single fault it drifts below that range by step
+# 6,000 (0.42 at step 2,000, 0.37 at 6,000: benchmarks/README.md, soak.py). What faults could do is
+# undo the learning (wrong or damaged weights served or trained from): a placebo reward lowers it by
+# 0.10-0.21 and a random teacher to 0 (docs/demo-results.md). So: the job's own start (the warm-up at
+# seed 0, the soak's job seed) plus test_demo_learns' margin for "it learned".
+START_SAMPLED = 0.205  # docs/demo-results.md: seed 0, sampled held-out accuracy before RL
+LEARNED_MARGIN = 0.05  # tests/integration/test_demo_learns.py: the smallest sampled gain it accepts
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ def build_report(o: Outcome, run: RunDir) -> dict:
         "worker_restarts_scraped": sum(s.get("rlhf_pool_worker_restarts_total", 0) for s in o.scrapes),
         "sampled_accuracy_after": o.sampled_accuracy,
         "demo_sampled_after": DEMO_SAMPLED_AFTER,
+        "start_sampled": START_SAMPLED,
         "invariants": {i.name: {"holds": i.holds, "detail": i.detail, "value": i.value} for i in invariants.invariants},
     }
     checks = {
@@ -72,11 +81,16 @@ def build_report(o: Outcome, run: RunDir) -> dict:
         "every_fault_recovered": all(f["recovered_s"] is not None for f in o.injected),
         "no_fingerprint_mismatch": report["fingerprint_mismatches"] == 0,
         "driver_never_crashed": not o.crashes and o.stop_rc == 0 and o.final_rc == 0,
-        "accuracy_in_demo_range": o.sampled_accuracy is not None and o.sampled_accuracy >= DEMO_SAMPLED_AFTER[0],
+        "still_learned": learned(o.sampled_accuracy),
     }
     report["checks"] = checks
     report["all_hold"] = all(checks.values())
     return report
+
+
+def learned(sampled: float | None) -> bool:
+    """Whether the final sampled held-out accuracy keeps what RL learned: the start plus the margin."""
+    return sampled is not None and sampled >= START_SAMPLED + LEARNED_MARGIN
 
 
 def by_kind(injected: list[dict]) -> dict[str, dict]:

@@ -13,7 +13,7 @@ detection and recovery are timed on their own. A fault's detection is its recove
 events.jsonl (`FAULTS` names which); its recovery, the first step trained after that.
 
 At the end the driver is stopped and resumed for a few last steps with the held-out evaluation,
-whose sampled accuracy is held to the demo's seed range. The report (_soak_report.py; printed, and
+whose sampled accuracy is held to the job's start plus a learning margin (_soak_report.learned). The report (_soak_report.py; printed, and
 JSON under benchmarks/results/soak/) gives faults by kind, detection and recovery times, steps per minute
 with and without a fault being recovered from, and every invariant.
 """
@@ -155,6 +155,9 @@ class Soak:
         self.args = args
         self.workdir = Path(args.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for stale in self.workdir.glob("driver-*.log"):  # an earlier soak's: the report names this one's
+            stale.unlink()
+        shutil.rmtree(self.workdir / "run", ignore_errors=True)  # its logs' copy (close), not to be merged
         self.disk = self.workdir / "disk"
         self.disk.mkdir(exist_ok=True)
         self.tmpfs = _mount_tmpfs(self.disk, args.disk_mb)

@@ -56,3 +56,12 @@ def test_the_report_counts_each_kind_s_undetected_and_unrecovered_faults(monkeyp
         "detected_s_median": 4.0, "detected_s_max": 9.0, "recovered_s_median": 6.5, "recovered_s_max": 10.0,
     }
     assert table["disk_full"]["undetected"] == 1 and table["disk_full"]["recovered_s_max"] is None
+
+
+def test_the_final_accuracy_is_held_to_the_job_s_start_plus_the_learning_margin(monkeypatch):
+    monkeypatch.syspath_prepend(str(SOAK.parent))
+    from _soak_report import LEARNED_MARGIN, START_SAMPLED, learned
+
+    assert learned(0.381)  # the hour of 2026-11-27 (seed 0), under the demo's 240-step floor of 0.389
+    assert not learned(START_SAMPLED + LEARNED_MARGIN - 0.01)  # where a placebo or damaged weights land
+    assert not learned(None)  # the final evaluation did not run
