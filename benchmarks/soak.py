@@ -13,9 +13,10 @@ detection and recovery are timed on their own. A fault's detection is its recove
 events.jsonl (`FAULTS` names which); its recovery, the first step trained after that.
 
 At the end the driver is stopped and resumed for a few last steps with the held-out evaluation,
-whose sampled accuracy is held to the job's start plus a learning margin (_soak_report.learned). The report (_soak_report.py; printed, and
-JSON under benchmarks/results/soak/) gives faults by kind, detection and recovery times, steps per minute
-with and without a fault being recovered from, and every invariant.
+whose sampled accuracy is held to the job's start plus a learning margin (_soak_report.learned).
+The report (_soak_report.py; printed, and JSON under benchmarks/results/soak/) gives faults by
+kind, detection and recovery times, steps per minute with and without a fault being recovered
+from, and every invariant.
 """
 
 from __future__ import annotations
