@@ -328,15 +328,27 @@ def _stat(path: Path) -> tuple[int, int, int]:
 
 def _first_row_after(found: JsonlScan, last_step: int) -> int | None:
     """The byte offset of the scanned file's first row of a step after `last_step` when every row
-    from there on is of such a step (the file can be cut there); None when rows to keep follow it
-    or no row is after `last_step` (nothing to cut)."""
+    from there on is of such a step (the file can be cut there); the file's size when no row is
+    after `last_step` and it ends a whole line (nothing to cut: a resume from the checkpoint a
+    SIGTERM wrote at the last step); None when rows to keep follow a later one, or the file ends in
+    a partial line (it is rewritten)."""
     cut = None
     for offset, step in found.steps:
         if step > last_step:
             cut = offset if cut is None else cut
         elif cut is not None:
             return None  # a row to keep after the cut
+    if cut is None and found.clean_end == found.size and _ends_a_line(found.path, found.size):
+        return found.size
     return cut
+
+
+def _ends_a_line(path: Path, size: int) -> bool:
+    if size == 0:
+        return True
+    with open(path, "rb") as fh:
+        fh.seek(size - 1)
+        return fh.read(1) == b"\n"
 
 
 def _unused(path: Path) -> Path:
