@@ -152,14 +152,16 @@ class JsonlLog:
 @dataclass(frozen=True)
 class JsonlScan:
     """A JSONL file checked as `read_jsonl` reads it, without keeping its rows: where its
-    well-formed part ends, and `steps`, the (byte offset, step) of each row whose `step` differs
-    from the row before (-1 for a row with none): enough to know where to cut it after a step."""
+    well-formed part ends, whether its last row lost its newline (`unterminated`), and `steps`, the
+    (byte offset, step) of each row whose `step` differs from the row before (-1 for a row with
+    none): enough to know where to cut it after a step."""
 
     path: Path
     clean_end: int
     size: int
     torn_line: int | None
     steps: list[tuple[int, int]]
+    unterminated: bool
 
 
 def read_jsonl(path: Path) -> JsonlLog:
@@ -167,7 +169,7 @@ def read_jsonl(path: Path) -> JsonlLog:
     what a crash mid-append leaves: it is left out (`torn_line`). A line that does not parse with
     rows after it raises `CorruptLogError` naming the file and line."""
     rows: list[dict] = []
-    clean_end, size, torn_line = _walk_jsonl(path, lambda offset, row: rows.append(row))
+    clean_end, size, torn_line, _ = _walk_jsonl(path, lambda offset, row: rows.append(row))
     return JsonlLog(path, rows, clean_end, size, torn_line)
 
 
@@ -181,16 +183,18 @@ def scan_jsonl(path: Path) -> JsonlScan:
         if not steps or steps[-1][1] != step:
             steps.append((offset, step))
 
-    clean_end, size, torn_line = _walk_jsonl(path, seen)
-    return JsonlScan(path, clean_end, size, torn_line, steps)
+    clean_end, size, torn_line, unterminated = _walk_jsonl(path, seen)
+    return JsonlScan(path, clean_end, size, torn_line, steps, unterminated)
 
 
-def _walk_jsonl(path: Path, on_row: Callable[[int, dict], None]) -> tuple[int, int, int | None]:
+def _walk_jsonl(path: Path, on_row: Callable[[int, dict], None]) -> tuple[int, int, int | None, bool]:
     """Call `on_row(byte offset, row)` for each row of a JSONL file, line by line; returns
-    (clean_end, size, torn_line) as `JsonlLog` defines them."""
+    (clean_end, size, torn_line) as `JsonlLog` defines them and whether the last row lacks its
+    newline."""
     if not path.exists():
-        return 0, 0, None
+        return 0, 0, None, False
     offset = clean_end = 0
+    unterminated = False
     bad: tuple[int, str] | None = None  # a line that did not parse: (its number, why)
     after_bad = 0  # meaningful lines after it (any: it was not torn by a crash, the file is damaged)
     with open(path, "rb") as fh:
@@ -208,13 +212,14 @@ def _walk_jsonl(path: Path, on_row: Callable[[int, dict], None]) -> tuple[int, i
                     else:
                         on_row(offset, row)
                         clean_end = offset + len(line)
+                        unterminated = not line.endswith(b"\n")
             offset += len(line)
     if bad is not None and after_bad:
         raise CorruptLogError(
             f"{path}: line {bad[0]} is not a JSON object ({bad[1]}); only the last line can be torn by a crash and "
             f"{after_bad} line(s) follow it, so the file was damaged otherwise: repair or remove that line"
         )
-    return clean_end, offset, bad[0] if bad is not None else None
+    return clean_end, offset, bad[0] if bad is not None else None, unterminated
 
 
 def done_future(result: Any = None) -> Future:

@@ -36,14 +36,11 @@ def repair_jsonl(path: Path, found: JsonlScan | None = None) -> str | None:
     on a line of their own; returns what was done (None when the file was whole). `found` is the
     file's scan when the caller has one."""
     found = found or scan_jsonl(path)
-    with open(path, "rb") as fh:
-        fh.seek(max(found.clean_end - 1, 0))
-        unterminated = found.clean_end > 0 and fh.read(1) != b"\n"
-    if found.clean_end == found.size and not unterminated:
+    if found.clean_end == found.size and not found.unterminated:
         return None
     with open(path, "r+b") as fh:
         fh.truncate(found.clean_end)
-        if unterminated:  # a whole row whose newline was lost: keep it, end it
+        if found.unterminated:  # a whole row whose newline was lost: keep it, end it
             fh.seek(found.clean_end)
             fh.write(b"\n")
         fh.flush()
@@ -338,17 +335,9 @@ def _first_row_after(found: JsonlScan, last_step: int) -> int | None:
             cut = offset if cut is None else cut
         elif cut is not None:
             return None  # a row to keep after the cut
-    if cut is None and found.clean_end == found.size and _ends_a_line(found.path, found.size):
+    if cut is None and found.clean_end == found.size and not found.unterminated:
         return found.size
     return cut
-
-
-def _ends_a_line(path: Path, size: int) -> bool:
-    if size == 0:
-        return True
-    with open(path, "rb") as fh:
-        fh.seek(size - 1)
-        return fh.read(1) == b"\n"
 
 
 def _unused(path: Path) -> Path:

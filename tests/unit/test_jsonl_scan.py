@@ -43,6 +43,9 @@ def test_scan_finds_what_read_finds(tmp_path, text):
     scan = scan_jsonl(path)
     assert (scan.clean_end, scan.size, scan.torn_line) == (read.clean_end, read.size, read.torn_line)
     assert scan.size == len(text.encode())
+    # The last row lost its newline exactly when the byte before the clean end is not one.
+    assert scan.unterminated == (scan.clean_end > 0 and text.encode()[scan.clean_end - 1 : scan.clean_end] != b"\n")
+    assert scan.unterminated == (text == CASES["no final newline"])
     # One entry where a row's step differs from the row before, at the row's byte offset.
     starts = [offset for offset in range(len(text)) if offset == 0 or text[offset - 1] == "\n"]
     for offset, step in scan.steps:
@@ -52,7 +55,7 @@ def test_scan_finds_what_read_finds(tmp_path, text):
 
 def test_a_missing_log_scans_empty(tmp_path):
     scan = scan_jsonl(tmp_path / "absent.jsonl")
-    assert (scan.clean_end, scan.size, scan.torn_line, scan.steps) == (0, 0, None, [])
+    assert (scan.clean_end, scan.size, scan.torn_line, scan.steps, scan.unterminated) == (0, 0, None, [], False)
 
 
 def _a_run(root: Path, steps: int) -> RunDir:
