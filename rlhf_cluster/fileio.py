@@ -1,19 +1,61 @@
-"""File primitives every layer uses: checksums, durable writes, JSONL logs read as a crash leaves them,
-and a finished future for work done synchronously (`done_future`)."""
+"""File primitives every layer uses: checksums, durable writes, a write that waits out a full
+disk, JSONL logs read as a crash leaves them, and a finished future for work done synchronously
+(`done_future`)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FULL_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_DISK_WAIT_S = 600.0  # how long a write waits for space on a full disk before it fails
+# How libraries that write through their own (Rust, C) I/O word the same errors: safetensors
+# raises `SafetensorError("... No space left on device (os error 28)")`, not an OSError.
+_FULL_DISK_WORDS = tuple(os.strerror(n) for n in FULL_DISK_ERRNOS)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write failing for want of space (or quota)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in FULL_DISK_ERRNOS
+    return any(words in str(exc) for words in _FULL_DISK_WORDS)
+
+
+def wait_for_space(attempt: Callable[[], T], what: str, wait_s: float) -> tuple[T, float | None]:
+    """`attempt()`, tried again while it fails for a full disk (with a warning, waits doubling
+    from 0.2 s to 5 s) until `wait_s` have passed, then an OSError naming `what`. `attempt` must
+    leave nothing behind when it fails. Returns its result and the seconds waited (None: no wait)."""
+    began, delay = time.monotonic(), 0.2
+    while True:
+        try:
+            result = attempt()
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            waited = time.monotonic() - began
+            if waited > wait_s:
+                raise OSError(errno.ENOSPC, f"{what}: the disk stayed full for {waited:.0f} s: {exc}") from exc
+            if delay == 0.2:
+                log.warning(f"{what}: the disk is full; waiting for space (up to {wait_s:.0f} s)")
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+        else:
+            return result, (time.monotonic() - began if delay > 0.2 else None)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -17,8 +17,10 @@ import pyarrow as pa
 
 from rlhf_cluster.experience.records import SAMPLE_SCHEMA, ScoredSample, samples_to_table, table_to_samples
 
+STALE = "stale"  # why `take` drops a group: generated with a version older than it admits
 
-def _version(group: list[ScoredSample]) -> int:
+
+def group_version(group: list[ScoredSample]) -> int:
     """The version a group's staleness is measured from: its stalest sample's."""
     return min(s.effective_version for s in group)
 
@@ -62,12 +64,12 @@ class ExperienceBuffer:
 
     def drop_stale(self, min_version: int) -> int:
         """Drop every group generated with a version older than `min_version`; returns samples dropped."""
-        stale = [g for g, samples in self._groups.items() if _version(samples) < min_version]
+        stale = [g for g, samples in self._groups.items() if group_version(samples) < min_version]
         n = 0
         for group_id in stale:
             n += len(self._groups.pop(group_id))
         self.depth -= n
-        self.dropped["stale"] += n
+        self.dropped[STALE] += n
         return n
 
     def ready_groups(self) -> int:
@@ -78,7 +80,7 @@ class ExperienceBuffer:
         self.drop_stale(min_version)
         if len(self._groups) < num_groups:
             return None
-        order = sorted(self._groups, key=lambda g: _version(self._groups[g]))
+        order = sorted(self._groups, key=lambda g: group_version(self._groups[g]))
         out: list[ScoredSample] = []
         for group_id in order[:num_groups]:
             out.extend(self._groups.pop(group_id))

@@ -18,7 +18,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
 from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience.admission import Admission
-from rlhf_cluster.experience.buffer import ExperienceBuffer
+from rlhf_cluster.experience.buffer import STALE, ExperienceBuffer, group_version
 from rlhf_cluster.experience.build import accept_group, kl_controller
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.run.checkpoint import Checkpoint
@@ -98,7 +98,8 @@ class JobState:
         self.recovered = {
             "reused": 0,
             "rolled_back": 0,
-        }  # scored groups found in the log on resume (from abandoned weights)
+            "stale": 0,
+        }  # scored groups found in the log on resume (from abandoned weights; too stale to train on)
         f = cfg.faults
         self.watchdog = ProgressWatchdog(f.progress_timeout_s, f.progress_timeout_factor)
         # What happened since the last batch was formed, for the watchdog's message.
@@ -129,9 +130,14 @@ class JobState:
     def _keep(self, samples: list[ScoredSample], dropped: str | None, worker: str) -> None:
         """Log a scored group, then buffer it (or count its drop)."""
         self.log.append(samples, dropped or BUFFERED)
+        self._hold(samples, dropped, worker)
+
+    def _hold(self, samples: list[ScoredSample], dropped: str | None, worker: str) -> None:
         if dropped is None:
             self.buffer.add_group(samples)
             self.worker_of.update((s.sample_id, worker) for s in samples)
+        elif dropped == STALE:  # counted where `take` counts the groups it finds stale
+            self.buffer.dropped[STALE] += len(samples)
         else:
             self.dropped[dropped] += len(samples)
 
@@ -139,7 +145,7 @@ class JobState:
         """The buffer's depth and drops, for the step's row."""
         return {
             "buffer_depth": self.buffer.depth,
-            "dropped_stale": self.buffer.dropped["stale"],
+            "dropped_stale": self.buffer.dropped[STALE],
             "dropped_zero_signal": self.dropped["zero_signal"],
             "dropped_reward_failed": self.dropped["reward_failed"],
         }
@@ -149,9 +155,9 @@ class JobState:
         samples were dropped as stale on the way; dropped groups give their admission back.
         Raises `NoProgressError` (saying why) when the step has waited past the watchdog's bound."""
         t = self.cfg.train
-        before, groups_before = self.buffer.dropped["stale"], self.buffer.ready_groups()
+        before, groups_before = self.buffer.dropped[STALE], self.buffer.ready_groups()
         samples = self.buffer.take(t.prompts_per_step, min_version=step - t.max_staleness)
-        dropped = self.buffer.dropped["stale"] - before
+        dropped = self.buffer.dropped[STALE] - before
         # Groups, not samples / n: a group may have kept only some of its samples.
         stale_groups = groups_before - self.buffer.ready_groups() - (t.prompts_per_step if samples is not None else 0)
         self.admission.give_back(stale_groups)
@@ -221,18 +227,22 @@ class JobState:
         just arrived, so nothing scored is generated again. A group sampled by weights newer than
         the checkpoint's `version` came from steps the rollback abandons: it keeps its versions
         (the truth about what sampled it) and counts those steps in `rolled_back_steps`, so the
-        staleness bound sees how far its weights are from the learner's. Returns the reused
-        groups' prompt ids."""
+        staleness bound sees how far its weights are from the learner's. One already too stale
+        for the next step is counted as dropped (stale), not buffered: after a long stretch
+        without a checkpoint (a full disk fails them) the log can hold more groups than the
+        buffer's capacity. The log keeps them as they are. Returns the reused groups' prompt ids."""
         if seq is None:  # a checkpoint from before the log: everything after it is generated again
             return []
-        found = self.log.since(seq)
-        self.log.truncate(seq)
+        min_version = self.start_step - self.cfg.train.max_staleness
         reused = []
-        for fate, samples in found:
+        for fate, samples in self.log.resume_from(seq):
             samples = [roll_back(s, version) for s in samples]
             if any(s.rolled_back_steps for s in samples):
                 self.recovered["rolled_back"] += 1
-            self._keep(samples, None if fate == BUFFERED else fate, "recovered")
+            if fate == BUFFERED and group_version(samples) < min_version:
+                fate = STALE
+                self.recovered["stale"] += 1
+            self._hold(samples, None if fate == BUFFERED else fate, "recovered")
             reused.append(samples[0].prompt_id)
         self.recovered["reused"] = len(reused)
         return reused

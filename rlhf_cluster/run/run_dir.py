@@ -9,7 +9,6 @@ an error naming the file and line.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -18,7 +17,16 @@ import socket
 import time
 from pathlib import Path
 
-from rlhf_cluster.fileio import CorruptLogError, JsonlScan, fsync_path, read_jsonl, scan_jsonl, write_atomic
+from rlhf_cluster.fileio import (
+    FULL_DISK_WAIT_S,
+    CorruptLogError,
+    JsonlScan,
+    fsync_path,
+    read_jsonl,
+    scan_jsonl,
+    wait_for_space,
+    write_atomic,
+)
 from rlhf_cluster.run.checkpoint import STEP_DIR
 from rlhf_cluster.run.lock import RunLock, holder, in_use_message
 
@@ -94,7 +102,7 @@ class RunDir:
     CHECKPOINT_BUFFER = "buffer.arrow"
     CRITIC = "critic"  # the critic's rank checkpoints
 
-    FULL_DISK_WAIT_S = 600.0  # how long an append waits for space on a full disk before it fails
+    FULL_DISK_WAIT_S = FULL_DISK_WAIT_S  # how long an append waits for space on a full disk before it fails
 
     STEP_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS)
     JSONL_LOGS = (METRICS, CONSUMED, SAMPLES, EVENTS, PROBES, TIMELINE, TRACE, RECEIPTS)
@@ -239,28 +247,20 @@ class RunDir:
         append waits (the job pauses, with a warning) and tries again, up to `FULL_DISK_WAIT_S`;
         what a failed try wrote is cut off first, and the wait is recorded as a `disk_full` event."""
         path, text = self.root / name, "".join(json.dumps(row) + "\n" for row in rows)
-        began, delay = time.monotonic(), 0.2
-        while True:
+
+        def attempt() -> None:
             size = path.stat().st_size if path.exists() else 0
             try:
                 with open(path, "a") as fh:
                     fh.write(text)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
+            except OSError:
                 if os.path.exists(path):
                     os.truncate(path, size)  # frees, so it works on a full disk too
-                waited = time.monotonic() - began
-                if waited > self.FULL_DISK_WAIT_S:
-                    full = f"{path}: the disk stayed full for {waited:.0f} s: {exc.strerror}"
-                    raise OSError(exc.errno, full) from exc
-                if delay == 0.2:
-                    log.warning(f"{path}: the disk is full; the run waits for space (up to {self.FULL_DISK_WAIT_S} s)")
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
-        if delay > 0.2 and name != self.EVENTS:
-            self.event("disk_full", file=name, waited_s=time.monotonic() - began)
+                raise
+
+        _, waited = wait_for_space(attempt, str(path), self.FULL_DISK_WAIT_S)
+        if waited is not None and name != self.EVENTS:
+            self.event("disk_full", file=name, waited_s=waited)
 
     def event(self, kind: str, **fields) -> None:
         """A recovery the run made (not tied to a step: every resume keeps it) as a row of events.jsonl."""

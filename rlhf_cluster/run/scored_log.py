@@ -7,8 +7,10 @@ fates in the schema metadata), fsynced and renamed into place, so a kill loses a
 since the last flush and never leaves half a segment; a flush that fails (a full disk) keeps its
 groups pending and the next one writes them. A checkpoint records the seq its state
 covers (`next_seq`, flushed first, so a segment never straddles it); on resume the groups from
-that seq on are read back (`since`), the log is cut back to it (`truncate`), and the job decides
-which to reuse. `compact` drops segments no kept checkpoint can need.
+that seq on are read back (`resume_from`) and the job decides which to reuse. They stay in the
+log as they are, so a resume that dies before the next checkpoint loses none (the next resume
+reads them again); the resumed job numbers its groups after them. `compact` drops segments no
+kept checkpoint can need.
 """
 
 from __future__ import annotations
@@ -127,6 +129,17 @@ class ScoredLog:
                 by_group.setdefault(s.group_id, []).append(s)
             out += [(fate, by_group[group_id]) for group_seq, fate, group_id in groups if group_seq >= seq]
         return out
+
+    def resume_from(self, seq: int) -> list[tuple[str, list[ScoredSample]]]:
+        """The groups numbered `seq` and later (`since`), for a resume from the checkpoint that
+        recorded `seq`; the groups logged from now on are numbered after every group on disk."""
+        segments = self._segments()
+        for first, last, path in segments:
+            if first < seq <= last:
+                raise ValueError(f"{path}: a segment straddles seq {seq}; checkpoints flush the log first")
+        found = self.since(seq)
+        self.next_seq = max([seq, *(last + 1 for _first, last, _path in segments)])
+        return found
 
     def truncate(self, seq: int) -> None:
         """Forget the groups numbered `seq` and later (they are re-appended if kept)."""

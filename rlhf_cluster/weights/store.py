@@ -31,7 +31,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from rlhf_cluster.fileio import checksum_file, fsync_path, write_atomic
+from rlhf_cluster.fileio import FULL_DISK_WAIT_S, checksum_file, fsync_path, wait_for_space, write_atomic
 
 MANIFEST = "manifest.json"
 _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weight-checksum")  # shared: hashing beside I/O
@@ -44,6 +44,8 @@ class WeightIntegrityError(RuntimeError):
 
 class WeightStore:
     """Publishes and serves policy weight versions (filesystem transport)."""
+
+    FULL_DISK_WAIT_S = FULL_DISK_WAIT_S  # how long a version's write waits for space on a full disk
 
     def __init__(
         self,
@@ -86,14 +88,42 @@ class WeightStore:
         `created_at` is the version's identity beside its number (a direct delivery of the same
         version carries the same); by default now. Without `durable`, shards are not fsynced: the
         version is visible whole (rename) and checked (checksums) but may not survive a power
-        loss, which is what the filesystem transport needs between durable snapshots.
+        loss, which is what the filesystem transport needs between durable snapshots. On a full
+        disk the write waits for space, up to `FULL_DISK_WAIT_S`, then fails naming the version.
         """
         start = time.perf_counter()
         final = self.version_dir(version)
         if final.exists():
             raise FileExistsError(f"weight store {self.root}: version {version} already exists")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         created_at = created_at or dt.datetime.now(dt.UTC).isoformat()
+        what = f"weight store {self.root}: version {version}"
+        # On a full disk the write waits for space (it runs on the writer thread, beside the
+        # learner's steps) and then writes the version whole, as a run's log appends do.
+        manifest, _ = wait_for_space(
+            lambda: self._write_version(final, version, state_dict, files, created_at, durable),
+            what,
+            self.FULL_DISK_WAIT_S,
+        )
+        latest = self.latest_version()
+        if latest is None or version > latest:
+            wait_for_space(lambda: write_atomic(self.root / "LATEST", str(version)), what, self.FULL_DISK_WAIT_S)
+        self.last_publish_seconds = time.perf_counter() - start
+        self.last_publish_bytes = manifest["total_bytes"]
+        self._apply_retention()
+        return final
+
+    def _write_version(
+        self,
+        final: Path,
+        version: int,
+        state_dict: dict[str, torch.Tensor],
+        files: dict[str, str] | None,
+        created_at: str,
+        durable: bool,
+    ) -> dict:
+        """Write the version in a temp directory renamed to `final` once whole; a failure
+        leaves nothing. Returns its manifest."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
         try:
             manifest = _write_shards(tmp, version, state_dict, created_at, durable=durable)
             manifest["durable"] = durable
@@ -119,13 +149,7 @@ class WeightStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        latest = self.latest_version()
-        if latest is None or version > latest:
-            write_atomic(self.root / "LATEST", str(version))
-        self.last_publish_seconds = time.perf_counter() - start
-        self.last_publish_bytes = manifest["total_bytes"]
-        self._apply_retention()
-        return final
+        return manifest
 
     def publish_async(self, version: int, state_dict: dict[str, torch.Tensor], **options: Any) -> Future:
         """Queue `publish` (with its keyword `options`: files, created_at, durable) on the store's

@@ -23,7 +23,9 @@ from actors.job import Job
 from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.run.invariants import check_run
 from rlhf_cluster.data.prompts import PromptSource, read_prompt_file
+from rlhf_cluster.experience.buffer import group_version
 from rlhf_cluster.experience.records import table_to_samples
+from rlhf_cluster.run.job_state import roll_back
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
 from rlhf_cluster.weights import WeightStore
@@ -184,7 +186,15 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
         # Every group scored after the checkpoint was reused, none generated again, those from
         # rolled-back weights included: a reused prompt's samples in the resumed run are exactly
         # the logged ones (none if the group was dropped).
-        assert resume["scored_groups"] == {"reused": len(scored_after), "rolled_back": len(rolled_back)}
+        # Those already too stale for the resumed first step were counted as dropped, not buffered.
+        first_step_admits = ckpt.step + 1 - cfg.train.max_staleness
+        too_stale = [
+            g for fate, g in scored_after
+            if fate == "buffered" and group_version([roll_back(x, ckpt.version) for x in g]) < first_step_admits
+        ]
+        assert resume["scored_groups"] == {
+            "reused": len(scored_after), "rolled_back": len(rolled_back), "stale": len(too_stale)
+        }
         assert rolled_back, "the kill came before any group from weights newer than the checkpoint"
         final_buffer_samples = table_to_samples(_read_arrow(final.path / "buffer.arrow"))
         seen = [(c["sample_id"], c["prompt_id"]) for c in consumed] + [(x.sample_id, x.prompt_id) for x in final_buffer_samples]

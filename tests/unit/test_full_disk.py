@@ -2,8 +2,9 @@
 failed with ENOSPC and ended the job): an append waits for space and then writes its rows whole,
 once; what a failed try wrote is cut off; the wait is a `disk_full` event; a disk that stays full
 past `FULL_DISK_WAIT_S` is an error naming the file, and leaves nothing half-written. A resume
-cuts its step logs in place, and a failed atomic write leaves no temp file. The full disk is a
-stand-in `open` (or `fsync`) that fails as a full disk does."""
+cuts its step logs in place, and a failed atomic write leaves no temp file. A weight version's
+write waits for space the same way. The full disk is a stand-in `open` (or `fsync`, or
+safetensors' `save_file`) that fails as a full disk does."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import builtins
 import errno
 
 import pytest
+import torch
+from safetensors import SafetensorError
 
+import rlhf_cluster.fileio as fileio
 import rlhf_cluster.run.run_dir as run_dir_module
+import rlhf_cluster.weights.store as store_module
 from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.weights.store import WeightStore
 
 
 class _FullFor:
@@ -89,8 +95,6 @@ def test_a_resume_cuts_a_step_log_in_place_needing_no_room_for_a_copy(run):
 def test_a_failed_atomic_write_leaves_no_temp_file_taking_space(tmp_path, monkeypatch):
     """Found by the soak: each failed rewrite on a full disk left its partial temp file, so the
     next resume found even less room."""
-    import rlhf_cluster.fileio as fileio
-
     real_fsync = fileio.os.fsync
 
     def full(fd):
@@ -101,3 +105,65 @@ def test_a_failed_atomic_write_leaves_no_temp_file_taking_space(tmp_path, monkey
         fileio.write_atomic(tmp_path / "log.jsonl", "x" * 1000)
     monkeypatch.setattr(fileio.os, "fsync", real_fsync)
     assert list(tmp_path.iterdir()) == []
+
+
+class _SaveFullFor:
+    """safetensors' `save_file` on a disk full for its first `tries` calls: it writes part of the
+    shard, then fails as its Rust writer does (a SafetensorError, not an OSError)."""
+
+    def __init__(self, real, tries: int):
+        self.real, self.tries, self.calls = real, tries, 0
+
+    def __call__(self, tensors, filename, metadata=None):
+        self.calls += 1
+        if self.tries == 0:
+            return self.real(tensors, filename, metadata=metadata)
+        self.tries -= 1
+        with builtins.open(filename, "wb") as fh:
+            fh.write(b"\0" * 64)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _state() -> dict[str, torch.Tensor]:
+    return {"a.weight": torch.arange(12.0).reshape(3, 4), "b.bias": torch.ones(5)}
+
+
+def test_a_weight_version_waits_out_a_full_disk_and_is_written_whole(tmp_path, monkeypatch):
+    """Found by the soak: the learner's snapshot of a version (`publish_async`) failed on the
+    full disk, and that failure ended the job (a SafetensorError out of `LearnerRank.train`).
+    The write now waits for space as the logs' appends do, then writes the version whole."""
+    save = _SaveFullFor(store_module.safetensors.torch.save_file, tries=3)
+    monkeypatch.setattr(store_module.safetensors.torch, "save_file", save)
+    monkeypatch.setattr(fileio.time, "sleep", lambda s: None)
+    store = WeightStore(tmp_path / "weights")
+    written = store.publish_async(1, _state()).result(timeout=60)
+    assert save.calls == 4 and written["path"].endswith("v00000001")
+    assert store.latest_version() == 1
+    assert all(torch.equal(store.load(1)[k], v) for k, v in _state().items())  # checksums verified
+    assert [p.name for p in (tmp_path / "weights").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_weight_version_on_a_disk_that_stays_full_fails_naming_it_with_nothing_left(tmp_path, monkeypatch):
+    save = _SaveFullFor(store_module.safetensors.torch.save_file, tries=10**6)
+    monkeypatch.setattr(store_module.safetensors.torch, "save_file", save)
+    monkeypatch.setattr(fileio.time, "sleep", lambda s: None)
+    monkeypatch.setattr(WeightStore, "FULL_DISK_WAIT_S", -1.0)
+    store = WeightStore(tmp_path / "weights")
+    with pytest.raises(OSError, match="version 1: the disk stayed full"):
+        store.publish(1, _state())
+    assert store.latest_version() is None and list((tmp_path / "weights").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("exc", "full"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        (OSError(errno.EIO, "Input/output error"), False),
+        (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), True),
+        (SafetensorError("Error while serializing: I/O error: Input/output error (os error 5)"), False),
+        (ValueError("bad shape"), False),
+    ],
+)
+def test_what_counts_as_a_full_disk(exc, full):
+    assert fileio.is_disk_full(exc) is full

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -202,7 +203,7 @@ def test_every_group_scored_after_a_checkpoint_is_reused_on_resume(tmp_path):
     state.add_group(_group(admitted[4].prompt_id, 1), {"zero_signal": 0.0}, "gen0")  # never flushed: lost
 
     resumed = _resumed(cfg, ckpt)
-    assert resumed.recovered == {"reused": 3, "rolled_back": 1}
+    assert resumed.recovered == {"reused": 3, "rolled_back": 1, "stale": 0}
     assert resumed.dropped["zero_signal"] == 2
     groups = {}
     for s in resumed.buffer.take(resumed.buffer.ready_groups(), min_version=-10):
@@ -217,12 +218,56 @@ def test_every_group_scored_after_a_checkpoint_is_reused_on_resume(tmp_path):
     again = [resumed.admission.admit(5)[1][0].prompt_id for _ in range(2)]
     assert again[0] == admitted[4].prompt_id
     assert not {admitted[i].prompt_id for i in (1, 2, 3)} & set(again)
-    # The reused groups are in the log again, numbered from the checkpoint on; a second resume
-    # finds them, with what was rolled back so far.
+    # The reused groups stay in the log as scored; the resumed job numbers its own after them. A
+    # second resume from the same checkpoint (the first died before its next one) finds them all
+    # again, those it scored since included, and rolls them back as the first did.
+    seq = ckpt.driver_state()["scored_seq"]
+    assert resumed.log.next_seq == seq + 3
+    resumed.add_group(_group(admitted[4].prompt_id, 1), {"zero_signal": 0.0}, "gen0")
     resumed.log.flush()
-    relogged = resumed.log.since(ckpt.driver_state()["scored_seq"])
-    assert [s[0].group_id for _, s in relogged] == [admitted[i].prompt_id for i in (1, 2, 3)]
-    assert [s[0].rolled_back_steps for _, s in relogged] == [0, 1, 0]
+    logged = resumed.log.since(seq)
+    assert [s[0].group_id for _, s in logged] == [admitted[i].prompt_id for i in (1, 2, 3, 4)]
+    assert [s[0].rolled_back_steps for _, s in logged] == [0, 0, 0, 0]
+    again = _resumed(cfg, ckpt)
+    assert again.recovered == {"reused": 4, "rolled_back": 1, "stale": 0}
+
+
+def test_a_resume_keeps_the_scored_log_until_the_next_checkpoint(tmp_path):
+    """Found by the soak: a resume cut the log at the checkpoint and kept the reused groups in
+    memory until its next flush; a resume that died before then (it failed to start) left the
+    next one fewer groups to reuse, and their prompts were generated again."""
+    cfg = _cfg(tmp_path)
+    state = JobState(cfg, PROMPTS)
+    ckpt = _checkpoint(state, tmp_path, 0)
+    for i in range(3):
+        state.add_group(_group(f"g{i}", 1), {"zero_signal": 0.0}, "gen0")
+    state.log.flush()
+    for _ in range(2):  # each resume dies before it checkpoints: nothing of its own is flushed
+        resumed = _resumed(cfg, ckpt)
+        assert resumed.recovered["reused"] == 3 and resumed.buffer.ready_groups() == 3
+    assert [s[0].group_id for _, s in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0)] == ["g0", "g1", "g2"]
+
+
+def test_a_resume_after_a_long_stretch_without_checkpoints_drops_what_is_stale_before_the_buffer(tmp_path):
+    """Found by the soak: checkpoints failed on a full disk for 50 steps, the learner died, and
+    the resume reused every group scored since the last checkpoint: 800 groups into a buffer of
+    512 (BufferFullError, the job could not start). Groups too stale for the resumed learner's
+    first step are counted as dropped stale, as `take` would, and only the rest is buffered."""
+    cfg = _cfg(tmp_path, buffer={"capacity": 8})  # 4 groups of 2
+    state = JobState(cfg, PROMPTS)
+    ckpt = _checkpoint(state, tmp_path, 0)  # version 1: the resumed learner's first step is 1
+    versions = [1, 1, 2, 2, 3, 3, 4, 5, 6]  # the steps after the checkpoint that no checkpoint kept
+    for i, version in enumerate(versions):  # scored, buffered and trained on by those steps
+        state.log.append(_group(f"g{i}", version), "buffered")
+    state.log.flush()
+    resumed = _resumed(cfg, ckpt)
+    # Rolled back to version 1, a group of version v is as stale as version 2 - v (2 * (v - 1)
+    # steps back from v); step 1 admits version 0 and up (max_staleness 1).
+    assert resumed.recovered == {"reused": 9, "rolled_back": 7, "stale": 5}
+    assert resumed.buffer.ready_groups() == 4 and resumed.counters()["dropped_stale"] == 5 * 2
+    assert {s.group_id for s in resumed.buffer.take(4, min_version=0)} == {"g0", "g1", "g2", "g3"}
+    # No reused prompt, stale or not, is generated again.
+    assert resumed.admission.skipping == {f"g{i}": 1 for i in range(9)}
 
 
 def test_rolling_back_again_counts_every_abandoned_step_once():
