@@ -72,6 +72,14 @@ class ExperienceBuffer:
         self.dropped[STALE] += n
         return n
 
+    def refuse_stale(self, group: list[ScoredSample], min_version: int) -> bool:
+        """Whether `group` is older than `min_version`; if so it is counted as dropped stale, as
+        `take` counts it, and not held."""
+        if group_version(group) >= min_version:
+            return False
+        self.dropped[STALE] += len(group)
+        return True
+
     def ready_groups(self) -> int:
         return len(self._groups)
 

@@ -18,7 +18,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
 from rlhf_cluster.data.prompts import Prompt, PromptSource
 from rlhf_cluster.experience.admission import Admission
-from rlhf_cluster.experience.buffer import STALE, ExperienceBuffer, group_version
+from rlhf_cluster.experience.buffer import STALE, ExperienceBuffer
 from rlhf_cluster.experience.build import accept_group, kl_controller
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.run.checkpoint import Checkpoint
@@ -136,8 +136,6 @@ class JobState:
         if dropped is None:
             self.buffer.add_group(samples)
             self.worker_of.update((s.sample_id, worker) for s in samples)
-        elif dropped == STALE:  # counted where `take` counts the groups it finds stale
-            self.buffer.dropped[STALE] += len(samples)
         else:
             self.dropped[dropped] += len(samples)
 
@@ -239,11 +237,11 @@ class JobState:
             samples = [roll_back(s, version) for s in samples]
             if any(s.rolled_back_steps for s in samples):
                 self.recovered["rolled_back"] += 1
-            if fate == BUFFERED and group_version(samples) < min_version:
-                fate = STALE
-                self.recovered["stale"] += 1
-            self._hold(samples, None if fate == BUFFERED else fate, "recovered")
             reused.append(samples[0].prompt_id)
+            if fate == BUFFERED and self.buffer.refuse_stale(samples, min_version):
+                self.recovered["stale"] += 1
+                continue
+            self._hold(samples, None if fate == BUFFERED else fate, "recovered")
         self.recovered["reused"] = len(reused)
         return reused
 

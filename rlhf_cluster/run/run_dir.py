@@ -303,15 +303,17 @@ class RunDir:
         `repair_logs` scanned and nothing changed since is not read again."""
         for name in self.STEP_LOGS:
             path = self.root / name
-            cut = None
+            cut, size = None, 0
             if path.exists():
                 stat, found = self._scans.pop(name, (None, None))
                 if found is None or stat != _stat(path):
                     found = scan_jsonl(path)
                 cut = _first_row_after(found, last_step) if found.torn_line is None else None
+                size = found.size
             if cut is not None:  # every row from there on is of a later step: cut the file there, in place
-                os.truncate(path, cut)
-                fsync_path(path)
+                if cut < size:  # at its size: nothing after the step, nothing to write
+                    os.truncate(path, cut)
+                    fsync_path(path)
                 continue
             rows = self.read(name)
             kept = (r for r in rows if r.get("step", -1) <= last_step)

@@ -142,7 +142,8 @@ class ScoredLog:
         return found
 
     def truncate(self, seq: int) -> None:
-        """Forget the groups numbered `seq` and later (they are re-appended if kept)."""
+        """Forget the groups numbered `seq` and later (a rollback to the job's start: they belong to
+        the run it abandons)."""
         self._pending = [p for p in self._pending if p[0] < seq]
         for first, last, path in self._segments():
             if first >= seq:
