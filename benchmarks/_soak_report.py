@@ -16,11 +16,10 @@ from rlhf_cluster.run.run_dir import RunDir
 
 DEMO_SAMPLED_AFTER = (0.389, 0.532)  # docs/demo-results.md: sampled held-out accuracy after RL, seeds 0-4
 # What the final accuracy is held to. Not the demo's range above: that is after the demo's 240 steps, and
-# this job trains ~16,000 steps in the hour; without a single fault it drifts below that range by step
-# 6,000 (0.42 at step 2,000, 0.37 at 6,000: benchmarks/README.md, soak.py). What faults could do is
-# undo the learning (wrong or damaged weights served or trained from): a placebo reward lowers it by
-# 0.10-0.21 and a random teacher to 0 (docs/demo-results.md). So: the job's own start (the warm-up at
-# seed 0, the soak's job seed) plus test_demo_learns' margin for "it learned".
+# this job trains ~14,000 steps in the hour, at a tenth of the demo's learning rate (soak.SOAK_LR).
+# What faults could do is undo the learning (wrong or damaged weights served or trained from): a placebo
+# reward lowers it by 0.10-0.21 and a random teacher to 0 (docs/demo-results.md). So: the job's own start
+# (the warm-up at seed 0, the soak's job seed) plus test_demo_learns' margin for "it learned".
 START_SAMPLED = 0.205  # docs/demo-results.md: seed 0, sampled held-out accuracy before RL
 LEARNED_MARGIN = 0.05  # tests/integration/test_demo_learns.py: the smallest sampled gain it accepts
 
@@ -70,6 +69,7 @@ def build_report(o: Outcome, run: RunDir) -> dict:
         "fingerprint_mismatches": sum(s.get("rlhf_weights_fingerprint_mismatches_total", 0) for s in o.scrapes),
         "worker_restarts_scraped": sum(s.get("rlhf_pool_worker_restarts_total", 0) for s in o.scrapes),
         "sampled_accuracy_after": o.sampled_accuracy,
+        "held_out_by_step": held_out_by_step(rows),
         "demo_sampled_after": DEMO_SAMPLED_AFTER,
         "start_sampled": START_SAMPLED,
         "invariants": {i.name: {"holds": i.holds, "detail": i.detail, "value": i.value} for i in invariants.invariants},
@@ -91,6 +91,16 @@ def build_report(o: Outcome, run: RunDir) -> dict:
 def learned(sampled: float | None) -> bool:
     """Whether the final sampled held-out accuracy keeps what RL learned: the start plus the margin."""
     return sampled is not None and sampled >= START_SAMPLED + LEARNED_MARGIN
+
+
+def held_out_by_step(rows: list[dict]) -> list[dict]:
+    """The job's periodic held-out evaluations (`data.eval_every_steps`) over the hour: the step,
+    the sampled and the greedy accuracy; the last step's row of each step, as a resume may repeat one."""
+    by_step = {r["step"]: r for r in rows if "eval_sampled_accuracy" in r}
+    return [
+        {"step": s, "sampled": by_step[s]["eval_sampled_accuracy"], "greedy": by_step[s].get("eval_accuracy")}
+        for s in sorted(by_step)
+    ]
 
 
 def by_kind(injected: list[dict]) -> dict[str, dict]:

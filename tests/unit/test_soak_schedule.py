@@ -65,3 +65,20 @@ def test_the_final_accuracy_is_held_to_the_job_s_start_plus_the_learning_margin(
     assert learned(0.381)  # the hour of 2026-11-27 (seed 0), under the demo's 240-step floor of 0.389
     assert not learned(START_SAMPLED + LEARNED_MARGIN - 0.01)  # where a placebo or damaged weights land
     assert not learned(None)  # the final evaluation did not run
+
+
+def test_the_report_lists_the_periodic_held_out_evaluations_by_step(monkeypatch):
+    monkeypatch.syspath_prepend(str(SOAK.parent))
+    from _soak_report import held_out_by_step
+
+    rows = [
+        {"step": 999, "reward_mean": 1.8, "eval_sampled_accuracy": 0.30, "eval_accuracy": 0.3},
+        {"step": 1000, "reward_mean": 1.9},
+        {"step": 1999, "eval_sampled_accuracy": 0.20, "eval_accuracy": 0.2},
+        {"step": 999, "eval_sampled_accuracy": 0.35, "eval_accuracy": 0.4},  # a resume trained step 999 again
+    ]
+    assert held_out_by_step(rows) == [
+        {"step": 999, "sampled": 0.35, "greedy": 0.4},
+        {"step": 1999, "sampled": 0.20, "greedy": 0.2},
+    ]
+    assert held_out_by_step([{"step": 5, "reward_mean": 1.0}]) == []
