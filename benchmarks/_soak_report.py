@@ -95,7 +95,7 @@ def learned(sampled: float | None) -> bool:
 
 def held_out_by_step(rows: list[dict]) -> list[dict]:
     """The job's periodic held-out evaluations (`data.eval_every_steps`) over the hour: the step,
-    the sampled and the greedy accuracy; the last step's row of each step, as a resume may repeat one."""
+    the sampled and the greedy accuracy; of a step trained twice (a resume goes back), its last row."""
     by_step = {r["step"]: r for r in rows if "eval_sampled_accuracy" in r}
     return [
         {"step": s, "sampled": by_step[s]["eval_sampled_accuracy"], "greedy": by_step[s].get("eval_accuracy")}
