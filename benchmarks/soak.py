@@ -1,5 +1,5 @@
 """An hour of chaos (issue 58): the demo's job, with more pools than the demo and a tenth of its
-learning rate (so that it is still learning at the end of the hour), on a Ray cluster of
+learning rate (so that it learns over most of the hour, not only its first minutes), on a Ray cluster of
 two raylets on this machine, for `--minutes` of wall time while a seeded schedule of faults hits
 it; then the run directory and the Prometheus scrapes are checked (rlhf_cluster/run/invariants.py).
 
