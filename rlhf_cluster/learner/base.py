@@ -29,6 +29,7 @@ from rlhf_cluster.learner.host_state import restore_host_state, save_host_state,
 from rlhf_cluster.learner.memory_plan import MemoryPlan, plan_for_folder, plan_memory
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
+from rlhf_cluster.learner.proximal import ProximalPolicy, global_counts
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
@@ -319,56 +320,28 @@ class LearnerBase(ABC):
             b.ref_logprobs = ref.to(b.ref_logprobs.dtype)
         mask = b.response_mask
         self.model.train()
-        # π_prox: the current weights' log-probs before any update, the PPO denominator. With one
-        # epoch of one mini-batch (one update, however many micro-batches accumulate into it), every
-        # training forward runs on exactly those weights, so its detached log-probs are π_prox for
-        # its rows and the separate no-grad forward is skipped. The correction weights are per row
-        # (token, sequence or geometric level), so each micro-batch takes its own rows'; the
-        # batch's mismatch diagnostics are computed once every row is in.
-        one_update = lc.ppo_epochs == 1 and len(plans) == 1
-        prox: torch.Tensor | None
-        correction: torch.Tensor | None
-        corr_metrics: dict[str, torch.Tensor] | None
-        if one_update:
-            prox = torch.zeros_like(b.rollout_logprobs, dtype=torch.float32)
-            correction = torch.zeros_like(prox) if self.objective.cfg.correction.enabled else None
-            corr_metrics = None
-        else:
+        # π_prox, the PPO denominator: with one update, each training forward's own (`ProximalPolicy`).
+        frozen = None
+        if not (lc.ppo_epochs == 1 and len(plans) == 1):
             with torch.no_grad(), tracing.span("prox_logprobs"):
-                prox = self._frozen_logprobs(b, plans)
-            correction, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
-
-        # The global counts of each mini-batch, its loss denominators on every rank: summed on the
-        # device (float64: exact), used as float32 scalars (exact below 2^24 tokens).
-        counts = torch.stack(
-            [
-                torch.stack([mask[lo:hi].sum(), (mask[lo:hi].sum(-1) > 0).sum()]).double()
-                for lo, hi in zip(bounds[:-1], bounds[1:])
-            ]
-        )
-        dist.all_reduce(counts)
-        counts = counts.float()
+                frozen = self._frozen_logprobs(b, plans)
+        prox = ProximalPolicy(self.objective, b.rollout_logprobs, mask, frozen)
+        counts = global_counts(mask, bounds)
 
         def micro_loss(mini: int, micro: MicroBatch) -> tuple[torch.Tensor, dict]:
-            nonlocal prox, correction, corr_metrics
             rows = micro.rows
             logprobs, ent = self._logprobs(b, micro, with_entropy=True)
-            assert prox is not None  # filled here row by row (one update) or by the no-grad forward before
-            if one_update:
-                prox[rows] = logprobs.detach()
-                weights, _ = self.objective.correction_weights(prox[rows], b.rollout_logprobs[rows], mask[rows])
-                if correction is not None and weights is not None:  # both exist where correction is enabled
-                    correction[rows] = weights
+            prox_rows, correction_rows = prox.rows_of(rows, logprobs)
             global_tokens, global_seqs = counts[mini]
             # clamp_min(1): a mini-batch whose tokens were all filtered out (overlong filtering)
             # contributes a zero loss rather than NaN.
             return self.objective.loss(
                 logprobs,
-                prox[rows],
+                prox_rows,
                 b.ref_logprobs[rows],
                 b.advantages[rows],
                 mask[rows],
-                None if correction is None else correction[rows],
+                correction_rows,
                 ent,
                 kl_coef=kl_coef,
                 denominator=self.objective.denominator(global_tokens, global_seqs).clamp_min(1.0),
@@ -378,11 +351,8 @@ class LearnerBase(ABC):
         reduction = StepMetrics(self.device, mask)
 
         def step_values(p: Passes) -> torch.Tensor:
-            nonlocal corr_metrics
-            if corr_metrics is None:  # one update: every row's π_prox is in by its last pass
-                assert prox is not None
-                _, corr_metrics = self.objective.correction_weights(prox, b.rollout_logprobs, mask)
-            return reduction.device_values(p, correction, corr_metrics)
+            corr_metrics = prox.correction_metrics()  # with one update, every row's π_prox is in by now
+            return reduction.device_values(p, prox.correction, corr_metrics)
 
         passes = self._optimize(lc.ppo_epochs, plans, micro_loss, step_values)
         out = reduction.read(passes.step_values)
