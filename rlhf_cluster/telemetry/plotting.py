@@ -8,6 +8,33 @@ from pathlib import Path
 
 from rlhf_cluster.fileio import read_jsonl
 
+# Each panel of a run's plot: its title and the series it draws when the rows have them (older
+# runs lack some). The sixth panel is the held-out accuracy (`_draw_evaluation`).
+PANELS = [
+    ("reward", [("reward_mean", "mean"), ("reward_min", "min"), ("reward_max", "max")]),
+    ("KL to reference (k3, per token)", [("kl", "kl")]),
+    (
+        "response length (tokens)",
+        [("response_len_mean", "mean"), ("response_len_p90", "p90"), ("response_len_max", "max")],
+    ),
+    (
+        "diversity (reward hacking watch)",
+        [
+            ("distinct_2", "distinct-2"),
+            ("unique_per_group", "unique per group"),
+            ("truncated_fraction", "truncated"),
+        ],
+    ),
+    (
+        "where the step goes (share)",
+        [
+            ("busy_generation", "generation busy"),
+            ("busy_reward", "reward busy"),
+            ("busy_reference", "reference busy"),
+        ],
+    ),
+]
+
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Read RUN_DIR/metrics.jsonl (and eval.json when present) and write a PNG; returns its path."""
@@ -23,36 +50,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = read_jsonl(metrics).rows  # a torn final line (a crash mid-append) is left out
     if not rows:
         raise ValueError(f"{metrics} has no rows yet")
-    steps = [r["step"] for r in rows]
     evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7), constrained_layout=True)
-    # Each panel: its title and the series it draws when the rows have them (older runs lack some).
-    panels = [
-        ("reward", [("reward_mean", "mean"), ("reward_min", "min"), ("reward_max", "max")]),
-        ("KL to reference (k3, per token)", [("kl", "kl")]),
-        (
-            "response length (tokens)",
-            [("response_len_mean", "mean"), ("response_len_p90", "p90"), ("response_len_max", "max")],
-        ),
-        (
-            "diversity (reward hacking watch)",
-            [
-                ("distinct_2", "distinct-2"),
-                ("unique_per_group", "unique per group"),
-                ("truncated_fraction", "truncated"),
-            ],
-        ),
-        (
-            "where the step goes (share)",
-            [
-                ("busy_generation", "generation busy"),
-                ("busy_reward", "reward busy"),
-                ("busy_reference", "reference busy"),
-            ],
-        ),
-    ]
-    for ax, (title, series) in zip(axes.flat, panels):
+    for ax, (title, series) in zip(axes.flat, PANELS):
         for key, label in series:
             points = [(r["step"], r[key]) for r in rows if key in r]
             if points:
@@ -61,34 +62,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend(fontsize="small")
         ax.set_title(title)
         ax.set_xlabel("step")
-    ax = axes.flat[5]
-    ax.set_title("held-out accuracy (verifier)")
-    ax.set_xlabel("step")
-    periodic = [r for r in rows if "eval_accuracy" in r]  # data.eval_every_steps: after step r["step"]
-    if evaluation is not None or periodic:
-
-        def eval_series(column: str, before: str, after: str) -> tuple[list[float], list[float]]:
-            points = [(0, (evaluation or {}).get(before))] + [(r["step"] + 1, r.get(column)) for r in periodic]
-            points.append((steps[-1] + 1, (evaluation or {}).get(after)))
-            points = [(x, y) for x, y in points if y is not None]
-            return [x for x, _ in points], [y for _, y in points]
-
-        ax.plot(*eval_series("eval_accuracy", "accuracy_before", "accuracy_after"), marker="o", label="greedy")
-        xs, ys = eval_series("eval_sampled_accuracy", "sampled_accuracy_before", "sampled_accuracy_after")
-        if ys:
-            ax.plot(xs, ys, marker="o", label="sampled (mean)")
-        for column in sorted({c for r in periodic for c in r if c.startswith("eval_pass@")}):
-            k = column.removeprefix("eval_pass@")
-            ax.plot(
-                *eval_series(column, f"pass@{k}_before", f"pass@{k}_after"),
-                marker=".",
-                linestyle="--",
-                label=f"pass@{k}",
-            )
-        ax.legend()
-        ax.set_ylim(0, 1)
-    else:
-        ax.text(0.5, 0.5, "no held-out evaluation in this run", ha="center", va="center", transform=ax.transAxes)
+    _draw_evaluation(axes.flat[5], rows, evaluation)
     fig.suptitle(run_dir.name)
     target = Path(out) if out is not None else run_dir / "metrics.png"
     tmp = target.with_name(f".{target.name}.tmp.png")
@@ -96,6 +70,39 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plt.close(fig)
     tmp.replace(target)
     return target
+
+
+def _draw_evaluation(ax, rows: list[dict], evaluation: dict | None) -> None:
+    """The held-out accuracy panel: eval.json's before and after (`evaluation`) around the
+    periodic evaluations of the metrics rows, greedy, sampled and pass@k."""
+    ax.set_title("held-out accuracy (verifier)")
+    ax.set_xlabel("step")
+    periodic = [r for r in rows if "eval_accuracy" in r]  # data.eval_every_steps: after step r["step"]
+    if evaluation is None and not periodic:
+        ax.text(0.5, 0.5, "no held-out evaluation in this run", ha="center", va="center", transform=ax.transAxes)
+        return
+    last_step = rows[-1]["step"]
+
+    def eval_series(column: str, before: str, after: str) -> tuple[list[float], list[float]]:
+        points = [(0, (evaluation or {}).get(before))] + [(r["step"] + 1, r.get(column)) for r in periodic]
+        points.append((last_step + 1, (evaluation or {}).get(after)))
+        points = [(x, y) for x, y in points if y is not None]
+        return [x for x, _ in points], [y for _, y in points]
+
+    ax.plot(*eval_series("eval_accuracy", "accuracy_before", "accuracy_after"), marker="o", label="greedy")
+    xs, ys = eval_series("eval_sampled_accuracy", "sampled_accuracy_before", "sampled_accuracy_after")
+    if ys:
+        ax.plot(xs, ys, marker="o", label="sampled (mean)")
+    for column in sorted({c for r in periodic for c in r if c.startswith("eval_pass@")}):
+        k = column.removeprefix("eval_pass@")
+        ax.plot(
+            *eval_series(column, f"pass@{k}_before", f"pass@{k}_after"),
+            marker=".",
+            linestyle="--",
+            label=f"pass@{k}",
+        )
+    ax.legend()
+    ax.set_ylim(0, 1)
 
 
 def plot_trace(doc: dict, out: str | Path, title: str = "") -> Path:
