@@ -83,6 +83,13 @@ def _deepspeed_backend(lc: LearnerConfig) -> DeepSpeedBackend:
 
 def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, world_size: int) -> None:
     """Raise `DeepSpeedJSONError` for every setting of `user` that contradicts the learner config."""
+    _check_batch_and_precision(user, path, lc, world_size)
+    _check_optimizer(user, path, lc)
+    _check_zero(user, path, lc)
+
+
+def _check_batch_and_precision(user: dict[str, Any], path: str | Path, lc: LearnerConfig, world_size: int) -> None:
+    """What the learner drives itself: batch sizes, accumulation, clipping, the schedule, precision."""
     expected_batch = {
         "train_micro_batch_size_per_gpu": (MICRO_BATCH_PER_RANK, "the learner cuts micro-batches by token budget"),
         "gradient_accumulation_steps": (
@@ -122,23 +129,30 @@ def check_user_json(user: dict[str, Any], path: str | Path, lc: LearnerConfig, w
             path, "zero_allow_untested_optimizer", False, "absent or true (the learner passes torch's AdamW)"
         )
 
-    optimizer = user.get("optimizer")
-    if optimizer is not None:
-        if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() != "adamw":
-            got = optimizer.get("type") if isinstance(optimizer, dict) else optimizer
-            raise _conflict(path, "optimizer.type", got, "absent or 'AdamW' (the learner's optimizer is AdamW)")
-        params = optimizer.get("params", {})
-        _check_setting(path, params, "optimizer.params.lr", lc.lr, "learner.lr")
-        _check_setting(path, params, "optimizer.params.weight_decay", lc.weight_decay, "learner.weight_decay")
-        for key in params:
-            if key not in ("lr", "weight_decay", *HONOURED_ADAMW_PARAMS):
-                raise _conflict(
-                    path,
-                    f"optimizer.params.{key}",
-                    params[key],
-                    f"only lr, weight_decay, {', '.join(HONOURED_ADAMW_PARAMS)}",
-                )
 
+def _check_optimizer(user: dict[str, Any], path: str | Path, lc: LearnerConfig) -> None:
+    """The optimizer, when the JSON names one: AdamW at the learner's lr and weight decay."""
+    optimizer = user.get("optimizer")
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() != "adamw":
+        got = optimizer.get("type") if isinstance(optimizer, dict) else optimizer
+        raise _conflict(path, "optimizer.type", got, "absent or 'AdamW' (the learner's optimizer is AdamW)")
+    params = optimizer.get("params", {})
+    _check_setting(path, params, "optimizer.params.lr", lc.lr, "learner.lr")
+    _check_setting(path, params, "optimizer.params.weight_decay", lc.weight_decay, "learner.weight_decay")
+    for key in params:
+        if key not in ("lr", "weight_decay", *HONOURED_ADAMW_PARAMS):
+            raise _conflict(
+                path,
+                f"optimizer.params.{key}",
+                params[key],
+                f"only lr, weight_decay, {', '.join(HONOURED_ADAMW_PARAMS)}",
+            )
+
+
+def _check_zero(user: dict[str, Any], path: str | Path, lc: LearnerConfig) -> None:
+    """`zero_optimization`: the stage and the offloading of `learner.backend`."""
     zero = user.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise _conflict(path, "zero_optimization", zero, "a JSON object")
