@@ -112,19 +112,34 @@ def train(
     if max_retries:
         from actors.commands.supervisor import supervise
 
-        argv = [
-            sys.executable,
-            "-m",
-            "actors.commands.cli",
-            "train",
-            str(config),
-            *(f"--set={s}" for s in set_),
-            *(["--address", address] if address else []),
-            *(["--resume", resume] if resume else []),
-            *([f"--overwrite={overwrite}"] if overwrite else []),
-            *(["--debug"] if debug else []),
-        ]
+        argv = _child_argv(config, set_, address, resume, overwrite, debug)
         raise typer.Exit(supervise(argv, max_retries, lambda line: typer.echo(line, err=True)))
+    _run_here(cfg, config, address, resume, overwrite, debug)
+
+
+def _child_argv(
+    config: Path, set_: list[str], address: str | None, resume: str | None, overwrite: str | None, debug: bool
+) -> list[str]:
+    """The command line of the supervised child (`--max-retries`): this `train` without it."""
+    return [
+        sys.executable,
+        "-m",
+        "actors.commands.cli",
+        "train",
+        str(config),
+        *(f"--set={s}" for s in set_),
+        *(["--address", address] if address else []),
+        *(["--resume", resume] if resume else []),
+        *([f"--overwrite={overwrite}"] if overwrite else []),
+        *(["--debug"] if debug else []),
+    ]
+
+
+def _run_here(
+    cfg: JobConfig, config: Path, address: str | None, resume: str | None, overwrite: str | None, debug: bool
+) -> None:
+    """Run the job in this process on Ray (started here, or `address`'s) and print its result; a
+    stop (SIGTERM, preemption) ends it with a checkpoint and says how to continue."""
     import ray
 
     from actors.job import run_job
