@@ -91,33 +91,54 @@ def policy_loss(
     if correction is not None:
         pg = pg * correction.detach()
 
-    if aggregation == "token_mean":
-        loss = masked_mean(pg, m, denominator)
-    elif aggregation == "sequence_mean":
-        n_tok = m.sum(-1)
-        per_seq = (pg * m).sum(-1) / n_tok.clamp_min(1)
-        # Fully masked rows (overlong-filtered samples) must not dilute the mean.
-        loss = per_seq.sum() / (denominator if denominator is not None else (n_tok > 0).sum().clamp_min(1))
-    else:
-        if denominator is None:
-            denominator = logprobs.shape[0] * (max_tokens if max_tokens is not None else logprobs.shape[-1])
-        loss = masked_sum(pg, m) / denominator
-
-    with torch.no_grad():
-        r, lr = ratio.detach(), log_ratio.detach()
-        low = ((r < 1.0 - clip_low) & (adv < 0)).to(m.dtype)
-        high = ((r > 1.0 + clip_high) & (adv > 0)).to(m.dtype)
-        metrics = {
-            "clip_frac_low": masked_mean(low, m),
-            "clip_frac_high": masked_mean(high, m),
-            "approx_kl": masked_mean((r - 1.0) - lr, m),
-            "ratio_mean": masked_mean(r, m),
-            "ratio_max": masked_max(r, m),
-        }
-        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-        if dual is not None:
-            metrics["clip_frac_dual"] = masked_mean(dual.to(m.dtype), m)
+    loss = aggregate_loss(pg, m, aggregation, denominator, max_tokens)
+    metrics = _ratio_metrics(ratio, log_ratio, adv, m, clip_low, clip_high, dual)
     return loss, metrics
+
+
+def aggregate_loss(
+    per_token: torch.Tensor, m: torch.Tensor, aggregation: str, denominator=None, max_tokens: int | None = None
+) -> torch.Tensor:
+    """A per-token loss ``[B, T]`` over the valid tokens of ``m`` (its dtype's 0/1 mask) as one
+    scalar, as `policy_loss` aggregates it (``aggregation``, ``denominator`` and ``max_tokens`` as there)."""
+    if aggregation == "token_mean":
+        return masked_mean(per_token, m, denominator)
+    if aggregation == "sequence_mean":
+        n_tok = m.sum(-1)
+        per_seq = (per_token * m).sum(-1) / n_tok.clamp_min(1)
+        # Fully masked rows (overlong-filtered samples) must not dilute the mean.
+        return per_seq.sum() / (denominator if denominator is not None else (n_tok > 0).sum().clamp_min(1))
+    if denominator is None:
+        denominator = per_token.shape[0] * (max_tokens if max_tokens is not None else per_token.shape[-1])
+    return masked_sum(per_token, m) / denominator
+
+
+@torch.no_grad()
+def _ratio_metrics(
+    ratio: torch.Tensor,
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    m: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """`policy_loss`' metrics over the valid tokens: how often each side of the clip bit (and the
+    dual clip, where on), the ratio's mean and max, and the k3 estimate of the KL it moved."""
+    r, lr = ratio.detach(), log_ratio.detach()
+    low = ((r < 1.0 - clip_low) & (adv < 0)).to(m.dtype)
+    high = ((r > 1.0 + clip_high) & (adv > 0)).to(m.dtype)
+    metrics = {
+        "clip_frac_low": masked_mean(low, m),
+        "clip_frac_high": masked_mean(high, m),
+        "approx_kl": masked_mean((r - 1.0) - lr, m),
+        "ratio_mean": masked_mean(r, m),
+        "ratio_max": masked_max(r, m),
+    }
+    metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    if dual is not None:
+        metrics["clip_frac_dual"] = masked_mean(dual.to(m.dtype), m)
+    return metrics
 
 
 def value_loss(

@@ -285,3 +285,16 @@ def test_dual_clip_matches_a_float64_reference_and_caps_negative_advantages():
     assert capped.any() and torch.all(x.grad[capped] == 0)
     off, off_metrics = policy_loss(*_data(seed=1), MASK, clip_ratio_c=None)
     assert "clip_frac_dual" not in off_metrics
+
+
+def test_aggregate_loss_by_hand():
+    from rlhf_cluster.algorithms.losses import aggregate_loss
+
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert aggregate_loss(per_token, m, "token_mean").item() == pytest.approx(7 / 3)
+    assert aggregate_loss(per_token, m, "token_mean", denominator=7.0).item() == pytest.approx(1.0)
+    # Per-row means 1.5 and 4 over the two non-empty rows; the empty third row does not dilute it.
+    assert aggregate_loss(per_token, m, "sequence_mean").item() == pytest.approx(2.75)
+    assert aggregate_loss(per_token, m, "sequence_sum_norm").item() == pytest.approx(7 / 9)  # B x T
+    assert aggregate_loss(per_token, m, "sequence_sum_norm", max_tokens=7).item() == pytest.approx(7 / 21)
