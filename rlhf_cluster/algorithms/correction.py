@@ -46,17 +46,38 @@ def importance_weights(
     m = mb.to(prox_logprobs.dtype)
     # where() rather than multiply: padded rollout log-probs may be -inf/NaN.
     delta = torch.where(mb, (prox_logprobs.detach() - rollout_logprobs).clamp(-20.0, 20.0), 0.0)
-    if level == "token":
-        log_rho = delta
-    elif level == "sequence":
-        log_rho = delta.sum(-1).clamp(-20.0, 20.0).unsqueeze(-1).expand_as(delta)
-    else:
-        # A mean of clamped deltas is already within ±20; clamping the sum would bias long sequences.
-        log_rho = (delta.sum(-1) / m.sum(-1).clamp_min(1)).unsqueeze(-1).expand_as(delta)
-    rho = torch.exp(log_rho)
-
-    metrics: dict[str, torch.Tensor] = {}
+    rho = torch.exp(_log_rho(delta, m, level))
     n = m.sum().clamp_min(1)
+    w, metrics = _bounded(rho, mb, n, mode, cap, lower)
+    w = torch.where(mb, w, 0.0)
+
+    sw, sw2 = w.sum(), w.square().sum()
+    metrics.update(
+        mismatch_k1=(-delta * m).sum() / n,
+        mismatch_k3=((torch.exp(delta) - 1.0 - delta) * m).sum() / n,
+        ess=torch.where(sw2 > 0, sw.square() / (n * sw2).clamp_min(torch.finfo(sw2.dtype).tiny), 0.0),
+        weight_mean=sw / n,
+        weight_max=masked_max(w, mb),
+    )
+    return w, metrics
+
+
+def _log_rho(delta: torch.Tensor, m: torch.Tensor, level: str) -> torch.Tensor:
+    """log rho ``[B, T]`` at ``level`` from the clamped per-token ``delta`` (0 on padding)."""
+    if level == "token":
+        return delta
+    if level == "sequence":
+        return delta.sum(-1).clamp(-20.0, 20.0).unsqueeze(-1).expand_as(delta)
+    # A mean of clamped deltas is already within ±20; clamping the sum would bias long sequences.
+    return (delta.sum(-1) / m.sum(-1).clamp_min(1)).unsqueeze(-1).expand_as(delta)
+
+
+def _bounded(
+    rho: torch.Tensor, mb: torch.Tensor, n: torch.Tensor, mode: str, cap: float | None, lower: float | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weight ``rho`` truncated at ``cap`` (TIS) or masked outside [``lower``, ``cap``] (MIS),
+    not yet zeroed on padding, and the fraction of the ``n`` valid tokens (``mb``) it changed."""
+    metrics: dict[str, torch.Tensor] = {}
     if mode == "truncate":
         w = rho if cap is None else rho.clamp(max=cap)
         over = rho > cap if cap is not None else torch.zeros_like(mb)
@@ -69,14 +90,4 @@ def importance_weights(
             keep &= rho >= lower
         w = torch.where(keep, rho, 0.0)
         metrics["frac_masked"] = (~keep & mb).sum() / n
-    w = torch.where(mb, w, 0.0)
-
-    sw, sw2 = w.sum(), w.square().sum()
-    metrics.update(
-        mismatch_k1=(-delta * m).sum() / n,
-        mismatch_k3=((torch.exp(delta) - 1.0 - delta) * m).sum() / n,
-        ess=torch.where(sw2 > 0, sw.square() / (n * sw2).clamp_min(torch.finfo(sw2.dtype).tiny), 0.0),
-        weight_mean=sw / n,
-        weight_max=masked_max(w, mb),
-    )
     return w, metrics
