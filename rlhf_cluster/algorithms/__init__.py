@@ -10,10 +10,15 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ESTIMATORS": "advantages",
     "broadcast_to_tokens": "advantages",
     "distillation_advantages": "distillation",
+    "dr_grpo_advantages": "advantages",
+    "estimator": "advantages",
+    "filled_at_take_time": "advantages",
     "gae": "advantages",
     "group_advantages": "advantages",
+    "grpo_advantages": "advantages",
     "reinforce_pp_advantages": "advantages",
     "rloo_advantages": "advantages",
     "turn_level_advantages": "advantages",

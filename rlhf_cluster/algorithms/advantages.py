@@ -1,11 +1,14 @@
 """Advantage estimators: GAE (critic), group-relative (GRPO / Dr.GRPO), RLOO and REINFORCE++.
 
 All functions run under ``no_grad``: advantages are targets, never differentiated through.
+`ESTIMATORS` is the registry `algorithm.advantage` names: one function per estimator, each with
+the same signature (a group's sequence rewards and group ids in, one advantage per sequence and
+metrics out).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
@@ -174,3 +177,53 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tuple
 def broadcast_to_tokens(seq_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Spread one value per sequence ``[B]`` over its tokens ``[B, T]``; zero on padding."""
     return seq_values.unsqueeze(-1) * mask.to(seq_values.dtype)
+
+
+@torch.no_grad()
+def grpo_advantages(rewards: torch.Tensor, group_ids: GroupIds) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO: the group-relative advantage divided by the group's std (`group_advantages`)."""
+    return group_advantages(rewards, group_ids, scale="std")
+
+
+@torch.no_grad()
+def dr_grpo_advantages(rewards: torch.Tensor, group_ids: GroupIds) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dr. GRPO: the group-relative advantage, unscaled (`group_advantages`)."""
+    return group_advantages(rewards, group_ids, scale="none")
+
+
+def at_take_time(rewards: torch.Tensor, group_ids: GroupIds) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE++ and GAE: zero when the group is scored. Their advantages need the whole step's
+    batch (whitened returns-to-go) or the critic's values of the step, so the step's batch fills
+    them in (`experience.build.finalize_batch`)."""
+    return torch.zeros_like(rewards), {}
+
+
+GroupEstimator = Callable[[torch.Tensor, GroupIds], tuple[torch.Tensor, dict[str, float]]]
+
+# `algorithm.advantage` -> the estimator a scored group's advantages come from. Adding an
+# estimator is one entry here and its name in `AlgorithmConfig.advantage` (a test checks the two
+# agree; the config cannot import this module, which imports torch).
+ESTIMATORS: dict[str, GroupEstimator] = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": at_take_time,
+    "gae": at_take_time,
+}
+
+
+def estimator(name: str) -> GroupEstimator:
+    """The registered estimator `algorithm.advantage` names; a ValueError naming the field and the
+    known names for any other."""
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"algorithm.advantage: unknown estimator {name!r}; known: {', '.join(sorted(ESTIMATORS))}"
+        ) from None
+
+
+def filled_at_take_time(name: str) -> bool:
+    """Whether an estimator's advantages come from the step's per-token rewards at take time (so
+    a KL in the reward sits on each token, not in the sequence reward)."""
+    return estimator(name) is at_take_time

@@ -7,32 +7,26 @@ log-probs and updates.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 
 from rlhf_cluster.algorithms import (
     distillation_advantages,
     gae,
-    group_advantages,
     kl_penalty,
     reinforce_pp_advantages,
-    rloo_advantages,
     turn_level_advantages,
     whiten,
 )
-from rlhf_cluster.algorithms.kl import AdaptiveKLController, FixedKLController  # typed (the package's are lazy: Any)
-from rlhf_cluster.config import AlgorithmConfig, KLConfig, TurnRewardsConfig
+from rlhf_cluster.algorithms.advantages import estimator, filled_at_take_time  # typed (the package's are lazy: Any)
+from rlhf_cluster.algorithms.kl import AdaptiveKLController, FixedKLController
+from rlhf_cluster.config import AlgorithmConfig, DistillationConfig, KLConfig, TurnRewardsConfig
 from rlhf_cluster.experience.records import Rollout, ScoredSample, TrainBatch
 from rlhf_cluster.experience.turn_samples import episode_advantages
 from rlhf_cluster.models.packing import balanced_shares
 from rlhf_cluster.rewards import dynamic_sampling_filter, length_penalty, overlong_filter_mask, overlong_penalty
 from rlhf_cluster.rewards.turns import turn_returns
-
-# Advantages computed from per-token rewards at take time: their KL penalty sits on each token.
-PER_TOKEN_KL = ("reinforce_pp", "gae")
 
 
 def build_group(
@@ -48,7 +42,8 @@ def build_group(
     """Samples of one prompt group with per-token advantages, and group metrics.
 
     Reward = task reward + shaping (overlong, length) - kl_coef * sum_t k1 when the KL sits in
-    the reward; every term is recorded in `reward_components`. REINFORCE++ whitens over the
+    the reward; every term is recorded in `reward_components`. The estimator is the one
+    `cfg.advantage` names (`algorithms.advantages.ESTIMATORS`). REINFORCE++ whitens over the
     whole step's batch, so its advantages are filled in by `batch_advantages` at take time; GAE
     needs the critic's values of the step, so `critic_advantages` fills them in then. Both put the
     KL on each token (`token_rewards`) rather than summed into the sequence reward here.
@@ -56,69 +51,17 @@ def build_group(
     `turn`, each model turn's tokens get the advantage of that turn's return (`turn_returns`,
     `turn_level_advantages`) instead of the episode's.
     """
-    if not rollouts:
-        raise ValueError("build_group needs at least one rollout")
-    if len({r.group_id for r in rollouts}) != 1:
-        raise ValueError("build_group takes the rollouts of exactly one group")
-    if len(scores) != len(rollouts) or (ref_logprobs is not None and len(ref_logprobs) != len(rollouts)):
-        raise ValueError("scores and reference log-probs must match the rollouts one to one")
-    refs = ref_logprobs if ref_logprobs is not None else [list(r.rollout_logprobs) for r in rollouts]
-    for r, ref in zip(rollouts, refs):
-        if len(ref) != len(r.response_ids):
-            raise ValueError(
-                f"sample {r.sample_id}: {len(ref)} reference log-probs for {len(r.response_ids)} response tokens"
-            )
+    refs = _checked_refs(rollouts, scores, ref_logprobs)
     components = [dict(s[1]) for s in scores]
     rewards = torch.tensor([s[0] for s in scores], dtype=torch.float64)
-    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float64)
-    shaping = cfg.shaping
-    if shaping.overlong_buffer:
-        penalty = overlong_penalty(lengths, max_new_tokens, shaping.overlong_buffer, shaping.overlong_penalty).double()
-        rewards = rewards + penalty
-        for c, p in zip(components, penalty.tolist()):
-            c["overlong"] = p
-    if shaping.length_target is not None:
-        penalty = length_penalty(lengths, shaping.length_target, shaping.length_coef).double()
-        rewards = rewards + penalty
-        for c, p in zip(components, penalty.tolist()):
-            c["length"] = p
-    if cfg.kl.placement == "reward" and kl_coef > 0 and cfg.advantage not in PER_TOKEN_KL:
-        kl_sum = torch.tensor(
-            [
-                float(kl_penalty(torch.tensor(r.rollout_logprobs), torch.tensor(ref), "k1").sum())
-                for r, ref in zip(rollouts, refs)
-            ],
-            dtype=torch.float64,
-        )
-        rewards = rewards - kl_coef * kl_sum
-        for c, kl in zip(components, kl_sum.tolist()):
-            c["kl_penalty"] = -kl_coef * kl
-    group_ids = [r.group_id for r in rollouts]
-    per_turn = any(r.episode_id for r in rollouts)  # agent turns as samples: advantages over episodes
-    if turns is not None and turns.assign == "turn" and not per_turn:  # (with the group estimators only)
-        token_adv, metrics = _turn_level(rollouts, rewards, group_ids, cfg.advantage, turns)
-    else:
-        if cfg.advantage == "rloo":
-            estimator: Callable = rloo_advantages
-        elif cfg.advantage in ("grpo", "dr_grpo"):
-            estimator = partial(group_advantages, scale="std" if cfg.advantage == "grpo" else "none")
-        else:
-            estimator = lambda r, _groups: (torch.zeros_like(r), {})  # noqa: E731  # filled in at take time
-        if per_turn:
-            adv, metrics = episode_advantages(rollouts, rewards, group_ids, estimator)
-        else:
-            adv, metrics = estimator(rewards, group_ids)
-        token_adv = [[float(a)] * len(r.response_ids) for r, a in zip(rollouts, adv.tolist())]
-    kept, _ = dynamic_sampling_filter(rewards, group_ids)  # one group: kept whole or not at all
+    rewards = _shaped(rewards, components, rollouts, cfg, max_new_tokens)
+    if cfg.kl.placement == "reward" and kl_coef > 0 and not filled_at_take_time(cfg.advantage):
+        rewards = _kl_in_reward(rewards, components, rollouts, refs, kl_coef)
+    token_adv, metrics = _token_advantages(rollouts, rewards, cfg.advantage, turns)
+    kept, _ = dynamic_sampling_filter(rewards, [r.group_id for r in rollouts])  # one group: kept whole or not at all
     metrics["zero_signal"] = float(not bool(kept.any()))
     if cfg.distillation is not None:  # the reference log-probs are the teacher's (it is what the reference pool serves)
-        distilled, distill_metrics = distillation_advantages(
-            [list(r.rollout_logprobs) for r in rollouts], refs, cfg.distillation.coef, [r.loss_mask for r in rollouts]
-        )
-        mix = cfg.distillation.mix_with_rewards
-        token_adv = [[d + a for d, a in zip(ds, task)] if mix else ds for ds, task in zip(distilled, token_adv)]
-        metrics.update(distill_metrics)
-        metrics["zero_signal"] = 0.0  # every token has the teacher's signal, whatever the rewards
+        token_adv = _distilled(rollouts, refs, token_adv, cfg.distillation, metrics)
     samples = [
         ScoredSample(
             sample_id=r.sample_id,
@@ -139,6 +82,105 @@ def build_group(
         for r, reward, c, ref, a in zip(rollouts, rewards.tolist(), components, refs, token_adv)
     ]
     return samples, metrics
+
+
+def _checked_refs(
+    rollouts: list[Rollout], scores: list[tuple[float, dict[str, float]]], ref_logprobs: list[list[float]] | None
+) -> list[list[float]]:
+    """The group's reference log-probs (the rollout's own when there is no reference), after
+    checking that the rollouts are one group and that scores and log-probs match them."""
+    if not rollouts:
+        raise ValueError("build_group needs at least one rollout")
+    if len({r.group_id for r in rollouts}) != 1:
+        raise ValueError("build_group takes the rollouts of exactly one group")
+    if len(scores) != len(rollouts) or (ref_logprobs is not None and len(ref_logprobs) != len(rollouts)):
+        raise ValueError("scores and reference log-probs must match the rollouts one to one")
+    refs = ref_logprobs if ref_logprobs is not None else [list(r.rollout_logprobs) for r in rollouts]
+    for r, ref in zip(rollouts, refs):
+        if len(ref) != len(r.response_ids):
+            raise ValueError(
+                f"sample {r.sample_id}: {len(ref)} reference log-probs for {len(r.response_ids)} response tokens"
+            )
+    return refs
+
+
+def _shaped(
+    rewards: torch.Tensor,
+    components: list[dict[str, float]],
+    rollouts: list[Rollout],
+    cfg: AlgorithmConfig,
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """Rewards with the overlong and length penalties added, each recorded in `components`."""
+    lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float64)
+    shaping = cfg.shaping
+    penalties = {}
+    if shaping.overlong_buffer:
+        penalties["overlong"] = overlong_penalty(
+            lengths, max_new_tokens, shaping.overlong_buffer, shaping.overlong_penalty
+        )
+    if shaping.length_target is not None:
+        penalties["length"] = length_penalty(lengths, shaping.length_target, shaping.length_coef)
+    for name, penalty in penalties.items():
+        rewards = rewards + penalty.double()
+        for c, p in zip(components, penalty.double().tolist()):
+            c[name] = p
+    return rewards
+
+
+def _kl_in_reward(
+    rewards: torch.Tensor,
+    components: list[dict[str, float]],
+    rollouts: list[Rollout],
+    refs: list[list[float]],
+    kl_coef: float,
+) -> torch.Tensor:
+    """Rewards less kl_coef x each sequence's summed k1 to the reference (component `kl_penalty`)."""
+    kl_sum = torch.tensor(
+        [
+            float(kl_penalty(torch.tensor(r.rollout_logprobs), torch.tensor(ref), "k1").sum())
+            for r, ref in zip(rollouts, refs)
+        ],
+        dtype=torch.float64,
+    )
+    for c, kl in zip(components, kl_sum.tolist()):
+        c["kl_penalty"] = -kl_coef * kl
+    return rewards - kl_coef * kl_sum
+
+
+def _token_advantages(
+    rollouts: list[Rollout], rewards: torch.Tensor, name: str, turns: TurnRewardsConfig | None
+) -> tuple[list[list[float]], dict[str, float]]:
+    """Each rollout's per-token advantages from the estimator `name`: per turn's return
+    (`turns.assign: turn`), per episode (agent turns as samples), or per rollout."""
+    group_ids = [r.group_id for r in rollouts]
+    per_turn = any(r.episode_id for r in rollouts)  # agent turns as samples: advantages over episodes
+    if turns is not None and turns.assign == "turn" and not per_turn:  # (with the group estimators only)
+        return _turn_level(rollouts, rewards, group_ids, name, turns)
+    if per_turn:
+        adv, metrics = episode_advantages(rollouts, rewards, group_ids, estimator(name))
+    else:
+        adv, metrics = estimator(name)(rewards, group_ids)
+    return [[float(a)] * len(r.response_ids) for r, a in zip(rollouts, adv.tolist())], metrics
+
+
+def _distilled(
+    rollouts: list[Rollout],
+    refs: list[list[float]],
+    token_adv: list[list[float]],
+    distill: DistillationConfig,
+    metrics: dict[str, float],
+) -> list[list[float]]:
+    """On-policy distillation: each token's reverse-KL advantage to the teacher (`refs`), alone or
+    added to the task's (`mix_with_rewards`); its metrics go into `metrics`."""
+    distilled, distill_metrics = distillation_advantages(
+        [list(r.rollout_logprobs) for r in rollouts], refs, distill.coef, [r.loss_mask for r in rollouts]
+    )
+    metrics.update(distill_metrics)
+    metrics["zero_signal"] = 0.0  # every token has the teacher's signal, whatever the rewards
+    return [
+        [d + a for d, a in zip(ds, task)] if distill.mix_with_rewards else ds for ds, task in zip(distilled, token_adv)
+    ]
 
 
 def _turn_level(
