@@ -43,7 +43,7 @@ from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.telemetry.metrics import serve_metrics
 from rlhf_cluster.weights import WeightStore
-from rlhf_cluster.weights.messages import Delivery, Publication
+from rlhf_cluster.weights.messages import Publication
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,8 @@ class Driver:
             self.cfg = self.checkpointer.cfg = self.rollback.replay(kept, cfg)
             self.run_dir.event("resumed", from_step=resume_from.step)
         self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
-        self.delivery: Delivery | None = None
-        # Every version's way to the engines; a transport whose sender takes part in each push
-        # reaches the current learner's rank 0.
-        self.weights = WeightSync(cfg.name, lambda delivery: self.trainer.send(delivery), self.reporter.receipts)
+        # Every version's way to the engines; each learner adopted hands it its start and sender.
+        self.weights = WeightSync(self.reporter.receipts)
         self._publishing: asyncio.Task | None = None  # the newest version's publication
         self.published_version = 0
         try:
@@ -137,9 +135,7 @@ class Driver:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
                 if not hasattr(self, "trainer"):
                     self._adopt_learner(started)
-        if self.delivery is not None:
-            self.weights.first(self.delivery)
-            self.delivery = None  # WeightSync holds the newest; nothing here pins old buckets
+        self.weights.first()  # every engine holds the learner's start before anything is generated
         self.cluster.write_scrape_targets()
 
     def _adopt_learner(self, start: LearnerStart) -> None:
@@ -147,7 +143,8 @@ class Driver:
         if start.cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
             self.cfg = self.checkpointer.cfg = start.cfg
         self.trainer, self.state, self.guard = start.trainer, start.state, start.guard
-        self.published_version, self.delivery = start.published_version, start.delivery
+        self.published_version = start.published_version
+        self.weights.adopt(start.delivery, start.trainer.send)  # pushed next: by `first`, or a rebuild's `restore`
         self.reporter.learner_ranks(start.cfg.learner.world_size)
         self.reporter.version(start.published_version)
 
@@ -393,9 +390,7 @@ class Driver:
             )
         )
         self._publishing = None  # the old timeline's pushes end without pushing
-        if self.delivery is not None:  # every engine holds the restored version before new groups start
-            await self.weights.push(self.delivery, rollback=True)
-            self.delivery = None  # WeightSync holds the newest; nothing here pins old buckets
+        await self.weights.restore()  # every engine holds the restored version before new groups start
         self.cluster.write_scrape_targets()
         self._producer = tg.create_task(self._produce(tg))
         return self.state.start_step

@@ -284,10 +284,10 @@ class Reporter:
             ],
         )
 
-    def receipts(self, receipts: list[Receipt], from_store: bool) -> None:
-        """Every engine's answer to a weight load, in receipts.jsonl: the version it serves and whether
-        that is proven (its fingerprint is the sender's; `from_store`: the engine checked the store's
-        own manifest), and the post-load probes riding on them."""
+    def receipts(self, receipts: list[Receipt]) -> None:
+        """Every engine's answer to a weight load, in receipts.jsonl: the version it serves, whether
+        that is proven and by whose declaration (`Receipt.proven_by`: the sender's fingerprint, or
+        the store's own manifest), and the post-load probes riding on them."""
         self.run_dir.append(
             RunDir.RECEIPTS,
             [
@@ -296,7 +296,8 @@ class Reporter:
                     "version": r.version,
                     "variant": r.variant,
                     "status": r.status,
-                    "proven": r.status in ("loaded", "held") if from_store else r.proven,
+                    "proven": r.proven,
+                    "proven_by": r.proven_by,
                     "fingerprint": (r.fingerprint or "")[:16],
                     "time": time.time(),
                 }

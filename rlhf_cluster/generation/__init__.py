@@ -4,6 +4,10 @@
   loads); `engine_loop`: the thread that drives it (continuous batching, work at token
   boundaries); `vllm_process`: the environment vLLM reads; `gc_pause`: its heavy imports with
   the GC paused.
+- `receiver`: the engine's receiving end of the weight path (`WeightReceiver`): loads a delivery
+  or the store's newest, holds requests until their version is in, refuses damaged bytes, scores
+  the probe; every answer a judged `Receipt`. Its metrics leave through a callback protocol, so
+  this package imports `weights` (the messages and transports), never `telemetry`.
 - `lora_adapters`: the engine's LoRA adapter slot (`learner.lora.sync: adapters`).
 - `weight_transfer`: the weight-transfer backend through which an engine loads checked tensors.
 - `episodes`, `environments`: multi-turn episodes and the environments that answer each turn.

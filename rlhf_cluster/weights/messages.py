@@ -7,7 +7,8 @@ A `Delivery` names one version by its identity (number, creation time: after a r
 number is published again with other weights) and, per engine variant (`full`, `int8`), what an
 engine of that variant fetches (`VariantLink`) and the fingerprint it must prove its load with.
 A `Receipt` says what the engine did with it (loaded, held already, refused, superseded,
-interrupted), and carries the probe report of the load where the version had a probe.
+interrupted), whether that is proven and by whose declaration (the sender's, or the store's
+manifest), and carries the probe report of the load where the version had a probe.
 """
 
 from __future__ import annotations
@@ -133,15 +134,19 @@ class ProbeReport:
 
 
 ReceiptStatus = Literal["loaded", "held", "refused", "superseded", "interrupted"]
+# Who declared the fingerprint a load was proven against: the delivery's `sender` (a push), or
+# the `store`'s own manifest on disk (a version an engine read from the store itself).
+ProvenBy = Literal["sender", "store"]
 
 
 @dataclass(frozen=True)
 class Receipt:
-    """An engine's answer to a delivery. `loaded`: the engine now serves it, proven by
-    `fingerprint`; `held`: it held that version already (proven before); `refused`: its bytes did
-    not match what the sender declared (`reason`), the engine keeps `held_version`; `superseded`:
-    gone from the store, newer versions follow; `interrupted`: a member of the push's group failed,
-    the push goes out again."""
+    """An engine's answer to a delivery. `loaded`: the engine now serves it, with the bytes whose
+    `fingerprint` it reports; `held`: it held that version already (the receipt of the load that
+    brought it); `refused`: its bytes did not match what the sender declared (`reason`), the
+    engine keeps `held_version`; `superseded`: gone from the store, newer versions follow;
+    `interrupted`: a member of the push's group failed, the push goes out again. `proven_by`:
+    who declared the fingerprint the load matched (None: not proven); made by `judged`."""
 
     worker: str
     version: int
@@ -152,8 +157,37 @@ class Receipt:
     held_version: int | None = None
     seconds: float = 0.0
     bytes: int = 0
-    sent_fingerprint: str | None = None  # what the sender declared, set where the receipt is recorded
+    sent_fingerprint: str | None = None  # what the delivery declared for the variant
+    proven_by: ProvenBy | None = None
     probe: ProbeReport | None = None
+
+    @classmethod
+    def judged(
+        cls,
+        worker: str,
+        delivery: Delivery,
+        variant: str,
+        status: ReceiptStatus,
+        by: ProvenBy,
+        fingerprint: str | None = None,
+        **details: Any,
+    ) -> Receipt:
+        """An engine's receipt for `delivery`, and the one place a load is judged: proven (by
+        `by`, who declared the delivery's fingerprint) when the engine loaded or held the
+        version and the `fingerprint` of the bytes it reports is the one `delivery` declared for
+        `variant`. `details`: the other fields (reason, held_version, seconds, bytes, probe)."""
+        sent = delivery.link(variant).fingerprint
+        proven = status in ("loaded", "held") and fingerprint is not None and fingerprint == sent
+        return cls(
+            worker,
+            delivery.version,
+            variant,
+            status,
+            fingerprint,
+            sent_fingerprint=sent,
+            proven_by=by if proven else None,
+            **details,
+        )
 
     @property
     def loaded(self) -> bool:
@@ -161,9 +195,5 @@ class Receipt:
 
     @property
     def proven(self) -> bool:
-        """Loaded or held, and the fingerprint the engine reports is the one the sender declared."""
-        return self.status in ("loaded", "held") and self.fingerprint == self.sent_fingerprint
-
-    def against(self, delivery: Delivery) -> Receipt:
-        """This receipt with the fingerprint `delivery` declared for its variant."""
-        return replace(self, sent_fingerprint=delivery.link(self.variant).fingerprint)
+        """Loaded or held, with the bytes declared (by `proven_by`)."""
+        return self.proven_by is not None

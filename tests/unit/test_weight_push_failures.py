@@ -32,7 +32,7 @@ class _Call:
 class _Engine:
     def __init__(self, name, dies=False):
         self.load = _Call(ray.exceptions.RayActorError() if dies else
-                          (lambda d: Receipt(name, d.version, "full", "loaded", fingerprint="fp")))
+                          (lambda d: Receipt.judged(name, d, "full", "loaded", "sender", fingerprint="fp")))
 
 
 class _Pool:
@@ -45,9 +45,10 @@ def _push(engines, sender_error):
     async def sender_side(delivery):
         raise sender_error
 
-    sync = WeightSync("job", lambda delivery: sender_side(delivery), lambda receipts, from_store: None)
+    sync = WeightSync(lambda receipts: None)
     sync.serve(_Pool(engines))
     delivery = Delivery("collective", 3, "t", {"full": VariantLink(fingerprint="fp")}, sender=True)
+    sync.adopt(delivery, sender_side)  # the learner whose rank 0 takes part in the push
     return asyncio.run(sync.push(delivery))
 
 

@@ -119,10 +119,12 @@ def test_messages_are_typed_and_receipts_prove_against_what_was_sent(tmp_path):
     with pytest.raises(KeyError, match="int8"):
         delivery.link("int8")
     sent = delivery.link("full").fingerprint
-    loaded = Receipt("gen0", 1, "full", "loaded", fingerprint=sent).against(delivery)
-    other = Receipt("gen1", 1, "full", "loaded", fingerprint="0" * 64).against(delivery)
-    refused = Receipt("gen2", 1, "full", "refused", reason="bucket 1: checksum").against(delivery)
+    loaded = Receipt.judged("gen0", delivery, "full", "loaded", "sender", fingerprint=sent)
+    other = Receipt.judged("gen1", delivery, "full", "loaded", "sender", fingerprint="0" * 64)
+    refused = Receipt.judged("gen2", delivery, "full", "refused", "sender", sent, reason="bucket 1: checksum")
     assert loaded.proven and not other.proven and not refused.proven and refused.sent_fingerprint == sent
+    assert (loaded.proven_by, other.proven_by, refused.proven_by) == ("sender", None, None)
+    assert loaded.version == 1 and refused.reason == "bucket 1: checksum"
     report = ProbeReport("gen0", 1, 1, "full", delivery.created_at, 0.5, 10, {"k1": 0.0, "k3": 1e-7, "max_abs_diff": 0.0, "tokens": 3})
     assert report.k3 == 1e-7 and report.record()["k3"] == 1e-7 and "mismatch" not in report.record()
 
