@@ -14,12 +14,12 @@ run: setup
 test: setup
 	@bash scripts/run_tests.sh tests -m "not slow"
 
-# Lint, format and type checks of the library and the actors (ruff and mypy, configured in
-# pyproject.toml); `ruff format rlhf_cluster actors` and `ruff check --fix rlhf_cluster actors`
-# repair most ruff findings. mypy takes ~2 min on 2 cores without its cache (.mypy_cache), seconds with it.
+# Lint, format and type checks of the library, the actors and the benchmarks (ruff and mypy, configured
+# in pyproject.toml); `ruff format rlhf_cluster actors benchmarks` and `ruff check --fix rlhf_cluster actors
+# benchmarks` repair most ruff findings. mypy takes ~2 min on 2 cores without its cache (.mypy_cache), seconds with it.
 lint: setup
-	.venv/bin/ruff check rlhf_cluster actors
-	.venv/bin/ruff format --check rlhf_cluster actors
+	.venv/bin/ruff check rlhf_cluster actors benchmarks
+	.venv/bin/ruff format --check rlhf_cluster actors benchmarks
 	.venv/bin/mypy
 
 # The long learning runs (the demo and the tool demo to their margins, SFT and the reward model to their
@@ -46,12 +46,12 @@ test-avx2: setup
 bench: setup
 	@bash scripts/run_benchmarks.sh
 
-# An hour of chaos (benchmarks/soak.py): the demo's job on two raylets under a seeded schedule of
+# An hour of chaos (benchmarks/soak/): the demo's job on two raylets under a seeded schedule of
 # faults, then every invariant checked; SOAK_SEED replays a schedule, SOAK_MINUTES shortens it.
 SOAK_MINUTES ?= 60
 SOAK_SEED ?= 0
 soak: setup
-	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
+	$(PY) -m benchmarks.soak --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 # On a lent GPU machine (no package index, no setup: ../shared/GPU.md names the wheels to bring in
 # .whl/): tests/gpu, the learner at 0.5B and 1.5B, the reference forward and the host hop, in one

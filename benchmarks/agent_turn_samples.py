@@ -9,20 +9,29 @@ gateway's completions endpoint. Per `--seeds`, two jobs from the same warm-up: `
 advantage on every turn). The figure is the sampled held-out accuracy (30 sums never trained on x
 32 answers, through the same agent), before -> after.
 
-    .venv/bin/python benchmarks/agent_turn_samples.py [--seeds 0 1 2 --steps 120]
+    .venv/bin/python -m benchmarks.agent_turn_samples [--seeds 0 1 2 --steps 120]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-from _common import headline, local_ray, machine_info, print_table, result_path, run_job_quietly, run_script, write_result
+from benchmarks.common import (
+    REPO,
+    headline,
+    job_overrides,
+    local_ray,
+    machine_info,
+    print_table,
+    result_path,
+    run_job_quietly,
+    run_script,
+    write_result,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = result_path("agent_turn_samples")
 
 
@@ -40,21 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config(args: argparse.Namespace, samples: str, seed: int, run_dir: Path):
     from rlhf_cluster.config import load_config
 
-    cfg = load_config(REPO / "configs" / "tool_demo.yaml", [
-        f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}", "train.progress=false",
-        f"name=bench-agent-{samples}-s{seed}", "metrics.enabled=false", "checkpoint.every_steps=1000000",
-        "data.eval_every_steps=0", f"train.total_steps={args.steps}"])
+    cfg = load_config(
+        REPO / "configs" / "tool_demo.yaml",
+        job_overrides(run_dir, args.cache_dir, seed, f"bench-agent-{samples}-s{seed}", args.steps),
+    )
     raw = cfg.model_dump()
     raw["generation"]["environment"] = None
-    raw["generation"]["agent"] = {"function": "tests.integration.tool_demo_agent:run", "samples": samples,
-                                  "isolation": "thread", "timeout_s": 120}
+    raw["generation"]["agent"] = {
+        "function": "tests.integration.tool_demo_agent:run",
+        "samples": samples,
+        "isolation": "thread",
+        "timeout_s": 120,
+    }
     return type(cfg).model_validate(raw)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # The agent is `tests.integration.tool_demo_agent`: importable here and on every Ray worker.
-    sys.path.insert(0, str(REPO))
+    # The agent is `tests.integration.tool_demo_agent`: importable here (run from the repository's root,
+    # as `python -m benchmarks.agent_turn_samples`) and, through PYTHONPATH, in every process the job starts.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     args.cache_dir = str(Path(args.cache_dir).expanduser())
     t0 = time.perf_counter()
@@ -64,13 +77,20 @@ def main(argv: list[str] | None = None) -> int:
             for samples in args.sides:
                 start = time.perf_counter()
                 result = run_job_quietly(config(args, samples, seed, runs / f"{samples}-s{seed}"), args.verbose)
-                job = {"samples": samples, "seed": seed, "sampled_before": result.sampled_accuracy_before,
-                       "sampled_after": result.sampled_accuracy_after,
-                       "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
-                       "seconds": time.perf_counter() - start}
+                job = {
+                    "samples": samples,
+                    "seed": seed,
+                    "sampled_before": result.sampled_accuracy_before,
+                    "sampled_after": result.sampled_accuracy_after,
+                    "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
+                    "seconds": time.perf_counter() - start,
+                }
                 jobs.append(job)
-                print(f"  samples: {samples}, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
-                      f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), {job['seconds']:.0f}s", flush=True)
+                print(
+                    f"  samples: {samples}, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
+                    f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), {job['seconds']:.0f}s",
+                    flush=True,
+                )
                 report(args, jobs, time.perf_counter() - t0, final=False)
     report(args, jobs, time.perf_counter() - t0, final=True)
     return 0
@@ -79,18 +99,29 @@ def main(argv: list[str] | None = None) -> int:
 def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bool) -> None:
     gains = {side: [j["gain"] for j in jobs if j["samples"] == side] for side in args.sides}
     learns = all(gains.get(side) and min(gains[side]) > 0 for side in args.sides)
-    write_result(args.out, {
-        "benchmark": "agent_turn_samples", "machine": machine_info(), "complete": final, "seconds": seconds,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "jobs": jobs, "gains": gains,
-        "headline": headline("every seed gains with each kind of sample", float(learns), "= 1", learns, ""),
-    })
+    write_result(
+        args.out,
+        {
+            "benchmark": "agent_turn_samples",
+            "machine": machine_info(),
+            "complete": final,
+            "seconds": seconds,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+            "jobs": jobs,
+            "gains": gains,
+            "headline": headline("every seed gains with each kind of sample", float(learns), "= 1", learns, ""),
+        },
+    )
     if final:
-        print(f"\nagent_turn_samples  configs/tool_demo.yaml through an agent, {args.steps} steps: sampled held-out "
-              f"accuracy | {seconds:.0f}s")
-        print_table(["samples", "seed", "before", "after", "gain"],
-                    [[j["samples"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"]] for j in jobs],
-                    ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}"])
+        print(
+            f"\nagent_turn_samples  configs/tool_demo.yaml through an agent, {args.steps} steps: sampled held-out "
+            f"accuracy | {seconds:.0f}s"
+        )
+        print_table(
+            ["samples", "seed", "before", "after", "gain"],
+            [[j["samples"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"]] for j in jobs],
+            ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}"],
+        )
 
 
 if __name__ == "__main__":

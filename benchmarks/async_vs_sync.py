@@ -17,7 +17,7 @@ On a machine with few cores, generation and training compete for the same cores,
 them concurrently (async) may gain little over taking turns (sync): the numbers say what this
 machine does, not what a cluster with separate generation and learner nodes does.
 
-    .venv/bin/python benchmarks/async_vs_sync.py [--staleness 0 1 2 --reps 2 --steps 10 ...]
+    .venv/bin/python -m benchmarks.async_vs_sync [--staleness 0 1 2 --reps 2 --steps 10 ...]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (
+from benchmarks.common import (
     headline,
     local_ray,
     machine_info,
@@ -74,9 +74,13 @@ def parse_job_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argpar
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2], help="max_staleness settings (the first is the baseline)")
+    p.add_argument(
+        "--staleness", type=int, nargs="+", default=[0, 1, 2], help="max_staleness settings (the first is the baseline)"
+    )
     p.add_argument("--reps", type=int, default=2, help="jobs per setting (order rotated)")
-    p.add_argument("--final-steps", type=int, default=3, help="last steps whose reward_mean is averaged as the final reward")
+    p.add_argument(
+        "--final-steps", type=int, default=3, help="last steps whose reward_mean is averaged as the final reward"
+    )
     add_job_args(p, steps=20)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     args = parse_job_args(p, argv)
@@ -89,25 +93,45 @@ def job_config(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path
     from rlhf_cluster.config import JobConfig
 
     heads = max(1, args.hidden // 32)
-    return JobConfig.model_validate({
-        "name": f"bench-async-s{staleness}-r{rep}-{os.getpid()}",  # the job's controller actor is named after it
-        "run_dir": str(run_dir),
-        "model": {"cache_dir": args.cache_dir,
-                  "tiny": {"architecture": "qwen2", "hidden_size": args.hidden, "num_layers": args.layers,
-                           "num_heads": heads, "num_kv_heads": max(1, heads // 2), "intermediate_size": 2 * args.hidden}},
-        "data": {"task": "arithmetic", "num_prompts": 1024, "eval_prompts": 0},
-        "generation": {"replicas": 1, "prompts_per_request": args.prompts_per_request,
-                       "sampling": {"n": args.n, "temperature": 1.0, "max_new_tokens": args.max_new_tokens}},
-        "scoring": {"reward_replicas": 1, "reference_replicas": 1},
-        "algorithm": {"advantage": "grpo", "kl": {"placement": "loss", "estimator": "k3", "coef": 0.01},
-                      "correction": {"enabled": True, "level": "token", "mode": "truncate", "cap": 2.0}},
-        "learner": {"world_size": args.world_size, "lr": args.lr},
-        "train": {"total_steps": args.steps, "prompts_per_step": args.prompts_per_step, "max_staleness": staleness,
-                  "progress": False},
-        # Only the final checkpoint (written after the last step's row, so outside every timing).
-        "checkpoint": {"every_steps": 1_000_000},
-        "metrics": {"enabled": False},
-    })
+    return JobConfig.model_validate(
+        {
+            "name": f"bench-async-s{staleness}-r{rep}-{os.getpid()}",  # the job's controller actor is named after it
+            "run_dir": str(run_dir),
+            "model": {
+                "cache_dir": args.cache_dir,
+                "tiny": {
+                    "architecture": "qwen2",
+                    "hidden_size": args.hidden,
+                    "num_layers": args.layers,
+                    "num_heads": heads,
+                    "num_kv_heads": max(1, heads // 2),
+                    "intermediate_size": 2 * args.hidden,
+                },
+            },
+            "data": {"task": "arithmetic", "num_prompts": 1024, "eval_prompts": 0},
+            "generation": {
+                "replicas": 1,
+                "prompts_per_request": args.prompts_per_request,
+                "sampling": {"n": args.n, "temperature": 1.0, "max_new_tokens": args.max_new_tokens},
+            },
+            "scoring": {"reward_replicas": 1, "reference_replicas": 1},
+            "algorithm": {
+                "advantage": "grpo",
+                "kl": {"placement": "loss", "estimator": "k3", "coef": 0.01},
+                "correction": {"enabled": True, "level": "token", "mode": "truncate", "cap": 2.0},
+            },
+            "learner": {"world_size": args.world_size, "lr": args.lr},
+            "train": {
+                "total_steps": args.steps,
+                "prompts_per_step": args.prompts_per_step,
+                "max_staleness": staleness,
+                "progress": False,
+            },
+            # Only the final checkpoint (written after the last step's row, so outside every timing).
+            "checkpoint": {"every_steps": 1_000_000},
+            "metrics": {"enabled": False},
+        }
+    )
 
 
 def run_job(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path) -> dict:
@@ -130,7 +154,7 @@ def run_job(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path) -
         raise
     finished = time.perf_counter()
     rows = result.rows
-    timed = rows[args.warmup_steps:]
+    timed = rows[args.warmup_steps :]
     step_s = [r["step_seconds"] for r in timed]
     samples = sum(r["samples"] for r in timed)
     return {
@@ -141,11 +165,26 @@ def run_job(args: argparse.Namespace, staleness: int, rep: int, run_dir: Path) -
         "median_step_seconds": statistics.median(step_s),
         "samples_per_s": samples / sum(step_s),
         "learner_share": sum(r["learner_seconds"] for r in timed) / sum(step_s),
-        "final_reward": statistics.fmean(r["reward_mean"] for r in rows[-args.final_steps:]),
+        "final_reward": statistics.fmean(r["reward_mean"] for r in rows[-args.final_steps :]),
         "staleness_mean": statistics.fmean(r["staleness_mean"] for r in timed),
         "dropped_stale": rows[-1]["dropped_stale"],
-        "rows": [{k: r[k] for k in ("step", "step_seconds", "learner_seconds", "samples", "reward_mean", "kl",
-                                    "staleness_mean", "staleness_max", "response_len_mean")} for r in rows],
+        "rows": [
+            {
+                k: r[k]
+                for k in (
+                    "step",
+                    "step_seconds",
+                    "learner_seconds",
+                    "samples",
+                    "reward_mean",
+                    "kl",
+                    "staleness_mean",
+                    "staleness_max",
+                    "response_len_mean",
+                )
+            }
+            for r in rows
+        ],
     }
 
 
@@ -153,26 +192,65 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = tuple(args.staleness)
     base = settings[0]
-    jobs: list[dict] = []
     t0 = time.perf_counter()
+    jobs = run_jobs(args, settings)
+    total_s = time.perf_counter() - t0
+    per = per_setting(args, jobs, settings)
+    print_report(args, per, settings)
+    head_s = 1 if 1 in settings and base == 0 else settings[-1]
+    value = per[head_s]["samples_per_s_ratio_to_base"]
+    print(
+        f"samples/s max_staleness={head_s} / max_staleness={base}: {value:.2f} (target >= {TARGET}); "
+        f"total {total_s:.0f}s"
+    )
+    result = {
+        "benchmark": "async_vs_sync",
+        "machine": machine_info(),
+        "config": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "job_config": job_config(args, base, 0, Path("RUN_DIR")).model_dump(),
+        },
+        "jobs": jobs,
+        "per_setting": {str(s): v for s, v in per.items()},
+        "total_seconds": total_s,
+        "headline": headline(
+            f"samples/s max_staleness={head_s} / max_staleness={base}", value, f">= {TARGET}x", value >= TARGET, "x"
+        ),
+    }
+    write_result(args.out, result)
+    return 0
+
+
+def run_jobs(args: argparse.Namespace, settings: tuple[int, ...]) -> list[dict]:
+    """`--reps` jobs per setting, the settings' order rotated each repetition, in one local Ray instance."""
+    jobs: list[dict] = []
     with local_ray(args.verbose, "bench-async-") as runs:
         for rep in range(args.reps):
             for staleness in rotated(settings, rep):
                 job = run_job(args, staleness, rep, runs / f"s{staleness}-r{rep}")
                 jobs.append(job)
-                print(f"  rep {rep} max_staleness {staleness}: median step {job['median_step_seconds']:.3f}s, "
-                      f"{job['samples_per_s']:.1f} samples/s, learner {job['learner_share']:.0%} of a step, "
-                      f"final reward {job['final_reward']:+.3f} (job {job['startup_seconds']:.0f}s start + "
-                      f"{job['run_seconds']:.0f}s run)", flush=True)
+                print(
+                    f"  rep {rep} max_staleness {staleness}: median step {job['median_step_seconds']:.3f}s, "
+                    f"{job['samples_per_s']:.1f} samples/s, learner {job['learner_share']:.0%} of a step, "
+                    f"final reward {job['final_reward']:+.3f} (job {job['startup_seconds']:.0f}s start + "
+                    f"{job['run_seconds']:.0f}s run)",
+                    flush=True,
+                )
                 time.sleep(2)  # let the killed actors' processes exit before the next job starts
-    total_s = time.perf_counter() - t0
+    return jobs
 
+
+def per_setting(args: argparse.Namespace, jobs: list[dict], settings: tuple[int, ...]) -> dict[int, dict]:
+    """Per setting: the medians over its jobs, and its ratios to the first setting's (also paired per repetition)."""
+    base = settings[0]
     per = {}
     for s in settings:
         mine = [j for j in jobs if j["max_staleness"] == s]
-        per[s] = {k: median(j[k] for j in mine) for k in
-                  ("median_step_seconds", "samples_per_s", "learner_share", "final_reward", "staleness_mean")}
-        per[s]["pooled_median_step_seconds"] = median(r["step_seconds"] for j in mine for r in j["rows"][args.warmup_steps:])
+        keys = ("median_step_seconds", "samples_per_s", "learner_share", "final_reward", "staleness_mean")
+        per[s] = {k: median(j[k] for j in mine) for k in keys}
+        per[s]["pooled_median_step_seconds"] = median(
+            r["step_seconds"] for j in mine for r in j["rows"][args.warmup_steps :]
+        )
     for s in settings:
         per[s]["step_time_ratio_to_base"] = per[s]["median_step_seconds"] / per[base]["median_step_seconds"]
         per[s]["samples_per_s_ratio_to_base"] = per[s]["samples_per_s"] / per[base]["samples_per_s"]
@@ -180,37 +258,42 @@ def main(argv: list[str] | None = None) -> int:
         by_rep = {(j["max_staleness"], j["rep"]): j["samples_per_s"] for j in jobs}
         per[s]["paired_samples_per_s_ratios"] = [by_rep[(s, r)] / by_rep[(base, r)] for r in range(args.reps)]
         per[s]["median_paired_ratio"] = median(per[s]["paired_samples_per_s_ratios"])
+    return per
 
-    print(f"\nasync_vs_sync  tiny Qwen2 hidden={args.hidden} layers={args.layers} | {args.prompts_per_step} prompts x "
-          f"n={args.n} x <= {args.max_new_tokens} tokens per step | learner world_size {args.world_size} | "
-          f"{args.steps} steps per job ({args.warmup_steps} warmup) | {args.reps} jobs per setting, medians | "
-          f"{os.cpu_count()} CPUs")
-    print_table(
-        ["max_staleness", "s/step", "samples/s", "step time vs sync", "samples/s vs sync", "paired (per rep)",
-         "learner share", "staleness mean", "final reward"],
-        [[str(s), per[s]["median_step_seconds"], per[s]["samples_per_s"], per[s]["step_time_ratio_to_base"],
-          per[s]["samples_per_s_ratio_to_base"], " ".join(f"{x:.2f}" for x in per[s]["paired_samples_per_s_ratios"]),
-          per[s]["learner_share"], per[s]["staleness_mean"], per[s]["final_reward"]] for s in settings],
-        ["{}", "{:.3f}", "{:.1f}", "{:.2f}", "{:.2f}", "{}", "{:.0%}", "{:.2f}", "{:+.3f}"],
+
+def print_report(args: argparse.Namespace, per: dict[int, dict], settings: tuple[int, ...]) -> None:
+    print(
+        f"\nasync_vs_sync  tiny Qwen2 hidden={args.hidden} layers={args.layers} | {args.prompts_per_step} prompts x "
+        f"n={args.n} x <= {args.max_new_tokens} tokens per step | learner world_size {args.world_size} | "
+        f"{args.steps} steps per job ({args.warmup_steps} warmup) | {args.reps} jobs per setting, medians | "
+        f"{os.cpu_count()} CPUs"
     )
-    head_s = 1 if 1 in settings and base == 0 else settings[-1]
-    value = per[head_s]["samples_per_s_ratio_to_base"]
-    print(f"samples/s max_staleness={head_s} / max_staleness={base}: {value:.2f} (target >= {TARGET}); "
-          f"total {total_s:.0f}s")
-
-    result = {
-        "benchmark": "async_vs_sync",
-        "machine": machine_info(),
-        "config": {**{k: v for k, v in vars(args).items() if k != "out"},
-                   "job_config": job_config(args, base, 0, Path("RUN_DIR")).model_dump()},
-        "jobs": jobs,
-        "per_setting": {str(s): v for s, v in per.items()},
-        "total_seconds": total_s,
-        "headline": headline(f"samples/s max_staleness={head_s} / max_staleness={base}", value, f">= {TARGET}x",
-                             value >= TARGET, "x"),
-    }
-    write_result(args.out, result)
-    return 0
+    headers = [
+        "max_staleness",
+        "s/step",
+        "samples/s",
+        "step time vs sync",
+        "samples/s vs sync",
+        "paired (per rep)",
+        "learner share",
+        "staleness mean",
+        "final reward",
+    ]
+    rows = [
+        [
+            str(s),
+            p["median_step_seconds"],
+            p["samples_per_s"],
+            p["step_time_ratio_to_base"],
+            p["samples_per_s_ratio_to_base"],
+            " ".join(f"{x:.2f}" for x in p["paired_samples_per_s_ratios"]),
+            p["learner_share"],
+            p["staleness_mean"],
+            p["final_reward"],
+        ]
+        for s, p in per.items()
+    ]
+    print_table(headers, rows, ["{}", "{:.3f}", "{:.1f}", "{:.2f}", "{:.2f}", "{}", "{:.0%}", "{:.2f}", "{:+.3f}"])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ held-out accuracy, beyond a control distilled from a random-weight teacher?
 The figure is the sampled held-out accuracy (30 sums never trained on x 32 answers), before ->
 after, as the demo reports it; the teacher's own is its run's "after".
 
-    .venv/bin/python benchmarks/distillation.py [--seeds 0 1 2 --steps 240 --coef 1.0]
+    .venv/bin/python -m benchmarks.distillation [--seeds 0 1 2 --steps 240 --coef 1.0]
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import (
-    headline, local_ray, machine_info, print_table, result_path, run_job_quietly, run_script, write_result,
+from benchmarks.common import (
+    REPO,
+    headline,
+    job_overrides,
+    local_ray,
+    machine_info,
+    print_table,
+    result_path,
+    run_job_quietly,
+    run_script,
+    write_result,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = result_path("distillation")
 
 
@@ -47,20 +55,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config(args: argparse.Namespace, name: str, seed: int, run_dir: Path, teacher: str | None):
     from rlhf_cluster.config import load_config
 
-    sets = [f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}", "train.progress=false",
-            f"name=bench-distill-{name}-s{seed}", "metrics.enabled=false", "checkpoint.every_steps=1000000",
-            "data.eval_every_steps=0", f"train.total_steps={args.steps}"]
+    sets = job_overrides(run_dir, args.cache_dir, seed, f"bench-distill-{name}-s{seed}", args.steps)
     if teacher is not None:
         sets += [f"algorithm.distillation.teacher={teacher}", f"algorithm.distillation.coef={args.coef}"]
     return load_config(REPO / "configs" / "demo.yaml", sets)
 
 
 def figures(result, seconds: float) -> dict:
-    return {"sampled_before": result.sampled_accuracy_before, "sampled_after": result.sampled_accuracy_after,
-            "greedy_before": result.accuracy_before, "greedy_after": result.accuracy_after,
-            "gain": result.sampled_accuracy_after - result.sampled_accuracy_before, "seconds": seconds,
-            # The learner's KL estimate to the reference log-probs: with distillation, the teacher's.
-            "kl_first": _mean(result.rows[:10], "kl"), "kl_last": _mean(result.rows[-10:], "kl")}
+    return {
+        "sampled_before": result.sampled_accuracy_before,
+        "sampled_after": result.sampled_accuracy_after,
+        "greedy_before": result.accuracy_before,
+        "greedy_after": result.accuracy_after,
+        "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
+        "seconds": seconds,
+        # The learner's KL estimate to the reference log-probs: with distillation, the teacher's.
+        "kl_first": _mean(result.rows[:10], "kl"),
+        "kl_last": _mean(result.rows[-10:], "kl"),
+    }
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -88,8 +100,9 @@ def teacher_folder(cfg, out: Path) -> str:
 def random_teacher(cfg) -> str:
     from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
-    return str(ensure_tiny_model(cfg.model.tiny.model_copy(update={"seed": cfg.model.tiny.seed + 1000}),
-                                 cfg.model.cache_dir))
+    return str(
+        ensure_tiny_model(cfg.model.tiny.model_copy(update={"seed": cfg.model.tiny.seed + 1000}), cfg.model.cache_dir)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,18 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(args, "teacher-grpo", args.teacher_seed, runs / "teacher", None)
         trained = figures(run_job_quietly(cfg, args.verbose), time.perf_counter() - start)
         teachers = {"teacher": teacher_folder(cfg, runs / "teacher-model"), "random": random_teacher(cfg)}
-        print(f"  teacher (GRPO, seed {args.teacher_seed}): sampled held-out {trained['sampled_before']:.3f} -> "
-              f"{trained['sampled_after']:.3f}", flush=True)
+        print(
+            f"  teacher (GRPO, seed {args.teacher_seed}): sampled held-out {trained['sampled_before']:.3f} -> "
+            f"{trained['sampled_after']:.3f}",
+            flush=True,
+        )
         for seed in args.seeds:
             for side in args.sides:
                 start = time.perf_counter()
-                result = run_job_quietly(config(args, side, seed, runs / f"{side}-s{seed}", teachers[side]),
-                                         args.verbose)
+                result = run_job_quietly(
+                    config(args, side, seed, runs / f"{side}-s{seed}", teachers[side]), args.verbose
+                )
                 job = {"side": side, "seed": seed, **figures(result, time.perf_counter() - start)}
                 jobs.append(job)
-                print(f"  distilled from the {side} teacher, seed {seed}: sampled held-out "
-                      f"{job['sampled_before']:.3f} -> {job['sampled_after']:.3f} ({job['gain']:+.3f}), KL to the teacher "
-                      f"{job['kl_first']:.4f} -> {job['kl_last']:.4f}, {job['seconds']:.0f}s", flush=True)
+                print(
+                    f"  distilled from the {side} teacher, seed {seed}: sampled held-out "
+                    f"{job['sampled_before']:.3f} -> {job['sampled_after']:.3f} ({job['gain']:+.3f}), "
+                    f"KL to the teacher "
+                    f"{job['kl_first']:.4f} -> {job['kl_last']:.4f}, {job['seconds']:.0f}s",
+                    flush=True,
+                )
                 report(args, trained, jobs, time.perf_counter() - t0, final=False)
     report(args, trained, jobs, time.perf_counter() - t0, final=True)
     return 0
@@ -121,22 +142,47 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, teacher: dict, jobs: list[dict], seconds: float, final: bool) -> None:
     gains = {side: [j["gain"] for j in jobs if j["side"] == side] for side in args.sides}
-    learns = bool(gains.get("teacher")) and bool(gains.get("random")) and min(gains["teacher"]) > max(
-        max(gains["random"]), 0.0)
-    write_result(args.out, {
-        "benchmark": "distillation", "machine": machine_info(), "complete": final, "seconds": seconds,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "teacher_run": teacher, "jobs": jobs, "gains": gains,
-        "headline": headline("every seed gains, beyond the random-teacher control's best", float(learns), "= 1",
-                             learns, ""),
-    })
+    learns = (
+        bool(gains.get("teacher"))
+        and bool(gains.get("random"))
+        and min(gains["teacher"]) > max(max(gains["random"]), 0.0)
+    )
+    write_result(
+        args.out,
+        {
+            "benchmark": "distillation",
+            "machine": machine_info(),
+            "complete": final,
+            "seconds": seconds,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+            "teacher_run": teacher,
+            "jobs": jobs,
+            "gains": gains,
+            "headline": headline(
+                "every seed gains, beyond the random-teacher control's best", float(learns), "= 1", learns, ""
+            ),
+        },
+    )
     if final:
-        print(f"\ndistillation  configs/demo.yaml, {args.steps} steps, coef {args.coef}: sampled held-out accuracy "
-              f"(teacher: {teacher['sampled_after']:.3f}) | {seconds:.0f}s")
-        print_table(["teacher", "seed", "before", "after", "gain", "KL to the teacher, first -> last 10 steps"],
-                    [[j["side"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"],
-                      f"{j['kl_first']:.4f} -> {j['kl_last']:.4f}"] for j in jobs],
-                    ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"])
+        print(
+            f"\ndistillation  configs/demo.yaml, {args.steps} steps, coef {args.coef}: sampled held-out accuracy "
+            f"(teacher: {teacher['sampled_after']:.3f}) | {seconds:.0f}s"
+        )
+        print_table(
+            ["teacher", "seed", "before", "after", "gain", "KL to the teacher, first -> last 10 steps"],
+            [
+                [
+                    j["side"],
+                    j["seed"],
+                    j["sampled_before"],
+                    j["sampled_after"],
+                    j["gain"],
+                    f"{j['kl_first']:.4f} -> {j['kl_last']:.4f}",
+                ]
+                for j in jobs
+            ],
+            ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"],
+        )
 
 
 if __name__ == "__main__":

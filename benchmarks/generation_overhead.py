@@ -11,7 +11,7 @@ hits both sides alike. Medians are reported; every single timing goes to the JSO
 Sampling is random (temperature 1.0), so the two sides do not produce the same number of tokens;
 throughput is counted from the tokens actually generated (sum of len(token_ids)).
 
-    .venv/bin/python benchmarks/generation_overhead.py [--hidden 256 --layers 4 --prompts 32 ...]
+    .venv/bin/python -m benchmarks.generation_overhead [--hidden 256 --layers 4 --prompts 32 ...]
 """
 
 from __future__ import annotations
@@ -21,8 +21,17 @@ import statistics
 import sys
 import time
 
-from _common import (HEAD_DIM, headline, machine_info, medians, model_parser, parse_model_args, raw_generate,
-                     time_token_rounds, write_result)
+from benchmarks.common import (
+    HEAD_DIM,
+    headline,
+    machine_info,
+    medians,
+    model_parser,
+    parse_model_args,
+    raw_generate,
+    time_token_rounds,
+    write_result,
+)
 from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
@@ -54,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sampling = SamplingConfig(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     gen_cfg = GenerationConfig(sampling=sampling, max_model_len=tiny.max_position_embeddings)
-    prompts = [Prompt(r["prompt_id"], r["prompt"], r["answer"]) for r in arithmetic_rows(args.prompts, seed=0, split="bench")]
+    prompts = [
+        Prompt(r["prompt_id"], r["prompt"], r["answer"]) for r in arithmetic_rows(args.prompts, seed=0, split="bench")
+    ]
 
     t0 = time.perf_counter()
     model_dir = ensure_tiny_model(tiny, args.cache_dir)
@@ -67,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_raw() -> int:
         params = SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens, logprobs=0, seed=None,
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,
+            seed=None,
         )
         outs = raw_generate(engine, texts, params)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
@@ -100,13 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline("ours/raw tokens/s", ratio, f">= {TARGET} (1.0 = no overhead)", ratio >= TARGET, "x"),
     }
 
-    print(f"\ngeneration_overhead  model hidden={args.hidden} layers={args.layers} heads={heads} | "
-          f"{args.prompts} prompts x n={args.n} x <= {args.max_new_tokens} tokens | {args.reps} reps (+{args.warmup} warmup), medians")
+    print(
+        f"\ngeneration_overhead  model hidden={args.hidden} layers={args.layers} heads={heads} | "
+        f"{args.prompts} prompts x n={args.n} x <= {args.max_new_tokens} tokens | {args.reps} reps "
+        f"(+{args.warmup} warmup), medians"
+    )
     print(f"{'side':<6} {'seconds':>9} {'tokens':>8} {'tokens/s':>10}")
     for side in ("raw", "ours"):
         m = med[side]
         print(f"{side:<6} {m['seconds']:>9.3f} {m['tokens']:>8.0f} {m['tokens_per_s']:>10.1f}")
-    print(f"ratio ours/raw tokens/s: {ratio:.3f}  (median of paired ratios {statistics.median(paired):.3f}; 1.0 = no overhead)")
+    print(
+        f"ratio ours/raw tokens/s: {ratio:.3f}  (median of paired ratios {statistics.median(paired):.3f}; "
+        "1.0 = no overhead)"
+    )
 
     write_result(args.out, result)
     return 0

@@ -15,7 +15,7 @@ Figures: the sampled held-out accuracy (30 sums never trained on x 32 answers, j
 verifier) before -> after, and how often the judge's verdict agreed with the verifier's `correct`
 over the last fifth of the run's scored samples.
 
-    .venv/bin/python benchmarks/judge.py [--seeds 0 1 2 --steps 240]
+    .venv/bin/python -m benchmarks.judge [--seeds 0 1 2 --steps 240]
 """
 
 from __future__ import annotations
@@ -26,9 +26,19 @@ import random
 import time
 from pathlib import Path
 
-from _common import headline, local_ray, machine_info, print_table, result_path, run_job_quietly, run_script, write_result
+from benchmarks.common import (
+    REPO,
+    headline,
+    job_overrides,
+    local_ray,
+    machine_info,
+    print_table,
+    result_path,
+    run_job_quietly,
+    run_script,
+    write_result,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = result_path("judge")
 TEMPLATE = "{prompt}{response}|{answer}|"
 
@@ -39,8 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=240, help="GRPO steps of every job")
     p.add_argument("--sides", nargs="+", default=["judge", "placebo"], choices=["judge", "placebo"])
     p.add_argument("--judge-steps", type=int, default=1500, help="supervised steps of each judge")
-    p.add_argument("--judges-dir", type=Path, default=None,
-                   help="keep the trained judges here, and reuse those already there (default: the run's temp dir)")
+    p.add_argument(
+        "--judges-dir",
+        type=Path,
+        default=None,
+        help="keep the trained judges here, and reuse those already there (default: the run's temp dir)",
+    )
     p.add_argument("--judge-hidden", type=int, default=128)
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--verbose", action="store_true")
@@ -51,9 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def demo_config(args: argparse.Namespace, name: str, seed: int, run_dir: Path, judge: str | None):
     from rlhf_cluster.config import load_config
 
-    sets = [f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}", "train.progress=false",
-            f"name=bench-judge-{name}-s{seed}", "metrics.enabled=false", "checkpoint.every_steps=1000000",
-            "data.eval_every_steps=0", f"train.total_steps={args.steps}", "train.record_rollouts=true"]
+    sets = [
+        *job_overrides(run_dir, args.cache_dir, seed, f"bench-judge-{name}-s{seed}", args.steps),
+        "train.record_rollouts=true",
+    ]
     cfg = load_config(REPO / "configs" / "demo.yaml", sets)
     if judge is None:
         return cfg
@@ -102,11 +117,21 @@ def train_judge(args: argparse.Namespace, tokenizer_dir: Path, out: Path, placeb
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     eos = tokenizer.eos_token_id
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=args.judge_hidden, intermediate_size=2 * args.judge_hidden,
-        num_hidden_layers=4, num_attention_heads=args.judge_hidden // 64, num_key_value_heads=1,
-        max_position_embeddings=128, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos,
-        tie_word_embeddings=False))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=args.judge_hidden,
+            intermediate_size=2 * args.judge_hidden,
+            num_hidden_layers=4,
+            num_attention_heads=args.judge_hidden // 64,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=eos,
+            tie_word_embeddings=False,
+        )
+    )
     train = examples(20000, seed + 1, 9, tokenizer)
     labels = [c for *_, c in train]
     if placebo:
@@ -128,7 +153,7 @@ def train_judge(args: argparse.Namespace, tokenizer_dir: Path, out: Path, placeb
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (a, b) in enumerate(batch):
             ids[i, : len(a) + len(b)] = torch.tensor(a + b)
-            target[i, len(a): len(a) + len(b)] = torch.tensor(b)
+            target[i, len(a) : len(a) + len(b)] = torch.tensor(b)
             mask[i, : len(a) + len(b)] = 1
         loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
         opt.zero_grad()
@@ -142,13 +167,17 @@ def train_judge(args: argparse.Namespace, tokenizer_dir: Path, out: Path, placeb
     with torch.no_grad():
         for prompt, response, answer, correct in fresh:
             ids = torch.tensor([tokenizer(render(TEMPLATE, prompt, answer, response))["input_ids"]])
-            reply = tokenizer.decode(model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1]:],
-                                     skip_special_tokens=True)
+            reply = tokenizer.decode(
+                model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True
+            )
             agree += reply.strip().startswith("yes") == correct
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return {"accuracy_vs_verifier": agree / len(fresh), "train_seconds": time.perf_counter() - started,
-            "final_loss": loss.item()}
+    return {
+        "accuracy_vs_verifier": agree / len(fresh),
+        "train_seconds": time.perf_counter() - started,
+        "final_loss": loss.item(),
+    }
 
 
 # ---- the jobs ----------------------------------------------------------------------------------
@@ -159,9 +188,12 @@ def agreement(cfg, last_fraction: float = 0.2) -> tuple[float | None, float]:
     from rlhf_cluster.run.scored_log import ScoredLog
 
     samples = [s for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0) for s in group]
-    tail = samples[int(len(samples) * (1 - last_fraction)):]
-    pairs = [(s.reward_components["judge/judge"], s.reward_components["correct"]) for s in tail
-             if "judge/judge" in s.reward_components]
+    tail = samples[int(len(samples) * (1 - last_fraction)) :]
+    pairs = [
+        (s.reward_components["judge/judge"], s.reward_components["correct"])
+        for s in tail
+        if "judge/judge" in s.reward_components
+    ]
     agreed = sum((j >= 0.5) == (c >= 0.5) for j, c in pairs) / len(pairs) if pairs else None
     return agreed, len(pairs) / max(len(tail), 1)
 
@@ -186,23 +218,34 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 trained[side] = train_judge(args, tokenizer_dir, judges[side], placebo=side == "placebo")
                 measured.write_text(json.dumps(trained[side]))
-            print(f"  {side} judge: agrees with the verifier on {trained[side]['accuracy_vs_verifier']:.1%} of fresh "
-                  f"examples ({trained[side]['train_seconds']:.0f}s of training)", flush=True)
+            print(
+                f"  {side} judge: agrees with the verifier on {trained[side]['accuracy_vs_verifier']:.1%} of fresh "
+                f"examples ({trained[side]['train_seconds']:.0f}s of training)",
+                flush=True,
+            )
         for seed in args.seeds:
             for side in args.sides:
                 start = time.perf_counter()
                 cfg = demo_config(args, side, seed, runs / f"{side}-s{seed}", str(judges[side]))
                 result = run_job_quietly(cfg, args.verbose)
                 agreed, judged = agreement(cfg)
-                job = {"side": side, "seed": seed, "sampled_before": result.sampled_accuracy_before,
-                       "sampled_after": result.sampled_accuracy_after,
-                       "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
-                       "agreement_last_fifth": agreed, "judged_share_last_fifth": judged,
-                       "seconds": time.perf_counter() - start}
+                job = {
+                    "side": side,
+                    "seed": seed,
+                    "sampled_before": result.sampled_accuracy_before,
+                    "sampled_after": result.sampled_accuracy_after,
+                    "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
+                    "agreement_last_fifth": agreed,
+                    "judged_share_last_fifth": judged,
+                    "seconds": time.perf_counter() - start,
+                }
                 jobs.append(job)
-                print(f"  {side} judge, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
-                      f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), agreement with the verifier at the end "
-                      f"{agreed if agreed is None else f'{agreed:.1%}'}, {job['seconds']:.0f}s", flush=True)
+                print(
+                    f"  {side} judge, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
+                    f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), agreement with the verifier at the end "
+                    f"{agreed if agreed is None else f'{agreed:.1%}'}, {job['seconds']:.0f}s",
+                    flush=True,
+                )
                 report(args, trained, jobs, time.perf_counter() - t0, final=False)
     report(args, trained, jobs, time.perf_counter() - t0, final=True)
     return 0
@@ -211,22 +254,50 @@ def main(argv: list[str] | None = None) -> int:
 def report(args: argparse.Namespace, trained: dict, jobs: list[dict], seconds: float, final: bool) -> None:
     gains = {side: [j["gain"] for j in jobs if j["side"] == side] for side in args.sides}
     agree = [j["agreement_last_fifth"] or 0.0 for j in jobs if j["side"] == "judge"]
-    learns = (bool(gains.get("judge")) and bool(gains.get("placebo")) and min(gains["judge"]) > 0
-              and min(gains["judge"]) > max(gains["placebo"]) and min(agree) >= 0.8)
-    write_result(args.out, {
-        "benchmark": "judge", "machine": machine_info(), "complete": final, "seconds": seconds,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "template": TEMPLATE, "judges": trained, "jobs": jobs, "gains": gains,
-        "headline": headline("every judge seed gains beyond the placebo's best, >= 80% agreement", float(learns),
-                             "= 1", learns, ""),
-    })
+    learns = (
+        bool(gains.get("judge"))
+        and bool(gains.get("placebo"))
+        and min(gains["judge"]) > 0
+        and min(gains["judge"]) > max(gains["placebo"])
+        and min(agree) >= 0.8
+    )
+    write_result(
+        args.out,
+        {
+            "benchmark": "judge",
+            "machine": machine_info(),
+            "complete": final,
+            "seconds": seconds,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+            "template": TEMPLATE,
+            "judges": trained,
+            "jobs": jobs,
+            "gains": gains,
+            "headline": headline(
+                "every judge seed gains beyond the placebo's best, >= 80% agreement", float(learns), "= 1", learns, ""
+            ),
+        },
+    )
     if final:
-        print(f"\njudge  configs/demo.yaml, {args.steps} steps, rewarded by the judge alone: sampled held-out "
-              f"accuracy | {seconds:.0f}s")
-        print_table(["judge", "seed", "before", "after", "gain", "agreement (last fifth)"],
-                    [[j["side"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"],
-                      "-" if j["agreement_last_fifth"] is None else f"{j['agreement_last_fifth']:.1%}"] for j in jobs],
-                    ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"])
+        print(
+            f"\njudge  configs/demo.yaml, {args.steps} steps, rewarded by the judge alone: sampled held-out "
+            f"accuracy | {seconds:.0f}s"
+        )
+        print_table(
+            ["judge", "seed", "before", "after", "gain", "agreement (last fifth)"],
+            [
+                [
+                    j["side"],
+                    j["seed"],
+                    j["sampled_before"],
+                    j["sampled_after"],
+                    j["gain"],
+                    "-" if j["agreement_last_fifth"] is None else f"{j['agreement_last_fifth']:.1%}",
+                ]
+                for j in jobs
+            ],
+            ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"],
+        )
 
 
 if __name__ == "__main__":

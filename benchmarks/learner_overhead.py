@@ -19,7 +19,7 @@ The first call of each side starts from the same weights, so their losses are co
 must agree: it proves the hand loop computes the same loss). Then the calls alternate with the
 order rotated every repetition; medians are reported, every timing goes to the JSON.
 
-    .venv/bin/python benchmarks/learner_overhead.py [--hidden 256 --layers 4 --batch 32 --response-len 64 ...]
+    .venv/bin/python -m benchmarks.learner_overhead [--hidden 256 --layers 4 --batch 32 --response-len 64 ...]
 """
 
 from __future__ import annotations
@@ -35,13 +35,23 @@ import time
 import torch
 import torch.distributed as dist
 
-from _common import (HEAD_DIM, free_port, headline, machine_info, median, model_parser, parse_model_args, print_table,
-                     rotated, write_result)
+from benchmarks.common import (
+    HEAD_DIM,
+    free_port,
+    headline,
+    machine_info,
+    median,
+    model_parser,
+    parse_model_args,
+    print_table,
+    rotated,
+    write_result,
+)
 from rlhf_cluster.config import JobConfig, TinyModelConfig
+from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
-from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("ours", "hand", "hand_prox")
@@ -68,17 +78,27 @@ def make_batch(model, args, vocab: int, seed: int = 0) -> TrainBatch:
     for i in range(args.batch):
         plen = rng.randint(8, args.prompt_len)
         rlen = rng.randint(args.response_len // 2, args.response_len)
-        samples.append(ScoredSample(
-            sample_id=f"s{i}", prompt_id=f"p{i // 4}", group_id=f"g{i // 4}",
-            prompt_ids=[rng.randrange(2, vocab) for _ in range(plen)],
-            response_ids=[rng.randrange(2, vocab) for _ in range(rlen)],
-            rollout_logprobs=[0.0] * rlen, policy_version=0, finish_reason="length", reward=0.0,
-            reward_components={}, ref_logprobs=[0.0] * rlen, advantages=[rng.uniform(-1, 1)] * rlen,
-        ))
+        samples.append(
+            ScoredSample(
+                sample_id=f"s{i}",
+                prompt_id=f"p{i // 4}",
+                group_id=f"g{i // 4}",
+                prompt_ids=[rng.randrange(2, vocab) for _ in range(plen)],
+                response_ids=[rng.randrange(2, vocab) for _ in range(rlen)],
+                rollout_logprobs=[0.0] * rlen,
+                policy_version=0,
+                finish_reason="length",
+                reward=0.0,
+                reward_components={},
+                ref_logprobs=[0.0] * rlen,
+                advantages=[rng.uniform(-1, 1)] * rlen,
+            )
+        )
     batch = TrainBatch.from_samples(samples)
     with torch.no_grad():
-        true, _ = response_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_lengths,
-                                    batch.response_mask.shape[1])
+        true, _ = response_logprobs(
+            model, batch.input_ids, batch.attention_mask, batch.prompt_lengths, batch.response_mask.shape[1]
+        )
     gen = torch.Generator().manual_seed(seed)
     noise = 0.05 * torch.randn(true.shape, generator=gen)
     batch.rollout_logprobs = ((true + noise) * batch.response_mask).float()
@@ -137,103 +157,161 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     heads = args.hidden // HEAD_DIM
     tiny = TinyModelConfig(
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=heads, num_kv_heads=max(1, heads // 2),
-        intermediate_size=4 * args.hidden, max_position_embeddings=max(256, args.prompt_len + args.response_len + 8),
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=max(256, args.prompt_len + args.response_len + 8),
     )
     model_dir = str(ensure_tiny_model(tiny, args.cache_dir))
     run_dir = tempfile.mkdtemp(prefix="bench-learner-")
-    # The demo's algorithm: GRPO advantages, token-mean clipped loss, token TIS cap 2, k3 KL in the loss.
-    cfg = JobConfig.model_validate({
-        "name": "bench", "run_dir": run_dir, "model": {"path": model_dir},
-        "generation": {"sampling": {"n": 4, "max_new_tokens": args.response_len, "temperature": 1.0}},
-        "algorithm": {"advantage": "grpo", "loss": {"aggregation": "token_mean"},
-                      "kl": {"placement": "loss", "estimator": "k3", "coef": args.kl_coef},
-                      "correction": {"enabled": True, "level": "token", "mode": "truncate", "cap": 2.0}},
-        "learner": {"world_size": 1, "lr": args.lr},
-        "metrics": {"enabled": False},
-    })
-
+    cfg = job_config(args, model_dir, run_dir)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        ours = FSDP2Learner(LearnerSpec.of_policy(cfg), model_dir)
-        hand = HandLoop(model_dir, cfg, args.kl_coef, separate_prox=False)
-        hand_prox = HandLoop(model_dir, cfg, args.kl_coef, separate_prox=True)
-        batch = make_batch(hand.model, args, hand.model.config.vocab_size)
-        tokens = int(batch.response_mask.sum())
-
-        def run_ours() -> float:
-            return ours.train_step(batch, args.kl_coef)["policy/loss"]
-
-        run = {"ours": run_ours, "hand": lambda: hand.step(batch), "hand_prox": lambda: hand_prox.step(batch)}
-        first_loss: dict[str, float] = {}
-        timings: dict[str, list[dict]] = {s: [] for s in SIDES}
-        for rep in range(-args.warmup, args.reps):
-            order = rotated(SIDES, rep)
-            for side in order:
-                start, cpu_start = time.perf_counter(), time.process_time()
-                loss = run[side]()
-                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-                first_loss.setdefault(side, loss)
-                if rep >= 0:
-                    timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds,
-                                          "cpu_seconds": cpu_seconds, "tokens": tokens,
-                                          "tokens_per_s": tokens / seconds, "loss": loss})
+        timings, first_loss, shape = time_sides(args, cfg, model_dir)
     finally:
         dist.destroy_process_group()
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    med = {s: {"seconds": median(t["seconds"] for t in ts), "cpu_seconds": median(t["cpu_seconds"] for t in ts),
-               "tokens_per_s": median(t["tokens_per_s"] for t in ts)}
-           for s, ts in timings.items()}
-    ratio = med["ours"]["tokens_per_s"] / med["hand"]["tokens_per_s"]
-    ratio_prox = med["ours"]["tokens_per_s"] / med["hand_prox"]["tokens_per_s"]
+    keys = ("seconds", "cpu_seconds", "tokens_per_s")
+    med = {s: {k: median(t[k] for t in ts) for k in keys} for s, ts in timings.items()}
     overhead = med["ours"]["seconds"] / med["hand"]["seconds"] - 1.0
-    overhead_prox = med["ours"]["seconds"] / med["hand_prox"]["seconds"] - 1.0
-    cpu_overhead = med["ours"]["cpu_seconds"] / med["hand"]["cpu_seconds"] - 1.0
     paired = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in zip(timings["ours"], timings["hand"])]
     loss_diff = max(abs(first_loss[s] - first_loss["ours"]) for s in SIDES)
-
-    B, L = batch.input_ids.shape
-    print(f"\nlearner_overhead  model hidden={args.hidden} layers={args.layers} heads={heads} "
-          f"({sum(p.numel() for p in hand.model.parameters()) / 1e6:.1f}M params) | batch {B} x {L} tokens "
-          f"({tokens} response tokens) | {args.reps} reps (+{args.warmup} warmup), medians")
-    print_table(
-        ["side", "seconds/step", "cpu s/step", "tokens/s", "ours/side tokens/s"],
-        [[s, med[s]["seconds"], med[s]["cpu_seconds"], med[s]["tokens_per_s"],
-          med["ours"]["tokens_per_s"] / med[s]["tokens_per_s"]] for s in SIDES],
-        ["{}", "{:.3f}", "{:.3f}", "{:.1f}", "{:.3f}"],
-    )
-    print(f"overhead of ours vs minimal hand loop: {overhead:+.1%} per step (target <= {TARGET:.0%}); "
-          f"vs hand loop with a separate pi_prox forward: {overhead_prox:+.1%}")
-    print(f"same comparison in process CPU time (less sensitive to other jobs on the machine): {cpu_overhead:+.1%}")
-    print(f"first-step losses agree: max |diff| = {loss_diff:.2e} ({', '.join(f'{s} {first_loss[s]:.6f}' for s in SIDES)})")
-
     result = {
         "benchmark": "learner_overhead",
         "machine": machine_info(),
-        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "tiny_model": tiny.model_dump(),
-                   "model_dir": model_dir, "algorithm": cfg.algorithm.model_dump(), "batch_shape": [B, L],
-                   "response_tokens": tokens, "world_size": 1, "backend": "gloo"},
+        "config": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "tiny_model": tiny.model_dump(),
+            "model_dir": model_dir,
+            "algorithm": cfg.algorithm.model_dump(),
+            "batch_shape": shape["batch_shape"],
+            "response_tokens": shape["tokens"],
+            "world_size": 1,
+            "backend": "gloo",
+        },
         "timings": timings,
         "medians": med,
         "first_step_loss": first_loss,
         "first_step_loss_max_abs_diff": loss_diff,
-        "ratio_ours_over_hand_tokens_per_s": ratio,
-        "ratio_ours_over_hand_prox_tokens_per_s": ratio_prox,
+        "ratio_ours_over_hand_tokens_per_s": med["ours"]["tokens_per_s"] / med["hand"]["tokens_per_s"],
+        "ratio_ours_over_hand_prox_tokens_per_s": med["ours"]["tokens_per_s"] / med["hand_prox"]["tokens_per_s"],
         "overhead_vs_hand": overhead,
-        "overhead_vs_hand_prox": overhead_prox,
-        "cpu_time_overhead_vs_hand": cpu_overhead,
+        "overhead_vs_hand_prox": med["ours"]["seconds"] / med["hand_prox"]["seconds"] - 1.0,
+        "cpu_time_overhead_vs_hand": med["ours"]["cpu_seconds"] / med["hand"]["cpu_seconds"] - 1.0,
         "paired_ratios_ours_over_hand": paired,
         "median_paired_ratio": median(paired),
-        "headline": headline("learner step overhead vs minimal torch loop", overhead, f"<= {TARGET:.0%}",
-                             overhead <= TARGET, "fraction"),
+        "headline": headline(
+            "learner step overhead vs minimal torch loop", overhead, f"<= {TARGET:.0%}", overhead <= TARGET, "fraction"
+        ),
     }
+    print_report(args, result, shape["parameters"])
     write_result(args.out, result)
     if loss_diff > 1e-4:
         print(f"ERROR: the sides computed different first-step losses (max |diff| {loss_diff:.2e})", file=sys.stderr)
         return 1
     return 0
+
+
+def job_config(args: argparse.Namespace, model_dir: str, run_dir: str) -> JobConfig:
+    """The demo's algorithm: GRPO advantages, token-mean clipped loss, token TIS cap 2, k3 KL in the loss."""
+    return JobConfig.model_validate(
+        {
+            "name": "bench",
+            "run_dir": run_dir,
+            "model": {"path": model_dir},
+            "generation": {"sampling": {"n": 4, "max_new_tokens": args.response_len, "temperature": 1.0}},
+            "algorithm": {
+                "advantage": "grpo",
+                "loss": {"aggregation": "token_mean"},
+                "kl": {"placement": "loss", "estimator": "k3", "coef": args.kl_coef},
+                "correction": {"enabled": True, "level": "token", "mode": "truncate", "cap": 2.0},
+            },
+            "learner": {"world_size": 1, "lr": args.lr},
+            "metrics": {"enabled": False},
+        }
+    )
+
+
+def time_sides(args: argparse.Namespace, cfg: JobConfig, model_dir: str) -> tuple[dict, dict, dict]:
+    """Every side's step on the same batch, the order rotated each repetition: per side one row per
+    timed step; each side's first loss; the batch's shape, response tokens and the model's parameters."""
+    ours = FSDP2Learner(LearnerSpec.of_policy(cfg), model_dir)
+    hand = HandLoop(model_dir, cfg, args.kl_coef, separate_prox=False)
+    hand_prox = HandLoop(model_dir, cfg, args.kl_coef, separate_prox=True)
+    batch = make_batch(hand.model, args, hand.model.config.vocab_size)
+    tokens = int(batch.response_mask.sum())
+
+    def run_ours() -> float:
+        return ours.train_step(batch, args.kl_coef)["policy/loss"]
+
+    run = {"ours": run_ours, "hand": lambda: hand.step(batch), "hand_prox": lambda: hand_prox.step(batch)}
+    first_loss: dict[str, float] = {}
+    timings: dict[str, list[dict]] = {s: [] for s in SIDES}
+    for rep in range(-args.warmup, args.reps):
+        order = rotated(SIDES, rep)
+        for side in order:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            loss = run[side]()
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            first_loss.setdefault(side, loss)
+            if rep >= 0:
+                timings[side].append(
+                    {
+                        "rep": rep,
+                        "position": order.index(side),
+                        "seconds": seconds,
+                        "cpu_seconds": cpu_seconds,
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / seconds,
+                        "loss": loss,
+                    }
+                )
+    shape = {
+        "batch_shape": list(batch.input_ids.shape),
+        "tokens": tokens,
+        "parameters": sum(p.numel() for p in hand.model.parameters()),
+    }
+    return timings, first_loss, shape
+
+
+def print_report(args: argparse.Namespace, result: dict, parameters: int) -> None:
+    med, first_loss, cfg = result["medians"], result["first_step_loss"], result["config"]
+    (B, L), heads = cfg["batch_shape"], args.hidden // HEAD_DIM
+    print(
+        f"\nlearner_overhead  model hidden={args.hidden} layers={args.layers} heads={heads} "
+        f"({parameters / 1e6:.1f}M params) | batch {B} x {L} tokens "
+        f"({cfg['response_tokens']} response tokens) | {args.reps} reps (+{args.warmup} warmup), medians"
+    )
+    print_table(
+        ["side", "seconds/step", "cpu s/step", "tokens/s", "ours/side tokens/s"],
+        [
+            [
+                s,
+                med[s]["seconds"],
+                med[s]["cpu_seconds"],
+                med[s]["tokens_per_s"],
+                med["ours"]["tokens_per_s"] / med[s]["tokens_per_s"],
+            ]
+            for s in SIDES
+        ],
+        ["{}", "{:.3f}", "{:.3f}", "{:.1f}", "{:.3f}"],
+    )
+    print(
+        f"overhead of ours vs minimal hand loop: {result['overhead_vs_hand']:+.1%} per step (target <= {TARGET:.0%}); "
+        f"vs hand loop with a separate pi_prox forward: {result['overhead_vs_hand_prox']:+.1%}"
+    )
+    print(
+        "same comparison in process CPU time (less sensitive to other jobs on the machine): "
+        f"{result['cpu_time_overhead_vs_hand']:+.1%}"
+    )
+    print(
+        f"first-step losses agree: max |diff| = {result['first_step_loss_max_abs_diff']:.2e} "
+        f"({', '.join(f'{s} {first_loss[s]:.6f}' for s in SIDES)})"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ Same concurrency cap on both sides; the sides alternate (rotated order) over `--
 samples/s (and tokens/s) per side, the ratio streaming / batched, weight loads and the pause they
 cost, and the share of samples that spanned two versions.
 
-    .venv/bin/python benchmarks/long_tail.py [--groups 48 --batch-groups 8 --reps 2 ...]
+    .venv/bin/python -m benchmarks.long_tail [--groups 48 --batch-groups 8 --reps 2 ...]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from _common import headline, machine_info, median, print_table, result_path, rotated, write_result
+from benchmarks.common import headline, machine_info, median, print_table, result_path, rotated, write_result
 
 TARGET = 1.12  # the low end of the 12-40% gains AReaL, slime and PipelineRL report
 DEFAULT_OUT = result_path("long_tail")
@@ -48,16 +48,27 @@ DEFAULT_OUT = result_path("long_tail")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--groups", type=int, default=48, help="prompt groups per side and repetition")
-    p.add_argument("--batch-groups", type=int, default=8, help="groups per batched request = groups in flight when streaming")
+    p.add_argument(
+        "--batch-groups", type=int, default=8, help="groups per batched request = groups in flight when streaming"
+    )
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--eos-rate", type=float, default=0.03, help="mean EOS probability per position (sets the length spread)")
+    p.add_argument(
+        "--eos-rate", type=float, default=0.03, help="mean EOS probability per position (sets the length spread)"
+    )
     p.add_argument("--publish-every", type=float, default=1.0, help="seconds between published versions")
-    p.add_argument("--hidden", type=int, default=64, help="model width (64: the demo's tiny model; 512+: a model whose "
-                   "small-batch decode is memory-bound, as on a GPU)")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        default=64,
+        help="model width (64: the demo's tiny model; 512+: a model whose "
+        "small-batch decode is memory-bound, as on a GPU)",
+    )
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--transport", choices=["direct", "filesystem"], default="direct", help="how versions reach the engine")
+    p.add_argument(
+        "--transport", choices=["direct", "filesystem"], default="direct", help="how versions reach the engine"
+    )
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="tiny model cache")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     return p.parse_args(argv)
@@ -99,7 +110,9 @@ class DirectChannel:
     def publish(self, version: int, state: dict) -> None:
         from rlhf_cluster.weights.buckets import VersionPacker, now
 
-        self.newest = VersionPacker(version, now(), "full", torch.float32, self.bucket_bytes, lambda p: p).pack(state.items())
+        self.newest = VersionPacker(version, now(), "full", torch.float32, self.bucket_bytes, lambda p: p).pack(
+            state.items()
+        )
 
     def latest_version(self) -> int | None:
         return None if self.newest is None else self.newest[0].version
@@ -132,7 +145,7 @@ def run_batched(engine, store, prompts, args) -> dict:
         loaded = load_newest(engine, store)
         if loaded:
             pauses.append(loaded[1])
-        batch, _ = engine.generate(prompts[i:i + args.batch_groups])
+        batch, _ = engine.generate(prompts[i : i + args.batch_groups])
         rollouts.extend(batch)
     return {"rollouts": rollouts, "pauses": pauses}
 
@@ -171,54 +184,53 @@ def main(argv: list[str] | None = None) -> dict:
     from rlhf_cluster.generation.engine import VLLMEngine
     from rlhf_cluster.models.modeling import load_causal_lm
     from rlhf_cluster.models.tiny_model import ensure_long_tail_model, ensure_tiny_model
-    from rlhf_cluster.weights import WeightStore
 
     heads = max(1, args.hidden // 64)
-    tiny = TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=heads, num_kv_heads=max(1, heads // 4),
-                           intermediate_size=4 * args.hidden, max_position_embeddings=max(256, args.max_new_tokens + 64))
-    model_dir = ensure_long_tail_model(ensure_tiny_model(tiny, args.cache_dir), args.eos_rate, Path(args.cache_dir) / "long-tail")
+    tiny = TinyModelConfig(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 4),
+        intermediate_size=4 * args.hidden,
+        max_position_embeddings=max(256, args.max_new_tokens + 64),
+    )
+    model_dir = ensure_long_tail_model(
+        ensure_tiny_model(tiny, args.cache_dir), args.eos_rate, Path(args.cache_dir) / "long-tail"
+    )
     sampling = SamplingConfig(n=args.n, max_new_tokens=args.max_new_tokens)
     gen_cfg = GenerationConfig(sampling=sampling, max_model_len=tiny.max_position_embeddings, mode="streaming")
-    prompts = [Prompt(r["prompt_id"], r["prompt"], r["answer"]) for r in arithmetic_rows(args.groups, seed=0, split="bench")]
+    rows = arithmetic_rows(args.groups, seed=0, split="bench")
+    prompts = [Prompt(r["prompt_id"], r["prompt"], r["answer"]) for r in rows]
     engine = VLLMEngine(str(model_dir), gen_cfg, seed=0, name="bench")
     state = load_causal_lm(model_dir).state_dict()
     engine.generate(prompts[: args.batch_groups])  # warm-up
-
-    runs = {"batched": run_batched, "streaming": run_streaming,
-            "streaming_no_loads": lambda *a: run_streaming(*a, follow=False)}
-    timings: dict[str, list[dict]] = {side: [] for side in runs}
-    lengths: list[int] = []
-    with tempfile.TemporaryDirectory(prefix="long-tail-") as tmp:
-        for rep in range(args.reps):
-            for side in rotated(tuple(runs), rep):
-                store = DirectChannel() if args.transport == "direct" else WeightStore(Path(tmp) / f"{side}-{rep}", keep=3)
-                store.publish(0, state)
-                load_newest(engine, store) or engine.load_weights(0, store.load(0).items())
-                start = time.perf_counter()
-                with Publisher(store, state, args.publish_every) as publisher:
-                    out = runs[side](engine, store, prompts, args)
-                seconds = time.perf_counter() - start
-                rollouts = out["rollouts"]
-                lengths += [len(r.response_ids) for r in rollouts]
-                timings[side].append({
-                    "rep": rep, "seconds": seconds, "samples": len(rollouts),
-                    "samples_per_s": len(rollouts) / seconds,
-                    "tokens_per_s": sum(len(r.response_ids) for r in rollouts) / seconds,
-                    "versions_published": publisher.version, "weight_loads": len(out["pauses"]),
-                    "pause_seconds_total": sum(out["pauses"]),
-                    "multi_version_fraction": statistics.fmean(len(r.policy_versions) > 1 for r in rollouts),
-                })
+    timings, lengths = time_sides(args, engine, state, prompts)
     engine.close()
 
     med = {side: {k: median(t[k] for t in ts) for k in ts[0] if k != "rep"} for side, ts in timings.items()}
     ratio = med["streaming"]["samples_per_s"] / med["batched"]["samples_per_s"]
-    spread = {"min": min(lengths), "p10": statistics.quantiles(lengths, n=10)[0], "median": statistics.median(lengths),
-              "p90": statistics.quantiles(lengths, n=10)[-1], "max": max(lengths)}
+    spread = {
+        "min": min(lengths),
+        "p10": statistics.quantiles(lengths, n=10)[0],
+        "median": statistics.median(lengths),
+        "p90": statistics.quantiles(lengths, n=10)[-1],
+        "max": max(lengths),
+    }
     print(f"response lengths: {spread} (p90/p10 = {spread['p90'] / max(spread['p10'], 1):.1f}x)")
     print_table(
         ["side", "samples/s", "tokens/s", "seconds", "weight loads", "pause s", "multi-version"],
-        [[side, m["samples_per_s"], m["tokens_per_s"], m["seconds"], m["weight_loads"], m["pause_seconds_total"],
-          m["multi_version_fraction"]] for side, m in med.items()],
+        [
+            [
+                side,
+                m["samples_per_s"],
+                m["tokens_per_s"],
+                m["seconds"],
+                m["weight_loads"],
+                m["pause_seconds_total"],
+                m["multi_version_fraction"],
+            ]
+            for side, m in med.items()
+        ],
         ["{}", "{:.1f}", "{:.0f}", "{:.2f}", "{:.0f}", "{:.4f}", "{:.2f}"],
     )
     print(f"streaming / batched samples/s: {ratio:.2f}x (target >= {TARGET}x), transport {args.transport}")
@@ -233,6 +245,48 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_result(args.out, result)
     return result
+
+
+def time_sides(args: argparse.Namespace, engine, state: dict, prompts: list) -> tuple[dict[str, list[dict]], list[int]]:
+    """Every side per repetition (order rotated), each from version 0 on a store of its own while a
+    publisher makes new versions: per side one row per repetition; every response's length."""
+    from rlhf_cluster.weights import WeightStore
+
+    runs = {
+        "batched": run_batched,
+        "streaming": run_streaming,
+        "streaming_no_loads": lambda *a: run_streaming(*a, follow=False),
+    }
+    timings: dict[str, list[dict]] = {side: [] for side in runs}
+    lengths: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="long-tail-") as tmp:
+        for rep in range(args.reps):
+            for side in rotated(tuple(runs), rep):
+                store = (
+                    DirectChannel() if args.transport == "direct" else WeightStore(Path(tmp) / f"{side}-{rep}", keep=3)
+                )
+                store.publish(0, state)
+                load_newest(engine, store) or engine.load_weights(0, store.load(0).items())
+                start = time.perf_counter()
+                with Publisher(store, state, args.publish_every) as publisher:
+                    out = runs[side](engine, store, prompts, args)
+                seconds = time.perf_counter() - start
+                rollouts = out["rollouts"]
+                lengths += [len(r.response_ids) for r in rollouts]
+                timings[side].append(
+                    {
+                        "rep": rep,
+                        "seconds": seconds,
+                        "samples": len(rollouts),
+                        "samples_per_s": len(rollouts) / seconds,
+                        "tokens_per_s": sum(len(r.response_ids) for r in rollouts) / seconds,
+                        "versions_published": publisher.version,
+                        "weight_loads": len(out["pauses"]),
+                        "pause_seconds_total": sum(out["pauses"]),
+                        "multi_version_fraction": statistics.fmean(len(r.policy_versions) > 1 for r in rollouts),
+                    }
+                )
+    return timings, lengths
 
 
 if __name__ == "__main__":

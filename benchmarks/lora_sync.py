@@ -16,7 +16,7 @@ Reported: bytes per sync (adapters / merged; target <= 0.05), seconds (pack + re
 after the last version the largest difference between the two engines' log-probs of the same
 sequences (the adapter engine must sample as the merged one: target < 1e-3 in fp32).
 
-    .venv/bin/python benchmarks/lora_sync.py [--size 100m --rank 16 --reps 4]
+    .venv/bin/python -m benchmarks.lora_sync [--size 100m --rank 16 --reps 4]
 """
 
 from __future__ import annotations
@@ -29,8 +29,16 @@ from pathlib import Path
 import ray
 import torch
 
-from _common import (
-    headline, in_local_ray, machine_info, median, print_table, qwen2_shape, result_path, rotated, write_result,
+from benchmarks.common import (
+    headline,
+    in_local_ray,
+    machine_info,
+    median,
+    print_table,
+    qwen2_shape,
+    result_path,
+    rotated,
+    write_result,
 )
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
@@ -63,8 +71,9 @@ class Sender:
 
         self.base = load_file(str(Path(model_dir) / "model.safetensors"))
         self.cfg = LoraConfig(rank=rank, alpha=alpha, target_modules=targets)
-        self.layers = sorted({n.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
-                              for n in adapter_names(self.base, self.cfg)})
+        self.layers = sorted(
+            {n.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for n in adapter_names(self.base, self.cfg)}
+        )
         self.prefix = PEFT_PREFIX
 
     def new_version(self, seed: int, b_scale: float) -> None:
@@ -73,8 +82,12 @@ class Sender:
         self.adapters = {}
         for layer in self.layers:
             out_f, in_f = self.base[f"{layer}.weight"].shape
-            self.adapters[f"{self.prefix}{layer}.lora_A.weight"] = torch.randn(self.cfg.rank, in_f, generator=g) / in_f**0.5
-            self.adapters[f"{self.prefix}{layer}.lora_B.weight"] = torch.randn(out_f, self.cfg.rank, generator=g) * b_scale
+            self.adapters[f"{self.prefix}{layer}.lora_A.weight"] = (
+                torch.randn(self.cfg.rank, in_f, generator=g) / in_f**0.5
+            )
+            self.adapters[f"{self.prefix}{layer}.lora_B.weight"] = (
+                torch.randn(out_f, self.cfg.rank, generator=g) * b_scale
+            )
 
     def merged(self) -> dict[str, torch.Tensor]:
         scale = self.cfg.alpha / self.cfg.rank
@@ -92,8 +105,12 @@ class Sender:
 
         tensors = self.adapters if side == "adapters" else self.merged()
         created = now()
-        manifest, buckets = VersionPacker(version, created, "full", torch.float32, 64 << 20, ray.put).pack(tensors.items())
-        return Delivery("direct", version, created, {"full": VariantLink(manifest.fingerprint, manifest, tuple(buckets))})
+        manifest, buckets = VersionPacker(version, created, "full", torch.float32, 64 << 20, ray.put).pack(
+            tensors.items()
+        )
+        return Delivery(
+            "direct", version, created, {"full": VariantLink(manifest.fingerprint, manifest, tuple(buckets))}
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,21 +127,79 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     tiny = qwen2_shape(hidden, layers)
     model_dir = str(ensure_tiny_model(tiny, work / "models"))
     lora = {"rank": args.rank, "alpha": args.alpha}
-    cfgs = {side: JobConfig.model_validate({
-        "name": "bench", "run_dir": str(work / side), "model": {"path": model_dir, "dtype": "float32"},
-        "generation": {"max_model_len": 256, "probe": {"sequences": 0}},
-        "learner": {"lora": {**lora, "sync": side}},
-        "scoring": {"reference": False}, "algorithm": {"kl": {"coef": 0.0, "placement": "loss"}},
-    }) for side in SIDES}
+    cfgs = {
+        side: JobConfig.model_validate(
+            {
+                "name": "bench",
+                "run_dir": str(work / side),
+                "model": {"path": model_dir, "dtype": "float32"},
+                "generation": {"max_model_len": 256, "probe": {"sequences": 0}},
+                "learner": {"lora": {**lora, "sync": side}},
+                "scoring": {"reference": False},
+                "algorithm": {"kl": {"coef": 0.0, "placement": "loss"}},
+            }
+        )
+        for side in SIDES
+    }
     targets = cfgs["adapters"].learner.lora.target_modules
     sender = Sender.remote(model_dir, args.rank, args.alpha, targets)
-    workers = {side: GenerationWorker.remote(GenerationSettings.of(cfgs[side]), model_dir, i)
-               for i, side in enumerate(SIDES)}
+    workers = {
+        side: GenerationWorker.remote(GenerationSettings.of(cfgs[side]), model_dir, i) for i, side in enumerate(SIDES)
+    }
     ray.get([w.info.remote() for w in workers.values()])
-    version, timings = 0, {side: [] for side in SIDES}
+    timings, receipts = time_sides(args, sender, workers)
+    diff = logprob_difference(workers)
+    proven = all(r.loaded and r.proven for r in receipts)
+
+    med = {side: {k: median(t[k] for t in ts) for k in ts[0]} for side, ts in timings.items()}
+    bytes_ratio = med["adapters"]["bytes"] / med["merged"]["bytes"]
+    seconds_ratio = med["adapters"]["seconds"] / med["merged"]["seconds"]
+    print(
+        f"\nlora_sync  Qwen2 {args.size} (hidden {hidden}, {layers} layers), LoRA rank {args.rank} on "
+        f"{', '.join(targets)} | fp32 engines | {args.reps} reps (+{args.warmup} warmup), medians"
+    )
+    print_table(
+        ["side", "MB per sync", "seconds", "pack + put", "receive + load"],
+        [
+            [side, med[side]["bytes"] / 1e6, med[side]["seconds"], med[side]["pack_put"], med[side]["receive"]]
+            for side in SIDES
+        ],
+        ["{}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}"],
+    )
+    print(
+        f"adapters/merged: bytes {bytes_ratio:.4f} (target <= {BYTES_TARGET}), seconds {seconds_ratio:.3f}; "
+        f"largest log-prob difference between the two engines {diff:.2e} (target < {LOGPROB_TARGET}); "
+        f"every delivery proven by fingerprint: {proven}"
+    )
+    write_result(
+        args.out,
+        {
+            "benchmark": "lora_sync",
+            "machine": machine_info(),
+            "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "tiny_model": tiny.model_dump()},
+            "timings": timings,
+            "medians": med,
+            "ratio_bytes": bytes_ratio,
+            "ratio_seconds": seconds_ratio,
+            "max_logprob_diff": diff,
+            "deliveries_proven": proven,
+            "headline": headline(
+                "adapters/merged bytes per sync",
+                bytes_ratio,
+                f"<= {BYTES_TARGET}",
+                bytes_ratio <= BYTES_TARGET and diff < LOGPROB_TARGET and proven,
+            ),
+        },
+    )
+    return 0 if proven and diff < LOGPROB_TARGET else 1
+
+
+def time_sides(args: argparse.Namespace, sender, workers: dict) -> tuple[dict[str, list[dict]], list]:
+    """Per repetition a new version, packed and received by each side (order rotated): per side one
+    row per timed repetition, and every receipt."""
+    timings: dict[str, list[dict]] = {side: [] for side in SIDES}
     receipts = []
-    for rep in range(-args.warmup, args.reps):
-        version += 1
+    for version, rep in enumerate(range(-args.warmup, args.reps), 1):
         ray.get(sender.new_version.remote(version, args.b_scale))
         for side in rotated(SIDES, rep):
             t = time.perf_counter()
@@ -134,37 +209,22 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             done = time.perf_counter()
             receipts.append(receipt)
             if rep >= 0:
-                timings[side].append({"seconds": done - t, "pack_put": t_pack - t, "receive": done - t_pack,
-                                      "bytes": receipt.bytes})
-    # Both engines hold the same version, as adapters and as merged weights: the same log-probs.
+                timings[side].append(
+                    {"seconds": done - t, "pack_put": t_pack - t, "receive": done - t_pack, "bytes": receipt.bytes}
+                )
+    return timings, receipts
+
+
+def logprob_difference(workers: dict) -> float:
+    """Both engines hold the same version, as adapters and as merged weights: the largest difference
+    between their log-probs of the same random sequences."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 60, (24,), generator=g).tolist() for _ in range(8)]
     responses = [torch.randint(3, 60, (16,), generator=g).tolist() for _ in range(8)]
-    logprobs = {side: [ray.get(w.logprobs_of.remote(p, r)) for p, r in zip(prompts, responses)]
-                for side, w in workers.items()}
-    diff = max(abs(a - b) for x, y in zip(logprobs["adapters"], logprobs["merged"]) for a, b in zip(x, y))
-    proven = all(r.loaded and r.proven for r in receipts)
-
-    med = {side: {k: median(t[k] for t in ts) for k in ts[0]} for side, ts in timings.items()}
-    bytes_ratio = med["adapters"]["bytes"] / med["merged"]["bytes"]
-    seconds_ratio = med["adapters"]["seconds"] / med["merged"]["seconds"]
-    print(f"\nlora_sync  Qwen2 {args.size} (hidden {hidden}, {layers} layers), LoRA rank {args.rank} on "
-          f"{', '.join(targets)} | fp32 engines | {args.reps} reps (+{args.warmup} warmup), medians")
-    print_table(["side", "MB per sync", "seconds", "pack + put", "receive + load"],
-                [[side, med[side]["bytes"] / 1e6, med[side]["seconds"], med[side]["pack_put"], med[side]["receive"]]
-                 for side in SIDES], ["{}", "{:.2f}", "{:.3f}", "{:.3f}", "{:.3f}"])
-    print(f"adapters/merged: bytes {bytes_ratio:.4f} (target <= {BYTES_TARGET}), seconds {seconds_ratio:.3f}; "
-          f"largest log-prob difference between the two engines {diff:.2e} (target < {LOGPROB_TARGET}); "
-          f"every delivery proven by fingerprint: {proven}")
-    write_result(args.out, {
-        "benchmark": "lora_sync", "machine": machine_info(),
-        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "tiny_model": tiny.model_dump()},
-        "timings": timings, "medians": med, "ratio_bytes": bytes_ratio, "ratio_seconds": seconds_ratio,
-        "max_logprob_diff": diff, "deliveries_proven": proven,
-        "headline": headline("adapters/merged bytes per sync", bytes_ratio, f"<= {BYTES_TARGET}",
-                             bytes_ratio <= BYTES_TARGET and diff < LOGPROB_TARGET and proven),
-    })
-    return 0 if proven and diff < LOGPROB_TARGET else 1
+    logprobs = {
+        side: [ray.get(w.logprobs_of.remote(p, r)) for p, r in zip(prompts, responses)] for side, w in workers.items()
+    }
+    return max(abs(a - b) for x, y in zip(logprobs["adapters"], logprobs["merged"]) for a, b in zip(x, y))
 
 
 if __name__ == "__main__":

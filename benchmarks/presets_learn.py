@@ -11,8 +11,9 @@ worst seed gains, and by more than the placebo's best. The demo's own overrides 
 preset (no KL term, token TIS with cap 2); DAPO's overlong buffer is 1 token (its 4 would cover
 the whole response).
 
-    .venv/bin/python benchmarks/presets_learn.py [--presets grpo dapo ... --seeds 0 1 2 --steps 240]
-    .venv/bin/python benchmarks/presets_learn.py --config configs/tool_demo.yaml --presets grpo placebo --seeds 0 1 2 3 4
+    .venv/bin/python -m benchmarks.presets_learn [--presets grpo dapo ... --seeds 0 1 2 --steps 240]
+    .venv/bin/python -m benchmarks.presets_learn --config configs/tool_demo.yaml --presets grpo placebo \
+        --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import (
+from benchmarks.common import (
+    REPO,
     headline,
+    job_overrides,
     local_ray,
     machine_info,
     print_table,
@@ -34,7 +37,6 @@ from _common import (
     write_result,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 PLACEBO = "placebo"
 PPO = "ppo"
 DEFAULT_OUT = result_path("presets_learn")
@@ -44,17 +46,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from rlhf_cluster.algorithms.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml",
-                   help="the job every preset starts from (configs/tool_demo.yaml: the multi-turn tool task)")
-    p.add_argument("--presets", nargs="+", default=[*PRESETS, PPO, PLACEBO], help="presets to run (ppo: configs/ppo.yaml)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "configs" / "demo.yaml",
+        help="the job every preset starts from (configs/tool_demo.yaml: the multi-turn tool task)",
+    )
+    p.add_argument(
+        "--presets", nargs="+", default=[*PRESETS, PPO, PLACEBO], help="presets to run (ppo: configs/ppo.yaml)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="job seeds")
-    p.add_argument("--steps", type=int, default=None, help="learner steps per job (default: the config's; the demo's 240)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="learner steps per job (default: the config's; the demo's 240)"
+    )
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--keep-runs", type=Path, default=None,
-                   help="keep every job's run directory under this folder (default: removed with the scratch space)")
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="held-out evaluation every N steps, into each run's metrics.jsonl (default: before and after only)")
+    p.add_argument(
+        "--keep-runs",
+        type=Path,
+        default=None,
+        help="keep every job's run directory under this folder (default: removed with the scratch space)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="held-out evaluation every N steps, into each run's metrics.jsonl (default: before and after only)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
@@ -65,11 +83,9 @@ def job_config(args: argparse.Namespace, preset: str, seed: int, run_dir: Path):
     if preset == PPO and args.config.name != "demo.yaml":
         raise SystemExit("--presets ppo runs configs/ppo.yaml (the demo with a critic); leave it out with --config")
     base = REPO / "configs" / "ppo.yaml" if preset == PPO else args.config
-    sets = [f"run_dir={run_dir}", f"model.cache_dir={args.cache_dir}", f"seed={seed}",
-            "train.progress=false", f"name=bench-presets-{preset}-s{seed}-{os.getpid()}", "metrics.enabled=false",
-            "checkpoint.every_steps=1000000", f"data.eval_every_steps={args.eval_every}"]
-    if args.steps is not None:
-        sets += [f"train.total_steps={args.steps}"]
+    sets = job_overrides(
+        run_dir, args.cache_dir, seed, f"bench-presets-{preset}-s{seed}-{os.getpid()}", args.steps, args.eval_every
+    )
     if preset == PLACEBO:
         task = load_config(base).data.task  # the placebo judges correctness the way the task's verifier does
         sets += [f"scoring.rewards=[{{type: function, function: 'rlhf_cluster.rewards.controls:placebo_{task}'}}]"]
@@ -86,12 +102,18 @@ def job_config(args: argparse.Namespace, preset: str, seed: int, run_dir: Path):
 def run_job(args: argparse.Namespace, preset: str, seed: int, run_dir: Path) -> dict:
     start = time.perf_counter()
     result = run_job_quietly(job_config(args, preset, seed, run_dir), args.verbose)
-    return {"preset": preset, "seed": seed, "seconds": time.perf_counter() - start,
-            "sampled_before": result.sampled_accuracy_before, "sampled_after": result.sampled_accuracy_after,
-            "greedy_before": result.accuracy_before, "greedy_after": result.accuracy_after,
-            "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
-            "first_reward": statistics.fmean(r["reward_mean"] for r in result.rows[:10]),
-            "final_reward": statistics.fmean(r["reward_mean"] for r in result.rows[-10:])}
+    return {
+        "preset": preset,
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+        "sampled_before": result.sampled_accuracy_before,
+        "sampled_after": result.sampled_accuracy_after,
+        "greedy_before": result.accuracy_before,
+        "greedy_after": result.accuracy_after,
+        "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
+        "first_reward": statistics.fmean(r["reward_mean"] for r in result.rows[:10]),
+        "final_reward": statistics.fmean(r["reward_mean"] for r in result.rows[-10:]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
             for preset in args.presets:
                 job = run_job(args, preset, seed, (args.keep_runs or runs) / f"{preset}-s{seed}-job{len(jobs)}")
                 jobs.append(job)
-                print(f"  {preset} seed {seed}: sampled held-out {job['sampled_before']:.3f} -> {job['sampled_after']:.3f} "
-                      f"({job['gain']:+.3f}), {job['seconds']:.0f}s", flush=True)
+                print(
+                    f"  {preset} seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
+                    f"{job['sampled_after']:.3f} "
+                    f"({job['gain']:+.3f}), {job['seconds']:.0f}s",
+                    flush=True,
+                )
                 time.sleep(2)
                 report(args, jobs, time.perf_counter() - t0, final=False)
     report(args, jobs, time.perf_counter() - t0, final=True)
@@ -121,23 +147,48 @@ def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bo
     for preset, g in gains.items():
         # Learning means every seed gained, by more than the placebo's best (which may be a loss).
         learns = None if placebo_best is None or preset == PLACEBO else min(g) > max(placebo_best, 0.0)
-        table.append([preset, " ".join(f"{x:+.3f}" for x in g), statistics.fmean(g), min(g), max(g),
-                      "-" if learns is None else ("yes" if learns else "NO")])
+        table.append(
+            [
+                preset,
+                " ".join(f"{x:+.3f}" for x in g),
+                statistics.fmean(g),
+                min(g),
+                max(g),
+                "-" if learns is None else ("yes" if learns else "NO"),
+            ]
+        )
     learning = [row for row in table if row[5] in ("yes", "NO")]
     value = sum(row[5] == "yes" for row in learning)
-    write_result(args.out, {
-        "benchmark": "presets_learn", "machine": machine_info(), "complete": final, "seconds": seconds,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-        "jobs": jobs, "gains": gains,
-        "headline": headline("presets whose every seed gains, beyond the placebo's best", value,
-                             f"= {len(learning)} (all)", value == len(learning) if learning else None, ""),
-    })
+    write_result(
+        args.out,
+        {
+            "benchmark": "presets_learn",
+            "machine": machine_info(),
+            "complete": final,
+            "seconds": seconds,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+            "jobs": jobs,
+            "gains": gains,
+            "headline": headline(
+                "presets whose every seed gains, beyond the placebo's best",
+                value,
+                f"= {len(learning)} (all)",
+                value == len(learning) if learning else None,
+                "",
+            ),
+        },
+    )
     if final:
         steps = args.steps or "the config's"
-        print(f"\npresets_learn  {args.config.name}, {steps} steps, seeds {args.seeds}: sampled held-out accuracy gain "
-              f"(after - before) | {os.cpu_count()} CPUs | {seconds:.0f}s")
-        print_table(["preset", "gain per seed", "mean", "min", "max", "worst seed > max(0, placebo's best)"], table,
-                    ["{}", "{}", "{:+.3f}", "{:+.3f}", "{:+.3f}", "{}"])
+        print(
+            f"\npresets_learn  {args.config.name}, {steps} steps, seeds {args.seeds}: sampled held-out accuracy gain "
+            f"(after - before) | {os.cpu_count()} CPUs | {seconds:.0f}s"
+        )
+        print_table(
+            ["preset", "gain per seed", "mean", "min", "max", "worst seed > max(0, placebo's best)"],
+            table,
+            ["{}", "{}", "{:+.3f}", "{:+.3f}", "{:+.3f}", "{}"],
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ checked, a torn final line cut off) and `keep_steps` (the step logs cut back to 
 step), timed and with the process's peak memory, on logs the size of the soak's hour (12,000
 steps of the demo's 128 samples: a 280 MB consumed.jsonl) or on a real run's logs (`--run-dir`).
 
-    .venv/bin/python benchmarks/resume_logs.py [--steps 12000] [--baseline-tree DIR]
+    .venv/bin/python -m benchmarks.resume_logs [--steps 12000] [--baseline-tree DIR]
 
 With `--baseline-tree` (a checkout of another commit: `git worktree add /tmp/base <commit>`) the
 same logs are resumed by both trees' code, alternating, each in its own process on its own copy:
@@ -21,9 +21,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import headline, machine_info, median, print_table, result_path, rotated, run_script, write_result
+from benchmarks.common import (
+    REPO,
+    headline,
+    machine_info,
+    median,
+    print_table,
+    result_path,
+    rotated,
+    run_script,
+    write_result,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 LOGS = (
     "metrics.jsonl",
     "consumed.jsonl",
@@ -63,16 +72,35 @@ def synthetic_logs(root: Path, steps: int, samples: int) -> None:
         for step in range(steps):
             for i in range(samples):
                 group = f"train-{(step * 16 + i // 8) % 5000}:{step * 977 % 4096:012x}"
-                row = {"step": step, "sample_id": f"{group}:{i % 8}", "prompt_id": group.split(":")[0],
-                       "policy_version": step, "worker": f"gen{i % 2}", "policy_versions": [[step, step]],
-                       "rolled_back_steps": 0}
+                row = {
+                    "step": step,
+                    "sample_id": f"{group}:{i % 8}",
+                    "prompt_id": group.split(":")[0],
+                    "policy_version": step,
+                    "worker": f"gen{i % 2}",
+                    "policy_versions": [[step, step]],
+                    "rolled_back_steps": 0,
+                }
                 consumed.write(json.dumps(row) + "\n")
-            metrics.write(json.dumps({"step": step, "time": 1.8e9 + step, **{k: step * 0.001 for k in metric_keys}}) + "\n")
+            metrics.write(
+                json.dumps({"step": step, "time": 1.8e9 + step, **{k: step * 0.001 for k in metric_keys}}) + "\n"
+            )
             sampled.write(json.dumps({"step": step, "prompt": "What is 12 + 30?" * 4, "response": "42" * 200}) + "\n")
             for g in range(8):
-                timeline.write(json.dumps({"group": f"{step}-{g}", "worker": f"gen{g % 2}", "requested": 1.0,
-                                           "generated": 2.0, "scored": 3.0, "version": step}) + "\n")
-        metrics.write('{"step": %d, "time": 1.8e9, "metric_' % steps)  # torn
+                timeline.write(
+                    json.dumps(
+                        {
+                            "group": f"{step}-{g}",
+                            "worker": f"gen{g % 2}",
+                            "requested": 1.0,
+                            "generated": 2.0,
+                            "scored": 3.0,
+                            "version": step,
+                        }
+                    )
+                    + "\n"
+                )
+        metrics.write(f'{{"step": {steps}, "time": 1.8e9, "metric_')  # torn
     (root / "events.jsonl").write_text(json.dumps({"event": "resumed", "time": 1.0, "from_step": 0}) + "\n")
 
 
@@ -84,8 +112,14 @@ def resume_once(tree: Path, logs: Path, last_step: int) -> dict:
             if (logs / name).exists():
                 shutil.copyfile(logs / name, run / name)
         env = {**os.environ, "PYTHONPATH": str(tree)}
-        out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(last_step)], cwd=tree, env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(run), str(last_step)],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -113,8 +147,11 @@ def main() -> int:
             last = args.steps - 1
         last_step = args.last_step if args.last_step is not None else last - 10
         sizes_mb = {name: (logs / name).stat().st_size / 1e6 for name in LOGS if (logs / name).exists()}
-        print(f"logs: {sum(sizes_mb.values()):.0f} MB ({', '.join(f'{k} {v:.0f}' for k, v in sizes_mb.items())}); "
-              f"cut back to step {last_step}", flush=True)
+        print(
+            f"logs: {sum(sizes_mb.values()):.0f} MB ({', '.join(f'{k} {v:.0f}' for k, v in sizes_mb.items())}); "
+            f"cut back to step {last_step}",
+            flush=True,
+        )
         timings: dict[str, list[dict]] = {side: [] for side in sides}
         for rep in range(args.reps):
             for side in rotated(list(sides), rep):
@@ -122,17 +159,28 @@ def main() -> int:
                 print(f"  rep {rep} {side}: {timings[side][-1]}", flush=True)
     keys = ("repair_s", "keep_steps_s", "total_s", "peak_rss_mb")
     table = {side: {k: median(r[k] for r in rows) for k in keys} for side, rows in timings.items()}
-    print_table(["side", *keys], [[side, *(table[side][k] for k in keys)] for side in sides],
-                ["{}", "{:.2f}", "{:.2f}", "{:.2f}", "{:.0f}"])
+    print_table(
+        ["side", *keys],
+        [[side, *(table[side][k] for k in keys)] for side in sides],
+        ["{}", "{:.2f}", "{:.2f}", "{:.2f}", "{:.0f}"],
+    )
     if "baseline" in table:
         ratio = table["baseline"]["total_s"] / table["this tree"]["total_s"]
         head = headline("resume log handling, baseline / this tree (time)", ratio, "> 1", ratio > 1, "x")
     else:
         head = headline("resume log handling (prepare + keep_steps)", table["this tree"]["total_s"], "", None, "s")
-    write_result(result_path("resume_logs"), {
-        "headline": head, "machine": machine_info(), "logs_mb": sizes_mb, "last_step": last_step,
-        "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None, "medians": table, "timings": timings,
-    })
+    write_result(
+        result_path("resume_logs"),
+        {
+            "headline": head,
+            "machine": machine_info(),
+            "logs_mb": sizes_mb,
+            "last_step": last_step,
+            "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None,
+            "medians": table,
+            "timings": timings,
+        },
+    )
     return 0
 
 

@@ -6,7 +6,7 @@ Jobs alternate (on-off, off-on, ...) in one local Ray instance, each a full `Job
 to back); the headline is the median of those ratios. Also reported: spans recorded per step and
 trace bytes per step, what the driver writes to `trace.jsonl`.
 
-    .venv/bin/python benchmarks/tracing_overhead.py [--reps 3 --steps 16 ...]
+    .venv/bin/python -m benchmarks.tracing_overhead [--reps 3 --steps 16 ...]
 """
 
 from __future__ import annotations
@@ -17,9 +17,19 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import (headline, local_ray, machine_info, median, print_table, result_path, rotated, run_job_quietly,
-                     run_script, write_result)
-from async_vs_sync import add_job_args, job_config, parse_job_args
+from benchmarks.async_vs_sync import add_job_args, job_config, parse_job_args
+from benchmarks.common import (
+    headline,
+    local_ray,
+    machine_info,
+    median,
+    print_table,
+    result_path,
+    rotated,
+    run_job_quietly,
+    run_script,
+    write_result,
+)
 
 TARGET = 1.02  # tracing may cost at most 2% of step time
 DEFAULT_OUT = result_path("tracing_overhead")
@@ -35,15 +45,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_job(args: argparse.Namespace, trace: bool, rep: int, run_dir: Path) -> dict:
     cfg = job_config(args, 1, rep, run_dir)
-    cfg = cfg.model_copy(update={"name": f"bench-trace-{'on' if trace else 'off'}-r{rep}-{os.getpid()}",
-                                 "metrics": cfg.metrics.model_copy(update={"trace": trace})})
+    cfg = cfg.model_copy(
+        update={
+            "name": f"bench-trace-{'on' if trace else 'off'}-r{rep}-{os.getpid()}",
+            "metrics": cfg.metrics.model_copy(update={"trace": trace}),
+        }
+    )
     rows = run_job_quietly(cfg, args.verbose).rows
-    timed = rows[args.warmup_steps:]
+    timed = rows[args.warmup_steps :]
     trace_file = run_dir / "trace.jsonl"
     spans = len(trace_file.read_text().splitlines()) if trace_file.exists() else 0
-    return {"trace": trace, "rep": rep, "median_step_seconds": statistics.median(r["step_seconds"] for r in timed),
-            "spans_per_step": spans / len(rows), "trace_bytes_per_step": (trace_file.stat().st_size if spans else 0) / len(rows),
-            "step_seconds": [r["step_seconds"] for r in rows]}
+    return {
+        "trace": trace,
+        "rep": rep,
+        "median_step_seconds": statistics.median(r["step_seconds"] for r in timed),
+        "spans_per_step": spans / len(rows),
+        "trace_bytes_per_step": (trace_file.stat().st_size if spans else 0) / len(rows),
+        "step_seconds": [r["step_seconds"] for r in rows],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,26 +74,46 @@ def main(argv: list[str] | None = None) -> int:
             for side in rotated(("on", "off"), rep):
                 job = run_job(args, side == "on", rep, runs / f"{side}-r{rep}")
                 jobs.append(job)
-                print(f"  rep {rep} trace {side}: median step {job['median_step_seconds']:.3f}s, "
-                      f"{job['spans_per_step']:.0f} spans/step", flush=True)
+                print(
+                    f"  rep {rep} trace {side}: median step {job['median_step_seconds']:.3f}s, "
+                    f"{job['spans_per_step']:.0f} spans/step",
+                    flush=True,
+                )
                 time.sleep(2)
     by = {(j["trace"], j["rep"]): j for j in jobs}
     paired = [by[(True, r)]["median_step_seconds"] / by[(False, r)]["median_step_seconds"] for r in range(args.reps)]
     value = median(paired)
     on = [j for j in jobs if j["trace"]]
-    print(f"\ntracing_overhead  {args.prompts_per_step} prompts x n={args.n} x <= {args.max_new_tokens} tokens per step | "
-          f"{args.steps} steps per job ({args.warmup_steps} warmup) | {args.reps} pairs | {os.cpu_count()} CPUs")
-    print_table(["trace", "median s/step (median over jobs)"],
-                [[side, median(j["median_step_seconds"] for j in jobs if j["trace"] == (side == "on"))] for side in ("on", "off")],
-                ["{}", "{:.3f}"])
-    print(f"step time on/off, per pair: {' '.join(f'{x:.3f}' for x in paired)}; median {value:.3f} (target <= {TARGET}); "
-          f"{median(j['spans_per_step'] for j in on):.0f} spans and {median(j['trace_bytes_per_step'] for j in on) / 1024:.1f} KiB "
-          f"of trace per step; total {time.perf_counter() - t0:.0f}s")
-    write_result(args.out, {
-        "benchmark": "tracing_overhead", "machine": machine_info(),
-        "config": {k: v for k, v in vars(args).items() if k != "out"}, "jobs": jobs, "paired_ratios_on_over_off": paired,
-        "headline": headline("step time trace on / off", value, f"<= {TARGET}", value <= TARGET, "x"),
-    })
+    print(
+        f"\ntracing_overhead  {args.prompts_per_step} prompts x n={args.n} x <= {args.max_new_tokens} tokens "
+        "per step | "
+        f"{args.steps} steps per job ({args.warmup_steps} warmup) | {args.reps} pairs | {os.cpu_count()} CPUs"
+    )
+    print_table(
+        ["trace", "median s/step (median over jobs)"],
+        [
+            [side, median(j["median_step_seconds"] for j in jobs if j["trace"] == (side == "on"))]
+            for side in ("on", "off")
+        ],
+        ["{}", "{:.3f}"],
+    )
+    print(
+        f"step time on/off, per pair: {' '.join(f'{x:.3f}' for x in paired)}; median {value:.3f} (target <= {TARGET}); "
+        f"{median(j['spans_per_step'] for j in on):.0f} spans and "
+        f"{median(j['trace_bytes_per_step'] for j in on) / 1024:.1f} KiB "
+        f"of trace per step; total {time.perf_counter() - t0:.0f}s"
+    )
+    write_result(
+        args.out,
+        {
+            "benchmark": "tracing_overhead",
+            "machine": machine_info(),
+            "config": {k: v for k, v in vars(args).items() if k != "out"},
+            "jobs": jobs,
+            "paired_ratios_on_over_off": paired,
+            "headline": headline("step time trace on / off", value, f"<= {TARGET}", value <= TARGET, "x"),
+        },
+    )
     return 0
 
 

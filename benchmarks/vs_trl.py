@@ -22,7 +22,7 @@ mean over the steps after the first `--warmup-steps` (each side's own per-step t
 driver's `step_seconds`, TRL's time between `on_step_end` callbacks); reported figures are
 medians over repetitions. Final reward (tiny only): mean reward of the last `--reward-last` steps.
 
-    .venv/bin/python benchmarks/vs_trl.py [--reps 2 --sizes tiny,150m ...]
+    .venv/bin/python -m benchmarks.vs_trl [--reps 2 --sizes tiny,150m ...]
 """
 
 from __future__ import annotations
@@ -38,21 +38,28 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: `actors` is not an installed package
-
-from _common import machine_info  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from rlhf_cluster.config import (  # noqa: E402
-    AlgorithmConfig, CheckpointConfig, DataConfig, GenerationConfig, JobConfig, KLConfig, LearnerConfig, ModelConfig,
-    SamplingConfig, TinyModelConfig, TrainConfig,
+from benchmarks.common import REPO, machine_info, result_path
+from rlhf_cluster.config import (
+    AlgorithmConfig,
+    CheckpointConfig,
+    DataConfig,
+    GenerationConfig,
+    JobConfig,
+    KLConfig,
+    LearnerConfig,
+    ModelConfig,
+    SamplingConfig,
+    TinyModelConfig,
+    TrainConfig,
 )
-from rlhf_cluster.data.tasks import arithmetic_rows  # noqa: E402
-from rlhf_cluster.data.verifiers import REWARD_WEIGHTS  # noqa: E402
-from rlhf_cluster.models.tiny_model import ensure_tiny_model  # noqa: E402
+from rlhf_cluster.data.tasks import arithmetic_rows
+from rlhf_cluster.data.verifiers import REWARD_WEIGHTS
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "vs_trl.json"
+DEFAULT_OUT = result_path("vs_trl")
 DEFAULT_VENV = Path("~/.cache/rlhf_cluster/venv-trl")
-TRL_SIDE = Path(__file__).resolve().parent / "_trl_side.py"
+# A script of its own, run by path with TRL's python (it imports nothing of this repository).
+TRL_SIDE = REPO / "benchmarks" / "_trl_side.py"
 TASKS_FILE = REPO / "rlhf_cluster" / "data" / "tasks.py"
 # Versions that install next to the local CPU torch wheel without pulling another torch.
 TORCH_PIN = "torch==2.13.0"
@@ -84,14 +91,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # shared
     p.add_argument("--beta", type=float, default=0.01, help="k3 KL coefficient in the loss, both sides (ours' default)")
     p.add_argument("--reward-last", type=int, default=5, help="final reward = mean over this many last steps (tiny)")
-    p.add_argument("--prompts-per-request", type=int, default=GenerationConfig().prompts_per_request,
-                   help="ours: prompt groups per generation request (our default)")
-    p.add_argument("--ray-worker-niceness", type=int, default=0,
-                   help="niceness of our Ray workers (Ray's own default is 15, which on a shared machine hands CPU to "
-                        "every other process, TRL's included; 0 = same priority as the TRL process)")
-    p.add_argument("--trl-threads", type=int, default=1,
-                   help="torch threads of the TRL process (0: torch's default, one per core; on a busy 2-core machine "
-                        "2 threads ran TRL 3-20x slower than 1, from OpenMP oversubscription)")
+    p.add_argument(
+        "--prompts-per-request",
+        type=int,
+        default=GenerationConfig().prompts_per_request,
+        help="ours: prompt groups per generation request (our default)",
+    )
+    p.add_argument(
+        "--ray-worker-niceness",
+        type=int,
+        default=0,
+        help="niceness of our Ray workers (Ray's own default is 15, which on a shared machine hands CPU to "
+        "every other process, TRL's included; 0 = same priority as the TRL process)",
+    )
+    p.add_argument(
+        "--trl-threads",
+        type=int,
+        default=1,
+        help="torch threads of the TRL process (0: torch's default, one per core; on a busy 2-core machine "
+        "2 threads ran TRL 3-20x slower than 1, from OpenMP oversubscription)",
+    )
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help="model cache (both sides load from it)")
     p.add_argument("--trl-venv", type=Path, default=DEFAULT_VENV, help="TRL's virtual environment (created if missing)")
     p.add_argument("--work-dir", type=Path, default=None, help="run dirs, prompt files (default: a temp dir, removed)")
@@ -132,11 +151,36 @@ def ensure_trl_venv(venv: Path) -> Path:
 
 def run_trl(python: Path, model_dir: Path, prompts_file: Path, w: dict, out: Path, threads: int) -> dict:
     cmd = [
-        str(python), str(TRL_SIDE), "--model", str(model_dir), "--prompts", str(prompts_file),
-        "--tasks-file", str(TASKS_FILE), "--reward-weights", json.dumps(REWARD_WEIGHTS["arithmetic"]),
-        "--n", str(w["n"]), "--prompts-per-step", str(w["prompts"]),
-        "--max-new-tokens", str(w["max_new_tokens"]), "--steps", str(w["steps"]), "--lr", str(w["lr"]),
-        "--beta", str(w["beta"]), "--temperature", "1.0", "--top-p", "1.0", "--threads", str(threads), "--out", str(out),
+        str(python),
+        str(TRL_SIDE),
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts_file),
+        "--tasks-file",
+        str(TASKS_FILE),
+        "--reward-weights",
+        json.dumps(REWARD_WEIGHTS["arithmetic"]),
+        "--n",
+        str(w["n"]),
+        "--prompts-per-step",
+        str(w["prompts"]),
+        "--max-new-tokens",
+        str(w["max_new_tokens"]),
+        "--steps",
+        str(w["steps"]),
+        "--lr",
+        str(w["lr"]),
+        "--beta",
+        str(w["beta"]),
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "1.0",
+        "--threads",
+        str(threads),
+        "--out",
+        str(out),
     ]
     env = {**os.environ, "PYTHONPATH": "", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
@@ -173,8 +217,14 @@ def run_ours(cfg: JobConfig, args) -> dict:
 
     temp_dir = tempfile.mkdtemp(prefix="vs-trl-ray-", dir="/tmp")
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=False, _system_config={"worker_niceness": args.ray_worker_niceness})
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        _system_config={"worker_niceness": args.ray_worker_niceness},
+    )
     job = None
     try:
         job = Job(cfg)
@@ -225,15 +275,44 @@ def summarize(run: dict, warmup: int, reward_last: int) -> dict:
 
 def medians(summaries: list[dict]) -> dict:
     keys = summaries[0].keys()
-    return {k: statistics.median(s[k] for s in summaries) if all(s[k] is not None for s in summaries) else None for k in keys}
+    return {
+        k: statistics.median(s[k] for s in summaries) if all(s[k] is not None for s in summaries) else None
+        for k in keys
+    }
 
 
 def workload(size: str, args) -> dict:
     if size == "tiny":
-        return {"model": TinyModelConfig(), "steps": args.tiny_steps, "prompts": args.tiny_prompts, "n": args.tiny_n,
-                "max_new_tokens": args.tiny_max_new_tokens, "lr": args.tiny_lr, "beta": args.beta}
-    return {"model": BIG_MODEL, "steps": args.big_steps, "prompts": args.big_prompts, "n": args.big_n,
-            "max_new_tokens": args.big_max_new_tokens, "lr": args.big_lr, "beta": args.beta}
+        return {
+            "model": TinyModelConfig(),
+            "steps": args.tiny_steps,
+            "prompts": args.tiny_prompts,
+            "n": args.tiny_n,
+            "max_new_tokens": args.tiny_max_new_tokens,
+            "lr": args.tiny_lr,
+            "beta": args.beta,
+        }
+    return {
+        "model": BIG_MODEL,
+        "steps": args.big_steps,
+        "prompts": args.big_prompts,
+        "n": args.big_n,
+        "max_new_tokens": args.big_max_new_tokens,
+        "lr": args.big_lr,
+        "beta": args.beta,
+    }
+
+
+IDENTICAL = (
+    "model folder, prompts and their order, n, batch, max_new_tokens, temperature 1.0, top_p 1.0, "
+    "no top-k, reward (same verifier code), k3 KL in loss with beta, clip 0.2, token-mean loss over "
+    "the batch, AdamW constant LR, grad clip 1.0, fp32, 1 optimizer step per batch, steps"
+)
+DIFFERENT = (
+    "ours: vLLM generation, async (max_staleness 1), token TIS with a recomputed pi_prox (one extra "
+    "forward), weights published to the store every step, responses stop at EOS; TRL: HF generate "
+    "padded batch (runs to the longest response), synchronous on-policy, in one process"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,58 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     trl_python = ensure_trl_venv(args.trl_venv)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
-
-    results: dict = {}
-    for size in args.sizes:
-        w = workload(size, args)
-        model_dir = ensure_tiny_model(w["model"], args.cache_dir)
-        from transformers import AutoConfig
-
-        hf = AutoConfig.from_pretrained(model_dir)
-        # Prompts in training order; extra ones so our producer (one version ahead) never wraps around.
-        prompts_file = work / f"prompts-{size}.jsonl"
-        rows = arithmetic_rows((w["steps"] + 2) * w["prompts"], seed=0, split="train")
-        prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-        for rep in range(args.reps):
-            order = ("ours", "trl") if rep % 2 == 0 else ("trl", "ours")
-            for side in order:
-                print(f"[{size}] rep {rep} {side} ...", flush=True)
-                start = time.perf_counter()
-                if side == "ours":
-                    cfg = our_config(size, model_dir, prompts_file, w, work / f"run-{size}-{rep}", args)
-                    run = run_ours(cfg, args)
-                else:
-                    run = run_trl(trl_python, model_dir, prompts_file, w, work / f"trl-{size}-{rep}.json", args.trl_threads)
-                run.update(rep=rep, position=order.index(side), wall_seconds=time.perf_counter() - start)
-                run["summary"] = summarize(run, args.warmup_steps, args.reward_last)
-                runs[side].append(run)
-                s = run["summary"]
-                print(f"[{size}] rep {rep} {side}: {s['seconds_per_step']:.3f} s/step, {s['completions_per_s']:.1f} "
-                      f"completions/s, final reward {s['final_reward']:+.4f} ({run['wall_seconds']:.0f} s)", flush=True)
-        med = {side: medians([r["summary"] for r in rs]) for side, rs in runs.items()}
-        paired = [o["summary"]["completions_per_s"] / t["summary"]["completions_per_s"] for o, t in zip(runs["ours"], runs["trl"])]
-        results[size] = {
-            "workload": {
-                "model_dir": str(model_dir),
-                "model_shape": w["model"].model_dump(),
-                "parameters": runs["trl"][0].get("model_parameters"),
-                "vocab_size": hf.vocab_size,
-                "steps": w["steps"], "prompts_per_step": w["prompts"], "n": w["n"],
-                "completions_per_step": w["prompts"] * w["n"], "max_new_tokens": w["max_new_tokens"],
-                "lr": w["lr"], "beta": w["beta"], "prompts_file": str(prompts_file),
-            },
-            "runs": runs,
-            "medians": med,
-            "ratio_ours_over_trl_completions_per_s": med["ours"]["completions_per_s"] / med["trl"]["completions_per_s"],
-            "ratio_ours_over_trl_seconds_per_step": med["ours"]["seconds_per_step"] / med["trl"]["seconds_per_step"],
-            "paired_ratios_ours_over_trl_completions_per_s": paired,
-        }
+    results = {size: one_size(args, size, work, trl_python) for size in args.sizes}
 
     trl_versions = next(iter(results.values()))["runs"]["trl"][0]["versions"] if results else {}
     headline_value = results["150m"]["ratio_ours_over_trl_completions_per_s"] if "150m" in results else None
     tiny_step_ratio = results["tiny"]["ratio_ours_over_trl_seconds_per_step"] if "tiny" in results else None
-    met = None if headline_value is None or tiny_step_ratio is None else bool(headline_value >= 2.0 and tiny_step_ratio <= 2.0)
+    met = (
+        None
+        if headline_value is None or tiny_step_ratio is None
+        else bool(headline_value >= 2.0 and tiny_step_ratio <= 2.0)
+    )
     result = {
         "benchmark": "vs_trl",
         "headline": {
@@ -309,22 +346,89 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
             "trl_pins": [TORCH_PIN, *TRL_PINS],
-            "identical": "model folder, prompts and their order, n, batch, max_new_tokens, temperature 1.0, top_p 1.0, "
-                         "no top-k, reward (same verifier code), k3 KL in loss with beta, clip 0.2, token-mean loss over "
-                         "the batch, AdamW constant LR, grad clip 1.0, fp32, 1 optimizer step per batch, steps",
-            "different": "ours: vLLM generation, async (max_staleness 1), token TIS with a recomputed pi_prox (one extra "
-                         "forward), weights published to the store every step, responses stop at EOS; TRL: HF generate "
-                         "padded batch (runs to the longest response), synchronous on-policy, in one process",
+            "identical": IDENTICAL,
+            "different": DIFFERENT,
         },
         "results": results,
         "total_seconds": time.perf_counter() - t_all,
     }
+    print_report(args, result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
-    print(f"\nvs_trl  {args.reps} reps per side (alternating), steps after {args.warmup_steps} warmup, medians; "
-          f"beta={args.beta} (k3 KL in the loss) on both sides")
-    head = f"{'size':<6} {'side':<5} {'params':>7} {'batch':>10} {'s/step':>8} {'compl/s':>9} {'tok/s':>8} {'len':>6} {'reward':>8} {'setup s':>8}"
-    print(head)
-    for size, r in results.items():
+
+def one_size(args: argparse.Namespace, size: str, work: Path, trl_python: Path) -> dict:
+    """Both sides `--reps` times at one size, alternating (ours-TRL, TRL-ours, ...): the workload,
+    every run, the medians and the ratios ours / TRL."""
+    from transformers import AutoConfig
+
+    w = workload(size, args)
+    model_dir = ensure_tiny_model(w["model"], args.cache_dir)
+    hf = AutoConfig.from_pretrained(model_dir)
+    # Prompts in training order; extra ones so our producer (one version ahead) never wraps around.
+    prompts_file = work / f"prompts-{size}.jsonl"
+    rows = arithmetic_rows((w["steps"] + 2) * w["prompts"], seed=0, split="train")
+    prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for rep in range(args.reps):
+        order = ("ours", "trl") if rep % 2 == 0 else ("trl", "ours")
+        for side in order:
+            print(f"[{size}] rep {rep} {side} ...", flush=True)
+            start = time.perf_counter()
+            if side == "ours":
+                run = run_ours(our_config(size, model_dir, prompts_file, w, work / f"run-{size}-{rep}", args), args)
+            else:
+                out = work / f"trl-{size}-{rep}.json"
+                run = run_trl(trl_python, model_dir, prompts_file, w, out, args.trl_threads)
+            run.update(rep=rep, position=order.index(side), wall_seconds=time.perf_counter() - start)
+            run["summary"] = s = summarize(run, args.warmup_steps, args.reward_last)
+            runs[side].append(run)
+            print(
+                f"[{size}] rep {rep} {side}: {s['seconds_per_step']:.3f} s/step, {s['completions_per_s']:.1f} "
+                f"completions/s, final reward {s['final_reward']:+.4f} ({run['wall_seconds']:.0f} s)",
+                flush=True,
+            )
+    med = {side: medians([r["summary"] for r in rs]) for side, rs in runs.items()}
+    paired = [
+        o["summary"]["completions_per_s"] / t["summary"]["completions_per_s"] for o, t in zip(runs["ours"], runs["trl"])
+    ]
+    return {
+        "workload": {
+            "model_dir": str(model_dir),
+            "model_shape": w["model"].model_dump(),
+            "parameters": runs["trl"][0].get("model_parameters"),
+            "vocab_size": hf.vocab_size,
+            "steps": w["steps"],
+            "prompts_per_step": w["prompts"],
+            "n": w["n"],
+            "completions_per_step": w["prompts"] * w["n"],
+            "max_new_tokens": w["max_new_tokens"],
+            "lr": w["lr"],
+            "beta": w["beta"],
+            "prompts_file": str(prompts_file),
+        },
+        "runs": runs,
+        "medians": med,
+        "ratio_ours_over_trl_completions_per_s": med["ours"]["completions_per_s"] / med["trl"]["completions_per_s"],
+        "ratio_ours_over_trl_seconds_per_step": med["ours"]["seconds_per_step"] / med["trl"]["seconds_per_step"],
+        "paired_ratios_ours_over_trl_completions_per_s": paired,
+    }
+
+
+def print_report(args: argparse.Namespace, result: dict) -> None:
+    print(
+        f"\nvs_trl  {args.reps} reps per side (alternating), steps after {args.warmup_steps} warmup, medians; "
+        f"beta={args.beta} (k3 KL in the loss) on both sides"
+    )
+    print(
+        f"{'size':<6} {'side':<5} {'params':>7} {'batch':>10} {'s/step':>8} {'compl/s':>9} {'tok/s':>8} {'len':>6} "
+        f"{'reward':>8} {'setup s':>8}"
+    )
+    for size, r in result["results"].items():
         wl = r["workload"]
         for side in ("ours", "trl"):
             m = r["medians"][side]
@@ -333,27 +437,30 @@ def main(argv: list[str] | None = None) -> int:
             batch = f"{wl['prompts_per_step']}x{wl['n']}x{wl['max_new_tokens']}"
             tok = f"{m['tokens_per_s']:.4g}" if m["tokens_per_s"] else "-"
             ln = f"{m['completion_len_mean']:.1f}" if m["completion_len_mean"] else "-"
-            print(f"{size:<6} {side:<5} {params:>7} {batch:>10} {m['seconds_per_step']:>8.3f} {m['completions_per_s']:>9.4g} "
-                  f"{tok:>8} {ln:>6} {reward:>8} {m['setup_seconds']:>8.1f}")
+            print(
+                f"{size:<6} {side:<5} {params:>7} {batch:>10} {m['seconds_per_step']:>8.3f} "
+                f"{m['completions_per_s']:>9.4g} {tok:>8} {ln:>6} {reward:>8} {m['setup_seconds']:>8.1f}"
+            )
         o, t = r["medians"]["ours"], r["medians"]["trl"]
         if o["learner_seconds_per_step"] is not None and t["generate_score_seconds_per_step"] is not None:
-            print(f"{size:<6} where the step goes: TRL generate+reward+ref {t['generate_score_seconds_per_step']:.3f} s, "
-                  f"rest (train) {t['seconds_per_step'] - t['generate_score_seconds_per_step']:.3f} s; "
-                  f"ours learner {o['learner_seconds_per_step']:.3f} s (generation overlaps it)")
-        print(f"{size:<6} ratio ours/TRL completions/s: {r['ratio_ours_over_trl_completions_per_s']:.2f}  "
-              f"(s/step {r['ratio_ours_over_trl_seconds_per_step']:.2f}; paired "
-              f"{', '.join(f'{x:.2f}' for x in r['paired_ratios_ours_over_trl_completions_per_s'])})")
-    if headline_value is not None:
-        print(f"headline: completions/s ours/TRL (150M) = {headline_value:.2f}  (target >= 2x at 150M and tiny s/step "
-              f"ours/TRL <= 2: {'met' if met else 'not met' if met is not None else '-'})")
+            print(
+                f"{size:<6} where the step goes: TRL generate+reward+ref {t['generate_score_seconds_per_step']:.3f} s, "
+                f"rest (train) {t['seconds_per_step'] - t['generate_score_seconds_per_step']:.3f} s; "
+                f"ours learner {o['learner_seconds_per_step']:.3f} s (generation overlaps it)"
+            )
+        print(
+            f"{size:<6} ratio ours/TRL completions/s: {r['ratio_ours_over_trl_completions_per_s']:.2f}  "
+            f"(s/step {r['ratio_ours_over_trl_seconds_per_step']:.2f}; paired "
+            f"{', '.join(f'{x:.2f}' for x in r['paired_ratios_ours_over_trl_completions_per_s'])})"
+        )
+    head = result["headline"]
+    if head["value"] is not None:
+        met = head["met"]
+        print(
+            f"headline: completions/s ours/TRL (150M) = {head['value']:.2f}  (target >= 2x at 150M and tiny s/step "
+            f"ours/TRL <= 2: {'met' if met else 'not met' if met is not None else '-'})"
+        )
     print(f"total {result['total_seconds']:.0f} s")
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {args.out}")
-    if args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,25 +39,34 @@ order rotated every repetition, each side moves one new version into both engine
   put) that `GenerationWorker.load` on both workers then fetches, checks, proves and loads (for
   `shares` the ranks' parts merged into one delivery first). Issue 55: shares <= 0.7x rank0.
 
-Targets: direct <= 1.5x broadcast, collective <= 1.2x broadcast, filesystem <= 2x files. Also printed: seconds per GB of each
-side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
+Targets: direct <= 1.5x broadcast, collective <= 1.2x broadcast, filesystem <= 2x files. Also printed:
+seconds per GB of each side and the bytes one sync moves per engine for fp32, bf16 and int8 engines.
+The actors (the sender, the bare engines, the learner groups) are in `benchmarks._weight_sync_actors`.
 
-    .venv/bin/python benchmarks/weight_sync.py [--size 100m|500m --dtype float32|bfloat16 --reps 4]
+    .venv/bin/python -m benchmarks.weight_sync [--size 100m|500m --dtype float32|bfloat16 --reps 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import ray
 import torch
 
-from _common import (
-    headline, in_local_ray, machine_info, median, print_table, qwen2_shape, result_path, rotated, write_result,
+from benchmarks._weight_sync_actors import BareEngine, Sender, learner_group
+from benchmarks.common import (
+    headline,
+    in_local_ray,
+    machine_info,
+    median,
+    print_table,
+    qwen2_shape,
+    result_path,
+    rotated,
+    write_result,
 )
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
@@ -78,11 +87,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="engine dtype (what travels)")
     p.add_argument("--bucket-mb", type=float, default=64.0, help="direct transport bucket size")
     p.add_argument("--reps", type=int, default=4, help="timed repetitions per side (after --warmup)")
-    p.add_argument("--delta-fraction", type=float, default=0.032,
-                   help="sparse side: share of each tensor's elements a version changes")
+    p.add_argument(
+        "--delta-fraction",
+        type=float,
+        default=0.032,
+        help="sparse side: share of each tensor's elements a version changes",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
-    p.add_argument("--learner-ranks", type=int, default=1,
-                   help="> 1 adds the `rank0` and `shares` sides: FSDP2 learner groups of that many ranks")
+    p.add_argument(
+        "--learner-ranks",
+        type=int,
+        default=1,
+        help="> 1 adds the `rank0` and `shares` sides: FSDP2 learner groups of that many ranks",
+    )
     p.add_argument("--sides", nargs="*", default=None, help="the sides to time (default: all)")
     p.add_argument("--dir", default=None, help="filesystem to measure (default: a temp dir under $TMPDIR)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
@@ -92,269 +109,167 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@ray.remote
-class Sender:
-    """Where the learner's rank 0 stands: holds the full weights and sends each version."""
-
-    def __init__(self, model_dir: str, dtype: str):
-        from safetensors.torch import load_file
-
-        self.state = load_file(str(Path(model_dir) / "model.safetensors"))  # fp32, as the learner gathers them
-        self.dtype = getattr(torch, dtype)
-        self.payloads: list | None = None
-        from rlhf_cluster.weights.buckets import Staging
-
-        self.staging = Staging(reuse=True)  # as the direct transport packs: `ray.put` copies each bucket away
-
-    def address(self):
-        from actors.workers._common import rendezvous_address
-
-        return rendezvous_address()
-
-    def join(self, addr: str, port: int, world: int) -> None:
-        self.group = _gloo_group(addr, port, 0, world)
-
-    def pack(self, version: int, bucket_mb: float):
-        """What `LearnerRank.publish` does for `direct` (one variant): a delivery of object-store buckets."""
-        from rlhf_cluster.weights.buckets import VersionPacker, now
-        from rlhf_cluster.weights.messages import Delivery, VariantLink
-
-        created = now()
-        packer = VersionPacker(version, created, "full", self.dtype, int(bucket_mb * (1 << 20)), ray.put, self.staging)
-        manifest, buckets = packer.pack(self.state.items())
-        return Delivery("direct", version, created, {"full": VariantLink(manifest.fingerprint, manifest, tuple(buckets))})
-
-    def pack_collective(self, version: int, bucket_mb: float, timeout_s: float):
-        """What `LearnerRank.publish` does for `collective`: buckets packed and kept here, a
-        delivery of manifests and the group's address."""
-        from rlhf_cluster.config import CollectiveTransport, WeightsConfig
-        from rlhf_cluster.weights import WeightStore
-        from rlhf_cluster.weights.buckets import now
-        from rlhf_cluster.weights.registry import build_transport
-
-        if getattr(self, "collective", None) is None:
-            cfg = WeightsConfig(transport=CollectiveTransport(bucket_mb=bucket_mb, backend="gloo", timeout_s=timeout_s))
-            store = WeightStore(tempfile.mkdtemp(prefix="bench-collective-"))
-            self.collective = build_transport(cfg, store, ["full"], self.dtype, host=ray.util.get_node_ip_address())
-        named = ((k, v.to(self.dtype)) for k, v in self.state.items())
-        return self.collective.publish(version, now(), named, {}, snapshot=False).result().delivery
-
-    def send_collective(self, delivery) -> float:
-        """What `LearnerRank.send` does: rank 0's part of the push."""
-        start = time.perf_counter()
-        self.collective.send(delivery)
-        return time.perf_counter() - start
-
-    def step_sparse(self, fraction: float, seed: int) -> None:
-        """Untimed: a synthetic learner step for the sparse side, `fraction` of each tensor's elements changed."""
-        if getattr(self, "sparse_state", None) is None:
-            self.sparse_state = {k: v.to(self.dtype) for k, v in self.state.items()}
-        g = torch.Generator().manual_seed(seed)
-        for name, t in self.sparse_state.items():
-            moved = torch.rand(t.shape, generator=g) < fraction
-            self.sparse_state[name] = torch.where(moved, -t - 0.5, t)
-
-    def pack_sparse(self, version: int, bucket_mb: float):
-        """What `LearnerRank.publish` does for `direct` with `delta: sparse`."""
-        from rlhf_cluster.config import DirectTransport, WeightsConfig
-        from rlhf_cluster.weights import WeightStore
-        from rlhf_cluster.weights.buckets import now
-        from rlhf_cluster.weights.registry import build_transport
-
-        if getattr(self, "sparse", None) is None:
-            cfg = WeightsConfig(transport=DirectTransport(bucket_mb=bucket_mb, delta="sparse", full_every=1_000_000))
-            self.sparse = build_transport(cfg, WeightStore(tempfile.mkdtemp(prefix="bench-sparse-")), ["full"], self.dtype,
-                                          put=ray.put)
-        return self.sparse.publish(version, now(), iter(self.sparse_state.items()), {}, snapshot=False).result().delivery
-
-    def bucket_specs(self, bucket_mb: float) -> list:
-        """Pack once, untimed: the broadcast side sends exactly these bytes."""
-        from rlhf_cluster.weights.buckets import engine_tensors, pack_buckets
-
-        packed = list(pack_buckets(engine_tensors(self.state.items(), "full", self.dtype), int(bucket_mb * (1 << 20))))
-        self.payloads = [torch.from_numpy(p) for _, p in packed]
-        return [s for s, _ in packed]
-
-    def broadcast(self) -> float:
-        start = time.perf_counter()
-        for payload in self.payloads:
-            _broadcast(self.group, payload)
-        return time.perf_counter() - start
-
-    def publish(self, store_dir: str, version: int, durable: bool) -> None:
-        """What `LearnerRank.publish` does for `filesystem`: the engine-dtype state into the store."""
-        from rlhf_cluster.weights import WeightStore
-
-        state = {k: v.to(self.dtype) for k, v in self.state.items()}
-        WeightStore(store_dir, keep=2).publish(version, state, durable=durable)
-
-    def save_raw(self, path: str, fsync: bool) -> None:
-        from safetensors.torch import save_file
-
-        from rlhf_cluster.fileio import fsync_path
-
-        save_file({k: v.to(self.dtype).contiguous() for k, v in self.state.items()}, path)
-        if fsync:
-            fsync_path(path)
-
-    def engine_bytes(self) -> dict[str, int]:
-        """Bytes one sync moves per engine, by engine kind."""
-        from rlhf_cluster.weights.buckets import engine_tensors
-
-        out = {}
-        for kind, variant, dtype in (("fp32", "full", torch.float32), ("bf16", "full", torch.bfloat16),
-                                     ("int8", "int8", torch.bfloat16)):
-            out[kind] = sum(t.numel() * t.element_size() for _, t in engine_tensors(self.state.items(), variant, dtype))
-        return out
-
-
-@ray.remote
-class BareEngine:
-    """A vLLM engine with nothing of ours around its load: the bare side of both comparisons."""
-
-    def __init__(self, model_dir: str, cfg_dict: dict, dtype: str, index: int):
-        from rlhf_cluster.config import JobConfig
-        from rlhf_cluster.generation.engine import VLLMEngine
-
-        cfg = JobConfig.model_validate(cfg_dict)
-        self.engine = VLLMEngine(model_dir, cfg.generation, dtype=dtype, seed=index, name=f"bare{index}")
-        self.version = 0
-
-    def join(self, addr: str, port: int, rank: int, world: int) -> None:
-        self.group = _gloo_group(addr, port, rank, world)
-
-    def receive_broadcast(self, specs: list) -> float:
-        from rlhf_cluster.weights.buckets import unpack_bucket
-
-        start = time.perf_counter()
-        tensors = []
-        for spec in specs:
-            buffer = torch.empty(spec.nbytes, dtype=torch.uint8)
-            _broadcast(self.group, buffer)
-            tensors.extend(unpack_bucket(spec, buffer.numpy()))
-        self.version += 1
-        self.engine.load_weights(self.version, tensors)
-        return time.perf_counter() - start
-
-    def load_raw(self, path: str) -> float:
-        from safetensors.torch import load_file
-
-        start = time.perf_counter()
-        self.version += 1
-        self.engine.load_weights(self.version, load_file(path).items())
-        return time.perf_counter() - start
-
-
-def _learner_group(cfg, model_dir: str, work: Path, args: argparse.Namespace, side: str):
-    """A real FSDP2 learner group of `--learner-ranks` ranks whose transport is `direct` with
-    `senders` by `side`; no version of the benchmark is a snapshot (nothing goes to disk)."""
-    from actors.workers.learner import LearnerRank
-    from actors.workers.rank_group import RankGroup
-    from actors.workers.settings import LearnerRankSettings
-    from rlhf_cluster.config import DirectTransport, ResourcesConfig
-
-    never = 1_000_000
-    transport = DirectTransport(bucket_mb=args.bucket_mb, senders="rank0" if side == "rank0" else "every_rank")
-    group_cfg = cfg.model_copy(update={
-        "learner": cfg.learner.model_copy(update={"world_size": args.learner_ranks}),
-        "weights": cfg.weights.model_copy(update={"transport": transport, "persist_every": never,
-                                                  "dir": str(work / f"store-{side}")}),
-        "train": cfg.train.model_copy(update={"total_steps": never}),
-        "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": never}),
-    })
-    settings = LearnerRankSettings.of(group_cfg)
-    return RankGroup(LearnerRank, lambda r: (settings, model_dir, r, args.learner_ranks), ResourcesConfig(),
-                     args.learner_ranks)
-
-
-def _gloo_group(addr: str, port: int, rank: int, world: int):
-    """A gloo group of its own between the sender and the engines. The in-process vLLM engine has
-    already made this process's default torch.distributed group (world size 1), so a weight
-    group cannot be the default one; it is built directly on a TCPStore, as peers build theirs."""
-    import datetime
-
-    import torch.distributed as dist
-
-    store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=300))
-    return dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=300))
-
-
-def _broadcast(group, tensor: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return in_local_ray("bench-weight-sync-", lambda work: _run(args, work), args.dir)
 
 
 def _run(args: argparse.Namespace, work: Path) -> int:
-    from actors.workers.generation import GenerationWorker
-    from actors.workers.settings import GenerationSettings
-    from rlhf_cluster.config import CollectiveTransport, JobConfig
-    from rlhf_cluster.weights.buckets import now
-    from rlhf_cluster.weights.messages import Seat
-    from rlhf_cluster.weights.shares import merge_publications
+    bench = Sides(args, work)
+    timings = bench.time_sides()
+    proven = all(r.loaded and r.proven for r in bench.receipts)
+    med = {s: {k: median(t[k] for t in ts) for k in ts[0] if k not in ("rep", "position")} for s, ts in timings.items()}
+    ratios = side_ratios(med, bench.nbytes)
+    print_report(args, bench, med, ratios, proven)
+    write_result(
+        args.out,
+        {
+            "benchmark": "weight_sync",
+            "machine": machine_info(),
+            "config": {
+                **{k: v for k, v in vars(args).items() if k != "out"},
+                "tiny_model": bench.tiny.model_dump(),
+                "params": bench.params,
+                "bytes_per_engine": bench.nbytes,
+                "buckets": len(bench.specs),
+                "model_build_seconds": bench.build_s,
+                "actors_start_seconds": bench.start_s,
+            },
+            "bytes_per_sync_by_engine": bench.sizes,
+            "timings": timings,
+            "medians": med,
+            **ratios,
+            "direct_deliveries_proven": proven,
+            "headline": _headline(ratios),
+        },
+    )
+    if not proven:
+        print("ERROR: a direct delivery was not proven by its fingerprint", file=sys.stderr)
+        return 1
+    return 0
 
-    hidden, layers = SIZES[args.size]
-    tiny = qwen2_shape(hidden, layers)
-    t0 = time.perf_counter()
-    model_dir = str(ensure_tiny_model(tiny, work / "models"))
-    build_s = time.perf_counter() - t0
-    store_dir = work / "store"
-    cfg = JobConfig.model_validate({
-        "name": "bench", "run_dir": str(work / "run"), "model": {"path": model_dir, "dtype": args.dtype},
-        "generation": {"max_model_len": 256, "probe": {"sequences": 0}},
-        "weights": {"transport": {"type": "direct", "bucket_mb": args.bucket_mb}, "dir": str(store_dir), "keep": 2},
-    })
-    t0 = time.perf_counter()
-    sender = Sender.remote(model_dir, args.dtype)
-    workers = [GenerationWorker.remote(GenerationSettings.of(cfg), model_dir, i) for i in range(2)]
-    # The collective side's engines: workers whose transport is the broadcast group's.
-    group_cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": CollectiveTransport(
-        bucket_mb=args.bucket_mb, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S)})})
-    group_workers = [GenerationWorker.remote(GenerationSettings.of(group_cfg), model_dir, 2 + i) for i in range(2)]
-    bare = [BareEngine.remote(model_dir, cfg.model_dump(), args.dtype, i) for i in range(2)]
-    sides = [s for s in (*SIDES, *LEARNER_SIDES) if (args.sides is None or s in args.sides)
-             and (s not in LEARNER_SIDES or args.learner_ranks > 1)]
-    learners = {s: _learner_group(cfg, model_dir, work, args, s) for s in LEARNER_SIDES if s in sides}
-    ray.get([w.info.remote() for w in workers + group_workers])  # engines up first
-    addr, port = ray.get(sender.address.remote())
-    ray.get([sender.join.remote(addr, port, 3)] + [b.join.remote(addr, port, i + 1, 3) for i, b in enumerate(bare)])
-    start_s = time.perf_counter() - t0
-    specs = ray.get(sender.bucket_specs.remote(args.bucket_mb))
-    nbytes = sum(s.nbytes for s in specs)
-    sizes = ray.get(sender.engine_bytes.remote())
-    params = _param_count(model_dir)
-    version = 0
-    receipts: list = []
 
-    def push(pack) -> tuple[list, float, float]:
+class Sides:
+    """The benchmark's model and actors, and one method per side, each moving one new version into
+    both engines of its kind and returning the parts of its time (`time_sides` times them all)."""
+
+    def __init__(self, args: argparse.Namespace, work: Path):
+        from rlhf_cluster.config import JobConfig
+
+        self.args, self.work = args, work
+        self.tiny = qwen2_shape(*SIZES[args.size])
+        t0 = time.perf_counter()
+        self.model_dir = str(ensure_tiny_model(self.tiny, work / "models"))
+        self.build_s = time.perf_counter() - t0
+        self.store_dir = work / "store"
+        cfg = JobConfig.model_validate(
+            {
+                "name": "bench",
+                "run_dir": str(work / "run"),
+                "model": {"path": self.model_dir, "dtype": args.dtype},
+                "generation": {"max_model_len": 256, "probe": {"sequences": 0}},
+                "weights": {
+                    "transport": {"type": "direct", "bucket_mb": args.bucket_mb},
+                    "dir": str(self.store_dir),
+                    "keep": 2,
+                },
+            }
+        )
+        self.names = [
+            s
+            for s in (*SIDES, *LEARNER_SIDES)
+            if (args.sides is None or s in args.sides) and (s not in LEARNER_SIDES or args.learner_ranks > 1)
+        ]
+        t0 = time.perf_counter()
+        self._start_actors(cfg)
+        self.start_s = time.perf_counter() - t0
+        self.specs = ray.get(self.sender.bucket_specs.remote(args.bucket_mb))
+        self.nbytes = sum(s.nbytes for s in self.specs)
+        self.sizes = ray.get(self.sender.engine_bytes.remote())
+        self.params = _param_count(self.model_dir)
+        self.version = 0
+        self.receipts: list = []
+
+    def _start_actors(self, cfg) -> None:
+        """The sender, two workers per transport kind (object store, broadcast group), two bare engines,
+        the learner groups of the learner sides; every engine up, the broadcast group joined."""
+        from actors.workers.generation import GenerationWorker
+        from actors.workers.settings import GenerationSettings
+        from rlhf_cluster.config import CollectiveTransport
+
+        args, model_dir = self.args, self.model_dir
+        self.sender = Sender.remote(model_dir, args.dtype)
+        self.workers = [GenerationWorker.remote(GenerationSettings.of(cfg), model_dir, i) for i in range(2)]
+        # The collective side's engines: workers whose transport is the broadcast group's.
+        collective = CollectiveTransport(bucket_mb=args.bucket_mb, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S)
+        group_cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": collective})})
+        settings = GenerationSettings.of(group_cfg)
+        self.group_workers = [GenerationWorker.remote(settings, model_dir, 2 + i) for i in range(2)]
+        self.bare = [BareEngine.remote(model_dir, cfg.model_dump(), args.dtype, i) for i in range(2)]
+        self.learners = {s: learner_group(cfg, model_dir, self.work, args, s) for s in LEARNER_SIDES if s in self.names}
+        ray.get([w.info.remote() for w in self.workers + self.group_workers])  # engines up first
+        addr, port = ray.get(self.sender.address.remote())
+        joins = [b.join.remote(addr, port, i + 1, 3) for i, b in enumerate(self.bare)]
+        ray.get([self.sender.join.remote(addr, port, 3), *joins])
+
+    def time_sides(self) -> dict[str, list[dict]]:
+        """Every side once per repetition, in an order rotated each repetition; per side, one row per
+        timed repetition: its seconds (what a side leaves untimed taken off), s/GB and its parts."""
+        run = {
+            "direct": self.direct,
+            "broadcast": self.broadcast,
+            "collective": self.collective,
+            "filesystem": lambda: self.filesystem(False),
+            "files": lambda: self.files(False),
+            "snapshot": lambda: self.filesystem(True),
+            "files_fsync": lambda: self.files(True),
+            "sparse": self.sparse,
+            "rank0": lambda: self.learner_push("rank0"),
+            "shares": lambda: self.learner_push("shares"),
+        }
+        timings: dict[str, list[dict]] = {s: [] for s in self.names}
+        for rep in range(-self.args.warmup, self.args.reps):
+            order = rotated(self.names, rep)
+            for side in order:
+                t = time.perf_counter()
+                parts = run[side]()
+                seconds = time.perf_counter() - t - parts.pop("untimed", 0.0)
+                if rep >= 0:
+                    timings[side].append(
+                        {
+                            "rep": rep,
+                            "position": order.index(side),
+                            "seconds": seconds,
+                            "s_per_gb": seconds / (self.nbytes / 1e9),
+                            **parts,
+                        }
+                    )
+        return timings
+
+    # ---- the sides ---------------------------------------------------------------------------
+    def push(self, pack) -> tuple[list, float, float]:
         """A version packed by the sender (`pack`, a remote call) into both workers; the receipts,
         the packing's seconds and the fetch + load's."""
         t = time.perf_counter()
         delivery = ray.get(pack)
         t_pack = time.perf_counter()
-        got = ray.get([w.load.remote(delivery) for w in workers])
-        receipts.extend(got)
+        got = ray.get([w.load.remote(delivery) for w in self.workers])
+        self.receipts.extend(got)
         return got, t_pack - t, time.perf_counter() - t_pack
 
-    def direct() -> dict:
-        nonlocal version
-        version += 1
-        got, pack_put, loaded = push(sender.pack.remote(version, args.bucket_mb))
+    def direct(self) -> dict:
+        self.version += 1
+        got, pack_put, loaded = self.push(self.sender.pack.remote(self.version, self.args.bucket_mb))
         return {"pack_put": pack_put, "fetch_verify_load": loaded, "in_engine": max(r.seconds for r in got)}
 
-    def learner_push(side: str) -> dict:
+    def learner_push(self, side: str) -> dict:
         """One version published by a learner group (its rank 0 alone, or every rank its share)
         and loaded by both workers."""
-        nonlocal version
-        version += 1
-        group, created = learners[side], now()
+        from rlhf_cluster.weights.buckets import now
+        from rlhf_cluster.weights.shares import merge_publications
+
+        self.version += 1
+        version, group, created = self.version, self.learners[side], now()
         t = time.perf_counter()
         ray.get(group.submit("publish", version, False, created))
         if side == "rank0":
@@ -362,144 +277,153 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         else:
             delivery = merge_publications(ray.get(group.submit("wait_published", version))).delivery
         t_pub = time.perf_counter()
-        got = ray.get([w.load.remote(delivery) for w in workers])
-        receipts.extend(got)
-        return {"gather_pack_put": t_pub - t, "fetch_verify_load": time.perf_counter() - t_pub,
-                "in_engine": max(r.seconds for r in got)}
+        got = ray.get([w.load.remote(delivery) for w in self.workers])
+        self.receipts.extend(got)
+        return {
+            "gather_pack_put": t_pub - t,
+            "fetch_verify_load": time.perf_counter() - t_pub,
+            "in_engine": max(r.seconds for r in got),
+        }
 
-    def sparse() -> dict:
-        nonlocal version
-        version += 1
+    def sparse(self) -> dict:
+        self.version += 1
         t = time.perf_counter()
-        ray.get(sender.step_sparse.remote(args.delta_fraction, version))  # the step itself, not the sync
+        ray.get(self.sender.step_sparse.remote(self.args.delta_fraction, self.version))  # the step itself, not the sync
         untimed = time.perf_counter() - t
-        got, pack_put, loaded = push(sender.pack_sparse.remote(version, args.bucket_mb))
-        return {"pack_put": pack_put, "fetch_rebuild_load": loaded, "bytes_moved_per_engine": got[0].bytes,
-                "untimed": untimed}
+        got, pack_put, loaded = self.push(self.sender.pack_sparse.remote(self.version, self.args.bucket_mb))
+        return {
+            "pack_put": pack_put,
+            "fetch_rebuild_load": loaded,
+            "bytes_moved_per_engine": got[0].bytes,
+            "untimed": untimed,
+        }
 
-    def collective() -> dict:
-        nonlocal version
-        version += 1
+    def collective(self) -> dict:
+        from rlhf_cluster.weights.messages import Seat
+
+        self.version += 1
         t = time.perf_counter()
-        delivery = ray.get(sender.pack_collective.remote(version, args.bucket_mb, COLLECTIVE_TIMEOUT_S))
+        delivery = ray.get(self.sender.pack_collective.remote(self.version, self.args.bucket_mb, COLLECTIVE_TIMEOUT_S))
         t_pack = time.perf_counter()
-        seat = lambda rank: delivery.seated(Seat(1, rank, 3))  # noqa: E731
-        got = [w.load.remote(seat(r)) for r, w in enumerate(group_workers, 1)]
-        send = ray.get(sender.send_collective.remote(seat(0)))
-        got = ray.get(got)
-        receipts.extend(got)
+        loads = [w.load.remote(delivery.seated(Seat(1, r, 3))) for r, w in enumerate(self.group_workers, 1)]
+        send = ray.get(self.sender.send_collective.remote(delivery.seated(Seat(1, 0, 3))))
+        got = ray.get(loads)
+        self.receipts.extend(got)
         return {"pack": t_pack - t, "send": send, "rest": time.perf_counter() - t_pack - send}
 
-    def broadcast() -> dict:
+    def broadcast(self) -> dict:
         t = time.perf_counter()
-        loads = [b.receive_broadcast.remote(specs) for b in bare]
-        send = ray.get(sender.broadcast.remote())
+        loads = [b.receive_broadcast.remote(self.specs) for b in self.bare]
+        send = ray.get(self.sender.broadcast.remote())
         ray.get(loads)
         return {"send": send, "rest": time.perf_counter() - t - send}
 
-    def filesystem(durable: bool) -> dict:
-        nonlocal version
-        version += 1
+    def filesystem(self, durable: bool) -> dict:
+        self.version += 1
         t = time.perf_counter()
-        ray.get(sender.publish.remote(str(store_dir), version, durable))
+        ray.get(self.sender.publish.remote(str(self.store_dir), self.version, durable))
         t_pub = time.perf_counter()
-        ray.get([w.sync.remote(version) for w in workers])
+        ray.get([w.sync.remote(self.version) for w in self.workers])
         return {"publish": t_pub - t, "load_verify_reload": time.perf_counter() - t_pub}
 
-    def files(fsync: bool) -> dict:
-        path = str(work / "raw.safetensors")
+    def files(self, fsync: bool) -> dict:
+        path = str(self.work / "raw.safetensors")
         t = time.perf_counter()
-        ray.get(sender.save_raw.remote(path, fsync))
+        ray.get(self.sender.save_raw.remote(path, fsync))
         t_save = time.perf_counter()
-        ray.get([b.load_raw.remote(path) for b in bare])
+        ray.get([b.load_raw.remote(path) for b in self.bare])
         t_load = time.perf_counter()
         Path(path).unlink()
         return {"save": t_save - t, "load_reload": t_load - t_save}
 
-    run = {"direct": direct, "broadcast": broadcast, "collective": collective, "filesystem": lambda: filesystem(False), "files": lambda: files(False),
-           "snapshot": lambda: filesystem(True), "files_fsync": lambda: files(True), "sparse": sparse,
-           "rank0": lambda: learner_push("rank0"), "shares": lambda: learner_push("shares")}
-    timings: dict[str, list[dict]] = {s: [] for s in sides}
-    for rep in range(-args.warmup, args.reps):
-        order = rotated(sides, rep)
-        for side in order:
-            t = time.perf_counter()
-            parts = run[side]()
-            seconds = time.perf_counter() - t - parts.pop("untimed", 0.0)
-            if rep >= 0:
-                timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds,
-                                      "s_per_gb": seconds / (nbytes / 1e9), **parts})
-    proven = all(r.loaded and r.proven for r in receipts)
 
-    med = {s: {k: median(t[k] for t in ts) for k in ts[0] if k not in ("rep", "position")} for s, ts in timings.items()}
+# ---- the figures ---------------------------------------------------------------------------------
+def side_ratios(med: dict[str, dict], nbytes: int) -> dict[str, float | None]:
+    """Each of ours over its bare side (seconds; sparse also bytes), as the result file names them."""
 
     def ratio(a: str, b: str) -> float | None:
         return med[a]["seconds"] / med[b]["seconds"] if a in med and b in med else None
 
-    direct_ratio, collective_ratio = ratio("direct", "broadcast"), ratio("collective", "broadcast")
+    collective_ratio = ratio("collective", "broadcast")
     # The push alone (what the bare side does: its bytes were packed before the clock started);
     # the packing is the learner's, once per version, right after its step.
     collective_push_ratio = (
         (med["collective"]["send"] + med["collective"]["rest"]) / med["broadcast"]["seconds"]
-        if collective_ratio is not None else None
+        if collective_ratio is not None
+        else None
     )
-    fs_ratio, snapshot_ratio = ratio("filesystem", "files"), ratio("snapshot", "files_fsync")
-    sparse_ratio, shares_ratio = ratio("sparse", "direct"), ratio("shares", "rank0")
-    sparse_bytes = med["sparse"]["bytes_moved_per_engine"] / nbytes if "sparse" in med else None
-    print(f"\nweight_sync  Qwen2 {args.size}: hidden={hidden} layers={layers} ({params / 1e6:.0f}M params) | engine dtype "
-          f"{args.dtype}: {nbytes / 1e9:.3f} GB per engine per sync | 2 engines | bucket {args.bucket_mb} MB "
-          f"({len(specs)} buckets) | {args.reps} reps (+{args.warmup} warmup), medians")
-    labels = {"direct": ("direct (ours)", "broadcast"),
-              "rank0": (f"rank0 (ours, {args.learner_ranks} FSDP2 ranks, rank 0 sends)", None),
-              "shares": (f"shares (ours, {args.learner_ranks} FSDP2 ranks, each sends its share)", "rank0"),
-              "collective": ("collective (ours, gloo group)", "broadcast"), "broadcast": ("broadcast (gloo + bare load)", None),
-              "filesystem": ("filesystem (ours)", "files"), "files": ("files (save + load_file + bare load)", None),
-              "snapshot": ("snapshot (ours, fsynced)", "files_fsync"),
-              "files_fsync": ("files_fsync (save + fsync + load)", None), "sparse": ("sparse (ours, deltas)", "direct")}
-    print_table(
-        ["side", "seconds", "s/GB", "vs", "ratio"],
-        [[label, med[side]["seconds"], med[side]["s_per_gb"], base or "-", ratio(side, base) if base else None]
-         for side, (label, base) in labels.items() if side in med],
-        ["{}", "{:.3f}", "{:.3f}", "{}", "{:.2f}"],
-    )
-    print("breakdown (medians, seconds): " + "; ".join(
-        f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in med[s].items() if k not in ("seconds", "s_per_gb")) for s in med))
-    print("bytes per sync per engine: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
-    print(f"ratios: direct/broadcast {direct_ratio} (target <= {DIRECT_TARGET}); collective push/broadcast "
-          f"{collective_push_ratio} (target <= {COLLECTIVE_TARGET}); filesystem/files {fs_ratio} (target <= "
-          f"{FILESYSTEM_TARGET}); snapshot/files_fsync {snapshot_ratio}; sparse/direct {sparse_ratio} (bytes "
-          f"{sparse_bytes}); shares/rank0 {shares_ratio} (target <= {SHARES_TARGET}); every delivery proven by "
-          f"fingerprint: {proven}")
-
-    write_result(args.out, {
-        "benchmark": "weight_sync",
-        "machine": machine_info(),
-        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "tiny_model": tiny.model_dump(), "params": params,
-                   "bytes_per_engine": nbytes, "buckets": len(specs), "model_build_seconds": build_s,
-                   "actors_start_seconds": start_s},
-        "bytes_per_sync_by_engine": sizes,
-        "timings": timings,
-        "medians": med,
-        "ratio_direct_over_broadcast": direct_ratio,
+    return {
+        "ratio_direct_over_broadcast": ratio("direct", "broadcast"),
         "ratio_collective_over_broadcast": collective_ratio,
         "ratio_collective_push_over_broadcast": collective_push_ratio,
-        "ratio_filesystem_over_files": fs_ratio,
-        "ratio_snapshot_over_files_fsync": snapshot_ratio,
-        "ratio_sparse_over_direct_seconds": sparse_ratio,
-        "ratio_sparse_over_direct_bytes": sparse_bytes,
-        "ratio_shares_over_rank0": shares_ratio,
-        "direct_deliveries_proven": proven,
-        "headline": (
-            headline("shares/rank0 seconds", shares_ratio, f"<= {SHARES_TARGET}x", shares_ratio <= SHARES_TARGET, "x")
-            if shares_ratio is not None else
-            headline("direct/broadcast seconds", direct_ratio, f"<= {DIRECT_TARGET}x",
-                     direct_ratio is not None and direct_ratio <= DIRECT_TARGET, "x")
-        ),
-    })
-    if not proven:
-        print("ERROR: a direct delivery was not proven by its fingerprint", file=sys.stderr)
-        return 1
-    return 0
+        "ratio_filesystem_over_files": ratio("filesystem", "files"),
+        "ratio_snapshot_over_files_fsync": ratio("snapshot", "files_fsync"),
+        "ratio_sparse_over_direct_seconds": ratio("sparse", "direct"),
+        "ratio_sparse_over_direct_bytes": med["sparse"]["bytes_moved_per_engine"] / nbytes if "sparse" in med else None,
+        "ratio_shares_over_rank0": ratio("shares", "rank0"),
+    }
+
+
+def _headline(ratios: dict[str, float | None]) -> dict:
+    shares, direct = ratios["ratio_shares_over_rank0"], ratios["ratio_direct_over_broadcast"]
+    if shares is not None:
+        return headline("shares/rank0 seconds", shares, f"<= {SHARES_TARGET}x", shares <= SHARES_TARGET, "x")
+    return headline(
+        "direct/broadcast seconds", direct, f"<= {DIRECT_TARGET}x", direct is not None and direct <= DIRECT_TARGET, "x"
+    )
+
+
+def print_report(args: argparse.Namespace, bench: Sides, med: dict, ratios: dict, proven: bool) -> None:
+    hidden, layers = SIZES[args.size]
+    print(
+        f"\nweight_sync  Qwen2 {args.size}: hidden={hidden} layers={layers} ({bench.params / 1e6:.0f}M params) | "
+        f"engine dtype {args.dtype}: {bench.nbytes / 1e9:.3f} GB per engine per sync | 2 engines | bucket "
+        f"{args.bucket_mb} MB ({len(bench.specs)} buckets) | {args.reps} reps (+{args.warmup} warmup), medians"
+    )
+    labels = {
+        "direct": ("direct (ours)", "broadcast"),
+        "rank0": (f"rank0 (ours, {args.learner_ranks} FSDP2 ranks, rank 0 sends)", None),
+        "shares": (f"shares (ours, {args.learner_ranks} FSDP2 ranks, each sends its share)", "rank0"),
+        "collective": ("collective (ours, gloo group)", "broadcast"),
+        "broadcast": ("broadcast (gloo + bare load)", None),
+        "filesystem": ("filesystem (ours)", "files"),
+        "files": ("files (save + load_file + bare load)", None),
+        "snapshot": ("snapshot (ours, fsynced)", "files_fsync"),
+        "files_fsync": ("files_fsync (save + fsync + load)", None),
+        "sparse": ("sparse (ours, deltas)", "direct"),
+    }
+    print_table(
+        ["side", "seconds", "s/GB", "vs", "ratio"],
+        [
+            [
+                label,
+                med[side]["seconds"],
+                med[side]["s_per_gb"],
+                base or "-",
+                med[side]["seconds"] / med[base]["seconds"] if base and base in med else None,
+            ]
+            for side, (label, base) in labels.items()
+            if side in med
+        ],
+        ["{}", "{:.3f}", "{:.3f}", "{}", "{:.2f}"],
+    )
+    print(
+        "breakdown (medians, seconds): "
+        + "; ".join(
+            f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in med[s].items() if k not in ("seconds", "s_per_gb"))
+            for s in med
+        )
+    )
+    print("bytes per sync per engine: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in bench.sizes.items()))
+    r = ratios
+    print(
+        f"ratios: direct/broadcast {r['ratio_direct_over_broadcast']} (target <= {DIRECT_TARGET}); collective "
+        f"push/broadcast {r['ratio_collective_push_over_broadcast']} (target <= {COLLECTIVE_TARGET}); "
+        f"filesystem/files {r['ratio_filesystem_over_files']} (target <= {FILESYSTEM_TARGET}); snapshot/files_fsync "
+        f"{r['ratio_snapshot_over_files_fsync']}; sparse/direct {r['ratio_sparse_over_direct_seconds']} (bytes "
+        f"{r['ratio_sparse_over_direct_bytes']}); shares/rank0 {r['ratio_shares_over_rank0']} (target <= "
+        f"{SHARES_TARGET}); every delivery proven by fingerprint: {proven}"
+    )
 
 
 def _param_count(model_dir: str) -> int:

@@ -2,7 +2,7 @@
 # `make gpu-check`: one call on a GPU machine with torch and transformers but no package index
 # (../shared/GPU.md). Installs the project's missing dependencies from a local wheel folder
 # (WHEEL_DIR, the first argument, or .whl/) into /tmp/rlhf-site when one is there, then runs
-# benchmarks/gpu_check.py, which writes benchmarks/results/gpu_check/gpu_check.json and a table.
+# `python -m benchmarks.gpu.check`, which writes benchmarks/results/gpu_check/gpu_check.json and a table.
 # Without a GPU it runs the same steps at tiny shapes on the CPU, with the project's .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +21,5 @@ if [ -d "$WHEEL_DIR" ] && ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
   done
   export PYTHONPATH=/tmp/rlhf-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-exec "$PY" benchmarks/gpu_check.py "$@"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+exec "$PY" -m benchmarks.gpu.check "$@"

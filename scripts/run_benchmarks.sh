@@ -1,40 +1,38 @@
 #!/usr/bin/env bash
-# Runs every benchmarks/*.py (files starting with '_' are helpers, skipped) with the project's venv,
-# from the repo root; stops on the first failure. Each benchmark prints its table and writes
-# benchmarks/results/<name>.json (git-ignored); at the end one summary line per benchmark is
-# printed from the "headline" of its JSON.
+# Runs every benchmark, `python -m benchmarks.<name>` for each benchmarks/<name>.py (not common.py,
+# what they share, nor helpers, whose names start with '_'; the soak and the GPU checks are packages
+# of their own: `make soak`, `make gpu-check`), with the project's venv, from the repo root; stops on
+# the first failure. Each benchmark prints its table and writes benchmarks/results/<name>.json
+# (git-ignored); at the end one summary line per benchmark is printed from the "headline" of its JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 shopt -s nullglob
-# Helpers that another benchmark runs (with its own arguments) are not benchmarks: they are _*.py.
-scripts=()
+names=()
 for script in benchmarks/*.py; do
-  base=$(basename "$script")
-  case "$base" in
-    _*) continue ;;
-    gpu_check.py) continue ;;  # `make gpu-check`: runs gpu_learner and gpu_paths at GPU shapes (tiny on the CPU)
-    soak.py) continue ;;  # `make soak`: an hour under faults, not a timing
+  name=$(basename "$script" .py)
+  case "$name" in
+    _* | common) continue ;;
   esac
-  scripts+=("$script")
+  names+=("$name")
 done
-if [ "${#scripts[@]}" -eq 0 ]; then
+if [ "${#names[@]}" -eq 0 ]; then
   echo "run_benchmarks: no benchmarks/*.py found" >&2
   exit 1
 fi
 start=$SECONDS
 declare -a durations=()
-for script in "${scripts[@]}"; do
-  echo "=== $script"
+for name in "${names[@]}"; do
+  echo "=== benchmarks.$name"
   t0=$SECONDS
-  "$PY" "$script"
+  "$PY" -m "benchmarks.$name"
   durations+=("$((SECONDS - t0))")
 done
 
 echo
 echo "=== summary ($(nproc) CPUs, $((SECONDS - start))s in all)"
-for i in "${!scripts[@]}"; do
-  name=$(basename "${scripts[$i]}" .py)
+for i in "${!names[@]}"; do
+  name=${names[$i]}
   "$PY" - "$name" "benchmarks/results/$name.json" "${durations[$i]}" <<'EOF'
 import json, sys
 name, path, seconds = sys.argv[1], sys.argv[2], sys.argv[3]

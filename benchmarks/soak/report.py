@@ -1,4 +1,4 @@
-"""The soak's report (benchmarks/soak.py, issue 58): from what the soak saw (its faults, the driver's
+"""The soak's report (issue 58): from what the soak saw (its faults, the driver's
 exits, the scrapes) and the run directory alone, the faults by kind with detection and recovery
 times, steps per minute inside and outside recovery windows, every invariant of
 rlhf_cluster/run/invariants.py, and the checks that decide whether the hour passed."""
@@ -8,15 +8,14 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass
 
-from _common import machine_info
-from _soak_plan import FAULTS, RECOVERY_BOUND_S
-
+from benchmarks.common import machine_info
+from benchmarks.soak.plan import FAULTS, RECOVERY_BOUND_S
 from rlhf_cluster.run.invariants import Fault, check_run, detections
 from rlhf_cluster.run.run_dir import RunDir
 
 DEMO_SAMPLED_AFTER = (0.389, 0.532)  # docs/demo-results.md: sampled held-out accuracy after RL, seeds 0-4
 # What the final accuracy is held to. Not the demo's range above: that is after the demo's 240 steps, and
-# this job trains ~14,000 steps in the hour, at a tenth of the demo's learning rate (soak.SOAK_LR).
+# this job trains ~14,000 steps in the hour, at a tenth of the demo's learning rate (job.SOAK_LR).
 # What faults could do is undo the learning (wrong or damaged weights served or trained from): a placebo
 # reward lowers it by 0.10-0.21 and a random teacher to 0 (docs/demo-results.md). So: the job's own start
 # (the warm-up at seed 0, the soak's job seed) plus test_demo_learns' margin for "it learned".

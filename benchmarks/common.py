@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmarks: machine info, alternating order, medians, tables, results JSON.
+"""Helpers shared by the benchmarks: machine info, alternating order, medians, tables, results JSON,
+the overrides every learning benchmark puts on a shipped job config.
 
-Not a benchmark itself (scripts/run_benchmarks.sh skips files starting with '_'). Every
-benchmark writes `benchmarks/results/<name>.json` with at least `benchmark`, `machine`,
-`config`, every timing, and a `headline`:
+Not a benchmark itself (scripts/run_benchmarks.sh skips it). Every benchmark writes
+`benchmarks/results/<name>.json` with at least `benchmark`, `machine`, `config`, every timing, and a
+`headline`:
 {"name": ..., "value": x, "unit": ..., "target": "...", "met": bool | None}, which
 scripts/run_benchmarks.sh prints as the one-line summary.
 """
@@ -12,8 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import io
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -25,10 +26,11 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
 HEAD_DIM = 64  # the random models' head size (vLLM's CPU attention supports it): heads = hidden / 64
 
 
@@ -72,7 +74,7 @@ def machine_info() -> dict:
         "transformers": _version("transformers"),
         "ray": _version("ray"),
         "safetensors": _version("safetensors"),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -102,8 +104,9 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def time_token_rounds(sides: Sequence[str], run: Callable[[str], int], reps: int, warmup: int,
-                      show: bool = False) -> dict[str, list[dict]]:
+def time_token_rounds(
+    sides: Sequence[str], run: Callable[[str], int], reps: int, warmup: int, show: bool = False
+) -> dict[str, list[dict]]:
     """`run(side)`, which returns the tokens it generated, for every side in rotated order (`rotated`):
     `warmup` untimed rounds, then `reps` timed ones. Per side, one row per timed call: rep, position
     in its round, seconds, tokens, tokens/s. `show` prints every call's tokens/s (warmup included)."""
@@ -115,8 +118,15 @@ def time_token_rounds(sides: Sequence[str], run: Callable[[str], int], reps: int
             tokens = run(side)
             seconds = time.perf_counter() - start
             if rep >= 0:
-                timings[side].append({"rep": rep, "position": order.index(side), "seconds": seconds,
-                                      "tokens": tokens, "tokens_per_s": tokens / seconds})
+                timings[side].append(
+                    {
+                        "rep": rep,
+                        "position": order.index(side),
+                        "seconds": seconds,
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / seconds,
+                    }
+                )
             if show:
                 print(f"rep {rep:2d} {side:5s} {tokens / seconds:8.1f} tokens/s", flush=True)
     return timings
@@ -137,15 +147,25 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Seque
     formats = formats or ["{}"] * len(headers)
     cells = [[fmt.format(v) if v is not None else "-" for fmt, v in zip(formats, row)] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
     def line(items):
         return " ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(items, widths)))
+
     print(line(headers))
     for row in cells:
         print(line(row))
 
 
-def model_parser(doc: str, name: str, hidden: int, layers: int, reps: int, warmup: int, unit: str = "calls",
-                 cache: str = "tiny model cache") -> argparse.ArgumentParser:
+def model_parser(
+    doc: str,
+    name: str,
+    hidden: int,
+    layers: int,
+    reps: int,
+    warmup: int,
+    unit: str = "calls",
+    cache: str = "tiny model cache",
+) -> argparse.ArgumentParser:
     """The parser of a benchmark that times sides on a random model, described by its docstring's
     first paragraph: the model's --hidden and --layers, --reps timed rounds of `unit` after --warmup
     untimed ones, --cache-dir and --out (benchmarks/results/<name>.json). The benchmark adds its
@@ -181,6 +201,28 @@ def write_result(out: Path, result: dict) -> None:
     print(f"wrote {out}")
 
 
+def job_overrides(
+    run_dir: Path | str, cache_dir: str, seed: int, name: str, steps: int | None, eval_every: int = 0
+) -> list[str]:
+    """The `--set` overrides a learning benchmark puts on a shipped job config (the demo's, the tool
+    demo's) for each of its jobs: its run directory, model cache, seed and name; no progress bar,
+    no metrics endpoint, no checkpoint before the last step; a held-out evaluation every
+    `eval_every` steps (0: before and after only); `steps` learner steps (None: the config's)."""
+    sets = [
+        f"run_dir={run_dir}",
+        f"model.cache_dir={cache_dir}",
+        f"seed={seed}",
+        "train.progress=false",
+        f"name={name}",
+        "metrics.enabled=false",
+        "checkpoint.every_steps=1000000",
+        f"data.eval_every_steps={eval_every}",
+    ]
+    if steps is not None:
+        sets.append(f"train.total_steps={steps}")
+    return sets
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,8 +236,14 @@ def random_model(hidden: int, layers: int, intermediate: int, cache_dir: str):
     from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
     heads = hidden // 64
-    shape = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 4),
-                            intermediate_size=intermediate, max_position_embeddings=256)
+    shape = TinyModelConfig(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 4),
+        intermediate_size=intermediate,
+        max_position_embeddings=256,
+    )
     return shape, ensure_tiny_model(shape, cache_dir)
 
 
@@ -234,8 +282,13 @@ def local_ray(verbose: bool, prefix: str):
 
     ray_tmp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")
     runs = Path(tempfile.mkdtemp(prefix=prefix))
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, _temp_dir=ray_tmp,
-             log_to_driver=verbose)
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        include_dashboard=False,
+        _temp_dir=ray_tmp,
+        log_to_driver=verbose,
+    )
     try:
         yield runs
     finally:
@@ -272,13 +325,15 @@ def capability_env(capability: str) -> dict:
 def dispatched_kernels(capability: str) -> str:
     """The kernel set torch picks in a fresh process under `capability`."""
     code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    return subprocess.run([sys.executable, "-c", code], env=capability_env(capability), capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=capability_env(capability), capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
-def rows_per_capability(script: str, worker_args: list[str], capabilities: list[str], verbose: bool,
-                        cwd: Path) -> list[dict]:
-    """Run `script --worker *worker_args` once per distinct kernel set among `capabilities` (each in
+def rows_per_capability(
+    module: str, worker_args: list[str], capabilities: list[str], verbose: bool, cwd: Path = REPO
+) -> list[dict]:
+    """Run `python -m module --worker *worker_args` once per distinct kernel set among `capabilities` (each in
     its own process: ATen reads ATEN_CPU_CAPABILITY when torch loads) and gather the rows each
     prints on its `ROWS <json>` line; rows (lines starting `{`) are echoed as they finish."""
     rows, seen = [], set()
@@ -289,9 +344,14 @@ def rows_per_capability(script: str, worker_args: list[str], capabilities: list[
             continue
         seen.add(kernels)
         print(f"=== capability {capability} ({kernels})", flush=True)
-        worker = subprocess.Popen([sys.executable, script, "--worker", *worker_args], env=capability_env(capability),
-                                  cwd=cwd, text=True, stdout=subprocess.PIPE,
-                                  stderr=None if verbose else subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", module, "--worker", *worker_args],
+            env=capability_env(capability),
+            cwd=cwd,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=None if verbose else subprocess.STDOUT,
+        )
         lines = []
         for line in worker.stdout:
             lines.append(line)
@@ -326,8 +386,14 @@ def qwen2_shape(hidden: int, layers: int):
     """A random Qwen2 of this width and depth: head_dim 64, 4 KV heads, MLP 4x (the benchmarks' sizes)."""
     from rlhf_cluster.config import TinyModelConfig
 
-    return TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64, num_kv_heads=4,
-                           intermediate_size=4 * hidden, max_position_embeddings=256)
+    return TinyModelConfig(
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=hidden // 64,
+        num_kv_heads=4,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=256,
+    )
 
 
 def run_script(main: Callable[[], int]) -> None:

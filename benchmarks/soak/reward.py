@@ -1,6 +1,7 @@
-"""The soak's reward function (benchmarks/soak.py): the arithmetic verifier, unless the file named
-by $SOAK_REWARD_MODE says `fail` (every call raises) or `hang` (every call sleeps past the
-job's `timeout_s`); the soak writes that file to make the reward function fail for a while."""
+"""The soak's reward function (`benchmarks.soak.reward:arithmetic` in its job): the arithmetic
+verifier, unless the file named by $SOAK_REWARD_MODE says `fail` (every call raises) or `hang`
+(every call sleeps past the job's `timeout_s`); the soak writes that file to make the reward
+function fail for a while."""
 
 from __future__ import annotations
 

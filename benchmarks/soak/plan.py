@@ -1,6 +1,6 @@
-"""The soak's fault kinds and its schedule (benchmarks/soak.py, issue 58): the schedule comes from
+"""The soak's fault kinds and its schedule (issue 58): the schedule comes from
 the seed alone, so a run that broke an invariant can be replayed fault for fault
-(`soak.py --plan-only`; tests/unit/test_soak_schedule.py)."""
+(`python -m benchmarks.soak --plan-only`; tests/unit/test_soak_schedule.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,269 @@
+"""`make gpu-check`: everything issue 54's "Done when" is read from, in one call on a GPU machine.
+
+Steps, each a subprocess with its own time limit (a step that fails or runs out of time is
+recorded as such and the next one runs):
+1. `pytest tests/gpu` (both halves: the CPU bodies and the CUDA ones);
+2. `benchmarks.gpu.learner` at Qwen2.5-0.5B (ours beside the plain loop, and ours with SDPA instead of
+   `auto`'s FlexAttention; both also at `--seq-lens`) and at Qwen2.5-1.5B (default settings: the memory plan decides
+   checkpointing);
+3. `benchmarks.gpu.paths` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
+   host hop; the host hop alone at 1.5B (issue 55: >= 25 GB/s in bf16);
+4. `benchmarks.gpu.step_profile` at 0.5B: where one step's kernel time goes, ours beside the plain loop;
+5. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start).
+Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON) and prints one
+table of the figures. Without CUDA the same steps run at tiny shapes on the CPU (`--smoke` is
+then implied): what `tests/integration/test_gpu_check.py` runs so this check cannot rot.
+
+    bash scripts/gpu_check.sh [WHEEL_DIR]      # installs what the machine lacks from WHEEL_DIR, then this
+    python3 -m benchmarks.gpu.check [--out-dir DIR] [--smoke] [--skip STEP ...]     # this alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import REPO, RESULTS_DIR, machine_info, print_table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR / "gpu_check")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep (implied without CUDA)")
+    p.add_argument("--seq-lens", type=int, nargs="*", default=None, help="the learner's --seq-lens (0.5B and 1.5B)")
+    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out, by name")
+    return p.parse_args(argv)
+
+
+def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
+    """(name, command, time limit in seconds) of every step, the figures the issue is read by first
+    (a step that runs out of time writes nothing: the optional sides come last, in their own step)."""
+    tests = [sys.executable, "-m", "pytest", str(REPO / "tests" / "gpu"), "-q", "-p", "no:cacheprovider"]
+    return smoke_steps(args, tests) if args.smoke else gpu_steps(args, tests)
+
+
+def smoke_steps(args: argparse.Namespace, tests: list[str]) -> list[tuple[str, list[str], int]]:
+    """The steps at tiny shapes on the CPU; tests/gpu's bodies run in `make test` already: here only collected."""
+    out, seq = args.out_dir, [str(n) for n in (args.seq_lens if args.seq_lens is not None else [256])]
+    tiny = "--shape tiny --batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens"
+    return [
+        ("tests/gpu", [*tests, "--collect-only"], 300),
+        (
+            "learner 0.5B",
+            _command(
+                "learner",
+                f"{tiny} --attention eager --seq-lens",
+                *seq,
+                "--tokens-per-step",
+                "512",
+                "--out",
+                str(out / "gpu_learner_0.5b.json"),
+            ),
+            300,
+        ),
+        ("learner 1.5B", _command("learner", f"{tiny} --no-plain", "--out", str(out / "gpu_learner_1.5b.json")), 300),
+        (
+            "scoring and host hop 0.5B",
+            _command("paths", "--shape tiny --rollouts 2", "--out", str(out / "gpu_paths_0.5b.json")),
+            300,
+        ),
+        (
+            "host hop 1.5B",
+            _command("paths", "--shape tiny --parts host_hop", "--out", str(out / "gpu_paths_1.5b.json")),
+            300,
+        ),
+        ("profile 0.5B", _command("step_profile", "--top 5", "--out", str(out / "gpu_profile_0.5b.json")), 300),
+        (
+            "learner 0.5B, more sides",
+            _command("learner", f"{tiny} --no-plain --deepspeed", "--out", str(out / "gpu_learner_0.5b_more.json")),
+            300,
+        ),
+    ]
+
+
+def gpu_steps(args: argparse.Namespace, tests: list[str]) -> list[tuple[str, list[str], int]]:
+    """The steps at 0.5B and 1.5B on the GPU: the limits add up to 565 s, about 8 minutes with the
+    wheels' install (~40 s); on an H200 (2026-11-26) the steps took 89, 70, 64, 33, ~20 and ~40 s."""
+    out, seq = args.out_dir, [str(n) for n in (args.seq_lens if args.seq_lens is not None else [4096, 16384])]
+    flex = "--reps 3 --attention flex_attention --seq-lens"
+    return [
+        # The CUDA halves (the CPU halves run in `make test`).
+        ("tests/gpu", [*tests, "-k", "cuda"], 150),
+        (
+            "learner 0.5B",
+            _command(
+                "learner",
+                f"--shape qwen2.5-0.5b {flex}",
+                *seq,
+                "--seq-len-sides",
+                "ours",
+                "ours, flex_attention",
+                "--out",
+                str(out / "gpu_learner_0.5b.json"),
+            ),
+            120,
+        ),
+        (
+            "learner 1.5B",
+            _command(
+                "learner",
+                f"--shape qwen2.5-1.5b {flex}",
+                *seq,
+                "--seq-len-sides",
+                "ours, flex_attention",
+                "--out",
+                str(out / "gpu_learner_1.5b.json"),
+            ),
+            110,
+        ),
+        (
+            "scoring and host hop 0.5B",
+            _command("paths", "--shape qwen2.5-0.5b", "--out", str(out / "gpu_paths_0.5b.json")),
+            40,
+        ),
+        (
+            "host hop 1.5B",
+            _command("paths", "--shape qwen2.5-1.5b --parts host_hop", "--out", str(out / "gpu_paths_1.5b.json")),
+            40,
+        ),
+        (
+            "profile 0.5B",
+            _command("step_profile", "--shape qwen2.5-0.5b", "--out", str(out / "gpu_profile_0.5b.json")),
+            45,
+        ),
+        # DeepSpeed ZeRO-3 beside FSDP2 (learner.compile's side, ~50 s of compilation, is left to
+        # `python3 -m benchmarks.gpu.learner --compile` by hand: it would not fit the 8 minutes).
+        (
+            "learner 0.5B, more sides",
+            _command(
+                "learner",
+                "--shape qwen2.5-0.5b --reps 3 --no-plain --deepspeed",
+                "--out",
+                str(out / "gpu_learner_0.5b_more.json"),
+            ),
+            60,
+        ),
+    ]
+
+
+def _command(module: str, flags: str, *more: str) -> list[str]:
+    """`python -m benchmarks.gpu.<module>` with `flags` (split at spaces) and `more` (taken whole)."""
+    return [sys.executable, "-m", f"benchmarks.gpu.{module}", *flags.split(), *more]
+
+
+def run_step(name: str, command: list[str], limit: int, log: Path) -> dict:
+    print(f"[gpu-check] {name}: {' '.join(command[1:])} (limit {limit} s)", flush=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        try:
+            rc = subprocess.run(
+                command, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=limit
+            ).returncode
+            status = "ok" if rc == 0 else f"failed (exit {rc})"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {limit} s"
+    seconds = time.perf_counter() - start
+    tail = log.read_text(errors="replace").splitlines()[-40:]
+    print("\n".join(f"    {line}" for line in tail), flush=True)
+    print(f"[gpu-check] {name}: {status} in {seconds:.0f} s", flush=True)
+    return {"status": status, "seconds": seconds, "command": command[1:], "log": str(log), "tail": tail[-12:]}
+
+
+def summary_rows(report: dict) -> list[list]:
+    """One row per figure the issue's Done-when reads: side, batch, s/step, MFU, peak GiB, x plain."""
+    rows = []
+    for step in ("learner 0.5B", "learner 1.5B", "learner 0.5B, more sides"):
+        result = report["steps"].get(step, {}).get("result") or {}
+        for name, f in (result.get("figures") or {}).items():
+            rows.append(
+                [
+                    f"{step}: {name}",
+                    f.get("real_tokens"),
+                    f.get("seconds_per_step"),
+                    f.get("mfu"),
+                    f.get("peak_memory_gib"),
+                    f.get("vs_plain"),
+                    f.get("error", "")[:30],
+                ]
+            )
+    paths = report["steps"].get("scoring and host hop 0.5B", {}).get("result") or {}
+    for name, r in (paths.get("reference_forward") or {}).items():
+        rows.append(
+            [
+                f"scoring 0.5B: {name}",
+                r.get("tokens"),
+                r.get("seconds"),
+                r.get("mfu"),
+                r.get("peak_memory_gib"),
+                None,
+                "",
+            ]
+        )
+    for side in (report["steps"].get("profile 0.5B", {}).get("result") or {}).get("sides", []):
+        rows.append(
+            [
+                f"profile 0.5B: {side['side']}, kernel time",
+                None,
+                side["device_busy_s"],
+                None,
+                None,
+                None,
+                f"{side['kernel_launches']} launches",
+            ]
+        )
+    for shape, step in (("0.5B", "scoring and host hop 0.5B"), ("1.5B", "host hop 1.5B")):
+        hop = (report["steps"].get(step, {}).get("result") or {}).get("host_hop") or {}
+        for name, r in hop.items():
+            rows.append(
+                [f"host hop {shape}: {name}", None, r.get("seconds"), None, None, None, f"{r['gb_per_s']:.1f} GB/s"]
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    args.smoke = args.smoke or not cuda
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    report: dict = {"benchmark": "gpu_check", "machine": machine_info(), "smoke": args.smoke, "steps": {}}
+    begun = time.perf_counter()
+    for name, command, limit in steps(args):
+        if name in args.skip:
+            continue
+        slug = name.replace("/", "_").replace(" ", "_").replace(".", "")
+        entry = run_step(name, command, limit, args.out_dir / f"{slug}.log")
+        out = next((Path(c) for c, prev in zip(command[1:], command) if prev == "--out"), None)
+        if out is not None and out.is_file() and entry["status"] == "ok":
+            entry["result"] = json.loads(out.read_text())
+        report["steps"][name] = entry
+    report["seconds"] = time.perf_counter() - begun
+    report["ok"] = all(e["status"] == "ok" for e in report["steps"].values())
+    (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(
+        f"\ngpu-check on {report['machine']['cuda'] or 'cpu (smoke)'}: {report['seconds']:.0f} s; "
+        + ", ".join(f"{n} {e['status']}" for n, e in report["steps"].items())
+    )
+    print_table(
+        ["figure", "real tok", "seconds", "MFU", "peak GiB", "x plain", "note"],
+        summary_rows(report),
+        ["{}", "{}", "{:.3f}", "{:.1%}", "{:.1f}", "{:.2f}", "{}"],
+    )
+    print(f"wrote {args.out_dir / 'gpu_check.json'}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The GPU checks' models and batches: random-weight Qwen2 models of published shapes (built once
+into the model cache with the tiny tokenizer), RL-shaped batches of random tokens, and the device:
+a one-rank process group on it and its dense bf16 peak."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.common import free_port, random_model
+
+# Dense bf16 peak FLOP/s by device name (vendor datasheets; sparse figures halved).
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+VOCAB = 151936
+# Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU smoke shape.
+SHAPES = {
+    # The CPU demo's model (configs/demo.yaml: hidden 64, 2 layers), its own small vocabulary.
+    "demo": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        tie_word_embeddings=None,
+    ),  # as the tiny model builder ties it
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=1024,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def build_model(shape: str, cache_dir: str) -> Path:
+    """A random-weight Qwen2 of a published shape, saved once as an HF folder with the tiny tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if shape == "demo":
+        from rlhf_cluster.config import TinyModelConfig
+        from rlhf_cluster.models.tiny_model import ensure_tiny_model
+
+        d = SHAPES["demo"]
+        return Path(
+            ensure_tiny_model(
+                TinyModelConfig(
+                    hidden_size=d["hidden_size"],
+                    num_layers=d["num_hidden_layers"],
+                    num_heads=d["num_attention_heads"],
+                    num_kv_heads=d["num_key_value_heads"],
+                ),
+                cache_dir,
+            )
+        )
+    folder = Path(cache_dir).expanduser() / f"random-{shape}-v{VOCAB}"
+    if (folder / "config.json").is_file():
+        return folder
+    _, tiny = random_model(64, 1, 128, cache_dir)  # its tokenizer files
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, **SHAPES[shape])
+    scratch = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    Qwen2ForCausalLM(config).save_pretrained(scratch)
+    for f in Path(tiny).iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, scratch / f.name)
+    scratch.rename(folder)
+    return folder
+
+
+def long_batch(seq_len: int, tokens_per_step: int, vocab: int):
+    """Sequences of about `seq_len` tokens (a quarter prompt, responses 80-100% of the rest),
+    `tokens_per_step` // `seq_len` of them (at least one)."""
+    prompt = seq_len // 4
+    rest = seq_len - prompt
+    return batch_of(max(1, tokens_per_step // seq_len), prompt, (rest * 4 // 5, rest), vocab)
+
+
+def batch_of(n: int, prompt: int, response: tuple[int, int] | list[int], vocab: int):
+    from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+
+    rng = random.Random(0)
+    samples = []
+    for i in range(n):
+        r = rng.randint(*response)
+        samples.append(
+            ScoredSample(
+                sample_id=f"s{i}",
+                prompt_id=f"p{i}",
+                group_id=f"g{i // 4}",
+                prompt_ids=[rng.randrange(2, vocab) for _ in range(prompt)],
+                response_ids=[rng.randrange(2, vocab) for _ in range(r)],
+                rollout_logprobs=[-6.0] * r,
+                policy_version=0,
+                finish_reason="stop",
+                reward=0.0,
+                reward_components={},
+                ref_logprobs=[-6.0] * r,
+                advantages=[rng.uniform(-1, 1)] * r,
+            )
+        )
+    return TrainBatch.from_samples(samples)
+
+
+def join_one_rank_group() -> None:
+    """torch.distributed at world size 1 on this machine's device: NCCL on CUDA, gloo on the CPU."""
+    cuda = torch.cuda.is_available()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+
+
+def device_and_peak() -> tuple[str, float | None]:
+    """The device's name and its dense bf16 peak FLOP/s (None on the CPU or an unknown GPU)."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    device = torch.cuda.get_device_name(0)
+    return device, next((f for name, f in BF16_PEAK.items() if name in device), None)
+
+
+def parameter_count(config) -> int:
+    """Parameters of the model `config` describes (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())

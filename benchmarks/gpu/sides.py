@@ -1,0 +1,169 @@
+"""The sides the GPU learner checks time and profile: ours (the learner's `train_step` as configured
+by default, or with one setting changed) and the plain loop a user would write; each built, timed
+on its batches and freed before the next is built."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+
+class Ours:
+    """The learner's train_step as configured by default (FSDP2; `backend="deepspeed"`: ZeRO-3;
+    `before`: the padded full-logits path)."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        precision: str,
+        checkpointing: bool | None = None,
+        before: bool = False,
+        packing: bool = True,
+        backend: str = "fsdp2",
+        attention: str = "auto",
+        compile: bool = False,
+    ):
+        from rlhf_cluster.config import JobConfig
+        from rlhf_cluster.learner.base import LearnerSpec
+
+        learner = {
+            "lr": 1e-5,
+            "mixed_precision": precision,
+            "sequence_packing": False if before else packing,
+            "backend": backend,
+            "attention": attention,
+            "compile": compile,
+        }
+        if checkpointing is not None:  # None: the learner's default
+            learner["gradient_checkpointing"] = checkpointing
+        cfg = JobConfig.model_validate(
+            {
+                "learner": learner,
+                "generation": {"sampling": {"max_new_tokens": 1024}},
+                "algorithm": {"kl": {"placement": "loss", "coef": 0.01}},
+                "metrics": {"enabled": False},
+            }
+        )
+        if backend == "deepspeed":
+            from rlhf_cluster.learner.deepspeed import DeepSpeedLearner as Learner
+        else:
+            from rlhf_cluster.learner.fsdp2 import FSDP2Learner as Learner
+        self.learner = Learner(LearnerSpec.of_policy(cfg), str(model_dir))
+        self.before = before
+
+    def step(self, batch) -> None:
+        if not self.before:
+            self.learner.train_step(batch, kl_coef=0.01)
+            return
+        import rlhf_cluster.learner.base as base
+
+        chunked = base.response_logprobs
+        base.response_logprobs = lambda *a, chunk_tokens=None, **k: chunked(*a, chunk_tokens=None, **k)
+        try:
+            self.learner.train_step(batch, kl_coef=0.01)
+        finally:
+            base.response_logprobs = chunked
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.learner.model.parameters())
+
+
+class Plain:
+    """The plain loop: fp32 master weights, bf16 autocast (CUDA), fused AdamW (CUDA), full logits."""
+
+    def __init__(self, model_dir: Path, precision: str):
+        from rlhf_cluster.models.modeling import load_causal_lm
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_causal_lm(model_dir, torch.float32, self.device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, fused=self.device.type == "cuda")
+        self.autocast = precision == "bf16"
+
+    def step(self, batch) -> None:
+        from rlhf_cluster.models.modeling import response_logprobs
+
+        b = {k: v.to(self.device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            logp, _ = response_logprobs(
+                self.model,
+                b["input_ids"],
+                b["attention_mask"],
+                b["prompt_lengths"],
+                b["response_mask"].shape[1],
+                chunk_tokens=None,
+            )
+        mask = b["response_mask"]
+        loss = -(logp * b["advantages"] * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_side(args: argparse.Namespace, name: str, build, batches: dict[str, object]) -> dict[str, dict]:
+    """Build one side, time it on each of `batches` (`--warmup` untimed steps, then `--reps`), free
+    it (and the GPU's cache) before the next side is built: sides never share the GPU's memory.
+    Per batch: the step times and the peak memory, or the error (out of memory) that stopped it."""
+    cuda = torch.cuda.is_available()
+    out: dict[str, dict] = {}
+    try:
+        side = build()
+    except torch.OutOfMemoryError as e:
+        return {key: {"error": f"out of memory building it: {str(e)[:120]}"} for key in batches}
+    try:
+        for key, batch in batches.items():
+            times: list[float] = []
+            peak = 0
+            try:
+                for rep in range(-args.warmup, args.reps):
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    start = time.perf_counter()
+                    side.step(batch)
+                    if cuda:
+                        torch.cuda.synchronize()
+                        peak = max(peak, torch.cuda.max_memory_allocated())
+                    seconds = time.perf_counter() - start
+                    if rep >= 0:
+                        times.append(seconds)
+                    print(f"  {name} [{key}] rep {rep}: {seconds:.3f}s", flush=True)
+                plan = getattr(getattr(side, "learner", None), "memory_plan", None)
+                out[key] = {
+                    "timings": times,
+                    "peak_bytes": peak if cuda else None,
+                    "plan": None
+                    if plan is None
+                    else {"checkpointing": plan.checkpointing, "micro_batch_tokens": plan.micro_batch_tokens},
+                }
+            except torch.OutOfMemoryError as e:
+                print(f"  {name} [{key}]: out of memory", flush=True)
+                out[key] = {"error": f"out of memory: {str(e)[:120]}"}
+                if cuda:
+                    torch.cuda.empty_cache()
+    finally:
+        del side
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def op_counts(side: Ours, batch) -> dict[str, float]:
+    """aten operations of one step of `side` (on the CPU: what a GPU would launch, before any
+    fusion), and those inside the decoder layers' forward, per layer call (a layer per micro-batch)."""
+    from rlhf_cluster.telemetry.op_counts import count_ops
+
+    inner = getattr(side.learner.model, "module", side.learner.model)
+    with count_ops(inner.model.layers) as counts:
+        side.step(batch)
+    return {
+        "aten_ops_per_step": counts.total,
+        "copies_per_step": counts.copies,
+        "forward_aten_ops_per_decoder_layer_per_micro_batch": counts.per_layer_call,
+        "decoder_layer_forward_calls": counts.layer_calls,
+    }

@@ -1,0 +1,79 @@
+"""What the soak drives and watches from outside the job: its driver process (`rlhf-cluster train`,
+started, stopped and resumed), the Ray actors' processes it kills or stops (found by process
+title), and the driver's Prometheus counters."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from benchmarks.common import REPO
+from rlhf_cluster.run.run_dir import RunDir
+
+CLI = str(REPO / ".venv" / "bin" / "rlhf-cluster")
+
+
+class Driver:
+    """The job's driver process (`rlhf-cluster train`), started, stopped and resumed by the soak."""
+
+    def __init__(self, config: Path, address: str, workdir: Path):
+        self.config, self.address, self.workdir = config, address, workdir
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, resume: bool, *extra: str) -> None:
+        self.starts += 1
+        log = open(self.workdir / f"driver-{self.starts}.log", "w")
+        args = [CLI, "train", str(self.config), "--address", self.address]
+        args += ["--resume", "auto"] if resume else ["--overwrite=delete"]
+        self.proc = subprocess.Popen([*args, *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, timeout_s: float = 180) -> int:
+        """SIGTERM (the job checkpoints and exits 0); SIGKILL after `timeout_s`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def actor_pids(cls: str) -> list[int]:
+    """Live (not stopped) processes of the Ray actor class `cls`, by process title."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith(f"ray::{cls}") and p.info["status"] != psutil.STATUS_STOPPED:
+            out.append(p.pid)
+    return sorted(out)
+
+
+def scrape(run_dir: Path) -> dict[str, float]:
+    """The driver's Prometheus counters of interest (summed over labels), or {} if it is not up."""
+    try:
+        targets = json.loads((run_dir / RunDir.SCRAPE_TARGETS).read_text())
+        driver = next(t["targets"][0] for t in targets if t["labels"]["pool"] == "driver")
+        body = urllib.request.urlopen(f"http://{driver}/metrics", timeout=5).read().decode()
+    except (OSError, ValueError, StopIteration, KeyError):
+        return {}
+    wanted = (
+        "rlhf_weights_fingerprint_mismatches_total",
+        "rlhf_pool_worker_restarts_total",
+        "rlhf_buffer_dropped_total",
+        "rlhf_learner_version",
+    )
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in wanted:
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
