@@ -140,24 +140,7 @@ def response_logprobs(
         if packing is None:
             packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
         if packing_pays(packing, input_ids.numel()):
-            packed_ids = packing.input_ids(input_ids)
-            with scored_positions(
-                model,
-                packing.positions,
-                packing.targets(packed_ids),
-                temperature,
-                with_entropy,
-                chunk_tokens,
-                only=packing.scored,
-            ) as scored:
-                return scored.read(
-                    model(
-                        input_ids=packed_ids,
-                        position_ids=packing.position_ids,
-                        attention_mask=packing.attention_mask(impl, dtype),
-                        use_cache=False,
-                    ).logits
-                )
+            return _packed_logprobs(model, input_ids, packing, (impl, dtype), temperature, with_entropy, chunk_tokens)
     positions, targets = response_positions(input_ids, prompt_lengths, response_len)
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
@@ -168,6 +151,37 @@ def response_logprobs(
     only = None if packing is None else packing.scored  # the same [B, T] whether packing paid or not
     with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens, only=only) as scored:
         return scored.read(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
+
+
+def _packed_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    packing: PackedRows,
+    attention: tuple[str, torch.dtype],
+    temperature: float,
+    with_entropy: bool,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`response_logprobs` where packing pays: the rows' real tokens only, packed as `packing` lays
+    them out, through `model` running `attention` (its implementation and compute dtype)."""
+    packed_ids = packing.input_ids(input_ids)
+    with scored_positions(
+        model,
+        packing.positions,
+        packing.targets(packed_ids),
+        temperature,
+        with_entropy,
+        chunk_tokens,
+        only=packing.scored,
+    ) as scored:
+        return scored.read(
+            model(
+                input_ids=packed_ids,
+                position_ids=packing.position_ids,
+                attention_mask=packing.attention_mask(*attention),
+                use_cache=False,
+            ).logits
+        )
 
 
 def _full_logits_logprobs(logits, input_ids, prompt_lengths, response_len, temperature, with_entropy):
