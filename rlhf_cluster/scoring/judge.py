@@ -7,7 +7,8 @@ engine, greedy).
 
 - A template names the sample's parts as `{prompt}`, `{response}`, `{answer}`, and for a judge of
   whole groups `{responses}` (numbered `[1] ...`, `[2] ...`) instead of `{response}`. A built-in
-  template goes by its name (`TEMPLATES`).
+  template goes by its name (`TEMPLATES`); a one-word template that names none is refused naming the
+  nearest.
 - A verdict parser turns the reply into the reward: `score_0_10` (the last number 0-10 in the
   reply, divided by 10), `yes_no` (the reply's first word: yes/correct/true is 1, no/wrong/
   incorrect/false is 0), `choice` (group judging: the number of the best response; it gets 1, the
@@ -19,6 +20,7 @@ engine, greedy).
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 from collections.abc import Sequence
@@ -43,6 +45,7 @@ _YES = {"yes", "correct", "true", "right"}
 _NO = {"no", "wrong", "incorrect", "false"}
 _WORD = re.compile(r"[a-z]+")
 _NUMBER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)(?![\d.])")
+_NAME = re.compile(r"\s*[A-Za-z_][\w-]*\s*")  # one word: meant as a built-in template's name
 
 
 def template_text(template: str) -> str:
@@ -58,6 +61,8 @@ def check_template(template: str, group: bool) -> str:
     except ValueError as exc:
         raise ValueError(f"template: {exc} (a literal brace is written twice: {{{{ or }}}})") from None
     allowed = {"prompt", "answer", "responses" if group else "response"}
+    if not fields and _NAME.fullmatch(text):
+        raise ValueError(_not_a_builtin(template, allowed))
     unknown = sorted(fields - allowed)
     if unknown:
         raise ValueError(
@@ -69,6 +74,18 @@ def check_template(template: str, group: bool) -> str:
     if needed not in fields:
         raise ValueError(f"template must include {{{needed}}}: the judge has to see what it judges")
     return text
+
+
+def _not_a_builtin(name: str, allowed: set[str]) -> str:
+    """What to say of a one-word template that names no built-in: the built-ins, the nearest one,
+    and what a template of one's own looks like."""
+    nearest = difflib.get_close_matches(name.strip(), TEMPLATES, n=1)
+    return (
+        f"template {name!r} is not a built-in template (built-ins: {', '.join(sorted(TEMPLATES))})"
+        + (f"; did you mean {nearest[0]!r}?" if nearest else ".")
+        + " A template of your own is text naming "
+        + ", ".join("{" + a + "}" for a in sorted(allowed))
+    )
 
 
 def render(template: str, prompt: str, answer: str, response: str) -> str:

@@ -116,6 +116,13 @@ CASES = {
     "config-unknown-preset": lambda t, mp: (
         lambda: load_config(_yaml(t, "algorithm:\n  preset: ppo2\n")), ConfigError, ["algorithm.preset", "ppo2"]
     ),
+    "config-judge-template-misspelt": lambda t, mp: (
+        lambda: _preflight("scoring.rewards=[{type: verifier, weight: 0},"
+                           " {type: judge, model: /nowhere, template: correctnes}]"),
+        ConfigError,
+        ["scoring.rewards[1] (judge 'judge').template", "'correctnes' is not a built-in template",
+         "best_of_group, correctness, score", "did you mean 'correctness'?"],
+    ),
     "config-reward-fn-syntax": lambda t, mp: (
         lambda: load_config(None, ["data.reward_fn=my_rewards.score"]), ConfigError, ["data.reward_fn", "module:function"]
     ),
