@@ -21,7 +21,7 @@ import torch
 from rlhf_cluster.algorithms import value_loss
 from rlhf_cluster.config import CriticConfig, JobConfig
 from rlhf_cluster.experience.records import TrainBatch
-from rlhf_cluster.learner.base import LearnerSpec
+from rlhf_cluster.learner.base import LearnerSpec, Passes
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.models.modeling import attention_of
@@ -138,6 +138,19 @@ class ValueLearner(FSDP2Learner):
             )
 
         passes = self._optimize(self.critic.epochs, [plan], micro_loss)
+        return self._step_metrics(passes, returns, old_values, mask, denominator, start)
+
+    def _step_metrics(
+        self,
+        passes: Passes,
+        returns: torch.Tensor,
+        old_values: torch.Tensor,
+        mask: torch.Tensor,
+        denominator: float,
+        start: float,
+    ) -> dict[str, float]:
+        """A step's metrics over every rank's valid tokens (`denominator` of them): the loss, the
+        clipped share and the explained variance of the returns by the values the advantages used."""
         loss_sum = sum(epoch[0] for epoch in passes.losses)
         first_loss = passes.losses[0][0]
         clipped_tokens = sum(
