@@ -109,10 +109,11 @@ def pipeline(
         rm_summary = run_stage(cfg, "reward_model", sft_summary["output"], progress=cfg.train.progress)
         typer.echo(_stage_line(rm_summary))
         # RL starts from the SFT policy (also the reference) and is rewarded by the trained reward model.
-        rl = cfg.model_copy(deep=True)
-        rl.model.path, rl.model.sft_warmup_steps = sft_summary["output"], 0
-        if not rl.scoring.reward_models:
-            rl.scoring.reward_models = [RewardModelSpec(path=rm_summary["output"], name="rm")]
+        model = cfg.model.model_copy(update={"path": sft_summary["output"], "sft_warmup_steps": 0})
+        scoring = cfg.scoring
+        if scoring.model_source is None or not scoring.model_source.models:
+            scoring = scoring.with_reward_models([RewardModelSpec(path=rm_summary["output"], name="rm")])
+        rl = cfg.model_copy(update={"model": model, "scoring": scoring})
         result = run_job(rl)
     finally:
         ray.shutdown()

@@ -1,4 +1,5 @@
-"""What every actor does at start: its console, tracer and metrics endpoint (`start_actor`).
+"""What every actor does at start: its console, tracer and metrics endpoint (`start_actor`), and
+what every worker is besides its work (`Worker`: name, labels, `info`, heartbeat, stall clock).
 
 Actor modules reach metric collectors through the `rlhf_cluster.telemetry.metrics` module, never as
 imported globals: Ray pickles actor classes by value, and a collector (it holds a lock) cannot
@@ -10,9 +11,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import ray
+
 from actors.workers.settings import ActorBasics
 from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.telemetry.console import attach_console
+from rlhf_cluster.telemetry.liveness import StallClock
 from rlhf_cluster.telemetry.metrics import MetricLabels, serve_metrics
 
 if TYPE_CHECKING:
@@ -35,10 +39,40 @@ def metrics_target(bind_address: str, port: int | None) -> str | None:
     """`host:port` Prometheus can scrape: the node's IP when bound to all interfaces."""
     if port is None:
         return None
-    import ray
-
     host = ray.util.get_node_ip_address() if bind_address in ("0.0.0.0", "::") else bind_address
     return f"{host}:{port}"
+
+
+class Worker:
+    """What every worker actor is besides its work: a name (`gen0`, `reward1`, `rank0`), its pool's
+    metric labels and /metrics endpoint (`start_actor`), `info()` for the scrape targets, and a
+    heartbeat answered on a thread of its own (the `health` concurrency group) with the trace spans
+    recorded since the last one and how long its engine has gone without a step (`stall`, which an
+    engine's loop steps; a worker without an engine reports 0).
+
+    A worker class derives from it, calls `super().__init__(basics, pool, name)` first thing in
+    its constructor, declares `concurrency_groups={"health": 1}` in its `@ray.remote` (Ray reads
+    the group of the inherited `heartbeat` from the class it decorates), and adds what its `info`
+    says besides the name, the metrics target and the pid in `info_extra`."""
+
+    def __init__(self, basics: ActorBasics, pool: str, name: str):
+        self.name = name
+        self.labels, self.metrics_port = start_actor(basics, pool, name)
+        self.metrics_target = metrics_target(basics.metrics.bind_address, self.metrics_port)
+        self.stall = StallClock()
+
+    def info(self) -> dict:
+        """Name, Prometheus target (None: metrics off), pid, and the class's own (`info_extra`)."""
+        return {"name": self.name, "metrics": self.metrics_target, "pid": os.getpid(), **self.info_extra()}
+
+    def info_extra(self) -> dict:
+        return {}
+
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict:
+        """Answered on its own thread while a call runs: a stopped process does not answer, a hung
+        engine reports how long it has gone without a step."""
+        return {"stalled_s": self.stall.stalled_s(), "spans": tracing.drain()}
 
 
 def limit_threads(share: int) -> None:
@@ -51,8 +85,6 @@ def limit_threads(share: int) -> None:
 def rendezvous_address() -> tuple[str, int]:
     """This node's IP and a free port, for a torch.distributed group's rank 0 to host the rendezvous."""
     import socket
-
-    import ray
 
     with socket.socket() as s:
         s.bind(("", 0))
@@ -80,8 +112,6 @@ async def heartbeat(actor, timeout_s: float) -> Heartbeat:
     """One heartbeat to `actor` (its `heartbeat()` answers `{"stalled_s": ...}`), bounded by
     `timeout_s`."""
     import asyncio
-
-    import ray
 
     from rlhf_cluster.telemetry.liveness import Heartbeat
 

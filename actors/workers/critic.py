@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from actors.workers._common import limit_threads, start_actor
+from actors.workers._common import limit_threads
 from actors.workers.learner import ShardedRank
 from actors.workers.settings import CriticRankSettings
 from rlhf_cluster.experience.records import TrainBatch
@@ -28,8 +28,8 @@ class CriticRank(ShardedRank):
     settings: CriticRankSettings
 
     def __init__(self, settings: CriticRankSettings, policy_path: str, rank: int, world_size: int):
+        super().__init__(settings.basics, "critic", f"rank{rank}")
         self.settings = settings
-        self.labels, self.metrics_port = start_actor(settings.basics, "critic", f"rank{rank}")
         self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
         self.checkpoint_write: Future | None = None
         self.learner: ValueLearner | None = None

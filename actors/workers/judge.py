@@ -4,12 +4,11 @@ engine reply greedily, and reads the replies into rewards (`rlhf_cluster/scoring
 
 from __future__ import annotations
 
-import os
 import time
 
 import ray
 
-from actors.workers._common import metrics_target, start_actor
+from actors.workers._common import Worker
 from actors.workers.settings import JudgeSettings
 from rlhf_cluster.experience.build import group_rollouts
 from rlhf_cluster.experience.records import Rollout
@@ -17,27 +16,20 @@ from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.scoring.judge import VerdictReader, render, render_group
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
-from rlhf_cluster.telemetry.liveness import StallClock
 
 JudgeItem = tuple[Rollout, str, str]  # a rollout, its prompt's text, its reference answer
 
 
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
-class JudgeWorker:
+class JudgeWorker(Worker):
     """Judges rollouts with one judge model: `judge(items)` returns a reward per rollout, None
     for one the judge could not judge (dropped and counted), or raises `JudgeError` past the
     source's failure bounds (or at once with `on_error: fail`)."""
 
-    def __init__(self, settings: JudgeSettings, model_path: str, index: int):
-        self.name = f"judge{index}"
-        self.labels, self.metrics_port = start_actor(settings.basics, "judge", self.name)
-        self.info_ = {
-            "name": self.name,
-            "metrics": metrics_target(settings.basics.metrics.bind_address, self.metrics_port),
-            "pid": os.getpid(),
-        }
+    def __init__(self, settings: JudgeSettings, model_path: str, index: int, slot: int | None = None):
+        """`model_path`: the judge's folder (or its int8 copy); `slot`: unused."""
+        super().__init__(settings.basics, "judge", f"judge{index}")
         self.source = source = settings.judge
-        self.stall = StallClock()
         assert settings.engine.seed is not None  # JobConfig resolves every component seed when it validates
         self.engine = VLLMEngine(
             model_path,
@@ -52,14 +44,6 @@ class JudgeWorker:
             source.name, source.verdict, source.on_error, source.max_failure_fraction, source.failure_window
         )
         self._counted = (0, 0, 0)
-
-    def info(self) -> dict:
-        return self.info_
-
-    @ray.method(concurrency_group="health")
-    def heartbeat(self) -> dict:
-        """Answered on its own thread while a judge call runs: a hung engine reports its stall."""
-        return {"stalled_s": self.stall.stalled_s(), "spans": tracing.drain()}
 
     def stats(self) -> dict[str, int]:
         r = self.reader

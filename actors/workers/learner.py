@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
-from actors.workers._common import join_process_group, metrics_target, rendezvous_address, start_actor
+from actors.workers._common import Worker, join_process_group, rendezvous_address
 from actors.workers.settings import CriticRankSettings, LearnerRankSettings
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
@@ -33,18 +33,18 @@ if TYPE_CHECKING:
     from rlhf_cluster.weights.transports import WeightTransport
 
 
-class ShardedRank:
+class ShardedRank(Worker):
     """What every rank of a sharded group (policy learner, critic) answers besides its step:
-    the rendezvous address, its setup (join the group, build its learner) and its checkpoint.
-    Subclasses set `settings`, `rank`, `world_size`, `metrics_port` and `checkpoint_write`, and
-    build their learner in `_build_learner`."""
+    the rendezvous address, its setup (join the group, build its learner) and its checkpoint;
+    its name, labels, `info` and heartbeat are a `Worker`'s (`rank<i>` in the group's pool).
+    Subclasses set `settings`, `rank`, `world_size` and `checkpoint_write`, and build their
+    learner in `_build_learner`."""
 
     learner: Any
     checkpoint_write: Future | None
     settings: LearnerRankSettings | CriticRankSettings
     rank: int
     world_size: int
-    metrics_port: int | None
 
     def address(self) -> tuple[str, int]:
         """Host and a free port for the process group's rendezvous (asked of rank 0)."""
@@ -54,19 +54,10 @@ class ShardedRank:
         """Join the group's process group and shard the model (all ranks at once)."""
         join_process_group(master_addr, master_port, self.rank, self.world_size, self.settings.collective_timeout_s)
         self.learner = self._build_learner()
-        return {
-            "name": f"rank{self.rank}",
-            "metrics": metrics_target(self.settings.basics.metrics.bind_address, self.metrics_port),
-            "pid": os.getpid(),
-        }
+        return self.info()
 
     def _build_learner(self) -> Any:
         raise NotImplementedError
-
-    @ray.method(concurrency_group="health")
-    def heartbeat(self) -> dict:
-        """Answered on its own thread during a step or a collective: a stopped rank does not answer."""
-        return {"stalled_s": 0.0, "spans": tracing.drain()}
 
     def state_digest(self) -> str:
         """The digest of this rank's model and optimizer shards, scheduler and step (as checkpoints record it)."""
@@ -109,8 +100,8 @@ class LearnerRank(ShardedRank):
     def __init__(
         self, settings: LearnerRankSettings, model_path: str, rank: int, world_size: int, probe: Probe | None = None
     ):
+        super().__init__(settings.basics, "learner", f"rank{rank}")
         self.settings = s = settings
-        self.labels, self.metrics_port = start_actor(s.basics, "learner", f"rank{rank}")
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.probe = probe
         # The int8 rollout variant is derived here, once per version, for every generation worker

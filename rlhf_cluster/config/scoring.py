@@ -203,7 +203,7 @@ class ScoringConfig(_Strict):
             raise ValueError("at most one `judge` source")
         return sources
 
-    # ---- views for the reward workers -------------------------------------------------------
+    # ---- the typed sources, for the workers that serve them -------------------------------------
     @property
     def rule_source(self) -> VerifierReward | FunctionReward | None:
         return next((s for s in self.rewards if isinstance(s, VerifierReward | FunctionReward)), None)
@@ -216,39 +216,12 @@ class ScoringConfig(_Strict):
     def model_source(self) -> ModelReward | None:
         return next((s for s in self.rewards if isinstance(s, ModelReward)), None)
 
-    @property
-    def reward_fn(self) -> str | None:
-        """The custom reward function `module:function`, or None for the task's verifier."""
-        rule = self.rule_source
-        return rule.function if isinstance(rule, FunctionReward) else None
-
-    @property
-    def rule_weight(self) -> float:
-        rule = self.rule_source
-        return rule.weight if rule is not None else 0.0
-
-    @property
-    def reward_models(self) -> list[RewardModelSpec]:
-        """The `model` source's models (a copy). Setting it replaces them, keeping the source's weight
-        and combine (or adds a `model` source: weight 1, mean), as `rlhf-cluster pipeline` does."""
-        model = self.model_source
-        return list(model.models) if model is not None else []
-
-    @reward_models.setter
-    def reward_models(self, models: list[RewardModelSpec]) -> None:
-        source = self.model_source or ModelReward()
-        source = source.model_copy(update={"models": list(models)})
-        self.rewards = [s for s in self.rewards if not isinstance(s, ModelReward)] + [source]
-
-    @property
-    def reward_model_weight(self) -> float:
-        model = self.model_source
-        return model.weight if model is not None else 0.0
-
-    @property
-    def reward_model_combine(self) -> str:
-        model = self.model_source
-        return model.combine if model is not None else "mean"
+    def with_reward_models(self, models: list[RewardModelSpec]) -> ScoringConfig:
+        """A copy whose `model` source serves `models`, keeping the source's weight and combine (or
+        with a `model` source added: weight 1, mean), as `rlhf-cluster pipeline` builds its RL stage."""
+        source = (self.model_source or ModelReward()).model_copy(update={"models": list(models)})
+        rewards = [s for s in self.rewards if not isinstance(s, ModelReward)] + [source]
+        return self.model_copy(update={"rewards": rewards})
 
 
 def _legacy_rewards(raw: dict) -> dict:

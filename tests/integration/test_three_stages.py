@@ -107,10 +107,9 @@ def test_rl_runs_against_the_frozen_reward_model(stages):
 
 
 def _with_reward_model(cfg, sft, rm):
-    rl = cfg.model_copy(deep=True)
-    rl.model.path = sft["output"]
-    rl.scoring.reward_models = [RewardModelSpec(path=rm["output"], name="rm")]
-    return rl
+    model = cfg.model.model_copy(update={"path": sft["output"]})
+    scoring = cfg.scoring.with_reward_models([RewardModelSpec(path=rm["output"], name="rm")])
+    return cfg.model_copy(update={"model": model, "scoring": scoring})
 
 
 def _served_scores_then_rl(cfg, sft, rm) -> list[float]:
@@ -130,7 +129,8 @@ def _served_scores_then_rl(cfg, sft, rm) -> list[float]:
         result = job.run()
     served = [reward for reward, _ in scored]
     assert all(reward == parts["rm"] == parts["rm/rm"] for reward, parts in scored)
-    local = FrozenRewardModels(rl.scoring.reward_models).score(rollouts)["rm"]
+    assert rl.scoring.model_source is not None
+    local = FrozenRewardModels(rl.scoring.model_source.models).score(rollouts)["rm"]
     assert served == pytest.approx(local, abs=1e-4)
     assert [parts["correct"] for _, parts in scored] == [1.0] * TRAIN_PAIRS + [0.0] * TRAIN_PAIRS
     assert result.final_version == rl.train.total_steps

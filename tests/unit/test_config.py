@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_cluster.algorithms.presets import PRESETS
-from rlhf_cluster.config import ConfigError, DeepSpeedBackend, JobConfig, LearnerConfig, RewardModelSpec, load_config
+from rlhf_cluster.config import (ConfigError, DeepSpeedBackend, FunctionReward, JobConfig, LearnerConfig,
+                                 RewardModelSpec, VerifierReward, load_config)
 from rlhf_cluster.job.preflight import preflight
 from pydantic import ValidationError
 
@@ -366,22 +367,25 @@ def test_weight_transport_is_typed():
 def test_default_reward_is_the_task_verifier():
     s = load_config().scoring
     assert [r.type for r in s.rewards] == ["verifier"]
-    assert (s.reward_fn, s.rule_weight, s.reward_models) == (None, 1.0, [])
+    assert (s.rule_source, s.model_source) == (VerifierReward(weight=1.0), None)
 
 
 def test_reward_sources_in_the_new_spelling():
     s = load_config(None, ["scoring.rewards=[{type: function, function: 'pkg.mod:fn', weight: 0.5}, "
                            "{type: model, models: [{path: a, name: a}, {path: b, name: b}], combine: min, weight: 2}]"]).scoring
-    assert (s.reward_fn, s.rule_weight) == ("pkg.mod:fn", 0.5)
-    assert [m.path for m in s.reward_models] == ["a", "b"]
-    assert (s.reward_model_weight, s.reward_model_combine) == (2.0, "min")
+    rule, model = s.rule_source, s.model_source
+    assert isinstance(rule, FunctionReward) and (rule.function, rule.weight) == ("pkg.mod:fn", 0.5)
+    assert model is not None and [m.path for m in model.models] == ["a", "b"]
+    assert (model.weight, model.combine) == (2.0, "min")
 
 
 def test_old_reward_spellings_load_as_sources():
     cfg = load_config(None, ["data.reward_fn=pkg.mod:fn", "scoring.reward_models=[{path: rm}]", "scoring.rule_weight=0",
                              "scoring.reward_model_combine=min"])
     assert [r.type for r in cfg.scoring.rewards] == ["function", "model"]
-    assert (cfg.scoring.reward_fn, cfg.scoring.rule_weight, cfg.scoring.reward_model_combine) == ("pkg.mod:fn", 0.0, "min")
+    rule, model = cfg.scoring.rule_source, cfg.scoring.model_source
+    assert isinstance(rule, FunctionReward) and model is not None
+    assert (rule.function, rule.weight, model.combine) == ("pkg.mod:fn", 0.0, "min")
     with pytest.raises(ConfigError, match="cannot be combined"):
         load_config(None, ["data.reward_fn=pkg.mod:fn", "scoring.rewards=[verifier]"])
 
@@ -399,12 +403,18 @@ def test_reward_source_rules():
         load_config(None, ["scoring.rewards=[]"])
 
 
-def test_setting_reward_models_fills_the_model_source(tmp_path):
+def test_with_reward_models_fills_the_model_source(tmp_path):
     cfg = load_config(REPO / "configs" / "three_stage.yaml")
-    assert cfg.scoring.rule_weight == 0.0 and cfg.scoring.reward_models == []
-    cfg.scoring.reward_models = [RewardModelSpec(path="rm")]
-    assert [r.type for r in cfg.scoring.rewards] == ["verifier", "model"]
-    assert cfg.scoring.reward_model_weight == 1.0 and cfg.scoring.reward_models[0].path == "rm"
+    assert cfg.scoring.rule_source is not None and cfg.scoring.rule_source.weight == 0.0
+    assert cfg.scoring.model_source is not None and cfg.scoring.model_source.models == []  # none yet
+    scoring = cfg.scoring.with_reward_models([RewardModelSpec(path="rm")])
+    assert [r.type for r in scoring.rewards] == ["verifier", "model"]
+    assert scoring.model_source is not None and scoring.model_source.weight == 1.0
+    assert [m.path for m in scoring.model_source.models] == ["rm"]
+    assert cfg.scoring.model_source.models == []  # a copy: the job's config is not changed
+    weighted = load_config(None, ["scoring.rewards=[verifier, {type: model, weight: 2, combine: min}]"]).scoring
+    kept = weighted.with_reward_models([RewardModelSpec(path="rm")]).model_source
+    assert kept is not None and (kept.weight, kept.combine, len(kept.models)) == (2.0, "min", 1)
 
 
 # ---- presets -----------------------------------------------------------------------------------

@@ -99,8 +99,9 @@ def _cfg(**judge) -> JobConfig:
 
 def test_the_config_places_the_judge_beside_the_rule_and_refuses_a_mismatched_verdict():
     cfg = _cfg()
-    assert cfg.scoring.judge_source is not None and cfg.scoring.rule_weight == 0.0
+    assert cfg.scoring.judge_source is not None
     assert cfg.scoring.rule_source is not None and cfg.scoring.rule_source.type == "verifier"
+    assert cfg.scoring.rule_source.weight == 0.0
     with pytest.raises(ValidationError, match="needs group: true"):
         _cfg(verdict="choice")
     with pytest.raises(ValidationError, match="at most one `judge` source"):

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from rlhf_cluster.config import ConfigError, load_config
+from rlhf_cluster.config import ConfigError, FunctionReward, load_config
 from rlhf_cluster.data.tasks import combine_reward, verify_arithmetic
 from rlhf_cluster.data.verifiers import REWARD_WEIGHTS
 from rlhf_cluster.experience.records import Rollout
@@ -239,7 +239,8 @@ def test_reward_fn_syntax_checked_in_config(spec):
 
 def test_valid_reward_fn_in_config():
     cfg = load_config(None, ["data.reward_fn=pkg.mod:Cls.fn", "data.task=null", "data.path=p.jsonl"])
-    assert cfg.scoring.reward_fn == "pkg.mod:Cls.fn"
+    rule = cfg.scoring.rule_source
+    assert isinstance(rule, FunctionReward) and rule.function == "pkg.mod:Cls.fn"
 
 
 def test_no_reward_at_all_is_named():
