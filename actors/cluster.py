@@ -1,5 +1,7 @@
-"""The job's worker pools (generation, reward, reference, judge), its scaling controller and the
-Prometheus scrape targets of every actor it runs."""
+"""The job's worker pools (one per row of `actors/workers/pool_table.py`: generation, reward,
+reference or distillation's teacher, judge), its scaling controller and the Prometheus scrape
+targets of every actor it runs. The calls a rollout makes to the scoring pools are `scoring`'s
+(`actors/workers/scoring_calls.py`)."""
 
 from __future__ import annotations
 
@@ -14,16 +16,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.workers._common import heartbeat
 from actors.workers.control import NAMESPACE, JobController, controller_name
-from actors.workers.generation import GenerationWorker
-from actors.workers.judge import JudgeWorker
-from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool, actor_options
-from actors.workers.scoring import ReferenceWorker, RewardWorker
-from actors.workers.settings import GenerationSettings, JudgeSettings, ScoringSettings
+from actors.workers.pool_table import pool_rows
+from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool
+from actors.workers.scoring_calls import ScoringCalls
 from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.models.quantization import int8_copy, write_int8_model_dir
+from rlhf_cluster.models.quantization import write_int8_model_dir
 from rlhf_cluster.run.run_dir import RunDir
-from rlhf_cluster.scoring.call_coalescing import CallCoalescer
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry.tracing import PoolActivity
 from rlhf_cluster.weights import WeightStore
@@ -42,17 +41,6 @@ def engine_model_paths(
             write_int8_model_dir(model_path, store.load(version, variant="int8"), run_dir / RunDir.ENGINE_INT8)
         )
     return paths
-
-
-def judge_model_path(cfg: JobConfig, run_dir: RunDir) -> str:
-    """What judge engines start from: the judge's folder, or its int8 copy (written once)."""
-    judge = cfg.scoring.judge_source
-    assert judge is not None
-    if judge.quantization != "int8":
-        return judge.model
-    import torch
-
-    return str(int8_copy(judge.model, getattr(torch, cfg.engine_dtype), run_dir / RunDir.JUDGE_INT8))
 
 
 def _named_controller(job_name: str, wait_s: float = 60.0):
@@ -78,10 +66,11 @@ def _named_controller(job_name: str, wait_s: float = 60.0):
 
 
 class Cluster:
-    """Starts, resizes, replaces and ends the job's worker pools, and keeps the scrape targets
-    current. A new generation worker joins through `weights` (the job's `WeightSync`, which
-    pushes every version to the generation pool); `other_targets()` adds the rank groups' and the
-    driver's endpoints to the scrape targets."""
+    """Starts, resizes, replaces and ends the job's worker pools (the rows of its pool table), and
+    keeps the scrape targets current. A new generation worker joins through `weights` (the job's
+    `WeightSync`, which pushes every version to the generation pool); `other_targets()` adds the
+    rank groups' and the driver's endpoints to the scrape targets. `scoring`: the job's scoring
+    calls, over its pools."""
 
     def __init__(
         self,
@@ -97,83 +86,16 @@ class Cluster:
         self.infos: dict[str, dict[str, dict]] = {}
         self.controller = None
         self.activity = PoolActivity()  # every pool's requests in flight, for each step's busy share
-        gen_opts, score_opts = actor_options(cfg.generation.resources), actor_options(cfg.scoring.resources)
-
-        def pool(name: str, prefix: str, factory, prepare=None) -> ActorPool:
-            return ActorPool(
-                name,
-                prefix,
-                factory,
-                prepare=prepare,
-                max_restarts=cfg.faults.max_worker_restarts,
-                backoff_s=cfg.faults.restart_backoff_s,
-                activity=self.activity,
-                on_restart=lambda dead, new: self._on_restart(name, dead, new),
-            )
-
-        # Each worker gets its section and the few job values it needs (`settings`), never the whole job.
-        generation, scoring = GenerationSettings.of(cfg), ScoringSettings.of(cfg)
-        # `.options`: @ray.remote made each worker class an ActorClass, which mypy (ignoring class decorators)
-        # cannot see.
+        rows = pool_rows(cfg, model_path, engine_paths, run_dir / RunDir.JUDGE_INT8)
         self.pools: dict[str, ActorPool] = {
-            "generation": pool(
-                "generation",
-                "gen",
-                lambda i, slot: GenerationWorker.options(**gen_opts).remote(  # type: ignore[attr-defined]  # ActorClass
-                    generation,
-                    engine_paths["int8" if cfg.generation.quantization_of(slot) == "int8" else "full"],
-                    i,
-                    slot,
-                ),
-                weights.join,  # a new worker loads the newest version before it serves
-            ),
-            "reward": pool(
-                "reward",
-                "reward",
-                lambda i, _slot: RewardWorker.options(**score_opts).remote(  # type: ignore[attr-defined]  # ActorClass
-                    scoring, i
-                ),
-            ),
+            row.name: row.pool(cfg.faults, self.activity, partial(self._on_restart, row.name), weights.join)
+            for row in rows
         }
-        # With LoRA the learner's base model (adapters off) is the reference: no copy to run. With
-        # distillation the reference workers serve the teacher (preflight refuses it beside LoRA).
-        distillation = cfg.algorithm.distillation
-        reference_path = model_path if distillation is None else distillation.teacher
-        if cfg.scoring.reference and not cfg.learner.lora.enabled:
-            self.pools["reference"] = pool(
-                "reference",
-                "ref",
-                lambda i, _slot: ReferenceWorker.options(  # type: ignore[attr-defined]  # ActorClass
-                    **score_opts
-                ).remote(scoring, reference_path, i),
-            )
-        judge = cfg.scoring.judge_source
-        if judge is not None:  # a judge model's verdicts as a reward: its own pool, scaled like the others
-            judge_settings, judge_path = JudgeSettings.of(cfg), judge_model_path(cfg, run_dir)
-            self.pools["judge"] = pool(
-                "judge",
-                "judge",
-                lambda i, _slot: JudgeWorker.options(**score_opts).remote(  # type: ignore[attr-defined]  # ActorClass
-                    judge_settings, judge_path, i
-                ),
-            )
-        weights.serve(self.pools["generation"])
-        # Scoring calls of groups that finish together leave as one call per free worker, a step's samples at most.
-        self._rewards = CallCoalescer(self._send_rewards, lambda: len(self.pools["reward"]), cfg.samples_per_step)
-        self._references = CallCoalescer(
-            self._send_references, lambda: len(self.pools["reference"]), cfg.samples_per_step
-        )
-        # Calls are joined, never split: a group judge gets each group whole.
-        self._judged = CallCoalescer(self._send_judge, lambda: len(self.pools["judge"]), cfg.samples_per_step)
-        replicas = {
-            "generation": cfg.generation.replicas,
-            "reward": cfg.scoring.reward_replicas,
-            "reference": cfg.scoring.reference_replicas,
-            "judge": cfg.scoring.judge_replicas,
-        }
+        weights.serve(self.pools["generation"])  # a new generation worker loads the newest version before it serves
+        self.scoring = ScoringCalls(self.pools, {row.name: row.joined for row in rows})
         try:
             # Every pool's workers start at once: their constructors (an engine, a model) overlap.
-            created = {name: p.start(replicas[name]) for name, p in self.pools.items()}
+            created = {row.name: self.pools[row.name].start(row.replicas) for row in rows}
             self.controller = _named_controller(cfg.name)
             infos = {name: [a.info.remote() for a in actors.values()] for name, actors in created.items()}
             for name, actors in created.items():
@@ -186,36 +108,6 @@ class Cluster:
     async def call(self, pool: str, method: str, *args):
         """One request to the least busy worker of `pool`; returns (worker name, result)."""
         return await self.pools[pool].call(method, *args)
-
-    async def score(self, rollouts: list, answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
-        """(reward, components) per rollout, from the reward pool; joined with other groups' calls
-        that wait for a free reward worker."""
-        return await self._rewards([(r, answers) for r in rollouts])
-
-    async def reference_logprobs(self, rollouts: list) -> list[list[float]] | None:
-        """Per-token reference log-probs per rollout (None: the job runs no reference pool); joined
-        with other groups' calls that wait for a free reference worker."""
-        return await self._references(rollouts) if "reference" in self.pools else None
-
-    async def judge(self, rollouts: list, prompts: dict[str, str], answers: dict[str, str]) -> list | None:
-        """The judge's reward per rollout (None for one it could not judge), or None when the job
-        has no judge; joined with other groups' calls that wait for a free judge worker (a group's
-        rollouts stay in one call)."""
-        if "judge" not in self.pools:
-            return None
-        return await self._judged([(r, prompts[r.prompt_id], answers[r.prompt_id]) for r in rollouts])
-
-    async def _send_judge(self, items: list[tuple]) -> list:
-        return (await self.call("judge", "judge", items))[1]
-
-    async def _send_rewards(self, items: list[tuple]) -> list:
-        answers: dict[str, str] = {}
-        for held in {id(a): a for _, a in items}.values():
-            answers.update(held)
-        return (await self.call("reward", "score", [r for r, _ in items], answers))[1]
-
-    async def _send_references(self, rollouts: list) -> list:
-        return (await self.call("reference", "logprobs", rollouts))[1]
 
     def restarts(self) -> int:
         """Workers replaced so far, over every pool."""

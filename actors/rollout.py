@@ -1,6 +1,7 @@
 """Rollout: one admitted request's way from prompts to scored groups: generate on the least busy
-engine, score with reward and reference workers at once, build each group's samples (over the
-samples whose reward did not fail, `kept_samples`)."""
+engine, score with the reward, reference (or distillation's teacher) and judge workers at once
+(the job's `ScoringCalls`), build each group's samples (over the samples whose reward did not
+fail, `kept_samples`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from actors.cluster import Cluster
+from actors.workers.scoring_calls import ScoringCalls
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.build import KLController, build_group, group_rollouts
@@ -22,7 +24,7 @@ from rlhf_cluster.scoring.rewards import FAILED
 
 @dataclass
 class ScoredGroup:
-    """A prompt group's samples (rewards, reference log-probs, group advantages) and its metrics."""
+    """A prompt group's samples (rewards, reference or teacher log-probs, group advantages) and its metrics."""
 
     samples: list[ScoredSample]
     metrics: dict[str, float]
@@ -32,8 +34,9 @@ class ScoredGroup:
     failed: int = 0  # samples left out because their reward failed (the group's advantages are over the rest)
 
 
-async def _scored(cluster: Cluster, cfg: JobConfig, rollouts: list[Rollout], prompts: list[Prompt]) -> tuple:
-    """Rewards (with the judge's, where the job has one) and reference log-probs of `rollouts`, in
+async def _scored(calls: ScoringCalls, cfg: JobConfig, rollouts: list[Rollout], prompts: list[Prompt]) -> tuple:
+    """Rewards (with the judge's, where the job has one) and the reference's log-probs of
+    `rollouts` (with distillation the teacher's, which the samples carry in their place), in
     order. A rollout that failed before it could be scored (`Rollout.failure`: its agent raised,
     hung or died) is not sent to the scorers: it gets a failed reward (`reward_failed`), which the
     group's build leaves out like any other."""
@@ -44,11 +47,13 @@ async def _scored(cluster: Cluster, cfg: JobConfig, rollouts: list[Rollout], pro
     texts = {p.prompt_id: p.text for p in prompts}
     rewarded = scored_indices(ok)  # an episode trained per turn is rewarded once, on its last turn
     answering = [ok[i] for i in rewarded]
-    scores, refs, judged = await asyncio.gather(
-        cluster.score(answering, answers),
-        cluster.reference_logprobs(ok),
-        cluster.judge(answering, texts, answers),
+    scores, reference, teacher, judged = await asyncio.gather(
+        calls.rewards(answering, answers),
+        calls.reference_logprobs(ok),
+        calls.teacher_logprobs(ok),
+        calls.judge(answering, texts, answers),
     )
+    refs = teacher if teacher is not None else reference  # a job runs one of the two pools at most
     judge = cfg.scoring.judge_source
     if judged is not None and judge is not None:
         scores, _ = with_judge(scores, judged, judge.weight, judge.name)
@@ -66,8 +71,9 @@ async def _scored(cluster: Cluster, cfg: JobConfig, rollouts: list[Rollout], pro
 async def rollout(
     cfg: JobConfig, cluster: Cluster, prompts: list[Prompt], version: int, kl: KLController
 ) -> list[ScoredGroup]:
-    """Generate `prompts` with weights at least `version`, score them, and build their groups
-    (with the KL coefficient `kl` holds once they are scored).
+    """Generate `prompts` with weights at least `version` on `cluster`'s generation pool, score
+    them through its `scoring` calls, and build their groups (with the KL coefficient `kl` holds
+    once they are scored).
 
     Streaming: one prompt per request, returned the moment its group finishes. Batched: the
     request's prompts together, after the worker has loaded `version`.
@@ -80,7 +86,7 @@ async def rollout(
     )
     _, rollouts = await cluster.call("generation", *call)
     generated_at = time.time()
-    scores, refs = await _scored(cluster, cfg, rollouts, prompts)
+    scores, refs = await _scored(cluster.scoring, cfg, rollouts, prompts)
     if cfg.generation.turn_rewards.combine != "none":  # multi-turn: the environment's per-turn rewards too
         scores = [
             combined_reward(reward, components, r.turn_rewards or [], cfg.generation.turn_rewards)

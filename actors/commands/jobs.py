@@ -104,7 +104,9 @@ def stop(
 def scale(
     job: str = typer.Argument(..., help="The job's name (config `name`) or its submission id."),
     pool: str = typer.Option(
-        ..., help="generation | reward | reference | judge | scoring (the reward and reference pools)."
+        ...,
+        help="generation | reward | reference | teacher (distillation's) | judge | scoring (the reward pool and "
+        "the reference or teacher pool).",
     ),
     replicas: int = typer.Option(..., help="New number of workers."),
     address: str = typer.Option("auto", help="Ray address of the job's cluster (GCS, e.g. HEAD:6379)."),

@@ -14,7 +14,8 @@ from typing import Any
 import ray
 
 NAMESPACE = "rlhf_cluster"
-POOLS = ("generation", "reward", "reference", "judge")
+POOLS = ("generation", "reward", "reference", "teacher", "judge")
+SCORING = ("reward", "reference", "teacher")  # what `scoring` resizes: those of them the job runs
 
 
 def controller_name(job_name: str) -> str:
@@ -62,11 +63,14 @@ def scale(job_name: str, pool: str, replicas: int, timeout: float = 300.0) -> di
     """Resize `pool` of the running job `job_name` and wait until the driver has applied it.
 
     Needs a connected Ray client (`ray.init(address=...)`) on the job's cluster. Pool
-    `scoring` resizes both the reward and the reference pool.
+    `scoring` resizes the reward pool and the reference pool (with distillation, the teacher's).
     """
     # Any: a handle's methods are looked up at run time (ray's stubs type its __getattr__ as Never).
     controller: Any = ray.get_actor(controller_name(job_name), namespace=NAMESPACE)
-    pools = ("reward", "reference") if pool == "scoring" else (pool,)
+    pools: tuple[str, ...] = (pool,)
+    if pool == "scoring":
+        running = ray.get(controller.get_sizes.remote())
+        pools = tuple(name for name in SCORING if name in running)
     outcomes: dict[str, dict] = {}
     for name in pools:
         ticket = ray.get(controller.request_scale.remote(name, replicas))

@@ -37,12 +37,13 @@ def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
     ]
     if cfg.critic is not None and cfg.algorithm.advantage == "gae":
         plan.append(PoolRequest("critic", "critic.resources", cfg.critic.world_size, _per_actor(cfg.critic.resources)))
+    scoring = _per_actor(cfg.scoring.resources)
     if cfg.scoring.reference and not cfg.learner.lora.enabled:  # with LoRA the learner's base model is the reference
-        plan.append(
-            PoolRequest(
-                "reference", "scoring.resources", cfg.scoring.reference_replicas, _per_actor(cfg.scoring.resources)
-            )
-        )
+        # With distillation the teacher's pool takes the reference's place (`actors/workers/pool_table.py`).
+        name = "reference" if cfg.algorithm.distillation is None else "teacher"
+        plan.append(PoolRequest(name, "scoring.resources", cfg.scoring.reference_replicas, scoring))
+    if cfg.scoring.judge_source is not None:
+        plan.append(PoolRequest("judge", "scoring.resources", cfg.scoring.judge_replicas, scoring))
     return plan
 
 

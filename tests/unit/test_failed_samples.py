@@ -24,15 +24,16 @@ def _rollouts(failed: set[int]) -> list[Rollout]:
 
 
 class Scorers:
-    """The cluster's generation, reward and reference calls (canned), recording what was scored."""
+    """The cluster's generation call and its scoring calls (canned), recording what was scored."""
 
     def __init__(self, rollouts: list[Rollout]):
         self.rollouts, self.scored, self.referenced = rollouts, [], []
+        self.scoring = self  # the cluster's `ScoringCalls`
 
     async def call(self, pool, method, *args):
         return "gen0", self.rollouts
 
-    async def score(self, rollouts, answers):
+    async def rewards(self, rollouts, answers):
         self.scored += [r.sample_id for r in rollouts]
         return [(float(r.sample_id[-1]), {}) for r in rollouts]
 
@@ -42,6 +43,9 @@ class Scorers:
     async def reference_logprobs(self, rollouts):
         self.referenced += [r.sample_id for r in rollouts]
         return [[-1.1] * len(r.response_ids) for r in rollouts]
+
+    async def teacher_logprobs(self, rollouts):
+        return None  # the job does not distill
 
 
 def _run(failed: set[int]):

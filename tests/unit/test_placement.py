@@ -23,3 +23,14 @@ def test_lora_has_no_reference_pool_and_the_plan_shows_totals():
     cfg = load_config(None, ["generation.replicas=2", "generation.resources={num_gpus: 4}", "learner.world_size=2",
                              "learner.resources={num_gpus: 1}"])
     assert format_plan(resource_plan(cfg)).splitlines()[-1].split() == ["in", "all", "6", "GPU=10"]
+
+
+def test_the_teacher_and_the_judge_are_pools_of_their_own_in_the_plan():
+    distill = load_config(None, ["algorithm.kl.coef=0", "algorithm.distillation={teacher: /teacher}"])
+    pools = [r.pool for r in resource_plan(distill)]
+    assert "teacher" in pools and "reference" not in pools
+    judge = load_config(None, ["scoring.judge_replicas=2",
+                               "scoring.rewards=[{type: verifier, weight: 0}, {type: judge, model: /judge}]"])
+    (row,) = [r for r in resource_plan(judge) if r.pool == "judge"]
+    assert (row.replicas, row.field) == (2, "scoring.resources")
+    assert "judge" not in [r.pool for r in resource_plan(load_config())]

@@ -1,0 +1,68 @@
+"""The scoring calls a rollout makes: rewards, the reference's or the teacher's per-token log-probs,
+and the judge's verdicts, each to its pool, with the calls of groups that finish together joined
+(`CallCoalescer`, as far as the pool's row says: `actors/workers/pool_table.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+from actors.workers.pools import ActorPool
+from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.scoring.call_coalescing import CallCoalescer
+
+Send = Callable[[list], Awaitable[Sequence[Any]]]
+
+
+class ScoringCalls:
+    """One object per job, beside its pools: each call goes to the least busy worker of its pool;
+    while every worker of a pool is busy, the calls that wait for one leave together when one
+    frees up (at most the pool's `joined` items; `joined` has no entry or None: each call alone).
+    A call to a pool the job does not run answers None."""
+
+    def __init__(self, pools: dict[str, ActorPool], joined: dict[str, int | None]):
+        self.pools = pools
+
+        def joining(pool: str, send: Send) -> Send | None:
+            if pool not in pools:
+                return None
+            most = joined.get(pool)
+            return send if most is None else CallCoalescer(send, lambda: len(pools[pool]), most)
+
+        self._rewards = joining("reward", self._send_rewards)
+        self._reference = joining("reference", partial(self._send, "reference", "logprobs"))
+        self._teacher = joining("teacher", partial(self._send, "teacher", "logprobs"))
+        self._judge = joining("judge", partial(self._send, "judge", "judge"))
+
+    async def rewards(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
+        """(reward, components) per rollout, from the reward pool."""
+        if self._rewards is None:
+            raise RuntimeError("this job has no reward pool")
+        return list(await self._rewards([(r, answers) for r in rollouts]))
+
+    async def reference_logprobs(self, rollouts: list[Rollout]) -> list[list[float]] | None:
+        """Per-token log-probs of the frozen initial policy per rollout (None: no reference pool)."""
+        return None if self._reference is None else list(await self._reference(rollouts))
+
+    async def teacher_logprobs(self, rollouts: list[Rollout]) -> list[list[float]] | None:
+        """Per-token log-probs of the distillation teacher per rollout (None: no teacher pool)."""
+        return None if self._teacher is None else list(await self._teacher(rollouts))
+
+    async def judge(
+        self, rollouts: list[Rollout], prompts: dict[str, str], answers: dict[str, str]
+    ) -> list[float | None] | None:
+        """The judge's reward per rollout (None for one it could not judge), or None when the job
+        has no judge; a group's rollouts stay in one call (calls are joined, never split)."""
+        if self._judge is None:
+            return None
+        return list(await self._judge([(r, prompts[r.prompt_id], answers[r.prompt_id]) for r in rollouts]))
+
+    async def _send(self, pool: str, method: str, items: list) -> list:
+        return (await self.pools[pool].call(method, items))[1]
+
+    async def _send_rewards(self, items: list[tuple[Rollout, dict[str, str]]]) -> list:
+        answers: dict[str, str] = {}
+        for held in {id(a): a for _, a in items}.values():
+            answers.update(held)
+        return (await self.pools["reward"].call("score", [r for r, _ in items], answers))[1]
