@@ -72,19 +72,7 @@ def ensure_warmed_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    eos = tokenizer.eos_token_id
-    examples = []
-    for i, p in enumerate(prompts):
-        ids = p.encode(tokenizer)
-        labels = [-100] * len(ids)
-        if demonstrations is None:
-            answer_ids = tokenizer(p.answer)["input_ids"]
-            ids, labels = ids + answer_ids, labels + answer_ids
-        else:
-            for text, trained in demonstrations[i]:
-                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-                ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
-        examples.append((ids + [eos], labels + [eos]))
+    examples = _examples(tokenizer, prompts, demonstrations)
     rng = random.Random(seed)
     model.train()
     for step in range(steps):
@@ -100,6 +88,34 @@ def ensure_warmed_model(
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
             progress(step, loss.item())
+    _save_once(model, tokenizer, target)
+    return target
+
+
+def _examples(
+    tokenizer, prompts: list[Prompt], demonstrations: list[list[Segment]] | None
+) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of each prompt: the prompt + its answer (or its demonstration's
+    segments) + EOS, labelled -100 where the loss does not reach (the prompt, untrained segments)."""
+    eos = tokenizer.eos_token_id
+    examples = []
+    for i, p in enumerate(prompts):
+        ids = p.encode(tokenizer)
+        labels = [-100] * len(ids)
+        if demonstrations is None:
+            answer_ids = tokenizer(p.answer)["input_ids"]
+            ids, labels = ids + answer_ids, labels + answer_ids
+        else:
+            for text, trained in demonstrations[i]:
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
+        examples.append((ids + [eos], labels + [eos]))
+    return examples
+
+
+def _save_once(model, tokenizer, target: Path) -> None:
+    """Write the model and tokenizer to `target` through a temporary folder renamed into place: a
+    warm-up that another process finished first is kept (the same inputs give the same folder)."""
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -109,4 +125,3 @@ def ensure_warmed_model(
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
-    return target
