@@ -60,6 +60,23 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
         )
     _read_json(config, "the model's configuration", folder)
 
+    tok_config = _check_tokenizer(folder)
+    _check_weights(folder)
+
+    if needs_chat_template:
+        has_template = bool(tok_config.get("chat_template")) or any(
+            (folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")
+        )
+        if not has_template:
+            raise ModelDirError(
+                f"model folder {folder}: no chat template; expected `chat_template` in tokenizer_config.json "
+                "or a chat_template.jinja file (a base model needs one added before chat-formatted prompts can be used)"
+            )
+    return folder
+
+
+def _check_tokenizer(folder: Path) -> dict:
+    """The folder has a tokenizer's vocabulary; returns its tokenizer_config.json ({} when absent)."""
     tok_config_file = folder / "tokenizer_config.json"
     tok_config = (
         _read_json(tok_config_file, "the tokenizer's configuration", folder) if tok_config_file.is_file() else {}
@@ -70,7 +87,11 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
             f"model folder {folder}: no tokenizer files{found}; expected tokenizer.json, or tokenizer_config.json "
             "with its vocabulary (vocab.json + merges.txt, tokenizer.model, vocab.txt, ...)"
         )
+    return tok_config
 
+
+def _check_weights(folder: Path) -> None:
+    """The folder has weights, none of them empty, and every shard its index names."""
     index_file = folder / "model.safetensors.index.json"
     if not index_file.is_file():
         index_file = folder / "pytorch_model.bin.index.json"
@@ -92,17 +113,6 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
         raise ModelDirError(
             f"model folder {folder}: weight file(s) {empty[:5]} are empty (an incomplete download or copy?)"
         )
-
-    if needs_chat_template:
-        has_template = bool(tok_config.get("chat_template")) or any(
-            (folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")
-        )
-        if not has_template:
-            raise ModelDirError(
-                f"model folder {folder}: no chat template; expected `chat_template` in tokenizer_config.json "
-                "or a chat_template.jinja file (a base model needs one added before chat-formatted prompts can be used)"
-            )
-    return folder
 
 
 def validate_reward_model_dir(path: str | Path, field: str = "scoring.reward_models") -> Path:
