@@ -6,251 +6,231 @@ Every process (actor or driver) creates the collectors of its component once, bo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 LABELS = ("job", "pool", "worker")
 
-GENERATION_TOKENS = Counter("rlhf_generation_tokens_total", "Response tokens generated.", LABELS)
-GENERATION_IN_FLIGHT = Gauge(
-    "rlhf_generation_requests_in_flight", "Responses in the worker's engine (running + waiting).", LABELS
+
+def _counter(name: str, documentation: str, *labels: str) -> Counter:
+    """A counter under the process's labels (`LABELS`) and any `labels` of its own."""
+    return Counter(name, documentation, LABELS + labels)
+
+
+def _gauge(name: str, documentation: str, *labels: str) -> Gauge:
+    """A gauge under the process's labels (`LABELS`) and any `labels` of its own."""
+    return Gauge(name, documentation, LABELS + labels)
+
+
+def _histogram(
+    name: str, documentation: str, *labels: str, buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS
+) -> Histogram:
+    """A histogram under the process's labels (`LABELS`) and any `labels` of its own."""
+    return Histogram(name, documentation, LABELS + labels, buckets=buckets)
+
+
+# Seconds a fault takes to see and to mend: from a second to five minutes.
+_RECOVERY_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 60, 120, 300)
+
+GENERATION_TOKENS = _counter("rlhf_generation_tokens_total", "Response tokens generated.")
+GENERATION_IN_FLIGHT = _gauge(
+    "rlhf_generation_requests_in_flight", "Responses in the worker's engine (running + waiting)."
 )
-GENERATION_ENGINE_BATCH = Histogram(
+GENERATION_ENGINE_BATCH = _histogram(
     "rlhf_generation_engine_batch_size",
     "Sequences vLLM decoded together in one engine step.",
-    LABELS,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
-GENERATION_PAUSE_SECONDS = Histogram(
+GENERATION_PAUSE_SECONDS = _histogram(
     "rlhf_generation_weight_pause_seconds",
     "Time the engine stood still for an in-place weight load.",
-    LABELS,
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10),
 )
-GENERATION_VERSION_TOKENS = Histogram(
+GENERATION_VERSION_TOKENS = _histogram(
     "rlhf_generation_version_tokens",
     "Tokens a worker sampled with one weight version (observed when it is replaced).",
-    LABELS,
     buckets=(0, 64, 256, 1024, 4096, 16384, 65536, 262144),
 )
-GENERATION_RESUMED = Counter(
-    "rlhf_generation_resumed_requests_total", "Unfinished responses that continued with newly loaded weights.", LABELS
+GENERATION_RESUMED = _counter(
+    "rlhf_generation_resumed_requests_total", "Unfinished responses that continued with newly loaded weights."
 )
-GENERATION_ABORTED = Counter(
+GENERATION_ABORTED = _counter(
     "rlhf_generation_aborted_requests_total",
     "Unfinished responses restarted after a weight load (in_flight_update: abort).",
-    LABELS,
 )
-GENERATION_VERSION = Gauge("rlhf_generation_weight_version", "Weight version the engine holds.", LABELS)
-WEIGHTS_SYNC_SECONDS = Histogram("rlhf_weights_sync_seconds", "Time to load a weight version into a worker.", LABELS)
-WEIGHTS_REFUSED = Counter(
-    "rlhf_weights_refused_total", "Weight versions refused because their checksums failed.", LABELS
-)
-WEIGHTS_SYNC_BYTES = Counter("rlhf_weights_sync_bytes_total", "Weight bytes loaded into workers.", LABELS)
+GENERATION_VERSION = _gauge("rlhf_generation_weight_version", "Weight version the engine holds.")
+WEIGHTS_SYNC_SECONDS = _histogram("rlhf_weights_sync_seconds", "Time to load a weight version into a worker.")
+WEIGHTS_REFUSED = _counter("rlhf_weights_refused_total", "Weight versions refused because their checksums failed.")
+WEIGHTS_SYNC_BYTES = _counter("rlhf_weights_sync_bytes_total", "Weight bytes loaded into workers.")
 # Direct transport: per worker and transport, what each delivered version cost and whether it was proven.
-WEIGHTS_DELIVERY_SECONDS = Histogram(
+WEIGHTS_DELIVERY_SECONDS = _histogram(
     "rlhf_weights_delivery_seconds",
     "Time from a version's delivery call to the engine holding it (fetch, verify, load).",
-    LABELS + ("transport",),
+    "transport",
 )
-WEIGHTS_DELIVERY_BYTES = Counter(
-    "rlhf_weights_delivery_bytes_total", "Engine-dtype weight bytes delivered.", LABELS + ("transport",)
+WEIGHTS_DELIVERY_BYTES = _counter(
+    "rlhf_weights_delivery_bytes_total", "Engine-dtype weight bytes delivered.", "transport"
 )
-WEIGHTS_FINGERPRINT_MISMATCH = Counter(
+WEIGHTS_FINGERPRINT_MISMATCH = _counter(
     "rlhf_weights_fingerprint_mismatches_total",
     "Delivered versions refused: a bucket or the fingerprint did not match the sender's.",
-    LABELS,
 )
-GENERATION_VERSIONS_BEHIND = Gauge(
-    "rlhf_generation_versions_behind",
-    "Versions between the newest delivered one and the one this engine holds.",
-    LABELS,
+GENERATION_VERSIONS_BEHIND = _gauge(
+    "rlhf_generation_versions_behind", "Versions between the newest delivered one and the one this engine holds."
 )
-SCORING_SAMPLES = Counter("rlhf_scoring_samples_total", "Responses scored.", LABELS)
-SCORING_TOKENS = Counter(
-    "rlhf_scoring_reference_tokens_total", "Response tokens the reference (or teacher) workers scored.", LABELS
+SCORING_SAMPLES = _counter("rlhf_scoring_samples_total", "Responses scored.")
+SCORING_TOKENS = _counter(
+    "rlhf_scoring_reference_tokens_total", "Response tokens the reference (or teacher) workers scored."
 )
-SCORING_SECONDS = Counter(
+SCORING_SECONDS = _counter(
     "rlhf_scoring_reference_seconds_total",
     "Seconds the reference (or teacher) forwards took: tokens_total / seconds_total is their throughput.",
-    LABELS,
 )
-SCORING_JUDGE_VERDICTS = Counter(
+SCORING_JUDGE_VERDICTS = _counter(
     "rlhf_scoring_judge_verdicts_total",
     "Judge replies by outcome: parsed, unparseable (no verdict its parser reads) or error (the call failed); the "
     "last two drop their samples.",
-    LABELS + ("outcome",),
+    "outcome",
 )
-LEARNER_STEP_SECONDS = Histogram("rlhf_learner_step_seconds", "Learner train-step time.", LABELS)
-LEARNER_TOKENS = Counter("rlhf_learner_tokens_total", "Response tokens trained on.", LABELS)
-BUFFER_DEPTH = Gauge("rlhf_buffer_depth", "Samples waiting in the experience buffer.", LABELS)
-BUFFER_DROPPED = Counter("rlhf_buffer_samples_dropped_total", "Samples dropped, by reason.", LABELS + ("reason",))
-STALENESS = Histogram(
+LEARNER_STEP_SECONDS = _histogram("rlhf_learner_step_seconds", "Learner train-step time.")
+LEARNER_TOKENS = _counter("rlhf_learner_tokens_total", "Response tokens trained on.")
+BUFFER_DEPTH = _gauge("rlhf_buffer_depth", "Samples waiting in the experience buffer.")
+BUFFER_DROPPED = _counter("rlhf_buffer_samples_dropped_total", "Samples dropped, by reason.", "reason")
+STALENESS = _histogram(
     "rlhf_staleness_steps",
     "Learner version minus sample policy version at consumption.",
-    LABELS,
     buckets=(0, 1, 2, 3, 4, 8, 16),
 )
-TRAIN_KL = Gauge("rlhf_train_kl", "KL to the reference (per token).", LABELS)
-TRAIN_REWARD = Gauge("rlhf_train_reward_mean", "Mean reward of the step's batch.", LABELS)
-TRAIN_ENTROPY = Gauge("rlhf_train_entropy", "Mean token entropy.", LABELS)
-TRAIN_CLIP = Gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.", LABELS)
+TRAIN_KL = _gauge("rlhf_train_kl", "KL to the reference (per token).")
+TRAIN_REWARD = _gauge("rlhf_train_reward_mean", "Mean reward of the step's batch.")
+TRAIN_ENTROPY = _gauge("rlhf_train_entropy", "Mean token entropy.")
+TRAIN_CLIP = _gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.")
 # PPO with a critic (algorithm.advantage: gae): the critic's step on the consumed batch.
-CRITIC_VALUE_LOSS = Gauge(
-    "rlhf_critic_value_loss", "Clipped value loss of the critic's last step (token mean).", LABELS
+CRITIC_VALUE_LOSS = _gauge("rlhf_critic_value_loss", "Clipped value loss of the critic's last step (token mean).")
+CRITIC_EXPLAINED_VARIANCE = _gauge(
+    "rlhf_critic_explained_variance_ratio", "1 - Var(returns - values) / Var(returns) of the last consumed batch."
 )
-CRITIC_EXPLAINED_VARIANCE = Gauge(
-    "rlhf_critic_explained_variance_ratio",
-    "1 - Var(returns - values) / Var(returns) of the last consumed batch.",
-    LABELS,
+CRITIC_VALUE_CLIP = _gauge(
+    "rlhf_critic_value_clip_fraction", "Tokens whose clipped value term won in the critic's last step."
 )
-CRITIC_VALUE_CLIP = Gauge(
-    "rlhf_critic_value_clip_fraction", "Tokens whose clipped value term won in the critic's last step.", LABELS
-)
-CORRECTION_ESS = Gauge("rlhf_correction_ess", "Effective sample size of the importance weights.", LABELS)
+CORRECTION_ESS = _gauge("rlhf_correction_ess", "Effective sample size of the importance weights.")
 # The step's learner-vs-rollout mismatch (delta = log pi_prox - log pi_roll over the batch's tokens).
-CORRECTION_MISMATCH_K1 = Gauge(
-    "rlhf_correction_mismatch_k1", "k1 mismatch KL(pi_roll || pi_prox) of the step's batch.", LABELS
+CORRECTION_MISMATCH_K1 = _gauge(
+    "rlhf_correction_mismatch_k1", "k1 mismatch KL(pi_roll || pi_prox) of the step's batch."
 )
-CORRECTION_MISMATCH_K3 = Gauge(
-    "rlhf_correction_mismatch_k3", "k3 mismatch KL(pi_roll || pi_prox) of the step's batch.", LABELS
+CORRECTION_MISMATCH_K3 = _gauge(
+    "rlhf_correction_mismatch_k3", "k3 mismatch KL(pi_roll || pi_prox) of the step's batch."
 )
-CORRECTION_TRUNCATED = Gauge("rlhf_correction_truncated_fraction", "Tokens whose TIS weight hit the cap.", LABELS)
-CORRECTION_MASKED = Gauge("rlhf_correction_masked_fraction", "Tokens (or sequences) MIS removed from the loss.", LABELS)
+CORRECTION_TRUNCATED = _gauge("rlhf_correction_truncated_fraction", "Tokens whose TIS weight hit the cap.")
+CORRECTION_MASKED = _gauge("rlhf_correction_masked_fraction", "Tokens (or sequences) MIS removed from the loss.")
 # Set by each generation worker after a weight sync (generation.probe); the driver counts jumps.
-PROBE_MISMATCH_K3 = Gauge(
-    "rlhf_generation_probe_mismatch_k3", "k3 of engine vs learner log-probs on the probe, newest version.", LABELS
+PROBE_MISMATCH_K3 = _gauge(
+    "rlhf_generation_probe_mismatch_k3", "k3 of engine vs learner log-probs on the probe, newest version."
 )
-PROBE_MAX_DIFF = Gauge(
-    "rlhf_generation_probe_logprob_diff_max",
-    "Largest |engine - learner| log-prob on the probe, newest version.",
-    LABELS,
+PROBE_MAX_DIFF = _gauge(
+    "rlhf_generation_probe_logprob_diff_max", "Largest |engine - learner| log-prob on the probe, newest version."
 )
-MISMATCH_ALERTS = Counter(
-    "rlhf_generation_mismatch_alerts_total", "Versions whose probe mismatch jumped (generation.probe).", LABELS
+MISMATCH_ALERTS = _counter(
+    "rlhf_generation_mismatch_alerts_total", "Versions whose probe mismatch jumped (generation.probe)."
 )
-WEIGHTS_VARIANT_SECONDS = Histogram(
+WEIGHTS_VARIANT_SECONDS = _histogram(
     "rlhf_weights_variant_seconds",
     "Time to derive and write a weight variant (e.g. int8), once per version.",
-    LABELS + ("variant",),
+    "variant",
 )
-WEIGHTS_PUBLISHED_BYTES = Counter(
+WEIGHTS_PUBLISHED_BYTES = _counter(
     "rlhf_weights_published_bytes_total",
     "Bytes of weight versions this learner rank packed and sent (rank 0 all, or each rank its share).",
-    LABELS,
 )
-BAD_STEPS = Counter(
-    "rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.", LABELS
-)
-CHECKPOINT_FAILURES = Counter("rlhf_checkpoint_failures_total", "Checkpoints that could not be written.", LABELS)
-LEARNER_VERSION = Gauge("rlhf_learner_weight_version", "Newest published weight version.", LABELS)
-LEARNER_RANKS = Gauge(
-    "rlhf_learner_world_size", "Learner ranks training now (fewer than configured after an elastic shrink).", LABELS
+BAD_STEPS = _counter("rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.")
+CHECKPOINT_FAILURES = _counter("rlhf_checkpoint_failures_total", "Checkpoints that could not be written.")
+LEARNER_VERSION = _gauge("rlhf_learner_weight_version", "Newest published weight version.")
+LEARNER_RANKS = _gauge(
+    "rlhf_learner_world_size", "Learner ranks training now (fewer than configured after an elastic shrink)."
 )
 # Counted when a pool replaces a dead worker, under the dead worker's name (deploy/alerts.yml: RlhfWorkerRestarted).
-RESTARTS = Counter("rlhf_pool_worker_restarts_total", "Workers restarted after a failure.", LABELS)
-HUNG_DETECTION_SECONDS = Histogram(
-    "rlhf_fault_detection_seconds",
-    "From a hung worker's last good heartbeat to its kill.",
-    LABELS,
-    buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300),
+RESTARTS = _counter("rlhf_pool_worker_restarts_total", "Workers restarted after a failure.")
+HUNG_DETECTION_SECONDS = _histogram(
+    "rlhf_fault_detection_seconds", "From a hung worker's last good heartbeat to its kill.", buckets=_RECOVERY_BUCKETS
 )
-WORKER_REPLACEMENT_SECONDS = Histogram(
+WORKER_REPLACEMENT_SECONDS = _histogram(
     "rlhf_worker_replacement_seconds",
     "From killing a hung worker to its replacement serving (weights loaded).",
-    LABELS,
-    buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300),
+    buckets=_RECOVERY_BUCKETS,
 )
 # Set by the driver per consumed batch (deploy/alerts.yml: RlhfStalenessAboveBound compares the two).
-STALENESS_MAX = Gauge("rlhf_staleness_max_steps", "Largest staleness in the last consumed batch.", LABELS)
-STALENESS_BOUND = Gauge("rlhf_staleness_bound_steps", "Configured max_staleness (train.max_staleness).", LABELS)
-MULTI_VERSION = Gauge(
+STALENESS_MAX = _gauge("rlhf_staleness_max_steps", "Largest staleness in the last consumed batch.")
+STALENESS_BOUND = _gauge("rlhf_staleness_bound_steps", "Configured max_staleness (train.max_staleness).")
+MULTI_VERSION = _gauge(
     "rlhf_train_multi_version_fraction",
     "Share of the last consumed batch's samples sampled by more than one weight version.",
-    LABELS,
 )
 
 # The step's rollouts (rlhf_cluster/telemetry/rollout_stats.py): length runaway, truncation, reward spread, diversity.
-EVAL_ACCURACY = Gauge(
+EVAL_ACCURACY = _gauge(
     "rlhf_eval_accuracy",
     "Held-out accuracy at the last periodic evaluation (verifier), greedy "
     "or sampled (mean over data.eval_samples answers per prompt).",
-    LABELS + ("mode",),
+    "mode",
 )
-EVAL_SOURCE_ACCURACY = Gauge(
+EVAL_SOURCE_ACCURACY = _gauge(
     "rlhf_eval_source_accuracy",
     "Held-out greedy accuracy at the last periodic evaluation within one source of the prompts (data.columns.source).",
-    LABELS + ("source",),
+    "source",
 )
-EVAL_REWARD = Gauge(
-    "rlhf_eval_reward_mean", "Held-out mean reward of the greedy answers at the last periodic evaluation.", LABELS
+EVAL_REWARD = _gauge(
+    "rlhf_eval_reward_mean", "Held-out mean reward of the greedy answers at the last periodic evaluation."
 )
-GUARDRAIL_ACTIONS = Counter(
+GUARDRAIL_ACTIONS = _counter(
     "rlhf_guardrail_actions_total",
     "Actions the guardrails took on the periodic evaluation: "
     "best (a best-so-far checkpoint kept), stop (an early stop), rollback (to the last good checkpoint).",
-    LABELS + ("action",),
+    "action",
 )
-EVAL_PASS_AT_K = Gauge(
-    "rlhf_eval_pass_at_k", "Held-out pass@k at the last periodic evaluation (unbiased estimator).", LABELS + ("k",)
+EVAL_PASS_AT_K = _gauge(
+    "rlhf_eval_pass_at_k", "Held-out pass@k at the last periodic evaluation (unbiased estimator).", "k"
 )
-EPISODE_TURNS = Histogram(
-    "rlhf_generation_episode_turns",
-    "Model turns per multi-turn episode.",
-    LABELS,
-    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+EPISODE_TURNS = _histogram(
+    "rlhf_generation_episode_turns", "Model turns per multi-turn episode.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )
-TOOL_CALLS = Counter("rlhf_generation_tool_calls_total", "Tool calls the policy made in multi-turn episodes.", LABELS)
-TOOL_ERRORS = Counter(
-    "rlhf_generation_tool_errors_total", "Tool calls that came back as errors, by tool.", LABELS + ("tool",)
-)
-GATEWAY_REQUESTS = Counter(
-    "rlhf_gateway_requests_total", "Calls the agent gateway answered (chat and completions).", LABELS
-)
-GATEWAY_REFUSED = Counter(
-    "rlhf_gateway_refused_total", "Calls the agent gateway refused, by HTTP status.", LABELS + ("status",)
-)
-AGENT_FAILURES = Counter(
+TOOL_CALLS = _counter("rlhf_generation_tool_calls_total", "Tool calls the policy made in multi-turn episodes.")
+TOOL_ERRORS = _counter("rlhf_generation_tool_errors_total", "Tool calls that came back as errors, by tool.", "tool")
+GATEWAY_REQUESTS = _counter("rlhf_gateway_requests_total", "Calls the agent gateway answered (chat and completions).")
+GATEWAY_REFUSED = _counter("rlhf_gateway_refused_total", "Calls the agent gateway refused, by HTTP status.", "status")
+AGENT_FAILURES = _counter(
     "rlhf_gateway_agent_failures_total",
     "Agent calls that failed, their samples dropped, by kind: timeout, raised, died (its process ended), bad_result.",
-    LABELS + ("kind",),
+    "kind",
 )
-GATEWAY_HISTORY_REWRITES = Counter(
+GATEWAY_HISTORY_REWRITES = _counter(
     "rlhf_gateway_history_rewrites_total",
     "Agent calls whose earlier messages differed from what the model saw (e.g. a "
     "stripped <think> block); the engine's own tokens were kept.",
-    LABELS,
 )
-ENVIRONMENT_SECONDS = Counter(
-    "rlhf_generation_environment_seconds_total", "Time environments took to answer turns.", LABELS
-)
-POOL_BUSY = Gauge(
+ENVIRONMENT_SECONDS = _counter("rlhf_generation_environment_seconds_total", "Time environments took to answer turns.")
+POOL_BUSY = _gauge(
     "rlhf_step_pool_busy_ratio",
     "Share of the last step a pool's workers had a request from the driver in flight (mean over the pool's workers).",
-    LABELS + ("busy_pool",),
+    "busy_pool",
 )
-LEARNER_WAIT = Gauge(
-    "rlhf_step_learner_wait_seconds", "Time the last step waited for its batch (the learner idle for data).", LABELS
+LEARNER_WAIT = _gauge(
+    "rlhf_step_learner_wait_seconds", "Time the last step waited for its batch (the learner idle for data)."
 )
-RESPONSE_LENGTH = Gauge(
-    "rlhf_train_response_length_tokens", "Response length of the last consumed batch, by statistic.", LABELS + ("stat",)
+RESPONSE_LENGTH = _gauge(
+    "rlhf_train_response_length_tokens", "Response length of the last consumed batch, by statistic.", "stat"
 )
-TRUNCATED = Gauge(
-    "rlhf_train_truncated_fraction", "Share of the last consumed batch's responses cut at max_new_tokens.", LABELS
+TRUNCATED = _gauge(
+    "rlhf_train_truncated_fraction", "Share of the last consumed batch's responses cut at max_new_tokens."
 )
-REWARD_SPREAD = Gauge(
-    "rlhf_train_reward", "Reward of the last consumed batch, by statistic (min, max, std).", LABELS + ("stat",)
+REWARD_SPREAD = _gauge("rlhf_train_reward", "Reward of the last consumed batch, by statistic (min, max, std).", "stat")
+DISTINCT = _gauge(
+    "rlhf_train_distinct_ngrams_ratio", "Distinct n-grams / n-grams over the last consumed batch's responses.", "n"
 )
-DISTINCT = Gauge(
-    "rlhf_train_distinct_ngrams_ratio",
-    "Distinct n-grams / n-grams over the last consumed batch's responses.",
-    LABELS + ("n",),
-)
-UNIQUE_PER_GROUP = Gauge(
+UNIQUE_PER_GROUP = _gauge(
     "rlhf_train_unique_responses_per_group_ratio",
     "Mean share of distinct responses within a group (1/n: mode collapse).",
-    LABELS,
 )
 
 # The one table from a step's row (metrics.jsonl column) to the driver's Prometheus gauge: every
