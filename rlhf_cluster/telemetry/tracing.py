@@ -164,23 +164,8 @@ def chrome_trace(spans: list[dict], window: tuple[float, float] | None = None) -
         {s["kind"] for s in spans}, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k)
     )
     pid = {kind: i + 1 for i, kind in enumerate(kinds)}
-    # Spans of one actor may overlap without nesting (concurrent requests to an engine); the
-    # trace-event format wants a thread's complete events nested, so those go to extra lanes.
-    lanes: dict[str, list[list[float]]] = {}  # track -> per lane, the ends of its open spans (a stack)
-    lane_of: list[str] = []
     spans = sorted(spans, key=lambda s: (s["start"], -s["end"]))
-    for s in spans:
-        stacks = lanes.setdefault(s["track"], [])
-        for lane, stack in enumerate(stacks):  # noqa: B007 - `lane` is read after the loop (the break keeps it)
-            while stack and stack[-1] <= s["start"]:
-                stack.pop()
-            if not stack or s["end"] <= stack[-1]:
-                break
-        else:
-            lane, stack = len(stacks), []
-            stacks.append(stack)
-        stack.append(s["end"])
-        lane_of.append(s["track"] if lane == 0 else f"{s['track']} ({lane + 1})")
+    lane_of = _lanes(spans)
     kind_of = {s["track"]: s["kind"] for s in spans}
     tid: dict[str, int] = {}
     for name in sorted(set(lane_of), key=lambda n: (pid[kind_of[n.split(" (")[0]]], n)):
@@ -216,6 +201,28 @@ def chrome_trace(spans: list[dict], window: tuple[float, float] | None = None) -
             }
         )
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"t0_unix_s": t0}}
+
+
+def _lanes(spans: list[dict]) -> list[str]:
+    """The thread each span (sorted by start, longest first) is drawn on: its track's name, or
+    "track (k)" for its k-th lane. Spans of one actor may overlap without nesting (concurrent
+    requests to an engine); the trace-event format wants a thread's complete events nested, so
+    those go to extra lanes."""
+    lanes: dict[str, list[list[float]]] = {}  # track -> per lane, the ends of its open spans (a stack)
+    lane_of: list[str] = []
+    for s in spans:
+        stacks = lanes.setdefault(s["track"], [])
+        for lane, stack in enumerate(stacks):  # noqa: B007 - `lane` is read after the loop (the break keeps it)
+            while stack and stack[-1] <= s["start"]:
+                stack.pop()
+            if not stack or s["end"] <= stack[-1]:
+                break
+        else:
+            lane, stack = len(stacks), []
+            stacks.append(stack)
+        stack.append(s["end"])
+        lane_of.append(s["track"] if lane == 0 else f"{s['track']} ({lane + 1})")
+    return lane_of
 
 
 def read_spans(path: Path) -> list[dict]:
