@@ -273,6 +273,45 @@ class WeightStore:
         self._writer.shutdown(wait=True)
 
 
+class _ShardWriter:
+    """The safetensors shards of one write, up to `SHARD_BYTES` each: the one being filled, and
+    the BLAKE3 checksum of each one written (by file name)."""
+
+    def __init__(self, directory: Path, version: int, durable: bool):
+        self.directory, self.version, self.durable = directory, version, durable
+        self.checksums: dict[str, str] = {}
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = 0
+
+    @property
+    def name(self) -> str:
+        """The file name of the shard being filled."""
+        return f"model-{len(self.checksums):05d}.safetensors"
+
+    def add(self, key: str, tensor: torch.Tensor, nbytes: int) -> None:
+        """`tensor` (on the CPU, owning its storage) into the current shard, or a new one when it would overflow."""
+        if self.current and self.size + nbytes > SHARD_BYTES:
+            self.flush()
+        self.current[key] = tensor
+        self.size += nbytes
+
+    def flush(self) -> None:
+        """Write the current shard (fsynced if durable) and record its checksum."""
+        if not self.current:
+            return
+        name = self.name
+        # Serialise once in memory: the checksum comes from the bytes being written, not from
+        # reading the file back (which doubled the store's I/O).
+        path = self.directory / name
+        safetensors.torch.save_file(self.current, str(path), metadata={"version": str(self.version)})
+        # The checksum reads the written bytes back from the page cache while fsync makes them durable.
+        digest = _HASHER.submit(checksum_file, path)
+        if self.durable:
+            fsync_path(path)
+        self.checksums[name] = digest.result()
+        self.current, self.size = {}, 0
+
+
 def _write_shards(
     directory: Path,
     version: int,
@@ -283,26 +322,8 @@ def _write_shards(
 ) -> dict:
     """Write `state_dict` as safetensors shards in `directory` (fsynced if `durable`); returns their manifest."""
     tensors: dict[str, dict] = {}  # name -> its dtype, shape and shard
-    shards: dict[str, str] = {}  # shard file name -> its checksum
-    size, total = 0, 0
-    current: dict[str, torch.Tensor] = {}
-
-    def flush() -> None:
-        nonlocal current, size
-        if not current:
-            return
-        name = f"model-{len(shards):05d}.safetensors"
-        # Serialise once in memory: the checksum comes from the bytes being written, not from
-        # reading the file back (which doubled the store's I/O).
-        path = directory / name
-        safetensors.torch.save_file(current, str(path), metadata={"version": str(version)})
-        # The checksum reads the written bytes back from the page cache while fsync makes them durable.
-        digest = _HASHER.submit(checksum_file, path)
-        if durable:
-            fsync_path(path)
-        shards[name] = digest.result()
-        current, size = {}, 0
-
+    shards = _ShardWriter(directory, version, durable)
+    total = 0
     storages: set[int] = set()
     for key, tensor in state_dict.items():
         t = tensor.detach().to("cpu").contiguous()
@@ -312,24 +333,21 @@ def _write_shards(
             t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > SHARD_BYTES:
-            flush()
-        current[key] = t
-        size += nbytes
+        shards.add(key, t, nbytes)
         total += nbytes
         tensors[key] = {
             "dtype": str(t.dtype).removeprefix("torch."),
             "shape": list(t.shape),
-            "shard": f"model-{len(shards):05d}.safetensors",
+            "shard": shards.name,
         }
-    flush()
+    shards.flush()
     manifest = {
         "version": version,
         "created_at": created_at,
         "checksum": "blake3",
         "total_bytes": total,
         "tensors": tensors,
-        "shards": shards,
+        "shards": shards.checksums,
     }
     if variant is not None:
         manifest["variant"] = variant
