@@ -74,6 +74,7 @@ def both_stages(cfg, every: int) -> dict:
         sft.sft_step([train[i] for i in idx])
     sft_eval = sft.sft_evaluate(evals)
     sft_dir = sft.save(cfg.stage_output("sft"), base, base)
+    assert sft_dir is not None  # rank 0 (the only one) writes the folder
 
     stage = cfg.reward_model
     train, pairs = _rm_data(cfg, stage, tokenizer)

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_tasks(path: str):
     """rlhf_cluster/data/tasks.py loaded by file (not as a package): the same verifier and weights."""
     spec = importlib.util.spec_from_file_location("rlhf_tasks", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--tasks-file {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -12,6 +12,8 @@ from pathlib import Path
 import ray
 import torch
 
+from rlhf_cluster.models.int8_kernels import EngineDType
+
 
 @ray.remote
 class Sender:
@@ -103,6 +105,7 @@ class Sender:
 
     def broadcast(self) -> float:
         start = time.perf_counter()
+        assert self.payloads is not None, "bucket_specs packs the bytes first"
         for payload in self.payloads:
             _broadcast(self.group, payload)
         return time.perf_counter() - start
@@ -141,7 +144,7 @@ class Sender:
 class BareEngine:
     """A vLLM engine with nothing of ours around its load: the bare side of both comparisons."""
 
-    def __init__(self, model_dir: str, cfg_dict: dict, dtype: str, index: int):
+    def __init__(self, model_dir: str, cfg_dict: dict, dtype: EngineDType, index: int):
         from rlhf_cluster.config import JobConfig
         from rlhf_cluster.generation.engine import VLLMEngine
 

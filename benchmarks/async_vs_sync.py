@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import (
     headline,
@@ -243,7 +244,7 @@ def run_jobs(args: argparse.Namespace, settings: tuple[int, ...]) -> list[dict]:
 def per_setting(args: argparse.Namespace, jobs: list[dict], settings: tuple[int, ...]) -> dict[int, dict]:
     """Per setting: the medians over its jobs, and its ratios to the first setting's (also paired per repetition)."""
     base = settings[0]
-    per = {}
+    per: dict[int, dict[str, Any]] = {}
     for s in settings:
         mine = [j for j in jobs if j["max_staleness"] == s]
         keys = ("median_step_seconds", "samples_per_s", "learner_share", "final_reward", "staleness_mean")

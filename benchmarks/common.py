@@ -28,10 +28,12 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 HEAD_DIM = 64  # the random models' head size (vLLM's CPU attention supports it): heads = hidden / 64
+T = TypeVar("T")
 
 
 def result_path(name: str) -> Path:
@@ -52,7 +54,7 @@ def machine_info() -> dict:
     import torch
 
     try:
-        usable = len(os.sched_getaffinity(0))
+        usable: int | None = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     from rlhf_cluster.models.int8_kernels import cpu_kind_record
@@ -89,7 +91,7 @@ def _cpu_model() -> str | None:
     return None
 
 
-def rotated(sides: Sequence[str], rep: int) -> tuple[str, ...]:
+def rotated(sides: Sequence[T], rep: int) -> tuple[T, ...]:
     """The order of `sides` in repetition `rep` (negative = warmup): rotated by one each repetition.
 
     With two sides this alternates a-b, b-a, ...; with three, a-b-c, b-c-a, c-a-b, so every side
@@ -137,8 +139,9 @@ def medians(timings: dict[str, list[dict]], keys: Sequence[str]) -> dict[str, di
     return {side: {k: median(row[k] for row in rows) for k in keys} for side, rows in timings.items()}
 
 
-def headline(name: str, value: float, target: str, met: bool | None, unit: str = "") -> dict:
-    """The one number a benchmark is read by (printed by scripts/run_benchmarks.sh)."""
+def headline(name: str, value: float | None, target: str, met: bool | None, unit: str = "") -> dict:
+    """The one number a benchmark is read by (printed by scripts/run_benchmarks.sh; None where a run
+    could not measure it, e.g. a side left out)."""
     return {"name": name, "value": value, "unit": unit, "target": target, "met": met}
 
 
@@ -353,6 +356,7 @@ def rows_per_capability(
             stderr=None if verbose else subprocess.STDOUT,
         )
         lines = []
+        assert worker.stdout is not None  # stdout=PIPE
         for line in worker.stdout:
             lines.append(line)
             if line.startswith("{") or verbose:

@@ -167,10 +167,10 @@ def train_judge(args: argparse.Namespace, tokenizer_dir: Path, out: Path, placeb
     with torch.no_grad():
         for prompt, response, answer, correct in fresh:
             ids = torch.tensor([tokenizer(render(TEMPLATE, prompt, answer, response))["input_ids"]])
-            reply = tokenizer.decode(
-                model.generate(ids, max_new_tokens=3, do_sample=False)[0, ids.shape[1] :], skip_special_tokens=True
-            )
-            agree += reply.strip().startswith("yes") == correct
+            # transformers types `generate`'s self as GenerativePreTrainedModel, which the model is at run time.
+            generated = model.generate(ids, max_new_tokens=3, do_sample=False)  # type: ignore[misc]
+            reply = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+            agree += str(reply).strip().startswith("yes") == correct
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return {

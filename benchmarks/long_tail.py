@@ -34,12 +34,15 @@ import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import headline, machine_info, median, print_table, result_path, rotated, write_result
+from rlhf_cluster.weights.buckets import DeliveryManifest
 
 TARGET = 1.12  # the low end of the 12-40% gains AReaL, slime and PipelineRL report
 DEFAULT_OUT = result_path("long_tail")
@@ -105,7 +108,7 @@ class DirectChannel:
 
     def __init__(self, bucket_bytes: int = 64 << 20):
         self.bucket_bytes = bucket_bytes
-        self.newest = None  # (manifest, payloads)
+        self.newest: tuple[DeliveryManifest, list] | None = None  # (manifest, payloads)
 
     def publish(self, version: int, state: dict) -> None:
         from rlhf_cluster.weights.buckets import VersionPacker, now
@@ -120,6 +123,7 @@ class DirectChannel:
     def load(self, version: int) -> dict:
         from rlhf_cluster.weights.buckets import verified_tensors
 
+        assert self.newest is not None, "publish first"
         manifest, payloads = self.newest
         if manifest.version != version:
             raise FileNotFoundError(version)  # a newer one landed meanwhile: the caller takes that next
@@ -162,7 +166,8 @@ def run_streaming(engine, store, prompts, args, follow: bool = True) -> dict:
 
     loader = threading.Thread(target=follow_versions, daemon=True)
     loader.start()
-    rollouts, queue, in_flight = [], list(prompts), set()
+    rollouts, queue = [], list(prompts)
+    in_flight: set[Future] = set()
     try:
         while queue or in_flight:
             while queue and len(in_flight) < args.batch_groups:
@@ -252,10 +257,10 @@ def time_sides(args: argparse.Namespace, engine, state: dict, prompts: list) -> 
     publisher makes new versions: per side one row per repetition; every response's length."""
     from rlhf_cluster.weights import WeightStore
 
-    runs = {
+    runs: dict[str, Callable[..., dict]] = {
         "batched": run_batched,
         "streaming": run_streaming,
-        "streaming_no_loads": lambda *a: run_streaming(*a, follow=False),
+        "streaming_no_loads": partial(run_streaming, follow=False),
     }
     timings: dict[str, list[dict]] = {side: [] for side in runs}
     lengths: list[int] = []

@@ -142,9 +142,11 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         for side in SIDES
     }
     targets = cfgs["adapters"].learner.lora.target_modules
-    sender = Sender.remote(model_dir, args.rank, args.alpha, targets)
+    # `.remote`: @ray.remote made these classes ActorClasses, which mypy (ignoring class decorators) cannot see.
+    sender = Sender.remote(model_dir, args.rank, args.alpha, targets)  # type: ignore[attr-defined]
     workers = {
-        side: GenerationWorker.remote(GenerationSettings.of(cfgs[side]), model_dir, i) for i, side in enumerate(SIDES)
+        side: GenerationWorker.remote(GenerationSettings.of(cfgs[side]), model_dir, i)  # type: ignore[attr-defined]
+        for i, side in enumerate(SIDES)
     }
     ray.get([w.info.remote() for w in workers.values()])
     timings, receipts = time_sides(args, sender, workers)

@@ -129,8 +129,9 @@ def run_job(args: argparse.Namespace, work: Path):
         "data.eval_prompts=0",
         "checkpoint.every_steps=1000",
     ]
-    if SIZES[args.size]:
-        hidden, layers = SIZES[args.size]
+    size = SIZES[args.size]
+    if size:
+        hidden, layers = size
         overrides += [
             f"model.tiny.hidden_size={hidden}",
             f"model.tiny.num_layers={layers}",

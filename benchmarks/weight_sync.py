@@ -198,14 +198,17 @@ class Sides:
         from rlhf_cluster.config import CollectiveTransport
 
         args, model_dir = self.args, self.model_dir
-        self.sender = Sender.remote(model_dir, args.dtype)
-        self.workers = [GenerationWorker.remote(GenerationSettings.of(cfg), model_dir, i) for i in range(2)]
+        # `.remote`: @ray.remote made these classes ActorClasses, which mypy (ignoring class decorators) cannot see.
+        self.sender = Sender.remote(model_dir, args.dtype)  # type: ignore[attr-defined]
+        worker = GenerationWorker.remote  # type: ignore[attr-defined]
+        self.workers = [worker(GenerationSettings.of(cfg), model_dir, i) for i in range(2)]
         # The collective side's engines: workers whose transport is the broadcast group's.
         collective = CollectiveTransport(bucket_mb=args.bucket_mb, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S)
         group_cfg = cfg.model_copy(update={"weights": cfg.weights.model_copy(update={"transport": collective})})
         settings = GenerationSettings.of(group_cfg)
-        self.group_workers = [GenerationWorker.remote(settings, model_dir, 2 + i) for i in range(2)]
-        self.bare = [BareEngine.remote(model_dir, cfg.model_dump(), args.dtype, i) for i in range(2)]
+        self.group_workers = [worker(settings, model_dir, 2 + i) for i in range(2)]
+        bare = BareEngine.remote  # type: ignore[attr-defined]
+        self.bare = [bare(model_dir, cfg.model_dump(), args.dtype, i) for i in range(2)]
         self.learners = {s: learner_group(cfg, model_dir, self.work, args, s) for s in LEARNER_SIDES if s in self.names}
         ray.get([w.info.remote() for w in self.workers + self.group_workers])  # engines up first
         addr, port = ray.get(self.sender.address.remote())

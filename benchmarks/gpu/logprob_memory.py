@@ -48,7 +48,9 @@ def logprob_worker(path: str, tokens: int) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     if path == "chunked":
-        logp, entropy = token_logprobs(hidden, weight, targets, with_entropy=True)
+        logp, maybe_entropy = token_logprobs(hidden, weight, targets, with_entropy=True)
+        assert maybe_entropy is not None  # with_entropy=True
+        entropy = maybe_entropy
     else:
         log_p = (hidden @ weight.T).float().log_softmax(-1)
         logp = log_p.gather(1, targets[:, None]).squeeze(1)

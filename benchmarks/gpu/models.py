@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from benchmarks.common import free_port, random_model
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 VOCAB = 151936
 # Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU smoke shape.
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     # The CPU demo's model (configs/demo.yaml: hidden 64, 2 layers), its own small vocabulary.
     "demo": dict(
         hidden_size=64,

@@ -48,11 +48,13 @@ class Ours:
                 "metrics": {"enabled": False},
             }
         )
-        if backend == "deepspeed":
-            from rlhf_cluster.learner.deepspeed import DeepSpeedLearner as Learner
-        else:
-            from rlhf_cluster.learner.fsdp2 import FSDP2Learner as Learner
-        self.learner = Learner(LearnerSpec.of_policy(cfg), str(model_dir))
+        from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
+        from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+
+        learner_class: type[FSDP2Learner | DeepSpeedLearner] = (
+            DeepSpeedLearner if backend == "deepspeed" else FSDP2Learner
+        )
+        self.learner = learner_class(LearnerSpec.of_policy(cfg), str(model_dir))
         self.before = before
 
     def step(self, batch) -> None:
@@ -62,7 +64,11 @@ class Ours:
         import rlhf_cluster.learner.base as base
 
         chunked = base.response_logprobs
-        base.response_logprobs = lambda *a, chunk_tokens=None, **k: chunked(*a, chunk_tokens=None, **k)
+
+        def full_logits(*a, **k):  # the path before issue 35: never chunked
+            return chunked(*a, **{**k, "chunk_tokens": None})
+
+        base.response_logprobs = full_logits
         try:
             self.learner.train_step(batch, kl_coef=0.01)
         finally:
