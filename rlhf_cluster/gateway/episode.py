@@ -17,7 +17,7 @@ turn as its own sample: its prompt the context the engine saw, its response that
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.gateway.chat import ChatError, continuation_text, render, same_message
@@ -37,6 +37,26 @@ class TurnRecord:
     logprobs: list[float]
     spans: list[tuple[int, int]]  # (index in token_ids, weight version)
     finish_reason: FinishReason
+
+    def to_rollout(
+        self, tokenizer, prompt_id: str, group_id: str, sample_id: str, worker: str, loss_mask: list[int] | None = None
+    ) -> Rollout:
+        """These tokens as a sample after their context (every token the model's unless `loss_mask`
+        says otherwise), on the weight versions of `spans`."""
+        return Rollout(
+            sample_id=sample_id,
+            prompt_id=prompt_id,
+            group_id=group_id,
+            prompt_ids=list(self.context),
+            response_ids=list(self.token_ids),
+            rollout_logprobs=list(self.logprobs),
+            policy_version=self.spans[0][1],
+            policy_versions=list(self.spans),
+            finish_reason=self.finish_reason,
+            response_text=response_text(tokenizer, self.token_ids),
+            worker=worker,
+            loss_mask=[1] * len(self.token_ids) if loss_mask is None else list(loss_mask),
+        )
 
 
 @dataclass
@@ -203,28 +223,13 @@ class EpisodeTrace:
             return [self.to_rollout(tokenizer, prompt_id, group_id, sample_id, worker, version)]
         if not self.turns:
             raise ValueError(f"episode {self.episode_id}: the agent returned without asking the model for a turn")
+        reward = float(sum(self.rewards))
         out = []
         for k, t in enumerate(self.turns):
             spans = [(start, v) for start, v in t.spans if start < len(t.token_ids)] or [(0, version)]
-            out.append(
-                Rollout(
-                    sample_id=f"{sample_id}:t{k}",
-                    prompt_id=prompt_id,
-                    group_id=group_id,
-                    prompt_ids=list(t.context),
-                    response_ids=list(t.token_ids),
-                    rollout_logprobs=list(t.logprobs),
-                    policy_version=spans[0][1],
-                    policy_versions=spans,
-                    finish_reason=t.finish_reason,
-                    response_text=response_text(tokenizer, t.token_ids),
-                    worker=worker,
-                    loss_mask=[1] * len(t.token_ids),
-                    turn_rewards=[float(sum(self.rewards))],
-                    turn_starts=[0],
-                    episode_id=sample_id,
-                )
-            )
+            turn = TurnRecord(t.context, t.token_ids, t.logprobs, spans, t.finish_reason)
+            sample = turn.to_rollout(tokenizer, prompt_id, group_id, f"{sample_id}:t{k}", worker)
+            out.append(replace(sample, turn_rewards=[reward], turn_starts=[0], episode_id=sample_id))
         return out
 
     def to_rollout(
@@ -233,22 +238,9 @@ class EpisodeTrace:
         """The episode as a sample: its response interleaves model turns and appended messages."""
         if self.prompt_ids is None or not self.turn_starts:
             raise ValueError(f"episode {self.episode_id}: the agent returned without asking the model for a turn")
-        spans = self.spans or [(0, version)]
         turn_rewards = [0.0] * len(self.turn_starts)
         turn_rewards[-1] = float(sum(self.rewards))  # the agent's reward belongs to the episode's last turn
-        return Rollout(
-            sample_id=sample_id,
-            prompt_id=prompt_id,
-            group_id=group_id,
-            prompt_ids=list(self.prompt_ids),
-            response_ids=list(self.response_ids),
-            rollout_logprobs=list(self.logprobs),
-            policy_version=spans[0][1],
-            policy_versions=list(spans),
-            finish_reason=self.finish_reason,
-            response_text=response_text(tokenizer, self.response_ids),
-            worker=worker,
-            loss_mask=list(self.loss_mask),
-            turn_rewards=turn_rewards,
-            turn_starts=list(self.turn_starts),
-        )
+        spans = self.spans or [(0, version)]
+        whole = TurnRecord(self.prompt_ids, self.response_ids, self.logprobs, spans, self.finish_reason)
+        sample = whole.to_rollout(tokenizer, prompt_id, group_id, sample_id, worker, loss_mask=self.loss_mask)
+        return replace(sample, turn_rewards=turn_rewards, turn_starts=list(self.turn_starts))
