@@ -266,29 +266,25 @@ def _without_stop(text: str, turn: Turn, body: dict) -> str:
     return text
 
 
-def build_app(gateway: Gateway) -> FastAPI:
-    """The FastAPI app serving `gateway` (a bearer token is required when `gateway.token` is set)."""
-    app = FastAPI(title="rlhf_cluster agent gateway")
+async def _body_of(request: Request) -> dict:
+    """A request's JSON object body; a 400 when it is not one."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, f"the request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object")
+    return body
 
-    def authorized(request: Request) -> None:
-        if gateway.token and request.headers.get("authorization") != f"Bearer {gateway.token}":
-            raise GatewayError(
-                401,
-                "missing or wrong bearer token (Authorization: Bearer <generation.agent.token>)",
-                "authentication_error",
-            )
 
-    async def body_of(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise GatewayError(400, f"the request body is not JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise GatewayError(400, "the request body must be a JSON object")
-        return body
+def _episode_of(request: Request, body: dict, path_id: str | None) -> str | None:
+    """The episode a request belongs to: from its path, its x-episode-id header or the body's `user`."""
+    return path_id or request.headers.get("x-episode-id") or body.get("user") or None
 
-    def episode_of(request: Request, body: dict, path_id: str | None) -> str | None:
-        return path_id or request.headers.get("x-episode-id") or body.get("user") or None
+
+def _add_error_handlers(app: FastAPI, gateway: Gateway) -> None:
+    """Every refusal and failure as an OpenAI-style error body (counted by status in
+    `gateway.stats.refused`): the agent hears the cause."""
 
     @app.exception_handler(GatewayError)
     async def refused(request: Request, exc: GatewayError):
@@ -308,16 +304,31 @@ def build_app(gateway: Gateway) -> FastAPI:
     async def unrenderable(request: Request, exc: ChatError):
         return await refused(request, GatewayError(409 if isinstance(exc, HistoryError) else 400, str(exc)))
 
+
+def build_app(gateway: Gateway) -> FastAPI:
+    """The FastAPI app serving `gateway` (a bearer token is required when `gateway.token` is set)."""
+    app = FastAPI(title="rlhf_cluster agent gateway")
+
+    def authorized(request: Request) -> None:
+        if gateway.token and request.headers.get("authorization") != f"Bearer {gateway.token}":
+            raise GatewayError(
+                401,
+                "missing or wrong bearer token (Authorization: Bearer <generation.agent.token>)",
+                "authentication_error",
+            )
+
+    _add_error_handlers(app, gateway)
+
     async def chat(request: Request, episode: str | None = None):
         authorized(request)
-        body = await body_of(request)
-        reply = await gateway.chat(episode_of(request, body, episode), body)
+        body = await _body_of(request)
+        reply = await gateway.chat(_episode_of(request, body, episode), body)
         return _stream_chat(reply) if body.get("stream") else reply
 
     async def complete(request: Request, episode: str | None = None):
         authorized(request)
-        body = await body_of(request)
-        return await gateway.complete(episode_of(request, body, episode), body)
+        body = await _body_of(request)
+        return await gateway.complete(_episode_of(request, body, episode), body)
 
     async def models(request: Request, episode: str | None = None):
         authorized(request)
@@ -328,7 +339,7 @@ def build_app(gateway: Gateway) -> FastAPI:
 
     async def reward(request: Request, episode: str):
         authorized(request)
-        gateway.reward(episode, (await body_of(request)).get("reward"))
+        gateway.reward(episode, (await _body_of(request)).get("reward"))
         return {"episode_id": episode, "rewards": gateway.episodes[episode].rewards}
 
     async def close(request: Request, episode: str):
