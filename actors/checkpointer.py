@@ -20,6 +20,7 @@ from actors.trainer import Trainer, start_trainer
 from rlhf_cluster.config import DeepSpeedBackend, JobConfig
 from rlhf_cluster.job.guardrails import EvalGuard, GuardVerdict
 from rlhf_cluster.job.inputs import JobInputs
+from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.run.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """Writes job checkpoints (one at a time, files finished in the background) and restores them."""
+    """Writes job checkpoints (one at a time, files finished in the background) and restores them.
+    `cfg` is the job's config as started: what a run changes later (`JobOverride`) is none of
+    what this reads, and a restore is handed the settings its ranks were built with."""
 
     def __init__(self, cfg: JobConfig, run_dir: RunDir, store: WeightStore, reporter: Reporter):
         self.cfg, self.run_dir, self.store, self.reporter = cfg, run_dir, store, reporter
@@ -215,7 +218,7 @@ class LearnerStart:
     """What building the learner yields, for the driver to adopt."""
 
     trainer: Trainer
-    cfg: JobConfig  # the job's config from now on (faults.elastic may have shrunk the learner)
+    override: JobOverride  # the job's settings from now on (faults.elastic may have shrunk the learner)
     state: JobState
     published_version: int
     delivery: Delivery  # the restored version's delivery, for every engine
@@ -224,23 +227,26 @@ class LearnerStart:
 
 def build_learner(
     cfg: JobConfig,
+    override: JobOverride,
     inputs: JobInputs,
     checkpointer: Checkpointer,
     run_dir: RunDir,
     ckpt: Checkpoint | None,
     previous: JobState | None,
 ) -> LearnerStart:
-    """The rank groups and a job state from `ckpt` (or the start), its weights published.
+    """The rank groups and a job state from `ckpt` (or the start), its weights published, all
+    with `cfg` (the job's config) as `override` has it (rollbacks' settings, an elastic shrink).
     `previous`: the job state being replaced (its samples' provenance carries over)."""
-    trainer, cfg = start_trainer(cfg, inputs.model_path, inputs.probe)
+    trainer, override = start_trainer(cfg, override, inputs.model_path, inputs.probe)
+    built = override.apply(cfg)  # the settings the ranks run: the job state and the restore use them too
     try:
-        state = JobState(cfg, inputs.prompts)
+        state = JobState(built, inputs.prompts)
         if previous is not None:
             state.worker_of = previous.worker_of  # provenance of samples the checkpoint's buffer holds
-        version, delivery = checkpointer.restore(ckpt, trainer, state, cfg)
-        guard = EvalGuard(cfg.guardrails)  # the evaluations of the steps the checkpoint keeps
+        version, delivery = checkpointer.restore(ckpt, trainer, state, built)
+        guard = EvalGuard(built.guardrails)  # the evaluations of the steps the checkpoint keeps
         guard.replay(run_dir.read(RunDir.METRICS))
     except BaseException:
         trainer.kill()  # the ranks are nobody's yet
         raise
-    return LearnerStart(trainer, cfg, state, version, delivery, guard)
+    return LearnerStart(trainer, override, state, version, delivery, guard)

@@ -35,6 +35,7 @@ from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.job.guardrails import GuardVerdict, RollbackGuard
 from rlhf_cluster.job.inputs import prepare_inputs
+from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.job.preemption import StopRequest
 from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.run.checkpoint import Checkpoint
@@ -82,9 +83,11 @@ class Driver:
         self.learner_restarts = 0
         g = cfg.guardrails
         self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)  # its count spans rebuilds
+        # What the run changed of `cfg` (rollbacks, an elastic shrink); `cfg` stays as the job started.
+        self.override = JobOverride()
         if resume_from is not None:  # the rollbacks the run made up to its checkpoint: counted, and their settings kept
             kept = [e for e in self.run_dir.read(RunDir.EVENTS) if e.get("step", -1) <= resume_from.step]
-            self.cfg = self.checkpointer.cfg = self.rollback.replay(kept, cfg)
+            self.override = self.rollback.replay(kept, cfg)
             self.run_dir.event("resumed", from_step=resume_from.step)
         self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
         # Every version's way to the engines; each learner adopted hands it its start and sender.
@@ -111,7 +114,14 @@ class Driver:
         int8 variant of the job's version, so with int8 rollouts the pools wait for the learner."""
         with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
             learner = starter.submit(
-                build_learner, self.cfg, self.inputs, self.checkpointer, self.run_dir, resume_from, None
+                build_learner,
+                self.cfg,
+                self.override,
+                self.inputs,
+                self.checkpointer,
+                self.run_dir,
+                resume_from,
+                None,
             )
             try:
                 if "int8" in self.cfg.generation.weight_variants:
@@ -140,12 +150,11 @@ class Driver:
 
     def _adopt_learner(self, start: LearnerStart) -> None:
         """The built learner becomes the job's, on the driver's thread."""
-        if start.cfg is not self.cfg:  # faults.elastic: fewer learner ranks from now on (the checkpoint reshards)
-            self.cfg = self.checkpointer.cfg = start.cfg
-        self.trainer, self.state, self.guard = start.trainer, start.state, start.guard
+        # faults.elastic may have shrunk the learner (from now on: the checkpoint reshards).
+        self.trainer, self.state, self.guard, self.override = start.trainer, start.state, start.guard, start.override
         self.published_version = start.published_version
         self.weights.adopt(start.delivery, start.trainer.send)  # pushed next: by `first`, or a rebuild's `restore`
-        self.reporter.learner_ranks(start.cfg.learner.world_size)
+        self.reporter.learner_ranks(start.trainer.cfg.learner.world_size)
         self.reporter.version(start.published_version)
 
     async def run(self) -> JobResult:
@@ -368,12 +377,11 @@ class Driver:
     async def _roll_back(self, tg: asyncio.TaskGroup, step: int, reason: str) -> int:
         """A guardrails condition held at `step`: the learner is rebuilt from the last good
         checkpoint with adjusted settings (`RollbackGuard`); later checkpoints are set aside."""
-        self.cfg = self.rollback.adjusted(self.cfg, reason)  # an error once the rollbacks are used up
-        self.checkpointer.cfg = self.cfg
+        self.override = self.rollback.adjusted(self.override, self.cfg, reason)  # an error once they are used up
         await self.checkpointer.wait()
         target = self.checkpointer.roll_back_to(self.rollback.last_good_step(step, reason))
         start = await self._rebuild_learner(tg, target)
-        self.reporter.rollback(step, start - 1, reason, self.cfg)
+        self.reporter.rollback(step, start - 1, reason, self.override.apply(self.cfg))
         return start
 
     async def _rebuild_learner(self, tg: asyncio.TaskGroup, ckpt: Checkpoint | None) -> int:
@@ -386,7 +394,7 @@ class Driver:
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
         self._adopt_learner(
             await asyncio.to_thread(
-                build_learner, self.cfg, self.inputs, self.checkpointer, self.run_dir, ckpt, self.state
+                build_learner, self.cfg, self.override, self.inputs, self.checkpointer, self.run_dir, ckpt, self.state
             )
         )
         self._publishing = None  # the old timeline's pushes end without pushing

@@ -20,6 +20,7 @@ from rlhf_cluster.experience.build import finalize_batch
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.generation.probe import Probe
 from rlhf_cluster.job.elastic import shrunk_learner
+from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.weights.buckets import now as delivery_time
@@ -167,21 +168,25 @@ class Trainer:
             group.kill()
 
 
-def start_trainer(cfg: JobConfig, model_path: str, probe: Probe | None) -> tuple[Trainer, JobConfig]:
-    """A trainer with `cfg`'s learner; with `faults.elastic`, when its ranks cannot all be placed
-    within `faults.elastic_wait_s`, one with as many as can be (`shrunk_learner`). Returns the
-    trainer and the config it runs (`cfg` itself unless it shrank)."""
+def start_trainer(
+    cfg: JobConfig, override: JobOverride, model_path: str, probe: Probe | None
+) -> tuple[Trainer, JobOverride]:
+    """A trainer with the learner of `cfg` (the job's config) as `override` has it now; with
+    `faults.elastic`, when its ranks cannot all be placed within `faults.elastic_wait_s`, one
+    with as many as can be (`shrunk_learner`). Returns the trainer and the override it runs
+    under (`override` itself unless the learner shrank)."""
+    wanted = override.apply(cfg)
     if not cfg.faults.elastic:
-        return Trainer(cfg, model_path, probe), cfg
+        return Trainer(wanted, model_path, probe), override
     try:
-        return Trainer(cfg, model_path, probe, placement_timeout_s=cfg.faults.elastic_wait_s), cfg
+        return Trainer(wanted, model_path, probe, placement_timeout_s=cfg.faults.elastic_wait_s), override
     except PlacementError as exc:
-        smaller = shrunk_learner(cfg, exc.placeable)
+        smaller = shrunk_learner(cfg, override, exc.placeable)
         log.info(
-            f"learner: {cfg.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
-            f"({exc.placeable} can be); continuing on {smaller.learner.world_size} (faults.elastic)"
+            f"learner: {wanted.learner.world_size} ranks could not be placed in {cfg.faults.elastic_wait_s:g} s "
+            f"({exc.placeable} can be); continuing on {smaller.learner_world_size} (faults.elastic)"
         )
-        return Trainer(smaller, model_path, probe), smaller
+        return Trainer(smaller.apply(cfg), model_path, probe), smaller
 
 
 async def watch_learners(current: Callable[[], Trainer], faults: FaultsConfig, on_spans: Callable[[list[dict]], None]):

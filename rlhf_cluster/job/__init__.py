@@ -6,7 +6,8 @@ decisions taken on the run's own measurements.
   starts; `preview`: what `--dry-run` shows; `placement`: what each pool asks of the cluster.
 - `warmup`: the short supervised warm-up on the task.
 - `guardrails`: the best checkpoint kept, rollbacks and early stops; `elastic`: the world size a
-  rebuilt learner continues at.
+  rebuilt learner continues at; `override`: what those change of a running job's settings
+  (`JobOverride`), beside its config, which stays as the job started.
 - `preemption`: SIGTERM/SIGINT end a job after its step, with a checkpoint.
 
 May import: `rlhf_cluster.config`, `data`, `models`, `learner`, `generation`, `scoring`, `run`;

@@ -1,6 +1,7 @@
 """Guardrails: which evaluation is the best so far (its checkpoint is kept, `guardrails.keep_best`),
 when a run should stop (`patience`, `target`), and when it should roll back to its last good
-checkpoint with adjusted settings (`guardrails.rollback`).
+checkpoint with adjusted settings (`guardrails.rollback`; the settings ride as a `JobOverride`,
+the job's config is never changed).
 
 Pure bookkeeping: the driver feeds it each step's row and evaluation and acts on the verdicts. The
 evaluation history is replayed from the kept metrics rows on resume.
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rlhf_cluster.config import DataConfig, GuardrailsConfig, JobConfig, RollbackConfig
+from rlhf_cluster.job.override import JobOverride
 
 _METRIC = re.compile(r"eval_accuracy|eval_sampled_accuracy|eval_reward_mean|eval_pass@(\d+)|eval_accuracy/.+")
 
@@ -120,13 +122,13 @@ class RollbackGuard:
                 )
         return None
 
-    def replay(self, events: Iterable[dict], cfg: JobConfig) -> JobConfig:
+    def replay(self, events: Iterable[dict], cfg: JobConfig) -> JobOverride:
         """A resumed run's rollbacks so far, from the events.jsonl rows it keeps (each rollback's row
         carries the step the run continued from, so it outlives a resume that keeps that step):
         `max_rollbacks` bounds the run, not each process that runs it, and the run goes on with
-        their adjustments: `cfg` (this job's config) with each kept rollback's factors applied."""
+        their adjustments: the override of `cfg` (this job's config) by each kept rollback's factors."""
         self.rollbacks = sum(1 for e in events if e.get("event") == "guardrails" and "rollback" in e.get("actions", ()))
-        return self._scaled(cfg, self.rollbacks)
+        return self._scaled(JobOverride(), cfg, self.rollbacks)
 
     def last_good_step(self, trigger_step: int, reason: str) -> int:
         """The newest step whose checkpoint may be restored: a step's figures judge the weights it
@@ -134,22 +136,25 @@ class RollbackGuard:
         checkpoint of the step before the trigger is suspect too."""
         return trigger_step - 1 if reason.startswith("guardrails.rollback.eval_drop") else trigger_step - 2
 
-    def adjusted(self, cfg: JobConfig, reason: str) -> JobConfig:
-        """`cfg` with the rollback's adjustments (learner.lr x lr_factor, algorithm.kl.coef x
-        kl_coef_factor), or an error when the rollbacks are used up."""
+    def adjusted(self, override: JobOverride, cfg: JobConfig, reason: str) -> JobOverride:
+        """`override` (what the run changed so far of `cfg`, the job's config) with the rollback's
+        adjustments (learner.lr x lr_factor, algorithm.kl.coef x kl_coef_factor), or an error
+        when the rollbacks are used up."""
         if self.rollbacks >= self.cfg.max_rollbacks:
             raise RuntimeError(
                 f"{reason}; giving up: the {self.cfg.max_rollbacks} rollbacks allowed "
                 "(guardrails.rollback.max_rollbacks) are used up"
             )
         self.rollbacks += 1
-        return self._scaled(cfg, 1)
+        return self._scaled(override, cfg, 1)
 
-    def _scaled(self, cfg: JobConfig, times: int) -> JobConfig:
-        """`cfg` after `times` rollbacks: learner.lr x lr_factor and algorithm.kl.coef x kl_coef_factor, each time."""
+    def _scaled(self, override: JobOverride, cfg: JobConfig, times: int) -> JobOverride:
+        """`override` after `times` more rollbacks: the learner.lr and algorithm.kl.coef it runs
+        with, x lr_factor and x kl_coef_factor each time."""
         if times == 0:
-            return cfg
-        learner = cfg.learner.model_copy(update={"lr": cfg.learner.lr * self.cfg.lr_factor**times})
-        kl = cfg.algorithm.kl.model_copy(update={"coef": cfg.algorithm.kl.coef * self.cfg.kl_coef_factor**times})
-        algorithm = cfg.algorithm.model_copy(update={"kl": kl})
-        return cfg.model_copy(update={"learner": learner, "algorithm": algorithm})
+            return override
+        now = override.apply(cfg)
+        return override.with_rollback(
+            lr=now.learner.lr * self.cfg.lr_factor**times,
+            kl_coef=now.algorithm.kl.coef * self.cfg.kl_coef_factor**times,
+        )

@@ -6,6 +6,7 @@ import pytest
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.job.elastic import ElasticError, shrunk_learner
+from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.config import ConfigError
 
@@ -28,14 +29,21 @@ def _cfg(world: int, prompts: int = 4, n: int = 4, **learner) -> JobConfig:
 ])
 def test_largest_smaller_world_size_the_batch_splits_over(world, placeable, prompts, n, expected):
     cfg = _cfg(world, prompts, n)
-    smaller = shrunk_learner(cfg, placeable)
-    assert smaller.learner.world_size == expected
-    assert smaller.learner.lr == cfg.learner.lr and cfg.learner.world_size == world  # the rest kept, cfg untouched
+    override = shrunk_learner(cfg, JobOverride(lr=1e-5), placeable)
+    assert override == JobOverride(lr=1e-5, learner_world_size=expected)  # a rollback's lr is kept
+    smaller = override.apply(cfg)
+    assert smaller.learner.world_size == expected and smaller.learner.lr == 1e-5
+    assert smaller.train == cfg.train and cfg.learner.world_size == world  # the rest kept, cfg untouched
 
 
 def test_no_rank_placeable_is_an_error_naming_the_counts():
     with pytest.raises(ElasticError, match="0 of learner.world_size=2"):
-        shrunk_learner(_cfg(2), 0)
+        shrunk_learner(_cfg(2), JobOverride(), 0)
+
+
+def test_a_learner_shrunk_before_shrinks_from_its_size_now():
+    cfg = _cfg(4)
+    assert shrunk_learner(cfg, JobOverride(learner_world_size=2), 2).learner_world_size == 1
 
 
 def test_elastic_with_deepspeed_is_refused_by_preflight():

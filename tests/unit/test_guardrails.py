@@ -8,6 +8,7 @@ import pytest
 from rlhf_cluster.run.checkpoint import CheckpointStore, best_checkpoints
 from rlhf_cluster.config import ConfigError, GuardrailsConfig, JobConfig
 from rlhf_cluster.job.guardrails import EvalGuard
+from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.job.preflight import preflight
 
 
@@ -82,10 +83,14 @@ def test_rollback_conditions_name_the_bound_and_the_value_and_adjust_the_setting
     assert reason.startswith("guardrails.rollback.eval_drop=0.2: eval_accuracy = 0.3 at step 5, 0.3 below the best 0.6")
     assert rollback.last_good_step(5, reason) == 4 and rollback.last_good_step(5, "guardrails.rollback.kl_above=1") == 3
     cfg = JobConfig.model_validate({"learner": {"lr": 1e-4}, "algorithm": {"kl": {"coef": 0.01}}})
-    adjusted = rollback.adjusted(cfg, reason)
+    shrunk = JobOverride(learner_world_size=1)  # an elastic shrink before the rollback is kept
+    override = rollback.adjusted(shrunk, cfg, reason)
+    adjusted = override.apply(cfg)
     assert adjusted.learner.lr == pytest.approx(2.5e-5) and adjusted.algorithm.kl.coef == pytest.approx(0.02)
+    assert adjusted.learner.world_size == 1 and (override.lr, override.kl_coef) == (adjusted.learner.lr, 0.02)
+    assert cfg.learner.lr == 1e-4 and cfg.algorithm.kl.coef == 0.01  # the job's config is never changed
     with pytest.raises(RuntimeError, match="eval_drop=0.2.*giving up: the 1 rollbacks allowed"):
-        rollback.adjusted(adjusted, reason)
+        rollback.adjusted(override, cfg, reason)
 
 
 def test_the_rollbacks_a_resumed_run_made_before_count_against_max_rollbacks(tmp_path):
@@ -104,12 +109,16 @@ def test_the_rollbacks_a_resumed_run_made_before_count_against_max_rollbacks(tmp
     ])
     rollback = RollbackGuard(RollbackConfig(kl_above=1.0, max_rollbacks=3), "eval_accuracy", True)
     job = JobConfig.model_validate({"learner": {"lr": 1e-4}, "algorithm": {"kl": {"coef": 0.01}}})
-    cfg = rollback.replay(run.read(RunDir.EVENTS), job)
+    override = rollback.replay(run.read(RunDir.EVENTS), job)
     assert rollback.rollbacks == 2
     # ...and the run goes on with their settings (lr x 0.5, kl x 2 each, the defaults), not the job's.
+    cfg = override.apply(job)
     assert cfg.learner.lr == pytest.approx(1e-4 * 0.5**2) and cfg.algorithm.kl.coef == pytest.approx(0.01 * 2**2)
-    assert rollback.replay([], job) is job and rollback.rollbacks == 0  # no rollback kept: the job's own
+    assert job.learner.lr == 1e-4  # the job's config is never changed
+    none = rollback.replay([], job)
+    assert none == JobOverride() and none.apply(job) is job and rollback.rollbacks == 0  # no rollback kept
     rollback.replay(run.read(RunDir.EVENTS), job)
-    cfg = rollback.adjusted(cfg, "guardrails.rollback.kl_above=1")  # the third
+    override = rollback.adjusted(override, job, "guardrails.rollback.kl_above=1")  # the third
+    assert override.apply(job).learner.lr == pytest.approx(1e-4 * 0.5**3)
     with pytest.raises(RuntimeError, match="the 3 rollbacks allowed"):
-        rollback.adjusted(cfg, "guardrails.rollback.kl_above=1")
+        rollback.adjusted(override, job, "guardrails.rollback.kl_above=1")
