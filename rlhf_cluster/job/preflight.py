@@ -157,12 +157,12 @@ def _elastic_backend(cfg: JobConfig) -> list[str]:
 
 def _tool_task_episodes(cfg: JobConfig) -> list[str]:
     # Its warm-up teaches calculator calls, and its verifier reads the answer after the tool's result.
-    if cfg.data.task == "tool_arithmetic" and cfg.generation.environment is None and cfg.generation.agent is None:
-        return [
-            "generation.environment is empty, but data.task=tool_arithmetic is answered in episodes with a "
-            "calculator: set generation.environment: tools (configs/tool_demo.yaml)"
-        ]
-    return []
+    if cfg.data.task != "tool_arithmetic" or cfg.generation.environment is not None or cfg.generation.agent is not None:
+        return []
+    return [
+        "generation.environment is empty, but data.task=tool_arithmetic is answered in episodes with a "
+        "calculator: set generation.environment: tools (configs/tool_demo.yaml)"
+    ]
 
 
 def _guardrails(cfg: JobConfig) -> list[str]:
@@ -320,20 +320,16 @@ def _engine_kwargs(cfg: JobConfig) -> list[str]:
     if not cfg.generation.engine_kwargs:
         return []
     import dataclasses
+    import difflib
 
     from vllm.engine.arg_utils import EngineArgs
 
     known = {f.name for f in dataclasses.fields(EngineArgs)}
-    unknown = sorted(set(cfg.generation.engine_kwargs) - known)
-    if unknown:
-        import difflib
-
-        hints = [
-            f"{k}" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
-            for k in unknown
-        ]
-        return [f"generation.engine_kwargs: not a vllm EngineArgs field: {', '.join(hints)}"]
-    return []
+    hints = [
+        f"{k}" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
+        for k in sorted(set(cfg.generation.engine_kwargs) - known)
+    ]
+    return [f"generation.engine_kwargs: not a vllm EngineArgs field: {', '.join(hints)}"] if hints else []
 
 
 FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
