@@ -210,8 +210,8 @@ def step_timer():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.last = None
+        def __init__(self) -> None:
+            self.last = time.perf_counter()  # reset by on_train_begin
             self.step_seconds: list[float] = []
             self.logs: list[dict] = []
 
