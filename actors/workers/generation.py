@@ -13,14 +13,13 @@ requests. The engine's weight state and every load are its `WeightReceiver`'s
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from dataclasses import asdict
 
 import ray
 import torch
 
-from actors.workers._common import metrics_target, start_actor
+from actors.workers._common import Worker
 from actors.workers.generation_metrics import AgentCounters, WeightLoadMetrics, count_episodes, count_tokens
 from actors.workers.settings import GenerationSettings
 from rlhf_cluster.data.prompts import Prompt
@@ -31,27 +30,23 @@ from rlhf_cluster.generation.episodes import run_episode
 from rlhf_cluster.generation.receiver import WeightReceiver
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
-from rlhf_cluster.telemetry.liveness import StallClock
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.messages import Delivery, Receipt
 from rlhf_cluster.weights.registry import engine_transports
 
 
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
-class GenerationWorker:
+class GenerationWorker(Worker):
     """Generates rollout groups on one vLLM engine; loads published versions in place."""
 
     def __init__(self, settings: GenerationSettings, model_path: str, index: int, slot: int | None = None):
-        self.name = f"gen{index}"
-        self.labels, self.metrics_port = start_actor(settings.basics, "generation", self.name)
+        super().__init__(settings.basics, "generation", f"gen{index}")  # its stall clock before the engine
         self.generation = gen = settings.generation
-        self.metrics_target = metrics_target(settings.basics.metrics.bind_address, self.metrics_port)
         self.store = WeightStore(settings.weights_dir, settings.weights.keep)
         # With int8 rollouts the engine loads the store's int8 variant, derived once per version
         # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
         # Per-replica settings follow the slot: a replacement serves what the worker it replaces did.
         self.variant = "int8" if gen.quantization_of(index if slot is None else slot) == "int8" else None
-        self.stall = StallClock()  # before the engine: its loop reports every step here
         assert gen.seed is not None  # JobConfig resolves every component seed when it validates
         self.engine = VLLMEngine(
             model_path,
@@ -94,21 +89,8 @@ class GenerationWorker:
         self.labels.of(m.GENERATION_IN_FLIGHT).set(running + waiting)
         self.stall.stepped(running + waiting)
 
-    @ray.method(concurrency_group="health")
-    def heartbeat(self) -> dict:
-        """Answered on its own thread even while requests run: a stopped process does not answer,
-        a hung engine reports how long it has gone without a step."""
-        return {"stalled_s": self.stall.stalled_s(), "spans": tracing.drain()}
-
-    def info(self) -> dict:
-        return {
-            "name": self.name,
-            "metrics": self.metrics_target,
-            "version": self.engine.version,
-            "pid": os.getpid(),
-            "variant": self.variant or "full",
-            "engine": id(self.engine),
-        }
+    def info_extra(self) -> dict:
+        return {"version": self.engine.version, "variant": self.variant or "full", "engine": id(self.engine)}
 
     def engine_stats(self) -> dict:
         """vLLM's batch sizes so far, the version held, requests in flight, the weight loads and the
