@@ -4,38 +4,32 @@ runs both, so `--dry-run` and the driver refuse a bad judge before anything star
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rlhf_cluster.config import JobConfig, JudgeReward
 from rlhf_cluster.scoring.judge import check_template
 
 
-def _where(cfg: JobConfig) -> tuple[str, JudgeReward] | None:
+def _refusal(
+    cfg: JobConfig, field: str, check: Callable[[JudgeReward], object], errors: tuple[type[Exception], ...]
+) -> list[str]:
+    """`check` run on the job's judge source, if it has one: what it raises (of `errors`) as a
+    problem naming the source and its `field`."""
     for i, source in enumerate(cfg.scoring.rewards):
         if isinstance(source, JudgeReward):
-            return f"scoring.rewards[{i}] (judge {source.name!r})", source
-    return None
+            try:
+                check(source)
+            except errors as exc:
+                return [f"scoring.rewards[{i}] (judge {source.name!r}).{field}: {exc}"]
+            return []
+    return []
 
 
 def rules(cfg: JobConfig) -> list[str]:
-    found = _where(cfg)
-    if found is None:
-        return []
-    where, judge = found
-    try:
-        check_template(judge.template, judge.group)
-    except ValueError as exc:
-        return [f"{where}.template: {exc}"]
-    return []
+    return _refusal(cfg, "template", lambda judge: check_template(judge.template, judge.group), (ValueError,))
 
 
 def folder_problems(cfg: JobConfig) -> list[str]:
-    found = _where(cfg)
-    if found is None:
-        return []
     from rlhf_cluster.job.validation import validate_model_dir
 
-    where, judge = found
-    try:
-        validate_model_dir(judge.model)
-    except (OSError, ValueError) as exc:
-        return [f"{where}.model: {exc}"]
-    return []
+    return _refusal(cfg, "model", lambda judge: validate_model_dir(judge.model), (OSError, ValueError))
