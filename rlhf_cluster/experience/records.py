@@ -150,6 +150,8 @@ class ScoredSample(SampledResponse):
 
     reward: float
     reward_components: dict[str, float]
+    # The reference's per-token log-probs; with `algorithm.distillation`, the teacher's (the
+    # teacher pool's). The name is the on-disk schema's: old runs' logs and buffers still read.
     ref_logprobs: list[float]
     advantages: list[float]
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))

@@ -1,6 +1,6 @@
-"""On-policy distillation on real parts: the reference workers serve the teacher (a tiny model of
-another initialisation, the same tokenizer), every trained sample's reference log-probs are the
-teacher's own for its tokens, and its advantages are coef x (teacher - sampling log-probs); the
+"""On-policy distillation on real parts: the teacher's pool (`teacher`, in the reference pool's
+place) serves the teacher (a tiny model of another initialisation, the same tokenizer), every
+trained sample's `ref_logprobs` are the teacher's own for its tokens, and its advantages are coef x (teacher - sampling log-probs); the
 learner's KL column is the KL to the teacher. Whether a student learns from a good teacher is
 `benchmarks/distillation.py`'s (docs/demo-results.md)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.job import run_job
+from actors.job import Job
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
@@ -28,8 +28,12 @@ def test_a_students_samples_carry_the_teachers_log_probs_and_advantages(ray_clus
         algorithm={"kl": {"coef": 0.0}, "distillation": {"teacher": teacher, "coef": COEF}},
         train={"total_steps": 2, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
                "record_rollouts": True})
-    result = run_job(cfg)
+    with Job(cfg) as job:
+        assert job.pool_sizes() == {"generation": 1, "reward": 1, "teacher": 1}  # under its own name
+        assert set(job.worker_infos("teacher")) == {"teacher0"}
+        result = job.run()
     assert [r["step"] for r in result.rows] == [0, 1]
+    assert "busy_teacher" in result.rows[0] and "busy_reference" not in result.rows[0]
     samples = [s for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0) for s in group]
     assert samples
     rollouts = [Rollout(sample_id=s.sample_id, prompt_id=s.prompt_id, group_id=s.group_id, prompt_ids=s.prompt_ids,
