@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,6 +45,29 @@ def response_text(tokenizer, token_ids: list[int]) -> str:
     """A finished response's text as vLLM's own detokenizer gives it: special tokens skipped,
     and the bytes of a character cut off by the token limit (decoded as U+FFFD) left out."""
     return tokenizer.decode(token_ids, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def engine_settings(model_path: str, cfg: GenerationConfig, dtype: EngineDType, seed: int) -> dict[str, Any]:
+    """The vLLM engine arguments the project sets itself, from the generation config's own fields,
+    for an engine of `model_path` running `dtype` activations (the weight transfer, the adapters
+    and the user's `engine_kwargs` are added to them)."""
+    return dict(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        # CUDA graphs where CUDA is present (vLLM captures them once per engine), eager on CPU.
+        enforce_eager=runs_eager(cfg),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        kv_cache_memory_bytes=cpu_kv_cache_bytes(cfg),
+        logprobs_mode="processed_logprobs",
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        speculative_config=cfg.speculative.engine_config() if cfg.speculative else None,
+        disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
+    )
 
 
 @dataclass
@@ -132,33 +156,14 @@ class VLLMEngine(EngineLoop):
         if self.dtype != dtype:
             log.info("%s: int8 engine on %s activations (vLLM's AMX int8 kernel takes no %s)", name, self.dtype, dtype)
         args = EngineArgs(
-            model=model_path,
-            dtype=self.dtype,
-            seed=seed,
-            # CUDA graphs where CUDA is present (vLLM captures them once per engine), eager on CPU.
-            enforce_eager=runs_eager(cfg),
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            kv_cache_memory_bytes=cpu_kv_cache_bytes(cfg),
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            speculative_config=cfg.speculative.engine_config() if cfg.speculative else None,
-            disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
+            **engine_settings(model_path, cfg, self.dtype, seed),
             # Weights load through vLLM's weight-transfer API, as the checked tensors our transports fetched.
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer.BACKEND),
             **(self.adapters.engine_args() if self.adapters is not None else {}),
             **cfg.engine_kwargs,
         )
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
-        # The recorder joins vLLM's own stat loggers (the Prometheus one feeds `get_metrics`).
-        self.batches = EngineBatchRecorder(on_step)
-        if self.engine.logger_manager is None:  # vLLM builds it whenever log stats are on, as they are here
-            raise RuntimeError(f"{name}: vLLM built no stat logger manager: the batch recorder cannot join it")
-        # vLLM only calls its loggers' methods; the recorder has them without subclassing vLLM's ABC.
-        self.engine.logger_manager.stat_loggers.append(self.batches)  # type: ignore[arg-type]  # duck-typed logger
+        self.batches = self._join_batch_recorder(on_step)
         self.engine.set_weight_version(str(self.version))
         self.tokenizer = self.engine.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(RotaryReloadFilter())
@@ -170,6 +175,15 @@ class VLLMEngine(EngineLoop):
                 raise RuntimeError(f"{name}: {model_path} holds int8 weights but vLLM built no CPU int8 kernel")
         self._version_started_at_tokens = 0  # self.batches.generated_tokens when self.version was loaded
         self._start_loop()
+
+    def _join_batch_recorder(self, on_step: Callable[[int, int], None] | None) -> EngineBatchRecorder:
+        """A batch recorder among vLLM's own stat loggers (the Prometheus one feeds `get_metrics`)."""
+        recorder = EngineBatchRecorder(on_step)
+        if self.engine.logger_manager is None:  # vLLM builds it whenever log stats are on, as they are here
+            raise RuntimeError(f"{self.name}: vLLM built no stat logger manager: the batch recorder cannot join it")
+        # vLLM only calls its loggers' methods; the recorder has them without subclassing vLLM's ABC.
+        self.engine.logger_manager.stat_loggers.append(recorder)  # type: ignore[arg-type]  # duck-typed logger
+        return recorder
 
     def _lora_request(self):
         # With adapters, every request runs on the adapter slot (reloaded in place by each version).

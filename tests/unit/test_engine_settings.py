@@ -42,3 +42,19 @@ def test_speculative_settings_become_vllms():
 def test_engine_dtype_defaults_to_the_models():
     assert load_config(None, ["model.dtype=bfloat16"]).engine_dtype == "bfloat16"
     assert load_config(None, ["model.dtype=float32", "generation.dtype=bfloat16"]).engine_dtype == "bfloat16"
+
+
+def test_engine_settings_from_the_generation_config():
+    """What the engine is started with: log-probs after temperature (the learner's view), the
+    scheduler stats the batch recorder reads, and on the CPU eager mode and `kv_cache_gb`."""
+    import torch
+
+    from rlhf_cluster.generation.engine import engine_settings
+
+    cfg = load_config(None, ["generation.kv_cache_gb=2", "generation.max_num_seqs=24"]).generation
+    settings = engine_settings("/models/tiny", cfg, "bfloat16", 7)
+    assert (settings["model"], settings["dtype"], settings["seed"]) == ("/models/tiny", "bfloat16", 7)
+    assert settings["logprobs_mode"] == "processed_logprobs" and settings["disable_log_stats"] is False
+    assert settings["max_num_seqs"] == 24 and settings["speculative_config"] is None
+    if not torch.cuda.is_available():
+        assert settings["enforce_eager"] is True and settings["kv_cache_memory_bytes"] == 2 << 30
