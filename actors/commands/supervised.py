@@ -176,22 +176,7 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
         history = []
         bar = tqdm(total=stage.steps, desc=kind, disable=not progress, dynamic_ncols=True)
         for step, idx in enumerate(_batches(len(train), stage.batch_size, stage.steps, stage.seed)):
-            items = [train[i] for i in idx]
-            if kind == "sft":
-                metrics = ray.get(group.split("sft_step", deal(items, world)))[0]
-            else:
-                shares = deal(items, world)
-                metrics = ray.get(
-                    [
-                        rank.rm_step.remote(
-                            [p.chosen for p in share],
-                            [p.rejected for p in share],
-                            [p.margin for p in share],
-                            [p.prompt_length for p in share],
-                        )
-                        for rank, share in zip(group.ranks, shares)
-                    ]
-                )[0]
+            metrics = _train_step(kind, group, [train[i] for i in idx])
             history.append({"step": step, **metrics})
             if stage.eval_every_steps and (step + 1) % stage.eval_every_steps == 0 and step + 1 < stage.steps:
                 history[-1].update(_evaluate(kind, group, evals))
@@ -217,6 +202,25 @@ def run_stage(cfg: JobConfig, kind: str, model_path: str, progress: bool = True)
     summary["output"] = str(output)
     write_atomic(Path(output) / "stage.json", json.dumps({**summary, "history": history}, indent=1))
     return summary
+
+
+def _train_step(kind: str, group: RankGroup, items: list) -> dict:
+    """One optimizer step of every rank over its share of `items` (SFT examples or encoded
+    preference pairs); rank 0's metrics."""
+    shares = deal(items, group.world_size)
+    if kind == "sft":
+        return ray.get(group.split("sft_step", shares))[0]
+    return ray.get(
+        [
+            rank.rm_step.remote(
+                [p.chosen for p in share],
+                [p.rejected for p in share],
+                [p.margin for p in share],
+                [p.prompt_length for p in share],
+            )
+            for rank, share in zip(group.ranks, shares)
+        ]
+    )[0]
 
 
 def _evaluate(kind: str, group: RankGroup, evals: list) -> dict:
