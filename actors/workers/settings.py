@@ -70,8 +70,9 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class ScoringSettings:
-    """A reward or reference worker's: the `scoring` section; the task's verifier (`data`'s); the
-    models' dtype; and the temperature the engines sample at (reference log-probs are taken at it)."""
+    """A reward, reference or teacher worker's: the `scoring` section; the task's verifier
+    (`data`'s); the models' dtype; and the temperature the engines sample at (reference and
+    teacher log-probs are taken at it)."""
 
     basics: ActorBasics
     scoring: ScoringConfig
