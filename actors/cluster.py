@@ -87,11 +87,12 @@ class Cluster:
         self.controller = None
         self.activity = PoolActivity()  # every pool's requests in flight, for each step's busy share
         rows = pool_rows(cfg, model_path, engine_paths, run_dir / RunDir.JUDGE_INT8)
+        # A new worker of a pool that takes weights (generation) loads the newest version before it serves.
         self.pools: dict[str, ActorPool] = {
             row.name: row.pool(cfg.faults, self.activity, partial(self._on_restart, row.name), weights.join)
             for row in rows
         }
-        weights.serve(self.pools["generation"])  # a new generation worker loads the newest version before it serves
+        weights.serve(self.pools["generation"])  # every version is pushed to the generation pool
         self.scoring = ScoringCalls(self.pools, {row.name: row.joined for row in rows})
         try:
             # Every pool's workers start at once: their constructors (an engine, a model) overlap.
