@@ -157,10 +157,13 @@ def _default_rewards() -> list[RewardSource]:
 
 
 class ScoringConfig(_Strict):
-    """The scoring pool: reward workers (the reward sources) and frozen reference workers."""
+    """The scoring pools: reward workers (the reward sources), frozen reference workers (or, with
+    `algorithm.distillation`, teacher workers in their place) and judge workers."""
 
     reward_replicas: int = Field(1, ge=1, description="RewardWorker actors.")
-    reference_replicas: int = Field(1, ge=1, description="ReferenceWorker actors.")
+    reference_replicas: int = Field(
+        1, ge=1, description="ReferenceWorker actors (TeacherWorker actors with `algorithm.distillation`)."
+    )
     judge_replicas: int = Field(1, ge=1, description="JudgeWorker actors (with a `judge` source).")
     reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
     rewards: list[RewardSource] = Field(

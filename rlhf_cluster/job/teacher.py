@@ -16,17 +16,20 @@ def rules(cfg: JobConfig) -> list[str]:
         return []
     out = []
     if not cfg.scoring.reference:
-        out.append("algorithm.distillation: the reference workers serve the teacher; set scoring.reference: true")
+        out.append(
+            "algorithm.distillation: the teacher pool runs in the reference pool's place; set scoring.reference: true"
+        )
     if cfg.learner.lora.enabled:
         out.append(
-            "algorithm.distillation with learner.lora: with LoRA the learner's base model is the reference, so no "
-            "worker would serve the teacher; train without LoRA"
+            "algorithm.distillation with learner.lora: with LoRA the learner's base model is the reference and no "
+            "teacher pool runs; train without LoRA"
         )
     kl = cfg.algorithm.kl
     if kl.placement != "none" and kl.coef > 0:
         out.append(
-            f"algorithm.distillation with algorithm.kl.coef={kl.coef:g}: the reference log-probs are the teacher's, "
-            "so the KL term would pull toward the teacher a second time; set kl.coef: 0 (or kl.placement: none)"
+            f"algorithm.distillation with algorithm.kl.coef={kl.coef:g}: the samples' reference log-probs are "
+            "the teacher's, so the KL term would pull toward the teacher a second time; set kl.coef: 0 "
+            "(or kl.placement: none)"
         )
     if cfg.algorithm.advantage not in GROUP_ADVANTAGES:
         out.append(
