@@ -63,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     sampling = SamplingConfig(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     gen_cfg = GenerationConfig(sampling=sampling, max_model_len=tiny.max_position_embeddings)
-    prompts = [
-        Prompt(r["prompt_id"], r["prompt"], r["answer"]) for r in arithmetic_rows(args.prompts, seed=0, split="bench")
-    ]
+    rows = arithmetic_rows(args.prompts, seed=0, split="bench")
+    prompts = [Prompt(r["prompt_id"], r["prompt"], r["answer"]) for r in rows]
 
     t0 = time.perf_counter()
     model_dir = ensure_tiny_model(tiny, args.cache_dir)
@@ -115,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         "headline": headline("ours/raw tokens/s", ratio, f">= {TARGET} (1.0 = no overhead)", ratio >= TARGET, "x"),
     }
 
+    print_report(args, result)
+    write_result(args.out, result)
+    return 0
+
+
+def print_report(args: argparse.Namespace, result: dict) -> None:
+    med, ratio, paired = result["medians"], result["ratio_ours_over_raw_tokens_per_s"], result["median_paired_ratio"]
     print(
-        f"\ngeneration_overhead  model hidden={args.hidden} layers={args.layers} heads={heads} | "
+        f"\ngeneration_overhead  model hidden={args.hidden} layers={args.layers} heads={args.hidden // HEAD_DIM} | "
         f"{args.prompts} prompts x n={args.n} x <= {args.max_new_tokens} tokens | {args.reps} reps "
         f"(+{args.warmup} warmup), medians"
     )
@@ -124,13 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for side in ("raw", "ours"):
         m = med[side]
         print(f"{side:<6} {m['seconds']:>9.3f} {m['tokens']:>8.0f} {m['tokens_per_s']:>10.1f}")
-    print(
-        f"ratio ours/raw tokens/s: {ratio:.3f}  (median of paired ratios {statistics.median(paired):.3f}; "
-        "1.0 = no overhead)"
-    )
-
-    write_result(args.out, result)
-    return 0
+    print(f"ratio ours/raw tokens/s: {ratio:.3f}  (median of paired ratios {paired:.3f}; 1.0 = no overhead)")
 
 
 if __name__ == "__main__":
