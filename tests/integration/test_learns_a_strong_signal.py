@@ -8,7 +8,7 @@ anywhere (advantages of the wrong sign, a loss that does not reach the weights, 
 not reach the engines, log-probs of the wrong tokens) leaves the reward where it started. The
 demo's held-out accuracy after 240 steps (`test_demo_learns.py`) is the slow, task-level check.
 
-How MARGIN was chosen (`.venv/bin/python benchmarks/strong_signal_spread.py --capabilities native
+How MARGIN was chosen (`.venv/bin/python -m benchmarks.strong_signal_spread --capabilities native
 default`, seeds 0-4, on an AMD EPYC whose own kernels are AVX2, and with the scalar kernels;
 2026-11-26): the mean reward of the last 4 steps minus that of the first 4 rose by +0.924 to
 +0.943 (AVX2) and +0.930 to +0.941 (scalar); the first 4 steps' mean was 0.05-0.07 in every run.
