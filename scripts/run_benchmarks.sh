@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# Runs every benchmark, `python -m benchmarks.<name>` for each benchmarks/<name>.py (not common.py,
-# what they share, nor helpers, whose names start with '_'; the soak and the GPU checks are packages
-# of their own: `make soak`, `make gpu-check`), with the project's venv, from the repo root; stops on
-# the first failure. Each benchmark prints its table and writes benchmarks/results/<name>.json
-# (git-ignored); at the end one summary line per benchmark is printed from the "headline" of its JSON.
+# Runs every benchmark with the project's venv, from the repo root: `python -m benchmarks.<name>` for
+# each benchmarks/<name>.py (not common.py, what they share, nor helpers, whose names start with '_'),
+# and the GPU checks' benchmarks (benchmarks/gpu/: learner, paths, step_profile; at tiny shapes on a
+# CPU; `make gpu-check` runs them at GPU shapes); not the soak (`make soak`: an hour under faults, not
+# a timing). Stops on the first failure. Each benchmark prints its table and writes
+# benchmarks/results/<name>.json (git-ignored); at the end one summary line per benchmark is printed
+# from the "headline" of its JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 shopt -s nullglob
-names=()
+# "<result name> <module>" per benchmark, in the order of their result names.
+entries=("gpu_learner gpu.learner" "gpu_paths gpu.paths" "gpu_profile gpu.step_profile")
 for script in benchmarks/*.py; do
   name=$(basename "$script" .py)
   case "$name" in
     _* | common) continue ;;
   esac
-  names+=("$name")
+  entries+=("$name $name")
 done
-if [ "${#names[@]}" -eq 0 ]; then
+mapfile -t entries < <(printf '%s\n' "${entries[@]}" | sort)
+names=() modules=()
+for entry in "${entries[@]}"; do
+  names+=("${entry%% *}")
+  modules+=("${entry#* }")
+done
+if [ "${#names[@]}" -eq 3 ]; then
   echo "run_benchmarks: no benchmarks/*.py found" >&2
   exit 1
 fi
 start=$SECONDS
 declare -a durations=()
-for name in "${names[@]}"; do
-  echo "=== benchmarks.$name"
+for module in "${modules[@]}"; do
+  echo "=== benchmarks.$module"
   t0=$SECONDS
-  "$PY" -m "benchmarks.$name"
+  "$PY" -m "benchmarks.$module"
   durations+=("$((SECONDS - t0))")
 done
 
