@@ -9,7 +9,7 @@ layouts fall back to `full_tensor()`.
 
 Tried and left out: gathering in a thread ahead of the packing (so the ranks' gathers overlap
 their packing instead of taking turns) made a push slower on a 2-core machine (1.55 s vs 0.93 s
-for two ranks sending their shares, `benchmarks/weight_sync.py --learner-ranks 2`).
+for two ranks sending their shares, `python -m benchmarks.weight_sync --learner-ranks 2`).
 """
 
 from __future__ import annotations

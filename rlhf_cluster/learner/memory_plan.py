@@ -17,7 +17,7 @@ The estimate, per rank, for a decoder of `layers` blocks of width `hidden` and M
 Checked against one H100 (2026-11-26, 10,335 real tokens in one micro-batch, before the one-rank
 learner kept gathered weights, so without those 2 bytes per parameter): Qwen2.5-0.5B estimated
 25.6 GiB, measured 24.0; Qwen2.5-1.5B estimated 61 GiB, measured 61.5; with checkpointing 1.5B
-estimated 29 GiB, measured 24.9. `benchmarks/gpu_learner.py` prints estimate and peak side by side.
+estimated 29 GiB, measured 24.9. `python -m benchmarks.gpu.learner` prints estimate and peak side by side.
 """
 
 from __future__ import annotations
