@@ -107,7 +107,7 @@ class AlgorithmConfig(_Strict):
         description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it.",
     )
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
-        "grpo", description="Advantage estimator."
+        "grpo", description="Advantage estimator (a name of algorithms.advantages.ESTIMATORS)."
     )
     gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
     lam: float = Field(

@@ -11,6 +11,7 @@ import torch
 
 from rlhf_cluster.algorithms import ESTIMATORS, estimator, filled_at_take_time
 from rlhf_cluster.config import AlgorithmConfig
+from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
 from rlhf_cluster.experience.build import build_group
 from rlhf_cluster.experience.records import Rollout
 
@@ -62,6 +63,8 @@ def test_each_estimator_looked_up_by_name_gives_its_numbers(name):
 
 def test_only_reinforce_pp_and_gae_are_filled_in_at_take_time():
     assert {name for name in ESTIMATORS if filled_at_take_time(name)} == {"reinforce_pp", "gae"}
+    # The rest are the group estimators the config's checks know (a group per prompt, n >= 2).
+    assert {name for name in ESTIMATORS if not filled_at_take_time(name)} == set(GROUP_ADVANTAGES)
 
 
 def test_an_unknown_estimator_is_refused_naming_the_field_and_the_known_names():
