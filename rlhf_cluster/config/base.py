@@ -54,6 +54,25 @@ def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None
                 raise ValueError(f"{section}.{old} was renamed to {section}.{new}")
 
 
+class FailureBudget(_Strict):
+    """How many of a user-supplied part's calls may fail (a reward function's, a judge's, an agent's)
+    before the job stops naming it (`rlhf_cluster.user_code.FailureRate`); until then a failed call
+    costs only its sample. One budget per worker."""
+
+    max_failure_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The job stops with an error naming the part, the failure rate and the last cause when more "
+        "than this share of the last `failure_window` calls a worker made failed (judged once the window is full; "
+        "a warning is logged past half of it), or when its first 32 calls all failed. A reward function or a judge "
+        "has this budget with `on_error: drop`; dropping that many samples would bias or starve training.",
+    )
+    failure_window: int = Field(
+        200, ge=1, description="Recent calls (per worker) over which `max_failure_fraction` is judged."
+    )
+
+
 class ResourcesConfig(_Strict):
     """Ray resources of one actor of a pool."""
 

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhf_cluster.config.base import ResourcesConfig, _Strict, _Typed
+from rlhf_cluster.config.base import FailureBudget, ResourcesConfig, _Strict, _Typed
 
 
 class SamplingConfig(_Strict):
@@ -146,7 +146,7 @@ class OpenEnvEnvironment(_Typed):
         return url.rstrip("/")
 
 
-class AgentConfig(_Strict):
+class AgentConfig(FailureBudget):
     """Agent episodes through the OpenAI-compatible gateway (`rlhf_cluster.gateway`): each sample
     is one call of the user's agent function (or one episode of an `environment`), whose requests to
     the gateway are recorded token for token."""
@@ -192,15 +192,6 @@ class AgentConfig(_Strict):
     memory_mb: int = Field(
         4096, ge=64, description="With isolation process: address space an agent call may add to its process."
     )
-    max_failure_fraction: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Failed agent calls cost their samples, until the agent counts as broken and the job stops "
-        "naming it: more than this share of the last failure_window calls a worker made failed, or its first 32 "
-        "all did.",
-    )
-    failure_window: int = Field(200, ge=1, description="Recent agent calls (per worker) max_failure_fraction judges.")
     tool_parser: str = Field(
         "hermes",
         description="How the model's tool calls are read back into OpenAI `tool_calls`: a tool parser of the "

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from pydantic import Field, field_validator, model_validator
 
-from rlhf_cluster.config.base import ResourcesConfig, _Strict, _Typed, typed_union
+from rlhf_cluster.config.base import FailureBudget, ResourcesConfig, _Strict, _Typed, typed_union
 
 
 class RewardModelSpec(_Strict):
@@ -36,7 +36,7 @@ class VerifierReward(_Typed):
     weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
 
 
-class FunctionReward(_Typed):
+class FunctionReward(_Typed, FailureBudget):
     """A user's reward function `module:function(response, answer) -> float | dict[str, float]`,
     in place of the task's verifier (see rlhf_cluster/scoring/rewards.py for the contract)."""
 
@@ -52,21 +52,6 @@ class FunctionReward(_Typed):
     )
     timeout_s: float = Field(
         30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned)."
-    )
-    max_failure_fraction: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="With `on_error: drop`, the job stops with an error naming the function, the "
-        "failure rate and the last cause when more than this share of the last `failure_window` samples a reward "
-        "worker "
-        "scored failed (a warning is logged at half of it): dropping that many would bias or starve training.",
-    )
-    failure_window: int = Field(
-        200,
-        ge=1,
-        description="Recent samples (per reward worker) over which `max_failure_fraction` is judged; the "
-        "rate is judged once the window is full.",
     )
 
     @field_validator("function")
@@ -97,7 +82,7 @@ class ModelReward(_Typed):
         return models
 
 
-class JudgeReward(_Typed):
+class JudgeReward(_Typed, FailureBudget):
     """A judge model's verdict as the reward (LLM-as-judge; `rlhf_cluster/scoring/judge.py`): served
     greedily by the judge workers' vLLM engines, its prompt a template around the sample."""
 
@@ -125,14 +110,6 @@ class JudgeReward(_Typed):
         description="A reply no parser reads, or a failed judge call: `fail` ends the job naming the judge and "
         "the reply; `drop` drops the sample (counted, never trained on), as for a failing reward function.",
     )
-    max_failure_fraction: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="With `on_error: drop`, the job stops naming the judge when more than this share of a judge "
-        "worker's last `failure_window` verdicts failed (or its first 32 all did).",
-    )
-    failure_window: int = Field(200, ge=1, description="Recent verdicts over which `max_failure_fraction` is judged.")
 
     @model_validator(mode="after")
     def _verdict_fits_group(self) -> JudgeReward:
