@@ -84,8 +84,9 @@ class DistillationConfig(_Strict):
 
     teacher: str = Field(
         ...,
-        description="The teacher: a Hugging Face model folder with the policy's tokenizer. The reference "
-        "workers serve it (scoring.reference), so its per-token log-probs arrive as the reference's do.",
+        description="The teacher: a Hugging Face model folder with the policy's tokenizer. The teacher pool serves "
+        "it in the reference pool's place (scoring.reference, scoring.reference_replicas), so its per-token "
+        "log-probs arrive where the reference's do.",
     )
     coef: float = Field(1.0, gt=0, description="Weight of each token's reverse-KL advantage.")
     mix_with_rewards: bool = Field(
