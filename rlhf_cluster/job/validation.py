@@ -63,16 +63,18 @@ def validate_model_dir(path: str | Path, needs_chat_template: bool = False) -> P
     tok_config = _check_tokenizer(folder)
     _check_weights(folder)
 
-    if needs_chat_template:
-        has_template = bool(tok_config.get("chat_template")) or any(
-            (folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")
+    if needs_chat_template and not _has_chat_template(folder, tok_config):
+        raise ModelDirError(
+            f"model folder {folder}: no chat template; expected `chat_template` in tokenizer_config.json "
+            "or a chat_template.jinja file (a base model needs one added before chat-formatted prompts can be used)"
         )
-        if not has_template:
-            raise ModelDirError(
-                f"model folder {folder}: no chat template; expected `chat_template` in tokenizer_config.json "
-                "or a chat_template.jinja file (a base model needs one added before chat-formatted prompts can be used)"
-            )
     return folder
+
+
+def _has_chat_template(folder: Path, tok_config: dict) -> bool:
+    """In tokenizer_config.json, or a file of its own beside it."""
+    files = ("chat_template.jinja", "chat_template.json")
+    return bool(tok_config.get("chat_template")) or any((folder / name).is_file() for name in files)
 
 
 def _check_tokenizer(folder: Path) -> dict:
