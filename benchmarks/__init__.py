@@ -6,8 +6,10 @@ Run from the repository's root, as modules: `python -m benchmarks.<name>` (`make
 benchmark here, scripts/run_benchmarks.sh); `python -m benchmarks.soak` is the hour under faults
 (`make soak`), `python -m benchmarks.gpu.check` the GPU checks (`make gpu-check`).
 
-- `common.py`: what the benchmarks share (machine info, rotated order, medians, tables, the result
-  file, a local Ray instance, the overrides every learning benchmark puts on a shipped job config);
+- `common.py`: what the benchmarks share (machine info, tables, the result file, random models);
+  `_timing.py`: sides in rotated order and their medians; `_jobs.py`: a local Ray instance, a job
+  run quietly, the overrides every learning benchmark puts on a shipped job config, and the
+  learning benchmarks' parser, held-out figures and result file;
 - `soak/`, `gpu/`: packages of their own;
 - modules whose names start with `_` are helpers, not benchmarks: `_trl_side.py` runs as a
   script in TRL's own virtual environment (it imports nothing of this repository),

@@ -19,31 +19,12 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    headline,
-    job_overrides,
-    local_ray,
-    machine_info,
-    print_table,
-    result_path,
-    run_job_quietly,
-    run_script,
-    write_result,
-)
-
-DEFAULT_OUT = result_path("agent_turn_samples")
+from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
+from benchmarks.common import REPO, headline, print_table, run_script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--sides", nargs="+", default=["episode", "turn"], choices=["episode", "turn"])
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
-    p.add_argument("--verbose", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    return p.parse_args(argv)
+    return jobs_parser(__doc__, "agent_turn_samples", steps=120, sides=("episode", "turn")).parse_args(argv)
 
 
 def config(args: argparse.Namespace, samples: str, seed: int, run_dir: Path):
@@ -77,14 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             for samples in args.sides:
                 start = time.perf_counter()
                 result = run_job_quietly(config(args, samples, seed, runs / f"{samples}-s{seed}"), args.verbose)
-                job = {
-                    "samples": samples,
-                    "seed": seed,
-                    "sampled_before": result.sampled_accuracy_before,
-                    "sampled_after": result.sampled_accuracy_after,
-                    "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
-                    "seconds": time.perf_counter() - start,
-                }
+                job = {"samples": samples, "seed": seed, **held_out(result), "seconds": time.perf_counter() - start}
                 jobs.append(job)
                 print(
                     f"  samples: {samples}, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
@@ -99,19 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bool) -> None:
     gains = {side: [j["gain"] for j in jobs if j["samples"] == side] for side in args.sides}
     learns = all(gains.get(side) and min(gains[side]) > 0 for side in args.sides)
-    write_result(
-        args.out,
-        {
-            "benchmark": "agent_turn_samples",
-            "machine": machine_info(),
-            "complete": final,
-            "seconds": seconds,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-            "jobs": jobs,
-            "gains": gains,
-            "headline": headline("every seed gains with each kind of sample", float(learns), "= 1", learns, ""),
-        },
-    )
+    top = headline("every seed gains with each kind of sample", float(learns), "= 1", learns, "")
+    write_jobs_result(args, "agent_turn_samples", final, seconds, jobs, gains, top)
     if final:
         print(
             f"\nagent_turn_samples  configs/tool_demo.yaml through an agent, {args.steps} steps: sampled held-out "

@@ -32,17 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    headline,
-    local_ray,
-    machine_info,
-    median,
-    print_table,
-    result_path,
-    rotated,
-    run_script,
-    write_result,
-)
+from benchmarks._jobs import local_ray
+from benchmarks._timing import median, rotated
+from benchmarks.common import headline, machine_info, print_table, result_path, run_script, write_result
 
 TARGET = 1.3  # async samples/s >= 1.3x sync
 DEFAULT_OUT = result_path("async_vs_sync")

@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmarks: machine info, alternating order, medians, tables, results JSON,
-the overrides every learning benchmark puts on a shipped job config.
+"""Helpers shared by the benchmarks: machine info, tables, results JSON, random models, vLLM's raw
+generate loop, kernel sets. Timing in rotated order is in `_timing.py`; local Ray and jobs in
+`_jobs.py`.
 
 Not a benchmark itself (scripts/run_benchmarks.sh skips it). Every benchmark writes
 `benchmarks/results/<name>.json` with at least `benchmark`, `machine`, `config`, every timing, and a
@@ -11,29 +12,21 @@ scripts/run_benchmarks.sh prints as the one-line summary.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import importlib.metadata
-import io
 import json
 import os
 import platform
-import shutil
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 HEAD_DIM = 64  # the random models' head size (vLLM's CPU attention supports it): heads = hidden / 64
-T = TypeVar("T")
 
 
 def result_path(name: str) -> Path:
@@ -91,54 +84,6 @@ def _cpu_model() -> str | None:
     return None
 
 
-def rotated(sides: Sequence[T], rep: int) -> tuple[T, ...]:
-    """The order of `sides` in repetition `rep` (negative = warmup): rotated by one each repetition.
-
-    With two sides this alternates a-b, b-a, ...; with three, a-b-c, b-c-a, c-a-b, so every side
-    takes every position equally often and machine drift hits all of them alike.
-    """
-    k = rep % len(sides)
-    return tuple(sides[k:]) + tuple(sides[:k])
-
-
-def median(values: Iterable[float]) -> float:
-    values = list(values)
-    return statistics.median(values) if values else float("nan")
-
-
-def time_token_rounds(
-    sides: Sequence[str], run: Callable[[str], int], reps: int, warmup: int, show: bool = False
-) -> dict[str, list[dict]]:
-    """`run(side)`, which returns the tokens it generated, for every side in rotated order (`rotated`):
-    `warmup` untimed rounds, then `reps` timed ones. Per side, one row per timed call: rep, position
-    in its round, seconds, tokens, tokens/s. `show` prints every call's tokens/s (warmup included)."""
-    timings: dict[str, list[dict]] = {side: [] for side in sides}
-    for rep in range(-warmup, reps):
-        order = rotated(sides, rep)
-        for side in order:
-            start = time.perf_counter()
-            tokens = run(side)
-            seconds = time.perf_counter() - start
-            if rep >= 0:
-                timings[side].append(
-                    {
-                        "rep": rep,
-                        "position": order.index(side),
-                        "seconds": seconds,
-                        "tokens": tokens,
-                        "tokens_per_s": tokens / seconds,
-                    }
-                )
-            if show:
-                print(f"rep {rep:2d} {side:5s} {tokens / seconds:8.1f} tokens/s", flush=True)
-    return timings
-
-
-def medians(timings: dict[str, list[dict]], keys: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per side, the median of each of `keys` over its timed rows."""
-    return {side: {k: median(row[k] for row in rows) for k in keys} for side, rows in timings.items()}
-
-
 def headline(name: str, value: float | None, target: str, met: bool | None, unit: str = "") -> dict:
     """The one number a benchmark is read by (printed by scripts/run_benchmarks.sh; None where a run
     could not measure it, e.g. a side left out)."""
@@ -194,6 +139,11 @@ def parse_model_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argp
     return args
 
 
+def args_config(args: argparse.Namespace) -> dict:
+    """A benchmark's options as its result file records them: all but --out, paths as strings."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+
+
 def write_result(out: Path, result: dict) -> None:
     if "headline" not in result:
         raise ValueError("every benchmark result needs a 'headline'")
@@ -202,28 +152,6 @@ def write_result(out: Path, result: dict) -> None:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
-
-
-def job_overrides(
-    run_dir: Path | str, cache_dir: str, seed: int, name: str, steps: int | None, eval_every: int = 0
-) -> list[str]:
-    """The `--set` overrides a learning benchmark puts on a shipped job config (the demo's, the tool
-    demo's) for each of its jobs: its run directory, model cache, seed and name; no progress bar,
-    no metrics endpoint, no checkpoint before the last step; a held-out evaluation every
-    `eval_every` steps (0: before and after only); `steps` learner steps (None: the config's)."""
-    sets = [
-        f"run_dir={run_dir}",
-        f"model.cache_dir={cache_dir}",
-        f"seed={seed}",
-        "train.progress=false",
-        f"name={name}",
-        "metrics.enabled=false",
-        "checkpoint.every_steps=1000000",
-        f"data.eval_every_steps={eval_every}",
-    ]
-    if steps is not None:
-        sets.append(f"train.total_steps={steps}")
-    return sets
 
 
 def free_port() -> int:
@@ -235,18 +163,9 @@ def free_port() -> int:
 def random_model(hidden: int, layers: int, intermediate: int, cache_dir: str):
     """A random Qwen2 of the given width and depth (head_dim 64, a quarter as many KV heads), built
     once into `cache_dir` with the tiny tokenizer; returns (shape config, folder)."""
-    from rlhf_cluster.config import TinyModelConfig
     from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
-    heads = hidden // 64
-    shape = TinyModelConfig(
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=max(1, heads // 4),
-        intermediate_size=intermediate,
-        max_position_embeddings=256,
-    )
+    shape = qwen2_shape(hidden, layers, max(1, hidden // HEAD_DIM // 4), intermediate=intermediate)
     return shape, ensure_tiny_model(shape, cache_dir)
 
 
@@ -275,46 +194,6 @@ def raw_generate(engine, texts: Sequence[str], params) -> list:
         return [finished[i] for i in ids]
 
     return engine.at_token_boundary(run).result()
-
-
-@contextlib.contextmanager
-def local_ray(verbose: bool, prefix: str):
-    """A local Ray instance of the benchmark's own (temp dir, no dashboard) for its jobs; yields a
-    scratch directory for their run dirs. Both are removed afterwards."""
-    import ray
-
-    ray_tmp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")
-    runs = Path(tempfile.mkdtemp(prefix=prefix))
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        _temp_dir=ray_tmp,
-        log_to_driver=verbose,
-    )
-    try:
-        yield runs
-    finally:
-        ray.shutdown()
-        shutil.rmtree(runs, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def run_job_quietly(cfg, verbose: bool):
-    """`Job(cfg).run()` then shutdown, the driver's lines kept back unless `verbose` (shown if it fails)."""
-    from actors.job import Job
-
-    log = io.StringIO()
-    try:
-        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log):
-            job = Job(cfg)
-            try:
-                return job.run()
-            finally:
-                job.shutdown()
-    except BaseException:
-        sys.stdout.write(log.getvalue()[-4000:])
-        raise
 
 
 def capability_env(capability: str) -> dict:
@@ -369,34 +248,18 @@ def rows_per_capability(
     return rows
 
 
-def in_local_ray(prefix: str, run: Callable[[Path], int], parent: str | None = None) -> int:
-    """`run(work)` with a temp work directory (under `parent`) and a local Ray instance of its own,
-    both gone afterwards; returns what `run` returns."""
-    import shutil
-    import tempfile
-
-    import ray
-
-    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir=str(work / "ray"))
-    try:
-        return run(work)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def qwen2_shape(hidden: int, layers: int):
-    """A random Qwen2 of this width and depth: head_dim 64, 4 KV heads, MLP 4x (the benchmarks' sizes)."""
+def qwen2_shape(hidden: int, layers: int, kv_heads: int = 4, positions: int = 256, intermediate: int | None = None):
+    """A random Qwen2's shape of this width and depth: head_dim 64 (`hidden` / 64 heads), `kv_heads`
+    KV heads, an MLP `intermediate` wide (4x by default), `positions` long (the benchmarks' sizes)."""
     from rlhf_cluster.config import TinyModelConfig
 
     return TinyModelConfig(
         hidden_size=hidden,
         num_layers=layers,
-        num_heads=hidden // 64,
-        num_kv_heads=4,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=256,
+        num_heads=hidden // HEAD_DIM,
+        num_kv_heads=kv_heads,
+        intermediate_size=intermediate or 4 * hidden,
+        max_position_embeddings=positions,
     )
 
 

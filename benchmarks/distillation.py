@@ -23,32 +23,20 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    headline,
-    job_overrides,
-    local_ray,
-    machine_info,
-    print_table,
-    result_path,
-    run_job_quietly,
-    run_script,
-    write_result,
-)
-
-DEFAULT_OUT = result_path("distillation")
+from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
+from benchmarks.common import REPO, headline, print_table, run_script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student job seeds")
+    p = jobs_parser(
+        __doc__,
+        "distillation",
+        steps=240,
+        sides=("teacher", "random"),
+        steps_help="steps of every job (the teacher's too)",
+    )
     p.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's GRPO run")
-    p.add_argument("--steps", type=int, default=240, help="steps of every job (the teacher's too)")
     p.add_argument("--coef", type=float, default=1.0, help="algorithm.distillation.coef")
-    p.add_argument("--sides", nargs="+", default=["teacher", "random"], choices=["teacher", "random"])
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
-    p.add_argument("--verbose", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
 
@@ -63,11 +51,9 @@ def config(args: argparse.Namespace, name: str, seed: int, run_dir: Path, teache
 
 def figures(result, seconds: float) -> dict:
     return {
-        "sampled_before": result.sampled_accuracy_before,
-        "sampled_after": result.sampled_accuracy_after,
+        **held_out(result),
         "greedy_before": result.accuracy_before,
         "greedy_after": result.accuracy_after,
-        "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
         "seconds": seconds,
         # The learner's KL estimate to the reference log-probs: with distillation, the teacher's.
         "kl_first": _mean(result.rows[:10], "kl"),
@@ -147,22 +133,8 @@ def report(args: argparse.Namespace, teacher: dict, jobs: list[dict], seconds: f
         and bool(gains.get("random"))
         and min(gains["teacher"]) > max(max(gains["random"]), 0.0)
     )
-    write_result(
-        args.out,
-        {
-            "benchmark": "distillation",
-            "machine": machine_info(),
-            "complete": final,
-            "seconds": seconds,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-            "teacher_run": teacher,
-            "jobs": jobs,
-            "gains": gains,
-            "headline": headline(
-                "every seed gains, beyond the random-teacher control's best", float(learns), "= 1", learns, ""
-            ),
-        },
-    )
+    top = headline("every seed gains, beyond the random-teacher control's best", float(learns), "= 1", learns, "")
+    write_jobs_result(args, "distillation", final, seconds, jobs, gains, top, teacher_run=teacher)
     if final:
         print(
             f"\ndistillation  configs/demo.yaml, {args.steps} steps, coef {args.coef}: sampled held-out accuracy "

@@ -21,18 +21,18 @@ import statistics
 import sys
 import time
 
+from benchmarks._timing import medians, time_token_rounds
 from benchmarks.common import (
     HEAD_DIM,
     headline,
     machine_info,
-    medians,
     model_parser,
     parse_model_args,
+    qwen2_shape,
     raw_generate,
-    time_token_rounds,
     write_result,
 )
-from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
+from rlhf_cluster.config import GenerationConfig, SamplingConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.generation.engine import VLLMEngine
@@ -52,15 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    heads = args.hidden // HEAD_DIM
-    tiny = TinyModelConfig(
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=heads,
-        num_kv_heads=max(1, heads // 2),
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=max(256, args.max_new_tokens + 32),
-    )
+    kv_heads = max(1, args.hidden // HEAD_DIM // 2)
+    tiny = qwen2_shape(args.hidden, args.layers, kv_heads, positions=max(256, args.max_new_tokens + 32))
     sampling = SamplingConfig(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     gen_cfg = GenerationConfig(sampling=sampling, max_model_len=tiny.max_position_embeddings)
     rows = arithmetic_rows(args.prompts, seed=0, split="bench")

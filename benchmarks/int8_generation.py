@@ -26,16 +26,15 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._timing import medians, time_token_rounds
 from benchmarks.common import (
     headline,
     machine_info,
-    medians,
     model_parser,
     parse_model_args,
     print_table,
     random_model,
     raw_generate,
-    time_token_rounds,
     write_result,
 )
 from rlhf_cluster.config import GenerationConfig, SamplingConfig

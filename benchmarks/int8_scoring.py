@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import headline, machine_info, print_table, random_model, result_path, rotated, write_result
+from benchmarks._timing import rotated
+from benchmarks.common import headline, machine_info, print_table, random_model, result_path, write_result
 from rlhf_cluster.config import RewardModelSpec
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.models.quantization import Int8Linear, quantize_linears

@@ -26,28 +26,14 @@ import random
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    headline,
-    job_overrides,
-    local_ray,
-    machine_info,
-    print_table,
-    result_path,
-    run_job_quietly,
-    run_script,
-    write_result,
-)
+from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
+from benchmarks.common import REPO, headline, print_table, run_script
 
-DEFAULT_OUT = result_path("judge")
 TEMPLATE = "{prompt}{response}|{answer}|"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="job seeds")
-    p.add_argument("--steps", type=int, default=240, help="GRPO steps of every job")
-    p.add_argument("--sides", nargs="+", default=["judge", "placebo"], choices=["judge", "placebo"])
+    p = jobs_parser(__doc__, "judge", steps=240, sides=("judge", "placebo"), steps_help="GRPO steps of every job")
     p.add_argument("--judge-steps", type=int, default=1500, help="supervised steps of each judge")
     p.add_argument(
         "--judges-dir",
@@ -56,9 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the trained judges here, and reuse those already there (default: the run's temp dir)",
     )
     p.add_argument("--judge-hidden", type=int, default=128)
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
-    p.add_argument("--verbose", action="store_true")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
 
@@ -232,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = {
                     "side": side,
                     "seed": seed,
-                    "sampled_before": result.sampled_accuracy_before,
-                    "sampled_after": result.sampled_accuracy_after,
-                    "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
+                    **held_out(result),
                     "agreement_last_fifth": agreed,
                     "judged_share_last_fifth": judged,
                     "seconds": time.perf_counter() - start,
@@ -261,23 +242,8 @@ def report(args: argparse.Namespace, trained: dict, jobs: list[dict], seconds: f
         and min(gains["judge"]) > max(gains["placebo"])
         and min(agree) >= 0.8
     )
-    write_result(
-        args.out,
-        {
-            "benchmark": "judge",
-            "machine": machine_info(),
-            "complete": final,
-            "seconds": seconds,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-            "template": TEMPLATE,
-            "judges": trained,
-            "jobs": jobs,
-            "gains": gains,
-            "headline": headline(
-                "every judge seed gains beyond the placebo's best, >= 80% agreement", float(learns), "= 1", learns, ""
-            ),
-        },
-    )
+    top = headline("every judge seed gains beyond the placebo's best, >= 80% agreement", float(learns), "= 1", learns)
+    write_jobs_result(args, "judge", final, seconds, jobs, gains, top, template=TEMPLATE, judges=trained)
     if final:
         print(
             f"\njudge  configs/demo.yaml, {args.steps} steps, rewarded by the judge alone: sampled held-out "

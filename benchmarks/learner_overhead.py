@@ -35,19 +35,19 @@ import time
 import torch
 import torch.distributed as dist
 
+from benchmarks._timing import median, rotated
 from benchmarks.common import (
     HEAD_DIM,
     free_port,
     headline,
     machine_info,
-    median,
     model_parser,
     parse_model_args,
     print_table,
-    rotated,
+    qwen2_shape,
     write_result,
 )
-from rlhf_cluster.config import JobConfig, TinyModelConfig
+from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
@@ -155,15 +155,8 @@ class HandLoop:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    heads = args.hidden // HEAD_DIM
-    tiny = TinyModelConfig(
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=heads,
-        num_kv_heads=max(1, heads // 2),
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=max(256, args.prompt_len + args.response_len + 8),
-    )
+    kv_heads = max(1, args.hidden // HEAD_DIM // 2)
+    tiny = qwen2_shape(args.hidden, args.layers, kv_heads, positions=max(256, args.prompt_len + args.response_len + 8))
     model_dir = str(ensure_tiny_model(tiny, args.cache_dir))
     run_dir = tempfile.mkdtemp(prefix="bench-learner-")
     cfg = job_config(args, model_dir, run_dir)

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import headline, machine_info, median, print_table, result_path, rotated, write_result
+from benchmarks._timing import median, rotated
+from benchmarks.common import headline, machine_info, print_table, qwen2_shape, result_path, write_result
 from rlhf_cluster.weights.buckets import DeliveryManifest
 
 TARGET = 1.12  # the low end of the 12-40% gains AReaL, slime and PipelineRL report
@@ -183,22 +184,15 @@ def run_streaming(engine, store, prompts, args, follow: bool = True) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from rlhf_cluster.config import GenerationConfig, SamplingConfig, TinyModelConfig
+    from rlhf_cluster.config import GenerationConfig, SamplingConfig
     from rlhf_cluster.data.prompts import Prompt
     from rlhf_cluster.data.tasks import arithmetic_rows
     from rlhf_cluster.generation.engine import VLLMEngine
     from rlhf_cluster.models.modeling import load_causal_lm
     from rlhf_cluster.models.tiny_model import ensure_long_tail_model, ensure_tiny_model
 
-    heads = max(1, args.hidden // 64)
-    tiny = TinyModelConfig(
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=heads,
-        num_kv_heads=max(1, heads // 4),
-        intermediate_size=4 * args.hidden,
-        max_position_embeddings=max(256, args.max_new_tokens + 64),
-    )
+    kv_heads = max(1, args.hidden // 64 // 4)
+    tiny = qwen2_shape(args.hidden, args.layers, kv_heads, positions=max(256, args.max_new_tokens + 64))
     model_dir = ensure_long_tail_model(
         ensure_tiny_model(tiny, args.cache_dir), args.eos_rate, Path(args.cache_dir) / "long-tail"
     )

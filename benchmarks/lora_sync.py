@@ -29,17 +29,9 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.common import (
-    headline,
-    in_local_ray,
-    machine_info,
-    median,
-    print_table,
-    qwen2_shape,
-    result_path,
-    rotated,
-    write_result,
-)
+from benchmarks._jobs import in_local_ray
+from benchmarks._timing import median, rotated
+from benchmarks.common import headline, machine_info, print_table, qwen2_shape, result_path, write_result
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("adapters", "merged")

@@ -24,28 +24,19 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    headline,
-    job_overrides,
-    local_ray,
-    machine_info,
-    print_table,
-    result_path,
-    run_job_quietly,
-    run_script,
-    write_result,
-)
+from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
+from benchmarks.common import REPO, headline, print_table, run_script
 
 PLACEBO = "placebo"
 PPO = "ppo"
-DEFAULT_OUT = result_path("presets_learn")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from rlhf_cluster.algorithms.presets import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = jobs_parser(
+        __doc__, "presets_learn", steps=None, steps_help="learner steps per job (default: the config's; the demo's 240)"
+    )
     p.add_argument(
         "--config",
         type=Path,
@@ -55,12 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--presets", nargs="+", default=[*PRESETS, PPO, PLACEBO], help="presets to run (ppo: configs/ppo.yaml)"
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="job seeds")
-    p.add_argument(
-        "--steps", type=int, default=None, help="learner steps per job (default: the config's; the demo's 240)"
-    )
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
-    p.add_argument("--verbose", action="store_true")
     p.add_argument(
         "--keep-runs",
         type=Path,
@@ -73,7 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="held-out evaluation every N steps, into each run's metrics.jsonl (default: before and after only)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
 
 
@@ -106,11 +90,9 @@ def run_job(args: argparse.Namespace, preset: str, seed: int, run_dir: Path) -> 
         "preset": preset,
         "seed": seed,
         "seconds": time.perf_counter() - start,
-        "sampled_before": result.sampled_accuracy_before,
-        "sampled_after": result.sampled_accuracy_after,
+        **held_out(result),
         "greedy_before": result.accuracy_before,
         "greedy_after": result.accuracy_after,
-        "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
         "first_reward": statistics.fmean(r["reward_mean"] for r in result.rows[:10]),
         "final_reward": statistics.fmean(r["reward_mean"] for r in result.rows[-10:]),
     }
@@ -159,25 +141,13 @@ def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bo
         )
     learning = [row for row in table if row[5] in ("yes", "NO")]
     value = sum(row[5] == "yes" for row in learning)
-    write_result(
-        args.out,
-        {
-            "benchmark": "presets_learn",
-            "machine": machine_info(),
-            "complete": final,
-            "seconds": seconds,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
-            "jobs": jobs,
-            "gains": gains,
-            "headline": headline(
-                "presets whose every seed gains, beyond the placebo's best",
-                value,
-                f"= {len(learning)} (all)",
-                value == len(learning) if learning else None,
-                "",
-            ),
-        },
+    top = headline(
+        "presets whose every seed gains, beyond the placebo's best",
+        value,
+        f"= {len(learning)} (all)",
+        value == len(learning) if learning else None,
     )
+    write_jobs_result(args, "presets_learn", final, seconds, jobs, gains, top)
     if final:
         steps = args.steps or "the config's"
         print(

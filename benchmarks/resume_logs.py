@@ -21,17 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    headline,
-    machine_info,
-    median,
-    print_table,
-    result_path,
-    rotated,
-    run_script,
-    write_result,
-)
+from benchmarks._timing import median, rotated
+from benchmarks.common import REPO, headline, machine_info, print_table, result_path, run_script, write_result
 
 LOGS = (
     "metrics.jsonl",

@@ -22,16 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import (
-    REPO,
-    headline,
-    local_ray,
-    machine_info,
-    print_table,
-    result_path,
-    rows_per_capability,
-    write_result,
-)
+from benchmarks._jobs import local_ray
+from benchmarks.common import REPO, headline, machine_info, print_table, result_path, rows_per_capability, write_result
 
 TARGET = 0.75  # issue 39: every seed, every capability
 

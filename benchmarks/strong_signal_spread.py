@@ -18,16 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.common import (
-    headline,
-    local_ray,
-    machine_info,
-    print_table,
-    result_path,
-    rows_per_capability,
-    run_job_quietly,
-    write_result,
-)
+from benchmarks._jobs import local_ray, run_job_quietly
+from benchmarks.common import headline, machine_info, print_table, result_path, rows_per_capability, write_result
 
 MARGIN = 0.4  # the test's (tests/integration/test_learns_a_strong_signal.py)
 WINDOW = 4  # steps averaged at each end

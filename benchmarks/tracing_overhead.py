@@ -17,19 +17,10 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks._jobs import local_ray, run_job_quietly
+from benchmarks._timing import median, rotated
 from benchmarks.async_vs_sync import add_job_args, job_config, parse_job_args
-from benchmarks.common import (
-    headline,
-    local_ray,
-    machine_info,
-    median,
-    print_table,
-    result_path,
-    rotated,
-    run_job_quietly,
-    run_script,
-    write_result,
-)
+from benchmarks.common import headline, machine_info, print_table, result_path, run_script, write_result
 
 TARGET = 1.02  # tracing may cost at most 2% of step time
 DEFAULT_OUT = result_path("tracing_overhead")

@@ -56,18 +56,10 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks._jobs import in_local_ray
+from benchmarks._timing import median, rotated
 from benchmarks._weight_sync_actors import BareEngine, Sender, learner_group
-from benchmarks.common import (
-    headline,
-    in_local_ray,
-    machine_info,
-    median,
-    print_table,
-    qwen2_shape,
-    result_path,
-    rotated,
-    write_result,
-)
+from benchmarks.common import headline, machine_info, print_table, qwen2_shape, result_path, write_result
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("direct", "broadcast", "collective", "filesystem", "files", "snapshot", "files_fsync", "sparse")

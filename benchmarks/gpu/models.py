@@ -18,58 +18,29 @@ from benchmarks.common import free_port, random_model
 # Dense bf16 peak FLOP/s by device name (vendor datasheets; sparse figures halved).
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 VOCAB = 151936
-# Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU smoke shape.
-SHAPES: dict[str, dict[str, Any]] = {
-    # The CPU demo's model (configs/demo.yaml: hidden 64, 2 layers), its own small vocabulary.
-    "demo": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=128,
-        tie_word_embeddings=None,
-    ),  # as the tiny model builder ties it
-    "tiny": dict(
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        intermediate_size=1024,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-3b": dict(
-        hidden_size=2048,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        intermediate_size=11008,
-        tie_word_embeddings=True,
-    ),
-    "qwen2.5-7b": dict(
-        hidden_size=3584,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        intermediate_size=18944,
-        tie_word_embeddings=False,
-    ),
+
+
+# Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU smoke shape. One row per
+# shape, its columns the config.json fields `_FIELDS` names.
+_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "tie_word_embeddings",
+)
+_ROWS: dict[str, tuple[int, int, int, int, int, bool | None]] = {
+    # The CPU demo's model (configs/demo.yaml: hidden 64, 2 layers), its own small vocabulary; None:
+    # tied as the tiny model builder ties it.
+    "demo": (64, 2, 2, 1, 128, None),
+    "tiny": (256, 2, 4, 1, 1024, True),
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864, True),
+    "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, True),
+    "qwen2.5-3b": (2048, 36, 16, 2, 11008, True),
+    "qwen2.5-7b": (3584, 28, 28, 4, 18944, False),
 }
+SHAPES: dict[str, dict[str, Any]] = {name: dict(zip(_FIELDS, row)) for name, row in _ROWS.items()}
 
 
 def build_model(shape: str, cache_dir: str) -> Path:
