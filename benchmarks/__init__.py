@@ -7,9 +7,10 @@ benchmark here, scripts/run_benchmarks.sh); `python -m benchmarks.soak` is the h
 (`make soak`), `python -m benchmarks.gpu.check` the GPU checks (`make gpu-check`).
 
 - `common.py`: what the benchmarks share (machine info, tables, the result file, random models);
-  `_timing.py`: sides in rotated order and their medians; `_jobs.py`: a local Ray instance, a job
-  run quietly, the overrides every learning benchmark puts on a shipped job config, and the
-  learning benchmarks' parser, held-out figures and result file;
+  `_timing.py`: sides in rotated order and their medians; `_jobs.py`: a local Ray instance and a
+  job run quietly; `_learning.py`: what the learning benchmarks share (their parser, the overrides
+  they put on a shipped job config, the loop over seeds and sides, the held-out figures, whether a
+  side beats its control, the result file);
 - `soak/`, `gpu/`: packages of their own;
 - modules whose names start with `_` are helpers, not benchmarks: `_trl_side.py` runs as a
   script in TRL's own virtual environment (it imports nothing of this repository),

@@ -1,45 +1,19 @@
-"""What the benchmarks that run jobs share: a local Ray instance of their own, a job run quietly,
-the overrides every learning benchmark puts on a shipped job config, and the learning benchmarks'
-parser, held-out figures and result file.
+"""Running jobs and actors in a local Ray instance of the benchmark's own: `local_ray` for a
+benchmark's jobs, `in_local_ray` for its actors, `run_job_quietly` for one job.
 
 Not a benchmark itself (scripts/run_benchmarks.sh skips modules whose names start with `_`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-
-from benchmarks.common import args_config, machine_info, result_path, write_result
-
-
-def job_overrides(
-    run_dir: Path | str, cache_dir: str, seed: int, name: str, steps: int | None, eval_every: int = 0
-) -> list[str]:
-    """The `--set` overrides a learning benchmark puts on a shipped job config (the demo's, the tool
-    demo's) for each of its jobs: its run directory, model cache, seed and name; no progress bar,
-    no metrics endpoint, no checkpoint before the last step; a held-out evaluation every
-    `eval_every` steps (0: before and after only); `steps` learner steps (None: the config's)."""
-    sets = [
-        f"run_dir={run_dir}",
-        f"model.cache_dir={cache_dir}",
-        f"seed={seed}",
-        "train.progress=false",
-        f"name={name}",
-        "metrics.enabled=false",
-        "checkpoint.every_steps=1000000",
-        f"data.eval_every_steps={eval_every}",
-    ]
-    if steps is not None:
-        sets.append(f"train.total_steps={steps}")
-    return sets
 
 
 @contextlib.contextmanager
@@ -94,59 +68,3 @@ def in_local_ray(prefix: str, run: Callable[[Path], int], parent: str | None = N
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def jobs_parser(
-    doc: str, name: str, steps: int | None, sides: Sequence[str] = (), steps_help: str = "learner steps of every job"
-) -> argparse.ArgumentParser:
-    """The parser of a learning benchmark (a shipped job per seed and side, described by its
-    docstring's first paragraph): --seeds, --steps, --sides (where it has `sides`: all by default),
-    --cache-dir, --verbose and --out (benchmarks/results/<name>.json). The benchmark adds its own."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="job seeds")
-    p.add_argument("--steps", type=int, default=steps, help=steps_help)
-    if sides:
-        p.add_argument("--sides", nargs="+", default=list(sides), choices=list(sides))
-    p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
-    p.add_argument("--verbose", action="store_true", help="show the jobs' own lines")
-    p.add_argument("--out", type=Path, default=result_path(name), help="JSON results file")
-    return p
-
-
-def held_out(result) -> dict:
-    """A job's sampled held-out accuracy (30 sums never trained on, as the demo reports it) before
-    and after its training, and the gain between them."""
-    return {
-        "sampled_before": result.sampled_accuracy_before,
-        "sampled_after": result.sampled_accuracy_after,
-        "gain": result.sampled_accuracy_after - result.sampled_accuracy_before,
-    }
-
-
-def write_jobs_result(
-    args: argparse.Namespace,
-    name: str,
-    final: bool,
-    seconds: float,
-    jobs: list[dict],
-    gains: dict[str, list[float]],
-    top: dict,
-    **extra,
-) -> None:
-    """A learning benchmark's result file, rewritten after every job (a cut-off run keeps what it
-    measured, marked `complete: false`): its options, `extra`, every job, the gains per side and
-    the headline `top`."""
-    write_result(
-        args.out,
-        {
-            "benchmark": name,
-            "machine": machine_info(),
-            "complete": final,
-            "seconds": seconds,
-            "config": args_config(args),
-            **extra,
-            "jobs": jobs,
-            "gains": gains,
-            "headline": top,
-        },
-    )

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 from pathlib import Path
 
-from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
-from benchmarks.common import REPO, headline, print_table, run_script
+from benchmarks import _learning as learning
+from benchmarks._jobs import local_ray, run_job_quietly
+from benchmarks.common import REPO, headline, run_script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return jobs_parser(__doc__, "agent_turn_samples", steps=120, sides=("episode", "turn")).parse_args(argv)
+    return learning.jobs_parser(__doc__, "agent_turn_samples", steps=120, sides=("episode", "turn")).parse_args(argv)
 
 
 def config(args: argparse.Namespace, samples: str, seed: int, run_dir: Path):
@@ -32,7 +34,7 @@ def config(args: argparse.Namespace, samples: str, seed: int, run_dir: Path):
 
     cfg = load_config(
         REPO / "configs" / "tool_demo.yaml",
-        job_overrides(run_dir, args.cache_dir, seed, f"bench-agent-{samples}-s{seed}", args.steps),
+        learning.job_overrides(run_dir, args.cache_dir, seed, f"bench-agent-{samples}-s{seed}", args.steps),
     )
     raw = cfg.model_dump()
     raw["generation"]["environment"] = None
@@ -52,39 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     args.cache_dir = str(Path(args.cache_dir).expanduser())
     t0 = time.perf_counter()
-    jobs: list[dict] = []
     with local_ray(args.verbose, "bench-agent-") as runs:
-        for seed in args.seeds:
-            for samples in args.sides:
-                start = time.perf_counter()
-                result = run_job_quietly(config(args, samples, seed, runs / f"{samples}-s{seed}"), args.verbose)
-                job = {"samples": samples, "seed": seed, **held_out(result), "seconds": time.perf_counter() - start}
-                jobs.append(job)
-                print(
-                    f"  samples: {samples}, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
-                    f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), {job['seconds']:.0f}s",
-                    flush=True,
-                )
-                report(args, jobs, time.perf_counter() - t0, final=False)
+
+        def job(samples: str, seed: int) -> dict:
+            result = run_job_quietly(config(args, samples, seed, runs / f"{samples}-s{seed}"), args.verbose)
+            return {"samples": samples, "seed": seed, **learning.held_out(result)}
+
+        jobs = learning.run_per_seed(args, job, show, partial(report, args), t0)
     report(args, jobs, time.perf_counter() - t0, final=True)
     return 0
 
 
+def show(job: dict) -> str:
+    return f"  samples: {job['samples']}, seed {job['seed']}: {learning.held_out_text(job)}, {job['seconds']:.0f}s"
+
+
 def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bool) -> None:
-    gains = {side: [j["gain"] for j in jobs if j["samples"] == side] for side in args.sides}
+    gains = learning.gains_by_side(jobs, args.sides, "samples")
     learns = all(gains.get(side) and min(gains[side]) > 0 for side in args.sides)
     top = headline("every seed gains with each kind of sample", float(learns), "= 1", learns, "")
-    write_jobs_result(args, "agent_turn_samples", final, seconds, jobs, gains, top)
+    learning.write_jobs(args, "agent_turn_samples", final, seconds, jobs, gains, top)
     if final:
         print(
             f"\nagent_turn_samples  configs/tool_demo.yaml through an agent, {args.steps} steps: sampled held-out "
             f"accuracy | {seconds:.0f}s"
         )
-        print_table(
-            ["samples", "seed", "before", "after", "gain"],
-            [[j["samples"], j["seed"], j["sampled_before"], j["sampled_after"], j["gain"]] for j in jobs],
-            ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}"],
-        )
+        learning.print_jobs(jobs, "samples", "samples")
 
 
 if __name__ == "__main__":

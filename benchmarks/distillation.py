@@ -21,14 +21,16 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
-from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
-from benchmarks.common import REPO, headline, print_table, run_script
+from benchmarks import _learning as learning
+from benchmarks._jobs import local_ray, run_job_quietly
+from benchmarks.common import REPO, headline, run_script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = jobs_parser(
+    p = learning.jobs_parser(
         __doc__,
         "distillation",
         steps=240,
@@ -43,18 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config(args: argparse.Namespace, name: str, seed: int, run_dir: Path, teacher: str | None):
     from rlhf_cluster.config import load_config
 
-    sets = job_overrides(run_dir, args.cache_dir, seed, f"bench-distill-{name}-s{seed}", args.steps)
+    sets = learning.job_overrides(run_dir, args.cache_dir, seed, f"bench-distill-{name}-s{seed}", args.steps)
     if teacher is not None:
         sets += [f"algorithm.distillation.teacher={teacher}", f"algorithm.distillation.coef={args.coef}"]
     return load_config(REPO / "configs" / "demo.yaml", sets)
 
 
-def figures(result, seconds: float) -> dict:
+def figures(result) -> dict:
     return {
-        **held_out(result),
+        **learning.held_out(result),
         "greedy_before": result.accuracy_before,
         "greedy_after": result.accuracy_after,
-        "seconds": seconds,
         # The learner's KL estimate to the reference log-probs: with distillation, the teacher's.
         "kl_first": _mean(result.rows[:10], "kl"),
         "kl_last": _mean(result.rows[-10:], "kl"),
@@ -95,66 +96,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).expanduser())
     t0 = time.perf_counter()
-    jobs: list[dict] = []
     with local_ray(args.verbose, "bench-distill-") as runs:
         start = time.perf_counter()
         cfg = config(args, "teacher-grpo", args.teacher_seed, runs / "teacher", None)
-        trained = figures(run_job_quietly(cfg, args.verbose), time.perf_counter() - start)
+        trained = {**figures(run_job_quietly(cfg, args.verbose)), "seconds": time.perf_counter() - start}
         teachers = {"teacher": teacher_folder(cfg, runs / "teacher-model"), "random": random_teacher(cfg)}
         print(
             f"  teacher (GRPO, seed {args.teacher_seed}): sampled held-out {trained['sampled_before']:.3f} -> "
             f"{trained['sampled_after']:.3f}",
             flush=True,
         )
-        for seed in args.seeds:
-            for side in args.sides:
-                start = time.perf_counter()
-                result = run_job_quietly(
-                    config(args, side, seed, runs / f"{side}-s{seed}", teachers[side]), args.verbose
-                )
-                job = {"side": side, "seed": seed, **figures(result, time.perf_counter() - start)}
-                jobs.append(job)
-                print(
-                    f"  distilled from the {side} teacher, seed {seed}: sampled held-out "
-                    f"{job['sampled_before']:.3f} -> {job['sampled_after']:.3f} ({job['gain']:+.3f}), "
-                    f"KL to the teacher "
-                    f"{job['kl_first']:.4f} -> {job['kl_last']:.4f}, {job['seconds']:.0f}s",
-                    flush=True,
-                )
-                report(args, trained, jobs, time.perf_counter() - t0, final=False)
+
+        def job(side: str, seed: int) -> dict:
+            result = run_job_quietly(config(args, side, seed, runs / f"{side}-s{seed}", teachers[side]), args.verbose)
+            return {"side": side, "seed": seed, **figures(result)}
+
+        jobs = learning.run_per_seed(args, job, show, partial(report, args, trained), t0)
     report(args, trained, jobs, time.perf_counter() - t0, final=True)
     return 0
 
 
-def report(args: argparse.Namespace, teacher: dict, jobs: list[dict], seconds: float, final: bool) -> None:
-    gains = {side: [j["gain"] for j in jobs if j["side"] == side] for side in args.sides}
-    learns = (
-        bool(gains.get("teacher"))
-        and bool(gains.get("random"))
-        and min(gains["teacher"]) > max(max(gains["random"]), 0.0)
+def show(job: dict) -> str:
+    return (
+        f"  distilled from the {job['side']} teacher, seed {job['seed']}: {learning.held_out_text(job)}, "
+        f"KL to the teacher {job['kl_first']:.4f} -> {job['kl_last']:.4f}, {job['seconds']:.0f}s"
     )
+
+
+def report(args: argparse.Namespace, teacher: dict, jobs: list[dict], seconds: float, final: bool) -> None:
+    gains = learning.gains_by_side(jobs, args.sides)
+    learns = learning.beats_control(gains, "teacher", "random")
     top = headline("every seed gains, beyond the random-teacher control's best", float(learns), "= 1", learns, "")
-    write_jobs_result(args, "distillation", final, seconds, jobs, gains, top, teacher_run=teacher)
+    learning.write_jobs(args, "distillation", final, seconds, jobs, gains, top, teacher_run=teacher)
     if final:
         print(
             f"\ndistillation  configs/demo.yaml, {args.steps} steps, coef {args.coef}: sampled held-out accuracy "
             f"(teacher: {teacher['sampled_after']:.3f}) | {seconds:.0f}s"
         )
-        print_table(
-            ["teacher", "seed", "before", "after", "gain", "KL to the teacher, first -> last 10 steps"],
-            [
-                [
-                    j["side"],
-                    j["seed"],
-                    j["sampled_before"],
-                    j["sampled_after"],
-                    j["gain"],
-                    f"{j['kl_first']:.4f} -> {j['kl_last']:.4f}",
-                ]
-                for j in jobs
-            ],
-            ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"],
-        )
+        kl = {"KL to the teacher, first -> last 10 steps": lambda j: f"{j['kl_first']:.4f} -> {j['kl_last']:.4f}"}
+        learning.print_jobs(jobs, "teacher", more=kl)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,20 @@ import argparse
 import json
 import random
 import time
+from functools import partial
 from pathlib import Path
 
-from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
-from benchmarks.common import REPO, headline, print_table, run_script
+from benchmarks import _learning as learning
+from benchmarks._jobs import local_ray, run_job_quietly
+from benchmarks.common import REPO, headline, run_script
 
 TEMPLATE = "{prompt}{response}|{answer}|"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = jobs_parser(__doc__, "judge", steps=240, sides=("judge", "placebo"), steps_help="GRPO steps of every job")
+    p = learning.jobs_parser(
+        __doc__, "judge", steps=240, sides=("judge", "placebo"), steps_help="GRPO steps of every job"
+    )
     p.add_argument("--judge-steps", type=int, default=1500, help="supervised steps of each judge")
     p.add_argument(
         "--judges-dir",
@@ -49,7 +53,7 @@ def demo_config(args: argparse.Namespace, name: str, seed: int, run_dir: Path, j
     from rlhf_cluster.config import load_config
 
     sets = [
-        *job_overrides(run_dir, args.cache_dir, seed, f"bench-judge-{name}-s{seed}", args.steps),
+        *learning.job_overrides(run_dir, args.cache_dir, seed, f"bench-judge-{name}-s{seed}", args.steps),
         "train.record_rollouts=true",
     ]
     cfg = load_config(REPO / "configs" / "demo.yaml", sets)
@@ -188,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).expanduser())
     t0 = time.perf_counter()
-    jobs: list[dict] = []
     with local_ray(args.verbose, "bench-judge-") as runs:
         demo = load_config(REPO / "configs" / "demo.yaml", [f"model.cache_dir={args.cache_dir}"])
         tokenizer_dir = ensure_tiny_model(demo.model.tiny, args.cache_dir)
@@ -206,64 +209,49 @@ def main(argv: list[str] | None = None) -> int:
                 f"examples ({trained[side]['train_seconds']:.0f}s of training)",
                 flush=True,
             )
-        for seed in args.seeds:
-            for side in args.sides:
-                start = time.perf_counter()
-                cfg = demo_config(args, side, seed, runs / f"{side}-s{seed}", str(judges[side]))
-                result = run_job_quietly(cfg, args.verbose)
-                agreed, judged = agreement(cfg)
-                job = {
-                    "side": side,
-                    "seed": seed,
-                    **held_out(result),
-                    "agreement_last_fifth": agreed,
-                    "judged_share_last_fifth": judged,
-                    "seconds": time.perf_counter() - start,
-                }
-                jobs.append(job)
-                print(
-                    f"  {side} judge, seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
-                    f"{job['sampled_after']:.3f} ({job['gain']:+.3f}), agreement with the verifier at the end "
-                    f"{agreed if agreed is None else f'{agreed:.1%}'}, {job['seconds']:.0f}s",
-                    flush=True,
-                )
-                report(args, trained, jobs, time.perf_counter() - t0, final=False)
+
+        def job(side: str, seed: int) -> dict:
+            cfg = demo_config(args, side, seed, runs / f"{side}-s{seed}", str(judges[side]))
+            result = run_job_quietly(cfg, args.verbose)
+            agreed, judged = agreement(cfg)
+            return {
+                "side": side,
+                "seed": seed,
+                **learning.held_out(result),
+                "agreement_last_fifth": agreed,
+                "judged_share_last_fifth": judged,
+            }
+
+        jobs = learning.run_per_seed(args, job, show, partial(report, args, trained), t0)
     report(args, trained, jobs, time.perf_counter() - t0, final=True)
     return 0
 
 
-def report(args: argparse.Namespace, trained: dict, jobs: list[dict], seconds: float, final: bool) -> None:
-    gains = {side: [j["gain"] for j in jobs if j["side"] == side] for side in args.sides}
-    agree = [j["agreement_last_fifth"] or 0.0 for j in jobs if j["side"] == "judge"]
-    learns = (
-        bool(gains.get("judge"))
-        and bool(gains.get("placebo"))
-        and min(gains["judge"]) > 0
-        and min(gains["judge"]) > max(gains["placebo"])
-        and min(agree) >= 0.8
+def show(job: dict) -> str:
+    agreed = job["agreement_last_fifth"]
+    return (
+        f"  {job['side']} judge, seed {job['seed']}: {learning.held_out_text(job)}, "
+        f"agreement with the verifier at the end {agreed if agreed is None else f'{agreed:.1%}'}, {job['seconds']:.0f}s"
     )
+
+
+def report(args: argparse.Namespace, trained: dict, jobs: list[dict], seconds: float, final: bool) -> None:
+    gains = learning.gains_by_side(jobs, args.sides)
+    agree = [j["agreement_last_fifth"] or 0.0 for j in jobs if j["side"] == "judge"]
+    learns = learning.beats_control(gains, "judge", "placebo") and min(agree) >= 0.8
     top = headline("every judge seed gains beyond the placebo's best, >= 80% agreement", float(learns), "= 1", learns)
-    write_jobs_result(args, "judge", final, seconds, jobs, gains, top, template=TEMPLATE, judges=trained)
+    learning.write_jobs(args, "judge", final, seconds, jobs, gains, top, template=TEMPLATE, judges=trained)
     if final:
         print(
             f"\njudge  configs/demo.yaml, {args.steps} steps, rewarded by the judge alone: sampled held-out "
             f"accuracy | {seconds:.0f}s"
         )
-        print_table(
-            ["judge", "seed", "before", "after", "gain", "agreement (last fifth)"],
-            [
-                [
-                    j["side"],
-                    j["seed"],
-                    j["sampled_before"],
-                    j["sampled_after"],
-                    j["gain"],
-                    "-" if j["agreement_last_fifth"] is None else f"{j['agreement_last_fifth']:.1%}",
-                ]
-                for j in jobs
-            ],
-            ["{}", "{}", "{:.3f}", "{:.3f}", "{:+.3f}", "{}"],
-        )
+        agreed = {
+            "agreement (last fifth)": lambda j: (
+                "-" if j["agreement_last_fifth"] is None else f"{j['agreement_last_fifth']:.1%}"
+            )
+        }
+        learning.print_jobs(jobs, "judge", more=agreed)
 
 
 if __name__ == "__main__":

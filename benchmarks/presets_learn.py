@@ -24,7 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks._jobs import held_out, job_overrides, jobs_parser, local_ray, run_job_quietly, write_jobs_result
+from benchmarks import _learning as learning
+from benchmarks._jobs import local_ray, run_job_quietly
 from benchmarks.common import REPO, headline, print_table, run_script
 
 PLACEBO = "placebo"
@@ -34,7 +35,7 @@ PPO = "ppo"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from rlhf_cluster.algorithms.presets import PRESETS
 
-    p = jobs_parser(
+    p = learning.jobs_parser(
         __doc__, "presets_learn", steps=None, steps_help="learner steps per job (default: the config's; the demo's 240)"
     )
     p.add_argument(
@@ -67,7 +68,7 @@ def job_config(args: argparse.Namespace, preset: str, seed: int, run_dir: Path):
     if preset == PPO and args.config.name != "demo.yaml":
         raise SystemExit("--presets ppo runs configs/ppo.yaml (the demo with a critic); leave it out with --config")
     base = REPO / "configs" / "ppo.yaml" if preset == PPO else args.config
-    sets = job_overrides(
+    sets = learning.job_overrides(
         run_dir, args.cache_dir, seed, f"bench-presets-{preset}-s{seed}-{os.getpid()}", args.steps, args.eval_every
     )
     if preset == PLACEBO:
@@ -90,7 +91,7 @@ def run_job(args: argparse.Namespace, preset: str, seed: int, run_dir: Path) -> 
         "preset": preset,
         "seed": seed,
         "seconds": time.perf_counter() - start,
-        **held_out(result),
+        **learning.held_out(result),
         "greedy_before": result.accuracy_before,
         "greedy_after": result.accuracy_after,
         "first_reward": statistics.fmean(r["reward_mean"] for r in result.rows[:10]),
@@ -107,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             for preset in args.presets:
                 job = run_job(args, preset, seed, (args.keep_runs or runs) / f"{preset}-s{seed}-job{len(jobs)}")
                 jobs.append(job)
-                print(
-                    f"  {preset} seed {seed}: sampled held-out {job['sampled_before']:.3f} -> "
-                    f"{job['sampled_after']:.3f} "
-                    f"({job['gain']:+.3f}), {job['seconds']:.0f}s",
-                    flush=True,
-                )
+                print(f"  {preset} seed {seed}: {learning.held_out_text(job)}, {job['seconds']:.0f}s", flush=True)
                 time.sleep(2)
                 report(args, jobs, time.perf_counter() - t0, final=False)
     report(args, jobs, time.perf_counter() - t0, final=True)
@@ -122,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bool) -> None:
     """The table over the jobs run so far: written to the result file after every job (a cut-off
     run keeps what it measured, marked `complete: false`), printed at the end."""
-    gains = {p: [j["gain"] for j in jobs if j["preset"] == p] for p in args.presets}
+    gains = learning.gains_by_side(jobs, args.presets, "preset")
     gains = {p: g for p, g in gains.items() if g}
     placebo_best = max(gains[PLACEBO]) if PLACEBO in gains else None
     table = []
     for preset, g in gains.items():
         # Learning means every seed gained, by more than the placebo's best (which may be a loss).
-        learns = None if placebo_best is None or preset == PLACEBO else min(g) > max(placebo_best, 0.0)
+        learns = None if placebo_best is None or preset == PLACEBO else learning.beats_control(gains, preset, PLACEBO)
         table.append(
             [
                 preset,
@@ -139,15 +135,15 @@ def report(args: argparse.Namespace, jobs: list[dict], seconds: float, final: bo
                 "-" if learns is None else ("yes" if learns else "NO"),
             ]
         )
-    learning = [row for row in table if row[5] in ("yes", "NO")]
-    value = sum(row[5] == "yes" for row in learning)
+    compared = [row for row in table if row[5] in ("yes", "NO")]
+    value = sum(row[5] == "yes" for row in compared)
     top = headline(
         "presets whose every seed gains, beyond the placebo's best",
         value,
-        f"= {len(learning)} (all)",
-        value == len(learning) if learning else None,
+        f"= {len(compared)} (all)",
+        value == len(compared) if compared else None,
     )
-    write_jobs_result(args, "presets_learn", final, seconds, jobs, gains, top)
+    learning.write_jobs(args, "presets_learn", final, seconds, jobs, gains, top)
     if final:
         steps = args.steps or "the config's"
         print(

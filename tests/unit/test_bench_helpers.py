@@ -9,7 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks._jobs import held_out, jobs_parser, write_jobs_result
+from benchmarks._learning import (
+    beats_control,
+    held_out,
+    held_out_text,
+    jobs_parser,
+    print_jobs,
+    run_per_seed,
+    write_jobs,
+)
 from benchmarks.common import args_config, headline, qwen2_shape
 
 
@@ -33,7 +41,7 @@ def test_jobs_result_records_options_extras_jobs_gains_and_headline(tmp_path: Pa
     args = SimpleNamespace(out=tmp_path / "r.json", steps=3, keep=tmp_path)
     assert args_config(args) == {"steps": 3, "keep": str(tmp_path)}
     top = headline("every seed gains", 1.0, "= 1", True)
-    write_jobs_result(args, "example", False, 2.0, [{"gain": 0.1}], {"a": [0.1]}, top, teacher_run={"x": 1})
+    write_jobs(args, "example", False, 2.0, [{"gain": 0.1}], {"a": [0.1]}, top, teacher_run={"x": 1})
     written = json.loads(args.out.read_text())
     assert list(written)[:6] == ["benchmark", "machine", "complete", "seconds", "config", "teacher_run"]
     assert written["benchmark"] == "example" and written["complete"] is False
@@ -45,3 +53,27 @@ def test_qwen2_shape_heads_from_width():
     assert (shape.num_heads, shape.num_kv_heads, shape.intermediate_size) == (4, 2, 1024)
     assert shape.max_position_embeddings == 300
     assert qwen2_shape(128, 1, kv_heads=1, intermediate=200).intermediate_size == 200
+
+
+def test_run_per_seed_runs_every_side_per_seed_and_reports_after_each(capsys):
+    args = SimpleNamespace(seeds=[0, 1], sides=["a", "b"])
+    reports: list[tuple[int, bool]] = []
+
+    def job(side: str, seed: int) -> dict:
+        return {"side": side, "seed": seed, "sampled_before": 0.1, "sampled_after": 0.3, "gain": 0.2}
+
+    jobs = run_per_seed(args, job, held_out_text, lambda jobs, s, final: reports.append((len(jobs), final)), 0.0)
+    assert [(j["seed"], j["side"]) for j in jobs] == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
+    assert all(j["seconds"] >= 0 for j in jobs) and reports == [(1, False), (2, False), (3, False), (4, False)]
+    out = capsys.readouterr().out
+    assert out.count("sampled held-out 0.100 -> 0.300 (+0.200)") == 4
+    print_jobs(jobs, "kind", more={"note": lambda j: f"n{j['seed']}"})
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["kind", "seed", "before", "after", "gain", "note"] and table[-1].split()[-1] == "n1"
+
+
+def test_beats_control_needs_every_seed_above_the_controls_best_and_zero():
+    assert beats_control({"x": [0.2, 0.3], "c": [0.1, -0.1]}, "x", "c")
+    assert not beats_control({"x": [0.2, 0.05], "c": [0.1]}, "x", "c")
+    assert not beats_control({"x": [-0.1], "c": [-0.3]}, "x", "c")  # beats the control, yet lost
+    assert not beats_control({"x": [0.2], "c": []}, "x", "c")
