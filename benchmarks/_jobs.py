@@ -17,9 +17,10 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def local_ray(verbose: bool, prefix: str):
-    """A local Ray instance of the benchmark's own (temp dir, no dashboard) for its jobs; yields a
-    scratch directory for their run dirs. Both are removed afterwards."""
+def local_ray(verbose: bool, prefix: str, system_config: dict | None = None):
+    """A local Ray instance of the benchmark's own (temp dir, no dashboard; Ray's `_system_config`
+    where given) for its jobs; yields a scratch directory for their run dirs. Both are removed
+    afterwards."""
     import ray
 
     ray_tmp = tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp")
@@ -30,6 +31,7 @@ def local_ray(verbose: bool, prefix: str):
         include_dashboard=False,
         _temp_dir=ray_tmp,
         log_to_driver=verbose,
+        _system_config=system_config,
     )
     try:
         yield runs

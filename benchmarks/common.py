@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import socket
 import subprocess
 import sys
@@ -167,6 +168,37 @@ def random_model(hidden: int, layers: int, intermediate: int, cache_dir: str):
 
     shape = qwen2_shape(hidden, layers, max(1, hidden // HEAD_DIM // 4), intermediate=intermediate)
     return shape, ensure_tiny_model(shape, cache_dir)
+
+
+def random_sample(
+    rng: random.Random,
+    i: int,
+    prompt_len: int,
+    response_len: int,
+    vocab: int,
+    logprob: float,
+    finish_reason: str,
+    prompt_id: str | None = None,
+):
+    """The `i`-th scored sample of a batch a learner is timed on: random prompt and response tokens
+    (ids 2 and up, drawn from `rng` in that order), one random advantage on every token, the
+    rollout's and the reference's log-probs all `logprob`; in groups of four by index."""
+    from rlhf_cluster.experience.records import ScoredSample
+
+    return ScoredSample(
+        sample_id=f"s{i}",
+        prompt_id=prompt_id or f"p{i // 4}",
+        group_id=f"g{i // 4}",
+        prompt_ids=[rng.randrange(2, vocab) for _ in range(prompt_len)],
+        response_ids=[rng.randrange(2, vocab) for _ in range(response_len)],
+        rollout_logprobs=[logprob] * response_len,
+        policy_version=0,
+        finish_reason=finish_reason,
+        reward=0.0,
+        reward_components={},
+        ref_logprobs=[logprob] * response_len,
+        advantages=[rng.uniform(-1, 1)] * response_len,
+    )
 
 
 def raw_generate(engine, texts: Sequence[str], params) -> list:

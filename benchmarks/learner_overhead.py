@@ -45,10 +45,11 @@ from benchmarks.common import (
     parse_model_args,
     print_table,
     qwen2_shape,
+    random_sample,
     write_result,
 )
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
@@ -78,22 +79,7 @@ def make_batch(model, args, vocab: int, seed: int = 0) -> TrainBatch:
     for i in range(args.batch):
         plen = rng.randint(8, args.prompt_len)
         rlen = rng.randint(args.response_len // 2, args.response_len)
-        samples.append(
-            ScoredSample(
-                sample_id=f"s{i}",
-                prompt_id=f"p{i // 4}",
-                group_id=f"g{i // 4}",
-                prompt_ids=[rng.randrange(2, vocab) for _ in range(plen)],
-                response_ids=[rng.randrange(2, vocab) for _ in range(rlen)],
-                rollout_logprobs=[0.0] * rlen,
-                policy_version=0,
-                finish_reason="length",
-                reward=0.0,
-                reward_components={},
-                ref_logprobs=[0.0] * rlen,
-                advantages=[rng.uniform(-1, 1)] * rlen,
-            )
-        )
+        samples.append(random_sample(rng, i, plen, rlen, vocab, 0.0, "length"))
     batch = TrainBatch.from_samples(samples)
     with torch.no_grad():
         true, _ = response_logprobs(

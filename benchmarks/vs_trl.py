@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._jobs import local_ray
 from benchmarks.common import REPO, machine_info, result_path
 from rlhf_cluster.config import (
     AlgorithmConfig,
@@ -150,38 +151,23 @@ def ensure_trl_venv(venv: Path) -> Path:
 
 
 def run_trl(python: Path, model_dir: Path, prompts_file: Path, w: dict, out: Path, threads: int) -> dict:
-    cmd = [
-        str(python),
-        str(TRL_SIDE),
-        "--model",
-        str(model_dir),
-        "--prompts",
-        str(prompts_file),
-        "--tasks-file",
-        str(TASKS_FILE),
-        "--reward-weights",
-        json.dumps(REWARD_WEIGHTS["arithmetic"]),
-        "--n",
-        str(w["n"]),
-        "--prompts-per-step",
-        str(w["prompts"]),
-        "--max-new-tokens",
-        str(w["max_new_tokens"]),
-        "--steps",
-        str(w["steps"]),
-        "--lr",
-        str(w["lr"]),
-        "--beta",
-        str(w["beta"]),
-        "--temperature",
-        "1.0",
-        "--top-p",
-        "1.0",
-        "--threads",
-        str(threads),
-        "--out",
-        str(out),
-    ]
+    flags = {
+        "--model": model_dir,
+        "--prompts": prompts_file,
+        "--tasks-file": TASKS_FILE,
+        "--reward-weights": json.dumps(REWARD_WEIGHTS["arithmetic"]),
+        "--n": w["n"],
+        "--prompts-per-step": w["prompts"],
+        "--max-new-tokens": w["max_new_tokens"],
+        "--steps": w["steps"],
+        "--lr": w["lr"],
+        "--beta": w["beta"],
+        "--temperature": "1.0",
+        "--top-p": "1.0",
+        "--threads": threads,
+        "--out": out,
+    }
+    cmd = [str(python), str(TRL_SIDE), *(x for flag, value in flags.items() for x in (flag, str(value)))]
     env = {**os.environ, "PYTHONPATH": "", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
     if proc.returncode != 0:
@@ -211,32 +197,18 @@ def our_config(size: str, model_dir: Path, prompts_file: Path, w: dict, run_dir:
 
 
 def run_ours(cfg: JobConfig, args) -> dict:
-    import ray
-
     from actors.job import Job
 
-    temp_dir = tempfile.mkdtemp(prefix="vs-trl-ray-", dir="/tmp")
     t0 = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 1),
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-        _system_config={"worker_niceness": args.ray_worker_niceness},
-    )
-    job = None
-    try:
+    with local_ray(False, "vs-trl-", {"worker_niceness": args.ray_worker_niceness}):
         job = Job(cfg)
-        setup_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        result = job.run()
-        train_s = time.perf_counter() - t1
-    finally:
-        if job is not None:
+        try:
+            setup_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result = job.run()
+            train_s = time.perf_counter() - t1
+        finally:
             job.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
     rows = result.rows
     return {
         "side": "ours",

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import free_port, random_model
+from benchmarks.common import free_port, random_model, random_sample
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets; sparse figures halved).
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
@@ -88,28 +88,13 @@ def long_batch(seq_len: int, tokens_per_step: int, vocab: int):
 
 
 def batch_of(n: int, prompt: int, response: tuple[int, int] | list[int], vocab: int):
-    from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+    from rlhf_cluster.experience.records import TrainBatch
 
     rng = random.Random(0)
     samples = []
     for i in range(n):
         r = rng.randint(*response)
-        samples.append(
-            ScoredSample(
-                sample_id=f"s{i}",
-                prompt_id=f"p{i}",
-                group_id=f"g{i // 4}",
-                prompt_ids=[rng.randrange(2, vocab) for _ in range(prompt)],
-                response_ids=[rng.randrange(2, vocab) for _ in range(r)],
-                rollout_logprobs=[-6.0] * r,
-                policy_version=0,
-                finish_reason="stop",
-                reward=0.0,
-                reward_components={},
-                ref_logprobs=[-6.0] * r,
-                advantages=[rng.uniform(-1, 1)] * r,
-            )
-        )
+        samples.append(random_sample(rng, i, prompt, r, vocab, -6.0, "stop", prompt_id=f"p{i}"))
     return TrainBatch.from_samples(samples)
 
 

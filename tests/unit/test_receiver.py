@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,26 +18,13 @@ from rlhf_cluster.weights.buckets import now
 from rlhf_cluster.weights.messages import Delivery, ProbeReport, VariantLink
 from rlhf_cluster.weights.registry import build_transport, engine_transports
 from rlhf_cluster.weights.transports import DeliveryInterrupted, WeightTransport
+from tests.object_store import ObjectStore
 
 TENSORS = {
     "model.embed_tokens.weight": torch.randn(16, 8).to(torch.bfloat16),
     "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8).to(torch.bfloat16),
     "model.norm.weight": torch.randn(8).to(torch.bfloat16),
 }
-
-
-class ObjectStore:
-    """Ray's put/get for one process (see test_weight_transports)."""
-
-    def __init__(self):
-        self.objects: list = []
-
-    def put(self, value) -> int:
-        self.objects.append(np.array(value, copy=True))
-        return len(self.objects) - 1
-
-    def get(self, handles: list[int]) -> list:
-        return [self.objects[h] for h in handles]
 
 
 @dataclass

@@ -8,7 +8,6 @@ import re
 import typing
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +18,7 @@ from rlhf_cluster.weights.messages import ProbeReport, Publication, Receipt
 from rlhf_cluster.weights.registry import TRANSPORTS, build_transport, engine_transports
 from rlhf_cluster.weights.shares import Dealer, merge_publications
 from rlhf_cluster.weights.transports import WeightRefused, stored_delivery
+from tests.object_store import ObjectStore
 
 REPO = Path(__file__).resolve().parents[2]
 TENSORS = {
@@ -28,21 +28,6 @@ TENSORS = {
     "model.layers.1.self_attn.q_proj.weight": torch.randn(8, 8),
     "model.norm.weight": torch.randn(8),
 }
-
-
-class ObjectStore:
-    """Ray's put/get for one process: a handle is an index into a list; `put` copies what it is
-    given, as Ray's does (the sender refills its staging memory for the next bucket)."""
-
-    def __init__(self):
-        self.objects: list = []
-
-    def put(self, value) -> int:
-        self.objects.append(np.array(value, copy=True))
-        return len(self.objects) - 1
-
-    def get(self, handles: list[int]) -> list:
-        return [self.objects[h] for h in handles]
 
 
 def _transport(kind, tmp_path, objects: ObjectStore, **fields):
