@@ -42,120 +42,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The steps after the tests, in the order they run (the figures the issue is read by first; a step
+# that runs out of time writes nothing, so the optional sides come last, in their own step): its
+# name, its module of `benchmarks.gpu` and its result file under --out-dir. Each machine's flags and
+# time limits are in `smoke_flags` and `gpu_flags`.
+STEPS = (
+    ("learner 0.5B", "learner", "gpu_learner_0.5b.json"),
+    ("learner 1.5B", "learner", "gpu_learner_1.5b.json"),
+    ("scoring and host hop 0.5B", "paths", "gpu_paths_0.5b.json"),
+    ("host hop 1.5B", "paths", "gpu_paths_1.5b.json"),
+    ("profile 0.5B", "step_profile", "gpu_profile_0.5b.json"),
+    ("learner 0.5B, more sides", "learner", "gpu_learner_0.5b_more.json"),
+)
+
+
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
-    """(name, command, time limit in seconds) of every step, the figures the issue is read by first
-    (a step that runs out of time writes nothing: the optional sides come last, in their own step)."""
+    """(name, command, time limit in seconds) of every step: tests/gpu first, then `STEPS`. On the
+    GPU the tests' CUDA halves (the CPU halves run in `make test`); at tiny shapes on the CPU
+    tests/gpu's bodies run in `make test` already, so here they are only collected."""
     tests = [sys.executable, "-m", "pytest", str(REPO / "tests" / "gpu"), "-q", "-p", "no:cacheprovider"]
-    return smoke_steps(args, tests) if args.smoke else gpu_steps(args, tests)
-
-
-def smoke_steps(args: argparse.Namespace, tests: list[str]) -> list[tuple[str, list[str], int]]:
-    """The steps at tiny shapes on the CPU; tests/gpu's bodies run in `make test` already: here only collected."""
-    out, seq = args.out_dir, [str(n) for n in (args.seq_lens if args.seq_lens is not None else [256])]
-    tiny = "--shape tiny --batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens"
-    return [
-        ("tests/gpu", [*tests, "--collect-only"], 300),
-        (
-            "learner 0.5B",
-            _command(
-                "learner",
-                f"{tiny} --attention eager --seq-lens",
-                *seq,
-                "--tokens-per-step",
-                "512",
-                "--out",
-                str(out / "gpu_learner_0.5b.json"),
-            ),
-            300,
-        ),
-        ("learner 1.5B", _command("learner", f"{tiny} --no-plain", "--out", str(out / "gpu_learner_1.5b.json")), 300),
-        (
-            "scoring and host hop 0.5B",
-            _command("paths", "--shape tiny --rollouts 2", "--out", str(out / "gpu_paths_0.5b.json")),
-            300,
-        ),
-        (
-            "host hop 1.5B",
-            _command("paths", "--shape tiny --parts host_hop", "--out", str(out / "gpu_paths_1.5b.json")),
-            300,
-        ),
-        ("profile 0.5B", _command("step_profile", "--top 5", "--out", str(out / "gpu_profile_0.5b.json")), 300),
-        (
-            "learner 0.5B, more sides",
-            _command("learner", f"{tiny} --no-plain --deepspeed", "--out", str(out / "gpu_learner_0.5b_more.json")),
-            300,
-        ),
+    if args.smoke:
+        first, flags = ("tests/gpu", [*tests, "--collect-only"], 300), smoke_flags(args)
+    else:
+        first, flags = ("tests/gpu", [*tests, "-k", "cuda"], 150), gpu_flags(args)
+    return [first] + [
+        (name, _command(module, *flags[name][0], "--out", str(args.out_dir / result)), flags[name][1])
+        for name, module, result in STEPS
     ]
 
 
-def gpu_steps(args: argparse.Namespace, tests: list[str]) -> list[tuple[str, list[str], int]]:
-    """The steps at 0.5B and 1.5B on the GPU: the limits add up to 565 s, about 8 minutes with the
-    wheels' install (~40 s); on an H200 (2026-11-26) the steps took 89, 70, 64, 33, ~20 and ~40 s."""
-    out, seq = args.out_dir, [str(n) for n in (args.seq_lens if args.seq_lens is not None else [4096, 16384])]
-    flex = "--reps 3 --attention flex_attention --seq-lens"
-    return [
-        # The CUDA halves (the CPU halves run in `make test`).
-        ("tests/gpu", [*tests, "-k", "cuda"], 150),
-        (
-            "learner 0.5B",
-            _command(
-                "learner",
-                f"--shape qwen2.5-0.5b {flex}",
-                *seq,
-                "--seq-len-sides",
-                "ours",
-                "ours, flex_attention",
-                "--out",
-                str(out / "gpu_learner_0.5b.json"),
-            ),
-            120,
-        ),
-        (
-            "learner 1.5B",
-            _command(
-                "learner",
-                f"--shape qwen2.5-1.5b {flex}",
-                *seq,
-                "--seq-len-sides",
-                "ours, flex_attention",
-                "--out",
-                str(out / "gpu_learner_1.5b.json"),
-            ),
-            110,
-        ),
-        (
-            "scoring and host hop 0.5B",
-            _command("paths", "--shape qwen2.5-0.5b", "--out", str(out / "gpu_paths_0.5b.json")),
-            40,
-        ),
-        (
-            "host hop 1.5B",
-            _command("paths", "--shape qwen2.5-1.5b --parts host_hop", "--out", str(out / "gpu_paths_1.5b.json")),
-            40,
-        ),
-        (
-            "profile 0.5B",
-            _command("step_profile", "--shape qwen2.5-0.5b", "--out", str(out / "gpu_profile_0.5b.json")),
-            45,
-        ),
-        # DeepSpeed ZeRO-3 beside FSDP2 (learner.compile's side, ~50 s of compilation, is left to
-        # `python3 -m benchmarks.gpu.learner --compile` by hand: it would not fit the 8 minutes).
-        (
-            "learner 0.5B, more sides",
-            _command(
-                "learner",
-                "--shape qwen2.5-0.5b --reps 3 --no-plain --deepspeed",
-                "--out",
-                str(out / "gpu_learner_0.5b_more.json"),
-            ),
-            60,
-        ),
-    ]
+def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
+    """Each step's flags and time limit at tiny shapes on the CPU."""
+    seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [256])]
+    tiny = "--shape tiny --batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens".split()
+    return {
+        "learner 0.5B": ([*tiny, "--attention", "eager", "--seq-lens", *seq, "--tokens-per-step", "512"], 300),
+        "learner 1.5B": ([*tiny, "--no-plain"], 300),
+        "scoring and host hop 0.5B": (["--shape", "tiny", "--rollouts", "2"], 300),
+        "host hop 1.5B": (["--shape", "tiny", "--parts", "host_hop"], 300),
+        "profile 0.5B": (["--top", "5"], 300),
+        "learner 0.5B, more sides": ([*tiny, "--no-plain", "--deepspeed"], 300),
+    }
 
 
-def _command(module: str, flags: str, *more: str) -> list[str]:
-    """`python -m benchmarks.gpu.<module>` with `flags` (split at spaces) and `more` (taken whole)."""
-    return [sys.executable, "-m", f"benchmarks.gpu.{module}", *flags.split(), *more]
+def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
+    """Each step's flags and time limit at 0.5B and 1.5B on the GPU: the limits add up to 565 s, about
+    8 minutes with the wheels' install (~40 s); on an H200 (2026-11-26) the steps took 89, 70, 64,
+    33, ~20 and ~40 s. DeepSpeed ZeRO-3 runs beside FSDP2 in the last step (learner.compile's side,
+    ~50 s of compilation, is left to `python3 -m benchmarks.gpu.learner --compile` by hand: it
+    would not fit the 8 minutes)."""
+    seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [4096, 16384])]
+    flex = ["--reps", "3", "--attention", "flex_attention", "--seq-lens", *seq, "--seq-len-sides"]
+    return {
+        "learner 0.5B": (["--shape", "qwen2.5-0.5b", *flex, "ours", "ours, flex_attention"], 120),
+        "learner 1.5B": (["--shape", "qwen2.5-1.5b", *flex, "ours, flex_attention"], 110),
+        "scoring and host hop 0.5B": (["--shape", "qwen2.5-0.5b"], 40),
+        "host hop 1.5B": (["--shape", "qwen2.5-1.5b", "--parts", "host_hop"], 40),
+        "profile 0.5B": (["--shape", "qwen2.5-0.5b"], 45),
+        "learner 0.5B, more sides": (["--shape", "qwen2.5-0.5b", "--reps", "3", "--no-plain", "--deepspeed"], 60),
+    }
+
+
+def _command(module: str, *flags: str) -> list[str]:
+    """`python -m benchmarks.gpu.<module>` with `flags`."""
+    return [sys.executable, "-m", f"benchmarks.gpu.{module}", *flags]
 
 
 def run_step(name: str, command: list[str], limit: int, log: Path) -> dict:

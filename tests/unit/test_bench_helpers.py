@@ -77,3 +77,26 @@ def test_beats_control_needs_every_seed_above_the_controls_best_and_zero():
     assert not beats_control({"x": [0.2, 0.05], "c": [0.1]}, "x", "c")
     assert not beats_control({"x": [-0.1], "c": [-0.3]}, "x", "c")  # beats the control, yet lost
     assert not beats_control({"x": [0.2], "c": []}, "x", "c")
+
+
+def test_random_sample_draws_prompt_then_response_then_advantage():
+    import random
+
+    from benchmarks.common import random_sample
+
+    sample = random_sample(random.Random(0), 5, 3, 4, 50, -6.0, "stop")
+    rng = random.Random(0)
+    prompt, response = [rng.randrange(2, 50) for _ in range(3)], [rng.randrange(2, 50) for _ in range(4)]
+    assert (sample.prompt_ids, sample.response_ids) == (prompt, response)
+    assert sample.advantages == [rng.uniform(-1, 1)] * 4 and sample.ref_logprobs == [-6.0] * 4
+    assert (sample.prompt_id, sample.group_id, sample.finish_reason) == ("p1", "g1", "stop")
+
+
+def test_gpu_check_runs_every_step_once_with_its_result_file(tmp_path: Path):
+    from benchmarks.gpu.check import STEPS, parse_args, steps
+
+    for smoke in ([], ["--smoke"]):
+        planned = steps(parse_args(["--out-dir", str(tmp_path), *smoke]))
+        assert [name for name, _, _ in planned] == ["tests/gpu", *(name for name, _, _ in STEPS)]
+        for (_, command, _), (_, module, result) in zip(planned[1:], STEPS):
+            assert command[2] == f"benchmarks.gpu.{module}" and command[-2:] == ["--out", str(tmp_path / result)]
