@@ -24,6 +24,10 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlhf_cluster.experience.records import FinishReason
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -177,7 +181,7 @@ def random_sample(
     response_len: int,
     vocab: int,
     logprob: float,
-    finish_reason: str,
+    finish_reason: FinishReason,
     prompt_id: str | None = None,
 ):
     """The `i`-th scored sample of a batch a learner is timed on: random prompt and response tokens
