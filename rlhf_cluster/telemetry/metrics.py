@@ -210,6 +210,8 @@ GATEWAY_HISTORY_REWRITES = _counter(
     "stripped <think> block); the engine's own tokens were kept.",
 )
 ENVIRONMENT_SECONDS = _counter("rlhf_generation_environment_seconds_total", "Time environments took to answer turns.")
+# The pools a step's row may report a busy share of (`busy_<pool>`): every pool a job can run.
+BUSY_POOLS = ("generation", "reward", "reference", "teacher", "judge")
 POOL_BUSY = _gauge(
     "rlhf_step_pool_busy_ratio",
     "Share of the last step a pool's workers had a request from the driver in flight (mean over the pool's workers).",
@@ -269,7 +271,7 @@ STEP_LABELLED_GAUGES = {
     "distinct_1": (DISTINCT, {"n": "1"}),
     "distinct_2": (DISTINCT, {"n": "2"}),
     "distinct_3": (DISTINCT, {"n": "3"}),
-    **{f"busy_{pool}": (POOL_BUSY, {"busy_pool": pool}) for pool in ("generation", "reward", "reference")},
+    **{f"busy_{pool}": (POOL_BUSY, {"busy_pool": pool}) for pool in BUSY_POOLS},
     "eval_accuracy": (EVAL_ACCURACY, {"mode": "greedy"}),
     "eval_sampled_accuracy": (EVAL_ACCURACY, {"mode": "sampled"}),
 }

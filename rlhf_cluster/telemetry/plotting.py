@@ -31,6 +31,8 @@ PANELS = [
             ("busy_generation", "generation busy"),
             ("busy_reward", "reward busy"),
             ("busy_reference", "reference busy"),
+            ("busy_teacher", "teacher busy"),
+            ("busy_judge", "judge busy"),
         ],
     ),
 ]

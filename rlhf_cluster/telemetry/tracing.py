@@ -138,7 +138,7 @@ def covered(intervals: Iterable[tuple[float, float]], start: float, end: float) 
 
 
 # ---- trace-event JSON -------------------------------------------------------------------
-KIND_ORDER = ("driver", "generation", "reward", "reference", "learner", "critic")
+KIND_ORDER = ("driver", "generation", "reward", "reference", "teacher", "judge", "learner", "critic")
 
 
 def step_window(spans: list[dict], first: int, last: int) -> tuple[float, float] | None:
