@@ -25,7 +25,8 @@ lint: setup
 # The long learning runs (the demo and the tool demo to their margins, SFT and the reward model to their
 # accuracies) and the job tests whose code paths `make test` covers in another job or a unit test
 # (five presets, synchronous staleness, single-turn resume, the PPO job's resume, rollbacks used up,
-# the int8-only pool, FSDP2's checkpoint round trip, the 0.5B and 70B recipes on raylets); `make test-all` runs both.
+# the int8-only pool, FSDP2's checkpoint round trip, the 0.5B and 70B recipes on raylets, the judge pool's
+# scaling, a hung learner rank 1 under direct delivery); `make test-all` runs both.
 test-slow: setup
 	@bash scripts/run_tests.sh tests -m slow
 

@@ -100,6 +100,10 @@ def test_a_judge_whose_replies_hold_no_verdict_stops_the_job_naming_it(ray_clust
     assert "no yes_no verdict in the reply" in str(caught.value)
 
 
+# `slow`: every pool is resized by the same code since the pools come from one table (issue 68):
+# tests/integration/test_scaling.py resizes a running job's pool, tests/unit/test_pool_table.py
+# checks the judge's row; `make test-slow` runs it here too.
+@pytest.mark.slow
 def test_the_judge_pool_scales_like_the_others(ray_cluster, job_config, model_cache, tmp_path):
     """`rlhf-cluster scale --pool judge` (its controller call): up to 2 workers and back to 1 while
     the job runs; both sizes judge samples, and the scrape targets follow."""

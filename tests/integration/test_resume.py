@@ -222,7 +222,9 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
 # heartbeat's kill ends that wait at once (the group's rendezvous store dies with rank 0; measured
 # in a probe: a sender gone before the group formed failed its engine's join in 2.0 s, a stopped
 # one held it for the whole 60 s timeout), long before the group's own `timeout_s`.
-@pytest.mark.parametrize("transport,rank", [("direct", 1), ("collective", 0)])
+# `slow` for the hung rank 1: the rebuild and rollback are the same as for rank 0, and direct delivery
+# has tests/integration/test_direct_delivery.py; `make test-slow` runs it here too.
+@pytest.mark.parametrize("transport,rank", [pytest.param("direct", 1, marks=pytest.mark.slow), ("collective", 0)])
 def test_hung_learner_rank_rolls_back_to_the_newest_checkpoint(
     ray_cluster, job_config, driver_assigned_on_its_loop, transport, rank
 ):
