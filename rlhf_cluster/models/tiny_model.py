@@ -54,18 +54,25 @@ def build_tokenizer(vocab_size: int, out_dir: Path, corpus: str = "arithmetic"):
     return fast
 
 
+# Each shape field of `TinyModelConfig` by its name in a Hugging Face Llama/Qwen2 config.
+_HF_SHAPE_NAMES = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "max_position_embeddings": "max_position_embeddings",
+}
+
+
 def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int):
     """A random causal LM of the configured shape (fp32)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    shape = {hf_name: getattr(cfg, name) for name, hf_name in _HF_SHAPE_NAMES.items()}
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
+        **shape,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         bos_token_id=eos_id,
