@@ -35,7 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmarks._timing import median, rotated
+from benchmarks._timing import median, medians, rotated
 from benchmarks.common import (
     HEAD_DIM,
     free_port,
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
 
     keys = ("seconds", "cpu_seconds", "tokens_per_s")
-    med = {s: {k: median(t[k] for t in ts) for k in keys} for s, ts in timings.items()}
+    med = medians(timings, keys)
     overhead = med["ours"]["seconds"] / med["hand"]["seconds"] - 1.0
     paired = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in zip(timings["ours"], timings["hand"])]
     loss_diff = max(abs(first_loss[s] - first_loss["ours"]) for s in SIDES)

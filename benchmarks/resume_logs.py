@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks._timing import median, rotated
+from benchmarks._timing import medians, rotated
 from benchmarks.common import REPO, headline, machine_info, print_table, result_path, run_script, write_result
 
 LOGS = (
@@ -149,7 +149,7 @@ def main() -> int:
                 timings[side].append(resume_once(sides[side], logs, last_step))
                 print(f"  rep {rep} {side}: {timings[side][-1]}", flush=True)
     keys = ("repair_s", "keep_steps_s", "total_s", "peak_rss_mb")
-    table = {side: {k: median(r[k] for r in rows) for k in keys} for side, rows in timings.items()}
+    table = medians(timings, keys)
     print_table(
         ["side", *keys],
         [[side, *(table[side][k] for k in keys)] for side in sides],
