@@ -126,21 +126,33 @@ def model_parser(
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=hidden, help="model width (multiple of 64; heads = hidden/64)")
     p.add_argument("--layers", type=int, default=layers, help="decoder layers")
-    p.add_argument("--reps", type=int, default=reps, help=f"timed {unit} per side (after --warmup)")
-    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed {unit} per side first")
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models", help=cache)
-    p.add_argument("--out", type=Path, default=result_path(name), help="JSON results file")
+    add_rounds(p, name, reps, warmup, unit)
     return p
 
 
-def parse_model_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`p.parse_args(argv)` of a `model_parser`: --hidden must be a multiple of `HEAD_DIM` and --reps
-    at least 1 (else argparse's usage error)."""
+def add_rounds(p: argparse.ArgumentParser, name: str, reps: int, warmup: int, unit: str = "repetitions") -> None:
+    """The options of a benchmark that times sides in rounds: --reps timed rounds of `unit` after
+    --warmup untimed ones, and --out (benchmarks/results/<name>.json). Parse with `parse_rounds`."""
+    p.add_argument("--reps", type=int, default=reps, help=f"timed {unit} per side (after --warmup)")
+    p.add_argument("--warmup", type=int, default=warmup, help=f"untimed {unit} per side first")
+    p.add_argument("--out", type=Path, default=result_path(name), help="JSON results file")
+
+
+def parse_rounds(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`p.parse_args(argv)` of a parser with `add_rounds`' options: --reps at least 1 (else
+    argparse's usage error)."""
     args = p.parse_args(argv)
-    if args.hidden % HEAD_DIM:
-        p.error(f"--hidden must be a multiple of {HEAD_DIM}")
     if args.reps < 1:
         p.error("--reps must be >= 1")
+    return args
+
+
+def parse_model_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parse_rounds` of a `model_parser`: --hidden must also be a multiple of `HEAD_DIM`."""
+    args = parse_rounds(p, argv)
+    if args.hidden % HEAD_DIM:
+        p.error(f"--hidden must be a multiple of {HEAD_DIM}")
     return args
 
 

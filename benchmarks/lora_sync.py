@@ -31,7 +31,7 @@ import torch
 
 from benchmarks._jobs import in_local_ray
 from benchmarks._timing import median, rotated
-from benchmarks.common import headline, machine_info, print_table, qwen2_shape, result_path, write_result
+from benchmarks.common import add_rounds, headline, machine_info, parse_rounds, print_table, qwen2_shape, write_result
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("adapters", "merged")
@@ -45,10 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
     p.add_argument("--b-scale", type=float, default=0.02, help="std of the random B matrices")
-    p.add_argument("--reps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--out", type=Path, default=result_path("lora_sync"))
-    return p.parse_args(argv)
+    add_rounds(p, "lora_sync", reps=4, warmup=1)
+    return parse_rounds(p, argv)
 
 
 @ray.remote

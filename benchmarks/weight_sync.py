@@ -59,7 +59,7 @@ import torch
 from benchmarks._jobs import in_local_ray
 from benchmarks._timing import median, rotated
 from benchmarks._weight_sync_actors import BareEngine, Sender, learner_group
-from benchmarks.common import headline, machine_info, print_table, qwen2_shape, result_path, write_result
+from benchmarks.common import add_rounds, headline, machine_info, parse_rounds, print_table, qwen2_shape, write_result
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SIDES = ("direct", "broadcast", "collective", "filesystem", "files", "snapshot", "files_fsync", "sparse")
@@ -69,7 +69,6 @@ SIZES = {  # ~params: width, layers (head_dim 64, 4 KV heads, MLP 4x)
     "100m": (768, 12),
     "500m": (1280, 20),
 }
-DEFAULT_OUT = result_path("weight_sync")
 COLLECTIVE_TIMEOUT_S = 300.0
 
 
@@ -78,14 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", choices=sorted(SIZES), default="100m", help="model size (100m: 768 x 12; 500m: 1280 x 20)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="engine dtype (what travels)")
     p.add_argument("--bucket-mb", type=float, default=64.0, help="direct transport bucket size")
-    p.add_argument("--reps", type=int, default=4, help="timed repetitions per side (after --warmup)")
     p.add_argument(
         "--delta-fraction",
         type=float,
         default=0.032,
         help="sparse side: share of each tensor's elements a version changes",
     )
-    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per side first")
     p.add_argument(
         "--learner-ranks",
         type=int,
@@ -94,11 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sides", nargs="*", default=None, help="the sides to time (default: all)")
     p.add_argument("--dir", default=None, help="filesystem to measure (default: a temp dir under $TMPDIR)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    args = p.parse_args(argv)
-    if args.reps < 1:
-        p.error("--reps must be >= 1")
-    return args
+    add_rounds(p, "weight_sync", reps=4, warmup=1)
+    return parse_rounds(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

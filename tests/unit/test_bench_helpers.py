@@ -100,3 +100,16 @@ def test_gpu_check_runs_every_step_once_with_its_result_file(tmp_path: Path):
         assert [name for name, _, _ in planned] == ["tests/gpu", *(name for name, _, _ in STEPS)]
         for (_, command, _), (_, module, result) in zip(planned[1:], STEPS):
             assert command[2] == f"benchmarks.gpu.{module}" and command[-2:] == ["--out", str(tmp_path / result)]
+
+
+def test_rounds_options_and_their_check():
+    import argparse
+
+    from benchmarks.common import add_rounds, parse_rounds
+
+    p = argparse.ArgumentParser()
+    add_rounds(p, "example", reps=4, warmup=1)
+    args = parse_rounds(p, [])
+    assert (args.reps, args.warmup, args.out.name) == (4, 1, "example.json")
+    with pytest.raises(SystemExit):
+        parse_rounds(p, ["--reps", "0"])
