@@ -312,15 +312,15 @@ class Reporter:
         """Log each worker's post-load probe mismatch (probes.jsonl) and alert when it jumps."""
         records = []
         for report in reports:
-            alert = self.mismatch_alarm.observe(report.k3)
+            alert = self.mismatch_alarm.observe(report.mismatch.k3)
             if alert:
                 self.labels.of(m.MISMATCH_ALERTS).inc()
                 log.warning(
                     "rollout mismatch jumped: %s version %d probe k3 %.3g (max |dlogp| %.3g), median so far %.3g",
                     report.worker,
                     report.version,
-                    report.k3,
-                    report.max_abs_diff,
+                    report.mismatch.k3,
+                    report.mismatch.max_abs_diff,
                     statistics.median(self.mismatch_alarm.history[:-1]),
                 )
             records.append({**report.record(), "alert": alert})

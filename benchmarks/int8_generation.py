@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -172,7 +173,7 @@ def mismatch_vs_fp32(engines: dict, texts: list[str]) -> dict[str, dict]:
         other = engines[side].logprobs_of_many(prompt_ids, response_ids)
         m = mismatch(reference, other)
         deltas = [abs(a - b) for ra, rb in zip(reference, other) for a, b in zip(ra, rb)]
-        drift[side] = {**m, "mean_abs_diff": statistics.fmean(deltas)}
+        drift[side] = {**asdict(m), "mean_abs_diff": statistics.fmean(deltas)}
     return drift
 
 

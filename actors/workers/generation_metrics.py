@@ -53,8 +53,8 @@ class WeightLoadMetrics:
         self.labels.of(m.WEIGHTS_FINGERPRINT_MISMATCH).inc()
 
     def probed(self, report: ProbeReport) -> None:
-        self.labels.of(m.PROBE_MISMATCH_K3).set(report.k3)
-        self.labels.of(m.PROBE_MAX_DIFF).set(report.max_abs_diff)
+        self.labels.of(m.PROBE_MISMATCH_K3).set(report.mismatch.k3)
+        self.labels.of(m.PROBE_MAX_DIFF).set(report.mismatch.max_abs_diff)
 
 
 def count_tokens(labels: MetricLabels, rollouts: Sequence[Rollout], trained_only: bool = False) -> None:

@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.weights.messages import ProbeMismatch
 
 PROBE_FILE = "probe.json"
 
@@ -53,17 +54,17 @@ def parse_probe_file(text: str) -> tuple[Probe, list[list[float]]]:
     return Probe(raw["prompt_ids"], raw["response_ids"]), raw["logprobs"]
 
 
-def mismatch(learner: list[list[float]], engine: list[list[float]]) -> dict[str, float]:
+def mismatch(learner: list[list[float]], engine: list[list[float]]) -> ProbeMismatch:
     """k1, k3 and the largest |log-prob difference| over all probe tokens."""
     deltas = [a - b for row_a, row_b in zip(learner, engine) for a, b in zip(row_a, row_b)]
     if not deltas:
-        return {"k1": 0.0, "k3": 0.0, "max_abs_diff": 0.0, "tokens": 0}
-    return {
-        "k1": statistics.fmean(-d for d in deltas),
-        "k3": statistics.fmean(math.expm1(d) - d for d in deltas),
-        "max_abs_diff": max(abs(d) for d in deltas),
-        "tokens": len(deltas),
-    }
+        return ProbeMismatch(k1=0.0, k3=0.0, max_abs_diff=0.0, tokens=0)
+    return ProbeMismatch(
+        k1=statistics.fmean(-d for d in deltas),
+        k3=statistics.fmean(math.expm1(d) - d for d in deltas),
+        max_abs_diff=max(abs(d) for d in deltas),
+        tokens=len(deltas),
+    )
 
 
 @dataclass

@@ -106,9 +106,21 @@ class Publication:
 
 
 @dataclass(frozen=True)
+class ProbeMismatch:
+    """How far an engine's log-probs of the probe tokens are from the learner's, with
+    `delta = log p_learner - log p_engine` over its `tokens`: `k1 = mean(-delta)`,
+    `k3 = mean(exp(delta) - 1 - delta)` and the largest |delta|."""
+
+    k1: float
+    k3: float
+    max_abs_diff: float
+    tokens: int
+
+
+@dataclass(frozen=True)
 class ProbeReport:
     """An engine's scores of the version's probe against the learner's: how far apart the two are
-    right after the load (`mismatch`: k1, k3, max_abs_diff, tokens)."""
+    right after the load."""
 
     worker: str
     pid: int
@@ -117,20 +129,12 @@ class ProbeReport:
     created_at: str
     sync_seconds: float
     sync_bytes: int
-    mismatch: Mapping[str, float]
-
-    @property
-    def k3(self) -> float:
-        return float(self.mismatch["k3"])
-
-    @property
-    def max_abs_diff(self) -> float:
-        return float(self.mismatch["max_abs_diff"])
+    mismatch: ProbeMismatch
 
     def record(self) -> dict[str, Any]:
         """One line of the run's probes.jsonl (the mismatch figures at the top level)."""
         flat = asdict(self)
-        return {**{k: v for k, v in flat.items() if k != "mismatch"}, **dict(self.mismatch)}
+        return {**{k: v for k, v in flat.items() if k != "mismatch"}, **flat["mismatch"]}
 
 
 ReceiptStatus = Literal["loaded", "held", "refused", "superseded", "interrupted"]

@@ -16,11 +16,11 @@ def test_mismatch_matches_a_float64_reference():
     engine = [[x + 0.05 * (i % 3 - 1) for i, x in enumerate(row)] for row in learner]
     delta = torch.tensor([a - b for ra, rb in zip(learner, engine) for a, b in zip(ra, rb)], dtype=torch.float64)
     out = mismatch(learner, engine)
-    assert out["tokens"] == 9
-    assert math.isclose(out["k1"], float((-delta).mean()), abs_tol=1e-12)
-    assert math.isclose(out["k3"], float((delta.exp() - 1 - delta).mean()), rel_tol=1e-9)
-    assert math.isclose(out["max_abs_diff"], 0.05, rel_tol=1e-9)
-    assert mismatch(learner, learner)["k3"] == 0.0
+    assert out.tokens == 9
+    assert math.isclose(out.k1, float((-delta).mean()), abs_tol=1e-12)
+    assert math.isclose(out.k3, float((delta.exp() - 1 - delta).mean()), rel_tol=1e-9)
+    assert math.isclose(out.max_abs_diff, 0.05, rel_tol=1e-9)
+    assert mismatch(learner, learner).k3 == 0.0
 
 
 def test_alarm_flags_a_jump_over_the_median_and_the_floor():

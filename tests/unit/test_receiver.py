@@ -106,8 +106,8 @@ def test_a_pushed_version_is_loaded_proven_by_its_sender_and_scored_by_its_probe
     assert receipt.bytes > 0 and receipt.seconds > 0
     assert job.engine.version == 1 and all(torch.equal(job.engine.loads[0][1][k], v) for k, v in TENSORS.items())
     # The probe: the learner's log-probs against the engine's (-1.0 each), three tokens.
-    assert receipt.probe is not None and receipt.probe.version == 1 and receipt.probe.mismatch["tokens"] == 3
-    assert receipt.probe.max_abs_diff == pytest.approx(0.5)
+    assert receipt.probe is not None and receipt.probe.version == 1 and receipt.probe.mismatch.tokens == 3
+    assert receipt.probe.mismatch.max_abs_diff == pytest.approx(0.5)
     assert job.receiver.swaps == [Swap(1, 0.01, 2, 1, 7, receipt.seconds, receipt.bytes, "direct")]
     assert job.metrics.calls == [("loaded", 1), ("probed", 1)]
     assert (job.receiver.loaded, job.receiver.fingerprint) == (delivery.identity, receipt.fingerprint)

@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_cluster.config import CollectiveTransport, DirectTransport, FilesystemTransport, WeightsConfig, WeightTransport
+from rlhf_cluster.config import (
+    CollectiveTransport,
+    DirectTransport,
+    FilesystemTransport,
+    WeightsConfig,
+    WeightTransport,
+)
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.buckets import now
-from rlhf_cluster.weights.messages import ProbeReport, Publication, Receipt
+from rlhf_cluster.weights.messages import ProbeMismatch, ProbeReport, Publication, Receipt
 from rlhf_cluster.weights.registry import TRANSPORTS, build_transport, engine_transports
 from rlhf_cluster.weights.shares import Dealer, merge_publications
 from rlhf_cluster.weights.transports import WeightRefused, stored_delivery
@@ -110,8 +116,8 @@ def test_messages_are_typed_and_receipts_prove_against_what_was_sent(tmp_path):
     assert loaded.proven and not other.proven and not refused.proven and refused.sent_fingerprint == sent
     assert (loaded.proven_by, other.proven_by, refused.proven_by) == ("sender", None, None)
     assert loaded.version == 1 and refused.reason == "bucket 1: checksum"
-    report = ProbeReport("gen0", 1, 1, "full", delivery.created_at, 0.5, 10, {"k1": 0.0, "k3": 1e-7, "max_abs_diff": 0.0, "tokens": 3})
-    assert report.k3 == 1e-7 and report.record()["k3"] == 1e-7 and "mismatch" not in report.record()
+    report = ProbeReport("gen0", 1, 1, "full", delivery.created_at, 0.5, 10, ProbeMismatch(0.0, 1e-7, 0.0, 3))
+    assert report.mismatch.k3 == 1e-7 and report.record()["k3"] == 1e-7 and "mismatch" not in report.record()
 
 
 def test_a_stored_version_republished_after_a_rollback_is_not_taken_for_an_older_delivery(tmp_path):
