@@ -71,6 +71,8 @@ def scale(job_name: str, pool: str, replicas: int, timeout: float = 300.0) -> di
     if pool == "scoring":
         running = ray.get(controller.get_sizes.remote())
         pools = tuple(name for name in SCORING if name in running)
+        if not pools:  # the driver reports its pools' sizes as it starts them
+            raise RuntimeError(f"job {job_name}: no scoring pool is running (yet); pools: {sorted(running)}")
     outcomes: dict[str, dict] = {}
     for name in pools:
         ticket = ray.get(controller.request_scale.remote(name, replicas))

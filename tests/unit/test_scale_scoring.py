@@ -32,3 +32,12 @@ def test_scoring_resizes_the_reward_pool_and_the_log_prob_pool_the_job_runs(monk
     assert list(control.scale("job", "scoring", 3)) == ["reward", runs]
     assert controller.requested == [("reward", 3), (runs, 3)]
     assert "teacher" in control.POOLS
+
+
+def test_scoring_before_the_pools_are_reported_is_an_error_not_a_silent_no_op(monkeypatch):
+    controller = FakeController({})
+    monkeypatch.setattr(control.ray, "get_actor", lambda name, namespace: controller)
+    monkeypatch.setattr(control.ray, "get", lambda value: value)
+    with pytest.raises(RuntimeError, match="no scoring pool is running"):
+        control.scale("job", "scoring", 3)
+    assert controller.requested == []
