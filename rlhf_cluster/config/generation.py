@@ -351,6 +351,7 @@ class GenerationConfig(_Strict):
         "speculative_config": "generation.speculative",
         "quantization": "generation.quantization",
         "logprobs_mode": "(fixed: processed_logprobs, the learner's view of the sampled distribution)",
+        "disable_log_stats": "(fixed: False, vLLM's scheduler stats feed the engine's batch metrics)",
     }
 
     @model_validator(mode="after")

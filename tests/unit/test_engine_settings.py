@@ -58,3 +58,14 @@ def test_engine_settings_from_the_generation_config():
     assert settings["max_num_seqs"] == 24 and settings["speculative_config"] is None
     if not torch.cuda.is_available():
         assert settings["enforce_eager"] is True and settings["kv_cache_memory_bytes"] == 2 << 30
+
+
+def test_every_engine_argument_the_project_sets_is_refused_in_engine_kwargs():
+    """A user's `engine_kwargs` cannot name an argument the engine already gets (vLLM would fail at
+    start with a TypeError about a repeated keyword): each is refused by the config, naming its field."""
+    from rlhf_cluster.generation.engine import engine_settings
+
+    cfg = load_config(None, []).generation
+    assert set(engine_settings("/models/tiny", cfg, "float32", 0)) <= set(type(cfg).OWN_ENGINE_ARGS)
+    with pytest.raises(ConfigError, match="disable_log_stats"):
+        load_config(None, ["generation.engine_kwargs={disable_log_stats: true}"])
