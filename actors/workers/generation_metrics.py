@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.episodes import EpisodeStats
-from rlhf_cluster.generation.receiver import Swap
+from rlhf_cluster.generation.receiver import ReceiverMetrics, Swap
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 from rlhf_cluster.telemetry.metrics import MetricLabels
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from rlhf_cluster.gateway.runner import AgentRunner
 
 
-class WeightLoadMetrics:
+class WeightLoadMetrics(ReceiverMetrics):
     """`ReceiverMetrics` for one worker: sync and delivery figures, the version it serves, what a
     swap did to the requests in flight, refusals and fingerprint mismatches, the probe's scores;
     each load is a `weights.load` span of the trace too."""

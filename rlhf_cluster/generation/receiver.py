@@ -74,8 +74,9 @@ class Swap:
     transport: str
 
 
-class ReceiverMetrics(Protocol):
-    """Where the receiver's figures go (the worker's metrics and trace)."""
+class ReceiverMetrics:
+    """Where the receiver's figures go (the worker's metrics and trace). This base keeps nothing
+    (tests, tools); the worker's subclass exports them."""
 
     def loaded(self, swap: Swap) -> None:
         """A version was loaded in place (`swap`); the engine holds the newest it was given."""
@@ -88,22 +89,6 @@ class ReceiverMetrics(Protocol):
 
     def probed(self, report: ProbeReport) -> None:
         """A load's probe was scored."""
-
-
-class NoMetrics:
-    """`ReceiverMetrics` that keeps nothing (tests, tools)."""
-
-    def loaded(self, swap: Swap) -> None:
-        pass
-
-    def refused(self, versions_behind: int) -> None:
-        pass
-
-    def mismatched(self) -> None:
-        pass
-
-    def probed(self, report: ProbeReport) -> None:
-        pass
 
 
 class WeightReceiver:
@@ -127,7 +112,7 @@ class WeightReceiver:
         self.engine, self.store, self.variant, self.name = engine, store, variant, name
         self.transport = transport
         self.transports = {t.type: t for t in (stored, transport)}
-        self.metrics: ReceiverMetrics = metrics or NoMetrics()
+        self.metrics: ReceiverMetrics = metrics or ReceiverMetrics()
         self.requests, self.wait_s = requests, wait_s
         self.loaded: tuple[int, str] | None = None  # (version, created_at) of the weights in the engine
         self.current: Receipt | None = None  # the receipt of the load that brought them: fingerprint, proof
