@@ -238,7 +238,7 @@ def build_learner(
     with `cfg` (the job's config) as `override` has it (rollbacks' settings, an elastic shrink).
     `previous`: the job state being replaced (its samples' provenance carries over)."""
     trainer, override = start_trainer(cfg, override, inputs.model_path, inputs.probe)
-    built = override.apply(cfg)  # the settings the ranks run: the job state and the restore use them too
+    built = trainer.cfg  # the settings the ranks run (`override` applied): the job state and the restore use them too
     try:
         state = JobState(built, inputs.prompts)
         if previous is not None:
