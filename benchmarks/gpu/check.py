@@ -74,13 +74,13 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
 def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     """Each step's flags and time limit at tiny shapes on the CPU."""
     seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [256])]
-    tiny = "--shape tiny --batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens".split()
+    tiny = "--shape smoke --batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens".split()
     return {
         "learner 0.5B": ([*tiny, "--attention", "eager", "--seq-lens", *seq, "--tokens-per-step", "512"], 300),
         "learner 1.5B": ([*tiny, "--no-plain"], 300),
-        "scoring and host hop 0.5B": (["--shape", "tiny", "--rollouts", "2"], 300),
-        "host hop 1.5B": (["--shape", "tiny", "--parts", "host_hop"], 300),
-        "profile 0.5B": (["--top", "5"], 300),
+        "scoring and host hop 0.5B": (["--shape", "smoke", "--rollouts", "2"], 300),
+        "host hop 1.5B": (["--shape", "smoke", "--parts", "host_hop"], 300),
+        "profile 0.5B": (["--shape", "smoke", "--top", "5"], 300),
         "learner 0.5B, more sides": ([*tiny, "--no-plain", "--deepspeed"], 300),
     }
 

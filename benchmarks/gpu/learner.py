@@ -24,9 +24,9 @@ lengths, `--tokens-per-step` tokens per step (MFU should not fall with length).
 Figures: seconds per step, real-token MFU (6 x parameters x real tokens / step time / the GPU's
 dense bf16 peak), peak GPU memory, and ours / plain. On the CPU also the aten operations of one of
 ours' steps, and those per decoder layer per micro-batch in its forward (what a GPU launches).
-Without CUDA the same code runs at the `tiny` shape (still vocabulary 151,936) as a smoke run:
-seconds only, and the before/after ratio of the CPU learner (`ours` vs `ours` with the padded
-full-logits path of before issue 35).
+Without CUDA the same code runs at the `tiny` shape (still vocabulary 151,936; `make gpu-check` uses
+`smoke`, the same at 8,192) as a smoke run: seconds only, and the before/after ratio of the CPU
+learner (`ours` vs `ours` with the padded full-logits path of before issue 35).
 
 Log-prob path memory (CPU, `--logprob-tokens`): forward and backward of the response tokens'
 log-probs and entropies from final hidden states (hidden 896, vocabulary 151,936), the chunked

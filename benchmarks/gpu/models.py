@@ -18,9 +18,13 @@ from benchmarks.common import free_port, random_model, random_sample
 # Dense bf16 peak FLOP/s by device name (vendor datasheets; sparse figures halved).
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 VOCAB = 151936
+# `smoke`'s vocabulary: `make gpu-check`'s CPU run (in `make test`) times nothing, and at 151,936 the
+# output layer was most of each of its steps.
+SMOKE_VOCAB = 8192
 
 
-# Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU smoke shape. One row per
+# Published shapes (Qwen2.5 model cards' config.json); `tiny` is the CPU shape, `smoke` the
+# same at a small vocabulary for `make gpu-check` on the CPU. One row per
 # shape, its columns the config.json fields `_FIELDS` names.
 _FIELDS = (
     "hidden_size",
@@ -35,6 +39,7 @@ _ROWS: dict[str, tuple[int, int, int, int, int, bool | None]] = {
     # tied as the tiny model builder ties it.
     "demo": (64, 2, 2, 1, 128, None),
     "tiny": (256, 2, 4, 1, 1024, True),
+    "smoke": (256, 2, 4, 1, 1024, True),  # tiny at vocabulary SMOKE_VOCAB
     "qwen2.5-0.5b": (896, 24, 14, 2, 4864, True),
     "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, True),
     "qwen2.5-3b": (2048, 36, 16, 2, 11008, True),
@@ -63,12 +68,13 @@ def build_model(shape: str, cache_dir: str) -> Path:
                 cache_dir,
             )
         )
-    folder = Path(cache_dir).expanduser() / f"random-{shape}-v{VOCAB}"
+    vocab = SMOKE_VOCAB if shape == "smoke" else VOCAB
+    folder = Path(cache_dir).expanduser() / f"random-{shape}-v{vocab}"
     if (folder / "config.json").is_file():
         return folder
     _, tiny = random_model(64, 1, 128, cache_dir)  # its tokenizer files
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=32768, **SHAPES[shape])
+    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **SHAPES[shape])
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     Qwen2ForCausalLM(config).save_pretrained(scratch)
