@@ -169,6 +169,16 @@ class LearnerConfig(TrainingGroupConfig):
         description="Liger's Triton kernels for RMSNorm and SwiGLU (the `gpu` extra: liger-kernel). None: on CUDA "
         "where installed; true: required (an error without CUDA or the package); false: off.",
     )
+    logprob_head: Literal["auto", "chunked", "fused"] = Field(
+        "auto",
+        description="How the output layer gives the sampled tokens' log-probs. chunked: a chunk of tokens' logits "
+        "at a time, recomputed in backward (any device and dtype). fused: cut-cross-entropy's Triton kernels "
+        "(CUDA, the package cut-cross-entropy; an error without either), no [tokens, vocab] logits at all. Where "
+        "the kernels cannot serve a case the chunked head runs it, logged once: a gradient through float32 weights "
+        "(their backward is bf16/fp16 only: use mixed_precision: bf16), an output layer with a bias, and an entropy "
+        "bonus (algorithm.entropy_coef > 0: the kernels give no entropy); the entropy metric alone costs a chunked "
+        "forward without gradient. auto: fused on CUDA where cut-cross-entropy is installed, chunked otherwise.",
+    )
     memory_fraction: float = Field(
         0.5,
         gt=0,
