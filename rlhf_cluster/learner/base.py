@@ -31,6 +31,8 @@ from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batc
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.proximal import ProximalPolicy, global_counts
 from rlhf_cluster.learner.step_metrics import StepMetrics
+from rlhf_cluster.models.chunked_logprobs import logprob_head
+from rlhf_cluster.models.fused_logprobs import logprob_head_for
 from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
 from rlhf_cluster.telemetry import tracing
@@ -94,6 +96,8 @@ class LearnerBase(ABC):
         self.bad_steps = 0
         self.objective = RLObjective(spec.algorithm, spec.max_new_tokens)
         self.temperature = spec.temperature
+        # The output layer's log-prob head for the step's passes (`learner.logprob_head`).
+        self.logprob_head = logprob_head_for(spec.learner.logprob_head, self.device, spec.algorithm.entropy_coef > 0)
         self.step = 0
         self.model: Any = None
         self.scheduler: Any = None
@@ -226,17 +230,18 @@ class LearnerBase(ABC):
 
     def _logprobs(self, b: TrainBatch, micro: MicroBatch, with_entropy: bool):
         rows = micro.rows
-        return response_logprobs(
-            self.model,
-            b.input_ids[rows],
-            b.attention_mask[rows],
-            b.prompt_lengths[rows],
-            b.response_mask.shape[1],
-            self.temperature,
-            with_entropy,
-            packed=micro.packing is not None,
-            packing=micro.packing,
-        )
+        with logprob_head(self.logprob_head):
+            return response_logprobs(
+                self.model,
+                b.input_ids[rows],
+                b.attention_mask[rows],
+                b.prompt_lengths[rows],
+                b.response_mask.shape[1],
+                self.temperature,
+                with_entropy,
+                packed=micro.packing is not None,
+                packing=micro.packing,
+            )
 
     # ---- the step --------------------------------------------------------------------------
     def _optimize(

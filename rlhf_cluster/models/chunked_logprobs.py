@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Protocol
 
 import torch
@@ -194,6 +195,22 @@ def token_logprobs(
     return logp, (entropy if with_entropy else None)
 
 
+# A head: `token_logprobs`' signature and results. `scored_positions` runs the one `logprob_head`
+# set, `token_logprobs` where none is (a learner's choice of `learner.logprob_head`, `fused_logprobs`).
+TokenHead = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+_head: ContextVar[TokenHead | None] = ContextVar("logprob_head", default=None)
+
+
+@contextlib.contextmanager
+def logprob_head(head: TokenHead) -> Iterator[None]:
+    """While active, `scored_positions` scores with `head` in place of `token_logprobs`."""
+    token = _head.set(head)
+    try:
+        yield
+    finally:
+        _head.reset(token)
+
+
 class _CausalLM(Protocol):
     """A Hugging Face causal LM, or a wrapper that forwards to one (a DeepSpeed engine, a peft model)."""
 
@@ -214,6 +231,7 @@ class _ScoredPositions:
     ):
         self.positions, self.targets, self.only = positions, targets, only
         self.temperature, self.with_entropy, self.chunk_tokens = temperature, with_entropy, chunk_tokens
+        self.head: TokenHead = _head.get() or token_logprobs
 
     def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         B, T = self.positions.shape
@@ -224,7 +242,7 @@ class _ScoredPositions:
         weight = layer.weight  # read at each call: a sharding backend swaps the gathered weight in
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"{type(layer).__name__}.weight is a {type(weight).__name__}, not a tensor")
-        logp, entropy = token_logprobs(
+        logp, entropy = self.head(
             rows,
             weight,
             targets,

@@ -1,0 +1,139 @@
+"""Log-probs of chosen tokens through cut-cross-entropy's fused kernels: no [tokens, vocab] logits.
+
+`chunked_logprobs` still writes each chunk's [chunk, vocab] logits to memory, reads them back
+several times in float32 and does it all again in the backward. Apple's cut-cross-entropy (PyPI
+`cut-cross-entropy`, 25.1.1; Triton) keeps each tile of logits in registers: its forward gives
+each row's log-sum-exp and the chosen token's logit, its backward recomputes the tiles and adds
+their products into the gradients of the hidden states and of the output layer. Measured by
+others: 13.8x faster and 13x less memory than chunking at 4k tokens on one H100 (TRL#6858).
+
+What the kernels give (read from 25.1.1's source), and what this head makes of it:
+- `linear_cross_entropy(e, c, targets, reduction="none")` is nll = lse(c e) - c_y . e per row, in
+  float32; log p(y) = -nll. Its backward multiplies each row's (softmax - onehot) by that row's
+  upstream gradient before both products, so any per-token gradient weights are exact.
+- `filter_eps=None`: by default the backward skips blocks whose softmax is below an epsilon (an
+  approximation); off here, so the gradients are the whole softmax's.
+- No temperature: logits / T = c (e / T), so the hidden states are scaled before the kernel.
+- No bias, no entropy, and a backward for bf16/fp16 hidden states only. The chunked head runs
+  those cases, logged once: an output layer with a bias, a gradient through float32 weights. The
+  entropy, where asked, comes from the chunked head's forward (its backward runs only if the
+  loss takes the entropy's gradient: an entropy bonus, for which `choose_logprob_head` picks the
+  chunked head outright, since then it would run both heads' backward).
+- Its backward adds each tile's partial products into the gradients in their own dtype (bf16),
+  where the chunked head sums the output layer's gradient in float32: bf16 gradients differ from
+  the chunked head's by more than its own rounding (tests/gpu/test_fused_logprob_head.py).
+- It reads the targets' valid mask back to the host once per call (`nonzero`): one sync.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, TokenHead, token_logprobs
+
+log = logging.getLogger(__name__)
+
+_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.warning(message)
+
+
+@functools.cache
+def cce_available() -> bool:
+    """Whether cut-cross-entropy imports here (it needs Triton)."""
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_logprob_head(choice: str, device: torch.device, entropy_gradient: bool) -> str:
+    """The head ("chunked" or "fused") a learner on `device` scores with for `learner.logprob_head`.
+    `entropy_gradient`: the loss takes the entropy's gradient (algorithm.entropy_coef > 0), which
+    the fused kernels do not give: the chunked head, logged once. `fused` without CUDA or without
+    the package is refused; `auto` is fused on CUDA where the package imports."""
+    if choice == "chunked":
+        return "chunked"
+    if choice == "fused":
+        if device.type != "cuda":
+            raise ValueError(
+                f"learner.logprob_head: fused needs CUDA (cut-cross-entropy's kernels are Triton GPU kernels), "
+                f"this learner runs on {device.type}: use chunked or auto"
+            )
+        if not cce_available():
+            raise ValueError(
+                "learner.logprob_head: fused, but cut-cross-entropy is not installed "
+                "(pip install cut-cross-entropy==25.1.1): use chunked or auto"
+            )
+    elif choice != "auto":
+        raise ValueError(f"learner.logprob_head must be auto, chunked or fused, got {choice!r}")
+    elif device.type != "cuda" or not cce_available():
+        return "chunked"
+    if entropy_gradient:
+        _log_once(
+            "entropy_gradient",
+            "learner.logprob_head: the chunked head runs: algorithm.entropy_coef > 0 needs the entropy's "
+            "gradient, which cut-cross-entropy's kernels do not give",
+        )
+        return "chunked"
+    return "fused"
+
+
+def logprob_head_for(choice: str, device: torch.device, entropy_gradient: bool) -> TokenHead:
+    """The function `scored_positions` runs for `choose_logprob_head`'s choice."""
+    return fused_token_logprobs if choose_logprob_head(choice, device, entropy_gradient) == "fused" else token_logprobs
+
+
+def _unsupported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why the kernels cannot serve this call (the chunked head then does), None where they can."""
+    if bias is not None:
+        return "an output layer with a bias (cut-cross-entropy 25.1.1 takes none)"
+    if hidden.dtype != weight.dtype:
+        return f"hidden states in {hidden.dtype} under {weight.dtype} weights"
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if grad and hidden.dtype not in (torch.bfloat16, torch.float16):
+        return f"a gradient through {hidden.dtype} weights (the kernels' backward takes bf16/fp16 only)"
+    return None
+
+
+def _kernel_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 -log softmax(weight @ hidden[i])[targets[i]] per row, by cut-cross-entropy's kernels,
+    every softmax entry in the gradient (`filter_eps=None`)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)
+
+
+def fused_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` (same arguments, same results) through cut-cross-entropy's kernels: float32
+    log p(targets[i] | hidden[i]) for hidden [N, H] under the output layer `weight` [V, H] at
+    `temperature`, and the entropies when asked (by the chunked head's forward). CUDA tensors (or
+    Triton's interpreter); the cases the kernels do not cover run the chunked head (`_unsupported`)."""
+    reason = _unsupported(hidden, weight, bias)
+    if reason is not None:
+        _log_once(reason, f"learner.logprob_head: the chunked head runs {reason}")
+    if reason is not None or hidden.shape[0] == 0:  # no rows: no kernel to launch
+        return token_logprobs(hidden, weight, targets, bias, temperature, with_entropy, chunk_tokens)
+    scaled = hidden if temperature == 1.0 else hidden * (1.0 / temperature)
+    logp = _kernel_nll(scaled, weight, targets).neg()
+    if not with_entropy:
+        return logp, None
+    _log_once("entropy", "learner.logprob_head: the entropies come from the chunked head's forward")
+    _, entropy = token_logprobs(hidden, weight, targets, None, temperature, True, chunk_tokens)
+    return logp, entropy
