@@ -1,0 +1,278 @@
+"""Sequence parallelism, Ulysses-style: one long packed row split along its length over the N ranks
+of a process group, attention run on the whole row by an all-to-all of heads.
+
+Every layer but attention works token by token, so each rank runs the model on its own contiguous
+1/N of the row's slots (the row padded to a multiple of N, the tail masked). Attention needs every
+earlier token: there q, k and v go through an all-to-all that turns "my slots, all heads" into "all
+slots, heads/N" (DeepSpeed-Ulysses, arXiv:2309.14509), the model's own attention runs on the whole
+row for those heads (causal within each packed sequence, the same masks as packing's), and a second
+all-to-all turns the output back. Both all-to-alls are differentiable (each one's backward is the
+same exchange of the gradients), so a rank's activations and attention scores are 1/N of the row's;
+the weights' gradients of the N ranks add up to the whole row's.
+
+The slices carry their global position ids (rotary embeddings stay right), and the next-token
+targets are taken on the whole row before it is sliced: the last slot of a slice is scored against
+the first token of the next slice. The attention is registered with transformers'
+`AttentionInterface` under `ATTENTION`; it reads the row's layout from the `sequence_parallel`
+keyword the model's forward passes down to it, so it also holds when gradient checkpointing
+recomputes a layer in the backward. No mask is built by the model for it (transformers builds none
+for an implementation it has no mask function for); the row's mask is built here, once per forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
+from rlhf_cluster.models.packing import document_block_mask, prepared_mask
+
+ATTENTION = "sequence_parallel"  # the name the attention is registered under in transformers
+
+
+def check_heads(config: Any, world: int) -> int:
+    """How many times each key/value head is repeated so that `world` ranks can share them (1 where
+    they divide evenly; GQA with fewer kv heads than ranks repeats them). Raises where the ranks
+    cannot share the query heads evenly."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    if heads % world:
+        raise ValueError(
+            f"learner.sequence_parallel: {world} ranks must divide the model's attention heads evenly "
+            f"(each rank attends with heads/{world} of them over the whole sequence); the model has {heads} "
+            f"attention heads and {kv_heads} key-value heads"
+        )
+    return world // math.gcd(kv_heads, world)
+
+
+def enable_sequence_parallel(model: torch.nn.Module, world: int) -> str:
+    """Switch `model` (a Hugging Face model) to the sequence-parallel attention; returns the
+    attention it ran before, which the sharded forwards run on the whole row (`RowLayout.attention`)."""
+    from transformers import AttentionInterface
+
+    config: Any = model.config  # a Hugging Face model's (torch types a module's attributes as Tensor | Module)
+    check_heads(config.get_text_config() if hasattr(config, "get_text_config") else config, world)
+    inner = config._attn_implementation
+    if inner == ATTENTION:
+        raise ValueError("the model already runs the sequence-parallel attention")
+    if inner == "eager":
+        raise ValueError(
+            "learner.sequence_parallel runs the model's attention through transformers' AttentionInterface: "
+            "use sdpa, flex_attention or flash_attention_2, not eager"
+        )
+    AttentionInterface.register(ATTENTION, sequence_parallel_attention)
+    model.set_attn_implementation(ATTENTION)  # type: ignore[operator]  # PreTrainedModel's method
+    return inner
+
+
+@dataclass
+class RowLayout:
+    """What the attention of every rank needs of the whole padded rows [R, P] in one forward: the
+    group it is split over, the attention to run on the whole rows, and where each row's sequences
+    are. Passed to the model's forward as `sequence_parallel=`."""
+
+    group: dist.ProcessGroup | None  # None: the default group (or world 1, no communication)
+    world: int
+    attention: str  # the model's own attention, run on the whole rows
+    position_ids: torch.Tensor  # [R, P]
+    sequence_ids: torch.Tensor  # [R, P]: -1 on the padded tail
+    _masks: dict[torch.dtype, Any] = field(default_factory=dict, repr=False)
+
+    def mask(self, dtype: torch.dtype) -> Any:
+        """The whole rows' mask for `attention` (causal within each sequence; the tail attends to
+        itself only), built once per forward and dtype; None for flash-attention (position ids)."""
+        if self.attention.startswith("flash"):
+            return None
+        if dtype not in self._masks:
+            if self.attention == "flex_attention":
+                self._masks[dtype] = document_block_mask(self.sequence_ids)
+            else:
+                ids = self.sequence_ids
+                self._masks[dtype] = prepared_mask(ids[:, :, None] == ids[:, None, :], self.attention, dtype)
+        return self._masks[dtype]
+
+
+@dataclass(frozen=True)
+class ShardedRows:
+    """Packed rows [R, C] split along the length over `world` ranks: padded to P slots, a multiple
+    of `world` (the tail: token 0, position 0, sequence -1), the next-token targets taken on the
+    whole rows. Rank r holds slots [r * P/world, (r + 1) * P/world) of every row. Pure tensors, on
+    the host or a device."""
+
+    input_ids: torch.Tensor  # [R, P]
+    position_ids: torch.Tensor  # [R, P]: each slot's position within its own sequence
+    sequence_ids: torch.Tensor  # [R, P]: which sequence of the row a slot belongs to, -1 on the tail
+    targets: torch.Tensor  # [R, P]: the next slot's token (0 at a row's last slot)
+    scored: torch.Tensor  # [R, P] bool: the next slot continues this slot's sequence
+    world: int
+    length: int  # C, the real width before padding
+
+    @property
+    def width(self) -> int:
+        """Slots per rank."""
+        return self.input_ids.shape[1] // self.world
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        """The slots [start, stop) of every row that `rank` holds."""
+        return rank * self.width, (rank + 1) * self.width
+
+    def local(self, name: str, rank: int) -> torch.Tensor:
+        """`rank`'s slice [R, P/world] of the field `name` (input_ids, position_ids, targets, ...)."""
+        start, stop = self.bounds(rank)
+        return getattr(self, name)[:, start:stop]
+
+    def layout(self, group: dist.ProcessGroup | None, attention: str) -> RowLayout:
+        """The whole rows' layout every rank's attention reads (`RowLayout`)."""
+        return RowLayout(group, self.world, attention, self.position_ids, self.sequence_ids)
+
+
+def shard_rows(
+    input_ids: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor | None, world: int
+) -> ShardedRows:
+    """`input_ids` [R, C] (packed rows: `position_ids` restart at each sequence; `sequence_ids` -1
+    on a row's unused tail, None: one sequence per row) split over `world` ranks (`ShardedRows`)."""
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    R, C = input_ids.shape
+    if sequence_ids is None:
+        sequence_ids = torch.zeros_like(input_ids)
+    pad = -C % world
+    if pad:
+        input_ids = torch.nn.functional.pad(input_ids, (0, pad))
+        position_ids = torch.nn.functional.pad(position_ids, (0, pad))
+        sequence_ids = torch.nn.functional.pad(sequence_ids, (0, pad), value=-1)
+    # The shift on the whole row: slot p predicts slot p + 1's token, across the slices' seams.
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
+    same = sequence_ids[:, :-1] == sequence_ids[:, 1:]
+    scored = torch.nn.functional.pad(same & (sequence_ids[:, :-1] >= 0), (0, 1))
+    return ShardedRows(input_ids, position_ids, sequence_ids, targets, scored, world, C)
+
+
+class _AllToAll(torch.autograd.Function):
+    """An exchange of a tensor's `world` leading chunks (chunk j to rank j, chunk i of the output
+    from rank i); its own inverse, so the backward is the same exchange of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        return _exchange(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _exchange(grad, ctx.group), None
+
+
+def _exchange(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def heads_to_sequence(x: torch.Tensor, world: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[B, H, S, D] (this rank's S slots, every head) -> [B, H/world, world * S, D] (every rank's
+    slots in rank order, this rank's share of the heads)."""
+    if world == 1:
+        return x
+    B, H, S, D = x.shape
+    parts = x.reshape(B, world, H // world, S, D).transpose(0, 1)
+    out = _AllToAll.apply(parts, group)  # [source rank, B, H/world, S, D]
+    return out.permute(1, 2, 0, 3, 4).reshape(B, H // world, world * S, D)
+
+
+def sequence_to_heads(y: torch.Tensor, world: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[B, world * S, h, D] (every slot, this rank's h heads) -> [B, S, world * h, D] (this rank's
+    slots, every head in order): `heads_to_sequence`'s inverse, in attention's output layout."""
+    if world == 1:
+        return y
+    B, L, h, D = y.shape
+    parts = y.reshape(B, world, L // world, h, D).transpose(0, 1)
+    out = _AllToAll.apply(parts, group)  # [head group, B, S, h, D]
+    return out.permute(1, 2, 0, 3, 4).reshape(B, L // world, world * h, D)
+
+
+class _FewerKvGroups:
+    """An attention module as the inner attention sees it once its key/value heads are repeated:
+    the same module with fewer query heads per key/value head."""
+
+    def __init__(self, module: torch.nn.Module, groups: int):
+        self._module, self.num_key_value_groups = module, groups
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def sequence_parallel_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    sequence_parallel: RowLayout | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention function (`ATTENTION`): q [B, H, S, D], k and v [B, Hkv, S, D] of
+    this rank's S slots -> the attention output [B, S, H, D] of its slots, from `layout.attention`
+    run on the whole rows (`attention_mask`, built for the slice, is not used: the layout's is)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    layout = sequence_parallel
+    if layout is None:
+        raise ValueError(f"the {ATTENTION} attention needs the rows' layout: model(..., sequence_parallel=RowLayout)")
+    world = layout.world
+    repeat = check_heads(_Heads(query.shape[1], key.shape[1]), world)
+    if repeat > 1:  # GQA with fewer key/value heads than ranks: each rank gets whole copies
+        key, value = repeat_kv(key, repeat), repeat_kv(value, repeat)
+    inner_module: Any = module if repeat == 1 else _FewerKvGroups(module, query.shape[1] // key.shape[1])
+    q, k, v = (heads_to_sequence(t, world, layout.group) for t in (query, key, value))
+    inner = ALL_ATTENTION_FUNCTIONS[layout.attention]
+    kwargs["position_ids"] = layout.position_ids  # the whole rows' (flash-attention's sequences)
+    out, _ = inner(inner_module, q, k, v, layout.mask(q.dtype), **kwargs)
+    return sequence_to_heads(out, world, layout.group), None
+
+
+@dataclass(frozen=True)
+class _Heads:
+    """Head counts in a model config's names, for `check_heads` on the tensors' own shapes."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+def sharded_logprobs(
+    model: Any,
+    rows: ShardedRows,
+    rank: int,
+    layout: RowLayout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 log-probs [R, P/world] of the next token at `rank`'s slots of `rows` (0 where not
+    `scored`), and their entropies if asked, under `model` (switched by `enable_sequence_parallel`).
+    Collective: every rank of `layout.group` runs it on its own slice."""
+    ids, targets = rows.local("input_ids", rank), rows.local("targets", rank)
+    positions = torch.arange(ids.numel(), device=ids.device).view(ids.shape)
+    only = rows.local("scored", rank).reshape(-1).nonzero().squeeze(1)
+    with scored_positions(model, positions, targets, temperature, with_entropy, chunk_tokens, only=only) as scored:
+        out = model(
+            input_ids=ids,
+            position_ids=rows.local("position_ids", rank),
+            use_cache=False,
+            sequence_parallel=layout,
+        )
+        return scored.read(out.logits)
+
+
+def gather_rows(local: torch.Tensor, world: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Collective, no gradient: every rank's slices [R, S] of rows joined in rank order, [R, world * S]."""
+    if world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=1)

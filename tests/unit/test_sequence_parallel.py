@@ -1,0 +1,198 @@
+"""Sequence parallelism (`rlhf_cluster.models.sequence_parallel`): the rows' slicing, shift and
+padding; the head-count checks; and, with 2 gloo ranks on the CPU, log-probs and every weight's
+gradient of a 4,097-token packed row split over the ranks equal to one rank's whole-row ones."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlhf_cluster.config import TinyModelConfig
+from rlhf_cluster.models.chunked_logprobs import scored_positions
+from rlhf_cluster.models.packing import prepared_mask
+from rlhf_cluster.models.sequence_parallel import (
+    check_heads,
+    enable_sequence_parallel,
+    gather_rows,
+    shard_rows,
+    sharded_logprobs,
+)
+from rlhf_cluster.models.tiny_model import build_model
+
+WORLD = 2
+# Three packed sequences, 4,097 tokens: the seam between the ranks' slices (slot 2,049) falls inside
+# the second one, and the odd length pads the row's tail by one slot.
+LENGTHS = [1800, 1500, 797]
+VOCAB = 300
+# 4 query heads, 1 key/value head: 2 ranks need the kv head repeated (GQA), 2 query heads per kv head on each.
+SHAPE = TinyModelConfig(
+    hidden_size=128, num_heads=4, num_kv_heads=1, num_layers=2, intermediate_size=64, max_position_embeddings=4096
+)
+
+
+def _model() -> torch.nn.Module:
+    model = build_model(SHAPE, VOCAB, eos_id=1, pad_id=0)  # seeded: the same weights in every process
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _packed_row(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, position ids, sequence ids) [1, sum(lengths)] of sequences packed one after another."""
+    ids = torch.randint(2, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    sequences = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    return ids, positions, sequences
+
+
+def _weights(n: int) -> torch.Tensor:
+    """A fixed weight per slot, so the loss's gradient differs token by token."""
+    return torch.cos(torch.arange(n, dtype=torch.float32) * 0.37)
+
+
+def _whole_row(model, ids, positions, sequences) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One rank's reference: the whole row's log-probs (0 where not scored) and weight gradients
+    of sum(weights * log-probs), the packed path's block-diagonal causal mask."""
+    rows = shard_rows(ids, positions, sequences, 1)
+    mask = prepared_mask(sequences[:, :, None] == sequences[:, None, :], "sdpa", torch.float32)
+    only = rows.scored.reshape(-1).nonzero().squeeze(1)
+    flat = torch.arange(ids.numel()).view(ids.shape)
+    with scored_positions(model, flat, rows.targets, only=only) as scored:
+        logp, _ = scored.read(model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False).logits)
+    (logp[0] * _weights(ids.shape[1])).sum().backward()
+    return logp.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _rank(rank: int, port: int, failures) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        ids, positions, sequences = _packed_row(LENGTHS)
+        model = _model()
+        reference = _whole_row(model, ids, positions, sequences) if rank == 0 else None
+        model.zero_grad(set_to_none=True)
+        rows = shard_rows(ids, positions, sequences, WORLD)
+        layout = rows.layout(None, enable_sequence_parallel(model, WORLD))
+        start, stop = rows.bounds(rank)
+        logp, _ = sharded_logprobs(model, rows, rank, layout)
+        (logp[0] * _weights(rows.input_ids.shape[1])[start:stop]).sum().backward()
+        whole = gather_rows(logp.detach(), WORLD)[:, : rows.length]
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        for grad in grads.values():
+            dist.all_reduce(grad)  # the ranks' partial gradients of the same row add up to the whole row's
+        if reference is not None:
+            failures.put(("compare", _differences(whole, grads, *reference)))
+        dist.barrier()
+    except BaseException as exc:
+        failures.put(("error", f"rank {rank}: {exc!r}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _differences(logp, grads, ref_logp, ref_grads) -> list[str]:
+    """Where the sharded results leave the tolerance (see the test's docstring)."""
+    out = []
+    if not torch.allclose(logp, ref_logp, rtol=1e-5, atol=1e-5):
+        out.append(f"log-probs: max difference {(logp - ref_logp).abs().max().item():.3g}")
+    for name, ref in ref_grads.items():
+        scale = ref.abs().max().item()
+        err = (grads[name] - ref).abs().max().item()
+        if err > 1e-5 * scale + 1e-8:
+            out.append(f"{name}: max difference {err:.3g}, largest gradient {scale:.3g}")
+    return out
+
+
+def test_two_ranks_equal_one_rank_in_logprobs_and_gradients():
+    """fp32 on both sides. The ranks run the same operations on the same numbers except for the
+    order of the sums: a weight's gradient is two partial sums over 2,049 tokens each instead of
+    one over 4,097, and each slice's matmuls block differently. fp32 rounding of a sum of n terms
+    is at most about n * 6e-8 of the sum of their magnitudes, typically sqrt(n) * 6e-8 of it: 1e-5
+    of the largest gradient entry is 25x what was measured (3.8e-7, q_proj), while a real error
+    moves the gradients by a tenth or more of their size (measured: a mask ignoring the packed
+    sequences, slices' position ids restarting at 0, a rank's gradient left out). The log-probs
+    came out identical (the attention runs the same kernel on the same whole-row numbers); 1e-5
+    absolute of values near -5.7 allows the rounding of a different matmul blocking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, failures)) for r in range(WORLD)]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    found = []
+    while len(found) < 1 and time.monotonic() - started < 150 and any(p.is_alive() for p in procs):
+        try:
+            found.append(failures.get(timeout=1))
+        except Exception:
+            continue
+    for p in procs:
+        p.join(timeout=30)
+    while not failures.empty():
+        found.append(failures.get())
+    assert all(p.exitcode == 0 for p in procs), (found, [p.exitcode for p in procs])
+    assert [kind for kind, _ in found] == ["compare"], found
+    assert found[0][1] == [], found[0][1]
+
+
+def test_rows_are_padded_to_the_ranks_and_shifted_before_they_are_sliced():
+    ids = torch.tensor([[10, 11, 12, 20, 21, 22, 23]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    sequences = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    rows = shard_rows(ids, positions, sequences, 3)
+    assert rows.width == 3 and rows.length == 7
+    assert rows.input_ids.tolist() == [[10, 11, 12, 20, 21, 22, 23, 0, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0]]
+    assert rows.sequence_ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, -1, -1]]
+    # Slot 2 (rank 0's last) predicts slot 3, rank 1's first: across the seam, on the whole row.
+    assert rows.targets.tolist() == [[11, 12, 20, 21, 22, 23, 0, 0, 0]]
+    # A sequence's last token predicts nothing (the next slot is another sequence or the tail), nor does the tail.
+    assert rows.scored.tolist() == [[True, True, False, True, True, True, False, False, False]]
+    assert rows.bounds(1) == (3, 6)
+    assert rows.local("targets", 1).tolist() == [[21, 22, 23]]
+    assert rows.local("position_ids", 2).tolist() == [[3, 0, 0]]
+
+
+def test_a_row_without_sequence_ids_is_one_sequence():
+    rows = shard_rows(torch.tensor([[5, 6, 7, 8]]), torch.arange(4)[None], None, 2)
+    assert rows.scored.tolist() == [[True, True, True, False]]
+    assert rows.local("input_ids", 1).tolist() == [[7, 8]]
+
+
+class _Config:
+    def __init__(self, heads: int, kv_heads: int):
+        self.num_attention_heads, self.num_key_value_heads = heads, kv_heads
+
+
+def test_heads_the_ranks_cannot_share_are_refused_naming_the_setting():
+    with pytest.raises(ValueError, match=r"learner\.sequence_parallel: 3 ranks .* 4 attention heads and 1 key-value"):
+        check_heads(_Config(4, 1), 3)
+    with pytest.raises(ValueError, match=r"learner\.sequence_parallel: 3 ranks .* 4 attention heads"):
+        enable_sequence_parallel(_model(), 3)
+
+
+def test_key_value_heads_fewer_than_the_ranks_are_repeated():
+    assert check_heads(_Config(4, 4), 2) == 1
+    assert check_heads(_Config(4, 1), 2) == 2
+    assert check_heads(_Config(8, 2), 8) == 4
+    assert check_heads(_Config(12, 2), 4) == 2  # 2 kv heads x 2 copies: one per rank
+
+
+def test_one_rank_equals_the_packed_path_and_eager_is_refused():
+    """No communication at one rank: the registered attention, run on the whole row with the
+    layout's mask, gives the packed path's log-probs exactly."""
+    ids, positions, sequences = _packed_row([7, 5, 9])
+    model = _model()
+    reference, _ = _whole_row(model, ids, positions, sequences)
+    rows = shard_rows(ids, positions, sequences, 1)
+    got, _ = sharded_logprobs(model, rows, 0, rows.layout(None, enable_sequence_parallel(model, 1)))
+    assert torch.equal(got.detach(), reference)
+    eager = build_model(SHAPE, VOCAB, eos_id=1, pad_id=0)
+    eager.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="not eager"):
+        enable_sequence_parallel(eager, 2)
