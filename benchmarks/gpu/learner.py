@@ -38,6 +38,7 @@ process, peak resident memory above the inputs. The full path runs under a data 
     .venv/bin/python -m benchmarks.gpu.learner --shape demo --batch 128 --prompt 8 --response 1 4 --logprob-tokens
                                                                      # CPU: the demo's learner step, before vs after
     python3 -m benchmarks.gpu.learner --shape qwen2.5-1.5b [--checkpointing] [--deepspeed] [--seq-lens 4096 16384]
+        [--side "fused head:logprob_head=fused"] [--memory-budget-gib 40]
                                                                      # on a GPU (make gpu-check runs the set)
 """
 
@@ -90,6 +91,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         choices=["sdpa", "flex_attention", "flash_attention_2", "eager"],
         help="also time ours with these learner.attention settings (the default is auto)",
+    )
+    p.add_argument(
+        "--side",
+        type=learner_side,
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,...]",
+        help="also time ours with these learner settings, as `ours, NAME` (e.g. 'fused head:logprob_head=fused')",
+    )
+    p.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=None,
+        help="CUDA: every side of ours plans its memory for this many GiB of the GPU (learner.memory_fraction)",
     )
     p.add_argument("--no-plain", dest="plain", action="store_false", help="leave the plain loop out")
     p.add_argument(
@@ -193,21 +208,33 @@ def side_builds(args: argparse.Namespace, model_dir: Path, precision: str, batch
     def for_side(name: str) -> dict:
         return {**default, **(at_length if name in args.seq_len_sides else {})}
 
-    sides: dict[str, tuple] = {"ours": (lambda: Ours(model_dir, precision), for_side("ours"))}
+    budget = memory_budget(args)
+    sides: dict[str, tuple] = {"ours": (lambda: Ours(model_dir, precision, **budget), for_side("ours"))}
     if args.padded:
-        sides["ours, padded"] = (lambda: Ours(model_dir, precision, packing=False), default)
+        sides["ours, padded"] = (lambda: Ours(model_dir, precision, sequence_packing=False, **budget), default)
     if args.checkpointing:
-        sides["ours+ckpt"] = (lambda: Ours(model_dir, precision, checkpointing=True), for_side("ours+ckpt"))
+        sides["ours+ckpt"] = (
+            lambda: Ours(model_dir, precision, gradient_checkpointing=True, **budget),
+            for_side("ours+ckpt"),
+        )
     for attention in args.attention:
         sides[f"ours, {attention}"] = (
-            lambda a=attention: Ours(model_dir, precision, attention=a),
+            lambda a=attention: Ours(model_dir, precision, attention=a, **budget),
             for_side(f"ours, {attention}"),
         )
     if args.compile:
-        sides["ours, compiled"] = (lambda: Ours(model_dir, precision, compile=True), for_side("ours, compiled"))
+        sides["ours, compiled"] = (
+            lambda: Ours(model_dir, precision, compile=True, **budget),
+            for_side("ours, compiled"),
+        )
+    for name, settings in args.side:
+        sides[f"ours, {name}"] = (
+            lambda s=settings: Ours(model_dir, precision, **{**budget, **s}),
+            for_side(f"ours, {name}"),
+        )
     if args.deepspeed:
         sides["ours, deepspeed"] = (
-            lambda: Ours(model_dir, precision, backend="deepspeed"),
+            lambda: Ours(model_dir, precision, backend="deepspeed", **budget),
             for_side("ours, deepspeed"),
         )
     if not torch.cuda.is_available():
@@ -215,6 +242,31 @@ def side_builds(args: argparse.Namespace, model_dir: Path, precision: str, batch
     if args.plain:
         sides["plain"] = (lambda: Plain(model_dir, precision), for_side("plain"))
     return sides
+
+
+def memory_budget(args: argparse.Namespace) -> dict:
+    """The learner setting that gives the memory plan `--memory-budget-gib` of this GPU (none without it)."""
+    if args.memory_budget_gib is None or not torch.cuda.is_available():
+        return {}
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return {"memory_fraction": min(1.0, args.memory_budget_gib / total)}
+
+
+def learner_side(text: str) -> tuple[str, dict]:
+    """`--side NAME:KEY=VALUE[,KEY=VALUE...]`: a side named `ours, NAME` with those learner settings
+    (values read as YAML: `compile=true`, `max_tokens_per_micro_batch=8192`, `attention=sdpa`)."""
+    import yaml
+
+    name, sep, pairs = text.partition(":")
+    settings = {}
+    for pair in filter(None, pairs.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise argparse.ArgumentTypeError(f"--side {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+        settings[key.strip()] = yaml.safe_load(value)
+    if not sep or not name or not settings:
+        raise argparse.ArgumentTypeError(f"--side {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    return name, settings
 
 
 def step_figures(results: dict, batches: dict, params: int, peak_flops: float | None, shape) -> dict[str, dict]:

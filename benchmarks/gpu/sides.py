@@ -13,41 +13,26 @@ import torch
 
 
 class Ours:
-    """The learner's train_step as configured by default (FSDP2; `backend="deepspeed"`: ZeRO-3;
-    `before`: the padded full-logits path)."""
+    """The learner's train_step as configured by default (FSDP2), or with the `learner` settings
+    given (LearnerConfig fields, e.g. `backend="deepspeed"`, `attention="sdpa"`, `compile=True`);
+    `before`: the padded full-logits path."""
 
-    def __init__(
-        self,
-        model_dir: Path,
-        precision: str,
-        checkpointing: bool | None = None,
-        before: bool = False,
-        packing: bool = True,
-        backend: str = "fsdp2",
-        attention: str = "auto",
-        compile: bool = False,
-    ):
+    def __init__(self, model_dir: Path, precision: str, before: bool = False, **learner):
         from rlhf_cluster.config import JobConfig
         from rlhf_cluster.learner.base import LearnerSpec
 
-        learner = {
-            "lr": 1e-5,
-            "mixed_precision": precision,
-            "sequence_packing": False if before else packing,
-            "backend": backend,
-            "attention": attention,
-            "compile": compile,
-        }
-        if checkpointing is not None:  # None: the learner's default
-            learner["gradient_checkpointing"] = checkpointing
+        settings = {"lr": 1e-5, "mixed_precision": precision, **learner}
+        if before:
+            settings["sequence_packing"] = False
         cfg = JobConfig.model_validate(
             {
-                "learner": learner,
+                "learner": settings,
                 "generation": {"sampling": {"max_new_tokens": 1024}},
                 "algorithm": {"kl": {"placement": "loss", "coef": 0.01}},
                 "metrics": {"enabled": False},
             }
         )
+        backend = cfg.learner.backend.type
         from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
         from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 
