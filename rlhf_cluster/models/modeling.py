@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlhf_cluster.models import varlen_attention
 from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
 from rlhf_cluster.models.packing import PackedRows, pack_rows, packing_pays, prepared_mask
+from rlhf_cluster.models.varlen_attention import VARLEN
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -27,37 +29,77 @@ def decoder_layer(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-FLEX_FROM_TOKENS = 2048  # `auto` picks FlexAttention on CUDA from responses this long (see training_attention)
+FLEX_FROM_TOKENS = 2048  # `auto` picks FlexAttention on CUDA from responses this long (see choose_attention)
 
 
-def training_attention(choice: str, device: torch.device, max_new_tokens: int = 0) -> str:
-    """The attention a learner's model runs for `learner.attention` on `device`. `auto`: on CUDA
-    flash-attn's varlen kernels where installed; else FlexAttention (packed rows under a document
-    mask: one row of real tokens, attention costing each sequence its own length) when responses
-    may reach `FLEX_FROM_TOKENS`, SDPA below; SDPA on the CPU, where FlexAttention has no backward.
+def training_attention(
+    choice: str,
+    device: torch.device,
+    max_new_tokens: int = 0,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+) -> str:
+    """The attention a learner's model runs for `learner.attention` on `device`, its compute
+    `dtype` and `head_dim` where known: `auto` by `choose_attention` on what is installed here;
+    FlexAttention and varlen refused off CUDA (no backward, no kernel), varlen also for a dtype or
+    head size its kernels do not take."""
+    if choice == "flex_attention" and device.type != "cuda":
+        raise ValueError("learner.attention: flex_attention has no backward on the CPU (PyTorch's): use sdpa or auto")
+    if choice == VARLEN:
+        if device.type != "cuda":
+            raise ValueError("learner.attention: varlen runs PyTorch's flash kernels, CUDA only: use sdpa or auto")
+        if not varlen_attention.installed():
+            raise ValueError("learner.attention: varlen needs torch.nn.attention.varlen (PyTorch >= 2.10)")
+        if dtype is not None and not varlen_attention.runs_for(dtype, head_dim or 8):
+            raise ValueError(f"learner.attention: varlen's kernels take fp16/bf16 and head_dim <= 256, not {dtype}")
+    if choice != "auto":
+        return choice
+    return choose_attention(
+        device.type, flash_attn_installed(), varlen_attention.installed(), dtype, head_dim, max_new_tokens
+    )
+
+
+def choose_attention(
+    device_type: str,
+    flash_attn: bool,
+    varlen: bool,
+    dtype: torch.dtype | None,
+    head_dim: int | None,
+    max_new_tokens: int,
+) -> str:
+    """`learner.attention: auto`, from the capabilities alone (pure: the tests answer each one).
+    On CUDA, the first that runs: flash-attn's varlen kernels where `flash_attn` is installed;
+    PyTorch's `varlen_attn` (`varlen`) where this torch has it and its kernels take the compute
+    `dtype` and `head_dim` (fp16/bf16, a multiple of 8 up to 256; unknown is no); FlexAttention
+    (packed rows under a document mask) when responses may reach `FLEX_FROM_TOKENS`; SDPA below.
+    On the CPU, SDPA: FlexAttention has no backward there and the varlen kernels no kernel.
     Measured against SDPA on one H200 (`make gpu-check`, Qwen2.5-0.5B, 16 sequences of 320-1,024
     tokens, or 16,384 tokens per step of longer ones): FlexAttention 0.95x (2026-11-26) and 0.82x
     (2026-11-27) at <= 1k tokens per sequence, 1.22x / 1.19x at 4k, 1.38x / 1.39x at 16k, with less
-    memory at every length (29 vs 40 GiB at 16k)."""
-    if choice == "flex_attention" and device.type != "cuda":
-        raise ValueError("learner.attention: flex_attention has no backward on the CPU (PyTorch's): use sdpa or auto")
-    if choice != "auto":
-        return choice
-    chosen = default_attention(device.type == "cuda")
-    long = max_new_tokens >= FLEX_FROM_TOKENS
-    return "flex_attention" if device.type == "cuda" and chosen == "sdpa" and long else chosen
+    memory at every length (29 vs 40 GiB at 16k). varlen: pending GPU measurement (it is placed
+    above FlexAttention as flash kernels over the real tokens, with no mask to build)."""
+    if device_type != "cuda":
+        return "sdpa"
+    if flash_attn:
+        return "flash_attention_2"
+    if varlen and varlen_attention.runs_for(dtype, head_dim):
+        return VARLEN
+    return "flex_attention" if max_new_tokens >= FLEX_FROM_TOKENS else "sdpa"
+
+
+def flash_attn_installed() -> bool:
+    """Whether the flash-attn package imports here."""
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def default_attention(cuda: bool) -> str:
-    """flash-attn's varlen kernels on CUDA where installed, SDPA otherwise."""
-    if cuda:
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    """flash-attn's varlen kernels on CUDA where installed, SDPA otherwise (models loaded without
+    a learner's choice: the reference's and the scorers')."""
+    return "flash_attention_2" if cuda and flash_attn_installed() else "sdpa"
 
 
 def load_causal_lm(
@@ -78,6 +120,8 @@ def load_causal_lm(
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model path {folder}: expected a Hugging Face folder with config.json")
     attn = attention or default_attention(torch.cuda.is_available())
+    if attn == VARLEN:
+        varlen_attention.register()
     if device == "spread":
         if torch.cuda.device_count() > 1:
             return AutoModelForCausalLM.from_pretrained(
@@ -145,12 +189,16 @@ def response_logprobs(
     B, L = input_ids.shape
     flat = positions + L * torch.arange(B, device=positions.device)[:, None]
     mask: torch.Tensor | BlockMask = attention_mask
-    if not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
+    extra: dict = {}
+    if impl == VARLEN:  # each right-padded row one sequence: its real tokens, causal, never see its padding
+        cu = torch.arange(B + 1, device=input_ids.device, dtype=torch.int32) * L
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": L, "max_length_k": L}
+    elif not impl.startswith("flash"):  # a ready 4D mask: the model's own mask building reads the device
         keys = attention_mask.bool()
         mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)
     only = None if packing is None else packing.scored  # the same [B, T] whether packing paid or not
     with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens, only=only) as scored:
-        return scored.read(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits)
+        return scored.read(model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).logits)
 
 
 def _packed_logprobs(
@@ -180,6 +228,7 @@ def _packed_logprobs(
                 position_ids=packing.position_ids,
                 attention_mask=packing.attention_mask(*attention),
                 use_cache=False,
+                **(packing.varlen_kwargs() if attention[0] == VARLEN else {}),
             ).logits
         )
 

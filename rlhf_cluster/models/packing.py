@@ -6,7 +6,8 @@ padding (issue 35: 10,335 real tokens in 15,744 positions). Packed, sequences si
 in rows whose position ids restart at 0 for each sequence; Hugging Face models read that as packed
 sequences (per-sequence `cu_seqlens` for varlen flash-attention, and the block-diagonal causal mask
 given here for SDPA and eager attention), so no sequence attends to another. With flash-attention
-every sequence shares one row and the forward costs the real tokens only; SDPA and eager attention
+or PyTorch's varlen kernels (`varlen_attention`, given the `cu_seqlens` planned here) every sequence
+shares one row and the forward costs the real tokens only; SDPA and eager attention
 cost a row's width squared, so their rows are as wide as the longest sequence and fewer than the
 padded batch's. Log-probs come back in the same [rows, response] frame as the padded path's.
 """
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from rlhf_cluster.models.varlen_attention import VARLEN
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -37,10 +40,24 @@ class PackedRows:
     # [K]: the flat indices (b * T + t) into [B, T] of the response tokens that exist (t < the
     # sequence's response length): the only ones scored, the rest of [B, T] is padding.
     scored: torch.Tensor
+    # int32 [N+1]: where each run of slots that attend among themselves starts in the flat [R * C]
+    # slots (every sequence, and each row's tail as its own), then R * C: varlen kernels' cu_seqlens.
+    cu_seqlens: torch.Tensor
+    max_seqlen: int  # the longest of those runs
 
     def to(self, device: torch.device) -> PackedRows:
         """On `device` (`to_device`)."""
-        return PackedRows(*(to_device(t, device) for t in vars(self).values()))
+        gather, position_ids, sequence_ids, positions, scored, cu_seqlens = (
+            to_device(t, device)
+            for t in (self.gather, self.position_ids, self.sequence_ids, self.positions, self.scored, self.cu_seqlens)
+        )
+        return PackedRows(gather, position_ids, sequence_ids, positions, scored, cu_seqlens, self.max_seqlen)
+
+    def varlen_kwargs(self) -> dict[str, torch.Tensor | int]:
+        """The sequences as flash-attention's keyword arguments (the names transformers passes down
+        to every attention layer), read by `varlen_attention` without reading the device."""
+        cu, longest = self.cu_seqlens, self.max_seqlen
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
     def input_ids(self, padded_ids: torch.Tensor) -> torch.Tensor:
         """The packed [R, C] token ids of the padded batch `padded_ids` [B, L]."""
@@ -54,8 +71,9 @@ class PackedRows:
     def attention_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | BlockMask | None:
         """Causal within each sequence, nothing across sequences: a document mask for FlexAttention
         (`document_block_mask`), a ready 4D mask for SDPA and eager attention (`prepared_mask`);
-        None for flash-attention, whose varlen kernels take the sequences from the position ids."""
-        if attn_implementation.startswith("flash"):
+        None for flash-attention, whose varlen kernels take the sequences from the position ids, and
+        for `varlen`, which takes them from `varlen_kwargs`."""
+        if attn_implementation.startswith("flash") or attn_implementation == VARLEN:
             return None
         if attn_implementation == "flex_attention":
             return document_block_mask(self.sequence_ids)
@@ -114,17 +132,20 @@ def packing_pays(packing: PackedRows, padded_slots: int) -> bool:
     return packing.gather.numel() < padded_slots
 
 
+def one_row(attn_implementation: str) -> bool:
+    """Whether packed sequences share one row under `attn_implementation`: flash-attention's and
+    PyTorch's varlen kernels cost the real tokens, and FlexAttention's document mask skips the
+    blocks between sequences."""
+    return attn_implementation.startswith("flash") or attn_implementation in ("flex_attention", VARLEN)
+
+
 def row_tokens_for(attn_implementation: str, lengths: list[int]) -> int | None:
-    """Slots per packed row: unbounded (one row) for flash-attention, whose varlen kernels cost the
-    real tokens, and for FlexAttention, whose document mask skips the blocks between sequences; the
+    """Slots per packed row: unbounded (one row) where the attention costs each sequence its own
+    length (`one_row`: flash-attention, varlen, FlexAttention); the
     longest sequence otherwise, since SDPA and eager attention cost a row's slots
     squared: rows no wider than the padded batch's, and fewer of them (measured: one row of every
     sequence ran 2x slower than padding at the CPU demo's shape)."""
-    return (
-        None
-        if attn_implementation.startswith("flash") or attn_implementation == "flex_attention"
-        else max(lengths, default=1)
-    )
+    return None if one_row(attn_implementation) else max(lengths, default=1)
 
 
 def plan_packing(
@@ -172,7 +193,17 @@ def plan_packing(
     responses = (lengths_t - torch.tensor(prompt_lengths, dtype=torch.long)).clamp(min=0, max=response_len)
     exists = (steps[None, :] < responses[:, None]).reshape(-1).nonzero().squeeze(1)
     shape = (len(filled), width)
-    return PackedRows(gather.view(shape), position_ids.view(shape), sequence_ids.view(shape), positions, exists)
+    cu_seqlens, max_seqlen = run_bounds(first_slot, lengths_t, len(filled), width)
+    planes = (gather.view(shape), position_ids.view(shape), sequence_ids.view(shape))
+    return PackedRows(*planes, positions, exists, cu_seqlens, max_seqlen)
+
+
+def run_bounds(first_slot: torch.Tensor, lengths: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32, longest run) of `rows` packed rows of `width` slots whose sequences start at
+    the flat slots `first_slot` and run `lengths`: every sequence is a run, and so is a row's tail
+    (slots no sequence holds: garbage nobody scores, kept away from the sequences)."""
+    bounds = torch.cat([first_slot, first_slot + lengths, torch.arange(rows + 1) * width]).unique(sorted=True)
+    return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max()) if len(bounds) > 1 else 0
 
 
 def pack_rows(

@@ -1,0 +1,181 @@
+"""Varlen attention (rlhf_cluster/models/varlen_attention.py) and `learner.attention: auto`
+(modeling.choose_attention). The kernel is CUDA only: here it is stood in for by per-sequence SDPA,
+so everything around it (the sequences planned with the packing, the keyword arguments reaching
+every layer, the layout in and out, GQA) is checked on the CPU; tests/gpu runs the real kernel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_cluster.models import modeling, varlen_attention
+from rlhf_cluster.models.modeling import choose_attention, load_causal_lm, response_logprobs, training_attention
+from rlhf_cluster.models.packing import pack_rows, plan_packing
+from rlhf_cluster.models.varlen_attention import VARLEN, cu_seqlens_of
+from tests.batches import ragged_batch
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def reference_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window_size, enable_gqa):
+    """What `varlen_attn` computes, by SDPA on each run of `cu_seqlens` (causal; GQA repeated)."""
+    assert window_size == (-1, 0) and cu_seqlens.dtype == torch.int32
+    bounds = cu_seqlens.tolist()
+    assert max_seqlen == max(b - a for a, b in zip(bounds, bounds[1:]))
+    groups = q.shape[1] // k.shape[1]
+    assert enable_gqa == (groups > 1)
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.fixture
+def reference_kernel(monkeypatch):
+    """The CPU stand-in for the kernel; each call's cu_seqlens kept."""
+    calls: list[torch.Tensor] = []
+
+    def kernel(q, k, v, cu_seqlens, *rest):
+        calls.append(cu_seqlens)
+        return reference_varlen(q, k, v, cu_seqlens, *rest)
+
+    monkeypatch.setattr(varlen_attention, "flash_varlen", kernel)
+    return calls
+
+
+def test_cu_seqlens_come_from_the_packing_hand_computed():
+    # One row (varlen, flash): longest first, 5 at 0, 4 at 5, 2 at 9.
+    one = plan_packing([4, 2, 5], [2, 1, 3], 5, 3, None)
+    assert one.cu_seqlens.tolist() == [0, 5, 9, 11] and one.max_seqlen == 5
+    assert one.cu_seqlens.dtype == torch.int32
+    # Rows of 5 slots (SDPA's): [5], [4, tail 1], [2, tail 3]: each tail a run of its own.
+    rows = plan_packing([4, 2, 5], [2, 1, 3], 5, 3, 5)
+    assert rows.gather.shape == (3, 5)
+    assert rows.cu_seqlens.tolist() == [0, 5, 9, 10, 12, 15] and rows.max_seqlen == 5
+    assert one.varlen_kwargs() == {
+        "cu_seq_lens_q": one.cu_seqlens,
+        "cu_seq_lens_k": one.cu_seqlens,
+        "max_length_q": 5,
+        "max_length_k": 5,
+    }
+    moved = one.to(CPU)
+    assert moved.max_seqlen == 5 and torch.equal(moved.cu_seqlens, one.cu_seqlens)
+
+
+def test_cu_seqlens_from_position_ids_hand_computed():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])
+    cu, longest = cu_seqlens_of(position_ids)
+    assert cu.tolist() == [0, 3, 5, 9, 10] and longest == 4
+    cu, longest = cu_seqlens_of(torch.tensor([[3, 4, 5], [1, 2, 3]]))  # no restart: each row one sequence
+    assert cu.tolist() == [0, 3, 6] and longest == 3
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_varlen_log_probs_and_gradients_equal_sdpa_on_padded_rows(tiny_model_path, reference_kernel, packed):
+    """A model switched to `varlen` through transformers' attention interface: packed (one row,
+    the packing's cu_seqlens) or padded (each row one sequence), the same values and gradients as
+    SDPA on right-padded rows."""
+    sdpa = load_causal_lm(tiny_model_path, attention="sdpa")
+    varlen = load_causal_lm(tiny_model_path, attention=VARLEN)
+    assert varlen.config._attn_implementation == VARLEN
+    b = ragged_batch([(5, 3), (2, 11), (7, 1), (3, 6)])
+    args = (b.input_ids, b.attention_mask, b.prompt_lengths, b.response_mask.shape[1])
+    mask = b.response_mask
+    a, a_ent = response_logprobs(sdpa, *args, 0.9, True, packed=False)
+    c, c_ent = response_logprobs(varlen, *args, 0.9, True, packed=packed)
+    layers = sdpa.config.num_hidden_layers
+    if packed:
+        expected = pack_rows(*args, VARLEN).cu_seqlens
+        assert len(reference_kernel) == layers and all(torch.equal(cu, expected) for cu in reference_kernel)
+        assert expected.tolist() == [0, 13, 22, 30, 38]  # 8, 13, 8, 9 tokens, longest first: 13, 9, 8, 8
+    else:
+        L = b.input_ids.shape[1]
+        assert [cu.tolist() for cu in reference_kernel] == [[0, L, 2 * L, 3 * L, 4 * L]] * layers
+    assert torch.allclose(a * mask, c * mask, atol=1e-5) and torch.allclose(a_ent * mask, c_ent * mask, atol=1e-5)
+    ((a * mask).sum() + (a_ent * mask).sum()).backward()
+    ((c * mask).sum() + (c_ent * mask).sum()).backward()
+    for (name, p), q in zip(sdpa.named_parameters(), varlen.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_without_planned_sequences_they_come_from_the_position_ids(tiny_model_path, reference_kernel):
+    """A caller passing only position ids that restart per sequence (no cu_seqlens: the critic's
+    packed path) gets the same sequences."""
+    model = load_causal_lm(tiny_model_path, attention=VARLEN)
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "sdpa"
+    ids = torch.randint(2, 200, (1, 9), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        first = reference(input_ids=ids[:, :4], use_cache=False).logits
+        second = reference(input_ids=ids[:, 4:], use_cache=False).logits
+    assert reference_kernel[0].tolist() == [0, 4, 9]
+    assert torch.allclose(got, torch.cat([first, second], 1), atol=1e-5)
+
+
+def test_the_kernel_has_no_cpu_implementation():
+    """The CPU is SDPA's: PyTorch's varlen kernels are flash kernels, CUDA only."""
+    x = torch.randn(6, 2, 32, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="_flash_attention_forward"):
+        varlen_attention.flash_varlen(x, x, x, cu, 4, None, (-1, 0), False)
+
+
+@pytest.mark.parametrize(
+    ("device", "flash", "varlen", "dtype", "head_dim", "max_new", "expected"),
+    [
+        ("cpu", True, True, torch.bfloat16, 64, 8192, "sdpa"),  # the CPU is SDPA's, whatever is installed
+        ("cuda", True, True, torch.bfloat16, 64, 0, "flash_attention_2"),  # flash-attn first where installed
+        ("cuda", True, False, torch.float32, 64, 8192, "flash_attention_2"),
+        ("cuda", False, True, torch.bfloat16, 64, 0, VARLEN),  # then torch's varlen, at any length
+        ("cuda", False, True, torch.float16, 128, 8192, VARLEN),
+        ("cuda", False, True, torch.float32, 64, 8192, "flex_attention"),  # fp32: no flash kernel
+        ("cuda", False, True, torch.bfloat16, 320, 8192, "flex_attention"),  # head too large
+        ("cuda", False, True, torch.bfloat16, 36, 0, "sdpa"),  # not a multiple of 8, short responses
+        ("cuda", False, True, None, None, 8192, "flex_attention"),  # unknown dtype: not promised to run
+        ("cuda", False, False, torch.bfloat16, 64, 2048, "flex_attention"),  # then flex for long responses
+        ("cuda", False, False, torch.bfloat16, 64, 2047, "sdpa"),  # SDPA below
+    ],
+)
+def test_the_auto_rule_on_every_branch(device, flash, varlen, dtype, head_dim, max_new, expected):
+    assert choose_attention(device, flash, varlen, dtype, head_dim, max_new) == expected
+
+
+@pytest.mark.parametrize(("flash", "varlen"), [(True, True), (False, True), (False, False)])
+def test_auto_asks_what_is_installed_here(monkeypatch, flash, varlen):
+    """`training_attention` answers the rule's capabilities from this environment (patched here)."""
+    monkeypatch.setattr(modeling, "flash_attn_installed", lambda: flash)
+    monkeypatch.setattr(varlen_attention, "installed", lambda: varlen)
+    got = training_attention("auto", CUDA, 4096, torch.bfloat16, 64)
+    assert got == ("flash_attention_2" if flash else VARLEN if varlen else "flex_attention")
+    assert training_attention("auto", CPU, 4096, torch.bfloat16, 64) == "sdpa"
+    assert training_attention("auto", CUDA, 1024) == ("flash_attention_2" if flash else "sdpa")  # dtype unknown
+
+
+def test_the_installed_answers_are_this_environments():
+    """torch 2.13 has varlen_attn; flash-attn is a GPU extra (absent here, asked by import)."""
+    assert varlen_attention.installed()
+    try:
+        import flash_attn  # noqa: F401
+
+        present = True
+    except ImportError:
+        present = False
+    assert modeling.flash_attn_installed() == present
+
+
+def test_varlen_chosen_by_hand_is_refused_where_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="CUDA only"):
+        training_attention(VARLEN, CPU)
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        training_attention(VARLEN, CUDA, dtype=torch.float32, head_dim=64)
+    assert training_attention(VARLEN, CUDA, dtype=torch.bfloat16, head_dim=64) == VARLEN
+    monkeypatch.setattr(varlen_attention, "installed", lambda: False)
+    with pytest.raises(ValueError, match="PyTorch >= 2.10"):
+        training_attention(VARLEN, CUDA)
