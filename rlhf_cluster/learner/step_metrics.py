@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from rlhf_cluster.models.flops import FlopsShape, flops_of_sums
+
 
 class StepMetrics:
     """A policy step's metrics across micro-batches and ranks, reduced on the device and read once.
@@ -13,10 +15,23 @@ class StepMetrics:
     Token means are averaged weighted by tokens, maxima take the max, and the ESS is recomputed
     from global sums (an average of per-rank ESS would be wrong). `device_values` builds one flat
     tensor (sums all-reduced, maxima all-reduced by max) that the last update reads with its own
-    decision; `read` turns the floats back into named metrics."""
+    decision; `read` turns the floats back into named metrics.
 
-    def __init__(self, device: torch.device, mask: torch.Tensor):
+    Given the model's `flops` shape and the real tokens of each row (`lengths` [B]), the step's
+    training FLOPs both ways (`models.flops`: dense 6·N·tokens, and with attention per sequence)
+    over every real micro-batch pass of every epoch, summed over ranks: `learner/flops_dense`,
+    `learner/flops_with_attention`."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        mask: torch.Tensor,
+        flops: FlopsShape | None = None,
+        lengths: torch.Tensor | None = None,
+    ):
         self.device, self.mask = device, mask
+        self.flops = flops
+        self.lengths = None if flops is None or lengths is None else lengths.to(device).double()
         self.mean_keys: list[str] = []
         self.from_micro: set[str] = set()
         self.max_keys: list[str] = []
@@ -26,7 +41,11 @@ class StepMetrics:
         mask, dev = self.mask, self.device
         sums: dict[str, torch.Tensor] = {}
         tokens_seen = torch.zeros((), dtype=torch.float64, device=dev)
+        sequence_sums = torch.zeros(2, dtype=torch.float64, device=dev)  # Σ s, Σ s² over the passes' rows
         for rows, metrics in passes.micro_metrics:
+            if self.lengths is not None:
+                seq = self.lengths[rows]
+                sequence_sums = sequence_sums + torch.stack([seq.sum(), (seq * seq).sum()])
             local_tokens = mask[rows].sum().double()
             for k, v in metrics.items():
                 v = torch.as_tensor(v, device=dev).double()
@@ -57,6 +76,7 @@ class StepMetrics:
         summed = torch.stack(
             [means[k] for k in self.mean_keys]
             + [tokens_seen, local_tok, losses, (w * mask).sum().double(), (w * w * mask).sum().double()]
+            + list(sequence_sums)
         )
         dist.all_reduce(summed)
         peaks = torch.stack([maxima[k] for k in self.max_keys]) if self.max_keys else summed.new_zeros(0)
@@ -67,8 +87,8 @@ class StepMetrics:
 
     def read(self, values: list[float]) -> dict[str, float]:
         n = len(self.mean_keys)
-        summed, peaks = values[: n + 5], values[n + 5 :]
-        total_seen, total_tok, loss_sum, w_sum, w2_sum = summed[n:]
+        summed, peaks = values[: n + 7], values[n + 7 :]
+        total_seen, total_tok, loss_sum, w_sum, w2_sum, seq_tokens, seq_squares = summed[n:]
         out = {
             k: summed[i] / max(total_seen if k in self.from_micro else total_tok, 1.0)
             for i, k in enumerate(self.mean_keys)
@@ -78,4 +98,7 @@ class StepMetrics:
         out["learner/tokens"] = total_tok
         # Each rank's loss is its share of the global-denominator loss: the sum is the loss.
         out["policy/loss"] = loss_sum / max(self.iterations, 1)
+        if self.lengths is not None and self.flops is not None:
+            counted = flops_of_sums(self.flops, seq_tokens, seq_squares)
+            out["learner/flops_dense"], out["learner/flops_with_attention"] = counted
         return out
