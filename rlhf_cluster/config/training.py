@@ -179,6 +179,15 @@ class LearnerConfig(TrainingGroupConfig):
         "bonus (algorithm.entropy_coef > 0: the kernels give no entropy); the entropy metric alone costs a chunked "
         "forward without gradient. auto: fused on CUDA where cut-cross-entropy is installed, chunked otherwise.",
     )
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description="Ranks one long sequence is split over (Ulysses: each rank runs its 1/N of a packed row's "
+        "tokens, attention runs on the whole row for heads/N of the heads by an all-to-all, "
+        "rlhf_cluster/models/sequence_parallel.py): activations and log-prob memory per rank divided by N, for "
+        "sequences longer than one rank's memory holds. Must divide world_size and the model's attention heads. "
+        "Only 1 for now in a job: the learner does not run it yet.",
+    )
     memory_fraction: float = Field(
         0.5,
         gt=0,
@@ -211,6 +220,21 @@ class LearnerConfig(TrainingGroupConfig):
         if weight_bytes < self.SMALL_MODEL_BYTES:
             return 1
         return max(1, node_cores // self.world_size)
+
+    @model_validator(mode="after")
+    def _sequence_parallel_fits(self) -> LearnerConfig:
+        n = self.sequence_parallel
+        if self.world_size % n:
+            raise ValueError(
+                f"learner.sequence_parallel={n} must divide learner.world_size={self.world_size} "
+                "(the ranks form world_size / sequence_parallel groups, each sharing its sequences)"
+            )
+        if n > 1:
+            raise ValueError(
+                f"learner.sequence_parallel={n}: sequence parallelism is available as a library "
+                "(rlhf_cluster/models/sequence_parallel.py) but the learner does not run it yet; use 1"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

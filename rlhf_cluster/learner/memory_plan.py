@@ -14,6 +14,10 @@ The estimate, per rank, for a decoder of `layers` blocks of width `hidden` and M
 - the chunked log-prob path: two float32 [chunk, vocab] buffers, the chunk's bf16 logits and the
   output layer's float32 gradient;
 - 10% for the allocator's slack and the all-gathered bf16 layers in flight.
+With `learner.sequence_parallel` N a micro-batch's rows are split along their length over N ranks
+(`rlhf_cluster.models.sequence_parallel`): a rank's activations and scored tokens are 1/N of the
+micro-batch's (the all-to-all's buffers are one layer's q, k and v of its own slots), so the plan's
+token budgets are N times one rank's.
 Checked against one H100 (2026-11-26, 10,335 real tokens in one micro-batch, before the one-rank
 learner kept gathered weights, so without those 2 bytes per parameter): Qwen2.5-0.5B estimated
 25.6 GiB, measured 24.0; Qwen2.5-1.5B estimated 61 GiB, measured 61.5; with checkpointing 1.5B
@@ -76,6 +80,7 @@ class MemoryEstimate:
     states: int
     activations: int
     logprobs: int
+    sequence_parallel: int = 1  # ranks the micro-batch's rows are split over
 
     @property
     def total(self) -> int:
@@ -85,6 +90,7 @@ class MemoryEstimate:
         return (
             f"{self.total / GIB:.1f} GiB per rank (states {self.states / GIB:.1f}, activations "
             f"{self.activations / GIB:.1f} for {self.tokens} tokens"
+            f"{f' split over {self.sequence_parallel} ranks' if self.sequence_parallel > 1 else ''}"
             f"{' with checkpointing' if self.checkpointing else ''}, "
             f"log-prob path {self.logprobs / GIB:.1f}, +{SLACK - 1:.0%} slack)"
         )
@@ -97,13 +103,16 @@ def estimate(
     checkpointing: bool = False,
     frozen_base: bool = False,
     keep_gathered: bool = False,
+    sequence_parallel: int = 1,
 ) -> MemoryEstimate:
     """The estimate of the module docstring for a micro-batch of `tokens` tokens (`frozen_base`:
     LoRA, whose frozen weights have no gradient or optimizer state; the adapters' are left out;
-    `keep_gathered`: every layer's gathered bf16 weights held from its forward to its backward)."""
+    `keep_gathered`: every layer's gathered bf16 weights held from its forward to its backward;
+    `sequence_parallel`: ranks the rows are split over, each holding 1/N of the tokens)."""
     states = (4 if frozen_base else 16) * shape.parameters // world_size
     if keep_gathered:
         states += 2 * shape.parameters
+    whole, tokens = tokens, -(-tokens // sequence_parallel)  # this rank's slots
     per_token_layer = 2 * (10 * shape.hidden + 4 * shape.intermediate) + 8 * shape.hidden
     if checkpointing:
         activations = tokens * (shape.layers * 2 * shape.hidden + per_token_layer)
@@ -111,7 +120,7 @@ def estimate(
         activations = tokens * shape.layers * per_token_layer
     chunk = min(tokens, 512)
     logprobs = (2 * 4 + 2) * chunk * shape.vocab + shape.vocab * shape.hidden * 4
-    return MemoryEstimate(tokens, checkpointing, states, activations, logprobs)
+    return MemoryEstimate(whole, checkpointing, states, activations, logprobs, sequence_parallel)
 
 
 @dataclass(frozen=True)
@@ -155,27 +164,30 @@ def plan_memory(lc, shape: ModelShape | None, world_size: int, device_bytes: int
     the first of these whose estimate fits `lc.memory_fraction` of the device: no checkpointing at
     the largest budget from 16k down to MIN_PLANNED_TOKENS (gathered weights kept, then not), then
     checkpointing likewise down to 1,024 tokens. Gathered weights are kept only at one rank. On the
-    CPU: the config's settings, a whole mini-batch by default, gathered weights kept at one rank."""
+    CPU: the config's settings, a whole mini-batch by default, gathered weights kept at one rank.
+    With `lc.sequence_parallel` N every planned budget is N times as many tokens (each rank runs
+    1/N of them), a budget the config sets is the micro-batch's, not one rank's."""
     fixed_tokens, fixed_ckpt = lc.max_tokens_per_micro_batch, lc.gradient_checkpointing
+    n = lc.sequence_parallel
     one_rank = world_size == 1
     if device_bytes is None or shape is None:
         return MemoryPlan(bool(fixed_ckpt), fixed_tokens, None, "CPU: the config's settings", one_rank)
     limit = int(device_bytes * lc.memory_fraction)
     share = f"{lc.memory_fraction:.0%} of {device_bytes / GIB:.0f} GiB"
-    start = fixed_tokens or CUDA_MICRO_BATCH_TOKENS
+    start = fixed_tokens or CUDA_MICRO_BATCH_TOKENS * n
     checkpointing = [False, True] if fixed_ckpt is None else [fixed_ckpt]
     candidates = [
         (ckpt, keep, t)
         for ckpt in checkpointing
         for keep in ([True, False] if one_rank else [False])
-        for t in _budgets(start, 1024 if ckpt else MIN_PLANNED_TOKENS, fixed_tokens)
+        for t in _budgets(start, (1024 if ckpt else MIN_PLANNED_TOKENS) * n, fixed_tokens)
     ]
     for ckpt, keep, t in candidates:
-        chosen = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep)
+        chosen = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep, n)
         if chosen.total <= limit:
             return MemoryPlan(ckpt, t, chosen, f"fits {share}", keep)
     ckpt, keep, t = candidates[-1]
-    last = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep)
+    last = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep, n)
     return MemoryPlan(ckpt, t, last, f"does not fit {share}: smallest plan", keep)
 
 

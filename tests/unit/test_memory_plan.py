@@ -89,3 +89,21 @@ def test_what_the_config_sets_is_kept(tmp_path):
 def test_a_model_that_cannot_fit_gets_the_smallest_plan(tmp_path):
     plan = plan_memory(_learner(), _shape(tmp_path, "7b"), 1, 16 * GIB)
     assert plan.checkpointing and plan.micro_batch_tokens == 1024 and "does not fit" in plan.reason
+
+
+def test_sequence_parallel_divides_a_ranks_activations_and_scales_the_budgets(tmp_path):
+    shape = _shape(tmp_path, "1.5b")
+    whole = estimate(shape, 32768, 2, False)
+    split = estimate(shape, 32768, 2, False, sequence_parallel=2)
+    # Each of the 2 ranks holds half of the micro-batch's slots; the sharded states are the same.
+    assert split.activations * 2 == whole.activations and split.states == whole.states
+    assert split.tokens == 32768 and "split over 2 ranks" in split.describe()
+    # The log-prob path's chunk is this rank's scored tokens where fewer than a chunk.
+    assert estimate(shape, 600, sequence_parallel=2).logprobs < estimate(shape, 600).logprobs
+    # The plan's budgets are the micro-batch's: N times one rank's (each rank still runs 16k tokens).
+    # model_copy: the config refuses sequence_parallel > 1 in a job until the learner runs it.
+    lc = _learner(world_size=2).model_copy(update={"sequence_parallel": 2})
+    plan = plan_memory(lc, shape, 2, H100)
+    one = plan_memory(_learner(world_size=2), shape, 2, H100)
+    assert plan.micro_batch_tokens == 2 * one.micro_batch_tokens == 32768
+    assert plan.estimate.activations == one.estimate.activations  # the same slots per rank

@@ -196,3 +196,15 @@ def test_one_rank_equals_the_packed_path_and_eager_is_refused():
     eager.set_attn_implementation("eager")
     with pytest.raises(ValueError, match="not eager"):
         enable_sequence_parallel(eager, 2)
+
+
+def test_the_config_refuses_a_group_size_that_does_not_divide_the_ranks_and_any_until_the_learner_runs_it():
+    from pydantic import ValidationError
+
+    from rlhf_cluster.config import JobConfig
+
+    assert JobConfig.model_validate({"learner": {"world_size": 2}}).learner.sequence_parallel == 1
+    with pytest.raises(ValidationError, match=r"learner\.sequence_parallel=2 must divide learner\.world_size=3"):
+        JobConfig.model_validate({"learner": {"world_size": 3, "sequence_parallel": 2}})
+    with pytest.raises(ValidationError, match=r"library .*sequence_parallel\.py.* not run it yet"):
+        JobConfig.model_validate({"learner": {"world_size": 2, "sequence_parallel": 2}})
