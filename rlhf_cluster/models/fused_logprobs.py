@@ -96,11 +96,12 @@ def _unsupported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """Why the kernels cannot serve this call (the chunked head then does), None where they can."""
     if bias is not None:
         return "an output layer with a bias (cut-cross-entropy 25.1.1 takes none)"
+    dtype = str(hidden.dtype).removeprefix("torch.")
     if hidden.dtype != weight.dtype:
-        return f"hidden states in {hidden.dtype} under {weight.dtype} weights"
+        return f"hidden states in {dtype} under {str(weight.dtype).removeprefix('torch.')} weights"
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if grad and hidden.dtype not in (torch.bfloat16, torch.float16):
-        return f"a gradient through {hidden.dtype} weights (the kernels' backward takes bf16/fp16 only)"
+        return f"a gradient through {dtype} weights (the kernels' backward takes bf16/fp16 only)"
     return None
 
 
