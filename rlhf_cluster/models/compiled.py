@@ -6,29 +6,122 @@ costs one layer's worth, paid by the first step; inductor fuses the layer's elem
 `forward` is compiled: the hooks a sharding backend registers on the layer (FSDP2's all-gathers)
 stay eager around it, as do the whole model's output layer and loss. Shapes are dynamic: every
 micro-batch packs a different number of tokens.
+
+On CUDA the compiled layers' gradients were not eager's (`tests/gpu`, one H200, 2026-11-27, fp32,
+SDPA: the first step's gradient norm 0.462 compiled vs 0.551 eager, with equal losses). The
+candidate causes are known Inductor and AOTAutograd bugs of torch 2.10-2.13, each with its own fix
+(`CompileFix`); `benchmarks/gpu/compile_parity.py` runs the learner's step eager and compiled
+under each, compares every parameter's gradient and names the first that matches. Until it has
+passed on CUDA, the option is refused there, naming the cause.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-# On CUDA the compiled layers' gradients are not eager's: `tests/gpu` (one H200, 2026-11-27, fp32,
-# SDPA) measured the first step's gradient norm 0.462 compiled vs 0.551 eager, with equal losses.
-# Until that test passes on CUDA, `learner.compile` is refused there rather than train on them.
+
+@dataclass(frozen=True)
+class CompileFix:
+    """What compiled layers run under so their gradients are eager's: environment variables set in
+    the rank's process before anything compiles, and whether each layer's tensor inputs are cloned
+    (so no two of a compiled graph's inputs share storage)."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    clone_inputs: bool = False
+
+
+# The inductor setting each environment variable stands for. Inductor reads its environment once,
+# when its config module is first imported (in a learner rank that may be before the layers are
+# compiled), so the setting is made too; set globally, not in a `config.patch` block, since the
+# backward is compiled lazily, at the first backward, outside any block around the forward.
+_INDUCTOR_SETTINGS = {"TORCHINDUCTOR_MIX_ORDER_REDUCTION": ("triton", "mix_order_reduction")}
+
+# The fix the CUDA path runs under: Inductor's mix-order reduction off (it fuses the RMSNorm
+# backward's row and column reductions into one kernel; pytorch#193061, #190796, fixed in #193103).
+# Which candidate it is, is what `compile_parity` finds on a GPU; change this to the fix it names.
+CUDA_FIX = CompileFix(env={"TORCHINDUCTOR_MIX_ORDER_REDUCTION": "0"})
+# The cause, as the refusal names it (the bisect's verdict once it has run on CUDA).
+CUDA_CAUSE = (
+    "cause not yet bisected on CUDA (python -m benchmarks.gpu.compile_parity on a GPU): the candidates are "
+    "Inductor's mix-order reduction (pytorch#193061), AOT aliasing of inputs sharing storage (pytorch#191002) "
+    "and Liger's RMSNorm under compile"
+)
+# The switch: True once `compile_parity` passes on CUDA under `CUDA_FIX` (and tests/gpu's parity test
+# with it); learner.compile is refused on CUDA until then.
 CUDA_GRADIENTS_MATCH_EAGER = False
+
+# A parity check's variant (`compiled_as`): its fix and backend, on any device, never refused.
+_variant: tuple[CompileFix, str] | None = None
+
+
+@contextmanager
+def compiled_as(fix: CompileFix, backend: str = "inductor") -> Iterator[None]:
+    """Within it, `compile_layers` compiles under `fix` with `backend` on every device, refusal
+    lifted: how `compile_parity` and tests/gpu run a variant through the learner's own code."""
+    global _variant
+    before, _variant = _variant, (fix, backend)
+    try:
+        yield
+    finally:
+        _variant = before
 
 
 def compile_layers(layers: Iterable[torch.nn.Module], device: torch.device) -> int:
-    """Compile each layer's forward in place; returns how many. Refused on CUDA (above)."""
-    if device.type == "cuda" and not CUDA_GRADIENTS_MATCH_EAGER:
-        raise ValueError(
-            "learner.compile: on CUDA the compiled decoder layers' gradients differ from eager ones "
-            "(tests/gpu: grad norm 0.462 vs 0.551 on one H200); set learner.compile: false"
-        )
+    """Compile each layer's forward in place; returns how many. On CUDA under `CUDA_FIX`, and
+    refused until `CUDA_GRADIENTS_MATCH_EAGER` (above); on the CPU as it is."""
+    if _variant is not None:
+        fix, backend = _variant
+    elif device.type == "cuda":
+        if not CUDA_GRADIENTS_MATCH_EAGER:
+            raise ValueError(
+                "learner.compile: on CUDA the compiled decoder layers' gradients differ from eager ones "
+                f"(tests/gpu: grad norm 0.462 vs 0.551 on one H200; {CUDA_CAUSE}); set learner.compile: false"
+            )
+        fix, backend = CUDA_FIX, "inductor"
+    else:
+        fix, backend = CompileFix(), "inductor"
+    apply_fix(fix)
     count = 0
     for layer in layers:
-        layer.forward = torch.compile(layer.forward, dynamic=True)
+        forward = torch.compile(layer.forward, dynamic=True, backend=backend)
+        layer.forward = with_cloned_inputs(forward) if fix.clone_inputs else forward
         count += 1
     return count
+
+
+def apply_fix(fix: CompileFix) -> None:
+    """`fix`'s environment in this process, and the inductor settings it stands for."""
+    os.environ.update(fix.env)
+    if not fix.env:
+        return
+    from torch._inductor import config
+
+    for name, value in fix.env.items():
+        if name in _INDUCTOR_SETTINGS:
+            section, setting = _INDUCTOR_SETTINGS[name]
+            setattr(getattr(config, section), setting, value not in ("0", "false", "False", ""))
+
+
+def with_cloned_inputs(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` called with a copy of each tensor argument (tuples of tensors too, such as the rotary
+    embedding's cos and sin): the compiled graph's inputs then never share storage with each other."""
+
+    def cloned(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, tuple):
+            return tuple(cloned(v) for v in value)
+        return value
+
+    @functools.wraps(forward)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return forward(*(cloned(a) for a in args), **{k: cloned(v) for k, v in kwargs.items()})
+
+    return call
