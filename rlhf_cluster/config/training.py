@@ -149,14 +149,17 @@ class LearnerConfig(TrainingGroupConfig):
         "(rlhf_cluster/learner/memory_plan.py): on a GPU, on only where the estimated peak without it exceeds "
         "`memory_fraction` of the device; off on CPU.",
     )
-    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"] = Field(
         "auto",
-        description="The learner model's attention. auto: on CUDA flash-attn's varlen kernels where installed, else "
-        "flex_attention when generation.sampling.max_new_tokens >= 2048 and SDPA below; SDPA on CPU. flex_attention "
-        "(CUDA only: no backward on CPU): a micro-batch's packed sequences share one row under a document mask, "
-        "attention costing each sequence's own length (1.2x SDPA at 4k tokens per sequence, 1.4x at 16k, 0.82-0.95x "
-        "at <= 1k, less memory throughout; one H200). With SDPA and eager attention packed rows are as wide as the "
-        "longest sequence.",
+        description="The learner model's attention. auto (rlhf_cluster/models/modeling.py, choose_attention): on CUDA "
+        "flash_attention_2 where flash-attn is installed, else varlen where torch has varlen_attn and its kernels take "
+        "the compute dtype and head size (fp16/bf16, head_dim a multiple of 8 up to 256), else flex_attention when "
+        "generation.sampling.max_new_tokens >= 2048 and SDPA below; SDPA on CPU. varlen (CUDA only): PyTorch's flash "
+        "kernels (torch.nn.attention.varlen), a micro-batch's packed sequences in one row, cu_seqlens from the packing "
+        "(speed against SDPA and flex_attention: pending GPU measurement). flex_attention (CUDA only: no backward on "
+        "CPU): packed sequences share one row under a document mask, attention costing each sequence's own length "
+        "(1.2x SDPA at 4k tokens per sequence, 1.4x at 16k, 0.82-0.95x at <= 1k, less memory throughout; one H200). "
+        "With SDPA and eager attention packed rows are as wide as the longest sequence.",
     )
     compile: bool = Field(
         False,
