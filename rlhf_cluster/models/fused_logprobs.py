@@ -22,11 +22,14 @@ What the kernels give (read from 25.1.1's source), and what this head makes of i
 - Its backward adds each tile's partial products into the gradients in their own dtype (bf16),
   where the chunked head sums the output layer's gradient in float32: bf16 gradients differ from
   the chunked head's by more than its own rounding (tests/gpu/test_fused_logprob_head.py).
-- It reads the targets' valid mask back to the host once per call (`nonzero`): one sync.
+- Its public `linear_cross_entropy` reads the rows whose target is not ignored back to the host
+  (`nonzero`: a sync per call, where the learner waits for the device once per update); every row
+  here is scored, so its autograd function is called directly with no such mask (`_kernel_nll`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -105,12 +108,42 @@ def _unsupported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return None
 
 
+# The fields of cut-cross-entropy 25.1.1's `cce.CCEParams`, what `_kernel_nll` fills in.
+_CCE_PARAMS = {"targets", "valids", "softcap", "reduction", "filter_eps", "shift", "batch_shape"}
+
+
+@functools.cache
+def _direct_call() -> bool:
+    """Whether the installed cut-cross-entropy has 25.1.1's internals, which `_kernel_nll` calls to
+    leave out the public function's host sync (elsewhere it calls the public function)."""
+    try:
+        from cut_cross_entropy.cce import CCEParams, linear_cross_entropy_apply  # noqa: F401
+    except ImportError:
+        return False
+    return {field.name for field in dataclasses.fields(CCEParams)} == _CCE_PARAMS
+
+
 def _kernel_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """float32 -log softmax(weight @ hidden[i])[targets[i]] per row, by cut-cross-entropy's kernels,
-    every softmax entry in the gradient (`filter_eps=None`)."""
-    from cut_cross_entropy import linear_cross_entropy
+    every softmax entry in the gradient (`filter_eps=None`). Every row is valid: no mask of valid
+    rows (`valids=None`), whose building reads the device (25.1.1's `cce_linear_cross_entropy`
+    otherwise, with the same arguments)."""
+    if not _direct_call():
+        from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)
+        return linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=None)
+    from cut_cross_entropy.cce import CCEParams, linear_cross_entropy_apply
+
+    params = CCEParams(
+        targets=targets.contiguous(),
+        valids=None,
+        softcap=None,
+        reduction="none",
+        filter_eps=None,
+        shift=False,
+        batch_shape=targets.shape,
+    )
+    return linear_cross_entropy_apply(hidden.contiguous(), weight, params)
 
 
 def fused_token_logprobs(

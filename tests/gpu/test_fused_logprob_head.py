@@ -8,6 +8,7 @@ Triton 3.9); and a learner refusing `fused` there."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models import fused_logprobs as fused
 from rlhf_cluster.models.chunked_logprobs import token_logprobs
 from tests.batches import ragged_batch
+from tests.unit.test_host_syncs import HostReads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,8 +47,9 @@ _HEADS = {"fused": fused.fused_token_logprobs, "chunked": token_logprobs, "fp64"
 
 def differences(device: torch.device, dtype: torch.dtype, n: int, hidden: int, vocab: int) -> dict[str, float]:
     """The fused head's relative differences from the chunked head (`name`) and of both from a float64
-    reference (`name/fused_vs_fp64`, `name/chunked_vs_fp64`), without and with a gradient, and how
-    often the kernel ran (`kernel_calls`: a float32 gradient runs the chunked head)."""
+    reference (`name/fused_vs_fp64`, `name/chunked_vs_fp64`), without and with a gradient, how
+    often the kernel ran (`kernel_calls`: a float32 gradient runs the chunked head) and how many
+    operations of the fused head read the device back to the host (`host_reads`)."""
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(n, hidden, generator=g).to(device, dtype)
     w0 = (torch.randn(vocab, hidden, generator=g) * 3 / hidden**0.5).to(device, dtype)  # logits of std ~3
@@ -65,9 +68,11 @@ def differences(device: torch.device, dtype: torch.dtype, n: int, hidden: int, v
             results = {}
             for name, head in _HEADS.items():
                 h, w = h0.clone().requires_grad_(grad), w0.clone().requires_grad_(grad)
-                with torch.set_grad_enabled(grad):
-                    logp, entropy = head(h, w, targets, None, 0.7, True, 512)
-                grads = torch.autograd.grad(logp, (h, w), upstream.to(logp.dtype)) if grad else ()
+                with HostReads() if name == "fused" else contextlib.nullcontext() as reads:
+                    with torch.set_grad_enabled(grad):
+                        logp, entropy = head(h, w, targets, None, 0.7, True, 512)
+                    grads = torch.autograd.grad(logp, (h, w), upstream.to(logp.dtype)) if grad else ()
+                out["host_reads"] = out.get("host_reads", 0) + len(reads.reads if reads else [])
                 results[name] = [t.detach().double() for t in (logp, entropy, *grads)]
             keys = ["logp", "entropy", "grad_hidden", "grad_weight"] if grad else ["logp_no_grad", "entropy_no_grad"]
             for i, key in enumerate(keys):
@@ -85,6 +90,7 @@ def _check(dtype: torch.dtype, diffs: dict[str, float]) -> None:
     values, gradients = TOLERANCE[dtype]
     expected_calls = 1 if dtype == torch.float32 else 2  # float32: only the pass without a gradient
     assert diffs["kernel_calls"] == expected_calls, diffs
+    assert diffs["host_reads"] == 0, diffs  # the learner reads the device once per update, not per pass
     for key in ("logp", "entropy", "logp_no_grad", "entropy_no_grad"):
         assert diffs[key] <= values, (dtype, key, diffs)
     for key in ("grad_hidden", "grad_weight"):
