@@ -6,6 +6,7 @@ logits at position `prompt_len - 1 + t`; the output is in the response frame [B,
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,6 +86,18 @@ def choose_attention(
     if varlen and varlen_attention.runs_for(dtype, head_dim):
         return VARLEN
     return "flex_attention" if max_new_tokens >= FLEX_FROM_TOKENS else "sdpa"
+
+
+def head_dim_of(model_path: str | Path) -> int | None:
+    """The attention head size of the Hugging Face model in `model_path` (its config.json; the text
+    model's where it has one), None where the config does not say: what `training_attention`
+    asks about varlen's kernels before the model is loaded."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    text = config.get("text_config", config)
+    heads = text.get("num_attention_heads")
+    if text.get("head_dim"):
+        return int(text["head_dim"])
+    return int(text["hidden_size"]) // int(heads) if heads and text.get("hidden_size") else None
 
 
 def flash_attn_installed() -> bool:

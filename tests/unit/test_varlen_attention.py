@@ -6,6 +6,7 @@ every layer, the layout in and out, GQA) is checked on the CPU; tests/gpu runs t
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -179,3 +180,14 @@ def test_varlen_chosen_by_hand_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(varlen_attention, "installed", lambda: False)
     with pytest.raises(ValueError, match="PyTorch >= 2.10"):
         training_attention(VARLEN, CUDA)
+
+
+def test_the_head_size_read_before_loading(tiny_model_path, tmp_path):
+    from rlhf_cluster.models.modeling import head_dim_of
+
+    assert head_dim_of(tiny_model_path) == 32  # hidden 64 over 2 heads
+    text = {"hidden_size": 896, "num_attention_heads": 14, "head_dim": 128}
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": text}))
+    assert head_dim_of(tmp_path) == 128
+    (tmp_path / "config.json").write_text('{"hidden_size": 896}')
+    assert head_dim_of(tmp_path) is None
