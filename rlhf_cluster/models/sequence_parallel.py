@@ -13,10 +13,12 @@ the weights' gradients of the N ranks add up to the whole row's.
 The slices carry their global position ids (rotary embeddings stay right), and the next-token
 targets are taken on the whole row before it is sliced: the last slot of a slice is scored against
 the first token of the next slice. The attention is registered with transformers'
-`AttentionInterface` under `ATTENTION`; it reads the row's layout from the `sequence_parallel`
-keyword the model's forward passes down to it, so it also holds when gradient checkpointing
-recomputes a layer in the backward. No mask is built by the model for it (transformers builds none
-for an implementation it has no mask function for); the row's mask is built here, once per forward.
+`AttentionInterface` (as `ATTENTION`_<the model's own attention>); it reads the row's layout from
+the `sequence_parallel` keyword the model's forward passes down to it, so it also holds when
+gradient checkpointing recomputes a layer in the backward. No mask is built by the model for it
+(transformers builds none for an implementation it has no mask function for); the row's mask is
+built here, once per forward. A forward without a layout is the plain model's (its own attention on
+what it is given, under the ready mask the caller passes, as the packed and padded paths do).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.distributed as dist
 from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
 from rlhf_cluster.models.packing import document_block_mask, prepared_mask
 
-ATTENTION = "sequence_parallel"  # the name the attention is registered under in transformers
+ATTENTION = "sequence_parallel"  # the prefix of the names the attention is registered under in transformers
 
 
 def check_heads(config: Any, world: int) -> int:
@@ -50,22 +52,23 @@ def check_heads(config: Any, world: int) -> int:
 
 
 def enable_sequence_parallel(model: torch.nn.Module, world: int) -> str:
-    """Switch `model` (a Hugging Face model) to the sequence-parallel attention; returns the
-    attention it ran before, which the sharded forwards run on the whole row (`RowLayout.attention`)."""
+    """Switch `model` (a Hugging Face model) to the sequence-parallel attention, registered as
+    `ATTENTION`_<its attention>; returns the attention it ran before, which the sharded forwards run
+    on the whole row (`RowLayout.attention`)."""
     from transformers import AttentionInterface
 
     config: Any = model.config  # a Hugging Face model's (torch types a module's attributes as Tensor | Module)
     check_heads(config.get_text_config() if hasattr(config, "get_text_config") else config, world)
     inner = config._attn_implementation
-    if inner == ATTENTION:
+    if inner.startswith(ATTENTION):
         raise ValueError("the model already runs the sequence-parallel attention")
     if inner == "eager":
         raise ValueError(
             "learner.sequence_parallel runs the model's attention through transformers' AttentionInterface: "
             "use sdpa, flex_attention or flash_attention_2, not eager"
         )
-    AttentionInterface.register(ATTENTION, sequence_parallel_attention)
-    model.set_attn_implementation(ATTENTION)  # type: ignore[operator]  # PreTrainedModel's method
+    AttentionInterface.register(f"{ATTENTION}_{inner}", sequence_parallel_attention)
+    model.set_attn_implementation(f"{ATTENTION}_{inner}")  # type: ignore[operator]  # PreTrainedModel's method
     return inner
 
 
@@ -217,13 +220,16 @@ def sequence_parallel_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention function (`ATTENTION`): q [B, H, S, D], k and v [B, Hkv, S, D] of
     this rank's S slots -> the attention output [B, S, H, D] of its slots, from `layout.attention`
-    run on the whole rows (`attention_mask`, built for the slice, is not used: the layout's is)."""
+    run on the whole rows (`attention_mask`, built for the slice, is not used: the layout's is).
+    Without a layout, the model's own attention on what it is given, under `attention_mask`."""
     from transformers.integrations.sdpa_attention import repeat_kv
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     layout = sequence_parallel
     if layout is None:
-        raise ValueError(f"the {ATTENTION} attention needs the rows' layout: model(..., sequence_parallel=RowLayout)")
+        config: Any = module.config  # the attention module's model config
+        own = config._attn_implementation.removeprefix(f"{ATTENTION}_")
+        return ALL_ATTENTION_FUNCTIONS[own](module, query, key, value, attention_mask, **kwargs)
     world = layout.world
     repeat = check_heads(_Heads(query.shape[1], key.shape[1]), world)
     if repeat > 1:  # GQA with fewer key/value heads than ranks: each rank gets whole copies
@@ -267,6 +273,60 @@ def sharded_logprobs(
             sequence_parallel=layout,
         )
         return scored.read(out.logits)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Every rank's tensor summed over the group (each holding its own entries, 0 elsewhere), for a
+    loss every rank then computes alike: the gradient is each rank's as it is (the loss is counted
+    once, and its entries' gradients reach the rank that computed them)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def sharded_response_logprobs(
+    model: Any,
+    rows: ShardedRows,
+    positions: torch.Tensor,
+    only: torch.Tensor,
+    rank: int,
+    layout: RowLayout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The learner's packed path split over the group: float32 log-probs [B, T] (and entropies) of
+    the tokens scored at `positions` [B, T] (flat slots r * C + c of the unpadded packed rows
+    [R, C], as `PackedRows.positions`; `only`: the flat indices into [B, T] that exist), the same on
+    every rank of `layout.group`. Each rank scores the positions in its own slots, and the ranks'
+    results are summed (`_SumOverGroup`): a loss every rank computes alike from them sends each
+    rank's tokens their gradient, and the weights' gradients of the ranks add up to one rank's."""
+    C = rows.length
+    row, column = positions // C, positions % C
+    start, stop = rows.bounds(rank)
+    here = (column >= start) & (column < stop)
+    local = torch.where(here, row * rows.width + column - start, 0)
+    targets = rows.targets[row, column]  # the whole row's next token, across the slices' seams
+    mine = only[here.reshape(-1)[only]]
+    with scored_positions(model, local, targets, temperature, with_entropy, chunk_tokens, only=mine) as scored:
+        out = model(
+            input_ids=rows.local("input_ids", rank),
+            position_ids=rows.local("position_ids", rank),
+            use_cache=False,
+            sequence_parallel=layout,
+        )
+        logp, entropy = scored.read(out.logits)
+    if layout.world == 1:
+        return logp, entropy
+    summed = _SumOverGroup.apply(logp, layout.group)
+    return summed, None if entropy is None else _SumOverGroup.apply(entropy, layout.group)
 
 
 def gather_rows(local: torch.Tensor, world: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:

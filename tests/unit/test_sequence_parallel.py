@@ -14,13 +14,14 @@ import torch.multiprocessing as mp
 
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.models.chunked_logprobs import scored_positions
-from rlhf_cluster.models.packing import prepared_mask
+from rlhf_cluster.models.packing import PackedRows, plan_packing, prepared_mask
 from rlhf_cluster.models.sequence_parallel import (
     check_heads,
     enable_sequence_parallel,
     gather_rows,
     shard_rows,
     sharded_logprobs,
+    sharded_response_logprobs,
 )
 from rlhf_cluster.models.tiny_model import build_model
 
@@ -86,11 +87,58 @@ def _rank(rank: int, port: int, failures) -> None:
             dist.all_reduce(grad)  # the ranks' partial gradients of the same row add up to the whole row's
         if reference is not None:
             failures.put(("compare", _differences(whole, grads, *reference)))
+        _learner_rows(rank, failures)
         dist.barrier()
     except BaseException as exc:
         failures.put(("error", f"rank {rank}: {exc!r}"))
     finally:
         dist.destroy_process_group()
+
+
+# The learner's packed path: a right-padded batch of (prompt, response) lengths packed as SDPA packs
+# it (rows as wide as the longest sequence: several rows, some holding two sequences).
+PAIRS = [(40, 300), (25, 120), (60, 200), (30, 90), (10, 57)]
+
+
+def _learner_batch() -> tuple[torch.Tensor, PackedRows, int]:
+    """(padded ids [B, L], their packing, response length T)."""
+    lengths = [p + r for p, r in PAIRS]
+    T = max(r for _, r in PAIRS)
+    ids = torch.randint(2, VOCAB, (len(PAIRS), max(lengths)), generator=torch.Generator().manual_seed(2))
+    packing = plan_packing(lengths, [p for p, _ in PAIRS], ids.shape[1], T, max(lengths))
+    return ids, packing, T
+
+
+def _learner_loss(logp: torch.Tensor) -> torch.Tensor:
+    return (logp * _weights(logp.numel()).view(logp.shape)).sum()
+
+
+def _packed_reference(model, ids, packing) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The packed path on one rank (as `modeling._packed_logprobs` runs it) and its gradients."""
+    packed = packing.input_ids(ids)
+    mask = prepared_mask(packing.sequence_ids[:, :, None] == packing.sequence_ids[:, None, :], "sdpa", torch.float32)
+    with scored_positions(model, packing.positions, packing.targets(packed), only=packing.scored) as scored:
+        out = model(input_ids=packed, position_ids=packing.position_ids, attention_mask=mask, use_cache=False)
+        logp, _ = scored.read(out.logits)
+    _learner_loss(logp).backward()
+    return logp.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _learner_rows(rank: int, failures) -> None:
+    """`sharded_response_logprobs` on every rank equals the packed path on one, gradients summed."""
+    ids, packing, _ = _learner_batch()
+    model = _model()
+    reference = _packed_reference(model, ids, packing)
+    model.zero_grad(set_to_none=True)
+    rows = shard_rows(packing.input_ids(ids), packing.position_ids, packing.sequence_ids, WORLD)
+    layout = rows.layout(None, enable_sequence_parallel(model, WORLD))
+    logp, _ = sharded_response_logprobs(model, rows, packing.positions, packing.scored, rank, layout)
+    _learner_loss(logp).backward()  # every rank the same loss of the same summed log-probs
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for grad in grads.values():
+        dist.all_reduce(grad)
+    if rank == 0:
+        failures.put(("learner rows", _differences(logp.detach(), grads, *reference)))
 
 
 def _differences(logp, grads, ref_logp, ref_grads) -> list[str]:
@@ -107,15 +155,17 @@ def _differences(logp, grads, ref_logp, ref_grads) -> list[str]:
 
 
 def test_two_ranks_equal_one_rank_in_logprobs_and_gradients():
-    """fp32 on both sides. The ranks run the same operations on the same numbers except for the
-    order of the sums: a weight's gradient is two partial sums over 2,049 tokens each instead of
-    one over 4,097, and each slice's matmuls block differently. fp32 rounding of a sum of n terms
-    is at most about n * 6e-8 of the sum of their magnitudes, typically sqrt(n) * 6e-8 of it: 1e-5
-    of the largest gradient entry is 25x what was measured (3.8e-7, q_proj), while a real error
-    moves the gradients by a tenth or more of their size (measured: a mask ignoring the packed
-    sequences, slices' position ids restarting at 0, a rank's gradient left out). The log-probs
-    came out identical (the attention runs the same kernel on the same whole-row numbers); 1e-5
-    absolute of values near -5.7 allows the rounding of a different matmul blocking."""
+    """A 4,097-token row scored at every slot, and the learner's packed rows scored at their
+    responses' tokens (`sharded_response_logprobs`). fp32 on both sides. The ranks run the same
+    operations on the same numbers except for the order of the sums: a weight's gradient is two
+    partial sums over 2,049 tokens each instead of one over 4,097, and each slice's matmuls block
+    differently. fp32 rounding of a sum of n terms is at most about n * 6e-8 of the sum of their
+    magnitudes, typically sqrt(n) * 6e-8 of it: 1e-5 of the largest gradient entry is 25x what was
+    measured (3.8e-7, q_proj), while a real error moves the gradients by a tenth or more of their
+    size (measured: a mask ignoring the packed sequences, slices' position ids restarting at 0, a
+    rank's gradient left out). The log-probs came out identical (the attention runs the same kernel
+    on the same whole-row numbers); 1e-5 absolute of values near -5.7 allows the rounding of a
+    different matmul blocking."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -126,7 +176,7 @@ def test_two_ranks_equal_one_rank_in_logprobs_and_gradients():
     for p in procs:
         p.start()
     found = []
-    while len(found) < 1 and time.monotonic() - started < 150 and any(p.is_alive() for p in procs):
+    while len(found) < 2 and time.monotonic() - started < 150 and any(p.is_alive() for p in procs):
         try:
             found.append(failures.get(timeout=1))
         except Exception:
@@ -136,8 +186,8 @@ def test_two_ranks_equal_one_rank_in_logprobs_and_gradients():
     while not failures.empty():
         found.append(failures.get())
     assert all(p.exitcode == 0 for p in procs), (found, [p.exitcode for p in procs])
-    assert [kind for kind, _ in found] == ["compare"], found
-    assert found[0][1] == [], found[0][1]
+    assert [kind for kind, _ in found] == ["compare", "learner rows"], found
+    assert found[0][1] == [] and found[1][1] == [], found
 
 
 def test_rows_are_padded_to_the_ranks_and_shifted_before_they_are_sliced():
@@ -185,13 +235,15 @@ def test_key_value_heads_fewer_than_the_ranks_are_repeated():
 
 def test_one_rank_equals_the_packed_path_and_eager_is_refused():
     """No communication at one rank: the registered attention, run on the whole row with the
-    layout's mask, gives the packed path's log-probs exactly."""
+    layout's mask, gives the packed path's log-probs exactly; so does a forward without a layout."""
     ids, positions, sequences = _packed_row([7, 5, 9])
     model = _model()
     reference, _ = _whole_row(model, ids, positions, sequences)
     rows = shard_rows(ids, positions, sequences, 1)
     got, _ = sharded_logprobs(model, rows, 0, rows.layout(None, enable_sequence_parallel(model, 1)))
     assert torch.equal(got.detach(), reference)
+    # Without a layout the switched model is the plain one under the mask it is given.
+    assert torch.equal(_whole_row(model, ids, positions, sequences)[0], reference)
     eager = build_model(SHAPE, VOCAB, eos_id=1, pad_id=0)
     eager.set_attn_implementation("eager")
     with pytest.raises(ValueError, match="not eager"):
