@@ -24,6 +24,7 @@ from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models import fused_logprobs as fused
 from rlhf_cluster.models.chunked_logprobs import token_logprobs
 from tests.batches import ragged_batch
+from tests.unit.test_fused_logprobs import _stand_in_nll
 from tests.unit.test_host_syncs import HostReads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,12 +141,6 @@ def test_fused_head_equals_chunked_head(device):
         _check(NAMES[name], diffs)
 
 
-def _stand_in_nll(hidden, weight, targets):
-    """The kernels' result in plain torch (float32 logits, as they accumulate them): the CPU half of a
-    learner step, where Triton's interpreter cannot multiply bf16 tiles."""
-    return torch.nn.functional.cross_entropy(hidden.float() @ weight.float().T, targets, reduction="none")
-
-
 def test_learner_step_with_the_fused_head(device_group, tiny_model_path, monkeypatch):
     """A bf16 learner step scoring with the fused head (the kernel on CUDA; on the CPU, which refuses
     `fused`, the head chosen as CUDA would with a stand-in for the kernel) equals one with the chunked head."""
@@ -162,7 +157,7 @@ def test_learner_step_with_the_fused_head(device_group, tiny_model_path, monkeyp
         with pytest.raises(ValueError, match="learner.logprob_head: fused needs CUDA"):
             learner("fused")
         monkeypatch.setattr(fused, "choose_logprob_head", lambda choice, *_: choice)
-        kernel = _stand_in_nll
+        kernel = _stand_in_nll  # Triton's interpreter cannot multiply the bf16 tiles of this step
     calls: list[int] = []
     monkeypatch.setattr(fused, "_kernel_nll", lambda *args: (calls.append(1), kernel(*args))[1])
     batch = ragged_batch([(5, 7), (9, 3), (4, 12), (6, 6)])
