@@ -214,6 +214,7 @@ def test_compiled_decoder_layers_match_eager_per_parameter(device_group, tiny_mo
     from torch._inductor import config as inductor_config
 
     from benchmarks.gpu import compile_parity as cp
+    from benchmarks.gpu import gradient_parity as gp
     from rlhf_cluster.models import compiled
 
     cuda = device_group.type == "cuda"
@@ -231,8 +232,8 @@ def test_compiled_decoder_layers_match_eager_per_parameter(device_group, tiny_mo
     eager = cp.first_update(tiny_model_path, batches, variant, compiled=False)
     got = cp.first_update(tiny_model_path, batches, variant, compiled=True)
     assert eager["compiled_layers"] == 0 and got["compiled_layers"] == len(load_causal_lm(tiny_model_path).model.layers)
-    diffs = cp.compare_gradients(eager["grads"], got["grads"], cp.FP32_TOLERANCE)
-    summary = cp.summarize(diffs, eager["loss"], got["loss"])
+    diffs = gp.compare_gradients(eager["grads"], got["grads"], gp.FP32_TOLERANCE)
+    summary = gp.summarize(diffs, eager["loss"], got["loss"])
     second = got["grad_norms"][1] == pytest.approx(eager["grad_norms"][1], rel=1e-4, abs=1e-6)
     worst = [(d["name"], f"{d['rel_l2']:.2e}") for d in summary["worst"][:4]]
     if refused:

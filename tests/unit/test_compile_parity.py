@@ -1,6 +1,6 @@
-"""The compile-parity bisect's pure parts (benchmarks/gpu/compile_parity.py: the per-parameter
-comparison, the verdict, the advice) on synthetic gradients, and the regional compile's switch and
-fixes (rlhf_cluster/models/compiled.py) without compiling anything."""
+"""The compile-parity bisect's pure parts (benchmarks/gpu/gradient_parity.py's per-parameter
+comparison; compile_parity.py's verdict and advice) on synthetic gradients, and the regional
+compile's switch and fixes (rlhf_cluster/models/compiled.py) without compiling anything."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks.gpu import compile_parity as cp
+from benchmarks.gpu import gradient_parity as gp
 from rlhf_cluster.models import compiled
 
 
@@ -26,12 +27,12 @@ def test_only_the_norm_weights_that_differ_fail_and_come_first():
     for i in range(2):  # the RMSNorms' gradients off by a fifth, the rest reassociated (1e-6)
         got[f"model.layers.{i}.input_layernorm.weight"] *= 0.8
     got["model.embed_tokens.weight"] += 1e-6 * eager["model.embed_tokens.weight"]
-    diffs = cp.compare_gradients(eager, got, cp.FP32_TOLERANCE)
+    diffs = gp.compare_gradients(eager, got, gp.FP32_TOLERANCE)
     assert {d.name for d in diffs[:2]} == {f"model.layers.{i}.input_layernorm.weight" for i in (0, 1)}
     norm = diffs[0]
     assert not norm.passed and norm.rel_l2 == pytest.approx(0.2) and norm.cosine == pytest.approx(1.0)
     assert all(d.passed for d in diffs[2:])
-    summary = cp.summarize(diffs, loss_eager=1.5, loss_compiled=1.5)
+    summary = gp.summarize(diffs, loss_eager=1.5, loss_compiled=1.5)
     assert not summary["passed"] and summary["failing_parameters"] == 2
     assert summary["failing_kinds"] == ["model.layers.*.input_layernorm.weight"]
     assert next(iter(summary["worst_by_kind"])) == "model.layers.*.input_layernorm.weight"
@@ -41,23 +42,23 @@ def test_a_sign_flip_a_missing_gradient_and_a_loss_difference_fail():
     eager = _grads()
     got = {n: t.clone() for n, t in eager.items() if n != "model.layers.1.mlp.up_proj.weight"}
     got["model.layers.0.mlp.up_proj.weight"] *= -1
-    diffs = {d.name: d for d in cp.compare_gradients(eager, got, cp.FP32_TOLERANCE)}
+    diffs = {d.name: d for d in gp.compare_gradients(eager, got, gp.FP32_TOLERANCE)}
     assert diffs["model.layers.0.mlp.up_proj.weight"].cosine == pytest.approx(-1.0)
     assert diffs["model.layers.0.mlp.up_proj.weight"].rel_l2 == pytest.approx(2.0)
     assert diffs["model.layers.1.mlp.up_proj.weight"].rel_l2 == float("inf")
-    same = cp.compare_gradients(eager, eager, cp.FP32_TOLERANCE)
-    assert cp.summarize(same, 2.0, 2.0)["passed"] and not cp.summarize(same, 2.0, 2.01)["passed"]
+    same = gp.compare_gradients(eager, eager, gp.FP32_TOLERANCE)
+    assert gp.summarize(same, 2.0, 2.0)["passed"] and not gp.summarize(same, 2.0, 2.01)["passed"]
     zero = {"w": torch.zeros(3)}
-    assert cp.compare_gradients(zero, zero, 1e-3)[0].passed  # no gradient on either side: equal
+    assert gp.compare_gradients(zero, zero, 1e-3)[0].passed  # no gradient on either side: equal
 
 
 def test_bf16_tolerances_scale_eager_bf16s_own_error_with_the_fp32_floor():
     fp32 = {"a": torch.ones(100), "b": torch.ones(100)}
     eager_bf16 = {"a": torch.ones(100) * 1.01, "b": torch.ones(100)}
-    tol = cp.bf16_tolerances(fp32, eager_bf16)
-    assert tol["a"] == pytest.approx(cp.BF16_FACTOR * 0.01) and tol["b"] == cp.FP32_TOLERANCE
+    tol = gp.bf16_tolerances(fp32, eager_bf16)
+    assert tol["a"] == pytest.approx(gp.BF16_FACTOR * 0.01) and tol["b"] == gp.FP32_TOLERANCE
     got = {"a": torch.ones(100) * 1.015, "b": torch.ones(100) * 1.01}
-    passed = {d.name: d.passed for d in cp.compare_gradients(fp32, got, tol)}
+    passed = {d.name: d.passed for d in gp.compare_gradients(fp32, got, tol)}
     assert passed == {"a": True, "b": False}
 
 
@@ -82,6 +83,9 @@ def test_the_verdict_is_the_first_variant_that_passes():
     diagnostic = cp.verdict([_result(by_name["default"], False), _result(by_name["aot_eager backend"], True)])
     assert diagnostic["fix"] is None and "compiler_bisector" in diagnostic["cause"]
     assert cp.verdict([_result(by_name["default"], True)])["cause"].startswith("not reproduced")
+    alone = cp.verdict([_result(by_name["dynamo only"], True)])  # a smoke run's subset: no default to read against
+    assert alone["first_passing"] == "dynamo only" and alone["fix"] is None and "not bisected" in alone["cause"]
+    assert cp.switch_advice(alone, holds=False).startswith("none")
     nothing = cp.verdict([_result(v, False) for v in first] + [{"variant": {}, "error": "exit 1"}])
     assert nothing["first_passing"] is None and "before Inductor" in nothing["cause"]
 
