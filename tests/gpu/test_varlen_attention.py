@@ -1,7 +1,7 @@
 """`learner.attention: varlen` on each device (`conftest.device`): on CUDA PyTorch's varlen flash
 kernels over one packed row give SDPA's padded log-probs, entropies and gradients (bf16, each
 within a few times SDPA's own bf16 distance from fp32); on the CPU, where the kernel has none,
-the packing's sequences and the refusal. tests/unit/test_varlen_attention.py runs the rest of the
+the packing's sequences and the refusal. tests/unit/test_attention_choice.py runs the rest of the
 path on the CPU with the kernel stood in for."""
 
 from __future__ import annotations
