@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--attention",
         nargs="*",
         default=[],
-        choices=["sdpa", "flex_attention", "flash_attention_2", "eager"],
+        choices=["sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"],
         help="also time ours with these learner.attention settings (the default is auto)",
     )
     p.add_argument(
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from rlhf_cluster.learner.memory_plan import ModelShape
+    from rlhf_cluster.models.flops import FlopsShape
 
     config = AutoConfig.from_pretrained(model_dir)
     params = parameter_count(config)
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.destroy_process_group()
 
     device, peak_flops = device_and_peak()
-    figures = step_figures(results, batches, params, peak_flops, ModelShape.of_folder(model_dir))
+    figures = step_figures(
+        results, batches, FlopsShape.of_config(config, params), peak_flops, ModelShape.of_folder(model_dir)
+    )
     memory = logprob_memory(args) if args.logprob_tokens else []
     ours = figures["ours [default]"]
     mem_ratio = memory_ratio(args, memory)
@@ -269,10 +272,12 @@ def learner_side(text: str) -> tuple[str, dict]:
     return name, settings
 
 
-def step_figures(results: dict, batches: dict, params: int, peak_flops: float | None, shape) -> dict[str, dict]:
-    """One row per side and batch: seconds per step, real tokens/s, MFU, peak memory beside the
-    memory plan's estimate (on CUDA), and the plain loop's time over this side's on the same batch."""
+def step_figures(results: dict, batches: dict, flops_shape, peak_flops: float | None, shape) -> dict[str, dict]:
+    """One row per side and batch: seconds per step, real tokens/s, MFU both ways (6·N, and with
+    attention: `rlhf_cluster.models.flops`), peak memory beside the memory plan's estimate (on CUDA),
+    and the plain loop's time over this side's on the same batch."""
     from rlhf_cluster.learner.memory_plan import estimate
+    from rlhf_cluster.models.flops import batch_flops, utilization
 
     cuda = torch.cuda.is_available()
     figures: dict[str, dict] = {}
@@ -291,11 +296,14 @@ def step_figures(results: dict, batches: dict, params: int, peak_flops: float | 
                 row["error"] = got["error"]
             else:
                 sec = statistics.median(got["timings"])
+                flops = batch_flops(flops_shape, b.attention_mask.sum(1).tolist())
+                mfu = utilization(flops, sec, peak_flops) if peak_flops else None
                 row.update(
                     timings=got["timings"],
                     seconds_per_step=sec,
                     real_tokens_per_s=real / sec,
-                    mfu=6 * params * real / sec / peak_flops if peak_flops else None,
+                    mfu=mfu.dense if mfu else None,
+                    mfu_with_attention=mfu.with_attention if mfu else None,
                     peak_memory_gib=got["peak_bytes"] / 2**30 if got["peak_bytes"] else None,
                     plan=got["plan"],
                 )
@@ -328,7 +336,19 @@ def print_report(args: argparse.Namespace, result: dict, ops: dict | None, memor
         f"{cfg['precision']} | {args.reps} reps (+{args.warmup}), medians; each side alone on the device"
     )
     print_table(
-        ["side [batch]", "seqs", "real tok", "s/step", "real tok/s", "MFU", "peak GiB", "plan GiB", "ckpt", "x plain"],
+        [
+            "side [batch]",
+            "seqs",
+            "real tok",
+            "s/step",
+            "real tok/s",
+            "MFU",
+            "MFU+attn",
+            "peak GiB",
+            "plan GiB",
+            "ckpt",
+            "x plain",
+        ],
         [
             [
                 n,
@@ -337,16 +357,17 @@ def print_report(args: argparse.Namespace, result: dict, ops: dict | None, memor
                 f.get("seconds_per_step"),
                 f.get("real_tokens_per_s"),
                 f.get("mfu"),
+                f.get("mfu_with_attention"),
                 f.get("peak_memory_gib"),
                 f.get("estimate_gib"),
                 (f.get("plan") or {}).get("checkpointing"),
                 f.get("vs_plain"),
             ]
             if "error" not in f
-            else [n, f["sequences"], f["real_tokens"], f["error"][:40], None, None, None, None, None, None]
+            else [n, f["sequences"], f["real_tokens"], f["error"][:40], None, None, None, None, None, None, None]
             for n, f in figures.items()
         ],
-        ["{}", "{}", "{}", "{:.3f}", "{:.0f}", "{:.1%}", "{:.2f}", "{:.2f}", "{}", "{:.2f}"],
+        ["{}", "{}", "{}", "{:.3f}", "{:.0f}", "{:.1%}", "{:.1%}", "{:.2f}", "{:.2f}", "{}", "{:.2f}"],
     )
     if ops:
         print(

@@ -54,13 +54,16 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def reference_forward(args, model_dir: Path, params: int, vocab: int, peak_flops: float | None) -> dict[str, dict]:
+def reference_forward(args, model_dir: Path, shape, vocab: int, peak_flops: float | None) -> dict[str, dict]:
     """`ReferenceModel` at bf16 (fp32 on the CPU) and int8 scoring the same rollouts: per variant its
-    median seconds, tokens/s, MFU, peak memory, token budget, and its log-probs' distance from the first's."""
+    median seconds, tokens/s, MFU both ways (a forward: 2·N per token, and with attention;
+    `rlhf_cluster.models.flops`), peak memory, token budget, and its log-probs' distance from the first's."""
+    from rlhf_cluster.models.flops import batch_flops, utilization
     from rlhf_cluster.scoring.reference import ReferenceModel
 
     rollouts = _rollouts(args, vocab)
-    tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in rollouts]
+    tokens, flops = sum(lengths), batch_flops(shape, lengths, backward=False)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     out: dict[str, dict] = {}
     first = None
@@ -68,11 +71,13 @@ def reference_forward(args, model_dir: Path, params: int, vocab: int, peak_flops
         name = "int8" if quantization == "int8" else "bf16" if dtype == torch.bfloat16 else "fp32"
         model = ReferenceModel(str(model_dir), dtype, quantization=quantization)
         s, logprobs = _time_logprobs(model, rollouts, args.reps)
+        mfu = utilization(flops, s, peak_flops) if peak_flops else None
         row = {
             "seconds": s,
             "tokens": tokens,
             "tokens_per_s": tokens / s,
-            "mfu": 2 * params * tokens / s / peak_flops if peak_flops else None,
+            "mfu": mfu.dense if mfu else None,
+            "mfu_with_attention": mfu.with_attention if mfu else None,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "token_budget": model.max_tokens_per_batch,
         }  # scoring.max_tokens_per_batch: auto, as resolved
@@ -195,12 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = build_model(args.shape, args.cache_dir)
     from transformers import AutoConfig
 
+    from rlhf_cluster.models.flops import FlopsShape
+
     config = AutoConfig.from_pretrained(model_dir)
     params = parameter_count(config)
     device, peak_flops = device_and_peak()
     try:
         scoring = (
-            reference_forward(args, model_dir, params, config.vocab_size, peak_flops)
+            reference_forward(args, model_dir, FlopsShape.of_config(config, params), config.vocab_size, peak_flops)
             if "reference" in args.parts
             else {}
         )
