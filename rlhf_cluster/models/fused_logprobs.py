@@ -21,8 +21,9 @@ What the kernels give (read from 25.1.1's source), and what this head makes of i
   chunked head outright, since then it would run both heads' backward).
 - Its backward adds each tile's partial products into the gradients in their own dtype (bf16),
   where the chunked head sums in float32: in bf16 the hidden states' gradient at Qwen2.5's output
-  layer (896 x 151,936, 1,187 vocabulary tiles) is ~1.5% from the exact one by norm, the chunked
-  head's ~0.17% (that accumulation emulated on the CPU; on CUDA: tests/gpu/test_fused_logprob_head.py).
+  layer (896 x 151,936, 1,187 vocabulary tiles) is ~1.4% from the exact one by norm, the chunked
+  head's ~0.6% (from its bf16 logits), 1.5% apart (that accumulation emulated on the CPU, 64 random
+  tokens; on CUDA: tests/gpu/test_fused_logprob_head.py).
 - Its public `linear_cross_entropy` reads the rows whose target is not ignored back to the host
   (`nonzero`: a sync per call, where the learner waits for the device once per update); every row
   here is scored, so its autograd function is called directly with no such mask (`_kernel_nll`).
