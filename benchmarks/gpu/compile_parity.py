@@ -233,6 +233,8 @@ def run_all(variants: list[Variant], args: argparse.Namespace, model_dir: Path) 
     """Each variant in its own process (its environment set before it starts), `--jobs` at a time;
     results in `variants`' order, an {"error": ...} for one that failed to run."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # Inductor compiles kernels in a pool of its own per process: the machine's cores shared between the jobs.
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     batch = ["--sequences", str(args.sequences), "--prompt", str(args.prompt), "--response", *map(str, args.response)]
@@ -291,7 +293,11 @@ def switch_advice(found: dict, holds: bool) -> str:
         return "compile only without Liger: refuse learner.compile with liger_kernels on CUDA, allow it without"
     same = fix["env"] == CUDA_FIX.env and fix["clone_inputs"] == CUDA_FIX.clone_inputs
     change = "" if same else f"set CUDA_FIX = CompileFix({fix['env']}, clone_inputs={fix['clone_inputs']}) and "
-    return f"{change}flip CUDA_GRADIENTS_MATCH_EAGER to True (cause: {found['cause']})"
+    return (
+        f"{change}flip CUDA_GRADIENTS_MATCH_EAGER to True (cause: {found['cause']}) once tests/gpu's "
+        "test_compiled_decoder_layers_match_eager_per_parameter[cuda] says so too (it sets the fix in-process, "
+        "after torch is imported, as a learner rank does)"
+    )
 
 
 def print_rows(results: list[dict]) -> None:
@@ -326,7 +332,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--response", type=int, nargs=2, default=None, help="response lengths drawn from (CUDA 16 256, CPU 2 12)"
     )
-    p.add_argument("--jobs", type=int, default=None, help="variants run at once (CUDA 4, CPU 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="variants run at once (CUDA 8 at the tiny shape, 3 at larger ones; CPU 1)",
+    )
     p.add_argument("--worker-timeout", type=int, default=300)
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one variant's JSON: run it in this process
@@ -338,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("sequences", 8, 3),
         ("prompt", 64, 8),
         ("response", [16, 256], [2, 12]),
-        ("jobs", 4, 1),
+        ("jobs", 8 if args.shape in ("tiny", "demo") else 3, 1),
         ("variants", None, ["default"]),
     ):
         if getattr(args, name) is None:
