@@ -188,8 +188,9 @@ class LearnerConfig(TrainingGroupConfig):
         description="Ranks one long sequence is split over (Ulysses: each rank runs its 1/N of a packed row's "
         "tokens, attention runs on the whole row for heads/N of the heads by an all-to-all, "
         "rlhf_cluster/models/sequence_parallel.py): activations and log-prob memory per rank divided by N, for "
-        "sequences longer than one rank's memory holds. Must divide world_size and the model's attention heads. "
-        "Only 1 for now in a job: the learner does not run it yet.",
+        "sequences longer than one rank's memory holds. Consecutive ranks form world_size / N groups, each "
+        "running the same rows, so the batch is dealt over the groups; the update is the same as without it. Must "
+        "divide world_size and the model's attention heads; fsdp2 with sequence_packing, without LoRA or compile.",
     )
     memory_fraction: float = Field(
         0.5,
@@ -232,11 +233,14 @@ class LearnerConfig(TrainingGroupConfig):
                 f"learner.sequence_parallel={n} must divide learner.world_size={self.world_size} "
                 "(the ranks form world_size / sequence_parallel groups, each sharing its sequences)"
             )
-        if n > 1:
-            raise ValueError(
-                f"learner.sequence_parallel={n}: sequence parallelism is available as a library "
-                "(rlhf_cluster/models/sequence_parallel.py) but the learner does not run it yet; use 1"
-            )
+        if n > 1 and self.backend.type != "fsdp2":
+            raise ValueError(f"learner.sequence_parallel={n} runs on the fsdp2 backend only, not {self.backend.type}")
+        if n > 1 and not self.sequence_packing:
+            raise ValueError(f"learner.sequence_parallel={n} splits packed rows: it needs learner.sequence_packing")
+        if n > 1 and self.lora.enabled:
+            raise ValueError(f"learner.sequence_parallel={n} does not run with LoRA (learner.lora.rank) yet")
+        if n > 1 and self.compile:
+            raise ValueError(f"learner.sequence_parallel={n} does not run with learner.compile yet (untested)")
         return self
 
     @model_validator(mode="before")

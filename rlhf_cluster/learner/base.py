@@ -7,7 +7,8 @@ full state dict and its checkpoint files. The caller has initialised `torch.dist
 CPU, nccl on CUDA). Every rank receives its own slice of the step's batch plus the *global*
 counts, so the loss denominator is the same on every rank and for every micro-batch. Both
 backends average gradients over ranks, so each rank scales its loss by the world size to turn
-that average into the sum the global denominator expects.
+that average into the sum the global denominator expects. With `learner.sequence_parallel` the
+ranks of a group join their slices first and split each row instead (`sequence_groups`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,19 @@ from rlhf_cluster.learner.memory_plan import MemoryPlan, plan_for_folder, plan_m
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.proximal import ProximalPolicy, global_counts
+from rlhf_cluster.learner.sequence_groups import (
+    SequenceGroup,
+    counted_once,
+    group_logprobs,
+    joined_share,
+    model_attention,
+)
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.chunked_logprobs import logprob_head
 from rlhf_cluster.models.fused_logprobs import logprob_head_for
 from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
+from rlhf_cluster.models.sequence_parallel import plain_attention
 from rlhf_cluster.telemetry import tracing
 
 
@@ -102,6 +111,7 @@ class LearnerBase(ABC):
         self.model: Any = None
         self.scheduler: Any = None
         self.memory_plan = plan_memory(spec.learner, None, self.world_size, None)  # a subclass plans by its model
+        self.sequence: SequenceGroup | None = None  # learner.sequence_parallel > 1: set by the backend
         # Host-side agreements (how many micro-batches) go over gloo, never through the device.
         self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
@@ -231,6 +241,8 @@ class LearnerBase(ABC):
     def _logprobs(self, b: TrainBatch, micro: MicroBatch, with_entropy: bool):
         rows = micro.rows
         with logprob_head(self.logprob_head):
+            if self.sequence is not None:
+                return group_logprobs(self.model, b, micro, self.sequence, self.temperature, with_entropy)
             return response_logprobs(
                 self.model,
                 b.input_ids[rows],
@@ -303,11 +315,12 @@ class LearnerBase(ABC):
             self.device,
             self._attention_implementation(),
             self.host_group,
+            pack_always=self.sequence is not None,
         )
 
     def _attention_implementation(self) -> str:
         """The attention the learner's model runs (how its packed rows are sized)."""
-        return attention_of(self.model)[0]
+        return model_attention(attention_of(self.model)[0])
 
     def train_step(self, local: TrainBatch, kl_coef: float = 0.0) -> dict[str, float]:
         """One optimizer step per mini-batch over this rank's share of the step's batch; a
@@ -315,6 +328,8 @@ class LearnerBase(ABC):
         waited for once per optimizer step (`_clip_and_step`'s read), the step's metrics with the last."""
         start = time.perf_counter()
         lc = self.spec.learner
+        if self.sequence is not None:  # the group's ranks run the same rows (`sequence_groups`)
+            local = joined_share(local, self.sequence)
         B = local.response_mask.shape[0]
         bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
         plans = [self._micro_batches(local, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]  # on the host copy
@@ -332,6 +347,8 @@ class LearnerBase(ABC):
                 frozen = self._frozen_logprobs(b, plans)
         prox = ProximalPolicy(self.objective, b.rollout_logprobs, mask, frozen)
         counts = global_counts(mask, bounds)
+        if self.sequence is not None:
+            counts = counts / self.sequence.size  # every rank of a group counted its rows
 
         def micro_loss(mini: int, micro: MicroBatch) -> tuple[torch.Tensor, dict]:
             rows = micro.rows
@@ -361,6 +378,8 @@ class LearnerBase(ABC):
 
         passes = self._optimize(lc.ppo_epochs, plans, micro_loss, step_values)
         out = reduction.read(passes.step_values)
+        if self.sequence is not None:
+            out = counted_once(out, self.sequence.size)
         out["learner/grad_norm"] = passes.grad_norm
         out["learner/skipped_updates"] = float(passes.skipped)
         out["learner/lr"] = self.scheduler.get_last_lr()[0]
@@ -374,9 +393,10 @@ class LearnerBase(ABC):
         temperature 1, what an engine holding the same weights should report for them."""
         input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompt_ids, response_ids)
         self.model.eval()
-        logp, _ = response_logprobs(
-            self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device), T
-        )
+        with plain_attention(self.model):  # every rank the whole sequences (sequence_parallel: its own attention)
+            logp, _ = response_logprobs(
+                self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device), T
+            )
         self.model.train()
         logp = logp.float().cpu()
         return [logp[i, : len(r)].tolist() for i, r in enumerate(response_ids)]

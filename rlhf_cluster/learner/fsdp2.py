@@ -24,10 +24,12 @@ from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.gather import gathered_to
 from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.schedule import lr_multiplier
+from rlhf_cluster.learner.sequence_groups import sequence_group
 from rlhf_cluster.models.compiled import compile_layers
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
 from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names, training_attention
+from rlhf_cluster.models.sequence_parallel import enable_sequence_parallel
 
 
 class FSDP2Learner(LearnerBase):
@@ -39,6 +41,9 @@ class FSDP2Learner(LearnerBase):
         super().__init__(spec)
         lc = spec.learner
         model = self._load_model(model_path)
+        if lc.sequence_parallel > 1:  # each rank of a group runs 1/N of every packed row (`sequence_groups`)
+            self.sequence = sequence_group(lc.sequence_parallel)
+            enable_sequence_parallel(model, lc.sequence_parallel)
         self.liger = apply_liger(model, self.device, lc.liger_kernels)
         plan = self._plan_memory(model_path)
         if plan.checkpointing:

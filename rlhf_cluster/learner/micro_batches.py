@@ -40,33 +40,42 @@ def plan_micro_batches(
     device: torch.device,
     attention: str,
     host_group: dist.ProcessGroup | None,
+    pack_always: bool = False,
 ) -> list[MicroBatch]:
     """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most `budget` tokens
     (real tokens when `packed`, padded ones otherwise; None: one micro-batch; the learner's
     `memory_plan`), balanced by tokens. Every rank runs the same number of
     forward/backward passes (the sharded backends' collectives must pair up): a rank with fewer pads
-    with `real=False` passes on one row. The count is agreed over `host_group` (gloo)."""
+    with `real=False` passes on one row. The count is agreed over `host_group` (gloo).
+    `pack_always`: packed even where it holds no fewer slots (sequence parallelism splits packed rows)."""
     if budget is None:
-        return [micro_batch(local, list(range(lo, hi)), True, packed, device, attention)]
+        return [micro_batch(local, list(range(lo, hi)), True, packed, device, attention, pack_always)]
     if packed:
         lengths = local.attention_mask[lo:hi].sum(1).tolist()
     else:
         lengths = [local.input_ids.shape[1]] * (hi - lo)
     own = [
-        micro_batch(local, [lo + i for i in part], True, packed, device, attention)
+        micro_batch(local, [lo + i for i in part], True, packed, device, attention, pack_always)
         for part in token_budget_micro_batches(lengths, budget)
     ]
     count = torch.tensor([len(own)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=host_group)
-    return own + [micro_batch(local, [lo], False, packed, device, attention)] * (int(count.item()) - len(own))
+    padding = micro_batch(local, [lo], False, packed, device, attention, pack_always)
+    return own + [padding] * (int(count.item()) - len(own))
 
 
 def micro_batch(
-    local: TrainBatch, indices: list[int], real: bool, packed: bool, device: torch.device, attention: str
+    local: TrainBatch,
+    indices: list[int],
+    real: bool,
+    packed: bool,
+    device: torch.device,
+    attention: str,
+    pack_always: bool = False,
 ) -> MicroBatch:
     """The pass over rows `indices` of the host batch `local`: its row indices and (`packed`, where
-    `packing_pays`) its layout for a model running `attention`, on `device` by copies the host does
-    not wait for."""
+    `packing_pays` or `pack_always`) its layout for a model running `attention`, on `device` by
+    copies the host does not wait for."""
     contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
     rows = slice(indices[0], indices[-1] + 1) if contiguous else to_device(torch.tensor(indices), device)
     if not packed:
@@ -79,6 +88,6 @@ def micro_batch(
         local.response_mask.shape[1],
         row_tokens_for(attention, lengths),
     )
-    if not packing_pays(packing, len(indices) * local.input_ids.shape[1]):
+    if not pack_always and not packing_pays(packing, len(indices) * local.input_ids.shape[1]):
         return MicroBatch(rows, real)
     return MicroBatch(rows, real, packing.to(device))

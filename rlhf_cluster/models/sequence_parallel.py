@@ -23,7 +23,9 @@ what it is given, under the ready mask the caller passes, as the packed and padd
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,22 @@ def enable_sequence_parallel(model: torch.nn.Module, world: int) -> str:
     AttentionInterface.register(f"{ATTENTION}_{inner}", sequence_parallel_attention)
     model.set_attn_implementation(f"{ATTENTION}_{inner}")  # type: ignore[operator]  # PreTrainedModel's method
     return inner
+
+
+@contextlib.contextmanager
+def plain_attention(model: Any) -> Iterator[None]:
+    """While active, a switched model (or a wrapper's `module`) runs its own attention again, the
+    plain model whatever mask or varlen arguments its caller builds for it (a probe's forward)."""
+    inner = getattr(model, "module", model)
+    name = inner.config._attn_implementation
+    if not name.startswith(f"{ATTENTION}_"):
+        yield
+        return
+    inner.set_attn_implementation(name.removeprefix(f"{ATTENTION}_"))
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(name)
 
 
 @dataclass

@@ -101,9 +101,7 @@ def test_sequence_parallel_divides_a_ranks_activations_and_scales_the_budgets(tm
     # The log-prob path's chunk is this rank's scored tokens where fewer than a chunk.
     assert estimate(shape, 600, sequence_parallel=2).logprobs < estimate(shape, 600).logprobs
     # The plan's budgets are the micro-batch's: N times one rank's (each rank still runs 16k tokens).
-    # model_copy: the config refuses sequence_parallel > 1 in a job until the learner runs it.
-    lc = _learner(world_size=2).model_copy(update={"sequence_parallel": 2})
-    plan = plan_memory(lc, shape, 2, H100)
+    plan = plan_memory(_learner(world_size=2, sequence_parallel=2), shape, 2, H100)
     one = plan_memory(_learner(world_size=2), shape, 2, H100)
     assert plan.micro_batch_tokens == 2 * one.micro_batch_tokens == 32768
     assert plan.estimate.activations == one.estimate.activations  # the same slots per rank

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+import traceback
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def _rank(rank: int, port: int, failures) -> None:
         _learner_rows(rank, failures)
         dist.barrier()
     except BaseException as exc:
-        failures.put(("error", f"rank {rank}: {exc!r}"))
+        failures.put(("error", f"rank {rank}: {exc!r}\n{traceback.format_exc()}"))
     finally:
         dist.destroy_process_group()
 
@@ -250,13 +251,104 @@ def test_one_rank_equals_the_packed_path_and_eager_is_refused():
         enable_sequence_parallel(eager, 2)
 
 
-def test_the_config_refuses_a_group_size_that_does_not_divide_the_ranks_and_any_until_the_learner_runs_it():
+def test_the_config_refuses_a_group_size_that_does_not_divide_the_ranks_and_what_it_does_not_run_with():
     from pydantic import ValidationError
 
     from rlhf_cluster.config import JobConfig
 
-    assert JobConfig.model_validate({"learner": {"world_size": 2}}).learner.sequence_parallel == 1
+    def learner(**settings):
+        return JobConfig.model_validate({"learner": {"world_size": 2, **settings}}).learner
+
+    assert learner().sequence_parallel == 1 and learner(sequence_parallel=2).sequence_parallel == 2
     with pytest.raises(ValidationError, match=r"learner\.sequence_parallel=2 must divide learner\.world_size=3"):
-        JobConfig.model_validate({"learner": {"world_size": 3, "sequence_parallel": 2}})
-    with pytest.raises(ValidationError, match=r"library .*sequence_parallel\.py.* not run it yet"):
-        JobConfig.model_validate({"learner": {"world_size": 2, "sequence_parallel": 2}})
+        learner(world_size=3, sequence_parallel=2)
+    with pytest.raises(ValidationError, match="fsdp2 backend only, not deepspeed"):
+        learner(sequence_parallel=2, backend="deepspeed")
+    with pytest.raises(ValidationError, match="needs learner.sequence_packing"):
+        learner(sequence_parallel=2, sequence_packing=False)
+    with pytest.raises(ValidationError, match="LoRA"):
+        learner(sequence_parallel=2, lora={"rank": 4})
+    with pytest.raises(ValidationError, match="learner.compile"):
+        learner(sequence_parallel=2, compile=True)
+
+
+# The learner's step: rows of (prompt, response) lengths; world 2 deals them into 2 shares.
+STEP_ROWS = [(5, 30), (20, 9), (7, 41), (30, 6), (4, 24), (12, 13)]
+
+
+def _step_config(world: int, sequence_parallel: int):
+    from rlhf_cluster.config import JobConfig
+
+    learner = {"world_size": world, "sequence_parallel": sequence_parallel, "lr": 1e-2, "mini_batches": 2}
+    return JobConfig.model_validate({"learner": learner, "algorithm": {"kl": {"placement": "loss", "coef": 0.1}}})
+
+
+def _learner_step(model_path: str, world: int, rank: int) -> tuple[dict, dict]:
+    """One FSDP2 learner step on this rank's share (world 2: sequence_parallel 2, one group)."""
+    from rlhf_cluster.learner.base import LearnerSpec
+    from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+    from rlhf_cluster.models.packing import balanced_shares
+    from tests.batches import ragged_batch
+
+    batch = ragged_batch(STEP_ROWS, seed=3)
+    shares = balanced_shares(batch.attention_mask.sum(1).tolist(), WORLD)
+    # World 1 runs the rows in the order the group joins its shares in: the same mini-batches.
+    local = _rows_of(batch, shares[rank] if world > 1 else shares[0] + shares[1])
+    learner = FSDP2Learner(LearnerSpec.of_policy(_step_config(world, world)), model_path)
+    metrics = learner.train_step(local, kl_coef=0.1)
+    metrics["probe"] = learner.probe_logprobs([[3, 4, 5, 6]], [[7, 8, 9]])[0]  # the plain attention, every rank
+    return metrics, {k: v.detach().clone() for k, v in learner.full_state_dict().items()}
+
+
+def _rows_of(batch, rows: list[int]):
+    from rlhf_cluster.experience.records import TrainBatch
+
+    def pick(v):
+        return v[torch.tensor(rows)] if isinstance(v, torch.Tensor) else None if v is None else [v[i] for i in rows]
+
+    return TrainBatch(**{k: pick(v) for k, v in vars(batch).items()})
+
+
+def _learner_rank(rank: int, port: int, model_path: str, failures) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        result = _learner_step(model_path, WORLD, rank)
+        if rank == 0:
+            failures.put(("step", result))
+        dist.barrier()
+    except BaseException as exc:
+        failures.put(("error", f"rank {rank}: {exc!r}\n{traceback.format_exc()}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_learner_step_split_over_two_ranks_equals_one_rank(tiny_model_path):
+    """world_size 2 as one sequence-parallel group of 2 against world_size 1 on the same batch:
+    the same loss, gradient norm, token count and weights (the tolerances of the packed-vs-padded
+    learner test, test_packing.py: AdamW moves a weight by about lr whatever its gradient, so
+    rounding shows at a fraction of lr; a gradient averaged instead of summed over the group would
+    halve the norm)."""
+    from tests.process_groups import one_rank_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_learner_rank, args=(r, port, tiny_model_path, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    kind, got = queue.get(timeout=180)
+    for p in procs:
+        p.join(timeout=30)
+    assert kind == "step", got
+    with one_rank_process_group("gloo"):
+        want = _learner_step(tiny_model_path, 1, 0)
+    (metrics, weights), (ref_metrics, ref_weights) = got, want
+    assert metrics["policy/loss"] == pytest.approx(ref_metrics["policy/loss"], abs=1e-5)
+    assert metrics["learner/grad_norm"] == pytest.approx(ref_metrics["learner/grad_norm"], rel=1e-4)
+    assert metrics["learner/tokens"] == ref_metrics["learner/tokens"]
+    assert metrics["probe"] == pytest.approx(ref_metrics["probe"], abs=1e-5)
+    for name, weight in ref_weights.items():
+        assert torch.allclose(weight, weights[name], atol=5e-4), (name, (weight - weights[name]).abs().max())
