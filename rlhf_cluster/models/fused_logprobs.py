@@ -15,10 +15,10 @@ What the kernels give (read from 25.1.1's source), and what this head makes of i
   approximation); off here, so the gradients are the whole softmax's.
 - No temperature: logits / T = c (e / T), so the hidden states are scaled before the kernel.
 - No bias, no entropy, and a backward for bf16/fp16 hidden states only. The chunked head runs
-  those cases, logged once: an output layer with a bias, a gradient through float32 weights. The
-  entropy, where asked, comes from the chunked head's forward (its backward runs only if the
-  loss takes the entropy's gradient: an entropy bonus, for which `choose_logprob_head` picks the
-  chunked head outright, since then it would run both heads' backward).
+  those cases, logged once: an output layer with a bias, a gradient through float32 weights, and
+  an entropy bonus (`choose_logprob_head`). The entropies the learner reads as a metric come from
+  a Triton kernel of ours (`entropy_kernel`, no logits written), as a tensor without a gradient
+  (as `.detach()` gives), or from the chunked head's forward where that kernel fails to run.
 - Its backward adds each tile's partial products into the gradients in their own dtype (bf16),
   where the chunked head sums in float32: in bf16 the hidden states' gradient at Qwen2.5's output
   layer (896 x 151,936, 1,187 vocabulary tiles) is ~1.4% from the exact one by norm, the chunked
@@ -159,7 +159,7 @@ def fused_token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`token_logprobs` (same arguments, same results) through cut-cross-entropy's kernels: float32
     log p(targets[i] | hidden[i]) for hidden [N, H] under the output layer `weight` [V, H] at
-    `temperature`, and the entropies when asked (by the chunked head's forward). CUDA tensors (or
+    `temperature`, and the entropies when asked (`entropy_kernel`: they take no gradient). CUDA tensors (or
     Triton's interpreter); the cases the kernels do not cover run the chunked head (`_unsupported`)."""
     reason = _unsupported(hidden, weight, bias)
     if reason is not None:
@@ -170,6 +170,24 @@ def fused_token_logprobs(
     logp = _kernel_nll(scaled, weight, targets).neg()
     if not with_entropy:
         return logp, None
-    _log_once("entropy", "learner.logprob_head: the entropies come from the chunked head's forward")
-    _, entropy = token_logprobs(hidden, weight, targets, None, temperature, True, chunk_tokens)
+    hidden, weight = hidden.detach(), weight.detach()  # the entropies: a metric, no gradient
+    if not _entropy_failed:
+        try:
+            return logp, _kernel_entropy(hidden, weight, temperature)
+        except Exception as exc:  # the kernel failed to build or run on this device: said once, not again
+            _entropy_failed.append(repr(exc))
+            log.warning("learner.logprob_head: the entropy kernel failed (%r): the chunked head's forward instead", exc)
+    with torch.no_grad():
+        _, entropy = token_logprobs(hidden, weight, targets, None, temperature, True, chunk_tokens)
     return logp, entropy
+
+
+_entropy_failed: list[str] = []  # why `entropy_kernel` failed in this process, where it did
+
+
+def _kernel_entropy(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 entropies of softmax(weight @ hidden[i] / temperature) by `entropy_kernel` (Triton),
+    not requiring a gradient."""
+    from rlhf_cluster.models.entropy_kernel import softmax_entropy
+
+    return softmax_entropy(hidden, weight, temperature)

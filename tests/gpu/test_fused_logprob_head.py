@@ -1,7 +1,7 @@
 """The fused log-prob head (cut-cross-entropy's kernels, `models/fused_logprobs.py`) equals the chunked
-head in log-probs, entropies and the gradients of the hidden states and of the output layer, with a
-temperature and a per-token upstream gradient. On CUDA: bf16, fp16 and fp32 at Qwen2.5's output
-layer (896 x 151,936), and a learner step with each head. On the CPU (`make test`): the same kernels
+head in log-probs, entropies (our Triton kernel) and the gradients of the hidden states and of the
+output layer, with a temperature and a per-token upstream gradient. On CUDA: bf16, fp16 and fp32 at
+Qwen2.5's output layer (896 x 151,936), and a learner step with each head. On the CPU (`make test`): the same kernels
 under Triton's interpreter on CPU tensors, in a subprocess (TRITON_INTERPRET must be set before
 Triton is imported), small shapes, fp16 and fp32 (the interpreter multiplies bf16 tiles wrongly,
 Triton 3.9); and a learner refusing `fused` there."""
@@ -24,7 +24,7 @@ from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models import fused_logprobs as fused
 from rlhf_cluster.models.chunked_logprobs import token_logprobs
 from tests.batches import ragged_batch
-from tests.unit.test_fused_logprobs import _stand_in_nll
+from tests.unit.test_fused_logprobs import _stand_in_entropy, _stand_in_nll
 from tests.unit.test_host_syncs import HostReads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,21 +49,25 @@ _HEADS = {"fused": fused.fused_token_logprobs, "chunked": token_logprobs, "fp64"
 def differences(device: torch.device, dtype: torch.dtype, n: int, hidden: int, vocab: int) -> dict[str, float]:
     """The fused head's relative differences from the chunked head (`name`) and of both from a float64
     reference (`name/fused_vs_fp64`, `name/chunked_vs_fp64`), without and with a gradient, how
-    often the kernel ran (`kernel_calls`: a float32 gradient runs the chunked head) and how many
-    operations of the fused head read the device back to the host (`host_reads`)."""
+    often the kernels ran (`kernel_calls`, `entropy_kernel_calls`: a float32 gradient runs the
+    chunked head; `entropy_kernel_failed`: the entropy kernel failed) and how many operations of the
+    fused head read the device back to the host (`host_reads`)."""
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(n, hidden, generator=g).to(device, dtype)
     w0 = (torch.randn(vocab, hidden, generator=g) * 3 / hidden**0.5).to(device, dtype)  # logits of std ~3
     targets = torch.randint(0, vocab, (n,), generator=g).to(device)
     upstream = (torch.randn(n, generator=g) * (torch.arange(n) % 4 != 0)).to(device)  # some tokens masked
-    calls, kernel = [0], fused._kernel_nll
+    out: dict[str, float] = {"kernel_calls": 0, "entropy_kernel_calls": 0}
+    kernels = {"kernel_calls": fused._kernel_nll, "entropy_kernel_calls": fused._kernel_entropy}
 
-    def counting(*args):
-        calls[0] += 1
-        return kernel(*args)
+    def counting(key):
+        def run(*args):
+            out[key] += 1
+            return kernels[key](*args)
 
-    out: dict[str, float] = {}
-    fused._kernel_nll = counting
+        return run
+
+    fused._kernel_nll, fused._kernel_entropy = counting("kernel_calls"), counting("entropy_kernel_calls")
     try:
         for grad in (False, True):
             results = {}
@@ -82,15 +86,16 @@ def differences(device: torch.device, dtype: torch.dtype, n: int, hidden: int, v
                 out[f"{key}/fused_vs_fp64"] = ((f - r).norm() / r.norm()).item()
                 out[f"{key}/chunked_vs_fp64"] = ((c - r).norm() / r.norm()).item()
     finally:
-        fused._kernel_nll = kernel
-    out["kernel_calls"] = calls[0]
+        fused._kernel_nll, fused._kernel_entropy = kernels["kernel_calls"], kernels["entropy_kernel_calls"]
+    out["entropy_kernel_failed"] = len(fused._entropy_failed)
     return out
 
 
 def _check(dtype: torch.dtype, diffs: dict[str, float]) -> None:
     values, gradients = TOLERANCE[dtype]
     expected_calls = 1 if dtype == torch.float32 else 2  # float32: only the pass without a gradient
-    assert diffs["kernel_calls"] == expected_calls, diffs
+    assert diffs["kernel_calls"] == diffs["entropy_kernel_calls"] == expected_calls, diffs
+    assert diffs["entropy_kernel_failed"] == 0, diffs
     assert diffs["host_reads"] == 0, diffs  # the learner reads the device once per update, not per pass
     for key in ("logp", "entropy", "logp_no_grad", "entropy_no_grad"):
         assert diffs[key] <= values, (dtype, key, diffs)
@@ -157,6 +162,7 @@ def test_learner_step_with_the_fused_head(device_group, tiny_model_path, monkeyp
         with pytest.raises(ValueError, match="learner.logprob_head: fused needs CUDA"):
             learner("fused")
         monkeypatch.setattr(fused, "choose_logprob_head", lambda choice, *_: choice)
+        monkeypatch.setattr(fused, "_kernel_entropy", _stand_in_entropy)
         kernel = _stand_in_nll  # Triton's interpreter cannot multiply the bf16 tiles of this step
     calls: list[int] = []
     monkeypatch.setattr(fused, "_kernel_nll", lambda *args: (calls.append(1), kernel(*args))[1])

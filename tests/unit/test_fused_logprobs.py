@@ -19,6 +19,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 def installed(monkeypatch):
     """Set whether cut-cross-entropy imports; every logged-once message logs again."""
     monkeypatch.setattr(fused, "_logged", set())
+    monkeypatch.setattr(fused, "_entropy_failed", [])
 
     def set_installed(value: bool) -> None:
         monkeypatch.setattr(fused, "cce_available", lambda: value)
@@ -64,6 +65,12 @@ def _stand_in_nll(hidden, weight, targets):
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
+def _stand_in_entropy(hidden, weight, temperature):
+    """What the entropy kernel computes, in plain torch (float32 logits)."""
+    logp_all = ((hidden.float() @ weight.float().T) / temperature).log_softmax(-1)
+    return -(logp_all.exp() * logp_all).sum(-1)
+
+
 def _heads(dtype, grad: bool, bias: bool = False, with_entropy: bool = False, temperature: float = 0.7):
     """(fused, chunked) results: log-probs, entropies, and the gradients of hidden and weight
     under a per-token upstream gradient (some zero, some negative)."""
@@ -95,15 +102,31 @@ def test_the_wrapper_equals_the_chunked_head_with_temperature_and_per_token_grad
     torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_the_entropy_is_the_chunked_heads_and_takes_a_gradient(installed, monkeypatch):
+def test_the_entropy_comes_from_its_kernel_without_a_gradient(installed, monkeypatch):
     monkeypatch.setattr(fused, "_kernel_nll", _stand_in_nll)
+    monkeypatch.setattr(fused, "_kernel_entropy", _stand_in_entropy)
     (_, entropy, _, _), (_, ref, _, _) = _heads(torch.float32, grad=False, with_entropy=True)
     torch.testing.assert_close(entropy, ref)
     hidden = torch.randn(5, 8, dtype=torch.bfloat16, requires_grad=True)  # bf16: the fused path with a gradient
     weight = torch.randn(11, 8, dtype=torch.bfloat16)
-    _, entropy = fused.fused_token_logprobs(hidden, weight, torch.arange(5), with_entropy=True)
-    (grad,) = torch.autograd.grad(entropy.sum(), hidden)
-    assert grad.abs().sum() > 0
+    logp, entropy = fused.fused_token_logprobs(hidden, weight, torch.arange(5), with_entropy=True)
+    assert logp.requires_grad and not entropy.requires_grad  # a metric: an entropy bonus runs the chunked head
+
+
+def test_an_entropy_kernel_that_fails_is_replaced_by_the_chunked_forward_once(installed, monkeypatch, caplog):
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(fused, "_kernel_nll", _stand_in_nll)
+    monkeypatch.setattr(fused, "_kernel_entropy", broken)
+    with caplog.at_level(logging.WARNING, logger=fused.__name__):
+        for _ in range(2):
+            (_, entropy, _, _), (_, ref, _, _) = _heads(torch.float32, grad=False, with_entropy=True)
+            assert torch.equal(entropy, ref)
+    assert calls == [1] and fused._entropy_failed and "no kernel here" in caplog.records[0].getMessage()
 
 
 def test_what_the_kernels_cannot_serve_runs_the_chunked_head_logged_once(installed, monkeypatch, caplog):
