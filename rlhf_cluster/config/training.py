@@ -179,8 +179,9 @@ class LearnerConfig(TrainingGroupConfig):
         "(CUDA, the package cut-cross-entropy; an error without either), no [tokens, vocab] logits at all. Where "
         "the kernels cannot serve a case the chunked head runs it, logged once: a gradient through float32 weights "
         "(their backward is bf16/fp16 only: use mixed_precision: bf16), an output layer with a bias, and an entropy "
-        "bonus (algorithm.entropy_coef > 0: the kernels give no entropy); the entropy metric alone costs a chunked "
-        "forward without gradient. auto: fused on CUDA where cut-cross-entropy is installed, chunked otherwise.",
+        "bonus (algorithm.entropy_coef > 0: the kernels give no entropy's gradient); the entropy metric comes from "
+        "a Triton kernel of ours, also without logits. auto: fused on CUDA where cut-cross-entropy is installed, "
+        "chunked otherwise.",
     )
     sequence_parallel: int = Field(
         1,
