@@ -164,8 +164,11 @@ class LearnerConfig(TrainingGroupConfig):
     compile: bool = Field(
         False,
         description="Regional torch.compile of each decoder layer's forward (inductor: fewer kernel launches and "
-        "casts; the first step pays the compilation). CPU only for now: on CUDA its gradients differ from eager "
-        "ones (tests/gpu, one H200), so it is refused there.",
+        "casts; the first step pays the compilation). CPU only for now: on CUDA its gradients differed from eager "
+        "ones (tests/gpu, one H200), so it is refused there, naming the cause. Pending a GPU run of "
+        "benchmarks/gpu/compile_parity.py, which compares every parameter's gradient under each candidate fix and "
+        "names the cause: where its fix holds (the candidate, TORCHINDUCTOR_MIX_ORDER_REDUCTION=0, is set by the rank "
+        "before it compiles; rlhf_cluster/models/compiled.py), allowed on CUDA, then on there by default.",
     )
     liger_kernels: bool | None = Field(
         None,
