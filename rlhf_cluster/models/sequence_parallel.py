@@ -34,8 +34,11 @@ import torch.distributed as dist
 
 from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
 from rlhf_cluster.models.packing import document_block_mask, prepared_mask
+from rlhf_cluster.models.varlen_attention import VARLEN, cu_seqlens_of
 
 ATTENTION = "sequence_parallel"  # the prefix of the names the attention is registered under in transformers
+# Flash-attention's keyword names for the sequences of a varlen call (`PackedRows.varlen_kwargs`).
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def check_heads(config: Any, world: int) -> int:
@@ -102,11 +105,26 @@ class RowLayout:
     position_ids: torch.Tensor  # [R, P]
     sequence_ids: torch.Tensor  # [R, P]: -1 on the padded tail
     _masks: dict[torch.dtype, Any] = field(default_factory=dict, repr=False)
+    _runs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def varlen(self) -> bool:
+        """Whether `attention` takes the sequences as varlen runs (flash-attention, varlen), no mask."""
+        return self.attention.startswith("flash") or self.attention == VARLEN
+
+    def varlen_kwargs(self) -> dict[str, Any]:
+        """The whole rows' sequences as flash-attention's keyword arguments, found from the position
+        ids once per forward (one read of the device for the longest; the tail's slots, position
+        0 each, are runs of their own)."""
+        if not self._runs:
+            cu, longest = cu_seqlens_of(self.position_ids)
+            self._runs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return self._runs
 
     def mask(self, dtype: torch.dtype) -> Any:
         """The whole rows' mask for `attention` (causal within each sequence; the tail attends to
-        itself only), built once per forward and dtype; None for flash-attention (position ids)."""
-        if self.attention.startswith("flash"):
+        itself only), built once per forward and dtype; None for varlen attention (`varlen_kwargs`)."""
+        if self.varlen:
             return None
         if dtype not in self._masks:
             if self.attention == "flex_attention":
@@ -255,7 +273,11 @@ def sequence_parallel_attention(
     inner_module: Any = module if repeat == 1 else _FewerKvGroups(module, query.shape[1] // key.shape[1])
     q, k, v = (heads_to_sequence(t, world, layout.group) for t in (query, key, value))
     inner = ALL_ATTENTION_FUNCTIONS[layout.attention]
-    kwargs["position_ids"] = layout.position_ids  # the whole rows' (flash-attention's sequences)
+    kwargs["position_ids"] = layout.position_ids  # the whole rows'
+    for name in VARLEN_KWARGS:  # a slice's sequences, where a caller passed them: the whole rows' instead
+        kwargs.pop(name, None)
+    if layout.varlen:
+        kwargs.update(layout.varlen_kwargs())
     out, _ = inner(inner_module, q, k, v, layout.mask(q.dtype), **kwargs)
     return sequence_to_heads(out, world, layout.group), None
 

@@ -209,6 +209,18 @@ def test_rows_are_padded_to_the_ranks_and_shifted_before_they_are_sliced():
     assert rows.local("position_ids", 2).tolist() == [[3, 0, 0]]
 
 
+def test_varlen_attention_gets_the_whole_rows_runs_and_no_mask():
+    ids = torch.tensor([[10, 11, 12, 20, 21, 22, 23]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    rows = shard_rows(ids, positions, None, 3)
+    for attention in ("flash_attention_2", "varlen"):
+        layout = rows.layout(None, attention)
+        assert layout.mask(torch.float32) is None
+        runs = layout.varlen_kwargs()  # the two sequences, then each tail slot (position 0) alone
+        assert runs["cu_seq_lens_q"].tolist() == [0, 3, 7, 8, 9] and runs["max_length_q"] == 4
+    assert rows.layout(None, "sdpa").mask(torch.float32).shape == (1, 1, 9, 9)
+
+
 def test_a_row_without_sequence_ids_is_one_sequence():
     rows = shard_rows(torch.tensor([[5, 6, 7, 8]]), torch.arange(4)[None], None, 2)
     assert rows.scored.tolist() == [[True, True, True, False]]
