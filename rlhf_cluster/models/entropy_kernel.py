@@ -54,8 +54,9 @@ def _entropy_parts(
             ds = d0 + tl.arange(0, BLOCK_D)
             e_ok = row_ok[:, None] & (ds[None, :] < dim)
             c_ok = col_ok[None, :] & (ds[:, None] < dim)
-            e = tl.load(E + rows[:, None] * stride_eb + ds[None, :], mask=e_ok, other=0.0)
-            c = tl.load(C + cols[None, :] * stride_cv + ds[:, None], mask=c_ok, other=0.0)
+            # 64-bit offsets: a [vocab, hidden] weight may hold more than 2**31 elements
+            e = tl.load(E + rows[:, None].to(tl.int64) * stride_eb + ds[None, :], mask=e_ok, other=0.0)
+            c = tl.load(C + cols[None, :].to(tl.int64) * stride_cv + ds[:, None], mask=c_ok, other=0.0)
             acc = tl.dot(e, c, acc, input_precision=PRECISION)
         z = tl.where(col_ok[None, :], acc * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
