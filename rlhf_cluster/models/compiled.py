@@ -104,8 +104,8 @@ def apply_fix(fix: CompileFix) -> None:
     from torch._inductor import config
 
     for name, value in fix.env.items():
-        if name in _INDUCTOR_SETTINGS:
-            section, setting = _INDUCTOR_SETTINGS[name]
+        section, setting = _INDUCTOR_SETTINGS.get(name, ("", ""))
+        if hasattr(getattr(config, section, None), setting):  # a torch without the setting: its variable alone
             setattr(getattr(config, section), setting, value not in ("0", "false", "False", ""))
 
 

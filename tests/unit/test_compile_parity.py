@@ -130,3 +130,6 @@ def test_inputs_are_cloned_and_the_fix_sets_inductors_setting_too(monkeypatch):
     monkeypatch.setattr(config.triton, "mix_order_reduction", True)
     compiled.apply_fix(compiled.CUDA_FIX)
     assert os.environ["TORCHINDUCTOR_MIX_ORDER_REDUCTION"] == "0" and config.triton.mix_order_reduction is False
+    monkeypatch.setenv("TORCHINDUCTOR_NOT_A_SETTING", "")
+    compiled.apply_fix(compiled.CompileFix(env={"TORCHINDUCTOR_NOT_A_SETTING": "1"}))  # no setting: the variable alone
+    assert os.environ["TORCHINDUCTOR_NOT_A_SETTING"] == "1"
