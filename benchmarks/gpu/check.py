@@ -1,21 +1,25 @@
-"""`make gpu-check`: everything issue 54's "Done when" is read from, in one call on a GPU machine.
+"""`make gpu-check`: everything issues 54 and 69's "Done when" lists are read from, in one call on a GPU machine.
 
 Steps, each a subprocess with its own time limit (a step that fails or runs out of time is
 recorded as such and the next one runs):
-1. `pytest tests/gpu` (both halves: the CPU bodies and the CUDA ones);
-2. `benchmarks.gpu.learner` at Qwen2.5-0.5B (ours beside the plain loop, and ours with SDPA instead of
-   `auto`'s FlexAttention; both also at `--seq-lens`) and at Qwen2.5-1.5B (default settings: the memory plan decides
-   checkpointing);
+1. `pytest tests/gpu` (the CUDA halves; the CPU bodies run in `make test`);
+2. `benchmarks.gpu.learner` at Qwen2.5-0.5B and 1.5B: ours (`auto`'s attention and log-prob head)
+   at the default batch and at 1k, 4k, 16k and 32k tokens per sequence, MFU both ways, beside the
+   plain loop; at 0.5B also FlexAttention at those lengths and SDPA, varlen and the chunked head at
+   the default batch; at 1.5B the memory plan given 40 GiB;
 3. `benchmarks.gpu.paths` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
-   host hop; the host hop alone at 1.5B (issue 55: >= 25 GB/s in bf16);
-4. `benchmarks.gpu.step_profile` at 0.5B: where one step's kernel time goes, ours beside the plain loop;
-5. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start).
+   host hop; the host hop alone at 1.5B (issue 55: >= 25 GB/s in bf16) (`--all` on a GPU);
+4. `benchmarks.gpu.step_profile` at 0.5B: where one step's kernel time goes and its kernel launches,
+   ours beside the plain loop;
+5. `benchmarks.gpu.compile_parity`: learner.compile against eager per parameter under each
+   candidate fix, naming the cause;
+6. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start; `--all` on a GPU).
 Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON) and prints one
 table of the figures. Without CUDA the same steps run at tiny shapes on the CPU (`--smoke` is
 then implied): what `tests/integration/test_gpu_check.py` runs so this check cannot rot.
 
     bash scripts/gpu_check.sh [WHEEL_DIR]      # installs what the machine lacks from WHEEL_DIR, then this
-    python3 -m benchmarks.gpu.check [--out-dir DIR] [--smoke] [--skip STEP ...]     # this alone
+    python3 -m benchmarks.gpu.check [--out-dir DIR] [--smoke] [--all] [--skip STEP ...]     # this alone
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep (implied without CUDA)")
     p.add_argument("--seq-lens", type=int, nargs="*", default=None, help="the learner's --seq-lens (0.5B and 1.5B)")
     p.add_argument("--skip", nargs="*", default=[], help="steps to leave out, by name")
+    p.add_argument("--all", action="store_true", help=f"on a GPU also the steps {', '.join(EARLIER_ISSUES)}")
     return p.parse_args(argv)
 
 
@@ -52,8 +57,13 @@ STEPS = (
     ("scoring and host hop 0.5B", "paths", "gpu_paths_0.5b.json"),
     ("host hop 1.5B", "paths", "gpu_paths_1.5b.json"),
     ("profile 0.5B", "step_profile", "gpu_profile_0.5b.json"),
+    ("compile parity", "compile_parity", "gpu_compile_parity.json"),
     ("learner 0.5B, more sides", "learner", "gpu_learner_0.5b_more.json"),
 )
+# Steps whose figures belong to earlier issues (54, 55: measured on an H200 on 2026-11-26 and -27):
+# on a GPU they run with `--all` only, so issue 69's steps fit one 10-minute call; at tiny shapes
+# on the CPU every step runs, so none of them can rot.
+EARLIER_ISSUES = ("scoring and host hop 0.5B", "host hop 1.5B", "learner 0.5B, more sides")
 
 
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
@@ -64,7 +74,7 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
     if args.smoke:
         first, flags = ("tests/gpu", [*tests, "--collect-only"], 300), smoke_flags(args)
     else:
-        first, flags = ("tests/gpu", [*tests, "-k", "cuda"], 150), gpu_flags(args)
+        first, flags = ("tests/gpu", [*tests, "-k", "cuda"], 140), gpu_flags(args)
     return [first] + [
         (name, _command(module, *flags[name][0], "--out", str(args.out_dir / result)), flags[name][1])
         for name, module, result in STEPS
@@ -81,6 +91,8 @@ def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "scoring and host hop 0.5B": (["--shape", "smoke", "--rollouts", "2"], 300),
         "host hop 1.5B": (["--shape", "smoke", "--parts", "host_hop"], 300),
         "profile 0.5B": (["--shape", "smoke", "--top", "5"], 300),
+        # Dynamo's tracing alone (~20 s): tests/gpu compares inductor's layers with eager ones on the CPU
+        "compile parity": (["--shape", "smoke", "--variants", "dynamo only", "--no-confirm"], 300),
         "learner 0.5B, more sides": ([*tiny, "--no-plain", "--deepspeed"], 300),
     }
 
@@ -89,11 +101,11 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     """Each step's flags and time limit at 0.5B and 1.5B on the GPU (issue 69): ours (auto's
     attention and log-prob head) at 1k, 4k, 16k and 32k tokens per sequence, 32k tokens a step, beside
     FlexAttention at those lengths (0.5B) and SDPA, varlen and the chunked head at the default batch;
-    1.5B with the memory plan given 40 GiB. The limits add up to 580 s; with the wheels' install
-    (~40 s) a 10-minute call holds them (on an H200, 2026-11-26, the steps before issue 69's sides took
-    89, 70, 64, 33, ~20 and ~40 s). DeepSpeed ZeRO-3 runs beside FSDP2 in the last step; whether
-    learner.compile is right is the compile parity step's, its timing left to
-    `python3 -m benchmarks.gpu.learner --compile` by hand (~50 s of compilation)."""
+    1.5B with the memory plan given 40 GiB; the step profile; the compile parity bisect. With the
+    tests' 140 s the limits add up to 540 s, 580 s with the wheels' install (~40 s): one 10-minute
+    call. `--all` adds the steps of `EARLIER_ISSUES` (105 s more; on an H200, 2026-11-26, they took
+    ~64, ~33 and ~40 s). learner.compile's timing is left to `python3 -m benchmarks.gpu.learner
+    --compile` by hand (~50 s of compilation) until the parity step passes."""
     seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [1024, 4096, 16384, 32768])]
     lengths = ["--reps", "3", "--warmup", "1", "--seq-lens", *seq, "--tokens-per-step", "32768"]
     return {
@@ -118,6 +130,7 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "scoring and host hop 0.5B": (["--shape", "qwen2.5-0.5b"], 35),
         "host hop 1.5B": (["--shape", "qwen2.5-1.5b", "--parts", "host_hop"], 25),
         "profile 0.5B": (["--shape", "qwen2.5-0.5b"], 40),
+        "compile parity": (["--shape", "tiny", "--no-confirm"], 100),
         "learner 0.5B, more sides": (["--shape", "qwen2.5-0.5b", "--reps", "3", "--no-plain", "--deepspeed"], 50),
     }
 
@@ -183,6 +196,20 @@ def summary_rows(report: dict) -> list[list]:
                 "",
             ]
         )
+    parity = report["steps"].get("compile parity", {}).get("result") or {}
+    if parity:
+        rows.append(
+            [
+                "compile parity: " + str(parity.get("verdict"))[:60],
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                f"first passing: {parity.get('first_passing')}",
+            ]
+        )
     for side in (report["steps"].get("profile 0.5B", {}).get("result") or {}).get("sides", []):
         rows.append(
             [
@@ -223,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"benchmark": "gpu_check", "machine": machine_info(), "smoke": args.smoke, "steps": {}}
     begun = time.perf_counter()
     for name, command, limit in steps(args):
-        if name in args.skip:
+        if name in args.skip or (not args.smoke and not args.all and name in EARLIER_ISSUES):
             continue
         slug = name.replace("/", "_").replace(" ", "_").replace(".", "")
         entry = run_step(name, command, limit, args.out_dir / f"{slug}.log")

@@ -1,6 +1,6 @@
 """`make gpu-check` cannot rot unseen: its script runs here on the CPU at tiny shapes (the steps a GPU
 machine runs at 0.5B and 1.5B: tests/gpu, the learner benchmark with DeepSpeed and a long-sequence
-batch, the reference forward and the host hop) and writes the one JSON the issue is read from."""
+batch, the reference forward and the host hop, the compile parity bisect) and writes the one JSON the issue is read from."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["smoke"] and set(report["steps"]) == {
         "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B", "host hop 1.5B", "profile 0.5B",
-        "learner 0.5B, more sides"}
+        "compile parity", "learner 0.5B, more sides"}
     profiled = report["steps"]["profile 0.5B"]["result"]["sides"]
     assert [p["side"] for p in profiled] == ["ours", "plain"] and all(p["wall_s"] > 0 for p in profiled)
     learner = report["steps"]["learner 0.5B"]["result"]
@@ -33,5 +33,7 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     assert paths["host_hop"]["named_full_tensors (fp32)"]["gb_per_s"] > 0
     hop = report["steps"]["host hop 1.5B"]["result"]["host_hop"]
     assert hop["engine tensors (bf16) packed"]["bytes"] == hop["engine tensors (bf16) staged, no checksum"]["bytes"] > 0
+    parity = report["steps"]["compile parity"]["result"]
+    assert [v["variant"]["name"] for v in parity["variants"]] == ["dynamo only"] and parity["variants"][0]["passed"]
     assert "tests collected" in "\n".join(report["steps"]["tests/gpu"]["tail"])  # their bodies run in make test
     assert "learner 0.5B: ours [default]" in done.stdout and "learner 0.5B, more sides: ours, deepspeed" in done.stdout
