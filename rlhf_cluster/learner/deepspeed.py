@@ -35,7 +35,7 @@ from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.liger import apply_liger
-from rlhf_cluster.models.modeling import load_causal_lm, training_attention
+from rlhf_cluster.models.modeling import learner_attention, load_causal_lm
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -83,7 +83,7 @@ class DeepSpeedLearner(LearnerBase):
         lc = spec.learner
         # The model is built in full, then partitioned by `deepspeed.initialize` (ZeRO-3's
         # `zero.Init` around `from_pretrained` fails without `accelerate`).
-        attention = training_attention(lc.attention, self.device, spec.max_new_tokens)
+        attention = learner_attention(lc.attention, self.device, spec.max_new_tokens, lc.mixed_precision, model_path)
         model = load_causal_lm(model_path, torch.float32, self.device, attention)
         self.liger = apply_liger(model, self.device, lc.liger_kernels)
         plan = self._plan_memory(model_path)

@@ -28,7 +28,7 @@ from rlhf_cluster.learner.sequence_groups import sequence_group
 from rlhf_cluster.models.compiled import compile_layers
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
-from rlhf_cluster.models.modeling import load_causal_lm, tied_output_names, training_attention
+from rlhf_cluster.models.modeling import learner_attention, load_causal_lm, tied_output_names
 from rlhf_cluster.models.sequence_parallel import enable_sequence_parallel
 
 
@@ -93,7 +93,10 @@ class FSDP2Learner(LearnerBase):
     def _load_model(self, model_path: str) -> torch.nn.Module:
         """The fp32 model to shard (the critic overrides it with its value model); it exposes its
         decoder `layers` (directly or under `.model`) so each layer is sharded on its own."""
-        attention = training_attention(self.spec.learner.attention, self.device, self.spec.max_new_tokens)
+        lc = self.spec.learner
+        attention = learner_attention(
+            lc.attention, self.device, self.spec.max_new_tokens, lc.mixed_precision, model_path
+        )
         return load_causal_lm(model_path, torch.float32, self.device, attention)
 
     # ---- the step --------------------------------------------------------------------------

@@ -88,6 +88,14 @@ def choose_attention(
     return "flex_attention" if max_new_tokens >= FLEX_FROM_TOKENS else "sdpa"
 
 
+def learner_attention(choice: str, device: torch.device, max_new_tokens: int, mixed_precision: str, model_path) -> str:
+    """`training_attention` for a learner rank: its compute dtype from `learner.mixed_precision`
+    (bf16, or the float32 weights) and the head size from the model folder's config, so `auto`
+    may choose varlen where its kernels run."""
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    return training_attention(choice, device, max_new_tokens, dtype, head_dim_of(model_path))
+
+
 def head_dim_of(model_path: str | Path) -> int | None:
     """The attention head size of the Hugging Face model in `model_path` (its config.json; the text
     model's where it has one), None where the config does not say: what `training_attention`

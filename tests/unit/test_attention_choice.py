@@ -191,3 +191,15 @@ def test_the_head_size_read_before_loading(tiny_model_path, tmp_path):
     assert head_dim_of(tmp_path) == 128
     (tmp_path / "config.json").write_text('{"hidden_size": 896}')
     assert head_dim_of(tmp_path) is None
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("bf16", VARLEN), ("none", "sdpa")])
+def test_a_learner_rank_asks_with_its_compute_dtype_and_head_size(monkeypatch, tiny_model_path, precision, expected):
+    """What the FSDP2 and DeepSpeed ranks call: bf16 compute (learner.mixed_precision) lets `auto`
+    choose varlen on CUDA; float32 weights do not (varlen's kernels take fp16/bf16)."""
+    from rlhf_cluster.models.modeling import learner_attention
+
+    monkeypatch.setattr(modeling, "flash_attn_installed", lambda: False)
+    monkeypatch.setattr(varlen_attention, "installed", lambda: True)
+    assert learner_attention("auto", CUDA, 1024, precision, tiny_model_path) == expected
+    assert learner_attention("auto", CPU, 1024, precision, tiny_model_path) == "sdpa"
