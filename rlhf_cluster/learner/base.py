@@ -13,6 +13,7 @@ ranks of a group join their slices first and split each row instead (`sequence_g
 
 from __future__ import annotations
 
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from rlhf_cluster.learner.sequence_groups import (
 )
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.chunked_logprobs import logprob_head
+from rlhf_cluster.models.flops import FlopsShape
 from rlhf_cluster.models.fused_logprobs import logprob_head_for
 from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
@@ -370,7 +372,7 @@ class LearnerBase(ABC):
                 token_denominator=global_tokens.clamp_min(1.0),
             )
 
-        reduction = StepMetrics(self.device, mask)
+        reduction = StepMetrics(self.device, mask, self.flops_shape, b.attention_mask.sum(1))
 
         def step_values(p: Passes) -> torch.Tensor:
             corr_metrics = prox.correction_metrics()  # with one update, every row's π_prox is in by now
@@ -383,8 +385,15 @@ class LearnerBase(ABC):
         out["learner/grad_norm"] = passes.grad_norm
         out["learner/skipped_updates"] = float(passes.skipped)
         out["learner/lr"] = self.scheduler.get_last_lr()[0]
-        out["learner/step_seconds"] = time.perf_counter() - start
+        out["learner/step_seconds"] = seconds = time.perf_counter() - start
+        for way in ("dense", "with_attention"):  # the step's training FLOPs per second, both ways
+            out[f"learner/tflops_per_s_{way}"] = out[f"learner/flops_{way}"] / seconds / 1e12
         return out
+
+    @functools.cached_property
+    def flops_shape(self) -> FlopsShape:
+        """What the step's FLOPs count reads of the model (`models.flops`), found once."""
+        return FlopsShape.of_model(self.model)
 
     # ---- weights ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -106,6 +106,9 @@ def test_one_host_read_per_optimizer_update(gloo_group, tiny_model_path, monkeyp
     assert len(mode.reads) == updates, mode.reads
     assert metrics["learner/skipped_updates"] == 0 and metrics["policy/loss"] == metrics["policy/loss"]
     assert {"policy/kl", "policy/entropy", "correction/ess", "correction/weight_max", "policy/ratio_max"} <= set(metrics)
+    # The step's FLOPs both ways (models.flops), read with the rest: every real token once per epoch.
+    assert metrics["learner/flops_with_attention"] > metrics["learner/flops_dense"] > 0
+    assert metrics["learner/tflops_per_s_dense"] > 0
 
 
 def test_the_counter_sees_boolean_indexing_and_tensor_repeats():
