@@ -5,8 +5,8 @@ recorded as such and the next one runs):
 1. `pytest tests/gpu` (the CUDA halves; the CPU bodies run in `make test`);
 2. `benchmarks.gpu.learner` at Qwen2.5-0.5B and 1.5B: ours (`auto`'s attention and log-prob head)
    at the default batch and at 1k, 4k, 16k and 32k tokens per sequence, MFU both ways, beside the
-   plain loop; at 0.5B also FlexAttention at those lengths and SDPA, varlen and the chunked head at
-   the default batch; at 1.5B the memory plan given 40 GiB;
+   plain loop; at 0.5B also FlexAttention and varlen at those lengths and SDPA and the chunked head
+   at the default batch; at 1.5B the memory plan given 40 GiB;
 3. `benchmarks.gpu.paths` at 0.5B: the scoring pool's reference forward (bf16, int8) and the weight path's
    host hop; the host hop alone at 1.5B (issue 55: >= 25 GB/s in bf16) (`--all` on a GPU);
 4. `benchmarks.gpu.step_profile` at 0.5B: where one step's kernel time goes and its kernel launches,
@@ -100,7 +100,7 @@ def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
 def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     """Each step's flags and time limit at 0.5B and 1.5B on the GPU (issue 69): ours (auto's
     attention and log-prob head) at 1k, 4k, 16k and 32k tokens per sequence, 32k tokens a step, beside
-    FlexAttention at those lengths (0.5B) and SDPA, varlen and the chunked head at the default batch;
+    FlexAttention and varlen at those lengths (0.5B) and SDPA and the chunked head at the default batch;
     1.5B with the memory plan given 40 GiB; the step profile; the compile parity bisect. With the
     tests' 140 s the limits add up to 540 s, 580 s with the wheels' install (~40 s): one 10-minute
     call. `--all` adds the steps of `EARLIER_ISSUES` (105 s more; on an H200, 2026-11-26, they took
@@ -123,6 +123,7 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                 "--seq-len-sides",
                 "ours",
                 "ours, flex_attention",
+                "ours, varlen",
             ],
             130,
         ),

@@ -152,8 +152,9 @@ class LearnerConfig(TrainingGroupConfig):
     attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"] = Field(
         "auto",
         description="The learner model's attention. auto (rlhf_cluster/models/modeling.py, choose_attention): on CUDA "
-        "flash_attention_2 where flash-attn is installed, else varlen where torch has varlen_attn and its kernels take "
-        "the compute dtype and head size (fp16/bf16, head_dim a multiple of 8 up to 256), else flex_attention when "
+        "flash_attention_2 where flash-attn is installed, else (once a GPU has measured it: modeling.VARLEN_IN_AUTO) "
+        "varlen where torch has varlen_attn and its kernels take the compute dtype and head size (fp16/bf16, "
+        "head_dim a multiple of 8 up to 256), else flex_attention when "
         "generation.sampling.max_new_tokens >= 2048 and SDPA below; SDPA on CPU. varlen (CUDA only): PyTorch's flash "
         "kernels (torch.nn.attention.varlen), a micro-batch's packed sequences in one row, cu_seqlens from the packing "
         "(speed against SDPA and flex_attention: pending GPU measurement). flex_attention (CUDA only: no backward on "
@@ -167,8 +168,9 @@ class LearnerConfig(TrainingGroupConfig):
         "casts; the first step pays the compilation). CPU only for now: on CUDA its gradients differed from eager "
         "ones (tests/gpu, one H200), so it is refused there, naming the cause. Pending a GPU run of "
         "benchmarks/gpu/compile_parity.py, which compares every parameter's gradient under each candidate fix and "
-        "names the cause: where its fix holds (the candidate, TORCHINDUCTOR_MIX_ORDER_REDUCTION=0, is set by the rank "
-        "before it compiles; rlhf_cluster/models/compiled.py), allowed on CUDA, then on there by default.",
+        "names the cause: where its fix holds, allowed on CUDA with the fix (the candidate, "
+        "TORCHINDUCTOR_MIX_ORDER_REDUCTION=0, will then be set by the rank before it compiles; "
+        "rlhf_cluster/models/compiled.py), then on there by default.",
     )
     liger_kernels: bool | None = Field(
         None,

@@ -108,7 +108,10 @@ class LearnerBase(ABC):
         self.objective = RLObjective(spec.algorithm, spec.max_new_tokens)
         self.temperature = spec.temperature
         # The output layer's log-prob head for the step's passes (`learner.logprob_head`).
-        self.logprob_head = logprob_head_for(spec.learner.logprob_head, self.device, spec.algorithm.entropy_coef > 0)
+        lc = spec.learner
+        self.logprob_head = logprob_head_for(
+            lc.logprob_head, self.device, spec.algorithm.entropy_coef > 0, lc.mixed_precision == "bf16"
+        )
         self.step = 0
         self.model: Any = None
         self.scheduler: Any = None

@@ -60,41 +60,50 @@ def cce_available() -> bool:
     return True
 
 
-def choose_logprob_head(choice: str, device: torch.device, entropy_gradient: bool) -> str:
+def choose_logprob_head(
+    choice: str, device: torch.device, entropy_gradient: bool, half_precision: bool = True
+) -> str:
     """The head ("chunked" or "fused") a learner on `device` scores with for `learner.logprob_head`.
     `entropy_gradient`: the loss takes the entropy's gradient (algorithm.entropy_coef > 0), which
-    the fused kernels do not give: the chunked head, logged once. `fused` without CUDA or without
-    the package is refused; `auto` is fused on CUDA where the package imports."""
+    the fused kernels do not give; `half_precision`: the learner computes in bf16
+    (learner.mixed_precision), the only weights the kernels' backward takes. `auto` is fused on CUDA
+    where the package imports and both hold (else chunked, logged once); `fused` where any of it is
+    missing is refused, naming the setting."""
     if choice == "chunked":
         return "chunked"
-    if choice == "fused":
-        if device.type != "cuda":
-            raise ValueError(
-                f"learner.logprob_head: fused needs CUDA (cut-cross-entropy's kernels are Triton GPU kernels), "
-                f"this learner runs on {device.type}: use chunked or auto"
-            )
-        if not cce_available():
-            raise ValueError(
-                "learner.logprob_head: fused, but cut-cross-entropy is not installed "
-                "(pip install cut-cross-entropy==25.1.1): use chunked or auto"
-            )
-    elif choice != "auto":
+    if choice not in ("auto", "fused"):
         raise ValueError(f"learner.logprob_head must be auto, chunked or fused, got {choice!r}")
-    elif device.type != "cuda" or not cce_available():
-        return "chunked"
-    if entropy_gradient:
-        _log_once(
-            "entropy_gradient",
-            "learner.logprob_head: the chunked head runs: algorithm.entropy_coef > 0 needs the entropy's "
-            "gradient, which cut-cross-entropy's kernels do not give",
+    missing = _missing(device, entropy_gradient, half_precision)
+    if missing is None:
+        return "fused"
+    if choice == "fused":
+        raise ValueError(f"learner.logprob_head: fused {missing}: use chunked or auto")
+    if device.type == "cuda" and cce_available():  # auto where the kernels would run: say why they do not
+        _log_once(missing, f"learner.logprob_head: the chunked head runs: fused {missing}")
+    return "chunked"
+
+
+def _missing(device: torch.device, entropy_gradient: bool, half_precision: bool) -> str | None:
+    """What the fused head lacks on this learner (None: nothing)."""
+    if device.type != "cuda":
+        return (
+            f"needs CUDA (cut-cross-entropy's kernels are Triton GPU kernels), this learner runs on {device.type}"
         )
-        return "chunked"
-    return "fused"
+    if not cce_available():
+        return "needs cut-cross-entropy, which is not installed (pip install cut-cross-entropy==25.1.1)"
+    if entropy_gradient:
+        return "cannot give the entropy's gradient that algorithm.entropy_coef > 0 asks for"
+    if not half_precision:
+        return "trains through bf16 weights only (its backward takes bf16/fp16): set learner.mixed_precision: bf16"
+    return None
 
 
-def logprob_head_for(choice: str, device: torch.device, entropy_gradient: bool) -> TokenHead:
+def logprob_head_for(
+    choice: str, device: torch.device, entropy_gradient: bool, half_precision: bool = True
+) -> TokenHead:
     """The function `scored_positions` runs for `choose_logprob_head`'s choice."""
-    return fused_token_logprobs if choose_logprob_head(choice, device, entropy_gradient) == "fused" else token_logprobs
+    head = choose_logprob_head(choice, device, entropy_gradient, half_precision)
+    return fused_token_logprobs if head == "fused" else token_logprobs
 
 
 def _unsupported(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:

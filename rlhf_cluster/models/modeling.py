@@ -60,6 +60,12 @@ def training_attention(
     )
 
 
+# Whether `auto` chooses PyTorch's varlen kernels on CUDA: False until tests/gpu/test_varlen_attention.py
+# passes on a GPU and `make gpu-check` times `ours, varlen` ahead of FlexAttention and SDPA (issue 69;
+# no GPU was lent to the session that built it).
+VARLEN_IN_AUTO = False
+
+
 def choose_attention(
     device_type: str,
     flash_attn: bool,
@@ -77,13 +83,14 @@ def choose_attention(
     Measured against SDPA on one H200 (`make gpu-check`, Qwen2.5-0.5B, 16 sequences of 320-1,024
     tokens, or 16,384 tokens per step of longer ones): FlexAttention 0.95x (2026-11-26) and 0.82x
     (2026-11-27) at <= 1k tokens per sequence, 1.22x / 1.19x at 4k, 1.38x / 1.39x at 16k, with less
-    memory at every length (29 vs 40 GiB at 16k). varlen: pending GPU measurement (it is placed
-    above FlexAttention as flash kernels over the real tokens, with no mask to build)."""
+    memory at every length (29 vs 40 GiB at 16k). varlen: its place (above FlexAttention, as flash
+    kernels over the real tokens with no mask to build) waits for its CUDA test and timing in `make
+    gpu-check` (`VARLEN_IN_AUTO`): until then `auto` does not choose it and `varlen` is set by hand."""
     if device_type != "cuda":
         return "sdpa"
     if flash_attn:
         return "flash_attention_2"
-    if varlen and varlen_attention.runs_for(dtype, head_dim):
+    if VARLEN_IN_AUTO and varlen and varlen_attention.runs_for(dtype, head_dim):
         return VARLEN
     return "flex_attention" if max_new_tokens >= FLEX_FROM_TOKENS else "sdpa"
 

@@ -144,13 +144,22 @@ def test_the_kernel_has_no_cpu_implementation():
         ("cuda", False, False, torch.bfloat16, 64, 2047, "sdpa"),  # SDPA below
     ],
 )
-def test_the_auto_rule_on_every_branch(device, flash, varlen, dtype, head_dim, max_new, expected):
+def test_the_auto_rule_on_every_branch(monkeypatch, device, flash, varlen, dtype, head_dim, max_new, expected):
+    monkeypatch.setattr(modeling, "VARLEN_IN_AUTO", True)  # the rule once a GPU has measured varlen
     assert choose_attention(device, flash, varlen, dtype, head_dim, max_new) == expected
+
+
+def test_auto_leaves_varlen_out_until_a_gpu_has_measured_it():
+    """Until then (`modeling.VARLEN_IN_AUTO`) `auto` is the rule before varlen: flex or SDPA."""
+    assert not modeling.VARLEN_IN_AUTO
+    assert choose_attention("cuda", False, True, torch.bfloat16, 64, 8192) == "flex_attention"
+    assert choose_attention("cuda", False, True, torch.bfloat16, 64, 0) == "sdpa"
 
 
 @pytest.mark.parametrize(("flash", "varlen"), [(True, True), (False, True), (False, False)])
 def test_auto_asks_what_is_installed_here(monkeypatch, flash, varlen):
     """`training_attention` answers the rule's capabilities from this environment (patched here)."""
+    monkeypatch.setattr(modeling, "VARLEN_IN_AUTO", True)
     monkeypatch.setattr(modeling, "flash_attn_installed", lambda: flash)
     monkeypatch.setattr(varlen_attention, "installed", lambda: varlen)
     got = training_attention("auto", CUDA, 4096, torch.bfloat16, 64)
@@ -199,6 +208,7 @@ def test_a_learner_rank_asks_with_its_compute_dtype_and_head_size(monkeypatch, t
     choose varlen on CUDA; float32 weights do not (varlen's kernels take fp16/bf16)."""
     from rlhf_cluster.models.modeling import learner_attention
 
+    monkeypatch.setattr(modeling, "VARLEN_IN_AUTO", True)
     monkeypatch.setattr(modeling, "flash_attn_installed", lambda: False)
     monkeypatch.setattr(varlen_attention, "installed", lambda: True)
     assert learner_attention("auto", CUDA, 1024, precision, tiny_model_path) == expected

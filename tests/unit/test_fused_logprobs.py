@@ -44,19 +44,31 @@ def test_fused_where_it_cannot_run_is_refused_naming_the_field(installed):
     with pytest.raises(ValueError, match=r"learner.logprob_head: fused needs CUDA.*runs on cpu"):
         fused.choose_logprob_head("fused", CPU, entropy_gradient=False)
     installed(False)
-    with pytest.raises(ValueError, match=r"learner.logprob_head: fused, but cut-cross-entropy is not installed"):
+    with pytest.raises(ValueError, match=r"fused needs cut-cross-entropy, which is not installed"):
         fused.choose_logprob_head("fused", CUDA, entropy_gradient=False)
     with pytest.raises(ValueError, match="auto, chunked or fused"):
         fused.choose_logprob_head("liger", CUDA, entropy_gradient=False)
 
 
-def test_an_entropy_bonus_runs_the_chunked_head_logged_once(installed, caplog):
+def test_what_the_kernels_cannot_train_auto_leaves_to_the_chunked_head_and_fused_refuses(installed, caplog):
+    """An entropy bonus (its gradient) or float32 weights (the kernels' backward is bf16/fp16): `auto`
+    runs the chunked head, saying why once; an explicit `fused` is refused naming the setting."""
     installed(True)
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
-        assert fused.choose_logprob_head("fused", CUDA, entropy_gradient=True) == "chunked"
         assert fused.choose_logprob_head("auto", CUDA, entropy_gradient=True) == "chunked"
-    [record] = caplog.records
-    assert "entropy_coef > 0" in record.getMessage()
+        assert fused.choose_logprob_head("auto", CUDA, entropy_gradient=True) == "chunked"
+        assert fused.choose_logprob_head("auto", CUDA, False, half_precision=False) == "chunked"
+    assert [r.getMessage() for r in caplog.records] == [
+        "learner.logprob_head: the chunked head runs: fused cannot give the entropy's gradient that "
+        "algorithm.entropy_coef > 0 asks for",
+        "learner.logprob_head: the chunked head runs: fused trains through bf16 weights only (its backward "
+        "takes bf16/fp16): set learner.mixed_precision: bf16",
+    ]
+    with pytest.raises(ValueError, match=r"logprob_head: fused cannot give .* algorithm.entropy_coef > 0"):
+        fused.choose_logprob_head("fused", CUDA, entropy_gradient=True)
+    with pytest.raises(ValueError, match=r"logprob_head: fused trains through bf16 .* learner.mixed_precision: bf16"):
+        fused.choose_logprob_head("fused", CUDA, False, half_precision=False)
+    assert fused.choose_logprob_head("fused", CUDA, False, half_precision=True) == "fused"
 
 
 def _stand_in_nll(hidden, weight, targets):
