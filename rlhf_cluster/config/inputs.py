@@ -8,11 +8,20 @@ from pydantic import Field, model_validator
 
 from rlhf_cluster.config.base import _refuse_renamed, _Strict
 
+# The tiny model's mixture-of-experts families; the others are dense and take no MoE field.
+MOE_ARCHITECTURES = frozenset({"qwen3_moe"})
+MOE_FIELDS = frozenset({"num_experts", "num_experts_per_tok", "moe_intermediate_size"})
+
 
 class TinyModelConfig(_Strict):
     """Shape of the random model built locally when `model.path` is empty."""
 
-    architecture: Literal["qwen2", "llama"] = Field("qwen2", description="HF architecture family.")
+    architecture: Literal["qwen2", "llama", "qwen3_moe"] = Field(
+        "qwen2",
+        description="HF architecture family: `qwen2` or `llama` (dense), or `qwen3_moe` (a mixture of experts: "
+        "every layer's MLP is `num_experts` experts of width `moe_intermediate_size`, each token routed to "
+        "`num_experts_per_tok` of them).",
+    )
     hidden_size: int = Field(64, ge=32, description="Model width.")
     num_layers: int = Field(2, ge=1, description="Decoder layers.")
     num_heads: int = Field(2, ge=1, description="Attention heads; head_dim = hidden/heads must be >= 32 for vLLM CPU.")
@@ -25,6 +34,9 @@ class TinyModelConfig(_Strict):
         "exactly the tokenizer size.",
     )
     max_position_embeddings: int = Field(256, ge=32, description="Longest sequence the model accepts.")
+    num_experts: int = Field(8, ge=2, description="Experts per MoE layer (`qwen3_moe` only).")
+    num_experts_per_tok: int = Field(2, ge=1, description="Experts each token is routed to (`qwen3_moe` only).")
+    moe_intermediate_size: int = Field(64, ge=8, description="Each expert's MLP width (`qwen3_moe` only).")
     corpus: Literal["arithmetic", "tool_arithmetic"] = Field(
         "arithmetic",
         description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
@@ -44,7 +56,14 @@ class TinyModelConfig(_Strict):
             raise ValueError("hidden_size / num_heads (head_dim) must be >= 32: vLLM's CPU attention needs it")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be divisible by num_kv_heads")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok must be at most num_experts")
         return self
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the architecture is a mixture of experts (the MoE fields shape it)."""
+        return self.architecture in MOE_ARCHITECTURES
 
 
 class ModelConfig(_Strict):

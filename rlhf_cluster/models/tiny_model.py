@@ -1,9 +1,9 @@
 """Build a tiny random causal LM and a locally trained tokenizer, saved as a Hugging Face folder.
 
 Nothing is downloaded: the tokenizer is a BPE trained with `tokenizers` on the built-in task's
-text and the model is a randomly initialised Qwen2 or Llama. The folder is cached under a name
-derived from the config, written to a temp name and renamed, so a crash never leaves a half
-model behind and concurrent builders do not collide.
+text and the model is a randomly initialised Qwen2 or Llama, or a Qwen3-MoE (a few experts,
+top-2). The folder is cached under a name derived from the config, written to a temp name and
+renamed, so a crash never leaves a half model behind and concurrent builders do not collide.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rlhf_cluster.config import TinyModelConfig
+from rlhf_cluster.config.inputs import MOE_FIELDS
 from rlhf_cluster.data.tasks import arithmetic_corpus
 from rlhf_cluster.data.tool_task import tool_arithmetic_corpus
 
@@ -67,7 +68,14 @@ _HF_SHAPE_NAMES = {
 
 def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int):
     """A random causal LM of the configured shape (fp32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     shape = {hf_name: getattr(cfg, name) for name, hf_name in _HF_SHAPE_NAMES.items()}
     common: dict[str, Any] = dict(
@@ -80,6 +88,18 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int)
         torch_dtype="float32",
     )
     torch.manual_seed(cfg.seed)
+    if cfg.architecture == "qwen3_moe":
+        # Every layer sparse; head_dim said outright (Qwen3 does not derive it from the width).
+        moe = Qwen3MoeConfig(
+            **common,
+            head_dim=cfg.hidden_size // cfg.num_heads,
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+        )
+        return Qwen3MoeForCausalLM(moe)
     if cfg.architecture == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common))
     return LlamaForCausalLM(LlamaConfig(**common))
@@ -87,8 +107,10 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int)
 
 def tiny_model_dir(cfg: TinyModelConfig, cache_dir: str | Path) -> Path:
     """The cache folder for a config: same shape and seed, same folder."""
-    # The default corpus is left out of the key: folders built before it existed keep their names.
-    shape = cfg.model_dump(exclude={"corpus"} if cfg.corpus == "arithmetic" else None)
+    # The default corpus, and a dense model's MoE fields, are left out of the key: folders built
+    # before they existed keep their names.
+    exclude = ({"corpus"} if cfg.corpus == "arithmetic" else set()) | (set() if cfg.is_moe else set(MOE_FIELDS))
+    shape = cfg.model_dump(exclude=exclude)
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / f"tiny-{cfg.architecture}-{key}"
 

@@ -32,6 +32,7 @@ import safetensors.torch
 import torch
 
 from rlhf_cluster.fileio import FULL_DISK_WAIT_S, checksum_file, fsync_path, wait_for_space, write_atomic
+from rlhf_cluster.weights.experts import checkpoint_state_dict
 
 MANIFEST = "manifest.json"
 _HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="weight-checksum")  # shared: hashing beside I/O
@@ -92,6 +93,7 @@ class WeightStore:
         disk the write waits for space, up to `FULL_DISK_WAIT_S`, then fails naming the version.
         """
         start = time.perf_counter()
+        state_dict = checkpoint_state_dict(state_dict)  # an MoE's stacked experts as its folder holds them
         final = self.version_dir(version)
         if final.exists():
             raise FileExistsError(f"weight store {self.root}: version {version} already exists")

@@ -42,6 +42,7 @@ from rlhf_cluster.weights.buckets import (
     fingerprint,
     verified_tensors,
 )
+from rlhf_cluster.weights.experts import checkpoint_tensors
 from rlhf_cluster.weights.messages import Delivery, Publication, VariantLink
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
 
@@ -293,7 +294,7 @@ class ObjectStoreTransport(WeightTransport):
             for variant in self.variants
         }
         kept, current = {}, {}
-        for name, tensor in named:
+        for name, tensor in checkpoint_tensors(named):  # an MoE's stacked experts split as its folder has them
             if snapshot or sparse:  # kept past this call: on the host (else the packers copy it there, pinned)
                 tensor = tensor.cpu()
             for variant, packer in packers.items():
