@@ -196,7 +196,10 @@ class LearnerConfig(TrainingGroupConfig):
         "rlhf_cluster/models/sequence_parallel.py): activations and log-prob memory per rank divided by N, for "
         "sequences longer than one rank's memory holds. Consecutive ranks form world_size / N groups, each "
         "running the same rows, so the batch is dealt over the groups; the update is the same as without it. Must "
-        "divide world_size and the model's attention heads; fsdp2 with sequence_packing, without LoRA or compile.",
+        "divide world_size and the model's attention heads; fsdp2 with sequence_packing, without LoRA or compile. "
+        "The attention on the whole rows: on CUDA varlen, flash_attention_2 or flex_attention (sdpa, auto's choice "
+        "for fp32 weights, is refused when the rank starts: its mask would be dense, P^2 per rank rather than 1/N); "
+        "on the CPU also sdpa, its mask [rows, 1, P, P] per rank; never eager.",
     )
     memory_fraction: float = Field(
         0.5,
@@ -247,6 +250,12 @@ class LearnerConfig(TrainingGroupConfig):
             raise ValueError(f"learner.sequence_parallel={n} does not run with LoRA (learner.lora.rank) yet")
         if n > 1 and self.compile:
             raise ValueError(f"learner.sequence_parallel={n} does not run with learner.compile yet (untested)")
+        if n > 1 and self.attention == "eager":
+            raise ValueError(
+                f"learner.sequence_parallel={n} runs the attention through transformers' AttentionInterface, which "
+                "eager does not take: set learner.attention to varlen, flash_attention_2 or flex_attention (CUDA), "
+                "or sdpa (CPU)"
+            )
         return self
 
     @model_validator(mode="before")
