@@ -31,7 +31,13 @@ class JobOverride:
         learner = {k: v for k, v in (("lr", self.lr), ("world_size", self.learner_world_size)) if v is not None}
         update: dict[str, object] = {}
         if learner:
-            update["learner"] = cfg.learner.model_copy(update=learner)
+            changed = update["learner"] = cfg.learner.model_copy(update=learner)
+            # model_copy runs no validator: the one rule a smaller world size can break, checked here.
+            if changed.world_size % changed.sequence_parallel:
+                raise ValueError(
+                    f"learner.world_size={changed.world_size} is not a multiple of "
+                    f"learner.sequence_parallel={changed.sequence_parallel} (its sequence-parallel groups)"
+                )
         if self.kl_coef is not None:
             kl = cfg.algorithm.kl.model_copy(update={"coef": self.kl_coef})
             update["algorithm"] = cfg.algorithm.model_copy(update={"kl": kl})

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config import ConfigError, JobConfig
 from rlhf_cluster.job.elastic import ElasticError, shrunk_learner
 from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.job.preflight import preflight
-from rlhf_cluster.config import ConfigError
 
 
 def _cfg(world: int, prompts: int = 4, n: int = 4, **learner) -> JobConfig:
@@ -50,3 +49,13 @@ def test_elastic_with_deepspeed_is_refused_by_preflight():
     cfg = _cfg(2, backend="deepspeed")
     with pytest.raises(ConfigError, match="faults.elastic needs learner.backend=fsdp2"):
         preflight(cfg, files=False)
+
+
+def test_a_sequence_parallel_learner_shrinks_to_whole_groups_only():
+    """model_copy runs no validator: world 3 with groups of 2 would fail only at the ranks' start."""
+    cfg = _cfg(4, sequence_parallel=2)
+    assert shrunk_learner(cfg, JobOverride(), 3).learner_world_size == 2
+    with pytest.raises(ElasticError, match=r"multiple of learner\.sequence_parallel=2"):
+        shrunk_learner(cfg, JobOverride(), 1)
+    with pytest.raises(ValueError, match=r"learner\.world_size=3 is not a multiple of learner\.sequence_parallel=2"):
+        JobOverride(learner_world_size=3).apply(cfg)
