@@ -32,13 +32,7 @@ from rlhf_cluster.learner.memory_plan import MemoryPlan, plan_for_folder, plan_m
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.proximal import ProximalPolicy, global_counts
-from rlhf_cluster.learner.sequence_groups import (
-    SequenceGroup,
-    counted_once,
-    group_logprobs,
-    joined_share,
-    model_attention,
-)
+from rlhf_cluster.learner.sequence_groups import SequenceGroup, group_logprobs, group_share, model_attention
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.chunked_logprobs import logprob_head
 from rlhf_cluster.models.flops import FlopsShape
@@ -320,7 +314,7 @@ class LearnerBase(ABC):
             self.device,
             self._attention_implementation(),
             self.host_group,
-            pack_always=self.sequence is not None,
+            None if self.sequence is None else (self.sequence.size, self.sequence.rank),
         )
 
     def _attention_implementation(self) -> str:
@@ -333,8 +327,7 @@ class LearnerBase(ABC):
         waited for once per optimizer step (`_clip_and_step`'s read), the step's metrics with the last."""
         start = time.perf_counter()
         lc = self.spec.learner
-        if self.sequence is not None:  # the group's ranks run the same rows (`sequence_groups`)
-            local = joined_share(local, self.sequence)
+        local, alike = group_share(local, self.sequence)  # a sequence-parallel group's ranks run the same rows
         B = local.response_mask.shape[0]
         bounds = [(i * B) // lc.mini_batches for i in range(lc.mini_batches + 1)]
         plans = [self._micro_batches(local, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]  # on the host copy
@@ -351,17 +344,14 @@ class LearnerBase(ABC):
             with torch.no_grad(), tracing.span("prox_logprobs"):
                 frozen = self._frozen_logprobs(b, plans)
         prox = ProximalPolicy(self.objective, b.rollout_logprobs, mask, frozen)
-        counts = global_counts(mask, bounds)
-        if self.sequence is not None:
-            counts = counts / self.sequence.size  # every rank of a group counted its rows
+        counts = global_counts(mask, bounds) / alike  # every rank of a sequence-parallel group counted its rows
 
         def micro_loss(mini: int, micro: MicroBatch) -> tuple[torch.Tensor, dict]:
             rows = micro.rows
             logprobs, ent = self._logprobs(b, micro, with_entropy=True)
             prox_rows, correction_rows = prox.rows_of(rows, logprobs)
             global_tokens, global_seqs = counts[mini]
-            # clamp_min(1): a mini-batch whose tokens were all filtered out (overlong filtering)
-            # contributes a zero loss rather than NaN.
+            # clamp_min(1): a mini-batch all filtered out (overlong filtering) adds a zero loss, not NaN.
             return self.objective.loss(
                 logprobs,
                 prox_rows,
@@ -375,16 +365,13 @@ class LearnerBase(ABC):
                 token_denominator=global_tokens.clamp_min(1.0),
             )
 
-        reduction = StepMetrics(self.device, mask, self.flops_shape, b.attention_mask.sum(1))
+        reduction = StepMetrics(self.device, mask, self.flops_shape, b.attention_mask.sum(1), weight=1 / alike)
 
-        def step_values(p: Passes) -> torch.Tensor:
-            corr_metrics = prox.correction_metrics()  # with one update, every row's π_prox is in by now
-            return reduction.device_values(p, prox.correction, corr_metrics)
+        def step_values(p: Passes) -> torch.Tensor:  # with one update, every row's π_prox is in by now
+            return reduction.device_values(p, prox.correction, prox.correction_metrics())
 
         passes = self._optimize(lc.ppo_epochs, plans, micro_loss, step_values)
         out = reduction.read(passes.step_values)
-        if self.sequence is not None:
-            out = counted_once(out, self.sequence.size)
         out["learner/grad_norm"] = passes.grad_norm
         out["learner/skipped_updates"] = float(passes.skipped)
         out["learner/lr"] = self.scheduler.get_last_lr()[0]

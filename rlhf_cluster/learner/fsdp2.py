@@ -43,7 +43,7 @@ class FSDP2Learner(LearnerBase):
         model = self._load_model(model_path)
         if lc.sequence_parallel > 1:  # each rank of a group runs 1/N of every packed row (`sequence_groups`)
             self.sequence = sequence_group(lc.sequence_parallel)
-            enable_sequence_parallel(model, lc.sequence_parallel)
+            enable_sequence_parallel(model, lc.sequence_parallel, self.device)  # on CUDA: no dense-mask attention
         self.liger = apply_liger(model, self.device, lc.liger_kernels)
         plan = self._plan_memory(model_path)
         if plan.checkpointing:

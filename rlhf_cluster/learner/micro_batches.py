@@ -17,6 +17,7 @@ from rlhf_cluster.models.packing import (
     to_device,
     token_budget_micro_batches,
 )
+from rlhf_cluster.models.sequence_rows import ShardPlan, plan_shard
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
 
@@ -24,11 +25,13 @@ Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range
 class MicroBatch(NamedTuple):
     """One forward/backward pass: its rows of the step's batch, whether they count (a padding pass
     only keeps the sharded backends' collectives paired; its loss counts zero) and, when packing,
-    where its real tokens sit (planned on the host)."""
+    where its real tokens sit (planned on the host), and with sequence parallelism this rank's part
+    of its packed rows (`ShardPlan`)."""
 
     rows: Rows
     real: bool
     packing: PackedRows | None = None
+    shard: ShardPlan | None = None
 
 
 def plan_micro_batches(
@@ -40,27 +43,28 @@ def plan_micro_batches(
     device: torch.device,
     attention: str,
     host_group: dist.ProcessGroup | None,
-    pack_always: bool = False,
+    split: tuple[int, int] | None = None,
 ) -> list[MicroBatch]:
     """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most `budget` tokens
     (real tokens when `packed`, padded ones otherwise; None: one micro-batch; the learner's
     `memory_plan`), balanced by tokens. Every rank runs the same number of
     forward/backward passes (the sharded backends' collectives must pair up): a rank with fewer pads
     with `real=False` passes on one row. The count is agreed over `host_group` (gloo).
-    `pack_always`: packed even where it holds no fewer slots (sequence parallelism splits packed rows)."""
+    `split`: (group size, this rank's place in it) under sequence parallelism, which splits packed
+    rows: packed even where it holds no fewer slots, each pass with its `ShardPlan`."""
     if budget is None:
-        return [micro_batch(local, list(range(lo, hi)), True, packed, device, attention, pack_always)]
+        return [micro_batch(local, list(range(lo, hi)), True, packed, device, attention, split)]
     if packed:
         lengths = local.attention_mask[lo:hi].sum(1).tolist()
     else:
         lengths = [local.input_ids.shape[1]] * (hi - lo)
     own = [
-        micro_batch(local, [lo + i for i in part], True, packed, device, attention, pack_always)
+        micro_batch(local, [lo + i for i in part], True, packed, device, attention, split)
         for part in token_budget_micro_batches(lengths, budget)
     ]
     count = torch.tensor([len(own)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=host_group)
-    padding = micro_batch(local, [lo], False, packed, device, attention, pack_always)
+    padding = micro_batch(local, [lo], False, packed, device, attention, split)
     return own + [padding] * (int(count.item()) - len(own))
 
 
@@ -71,11 +75,12 @@ def micro_batch(
     packed: bool,
     device: torch.device,
     attention: str,
-    pack_always: bool = False,
+    split: tuple[int, int] | None = None,
 ) -> MicroBatch:
     """The pass over rows `indices` of the host batch `local`: its row indices and (`packed`, where
-    `packing_pays` or `pack_always`) its layout for a model running `attention`, on `device` by
-    copies the host does not wait for."""
+    `packing_pays` or with a `split`) its layout for a model running `attention`, and this rank's
+    part of it (`split`: group size, rank in the group; `plan_shard`), on `device` by copies the
+    host does not wait for."""
     contiguous = indices == list(range(indices[0], indices[0] + len(indices)))
     rows = slice(indices[0], indices[-1] + 1) if contiguous else to_device(torch.tensor(indices), device)
     if not packed:
@@ -88,6 +93,8 @@ def micro_batch(
         local.response_mask.shape[1],
         row_tokens_for(attention, lengths),
     )
-    if not pack_always and not packing_pays(packing, len(indices) * local.input_ids.shape[1]):
-        return MicroBatch(rows, real)
-    return MicroBatch(rows, real, packing.to(device))
+    if split is None:
+        if not packing_pays(packing, len(indices) * local.input_ids.shape[1]):
+            return MicroBatch(rows, real)
+        return MicroBatch(rows, real, packing.to(device))
+    return MicroBatch(rows, real, packing.to(device), plan_shard(packing, *split).to(device))

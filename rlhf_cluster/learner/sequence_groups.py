@@ -8,7 +8,8 @@ computes the same loss from the same log-probs (summed over the group), so its w
 are its own tokens' part of the group's: the backends' average over all ranks, scaled by the world
 size as always (`LearnerBase._accumulate`), adds them up to the batch's gradient, the same as
 without sequence parallelism. What every rank of a group counts alike is counted N times by a sum
-over the ranks: the loss denominators and the step's summed metrics are divided by N.
+over the ranks: the loss denominators and the step's summed metrics are divided by N
+(`StepMetrics`'s weight).
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ import torch.distributed as dist
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.learner.micro_batches import MicroBatch
 from rlhf_cluster.models.sequence_parallel import ATTENTION, shard_rows, sharded_response_logprobs
-
-# The step's metrics that are sums over the ranks (`StepMetrics.read`), rather than ratios of them.
-SUMMED_METRICS = ("learner/tokens", "policy/loss", "learner/flops_dense", "learner/flops_with_attention")
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,11 @@ class SequenceGroup:
 def sequence_group(size: int) -> SequenceGroup:
     """Collective (every rank creates every group, in order): this rank's group of `size`."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size:
+        raise ValueError(
+            f"learner.sequence_parallel={size} must divide the learner's world size, {world} ranks "
+            "(consecutive ranks form world_size / sequence_parallel groups)"
+        )
     mine: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
     for first in range(0, world, size):
         ranks = list(range(first, first + size))
@@ -48,9 +51,17 @@ def sequence_group(size: int) -> SequenceGroup:
         host = device if dist.get_backend() == "gloo" else dist.new_group(ranks, backend="gloo")
         if rank in ranks:
             mine = (device, host)
-    if mine is None:
-        raise ValueError(f"learner.sequence_parallel={size} must divide learner.world_size={world}")
+    assert mine is not None  # size divides world: every rank is in one group
     return SequenceGroup(size, rank % size, *mine)
+
+
+def group_share(local: TrainBatch, group: SequenceGroup | None) -> tuple[TrainBatch, int]:
+    """Collective over the group: the rows this rank runs and how many ranks run them alike, by
+    which the step divides what every rank of a group counts (the loss denominators,
+    `StepMetrics`'s weight): this rank's share and 1 without sequence parallelism."""
+    if group is None:
+        return local, 1
+    return joined_share(local, group), group.size
 
 
 def joined_share(local: TrainBatch, group: SequenceGroup) -> TrainBatch:
@@ -86,18 +97,11 @@ def group_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`response_logprobs` of the micro-batch's packed rows, split over the group
     (`sharded_response_logprobs`): [rows, T], the same on every rank of it."""
-    packing = micro.packing
-    if packing is None:
+    packing, shard = micro.packing, micro.shard
+    if packing is None or shard is None:
         raise ValueError("learner.sequence_parallel runs packed rows only (learner.sequence_packing)")
     packed = packing.input_ids(b.input_ids[micro.rows])
     rows = shard_rows(packed, packing.position_ids, packing.sequence_ids, group.size)
     attention = model_attention(getattr(model, "module", model).config._attn_implementation)
-    layout = rows.layout(group.group, attention)
-    return sharded_response_logprobs(
-        model, rows, packing.positions, packing.scored, group.rank, layout, temperature, with_entropy
-    )
-
-
-def counted_once(metrics: dict[str, float], size: int) -> dict[str, float]:
-    """The step's metrics with the sums every rank of a group of `size` counted alike divided by it."""
-    return {k: v / size if k in SUMMED_METRICS else v for k, v in metrics.items()}
+    layout = rows.layout(group.group, attention, shard.runs)  # the varlen runs the host planned
+    return sharded_response_logprobs(model, rows, shard, group.rank, layout, temperature, with_entropy)

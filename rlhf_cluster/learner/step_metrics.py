@@ -20,7 +20,11 @@ class StepMetrics:
     Given the model's `flops` shape and the real tokens of each row (`lengths` [B]), the step's
     training FLOPs both ways (`models.flops`: dense 6·N·tokens, and with attention per sequence)
     over every real micro-batch pass of every epoch, summed over ranks: `learner/flops_dense`,
-    `learner/flops_with_attention`."""
+    `learner/flops_with_attention`.
+
+    `weight`: each rank's share of the sums over the ranks, 1/N where a sequence-parallel group's N
+    ranks run the same rows (`sequence_groups`): its tokens, loss and FLOPs then count once, and
+    the means and ratios, sums over sums, are the same."""
 
     def __init__(
         self,
@@ -28,8 +32,9 @@ class StepMetrics:
         mask: torch.Tensor,
         flops: FlopsShape | None = None,
         lengths: torch.Tensor | None = None,
+        weight: float = 1.0,
     ):
-        self.device, self.mask = device, mask
+        self.device, self.mask, self.weight = device, mask, weight
         self.flops = flops
         self.lengths = None if flops is None or lengths is None else lengths.to(device).double()
         self.mean_keys: list[str] = []
@@ -78,6 +83,8 @@ class StepMetrics:
             + [tokens_seen, local_tok, losses, (w * mask).sum().double(), (w * w * mask).sum().double()]
             + list(sequence_sums)
         )
+        if self.weight != 1.0:
+            summed = summed * self.weight
         dist.all_reduce(summed)
         peaks = torch.stack([maxima[k] for k in self.max_keys]) if self.max_keys else summed.new_zeros(0)
         if self.max_keys:

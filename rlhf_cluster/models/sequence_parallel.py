@@ -17,8 +17,10 @@ the first token of the next slice. The attention is registered with transformers
 the `sequence_parallel` keyword the model's forward passes down to it, so it also holds when
 gradient checkpointing recomputes a layer in the backward. No mask is built by the model for it
 (transformers builds none for an implementation it has no mask function for); the row's mask is
-built here, once per forward. A forward without a layout is the plain model's (its own attention on
-what it is given, under the ready mask the caller passes, as the packed and padded paths do).
+built by the layout, once per forward (`sequence_rows.RowLayout`), and the learner's varlen runs
+and scored slots are planned on the host with its packing (`sequence_rows.ShardPlan`). A forward
+without a layout is the plain model's (its own attention on what it is given, under the ready mask
+the caller passes, as the packed and padded paths do).
 """
 
 from __future__ import annotations
@@ -26,15 +28,21 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
-from rlhf_cluster.models.packing import document_block_mask, prepared_mask
-from rlhf_cluster.models.varlen_attention import VARLEN, cu_seqlens_of
+from rlhf_cluster.models.sequence_rows import (  # noqa: F401  # re-exported: the rows' side of it
+    RowLayout,
+    ShardedRows,
+    ShardPlan,
+    padded_runs,
+    plan_shard,
+    shard_rows,
+)
 
 ATTENTION = "sequence_parallel"  # the prefix of the names the attention is registered under in transformers
 # Flash-attention's keyword names for the sequences of a varlen call (`PackedRows.varlen_kwargs`).
@@ -56,10 +64,16 @@ def check_heads(config: Any, world: int) -> int:
     return world // math.gcd(kv_heads, world)
 
 
-def enable_sequence_parallel(model: torch.nn.Module, world: int) -> str:
+# The attentions that take the whole rows' sequences without a dense [R, 1, P, P] mask: on CUDA
+# SDPA would get one per rank (P^2 per row, ~1 GiB at 32k tokens, not 1/N, and off the flash kernel).
+CUDA_ATTENTIONS = ("varlen", "flash_attention_2", "flex_attention")
+
+
+def enable_sequence_parallel(model: torch.nn.Module, world: int, device: torch.device | None = None) -> str:
     """Switch `model` (a Hugging Face model) to the sequence-parallel attention, registered as
     `ATTENTION`_<its attention>; returns the attention it ran before, which the sharded forwards run
-    on the whole row (`RowLayout.attention`)."""
+    on the whole row (`RowLayout.attention`). On a CUDA `device` that attention must be one of
+    `CUDA_ATTENTIONS` (the CPU runs SDPA too, its mask P^2 per rank)."""
     from transformers import AttentionInterface
 
     config: Any = model.config  # a Hugging Face model's (torch types a module's attributes as Tensor | Module)
@@ -71,6 +85,12 @@ def enable_sequence_parallel(model: torch.nn.Module, world: int) -> str:
         raise ValueError(
             "learner.sequence_parallel runs the model's attention through transformers' AttentionInterface: "
             "use sdpa, flex_attention or flash_attention_2, not eager"
+        )
+    if device is not None and device.type == "cuda" and inner not in CUDA_ATTENTIONS:
+        raise ValueError(
+            f"learner.sequence_parallel={world} with learner.attention resolved to {inner} on CUDA: its whole-row "
+            "mask would be dense, P^2 per rank rather than 1/N, and off the flash kernel; set learner.attention "
+            f"to one of {', '.join(CUDA_ATTENTIONS)}"
         )
     AttentionInterface.register(f"{ATTENTION}_{inner}", sequence_parallel_attention)
     model.set_attn_implementation(f"{ATTENTION}_{inner}")  # type: ignore[operator]  # PreTrainedModel's method
@@ -91,104 +111,6 @@ def plain_attention(model: Any) -> Iterator[None]:
         yield
     finally:
         inner.set_attn_implementation(name)
-
-
-@dataclass
-class RowLayout:
-    """What the attention of every rank needs of the whole padded rows [R, P] in one forward: the
-    group it is split over, the attention to run on the whole rows, and where each row's sequences
-    are. Passed to the model's forward as `sequence_parallel=`."""
-
-    group: dist.ProcessGroup | None  # None: the default group (or world 1, no communication)
-    world: int
-    attention: str  # the model's own attention, run on the whole rows
-    position_ids: torch.Tensor  # [R, P]
-    sequence_ids: torch.Tensor  # [R, P]: -1 on the padded tail
-    _masks: dict[torch.dtype, Any] = field(default_factory=dict, repr=False)
-    _runs: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def varlen(self) -> bool:
-        """Whether `attention` takes the sequences as varlen runs (flash-attention, varlen), no mask."""
-        return self.attention.startswith("flash") or self.attention == VARLEN
-
-    def varlen_kwargs(self) -> dict[str, Any]:
-        """The whole rows' sequences as flash-attention's keyword arguments, found from the position
-        ids once per forward (one read of the device for the longest; the tail's slots, position
-        0 each, are runs of their own)."""
-        if not self._runs:
-            cu, longest = cu_seqlens_of(self.position_ids)
-            self._runs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-        return self._runs
-
-    def mask(self, dtype: torch.dtype) -> Any:
-        """The whole rows' mask for `attention` (causal within each sequence; the tail attends to
-        itself only), built once per forward and dtype; None for varlen attention (`varlen_kwargs`)."""
-        if self.varlen:
-            return None
-        if dtype not in self._masks:
-            if self.attention == "flex_attention":
-                self._masks[dtype] = document_block_mask(self.sequence_ids)
-            else:
-                ids = self.sequence_ids
-                self._masks[dtype] = prepared_mask(ids[:, :, None] == ids[:, None, :], self.attention, dtype)
-        return self._masks[dtype]
-
-
-@dataclass(frozen=True)
-class ShardedRows:
-    """Packed rows [R, C] split along the length over `world` ranks: padded to P slots, a multiple
-    of `world` (the tail: token 0, position 0, sequence -1), the next-token targets taken on the
-    whole rows. Rank r holds slots [r * P/world, (r + 1) * P/world) of every row. Pure tensors, on
-    the host or a device."""
-
-    input_ids: torch.Tensor  # [R, P]
-    position_ids: torch.Tensor  # [R, P]: each slot's position within its own sequence
-    sequence_ids: torch.Tensor  # [R, P]: which sequence of the row a slot belongs to, -1 on the tail
-    targets: torch.Tensor  # [R, P]: the next slot's token (0 at a row's last slot)
-    scored: torch.Tensor  # [R, P] bool: the next slot continues this slot's sequence
-    world: int
-    length: int  # C, the real width before padding
-
-    @property
-    def width(self) -> int:
-        """Slots per rank."""
-        return self.input_ids.shape[1] // self.world
-
-    def bounds(self, rank: int) -> tuple[int, int]:
-        """The slots [start, stop) of every row that `rank` holds."""
-        return rank * self.width, (rank + 1) * self.width
-
-    def local(self, name: str, rank: int) -> torch.Tensor:
-        """`rank`'s slice [R, P/world] of the field `name` (input_ids, position_ids, targets, ...)."""
-        start, stop = self.bounds(rank)
-        return getattr(self, name)[:, start:stop]
-
-    def layout(self, group: dist.ProcessGroup | None, attention: str) -> RowLayout:
-        """The whole rows' layout every rank's attention reads (`RowLayout`)."""
-        return RowLayout(group, self.world, attention, self.position_ids, self.sequence_ids)
-
-
-def shard_rows(
-    input_ids: torch.Tensor, position_ids: torch.Tensor, sequence_ids: torch.Tensor | None, world: int
-) -> ShardedRows:
-    """`input_ids` [R, C] (packed rows: `position_ids` restart at each sequence; `sequence_ids` -1
-    on a row's unused tail, None: one sequence per row) split over `world` ranks (`ShardedRows`)."""
-    if world < 1:
-        raise ValueError(f"world must be >= 1, got {world}")
-    R, C = input_ids.shape
-    if sequence_ids is None:
-        sequence_ids = torch.zeros_like(input_ids)
-    pad = -C % world
-    if pad:
-        input_ids = torch.nn.functional.pad(input_ids, (0, pad))
-        position_ids = torch.nn.functional.pad(position_ids, (0, pad))
-        sequence_ids = torch.nn.functional.pad(sequence_ids, (0, pad), value=-1)
-    # The shift on the whole row: slot p predicts slot p + 1's token, across the slices' seams.
-    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
-    same = sequence_ids[:, :-1] == sequence_ids[:, 1:]
-    scored = torch.nn.functional.pad(same & (sequence_ids[:, :-1] >= 0), (0, 1))
-    return ShardedRows(input_ids, position_ids, sequence_ids, targets, scored, world, C)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -334,8 +256,7 @@ class _SumOverGroup(torch.autograd.Function):
 def sharded_response_logprobs(
     model: Any,
     rows: ShardedRows,
-    positions: torch.Tensor,
-    only: torch.Tensor,
+    plan: ShardPlan,
     rank: int,
     layout: RowLayout,
     temperature: float = 1.0,
@@ -343,19 +264,14 @@ def sharded_response_logprobs(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The learner's packed path split over the group: float32 log-probs [B, T] (and entropies) of
-    the tokens scored at `positions` [B, T] (flat slots r * C + c of the unpadded packed rows
-    [R, C], as `PackedRows.positions`; `only`: the flat indices into [B, T] that exist), the same on
-    every rank of `layout.group`. Each rank scores the positions in its own slots, and the ranks'
+    the packing's scored tokens (`plan`: where they sit in `rank`'s slots, `plan_shard`), the same
+    on every rank of `layout.group`. Each rank scores the tokens in its own slots, and the ranks'
     results are summed (`_SumOverGroup`): a loss every rank computes alike from them sends each
     rank's tokens their gradient, and the weights' gradients of the ranks add up to one rank's."""
-    C = rows.length
-    row, column = positions // C, positions % C
-    start, stop = rows.bounds(rank)
-    here = (column >= start) & (column < stop)
-    local = torch.where(here, row * rows.width + column - start, 0)
-    targets = rows.targets[row, column]  # the whole row's next token, across the slices' seams
-    mine = only[here.reshape(-1)[only]]
-    with scored_positions(model, local, targets, temperature, with_entropy, chunk_tokens, only=mine) as scored:
+    targets = rows.targets.reshape(-1)[plan.targets]  # the whole row's next token, across the slices' seams
+    with scored_positions(
+        model, plan.slots, targets, temperature, with_entropy, chunk_tokens, only=plan.mine
+    ) as scored:
         out = model(
             input_ids=rows.local("input_ids", rank),
             position_ids=rows.local("position_ids", rank),

@@ -12,7 +12,12 @@ import torch
 
 from rlhf_cluster.models.modeling import flash_attn_installed, load_causal_lm, response_logprobs
 from rlhf_cluster.models.packing import pack_rows
-from rlhf_cluster.models.sequence_parallel import enable_sequence_parallel, shard_rows, sharded_response_logprobs
+from rlhf_cluster.models.sequence_parallel import (
+    enable_sequence_parallel,
+    plan_shard,
+    shard_rows,
+    sharded_response_logprobs,
+)
 from rlhf_cluster.models.varlen_attention import VARLEN
 from tests.batches import ragged_batch
 
@@ -36,8 +41,9 @@ def test_one_rank_equals_the_packed_path_with_each_attention(device, tiny_model_
             want, _ = response_logprobs(model, *args, T, packed=True)
             packing = pack_rows(*args, T, attention)
             rows = shard_rows(packing.input_ids(args[0]), packing.position_ids, packing.sequence_ids, 1)
-            layout = rows.layout(None, enable_sequence_parallel(model, 1))
-            got, _ = sharded_response_logprobs(model, rows, packing.positions, packing.scored, 0, layout)
+            plan = plan_shard(packing, 1, 0)  # the learner plans it on the host; here on the device
+            layout = rows.layout(None, enable_sequence_parallel(model, 1), plan.runs)  # the planned varlen runs
+            got, _ = sharded_response_logprobs(model, rows, plan, 0, layout)
         # The same kernel on the same numbers; a varlen call's row tail is cut into other runs
         # (no real token attends to it), which may block the work differently: bf16's rounding.
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2

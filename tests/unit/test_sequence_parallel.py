@@ -4,6 +4,7 @@ gradient of a 4,097-token packed row split over the ranks equal to one rank's wh
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import traceback
@@ -20,6 +21,8 @@ from rlhf_cluster.models.sequence_parallel import (
     check_heads,
     enable_sequence_parallel,
     gather_rows,
+    padded_runs,
+    plan_shard,
     shard_rows,
     sharded_logprobs,
     sharded_response_logprobs,
@@ -133,7 +136,7 @@ def _learner_rows(rank: int, failures) -> None:
     model.zero_grad(set_to_none=True)
     rows = shard_rows(packing.input_ids(ids), packing.position_ids, packing.sequence_ids, WORLD)
     layout = rows.layout(None, enable_sequence_parallel(model, WORLD))
-    logp, _ = sharded_response_logprobs(model, rows, packing.positions, packing.scored, rank, layout)
+    logp, _ = sharded_response_logprobs(model, rows, plan_shard(packing, WORLD, rank), rank, layout)
     _learner_loss(logp).backward()  # every rank the same loss of the same summed log-probs
     grads = {name: p.grad for name, p in model.named_parameters()}
     for grad in grads.values():
@@ -227,6 +230,56 @@ def test_a_row_without_sequence_ids_is_one_sequence():
     assert rows.local("input_ids", 1).tolist() == [[7, 8]]
 
 
+def test_the_shard_plan_is_the_ranks_scored_slots_planned_on_the_host():
+    """`plan_shard` on the host gives each rank the slots, targets and scored tokens the forward
+    would otherwise find on the device (a boolean index: a host read per forward), and the whole
+    padded rows' varlen runs from the packing's."""
+    ids, packing, _ = _learner_batch()
+    rows = shard_rows(packing.input_ids(ids), packing.position_ids, packing.sequence_ids, 3)
+    R, C = packing.position_ids.shape
+    row, column = packing.positions // C, packing.positions % C
+    covered = torch.zeros(packing.positions.numel(), dtype=torch.long)
+    for rank in range(3):
+        plan = plan_shard(packing, 3, rank)
+        start, stop = rows.bounds(rank)
+        here = (column >= start) & (column < stop)
+        assert torch.equal(plan.mine, packing.scored[here.reshape(-1)[packing.scored]])
+        assert torch.equal(plan.slots[here], (row * rows.width + column - start)[here])
+        assert torch.equal(rows.targets.reshape(-1)[plan.targets], rows.targets[row, column])
+        covered[plan.mine] += 1
+    assert torch.equal(covered[packing.scored], torch.ones(packing.scored.numel(), dtype=torch.long))
+    # Two rows of 5 slots (2 + 3 tokens; 3 tokens and a 2-slot tail) padded to 6 for 3 ranks.
+    cu, longest = padded_runs(torch.tensor([0, 2, 5, 8, 10], dtype=torch.int32), 2, 5, 6)
+    assert cu.tolist() == [0, 2, 5, 6, 9, 11, 12] and cu.dtype == torch.int32 and longest == 3
+    assert padded_runs(torch.tensor([0, 3, 6], dtype=torch.int32), 1, 6, 6)[0].tolist() == [0, 3, 6]
+    layout = rows.layout(None, "varlen", plan.runs)
+    assert layout.varlen_kwargs()["cu_seq_lens_q"] is plan.cu_seqlens  # planned: no read of the device
+
+
+def test_micro_batches_under_sequence_parallelism_are_packed_with_their_shard_plan():
+    from rlhf_cluster.learner.micro_batches import micro_batch
+    from tests.batches import ragged_batch
+
+    batch = ragged_batch([(4, 4), (4, 4)], seed=0)  # equal lengths: packing alone would not pay
+    assert micro_batch(batch, [0, 1], True, True, torch.device("cpu"), "sdpa").packing is None
+    micro = micro_batch(batch, [0, 1], True, True, torch.device("cpu"), "sdpa", (2, 1))
+    assert micro.packing is not None and micro.shard is not None
+    assert torch.equal(micro.shard.mine, plan_shard(micro.packing, 2, 1).mine)
+
+
+def test_sdpa_is_refused_on_cuda_naming_the_attentions_that_run():
+    with pytest.raises(ValueError, match=r"learner\.attention .*varlen, flash_attention_2, flex_attention"):
+        enable_sequence_parallel(_model(), 2, torch.device("cuda"))
+    assert enable_sequence_parallel(_model(), 2, torch.device("cpu")) == "sdpa"  # the CPU runs it
+
+
+def test_a_group_size_that_does_not_divide_the_ranks_is_refused_before_any_group(gloo_group):
+    from rlhf_cluster.learner.sequence_groups import sequence_group
+
+    with pytest.raises(ValueError, match=r"learner\.sequence_parallel=2 must divide .* 1 ranks"):
+        sequence_group(2)
+
+
 class _Config:
     def __init__(self, heads: int, kv_heads: int):
         self.num_attention_heads, self.num_key_value_heads = heads, kv_heads
@@ -282,6 +335,8 @@ def test_the_config_refuses_a_group_size_that_does_not_divide_the_ranks_and_what
         learner(sequence_parallel=2, lora={"rank": 4})
     with pytest.raises(ValidationError, match="learner.compile"):
         learner(sequence_parallel=2, compile=True)
+    with pytest.raises(ValidationError, match=r"learner\.attention to varlen, flash_attention_2 or flex_attention"):
+        learner(sequence_parallel=2, attention="eager")
 
 
 # The learner's step: rows of (prompt, response) lengths; world 2 deals them into 2 shares.
@@ -291,7 +346,14 @@ STEP_ROWS = [(5, 30), (20, 9), (7, 41), (30, 6), (4, 24), (12, 13)]
 def _step_config(world: int, sequence_parallel: int):
     from rlhf_cluster.config import JobConfig
 
-    learner = {"world_size": world, "sequence_parallel": sequence_parallel, "lr": 1e-2, "mini_batches": 2}
+    # Checkpointed: the layers' recompute in the backward must get the `sequence_parallel=` layout too.
+    learner = {
+        "world_size": world,
+        "sequence_parallel": sequence_parallel,
+        "lr": 1e-2,
+        "mini_batches": 2,
+        "gradient_checkpointing": True,
+    }
     return JobConfig.model_validate({"learner": learner, "algorithm": {"kl": {"placement": "loss", "coef": 0.1}}})
 
 
@@ -307,9 +369,29 @@ def _learner_step(model_path: str, world: int, rank: int) -> tuple[dict, dict]:
     # World 1 runs the rows in the order the group joins its shares in: the same mini-batches.
     local = _rows_of(batch, shares[rank] if world > 1 else shares[0] + shares[1])
     learner = FSDP2Learner(LearnerSpec.of_policy(_step_config(world, world)), model_path)
-    metrics = learner.train_step(local, kl_coef=0.1)
+    assert learner.memory_plan.checkpointing
+    with _host_reads(learner) as reads:
+        metrics = learner.train_step(local, kl_coef=0.1)
+    metrics["host reads"] = list(reads)
     metrics["probe"] = learner.probe_logprobs([[3, 4, 5, 6]], [[7, 8, 9]])[0]  # the plain attention, every rank
     return metrics, {k: v.detach().clone() for k, v in learner.full_state_dict().items()}
+
+
+@contextlib.contextmanager
+def _host_reads(learner):
+    """The device reads of a step, counted as tests/unit/test_host_syncs.py counts them; the group's
+    join of its shares (`group_share`: pickled rows over gloo, the host's) left out with the planning."""
+    import rlhf_cluster.learner.base as base
+    from tests.unit.test_host_syncs import counting
+
+    with pytest.MonkeyPatch.context() as patch, counting(learner, patch) as mode:
+
+        def joined(*a, _original=base.group_share):
+            with mode.pause():
+                return _original(*a)
+
+        patch.setattr(base, "group_share", joined)
+        yield mode.reads
 
 
 def _rows_of(batch, rows: list[int]):
@@ -361,6 +443,8 @@ def test_a_learner_step_split_over_two_ranks_equals_one_rank(tiny_model_path):
     assert metrics["policy/loss"] == pytest.approx(ref_metrics["policy/loss"], abs=1e-5)
     assert metrics["learner/grad_norm"] == pytest.approx(ref_metrics["learner/grad_norm"], rel=1e-4)
     assert metrics["learner/tokens"] == ref_metrics["learner/tokens"]
+    # One device read per optimizer update (2 mini-batches), as without sequence parallelism.
+    assert len(metrics["host reads"]) == 2 and len(ref_metrics["host reads"]) == 2, (metrics, ref_metrics)
     assert metrics["probe"] == pytest.approx(ref_metrics["probe"], abs=1e-5)
     for name, weight in ref_weights.items():
         assert torch.allclose(weight, weights[name], atol=5e-4), (name, (weight - weights[name]).abs().max())
