@@ -89,10 +89,11 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int)
     )
     torch.manual_seed(cfg.seed)
     if cfg.architecture == "qwen3_moe":
-        # Every layer sparse; head_dim said outright (Qwen3 does not derive it from the width).
+        # Every layer sparse; head_dim said outright (Qwen3 does not derive it from the width;
+        # transformers passes it through to config.json though its config class does not declare it).
+        common["head_dim"] = cfg.hidden_size // cfg.num_heads
         moe = Qwen3MoeConfig(
             **common,
-            head_dim=cfg.hidden_size // cfg.num_heads,
             num_experts=cfg.num_experts,
             num_experts_per_tok=cfg.num_experts_per_tok,
             moe_intermediate_size=cfg.moe_intermediate_size,
