@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rlhf_cluster.models.packing import PackedRows, packing_pays
+
 # Routers that pick the top-k of softmax(logits) and weigh the picks by those probabilities
 # (renormalised over the picks where `norm_topk_prob`, or always where the class has no such
 # setting): the gate weights over any expert set are then softmax(logits) gathered at it.
@@ -134,8 +136,8 @@ class MoeShape:
 @dataclass
 class ReplayLayout:
     """A batch's replayed routing in the order its MoE layers see tokens (the model's input rows,
-    flattened): `experts` [N, layers, top_k] long; `replayed` [N] bool, False where the engine gave
-    none (the model routes those tokens itself)."""
+    flattened): `experts` [N, layers, top_k] small ints (uint8 up to 256 experts); `replayed` [N]
+    bool, False where the engine gave none (the model routes those tokens itself)."""
 
     experts: torch.Tensor
     replayed: torch.Tensor
@@ -190,14 +192,15 @@ def padded_layout(
     """The layout of right-padded rows [B, `padded_len`]: row i's sequence of `sequence_lengths[i]`
     tokens replays `routings[i]` from its `start` (None: the model routes that sample itself)."""
     B = len(routings)
-    experts = torch.zeros(B * padded_len, shape.layers, shape.top_k, dtype=torch.long)
+    dtype = torch.uint8 if shape.num_experts <= 256 else torch.int32  # widened to long one layer at a time
+    experts = torch.zeros(B * padded_len, shape.layers, shape.top_k, dtype=dtype)
     replayed = torch.zeros(B * padded_len, dtype=torch.bool)
     for i, routed in enumerate(routings):
         if routed is None:
             continue
         array = expand_routing(routed, sample_ids[i], sequence_lengths[i], shape.layers, shape.top_k, shape.num_experts)
         lo = i * padded_len + routed.start
-        experts[lo : lo + len(array)] = torch.from_numpy(array)
+        experts[lo : lo + len(array)] = torch.from_numpy(array).to(dtype)
         replayed[lo : lo + len(array)] = True
     return ReplayLayout(experts, replayed)
 
@@ -208,6 +211,15 @@ def packed_layout(padded: ReplayLayout, gather: torch.Tensor, sequence_ids: torc
     flat = gather.reshape(-1).to(padded.experts.device)
     tail = sequence_ids.reshape(-1).to(padded.experts.device) < 0
     return ReplayLayout(padded.experts[flat], padded.replayed[flat] & ~tail)
+
+
+def rows_layout(padded: ReplayLayout, packing: PackedRows | None, always: bool = False) -> ReplayLayout:
+    """The layout for the rows `modeling.response_logprobs` runs a micro-batch on: its packed rows
+    where it packs (`packing` given and `packing_pays`, or `always`, as sequence parallelism
+    packs), the padded rows otherwise."""
+    if packing is not None and (always or packing_pays(packing, padded.replayed.numel())):
+        return packed_layout(padded, packing.gather, packing.sequence_ids)
+    return padded
 
 
 def sharded_layout(packed: ReplayLayout, rows: int, world: int, rank: int) -> ReplayLayout:
@@ -246,6 +258,12 @@ class RoutingReplay:
     and replays it again when recomputed, so the backward of a replayed forward must come before
     the next replayed forward (the learner's micro-batch loop), and while the hooks are on, every
     forward that is trained on runs inside `use` (one with gradients outside it forgets the layout).
+
+    Each replayed forward also counts, on the device, how many replayed (token, layer) pairs the
+    model's own top-k would have routed to the same expert set, and the tokens each expert got:
+    `telemetry` reads them out. A layer's own choice there follows the replayed routing of the
+    layers before it (a per-router agreement); `capture_routing` on a forward without replay gives
+    the end-to-end one.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -253,6 +271,9 @@ class RoutingReplay:
         self.shape = moe_shape(model)
         self._layout: ReplayLayout | None = None
         self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: what it replayed last
+        self._same: list[torch.Tensor] = []  # per replayed layer forward: pairs the model's own routing agrees on
+        self._pairs: list[torch.Tensor] = []  # ... and pairs replayed
+        self._load: dict[int, torch.Tensor] = {}  # per layer: tokens per expert, [num_experts]
         self._handles = [router.register_forward_hook(self._hook(layer)) for layer, router in routers]
 
     def remove(self) -> None:
@@ -262,40 +283,69 @@ class RoutingReplay:
 
     @contextmanager
     def use(self, layout: ReplayLayout) -> Iterator[None]:
-        """Forwards inside replay `layout` (laid out for the rows they run)."""
+        """Forwards inside replay `layout` (laid out for the rows they run: `rows_layout`)."""
         self._layout = layout
         try:
             yield
         finally:
             self._layout = None
 
+    def telemetry(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The share of replayed (token, MoE layer) pairs the model's own routing sends to the same
+        expert set as the engine did (1.0 where nothing was replayed), and the replayed routing's
+        load balance (`load_balance`'s metrics), over the forwards since the last call; resets."""
+        if not self._pairs:
+            one = torch.ones(())
+            return one, {"expert_set_agreement": one, "replayed_pairs": torch.zeros(())}
+        pairs = torch.stack(self._pairs).sum()
+        share = torch.where(pairs > 0, torch.stack(self._same).sum() / pairs.clamp_min(1), 1.0)
+        counts = torch.stack([self._load[layer] for layer in sorted(self._load)]).float()
+        ratio = counts.max(-1).values / counts.mean(-1).clamp_min(1e-9)
+        self._same, self._pairs, self._load = [], [], {}
+        metrics = {"expert_set_agreement": share, "replayed_pairs": pairs}
+        metrics.update(load_max_over_mean=ratio.mean(), load_max_over_mean_worst=ratio.max())
+        return share, metrics
+
     def _hook(self, layer: int):
         def hook(router: torch.nn.Module, args, output):
             if torch._C._current_graph_task_id() != -1:  # a checkpointed layer recomputed in the backward
                 entry = self._last.get(layer)
-            elif self._layout is not None:
-                entry = self._last[layer] = (self._layout.experts[:, layer], self._layout.replayed)
-            else:
+                return None if entry is None else _replayed_output(router, layer, output, *entry)[0]
+            if self._layout is None:
                 if torch.is_grad_enabled():
                     self._last.pop(layer, None)
                 return None
-            return None if entry is None else _replayed_output(router, layer, output, *entry)
+            entry = self._last[layer] = (self._layout.experts[:, layer], self._layout.replayed)
+            replayed_output, same = _replayed_output(router, layer, output, *entry)
+            self._count(layer, replayed_output[2], same, entry[1])
+            return replayed_output
 
         return hook
+
+    @torch.no_grad()
+    def _count(self, layer: int, chosen: torch.Tensor, same: torch.Tensor, replayed: torch.Tensor) -> None:
+        """Adds one layer forward's agreement and expert load to the telemetry (device tensors)."""
+        self._same.append(same.sum())
+        self._pairs.append(replayed.sum().to(same.device))
+        load = torch.bincount(chosen.reshape(-1), minlength=self.shape.num_experts)
+        self._load[layer] = self._load[layer] + load if layer in self._load else load
 
 
 def _replayed_output(
     router: torch.nn.Module, layer: int, output: tuple, experts: torch.Tensor, replayed: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The router's (logits, weights, indices) with the replayed experts where `replayed`."""
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The router's (logits, weights, indices) with the replayed experts where `replayed`, and
+    which replayed tokens its own choice routed to the same expert set [N] bool."""
     logits, scores, own = output
     if experts.shape[0] != own.shape[0]:
         raise ValueError(
             f"routing replay: the layout holds {experts.shape[0]} tokens but MoE layer {layer} runs "
-            f"{own.shape[0]}; lay it out for the rows the model runs (padded_layout, packed_layout)"
+            f"{own.shape[0]}; lay it out for the rows the model runs (padded_layout, rows_layout)"
         )
-    chosen = torch.where(replayed.to(own.device)[:, None], experts.to(own.device), own)
-    return logits, replayed_gate_weights(router, logits, chosen).to(scores.dtype), chosen
+    mask = replayed.to(own.device)
+    chosen = torch.where(mask[:, None], experts.to(own.device, torch.long), own)
+    same = (chosen.sort(-1).values == own.sort(-1).values).all(-1) & mask
+    return (logits, replayed_gate_weights(router, logits, chosen).to(scores.dtype), chosen), same
 
 
 @contextmanager

@@ -34,9 +34,9 @@ from rlhf_cluster.models.routing_replay import (
     expand_routing,
     load_balance,
     moe_shape,
-    packed_layout,
     padded_layout,
     routing_agreement,
+    rows_layout,
     sharded_layout,
 )
 
@@ -95,7 +95,7 @@ def layout_for(model, routings, ids, mask, packing=None):
     shape = moe_shape(model)
     lengths = mask.sum(1).tolist()
     layout = padded_layout(routings, [f"s{i}" for i in range(len(lengths))], lengths, ids.shape[1], shape)
-    return layout if packing is None else packed_layout(layout, packing.gather, packing.sequence_ids)
+    return rows_layout(layout, packing)
 
 
 def loss_and_grads(model, run):
@@ -182,6 +182,11 @@ def test_replay_brings_learner_logprobs_closer_to_the_engine():
     b = torch.cat([torch.from_numpy(expand_routing(r, "s", 20, 2, 2, 8)) for r in learner_routing])
     agreement, metrics = routing_agreement(a, b, layers=shape.moe_layers)
     assert 0.8 < agreement < 0.98  # the two sides disagree on some tokens (real engines: ~10%), not on most
+    # Counted in the replayed forward, no extra pass: each layer's own choice given the replayed
+    # layers before it (per router), near the end-to-end agreement of an unreplayed forward.
+    seen, telemetry = replay.telemetry()
+    assert abs(seen.item() - agreement.item()) < 0.05 and telemetry["replayed_pairs"] == len(a) * 2
+    assert replay.telemetry()[1]["replayed_pairs"] == 0  # read out once
     gap_without = (plain - engine_logp).abs()[rm].mean()
     gap_with = (replayed - engine_logp).abs()[rm].mean()
     assert gap_with < 0.6 * gap_without, (gap_with, gap_without, metrics)
@@ -229,6 +234,15 @@ def test_bad_routings_are_refused_naming_what_was_expected():
     high = compact_routing(np.full((2, 2, 2), 12), 16)
     with pytest.raises(ValueError, match=r"sample e: routed expert 12 out of range: the model has 8 experts"):
         expand_routing(high, "e", 5, 2, 2, 8)
+
+
+def test_rows_layout_follows_where_response_logprobs_packs():
+    model = qwen3_moe()
+    ids, mask, pl, T = batch(lengths=(8, 8), prompt=(3, 3))
+    padded = layout_for(model, own_routings(model, ids, mask), ids, mask)
+    unpaid = pack_rows(ids, mask, pl, T, "sdpa")  # two full rows: packing holds no fewer slots
+    assert rows_layout(padded, unpaid) is padded
+    assert rows_layout(padded, unpaid, always=True).replayed.numel() == unpaid.gather.numel()
 
 
 def test_replay_refuses_a_dense_model_and_a_mislaid_layout():
