@@ -123,8 +123,9 @@ def expand_routing(
 
 
 @dataclass(frozen=True)
-class MoeShape:
-    """What a routing of the model holds: `layers` decoder layers (the MoE ones are `moe_layers`;
+class RoutingShape:
+    """What a routing of the model holds (read from the routers the model runs; `models.moe`
+    answers the same from a config): `layers` decoder layers (the MoE ones are `moe_layers`;
     a dense layer's row is ignored), `top_k` choices among `num_experts`."""
 
     layers: int
@@ -172,14 +173,14 @@ def moe_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return sorted(found, key=lambda pair: pair[0])
 
 
-def moe_shape(model: torch.nn.Module) -> MoeShape:
+def routing_shape(model: torch.nn.Module) -> RoutingShape:
     """The routing shape of `model` (`moe_routers`), its layer axis counting every decoder layer."""
     routers = moe_routers(model)
     config = getattr(getattr(model, "module", model), "config", None)
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     layers = int(getattr(text, "num_hidden_layers", 0) or 0) or routers[-1][0] + 1
     first: dict = vars(routers[0][1])  # the router's plain attributes (top_k, num_experts)
-    return MoeShape(layers, int(first["top_k"]), int(first["num_experts"]), tuple(layer for layer, _ in routers))
+    return RoutingShape(layers, int(first["top_k"]), int(first["num_experts"]), tuple(layer for layer, _ in routers))
 
 
 def padded_layout(
@@ -187,7 +188,7 @@ def padded_layout(
     sample_ids: Sequence[str],
     sequence_lengths: Sequence[int],
     padded_len: int,
-    shape: MoeShape,
+    shape: RoutingShape,
 ) -> ReplayLayout:
     """The layout of right-padded rows [B, `padded_len`]: row i's sequence of `sequence_lengths[i]`
     tokens replays `routings[i]` from its `start` (None: the model routes that sample itself)."""
@@ -268,7 +269,7 @@ class RoutingReplay:
 
     def __init__(self, model: torch.nn.Module):
         routers = moe_routers(model)
-        self.shape = moe_shape(model)
+        self.shape = routing_shape(model)
         self._layout: ReplayLayout | None = None
         self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer: what it replayed last
         self._same: list[torch.Tensor] = []  # per replayed layer forward: pairs the model's own routing agrees on
@@ -353,7 +354,7 @@ def capture_routing(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Inside, every forward of `model` appends its routing, [N, layers, top_k] long (in the order
     its MoE layers see tokens; dense layers' rows are 0), to the list yielded: the experts it chose
     itself, or those a `RoutingReplay` installed earlier replayed."""
-    shape = moe_shape(model)
+    shape = routing_shape(model)
     routers = moe_routers(model)
     seen: dict[int, torch.Tensor] = {}
     out: list[torch.Tensor] = []

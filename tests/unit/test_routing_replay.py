@@ -33,9 +33,9 @@ from rlhf_cluster.models.routing_replay import (
     compact_routing,
     expand_routing,
     load_balance,
-    moe_shape,
     padded_layout,
     routing_agreement,
+    routing_shape,
     rows_layout,
     sharded_layout,
 )
@@ -74,7 +74,7 @@ def own_routings(model, ids, mask, packing=None) -> list[RoutedExperts]:
     """The model's own routing of each sequence (positions 0..len-2, as an engine returns it),
     captured on the padded or the packed rows and mapped back to the samples."""
     B, L = ids.shape
-    shape = moe_shape(model)
+    shape = routing_shape(model)
     with torch.no_grad(), capture_routing(model) as seen:
         if packing is None:
             model(input_ids=ids, attention_mask=mask)
@@ -92,7 +92,7 @@ def own_routings(model, ids, mask, packing=None) -> list[RoutedExperts]:
 
 
 def layout_for(model, routings, ids, mask, packing=None):
-    shape = moe_shape(model)
+    shape = routing_shape(model)
     lengths = mask.sum(1).tolist()
     layout = padded_layout(routings, [f"s{i}" for i in range(len(lengths))], lengths, ids.shape[1], shape)
     return rows_layout(layout, packing)
@@ -177,7 +177,7 @@ def test_replay_brings_learner_logprobs_closer_to_the_engine():
         replay = RoutingReplay(model)
         with replay.use(layout_for(model, routed, ids, mask)):
             replayed = logprobs(model, ids, mask, pl, T)
-    shape = moe_shape(model)
+    shape = routing_shape(model)
     a = torch.cat([torch.from_numpy(expand_routing(r, "s", 20, 2, 2, 8)) for r in routed])
     b = torch.cat([torch.from_numpy(expand_routing(r, "s", 20, 2, 2, 8)) for r in learner_routing])
     agreement, metrics = routing_agreement(a, b, layers=shape.moe_layers)
@@ -280,3 +280,18 @@ def test_sharded_layout_follows_the_sequence_parallel_slices():
     assert first.experts[:, 0, 0].tolist() == [0, 1, 2, 5, 6, 7]
     assert second.experts[:, 0, 0].tolist() == [3, 4, 0, 8, 9, 0]
     assert second.replayed.tolist() == [True, True, False, True, True, False]  # the padding slot
+
+
+def test_the_project_tiny_moe_replays_its_own_routing_exactly():
+    from rlhf_cluster.config import TinyModelConfig
+    from rlhf_cluster.models.tiny_model import build_model
+
+    model = build_model(TinyModelConfig(architecture="qwen3_moe"), VOCAB, eos_id=1, pad_id=0)
+    ids, mask, pl, T = batch()
+    shape = routing_shape(model)
+    assert (shape.num_experts, shape.top_k, shape.moe_layers) == (8, 2, (0, 1))
+    replay = RoutingReplay(model)
+    with torch.no_grad():
+        base = logprobs(model, ids, mask, pl, T)
+        with replay.use(layout_for(model, own_routings(model, ids, mask), ids, mask)):
+            assert torch.equal(logprobs(model, ids, mask, pl, T), base)
