@@ -77,3 +77,28 @@ def test_stacked_experts_arrive_per_expert_and_proven(kind, tmp_path):
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_a_sparse_delta_of_one_expert_moves_that_expert_alone(tmp_path):
+    """`delta: sparse` takes its differences over the per-expert tensors: a step that changed one
+    expert sends that expert's changed elements, and the engine rebuilds the exact weights."""
+    objects = ObjectStore()
+    kind = DirectTransport(bucket_mb=0.001, delta="sparse")
+    sender, engine = _build(kind, tmp_path, "sender", objects), _build(kind, tmp_path, "engine", objects)
+    first = sender.publish(1, now(), iter(LEARNER.items()), {}, snapshot=False).result(timeout=60).delivery
+    engine.fetch(first, "full", "gen0")
+    step = dict(LEARNER)
+    step["model.layers.0.mlp.experts.down_proj"] = LEARNER["model.layers.0.mlp.experts.down_proj"].clone()
+    step["model.layers.0.mlp.experts.down_proj"][2, 0, :3] += 1.0
+    delivery = sender.publish(2, now(), iter(step.items()), {}, snapshot=False).result(timeout=60).delivery
+    assert not delivery.link("full").whole
+    fetched = engine.fetch(delivery, "full", "gen0")
+    assert fetched.fingerprint == delivery.link("full").fingerprint
+    got = dict(fetched.tensors)
+    assert torch.equal(
+        got["model.layers.0.mlp.experts.2.down_proj.weight"], step["model.layers.0.mlp.experts.down_proj"][2]
+    )
+    assert torch.equal(
+        got["model.layers.0.mlp.experts.1.down_proj.weight"], LEARNER["model.layers.0.mlp.experts.down_proj"][1]
+    )
+    assert fetched.nbytes < 200  # three changed elements and their indices, not the version
