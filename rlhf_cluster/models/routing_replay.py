@@ -7,10 +7,8 @@ RL explode and runs collapse. Replayed, the expert set is the engine's and the g
 learner's own function of its router logits, so the router and the experts still get the
 gradients they get on the normal path.
 
-- `RoutedExperts`: a sample's routing in its compact form (uint8 per token per layer per choice
-  where the model has at most 256 experts, uint16 above), the shape vLLM returns
-  (`CompletionOutput.routed_experts`, [tokens, layers, top_k]; the layer axis counts decoder
-  layers) from the sequence position `start` on (vLLM's `routed_experts_prompt_start`).
+- `RoutedExperts` (`routed_experts`, torch-free): a sample's routing in its compact form, the
+  shape vLLM returns ([tokens, layers, top_k] from the sequence position `start` on).
 - `padded_layout` / `packed_layout`: a batch's routings in the order the MoE layers see tokens
   (right-padded rows, or the packed rows of `packing.PackedRows`); tokens the engine gave no
   routing for (before `start`, the last token, padding) keep the model's own.
@@ -28,10 +26,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from rlhf_cluster.models.packing import PackedRows, packing_pays
+from rlhf_cluster.models.routed_experts import RoutedExperts, expand_routing
 
 # Routers that pick the top-k of softmax(logits) and weigh the picks by those probabilities
 # (renormalised over the picks where `norm_topk_prob`, or always where the class has no such
@@ -47,79 +45,6 @@ SOFTMAX_TOPK_ROUTERS = frozenset(
     }
 )
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class RoutedExperts:
-    """The experts the engine routed one sample's tokens to: sequence positions `start`,
-    `start + 1`, ... (prompt and response tokens; the sequence's last token is never run by the
-    engine), `layers` decoder layers, `top_k` choices each, as row-major bytes of uint8 (`wide`:
-    uint16, for models of more than 256 experts)."""
-
-    start: int
-    layers: int
-    top_k: int
-    wide: bool
-    data: bytes
-
-    @property
-    def tokens(self) -> int:
-        return len(self.data) // (self.layers * self.top_k * (2 if self.wide else 1))
-
-
-def compact_routing(
-    experts: np.ndarray | torch.Tensor, num_experts: int, start: int = 0, sample_id: str = "?"
-) -> RoutedExperts:
-    """`experts` [tokens, layers, top_k] (ints, as an engine returns them) in the compact form."""
-    array = np.asarray(experts.cpu() if isinstance(experts, torch.Tensor) else experts)
-    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(
-            f"sample {sample_id}: routed experts must be integers of shape [tokens, layers, top_k], "
-            f"got {array.dtype} of shape {list(array.shape)}"
-        )
-    if start < 0:
-        raise ValueError(f"sample {sample_id}: routed experts start at position {start}, must be >= 0")
-    if array.size and (array.min() < 0 or array.max() >= num_experts):
-        raise ValueError(
-            f"sample {sample_id}: routed expert {int(array.max() if array.max() >= num_experts else array.min())} "
-            f"out of range: the model has {num_experts} experts (0..{num_experts - 1})"
-        )
-    wide = num_experts > 256
-    data = array.astype("<u2" if wide else np.uint8).tobytes()
-    return RoutedExperts(start, int(array.shape[1]), int(array.shape[2]), wide, data)
-
-
-def expand_routing(
-    routed: RoutedExperts,
-    sample_id: str,
-    sequence_length: int,
-    layers: int,
-    top_k: int,
-    num_experts: int,
-) -> np.ndarray:
-    """`routed` as int64 [tokens, layers, top_k], checked against the sample (`sequence_length`
-    prompt+response tokens) and the model (`layers` decoder layers, `top_k` of `num_experts`);
-    every refusal names the sample and the shape expected."""
-    itemsize = 2 if routed.wide else 1
-    row = routed.layers * routed.top_k * itemsize
-    if routed.layers != layers or routed.top_k != top_k or row == 0 or len(routed.data) % row:
-        raise ValueError(
-            f"sample {sample_id}: routed experts of {routed.layers} layers x top-{routed.top_k} "
-            f"({len(routed.data)} bytes); the model expects [tokens, {layers}, {top_k}]"
-        )
-    array = np.frombuffer(routed.data, dtype="<u2" if routed.wide else np.uint8).reshape(-1, layers, top_k)
-    if routed.start < 0 or routed.start + len(array) > sequence_length:
-        raise ValueError(
-            f"sample {sample_id}: routed experts for positions {routed.start}..{routed.start + len(array) - 1} "
-            f"of a {sequence_length}-token sequence; expected at most [{sequence_length - routed.start}, "
-            f"{layers}, {top_k}] from position {routed.start}"
-        )
-    if array.size and int(array.max()) >= num_experts:
-        raise ValueError(
-            f"sample {sample_id}: routed expert {int(array.max())} out of range: "
-            f"the model has {num_experts} experts (0..{num_experts - 1})"
-        )
-    return array.astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""Rollout routing replay (`models.routing_replay`) on tiny random MoE models built in code: replaying
-the model's own routing changes nothing (log-probs and gradients, padded and packed rows, with
-gradient checkpointing); replaying an engine's routing brings the learner's log-probs closer to the
-engine's; the compact form, the telemetry and the refusals."""
+"""Rollout routing replay (`models.routing_replay`, `models.routed_experts`) on tiny random MoE
+models built in code: replaying the model's own routing changes nothing (log-probs and gradients,
+padded and packed rows, with gradient checkpointing); replaying an engine's routing brings the
+learner's log-probs closer to the engine's; the compact form, the telemetry and the refusals."""
 
 from __future__ import annotations
 
@@ -25,13 +25,11 @@ from transformers import (
 
 from rlhf_cluster.models.modeling import response_logprobs
 from rlhf_cluster.models.packing import pack_rows
+from rlhf_cluster.models.routed_experts import RoutedExperts, compact_routing, expand_routing
 from rlhf_cluster.models.routing_replay import (
     ReplayLayout,
-    RoutedExperts,
     RoutingReplay,
     capture_routing,
-    compact_routing,
-    expand_routing,
     load_balance,
     padded_layout,
     routing_agreement,
@@ -295,3 +293,12 @@ def test_the_project_tiny_moe_replays_its_own_routing_exactly():
         base = logprobs(model, ids, mask, pl, T)
         with replay.use(layout_for(model, own_routings(model, ids, mask), ids, mask)):
             assert torch.equal(logprobs(model, ids, mask, pl, T), base)
+
+
+def test_the_compact_form_needs_no_torch():
+    """The buffer and the scoring pools read samples without importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, rlhf_cluster.models.routed_experts; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
