@@ -9,7 +9,9 @@ learner in the folder's layout, so a pushed version has the names, shapes and dt
 checkpoint has (the push is checked against them), a stored version is a checkpoint like the
 model folder, INT8 variants quantise each expert's projections like any linear layer, and vLLM's
 weight loader maps the per-expert tensors into its fused `w13`/`w2` stacks itself. A dense
-model's tensors, and experts already held apart, pass through unchanged.
+model's tensors, and experts already held apart, pass through unchanged. Mixtral's folder names
+its experts otherwise (`block_sparse_moe.experts.<e>.w1/w3/w2`): its versions are refused by the
+engine's push check, naming the tensors, until a family table maps them.
 """
 
 from __future__ import annotations

@@ -63,3 +63,23 @@ def test_split_experts_are_the_folders_tensors(moe_dir):
     dense = {"model.norm.weight": torch.ones(4)}
     assert checkpoint_state_dict(dense) is dense
     assert list(checkpoint_tensors(dense.items())) == list(dense.items())
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_split_experts_match_the_folder_of_other_families(family, tmp_path):
+    """Qwen2-MoE (beside its shared expert) and OLMoE keep their experts in the same folder layout."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    shape = dict(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    if family == "qwen2_moe":
+        config = Qwen2MoeConfig(
+            **shape, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
+        )
+        model = Qwen2MoeForCausalLM(config)
+    else:
+        model = OlmoeForCausalLM(OlmoeConfig(**shape, intermediate_size=32, num_experts=4, num_experts_per_tok=2))
+    model.save_pretrained(tmp_path)
+    folder = load_file(str(tmp_path / "model.safetensors"))
+    split = checkpoint_state_dict(model.state_dict())
+    assert sorted(split) == sorted(folder)
+    assert all(torch.equal(split[name], tensor) for name, tensor in folder.items())
