@@ -9,12 +9,14 @@ gradients they get on the normal path.
 
 - `RoutedExperts` (`routed_experts`, torch-free): a sample's routing in its compact form, the
   shape vLLM returns ([tokens, layers, top_k] from the sequence position `start` on).
-- `padded_layout` / `packed_layout`: a batch's routings in the order the MoE layers see tokens
-  (right-padded rows, or the packed rows of `packing.PackedRows`); tokens the engine gave no
-  routing for (before `start`, the last token, padding) keep the model's own.
+- `padded_layout`, then `rows_layout` (packed rows where `response_logprobs` packs) and
+  `sharded_layout` (a sequence-parallel rank's slice): a micro-batch's routings in the order its
+  MoE layers see tokens; tokens the engine gave no routing for (before `start`, the last token,
+  padding, a packed row's tail) keep the model's own.
 - `RoutingReplay`: hooks on the routers of a Hugging Face softmax-top-k MoE (Qwen3-MoE,
   Qwen2-MoE with its shared expert, OLMoE, Mixtral, Qwen3-Next, Qwen3.5-MoE); `use(layout)`
-  replays for the forwards inside it. No model class is patched.
+  replays for the forwards inside it (and counts, on the device, how often the model's own top-k
+  agrees: `telemetry`). No model class is patched.
 - `capture_routing`: the experts the model chooses itself, per token (telemetry and tests);
   `routing_agreement` and `load_balance`: the telemetry, as `(value, metrics)`.
 """
