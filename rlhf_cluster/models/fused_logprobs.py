@@ -60,9 +60,7 @@ def cce_available() -> bool:
     return True
 
 
-def choose_logprob_head(
-    choice: str, device: torch.device, entropy_gradient: bool, half_precision: bool = True
-) -> str:
+def choose_logprob_head(choice: str, device: torch.device, entropy_gradient: bool, half_precision: bool = True) -> str:
     """The head ("chunked" or "fused") a learner on `device` scores with for `learner.logprob_head`.
     `entropy_gradient`: the loss takes the entropy's gradient (algorithm.entropy_coef > 0), which
     the fused kernels do not give; `half_precision`: the learner computes in bf16
@@ -86,9 +84,7 @@ def choose_logprob_head(
 def _missing(device: torch.device, entropy_gradient: bool, half_precision: bool) -> str | None:
     """What the fused head lacks on this learner (None: nothing)."""
     if device.type != "cuda":
-        return (
-            f"needs CUDA (cut-cross-entropy's kernels are Triton GPU kernels), this learner runs on {device.type}"
-        )
+        return f"needs CUDA (cut-cross-entropy's kernels are Triton GPU kernels), this learner runs on {device.type}"
     if not cce_available():
         return "needs cut-cross-entropy, which is not installed (pip install cut-cross-entropy==25.1.1)"
     if entropy_gradient:
