@@ -52,7 +52,10 @@ def training_attention(
         if not varlen_attention.installed():
             raise ValueError("learner.attention: varlen needs torch.nn.attention.varlen (PyTorch >= 2.10)")
         if dtype is not None and not varlen_attention.runs_for(dtype, head_dim or 8):
-            raise ValueError(f"learner.attention: varlen's kernels take fp16/bf16 and head_dim <= 256, not {dtype}")
+            raise ValueError(
+                f"learner.attention: varlen's kernels take fp16/bf16 (learner.mixed_precision: bf16) and a head_dim "
+                f"that is a multiple of 8 up to 256, not {str(dtype).removeprefix('torch.')} with head_dim {head_dim}"
+            )
     if choice != "auto":
         return choice
     return choose_attention(

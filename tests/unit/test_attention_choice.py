@@ -183,8 +183,10 @@ def test_the_installed_answers_are_this_environments():
 def test_varlen_chosen_by_hand_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="CUDA only"):
         training_attention(VARLEN, CPU)
-    with pytest.raises(ValueError, match="fp16/bf16"):
+    with pytest.raises(ValueError, match=r"fp16/bf16 \(learner.mixed_precision: bf16\).* not float32 with head_dim 64"):
         training_attention(VARLEN, CUDA, dtype=torch.float32, head_dim=64)
+    with pytest.raises(ValueError, match="multiple of 8 up to 256, not bfloat16 with head_dim 36"):
+        training_attention(VARLEN, CUDA, dtype=torch.bfloat16, head_dim=36)
     assert training_attention(VARLEN, CUDA, dtype=torch.bfloat16, head_dim=64) == VARLEN
     monkeypatch.setattr(varlen_attention, "installed", lambda: False)
     with pytest.raises(ValueError, match="PyTorch >= 2.10"):
