@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 
+from rlhf_cluster.models.routed_experts import RoutedExperts
+
 # torch is imported by the functions that build tensors (TrainBatch): the scoring pool's reward
 # workers use the records alone, and start ~2.5 CPU-s faster without it.
 if TYPE_CHECKING:
@@ -120,6 +122,9 @@ class Rollout(SampledResponse):
     # A turn of an agent episode trained per turn (`generation.agent.samples: turn`): the episode's
     # sample id, shared by its turns ("": the rollout is a whole episode or response).
     episode_id: str = ""
+    # The experts a mixture-of-experts engine routed the sequence's tokens to (routing replay;
+    # None: a dense model, or an engine that returned none).
+    routed_experts: RoutedExperts | None = None
 
     def __post_init__(self) -> None:
         if self.turn_starts is not None and (
@@ -160,6 +165,7 @@ class ScoredSample(SampledResponse):
     # abandoned: the learner's history shares its weights only up to version `newest - rolled_back_steps`.
     rolled_back_steps: int = 0
     loss_mask: list[int] | None = None  # None: every response token was sampled by the model
+    routed_experts: RoutedExperts | None = None  # the rollout's (mixture-of-experts engines; None: none)
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
