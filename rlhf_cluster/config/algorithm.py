@@ -126,6 +126,12 @@ class AlgorithmConfig(_Strict):
     distillation: DistillationConfig | None = Field(
         None, description="On-policy distillation: each sampled token's advantage is its reverse KL to a teacher."
     )
+    routing_replay: Literal["none", "rollout"] = Field(
+        "none",
+        description="Mixture-of-experts policies: rollout = the learner's MoE layers route each token to the experts "
+        "the generation engine routed it to and recompute only the gate weights (R3); none = the learner routes "
+        "itself. Refused for a dense model.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
 from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
-from rlhf_cluster.job import agents, judge, teacher
+from rlhf_cluster.job import agents, judge, routing_replay, teacher
 
 
 def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:
@@ -195,6 +195,7 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     _guardrails,
     teacher.rules,
     judge.rules,
+    routing_replay.rules,
 ]
 
 
@@ -349,6 +350,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     agents.file_problems,
     teacher.folder_problems,
     judge.folder_problems,
+    routing_replay.file_checks,
 ]
 
 

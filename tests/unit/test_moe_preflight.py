@@ -51,3 +51,17 @@ def test_refusals_from_the_config_alone():
     assert "head_dim 16" in cpu_engine_refusal(moe)
     assert "6 experts of 4" in cpu_engine_refusal({**moe, "num_experts_per_tok": 6, "head_dim": 32})
     assert cpu_engine_refusal({**moe, "head_dim": 64}) is None
+
+
+def test_routing_replay_is_refused_for_a_dense_policy_and_for_episodes(moe_path, tiny_model_path):
+    replay = {"algorithm": {"routing_replay": "rollout"}}
+    with pytest.raises(ConfigError, match=r"routing_replay=rollout: the policy is dense \(model.tiny.architecture=qwen2"):
+        preflight(JobConfig.model_validate(replay))
+    dense_folder = JobConfig.model_validate({**replay, "model": {"path": str(tiny_model_path)}})
+    with pytest.raises(ConfigError, match=rf"model.path {tiny_model_path} is a dense model"):
+        preflight(dense_folder)
+    preflight(JobConfig.model_validate({**replay, "model": {"path": str(moe_path)}}))
+    preflight(JobConfig.model_validate({**replay, "model": {"tiny": {"architecture": "qwen3_moe"}}}), files=False)
+    episodes = {**replay, "model": {"path": str(moe_path)}, "generation": {"environment": "tools"}}
+    with pytest.raises(ConfigError, match="generation.environment is set, and the engine returns no routed experts"):
+        preflight(JobConfig.model_validate(episodes), files=False)
