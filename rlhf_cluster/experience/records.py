@@ -14,6 +14,10 @@ used (its rollout log-probs are its own, so importance correction holds), and
 `rolled_back_steps` says how many optimizer steps of its weights the rollback abandoned: its
 staleness counts the steps back to the weights both share and forward again
 (`ScoredSample.staleness`).
+
+A mixture-of-experts engine's routing (`routed_experts`, routing replay) travels with its sample:
+from the rollout into the scored sample, its Arrow row (`routing_column`), the buffer's and the
+scored log's files, and the `TrainBatch` (`routings`) whose rows the learner replays it on.
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 
+from rlhf_cluster.experience.routing_column import (
+    ROUTED_EXPERTS_TYPE,
+    check_routed_experts,
+    routing_from_row,
+    routing_to_row,
+)
 from rlhf_cluster.models.routed_experts import RoutedExperts
 
 # torch is imported by the functions that build tensors (TrainBatch): the scoring pool's reward
@@ -62,6 +72,9 @@ SAMPLE_SCHEMA = pa.schema(
         # Multi-turn: 1 on tokens the model sampled, 0 on tokens an environment or tool wrote
         # (no rollout log-prob; out of the loss, the advantages and the KL). Empty: all the model's.
         pa.field("loss_mask", pa.list_(pa.int8()), nullable=False),
+        # Routing replay: the experts a mixture-of-experts engine routed the sequence's tokens to
+        # (`routing_column`); null for a dense model, or an engine that returned none.
+        pa.field("routed_experts", ROUTED_EXPERTS_TYPE, nullable=True),
     ]
 )
 
@@ -147,6 +160,7 @@ class Rollout(SampledResponse):
         if self.policy_versions is None:
             self.policy_versions = [(0, self.policy_version)]
         check_version_spans(self.sample_id, self.policy_versions, len(self.response_ids), self.policy_version)
+        check_routed_experts(self.sample_id, self.routed_experts, len(self.prompt_ids) + len(self.response_ids))
 
 
 @dataclass
@@ -180,6 +194,7 @@ class ScoredSample(SampledResponse):
             self.policy_versions = [(0, self.policy_version)]
         self.policy_versions = [(start, version) for start, version in self.policy_versions]
         check_version_spans(self.sample_id, self.policy_versions, n, self.policy_version)
+        check_routed_experts(self.sample_id, self.routed_experts, len(self.prompt_ids) + n)
 
     @property
     def version_spans(self) -> VersionSpans:
@@ -226,6 +241,7 @@ def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
     columns["reward_components"] = [list(s.reward_components.items()) for s in rows]
     columns["policy_versions"] = [[{"start": a, "version": v} for a, v in s.version_spans] for s in rows]
     columns["loss_mask"] = [s.loss_mask or [] for s in rows]
+    columns["routed_experts"] = [routing_to_row(s.routed_experts) for s in rows]
     return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
 
 
@@ -239,6 +255,10 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
         table = table.append_column(
             SAMPLE_SCHEMA.field("loss_mask"), pa.array([[]] * table.num_rows, pa.list_(pa.int8()))
         )
+    if "routed_experts" not in table.schema.names:  # written before routing replay: no routing
+        table = table.append_column(
+            SAMPLE_SCHEMA.field("routed_experts"), pa.nulls(table.num_rows, ROUTED_EXPERTS_TYPE)
+        )
     if set(table.schema.names) == set(SAMPLE_SCHEMA.names):
         table = table.select(SAMPLE_SCHEMA.names)
     if not table.schema.equals(SAMPLE_SCHEMA):
@@ -248,6 +268,7 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
         row["reward_components"] = dict(row["reward_components"])
         row["policy_versions"] = [(span["start"], span["version"]) for span in row["policy_versions"]]
         row["loss_mask"] = row["loss_mask"] or None
+        row["routed_experts"] = routing_from_row(row["routed_experts"])
         out.append(ScoredSample(**row))
     return out
 
@@ -307,6 +328,9 @@ class TrainBatch:
     # critic only; None otherwise).
     returns: torch.Tensor | None = None  # [B, T]
     old_values: torch.Tensor | None = None  # [B, T]
+    # Routing replay: each row's routed experts (host-side, as the samples carry them; None per
+    # row without one), or None when no sample of the batch has one.
+    routings: list[RoutedExperts | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -352,6 +376,9 @@ class TrainBatch:
             sample_ids=[s.sample_id for s in samples],
             returns=None if returns is None else _pad_rows(returns, samples, T, "returns"),
             old_values=None if old_values is None else _pad_rows(old_values, samples, T, "old_values"),
+            routings=[s.routed_experts for s in samples]
+            if any(s.routed_experts is not None for s in samples)
+            else None,
         )
 
 

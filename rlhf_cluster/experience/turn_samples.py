@@ -8,6 +8,12 @@ compared. Pure functions over a group's rollouts:
   then on every token of each of its turns; an episode of many turns weighs no more in the
   baseline than one of few. (How much its tokens weigh in the loss is the loss normalisation's
   business, `algorithm.loss.aggregation`, as for any sample.)
+
+Routing replay: an agent episode's samples, per turn or whole, carry no routed experts
+(`routed_experts` None: the learner routes their tokens itself). A turn's own engine request
+routed exactly its sample's context and tokens, so a turn sample could take that routing as it is;
+a whole episode would need each model turn's tokens from the request that sampled them, spliced
+into one sequence (the context is run again, with other routings, by every later turn).
 """
 
 from __future__ import annotations
