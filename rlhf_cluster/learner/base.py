@@ -18,6 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from rlhf_cluster.learner.memory_plan import MemoryPlan, plan_for_folder, plan_m
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.proximal import ProximalPolicy, global_counts
+from rlhf_cluster.learner.routing import LearnerRouting
 from rlhf_cluster.learner.sequence_groups import SequenceGroup, group_logprobs, group_share, model_attention
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.chunked_logprobs import logprob_head
@@ -227,19 +229,23 @@ class LearnerBase(ABC):
         return TrainBatch(**fields)
 
     @torch.no_grad()
-    def _frozen_logprobs(self, b: TrainBatch, plans: list[list[MicroBatch]]) -> torch.Tensor:
+    def _frozen_logprobs(self, b: TrainBatch, plans: list[list[MicroBatch]], replay: bool = True) -> torch.Tensor:
         """Log-probs [B, T] of the device batch `b` under the model as it is, no gradient, pass by
-        pass of `plans`, padding passes included (their collectives pair up)."""
+        pass of `plans`, padding passes included (their collectives pair up); `replay`: the
+        engine's experts replayed as in training (not for a reference)."""
         out = torch.zeros_like(b.rollout_logprobs, dtype=torch.float32)
         for micro in (entry for plan in plans for entry in plan):
-            logprobs, _ = self._logprobs(b, micro, with_entropy=False)
+            logprobs, _ = self._logprobs(b, micro, with_entropy=False, replay=replay)
             if micro.real:
                 out[micro.rows] = logprobs
         return out
 
-    def _logprobs(self, b: TrainBatch, micro: MicroBatch, with_entropy: bool):
+    def _logprobs(self, b: TrainBatch, micro: MicroBatch, with_entropy: bool, replay: bool = False):
+        """`micro`'s log-probs [rows, T] (and entropies); `replay`: a policy forward, which replays
+        the engine's experts where `algorithm.routing_replay` says so (`routing`)."""
         rows = micro.rows
-        with logprob_head(self.logprob_head):
+        routed = self.routing.replayed(b, micro) if replay and self.routing is not None else nullcontext()
+        with logprob_head(self.logprob_head), routed:
             if self.sequence is not None:
                 return group_logprobs(self.model, b, micro, self.sequence, self.temperature, with_entropy)
             return response_logprobs(
@@ -348,7 +354,7 @@ class LearnerBase(ABC):
 
         def micro_loss(mini: int, micro: MicroBatch) -> tuple[torch.Tensor, dict]:
             rows = micro.rows
-            logprobs, ent = self._logprobs(b, micro, with_entropy=True)
+            logprobs, ent = self._logprobs(b, micro, with_entropy=True, replay=True)
             prox_rows, correction_rows = prox.rows_of(rows, logprobs)
             global_tokens, global_seqs = counts[mini]
             # clamp_min(1): a mini-batch all filtered out (overlong filtering) adds a zero loss, not NaN.
@@ -370,8 +376,9 @@ class LearnerBase(ABC):
         def step_values(p: Passes) -> torch.Tensor:  # with one update, every row's π_prox is in by now
             return reduction.device_values(p, prox.correction, prox.correction_metrics())
 
+        routing = self._routing_probe(b, plans[0][0])
         passes = self._optimize(lc.ppo_epochs, plans, micro_loss, step_values)
-        out = reduction.read(passes.step_values)
+        out = reduction.read(passes.step_values) | routing
         out["learner/grad_norm"] = passes.grad_norm
         out["learner/skipped_updates"] = float(passes.skipped)
         out["learner/lr"] = self.scheduler.get_last_lr()[0]
@@ -379,6 +386,20 @@ class LearnerBase(ABC):
         for way in ("dense", "with_attention"):  # the step's training FLOPs per second, both ways
             out[f"learner/tflops_per_s_{way}"] = out[f"learner/flops_{way}"] / seconds / 1e12
         return out
+
+    @functools.cached_property
+    def routing(self) -> LearnerRouting | None:
+        """The policy's routing replay and telemetry (`learner.routing`): None for a dense model."""
+        sp = None if self.sequence is None else (self.sequence.size, self.sequence.rank)
+        return LearnerRouting.of(self.model, self.spec.algorithm.routing_replay, sp)
+
+    def _routing_probe(self, b: TrainBatch, first: MicroBatch) -> dict[str, float]:
+        """The step's routing telemetry, measured on its first micro-batch before it trains (MoE only)."""
+        if self.routing is None:
+            return {}
+        self.routing.finish_step()
+        with tracing.span("routing_probe"):
+            return self.routing.probe(b, first, lambda: self._logprobs(b, first, with_entropy=False))
 
     @functools.cached_property
     def flops_shape(self) -> FlopsShape:

@@ -182,8 +182,8 @@ class FSDP2Learner(LearnerBase):
         """With LoRA, the reference is the base model: the same passes with the adapters disabled."""
         if not self.spec.learner.lora.enabled:
             return None
-        with self.model.disable_adapter():
-            return self._frozen_logprobs(b, plans)
+        with self.model.disable_adapter():  # the base model routes itself: no replay of the policy's experts
+            return self._frozen_logprobs(b, plans, replay=False)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _digest_parts(self) -> dict[str, Any]:

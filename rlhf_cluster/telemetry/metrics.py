@@ -125,6 +125,17 @@ CORRECTION_MISMATCH_K3 = _gauge(
 )
 CORRECTION_TRUNCATED = _gauge("rlhf_correction_truncated_fraction", "Tokens whose TIS weight hit the cap.")
 CORRECTION_MASKED = _gauge("rlhf_correction_masked_fraction", "Tokens (or sequences) MIS removed from the loss.")
+# Mixture-of-experts policies (`learner.routing`): the step's routing probe on its first micro-batch.
+ROUTING_AGREEMENT = _gauge(
+    "rlhf_routing_expert_set_agreement_ratio",
+    "Share of (token, MoE layer) pairs the learner routes to the engine's expert set, routing itself.",
+)
+ROUTING_MISMATCH_K3 = _gauge(
+    "rlhf_routing_mismatch_k3", "k3 of learner vs rollout log-probs on the step's probe, by replay.", "replay"
+)
+ROUTING_LOAD = _gauge(
+    "rlhf_routing_load_max_over_mean_ratio", "Max over mean tokens per expert of the engine's routing (1: even)."
+)
 # Set by each generation worker after a weight sync (generation.probe); the driver counts jumps.
 PROBE_MISMATCH_K3 = _gauge(
     "rlhf_generation_probe_mismatch_k3", "k3 of engine vs learner log-probs on the probe, newest version."
@@ -258,6 +269,8 @@ STEP_GAUGES = {
     "unique_per_group": UNIQUE_PER_GROUP,
     "learner_wait_seconds": LEARNER_WAIT,
     "eval_reward_mean": EVAL_REWARD,
+    "routing/expert_set_agreement": ROUTING_AGREEMENT,
+    "routing/load_max_over_mean": ROUTING_LOAD,
 }
 # Columns that are one labelled series of a gauge: column -> (gauge, extra labels).
 STEP_LABELLED_GAUGES = {
@@ -274,6 +287,8 @@ STEP_LABELLED_GAUGES = {
     **{f"busy_{pool}": (POOL_BUSY, {"busy_pool": pool}) for pool in BUSY_POOLS},
     "eval_accuracy": (EVAL_ACCURACY, {"mode": "greedy"}),
     "eval_sampled_accuracy": (EVAL_ACCURACY, {"mode": "sampled"}),
+    "routing/mismatch_k3_with_replay": (ROUTING_MISMATCH_K3, {"replay": "with"}),
+    "routing/mismatch_k3_without_replay": (ROUTING_MISMATCH_K3, {"replay": "without"}),
 }
 # Columns named by a prefix and one label value: prefix -> (gauge, the label the rest fills).
 STEP_PREFIXED_GAUGES = {"eval_pass@": (EVAL_PASS_AT_K, "k"), "eval_accuracy/": (EVAL_SOURCE_ACCURACY, "source")}
