@@ -79,7 +79,7 @@ class LearnerRouting:
         device; None when none of its samples carries any."""
         if b.routings is None:
             return None
-        rows = list(range(len(b.routings))[micro.rows]) if isinstance(micro.rows, slice) else micro.rows.tolist()
+        rows = _indices(micro.rows, len(b.routings))
         routings = [b.routings[i] for i in rows]
         if all(r is None for r in routings):
             return None
@@ -94,9 +94,17 @@ class LearnerRouting:
 
     def replayed(self, b: TrainBatch, micro: MicroBatch):
         """The context a training forward of `micro` runs in: the engine's experts replayed
-        (`routing_replay: rollout`), or nothing."""
-        layout = None if self.replay is None else self.layout(b, micro)
-        return nullcontext() if layout is None or self.replay is None else self.replay.use(layout)
+        (`routing_replay: rollout`; every sample must carry them), or nothing."""
+        if self.replay is None:
+            return nullcontext()
+        missing = [b.sample_ids[i] for i in _indices(micro.rows, len(b.sample_ids)) if not _routed(b, i)]
+        if missing:
+            raise ValueError(
+                f"algorithm.routing_replay=rollout: samples {missing[:3]} carry no routed experts (their engine "
+                "returned none); replay needs the experts of every sample, or set routing_replay: none"
+            )
+        layout = self.layout(b, micro)
+        return nullcontext() if layout is None else self.replay.use(layout)
 
     @torch.no_grad()
     def probe(self, b: TrainBatch, micro: MicroBatch, forward: Logprobs) -> dict[str, float]:
@@ -156,3 +164,12 @@ class LearnerRouting:
         """k3 of the learner's log-probs against the engine's over `mask` (a device scalar)."""
         _, metrics = importance_weights(logprobs.float(), rollout.float(), mask)
         return metrics["mismatch_k3"]
+
+
+def _indices(rows: slice | torch.Tensor, count: int) -> list[int]:
+    """A micro-batch's rows of the step's batch as indices."""
+    return list(range(count)[rows]) if isinstance(rows, slice) else rows.tolist()
+
+
+def _routed(b: TrainBatch, row: int) -> bool:
+    return b.routings is not None and b.routings[row] is not None

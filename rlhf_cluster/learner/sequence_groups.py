@@ -76,7 +76,10 @@ def concat_batches(batches: list[TrainBatch]) -> TrainBatch:
     fields: dict[str, Any] = {}
     for name, first in vars(batches[0]).items():
         values = [getattr(b, name) for b in batches]
-        if first is None:
+        if name == "routings":  # a share without routed experts holds None for each of its rows
+            joined = [item for b in batches for item in (b.routings or [None] * len(b.sample_ids))]
+            fields[name] = joined if any(r is not None for r in joined) else None
+        elif first is None:
             fields[name] = None
         elif isinstance(first, torch.Tensor):
             width = max(v.shape[-1] for v in values) if first.dim() == 2 else 0

@@ -96,3 +96,27 @@ def test_a_dense_policy_has_no_routing_and_replay_refuses_it(gloo_group, tiny_mo
     replay = JobConfig.model_validate({"learner": {"world_size": 1}, "algorithm": {"routing_replay": "rollout"}})
     with pytest.raises(ValueError, match="algorithm.routing_replay=rollout: the policy .* has no MoE layers"):
         FSDP2Learner(LearnerSpec.of_policy(replay), tiny_model_path).train_step(batch)
+
+
+def test_replay_refuses_a_sample_without_routed_experts(gloo_group, moe_path):
+    samples = _engine_samples(moe_path)
+    samples[2].routed_experts = None
+    with pytest.raises(ValueError, match=r"routing_replay=rollout: samples \['s2'\] carry no routed experts"):
+        _step(moe_path, "rollout", True, samples)
+    assert "routing/expert_set_agreement" in _step(moe_path, "none", True, samples)  # telemetry takes what there is
+
+
+def test_a_sequence_groups_joined_shares_keep_each_rows_routing(moe_path):
+    from rlhf_cluster.learner.sequence_groups import concat_batches
+
+    samples = _engine_samples(moe_path)
+    bare = copy.deepcopy(samples[2:])
+    for s in bare:
+        s.routed_experts = None
+    routed, without = TrainBatch.from_samples(samples[:2]), TrainBatch.from_samples(bare)
+    assert without.routings is None
+    orders = (([routed, without], samples[:2] + [None, None]), ([without, routed], [None, None] + samples[:2]))
+    for shares, expected in orders:
+        joined = concat_batches(shares)
+        assert joined.routings == [None if s is None else s.routed_experts for s in expected]
+    assert concat_batches([without, without]).routings is None
