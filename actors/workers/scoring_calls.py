@@ -5,6 +5,7 @@ and the judge's verdicts, each to its pool, with the calls of groups that finish
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -39,15 +40,15 @@ class ScoringCalls:
         """(reward, components) per rollout, from the reward pool."""
         if self._rewards is None:
             raise RuntimeError("this job has no reward pool")
-        return list(await self._rewards([(r, answers) for r in rollouts]))
+        return list(await self._rewards([(r, answers) for r in _unrouted(rollouts)]))
 
     async def reference_logprobs(self, rollouts: list[Rollout]) -> list[list[float]] | None:
         """Per-token log-probs of the frozen initial policy per rollout (None: no reference pool)."""
-        return None if self._reference is None else list(await self._reference(rollouts))
+        return None if self._reference is None else list(await self._reference(_unrouted(rollouts)))
 
     async def teacher_logprobs(self, rollouts: list[Rollout]) -> list[list[float]] | None:
         """Per-token log-probs of the distillation teacher per rollout (None: no teacher pool)."""
-        return None if self._teacher is None else list(await self._teacher(rollouts))
+        return None if self._teacher is None else list(await self._teacher(_unrouted(rollouts)))
 
     async def judge(
         self, rollouts: list[Rollout], prompts: dict[str, str], answers: dict[str, str]
@@ -56,7 +57,7 @@ class ScoringCalls:
         has no judge; a group's rollouts stay in one call (calls are joined, never split)."""
         if self._judge is None:
             return None
-        return list(await self._judge([(r, prompts[r.prompt_id], answers[r.prompt_id]) for r in rollouts]))
+        return list(await self._judge([(r, prompts[r.prompt_id], answers[r.prompt_id]) for r in _unrouted(rollouts)]))
 
     async def _send(self, pool: str, method: str, items: list) -> list:
         return (await self.pools[pool].call(method, items))[1]
@@ -66,3 +67,9 @@ class ScoringCalls:
         for held in {id(a): a for _, a in items}.values():
             answers.update(held)
         return (await self.pools["reward"].call("score", [r for r, _ in items], answers))[1]
+
+
+def _unrouted(rollouts: list[Rollout]) -> list[Rollout]:
+    """The rollouts as the scorers get them: without their routed experts (MoE policies), which
+    no scorer reads and which would cross to its process with every call (MBs per long sample)."""
+    return [r if r.routed_experts is None else replace(r, routed_experts=None) for r in rollouts]
