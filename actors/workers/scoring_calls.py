@@ -72,4 +72,4 @@ class ScoringCalls:
 def _unrouted(rollouts: list[Rollout]) -> list[Rollout]:
     """The rollouts as the scorers get them: without their routed experts (MoE policies), which
     no scorer reads and which would cross to its process with every call (MBs per long sample)."""
-    return [r if r.routed_experts is None else replace(r, routed_experts=None) for r in rollouts]
+    return [r if getattr(r, "routed_experts", None) is None else replace(r, routed_experts=None) for r in rollouts]
