@@ -29,6 +29,7 @@ from rlhf_cluster.generation.engine_loop import EngineLoop
 from rlhf_cluster.generation.gc_pause import imports_without_gc
 from rlhf_cluster.generation.int8_reload import keep_int8_scales_alive
 from rlhf_cluster.generation.lora_adapters import AdapterSlot
+from rlhf_cluster.generation.routing_capture import engine_routing
 from rlhf_cluster.generation.vllm_process import (
     RotaryReloadFilter,
     configure_vllm_environment,
@@ -118,6 +119,10 @@ class VLLMEngine(EngineLoop):
 
     With `generation.quantization: int8`, `model_path` is an int8 start checkpoint
     (`quantization.write_int8_model_dir`) and every push must be the store's int8 variant.
+
+    With `routed_experts` (a mixture-of-experts model; `algorithm.routing_replay: rollout`), every
+    rollout of `submit_group` and `generate` carries the experts the engine routed its tokens to
+    (`Rollout.routed_experts`; `routing_capture`). Turns and scoring carry none.
     """
 
     def __init__(
@@ -129,8 +134,10 @@ class VLLMEngine(EngineLoop):
         name: str = "gen0",
         on_step: Callable[[int, int], None] | None = None,
         adapters: LoraConfig | None = None,
+        routed_experts: bool = False,
     ):
         configure_vllm_environment(cfg)
+        self.routing = engine_routing(model_path) if routed_experts else None
         # vLLM's engine itself, not the `LLM` wrapper: the wrapper adds nothing this loop uses and
         # warms up a chat renderer at start (~2 s per engine on CPU).
         with imports_without_gc():  # ~2.4 s of a ~7 s engine start on CPU (see gc_pause.py)
@@ -160,9 +167,12 @@ class VLLMEngine(EngineLoop):
             # Weights load through vLLM's weight-transfer API, as the checked tensors our transports fetched.
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer.BACKEND),
             **(self.adapters.engine_args() if self.adapters is not None else {}),
+            **(self.routing.engine_args() if self.routing is not None else {}),
             **cfg.engine_kwargs,
         )
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        if self.routing is not None:
+            self.routing.attach(self.engine, name)
         self.batches = self._join_batch_recorder(on_step)
         self.engine.set_weight_version(str(self.version))
         self.tokenizer = self.engine.get_tokenizer()
@@ -228,10 +238,13 @@ class VLLMEngine(EngineLoop):
 
         # A chat-templated prompt goes in as the template's token ids: nothing is re-tokenised.
         request = prompt.text if prompt.token_ids is None else TokensPrompt(prompt_token_ids=list(prompt.token_ids))
-        return self._submit([(request, p) for p in params], lambda outs: self._rollouts(prompt, group_id, outs))
+        finish = lambda outs: self._rollouts(prompt, group_id, outs)  # noqa: E731
+        return self._submit([(request, p) for p in params], finish, routed=self.routing is not None)
 
     def _rollouts(self, prompt: Prompt, group_id: str, outputs: list) -> list[Rollout]:
         rollouts = []
+        sample_ids = [f"{group_id}:{k}" for k in range(len(outputs))]
+        routed = self.routing.group(outputs, sample_ids) if self.routing is not None else [None] * len(outputs)
         for k, out in enumerate(outputs):
             comp = out.outputs[0]
             ids = list(comp.token_ids)
@@ -240,7 +253,7 @@ class VLLMEngine(EngineLoop):
                 spans = [(0, int(self.engine.get_weight_version()))]
             rollouts.append(
                 Rollout(
-                    sample_id=f"{group_id}:{k}",
+                    sample_id=sample_ids[k],
                     prompt_id=prompt.prompt_id,
                     group_id=group_id,
                     prompt_ids=list(out.prompt_token_ids),
@@ -251,6 +264,7 @@ class VLLMEngine(EngineLoop):
                     finish_reason=_finish_reason(comp.finish_reason),
                     response_text=response_text(self.tokenizer, ids),
                     worker=self.name,
+                    routed_experts=routed[k],
                 )
             )
         return rollouts
@@ -377,6 +391,8 @@ class VLLMEngine(EngineLoop):
         if unfinished and (restart or self.cfg.in_flight_update == "abort"):
             self.engine.abort_request(unfinished)
             aborted = [self._requests.pop(rid) for rid in unfinished]
+            for rid in unfinished:
+                self._request_dropped(rid)
         load()
         self.engine.set_weight_version(str(version))
         # With requests running, resetting the cache preempts them: their KV is recomputed.

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vllm.v1.engine.llm_engine import LLMEngine
 
+    from rlhf_cluster.generation.routing_capture import EngineRouting
+
 
 @dataclass
 class _Batch:
@@ -28,6 +30,7 @@ class _Batch:
     future: Future
     outputs: list = field(default_factory=list)
     remaining: int = 0
+    routed: bool = False  # its requests' routed experts are kept (mixture-of-experts rollouts)
 
 
 class EngineLoop:
@@ -36,6 +39,7 @@ class EngineLoop:
 
     engine: LLMEngine
     name: str
+    routing: EngineRouting | None = None  # the routed experts of `routed` batches (MoE rollouts)
 
     def _start_loop(self) -> None:
         self._ids = itertools.count()
@@ -101,6 +105,7 @@ class EngineLoop:
                 added = [rid for rid, (b, _) in self._requests.items() if b is batch]
                 for rid in added:
                     del self._requests[rid]
+                    self._request_dropped(rid)
                 if added:  # the batch's requests vLLM took before the refused one
                     self.engine.abort_request(added)
                 batch.future.set_exception(exc)
@@ -108,14 +113,24 @@ class EngineLoop:
 
     def _add_request(self, batch: _Batch, index: int, prompt, params) -> None:
         request_id = f"{self.name}-{next(self._ids)}"
-        # Adding steps nothing: no output before it is registered.
-        self.engine.add_request(request_id, prompt, params, lora_request=self._lora_request())
+        # Adding steps nothing: no output before it is registered. vLLM runs the request under
+        # an internal id of its own (ours and a suffix); its outputs carry ours.
+        internal_id = self.engine.add_request(request_id, prompt, params, lora_request=self._lora_request())
         self._requests[request_id] = (batch, index)
+        if batch.routed and self.routing is not None:
+            self.routing.added(request_id, internal_id)
+
+    def _request_dropped(self, request_id: str) -> None:
+        """A request left the engine unfinished (aborted): its routing never reaches a rollout."""
+        if self.routing is not None:
+            self.routing.dropped(request_id)
 
     def _finished(self, out) -> None:
         if not out.finished:
             return
         batch, index = self._requests.pop(out.request_id)
+        if batch.routed and self.routing is not None:
+            self.routing.finished(out)  # taken out before `finish` builds the batch's results
         batch.outputs[index] = out
         batch.remaining -= 1
         if batch.remaining == 0:
@@ -124,14 +139,14 @@ class EngineLoop:
             except Exception as exc:  # noqa: BLE001 - a bad output fails its own caller only
                 batch.future.set_exception(exc)
 
-    def _submit(self, inputs: list, finish: Callable[[list], object]) -> Future:
+    def _submit(self, inputs: list, finish: Callable[[list], object], routed: bool = False) -> Future:
         future: Future = Future()
         with self._wake:
             if self._failure is not None:
                 raise RuntimeError(f"{self.name}: the engine loop died") from self._failure
             if self._closed:
                 raise RuntimeError(f"{self.name}: the engine is closed")
-            self._incoming.append(_Batch(inputs, finish, future))
+            self._incoming.append(_Batch(inputs, finish, future, routed=routed))
             self._wake.notify()
         return future
 

@@ -1,0 +1,109 @@
+"""The CPU routing capture on a real engine: the tiny Qwen3-MoE's rollouts carry the experts vLLM
+routed each token to, and they are the experts the Hugging Face model routes the same sequence to.
+Several groups run at once (n=3, so steps batch many requests, prefill and decode together); the
+long prompts span a KV block, so a group's later responses take it from the prefix cache and are
+given the first response's rows there. If one request's rows were filed under another's, the
+agreement would fall to chance (measured 0.05 with the step's rows reversed).
+
+The engine runs in a child process: vLLM sets up a torch.distributed group in its process, which
+would outlive the test here. No Ray."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+SHORT, LONG, N = 6, 3, 3
+
+
+def _generate(model_path: str) -> tuple[list, list[float], int, list[int], int]:
+    """The rollouts of all prompts (n=3) with routing capture; the generation seconds of the same
+    batch with capture on, off, on, off (one engine each way); the rows left in the capture; the
+    routings' starts before a group's prompt rows were shared; vLLM's KV block size."""
+    import torch
+
+    from rlhf_cluster.config import GenerationConfig, SamplingConfig
+    from rlhf_cluster.data.prompts import Prompt
+    from rlhf_cluster.generation import routing_capture
+    from rlhf_cluster.generation.engine import VLLMEngine
+
+    cfg = GenerationConfig(sampling=SamplingConfig(n=N, max_new_tokens=24, ignore_eos=True))
+    prompts = [Prompt(f"p{a}", f"{a}+{a * 7 % 50}=", "") for a in range(SHORT)]
+    rng = torch.Generator().manual_seed(0)
+    prompts += [
+        Prompt(f"q{i}", "", "", token_ids=tuple(int(t) for t in torch.randint(2, 250, (140,), generator=rng)))
+        for i in range(LONG)
+    ]
+    raw_starts: list[int] = []
+    share = routing_capture.share_prompt_routing
+
+    def spy(routings, prompt_len):
+        raw_starts.extend(r[1] for r in routings if r is not None)
+        return share(routings, prompt_len)
+
+    routing_capture.share_prompt_routing = spy
+    engines = [VLLMEngine(model_path, cfg, routed_experts=on, name=f"gen{int(on)}") for on in (True, False)]
+    block_size = engines[0].engine.vllm_config.cache_config.block_size
+    try:
+        rollouts, _ = engines[0].generate(prompts)
+        starts = list(raw_starts)
+        seconds = []
+        for _ in range(2):
+            for engine in engines:
+                start = time.perf_counter()
+                engine.generate(prompts)
+                seconds.append(time.perf_counter() - start)
+        leftover = len(engines[0].routing.book) + len(engines[0].routing._finished)
+    finally:
+        for engine in engines:
+            engine.close()
+    return rollouts, seconds, leftover, starts, block_size
+
+
+@pytest.fixture(scope="module")
+def moe_path(model_cache):
+    from rlhf_cluster.config import TinyModelConfig
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(TinyModelConfig(architecture="qwen3_moe"), model_cache))
+
+
+def test_rollouts_carry_the_experts_hf_routes_the_same_tokens_to(moe_path):
+    import numpy as np
+    import torch
+
+    from rlhf_cluster.models.modeling import load_causal_lm
+    from rlhf_cluster.models.routed_experts import expand_routing
+    from rlhf_cluster.models.routing_replay import capture_routing, routing_agreement
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rollouts, seconds, leftover, raw_starts, block_size = pool.submit(_generate, moe_path).result(timeout=300)
+    assert len(rollouts) == N * (SHORT + LONG) and leftover == 0
+    # A later response of a long prompt's group ran from the first block it did not find cached.
+    assert sorted(raw_starts) == [0] * (N * SHORT + LONG) + [block_size] * (N - 1) * LONG, raw_starts
+    model = load_causal_lm(moe_path)
+    engine_rows, hf_rows, starts = [], [], []
+    for rollout in rollouts:
+        routed = rollout.routed_experts
+        assert routed is not None, rollout.sample_id
+        length = len(rollout.prompt_ids) + len(rollout.response_ids)
+        assert routed.tokens == length - 1 - routed.start and (routed.layers, routed.top_k) == (2, 2)
+        starts.append(routed.start)
+        engine_rows.append(torch.from_numpy(expand_routing(routed, rollout.sample_id, length, 2, 2, 8)))
+        with torch.no_grad(), capture_routing(model) as seen:
+            model(input_ids=torch.tensor([rollout.prompt_ids + rollout.response_ids]))
+        hf_rows.append(seen[0][routed.start : length - 1])
+    # ... and was given the first response's rows of that block.
+    assert starts == [0] * len(rollouts), starts
+    share, metrics = routing_agreement(torch.cat(engine_rows), torch.cat(hf_rows))
+    per_sample = [float(routing_agreement(e, h)[0]) for e, h in zip(engine_rows, hf_rows)]
+    on = np.mean(seconds[0::2])
+    off = np.mean(seconds[1::2])
+    print(
+        f"expert-set agreement engine vs HF: {float(share):.4f} over {int(metrics['tokens'])} tokens "
+        f"(worst sample {min(per_sample):.4f}); generation {on:.3f} s with capture, {off:.3f} s without"
+    )
+    assert float(share) >= 0.95 and min(per_sample) >= 0.8, (float(share), per_sample)
