@@ -1,8 +1,9 @@
 """Training FLOPs of a decoder model over a batch of sequences, counted two ways: the formula
 written once, for the learner's step metrics and every GPU benchmark's MFU.
 
-- dense: 2·N per token forward, 4·N backward, so 6·N·tokens for a training pass (N: the model's
-  parameters, as counted by the caller; the house's figures count every parameter).
+- dense: 2·N per token forward, 4·N backward, so 6·N·tokens for a training pass (N: the
+  parameters a token runs through; the house's figures count every parameter of a dense model,
+  the embedding included).
 - with attention: plus the attention scores and their weighted sum, which no parameter counts.
   Per layer and query head a sequence of s tokens costs QKᵀ 2·s²·d and AV 2·s²·d forward, twice
   that backward: 12·L·H·d·s² for a training pass (L layers, H query heads, d the head size), which
@@ -17,13 +18,23 @@ Two choices, both written here so figures compare:
   packing exists to avoid. Right-padded rows count their real tokens only, like packed ones.
 Recomputation (activation checkpointing, flash attention's backward) is not counted: model FLOPs,
 not hardware FLOPs.
+
+A mixture of experts counts its active parameters (`parameter_counts`): a token runs top_k of a
+layer's E routed experts, so their tensors (every parameter under a module named `experts`: the
+stacked `gate_up_proj` / `down_proj` of transformers 5, or one module per expert) count k/E of
+their size; the router (`mlp.gate`, E·H, which every token runs) and a shared expert (Qwen2-MoE's
+`shared_expert`, DeepSeek's `shared_experts`) count whole. Qwen3-30B-A3B's 30.5B parameters count
+as its 3.3B active ones, as the model card and the MoE MFU figures elsewhere count them; counting
+every expert would credit 9x the products a step runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from rlhf_cluster.models.moe import moe_info
 
 PASS_FACTOR = {True: 3, False: 1}  # forward + backward (2x forward) vs forward only
 
@@ -32,7 +43,7 @@ PASS_FACTOR = {True: 3, False: 1}  # forward + backward (2x forward) vs forward 
 class FlopsShape:
     """What the count reads of a decoder model."""
 
-    parameters: int  # N
+    parameters: int  # N: every parameter of a dense model, the active ones of an MoE
     layers: int
     heads: int  # query heads
     head_dim: int
@@ -47,12 +58,33 @@ class FlopsShape:
 
     @classmethod
     def of_model(cls, model: Any) -> FlopsShape:
-        """From a Hugging Face model (also under a DeepSpeed or PEFT wrapper): its config, and every
-        parameter counted whole (FSDP2's DTensors count their full size; ZeRO-3's partitioned
-        parameters their `ds_numel`)."""
+        """From a Hugging Face model (also under a DeepSpeed or PEFT wrapper): its config, and its
+        parameters counted whole, an MoE's routed experts at top_k/E (`parameter_counts`)."""
         inner = getattr(model, "module", model)
-        count = sum(int(getattr(p, "ds_numel", p.numel())) for p in inner.parameters())
-        return cls.of_config(inner.config, count)
+        return cls.of_config(inner.config, parameter_counts(inner)[1])
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """`(total, active)` parameters of a Hugging Face model (also under a DeepSpeed or PEFT
+    wrapper; FSDP2's DTensors count their full size, ZeRO-3's partitioned parameters their
+    `ds_numel`): active is total for a dense model; for an MoE, the routed experts count top_k/E."""
+    inner = getattr(model, "module", model)
+    sizes = ((name, int(getattr(p, "ds_numel", p.numel()))) for name, p in inner.named_parameters())
+    return active_parameters(sizes, moe_info(inner.config))
+
+
+def active_parameters(sizes: Iterable[tuple[str, int]], moe: Any) -> tuple[int, int]:
+    """`(total, active)` of named parameter sizes, given the model's `MoeShape` (None: dense). A
+    routed expert's tensor is one with a module named `experts` in its name (`mlp.experts.down_proj`,
+    `mlp.experts.3.w1.weight`; not `shared_expert(s)` nor the router `mlp.gate`)."""
+    total = routed = 0
+    for name, size in sizes:
+        total += size
+        if "experts" in name.split("."):
+            routed += size
+    if moe is None or routed == 0:
+        return total, total
+    return total, total - routed + routed * moe.top_k // moe.num_experts
 
 
 class StepFlops(NamedTuple):
