@@ -10,6 +10,9 @@
   this package imports `weights` (the messages and transports), never `telemetry`.
 - `lora_adapters`: the engine's LoRA adapter slot (`learner.lora.sync: adapters`).
 - `weight_transfer`: the weight-transfer backend through which an engine loads checked tensors.
+- `routing_capture`: the experts a mixture-of-experts engine routed each rollout's tokens to
+  (rollout routing replay): vLLM's own on CUDA, a capture on the in-process engine's routers on
+  the CPU, filed by request and sequence position.
 - `episodes`, `environments`: multi-turn episodes and the environments that answer each turn.
 - `int8_reload`: vLLM's CPU int8 kernel kept valid across in-place reloads (the int8 weights
   themselves are `rlhf_cluster.models.quantization`); `probe`: the post-sync probe;

@@ -90,14 +90,19 @@ class RoutingBook:
                 f"routing capture: a step of {total} scheduled tokens came with {len(positions)} positions "
                 f"and {len(experts)} routed rows"
             )
-        kept, offset = 0, 0
+        kept, offset, at = 0, 0, positions[:total].tolist()
         for request_id, count in zip(request_ids, counts):
             track = self._tracks.get(request_id)
-            if track is not None and count:
-                at = positions[offset : offset + count]
-                track.reserve(int(at.max()) + 1)
-                track.rows[at] = experts[offset : offset + count]
-                track.filled[at] = True
+            if track is not None and count == 1:  # a decode step: one token, one row
+                track.reserve(at[offset] + 1)
+                track.rows[at[offset]] = experts[offset]
+                track.filled[at[offset]] = True
+                kept += 1
+            elif track is not None and count:
+                where = positions[offset : offset + count]
+                track.reserve(max(at[offset : offset + count]) + 1)
+                track.rows[where] = experts[offset : offset + count]
+                track.filled[where] = True
                 kept += int(count)
             offset += int(count)
         return kept
@@ -226,10 +231,11 @@ def install_capture(worker: Any, book: RoutingBook) -> RoutingBook:
     return book
 
 
-def engine_routing(model_path: str) -> EngineRouting:
+def engine_routing(model_path: str, prefix_caching: bool = True) -> EngineRouting:
     """The routed-experts capture of an engine of `model_path`: vLLM's own where CUDA is present
-    (`enable_return_routed_experts`), the CPU capture otherwise; a dense model is refused, naming
-    the setting that asks for it."""
+    (`enable_return_routed_experts`, which vLLM runs only with prefix caching on: it keeps the
+    routing of cached prompt blocks by their hashes), the CPU capture otherwise. A dense model is
+    refused, naming the setting that asks for it."""
     import torch
 
     if Path(model_path).is_dir():
@@ -243,7 +249,13 @@ def engine_routing(model_path: str) -> EngineRouting:
             f"algorithm.routing_replay: rollout needs a mixture-of-experts model; {model_path} is dense "
             "(its config names no experts): set algorithm.routing_replay: none"
         )
-    return EngineRouting(info.num_experts, native=torch.cuda.is_available())
+    native = torch.cuda.is_available()
+    if native and not prefix_caching:
+        raise ValueError(
+            "algorithm.routing_replay: rollout on CUDA takes the routed experts from vLLM, which returns "
+            "them only with prefix caching on: set generation.enable_prefix_caching: true"
+        )
+    return EngineRouting(info.num_experts, native=native)
 
 
 class EngineRouting:
