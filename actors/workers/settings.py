@@ -54,6 +54,7 @@ class GenerationSettings:
     weights_dir: str
     engine_dtype: DType
     adapters: LoraConfig | None
+    routing_replay: str  # `algorithm.routing_replay`: whether rollouts must carry the routed experts
 
     @classmethod
     def of(cls, cfg: JobConfig) -> GenerationSettings:
@@ -65,7 +66,19 @@ class GenerationSettings:
             str(cfg.weights_dir),
             cfg.engine_dtype,
             lora if lora.adapters_only else None,
+            cfg.algorithm.routing_replay,
         )
+
+    def routed_experts(self, model_path: str, cuda: bool) -> bool:
+        """Whether the engine returns the routed experts of its rollouts: always with replay; for the
+        learner's routing telemetry, of every mixture-of-experts policy an eager CPU engine serves
+        (a router callback; vLLM's own capture on CUDA, which needs prefix caching, is asked for
+        replay only)."""
+        from rlhf_cluster.generation.vllm_process import runs_eager
+        from rlhf_cluster.models.moe import is_moe
+
+        telemetry = not cuda and runs_eager(self.generation) and is_moe(model_path)
+        return self.routing_replay == "rollout" or telemetry
 
 
 @dataclass(frozen=True)
