@@ -137,7 +137,7 @@ class VLLMEngine(EngineLoop):
         routed_experts: bool = False,
     ):
         configure_vllm_environment(cfg)
-        self.routing = engine_routing(model_path, cfg.enable_prefix_caching) if routed_experts else None
+        self.routing = engine_routing(model_path, cfg) if routed_experts else None
         # vLLM's engine itself, not the `LLM` wrapper: the wrapper adds nothing this loop uses and
         # warms up a chat renderer at start (~2 s per engine on CPU).
         with imports_without_gc():  # ~2.4 s of a ~7 s engine start on CPU (see gc_pause.py)

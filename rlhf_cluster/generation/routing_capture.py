@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_cluster.config import GenerationConfig
+from rlhf_cluster.generation.vllm_process import runs_eager
 from rlhf_cluster.models.moe import moe_info
 from rlhf_cluster.models.routed_experts import RoutedExperts, compact_routing
 
@@ -155,6 +157,7 @@ class RouterCapture:
     def __init__(self, book: RoutingBook, runner: Any):
         self.book = book
         self.runner = runner
+        self.layers: list[int] = []  # the MoE layers whose routers call back
         self._scheduled: dict[str, int] = {}
         self._layers: dict[int, list[Any]] = {}
         self._active = False
@@ -193,6 +196,11 @@ class RouterCapture:
     def _record(self, request_ids: list[str]) -> None:
         import torch
 
+        if sorted(self._layers) != self.layers:
+            raise RuntimeError(
+                f"routing capture: MoE layers {sorted(set(self.layers) - set(self._layers))} routed a step "
+                "without calling back (a compiled model skips the callbacks: run the engine eager)"
+            )
         counts = [int(self._scheduled[rid]) for rid in request_ids]
         total = sum(counts)
         experts = np.zeros((total, self.book.layers, self.book.top_k), dtype=self.book.dtype)
@@ -211,7 +219,6 @@ def install_capture(worker: Any, book: RoutingBook) -> RoutingBook:
 
     runner = worker.model_runner
     capture = RouterCapture(book, runner)
-    bound = []
     for module in runner.model.modules():
         if not isinstance(module, MoERunner):
             continue
@@ -224,18 +231,20 @@ def install_capture(worker: Any, book: RoutingBook) -> RoutingBook:
         if not 0 <= layer < book.layers:
             raise ValueError(f"routing capture: MoE layer {layer} is outside the model's {book.layers} decoder layers")
         module.router.set_capture_fn(capture.capture_fn(layer))
-        bound.append(layer)
-    if not bound:
+        capture.layers.append(layer)
+    if not capture.layers:
         raise ValueError("routing capture: the engine's model has no MoE router to capture")
+    capture.layers.sort()
     capture.wrap()
     return book
 
 
-def engine_routing(model_path: str, prefix_caching: bool = True) -> EngineRouting:
+def engine_routing(model_path: str, cfg: GenerationConfig) -> EngineRouting:
     """The routed-experts capture of an engine of `model_path`: vLLM's own where CUDA is present
     (`enable_return_routed_experts`, which vLLM runs only with prefix caching on: it keeps the
-    routing of cached prompt blocks by their hashes), the CPU capture otherwise. A dense model is
-    refused, naming the setting that asks for it."""
+    routing of cached prompt blocks by their hashes), the CPU capture otherwise (an eager engine's:
+    a compiled model skips the routers' callbacks). A dense model, and settings either path cannot
+    run, are refused, naming the setting."""
     import torch
 
     if Path(model_path).is_dir():
@@ -250,10 +259,15 @@ def engine_routing(model_path: str, prefix_caching: bool = True) -> EngineRoutin
             "(its config names no experts): set algorithm.routing_replay: none"
         )
     native = torch.cuda.is_available()
-    if native and not prefix_caching:
+    if native and not cfg.enable_prefix_caching:
         raise ValueError(
             "algorithm.routing_replay: rollout on CUDA takes the routed experts from vLLM, which returns "
             "them only with prefix caching on: set generation.enable_prefix_caching: true"
+        )
+    if not native and not runs_eager(cfg):
+        raise ValueError(
+            "algorithm.routing_replay: rollout on the CPU captures the routers of an eager engine (a compiled "
+            "model skips their callbacks): set generation.enforce_eager: true, the CPU's default"
         )
     return EngineRouting(info.num_experts, native=native)
 
@@ -278,6 +292,11 @@ class EngineRouting:
         if self.native:
             return
         config = engine.model_config
+        if not config.enforce_eager:
+            raise ValueError(
+                f"{name}: routing capture on the CPU needs an eager engine (a compiled model skips the "
+                "routers' callbacks): set generation.enforce_eager: true, the CPU's default"
+            )
         self.book = RoutingBook(
             config.get_total_num_hidden_layers(), config.get_num_experts_per_tok(), self.num_experts
         )
@@ -313,7 +332,7 @@ class EngineRouting:
         else:
             found = [self._finished.pop(out.request_id, None) for out in outputs]
             found = share_prompt_routing(found, len(outputs[0].prompt_token_ids)) if outputs else found
-        routed = []
+        routed: list[RoutedExperts | None] = []
         for sample_id, routing in zip(sample_ids, found):
             if routing is None:
                 log.warning("%s: the engine gave no routed experts", sample_id)

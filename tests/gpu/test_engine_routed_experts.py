@@ -48,9 +48,10 @@ def moe_path(model_cache):
 
 
 def _cpu_half(moe_path: str) -> None:
+    from rlhf_cluster.config import GenerationConfig
     from rlhf_cluster.generation.routing_capture import EngineRouting, engine_routing
 
-    routing = engine_routing(moe_path)
+    routing = engine_routing(moe_path, GenerationConfig())
     assert not routing.native and routing.engine_args() == {}  # the capture path
     assert EngineRouting(8, native=True).engine_args() == {"enable_return_routed_experts": True}
     from vllm.engine.arg_utils import EngineArgs
@@ -65,13 +66,14 @@ def test_vllm_returns_the_experts_hf_routes_the_same_tokens_to(device, moe_path)
     if device.type == "cpu":
         _cpu_half(moe_path)
         return
+    from rlhf_cluster.config import GenerationConfig
     from rlhf_cluster.generation.routing_capture import engine_routing
     from rlhf_cluster.models.modeling import load_causal_lm
     from rlhf_cluster.models.routed_experts import expand_routing
     from rlhf_cluster.models.routing_replay import capture_routing, routing_agreement
 
     with pytest.raises(ValueError, match="generation.enable_prefix_caching"):
-        engine_routing(moe_path, prefix_caching=False)
+        engine_routing(moe_path, GenerationConfig(enable_prefix_caching=False))
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         rollouts, native = pool.submit(_rollouts, moe_path).result(timeout=600)
     assert native and len(rollouts) == N * (SHORT + LONG)

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from rlhf_cluster.generation.routing_capture import EngineRouting, RoutingBook, share_prompt_routing
+from rlhf_cluster.generation.routing_capture import EngineRouting, RouterCapture, RoutingBook, share_prompt_routing
 from rlhf_cluster.models.routed_experts import expand_routing
 
 LAYERS, TOP_K, EXPERTS = 3, 2, 8
@@ -162,8 +163,62 @@ def test_native_routing_is_vllms_array_from_position_zero():
     assert routing.group([_output("gen0-1", [5], [8])], ["s1"]) == [None]
 
 
-def test_replay_on_a_dense_model_is_refused_naming_the_setting(tiny_model_path):
-    from rlhf_cluster.generation.routing_capture import engine_routing
+class _Runner:
+    """A stand-in for vLLM's model runner: one step of `runs` (request id, first position, tokens)
+    whose forward calls the routers of `layers` back with made-up routings."""
 
-    with pytest.raises(ValueError, match="algorithm.routing_replay"):
-        engine_routing(tiny_model_path)
+    def __init__(self, capture_fns: dict):
+        self.capture_fns = capture_fns
+        self.input_batch = SimpleNamespace(req_ids=[])
+        self.positions = torch.zeros(64, dtype=torch.int64)
+        self.layers = [0, 2]
+
+    def execute_model(self, scheduler_output):
+        return self._model_forward()
+
+    def _model_forward(self):
+        for layer in self.layers:  # a padded step: the routers see 2 rows more than were scheduled
+            rows = torch.tensor(np.concatenate([self.experts[:, layer], np.zeros((2, TOP_K), np.uint8)]))
+            self.capture_fns[layer](rows.to(torch.int32))
+        return "hidden"
+
+    def step(self, runs: list[tuple[str, int, int]]):
+        self.input_batch.req_ids = [rid for rid, _, _ in runs]
+        at = np.concatenate([np.arange(first, first + n) for _, first, n in runs])
+        self.positions[: len(at)] = torch.from_numpy(at)
+        self.experts = np.stack([routing_of(int(rid[1:]), first + i) for rid, first, n in runs for i in range(n)])
+        return self.execute_model(SimpleNamespace(num_scheduled_tokens={rid: n for rid, _, n in runs}))
+
+
+def test_router_capture_files_a_runners_steps_and_refuses_a_silent_router():
+    book = RoutingBook(LAYERS, TOP_K, EXPERTS)
+    book.track("r1")
+    book.track("r2")
+    fns: dict = {}
+    runner = _Runner(fns)
+    capture = RouterCapture(book, runner)
+    fns.update({layer: capture.capture_fn(layer) for layer in (0, 2)})
+    capture.layers = [0, 2]
+    capture.wrap()
+    assert runner.step([("r2", 0, 3), ("r1", 0, 2)]) == "hidden"
+    assert runner.step([("r1", 2, 1), ("r2", 3, 1)]) == "hidden"
+    runner.step([("r9", 0, 4)])  # no tracked request: nothing read
+    rows, start = book.take("r1", 4)
+    want = expected(1, range(3))
+    assert start == 0 and np.array_equal(rows[:, [0, 2]], want[:, [0, 2]]) and not rows[:, 1].any()  # layer 1: dense
+    runner.layers = [0]  # layer 2 routes without calling back (a compiled model)
+    with pytest.raises(RuntimeError, match=r"MoE layers \[2\] routed a step without calling back"):
+        runner.step([("r2", 4, 1)])
+
+
+def test_replay_refusals_name_the_setting(tiny_model_path, tmp_path):
+    from rlhf_cluster.config import GenerationConfig, TinyModelConfig
+    from rlhf_cluster.generation.routing_capture import engine_routing
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
+
+    with pytest.raises(ValueError, match="algorithm.routing_replay: rollout needs a mixture-of-experts model"):
+        engine_routing(tiny_model_path, GenerationConfig())
+    moe = str(ensure_tiny_model(TinyModelConfig(architecture="qwen3_moe"), tmp_path))
+    with pytest.raises(ValueError, match="generation.enforce_eager: true"):
+        engine_routing(moe, GenerationConfig(enforce_eager=False))
+    assert not engine_routing(moe, GenerationConfig()).native
