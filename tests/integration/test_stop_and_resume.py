@@ -3,7 +3,9 @@ or hangs on some prompts; a second job pointed at the live job's run_dir; SIGTER
 each followed by `--resume auto` (the first at a new learning rate, KL coefficient and learner
 world size 2 -> 1, the second back to the config's, 1 -> 2, under a supervisor whose driver is
 SIGKILLed once and resumed). Every stop exits 0 with a checkpoint of the last trained step, every
-step is trained exactly once over the runs, no sample twice, nothing on a bad reward."""
+step is trained exactly once over the runs, no sample twice, nothing on a bad reward. The policy is
+the tiny mixture of experts with rollout routing replay: every scored and buffered sample keeps
+the experts its engine routed it to across the stops (the learner refuses a sample without them)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,16 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import ray
 import yaml
 
+from rlhf_cluster.data.prompts import read_prompt_file
+from rlhf_cluster.experience.records import table_to_samples
 from rlhf_cluster.fileio import read_jsonl
 from rlhf_cluster.run.checkpoint import CheckpointStore
-from rlhf_cluster.data.prompts import read_prompt_file
+from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.scored_log import ScoredLog
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "rlhf-cluster")
@@ -72,6 +78,8 @@ def _stop_after(proc: subprocess.Popen, run_dir: Path, rows: int, sig: signal.Si
 def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_path):
     cfg = job_config(reference=True,
         name="stop-resume",
+        model={"tiny": {"architecture": "qwen3_moe"}},
+        algorithm={"routing_replay": "rollout"},
         generation={"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
         scoring={"rewards": [{"type": "function", "function": "tests.integration.test_stop_and_resume:flaky_reward",
                               "on_error": "drop", "timeout_s": 0.5}]},
@@ -144,3 +152,18 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
     assert not [c for c in consumed if bad_reward(answer_of[c["prompt_id"]])], "trained on a group whose reward failed"
     assert all(math.isfinite(r["reward_mean"]) for r in rows)
     assert rows[-1]["dropped_reward_failed"] > 0, "no broken reward was met: the test tested nothing"
+    # Routing replay held over the stops: the learner measured it every step, and every sample the
+    # scored log and the checkpoints' buffers kept (what a resume reads back) has its routed experts.
+    assert all(0 < r["routing/expert_set_agreement"] <= 1 and r["routing/mismatch_k3_with_replay"] >= 0 for r in rows)
+    kept = [s for _, group in ScoredLog(run_dir / RunDir.SCORED_LOG).since(0) for s in group]
+    for ckpt in store.list():
+        with pa.memory_map(str(ckpt / RunDir.CHECKPOINT_BUFFER)) as source:
+            kept += table_to_samples(pa.ipc.open_file(source).read_all())
+    assert kept and all(_routed_whole(s, cfg.model.tiny.num_layers) for s in kept), "a sample lost its routing"
+
+
+def _routed_whole(sample, layers: int) -> bool:
+    """The sample's routing covers its sequence from `start` to the token before its last."""
+    routed = sample.routed_experts
+    length = len(sample.prompt_ids) + len(sample.response_ids)
+    return routed is not None and routed.start + routed.tokens == length - 1 and routed.layers == layers
