@@ -58,22 +58,27 @@ def _engine_samples(path: str, noise: float = 0.3) -> list[ScoredSample]:
     return samples
 
 
-def _step(path: str, replay: str, packing: bool, samples: list[ScoredSample]) -> dict[str, float]:
+def _step(path: str, replay: str, packing: bool, samples: list[ScoredSample], backend: str = "fsdp2") -> dict:
     cfg = JobConfig.model_validate(
         {
             "algorithm": {"routing_replay": replay},
-            "learner": {"world_size": 1, "lr": 1e-3, "sequence_packing": packing},
+            "learner": {"backend": backend, "world_size": 1, "lr": 1e-3, "sequence_packing": packing},
         }
     )
-    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), path)
+    if backend == "deepspeed":
+        from rlhf_cluster.learner.deepspeed import DeepSpeedLearner
+
+        learner = DeepSpeedLearner(LearnerSpec.of_policy(cfg), path)
+    else:
+        learner = FSDP2Learner(LearnerSpec.of_policy(cfg), path)
     return learner.train_step(TrainBatch.from_samples(copy.deepcopy(samples)), kl_coef=0.0)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_the_training_forward_replays_the_engines_experts(gloo_group, moe_path, packing):
+@pytest.mark.parametrize("packing,backend", [(False, "fsdp2"), (True, "fsdp2"), (True, "deepspeed")])
+def test_the_training_forward_replays_the_engines_experts(gloo_group, moe_path, packing, backend):
     samples = _engine_samples(moe_path)
-    replayed = _step(moe_path, "rollout", packing, samples)
-    own = _step(moe_path, "none", packing, samples)
+    replayed = _step(moe_path, "rollout", packing, samples, backend)
+    own = _step(moe_path, "none", packing, samples, backend)
     for metrics in (replayed, own):
         # The engine and the learner route some tokens apart; the probe measures both ways on one micro-batch.
         assert 0.5 < metrics["routing/expert_set_agreement"] < 0.99, metrics
