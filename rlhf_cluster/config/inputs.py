@@ -109,16 +109,24 @@ class PromptColumns(_Strict):
         description="Column naming each prompt's source (a dataset, a difficulty): "
         "evaluation also reports accuracy per source (`eval_accuracy/<source>`).",
     )
+    images: str | None = Field(
+        None,
+        description="Column of each prompt's images, one or a list per row (a vision-language policy): PNG/JPEG "
+        "bytes, a path (relative to the dataset file's folder), or a `datasets` Image feature ({bytes, path}). The "
+        "chat template puts them before the prompt's text (or where a messages column's `{type: image}` parts are).",
+    )
 
 
 class DataConfig(_Strict):
     """Where prompts come from: a built-in task or a user's parquet/jsonl file."""
 
-    task: Literal["arithmetic", "tool_arithmetic"] | None = Field(
+    task: Literal["arithmetic", "tool_arithmetic", "visual_count", "visual_color"] | None = Field(
         "arithmetic",
         description="Built-in task: writes its parquet file, and its verifier scores responses. "
         "`tool_arithmetic`: the same sums, answered in multi-turn episodes with a calculator tool "
-        "(configs/tool_demo.yaml).",
+        "(configs/tool_demo.yaml). `visual_count` / `visual_color`: an image of coloured dots, asking how many "
+        "there are / what colour they are (a vision-language policy; its `images` column is read without "
+        "`columns.images`).",
     )
     path: str | None = Field(
         None,
@@ -135,7 +143,10 @@ class DataConfig(_Strict):
         "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.",
     )
     system_prompt: str | None = Field(None, description="A system turn before every prompt (with `chat_template`).")
-    verifier: Literal["arithmetic", "tool_arithmetic", "gsm8k", "boxed", "exact", "regex"] | None = Field(
+    verifier: (
+        Literal["arithmetic", "tool_arithmetic", "visual_count", "visual_color", "gsm8k", "boxed", "exact", "regex"]
+        | None
+    ) = Field(
         None,
         description="Built-in verifier scoring responses against the answer column (rlhf_cluster/data/verifiers.py); "
         "None: the task's (arithmetic).",
@@ -146,6 +157,24 @@ class DataConfig(_Strict):
     num_prompts: int = Field(2048, ge=1, description="Prompts generated for the built-in task.")
     max_operand: int = Field(
         49, ge=1, le=999, description="Built-in arithmetic task: operands are drawn from 0..max_operand."
+    )
+    image_size: int = Field(
+        56, ge=28, le=448, description="Built-in visual tasks: the images' side in pixels (square)."
+    )
+    max_dots: int = Field(5, ge=1, le=12, description="Built-in visual tasks: each image has 1..max_dots dots.")
+    max_pixels: int | None = Field(
+        None,
+        ge=784,
+        description="Images: the most pixels the model's processor resizes an image to (fewer image tokens); None: "
+        "the processor's own setting.",
+    )
+    min_pixels: int | None = Field(
+        None, ge=1, description="Images: the fewest pixels the processor resizes an image to; None: its own setting."
+    )
+    max_image_bytes: int = Field(
+        16 * 2**20,
+        ge=1,
+        description="Images: an encoded image larger than this (bytes) is refused, naming its row and file.",
     )
     eval_prompts: int = Field(
         64,
@@ -216,6 +245,8 @@ class DataConfig(_Strict):
             )
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("data.system_prompt is a chat turn: set data.chat_template: true")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.min_pixels={self.min_pixels} is larger than data.max_pixels={self.max_pixels}")
         return self
 
     @property
