@@ -1,4 +1,4 @@
-"""`make gpu-check`: everything issues 54 and 69's "Done when" lists are read from, in one call on a GPU machine.
+"""`make gpu-check`: everything issues 54, 69 and 70's "Done when" lists are read from, on a GPU machine.
 
 Steps, each a subprocess with its own time limit (a step that fails or runs out of time is
 recorded as such and the next one runs):
@@ -13,13 +13,18 @@ recorded as such and the next one runs):
    ours beside the plain loop;
 5. `benchmarks.gpu.compile_parity`: learner.compile against eager per parameter under each
    candidate fix, naming the cause;
-6. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start; `--all` on a GPU).
-Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON) and prints one
-table of the figures. Without CUDA the same steps run at tiny shapes on the CPU (`--smoke` is
-then implied): what `tests/integration/test_gpu_check.py` runs so this check cannot rot.
+6. `benchmarks.gpu.learner` on a mixture of experts (issue 70): a random Qwen3-MoE of 1.6B
+   parameters, 0.59B active (`models.MOE_SHAPES`), ours beside the plain loop, MFU on active
+   parameters;
+7. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start; `--all` on a GPU).
+Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON; rewritten after
+every step, so a call cut short keeps the steps it ran) and prints one table of the figures.
+`--only STEP ...` runs those steps alone (issue 70's figure: `--only tests/gpu "learner MoE"`).
+Without CUDA the same steps run at tiny shapes on the CPU (`--smoke` is then implied): what
+`tests/integration/test_gpu_check.py` runs so this check cannot rot.
 
     bash scripts/gpu_check.sh [WHEEL_DIR]      # installs what the machine lacks from WHEEL_DIR, then this
-    python3 -m benchmarks.gpu.check [--out-dir DIR] [--smoke] [--all] [--skip STEP ...]     # this alone
+    python3 -m benchmarks.gpu.check [--out-dir DIR] [--smoke] [--all] [--skip STEP ...] [--only STEP ...]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep (implied without CUDA)")
     p.add_argument("--seq-lens", type=int, nargs="*", default=None, help="the learner's --seq-lens (0.5B and 1.5B)")
     p.add_argument("--skip", nargs="*", default=[], help="steps to leave out, by name")
+    p.add_argument("--only", nargs="*", default=None, help="run these steps alone, by name (tests/gpu is one)")
     p.add_argument("--all", action="store_true", help=f"on a GPU also the steps {', '.join(EARLIER_ISSUES)}")
     return p.parse_args(argv)
 
@@ -58,6 +64,7 @@ STEPS = (
     ("host hop 1.5B", "paths", "gpu_paths_1.5b.json"),
     ("profile 0.5B", "step_profile", "gpu_profile_0.5b.json"),
     ("compile parity", "compile_parity", "gpu_compile_parity.json"),
+    ("learner MoE", "learner", "gpu_learner_moe.json"),
     ("learner 0.5B, more sides", "learner", "gpu_learner_0.5b_more.json"),
 )
 # Steps whose figures belong to earlier issues (54, 55: measured on an H200 on 2026-11-26 and -27):
@@ -84,7 +91,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
 def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     """Each step's flags and time limit at tiny shapes on the CPU."""
     seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [256])]
-    tiny = "--shape smoke --batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens".split()
+    batch = "--batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens".split()
+    tiny = ["--shape", "smoke", *batch]
     return {
         "learner 0.5B": ([*tiny, "--attention", "eager", "--seq-lens", *seq, "--tokens-per-step", "512"], 300),
         "learner 1.5B": ([*tiny, "--no-plain"], 300),
@@ -93,6 +101,7 @@ def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "profile 0.5B": (["--shape", "smoke", "--top", "5"], 300),
         # Dynamo's tracing alone (~20 s): tests/gpu compares inductor's layers with eager ones on the CPU
         "compile parity": (["--shape", "smoke", "--variants", "dynamo only", "--no-confirm"], 300),
+        "learner MoE": (["--shape", "moe-smoke", *batch], 300),  # the tiny MoE's size: 8 experts, top-2
         "learner 0.5B, more sides": ([*tiny, "--no-plain", "--deepspeed"], 300),
     }
 
@@ -103,9 +112,11 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     FlexAttention and varlen at those lengths (0.5B) and SDPA and the chunked head at the default batch;
     1.5B with the memory plan given 40 GiB; the step profile; the compile parity bisect. With the
     tests' 140 s the limits add up to 540 s, 580 s with the wheels' install (~40 s): one 10-minute
-    call. `--all` adds the steps of `EARLIER_ISSUES` (105 s more; on an H200, 2026-11-26, they took
-    ~64, ~33 and ~40 s). learner.compile's timing is left to `python3 -m benchmarks.gpu.learner
-    --compile` by hand (~50 s of compilation) until the parity step passes."""
+    call. Issue 70's MoE step (a random Qwen3-MoE, 1.6B parameters, 0.59B active: ours and the
+    plain loop at the default batch) adds 150 s, beyond that call: `--only tests/gpu "learner MoE"`
+    runs issue 70's part alone (290 s). `--all` adds the steps of `EARLIER_ISSUES` (105 s more; on
+    an H200, 2026-11-26, they took ~64, ~33 and ~40 s). learner.compile's timing is left to
+    `python3 -m benchmarks.gpu.learner --compile` by hand (~50 s of compilation) until the parity step passes."""
     seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [1024, 4096, 16384, 32768])]
     lengths = ["--reps", "3", "--warmup", "1", "--seq-lens", *seq, "--tokens-per-step", "32768"]
     return {
@@ -132,6 +143,7 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "host hop 1.5B": (["--shape", "qwen2.5-1.5b", "--parts", "host_hop"], 25),
         "profile 0.5B": (["--shape", "qwen2.5-0.5b"], 40),
         "compile parity": (["--shape", "tiny", "--no-confirm"], 100),
+        "learner MoE": (["--shape", "qwen3-moe-1.6b-a0.6b", "--reps", "3", "--warmup", "1"], 150),
         "learner 0.5B, more sides": (["--shape", "qwen2.5-0.5b", "--reps", "3", "--no-plain", "--deepspeed"], 50),
     }
 
@@ -164,13 +176,21 @@ def run_step(name: str, command: list[str], limit: int, log: Path) -> dict:
     return {"status": status, "seconds": seconds, "command": command[1:], "log": str(log), "tail": tail[-12:]}
 
 
+def _count(n: int) -> str:
+    """A parameter count in billions, or millions below one billion."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def summary_rows(report: dict) -> list[list]:
     """One row per figure the issue's Done-when reads: side, batch, s/step, MFU (6·N and with
     attention), peak GiB, x plain."""
     rows = []
-    for step in ("learner 0.5B", "learner 1.5B", "learner 0.5B, more sides"):
+    for step in ("learner 0.5B", "learner 1.5B", "learner MoE", "learner 0.5B, more sides"):
         result = report["steps"].get(step, {}).get("result") or {}
         for name, f in (result.get("figures") or {}).items():
+            cfg = result.get("config") or {}
+            moe = cfg.get("active_parameters", 0) != cfg.get("parameters", 0)
+            note = f"{_count(cfg['active_parameters'])} of {_count(cfg['parameters'])} active" if moe else ""
             rows.append(
                 [
                     f"{step}: {name}",
@@ -180,7 +200,7 @@ def summary_rows(report: dict) -> list[list]:
                     f.get("mfu_with_attention"),
                     f.get("peak_memory_gib"),
                     f.get("vs_plain"),
-                    f.get("error", "")[:30],
+                    f.get("error", "")[:30] or note,
                 ]
             )
     paths = report["steps"].get("scoring and host hop 0.5B", {}).get("result") or {}
@@ -242,6 +262,23 @@ def summary_rows(report: dict) -> list[list]:
     return rows
 
 
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    """Whether step `name` runs: named by `--only` where given, else not `--skip`ped and, on a GPU
+    without `--all`, not one of `EARLIER_ISSUES`."""
+    if args.only is not None:
+        return name in args.only
+    return name not in args.skip and (args.smoke or args.all or name not in EARLIER_ISSUES)
+
+
+def write_report(args: argparse.Namespace, report: dict, begun: float, finished: bool) -> None:
+    """gpu_check.json as it stands: after every step (`finished` False), so a call cut short keeps
+    the results of the steps it ran, and once at the end."""
+    report["seconds"] = time.perf_counter() - begun
+    report["ok"] = all(e["status"] == "ok" for e in report["steps"].values())
+    report["finished"] = finished
+    (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -251,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"benchmark": "gpu_check", "machine": machine_info(), "smoke": args.smoke, "steps": {}}
     begun = time.perf_counter()
     for name, command, limit in steps(args):
-        if name in args.skip or (not args.smoke and not args.all and name in EARLIER_ISSUES):
+        if not wanted(args, name):
             continue
         slug = name.replace("/", "_").replace(" ", "_").replace(".", "")
         entry = run_step(name, command, limit, args.out_dir / f"{slug}.log")
@@ -259,9 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None and out.is_file() and entry["status"] == "ok":
             entry["result"] = json.loads(out.read_text())
         report["steps"][name] = entry
-    report["seconds"] = time.perf_counter() - begun
-    report["ok"] = all(e["status"] == "ok" for e in report["steps"].values())
-    (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        write_report(args, report, begun, finished=False)
+    write_report(args, report, begun, finished=True)
     print(
         f"\ngpu-check on {report['machine']['cuda'] or 'cpu (smoke)'}: {report['seconds']:.0f} s; "
         + ", ".join(f"{n} {e['status']}" for n, e in report["steps"].items())

@@ -27,6 +27,11 @@ ours' steps, and those per decoder layer per micro-batch in its forward (what a 
 Without CUDA the same code runs at the `tiny` shape (still vocabulary 151,936; `make gpu-check` uses
 `smoke`, the same at 8,192) as a smoke run: seconds only, and the before/after ratio of the CPU
 learner (`ours` vs `ours` with the padded full-logits path of before issue 35).
+A mixture of experts (`--shape qwen3-moe-1.6b-a0.6b`, a random Qwen3-MoE, `models.MOE_SHAPES`;
+`moe-smoke` on the CPU) is timed the same way, its MFU on active parameters (6 x active parameters
+x real tokens: each token runs top_k of a layer's experts, `rlhf_cluster/models/flops.py`); the
+result's config gives total and active parameters, the MoE shape and transformers' experts
+implementation (`grouped_mm` where it dispatches).
 
 Log-prob path memory (CPU, `--logprob-tokens`): forward and backward of the response tokens'
 log-probs and entropies from final hidden states (hidden 896, vocabulary 151,936), the chunked
@@ -55,13 +60,14 @@ import torch.distributed as dist
 from benchmarks.common import headline, machine_info, print_table, result_path, write_result
 from benchmarks.gpu.logprob_memory import logprob_memory
 from benchmarks.gpu.models import (
+    MOE_SHAPES,
     SHAPES,
     batch_of,
     build_model,
     device_and_peak,
     join_one_rank_group,
     long_batch,
-    parameter_count,
+    parameter_counts,
 )
 from benchmarks.gpu.sides import Ours, Plain, op_counts, time_side
 
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_cluster.models.flops import FlopsShape
 
     config = AutoConfig.from_pretrained(model_dir)
-    params = parameter_count(config)
+    params, active = parameter_counts(config)
     batches = step_batches(args, config.vocab_size)
     sides = side_builds(args, model_dir, precision, batches)
     results = {name: time_side(args, name, build, side_batches) for name, (build, side_batches) in sides.items()}
@@ -152,12 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     dist.destroy_process_group()
 
     device, peak_flops = device_and_peak()
+    moe = args.shape in MOE_SHAPES  # the memory plan's estimate counts no experts: left out
     figures = step_figures(
-        results, batches, FlopsShape.of_config(config, params), peak_flops, ModelShape.of_folder(model_dir)
+        results,
+        batches,
+        FlopsShape.of_config(config, active),
+        peak_flops,
+        None if moe else ModelShape.of_folder(model_dir),
     )
     memory = logprob_memory(args) if args.logprob_tokens else []
     ours = figures["ours [default]"]
-    mem_ratio = memory_ratio(args, memory)
     result = {
         "benchmark": "gpu_learner",
         "machine": machine_info(),
@@ -166,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             "model": SHAPES[args.shape],
             "vocab": config.vocab_size,
             "parameters": params,
+            "active_parameters": active,
+            "experts_implementation": next(
+                (
+                    r["experts_implementation"]
+                    for r in results.get("ours", {}).values()
+                    if "experts_implementation" in r
+                ),
+                None,
+            ),
             "real_tokens": ours["real_tokens"],
             "padded_tokens": ours["padded_tokens"],
             "device": device,
@@ -175,21 +194,28 @@ def main(argv: list[str] | None = None) -> int:
         "figures": figures,
         "op_counts": ops,
         "logprob_memory": memory,
-        "headline": (
-            headline("real-token MFU of ours", ours.get("mfu"), ">= 0.20 at 0.5B, >= 0.30 at 1.5B", None, "")
-            if peak_flops
-            else headline(
-                "log-prob path peak memory, chunked / full logits (8k tokens, vocab 151,936)",
-                mem_ratio,
-                "<= 0.125",
-                None if mem_ratio is None else mem_ratio <= 0.125,
-                "",
-            )
-        ),
+        "headline": result_headline(args, ours, peak_flops, memory),
     }
     print_report(args, result, ops, memory)
     write_result(args.out, result)
     return 0
+
+
+def result_headline(args: argparse.Namespace, ours: dict, peak_flops: float | None, memory: list[dict]) -> dict:
+    """The one figure the result is read by: ours' real-token MFU on a GPU (on active parameters for
+    an MoE), the log-prob path's memory ratio on the CPU."""
+    if peak_flops and args.shape in MOE_SHAPES:
+        return headline("real-token MFU of ours, active parameters (MoE)", ours.get("mfu"), "report", None, "")
+    if peak_flops:
+        return headline("real-token MFU of ours", ours.get("mfu"), ">= 0.20 at 0.5B, >= 0.30 at 1.5B", None, "")
+    mem_ratio = memory_ratio(args, memory)
+    return headline(
+        "log-prob path peak memory, chunked / full logits (8k tokens, vocab 151,936)",
+        mem_ratio,
+        "<= 0.125",
+        None if mem_ratio is None else mem_ratio <= 0.125,
+        "",
+    )
 
 
 # ---- the steps of main ---------------------------------------------------------------------------
@@ -240,7 +266,7 @@ def side_builds(args: argparse.Namespace, model_dir: Path, precision: str, batch
             lambda: Ours(model_dir, precision, backend="deepspeed", **budget),
             for_side("ours, deepspeed"),
         )
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and args.shape not in MOE_SHAPES:
         sides["ours, before issue 35"] = (lambda: Ours(model_dir, precision, before=True), default)
     if args.plain:
         sides["plain"] = (lambda: Plain(model_dir, precision), for_side("plain"))
@@ -275,7 +301,7 @@ def learner_side(text: str) -> tuple[str, dict]:
 def step_figures(results: dict, batches: dict, flops_shape, peak_flops: float | None, shape) -> dict[str, dict]:
     """One row per side and batch: seconds per step, real tokens/s, MFU both ways (6·N, and with
     attention: `rlhf_cluster.models.flops`), peak memory beside the memory plan's estimate (on CUDA),
-    and the plain loop's time over this side's on the same batch."""
+    and the plain loop's time over this side's on the same batch. `shape` None: no estimate."""
     from rlhf_cluster.learner.memory_plan import estimate
     from rlhf_cluster.models.flops import batch_flops, utilization
 
@@ -307,7 +333,7 @@ def step_figures(results: dict, batches: dict, flops_shape, peak_flops: float | 
                     peak_memory_gib=got["peak_bytes"] / 2**30 if got["peak_bytes"] else None,
                     plan=got["plan"],
                 )
-                if cuda and got["plan"] is not None and name != "ours, deepspeed":  # the memory plan's (FSDP2's)
+                if cuda and shape and got["plan"] is not None and name != "ours, deepspeed":  # the plan's (FSDP2's)
                     tokens = min(got["plan"]["micro_batch_tokens"] or real, real)
                     row["estimate_gib"] = estimate(shape, tokens, 1, got["plan"]["checkpointing"]).total / 2**30
             figures[f"{name} [{key}]"] = row
@@ -330,8 +356,10 @@ def memory_ratio(args: argparse.Namespace, memory: list[dict]) -> float | None:
 
 def print_report(args: argparse.Namespace, result: dict, ops: dict | None, memory: list[dict]) -> None:
     cfg, figures = result["config"], result["figures"]
+    active = f" ({cfg['active_parameters'] / 1e6:.1f}M active)" if cfg["active_parameters"] != cfg["parameters"] else ""
     print(
-        f"\ngpu_learner  {cfg['device']} | {args.shape}: {cfg['parameters'] / 1e6:.1f}M params, vocab {cfg['vocab']} | "
+        f"\ngpu_learner  {cfg['device']} | {args.shape}: {cfg['parameters'] / 1e6:.1f}M params{active}, "
+        f"vocab {cfg['vocab']} | "
         f"default batch {args.batch} sequences, {cfg['real_tokens']} real tokens in {cfg['padded_tokens']} padded | "
         f"{cfg['precision']} | {args.reps} reps (+{args.warmup}), medians; each side alone on the device"
     )

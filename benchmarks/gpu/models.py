@@ -1,6 +1,6 @@
-"""The GPU checks' models and batches: random-weight Qwen2 models of published shapes (built once
-into the model cache with the tiny tokenizer), RL-shaped batches of random tokens, and the device:
-a one-rank process group on it and its dense bf16 peak."""
+"""The GPU checks' models and batches: random-weight Qwen2 models of published shapes and Qwen3-MoE
+models of scaled ones (built once into the model cache with the tiny tokenizer), RL-shaped batches
+of random tokens, and the device: a one-rank process group on it and its dense bf16 peak."""
 
 from __future__ import annotations
 
@@ -47,6 +47,31 @@ _ROWS: dict[str, tuple[int, int, int, int, int, bool | None]] = {
 }
 SHAPES: dict[str, dict[str, Any]] = {name: dict(zip(_FIELDS, row)) for name, row in _ROWS.items()}
 
+# Mixtures of experts, built as Qwen3-MoE (every layer sparse, stacked experts, top-k probabilities
+# renormalised), untied, at vocabulary 151,936 (`moe-smoke`: SMOKE_VOCAB). `qwen3-moe-1.6b-a0.6b` is
+# Qwen3-30B-A3B (hidden 2048, 48 layers, 32 query heads of 128, 128 experts 768 wide, top-8) scaled
+# down: hidden 1024, 24 layers, 16 query heads of 128 and 4 kv heads, 32 experts 512 wide, top-4:
+# 1,645,796,352 parameters, 588,831,744 active (`rlhf_cluster.models.flops.parameter_counts`).
+# `moe-smoke`: the same kind at the tiny MoE's size, for `make gpu-check` on the CPU.
+_MOE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
+_MOE_ROWS: dict[str, tuple[int, ...]] = {
+    "moe-smoke": (64, 2, 2, 1, 32, 8, 2, 64),
+    "qwen3-moe-1.6b-a0.6b": (1024, 24, 16, 4, 128, 32, 4, 512),
+}
+MOE_SHAPES: dict[str, dict[str, Any]] = {
+    name: {**dict(zip(_MOE_FIELDS, row)), "tie_word_embeddings": False} for name, row in _MOE_ROWS.items()
+}
+SHAPES.update(MOE_SHAPES)
+
 
 def build_model(shape: str, cache_dir: str) -> Path:
     """A random-weight Qwen2 of a published shape, saved once as an HF folder with the tiny tokenizer."""
@@ -68,21 +93,41 @@ def build_model(shape: str, cache_dir: str) -> Path:
                 cache_dir,
             )
         )
-    vocab = SMOKE_VOCAB if shape == "smoke" else VOCAB
+    vocab = SMOKE_VOCAB if shape in ("smoke", "moe-smoke") else VOCAB
     folder = Path(cache_dir).expanduser() / f"random-{shape}-v{vocab}"
     if (folder / "config.json").is_file():
         return folder
     _, tiny = random_model(64, 1, 128, cache_dir)  # its tokenizer files
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **SHAPES[shape])
     scratch = folder.with_name(folder.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
-    Qwen2ForCausalLM(config).save_pretrained(scratch)
+    if shape in MOE_SHAPES:
+        random_moe(shape, vocab).save_pretrained(scratch)
+    else:
+        config = Qwen2Config(vocab_size=vocab, max_position_embeddings=32768, **SHAPES[shape])
+        Qwen2ForCausalLM(config).save_pretrained(scratch)
     for f in Path(tiny).iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
             shutil.copy(f, scratch / f.name)
     scratch.rename(folder)
     return folder
+
+
+def random_moe(shape: str, vocab: int):
+    """A random Qwen3-MoE of `MOE_SHAPES[shape]` in bf16 (a 1.6B folder of 3.3 GB, not 6.6), its
+    weights drawn on the GPU where there is one (seconds, where the CPU takes a minute)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab,
+        max_position_embeddings=32768,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        **MOE_SHAPES[shape],
+    )
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen3MoeForCausalLM(config)
+    return model.bfloat16()
 
 
 def long_batch(seq_len: int, tokens_per_step: int, vocab: int):
@@ -121,10 +166,13 @@ def device_and_peak() -> tuple[str, float | None]:
     return device, next((f for name, f in BF16_PEAK.items() if name in device), None)
 
 
-def parameter_count(config) -> int:
-    """Parameters of the model `config` describes (built on the meta device: no memory)."""
+def parameter_counts(config) -> tuple[int, int]:
+    """`(total, active)` parameters of the model `config` describes (built on the meta device: no
+    memory); active: an MoE's routed experts counted top_k/E (`rlhf_cluster.models.flops`)."""
     from transformers import AutoModelForCausalLM
+
+    from rlhf_cluster.models.flops import parameter_counts as counts
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    return counts(model)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import headline, machine_info, print_table, result_path, write_result
-from benchmarks.gpu.models import SHAPES, build_model, device_and_peak, join_one_rank_group, parameter_count
+from benchmarks.gpu.models import SHAPES, build_model, device_and_peak, join_one_rank_group, parameter_counts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_cluster.models.flops import FlopsShape
 
     config = AutoConfig.from_pretrained(model_dir)
-    params = parameter_count(config)
+    params, active = parameter_counts(config)  # an MoE's MFU counts its active parameters
     device, peak_flops = device_and_peak()
     try:
         scoring = (
-            reference_forward(args, model_dir, FlopsShape.of_config(config, params), config.vocab_size, peak_flops)
+            reference_forward(args, model_dir, FlopsShape.of_config(config, active), config.vocab_size, peak_flops)
             if "reference" in args.parts
             else {}
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -98,13 +99,14 @@ class Plain:
 def time_side(args: argparse.Namespace, name: str, build, batches: dict[str, object]) -> dict[str, dict]:
     """Build one side, time it on each of `batches` (`--warmup` untimed steps, then `--reps`), free
     it (and the GPU's cache) before the next side is built: sides never share the GPU's memory.
-    Per batch: the step times and the peak memory, or the error (out of memory) that stopped it."""
+    Per batch: the step times and the peak memory, or the error that stopped it (out of memory, or
+    any other: its traceback goes to the log, and the other sides still run and report)."""
     cuda = torch.cuda.is_available()
     out: dict[str, dict] = {}
     try:
         side = build()
-    except torch.OutOfMemoryError as e:
-        return {key: {"error": f"out of memory building it: {str(e)[:120]}"} for key in batches}
+    except Exception as e:
+        return {key: {"error": _error(name, "building it", e)} for key in batches}
     try:
         for key, batch in batches.items():
             times: list[float] = []
@@ -124,16 +126,17 @@ def time_side(args: argparse.Namespace, name: str, build, batches: dict[str, obj
                         times.append(seconds)
                     print(f"  {name} [{key}] rep {rep}: {seconds:.3f}s", flush=True)
                 plan = getattr(getattr(side, "learner", None), "memory_plan", None)
+                experts = experts_implementation(side)
                 out[key] = {
+                    **({"experts_implementation": experts} if experts else {}),
                     "timings": times,
                     "peak_bytes": peak if cuda else None,
                     "plan": None
                     if plan is None
                     else {"checkpointing": plan.checkpointing, "micro_batch_tokens": plan.micro_batch_tokens},
                 }
-            except torch.OutOfMemoryError as e:
-                print(f"  {name} [{key}]: out of memory", flush=True)
-                out[key] = {"error": f"out of memory: {str(e)[:120]}"}
+            except Exception as e:
+                out[key] = {"error": _error(f"{name} [{key}]", "", e)}
                 if cuda:
                     torch.cuda.empty_cache()
     finally:
@@ -142,6 +145,29 @@ def time_side(args: argparse.Namespace, name: str, build, batches: dict[str, obj
         if cuda:
             torch.cuda.empty_cache()
     return out
+
+
+def _error(what: str, when: str, e: Exception) -> str:
+    """A side's failure, printed (a traceback unless out of memory) and named for its figure row."""
+    oom = isinstance(e, torch.OutOfMemoryError)
+    kind = ("out of memory" if oom else type(e).__name__) + (f" {when}" if when else "")
+    print(f"  {what}: {kind}", flush=True)
+    if not oom:
+        traceback.print_exc()
+    return f"{kind}: {str(e)[:120]}"
+
+
+def experts_implementation(side: object) -> str | None:
+    """How `side`'s model runs a mixture of experts' experts (transformers 5's
+    `config._experts_implementation`: `grouped_mm`, `batched_mm` or `eager`); None for a dense model."""
+    from rlhf_cluster.models.moe import is_moe
+
+    learner = getattr(side, "learner", None)  # ours; the plain loop holds its model
+    model = getattr(side, "model", None) if learner is None else getattr(learner.model, "module", learner.model)
+    config = getattr(model, "config", None)
+    if config is None or not is_moe(config):
+        return None
+    return getattr(config, "_experts_implementation", None)
 
 
 def op_counts(side: Ours, batch) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """`make gpu-check` cannot rot unseen: its script runs here on the CPU at tiny shapes (the steps a GPU
 machine runs at 0.5B and 1.5B: tests/gpu, the learner benchmark with DeepSpeed and a long-sequence
-batch, the reference forward and the host hop, the compile parity bisect) and writes the one JSON the issue is read from."""
+batch, the reference forward and the host hop, the compile parity bisect; the MoE learner step at a
+tiny Qwen3-MoE) and writes the one JSON the issue is read from."""
 
 from __future__ import annotations
 
@@ -12,13 +13,32 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
-    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "no-wheels"), "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(tmp_path / "no-wheels"), "--out-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["ok"] and report["smoke"] and set(report["steps"]) == {
-        "tests/gpu", "learner 0.5B", "learner 1.5B", "scoring and host hop 0.5B", "host hop 1.5B", "profile 0.5B",
-        "compile parity", "learner 0.5B, more sides"}
+    assert (
+        report["ok"]
+        and report["smoke"]
+        and set(report["steps"])
+        == {
+            "tests/gpu",
+            "learner 0.5B",
+            "learner 1.5B",
+            "scoring and host hop 0.5B",
+            "host hop 1.5B",
+            "profile 0.5B",
+            "compile parity",
+            "learner MoE",
+            "learner 0.5B, more sides",
+        }
+    )
+    assert report["finished"]
     profiled = report["steps"]["profile 0.5B"]["result"]["sides"]
     assert [p["side"] for p in profiled] == ["ours", "plain"] and all(p["wall_s"] > 0 for p in profiled)
     learner = report["steps"]["learner 0.5B"]["result"]
@@ -36,4 +56,13 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     parity = report["steps"]["compile parity"]["result"]
     assert [v["variant"]["name"] for v in parity["variants"]] == ["dynamo only"] and parity["variants"][0]["passed"]
     assert "tests collected" in "\n".join(report["steps"]["tests/gpu"]["tail"])  # their bodies run in make test
+    for step in ("learner 0.5B", "learner 1.5B", "learner MoE", "learner 0.5B, more sides"):  # no side failed
+        failed = {n: r["error"] for n, r in report["steps"][step]["result"]["figures"].items() if "error" in r}
+        assert not failed, (step, failed)
+    moe = report["steps"]["learner MoE"]["result"]
+    assert moe["config"]["model"]["num_experts"] == 8 and moe["config"]["experts_implementation"]
+    assert 0 < moe["config"]["active_parameters"] < moe["config"]["parameters"]  # MFU's N: top-2 of 8 experts
+    assert {"ours [default]", "plain [default]"} == set(moe["figures"])
+    assert all(r["seconds_per_step"] > 0 and r["real_tokens"] > 0 for r in moe["figures"].values())
+    assert "learner MoE: ours [default]" in done.stdout
     assert "learner 0.5B: ours [default]" in done.stdout and "learner 0.5B, more sides: ours, deepspeed" in done.stdout

@@ -102,6 +102,55 @@ def test_gpu_check_runs_every_step_once_with_its_result_file(tmp_path: Path):
             assert command[2] == f"benchmarks.gpu.{module}" and command[-2:] == ["--out", str(tmp_path / result)]
 
 
+def test_gpu_check_only_skip_and_earlier_issues(tmp_path: Path):
+    from benchmarks.gpu.check import EARLIER_ISSUES, parse_args, wanted
+
+    def runs(*flags: str, smoke: bool = False) -> set[str]:
+        args = parse_args(["--out-dir", str(tmp_path), *flags])
+        args.smoke = smoke
+        return {name for name in ("tests/gpu", "learner 0.5B", "learner MoE", *EARLIER_ISSUES) if wanted(args, name)}
+
+    assert runs() == {"tests/gpu", "learner 0.5B", "learner MoE"}  # a GPU without --all
+    assert runs("--all") == runs(smoke=True) == {"tests/gpu", "learner 0.5B", "learner MoE", *EARLIER_ISSUES}
+    assert runs("--only", "tests/gpu", "learner MoE") == {"tests/gpu", "learner MoE"}
+    assert runs("--only", "host hop 1.5B") == {"host hop 1.5B"}  # --only names an earlier issue's step too
+    assert runs("--skip", "learner MoE") == {"tests/gpu", "learner 0.5B"}
+
+
+def test_a_failing_side_is_an_error_row_and_the_rest_still_runs(capsys):
+    import argparse
+
+    from benchmarks.gpu.sides import time_side
+
+    class Broken:
+        def step(self, batch) -> None:
+            raise ValueError("no kernel")
+
+    def unbuildable():
+        raise RuntimeError("bad folder")
+
+    args = argparse.Namespace(warmup=0, reps=1)
+    assert time_side(args, "broken", Broken, {"default": None, "long": None}) == {
+        "default": {"error": "ValueError: no kernel"},
+        "long": {"error": "ValueError: no kernel"},
+    }
+    assert time_side(args, "x", unbuildable, {"default": None}) == {
+        "default": {"error": "RuntimeError building it: bad folder"}
+    }
+    assert "Traceback" in capsys.readouterr().err  # the log shows where it failed
+
+
+def test_the_gpu_checks_moe_is_the_size_it_says():
+    """`qwen3-moe-1.6b-a0.6b` (built on the meta device): the total and active parameters its
+    comment, check.py and benchmarks/README.md give."""
+    from transformers import Qwen3MoeConfig
+
+    from benchmarks.gpu.models import MOE_SHAPES, VOCAB, parameter_counts
+
+    shape = MOE_SHAPES["qwen3-moe-1.6b-a0.6b"]
+    assert parameter_counts(Qwen3MoeConfig(vocab_size=VOCAB, **shape)) == (1_645_796_352, 588_831_744)
+
+
 def test_rounds_options_and_their_check():
     import argparse
 
