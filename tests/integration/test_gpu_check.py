@@ -10,6 +10,17 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+EVERY_STEP = {
+    "tests/gpu",
+    "learner 0.5B",
+    "learner 1.5B",
+    "scoring and host hop 0.5B",
+    "host hop 1.5B",
+    "profile 0.5B",
+    "compile parity",
+    "learner MoE",
+    "learner 0.5B, more sides",
+}
 
 
 def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
@@ -22,23 +33,8 @@ def test_gpu_check_runs_every_step_and_writes_one_report(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert (
-        report["ok"]
-        and report["smoke"]
-        and set(report["steps"])
-        == {
-            "tests/gpu",
-            "learner 0.5B",
-            "learner 1.5B",
-            "scoring and host hop 0.5B",
-            "host hop 1.5B",
-            "profile 0.5B",
-            "compile parity",
-            "learner MoE",
-            "learner 0.5B, more sides",
-        }
-    )
-    assert report["finished"]
+    assert report["ok"] and report["smoke"] and report["finished"]
+    assert set(report["steps"]) == EVERY_STEP
     profiled = report["steps"]["profile 0.5B"]["result"]["sides"]
     assert [p["side"] for p in profiled] == ["ours", "plain"] and all(p["wall_s"] > 0 for p in profiled)
     learner = report["steps"]["learner 0.5B"]["result"]
