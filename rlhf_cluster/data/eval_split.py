@@ -9,6 +9,7 @@ is dropped from training (and counted).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -19,8 +20,13 @@ from rlhf_cluster.data.prompts import Prompt
 
 
 def content_key(prompt: Prompt) -> str:
-    """What identifies a prompt's content: its chat messages when it has them, else its text."""
-    return json.dumps(list(prompt.messages), sort_keys=True) if prompt.messages else prompt.text
+    """What identifies a prompt's content: its chat messages when it has them, else its text;
+    and its images' digest when it has images (one question asked of many images is many prompts)."""
+    text = json.dumps(list(prompt.messages), sort_keys=True) if prompt.messages else prompt.text
+    if not prompt.images:
+        return text
+    digest = hashlib.sha256(b"".join(hashlib.sha256(image).digest() for image in prompt.images)).hexdigest()
+    return f"{text}\nimages:{digest}"
 
 
 @dataclass

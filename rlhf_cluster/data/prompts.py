@@ -18,13 +18,20 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from rlhf_cluster.config import DataConfig, PromptColumns
-from rlhf_cluster.data.tasks import arithmetic_rows, write_prompt_file
+from rlhf_cluster.data.images import ImageError, row_images
+from rlhf_cluster.data.tasks import IMAGE_COLUMN, arithmetic_rows, write_prompt_file
+from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
+
+# The default of `data.max_image_bytes`: an encoded image larger than this is refused.
+MAX_IMAGE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
 class Prompt:
     """One prompt with the reference answer its verifier checks against. `token_ids`, when set
-    (a chat-templated prompt), are exactly what the engine receives; otherwise it encodes `text`."""
+    (a chat-templated prompt), are exactly what the engine receives; otherwise it encodes `text`.
+    `images`: the prompt's images as encoded bytes (PNG, JPEG, ...), in the order of their
+    placeholders in the prompt; empty for a text prompt."""
 
     prompt_id: str
     text: str
@@ -32,6 +39,7 @@ class Prompt:
     token_ids: tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None  # a chat `messages` column, rendered by `apply_chat_template`
     source: str | None = None  # where the prompt comes from (`data.columns.source`): evaluation reports per source
+    images: tuple[bytes, ...] = ()  # `data.columns.images` (a visual task's `images` column)
 
     def encode(self, tokenizer) -> list[int]:
         """The prompt's token ids as the engine sees them."""
@@ -92,28 +100,34 @@ def _read_saved_dataset(folder: Path, what: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def read_prompt_file(path: str | Path, columns: PromptColumns | None = None) -> list[Prompt]:
+def read_prompt_file(
+    path: str | Path, columns: PromptColumns | None = None, *, max_image_bytes: int = MAX_IMAGE_BYTES
+) -> list[Prompt]:
     """Read prompts from .parquet, .jsonl or a save_to_disk folder, with `columns` naming the
-    prompt (or messages), answer and id columns (see `PromptColumns`).
+    prompt (or messages), answer, id and image columns (see `PromptColumns`). Without `columns` (a
+    built-in task's own file), an `images` column is the prompts' images.
 
     Every error names the file and what was expected: missing file, wrong suffix, a file that
-    does not parse, missing columns, no rows, null/empty/duplicate ids, empty prompts.
+    does not parse, missing columns, no rows, null/empty/duplicate ids, empty prompts; an image
+    that is missing, unreadable, over `max_image_bytes` or no image at all also names its row.
     """
-    columns = columns or PromptColumns()
     file = Path(path).expanduser()
     if not file.exists():
         raise FileNotFoundError(f"prompt file {file} does not exist")
+    prompt_column = (columns or PromptColumns()).prompt
     if file.is_file() and file.stat().st_size == 0:
-        raise ValueError(f"prompt file {file} is empty (0 bytes): expected rows with a {columns.prompt!r} column")
+        raise ValueError(f"prompt file {file} is empty (0 bytes): expected rows with a {prompt_column!r} column")
     table = read_table(file)
     if table.num_rows == 0 and not table.column_names:  # a jsonl file of blank lines
-        raise ValueError(f"prompt file {file} has no rows: expected rows with a {columns.prompt!r} column")
+        raise ValueError(f"prompt file {file} has no rows: expected rows with a {prompt_column!r} column")
+    if columns is None:
+        columns = PromptColumns(images=IMAGE_COLUMN if IMAGE_COLUMN in table.column_names else None)
     text_column = columns.messages or columns.prompt
     id_column = columns.prompt_id or ("prompt_id" if "prompt_id" in table.column_names else None)
     answer_column = columns.answer or ("answer" if "answer" in table.column_names else None)
     missing = [
         c
-        for c in (text_column, id_column, answer_column, columns.source)
+        for c in (text_column, id_column, answer_column, columns.source, columns.images)
         if c is not None and c not in table.column_names
     ]
     if missing:
@@ -128,14 +142,36 @@ def read_prompt_file(path: str | Path, columns: PromptColumns | None = None) -> 
         if columns.source
         else [None] * len(ids)
     )
+    images = _images(file, table, columns.images, ids, max_image_bytes)
     if columns.messages:
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
-        return [Prompt(i, "", a, messages=m, source=src) for i, a, m, src in zip(ids, answers, chats, sources)]
+        _check_image_parts(file, ids, chats, images)
+        return [
+            Prompt(i, "", a, messages=m, source=src, images=im)
+            for i, a, m, src, im in zip(ids, answers, chats, sources, images)
+        ]
     texts = table.column(columns.prompt).to_pylist()
     bad = [i for i, t in zip(ids, texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"prompt file {file}: empty or non-string prompt for prompt_id(s) {bad[:5]}")
-    return [Prompt(i, t, a, source=src) for i, t, a, src in zip(ids, texts, answers, sources)]
+    return [Prompt(i, t, a, source=src, images=im) for i, t, a, src, im in zip(ids, texts, answers, sources, images)]
+
+
+def _images(file: Path, table: pa.Table, column: str | None, ids: list[str], max_bytes: int) -> list[tuple[bytes, ...]]:
+    """Each row's images (`column`; none without one), every image read and checked: paths are
+    relative to the file's folder (a save_to_disk folder's own)."""
+    if column is None:
+        return [()] * len(ids)
+    base = file if file.is_dir() else file.parent
+    out = []
+    for row, (prompt_id, value) in enumerate(zip(ids, table.column(column).to_pylist())):
+        try:
+            out.append(row_images(value, base, max_bytes))
+        except ImageError as exc:
+            raise ValueError(
+                f"prompt file {file}: row {row} (prompt_id {prompt_id!r}), column {column!r}: {exc}"
+            ) from exc
+    return out
 
 
 def _prompt_ids(file: Path, raw_ids: list | None, rows: int) -> list[str]:
@@ -157,26 +193,81 @@ def _messages(file: Path, prompt_id: str, value) -> tuple[dict, ...]:
         isinstance(value, list)
         and value
         and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+            isinstance(m, dict) and isinstance(m.get("role"), str) and _content(m.get("content")) is not None
+            for m in value
         )
     )
     if not ok:
         raise ValueError(
             f"prompt file {file}: prompt_id {prompt_id!r}: the messages column must hold a non-empty list "
-            f"of {{role, content}} strings, got {str(value)[:200]}"
+            f"of {{role, content}} (content a string, or a list of {{type: text, text}} and {{type: image}} "
+            f"parts), got {str(value)[:200]}"
         )
     if value[-1]["role"] == "assistant":
         raise ValueError(
             f"prompt file {file}: prompt_id {prompt_id!r}: the last message is an assistant turn; a "
             "prompt ends with the turn the policy answers"
         )
-    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+    return tuple({"role": m["role"], "content": _content(m["content"])} for m in value)
+
+
+def _content(value) -> str | list[dict] | None:
+    """A message's content: a string, or a list of text and image parts in their plain form
+    (`{type: text, text}`, `{type: image}`: a columnar file gives each part every key); None
+    when it is neither."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        return None
+    parts: list[dict] = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            parts.append({"type": "image"})
+        else:
+            return None
+    return parts
+
+
+def image_parts(chat: list[dict] | tuple[dict, ...]) -> int:
+    """How many `{type: image}` parts a chat's messages hold."""
+    return sum(1 for m in chat if isinstance(m["content"], list) for part in m["content"] if part["type"] == "image")
+
+
+def _check_image_parts(file: Path, ids: list[str], chats: list, images: list[tuple[bytes, ...]]) -> None:
+    """A messages column that places images itself places exactly the row's images."""
+    for prompt_id, chat, given in zip(ids, chats, images):
+        parts = image_parts(chat)
+        if parts and parts != len(given):
+            raise ValueError(
+                f"prompt file {file}: prompt_id {prompt_id!r}: its messages have {parts} image part(s) and the "
+                f"row has {len(given)} image(s) (data.columns.images); each image part takes the next image"
+            )
+
+
+def with_images(chat: list[dict], count: int) -> list[dict]:
+    """`chat` with `count` image parts before the text of its first user turn, unless its
+    messages place their images themselves."""
+    if not count or image_parts(chat):
+        return chat
+    first = next((n for n, m in enumerate(chat) if m["role"] == "user"), None)
+    if first is None:
+        raise ValueError("a prompt with images needs a user turn to hold them")
+    turn = chat[first]
+    text = turn["content"] if isinstance(turn["content"], list) else [{"type": "text", "text": turn["content"]}]
+    placed = {"role": "user", "content": [{"type": "image"} for _ in range(count)] + text}
+    return [*chat[:first], placed, *chat[first + 1 :]]
 
 
 def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | None = None) -> list[Prompt]:
     """Each prompt as a chat (its messages, or one user turn after an optional system turn) put
     through the tokenizer's chat template with the generation prompt: `text` is the rendered
-    string, `token_ids` the template's own encoding (what the engine receives)."""
+    string, `token_ids` the template's own encoding (what the engine receives). A prompt's images
+    become `{type: image}` parts before its first user turn's text (where its messages do not
+    place them): the template writes one placeholder per image, which the model's processor
+    expands to the image's tokens."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "data.chat_template: the model's tokenizer has no chat template (tokenizer_config.json "
@@ -187,12 +278,21 @@ def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | N
         chat = list(p.messages) if p.messages else [{"role": "user", "content": p.text}]
         if system_prompt is not None and chat[0]["role"] != "system":
             chat = [{"role": "system", "content": system_prompt}, *chat]
+        chat = with_images(chat, len(p.images))
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         out.append(
-            Prompt(p.prompt_id, text, p.answer, tuple(int(t) for t in ids), messages=tuple(chat), source=p.source)
+            Prompt(
+                p.prompt_id,
+                text,
+                p.answer,
+                tuple(int(t) for t in ids),
+                messages=tuple(chat),
+                source=p.source,
+                images=p.images,
+            )
         )
     return out
 
@@ -208,23 +308,27 @@ def _write_task_file(rows: list[dict], path: Path) -> Path:
 
 def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Path | None]:
     """The train and held-out eval prompt files of a job (the user's `path` and `eval_path`; a
-    built-in task writes both). Both built-in tasks ask the same sums; `tool_arithmetic` differs in
-    how they are answered and judged."""
+    built-in task writes both). Both arithmetic tasks ask the same sums; `tool_arithmetic` differs in
+    how they are answered and judged. The visual tasks' files hold their images (an `images` column)."""
     if cfg.path is not None:
         return Path(cfg.path).expanduser(), Path(cfg.eval_path).expanduser() if cfg.eval_path else None
     data_dir = Path(run_dir) / "data"
+    train = _write_task_file(task_rows(cfg, cfg.num_prompts, "train"), data_dir / "train.parquet")
+    held_out = None
+    if cfg.eval_prompts:
+        held_out = _write_task_file(task_rows(cfg, cfg.eval_prompts, "eval"), data_dir / "eval.parquet")
+    return train, held_out
+
+
+def task_rows(cfg: DataConfig, num: int, split: str) -> list[dict]:
+    """`num` rows of the built-in task `cfg.task` for `split` (train or eval), as its file holds them."""
     # A job's config always resolves the seed; a DataConfig used on its own gets 0, so that train
     # and eval split the operand pairs alike (an unseeded split per call would let them overlap).
     seed = 0 if cfg.seed is None else cfg.seed
-    train = _write_task_file(
-        arithmetic_rows(cfg.num_prompts, seed, "train", cfg.max_operand), data_dir / "train.parquet"
-    )
-    held_out = None
-    if cfg.eval_prompts:
-        held_out = _write_task_file(
-            arithmetic_rows(cfg.eval_prompts, seed, "eval", cfg.max_operand), data_dir / "eval.parquet"
-        )
-    return train, held_out
+    if cfg.task in VISUAL_TASKS:
+        assert cfg.task is not None
+        return visual_rows(cfg.task, num, seed, split, cfg.image_size, cfg.max_dots)
+    return arithmetic_rows(num, seed, split, cfg.max_operand)
 
 
 class PromptSource:

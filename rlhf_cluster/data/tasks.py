@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PROMPT_COLUMNS = ("prompt_id", "prompt", "answer")
+IMAGE_COLUMN = "images"  # a visual task's images: a list of encoded images (PNG bytes) per row
 
 
 ARITHMETIC_OPERAND_MAX = 49
@@ -58,9 +59,13 @@ def arithmetic_corpus(num: int = 4000, seed: int = 1234) -> list[str]:
 
 
 def write_prompt_file(rows: list[dict], path: Path) -> Path:
-    """Write prompt rows as parquet, atomically (temp name, then rename)."""
+    """Write prompt rows as parquet, atomically (temp name, then rename); rows with an `images`
+    key keep it as a list<binary> column."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in PROMPT_COLUMNS]))
+    fields = [(c, pa.string()) for c in PROMPT_COLUMNS]
+    if rows and IMAGE_COLUMN in rows[0]:
+        fields.append((IMAGE_COLUMN, pa.list_(pa.binary())))
+    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
     tmp = path.with_suffix(path.suffix + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)

@@ -7,6 +7,9 @@ the way to anything else.
 - `arithmetic`: the built-in task (the response is exactly the sum), plus a dense `digits` term.
 - `tool_arithmetic`: the built-in tool task: the episode's final turn (after the last tool result)
   is exactly the sum; `tool_calls` counts calculator calls (weight 0, a diagnostic).
+- `visual_count` / `visual_color`: the built-in visual tasks: the response is exactly the count
+  (plus `digits`, as `arithmetic`) / the colour's name, case aside (plus `known`: it names one of
+  the task's colours).
 - `gsm8k`: the reference is what follows `####` (GSM8K's answer column); the response's answer is
   what follows its last `####`, else its last number. Commas, `$`, `%` and a trailing `.` are
   ignored and numbers compare by value (`1,000.00` equals `1000`).
@@ -26,6 +29,7 @@ from fractions import Fraction
 
 from rlhf_cluster.data.tasks import verify_arithmetic
 from rlhf_cluster.data.tool_task import verify_tool_arithmetic
+from rlhf_cluster.data.visual_task import verify_color, verify_count
 
 Verifier = Callable[[str, str], dict[str, float]]
 
@@ -129,6 +133,8 @@ def regex_verifier(pattern: str) -> Verifier:
 VERIFIERS: dict[str, Verifier] = {
     "arithmetic": verify_arithmetic,
     "tool_arithmetic": verify_tool_arithmetic,
+    "visual_count": verify_count,
+    "visual_color": verify_color,
     "gsm8k": verify_gsm8k,
     "boxed": verify_boxed,
     "exact": verify_exact,
@@ -137,6 +143,8 @@ VERIFIER_NAMES = (*VERIFIERS, "regex")
 REWARD_WEIGHTS: dict[str, dict[str, float]] = {
     "arithmetic": {"correct": 1.0, "digits": 0.2},
     "tool_arithmetic": {"correct": 1.0},
+    "visual_count": {"correct": 1.0, "digits": 0.2},
+    "visual_color": {"correct": 1.0, "known": 0.2},
 }
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
 from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
-from rlhf_cluster.job import agents, judge, routing_replay, teacher
+from rlhf_cluster.job import agents, images, judge, routing_replay, teacher
 
 
 def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:
@@ -196,6 +196,7 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     teacher.rules,
     judge.rules,
     routing_replay.rules,
+    images.rules,
 ]
 
 
@@ -351,6 +352,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     teacher.folder_problems,
     judge.folder_problems,
     routing_replay.file_checks,
+    images.file_checks,
 ]
 
 

@@ -1,0 +1,73 @@
+"""Preflight of prompts with images: a text-only policy (the tiny model's architecture, or a
+model folder whose config has no vision_config) and images without the chat template are
+refused, naming the setting; a vision-language policy passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_cluster.config import ConfigError, JobConfig
+from rlhf_cluster.job import images
+from rlhf_cluster.job.preflight import CONFIG_RULES, FILE_CHECKS, preflight
+
+
+def _job(data: dict, model: dict | None = None) -> JobConfig:
+    return JobConfig.model_validate({"data": data, "model": model or {}})
+
+
+def _folder(tmp_path, name: str, config: dict) -> str:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / name)
+
+
+def test_registered_in_preflight():
+    assert images.rules in CONFIG_RULES and images.file_checks in FILE_CHECKS
+
+
+def test_a_visual_task_with_the_text_only_tiny_model_is_refused():
+    with pytest.raises(ConfigError) as info:
+        preflight(_job({"task": "visual_count"}), files=False)
+    message = str(info.value)
+    assert "data.task=visual_count: the prompts have images and the policy is a text-only model" in message
+    assert "model.tiny.architecture=qwen2" in message and "qwen2_5_vl" in message
+    assert "set data.chat_template: true" in message
+    assert images.rules(_job({"task": "arithmetic"})) == []
+
+
+def test_a_vision_language_tiny_model_passes():
+    cfg = _job({"task": "visual_color", "chat_template": True})
+    # (the architecture is being added to TinyModelConfig apart: set past its validation here)
+    vlm = cfg.model.model_copy(update={"tiny": cfg.model.tiny.model_copy(update={"architecture": "qwen2_5_vl"})})
+    assert images.rules(cfg.model_copy(update={"model": vlm})) == []
+
+
+def test_an_image_column_with_a_text_only_folder_is_refused(tmp_path):
+    data = {
+        "path": str(tmp_path / "p.parquet"),
+        "columns": {"images": "img"},
+        "chat_template": True,
+        "verifier": "exact",
+    }
+    text_only = _folder(tmp_path, "text", {"model_type": "qwen2", "hidden_size": 64})
+    cfg = _job(data, {"path": text_only})
+    assert images.rules(cfg) == []  # a folder is judged by its config
+    (problem,) = images.file_checks(cfg)
+    assert problem.startswith("data.columns.images=img: the prompts have images and model.path")
+    assert "has no vision_config" in problem
+    vlm = _folder(tmp_path, "vlm", {"model_type": "qwen2_5_vl", "vision_config": {"depth": 2}})
+    nested = _folder(tmp_path, "nested", {"model_type": "llava", "text_config": {"vision_config": {}}})
+    assert images.file_checks(_job(data, {"path": vlm})) == []
+    assert images.file_checks(_job(data, {"path": nested})) == []
+    assert images.file_checks(_job(data, {"path": str(tmp_path / "absent")})) == []  # model.path's own check names it
+    no_images = {k: v for k, v in data.items() if k != "columns"}
+    assert images.file_checks(_job(no_images, {"path": text_only})) == []
+
+
+def test_an_image_column_without_the_chat_template_is_refused(tmp_path):
+    data = {"path": str(tmp_path / "p.parquet"), "columns": {"images": "img"}, "verifier": "exact"}
+    vlm = _folder(tmp_path, "vlm", {"vision_config": {}})
+    (problem,) = images.rules(_job(data, {"path": vlm}))
+    assert problem.startswith("data.columns.images=img:") and "data.chat_template: true" in problem
