@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     memory = logprob_memory(args) if args.logprob_tokens else []
     ours = figures["ours [default]"]
+    experts = [r["experts_implementation"] for r in results["ours"].values() if "experts_implementation" in r]
     result = {
         "benchmark": "gpu_learner",
         "machine": machine_info(),
@@ -177,14 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "vocab": config.vocab_size,
             "parameters": params,
             "active_parameters": active,
-            "experts_implementation": next(
-                (
-                    r["experts_implementation"]
-                    for r in results.get("ours", {}).values()
-                    if "experts_implementation" in r
-                ),
-                None,
-            ),
+            "experts_implementation": (experts or [None])[0],
             "real_tokens": ours["real_tokens"],
             "padded_tokens": ours["padded_tokens"],
             "device": device,
