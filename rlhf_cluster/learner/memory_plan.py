@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_cluster.models.moe import moe_info
+
 # Tokens per micro-batch on CUDA when neither the config nor the plan sets fewer: an RL batch of
 # 16 sequences of ~1k tokens in one pass (issue 35).
 CUDA_MICRO_BATCH_TOKENS = 16384
@@ -66,9 +68,17 @@ class ModelShape:
         kv_heads = int(text.get("num_key_value_heads", heads))
         head_dim = int(text.get("head_dim") or hidden // heads)
         attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-        per_layer = attention + 3 * hidden * intermediate + 2 * hidden
+        mlps = layers * 3 * hidden * intermediate
+        info = moe_info(config)
+        if info is not None:  # a mixture of experts: every expert's weights held, top_k of them run per token
+            width = int(text.get("moe_intermediate_size") or intermediate)
+            shared = int(text.get("shared_expert_intermediate_size") or 0)
+            moe = info.num_experts * (3 * hidden * width + hidden) + 3 * hidden * shared + (hidden if shared else 0)
+            mlps += len(info.layers) * (moe - 3 * hidden * intermediate)
+            intermediate = info.top_k * width + shared  # what the activations hold per token
         embeddings = vocab * hidden * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
-        return cls(layers * per_layer + embeddings + hidden, hidden, layers, intermediate, vocab)
+        parameters = layers * (attention + 2 * hidden) + mlps + embeddings + hidden
+        return cls(parameters, hidden, layers, intermediate, vocab)
 
 
 @dataclass(frozen=True)

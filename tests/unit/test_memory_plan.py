@@ -105,3 +105,19 @@ def test_sequence_parallel_divides_a_ranks_activations_and_scales_the_budgets(tm
     one = plan_memory(_learner(world_size=2), shape, 2, H100)
     assert plan.micro_batch_tokens == 2 * one.micro_batch_tokens == 32768
     assert plan.estimate.activations == one.estimate.activations  # the same slots per rank
+
+
+def test_a_mixture_of_experts_counts_every_expert_it_holds(tmp_path):
+    """Every expert's weights are held (and sharded, and in the optimizer), though a token runs top_k
+    of them: the count is the model's own; the activations hold top_k experts' widths per token."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    fields = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                  intermediate_size=1024, moe_intermediate_size=128, num_experts=16, num_experts_per_tok=4,
+                  vocab_size=1000, tie_word_embeddings=False, mlp_only_layers=[1])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", **fields}))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**fields))
+    shape = ModelShape.of_folder(tmp_path)
+    assert shape.parameters == pytest.approx(sum(p.numel() for p in model.parameters()), rel=1e-3)
+    assert shape.intermediate == 4 * 128
