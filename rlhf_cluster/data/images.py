@@ -1,8 +1,9 @@
 """Images of vision-language prompts: read from a dataset's image column and checked.
 
 A row's images may be encoded bytes (PNG, JPEG, anything Pillow opens), a path (relative to the
-dataset file's folder, or absolute), or a `datasets` Image feature (a struct `{bytes, path}`), and
-a row holds one image or a list of them. Each comes back as its encoded bytes, unchanged: a
+dataset file's folder, or absolute), a base64 `data:image/...` URL (what a JSON Lines file can
+hold), or a `datasets` Image feature (a struct `{bytes, path}`), and a row holds one image or a
+list of them. Each comes back as its encoded bytes, unchanged: a
 prompt carries a tuple of them (compact, and plain data between processes), never decoded pixels.
 
 Every refusal names the file, the row and the prompt id: a missing or unreadable image, one over
@@ -11,6 +12,8 @@ Every refusal names the file, the row and the prompt id: a missing or unreadable
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import warnings
@@ -53,6 +56,9 @@ def image_bytes(value: object, base: Path, max_bytes: int) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         where = f"{len(data)} bytes"
+    elif isinstance(value, str) and value.startswith("data:"):
+        data = _data_url(value, max_bytes)
+        where = f"a data URL of {len(data)} bytes"
     elif isinstance(value, str):
         data = _read_path(value, base, max_bytes)
         where = value
@@ -65,6 +71,21 @@ def image_bytes(value: object, base: Path, max_bytes: int) -> bytes:
         raise ImageError(f"{where}: {len(data):,} bytes, over data.max_image_bytes={max_bytes:,}")
     check_image(data, where)
     return data
+
+
+def _data_url(value: str, max_bytes: int) -> bytes:
+    """The bytes of a `data:image/<format>;base64,<data>` URL."""
+    head, _, payload = value.partition(",")
+    if not head.startswith("data:image/") or not head.endswith(";base64"):
+        raise ImageError(f"a data URL that is not a base64 image: {head[:60]!r}")
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise ImageError(
+            f"a data URL of about {len(payload) * 3 // 4:,} bytes, over data.max_image_bytes={max_bytes:,}"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"a data URL whose base64 does not decode ({exc})") from exc
 
 
 def _read_path(value: str, base: Path, max_bytes: int) -> bytes:
@@ -142,6 +163,20 @@ def resized_size(
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return w, h
+
+
+def describe_images(images: tuple[bytes, ...], min_pixels: int | None, max_pixels: int | None) -> str:
+    """What a dry run shows of a prompt's images: each one's size, the size a Qwen-VL processor
+    resizes it to within [min_pixels, max_pixels] (`data.min_pixels` / `max_pixels`; None: its
+    defaults), and the image tokens that gives."""
+    if not images:
+        return "no images"
+    sizes = []
+    for data in images:
+        w, h = image_size(data)
+        rw, rh = resized_size(w, h, min_pixels, max_pixels)
+        sizes.append(f"{w}x{h} -> {rw}x{rh} ({image_tokens(w, h, min_pixels, max_pixels)} tokens)")
+    return f"{len(images)} image{'s' if len(images) > 1 else ''}: " + ", ".join(sizes)
 
 
 def image_tokens(width: int, height: int, min_pixels: int | None = None, max_pixels: int | None = None) -> int:

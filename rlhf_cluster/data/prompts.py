@@ -331,6 +331,15 @@ def task_rows(cfg: DataConfig, num: int, split: str) -> list[dict]:
     return arithmetic_rows(num, seed, split, cfg.max_operand)
 
 
+def task_prompts(cfg: DataConfig, num: int, split: str = "train") -> list[Prompt]:
+    """`task_rows` as prompts, images included: what reading the task's file gives (the dry run's
+    first prompt, without writing the file)."""
+    return [
+        Prompt(r["prompt_id"], r["prompt"], r["answer"], images=tuple(r.get(IMAGE_COLUMN, ())))
+        for r in task_rows(cfg, num, split)
+    ]
+
+
 class PromptSource:
     """Serves prompts in a seeded order, epoch after epoch; its cursor is checkpointable."""
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from rlhf_cluster.config import PromptColumns
 from rlhf_cluster.data.eval_split import content_key, split_by_fraction
-from rlhf_cluster.data.images import ImageError, check_image, image_tokens, resized_size
+from rlhf_cluster.data.images import ImageError, check_image, describe_images, image_tokens, resized_size
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
 
 COLUMNS = PromptColumns(images="image")
@@ -193,3 +193,31 @@ def test_the_processor_sizes():
     assert resized_size(640, 480, max_pixels=28 * 28 * 16) == (112, 84)
     assert resized_size(2000, 2000, max_pixels=200_000) == (420, 420)
     assert image_tokens(56, 56) == 4 and image_tokens(112, 112) == 16
+
+
+def test_data_urls_and_the_dry_run_description(tmp_path):
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(RED).decode()
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "image": [url, url]}) + "\n")
+    assert read_prompt_file(path, COLUMNS)[0].images == (RED, RED)
+    path.write_text(json.dumps({"prompt": "q", "image": "data:text/plain;base64,aGk="}) + "\n")
+    assert "not a base64 image" in _refusal(path)
+    path.write_text(json.dumps({"prompt": "q", "image": "data:image/png;base64,@@@"}) + "\n")
+    assert "does not decode" in _refusal(path)
+    assert describe_images((RED, BLUE), None, None) == (
+        "2 images: 30x20 -> 84x56 (6 tokens), 40x40 -> 56x56 (4 tokens)"
+    )
+    assert describe_images((), None, None) == "no images"
+
+
+def test_task_prompts_equal_the_task_file(tmp_path):
+    from rlhf_cluster.config import DataConfig
+    from rlhf_cluster.data.prompts import prepare_prompt_files, task_prompts
+
+    cfg = DataConfig(task="visual_color", num_prompts=3, eval_prompts=0, seed=1)
+    train, _ = prepare_prompt_files(cfg, tmp_path)
+    assert task_prompts(cfg, 3) == read_prompt_file(train)
+    arithmetic = DataConfig(num_prompts=3, eval_prompts=0, seed=1)
+    assert task_prompts(arithmetic, 3) == read_prompt_file(prepare_prompt_files(arithmetic, tmp_path / "a")[0])
