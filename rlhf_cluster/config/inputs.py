@@ -10,17 +10,21 @@ from rlhf_cluster.config.base import _refuse_renamed, _Strict
 
 # The tiny model's mixture-of-experts families; the others are dense and take no MoE field.
 MOE_ARCHITECTURES = frozenset({"qwen3_moe"})
+# The tiny model's vision-language families (an image encoder before the LM) and their own fields.
+VISION_ARCHITECTURES = frozenset({"qwen2_5_vl"})
+VISION_FIELDS = frozenset({"vision_layers", "vision_hidden_size", "image_max_pixels"})
 MOE_FIELDS = frozenset({"num_experts", "num_experts_per_tok", "moe_intermediate_size"})
 
 
 class TinyModelConfig(_Strict):
     """Shape of the random model built locally when `model.path` is empty."""
 
-    architecture: Literal["qwen2", "llama", "qwen3_moe"] = Field(
+    architecture: Literal["qwen2", "llama", "qwen3_moe", "qwen2_5_vl"] = Field(
         "qwen2",
-        description="HF architecture family: `qwen2` or `llama` (dense), or `qwen3_moe` (a mixture of experts: "
+        description="HF architecture family: `qwen2` or `llama` (dense), `qwen3_moe` (a mixture of experts: "
         "every layer's MLP is `num_experts` experts of width `moe_intermediate_size`, each token routed to "
-        "`num_experts_per_tok` of them).",
+        "`num_experts_per_tok` of them), or `qwen2_5_vl` (a vision-language model: a Qwen2.5-VL vision tower "
+        "of `vision_layers` blocks before the dense LM, saved with its image and video processor).",
     )
     hidden_size: int = Field(64, ge=32, description="Model width.")
     num_layers: int = Field(2, ge=1, description="Decoder layers.")
@@ -37,6 +41,16 @@ class TinyModelConfig(_Strict):
     num_experts: int = Field(8, ge=2, description="Experts per MoE layer (`qwen3_moe` only).")
     num_experts_per_tok: int = Field(2, ge=1, description="Experts each token is routed to (`qwen3_moe` only).")
     moe_intermediate_size: int = Field(64, ge=8, description="Each expert's MLP width (`qwen3_moe` only).")
+    vision_layers: int = Field(2, ge=1, description="Vision tower blocks (`qwen2_5_vl` only).")
+    vision_hidden_size: int = Field(
+        64, ge=32, description="Vision tower width, in heads of 32 (`qwen2_5_vl` only; a multiple of 32)."
+    )
+    image_max_pixels: int = Field(
+        112 * 112,
+        ge=56 * 56,
+        description="Largest image area the processor keeps (`qwen2_5_vl` only): a larger image is resized "
+        "down to it; every 28x28 pixels become one image token.",
+    )
     corpus: Literal["arithmetic", "tool_arithmetic"] = Field(
         "arithmetic",
         description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
@@ -58,12 +72,19 @@ class TinyModelConfig(_Strict):
             raise ValueError("num_heads must be divisible by num_kv_heads")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError("num_experts_per_tok must be at most num_experts")
+        if self.vision_hidden_size % 32:
+            raise ValueError("vision_hidden_size must be a multiple of 32 (vision heads of 32)")
         return self
 
     @property
     def is_moe(self) -> bool:
         """Whether the architecture is a mixture of experts (the MoE fields shape it)."""
         return self.architecture in MOE_ARCHITECTURES
+
+    @property
+    def is_vision(self) -> bool:
+        """Whether the architecture is a vision-language model (the vision fields shape it)."""
+        return self.architecture in VISION_ARCHITECTURES
 
 
 class ModelConfig(_Strict):

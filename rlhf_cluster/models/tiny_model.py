@@ -1,8 +1,9 @@
 """Build a tiny random causal LM and a locally trained tokenizer, saved as a Hugging Face folder.
 
 Nothing is downloaded: the tokenizer is a BPE trained with `tokenizers` on the built-in task's
-text and the model is a randomly initialised Qwen2 or Llama, or a Qwen3-MoE (a few experts,
-top-2). The folder is cached under a name derived from the config, written to a temp name and
+text and the model is a randomly initialised Qwen2 or Llama, a Qwen3-MoE (a few experts,
+top-2), or a Qwen2.5-VL (`tiny_vlm`: a small vision tower before the dense LM, with its
+processor). The folder is cached under a name derived from the config, written to a temp name and
 renamed, so a crash never leaves a half model behind and concurrent builders do not collide.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from rlhf_cluster.config import TinyModelConfig
-from rlhf_cluster.config.inputs import MOE_FIELDS
+from rlhf_cluster.config.inputs import MOE_FIELDS, VISION_FIELDS
 from rlhf_cluster.data.tasks import arithmetic_corpus
 from rlhf_cluster.data.tool_task import tool_arithmetic_corpus
 
@@ -31,8 +32,10 @@ def tokenizer_corpus(corpus: str) -> list[str]:
     return arithmetic_corpus() + (tool_arithmetic_corpus() if corpus == "tool_arithmetic" else [])
 
 
-def build_tokenizer(vocab_size: int, out_dir: Path, corpus: str = "arithmetic"):
-    """Train a BPE tokenizer (single-digit tokens, spaces kept) and save it as a HF fast tokenizer."""
+def build_tokenizer(vocab_size: int, out_dir: Path, corpus: str = "arithmetic", extra_special: tuple[str, ...] = ()):
+    """Train a BPE tokenizer (single-digit tokens, spaces kept) and save it as a HF fast tokenizer.
+
+    `extra_special` are special tokens after pad and EOS (the vision-language model's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +46,9 @@ def build_tokenizer(vocab_size: int, out_dir: Path, corpus: str = "arithmetic"):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, *extra_special],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(tokenizer_corpus(corpus), trainer=trainer)
     # unk_token must be set: without it AutoTokenizer (what vLLM loads) adds its own special
@@ -108,9 +113,10 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int)
 
 def tiny_model_dir(cfg: TinyModelConfig, cache_dir: str | Path) -> Path:
     """The cache folder for a config: same shape and seed, same folder."""
-    # The default corpus, and a dense model's MoE fields, are left out of the key: folders built
-    # before they existed keep their names.
+    # The default corpus, a dense model's MoE fields and a text model's vision fields are left out
+    # of the key: folders built before they existed keep their names.
     exclude = ({"corpus"} if cfg.corpus == "arithmetic" else set()) | (set() if cfg.is_moe else set(MOE_FIELDS))
+    exclude |= set() if cfg.is_vision else set(VISION_FIELDS)
     shape = cfg.model_dump(exclude=exclude)
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / f"tiny-{cfg.architecture}-{key}"
@@ -124,19 +130,29 @@ def ensure_tiny_model(cfg: TinyModelConfig, cache_dir: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
+        if cfg.is_vision:
+            from rlhf_cluster.models.tiny_vlm import VISION_TOKENS, write_tiny_vlm
+
+            write_tiny_vlm(cfg, build_tokenizer(cfg.vocab_size, tmp, cfg.corpus, VISION_TOKENS), tmp)
+            return _publish(tmp, target)
         tokenizer = build_tokenizer(cfg.vocab_size, tmp, cfg.corpus)
         model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first; its folder is equivalent.
-            shutil.rmtree(tmp, ignore_errors=True)
+        return _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, target: Path) -> Path:
+    """Rename a finished build folder to its cache name."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        # Another process finished first; its folder is equivalent.
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

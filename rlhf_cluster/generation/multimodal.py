@@ -1,0 +1,34 @@
+"""Requests with images for a vLLM engine serving a vision-language model.
+
+vLLM takes a prompt's images beside it as `multi_modal_data`: the prompt (its text, or its
+token ids with one `<|image_pad|>` per image, as the chat template leaves them) and the images
+in placeholder order; vLLM runs the model's processor, which repeats each placeholder once per
+image token, so the request's `prompt_token_ids` in the engine's output are the expanded ones the
+learner's processor gives too (`models/vision.py`). The engine needs `limit_mm_per_prompt` at
+least the most images a prompt carries (`engine_mm_args`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rlhf_cluster.models.torchvision_ops import ensure_torchvision_importable
+
+
+def image_request(prompt: str | Sequence[int], images: Sequence[Any]) -> dict[str, Any]:
+    """The vLLM request of one prompt (chat-templated text, or its token ids) with its images
+    (PIL images, one per placeholder, in order); a prompt without images is a plain request."""
+    request: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
+    if images:
+        request["multi_modal_data"] = {"image": list(images)}
+    return request
+
+
+def engine_mm_args(max_images_per_prompt: int) -> dict[str, Any]:
+    """Engine arguments of an engine serving prompts of up to `max_images_per_prompt` images (and
+    no video); makes torchvision importable first, since vLLM builds the model's processor."""
+    if max_images_per_prompt < 1:
+        raise ValueError(f"max_images_per_prompt must be >= 1, got {max_images_per_prompt}")
+    ensure_torchvision_importable()
+    return {"limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0}}

@@ -1,0 +1,99 @@
+"""A vLLM engine serving the tiny vision-language model and the learner's forward agree on the
+log-probs of responses to prompts with images, as closely as they do on text: one in-process
+engine (the project's engine settings) samples from prompts of one, two and no images, and
+`models.vision` scores the same responses given the processor's pixel values, grids and
+multimodal rotary positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from rlhf_cluster.config import GenerationConfig, TinyModelConfig
+from rlhf_cluster.generation.engine import engine_settings
+from rlhf_cluster.generation.multimodal import engine_mm_args, image_request
+from rlhf_cluster.generation.vllm_process import configure_vllm_environment
+from rlhf_cluster.models.tiny_model import ensure_tiny_model
+from rlhf_cluster.models.vision import load_processor, load_vision_lm, vision_response_logprobs, vision_sample
+
+# The text-only tolerance (tests/integration/test_weight_reload.py): fp32 engine vs fp32 HF forward.
+TOLERANCE = 1e-4
+MAX_TOKENS = 8
+
+
+def dots(colour: str, size: tuple[int, int], count: int = 1) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for k in range(count):
+        draw.ellipse((6 + 22 * k, 8, 24 + 22 * k, 26), fill=colour)
+    return image
+
+
+def chat(processor, images: list[Image.Image], question: str) -> str:
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.fixture(scope="module")
+def vlm_path(model_cache) -> str:
+    return str(ensure_tiny_model(TinyModelConfig(architecture="qwen2_5_vl"), model_cache))
+
+
+def _generate(path: str, requests: list[dict]) -> list:
+    """Sample one response per request from one in-process engine; the finished outputs in order."""
+    cfg = GenerationConfig(max_model_len=256)
+    configure_vllm_environment(cfg)
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(**engine_settings(path, cfg, "float32", 0), **engine_mm_args(2))
+    engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+    params = SamplingParams(
+        temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+    )
+    for k, request in enumerate(requests):
+        engine.add_request(str(k), request, params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({out.request_id: out for out in engine.step() if out.finished})
+    return [finished[str(k)] for k in range(len(requests))]
+
+
+def test_engine_and_learner_logprobs_agree_on_image_prompts(vlm_path):
+    processor = load_processor(vlm_path)
+    prompts = [
+        ([dots("red", (80, 60))], "How many dots? "),
+        ([dots("blue", (120, 90), 3), dots("green", (56, 56), 2)], "Which has more dots? "),
+        ([], "3+4="),
+    ]
+    texts = [chat(processor, images, question) for images, question in prompts]
+    outputs = _generate(vlm_path, [image_request(t, images) for t, (images, _) in zip(texts, prompts)])
+    model = load_vision_lm(vlm_path)
+    worst = 0.0
+    for text, (images, _), out in zip(texts, prompts, outputs):
+        completion = out.outputs[0]
+        engine_logp = torch.tensor([lp[tok].logprob for lp, tok in zip(completion.logprobs, completion.token_ids)])
+        sample = vision_sample(processor, text, images, list(completion.token_ids))
+        # vLLM expanded each image placeholder to exactly the learner's image tokens.
+        assert sample.input_ids[: sample.prompt_len].tolist() == list(out.prompt_token_ids)
+        with torch.no_grad():
+            learner_logp, metrics = vision_response_logprobs(model, sample)
+        assert metrics["response_tokens"] == MAX_TOKENS == len(engine_logp)
+        worst = max(worst, (learner_logp - engine_logp).abs().max().item())
+        if images:
+            # The images matter: the same response given other images scores differently.
+            other = [im.transpose(Image.Transpose.ROTATE_90) for im in images]
+            with torch.no_grad():
+                moved, _ = vision_response_logprobs(model, vision_sample(processor, text, other, sample_ids(sample)))
+            assert (moved - learner_logp).abs().max() > 100 * TOLERANCE
+    print(f"engine vs learner max |logp diff| over image prompts: {worst:.3g}")
+    assert worst < TOLERANCE
+
+
+def sample_ids(sample) -> list[int]:
+    return sample.input_ids[sample.prompt_len :].tolist()
