@@ -10,11 +10,13 @@ so that they can be counted, and a question:
 
 The images are PNG bytes in the prompt file's `images` column (a column a user's dataset can
 hold too), made from a seeded generator: the same seed, split and settings give the same bytes.
-The train and eval splits draw from different streams of one seed.
+The train and eval splits draw from different streams of one seed, and from disjoint sets of
+images: one image in five (by a hash of its dots) is held out, never drawn for training.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -30,6 +32,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
     "orange": (245, 130, 20),
 }
+HELD_OUT_EVERY = 5  # one image in this many (by a hash of its dots) is only ever an eval image
 QUESTIONS = {
     "visual_count": "How many dots are in the image? Answer with a number.",
     "visual_color": "What colour are the dots? Answer with one word.",
@@ -74,17 +77,10 @@ def visual_rows(task: str, num: int, seed: int, split: str = "train", size: int 
         raise ValueError(f"data.task: {task!r} is not a visual task ({list(VISUAL_TASKS)})")
     rng = random.Random(f"{task}-{seed}-{split}")
     radius = dot_layout(size, max_dots)[1]
-    names = sorted(COLORS)
     rows = []
     for i in range(num):
-        count = rng.randint(1, max_dots)
-        centres = dot_centres(rng, count, size, max_dots)
-        if task == "visual_count":
-            colors = [rng.choice(names) for _ in range(count)]
-            answer = str(count)
-        else:
-            colors = [rng.choice(names)] * count
-            answer = colors[0]
+        centres, colors = _draw_layout(task, rng, size, max_dots, held_out=split == "eval")
+        answer = str(len(centres)) if task == "visual_count" else colors[0]
         rows.append(
             {
                 "prompt_id": f"{split}-{i}",
@@ -94,6 +90,27 @@ def visual_rows(task: str, num: int, seed: int, split: str = "train", size: int 
             }
         )
     return rows
+
+
+def is_held_out(centres: list[tuple[int, int]], colors: list[str]) -> bool:
+    """Whether an image (its dots, in any order) is one of the fifth held out for evaluation: a
+    hash of what it shows, so no image a train split draws is ever an eval image."""
+    key = repr(sorted(zip(centres, colors))).encode()
+    return hashlib.sha256(key).digest()[0] % HELD_OUT_EVERY == 0
+
+
+def _draw_layout(
+    task: str, rng: random.Random, size: int, max_dots: int, held_out: bool
+) -> tuple[list[tuple[int, int]], list[str]]:
+    """One image's dots and colours, drawn until it is on the split's side of `is_held_out`."""
+    names = sorted(COLORS)
+    for _ in range(1000):
+        count = rng.randint(1, max_dots)
+        centres = dot_centres(rng, count, size, max_dots)
+        colors = [rng.choice(names) for _ in range(count)] if task == "visual_count" else [rng.choice(names)] * count
+        if is_held_out(centres, colors) == held_out:
+            return centres, colors
+    raise AssertionError("no image on this side of the held-out split in 1000 draws")  # 1 in 5 is held out
 
 
 def visual_corpus(num: int = 200, seed: int = 1234) -> list[str]:

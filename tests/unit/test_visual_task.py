@@ -103,3 +103,13 @@ def test_the_task_file_is_read_back_with_its_images(tmp_path):
     # The same settings write the same bytes (a resumed job's prompts are the ones it started with).
     again, _ = prepare_prompt_files(cfg, tmp_path / "again")
     assert again.read_bytes() == train.read_bytes()
+
+
+@pytest.mark.parametrize("task", ["visual_count", "visual_color"])
+def test_train_never_draws_an_eval_image(task):
+    # 28 pixels and one dot: a small space of images (22 x 22 places x 6 colours), where 400 and 60 draws
+    # would meet ~8 times by chance.
+    train = {r["images"][0] for r in visual_rows(task, 400, seed=0, size=28, max_dots=1)}
+    held_out = {r["images"][0] for r in visual_rows(task, 60, seed=0, split="eval", size=28, max_dots=1)}
+    assert not train & held_out
+    assert len(train) > 50 and len(held_out) > 5
