@@ -111,10 +111,35 @@ def test_gpu_check_only_skip_and_earlier_issues(tmp_path: Path):
         return {name for name in ("tests/gpu", "learner 0.5B", "learner MoE", *EARLIER_ISSUES) if wanted(args, name)}
 
     assert runs() == {"tests/gpu", "learner 0.5B", "learner MoE"}  # a GPU without --all
-    assert runs("--all") == runs(smoke=True) == {"tests/gpu", "learner 0.5B", "learner MoE", *EARLIER_ISSUES}
+    assert runs("--all") == {"tests/gpu", "learner 0.5B", "learner MoE", *EARLIER_ISSUES}
+    # At tiny shapes every step but the 1.5B ones, which would be the 0.5B steps again.
+    assert runs(smoke=True) == {"tests/gpu", "learner 0.5B", "learner MoE", *EARLIER_ISSUES} - {"host hop 1.5B"}
+    assert runs("--only", "host hop 1.5B", smoke=True) == {"host hop 1.5B"}  # asked for by name, it runs
     assert runs("--only", "tests/gpu", "learner MoE") == {"tests/gpu", "learner MoE"}
     assert runs("--only", "host hop 1.5B") == {"host hop 1.5B"}  # --only names an earlier issue's step too
     assert runs("--skip", "learner MoE") == {"tests/gpu", "learner 0.5B"}
+
+
+def test_gpu_check_parses_every_gpu_command_and_leaves_out_only_smoke_duplicates(tmp_path: Path):
+    """Each GPU step's command is accepted by its module's own parser (the CPU run uses other
+    flags, so a renamed option would otherwise first fail on a GPU); a step the CPU run leaves out
+    as another's duplicate runs that step's module with a subset of its flags at the smoke shape."""
+    import importlib
+
+    from benchmarks.gpu.check import SMOKE_SAME_AS, STEPS, parse_args, smoke_flags, steps
+
+    modules = {name: module for name, module, _ in STEPS}
+    for name, command, _ in steps(parse_args(["--out-dir", str(tmp_path)]))[1:]:
+        module = importlib.import_module(command[2])
+        parse = getattr(module, "parse_args", None)
+        if parse is not None:  # step_profile parses inside its main
+            assert parse(command[3:]).out == Path(command[-1]), name
+    flags = smoke_flags(parse_args(["--out-dir", str(tmp_path), "--smoke"]))
+    for left_out, same in SMOKE_SAME_AS.items():
+        assert modules[left_out] == modules[same]
+        theirs, ours = flags[left_out][0], flags[same][0]
+        assert theirs[theirs.index("--shape") + 1] == ours[ours.index("--shape") + 1] == "smoke"
+        assert set(theirs) - {"--no-plain", "--parts", "host_hop"} <= set(ours), (left_out, theirs, ours)
 
 
 def test_a_failing_side_is_an_error_row_and_the_rest_still_runs(capsys):
