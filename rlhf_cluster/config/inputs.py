@@ -197,6 +197,11 @@ class DataConfig(_Strict):
         ge=1,
         description="Images: an encoded image larger than this (bytes) is refused, naming its row and file.",
     )
+    placebo_images: bool = Field(
+        False,
+        description="A control: each training prompt is shown another prompt's images (a seeded permutation among "
+        "prompts with as many images); held-out prompts keep theirs. Learning that survives it is not reading images.",
+    )
     eval_prompts: int = Field(
         64,
         ge=0,

@@ -28,9 +28,15 @@ def image_setting(cfg: JobConfig) -> str | None:
 
 
 def rules(cfg: JobConfig) -> list[str]:
-    """The config rules (no files read): a text-only tiny policy, and images without the chat template."""
+    """The config rules (no files read): a text-only tiny policy, images without the chat template,
+    and the images placebo without images."""
     setting = image_setting(cfg)
     if setting is None:
+        if cfg.data.placebo_images:
+            return [
+                "data.placebo_images shuffles the prompts' images, and they have none: set data.columns.images "
+                "(or a visual data.task)"
+            ]
         return []
     out = []
     architecture = str(cfg.model.tiny.architecture)

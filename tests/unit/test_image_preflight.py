@@ -71,3 +71,8 @@ def test_an_image_column_without_the_chat_template_is_refused(tmp_path):
     vlm = _folder(tmp_path, "vlm", {"vision_config": {}})
     (problem,) = images.rules(_job(data, {"path": vlm}))
     assert problem.startswith("data.columns.images=img:") and "data.chat_template: true" in problem
+
+
+def test_the_images_placebo_needs_images():
+    (problem,) = images.rules(_job({"task": "arithmetic", "placebo_images": True}))
+    assert problem.startswith("data.placebo_images") and "data.columns.images" in problem
