@@ -11,6 +11,7 @@ weights, so `AutoProcessor.from_pretrained` and vLLM both load the folder. Nothi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ PIXELS_PER_TOKEN = (PATCH * MERGE) ** 2
 # distribution is nearly uniform whatever the image, so a test could not tell the image (or its
 # rotary positions) was used; at 0.1 a different image moves log-probs by ~0.1-1.
 INIT_STD = 0.1
+FP32: dict[str, Any] = {"torch_dtype": "float32"}
 
 # Qwen2-VL's template, cut to what the tiny model needs: a message's content is a string, or a
 # list of parts, each an image (`{"type": "image"}`, or an OpenAI `image_url` part), a video or
@@ -87,7 +89,8 @@ def build_vlm(cfg: TinyModelConfig, tokenizer):
         vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END],
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        # The legacy name on purpose: it sets the text config's dtype too (`dtype=` only the outer).
+        **FP32,
     )
     torch.manual_seed(cfg.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
