@@ -52,7 +52,7 @@ def test_a_judges_verdict_is_the_reward_beside_a_verifier_recorded_at_weight_0(
     judge = one_token_judge(model_cache, tmp_path / "judge7", "7")
     cfg = job_config(
         name="judged",
-        scoring={"judge_replicas": 2, "rewards": [
+        scoring={"rewards": [
             {"type": "verifier", "weight": 0.0},
             {"type": "judge", "model": judge, "name": "seven", "template": "score", "verdict": "score_0_10",
              "max_tokens": 1, "weight": 2.0},
