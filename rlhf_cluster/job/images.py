@@ -11,11 +11,8 @@ import json
 from pathlib import Path
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.config.inputs import VISION_ARCHITECTURES
 from rlhf_cluster.data.visual_task import VISUAL_TASKS
-
-# The tiny model's vision-language architectures (named here, not imported: a string is all a
-# config holds).
-VLM_TINY_ARCHITECTURES = frozenset({"qwen2_5_vl"})
 
 
 def image_setting(cfg: JobConfig) -> str | None:
@@ -39,12 +36,11 @@ def rules(cfg: JobConfig) -> list[str]:
             ]
         return []
     out = []
-    architecture = str(cfg.model.tiny.architecture)
-    if cfg.model.path is None and architecture not in VLM_TINY_ARCHITECTURES:
+    if cfg.model.path is None and not cfg.model.tiny.is_vision:
         out.append(
             f"{setting}: the prompts have images and the policy is a text-only model "
-            f"(model.tiny.architecture={architecture}); set model.tiny.architecture to a vision-language one "
-            f"({', '.join(sorted(VLM_TINY_ARCHITECTURES))})"
+            f"(model.tiny.architecture={cfg.model.tiny.architecture}); set model.tiny.architecture to a "
+            f"vision-language one ({', '.join(sorted(VISION_ARCHITECTURES))})"
         )
     if not cfg.data.chat_template:
         out.append(

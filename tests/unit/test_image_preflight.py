@@ -38,10 +38,8 @@ def test_a_visual_task_with_the_text_only_tiny_model_is_refused():
 
 
 def test_a_vision_language_tiny_model_passes():
-    cfg = _job({"task": "visual_color", "chat_template": True})
-    # (the architecture is being added to TinyModelConfig apart: set past its validation here)
-    vlm = cfg.model.model_copy(update={"tiny": cfg.model.tiny.model_copy(update={"architecture": "qwen2_5_vl"})})
-    assert images.rules(cfg.model_copy(update={"model": vlm})) == []
+    cfg = _job({"task": "visual_color", "chat_template": True}, {"tiny": {"architecture": "qwen2_5_vl"}})
+    assert images.rules(cfg) == [] and preflight(cfg, files=False) == []
 
 
 def test_an_image_column_with_a_text_only_folder_is_refused(tmp_path):
