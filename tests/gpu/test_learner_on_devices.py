@@ -14,6 +14,7 @@ from rlhf_cluster.experience.records import ScoredSample, TrainBatch
 from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.models.modeling import load_causal_lm, response_logprobs
+from tests.batches import ragged_batch
 from tests.unit.test_host_syncs import counting
 
 
@@ -207,10 +208,15 @@ def test_flex_attention_packed_rows_equal_the_padded_path(device, tiny_model_pat
 def test_compiled_decoder_layers_match_eager_per_parameter(device_group, tiny_model_path, monkeypatch):
     """`learner.compile` (each decoder layer's forward through inductor) against eager: every
     parameter's gradient of the first update (relative L2 error <= 1e-3, `compile_parity`'s
-    tolerance), the loss, and the second step's gradient norm (a new token count through the same
-    compiled graph). On CUDA under `compiled.CUDA_FIX`, set in this process as a learner rank sets
-    it; while learner.compile is refused there (`CUDA_GRADIENTS_MATCH_EAGER` false) the refusal is
-    checked and the parity runs anyway: expected to fail, and the day it passes it fails saying so."""
+    tolerance), the loss, and the second step's gradient norm (a new token count). On the CPU (the
+    learner's own CPU path, the only inductor-on-CPU parity in `make test`: the gpu-check's compile
+    parity step runs Dynamo alone) the second batch is ragged too, so it runs through the same
+    compiled graph, and the test counts one graph for every layer and both steps (dynamic shapes).
+    On CUDA the second batch's rows are of one length (rotary tables broadcast over the batch: a
+    second graph); under `compiled.CUDA_FIX`, set in this process as a learner rank sets it; while
+    learner.compile is refused there (`CUDA_GRADIENTS_MATCH_EAGER` false) the refusal is checked and
+    the parity runs anyway: expected to fail, and the day it passes it fails saying so."""
+    from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
 
     from benchmarks.gpu import compile_parity as cp
@@ -229,10 +235,16 @@ def test_compiled_decoder_layers_match_eager_per_parameter(device_group, tiny_mo
     if hasattr(inductor_config.triton, "mix_order_reduction"):  # a torch without the setting (CPU 2.13) has none
         monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", inductor_config.triton.mix_order_reduction)
     variant = cp.Variant("learner.compile", env=fix.env, clone_inputs=fix.clone_inputs)
-    batches = [_ragged_batch(), _batch(n=3, length=9)]
+    # On the CPU one compiled graph (~35 s of inductor's C++ build on 2 cores each): a second batch
+    # of rows of one length would add another, the rotary tables' batch then being 1.
+    then = _batch(n=3, length=9) if cuda else ragged_batch([(4, 9), (2, 17), (6, 3), (3, 11), (8, 1), (5, 22)], 2)
+    batches = [_ragged_batch(), then]
     eager = cp.first_update(tiny_model_path, batches, variant, compiled=False)
+    graphs = counters["stats"]["unique_graphs"]
     got = cp.first_update(tiny_model_path, batches, variant, compiled=True)
     assert eager["compiled_layers"] == 0 and got["compiled_layers"] == len(load_causal_lm(tiny_model_path).model.layers)
+    if not cuda:
+        assert counters["stats"]["unique_graphs"] - graphs == 1, "a layer or the second step compiled its own graph"
     diffs = gp.compare_gradients(eager["grads"], got["grads"], gp.FP32_TOLERANCE)
     summary = gp.summarize(diffs, eager["loss"], got["loss"])
     second = got["grad_norms"][1] == pytest.approx(eager["grad_norms"][1], rel=1e-4, abs=1e-6)
