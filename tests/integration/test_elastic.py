@@ -33,7 +33,10 @@ def test_a_lost_learner_node_shrinks_the_learner_and_the_job_finishes(job_config
         learner={"world_size": 2, "lr": 1e-3, "resources": {"custom": {"rlhf_learner": 1}}},
         train={"total_steps": STEPS, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
         checkpoint={"every_steps": 2, "keep": 2},
-        faults={"elastic": True, "elastic_wait_s": 5, "heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 5.0},
+        # The rebuilt learner waits elastic_wait_s for a rank that cannot be placed (its node is gone)
+        # before it goes on with one: the whole wait is the test's. Placing both ranks at the start
+        # is a placement group on two live nodes: no process starts within the wait.
+        faults={"elastic": True, "elastic_wait_s": 3, "heartbeat_interval_s": 1.0, "heartbeat_timeout_s": 5.0},
     )
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
