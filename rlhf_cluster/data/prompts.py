@@ -367,6 +367,12 @@ class PromptSource:
         self.cursor += 1
         return prompt
 
+    def find(self, prompt_id: str) -> Prompt | None:
+        """The source's prompt of `prompt_id` (None: not one of its prompts)."""
+        if not hasattr(self, "_by_id"):
+            self._by_id = {p.prompt_id: p for p in self._prompts}
+        return self._by_id.get(prompt_id)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
 

@@ -87,10 +87,17 @@ class Admission:
             ],
         }
 
+    def _pending_prompt(self, prompt_id: str, text: str, answer: str, token_ids: list[int] | None = None) -> Prompt:
+        """A pending prompt of a checkpoint: the source's own where it still holds it unchanged (its
+        images, messages and source come with it: the state keeps only the text fields), else as kept."""
+        ids = tuple(token_ids) if token_ids else None
+        known = self.source.find(prompt_id)
+        if known is not None and (known.text, known.answer, known.token_ids) == (text, answer, ids):
+            return known
+        return Prompt(prompt_id, text, answer, ids)
+
     def load_state_dict(self, state: dict, groups_done: int) -> None:
         """Restore the prompt order; `groups_done` groups (trained on or buffered) count as started."""
         self.source.load_state_dict(state["source"])
-        self.pending.extend(
-            Prompt(p[0], p[1], p[2], tuple(p[3]) if len(p) > 3 and p[3] else None) for p in state["pending_prompts"]
-        )
+        self.pending.extend(self._pending_prompt(*p) for p in state["pending_prompts"])
         self.started, self.given_back = groups_done, 0

@@ -87,6 +87,25 @@ def test_admission_state_returns_unbuffered_prompts(tmp_path):
     assert again.started == 4
 
 
+def test_pending_prompts_come_back_whole_from_a_checkpoint(tmp_path):
+    """A checkpoint's state keeps a pending prompt's text fields only (JSON); on resume the source's
+    own prompt is taken, with its images, chat messages and source, unless the prompt changed."""
+    cfg = _cfg(tmp_path)
+    rich = [Prompt(f"p{i}", f"{i}+1=", str(i + 1), token_ids=(5, i), messages=({"role": "user", "content": "x"},),
+                   source="set-a", images=(b"\x89PNG-" + bytes([i]),)) for i in range(10)]  # fmt: skip
+    adm = Admission(cfg.train, cfg.generation, PromptSource(rich, seed=3))
+    taken = [adm.admit(0)[1][0] for _ in range(2)]
+    state = adm.state_dict()
+    again = Admission(cfg.train, cfg.generation, PromptSource(rich, seed=3))
+    again.load_state_dict(state, groups_done=0)
+    assert [again.admit(5)[1][0] for _ in range(2)] == taken  # whole: images, messages, source
+    changed = [Prompt(p.prompt_id, p.text + " ", p.answer, p.token_ids, images=p.images) for p in rich]
+    other = Admission(cfg.train, cfg.generation, PromptSource(changed, seed=3))
+    other.load_state_dict(state, groups_done=0)
+    kept = other.admit(5)[1][0]
+    assert (kept.text, kept.images) == (taken[0].text, ())  # the checkpoint's prompt, not a changed file's
+
+
 def test_dynamic_sampling_drops_a_group_without_signal_and_gives_it_back(tmp_path):
     state = JobState(_cfg(tmp_path, algorithm={"shaping": {"dynamic_sampling": True}}), PROMPTS)
     state.admission.admit(0)
