@@ -22,6 +22,12 @@ from rlhf_cluster.models.torchvision_ops import ensure_torchvision_importable
 
 IMAGE, VIDEO = 1, 2  # `mm_token_type_ids` values of image and video tokens (text is 0)
 
+# transformers 5 holds a Qwen2-VL / Qwen2.5-VL as `model.visual.*` and `model.language_model.*`,
+# while their folders (what `save_pretrained` writes and an engine is built from) keep the
+# original `visual.*` and `model.*`: a version pushed to an engine must carry the folder's names.
+_CHECKPOINT_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
+CHECKPOINT_RENAMED = frozenset({"qwen2_vl", "qwen2_5_vl"})
+
 
 @dataclass
 class VisionSample:
@@ -42,6 +48,16 @@ class VisionSample:
         if self.image_grid_thw is None:
             return 0
         return int(self.image_grid_thw.prod(-1).sum()) // 4  # 2x2 patches merged into one token
+
+
+def checkpoint_name(name: str, model_type: str) -> str:
+    """A parameter's name in its model folder: the learner's name, renamed for the families whose
+    folders transformers 5 saves in their original layout (`CHECKPOINT_RENAMED`)."""
+    if model_type in CHECKPOINT_RENAMED:
+        for held, saved in _CHECKPOINT_PREFIXES:
+            if name.startswith(held):
+                return saved + name[len(held) :]
+    return name
 
 
 def load_processor(path: str | Path):

@@ -13,6 +13,7 @@ from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.models.tiny_model import ensure_tiny_model, tiny_model_dir
 from rlhf_cluster.models.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START, VISION_TOKENS
 from rlhf_cluster.models.vision import (
+    checkpoint_name,
     load_processor,
     load_vision_lm,
     rope_positions,
@@ -105,3 +106,14 @@ def test_logprobs_take_the_image_and_the_temperature_and_carry_gradients(vlm):
         hot, _ = vision_response_logprobs(model, red, temperature=2.0)
     assert (other - logp.detach()).abs().max() > 1e-2
     assert (hot - logp.detach()).abs().max() > 1e-2
+
+
+def test_checkpoint_names_are_the_folders(vlm):
+    from safetensors import safe_open
+
+    path, _, model = vlm
+    with safe_open(str(path / "model.safetensors"), "pt") as folder:
+        saved = set(folder.keys())
+    renamed = {checkpoint_name(name, model.config.model_type) for name in model.state_dict()}
+    assert renamed == saved and any(n.startswith("visual.") for n in saved)
+    assert checkpoint_name("model.layers.0.mlp.up_proj.weight", "qwen2") == "model.layers.0.mlp.up_proj.weight"
