@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
+from rlhf_cluster.data.placebo import shuffled_images
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
@@ -39,8 +40,9 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
             raise ValueError(problem)
     train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
     columns = cfg.data.columns if cfg.data.path else None
-    prompts = read_prompt_file(train_file, columns)
-    eval_prompts = read_prompt_file(eval_file, columns) if eval_file is not None else []
+    limit = cfg.data.max_image_bytes
+    prompts = read_prompt_file(train_file, columns, max_image_bytes=limit)
+    eval_prompts = read_prompt_file(eval_file, columns, max_image_bytes=limit) if eval_file is not None else []
     if cfg.data.path is not None and (cfg.data.eval_fraction or eval_file is not None):
         assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         split = (
@@ -50,6 +52,9 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
         )
         split.write(run_dir.root / "data" / "held_out.json")
         prompts, eval_prompts = split.train, evaluated(split.held_out, cfg.data.eval_prompts, cfg.data.seed)
+    if cfg.data.placebo_images:  # the control: each training prompt shown another's images (never the held-out)
+        assert cfg.data.seed is not None  # resolved when the config validates
+        prompts, _ = shuffled_images(prompts, cfg.data.seed)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # the warm-up keeps it: one for templates, lengths, probe

@@ -235,12 +235,16 @@ def _prompt_file(cfg: JobConfig) -> list[str]:
     if cfg.data.path is None:
         return []
     try:
-        prompts = read_prompt_file(cfg.data.path, cfg.data.columns)
+        prompts = read_prompt_file(cfg.data.path, cfg.data.columns, max_image_bytes=cfg.data.max_image_bytes)
     except (OSError, ValueError) as exc:
         return [f"data.path: {exc}"]
     try:
         if cfg.data.eval_path is not None:
-            split_by_file(prompts, read_prompt_file(cfg.data.eval_path, cfg.data.columns), cfg.data.eval_path)
+            split_by_file(
+                prompts,
+                read_prompt_file(cfg.data.eval_path, cfg.data.columns, max_image_bytes=cfg.data.max_image_bytes),
+                cfg.data.eval_path,
+            )
         elif cfg.data.eval_fraction:
             assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
             split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)

@@ -30,7 +30,7 @@ def model_folder(cfg: JobConfig) -> Path | None:
 def first_prompt(cfg: JobConfig, tokenizer=None) -> Prompt:
     """The job's first prompt in file order, templated as the engine will receive it."""
     if cfg.data.path:
-        prompt = read_prompt_file(cfg.data.path, cfg.data.columns)[0]
+        prompt = read_prompt_file(cfg.data.path, cfg.data.columns, max_image_bytes=cfg.data.max_image_bytes)[0]
     else:
         assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         row = arithmetic_rows(1, cfg.data.seed, "train", cfg.data.max_operand)[0]
