@@ -1,6 +1,6 @@
 """A vLLM engine serving the tiny vision-language model and the learner's forward agree on the
 log-probs of responses to prompts with images, as closely as they do on text: one in-process
-engine (the project's engine settings) samples from prompts of one, two and no images, and
+engine (the project's engine settings) samples from prompts of one, two and no images (at temperatures 1 and 0.7), and
 `models.vision` scores the same responses given the processor's pixel values, grids and
 multimodal rotary positions."""
 
@@ -41,8 +41,9 @@ def vlm_path(model_cache) -> str:
     return str(ensure_tiny_model(TinyModelConfig(architecture="qwen2_5_vl"), model_cache))
 
 
-def _generate(path: str, requests: list[dict]) -> list:
-    """Sample one response per request from one in-process engine; the finished outputs in order."""
+def _generate(path: str, requests: list[dict], temperatures: list[float]) -> list:
+    """Sample one response per request (at its temperature) from one in-process engine; the
+    finished outputs in order."""
     cfg = GenerationConfig(max_model_len=256)
     configure_vllm_environment(cfg)
     from vllm import SamplingParams
@@ -53,10 +54,14 @@ def _generate(path: str, requests: list[dict]) -> list:
 
     args = EngineArgs(**engine_settings(path, cfg, "float32", 0), **engine_mm_args(2))
     engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
-    params = SamplingParams(
-        temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
-    )
-    for k, request in enumerate(requests):
+    for k, (request, temperature) in enumerate(zip(requests, temperatures)):
+        params = SamplingParams(
+            temperature=temperature,
+            max_tokens=MAX_TOKENS,
+            ignore_eos=True,
+            logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
         engine.add_request(str(k), request, params)
     finished = {}
     while engine.has_unfinished_requests():
@@ -66,30 +71,32 @@ def _generate(path: str, requests: list[dict]) -> list:
 
 def test_engine_and_learner_logprobs_agree_on_image_prompts(vlm_path):
     processor = load_processor(vlm_path)
-    prompts = [
-        ([dots("red", (80, 60))], "How many dots? "),
-        ([dots("blue", (120, 90), 3), dots("green", (56, 56), 2)], "Which has more dots? "),
-        ([], "3+4="),
+    prompts = [  # images, question, sampling temperature (the engine's log-probs are after it)
+        ([dots("red", (80, 60))], "How many dots? ", 1.0),
+        ([dots("blue", (120, 90), 3), dots("green", (56, 56), 2)], "Which has more dots? ", 0.7),
+        ([], "3+4=", 1.0),
     ]
-    texts = [chat(processor, images, question) for images, question in prompts]
-    outputs = _generate(vlm_path, [image_request(t, images) for t, (images, _) in zip(texts, prompts)])
+    texts = [chat(processor, images, question) for images, question, _ in prompts]
+    requests = [image_request(text, images) for text, (images, _, _) in zip(texts, prompts)]
+    outputs = _generate(vlm_path, requests, [temperature for _, _, temperature in prompts])
     model = load_vision_lm(vlm_path)
     worst = 0.0
-    for text, (images, _), out in zip(texts, prompts, outputs):
+    for text, (images, _, temperature), out in zip(texts, prompts, outputs):
         completion = out.outputs[0]
         engine_logp = torch.tensor([lp[tok].logprob for lp, tok in zip(completion.logprobs, completion.token_ids)])
         sample = vision_sample(processor, text, images, list(completion.token_ids))
         # vLLM expanded each image placeholder to exactly the learner's image tokens.
         assert sample.input_ids[: sample.prompt_len].tolist() == list(out.prompt_token_ids)
         with torch.no_grad():
-            learner_logp, metrics = vision_response_logprobs(model, sample)
+            learner_logp, metrics = vision_response_logprobs(model, sample, temperature)
         assert metrics["response_tokens"] == MAX_TOKENS == len(engine_logp)
         worst = max(worst, (learner_logp - engine_logp).abs().max().item())
         if images:
             # The images matter: the same response given other images scores differently.
             other = [im.transpose(Image.Transpose.ROTATE_90) for im in images]
             with torch.no_grad():
-                moved, _ = vision_response_logprobs(model, vision_sample(processor, text, other, sample_ids(sample)))
+                moved_sample = vision_sample(processor, text, other, sample_ids(sample))
+                moved, _ = vision_response_logprobs(model, moved_sample, temperature)
             assert (moved - learner_logp).abs().max() > 100 * TOLERANCE
     print(f"engine vs learner max |logp diff| over image prompts: {worst:.3g}")
     assert worst < TOLERANCE
