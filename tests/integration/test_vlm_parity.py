@@ -1,8 +1,8 @@
 """A vLLM engine serving the tiny vision-language model and the learner's forward agree on the
 log-probs of responses to prompts with images, as closely as they do on text: one in-process
-engine (the project's engine settings) samples from prompts of one, two and no images (at temperatures 1 and 0.7), and
-`models.vision` scores the same responses given the processor's pixel values, grids and
-multimodal rotary positions."""
+engine (the project's engine settings) samples from prompts of one, two and no images, at
+temperatures 1 and 0.7, and `models.vision` scores the same responses given the processor's
+pixel values, grids and multimodal rotary positions."""
 
 from __future__ import annotations
 
