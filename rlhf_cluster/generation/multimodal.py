@@ -32,3 +32,20 @@ def engine_mm_args(max_images_per_prompt: int) -> dict[str, Any]:
         raise ValueError(f"max_images_per_prompt must be >= 1, got {max_images_per_prompt}")
     ensure_torchvision_importable()
     return {"limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0}}
+
+
+def serves_images(llm_engine) -> bool:
+    """Whether a vLLM engine's model takes images (a vision-language model)."""
+    return bool(llm_engine.model_config.is_multimodal_model)
+
+
+def drop_image_embeddings(llm_engine) -> None:
+    """Forget the image embeddings vLLM computed with the previous weights; call after every
+    weight load of an engine that `serves_images`.
+
+    vLLM keeps each image's encoder output, keyed by the image's hash, for every later request
+    with the same image, and neither a weight load nor a prefix-cache reset drops it: after a
+    push that changed the vision tower, a repeated image was still embedded by the old one
+    (measured on the tiny VLM: log-probs off by 0.94 against the new weights, 1.4e-6 with this).
+    vLLM warns when it runs with requests in flight (their embeddings may be recomputed)."""
+    llm_engine.reset_encoder_cache()

@@ -1,0 +1,35 @@
+"""The engine's image requests and its image caches (vLLM itself stood in for)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_cluster.generation.multimodal import drop_image_embeddings, engine_mm_args, image_request, serves_images
+
+
+def test_image_request_carries_the_images_in_order():
+    images = [object(), object()]
+    request = image_request("<|image_pad|> and <|image_pad|>", images)
+    assert request == {"prompt": "<|image_pad|> and <|image_pad|>", "multi_modal_data": {"image": images}}
+    by_ids = image_request((1, 2, 3), images[:1])
+    assert by_ids["prompt_token_ids"] == [1, 2, 3] and by_ids["multi_modal_data"]["image"] == images[:1]
+    assert image_request("3+4=", []) == {"prompt": "3+4="}  # no images: a plain request
+
+
+def test_engine_mm_args_bound_the_images_and_refuse_none():
+    assert engine_mm_args(2) == {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+    with pytest.raises(ValueError, match=">= 1"):
+        engine_mm_args(0)
+
+
+def test_image_caches():
+    calls = []
+    engine = SimpleNamespace(
+        model_config=SimpleNamespace(is_multimodal_model=True), reset_encoder_cache=lambda: calls.append(1)
+    )
+    assert serves_images(engine)
+    assert not serves_images(SimpleNamespace(model_config=SimpleNamespace(is_multimodal_model=False)))
+    drop_image_embeddings(engine)
+    assert calls == [1]
