@@ -20,25 +20,26 @@ there: it must stay light (torch is imported only when torchvision is).
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
-import logging
 import sys
-from pathlib import Path
-from typing import Any
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # not typing's: every interpreter start imports this module, and typing costs 4 ms
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 # The op schemas torchvision's C extension defines and its Python registers fakes for at import.
 SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 )
-_LIBRARIES: list[Any] = []  # the torch.library.Library holding them, kept alive (a dropped one undefines)
+_LIBRARIES: list = []  # the torch.library.Library holding them, kept alive (a dropped one undefines)
 
 
 def torchvision_dir() -> Path | None:
     """The installed torchvision package's folder (without importing it), or None."""
+    from pathlib import Path
+
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -78,19 +79,23 @@ def ensure_torchvision_importable() -> bool:
     missing = missing_schemas()
     if not missing:
         return False
+    import logging
+
     import torch
 
     library = torch.library.Library("torchvision", "FRAGMENT")
     for schema in missing:
         library.define(schema)
     _LIBRARIES.append(library)
-    log.info("torchvision's C ops do not load (a CUDA build on a CPU torch): defined %s", ", ".join(missing))
+    logging.getLogger(__name__).info(
+        "torchvision's C ops do not load (a CUDA build on a CPU torch): defined %s", ", ".join(missing)
+    )
     return True
 
 
-class _FirstImport(importlib.abc.MetaPathFinder):
-    """Runs `ensure_torchvision_importable` when torchvision is first imported, then steps aside
-    (it finds nothing itself: the regular finders import torchvision)."""
+class _FirstImport:
+    """A meta path finder that runs `ensure_torchvision_importable` when torchvision is first
+    imported, then steps aside (it finds nothing itself: the regular finders import torchvision)."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
         if fullname == "torchvision":
