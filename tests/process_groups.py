@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 
 
 @contextlib.contextmanager
@@ -21,3 +22,8 @@ def one_rank_process_group(backend: str):
         yield
     finally:
         dist.destroy_process_group()
+        # DeepSpeed keeps a clone of the world group it made in this process; a later group would
+        # find it destroyed ("Group ... is not registered"). Its own teardown releases it so.
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None:
+            groups._release_process_group_references()

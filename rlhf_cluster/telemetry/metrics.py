@@ -130,8 +130,11 @@ ROUTING_AGREEMENT = _gauge(
     "rlhf_routing_expert_set_agreement_ratio",
     "Share of (token, MoE layer) pairs the learner routes to the engine's expert set, routing itself.",
 )
-ROUTING_MISMATCH_K3 = _gauge(
-    "rlhf_routing_mismatch_k3", "k3 of learner vs rollout log-probs on the step's probe, by replay.", "replay"
+ROUTING_K3_WITH_REPLAY = _gauge(
+    "rlhf_routing_mismatch_k3_with_replay", "k3 of learner vs rollout log-probs on the step's probe, replayed."
+)
+ROUTING_K3_WITHOUT_REPLAY = _gauge(
+    "rlhf_routing_mismatch_k3_without_replay", "k3 of learner vs rollout log-probs on the step's probe, own routing."
 )
 ROUTING_LOAD = _gauge(
     "rlhf_routing_load_max_over_mean_ratio", "Max over mean tokens per expert of the engine's routing (1: even)."
@@ -271,6 +274,8 @@ STEP_GAUGES = {
     "eval_reward_mean": EVAL_REWARD,
     "routing/expert_set_agreement": ROUTING_AGREEMENT,
     "routing/load_max_over_mean": ROUTING_LOAD,
+    "routing/mismatch_k3_with_replay": ROUTING_K3_WITH_REPLAY,
+    "routing/mismatch_k3_without_replay": ROUTING_K3_WITHOUT_REPLAY,
 }
 # Columns that are one labelled series of a gauge: column -> (gauge, extra labels).
 STEP_LABELLED_GAUGES = {
@@ -287,8 +292,6 @@ STEP_LABELLED_GAUGES = {
     **{f"busy_{pool}": (POOL_BUSY, {"busy_pool": pool}) for pool in BUSY_POOLS},
     "eval_accuracy": (EVAL_ACCURACY, {"mode": "greedy"}),
     "eval_sampled_accuracy": (EVAL_ACCURACY, {"mode": "sampled"}),
-    "routing/mismatch_k3_with_replay": (ROUTING_MISMATCH_K3, {"replay": "with"}),
-    "routing/mismatch_k3_without_replay": (ROUTING_MISMATCH_K3, {"replay": "without"}),
 }
 # Columns named by a prefix and one label value: prefix -> (gauge, the label the rest fills).
 STEP_PREFIXED_GAUGES = {"eval_pass@": (EVAL_PASS_AT_K, "k"), "eval_accuracy/": (EVAL_SOURCE_ACCURACY, "source")}
