@@ -177,7 +177,8 @@ class VLLMEngine(EngineLoop):
         self.engine.set_weight_version(str(self.version))
         self.tokenizer = self.engine.get_tokenizer()
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(RotaryReloadFilter())
-        tied = bool(self.engine.model_config.hf_config.get_text_config().tie_word_embeddings)
+        hf_config = self.engine.model_config.hf_config  # a vision-language config (transformers 5) ties at the top
+        tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", hf_config.tie_word_embeddings))
         self.optional_tensors = frozenset({"lm_head.weight"} if tied else ())
         if self.quantized:
             kernels = sum(self.engine.collective_rpc(keep_int8_scales_alive))
