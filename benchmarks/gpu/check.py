@@ -75,11 +75,16 @@ STEPS = (
 EARLIER_ISSUES = ("scoring and host hop 0.5B", "host hop 1.5B", "learner 0.5B, more sides")
 # Steps that at tiny shapes would run the module another step runs, on the same shape, with a subset
 # of its flags (learner 1.5B: ours without the plain loop, sides the 0.5B step times too; host hop
-# 1.5B: the 0.5B step's second part): what tells them apart on a GPU is the shape and the memory
-# budget, which the smoke shape has no use for. The CPU run leaves them out (~8 s each: a process
-# importing torch for nothing new); `--only` still runs one. Their GPU commands are parsed by the
-# modules' own parsers in tests/unit/test_bench_helpers.py, which the smoke run never did.
-SMOKE_SAME_AS = {"learner 1.5B": "learner 0.5B", "host hop 1.5B": "scoring and host hop 0.5B"}
+# 1.5B: the 0.5B step's second part; 0.5B's more sides: DeepSpeed, which the smoke 0.5B step times
+# too): what tells them apart on a GPU is the shape, the memory budget and each call's time limit,
+# which the smoke run has no use for. The CPU run leaves them out (~8 s each: a process importing
+# torch for nothing new); `--only` still runs one. Their GPU commands are parsed by the modules'
+# own parsers in tests/unit/test_bench_helpers.py, which the smoke run never did.
+SMOKE_SAME_AS = {
+    "learner 1.5B": "learner 0.5B",
+    "host hop 1.5B": "scoring and host hop 0.5B",
+    "learner 0.5B, more sides": "learner 0.5B",
+}
 
 
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
@@ -103,7 +108,11 @@ def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     batch = "--batch 2 --prompt 8 --response 4 16 --reps 1 --warmup 0 --logprob-tokens".split()
     tiny = ["--shape", "smoke", *batch]
     return {
-        "learner 0.5B": ([*tiny, "--attention", "eager", "--seq-lens", *seq, "--tokens-per-step", "512"], 300),
+        # DeepSpeed's side here too: on a GPU it has a step of its own ("learner 0.5B, more sides")
+        "learner 0.5B": (
+            [*tiny, "--attention", "eager", "--seq-lens", *seq, "--tokens-per-step", "512", "--deepspeed"],
+            300,
+        ),
         "learner 1.5B": ([*tiny, "--no-plain"], 300),
         "scoring and host hop 0.5B": (["--shape", "smoke", "--rollouts", "2"], 300),
         "host hop 1.5B": (["--shape", "smoke", "--parts", "host_hop"], 300),
