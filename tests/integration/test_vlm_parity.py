@@ -6,13 +6,16 @@ pixel values, grids and multimodal rotary positions."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from rlhf_cluster.config import GenerationConfig, TinyModelConfig
+from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.generation.engine import engine_settings
-from rlhf_cluster.generation.multimodal import engine_mm_args, image_request
+from rlhf_cluster.generation.multimodal import engine_mm_args, engine_request
 from rlhf_cluster.generation.vllm_process import configure_vllm_environment
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.models.vision import load_processor, load_vision_lm, vision_response_logprobs, vision_sample
@@ -77,7 +80,9 @@ def test_engine_and_learner_logprobs_agree_on_image_prompts(vlm_path):
         ([], "3+4=", 1.0),
     ]
     texts = [chat(processor, images, question) for images, question, _ in prompts]
-    requests = [image_request(text, images) for text, (images, _, _) in zip(texts, prompts)]
+    # As the generation engine sends a prompt: its images as the prompt file's bytes, decoded.
+    requests = [engine_request(Prompt(f"p{k}", text, "", images=tuple(png(im) for im in images)))
+                for k, (text, (images, _, _)) in enumerate(zip(texts, prompts))]
     outputs = _generate(vlm_path, requests, [temperature for _, _, temperature in prompts])
     model = load_vision_lm(vlm_path)
     worst = 0.0
@@ -100,6 +105,12 @@ def test_engine_and_learner_logprobs_agree_on_image_prompts(vlm_path):
             assert (moved - learner_logp).abs().max() > 100 * TOLERANCE
     print(f"engine vs learner max |logp diff| over image prompts: {worst:.3g}")
     assert worst < TOLERANCE
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 def sample_ids(sample) -> list[int]:

@@ -33,3 +33,24 @@ def test_image_caches():
     assert not serves_images(SimpleNamespace(model_config=SimpleNamespace(is_multimodal_model=False)))
     drop_image_embeddings(engine)
     assert calls == [1]
+
+
+def test_a_prompts_engine_request_decodes_its_images_beside_its_tokens():
+    import io
+
+    from PIL import Image
+
+    from rlhf_cluster.data.prompts import Prompt
+    from rlhf_cluster.generation.multimodal import engine_request
+
+    def png(size, colour):
+        out = io.BytesIO()
+        Image.new("L", size, colour).save(out, format="PNG")
+        return out.getvalue()
+
+    prompt = Prompt("p", "text", "1", token_ids=(7, 8, 9), images=(png((30, 20), 10), png((8, 8), 200)))
+    request = engine_request(prompt)
+    assert request["prompt_token_ids"] == [7, 8, 9]
+    assert [(im.mode, im.size) for im in request["multi_modal_data"]["image"]] == [("RGB", (30, 20)), ("RGB", (8, 8))]
+    assert engine_request(Prompt("t", "3+4=", "7")) == "3+4="
+    assert engine_request(Prompt("t", "3+4=", "7", token_ids=(1, 2)))["prompt_token_ids"] == [1, 2]  # TokensPrompt
