@@ -41,3 +41,16 @@ def test_asking_for_them_where_they_cannot_run_is_refused(monkeypatch):
         liger.apply_liger(torch.nn.Linear(2, 2), CUDA, True)
     with pytest.raises(ValueError, match="needs CUDA"):
         liger.apply_liger(torch.nn.Linear(2, 2), CPU, True)
+
+
+def test_a_mixture_of_experts_keeps_its_own_experts(model_cache, tiny_model_path):
+    """Liger's swiglu swaps an MoE's experts for its fused MoE (0.1% MFU on one H200): RMSNorm only."""
+    from rlhf_cluster.config import TinyModelConfig
+    from rlhf_cluster.models.liger import liger_kernels
+    from rlhf_cluster.models.modeling import load_causal_lm
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
+
+    moe = load_causal_lm(str(ensure_tiny_model(TinyModelConfig(architecture="qwen3_moe"), model_cache)))
+    assert liger_kernels(moe) == {"rms_norm": True, "swiglu": False, "rope": False, "cross_entropy": False,
+                                  "fused_linear_cross_entropy": False}
+    assert liger_kernels(load_causal_lm(tiny_model_path))["swiglu"] is True
