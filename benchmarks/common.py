@@ -95,10 +95,15 @@ def headline(name: str, value: float | None, target: str, met: bool | None, unit
     return {"name": name, "value": value, "unit": unit, "target": target, "met": met}
 
 
+def _cell(fmt: str, value) -> str:
+    return "-" if value is None else value if isinstance(value, str) else fmt.format(value)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Sequence[str] | None = None) -> None:
     """A plain left/right-aligned table: the first column left, the rest right."""
     formats = formats or ["{}"] * len(headers)
-    cells = [[fmt.format(v) if v is not None else "-" for fmt, v in zip(formats, row)] for row in rows]
+    # None: "-"; a string (a side's error) as it is, whatever the column's number format.
+    cells = [[_cell(fmt, v) for fmt, v in zip(formats, row)] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
 
     def line(items):

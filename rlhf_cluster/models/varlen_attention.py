@@ -14,6 +14,8 @@ precision only (fp16, bf16) and take head sizes that are multiples of 8 up to 25
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 VARLEN = "varlen"  # the attention implementation's name, in the config and in AttentionInterface
@@ -64,6 +66,11 @@ def flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window_size, enable_gqa
     from torch.nn.attention.varlen import varlen_attn
 
     cu, longest = cu_seqlens, max_seqlen
+    if enable_gqa and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
+        # torch 2.11's kernel has no grouped-query switch (on one H200, 2026-11-28): heads repeated
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size)
     return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size, enable_gqa=enable_gqa)
 
 

@@ -215,3 +215,22 @@ def test_a_learner_rank_asks_with_its_compute_dtype_and_head_size(monkeypatch, t
     monkeypatch.setattr(varlen_attention, "installed", lambda: True)
     assert learner_attention("auto", CUDA, 1024, precision, tiny_model_path) == expected
     assert learner_attention("auto", CPU, 1024, precision, tiny_model_path) == "sdpa"
+
+
+def test_a_varlen_kernel_without_a_grouped_query_switch_gets_the_heads_repeated(monkeypatch):
+    """torch 2.11's `varlen_attn` takes no `enable_gqa` (found on one H200): the kv heads are repeated."""
+    import torch.nn.attention.varlen as varlen
+
+    from rlhf_cluster.models.varlen_attention import flash_varlen
+
+    seen = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
+        seen.append((k.shape, v.shape))
+        return q
+
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
+    q, k = torch.randn(5, 4, 8), torch.randn(5, 2, 8)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    flash_varlen(q, k, k.clone(), cu, 5, None, (-1, -1), enable_gqa=True)
+    assert seen == [(torch.Size([5, 4, 8]), torch.Size([5, 4, 8]))]
