@@ -112,6 +112,8 @@ class LearnerRouting:
         learner calls it (its forwards are collective, its counts summed over the ranks); empty
         when no rank's micro-batch carries routed experts."""
         layout = self.layout(b, micro) if micro.real else None
+        if not _any_rank(layout is not None, b.input_ids.device):  # nothing to compare: no extra forwards
+            return {}
         with capture_routing(self.model) as seen:
             own, _ = forward()
         with self._replaying(layout):
@@ -173,3 +175,12 @@ def _indices(rows: slice | torch.Tensor, count: int) -> list[int]:
 
 def _routed(b: TrainBatch, row: int) -> bool:
     return b.routings is not None and b.routings[row] is not None
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on any rank of the learner (every rank asks; one tiny collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

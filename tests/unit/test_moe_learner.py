@@ -42,6 +42,7 @@ def test_fsdp2_trains_checkpoints_and_sends_an_moe(gloo_group, moe_path, tmp_pat
     for _ in range(2):
         metrics = learner.train_step(batch, kl_coef=0.0)
         assert math.isfinite(metrics["policy/loss"]) and metrics["learner/skipped_updates"] == 0, metrics
+        assert not any(k.startswith("routing/") for k in metrics)  # no routed experts: no probe, no extra forwards
     after = learner.full_state_dict()
     for name in (EXPERTS, ROUTER, "model.layers.1.self_attn.q_proj.weight"):
         assert not torch.equal(before[name], after[name]), f"{name} did not train"
