@@ -74,6 +74,7 @@ def build_group(
             policy_versions=None if r.policy_versions is None else list(r.policy_versions),
             loss_mask=None if r.loss_mask is None else list(r.loss_mask),
             routed_experts=r.routed_experts,  # immutable: shared, not copied
+            images=r.images,  # a tuple of bytes: shared, not copied
             finish_reason=r.finish_reason,
             reward=float(reward),
             reward_components=c,

@@ -75,6 +75,9 @@ SAMPLE_SCHEMA = pa.schema(
         # Routing replay: the experts a mixture-of-experts engine routed the sequence's tokens to
         # (`routing_column`); null for a dense model, or an engine that returned none.
         pa.field("routed_experts", ROUTED_EXPERTS_TYPE, nullable=True),
+        # A vision-language model's images of the sequence (prompt, then observations), encoded
+        # (PNG, JPEG, ...), in the order of their placeholders; empty for text.
+        pa.field("images", pa.list_(pa.binary()), nullable=False),
     ]
 )
 
@@ -138,6 +141,9 @@ class Rollout(SampledResponse):
     # The experts a mixture-of-experts engine routed the sequence's tokens to (routing replay;
     # None: a dense model, or an engine that returned none).
     routed_experts: RoutedExperts | None = None
+    # A vision-language model's images of the sequence, encoded, in placeholder order (prompt,
+    # then observations): the learner, the reference and a judge see them as the engine did.
+    images: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         if self.turn_starts is not None and (
@@ -180,6 +186,7 @@ class ScoredSample(SampledResponse):
     rolled_back_steps: int = 0
     loss_mask: list[int] | None = None  # None: every response token was sampled by the model
     routed_experts: RoutedExperts | None = None  # the rollout's (mixture-of-experts engines; None: none)
+    images: tuple[bytes, ...] = ()  # the rollout's (vision-language models; empty: text)
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
@@ -242,6 +249,7 @@ def samples_to_table(samples: Iterable[ScoredSample]) -> pa.Table:
     columns["policy_versions"] = [[{"start": a, "version": v} for a, v in s.version_spans] for s in rows]
     columns["loss_mask"] = [s.loss_mask or [] for s in rows]
     columns["routed_experts"] = [routing_to_row(s.routed_experts) for s in rows]
+    columns["images"] = [list(s.images) for s in rows]
     return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
 
 
@@ -259,6 +267,10 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
         table = table.append_column(
             SAMPLE_SCHEMA.field("routed_experts"), pa.nulls(table.num_rows, ROUTED_EXPERTS_TYPE)
         )
+    if "images" not in table.schema.names:  # written before vision-language models: no images
+        table = table.append_column(
+            SAMPLE_SCHEMA.field("images"), pa.array([[]] * table.num_rows, pa.list_(pa.binary()))
+        )
     if set(table.schema.names) == set(SAMPLE_SCHEMA.names):
         table = table.select(SAMPLE_SCHEMA.names)
     if not table.schema.equals(SAMPLE_SCHEMA):
@@ -269,6 +281,7 @@ def table_to_samples(table: pa.Table) -> list[ScoredSample]:
         row["policy_versions"] = [(span["start"], span["version"]) for span in row["policy_versions"]]
         row["loss_mask"] = row["loss_mask"] or None
         row["routed_experts"] = routing_from_row(row["routed_experts"])
+        row["images"] = tuple(row["images"])
         out.append(ScoredSample(**row))
     return out
 
@@ -331,6 +344,9 @@ class TrainBatch:
     # Routing replay: each row's routed experts (host-side, as the samples carry them; None per
     # row without one), or None when no sample of the batch has one.
     routings: list[RoutedExperts | None] | None = None
+    # A vision-language model's images, per row (encoded, in placeholder order; the learner runs
+    # its image processor on them), or None when no sample of the batch has one.
+    images: list[tuple[bytes, ...]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -379,6 +395,7 @@ class TrainBatch:
             routings=[s.routed_experts for s in samples]
             if any(s.routed_experts is not None for s in samples)
             else None,
+            images=[s.images for s in samples] if any(s.images for s in samples) else None,
         )
 
 

@@ -54,7 +54,9 @@ def test_schema_matches_contract():
         "rolled_back_steps",
         "loss_mask",
         "routed_experts",
+        "images",
     ]
+    assert SAMPLE_SCHEMA.field("images").type == pa.list_(pa.binary())
     assert SAMPLE_SCHEMA.field("rolled_back_steps").type == pa.int32()
     assert SAMPLE_SCHEMA.field("loss_mask").type == pa.list_(pa.int8())
     assert SAMPLE_SCHEMA.field("prompt_ids").type == pa.list_(pa.int32())
@@ -85,6 +87,17 @@ def test_rolled_back_steps_round_trip_and_files_from_before_the_field_read_as_ze
     old = samples_to_table([_sample(version=4)]).drop_columns(["rolled_back_steps", "loss_mask"])  # a buffer of before
     back = table_to_samples(old)[0]
     assert (back.rolled_back_steps, back.staleness(6)) == (0, 2)
+
+
+def test_images_round_trip_into_the_train_batch_and_files_from_before_the_field_read_as_none():
+    png = (b"\x89PNG first", b"\x89PNG second")
+    seen, text = _sample("s0", images=png), _sample("s1")
+    back = table_to_samples(samples_to_table([seen, text]))
+    assert [b.images for b in back] == [png, ()]
+    assert TrainBatch.from_samples(back).images == [png, ()]
+    assert TrainBatch.from_samples([text]).images is None  # no row with an image: no image work at all
+    old = samples_to_table([text]).drop_columns(["images"])  # a buffer written before images
+    assert table_to_samples(old)[0].images == ()
 
 
 @pytest.mark.parametrize(
