@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,15 @@ from rlhf_cluster.generation.engine_loop import EngineLoop
 from rlhf_cluster.generation.gc_pause import imports_without_gc
 from rlhf_cluster.generation.int8_reload import keep_int8_scales_alive
 from rlhf_cluster.generation.lora_adapters import AdapterSlot
-from rlhf_cluster.generation.multimodal import drop_image_embeddings, engine_mm_args, engine_request, serves_images
+from rlhf_cluster.generation.multimodal import (
+    EngineImages,
+    drop_image_embeddings,
+    engine_mm_args,
+    engine_request,
+    image_token_id,
+    serves_images,
+    turn_request,
+)
 from rlhf_cluster.generation.routing_capture import engine_routing
 from rlhf_cluster.generation.vllm_process import (
     RotaryReloadFilter,
@@ -121,8 +129,8 @@ class VLLMEngine(EngineLoop):
     With `generation.quantization: int8`, `model_path` is an int8 start checkpoint
     (`quantization.write_int8_model_dir`) and every push must be the store's int8 variant.
 
-    With `max_images` (a vision-language model), a prompt's images (`Prompt.images`) go to the
-    engine beside its tokens, at most that many per prompt (`multimodal`).
+    With `images` (a vision-language model), a prompt's images (`Prompt.images`) go to the
+    engine beside its tokens, at most `images.max_per_prompt` of them (`multimodal`).
 
     With `routed_experts` (a mixture-of-experts model; `algorithm.routing_replay: rollout`), every
     rollout of `submit_group` and `generate` carries the experts the engine routed its tokens to
@@ -139,7 +147,7 @@ class VLLMEngine(EngineLoop):
         on_step: Callable[[int, int], None] | None = None,
         adapters: LoraConfig | None = None,
         routed_experts: bool = False,
-        max_images: int = 0,
+        images: EngineImages | None = None,
     ):
         configure_vllm_environment(cfg)
         self.routing = engine_routing(model_path, cfg) if routed_experts else None
@@ -173,7 +181,7 @@ class VLLMEngine(EngineLoop):
             weight_transfer_config=WeightTransferConfig(backend=weight_transfer.BACKEND),
             **(self.adapters.engine_args() if self.adapters is not None else {}),
             **(self.routing.engine_args() if self.routing is not None else {}),
-            **(engine_mm_args(max_images) if max_images else {}),
+            **(engine_mm_args(images) if images is not None else {}),
             **cfg.engine_kwargs,
         )
         self.engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
@@ -271,16 +279,24 @@ class VLLMEngine(EngineLoop):
                     response_text=response_text(self.tokenizer, ids),
                     worker=self.name,
                     routed_experts=routed[k],
+                    images=prompt.images,
                 )
             )
         return rollouts
 
-    def submit_turn(self, context_ids: list[int], max_tokens: int, stop: list[str], greedy: bool = False) -> Future:
+    def submit_turn(
+        self,
+        context_ids: list[int],
+        max_tokens: int,
+        stop: list[str],
+        greedy: bool = False,
+        images: Sequence[bytes] = (),
+    ) -> Future:
         """One model turn of an episode: a single response continuing `context_ids` (the prompt
-        and the episode so far), ending at EOS, a `stop` string (kept) or `max_tokens`. The
-        future resolves to a `Turn`."""
+        and the episode so far), ending at EOS, a `stop` string (kept) or `max_tokens`; `images`:
+        every image of the context so far, in order (a vision-language model; `turn_request`).
+        The future resolves to a `Turn`."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         s = self.cfg.sampling
@@ -309,7 +325,8 @@ class VLLMEngine(EngineLoop):
                 comp.text,
             )
 
-        return self._submit([(TokensPrompt(prompt_token_ids=list(context_ids)), params)], finish)
+        request = turn_request(context_ids, images, image_token_id(self.engine))
+        return self._submit([(request, params)], finish)
 
     def generate(
         self, prompts: list[Prompt], n: int | None = None, greedy: bool = False

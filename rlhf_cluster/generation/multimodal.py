@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rlhf_cluster.data.prompts import Prompt
@@ -27,18 +28,50 @@ def image_request(prompt: str | Sequence[int], images: Sequence[Any]) -> dict[st
     return request
 
 
-def engine_mm_args(max_images_per_prompt: int) -> dict[str, Any]:
-    """Engine arguments of an engine serving prompts of up to `max_images_per_prompt` images (and
-    no video); makes torchvision importable first, since vLLM builds the model's processor."""
-    if max_images_per_prompt < 1:
-        raise ValueError(f"max_images_per_prompt must be >= 1, got {max_images_per_prompt}")
+@dataclass(frozen=True)
+class EngineImages:
+    """What an engine serving a vision-language model takes: at most `max_per_prompt` images a
+    prompt, resized by its processor to between `min_pixels` and `max_pixels` (None: the model
+    folder's setting; `data.min_pixels` / `max_pixels`, which the learner's processor uses too)."""
+
+    max_per_prompt: int
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_per_prompt < 1:
+            raise ValueError(f"max_images_per_prompt must be >= 1, got {self.max_per_prompt}")
+
+    @property
+    def processor_kwargs(self) -> dict[str, int]:
+        """The processor's size settings that differ from the folder's."""
+        sizes = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        return {k: v for k, v in sizes.items() if v is not None}
+
+
+def engine_mm_args(images: EngineImages | int) -> dict[str, Any]:
+    """Engine arguments of an engine serving prompts with `images` (an int: at most that many a
+    prompt, sized as the folder says), and no video; makes torchvision importable first, since
+    vLLM builds the model's processor."""
+    if isinstance(images, int):
+        images = EngineImages(images)
     ensure_torchvision_importable()
-    return {"limit_mm_per_prompt": {"image": max_images_per_prompt, "video": 0}}
+    args: dict[str, Any] = {"limit_mm_per_prompt": {"image": images.max_per_prompt, "video": 0}}
+    if images.processor_kwargs:
+        args["mm_processor_kwargs"] = images.processor_kwargs
+    return args
 
 
 def serves_images(llm_engine) -> bool:
     """Whether a vLLM engine's model takes images (a vision-language model)."""
     return bool(llm_engine.model_config.is_multimodal_model)
+
+
+def image_token_id(llm_engine) -> int | None:
+    """The image placeholder's token id of a vLLM engine's model (None: it takes no images)."""
+    if not serves_images(llm_engine):
+        return None
+    return int(llm_engine.model_config.hf_config.image_token_id)
 
 
 def drop_image_embeddings(llm_engine) -> None:
@@ -58,6 +91,29 @@ def decoded_images(images: Sequence[bytes]) -> list[Any]:
     from PIL import Image
 
     return [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+
+
+def collapsed_placeholders(ids: Sequence[int], image_token_id: int) -> list[int]:
+    """`ids` with each run of image tokens collapsed back to one placeholder.
+
+    A sequence the engine returned (an earlier turn's prompt) holds every image expanded to its
+    tokens; sent again with its images, vLLM would expand each run's first token once more, so a
+    later turn's context goes in as the chat template left it: one placeholder per image."""
+    out: list[int] = []
+    for token in ids:
+        if token != image_token_id or not out or out[-1] != image_token_id:
+            out.append(token)
+    return out
+
+
+def turn_request(context_ids: Sequence[int], images: Sequence[bytes], image_token_id: int | None) -> dict[str, Any]:
+    """The vLLM request of an episode's next turn: its context (the prompt and the turns so far,
+    images expanded as the engine returned them) with every image of it so far, in order."""
+    if not images:
+        return {"prompt_token_ids": list(context_ids)}
+    if image_token_id is None:
+        raise ValueError(f"a turn with {len(images)} image(s) for an engine whose model takes no images")
+    return image_request(collapsed_placeholders(context_ids, image_token_id), decoded_images(images))
 
 
 def engine_request(prompt: Prompt) -> Any:

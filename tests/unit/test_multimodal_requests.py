@@ -6,7 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_cluster.generation.multimodal import drop_image_embeddings, engine_mm_args, image_request, serves_images
+from rlhf_cluster.generation.multimodal import (
+    EngineImages,
+    collapsed_placeholders,
+    drop_image_embeddings,
+    engine_mm_args,
+    image_request,
+    serves_images,
+    turn_request,
+)
 
 
 def test_image_request_carries_the_images_in_order():
@@ -20,6 +28,8 @@ def test_image_request_carries_the_images_in_order():
 
 def test_engine_mm_args_bound_the_images_and_refuse_none():
     assert engine_mm_args(2) == {"limit_mm_per_prompt": {"image": 2, "video": 0}}
+    sized = engine_mm_args(EngineImages(3, max_pixels=3136))  # the data's size limit reaches vLLM's processor
+    assert sized["mm_processor_kwargs"] == {"max_pixels": 3136} and sized["limit_mm_per_prompt"]["image"] == 3
     with pytest.raises(ValueError, match=">= 1"):
         engine_mm_args(0)
 
@@ -54,3 +64,26 @@ def test_a_prompts_engine_request_decodes_its_images_beside_its_tokens():
     assert [(im.mode, im.size) for im in request["multi_modal_data"]["image"]] == [("RGB", (30, 20)), ("RGB", (8, 8))]
     assert engine_request(Prompt("t", "3+4=", "7")) == "3+4="
     assert engine_request(Prompt("t", "3+4=", "7", token_ids=(1, 2)))["prompt_token_ids"] == [1, 2]  # TokensPrompt
+
+
+def test_a_later_turn_goes_in_with_one_placeholder_per_image_and_every_image():
+    pad = 9
+    expanded = [1, 8, pad, pad, pad, 7, 2, 8, pad, pad, 7, 3]  # two images the engine expanded, then text
+    assert collapsed_placeholders(expanded, pad) == [1, 8, pad, 7, 2, 8, pad, 7, 3]
+    png = _png((8, 8), "red")
+    request = turn_request(expanded, [png, png], pad)
+    assert request["prompt_token_ids"] == [1, 8, pad, 7, 2, 8, pad, 7, 3]
+    assert len(request["multi_modal_data"]["image"]) == 2
+    assert turn_request([1, 2], (), None) == {"prompt_token_ids": [1, 2]}
+    with pytest.raises(ValueError, match="takes no images"):
+        turn_request(expanded, [png], None)
+
+
+def _png(size, colour) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
