@@ -57,6 +57,7 @@ class GenerationWorker(Worker):
             on_step=self._on_engine_step,
             adapters=settings.adapters,
             routed_experts=settings.routed_experts(model_path, torch.cuda.is_available()),
+            images=settings.engine_images(model_path),
         )
         self.labels.of(m.GENERATION_VERSION).set(0)
         # Multi-turn: a fresh environment per episode (None: one response per prompt).

@@ -22,6 +22,7 @@ from rlhf_cluster.config import (
     ScoringConfig,
     WeightsConfig,
 )
+from rlhf_cluster.generation.multimodal import EngineImages
 
 if TYPE_CHECKING:
     from rlhf_cluster.learner.base import LearnerSpec
@@ -55,6 +56,7 @@ class GenerationSettings:
     engine_dtype: DType
     adapters: LoraConfig | None
     routing_replay: str  # `algorithm.routing_replay`: whether rollouts must carry the routed experts
+    images: EngineImages  # what the engine takes of images, where its model is a vision-language one
 
     @classmethod
     def of(cls, cfg: JobConfig) -> GenerationSettings:
@@ -67,7 +69,14 @@ class GenerationSettings:
             cfg.engine_dtype,
             lora if lora.adapters_only else None,
             cfg.algorithm.routing_replay,
+            EngineImages(cfg.data.max_images_per_prompt, cfg.data.min_pixels, cfg.data.max_pixels),
         )
+
+    def engine_images(self, model_path: str) -> EngineImages | None:
+        """`images` for an engine of a vision-language model (None: a text-only one takes none)."""
+        from rlhf_cluster.job.images import has_vision
+
+        return self.images if has_vision(model_path) else None
 
     def routed_experts(self, model_path: str, cuda: bool) -> bool:
         """Whether the engine returns the routed experts of its rollouts: always with replay; for the

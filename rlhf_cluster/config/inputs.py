@@ -192,6 +192,13 @@ class DataConfig(_Strict):
     min_pixels: int | None = Field(
         None, ge=1, description="Images: the fewest pixels the processor resizes an image to; None: its own setting."
     )
+    max_images_per_prompt: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Images: the most a prompt (or an agent's episode) carries; the engines are sized for it "
+        "(vLLM's `limit_mm_per_prompt`); a prompt file with more in a row is refused, naming the row.",
+    )
     max_image_bytes: int = Field(
         16 * 2**20,
         ge=1,

@@ -101,7 +101,11 @@ def _read_saved_dataset(folder: Path, what: str) -> pa.Table:
 
 
 def read_prompt_file(
-    path: str | Path, columns: PromptColumns | None = None, *, max_image_bytes: int = MAX_IMAGE_BYTES
+    path: str | Path,
+    columns: PromptColumns | None = None,
+    *,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_images: int | None = None,
 ) -> list[Prompt]:
     """Read prompts from .parquet, .jsonl or a save_to_disk folder, with `columns` naming the
     prompt (or messages), answer, id and image columns (see `PromptColumns`). Without `columns` (a
@@ -109,7 +113,8 @@ def read_prompt_file(
 
     Every error names the file and what was expected: missing file, wrong suffix, a file that
     does not parse, missing columns, no rows, null/empty/duplicate ids, empty prompts; an image
-    that is missing, unreadable, over `max_image_bytes` or no image at all also names its row.
+    that is missing, unreadable, over `max_image_bytes` or no image at all also names its row, as
+    does a row of more than `max_images` images (None: any number).
     """
     file = Path(path).expanduser()
     if not file.exists():
@@ -143,6 +148,7 @@ def read_prompt_file(
         else [None] * len(ids)
     )
     images = _images(file, table, columns.images, ids, max_image_bytes)
+    _check_image_counts(file, columns.images, ids, images, max_images)
     if columns.messages:
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
         _check_image_parts(file, ids, chats, images)
@@ -172,6 +178,19 @@ def _images(file: Path, table: pa.Table, column: str | None, ids: list[str], max
                 f"prompt file {file}: row {row} (prompt_id {prompt_id!r}), column {column!r}: {exc}"
             ) from exc
     return out
+
+
+def _check_image_counts(
+    file: Path, column: str | None, ids: list[str], images: list[tuple[bytes, ...]], limit: int | None
+) -> None:
+    """Refuses the first row with more than `limit` images (the engines take no more a prompt)."""
+    over = [(row, n) for row, im in enumerate(images) if limit is not None and (n := len(im)) > limit]
+    if over:
+        row, n = over[0]
+        raise ValueError(
+            f"prompt file {file}: row {row} (prompt_id {ids[row]!r}), column {column!r}: {n} images, more than "
+            f"data.max_images_per_prompt={limit} ({len(over)} such row(s)); raise it or drop images"
+        )
 
 
 def _prompt_ids(file: Path, raw_ids: list | None, rows: int) -> list[str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.config.inputs import VISION_ARCHITECTURES
+from rlhf_cluster.data.images import image_size, image_tokens
+from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.visual_task import VISUAL_TASKS
 
 
@@ -74,3 +76,40 @@ def file_checks(cfg: JobConfig) -> list[str]:
         f"{setting}: the prompts have images and model.path {cfg.model.path} is a text-only model (its config.json "
         "has no vision_config); use a vision-language model or drop the images"
     ]
+
+
+def image_limits(cfg: JobConfig) -> dict[str, int]:
+    """`read_prompt_file`'s image limits from the `data` section (bytes an image, images a row)."""
+    return {"max_image_bytes": cfg.data.max_image_bytes, "max_images": cfg.data.max_images_per_prompt}
+
+
+def folder_pixels(model_path: str | Path) -> tuple[int | None, int | None]:
+    """The (min, max) pixels a model folder's image processor resizes images to: its
+    `processor_config.json` (transformers 5) or `preprocessor_config.json` (None: not said there)."""
+    folder = Path(model_path).expanduser()
+    for name, nested in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        file = folder / name
+        if not file.is_file():
+            continue
+        config = json.loads(file.read_text())
+        config = config.get(nested, {}) if nested else config
+        size = config.get("size") or {}
+        low = config.get("min_pixels", size.get("shortest_edge"))
+        high = config.get("max_pixels", size.get("longest_edge"))
+        if low is not None or high is not None:
+            return low, high
+    return None, None
+
+
+def pixel_limits(cfg: JobConfig, model_path: str | Path) -> tuple[int | None, int | None]:
+    """The (min, max) pixels the job's images are resized to: `data.min_pixels` / `max_pixels`,
+    else the model folder's own (what the engines' and the learner's processors both use)."""
+    low, high = folder_pixels(model_path)
+    return (cfg.data.min_pixels or low, cfg.data.max_pixels or high)
+
+
+def prompt_tokens(prompt: Prompt, tokenizer, pixels: tuple[int | None, int | None]) -> int:
+    """A prompt's tokens as the engine holds them: each image's one placeholder expanded to its
+    image tokens (the size its processor resizes it to, `pixels`: min and max)."""
+    expanded = sum(image_tokens(*image_size(data), *pixels) - 1 for data in prompt.images)
+    return len(prompt.encode(tokenizer)) + expanded

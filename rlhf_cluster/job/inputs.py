@@ -13,6 +13,7 @@ from rlhf_cluster.data.placebo import shuffled_images
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
+from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
 from rlhf_cluster.job.teacher import tokenizer_mismatch
 from rlhf_cluster.job.warmup import ensure_warmed_model
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
@@ -40,9 +41,8 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
             raise ValueError(problem)
     train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
     columns = cfg.data.columns if cfg.data.path else None
-    limit = cfg.data.max_image_bytes
-    prompts = read_prompt_file(train_file, columns, max_image_bytes=limit)
-    eval_prompts = read_prompt_file(eval_file, columns, max_image_bytes=limit) if eval_file is not None else []
+    prompts = read_prompt_file(train_file, columns, **image_limits(cfg))
+    eval_prompts = read_prompt_file(eval_file, columns, **image_limits(cfg)) if eval_file is not None else []
     if cfg.data.path is not None and (cfg.data.eval_fraction or eval_file is not None):
         assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         split = (
@@ -62,9 +62,10 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
         prompts = apply_chat_template(prompts, tokenizer, cfg.data.system_prompt)
         eval_prompts = apply_chat_template(eval_prompts, tokenizer, cfg.data.system_prompt)
     room = cfg.generation.max_model_len - cfg.generation.sampling.max_new_tokens
-    check_prompt_lengths(prompts, tokenizer, room, str(train_file))
+    pixels = pixel_limits(cfg, model_path)
+    check_prompt_lengths(prompts, tokenizer, room, str(train_file), pixels)
     if eval_file is not None:
-        check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file))
+        check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file), pixels)
     if cfg.model.sft_warmup_steps:
         # The tool task is warmed up on episodes (some calling the calculator), the others on answers.
         demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None
@@ -83,9 +84,16 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
 
 
-def check_prompt_lengths(prompts: list[Prompt], tokenizer, limit: int, source: str) -> None:
-    """Every prompt leaves room for a full response in the engine's context, or the job stops here."""
-    too_long = [(p.prompt_id, n) for p in prompts if (n := len(p.encode(tokenizer))) > limit]
+def check_prompt_lengths(
+    prompts: list[Prompt],
+    tokenizer,
+    limit: int,
+    source: str,
+    pixels: tuple[int | None, int | None] = (None, None),
+) -> None:
+    """Every prompt leaves room for a full response in the engine's context, its images counted as
+    the tokens they expand to (resized within `pixels`: min, max), or the job stops here."""
+    too_long = [(p.prompt_id, n) for p in prompts if (n := prompt_tokens(p, tokenizer, pixels)) > limit]
     if too_long:
         raise ValueError(
             f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "

@@ -231,18 +231,19 @@ def _prompt_file(cfg: JobConfig) -> list[str]:
     # The whole file: every row is checked before any work starts.
     from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
     from rlhf_cluster.data.prompts import read_prompt_file
+    from rlhf_cluster.job.images import image_limits
 
     if cfg.data.path is None:
         return []
     try:
-        prompts = read_prompt_file(cfg.data.path, cfg.data.columns, max_image_bytes=cfg.data.max_image_bytes)
+        prompts = read_prompt_file(cfg.data.path, cfg.data.columns, **image_limits(cfg))
     except (OSError, ValueError) as exc:
         return [f"data.path: {exc}"]
     try:
         if cfg.data.eval_path is not None:
             split_by_file(
                 prompts,
-                read_prompt_file(cfg.data.eval_path, cfg.data.columns, max_image_bytes=cfg.data.max_image_bytes),
+                read_prompt_file(cfg.data.eval_path, cfg.data.columns, **image_limits(cfg)),
                 cfg.data.eval_path,
             )
         elif cfg.data.eval_fraction:

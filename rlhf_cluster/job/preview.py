@@ -11,8 +11,11 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.config import FunctionReward, JobConfig
+from rlhf_cluster.data.images import describe_images
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
 from rlhf_cluster.data.tasks import arithmetic_rows
+from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
+from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
 from rlhf_cluster.models.quantization import checkpoint_spec, is_quantized_weight
 from rlhf_cluster.models.tiny_model import tiny_model_dir
 
@@ -30,11 +33,14 @@ def model_folder(cfg: JobConfig) -> Path | None:
 def first_prompt(cfg: JobConfig, tokenizer=None) -> Prompt:
     """The job's first prompt in file order, templated as the engine will receive it."""
     if cfg.data.path:
-        prompt = read_prompt_file(cfg.data.path, cfg.data.columns, max_image_bytes=cfg.data.max_image_bytes)[0]
+        prompt = read_prompt_file(cfg.data.path, cfg.data.columns, **image_limits(cfg))[0]
     else:
         assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
-        row = arithmetic_rows(1, cfg.data.seed, "train", cfg.data.max_operand)[0]
-        prompt = Prompt(row["prompt_id"], row["prompt"], row["answer"])
+        if cfg.data.task in VISUAL_TASKS:
+            row = visual_rows(cfg.data.task, 1, cfg.data.seed, "train", cfg.data.image_size, cfg.data.max_dots)[0]
+        else:
+            row = arithmetic_rows(1, cfg.data.seed, "train", cfg.data.max_operand)[0]
+        prompt = Prompt(row["prompt_id"], row["prompt"], row["answer"], images=tuple(row.get("images", ())))
     if cfg.data.chat_template:
         prompt = apply_chat_template([prompt], tokenizer, cfg.data.system_prompt)[0]
     return prompt
@@ -69,11 +75,15 @@ def preview_lines(cfg: JobConfig) -> list[str]:
     if cfg.data.chat_template and tokenizer is None:
         return ["first prompt: the model is not built yet (its tokenizer renders the chat template)"]
     prompt = first_prompt(cfg, tokenizer)
-    count = f"{len(prompt.encode(tokenizer))} tokens" if tokenizer is not None else "tokens: model not built yet"
+    pixels = pixel_limits(cfg, folder) if folder is not None else (cfg.data.min_pixels, cfg.data.max_pixels)
+    count = (
+        f"{prompt_tokens(prompt, tokenizer, pixels)} tokens" if tokenizer is not None else "tokens: model not built yet"
+    )
     rule = cfg.scoring.rule_source
     scorer = f"function {rule.function}" if isinstance(rule, FunctionReward) else f"verifier {cfg.data.verifier_name}"
     lines = [
         f"first prompt ({prompt.prompt_id}, {count}): {json.dumps(prompt.text)}",
+        *([f"first prompt's images: {describe_images(prompt.images, *pixels)}"] if prompt.images else []),
         f"reward: {scorer}"
         + (" + reward models" if cfg.scoring.model_source else "")
         + (" + judge" if cfg.scoring.judge_source else ""),

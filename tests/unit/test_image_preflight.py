@@ -74,3 +74,42 @@ def test_an_image_column_without_the_chat_template_is_refused(tmp_path):
 def test_the_images_placebo_needs_images():
     (problem,) = images.rules(_job({"task": "arithmetic", "placebo_images": True}))
     assert problem.startswith("data.placebo_images") and "data.columns.images" in problem
+
+
+def test_prompt_tokens_count_each_image_as_the_tokens_it_expands_to(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from rlhf_cluster.data.images import image_tokens
+    from rlhf_cluster.data.prompts import Prompt
+    from rlhf_cluster.job.images import folder_pixels, pixel_limits, prompt_tokens
+
+    out = io.BytesIO()
+    Image.new("RGB", (112, 56), "red").save(out, format="PNG")
+
+    class Words:  # a tokenizer of one id per word
+        def __call__(self, text):
+            return {"input_ids": list(range(len(text.split())))}
+
+    text = Prompt("p", "<|image_pad|> how many dots", "3")
+    seen = Prompt("p", "<|image_pad|> how many dots", "3", images=(out.getvalue(),))
+    assert prompt_tokens(text, Words(), (None, None)) == 4
+    assert prompt_tokens(seen, Words(), (None, None)) == 4 - 1 + 8  # 112x56 pixels: 4x2 cells of 28x28
+    assert prompt_tokens(seen, Words(), (None, 3136)) == 4 - 1 + image_tokens(112, 56, None, 3136) == 5
+    folder = _folder(tmp_path, "vlm", {"vision_config": {}})
+    (tmp_path / "vlm" / "processor_config.json").write_text(
+        '{"image_processor": {"size": {"shortest_edge": 784, "longest_edge": 12544}}}'
+    )
+    assert folder_pixels(folder) == (784, 12544)
+    assert pixel_limits(_job({"max_pixels": 3136}), folder) == (784, 3136)  # the data's limit over the folder's
+
+
+def test_only_an_engine_of_a_vision_language_model_takes_images(tmp_path):
+    from actors.workers.settings import GenerationSettings
+
+    settings = GenerationSettings.of(_job({"max_images_per_prompt": 2, "max_pixels": 3136}))
+    vlm, text = _folder(tmp_path, "vlm", {"vision_config": {}}), _folder(tmp_path, "text", {"model_type": "qwen2"})
+    images = settings.engine_images(vlm)
+    assert images is not None and (images.max_per_prompt, images.processor_kwargs) == (2, {"max_pixels": 3136})
+    assert settings.engine_images(text) is None

@@ -221,3 +221,10 @@ def test_task_prompts_equal_the_task_file(tmp_path):
     assert task_prompts(cfg, 3) == read_prompt_file(train)
     arithmetic = DataConfig(num_prompts=3, eval_prompts=0, seed=1)
     assert task_prompts(arithmetic, 3) == read_prompt_file(prepare_prompt_files(arithmetic, tmp_path / "a")[0])
+
+
+def test_a_row_over_the_images_limit_is_refused_naming_it(tmp_path):
+    path = _parquet(tmp_path / "p.parquet", [[RED], [RED, BLUE, RED]])
+    assert len(read_prompt_file(path, COLUMNS, max_images=3)[1].images) == 3
+    message = _refusal(path, max_images=2)
+    assert "row 1 (prompt_id 'p1')" in message and "3 images" in message and "max_images_per_prompt=2" in message
