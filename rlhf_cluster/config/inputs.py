@@ -51,10 +51,10 @@ class TinyModelConfig(_Strict):
         description="Largest image area the processor keeps (`qwen2_5_vl` only): a larger image is resized "
         "down to it; every 28x28 pixels become one image token.",
     )
-    corpus: Literal["arithmetic", "tool_arithmetic"] = Field(
+    corpus: Literal["arithmetic", "tool_arithmetic", "visual"] = Field(
         "arithmetic",
         description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
-        "episodes, so the tool tags are a few tokens each).",
+        "episodes, so the tool tags are a few tokens each; `visual` the visual tasks' questions and answers).",
     )
     seed: int = Field(
         0,

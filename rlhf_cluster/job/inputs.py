@@ -3,6 +3,7 @@ its supervised warm-up when no model is given), the prompt files and the mismatc
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -15,9 +16,12 @@ from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
 from rlhf_cluster.job.teacher import tokenizer_mismatch
+from rlhf_cluster.job.vision_warmup import ensure_warmed_vision_model
 from rlhf_cluster.job.warmup import ensure_warmed_model
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.run.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,7 +70,20 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     check_prompt_lengths(prompts, tokenizer, room, str(train_file), pixels)
     if eval_file is not None:
         check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file), pixels)
-    if cfg.model.sft_warmup_steps:
+    if cfg.model.sft_warmup_steps and any(p.images for p in prompts):  # the answers' form, not the images
+        model_path = str(
+            ensure_warmed_vision_model(
+                model_path,
+                prompts,
+                cfg.model.sft_warmup_steps,
+                cfg.model.sft_warmup_lr,
+                cfg.model.sft_warmup_batch_size,
+                cfg.seed,
+                pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
+                progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
+            )
+        )
+    elif cfg.model.sft_warmup_steps:
         # The tool task is warmed up on episodes (some calling the calculator), the others on answers.
         demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None
         model_path = str(
@@ -105,6 +122,9 @@ def check_prompt_lengths(
 def build_job_probe(cfg: JobConfig, tokenizer, prompts: list[Prompt]) -> Probe | None:
     """The job's mismatch probe (None when `generation.probe.sequences` is 0)."""
     if cfg.generation.probe.sequences == 0:
+        return None
+    if any(p.images for p in prompts):  # its sequences are token ids alone: an image prompt's would lack pixels
+        log.info("mismatch probe off: prompts with images (the steps' mismatch/* columns measure it on samples)")
         return None
     return build_probe(prompts, tokenizer, cfg.generation.probe.sequences)
 

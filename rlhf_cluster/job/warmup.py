@@ -88,7 +88,7 @@ def ensure_warmed_model(
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
             progress(step, loss.item())
-    _save_once(model, tokenizer, target)
+    save_once(model, tokenizer, target)
     return target
 
 
@@ -113,7 +113,7 @@ def _examples(
     return examples
 
 
-def _save_once(model, tokenizer, target: Path) -> None:
+def save_once(model, tokenizer, target: Path) -> None:
     """Write the model and tokenizer to `target` through a temporary folder renamed into place: a
     warm-up that another process finished first is kept (the same inputs give the same folder)."""
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))

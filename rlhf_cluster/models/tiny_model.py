@@ -23,12 +23,15 @@ from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.config.inputs import MOE_FIELDS, VISION_FIELDS
 from rlhf_cluster.data.tasks import arithmetic_corpus
 from rlhf_cluster.data.tool_task import tool_arithmetic_corpus
+from rlhf_cluster.data.visual_task import visual_corpus
 
 PAD, EOS = "<pad>", "<eos>"
 
 
 def tokenizer_corpus(corpus: str) -> list[str]:
     """The text a tiny tokenizer is trained on: the arithmetic task's, plus tool episodes for the tool task."""
+    if corpus == "visual":  # the visual tasks' questions and answers: each answer a token or two
+        return arithmetic_corpus() + visual_corpus()
     return arithmetic_corpus() + (tool_arithmetic_corpus() if corpus == "tool_arithmetic" else [])
 
 
