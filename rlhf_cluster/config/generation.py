@@ -203,6 +203,17 @@ class AgentConfig(FailureBudget):
         description="A reasoning parser of the installed vLLM (`vllm serve --reasoning-parser`: qwen3, "
         "deepseek_r1, ...) that splits the model's thinking into `reasoning_content`; None: none.",
     )
+    image_urls: Literal["data", "any"] = Field(
+        "data",
+        description="A vision-language policy's `image_url` parts: `data` takes base64 data URLs "
+        "(data:image/png;base64,...) only and refuses http(s) URLs with a 400; `any` also fetches http(s) URLs "
+        "(from the generation worker, size-capped, 10 s timeout).",
+    )
+    max_image_bytes: int = Field(
+        16 * 2**20,
+        ge=1,
+        description="An image part larger than this (encoded bytes) is refused with a 400 naming the part.",
+    )
 
     @property
     def name(self) -> str:

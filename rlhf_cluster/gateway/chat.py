@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 
+from rlhf_cluster.gateway.images import image_key
+
 # For tokenizers without a chat template (the tiny test models): roles as tags, tools listed in a
 # system turn, tool calls in the Hermes format, and EOS closing each assistant turn.
 GATEWAY_CHAT_TEMPLATE = (
@@ -39,8 +41,10 @@ def template_of(tokenizer) -> str | None:
 
 
 def for_template(message: dict) -> dict:
-    """A message as chat templates expect it: content a string, tool-call arguments a dict."""
-    out = {"role": message.get("role"), "content": _text(message.get("content"))}
+    """A message as chat templates expect it: content a string (or, where it holds images, a list
+    of `{type: text}` and `{type: image}` parts, each image where the template writes its
+    placeholder), tool-call arguments a dict."""
+    out = {"role": message.get("role"), "content": _content(message.get("content"))}
     if message.get("tool_calls"):
         out["tool_calls"] = [
             {
@@ -101,9 +105,29 @@ def same_message(a: dict, b: dict) -> bool:
             (c["function"]["name"], json.dumps(_arguments(c["function"].get("arguments")), sort_keys=True))
             for c in m.get("tool_calls") or ()
         ]
-        return m.get("role"), _text(m.get("content")), calls
+        return m.get("role"), _text(m.get("content")), _images(m.get("content")), calls
 
     return key(a) == key(b)
+
+
+def _is_image(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image_url"
+
+
+def _content(content):
+    """Content for the template: text, or the parts of content that holds images."""
+    if isinstance(content, list) and any(_is_image(p) for p in content):
+        return [
+            {"type": "image"} if _is_image(p) else {"type": "text", "text": p.get("text", "")}
+            for p in content
+            if isinstance(p, dict) and p.get("type") in ("text", "image_url")
+        ]
+    return _text(content)
+
+
+def _images(content) -> list[str]:
+    """What identifies content's images (a digest of each URL), in order."""
+    return [image_key(p) for p in content if _is_image(p)] if isinstance(content, list) else []
 
 
 def _text(content) -> str:

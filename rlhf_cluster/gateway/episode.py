@@ -13,15 +13,22 @@ refuses such a request (HTTP 409, naming the setting); `turn` (and `auto` from t
 on) renders each request's messages afresh, exactly as the agent sent them, and trains each model
 turn as its own sample: its prompt the context the engine saw, its response that turn's tokens
 (`TurnRecord`, `to_rollouts`).
+
+A vision-language policy's images (the `image_url` parts of the agent's messages) go to the engine
+with the context, one placeholder token each as the template writes them; the engine expands each
+to the image's tokens, and the trace keeps the context as the engine saw it (`saw`): the images'
+tokens masked out, the images themselves in order (`images`, the rollout's).
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field, replace
 
 from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.gateway.chat import ChatError, continuation_text, render, same_message
 from rlhf_cluster.generation.engine import Turn, response_text
+from rlhf_cluster.generation.image_turns import count_placeholders, expansions, grown, shifted
 
 
 class HistoryError(ChatError):
@@ -37,6 +44,7 @@ class TurnRecord:
     logprobs: list[float]
     spans: list[tuple[int, int]]  # (index in token_ids, weight version)
     finish_reason: FinishReason
+    images: tuple[bytes, ...] = ()  # the context's, in placeholder order
 
     def to_rollout(
         self, tokenizer, prompt_id: str, group_id: str, sample_id: str, worker: str, loss_mask: list[int] | None = None
@@ -56,6 +64,7 @@ class TurnRecord:
             response_text=response_text(tokenizer, self.token_ids),
             worker=worker,
             loss_mask=[1] * len(self.token_ids) if loss_mask is None else list(loss_mask),
+            images=tuple(self.images),
         )
 
 
@@ -81,6 +90,14 @@ class EpisodeTrace:
     samples: str = "auto"  # generation.agent.samples: episode | turn | auto
     per_turn: bool = False  # each model turn its own sample (samples: turn, or auto after a rewrite)
     turns: list[TurnRecord] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)  # the episode's images in placeholder order
+    turn_images: tuple[bytes, ...] = ()  # per turn: the images of the request being served
+    image_token_id: int | None = None  # the image placeholder token (a vision-language policy)
+
+    @property
+    def context_images(self) -> tuple[bytes, ...]:
+        """The images of the context `context_for` returned last, in order."""
+        return self.turn_images if self.per_turn else tuple(self.images)
 
     @property
     def remaining(self) -> int:
@@ -88,13 +105,16 @@ class EpisodeTrace:
             return self.budget - sum(len(t.token_ids) for t in self.turns)
         return self.budget - len(self.response_ids)
 
-    def _fresh(self, tokenizer, messages: list[dict], tools: list | None) -> list[int]:
+    def _fresh(self, tokenizer, messages: list[dict], tools: list | None, images: list[tuple] | None) -> list[int]:
         """A per-turn context: the agent's messages as it sent them, rendered whole."""
         self.per_turn = True
         self.messages = list(messages)
+        self.turn_images = tuple(i for m in images or () for i in m)
         return tokenizer(render(tokenizer, messages, tools, True), add_special_tokens=False)["input_ids"]
 
-    def _rewritten(self, why: str, tokenizer, messages: list[dict], tools: list | None) -> list[int]:
+    def _rewritten(
+        self, why: str, tokenizer, messages: list[dict], tools: list | None, images: list[tuple] | None
+    ) -> list[int]:
         if self.samples == "episode":
             raise HistoryError(
                 f"episode {self.episode_id}: {why}; with generation.agent.samples: episode an episode is one token "
@@ -102,33 +122,40 @@ class EpisodeTrace:
                 "context it saw)"
             )
         self.rewrites += 1
-        return self._fresh(tokenizer, messages, tools)
+        return self._fresh(tokenizer, messages, tools, images)
 
-    def context_for(self, tokenizer, messages: list[dict], tools: list | None) -> list[int]:
+    def context_for(
+        self, tokenizer, messages: list[dict], tools: list | None, images: list[tuple] | None = None
+    ) -> list[int]:
         """The engine context for a chat request: the first request rendered whole, a later one
-        as the episode so far plus the added messages' tokens (appended here, mask 0)."""
+        as the episode so far plus the added messages' tokens (appended here, mask 0). `images`:
+        each message's images (`images.request_images`); those of the context are `context_images`."""
         if self.prompt_ids is None:
             self.prompt_ids = tokenizer(render(tokenizer, messages, tools, True), add_special_tokens=False)["input_ids"]
             self.messages = list(messages)
+            self.images = [i for m in images or () for i in m]
             self.per_turn = self.samples == "turn"
+            self.turn_images = tuple(self.images)
             return list(self.prompt_ids)
         seen = len(self.messages)
         extends = len(messages) > seen and all(same_message(a, b) for a, b in zip(messages, self.messages))
         if self.per_turn:
             self.rewrites += not extends
-            return self._fresh(tokenizer, messages, tools)
+            return self._fresh(tokenizer, messages, tools, images)
         if len(messages) <= seen or any(a.get("role") != b.get("role") for a, b in zip(messages, self.messages)):
             why = f"the request's {len(messages)} messages do not extend the episode's {seen} (dropped or reordered)"
-            return self._rewritten(why, tokenizer, messages, tools)
+            return self._rewritten(why, tokenizer, messages, tools, images)
         if not extends:
-            return self._rewritten("the request edits earlier messages", tokenizer, messages, tools)
+            return self._rewritten("the request edits earlier messages", tokenizer, messages, tools, images)
         added = list(messages[seen:])
         try:
             text = continuation_text(tokenizer, self.last_turn_text, added, tools)
         except ChatError as exc:  # the template itself rewrites earlier turns (e.g. drops their reasoning)
-            return self._rewritten(str(exc), tokenizer, messages, tools)
-        self.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self._rewritten(str(exc), tokenizer, messages, tools, images)
+        kept = self.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         self.messages += added
+        new = [i for m in (images or [])[seen:] for i in m]
+        self.images += new[: count_placeholders(kept, self.image_token_id)]  # those the budget left a placeholder
         return self.prompt_ids + self.response_ids
 
     def context_for_text(self, tokenizer, prompt: str) -> list[int]:
@@ -157,18 +184,39 @@ class EpisodeTrace:
         self.append(tokenizer(prompt[len(seen) :], add_special_tokens=False)["input_ids"])
         return self.prompt_ids + self.response_ids
 
-    def append(self, ids: list[int]) -> None:
-        """Tokens the model did not write (template, tool results, user turns), within the budget."""
+    def append(self, ids: list[int]) -> list[int]:
+        """Tokens the model did not write (template, tool results, user turns), within the
+        budget; returns those appended."""
         ids = ids[: max(self.remaining, 0)]
         self.response_ids += ids
         self.logprobs += [0.0] * len(ids)
         self.loss_mask += [0] * len(ids)
+        return ids
+
+    def saw(self, sent: list[int], seen: list[int]) -> None:
+        """The engine saw `seen` for the context `sent` (`context_for`'s): where it expanded an
+        image placeholder to the image's tokens, the trace grows alike (masked out, log-prob 0;
+        later indices shifted). A per-turn context is kept by its turn (`add_turn`)."""
+        if self.per_turn or sent == seen:
+            return
+        assert self.prompt_ids is not None  # `context_for` set it
+        inserts = expansions(sent, seen, self.image_token_id)
+        p = len(self.prompt_ids)
+        in_prompt = sum(n for at, n in inserts if at <= p)
+        later = [(at - p, n) for at, n in inserts if at > p]
+        self.prompt_ids = list(seen[: p + in_prompt])
+        self.response_ids = list(seen[p + in_prompt :])
+        self.logprobs = grown(self.logprobs, later, 0.0)
+        self.loss_mask = grown(self.loss_mask, later, 0)
+        self.spans = [(shifted(start, later), v) for start, v in self.spans]
+        self.turn_starts = [shifted(start, later) for start in self.turn_starts]
 
     def add_turn(self, turn: Turn, reply: dict, text_with_specials: str, context: list[int]) -> None:
         """A model turn the engine sampled after `context`, and the assistant message the agent was sent for it."""
-        self.turns.append(
-            TurnRecord(list(context), list(turn.token_ids), list(turn.logprobs), list(turn.spans), turn.finish_reason)
+        record = TurnRecord(
+            list(context), list(turn.token_ids), list(turn.logprobs), list(turn.spans), turn.finish_reason
         )
+        self.turns.append(replace(record, images=self.context_images))
         if self.per_turn:
             self.messages.append(reply)
             self.last_turn_text = text_with_specials
@@ -201,6 +249,7 @@ class EpisodeTrace:
             "finish_reason": self.finish_reason,
             "messages": self.messages,
             "per_turn": self.per_turn,
+            "images": [base64.b64encode(i).decode() for i in self.images],
             "turns": [
                 {
                     "context": t.context,
@@ -208,6 +257,7 @@ class EpisodeTrace:
                     "logprobs": t.logprobs,
                     "weight_versions": [list(s) for s in t.spans],
                     "finish_reason": t.finish_reason,
+                    "images": len(t.images),
                 }
                 for t in self.turns
             ],
@@ -227,7 +277,7 @@ class EpisodeTrace:
         out = []
         for k, t in enumerate(self.turns):
             spans = [(start, v) for start, v in t.spans if start < len(t.token_ids)] or [(0, version)]
-            turn = TurnRecord(t.context, t.token_ids, t.logprobs, spans, t.finish_reason)
+            turn = TurnRecord(t.context, t.token_ids, t.logprobs, spans, t.finish_reason, t.images)
             sample = turn.to_rollout(tokenizer, prompt_id, group_id, f"{sample_id}:t{k}", worker)
             out.append(replace(sample, turn_rewards=[reward], turn_starts=[0], episode_id=sample_id))
         return out
@@ -241,6 +291,8 @@ class EpisodeTrace:
         turn_rewards = [0.0] * len(self.turn_starts)
         turn_rewards[-1] = float(sum(self.rewards))  # the agent's reward belongs to the episode's last turn
         spans = self.spans or [(0, version)]
-        whole = TurnRecord(self.prompt_ids, self.response_ids, self.logprobs, spans, self.finish_reason)
+        whole = TurnRecord(
+            self.prompt_ids, self.response_ids, self.logprobs, spans, self.finish_reason, tuple(self.images)
+        )
         sample = whole.to_rollout(tokenizer, prompt_id, group_id, sample_id, worker, loss_mask=self.loss_mask)
         return replace(sample, turn_rewards=turn_rewards, turn_starts=list(self.turn_starts))

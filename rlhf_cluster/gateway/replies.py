@@ -8,12 +8,20 @@ into `reasoning_content`; the tool parser, when the request offered tools, turns
 tool-call text into OpenAI `tool_calls`. Both read the turn's text with special tokens kept
 (tool-call markers are special tokens in many vocabularies), the token that ended the turn left
 out.
+
+Also here: the reply's other OpenAI parts (its usage, the stop string left out of its text, a
+finished reply as server-sent events for a streaming request).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from rlhf_cluster.generation.engine import Turn
 
 DEFAULT_TOOL_PARSER = "hermes"
 
@@ -105,3 +113,45 @@ def _request(tools: list | None):
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     return ChatCompletionRequest(messages=[{"role": "user", "content": ""}], model="policy", tools=tools or None)
+
+
+def stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop") or []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def without_stop(text: str, turn: Turn, body: dict) -> str:
+    """OpenAI leaves the stop string that ended a turn out of its text (the tokens keep it)."""
+    for s in stop_strings(body):
+        if turn.finish_reason == "stop" and text.endswith(s):
+            return text[: -len(s)]
+    return text
+
+
+def usage(context: list[int], turn: Turn) -> dict:
+    return {
+        "prompt_tokens": len(context),
+        "completion_tokens": len(turn.token_ids),
+        "total_tokens": len(context) + len(turn.token_ids),
+    }
+
+
+def stream_chat(reply: dict) -> StreamingResponse:
+    """A finished reply as OpenAI server-sent events: one delta with the whole turn, then its end."""
+    choice = reply["choices"][0]
+    delta = {k: v for k, v in choice["message"].items() if v is not None}
+    if "tool_calls" in delta:
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+    head = {k: reply[k] for k in ("id", "created", "model")}
+
+    def events():
+        for part, finish in ((delta, None), ({}, choice["finish_reason"])):
+            chunk = {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": part, "finish_reason": finish}],
+            }
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")

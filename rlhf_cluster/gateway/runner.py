@@ -11,6 +11,10 @@ episode's text as it does every sample. The agent runs in a process of its own p
 (`isolation`, killed at its deadline, its memory capped) or in a thread with a deadline; when the
 deadline passes its episode is closed (its further calls are refused). A failed call costs its
 sample only (`Rollout.failure`), never the worker.
+
+With a vision-language policy the agent's messages hold the prompt's images as `image_url` parts
+(data URLs), and the gateway takes the images the agent sends (`images`): up to the engine's
+`limit_mm_per_prompt` an episode, as `generation.agent.image_urls` and `max_image_bytes` allow.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from pathlib import Path
 from rlhf_cluster.config import AgentConfig, GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.gateway.images import ImagePolicy, agent_messages
 from rlhf_cluster.gateway.isolation import AgentFailed, AgentProcesses
 from rlhf_cluster.gateway.openenv import OpenEnvAgent
 from rlhf_cluster.gateway.replies import ReplyParser
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster.generation.image_turns import submit_turn_seen
 from rlhf_cluster.user_code import FailureRate, import_spec
 
 AgentFunction = Callable[[str, str, list[dict]], "float | None"]
@@ -91,12 +97,9 @@ class AgentRunner:
         # The agent needs a key either way (the openai client refuses none); one is checked only if set.
         self.api_key = agent.token or secrets.token_hex(8)
 
-        async def generate(context, max_tokens, stop, greedy):
-            return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
-
         self.gateway = Gateway(
             engine.tokenizer,
-            generate,
+            engine_turns(engine),
             model_name=agent.model_name,
             budget=cfg.sampling.max_new_tokens,
             max_model_len=cfg.max_model_len,
@@ -104,6 +107,7 @@ class AgentRunner:
             token=agent.token,
             replies=ReplyParser(engine.tokenizer, agent.tool_parser, agent.reasoning_parser),
             samples=agent.samples,
+            images=image_policy(engine, agent),
         )
         self.server: object | None = None  # uvicorn's server, once started
         self.url: str | None = None
@@ -134,7 +138,7 @@ class AgentRunner:
         url = await self.start()
         episode_id = f"{sample_id}:{uuid.uuid4().hex[:8]}"
         trace = self.gateway.open(episode_id, greedy)
-        messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.text}]
+        messages = agent_messages(prompt)  # its images as data URLs
         try:
             result = await self._call(f"{url}/episodes/{episode_id}/v1", messages)
             if result is not None and (isinstance(result, bool) or not isinstance(result, (int, float))):
@@ -192,3 +196,34 @@ class AgentRunner:
             loss_mask=[],
             failure=reason,
         )
+
+
+def engine_turns(engine: VLLMEngine):
+    """The gateway's `Generate` over `engine`: a turn, or with images the turn and the context as
+    the engine saw it (`image_turns.submit_turn_seen`)."""
+
+    async def generate(context, max_tokens, stop, greedy, images=()):
+        if images:
+            return await asyncio.wrap_future(submit_turn_seen(engine, context, max_tokens, stop, greedy, images))
+        return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
+
+    return generate
+
+
+def image_policy(engine: VLLMEngine, agent: AgentConfig | None) -> ImagePolicy:
+    """What the gateway over `engine` takes of images: none for a text-only model; for a
+    vision-language one, up to the engine's `limit_mm_per_prompt` a request, as `agent` allows."""
+    from rlhf_cluster.generation.multimodal import image_token_id
+
+    token = image_token_id(engine.engine)
+    mm = engine.engine.model_config.multimodal_config
+    if token is None or mm is None:
+        return ImagePolicy()
+    limit = mm.get_limit_per_prompt("image")
+    return ImagePolicy(
+        max_images=limit,
+        max_bytes=agent.max_image_bytes if agent else AgentConfig.model_fields["max_image_bytes"].default,
+        urls=agent.image_urls if agent else "data",
+        image_token_id=token,
+        placeholder=engine.tokenizer.decode([token]),
+    )

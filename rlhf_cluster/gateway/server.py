@@ -7,6 +7,10 @@ answered and not recorded. Sampling follows the job's settings, not the request'
 or `top_p`: the samples must come from the policy the learner corrects for. `max_tokens` and
 `stop` are honoured within the episode's token budget. Each response carries an `rlhf` field with
 the episode id, the sampled token ids and their weight versions.
+
+A vision-language policy takes `image_url` parts (`images`: data URLs, checked; refused with a 400
+naming the part when unreadable, too large, from a refused URL or too many); the engine gets them
+with the context and the trace keeps the context as the engine saw it, images expanded.
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from rlhf_cluster.gateway.chat import ChatError
 from rlhf_cluster.gateway.episode import EpisodeTrace, HistoryError
-from rlhf_cluster.gateway.replies import ReplyParser
+from rlhf_cluster.gateway.images import TEXT_ONLY, ImagePolicy, request_images
+from rlhf_cluster.gateway.replies import ReplyParser, stop_strings, stream_chat, usage, without_stop
 from rlhf_cluster.gateway.requests import RequestRefused, check_chat, check_model
 from rlhf_cluster.generation.engine import Turn
+from rlhf_cluster.generation.image_turns import ExpansionError, count_placeholders
 
-# (context token ids, max tokens, stop strings, greedy) -> the engine's turn
-Generate = Callable[[list[int], int, list[str], bool], Awaitable[Turn]]
+# (context token ids, max tokens, stop strings, greedy[, images]) -> the engine's turn, or with
+# images the turn and the context as the engine saw it (each image's placeholder expanded).
+# Called with images only for a context that has some.
+Generate = Callable[..., Awaitable["Turn | tuple[Turn, list[int]]"]]
 
 
 class GatewayError(Exception):
@@ -75,6 +83,7 @@ class Gateway:
         on_close: Callable[[EpisodeTrace], None] | None = None,
         replies: ReplyParser | None = None,
         samples: str = "auto",
+        images: ImagePolicy = TEXT_ONLY,
     ):
         self.tokenizer, self.generate, self.model_name = tokenizer, generate, model_name
         # The model's turns as assistant messages (tool calls, reasoning): vLLM's parsers, hermes by default.
@@ -83,12 +92,15 @@ class Gateway:
         self.budget, self.max_model_len, self.turn_max_tokens = budget, max_model_len, turn_max_tokens
         self.open_on_first_use, self.token, self.on_close = open_on_first_use, token, on_close
         self.samples = samples  # generation.agent.samples: what a rewritten history makes of an episode
+        self.images = images  # what image parts it takes (none for a text-only policy)
         self.episodes: dict[str, EpisodeTrace] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.stats = GatewayStats()
 
     def open(self, episode_id: str, greedy: bool = False) -> EpisodeTrace:
-        trace = self.episodes[episode_id] = EpisodeTrace(episode_id, self.budget, greedy, samples=self.samples)
+        trace = self.episodes[episode_id] = EpisodeTrace(
+            episode_id, self.budget, greedy, samples=self.samples, image_token_id=self.images.image_token_id
+        )
         self._locks[episode_id] = asyncio.Lock()
         return trace
 
@@ -102,7 +114,10 @@ class Gateway:
     def _episode(self, episode_id: str | None) -> tuple[EpisodeTrace, asyncio.Lock]:
         if episode_id is None:
             self.stats.untagged += 1
-            return EpisodeTrace("untagged", self.budget, samples=self.samples), asyncio.Lock()
+            trace = EpisodeTrace(
+                "untagged", self.budget, samples=self.samples, image_token_id=self.images.image_token_id
+            )
+            return trace, asyncio.Lock()
         if episode_id not in self.episodes:
             if not self.open_on_first_use:
                 raise GatewayError(404, f"episode {episode_id!r} is not open (closed, timed out, or never started)")
@@ -140,13 +155,18 @@ class Gateway:
             if trace.closed:
                 raise GatewayError(410, f"episode {episode_id!r} is closed")
             context = context_of(trace)
-            turn, with_specials = await self._turn(trace, context, body)
+            turn, with_specials, seen = await self._turn(trace, context, body)
             reply = reply_to(turn)
-            trace.add_turn(turn, reply, with_specials, context)
-        return context, turn, reply
+            try:
+                trace.saw(context, seen)
+            except ExpansionError as exc:
+                raise GatewayError(500, f"episode {episode_id!r}: {exc}", "server_error") from exc
+            trace.add_turn(turn, reply, with_specials, seen)
+        return seen, turn, reply
 
-    async def _turn(self, trace: EpisodeTrace, context: list[int], body: dict) -> tuple[Turn, str]:
-        """Sample one model turn after `context`; returns it and its text with special tokens."""
+    async def _turn(self, trace: EpisodeTrace, context: list[int], body: dict) -> tuple[Turn, str, list[int]]:
+        """Sample one model turn after `context`; returns it, its text with special tokens and the
+        context as the engine saw it (images expanded)."""
         if len(context) >= self.max_model_len and not trace.turn_starts:
             raise GatewayError(
                 400,
@@ -162,19 +182,37 @@ class Gateway:
                 raise GatewayError(400, f"max_tokens: expected a positive integer, got {asked!r}")
             limit = min(limit, asked)
         if limit <= 0:  # the episode's token budget or the context is spent: the agent is told, nothing is sampled
-            return Turn([], [], [], "length", ""), ""
-        turn = await self.generate(context, limit, _stops(body), trace.greedy)
-        text = _without_stop(self.tokenizer.decode(turn.token_ids, skip_special_tokens=True), turn, body)
-        return Turn(turn.token_ids, turn.logprobs, turn.spans, turn.finish_reason, text), self.tokenizer.decode(
-            turn.token_ids, skip_special_tokens=False
-        )
+            return Turn([], [], [], "length", ""), "", context
+        turn, seen = await self._generate(trace, context, limit, body)
+        text = without_stop(self.tokenizer.decode(turn.token_ids, skip_special_tokens=True), turn, body)
+        with_specials = self.tokenizer.decode(turn.token_ids, skip_special_tokens=False)
+        return Turn(turn.token_ids, turn.logprobs, turn.spans, turn.finish_reason, text), with_specials, seen
+
+    async def _generate(
+        self, trace: EpisodeTrace, context: list[int], limit: int, body: dict
+    ) -> tuple[Turn, list[int]]:
+        """The engine's turn after `context`, with the context's images where it has any."""
+        images = trace.context_images
+        placed = count_placeholders(context, self.images.image_token_id)
+        if placed != len(images):  # vLLM would misplace them (or fail): the model wrote a placeholder itself
+            raise GatewayError(
+                400,
+                f"the context holds {placed} image placeholders for {len(images)} images (a model turn that "
+                "wrote the image token itself?): the engine cannot place them",
+            )
+        if not images:
+            out = await self.generate(context, limit, stop_strings(body), trace.greedy)
+        else:
+            out = await self.generate(context, limit, stop_strings(body), trace.greedy, images)
+        return out if isinstance(out, tuple) else (out, context)
 
     async def chat(self, episode_id: str | None, body: dict) -> dict:
         self.stats.requests += 1
         if (body.get("n") or 1) != 1:
             raise GatewayError(400, "n: the gateway samples one choice per call (an episode is one trajectory)")
         check_chat(body, self.model_name)
-        messages, tools = body["messages"], body.get("tools")
+        messages, tools = [_plain(m) for m in body["messages"]], body.get("tools")
+        images = request_images(messages, self.images)
 
         def reply_to(turn: Turn) -> dict:
             if not tools and not self.replies.reads_reasoning:
@@ -184,7 +222,7 @@ class Gateway:
         context, turn, reply = await self._sample(
             episode_id,
             body,
-            lambda trace: trace.context_for(self.tokenizer, [_plain(m) for m in messages], tools),
+            lambda trace: trace.context_for(self.tokenizer, messages, tools, images),
             reply_to,
         )
         calls = reply.get("tool_calls")
@@ -202,7 +240,7 @@ class Gateway:
                     "logprobs": self._logprobs(turn) if body.get("logprobs") else None,
                 }
             ],
-            "usage": _usage(context, turn),
+            "usage": usage(context, turn),
             "rlhf": self._extension(episode_id, turn),
         }
 
@@ -212,7 +250,7 @@ class Gateway:
         ids = turn.token_ids
         if turn.finish_reason == "stop" and ids and ids[-1] in self._special_ids:
             ids = ids[:-1]
-        return _without_stop(self.tokenizer.decode(ids, skip_special_tokens=False), turn, body)
+        return without_stop(self.tokenizer.decode(ids, skip_special_tokens=False), turn, body)
 
     async def complete(self, episode_id: str | None, body: dict) -> dict:
         self.stats.requests += 1
@@ -232,7 +270,7 @@ class Gateway:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": [{"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}],
-            "usage": _usage(context, turn),
+            "usage": usage(context, turn),
             "rlhf": self._extension(episode_id, turn),
         }
 
@@ -251,19 +289,6 @@ class Gateway:
             "token_ids": list(turn.token_ids),
             "weight_versions": [list(s) for s in turn.spans],
         }
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop") or []
-    return [stop] if isinstance(stop, str) else list(stop)
-
-
-def _without_stop(text: str, turn: Turn, body: dict) -> str:
-    """OpenAI leaves the stop string that ended a turn out of its text (the tokens keep it)."""
-    for s in _stops(body):
-        if turn.finish_reason == "stop" and text.endswith(s):
-            return text[: -len(s)]
-    return text
 
 
 async def _body_of(request: Request) -> dict:
@@ -323,7 +348,7 @@ def build_app(gateway: Gateway) -> FastAPI:
         authorized(request)
         body = await _body_of(request)
         reply = await gateway.chat(_episode_of(request, body, episode), body)
-        return _stream_chat(reply) if body.get("stream") else reply
+        return stream_chat(reply) if body.get("stream") else reply
 
     async def complete(request: Request, episode: str | None = None):
         authorized(request)
@@ -377,32 +402,3 @@ async def start_server(gateway: Gateway, host: str, port: int) -> tuple[object, 
 
 def _plain(message) -> dict:
     return message if isinstance(message, dict) else {}
-
-
-def _usage(context: list[int], turn: Turn) -> dict:
-    return {
-        "prompt_tokens": len(context),
-        "completion_tokens": len(turn.token_ids),
-        "total_tokens": len(context) + len(turn.token_ids),
-    }
-
-
-def _stream_chat(reply: dict) -> StreamingResponse:
-    """A finished reply as OpenAI server-sent events: one delta with the whole turn, then its end."""
-    choice = reply["choices"][0]
-    delta = {k: v for k, v in choice["message"].items() if v is not None}
-    if "tool_calls" in delta:
-        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
-    head = {k: reply[k] for k in ("id", "created", "model")}
-
-    def events():
-        for part, finish in ((delta, None), ({}, choice["finish_reason"])):
-            chunk = {
-                **head,
-                "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": part, "finish_reason": finish}],
-            }
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")

@@ -16,8 +16,10 @@ from pathlib import Path
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.gateway.episode import EpisodeTrace
 from rlhf_cluster.gateway.replies import ReplyParser
+from rlhf_cluster.gateway.runner import engine_turns, image_policy
 from rlhf_cluster.gateway.server import Gateway, start_server
 from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster.generation.multimodal import EngineImages
 
 
 class EpisodeFile:
@@ -34,21 +36,34 @@ class EpisodeFile:
             os.fsync(f.fileno())
 
 
+def engine_images(cfg: JobConfig, model_path: str) -> EngineImages | None:
+    """The engine's image settings (the `data` section's) where the model is a vision-language
+    one (its config.json has a `vision_config`); None for a text-only model."""
+    config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
+    vision = "vision_config" in config or any(isinstance(v, dict) and "vision_config" in v for v in config.values())
+    data = cfg.data
+    return EngineImages(data.max_images_per_prompt, data.min_pixels, data.max_pixels) if vision else None
+
+
 def serve(
     cfg: JobConfig, model_path: str, host: str, port: int, token: str | None, out: Path, on_ready: Callable[[str], None]
 ) -> None:
     """Serve until interrupted (SIGINT/SIGTERM); `on_ready` gets the URL once it listens."""
     assert cfg.generation.seed is not None  # JobConfig resolves every component seed when it validates
-    engine = VLLMEngine(model_path, cfg.generation, dtype=cfg.engine_dtype, seed=cfg.generation.seed, name="gateway")
+    engine = VLLMEngine(
+        model_path,
+        cfg.generation,
+        dtype=cfg.engine_dtype,
+        seed=cfg.generation.seed,
+        name="gateway",
+        images=engine_images(cfg, model_path),
+    )
     episodes = EpisodeFile(out)
     agent = cfg.generation.agent
 
-    async def generate(context, max_tokens, stop, greedy):
-        return await asyncio.wrap_future(engine.submit_turn(context, max_tokens, stop, greedy))
-
     gateway = Gateway(
         engine.tokenizer,
-        generate,
+        engine_turns(engine),
         model_name=agent.model_name if agent else "policy",
         budget=cfg.generation.sampling.max_new_tokens,
         max_model_len=cfg.generation.max_model_len,
@@ -58,6 +73,7 @@ def serve(
         on_close=episodes.write,
         replies=ReplyParser(engine.tokenizer, agent.tool_parser, agent.reasoning_parser) if agent else None,
         samples=agent.samples if agent else "auto",
+        images=image_policy(engine, agent),
     )
 
     async def run() -> None:
