@@ -136,6 +136,13 @@ class LearnerConfig(TrainingGroupConfig):
         description="LoRA on the policy (fsdp2). The reference log-probs then come from the "
         "learner's base model with the adapters disabled, so no reference workers run.",
     )
+    freeze_vision: bool = Field(
+        True,
+        description="A vision-language policy (a folder with a vision_config, e.g. Qwen2.5-VL): true keeps its vision "
+        "tower and projector as the folder has them (no gradient, not in the optimizer, never sent to the engines, "
+        "which keep the folder's); false trains them with the language model and sends them with every version. "
+        "No effect on a text-only model.",
+    )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch (the batch split evenly).")
     mixed_precision: Literal["none", "bf16"] = Field(

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from rlhf_cluster.config import AlgorithmConfig, JobConfig, LearnerConfig
 from rlhf_cluster.experience.records import TrainBatch, pad_sequences
 from rlhf_cluster.learner.host_state import restore_host_state, save_host_state, state_digest
+from rlhf_cluster.learner.images import LearnerImages
 from rlhf_cluster.learner.memory_plan import MemoryPlan, plan_for_folder, plan_memory
 from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
@@ -55,18 +56,29 @@ def default_device() -> torch.device:
 class LearnerSpec:
     """What one learner rank is built from: its own section, the algorithm it optimises, and the
     two values of how rollouts are sampled that its maths needs, named (log-probs are recomputed
-    at the engines' temperature; `seq_mean_token_sum_norm` divides by max_new_tokens)."""
+    at the engines' temperature; `seq_mean_token_sum_norm` divides by max_new_tokens), and the
+    image sizes a vision-language policy's processor resizes to (`data.min_pixels` / `max_pixels`,
+    as the engines do; None: the model folder's)."""
 
     learner: LearnerConfig
     algorithm: AlgorithmConfig
     temperature: float
     max_new_tokens: int
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     @classmethod
     def of_policy(cls, cfg: JobConfig) -> LearnerSpec:
-        """The policy learner's spec from the job's sections (`learner`, `algorithm`, `generation.sampling`)."""
-        sampling = cfg.generation.sampling
-        return cls(cfg.learner, cfg.algorithm, sampling.temperature, sampling.max_new_tokens)
+        """The policy learner's spec from the job's sections (`learner`, `algorithm`,
+        `generation.sampling`, the images' sizes of `data`)."""
+        sampling, data = cfg.generation.sampling, cfg.data
+        return cls(
+            cfg.learner, cfg.algorithm, sampling.temperature, sampling.max_new_tokens, data.min_pixels, data.max_pixels
+        )
+
+    def images_of(self, model_path: str) -> LearnerImages | None:
+        """The image side of the policy in `model_path` (None: a text-only model)."""
+        return LearnerImages.of_folder(model_path, self.min_pixels, self.max_pixels)
 
 
 @dataclass
@@ -113,6 +125,7 @@ class LearnerBase(ABC):
         self.scheduler: Any = None
         self.memory_plan = plan_memory(spec.learner, None, self.world_size, None)  # a subclass plans by its model
         self.sequence: SequenceGroup | None = None  # learner.sequence_parallel > 1: set by the backend
+        self.images: LearnerImages | None = None  # a vision-language policy's processor: set by the backend
         # Host-side agreements (how many micro-batches) go over gloo, never through the device.
         self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
@@ -246,7 +259,7 @@ class LearnerBase(ABC):
         rows = micro.rows
         routed = self.routing.replayed(b, micro) if replay and self.routing is not None else nullcontext()
         with logprob_head(self.logprob_head), routed:
-            if self.sequence is not None:
+            if self.sequence is not None:  # never with images (`plan_micro_batches` refuses them)
                 return group_logprobs(self.model, b, micro, self.sequence, self.temperature, with_entropy)
             return response_logprobs(
                 self.model,
@@ -258,6 +271,7 @@ class LearnerBase(ABC):
                 with_entropy,
                 packed=micro.packing is not None,
                 packing=micro.packing,
+                inputs=micro.inputs,
             )
 
     # ---- the step --------------------------------------------------------------------------
@@ -321,6 +335,9 @@ class LearnerBase(ABC):
             self._attention_implementation(),
             self.host_group,
             None if self.sequence is None else (self.sequence.size, self.sequence.rank),
+            None
+            if self.images is None
+            else functools.partial(self.images.inputs, self.model, local, device=self.device),
         )
 
     def _attention_implementation(self) -> str:
@@ -408,15 +425,26 @@ class LearnerBase(ABC):
 
     # ---- weights ---------------------------------------------------------------------------
     @torch.no_grad()
-    def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+    def probe_logprobs(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        images: list[tuple[bytes, ...]] | None = None,
+    ) -> list[list[float]]:
         """Collective (every rank runs the same forward): fp32 log-probs of fixed sequences at
-        temperature 1, what an engine holding the same weights should report for them."""
+        temperature 1, what an engine holding the same weights should report for them; a
+        vision-language policy's sequences with their `images` (per sequence, encoded; their
+        prompt ids expanded, as the engine's)."""
         input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompt_ids, response_ids)
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        inputs = None
+        if images and any(images):
+            if self.images is None:
+                raise ValueError("probe sequences with images for a text-only policy")
+            inputs = self.images.sequence_inputs(self.model, ids, mask, images)
         self.model.eval()
         with plain_attention(self.model):  # every rank the whole sequences (sequence_parallel: its own attention)
-            logp, _ = response_logprobs(
-                self.model, input_ids.to(self.device), attention_mask.to(self.device), prompt_lengths.to(self.device), T
-            )
+            logp, _ = response_logprobs(self.model, ids, mask, prompt_lengths.to(self.device), T, inputs=inputs)
         self.model.train()
         logp = logp.float().cpu()
         return [logp[i, : len(r)].tolist() for i, r in enumerate(response_ids)]

@@ -33,9 +33,11 @@ from rlhf_cluster.fileio import done_future
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.host_state import check_written_by
+from rlhf_cluster.learner.images import EngineNames, freeze_vision
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.modeling import learner_attention, load_causal_lm
+from rlhf_cluster.models.vision import checkpoint_name
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -85,13 +87,17 @@ class DeepSpeedLearner(LearnerBase):
         # `zero.Init` around `from_pretrained` fails without `accelerate`).
         attention = learner_attention(lc.attention, self.device, spec.max_new_tokens, lc.mixed_precision, model_path)
         model = load_causal_lm(model_path, torch.float32, self.device, attention)
+        self.images = spec.images_of(model_path)
+        if self.images is not None and lc.freeze_vision:
+            freeze_vision(model)
+        self.engine_names = EngineNames.of(model, self.images is not None and lc.freeze_vision)
         self.liger = apply_liger(model, self.device, lc.liger_kernels)
         plan = self._plan_memory(model_path)
         if plan.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ds_config, adamw_kwargs = engine_config(lc, self.world_size)
         self.ds_config = ds_config
-        adamw = torch.optim.AdamW(model.parameters(), **adamw_kwargs)
+        adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw_kwargs)
         # With bf16, DeepSpeed casts the model to bf16 and builds the fp32 master weights from
         # that cast, which would round the initial weights to bf16 once. Keep the fp32 values
         # (references, no copy: the cast swaps in new tensors) and restore the masters from them.
@@ -142,7 +148,8 @@ class DeepSpeedLearner(LearnerBase):
     def named_full_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Collective generator: ZeRO's fp32 master weights gathered one parameter at a time
         (every rank takes part in each gather; rank 0 gets them). With `dtype`, cast on the
-        device and a tied tensor under its first name only (see `LearnerBase.named_full_tensors`)."""
+        device and a tied tensor under its first name only, under the model folder's names, a frozen
+        vision tower left out (see `LearnerBase.named_full_tensors`)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         named = self._named_state_tensors()
@@ -150,6 +157,8 @@ class DeepSpeedLearner(LearnerBase):
         tied: dict[int, torch.Tensor] = {}  # fp32 callers: a tied weight is gathered once, kept until its last name
         seen: set[int] = set()
         for name, tensor in named:
+            if dtype is not None and not self.engine_names.sent(name):
+                continue  # the same on every rank: no gather unmatched
             if isinstance(tensor, torch.nn.Parameter):
                 key = id(tensor)
                 uses[key] -= 1
@@ -163,10 +172,8 @@ class DeepSpeedLearner(LearnerBase):
                 full = tensor  # buffers are not partitioned
             if self.rank == 0:
                 wanted = (dtype or torch.float32) if full.is_floating_point() else full.dtype
-                yield (
-                    name,
-                    full.detach().to(wanted).to("cpu", copy=True),
-                )  # cast on the device, then a host copy of our own
+                sent = name if dtype is None else checkpoint_name(name, self.engine_names.model_type)
+                yield sent, full.detach().to(wanted).to("cpu", copy=True)  # cast on the device, then a host copy
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _local_model_tensor(self, param: torch.nn.Parameter) -> torch.Tensor:

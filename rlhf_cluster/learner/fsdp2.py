@@ -23,12 +23,13 @@ from torch.distributed.tensor import DTensor
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.learner.gather import gathered_to
 from rlhf_cluster.learner.host_state import check_written_by
+from rlhf_cluster.learner.images import EngineNames, freeze_vision
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.learner.sequence_groups import sequence_group
 from rlhf_cluster.models.compiled import compile_layers
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors
-from rlhf_cluster.models.modeling import learner_attention, load_causal_lm, tied_output_names
+from rlhf_cluster.models.modeling import decoder_layers, learner_attention, load_causal_lm, tied_output_names
 from rlhf_cluster.models.sequence_parallel import enable_sequence_parallel
 
 
@@ -41,6 +42,11 @@ class FSDP2Learner(LearnerBase):
         super().__init__(spec)
         lc = spec.learner
         model = self._load_model(model_path)
+        self.images = spec.images_of(model_path)
+        if self.images is not None and lc.freeze_vision:
+            freeze_vision(model)  # before sharding: the optimizer below takes the trainable parameters
+        # What leaves for the engines: the folder's names, a frozen vision tower never.
+        self.engine_names = EngineNames.of(model, self.images is not None and lc.freeze_vision)
         if lc.sequence_parallel > 1:  # each rank of a group runs 1/N of every packed row (`sequence_groups`)
             self.sequence = sequence_group(lc.sequence_parallel)
             enable_sequence_parallel(model, lc.sequence_parallel, self.device)  # on CUDA: no dense-mask attention
@@ -64,7 +70,7 @@ class FSDP2Learner(LearnerBase):
             if lc.mixed_precision == "bf16"
             else MixedPrecisionPolicy()  # fully_shard's default: no casting
         )
-        layers = getattr(getattr(base, "model", base), "layers", [])
+        layers = decoder_layers(base)  # a vision-language model's vision blocks stay in the root unit
         if lc.compile:
             compile_layers(layers, self.device)
         # Where the plan keeps them (one rank), a layer holds its gathered (bf16) weights from its
@@ -123,10 +129,19 @@ class FSDP2Learner(LearnerBase):
         so no rank holds more than one full tensor beyond what rank 0's consumer keeps; with LoRA
         the merged weights under the base model's names, merged a decoder layer at a time (in
         fp32, so with LoRA the cast to `dtype` follows the merge, on the host)."""
+        if dtype is None:
+            return self._full_tensors(None)
+        return self.engine_names.renamed(
+            (name, tensor) for name, tensor in self._full_tensors(dtype) if self.engine_names.sent(name)
+        )
+
+    def _full_tensors(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """`named_full_tensors` under the learner's names (with `dtype`, a frozen vision tower
+        left out before it is gathered)."""
         tied = tied_output_names(self.model) if dtype is not None else set()
         lora = self.spec.learner.lora
         if not lora.enabled:
-            return self._gathered_tensors(dtype, skip=tied)
+            return self._gathered_tensors(dtype, skip=tied, keep=None if dtype is None else self.engine_names.sent)
         merged = merged_lora_tensors(self._gathered_tensors(None, skip=tied), lora.alpha / lora.rank)
         return merged if dtype is None else ((n, t.to(dtype) if t.is_floating_point() else t) for n, t in merged)
 
@@ -139,7 +154,12 @@ class FSDP2Learner(LearnerBase):
         if self.spec.learner.lora.enabled and owner is not None:
             raise NotImplementedError("a LoRA learner's tensors leave from rank 0")
         if not self.spec.learner.lora.enabled:  # left on the device: the packer copies them to pinned host memory
-            return self._gathered_tensors(dtype, skip=tied_output_names(self.model), owner=owner, on_device=True)
+            names = self.engine_names
+            return names.renamed(
+                self._gathered_tensors(
+                    dtype, skip=tied_output_names(self.model), keep=names.sent, owner=owner, on_device=True
+                )
+            )
         if not self.spec.learner.lora.adapters_only:
             return self.named_full_tensors(dtype)
         # Only the adapters are gathered: the base weights never leave the ranks.

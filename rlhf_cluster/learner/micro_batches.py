@@ -3,6 +3,7 @@ layout, planned on the host so that planning never waits for the device."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,18 +21,22 @@ from rlhf_cluster.models.packing import (
 from rlhf_cluster.models.sequence_rows import ShardPlan, plan_shard
 
 Rows = slice | torch.Tensor  # a micro-batch's rows of the step's batch: a range, or row indices
+# A vision-language policy's extra inputs of a pass's rows (`images.LearnerImages.inputs`), None without images.
+VisionInputs = Callable[[list[int]], "dict[str, torch.Tensor] | None"]
 
 
 class MicroBatch(NamedTuple):
     """One forward/backward pass: its rows of the step's batch, whether they count (a padding pass
     only keeps the sharded backends' collectives paired; its loss counts zero) and, when packing,
     where its real tokens sit (planned on the host), and with sequence parallelism this rank's part
-    of its packed rows (`ShardPlan`)."""
+    of its packed rows (`ShardPlan`); a vision-language policy's rows with images, their extra
+    model inputs on the device (`inputs`: pixel values, grids, multimodal rotary positions)."""
 
     rows: Rows
     real: bool
     packing: PackedRows | None = None
     shard: ShardPlan | None = None
+    inputs: dict[str, torch.Tensor] | None = None
 
 
 def plan_micro_batches(
@@ -44,6 +49,7 @@ def plan_micro_batches(
     attention: str,
     host_group: dist.ProcessGroup | None,
     split: tuple[int, int] | None = None,
+    vision: VisionInputs | None = None,
 ) -> list[MicroBatch]:
     """Rows [lo, hi) of the host batch `local` dealt into micro-batches of at most `budget` tokens
     (real tokens when `packed`, padded ones otherwise; None: one micro-batch; the learner's
@@ -51,21 +57,36 @@ def plan_micro_batches(
     forward/backward passes (the sharded backends' collectives must pair up): a rank with fewer pads
     with `real=False` passes on one row. The count is agreed over `host_group` (gloo).
     `split`: (group size, this rank's place in it) under sequence parallelism, which splits packed
-    rows: packed even where it holds no fewer slots, each pass with its `ShardPlan`."""
+    rows: packed even where it holds no fewer slots, each pass with its `ShardPlan`.
+    `vision`: a vision-language policy's extra inputs of a pass's rows, made here once per step;
+    rows [lo, hi) with an image are not packed (their budget counts padded rows, images included)."""
+    if vision is not None and has_images(local, lo, hi):
+        if split is not None:
+            raise ValueError("learner.sequence_parallel splits packed rows: rows with images are not packed")
+        packed = False
+    else:
+        vision = None
+
+    def made(indices: list[int], real: bool) -> MicroBatch:
+        micro = micro_batch(local, indices, real, packed, device, attention, split)
+        return micro if vision is None else micro._replace(inputs=vision(indices))
+
     if budget is None:
-        return [micro_batch(local, list(range(lo, hi)), True, packed, device, attention, split)]
+        return [made(list(range(lo, hi)), True)]
     if packed:
         lengths = local.attention_mask[lo:hi].sum(1).tolist()
     else:
         lengths = [local.input_ids.shape[1]] * (hi - lo)
-    own = [
-        micro_batch(local, [lo + i for i in part], True, packed, device, attention, split)
-        for part in token_budget_micro_batches(lengths, budget)
-    ]
+    own = [made([lo + i for i in part], True) for part in token_budget_micro_batches(lengths, budget)]
     count = torch.tensor([len(own)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=host_group)
-    padding = micro_batch(local, [lo], False, packed, device, attention, split)
+    padding = made([lo], False)
     return own + [padding] * (int(count.item()) - len(own))
+
+
+def has_images(batch: TrainBatch, lo: int, hi: int) -> bool:
+    """Whether any of rows [lo, hi) of `batch` carries an image."""
+    return batch.images is not None and any(batch.images[lo:hi])
 
 
 def micro_batch(

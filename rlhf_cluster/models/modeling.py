@@ -16,7 +16,9 @@ import torch
 from rlhf_cluster.models import varlen_attention
 from rlhf_cluster.models.chunked_logprobs import DEFAULT_CHUNK_TOKENS, scored_positions
 from rlhf_cluster.models.packing import PackedRows, pack_rows, packing_pays, prepared_mask
+from rlhf_cluster.models.torchvision_ops import ensure_torchvision_importable
 from rlhf_cluster.models.varlen_attention import VARLEN
+from rlhf_cluster.models.vision import is_vision_folder
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -28,6 +30,14 @@ def decoder_layer(name: str) -> str | None:
     """The decoder layer a tensor belongs to (`model.layers.3`), None outside the layers."""
     match = _LAYER.match(name)
     return match.group(1) if match else None
+
+
+def decoder_layers(model) -> list:
+    """A Hugging Face model's decoder layers (what FSDP2 shards one by one): under `.model`, or
+    a vision-language model's under `.model.language_model` (its vision blocks are not among them)."""
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "language_model", inner)
+    return list(getattr(inner, "layers", []))
 
 
 FLEX_FROM_TOKENS = 2048  # `auto` picks FlexAttention on CUDA from responses this long (see choose_attention)
@@ -144,23 +154,37 @@ def load_causal_lm(
 
     `device="spread"`: over every visible GPU, its layers split between them (accelerate's
     `device_map="auto"`): a frozen scoring model larger than one GPU (the reference design's 70B
-    reference on 4 GPUs); one GPU or none is the same as "cuda" / "cpu"."""
-    from transformers import AutoModelForCausalLM
+    reference on 4 GPUs); one GPU or none is the same as "cuda" / "cpu".
 
+    A vision-language model's folder (`vision.is_vision_folder`) loads as
+    `AutoModelForImageTextToText`, torchvision made importable: the same language model with its
+    vision tower, which takes a row's images where `response_logprobs` is given them."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model path {folder}: expected a Hugging Face folder with config.json")
+    auto = _auto_class(folder)
     attn = attention or default_attention(torch.cuda.is_available())
     if attn == VARLEN:
         varlen_attention.register()
     if device == "spread":
         if torch.cuda.device_count() > 1:
-            return AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, attn_implementation=attn, device_map="auto"
-            )
+            return auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn, device_map="auto")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
-    return model.to(device)  # type: ignore[arg-type]  # transformers types .to as @wraps(nn.Module.to), unbound
+    model = auto.from_pretrained(folder, dtype=dtype, attn_implementation=attn)
+    return model.to(device)
+
+
+def _auto_class(folder: Path):
+    """The transformers auto class a model folder loads with: a vision-language model's (its
+    vision tower too; torchvision made importable first), else a causal LM's."""
+    if is_vision_folder(folder):
+        ensure_torchvision_importable()
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
 
 
 def response_positions(
@@ -193,6 +217,7 @@ def response_logprobs(
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     packed: bool = True,
     packing: PackedRows | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 log-probs [B, T] of the response tokens (and their entropies if asked) under `model`.
 
@@ -206,12 +231,15 @@ def response_logprobs(
     [B, L, vocab] logits and one float32 log-softmax; `packed` does not apply to it.
     Positions past a response's end hold garbage (0 where packed: only the responses' real tokens
     are scored there) and must be masked by the caller.
+    `inputs`: a vision-language model's extra inputs of the rows' images (`vision.batch_vision_inputs`:
+    pixel values, grids, multimodal rotary positions of the padded rows), which are never packed.
     """
+    inputs = inputs or {}
     if chunk_tokens is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs).logits
         return _full_logits_logprobs(logits, input_ids, prompt_lengths, response_len, temperature, with_entropy)
     impl, dtype = attention_of(model)
-    if packed:
+    if packed and not inputs:
         if packing is None:
             packing = pack_rows(input_ids, attention_mask, prompt_lengths, response_len, impl)
         if packing_pays(packing, input_ids.numel()):
@@ -229,7 +257,7 @@ def response_logprobs(
         mask = prepared_mask(keys[:, None, :].expand(B, L, L), impl, dtype)
     only = None if packing is None else packing.scored  # the same [B, T] whether packing paid or not
     with scored_positions(model, flat, targets, temperature, with_entropy, chunk_tokens, only=only) as scored:
-        return scored.read(model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra).logits)
+        return scored.read(model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra, **inputs).logits)
 
 
 def _packed_logprobs(

@@ -12,6 +12,9 @@ token, as vLLM does for the engine (whose prompt ids are the same; the parity te
 
 from __future__ import annotations
 
+import io
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,9 @@ IMAGE, VIDEO = 1, 2  # `mm_token_type_ids` values of image and video tokens (tex
 # original `visual.*` and `model.*`: a version pushed to an engine must carry the folder's names.
 _CHECKPOINT_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 CHECKPOINT_RENAMED = frozenset({"qwen2_vl", "qwen2_5_vl"})
+# The vision tower and its projector (Qwen's `visual.merger`), under either layout's names:
+# what `learner.freeze_vision` freezes and never sends to an engine.
+VISION_PREFIXES = ("model.visual.", "visual.")
 
 
 @dataclass
@@ -60,12 +66,34 @@ def checkpoint_name(name: str, model_type: str) -> str:
     return name
 
 
-def load_processor(path: str | Path):
-    """The model folder's processor (tokenizer, image and video processors), torchvision made importable."""
+def is_vision_name(name: str) -> bool:
+    """Whether a parameter (the learner's name or the folder's; a PEFT wrapper's prefix aside)
+    belongs to the vision tower or its projector."""
+    return name.removeprefix("base_model.model.").startswith(VISION_PREFIXES)
+
+
+def is_vision_folder(path: str | Path) -> bool:
+    """Whether a model folder's config.json describes a vision-language model (a `vision_config`):
+    one that loads as `AutoModelForImageTextToText`."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return isinstance(config, dict) and "vision_config" in config
+
+
+def pixel_settings(min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
+    """The processor's image-size keywords for `data.min_pixels` / `data.max_pixels` (None: the
+    folder's own setting, left out): what the engine passes as vLLM's `mm_processor_kwargs`, and
+    the learner and the reference build their processor with, so an image becomes as many
+    patches as the engine's prompt has image tokens."""
+    return {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+
+
+def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The model folder's processor (tokenizer, image and video processors), its images resized
+    within [min_pixels, max_pixels] where set (`pixel_settings`), torchvision made importable."""
     ensure_torchvision_importable()
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(str(path))
+    return AutoProcessor.from_pretrained(str(path), **pixel_settings(min_pixels, max_pixels))
 
 
 def processor_prompt(processor, prompt_text: str, images: list[Any]) -> VisionSample:
@@ -95,15 +123,69 @@ def token_types(input_ids: torch.Tensor, config) -> torch.Tensor:
     return types
 
 
-def rope_positions(model, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-    """The multimodal rotary position ids [3, B, L] of unpadded sequences `input_ids` [B, L]
-    (an image's tokens share a time position and run over its rows and columns; text continues
-    after the image's largest side)."""
-    base = model.model if hasattr(model.model, "get_rope_index") else model
-    positions, _ = base.get_rope_index(
-        input_ids, mm_token_type_ids=token_types(input_ids, model.config), image_grid_thw=image_grid_thw
+def _rope_owner(model):
+    """The module holding `get_rope_index` (Qwen's inner model), also under a DeepSpeed or PEFT wrapper."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return inner.model if hasattr(inner.model, "get_rope_index") else inner
+
+
+def rope_positions(
+    model, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The multimodal rotary position ids [3, B, L] of sequences `input_ids` [B, L], right-padded
+    where `attention_mask` says so (padding gets position 0; an image's tokens share a time
+    position and run over its rows and columns; text continues after the image's largest side).
+    Index arithmetic only: it runs on the host copy of a batch as well as on the device."""
+    owner = _rope_owner(model)
+    positions, _ = owner.get_rope_index(
+        input_ids,
+        mm_token_type_ids=token_types(input_ids, owner.config),
+        image_grid_thw=image_grid_thw,
+        attention_mask=attention_mask,
     )
     return positions
+
+
+def decoded(images: Sequence[bytes]) -> list[Any]:
+    """A sequence's images (encoded bytes, `Rollout.images`) as RGB PIL images, as the engine decodes them."""
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+
+
+def batch_vision_inputs(
+    model, processor, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: Sequence[Sequence[bytes]]
+) -> dict[str, torch.Tensor] | None:
+    """The extra model inputs of right-padded rows `input_ids` [B, L] whose images (encoded, in
+    placeholder order) are `images[b]`: every row's patches concatenated in row order
+    (`pixel_values`), their grids (`image_grid_thw`) and the multimodal rotary `position_ids`
+    [3, B, L]; None when no row has an image. Host tensors, made once per batch.
+
+    The ids hold each image expanded to its tokens already (the engine's prompt ids): a row whose
+    images come out of `processor` as another number of tokens is refused, since its patches
+    would not fit its placeholders (the processor's min/max pixels differ from the engine's)."""
+    if not any(images):
+        return None
+    config = _rope_owner(model).config
+    merge = config.vision_config.spatial_merge_size
+    pixels, grids = [], []
+    for row, row_images in enumerate(images):
+        held = int((input_ids[row] == config.image_token_id).sum())
+        made = 0
+        if row_images:
+            out = processor.image_processor(images=decoded(row_images), return_tensors="pt")
+            grids.append(out["image_grid_thw"].long())
+            pixels.append(out["pixel_values"])
+            made = int(grids[-1].prod(-1).sum()) // merge**2
+        if made != held:
+            raise ValueError(
+                f"row {row}: its {len(row_images)} images make {made} image tokens, its sequence holds {held} "
+                "(the processor's min/max pixels must be the engine's: data.min_pixels / data.max_pixels)"
+            )
+    grid = torch.cat(grids)
+    positions = rope_positions(model, input_ids, grid, attention_mask)
+    return {"pixel_values": torch.cat(pixels), "image_grid_thw": grid, "position_ids": positions}
 
 
 def vision_response_logprobs(model, sample: VisionSample, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:

@@ -11,6 +11,7 @@ from rlhf_cluster.experience.records import Rollout, pad_sequences, token_budget
 from rlhf_cluster.models.modeling import attention_of, load_causal_lm, response_logprobs
 from rlhf_cluster.models.packing import pack_rows
 from rlhf_cluster.models.quantization import quantize_linears
+from rlhf_cluster.models.vision import batch_vision_inputs, is_vision_folder, load_processor
 from rlhf_cluster.scoring.batching import CPU_TOKENS, tokens_per_batch
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,10 @@ log = logging.getLogger(__name__)
 
 class ReferenceModel:
     """A frozen causal LM scoring responses in batches of at most `max_tokens_per_batch` tokens
-    (`auto`: sized by `batching.tokens_per_batch`)."""
+    (`auto`: sized by `batching.tokens_per_batch`).
+
+    A vision-language model scores a rollout given its images (`Rollout.images`), processed as
+    the engine did: its processor built with the data's `min_pixels` / `max_pixels`."""
 
     def __init__(
         self,
@@ -27,10 +31,13 @@ class ReferenceModel:
         temperature: float = 1.0,
         max_tokens_per_batch: int | str = "auto",
         quantization: str = "none",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ):
         # Over every GPU the worker holds (scoring.resources.num_gpus), layers split when more than one.
         self.model = load_causal_lm(model_path, dtype, "spread").eval().requires_grad_(False)
         self.device = self.model.get_input_embeddings().weight.device
+        self.processor = load_processor(model_path, min_pixels, max_pixels) if is_vision_folder(model_path) else None
         if quantization == "int8":
             quantize_linears(self.model)
         self.temperature = temperature
@@ -75,6 +82,7 @@ class ReferenceModel:
         )
         # Packed on the host copy: the lengths are never read back from the device.
         packing = pack_rows(input_ids, attention_mask, prompt_lengths, T, attention_of(self.model)[0]).to(self.device)
+        inputs = self._image_inputs(batch, input_ids, attention_mask)
         logp, _ = response_logprobs(
             self.model,
             input_ids.to(self.device),
@@ -83,6 +91,18 @@ class ReferenceModel:
             T,
             self.temperature,
             packing=packing,
+            inputs=inputs,
         )
         logp = logp.float().cpu()
         return [logp[i, : len(r.response_ids)].tolist() for i, r in enumerate(batch)]
+
+    def _image_inputs(
+        self, batch: list[Rollout], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """The padded rows' image inputs on the device (`vision.batch_vision_inputs`), None without images."""
+        if not any(r.images for r in batch):
+            return None
+        if self.processor is None:
+            raise ValueError("rollouts with images given to a text-only reference model")
+        host = batch_vision_inputs(self.model, self.processor, input_ids, attention_mask, [r.images for r in batch])
+        return None if host is None else {name: t.to(self.device) for name, t in host.items()}
