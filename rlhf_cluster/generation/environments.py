@@ -6,6 +6,10 @@ An environment is named in config like a reward function (`module:Class`; built-
 `reset(prompt)` starts an episode and returns the first observation ("" for none); `step(turn)`
 takes the model's turn and returns the next observation, a reward for the turn, whether the
 episode is over, and diagnostics.
+
+An observation is text, or for a vision-language policy an `Observation` of text and images (a
+screenshot, a rendered board): the episode shows the images before the text, each as the model's
+image placeholder, and keeps them in its trace (`Rollout.images`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,19 @@ from rlhf_cluster.tools.sandbox import SandboxLimits
 from rlhf_cluster.user_code import import_spec
 
 
+@dataclass(frozen=True)
+class Observation:
+    """An observation with images: `images` (encoded PNG/JPEG bytes) shown before `text`."""
+
+    text: str = ""
+    images: tuple[bytes, ...] = ()
+
+
 @dataclass
 class StepResult:
     """What the environment answers to one model turn."""
 
-    observation: str
+    observation: str | Observation
     reward: float = 0.0
     done: bool = False
     info: dict = field(default_factory=dict)
@@ -32,7 +44,7 @@ class StepResult:
 class Environment:
     """One episode at a time; a subclass implements `reset` and `step`."""
 
-    def reset(self, prompt: Prompt) -> str:
+    def reset(self, prompt: Prompt) -> str | Observation:
         raise NotImplementedError
 
     def step(self, turn: str) -> StepResult:

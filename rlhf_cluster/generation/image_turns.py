@@ -128,3 +128,44 @@ def submit_turn_seen(
 
     request = turn_request(context_ids, images, image_token_id(engine.engine))
     return engine._submit([(request, params)], finish)
+
+
+def image_placeholder(tokenizer) -> str:
+    """The text the model's chat template writes for one image in a message (e.g. Qwen's
+    `<|vision_start|><|image_pad|><|vision_end|>`): what an observation's image is shown as."""
+    before, after = "\u2063before\u2063", "\u2063after\u2063"
+    content = [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+    placeholder = str(text).partition(before)[2].partition(after)[0]
+    if not placeholder:
+        raise ValueError("the chat template writes nothing for an image part: the model takes no images")
+    return placeholder
+
+
+class ImageTurns:
+    """A vision-language engine's side of an episode with images: its image token, the images a
+    context may carry (`limit_mm_per_prompt`; 0: a text-only model), an image's placeholder text,
+    and its turns (`submit_turn_seen`)."""
+
+    def __init__(self, engine: VLLMEngine):
+        from rlhf_cluster.generation.multimodal import image_token_id
+
+        self.engine = engine
+        self.token_id = image_token_id(engine.engine)
+        mm = engine.engine.model_config.multimodal_config
+        self.limit = 0 if self.token_id is None or mm is None else mm.get_limit_per_prompt("image")
+        self.placeholder = image_placeholder(engine.tokenizer) if self.limit else ""
+
+    def refusal(self, context: Sequence[int], images: Sequence[bytes]) -> str | None:
+        """Why `context` with `images` cannot go to the engine (None: it can)."""
+        if not self.limit:
+            return f"{len(images)} image(s) for a text-only policy"
+        if len(images) > self.limit:
+            return f"{len(images)} images; the engine takes at most {self.limit} (data.max_images_per_prompt)"
+        placed = count_placeholders(context, self.token_id)
+        if placed != len(images):
+            return f"the context holds {placed} image placeholders for {len(images)} images"
+        return None
+
+    def submit(self, context_ids: list[int], max_tokens: int, stop: list[str], greedy: bool, images) -> Future:
+        return submit_turn_seen(self.engine, context_ids, max_tokens, stop, greedy, images)

@@ -87,14 +87,23 @@ def test_image_parts_are_read_and_each_bad_one_refused_naming_it(tokenizer):
     red, blue = png(16), png(24, colour="blue")
     assert request_images([{"role": "system", "content": "hi"}, user("what?", red, blue)], policy) == [(), (red, blue)]
     cases = {
-        "http": ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
-                 "messages[0].content[0].image_url", "image_urls: any"),
+        "http": (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]},
+            "messages[0].content[0].image_url",
+            "image_urls: any",
+        ),
         "unreadable": (user("x", b"not a png at all"), "messages[0].content[0].image_url", "not a readable image"),
-        "too large": (user("x", png(400, 400, "white") + b"\0" * 3000), "messages[0].content[0].image_url",
-                      "over the limit of 2,000"),
+        "too large": (
+            user("x", png(400, 400, "white") + b"\0" * 3000),
+            "messages[0].content[0].image_url",
+            "over the limit of 2,000",
+        ),
         "placeholder": (user(f"look {IMAGE_PAD}"), "messages[0].content[0]", "image placeholder"),
-        "audio": ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
-                  "messages[0].content[0].type", "not served"),
+        "audio": (
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+            "messages[0].content[0].type",
+            "not served",
+        ),
     }
     for name, (message, where, says) in cases.items():
         with pytest.raises(RequestRefused) as refused:
@@ -105,8 +114,9 @@ def test_image_parts_are_read_and_each_bad_one_refused_naming_it(tokenizer):
     with pytest.raises(RequestRefused, match="5 images; the engine takes at most 4"):
         request_images([user("x", red, red, red), user("y", red, red)], policy)
     fetched = ImagePolicy(1, urls="any", fetch=lambda u, limit: red)  # `any`: fetched (never the network here)
-    assert request_images([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://a"}}]}],
-                          fetched) == [(red,)]
+    assert request_images(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://a"}}]}], fetched
+    ) == [(red,)]
 
 
 def test_data_urls_are_size_checked_before_decoding():
