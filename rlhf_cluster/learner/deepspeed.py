@@ -67,6 +67,18 @@ def _skip_shared_memory_allreduce_build() -> None:
     compatible["deepspeed_shm_comm"] = False
 
 
+def _full_param(param: torch.nn.Parameter) -> torch.Tensor:
+    """Collective: a parameter whole, its fp32 master weights where it trains; a frozen one (a
+    frozen vision tower: ZeRO keeps no master for it) gathered from its partitions as it is."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if param.requires_grad:
+        return safe_get_full_fp32_param(param)
+    with deepspeed.zero.GatheredParameters([param]):  # stages 1-2 hold it whole: no gather
+        return param.data.detach().clone()
+
+
 class DeepSpeedLearner(LearnerBase):
     """One rank of the policy learner (DeepSpeed ZeRO, stage `learner.backend.zero_stage`)."""
 
@@ -150,8 +162,6 @@ class DeepSpeedLearner(LearnerBase):
         (every rank takes part in each gather; rank 0 gets them). With `dtype`, cast on the
         device and a tied tensor under its first name only, under the model folder's names, a frozen
         vision tower left out (see `LearnerBase.named_full_tensors`)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
         named = self._named_state_tensors()
         uses = Counter(id(tensor) for _, tensor in named)
         tied: dict[int, torch.Tensor] = {}  # fp32 callers: a tied weight is gathered once, kept until its last name
@@ -164,7 +174,7 @@ class DeepSpeedLearner(LearnerBase):
                 uses[key] -= 1
                 if key in seen and dtype is not None:
                     continue  # tied: the engine ties it itself, it crosses to the host once
-                full = tied.pop(key) if key in tied else safe_get_full_fp32_param(tensor)
+                full = tied.pop(key) if key in tied else _full_param(tensor)
                 seen.add(key)
                 if uses[key] > 0 and dtype is None:
                     tied[key] = full
