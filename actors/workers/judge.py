@@ -1,10 +1,12 @@
 """JudgeWorker: a judge model (a `judge` source in `scoring.rewards`) on its own vLLM engine, in
 the scoring pool's judge pool. It renders each sample's (or group's) judge prompt, lets the
-engine reply greedily, and reads the replies into rewards (`rlhf_cluster/scoring/judge.py`)."""
+engine reply greedily, and reads the replies into rewards (`rlhf_cluster/scoring/judge.py`).
+A judge model that is a vision-language one gets each sample's images with its prompt."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
 import ray
 
@@ -13,11 +15,24 @@ from actors.workers.settings import JudgeSettings
 from rlhf_cluster.experience.build import group_rollouts
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.engine import VLLMEngine
-from rlhf_cluster.scoring.judge import VerdictReader, render, render_group
+from rlhf_cluster.generation.image_turns import count_placeholders, image_placeholder
+from rlhf_cluster.generation.multimodal import EngineImages, image_token_id
+from rlhf_cluster.job.images import has_vision
+from rlhf_cluster.scoring.judge import (
+    VerdictReader,
+    judge_prompt_ids,
+    render,
+    render_group,
+    shared_images,
+    without_images,
+)
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 
 JudgeItem = tuple[Rollout, str, str]  # a rollout, its prompt's text, its reference answer
+# What a vision-language judge's engine takes a prompt (data.max_images_per_prompt's default); a
+# sample with more is not judged (dropped and counted), as its engine would refuse it.
+JUDGE_MAX_IMAGES = 4
 
 
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
@@ -38,8 +53,11 @@ class JudgeWorker(Worker):
             seed=settings.engine.seed + index,
             name=self.name,
             on_step=lambda running, waiting: self.stall.stepped(running + waiting),
+            images=EngineImages(JUDGE_MAX_IMAGES) if has_vision(model_path) else None,
         )
         self.tokenizer = self.engine.tokenizer
+        self.image_token = image_token_id(self.engine.engine)  # None: a text-only judge, shown no images
+        self.placeholder = image_placeholder(self.tokenizer) if self.image_token is not None else ""
         self.reader = VerdictReader(
             source.name, source.verdict, source.on_error, source.max_failure_fraction, source.failure_window
         )
@@ -49,34 +67,50 @@ class JudgeWorker(Worker):
         r = self.reader
         return {"parsed": r.parsed, "unparseable": r.unparseable, "errors": r.errors}
 
-    def prompt_ids(self, text: str) -> list[int]:
-        """The judge's prompt as its engine receives it: the user turn of its chat template where
-        its tokenizer has one, the text itself otherwise."""
-        if getattr(self.tokenizer, "chat_template", None):
-            rendered = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            )
-            return list(self.tokenizer(str(rendered), add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(text)["input_ids"])
+    def prompt_ids(self, text: str, images: int = 0) -> list[int]:
+        """The judge's prompt as its engine receives it (`judge_prompt_ids`), after `images` image parts."""
+        return judge_prompt_ids(self.tokenizer, text, images, self.placeholder)
+
+    def _units(self, items: list[JudgeItem]) -> list[tuple[str, tuple[bytes, ...], str, list[int]]]:
+        """The judge's prompts: (text, images, prompt id, the items it judges), one per item or group."""
+        s = self.source
+        if not s.group:
+            return [
+                (render(s.template, prompt, answer, r.response_text), r.images, r.prompt_id, [i])
+                for i, (r, prompt, answer) in enumerate(items)
+            ]
+        units = []
+        by_sample = {r.sample_id: i for i, (r, _, _) in enumerate(items)}
+        for group in group_rollouts([r for r, _, _ in items]).values():
+            _, prompt, answer = items[by_sample[group[0].sample_id]]
+            text = render_group(s.template, prompt, answer, [r.response_text for r in group])
+            images = shared_images([r.images for r in group])
+            units.append((text, images, group[0].prompt_id, [by_sample[r.sample_id] for r in group]))
+        return units
+
+    def _submit(self, text: str, images: tuple[bytes, ...]) -> Future:
+        """One judge call: with the sample's images where the judge sees images; a prompt it
+        cannot take fails this call only (its samples are dropped and counted)."""
+        if images:  # the policy's placeholders out: each image is placed once, by the judge's template
+            text = without_images(text, [self.placeholder])
+        shown = images if self.image_token is not None else ()
+        ids = self.prompt_ids(text, len(shown))
+        failed: Future = Future()
+        if len(shown) > JUDGE_MAX_IMAGES:
+            failed.set_exception(ValueError(f"{len(shown)} images; the judge's engine takes {JUDGE_MAX_IMAGES}"))
+        elif count_placeholders(ids, self.image_token) != len(shown):
+            failed.set_exception(ValueError(f"the judge's prompt does not place its {len(shown)} image(s)"))
+        else:
+            return self.engine.submit_turn(ids, self.source.max_tokens, [], greedy=True, images=shown)
+        return failed
 
     def judge(self, items: list[JudgeItem]) -> list[float | None]:
         """A reward per item's rollout, in order (None: not judged; the sample is dropped)."""
         began = time.time()
-        s = self.source
-        units: list[tuple[list[int], str, list[int]]] = []  # (prompt ids, prompt id, the items it judges)
-        if s.group:
-            by_sample = {r.sample_id: i for i, (r, _, _) in enumerate(items)}
-            for group in group_rollouts([r for r, _, _ in items]).values():
-                first = by_sample[group[0].sample_id]
-                _, prompt, answer = items[first]
-                text = render_group(s.template, prompt, answer, [r.response_text for r in group])
-                units.append((self.prompt_ids(text), group[0].prompt_id, [by_sample[r.sample_id] for r in group]))
-        else:
-            for i, (r, prompt, answer) in enumerate(items):
-                units.append((self.prompt_ids(render(s.template, prompt, answer, r.response_text)), r.prompt_id, [i]))
-        futures = [self.engine.submit_turn(ids, s.max_tokens, [], greedy=True) for ids, _, _ in units]
+        units = self._units(items)
+        futures = [self._submit(text, images) for text, images, _, _ in units]
         out: list[float | None] = [None] * len(items)
-        for future, (_, prompt_id, members) in zip(futures, units):
+        for future, (_, _, prompt_id, members) in zip(futures, units):
             try:
                 reply: str | BaseException = future.result().text
             except Exception as exc:  # one judge call's failure costs its samples, as the policy says

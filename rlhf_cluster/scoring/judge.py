@@ -16,6 +16,11 @@ engine, greedy).
 - A reply no parser can read, or a judge call that failed, is a failed sample: never scored 0
   silently. It is dropped like a failed reward function's sample (`reward_failed`), counted, and
   the source's `on_error` and failure bounds decide when the job stops (`user_code.FailureRate`).
+- A judge that is itself a vision-language model sees the sample's images (`Rollout.images`;
+  a group's shared ones): its prompt is one user turn of the images, then the rendered template
+  (`judge_prompt_ids`); the image placeholders of the policy's own prompt text are taken out of
+  it (`without_images`), so each image is placed once, by the judge's template. A text-only judge
+  gets no images and the text without the placeholders.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import difflib
 import re
 import string
 from collections.abc import Sequence
+from typing import Any
 
 VERDICTS = ("score_0_10", "yes_no", "choice")
 TEMPLATES = {
@@ -97,6 +103,45 @@ def render_group(template: str, prompt: str, answer: str, responses: Sequence[st
     """A group judge's prompt: the group's responses numbered from 1."""
     listed = "\n".join(f"[{i}] {r}" for i, r in enumerate(responses, start=1))
     return template_text(template).format(prompt=prompt, answer=answer, responses=listed)
+
+
+# How vision-language chat templates place an image in prompt text (Qwen2-VL and its successors,
+# LLaVA): the policy's prompt text holds these where its images are.
+IMAGE_MARKUP = ("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>", "<image>")
+
+
+def without_images(text: str, placeholders: Sequence[str] = ()) -> str:
+    """`text` without image placeholders (`IMAGE_MARKUP` and `placeholders`, longest first)."""
+    for mark in sorted({*IMAGE_MARKUP, *placeholders}, key=len, reverse=True):
+        if mark:
+            text = text.replace(mark, "")
+    return text
+
+
+def shared_images(images: Sequence[Sequence[bytes]]) -> tuple[bytes, ...]:
+    """The images every one of a group's samples has, in order (their common first images: the
+    prompt's; an episode's later images differ between samples)."""
+    if not images:
+        return ()
+    out: list[bytes] = []
+    for column in zip(*images):
+        if any(i != column[0] for i in column):
+            break
+        out.append(column[0])
+    return tuple(out)
+
+
+def judge_prompt_ids(tokenizer: Any, text: str, images: int = 0, placeholder: str = "") -> list[int]:
+    """The judge's prompt as its engine receives it: one user turn of its chat template (its
+    `images` first, as image parts), or without a template the text itself after `images`
+    copies of the image `placeholder`."""
+    if getattr(tokenizer, "chat_template", None):
+        content: Any = [{"type": "image"}] * images + [{"type": "text", "text": text}] if images else text
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer(str(rendered), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(placeholder * images + text)["input_ids"])
 
 
 def parse_verdict(verdict: str, reply: str, choices: int = 0) -> float | list[float] | None:
