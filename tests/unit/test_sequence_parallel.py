@@ -72,31 +72,68 @@ def _whole_row(model, ids, positions, sequences) -> tuple[torch.Tensor, dict[str
     return logp.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _rank(rank: int, port: int, failures) -> None:
+def _rank(rank: int, port: int, model_path: str, failures) -> None:
+    """One of the 2 gloo ranks every two-rank check of this module runs on (a spawned process and
+    its imports are most of a check's time): the sharded row, the learner's packed rows, and then
+    a learner step (`_learner_step`); rank 0 puts each result in `failures`, in that order."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        ids, positions, sequences = _packed_row(LENGTHS)
-        model = _model()
-        reference = _whole_row(model, ids, positions, sequences) if rank == 0 else None
-        model.zero_grad(set_to_none=True)
-        rows = shard_rows(ids, positions, sequences, WORLD)
-        layout = rows.layout(None, enable_sequence_parallel(model, WORLD))
-        start, stop = rows.bounds(rank)
-        logp, _ = sharded_logprobs(model, rows, rank, layout)
-        (logp[0] * _weights(rows.input_ids.shape[1])[start:stop]).sum().backward()
-        whole = gather_rows(logp.detach(), WORLD)[:, : rows.length]
-        grads = {name: p.grad for name, p in model.named_parameters()}
-        for grad in grads.values():
-            dist.all_reduce(grad)  # the ranks' partial gradients of the same row add up to the whole row's
-        if reference is not None:
-            failures.put(("compare", _differences(whole, grads, *reference)))
+        _sharded_row(rank, failures)
         _learner_rows(rank, failures)
+        result = _learner_step(model_path, WORLD, rank)
+        if rank == 0:
+            failures.put(("step", result))
         dist.barrier()
     except BaseException as exc:
         failures.put(("error", f"rank {rank}: {exc!r}\n{traceback.format_exc()}"))
     finally:
         dist.destroy_process_group()
+
+
+def _sharded_row(rank: int, failures) -> None:
+    """`sharded_logprobs` of LENGTHS' packed row on every rank equals the whole row on one, gradients summed."""
+    ids, positions, sequences = _packed_row(LENGTHS)
+    model = _model()
+    reference = _whole_row(model, ids, positions, sequences) if rank == 0 else None
+    model.zero_grad(set_to_none=True)
+    rows = shard_rows(ids, positions, sequences, WORLD)
+    layout = rows.layout(None, enable_sequence_parallel(model, WORLD))
+    start, stop = rows.bounds(rank)
+    logp, _ = sharded_logprobs(model, rows, rank, layout)
+    (logp[0] * _weights(rows.input_ids.shape[1])[start:stop]).sum().backward()
+    whole = gather_rows(logp.detach(), WORLD)[:, : rows.length]
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for grad in grads.values():
+        dist.all_reduce(grad)  # the ranks' partial gradients of the same row add up to the whole row's
+    if reference is not None:
+        failures.put(("compare", _differences(whole, grads, *reference)))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model_path) -> tuple[list, list]:
+    """The 2 spawned ranks of `_rank`, run once for the module's two-rank tests: what rank 0 put
+    (kind, result) in order, and the processes' exit codes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    failures = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, tiny_model_path, failures)) for r in range(WORLD)]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    found = []
+    while len(found) < 3 and time.monotonic() - started < 300 and any(p.is_alive() for p in procs):
+        try:
+            found.append(failures.get(timeout=1))
+        except Exception:
+            continue
+    for p in procs:
+        p.join(timeout=30)
+    while not failures.empty():
+        found.append(failures.get())
+    return found, [p.exitcode for p in procs]
 
 
 # The learner's packed path: a right-padded batch of (prompt, response) lengths packed as SDPA packs
@@ -158,7 +195,7 @@ def _differences(logp, grads, ref_logp, ref_grads) -> list[str]:
     return out
 
 
-def test_two_ranks_equal_one_rank_in_logprobs_and_gradients():
+def test_two_ranks_equal_one_rank_in_logprobs_and_gradients(two_ranks):
     """A 4,097-token row scored at every slot, and the learner's packed rows scored at their
     responses' tokens (`sharded_response_logprobs`). fp32 on both sides. The ranks run the same
     operations on the same numbers except for the order of the sums: a weight's gradient is two
@@ -170,27 +207,9 @@ def test_two_ranks_equal_one_rank_in_logprobs_and_gradients():
     rank's gradient left out). The log-probs came out identical (the attention runs the same kernel
     on the same whole-row numbers); 1e-5 absolute of values near -5.7 allows the rounding of a
     different matmul blocking."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, failures)) for r in range(WORLD)]
-    started = time.monotonic()
-    for p in procs:
-        p.start()
-    found = []
-    while len(found) < 2 and time.monotonic() - started < 150 and any(p.is_alive() for p in procs):
-        try:
-            found.append(failures.get(timeout=1))
-        except Exception:
-            continue
-    for p in procs:
-        p.join(timeout=30)
-    while not failures.empty():
-        found.append(failures.get())
-    assert all(p.exitcode == 0 for p in procs), (found, [p.exitcode for p in procs])
-    assert [kind for kind, _ in found] == ["compare", "learner rows"], found
+    found, exitcodes = two_ranks
+    assert all(code == 0 for code in exitcodes), (found, exitcodes)
+    assert [kind for kind, _ in found] == ["compare", "learner rows", "step"], found
     assert found[0][1] == [] and found[1][1] == [], found
 
 
@@ -403,21 +422,7 @@ def _rows_of(batch, rows: list[int]):
     return TrainBatch(**{k: pick(v) for k, v in vars(batch).items()})
 
 
-def _learner_rank(rank: int, port: int, model_path: str, failures) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        result = _learner_step(model_path, WORLD, rank)
-        if rank == 0:
-            failures.put(("step", result))
-        dist.barrier()
-    except BaseException as exc:
-        failures.put(("error", f"rank {rank}: {exc!r}\n{traceback.format_exc()}"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_a_learner_step_split_over_two_ranks_equals_one_rank(tiny_model_path):
+def test_a_learner_step_split_over_two_ranks_equals_one_rank(two_ranks, tiny_model_path):
     """world_size 2 as one sequence-parallel group of 2 against world_size 1 on the same batch:
     the same loss, gradient norm, token count and weights (the tolerances of the packed-vs-padded
     learner test, test_packing.py: AdamW moves a weight by about lr whatever its gradient, so
@@ -425,18 +430,10 @@ def test_a_learner_step_split_over_two_ranks_equals_one_rank(tiny_model_path):
     halve the norm)."""
     from tests.process_groups import one_rank_process_group
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_learner_rank, args=(r, port, tiny_model_path, queue)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    kind, got = queue.get(timeout=180)
-    for p in procs:
-        p.join(timeout=30)
-    assert kind == "step", got
+    found, exitcodes = two_ranks  # the step is the ranks' third result, after the two above
+    assert all(code == 0 for code in exitcodes), (found, exitcodes)
+    assert [kind for kind, _ in found] == ["compare", "learner rows", "step"], found
+    _, got = found[2]
     with one_rank_process_group("gloo"):
         want = _learner_step(tiny_model_path, 1, 0)
     (metrics, weights), (ref_metrics, ref_weights) = got, want
