@@ -47,6 +47,7 @@ from rlhf_cluster.generation.vllm_process import (
 )
 from rlhf_cluster.models.int8_kernels import EngineDType, int8_engine_dtype
 from rlhf_cluster.models.quantization import check_push, checkpoint_spec
+from rlhf_cluster.models.vision import is_vision_name
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ class VLLMEngine(EngineLoop):
         hf_config = self.engine.model_config.hf_config  # a vision-language config (transformers 5) ties at the top
         tied = bool(getattr(hf_config.get_text_config(), "tie_word_embeddings", hf_config.tie_word_embeddings))
         self.optional_tensors = frozenset({"lm_head.weight"} if tied else ())
+        # A vision-language policy's frozen vision tower is never sent (`learner.freeze_vision`).
+        self.omittable_tensors = frozenset(n for n in self.spec if is_vision_name(n)) if images else frozenset()
         if self.quantized:
             kernels = sum(self.engine.collective_rpc(keep_int8_scales_alive))
             if kernels == 0 and not torch.cuda.is_available():
@@ -394,7 +397,7 @@ class VLLMEngine(EngineLoop):
             restart = self.adapters.request is None
             swap = lambda: self._swap(version, lambda: self._load_adapters(load), restart)  # noqa: E731
             return self.at_token_boundary(swap).result()
-        check_push(self.spec, weights, self.name, self.optional_tensors)
+        check_push(self.spec, weights, self.name, self.optional_tensors, self.omittable_tensors)
         return self.at_token_boundary(lambda: self._swap(version, lambda: self._load_tensors(weights))).result()
 
     def _load_tensors(self, weights: list[tuple[str, torch.Tensor]]) -> None:

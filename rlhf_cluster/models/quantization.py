@@ -157,13 +157,15 @@ def check_push(
     tensors: Iterable[tuple[str, torch.Tensor]],
     engine: str = "engine",
     optional: frozenset[str] = frozenset(),
+    may_omit: frozenset[str] = frozenset(),
 ) -> None:
     """Refuse a push that does not fit the engine: a missing, unknown, mis-shaped or mistyped tensor.
 
     vLLM accepts float tensors into an int8 engine silently and then generates garbage, so this
     check runs before anything reaches the engine. A float tensor may go into a float slot of
     another width (the engine casts); integer slots need exactly their dtype. `optional` names
-    tensors a push may carry that the engine's checkpoint lacks (a tied ``lm_head.weight``).
+    tensors a push may carry that the engine's checkpoint lacks (a tied ``lm_head.weight``);
+    `may_omit` the engine's tensors a push may leave out (a frozen vision tower, never sent).
     """
     seen: set[str] = set()
     problems: list[str] = []
@@ -181,7 +183,7 @@ def check_push(
                 f"{name}: got {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, "
                 f"expected {str(dtype).removeprefix('torch.')} {list(shape)}"
             )
-    missing = sorted(set(spec) - seen)
+    missing = sorted(set(spec) - seen - may_omit)
     if missing:
         problems.append(f"{len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
     if problems:

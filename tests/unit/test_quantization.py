@@ -101,3 +101,14 @@ def test_push_checks():
     check_push(spec, [(k, v.bfloat16() if v.is_floating_point() and k.endswith("bias") else v) for k, v in quantized.items()])
     tied = {k: v for k, v in spec.items() if k != "lm_head.weight"}
     check_push(tied, quantized.items(), optional=frozenset({"lm_head.weight"}))
+
+
+def test_a_push_may_leave_out_only_the_tensors_the_engine_says_it_may():
+    state = _state()
+    spec = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    frozen = frozenset(k for k in spec if k.startswith("lm_head"))  # stands in for a frozen vision tower
+    without = [(k, v) for k, v in state.items() if k not in frozen]
+    check_push(spec, without, may_omit=frozen)
+    check_push(spec, state.items(), may_omit=frozen)  # sent anyway (trained): it must still fit
+    with pytest.raises(WeightSpecError, match="missing"):
+        check_push(spec, without)
