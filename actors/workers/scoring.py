@@ -104,6 +104,8 @@ class LogProbWorker(Worker):
             temperature=settings.temperature,
             max_tokens_per_batch=settings.scoring.max_tokens_per_batch,
             quantization=settings.scoring.quantization,
+            min_pixels=settings.pixels[0],
+            max_pixels=settings.pixels[1],
         )
 
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:

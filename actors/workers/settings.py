@@ -102,6 +102,7 @@ class ScoringSettings:
     verifier_pattern: str | None
     model_dtype: DType
     temperature: float
+    pixels: tuple[int | None, int | None]  # a vision-language model's images resized within (min, max)
 
     @classmethod
     def of(cls, cfg: JobConfig) -> ScoringSettings:
@@ -112,6 +113,7 @@ class ScoringSettings:
             cfg.data.verifier_pattern,
             cfg.model.dtype,
             cfg.generation.sampling.temperature,
+            (cfg.data.min_pixels, cfg.data.max_pixels),
         )
 
 

@@ -113,3 +113,6 @@ def test_only_an_engine_of_a_vision_language_model_takes_images(tmp_path):
     images = settings.engine_images(vlm)
     assert images is not None and (images.max_per_prompt, images.processor_kwargs) == (2, {"max_pixels": 3136})
     assert settings.engine_images(text) is None
+    from actors.workers.settings import ScoringSettings
+
+    assert ScoringSettings.of(_job({"max_pixels": 3136})).pixels == (None, 3136)  # the reference's processor too
