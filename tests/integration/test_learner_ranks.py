@@ -56,8 +56,10 @@ def one_step(ray_cluster, model_cache, tiny_model_path, tmp_path_factory):
     """`one_step(world, **learner)`: rank 0's metrics and the gathered weights after one step on
     SHARDS[world] from the tiny model, with the KL term in the loss. Each setting runs once per
     module (a rank group is seconds of start-up; the tests compare settings, some the same ones),
-    and every rank must report the same loss."""
+    and every rank must report the same loss. The one-rank group of the plain settings stays up
+    for the module (`one_step.kept`): the non-finite test trains it on."""
     done: dict = {}
+    kept: dict = {}
 
     def step(world: int, **learner) -> tuple[dict, dict]:
         key = (world, tuple(sorted(learner.items())))
@@ -71,13 +73,21 @@ def one_step(ray_cluster, model_cache, tiny_model_path, tmp_path_factory):
                 stats = [m for m, _ in ray.get([rank.train.remote(TrainBatch.from_samples(s), 1, 0.1)
                                                 for rank, s in zip(ranks, SHARDS[world])])]
                 weights = ray.get([rank.full_state_dict.remote() for rank in ranks])[0]
-            finally:
+            except BaseException:
+                ranks.kill()
+                raise
+            if key == (1, ()):
+                kept[key] = ranks
+            else:
                 ranks.kill()
             assert all(abs(m["policy/loss"] - stats[0]["policy/loss"]) < 1e-9 for m in stats), "ranks disagree"
             done[key] = stats[0], weights
         return done[key]
 
-    return step
+    step.kept = kept  # type: ignore[attr-defined]
+    yield step
+    for ranks in kept.values():
+        ranks.kill()
 
 
 def test_two_ranks_match_one_rank(one_step):
@@ -88,22 +98,21 @@ def test_two_ranks_match_one_rank(one_step):
     assert one["learner/grad_norm"] > 0
 
 
-def test_non_finite_loss_skips_the_update(ray_cluster, job_config, tiny_model_path):
-    cfg = job_config(learner={"world_size": 1, "lr": 1e-3})
-    group = _group(cfg, tiny_model_path, 1)
-    (rank,) = group
+def test_non_finite_loss_skips_the_update(one_step):
+    """On the one-rank group of `one_step` (after its step: a rank group is seconds of start-up)."""
+    one_step(1)
+    (rank,) = one_step.kept[(1, ())]
     samples = _samples(3)
     samples[0].advantages = [float("nan")] * len(samples[0].advantages)
     before = ray.get(rank.full_state_dict.remote())
-    stats, _ = ray.get(rank.train.remote(TrainBatch.from_samples(samples), 1, 0.0))
+    stats, _ = ray.get(rank.train.remote(TrainBatch.from_samples(samples), 2, 0.0))
     after = ray.get(rank.full_state_dict.remote())
     assert stats["learner/skipped_updates"] == 1
     assert all(torch.equal(before[k], after[k]) for k in before), "a NaN step must not change the weights"
     # The next, finite step updates normally.
-    stats, _ = ray.get(rank.train.remote(TrainBatch.from_samples(_samples(3)), 2, 0.0))
+    stats, _ = ray.get(rank.train.remote(TrainBatch.from_samples(_samples(3)), 3, 0.0))
     assert stats["learner/skipped_updates"] == 0
     assert any(not torch.equal(after[k], v) for k, v in ray.get(rank.full_state_dict.remote()).items())
-    group.kill()
 
 
 def test_micro_batches_accumulate_to_the_full_batch_update(one_step):
