@@ -8,24 +8,28 @@ recorded and replayed."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
+from typer.testing import CliRunner
 
+from actors.commands.cli import app
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
 
-REPO = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).parent / "rlhf-cluster")
-
 
 def _cli(*args: str) -> str:
-    done = subprocess.run([CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    """`rlhf-cluster ARGS` run in this process (the CLI's own code, without a second interpreter
+    importing it all: ~3 s of a 2-core machine per call), on this session's Ray: the command's
+    `ray.init` and `ray.shutdown` are skipped, its `--address` is the session's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "init", lambda *a, **k: None)
+        patch.setattr(ray, "shutdown", lambda *a, **k: None)
+        done = CliRunner().invoke(app, list(args))
+    assert done.exit_code == 0, (done.output[-3000:], done.exception)
+    return done.output
 
 
 def _turn_advantages(advantages: list[float], model_tokens: list[int]) -> list[list[float]]:
