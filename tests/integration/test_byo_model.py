@@ -7,12 +7,10 @@ held out (`data.eval_fraction`), evaluated every 2 steps, and never trained on."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import ray
 import yaml
 from transformers import AutoTokenizer
@@ -23,8 +21,6 @@ from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.scored_log import ScoredLog
 from tests.byo import gsm8k_rows, save_chat_model, write_gsm8k_parquet
 
-REPO = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).parent / "rlhf-cluster")
 SYSTEM = "Solve the problem. End with #### and the number."
 
 
@@ -60,9 +56,13 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
     # The learner's memory plan for this model (on an 80 GiB GPU where the machine has none).
     assert "memory plan of each learner rank on an 80 GiB GPU (none here), 1 rank(s): checkpointing off" in dry.stdout
 
-    out = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    # The run too, on this session's Ray (the command's ray.init and ray.shutdown skipped): a second
+    # interpreter joining the cluster as a new driver is ~8 s of a 2-core machine.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "init", lambda *a, **k: None)
+        patch.setattr(ray, "shutdown", lambda *a, **k: None)
+        out = CliRunner().invoke(app, ["train", str(config), "--address", ray.get_runtime_context().gcs_address])
+    assert out.exit_code == 0, (out.output[-4000:], out.exception)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["weight_version"] for r in rows] == [1, 2, 3]
 
