@@ -42,11 +42,7 @@ class FSDP2Learner(LearnerBase):
         super().__init__(spec)
         lc = spec.learner
         model = self._load_model(model_path)
-        self.images = spec.images_of(model_path)
-        if self.images is not None and lc.freeze_vision:
-            freeze_vision(model)  # before sharding: the optimizer below takes the trainable parameters
-        # What leaves for the engines: the folder's names, a frozen vision tower never.
-        self.engine_names = EngineNames.of(model, self.images is not None and lc.freeze_vision)
+        self._set_up_vision(model, model_path)
         if lc.sequence_parallel > 1:  # each rank of a group runs 1/N of every packed row (`sequence_groups`)
             self.sequence = sequence_group(lc.sequence_parallel)
             enable_sequence_parallel(model, lc.sequence_parallel, self.device)  # on CUDA: no dense-mask attention
@@ -95,6 +91,18 @@ class FSDP2Learner(LearnerBase):
         # Checkpoints are written by a background thread; their collectives use their own group
         # so they never interleave with the training step's.
         self.checkpoint_group = dist.new_group(backend="gloo")
+
+    def _set_up_vision(self, model: torch.nn.Module, model_path: str) -> None:
+        """A vision-language policy's processor and frozen tower (before sharding: the optimizer
+        takes the trainable parameters), and what leaves for the engines: the folder's names, a
+        frozen vision tower never."""
+        lc = self.spec.learner
+        self.images = self.spec.images_of(model_path)
+        if self.images is not None and lc.freeze_vision:
+            freeze_vision(model)
+        self.engine_names = EngineNames.of(model, self.images is not None and lc.freeze_vision)
+        if self.images is not None and lc.sequence_parallel > 1:
+            raise ValueError("learner.sequence_parallel splits packed rows, and rows with images are not packed: use 1")
 
     def _load_model(self, model_path: str) -> torch.nn.Module:
         """The fp32 model to shard (the critic overrides it with its value model); it exposes its
