@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -212,7 +213,9 @@ class Gateway:
             raise GatewayError(400, "n: the gateway samples one choice per call (an episode is one trajectory)")
         check_chat(body, self.model_name)
         messages, tools = [_plain(m) for m in body["messages"]], body.get("tools")
-        images = request_images(messages, self.images)
+        # Images decoded (with image_urls: any, fetched) off the event loop, which serves every episode.
+        read = partial(request_images, messages, self.images)
+        images = await asyncio.to_thread(read) if self.images.max_images else read()
 
         def reply_to(turn: Turn) -> dict:
             if not tools and not self.replies.reads_reasoning:
