@@ -25,6 +25,9 @@ from rlhf_cluster.experience.records import spans_version
 from rlhf_cluster.models.tiny_model import ensure_long_tail_model
 from rlhf_cluster.weights import WeightStore
 
+# Test modules sit on sys.path by their basename (pytest's default import mode).
+from test_weight_reload import check_store_and_direct_reloads
+
 # fp32 engine vs fp32 HF forward of the same weights: measured max |diff| ~1e-6 on the tiny model;
 # KV left over from the old weights, or a token attributed to the wrong version, is off by >1e-2.
 TOLERANCE = 1e-4
@@ -51,11 +54,14 @@ def _scrape(target: str) -> dict:
 
 
 def test_requests_share_engine_steps_and_a_version_loaded_in_flight_continues_them(ray_cluster, job_config,
-                                                                                      tiny_model_path):
-    # One worker (an engine start is most of this test's time) for both halves: continuous
-    # batching across requests, then a version loaded while responses are under way.
+                                                                                      tiny_model_path, tmp_path):
+    # One worker (an engine start is most of this test's time) for all three parts: continuous
+    # batching across requests, then a version loaded while responses are under way, then
+    # test_weight_reload's reloads from the store and by direct delivery, damaged ones refused
+    # (its buckets small, so a direct delivery of the tiny model has several).
     length = 96
-    cfg = job_config(generation={"sampling": {"n": 2, "max_new_tokens": length, "ignore_eos": True}})
+    cfg = job_config(generation={"sampling": {"n": 2, "max_new_tokens": length, "ignore_eos": True}},
+                     weights={"transport": {"type": "direct", "bucket_mb": 0.05}})
     store = WeightStore(cfg.weights_dir)
     model = load_causal_lm(tiny_model_path)
     old_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -128,6 +134,8 @@ def test_requests_share_engine_steps_and_a_version_loaded_in_flight_continues_th
             assert (got[:switch] - old[:switch]).abs().max() < TOLERANCE
             # The test can fail: the two versions really differ on these tokens.
             assert (new[:switch] - old[:switch]).abs().max() > 100 * TOLERANCE
+
+        check_store_and_direct_reloads(worker, cfg, store, model, tmp_path, held=1)  # `model` holds version 1
     finally:
         ray.kill(worker)
 

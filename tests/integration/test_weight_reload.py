@@ -1,7 +1,9 @@
 """After a weight reload, a live vLLM engine scores exactly like an HF forward of the published
 weights: a version loaded from the store, and one delivered directly (the job's transport's
 buckets through the object store). A version whose store files or delivered bytes are damaged is
-refused, counted, and the engine keeps serving the last good one."""
+refused, counted, and the engine keeps serving the last good one. The dense model's checks
+(`check_store_and_direct_reloads`) run on the engine of test_streaming_generation.py's first test;
+the mixture of experts has an engine of its own here."""
 
 from __future__ import annotations
 
@@ -32,74 +34,72 @@ def _metrics(worker) -> str:
     return urllib.request.urlopen(f"http://{target}/metrics", timeout=10).read().decode()
 
 
-def test_store_and_direct_reloads_match_hf_forward_and_damaged_versions_are_refused(ray_cluster, job_config,
-                                                                                   tiny_model_path, tmp_path):
-    # One engine for every part: a worker's start is most of this test's time. Small buckets, so a
-    # direct delivery of the tiny model has several.
-    cfg = job_config(weights={"transport": {"type": "direct", "bucket_mb": 0.05}})
-    store = WeightStore(cfg.weights_dir)
-    model = load_causal_lm(tiny_model_path)
-    store.publish(0, model.state_dict())
-    worker = GenerationWorker.remote(GenerationSettings.of(cfg), tiny_model_path, 0)
-    try:
-        # A prompt longer than several KV blocks, so a stale prefix cache would be reused.
-        prompt_ids = [int(x) for x in torch.randint(2, 250, (70,), generator=torch.Generator().manual_seed(0))]
-        response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
+def check_store_and_direct_reloads(worker, cfg, store: WeightStore, model, tmp_path, held: int) -> None:
+    """A live engine holding version `held` (`model`'s weights) scores like an HF forward of every
+    version it loads from the store (`held` + 1) and of one delivered directly (`held` + 3), as the
+    learner's rank 0 publishes it with the job's transport (`cfg.weights`: buckets small enough
+    that the tiny model has several); a damaged version in the store (`held` + 2) and a damaged
+    bucket are refused and counted, and the engine keeps serving the last good version. Run on
+    the engine of tests/integration/test_streaming_generation.py's first test (an engine's start
+    is most of either check's time), after its batching and its version loaded in flight."""
+    # A prompt longer than several KV blocks, so a stale prefix cache would be reused.
+    prompt_ids = [int(x) for x in torch.randint(2, 250, (70,), generator=torch.Generator().manual_seed(0))]
+    response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
+    good, damaged, delivered_version = held + 1, held + 2, held + 3
 
-        def engine_logprobs() -> torch.Tensor:
-            return torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
+    def engine_logprobs() -> torch.Tensor:
+        return torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
 
-        def hf_logprobs(state: dict[str, torch.Tensor]) -> torch.Tensor:
-            model.load_state_dict(state)
-            return sequence_logprobs(model, prompt_ids, response_ids)
+    def hf_logprobs(state: dict[str, torch.Tensor]) -> torch.Tensor:
+        model.load_state_dict(state)
+        return sequence_logprobs(model, prompt_ids, response_ids)
 
-        before = engine_logprobs()
-        assert (before - sequence_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
+    before = engine_logprobs()
+    assert (before - sequence_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
 
-        # From the store.
-        store.publish(1, _changed(model, 3))
-        assert ray.get(worker.sync.remote(1)) == 1
-        after = engine_logprobs()
-        expected = hf_logprobs(store.load(1))
-        assert (after - expected).abs().max() < TOLERANCE
-        assert (before - expected).abs().max() > 100 * TOLERANCE, "the new weights must change the log-probs"
+    # From the store.
+    store.publish(good, _changed(model, 3))
+    assert ray.get(worker.sync.remote(good)) == good
+    after = engine_logprobs()
+    expected = hf_logprobs(store.load(good))
+    assert (after - expected).abs().max() < TOLERANCE
+    assert (before - expected).abs().max() > 100 * TOLERANCE, "the new weights must change the log-probs"
 
-        # A corrupted version in the store is refused, and the engine keeps serving version 1.
-        store.publish(2, _changed(model, 4))
-        shard = store.version_dir(2) / "model-00000.safetensors"
-        data = bytearray(shard.read_bytes())
-        data[-10] ^= 0x01  # one flipped bit in the tensor bytes
-        shard.write_bytes(bytes(data))
-        assert ray.get(worker.sync.remote(1)) == 1, "the corrupted version must not be loaded"
-        assert ray.get(worker.refused_versions.remote()) == [2]
-        assert torch.equal(engine_logprobs(), after), "generation must keep serving the last good version"
+    # A corrupted version in the store is refused, and the engine keeps serving the good one.
+    store.publish(damaged, _changed(model, 4))
+    shard = store.version_dir(damaged) / "model-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01  # one flipped bit in the tensor bytes
+    shard.write_bytes(bytes(data))
+    assert ray.get(worker.sync.remote(good)) == good, "the corrupted version must not be loaded"
+    assert ray.get(worker.refused_versions.remote()) == [damaged]
+    assert torch.equal(engine_logprobs(), after), "generation must keep serving the last good version"
 
-        # Delivered directly, as the learner's rank 0 publishes it with the job's transport; a damaged
-        # bucket is refused and counted, and the engine still serves version 1.
-        state = _changed(model, 5)
-        sender = build_transport(cfg.weights, WeightStore(tmp_path / "sender"), ["full"], torch.float32, put=ray.put)
-        delivery = sender.publish(3, now(), state.items(), {}, snapshot=False).result().delivery
-        manifest = delivery.link("full").packed()
-        assert len(manifest.buckets) >= 3
-        ray.get(worker.corrupt_next_delivery.remote(1))
-        receipt = ray.get(worker.load.remote(delivery), timeout=120)
-        assert receipt.status == "refused" and "bucket 1: checksum" in receipt.reason and receipt.held_version == 1, receipt
-        assert torch.equal(engine_logprobs(), after), "the engine must keep version 1"
-        assert 'rlhf_weights_fingerprint_mismatches_total{job="test",pool="generation",worker="gen0"} 1.0' in _metrics(
-            worker)
+    # Delivered directly, as the learner's rank 0 publishes it with the job's transport; a damaged
+    # bucket is refused and counted, and the engine still serves the good version.
+    state = _changed(model, 5)
+    sender = build_transport(cfg.weights, WeightStore(tmp_path / "sender"), ["full"], torch.float32, put=ray.put)
+    delivery = sender.publish(delivered_version, now(), state.items(), {}, snapshot=False).result().delivery
+    manifest = delivery.link("full").packed()
+    assert len(manifest.buckets) >= 3
+    ray.get(worker.corrupt_next_delivery.remote(1))
+    receipt = ray.get(worker.load.remote(delivery), timeout=120)
+    assert receipt.status == "refused" and "bucket 1: checksum" in receipt.reason and receipt.held_version == good, (
+        receipt)
+    assert torch.equal(engine_logprobs(), after), "the engine must keep the good version"
+    assert 'rlhf_weights_fingerprint_mismatches_total{job="test",pool="generation",worker="gen0"} 1.0' in _metrics(
+        worker)
 
-        # The same version, undamaged, is loaded and proven, and the engine then scores like it.
-        receipt = ray.get(worker.load.remote(delivery), timeout=120)
-        assert receipt.loaded and receipt.fingerprint == manifest.fingerprint == receipt.sent_fingerprint, receipt
-        delivered = engine_logprobs()
-        assert (delivered - hf_logprobs(state)).abs().max() < TOLERANCE
-        assert (delivered - after).abs().max() > 1e-2, "the two versions must differ to prove anything"
-        delivered_bytes = [float(line.rsplit(" ", 1)[1]) for line in _metrics(worker).splitlines()
-                           if line.startswith("rlhf_weights_delivery_bytes_total{") and 'transport="direct"' in line
-                           and 'worker="gen0"' in line]
-        assert delivered_bytes == [manifest.total_bytes], delivered_bytes  # only the loaded delivery counts
-    finally:
-        ray.kill(worker)
+    # The same version, undamaged, is loaded and proven, and the engine then scores like it.
+    receipt = ray.get(worker.load.remote(delivery), timeout=120)
+    assert receipt.loaded and receipt.fingerprint == manifest.fingerprint == receipt.sent_fingerprint, receipt
+    delivered = engine_logprobs()
+    assert (delivered - hf_logprobs(state)).abs().max() < TOLERANCE
+    assert (delivered - after).abs().max() > 1e-2, "the two versions must differ to prove anything"
+    delivered_bytes = [float(line.rsplit(" ", 1)[1]) for line in _metrics(worker).splitlines()
+                       if line.startswith("rlhf_weights_delivery_bytes_total{") and 'transport="direct"' in line
+                       and 'worker="gen0"' in line]
+    assert delivered_bytes == [manifest.total_bytes], delivered_bytes  # only the loaded delivery counts
 
 
 def test_an_moe_version_reaches_the_engine_by_store_and_direct_and_scores_like_hf(ray_cluster, job_config,
