@@ -27,6 +27,7 @@ from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.environments import load_environment
 from rlhf_cluster.generation.episodes import run_episode
+from rlhf_cluster.generation.multimodal import fail_sampled_placeholders, placeholder_ids
 from rlhf_cluster.generation.receiver import WeightReceiver
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
@@ -60,6 +61,7 @@ class GenerationWorker(Worker):
             images=settings.engine_images(model_path),
         )
         self.labels.of(m.GENERATION_VERSION).set(0)
+        self.placeholders = placeholder_ids(self.engine.engine)
         # Multi-turn: a fresh environment per episode (None: one response per prompt).
         self.environment = load_environment(gen.environment) if gen.environment else None
         # Agent episodes: the user's agent drives each sample through this worker's own gateway.
@@ -124,13 +126,15 @@ class GenerationWorker(Worker):
 
     async def _groups(self, prompts: list[Prompt], n: int | None = None, greedy: bool = False) -> list[Rollout]:
         if self.agents is not None:
-            return await self._agent_episodes(prompts, n, greedy)
-        if self.environment is not None:
-            return await self._episodes(prompts, n, greedy)
-        futures = [asyncio.wrap_future(self.engine.submit_group(p, n, greedy)) for p in prompts]
-        rollouts = [r for group in await asyncio.gather(*futures) for r in group]
-        count_tokens(self.labels, rollouts)
-        return rollouts
+            rollouts = await self._agent_episodes(prompts, n, greedy)
+        elif self.environment is not None:
+            rollouts = await self._episodes(prompts, n, greedy)
+        else:
+            futures = [asyncio.wrap_future(self.engine.submit_group(p, n, greedy)) for p in prompts]
+            rollouts = [r for group in await asyncio.gather(*futures) for r in group]
+            count_tokens(self.labels, rollouts)
+        # A vision-language model's sampled placeholder has no image: such a sample cannot be trained on.
+        return fail_sampled_placeholders(rollouts, self.placeholders) if self.placeholders else rollouts
 
     async def _per_sample(self, prompts: list[Prompt], n: int | None, greedy: bool, start) -> list:
         """`start(prompt, group_id, sample_id)` for each of the `n` samples of every prompt (one

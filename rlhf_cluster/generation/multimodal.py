@@ -10,12 +10,14 @@ least the most images a prompt carries (`engine_mm_args`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.models.torchvision_ops import ensure_torchvision_importable
 
 
@@ -72,6 +74,31 @@ def image_token_id(llm_engine) -> int | None:
     if not serves_images(llm_engine):
         return None
     return int(llm_engine.model_config.hf_config.image_token_id)
+
+
+def placeholder_ids(llm_engine) -> frozenset[int]:
+    """The image and video placeholder token ids of a vLLM engine's model (none: it takes no images)."""
+    if not serves_images(llm_engine):
+        return frozenset()
+    config = llm_engine.model_config.hf_config
+    return frozenset(int(t) for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None)
+
+
+def fail_sampled_placeholders(rollouts: list[Rollout], placeholders: frozenset[int]) -> list[Rollout]:
+    """`rollouts`, each one whose model sampled an image or video placeholder token failed
+    (`Rollout.failure`: dropped and counted, never scored).
+
+    The learner's model takes every placeholder in a sequence for an image's place, and a sampled
+    one has no image: its forward would refuse the step (features and placeholders do not match).
+    Tokens an environment wrote (an observation's images, `loss_mask` 0) are the images' own."""
+    out = []
+    for r in rollouts:
+        sampled = r.loss_mask or [1] * len(r.response_ids)
+        bad = sum(1 for t, m in zip(r.response_ids, sampled) if m and t in placeholders)
+        if bad and not r.failure:
+            r = dataclasses.replace(r, failure=f"the model sampled {bad} image/video placeholder token(s)")
+        out.append(r)
+    return out
 
 
 def drop_image_embeddings(llm_engine) -> None:

@@ -87,3 +87,17 @@ def _png(size, colour) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_a_sampled_placeholder_fails_its_sample_and_an_observations_images_do_not():
+    from rlhf_cluster.experience.records import Rollout
+    from rlhf_cluster.generation.multimodal import fail_sampled_placeholders
+
+    def rollout(ids, mask=None):
+        return Rollout("s", "p", "g", [1, 2], ids, [-0.5] * len(ids), 0, "stop", loss_mask=mask)
+
+    pad = 9
+    sampled, observed, clean = rollout([3, pad, 4]), rollout([3, pad, pad, 4], [1, 0, 0, 1]), rollout([3, 4])
+    out = fail_sampled_placeholders([sampled, observed, clean], frozenset({pad}))
+    assert "sampled 1 image/video placeholder" in out[0].failure
+    assert out[1].failure == "" and out[2].failure == ""
