@@ -100,6 +100,10 @@ class DeepSpeedLearner(LearnerBase):
         attention = learner_attention(lc.attention, self.device, spec.max_new_tokens, lc.mixed_precision, model_path)
         model = load_causal_lm(model_path, torch.float32, self.device, attention)
         self.images = spec.images_of(model_path)
+        if self.images is not None and self.world_size > 1:
+            # ZeRO-3 gathers a module's weights as it runs, and a rank whose pass has no image
+            # never runs the vision tower: the ranks' collectives would part (measured, 2 ranks).
+            raise ValueError("a vision-language policy on more than one DeepSpeed rank: use learner.backend: fsdp2")
         if self.images is not None and lc.freeze_vision:
             freeze_vision(model)
         self.engine_names = EngineNames.of(model, self.images is not None and lc.freeze_vision)

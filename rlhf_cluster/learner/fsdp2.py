@@ -75,6 +75,8 @@ class FSDP2Learner(LearnerBase):
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+        if self.images is not None and not lc.freeze_vision:  # a trained tower, unused by a pass without images:
+            model.set_reduce_scatter_unused_params(True)  # its zero gradients keep the ranks' reduce-scatters alike
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Fused on CUDA (one kernel for every parameter), foreach on CPU (None: AdamW's default).
