@@ -211,10 +211,15 @@ class LearnerRank(ShardedRank):
         publication = self.pending.get(version)
         return metrics, (self.wait_published(version) if publication is not None and publication.done() else None)
 
-    def probe_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+    def probe_logprobs(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        images: list[tuple[bytes, ...]] | None = None,
+    ) -> list[list[float]]:
         """Collective: the policy's fp32 log-probs of fixed sequences (what an engine holding the
-        published weights should report)."""
-        return self._set_up().probe_logprobs(prompt_ids, response_ids)
+        published weights should report); a vision-language policy's with each sequence's images."""
+        return self._set_up().probe_logprobs(prompt_ids, response_ids, images)
 
     def reference_logprobs(self, batch: TrainBatch) -> list[list[float]] | None:
         """Collective: the reference log-probs the learner would train this batch against when it
