@@ -42,11 +42,12 @@ QUESTIONS = {
 def dot_layout(size: int, max_dots: int) -> tuple[int, int]:
     """The grid (cells per side) and dot radius of a `size`-pixel image of up to `max_dots` dots:
     a square grid with a cell for each dot, the radius leaving two pixels between neighbours, and
-    at most a fourteenth of the image; a single dot (`max_dots` 1) is a disc filling the image, so
-    its colour is most of what the image shows (where the dot is, little: the vlm demo's task)."""
+    at most a fourteenth of the image; a single dot (`max_dots` 1) is a disc a third of the image
+    across, so its colour is much of what the image shows (the vlm demo's task), and where it sits
+    varies enough for a held-out fifth of the images to hold every colour."""
     grid = math.ceil(math.sqrt(max_dots))
     cell = size // grid
-    return grid, max(1, (cell - 3) // 2 if max_dots == 1 else min(size // 14, (cell - 3) // 2))
+    return grid, max(1, cell // 3 if max_dots == 1 else min(size // 14, (cell - 3) // 2))
 
 
 def dot_centres(rng: random.Random, count: int, size: int, max_dots: int) -> list[tuple[int, int]]:
