@@ -19,6 +19,7 @@ from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
 from rlhf_cluster.models.modeling import decoder_layers, load_causal_lm
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.models.vision import (
+    VisionSample,
     batch_vision_inputs,
     checkpoint_name,
     load_processor,
@@ -187,3 +188,32 @@ def test_freeze_vision_trains_and_sends_the_vision_tower_only_when_false(gloo_gr
     assert fingerprint_tensors(0, "", language) != fingerprint_tensors(
         0, "", [(n, folder[n]) for n, _ in language]
     )  # the language model trained either way
+
+
+def test_text_rows_of_a_vlm_pack_as_a_text_models(gloo_group, vlm):
+    path, processor, _, _ = vlm
+    prompts = [processor.tokenizer(_chat(processor, 0, q))["input_ids"] for q in ("3+4=", "What is 12+9? ", "1+1=")]
+    responses = [list(range(100, 160)), [106, 107], [108, 109, 110]]  # a long row and two that share a packed one
+    model = load_causal_lm(path)
+    learner = _learner(path)
+    input_ids, mask, prompt_lengths, T = pad_sequences(prompts, responses)
+    response_mask = (torch.arange(T)[None] < torch.tensor([len(r) for r in responses])[:, None]).float()
+    zeros = torch.zeros(3, T)
+    local = TrainBatch(
+        input_ids,
+        mask,
+        prompt_lengths,
+        response_mask,
+        zeros,
+        zeros,
+        zeros,
+        torch.zeros(3, dtype=torch.long),
+        ["a", "b", "c"],
+    )
+    plan = learner._micro_batches(local, 0, 3)
+    assert [m.packing is not None and m.inputs is None for m in plan] == [True]
+    logp = learner._frozen_logprobs(learner._to_device(local), [plan])
+    with torch.no_grad():
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            alone = VisionSample(torch.tensor(prompt + response), len(prompt), None, None)
+            assert (logp[i, : len(response)] - vision_response_logprobs(model, alone)[0]).abs().max() < TOLERANCE
