@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
@@ -76,7 +76,7 @@ class FSDP2Learner(LearnerBase):
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
         if self.images is not None and not lc.freeze_vision:  # a trained tower, unused by a pass without images:
-            model.set_reduce_scatter_unused_params(True)  # its zero gradients keep the ranks' reduce-scatters alike
+            cast(FSDPModule, model).set_reduce_scatter_unused_params(True)  # zero gradients: ranks reduce alike
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Fused on CUDA (one kernel for every parameter), foreach on CPU (None: AdamW's default).
