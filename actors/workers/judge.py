@@ -16,7 +16,7 @@ from rlhf_cluster.experience.build import group_rollouts
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.image_turns import count_placeholders, image_placeholder
-from rlhf_cluster.generation.multimodal import EngineImages, image_token_id
+from rlhf_cluster.generation.multimodal import image_token_id
 from rlhf_cluster.job.images import has_vision
 from rlhf_cluster.scoring.judge import (
     VerdictReader,
@@ -30,9 +30,6 @@ from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 
 JudgeItem = tuple[Rollout, str, str]  # a rollout, its prompt's text, its reference answer
-# What a vision-language judge's engine takes a prompt (data.max_images_per_prompt's default); a
-# sample with more is not judged (dropped and counted), as its engine would refuse it.
-JUDGE_MAX_IMAGES = 4
 
 
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
@@ -53,10 +50,12 @@ class JudgeWorker(Worker):
             seed=settings.engine.seed + index,
             name=self.name,
             on_step=lambda running, waiting: self.stall.stepped(running + waiting),
-            images=EngineImages(JUDGE_MAX_IMAGES) if has_vision(model_path) else None,
+            # data.max_images_per_prompt: a sample with more is not judged (dropped and counted).
+            images=settings.images if has_vision(model_path) else None,
         )
         self.tokenizer = self.engine.tokenizer
         self.image_token = image_token_id(self.engine.engine)  # None: a text-only judge, shown no images
+        self.max_images = settings.images.max_per_prompt
         self.placeholder = image_placeholder(self.tokenizer) if self.image_token is not None else ""
         self.reader = VerdictReader(
             source.name, source.verdict, source.on_error, source.max_failure_fraction, source.failure_window
@@ -96,8 +95,8 @@ class JudgeWorker(Worker):
         shown = images if self.image_token is not None else ()
         ids = self.prompt_ids(text, len(shown))
         failed: Future = Future()
-        if len(shown) > JUDGE_MAX_IMAGES:
-            failed.set_exception(ValueError(f"{len(shown)} images; the judge's engine takes {JUDGE_MAX_IMAGES}"))
+        if len(shown) > self.max_images:
+            failed.set_exception(ValueError(f"{len(shown)} images; the judge's engine takes {self.max_images}"))
         elif count_placeholders(ids, self.image_token) != len(shown):
             failed.set_exception(ValueError(f"the judge's prompt does not place its {len(shown)} image(s)"))
         else:

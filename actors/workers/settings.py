@@ -136,6 +136,8 @@ class JudgeSettings:
     judge: JudgeReward
     engine: GenerationConfig
     engine_dtype: DType
+    # What a vision-language judge's engine takes a prompt: the samples' images, at its own sizes.
+    images: EngineImages
 
     @classmethod
     def of(cls, cfg: JobConfig) -> JudgeSettings:
@@ -156,7 +158,7 @@ class JudgeSettings:
                 "enable_prefix_caching": True,  # every judge prompt starts with the same template text
             }
         )
-        return cls(ActorBasics.of(cfg), judge, engine, cfg.engine_dtype)
+        return cls(ActorBasics.of(cfg), judge, engine, cfg.engine_dtype, EngineImages(cfg.data.max_images_per_prompt))
 
 
 @dataclass(frozen=True)

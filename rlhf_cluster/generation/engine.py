@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -84,13 +84,15 @@ def engine_settings(model_path: str, cfg: GenerationConfig, dtype: EngineDType, 
 @dataclass
 class Turn:
     """One model turn of a multi-turn episode: its tokens, their log-probs and weight-version spans
-    (token indices within the turn), why it ended, and its text."""
+    (token indices within the turn), why it ended, its text, and the context as the engine held it
+    (a vision-language model's images expanded to their tokens; else the context sent)."""
 
     token_ids: list[int]
     logprobs: list[float]
     spans: list[tuple[int, int]]
     finish_reason: FinishReason
     text: str
+    context_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -326,6 +328,7 @@ class VLLMEngine(EngineLoop):
                 spans or [(0, int(self.engine.get_weight_version()))],
                 _finish_reason(comp.finish_reason),
                 comp.text,
+                list(outputs[0].prompt_token_ids),
             )
 
         request = turn_request(context_ids, images, image_token_id(self.engine))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TypeVar
 
-from rlhf_cluster.generation.engine import Turn, VLLMEngine, _finish_reason
+from rlhf_cluster.generation.engine import VLLMEngine
 
 T = TypeVar("T")
 
@@ -92,42 +92,19 @@ def submit_turn_seen(
     images: Sequence[bytes],
 ) -> Future:
     """`engine.submit_turn` with the context's images, resolving to `(Turn, the context as the
-    engine saw it)`: its prompt ids, each image expanded to its tokens."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    engine saw it)`: its prompt ids, each image expanded to its tokens (`Turn.context_ids`)."""
+    seen: Future = Future()
 
-    from rlhf_cluster.generation.multimodal import image_token_id, turn_request
+    def done(turn: Future) -> None:
+        try:
+            result = turn.result()
+        except BaseException as exc:  # the turn's error is the caller's to see
+            seen.set_exception(exc)
+        else:
+            seen.set_result((result, result.context_ids))
 
-    s = engine.cfg.sampling
-    params = SamplingParams(
-        n=1,
-        temperature=0.0 if greedy else s.temperature,
-        top_p=s.top_p,
-        max_tokens=max_tokens,
-        ignore_eos=s.ignore_eos,
-        logprobs=0,
-        seed=None,
-        stop=list(stop) or None,
-        include_stop_str_in_output=True,
-        output_kind=RequestOutputKind.FINAL_ONLY,
-    )
-
-    def finish(outputs: list) -> tuple[Turn, list[int]]:
-        out = outputs[0]
-        comp = out.outputs[0]
-        ids = list(comp.token_ids)
-        spans = [(span.start, int(span.version)) for span in comp.weight_versions or () if span.end > span.start]
-        turn = Turn(
-            ids,
-            [step[tok].logprob for tok, step in zip(ids, comp.logprobs)],
-            spans or [(0, int(engine.engine.get_weight_version()))],
-            _finish_reason(comp.finish_reason),
-            comp.text,
-        )
-        return turn, list(out.prompt_token_ids)
-
-    request = turn_request(context_ids, images, image_token_id(engine.engine))
-    return engine._submit([(request, params)], finish)
+    engine.submit_turn(context_ids, max_tokens, stop, greedy, images).add_done_callback(done)
+    return seen
 
 
 def image_placeholder(tokenizer) -> str:

@@ -116,3 +116,9 @@ def test_only_an_engine_of_a_vision_language_model_takes_images(tmp_path):
     from actors.workers.settings import ScoringSettings
 
     assert ScoringSettings.of(_job({"max_pixels": 3136})).pixels == (None, 3136)  # the reference's processor too
+    from actors.workers.settings import JudgeSettings
+
+    judged = JobConfig.model_validate(
+        {"data": {"max_images_per_prompt": 3}, "scoring": {"rewards": [{"type": "judge", "model": vlm}]}}
+    )
+    assert JudgeSettings.of(judged).images.max_per_prompt == 3  # a judge's engine takes the samples' images

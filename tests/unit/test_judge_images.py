@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from actors.workers.judge import JUDGE_MAX_IMAGES, JudgeWorker
+from actors.workers.judge import JudgeWorker
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.config.scoring import JudgeReward
 from rlhf_cluster.experience.records import Rollout
@@ -22,6 +22,7 @@ from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.models.tiny_vlm import IMAGE_PAD
 from rlhf_cluster.scoring.judge import VerdictReader, judge_prompt_ids, shared_images, without_images
 
+MAX_IMAGES = 4  # data.max_images_per_prompt's default
 MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPT = f"<|im_start|>user\n{MARKUP}How many dots?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -63,6 +64,7 @@ def worker(tokenizer, sees_images: bool, group: bool = False):
     judge.source, judge.tokenizer, judge.engine = source, tokenizer, FakeEngine()
     judge.image_token = tokenizer.convert_tokens_to_ids(IMAGE_PAD) if sees_images else None
     judge.placeholder = image_placeholder(tokenizer) if sees_images else ""
+    judge.max_images = MAX_IMAGES
     judge.reader = VerdictReader(source.name, source.verdict)
     judge._counted = (0, 0, 0)
     judge._export = lambda: None
@@ -105,6 +107,6 @@ def test_a_group_judge_sees_the_shared_images_and_too_many_are_not_judged(vlm_to
     group.judge(items)
     assert [i for _, i in group.engine.calls] == [(RED,)]
     seeing = worker(vlm_tokenizer, sees_images=True)
-    many = (RED,) * (JUDGE_MAX_IMAGES + 1)
+    many = (RED,) * (MAX_IMAGES + 1)
     assert seeing.judge([(rollout("s0", many), PROMPT, "3")]) == [None]
     assert seeing.engine.calls == [] and seeing.reader.errors == 1
