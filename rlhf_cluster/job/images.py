@@ -28,16 +28,16 @@ def image_setting(cfg: JobConfig) -> str | None:
 
 def rules(cfg: JobConfig) -> list[str]:
     """The config rules (no files read): a text-only tiny policy, images without the chat template,
-    and the images placebo without images."""
+    the images placebo without images, and a tiny vision-language policy's `policy_rules`."""
     setting = image_setting(cfg)
+    out = policy_rules(cfg, cfg.model.path is None and cfg.model.tiny.is_vision)
     if setting is None:
         if cfg.data.placebo_images:
-            return [
+            out.append(
                 "data.placebo_images shuffles the prompts' images, and they have none: set data.columns.images "
                 "(or a visual data.task)"
-            ]
-        return []
-    out = []
+            )
+        return out
     if cfg.model.path is None and not cfg.model.tiny.is_vision:
         out.append(
             f"{setting}: the prompts have images and the policy is a text-only model "
@@ -52,6 +52,29 @@ def rules(cfg: JobConfig) -> list[str]:
     return out
 
 
+def policy_rules(cfg: JobConfig, vision: bool) -> list[str]:
+    """What a vision-language policy (`vision`) does not run with yet, named: DeepSpeed on several
+    ranks (ZeRO-3 gathers a module's weights only where it runs, and a rank whose micro-batch holds
+    no image skips the vision tower the others run), sequence parallelism (rows with images are
+    never packed; it splits packed rows), and a PPO critic (its value model is text-only)."""
+    if not vision:
+        return []
+    lc, out = cfg.learner, []
+    if lc.backend.type == "deepspeed" and lc.world_size > 1:
+        out.append(
+            f"learner.backend.type=deepspeed with learner.world_size={lc.world_size}: a vision-language policy trains "
+            "on one DeepSpeed rank or on fsdp2 (a rank without images would skip the vision tower's gathers)"
+        )
+    if lc.sequence_parallel > 1:
+        out.append(
+            f"learner.sequence_parallel={lc.sequence_parallel}: a vision-language policy's rows with images are never "
+            "packed, and sequence parallelism splits packed rows; set it to 1"
+        )
+    if cfg.critic is not None:
+        out.append("critic: the PPO critic's value model is text-only; a vision-language policy trains without one")
+    return out
+
+
 def has_vision(model_path: str | Path) -> bool:
     """Whether a model folder's config.json describes a vision-language model (a `vision_config`,
     at its top level or in a nested config). Raises OSError / ValueError for an unreadable one."""
@@ -62,16 +85,17 @@ def has_vision(model_path: str | Path) -> bool:
 
 
 def file_checks(cfg: JobConfig) -> list[str]:
-    """The check that reads `model.path`'s config: a text-only model folder is refused, naming it."""
-    setting = image_setting(cfg)
-    if setting is None or cfg.model.path is None:
+    """The checks that read `model.path`'s config: a vision-language folder's `policy_rules`, and a
+    text-only folder for prompts with images refused, naming it."""
+    if cfg.model.path is None:
         return []
     try:
         vision = has_vision(cfg.model.path)
     except (OSError, ValueError):  # an unreadable folder is `model.path`'s own check's to name
         return []
-    if vision:
-        return []
+    setting = image_setting(cfg)
+    if vision or setting is None:
+        return policy_rules(cfg, vision)
     return [
         f"{setting}: the prompts have images and model.path {cfg.model.path} is a text-only model (its config.json "
         "has no vision_config); use a vision-language model or drop the images"

@@ -63,7 +63,7 @@ def ensure_warmed_vision_model(
     for step in range(steps):
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         tokens = sum(sample.response_len for sample in batch)
-        loss = -sum(vision_response_logprobs(model, sample)[0].sum() for sample in batch) / tokens
+        loss = -torch.stack([vision_response_logprobs(model, sample)[0].sum() for sample in batch]).sum() / tokens
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -122,3 +122,29 @@ def test_only_an_engine_of_a_vision_language_model_takes_images(tmp_path):
         {"data": {"max_images_per_prompt": 3}, "scoring": {"rewards": [{"type": "judge", "model": vlm}]}}
     )
     assert JudgeSettings.of(judged).images.max_per_prompt == 3  # a judge's engine takes the samples' images
+
+
+@pytest.mark.parametrize(
+    "learner, critic, named",
+    [
+        ({"backend": {"type": "deepspeed", "zero_stage": 3}, "world_size": 2}, False, "learner.backend.type=deepspeed"),
+        ({"world_size": 2, "sequence_parallel": 2}, False, "learner.sequence_parallel=2"),
+        ({}, True, "critic: the PPO critic's value model is text-only"),
+    ],
+)
+def test_what_a_vision_language_policy_does_not_run_with_is_refused(tmp_path, learner, critic, named):
+    extra = {"critic": {}, "algorithm": {"advantage": "gae"}} if critic else {}
+    tiny = JobConfig.model_validate(
+        {
+            "model": {"tiny": {"architecture": "qwen2_5_vl"}},
+            "data": {"task": "visual_color", "chat_template": True},
+            "learner": learner,
+            **extra,
+        }
+    )
+    assert any(named in problem for problem in images.rules(tiny))
+    folder = _folder(tmp_path, "vlm", {"vision_config": {}})
+    text_data = JobConfig.model_validate({"model": {"path": folder}, "learner": learner, **extra})
+    assert any(named in problem for problem in images.file_checks(text_data))  # a VLM folder, whatever its data
+    text_policy = JobConfig.model_validate({"learner": learner, **extra})
+    assert not [p for p in images.rules(text_policy) if named in p]
