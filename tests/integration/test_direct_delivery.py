@@ -1,6 +1,8 @@
 """Direct weight delivery on real parts: FSDP2 / DeepSpeed ranks pack every version into the Ray
 object store, vLLM engines in Ray actors verify and load it in place, and the store on disk keeps
-only every K-th version. (A damaged bucket is refused: test_weight_reload, on its engine.)"""
+only every K-th version. (A damaged bucket is refused: test_weight_reload, on its engine.) The
+job's int8 engine then refuses an unquantized push and a damaged int8 variant (test_int8_rollouts'
+`check_int8_refusals`)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import urllib.request
 from collections import defaultdict
 
 from actors.job import Job
+from rlhf_cluster.models.modeling import load_causal_lm
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
 
 # Test modules sit on sys.path by their basename (pytest's default import mode).
-from test_int8_rollouts import MAX_ABS_LOGPROB_DIFF, MAX_PROBE_K3
+from test_int8_rollouts import MAX_ABS_LOGPROB_DIFF, MAX_PROBE_K3, check_int8_refusals
 
 # fp32 engine vs the learner's fp32 forward of the same weights on the probe: measured ~5e-7.
 MAX_FP32_DIFF = 1e-4
@@ -21,7 +24,8 @@ MAX_FP32_DIFF = 1e-4
 MAX_INT8_DIFF, MAX_INT8_PROBE_K3 = MAX_ABS_LOGPROB_DIFF, MAX_PROBE_K3
 
 
-def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cluster, job_config):
+def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cluster, job_config, tiny_model_path,
+                                                                         tmp_path):
     # DeepSpeed ranks deliver through the same path: test_learner_backends.test_pipeline_runs_on_deepspeed_ranks.
     steps, every, backend = 5, 3, "fsdp2"
     cfg = job_config(
@@ -43,11 +47,16 @@ def test_direct_job_delivers_every_version_exactly_and_persists_every_kth(ray_cl
         result = job.run()
         receipts = job.delivery_receipts
         reports = [json.loads(line) for line in (job.run_dir / "probes.jsonl").read_text().splitlines()]
+        stored = WeightStore(cfg.weights_dir).versions()
+        # The job's int8 engine, its run over, refuses an unquantized push and a damaged int8 variant
+        # (which the store then holds as the version after the job's last).
+        check_int8_refusals(job.workers("generation")["gen1"], cfg.weights_dir, tmp_path / "sender",
+                            load_causal_lm(tiny_model_path), held=steps)
     finally:
         job.shutdown()
     assert result.final_version == steps
     # The store on disk holds only every K-th version (and the last), all others went by wire only.
-    assert WeightStore(cfg.weights_dir).versions() == [0, 3, 5]
+    assert stored == [0, 3, 5]
 
     # Every version reached every engine (pushes are serial and in order), each proven by the
     # fingerprint of the bytes it loaded matching the learner's.

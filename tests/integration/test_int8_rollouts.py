@@ -1,5 +1,6 @@
 """INT8 rollouts on real parts: vLLM W8A8 engines in Ray actors, the int8 variant from the store,
-in-place reloads checked against the learner's fp32 log-probs of each version."""
+in-place reloads checked against the learner's fp32 log-probs of each version. The refusals of an
+int8 engine (`check_int8_refusals`) run on the int8 engine of test_direct_delivery.py's job."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import ray
 import torch
 
 from actors.job import Job
-from rlhf_cluster.models.quantization import quantize_state_dict, write_int8_model_dir
-from rlhf_cluster.models.modeling import load_causal_lm
+from rlhf_cluster.models.quantization import quantize_state_dict
 from rlhf_cluster.weights import WeightStore
 
 # Engine (int8 weights, int8 activations) vs learner (fp32) on the probe's fixed tokens. Measured on
@@ -97,49 +97,43 @@ def test_int8_pipeline_reloads_in_place_and_tracks_the_learner(ray_cluster, job_
             assert key in row, key
 
 
-def test_int8_worker_refuses_an_unquantized_push_and_a_corrupt_int8_variant(ray_cluster, job_config, tiny_model_path):
-    """One int8 engine (its start is most of the time): a push whose int8 variant holds float
+def check_int8_refusals(worker, store_dir: str, sender_dir: Path, model, held: int) -> None:
+    """An int8 engine holding version `held` (its worker in a job that has ended, the job's store
+    at `store_dir`; `model` any model of the tiny shape): a push whose int8 variant holds float
     tensors is refused before any byte reaches the engine, and a version whose int8 shard in the
-    store is damaged is refused; both times the engine keeps serving what it held."""
-    from actors.workers.generation import GenerationWorker
-    from actors.workers.settings import GenerationSettings
+    store is damaged is refused; both times the engine keeps serving what it held. Run on the int8
+    engine of tests/integration/test_direct_delivery.py's job (an engine's start is most of this
+    check's time)."""
+    from rlhf_cluster.config import JobConfig
     from rlhf_cluster.weights.buckets import now
     from rlhf_cluster.weights.registry import build_transport
 
-    cfg = job_config(generation={"quantization": "int8"}, weights={"transport": {"type": "direct"}})
-    model = load_causal_lm(tiny_model_path)
-    store = WeightStore(cfg.weights_dir, variants={"int8": lambda s: quantize_state_dict(s, torch.float32)})
-    store.publish(0, model.state_dict())
-    int8_dir = write_int8_model_dir(tiny_model_path, store.load(0, variant="int8"), cfg.run_dir + "/engine-int8")
-    worker = GenerationWorker.remote(GenerationSettings.of(cfg), str(int8_dir), 0)
-    try:
-        assert ray.get(worker.sync.remote(0)) == 0
-        prompt, response = list(range(5, 40)), list(range(40, 50))
-        before = ray.get(worker.logprobs_of.remote(prompt, response))
+    prompt, response = list(range(5, 40)), list(range(40, 50))
+    before = ray.get(worker.logprobs_of.remote(prompt, response))
 
-        # A sender that forgot to quantize: its delivery's int8 variant carries the float tensors.
-        torch.manual_seed(0)
-        float_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
-        sender = build_transport(cfg.weights, WeightStore(Path(cfg.run_dir) / "sender"), ["full"], torch.float32,
-                                 put=ray.put)
-        delivery = sender.publish(1, now(), float_state.items(), {}, snapshot=False).result().delivery
-        delivery = dataclasses.replace(delivery, variants={"int8": delivery.link("full")})
-        with pytest.raises(ray.exceptions.RayTaskError) as refused:
-            ray.get(worker.load.remote(delivery), timeout=120)
-        message = str(refused.value)
-        assert "refused weight push" in message and "int8 variant" in message
-        assert "q_proj.weight: got float32" in message and "expected int8" in message
-        assert ray.get(worker.logprobs_of.remote(prompt, response)) == before, "nothing of the refused push reached the engine"
+    # A sender that forgot to quantize: its delivery's int8 variant carries the float tensors.
+    torch.manual_seed(0)
+    float_state = {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    weights = JobConfig.model_validate({"weights": {"transport": {"type": "direct"}}}).weights  # a plain sender
+    sender = build_transport(weights, WeightStore(sender_dir), ["full"], torch.float32, put=ray.put)
+    delivery = sender.publish(held + 1, now(), float_state.items(), {}, snapshot=False).result().delivery
+    delivery = dataclasses.replace(delivery, variants={"int8": delivery.link("full")})
+    with pytest.raises(ray.exceptions.RayTaskError) as refused:
+        ray.get(worker.load.remote(delivery), timeout=120)
+    message = str(refused.value)
+    assert "refused weight push" in message and "int8 variant" in message
+    assert "q_proj.weight: got float32" in message and "expected int8" in message
+    assert ray.get(worker.logprobs_of.remote(prompt, response)) == before, "nothing of the refused push reached the engine"
 
-        # A damaged int8 shard in the store.
-        torch.manual_seed(1)
-        store.publish(1, {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()})
-        shard = store.version_dir(1) / "int8" / "model-00000.safetensors"
-        data = bytearray(shard.read_bytes())
-        data[-10] ^= 0x01
-        shard.write_bytes(bytes(data))
-        assert ray.get(worker.sync.remote(0)) == 0, "a corrupt int8 variant must not be loaded"
-        assert ray.get(worker.refused_versions.remote()) == [1]
-        assert ray.get(worker.logprobs_of.remote(prompt, response)) == before
-    finally:
-        ray.kill(worker)
+    # A damaged int8 shard in the store.
+    # (keep: the job's versions stay where they are)
+    store = WeightStore(store_dir, keep=1000, variants={"int8": lambda s: quantize_state_dict(s, torch.float32)})
+    torch.manual_seed(1)
+    store.publish(held + 1, {k: v + 0.05 * torch.randn_like(v) for k, v in model.state_dict().items()})
+    shard = store.version_dir(held + 1) / "int8" / "model-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert ray.get(worker.sync.remote(0)) == held, "a corrupt int8 variant must not be loaded"
+    assert ray.get(worker.refused_versions.remote()) == [held + 1]
+    assert ray.get(worker.logprobs_of.remote(prompt, response)) == before
