@@ -26,8 +26,10 @@ def warmed_model_dir(
     batch_size: int,
     seed: int,
     demonstrations: list[list[Segment]] | None = None,
+    kind: str = "",
 ) -> Path:
-    """The cache folder for a warm-up: beside the base model, named by a hash of everything that matters."""
+    """The cache folder for a warm-up: beside the base model, named by a hash of everything that
+    matters (`kind`: another warm-up of the same prompts, e.g. a vision-language model's)."""
     fields = {
         "base": str(base),
         "data": [(p.text, p.answer) for p in prompts],
@@ -38,6 +40,8 @@ def warmed_model_dir(
     }
     if demonstrations is not None:
         fields["demonstrations"] = demonstrations
+    if kind:
+        fields["kind"] = kind
     key = json.dumps(fields, sort_keys=True)
     return Path(base).parent / f"{Path(base).name}-sft-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
