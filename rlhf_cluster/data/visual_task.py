@@ -133,6 +133,6 @@ def verify_count(response: str, answer: str) -> dict[str, float]:
 
 def verify_color(response: str, answer: str) -> dict[str, float]:
     """`visual_color`: the response is the colour's name (case, spaces and a final `.` aside);
-    `known` is 1 when it names any of the task's colours at all (weight 0.2, a dense term)."""
+    `known` is 1 when it names any of the task's colours at all (recorded, weight 0)."""
     given = response.strip().rstrip(".").strip().lower()
     return {"correct": float(given == answer.strip().lower()), "known": float(given in COLORS)}

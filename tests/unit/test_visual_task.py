@@ -84,7 +84,7 @@ def test_count_and_color_verifiers():
     assert color(" Red.", "red") == {"correct": 1.0, "known": 1.0}
     assert color("blue", "red") == {"correct": 0.0, "known": 1.0}
     assert color("a red dot", "red") == {"correct": 0.0, "known": 0.0}
-    assert weights == {"correct": 1.0, "known": 0.2}
+    assert weights == {"correct": 1.0, "known": 0.0}  # recorded, not rewarded
 
 
 def test_corpus_holds_every_question_and_answer():
