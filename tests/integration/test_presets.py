@@ -57,11 +57,14 @@ IN_MAKE_TEST = {"dapo"}
 def test_preset_runs_and_keeps_its_promises(ray_cluster, job_config, monkeypatch, preset):
     monkeypatch.syspath_prepend(str(REPO))  # preflight imports the reward function in this process
     assert Path.cwd() == REPO, "run from the repo root: the reward workers import this module from there"
-    cfg = job_config(reference=True,
+    # A reference worker (a process that loads a model) only for a preset with a KL term: without
+    # one the learner's KL column is to the weights that sampled (finite and >= 0 all the same).
+    kl_term = PRESETS[preset].get("kl", {}).get("coef", 0.0) > 0 or "kl" in EXTRA.get(preset, {})
+    cfg = job_config(reference=True,  # (the preset's own KL settings, not the no-reference defaults)
         algorithm={"preset": preset, **EXTRA.get(preset, {})},
         generation={"replicas": 1, "prompts_per_request": 2,
                     "sampling": {"n": 4, "max_new_tokens": 8, "ignore_eos": True}},
-        scoring={"rewards": [{"type": "function", "function": REWARD}]},
+        scoring={"reference": kl_term, "rewards": [{"type": "function", "function": REWARD}]},
         train={"total_steps": STEPS, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
     )
     a = cfg.algorithm
