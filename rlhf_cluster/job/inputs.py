@@ -70,35 +70,22 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     check_prompt_lengths(prompts, tokenizer, room, str(train_file), pixels)
     if eval_file is not None:
         check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file), pixels)
-    if cfg.model.sft_warmup_steps and any(p.images for p in prompts):  # the answers' form, not the images
-        model_path = str(
-            ensure_warmed_vision_model(
-                model_path,
-                prompts,
-                cfg.model.sft_warmup_steps,
-                cfg.model.sft_warmup_lr,
-                cfg.model.sft_warmup_batch_size,
-                cfg.seed,
-                pixels=(cfg.data.min_pixels, cfg.data.max_pixels),
-                progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
-            )
-        )
-    elif cfg.model.sft_warmup_steps:
-        # The tool task is warmed up on episodes (some calling the calculator), the others on answers.
-        demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None
-        model_path = str(
-            ensure_warmed_model(
-                model_path,
-                prompts,
-                cfg.model.sft_warmup_steps,
-                cfg.model.sft_warmup_lr,
-                cfg.model.sft_warmup_batch_size,
-                cfg.seed,
-                progress=_warmup_progress(cfg.model.sft_warmup_steps, cfg.train.progress),
-                demonstrations=demonstrations,
-            )
-        )
+    if cfg.model.sft_warmup_steps:
+        model_path = _warm_up(cfg, model_path, prompts)
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
+
+
+def _warm_up(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> str:
+    """The warmed model's folder: a vision-language policy's on its prompts' text alone (the
+    answers' form, not the images), the tool task's on episodes (some calling the calculator), the
+    others' on answers."""
+    m = cfg.model
+    common = (model_path, prompts, m.sft_warmup_steps, m.sft_warmup_lr, m.sft_warmup_batch_size, cfg.seed)
+    progress = _warmup_progress(m.sft_warmup_steps, cfg.train.progress)
+    if any(p.images for p in prompts):
+        return str(ensure_warmed_vision_model(*common, (cfg.data.min_pixels, cfg.data.max_pixels), progress))
+    demonstrations = tool_demonstrations(prompts, cfg.seed) if cfg.data.task == "tool_arithmetic" else None
+    return str(ensure_warmed_model(*common, progress=progress, demonstrations=demonstrations))
 
 
 def check_prompt_lengths(
