@@ -57,14 +57,17 @@ IN_MAKE_TEST = {"dapo"}
 def test_preset_runs_and_keeps_its_promises(ray_cluster, job_config, monkeypatch, preset):
     monkeypatch.syspath_prepend(str(REPO))  # preflight imports the reward function in this process
     assert Path.cwd() == REPO, "run from the repo root: the reward workers import this module from there"
-    # A reference worker (a process that loads a model) only for a preset with a KL term: without
-    # one the learner's KL column is to the weights that sampled (finite and >= 0 all the same).
+    # A reference worker (a process that loads a model) where the test reads a KL to it: a preset's KL
+    # term, or the last check below (the policy moved away from the reference), which runs unless the
+    # overlong filter takes every sample out of the loss. Without one (DAPO) the learner's KL column is
+    # to the weights that sampled: finite and >= 0 as asserted.
     kl_term = PRESETS[preset].get("kl", {}).get("coef", 0.0) > 0 or "kl" in EXTRA.get(preset, {})
+    reference = kl_term or not PRESETS[preset].get("shaping", {}).get("overlong_filter", False)
     cfg = job_config(reference=True,  # (the preset's own KL settings, not the no-reference defaults)
         algorithm={"preset": preset, **EXTRA.get(preset, {})},
         generation={"replicas": 1, "prompts_per_request": 2,
                     "sampling": {"n": 4, "max_new_tokens": 8, "ignore_eos": True}},
-        scoring={"reference": kl_term, "rewards": [{"type": "function", "function": REWARD}]},
+        scoring={"reference": reference, "rewards": [{"type": "function", "function": REWARD}]},
         train={"total_steps": STEPS, "prompts_per_step": 4, "max_staleness": 1, "progress": False},
     )
     a = cfg.algorithm
