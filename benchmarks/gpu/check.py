@@ -16,14 +16,19 @@ recorded as such and the next one runs):
 6. `benchmarks.gpu.learner` on a mixture of experts (issue 70): a random Qwen3-MoE of 1.6B
    parameters, 0.59B active (`models.MOE_SHAPES`), ours beside the plain loop, MFU on active
    parameters;
-7. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start; `--all` on a GPU).
+7. `benchmarks.gpu.vlm_learner` (issue 71): one learner step of a random Qwen2.5-VL-3B (3.75B
+   parameters: language model 3.09B, vision tower 0.67B, frozen) on 8 rows of one 448x448 image
+   (256 image tokens) each, ours alone: seconds per step, tokens/s, peak memory, MFU;
+8. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start; `--all` on a GPU).
 Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON; rewritten after
 every step, so a call cut short keeps the steps it ran) and prints one table of the figures.
-`--only STEP ...` runs those steps alone (issue 70's figure: `--only tests/gpu "learner MoE"`).
+`--only STEP ...` runs those steps alone (issue 70's figure: `--only tests/gpu "learner MoE"`; issue
+71's: `--only tests/gpu "learner VLM"`).
 Without CUDA the steps run at tiny shapes on the CPU (`--smoke` is then implied): what
 `tests/integration/test_gpu_check.py` runs so this check cannot rot. The 1.5B steps are left out of
 that run (`SMOKE_SAME_AS`): at the tiny shape they are the 0.5B steps again; their GPU commands are
-parsed by `tests/unit/test_bench_helpers.py` instead.
+parsed by `tests/unit/test_bench_helpers.py` instead. The VLM step is left out of that run too
+(`SMOKE_IN_UNIT_TEST`): its body runs at a tiny shape in its own unit test.
 
     bash scripts/gpu_check.sh [WHEEL_DIR]      # installs what the machine lacks from WHEEL_DIR, then this
     python3 -m benchmarks.gpu.check [--out-dir DIR] [--smoke] [--all] [--skip STEP ...] [--only STEP ...]
@@ -67,6 +72,7 @@ STEPS = (
     ("profile 0.5B", "step_profile", "gpu_profile_0.5b.json"),
     ("compile parity", "compile_parity", "gpu_compile_parity.json"),
     ("learner MoE", "learner", "gpu_learner_moe.json"),
+    ("learner VLM", "vlm_learner", "gpu_learner_vlm.json"),
     ("learner 0.5B, more sides", "learner", "gpu_learner_0.5b_more.json"),
 )
 # Steps whose figures belong to earlier issues (54, 55: measured on an H200 on 2026-11-26 and -27):
@@ -85,6 +91,9 @@ SMOKE_SAME_AS = {
     "host hop 1.5B": "scoring and host hop 0.5B",
     "learner 0.5B, more sides": "learner 0.5B",
 }
+# Steps whose body the CPU run leaves to a unit test of its own at the same tiny shape (a step
+# costs a process importing torch and transformers; `--only` still runs one here).
+SMOKE_IN_UNIT_TEST = {"learner VLM": "tests/unit/test_gpu_vlm_shape.py"}
 
 
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
@@ -120,6 +129,7 @@ def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         # Dynamo's tracing alone (~20 s): tests/gpu compares inductor's layers with eager ones on the CPU
         "compile parity": (["--shape", "smoke", "--variants", "dynamo only", "--no-confirm"], 300),
         "learner MoE": (["--shape", "moe-smoke", *batch], 300),  # the tiny MoE's size: 8 experts, top-2
+        "learner VLM": (["--shape", "vlm-smoke", "--rows", "2", "--reps", "1", "--warmup", "0"], 300),
         "learner 0.5B, more sides": ([*tiny, "--no-plain", "--deepspeed"], 300),
     }
 
@@ -132,9 +142,12 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     tests' 140 s the limits add up to 540 s, 580 s with the wheels' install (~40 s): one 10-minute
     call. Issue 70's MoE step (a random Qwen3-MoE, 1.6B parameters, 0.59B active: ours and the
     plain loop at the default batch) adds 150 s, beyond that call: `--only tests/gpu "learner MoE"`
-    runs issue 70's part alone (290 s). `--all` adds the steps of `EARLIER_ISSUES` (105 s more; on
-    an H200, 2026-11-26, they took ~64, ~33 and ~40 s). learner.compile's timing is left to
-    `python3 -m benchmarks.gpu.learner --compile` by hand (~50 s of compilation) until the parity step passes."""
+    runs issue 70's part alone (290 s). Issue 71's VLM step (a random Qwen2.5-VL-3B built and saved,
+    about 7.5 GB in bf16, then loaded, a warm-up and 3 steps) is given 120 s: `--only tests/gpu
+    "learner VLM"` runs issue 71's part alone (260 s, 300 s with the wheels). `--all` adds the
+    steps of `EARLIER_ISSUES` (105 s more; on an H200, 2026-11-26, they took ~64, ~33 and ~40 s).
+    learner.compile's timing is left to `python3 -m benchmarks.gpu.learner --compile` by hand (~50 s
+    of compilation) until the parity step passes."""
     seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [1024, 4096, 16384, 32768])]
     lengths = ["--reps", "3", "--warmup", "1", "--seq-lens", *seq, "--tokens-per-step", "32768"]
     return {
@@ -162,6 +175,7 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
         "profile 0.5B": (["--shape", "qwen2.5-0.5b"], 40),
         "compile parity": (["--shape", "tiny", "--no-confirm"], 100),
         "learner MoE": (["--shape", "qwen3-moe-1.6b-a0.6b", "--reps", "3", "--warmup", "1"], 150),
+        "learner VLM": (["--shape", "qwen2.5-vl-3b", "--rows", "8", "--reps", "3", "--warmup", "1"], 120),
         "learner 0.5B, more sides": (["--shape", "qwen2.5-0.5b", "--reps", "3", "--no-plain", "--deepspeed"], 50),
     }
 
@@ -199,16 +213,27 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _parameters_note(cfg: dict) -> str:
+    """A learner result's parameters where its MFU counts some of them: an MoE's active ones, a
+    vision-language model's language model (and its image tokens); "" for a dense text model."""
+    if "vision_parameters" in cfg:
+        return (
+            f"LM {_count(cfg['language_parameters'])} + vision {_count(cfg['vision_parameters'])}, "
+            f"{cfg['image_tokens']} image tok"
+        )
+    if cfg.get("active_parameters", 0) != cfg.get("parameters", 0):
+        return f"{_count(cfg['active_parameters'])} of {_count(cfg['parameters'])} active"
+    return ""
+
+
 def summary_rows(report: dict) -> list[list]:
     """One row per figure the issue's Done-when reads: side, batch, s/step, MFU (6·N and with
     attention), peak GiB, x plain."""
     rows = []
-    for step in ("learner 0.5B", "learner 1.5B", "learner MoE", "learner 0.5B, more sides"):
+    for step in ("learner 0.5B", "learner 1.5B", "learner MoE", "learner VLM", "learner 0.5B, more sides"):
         result = report["steps"].get(step, {}).get("result") or {}
         for name, f in (result.get("figures") or {}).items():
-            cfg = result.get("config") or {}
-            moe = cfg.get("active_parameters", 0) != cfg.get("parameters", 0)
-            note = f"{_count(cfg['active_parameters'])} of {_count(cfg['parameters'])} active" if moe else ""
+            note = _parameters_note(result.get("config") or {})
             rows.append(
                 [
                     f"{step}: {name}",
@@ -282,11 +307,12 @@ def summary_rows(report: dict) -> list[list]:
 
 def wanted(args: argparse.Namespace, name: str) -> bool:
     """Whether step `name` runs: named by `--only` where given, else not `--skip`ped; on a GPU
-    without `--all`, not one of `EARLIER_ISSUES`; at tiny shapes, not one of `SMOKE_SAME_AS`."""
+    without `--all`, not one of `EARLIER_ISSUES`; at tiny shapes, not one of `SMOKE_SAME_AS` or
+    `SMOKE_IN_UNIT_TEST`."""
     if args.only is not None:
         return name in args.only
     if args.smoke:
-        return name not in args.skip and name not in SMOKE_SAME_AS
+        return name not in args.skip and name not in SMOKE_SAME_AS and name not in SMOKE_IN_UNIT_TEST
     return name not in args.skip and (args.all or name not in EARLIER_ISSUES)
 
 
@@ -307,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {"benchmark": "gpu_check", "machine": machine_info(), "smoke": args.smoke, "steps": {}}
     report["left_out_as_same"] = {n: s for n, s in SMOKE_SAME_AS.items() if args.smoke and not wanted(args, n)}
+    report["left_out_to_unit_tests"] = {
+        n: t for n, t in SMOKE_IN_UNIT_TEST.items() if args.smoke and not wanted(args, n)
+    }
     begun = time.perf_counter()
     for name, command, limit in steps(args):
         if not wanted(args, name):
