@@ -7,7 +7,8 @@ its weights drawn on the GPU where there is one and saved in bf16. The batch: `-
 `--image-side` x `--image-side` image of random pixels (448: 32x32 patches of 14 pixels, merged 2x2
 into 256 image tokens), a question and a response of `--response` random text tokens.
 Our learner (`sides.Ours`: FSDP2 on one rank, bf16 mixed precision on CUDA, `learner.freeze_vision`
-as configured by default: true) takes `--warmup` steps, then `--reps` timed ones (medians).
+as configured by default: true; on CUDA the memory plan given 85% of the GPU, `--memory-fraction`)
+takes `--warmup` steps, then `--reps` timed ones (medians).
 
 Figures: seconds per step, real tokens/s (image tokens included: the language model runs them),
 peak GPU memory, and MFU as `rlhf_cluster.models.flops` counts a decoder: `mfu` 6 x the language
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--response", type=int, nargs=2, default=[128, 384] if cuda else [4, 8], help="response lengths (seeded)"
     )
     p.add_argument("--train-vision", action="store_true", help="learner.freeze_vision: false (default: frozen)")
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.85 if cuda else None,
+        help="CUDA: learner.memory_fraction, the share of the GPU the memory plan fills (its default 0.5 leaves "
+        "half to colocated engines; the plan counts the language model alone, the tower's weights fit the rest)",
+    )
     p.add_argument(
         "--side",
         type=learner_side,
@@ -150,6 +158,8 @@ def build_vlm_folder(shape: str, cache_dir: str) -> Path:
     tokenizer = build_tokenizer(512, scratch, "visual", VISION_TOKENS)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(scratch)
+    side = s["image_side"]  # the processor first: it needs torchvision, and fails in seconds without it
+    build_processor(TinyModelConfig(architecture="qwen2_5_vl", image_max_pixels=side * side), tokenizer, scratch)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
     config = vlm_config(shape, ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -159,8 +169,6 @@ def build_vlm_folder(shape: str, cache_dir: str) -> Path:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    side = s["image_side"]
-    build_processor(TinyModelConfig(architecture="qwen2_5_vl", image_max_pixels=side * side), tokenizer, scratch)
     scratch.rename(folder)
     return folder
 
@@ -242,7 +250,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     def build(name: str, **settings):
         def make() -> Ours:
-            made = Ours(folder, precision, freeze_vision=not args.train_vision, **settings)
+            budget = {} if args.memory_fraction is None else {"memory_fraction": args.memory_fraction}
+            made = Ours(folder, precision, freeze_vision=not args.train_vision, **{**budget, **settings})
             trainable[name] = sum(p.numel() for p in made.learner.model.parameters() if p.requires_grad)
             return made
 
