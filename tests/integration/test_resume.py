@@ -53,8 +53,13 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def _cfg(job_config, name, steps, max_staleness=1, episodes=False, **sections):
+def _cfg(job_config, name, steps, max_staleness=1, episodes=False, images=False, **sections):
     generation = {"replicas": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}}
+    if images:  # a vision-language policy on a visual task: every sample carries its prompt's image
+        sections |= {
+            "model": {"tiny": {"architecture": "qwen2_5_vl", "corpus": "visual", "image_max_pixels": 3136}},
+            "data": {"task": "visual_color", "chat_template": True, "num_prompts": 256, "eval_prompts": 0},
+        }
     if episodes:
         # Multi-turn samples (observation tokens masked, per-turn rewards) through the same kill and
         # resume. The scripted environment answers every turn, so each episode has observations
@@ -71,6 +76,20 @@ def _cfg(job_config, name, steps, max_staleness=1, episodes=False, **sections):
     )
 
 
+def _assert_own_images(samples, run_dir: Path) -> None:
+    """Every sample carries exactly its prompt's images (the run's prompt file's)."""
+    prompts = {p.prompt_id: p.images for p in read_prompt_file(run_dir / "data" / "train.parquet")}
+    assert samples and all(s.images and s.images == prompts[s.prompt_id] for s in samples), "a sample lost its image"
+
+
+def _learner_name(name: str, images: bool) -> str:
+    """A stored tensor's name as the learner holds it (a Qwen2.5-VL's, renamed by transformers 5)."""
+    for learner, folder in (("model.visual.", "visual."), ("model.language_model.", "model.")):
+        if images and name.startswith(folder):
+            return learner + name[len(folder) :]
+    return name
+
+
 def _job_actors_alive(job_name: str) -> bool:
     """Whether the killed job's controller (and so its driver's actors) is still registered."""
     from actors.workers.control import NAMESPACE, controller_name
@@ -82,13 +101,14 @@ def _job_actors_alive(job_name: str) -> bool:
         return False
 
 
-# The single-turn case is the episodes case without observations: `make test` runs the episodes
-# one, `make test-slow` both (a job killed and resumed is two job starts, ~65 s on 2 cores).
-@pytest.mark.parametrize("episodes", [pytest.param(False, marks=pytest.mark.slow), True], ids=["single-turn", "episodes"])
+# Multi-turn episodes of a text policy, and single-turn samples of a vision-language one (each a
+# prompt's image, which every buffered, logged and resumed sample must still carry): a job killed
+# and resumed is two job starts, ~65 s on 2 cores.
+@pytest.mark.parametrize("episodes", [False, True], ids=["images", "episodes"])
 def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path, episodes):
     steps = 16
     # Staleness 2 lets generation run ahead, so checkpoints usually hold buffered samples.
-    cfg = _cfg(job_config, "resume", steps, max_staleness=2, episodes=episodes)
+    cfg = _cfg(job_config, "resume", steps, max_staleness=2, episodes=episodes, images=not episodes)
     config_file = tmp_path / "job.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     # The first run is a real driver process attached to the test's cluster; SIGKILL ends it, and
@@ -124,6 +144,8 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
     saved_buffer = {(s.sample_id, s.prompt_id) for s in saved_samples}
     if episodes:  # the checkpoint carries episodes whose observation tokens are masked
         assert any(0 in s.model_tokens and 1 in s.model_tokens for s in saved_samples), "no episode with observations"
+    else:  # ...or samples with their prompt's image, as the prompt file holds it
+        _assert_own_images(saved_samples, Path(cfg.run_dir))
     scored_after = _scored_after(cfg, ckpt)  # what the killed run scored after the checkpoint, read from its log
     rolled_back = [g for _, g in scored_after if _newest(g) > ckpt.version]
 
@@ -144,7 +166,10 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
     assert {p.name.removeprefix("refused-") for p in store.root.iterdir()} >= checkpoints, "a checkpoint was removed"
     assert (store.root / f"refused-{damaged.name}" / "manifest.json").read_text() == torn
     republished = WeightStore(cfg.weights_dir).load(ckpt.version)  # published while resuming
-    from_files = {f"model.{k}": torch.empty_like(v) for k, v in republished.items()}
+    # The store holds the folder's names (a VLM's `model.*` and `visual.*`; its frozen tower unsent), the
+    # checkpoint the learner's (transformers 5: `model.language_model.*`).
+    held = {k: "model." + _learner_name(k, images=not episodes) for k in republished}
+    from_files = {held[k]: torch.empty_like(v) for k, v in republished.items()}
     dcp.load(from_files, checkpoint_id=str(ckpt.path / "learner"), no_dist=True)  # before retention prunes it
     try:
         result = second.run()
@@ -161,7 +186,7 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
         assert resume["rank_digests"] == ckpt.manifest["rank_digests"]
         # ...and, read independently from the checkpoint files, the model equals what was republished.
         for key, tensor in republished.items():
-            assert torch.equal(from_files[f"model.{key}"], tensor), key
+            assert torch.equal(from_files[held[key]], tensor), key
 
         # No prompt consumed twice or skipped across the two runs.
         consumed = [json.loads(x) for x in (second.run_dir / "consumed.jsonl").read_text().splitlines()]
@@ -197,6 +222,8 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
         }
         assert rolled_back, "the kill came before any group from weights newer than the checkpoint"
         final_buffer_samples = table_to_samples(_read_arrow(final.path / "buffer.arrow"))
+        if not episodes:  # every image sample buffered or logged by either run kept its image
+            _assert_own_images(final_buffer_samples + [x for _, g in scored_after for x in g], Path(cfg.run_dir))
         seen = [(c["sample_id"], c["prompt_id"]) for c in consumed] + [(x.sample_id, x.prompt_id) for x in final_buffer_samples]
         for fate, group in scored_after:
             logged = {x.sample_id for x in group} if fate == "buffered" and group[0].prompt_id not in stale else set()

@@ -108,3 +108,37 @@ def test_an_agent_sends_images_and_the_learner_scores_its_trace_as_the_engine_di
     mask = torch.tensor(rollout.loss_mask, dtype=torch.bool)
     assert int(mask.sum()) >= 2
     assert (learner[mask] - torch.tensor(rollout.rollout_logprobs)[mask]).abs().max() < TOLERANCE
+
+
+def test_an_agent_job_trains_on_its_replies_to_images(ray_cluster, job_config):
+    """The same agent in a job: each sample (the prompt's image, the agent's own in its second turn)
+    is scored and trained on with both images, each run of image tokens out of the loss."""
+    from pathlib import Path
+
+    from actors.job import run_job
+    from rlhf_cluster.run.run_dir import RunDir
+    from rlhf_cluster.run.scored_log import ScoredLog
+
+    cfg = job_config(
+        name="vlm-agent",
+        model={"tiny": {"architecture": "qwen2_5_vl", "corpus": "visual", "image_max_pixels": 3136}},
+        data={"task": "visual_color", "chat_template": True, "max_dots": 1},
+        generation={
+            "agent": {"function": "tests.integration.vlm_image_agent:run", "isolation": "thread", "timeout_s": 120},
+            "sampling": {"n": 2, "max_new_tokens": 48},
+        },
+        train={"total_steps": 2, "prompts_per_step": 2, "max_staleness": 1, "progress": False, "record_rollouts": True},
+    )
+    result = run_job(cfg)
+    assert [r["step"] for r in result.rows] == [0, 1]
+    scored = [s for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0) for s in group]
+    assert len(scored) >= 2 * 2 * 2
+    pad = load_processor(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir)).tokenizer.convert_tokens_to_ids(
+        "<|image_pad|>"
+    )
+    for s in scored:
+        assert len(s.images) == 2 and s.images[1] != s.images[0]  # the prompt's image, then the agent's own
+        masked = [t for t, m in zip(s.response_ids, s.model_tokens) if not m]
+        assert pad in masked and pad not in [t for t, m in zip(s.response_ids, s.model_tokens) if m]
+    consumed = {c.sample_id for c in result.consumed}
+    assert consumed & {s.sample_id for s in scored}, "no sample with images was trained on"
