@@ -14,7 +14,12 @@ if [ -x .venv/bin/python ] && ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 if [ -d "$WHEEL_DIR" ] && ls "$WHEEL_DIR"/*.whl >/dev/null 2>&1; then
   echo "[gpu-check] installing the wheels in $WHEEL_DIR into /tmp/rlhf-site (no index)"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/rlhf-site "$WHEEL_DIR"/*.whl
+  wheels=("$WHEEL_DIR"/*.whl)
+  # torchvision (the VLM processors need it) only where the machine has none: never shadow a working one.
+  if "$PY" -c "import torchvision" >/dev/null 2>&1; then
+    wheels=("${wheels[@]/*torchvision-*/}")
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/rlhf-site ${wheels[@]}
   for sdist in "$WHEEL_DIR"/deepspeed-*.tar.gz; do
     [ -e "$sdist" ] || continue
     DS_BUILD_OPS=0 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/rlhf-site "$sdist"
