@@ -223,6 +223,9 @@ class VLLMEngine(EngineLoop):
         super().close()
         if self.adapters is not None:
             self.adapters.close()
+        # vLLM's own shutdown, now rather than whenever the engine is collected: it tears down the
+        # process's vLLM parallel groups, under any in-process engine built after this one.
+        self.engine.engine_core.shutdown()
 
     # ---- requests ------------------------------------------------------------------------
     def _sampling_params(self, n: int, greedy: bool, max_tokens: int | None = None):

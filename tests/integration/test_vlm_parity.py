@@ -67,8 +67,11 @@ def _generate(path: str, requests: list[dict], temperatures: list[float]) -> lis
         )
         engine.add_request(str(k), request, params)
     finished = {}
-    while engine.has_unfinished_requests():
-        finished.update({out.request_id: out for out in engine.step() if out.finished})
+    try:
+        while engine.has_unfinished_requests():
+            finished.update({out.request_id: out for out in engine.step() if out.finished})
+    finally:  # vLLM's teardown now, not under a later test's engine when this one is collected
+        engine.engine_core.shutdown()
     return [finished[str(k)] for k in range(len(requests))]
 
 
