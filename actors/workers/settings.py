@@ -25,7 +25,7 @@ from rlhf_cluster.config import (
 from rlhf_cluster.generation.multimodal import EngineImages
 
 if TYPE_CHECKING:
-    from rlhf_cluster.learner.base import LearnerSpec
+    from rlhf_cluster.learner.spec import LearnerSpec
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -180,7 +180,7 @@ class LearnerRankSettings:
 
     @classmethod
     def of(cls, cfg: JobConfig) -> LearnerRankSettings:
-        from rlhf_cluster.learner.base import LearnerSpec  # torch: imported only where learners are built
+        from rlhf_cluster.learner.spec import LearnerSpec  # torch: imported only where learners are built
 
         return cls(
             ActorBasics.of(cfg),

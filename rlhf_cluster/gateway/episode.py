@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from rlhf_cluster.experience.records import FinishReason, Rollout
 from rlhf_cluster.gateway.chat import ChatError, continuation_text, render, same_message
-from rlhf_cluster.generation.engine import Turn, response_text
+from rlhf_cluster.generation.engine_outputs import Turn, response_text
 from rlhf_cluster.generation.image_turns import count_placeholders, expansions, grown, shifted
 
 

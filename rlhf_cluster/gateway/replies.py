@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from rlhf_cluster.generation.engine import Turn
+from rlhf_cluster.generation.engine_outputs import Turn
 
 DEFAULT_TOOL_PARSER = "hermes"
 

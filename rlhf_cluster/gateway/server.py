@@ -32,7 +32,7 @@ from rlhf_cluster.gateway.episode import EpisodeTrace, HistoryError
 from rlhf_cluster.gateway.images import TEXT_ONLY, ImagePolicy, request_images
 from rlhf_cluster.gateway.replies import ReplyParser, stop_strings, stream_chat, usage, without_stop
 from rlhf_cluster.gateway.requests import RequestRefused, check_chat, check_model
-from rlhf_cluster.generation.engine import Turn
+from rlhf_cluster.generation.engine_outputs import Turn
 from rlhf_cluster.generation.image_turns import ExpansionError, count_placeholders
 
 # (context token ids, max tokens, stop strings, greedy[, images]) -> the engine's turn, or with

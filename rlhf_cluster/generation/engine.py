@@ -16,16 +16,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from rlhf_cluster.config import GenerationConfig, LoraConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.experience.records import FinishReason, Rollout
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.engine_loop import EngineLoop
+from rlhf_cluster.generation.engine_outputs import GenerationStats, Turn, WeightSwap, finish_reason, response_text
 from rlhf_cluster.generation.gc_pause import imports_without_gc
 from rlhf_cluster.generation.int8_reload import keep_int8_scales_alive
 from rlhf_cluster.generation.lora_adapters import AdapterSlot
@@ -39,81 +38,12 @@ from rlhf_cluster.generation.multimodal import (
     turn_request,
 )
 from rlhf_cluster.generation.routing_capture import engine_routing
-from rlhf_cluster.generation.vllm_process import (
-    RotaryReloadFilter,
-    configure_vllm_environment,
-    cpu_kv_cache_bytes,
-    runs_eager,
-)
+from rlhf_cluster.generation.vllm_process import RotaryReloadFilter, configure_vllm_environment, engine_settings
 from rlhf_cluster.models.int8_kernels import EngineDType, int8_engine_dtype
 from rlhf_cluster.models.quantization import check_push, checkpoint_spec
 from rlhf_cluster.models.vision import is_vision_name
 
 log = logging.getLogger(__name__)
-
-
-def response_text(tokenizer, token_ids: list[int]) -> str:
-    """A finished response's text as vLLM's own detokenizer gives it: special tokens skipped,
-    and the bytes of a character cut off by the token limit (decoded as U+FFFD) left out."""
-    return tokenizer.decode(token_ids, skip_special_tokens=True).rstrip("\ufffd")
-
-
-def engine_settings(model_path: str, cfg: GenerationConfig, dtype: EngineDType, seed: int) -> dict[str, Any]:
-    """The vLLM engine arguments the project sets itself, from the generation config's own fields,
-    for an engine of `model_path` running `dtype` activations (the weight transfer, the adapters
-    and the user's `engine_kwargs` are added to them)."""
-    return dict(
-        model=model_path,
-        dtype=dtype,
-        seed=seed,
-        # CUDA graphs where CUDA is present (vLLM captures them once per engine), eager on CPU.
-        enforce_eager=runs_eager(cfg),
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        max_model_len=cfg.max_model_len,
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        kv_cache_memory_bytes=cpu_kv_cache_bytes(cfg),
-        logprobs_mode="processed_logprobs",
-        enable_prefix_caching=cfg.enable_prefix_caching,
-        speculative_config=cfg.speculative.engine_config() if cfg.speculative else None,
-        disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
-    )
-
-
-@dataclass
-class Turn:
-    """One model turn of a multi-turn episode: its tokens, their log-probs and weight-version spans
-    (token indices within the turn), why it ended, its text, and the context as the engine held it
-    (a vision-language model's images expanded to their tokens; else the context sent)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    spans: list[tuple[int, int]]
-    finish_reason: FinishReason
-    text: str
-    context_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class GenerationStats:
-    """What one `generate` call did, for metrics."""
-
-    prompts: int
-    responses: int
-    tokens: int
-    seconds: float
-
-
-@dataclass
-class WeightSwap:
-    """What one in-place weight load did to the requests in the engine."""
-
-    version: int
-    paused_seconds: float  # the engine loop stood still this long (reload + cache reset)
-    resumed: int  # unfinished requests carried on with the new weights
-    aborted: int  # unfinished requests dropped and started again (in_flight_update: abort)
-    tokens_of_previous: int  # tokens this engine sampled with the version being replaced
 
 
 class VLLMEngine(EngineLoop):
@@ -283,7 +213,7 @@ class VLLMEngine(EngineLoop):
                     rollout_logprobs=[step[tok].logprob for tok, step in zip(ids, comp.logprobs)],
                     policy_version=spans[0][1],
                     policy_versions=spans,
-                    finish_reason=_finish_reason(comp.finish_reason),
+                    finish_reason=finish_reason(comp.finish_reason),
                     response_text=response_text(self.tokenizer, ids),
                     worker=self.name,
                     routed_experts=routed[k],
@@ -329,7 +259,7 @@ class VLLMEngine(EngineLoop):
                 ids,
                 [step[tok].logprob for tok, step in zip(ids, comp.logprobs)],
                 spans or [(0, int(self.engine.get_weight_version()))],
-                _finish_reason(comp.finish_reason),
+                finish_reason(comp.finish_reason),
                 comp.text,
                 list(outputs[0].prompt_token_ids),
             )
@@ -444,11 +374,3 @@ class VLLMEngine(EngineLoop):
         )
         self.version, self._version_started_at_tokens = version, generated
         return swap
-
-
-def _finish_reason(reason: str | None) -> FinishReason:
-    if reason == "length":
-        return "length"
-    if reason == "stop":
-        return "stop"
-    return "abort"

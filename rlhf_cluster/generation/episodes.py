@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import FinishReason, Rollout
-from rlhf_cluster.generation.engine import Turn, VLLMEngine, response_text
+from rlhf_cluster.generation.engine import VLLMEngine
+from rlhf_cluster.generation.engine_outputs import Turn, response_text
 from rlhf_cluster.generation.environments import Environment, Observation
 from rlhf_cluster.generation.image_turns import ImageTurns, count_placeholders, expansions, grown, shifted
 

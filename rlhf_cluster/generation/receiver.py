@@ -40,7 +40,7 @@ from rlhf_cluster.weights.transports import (
 )
 
 if TYPE_CHECKING:
-    from rlhf_cluster.generation.engine import WeightSwap
+    from rlhf_cluster.generation.engine_outputs import WeightSwap
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,17 @@
 """How vLLM is set up in a generation worker's process, apart from the engine that runs in it:
-the environment vLLM reads at import, whether the engine runs eager, and the log noise of
-in-place reloads. Ray-free."""
+the environment vLLM reads at import, whether the engine runs eager, the engine arguments the
+project sets itself (`engine_settings`), and the log noise of in-place reloads. Ray-free."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 
 from rlhf_cluster.config import GenerationConfig
+from rlhf_cluster.models.int8_kernels import EngineDType
 
 log = logging.getLogger(__name__)
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -76,3 +78,26 @@ class RotaryReloadFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+def engine_settings(model_path: str, cfg: GenerationConfig, dtype: EngineDType, seed: int) -> dict[str, Any]:
+    """The vLLM engine arguments the project sets itself, from the generation config's own fields,
+    for an engine of `model_path` running `dtype` activations (the weight transfer, the adapters
+    and the user's `engine_kwargs` are added to them)."""
+    return dict(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        # CUDA graphs where CUDA is present (vLLM captures them once per engine), eager on CPU.
+        enforce_eager=runs_eager(cfg),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        kv_cache_memory_bytes=cpu_kv_cache_bytes(cfg),
+        logprobs_mode="processed_logprobs",
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        speculative_config=cfg.speculative.engine_config() if cfg.speculative else None,
+        disable_log_stats=False,  # scheduler stats feed EngineBatchRecorder
+    )

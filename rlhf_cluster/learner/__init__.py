@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
+    from rlhf_cluster.learner.base import LearnerBase
+    from rlhf_cluster.learner.spec import LearnerSpec
 
 
 def create_learner(spec: LearnerSpec, model_path: str) -> LearnerBase:

@@ -19,30 +19,28 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from rlhf_cluster.config import AlgorithmConfig, JobConfig, LearnerConfig
-from rlhf_cluster.experience.records import TrainBatch, pad_sequences
+from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.learner.host_state import restore_host_state, save_host_state, state_digest
-from rlhf_cluster.learner.images import LearnerImages
+from rlhf_cluster.learner.images import LearnerImages, probe_forward
 from rlhf_cluster.learner.memory_plan import MemoryPlan, plan_for_folder, plan_memory
-from rlhf_cluster.learner.micro_batches import MicroBatch, Rows, plan_micro_batches
+from rlhf_cluster.learner.micro_batches import MicroBatch, plan_micro_batches
 from rlhf_cluster.learner.objective import RLObjective
 from rlhf_cluster.learner.proximal import ProximalPolicy, global_counts
 from rlhf_cluster.learner.routing import LearnerRouting
 from rlhf_cluster.learner.sequence_groups import SequenceGroup, group_logprobs, group_share, model_attention
+from rlhf_cluster.learner.spec import LearnerSpec, Passes
 from rlhf_cluster.learner.step_metrics import StepMetrics
 from rlhf_cluster.models.chunked_logprobs import logprob_head
 from rlhf_cluster.models.flops import FlopsShape
 from rlhf_cluster.models.fused_logprobs import logprob_head_for
 from rlhf_cluster.models.modeling import attention_of, response_logprobs
 from rlhf_cluster.models.packing import to_device
-from rlhf_cluster.models.sequence_parallel import plain_attention
 from rlhf_cluster.telemetry import tracing
 
 
@@ -50,49 +48,6 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class LearnerSpec:
-    """What one learner rank is built from: its own section, the algorithm it optimises, and the
-    two values of how rollouts are sampled that its maths needs, named (log-probs are recomputed
-    at the engines' temperature; `seq_mean_token_sum_norm` divides by max_new_tokens), and the
-    image sizes a vision-language policy's processor resizes to (`data.min_pixels` / `max_pixels`,
-    as the engines do; None: the model folder's)."""
-
-    learner: LearnerConfig
-    algorithm: AlgorithmConfig
-    temperature: float
-    max_new_tokens: int
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-
-    @classmethod
-    def of_policy(cls, cfg: JobConfig) -> LearnerSpec:
-        """The policy learner's spec from the job's sections (`learner`, `algorithm`,
-        `generation.sampling`, the images' sizes of `data`)."""
-        sampling, data = cfg.generation.sampling, cfg.data
-        return cls(
-            cfg.learner, cfg.algorithm, sampling.temperature, sampling.max_new_tokens, data.min_pixels, data.max_pixels
-        )
-
-    def images_of(self, model_path: str) -> LearnerImages | None:
-        """The image side of the policy in `model_path` (None: a text-only model)."""
-        return LearnerImages.of_folder(model_path, self.min_pixels, self.max_pixels)
-
-
-@dataclass
-class Passes:
-    """What `LearnerBase._optimize` did in one learner step."""
-
-    losses: list[list[float]] = field(
-        default_factory=list
-    )  # [epoch][mini-batch]: this rank's summed micro-batch losses
-    micro_metrics: list[tuple[Rows, dict]] = field(default_factory=list)  # every real micro-batch's rows and metrics
-    grad_norm: float = 0.0  # pre-clip global gradient norm of the last update
-    skipped: int = 0  # updates skipped for a non-finite loss or gradient
-    step_values: list[float] = field(default_factory=list)  # `read_at_last_update`'s values, read with the last update
-    loss_tensors: list[torch.Tensor] = field(default_factory=list)  # every update's summed loss, on the device
 
 
 class LearnerBase(ABC):
@@ -431,23 +386,9 @@ class LearnerBase(ABC):
         response_ids: list[list[int]],
         images: list[tuple[bytes, ...]] | None = None,
     ) -> list[list[float]]:
-        """Collective (every rank runs the same forward): fp32 log-probs of fixed sequences at
-        temperature 1, what an engine holding the same weights should report for them; a
-        vision-language policy's sequences with their `images` (per sequence, encoded; their
-        prompt ids expanded, as the engine's)."""
-        input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompt_ids, response_ids)
-        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-        inputs = None
-        if images and any(images):
-            if self.images is None:
-                raise ValueError("probe sequences with images for a text-only policy")
-            inputs = self.images.sequence_inputs(self.model, ids, mask, images)
-        self.model.eval()
-        with plain_attention(self.model):  # every rank the whole sequences (sequence_parallel: its own attention)
-            logp, _ = response_logprobs(self.model, ids, mask, prompt_lengths.to(self.device), T, inputs=inputs)
-        self.model.train()
-        logp = logp.float().cpu()
-        return [logp[i, : len(r)].tolist() for i, r in enumerate(response_ids)]
+        """Collective: the fixed sequences' fp32 log-probs an engine with the same weights should
+        report (a vision-language policy's with each sequence's `images`; `probe_forward`)."""
+        return probe_forward(self.model, self.device, self.images, prompt_ids, response_ids, images)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_digest(self) -> str:

@@ -21,9 +21,9 @@ import torch
 from rlhf_cluster.algorithms import value_loss
 from rlhf_cluster.config import CriticConfig, JobConfig
 from rlhf_cluster.experience.records import TrainBatch
-from rlhf_cluster.learner.base import LearnerSpec, Passes
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.micro_batches import MicroBatch
+from rlhf_cluster.learner.spec import LearnerSpec, Passes
 from rlhf_cluster.models.modeling import attention_of
 from rlhf_cluster.models.packing import PackedRows
 from rlhf_cluster.models.scalar_head import ScalarHeadModel

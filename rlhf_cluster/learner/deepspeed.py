@@ -30,11 +30,12 @@ from typing import Any
 import torch
 
 from rlhf_cluster.fileio import done_future
-from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
+from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.images import EngineNames, freeze_vision
 from rlhf_cluster.learner.schedule import lr_multiplier
+from rlhf_cluster.learner.spec import LearnerSpec
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.modeling import learner_attention, load_causal_lm
 from rlhf_cluster.models.vision import checkpoint_name

@@ -20,12 +20,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from rlhf_cluster.learner.base import LearnerBase, LearnerSpec
+from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.learner.gather import gathered_to
 from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.images import EngineNames, freeze_vision
 from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.learner.sequence_groups import sequence_group
+from rlhf_cluster.learner.spec import LearnerSpec
 from rlhf_cluster.models.compiled import compile_layers
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.lora import adapter_file_name, apply_lora, is_adapter_param, merged_lora_tensors

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cluster.experience.records import TrainBatch
+from rlhf_cluster.experience.records import TrainBatch, pad_sequences
+from rlhf_cluster.models.modeling import response_logprobs
 from rlhf_cluster.models.packing import to_device
+from rlhf_cluster.models.sequence_parallel import plain_attention
 from rlhf_cluster.models.vision import (
     batch_vision_inputs,
     checkpoint_name,
@@ -102,3 +104,29 @@ class EngineNames:
         """`tensors` under the model folder's names (what the engine's loader takes)."""
         for name, tensor in tensors:
             yield checkpoint_name(name, self.model_type), tensor
+
+
+@torch.no_grad()
+def probe_forward(
+    model,
+    device: torch.device,
+    images: LearnerImages | None,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    sequence_images: list[tuple[bytes, ...]] | None = None,
+) -> list[list[float]]:
+    """`LearnerBase.probe_logprobs`' forward: fp32 log-probs of fixed sequences at temperature 1,
+    every rank the whole sequences; a vision-language policy's with each sequence's images."""
+    input_ids, attention_mask, prompt_lengths, T = pad_sequences(prompt_ids, response_ids)
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    inputs = None
+    if sequence_images and any(sequence_images):
+        if images is None:
+            raise ValueError("probe sequences with images for a text-only policy")
+        inputs = images.sequence_inputs(model, ids, mask, sequence_images)
+    model.eval()
+    with plain_attention(model):  # every rank the whole sequences (sequence_parallel: its own attention)
+        logp, _ = response_logprobs(model, ids, mask, prompt_lengths.to(device), T, inputs=inputs)
+    model.train()
+    logp = logp.float().cpu()
+    return [logp[i, : len(r)].tolist() for i, r in enumerate(response_ids)]

@@ -14,9 +14,8 @@ from PIL import Image, ImageDraw
 
 from rlhf_cluster.config import GenerationConfig, TinyModelConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.generation.engine import engine_settings
 from rlhf_cluster.generation.multimodal import engine_mm_args, engine_request
-from rlhf_cluster.generation.vllm_process import configure_vllm_environment
+from rlhf_cluster.generation.vllm_process import configure_vllm_environment, engine_settings
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.models.vision import load_processor, load_vision_lm, vision_response_logprobs, vision_sample
 

@@ -49,7 +49,7 @@ def test_engine_settings_from_the_generation_config():
     scheduler stats the batch recorder reads, and on the CPU eager mode and `kv_cache_gb`."""
     import torch
 
-    from rlhf_cluster.generation.engine import engine_settings
+    from rlhf_cluster.generation.vllm_process import engine_settings
 
     cfg = load_config(None, ["generation.kv_cache_gb=2", "generation.max_num_seqs=24"]).generation
     settings = engine_settings("/models/tiny", cfg, "bfloat16", 7)
@@ -63,7 +63,7 @@ def test_engine_settings_from_the_generation_config():
 def test_every_engine_argument_the_project_sets_is_refused_in_engine_kwargs():
     """A user's `engine_kwargs` cannot name an argument the engine already gets (vLLM would fail at
     start with a TypeError about a repeated keyword): each is refused by the config, naming its field."""
-    from rlhf_cluster.generation.engine import engine_settings
+    from rlhf_cluster.generation.vllm_process import engine_settings
 
     cfg = load_config(None, []).generation
     assert set(engine_settings("/models/tiny", cfg, "float32", 0)) <= set(type(cfg).OWN_ENGINE_ARGS)

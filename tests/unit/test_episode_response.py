@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 from rlhf_cluster.config import GenerationConfig
 from rlhf_cluster.data.prompts import Prompt
-from rlhf_cluster.generation.engine import Turn
+from rlhf_cluster.generation.engine_outputs import Turn
 from rlhf_cluster.generation.environments import Environment, StepResult
 from rlhf_cluster.generation.episodes import EpisodeResponse, run_episode
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from rlhf_cluster.gateway.chat import continuation_text, render
 from rlhf_cluster.gateway.server import Gateway, build_app
-from rlhf_cluster.generation.engine import Turn
+from rlhf_cluster.generation.engine_outputs import Turn
 
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}</tool_call>'
 TOOLS = [{"type": "function", "function": {"name": "calculator", "parameters": {

@@ -19,7 +19,7 @@ from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.gateway.images import ImagePolicy, agent_messages, decode_data_url, request_images
 from rlhf_cluster.gateway.requests import RequestRefused
 from rlhf_cluster.gateway.server import Gateway, build_app
-from rlhf_cluster.generation.engine import Turn
+from rlhf_cluster.generation.engine_outputs import Turn
 from rlhf_cluster.generation.image_turns import ExpansionError, count_placeholders, expansions, grown, shifted
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.models.tiny_vlm import IMAGE_PAD

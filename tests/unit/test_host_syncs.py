@@ -18,9 +18,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.learner.base import LearnerSpec
-from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.experience.records import TrainBatch
+from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.learner.spec import LearnerSpec
 from tests.batches import ragged_batch
 
 READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}

@@ -16,7 +16,7 @@ from actors.workers.judge import JudgeWorker
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.config.scoring import JudgeReward
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.generation.engine import Turn
+from rlhf_cluster.generation.engine_outputs import Turn
 from rlhf_cluster.generation.image_turns import count_placeholders, image_placeholder
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.models.tiny_vlm import IMAGE_PAD

@@ -11,8 +11,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.config import JobConfig, TinyModelConfig
-from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.learner.spec import LearnerSpec
 from rlhf_cluster.models.quantization import check_push, checkpoint_spec
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 from rlhf_cluster.weights.experts import checkpoint_tensors

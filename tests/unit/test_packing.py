@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.learner.base import LearnerSpec
+from rlhf_cluster.experience.records import TrainBatch, pad_sequences
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.learner.spec import LearnerSpec
 from rlhf_cluster.models.modeling import attention_of, load_causal_lm, response_logprobs
 from rlhf_cluster.models.packing import balanced_parts, balanced_shares, pack_rows, token_budget_micro_batches
-from rlhf_cluster.experience.records import TrainBatch, pad_sequences
 from tests.batches import ragged_batch
 
 

@@ -8,8 +8,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.learner.base import LearnerSpec
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+from rlhf_cluster.learner.spec import LearnerSpec
 from rlhf_cluster.models.lora import merge_lora_state_dict
 
 
