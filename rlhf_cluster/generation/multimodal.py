@@ -19,6 +19,7 @@ from typing import Any
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.models.torchvision_ops import ensure_torchvision_importable
+from rlhf_cluster.models.vision import pixel_settings
 
 
 def image_request(prompt: str | Sequence[int], images: Sequence[Any]) -> dict[str, Any]:
@@ -47,8 +48,7 @@ class EngineImages:
     @property
     def processor_kwargs(self) -> dict[str, int]:
         """The processor's size settings that differ from the folder's."""
-        sizes = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
-        return {k: v for k, v in sizes.items() if v is not None}
+        return pixel_settings(self.min_pixels, self.max_pixels)
 
 
 def engine_mm_args(images: EngineImages | int) -> dict[str, Any]:
