@@ -17,7 +17,7 @@ from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.engine import VLLMEngine
 from rlhf_cluster.generation.image_turns import count_placeholders, image_placeholder
 from rlhf_cluster.generation.multimodal import image_token_id
-from rlhf_cluster.models.vision import is_vision_folder
+from rlhf_cluster.job.images import has_vision
 from rlhf_cluster.scoring.judge import (
     VerdictReader,
     judge_prompt_ids,
@@ -51,7 +51,7 @@ class JudgeWorker(Worker):
             name=self.name,
             on_step=lambda running, waiting: self.stall.stepped(running + waiting),
             # data.max_images_per_prompt: a sample with more is not judged (dropped and counted).
-            images=settings.images if is_vision_folder(model_path) else None,
+            images=settings.images if has_vision(model_path) else None,
         )
         self.tokenizer = self.engine.tokenizer
         self.image_token = image_token_id(self.engine.engine)  # None: a text-only judge, shown no images

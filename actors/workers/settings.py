@@ -74,9 +74,9 @@ class GenerationSettings:
 
     def engine_images(self, model_path: str) -> EngineImages | None:
         """`images` for an engine of a vision-language model (None: a text-only one takes none)."""
-        from rlhf_cluster.models.vision import is_vision_folder
+        from rlhf_cluster.job.images import has_vision
 
-        return self.images if is_vision_folder(model_path) else None
+        return self.images if has_vision(model_path) else None
 
     def routed_experts(self, model_path: str, cuda: bool) -> bool:
         """Whether the engine returns the routed experts of its rollouts: always with replay; for the

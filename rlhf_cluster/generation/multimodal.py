@@ -19,7 +19,6 @@ from typing import Any
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.models.torchvision_ops import ensure_torchvision_importable
-from rlhf_cluster.models.vision import pixel_settings
 
 
 def image_request(prompt: str | Sequence[int], images: Sequence[Any]) -> dict[str, Any]:
@@ -48,7 +47,8 @@ class EngineImages:
     @property
     def processor_kwargs(self) -> dict[str, int]:
         """The processor's size settings that differ from the folder's."""
-        return pixel_settings(self.min_pixels, self.max_pixels)
+        sizes = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        return {k: v for k, v in sizes.items() if v is not None}
 
 
 def engine_mm_args(images: EngineImages | int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from rlhf_cluster.config.inputs import VISION_ARCHITECTURES
 from rlhf_cluster.data.images import image_size, image_tokens
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.visual_task import VISUAL_TASKS
-from rlhf_cluster.models.vision import is_vision_folder
 
 
 def image_setting(cfg: JobConfig) -> str | None:
@@ -76,13 +75,22 @@ def policy_rules(cfg: JobConfig, vision: bool) -> list[str]:
     return out
 
 
+def has_vision(model_path: str | Path) -> bool:
+    """Whether a model folder's config.json describes a vision-language model (a `vision_config`,
+    at its top level or in a nested config). Raises OSError / ValueError for an unreadable one."""
+    config = json.loads((Path(model_path).expanduser() / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{model_path}/config.json is not a JSON object")
+    return "vision_config" in config or any(isinstance(v, dict) and "vision_config" in v for v in config.values())
+
+
 def file_checks(cfg: JobConfig) -> list[str]:
     """The checks that read `model.path`'s config: a vision-language folder's `policy_rules`, and a
     text-only folder for prompts with images refused, naming it."""
     if cfg.model.path is None:
         return []
     try:
-        vision = is_vision_folder(cfg.model.path)
+        vision = has_vision(cfg.model.path)
     except (OSError, ValueError):  # an unreadable folder is `model.path`'s own check's to name
         return []
     setting = image_setting(cfg)

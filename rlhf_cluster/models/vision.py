@@ -73,13 +73,10 @@ def is_vision_name(name: str) -> bool:
 
 
 def is_vision_folder(path: str | Path) -> bool:
-    """Whether a model folder's config.json describes a vision-language model (a `vision_config`,
-    at its top level or in a nested config): one that loads as `AutoModelForImageTextToText`, and
-    whose engines take images. Raises OSError / ValueError for an unreadable one."""
-    config = json.loads((Path(path).expanduser() / "config.json").read_text())
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}/config.json is not a JSON object")
-    return "vision_config" in config or any(isinstance(v, dict) and "vision_config" in v for v in config.values())
+    """Whether a model folder's config.json describes a vision-language model (a `vision_config`):
+    one that loads as `AutoModelForImageTextToText`."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return isinstance(config, dict) and "vision_config" in config
 
 
 def pixel_settings(min_pixels: int | None, max_pixels: int | None) -> dict[str, int]:
