@@ -1,4 +1,4 @@
-"""Policy (PPO / GRPO / DAPO / Dr.GRPO / GSPO), value, entropy, KL, SFT and Bradley-Terry losses.
+"""Policy (PPO / GRPO / DAPO / Dr.GRPO / GSPO, CISPO, DRO), value, entropy, KL, SFT and Bradley-Terry losses.
 
 Tensors are ``[B, T]`` over response tokens with a 0/1 ``mask``. Every loss returns
 ``(scalar, metrics)``; metrics are over the local valid tokens, computed without grad: 0-dim
@@ -139,6 +139,91 @@ def _ratio_metrics(
     if dual is not None:
         metrics["clip_frac_dual"] = masked_mean(dual.to(m.dtype), m)
     return metrics
+
+
+def cispo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: str = "token_mean",
+    denominator=None,
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO: ``-sg(clip(r, 1-clip_low, 1+clip_high)) * logp * A`` per token, aggregated.
+
+    Unlike PPO's clip, which zeroes the gradient of a token whose ratio left the band, CISPO clips
+    the importance weight itself and keeps every token's REINFORCE gradient ``-w A grad(logp)``, with
+    ``w`` the clamped, detached ratio. The value holds ``logp``, not ``r``: only its gradient means
+    anything. ``advantages`` is ``[B]`` (broadcast) or ``[B, T]``; ``aggregation``, ``denominator`` and
+    ``max_tokens`` as in `policy_loss`. Metrics: the share of valid tokens whose weight was clamped
+    from below and from above, the ratio's mean and max, and the k3 estimate of the KL it moved.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    m = mask.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs).detach()
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = -weight * logprobs * _per_token(advantages, logprobs)
+    loss = aggregate_loss(per_token, m, aggregation, denominator, max_tokens)
+    with torch.no_grad():
+        metrics = {
+            "clip_frac_low": masked_mean((ratio < 1.0 - clip_low).to(m.dtype), m),
+            "clip_frac_high": masked_mean((ratio > 1.0 + clip_high).to(m.dtype), m),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, m),
+            "ratio_mean": masked_mean(ratio, m),
+            "ratio_max": masked_max(ratio, m),
+        }
+        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    return loss, metrics
+
+
+def dro_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.05,
+    aggregation: str = "token_mean",
+    denominator=None,
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DRO (direct reward optimisation) as Tinker defines it: ``-(logp * A - beta/2 * (logp - old)^2)``
+    per token, aggregated.
+
+    A policy-gradient term plus a quadratic pull of ``logp`` towards the sampler's ``old`` log-probs,
+    the pull on every valid token whatever its advantage (a token with ``A = 0`` is still held near
+    ``old``). ``beta`` (default 0.05, the value Tinker's docs use; they give no default) weighs the
+    pull. ``advantages`` is ``[B]`` or ``[B, T]``; ``aggregation``, ``denominator`` and
+    ``max_tokens`` as in `policy_loss`. Metrics: the mean squared log-ratio, the ratio's mean and
+    the k3 estimate of the KL.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    m = mask.to(logprobs.dtype)
+    diff = logprobs - old_logprobs.detach()
+    per_token = -(logprobs * _per_token(advantages, logprobs) - 0.5 * beta * diff.square())
+    loss = aggregate_loss(per_token, m, aggregation, denominator, max_tokens)
+    with torch.no_grad():
+        lr = diff.detach()
+        ratio = torch.exp(lr)
+        metrics = {
+            "sq_log_ratio": masked_mean(lr.square(), m),
+            "approx_kl": masked_mean((ratio - 1.0) - lr, m),
+            "ratio_mean": masked_mean(ratio, m),
+        }
+    return loss, metrics
+
+
+def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Detached advantages as ``[B, T]``: a ``[B]`` tensor broadcast over each sequence's tokens."""
+    adv = advantages.detach()
+    return adv.unsqueeze(-1).expand_as(like) if adv.dim() == 1 else adv
 
 
 def value_loss(
