@@ -22,6 +22,7 @@ import torch
 from rlhf_cluster.config import GenerationConfig, LoraConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.generation.adapter_library import OnAdapter
 from rlhf_cluster.generation.batch_recorder import EngineBatchRecorder
 from rlhf_cluster.generation.engine_loop import EngineLoop
 from rlhf_cluster.generation.engine_outputs import GenerationStats, Turn, WeightSwap, finish_reason, response_text
@@ -148,6 +149,14 @@ class VLLMEngine(EngineLoop):
     def _lora_request(self):
         # With adapters, every request runs on the adapter slot (reloaded in place by each version).
         return self.adapters.request if self.adapters is not None else None
+
+    def _add_request(self, batch, index: int, prompt, params) -> None:
+        if not isinstance(prompt, OnAdapter):
+            return super()._add_request(batch, index, prompt, params)
+        # A Tinker sampler's request runs on its own adapter (`generation.sampling`), not on the slot.
+        request_id = f"{self.name}-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt.prompt, params, lora_request=prompt.lora)
+        self._requests[request_id] = (batch, index)
 
     def close(self) -> None:
         super().close()
