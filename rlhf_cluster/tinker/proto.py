@@ -106,6 +106,9 @@ _ENUMS = {
 }
 DTYPE_FLOAT32, DTYPE_INT64, DTYPE_INT32, DTYPE_BFLOAT16 = 1, 2, 3, 4
 STOP_REASONS = {"stop": 0, "length": 1}
+# The SDK combines chunked forward_backward results by the suffix of each metric's name
+# (`chunked_fwdbwd_helpers._metrics_reduction`, which fails on a name without exactly one ':').
+METRIC_REDUCTIONS = ("mean", "sum", "min", "max", "slack", "hash2", "unique")
 
 
 class WireError(Exception):
@@ -298,6 +301,8 @@ def encode_forward_backward_output(per_datum: list[dict[str, np.ndarray]], metri
     msg = new_message("ForwardBackwardOutput")
     msg.loss_fn_output_type = "ArrayRecord"
     for key, value in metrics.items():
+        if key.count(":") != 1 or key.split(":")[1] not in METRIC_REDUCTIONS:
+            raise ValueError(f"metric {key!r}: expected 'name:reduction', reduction one of {METRIC_REDUCTIONS}")
         msg.metrics[key] = float(value)
     if not per_datum:
         return bytes(msg.SerializeToString())

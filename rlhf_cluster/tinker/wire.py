@@ -425,6 +425,10 @@ _UNSERVED_SAMPLE_FIELDS = (
 )
 
 
+# Seeds fold into [0, 2**63 - 1) as Tinker's own server does, so any 64-bit seed reaches the engine.
+_SEED_RANGE = 2**63 - 1
+
+
 def _stops(stop: str | list[str] | list[int] | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
     if stop is None:
         return (), ()
@@ -452,7 +456,7 @@ def sample_spec(req: SampleRequest) -> records.SampleSpec:
         temperature=p.temperature,
         top_p=p.top_p,
         top_k=p.top_k,
-        seed=p.seed,
+        seed=None if p.seed is None else p.seed % _SEED_RANGE,
         stop_strings=stop_strings,
         stop_token_ids=stop_token_ids,
         prompt_logprobs=bool(req.prompt_logprobs),

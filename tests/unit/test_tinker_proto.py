@@ -174,9 +174,27 @@ def test_forward_backward_output_decodes_in_the_sdk():
     assert empty.loss_fn_outputs == [] and empty.metrics == {"loss:sum": 0.0}
 
 
-def test_output_fields_must_agree_across_datums():
+def test_chunked_outputs_combine_in_the_sdk():
+    """The SDK splits a large batch into chunks and joins their outputs; metrics by their suffix."""
+    pytest.importorskip("tinker")
+    from tinker.lib.chunked_fwdbwd_helpers import combine_fwd_bwd_output_results
+    from tinker.proto.response_conv import deserialize_forward_backward_output
+
+    first = proto.encode_forward_backward_output([{"logprobs": np.array([-1.0, -2.0])}], {"loss:sum": 3.0})
+    second = proto.encode_forward_backward_output(
+        [{"logprobs": np.array([-0.5])}, {"logprobs": np.array([-0.25])}], {"loss:sum": 0.75}
+    )
+    combined = combine_fwd_bwd_output_results([deserialize_forward_backward_output(b) for b in (first, second)])
+    assert combined.metrics == {"loss:sum": 3.75}
+    assert [o["logprobs"].tolist() for o in combined.loss_fn_outputs] == [[-1.0, -2.0], [-0.5], [-0.25]]
+
+
+def test_outputs_the_sdk_could_not_combine_are_refused():
     with pytest.raises(ValueError, match="output fields"):
         proto.encode_forward_backward_output([{"logprobs": np.zeros(1)}, {"other": np.zeros(1)}], {})
+    for name in ("loss", "loss:total", "a:b:sum"):
+        with pytest.raises(ValueError, match="name:reduction"):
+            proto.encode_forward_backward_output([], {name: 1.0})
 
 
 def test_sample_response_decodes_in_the_sdk():

@@ -136,6 +136,10 @@ def test_sample_request_prompt_logprobs_and_defaults():
     )
     spec = wire.sample_spec(wire.parse_body(wire.SampleRequest, _as_sent(request)))
     assert spec.prompt_logprobs and spec.max_tokens == records.SampleSpec().max_tokens and spec.top_k == -1
+    big_seed = tinker.types.SampleRequest(
+        prompt=_prompt(tinker, [4]), sampling_params=tinker.types.SamplingParams(seed=2**64 - 1)
+    )
+    assert 0 <= wire.sample_spec(wire.parse_body(wire.SampleRequest, _as_sent(big_seed))).seed < 2**63 - 1
 
 
 @pytest.mark.parametrize(
