@@ -311,6 +311,11 @@ def test_responses_validate_as_the_sdks_types(response):
         assert theirs == value, (name, theirs, value)
 
 
+def test_every_response_model_is_checked_against_the_sdk():
+    checked = {type(r).__name__ for r in RESPONSES} | {"SupportedModel", "ModelData"}  # the last two nested
+    assert {cls.__name__ for cls in wire._Response.__subclasses__()} == checked
+
+
 def test_client_config_speaks_only_what_the_server_serves():
     sdk = _sdk_type("ClientConfigResponse").model_validate(wire.ClientConfigResponse().model_dump(mode="json"))
     assert not (sdk.proto_compress_fwdbwd or sdk.parallel_fwdbwd_chunks or sdk.use_pyqwest_transport)
