@@ -55,7 +55,7 @@ def adapter_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -107,7 +107,8 @@ class _Client:
 
 
 class AdapterBank:
-    """Tinker training clients over one frozen base model (one learner rank's share)."""
+    """Tinker training clients over one frozen base model (one learner rank's share), on `device`
+    (None: the current CUDA device where there is one, else the CPU)."""
 
     def __init__(
         self,
@@ -119,6 +120,7 @@ class AdapterBank:
         max_clients: int = 8,
         micro_tokens: int = 4096,
         fsdp: bool = False,
+        device: torch.device | None = None,
     ):
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
@@ -126,9 +128,8 @@ class AdapterBank:
 
         self.max_rank, self.alpha, self.max_clients, self.micro_tokens = max_rank, alpha, max_clients, micro_tokens
         self.fsdp = fsdp
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        )
+        cuda = torch.cuda.is_available()
+        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
         base = load_causal_lm(model_path, dtype, self.device)
         base.requires_grad_(False)
         present = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -234,7 +235,7 @@ class AdapterBank:
             g, p.grad = p.grad, None
             if g is None or not c.trains[i]:
                 continue
-            g = _local(g)
+            g = _local(g).clone() if self.fsdp else g  # a shard may view a buffer FSDP2 reuses: owned here
             c.grads[i] = g if c.grads[i] is None else c.grads[i].add_(g)  # type: ignore[union-attr]
 
     def _micro_batch_count(self, n: int) -> int:

@@ -171,14 +171,14 @@ def test_lower_rank_is_zero_padded_and_matches_its_own_size(tiny_model_path):
         torch.testing.assert_close(t, narrow_sd["tensors"][key], rtol=1e-4, atol=1e-6)
 
 
-def hf_logprobs(model, rows: list[Datum]) -> list[np.ndarray]:
+def hf_logprobs(model, rows: list[Datum], device: torch.device | None = None) -> list[np.ndarray]:
     """log_softmax of a plain forward's float32 logits at each position, at its target (no shift)."""
     out = []
     with torch.no_grad():
         for d in rows:
-            logits = model(input_ids=torch.as_tensor(d.tokens)[None]).logits[0].float()
-            target = torch.as_tensor(d.inputs["target_tokens"])
-            out.append(logits.log_softmax(-1).gather(1, target[:, None])[:, 0].numpy())
+            logits = model(input_ids=torch.as_tensor(d.tokens, device=device)[None]).logits[0].float()
+            target = torch.as_tensor(d.inputs["target_tokens"], device=device)
+            out.append(logits.log_softmax(-1).gather(1, target[:, None])[:, 0].cpu().numpy())
     return out
 
 
