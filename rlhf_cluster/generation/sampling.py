@@ -49,6 +49,9 @@ class SampleSettings(Protocol):
     def prompt_logprobs(self) -> bool: ...
 
 
+GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (its _SAMPLING_EPS)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One sample as `tinker.records.SampledSequence` has it: the tokens drawn, their log-probs,
@@ -136,8 +139,14 @@ def sample(
 
     prompt = list(prompt_ids)
     request = OnAdapter(TokensPrompt(prompt_token_ids=prompt), lora)
-    finish = lambda outputs: sample_result(outputs[0], prompt, spec)  # noqa: E731
-    return engine._submit([(request, sampling_params(n, spec))], finish)
+    # Greedy (temperature 0): vLLM takes n = 1 only, and the n samples would all be the same one.
+    copies = n if spec.temperature < GREEDY_BELOW else 1
+
+    def finish(outputs: list) -> Samples:
+        result = sample_result(outputs[0], prompt, spec)
+        return Samples(result.sequences * copies, result.prompt_logprobs)
+
+    return engine._submit([(request, sampling_params(n // copies, spec))], finish)
 
 
 def sample_on(

@@ -57,10 +57,10 @@ def _hf_model(model_path: str, folder: Path | None):
     return model.eval()
 
 
-def _hf_logprobs(model, ids: list[int]) -> list[float]:
-    """log p(ids[i] | ids[:i]) for i >= 1."""
+def _hf_logprobs(model, ids: list[int], temperature: float = 1.0) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1, the logits divided by `temperature`."""
     with torch.no_grad():
-        logp = model(input_ids=torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+        logp = (model(input_ids=torch.tensor([ids])).logits.float() / temperature).log_softmax(-1)[0]
     return [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
 
 
@@ -107,11 +107,23 @@ def _base_logprobs(prompt: list[int], response: list[int]) -> list[float]:
     return _engine.logprobs_of(prompt, response)
 
 
-def _remove_then_sample(name: str) -> tuple[str, str, list[str]]:
+def _stop() -> None:
+    assert _engine is not None and _library is not None
+    _engine.close()
+    _library.close()
+
+
+def _remove_while_sampling(name: str):
+    """Remove `name` while a sample on it runs: what the running sample got, whether the
+    adapter's folder outlived the removal until it finished, and what later calls for it hear."""
     from rlhf_cluster.generation.sampling import drop_adapter, sample_on
 
     assert _engine is not None and _library is not None
-    drop_adapter(_engine, _library, name)
+    folder = Path(_library.request(name).lora_path)
+    running = sample_on(_engine, _library, name, PROMPT, 2, SampleSpec(max_tokens=48, seed=1))
+    drop_adapter(_engine, _library, name)  # vLLM drops it too: the running sample reloads it
+    kept = folder.exists() and not running.done()
+    result = running.result(timeout=120)
     errors = []
     for call in (lambda: _library.request(name), lambda: sample_on(_engine, _library, name, PROMPT, 1, SampleSpec())):
         try:
@@ -119,7 +131,7 @@ def _remove_then_sample(name: str) -> tuple[str, str, list[str]]:
             errors.append("")
         except KeyError as exc:
             errors.append(str(exc))
-    return errors[0], errors[1], _library.names()
+    return result, kept, folder.exists(), errors, _library.names()
 
 
 # ---- the parent ---------------------------------------------------------------------------------
@@ -149,6 +161,7 @@ def served(tiny_model_path, adapter_folders):
             return pool.submit(fn, *args).result(timeout=300)
 
         yield run, tiny_model_path, folders
+        run(_stop)
     finally:
         pool.shutdown(cancel_futures=True)
 
@@ -195,10 +208,15 @@ def test_each_adapter_samples_with_its_own_weights_also_when_both_run_at_once(se
 
 def test_prompt_log_probs_start_with_none_and_are_the_models(served, models):
     run, *_ = served
-    (result,), _ = run(_sample, [("s2", PROMPT, 1, SampleSpec(max_tokens=2, temperature=0.7, prompt_logprobs=True))])
+    spec = SampleSpec(max_tokens=4, temperature=0.7, seed=5, prompt_logprobs=True)
+    (result,), _ = run(_sample, [("s2", PROMPT, 1, spec)])
     assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs) == len(PROMPT)
-    # The model's own, whatever the sampling temperature.
+    # The model's own, whatever the sampling temperature...
     assert _gap(result.prompt_logprobs[1:], _hf_logprobs(models["s2"], PROMPT)) < TOLERANCE
+    # ...while the sampled tokens' are those they were drawn with (after temperature), as in rollouts.
+    tokens = result.sequences[0].tokens
+    want = _hf_logprobs(models["s2"], PROMPT + tokens, temperature=0.7)[len(PROMPT) - 1 :]
+    assert _gap(result.sequences[0].logprobs, want) < TOLERANCE
 
 
 def _stop_at(tokenizer, tokens: list[int]) -> int | None:
@@ -212,7 +230,7 @@ def _stop_at(tokenizer, tokens: list[int]) -> int | None:
     return None
 
 
-def test_stops_end_a_sample_with_the_stops_tokens_kept(served, tiny_model_path):
+def test_stops_end_a_sample_with_the_stops_tokens_kept(served, models, tiny_model_path):
     from transformers import AutoTokenizer
 
     run, *_ = served
@@ -231,14 +249,25 @@ def test_stops_end_a_sample_with_the_stops_tokens_kept(served, tiny_model_path):
         assert stopped.stop_reason == "stop" and stopped.tokens == full.tokens[: k + 1]
         assert stopped.logprobs == pytest.approx(full.logprobs[: k + 1], abs=TOLERANCE)
     short = SampleSpec(max_tokens=k, seed=seed, stop_token_ids=(full.tokens[k],))  # the limit comes first
-    (result,), _ = run(_sample, [("s1", PROMPT, 1, short)])
+    greedy = SampleSpec(max_tokens=k, temperature=0.0, stop_token_ids=(full.tokens[k],))
+    (result, greedy_result), _ = run(_sample, [("s1", PROMPT, 1, short), ("s1", PROMPT, 3, greedy)])
     assert result.sequences[0].tokens == full.tokens[:k] and result.sequences[0].stop_reason == "length"
+    assert len(greedy_result.sequences) == 3 and len({tuple(s.tokens) for s in greedy_result.sequences}) == 1
+    # Greedy: each token the likeliest, its log-prob the model's own (no temperature to divide by).
+    first = greedy_result.sequences[0]
+    with torch.no_grad():
+        logits = models["s1"](input_ids=torch.tensor([PROMPT + first.tokens])).logits[0, len(PROMPT) - 1 : -1]
+    assert first.tokens[: len(logits)] == logits.argmax(-1).tolist()[: len(first.tokens)]
+    assert _gap(first.logprobs, _hf_logprobs(models["s1"], PROMPT + first.tokens)[len(PROMPT) - 1 :]) < TOLERANCE
 
 
-def test_a_removed_sampler_is_refused_by_name(served):
+def test_a_removed_sampler_finishes_its_running_samples_then_is_refused_by_name(served, models):
     run, *_ = served
-    by_request, by_sample, left = run(_remove_then_sample, "s2")
-    assert "'s2'" in by_request and "'s2'" in by_sample
+    result, kept_while_running, kept_after, errors, left = run(_remove_while_sampling, "s2")
+    assert kept_while_running and not kept_after
+    for seq in result.sequences:  # still on its own adapter to the end
+        assert _gap(seq.logprobs, _hf_logprobs(models["s2"], PROMPT + seq.tokens)[len(PROMPT) - 1 :]) < TOLERANCE
+    assert all("'s2'" in e for e in errors), errors
     assert left == ["s1"]
 
 
