@@ -133,8 +133,9 @@ def sample_result(output, prompt_ids: Sequence[int], spec: SampleSettings) -> Sa
 def sample(
     engine: VLLMEngine, prompt_ids: Sequence[int], n: int, spec: SampleSettings, lora: LoRARequest | None = None
 ) -> Future[Samples]:
-    """Start `n` samples continuing `prompt_ids` on the adapter `lora` (None: the base model);
-    the future resolves to their `Samples` when the last one finishes."""
+    """Start `n` samples continuing `prompt_ids` on the adapter `lora` (None: no adapter); the
+    future resolves to their `Samples` when the last one finishes. On an engine that serves
+    adapters the base model is `AdapterLibrary.base()`, not None (`sample_on` passes it)."""
     from vllm.inputs import TokensPrompt
 
     prompt = list(prompt_ids)

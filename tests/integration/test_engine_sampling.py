@@ -213,6 +213,11 @@ def test_prompt_log_probs_start_with_none_and_are_the_models(served, models):
     assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs) == len(PROMPT)
     # The model's own, whatever the sampling temperature...
     assert _gap(result.prompt_logprobs[1:], _hf_logprobs(models["s2"], PROMPT)) < TOLERANCE
+    # A prompt of several KV blocks, cached by an earlier request: all of it still scored.
+    long_prompt = PROMPT * 6
+    run(_sample, [("s2", long_prompt, 1, SampleSpec(max_tokens=1))])
+    (cached,), _ = run(_sample, [("s2", long_prompt, 1, SampleSpec(max_tokens=1, prompt_logprobs=True))])
+    assert _gap(cached.prompt_logprobs[1:], _hf_logprobs(models["s2"], long_prompt)) < TOLERANCE
     # ...while the sampled tokens' are those they were drawn with (after temperature), as in rollouts.
     tokens = result.sequences[0].tokens
     want = _hf_logprobs(models["s2"], PROMPT + tokens, temperature=0.7)[len(PROMPT) - 1 :]
