@@ -336,3 +336,73 @@ def test_fsdp_bank_on_one_rank_matches_the_plain_bank(tiny_model_path, gloo_grou
         fb(sharded, model_id, sft_rows(4))
         sharded.optim_step(model_id, ADAM)
     assert_same(snapshot(sharded, "a"), snapshot(sharded, "c"))
+
+
+TWO_RANK_ROWS = (5, 9, 12, 30, 7)
+
+
+def _two_rank_run(bank: AdapterBank, rows: list[Datum]) -> list[float]:
+    """Two clients, three steps each, interleaved; their gradient norms."""
+    bank.create("a", LoraSpec(rank=4, seed=1))
+    bank.create("b", LoraSpec(rank=8, seed=2))
+    norms = []
+    for _ in range(3):
+        for model_id in ("a", "b"):
+            fb(bank, model_id, rows)
+            norms.append(
+                bank.optim_step(model_id, AdamParams(learning_rate=1e-2, grad_clip_norm=1.0))["grad_norm:mean"]
+            )
+    return norms
+
+
+def _bank_rank(rank: int, port: int, model_path: str, results) -> None:
+    """One of two sharded ranks: rank 0 gets one datum (one micro-batch), rank 1 the other four."""
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rows = sft_rows(8, TWO_RANK_ROWS)
+        bank = AdapterBank(model_path, max_rank=8, micro_tokens=16, fsdp=True)
+        norms = _two_rank_run(bank, rows[:1] if rank == 0 else rows[1:])
+        state = {k: v.numpy() for k, v in bank.state_dict("a", True)["tensors"].items()}  # arrays: no shared memory
+        results.put((rank, norms, state))
+    except BaseException as exc:
+        results.put((rank, "error", f"{exc!r}\n{traceback.format_exc()}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_sharded_ranks_sum_their_gradients(tiny_model_path):
+    """Two FSDP2 ranks on gloo, each with its share of the batch (unequal micro-batch counts: the
+    short rank runs empty ones), step as one bank on the whole batch: gradients summed, not averaged."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_bank_rank, args=(r, port, tiny_model_path, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        found = [results.get(timeout=180) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [r for r in found if r[1] == "error"]
+    assert not errors, errors
+    whole = AdapterBank(tiny_model_path, max_rank=8, micro_tokens=16)
+    norms = _two_rank_run(whole, sft_rows(8, TWO_RANK_ROWS))
+    state = whole.state_dict("a", True)["tensors"]
+    for _, rank_norms, rank_state in found:
+        np.testing.assert_allclose(rank_norms, norms, rtol=1e-5)
+        for key, t in state.items():
+            np.testing.assert_allclose(rank_state[key], t.numpy(), rtol=1e-5, atol=1e-6)
