@@ -9,6 +9,7 @@ wraps it in Ray actors and holds the driver). One folder per part, in the order 
 - `algorithms`: the losses, advantages, KL and importance correction (pure functions).
 - `learner`, `models`: FSDP2/DeepSpeed ranks and the model code they share with the scorers.
 - `weights`: how a version leaves the learner and reaches every engine.
+- `tinker`: the Tinker-compatible training API (`rlhf-cluster tinker`) on the learner and engines.
 - `run`: the run directory (checkpoints, logs, lock, job state); `job`: inputs, checks,
   placement, warm-up, guardrails; `telemetry`: metrics, traces, reports, liveness.
 

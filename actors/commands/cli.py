@@ -1,8 +1,8 @@
 """`rlhf-cluster` command line: the Typer app and every command registered on it, in the order
 `--help` lists them. The commands themselves live beside it: `training` (`train`), `stages` (`sft`,
-`train-rm`, `pipeline`), `jobs` (`submit`, `status`, `logs`, `stop`, `scale`) and `run_views`
-(`plot`, `samples`, `trace`, `replay`); `gateway` and `version` are here. None of them imports this
-module: it imports them."""
+`train-rm`, `pipeline`), `jobs` (`submit`, `status`, `logs`, `stop`, `scale`), `run_views`
+(`plot`, `samples`, `trace`, `replay`) and `tinker` (`tinker`); `gateway` and `version` are here.
+None of them imports this module: it imports them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from actors.commands import jobs, run_views, stages, training
+from actors.commands import jobs, run_views, stages, tinker, training
 from actors.commands.common import DEFAULT_CONFIG, load_config_or_exit, refuse
 from rlhf_cluster.telemetry.console import attach_console
 
@@ -67,6 +67,9 @@ def gateway(
             f"gateway: {url}/v1 (episodes: {url}/episodes/<id>/v1); closed episodes -> {out}"
         ),
     )
+
+
+app.command()(tinker.tinker)
 
 
 for view in (run_views.plot, run_views.samples, run_views.trace, run_views.replay):

@@ -56,6 +56,14 @@ class TinyModelConfig(_Strict):
         description="Built-in task whose text the tokenizer is trained on (`tool_arithmetic` adds tool-call "
         "episodes, so the tool tags are a few tokens each; `visual` the visual tasks' questions and answers).",
     )
+    initializer_range: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="Standard deviation of the random weights (Hugging Face's `initializer_range`). The default "
+        "gives near-uniform next-token probabilities; a pretrained model's unembedding is far larger, and a LoRA on "
+        "the decoder layers alone (as the Tinker server trains) moves the output only that far: 0.2 gives it room.",
+    )
     seed: int = Field(
         0,
         description="Seed of the random initialisation. Not derived from the job's `seed`: the tiny model stands "

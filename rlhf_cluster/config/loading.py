@@ -4,12 +4,15 @@ one message naming the file and every dotted field."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from rlhf_cluster.config.base import ConfigError
 from rlhf_cluster.config.job import JobConfig
+
+Root = TypeVar("Root", bound=BaseModel)
 
 
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:
@@ -50,6 +53,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     Errors name the file and every offending field with what was expected. Rules between
     sections and checks of named files are `preflight`'s.
     """
+    return load_model(JobConfig, path, overrides)
+
+
+def load_model(root: type[Root], path: str | Path | None = None, overrides: list[str] | None = None) -> Root:
+    """`load_config` for any root config class (the job's, the Tinker server's)."""
     raw: dict = {}
     source = "<defaults>"
     if path is not None:
@@ -71,7 +79,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = item.split("=", 1)
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
     try:
-        return JobConfig.model_validate(raw)
+        return root.model_validate(raw)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -388,17 +388,23 @@ def build_app(gateway: Gateway) -> FastAPI:
 async def start_server(gateway: Gateway, host: str, port: int) -> tuple[object, asyncio.Task, int]:
     """Serve `gateway` with uvicorn on the running event loop; returns the server, its task and the
     port it listens on (`port` 0: a free one), once it accepts connections."""
+    return await serve_app(build_app(gateway), host, port, "the gateway")
+
+
+async def serve_app(app: FastAPI, host: str, port: int, what: str) -> tuple[object, asyncio.Task, int]:
+    """Serve `app` with uvicorn on the running event loop (the gateway's, the Tinker server's);
+    returns the server, its task and its port once it accepts connections."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(build_app(gateway), log_level="warning", access_log=False, lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started:
         if serving.done():
             serving.result()  # it failed to start: raise why
-            raise RuntimeError(f"the gateway on {host}:{port} stopped before it started")
+            raise RuntimeError(f"{what} on {host}:{port} stopped before it started")
         await asyncio.sleep(0.01)
     return server, serving, sock.getsockname()[1]
 

@@ -94,6 +94,7 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int)
         bos_token_id=eos_id,
         tie_word_embeddings=False,
         torch_dtype="float32",
+        initializer_range=cfg.initializer_range,
     )
     torch.manual_seed(cfg.seed)
     if cfg.architecture == "qwen3_moe":
@@ -116,10 +117,11 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int, pad_id: int)
 
 def tiny_model_dir(cfg: TinyModelConfig, cache_dir: str | Path) -> Path:
     """The cache folder for a config: same shape and seed, same folder."""
-    # The default corpus, a dense model's MoE fields and a text model's vision fields are left out
+    # The default corpus and init, a dense model's MoE fields and a text model's vision fields are left out
     # of the key: folders built before they existed keep their names.
     exclude = ({"corpus"} if cfg.corpus == "arithmetic" else set()) | (set() if cfg.is_moe else set(MOE_FIELDS))
     exclude |= set() if cfg.is_vision else set(VISION_FIELDS)
+    exclude |= {"initializer_range"} if cfg.initializer_range == 0.02 else set()
     shape = cfg.model_dump(exclude=exclude)
     key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / f"tiny-{cfg.architecture}-{key}"

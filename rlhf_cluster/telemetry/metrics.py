@@ -223,6 +223,19 @@ GATEWAY_HISTORY_REWRITES = _counter(
     "Agent calls whose earlier messages differed from what the model saw (e.g. a "
     "stripped <think> block); the engine's own tokens were kept.",
 )
+TINKER_REQUESTS = _counter(
+    "rlhf_tinker_requests_total", "Calls the Tinker server answered, by route and status.", "route", "status"
+)
+TINKER_FUTURES = _gauge("rlhf_tinker_futures_in_flight", "Tinker futures not finished yet, by kind.", "kind")
+TINKER_TOKENS_TRAINED = _counter(
+    "rlhf_tinker_tokens_trained_total", "Tokens a Tinker training client's forward_backward calls trained on.", "client"
+)
+TINKER_TOKENS_SAMPLED = _counter(
+    "rlhf_tinker_tokens_sampled_total",
+    "Tokens sampled for a Tinker sampler (a sampler id, a saved path or the base).",
+    "client",
+)
+TINKER_CLIENTS = _gauge("rlhf_tinker_training_clients", "Tinker training clients holding an adapter slot.")
 ENVIRONMENT_SECONDS = _counter("rlhf_generation_environment_seconds_total", "Time environments took to answer turns.")
 # The pools a step's row may report a busy share of (`busy_<pool>`): every pool a job can run.
 BUSY_POOLS = ("generation", "reward", "reference", "teacher", "judge")

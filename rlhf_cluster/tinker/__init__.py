@@ -5,7 +5,7 @@ Researchers who write their own loops against Tinker's SDK (`forward_backward`, 
 and run them on their own models. This folder holds the Ray-free parts: the wire format the SDK
 speaks (`wire`, `proto`), the built-in losses (`losses`), one learner rank's bank of client
 adapters (`bank`), futures and sessions (`futures`, `sessions`), the routes' logic (`service`) and
-the HTTP app (`server`). `actors/tinker.py` backs the service with learner ranks and generation
+the HTTP app (`server`). `actors/workers/tinker.py` backs the service with learner ranks and generation
 workers. It never imports ray or the `tinker` SDK; it may import `algorithms`, `models`,
 `generation`, `config`, `telemetry` and the modules at the package root.
 """
