@@ -34,11 +34,12 @@ import blake3
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.fileio import write_dir_atomic
 from rlhf_cluster.models.lora import adapter_file_name, is_adapter_param
 from rlhf_cluster.models.modeling import decoder_layers, load_causal_lm
+from rlhf_cluster.tinker import shards
 from rlhf_cluster.tinker.batch import check_datums, combine_metrics, datum_inputs, micro_batches, target_logprobs
 from rlhf_cluster.tinker.records import AdamParams, Datum, LoraSpec
 
@@ -57,31 +58,6 @@ def adapter_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (an FSDP2 parameter's shard; a plain tensor itself)."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A local shard laid out as parameter `p` (a DTensor for a sharded one)."""
-    if not isinstance(p, DTensor):
-        return local
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-
-
-def _layout(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A full tensor (the same on every rank) in `p`'s layout, with no communication."""
-    full = full.to(device=_local(p).device, dtype=p.dtype)
-    if not isinstance(p, DTensor):
-        return full
-    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (a collective for a DTensor: every rank calls)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _seed_of(lora: LoraSpec, model_id: str) -> int:
@@ -212,7 +188,7 @@ class AdapterBank:
                 block = torch.empty(lora.rank, p.shape[1])
                 torch.nn.init.kaiming_uniform_(block, a=math.sqrt(5), generator=g)
                 full[: lora.rank] = block
-            weights.append(_local(_layout(full, p)).clone())
+            weights.append(shards.local(shards.laid_out(full, p)).clone())
         n = len(self.params)
         self._clients[model_id] = _Client(lora, self.alpha, trains, weights, [None] * n, [{} for _ in range(n)])
 
@@ -225,7 +201,7 @@ class AdapterBank:
     def _put_weights(self, c: _Client) -> None:
         """The client's tensors into the live adapter, its scale into every LoRA layer."""
         for (_, p), w in zip(self.params, c.weights):
-            _local(p).copy_(w)
+            shards.local(p).copy_(w)
         for layer in self.lora_layers:
             layer.scaling["default"] = c.alpha / c.rank
 
@@ -235,7 +211,7 @@ class AdapterBank:
             g, p.grad = p.grad, None
             if g is None or not c.trains[i]:
                 continue
-            g = _local(g).clone() if self.fsdp else g  # a shard may view a buffer FSDP2 reuses: owned here
+            g = shards.local(g).clone() if self.fsdp else g  # a shard may view a buffer FSDP2 reuses: owned here
             c.grads[i] = g if c.grads[i] is None else c.grads[i].add_(g)  # type: ignore[union-attr]
 
     def _micro_batch_count(self, n: int) -> int:
@@ -259,25 +235,28 @@ class AdapterBank:
         if datums:  # a sharded rank may get none of a small batch, and still takes part
             check_loss(loss_fn, config, [d.inputs for d in datums], [d.length for d in datums])
         self._put_weights(c)
-        for _, p in self.params:
-            p.grad = None
         groups = micro_batches([d.length for d in datums], self.micro_tokens)
         outputs: list[np.ndarray] = []
         parts: list[tuple[dict[str, float], int]] = []
-        with torch.set_grad_enabled(backward):
-            for k in range(self._micro_batch_count(len(groups))):
-                if k >= len(groups):  # this rank's share ran out: a forward that adds nothing
-                    self._idle_micro_batch(backward)
-                    continue
-                rows = [datums[i] for i in groups[k]]
-                logprobs = target_logprobs(self.model, rows, self.device)
-                loss, metrics = builtin_loss(loss_fn, logprobs, [datum_inputs(d, self.device) for d in rows], config)
-                if backward:
-                    (loss * self._loss_scale if self._loss_scale != 1.0 else loss).backward()
-                outputs += [lp.detach().float().cpu().numpy() for lp in logprobs]
-                parts.append((metrics, len(rows)))
-        if backward:
-            self._take_grads(c)
+        try:  # an error leaves the client as it was: its gradients are taken only at the end
+            with torch.set_grad_enabled(backward):
+                for k in range(self._micro_batch_count(len(groups))):
+                    if k >= len(groups):  # this rank's share ran out: a forward that adds nothing
+                        self._idle_micro_batch(backward)
+                        continue
+                    rows = [datums[i] for i in groups[k]]
+                    logprobs = target_logprobs(self.model, rows, self.device)
+                    inputs = [datum_inputs(d, self.device) for d in rows]
+                    loss, metrics = builtin_loss(loss_fn, logprobs, inputs, config)
+                    if backward:
+                        (loss * self._loss_scale if self._loss_scale != 1.0 else loss).backward()
+                    outputs += [lp.detach().float().cpu().numpy() for lp in logprobs]
+                    parts.append((metrics, len(rows)))
+            if backward:
+                self._take_grads(c)
+        finally:
+            for _, p in self.params:
+                p.grad = None
         return outputs, combine_metrics(parts)
 
     def _idle_micro_batch(self, backward: bool) -> None:
@@ -295,35 +274,35 @@ class AdapterBank:
         live = [self.params[i][1] for i in trained]
         for i, p in zip(trained, live):
             g = c.grads[i]
-            p.grad = _like(g if g is not None else torch.zeros_like(c.weights[i]), p)
+            p.grad = shards.like_param(g if g is not None else torch.zeros_like(c.weights[i]), p)
             if c.adam[i]:
                 self.optimizer.state[p] = c.adam[i]
-        grads = [p.grad for p in live if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)
-        norm = float(_full(total))
-        if adam.grad_clip_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(live, adam.grad_clip_norm, total)
-        for group in self.optimizer.param_groups:
-            group.update(
-                lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
-            )
-        if math.isfinite(norm):  # a NaN/inf gradient skips the update (the norm is global: every rank alike)
-            self.optimizer.step()
-            c.steps += 1
-        with torch.no_grad():
-            for i, p in zip(trained, live):
-                c.adam[i] = self.optimizer.state.pop(p, c.adam[i])
-                c.weights[i].copy_(_local(p))
-                c.grads[i] = None
-        for _, p in self.params:
-            p.grad = None
-        self.optimizer.state.clear()
+        try:
+            total = torch.nn.utils.get_total_norm([p.grad for p in live if p.grad is not None])
+            norm = float(shards.full(total))
+            if adam.grad_clip_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(live, adam.grad_clip_norm, total)
+            for group in self.optimizer.param_groups:
+                betas = (adam.beta1, adam.beta2)
+                group.update(lr=adam.learning_rate, betas=betas, eps=adam.eps, weight_decay=adam.weight_decay)
+            if math.isfinite(norm):  # a NaN/inf gradient skips the update (the norm is global: every rank alike)
+                self.optimizer.step()
+                c.steps += 1
+            with torch.no_grad():
+                for i, p in zip(trained, live):
+                    c.adam[i] = self.optimizer.state.pop(p, c.adam[i])
+                    c.weights[i].copy_(shards.local(p))
+                    c.grads[i] = None
+        finally:  # the live adapter and the optimizer keep nothing of the client's, even after an error
+            for _, p in self.params:
+                p.grad = None
+            self.optimizer.state.clear()
         return {"grad_norm:mean": norm, "lr:mean": float(adam.learning_rate)}
 
     # ---- state, files --------------------------------------------------------------------------
     def _trimmed(self, i: int, t: torch.Tensor, rank: int) -> torch.Tensor:
         """Parameter i's tensor (a local shard or a DTensor) whole, trimmed to `rank`, on the host."""
-        full = _full(_like(t, self.params[i][1]) if not isinstance(t, DTensor) else t)
+        full = shards.full(shards.like_param(t, self.params[i][1]) if not isinstance(t, DTensor) else t)
         full = full[:rank] if self.is_a[i] else full[:, :rank]
         return full.detach().to("cpu", copy=True).contiguous()
 
@@ -385,11 +364,11 @@ class AdapterBank:
         n = len(self.params)
         weights, adam = [], [{} for _ in range(n)]  # type: list[torch.Tensor], list[dict[str, Any]]
         for i, name in enumerate(self.names):
-            weights.append(_local(self._padded(i, tensors.get(f"adapter/{name}"))).clone())
+            weights.append(shards.local(self._padded(i, tensors.get(f"adapter/{name}"))).clone())
             if optimizer and trains[i] and f"step/{name}" in tensors:
                 adam[i] = {key: self._padded(i, tensors[f"{key}/{name}"]) for key in ("exp_avg", "exp_avg_sq")}
                 step = float(tensors[f"step/{name}"].item())
-                device = _local(self.params[i][1]).device if self.fused else "cpu"
+                device = shards.local(self.params[i][1]).device if self.fused else "cpu"
                 adam[i]["step"] = torch.tensor(step, dtype=torch.float32, device=device)
         steps = int(meta["steps"]) if optimizer else 0
         self._clients[model_id] = _Client(lora, float(meta["alpha"]), trains, weights, [None] * n, adam, steps)
@@ -404,7 +383,7 @@ class AdapterBank:
                 full[: trimmed.shape[0]] = trimmed
             else:
                 full[:, : trimmed.shape[1]] = trimmed
-        return _layout(full, p)
+        return shards.laid_out(full, p)
 
     def export_adapter(self, model_id: str, folder: Path) -> str:
         """The client's adapter as a peft folder vLLM loads (its trained layers, trimmed to rank r,

@@ -289,6 +289,14 @@ def test_untrained_layers_stay_zero_and_limits_are_named(tiny_model_path, tmp_pa
     bank.export_adapter("attn", tmp_path / "a")
     names = load_names(tmp_path / "a" / ADAPTER_WEIGHTS)
     assert names and not any("mlp" in n for n in names)
+    fb(bank, "attn", sft_rows(2))
+    pending = snapshot(bank, "attn")
+    bad = Datum(np.array([1, 2, 10_000]), {"target_tokens": np.array([1, 2, 3]), "weights": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match="vocabulary"):
+        fb(bank, "attn", [*sft_rows(3), bad])
+    with pytest.raises(ValueError, match="weights"):
+        bank.forward_backward("attn", rl_rows(3), "cross_entropy", {}, True)
+    assert_same(snapshot(bank, "attn"), pending)  # a refused request leaves the client as it was
     with pytest.raises(ValueError, match="max_rank"):
         bank.create("big", LoraSpec(rank=16))
     bank.create("second", LoraSpec(rank=2))
