@@ -16,8 +16,12 @@ and get no update, and the exported adapter leaves them out. `train_unembed` is 
 ignored: the output layer gets no adapter (vLLM serves none there).
 
 With `fsdp=True` the model is sharded as the FSDP2 learner shards it (each decoder layer, then the
-root), gradients are summed over ranks (Tinker's losses are sums), and a client's tensors are this
-rank's shards; saving and exporting gather them (every rank calls, rank 0 writes).
+root), and a client's tensors are this rank's shards; saving and exporting gather them (every rank
+calls, rank 0 writes). By default every rank runs each call on the same datums (the ranks shard the
+model, not the data), and FSDP2's mean of their equal gradients is the batch's. With
+`split_data=True` each rank runs its own share of a call's datums instead: its gradients are summed
+over ranks (Tinker's losses are sums), and what a call returns is that share's (the caller joins the
+log-probs and adds the `:sum` metrics).
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class AdapterBank:
         max_clients: int = 8,
         micro_tokens: int = 4096,
         fsdp: bool = False,
+        split_data: bool = False,
         device: torch.device | None = None,
     ):
         from peft import LoraConfig as PeftLoraConfig
@@ -103,7 +108,7 @@ class AdapterBank:
         from peft.tuners.lora import LoraLayer
 
         self.max_rank, self.alpha, self.max_clients, self.micro_tokens = max_rank, alpha, max_clients, micro_tokens
-        self.fsdp = fsdp
+        self.fsdp, self.split_data = fsdp, fsdp and split_data
         cuda = torch.cuda.is_available()
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
         base = load_causal_lm(model_path, dtype, self.device)
@@ -141,8 +146,8 @@ class AdapterBank:
 
     def _shard(self, base: torch.nn.Module) -> None:
         """FSDP2 as the learner shards: each decoder layer, then the root. FSDP2 averages gradients
-        over ranks; the loss is scaled by the world size (`_loss_scale`) so they sum, as Tinker's
-        summed losses need (a divide factor of 1 would need PREMUL_SUM, which gloo lacks)."""
+        over ranks; with `split_data` the loss is scaled by the world size (`_loss_scale`) so they
+        sum (a divide factor of 1 would need PREMUL_SUM, which gloo lacks)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -150,7 +155,8 @@ class AdapterBank:
         for layer in decoder_layers(base):
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
-        self._loss_scale = float(dist.get_world_size())
+        if self.split_data:
+            self._loss_scale = float(dist.get_world_size())
 
     # ---- clients -------------------------------------------------------------------------------
     def clients(self) -> list[str]:
@@ -215,8 +221,9 @@ class AdapterBank:
             c.grads[i] = g if c.grads[i] is None else c.grads[i].add_(g)  # type: ignore[union-attr]
 
     def _micro_batch_count(self, n: int) -> int:
-        """Sharded ranks run the same number of micro-batches (each forward gathers collectively)."""
-        if not self.fsdp or dist.get_world_size() == 1:
+        """Ranks with shares of their own run the same number of micro-batches (each forward gathers
+        collectively): the most any rank has."""
+        if not self.split_data or dist.get_world_size() == 1:
             return n
         count = torch.tensor([n], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -232,7 +239,7 @@ class AdapterBank:
 
         c = self._client(model_id)
         check_datums(datums, self.vocab_size)
-        if datums:  # a sharded rank may get none of a small batch, and still takes part
+        if datums:  # with split_data a rank may get none of a small batch, and still takes part
             check_loss(loss_fn, config, [d.inputs for d in datums], [d.length for d in datums])
         self._put_weights(c)
         groups = micro_batches([d.length for d in datums], self.micro_tokens)

@@ -364,7 +364,8 @@ def _two_rank_run(bank: AdapterBank, rows: list[Datum]) -> list[float]:
 
 
 def _bank_rank(rank: int, port: int, model_path: str, results) -> None:
-    """One of two sharded ranks: rank 0 gets one datum (one micro-batch), rank 1 the other four."""
+    """One of two sharded ranks, in both modes: the same datums as the other rank, then (`split_data`)
+    its own share, rank 0 one datum (one micro-batch) and rank 1 the other four."""
     import traceback
 
     import torch.distributed as dist
@@ -373,19 +374,22 @@ def _bank_rank(rank: int, port: int, model_path: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         rows = sft_rows(8, TWO_RANK_ROWS)
-        bank = AdapterBank(model_path, max_rank=8, micro_tokens=16, fsdp=True)
-        norms = _two_rank_run(bank, rows[:1] if rank == 0 else rows[1:])
-        state = {k: v.numpy() for k, v in bank.state_dict("a", True)["tensors"].items()}  # arrays: no shared memory
-        results.put((rank, norms, state))
+        for split in (False, True):
+            bank = AdapterBank(model_path, max_rank=8, micro_tokens=16, fsdp=True, split_data=split)
+            share = (rows[:1] if rank == 0 else rows[1:]) if split else rows
+            norms = _two_rank_run(bank, share)
+            state = {k: v.numpy() for k, v in bank.state_dict("a", True)["tensors"].items()}  # arrays: no shared memory
+            results.put((rank, split, norms, state))
     except BaseException as exc:
-        results.put((rank, "error", f"{exc!r}\n{traceback.format_exc()}"))
+        results.put((rank, "error", f"{exc!r}\n{traceback.format_exc()}", None))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_sharded_ranks_sum_their_gradients(tiny_model_path):
-    """Two FSDP2 ranks on gloo, each with its share of the batch (unequal micro-batch counts: the
-    short rank runs empty ones), step as one bank on the whole batch: gradients summed, not averaged."""
+def test_two_sharded_ranks_step_as_one_bank(tiny_model_path):
+    """Two FSDP2 ranks on gloo step as one unsharded bank on the whole batch: each running the whole
+    batch (FSDP2 averages equal gradients), and each running its share (`split_data`: unequal
+    micro-batch counts, the short rank running empty ones; gradients summed, not averaged)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -399,7 +403,7 @@ def test_two_sharded_ranks_sum_their_gradients(tiny_model_path):
     for p in procs:
         p.start()
     try:
-        found = [results.get(timeout=180) for _ in procs]
+        found = [results.get(timeout=180) for _ in range(4)]
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -410,7 +414,8 @@ def test_two_sharded_ranks_sum_their_gradients(tiny_model_path):
     whole = AdapterBank(tiny_model_path, max_rank=8, micro_tokens=16)
     norms = _two_rank_run(whole, sft_rows(8, TWO_RANK_ROWS))
     state = whole.state_dict("a", True)["tensors"]
-    for _, rank_norms, rank_state in found:
+    assert sorted((rank, split) for rank, split, _, _ in found) == [(0, False), (0, True), (1, False), (1, True)]
+    for _, _, rank_norms, rank_state in found:
         np.testing.assert_allclose(rank_norms, norms, rtol=1e-5)
         for key, t in state.items():
             np.testing.assert_allclose(rank_state[key], t.numpy(), rtol=1e-5, atol=1e-6)
