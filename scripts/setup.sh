@@ -46,6 +46,9 @@ fi
 
 export DS_BUILD_OPS=0  # DeepSpeed ops are JIT-built when first used, never at install
 $PIP install --quiet --progress-bar off -e ".[dev]"
+# The Tinker cookbook, whose recipes the tests run against `rlhf-cluster tinker`: without its dependencies
+# (it pins tml-renderers>=0.4.1, on no index; the recipes run never import it), the rest are in `dev`.
+$PIP install --quiet --progress-bar off --no-deps "tinker-cookbook==0.6.1"
 if [ "${TORCHVISION_HOOK:-0}" = 1 ]; then
   site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   echo 'import importlib.util as u; u.find_spec("rlhf_cluster") and __import__("rlhf_cluster.models.torchvision_ops", fromlist=["m"]).install_import_hook()' > "$site/rlhf_cluster_torchvision.pth"

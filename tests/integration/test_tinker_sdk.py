@@ -8,11 +8,16 @@ learner ranks and a vLLM engine behind it, the tiny model as the base.
   `digits` term, so a random model has a signal);
 - two clients training at once on one base model leave each other alone;
 - after a restart on the same `state_dir`, a saved state (with its optimizer) and saved sampler
-  weights load and give what they gave before.
+  weights load and give what they gave before;
+- tinker-cookbook's own `recipes/sl_loop.py` and `recipes/rl_loop.py`, unmodified, run to completion
+  with their data and tokenizer from local files: run in a folder laid out as the hub ids they name
+  (`datasets.load_dataset` and `AutoTokenizer.from_pretrained` read an existing local folder of
+  that name first), and the server serves the tiny model under the recipes' default model name.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -32,22 +37,28 @@ from tinker import types  # noqa: E402
 from rlhf_cluster.data.tasks import arithmetic_rows, verify_arithmetic  # noqa: E402
 
 KEY = "tml-integration"
-NAME = "rlhf-cluster/tiny"
+NAME = "Qwen/Qwen3.5-9B-Base"  # the cookbook recipes' default model, mapped by the server's config to the tiny model
+TINY = {"initializer_range": 0.2, "max_position_embeddings": 1024}  # room for rl_loop's few-shot prompt
 REPO = Path(__file__).resolve().parents[2]
 
 
 class Server:
     """`rlhf-cluster tinker CONFIG` in a subprocess; `url` once it prints it."""
 
-    def __init__(self, config: Path, log: Path):
+    def __init__(self, config: Path, logs: Path):
+        self.config, self.logs, self.starts = config, logs, 0
+        self.start()
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log = self.logs / f"server-{self.starts}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.commands.cli", "tinker", str(config)],
+            [sys.executable, "-m", "actors.commands.cli", "tinker", str(self.config)],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
-            stderr=open(log, "w"),
+            stderr=open(self.log, "w"),
             text=True,
         )
         self.url = self._wait_for_url(timeout=180)
@@ -86,8 +97,8 @@ def config(tmp_path_factory, model_cache) -> Path:
         "port": 0,
         "state_dir": str(root / "state"),
         "session_timeout_s": 120,
-        "model": {"name": NAME, "cache_dir": model_cache, "max_context_length": 128},
-        "lora": {"max_rank": 8, "alpha": 16, "max_clients": 6},
+        "model": {"name": NAME, "cache_dir": model_cache, "max_context_length": 1024, "tiny": TINY},
+        "lora": {"max_rank": 32, "alpha": 16, "max_clients": 6},
     }
     path = root / "tinker.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -96,7 +107,7 @@ def config(tmp_path_factory, model_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def server(config, tmp_path_factory):
-    s = Server(config, tmp_path_factory.mktemp("logs") / "server.log")
+    s = Server(config, tmp_path_factory.mktemp("logs"))
     yield s
     if s.proc.poll() is None:
         s.stop()
@@ -210,7 +221,7 @@ def test_two_clients_training_at_once_leave_each_other_alone(client):
     assert _probe(b, tok) != _probe(a, tok)
 
 
-def test_saved_states_survive_a_restart(config, server, monkeypatch, tmp_path_factory):
+def test_saved_states_survive_a_restart(server, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     client = tinker.ServiceClient(base_url=server.url, api_key=KEY)
     tc = client.create_lora_training_client(base_model=NAME, rank=4, seed=3).result()
@@ -225,13 +236,98 @@ def test_saved_states_survive_a_restart(config, server, monkeypatch, tmp_path_fa
     sampled = client.create_sampling_client(model_path=for_sampler).result().sample(prompt, 1, greedy).result()
 
     assert server.stop() == 0
-    again = Server(config, tmp_path_factory.mktemp("logs") / "restarted.log")
-    try:
-        client = tinker.ServiceClient(base_url=again.url, api_key=KEY)
-        resumed = client.create_training_client_from_state_with_optimizer(state).result()
-        _train(resumed, tok, arithmetic_rows(8, seed=5), 1)
-        assert _probe(resumed, tok) == pytest.approx(expected, abs=1e-5)
-        resampled = client.create_sampling_client(model_path=for_sampler).result().sample(prompt, 1, greedy).result()
-        assert resampled.sequences[0].tokens == sampled.sequences[0].tokens
-    finally:
-        assert again.stop() == 0
+    server.start()  # the module's server from now on: the same config and state_dir
+    client = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    resumed = client.create_training_client_from_state_with_optimizer(state).result()
+    _train(resumed, tok, arithmetic_rows(8, seed=5), 1)
+    assert _probe(resumed, tok) == pytest.approx(expected, abs=1e-5)
+    resampled = client.create_sampling_client(model_path=for_sampler).result().sample(prompt, 1, greedy).result()
+    assert resampled.sequences[0].tokens == sampled.sequences[0].tokens
+
+
+def _hub_layout(root: Path, model_cache: str) -> Path:
+    """A folder laid out as the hub ids the recipes load: the tiny tokenizer as the default model,
+    chat rows as HuggingFaceH4/no_robots, arithmetic word problems as openai/gsm8k's `main`."""
+    import shutil
+
+    from rlhf_cluster.config import TinyModelConfig
+    from rlhf_cluster.models.tiny_model import ensure_tiny_model
+
+    shutil.copytree(ensure_tiny_model(TinyModelConfig(**TINY), model_cache), root / NAME)
+    rows = arithmetic_rows(8, seed=6)
+    chats = root / "HuggingFaceH4" / "no_robots"
+    chats.mkdir(parents=True)
+    chats.joinpath("train.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {r['prompt'][:-1]}?"},
+                        {"role": "assistant", "content": r["answer"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    gsm8k = root / "openai" / "gsm8k"
+    (gsm8k / "main").mkdir(parents=True)
+    gsm8k.joinpath("README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train.jsonl\n---\n"
+    )
+    gsm8k.joinpath("main", "train.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "question": f"What is {r['prompt'][:-1]}?",
+                    "answer": f"{r['prompt']}{r['answer']}\n#### {r['answer']}",
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    "recipe, args",
+    [
+        ("sl_loop", ["batch_size=4"]),
+        ("rl_loop", ["batch_size=2", "group_size=4", "max_tokens=16", "loss_fn=importance_sampling"]),
+    ],
+)
+def test_the_cookbooks_recipes_run_to_completion(server, model_cache, tmp_path, recipe, args):
+    pytest.importorskip("tinker_cookbook")
+    root = _hub_layout(tmp_path / "hub", model_cache)
+    log_path = tmp_path / "log"
+    env = {
+        **os.environ,
+        "TINKER_API_KEY": KEY,
+        "TINKER_TELEMETRY": "0",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            f"tinker_cookbook.recipes.{recipe}",
+            f"base_url={server.url}",
+            f"log_path={log_path}",
+            *args,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    steps = [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == (2 if recipe == "sl_loop" else 4), steps
+    final = [json.loads(line) for line in (log_path / "checkpoints.jsonl").read_text().splitlines()][-1]
+    assert final["name"] == "final" and final["state_path"].startswith("tinker://")
+    assert final["sampler_path"].startswith("tinker://")
