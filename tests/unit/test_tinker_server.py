@@ -235,3 +235,17 @@ def test_the_shipped_server_config_loads_and_a_token_without_the_sdks_prefix_is_
         cfg.api_key()
     with pytest.raises(ConfigError, match="token: .*must start with 'tml-'"):
         load_model(TinkerConfig, shipped, ["token=abc"])
+
+
+def test_a_custom_loss_runs_on_the_client_and_reaches_the_server_as_cross_entropy_weights(client, server):
+    train = server[2]
+    tc = client.create_lora_training_client(base_model=NAME, rank=4).result()
+
+    def loss(data, logprobs):  # the SDK hands each datum's log-probs as a torch tensor
+        total = sum((lp * lp.new_tensor(range(len(lp)))).sum() for lp in logprobs)
+        return total, {"custom:sum": float(total)}
+
+    out = tc.forward_backward_custom([_datum(3)], loss).result()
+    assert out.metrics["custom:sum"] == pytest.approx(-3.0)  # log-probs -1 at positions 0, 1, 2
+    kinds = [(c[2], c[4]) for c in train.calls if c[1] == tc.model_id]
+    assert kinds == [("cross_entropy", False), ("cross_entropy", True)]  # a forward, then weighted backward
