@@ -166,6 +166,8 @@ def test_bad_requests_get_the_sdks_errors_and_the_server_keeps_serving(client, s
     import httpx
 
     assert httpx.post(f"{url}/api/v1/join_sampling_session", headers={"X-API-Key": KEY}).status_code == 404
+    missing = httpx.post(f"{url}/api/v1/create_session", json={"tags": []})  # no key at all
+    assert missing.status_code == 401 and "X-API-Key" in missing.json()["detail"]
     assert httpx.get(f"{url}/api/v1/healthz").json() == {"status": "ok"}
     metrics = httpx.get(f"{url}/metrics").text
     assert "rlhf_tinker_requests_total{" in metrics and 'status="401"' in metrics
