@@ -14,25 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from rlhf_cluster.experience.records import token_budget_batches
 from rlhf_cluster.models.chunked_logprobs import scored_positions
 from rlhf_cluster.tinker.records import Datum
 
 
 def micro_batches(lengths: Sequence[int], micro_tokens: int) -> list[list[int]]:
     """Datum indices in order, grouped so that each group's padded size (rows x longest row) stays
-    within `micro_tokens`; a datum longer than that is a group of its own."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i, n in enumerate(lengths):
-        if current and (len(current) + 1) * max(longest, n) > micro_tokens:
-            groups.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        groups.append(current)
-    return groups
+    within `micro_tokens`; a datum longer than that is a group of its own (the learner's rule)."""
+    return token_budget_batches(list(lengths), micro_tokens)
 
 
 def check_datums(datums: Sequence[Datum], vocab_size: int) -> None:
