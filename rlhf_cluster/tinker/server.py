@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rlhf_cluster.gateway.server import serve_app
-from rlhf_cluster.tinker import proto, wire
+from rlhf_cluster.tinker import proto, replies, wire
 from rlhf_cluster.tinker.futures import Outcome, TryAgain
 from rlhf_cluster.tinker.service import ServiceError, TinkerService
 
@@ -76,43 +76,45 @@ async def _parse(request: Request, cls):
 
 
 def _future(request_id: str, model_id: str | None = None, sample_ids: list[str] | None = None) -> dict:
-    return wire.UntypedAPIFuture(request_id=request_id, model_id=model_id, sample_sequence_ids=sample_ids).model_dump()
+    return replies.UntypedAPIFuture(
+        request_id=request_id, model_id=model_id, sample_sequence_ids=sample_ids
+    ).model_dump()
 
 
 def _add_session_routes(app: FastAPI, service: TinkerService) -> None:
     @app.get(API + "/healthz")
     async def healthz():
-        return {"status": "ok"}
+        return replies.HealthResponse().model_dump()
 
     @app.post(API + "/client/config")
     async def client_config():
-        return wire.ClientConfigResponse().model_dump()
+        return replies.ClientConfigResponse().model_dump()
 
     @app.post(API + "/client/dynamic_config")
     async def dynamic_config():
-        return wire.ClientDynamicConfigResponse().model_dump()
+        return replies.ClientDynamicConfigResponse().model_dump()
 
     @app.get(API + "/get_server_capabilities")
     async def capabilities():
-        model = wire.SupportedModel(
+        model = replies.SupportedModel(
             model_name=service.cfg.model.name, max_context_length=service.cfg.model.max_context_length
         )
-        return wire.GetServerCapabilitiesResponse(supported_models=[model]).model_dump()
+        return replies.GetServerCapabilitiesResponse(supported_models=[model]).model_dump()
 
     @app.post(API + "/create_session")
     async def create_session(request: Request):
         req = await _parse(request, wire.CreateSessionRequest)
         metadata = {str(k): str(v) for k, v in (req.user_metadata or {}).items()}
-        return {"type": "create_session", "session_id": service.create_session(req.tags, metadata)}
+        return replies.CreateSessionResponse(session_id=service.create_session(req.tags, metadata)).model_dump()
 
     @app.post(API + "/session_heartbeat")
     async def heartbeat(request: Request):
         service.heartbeat((await _parse(request, wire.SessionHeartbeatRequest)).session_id)
-        return {"type": "session_heartbeat"}
+        return replies.SessionHeartbeatResponse().model_dump()
 
     @app.post(API + "/telemetry")
     async def telemetry():
-        return {"status": "accepted"}
+        return replies.TelemetryResponse().model_dump()
 
     @app.post(API + "/retrieve_future")
     async def retrieve(request: Request):
@@ -121,7 +123,7 @@ def _add_session_routes(app: FastAPI, service: TinkerService) -> None:
         if outcome is None:  # the SDK sends its call again
             return _error(410, f"request {req.request_id} is not known to this server (expired, or a restart)")
         if isinstance(outcome, TryAgain):
-            return wire.TryAgainResponse(request_id=req.request_id).model_dump()
+            return replies.TryAgainResponse(request_id=req.request_id).model_dump()
         return _finished(outcome)
 
     @app.post(API + "/cancel_future")
@@ -132,7 +134,7 @@ def _add_session_routes(app: FastAPI, service: TinkerService) -> None:
 
 def _finished(outcome: Outcome) -> Response | dict:
     if outcome.failed:
-        return wire.RequestFailedResponse(error=outcome.error or "", category=outcome.category.value).model_dump()
+        return replies.RequestFailedResponse(error=outcome.error or "", category=outcome.category.value).model_dump()
     if isinstance(outcome.body, bytes):
         return Response(outcome.body, media_type=PROTOBUF)
     return outcome.body or {}
@@ -174,7 +176,7 @@ def _add_sampling_routes(app: FastAPI, service: TinkerService) -> None:
         sid = await asyncio.to_thread(
             service.create_sampler, req.session_id, req.sampling_session_seq_id, req.base_model, req.model_path
         )
-        return {"type": "create_sampling_session", "sampling_session_id": sid}
+        return replies.CreateSamplingSessionResponse(sampling_session_id=sid).model_dump()
 
     @app.get(API + "/samplers/{sampler_id}")
     async def sampler(sampler_id: str):

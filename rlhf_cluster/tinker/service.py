@@ -23,7 +23,7 @@ from pathlib import Path
 
 from rlhf_cluster.config.tinker import TinkerConfig
 from rlhf_cluster.fileio import write_atomic
-from rlhf_cluster.tinker import proto
+from rlhf_cluster.tinker import proto, replies
 from rlhf_cluster.tinker.backends import SampleBackend, TrainBackend
 from rlhf_cluster.tinker.futures import Category, FutureTable, Outcome, TryAgain, UserError
 from rlhf_cluster.tinker.losses import LossError, check_loss
@@ -109,7 +109,7 @@ class TinkerService:
             self.train.create(model_id, lora)
             self.sessions.clients[model_id] = TrainingClient(model_id, session_id, lora)
             self.stats.clients(len(self.sessions.clients))
-            return {"model_id": model_id, "type": "create_model"}
+            return replies.CreateModelResponse(model_id=model_id).model_dump()
 
         return self._submit(f"{model_id}:create", "create_model", self._train, create)
 
@@ -123,14 +123,10 @@ class TinkerService:
     def get_info(self, model_id: str) -> dict:
         c = self.client(model_id)
         name = self.cfg.model.name
-        return {
-            "type": "get_info",
-            "model_id": model_id,
-            "is_lora": True,
-            "lora_rank": c.lora.rank,
-            "model_name": name,
-            "model_data": {"arch": "lora", "model_name": name, "tokenizer_id": self.tokenizer_dir},
-        }
+        data = replies.ModelData(arch="lora", model_name=name, tokenizer_id=self.tokenizer_dir)
+        return replies.GetInfoResponse(
+            model_id=model_id, lora_rank=c.lora.rank, model_name=name, model_data=data
+        ).model_dump()
 
     def forward_backward(self, call: proto.ForwardBackwardCall) -> str:
         c = self.client(call.model_id)
@@ -165,7 +161,7 @@ class TinkerService:
             f"{model_id}:{seq}",
             "optim_step",
             self._train,
-            lambda: {"metrics": self.train.optim_step(model_id, adam), "type": "optim_step"},
+            lambda: replies.OptimStepResponse(metrics=self.train.optim_step(model_id, adam)).model_dump(),
         )
 
     def save_weights(self, model_id: str, seq: int, name: str | None) -> str:
@@ -176,7 +172,7 @@ class TinkerService:
             folder = state_folder(self.state, path)
             self.train.save(model_id, folder, optimizer=True)
             self._write_meta(folder, path, c.lora)
-            return {"path": path.uri, "type": "save_weights"}
+            return replies.SaveWeightsResponse(path=path.uri).model_dump()
 
         return self._submit(f"{model_id}:{seq}", "save_weights", self._train, save)
 
@@ -197,7 +193,7 @@ class TinkerService:
             if not known:
                 self.sessions.clients[model_id] = TrainingClient(model_id, session_id, lora)
                 self.stats.clients(len(self.sessions.clients))
-            return {"path": uri, "model_id": model_id, "type": "load_weights"}
+            return replies.LoadWeightsResponse(path=uri, model_id=model_id).model_dump()
 
         return self._submit(f"{model_id}:{seq}:load", "load_weights", self._train, load)
 
@@ -214,13 +210,13 @@ class TinkerService:
                 folder = state_folder(self.state, path)
                 digest = self.train.export_adapter(model_id, folder)
                 self._write_meta(folder, path, c.lora, digest)
-                return {"path": path.uri, "type": "save_weights_for_sampler"}
+                return replies.SaveWeightsForSamplerResponseInternal(path=path.uri).model_dump()
             sampler_id = self.sessions.sampler_id(c.session_id, int(sampler_seq or 0))
             folder = self.state / "ephemeral" / sampler_id.replace(":", "_")
             digest = self.train.export_adapter(model_id, folder)
             self._add_adapter(sampler_id, folder, digest)
             self.sessions.samplers[sampler_id] = Sampler(sampler_id, c.session_id, sampler_id, None, owner=model_id)
-            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+            return replies.SaveWeightsForSamplerResponseInternal(sampling_session_id=sampler_id).model_dump()
 
         return self._submit(f"{model_id}:{seq}", "save_weights_for_sampler", self._train, save)
 
@@ -245,7 +241,9 @@ class TinkerService:
         s = self.sessions.samplers.get(sampler_id)
         if s is None:
             raise ServiceError(404, f"sampler {sampler_id!r} is not known to this server")
-        return {"sampler_id": sampler_id, "base_model": self.cfg.model.name, "model_path": s.model_path}
+        return replies.GetSamplerResponse(
+            sampler_id=sampler_id, base_model=self.cfg.model.name, model_path=s.model_path
+        ).model_dump()
 
     def sample(
         self,
@@ -302,14 +300,13 @@ class TinkerService:
     def weights_info(self, uri: str) -> dict:
         _, meta = self._saved(uri, None, status=404)
         lora = meta["lora"]
-        return {
-            "base_model": meta["base_model"],
-            "is_lora": True,
-            "lora_rank": lora["rank"],
-            "train_attn": lora["train_attn"],
-            "train_mlp": lora["train_mlp"],
-            "train_unembed": lora["train_unembed"],
-        }
+        return replies.WeightsInfoResponse(
+            base_model=meta["base_model"],
+            lora_rank=lora["rank"],
+            train_attn=lora["train_attn"],
+            train_mlp=lora["train_mlp"],
+            train_unembed=lora["train_unembed"],
+        ).model_dump()
 
     def delete_checkpoint(self, model_id: str, checkpoint_id: str) -> None:
         path, _ = self._saved(f"tinker://{model_id}/{checkpoint_id}", None, status=404)
@@ -368,7 +365,7 @@ class TinkerService:
 
         def unload() -> dict:
             self._drop_client(model_id)
-            return {"model_id": model_id, "type": "unload_model"}
+            return replies.UnloadModelResponse(model_id=model_id).model_dump()
 
         return self._submit(f"{model_id}:unload", "unload_model", self._train, unload)
 

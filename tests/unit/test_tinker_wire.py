@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_cluster.tinker import records, wire
+from rlhf_cluster.tinker import records, replies, wire
 from rlhf_cluster.tinker.paths import TinkerPath, model_folder_name, state_folder
 from rlhf_cluster.tinker.proto import WireError
 
@@ -265,36 +265,36 @@ def _sdk_type(name: str):
 
 
 RESPONSES = [
-    wire.UntypedAPIFuture(request_id="s:sample:0:1", sample_sequence_ids=["a", "b"]),
-    wire.UntypedAPIFuture(request_id="m:2", model_id="m"),
-    wire.TryAgainResponse(request_id="m:2"),
-    wire.RequestFailedResponse(error="loss_fn gspo is not served by this server", category="user"),
-    wire.ClientConfigResponse(),
-    wire.ClientDynamicConfigResponse(),
-    wire.GetServerCapabilitiesResponse(
-        supported_models=[wire.SupportedModel(model_name="tiny", max_context_length=512)]
+    replies.UntypedAPIFuture(request_id="s:sample:0:1", sample_sequence_ids=["a", "b"]),
+    replies.UntypedAPIFuture(request_id="m:2", model_id="m"),
+    replies.TryAgainResponse(request_id="m:2"),
+    replies.RequestFailedResponse(error="loss_fn gspo is not served by this server", category="user"),
+    replies.ClientConfigResponse(),
+    replies.ClientDynamicConfigResponse(),
+    replies.GetServerCapabilitiesResponse(
+        supported_models=[replies.SupportedModel(model_name="tiny", max_context_length=512)]
     ),
-    wire.HealthResponse(),
-    wire.TelemetryResponse(),
-    wire.CreateSessionResponse(session_id="s1"),
-    wire.SessionHeartbeatResponse(),
-    wire.CreateSamplingSessionResponse(sampling_session_id="s1:sample:0"),
-    wire.CreateModelResponse(model_id="s1:train:0"),
-    wire.GetInfoResponse(
-        model_data=wire.ModelData(arch="llama", model_name="tiny", tokenizer_id="/models/tiny"),
+    replies.HealthResponse(),
+    replies.TelemetryResponse(),
+    replies.CreateSessionResponse(session_id="s1"),
+    replies.SessionHeartbeatResponse(),
+    replies.CreateSamplingSessionResponse(sampling_session_id="s1:sample:0"),
+    replies.CreateModelResponse(model_id="s1:train:0"),
+    replies.GetInfoResponse(
+        model_data=replies.ModelData(arch="llama", model_name="tiny", tokenizer_id="/models/tiny"),
         model_id="s1:train:0",
         lora_rank=8,
         model_name="tiny",
     ),
-    wire.OptimStepResponse(metrics={"grad_norm:mean": 0.5}),
-    wire.OptimStepResponse(),
-    wire.SaveWeightsResponse(path="tinker://s1:train:0/weights/ck"),
-    wire.LoadWeightsResponse(path="tinker://s1:train:0/weights/ck", model_id="s2:train:0"),
-    wire.SaveWeightsForSamplerResponseInternal(path="tinker://s1:train:0/sampler_weights/ck"),
-    wire.SaveWeightsForSamplerResponseInternal(sampling_session_id="s1:sample:3"),
-    wire.GetSamplerResponse(sampler_id="s1:sample:3", base_model="tiny", model_path="tinker://m/sampler_weights/x"),
-    wire.WeightsInfoResponse(base_model="tiny", lora_rank=8, train_unembed=False, train_mlp=True, train_attn=True),
-    wire.UnloadModelResponse(model_id="m"),
+    replies.OptimStepResponse(metrics={"grad_norm:mean": 0.5}),
+    replies.OptimStepResponse(),
+    replies.SaveWeightsResponse(path="tinker://s1:train:0/weights/ck"),
+    replies.LoadWeightsResponse(path="tinker://s1:train:0/weights/ck", model_id="s2:train:0"),
+    replies.SaveWeightsForSamplerResponseInternal(path="tinker://s1:train:0/sampler_weights/ck"),
+    replies.SaveWeightsForSamplerResponseInternal(sampling_session_id="s1:sample:3"),
+    replies.GetSamplerResponse(sampler_id="s1:sample:3", base_model="tiny", model_path="tinker://m/sampler_weights/x"),
+    replies.WeightsInfoResponse(base_model="tiny", lora_rank=8, train_unembed=False, train_mlp=True, train_attn=True),
+    replies.UnloadModelResponse(model_id="m"),
 ]
 
 
@@ -313,11 +313,11 @@ def test_responses_validate_as_the_sdks_types(response):
 
 def test_every_response_model_is_checked_against_the_sdk():
     checked = {type(r).__name__ for r in RESPONSES} | {"SupportedModel", "ModelData"}  # the last two nested
-    assert {cls.__name__ for cls in wire._Response.__subclasses__()} == checked
+    assert {cls.__name__ for cls in replies._Response.__subclasses__()} == checked
 
 
 def test_client_config_speaks_only_what_the_server_serves():
-    sdk = _sdk_type("ClientConfigResponse").model_validate(wire.ClientConfigResponse().model_dump(mode="json"))
+    sdk = _sdk_type("ClientConfigResponse").model_validate(replies.ClientConfigResponse().model_dump(mode="json"))
     assert not (sdk.proto_compress_fwdbwd or sdk.parallel_fwdbwd_chunks or sdk.use_pyqwest_transport)
     assert not (sdk.sample_use_retrieve_futures or sdk.custom_loss_server_side or sdk.sample_join_sampling_session)
     assert not sdk.pjwt_auth_enabled and sdk.fwdbwd_max_chunk_len == 1024
