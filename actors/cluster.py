@@ -15,6 +15,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.workers._common import heartbeat
+from actors.workers.autoscaling import PoolAutoscaling
 from actors.workers.control import NAMESPACE, JobController, controller_name
 from actors.workers.pool_table import pool_rows
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool
@@ -94,6 +95,8 @@ class Cluster:
         }
         weights.serve(self.pools["generation"])  # every version is pushed to the generation pool
         self.scoring = ScoringCalls(self.pools, {row.name: row.joined for row in rows})
+        self._resizing = asyncio.Lock()  # one resize at a time: the operator's and the autoscaler's
+        self.autoscaling = PoolAutoscaling(cfg, run_dir, self.pool_sizes, self._resize)
         try:
             # Every pool's workers start at once: their constructors (an engine, a model) overlap.
             created = {row.name: self.pools[row.name].start(row.replicas) for row in rows}
@@ -102,6 +105,7 @@ class Cluster:
             for name, actors in created.items():
                 self.infos[name] = dict(zip(actors, ray.get(infos[name], timeout=STARTUP_TIMEOUT_S)))
             ray.get(self.controller.report_sizes.remote(self.pool_sizes()), timeout=STARTUP_TIMEOUT_S)
+            self.autoscaling.started()
         except BaseException:
             self.shutdown()  # no worker outlives a failed start
             raise
@@ -142,11 +146,12 @@ class Cluster:
         self.run_dir.write_json(RunDir.SCRAPE_TARGETS, groups)
 
     async def watch(self, version: Callable[[], int], on_spans: Callable[[list[dict]], None]) -> None:
-        """Until cancelled: apply scale requests, and heartbeat every pool's workers (a hung one is
-        killed and replaced; the trace spans they answer with go to `on_spans`); a failure of
-        either ends the job with its cause."""
+        """Until cancelled: apply scale requests and the autoscaler's decisions, and heartbeat
+        every pool's workers (a hung one is killed and replaced; the trace spans they answer with
+        go to `on_spans`); a failure of any ends the job with its cause."""
         await asyncio.gather(
             self._watch_scaling(version),
+            self.autoscaling.run(),
             *(pool.watch(self.cfg.faults, partial(self._on_hung, name), on_spans) for name, pool in self.pools.items()),
         )
 
@@ -178,23 +183,46 @@ class Cluster:
             f"replaced in {replaced_s:.1f} s"
         )
 
+    def observe_step(self, row: dict) -> None:
+        """A step's row, for the autoscaler (`scaling.auto`); its resizes run in `watch`."""
+        self.autoscaling.observe(row)
+
     async def _watch_scaling(self, version: Callable[[], int]) -> None:
-        """Apply scale requests from the JobController as they arrive."""
+        """Apply scale requests from the JobController as they arrive. A size set by hand pins
+        the pool (the autoscaler leaves it alone); a request without one (`--auto`) releases it."""
         controller = self.controller
         if controller is None:  # set by the constructor, which fails without it
             raise RuntimeError("the job's JobController is not started")
         while True:
             ticket, pool_name, replicas = await controller.next_request.remote()
             try:
-                changed = await self._resize(pool_name, replicas)
-                outcome = {"pool": pool_name, "changed": changed, "sizes": self.pool_sizes(), "version": version()}
+                if pool_name not in self.pools:
+                    raise KeyError(f"this job has no {pool_name} pool")
+                changed: list[str] = []
+                if replicas is None:
+                    self.autoscaling.release(pool_name)
+                else:
+                    self.autoscaling.pin(pool_name)
+                    changed = await self._resize(pool_name, replicas)
+                outcome = {
+                    "pool": pool_name,
+                    "changed": changed,
+                    "sizes": self.pool_sizes(),
+                    "version": version(),
+                    "auto": self.autoscaling.auto_pools(),
+                }
             except (ValueError, KeyError) as exc:
                 outcome = {"error": str(exc), "sizes": self.pool_sizes()}
             await controller.applied.remote(ticket, outcome)
 
-    async def _resize(self, pool_name: str, replicas: int) -> list[str]:
+    async def _resize(self, pool_name: str, replicas: int, source: str = "manual") -> list[str]:
+        """Resize a pool (`source`: manual, a `scale` request, or auto, the autoscaler's)."""
         if pool_name not in self.pools:
             raise KeyError(f"this job has no {pool_name} pool")
+        async with self._resizing:
+            return await self._resize_now(pool_name, replicas, source)
+
+    async def _resize_now(self, pool_name: str, replicas: int, source: str) -> list[str]:
         pool = self.pools[pool_name]
         before = set(pool.actors)
         changed = await pool.resize(replicas)
@@ -204,7 +232,8 @@ class Cluster:
             else:
                 self.infos[pool_name][name] = await pool.actors[name].info.remote()
         self.write_scrape_targets()
-        self.run_dir.event("scaled", pool=pool_name, replicas=len(pool), changed=changed)
+        self.run_dir.event("scaled", pool=pool_name, replicas=len(pool), changed=changed, source=source)
+        self.autoscaling.sized(pool_name, len(pool))
         log.info(
             f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})"
         )

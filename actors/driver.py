@@ -308,7 +308,8 @@ class Driver:
                     await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version, self.cfg.data)
                 )
         verdict = self.guard.observe(step, counters)  # None unless this step evaluated the watched metric
-        self.reporter.step(step, samples, stats, seconds, counters, self.state.worker_of)
+        row = self.reporter.step(step, samples, stats, seconds, counters, self.state.worker_of)
+        self.cluster.observe_step(row)  # the autoscaler (`scaling.auto`): its resizes run beside the steps
         if verdict is not None:
             self.reporter.guardrails(verdict)
         reason = self.rollback.tripped(self.reporter.result.rows[-1], self.guard, verdict)

@@ -108,11 +108,18 @@ def scale(
         help="generation | reward | reference | teacher (distillation's) | judge | scoring (the reward pool and "
         "the reference or teacher pool).",
     ),
-    replicas: int = typer.Option(..., help="New number of workers."),
+    replicas: int | None = typer.Option(
+        None, help="New number of workers; pins the pool's size (the autoscaler leaves it alone until --auto)."
+    ),
+    auto: bool = typer.Option(
+        False, "--auto", help="Hand the pool back to the autoscaler (scaling.auto) without resizing it."
+    ),
     address: str = typer.Option("auto", help="Ray address of the job's cluster (GCS, e.g. HEAD:6379)."),
     dashboard: str | None = typer.Option(None, help="Dashboard address, needed only when JOB is a submission id."),
 ) -> None:
-    """Grow or shrink a pool of a running job; new workers load the newest weights first."""
+    """Grow or shrink a pool of a running job (new workers load the newest weights first) and pin
+    its size; or with --auto release the pin."""
+    check_scale_flags(replicas, auto)
     import ray
 
     from actors.workers.control import scale as scale_pool
@@ -128,7 +135,19 @@ def scale(
         ray.shutdown()
     for pool_name, outcome in outcomes.items():
         typer.echo(
-            f"{pool_name}: {outcome['sizes'][pool_name]} workers (changed: {', '.join(outcome['changed']) or 'none'})"
+            f"{pool_name}: {outcome['sizes'][pool_name]} workers (changed: {', '.join(outcome['changed']) or 'none'}; "
+            f"{'auto' if pool_name in outcome.get('auto', ()) else 'pinned' if replicas is not None else 'not auto'})"
         )
     sizes = list(outcomes.values())[-1]["sizes"]
     typer.echo("layout: " + ", ".join(f"{name} {count}" for name, count in sizes.items()))
+
+
+def check_scale_flags(replicas: int | None, auto: bool) -> None:
+    """`scale` takes a size (which pins the pool) or --auto (which releases it), exactly one."""
+    if replicas is not None and auto:
+        refuse(
+            "--replicas and --auto together: --replicas pins the pool's size, --auto hands it back to the "
+            "autoscaler; give one"
+        )
+    if replicas is None and not auto:
+        refuse("give --replicas N (resize and pin the pool) or --auto (hand it back to the autoscaler)")

@@ -8,7 +8,8 @@
 - `pool_table`: the job's pools, one row each (a new pool is one row); `scoring_calls`: the calls a
   rollout makes to the scoring pools, joined while they are busy.
 - `rank_group`: every torch.distributed group of actors (learner, critic, supervised stages).
-- `control`: the job's controller actor (resize a pool, stop the job) and the CLI's side of it.
+- `control`: the job's controller actor (resize a pool, stop the job) and the CLI's side of it;
+  `autoscaling`: the driver's side of the autoscaler (its rows in, its resizes out, placement).
 - `_common`: what every actor does at start (its config, its metrics endpoint), and `Worker`, the
   base of every worker (name, labels, `info`, heartbeat, stall clock).
 

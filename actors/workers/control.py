@@ -32,17 +32,19 @@ class JobController:
         self._next_ticket = 0
         self.sizes: dict[str, int] = {}
 
-    async def request_scale(self, pool: str, replicas: int) -> int:
+    async def request_scale(self, pool: str, replicas: int | None) -> int:
+        """Queue a resize of `pool` (which pins its size), or with `replicas` None the pool's
+        release to the autoscaler (`scale --auto`); returns the request's ticket."""
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; scalable pools: {', '.join(POOLS)}")
-        if replicas < 1:
+        if replicas is not None and replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         ticket = self._next_ticket
         self._next_ticket += 1
         await self._requests.put((ticket, pool, replicas))
         return ticket
 
-    async def next_request(self) -> tuple[int, str, int]:
+    async def next_request(self) -> tuple[int, str, int | None]:
         return await self._requests.get()
 
     async def applied(self, ticket: int, outcome: dict) -> None:
@@ -59,8 +61,10 @@ class JobController:
         return self.sizes
 
 
-def scale(job_name: str, pool: str, replicas: int, timeout: float = 300.0) -> dict:
-    """Resize `pool` of the running job `job_name` and wait until the driver has applied it.
+def scale(job_name: str, pool: str, replicas: int | None, timeout: float = 300.0) -> dict:
+    """Resize `pool` of the running job `job_name` and wait until the driver has applied it. A
+    size set here pins the pool: the autoscaler (`scaling.auto`) leaves it alone until `replicas`
+    None (`rlhf-cluster scale --auto`) hands it back, with no resize.
 
     Needs a connected Ray client (`ray.init(address=...)`) on the job's cluster. Pool
     `scoring` resizes the reward pool and the reference pool (with distillation, the teacher's).
@@ -79,9 +83,11 @@ def scale(job_name: str, pool: str, replicas: int, timeout: float = 300.0) -> di
         deadline = time.monotonic() + timeout
         while (outcome := ray.get(controller.outcome.remote(ticket))) is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_name}: resize of {name} to {replicas} not applied in {timeout:.0f}s")
+                what = f"resize of {name} to {replicas}" if replicas is not None else f"release of {name}"
+                raise TimeoutError(f"job {job_name}: {what} not applied in {timeout:.0f}s")
             time.sleep(0.2)
         if "error" in outcome:
-            raise RuntimeError(f"job {job_name}: resize of {name} failed: {outcome['error']}")
+            what = "resize" if replicas is not None else "release"
+            raise RuntimeError(f"job {job_name}: {what} of {name} failed: {outcome['error']}")
         outcomes[name] = outcome
     return outcomes

@@ -1,7 +1,7 @@
 """Typed job configuration: one pydantic class per component, loaded from YAML.
 
 One module per part of the job (`inputs`, `generation`, `scoring`, `algorithm`, `training`,
-`job`) on `base`'s building blocks, and `loading` for files and overrides; every public name is
+`scaling`, `job`) on `base`'s building blocks, and `loading` for files and overrides; every public name is
 imported from here.
 
 Every field has a description; unknown keys are errors (``extra="forbid"``) so a typo never
@@ -55,6 +55,7 @@ from rlhf_cluster.config.job import (
     WeightTransport,
 )
 from rlhf_cluster.config.loading import field_path, load_config
+from rlhf_cluster.config.scaling import AutoScaling, GenerationAutoscale, PoolAutoscale, ScalingConfig
 from rlhf_cluster.config.scoring import (
     FunctionReward,
     JudgeReward,
@@ -123,6 +124,10 @@ __all__ = [
     "GuardrailsConfig",
     "TrainConfig",
     "ClusterConfig",
+    "PoolAutoscale",
+    "GenerationAutoscale",
+    "AutoScaling",
+    "ScalingConfig",
     "JobConfig",
     "WeightTransport",
     "field_path",

@@ -12,6 +12,7 @@ from rlhf_cluster.config.algorithm import AlgorithmConfig
 from rlhf_cluster.config.base import _Strict, _Typed, typed_union
 from rlhf_cluster.config.generation import GenerationConfig
 from rlhf_cluster.config.inputs import DataConfig, ModelConfig
+from rlhf_cluster.config.scaling import ScalingConfig, check_start_sizes
 from rlhf_cluster.config.scoring import ScoringConfig, _legacy_rewards
 from rlhf_cluster.config.training import CriticConfig, LearnerConfig, StageConfig
 
@@ -349,6 +350,9 @@ class JobConfig(_Strict):
         None, description="PPO's learned critic (required by algorithm.advantage: gae)."
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
+    scaling: ScalingConfig = Field(
+        default_factory=ScalingConfig, description="Pool sizes while the job runs: the autoscaler, per pool."
+    )
     sft: StageConfig | None = Field(None, description="Supervised fine-tuning stage (`rlhf-cluster sft`, `pipeline`).")
     reward_model: StageConfig | None = Field(
         None, description="Reward-model stage (`rlhf-cluster train-rm`, `pipeline`)."
@@ -376,6 +380,16 @@ class JobConfig(_Strict):
                 f"{self.algorithm.advantage!r} places rewards per token itself (use assign 'episode')"
             )
         self._check_reference_needed()
+        s = self.scoring
+        check_start_sizes(
+            self.scaling.auto,
+            {
+                "generation": ("generation.replicas", self.generation.replicas),
+                "reward": ("scoring.reward_replicas", s.reward_replicas),
+                "reference": ("scoring.reference_replicas", s.reference_replicas),
+                "judge": ("scoring.judge_replicas", s.judge_replicas),
+            },
+        )
         return self
 
     def _check_reference_needed(self) -> None:

@@ -1,9 +1,10 @@
 """What `rlhf-cluster status RUN_DIR` prints: a run directory read back as an operator asks of it.
 
 Whether a job holds the directory now, how far it trained, its held-out accuracy, which
-checkpoints it keeps (the newest, and the best by the guardrails' metric) and every action the
-guardrails took on their own (a best checkpoint kept, a rollback, an early stop), from the run's
-own files only: it works on a finished, stopped or killed run as on a live one.
+checkpoints it keeps (the newest, and the best by the guardrails' metric), each pool's size (auto,
+pinned by hand or fixed, and the autoscaler's last reason) and every action the guardrails took
+on their own (a best checkpoint kept, a rollback, an early stop), from the run's own files only:
+it works on a finished, stopped or killed run as on a live one.
 """
 
 from __future__ import annotations
@@ -51,9 +52,51 @@ def describe_run(root: Path) -> list[str]:
             + f" ({evaluation.get('prompts')} prompts)"
         )
     lines.append(_checkpoints(cfg))
-    events = [e for e in run.read(RunDir.EVENTS) if e.get("event") == "guardrails"]
+    every_event = run.read(RunDir.EVENTS)
+    lines += describe_pools(every_event)
+    events = [e for e in every_event if e.get("event") == "guardrails"]
     lines.append(f"guardrail actions: {len(events) or 'none'}")
     lines += [f"  {_describe_event(e)}" for e in events]
+    return lines
+
+
+def describe_pools(events: list[dict]) -> list[str]:
+    """Each pool's size since the pools last started (events.jsonl's `pools_started`, then every
+    `scaled`), whether the autoscaler sizes it (`auto`), an operator pinned it (`pinned`: a manual
+    `scale` of an auto pool, until `scale --auto`) or neither (`fixed`), and the autoscaler's last decision."""
+    starts = [i for i, e in enumerate(events) if e.get("event") == "pools_started"]
+    if not starts:
+        return []  # a run from before the autoscaler, or whose pools never started
+    start = events[starts[-1]]
+    sizes, auto = dict(start.get("sizes", {})), set(start.get("auto", []))
+    pinned: set[str] = set()
+    last: dict[str, dict] = {}
+    for e in events[starts[-1] + 1 :]:
+        kind, pool = e.get("event"), e.get("pool")
+        if kind == "scaled":
+            sizes[pool] = e.get("replicas", sizes.get(pool))
+            if e.get("source", "manual") == "manual":
+                pinned.add(pool)
+        elif kind == "scale_released":
+            pinned.discard(pool)
+        elif kind in ("autoscaled", "autoscale_failed"):
+            last[pool] = e
+    lines = ["pools:"]
+    for pool, size in sizes.items():
+        mode = (
+            "pinned (rlhf-cluster scale; --auto releases it)"
+            if pool in pinned and pool in auto
+            else ("auto" if pool in auto else "fixed")
+        )
+        text = f"  {pool}: {size} worker{'s' if size != 1 else ''}, {mode}"
+        if pool in last:
+            e = last[pool]
+            text += (
+                f"; last decision {e.get('from')} -> {e.get('to')}: {e.get('reason')}"
+                if e["event"] == "autoscaled"
+                else f"; last resize to {e.get('to')} failed: {e.get('error')}"
+            )
+        lines.append(text)
     return lines
 
 

@@ -166,6 +166,13 @@ LEARNER_RANKS = _gauge(
 )
 # Counted when a pool replaces a dead worker, under the dead worker's name (deploy/alerts.yml: RlhfWorkerRestarted).
 RESTARTS = _counter("rlhf_pool_worker_restarts_total", "Workers restarted after a failure.")
+# Set by the driver's autoscaler (actors/workers/autoscaling.py), under worker="driver".
+AUTOSCALER_DECISIONS = _counter(
+    "rlhf_autoscaler_decisions_total", "Pool resizes the autoscaler applied, by direction (up, down).", "direction"
+)
+POOL_TARGET_REPLICAS = _gauge(
+    "rlhf_pool_target_replicas", "Workers a pool is sized to (its start, the autoscaler's or a manual scale)."
+)
 HUNG_DETECTION_SECONDS = _histogram(
     "rlhf_fault_detection_seconds", "From a hung worker's last good heartbeat to its kill.", buckets=_RECOVERY_BUCKETS
 )
