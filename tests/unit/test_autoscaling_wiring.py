@@ -166,3 +166,56 @@ def test_status_shows_each_pools_size_mode_and_last_decision():
     released = describe_pools([*events, {"event": "scale_released", "pool": "generation"}])
     assert released[1] == "  generation: 3 workers, auto"
     assert describe_pools([{"event": "resumed"}]) == []
+
+
+class _FakePool:
+    """An ActorPool's size and resize, without actors."""
+
+    def __init__(self, size: int):
+        self.actors = {f"r{i}": None for i in range(size)}
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    async def resize(self, replicas: int) -> list[str]:
+        self.actors = {f"r{i}": None for i in range(replicas)}
+        return []
+
+
+def test_a_manual_scale_pins_the_pool_and_auto_releases_it_through_the_clusters_path(tmp_path):
+    """`Cluster._watch_scaling` with a fake controller: a size pins the pool (the autoscaler's
+    next decision for it is not applied), a request without one releases it."""
+    from actors.cluster import Cluster
+
+    requests = [(0, "reward", 3), (1, "reward", None)]
+    outcomes: dict[int, dict] = {}
+
+    async def next_request():
+        if not requests:
+            raise asyncio.CancelledError
+        return requests.pop(0)
+
+    async def applied(ticket, outcome):
+        outcomes[ticket] = outcome
+
+    cluster = Cluster.__new__(Cluster)
+    cluster.pools = {"reward": _FakePool(1)}
+    cluster.infos = {"reward": {}}
+    cluster.other_targets = dict
+    cluster.controller = SimpleNamespace(
+        next_request=SimpleNamespace(remote=next_request), applied=SimpleNamespace(remote=applied)
+    )
+    cluster.cfg = JobConfig(name="t", scaling={"auto": {"reward": {"enabled": True}}})
+    cluster.run_dir = RunDir(tmp_path, tmp_path / "w", tmp_path / "c")
+    cluster.autoscaling = PoolAutoscaling(cluster.cfg, cluster.run_dir, cluster.pool_sizes, cluster._resize)
+
+    async def watch():
+        cluster._resizing = asyncio.Lock()
+        with pytest.raises(asyncio.CancelledError):
+            await cluster._watch_scaling(lambda: 7)
+
+    asyncio.run(watch())
+    assert outcomes[0]["sizes"] == {"reward": 3} and outcomes[0]["auto"] == []  # pinned
+    assert outcomes[1]["changed"] == [] and outcomes[1]["auto"] == ["reward"]  # released, not resized
+    scaled = [e for e in cluster.run_dir.read(RunDir.EVENTS) if e["event"] == "scaled"]
+    assert [(e["replicas"], e["source"]) for e in scaled] == [(3, "manual")]
