@@ -72,7 +72,7 @@ def describe_pools(events: list[dict]) -> list[str]:
     pinned: set[str] = set()
     last: dict[str, dict] = {}
     for e in events[starts[-1] + 1 :]:
-        kind, pool = e.get("event"), e.get("pool")
+        kind, pool = e.get("event"), str(e.get("pool"))
         if kind == "scaled":
             sizes[pool] = e.get("replicas", sizes.get(pool))
             if e.get("source", "manual") == "manual":

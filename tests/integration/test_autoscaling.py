@@ -38,6 +38,7 @@ def test_a_slow_reward_pool_grows_by_itself_within_its_bounds(ray_cluster, job_c
     events = read_jsonl(Path(cfg.run_dir) / "events.jsonl").rows
     auto = [e for e in events if e["event"] == "autoscaled"]
     scaled = [e for e in events if e["event"] == "scaled"]
+    print("reward pool:", [(e["from"], e["to"], e["reason"]) for e in auto])
     assert sizes["reward"] > 1 and sizes["generation"] == 1, (sizes, events)
     assert auto and {e["pool"] for e in auto} == {"reward"}, events
     assert all(e["to"] == e["from"] + 1 and "learner waited" in e["reason"] for e in auto), auto
