@@ -112,6 +112,11 @@ def _add_session_routes(app: FastAPI, service: TinkerService) -> None:
         service.heartbeat((await _parse(request, wire.SessionHeartbeatRequest)).session_id)
         return replies.SessionHeartbeatResponse().model_dump()
 
+    @app.post(API + "/sessions/{session_id}/finish")
+    async def finish(session_id: str):
+        await service.finish_session(session_id)
+        return {}
+
     @app.post(API + "/telemetry")
     async def telemetry():
         return replies.TelemetryResponse().model_dump()

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,9 @@ class TinkerService:
         self.futures = FutureTable(cfg.future_ttl_s, on_change=self.stats.future_change)
         self._train = ThreadPoolExecutor(1, thread_name_prefix="tinker-train")
         self._sample = ThreadPoolExecutor(16, thread_name_prefix="tinker-sample")
-        self._adapters: dict[str, int] = {}  # engine adapter name -> samplers using it
+        # Saved sampler weights the engines serve, by path: each loads once, on first use, and stays
+        # until its checkpoint is deleted (an engine evicts what it has not used lately by itself).
+        self._loads: dict[str, _Once] = {}
 
     # ---------------------------------------------------------------- sessions
 
@@ -67,11 +70,20 @@ class TinkerService:
     async def expire_sessions(self) -> None:
         """End sessions without heartbeats: their clients' adapters and samplers go."""
         for sid in self.sessions.expired():
-            for model_id in self.sessions.clients_of(sid):
-                await self._run_train(partial(self._drop_client, model_id))
-            for sampler_id in self.sessions.samplers_of(session_id=sid):
-                self._drop_sampler(sampler_id)
+            await self._release(sid)
             log.info("session %s ended without a heartbeat", sid)
+
+    async def finish_session(self, session_id: str) -> None:
+        """The client closed its session: its clients' adapters and samplers go now (what it saved stays)."""
+        if not self.sessions.end(session_id):
+            raise ServiceError(404, f"session_id: {session_id!r} is not a live session of this server")
+        await self._release(session_id)
+
+    async def _release(self, session_id: str) -> None:
+        for model_id in self.sessions.clients_of(session_id):
+            await self._run_train(partial(self._drop_client, model_id))
+        for sampler_id in self.sessions.samplers_of(session_id=session_id):
+            await asyncio.get_running_loop().run_in_executor(self._sample, self._drop_sampler, sampler_id)
 
     def _session(self, session_id: str) -> None:
         if session_id not in self.sessions.sessions:
@@ -230,12 +242,15 @@ class TinkerService:
         if model_path is not None:
             path, meta = self._saved(model_path, "sampler_weights", status=404)
             adapter = path.uri
-            if adapter not in self._adapters:
-                self._add_adapter(adapter, state_folder(self.state, path), meta["digest"])
+            self._load_of(path, meta)()
         self.sessions.samplers[sampler_id] = Sampler(sampler_id, session_id, adapter, model_path)
-        if adapter is not None:
-            self._adapters[adapter] = self._adapters.get(adapter, 0) + 1
         return sampler_id
+
+    def _load_of(self, path: TinkerPath, meta: dict) -> _Once:
+        if path.uri not in self._loads:
+            folder = state_folder(self.state, path)
+            self._loads[path.uri] = _Once(partial(self._add_adapter, path.uri, folder, meta["digest"]))
+        return self._loads[path.uri]
 
     def sampler(self, sampler_id: str) -> dict:
         s = self.sessions.samplers.get(sampler_id)
@@ -256,7 +271,7 @@ class TinkerService:
         spec: SampleSpec,
     ) -> tuple[str, list[str]]:
         """Start `n` samples; returns the future's id and one id per sample."""
-        adapter = self._adapter_for(sampler_id, base_model, model_path)
+        adapter, load = self._adapter_for(sampler_id, base_model, model_path)
         if not prompt:
             raise ServiceError(400, "prompt: holds no tokens")
         if len(prompt) + spec.max_tokens > self.cfg.model.max_context_length:
@@ -269,6 +284,8 @@ class TinkerService:
         request_id = f"{owner}:{seq}" if seq is not None else f"{owner}:{uuid.uuid4().hex[:12]}"
 
         def run() -> bytes:
+            if load is not None:  # a saved path sampled without a sampler: its adapter loads first, once
+                load()
             result = self.sample_backend.sample(adapter, prompt, n, spec)
             self.stats.sampled(owner, sum(len(s.tokens) for s in result.sequences))
             return proto.encode_sample_response(result)
@@ -276,7 +293,11 @@ class TinkerService:
         request_id = self._submit(request_id, "sample", self._sample, run)
         return request_id, [f"{request_id}:{i}" for i in range(n)]
 
-    def _adapter_for(self, sampler_id: str | None, base_model: str | None, model_path: str | None) -> str | None:
+    def _adapter_for(
+        self, sampler_id: str | None, base_model: str | None, model_path: str | None
+    ) -> tuple[str | None, Callable[[], None] | None]:
+        """The engines' adapter a sample runs on (None: the base model), and the load it needs
+        first when none holds it yet (run on a sampling thread, never on the event loop)."""
         if sampler_id is not None:
             s = self.sessions.samplers.get(sampler_id)
             if s is None:
@@ -285,15 +306,12 @@ class TinkerService:
                     f"sampling_session_id: {sampler_id!r} is not a live sampler (its session or "
                     "training client ended, or its weights were deleted)",
                 )
-            return s.adapter
+            return s.adapter, None
         if model_path is not None:
             path, meta = self._saved(model_path, "sampler_weights", status=404)
-            if path.uri not in self._adapters:
-                self._add_adapter(path.uri, state_folder(self.state, path), meta["digest"])
-                self._adapters[path.uri] = 1
-            return path.uri
+            return path.uri, self._load_of(path, meta)
         self._base(base_model)
-        return None
+        return None, None
 
     # ---------------------------------------------------------------- saved states
 
@@ -312,9 +330,8 @@ class TinkerService:
         path, _ = self._saved(f"tinker://{model_id}/{checkpoint_id}", None, status=404)
         for sampler_id in [sid for sid, s in self.sessions.samplers.items() if s.adapter == path.uri]:
             self._drop_sampler(sampler_id)
-        if path.uri in self._adapters:
+        if self._loads.pop(path.uri, None) is not None:
             self.sample_backend.remove_adapter(path.uri)
-            del self._adapters[path.uri]
         shutil.rmtree(state_folder(self.state, path), ignore_errors=True)
 
     def _saved(self, uri: str, kind: str | None, status: int = 400) -> tuple[TinkerPath, dict]:
@@ -339,19 +356,12 @@ class TinkerService:
         self.sample_backend.add_adapter(name, folder, digest)
 
     def _drop_sampler(self, sampler_id: str) -> None:
+        """A sampler ends; an unnamed save's adapter (its own) goes with it, a saved path's stays."""
         s = self.sessions.samplers.pop(sampler_id, None)
-        if s is None or s.adapter is None:
+        if s is None or s.adapter is None or s.owner is None:
             return
-        if s.owner is not None:  # an unnamed save: its adapter is its own
-            self.sample_backend.remove_adapter(s.adapter)
-            shutil.rmtree(self.state / "ephemeral" / sampler_id.replace(":", "_"), ignore_errors=True)
-            return
-        left = self._adapters.get(s.adapter, 1) - 1
-        if left <= 0:
-            self._adapters.pop(s.adapter, None)
-            self.sample_backend.remove_adapter(s.adapter)
-        else:
-            self._adapters[s.adapter] = left
+        self.sample_backend.remove_adapter(s.adapter)
+        shutil.rmtree(self.state / "ephemeral" / sampler_id.replace(":", "_"), ignore_errors=True)
 
     def _drop_client(self, model_id: str) -> None:
         for sampler_id in self.sessions.samplers_of(owner=model_id):
@@ -388,6 +398,24 @@ class TinkerService:
     def close(self) -> None:
         self._train.shutdown(wait=True, cancel_futures=True)
         self._sample.shutdown(wait=True, cancel_futures=True)
+
+
+class _Once:
+    """`load()` runs `work` once; later calls wait for that run and raise as it did."""
+
+    def __init__(self, work: Callable[[], None]):
+        self.work, self.lock, self.done, self.error = work, threading.Lock(), False, None
+
+    def __call__(self) -> None:
+        with self.lock:
+            if not self.done:
+                try:
+                    self.work()
+                except BaseException as exc:
+                    self.error = exc
+                self.done = True
+        if self.error is not None:
+            raise self.error
 
 
 def _outcome_of(work: Callable[[], dict | bytes], kind: str) -> Outcome:

@@ -73,9 +73,15 @@ class Sessions:
         now = time.monotonic()
         gone = [sid for sid, s in self.sessions.items() if now - s.last_beat > self.timeout_s]
         for sid in gone:
-            del self.sessions[sid]
-            self.ended.add(sid)
+            self.end(sid)
         return gone
+
+    def end(self, session_id: str) -> bool:
+        """End a session now (its client finished it); False when it was not live."""
+        if self.sessions.pop(session_id, None) is None:
+            return False
+        self.ended.add(session_id)
+        return True
 
     def clients_of(self, session_id: str) -> list[str]:
         return [mid for mid, c in self.clients.items() if c.session_id == session_id]

@@ -116,7 +116,8 @@ def server(config, tmp_path_factory):
 @pytest.fixture
 def client(server, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    return tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    with tinker.ServiceClient(base_url=server.url, api_key=KEY) as client:  # finishes its session after
+        yield client
 
 
 def _sft_datum(tok, row: dict) -> types.Datum:
@@ -223,26 +224,26 @@ def test_two_clients_training_at_once_leave_each_other_alone(client):
 
 def test_saved_states_survive_a_restart(server, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    client = tinker.ServiceClient(base_url=server.url, api_key=KEY)
-    tc = client.create_lora_training_client(base_model=NAME, rank=4, seed=3).result()
-    tok = tc.get_tokenizer()
-    _train(tc, tok, arithmetic_rows(8, seed=4), 2)
-    state = tc.save_state("before-restart").result().path
-    for_sampler = tc.save_weights_for_sampler("before-restart").result().path
-    _train(tc, tok, arithmetic_rows(8, seed=5), 1)  # the step a resumed client must take alike
-    expected = _probe(tc, tok)
-    prompt = types.ModelInput.from_ints(tok.encode("3+4="))
-    greedy = types.SamplingParams(max_tokens=4, temperature=1.0, seed=11)
-    sampled = client.create_sampling_client(model_path=for_sampler).result().sample(prompt, 1, greedy).result()
+    with tinker.ServiceClient(base_url=server.url, api_key=KEY) as client:
+        tc = client.create_lora_training_client(base_model=NAME, rank=4, seed=3).result()
+        tok = tc.get_tokenizer()
+        _train(tc, tok, arithmetic_rows(8, seed=4), 2)
+        state = tc.save_state("before-restart").result().path
+        for_sampler = tc.save_weights_for_sampler("before-restart").result().path
+        _train(tc, tok, arithmetic_rows(8, seed=5), 1)  # the step a resumed client must take alike
+        expected = _probe(tc, tok)
+        prompt = types.ModelInput.from_ints(tok.encode("3+4="))
+        seeded = types.SamplingParams(max_tokens=4, temperature=1.0, seed=11)
+        sampled = client.create_sampling_client(model_path=for_sampler).result().sample(prompt, 1, seeded).result()
 
     assert server.stop() == 0
     server.start()  # the module's server from now on: the same config and state_dir
-    client = tinker.ServiceClient(base_url=server.url, api_key=KEY)
-    resumed = client.create_training_client_from_state_with_optimizer(state).result()
-    _train(resumed, tok, arithmetic_rows(8, seed=5), 1)
-    assert _probe(resumed, tok) == pytest.approx(expected, abs=1e-5)
-    resampled = client.create_sampling_client(model_path=for_sampler).result().sample(prompt, 1, greedy).result()
-    assert resampled.sequences[0].tokens == sampled.sequences[0].tokens
+    with tinker.ServiceClient(base_url=server.url, api_key=KEY) as client:
+        resumed = client.create_training_client_from_state_with_optimizer(state).result()
+        _train(resumed, tok, arithmetic_rows(8, seed=5), 1)
+        assert _probe(resumed, tok) == pytest.approx(expected, abs=1e-5)
+        sampler = client.create_sampling_client(model_path=for_sampler).result()
+        assert sampler.sample(prompt, 1, seeded).result().sequences[0].tokens == sampled.sequences[0].tokens
 
 
 def _hub_layout(root: Path, model_cache: str) -> Path:

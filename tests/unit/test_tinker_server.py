@@ -90,7 +90,8 @@ def server(tmp_path_factory):
 @pytest.fixture
 def client(server, monkeypatch):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    return tinker.ServiceClient(base_url=server[0], api_key=KEY)
+    with tinker.ServiceClient(base_url=server[0], api_key=KEY) as client:  # finishes its session after
+        yield client
 
 
 def _datum(n: int) -> types.Datum:
@@ -219,6 +220,13 @@ def test_a_call_sent_twice_runs_once_and_an_ended_session_frees_its_clients(tmp_
             service.heartbeat(sid)
         assert ended.value.status == 410
         assert await service.retrieve("never-made") is None
+        # a session its client finishes frees its clients at once
+        other = service.create_session([], {})
+        assert isinstance(await service.retrieve(service.create_model(other, 0, NAME, LoraSpec(rank=2))), Outcome)
+        await service.finish_session(other)
+        assert service.sessions.model_id(other, 0) not in train.models
+        with pytest.raises(ServiceError):
+            await service.finish_session(other)
         service.close()
 
     asyncio.run(run())
