@@ -38,6 +38,13 @@ def test_grows_the_busiest_pool_while_the_learner_waits_after_a_full_window():
     assert "learner waited 2.00 s" in made[0][1].reason and "reward was busy 0.95" in made[0][1].reason
 
 
+def test_when_generation_is_the_bottleneck_generation_grows_instead():
+    a = scaler(generation={}, reward={})
+    sizes = {"generation": 1, "reward": 1}
+    made = feed(a, [row(wait=2.0, generation=0.97, reward=0.4)] * 3, sizes)
+    assert [(d.pool, d.replicas) for _, d in made] == [("generation", 2)]
+
+
 def test_a_busy_pool_does_not_grow_while_the_learner_does_not_wait():
     a = scaler(reward={})
     assert feed(a, [row(wait=0.1, reward=1.0)] * 10, {"reward": 1}) == []
