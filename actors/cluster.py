@@ -95,7 +95,7 @@ class Cluster:
         }
         weights.serve(self.pools["generation"])  # every version is pushed to the generation pool
         self.scoring = ScoringCalls(self.pools, {row.name: row.joined for row in rows})
-        self._resizing = asyncio.Lock()  # one resize at a time: the operator's and the autoscaler's
+        self._resizing = asyncio.Lock()
         self.autoscaling = PoolAutoscaling(cfg, run_dir, self.pool_sizes, self._resize)
         try:
             # Every pool's workers start at once: their constructors (an engine, a model) overlap.
@@ -183,10 +183,6 @@ class Cluster:
             f"replaced in {replaced_s:.1f} s"
         )
 
-    def observe_step(self, row: dict) -> None:
-        """A step's row, for the autoscaler (`scaling.auto`); its resizes run in `watch`."""
-        self.autoscaling.observe(row)
-
     async def _watch_scaling(self, version: Callable[[], int]) -> None:
         """Apply scale requests from the JobController as they arrive. A size set by hand pins
         the pool (the autoscaler leaves it alone); a request without one (`--auto`) releases it."""
@@ -216,27 +212,24 @@ class Cluster:
             await controller.applied.remote(ticket, outcome)
 
     async def _resize(self, pool_name: str, replicas: int, source: str = "manual") -> list[str]:
-        """Resize a pool (`source`: manual, a `scale` request, or auto, the autoscaler's)."""
+        """Resize a pool (`source`: manual, a `scale` request, or auto, the autoscaler's); one
+        resize at a time, the operator's and the autoscaler's."""
         if pool_name not in self.pools:
             raise KeyError(f"this job has no {pool_name} pool")
-        async with self._resizing:
-            return await self._resize_now(pool_name, replicas, source)
-
-    async def _resize_now(self, pool_name: str, replicas: int, source: str) -> list[str]:
         pool = self.pools[pool_name]
-        before = set(pool.actors)
-        changed = await pool.resize(replicas)
-        for name in changed:
-            if name in before:
-                self.infos[pool_name].pop(name, None)
-            else:
-                self.infos[pool_name][name] = await pool.actors[name].info.remote()
-        self.write_scrape_targets()
-        self.run_dir.event("scaled", pool=pool_name, replicas=len(pool), changed=changed, source=source)
-        self.autoscaling.sized(pool_name, len(pool))
-        log.info(
-            f"scaled {pool_name} pool to {len(pool)} ({'+' if len(pool) > len(before) else '-'}{', '.join(changed)})"
-        )
+        async with self._resizing:
+            before = set(pool.actors)
+            changed = await pool.resize(replicas)
+            for name in changed:
+                if name in before:
+                    self.infos[pool_name].pop(name, None)
+                else:
+                    self.infos[pool_name][name] = await pool.actors[name].info.remote()
+            self.write_scrape_targets()
+            self.run_dir.event("scaled", pool=pool_name, replicas=len(pool), changed=changed, source=source)
+            self.autoscaling.sized(pool_name, len(pool))
+        sign = "+" if len(pool) > len(before) else "-"
+        log.info(f"scaled {pool_name} pool to {len(pool)} ({sign}{', '.join(changed)})")
         return changed
 
     def shutdown(self) -> None:

@@ -309,7 +309,7 @@ class Driver:
                 )
         verdict = self.guard.observe(step, counters)  # None unless this step evaluated the watched metric
         row = self.reporter.step(step, samples, stats, seconds, counters, self.state.worker_of)
-        self.cluster.observe_step(row)  # the autoscaler (`scaling.auto`): its resizes run beside the steps
+        self.cluster.autoscaling.observe(row)  # `scaling.auto`: its resizes run in Cluster.watch, beside the steps
         if verdict is not None:
             self.reporter.guardrails(verdict)
         reason = self.rollback.tripped(self.reporter.result.rows[-1], self.guard, verdict)
