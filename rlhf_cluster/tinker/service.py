@@ -404,7 +404,8 @@ class _Once:
     """`load()` runs `work` once; later calls wait for that run and raise as it did."""
 
     def __init__(self, work: Callable[[], None]):
-        self.work, self.lock, self.done, self.error = work, threading.Lock(), False, None
+        self.work, self.lock, self.done = work, threading.Lock(), False
+        self.error: BaseException | None = None
 
     def __call__(self) -> None:
         with self.lock:
