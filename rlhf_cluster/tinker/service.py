@@ -35,6 +35,8 @@ from rlhf_cluster.tinker.stats import TinkerStats
 
 log = logging.getLogger(__name__)
 META = "tinker.json"  # beside a saved state: what it is, so a restarted server can load it
+# A client's newest samplers of unnamed saves (an RL loop makes one a step); older ones end (404).
+UNNAMED_SAMPLERS_KEPT = 4
 
 
 class ServiceError(Exception):
@@ -228,6 +230,9 @@ class TinkerService:
             digest = self.train.export_adapter(model_id, folder)
             self._add_adapter(sampler_id, folder, digest)
             self.sessions.samplers[sampler_id] = Sampler(sampler_id, c.session_id, sampler_id, None, owner=model_id)
+            # An RL loop makes one each step: the client's oldest go, so engines and disk stay bounded.
+            for old in self.sessions.samplers_of(owner=model_id)[:-UNNAMED_SAMPLERS_KEPT]:
+                self._drop_sampler(old)
             return replies.SaveWeightsForSamplerResponseInternal(sampling_session_id=sampler_id).model_dump()
 
         return self._submit(f"{model_id}:{seq}", "save_weights_for_sampler", self._train, save)

@@ -259,3 +259,17 @@ def test_a_custom_loss_runs_on_the_client_and_reaches_the_server_as_cross_entrop
     assert out.metrics["custom:sum"] == pytest.approx(-3.0)  # log-probs -1 at positions 0, 1, 2
     kinds = [(c[2], c[4]) for c in train.calls if c[1] == tc.model_id]
     assert kinds == [("cross_entropy", False), ("cross_entropy", True)]  # a forward, then weighted backward
+
+
+def test_a_clients_unnamed_sampler_saves_are_bounded_oldest_ending_first(client, server):
+    from rlhf_cluster.tinker.service import UNNAMED_SAMPLERS_KEPT
+
+    sample = server[3]
+    tc = client.create_lora_training_client(base_model=NAME, rank=4).result()
+    samplers = [tc.save_weights_and_get_sampling_client().result() for _ in range(UNNAMED_SAMPLERS_KEPT + 2)]
+    mine = [name for name in sample.adapters if name.startswith(tc.model_id.split(":")[0])]
+    assert len(mine) == UNNAMED_SAMPLERS_KEPT, mine  # the engines hold the newest only
+    prompt, params = types.ModelInput.from_ints([1]), types.SamplingParams(max_tokens=1)
+    assert samplers[-1].sample(prompt, 1, params).result().sequences
+    with pytest.raises(tinker.NotFoundError, match="not a live sampler"):
+        samplers[0].sample(prompt, 1, params).result()
