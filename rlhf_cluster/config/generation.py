@@ -249,6 +249,12 @@ class GenerationConfig(_Strict):
     """The generation pool: vLLM engines in Ray actors."""
 
     replicas: int = Field(1, ge=1, description="Generation workers.")
+    spares: int = Field(
+        0,
+        ge=0,
+        description="Warm spares: engines kept started and loaded with every version (they join every push) "
+        "but never sampled from; a lost or hung worker is replaced by one at once, and a new spare starts behind it.",
+    )
     mode: Literal["streaming", "batched"] = Field(
         "streaming",
         description="streaming: each admitted prompt goes to the engine at once and its group goes to scoring "
