@@ -90,7 +90,13 @@ class Cluster:
         rows = pool_rows(cfg, model_path, engine_paths, run_dir / RunDir.JUDGE_INT8)
         # A new worker of a pool that takes weights (generation) loads the newest version before it serves.
         self.pools: dict[str, ActorPool] = {
-            row.name: row.pool(cfg.faults, self.activity, partial(self._on_restart, row.name), weights.join)
+            row.name: row.pool(
+                cfg.faults,
+                self.activity,
+                partial(self._on_restart, row.name),
+                weights.join,
+                on_spares=partial(self._register, row.name),
+            )
             for row in rows
         }
         weights.serve(self.pools["generation"])  # every version is pushed to the generation pool
@@ -121,17 +127,23 @@ class Cluster:
     def pool_sizes(self) -> dict[str, int]:
         return {name: len(pool) for name, pool in self.pools.items()}
 
-    def _on_restart(self, pool_name: str, dead: str, new: str) -> None:
-        """Count a restart and keep the scrape targets current (the pool replaced the worker)."""
+    def _on_restart(self, pool_name: str, dead: str, new: str, spare: bool) -> None:
+        """Count a restart and keep the scrape targets current (the pool replaced the worker,
+        with a warm spare or a new one)."""
         m.RESTARTS.labels(job=self.cfg.name, pool=pool_name, worker=dead).inc()
-        self.infos[pool_name].pop(dead, None)
-        actor = self.pools[pool_name].actors[new]
-        asyncio.get_running_loop().create_task(self._register(pool_name, new, actor))
-        self.run_dir.event("worker_replaced", pool=pool_name, worker=dead, replacement=new)
-        log.info(f"{pool_name} worker {dead} died; replaced by {new} (restart {self.pools[pool_name].restarts})")
+        asyncio.get_running_loop().create_task(self._register(pool_name))
+        self.run_dir.event("worker_replaced", pool=pool_name, worker=dead, replacement=new, spare=spare)
+        by = "the spare" if spare else "a new worker,"
+        log.info(f"{pool_name} worker {dead} died; replaced by {by} {new} (restart {self.pools[pool_name].restarts})")
 
-    async def _register(self, pool_name: str, name: str, actor) -> None:
-        self.infos[pool_name][name] = await actor.info.remote()
+    async def _register(self, pool_name: str) -> None:
+        """The pool's workers and spares, each with its info (its metrics endpoint), as scrape targets."""
+        pool, infos = self.pools[pool_name], self.infos[pool_name]
+        live = {**pool.actors, **pool.spares}
+        for gone in set(infos) - set(live):
+            infos.pop(gone)
+        for name in set(live) - set(infos):
+            infos[name] = await live[name].info.remote()
         self.write_scrape_targets()
 
     def write_scrape_targets(self) -> None:
@@ -220,12 +232,7 @@ class Cluster:
         async with self._resizing:
             before = set(pool.actors)
             changed = await pool.resize(replicas)
-            for name in changed:
-                if name in before:
-                    self.infos[pool_name].pop(name, None)
-                else:
-                    self.infos[pool_name][name] = await pool.actors[name].info.remote()
-            self.write_scrape_targets()
+            await self._register(pool_name)
             self.run_dir.event("scaled", pool=pool_name, replicas=len(pool), changed=changed, source=source)
             self.autoscaling.sized(pool_name, len(pool))
         sign = "+" if len(pool) > len(before) else "-"

@@ -101,6 +101,10 @@ class Job:
         """The actor handles of a pool's workers in rotation, by name."""
         return dict(self._driver.cluster.pools[pool].actors)
 
+    def spares(self, pool: str) -> dict:
+        """The actor handles of a pool's warm spares (started, loaded, out of rotation), by name."""
+        return dict(self._driver.cluster.pools[pool].spares)
+
     def worker_infos(self, pool: str) -> dict[str, dict]:
         """What each worker of a pool reported at start (metrics endpoint, pid, ...), by name."""
         return dict(self._driver.cluster.infos[pool])

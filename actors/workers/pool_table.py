@@ -44,6 +44,7 @@ class PoolRow:
     # items (a step's samples); None: every call alone.
     joined: int | None = None
     takes_weights: bool = False  # a new worker loads the newest weight version before it serves
+    spares: int = 0  # warm spares: started and prepared, out of rotation, standing in for a lost worker
 
     def create(self, index: int, slot: int) -> Any:
         """Start one worker (its constructor runs in its own process)."""
@@ -55,11 +56,13 @@ class PoolRow:
         self,
         faults: FaultsConfig,
         activity: PoolActivity,
-        on_restart: Callable[[str, str], None],
+        on_restart: Callable[[str, str, bool], None],
         prepare: Callable[[Any], Awaitable[None]] | None,
+        on_spares: Callable[[], Awaitable[None]] | None = None,
     ) -> ActorPool:
         """The row's `ActorPool` (no worker started yet); `prepare` runs on every new worker
-        before it serves (with `takes_weights`, the job's weight sync)."""
+        before it serves (with `takes_weights`, the job's weight sync); `on_spares` after its
+        spares changed. A spare stands in for a worker whose slot loads the same model folder."""
         return ActorPool(
             self.name,
             self.prefix,
@@ -69,6 +72,9 @@ class PoolRow:
             backoff_s=faults.restart_backoff_s,
             activity=activity,
             on_restart=on_restart,
+            spares=self.spares,
+            kind_of=self.model_path,
+            on_spares=on_spares,
         )
 
 
@@ -96,7 +102,7 @@ def pool_rows(cfg: JobConfig, model_path: str, engine_paths: dict[str, str], jud
         PoolRow(
             "generation", "gen", GenerationWorker, lambda: GenerationSettings.of(cfg), g.replicas, g.resources,
             model_path=lambda slot: engine_paths["int8" if g.quantization_of(slot) == "int8" else "full"],
-            takes_weights=True,
+            takes_weights=True, spares=g.spares,
         ),
         PoolRow("reward", "reward", RewardWorker, lambda: ScoringSettings.of(cfg), s.reward_replicas, s.resources,
                 joined=step),

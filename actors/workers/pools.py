@@ -3,6 +3,11 @@
 Dispatch goes through `call`, so the pool knows each actor's requests in flight: a retired
 actor leaves the rotation at once but is killed only after its last request has returned, so
 no request is lost when a pool shrinks.
+
+Warm spares (`spares`): actors started and prepared like the others (for generation: loaded with
+every weight version, which reaches them as it reaches the pool) but out of rotation. A worker
+that dies or hangs is replaced by a spare at once, and a grow takes spares first; each spare
+taken is made again behind it, in the background.
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ class ActorPool:
         prepare: Callable[[Any], Awaitable[None]] | None = None,
         max_restarts: int = 0,
         backoff_s: float = 0.0,
-        on_restart: Callable[[str, str], None] | None = None,
+        on_restart: Callable[[str, str, bool], None] | None = None,  # (dead, new, a spare?)
         activity: PoolActivity | None = None,
+        spares: int = 0,
+        kind_of: Callable[[int], Any] = lambda slot: None,
+        on_spares: Callable[[], Awaitable[None]] | None = None,
     ):
         self.name = name
         self.activity = activity or PoolActivity()  # when each worker had a request in flight (busy share)
@@ -65,6 +73,13 @@ class ActorPool:
         self._in_flight: dict[str, int] = {}
         self._turn = 0
         self._drained = asyncio.Condition()
+        self.spares_wanted = spares
+        self.spares: dict[str, Any] = {}  # started and prepared, out of rotation
+        # A spare stands in only for a worker of its kind (what a slot's worker is built from:
+        # e.g. int8 or full weights), so a per-replica setting survives it.
+        self.kind_of = kind_of
+        self.on_spares = on_spares  # after the spares changed (one made or lost)
+        self._refills: set[asyncio.Task] = set()
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -105,10 +120,40 @@ class ActorPool:
             self._in_flight.setdefault(name, 0)
 
     def start(self, count: int) -> dict[str, Any]:
-        """Create and activate `count` actors (at job start, before anything is dispatched)."""
+        """Create and activate `count` actors, and the spares (at job start, before anything is
+        dispatched; the job's first weights reach the spares as they reach the others). Returns
+        every actor created, the spares included."""
         created = self.create(count)
         self.activate(created)
-        return created
+        self.spares.update(self.create(self.spares_wanted))
+        return {**created, **self.spares}
+
+    def _take_spare(self, kind: Any = None, any_kind: bool = False) -> dict[str, Any]:
+        """The oldest spare of `kind` (or of any kind), out of the spares, and a new one started
+        behind it in its slot; empty when there is none."""
+        for name, actor in self.spares.items():
+            if any_kind or self.kind_of(self.slot_of[name]) == kind:
+                del self.spares[name]
+                self._refill(replacing=name)
+                return {name: actor}
+        return {}
+
+    def _refill(self, replacing: str) -> None:
+        """Start a spare in `replacing`'s slot, in the background; `watch` raises its failure."""
+        task = asyncio.get_running_loop().create_task(self._add_spare(replacing))
+        self._refills.add(task)
+
+    async def _add_spare(self, replacing: str) -> None:
+        created = await self._create_prepared(1, replacing=replacing)
+        self.spares.update(created)
+        if self.on_spares is not None:
+            await self.on_spares()
+
+    def _check_refills(self) -> None:
+        """A spare that failed to start ends the job with its cause, as a failed replacement does."""
+        for task in [t for t in self._refills if t.done()]:
+            self._refills.discard(task)
+            task.result()
 
     async def call(self, method: str, *args) -> tuple[str, Any]:
         """Call `method` on the next actor in rotation; returns (actor name, result).
@@ -142,20 +187,31 @@ class ActorPool:
                     self._drained.notify_all()
 
     async def _replace(self, name: str, actor: Any, cause: BaseException) -> None:
-        """Swap a dead actor for a new one (the first caller to see it dead does the work)."""
-        if self.actors.get(name) is not actor:
+        """Swap a dead actor for a spare of its kind, or else a new one (the first caller to see it
+        dead does the work). A dead spare is made again behind, in the background."""
+        if self.actors.get(name) is not actor and self.spares.get(name) is not actor:
             return  # already replaced by a concurrent call, or retired
         if self.restarts >= self.max_restarts:
             raise RuntimeError(
                 f"{self.name} pool: worker {name} died and the {self.max_restarts} allowed restarts are used up"
             ) from cause
-        del self.actors[name]
         self.restarts += 1
-        await asyncio.sleep(self.backoff_s * 2 ** (self.restarts - 1))
-        created = await self._create_prepared(1, replacing=name)
+        if self.spares.pop(name, None) is not None:
+            self._refill(replacing=name)
+            if self.on_spares is not None:
+                await self.on_spares()
+            return
+        del self.actors[name]
+        created = self._take_spare(self.kind_of(self.slot_of[name]))
+        spare = bool(created)
+        if spare:
+            self.slot_of[next(iter(created))] = self.slot_of[name]
+        else:
+            await asyncio.sleep(self.backoff_s * 2 ** (self.restarts - 1))
+            created = await self._create_prepared(1, replacing=name)
         self.activate(created)
         if self.on_restart is not None:
-            self.on_restart(name, next(iter(created)))
+            self.on_restart(name, next(iter(created)), spare)
         async with self._drained:
             self._drained.notify_all()
 
@@ -174,12 +230,18 @@ class ActorPool:
         last_ok: dict[str, float] = {}
         while True:
             started = time.monotonic()
-            names = list(self.actors)
-            beats = await asyncio.gather(*[heartbeat(self.actors[n], faults.heartbeat_timeout_s) for n in names])
+            self._check_refills()
+            watched = {**self.actors, **self.spares}
+            names = list(watched)
+            beats = await asyncio.gather(*[heartbeat(watched[n], faults.heartbeat_timeout_s) for n in names])
             on_spans([span for beat in beats for span in beat.spans])
             for name, beat in zip(names, beats):
                 reason = beat.hung(faults.stall_timeout_s)
-                actor = self.actors.get(name)
+                actor = self.actors.get(name, self.spares.get(name))
+                if beat.dead and actor is not None and name in self.spares:
+                    # Nobody calls a spare, so nobody else would see it dead: made again behind.
+                    await self._replace(name, actor, RuntimeError(f"{self.name} spare {name} died"))
+                    continue
                 if reason is None:
                     last_ok[name] = time.monotonic()
                     continue
@@ -210,16 +272,25 @@ class ActorPool:
         return leaving
 
     async def resize(self, replicas: int) -> list[str]:
-        """Grow (new actors are `prepare`d, e.g. loaded with the newest weights, before serving) or shrink."""
+        """Grow (spares first, then new actors, `prepare`d, e.g. loaded with the newest weights,
+        before serving) or shrink."""
         if replicas < 1:
             raise ValueError(f"{self.name} pool: replicas must be >= 1, got {replicas}")
         if replicas > len(self.actors):
+            added: list[str] = []
+            while len(self.actors) < replicas and self.spares:
+                spare = self._take_spare(any_kind=True)
+                self.activate(spare)
+                added += spare
             created = await self._create_prepared(replicas - len(self.actors))
             self.activate(created)
-            return list(created)
+            return added + list(created)
         return await self.retire(len(self.actors) - replicas)
 
     def kill(self) -> None:
-        for actor in self.actors.values():
+        for task in self._refills:
+            task.cancel()  # its half-started actor is killed as it is cancelled
+        for actor in [*self.actors.values(), *self.spares.values()]:
             ray.kill(actor, no_restart=True)
         self.actors.clear()
+        self.spares.clear()

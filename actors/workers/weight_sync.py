@@ -4,7 +4,7 @@
                              restored and its rank 0's part of every push
     first()                  the adopted version, to the engines started from the model folder (blocking)
     restore()                the adopted version, to every engine after a rebuild (a rollback's push)
-    push(delivery)           every engine of the pool (joining and retiring ones too) loads it now
+    push(delivery)           every engine of the pool (spares, joining and retiring ones too) loads it now
     join(worker)             a new worker loads the newest version before it serves
 
 It owns the current learner's sender and start delivery, the newest delivery, the workers
@@ -82,7 +82,7 @@ class WeightSync:
         """Blocking: the engines started from the model folder load the adopted learner's
         version (the job's) before anything is generated."""
         self.delivery = delivery = self._take_adopted()
-        engines = list(self.pool.actors.values())
+        engines = [*self.pool.actors.values(), *self.pool.spares.values()]
         if not delivery.sender:
             receipts = ray.get([e.load.remote(delivery) for e in engines], timeout=DELIVERY_TIMEOUT_S)
         else:
@@ -121,7 +121,8 @@ class WeightSync:
             if self.delivery is not None and delivery.version <= self.delivery.version and not rollback:
                 return []
             self.delivery = delivery
-            actors = list(self.pool.actors.values())
+            # The spares too: each stands ready with the newest version.
+            actors = [*self.pool.actors.values(), *self.pool.spares.values()]
             self._joining -= set(actors)  # joined: in the pool now
             # Retiring workers too: a request of theirs may be waiting for this version (without
             # it, the retirement waited for that request, and the request for the version).

@@ -31,7 +31,10 @@ def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
     plan = [
         PoolRequest("learner", "learner.resources", cfg.learner.world_size, _per_actor(cfg.learner.resources)),
         PoolRequest(
-            "generation", "generation.resources", cfg.generation.replicas, _per_actor(cfg.generation.resources)
+            "generation",
+            "generation.resources",
+            cfg.generation.replicas + cfg.generation.spares,  # a warm spare holds its resources too
+            _per_actor(cfg.generation.resources),
         ),
         PoolRequest("reward", "scoring.resources", cfg.scoring.reward_replicas, _per_actor(cfg.scoring.resources)),
     ]

@@ -168,17 +168,25 @@ def test_status_shows_each_pools_size_mode_and_last_decision():
     assert describe_pools([{"event": "resumed"}]) == []
 
 
+async def _no_info() -> dict:
+    return {}
+
+
 class _FakePool:
-    """An ActorPool's size and resize, without actors."""
+    """An ActorPool's size and resize, with actors that answer only `info`."""
 
     def __init__(self, size: int):
-        self.actors = {f"r{i}": None for i in range(size)}
+        self.resize_to(size)
+        self.spares: dict = {}
+
+    def resize_to(self, size: int) -> None:
+        self.actors = {f"r{i}": SimpleNamespace(info=SimpleNamespace(remote=_no_info)) for i in range(size)}
 
     def __len__(self) -> int:
         return len(self.actors)
 
     async def resize(self, replicas: int) -> list[str]:
-        self.actors = {f"r{i}": None for i in range(replicas)}
+        self.resize_to(replicas)
         return []
 
 

@@ -39,6 +39,7 @@ class _Pool:
     def __init__(self, engines):
         self.actors = {f"gen{i}": e for i, e in enumerate(engines)}
         self.draining = {}
+        self.spares = {}
 
 
 def _push(engines, sender_error):

@@ -1,0 +1,72 @@
+"""A warm spare (`generation.spares: 1`) stands in for a generation worker whose process is killed
+mid-run: it was loaded with every version as the pool was (it joined every push), it serves from
+the next request on without starting an engine, and a new spare starts behind it, loads the
+newest weights and waits out of rotation. Every sample is trained once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from actors.job import Job
+from rlhf_cluster.fileio import read_jsonl
+
+
+def test_a_killed_generation_worker_is_replaced_by_the_warm_spare(ray_cluster, job_config):
+    cfg = job_config(
+        name="spares",
+        weights={"transport": "direct"},
+        generation={"replicas": 1, "spares": 1, "prompts_per_request": 1, "sampling": {"n": 4, "max_new_tokens": 8}},
+        train={"total_steps": 100_000, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
+        faults={"max_worker_restarts": 1, "restart_backoff_s": 60.0, "heartbeat_interval_s": 1.0},
+    )  # fmt: skip
+    job = Job(cfg)
+    assert set(job.workers("generation")) == {"gen0"} and set(job.spares("generation")) == {"gen1"}
+    pid = ray.get(job.workers("generation")["gen0"].info.remote())["pid"]
+    seen: dict[str, object] = {}
+
+    def kill_mid_run() -> None:
+        try:
+            while len(job.rows) < 3:
+                time.sleep(0.05)
+            receipts = list(job.delivery_receipts)
+            seen["versions"] = [sorted({r.version for r in receipts if r.worker == w}) for w in ("gen0", "gen1")]
+            seen["kill_at"] = len(job.rows)
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 240
+            # The spare serves, and the spare started behind it has joined (loaded the newest weights).
+            while time.monotonic() < deadline and not (
+                any(c.worker == "gen1" for c in list(job.consumed)) and "gen2" in job.spares("generation")
+            ):
+                time.sleep(0.1)
+            seen["after"] = len(job.rows)
+            rows = len(job.rows)
+            while len(job.rows) < rows + 2 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the new spare takes pushes like the pool
+        finally:
+            job.stop()
+
+    threading.Thread(target=kill_mid_run, daemon=True).start()
+    try:
+        result = job.run()
+        # The spare had every version pushed before the kill, as the worker in rotation did.
+        in_rotation, spare = seen["versions"]
+        assert spare == in_rotation and len(spare) >= 3, seen
+        events = read_jsonl(Path(cfg.run_dir) / "events.jsonl").rows
+        replaced = [e for e in events if e["event"] == "worker_replaced"]
+        assert [(e["worker"], e["replacement"], e["spare"]) for e in replaced] == [("gen0", "gen1", True)]
+        assert set(job.workers("generation")) == {"gen1"} and set(job.spares("generation")) == {"gen2"}
+        assert job.restarts("generation") == 1
+        receipts = [r for r in job.delivery_receipts if r.worker == "gen2"]
+        assert receipts and all(r.status in ("loaded", "held") for r in receipts), receipts
+        assert max(r.version for r in receipts) >= seen["after"] - 1
+        ids = [c.sample_id for c in result.consumed]
+        assert len(ids) == len(set(ids)) == len(result.rows) * cfg.samples_per_step
+        assert any(c.worker == "gen1" for c in result.consumed)
+    finally:
+        job.shutdown()
