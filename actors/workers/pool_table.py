@@ -105,20 +105,20 @@ def pool_rows(cfg: JobConfig, model_path: str, engine_paths: dict[str, str], jud
             takes_weights=True, spares=g.spares,
         ),
         PoolRow("reward", "reward", RewardWorker, lambda: ScoringSettings.of(cfg), s.reward_replicas, s.resources,
-                joined=step),
+                joined=step, spares=s.spares),
         PoolRow(
             "reference", "ref", ReferenceWorker, lambda: ScoringSettings.of(cfg), s.reference_replicas, s.resources,
-            model_path=lambda _: model_path, runs=log_probs and teacher is None, joined=step,
+            model_path=lambda _: model_path, runs=log_probs and teacher is None, joined=step, spares=s.spares,
         ),
         PoolRow(
             "teacher", "teacher", TeacherWorker, lambda: ScoringSettings.of(cfg), s.reference_replicas, s.resources,
             model_path=lambda _: teacher.teacher if teacher else None, runs=log_probs and teacher is not None,
-            joined=step,
+            joined=step, spares=s.spares,
         ),
         # A judge model's verdicts as a reward; a group judge gets each group whole (calls are joined, never split).
         PoolRow(
             "judge", "judge", JudgeWorker, lambda: JudgeSettings.of(cfg), s.judge_replicas, s.resources,
-            model_path=lambda _: judge_path(), runs=s.judge_source is not None, joined=step,
+            model_path=lambda _: judge_path(), runs=s.judge_source is not None, joined=step, spares=s.spares,
         ),
     ]  # fmt: skip
     return [row for row in rows if row.runs]

@@ -142,6 +142,12 @@ class ScoringConfig(_Strict):
         1, ge=1, description="ReferenceWorker actors (TeacherWorker actors with `algorithm.distillation`)."
     )
     judge_replicas: int = Field(1, ge=1, description="JudgeWorker actors (with a `judge` source).")
+    spares: int = Field(
+        0,
+        ge=0,
+        description="Warm spares of each scoring pool the job runs (reward, reference or teacher, judge): "
+        "workers started with their model loaded, out of rotation; a lost worker is replaced by one at once.",
+    )
     reference: bool = Field(True, description="Compute reference log-probs (needed for KL).")
     rewards: list[RewardSource] = Field(
         default_factory=_default_rewards,

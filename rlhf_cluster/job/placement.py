@@ -28,6 +28,7 @@ def _per_actor(res: ResourcesConfig) -> dict[str, float]:
 
 def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
     """Every pool of the job with its replica count and per-actor resources."""
+    spares = cfg.scoring.spares  # of each scoring pool; a warm spare holds its resources too
     plan = [
         PoolRequest("learner", "learner.resources", cfg.learner.world_size, _per_actor(cfg.learner.resources)),
         PoolRequest(
@@ -36,7 +37,9 @@ def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
             cfg.generation.replicas + cfg.generation.spares,  # a warm spare holds its resources too
             _per_actor(cfg.generation.resources),
         ),
-        PoolRequest("reward", "scoring.resources", cfg.scoring.reward_replicas, _per_actor(cfg.scoring.resources)),
+        PoolRequest(
+            "reward", "scoring.resources", cfg.scoring.reward_replicas + spares, _per_actor(cfg.scoring.resources)
+        ),
     ]
     if cfg.critic is not None and cfg.algorithm.advantage == "gae":
         plan.append(PoolRequest("critic", "critic.resources", cfg.critic.world_size, _per_actor(cfg.critic.resources)))
@@ -44,9 +47,9 @@ def resource_plan(cfg: JobConfig) -> list[PoolRequest]:
     if cfg.scoring.reference and not cfg.learner.lora.enabled:  # with LoRA the learner's base model is the reference
         # With distillation the teacher's pool takes the reference's place (`actors/workers/pool_table.py`).
         name = "reference" if cfg.algorithm.distillation is None else "teacher"
-        plan.append(PoolRequest(name, "scoring.resources", cfg.scoring.reference_replicas, scoring))
+        plan.append(PoolRequest(name, "scoring.resources", cfg.scoring.reference_replicas + spares, scoring))
     if cfg.scoring.judge_source is not None:
-        plan.append(PoolRequest("judge", "scoring.resources", cfg.scoring.judge_replicas, scoring))
+        plan.append(PoolRequest("judge", "scoring.resources", cfg.scoring.judge_replicas + spares, scoring))
     return plan
 
 

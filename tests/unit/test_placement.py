@@ -34,3 +34,9 @@ def test_the_teacher_and_the_judge_are_pools_of_their_own_in_the_plan():
     (row,) = [r for r in resource_plan(judge) if r.pool == "judge"]
     assert (row.replicas, row.field) == (2, "scoring.resources")
     assert "judge" not in [r.pool for r in resource_plan(load_config())]
+
+
+def test_warm_spares_hold_their_resources_in_the_plan():
+    cfg = load_config(None, ["generation.replicas=2", "generation.spares=1", "scoring.spares=2"])
+    replicas = {r.pool: r.replicas for r in resource_plan(cfg)}
+    assert (replicas["generation"], replicas["reward"], replicas["reference"]) == (3, 3, 3)

@@ -98,3 +98,9 @@ def test_every_worker_answers_its_inherited_heartbeat_on_its_own_thread(worker):
     methods = worker.__ray_metadata__.method_meta
     assert methods.concurrency_group_for_methods.get("heartbeat") == "health"
     assert {"info", "heartbeat"} <= set(methods.methods)
+
+
+def test_spares_are_each_rows_own(tmp_path):
+    rows = _rows(tmp_path, "generation.spares=2", "scoring.spares=1")
+    assert {name: row.spares for name, row in rows.items()} == {"generation": 2, "reward": 1, "reference": 1}
+    assert {row.spares for row in _rows(tmp_path).values()} == {0}
