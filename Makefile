@@ -47,12 +47,15 @@ test-avx2: setup
 bench: setup
 	@bash scripts/run_benchmarks.sh
 
-# An hour of chaos (benchmarks/soak/): the demo's job on two raylets under a seeded schedule of
-# faults, then every invariant checked; SOAK_SEED replays a schedule, SOAK_MINUTES shortens it.
+# An hour of chaos (benchmarks/soak/): the demo's job on two raylets, its generation and reward pools
+# autoscaled and a warm generation spare, under a seeded schedule of faults, then every invariant
+# checked and the pools' sizes over time; SOAK_SEED replays a schedule, SOAK_MINUTES shortens it,
+# SOAK_FLAGS adds options (`--no-autoscale --spares 0`: the job as it was before issue 73).
 SOAK_MINUTES ?= 60
 SOAK_SEED ?= 0
+SOAK_FLAGS ?=
 soak: setup
-	$(PY) -m benchmarks.soak --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
+	$(PY) -m benchmarks.soak --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED) $(SOAK_FLAGS)
 
 # On a lent GPU machine (no package index, no setup: ../shared/GPU.md names the wheels to bring in
 # .whl/): tests/gpu, the learner at 0.5B and 1.5B, the reference forward and the host hop, in one

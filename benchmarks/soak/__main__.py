@@ -13,6 +13,7 @@ from pathlib import Path
 import benchmarks.soak
 from benchmarks.common import RESULTS_DIR
 from benchmarks.soak.plan import FAULTS, plan
+from benchmarks.soak.pools import format_table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--workdir", default="/tmp/rlhf-soak")
     ap.add_argument("--out", default=str(RESULTS_DIR / "soak"))
+    ap.add_argument("--spares", type=int, default=1, help="the job's warm generation spares (generation.spares)")
+    ap.add_argument(
+        "--no-autoscale",
+        dest="autoscale",
+        action="store_false",
+        help="the job without the autoscaler (scaling.auto of its generation and reward pools, benchmarks/soak/job.py)",
+    )
     ap.add_argument("--kinds", type=lambda s: s.split(","), help="only these fault kinds (comma-separated)")
     ap.add_argument("--plan-only", action="store_true", help="print the seed's schedule and exit")
     return ap.parse_args(argv)
@@ -59,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"soak-seed{args.seed}-{int(args.minutes)}min.json"
     path.write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k not in ("injected",)}, indent=1))
+    pools = report["pools"]
+    shown = {**report, "pools": {k: v for k, v in pools.items() if k != "timeline"}}  # the table below instead
+    print(json.dumps({k: v for k, v in shown.items() if k not in ("injected",)}, indent=1))
+    print("\n".join(format_table(pools)))
     print(f"report: {path}")
     return 0 if report["all_hold"] else 1
 

@@ -1,6 +1,7 @@
 """What the soak drives and watches from outside the job: its driver process (`rlhf-cluster train`,
 started, stopped and resumed), the Ray actors' processes it kills or stops (found by process
-title), and the driver's Prometheus counters."""
+title; generation's in rotation, not its warm spares, by their metrics), and the driver's
+Prometheus counters."""
 
 from __future__ import annotations
 
@@ -55,6 +56,33 @@ def actor_pids(cls: str) -> list[int]:
         if cmd and cmd[0].startswith(f"ray::{cls}") and p.info["status"] != psutil.STATUS_STOPPED:
             out.append(p.pid)
     return sorted(out)
+
+
+def serving_pids(run_dir: Path, pool: str, counter: str) -> list[int] | None:
+    """The processes of `pool`'s workers that have served: those behind its scrape targets whose
+    `counter` is above 0 (e.g. `rlhf_generation_tokens_total`: a warm spare is never sampled from).
+    None where that cannot be told (no scrape targets yet, metrics off, no port found)."""
+    try:
+        targets = json.loads((run_dir / RunDir.SCRAPE_TARGETS).read_text())
+    except (OSError, ValueError):
+        return None
+    ports = [
+        int(t["targets"][0].rsplit(":", 1)[1])
+        for t in targets
+        if t.get("labels", {}).get("pool") == pool and _counter(t["targets"][0], counter) > 0
+    ]
+    listening = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid}
+    pids = sorted(listening[port] for port in ports if port in listening)
+    return pids or None
+
+
+def _counter(target: str, name: str) -> float:
+    """A Prometheus endpoint's counter `name`, summed over its labels (0 where it does not answer)."""
+    try:
+        body = urllib.request.urlopen(f"http://{target}/metrics", timeout=2).read().decode()
+    except (OSError, ValueError):
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.split("{")[0].split(" ")[0] == name)
 
 
 def scrape(run_dir: Path) -> dict[str, float]:

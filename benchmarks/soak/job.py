@@ -1,6 +1,7 @@
 """The soak's job: the demo's, with more pools than the demo and a tenth of its learning rate, its
 generation workers on the raylet the soak kills and restarts, its reward function the soak's own
-(`benchmarks.soak.reward`), written as a config file for `rlhf-cluster train`."""
+(`benchmarks.soak.reward`), the autoscaler on for its generation and reward pools and a warm
+generation spare (issue 73), written as a config file for `rlhf-cluster train`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,35 @@ import yaml
 from benchmarks.common import REPO
 
 SOAK_LR = 3.0e-5
+GENERATION_REPLICAS = 2  # at the start and after every resume (a resumed job starts at its configured sizes)
+REWARD_REPLICAS = 2
+# The autoscaler's settings for the soak's pools. The job trains ~4 steps a second, so a window of 8 steps is
+# ~2 s of rows and a shrink waits ~50 s of idle steps. Generation stays within 2..3: two engines on the raylet
+# the soak kills, so losing one still leaves one sampling, and a third where the cluster has room (the gen
+# raylet's `soak_gen` slots, `gen_slots`). Reward within 1..3: one verifier worker keeps up with this job,
+# and a hanging reward function grows it. A 90 s cooldown (270 s for a reversal) holds a pool to at most
+# 4 changes in any 10 minutes between min and max two apart (report.OSCILLATION_*, checked).
+AUTOSCALE: dict[str, dict] = {
+    "generation": {"enabled": True, "min_replicas": 2, "max_replicas": 3},
+    "reward": {"enabled": True, "min_replicas": 1, "max_replicas": 3},
+}
+AUTOSCALE_COMMON = {"window": 8, "shrink_after_steps": 200, "cooldown_s": 90.0}
 
 
-def job_config(workdir: Path, run_dir: Path) -> Path:
+def gen_slots(spares: int) -> int:
+    """The `soak_gen` resource of the generation raylet: room for generation at its largest, its spares,
+    and one more (a spare started behind a promoted one before the lost worker's slot is freed)."""
+    return AUTOSCALE["generation"]["max_replicas"] + spares + 1
+
+
+def job_config(workdir: Path, run_dir: Path, autoscale: bool = True, spares: int = 1) -> Path:
+    """The job's config file in `workdir` (`autoscale`: `scaling.auto` for generation and reward;
+    `spares`: `generation.spares`)."""
     cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     cfg.update(name="soak", run_dir=str(run_dir))
-    cfg["generation"].update(replicas=2, resources={"custom": {"soak_gen": 1}})
+    cfg["generation"].update(replicas=GENERATION_REPLICAS, spares=spares, resources={"custom": {"soak_gen": 1}})
     cfg["scoring"] = {
-        "reward_replicas": 2,
+        "reward_replicas": REWARD_REPLICAS,
         "reference_replicas": 1,
         "rewards": [
             {
@@ -47,6 +69,8 @@ def job_config(workdir: Path, run_dir: Path) -> Path:
         "heartbeat_interval_s": 1.0,
         "heartbeat_timeout_s": 5.0,
     }
+    if autoscale:
+        cfg["scaling"] = {"auto": {pool: {**bounds, **AUTOSCALE_COMMON} for pool, bounds in AUTOSCALE.items()}}
     path = workdir / "soak.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

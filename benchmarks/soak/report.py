@@ -1,7 +1,8 @@
 """The soak's report (issue 58): from what the soak saw (its faults, the driver's
 exits, the scrapes) and the run directory alone, the faults by kind with detection and recovery
 times, steps per minute inside and outside recovery windows, every invariant of
-rlhf_cluster/run/invariants.py, and the checks that decide whether the hour passed."""
+rlhf_cluster/run/invariants.py, the pools' sizes over time (`benchmarks.soak.pools`), and the checks
+that decide whether the hour passed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from benchmarks.common import machine_info
 from benchmarks.soak.plan import FAULTS, RECOVERY_BOUND_S
+from benchmarks.soak.pools import oscillating, pool_report
 from rlhf_cluster.run.invariants import Fault, check_run, detections
 from rlhf_cluster.run.run_dir import RunDir
 
@@ -42,8 +44,9 @@ class Outcome:
 
 def build_report(o: Outcome, run: RunDir) -> dict:
     rows = run.read(RunDir.METRICS)
+    events = run.read(RunDir.EVENTS)
     faults = [Fault(f["time"], f["kind"], FAULTS[f["kind"]][1], FAULTS[f["kind"]][0]) for f in o.injected]
-    found = detections(faults, run.read(RunDir.EVENTS), RECOVERY_BOUND_S)
+    found = detections(faults, events, RECOVERY_BOUND_S)
     invariants = check_run(run, max_staleness=1, max_gap_s=o.max_gap_s)
     windows = [(f["time"], f["time"] + (f["recovered_s"] or RECOVERY_BOUND_S)) for f in o.injected]
     times = [r["time"] for r in rows if o.began <= r.get("time", 0) <= o.ended]
@@ -71,6 +74,7 @@ def build_report(o: Outcome, run: RunDir) -> dict:
         "held_out_by_step": held_out_by_step(rows),
         "demo_sampled_after": DEMO_SAMPLED_AFTER,
         "start_sampled": START_SAMPLED,
+        "pools": pool_report(events, o.began, o.ended),
         "invariants": {i.name: {"holds": i.holds, "detail": i.detail, "value": i.value} for i in invariants.invariants},
     }
     checks = {
@@ -81,6 +85,8 @@ def build_report(o: Outcome, run: RunDir) -> dict:
         "no_fingerprint_mismatch": report["fingerprint_mismatches"] == 0,
         "driver_never_crashed": not o.crashes and o.stop_rc == 0 and o.final_rc == 0,
         "still_learned": learned(o.sampled_accuracy),
+        # No pool resized more than 4 times in any 10 minutes (issue 73's N and M; pools.OSCILLATION_*).
+        "no_pool_oscillates": not oscillating(report["pools"]),
     }
     report["checks"] = checks
     report["all_hold"] = all(checks.values())

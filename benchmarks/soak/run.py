@@ -1,6 +1,10 @@
 """The soak's run: a Ray cluster of two raylets on this machine, the job's driver on it, the seed's
 faults injected in schedule (each once the one before has recovered), every fault's detection
-and recovery timed, then the final resume and the report (`benchmarks.soak.report`)."""
+and recovery timed, then the final resume and the report (`benchmarks.soak.report`).
+
+With the autoscaler on (the default), the `scale_generation` fault is an operator's resize: it pins
+the generation pool one worker up or down within the autoscaler's bounds, and once it is applied
+hands the pool back (`scale --auto`), so both the manual path and the autoscaler's run."""
 
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import REPO
-from benchmarks.soak.driver import CLI, Driver, actor_pids, scrape
-from benchmarks.soak.job import job_config
+from benchmarks.soak.driver import CLI, Driver, actor_pids, scrape, serving_pids
+from benchmarks.soak.job import AUTOSCALE, GENERATION_REPLICAS, gen_slots, job_config
 from benchmarks.soak.plan import CLASS_OF, FAULTS, RECOVERY_BOUND_S, Planned, plan
+from benchmarks.soak.pools import current_sizes
 from benchmarks.soak.report import Outcome, build_report
 from rlhf_cluster.fileio import CorruptLogError
 from rlhf_cluster.run.invariants import Fault, detections
@@ -46,13 +51,20 @@ class Soak:
         # The job's processes import the soak's reward function (benchmarks.soak.reward) from this checkout.
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 16, "include_dashboard": False})
-        self.gen_node = self.cluster.add_node(num_cpus=4, resources={"soak_gen": 3})
+        # Older callers' namespaces lack the options of issue 73: the job as it was then.
+        self.autoscale, self.spares = getattr(args, "autoscale", False), getattr(args, "spares", 0)
+        self.gen_node = self.add_gen_node()
         self.cluster.wait_for_nodes()
-        self.driver = Driver(job_config(self.workdir, self.run_dir), self.cluster.address, self.workdir)
+        config = job_config(self.workdir, self.run_dir, autoscale=self.autoscale, spares=self.spares)
+        self.driver = Driver(config, self.cluster.address, self.workdir)
         self.scrapes: list[dict] = []  # the last scrape of each driver's life
         self.last_scrape: dict[str, float] = {}
-        self.replicas = 2
         self.crashes: list[dict] = []  # the driver's exits the soak did not ask for
+
+    def add_gen_node(self):
+        """The raylet of the generation workers and their spares (`soak_gen` slots), the one the soak
+        kills and restarts."""
+        return self.cluster.add_node(num_cpus=4, resources={"soak_gen": gen_slots(self.spares)})
 
     # ---- what the run directory says ----------------------------------------------------
     def read(self, name: str) -> list[dict]:
@@ -112,7 +124,7 @@ class Soak:
     def _kill_or_stop(self, p: Planned, pool: str | None) -> float | None:
         """SIGKILL or SIGSTOP one worker of the pool (no pool: one learner rank)."""
         now = time.time()
-        pids = actor_pids("LearnerRank" if pool is None else CLASS_OF[pool])
+        pids = self.targets(pool)
         if not pids:
             return None
         os.kill(pids[p.pick % len(pids)], signal.SIGKILL if p.kind.startswith("kill") else signal.SIGSTOP)
@@ -124,7 +136,7 @@ class Soak:
         seen = len(self.rows())
         while len(self.rows()) <= seen and time.time() < now + 60:
             time.sleep(0.005)
-        pids = actor_pids(CLASS_OF["generation"])
+        pids = self.targets("generation")
         if not pids:
             return None
         now = time.time()
@@ -135,7 +147,7 @@ class Soak:
         now = time.time()
         self.cluster.remove_node(self.gen_node)
         time.sleep(p.hold_s)
-        self.gen_node = self.cluster.add_node(num_cpus=4, resources={"soak_gen": 3})
+        self.gen_node = self.add_gen_node()
         return now
 
     def _driver_sigterm(self, p: Planned) -> float | None:
@@ -170,11 +182,31 @@ class Soak:
         return now
 
     def _scale_generation(self, p: Planned) -> float | None:
+        """The generation pool resized by hand, one worker up (down at its largest); with the
+        autoscaler on, within its bounds, and handed back to it once applied (`scale --auto`)."""
         now = time.time()
-        self.replicas = 3 if self.replicas == 2 else 2
-        command = [CLI, "scale", "soak", "--pool", "generation", "--replicas", str(self.replicas)]
-        subprocess.run([*command, "--address", self.cluster.address], check=True, capture_output=True, timeout=300)
+        low, high = (GENERATION_REPLICAS, GENERATION_REPLICAS + 1)
+        if self.autoscale:
+            low, high = AUTOSCALE["generation"]["min_replicas"], AUTOSCALE["generation"]["max_replicas"]
+        size = current_sizes(self.events()).get("generation", GENERATION_REPLICAS)
+        self.scale("--replicas", str(size + 1 if size < high else max(low, size - 1)))
+        if self.autoscale:
+            self.scale("--auto")
         return now
+
+    def scale(self, *how: str) -> None:
+        command = [CLI, "scale", "soak", "--pool", "generation", *how, "--address", self.cluster.address]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+
+    def targets(self, pool: str | None) -> list[int]:
+        """The processes a fault of `pool` may hit (None: the learner's ranks). Of generation, the
+        workers in rotation: a warm spare's loss is made good without an events.jsonl row to detect it
+        by (where the workers in rotation cannot be told, every generation worker)."""
+        pids = actor_pids("LearnerRank" if pool is None else CLASS_OF[pool])
+        if pool != "generation" or not self.spares:
+            return pids
+        serving = serving_pids(self.run_dir, "generation", "rlhf_generation_tokens_total") or pids
+        return [pid for pid in pids if pid in serving]
 
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> dict:
