@@ -9,11 +9,12 @@ The job (`job.py`): 2 generation workers and a warm spare (on the second raylet,
 and restarts), 2 reward workers, a reference worker, 2 learner ranks, the collective weight transport,
 the run directory on a size-limited tmpfs (where the machine lets root mount one), the reward function
 of `reward.py` (the verifier, failing or hanging while the soak says so); the autoscaler sizes its
-generation (2..3) and reward (1..3) pools (`--no-autoscale --spares 0`: the job as before issue 73). The schedule (`plan.py`, from
-the seed alone) is rounds of every fault kind in a seeded order, at seeded gaps; a fault is injected
-(`run.py`) at its planned time or once the one before has recovered, whichever is later, so each
-fault's detection and recovery are timed on their own. A fault's detection is its recovery's row in
-events.jsonl (`FAULTS` names which); its recovery, the first step trained after that.
+generation (2..3) and reward (1..3) pools (`--no-autoscale --spares 0`: the job as before issue 73).
+The schedule (`plan.py`, from the seed alone) is rounds of every fault kind in a seeded order, at
+seeded gaps; a fault is injected (`run.py`) at its planned time or once the one before has
+recovered, whichever is later, so each fault's detection and recovery are timed on their own. A
+fault's detection is its recovery's row in events.jsonl (`FAULTS` names which); its recovery, the
+first step trained after that.
 
 At the end the driver is stopped and resumed for a few last steps with the held-out evaluation,
 whose sampled accuracy is held to the job's start plus a learning margin (`report.learned`);

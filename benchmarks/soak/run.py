@@ -205,8 +205,9 @@ class Soak:
         pids = actor_pids("LearnerRank" if pool is None else CLASS_OF[pool])
         if pool != "generation" or not self.spares:
             return pids
-        serving = serving_pids(self.run_dir, "generation", "rlhf_generation_tokens_total") or pids
-        return [pid for pid in pids if pid in serving]
+        serving = serving_pids(self.run_dir, "generation", "rlhf_generation_tokens_total")
+        print(f"[soak] generation: {len(pids)} processes, in rotation {serving or 'not told: all'}", flush=True)
+        return [pid for pid in pids if pid in (serving or pids)]
 
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> dict:
