@@ -35,6 +35,12 @@ def actor_options(res: ResourcesConfig) -> dict[str, Any]:
     return opts
 
 
+async def _all(awaitables: list) -> list:
+    """`gather` awaited inside a coroutine: cancelled (a spare being made when the job ends), its
+    CancelledError is taken here, not left on the gather's future to be logged as never retrieved."""
+    return await asyncio.gather(*awaitables)
+
+
 class ActorPool:
     """Actors created by `factory(index, slot)`; names are `{prefix}{index}` and never reused. The
     slot is the index of the worker a replacement stands in for (its own index otherwise), so a
@@ -102,9 +108,7 @@ class ActorPool:
         try:
             # Started (its constructor done: a model loaded, an engine up) before it counts: a
             # heartbeat is answered only then, and an actor still starting is not a hung one.
-            await asyncio.wait_for(
-                asyncio.gather(*[actor.heartbeat.remote() for actor in created.values()]), STARTUP_TIMEOUT_S
-            )
+            await asyncio.wait_for(_all([actor.heartbeat.remote() for actor in created.values()]), STARTUP_TIMEOUT_S)
             if self.prepare is not None:
                 await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
         except BaseException:
