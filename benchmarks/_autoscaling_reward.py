@@ -3,8 +3,8 @@ the arithmetic verifier, after sleeping the seconds per sample that a control fi
 
 The file is named by $AUTOSCALING_BENCH_DELAY and holds one number, the sleep per sample; the
 benchmark writes it before a job starts and rewrites it (x4) once the job is halfway. Every reward
-worker reads it at every call, so the slowdown reaches every worker at once, those the autoscaler
-starts later included. No variable or no file: no sleep.
+worker reads it (at most every `REREAD_S`), so the slowdown reaches every worker within 50 ms, those
+the autoscaler starts later included. No variable or no file: no sleep.
 
 Not a benchmark itself (scripts/run_benchmarks.sh skips modules whose names start with `_`); it
 imports nothing heavy, since each reward worker imports it.
@@ -29,7 +29,7 @@ def set_delay(path: Path, seconds: float) -> None:
     os.replace(part, path)
 
 
-def delay() -> float:
+def read_delay() -> float:
     """The seconds per sample the control file says now (0 without one, or one that does not read as a number)."""
     path = os.environ.get(ENV)
     if not path:
@@ -38,6 +38,19 @@ def delay() -> float:
         return max(0.0, float(Path(path).read_text()))
     except (OSError, ValueError):
         return 0.0
+
+
+REREAD_S = 0.05  # the file is read at most this often per worker: a switch reaches every worker within it
+_last = [0.0, float("-inf")]  # the delay last read, and when (time.monotonic)
+
+
+def delay() -> float:
+    """`read_delay()`, read again once `REREAD_S` has passed since the last read (a read per sample
+    would add its own cost to every sample, the overhead the sleep is measured against)."""
+    now = time.monotonic()
+    if now - _last[1] >= REREAD_S:
+        _last[:] = [read_delay(), now]
+    return _last[0]
 
 
 def arithmetic(response: str, answer: str) -> dict[str, float]:

@@ -17,6 +17,7 @@ from rlhf_cluster.job.autoscale import Autoscaler
 
 def test_the_switch_reaches_every_reader_of_the_control_file(tmp_path: Path, monkeypatch):
     control = tmp_path / "delay"
+    monkeypatch.setattr(reward, "REREAD_S", 0.0)
     monkeypatch.delenv(reward.ENV, raising=False)
     assert reward.delay() == 0.0  # no variable: no sleep
     monkeypatch.setenv(reward.ENV, str(control))
@@ -27,10 +28,14 @@ def test_the_switch_reaches_every_reader_of_the_control_file(tmp_path: Path, mon
     assert reward.delay() == pytest.approx(0.008) and not control.with_suffix(".part").exists()
     control.write_text("not a number")
     assert reward.delay() == 0.0
+    monkeypatch.setattr(reward, "REREAD_S", 60.0)  # read again only after a minute: the last read holds
+    reward.set_delay(control, 0.5)
+    assert reward.delay() == 0.0 and reward.read_delay() == 0.5
 
 
 def test_the_reward_sleeps_what_the_file_says_then_verifies(tmp_path: Path, monkeypatch):
     slept: list[float] = []
+    monkeypatch.setattr(reward, "REREAD_S", 0.0)
     monkeypatch.setattr(reward.time, "sleep", slept.append)
     monkeypatch.setenv(reward.ENV, str(tmp_path / "delay"))
     reward.set_delay(tmp_path / "delay", 0.004)
