@@ -46,8 +46,8 @@ def timeline(events: list[dict], began: float) -> list[PoolChange]:
             out.append(PoolChange(t, pool, sizes[pool], e.get("source", "manual")))
         elif kind == "autoscaled":
             # Written just after its resize's `scaled` row (source auto): the reason goes there.
-            at = next((i for i in range(len(out) - 1, -1, -1) if out[i].pool == pool), None)
-            if at is not None and out[at].source == "auto" and not out[at].detail:
+            at = next((i for i in range(len(out) - 1, -1, -1) if out[i].pool == pool and out[i].source == "auto"), None)
+            if at is not None and not out[at].detail:
                 out[at] = replace(out[at], detail=str(e.get("reason", "")))
         elif kind == "autoscale_failed":
             out.append(PoolChange(t, pool, sizes.get(pool), "auto_failed", f"to {e.get('to')}: {e.get('error')}"))

@@ -27,7 +27,8 @@ def _events() -> list[dict]:
     return [
         {"time": 990.0, **start},
         {"time": 1060.0, "event": "scaled", "pool": "reward", "replicas": 1, "changed": ["reward1"], "source": "auto"},
-        {"time": 1060.1, "event": "autoscaled", "pool": "reward", "from": 2, "to": 1, "reason": "reward was idle"},
+        {"time": 1060.5, **replaced, "pool": "reward", "worker": "reward0", "replacement": "reward9", "spare": False},
+        {"time": 1061.0, "event": "autoscaled", "pool": "reward", "from": 2, "to": 1, "reason": "reward was idle"},
         {"time": 1100.0, "event": "scaled", "pool": "generation", "replicas": 3, "source": "manual"},
         {"time": 1101.0, "event": "scale_released", "pool": "generation"},
         {"time": 1200.0, **replaced, "pool": "generation", "worker": "gen0", "replacement": "gen3", "spare": True},
@@ -44,6 +45,7 @@ def test_the_table_follows_every_start_resize_release_and_replacement():
         (-10.0, "generation", 2, "start"),
         (-10.0, "reward", 2, "start"),
         (60.0, "reward", 1, "auto"),
+        (60.5, "reward", 1, "replaced"),
         (100.0, "generation", 3, "manual"),
         (101.0, "generation", 3, "released"),
         (200.0, "generation", 3, "replaced"),
@@ -52,10 +54,10 @@ def test_the_table_follows_every_start_resize_release_and_replacement():
         (310.0, "generation", 2, "resume"),
         (310.0, "reward", 2, "resume"),
     ]
-    assert rows[2].detail == "reward was idle"  # the autoscaled row's reason, on its resize
-    assert rows[3].detail == ""  # a manual resize has none
-    assert rows[5].detail == "gen0 -> gen3 (a warm spare)" and rows[6].detail == "reward0 -> reward2 (a new worker)"
-    assert "no room" in rows[7].detail
+    assert rows[2].detail == "reward was idle"  # the autoscaled row's reason, on its resize (a replacement between)
+    assert rows[4].detail == ""  # a manual resize has none
+    assert rows[6].detail == "gen0 -> gen3 (a warm spare)" and rows[7].detail == "reward0 -> reward2 (a new worker)"
+    assert "no room" in rows[8].detail
 
 
 def test_a_replacement_row_without_the_spare_field_says_neither():
@@ -75,13 +77,13 @@ def test_the_summary_counts_resizes_by_source_replacements_by_spare_and_time_at_
     assert gen["resizes"] == 1 and gen["resizes_by_source"] == {"manual": 1, "auto": 0}
     assert reward["resizes_by_source"] == {"manual": 0, "auto": 1} and reward["failed_resizes"] == 1
     assert (gen["replaced"], gen["replaced_by_spare"]) == (1, 1)
-    assert (reward["replaced"], reward["replaced_by_spare"]) == (1, 0)
+    assert (reward["replaced"], reward["replaced_by_spare"]) == (2, 0)
     assert (gen["min_size"], gen["max_size"], gen["last_size"]) == (2, 3, 2)
     # The schedule's 400 s: generation at 2 until the grow at 100 s and again after the resume at 310 s.
     assert gen["seconds_at_size"] == {"2": 190.0, "3": 210.0}
     assert reward["seconds_at_size"] == {"1": 250.0, "2": 150.0}
     assert pools["oscillation_rule"] == {"resizes": 4, "window_s": 600.0} and not oscillating(pools)
-    assert len(pools["timeline"]) == 10 and pools["timeline"][0]["source"] == "start"
+    assert len(pools["timeline"]) == 11 and pools["timeline"][0]["source"] == "start"
 
 
 def test_a_pool_resized_more_than_4_times_in_10_minutes_oscillates():
@@ -115,8 +117,8 @@ def test_the_current_sizes_are_the_newest_start_s_and_every_resize_after_it():
 
 def test_the_printout_lists_every_row_and_each_pool_s_summary():
     lines = format_table(pool_report(_events(), BEGAN, BEGAN + 400.0))
-    assert len(lines) == 1 + 10 + 1 + 2
-    assert "generation" in lines[4] and "manual" in lines[4]
+    assert len(lines) == 1 + 11 + 1 + 2
+    assert "generation" in lines[5] and "manual" in lines[5]
     assert lines[-2].startswith("  generation: 1 resizes (1 manual, 0 auto") and "(1 by a spare)" in lines[-2]
 
 
