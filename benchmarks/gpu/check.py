@@ -24,11 +24,11 @@ Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON;
 every step, so a call cut short keeps the steps it ran) and prints one table of the figures.
 `--only STEP ...` runs those steps alone (issue 70's figure: `--only tests/gpu "learner MoE"`; issue
 71's: `--only tests/gpu "learner VLM"`).
-Without CUDA the steps run at tiny shapes on the CPU (`--smoke` is then implied): what
-`tests/integration/test_gpu_check.py` runs so this check cannot rot. The 1.5B steps are left out of
-that run (`SMOKE_SAME_AS`): at the tiny shape they are the 0.5B steps again; their GPU commands are
-parsed by `tests/unit/test_bench_helpers.py` instead. The VLM step is left out of that run too
-(`SMOKE_IN_UNIT_TEST`): its body runs at a tiny shape in its own unit test.
+Without CUDA the steps run at tiny shapes on the CPU (`--smoke` is then implied), two at a time
+(`run_in_lanes`): what `tests/integration/test_gpu_check.py` runs so this check cannot rot. The
+1.5B steps are left out of that run (`SMOKE_SAME_AS`): at the tiny shape they are the 0.5B steps
+again; their GPU commands are parsed by `tests/unit/test_bench_helpers.py` instead. The VLM step is
+left out of that run too (`SMOKE_IN_UNIT_TEST`): its body runs at a tiny shape in its own unit test.
 
     bash scripts/gpu_check.sh [WHEEL_DIR]      # installs what the machine lacks from WHEEL_DIR, then this
     python3 -m benchmarks.gpu.check [--out-dir DIR] [--smoke] [--all] [--skip STEP ...] [--only STEP ...]
@@ -41,7 +41,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -91,6 +93,9 @@ SMOKE_SAME_AS = {
     "host hop 1.5B": "scoring and host hop 0.5B",
     "learner 0.5B, more sides": "learner 0.5B",
 }
+# How many steps the CPU run runs at once (`run_in_lanes`); a GPU runs one at a time.
+SMOKE_LANES = 2
+_REPORT_LOCK = threading.Lock()
 # Steps whose body the CPU run leaves to a unit test of its own at the same tiny shape (a step
 # costs a process importing torch and transformers; `--only` still runs one here).
 SMOKE_IN_UNIT_TEST = {"learner VLM": "tests/unit/test_gpu_vlm_shape.py"}
@@ -316,6 +321,44 @@ def wanted(args: argparse.Namespace, name: str) -> bool:
     return name not in args.skip and (args.all or name not in EARLIER_ISSUES)
 
 
+def step_entry(args: argparse.Namespace, name: str, command: list[str], limit: int) -> dict:
+    """Runs one step and returns its report entry, with its result JSON when it wrote one."""
+    slug = name.replace("/", "_").replace(" ", "_").replace(".", "")
+    entry = run_step(name, command, limit, args.out_dir / f"{slug}.log")
+    out = next((Path(c) for c, prev in zip(command[1:], command) if prev == "--out"), None)
+    if out is not None and out.is_file() and entry["status"] == "ok":
+        entry["result"] = json.loads(out.read_text())
+    return entry
+
+
+def run_in_lanes(args: argparse.Namespace, chosen: list, report: dict, begun: float) -> None:
+    """The CPU run's steps, `SMOKE_LANES` at a time: at tiny shapes a step is mostly a process
+    importing torch and transformers, one core's work, and the machine has more. The first step
+    that builds a model (every step after tests/gpu's collection) runs before the later ones start,
+    as they load the smoke models it saves in the shared cache. The report is written as each step
+    ends and, at the end, in the steps' order. On a GPU the steps run one at a time (`main`): each
+    times the device alone."""
+    futures: dict[str, Future] = {}
+    with ThreadPoolExecutor(SMOKE_LANES) as pool:
+        for name, command, limit in chosen:
+            futures[name] = pool.submit(step_entry, args, name, command, limit)
+            futures[name].add_done_callback(lambda f, name=name: _record(args, report, begun, name, f))
+            if name != "tests/gpu" and len(futures) == 1 + ("tests/gpu" in futures):
+                wait([futures[name]])  # the models' builder, alone
+    for name, future in futures.items():  # in the steps' order (a step that raised raises here)
+        report["steps"].pop(name, None)
+        report["steps"][name] = future.result()
+
+
+def _record(args: argparse.Namespace, report: dict, begun: float, name: str, done: Future) -> None:
+    """A step's entry in the report, written at once (a run cut short keeps it)."""
+    if done.exception() is not None:
+        return
+    with _REPORT_LOCK:
+        report["steps"][name] = done.result()
+        write_report(args, report, begun, finished=False)
+
+
 def write_report(args: argparse.Namespace, report: dict, begun: float, finished: bool) -> None:
     """gpu_check.json as it stands: after every step (`finished` False), so a call cut short keeps
     the results of the steps it ran, and once at the end."""
@@ -337,16 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         n: t for n, t in SMOKE_IN_UNIT_TEST.items() if args.smoke and not wanted(args, n)
     }
     begun = time.perf_counter()
-    for name, command, limit in steps(args):
-        if not wanted(args, name):
-            continue
-        slug = name.replace("/", "_").replace(" ", "_").replace(".", "")
-        entry = run_step(name, command, limit, args.out_dir / f"{slug}.log")
-        out = next((Path(c) for c, prev in zip(command[1:], command) if prev == "--out"), None)
-        if out is not None and out.is_file() and entry["status"] == "ok":
-            entry["result"] = json.loads(out.read_text())
-        report["steps"][name] = entry
-        write_report(args, report, begun, finished=False)
+    chosen = [step for step in steps(args) if wanted(args, step[0])]
+    if args.smoke:
+        run_in_lanes(args, chosen, report, begun)
+    else:
+        for name, command, limit in chosen:
+            report["steps"][name] = step_entry(args, name, command, limit)
+            write_report(args, report, begun, finished=False)
     write_report(args, report, begun, finished=True)
     print(
         f"\ngpu-check on {report['machine']['cuda'] or 'cpu (smoke)'}: {report['seconds']:.0f} s; "
