@@ -41,14 +41,17 @@ def local_ray(verbose: bool, prefix: str, system_config: dict | None = None):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def run_job_quietly(cfg, verbose: bool):
-    """`Job(cfg).run()` then shutdown, the driver's lines kept back unless `verbose` (shown if it fails)."""
+def run_job_quietly(cfg, verbose: bool, on_start: Callable | None = None):
+    """`Job(cfg).run()` then shutdown, the driver's lines kept back unless `verbose` (shown if it
+    fails); `on_start(job)` once its pools are up, before it runs (e.g. for a watcher thread)."""
     from actors.job import Job
 
     log = io.StringIO()
     try:
         with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(log):
             job = Job(cfg)
+            if on_start is not None:
+                on_start(job)
             try:
                 return job.run()
             finally:
