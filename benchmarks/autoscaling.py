@@ -122,7 +122,7 @@ def oscillation(events: list[dict]) -> dict:
 # ---- the jobs --------------------------------------------------------------------------------
 def auto_block(pools: dict[str, int]) -> dict:
     """`scaling.auto` for `pools` (pool -> max_replicas), every threshold the same; none: all off."""
-    common = {"min_replicas": 1, "window": 3, "grow_wait_s": 0.15, "busy_high": 0.8, "busy_low": 0.1}
+    common = {"min_replicas": 1, "window": 3, "grow_wait_s": 0.1, "busy_high": 0.7, "busy_low": 0.1}
     return {
         pool: {**common, "enabled": True, "max_replicas": most, "shrink_after_steps": 20, "cooldown_s": COOLDOWN_S}
         for pool, most in pools.items()
