@@ -14,16 +14,18 @@ from benchmarks.common import REPO
 SOAK_LR = 3.0e-5
 GENERATION_REPLICAS = 2  # at the start and after every resume (a resumed job starts at its configured sizes)
 REWARD_REPLICAS = 2
-# The autoscaler's settings for the soak's pools. The job trains ~40 steps a minute on a 2-core AVX2 EPYC
-# under the soak's faults and ~250 on a 2-core AMX Xeon: a window of 5 steps is 1-8 s of rows, and a shrink
-# waits 20 idle steps in a row (5-30 s). Generation stays within 2..3: two engines on the raylet the soak
-# kills, so losing one still leaves one sampling, and a third where the cluster has room (`gen_slots`).
-# Reward within 1..3: one verifier worker keeps up with this job, and a hanging reward function grows it.
-# The cooldown, not the step rate, bounds how often a pool changes: 90 s (270 s for a reversal) holds a
-# pool between bounds two apart to at most 4 changes in any 10 minutes (pools.OSCILLATION_*, checked).
+# The autoscaler's settings for the soak's pools. The job trains ~200 steps a minute outside faults on a
+# 2-core machine (~40 within a schedule of back-to-back faults): a window of 5 steps is a few seconds of
+# rows, and a shrink waits 20 idle steps in a row. Generation stays within 2..3: two engines on the raylet
+# the soak kills, so losing one still leaves one sampling, and a third where the cluster has room
+# (`gen_slots`); it grows when a fault left the learner waiting. Reward within 1..3, shrinking below a
+# busy share of 0.4: two verifier workers are busy ~0.3 of a step, so one keeps up with this job and a
+# hanging reward function grows it back. The cooldown, not the step rate, bounds how often a pool changes:
+# 90 s (270 s for a reversal) holds a pool between bounds two apart to at most 4 changes in any 10 minutes
+# (pools.OSCILLATION_*, checked).
 AUTOSCALE: dict[str, dict] = {
     "generation": {"enabled": True, "min_replicas": 2, "max_replicas": 3},
-    "reward": {"enabled": True, "min_replicas": 1, "max_replicas": 3},
+    "reward": {"enabled": True, "min_replicas": 1, "max_replicas": 3, "busy_low": 0.4},
 }
 AUTOSCALE_COMMON = {"window": 5, "shrink_after_steps": 20, "cooldown_s": 90.0}
 
