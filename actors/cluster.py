@@ -136,8 +136,12 @@ class Cluster:
         by = "the spare" if spare else "a new worker,"
         log.info(f"{pool_name} worker {dead} died; replaced by {by} {new} (restart {self.pools[pool_name].restarts})")
 
-    async def _register(self, pool_name: str) -> None:
-        """The pool's workers and spares, each with its info (its metrics endpoint), as scrape targets."""
+    async def _register(self, pool_name: str, lost_spare: str | None = None) -> None:
+        """The pool's workers and spares, each with its info (its metrics endpoint), as scrape
+        targets; a spare lost (dead or hung, made again behind) is a `spare_lost` row."""
+        if lost_spare is not None:
+            self.run_dir.event("spare_lost", pool=pool_name, worker=lost_spare)
+            log.info(f"{pool_name} spare {lost_spare} was lost; another starts behind it")
         pool, infos = self.pools[pool_name], self.infos[pool_name]
         live = {**pool.actors, **pool.spares}
         for gone in set(infos) - set(live):

@@ -58,11 +58,12 @@ class PoolRow:
         activity: PoolActivity,
         on_restart: Callable[[str, str, bool], None],
         prepare: Callable[[Any], Awaitable[None]] | None,
-        on_spares: Callable[[], Awaitable[None]] | None = None,
+        on_spares: Callable[[str | None], Awaitable[None]] | None = None,
     ) -> ActorPool:
         """The row's `ActorPool` (no worker started yet); `prepare` runs on every new worker
         before it serves (with `takes_weights`, the job's weight sync); `on_spares` after its
-        spares changed. A spare stands in for a worker whose slot loads the same model folder."""
+        spares changed (the name of a spare lost, or None). A spare stands in for a worker whose
+        slot loads the same model folder."""
         return ActorPool(
             self.name,
             self.prefix,

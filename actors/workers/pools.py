@@ -25,6 +25,7 @@ from rlhf_cluster.telemetry.liveness import HungWorkerError
 from rlhf_cluster.telemetry.tracing import PoolActivity
 
 STARTUP_TIMEOUT_S = 900  # a new worker's constructor (model load, engine start) must finish within this
+SPARE_CHECK_S = 2.0  # a spare answers a heartbeat within this before it stands in, or it is lost
 
 
 def actor_options(res: ResourcesConfig) -> dict[str, Any]:
@@ -59,7 +60,7 @@ class ActorPool:
         activity: PoolActivity | None = None,
         spares: int = 0,
         kind_of: Callable[[int], Any] = lambda slot: None,
-        on_spares: Callable[[], Awaitable[None]] | None = None,
+        on_spares: Callable[[str | None], Awaitable[None]] | None = None,
     ):
         self.name = name
         self.activity = activity or PoolActivity()  # when each worker had a request in flight (busy share)
@@ -84,7 +85,7 @@ class ActorPool:
         # A spare stands in only for a worker of its kind (what a slot's worker is built from:
         # e.g. int8 or full weights), so a per-replica setting survives it.
         self.kind_of = kind_of
-        self.on_spares = on_spares  # after the spares changed (one made or lost)
+        self.on_spares = on_spares  # after the spares changed: one made (None) or lost (its name)
         self._refills: set[asyncio.Task] = set()
 
     def __len__(self) -> int:
@@ -132,15 +133,37 @@ class ActorPool:
         self.spares.update(self.create(self.spares_wanted))
         return {**created, **self.spares}
 
-    def _take_spare(self, kind: Any = None, any_kind: bool = False) -> dict[str, Any]:
-        """The oldest spare of `kind` (or of any kind), out of the spares, and a new one started
-        behind it in its slot; empty when there is none."""
-        for name, actor in self.spares.items():
-            if any_kind or self.kind_of(self.slot_of[name]) == kind:
-                del self.spares[name]
-                self._refill(replacing=name)
-                return {name: actor}
+    async def _take_spare(self, kind: Any = None, any_kind: bool = False) -> dict[str, Any]:
+        """The oldest live spare of `kind` (or of any kind), out of the spares, and a new one
+        started behind it in its slot; empty when there is none. A spare that does not answer a
+        heartbeat at once died with its node or process (a lost raylet takes its spares too): it is
+        lost, made again behind, and the next one is tried."""
+        for name, actor in list(self.spares.items()):
+            if not (any_kind or self.kind_of(self.slot_of[name]) == kind):
+                continue
+            beat = await heartbeat(actor, SPARE_CHECK_S)
+            if self.spares.get(name) is not actor:
+                continue  # taken or lost meanwhile
+            if not beat.answered:
+                await self._lose_spare(name, actor, RuntimeError(f"{self.name} spare {name} did not answer"))
+                continue
+            del self.spares[name]
+            self._refill(replacing=name)
+            return {name: actor}
         return {}
+
+    async def _lose_spare(self, name: str, actor: Any, cause: BaseException) -> None:
+        """A dead or hung spare: out, killed, made again behind (a restart of the pool's)."""
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(
+                f"{self.name} pool: spare {name} died and the {self.max_restarts} allowed restarts are used up"
+            ) from cause
+        self.restarts += 1
+        del self.spares[name]
+        ray.kill(actor, no_restart=True)
+        self._refill(replacing=name)
+        if self.on_spares is not None:
+            await self.on_spares(name)
 
     def _refill(self, replacing: str) -> None:
         """Start a spare in `replacing`'s slot, in the background; `watch` raises its failure."""
@@ -151,7 +174,7 @@ class ActorPool:
         created = await self._create_prepared(1, replacing=replacing)
         self.spares.update(created)
         if self.on_spares is not None:
-            await self.on_spares()
+            await self.on_spares(None)
 
     def _check_refills(self) -> None:
         """A spare that failed to start ends the job with its cause, as a failed replacement does."""
@@ -193,20 +216,17 @@ class ActorPool:
     async def _replace(self, name: str, actor: Any, cause: BaseException) -> None:
         """Swap a dead actor for a spare of its kind, or else a new one (the first caller to see it
         dead does the work). A dead spare is made again behind, in the background."""
-        if self.actors.get(name) is not actor and self.spares.get(name) is not actor:
+        if self.spares.get(name) is actor:
+            return await self._lose_spare(name, actor, cause)
+        if self.actors.get(name) is not actor:
             return  # already replaced by a concurrent call, or retired
         if self.restarts >= self.max_restarts:
             raise RuntimeError(
                 f"{self.name} pool: worker {name} died and the {self.max_restarts} allowed restarts are used up"
             ) from cause
         self.restarts += 1
-        if self.spares.pop(name, None) is not None:
-            self._refill(replacing=name)
-            if self.on_spares is not None:
-                await self.on_spares()
-            return
         del self.actors[name]
-        created = self._take_spare(self.kind_of(self.slot_of[name]))
+        created = await self._take_spare(self.kind_of(self.slot_of[name]))
         spare = bool(created)
         if spare:
             self.slot_of[next(iter(created))] = self.slot_of[name]
@@ -283,7 +303,9 @@ class ActorPool:
         if replicas > len(self.actors):
             added: list[str] = []
             while len(self.actors) < replicas and self.spares:
-                spare = self._take_spare(any_kind=True)
+                spare = await self._take_spare(any_kind=True)
+                if not spare:
+                    break  # the spares left were lost
                 self.activate(spare)
                 added += spare
             created = await self._create_prepared(replicas - len(self.actors))

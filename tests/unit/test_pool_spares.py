@@ -55,8 +55,8 @@ def _pool(monkeypatch, spares=1, kind_of=lambda slot: None, prepare_fails=False,
             raise RuntimeError("could not load the weights")
         prepared.append(actor.name)
 
-    async def on_spares():
-        changes.append(1)
+    async def on_spares(lost):
+        changes.append(lost)  # None: a spare made; a name: that spare lost
 
     pool = ActorPool(
         "generation", "gen", factory, prepare=prepare, max_restarts=3, backoff_s=30.0,
@@ -96,7 +96,7 @@ def test_a_dead_worker_is_replaced_by_the_spare_at_once_and_a_spare_is_made_behi
         assert restarts == [("gen0", "gen1", True)] and list(pool.actors) == ["gen1"]
         assert pool.slot_of["gen1"] == 0  # it stands in gen0's slot
         await _settled(pool)
-        assert list(pool.spares) == ["gen2"] and prepared == ["gen2"] and changes == [1]
+        assert list(pool.spares) == ["gen2"] and prepared == ["gen2"] and changes == [None]
         assert pool.restarts == 1
 
     asyncio.run(scenario())
@@ -144,7 +144,8 @@ def test_a_dead_spare_found_by_its_heartbeat_is_made_again(monkeypatch):
                 break
         watch.cancel()
         assert list(pool.spares) == ["gen2"] and list(pool.actors) == ["gen0"]
-        assert pool.restarts == 1 and restarts == [] and changes  # no worker in rotation was replaced
+        assert pool.restarts == 1 and restarts == []  # no worker in rotation was replaced
+        assert changes == ["gen1", None]  # lost, then made again
 
     asyncio.run(scenario())
 
@@ -170,3 +171,19 @@ def test_kill_ends_the_spares_too(monkeypatch):
     pool.start(1)
     pool.kill()
     assert killed == ["gen0", "gen1"] and not pool.spares and not pool.actors
+
+
+def test_a_spare_that_died_unseen_is_passed_over_when_a_worker_dies(monkeypatch):
+    # Its node went down with the worker's: the first spare is dead too. The next one stands in;
+    # the dead one is lost and made again behind, both counted as restarts.
+    pool, made, prepared, restarts, changes = _pool(monkeypatch, spares=2)
+
+    async def scenario():
+        pool.start(1)
+        pool.actors["gen0"].dead = pool.spares["gen1"].dead = True
+        assert (await asyncio.wait_for(pool.call("generate"), 5))[0] == "gen2"
+        assert restarts == [("gen0", "gen2", True)] and pool.restarts == 2
+        await _settled(pool)
+        assert changes[0] == "gen1" and sorted(pool.spares) == ["gen3", "gen4"]
+
+    asyncio.run(scenario())
