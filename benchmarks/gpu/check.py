@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -342,7 +343,7 @@ def run_in_lanes(args: argparse.Namespace, chosen: list, report: dict, begun: fl
     with ThreadPoolExecutor(SMOKE_LANES) as pool:
         for name, command, limit in chosen:
             futures[name] = pool.submit(step_entry, args, name, command, limit)
-            futures[name].add_done_callback(lambda f, name=name: _record(args, report, begun, name, f))
+            futures[name].add_done_callback(partial(_record, args, report, begun, name))
             if name != "tests/gpu" and len(futures) == 1 + ("tests/gpu" in futures):
                 wait([futures[name]])  # the models' builder, alone
     for name, future in futures.items():  # in the steps' order (a step that raised raises here)
