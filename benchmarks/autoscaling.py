@@ -121,7 +121,7 @@ def oscillation(events: list[dict]) -> dict:
 
 # ---- the jobs --------------------------------------------------------------------------------
 def auto_block(pools: dict[str, int]) -> dict:
-    """`scaling.auto` for `pools` (pool -> max_replicas), every threshold the same; none: all off."""
+    """`scaling.auto` turning on `pools` (pool -> its max_replicas), every one at the same thresholds."""
     common = {"min_replicas": 1, "window": 3, "grow_wait_s": 0.1, "busy_high": 0.7, "busy_low": 0.1}
     return {
         pool: {**common, "enabled": True, "max_replicas": most, "shrink_after_steps": 20, "cooldown_s": COOLDOWN_S}
