@@ -154,16 +154,20 @@ class ActorPool:
 
     async def _lose_spare(self, name: str, actor: Any, cause: BaseException) -> None:
         """A dead or hung spare: out, killed, made again behind (a restart of the pool's)."""
-        if self.restarts >= self.max_restarts:
-            raise RuntimeError(
-                f"{self.name} pool: spare {name} died and the {self.max_restarts} allowed restarts are used up"
-            ) from cause
-        self.restarts += 1
+        self._count_restart(f"spare {name}", cause)
         del self.spares[name]
         ray.kill(actor, no_restart=True)
         self._refill(replacing=name)
         if self.on_spares is not None:
             await self.on_spares(name)
+
+    def _count_restart(self, who: str, cause: BaseException) -> None:
+        """One more restart of the pool's, or the job's end when none is left."""
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(
+                f"{self.name} pool: {who} died and the {self.max_restarts} allowed restarts are used up"
+            ) from cause
+        self.restarts += 1
 
     def _refill(self, replacing: str) -> None:
         """Start a spare in `replacing`'s slot, in the background; `watch` raises its failure."""
@@ -220,11 +224,7 @@ class ActorPool:
             return await self._lose_spare(name, actor, cause)
         if self.actors.get(name) is not actor:
             return  # already replaced by a concurrent call, or retired
-        if self.restarts >= self.max_restarts:
-            raise RuntimeError(
-                f"{self.name} pool: worker {name} died and the {self.max_restarts} allowed restarts are used up"
-            ) from cause
-        self.restarts += 1
+        self._count_restart(f"worker {name}", cause)
         del self.actors[name]
         created = await self._take_spare(self.kind_of(self.slot_of[name]))
         spare = bool(created)
