@@ -7,7 +7,10 @@ the step's critical path. A `CallCoalescer` sends a call at once while the pool 
 worker, and otherwise holds it: every call that arrives while the workers are busy leaves
 together, as one call, when the next worker frees up. Idle scoring adds no delay; busy scoring
 gets batches as large as the backlog, up to `max_items` (a step's samples: one step's batch is
-never held back by the next step's groups joined to it).
+never held back by the next step's groups joined to it) and up to the backlog's share per free
+worker (the waiting items over the workers free now, rounded up): a backlog spreads over every
+free worker, rather than all of it going to one while the others idle (a pool grown for a slow
+reward would otherwise score a step's groups on one worker).
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ class CallCoalescer(Generic[Item, Result]):
     """Sends lists of items through `send` (one list in, one result per item out, in order), with at
     most `capacity()` sends in flight; lists that wait for a free slot are joined into one send.
 
-    A send takes the waiting calls in arrival order up to `max_items` items (at least one call,
-    however large). `capacity` is read at each dispatch, so a pool that grows or shrinks is
-    followed. If a send raises, every call joined into it raises the same exception.
+    A send takes the waiting calls in arrival order up to `max_items` items and up to its share of
+    the backlog, `ceil(waiting items / free slots)` (at least one call, however large).
+    `capacity` is read at each dispatch, so a pool that grows or shrinks is followed. If a send
+    raises, every call joined into it raises the same exception.
     """
 
     def __init__(
@@ -60,11 +64,13 @@ class CallCoalescer(Generic[Item, Result]):
         self._scheduled = False
         # A caller cancelled while waiting (a rollout a rollback abandoned) sends nothing.
         self._waiting = [(items, f) for items, f in self._waiting if not f.done()]
-        while self._waiting and self._in_flight < max(1, self._capacity()):
+        workers = max(1, self._capacity())
+        free = max(1, workers - self._in_flight)
+        share = -(-sum(len(items) for items, _ in self._waiting) // free)
+        most = share if self._max_items is None else min(share, self._max_items)
+        while self._waiting and self._in_flight < workers:
             taken, size = 0, 0
-            while taken < len(self._waiting) and (
-                taken == 0 or self._max_items is None or size + len(self._waiting[taken][0]) <= self._max_items
-            ):
+            while taken < len(self._waiting) and (taken == 0 or size + len(self._waiting[taken][0]) <= most):
                 size += len(self._waiting[taken][0])
                 taken += 1
             joined, self._waiting = self._waiting[:taken], self._waiting[taken:]

@@ -159,3 +159,28 @@ def test_a_send_carries_at_most_max_items_and_free_workers_take_the_rest():
         assert len(await big) == 6
 
     asyncio.run(scenario())
+
+
+def test_a_backlog_spreads_over_the_free_workers_by_its_share():
+    async def scenario():
+        workers = FakeWorkers()
+        coalescer = CallCoalescer(workers.send, capacity=lambda: 3, max_items=16)
+        first = asyncio.create_task(coalescer([0]))
+        await settle()
+        # A step's six groups finish at one engine step, one worker busy, two free: each free one
+        # takes its share (6 items / 2 free workers), not one of them all six while the other idles.
+        groups = [asyncio.create_task(coalescer([g])) for g in range(1, 7)]
+        await settle()
+        assert workers.sent == [[0], [1, 2, 3], [4, 5, 6]]
+        # Behind three busy workers, a backlog leaves whole to the first that frees.
+        later = [asyncio.create_task(coalescer([g])) for g in (7, 8)]
+        await settle()
+        await workers.release(0)
+        await first
+        await settle()
+        assert workers.sent[3] == [7, 8]
+        for i in (1, 2, 3):
+            await workers.release(i)
+        assert [await t for t in groups + later] == [[10 * g] for g in range(1, 9)]
+
+    asyncio.run(scenario())
