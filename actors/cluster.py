@@ -147,7 +147,10 @@ class Cluster:
         for gone in set(infos) - set(live):
             infos.pop(gone)
         for name in set(live) - set(infos):
-            infos[name] = await live[name].info.remote()
+            try:
+                infos[name] = await live[name].info.remote()
+            except ray.exceptions.RayActorError:
+                pass  # died meanwhile: its pool replaces it (a spare by its heartbeat), and this runs again
         self.write_scrape_targets()
 
     def write_scrape_targets(self) -> None:
