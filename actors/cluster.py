@@ -111,7 +111,7 @@ class Cluster:
             for name, actors in created.items():
                 self.infos[name] = dict(zip(actors, ray.get(infos[name], timeout=STARTUP_TIMEOUT_S)))
             ray.get(self.controller.report_sizes.remote(self.pool_sizes()), timeout=STARTUP_TIMEOUT_S)
-            self.autoscaling.started()
+            self.autoscaling.started({name: pool.spares_wanted for name, pool in self.pools.items()})
         except BaseException:
             self.shutdown()  # no worker outlives a failed start
             raise

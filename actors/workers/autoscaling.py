@@ -89,10 +89,11 @@ class PoolAutoscaling:
         auto = self.autoscaler.auto
         return [p for p in self.sizes() if auto.of(p).enabled and p not in self.autoscaler.pinned]
 
-    def started(self) -> None:
-        """The pools are up: their sizes as events.jsonl's `pools_started` row and as gauges."""
+    def started(self, spares: Mapping[str, int] | None = None) -> None:
+        """The pools are up: their sizes (and warm spares, by pool) as events.jsonl's
+        `pools_started` row and as gauges."""
         sizes = self.sizes()
-        self.run_dir.event("pools_started", sizes=sizes, auto=self.auto_pools())
+        self.run_dir.event("pools_started", sizes=sizes, auto=self.auto_pools(), spares=dict(spares or {}))
         for pool, n in sizes.items():
             self.sized(pool, n)
 

@@ -63,12 +63,13 @@ def describe_run(root: Path) -> list[str]:
 def describe_pools(events: list[dict]) -> list[str]:
     """Each pool's size since the pools last started (events.jsonl's `pools_started`, then every
     `scaled`), whether the autoscaler sizes it (`auto`), an operator pinned it (`pinned`: a manual
-    `scale` of an auto pool, until `scale --auto`) or neither (`fixed`), and the autoscaler's last decision."""
+    `scale` of an auto pool, until `scale --auto`) or neither (`fixed`), its warm spares, and the
+    autoscaler's last decision."""
     starts = [i for i, e in enumerate(events) if e.get("event") == "pools_started"]
     if not starts:
         return []  # a run from before the autoscaler, or whose pools never started
     start = events[starts[-1]]
-    sizes, auto = dict(start.get("sizes", {})), set(start.get("auto", []))
+    sizes, auto, spares = dict(start.get("sizes", {})), set(start.get("auto", [])), start.get("spares", {})
     pinned: set[str] = set()
     last: dict[str, dict] = {}
     for e in events[starts[-1] + 1 :]:
@@ -88,7 +89,8 @@ def describe_pools(events: list[dict]) -> list[str]:
             if pool in pinned and pool in auto
             else ("auto" if pool in auto else "fixed")
         )
-        text = f"  {pool}: {size} worker{'s' if size != 1 else ''}, {mode}"
+        spare = f" + {spares[pool]} spare{'s' if spares[pool] != 1 else ''}" if spares.get(pool) else ""
+        text = f"  {pool}: {size} worker{'s' if size != 1 else ''}{spare}, {mode}"
         if pool in last:
             e = last[pool]
             text += (

@@ -15,6 +15,7 @@ import ray
 
 from actors.job import Job
 from rlhf_cluster.fileio import read_jsonl
+from rlhf_cluster.run.status import describe_run
 
 
 def test_a_killed_generation_worker_is_replaced_by_the_warm_spare(ray_cluster, job_config):
@@ -68,5 +69,6 @@ def test_a_killed_generation_worker_is_replaced_by_the_warm_spare(ray_cluster, j
         ids = [c.sample_id for c in result.consumed]
         assert len(ids) == len(set(ids)) == len(result.rows) * cfg.samples_per_step
         assert any(c.worker == "gen1" for c in result.consumed)
+        assert "  generation: 1 worker + 1 spare, fixed" in describe_run(Path(cfg.run_dir))
     finally:
         job.shutdown()

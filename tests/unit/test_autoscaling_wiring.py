@@ -165,6 +165,9 @@ def test_status_shows_each_pools_size_mode_and_last_decision():
     ]
     released = describe_pools([*events, {"event": "scale_released", "pool": "generation"}])
     assert released[1] == "  generation: 3 workers, auto"
+    with_spares = [{**events[0], "spares": {"generation": 1, "reward": 0}}, *events[1:]]
+    assert describe_pools(with_spares)[1].startswith("  generation: 3 workers + 1 spare, pinned")
+    assert describe_pools(with_spares)[2].startswith("  reward: 2 workers, auto")
     assert describe_pools([{"event": "resumed"}]) == []
 
 
