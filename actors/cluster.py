@@ -146,6 +146,7 @@ class Cluster:
         live = {**pool.actors, **pool.spares}
         for gone in set(infos) - set(live):
             infos.pop(gone)
+        m.POOL_SPARES.labels(job=self.cfg.name, pool=pool_name, worker="driver").set(len(pool.spares))
         for name in set(live) - set(infos):
             try:
                 infos[name] = await live[name].info.remote()

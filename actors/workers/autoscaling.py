@@ -93,9 +93,11 @@ class PoolAutoscaling:
         """The pools are up: their sizes (and warm spares, by pool) as events.jsonl's
         `pools_started` row and as gauges."""
         sizes = self.sizes()
-        self.run_dir.event("pools_started", sizes=sizes, auto=self.auto_pools(), spares=dict(spares or {}))
+        spares = dict(spares or {})
+        self.run_dir.event("pools_started", sizes=sizes, auto=self.auto_pools(), spares=spares)
         for pool, n in sizes.items():
             self.sized(pool, n)
+            m.POOL_SPARES.labels(job=self.job, pool=pool, worker="driver").set(spares.get(pool, 0))
 
     def sized(self, pool: str, replicas: int) -> None:
         m.POOL_TARGET_REPLICAS.labels(job=self.job, pool=pool, worker="driver").set(replicas)

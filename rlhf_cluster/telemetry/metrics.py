@@ -173,6 +173,7 @@ AUTOSCALER_DECISIONS = _counter(
 POOL_TARGET_REPLICAS = _gauge(
     "rlhf_pool_target_replicas", "Workers a pool is sized to (its start, the autoscaler's or a manual scale)."
 )
+POOL_SPARES = _gauge("rlhf_pool_spares", "A pool's warm spares ready now (started, loaded, out of rotation).")
 HUNG_DETECTION_SECONDS = _histogram(
     "rlhf_fault_detection_seconds", "From a hung worker's last good heartbeat to its kill.", buckets=_RECOVERY_BUCKETS
 )
