@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 
 import psutil
@@ -48,14 +49,25 @@ class Driver:
             return self.proc.wait()
 
 
-def actor_pids(cls: str) -> list[int]:
-    """Live (not stopped) processes of the Ray actor class `cls`, by process title."""
+def actor_pids(cls: str, raylets: Collection[int] | None = None) -> list[int]:
+    """Live (not stopped) processes of the Ray actor class `cls`, by process title; with `raylets`,
+    only those a raylet of these pids started (the soak's cluster's: never another job's on the
+    same machine, e.g. a test run beside the soak, which a SIGSTOP of the soak once hit)."""
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
         cmd = p.info["cmdline"] or []
         if cmd and cmd[0].startswith(f"ray::{cls}") and p.info["status"] != psutil.STATUS_STOPPED:
-            out.append(p.pid)
+            if raylets is None or started_by(p, raylets):
+                out.append(p.pid)
     return sorted(out)
+
+
+def started_by(process: psutil.Process, pids: Collection[int]) -> bool:
+    """Whether one of `process`'s ancestors has one of these pids (False once it is gone)."""
+    try:
+        return any(parent.pid in pids for parent in process.parents())
+    except psutil.Error:
+        return False
 
 
 def serving_pids(run_dir: Path, pool: str, counter: str) -> list[int] | None:

@@ -198,11 +198,20 @@ class Soak:
         command = [CLI, "scale", "soak", "--pool", "generation", *how, "--address", self.cluster.address]
         subprocess.run(command, check=True, capture_output=True, timeout=300)
 
+    def raylet_pids(self) -> set[int]:
+        """The pids of this soak's raylets (its worker processes are their children)."""
+        return {
+            info.process.pid
+            for node in self.cluster.list_all_nodes()
+            for info in node.all_processes.get("raylet", [])
+            if info.process.poll() is None
+        }
+
     def targets(self, pool: str | None) -> list[int]:
         """The processes a fault of `pool` may hit (None: the learner's ranks). Of generation, the
         workers in rotation: a warm spare's loss is made good without an events.jsonl row to detect it
         by (where the workers in rotation cannot be told, every generation worker)."""
-        pids = actor_pids("LearnerRank" if pool is None else CLASS_OF[pool])
+        pids = actor_pids("LearnerRank" if pool is None else CLASS_OF[pool], self.raylet_pids())
         if pool != "generation" or not self.spares:
             return pids
         serving = serving_pids(self.run_dir, "generation", "rlhf_generation_tokens_total")

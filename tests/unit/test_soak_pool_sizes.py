@@ -142,3 +142,23 @@ def test_the_soak_s_job_runs_the_autoscaler_and_a_warm_spare_within_room_it_has(
     assert gen_slots(1) == AUTOSCALE["generation"]["max_replicas"] + 2
     off = load_config(job_config(tmp_path, tmp_path / "run", autoscale=False, spares=0))
     assert not off.scaling.auto.active and off.generation.spares == 0
+
+
+def test_the_soak_hits_only_processes_its_own_raylets_started():
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from benchmarks.soak.driver import started_by
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        process = psutil.Process(child.pid)
+        assert started_by(process, {os.getpid()})  # this test started it
+        assert not started_by(process, {child.pid + 100_000})  # another cluster's raylet did not
+    finally:
+        child.kill()
+        child.wait()
+    assert not started_by(process, {os.getpid()})  # gone: never a target
