@@ -187,9 +187,11 @@ class Cluster:
         return [span for beat in beats for span in beat.spans]
 
     def busy_shares(self, start: float, end: float) -> dict[str, float]:
-        """`busy_<pool>`: the share of [start, end] (wall clock) each pool's workers had a request in flight."""
+        """`busy_<pool>`: the share of [start, end] (wall clock) each pool's workers had a request in
+        flight; `queue_<pool>`: the mean samples waiting for a free worker of each scoring pool whose
+        calls are joined, since the last step's (its queue depth)."""
         shares = self.activity.busy_shares(start, end, self.pool_sizes())
-        return {f"busy_{pool}": share for pool, share in shares.items()}
+        return {**{f"busy_{pool}": share for pool, share in shares.items()}, **self.scoring.queue_depths()}
 
     def _on_hung(self, pool_name: str, dead: str, reason: str, detected_s: float, replaced_s: float) -> None:
         labels = {"job": self.cfg.name, "pool": pool_name, "worker": dead}

@@ -4,6 +4,7 @@ and the judge's verdicts, each to its pool, with the calls of groups that finish
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
@@ -24,12 +25,18 @@ class ScoringCalls:
 
     def __init__(self, pools: dict[str, ActorPool], joined: dict[str, int | None]):
         self.pools = pools
+        self.coalescers: dict[str, CallCoalescer] = {}  # by pool, where its calls are joined
+        self._queue_seen: dict[str, float] = {}  # each coalescer's item-seconds at the last queue_depths
+        self._queue_at = time.monotonic()
 
         def joining(pool: str, send: Send) -> Send | None:
             if pool not in pools:
                 return None
             most = joined.get(pool)
-            return send if most is None else CallCoalescer(send, lambda: len(pools[pool]), most)
+            if most is None:
+                return send
+            self.coalescers[pool] = CallCoalescer(send, lambda: len(pools[pool]), most)
+            return self.coalescers[pool]
 
         self._rewards = joining("reward", self._send_rewards)
         self._reference = joining("reference", partial(self._send, "reference", "logprobs"))
@@ -58,6 +65,18 @@ class ScoringCalls:
         if self._judge is None:
             return None
         return list(await self._judge([(r, prompts[r.prompt_id], answers[r.prompt_id]) for r in _unrouted(rollouts)]))
+
+    def queue_depths(self) -> dict[str, float]:
+        """`queue_<pool>`: the mean number of items (samples) that waited for a free worker of each
+        pool whose calls are joined, since the previous call (a step's, called once a step)."""
+        now = time.monotonic()
+        seconds, self._queue_at = max(now - self._queue_at, 1e-9), now
+        depths = {}
+        for pool, calls in self.coalescers.items():
+            total = calls.waited_item_seconds()
+            depths[f"queue_{pool}"] = (total - self._queue_seen.get(pool, 0.0)) / seconds
+            self._queue_seen[pool] = total
+        return depths
 
     async def _send(self, pool: str, method: str, items: list) -> list:
         return (await self.pools[pool].call(method, items))[1]

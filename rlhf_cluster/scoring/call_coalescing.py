@@ -16,6 +16,7 @@ reward would otherwise score a step's groups on one worker).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -46,10 +47,24 @@ class CallCoalescer(Generic[Item, Result]):
         self._in_flight = 0
         self._scheduled = False
         self._sends: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+        # The pool's queue: items waiting for a free worker, integrated over time (item-seconds).
+        self._queued, self._queued_since, self._item_seconds = 0, time.monotonic(), 0.0
+
+    def waited_item_seconds(self) -> float:
+        """Items waiting for a free worker, integrated over time since the coalescer began: its
+        growth over an interval, divided by the interval, is the pool's mean queue depth then."""
+        self._count_queue(0)
+        return self._item_seconds
+
+    def _count_queue(self, change: int) -> None:
+        now = time.monotonic()
+        self._item_seconds += self._queued * (now - self._queued_since)
+        self._queued, self._queued_since = self._queued + change, now
 
     async def __call__(self, items: Sequence[Item]) -> list[Result]:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting.append((list(items), future))
+        self._count_queue(len(items))
         self._schedule()
         return await future
 
@@ -63,6 +78,7 @@ class CallCoalescer(Generic[Item, Result]):
     def _dispatch(self) -> None:
         self._scheduled = False
         # A caller cancelled while waiting (a rollout a rollback abandoned) sends nothing.
+        self._count_queue(-sum(len(items) for items, f in self._waiting if f.done()))
         self._waiting = [(items, f) for items, f in self._waiting if not f.done()]
         workers = max(1, self._capacity())
         free = max(1, workers - self._in_flight)
@@ -74,6 +90,7 @@ class CallCoalescer(Generic[Item, Result]):
                 size += len(self._waiting[taken][0])
                 taken += 1
             joined, self._waiting = self._waiting[:taken], self._waiting[taken:]
+            self._count_queue(-size)
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._run(joined))
             self._sends.add(task)

@@ -252,6 +252,11 @@ POOL_BUSY = _gauge(
     "Share of the last step a pool's workers had a request from the driver in flight (mean over the pool's workers).",
     "busy_pool",
 )
+POOL_QUEUE = _gauge(
+    "rlhf_step_pool_queue_samples",
+    "Mean samples that waited for a free worker of a scoring pool over the last step (its queue depth).",
+    "queue_pool",
+)
 LEARNER_WAIT = _gauge(
     "rlhf_step_learner_wait_seconds", "Time the last step waited for its batch (the learner idle for data)."
 )
@@ -311,6 +316,7 @@ STEP_LABELLED_GAUGES = {
     "distinct_2": (DISTINCT, {"n": "2"}),
     "distinct_3": (DISTINCT, {"n": "3"}),
     **{f"busy_{pool}": (POOL_BUSY, {"busy_pool": pool}) for pool in BUSY_POOLS},
+    **{f"queue_{pool}": (POOL_QUEUE, {"queue_pool": pool}) for pool in BUSY_POOLS},
     "eval_accuracy": (EVAL_ACCURACY, {"mode": "greedy"}),
     "eval_sampled_accuracy": (EVAL_ACCURACY, {"mode": "sampled"}),
 }

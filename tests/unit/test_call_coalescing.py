@@ -184,3 +184,27 @@ def test_a_backlog_spreads_over_the_free_workers_by_its_share():
         assert [await t for t in groups + later] == [[10 * g] for g in range(1, 9)]
 
     asyncio.run(scenario())
+
+
+def test_the_queue_is_the_items_waiting_for_a_free_worker_integrated_over_time(monkeypatch):
+    from rlhf_cluster.scoring import call_coalescing
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(call_coalescing.time, "monotonic", lambda: clock["now"])
+
+    async def scenario():
+        workers, coalescer, first = await one_busy_worker([1])
+        assert coalescer.waited_item_seconds() == 0.0  # sent at once: it never waited
+        later = [asyncio.create_task(coalescer([k, k])) for k in (2, 3)]  # 4 items behind the busy worker
+        await settle()
+        clock["now"] += 2.5
+        assert coalescer.waited_item_seconds() == 10.0  # 4 items x 2.5 s
+        await workers.release(0)
+        await first
+        await settle()  # they leave, joined: the queue is empty again
+        clock["now"] += 7.0
+        assert coalescer.waited_item_seconds() == 10.0
+        await workers.release(1)
+        assert [await t for t in later] == [[20, 20], [30, 30]]
+
+    asyncio.run(scenario())

@@ -86,6 +86,10 @@ def test_scoring_calls_join_what_waits_for_a_busy_pool_and_answer_none_without_o
         assert got[:3] == [["logprobs:a"], ["logprobs:b"], ["logprobs:c"]]
         assert [args[0] for _, args in teacher.calls] == [["a"], ["b", "c"]]  # b and c waited, then left together
         assert len(judge.calls) == 2
+        # The joined pool's queue (b and c waited ~0.01 s); a pool whose calls go alone has none.
+        queues = calls.queue_depths()
+        assert set(queues) == {"queue_teacher"} and queues["queue_teacher"] > 0
+        assert calls.queue_depths()["queue_teacher"] == 0.0  # nothing waited since
         with pytest.raises(RuntimeError, match="no reward pool"):
             await calls.rewards([], {})
 

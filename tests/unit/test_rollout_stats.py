@@ -62,8 +62,8 @@ def test_every_labelled_gauge_column_is_in_a_step_row():
     from rlhf_cluster.telemetry.step_report import step_row
 
     samples = [_sample(0, "g0", [1, 2], 1.0), _sample(1, "g0", [2, 2], 0.0)]
-    # The driver's counters bring the pipeline's columns (busy shares, periodic evaluation).
-    driver = {c: 0.5 for c in m.STEP_LABELLED_GAUGES if c.startswith(("busy_", "eval_"))}
+    # The driver's counters bring the pipeline's columns (busy shares, queues, periodic evaluation).
+    driver = {c: 0.5 for c in m.STEP_LABELLED_GAUGES if c.startswith(("busy_", "queue_", "eval_"))}
     row = step_row(0, samples, {"policy/kl": 0.0, "learner/step_seconds": 0.1}, 0.2, driver)
     missing = [c for c in [*m.STEP_LABELLED_GAUGES, "truncated_fraction", "unique_per_group"] if c not in row]
     assert not missing, missing
