@@ -13,7 +13,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).parent / "rlhf-cluster")
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "rlhf_cluster.json"
 
@@ -191,6 +190,7 @@ def _check_trace(doc: dict, pools: set[str], steps: int) -> None:
 
 
 def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, job_config, tmp_path):
+    from actors.commands.cli import app
     from actors.job import Job
 
     # Its own job name: the driver's collectors live in this process and may hold other tests' series.
@@ -319,8 +319,8 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
         # The step trace, written by the CLI as an operator would, is trace-event JSON with a track
         # per actor and every actor kind's work in it, in the order the pipeline does it.
         out = tmp_path / "trace.json"
-        done = subprocess.run([CLI, "trace", str(run_dir), "--out", str(out)], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
+        done = CliRunner().invoke(app, ["trace", str(run_dir), "--out", str(out)])  # in this process: ~3 s less
+        assert done.exit_code == 0, (done.output, done.exception)
         _check_trace(json.loads(out.read_text()), {u["metric"]["pool"] for u in ups}, cfg.train.total_steps)
 
         # samples.jsonl: per step the decoded text of what was trained on, which round-trips to the
@@ -336,11 +336,11 @@ def test_prometheus_scrapes_a_live_job_and_dashboard_metrics_exist(ray_cluster, 
         for r in logged:
             assert (r["step"], r["sample_id"]) in consumed and r["response_ids"]
             assert r["response"] == tokenizer.decode(r["response_ids"]) and r["prompt"] == tokenizer.decode(r["prompt_ids"])
-        printed = subprocess.run([CLI, "samples", str(run_dir), "--step", "2"], capture_output=True, text=True, timeout=60)
-        assert printed.returncode == 0, printed.stderr
+        printed = CliRunner().invoke(app, ["samples", str(run_dir), "--step", "2"])
+        assert printed.exit_code == 0, (printed.output, printed.exception)
         step_two = [r for r in logged if r["step"] == 2]
-        assert printed.stdout.count("--- step 2 |") == len(step_two) >= 4
-        assert all(r["response"].splitlines()[0] in printed.stdout for r in step_two if r["response"].strip())
+        assert printed.output.count("--- step 2 |") == len(step_two) >= 4
+        assert all(r["response"].splitlines()[0] in printed.output for r in step_two if r["response"].strip())
     finally:
         if job is not None:
             job.shutdown()  # a job still running ends with an actor error in its thread

@@ -103,6 +103,10 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         job.shutdown()
 
 
+# `slow` (issue 68's time): the pool's error with the death as its cause is unit-tested
+# (tests/unit/test_pool_spares.py, restarts used up), and a pool's error ending a job, naming its
+# cause, is tests/integration/test_judge_reward.py's mute judge.
+@pytest.mark.slow
 def test_a_dead_worker_without_restarts_left_ends_the_job_with_its_cause(ray_cluster, job_config):
     # A failure the pool cannot absorb must fail the job loudly with the cause, not hang it.
     cfg = job_config(

@@ -103,8 +103,11 @@ def _job_actors_alive(job_name: str) -> bool:
 
 # Multi-turn episodes of a text policy, and single-turn samples of a vision-language one (each a
 # prompt's image, which every buffered, logged and resumed sample must still carry): a job killed
-# and resumed is two job starts, ~65 s on 2 cores.
-@pytest.mark.parametrize("episodes", [False, True], ids=["images", "episodes"])
+# and resumed is two job starts, ~65 s on 2 cores. `slow` for episodes (issue 68's time): the kill
+# and resume are the images case's path, episodes are trained, recorded and replayed from a
+# checkpoint by tests/integration/test_replay.py, and their masks cross the buffer's Arrow format in
+# tests/unit/test_loss_mask.py; `make test-slow` runs the two together here.
+@pytest.mark.parametrize("episodes", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["images", "episodes"])
 def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path, episodes):
     steps = 16
     # Staleness 2 lets generation run ahead, so checkpoints usually hold buffered samples.

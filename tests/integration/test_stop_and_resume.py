@@ -152,6 +152,10 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
     assert not [c for c in consumed if bad_reward(answer_of[c["prompt_id"]])], "trained on a group whose reward failed"
     assert all(math.isfinite(r["reward_mean"]) for r in rows)
     assert rows[-1]["dropped_reward_failed"] > 0, "no broken reward was met: the test tested nothing"
+    # Each failure is on record in events.jsonl (a row per rollout request and worker: the soak's detection).
+    failures = [e for e in read_jsonl(run_dir / RunDir.EVENTS).rows if e.get("event") == "reward_failed"]
+    assert sum(e["samples"] for e in failures) >= rows[-1]["dropped_reward_failed"], failures
+    assert all(e["worker"] for e in failures), failures
     # Routing replay held over the stops: the learner measured it every step, and every sample the
     # scored log and the checkpoints' buffers kept (what a resume reads back) has its routed experts.
     assert all(0 < r["routing/expert_set_agreement"] <= 1 and r["routing/mismatch_k3_with_replay"] >= 0 for r in rows)

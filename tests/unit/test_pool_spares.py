@@ -42,7 +42,7 @@ class _FakeActor:
         return {"stalled_s": 0.0}
 
 
-def _pool(monkeypatch, spares=1, kind_of=lambda slot: None, prepare_fails=False, **kw):
+def _pool(monkeypatch, spares=1, kind_of=lambda slot: None, prepare_fails=False, max_restarts=3, **kw):
     monkeypatch.setattr(pools.ray, "kill", lambda actor, no_restart: None)
     made, prepared, restarts, changes = [], [], [], []
 
@@ -59,7 +59,7 @@ def _pool(monkeypatch, spares=1, kind_of=lambda slot: None, prepare_fails=False,
         changes.append(lost)  # None: a spare made; a name: that spare lost
 
     pool = ActorPool(
-        "generation", "gen", factory, prepare=prepare, max_restarts=3, backoff_s=30.0,
+        "generation", "gen", factory, prepare=prepare, max_restarts=max_restarts, backoff_s=30.0,
         on_restart=lambda dead, new, spare: restarts.append((dead, new, spare)),
         spares=spares, kind_of=kind_of, on_spares=on_spares, **kw,
     )  # fmt: skip
@@ -146,6 +146,24 @@ def test_a_dead_spare_found_by_its_heartbeat_is_made_again(monkeypatch):
         assert list(pool.spares) == ["gen2"] and list(pool.actors) == ["gen0"]
         assert pool.restarts == 1 and restarts == []  # no worker in rotation was replaced
         assert changes == ["gen1", None]  # lost, then made again
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("spares", [0, 1])
+def test_a_dead_worker_without_restarts_left_ends_the_call_with_its_cause(monkeypatch, spares):
+    """No restart left: the caller gets the pool's error (the job's end) with the actor's death as its
+    cause, and neither a spare nor a new worker is taken for it."""
+    pool, made, _, restarts, _ = _pool(monkeypatch, spares=spares, max_restarts=0)
+
+    async def scenario():
+        pool.start(1)
+        pool.actors["gen0"].dead = True
+        with pytest.raises(RuntimeError, match="generation pool: worker gen0 died and the 0 allowed restarts are "
+                                               "used up") as info:
+            await asyncio.wait_for(pool.call("generate"), 5)
+        assert isinstance(info.value.__cause__, ray.exceptions.RayActorError)
+        assert restarts == [] and len(made) == 1 + spares and list(pool.spares) == [f"gen{i + 1}" for i in range(spares)]
 
     asyncio.run(scenario())
 
