@@ -90,13 +90,7 @@ class Cluster:
         rows = pool_rows(cfg, model_path, engine_paths, run_dir / RunDir.JUDGE_INT8)
         # A new worker of a pool that takes weights (generation) loads the newest version before it serves.
         self.pools: dict[str, ActorPool] = {
-            row.name: row.pool(
-                cfg.faults,
-                self.activity,
-                partial(self._on_restart, row.name),
-                weights.join,
-                on_spares=partial(self._register, row.name),
-            )
+            row.name: row.pool(cfg.faults, self.activity, self._on_restart, weights.join, self._register)
             for row in rows
         }
         weights.serve(self.pools["generation"])  # every version is pushed to the generation pool

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +56,15 @@ class PoolRow:
         self,
         faults: FaultsConfig,
         activity: PoolActivity,
-        on_restart: Callable[[str, str, bool], None],
+        on_restart: Callable[[str, str, str, bool], None],
         prepare: Callable[[Any], Awaitable[None]] | None,
-        on_spares: Callable[[str | None], Awaitable[None]] | None = None,
+        on_spares: Callable[[str, str | None], Awaitable[None]] | None = None,
     ) -> ActorPool:
         """The row's `ActorPool` (no worker started yet); `prepare` runs on every new worker
-        before it serves (with `takes_weights`, the job's weight sync); `on_spares` after its
-        spares changed (the name of a spare lost, or None). A spare stands in for a worker whose
-        slot loads the same model folder."""
+        before it serves (with `takes_weights`, the job's weight sync); `on_restart(pool, dead,
+        new, spare)` after a worker was replaced, `on_spares(pool, lost)` after its spares changed
+        (the name of a spare lost, or None). A spare stands in for a worker whose slot loads the
+        same model folder."""
         return ActorPool(
             self.name,
             self.prefix,
@@ -72,10 +73,10 @@ class PoolRow:
             max_restarts=faults.max_worker_restarts,
             backoff_s=faults.restart_backoff_s,
             activity=activity,
-            on_restart=on_restart,
+            on_restart=partial(on_restart, self.name),
             spares=self.spares,
             kind_of=self.model_path,
-            on_spares=on_spares,
+            on_spares=partial(on_spares, self.name) if on_spares is not None else None,
         )
 
 

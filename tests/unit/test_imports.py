@@ -241,3 +241,21 @@ def test_functions_stay_short():
     assert len(over_60) <= 5, f"{len(over_60)} functions over 60 lines (at most 5): {over_60}"
     over_80 = {**_long_functions(PACKAGES, 80), **_long_functions(("benchmarks",), 80)}
     assert not over_80, f"functions over 80 lines: {over_80}"
+
+
+def _class(path: str, name: str) -> ast.ClassDef:
+    (found,) = [n for n in ast.parse((REPO / path).read_text()).body if isinstance(n, ast.ClassDef) and n.name == name]
+    return found
+
+
+def test_the_cluster_and_the_generation_worker_stay_small():
+    """Issue 68: `Cluster` has at most 14 methods and an `__init__` of at most 40 lines (a pool is a
+    row of actors/workers/pool_table.py, not more code here); `GenerationWorker` is at most 250 lines
+    (weight receipts live in its receiver). The twelfth session let `Cluster.__init__` grow to 42 unseen."""
+    cluster = _class("actors/cluster.py", "Cluster")
+    methods = {f.name: f.end_lineno - f.lineno + 1 for f in cluster.body
+               if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)}
+    assert len(methods) <= 14, sorted(methods)
+    assert methods["__init__"] <= 40, methods["__init__"]
+    worker = _class("actors/workers/generation.py", "GenerationWorker")
+    assert worker.end_lineno - worker.lineno + 1 <= 250
