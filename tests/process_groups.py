@@ -1,4 +1,4 @@
-"""torch.distributed groups for tests that run distributed code in the pytest process."""
+"""torch.distributed groups for tests: one rank in the pytest process, or ranks in spawned processes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,36 @@ import contextlib
 import os
 import socket
 import sys
+from typing import Any
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(target, world: int, *args) -> tuple[Any, list]:
+    """`world` spawned processes, started, each running `target(rank, port, *args, results)`: one free
+    loopback port for their group, and one queue for what they put. (results, the processes)."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, port, *args, results)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    return results, procs
+
+
+def join_ranks(procs: list, timeout: float = 30) -> None:
+    """Waits up to `timeout` s for each process of `spawn_ranks`, and kills any still running then."""
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
 
 
 @contextlib.contextmanager
@@ -13,10 +43,7 @@ def one_rank_process_group(backend: str):
     """A one-rank torch.distributed group in this process, on a free loopback port, destroyed after."""
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group(backend, rank=0, world_size=1)
     try:
         yield

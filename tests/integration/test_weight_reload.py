@@ -34,6 +34,24 @@ def _metrics(worker) -> str:
     return urllib.request.urlopen(f"http://{target}/metrics", timeout=10).read().decode()
 
 
+def _scorers(worker, model, prompt_len: int):
+    """The log-probs of one fixed pair of random tokens (`prompt_len` prompt tokens, 12 response
+    tokens), as two functions: `engine_logprobs()`, the live engine's, and `hf_logprobs(state)`, an
+    HF forward's of `model` with `state` loaded (as it is, without one)."""
+    prompt_ids = [int(x) for x in torch.randint(2, 250, (prompt_len,), generator=torch.Generator().manual_seed(0))]
+    response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
+
+    def engine_logprobs() -> torch.Tensor:
+        return torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
+
+    def hf_logprobs(state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if state is not None:
+            model.load_state_dict(state)
+        return sequence_logprobs(model, prompt_ids, response_ids)
+
+    return engine_logprobs, hf_logprobs
+
+
 def check_store_and_direct_reloads(worker, cfg, store: WeightStore, model, tmp_path, held: int) -> None:
     """A live engine holding version `held` (`model`'s weights) scores like an HF forward of every
     version it loads from the store (`held` + 1) and of one delivered directly (`held` + 3), as the
@@ -43,19 +61,11 @@ def check_store_and_direct_reloads(worker, cfg, store: WeightStore, model, tmp_p
     the engine of tests/integration/test_streaming_generation.py's first test (an engine's start
     is most of either check's time), after its batching and its version loaded in flight."""
     # A prompt longer than several KV blocks, so a stale prefix cache would be reused.
-    prompt_ids = [int(x) for x in torch.randint(2, 250, (70,), generator=torch.Generator().manual_seed(0))]
-    response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
+    engine_logprobs, hf_logprobs = _scorers(worker, model, 70)
     good, damaged, delivered_version = held + 1, held + 2, held + 3
 
-    def engine_logprobs() -> torch.Tensor:
-        return torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
-
-    def hf_logprobs(state: dict[str, torch.Tensor]) -> torch.Tensor:
-        model.load_state_dict(state)
-        return sequence_logprobs(model, prompt_ids, response_ids)
-
     before = engine_logprobs()
-    assert (before - sequence_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
+    assert (before - hf_logprobs()).abs().max() < TOLERANCE
 
     # From the store.
     store.publish(good, _changed(model, 3))
@@ -119,18 +129,9 @@ def test_an_moe_version_reaches_the_engine_by_store_and_direct_and_scores_like_h
     assert any(name.endswith("mlp.experts.gate_up_proj") for name in model.state_dict())
     worker = GenerationWorker.remote(GenerationSettings.of(cfg), moe_path, 0)
     try:
-        prompt_ids = [int(x) for x in torch.randint(2, 250, (40,), generator=torch.Generator().manual_seed(0))]
-        response_ids = [int(x) for x in torch.randint(2, 250, (12,), generator=torch.Generator().manual_seed(1))]
-
-        def engine_logprobs() -> torch.Tensor:
-            return torch.tensor(ray.get(worker.logprobs_of.remote(prompt_ids, response_ids)))
-
-        def hf_logprobs(state: dict[str, torch.Tensor]) -> torch.Tensor:
-            model.load_state_dict(state)
-            return sequence_logprobs(model, prompt_ids, response_ids)
-
+        engine_logprobs, hf_logprobs = _scorers(worker, model, 40)
         before = engine_logprobs()
-        assert (before - sequence_logprobs(model, prompt_ids, response_ids)).abs().max() < TOLERANCE
+        assert (before - hf_logprobs()).abs().max() < TOLERANCE
 
         store.publish(1, _changed(model, 3))  # filesystem: the store holds the folder's per-expert tensors
         assert ray.get(worker.sync.remote(1)) == 1

@@ -390,25 +390,13 @@ def test_two_sharded_ranks_step_as_one_bank(tiny_model_path):
     """Two FSDP2 ranks on gloo step as one unsharded bank on the whole batch: each running the whole
     batch (FSDP2 averages equal gradients), and each running its share (`split_data`: unequal
     micro-batch counts, the short rank running empty ones; gradients summed, not averaged)."""
-    import socket
+    from tests.process_groups import join_ranks, spawn_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_bank_rank, args=(r, port, tiny_model_path, results)) for r in range(2)]
-    for p in procs:
-        p.start()
+    results, procs = spawn_ranks(_bank_rank, 2, tiny_model_path)
     try:
         found = [results.get(timeout=180) for _ in range(4)]
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+        join_ranks(procs)
     errors = [r for r in found if r[1] == "error"]
     assert not errors, errors
     whole = AdapterBank(tiny_model_path, max_rank=8, micro_tokens=16)

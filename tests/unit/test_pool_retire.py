@@ -7,14 +7,7 @@ import asyncio
 
 from actors.workers import pools
 from actors.workers.pools import ActorPool
-
-
-class _Method:
-    def __init__(self, run):
-        self.run = run
-
-    def remote(self, *args):
-        return self.run(*args)
+from tests.fakes import RemoteMethod
 
 
 class _FakeActor:
@@ -22,7 +15,7 @@ class _FakeActor:
 
     def __init__(self):
         self.release = asyncio.Event()
-        self.generate = _Method(self._generate)
+        self.generate = RemoteMethod(self._generate)
 
     async def _generate(self):
         await self.release.wait()

@@ -13,14 +13,7 @@ import ray
 from actors.workers import pools
 from actors.workers.pools import ActorPool
 from rlhf_cluster.config import FaultsConfig
-
-
-class _Method:
-    def __init__(self, run):
-        self.run = run
-
-    def remote(self, *args):
-        return self.run(*args)
+from tests.fakes import RemoteMethod
 
 
 class _FakeActor:
@@ -28,8 +21,8 @@ class _FakeActor:
 
     def __init__(self, name: str):
         self.name, self.dead = name, False
-        self.generate = _Method(self._generate)
-        self.heartbeat = _Method(self._heartbeat)
+        self.generate = RemoteMethod(self._generate)
+        self.heartbeat = RemoteMethod(self._heartbeat)
 
     async def _generate(self):
         if self.dead:

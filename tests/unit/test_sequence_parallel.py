@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.models.chunked_logprobs import scored_positions
@@ -29,6 +27,7 @@ from rlhf_cluster.models.sequence_parallel import (
     sharded_response_logprobs,
 )
 from rlhf_cluster.models.tiny_model import build_model
+from tests.process_groups import join_ranks, one_rank_process_group, spawn_ranks
 
 WORLD = 2
 # Three packed sequences, 4,097 tokens: the seam between the ranks' slices (slot 2,049) falls inside
@@ -115,23 +114,15 @@ def _sharded_row(rank: int, failures) -> None:
 def two_ranks(tiny_model_path) -> tuple[list, list]:
     """The 2 spawned ranks of `_rank`, run once for the module's two-rank tests: what rank 0 put
     (kind, result) in order, and the processes' exit codes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, tiny_model_path, failures)) for r in range(WORLD)]
     started = time.monotonic()
-    for p in procs:
-        p.start()
+    failures, procs = spawn_ranks(_rank, WORLD, tiny_model_path)
     found = []
     while len(found) < 3 and time.monotonic() - started < 300 and any(p.is_alive() for p in procs):
         try:
             found.append(failures.get(timeout=1))
         except queue.Empty:
             continue
-    for p in procs:
-        p.join(timeout=30)
+    join_ranks(procs)
     while not failures.empty():
         found.append(failures.get())
     return found, [p.exitcode for p in procs]
@@ -429,8 +420,6 @@ def test_a_learner_step_split_over_two_ranks_equals_one_rank(two_ranks, tiny_mod
     learner test, test_packing.py: AdamW moves a weight by about lr whatever its gradient, so
     rounding shows at a fraction of lr; a gradient averaged instead of summed over the group would
     halve the norm)."""
-    from tests.process_groups import one_rank_process_group
-
     found, exitcodes = two_ranks  # the step is the ranks' third result, after the two above
     assert all(code == 0 for code in exitcodes), (found, exitcodes)
     assert [kind for kind, _ in found] == ["compare", "learner rows", "step"], found

@@ -6,17 +6,16 @@ has no gradient at all. Both ranks finish the step and hold the same weights."""
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
+from tests.process_groups import join_ranks, spawn_ranks
 
 WORLD = 2
 
@@ -50,14 +49,7 @@ def _rank(rank: int, port: int, model_cache: str, results) -> None:
 
 def test_ranks_with_and_without_images_step_together(model_cache):
     ensure_tiny_model(TinyModelConfig(architecture="qwen2_5_vl"), model_cache)  # built once, before the ranks
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, model_cache, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
+    results, procs = spawn_ranks(_rank, WORLD, model_cache)
     found: list = []
     started = time.monotonic()
     while len(found) < 2 * WORLD and time.monotonic() - started < 240 and any(p.is_alive() for p in procs):
@@ -65,10 +57,7 @@ def test_ranks_with_and_without_images_step_together(model_cache):
             found.append(results.get(timeout=1))
         except Exception:
             continue
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+    join_ranks(procs)
     errors = [r for r in found if r[1] == "error"]
     assert not errors, errors
     by = {(rank, freeze): total for rank, freeze, total in found}

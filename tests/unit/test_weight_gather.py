@@ -4,13 +4,11 @@ reaches no other rank."""
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rlhf_cluster.learner.gather import gathered_to
+from tests.process_groups import join_ranks, spawn_ranks
 
 WORLD = 2
 SHAPES = [(5, 3), (1, 4), (4,), (2, 2)]  # uneven rows, an empty shard, a vector, even
@@ -40,16 +38,8 @@ def _rank(rank: int, port: int, failures) -> None:
 
 
 def test_a_tensor_gathered_to_its_sender_is_whole_there_and_nowhere_else():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    failures = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, failures)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
+    failures, procs = spawn_ranks(_rank, WORLD)
+    join_ranks(procs, timeout=120)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     found = []
     while not failures.empty():
