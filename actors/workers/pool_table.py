@@ -58,7 +58,7 @@ class PoolRow:
         activity: PoolActivity,
         on_restart: Callable[[str, str, str, bool], None],
         prepare: Callable[[Any], Awaitable[None]] | None,
-        on_spares: Callable[[str, str | None], Awaitable[None]] | None = None,
+        on_spares: Callable[[str, str | None], Awaitable[None]],
     ) -> ActorPool:
         """The row's `ActorPool` (no worker started yet); `prepare` runs on every new worker
         before it serves (with `takes_weights`, the job's weight sync); `on_restart(pool, dead,
@@ -76,7 +76,7 @@ class PoolRow:
             on_restart=partial(on_restart, self.name),
             spares=self.spares,
             kind_of=self.model_path,
-            on_spares=partial(on_spares, self.name) if on_spares is not None else None,
+            on_spares=partial(on_spares, self.name),
         )
 
 
