@@ -104,7 +104,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence], formats: Seque
     formats = formats or ["{}"] * len(headers)
     # None: "-"; a string (a side's error) as it is, whatever the column's number format.
     cells = [[_cell(fmt, v) for fmt, v in zip(formats, row)] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(str(h)), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]  # rows or none
 
     def line(items):
         return " ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(items, widths)))

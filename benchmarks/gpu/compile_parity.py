@@ -162,7 +162,9 @@ def first_update(model_dir: str, batches: list, variant: Variant, compiled: bool
                 self.captured = {"loss": float(loss), "grads": grads}
             return super()._clip_and_step(loss, also_read)
 
-    settings = {"mixed_precision": variant.precision, "attention": variant.attention, "liger_kernels": variant.liger}
+    # A compiled learner leaves Liger out (learner config: _compile_without_liger), so the eager side does too
+    liger = False if variant.liger is None else variant.liger
+    settings = {"mixed_precision": variant.precision, "attention": variant.attention, "liger_kernels": liger}
     cfg = JobConfig.model_validate({"learner": {"world_size": 1, "lr": 1e-3, "compile": compiled, **settings}})
     torch.manual_seed(0)
     with compiled_as(CompileFix(dict(variant.env), variant.clone_inputs), variant.backend):

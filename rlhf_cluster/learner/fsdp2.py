@@ -47,7 +47,8 @@ class FSDP2Learner(LearnerBase):
         if lc.sequence_parallel > 1:  # each rank of a group runs 1/N of every packed row (`sequence_groups`)
             self.sequence = sequence_group(lc.sequence_parallel)
             enable_sequence_parallel(model, lc.sequence_parallel, self.device)  # on CUDA: no dense-mask attention
-        self.liger = apply_liger(model, self.device, lc.liger_kernels)
+        # compiled layers fuse the norms themselves, and dynamo cannot trace Liger's (config: _compile_without_liger)
+        self.liger = apply_liger(model, self.device, False if lc.compile else lc.liger_kernels)
         plan = self._plan_memory(model_path)
         if plan.checkpointing:
             # An HF model's (or ValueModel's) method, which torch's Module.__getattr__ types as Tensor | Module.
@@ -76,8 +77,8 @@ class FSDP2Learner(LearnerBase):
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-        if self.images is not None and not lc.freeze_vision:  # a trained tower, unused by a pass without images:
-            cast(FSDPModule, model).set_reduce_scatter_unused_params(True)  # zero gradients: ranks reduce alike
+        if self.images is not None and not lc.freeze_vision:
+            reduce_unused_params(cast(FSDPModule, model), self.world_size)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         # Fused on CUDA (one kernel for every parameter), foreach on CPU (None: AdamW's default).
@@ -264,3 +265,19 @@ class FSDP2Learner(LearnerBase):
             local = p.to_local() if hasattr(p, "to_local") else p
             out[name] = (local.numel(), p.numel())
         return out
+
+
+def reduce_unused_params(model: FSDPModule, world_size: int) -> None:
+    """A trained vision tower is unused by a pass without images: on several ranks FSDP2 must
+    reduce-scatter its zero gradients there, so every rank's collectives stay alike. One rank has
+    nothing to keep in step (torch 2.11's FSDP2, on the lent H200, has no such setting)."""
+    if world_size == 1:
+        return
+    setter = getattr(model, "set_reduce_scatter_unused_params", None)
+    if setter is None:
+        raise ValueError(
+            f"learner.freeze_vision: false on {world_size} ranks needs FSDP2's set_reduce_scatter_unused_params, "
+            f"which torch {torch.__version__} does not have: train the vision tower on one rank "
+            "(learner.world_size: 1) or keep learner.freeze_vision: true"
+        )
+    setter(True)

@@ -9,10 +9,12 @@ micro-batch packs a different number of tokens.
 
 On CUDA the compiled layers' gradients were not eager's (`tests/gpu`, one H200, 2026-11-27, fp32,
 SDPA: the first step's gradient norm 0.462 compiled vs 0.551 eager, with equal losses). The
-candidate causes are known Inductor and AOTAutograd bugs of torch 2.10-2.13, each with its own fix
-(`CompileFix`); `benchmarks/gpu/compile_parity.py` runs the learner's step eager and compiled
-under each, compares every parameter's gradient and names the first that matches. Until it has
-passed on CUDA, the option is refused there, naming the cause.
+candidate causes, each with its own fix (`CompileFix`), are bisected by
+`benchmarks/gpu/compile_parity.py`. On one H200 (2026-11-28, torch 2.11, liger-kernel 0.8.5) every
+variant with Liger's RMSNorm failed in dynamo (it cannot trace `LigerRMSNormFunction`) and the one
+without Liger matched eager (largest relative L2 distance of a parameter's gradient 1.2e-6): the
+learner leaves Liger out of a compiled model (config `_compile_without_liger`), and compiled layers
+run on CUDA under `CUDA_FIX`.
 """
 
 from __future__ import annotations
@@ -45,17 +47,17 @@ _INDUCTOR_SETTINGS = {"TORCHINDUCTOR_MIX_ORDER_REDUCTION": ("triton", "mix_order
 
 # The fix the CUDA path runs under: Inductor's mix-order reduction off (it fuses the RMSNorm
 # backward's row and column reductions into one kernel; pytorch#193061, #190796, fixed in #193103).
-# Which candidate it is, is what `compile_parity` finds on a GPU; change this to the fix it names.
+# Kept as a guard for that known bug of torch 2.10-2.13: the H200's passing variant (Liger off) ran
+# without it, so it may not be needed there; tests/gpu's parity test runs under it.
 CUDA_FIX = CompileFix(env={"TORCHINDUCTOR_MIX_ORDER_REDUCTION": "0"})
-# The cause, as the refusal names it (the bisect's verdict once it has run on CUDA).
+# The cause, as the refusal names it (the bisect's verdict on one H200, 2026-11-28).
 CUDA_CAUSE = (
-    "cause not yet bisected on CUDA (python -m benchmarks.gpu.compile_parity on a GPU): the candidates are "
-    "Inductor's mix-order reduction (pytorch#193061), AOT aliasing of inputs sharing storage (pytorch#191002) "
-    "and Liger's RMSNorm under compile"
+    "Liger's RMSNorm under compile (dynamo cannot trace it; torch 2.11, one H200): the learner leaves Liger out of "
+    "a compiled model"
 )
-# The switch: True once `compile_parity` passes on CUDA under `CUDA_FIX` (and tests/gpu's parity test
-# with it); learner.compile is refused on CUDA until then.
-CUDA_GRADIENTS_MATCH_EAGER = False
+# The switch: True since `compile_parity` passed on CUDA without Liger (one H200, 2026-11-28); False
+# refuses learner.compile on CUDA, naming `CUDA_CAUSE`.
+CUDA_GRADIENTS_MATCH_EAGER = True
 
 # A parity check's variant (`compiled_as`): its fix and backend, on any device, never refused.
 _variant: tuple[CompileFix, str] | None = None

@@ -74,6 +74,8 @@ def test_vllm_returns_the_experts_hf_routes_the_same_tokens_to(device, moe_path)
 
     with pytest.raises(ValueError, match="generation.enable_prefix_caching"):
         engine_routing(moe_path, GenerationConfig(enable_prefix_caching=False))
+    # vLLM's CUDA engine: the lent GPU machines carry no vLLM wheel (../shared/GPU.md); its CPU half runs in make test
+    pytest.importorskip("vllm", reason="vLLM is not installed on this GPU machine")
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         rollouts, native = pool.submit(_rollouts, moe_path).result(timeout=600)
     assert native and len(rollouts) == N * (SHORT + LONG)

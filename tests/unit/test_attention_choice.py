@@ -149,9 +149,12 @@ def test_the_auto_rule_on_every_branch(monkeypatch, device, flash, varlen, dtype
     assert choose_attention(device, flash, varlen, dtype, head_dim, max_new) == expected
 
 
-def test_auto_leaves_varlen_out_until_a_gpu_has_measured_it():
-    """Until then (`modeling.VARLEN_IN_AUTO`) `auto` is the rule before varlen: flex or SDPA."""
-    assert not modeling.VARLEN_IN_AUTO
+def test_auto_takes_varlen_since_a_gpu_measured_it(monkeypatch):
+    """`modeling.VARLEN_IN_AUTO` is on (one H200 timed varlen ahead of SDPA and FlexAttention at every
+    length); switched off, `auto` is the rule before varlen: flex or SDPA."""
+    assert modeling.VARLEN_IN_AUTO
+    assert choose_attention("cuda", False, True, torch.bfloat16, 64, 0) == VARLEN
+    monkeypatch.setattr(modeling, "VARLEN_IN_AUTO", False)
     assert choose_attention("cuda", False, True, torch.bfloat16, 64, 8192) == "flex_attention"
     assert choose_attention("cuda", False, True, torch.bfloat16, 64, 0) == "sdpa"
 

@@ -18,7 +18,7 @@ from benchmarks._learning import (
     run_per_seed,
     write_jobs,
 )
-from benchmarks.common import args_config, headline, qwen2_shape
+from benchmarks.common import args_config, headline, print_table, qwen2_shape
 
 
 def test_jobs_parser_has_the_shared_options_and_the_sides():
@@ -187,3 +187,12 @@ def test_rounds_options_and_their_check():
     assert (args.reps, args.warmup, args.out.name) == (4, 1, "example.json")
     with pytest.raises(SystemExit):
         parse_rounds(p, ["--reps", "0"])
+
+
+def test_a_table_without_rows_prints_its_headers(capsys):
+    """gpu-check's table when every step failed (tests/gpu alone, failing, on one H200): no rows."""
+    print_table(["figure", "seconds"], [], ["{}", "{:.3f}"])
+    print_table(["figure", "seconds"], [["a", 1.0], ["b", "ERROR x"]], ["{}", "{:.3f}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["figure", "seconds"] and lines[2].split() == ["a", "1.000"]
+    assert lines[3].split() == ["b", "ERROR", "x"]

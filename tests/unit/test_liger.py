@@ -54,3 +54,34 @@ def test_a_mixture_of_experts_keeps_its_own_experts(model_cache, tiny_model_path
     assert liger_kernels(moe) == {"rms_norm": True, "swiglu": False, "rope": False, "cross_entropy": False,
                                   "fused_linear_cross_entropy": False}
     assert liger_kernels(load_causal_lm(tiny_model_path))["swiglu"] is True
+
+
+def test_the_model_types_module_is_put_back(tiny_model_path, fake_liger, monkeypatch):
+    """Liger's call also swaps the classes in the model type's module (for every model loaded after
+    it: a CPU model then reached a Triton kernel on one H200); `apply_liger` puts them back, while
+    the instance keeps what was done to it."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from rlhf_cluster.models.modeling import load_causal_lm
+
+    model = load_causal_lm(tiny_model_path)
+    norm = modeling_qwen2.Qwen2RMSNorm
+
+    def like_liger(model, **kwargs):
+        modeling_qwen2.Qwen2RMSNorm = torch.nn.Identity  # what Liger's apply_liger_kernel_to_qwen2 does
+        model.model.norm = torch.nn.Identity()
+
+    monkeypatch.setattr(sys.modules["liger_kernel.transformers"], "_apply_liger_kernel_to_instance", like_liger)
+    assert liger.apply_liger(model, CUDA, True) == ["rms_norm", "swiglu"]
+    assert modeling_qwen2.Qwen2RMSNorm is norm, "the module's class is put back"
+    assert isinstance(model.model.norm, torch.nn.Identity), "the instance keeps its kernels"
+    assert isinstance(load_causal_lm(tiny_model_path).model.norm, norm)
+
+
+def test_compile_leaves_liger_out():
+    """Dynamo cannot trace Liger's RMSNorm (torch 2.11, one H200): asked for both, the config says so."""
+    from rlhf_cluster.config import JobConfig
+
+    with pytest.raises(ValueError, match="liger_kernels: true does not run with learner.compile"):
+        JobConfig.model_validate({"learner": {"compile": True, "liger_kernels": True}})
+    assert JobConfig.model_validate({"learner": {"compile": True}}).learner.liger_kernels is None

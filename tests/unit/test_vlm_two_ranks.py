@@ -64,3 +64,22 @@ def test_ranks_with_and_without_images_step_together(model_cache):
     if len(by) < 2 * WORLD:
         pytest.fail(f"ranks ended without their steps (exit codes {[p.exitcode for p in procs]}): {found}")
     assert by[0, False] == by[1, False] and by[0, True] == by[1, True]  # one model, on both ranks
+
+
+def test_the_unused_params_setting_is_asked_on_several_ranks_only():
+    """One rank needs no reduce-scatter of unused parameters (torch 2.11's FSDP2 has no such
+    setting: the lent H200's tests/gpu failed there); several ranks need it, and a torch without
+    it is refused, naming the setting to change."""
+    from rlhf_cluster.learner.fsdp2 import reduce_unused_params
+
+    class Fsdp:  # stands in for an FSDPModule, recording the call
+        calls: list[bool] = []
+
+        def set_reduce_scatter_unused_params(self, on: bool) -> None:
+            self.calls.append(on)
+
+    reduce_unused_params(object(), 1)  # type: ignore[arg-type]  # asks nothing of one rank
+    reduce_unused_params(Fsdp(), 2)  # type: ignore[arg-type]
+    assert Fsdp.calls == [True]
+    with pytest.raises(ValueError, match="learner.freeze_vision: false on 2 ranks.*learner.world_size: 1"):
+        reduce_unused_params(object(), 2)  # type: ignore[arg-type]
