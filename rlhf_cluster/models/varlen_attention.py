@@ -66,12 +66,16 @@ def flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window_size, enable_gqa
     from torch.nn.attention.varlen import varlen_attn
 
     cu, longest = cu_seqlens, max_seqlen
-    if enable_gqa and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
-        # torch 2.11's kernel has no grouped-query switch (on one H200, 2026-11-28): heads repeated
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn(
+            q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size, enable_gqa=enable_gqa
+        )
+    # torch 2.11's kernel has no grouped-query switch, nor takes the word (on one H200, 2026-11-28; a vision
+    # tower's call without grouped queries failed there too): the kv heads repeated where there are groups
+    if enable_gqa:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size)
-    return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size, enable_gqa=enable_gqa)
+    return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, window_size=window_size)
 
 
 def varlen_attention_forward(

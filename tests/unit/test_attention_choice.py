@@ -237,3 +237,6 @@ def test_a_varlen_kernel_without_a_grouped_query_switch_gets_the_heads_repeated(
     cu = torch.tensor([0, 5], dtype=torch.int32)
     flash_varlen(q, k, k.clone(), cu, 5, None, (-1, -1), enable_gqa=True)
     assert seen == [(torch.Size([5, 4, 8]), torch.Size([5, 4, 8]))]
+    # without grouped queries (a vision tower's attention) the word is not passed either: it failed there
+    flash_varlen(q, q.clone(), q.clone(), cu, 5, None, (-1, -1), enable_gqa=False)
+    assert seen[1] == (torch.Size([5, 4, 8]), torch.Size([5, 4, 8]))
