@@ -94,7 +94,9 @@ def varlen_attention_forward(
     them (flash-attention's keyword names; `PackedRows.varlen_kwargs`), else found from the position
     ids (a padded row is one sequence: right padding under a causal mask leaves its real tokens
     exact). `attention_mask` is not read: a 2D padding mask never reaches here (transformers builds
-    none for this implementation) and the sequences already say who attends to whom."""
+    none for this implementation) and the sequences already say who attends to whom. Causal unless
+    the call or the layer says otherwise (`is_causal`): a vision tower's attention is bidirectional
+    within each image, which once ran causal here on CUDA (tests/gpu, one H200, 2026-11-28)."""
     if dropout:
         raise ValueError(f"varlen attention: no dropout (got {dropout}); train with attention_dropout 0")
     B, H, S, D = query.shape
@@ -104,7 +106,12 @@ def varlen_attention_forward(
         if position_ids is None:
             position_ids = torch.arange(S, device=query.device).expand(B, S)
         cu, longest = cu_seqlens_of(position_ids.expand(B, S))
-    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        if sliding_window is not None:
+            raise ValueError("varlen attention: a sliding window is causal here; this layer asks for bidirectional")
+        window = (-1, -1)  # every token of a sequence sees all of it: a vision tower's patches
+    else:
+        window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     out = flash_varlen(
         query.transpose(1, 2).reshape(B * S, H, D),
         key.transpose(1, 2).reshape(B * S, key.shape[1], D),

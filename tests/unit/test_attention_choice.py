@@ -22,8 +22,9 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def reference_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window_size, enable_gqa):
-    """What `varlen_attn` computes, by SDPA on each run of `cu_seqlens` (causal; GQA repeated)."""
-    assert window_size == (-1, 0) and cu_seqlens.dtype == torch.int32
+    """What `varlen_attn` computes, by SDPA on each run of `cu_seqlens` (causal, or bidirectional at
+    window (-1, -1); GQA repeated)."""
+    assert window_size in ((-1, 0), (-1, -1)) and cu_seqlens.dtype == torch.int32
     bounds = cu_seqlens.tolist()
     assert max_seqlen == max(b - a for a, b in zip(bounds, bounds[1:]))
     groups = q.shape[1] // k.shape[1]
@@ -32,7 +33,8 @@ def reference_varlen(q, k, v, cu_seqlens, max_seqlen, scale, window_size, enable
     for a, b in zip(bounds, bounds[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
         ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+        causal = window_size == (-1, 0)
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale).transpose(0, 1))
     return torch.cat(out)
 
 
@@ -240,3 +242,26 @@ def test_a_varlen_kernel_without_a_grouped_query_switch_gets_the_heads_repeated(
     # without grouped queries (a vision tower's attention) the word is not passed either: it failed there
     flash_varlen(q, q.clone(), q.clone(), cu, 5, None, (-1, -1), enable_gqa=False)
     assert seen[1] == (torch.Size([5, 4, 8]), torch.Size([5, 4, 8]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_bidirectional_layer_gets_bidirectional_varlen(reference_kernel, causal):
+    """A vision tower's attention (`is_causal=False`, Qwen2.5-VL's blocks pass it per image) sees
+    each whole sequence; a decoder layer's sees its past. Against SDPA on each sequence."""
+    from rlhf_cluster.models.varlen_attention import varlen_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 7, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    layer = torch.nn.Module()
+    layer.is_causal = causal
+    out, _ = varlen_attention_forward(layer, q, k, v, None, cu_seq_lens_q=cu, max_length_q=4, is_causal=causal)
+    expected = torch.cat(
+        [F.scaled_dot_product_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], is_causal=causal)
+         for a, b in ((0, 3), (3, 7))],
+        dim=2,
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    if not causal:
+        with pytest.raises(ValueError, match="sliding window is causal"):
+            varlen_attention_forward(layer, q, k, v, None, sliding_window=2, cu_seq_lens_q=cu, max_length_q=4)
