@@ -112,9 +112,12 @@ def choose_attention(
 def learner_attention(choice: str, device: torch.device, max_new_tokens: int, mixed_precision: str, model_path) -> str:
     """`training_attention` for a learner rank: its compute dtype from `learner.mixed_precision`
     (bf16, or the float32 weights) and the head size from the model folder's config, so `auto`
-    may choose varlen where its kernels run."""
+    may choose varlen where its kernels run. A vision-language model's `auto` leaves varlen out: its
+    vision tower's bidirectional attention under varlen is tested on the CPU only (a fault there was
+    found by one H200 and fixed after it), so it keeps the rule before varlen until a GPU runs it."""
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    return training_attention(choice, device, max_new_tokens, dtype, head_dim_of(model_path))
+    head_dim = None if choice == "auto" and is_vision_folder(model_path) else head_dim_of(model_path)
+    return training_attention(choice, device, max_new_tokens, dtype, head_dim)
 
 
 def head_dim_of(model_path: str | Path) -> int | None:

@@ -222,6 +222,19 @@ def test_a_learner_rank_asks_with_its_compute_dtype_and_head_size(monkeypatch, t
     assert learner_attention("auto", CPU, 1024, precision, tiny_model_path) == "sdpa"
 
 
+def test_a_vision_language_models_auto_leaves_varlen_out(monkeypatch, tmp_path):
+    """Its vision tower under varlen has not run on a GPU: `auto` keeps the rule before varlen;
+    varlen asked by hand is still given."""
+    from rlhf_cluster.models.modeling import learner_attention
+
+    monkeypatch.setattr(modeling, "flash_attn_installed", lambda: False)
+    monkeypatch.setattr(varlen_attention, "installed", lambda: True)
+    text = {"hidden_size": 2048, "num_attention_heads": 16}
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": text, "vision_config": {"depth": 2}}))
+    assert learner_attention("auto", CUDA, 1024, "bf16", tmp_path) == "sdpa"
+    assert learner_attention(VARLEN, CUDA, 1024, "bf16", tmp_path) == VARLEN
+
+
 def test_a_varlen_kernel_without_a_grouped_query_switch_gets_the_heads_repeated(monkeypatch):
     """torch 2.11's `varlen_attn` takes no `enable_gqa` (found on one H200): the kv heads are repeated."""
     import torch.nn.attention.varlen as varlen
