@@ -32,9 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._jobs import local_ray
-from benchmarks._timing import median, rotated
-from benchmarks.common import headline, machine_info, print_table, result_path, run_script, write_result
+from benchmarks._timing import median
+from benchmarks.common import (
+    headline,
+    jobs_in_rotation,
+    machine_info,
+    print_table,
+    result_path,
+    run_script,
+    write_result,
+)
 
 TARGET = 1.3  # async samples/s >= 1.3x sync
 DEFAULT_OUT = result_path("async_vs_sync")
@@ -216,21 +223,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_jobs(args: argparse.Namespace, settings: tuple[int, ...]) -> list[dict]:
     """`--reps` jobs per setting, the settings' order rotated each repetition, in one local Ray instance."""
-    jobs: list[dict] = []
-    with local_ray(args.verbose, "bench-async-") as runs:
-        for rep in range(args.reps):
-            for staleness in rotated(settings, rep):
-                job = run_job(args, staleness, rep, runs / f"s{staleness}-r{rep}")
-                jobs.append(job)
-                print(
-                    f"  rep {rep} max_staleness {staleness}: median step {job['median_step_seconds']:.3f}s, "
-                    f"{job['samples_per_s']:.1f} samples/s, learner {job['learner_share']:.0%} of a step, "
-                    f"final reward {job['final_reward']:+.3f} (job {job['startup_seconds']:.0f}s start + "
-                    f"{job['run_seconds']:.0f}s run)",
-                    flush=True,
-                )
-                time.sleep(2)  # let the killed actors' processes exit before the next job starts
-    return jobs
+    return jobs_in_rotation(args, "bench-async-", "max_staleness", settings, run_job, job_line)
+
+
+def job_line(job: dict) -> str:
+    return (
+        f"median step {job['median_step_seconds']:.3f}s, "
+        f"{job['samples_per_s']:.1f} samples/s, learner {job['learner_share']:.0%} of a step, "
+        f"final reward {job['final_reward']:+.3f} (job {job['startup_seconds']:.0f}s start + "
+        f"{job['run_seconds']:.0f}s run)"
+    )
 
 
 def per_setting(args: argparse.Namespace, jobs: list[dict], settings: tuple[int, ...]) -> dict[int, dict]:

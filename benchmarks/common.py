@@ -1,6 +1,6 @@
 """Helpers shared by the benchmarks: machine info, tables, results JSON, random models, vLLM's raw
-generate loop, kernel sets. Timing in rotated order is in `_timing.py`; local Ray and jobs in
-`_jobs.py`.
+generate loop, kernel sets, jobs over settings in rotated order (`jobs_in_rotation`). Timing in
+rotated order is in `_timing.py`; local Ray and jobs in `_jobs.py`.
 
 Not a benchmark itself (scripts/run_benchmarks.sh skips it). Every benchmark writes
 `benchmarks/results/<name>.json` with at least `benchmark`, `machine`, `config`, every timing, and a
@@ -21,16 +21,21 @@ import random
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+from benchmarks._jobs import local_ray
+from benchmarks._timing import rotated
 
 if TYPE_CHECKING:
     from rlhf_cluster.experience.records import FinishReason
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
+T = TypeVar("T")
 HEAD_DIM = 64  # the random models' head size (vLLM's CPU attention supports it): heads = hidden / 64
 
 
@@ -323,3 +328,27 @@ def run_script(main: Callable[[], int]) -> None:
     except Exception:
         traceback.print_exc()
         sys.exit(1)
+
+
+def jobs_in_rotation(
+    args: argparse.Namespace,
+    prefix: str,
+    label: str,
+    settings: Sequence[T],
+    run: Callable[[argparse.Namespace, T, int, Path], dict],
+    summary: Callable[[dict], str],
+) -> list[dict]:
+    """`run(args, setting, rep, run_dir)` for every setting in each of `args.reps` repetitions, the
+    settings' order rotated each repetition, in one local Ray instance (`local_ray(args.verbose,
+    prefix)`; run dirs `s{setting}-r{rep}` in its scratch directory). After each job the line
+    `  rep R {label} S: {summary(job)}`, then two seconds for the killed actors' processes to exit
+    before the next job starts. Returns the jobs in the order they ran."""
+    jobs: list[dict] = []
+    with local_ray(args.verbose, prefix) as work:
+        for rep in range(args.reps):
+            for setting in rotated(settings, rep):
+                job = run(args, setting, rep, work / f"s{setting}-r{rep}")
+                jobs.append(job)
+                print(f"  rep {rep} {label} {setting}: {summary(job)}", flush=True)
+                time.sleep(2)
+    return jobs

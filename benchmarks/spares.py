@@ -33,10 +33,18 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._jobs import local_ray, run_job_quietly
-from benchmarks._timing import median, rotated
+from benchmarks._jobs import run_job_quietly
+from benchmarks._timing import median
 from benchmarks.async_vs_sync import add_job_args, job_config, parse_job_args
-from benchmarks.common import headline, machine_info, print_table, result_path, run_script, write_result
+from benchmarks.common import (
+    headline,
+    jobs_in_rotation,
+    machine_info,
+    print_table,
+    result_path,
+    run_script,
+    write_result,
+)
 
 TARGET = 1.0  # a kill's cost, in median steps, with a spare
 DEFAULT_OUT = result_path("spares")
@@ -125,21 +133,17 @@ def run_side(args: argparse.Namespace, spares: int, rep: int, run_dir: Path) -> 
             **kill_gaps(stamps, kill["at"], args.warmup_steps, args.after)}  # fmt: skip
 
 
+def run_line(run: dict) -> str:
+    return (
+        f"step {run['median_step_s']:.2f}s, gaps from the kill on "
+        f"{[round(g, 2) for g in run['gaps_after_kill_s']]} (cost {run['cost_steps']:.2f} steps)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sides = tuple(args.spares)
-    runs: list[dict] = []
-    with local_ray(args.verbose, "bench-spares-") as work:
-        for rep in range(args.reps):
-            for spares in rotated(sides, rep):
-                run = run_side(args, spares, rep, work / f"s{spares}-r{rep}")
-                runs.append(run)
-                print(
-                    f"  rep {rep} spares {spares}: step {run['median_step_s']:.2f}s, gaps from the kill on "
-                    f"{[round(g, 2) for g in run['gaps_after_kill_s']]} (cost {run['cost_steps']:.2f} steps)",
-                    flush=True,
-                )
-                time.sleep(2)  # the killed actors' processes exit before the next job starts
+    runs = jobs_in_rotation(args, "bench-spares-", "spares", sides, run_side, run_line)
     per = {s: {k: median(r[k] for r in runs if r["spares"] == s)
                for k in ("median_step_s", "delay_s", "delay_steps", "cost_s", "cost_steps")}
            for s in sides}  # fmt: skip

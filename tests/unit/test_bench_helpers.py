@@ -196,3 +196,29 @@ def test_a_table_without_rows_prints_its_headers(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["figure", "seconds"] and lines[2].split() == ["a", "1.000"]
     assert lines[3].split() == ["b", "ERROR", "x"]
+
+
+def test_jobs_in_rotation_runs_each_setting_per_rep_in_rotated_order(monkeypatch, tmp_path: Path, capsys):
+    """async_vs_sync's and spares' jobs: rotated settings, one run dir each, a line after each job."""
+    import contextlib
+
+    import benchmarks.common as common
+
+    seen: list[tuple] = []
+    monkeypatch.setattr(common, "local_ray", lambda verbose, prefix: contextlib.nullcontext(tmp_path / prefix))
+    monkeypatch.setattr(common.time, "sleep", lambda s: seen.append(("sleep", s)))
+
+    def run(args, setting, rep, run_dir):
+        seen.append((setting, rep, run_dir))
+        return {"setting": setting, "rep": rep}
+
+    args = SimpleNamespace(verbose=False, reps=2)
+    jobs = common.jobs_in_rotation(args, "bench-x-", "spares", (0, 1), run, lambda job: f"job {job['rep']}")
+    assert [(j["setting"], j["rep"]) for j in jobs] == [(0, 0), (1, 0), (1, 1), (0, 1)]
+    assert seen[0] == (0, 0, tmp_path / "bench-x-" / "s0-r0") and seen[1] == ("sleep", 2)
+    assert capsys.readouterr().out.splitlines() == [
+        "  rep 0 spares 0: job 0",
+        "  rep 0 spares 1: job 0",
+        "  rep 1 spares 1: job 1",
+        "  rep 1 spares 0: job 1",
+    ]
