@@ -31,6 +31,11 @@ def _histogram(
     return Histogram(name, documentation, LABELS + labels, buckets=buckets)
 
 
+def _step_gauges(table: dict[str, tuple[str, str]]) -> dict[str, Gauge]:
+    """Gauges a step's row alone sets: column -> a gauge declared from its (name, documentation)."""
+    return {column: _gauge(name, documentation) for column, (name, documentation) in table.items()}
+
+
 # Seconds a fault takes to see and to mend: from a second to five minutes.
 _RECOVERY_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 60, 120, 300)
 
@@ -103,42 +108,6 @@ STALENESS = _histogram(
     "Learner version minus sample policy version at consumption.",
     buckets=(0, 1, 2, 3, 4, 8, 16),
 )
-TRAIN_KL = _gauge("rlhf_train_kl", "KL to the reference (per token).")
-TRAIN_REWARD = _gauge("rlhf_train_reward_mean", "Mean reward of the step's batch.")
-TRAIN_ENTROPY = _gauge("rlhf_train_entropy", "Mean token entropy.")
-TRAIN_CLIP = _gauge("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO.")
-# PPO with a critic (algorithm.advantage: gae): the critic's step on the consumed batch.
-CRITIC_VALUE_LOSS = _gauge("rlhf_critic_value_loss", "Clipped value loss of the critic's last step (token mean).")
-CRITIC_EXPLAINED_VARIANCE = _gauge(
-    "rlhf_critic_explained_variance_ratio", "1 - Var(returns - values) / Var(returns) of the last consumed batch."
-)
-CRITIC_VALUE_CLIP = _gauge(
-    "rlhf_critic_value_clip_fraction", "Tokens whose clipped value term won in the critic's last step."
-)
-CORRECTION_ESS = _gauge("rlhf_correction_ess", "Effective sample size of the importance weights.")
-# The step's learner-vs-rollout mismatch (delta = log pi_prox - log pi_roll over the batch's tokens).
-CORRECTION_MISMATCH_K1 = _gauge(
-    "rlhf_correction_mismatch_k1", "k1 mismatch KL(pi_roll || pi_prox) of the step's batch."
-)
-CORRECTION_MISMATCH_K3 = _gauge(
-    "rlhf_correction_mismatch_k3", "k3 mismatch KL(pi_roll || pi_prox) of the step's batch."
-)
-CORRECTION_TRUNCATED = _gauge("rlhf_correction_truncated_fraction", "Tokens whose TIS weight hit the cap.")
-CORRECTION_MASKED = _gauge("rlhf_correction_masked_fraction", "Tokens (or sequences) MIS removed from the loss.")
-# Mixture-of-experts policies (`learner.routing`): the step's routing probe on its first micro-batch.
-ROUTING_AGREEMENT = _gauge(
-    "rlhf_routing_expert_set_agreement_ratio",
-    "Share of (token, MoE layer) pairs the learner routes to the engine's expert set, routing itself.",
-)
-ROUTING_K3_WITH_REPLAY = _gauge(
-    "rlhf_routing_mismatch_k3_with_replay", "k3 of learner vs rollout log-probs on the step's probe, replayed."
-)
-ROUTING_K3_WITHOUT_REPLAY = _gauge(
-    "rlhf_routing_mismatch_k3_without_replay", "k3 of learner vs rollout log-probs on the step's probe, own routing."
-)
-ROUTING_LOAD = _gauge(
-    "rlhf_routing_load_max_over_mean_ratio", "Max over mean tokens per expert of the engine's routing (1: even)."
-)
 # Set by each generation worker after a weight sync (generation.probe); the driver counts jumps.
 PROBE_MISMATCH_K3 = _gauge(
     "rlhf_generation_probe_mismatch_k3", "k3 of engine vs learner log-probs on the probe, newest version."
@@ -182,13 +151,9 @@ WORKER_REPLACEMENT_SECONDS = _histogram(
     "From killing a hung worker to its replacement serving (weights loaded).",
     buckets=_RECOVERY_BUCKETS,
 )
-# Set by the driver per consumed batch (deploy/alerts.yml: RlhfStalenessAboveBound compares the two).
-STALENESS_MAX = _gauge("rlhf_staleness_max_steps", "Largest staleness in the last consumed batch.")
+# Set by the driver per consumed batch (deploy/alerts.yml: RlhfStalenessAboveBound compares it with
+# STEP_GAUGES' staleness_max).
 STALENESS_BOUND = _gauge("rlhf_staleness_bound_steps", "Configured max_staleness (train.max_staleness).")
-MULTI_VERSION = _gauge(
-    "rlhf_train_multi_version_fraction",
-    "Share of the last consumed batch's samples sampled by more than one weight version.",
-)
 
 # The step's rollouts (rlhf_cluster/telemetry/rollout_stats.py): length runaway, truncation, reward spread, diversity.
 EVAL_ACCURACY = _gauge(
@@ -201,9 +166,6 @@ EVAL_SOURCE_ACCURACY = _gauge(
     "rlhf_eval_source_accuracy",
     "Held-out greedy accuracy at the last periodic evaluation within one source of the prompts (data.columns.source).",
     "source",
-)
-EVAL_REWARD = _gauge(
-    "rlhf_eval_reward_mean", "Held-out mean reward of the greedy answers at the last periodic evaluation."
 )
 GUARDRAIL_ACTIONS = _counter(
     "rlhf_guardrail_actions_total",
@@ -257,51 +219,94 @@ POOL_QUEUE = _gauge(
     "Mean samples that waited for a free worker of a scoring pool over the last step (its queue depth).",
     "queue_pool",
 )
-LEARNER_WAIT = _gauge(
-    "rlhf_step_learner_wait_seconds", "Time the last step waited for its batch (the learner idle for data)."
-)
 RESPONSE_LENGTH = _gauge(
     "rlhf_train_response_length_tokens", "Response length of the last consumed batch, by statistic.", "stat"
-)
-TRUNCATED = _gauge(
-    "rlhf_train_truncated_fraction", "Share of the last consumed batch's responses cut at max_new_tokens."
 )
 REWARD_SPREAD = _gauge("rlhf_train_reward", "Reward of the last consumed batch, by statistic (min, max, std).", "stat")
 DISTINCT = _gauge(
     "rlhf_train_distinct_ngrams_ratio", "Distinct n-grams / n-grams over the last consumed batch's responses.", "n"
 )
-UNIQUE_PER_GROUP = _gauge(
-    "rlhf_train_unique_responses_per_group_ratio",
-    "Mean share of distinct responses within a group (1/n: mode collapse).",
-)
+
 
 # The one table from a step's row (metrics.jsonl column) to the driver's Prometheus gauge: every
 # step sets each gauge whose column is in the row. Components return metrics dicts; only this
-# table decides what Prometheus shows of them.
+# table decides what Prometheus shows of them. A gauge nothing else sets is declared in its row.
 STEP_GAUGES = {
-    "kl": TRAIN_KL,
-    "reward_mean": TRAIN_REWARD,
-    "policy/entropy": TRAIN_ENTROPY,
-    "policy/clip_frac": TRAIN_CLIP,
-    "multi_version_fraction": MULTI_VERSION,
-    "staleness_max": STALENESS_MAX,
     "buffer_depth": BUFFER_DEPTH,
-    "correction/ess": CORRECTION_ESS,
-    "correction/mismatch_k1": CORRECTION_MISMATCH_K1,
-    "correction/mismatch_k3": CORRECTION_MISMATCH_K3,
-    "correction/frac_truncated": CORRECTION_TRUNCATED,
-    "correction/frac_masked": CORRECTION_MASKED,
-    "critic/value_loss": CRITIC_VALUE_LOSS,
-    "critic/explained_variance": CRITIC_EXPLAINED_VARIANCE,
-    "critic/value_clip_frac": CRITIC_VALUE_CLIP,
-    "truncated_fraction": TRUNCATED,
-    "unique_per_group": UNIQUE_PER_GROUP,
-    "learner_wait_seconds": LEARNER_WAIT,
-    "eval_reward_mean": EVAL_REWARD,
-    "routing/expert_set_agreement": ROUTING_AGREEMENT,
-    "routing/load_max_over_mean": ROUTING_LOAD,
-    "routing/mismatch_k3_with_replay": ROUTING_K3_WITH_REPLAY,
-    "routing/mismatch_k3_without_replay": ROUTING_K3_WITHOUT_REPLAY,
+    **_step_gauges(
+        {
+            "kl": ("rlhf_train_kl", "KL to the reference (per token)."),
+            "reward_mean": ("rlhf_train_reward_mean", "Mean reward of the step's batch."),
+            "policy/entropy": ("rlhf_train_entropy", "Mean token entropy."),
+            "policy/clip_frac": ("rlhf_train_clip_fraction", "Fraction of tokens clipped by PPO."),
+            "multi_version_fraction": (
+                "rlhf_train_multi_version_fraction",
+                "Share of the last consumed batch's samples sampled by more than one weight version.",
+            ),
+            "staleness_max": ("rlhf_staleness_max_steps", "Largest staleness in the last consumed batch."),
+            # The step's learner-vs-rollout mismatch (delta = log pi_prox - log pi_roll over the batch's tokens).
+            "correction/ess": ("rlhf_correction_ess", "Effective sample size of the importance weights."),
+            "correction/mismatch_k1": (
+                "rlhf_correction_mismatch_k1",
+                "k1 mismatch KL(pi_roll || pi_prox) of the step's batch.",
+            ),
+            "correction/mismatch_k3": (
+                "rlhf_correction_mismatch_k3",
+                "k3 mismatch KL(pi_roll || pi_prox) of the step's batch.",
+            ),
+            "correction/frac_truncated": ("rlhf_correction_truncated_fraction", "Tokens whose TIS weight hit the cap."),
+            "correction/frac_masked": (
+                "rlhf_correction_masked_fraction",
+                "Tokens (or sequences) MIS removed from the loss.",
+            ),
+            # PPO with a critic (algorithm.advantage: gae): the critic's step on the consumed batch.
+            "critic/value_loss": (
+                "rlhf_critic_value_loss",
+                "Clipped value loss of the critic's last step (token mean).",
+            ),
+            "critic/explained_variance": (
+                "rlhf_critic_explained_variance_ratio",
+                "1 - Var(returns - values) / Var(returns) of the last consumed batch.",
+            ),
+            "critic/value_clip_frac": (
+                "rlhf_critic_value_clip_fraction",
+                "Tokens whose clipped value term won in the critic's last step.",
+            ),
+            "truncated_fraction": (
+                "rlhf_train_truncated_fraction",
+                "Share of the last consumed batch's responses cut at max_new_tokens.",
+            ),
+            "unique_per_group": (
+                "rlhf_train_unique_responses_per_group_ratio",
+                "Mean share of distinct responses within a group (1/n: mode collapse).",
+            ),
+            "learner_wait_seconds": (
+                "rlhf_step_learner_wait_seconds",
+                "Time the last step waited for its batch (the learner idle for data).",
+            ),
+            "eval_reward_mean": (
+                "rlhf_eval_reward_mean",
+                "Held-out mean reward of the greedy answers at the last periodic evaluation.",
+            ),
+            # Mixture-of-experts policies (`learner.routing`): the step's routing probe on its first micro-batch.
+            "routing/expert_set_agreement": (
+                "rlhf_routing_expert_set_agreement_ratio",
+                "Share of (token, MoE layer) pairs the learner routes to the engine's expert set, routing itself.",
+            ),
+            "routing/load_max_over_mean": (
+                "rlhf_routing_load_max_over_mean_ratio",
+                "Max over mean tokens per expert of the engine's routing (1: even).",
+            ),
+            "routing/mismatch_k3_with_replay": (
+                "rlhf_routing_mismatch_k3_with_replay",
+                "k3 of learner vs rollout log-probs on the step's probe, replayed.",
+            ),
+            "routing/mismatch_k3_without_replay": (
+                "rlhf_routing_mismatch_k3_without_replay",
+                "k3 of learner vs rollout log-probs on the step's probe, own routing.",
+            ),
+        }
+    ),
 }
 # Columns that are one labelled series of a gauge: column -> (gauge, extra labels).
 STEP_LABELLED_GAUGES = {
