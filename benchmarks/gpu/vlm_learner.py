@@ -92,28 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def vlm_config(shape: str, ids: dict[str, int], eos: int, pad: int):
-    """The `Qwen2_5_VLConfig` of `VLM_SHAPES[shape]`, its special tokens' ids `ids` (by token)."""
-    from transformers import Qwen2_5_VLConfig
-
-    from rlhf_cluster.models.tiny_vlm import (
-        IMAGE_PAD,
-        MERGE,
-        PATCH,
-        TEMPORAL_PATCH,
-        VIDEO_PAD,
-        VISION_END,
-        VISION_START,
-    )
+    """The `Qwen2_5_VLConfig` of `VLM_SHAPES[shape]`, its special tokens' ids `ids` (by token); the
+    tiny VLM's patches and rotary sections (3B's: [16, 24, 24])."""
+    from rlhf_cluster.models.tiny_vlm import qwen2_5_vl_config
 
     s = VLM_SHAPES[shape]
-    half = s["text"]["hidden_size"] // s["text"]["num_attention_heads"] // 2
-    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # 3B: [16, 24, 24]
     text = dict(
         **s["text"],
         vocab_size=s["vocab"],
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
         eos_token_id=eos,
         pad_token_id=pad,
         bos_token_id=eos,
@@ -123,21 +111,10 @@ def vlm_config(shape: str, ids: dict[str, int], eos: int, pad: int):
         **s["vision"],
         out_hidden_size=s["text"]["hidden_size"],
         hidden_act="silu",
-        patch_size=PATCH,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=TEMPORAL_PATCH,
         window_size=112,
         tokens_per_second=2,
     )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=True,
-    )
+    return qwen2_5_vl_config(text, vision, ids, tie_word_embeddings=True)
 
 
 def build_vlm_folder(shape: str, cache_dir: str) -> Path:

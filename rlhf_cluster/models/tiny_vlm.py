@@ -45,15 +45,39 @@ CHAT_TEMPLATE = (
 )
 
 
+def qwen2_5_vl_config(text: dict[str, Any], vision: dict[str, Any], ids: dict[str, int], **outer: Any):
+    """A `Qwen2_5_VLConfig` of the language model's `text` and the vision tower's `vision` settings,
+    with what every Qwen2.5-VL here shares added: the multimodal rotary sections (time, height,
+    width) splitting head_dim / 2 frequencies, 14-pixel patches merged 2x2, and the vision tokens'
+    ids `ids` (by token); `outer`: the config's own keywords (`tie_word_embeddings`, ...)."""
+    from transformers import Qwen2_5_VLConfig
+
+    half = text["hidden_size"] // text["num_attention_heads"] // 2
+    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    return Qwen2_5_VLConfig(
+        text_config={
+            **text,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+        },
+        vision_config={
+            **vision,
+            "patch_size": PATCH,
+            "spatial_merge_size": MERGE,
+            "temporal_patch_size": TEMPORAL_PATCH,
+        },
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        **outer,
+    )
+
+
 def build_vlm(cfg: TinyModelConfig, tokenizer):
     """A random Qwen2.5-VL (fp32) over `tokenizer`, whose vision tokens are already in its vocabulary."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
-    head_dim = cfg.hidden_size // cfg.num_heads
-    # The multimodal rotary sections (time, height, width) split head_dim / 2 frequencies.
-    half = head_dim // 2
-    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -62,7 +86,6 @@ def build_vlm(cfg: TinyModelConfig, tokenizer):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,
@@ -74,24 +97,12 @@ def build_vlm(cfg: TinyModelConfig, tokenizer):
         intermediate_size=2 * cfg.vision_hidden_size,
         num_heads=cfg.vision_hidden_size // 32,
         out_hidden_size=cfg.hidden_size,
-        patch_size=PATCH,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=TEMPORAL_PATCH,
         window_size=2 * PATCH * MERGE,
         fullatt_block_indexes=[cfg.vision_layers - 1],
         initializer_range=INIT_STD,
     )
-    config = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=False,
-        # The legacy name on purpose: it sets the text config's dtype too (`dtype=` only the outer).
-        **FP32,
-    )
+    # The legacy name on purpose: it sets the text config's dtype too (`dtype=` only the outer).
+    config = qwen2_5_vl_config(text, vision, ids, tie_word_embeddings=False, **FP32)
     torch.manual_seed(cfg.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     # Turns end with <|im_end|>: a generation stops there as at EOS.

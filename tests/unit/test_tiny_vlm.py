@@ -11,7 +11,13 @@ from PIL import Image
 
 from rlhf_cluster.config import TinyModelConfig
 from rlhf_cluster.models.tiny_model import ensure_tiny_model, tiny_model_dir
-from rlhf_cluster.models.tiny_vlm import IMAGE_PAD, VISION_END, VISION_START, VISION_TOKENS
+from rlhf_cluster.models.tiny_vlm import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    VISION_TOKENS,
+    qwen2_5_vl_config,
+)
 from rlhf_cluster.models.vision import (
     checkpoint_name,
     load_processor,
@@ -55,6 +61,17 @@ def test_text_models_keep_their_cache_names(tmp_path):
     dense = TinyModelConfig()
     assert tiny_model_dir(dense, tmp_path) == tiny_model_dir(dense.model_copy(update={"vision_layers": 5}), tmp_path)
     assert tiny_model_dir(CFG, tmp_path) != tiny_model_dir(CFG.model_copy(update={"vision_layers": 3}), tmp_path)
+
+
+def test_a_qwen2_5_vl_config_gets_the_shared_patches_rotary_sections_and_token_ids():
+    """What the tiny VLM and benchmarks/gpu/vlm_learner.py's 3B shape share (`qwen2_5_vl_config`)."""
+    ids = {t: 10 + i for i, t in enumerate(VISION_TOKENS)}
+    text = {"hidden_size": 256, "num_attention_heads": 2, "num_hidden_layers": 1, "vocab_size": 64}
+    config = qwen2_5_vl_config(text, {"depth": 1, "hidden_size": 64}, ids, tie_word_embeddings=True)
+    assert config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]  # head_dim 128, as 3B's
+    assert (config.vision_config.patch_size, config.vision_config.spatial_merge_size) == (14, 2)
+    assert config.image_token_id == ids[IMAGE_PAD] and config.vision_end_token_id == ids[VISION_END]
+    assert config.tie_word_embeddings and config.text_config.hidden_size == 256
 
 
 def test_vision_hidden_size_is_whole_heads():
