@@ -98,14 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["sdpa", "flex_attention", "flash_attention_2", "varlen", "eager"],
         help="also time ours with these learner.attention settings (the default is auto)",
     )
-    p.add_argument(
-        "--side",
-        type=learner_side,
-        action="append",
-        default=[],
-        metavar="NAME:KEY=VALUE[,...]",
-        help="also time ours with these learner settings, as `ours, NAME` (e.g. 'fused head:logprob_head=fused')",
-    )
+    add_side_option(p, "fused head:logprob_head=fused")
     p.add_argument(
         "--memory-budget-gib",
         type=float,
@@ -290,6 +283,18 @@ def learner_side(text: str) -> tuple[str, dict]:
     if not sep or not name or not settings:
         raise argparse.ArgumentTypeError(f"--side {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
     return name, settings
+
+
+def add_side_option(p: argparse.ArgumentParser, example: str) -> None:
+    """`--side` (repeatable, read by `learner_side`): more sides of ours, with other learner settings."""
+    p.add_argument(
+        "--side",
+        type=learner_side,
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,...]",
+        help=f"also time ours with these learner settings, as `ours, NAME` (e.g. '{example}')",
+    )
 
 
 def step_figures(results: dict, batches: dict, flops_shape, peak_flops: float | None, shape) -> dict[str, dict]:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import headline, machine_info, print_table, result_path, write_result
-from benchmarks.gpu.learner import learner_side
+from benchmarks.gpu.learner import add_side_option
 from benchmarks.gpu.models import SMOKE_VOCAB, VOCAB, device_and_peak, join_one_rank_group
 from benchmarks.gpu.sides import Ours, time_side
 
@@ -76,14 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CUDA: learner.memory_fraction, the share of the GPU the memory plan fills (its default 0.5 leaves "
         "half to colocated engines; the plan counts the language model alone, the tower's weights fit the rest)",
     )
-    p.add_argument(
-        "--side",
-        type=learner_side,
-        action="append",
-        default=[],
-        metavar="NAME:KEY=VALUE[,...]",
-        help="also time ours with these learner settings (e.g. 'ckpt:gradient_checkpointing=true')",
-    )
+    add_side_option(p, "ckpt:gradient_checkpointing=true")
     p.add_argument("--reps", type=int, default=3 if cuda else 1)
     p.add_argument("--warmup", type=int, default=1 if cuda else 0)
     p.add_argument("--cache-dir", default="~/.cache/rlhf_cluster/models")

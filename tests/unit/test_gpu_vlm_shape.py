@@ -50,3 +50,13 @@ def test_gpu_check_runs_the_vlm_step_on_a_gpu_and_leaves_its_smoke_to_this_test(
     assert not wanted(args, "learner VLM") and SMOKE_IN_UNIT_TEST["learner VLM"] == f"tests/unit/{Path(__file__).name}"
     args.only = ["learner VLM"]
     assert wanted(args, "learner VLM")
+
+
+def test_both_gpu_learner_benchmarks_take_the_same_side_option():
+    """`--side` (benchmarks.gpu.learner.add_side_option): repeatable, NAME:KEY=VALUE read as YAML."""
+    from benchmarks.gpu import learner, vlm_learner
+
+    argv = ["--side", "ckpt:gradient_checkpointing=true", "--side", "c:compile=true,attention=sdpa"]
+    sides = [("ckpt", {"gradient_checkpointing": True}), ("c", {"compile": True, "attention": "sdpa"})]
+    assert learner.parse_args(argv).side == vlm_learner.parse_args(argv).side == sides
+    assert learner.parse_args([]).side == vlm_learner.parse_args([]).side == []
