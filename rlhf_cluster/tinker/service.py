@@ -17,10 +17,11 @@ import logging
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from rlhf_cluster.config.tinker import TinkerConfig
 from rlhf_cluster.fileio import write_atomic
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 META = "tinker.json"  # beside a saved state: what it is, so a restarted server can load it
 # A client's newest samplers of unnamed saves (an RL loop makes one a step); older ones end (404).
 UNNAMED_SAMPLERS_KEPT = 4
+T = TypeVar("T")
 
 
 class ServiceError(Exception):
@@ -45,6 +47,14 @@ class ServiceError(Exception):
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
         self.status, self.detail = status, detail
+
+
+def _live(table: Mapping[str, T], key: str, missing: str) -> T:
+    """`table[key]`, or a 404 whose detail is `missing` where the server holds nothing under `key`."""
+    found = table.get(key)
+    if found is None:
+        raise ServiceError(404, missing)
+    return found
 
 
 class TinkerService:
@@ -94,14 +104,12 @@ class TinkerService:
     # ---------------------------------------------------------------- training clients
 
     def client(self, model_id: str) -> TrainingClient:
-        found = self.sessions.clients.get(model_id)
-        if found is None:
-            raise ServiceError(
-                404,
-                f"model_id: {model_id!r} is not a training client of this server (ended, never "
-                "made, or lost with a restart: load your last saved state)",
-            )
-        return found
+        return _live(
+            self.sessions.clients,
+            model_id,
+            f"model_id: {model_id!r} is not a training client of this server (ended, never "
+            "made, or lost with a restart: load your last saved state)",
+        )
 
     def _base(self, base_model: str | None) -> None:
         if base_model is not None and base_model != self.cfg.model.name:
@@ -258,9 +266,7 @@ class TinkerService:
         return self._loads[path.uri]
 
     def sampler(self, sampler_id: str) -> dict:
-        s = self.sessions.samplers.get(sampler_id)
-        if s is None:
-            raise ServiceError(404, f"sampler {sampler_id!r} is not known to this server")
+        s = _live(self.sessions.samplers, sampler_id, f"sampler {sampler_id!r} is not known to this server")
         return replies.GetSamplerResponse(
             sampler_id=sampler_id, base_model=self.cfg.model.name, model_path=s.model_path
         ).model_dump()
@@ -304,13 +310,12 @@ class TinkerService:
         """The engines' adapter a sample runs on (None: the base model), and the load it needs
         first when none holds it yet (run on a sampling thread, never on the event loop)."""
         if sampler_id is not None:
-            s = self.sessions.samplers.get(sampler_id)
-            if s is None:
-                raise ServiceError(
-                    404,
-                    f"sampling_session_id: {sampler_id!r} is not a live sampler (its session or "
-                    "training client ended, or its weights were deleted)",
-                )
+            s = _live(
+                self.sessions.samplers,
+                sampler_id,
+                f"sampling_session_id: {sampler_id!r} is not a live sampler (its session or "
+                "training client ended, or its weights were deleted)",
+            )
             return s.adapter, None
         if model_path is not None:
             path, meta = self._saved(model_path, "sampler_weights", status=404)
