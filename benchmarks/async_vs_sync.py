@@ -33,15 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._timing import median
-from benchmarks.common import (
-    headline,
-    jobs_in_rotation,
-    machine_info,
-    print_table,
-    result_path,
-    run_script,
-    write_result,
-)
+from benchmarks.common import headline, machine_info, print_table, result_path, rotated_jobs, run_script, write_result
 
 TARGET = 1.3  # async samples/s >= 1.3x sync
 DEFAULT_OUT = result_path("async_vs_sync")
@@ -223,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_jobs(args: argparse.Namespace, settings: tuple[int, ...]) -> list[dict]:
     """`--reps` jobs per setting, the settings' order rotated each repetition, in one local Ray instance."""
-    return jobs_in_rotation(args, "bench-async-", "max_staleness", settings, run_job, job_line)
+    return rotated_jobs(args, "bench-async-", "max_staleness", settings, run_job, job_line)
 
 
 def job_line(job: dict) -> str:

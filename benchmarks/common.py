@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: machine info, tables, results JSON, random models, vLLM's raw
-generate loop, kernel sets, jobs over settings in rotated order (`jobs_in_rotation`). Timing in
+generate loop, kernel sets, jobs over settings in rotated order (`rotated_jobs`). Timing in
 rotated order is in `_timing.py`; local Ray and jobs in `_jobs.py`.
 
 Not a benchmark itself (scripts/run_benchmarks.sh skips it). Every benchmark writes
@@ -330,7 +330,7 @@ def run_script(main: Callable[[], int]) -> None:
         sys.exit(1)
 
 
-def jobs_in_rotation(
+def rotated_jobs(
     args: argparse.Namespace,
     prefix: str,
     label: str,

@@ -36,15 +36,7 @@ from pathlib import Path
 from benchmarks._jobs import run_job_quietly
 from benchmarks._timing import median
 from benchmarks.async_vs_sync import add_job_args, job_config, parse_job_args
-from benchmarks.common import (
-    headline,
-    jobs_in_rotation,
-    machine_info,
-    print_table,
-    result_path,
-    run_script,
-    write_result,
-)
+from benchmarks.common import headline, machine_info, print_table, result_path, rotated_jobs, run_script, write_result
 
 TARGET = 1.0  # a kill's cost, in median steps, with a spare
 DEFAULT_OUT = result_path("spares")
@@ -143,7 +135,7 @@ def run_line(run: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sides = tuple(args.spares)
-    runs = jobs_in_rotation(args, "bench-spares-", "spares", sides, run_side, run_line)
+    runs = rotated_jobs(args, "bench-spares-", "spares", sides, run_side, run_line)
     per = {s: {k: median(r[k] for r in runs if r["spares"] == s)
                for k in ("median_step_s", "delay_s", "delay_steps", "cost_s", "cost_steps")}
            for s in sides}  # fmt: skip

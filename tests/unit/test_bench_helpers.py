@@ -198,7 +198,7 @@ def test_a_table_without_rows_prints_its_headers(capsys):
     assert lines[3].split() == ["b", "ERROR", "x"]
 
 
-def test_jobs_in_rotation_runs_each_setting_per_rep_in_rotated_order(monkeypatch, tmp_path: Path, capsys):
+def test_rotated_jobs_runs_each_setting_per_rep_in_rotated_order(monkeypatch, tmp_path: Path, capsys):
     """async_vs_sync's and spares' jobs: rotated settings, one run dir each, a line after each job."""
     import contextlib
 
@@ -213,7 +213,7 @@ def test_jobs_in_rotation_runs_each_setting_per_rep_in_rotated_order(monkeypatch
         return {"setting": setting, "rep": rep}
 
     args = SimpleNamespace(verbose=False, reps=2)
-    jobs = common.jobs_in_rotation(args, "bench-x-", "spares", (0, 1), run, lambda job: f"job {job['rep']}")
+    jobs = common.rotated_jobs(args, "bench-x-", "spares", (0, 1), run, lambda job: f"job {job['rep']}")
     assert [(j["setting"], j["rep"]) for j in jobs] == [(0, 0), (1, 0), (1, 1), (0, 1)]
     assert seen[0] == (0, 0, tmp_path / "bench-x-" / "s0-r0") and seen[1] == ("sleep", 2)
     assert capsys.readouterr().out.splitlines() == [
