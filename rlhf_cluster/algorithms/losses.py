@@ -71,17 +71,14 @@ def policy_loss(
     """
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"unknown ratio_level {ratio_level!r}; allowed: {', '.join(RATIO_LEVELS)}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    _check_aggregation(aggregation)
     m = mask.to(logprobs.dtype)
     log_ratio = logprobs - old_logprobs.detach()
     if ratio_level == "sequence":
         seq_log_ratio = (log_ratio * m).sum(-1) / m.sum(-1).clamp_min(1)
         log_ratio = seq_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach()
     ratio = torch.exp(log_ratio)
-    adv = advantages.detach()
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(-1).expand_as(logprobs)
+    adv = _per_token(advantages, logprobs)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
     dual = None
     if clip_ratio_c is not None:
@@ -92,8 +89,15 @@ def policy_loss(
         pg = pg * correction.detach()
 
     loss = aggregate_loss(pg, m, aggregation, denominator, max_tokens)
-    metrics = _ratio_metrics(ratio, log_ratio, adv, m, clip_low, clip_high, dual)
+    r = ratio.detach()  # a side of the clip bites where the ratio left the band in the advantage's direction
+    low, high = (r < 1.0 - clip_low) & (adv < 0), (r > 1.0 + clip_high) & (adv > 0)
+    metrics = _ratio_metrics(ratio, log_ratio, m, low, high, dual)
     return loss, metrics
+
+
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
 
 
 def aggregate_loss(
@@ -117,20 +121,18 @@ def aggregate_loss(
 def _ratio_metrics(
     ratio: torch.Tensor,
     log_ratio: torch.Tensor,
-    adv: torch.Tensor,
     m: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-    dual: torch.Tensor | None,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    dual: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`policy_loss`' metrics over the valid tokens: how often each side of the clip bit (and the
-    dual clip, where on), the ratio's mean and max, and the k3 estimate of the KL it moved."""
+    """A clipped-ratio loss's metrics (`policy_loss`, `cispo_loss`) over the valid tokens: the share
+    its clip bit from below (`low`, a bool ``[B, T]``) and from above (`high`) (and the dual clip,
+    where on), the ratio's mean and max, and the k3 estimate of the KL it moved."""
     r, lr = ratio.detach(), log_ratio.detach()
-    low = ((r < 1.0 - clip_low) & (adv < 0)).to(m.dtype)
-    high = ((r > 1.0 + clip_high) & (adv > 0)).to(m.dtype)
     metrics = {
-        "clip_frac_low": masked_mean(low, m),
-        "clip_frac_high": masked_mean(high, m),
+        "clip_frac_low": masked_mean(low.to(m.dtype), m),
+        "clip_frac_high": masked_mean(high.to(m.dtype), m),
         "approx_kl": masked_mean((r - 1.0) - lr, m),
         "ratio_mean": masked_mean(r, m),
         "ratio_max": masked_max(r, m),
@@ -162,23 +164,14 @@ def cispo_loss(
     ``max_tokens`` as in `policy_loss`. Metrics: the share of valid tokens whose weight was clamped
     from below and from above, the ratio's mean and max, and the k3 estimate of the KL it moved.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    _check_aggregation(aggregation)
     m = mask.to(logprobs.dtype)
     log_ratio = (logprobs - old_logprobs).detach()
     ratio = torch.exp(log_ratio)
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = -weight * logprobs * _per_token(advantages, logprobs)
     loss = aggregate_loss(per_token, m, aggregation, denominator, max_tokens)
-    with torch.no_grad():
-        metrics = {
-            "clip_frac_low": masked_mean((ratio < 1.0 - clip_low).to(m.dtype), m),
-            "clip_frac_high": masked_mean((ratio > 1.0 + clip_high).to(m.dtype), m),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, m),
-            "ratio_mean": masked_mean(ratio, m),
-            "ratio_max": masked_max(ratio, m),
-        }
-        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
+    metrics = _ratio_metrics(ratio, log_ratio, m, ratio < 1.0 - clip_low, ratio > 1.0 + clip_high)
     return loss, metrics
 
 
@@ -203,8 +196,7 @@ def dro_loss(
     ``max_tokens`` as in `policy_loss`. Metrics: the mean squared log-ratio, the ratio's mean and
     the k3 estimate of the KL.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    _check_aggregation(aggregation)
     m = mask.to(logprobs.dtype)
     diff = logprobs - old_logprobs.detach()
     per_token = -(logprobs * _per_token(advantages, logprobs) - 0.5 * beta * diff.square())
