@@ -18,14 +18,14 @@ positions, the loss on the answer and EOS tokens.
 
 from __future__ import annotations
 
-import random
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.generation.image_turns import image_placeholder
-from rlhf_cluster.job.warmup import save_once, warmed_model_dir
+from rlhf_cluster.job.warmup import require_answers, save_once, train_steps, warmed_model_dir
 from rlhf_cluster.models.vision import (
     VisionSample,
     load_processor,
@@ -52,25 +52,21 @@ def ensure_warmed_vision_model(
     target = warmed_model_dir(base, prompts, steps, lr, batch_size, seed, kind="vision, text only")
     if (target / "config.json").is_file():
         return target
-    if not prompts or any(not p.answer for p in prompts):
-        raise ValueError("the supervised warm-up needs prompts with reference answers")
+    require_answers(prompts)
     processor = load_processor(base, *pixels)
     torch.manual_seed(seed)
     model = load_vision_lm(base).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     examples = [_example(processor, p) for p in prompts]
-    rng = random.Random(seed)
-    for step in range(steps):
-        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        tokens = sum(sample.response_len for sample in batch)
-        loss = -torch.stack([vision_response_logprobs(model, sample)[0].sum() for sample in batch]).sum() / tokens
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(step, loss.item())
+    trained = [p for p in model.parameters() if p.requires_grad]
+    train_steps(trained, examples, partial(_answer_loss, model), steps, lr, batch_size, seed, progress)
     save_once(model.eval(), processor, target)
     return target
+
+
+def _answer_loss(model, batch: list[VisionSample]) -> torch.Tensor:
+    """Mean negative log-probability of the batch's answer (and EOS) tokens."""
+    tokens = sum(sample.response_len for sample in batch)
+    return -torch.stack([vision_response_logprobs(model, sample)[0].sum() for sample in batch]).sum() / tokens
 
 
 def _example(processor, prompt: Prompt) -> VisionSample:

@@ -11,11 +11,16 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from rlhf_cluster.data.prompts import Prompt, Segment
+
+Example = TypeVar("Example")
 
 
 def warmed_model_dir(
@@ -65,8 +70,7 @@ def ensure_warmed_model(
     if (target / "config.json").is_file():
         return target
     if demonstrations is None:
-        if not prompts or any(not p.answer for p in prompts):
-            raise ValueError("the supervised warm-up needs prompts with reference answers")
+        require_answers(prompts)
     elif not prompts or len(demonstrations) != len(prompts):
         raise ValueError(
             f"the supervised warm-up needs one demonstration per prompt: {len(prompts)} prompts, "
@@ -74,26 +78,50 @@ def ensure_warmed_model(
         )
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).train()
     examples = _examples(tokenizer, prompts, demonstrations)
+    train_steps(model.parameters(), examples, partial(_padded_loss, model), steps, lr, batch_size, seed, progress)
+    save_once(model, tokenizer, target)
+    return target
+
+
+def require_answers(prompts: list[Prompt]) -> None:
+    """Refuse a warm-up on prompts without reference answers (or on none)."""
+    if not prompts or any(not p.answer for p in prompts):
+        raise ValueError("the supervised warm-up needs prompts with reference answers")
+
+
+def train_steps(
+    parameters: Iterable[torch.nn.Parameter],
+    examples: Sequence[Example],
+    batch_loss: Callable[[list[Example]], torch.Tensor],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    progress=None,
+) -> None:
+    """`steps` AdamW steps on `parameters`, each on `batch_loss` of `batch_size` examples drawn with
+    replacement in `seed`'s order; `progress(step, loss)` after each (a warm-up's training loop)."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
     rng = random.Random(seed)
-    model.train()
     for step in range(steps):
-        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        width = max(len(ids) for ids, _ in batch)
-        # Masks come from lengths, not token ids: the pad id may equal a real token.
-        input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch])
-        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-        batch_labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=batch_labels).loss
+        loss = batch_loss([examples[rng.randrange(len(examples))] for _ in range(batch_size)])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
             progress(step, loss.item())
-    save_once(model, tokenizer, target)
-    return target
+
+
+def _padded_loss(model, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """The causal LM's loss on (input ids, labels) examples padded to the batch's longest."""
+    width = max(len(ids) for ids, _ in batch)
+    # Masks come from lengths, not token ids: the pad id may equal a real token.
+    input_ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch])
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+    batch_labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+    return model(input_ids=input_ids, attention_mask=attention, labels=batch_labels).loss
 
 
 def _examples(
