@@ -22,8 +22,8 @@ recorded as such and the next one runs):
 8. 0.5B again with DeepSpeed ZeRO-3 (last: the slowest to start; `--all` on a GPU).
 Writes `--out-dir`/gpu_check.json (every step's status, seconds and result JSON; rewritten after
 every step, so a call cut short keeps the steps it ran) and prints one table of the figures.
-`--only STEP ...` runs those steps alone (issue 70's figure: `--only tests/gpu "learner MoE"`; issue
-71's: `--only tests/gpu "learner VLM"`).
+`--only STEP ...` runs those steps alone (issue 70's figure: `--only "learner MoE"`; issue 71's:
+`--only "learner VLM"`). On a GPU the steps of `EARLIER_ISSUES` (measured) run with `--all` only.
 Without CUDA the steps run at tiny shapes on the CPU (`--smoke` is then implied), two at a time
 (`run_in_lanes`): what `tests/integration/test_gpu_check.py` runs so this check cannot rot. The
 1.5B steps are left out of that run (`SMOKE_SAME_AS`): at the tiny shape they are the 0.5B steps
@@ -78,10 +78,18 @@ STEPS = (
     ("learner VLM", "vlm_learner", "gpu_learner_vlm.json"),
     ("learner 0.5B, more sides", "learner", "gpu_learner_0.5b_more.json"),
 )
-# Steps whose figures belong to earlier issues (54, 55: measured on an H200 on 2026-11-26 and -27):
-# on a GPU they run with `--all` only, so issue 69's steps fit one 10-minute call; at tiny shapes
-# on the CPU they run too (but for `SMOKE_SAME_AS`), so none of them can rot.
-EARLIER_ISSUES = ("scoring and host hop 0.5B", "host hop 1.5B", "learner 0.5B, more sides")
+# Steps whose figures are measured (issues 54, 55: one H200, 2026-11-26 and -27; the compile parity
+# verdict and issues 70's and 71's steps: one H200, 2026-11-28): on a GPU they run with `--all` only,
+# so issue 69's open steps fit one 10-minute call; at tiny shapes on the CPU they run too (but for
+# `SMOKE_SAME_AS` and `SMOKE_IN_UNIT_TEST`), so none of them can rot.
+EARLIER_ISSUES = (
+    "scoring and host hop 0.5B",
+    "host hop 1.5B",
+    "compile parity",
+    "learner MoE",
+    "learner VLM",
+    "learner 0.5B, more sides",
+)
 # Steps that at tiny shapes would run the module another step runs, on the same shape, with a subset
 # of its flags (learner 1.5B: ours without the plain loop, sides the 0.5B step times too; host hop
 # 1.5B: the 0.5B step's second part; 0.5B's more sides: DeepSpeed, which the smoke 0.5B step times
@@ -142,18 +150,15 @@ def smoke_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
 
 def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
     """Each step's flags and time limit at 0.5B and 1.5B on the GPU (issue 69): ours (auto's
-    attention and log-prob head) at 1k, 4k, 16k and 32k tokens per sequence, 32k tokens a step, beside
-    FlexAttention and varlen at those lengths (0.5B) and SDPA and the chunked head at the default batch;
-    1.5B with the memory plan given 40 GiB; the step profile; the compile parity bisect. With the
-    tests' 140 s the limits add up to 540 s, 580 s with the wheels' install (~40 s): one 10-minute
-    call. Issue 70's MoE step (a random Qwen3-MoE, 1.6B parameters, 0.59B active: ours and the
-    plain loop at the default batch) adds 150 s, beyond that call: `--only tests/gpu "learner MoE"`
-    runs issue 70's part alone (290 s). Issue 71's VLM step (a random Qwen2.5-VL-3B built and saved,
-    about 7.5 GB in bf16, then loaded, a warm-up and 3 steps) is given 120 s: `--only tests/gpu
-    "learner VLM"` runs issue 71's part alone (260 s, 300 s with the wheels). `--all` adds the
-    steps of `EARLIER_ISSUES` (105 s more; on an H200, 2026-11-26, they took ~64, ~33 and ~40 s).
-    learner.compile's timing is left to `python3 -m benchmarks.gpu.learner --compile` by hand (~50 s
-    of compilation) until the parity step passes."""
+    attention and log-prob head: varlen on CUDA since 2026-11-28) at 1k, 4k, 16k and 32k tokens per
+    sequence, 32k tokens a step, beside FlexAttention and varlen at those lengths (0.5B), SDPA, the
+    chunked head and learner.compile (`--compile`: ~50 s of compilation; allowed on CUDA since the
+    parity verdict) at the default batch; 1.5B with the memory plan given 40 GiB; the step profile.
+    With the tests' 140 s the limits add up to 500 s, 540 s with the wheels' install (~40 s): one
+    10-minute call. `--all` adds the steps of `EARLIER_ISSUES` (their figures measured: on one H200
+    the compile parity bisect took 83 s, issue 70's MoE step and issue 71's VLM step 104 s together,
+    2026-11-28; the host hops and DeepSpeed ~64, ~33 and ~40 s, 2026-11-26); `--only STEP ...` runs
+    chosen ones (`--only "learner MoE" "learner VLM"`: 70's and 71's figures again)."""
     seq = [str(n) for n in (args.seq_lens if args.seq_lens is not None else [1024, 4096, 16384, 32768])]
     lengths = ["--reps", "3", "--warmup", "1", "--seq-lens", *seq, "--tokens-per-step", "32768"]
     return {
@@ -172,8 +177,9 @@ def gpu_flags(args: argparse.Namespace) -> dict[str, tuple[list[str], int]]:
                 "ours",
                 "ours, flex_attention",
                 "ours, varlen",
+                "--compile",
             ],
-            130,
+            190,
         ),
         "learner 1.5B": (["--shape", "qwen2.5-1.5b", *lengths, "--memory-budget-gib", "40"], 130),
         "scoring and host hop 0.5B": (["--shape", "qwen2.5-0.5b"], 35),
