@@ -115,12 +115,13 @@ def test_gpu_check_only_skip_and_earlier_issues(tmp_path: Path):
     assert runs("--all") == {"tests/gpu", "learner 0.5B", "learner MoE", *EARLIER_ISSUES}
     # At tiny shapes every step but those that would be the 0.5B steps again, or a unit test's.
     assert runs(smoke=True) == {
-        "tests/gpu", "learner 0.5B", "learner MoE", "scoring and host hop 0.5B", "compile parity"
+        "tests/gpu", "learner 0.5B", "learner MoE", "scoring and host hop 0.5B", "profile 0.5B", "compile parity"
     }
     assert runs("--only", "host hop 1.5B", smoke=True) == {"host hop 1.5B"}  # asked for by name, it runs
     assert runs("--only", "tests/gpu", "learner MoE") == {"tests/gpu", "learner MoE"}
     assert runs("--only", "host hop 1.5B") == {"host hop 1.5B"}  # --only names an earlier issue's step too
     assert runs("--skip", "learner 0.5B") == {"tests/gpu"}
+    assert "learner 0.5B, more sides" not in EARLIER_ISSUES  # DeepSpeed and compile: compile's speed is open
 
 
 def test_gpu_check_parses_every_gpu_command_and_leaves_out_only_smoke_duplicates(tmp_path: Path):
