@@ -333,7 +333,9 @@ def step_figures(results: dict, batches: dict, flops_shape, peak_flops: float | 
                     plan=got["plan"],
                 )
                 if cuda and shape and got["plan"] is not None and name != "ours, deepspeed":  # the plan's (FSDP2's)
-                    tokens = min(got["plan"]["micro_batch_tokens"] or real, real)
+                    # a micro-batch's tokens: the budget, or the longest row where it is longer (it goes alone)
+                    longest = int(b.attention_mask.sum(-1).max())
+                    tokens = max(min(got["plan"]["micro_batch_tokens"] or real, real), longest)
                     row["estimate_gib"] = estimate(shape, tokens, 1, got["plan"]["checkpointing"]).total / 2**30
             figures[f"{name} [{key}]"] = row
     for row in figures.values():

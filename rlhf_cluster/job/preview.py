@@ -120,7 +120,7 @@ def learner_memory_line(cfg: JobConfig, folder: Path) -> str:
         device_bytes, where = device_memory_bytes(torch.device("cuda", 0)), torch.cuda.get_device_name(0)
     else:
         device_bytes, where = 80 * GIB, "an 80 GiB GPU (none here)"
-    plan = plan_memory(lc, ModelShape.of_folder(folder), lc.world_size, device_bytes)
+    plan = plan_memory(lc, ModelShape.of_folder(folder), lc.world_size, device_bytes, cfg.generation.max_model_len)
     assert plan.estimate is not None  # a GPU plan always estimates
     return (
         f"memory plan of each learner rank on {where}, {lc.world_size} rank(s): checkpointing "

@@ -86,7 +86,9 @@ class LearnerBase(ABC):
 
     def _plan_memory(self, model_path: str) -> MemoryPlan:
         """Checkpointing and micro-batch tokens for `model_path` on this device (`memory_plan`)."""
-        self.memory_plan = plan_for_folder(self.spec.learner, model_path, self.world_size, self.device, self.rank == 0)
+        self.memory_plan = plan_for_folder(
+            self.spec.learner, model_path, self.world_size, self.device, self.rank == 0, self.spec.longest_row
+        )
         return self.memory_plan
 
     # ---- backend hooks ---------------------------------------------------------------------

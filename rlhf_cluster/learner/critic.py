@@ -206,5 +206,9 @@ def critic_spec(cfg: JobConfig) -> tuple[CriticConfig, LearnerSpec]:
         raise ValueError("the critic needs a `critic` section in the job config")
     sampling = cfg.generation.sampling
     return cfg.critic, LearnerSpec(
-        cfg.critic.learner_settings(), cfg.algorithm, sampling.temperature, sampling.max_new_tokens
+        cfg.critic.learner_settings(),
+        cfg.algorithm,
+        sampling.temperature,
+        sampling.max_new_tokens,
+        longest_row=cfg.generation.max_model_len,
     )

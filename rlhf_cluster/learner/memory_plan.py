@@ -153,11 +153,13 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory
 
 
-def plan_for_folder(lc, model_path: str | Path, world_size: int, device: torch.device, log_it: bool) -> MemoryPlan:
+def plan_for_folder(
+    lc, model_path: str | Path, world_size: int, device: torch.device, log_it: bool, longest: int | None = None
+) -> MemoryPlan:
     """`plan_memory` for the model in `model_path` on `device` (its config.json read where there is
     one), logged where `log_it` (one rank)."""
     shape = ModelShape.of_folder(model_path) if (Path(model_path) / "config.json").is_file() else None
-    plan = plan_memory(lc, shape, world_size, device_memory_bytes(device))
+    plan = plan_memory(lc, shape, world_size, device_memory_bytes(device), longest)
     if plan.estimate is not None and log_it:
         log.info(
             "learner memory plan: checkpointing %s, %s tokens per micro-batch, %s (%s)",
@@ -169,14 +171,19 @@ def plan_for_folder(lc, model_path: str | Path, world_size: int, device: torch.d
     return plan
 
 
-def plan_memory(lc, shape: ModelShape | None, world_size: int, device_bytes: int | None) -> MemoryPlan:
+def plan_memory(
+    lc, shape: ModelShape | None, world_size: int, device_bytes: int | None, longest: int | None = None
+) -> MemoryPlan:
     """The learner's plan: the config's settings where it sets them; else on a GPU (`device_bytes`)
     the first of these whose estimate fits `lc.memory_fraction` of the device: no checkpointing at
     the largest budget from 16k down to MIN_PLANNED_TOKENS (gathered weights kept, then not), then
     checkpointing likewise down to 1,024 tokens. Gathered weights are kept only at one rank. On the
     CPU: the config's settings, a whole mini-batch by default, gathered weights kept at one rank.
     With `lc.sequence_parallel` N every planned budget is N times as many tokens (each rank runs
-    1/N of them), a budget the config sets is the micro-batch's, not one rank's."""
+    1/N of them), a budget the config sets is the micro-batch's, not one rank's. A row longer than
+    the budget is a micro-batch of its own (`token_budget_micro_batches`), so each estimate counts
+    at least `longest` tokens, the longest row the job can make (`generation.max_model_len`): on one
+    H200 a 0.5B step at 32k tokens per sequence peaked 14 GiB above its 16k-token plan (2026-11-28)."""
     fixed_tokens, fixed_ckpt = lc.max_tokens_per_micro_batch, lc.gradient_checkpointing
     n = lc.sequence_parallel
     one_rank = world_size == 1
@@ -192,12 +199,13 @@ def plan_memory(lc, shape: ModelShape | None, world_size: int, device_bytes: int
         for keep in ([True, False] if one_rank else [False])
         for t in _budgets(start, (1024 if ckpt else MIN_PLANNED_TOKENS) * n, fixed_tokens)
     ]
+    floor = longest or 0
     for ckpt, keep, t in candidates:
-        chosen = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep, n)
+        chosen = estimate(shape, max(t, floor), world_size, ckpt, lc.lora.enabled, keep, n)
         if chosen.total <= limit:
             return MemoryPlan(ckpt, t, chosen, f"fits {share}", keep)
     ckpt, keep, t = candidates[-1]
-    last = estimate(shape, t, world_size, ckpt, lc.lora.enabled, keep, n)
+    last = estimate(shape, max(t, floor), world_size, ckpt, lc.lora.enabled, keep, n)
     return MemoryPlan(ckpt, t, last, f"does not fit {share}: smallest plan", keep)
 
 

@@ -26,6 +26,9 @@ class LearnerSpec:
     max_new_tokens: int
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # The longest row the job can make (`generation.max_model_len`), what the memory plan counts as a
+    # micro-batch's fewest tokens (a longer row than the budget goes alone); None: not known.
+    longest_row: int | None = None
 
     @classmethod
     def of_policy(cls, cfg: JobConfig) -> LearnerSpec:
@@ -33,7 +36,13 @@ class LearnerSpec:
         `generation.sampling`, the images' sizes of `data`)."""
         sampling, data = cfg.generation.sampling, cfg.data
         return cls(
-            cfg.learner, cfg.algorithm, sampling.temperature, sampling.max_new_tokens, data.min_pixels, data.max_pixels
+            cfg.learner,
+            cfg.algorithm,
+            sampling.temperature,
+            sampling.max_new_tokens,
+            data.min_pixels,
+            data.max_pixels,
+            cfg.generation.max_model_len,
         )
 
     def images_of(self, model_path: str) -> LearnerImages | None:

@@ -107,6 +107,31 @@ def test_sequence_parallel_divides_a_ranks_activations_and_scales_the_budgets(tm
     assert plan.estimate.activations == one.estimate.activations  # the same slots per rank
 
 
+def test_a_row_longer_than_the_budget_is_counted_whole(tmp_path):
+    """A row longer than the micro-batch budget goes alone (`token_budget_micro_batches`): one
+    H200 ran a 0.5B step at 32k tokens per sequence 14 GiB above its 16k-token plan. The plan now
+    counts the job's longest row (`generation.max_model_len`) and checkpoints where that needs it."""
+    from rlhf_cluster.config import JobConfig
+    from rlhf_cluster.learner.spec import LearnerSpec
+    from rlhf_cluster.models.packing import token_budget_micro_batches
+
+    assert token_budget_micro_batches([32768, 100], 16384) == [[0], [1]]  # the long row alone
+    shape = _shape(tmp_path, "0.5b")
+    short = plan_memory(_learner(), shape, 1, H100, longest=256)
+    assert short == plan_memory(_learner(), shape, 1, H100)  # rows under the budget change nothing
+    assert not short.checkpointing and short.estimate.tokens == short.micro_batch_tokens == 16384
+    # A 32k-token row in half an H100: by the estimate it needs checkpointing, which the plan turns on.
+    long = plan_memory(_learner(), shape, 1, H100, longest=32768)
+    assert long.micro_batch_tokens == 16384 and long.estimate.tokens == 32768
+    assert estimate(shape, 32768, 1, False, keep_gathered=True).total > 40 * GIB
+    assert long.checkpointing and long.estimate.total <= 40 * GIB
+    # In a whole H200's half (70 GiB) it fits without.
+    roomy = plan_memory(_learner(), shape, 1, 141 * GIB, longest=32768)
+    assert not roomy.checkpointing and roomy.estimate.tokens == 32768
+    spec = LearnerSpec.of_policy(JobConfig.model_validate({"generation": {"max_model_len": 4096}}))
+    assert spec.longest_row == 4096
+
+
 def test_a_mixture_of_experts_counts_every_expert_it_holds(tmp_path):
     """Every expert's weights are held (and sharded, and in the optimizer), though a token runs top_k
     of them: the count is the model's own; the activations hold top_k experts' widths per token."""
