@@ -3,7 +3,7 @@ spellings of the reward settings refused or translated."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Literal, TypeAlias
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,11 +29,17 @@ def _check_function_spec(spec: str, field: str) -> str:
     return spec
 
 
+# A reward source's weight, the same for each source kind that has one.
+RewardWeight: TypeAlias = Annotated[
+    float, Field(ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+]
+
+
 class VerifierReward(_Typed):
     """The built-in task's verifier (`data.task`): 1 for a correct answer, plus its components."""
 
     type: Literal["verifier"] = Field("verifier", description="Reward source kind.")
-    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+    weight: RewardWeight = 1.0
 
 
 class FunctionReward(_Typed, FailureBudget):
@@ -42,7 +48,7 @@ class FunctionReward(_Typed, FailureBudget):
 
     type: Literal["function"] = Field("function", description="Reward source kind.")
     function: str = Field(..., description="`module:function`, importable on every reward worker.")
-    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+    weight: RewardWeight = 1.0
     on_error: Literal["fail", "drop"] = Field(
         "drop",
         description="A call that raises, returns NaN/inf or a wrong type, or runs past timeout_s: `fail` ends "
@@ -103,7 +109,7 @@ class JudgeReward(_Typed, FailureBudget):
     )
     group: bool = Field(False, description="Judge a prompt's whole group in one prompt (needs verdict: choice).")
     max_tokens: int = Field(16, ge=1, description="Tokens the judge may reply with.")
-    weight: float = Field(1.0, ge=0, description="Weight in the reward (0: only recorded in reward_components).")
+    weight: RewardWeight = 1.0
     quantization: Literal["none", "int8"] = Field("none", description="The judge engine's weights (int8: W8A8).")
     on_error: Literal["fail", "drop"] = Field(
         "drop",
