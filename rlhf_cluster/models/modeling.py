@@ -49,11 +49,12 @@ def training_attention(
     max_new_tokens: int = 0,
     dtype: torch.dtype | None = None,
     head_dim: int | None = None,
+    varlen_in_auto: bool = True,
 ) -> str:
     """The attention a learner's model runs for `learner.attention` on `device`, its compute
-    `dtype` and `head_dim` where known: `auto` by `choose_attention` on what is installed here;
-    FlexAttention and varlen refused off CUDA (no backward, no kernel), varlen also for a dtype or
-    head size its kernels do not take."""
+    `dtype` and `head_dim` where known: `auto` by `choose_attention` on what is installed here
+    (varlen only where `varlen_in_auto`); FlexAttention and varlen refused off CUDA (no backward, no
+    kernel), varlen also for a dtype or head size its kernels do not take."""
     if choice == "flex_attention" and device.type != "cuda":
         raise ValueError("learner.attention: flex_attention has no backward on the CPU (PyTorch's): use sdpa or auto")
     if choice == VARLEN:
@@ -68,9 +69,8 @@ def training_attention(
             )
     if choice != "auto":
         return choice
-    return choose_attention(
-        device.type, flash_attn_installed(), varlen_attention.installed(), dtype, head_dim, max_new_tokens
-    )
+    varlen = varlen_in_auto and varlen_attention.installed()
+    return choose_attention(device.type, flash_attn_installed(), varlen, dtype, head_dim, max_new_tokens)
 
 
 # Whether `auto` chooses PyTorch's varlen kernels on CUDA: measured ahead of SDPA and FlexAttention at
@@ -116,8 +116,8 @@ def learner_attention(choice: str, device: torch.device, max_new_tokens: int, mi
     vision tower's bidirectional attention under varlen is tested on the CPU only (a fault there was
     found by one H200 and fixed after it), so it keeps the rule before varlen until a GPU runs it."""
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    head_dim = None if choice == "auto" and is_vision_folder(model_path) else head_dim_of(model_path)
-    return training_attention(choice, device, max_new_tokens, dtype, head_dim)
+    vision = is_vision_folder(model_path)
+    return training_attention(choice, device, max_new_tokens, dtype, head_dim_of(model_path), not vision)
 
 
 def head_dim_of(model_path: str | Path) -> int | None:
