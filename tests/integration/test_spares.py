@@ -36,10 +36,17 @@ def test_a_killed_generation_worker_is_replaced_by_the_warm_spare(ray_cluster, j
 
     def kill_mid_run() -> None:
         try:
-            while len(job.rows) < 3:
+            # Pushes are acknowledged in the background, a receipt may land after the next step's row:
+            # wait (bounded) for three steps and the receipts of three versions at both workers.
+            settle = time.monotonic() + 120
+            while True:
+                receipts = list(job.delivery_receipts)
+                versions = [sorted({r.version for r in receipts if r.worker == w}) for w in ("gen0", "gen1")]
+                settled = len(versions[0]) >= 3 and versions[1] == versions[0]
+                if (len(job.rows) >= 3 and settled) or time.monotonic() > settle:
+                    break
                 time.sleep(0.05)
-            receipts = list(job.delivery_receipts)
-            seen["versions"] = [sorted({r.version for r in receipts if r.worker == w}) for w in ("gen0", "gen1")]
+            seen["versions"] = versions
             seen["kill_at"] = len(job.rows)
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 240
