@@ -205,11 +205,10 @@ def model_folder(cfg: TinkerConfig) -> str:
 
 
 def start_pools(cfg: TinkerConfig, model_path: str) -> tuple[RankGroup, list]:
+    """The learner ranks and the sampling engines, started side by side: the engines' actors are
+    created first, so they build vLLM while the ranks set up (each start is mostly one core's work);
+    whatever was started is killed if either fails."""
     basics = ActorBasics(job="tinker", metrics=MetricsConfig(enabled=False))
-    ranks = cfg.learner.ranks
-    group = RankGroup(
-        TinkerRank, lambda r: (basics, cfg, model_path, r, ranks), cfg.learner.resources, ranks, section="learner"
-    )
     res = cfg.sampling.resources
     engines = [
         TinkerEngine.options(  # type: ignore[attr-defined]  # a Ray actor class
@@ -217,7 +216,19 @@ def start_pools(cfg: TinkerConfig, model_path: str) -> tuple[RankGroup, list]:
         ).remote(basics, cfg, model_path, i)
         for i in range(cfg.sampling.engines)
     ]
-    ray.get([e.ready.remote() for e in engines])
+    group = None
+    try:
+        ranks = cfg.learner.ranks
+        group = RankGroup(
+            TinkerRank, lambda r: (basics, cfg, model_path, r, ranks), cfg.learner.resources, ranks, section="learner"
+        )
+        ray.get([e.ready.remote() for e in engines])
+    except BaseException:
+        if group is not None:
+            group.kill()
+        for engine in engines:
+            ray.kill(engine, no_restart=True)
+        raise
     return group, engines
 
 
