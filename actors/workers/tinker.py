@@ -224,12 +224,17 @@ def start_pools(cfg: TinkerConfig, model_path: str) -> tuple[RankGroup, list]:
         )
         ray.get([e.ready.remote() for e in engines])
     except BaseException:
-        if group is not None:
-            group.kill()
-        for engine in engines:
-            ray.kill(engine, no_restart=True)
+        _end_pools(group, engines)
         raise
     return group, engines
+
+
+def _end_pools(group: RankGroup | None, engines: list) -> None:
+    """Kill the learner ranks (None: none were set up) and the sampling engines."""
+    if group is not None:
+        group.kill()
+    for engine in engines:
+        ray.kill(engine, no_restart=True)
 
 
 def serve(cfg: TinkerConfig, on_ready: Callable[[str], None] = print) -> None:
@@ -244,9 +249,7 @@ def serve(cfg: TinkerConfig, on_ready: Callable[[str], None] = print) -> None:
         asyncio.run(_serve(service, api_key, cfg, on_ready))
     finally:
         service.close()
-        group.kill()
-        for engine in engines:
-            ray.kill(engine, no_restart=True)
+        _end_pools(group, engines)
 
 
 async def _serve(service: TinkerService, api_key: str, cfg: TinkerConfig, on_ready: Callable[[str], None]) -> None:
