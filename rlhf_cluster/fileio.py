@@ -1,14 +1,18 @@
 """File primitives every layer uses: checksums, durable writes, a write that waits out a full
-disk, JSONL logs read as a crash leaves them, and a finished future for work done synchronously
-(`done_future`)."""
+disk, JSONL logs read as a crash leaves them, a process's scratch folders (`scratch_dir`), and a
+finished future for work done synchronously (`done_future`)."""
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -173,6 +177,32 @@ def _discard(path: Path) -> None:
 
 
 _BLANK = b" \t\r\0"  # a power loss can leave a file's last blocks as NUL bytes
+
+
+def scratch_dir(prefix: str, root: str | Path | None = None) -> Path:
+    """A new private folder for this process's scratch files, `<root>/<prefix>-<host>-<pid>-<random>`
+    (root: the system's temp folder), removed when the process exits normally (its owner may remove
+    it sooner). The folders of the same prefix that processes of this host left behind when they were
+    killed (a SIGKILLed Ray actor runs no cleanup) are removed first: only those whose process is gone."""
+    base = Path(root) if root is not None else Path(tempfile.gettempdir())
+    mine = f"{prefix}-{socket.gethostname()}-"
+    for left in base.glob(f"{mine}*"):
+        pid = left.name[len(mine) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-", dir=base))
+    atexit.register(shutil.rmtree, str(path), ignore_errors=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class CorruptLogError(ValueError):

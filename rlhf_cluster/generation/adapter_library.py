@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlhf_cluster.fileio import scratch_dir
 from rlhf_cluster.generation.lora_adapters import VLLM_LORA_RANKS
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class AdapterLibrary:
     def __init__(self, max_rank: int, max_loras: int, max_cpu_loras: int | None = None, root: str | None = None):
         self.args = lora_engine_args(max_rank, max_loras, max_cpu_loras)
         self.max_rank = max_rank
-        self.root = Path(tempfile.mkdtemp(prefix="adapter-library-", dir=root))
+        self.root = scratch_dir("adapter-library", root)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._live: dict[str, _Entry] = {}

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from rlhf_cluster.config import LoraConfig
+from rlhf_cluster.fileio import scratch_dir
 from rlhf_cluster.models.lora import PEFT_PREFIX, adapter_config, adapter_names
 from rlhf_cluster.models.quantization import check_push
 
@@ -49,7 +48,7 @@ class AdapterSlot:
             dtype, (out_features, in_features) = base[f"{layer}.weight"]
             a = name.endswith(".lora_A.weight")
             self.spec[name] = (dtype, (cfg.rank, in_features) if a else (out_features, cfg.rank))
-        self.root = Path(tempfile.mkdtemp(prefix=f"{engine}-adapters-"))
+        self.root = scratch_dir(f"{engine}-adapters")
         # Until the first version: requests run on the base model (adapters at B = 0).
         self.request: LoRARequest | None = None
 
