@@ -8,6 +8,7 @@ the machine), and `ray.shutdown()` ends exactly the processes it started. No tes
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -24,6 +25,7 @@ def ray_cluster():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's session logs: 7-13 MB a run, never read after it
 
 
 HERE = Path(__file__).resolve().parent

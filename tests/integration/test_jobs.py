@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +74,7 @@ def ray_head():
         os.killpg(head.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _cli(env, *args, timeout=120, cwd=REPO) -> str:
