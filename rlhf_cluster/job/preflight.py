@@ -13,6 +13,7 @@ warnings. Ray-free; torch is imported only when a custom reward function has to 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
@@ -275,6 +276,30 @@ def _reward_files(cfg: JobConfig) -> list[str]:
     return out
 
 
+def _episode_code(cfg: JobConfig) -> list[str]:
+    # Loaded by the loaders the workers use (`load_environment` in each generation worker, `load_agent`
+    # in each gateway), so the dry run and the driver refuse what the workers would, before Ray starts.
+    gen = cfg.generation
+    if gen.environment is not None:
+        from rlhf_cluster.generation.environments import BUILT_IN, load_environment
+
+        try:
+            load_environment(gen.environment)
+        except ValueError as exc:
+            known = ", ".join(BUILT_IN)
+            close = difflib.get_close_matches(gen.environment, BUILT_IN, 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; or a built-in one: {known}"
+            return [f"{exc}{hint}" if ":" not in gen.environment else str(exc)]
+    if gen.agent is not None and gen.agent.function is not None:
+        from rlhf_cluster.gateway.runner import load_agent  # imports torch: only for an agent job
+
+        try:
+            load_agent(gen.agent.function)
+        except ValueError as exc:
+            return [str(exc)]
+    return []
+
+
 def _critic_init(cfg: JobConfig) -> list[str]:
     from rlhf_cluster.job.validation import validate_reward_model_dir
 
@@ -333,7 +358,6 @@ def _engine_kwargs(cfg: JobConfig) -> list[str]:
     if not cfg.generation.engine_kwargs:
         return []
     import dataclasses
-    import difflib
 
     from vllm.engine.arg_utils import EngineArgs
 
@@ -349,6 +373,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _model_dir,
     _prompt_file,
     _reward_files,
+    _episode_code,
     _critic_init,
     _deepspeed_json,
     _bind_address,
