@@ -4,6 +4,7 @@ Registered by `actors/commands/cli.py`, with `TrainCommand` as its command class
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def train(
             f"--overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or "
             "--overwrite=delete (deletes it)"
         )
-    address = address or cfg.cluster.address
+    given_address, address = address, address or cfg.cluster.address
     if dry_run:
         _dry_run(cfg, address, resume, overwrite)
         return
@@ -114,7 +115,7 @@ def train(
 
         argv = _child_argv(config, set_, address, resume, overwrite, debug)
         raise typer.Exit(supervise(argv, max_retries, lambda line: typer.echo(line, err=True)))
-    _run_here(cfg, config, address, resume, overwrite, debug)
+    _run_here(cfg, _resume_command(config, set_, given_address), address, resume, overwrite, debug)
 
 
 def _child_argv(
@@ -135,11 +136,19 @@ def _child_argv(
     ]
 
 
+def _resume_command(config: Path, set_: list[str], address: str | None) -> str:
+    """The shell command that continues this run (`--resume auto`): the same config, every
+    `--set` (so the same run_dir and settings) and the `--address` given, each word quoted."""
+    words = ["rlhf-cluster", "train", str(config), *(w for s in set_ for w in ("--set", s))]
+    words += [*(["--address", address] if address else []), "--resume", "auto"]
+    return shlex.join(words)
+
+
 def _run_here(
-    cfg: JobConfig, config: Path, address: str | None, resume: str | None, overwrite: str | None, debug: bool
+    cfg: JobConfig, resume_command: str, address: str | None, resume: str | None, overwrite: str | None, debug: bool
 ) -> None:
     """Run the job in this process on Ray (started here, or `address`'s) and print its result; a
-    stop (SIGTERM, preemption) ends it with a checkpoint and says how to continue."""
+    stop (SIGTERM, preemption) ends it with a checkpoint and says how to continue (`resume_command`)."""
     import ray
 
     from actors.job import run_job
@@ -153,7 +162,7 @@ def _run_here(
     except KeyboardInterrupt as exc:
         typer.echo(
             f"error: {exc or 'interrupted'}; the job was torn down without a final checkpoint "
-            f"(continue from the newest one with --resume auto)",
+            f"(continue from the newest one with: {resume_command})",
             err=True,
         )
         raise typer.Exit(130) from None
@@ -168,5 +177,5 @@ def _run_here(
         done = result.rows[-1]["step"] + 1 if result.rows else 0
         typer.echo(
             f"stopped{why} after step {done} of {cfg.train.total_steps}, with a checkpoint; "
-            f"continue with: rlhf-cluster train {config} --resume auto"
+            f"continue with: {resume_command}"
         )
