@@ -6,6 +6,7 @@ None of them imports this module: it imports them."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -82,6 +83,28 @@ def version() -> None:
     from importlib.metadata import version as v
 
     typer.echo(v("rlhf-cluster"))
+
+
+def reflow(doc: str) -> str:
+    """`doc` with each paragraph on one line: a docstring's hard line breaks would otherwise survive
+    into the summary `--help` lists for each command (Typer's rich mode keeps single newlines there)."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.split("\n")) for p in paragraphs
+    )
+
+
+def _tidy_help(typer_app: typer.Typer) -> None:
+    """Every registered command's help reflowed (`reflow`)."""
+    for info in typer_app.registered_commands:
+        if info.callback is None:
+            continue
+        doc = info.help or inspect.getdoc(info.callback)
+        if doc:
+            info.help = reflow(doc)
+
+
+_tidy_help(app)
 
 
 if __name__ == "__main__":
