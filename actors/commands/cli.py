@@ -39,7 +39,9 @@ for command in (jobs.submit, jobs.status, jobs.logs, jobs.stop, jobs.scale):
 
 @app.command()
 def gateway(
-    config: Path = typer.Argument(DEFAULT_CONFIG, exists=True, dir_okay=False),
+    config: Path = typer.Argument(
+        DEFAULT_CONFIG, exists=True, dir_okay=False, help="YAML job config (its model and generation settings)."
+    ),
     set_: list[str] = typer.Option(
         [], "--set", help="Override a config field: --set generation.sampling.max_new_tokens=256"
     ),

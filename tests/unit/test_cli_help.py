@@ -59,3 +59,7 @@ def test_each_commands_help_shows_its_full_text(name):
     doc = " ".join(inspect.getdoc(info.callback).split())
     shown = " ".join(_help(name).split())
     assert doc in shown, shown
+
+
+def test_gateway_config_has_a_description():
+    assert "YAML job config" in _help("gateway").split("Arguments")[1].split("Options")[0]
