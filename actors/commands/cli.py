@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from actors.commands import jobs, run_views, stages, tinker, training
-from actors.commands.common import DEFAULT_CONFIG, load_config_or_exit, refuse
+from actors.commands.common import DEFAULT_CONFIG, REPO, load_config_or_exit, refuse
 from rlhf_cluster.telemetry.console import attach_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
@@ -97,13 +97,20 @@ def reflow(doc: str) -> str:
 
 
 def _tidy_help(typer_app: typer.Typer) -> None:
-    """Every registered command's help reflowed (`reflow`)."""
+    """Every registered command's help reflowed (`reflow`), and a default path inside the repository
+    shown relative to it (`configs/demo.yaml`, not the install's absolute path; the absolute path is
+    still what is loaded)."""
     for info in typer_app.registered_commands:
         if info.callback is None:
             continue
         doc = info.help or inspect.getdoc(info.callback)
         if doc:
             info.help = reflow(doc)
+        for param in inspect.signature(info.callback).parameters.values():
+            spec = param.default
+            default = getattr(spec, "default", None)
+            if isinstance(default, Path) and default.is_relative_to(REPO) and spec.show_default is True:
+                spec.show_default = str(default.relative_to(REPO))
 
 
 _tidy_help(app)

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from actors.commands.cli import app
@@ -63,3 +64,15 @@ def test_each_commands_help_shows_its_full_text(name):
 
 def test_gateway_config_has_a_description():
     assert "YAML job config" in _help("gateway").split("Arguments")[1].split("Options")[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [("train", "configs/demo.yaml"), ("gateway", "configs/demo.yaml"), ("pipeline", "configs/three_stage.yaml")],
+)
+def test_default_config_is_shown_relative_and_loaded_absolute(name, shown):
+    output = _help(name)
+    assert shown in output and str(REPO) not in output, output
+    command = typer.main.get_command(app).commands[name]
+    (config,) = [p for p in command.params if p.name == "config"]
+    assert config.default == REPO / shown
