@@ -6,10 +6,12 @@ error into its one-line message, and printing a finished job's result."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 import typer
 
@@ -46,19 +48,69 @@ def load_config_or_exit(config: Path, overrides: list[str]) -> JobConfig:
         return load_config(config, overrides)
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> None:
-    """`ray.init` on the cluster at `address`, or on a new local instance when it is empty."""
+PROBE_TIMEOUT_S = 3.0
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ray": 10001}
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """The host and port `address` names (HOST:PORT, http(s)://HOST[:PORT], ray://HOST[:PORT]);
+    None for one that names no port ('auto', 'local', a bare host name: left to Ray)."""
+    parts = urlsplit(address if "://" in address else "//" + address)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a port that is no number: Ray says what is wrong with it
+        return None
+    return (parts.hostname, port) if parts.hostname and port else None
+
+
+def unreachable(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing takes a TCP connection at `address`'s host and port within `timeout` seconds
+    ('connection refused', 'no answer in 3 s', 'unknown host ...'); None when something does, or
+    when `address` names no port to try (`host_port`)."""
+    target = host_port(address)
+    if target is None:
+        return None
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return "connection refused"
+    except TimeoutError:
+        return f"no answer in {timeout:g} s"
+    except socket.gaierror:
+        return f"unknown host {target[0]}"
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+
+
+def connect(address: str | None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """`ray.init` on the cluster at `address`, or on a new local instance when it is empty. A
+    cluster that cannot be reached ends the command in one line (exit code 2): a HOST:PORT that
+    takes no TCP connection within seconds is refused before `ray.init`, which would retry it for
+    minutes; what Ray itself cannot connect to ('auto' with no cluster) is refused after it."""
     import ray
 
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
+    if not address:
         # "local" always starts a new instance, never attaching to another cluster on the machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+        return
+    if (why := unreachable(address)) is not None:
+        refuse(f"cannot reach Ray at {address}: {why}; is the cluster up? (--address)")
+    try:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    except ConnectionError as exc:
+        refuse(f"cannot reach Ray at {address}: {first_sentence(str(exc))} (--address)")
+
+
+def first_sentence(message: str) -> str:
+    """`message` up to its first full stop (or its first line): Ray's errors run on with advice."""
+    line = message.strip().splitlines()[0] if message.strip() else message
+    return line.split(". ")[0].rstrip(".")
 
 
 def cluster_capacity(address: str | None, cfg: JobConfig) -> list[dict[str, float]]:
-    """The resources of every live node (this machine for a local instance)."""
+    """The resources of every live node (this machine for a local instance); an unreachable
+    cluster ends the command in one line (`connect`)."""
     if address is None:
         import torch
 

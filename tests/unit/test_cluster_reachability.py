@@ -1,0 +1,106 @@
+"""A cluster that cannot be reached ends a command in one line with exit code 2, within seconds,
+never a traceback or minutes of Ray retrying: the job API's commands (`submit`, `status`, `logs`,
+`stop`), `train` (dry run and real) and `scale`. The CLI runs as a real subprocess under
+`timeout`, against a port with nothing listening."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from actors.commands import common, jobs
+from actors.commands.cli import app
+from actors.commands.common import host_port, unreachable
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = str(REPO / "configs" / "demo.yaml")
+CLI = [sys.executable, "-m", "actors.commands.cli"]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, limit_s: int = 60) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    done = subprocess.run(
+        ["timeout", "-s", "KILL", str(limit_s), *CLI, *args], cwd=REPO, capture_output=True, text=True
+    )
+    return done, time.monotonic() - start
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess, message: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:6379", ("127.0.0.1", 6379)),
+        ("head.example:6379", ("head.example", 6379)),
+        ("http://head:8265", ("head", 8265)),
+        ("http://head", ("head", 80)),
+        ("https://head", ("head", 443)),
+        ("ray://head", ("head", 10001)),
+        ("ray://head:10002", ("head", 10002)),
+        ("[::1]:6379", ("::1", 6379)),
+        ("auto", None),
+        ("local", None),
+        ("head", None),
+        ("head:port", None),
+    ],
+)
+def test_host_port_parses_what_it_can_and_leaves_the_rest_to_ray(address, expected):
+    assert host_port(address) == expected
+
+
+def test_unreachable_says_why_with_real_sockets(closed_port):
+    assert unreachable(f"127.0.0.1:{closed_port}") == "connection refused"
+    assert unreachable(f"http://127.0.0.1:{closed_port}") == "connection refused"
+    assert unreachable("auto") is None  # nothing to probe: Ray finds the cluster
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert unreachable(f"127.0.0.1:{listening.getsockname()[1]}") is None
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+def test_train_refuses_an_unreachable_gcs_within_seconds(dry_run, closed_port, tmp_path):
+    address = f"127.0.0.1:{closed_port}"
+    flags = ["--dry-run"] if dry_run else ["--set", f"run_dir={tmp_path / 'run'}"]
+    done, took = run_cli("train", DEMO, "--address", address, *flags)
+    assert_one_error_line(done, f"cannot reach Ray at {address}: connection refused; is the cluster up?")
+    assert took < 30, took  # before the fix: minutes of Ray retrying the GCS
+    assert not (tmp_path / "run").exists()
+
+
+def test_what_ray_itself_cannot_connect_to_is_one_line(monkeypatch, capsys):
+    """'auto' has no port to probe: Ray's own ConnectionError (no running instance) is refused in
+    one line. (A fake ray.init: whether a cluster runs on this machine is not the test's to choose.)"""
+    import ray
+
+    def no_instance(**_):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "init", no_instance)
+    with pytest.raises(typer.Exit) as exit_:
+        common.connect("auto")
+    assert exit_.value.exit_code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: cannot reach Ray at auto: Could not find any running Ray instance (--address)"
+    )
