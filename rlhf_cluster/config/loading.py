@@ -56,23 +56,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return load_model(JobConfig, path, overrides)
 
 
+def _read_file(file: Path) -> dict:
+    """The mapping a config file holds; a missing, empty or unparsable file is refused naming it."""
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist")
+    text = file.read_text()
+    if not text.strip():  # most likely the wrong file (a file of comments only still means the defaults)
+        raise ConfigError(
+            f"config file {file} is empty: expected a mapping of sections, e.g. `train: {{total_steps: 20}}` "
+            "(configs/demo.yaml is a complete example)"
+        )
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {file} must hold a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
 def load_model(root: type[Root], path: str | Path | None = None, overrides: list[str] | None = None) -> Root:
     """`load_config` for any root config class (the job's, the Tinker server's)."""
     raw: dict = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {source} does not exist")
-        try:
-            raw = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {source} must hold a mapping at the top level, got {type(raw).__name__}")
+        raw = _read_file(Path(path))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
