@@ -6,19 +6,38 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
 from actors.commands import run_views
-from actors.commands.common import ADDRESS_HELP, load_config_or_exit, preflight_or_exit, refuse
+from actors.commands.common import (
+    ADDRESS_HELP,
+    first_sentence,
+    load_config_or_exit,
+    preflight_or_exit,
+    refuse,
+    unreachable,
+)
 from actors.commands.submission import stage_working_dir
 
 
 def job_client(address: str):
-    """A Ray Jobs API client for the dashboard at `address` (http://HEAD:8265)."""
+    """A Ray Jobs API client for the dashboard at `address` (http://HEAD:8265). A dashboard that
+    cannot be reached ends the command in one line (exit code 2): its host and port are tried
+    first, with a timeout of seconds (the client's own requests have none)."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    def unreachable_api(why: str) -> NoReturn:
+        refuse(f"cannot reach Ray's job API at {address} ({why}): is the cluster up? (--address)")
+
+    if (why := unreachable(address)) is not None:
+        unreachable_api(why)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as exc:  # what the probe let through ('auto' with no cluster, a failed request)
+        message = first_sentence(str(exc))
+        unreachable_api("its requests failed" if message.startswith("Failed to connect to Ray") else message)
 
 
 def submit(
@@ -49,9 +68,10 @@ def submit(
     # The files a config names are paths on the cluster, not here: only the config's own rules.
     for warning in preflight_or_exit(cfg, files=False):
         typer.echo(f"warning: {warning}", err=True)
+    client = job_client(address)  # an unreachable cluster is refused before anything is staged
     stage = stage_working_dir(cfg, py_modules, working_dir)
     try:
-        job_id = job_client(address).submit_job(
+        job_id = client.submit_job(
             entrypoint=f"{python} -m actors.commands.cli train job.yaml --address auto --max-retries {max_retries}",
             runtime_env={"working_dir": str(stage)},
             metadata={"rlhf_job_name": cfg.name},

@@ -79,6 +79,36 @@ def test_unreachable_says_why_with_real_sockets(closed_port):
         assert unreachable(f"127.0.0.1:{listening.getsockname()[1]}") is None
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["logs", "abc"], ["stop", "abc"], ["status", "abc"], ["submit", DEMO]],
+    ids=["logs", "stop", "status", "submit"],
+)
+def test_job_api_commands_refuse_an_unreachable_dashboard_in_one_line(args, closed_port):
+    address = f"http://127.0.0.1:{closed_port}"
+    done, _ = run_cli(*args, "--address", address)
+    assert_one_error_line(
+        done, f"cannot reach Ray's job API at {address} (connection refused): is the cluster up? (--address)"
+    )
+
+
+def test_a_failed_job_api_request_is_one_line(monkeypatch, capsys):
+    """What the probe lets through (a port that answers, then a failed request) is one line too.
+    (A fake client: the failure of a live dashboard is not cheap to stage.)"""
+    import ray.job_submission
+
+    def failing(address):
+        raise ConnectionError(f"Failed to connect to Ray at address: {address}.")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", failing)
+    with pytest.raises(typer.Exit) as exit_:
+        jobs.job_client("auto")
+    assert exit_.value.exit_code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: cannot reach Ray's job API at auto (its requests failed): is the cluster up? (--address)"
+    )
+
+
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
 def test_train_refuses_an_unreachable_gcs_within_seconds(dry_run, closed_port, tmp_path):
     address = f"127.0.0.1:{closed_port}"
