@@ -67,7 +67,8 @@ def _read_file(file: Path) -> dict:
             "(configs/demo.yaml is a complete example)"
         )
     try:
-        raw = yaml.safe_load(text)
+        with file.open(encoding="utf-8") as stream:  # read from the file, YAML's errors name it
+            raw = yaml.safe_load(stream)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
     if raw is None:
@@ -75,6 +76,18 @@ def _read_file(file: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {file} must hold a mapping at the top level, got {type(raw).__name__}")
     return raw
+
+
+def _override_value(item: str, value: str) -> object:
+    """The YAML value of the override `item`; one that does not parse is refused naming the override."""
+    loader = yaml.SafeLoader(value)
+    loader.name = f"--set {item}"  # YAML's error marks name the override, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
 
 
 def load_model(root: type[Root], path: str | Path | None = None, overrides: list[str] | None = None) -> Root:
@@ -88,7 +101,7 @@ def load_model(root: type[Root], path: str | Path | None = None, overrides: list
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        _set_dotted(raw, key.strip(), _override_value(item, value))
     try:
         return root.model_validate(raw)
     except ValidationError as exc:

@@ -33,3 +33,20 @@ def test_an_explicit_empty_mapping_still_means_the_defaults(tmp_path):
     path = tmp_path / "defaults.yaml"
     path.write_text("{}\n")
     assert load_config(path).train.total_steps == load_config(None).train.total_steps
+
+
+def test_a_yaml_error_names_the_config_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  total_steps: 5\n  prompts_per_step: [1\n")
+    message = refusal(path)
+    assert message.startswith(f"config file {path} is not valid YAML: while parsing a flow sequence")
+    assert f'in "{path}", line 3, column 21' in message and "<unicode string>" not in message
+
+
+def test_an_override_that_is_no_yaml_is_refused_naming_it():
+    message = refusal(overrides=["train.total_steps={a"])
+    assert message.startswith("override 'train.total_steps={a': the value is not valid YAML")
+    assert 'in "--set train.total_steps={a", line 1, column 3' in message and "<unicode string>" not in message
+    result = CliRunner().invoke(app, ["train", "--set", "train.total_steps={a", "--dry-run"])
+    assert result.exit_code == 2 and "error: override 'train.total_steps={a'" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
