@@ -4,6 +4,7 @@ by `submission.py`; these commands are registered by `actors/commands/cli.py`.""
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from pathlib import Path
 from typing import NoReturn
@@ -13,6 +14,7 @@ import typer
 from actors.commands import run_views
 from actors.commands.common import (
     ADDRESS_HELP,
+    connect,
     first_sentence,
     load_config_or_exit,
     preflight_or_exit,
@@ -140,15 +142,17 @@ def scale(
     """Grow or shrink a pool of a running job (new workers load the newest weights first) and pin
     its size; or with --auto release the pin."""
     check_scale_flags(replicas, auto)
-    import ray
-
+    from actors.workers.control import POOLS
     from actors.workers.control import scale as scale_pool
 
+    check_pool(pool, (*POOLS, "scoring"))
     name = job
     if job.startswith("raysubmit_") or dashboard:
         info = job_client(dashboard or address).get_job_info(job)
         name = (info.metadata or {}).get("rlhf_job_name", job)
-    ray.init(address=address, log_to_driver=False)
+    import ray
+
+    connect(address, log_to_driver=False)
     try:
         outcomes = scale_pool(name, pool, replicas)
     finally:
@@ -171,3 +175,12 @@ def check_scale_flags(replicas: int | None, auto: bool) -> None:
         )
     if replicas is None and not auto:
         refuse("give --replicas N (resize and pin the pool) or --auto (hand it back to the autoscaler)")
+
+
+def check_pool(pool: str, pools: tuple[str, ...]) -> None:
+    """`scale --pool` names one of `pools`; another is refused with the nearest as a suggestion."""
+    if pool in pools:
+        return
+    near = difflib.get_close_matches(pool, pools, n=1)
+    suggestion = f" (did you mean {near[0]}?)" if near else ""
+    refuse(f"--pool {pool}: no such pool{suggestion}; expected one of {', '.join(pools)}")

@@ -119,6 +119,21 @@ def test_train_refuses_an_unreachable_gcs_within_seconds(dry_run, closed_port, t
     assert not (tmp_path / "run").exists()
 
 
+def test_scale_checks_the_pool_name_before_the_cluster():
+    result = CliRunner().invoke(app, ["scale", "demo", "--pool", "generaton", "--replicas", "2"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "--pool generaton: no such pool (did you mean generation?)" in lines[0]
+    assert "generation, reward, reference, teacher, judge, scoring" in lines[0]
+
+
+def test_scale_refuses_an_unreachable_cluster_in_one_line(closed_port):
+    address = f"127.0.0.1:{closed_port}"
+    done, _ = run_cli("scale", "demo", "--pool", "generation", "--replicas", "2", "--address", address)
+    assert_one_error_line(done, f"cannot reach Ray at {address}: connection refused; is the cluster up?")
+
+
 def test_what_ray_itself_cannot_connect_to_is_one_line(monkeypatch, capsys):
     """'auto' has no port to probe: Ray's own ConnectionError (no running instance) is refused in
     one line. (A fake ray.init: whether a cluster runs on this machine is not the test's to choose.)"""
