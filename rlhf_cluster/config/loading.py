@@ -3,11 +3,14 @@ one message naming the file and every dotted field."""
 
 from __future__ import annotations
 
+import difflib
+import types
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from rlhf_cluster.config.base import ConfigError
 from rlhf_cluster.config.job import JobConfig
@@ -105,9 +108,62 @@ def load_model(root: type[Root], path: str | Path | None = None, overrides: list
     try:
         return root.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {field_path(err['loc'])}: {err['msg']}{shown}")
+        lines = [f"  {field_path(err['loc'])}: {_explain(root, err)}" for err in exc.errors()]
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+
+
+def _explain(root: type[BaseModel], err: ErrorDetails) -> str:
+    """What one pydantic error says, with what was expected where pydantic leaves it out."""
+    got = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"{err['msg']} ({_unknown_field(root, err['loc'])})"
+    return err["msg"] + ("" if isinstance(got, dict) else f" (got {got!r})")
+
+
+def _unknown_field(root: type[BaseModel], loc: tuple) -> str:
+    """A key that is no field: the nearest field names when one is close, else the section's fields."""
+    fields = _fields_at(root, loc[:-1])
+    if not fields:
+        return "no such field"
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=3)
+    if close:
+        return f"no such field; did you mean {' or '.join(repr(c) for c in close)}?"
+    section = field_path(loc[:-1]) if loc[:-1] else "the top level"
+    if len(loc) > 2 and section == field_path(loc[:-2]):  # loc[-2] is a union's tag: name the kind
+        section += f" ({loc[-2]})"
+    return f"no such field; {section} has: {', '.join(fields)}"
+
+
+def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the section at the error location `loc` (union tags and list indexes
+    included, as pydantic writes them); [] when it is no section of known fields."""
+    kinds: list[object] = [root]
+    for part in loc:
+        models = [m for m in _models_in(kinds) if isinstance(part, str)]
+        tagged = [m for m in models if "type" in m.model_fields and m.model_fields["type"].default == part]
+        if tagged:  # a typed union's tag: the kind it picked
+            kinds = list(tagged)
+        elif isinstance(part, int):
+            kinds = [arg for kind in _flatten(kinds) for arg in get_args(kind)[-1:]]  # list item, dict value
+        else:
+            kinds = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+    models = _models_in(kinds)
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def _flatten(kinds: list[object]) -> list[object]:
+    """The types in `kinds` with Annotated, Optional and unions taken apart."""
+    out: list[object] = []
+    for kind in kinds:
+        origin = get_origin(kind)
+        if origin is Annotated:
+            out += _flatten([get_args(kind)[0]])
+        elif origin is Union or origin is types.UnionType:
+            out += _flatten(list(get_args(kind)))
+        else:
+            out.append(kind)
+    return out
+
+
+def _models_in(kinds: list[object]) -> list[type[BaseModel]]:
+    return [k for k in _flatten(kinds) if isinstance(k, type) and issubclass(k, BaseModel)]

@@ -50,3 +50,36 @@ def test_an_override_that_is_no_yaml_is_refused_naming_it():
     result = CliRunner().invoke(app, ["train", "--set", "train.total_steps={a", "--dry-run"])
     assert result.exit_code == 2 and "error: override 'train.total_steps={a'" in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("generation.samplng=3", "generation.samplng: Extra inputs are not permitted (no such field; did you mean 'sampling'?)"),
+        ("generaton=1", "generaton: Extra inputs are not permitted (no such field; did you mean 'generation'?)"),
+        ("generation.sampling.temprature=1", "generation.sampling.temprature: Extra inputs are not permitted (no such field; "
+         "did you mean 'temperature'?)"),
+        ("learner.backend={type: deepspeed, zero_stagx: 2}", "learner.backend.zero_stagx: Extra inputs are not permitted "
+         "(no such field; did you mean 'zero_stage'?)"),
+        ("scoring.rewards=[verifier, {type: function, function: 'a:b', wieght: 2}]", "scoring.rewards[1].wieght: Extra "
+         "inputs are not permitted (no such field; did you mean 'weight'?)"),
+        ("scoring.rewards=[{type: model, models: [{path: x, nmae: y}]}]", "scoring.rewards[0].models[0].nmae: Extra "
+         "inputs are not permitted (no such field; did you mean 'name'?)"),
+        ("generation.sampling.zzzz=1", "generation.sampling.zzzz: Extra inputs are not permitted (no such field; "
+         "generation.sampling has: n, temperature, top_p, max_new_tokens, ignore_eos)"),
+        ("learner.backend={type: fsdp2, config_file: x}", "learner.backend.config_file: Extra inputs are not permitted "
+         "(no such field; learner.backend (fsdp2) has: type)"),
+    ],
+    ids=["section", "top_level", "nested", "typed_union", "list_item", "list_in_list", "no_close_name", "union_kind"],
+)
+def test_a_misspelt_key_gets_the_nearest_field_or_the_sections_fields(override, line):
+    assert f"\n  {line}" in refusal(overrides=[override])
+
+
+def test_an_unknown_top_level_key_lists_the_sections(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("zzzz: 1\ntrain:\n  total_stepz: 3\n")
+    message = refusal(path)
+    assert message.startswith(f"invalid config {path}:")
+    assert "\n  zzzz: Extra inputs are not permitted (no such field; the top level has: name, run_dir, seed, model, " in message
+    assert "\n  train.total_stepz: Extra inputs are not permitted (no such field; did you mean 'total_steps'?)" in message
