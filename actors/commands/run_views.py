@@ -71,7 +71,9 @@ def trace(
     if png is not None:
         from rlhf_cluster.telemetry.plotting import plot_trace
 
-        typer.echo(str(plot_trace(json.loads(path.read_text()), png, f"{run_dir.name}: steps {steps or 'all'}")))
+        with refused_input(*RUN_FILE_ERRORS):
+            drawn = plot_trace(json.loads(path.read_text()), png, f"{run_dir.name}: steps {steps or 'all'}")
+        typer.echo(str(drawn))
 
 
 def replay(
