@@ -13,7 +13,6 @@ import typer
 
 from actors.commands import run_views
 from actors.commands.common import (
-    ADDRESS_HELP,
     connect,
     first_sentence,
     load_config_or_exit,
@@ -22,6 +21,8 @@ from actors.commands.common import (
     unreachable,
 )
 from actors.commands.submission import stage_working_dir
+
+DASHBOARD_HELP = "Ray dashboard address (the job API), e.g. http://HEAD:8265."
 
 
 def job_client(address: str):
@@ -85,7 +86,7 @@ def submit(
 
 def status(
     job: str = typer.Argument(..., help="Job id from `submit`, or a run directory."),
-    address: str | None = typer.Option(None, help=ADDRESS_HELP + " Needed for a job id."),
+    address: str | None = typer.Option(None, help=DASHBOARD_HELP + " Needed for a job id, not a run directory."),
 ) -> None:
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); for a run
     directory, the run's progress, held-out accuracy, checkpoints and guardrail actions."""
@@ -98,7 +99,7 @@ def status(
 
 def logs(
     job: str = typer.Argument(..., help="Job id from `submit`."),
-    address: str = typer.Option(..., help=ADDRESS_HELP),
+    address: str = typer.Option(..., help=DASHBOARD_HELP),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends."),
 ) -> None:
     """Print a submitted job's logs."""
@@ -116,7 +117,7 @@ def logs(
 
 
 def stop(
-    job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=ADDRESS_HELP)
+    job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=DASHBOARD_HELP)
 ) -> None:
     """Stop a submitted job."""
     stopped = job_client(address).stop_job(job)

@@ -149,3 +149,10 @@ def test_what_ray_itself_cannot_connect_to_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: cannot reach Ray at auto: Could not find any running Ray instance (--address)"
     )
+
+
+def test_status_help_names_the_dashboard_not_train_or_scale():
+    result = CliRunner().invoke(app, ["status", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "train/scale" not in result.output and "http://HEAD:8265" in result.output
+    assert jobs.DASHBOARD_HELP in " ".join(result.output.replace("│", " ").split())
