@@ -20,7 +20,6 @@ from rlhf_cluster.job.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
-ADDRESS_HELP = "Ray address: ray://HOST:10001 or HOST:6379 for train/scale, http://HEAD:8265 for job commands."
 
 
 def refuse(*problems: str, hint: str | None = None) -> NoReturn:

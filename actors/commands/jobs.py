@@ -93,7 +93,7 @@ def status(
     if Path(job).is_dir():
         return run_views.run_status(Path(job))
     if address is None:
-        refuse(f"{job!r} is no run directory; a submitted job's id needs --address")
+        refuse(f"{job!r} is not a run directory (a submitted job's id needs --address)")
     typer.echo(str(job_client(address).get_job_status(job).value))
 
 

@@ -16,7 +16,7 @@ DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["status", "no-such-job"], "'no-such-job' is no run directory; a submitted job's id needs --address"),
+        (["status", "no-such-job"], "'no-such-job' is not a run directory (a submitted job's id needs --address)"),
         (["samples", "{empty}"], "samples.jsonl: no samples logged (is this a run directory?)"),
         (["plot", "{empty}"], "metrics.jsonl does not exist"),
         (["train", DEMO, "--overwrite=bogus"], "--overwrite=bogus: expected --overwrite"),
