@@ -3,6 +3,7 @@ and the resources section every pool uses."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -27,6 +28,34 @@ class _Typed(_Strict):
     __hash__ = None  # type: ignore[assignment]  # mutable, like every section
 
 
+_GLUED = re.compile(r"([A-Za-z_]\w*):(\S.*)")
+
+
+def glued_colon(text: object, *, key: bool) -> str | None:
+    """Why a YAML key (`key=True`, read with no value) or string `name:value` is most likely a
+    mapping written without the space after its colon (`{n:2}` is the key `n:2`, `n:2` one
+    string); None for anything else."""
+    match = _GLUED.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        return None
+    if key:
+        return (
+            f"YAML read {text!r} as a key with no value: in a flow mapping `key: value` needs a space after "
+            f"the colon ({{{match[1]}: {match[2]}}})"
+        )
+    return f"YAML read {text!r} as one string: `key: value` needs a space after the colon ({match[1]}: {match[2]})"
+
+
+def _glued_type(value: object) -> str | None:
+    """`glued_colon` for a typed union's `type` written without the space (`{type:deepspeed}`)."""
+    if isinstance(value, str) and value.startswith("type:"):
+        return glued_colon(value, key=False)
+    if isinstance(value, dict) and "type" not in value:
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and k.startswith("type:")]
+        return glued_colon(glued[0], key=True) if glued else None
+    return None
+
+
 def typed_union(*kinds: type[_Typed]):
     """The annotation of a pluggable part: one of `kinds`, picked by the `type` key.
 
@@ -36,6 +65,8 @@ def typed_union(*kinds: type[_Typed]):
     names = [k.model_fields["type"].default for k in kinds]
 
     def shorthand(value: object) -> object:
+        if (glued := _glued_type(value)) is not None:
+            raise ValueError(f"needs a `type`: one of {', '.join(names)}; {glued}")
         if isinstance(value, str):
             return {"type": value}
         if isinstance(value, dict) and "type" not in value:

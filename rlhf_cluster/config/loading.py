@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from rlhf_cluster.config.base import ConfigError
+from rlhf_cluster.config.base import ConfigError, glued_colon
 from rlhf_cluster.config.job import JobConfig
 
 Root = TypeVar("Root", bound=BaseModel)
@@ -116,22 +116,26 @@ def _explain(root: type[BaseModel], err: ErrorDetails) -> str:
     """What one pydantic error says, with what was expected where pydantic leaves it out."""
     got = err.get("input")
     if err["type"] == "extra_forbidden":
-        return f"{err['msg']} ({_unknown_field(root, err['loc'])})"
+        detail = (glued_colon(err["loc"][-1], key=True) if got is None else None) or _unknown_field(root, err["loc"])
+        return f"{err['msg']} (no such field{'; ' if detail else ''}{detail})"
+    if err["type"] in ("model_type", "dict_type") and (glued := glued_colon(got, key=False)):
+        return f"{err['msg']} ({glued})"
     return err["msg"] + ("" if isinstance(got, dict) else f" (got {got!r})")
 
 
 def _unknown_field(root: type[BaseModel], loc: tuple) -> str:
-    """A key that is no field: the nearest field names when one is close, else the section's fields."""
+    """A key that is no field: the nearest field names when one is close, else the section's fields
+    ("" when the section is not found)."""
     fields = _fields_at(root, loc[:-1])
     if not fields:
-        return "no such field"
+        return ""
     close = difflib.get_close_matches(str(loc[-1]), fields, n=3)
     if close:
-        return f"no such field; did you mean {' or '.join(repr(c) for c in close)}?"
+        return f"did you mean {' or '.join(repr(c) for c in close)}?"
     section = field_path(loc[:-1]) if loc[:-1] else "the top level"
     if len(loc) > 2 and section == field_path(loc[:-2]):  # loc[-2] is a union's tag: name the kind
         section += f" ({loc[-2]})"
-    return f"no such field; {section} has: {', '.join(fields)}"
+    return f"{section} has: {', '.join(fields)}"
 
 
 def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:

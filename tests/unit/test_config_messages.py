@@ -83,3 +83,31 @@ def test_an_unknown_top_level_key_lists_the_sections(tmp_path):
     assert message.startswith(f"invalid config {path}:")
     assert "\n  zzzz: Extra inputs are not permitted (no such field; the top level has: name, run_dir, seed, model, " in message
     assert "\n  train.total_stepz: Extra inputs are not permitted (no such field; did you mean 'total_steps'?)" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("generation.sampling={n:2}", "generation.sampling.n:2: Extra inputs are not permitted (no such field; YAML read "
+         "'n:2' as a key with no value: in a flow mapping `key: value` needs a space after the colon ({n: 2}))"),
+        ("generation.sampling=n:2", "generation.sampling: Input should be a valid dictionary or instance of "
+         "SamplingConfig (YAML read 'n:2' as one string: `key: value` needs a space after the colon (n: 2))"),
+        ("learner.backend={type:deepspeed}", "learner.backend: Value error, needs a `type`: one of fsdp2, deepspeed; "
+         "YAML read 'type:deepspeed' as a key with no value: in a flow mapping `key: value` needs a space after the "
+         "colon ({type: deepspeed})"),
+        ("scoring.rewards=[{type:function, function: 'm:f'}]", "scoring.rewards[0]: Value error, needs a `type`: one of "
+         "verifier, function, model, judge; YAML read 'type:function' as a key"),
+    ],
+    ids=["flow_key", "string", "typed_union_key", "list_item"],
+)
+def test_a_colon_without_its_space_is_explained(override, line):
+    assert f"\n  {line}" in refusal(overrides=[override])
+
+
+def test_a_colon_without_its_space_in_a_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("generation:\n  sampling: {n:2, temperature: 0.5}\n")
+    assert "generation.sampling.n:2: Extra inputs are not permitted (no such field; YAML read 'n:2'" in refusal(path)
+    # The same value with the space, and a colon inside a string value, load as before.
+    assert load_config(None, ["generation.sampling={n: 2}"]).generation.sampling.n == 2
+    assert load_config(None, ["generation.environment=my_envs:Sokoban"]).generation.environment == "my_envs:Sokoban"
