@@ -36,7 +36,9 @@ def plot(
 def samples(
     run_dir: Path = typer.Argument(..., help="A run directory (holds samples.jsonl)."),
     step: int | None = typer.Option(None, help="The step to show (default: the last one logged)."),
-    top: int | None = typer.Option(None, help="Show only this many of the highest- and lowest-reward ones."),
+    top: int | None = typer.Option(
+        None, min=0, help="Show only this many of the highest- and lowest-reward ones (0: only the random ones)."
+    ),
 ) -> None:
     """Print the decoded prompts and responses a step trained on: highest and lowest reward, random."""
     from rlhf_cluster.fileio import read_jsonl
