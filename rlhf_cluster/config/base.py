@@ -71,6 +71,8 @@ def typed_union(*kinds: type[_Typed]):
             return {"type": value}
         if isinstance(value, dict) and "type" not in value:
             raise ValueError(f"needs a `type`: one of {', '.join(names)}")
+        if isinstance(value, (int, float, list, tuple)):  # neither a kind's name nor a section (bool is an int)
+            raise ValueError(f"expected one of {', '.join(names)}, or a mapping with `type`: one of them")
         return value
 
     # Union over a tuple built at run time: `X | Y` cannot spell it.

@@ -343,6 +343,19 @@ class GenerationConfig(_Strict):
         "EngineArgs by the dry run and the driver (a typo names the field).",
     )
 
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _environment_is_a_name(cls, value):
+        # A name, never a section: say which names, not only "a valid string".
+        if value is None or isinstance(value, str):
+            return value
+        from rlhf_cluster.generation.environments import BUILT_IN  # on this error only: config stays light
+
+        raise ValueError(
+            f"expected the name of a built-in environment ({', '.join(BUILT_IN)}) or 'module:Class' of your own, "
+            "e.g. `environment: tools`" + ("; got a mapping" if isinstance(value, dict) else "")
+        )
+
     @field_validator("quantization", mode="before")
     @classmethod
     def _known_quantization(cls, value):

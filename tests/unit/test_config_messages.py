@@ -111,3 +111,35 @@ def test_a_colon_without_its_space_in_a_file(tmp_path):
     # The same value with the space, and a colon inside a string value, load as before.
     assert load_config(None, ["generation.sampling={n: 2}"]).generation.sampling.n == 2
     assert load_config(None, ["generation.environment=my_envs:Sokoban"]).generation.environment == "my_envs:Sokoban"
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("generation.environment={type: foo}", "generation.environment: Value error, expected the name of a built-in "
+         "environment (tools, tools_rewarded, scripted) or 'module:Class' of your own, e.g. `environment: tools`; "
+         "got a mapping"),
+        ("generation.environment=3", "generation.environment: Value error, expected the name of a built-in environment "
+         "(tools, tools_rewarded, scripted) or 'module:Class' of your own, e.g. `environment: tools` (got 3)"),
+        ("learner.backend=3", "learner.backend: Value error, expected one of fsdp2, deepspeed, or a mapping with "
+         "`type`: one of them (got 3)"),
+        ("scoring.rewards=[[verifier]]", "scoring.rewards[0]: Value error, expected one of verifier, function, model, "
+         "judge, or a mapping with `type`: one of them (got ['verifier'])"),
+        # Already listed by pydantic: a fixed set (Literal) and an unknown `type` of a typed union.
+        ("generation.mode={type: batched}", "generation.mode: Input should be 'streaming' or 'batched'"),
+        ("learner.backend={type: foo}", "learner.backend: Input tag 'foo' found using 'type' does not match any of the "
+         "expected tags: 'fsdp2', 'deepspeed'"),
+    ],
+    ids=["environment_mapping", "environment_number", "union_number", "union_list", "literal", "union_tag"],
+)
+def test_a_name_from_a_fixed_set_lists_the_names(override, line):
+    assert f"\n  {line}" in refusal(overrides=[override])
+
+
+def test_the_environment_names_listed_are_the_built_in_ones():
+    from rlhf_cluster.generation.environments import BUILT_IN
+
+    message = refusal(overrides=["generation.environment={type: foo}"])
+    assert f"({', '.join(BUILT_IN)})" in message
+    for name in BUILT_IN:
+        assert load_config(None, [f"generation.environment={name}"]).generation.environment == name
