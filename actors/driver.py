@@ -104,7 +104,8 @@ class Driver:
                 else None
             )
             self._start_learner_and_pools(resume_from)
-        except BaseException:
+        except BaseException as exc:
+            self.record_failure(exc)
             self.shutdown()  # no actor outlives a failed start
             raise
 
@@ -403,6 +404,17 @@ class Driver:
         self.cluster.write_scrape_targets()
         self._producer = tg.create_task(self._produce(tg))
         return self.state.start_step
+
+    def record_failure(self, exc: BaseException) -> None:
+        """The job ends with `exc`: its one-line cause as events.jsonl's `failed` row, written here,
+        in the driver, while it holds the run directory. A stop (KeyboardInterrupt, a cancellation)
+        is no failure; a row that cannot be written is a warning, never in the way of the cause."""
+        if not isinstance(exc, Exception) or getattr(self.run_dir, "lock", None) is None:
+            return
+        try:
+            self.run_dir.failed(exc)
+        except Exception as err:  # e.g. a full disk: the job's own error is the one to raise
+            log.warning(f"{self.run_dir.root / RunDir.EVENTS}: the job's failure was not recorded: {err!r}")
 
     def shutdown(self) -> None:
         """End every actor of the job (safe after a failed start)."""

@@ -26,11 +26,20 @@ class Job:
 
     # ---- steering ------------------------------------------------------------------------
     def run(self) -> JobResult:
-        """Train to the last step (or a requested stop); blocks. Raises the first failure's cause."""
-        return asyncio.run(self._driver.run())
+        """Train to the last step (or a requested stop); blocks. Raises the first failure's cause,
+        recorded first as events.jsonl's `failed` row."""
+        try:
+            return asyncio.run(self._driver.run())
+        except Exception as exc:
+            self._driver.record_failure(exc)
+            raise
 
     async def run_async(self) -> JobResult:
-        return await self._driver.run()
+        try:
+            return await self._driver.run()
+        except Exception as exc:
+            self._driver.record_failure(exc)
+            raise
 
     def stop(self) -> None:
         """End after the step in progress, with a checkpoint; safe from any thread."""

@@ -33,6 +33,18 @@ from rlhf_cluster.run.lock import RunLock, holder, in_use_message
 log = logging.getLogger(__name__)
 
 OVERWRITE_MODES = ("aside", "delete")
+FAILED = "failed"  # the events.jsonl row of a job that ended with an error: `{"event": "failed", "error": ...}`
+CAUSE_CHARS = 300  # a failure's cause, as events.jsonl and `rlhf-cluster status` keep it
+
+
+def failure_cause(exc: BaseException, limit: int = CAUSE_CHARS) -> str:
+    """The error a job ended with on one line, `Type: message`: a remote task's error unwrapped
+    (Ray's `cause`), the message's first line, cut to `limit` characters (ending in `...`)."""
+    cause = getattr(exc, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else exc
+    lines = str(cause).strip().splitlines()
+    text = f"{type(cause).__name__}: {lines[0].strip()}" if lines else type(cause).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 class RunDirInUse(RuntimeError):
@@ -242,10 +254,11 @@ class RunDir:
             lock.release()
             self.lock = None
 
-    def append(self, name: str, rows: list[dict]) -> None:
+    def append(self, name: str, rows: list[dict], wait_s: float | None = None) -> None:
         """Append rows to a JSONL file of the run, whole or not at all. While the disk is full the
-        append waits (the job pauses, with a warning) and tries again, up to `FULL_DISK_WAIT_S`;
-        what a failed try wrote is cut off first, and the wait is recorded as a `disk_full` event."""
+        append waits (the job pauses, with a warning) and tries again, up to `wait_s` (default
+        `FULL_DISK_WAIT_S`); what a failed try wrote is cut off first, and the wait is recorded as a
+        `disk_full` event."""
         path, text = self.root / name, "".join(json.dumps(row) + "\n" for row in rows)
 
         def attempt() -> None:
@@ -258,13 +271,19 @@ class RunDir:
                     os.truncate(path, size)  # frees, so it works on a full disk too
                 raise
 
-        _, waited = wait_for_space(attempt, str(path), self.FULL_DISK_WAIT_S)
+        _, waited = wait_for_space(attempt, str(path), self.FULL_DISK_WAIT_S if wait_s is None else wait_s)
         if waited is not None and name != self.EVENTS:
             self.event("disk_full", file=name, waited_s=waited)
 
     def event(self, kind: str, **fields) -> None:
         """A recovery the run made (not tied to a step: every resume keeps it) as a row of events.jsonl."""
         self.append(self.EVENTS, [{"event": kind, "time": time.time(), **fields}])
+
+    def failed(self, exc: BaseException) -> None:
+        """The job ends with `exc`: one `failed` row of events.jsonl with its one-line cause
+        (`failure_cause`), which `rlhf-cluster status` shows until a later start or resume. It does
+        not wait for space on a full disk (that may be the failure): the job's end is not held up."""
+        self.append(self.EVENTS, [{"event": FAILED, "time": time.time(), "error": failure_cause(exc)}], wait_s=0)
 
     def read(self, name: str) -> list[dict]:
         """The rows of a JSONL file of the run (none if it does not exist); a torn final line is

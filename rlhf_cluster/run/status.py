@@ -16,7 +16,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.run.checkpoint import CheckpointStore, best_checkpoints
 from rlhf_cluster.run.lock import holder
 from rlhf_cluster.run.replay import recorded_config
-from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.run.run_dir import FAILED, RunDir
 
 
 def describe_run(root: Path) -> list[str]:
@@ -24,13 +24,8 @@ def describe_run(root: Path) -> list[str]:
     cfg = recorded_config(root)
     run = RunDir(root, cfg.weights_dir, cfg.checkpoint_dir)
     lines = [f"run: {cfg.name} ({root})"]
-    live = holder(root)
-    lines.append(
-        f"state: running: job {live.get('job')!r}, pid {live.get('pid')} on {live.get('host')}, "
-        f"started {live.get('started_at')}"
-        if live
-        else "state: not running"
-    )
+    every_event = run.read(RunDir.EVENTS)
+    lines.append(_state(holder(root), every_event))
     rows = run.read(RunDir.METRICS)
     if rows:
         last = rows[-1]
@@ -52,12 +47,24 @@ def describe_run(root: Path) -> list[str]:
             + f" ({evaluation.get('prompts')} prompts)"
         )
     lines.append(_checkpoints(cfg))
-    every_event = run.read(RunDir.EVENTS)
     lines += describe_pools(every_event)
     events = [e for e in every_event if e.get("event") == "guardrails"]
     lines.append(f"guardrail actions: {len(events) or 'none'}")
     lines += [f"  {_describe_event(e)}" for e in events]
     return lines
+
+
+def _state(live: dict | None, events: list[dict]) -> str:
+    """Running (a job holds the directory), failed (the last event is a job's failure: a later
+    start or resume writes rows after it) or not running (finished, stopped or killed)."""
+    if live:
+        return (
+            f"state: running: job {live.get('job')!r}, pid {live.get('pid')} on {live.get('host')}, "
+            f"started {live.get('started_at')}"
+        )
+    if events and events[-1].get("event") == FAILED:
+        return f"state: failed ({events[-1].get('error')})"
+    return "state: not running"
 
 
 def describe_pools(events: list[dict]) -> list[str]:

@@ -58,3 +58,13 @@ def test_a_run_without_actions_says_so_and_a_folder_without_a_run_is_named(tmp_p
     assert "checkpoints: 1 kept, newest step-00000004" in lines and lines[-1] == "guardrail actions: none"
     with pytest.raises(FileNotFoundError, match=r"config.yaml: not found \(is .* the run directory of a job\?\)"):
         describe_run(tmp_path)
+
+
+def test_a_run_whose_last_event_is_a_failure_is_shown_failed_until_a_later_start(tmp_path):
+    failed = {"event": "failed", "time": 2.0, "error": "RewardFunctionError: reward function f failed on prompt 'p'"}
+    started = {"event": "pools_started", "time": 1.0, "sizes": {"generation": 1}, "auto": [], "spares": {}}
+    lines = describe_run(_run(tmp_path, [started, failed], {}))
+    assert lines[1] == "state: failed (RewardFunctionError: reward function f failed on prompt 'p')"
+    restarted = {**started, "time": 3.0}  # a later start (or resume) writes rows after the failure
+    (tmp_path / "run" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (started, failed, restarted)))
+    assert describe_run(tmp_path / "run")[1] == "state: not running"
