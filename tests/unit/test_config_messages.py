@@ -4,8 +4,6 @@ fixed set), and the CLI turns it into `error:` lines and exit code 2."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from typer.testing import CliRunner
 
@@ -55,12 +53,13 @@ def test_an_override_that_is_no_yaml_is_refused_naming_it():
 @pytest.mark.parametrize(
     ("override", "line"),
     [
-        ("generation.samplng=3", "generation.samplng: Extra inputs are not permitted (no such field; did you mean 'sampling'?)"),
+        ("generation.samplng=3",
+         "generation.samplng: Extra inputs are not permitted (no such field; did you mean 'sampling'?)"),
         ("generaton=1", "generaton: Extra inputs are not permitted (no such field; did you mean 'generation'?)"),
-        ("generation.sampling.temprature=1", "generation.sampling.temprature: Extra inputs are not permitted (no such field; "
-         "did you mean 'temperature'?)"),
-        ("learner.backend={type: deepspeed, zero_stagx: 2}", "learner.backend.zero_stagx: Extra inputs are not permitted "
-         "(no such field; did you mean 'zero_stage'?)"),
+        ("generation.sampling.temprature=1", "generation.sampling.temprature: Extra inputs are not permitted "
+         "(no such field; did you mean 'temperature'?)"),
+        ("learner.backend={type: deepspeed, zero_stagx: 2}", "learner.backend.zero_stagx: Extra inputs are not "
+         "permitted (no such field; did you mean 'zero_stage'?)"),
         ("scoring.rewards=[verifier, {type: function, function: 'a:b', wieght: 2}]", "scoring.rewards[1].wieght: Extra "
          "inputs are not permitted (no such field; did you mean 'weight'?)"),
         ("scoring.rewards=[{type: model, models: [{path: x, nmae: y}]}]", "scoring.rewards[0].models[0].nmae: Extra "
@@ -81,22 +80,24 @@ def test_an_unknown_top_level_key_lists_the_sections(tmp_path):
     path.write_text("zzzz: 1\ntrain:\n  total_stepz: 3\n")
     message = refusal(path)
     assert message.startswith(f"invalid config {path}:")
-    assert "\n  zzzz: Extra inputs are not permitted (no such field; the top level has: name, run_dir, seed, model, " in message
-    assert "\n  train.total_stepz: Extra inputs are not permitted (no such field; did you mean 'total_steps'?)" in message
+    top = "\n  zzzz: Extra inputs are not permitted (no such field; the top level has: name, run_dir, seed, model, "
+    assert top in message
+    typo = "\n  train.total_stepz: Extra inputs are not permitted (no such field; did you mean 'total_steps'?)"
+    assert typo in message
 
 
 @pytest.mark.parametrize(
     ("override", "line"),
     [
-        ("generation.sampling={n:2}", "generation.sampling.n:2: Extra inputs are not permitted (no such field; YAML read "
-         "'n:2' as a key with no value: in a flow mapping `key: value` needs a space after the colon ({n: 2}))"),
+        ("generation.sampling={n:2}", "generation.sampling.n:2: Extra inputs are not permitted (no such field; YAML "
+         "read 'n:2' as a key with no value: in a flow mapping `key: value` needs a space after the colon ({n: 2}))"),
         ("generation.sampling=n:2", "generation.sampling: Input should be a valid dictionary or instance of "
          "SamplingConfig (YAML read 'n:2' as one string: `key: value` needs a space after the colon (n: 2))"),
         ("learner.backend={type:deepspeed}", "learner.backend: Value error, needs a `type`: one of fsdp2, deepspeed; "
          "YAML read 'type:deepspeed' as a key with no value: in a flow mapping `key: value` needs a space after the "
          "colon ({type: deepspeed})"),
-        ("scoring.rewards=[{type:function, function: 'm:f'}]", "scoring.rewards[0]: Value error, needs a `type`: one of "
-         "verifier, function, model, judge; YAML read 'type:function' as a key"),
+        ("scoring.rewards=[{type:function, function: 'm:f'}]", "scoring.rewards[0]: Value error, needs a `type`: one "
+         "of verifier, function, model, judge; YAML read 'type:function' as a key"),
     ],
     ids=["flow_key", "string", "typed_union_key", "list_item"],
 )
@@ -107,7 +108,8 @@ def test_a_colon_without_its_space_is_explained(override, line):
 def test_a_colon_without_its_space_in_a_file(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("generation:\n  sampling: {n:2, temperature: 0.5}\n")
-    assert "generation.sampling.n:2: Extra inputs are not permitted (no such field; YAML read 'n:2'" in refusal(path)
+    assert "generation.sampling.n:2: Extra inputs are not permitted (no such field; YAML read 'n:2'" in refusal(
+        path)
     # The same value with the space, and a colon inside a string value, load as before.
     assert load_config(None, ["generation.sampling={n: 2}"]).generation.sampling.n == 2
     assert load_config(None, ["generation.environment=my_envs:Sokoban"]).generation.environment == "my_envs:Sokoban"
