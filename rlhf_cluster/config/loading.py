@@ -64,7 +64,7 @@ def _read_file(file: Path) -> dict:
     if not file.is_file():
         raise ConfigError(f"config file {file} does not exist")
     text = file.read_text()
-    if not text.strip():  # most likely the wrong file (a file of comments only still means the defaults)
+    if not text.strip():  # most likely the wrong file
         raise ConfigError(
             f"config file {file} is empty: expected a mapping of sections, e.g. `train: {{total_steps: 20}}` "
             "(configs/demo.yaml is a complete example)"
@@ -74,8 +74,11 @@ def _read_file(file: Path) -> dict:
             raw = yaml.safe_load(stream)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
-    if raw is None:
-        return {}
+    if raw is None:  # comments only: no settings, most likely not what was meant either
+        raise ConfigError(
+            f"config file {file} holds no settings (comments only): expected a mapping of sections, "
+            "e.g. `train: {total_steps: 20}`"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {file} must hold a mapping at the top level, got {type(raw).__name__}")
     return raw

@@ -48,9 +48,10 @@ def test_demo_yaml_loads():
     assert cfg.algorithm.correction.mode == "truncate"
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    cfg = load_config(_write(tmp_path, "# only a comment\n"))
-    assert cfg == load_config()
+def test_a_file_of_comments_only_is_refused_naming_it(tmp_path):
+    path = _write(tmp_path, "# only a comment\n")
+    msg = _refusal(path)
+    assert str(path) in msg and "holds no settings" in msg
 
 
 def test_unknown_key_names_dotted_path_and_file(tmp_path):
