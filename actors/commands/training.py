@@ -110,12 +110,32 @@ def train(
     preflight_or_exit(cfg, resume=resume)
     if (busy := run_dir_refusal(cfg, resume, overwrite)) is not None:
         refuse(busy)
+    _exit_if_complete(cfg, resume)
     if max_retries:
         from actors.commands.supervisor import supervise
 
         argv = _child_argv(config, set_, address, resume, overwrite, debug)
         raise typer.Exit(supervise(argv, max_retries, lambda line: typer.echo(line, err=True)))
     _run_here(cfg, _resume_command(config, set_, given_address), address, resume, overwrite, debug)
+
+
+def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
+    """A resume from a checkpoint of the run's last step has nothing to train: say so and end
+    (exit code 0) before Ray or any pool starts."""
+    from rlhf_cluster.run.run_dir import RunDir
+
+    run = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
+    ckpt = run.complete(resume, cfg.train.total_steps)
+    if ckpt is None:
+        return
+    done, total = ckpt.step + 1, cfg.train.total_steps
+    typer.echo(
+        f"run_dir {run.root}: the run is already complete at step {done} of "
+        f"{total if done == total else f'{done} (train.total_steps is {total})'} ({ckpt.path.name}); "
+        f"nothing to train. To train further, raise train.total_steps with --set, e.g. "
+        f"--set train.total_steps={2 * done} --resume auto"
+    )
+    raise typer.Exit(0)
 
 
 def _child_argv(

@@ -27,7 +27,7 @@ from rlhf_cluster.fileio import (
     wait_for_space,
     write_atomic,
 )
-from rlhf_cluster.run.checkpoint import STEP_DIR
+from rlhf_cluster.run.checkpoint import MANIFEST, STEP_DIR, Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.run.lock import RunLock, holder, in_use_message
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,30 @@ class RunDir:
         if live is not None and live.get("host") == socket.gethostname():
             return in_use_message(self.root, live)
         return self._earlier_run() if fresh and overwrite_mode(overwrite) is None else None
+
+    def complete(self, resume: str | None, total_steps: int) -> Checkpoint | None:
+        """The checkpoint `resume` ('auto': the newest; or a path) would continue from when it holds
+        step `total_steps` or later: nothing is left to train. Reads only. Only one that verifies
+        counts: with a damaged newest one the job falls back to an older one and trains on."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            found = CheckpointStore(self.checkpoint_dir).candidates()
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(resume).expanduser()
+        try:
+            step = int(json.loads((path / MANIFEST).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not a checkpoint: the job's own checks say what is wrong
+        if step + 1 < total_steps:
+            return None
+        try:
+            return CheckpointStore.verify(path)
+        except CheckpointError:
+            return None
 
     def _earlier_run(self) -> str | None:
         """The refusal of a fresh start when the directory holds a run that trained or checkpointed."""
