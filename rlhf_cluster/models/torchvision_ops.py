@@ -87,7 +87,8 @@ def ensure_torchvision_importable() -> bool:
     for schema in missing:
         library.define(schema)
     _LIBRARIES.append(library)
-    logging.getLogger(__name__).info(
+    # Expected on the CPU install and handled: not worth a line in every command's output (DEBUG).
+    logging.getLogger(__name__).debug(
         "torchvision's C ops do not load (a CUDA build on a CPU torch): defined %s", ", ".join(missing)
     )
     return True
