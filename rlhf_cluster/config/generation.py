@@ -8,6 +8,10 @@ from pydantic import Field, field_validator, model_validator
 
 from rlhf_cluster.config.base import FailureBudget, ResourcesConfig, _Strict, _Typed
 
+# The built-in environments' names, for messages (`generation.environments.BUILT_IN` holds the classes;
+# tests/unit/test_config_messages.py checks the two agree).
+BUILT_IN_ENVIRONMENTS = ("tools", "tools_rewarded", "scripted")
+
 
 class SamplingConfig(_Strict):
     """Sampling settings of the generation engine."""
@@ -349,11 +353,10 @@ class GenerationConfig(_Strict):
         # A name, never a section: say which names, not only "a valid string".
         if value is None or isinstance(value, str):
             return value
-        from rlhf_cluster.generation.environments import BUILT_IN  # on this error only: config stays light
-
         raise ValueError(
-            f"expected the name of a built-in environment ({', '.join(BUILT_IN)}) or 'module:Class' of your own, "
-            "e.g. `environment: tools`" + ("; got a mapping" if isinstance(value, dict) else "")
+            f"expected the name of a built-in environment ({', '.join(BUILT_IN_ENVIRONMENTS)}) "
+            "or 'module:Class' of your own, e.g. `environment: tools`"
+            + ("; got a mapping" if isinstance(value, dict) else "")
         )
 
     @field_validator("quantization", mode="before")
