@@ -239,6 +239,7 @@ class RunDir:
             self.SCORED_LOG,
             self.TRACE,
             self.SAMPLES,
+            self.EVENTS,
             *((self.CONFIG, self.EVAL) if mode == "aside" else ()),
         ]
         return [self.weights_dir, self.checkpoint_dir, *(self.root / n for n in names)]
