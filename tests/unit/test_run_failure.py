@@ -142,3 +142,18 @@ def test_on_a_full_disk_the_failure_is_a_warning_at_once_with_nothing_half_writt
     assert "the job's failure was not recorded" in caplog.text
     assert (driver.run_dir / RunDir.EVENTS).read_text() == before
     driver.shutdown()
+
+
+def test_a_fresh_run_sets_the_earlier_runs_events_aside(job_config):
+    cfg = job_config()
+    earlier = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir).prepare(True, cfg.name)
+    earlier.event("pools_started", sizes={}, auto=[], spares={})
+    earlier.event(FAILED, error="ValueError: the earlier run's cause")
+    earlier.release()
+    fresh = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir).prepare(True, cfg.name, overwrite=True)
+    try:
+        assert not (fresh / RunDir.EVENTS).exists()
+        [aside] = fresh.root.parent.glob(f"{fresh.root.name}.old-*")
+        assert "pools_started" in (aside / RunDir.EVENTS).read_text()
+    finally:
+        fresh.release()
