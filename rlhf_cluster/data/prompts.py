@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 
 from rlhf_cluster.config import DataConfig, PromptColumns
 from rlhf_cluster.data.images import ImageError, row_images
+from rlhf_cluster.data.jsonl_lines import jsonl_error
 from rlhf_cluster.data.tasks import IMAGE_COLUMN, arithmetic_rows, write_prompt_file
 from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
 
@@ -73,55 +73,8 @@ def read_table(file: Path, what: str = "prompt file") -> pa.Table:
             raise ValueError(f"{what} {file} could not be read as parquet: {exc}") from exc
         raise ValueError(
             f"{what} {file} could not be read as JSON Lines (one JSON object per line, same keys and types on "
-            f"every line): {_jsonl_error(file, str(exc))}"
+            f"every line): {jsonl_error(file, str(exc))}"
         ) from exc
-
-
-_ARROW_ROW = re.compile(r"\s*in row \d+$")
-_ARROW_COLUMN = re.compile(r"Column\(([^)]*)\) changed from")
-_JSON_KINDS = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object"))
-
-
-def _jsonl_error(file: Path, message: str) -> str:
-    """Arrow's JSON error with its `in row N` (counted from 0 among the non-blank lines of one 1 MiB
-    block) replaced by the line of the file an editor shows, found by reading the file line by line."""
-    column = _ARROW_COLUMN.search(message)
-    line = _offending_line(file, [p for p in column.group(1).split("/") if p] if column else None)
-    return message if line is None else f"line {line}: {_ARROW_ROW.sub('', message)}"
-
-
-def _offending_line(file: Path, path: list[str] | None) -> int | None:
-    """The first line (from 1) that is no JSON object, or, with `path` (Arrow's column, `[]` for a
-    list's items), whose value there is of another JSON kind than on the first line that has one."""
-    first = None
-    with file.open("rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except ValueError:  # UnicodeDecodeError included
-                return number
-            if not isinstance(row, dict):
-                return number
-            for kind in _kinds_at(row, path) if path is not None else ():
-                first = first or kind
-                if kind != first:
-                    return number
-    return None
-
-
-def _kinds_at(value, path: list[str]):
-    """The JSON kinds (string, number, ...) of the values at `path` in `value`; null has none."""
-    if not path:
-        yield from [name for types, name in _JSON_KINDS if isinstance(value, types)][:1]  # a bool is no number
-        return
-    head, rest = path[0], path[1:]
-    if head == "[]" and isinstance(value, list):
-        for item in value:
-            yield from _kinds_at(item, rest)
-    elif isinstance(value, dict) and head in value:
-        yield from _kinds_at(value[head], rest)
 
 
 def _read_saved_dataset(folder: Path, what: str) -> pa.Table:
