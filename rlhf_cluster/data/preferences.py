@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_cluster.data.prompts import read_table
+from rlhf_cluster.data.row_names import row_name
 from rlhf_cluster.data.sft import plain_parts
 from rlhf_cluster.data.tasks import arithmetic_rows
 
@@ -26,7 +27,8 @@ class PreferencePair:
 
 
 def read_preference_file(path: str | Path) -> list[PreferencePair]:
-    """Pairs from a file; errors name the file, the row and the field."""
+    """Pairs from a file; errors name the file, the row (its line in a .jsonl file, see `row_name`)
+    and the field."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"preference file {file} does not exist")
@@ -39,18 +41,24 @@ def read_preference_file(path: str | Path) -> list[PreferencePair]:
         raise ValueError(f"preference file {file} has no rows")
     pairs = []
     for i, row in enumerate(rows):
-        for column in ("prompt", "chosen", "rejected"):
-            if not isinstance(row[column], str) or not row[column]:
-                raise ValueError(
-                    f"preference file {file}, row {i}: {column} must be a non-empty string, got {row[column]!r}"
-                )
-        if row["chosen"] == row["rejected"]:
-            raise ValueError(f"preference file {file}, row {i}: chosen and rejected are the same text")
-        margin = row.get("margin") or 0.0
-        if not isinstance(margin, (int, float)) or margin < 0:
-            raise ValueError(f"preference file {file}, row {i}: margin must be a number >= 0, got {margin!r}")
-        pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], float(margin)))
+        problem = _pair_problem(row)
+        if problem:
+            raise ValueError(f"preference file {file}, {row_name(file, i, len(rows))}: {problem}")
+        pairs.append(PreferencePair(row["prompt"], row["chosen"], row["rejected"], float(row.get("margin") or 0.0)))
     return pairs
+
+
+def _pair_problem(row: dict) -> str | None:
+    """What is wrong with a preference row (None: nothing)."""
+    for column in ("prompt", "chosen", "rejected"):
+        if not isinstance(row[column], str) or not row[column]:
+            return f"{column} must be a non-empty string, got {row[column]!r}"
+    if row["chosen"] == row["rejected"]:
+        return "chosen and rejected are the same text"
+    margin = row.get("margin") or 0.0
+    if not isinstance(margin, (int, float)) or margin < 0:
+        return f"margin must be a number >= 0, got {margin!r}"
+    return None
 
 
 def arithmetic_preference_pairs(

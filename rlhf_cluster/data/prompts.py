@@ -18,8 +18,9 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from rlhf_cluster.config import DataConfig, PromptColumns
-from rlhf_cluster.data.images import ImageError, row_images
 from rlhf_cluster.data.jsonl_lines import jsonl_error
+from rlhf_cluster.data.prompt_images import check_image_counts, read_images
+from rlhf_cluster.data.row_names import row_name
 from rlhf_cluster.data.tasks import IMAGE_COLUMN, arithmetic_rows, write_prompt_file
 from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
 
@@ -114,8 +115,8 @@ def read_prompt_file(
 
     Every error names the file and what was expected: missing file, wrong suffix, a file that
     does not parse, missing columns, no rows, null/empty/duplicate ids, empty prompts; an image
-    that is missing, unreadable, over `max_image_bytes` or no image at all also names its row, as
-    does a row of more than `max_images` images (None: any number).
+    that is missing, unreadable, over `max_image_bytes` or no image at all also names its row (its
+    line in a .jsonl file, see `row_name`), as does a row of more than `max_images` images (None: any number).
     """
     file = Path(path).expanduser()
     if not file.exists():
@@ -148,8 +149,8 @@ def read_prompt_file(
         if columns.source
         else [None] * len(ids)
     )
-    images = _images(file, table, columns.images, ids, max_image_bytes)
-    _check_image_counts(file, columns.images, ids, images, max_images)
+    images = read_images(file, table, columns.images, ids, max_image_bytes)
+    check_image_counts(file, columns.images, ids, images, max_images)
     if columns.messages:
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
         _check_image_parts(file, ids, chats, images)
@@ -164,44 +165,14 @@ def read_prompt_file(
     return [Prompt(i, t, a, source=src, images=im) for i, t, a, src, im in zip(ids, texts, answers, sources, images)]
 
 
-def _images(file: Path, table: pa.Table, column: str | None, ids: list[str], max_bytes: int) -> list[tuple[bytes, ...]]:
-    """Each row's images (`column`; none without one), every image read and checked: paths are
-    relative to the file's folder (a save_to_disk folder's own)."""
-    if column is None:
-        return [()] * len(ids)
-    base = file if file.is_dir() else file.parent
-    out = []
-    for row, (prompt_id, value) in enumerate(zip(ids, table.column(column).to_pylist())):
-        try:
-            out.append(row_images(value, base, max_bytes))
-        except ImageError as exc:
-            raise ValueError(
-                f"prompt file {file}: row {row} (prompt_id {prompt_id!r}), column {column!r}: {exc}"
-            ) from exc
-    return out
-
-
-def _check_image_counts(
-    file: Path, column: str | None, ids: list[str], images: list[tuple[bytes, ...]], limit: int | None
-) -> None:
-    """Refuses the first row with more than `limit` images (the engines take no more a prompt)."""
-    over = [(row, n) for row, im in enumerate(images) if limit is not None and (n := len(im)) > limit]
-    if over:
-        row, n = over[0]
-        raise ValueError(
-            f"prompt file {file}: row {row} (prompt_id {ids[row]!r}), column {column!r}: {n} images, more than "
-            f"data.max_images_per_prompt={limit} ({len(over)} such row(s)); raise it or drop images"
-        )
-
-
 def _prompt_ids(file: Path, raw_ids: list | None, rows: int) -> list[str]:
     if raw_ids is None:
         return [f"row-{n}" for n in range(rows)]
     if any(x is None for x in raw_ids):
-        raise ValueError(f"prompt file {file}: prompt_id has null values (row {raw_ids.index(None)})")
+        raise ValueError(f"prompt file {file}: prompt_id has null values ({row_name(file, raw_ids.index(None), rows)})")
     ids = [str(x) for x in raw_ids]
     if "" in ids:
-        raise ValueError(f"prompt file {file}: prompt_id has empty values (row {ids.index('')})")
+        raise ValueError(f"prompt file {file}: prompt_id has empty values ({row_name(file, ids.index(''), rows)})")
     if len(set(ids)) != len(ids):
         dupes = [i for i, count in Counter(ids).items() if count > 1]
         raise ValueError(f"prompt file {file}: prompt_id values are not unique (repeated: {dupes[:5]})")

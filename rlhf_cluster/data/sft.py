@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.data.prompts import read_table
+from rlhf_cluster.data.row_names import row_name
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -42,7 +43,7 @@ class SFTExample:
 def read_sft_file(path: str | Path) -> list[list[dict]]:
     """Conversations from .parquet/.jsonl: columns `prompt` + `response`, or `messages`.
 
-    Errors name the file, the row and what was expected.
+    Errors name the file, the row (its line in a .jsonl file, see `row_name`) and what was expected.
     """
     file = Path(path).expanduser()
     if not file.is_file():
@@ -61,7 +62,10 @@ def read_sft_file(path: str | Path) -> list[list[dict]]:
     if not conversations:
         raise ValueError(f"SFT file {file} has no rows")
     for i, messages in enumerate(conversations):
-        _check_conversation(messages, f"SFT file {file}, row {i}")
+        try:
+            _check_conversation(messages, "")
+        except ValueError as exc:  # the row is named only now: a .jsonl row's line is found by reading the file
+            raise ValueError(f"SFT file {file}, {row_name(file, i, len(conversations))}{exc}") from None
     return conversations
 
 

@@ -202,7 +202,7 @@ CASES = {
     "data-null-ids": lambda t, mp: (
         lambda: read_prompt_file(_parquet(t, pa.table({"prompt_id": ["a", None], "prompt": ["x", "y"]}))),
         ValueError,
-        [str(t / "prompts.parquet"), "prompt_id", "null", "row 1"],
+        [str(t / "prompts.parquet"), "prompt_id", "null", "(row 2)"],
     ),
     "data-empty-prompt": lambda t, mp: (
         lambda: read_prompt_file(_jsonl(t, [ROWS[0], dict(ROWS[1], prompt="  ")])), ValueError, [str(t / "prompts.jsonl"), "['b']"]

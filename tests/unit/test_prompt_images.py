@@ -100,19 +100,19 @@ def test_missing_unreadable_and_non_images_name_the_row_and_file(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt_id": "a", "prompt": "q", "image": "nowhere.png"}) + "\n")
     message = _refusal(path)
-    assert "row 0 (prompt_id 'a')" in message and "nowhere.png: no such file" in message
+    assert "line 1 (prompt_id 'a')" in message and "nowhere.png: no such file" in message
     bad = _parquet(tmp_path / "bad.parquet", [RED, b"not an image at all"])
     message = _refusal(bad)
-    assert "row 1 (prompt_id 'p1')" in message and "not a readable image" in message
+    assert "row 2 (prompt_id 'p1')" in message and "not a readable image" in message
     truncated = _parquet(tmp_path / "cut.parquet", [RED[:40]])
-    assert "row 0" in _refusal(truncated) and "not a readable image" in _refusal(truncated)
+    assert "row 1 (prompt_id" in _refusal(truncated) and "not a readable image" in _refusal(truncated)
     numbers = _parquet(tmp_path / "num.parquet", [7], pa.int64())
-    assert "row 0" in _refusal(numbers) and "not an image: expected encoded bytes" in _refusal(numbers)
+    assert "row 1 (prompt_id" in _refusal(numbers) and "not an image: expected encoded bytes" in _refusal(numbers)
     empty = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     nothing = _parquet(tmp_path / "nothing.parquet", [{"bytes": None, "path": None}], empty)
     assert "neither bytes nor path" in _refusal(nothing)
     listed = _parquet(tmp_path / "listed.parquet", [[RED, b"junk"]])
-    assert "row 0 (prompt_id 'p0'), column 'image': image 1:" in _refusal(listed)
+    assert "row 1 (prompt_id 'p0'), column 'image': image 1:" in _refusal(listed)
     missing_column = _parquet(tmp_path / "m.parquet", [RED])
     assert "missing column(s) ['pictures']" in _refusal(missing_column, PromptColumns(images="pictures"))
 
@@ -120,7 +120,7 @@ def test_missing_unreadable_and_non_images_name_the_row_and_file(tmp_path):
 def test_images_over_the_size_limit(tmp_path):
     big = _parquet(tmp_path / "big.parquet", [RED, BLUE])
     message = _refusal(big, max_image_bytes=len(RED))
-    assert "row 1 (prompt_id 'p1')" in message and "over data.max_image_bytes" in message
+    assert "row 2 (prompt_id 'p1')" in message and "over data.max_image_bytes" in message
     (tmp_path / "blue.jpg").write_bytes(BLUE)
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "q", "image": "blue.jpg"}) + "\n")
@@ -227,4 +227,4 @@ def test_a_row_over_the_images_limit_is_refused_naming_it(tmp_path):
     path = _parquet(tmp_path / "p.parquet", [[RED], [RED, BLUE, RED]])
     assert len(read_prompt_file(path, COLUMNS, max_images=3)[1].images) == 3
     message = _refusal(path, max_images=2)
-    assert "row 1 (prompt_id 'p1')" in message and "3 images" in message and "max_images_per_prompt=2" in message
+    assert "row 2 (prompt_id 'p1')" in message and "3 images" in message and "max_images_per_prompt=2" in message

@@ -74,7 +74,7 @@ def test_sft_file_errors_name_file_row_and_field(tmp_path):
     assert read_sft_file(good)[0][1] == {"role": "assistant", "content": "2"}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl, row 0: no assistant message"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 1: no assistant message"):
         read_sft_file(bad)
     cols = tmp_path / "cols.jsonl"
     cols.write_text(json.dumps({"question": "1+1="}) + "\n")
