@@ -249,11 +249,19 @@ def parse_steps(text: str | None) -> tuple[int, int] | None:
 
 
 def write_trace(spans: list[dict], out: Path, steps: tuple[int, int] | None = None) -> Path:
-    """The Chrome/Perfetto trace JSON of `spans` (those overlapping `steps`, if given) at `out`."""
+    """The Chrome/Perfetto trace JSON of `spans` (those overlapping `steps`, if given) at `out`. An
+    `out` that cannot be written is refused naming it (and a missing folder, that folder): a
+    FileNotFoundError or ValueError of one line, no `[Errno N]`."""
+    from rlhf_cluster.telemetry.plotting import _output_path  # the check `plot --out` makes
+
+    out = _output_path(out)
     window = None
     if steps is not None:
         window = step_window(spans, *steps)
         if window is None:
             raise ValueError(f"steps {steps[0]}..{steps[1]}: the trace has no such step")
-    out.write_text(json.dumps(chrome_trace(spans, window)))
+    try:
+        out.write_text(json.dumps(chrome_trace(spans, window)))
+    except OSError as exc:  # a folder at `out`, no permission, a full disk
+        raise ValueError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out

@@ -33,3 +33,43 @@ def test_trace_png_names_a_missing_output_folder(tmp_path):
     assert result.exit_code == 2, result.output
     expected = f"error: cannot write {missing / 't.png'}: its folder {missing} does not exist"
     assert result.output.strip().endswith(expected), result.output
+
+
+def _trace_run(tmp_path):
+    spans = [{"track": "driver", "kind": "driver", "name": "step", "start": 0.0, "end": 1.0, "args": {"step": 0}}]
+    (tmp_path / "trace.jsonl").write_text("".join(json.dumps(s) + "\n" for s in spans))
+    return tmp_path
+
+
+def test_trace_out_names_a_missing_output_folder(tmp_path):
+    missing = tmp_path / "missing" / "dir"
+    result = CliRunner().invoke(app, ["trace", str(_trace_run(tmp_path)), "--out", str(missing / "t.json")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: cannot write {missing / 't.json'}: its folder {missing} does not exist"
+
+
+def test_trace_out_that_is_a_folder_or_under_a_file(tmp_path):
+    run = _trace_run(tmp_path)
+    result = CliRunner().invoke(app, ["trace", str(run), "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: cannot write {run}: Is a directory"
+    result = CliRunner().invoke(app, ["trace", str(run), "--out", str(run / "trace.jsonl" / "t.json")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().endswith(f"its folder {run / 'trace.jsonl'} is not a folder")
+
+
+def test_trace_out_missing_folder_in_a_real_process(tmp_path):
+    """The installed command itself: one line on stderr, exit code 2, no `[Errno 2]`, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "rlhf-cluster"
+    missing = tmp_path / "missing" / "dir"
+    done = subprocess.run(
+        [str(cli), "trace", str(_trace_run(tmp_path)), "--out", str(missing / "t.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"error: cannot write {missing / 't.json'}: its folder {missing} does not exist"
+    assert done.stdout == ""
