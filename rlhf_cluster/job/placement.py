@@ -63,7 +63,7 @@ def check_capacity(plan: list[PoolRequest], total: dict[str, float], largest_nod
             if amount > largest_node.get(resource, 0.0):
                 problems.append(
                     f"{req.pool} pool: each actor needs {amount:g} {resource} ({req.field}), "
-                    f"but no node has more than {largest_node.get(resource, 0.0):g}"
+                    f"but no node has more than {largest_node.get(resource, 0.0):g}{_custom_hint(resource, total)}"
                 )
     for resource, amount in needed.items():
         if amount > total.get(resource, 0.0) + 1e-9:
@@ -75,6 +75,14 @@ def check_capacity(plan: list[PoolRequest], total: dict[str, float], largest_nod
                 f"{total.get(resource, 0.0):g}"
             )
     return problems
+
+
+def _custom_hint(resource: str, total: dict[str, float]) -> str:
+    """For a custom resource (`resources.custom`) no node declares: how a node declares it."""
+    if resource in ("CPU", "GPU", "memory") or total.get(resource):
+        return ""
+    declare = f"ray start --resources='{{\"{resource}\": 1}}'"
+    return f" (a custom resource: the nodes that may run it declare it, e.g. {declare})"
 
 
 def check_packing(plan: list[PoolRequest], nodes: list[dict[str, float]]) -> list[str]:

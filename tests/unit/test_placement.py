@@ -40,3 +40,17 @@ def test_warm_spares_hold_their_resources_in_the_plan():
     cfg = load_config(None, ["generation.replicas=2", "generation.spares=1", "scoring.spares=2"])
     replicas = {r.pool: r.replicas for r in resource_plan(cfg)}
     assert (replicas["generation"], replicas["reward"], replicas["reference"]) == (3, 3, 3)
+
+
+def test_a_custom_resource_no_node_declares_says_how_a_node_declares_it():
+    plan = [PoolRequest("learner", "learner.resources", 2, {"CPU": 1, "rlhf_learner": 1}),
+            PoolRequest("generation", "generation.resources", 1, {"CPU": 64})]
+    nodes = {"CPU": 8}
+    problems = check_capacity(plan, nodes, nodes)
+    assert problems[0] == (
+        "learner pool: each actor needs 1 rlhf_learner (learner.resources), but no node has more than 0 "
+        "(a custom resource: the nodes that may run it declare it, e.g. ray start --resources='{\"rlhf_learner\": 1}')")
+    assert problems[1] == "generation pool: each actor needs 64 CPU (generation.resources), but no node has more than 8"
+    # Declared somewhere, only too small on each node: no hint.
+    assert "custom resource" not in " ".join(check_capacity(plan, {"CPU": 128, "rlhf_learner": 4},
+                                                            {"CPU": 64, "rlhf_learner": 0.5}))
