@@ -179,6 +179,17 @@ def _discard(path: Path) -> None:
 _BLANK = b" \t\r\0"  # a power loss can leave a file's last blocks as NUL bytes
 
 
+def output_path(out: str | Path) -> Path:
+    """`out` as a Path, once its folder is known to exist: a missing one is named (a
+    FileNotFoundError), not the temp file that a write would otherwise fail on."""
+    target = Path(out)
+    folder = target.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"cannot write {target}: its folder {folder} {problem}")
+    return target
+
+
 def scratch_dir(prefix: str, root: str | Path | None = None) -> Path:
     """A new private folder for this process's scratch files, `<root>/<prefix>-<host>-<pid>-<random>`
     (root: the system's temp folder), removed when the process exits normally (its owner may remove

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlhf_cluster.fileio import read_jsonl
+from rlhf_cluster.fileio import output_path, read_jsonl
 
 # Each panel of a run's plot: its title and the series it draws when the rows have them (older
 # runs lack some). The sixth panel is the held-out accuracy (`_draw_evaluation`).
@@ -38,17 +38,6 @@ PANELS = [
 ]
 
 
-def _output_path(out: str | Path) -> Path:
-    """`out` as a Path, once its folder is known to exist: a missing one is named, not the PNG's
-    temp file that saving would otherwise fail on."""
-    target = Path(out)
-    folder = target.parent
-    if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
-        raise FileNotFoundError(f"cannot write {target}: its folder {folder} {problem}")
-    return target
-
-
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Read RUN_DIR/metrics.jsonl (and eval.json when present) and write a PNG; returns its path."""
     import matplotlib
@@ -64,7 +53,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not rows:
         raise ValueError(f"{metrics} has no rows yet")
     evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
-    target = _output_path(out if out is not None else run_dir / "metrics.png")
+    target = output_path(out if out is not None else run_dir / "metrics.png")
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7), constrained_layout=True)
     for ax, (title, series) in zip(axes.flat, PANELS):
@@ -126,7 +115,7 @@ def plot_trace(doc: dict, out: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = _output_path(out)
+    out = output_path(out)
     events = doc["traceEvents"]
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["name"] == "thread_name"}
     rows = sorted(threads, reverse=True)  # the first process (the driver) at the top

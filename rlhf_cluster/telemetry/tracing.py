@@ -252,9 +252,9 @@ def write_trace(spans: list[dict], out: Path, steps: tuple[int, int] | None = No
     """The Chrome/Perfetto trace JSON of `spans` (those overlapping `steps`, if given) at `out`. An
     `out` that cannot be written is refused naming it (and a missing folder, that folder): a
     FileNotFoundError or ValueError of one line, no `[Errno N]`."""
-    from rlhf_cluster.telemetry.plotting import _output_path  # the check `plot --out` makes
+    from rlhf_cluster.fileio import output_path  # the check `plot --out` makes
 
-    out = _output_path(out)
+    out = output_path(out)
     window = None
     if steps is not None:
         window = step_window(spans, *steps)
