@@ -18,9 +18,8 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from rlhf_cluster.config import DataConfig, PromptColumns
-from rlhf_cluster.data.jsonl_lines import jsonl_error
 from rlhf_cluster.data.prompt_images import check_image_counts, read_images
-from rlhf_cluster.data.row_names import row_name
+from rlhf_cluster.data.row_names import jsonl_error, row_name
 from rlhf_cluster.data.tasks import IMAGE_COLUMN, arithmetic_rows, write_prompt_file
 from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
 
