@@ -12,7 +12,7 @@ import typer
 from actors.commands.common import refuse, refused_input
 from rlhf_cluster.config.base import ConfigError
 from rlhf_cluster.config.loading import load_model
-from rlhf_cluster.config.tinker import TinkerConfig
+from rlhf_cluster.config.tinker import TinkerConfig, check_context_length
 
 
 def tinker(
@@ -24,7 +24,7 @@ def tinker(
     """Serve the Tinker training API over one base model: LoRA training clients on the learner ranks,
     sampling on vLLM engines; clients set TINKER_BASE_URL to the printed URL and TINKER_API_KEY to
     the token. Ctrl-C (or SIGTERM) stops it; saved states stay in `state_dir`."""
-    from actors.workers.tinker import serve
+    from actors.workers.tinker import model_folder, serve
 
     with refused_input(ConfigError):
         cfg = load_model(TinkerConfig, config, set_)
@@ -32,4 +32,6 @@ def tinker(
         cfg.api_key()
     except ValueError as exc:
         refuse(str(exc), hint="set `token: tml-...` in the config or export the variable it names")
+    with refused_input(ConfigError, ValueError):  # no model folder, or a context longer than it accepts
+        check_context_length(cfg.model, model_folder(cfg))
     serve(cfg, on_ready=lambda url: typer.echo(f"tinker: serving {cfg.model.name} at {url} (state: {cfg.state_dir})"))

@@ -5,12 +5,13 @@ how long sessions, futures and long polls last. Its own root, loaded like a job'
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from rlhf_cluster.config.base import ResourcesConfig, _Strict
+from rlhf_cluster.config.base import ConfigError, ResourcesConfig, _Strict
 from rlhf_cluster.config.inputs import TinyModelConfig
 
 TOKEN_PREFIX = "tml-"  # the SDK refuses, on the client side, a key without it
@@ -32,7 +33,8 @@ class TinkerModelConfig(_Strict):
     tiny: TinyModelConfig = Field(
         default_factory=lambda: TinyModelConfig(initializer_range=0.2),
         description="The tiny model's shape when `path` is None; its weights at a pretrained model's scale "
-        "(`initializer_range` 0.2), so that a LoRA on its decoder layers can move its outputs.",
+        "(`initializer_range` 0.2), so that a LoRA on its decoder layers can move its outputs. Unless set, its "
+        "`max_position_embeddings` is raised to `max_context_length`.",
     )
     cache_dir: str = Field(
         "~/.cache/rlhf_cluster/models", description="Where the tiny model is built when `path` is None."
@@ -46,6 +48,40 @@ class TinkerModelConfig(_Strict):
         if ":" in value or not value.strip():
             raise ValueError("must be a non-empty name without ':' (the SDK splits model ids on ':')")
         return value
+
+    @model_validator(mode="after")
+    def _tiny_fits_context(self) -> TinkerModelConfig:
+        """The tiny model is built long enough for `max_context_length` (vLLM refuses a
+        max_model_len past the model's `max_position_embeddings`), unless its length is set."""
+        tiny = self.tiny
+        if self.path is None and "max_position_embeddings" not in tiny.model_fields_set:
+            if tiny.max_position_embeddings < self.max_context_length:
+                update = {"max_position_embeddings": self.max_context_length}
+                object.__setattr__(self, "tiny", tiny.model_copy(update=update))
+        return self
+
+
+def folder_max_length(folder: str | Path) -> int | None:
+    """The longest sequence a model folder's config.json accepts (`max_position_embeddings`, at its
+    top or in its `text_config`); None when it does not say."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for section in (config, config.get("text_config") or {}):
+        if isinstance(section.get("max_position_embeddings"), int):
+            return int(section["max_position_embeddings"])
+    return None
+
+
+def check_context_length(cfg: TinkerModelConfig, folder: str | Path) -> None:
+    """Refuse (ConfigError) a `max_context_length` past what the model folder accepts: vLLM
+    would refuse it only once the server's actors start."""
+    limit = folder_max_length(folder)
+    if limit is not None and cfg.max_context_length > limit:
+        tiny = " or raise model.tiny.max_position_embeddings" if cfg.path is None else ""
+        fix = f"set it to at most {limit}{tiny}"
+        raise ConfigError(
+            f"model.max_context_length: {cfg.max_context_length} is more than the model folder {folder} accepts "
+            f"(max_position_embeddings {limit} in its config.json); {fix}"
+        )
 
 
 class TinkerLoraConfig(_Strict):
