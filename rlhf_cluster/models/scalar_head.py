@@ -124,7 +124,10 @@ class RewardModel(ScalarHeadModel):
         hidden = self.hidden_states(input_ids, attention_mask)
         last = last_token_index(attention_mask)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        scores = self.head(picked).squeeze(-1).float()
+        # A new tensor, not a view of the head's [B, 1] output (`squeeze`, and `float` of float32, make
+        # views): FSDP2 hooks the wrapped model's outputs for backward, and an output that is a view
+        # loses that hook to any in-place op on it (torch warns "returned a view tensor").
+        scores = self.head(picked).squeeze(-1).to(torch.float32, copy=True)
         if not lm_rows:
             return scores
         if self.lm_head is None:
