@@ -111,7 +111,10 @@ def build_job_probe(cfg: JobConfig, tokenizer, prompts: list[Prompt]) -> Probe |
     if cfg.generation.probe.sequences == 0:
         return None
     if any(p.images for p in prompts):  # its sequences are token ids alone: an image prompt's would lack pixels
-        log.info("mismatch probe off: prompts with images (the steps' mismatch/* columns measure it on samples)")
+        log.info(
+            "mismatch probe off: prompts with images (the steps' correction/mismatch_k1 and "
+            "correction/mismatch_k3 columns measure it on samples)"
+        )
         return None
     return build_probe(prompts, tokenizer, cfg.generation.probe.sequences)
 
