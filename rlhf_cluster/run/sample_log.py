@@ -8,6 +8,8 @@ import textwrap
 
 from rlhf_cluster.experience.records import ScoredSample
 
+UNTRAINED = ("\u27e6", "\u27e7")  # around the response's tokens the loss does not count (a tool's output)
+
 
 def pick_samples(samples: list[ScoredSample], top: int, random_count: int, seed: int) -> list[tuple[str, ScoredSample]]:
     """(`top`|`bottom`|`random`, sample): the `top` highest- and lowest-reward samples (ties in
@@ -41,10 +43,26 @@ def sample_rows(step: int, picked: list[tuple[str, ScoredSample]], tokenizer) ->
             "response": tokenizer.decode(s.response_ids),
             "prompt_ids": s.prompt_ids,
             "response_ids": s.response_ids,
-            **({"loss_mask": s.loss_mask} if s.loss_mask is not None else {}),  # multi-turn: 0 on environment tokens
+            # multi-turn: 0 on environment tokens, which the printout marks
+            **(
+                {"loss_mask": s.loss_mask, "response_parts": _parts(s.response_ids, s.loss_mask, tokenizer)}
+                if s.loss_mask is not None
+                else {}
+            ),
         }
         for tag, s in picked
     ]
+
+
+def _parts(ids: list[int], mask: list[int], tokenizer) -> list[tuple[bool, str]]:
+    """The response as (trained, text) runs: each run of tokens the loss counts (1) or not (0)."""
+    parts: list[tuple[bool, str]] = []
+    start = 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or bool(mask[end]) != bool(mask[start]):
+            parts.append((bool(mask[start]), tokenizer.decode(ids[start:end])))
+            start = end
+    return parts
 
 
 def fewest_extremes(rows: list[dict], top: int) -> list[dict]:
@@ -70,7 +88,10 @@ def format_samples(rows: list[dict], width: int = 100) -> str:
             f"{f' ({components})' if components else ''} | {r['response_len']} tokens, {r['finish_reason']} | "
             f"version {r['policy_version']} | {r['sample_id']}"
         )
-        for label in ("prompt", "response"):
-            text = r[label].replace("\n", "\n    ") or "(empty)"
-            out.append(f"  {label}:\n" + textwrap.indent(text, "    "))
+        parts = r.get("response_parts")
+        response = "".join(t if trained else f"{UNTRAINED[0]}{t}{UNTRAINED[1]}" for trained, t in parts or [])
+        for label, text in (("prompt", r["prompt"]), ("response", response if parts else r["response"])):
+            out.append(f"  {label}:\n" + textwrap.indent(text or "(empty)", "    "))
+        if parts and not all(trained for trained, _ in parts):
+            out.append(f"  ({UNTRAINED[0]}...{UNTRAINED[1]}: the environment's tokens, not trained on)")
     return "\n".join(out)

@@ -37,3 +37,24 @@ def test_rows_carry_text_beside_ids_and_print_readably():
 def test_fewest_extremes_keeps_the_first_of_each_and_every_random_one():
     rows = [{"pick": p} for p in ("top", "top", "bottom", "bottom", "random", "random")]
     assert [r["pick"] for r in fewest_extremes(rows, 1)] == ["top", "bottom", "random", "random"]
+
+
+class _Lines:
+    def decode(self, ids):
+        return "\n".join(f"t{i}" for i in ids)
+
+
+def test_every_line_of_a_multi_line_text_is_indented_alike():
+    text = format_samples(sample_rows(0, [("top", _sample(9, 1.0))], _Lines()))
+    assert "  prompt:\n    t1\n    t2\n  response:\n    t3\n    t9" in text
+
+
+def test_the_environments_tokens_are_marked_in_a_multi_turn_response():
+    sample = _sample(9, 1.0)
+    sample.response_ids, sample.loss_mask = [3, 4, 5, 6, 7], [1, 0, 0, 1, 1]
+    [row] = sample_rows(0, [("top", sample)], _Tokenizer())
+    assert [tuple(p) for p in row["response_parts"]] == [(True, "t3"), (False, "t4 t5"), (True, "t6 t7")]
+    text = format_samples([row])
+    assert "    t3\u27e6t4 t5\u27e7t6 t7" in text and "not trained on" in text
+    # A single-turn response (no loss mask) prints as decoded, with no legend.
+    assert "not trained on" not in format_samples(sample_rows(0, [("top", _sample(1, 0.0))], _Tokenizer()))
