@@ -34,4 +34,10 @@ def tinker(
         refuse(str(exc), hint="set `token: tml-...` in the config or export the variable it names")
     with refused_input(ConfigError, ValueError):  # no model folder, or a context longer than it accepts
         check_context_length(cfg.model, model_folder(cfg))
-    serve(cfg, on_ready=lambda url: typer.echo(f"tinker: serving {cfg.model.name} at {url} (state: {cfg.state_dir})"))
+    name, state = cfg.model.name, cfg.state_dir
+    try:
+        serve(cfg, on_ready=lambda url: typer.echo(f"tinker: serving {name} at {url} (state: {state})"))
+    except KeyboardInterrupt:  # Ctrl-C while starting, before the server's own handler is set
+        typer.echo(f"tinker: stopped while starting; saved states stay in {cfg.state_dir}")
+        raise typer.Exit(130) from None
+    typer.echo(f"tinker: stopped; saved states stay in {cfg.state_dir}")

@@ -1,6 +1,7 @@
 """`rlhf-cluster tinker`: the shipped config's tiny model is long enough for its context (vLLM
 refused max_model_len 512 over a 256-position model only once the actors started), a longer
-context than the model folder accepts is refused in one line before anything starts."""
+context than the model folder accepts is refused in one line before anything starts, and a
+stopped server says so."""
 
 from __future__ import annotations
 
@@ -65,3 +66,14 @@ def test_cli_refuses_in_one_line_before_ray(tiny_model_path, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("error: model.max_context_length: 1024 "), result.output
     assert "max_position_embeddings 256" in lines[0] and "Traceback" not in result.output
 
+
+def test_cli_says_when_the_server_stopped(tiny_model_path, monkeypatch, tmp_path):
+    import actors.workers.tinker as worker
+
+    monkeypatch.setenv("RLHF_TINKER_TOKEN", TOKEN)
+    monkeypatch.setattr(worker, "serve", lambda cfg, on_ready: on_ready("http://127.0.0.1:1"))  # returns as on SIGINT
+    state = tmp_path / "states"
+    args = ["tinker", str(SHIPPED), "--set", f"model.path={tiny_model_path}", "--set", "model.max_context_length=256"]
+    result = CliRunner().invoke(app, [*args, "--set", f"state_dir={state}"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == f"tinker: stopped; saved states stay in {state}"
