@@ -77,3 +77,17 @@ def test_cli_says_when_the_server_stopped(tiny_model_path, monkeypatch, tmp_path
     result = CliRunner().invoke(app, [*args, "--set", f"state_dir={state}"])
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == f"tinker: stopped; saved states stay in {state}"
+
+
+def test_cli_ctrl_c_while_starting_is_no_traceback(tiny_model_path, monkeypatch):
+    import actors.workers.tinker as worker
+
+    def interrupted(cfg, on_ready):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RLHF_TINKER_TOKEN", TOKEN)
+    monkeypatch.setattr(worker, "serve", interrupted)
+    args = ["tinker", str(SHIPPED), "--set", f"model.path={tiny_model_path}", "--set", "model.max_context_length=256"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == "tinker: stopped while starting; saved states stay in runs/tinker"
