@@ -4,12 +4,24 @@ The stages' Ray driver is `supervised.py`; these commands are registered by `act
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
-from actors.commands.common import REPO, connect, load_config_or_exit, preflight_or_exit, print_result, refuse
+from actors.commands.common import (
+    REPO,
+    connect,
+    load_config_or_exit,
+    preflight_or_exit,
+    print_result,
+    refuse,
+    refused_input,
+    run_dir_refusal,
+)
 from rlhf_cluster.config import JobConfig
+
+STAGE_LABELS = {"sft": "the SFT model", "reward_model": "the reward model"}
 
 
 def base_model(cfg: JobConfig) -> str:
@@ -21,6 +33,70 @@ def base_model(cfg: JobConfig) -> str:
         validate_model_dir(cfg.model.path)
         return cfg.model.path
     return str(ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
+
+
+def _overwrite_option():
+    """`--overwrite=aside|delete`, as `train` has it (a bare `--overwrite` is `=aside` where
+    `actors/commands/cli.py` registers the command with `training.TrainCommand`)."""
+    return typer.Option(
+        None,
+        "--overwrite",
+        metavar="[=delete]",
+        help="Start over where an earlier run's output is: it is moved aside to RUN_DIR.old-<time>; "
+        "--overwrite=delete deletes it.",
+    )
+
+
+def _filled(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def _aside_names(cfg: JobConfig, paths: list[Path]) -> str:
+    """Where `RunDir._set_aside` puts `paths`: `RUN_DIR.old-<time>` for those inside the run
+    directory, `<path>.old-<time>` beside any other."""
+    root = Path(os.path.abspath(Path(cfg.run_dir).expanduser()))
+    names = {
+        root.name if Path(os.path.abspath(p)).is_relative_to(root) else Path(os.path.abspath(p)).name for p in paths
+    }
+    return " and ".join(f"{name}.old-<time>" for name in sorted(names))
+
+
+def clear_earlier_outputs(cfg: JobConfig, kinds: tuple[str, ...], overwrite: str | None, rl_run: bool) -> None:
+    """Before any work: the stage outputs of `kinds` (and with `rl_run`, the RL stage's run in
+    run_dir) that an earlier run left are refused in one line (exit code 2) without `overwrite`;
+    with it they are moved aside to `RUN_DIR.old-<time>`, or deleted with 'delete', as `train
+    --overwrite` does (`RunDir`). A live job holding run_dir refuses the pipeline, or a move."""
+    from rlhf_cluster.run.run_dir import RunDir, overwrite_mode
+
+    with refused_input(ValueError):
+        mode = overwrite_mode(overwrite)
+    busy = run_dir_refusal(cfg, "auto", None)  # only another live job's lock: nothing is fresh
+    if busy is not None and rl_run:
+        refuse(busy)
+    run = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
+    outputs = [(kind, cfg.stage_output(kind)) for kind in kinds if _filled(cfg.stage_output(kind))]
+    earlier_rl = rl_run and run_dir_refusal(cfg, None, None) is not None
+    stale = [path for _, path in outputs]
+    if earlier_rl:
+        stale += [p for p in run._artifacts(mode or "aside") if _filled(p)]
+    if not stale:
+        return
+    items = [f"{STAGE_LABELS[kind]} {path}" for kind, path in outputs]
+    items += [f"the RL stage's run in {cfg.run_dir} (metrics, checkpoints)"] if earlier_rl else []
+    it = "it" if len(items) == 1 else "them"
+    if mode is None:
+        refuse(
+            f"an earlier run's output exists: {', '.join(items)}; start over with --overwrite (moves {it} "
+            f"aside to {_aside_names(cfg, stale)}; --overwrite=delete deletes {it})"
+        )
+    if busy is not None:
+        refuse(busy)
+    if mode == "delete":
+        RunDir._delete(stale)
+        typer.echo(f"deleted the earlier run's output: {', '.join(items)}", err=True)
+    else:
+        aside = run._set_aside(stale)
+        typer.echo(f"moved the earlier run's output aside to {aside} (nothing deleted): {', '.join(items)}", err=True)
 
 
 def _stage_line(summary: dict) -> str:
@@ -36,7 +112,9 @@ def _stage_line(summary: dict) -> str:
     return f"{summary['stage']}: {loss}, {detail}; model in {summary['output']}"
 
 
-def _run_stage_command(config: Path, set_: list[str], address: str | None, kind: str, start_from_sft: bool) -> None:
+def _run_stage_command(
+    config: Path, set_: list[str], address: str | None, kind: str, start_from_sft: bool, overwrite: str | None
+) -> None:
     import ray
 
     from actors.commands.supervised import run_stage
@@ -44,6 +122,7 @@ def _run_stage_command(config: Path, set_: list[str], address: str | None, kind:
     cfg = load_config_or_exit(config, set_)
     if getattr(cfg, kind) is None:
         refuse(f"{config} has no `{kind}` section (see configs/three_stage.yaml)")
+    clear_earlier_outputs(cfg, (kind,), overwrite, rl_run=False)
     sft_out = cfg.stage_output("sft")
     base = str(sft_out) if start_from_sft and (sft_out / "config.json").is_file() else base_model(cfg)
     connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
@@ -61,8 +140,9 @@ def _stage_command(name: str, kind: str, section_help: str, start_from_sft: bool
         config: Path = typer.Argument(..., help=section_help),
         address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
         set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+        overwrite: str | None = _overwrite_option(),
     ) -> None:
-        _run_stage_command(config, set_, address, kind, start_from_sft=start_from_sft)
+        _run_stage_command(config, set_, address, kind, start_from_sft=start_from_sft, overwrite=overwrite)
 
     command.__name__, command.__doc__ = name, doc
     return command
