@@ -170,6 +170,7 @@ def pipeline(
     ),
     address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    overwrite: str | None = _overwrite_option(),
 ) -> None:
     """All three RLHF stages: SFT, a reward model, then RL against it; prints the verifier's accuracy after each."""
     import ray
@@ -182,6 +183,7 @@ def pipeline(
     if cfg.sft is None or cfg.reward_model is None:
         refuse(f"{config} needs both an `sft` and a `reward_model` section")
     preflight_or_exit(cfg)  # the RL stage's rules, before hours of SFT and reward-model training
+    clear_earlier_outputs(cfg, ("sft", "reward_model"), overwrite, rl_run=True)
     connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
     try:
         sft_summary = run_stage(cfg, "sft", base_model(cfg), progress=cfg.train.progress)
@@ -194,7 +196,7 @@ def pipeline(
         if scoring.model_source is None or not scoring.model_source.models:
             scoring = scoring.with_reward_models([RewardModelSpec(path=rm_summary["output"], name="rm")])
         rl = cfg.model_copy(update={"model": model, "scoring": scoring})
-        result = run_job(rl)
+        result = run_job(rl, overwrite=overwrite)
     finally:
         ray.shutdown()
     print_result(rl, result)

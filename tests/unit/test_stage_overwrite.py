@@ -72,6 +72,48 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
+def test_a_first_pipeline_runs_every_stage_and_a_second_is_refused_before_any_work(fake):
+    first = CliRunner().invoke(app, fake.args("pipeline"))
+    assert first.exit_code == 0, first.output
+    assert fake.calls == ["ray", "sft", "reward_model", "rl"]
+    assert not list(fake.run_dir.parent.glob("*.old-*"))
+
+    again = CliRunner().invoke(app, fake.args("pipeline", "--set", "sft.steps=10"))
+    line = _one_error_line(again)
+    assert f"the SFT model {fake.run_dir / 'sft'}" in line and f"the reward model {fake.run_dir / 'reward_model'}" in line
+    assert f"the RL stage's run in {fake.run_dir}" in line
+    assert "start over with --overwrite (moves them aside to three_stage.old-<time>; --overwrite=delete deletes them)" in line
+    assert fake.calls == ["ray", "sft", "reward_model", "rl"], "nothing trained, Ray not started"
+    assert _call(fake.run_dir / "sft") == 2 and _call(fake.run_dir / "reward_model") == 3
+
+
+def test_pipeline_refuses_an_earlier_rl_run_alone(fake):
+    run = RunDir(fake.run_dir, fake.run_dir / "weights", fake.run_dir / "checkpoints").acquire("rl")
+    run.append(RunDir.METRICS, [{"step": 0}])
+    run.release()
+    line = _one_error_line(CliRunner().invoke(app, fake.args("pipeline")))
+    assert f"the RL stage's run in {fake.run_dir} (metrics, checkpoints); start over with --overwrite" in line
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("mode", ["aside", "delete"])
+def test_pipeline_overwrite_sets_the_whole_earlier_run_aside_or_deletes_it(fake, mode):
+    assert CliRunner().invoke(app, fake.args("pipeline")).exit_code == 0
+    result = CliRunner().invoke(app, fake.args("pipeline", f"--overwrite={mode}"))
+    assert result.exit_code == 0, result.output
+    assert fake.calls == ["ray", "sft", "reward_model", "rl"] * 2
+    assert _call(fake.run_dir / "sft") == 6 and _call(fake.run_dir / "reward_model") == 7
+    assert [r["call"] for r in RunDir(fake.run_dir, Path(), Path()).read(RunDir.METRICS)] == [8]
+    old = list(fake.run_dir.parent.glob("three_stage.old-*"))
+    if mode == "delete":
+        assert old == [] and "deleted the earlier run's output" in result.output
+        return
+    assert len(old) == 1, "one place for the whole earlier run"
+    assert _call(old[0] / "sft") == 2 and _call(old[0] / "reward_model") == 3
+    assert [r["call"] for r in RunDir(old[0], Path(), Path()).read(RunDir.METRICS)] == [4]
+    assert f"moved the earlier run's output aside to {old[0]}" in result.output
+
+
 @pytest.mark.parametrize(("command", "kind", "label"), [("sft", "sft", "the SFT model"),
                                                        ("train-rm", "reward_model", "the reward model")])
 def test_a_stage_refuses_to_replace_its_output_and_overwrite_moves_it_aside(fake, command, kind, label):
@@ -94,6 +136,13 @@ def test_a_stage_refuses_to_replace_its_output_and_overwrite_moves_it_aside(fake
     result = CliRunner().invoke(app, fake.args(command, "--overwrite=delete"))
     assert result.exit_code == 0, result.output
     assert list(fake.run_dir.parent.glob("three_stage.old-*")) == [old] and _call(fake.run_dir / kind) == 6
+
+
+def test_sft_refuses_to_replace_the_reference_model_of_an_rl_run(fake):
+    assert CliRunner().invoke(app, fake.args("pipeline")).exit_code == 0
+    line = _one_error_line(CliRunner().invoke(app, fake.args("sft", "--set", "sft.steps=10")))
+    assert f"the SFT model {fake.run_dir / 'sft'}; start over with --overwrite" in line
+    assert _call(fake.run_dir / "sft") == 2
 
 
 def test_train_rm_on_a_run_with_only_an_sft_model_is_a_first_run(fake):
