@@ -28,10 +28,11 @@ def _before_any_command() -> None:
     attach_console()  # what the job and its actors log reaches this console, above the progress bars
 
 
-app.command(cls=training.TrainCommand)(training.train)
-app.command()(stages.sft)
-app.command("train-rm")(stages.train_rm)
-app.command()(stages.pipeline)
+# A bare `--overwrite` means `--overwrite=aside` for every command that takes one (`OverwriteCommand`).
+app.command(cls=training.OverwriteCommand)(training.train)
+app.command(cls=training.OverwriteCommand)(stages.sft)
+app.command("train-rm", cls=training.OverwriteCommand)(stages.train_rm)
+app.command(cls=training.OverwriteCommand)(stages.pipeline)
 # ---- jobs on a cluster (Ray Jobs API) ---------------------------------------------------------
 for command in (jobs.submit, jobs.status, jobs.logs, jobs.stop, jobs.scale):
     app.command()(command)

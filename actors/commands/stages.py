@@ -37,7 +37,7 @@ def base_model(cfg: JobConfig) -> str:
 
 def _overwrite_option():
     """`--overwrite=aside|delete`, as `train` has it (a bare `--overwrite` is `=aside` where
-    `actors/commands/cli.py` registers the command with `training.TrainCommand`)."""
+    `actors/commands/cli.py` registers the command with `training.OverwriteCommand`)."""
     return typer.Option(
         None,
         "--overwrite",

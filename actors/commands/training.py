@@ -1,6 +1,6 @@
 """`rlhf-cluster train`: an RL job run here or on a cluster, its `--dry-run` (config, preflight and
 placement checked, nothing started) and `--max-retries` (the driver run as a supervised child).
-Registered by `actors/commands/cli.py`, with `TrainCommand` as its command class."""
+Registered by `actors/commands/cli.py`, with `OverwriteCommand` as its command class."""
 
 from __future__ import annotations
 
@@ -52,9 +52,10 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite:
     typer.echo(f"dry run ok: {cfg.name}, {cfg.train.total_steps} steps, {cfg.samples_per_step} samples per step")
 
 
-class TrainCommand(TyperCommand):
-    """`train`'s command: `--overwrite` alone means `--overwrite=aside` (Typer has no options whose
-    value may be left out), so `make run`'s bare `--overwrite` keeps working beside `--overwrite=delete`."""
+class OverwriteCommand(TyperCommand):
+    """The command class of `train`, `sft`, `train-rm` and `pipeline`: `--overwrite` alone means
+    `--overwrite=aside` (Typer has no options whose value may be left out), so `make run`'s bare
+    `--overwrite` keeps working beside `--overwrite=delete`."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, ["--overwrite=aside" if a == "--overwrite" else a for a in args])

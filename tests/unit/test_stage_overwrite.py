@@ -158,8 +158,6 @@ def test_a_bad_overwrite_value_is_refused_like_train(fake):
     assert fake.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason="needs actors/commands/cli.py to register sft, train-rm and pipeline "
-                                       "with cls=training.TrainCommand (a bare --overwrite means =aside)")
 def test_a_bare_overwrite_moves_aside(fake):
     assert CliRunner().invoke(app, fake.args("sft")).exit_code == 0
     result = CliRunner().invoke(app, fake.args("sft", "--overwrite"))
