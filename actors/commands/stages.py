@@ -52,7 +52,7 @@ def _filled(path: Path) -> bool:
 
 
 def _aside_names(cfg: JobConfig, paths: list[Path]) -> str:
-    """Where `RunDir._set_aside` puts `paths`: `RUN_DIR.old-<time>` for those inside the run
+    """Where `RunDir.set_aside` puts `paths`: `RUN_DIR.old-<time>` for those inside the run
     directory, `<path>.old-<time>` beside any other."""
     root = Path(os.path.abspath(Path(cfg.run_dir).expanduser()))
     names = {
@@ -78,7 +78,7 @@ def clear_earlier_outputs(cfg: JobConfig, kinds: tuple[str, ...], overwrite: str
     earlier_rl = rl_run and run_dir_refusal(cfg, None, None) is not None
     stale = [path for _, path in outputs]
     if earlier_rl:
-        stale += [p for p in run._artifacts(mode or "aside") if _filled(p)]
+        stale += [p for p in run.artifacts(mode or "aside") if _filled(p)]
     if not stale:
         return
     items = [f"{STAGE_LABELS[kind]} {path}" for kind, path in outputs]
@@ -92,10 +92,10 @@ def clear_earlier_outputs(cfg: JobConfig, kinds: tuple[str, ...], overwrite: str
     if busy is not None:
         refuse(busy)
     if mode == "delete":
-        RunDir._delete(stale)
+        RunDir.delete_paths(stale)
         typer.echo(f"deleted the earlier run's output: {', '.join(items)}", err=True)
     else:
-        aside = run._set_aside(stale)
+        aside = run.set_aside(stale)
         typer.echo(f"moved the earlier run's output aside to {aside} (nothing deleted): {', '.join(items)}", err=True)
 
 

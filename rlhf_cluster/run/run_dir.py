@@ -150,11 +150,11 @@ class RunDir:
             return self
         if mode is None:
             self._refuse_an_earlier_run()
-        stale = [p for p in self._artifacts(mode or "aside") if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+        stale = [p for p in self.artifacts(mode or "aside") if p.is_file() or (p.is_dir() and any(p.iterdir()))]
         if stale and mode == "delete":
-            self._delete(stale)
+            self.delete_paths(stale)
         elif stale:
-            aside = self._set_aside(stale)
+            aside = self.set_aside(stale)
             log.warning(
                 "run_dir %s: the earlier run's files were moved aside to %s (nothing deleted)", self.root, aside
             )
@@ -225,7 +225,7 @@ class RunDir:
         names = [p.name for p in self.checkpoint_dir.iterdir() if STEP_DIR.fullmatch(p.name.removeprefix("refused-"))]
         return sorted(names, key=lambda name: name.removeprefix("refused-"))
 
-    def _artifacts(self, mode: str) -> list[Path]:
+    def artifacts(self, mode: str) -> list[Path]:
         """What a fresh run clears away; moved aside, the earlier run's config and evaluation go with it."""
         names = [
             self.METRICS,
@@ -245,14 +245,14 @@ class RunDir:
         return [self.weights_dir, self.checkpoint_dir, *(self.root / n for n in names)]
 
     @staticmethod
-    def _delete(paths: list[Path]) -> None:
+    def delete_paths(paths: list[Path]) -> None:
         for path in paths:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink()
 
-    def _set_aside(self, paths: list[Path]) -> Path:
+    def set_aside(self, paths: list[Path]) -> Path:
         """Move `paths` into `RUN_DIR.old-<time>` (keeping their place in the run directory;
         weights or checkpoints kept elsewhere become `<dir>.old-<time>` beside themselves).
         A rename on one filesystem; a crash half way leaves every file in one place or the other."""
