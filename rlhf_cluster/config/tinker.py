@@ -63,10 +63,15 @@ class TinkerModelConfig(_Strict):
 
 def folder_max_length(folder: str | Path) -> int | None:
     """The longest sequence a model folder's config.json accepts (`max_position_embeddings`, at its
-    top or in its `text_config`); None when it does not say."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    for section in (config, config.get("text_config") or {}):
-        if isinstance(section.get("max_position_embeddings"), int):
+    top or in its `text_config`); None when it does not say (ConfigError: no JSON there)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model folder {folder}: its config.json does not read as JSON ({exc})") from None
+    sections = [config, config.get("text_config")] if isinstance(config, dict) else []
+    for section in sections:
+        if isinstance(section, dict) and isinstance(section.get("max_position_embeddings"), int):
             return int(section["max_position_embeddings"])
     return None
 

@@ -52,6 +52,9 @@ def test_limit_read_from_a_text_config(tmp_path):
     assert folder_max_length(tmp_path) == 128
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "x"}))
     assert folder_max_length(tmp_path) is None
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json does not read as JSON"):
+        folder_max_length(tmp_path)
 
 
 def test_cli_refuses_in_one_line_before_ray(tiny_model_path, monkeypatch):
