@@ -126,9 +126,11 @@ def test_good_episode_code_passes_preflight():
     preflight(load_config(None, ["generation.agent={function: 'json:dumps'}"]))
 
 
-@pytest.mark.parametrize("dry_run", [True, False], ids=["dry_run", "real_run"])
 @pytest.mark.parametrize(
-    "override", ["generation.environment=foo", "generation.agent={function: 'nomod_h17:run'}"], ids=["env", "agent"]
+    "override, dry_run",
+    [("generation.environment=foo", True), ("generation.environment=foo", False),
+     ("generation.agent={function: 'nomod_h17:run'}", True)],
+    ids=["env-dry_run", "env-real_run", "agent-dry_run"],  # the real run checks what the dry run does (8 s a run)
 )
 def test_the_cli_refuses_bad_episode_code_before_ray_starts(override, dry_run, tmp_path):
     """preflight's refusal naming the field and exit code 2, from the dry run and from a real run alike (the

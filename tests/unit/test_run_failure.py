@@ -4,8 +4,6 @@ that cause until a later start or resume; a stop (Ctrl-C) is no failure. Real ru
 
 from __future__ import annotations
 
-import builtins
-import errno
 import json
 
 import pytest
@@ -19,6 +17,7 @@ from rlhf_cluster.run import run_dir as run_dir_module
 from rlhf_cluster.run.run_dir import FAILED, RunDir, failure_cause
 from rlhf_cluster.run.status import describe_run
 from rlhf_cluster.scoring.rewards import RewardFunctionError
+from tests.unit.test_full_disk import _FullFor
 
 REWARD_ERROR = ("reward function tests.rewards:broken failed on prompt 'p-3' (sample 7): ZeroDivisionError: "
                 "division by zero (scoring.rewards on_error: fail; `drop` drops such groups instead)")
@@ -113,21 +112,6 @@ def test_the_cause_is_one_line_and_bounded():
     assert len(cut) == 300 and cut.startswith("RuntimeError: xxx") and cut.endswith("...")
 
 
-def _full_disk_open(path, mode="r", *args, **kwargs):
-    """`open` on a full disk: an append writes half its text, then fails."""
-    fh = builtins.open(path, mode, *args, **kwargs)
-    if "a" in mode:
-        real_write = fh.write
-
-        def write(text):
-            real_write(text[: len(text) // 2])
-            fh.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        fh.write = write
-    return fh
-
-
 def test_on_a_full_disk_the_failure_is_a_warning_at_once_with_nothing_half_written(job_config, monkeypatch, caplog):
     cfg = job_config()
     driver = Driver.__new__(Driver)  # only its run directory: what the end-of-job path uses
@@ -135,7 +119,7 @@ def test_on_a_full_disk_the_failure_is_a_warning_at_once_with_nothing_half_writt
     driver.run_dir.event("pools_started", sizes={}, auto=[], spares={})
     before = (driver.run_dir / RunDir.EVENTS).read_text()
     slept = []
-    monkeypatch.setattr(run_dir_module, "open", _full_disk_open, raising=False)
+    monkeypatch.setattr(run_dir_module, "open", _FullFor(tries=10**6), raising=False)  # full throughout
     monkeypatch.setattr(run_dir_module.time, "sleep", slept.append)
     driver.record_failure(OSError(28, "No space left on device"))  # the failure may be the full disk itself
     assert not slept, "the job's end waited for space"
