@@ -7,7 +7,6 @@ and every field keeps its type and its validation from the job's config.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -22,6 +21,7 @@ from rlhf_cluster.config import (
     ScoringConfig,
     WeightsConfig,
 )
+from rlhf_cluster.config.inputs import folder_max_length
 from rlhf_cluster.generation.multimodal import EngineImages
 
 if TYPE_CHECKING:
@@ -118,12 +118,9 @@ class ScoringSettings:
 
 
 def model_max_len(folder: str) -> int | None:
-    """The longest sequence a model folder's config accepts (`max_position_embeddings`), if it says."""
-    config = Path(folder).expanduser() / "config.json"
-    if not config.is_file():
-        return None
-    value = json.loads(config.read_text()).get("max_position_embeddings")
-    return int(value) if isinstance(value, int) else None
+    """The longest sequence a model folder's config accepts (`folder_max_length`), if it has a config."""
+    path = Path(folder).expanduser()
+    return folder_max_length(path) if (path / "config.json").is_file() else None
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_cluster.config.base import _refuse_renamed, _Strict
+from rlhf_cluster.config.base import ConfigError, _refuse_renamed, _Strict
 
 # The tiny model's mixture-of-experts families; the others are dense and take no MoE field.
 MOE_ARCHITECTURES = frozenset({"qwen3_moe"})
@@ -294,3 +296,18 @@ class DataConfig(_Strict):
     def verifier_name(self) -> str | None:
         """The verifier that scores responses: `verifier`, else the built-in task's."""
         return self.verifier or self.task
+
+
+def folder_max_length(folder: str | Path) -> int | None:
+    """The longest sequence a model folder's config.json accepts (`max_position_embeddings`, at its
+    top or in its `text_config`); None when it does not say (ConfigError: no JSON there)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model folder {folder}: its config.json does not read as JSON ({exc})") from None
+    sections = [config, config.get("text_config")] if isinstance(config, dict) else []
+    for section in sections:
+        if isinstance(section, dict) and isinstance(section.get("max_position_embeddings"), int):
+            return int(section["max_position_embeddings"])
+    return None

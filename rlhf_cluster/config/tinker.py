@@ -5,14 +5,13 @@ how long sessions, futures and long polls last. Its own root, loaded like a job'
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
 from rlhf_cluster.config.base import ConfigError, ResourcesConfig, _Strict
-from rlhf_cluster.config.inputs import TinyModelConfig
+from rlhf_cluster.config.inputs import TinyModelConfig, folder_max_length
 
 TOKEN_PREFIX = "tml-"  # the SDK refuses, on the client side, a key without it
 
@@ -59,21 +58,6 @@ class TinkerModelConfig(_Strict):
                 update = {"max_position_embeddings": self.max_context_length}
                 object.__setattr__(self, "tiny", tiny.model_copy(update=update))
         return self
-
-
-def folder_max_length(folder: str | Path) -> int | None:
-    """The longest sequence a model folder's config.json accepts (`max_position_embeddings`, at its
-    top or in its `text_config`); None when it does not say (ConfigError: no JSON there)."""
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model folder {folder}: its config.json does not read as JSON ({exc})") from None
-    sections = [config, config.get("text_config")] if isinstance(config, dict) else []
-    for section in sections:
-        if isinstance(section, dict) and isinstance(section.get("max_position_embeddings"), int):
-            return int(section["max_position_embeddings"])
-    return None
 
 
 def check_context_length(cfg: TinkerModelConfig, folder: str | Path) -> None:

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from actors.commands.cli import app
 from rlhf_cluster.config.base import ConfigError
 from rlhf_cluster.config.loading import load_model
-from rlhf_cluster.config.tinker import TinkerConfig, check_context_length, folder_max_length
+from rlhf_cluster.config.inputs import folder_max_length
+from rlhf_cluster.config.tinker import TinkerConfig, check_context_length
 from rlhf_cluster.models.tiny_model import ensure_tiny_model
 
 SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "tinker" / "server.yaml"
