@@ -12,7 +12,7 @@ run: setup
 
 # The suite CI runs (.ci/run): everything but the long learning runs marked `slow`.
 test: setup
-	@bash scripts/run_tests.sh tests -m "not slow"
+	@bash scripts/run_tests.sh tests -m "not slow" --timeout 600
 
 # Lint, format and type checks of the library, the actors and the benchmarks (ruff and mypy, configured
 # in pyproject.toml); `ruff format rlhf_cluster actors benchmarks` and `ruff check --fix rlhf_cluster actors
