@@ -1,8 +1,9 @@
 """Preflight: every check of a whole job config, run before anything starts.
 
 `load_config` (pydantic) checks each field and each section on its own. What relates sections to
-each other, and whether the files a config names are usable (model folders, the prompt file, the
-reward function, reward models, the DeepSpeed JSON), is checked here, in one place: the driver
+each other is checked here, and whether the files a config names are usable (model folders, the
+prompt file, the reward function, reward models, the DeepSpeed JSON) in `file_checks`, both from
+`preflight`, in one place: the driver
 runs `preflight` first thing (before any Ray call), `rlhf-cluster train --dry-run` runs it and
 prints the outcome, `submit` runs the config rules before shipping a job.
 
@@ -13,13 +14,13 @@ warnings. Ray-free; torch is imported only when a custom reward function has to 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what `preflight` raises
 from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
 from rlhf_cluster.job import agents, images, judge, routing_replay, teacher
+from rlhf_cluster.job.file_checks import FILE_CHECKS, resume_path_problems
 
 
 def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) -> list[str]:
@@ -32,7 +33,7 @@ def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) 
     problems = [p for rule in CONFIG_RULES for p in rule(cfg)]
     if files:
         problems += [p for check in FILE_CHECKS for p in check(cfg)]
-        problems += _resume_path(resume)
+        problems += resume_path_problems(resume)
     if problems:
         head = "config refused:" if len(problems) == 1 else f"config refused ({len(problems)} problems):"
         raise ConfigError(head + "".join(f"\n  {p}" for p in problems))
@@ -198,191 +199,6 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     judge.rules,
     routing_replay.rules,
     images.rules,
-]
-
-
-# ---- files the config names -----------------------------------------------------------------
-def _model_dir(cfg: JobConfig) -> list[str]:
-    from rlhf_cluster.job.validation import validate_model_dir
-
-    problems = []
-    if cfg.model.path is not None:
-        try:
-            validate_model_dir(cfg.model.path, needs_chat_template=cfg.data.chat_template)
-        except (OSError, ValueError) as exc:
-            problems.append(
-                f"model.path: {exc}" + (" (data.chat_template is on)" if "chat template" in str(exc) else "")
-            )
-    if cfg.model.path is not None and not problems and cfg.generation.resources.num_gpus == 0:
-        from rlhf_cluster.models.moe import cpu_engine_refusal
-
-        if (why := cpu_engine_refusal(cfg.model.path, "int8" in cfg.generation.weight_variants)) is not None:
-            gpus = "generation.resources.num_gpus=0"
-            problems.append(f"model.path: a mixture of experts vLLM's CPU engine cannot serve ({why}; {gpus})")
-    draft = cfg.generation.speculative.model if cfg.generation.speculative else None
-    if draft is not None:
-        try:
-            validate_model_dir(draft)
-        except (OSError, ValueError) as exc:
-            problems.append(f"generation.speculative.model: {exc}")
-    return problems
-
-
-def _prompt_file(cfg: JobConfig) -> list[str]:
-    # The whole file: every row is checked before any work starts.
-    from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
-    from rlhf_cluster.data.prompts import read_prompt_file
-    from rlhf_cluster.job.images import image_limits
-
-    if cfg.data.path is None:
-        return []
-    try:
-        prompts = read_prompt_file(cfg.data.path, cfg.data.columns, **image_limits(cfg))
-    except (OSError, ValueError) as exc:
-        return [f"data.path: {exc}"]
-    try:
-        if cfg.data.eval_path is not None:
-            split_by_file(
-                prompts,
-                read_prompt_file(cfg.data.eval_path, cfg.data.columns, **image_limits(cfg)),
-                cfg.data.eval_path,
-            )
-        elif cfg.data.eval_fraction:
-            assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
-            split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
-    except (OSError, ValueError) as exc:
-        return [str(exc) if str(exc).startswith("data.") else f"data.eval_path: {exc}"]
-    return []
-
-
-def _reward_files(cfg: JobConfig) -> list[str]:
-    from rlhf_cluster.job.validation import validate_reward_model_dir
-
-    out = []
-    for i, source in enumerate(cfg.scoring.rewards):
-        if isinstance(source, FunctionReward):
-            from rlhf_cluster.scoring.rewards import load_reward_fn  # imports torch: only when there is one
-
-            try:
-                load_reward_fn(source.function, field=f"scoring.rewards[{i}].function")
-            except ValueError as exc:
-                out.append(str(exc))
-        elif isinstance(source, ModelReward):
-            for j, spec in enumerate(source.models):
-                try:
-                    validate_reward_model_dir(spec.path, field=f"scoring.rewards[{i}].models[{j}].path")
-                except (OSError, ValueError) as exc:
-                    out.append(str(exc))
-    return out
-
-
-def _episode_code(cfg: JobConfig) -> list[str]:
-    # Loaded by the loaders the workers use (`load_environment` in each generation worker, `load_agent`
-    # in each gateway), so the dry run and the driver refuse what the workers would, before Ray starts.
-    gen = cfg.generation
-    if gen.environment is not None:
-        from rlhf_cluster.generation.environments import BUILT_IN, load_environment
-
-        try:
-            load_environment(gen.environment)
-        except ValueError as exc:
-            known = ", ".join(BUILT_IN)
-            close = difflib.get_close_matches(gen.environment, BUILT_IN, 1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; or a built-in one: {known}"
-            return [f"{exc}{hint}" if ":" not in gen.environment else str(exc)]
-    if gen.agent is not None and gen.agent.function is not None:
-        from rlhf_cluster.gateway.runner import load_agent  # imports torch: only for an agent job
-
-        try:
-            load_agent(gen.agent.function)
-        except ValueError as exc:
-            return [str(exc)]
-    return []
-
-
-def _critic_init(cfg: JobConfig) -> list[str]:
-    from rlhf_cluster.job.validation import validate_reward_model_dir
-
-    if cfg.critic is None or cfg.algorithm.advantage != "gae" or cfg.critic.init == "policy":
-        return []
-    try:
-        validate_reward_model_dir(cfg.critic.init, field="critic.init")
-    except (OSError, ValueError) as exc:
-        return [str(exc)]
-    return []
-
-
-def _deepspeed_json(cfg: JobConfig) -> list[str]:
-    from rlhf_cluster.learner.deepspeed_config import DeepSpeedJSONError, check_user_json, read_user_json
-
-    backend = cfg.learner.backend
-    if not isinstance(backend, DeepSpeedBackend) or not backend.config_file:
-        return []
-    try:
-        check_user_json(read_user_json(backend.config_file), backend.config_file, cfg.learner, cfg.learner.world_size)
-    except DeepSpeedJSONError as exc:
-        return [str(exc)]
-    return []
-
-
-def _bind_address(cfg: JobConfig) -> list[str]:
-    if not cfg.metrics.enabled:
-        return []
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in cfg.metrics.bind_address else socket.AF_INET) as sock:
-            sock.bind((cfg.metrics.bind_address, 0))
-    except OSError as exc:
-        return [
-            f"metrics.bind_address={cfg.metrics.bind_address!r}: cannot listen there on this machine ({exc.strerror}); "
-            "use an address of this host, e.g. 127.0.0.1 or 0.0.0.0"
-        ]
-    return []
-
-
-def _resume_path(resume: str | None) -> list[str]:
-    if resume is None or resume == "auto":
-        return []  # auto: the newest checkpoint that verifies, or a fresh start when there is none
-    from rlhf_cluster.run.checkpoint import CheckpointError, CheckpointStore
-
-    try:
-        CheckpointStore.verify(resume)
-    except CheckpointError as exc:
-        return [f"--resume {resume}: {exc}"]
-    return []
-
-
-def _engine_kwargs(cfg: JobConfig) -> list[str]:
-    # Checked against the installed vLLM's own EngineArgs (imported only when there are any).
-    if not cfg.generation.engine_kwargs:
-        return []
-    import dataclasses
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    hints = [
-        f"{k}" + (f" (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, known, 1)) else "")
-        for k in sorted(set(cfg.generation.engine_kwargs) - known)
-    ]
-    return [f"generation.engine_kwargs: not a vllm EngineArgs field: {', '.join(hints)}"] if hints else []
-
-
-FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
-    _model_dir,
-    _prompt_file,
-    _reward_files,
-    _episode_code,
-    _critic_init,
-    _deepspeed_json,
-    _bind_address,
-    _engine_kwargs,
-    agents.file_problems,
-    teacher.folder_problems,
-    judge.folder_problems,
-    routing_replay.file_checks,
-    images.file_checks,
 ]
 
 
