@@ -36,40 +36,6 @@ from rlhf_cluster.weights.messages import Delivery, Receipt
 from rlhf_cluster.weights.registry import engine_transports
 
 
-class LoopGet:
-    """The object store's `get` handed to this actor's transports, for the threads `WeightReceiver`
-    fetches in (`asyncio.to_thread`): it awaits the refs on the actor's event loop (bound by the async
-    method that started the fetch) and blocks only the calling thread until they arrive. `ray.get`
-    there would not block the loop either, but Ray warns of any `ray.get` in an async actor
-    ("Using blocking ray.get inside async actor"), whichever thread makes it."""
-
-    def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def bind(self) -> None:
-        """Called on the event loop by each async method that may fetch: the loop its refs are awaited on."""
-        self.loop = asyncio.get_running_loop()
-
-    def __call__(self, refs: list) -> list:
-        loop = self.loop
-        if loop is None:
-            raise RuntimeError("LoopGet: no event loop bound (an async method binds it before fetching)")
-        if _running_loop() is loop:  # it would wait on the loop it blocks
-            raise RuntimeError("LoopGet: called on the event loop's own thread (fetch in a thread: asyncio.to_thread)")
-        return asyncio.run_coroutine_threadsafe(_gathered(refs), loop).result()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:  # none in this thread
-        return None
-
-
-async def _gathered(refs: list) -> list:
-    return list(await asyncio.gather(*refs))
-
-
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
 class GenerationWorker(Worker):
     """Generates rollout groups on one vLLM engine; loads published versions in place."""
@@ -107,9 +73,8 @@ class GenerationWorker(Worker):
         self.agent_counters = AgentCounters(self.labels)
         self._one_request = asyncio.Lock()  # batched mode: requests run one after another
         # The job's transport, and the store's (its versions reach the engine as deliveries too).
-        self._get = LoopGet()  # the object store's get: refs awaited on this actor's loop, not `ray.get`
         transport, stored = engine_transports(
-            settings.weights, self.store, gen.weight_variants, getattr(torch, settings.engine_dtype), get=self._get
+            settings.weights, self.store, gen.weight_variants, getattr(torch, settings.engine_dtype), get=ray.get
         )
         self.receiver = WeightReceiver(
             self.engine,
@@ -145,17 +110,14 @@ class GenerationWorker(Worker):
 
     async def sync(self, min_version: int = 0) -> int:
         """Load the store's newest version unless the engine holds it already; the version held."""
-        self._get.bind()
         return await self.receiver.sync(min_version)
 
     async def load_stored(self, min_version: int = 0) -> Receipt:
         """The store's newest version, through the one load path (`WeightReceiver.load_stored`)."""
-        self._get.bind()
         return await self.receiver.load_stored(min_version)
 
     async def load(self, delivery: Delivery) -> Receipt:
         """Load a pushed version in place, with requests in flight (`WeightReceiver.load`)."""
-        self._get.bind()
         return await self.receiver.load(delivery)
 
     def corrupt_next_delivery(self, bucket: int) -> None:
