@@ -337,7 +337,8 @@ class Driver:
                 if self.stop.requested:
                     return None
                 try:  # wake now and then even if nothing arrives: `take` runs the no-progress watchdog
-                    await asyncio.wait_for(self.changed.wait(), self.state.watchdog.poll_s())
+                    async with asyncio.timeout(self.state.watchdog.poll_s()):
+                        await self.changed.wait()
                 except TimeoutError:
                     pass
 

@@ -116,7 +116,8 @@ async def heartbeat(actor, timeout_s: float) -> Heartbeat:
     from rlhf_cluster.telemetry.liveness import Heartbeat
 
     try:
-        reply = await asyncio.wait_for(actor.heartbeat.remote(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            reply = await actor.heartbeat.remote()
     except TimeoutError:
         return Heartbeat(answered=False)
     except ray.exceptions.RayActorError:

@@ -109,7 +109,8 @@ class ActorPool:
         try:
             # Started (its constructor done: a model loaded, an engine up) before it counts: a
             # heartbeat is answered only then, and an actor still starting is not a hung one.
-            await asyncio.wait_for(_all([actor.heartbeat.remote() for actor in created.values()]), STARTUP_TIMEOUT_S)
+            async with asyncio.timeout(STARTUP_TIMEOUT_S):
+                await _all([actor.heartbeat.remote() for actor in created.values()])
             if self.prepare is not None:
                 await asyncio.gather(*[self.prepare(actor) for actor in created.values()])
         except BaseException:

@@ -102,7 +102,8 @@ class AgentProcesses:
         child = _Child(process, results)
         self.started += 1
         try:
-            line = await asyncio.wait_for(results.readline(), self.start_timeout_s)
+            async with asyncio.timeout(self.start_timeout_s):
+                line = await results.readline()
         except TimeoutError:
             await child.kill()
             raise AgentFailed("died", f"the agent process did not start within {self.start_timeout_s:g} s") from None
@@ -117,7 +118,8 @@ class AgentProcesses:
         child.process.stdin.write(json.dumps([base_url, api_key, messages]).encode() + b"\n")
         try:
             await child.process.stdin.drain()
-            line = await asyncio.wait_for(child.results.readline(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                line = await child.results.readline()
         except TimeoutError:
             raise AgentFailed("timeout", f"did not return within generation.agent.timeout_s={timeout_s:g} s") from None
         except (BrokenPipeError, ConnectionResetError):

@@ -167,10 +167,10 @@ class AgentRunner:
         if self.processes is not None:
             return await self.processes.call(base_url, self.api_key, messages, timeout)
         try:
-            return await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(self.threads, self.agent, base_url, self.api_key, messages),
-                timeout,
-            )
+            async with asyncio.timeout(timeout):
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.threads, self.agent, base_url, self.api_key, messages
+                )
         except TimeoutError:
             raise AgentFailed("timeout", f"did not return within generation.agent.timeout_s={timeout:g} s") from None
         except Exception as exc:

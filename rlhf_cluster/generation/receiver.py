@@ -251,10 +251,8 @@ class WeightReceiver:
         waiting at most `wait_s` (then `TimeoutError`, naming what the engine holds)."""
         async with self._delivered:
             try:
-                await asyncio.wait_for(
-                    self._delivered.wait_for(lambda: max(self.engine.version, self.refused_up_to) >= min_version),
-                    self.wait_s,
-                )
+                async with asyncio.timeout(self.wait_s):
+                    await self._delivered.wait_for(lambda: max(self.engine.version, self.refused_up_to) >= min_version)
             except TimeoutError:
                 raise TimeoutError(
                     f"{self.name}: no delivery of version >= {min_version} within {self.wait_s:g} s "

@@ -95,7 +95,8 @@ class FutureTable:
         if entry is None:
             return None
         try:
-            await asyncio.wait_for(entry.done.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await entry.done.wait()
         except TimeoutError:
             return TryAgain()
         return entry.outcome
