@@ -121,15 +121,15 @@ class JobState:
             reason = "zero_signal"
         else:
             reason = None
-        self._keep(samples, reason, worker)
+        self._keep(samples, reason, worker, failed)
         self.since_progress[f"groups dropped ({reason})" if reason else "groups buffered"] += 1
         if reason is not None:
             self.admission.give_back(1)
         return reason
 
-    def _keep(self, samples: list[ScoredSample], dropped: str | None, worker: str) -> None:
-        """Log a scored group, then buffer it (or count its drop)."""
-        self.log.append(samples, dropped or BUFFERED)
+    def _keep(self, samples: list[ScoredSample], dropped: str | None, worker: str, failed: int) -> None:
+        """Log a scored group (with its `failed` count), then buffer it (or count its drop)."""
+        self.log.append(samples, dropped or BUFFERED, failed)
         self._hold(samples, dropped, worker)
 
     def _hold(self, samples: list[ScoredSample], dropped: str | None, worker: str) -> None:
@@ -233,8 +233,9 @@ class JobState:
             return []
         min_version = self.start_step - self.cfg.train.max_staleness
         reused = []
-        for fate, samples in self.log.resume_from(seq):
-            samples = [roll_back(s, version) for s in samples]
+        for fate, logged, failed in self.log.resume_from(seq):
+            self.dropped["reward_failed"] += failed  # counted by the run that logged it, after the checkpoint
+            samples = [roll_back(s, version) for s in logged]
             if any(s.rolled_back_steps for s in samples):
                 self.recovered["rolled_back"] += 1
             reused.append(samples[0].prompt_id)

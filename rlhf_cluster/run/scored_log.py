@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -29,6 +30,15 @@ BUFFERED = "buffered"
 
 
 log = logging.getLogger(__name__)
+
+
+class LoggedGroup(NamedTuple):
+    """A group read back from the log: what became of it, its samples, and how many of its samples
+    were left out before it was built because their reward failed (counted as dropped; not logged)."""
+
+    fate: str
+    samples: list[ScoredSample]
+    failed: int
 
 
 class ScoredLogFlushError(OSError):
@@ -41,14 +51,15 @@ class ScoredLog:
     def __init__(self, directory: Path, next_seq: int = 0):
         self.directory = directory
         self.next_seq = next_seq
-        self._pending: list[tuple[int, str, list[ScoredSample]]] = []
+        self._pending: list[tuple[int, LoggedGroup]] = []
         self.failed_flushes = 0  # in a row: reset by a flush that succeeds
         self._lock = threading.Lock()  # `flush` may run on a worker thread while groups arrive
 
-    def append(self, samples: list[ScoredSample], fate: str) -> None:
-        """One scored group and what became of it (`buffered`, or why it was dropped)."""
+    def append(self, samples: list[ScoredSample], fate: str, failed: int = 0) -> None:
+        """One scored group and what became of it (`buffered`, or why it was dropped); `failed`: its
+        samples left out because their reward failed, so a resume counts them again."""
         with self._lock:
-            self._pending.append((self.next_seq, fate, samples))
+            self._pending.append((self.next_seq, LoggedGroup(fate, samples, failed)))
             self.next_seq += 1
 
     def flush(self) -> None:
@@ -87,10 +98,10 @@ class ScoredLog:
         """How many groups are held in memory only (since the last flush that succeeded)."""
         return len(self._pending)
 
-    def _write_segment(self, pending: list[tuple[int, str, list[ScoredSample]]]) -> None:
+    def _write_segment(self, pending: list[tuple[int, LoggedGroup]]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        groups = [[seq, fate, samples[0].group_id] for seq, fate, samples in pending]
-        table = samples_to_table(s for _, _, samples in pending for s in samples)
+        groups = [[seq, g.fate, g.samples[0].group_id, g.failed] for seq, g in pending]
+        table = samples_to_table(s for _, g in pending for s in g.samples)
         table = table.replace_schema_metadata({"groups": json.dumps(groups)})
         path = self.directory / f"seg-{pending[0][0]:010d}-{pending[-1][0]:010d}.arrow"
         tmp = path.with_name(f".{path.name}.tmp")
@@ -116,6 +127,9 @@ class ScoredLog:
 
     def since(self, seq: int) -> list[tuple[str, list[ScoredSample]]]:
         """The groups numbered `seq` and later, in order: (fate, samples)."""
+        return [(g.fate, g.samples) for g in self._groups_since(seq)]
+
+    def _groups_since(self, seq: int) -> list[LoggedGroup]:
         out = []
         for _first, last, path in self._segments():
             if last < seq:
@@ -127,17 +141,18 @@ class ScoredLog:
             by_group: dict[str, list[ScoredSample]] = {}
             for s in samples:
                 by_group.setdefault(s.group_id, []).append(s)
-            out += [(fate, by_group[group_id]) for group_seq, fate, group_id in groups if group_seq >= seq]
+            # A segment written before the failed count was logged has three fields a group.
+            out += [LoggedGroup(g[1], by_group[g[2]], g[3] if len(g) > 3 else 0) for g in groups if g[0] >= seq]
         return out
 
-    def resume_from(self, seq: int) -> list[tuple[str, list[ScoredSample]]]:
-        """The groups numbered `seq` and later (`since`), for a resume from the checkpoint that
-        recorded `seq`; the groups logged from now on are numbered after every group on disk."""
+    def resume_from(self, seq: int) -> list[LoggedGroup]:
+        """The groups numbered `seq` and later, for a resume from the checkpoint that recorded
+        `seq`; the groups logged from now on are numbered after every group on disk."""
         segments = self._segments()
         for first, last, path in segments:
             if first < seq <= last:
                 raise ValueError(f"{path}: a segment straddles seq {seq}; checkpoints flush the log first")
-        found = self.since(seq)
+        found = self._groups_since(seq)
         self.next_seq = max([seq, *(last + 1 for _first, last, _path in segments)])
         return found
 

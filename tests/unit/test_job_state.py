@@ -352,6 +352,44 @@ def test_a_failed_reward_drops_only_its_sample_and_the_group_keeps_the_rest(tmp_
     assert state.dropped["reward_failed"] == 3 and state.counters()["dropped_reward_failed"] == 3
 
 
+def test_samples_left_out_after_a_checkpoint_are_still_counted_after_a_resume(tmp_path):
+    """Found by a clean clone's kill-and-resume test (a VLM's sampled placeholders fail their
+    samples): the log held a reused group's kept samples but not how many it left out, so a resume
+    forgot those drops and the run's samples no longer added up (taken = trained + buffered + dropped)."""
+    cfg = _cfg(tmp_path, generation={"sampling": {"n": 8}})
+    state = JobState(cfg, PROMPTS)
+    state.admission.admit(0)
+    for gid, failed in (("before", {1}), ("after", {0, 4, 5})):  # the first in the checkpoint, the second after it
+        samples, metrics, left_out = _scored_group(cfg, gid, failed)
+        state.add_group(samples, metrics, "gen0", left_out)
+        if gid == "before":
+            ckpt = _checkpoint(state, tmp_path, 0)
+    state.log.flush()
+    resumed = _resumed(cfg, ckpt)
+    assert resumed.recovered["reused"] == 1 and resumed.buffer.depth == 7 + 5
+    assert resumed.dropped["reward_failed"] == 1 + 3
+
+
+def test_a_scored_log_written_before_failed_counts_reads_as_none_failed(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    log = ScoredLog(tmp_path / "scored")
+    log.append(_group("g0", 0), "buffered", failed=2)
+    log.flush()
+    (segment,) = (tmp_path / "scored").glob("seg-*.arrow")
+    table = pa.ipc.open_file(pa.BufferReader(segment.read_bytes())).read_all()  # not mapped: rewritten below
+    groups = json.loads(table.schema.metadata[b"groups"])
+    assert groups == [[0, "buffered", "g0", 2]]
+    old = table.replace_schema_metadata({"groups": json.dumps([g[:3] for g in groups])})  # the format before
+    with pa.ipc.new_file(str(segment), old.schema) as writer:
+        writer.write_table(old)
+    assert [(g.fate, len(g.samples), g.failed) for g in ScoredLog(tmp_path / "scored").resume_from(0)] == [
+        ("buffered", 2, 0)
+    ]
+
+
 def test_a_group_left_too_small_for_its_advantage_is_dropped_whole(tmp_path):
     cfg = _cfg(tmp_path, generation={"sampling": {"n": 8}})
     state = JobState(cfg, PROMPTS)
