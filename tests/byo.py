@@ -37,8 +37,9 @@ def write_gsm8k_parquet(path: Path, count: int = 64, seed: int = 0) -> Path:
     return path
 
 
-def save_chat_model(out_dir: Path, seed: int = 0) -> Path:
-    """A Qwen2 causal LM (random weights) and a ChatML tokenizer, saved as a HF folder."""
+def save_chat_model(out_dir: Path, seed: int = 0, positions: int = 512) -> Path:
+    """A Qwen2 causal LM (random weights) and a ChatML tokenizer, saved as a HF folder; `positions`:
+    its max_position_embeddings (rotary: a number in its config, no weights)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -54,7 +55,7 @@ def save_chat_model(out_dir: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out_dir)
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     Qwen2ForCausalLM(config).save_pretrained(out_dir)

@@ -38,7 +38,7 @@ def build_inputs(root: Path) -> dict:
 
     from rlhf_cluster.models.scalar_head import RewardModel
 
-    model = save_chat_model(root / "model")
+    model = save_chat_model(root / "model", positions=8192)  # as long as the longest recipe's max_model_len
     RewardModel.from_lm(model).save_pretrained(root / "rm", AutoTokenizer.from_pretrained(model))
     pq.write_table(pa.table({"prompt": ["What is 2+2?"], "answer": ["\\boxed{4}"]}), root / "prompts.parquet")
     return {"model": model, "rm": root / "rm", "gsm8k": write_gsm8k_parquet(root / "gsm8k.parquet", 8),

@@ -39,6 +39,40 @@ def _model_dir(cfg: JobConfig) -> list[str]:
     return problems
 
 
+def _context_fits(cfg: JobConfig) -> list[str]:
+    """`generation.max_model_len` within the policy's positions: vLLM refuses a longer one, but only
+    once an engine starts (minutes into a real job). A model whose config scales its positions
+    (a `rope_scaling` factor) is left to vLLM, which counts the scaling; so is a job run with vLLM's
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."""
+    import json
+    import os
+    from pathlib import Path
+
+    from rlhf_cluster.config.inputs import folder_max_length
+
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1":
+        return []
+    if cfg.model.path is None:
+        limit, where = cfg.model.tiny.max_position_embeddings, "model.tiny.max_position_embeddings"
+    else:
+        folder = Path(cfg.model.path).expanduser()
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            limit, where = folder_max_length(folder), f"{folder / 'config.json'}: max_position_embeddings"
+        except (OSError, ValueError):
+            return []  # no readable config: `_model_dir` says why
+        sections = [config, config.get("text_config") or {}]
+        if any(isinstance(s.get("rope_scaling"), dict) and s["rope_scaling"].get("factor") for s in sections):
+            return []
+    wanted = cfg.generation.max_model_len
+    if limit is None or wanted <= limit:
+        return []
+    return [
+        f"generation.max_model_len={wanted} is longer than the model's {limit} positions ({where}), which vLLM "
+        f"refuses when an engine starts; expected at most {limit}"
+    ]
+
+
 def _prompt_file(cfg: JobConfig) -> list[str]:
     # The whole file: every row is checked before any work starts.
     from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
@@ -170,6 +204,7 @@ def _engine_kwargs(cfg: JobConfig) -> list[str]:
 
 FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _model_dir,
+    _context_fits,
     _prompt_file,
     _reward_files,
     _episode_code,

@@ -57,6 +57,8 @@ BAD_CONFIGS: list[BadConfig] = [
     BadConfig("empty-mini-batches", {"learner": {"world_size": 1, "mini_batches": 100_000}}, "learner.mini_batches"),
     # ---- files the config names ----
     BadConfig("model-dir-missing", {"model": {"path": f"{MISSING}/model"}}, "model.path", reads_files=True),
+    BadConfig("context-past-the-models-positions", {"generation": {"max_model_len": 512}}, "generation.max_model_len",
+              reads_files=True, also=["model.tiny.max_position_embeddings", "expected at most 256"]),
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): never an address of this machine.
     BadConfig("metrics-bind-address-not-here", {"metrics": {"bind_address": "192.0.2.1", "enabled": True}},
               "metrics.bind_address", reads_files=True, also=["cannot listen there"]),

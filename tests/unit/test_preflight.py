@@ -31,6 +31,19 @@ def test_file_checks_are_skipped_without_files(case):
     preflight(build(case), files=False)
 
 
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "yarn", "factor": 4.0}])
+def test_a_context_past_the_model_folders_positions_is_refused_unless_scaled(tmp_path, rope_scaling):
+    """vLLM refuses it too, but only once an engine starts; with a rope scaling factor vLLM's own
+    arithmetic decides."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 128, "rope_scaling": rope_scaling}))
+    with pytest.raises(ConfigError) as info:  # the folder has no weights: refused for that in any case
+        preflight(JobConfig.model_validate({"model": {"path": str(tmp_path)}}))
+    refused = "generation.max_model_len=256 is longer than the model's 128 positions" in str(info.value)
+    assert refused == (rope_scaling is None), str(info.value)
+
+
 def test_a_resume_path_that_is_no_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--resume .*no manifest.json"):
         preflight(JobConfig(), resume=str(tmp_path / "nowhere"))
