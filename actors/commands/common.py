@@ -138,6 +138,15 @@ def run_dir_refusal(cfg: JobConfig, resume: str | None, overwrite: str | None) -
     return RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir).refusal(fresh=resume is None, overwrite=overwrite)
 
 
+def debug_option():
+    """`--debug`: an error caused by input keeps its traceback (`exit_on_input_error`)."""
+    return typer.Option(
+        False,
+        "--debug",
+        help="Show the full traceback of an error caused by input (config, files, reward code, checkpoints).",
+    )
+
+
 def exit_on_input_error(exc: BaseException, debug: bool) -> None:
     """An error caused by the user's input ends the command with its one-line message (exit 2);
     anything else, or with --debug, keeps its traceback."""

@@ -12,6 +12,8 @@ import typer
 from actors.commands.common import (
     REPO,
     connect,
+    debug_option,
+    exit_on_input_error,
     load_config_or_exit,
     preflight_or_exit,
     print_result,
@@ -113,7 +115,13 @@ def _stage_line(summary: dict) -> str:
 
 
 def _run_stage_command(
-    config: Path, set_: list[str], address: str | None, kind: str, start_from_sft: bool, overwrite: str | None
+    config: Path,
+    set_: list[str],
+    address: str | None,
+    kind: str,
+    start_from_sft: bool,
+    overwrite: str | None,
+    debug: bool,
 ) -> None:
     import ray
 
@@ -128,6 +136,9 @@ def _run_stage_command(
     connect(address or cfg.cluster.address, cfg.cluster.num_cpus)
     try:
         summary = run_stage(cfg, kind, base, progress=cfg.train.progress)
+    except Exception as exc:
+        exit_on_input_error(exc, debug)
+        raise
     finally:
         ray.shutdown()
     typer.echo(_stage_line(summary))
@@ -141,8 +152,9 @@ def _stage_command(name: str, kind: str, section_help: str, start_from_sft: bool
         address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
         set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
         overwrite: str | None = _overwrite_option(),
+        debug: bool = debug_option(),
     ) -> None:
-        _run_stage_command(config, set_, address, kind, start_from_sft=start_from_sft, overwrite=overwrite)
+        _run_stage_command(config, set_, address, kind, start_from_sft, overwrite, debug)
 
     command.__name__, command.__doc__ = name, doc
     return command
@@ -171,6 +183,7 @@ def pipeline(
     address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
     overwrite: str | None = _overwrite_option(),
+    debug: bool = debug_option(),
 ) -> None:
     """All three RLHF stages: SFT, a reward model, then RL against it; prints the verifier's accuracy after each."""
     import ray
@@ -197,6 +210,9 @@ def pipeline(
             scoring = scoring.with_reward_models([RewardModelSpec(path=rm_summary["output"], name="rm")])
         rl = cfg.model_copy(update={"model": model, "scoring": scoring})
         result = run_job(rl, overwrite=overwrite)
+    except Exception as exc:
+        exit_on_input_error(exc, debug)
+        raise
     finally:
         ray.shutdown()
     print_result(rl, result)

@@ -15,6 +15,7 @@ from actors.commands.common import (
     DEFAULT_CONFIG,
     cluster_capacity,
     connect,
+    debug_option,
     exit_on_input_error,
     load_config_or_exit,
     preflight_or_exit,
@@ -80,11 +81,7 @@ def train(
         help="Start over in a run_dir that holds an earlier run: its files are moved aside to RUN_DIR.old-<time>; "
         "--overwrite=delete deletes them.",
     ),
-    debug: bool = typer.Option(
-        False,
-        "--debug",
-        help="Show the full traceback of an error caused by input (config, files, reward code, checkpoints).",
-    ),
+    debug: bool = debug_option(),
     max_retries: int = typer.Option(
         0,
         "--max-retries",

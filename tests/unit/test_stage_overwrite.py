@@ -163,3 +163,21 @@ def test_a_bare_overwrite_moves_aside(fake):
     result = CliRunner().invoke(app, fake.args("sft", "--overwrite"))
     assert result.exit_code == 0, result.output
     assert len(list(fake.run_dir.parent.glob("three_stage.old-*"))) == 1
+
+
+@pytest.mark.parametrize("command", ["sft", "pipeline"])
+def test_an_input_error_in_a_stage_is_one_line_and_debug_shows_its_traceback(fake, monkeypatch, command):
+    """As `train` does: a stage's error caused by input (its data file, here) ends the command in
+    one line, and a second naming `--debug`, which keeps the traceback."""
+
+    def bad_data(cfg, kind, model_path, progress=True):
+        raise ValueError(f"{kind}.data: /nowhere/pairs.jsonl: no such file")
+
+    monkeypatch.setattr(supervised, "run_stage", bad_data)
+    refused = CliRunner().invoke(app, fake.args(command))
+    assert refused.exit_code == 2 and refused.exception is not None and "Traceback" not in refused.output
+    assert refused.output.strip().splitlines() == [
+        "error: sft.data: /nowhere/pairs.jsonl: no such file", "(the full traceback: the same command with --debug)"
+    ]
+    shown = CliRunner().invoke(app, fake.args(command, "--debug", "--overwrite=delete"))
+    assert isinstance(shown.exception, ValueError) and "sft.data" in str(shown.exception)
