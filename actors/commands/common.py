@@ -82,11 +82,32 @@ def unreachable(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
         return (exc.strerror or str(exc)).lower()
 
 
+def not_ray(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why what answers at a GCS (HOST:PORT) or Ray Client (ray://) address is not Ray: both
+    speak gRPC, and a port that takes TCP but opens no gRPC channel within `timeout` seconds (a
+    web server, another service) would have `ray.init` retry it for minutes. None when the channel
+    opens, for an address of another kind, or with TLS (RAY_USE_TLS: its certificates are Ray's)."""
+    import grpc
+
+    target = host_port(address)
+    scheme = urlsplit(address).scheme if "://" in address else ""
+    if target is None or scheme not in ("", "ray") or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    host, port = target
+    with grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return f"something answers there, but no gRPC server within {timeout:g} s (is that Ray's port?)"
+    return None
+
+
 def connect(address: str | None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """`ray.init` on the cluster at `address`, or on a new local instance when it is empty. A
     cluster that cannot be reached ends the command in one line (exit code 2): a HOST:PORT that
-    takes no TCP connection within seconds is refused before `ray.init`, which would retry it for
-    minutes; what Ray itself cannot connect to ('auto' with no cluster) is refused after it."""
+    takes no TCP connection within seconds, or opens no gRPC channel (`not_ray`), is refused before
+    `ray.init`, which would retry it for minutes; what Ray itself cannot connect to ('auto' with no
+    cluster) is refused after it."""
     import ray
 
     if not address:
@@ -95,6 +116,8 @@ def connect(address: str | None, num_cpus: int | None = None, log_to_driver: boo
         return
     if (why := unreachable(address)) is not None:
         refuse(f"cannot reach Ray at {address}: {why}; is the cluster up? (--address)")
+    if (why := not_ray(address)) is not None:
+        refuse(f"cannot reach Ray at {address}: {why} (--address)")
     try:
         ray.init(address=address, log_to_driver=log_to_driver)
     except ConnectionError as exc:

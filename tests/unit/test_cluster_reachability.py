@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from actors.commands import common, jobs
 from actors.commands.cli import app
-from actors.commands.common import host_port, unreachable
+from actors.commands.common import host_port, not_ray, unreachable
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -77,6 +77,44 @@ def test_unreachable_says_why_with_real_sockets(closed_port):
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         assert unreachable(f"127.0.0.1:{listening.getsockname()[1]}") is None
+
+
+@pytest.fixture
+def web_server():
+    """A web server on 127.0.0.1 (HTTP/1.1, no gRPC): a port that answers but is not Ray's."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_a_port_that_answers_without_grpc_is_not_ray(web_server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    started = time.monotonic()
+    assert "no gRPC server within 1 s" in not_ray(f"127.0.0.1:{web_server}", timeout=1.0)
+    assert "no gRPC server" in not_ray(f"ray://127.0.0.1:{web_server}", timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert not_ray(f"http://127.0.0.1:{web_server}") is None  # the job API is HTTP: not this probe's
+    server = grpc.server(ThreadPoolExecutor(1))  # what a GCS or a Ray Client server is, to a channel
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        assert not_ray(f"127.0.0.1:{port}") is None
+    finally:
+        server.stop(None)
+
+
+def test_train_refuses_an_address_that_is_not_ray_in_one_line(web_server):
+    """Found by a new-user trial: a web server's port had `ray.init` retry for minutes."""
+    done, seconds = run_cli("train", DEMO, "--dry-run", "--address", f"127.0.0.1:{web_server}")
+    assert_one_error_line(done, f"cannot reach Ray at 127.0.0.1:{web_server}: something answers there, but no gRPC")
+    assert seconds < 45
 
 
 @pytest.mark.parametrize(
