@@ -9,11 +9,10 @@ from pathlib import Path
 
 import typer
 
+from actors.commands import common
 from actors.commands.common import (
     REPO,
     connect,
-    debug_option,
-    exit_on_input_error,
     load_config_or_exit,
     preflight_or_exit,
     print_result,
@@ -137,7 +136,7 @@ def _run_stage_command(
     try:
         summary = run_stage(cfg, kind, base, progress=cfg.train.progress)
     except Exception as exc:
-        exit_on_input_error(exc, debug)
+        common.exit_on_input_error(exc, debug)
         raise
     finally:
         ray.shutdown()
@@ -152,7 +151,7 @@ def _stage_command(name: str, kind: str, section_help: str, start_from_sft: bool
         address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
         set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
         overwrite: str | None = _overwrite_option(),
-        debug: bool = debug_option(),
+        debug: bool = common.debug_option(),
     ) -> None:
         _run_stage_command(config, set_, address, kind, start_from_sft, overwrite, debug)
 
@@ -183,7 +182,7 @@ def pipeline(
     address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
     overwrite: str | None = _overwrite_option(),
-    debug: bool = debug_option(),
+    debug: bool = common.debug_option(),
 ) -> None:
     """All three RLHF stages: SFT, a reward model, then RL against it; prints the verifier's accuracy after each."""
     import ray
@@ -211,7 +210,7 @@ def pipeline(
         rl = cfg.model_copy(update={"model": model, "scoring": scoring})
         result = run_job(rl, overwrite=overwrite)
     except Exception as exc:
-        exit_on_input_error(exc, debug)
+        common.exit_on_input_error(exc, debug)
         raise
     finally:
         ray.shutdown()
