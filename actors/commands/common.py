@@ -94,7 +94,9 @@ def not_ray(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     if target is None or scheme not in ("", "ray") or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return None
     host, port = target
-    with grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}") as channel:
+    target_name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # Straight to the port, as Ray's own GCS client goes (an http_proxy set for the web is not for it).
+    with grpc.insecure_channel(target_name, options=[("grpc.enable_http_proxy", 0)]) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
