@@ -207,9 +207,16 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
         trained = set(groups.values())
         assert not (trained & in_buffer) and not (trained & pending) and not (in_buffer & pending)
         assert trained | in_buffer | pending <= taken, "a prompt was invented"
-        # What is left was dropped as stale, and counted (a rolled-back group is staler than its version).
+        # What is left was dropped (as stale: a rolled-back group is staler than its version), and every
+        # sample of a prompt no longer pending is counted once: trained, buffered, or dropped (a sample
+        # a vision-language model failed by sampling an image placeholder, left out of its group,
+        # among them, those of groups the resume reused included).
         stale = taken - (trained | in_buffer | pending)
-        assert state_final["dropped"].get("stale", 0) == cfg.generation.sampling.n * len(stale), "a prompt was skipped"
+        final_buffer_samples = table_to_samples(_read_arrow(final.path / "buffer.arrow"))
+        dropped = (state_final["dropped"].get("stale", 0), state_final["reward_failed_dropped"],
+                   state_final["zero_signal_dropped"])
+        counted = len({c["sample_id"] for c in consumed}) + len(final_buffer_samples) + sum(dropped)
+        assert counted == cfg.generation.sampling.n * len(taken - pending), f"a sample was skipped: {dropped}"
 
         # Every group scored after the checkpoint was reused, none generated again, those from
         # rolled-back weights included: a reused prompt's samples in the resumed run are exactly
@@ -224,7 +231,6 @@ def test_resume_after_the_whole_job_is_killed(ray_cluster, job_config, tmp_path,
             "reused": len(scored_after), "rolled_back": len(rolled_back), "stale": len(too_stale)
         }
         assert rolled_back, "the kill came before any group from weights newer than the checkpoint"
-        final_buffer_samples = table_to_samples(_read_arrow(final.path / "buffer.arrow"))
         if not episodes:  # every image sample buffered or logged by either run kept its image
             _assert_own_images(final_buffer_samples + [x for _, g in scored_after for x in g], Path(cfg.run_dir))
         seen = [(c["sample_id"], c["prompt_id"]) for c in consumed] + [(x.sample_id, x.prompt_id) for x in final_buffer_samples]
