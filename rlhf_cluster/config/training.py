@@ -90,8 +90,14 @@ class TrainingGroupConfig(_Strict):
     )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     lr_warmup_steps: int = Field(
-        0, ge=0, description="Linear learning-rate warm-up steps, then constant (the RL schedule)."
+        0, ge=0, description="Linear learning-rate warm-up, in learner steps; then `lr_schedule`."
     )
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="After warm-up: `constant` keeps `lr`; `cosine` or `linear` decay it to `lr * min_lr_ratio` at "
+        "the last step (`train.total_steps`), as veRL's and OpenRLHF's cosine-with-min-lr do.",
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear: the last step's `lr` as a fraction of it.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 for RL: KL regularises).")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     max_tokens_per_micro_batch: int | None = Field(
@@ -349,13 +355,13 @@ class StageConfig(_Strict):
     steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples (sft) or pairs (reward_model) per step, over all ranks.")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
-    lr_schedule: Literal["constant", "cosine"] = Field(
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant",
-        description="After warm-up: `constant` keeps `lr`; `cosine` decays it to `lr * min_lr_ratio` at the "
-        "last step, so the model written is the average of a settled run, not one point of a noisy walk.",
+        description="After warm-up: `constant` keeps `lr`; `cosine` or `linear` decay it to `lr * min_lr_ratio` at "
+        "the last step, so the model written is the average of a settled run, not one point of a noisy walk.",
     )
     lr_warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps before the schedule.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: the final learning rate as a fraction of `lr`.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear: the last step's `lr` as a fraction of it.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
     world_size: int = Field(1, ge=1, description="FSDP2 ranks.")

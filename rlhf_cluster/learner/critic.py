@@ -211,4 +211,5 @@ def critic_spec(cfg: JobConfig) -> tuple[CriticConfig, LearnerSpec]:
         sampling.temperature,
         sampling.max_new_tokens,
         longest_row=cfg.generation.max_model_len,
+        total_steps=cfg.train.total_steps,
     )

@@ -34,7 +34,6 @@ from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.learner.deepspeed_config import engine_config
 from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.images import EngineNames, freeze_vision
-from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.learner.spec import LearnerSpec
 from rlhf_cluster.models.liger import apply_liger
 from rlhf_cluster.models.modeling import learner_attention, load_causal_lm
@@ -132,8 +131,9 @@ class DeepSpeedLearner(LearnerBase):
             del initial_fp32
         # ZeRO swaps AdamW's parameters for its fp32 partitions but keeps the param groups, so
         # the schedule drives the lr the wrapped optimizer uses.
-        warmup = lc.lr_warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lambda step: lr_multiplier(step, warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            adamw, lambda step: spec.lr_factor(step)
+        )  # `learner.lr_schedule`
 
     # ---- the step --------------------------------------------------------------------------
     def _backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:

@@ -2,7 +2,7 @@
 
 The learner drives the parts DeepSpeed would otherwise own: gradient accumulation (micro-batches
 cut by `learner.max_tokens_per_micro_batch`, with global loss denominators), the learning rate
-(`learner.lr` with `learner.lr_warmup_steps`), clipping (`learner.max_grad_norm`) and precision
+(`learner.lr` with `learner.lr_warmup_steps` and `lr_schedule`), clipping (`learner.max_grad_norm`) and precision
 (`learner.mixed_precision`). A user JSON that sets any of these differently would be silently
 overridden or, worse, applied twice, so it is an error that names the file, the field and what
 was expected. Everything else in the JSON (ZeRO bucket sizes, prefetching, communication
@@ -104,7 +104,10 @@ def _check_batch_and_precision(user: dict[str, Any], path: str | Path, lc: Learn
     _check_setting(path, user, "gradient_clipping", lc.max_grad_norm, "learner.max_grad_norm")
     if "scheduler" in user:
         raise _conflict(
-            path, "scheduler", user["scheduler"], "absent (the schedule is learner.lr with learner.lr_warmup_steps)"
+            path,
+            "scheduler",
+            user["scheduler"],
+            "absent (the schedule is learner.lr with learner.lr_warmup_steps and learner.lr_schedule)",
         )
     fp16 = user.get("fp16", {})
     if isinstance(fp16, dict) and fp16.get("enabled", False):

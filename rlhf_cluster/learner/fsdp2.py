@@ -24,7 +24,6 @@ from rlhf_cluster.learner.base import LearnerBase
 from rlhf_cluster.learner.gather import gathered_to
 from rlhf_cluster.learner.host_state import check_written_by
 from rlhf_cluster.learner.images import EngineNames, freeze_vision
-from rlhf_cluster.learner.schedule import lr_multiplier
 from rlhf_cluster.learner.sequence_groups import sequence_group
 from rlhf_cluster.learner.spec import LearnerSpec
 from rlhf_cluster.models.compiled import compile_layers
@@ -90,8 +89,9 @@ class FSDP2Learner(LearnerBase):
             fused=True if cuda else None,
             foreach=None if cuda else True,
         )
-        warmup = lc.lr_warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_multiplier(step, warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: spec.lr_factor(step)
+        )  # `lr_schedule`
         # Checkpoints are written by a background thread; their collectives use their own group
         # so they never interleave with the training step's.
         self.checkpoint_group = dist.new_group(backend="gloo")

@@ -10,6 +10,7 @@ import torch
 from rlhf_cluster.config import AlgorithmConfig, JobConfig, LearnerConfig
 from rlhf_cluster.learner.images import LearnerImages
 from rlhf_cluster.learner.micro_batches import Rows
+from rlhf_cluster.learner.schedule import lr_multiplier
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class LearnerSpec:
     # The longest row the job can make (`generation.max_model_len`), what the memory plan counts as a
     # micro-batch's fewest tokens (a longer row than the budget goes alone); None: not known.
     longest_row: int | None = None
+    total_steps: int | None = None  # the job's learner steps (`train.total_steps`), where the LR schedule ends
+
+    def lr_factor(self, step: int) -> float:
+        """The factor on `learner.lr` for learner step `step` (`learner.lr_schedule` after its warm-up)."""
+        lc = self.learner
+        return lr_multiplier(step, lc.lr_warmup_steps, self.total_steps, lc.lr_schedule, lc.min_lr_ratio)
 
     @classmethod
     def of_policy(cls, cfg: JobConfig) -> LearnerSpec:
@@ -43,6 +50,7 @@ class LearnerSpec:
             data.min_pixels,
             data.max_pixels,
             cfg.generation.max_model_len,
+            cfg.train.total_steps,
         )
 
     def images_of(self, model_path: str) -> LearnerImages | None:

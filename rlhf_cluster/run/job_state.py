@@ -34,6 +34,8 @@ RESUME_SETTINGS = (
     "learner.lr",
     "learner.weight_decay",
     "learner.lr_warmup_steps",
+    "learner.lr_schedule",
+    "learner.min_lr_ratio",
     "algorithm.kl.coef",
     "algorithm.kl.target",
     "algorithm.kl.horizon",

@@ -27,8 +27,32 @@ def test_cosine_falls_from_peak_to_the_floor_at_the_last_step():
     assert lr_multiplier(total + 5, warmup, total, "cosine", floor) == pytest.approx(floor)  # past the end: the floor
 
 
+def test_linear_falls_in_equal_steps_to_the_floor():
+    values = [lr_multiplier(s, 1, 6, "linear", 0.2) for s in range(8)]
+    assert values == pytest.approx([1.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.2, 0.2])
+
+
 def test_bad_schedule_names_itself():
-    with pytest.raises(ValueError, match="'linear'"):
-        lr_multiplier(5, 0, 10, "linear")
+    with pytest.raises(ValueError, match="'step'"):
+        lr_multiplier(5, 0, 10, "step")
     with pytest.raises(ValueError, match="total_steps"):
         lr_multiplier(5, 0, None, "cosine")
+
+
+def test_the_rl_learner_decays_its_lr_over_the_jobs_steps(gloo_group, tiny_model_path):
+    """Found comparing with veRL and OpenRLHF (cosine with a floor): the RL learner warmed up and then
+    held `lr`; `learner.lr_schedule` now decays it to `lr * min_lr_ratio` at `train.total_steps`, on a
+    real one-rank FSDP2 learner (its reported `learner/lr` is the next step's)."""
+    from rlhf_cluster.config import JobConfig
+    from rlhf_cluster.learner.fsdp2 import FSDP2Learner
+    from rlhf_cluster.learner.spec import LearnerSpec
+    from tests.batches import ragged_batch
+
+    cfg = JobConfig.model_validate({
+        "learner": {"world_size": 1, "lr": 1e-3, "lr_warmup_steps": 1, "lr_schedule": "cosine", "min_lr_ratio": 0.1},
+        "train": {"total_steps": 4},
+    })
+    learner = FSDP2Learner(LearnerSpec.of_policy(cfg), tiny_model_path)
+    batch = ragged_batch([(3, 2), (4, 3)], seed=0)
+    lrs = [learner.train_step(batch, kl_coef=0.0)["learner/lr"] for _ in range(4)]
+    assert lrs == pytest.approx([1e-3 * f for f in (1.0, 0.55, 0.1, 0.1)])
