@@ -28,12 +28,19 @@ PRESETS: dict[str, dict] = {
         "loss": {"aggregation": "sequence_sum_norm"},
         "kl": _NO_KL,
     },
-    # Clip-higher, token-level loss, no KL, overlong filtering/punishment, dynamic sampling.
+    # Clip-higher, token-level loss, no KL, overlong filtering/punishment, dynamic sampling. The
+    # soft punishment covers the last fifth of max_new_tokens (DAPO: 4096 of 20480 tokens), so it
+    # scales with the job's limit; an explicit shaping.overlong_buffer (tokens) overrides it.
     "dapo": {
         "advantage": "grpo",
         "loss": {"clip_low": 0.2, "clip_high": 0.28, "aggregation": "token_mean"},
         "kl": _NO_KL,
-        "shaping": {"overlong_buffer": 4, "overlong_penalty": 1.0, "overlong_filter": True, "dynamic_sampling": True},
+        "shaping": {
+            "overlong_buffer_fraction": 0.2,
+            "overlong_penalty": 1.0,
+            "overlong_filter": True,
+            "dynamic_sampling": True,
+        },
     },
     # Sequence-level, length-normalised ratio with one (tight) clip per sequence.
     "gspo": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -70,13 +71,32 @@ class ShapingConfig(_Strict):
     """Reward shaping and sample filters applied before the learner."""
 
     overlong_buffer: int = Field(
-        0, ge=0, description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: off)."
+        0,
+        ge=0,
+        description="DAPO soft overlong punishment: tokens before max_new_tokens where it starts (0: use "
+        "overlong_buffer_fraction if set, else off).",
+    )
+    overlong_buffer_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="The overlong buffer as a fraction of generation.sampling.max_new_tokens, rounded to whole "
+        "tokens (DAPO: 4096 of 20480 = 0.2); used only when overlong_buffer is 0 (None: off).",
     )
     overlong_penalty: float = Field(1.0, ge=0, description="Penalty at max_new_tokens.")
     length_target: int | None = Field(None, ge=0, description="Length penalty -coef*max(0, len-target) (None: off).")
     length_coef: float = Field(0.001, ge=0, description="Length penalty coefficient.")
     overlong_filter: bool = Field(False, description="Drop truncated responses (finish_reason=length) from the loss.")
     dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal; generate more instead.")
+
+    def overlong_buffer_tokens(self, max_new_tokens: int) -> int:
+        """The effective soft-punishment buffer in tokens: `overlong_buffer` when positive, else
+        `overlong_buffer_fraction` x `max_new_tokens` rounded half up, else 0 (off)."""
+        if self.overlong_buffer > 0:
+            return self.overlong_buffer
+        if self.overlong_buffer_fraction is None:
+            return 0
+        return math.floor(self.overlong_buffer_fraction * max_new_tokens + 0.5)
 
 
 class DistillationConfig(_Strict):

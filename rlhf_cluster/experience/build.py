@@ -117,10 +117,9 @@ def _shaped(
     lengths = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.float64)
     shaping = cfg.shaping
     penalties = {}
-    if shaping.overlong_buffer:
-        penalties["overlong"] = overlong_penalty(
-            lengths, max_new_tokens, shaping.overlong_buffer, shaping.overlong_penalty
-        )
+    buffer = shaping.overlong_buffer_tokens(max_new_tokens)
+    if buffer:
+        penalties["overlong"] = overlong_penalty(lengths, max_new_tokens, buffer, shaping.overlong_penalty)
     if shaping.length_target is not None:
         penalties["length"] = length_penalty(lengths, shaping.length_target, shaping.length_coef)
     for name, penalty in penalties.items():

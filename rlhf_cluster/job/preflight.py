@@ -74,11 +74,21 @@ def _buffer_fits(cfg: JobConfig) -> list[str]:
 
 
 def _overlong_fits(cfg: JobConfig) -> list[str]:
-    buffer, limit = cfg.algorithm.shaping.overlong_buffer, cfg.generation.sampling.max_new_tokens
-    if buffer >= limit:
+    shaping, limit = cfg.algorithm.shaping, cfg.generation.sampling.max_new_tokens
+    buffer = shaping.overlong_buffer_tokens(limit)
+    if shaping.overlong_buffer > 0 or shaping.overlong_buffer_fraction is None:
+        if buffer >= limit:
+            return [
+                f"algorithm.shaping.overlong_buffer={buffer} must be smaller than "
+                f"generation.sampling.max_new_tokens={limit}"
+            ]
+        return []
+    fraction = shaping.overlong_buffer_fraction
+    if not 1 <= buffer < limit:
         return [
-            f"algorithm.shaping.overlong_buffer={buffer} must be smaller than "
-            f"generation.sampling.max_new_tokens={limit}"
+            f"algorithm.shaping.overlong_buffer_fraction={fraction} of generation.sampling.max_new_tokens={limit} "
+            f"rounds to a buffer of {buffer} tokens; expected at least 1 and fewer than {limit}: set "
+            "algorithm.shaping.overlong_buffer (tokens) instead, or overlong_buffer_fraction: null to turn it off"
         ]
     return []
 
