@@ -29,12 +29,13 @@ def importance_weights(
 
     ``level``: ``token`` ``rho_t = exp(delta_t)``; ``sequence`` ``rho = exp(sum_t delta_t)``;
     ``geometric`` ``g = exp(mean_t delta_t)``, the last two broadcast over the sequence.
-    ``mode``: ``truncate`` (TIS) ``w = min(rho, cap)``, ``lower`` is ignored because truncation only
-    bounds variance from above; ``mask`` (MIS) ``w = rho`` if ``lower <= rho <= cap`` else 0
-    (``lower=None``: no lower bound; ``cap=None``: no upper bound).
+    ``mode``: ``truncate`` (TIS) ``w = clamp(rho, lower, cap)``, a token's weight raised to ``lower``
+    rather than dropped (slime's ``--tis-clip-low``, TRL's ``clip_min``); ``mask`` (MIS) ``w = rho``
+    if ``lower <= rho <= cap`` else 0 (``lower=None``: no lower bound; ``cap=None``: no upper bound).
     ``delta`` and the per-sequence sums are clamped to ±20 so ``exp`` cannot overflow.
     Metrics: ``mismatch_k1``/``mismatch_k3`` estimate KL(pi_roll || pi_prox) from the rollout
-    samples, ``frac_truncated`` or ``frac_masked``, ``ess = (sum w)^2 / (N sum w^2)``,
+    samples, ``frac_truncated`` (weights lowered to ``cap``) and, when ``lower`` is set,
+    ``frac_truncated_low`` (weights raised to ``lower``), or ``frac_masked``, ``ess = (sum w)^2 / (N sum w^2)``,
     ``weight_mean``, ``weight_max`` (all over valid tokens), as 0-dim tensors on the inputs'
     device: nothing here waits for the device (the learner reads a step's metrics at once).
     """
@@ -75,13 +76,15 @@ def _log_rho(delta: torch.Tensor, m: torch.Tensor, level: str) -> torch.Tensor:
 def _bounded(
     rho: torch.Tensor, mb: torch.Tensor, n: torch.Tensor, mode: str, cap: float | None, lower: float | None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weight ``rho`` truncated at ``cap`` (TIS) or masked outside [``lower``, ``cap``] (MIS),
-    not yet zeroed on padding, and the fraction of the ``n`` valid tokens (``mb``) it changed."""
+    """The weight ``rho`` clamped to [``lower``, ``cap``] (TIS) or masked outside it (MIS), not yet
+    zeroed on padding, and the fractions of the ``n`` valid tokens (``mb``) it changed."""
     metrics: dict[str, torch.Tensor] = {}
     if mode == "truncate":
-        w = rho if cap is None else rho.clamp(max=cap)
+        w = rho if cap is None and lower is None else rho.clamp(min=lower, max=cap)
         over = rho > cap if cap is not None else torch.zeros_like(mb)
         metrics["frac_truncated"] = (over & mb).sum() / n
+        if lower is not None:
+            metrics["frac_truncated_low"] = ((rho < lower) & mb).sum() / n
     else:
         keep = torch.ones_like(mb)
         if cap is not None:

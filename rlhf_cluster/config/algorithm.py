@@ -64,7 +64,12 @@ class CorrectionConfig(_Strict):
     level: Literal["token", "sequence", "geometric"] = Field("token", description="Granularity of the weight.")
     mode: Literal["truncate", "mask"] = Field("truncate", description="truncate = TIS, mask = MIS.")
     cap: float = Field(2.0, gt=0, description="Upper bound C.")
-    lower: float | None = Field(None, ge=0, description="Lower bound for mask mode (None: none).")
+    lower: float | None = Field(
+        None,
+        ge=0,
+        description="Lower bound: truncate raises a weight below it to it (slime --tis-clip-low, TRL clip_min), "
+        "mask zeroes it (token level: ICEPOP); None: none.",
+    )
 
 
 class ShapingConfig(_Strict):

@@ -21,7 +21,7 @@ def _ref(prox, roll, mask, level, mode, cap, lower):
             else:
                 rho = math.exp(sum(d.values()) / len(idx))
             if mode == "truncate":
-                out[i][t] = min(rho, cap)
+                out[i][t] = min(rho, cap) if lower is None else min(max(rho, lower), cap)
             else:
                 ok = rho <= cap and (lower is None or rho >= lower)
                 out[i][t] = rho if ok else 0.0
@@ -59,9 +59,9 @@ def test_metrics_hand():
     roll = torch.zeros(1, 4, dtype=torch.float64)
     prox = torch.log(torch.tensor([[0.5, 1.0, 3.0, 9.0]], dtype=torch.float64))
     m = torch.tensor([[1, 1, 1, 0]])
-    w, met = importance_weights(prox, roll, m, mode="truncate", cap=2.0, lower=0.9)  # lower ignored
+    w, met = importance_weights(prox, roll, m, mode="truncate", cap=2.0)
     torch.testing.assert_close(w, torch.tensor([[0.5, 1.0, 2.0, 0.0]], dtype=torch.float64))
-    assert met["frac_truncated"] == pytest.approx(1 / 3)
+    assert met["frac_truncated"] == pytest.approx(1 / 3) and "frac_truncated_low" not in met
     d = [math.log(0.5), 0.0, math.log(3.0)]
     assert met["mismatch_k1"] == pytest.approx(-sum(d) / 3)
     assert met["mismatch_k3"] == pytest.approx(sum(math.exp(x) - 1 - x for x in d) / 3)
@@ -99,3 +99,32 @@ def test_invalid_args():
         importance_weights(prox, roll, MASK, level="segment")
     with pytest.raises(ValueError, match="truncate, mask"):
         importance_weights(prox, roll, MASK, mode="clip")
+
+
+def test_truncate_clamps_from_below_when_lower_is_set():
+    # slime --tis-clip-low / TRL clip_min: truncate mode raises a small weight to `lower` (it was ignored).
+    roll = torch.zeros(1, 4, dtype=torch.float64)
+    prox = torch.log(torch.tensor([[0.5, 1.0, 3.0, 0.1]], dtype=torch.float64))
+    m = torch.tensor([[1, 1, 1, 0]])
+    w, met = importance_weights(prox, roll, m, mode="truncate", cap=2.0, lower=0.9)
+    torch.testing.assert_close(w, torch.tensor([[0.9, 1.0, 2.0, 0.0]], dtype=torch.float64))
+    assert met["frac_truncated"] == pytest.approx(1 / 3)  # lowered to the cap
+    assert met["frac_truncated_low"] == pytest.approx(1 / 3)  # raised to `lower` (padding not counted)
+    assert met["weight_mean"] == pytest.approx(3.9 / 3)
+    assert met["ess"] == pytest.approx(3.9**2 / (3 * 5.81))
+    # A sequence weight below `lower` lifts every token of the sequence.
+    w, met = importance_weights(prox, roll, m, level="sequence", mode="truncate", cap=2.0, lower=2.0)
+    torch.testing.assert_close(w, torch.tensor([[2.0, 2.0, 2.0, 0.0]], dtype=torch.float64))  # rho = 1.5
+    assert met["frac_truncated_low"] == pytest.approx(1.0) and met["frac_truncated"] == 0
+
+
+def test_learner_objective_passes_lower_in_truncate_mode():
+    from rlhf_cluster.config import AlgorithmConfig
+    from rlhf_cluster.learner.objective import RLObjective
+
+    cfg = AlgorithmConfig(correction={"mode": "truncate", "cap": 2.0, "lower": 0.9})
+    roll = torch.zeros(1, 3, dtype=torch.float64)
+    prox = torch.log(torch.tensor([[0.5, 1.0, 3.0]], dtype=torch.float64))
+    w, met = RLObjective(cfg, max_tokens=3).correction_weights(prox, roll, torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(w, torch.tensor([[0.9, 1.0, 2.0]], dtype=torch.float64))
+    assert met["correction/frac_truncated_low"] == pytest.approx(1 / 3)
