@@ -17,8 +17,10 @@ GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 class LossConfig(_Strict):
     """The clipped policy loss."""
 
-    clip_low: float = Field(0.2, ge=0, description="PPO clip below 1.")
-    clip_high: float = Field(0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28).")
+    clip_low: float = Field(0.2, ge=0, description="PPO clip below 1 (verl clip_ratio_low, TRL epsilon).")
+    clip_high: float = Field(
+        0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28; verl clip_ratio_high, TRL epsilon_high)."
+    )
     clip_ratio_c: float | None = Field(
         None,
         gt=1.0,
@@ -28,7 +30,10 @@ class LossConfig(_Strict):
     )
     ratio_level: Literal["token", "sequence"] = Field("token", description="token = PPO/GRPO, sequence = GSPO.")
     aggregation: Literal["token_mean", "sequence_mean", "sequence_sum_norm"] = Field(
-        "token_mean", description="How per-token losses become one number; denominators are global across ranks."
+        "token_mean",
+        description="How per-token losses become one number; denominators are global across ranks. verl "
+        "loss_agg_mode token-mean / seq-mean-token-mean / seq-mean-token-sum-norm; TRL loss_type dapo / grpo / "
+        "dr_grpo.",
     )
 
 
@@ -36,9 +41,14 @@ class KLConfig(_Strict):
     """KL to the reference policy."""
 
     placement: Literal["loss", "reward", "none"] = Field(
-        "loss", description="KL in the loss (GRPO) or in the reward (PPO)."
+        "loss", description="KL in the loss (GRPO; verl use_kl_loss) or in the reward (PPO; verl use_kl_in_reward)."
     )
-    estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (in-reward KL always uses k1).")
+    estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3",
+        description="KL estimator in the loss (in-reward KL always uses k1). verl kl_loss_type kl / mse / "
+        "low_var_kl = k1 / k2 / k3, but verl clamps low_var_kl's value to [-10, 10]; here k3 is unclamped "
+        "(k3_log_ratio_clamp bounds the log-ratio, a different quantity).",
+    )
     k3_log_ratio_clamp: float | None = Field(
         None,
         gt=0,
@@ -47,12 +57,20 @@ class KLConfig(_Strict):
         "of "
         "a biased estimate there (e.g. 10; None: only the overflow guard at 20).",
     )
-    coef: float = Field(0.01, ge=0, description="KL coefficient (beta); the adaptive controller's initial value.")
+    coef: float = Field(
+        0.01,
+        ge=0,
+        description="KL coefficient (beta) of whichever placement (verl's kl_loss_coef or kl_ctrl.kl_coef); the "
+        "adaptive controller's initial value.",
+    )
     controller: Literal["fixed", "adaptive"] = Field(
         "fixed", description="Fixed coefficient or a proportional controller."
     )
     target: float = Field(
-        6.0, gt=0, description="Adaptive controller: the per-sequence KL (summed over tokens) it steers towards."
+        6.0,
+        gt=0,
+        description="Adaptive controller: the KL it steers towards, per SEQUENCE (summed over its tokens), not "
+        "verl's per-token mean kl_ctrl.target_kl: a verl target of 0.1 is about 0.1 x mean response tokens here.",
     )
     horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon in samples.")
 
@@ -91,8 +109,14 @@ class ShapingConfig(_Strict):
     overlong_penalty: float = Field(1.0, ge=0, description="Penalty at max_new_tokens.")
     length_target: int | None = Field(None, ge=0, description="Length penalty -coef*max(0, len-target) (None: off).")
     length_coef: float = Field(0.001, ge=0, description="Length penalty coefficient.")
-    overlong_filter: bool = Field(False, description="Drop truncated responses (finish_reason=length) from the loss.")
-    dynamic_sampling: bool = Field(False, description="Drop groups whose rewards are all equal; generate more instead.")
+    overlong_filter: bool = Field(
+        False,
+        description="Drop truncated responses (finish_reason=length) from the loss (TRL mask_truncated_completions).",
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="Drop groups whose rewards are all equal; generate more instead (verl filter_groups, DAPO).",
+    )
 
     def overlong_buffer_tokens(self, max_new_tokens: int) -> int:
         """The effective soft-punishment buffer in tokens: `overlong_buffer` when positive, else
@@ -133,7 +157,10 @@ class AlgorithmConfig(_Strict):
         description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it.",
     )
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
-        "grpo", description="Advantage estimator (a name of algorithms.advantages.ESTIMATORS)."
+        "grpo",
+        description="Advantage estimator (a name of algorithms.advantages.ESTIMATORS). dr_grpo = grpo without the "
+        "std division (verl norm_adv_by_std_in_grpo: false, TRL scale_rewards: none); TRL's loss_type dr_grpo is "
+        "loss.aggregation sequence_sum_norm instead.",
     )
     gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
     lam: float = Field(
@@ -147,7 +174,7 @@ class AlgorithmConfig(_Strict):
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference.")
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig, description="TIS/MIS.")
     shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="Reward shaping and filters.")
-    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (verl entropy_coeff).")
     distillation: DistillationConfig | None = Field(
         None, description="On-policy distillation: each sampled token's advantage is its reverse KL to a teacher."
     )
