@@ -22,6 +22,7 @@ import torch
 from actors.workers._common import Worker
 from actors.workers.generation_metrics import AgentCounters, WeightLoadMetrics, count_episodes, count_tokens
 from actors.workers.settings import GenerationSettings
+from rlhf_cluster.config import SamplingConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.engine import VLLMEngine
@@ -43,6 +44,7 @@ class GenerationWorker(Worker):
     def __init__(self, settings: GenerationSettings, model_path: str, index: int, slot: int | None = None):
         super().__init__(settings.basics, "generation", f"gen{index}")  # its stall clock before the engine
         self.generation = gen = settings.generation
+        self.eval_sampling = settings.eval_sampling
         self.store = WeightStore(settings.weights_dir, settings.weights.keep)
         # With int8 rollouts the engine loads the store's int8 variant, derived once per version
         # by the publisher; `model_path` is then the int8 start checkpoint the driver wrote.
@@ -124,13 +126,17 @@ class GenerationWorker(Worker):
         """Test hook: the next delivery's `bucket` arrives with one byte flipped (as if damaged in transit)."""
         self.receiver.transport.corrupt_bucket = bucket
 
-    async def _groups(self, prompts: list[Prompt], n: int | None = None, greedy: bool = False) -> list[Rollout]:
+    async def _groups(
+        self, prompts: list[Prompt], n: int | None = None, greedy: bool = False, sampling: SamplingConfig | None = None
+    ) -> list[Rollout]:
+        """`n` rollouts of each prompt (one greedy); `sampling`: single-turn generation's, in place of
+        the training one (held-out evaluation's: preflight refuses `data.eval_sampling` with episodes)."""
         if self.agents is not None:
             rollouts = await self._agent_episodes(prompts, n, greedy)
         elif self.environment is not None:
             rollouts = await self._episodes(prompts, n, greedy)
         else:
-            futures = [asyncio.wrap_future(self.engine.submit_group(p, n, greedy)) for p in prompts]
+            futures = [asyncio.wrap_future(self.engine.submit_group(p, n, greedy, sampling=sampling)) for p in prompts]
             rollouts = [r for group in await asyncio.gather(*futures) for r in group]
             count_tokens(self.labels, rollouts)
         # A vision-language model's sampled placeholder has no image: such a sample cannot be trained on.
@@ -190,7 +196,7 @@ class GenerationWorker(Worker):
         """Held-out evaluation with weights of version >= `min_version`: one greedy response per
         prompt, or with `samples` > 0 that many sampled ones (training sampling settings)."""
         await self.receiver.hold(min_version)
-        return await self._groups(prompts, n=samples or None, greedy=samples == 0)
+        return await self._groups(prompts, samples or None, samples == 0, self.eval_sampling)
 
     def refused_versions(self) -> list[int]:
         return self.receiver.refused_versions()

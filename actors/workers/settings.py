@@ -18,6 +18,7 @@ from rlhf_cluster.config import (
     JudgeReward,
     LoraConfig,
     MetricsConfig,
+    SamplingConfig,
     ScoringConfig,
     WeightsConfig,
 )
@@ -57,6 +58,7 @@ class GenerationSettings:
     adapters: LoraConfig | None
     routing_replay: str  # `algorithm.routing_replay`: whether rollouts must carry the routed experts
     images: EngineImages  # what the engine takes of images, where its model is a vision-language one
+    eval_sampling: SamplingConfig  # held-out answers': `generation.sampling` with `data.eval_sampling` over it
 
     @classmethod
     def of(cls, cfg: JobConfig) -> GenerationSettings:
@@ -70,6 +72,7 @@ class GenerationSettings:
             lora if lora.adapters_only else None,
             cfg.algorithm.routing_replay,
             EngineImages(cfg.data.max_images_per_prompt, cfg.data.min_pixels, cfg.data.max_pixels),
+            cfg.data.eval_sampling.over(cfg.generation.sampling),
         )
 
     def engine_images(self, model_path: str) -> EngineImages | None:

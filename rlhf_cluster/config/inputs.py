@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlhf_cluster.config.base import ConfigError, _refuse_renamed, _Strict
+from rlhf_cluster.config.generation import SamplingConfig
 
 # The tiny model's mixture-of-experts families; the others are dense and take no MoE field.
 MOE_ARCHITECTURES = frozenset({"qwen3_moe"})
@@ -148,6 +149,22 @@ class PromptColumns(_Strict):
     )
 
 
+class EvalSamplingConfig(_Strict):
+    """How held-out evaluation samples (`data.eval_samples`), where it differs from training's
+    `generation.sampling`: e.g. a model card's recommended temperature 0.6 and top_p 0.95 for
+    pass@k. Empty fields keep training's; `max_new_tokens` also bounds the greedy answers."""
+
+    temperature: float | None = Field(None, gt=0, description="Sampled answers' temperature (None: training's).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Sampled answers' nucleus (None: training's).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Every held-out answer's token limit (None: training's)."
+    )
+
+    def over(self, sampling: SamplingConfig) -> SamplingConfig:
+        """`sampling` with this section's set fields written over it."""
+        return sampling.model_copy(update={k: v for k, v in self.model_dump().items() if v is not None})
+
+
 class DataConfig(_Strict):
     """Where prompts come from: a built-in task or a user's parquet/jsonl file."""
 
@@ -251,6 +268,11 @@ class DataConfig(_Strict):
         ge=0,
         description="Also evaluate on the held-out prompts after every this many steps (0: only before and "
         "after the job); the results are columns of that step's row in metrics.jsonl (after the last step: eval.json).",
+    )
+    eval_sampling: EvalSamplingConfig = Field(
+        default_factory=EvalSamplingConfig,
+        description="Sampling of the held-out answers where it differs from training's (temperature, top_p, "
+        "max_new_tokens); single-turn generation only.",
     )
     eval_pass_k: list[int] = Field(
         default_factory=lambda: [1, 4],

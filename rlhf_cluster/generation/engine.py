@@ -19,7 +19,7 @@ from concurrent.futures import Future
 
 import torch
 
-from rlhf_cluster.config import GenerationConfig, LoraConfig
+from rlhf_cluster.config import GenerationConfig, LoraConfig, SamplingConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.generation.adapter_library import OnAdapter
@@ -167,11 +167,11 @@ class VLLMEngine(EngineLoop):
         self.engine.engine_core.shutdown()
 
     # ---- requests ------------------------------------------------------------------------
-    def _sampling_params(self, n: int, greedy: bool, max_tokens: int | None = None):
+    def _sampling_params(self, n: int, greedy: bool, max_tokens: int | None, sampling: SamplingConfig | None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        s = self.cfg.sampling
+        s = sampling or self.cfg.sampling
         # One engine request per response: each finishes (and can be aborted) on its own.
         # No stop strings, so nothing needs text while a response grows: the engine skips its
         # per-token detokenizing (a quarter of its time on a tiny model) and `_rollouts`
@@ -190,12 +190,18 @@ class VLLMEngine(EngineLoop):
         return [params] * (1 if greedy else n)
 
     def submit_group(
-        self, prompt: Prompt, n: int | None = None, greedy: bool = False, max_tokens: int | None = None
+        self,
+        prompt: Prompt,
+        n: int | None = None,
+        greedy: bool = False,
+        max_tokens: int | None = None,
+        sampling: SamplingConfig | None = None,
     ) -> Future:
         """Start the `n` responses of one prompt group now; the future resolves to its `Rollout`s
-        when the last response finishes (one greedy response with `greedy`)."""
+        when the last response finishes (one greedy response with `greedy`); `sampling`: in place of
+        `generation.sampling` (held-out evaluation's, `data.eval_sampling`)."""
         group_id = f"{prompt.prompt_id}:{uuid.uuid4().hex[:12]}"
-        params = self._sampling_params(n or self.cfg.sampling.n, greedy, max_tokens)
+        params = self._sampling_params(n or self.cfg.sampling.n, greedy, max_tokens, sampling)
         # A chat-templated prompt goes in as the template's token ids: nothing is re-tokenised; its
         # images beside them (a vision-language model's engine expands each placeholder).
         request = engine_request(prompt)

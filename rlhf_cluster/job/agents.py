@@ -1,6 +1,6 @@
-"""What an agent job (`generation.agent`) must meet: settings that work together (`rules`) and
-parser names the installed vLLM has (`file_problems`, checked where vLLM is importable); preflight
-runs both."""
+"""What an agent job (`generation.agent`), or any job of episodes, must meet: settings that work
+together (`rules`) and parser names the installed vLLM has (`file_problems`, checked where vLLM is
+importable); preflight runs both."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from rlhf_cluster.config import JobConfig
 
 
 def rules(cfg: JobConfig) -> list[str]:
-    agent = cfg.generation.agent
+    agent, out = cfg.generation.agent, []
     if agent is not None and agent.samples == "turn" and cfg.generation.turn_rewards.assign == "turn":
-        return [
+        out.append(
             "generation.agent.samples: turn with generation.turn_rewards.assign: turn: each turn is its own sample "
             "and takes its episode's advantage; set turn_rewards.assign: episode"
-        ]
-    return []
+        )
+    evaluation = {k: v for k, v in cfg.data.eval_sampling.model_dump().items() if v is not None}
+    if evaluation and (agent is not None or cfg.generation.environment):
+        out.append(
+            f"data.eval_sampling: {evaluation} applies to single-turn generation; an episode's turns (an environment, "
+            "an agent) sample with generation.sampling; remove it"
+        )
+    return out
 
 
 def file_problems(cfg: JobConfig) -> list[str]:

@@ -65,11 +65,14 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     if cfg.data.chat_template:
         prompts = apply_chat_template(prompts, tokenizer, cfg.data.system_prompt)
         eval_prompts = apply_chat_template(eval_prompts, tokenizer, cfg.data.system_prompt)
-    room = cfg.generation.max_model_len - cfg.generation.sampling.max_new_tokens
     pixels = pixel_limits(cfg, model_path)
-    check_prompt_lengths(prompts, tokenizer, room, str(train_file), pixels)
-    if eval_file is not None:
-        check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file), pixels)
+    answer_tokens = cfg.generation.sampling.max_new_tokens
+    check_prompt_lengths(prompts, tokenizer, cfg.generation.max_model_len - answer_tokens, str(train_file), pixels)
+    if eval_prompts:  # from their own file, or held out of the training one
+        eval_tokens = cfg.data.eval_sampling.max_new_tokens
+        field = "data.eval_sampling.max_new_tokens" if eval_tokens else "generation.sampling.max_new_tokens"
+        room = cfg.generation.max_model_len - (eval_tokens or answer_tokens)
+        check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file or train_file), pixels, field)
     if cfg.model.sft_warmup_steps:
         model_path = _warm_up(cfg, model_path, prompts)
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
@@ -94,15 +97,17 @@ def check_prompt_lengths(
     limit: int,
     source: str,
     pixels: tuple[int | None, int | None] = (None, None),
+    answers: str = "generation.sampling.max_new_tokens",
 ) -> None:
     """Every prompt leaves room for a full response in the engine's context, its images counted as
-    the tokens they expand to (resized within `pixels`: min, max), or the job stops here."""
+    the tokens they expand to (resized within `pixels`: min, max), or the job stops here;
+    `answers`: the field that bounds the responses (`limit` is max_model_len less it)."""
     too_long = [(p.prompt_id, n) for p in prompts if (n := prompt_tokens(p, tokenizer, pixels)) > limit]
     if too_long:
         raise ValueError(
             f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
-            f"generation.sampling.max_new_tokens = {limit} tokens (first: {too_long[0][0]!r}, "
-            f"{too_long[0][1]} tokens); raise max_model_len or shorten the prompts"
+            f"{answers} = {limit} tokens (first: {too_long[0][0]!r}, {too_long[0][1]} tokens); raise "
+            "max_model_len or shorten the prompts"
         )
 
 
