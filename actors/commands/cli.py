@@ -74,6 +74,7 @@ def gateway(
 
 
 app.command()(tinker.tinker)
+app.command()(__import__("actors.commands.export", fromlist=["export"]).export)  # a run's policy as a HF folder
 
 
 for view in (run_views.plot, run_views.samples, run_views.trace, run_views.replay):
