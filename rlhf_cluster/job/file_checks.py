@@ -52,6 +52,7 @@ def _context_fits(cfg: JobConfig) -> list[str]:
 
     if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == "1":
         return []
+    limit: int | None
     if cfg.model.path is None:
         limit, where = cfg.model.tiny.max_position_embeddings, "model.tiny.max_position_embeddings"
     else:
