@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from actors.commands import jobs, run_views, stages, tinker, training
+from actors.commands import export, jobs, run_views, stages, tinker, training
 from actors.commands.common import DEFAULT_CONFIG, REPO, load_config_or_exit, refuse
 from rlhf_cluster.telemetry.console import attach_console
 
@@ -74,7 +74,7 @@ def gateway(
 
 
 app.command()(tinker.tinker)
-app.command()(__import__("actors.commands.export", fromlist=["export"]).export)  # a run's policy as a HF folder
+app.command()(export.export)  # a run's policy as a Hugging Face folder
 
 
 for view in (run_views.plot, run_views.samples, run_views.trace, run_views.replay):
