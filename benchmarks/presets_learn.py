@@ -8,8 +8,8 @@ run as a full `Job` in one local Ray instance. The figure is the sampled held-ou
 30 held-out sums x `data.eval_samples` answers each, after RL minus before. Per preset: every
 seed's gain, their mean, min and max, and the placebo's beside them; a preset learns when its
 worst seed gains, and by more than the placebo's best. The demo's own overrides apply to every
-preset (no KL term, token TIS with cap 2); DAPO's overlong buffer is 1 token (its 4 would cover
-the whole response).
+preset (no KL term, token TIS with cap 2); DAPO's overlong buffer is 1 token (its preset's
+0.2 of the demo's max_new_tokens rounds to 1 as well; written out, the figure does not move with the preset).
 
     .venv/bin/python -m benchmarks.presets_learn [--presets grpo dapo ... --seeds 0 1 2 --steps 240]
     .venv/bin/python -m benchmarks.presets_learn --config configs/tool_demo.yaml --presets grpo placebo \

@@ -255,6 +255,10 @@ STEP_GAUGES = {
                 "k3 mismatch KL(pi_roll || pi_prox) of the step's batch.",
             ),
             "correction/frac_truncated": ("rlhf_correction_truncated_fraction", "Tokens whose TIS weight hit the cap."),
+            "correction/frac_truncated_low": (
+                "rlhf_correction_truncated_low_fraction",
+                "Tokens whose TIS weight was raised to algorithm.correction.lower.",
+            ),
             "correction/frac_masked": (
                 "rlhf_correction_masked_fraction",
                 "Tokens (or sequences) MIS removed from the loss.",
