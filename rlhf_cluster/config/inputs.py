@@ -191,6 +191,17 @@ class DataConfig(_Strict):
         "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.",
     )
     system_prompt: str | None = Field(None, description="A system turn before every prompt (with `chat_template`).")
+    chat_template_kwargs: dict[str, object] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the chat template (with `chat_template`), e.g. "
+        "`{enable_thinking: false}` for Qwen3; each must be a variable the template reads.",
+    )
+    overlong_prompts: Literal["error", "drop"] = Field(
+        "error",
+        description="A prompt that leaves no room for a full response (generation.max_model_len less the "
+        "answers' max_new_tokens): `error` stops the job; `drop` leaves it out of the training (or held-out) "
+        "prompts, logged and listed in <run_dir>/data/overlong.json.",
+    )
     verifier: (
         Literal["arithmetic", "tool_arithmetic", "visual_count", "visual_color", "gsm8k", "boxed", "exact", "regex"]
         | None
@@ -310,6 +321,8 @@ class DataConfig(_Strict):
             )
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("data.system_prompt is a chat turn: set data.chat_template: true")
+        if self.chat_template_kwargs and not self.chat_template:
+            raise ValueError("data.chat_template_kwargs are the chat template's: set data.chat_template: true")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"data.min_pixels={self.min_pixels} is larger than data.max_pixels={self.max_pixels}")
         return self
