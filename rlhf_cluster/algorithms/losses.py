@@ -152,6 +152,7 @@ def cispo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     aggregation: str = "token_mean",
+    correction: torch.Tensor | None = None,
     denominator=None,
     max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -160,8 +161,8 @@ def cispo_loss(
     Unlike PPO's clip, which zeroes the gradient of a token whose ratio left the band, CISPO clips
     the importance weight itself and keeps every token's REINFORCE gradient ``-w A grad(logp)``, with
     ``w`` the clamped, detached ratio. The value holds ``logp``, not ``r``: only its gradient means
-    anything. ``advantages`` is ``[B]`` (broadcast) or ``[B, T]``; ``aggregation``, ``denominator`` and
-    ``max_tokens`` as in `policy_loss`. Metrics: the share of valid tokens whose weight was clamped
+    anything. ``advantages`` is ``[B]`` (broadcast) or ``[B, T]``; ``correction``, ``aggregation``,
+    ``denominator`` and ``max_tokens`` as in `policy_loss`. Metrics: the share of valid tokens whose weight was clamped
     from below and from above, the ratio's mean and max, and the k3 estimate of the KL it moved.
     """
     _check_aggregation(aggregation)
@@ -170,6 +171,8 @@ def cispo_loss(
     ratio = torch.exp(log_ratio)
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = -weight * logprobs * _per_token(advantages, logprobs)
+    if correction is not None:
+        per_token = per_token * correction.detach()
     loss = aggregate_loss(per_token, m, aggregation, denominator, max_tokens)
     metrics = _ratio_metrics(ratio, log_ratio, m, ratio < 1.0 - clip_low, ratio > 1.0 + clip_high)
     return loss, metrics

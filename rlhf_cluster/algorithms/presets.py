@@ -42,6 +42,13 @@ PRESETS: dict[str, dict] = {
             "dynamic_sampling": True,
         },
     },
+    # CISPO (MiniMax-M1): the importance weight clamped and detached, every token's gradient kept; one-sided,
+    # [0, 4], as Tinker's CISPO defaults (the paper tunes only the upper bound).
+    "cispo": {
+        "advantage": "grpo",
+        "loss": {"mode": "cispo", "clip_low": 1.0, "clip_high": 3.0, "aggregation": "token_mean"},
+        "kl": _NO_KL,
+    },
     # Sequence-level, length-normalised ratio with one (tight) clip per sequence.
     "gspo": {
         "advantage": "grpo",

@@ -17,6 +17,13 @@ GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 class LossConfig(_Strict):
     """The clipped policy loss."""
 
+    mode: Literal["ppo", "cispo"] = Field(
+        "ppo",
+        description="ppo: the clipped surrogate (a token whose ratio left [1-clip_low, 1+clip_high] in its advantage's "
+        "direction gives no gradient). cispo (MiniMax-M1; ScaleRL): the importance weight clamped to that band and "
+        "detached, every token's gradient kept (verl policy_loss.loss_mode, SkyRL policy_loss_type, TRL loss_type "
+        "cispo); preset `cispo` clamps to [0, 4] as Tinker's CISPO does.",
+    )
     clip_low: float = Field(0.2, ge=0, description="PPO clip below 1 (verl clip_ratio_low, TRL epsilon).")
     clip_high: float = Field(
         0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28; verl clip_ratio_high, TRL epsilon_high)."
@@ -35,6 +42,16 @@ class LossConfig(_Strict):
         "loss_agg_mode token-mean / seq-mean-token-mean / seq-mean-token-sum-norm; TRL loss_type dapo / grpo / "
         "dr_grpo.",
     )
+
+    @model_validator(mode="after")
+    def _cispo_alone(self) -> LossConfig:
+        # CISPO weights each token's own log-prob: no sequence ratio (GSPO) and no dual clip to apply.
+        if self.mode == "cispo" and (self.ratio_level != "token" or self.clip_ratio_c is not None):
+            raise ValueError(
+                "algorithm.loss.mode: cispo clamps each token's weight; it takes ratio_level: token and no "
+                f"clip_ratio_c (got ratio_level {self.ratio_level}, clip_ratio_c {self.clip_ratio_c})"
+            )
+        return self
 
 
 class KLConfig(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_cluster.algorithms import importance_weights, kl_loss, kl_penalty, masked_mean, policy_loss
+from rlhf_cluster.algorithms.losses import cispo_loss
 from rlhf_cluster.config import AlgorithmConfig
 
 
@@ -55,19 +56,19 @@ class RLObjective:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss and its metrics (0-dim device tensors: read by the learner once per step)."""
         lc = self.cfg.loss
-        pg, metrics = policy_loss(
+        # CISPO: the same clip band bounds a detached weight on every token's log-prob (`algorithm.loss.mode`).
+        pg, metrics = (cispo_loss if lc.mode == "cispo" else policy_loss)(
             logprobs,
             old_logprobs,
             advantages,
             mask,
             clip_low=lc.clip_low,
             clip_high=lc.clip_high,
-            clip_ratio_c=lc.clip_ratio_c,
-            ratio_level=lc.ratio_level,
             aggregation=lc.aggregation,
             correction=correction,
             denominator=denominator,
             max_tokens=self.max_tokens,
+            **({} if lc.mode == "cispo" else {"clip_ratio_c": lc.clip_ratio_c, "ratio_level": lc.ratio_level}),
         )
         total = pg
         kl_cfg = self.cfg.kl

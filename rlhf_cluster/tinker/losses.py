@@ -16,10 +16,11 @@ switched off only by zero `weights` or `advantages`. Notation: `lp` is the learn
 The datums are right-padded to `[B, T]` with a 0/1 mask, and every project loss is called with
 `aggregation="sequence_sum_norm"` and `denominator=1`, which is the plain masked sum.
 
-Defaults of `loss_fn_config`: `ppo` and `cispo` take `clip_low_threshold` 0.8 and
-`clip_high_threshold` 1.2 (Tinker's documented PPO defaults; its docs give none for CISPO, so CISPO
-gets PPO's); `dro` takes `beta` 0.05 (its docs give no default; 0.05 is the value their example
-passes). Inputs a loss does not read (the cookbook's `mask`, say) are ignored.
+Defaults of `loss_fn_config`: `ppo` takes `clip_low_threshold` 0.8 and `clip_high_threshold` 1.2
+(Tinker's documented PPO defaults); `cispo` takes 0.0 and 4.0 (Tinker's CISPO page: a one-sided clip,
+no lower bound; tinker-docs.thinkingmachines.ai/tinker/losses/cispo); `dro` takes `beta` 0.05
+(its docs give no default; 0.05 is the value their example passes). Inputs a loss does not read
+(the cookbook's `mask`, say) are ignored.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "cross_entropy": LossSpec(("weights",), {}),
     "importance_sampling": LossSpec(RL_INPUTS, {}),
     "ppo": LossSpec(RL_INPUTS, CLIP_DEFAULTS),
-    "cispo": LossSpec(RL_INPUTS, CLIP_DEFAULTS),
+    "cispo": LossSpec(RL_INPUTS, {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}),
     "dro": LossSpec(RL_INPUTS, {"beta": 0.05}),
 }
 

@@ -130,7 +130,7 @@ def test_builtin_equals_formula_and_project_function(name, config):
 def test_defaults_are_documented_values():
     assert SERVED_LOSSES == ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
     assert LOSS_SPECS["ppo"].config == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
-    assert LOSS_SPECS["cispo"].config == LOSS_SPECS["ppo"].config
+    assert LOSS_SPECS["cispo"].config == {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}  # one-sided
     assert LOSS_SPECS["dro"].config == {"beta": 0.05}
     assert LOSS_SPECS["cross_entropy"].inputs == ("weights",)
     # The defaults are what builtin_loss uses when the request gives no config.
@@ -154,11 +154,15 @@ def test_ppo_clips_outside_the_thresholds_and_cispo_does_not_drop_gradients():
     assert_close(grad, torch.tensor([0.0, 1.5, 0.0, -0.5, -2.0]))
     assert metrics["clip_fraction:mean"] == pytest.approx(2 / 5)
 
-    _, metrics = builtin_loss("cispo", lp, inputs, {})
-    _, (grad,) = _grad(lambda x: builtin_loss("cispo", x, inputs, {})[0], lp)
+    band = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    _, metrics = builtin_loss("cispo", lp, inputs, band)
+    _, (grad,) = _grad(lambda x: builtin_loss("cispo", x, inputs, band)[0], lp)
     # CISPO keeps every token's gradient, with the weight clamped to [0.8, 1.2].
     assert_close(grad, torch.tensor([-1.2, 1.2, 0.8, -0.8, -2.0]))
     assert metrics["clip_fraction:mean"] == pytest.approx(4 / 5)
+    # Its default band, [0, 4], clamps none of these ratios: the plain importance-weighted gradient.
+    _, (grad,) = _grad(lambda x: builtin_loss("cispo", x, inputs, {})[0], lp)
+    assert_close(grad, -adv * ratios)
 
     # importance_sampling never clips.
     _, (grad,) = _grad(lambda x: builtin_loss("importance_sampling", x, inputs, {})[0], lp)
@@ -232,7 +236,7 @@ def test_check_loss_returns_resolved_config_on_numpy_inputs():
     assert check_loss("ppo", None, inputs) == {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
     assert check_loss("cispo", {"clip_low_threshold": 0.5}, inputs, lengths=[4, 2]) == {
         "clip_low_threshold": 0.5,
-        "clip_high_threshold": 1.2,
+        "clip_high_threshold": 4.0,  # CISPO's own default
     }
     assert check_loss("dro", {}, inputs) == {"beta": 0.05}
     # Inputs a loss does not read (the cookbook's `mask`) are ignored.
