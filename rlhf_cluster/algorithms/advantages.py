@@ -191,6 +191,17 @@ def dr_grpo_advantages(rewards: torch.Tensor, group_ids: GroupIds) -> tuple[torc
     return group_advantages(rewards, group_ids, scale="none")
 
 
+@torch.no_grad()
+def reinforce_pp_baseline_advantages(
+    rewards: torch.Tensor, group_ids: GroupIds
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE++-baseline (verl and slime `reinforce_plus_plus_baseline`, OpenRLHF `reinforce_baseline`),
+    its group half: the reward less its group's mean. The step's batch then whitens these over its
+    valid tokens (`experience.build.batch_advantages`): a group baseline without GRPO's per-prompt
+    std (which weighs nearly solved and nearly hopeless prompts up), on one scale for the batch."""
+    return group_advantages(rewards, group_ids, scale="none")
+
+
 def at_take_time(rewards: torch.Tensor, group_ids: GroupIds) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE++ and GAE: zero when the group is scored. Their advantages need the whole step's
     batch (whitened returns-to-go) or the critic's values of the step, so the step's batch fills
@@ -207,6 +218,7 @@ ESTIMATORS: dict[str, GroupEstimator] = {
     "grpo": grpo_advantages,
     "dr_grpo": dr_grpo_advantages,
     "rloo": rloo_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
     "reinforce_pp": at_take_time,
     "gae": at_take_time,
 }

@@ -11,7 +11,8 @@ from rlhf_cluster.algorithms.presets import PRESETS, merge_preset
 from rlhf_cluster.config.base import _Strict
 
 # Advantage estimators that compare a prompt's samples with each other: a group needs two or more.
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # a baseline from the prompt's group
+DISTILLED_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # the group's advantages final when scored
 
 
 class LossConfig(_Strict):
@@ -173,11 +174,12 @@ class AlgorithmConfig(_Strict):
         None,
         description="One-line algorithm choice (a name of algorithms.presets.PRESETS); explicit fields override it.",
     )
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "reinforce_pp", "gae"] = Field(
         "grpo",
         description="Advantage estimator (a name of algorithms.advantages.ESTIMATORS). dr_grpo = grpo without the "
         "std division (verl norm_adv_by_std_in_grpo: false, TRL scale_rewards: none); TRL's loss_type dr_grpo is "
-        "loss.aggregation sequence_sum_norm instead.",
+        "loss.aggregation sequence_sum_norm instead. reinforce_pp_baseline (verl, slime; OpenRLHF "
+        "reinforce_baseline): the group's mean as baseline, then whitened over the step's batch.",
     )
     gamma: float = Field(1.0, gt=0, le=1, description="Discount of reinforce_pp returns and of gae.")
     lam: float = Field(

@@ -236,10 +236,11 @@ def token_rewards(
 
 
 def batch_advantages(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> dict[str, float]:
-    """Fill in advantages that need the whole step's batch (REINFORCE++), in place.
-
-    `reinforce_pp_advantages` turns the `token_rewards` into whitened returns-to-go.
-    """
+    """Fill in advantages that need the whole step's batch, in place: REINFORCE++'s
+    (`reinforce_pp_advantages` turns the `token_rewards` into whitened returns-to-go), and
+    REINFORCE++-baseline's group advantages whitened over the batch's valid tokens."""
+    if cfg.advantage == "reinforce_pp_baseline":
+        return _whiten_in_place(samples)
     if cfg.advantage != "reinforce_pp":
         return {}
     rewards, mask = token_rewards(samples, cfg, kl_coef)
@@ -247,6 +248,20 @@ def batch_advantages(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef:
     for i, s in enumerate(samples):
         s.advantages = adv[i, : len(s.response_ids)].tolist()
     return metrics
+
+
+def _whiten_in_place(samples: list[ScoredSample]) -> dict[str, float]:
+    """The samples' per-token advantages whitened over the batch's valid (model) tokens."""
+    T = max(max(len(s.response_ids) for s in samples), 1)
+    adv, mask = torch.zeros(len(samples), T, dtype=torch.float64), torch.zeros(len(samples), T, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s.response_ids)
+        adv[i, :n] = torch.tensor(s.advantages, dtype=adv.dtype)
+        mask[i, :n] = torch.tensor(s.model_tokens, dtype=torch.bool)
+    white, stats = whiten(adv, mask)
+    for i, s in enumerate(samples):
+        s.advantages = white[i, : len(s.response_ids)].tolist()
+    return {"batch_mean": stats["mean"], "batch_std": stats["std"]}
 
 
 def critic_advantages(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
+from rlhf_cluster.config.algorithm import DISTILLED_ADVANTAGES
 
 
 def rules(cfg: JobConfig) -> list[str]:
@@ -31,10 +31,10 @@ def rules(cfg: JobConfig) -> list[str]:
             "the teacher's, so the KL term would pull toward the teacher a second time; set kl.coef: 0 "
             "(or kl.placement: none)"
         )
-    if cfg.algorithm.advantage not in GROUP_ADVANTAGES:
+    if cfg.algorithm.advantage not in DISTILLED_ADVANTAGES:
         out.append(
             f"algorithm.distillation with algorithm.advantage={cfg.algorithm.advantage}: the teacher's per-token "
-            f"advantages are made with the group's, for {', '.join(GROUP_ADVANTAGES)}"
+            f"advantages are made with the group's, for {', '.join(DISTILLED_ADVANTAGES)}"
         )
     return out
 

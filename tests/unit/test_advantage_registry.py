@@ -22,6 +22,7 @@ EXPECTED = {
     "grpo": [0.5 / (_STD + 1e-6), -0.5 / (_STD + 1e-6), 0.0, 0.0],
     "dr_grpo": [0.5, -0.5, 0.0, 0.0],
     "rloo": [1.0 - 1.0 / 3, 0.0 - 2.0 / 3, 0.0, 0.0],
+    "reinforce_pp_baseline": [0.5, -0.5, 0.0, 0.0],  # the group's half; whitened over the batch at take time
     "reinforce_pp": [0.0] * 4,  # filled in at take time (finalize_batch)
     "gae": [0.0] * 4,
 }
