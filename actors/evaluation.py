@@ -10,6 +10,7 @@ from actors.cluster import Cluster
 from rlhf_cluster.config import DataConfig
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.experience.turn_samples import scored_indices
+from rlhf_cluster.scoring.rewards import reward_contexts
 from rlhf_cluster.telemetry.rollout_stats import accuracy, accuracy_by_source, mean_pass_at_k
 
 
@@ -20,8 +21,7 @@ async def _judged(
     one greedy answer per prompt, or with `samples` > 0 that many sampled ones."""
     _, rollouts = await cluster.call("generation", "evaluate", prompts, version, samples)
     rollouts = [rollouts[i] for i in scored_indices(rollouts)]  # an episode trained per turn: its answer
-    answers = {p.prompt_id: p.answer for p in prompts}
-    _, scores = await cluster.call("reward", "score", rollouts, answers)
+    _, scores = await cluster.call("reward", "score", rollouts, reward_contexts(prompts))
     correct: dict[str, list[bool]] = defaultdict(list)
     for rollout, (_, components) in zip(rollouts, scores):
         correct[rollout.prompt_id].append(components.get("correct", 0.0) >= 1.0)

@@ -19,7 +19,7 @@ from rlhf_cluster.experience.turn_samples import broadcast_scores, scored_indice
 from rlhf_cluster.rewards.turns import combined_reward
 from rlhf_cluster.run.job_state import kept_samples, min_group_size
 from rlhf_cluster.scoring.judge import with_judge
-from rlhf_cluster.scoring.rewards import FAILED
+from rlhf_cluster.scoring.rewards import FAILED, reward_contexts
 
 
 @dataclass
@@ -48,7 +48,7 @@ async def _scored(calls: ScoringCalls, cfg: JobConfig, rollouts: list[Rollout], 
     rewarded = scored_indices(ok)  # an episode trained per turn is rewarded once, on its last turn
     answering = [ok[i] for i in rewarded]
     scores, reference, teacher, judged = await asyncio.gather(
-        calls.rewards(answering, answers),
+        calls.rewards(answering, reward_contexts(prompts)),
         calls.reference_logprobs(ok),
         calls.teacher_logprobs(ok),
         calls.judge(answering, texts, answers),

@@ -13,7 +13,7 @@ from actors.workers._common import Worker, limit_threads
 from actors.workers.settings import ScoringSettings
 from rlhf_cluster.config import FunctionReward
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.scoring.rewards import RuleReward, combine_rewards, weighted_rule
+from rlhf_cluster.scoring.rewards import RewardContext, RuleReward, combine_rewards, weighted_rule
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
 
@@ -65,10 +65,13 @@ class RewardWorker(Worker):
     def stats(self) -> dict[str, int]:
         return {"scored": self.reward.scored, "failed": self.reward.failed, "timed_out": self.reward.timed_out}
 
-    def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
-        """(reward, components) per rollout: the rule reward, plus the reward models' when configured."""
+    def score(
+        self, rollouts: list[Rollout], contexts: dict[str, RewardContext]
+    ) -> list[tuple[float, dict[str, float]]]:
+        """(reward, components) per rollout: the rule reward, plus the reward models' when configured.
+        `contexts`: each prompt's answer and what a custom reward function may take besides."""
         with tracing.span("score", responses=len(rollouts)):
-            out = self.reward.score(rollouts, answers)
+            out = self.reward.score(rollouts, contexts)
             if self.models is not None and self.model_source is not None:
                 out = combine_rewards(
                     out,

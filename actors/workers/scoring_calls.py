@@ -13,6 +13,7 @@ from typing import Any
 from actors.workers.pools import ActorPool
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.call_coalescing import CallCoalescer
+from rlhf_cluster.scoring.rewards import RewardContext
 
 Send = Callable[[list], Awaitable[Sequence[Any]]]
 
@@ -43,11 +44,14 @@ class ScoringCalls:
         self._teacher = joining("teacher", partial(self._send, "teacher", "logprobs"))
         self._judge = joining("judge", partial(self._send, "judge", "judge"))
 
-    async def rewards(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
-        """(reward, components) per rollout, from the reward pool."""
+    async def rewards(
+        self, rollouts: list[Rollout], contexts: dict[str, RewardContext]
+    ) -> list[tuple[float, dict[str, float]]]:
+        """(reward, components) per rollout, from the reward pool; `contexts`: each prompt's answer
+        and what a custom reward function may take besides, by prompt id (`reward_contexts`)."""
         if self._rewards is None:
             raise RuntimeError("this job has no reward pool")
-        return list(await self._rewards([(r, answers) for r in _unrouted(rollouts)]))
+        return list(await self._rewards([(r, contexts) for r in _unrouted(rollouts)]))
 
     async def reference_logprobs(self, rollouts: list[Rollout]) -> list[list[float]] | None:
         """Per-token log-probs of the frozen initial policy per rollout (None: no reference pool)."""
@@ -81,11 +85,11 @@ class ScoringCalls:
     async def _send(self, pool: str, method: str, items: list) -> list:
         return (await self.pools[pool].call(method, items))[1]
 
-    async def _send_rewards(self, items: list[tuple[Rollout, dict[str, str]]]) -> list:
-        answers: dict[str, str] = {}
-        for held in {id(a): a for _, a in items}.values():
-            answers.update(held)
-        return (await self.pools["reward"].call("score", [r for r, _ in items], answers))[1]
+    async def _send_rewards(self, items: list[tuple[Rollout, dict[str, RewardContext]]]) -> list:
+        contexts: dict[str, RewardContext] = {}
+        for held in {id(c): c for _, c in items}.values():
+            contexts.update(held)
+        return (await self.pools["reward"].call("score", [r for r, _ in items], contexts))[1]
 
 
 def _unrouted(rollouts: list[Rollout]) -> list[Rollout]:

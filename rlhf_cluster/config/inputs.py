@@ -123,8 +123,9 @@ class ModelConfig(_Strict):
 
 class PromptColumns(_Strict):
     """The names of a prompt file's columns: the prompt text (or a chat `messages` list), the
-    reference answer, and the id. An id or answer column left unnamed is used when the file has
-    one named `prompt_id` / `answer` (else ids are `row-<n>`, answers empty); a named one must exist."""
+    reference answer, the id, and what a reward function is given besides. An id or answer column
+    left unnamed is used when the file has one named `prompt_id` / `answer` (else ids are `row-<n>`,
+    answers empty); a named one must exist."""
 
     prompt: str = Field("prompt", description="Column of prompt text (ignored when `messages` is set).")
     messages: str | None = Field(
@@ -146,6 +147,13 @@ class PromptColumns(_Strict):
         description="Column of each prompt's images, one or a list per row (a vision-language policy): PNG/JPEG "
         "bytes, a path (relative to the dataset file's folder), or a `datasets` Image feature ({bytes, path}). The "
         "chat template puts them before the prompt's text (or where a messages column's `{type: image}` parts are).",
+    )
+    extra: list[str] = Field(
+        default_factory=list,
+        description="Further columns a custom reward function (`scoring.rewards` `{type: function}`) is given, as its "
+        "keyword `extra`: a dict of these columns' values for the response's row (e.g. [test_cases, difficulty]); "
+        "beside it, `prompt` (the prompt text), `source` (this `source` column's value) and `prompt_id`. Each must be "
+        "a column of the prompt file (and of data.eval_path).",
     )
 
 

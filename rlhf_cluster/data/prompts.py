@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.json as pa_json
@@ -32,7 +33,8 @@ class Prompt:
     """One prompt with the reference answer its verifier checks against. `token_ids`, when set
     (a chat-templated prompt), are exactly what the engine receives; otherwise it encodes `text`.
     `images`: the prompt's images as encoded bytes (PNG, JPEG, ...), in the order of their
-    placeholders in the prompt; empty for a text prompt."""
+    placeholders in the prompt; empty for a text prompt. `extra`: the row's `data.columns.extra`
+    columns by name, which a custom reward function may take (`rlhf_cluster/scoring/rewards.py`)."""
 
     prompt_id: str
     text: str
@@ -41,6 +43,7 @@ class Prompt:
     messages: tuple[dict, ...] | None = None  # a chat `messages` column, rendered by `apply_chat_template`
     source: str | None = None  # where the prompt comes from (`data.columns.source`): evaluation reports per source
     images: tuple[bytes, ...] = ()  # `data.columns.images` (a visual task's `images` column)
+    extra: dict[str, Any] = field(default_factory=dict)  # `data.columns.extra`, as pyarrow reads them
 
     def encode(self, tokenizer) -> list[int]:
         """The prompt's token ids as the engine sees them."""
@@ -109,8 +112,8 @@ def read_prompt_file(
     max_images: int | None = None,
 ) -> list[Prompt]:
     """Read prompts from .parquet, .jsonl or a save_to_disk folder, with `columns` naming the
-    prompt (or messages), answer, id and image columns (see `PromptColumns`). Without `columns` (a
-    built-in task's own file), an `images` column is the prompts' images.
+    prompt (or messages), answer, id, image and extra columns (see `PromptColumns`). Without `columns`
+    (a built-in task's own file), an `images` column is the prompts' images.
 
     Every error names the file and what was expected: missing file, wrong suffix, a file that
     does not parse, missing columns, no rows, null/empty/duplicate ids, empty prompts; an image
@@ -133,7 +136,7 @@ def read_prompt_file(
     answer_column = columns.answer or ("answer" if "answer" in table.column_names else None)
     missing = [
         c
-        for c in (text_column, id_column, answer_column, columns.source, columns.images)
+        for c in (text_column, id_column, answer_column, columns.source, columns.images, *columns.extra)
         if c is not None and c not in table.column_names
     ]
     if missing:
@@ -148,20 +151,30 @@ def read_prompt_file(
         if columns.source
         else [None] * len(ids)
     )
+    extras = _extras(table, columns.extra)
     images = read_images(file, table, columns.images, ids, max_image_bytes)
     check_image_counts(file, columns.images, ids, images, max_images)
     if columns.messages:
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
         _check_image_parts(file, ids, chats, images)
         return [
-            Prompt(i, "", a, messages=m, source=src, images=im)
-            for i, a, m, src, im in zip(ids, answers, chats, sources, images)
+            Prompt(i, "", a, messages=m, source=src, images=im, extra=x)
+            for i, a, m, src, im, x in zip(ids, answers, chats, sources, images, extras)
         ]
     texts = table.column(columns.prompt).to_pylist()
     bad = [i for i, t in zip(ids, texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"prompt file {file}: empty or non-string prompt for prompt_id(s) {bad[:5]}")
-    return [Prompt(i, t, a, source=src, images=im) for i, t, a, src, im in zip(ids, texts, answers, sources, images)]
+    return [
+        Prompt(i, t, a, source=src, images=im, extra=x)
+        for i, t, a, src, im, x in zip(ids, texts, answers, sources, images, extras)
+    ]
+
+
+def _extras(table: pa.Table, names: list[str]) -> list[dict[str, Any]]:
+    """Each row's `names` columns by name (`data.columns.extra`), as Python values."""
+    values = {name: table.column(name).to_pylist() for name in dict.fromkeys(names)}
+    return [{name: column[row] for name, column in values.items()} for row in range(table.num_rows)]
 
 
 def _prompt_ids(file: Path, raw_ids: list | None, rows: int) -> list[str]:
@@ -282,6 +295,7 @@ def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | N
                 messages=tuple(chat),
                 source=p.source,
                 images=p.images,
+                extra=p.extra,
             )
         )
     return out

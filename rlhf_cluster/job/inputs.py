@@ -3,8 +3,10 @@ its supervised warm-up when no model is given), the prompt files and the mismatc
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -63,16 +65,11 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # the warm-up keeps it: one for templates, lengths, probe
     if cfg.data.chat_template:
-        prompts = apply_chat_template(prompts, tokenizer, cfg.data.system_prompt)
-        eval_prompts = apply_chat_template(eval_prompts, tokenizer, cfg.data.system_prompt)
-    pixels = pixel_limits(cfg, model_path)
-    answer_tokens = cfg.generation.sampling.max_new_tokens
-    check_prompt_lengths(prompts, tokenizer, cfg.generation.max_model_len - answer_tokens, str(train_file), pixels)
-    if eval_prompts:  # from their own file, or held out of the training one
-        eval_tokens = cfg.data.eval_sampling.max_new_tokens
-        field = "data.eval_sampling.max_new_tokens" if eval_tokens else "generation.sampling.max_new_tokens"
-        room = cfg.generation.max_model_len - (eval_tokens or answer_tokens)
-        check_prompt_lengths(eval_prompts, tokenizer, room, str(eval_file or train_file), pixels, field)
+        template = (tokenizer, cfg.data.system_prompt)
+        prompts = apply_chat_template(prompts, *template)
+        eval_prompts = apply_chat_template(eval_prompts, *template)
+    sources = (str(train_file), str(eval_file or train_file))
+    prompts, eval_prompts = _fitting(cfg, run_dir, tokenizer, prompts, eval_prompts, sources, model_path)
     if cfg.model.sft_warmup_steps:
         model_path = _warm_up(cfg, model_path, prompts)
     return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
@@ -91,6 +88,46 @@ def _warm_up(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> str:
     return str(ensure_warmed_model(*common, progress=progress, demonstrations=demonstrations))
 
 
+def _fitting(
+    cfg: JobConfig,
+    run_dir: RunDir,
+    tokenizer,
+    prompts: list[Prompt],
+    eval_prompts: list[Prompt],
+    sources: tuple[str, str],
+    model_path: str,
+) -> tuple[list[Prompt], list[Prompt]]:
+    """The training and held-out prompts that leave room for a full response (`check_prompt_lengths`,
+    `data.overlong_prompts`); with `drop`, the dropped ids are listed in <run_dir>/data/overlong.json."""
+    pixels, drop = pixel_limits(cfg, model_path), cfg.data.overlong_prompts
+    answer_tokens = cfg.generation.sampling.max_new_tokens
+    eval_tokens = cfg.data.eval_sampling.max_new_tokens
+    field = "data.eval_sampling.max_new_tokens" if eval_tokens else "generation.sampling.max_new_tokens"
+    rooms = (
+        cfg.generation.max_model_len - answer_tokens,
+        cfg.generation.max_model_len - (eval_tokens or answer_tokens),
+    )
+    kept = check_prompt_lengths(prompts, tokenizer, rooms[0], sources[0], pixels, overlong=drop)
+    kept_eval = eval_prompts
+    if eval_prompts:  # from their own file, or held out of the training one
+        kept_eval = check_prompt_lengths(eval_prompts, tokenizer, rooms[1], sources[1], pixels, field, drop)
+    if drop == "drop":  # what was dropped, for audit (like held_out.json)
+        record = {
+            "train": {"limit_tokens": rooms[0], "dropped_ids": _left_out(prompts, kept)},
+            "held_out": {"limit_tokens": rooms[1], "dropped_ids": _left_out(eval_prompts, kept_eval)},
+        }
+        path = run_dir.root / "data" / "overlong.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+        path.with_suffix(".tmp").replace(path)
+    return kept, kept_eval
+
+
+def _left_out(before: list[Prompt], after: list[Prompt]) -> list[str]:
+    kept = {id(p) for p in after}
+    return [p.prompt_id for p in before if id(p) not in kept]
+
+
 def check_prompt_lengths(
     prompts: list[Prompt],
     tokenizer,
@@ -98,17 +135,28 @@ def check_prompt_lengths(
     source: str,
     pixels: tuple[int | None, int | None] = (None, None),
     answers: str = "generation.sampling.max_new_tokens",
-) -> None:
-    """Every prompt leaves room for a full response in the engine's context, its images counted as
-    the tokens they expand to (resized within `pixels`: min, max), or the job stops here;
-    `answers`: the field that bounds the responses (`limit` is max_model_len less it)."""
-    too_long = [(p.prompt_id, n) for p in prompts if (n := prompt_tokens(p, tokenizer, pixels)) > limit]
-    if too_long:
-        raise ValueError(
-            f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
-            f"{answers} = {limit} tokens (first: {too_long[0][0]!r}, {too_long[0][1]} tokens); raise "
-            "max_model_len or shorten the prompts"
-        )
+    overlong: Literal["error", "drop"] = "error",
+) -> list[Prompt]:
+    """The prompts that leave room for a full response in the engine's context, their images
+    counted as the tokens they expand to (resized within `pixels`: min, max); `answers`: the field
+    that bounds the responses (`limit` is max_model_len less it). A longer prompt stops the job here
+    (`overlong: error`), or is left out (`drop`: logged once, with the count and the first id; the
+    job stops if none is left)."""
+    lengths = [prompt_tokens(p, tokenizer, pixels) for p in prompts]
+    too_long = [(p.prompt_id, n) for p, n in zip(prompts, lengths) if n > limit]
+    if not too_long:
+        return prompts
+    what = (
+        f"prompt file {source}: {len(too_long)} prompt(s) longer than generation.max_model_len - "
+        f"{answers} = {limit} tokens (first: {too_long[0][0]!r}, {too_long[0][1]} tokens)"
+    )
+    kept = [p for p, n in zip(prompts, lengths) if n <= limit]
+    if overlong != "drop":
+        raise ValueError(f"{what}; raise max_model_len, shorten the prompts or set data.overlong_prompts: drop")
+    if not kept:
+        raise ValueError(f"{what}: data.overlong_prompts: drop leaves none; raise max_model_len or shorten the prompts")
+    log.warning("%s: dropped (data.overlong_prompts: drop), %d left", what, len(kept))
+    return kept
 
 
 def build_job_probe(cfg: JobConfig, tokenizer, prompts: list[Prompt]) -> Probe | None:

@@ -1,7 +1,19 @@
 """Rule-based rewards: a task's verifier, or a user's function, applied to responses.
 
 A custom reward (a `function` source in `scoring.rewards`) is called once per response as
-`function(response_text, answer)` and returns either
+`function(response_text, answer)` (the answer a string, "" without an answer column), with, by
+keyword, whichever of these its signature names (a `**kwargs` parameter gets them all):
+
+- `prompt`: the prompt text as the policy saw it (the chat template's rendering when
+  `data.chat_template` is on; list the raw column in `data.columns.extra` for the question alone);
+- `source`: the row's `data.columns.source` value (None without that column);
+- `extra`: a dict of the row's `data.columns.extra` columns, as pyarrow reads them (a JSON object
+  is a dict, a list a list; {} without any);
+- `prompt_id`: the prompt's id.
+
+e.g. `def score(response, answer, *, source, extra): ...`. The signature is checked when the
+function is loaded: a parameter without a default that is none of these is refused, naming it.
+The function returns either
 
 - a number: that is the reward; or
 - a `dict[str, float]` of components: the reward is `components["reward"]` when the dict has a
@@ -34,18 +46,40 @@ import logging
 import math
 import numbers
 import threading
-from collections.abc import Callable
-from typing import Literal, SupportsFloat, cast
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, SupportsFloat, cast
 
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.user_code import FailureRate, import_spec
 
+if TYPE_CHECKING:
+    from rlhf_cluster.data.prompts import Prompt
+
 FAILED = "reward_failed"
 BROKEN_AFTER = 32  # first samples all failing: the function itself is broken
 log = logging.getLogger(__name__)
-RewardFn = Callable[[str, str], "float | dict[str, float]"]
+RewardFn = Callable[..., "float | dict[str, float]"]  # (response, answer, **context) -> reward
+CONTEXT: tuple[str, ...] = ("prompt", "source", "extra", "prompt_id")  # what a reward function may take by keyword
+
+
+@dataclass(frozen=True)
+class RewardContext:
+    """What the reward worker knows of one prompt: its reference answer, and what a custom reward
+    function may ask for besides (see the module docstring)."""
+
+    answer: str
+    prompt: str = ""
+    source: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def reward_contexts(prompts: Iterable[Prompt]) -> dict[str, RewardContext]:
+    """Each prompt's `RewardContext`, by prompt id: what scoring its responses is sent."""
+    return {p.prompt_id: RewardContext(p.answer, p.text, p.source, p.extra) for p in prompts}
 
 
 class RewardFunctionError(RuntimeError):
@@ -78,7 +112,8 @@ def call_with_timeout(fn: Callable, args: tuple, timeout_s: float | None):
 
 
 def load_reward_fn(spec: str, field: str = "data.reward_fn") -> RewardFn:
-    """Import `module:function` (the attribute may be dotted, e.g. `module:Class.method`).
+    """Import `module:function` (the attribute may be dotted, e.g. `module:Class.method`) and
+    check its signature (`context_keywords`).
 
     Errors are ValueErrors that name the config field, the spec and what went wrong.
     """
@@ -87,13 +122,39 @@ def load_reward_fn(spec: str, field: str = "data.reward_fn") -> RewardFn:
     attr = spec.strip().partition(":")[2]
     if not callable(fn):
         raise ValueError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
-    try:
-        inspect.signature(fn).bind("response", "answer")
-    except TypeError as exc:
-        raise ValueError(f"{where}: the function must accept (response: str, answer: str): {exc}") from exc
-    except ValueError:
-        pass  # no introspectable signature (some builtins): let the call decide
+    context_keywords(fn, where)
     return fn
+
+
+def context_keywords(fn: Callable, where: str) -> tuple[str, ...]:
+    """The `CONTEXT` names `fn` takes by keyword after (response, answer): those its signature
+    names, or all with `**kwargs`. A ValueError naming `where` when it cannot take
+    (response, answer) positionally, or requires a parameter that is none of them."""
+    try:
+        signature = inspect.signature(fn)
+    except ValueError:
+        return ()  # no introspectable signature (some builtins): let the call decide
+    params = signature.parameters
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        wanted = CONTEXT
+    else:
+        wanted = tuple(n for n in CONTEXT if n in params and params[n].kind in by_keyword)
+    try:
+        signature.bind("response", "answer", **dict.fromkeys(wanted))
+    except TypeError as exc:
+        unknown = [
+            p.name
+            for p in list(params.values())[2:]
+            if p.kind in by_keyword and p.default is p.empty and p.name not in CONTEXT
+        ]
+        if unknown:
+            raise ValueError(
+                f"{where}: the function requires parameter(s) {unknown}, which a reward function is not given: "
+                f"it gets (response, answer) positionally, then any of {list(CONTEXT)} by keyword (**kwargs: all)"
+            ) from exc
+        raise ValueError(f"{where}: the function must accept (response: str, answer: str): {exc}") from exc
+    return wanted
 
 
 def _as_float(value: object, what: str) -> float:
@@ -151,8 +212,10 @@ class RuleReward:
         self.failures = FailureRate(
             f"reward function {self.fn_name} (scoring.rewards)", max_failure_fraction, failure_window, BROKEN_AFTER
         )
+        self.keywords: tuple[str, ...] = ()  # the `CONTEXT` the custom function takes
         if reward_fn is not None:
             self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
+            self.keywords = context_keywords(self.fn, f"reward function {self.fn_name}")
             return
         if verifier is None:
             raise ValueError(
@@ -161,26 +224,44 @@ class RuleReward:
             )
         self.verify, self.weights = build_verifier(verifier, pattern)
 
-    def score(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
-        missing = [r.prompt_id for r in rollouts if r.prompt_id not in answers]
+    def score(
+        self, rollouts: list[Rollout], contexts: Mapping[str, RewardContext | str]
+    ) -> list[tuple[float, dict[str, float]]]:
+        """(reward, components) per rollout; `contexts`: each prompt's `RewardContext` by prompt id
+        (`reward_contexts`), or its answer alone."""
+        missing = [r.prompt_id for r in rollouts if r.prompt_id not in contexts]
         if missing:
             raise KeyError(f"no reference answer for prompt {missing[0]!r}")
+        known = {k: RewardContext(v) if isinstance(v, str) else v for k, v in contexts.items()}
         if self.fn is None:
             out = []
             for r in rollouts:
-                components = self.verify(r.response_text, answers[r.prompt_id])
+                components = self.verify(r.response_text, known[r.prompt_id].answer)
                 out.append((combine_reward(components, self.weights), components))
             self.scored += len(out)
             return out
-        return self._score_custom(rollouts, answers)
+        return self._score_custom(rollouts, known)
 
-    def _score_custom(self, rollouts: list[Rollout], answers: dict[str, str]) -> list[tuple[float, dict[str, float]]]:
+    def _call(self, rollout: Rollout, context: RewardContext) -> object:
+        """The custom function's value for `rollout`: (response, answer) and the context it takes."""
         assert self.fn is not None  # score() comes here only for a custom function
+        given = {
+            "prompt": context.prompt,
+            "source": context.source,
+            "extra": dict(context.extra),  # its own copy: a function that edits it changes no other call's
+            "prompt_id": rollout.prompt_id,
+        }
+        fn = partial(self.fn, **{k: given[k] for k in self.keywords}) if self.keywords else self.fn
+        return call_with_timeout(fn, (rollout.response_text, context.answer), self.timeout_s)
+
+    def _score_custom(
+        self, rollouts: list[Rollout], contexts: dict[str, RewardContext]
+    ) -> list[tuple[float, dict[str, float]]]:
         out: list[tuple[float, dict[str, float]]] = []
         failed = 0
         for r in rollouts:
             try:
-                value = call_with_timeout(self.fn, (r.response_text, answers[r.prompt_id]), self.timeout_s)
+                value = self._call(r, contexts[r.prompt_id])
                 reward, components = _reward_of(value)
             except Exception as exc:  # a bad sample must not end the job unless on_error says so
                 failed += 1
