@@ -264,26 +264,50 @@ def with_images(chat: list[dict], count: int) -> list[dict]:
     return [*chat[:first], placed, *chat[first + 1 :]]
 
 
-def apply_chat_template(prompts: list[Prompt], tokenizer, system_prompt: str | None = None) -> list[Prompt]:
+def apply_chat_template(
+    prompts: list[Prompt], tokenizer, system_prompt: str | None = None, template_kwargs: dict | None = None
+) -> list[Prompt]:
     """Each prompt as a chat (its messages, or one user turn after an optional system turn) put
     through the tokenizer's chat template with the generation prompt: `text` is the rendered
     string, `token_ids` the template's own encoding (what the engine receives). A prompt's images
     become `{type: image}` parts before its first user turn's text (where its messages do not
     place them): the template writes one placeholder per image, which the model's processor
-    expands to the image's tokens."""
+    expands to the image's tokens. `template_kwargs` (data.chat_template_kwargs, e.g.
+    `enable_thinking`) are the template's extra variables: each must be one the template reads
+    and none an argument of `apply_chat_template` itself."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "data.chat_template: the model's tokenizer has no chat template (tokenizer_config.json "
             "`chat_template`); set data.chat_template: false or use a tokenizer that has one"
         )
+    kwargs = dict(template_kwargs or {})
+    if kwargs:
+        import inspect
+
+        from jinja2 import Environment, TemplateSyntaxError, meta
+
+        own = {"messages", "conversation", *inspect.signature(tokenizer.apply_chat_template).parameters}
+        templates = tokenizer.chat_template
+        try:  # the variables the template(s) read; one this parser cannot read is not checked
+            names = set().union(*(
+                meta.find_undeclared_variables(Environment(extensions=["jinja2.ext.loopcontrols"]).parse(t))
+                for t in (templates.values() if isinstance(templates, dict) else [templates])
+            ))  # fmt: skip
+        except TemplateSyntaxError:
+            names = set(kwargs)
+        if wrong := sorted(k for k in kwargs if k in own or k not in names):
+            raise ValueError(
+                f"data.chat_template_kwargs: {', '.join(wrong)} is not a variable the model's chat template reads "
+                "(or is an argument of apply_chat_template itself); expected e.g. enable_thinking for Qwen3"
+            )
     out = []
     for p in prompts:
         chat = list(p.messages) if p.messages else [{"role": "user", "content": p.text}]
         if system_prompt is not None and chat[0]["role"] != "system":
             chat = [{"role": "system", "content": system_prompt}, *chat]
         chat = with_images(chat, len(p.images))
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
+        ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, **kwargs)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         out.append(

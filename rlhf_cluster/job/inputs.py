@@ -65,7 +65,7 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)  # the warm-up keeps it: one for templates, lengths, probe
     if cfg.data.chat_template:
-        template = (tokenizer, cfg.data.system_prompt)
+        template = (tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
         prompts = apply_chat_template(prompts, *template)
         eval_prompts = apply_chat_template(eval_prompts, *template)
     sources = (str(train_file), str(eval_file or train_file))
