@@ -19,7 +19,8 @@ STEPS = 2
 
 def checks_its_context(response: str, answer: str, *, prompt: str, source: str | None, extra: dict, prompt_id: str):
     expected = ("even" if extra["level"] % 2 == 0 else "odd", f"q{extra['level']}", str(extra["level"] + 1))
-    if (source, extra["tests"]["key"], answer) != expected or extra["question"] not in prompt or prompt_id != expected[1]:
+    got = (source, extra["tests"]["key"], answer)
+    if got != expected or extra["question"] not in prompt or prompt_id != expected[1]:
         raise AssertionError(f"{prompt_id}: got {(source, extra, answer, prompt)!r}, expected {expected}")
     return {"reward": min(len(set(response)), 10) / 10, "correct": float(response.strip() == answer)}
 

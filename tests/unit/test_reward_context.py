@@ -80,7 +80,8 @@ def test_extra_columns_are_read_with_each_prompt(tmp_path, kind):
         ("a", "math", {"tests": [{"i": "1", "o": "2"}], "level": 1}),
         ("b", "code", {"tests": [{"i": "", "o": "1"}], "level": 3}),
     ]
-    assert all(p.extra == {} for p in read_prompt_file(_write(tmp_path, kind), COLUMNS.model_copy(update={"extra": []})))
+    without = read_prompt_file(_write(tmp_path, kind), COLUMNS.model_copy(update={"extra": []}))
+    assert all(p.extra == {} for p in without)
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
@@ -96,7 +97,8 @@ def test_preflight_refuses_a_missing_extra_column_and_an_unknown_parameter(tmp_p
         preflight(JobConfig.model_validate({"data": data}))
     rewards = [{"type": "function", "function": f"{user_module.__name__}:unknown"}]
     with pytest.raises(ConfigError, match=r"scoring.rewards\[0\].function=.*\['data_source'\].*'prompt', 'source'"):
-        preflight(JobConfig.model_validate({"data": {**data, "columns": COLUMNS.model_dump()}, "scoring": {"rewards": rewards}}))
+        preflight(JobConfig.model_validate({"data": {**data, "columns": COLUMNS.model_dump()},
+                                            "scoring": {"rewards": rewards}}))
 
 
 def test_a_function_taking_the_context_gets_its_own_rows_values(tmp_path, user_module):
@@ -116,7 +118,8 @@ def test_a_function_taking_the_context_gets_its_own_rows_values(tmp_path, user_m
 
 def test_kwargs_gets_everything_and_a_two_argument_function_is_unchanged(tmp_path, user_module):
     prompts = read_prompt_file(_write(tmp_path, "jsonl"), COLUMNS)
-    RuleReward(None, reward_fn=f"{user_module.__name__}:anything").score(_rollouts([("a", "4")]), reward_contexts(prompts))
+    anything = RuleReward(None, reward_fn=f"{user_module.__name__}:anything")
+    anything.score(_rollouts([("a", "4")]), reward_contexts(prompts))
     assert user_module.seen == [
         {"prompt": "2+2=", "source": "math", "extra": {"tests": [{"i": "1", "o": "2"}], "level": 1}, "prompt_id": "a"}
     ]
