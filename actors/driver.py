@@ -418,7 +418,9 @@ class Driver:
             log.warning(f"{self.run_dir.root / RunDir.EVENTS}: the job's failure was not recorded: {err!r}")
 
     def shutdown(self) -> None:
-        """End every actor of the job (safe after a failed start)."""
+        """End every actor of the job (safe after a failed start), and the trackers' runs."""
+        if hasattr(self, "reporter"):
+            self.reporter.close()
         if hasattr(self, "cluster"):
             self.cluster.shutdown()
         if hasattr(self, "trainer"):

@@ -20,6 +20,7 @@ from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry.metrics import MetricLabels
 from rlhf_cluster.telemetry.step_report import console_line, step_row
 from rlhf_cluster.telemetry.tracing import Tracer
+from rlhf_cluster.telemetry.trackers import Tracker, open_trackers
 from rlhf_cluster.weights.messages import ProbeReport, Receipt
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Reporter:
         self.tracer = Tracer("driver", "driver") if cfg.metrics.trace else None
         self.tokenizer: Any = None  # set once the job's inputs are prepared: samples.jsonl decodes with it
         self.trace_full = False  # trace.jsonl reached metrics.trace_max_mb
+        self.trackers: list[Tracker] | None = None  # TensorBoard, W&B: opened at the run's first step row
 
     def step(
         self,
@@ -127,6 +129,10 @@ class Reporter:
         self.result.rows.append(row)
         self.result.consumed.extend(consumed)
         self.run_dir.append(RunDir.METRICS, [row])
+        if self.trackers is None:
+            self.trackers = open_trackers(self.cfg, self.run_dir.root, first_step=step)
+        for tracker in self.trackers:
+            tracker.log(row, step)
         self.run_dir.append(RunDir.CONSUMED, [vars(c) for c in consumed])
         if self.tokenizer is not None:
             picked = pick_samples(samples, self.cfg.metrics.samples_top, self.cfg.metrics.samples_random, seed=step)
@@ -156,6 +162,15 @@ class Reporter:
                     },
                 },
             )
+        if r.rows and self.trackers:  # the final evaluation charts at the last step, after it
+            for tracker in self.trackers:
+                tracker.log(r.evaluation_after, r.rows[-1]["step"])
+
+    def close(self) -> None:
+        """End the trackers' runs (a W&B run is marked finished; TensorBoard's files closed)."""
+        for tracker in self.trackers or []:
+            tracker.close()
+        self.trackers = []
 
     def keep_steps(self, last_step: int) -> None:
         """A resumed or rolled-back run continues from `last_step`: later rows are forgotten."""

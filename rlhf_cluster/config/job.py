@@ -110,8 +110,20 @@ class BufferConfig(_Strict):
     capacity: int = Field(4096, ge=1, description="Most samples held at once.")
 
 
+class WandbConfig(_Strict):
+    """A Weights & Biases run per job run (`rlhf_cluster/telemetry/trackers.py`)."""
+
+    project: str = Field(..., min_length=1, description="The W&B project.")
+    entity: str | None = Field(None, description="The W&B entity (team or user; None: the logged-in default).")
+    name: str | None = Field(None, description="The run's display name (None: the job's `name`).")
+    tags: list[str] = Field(default_factory=list, description="The run's tags.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: written under RUN_DIR/wandb only, for `wandb sync` later (no network)."
+    )
+
+
 class MetricsConfig(_Strict):
-    """Prometheus endpoints and the JSONL log."""
+    """Prometheus endpoints, the JSONL log and experiment trackers."""
 
     bind_address: str = Field("127.0.0.1", description="Address every /metrics endpoint binds to.")
     enabled: bool = Field(True, description="Serve /metrics from every actor.")
@@ -137,6 +149,12 @@ class MetricsConfig(_Strict):
         ge=1,
         description="trace.jsonl stops growing at this size (a long run keeps its first "
         "~100k steps of spans at the demo's ~4.5 KB a step).",
+    )
+    tensorboard: bool = Field(
+        False, description="Every step's row also to TensorBoard event files in RUN_DIR/tensorboard (veRL's logger)."
+    )
+    wandb: WandbConfig | None = Field(
+        None, description="Every step's row also to a Weights & Biases run (e.g. `{project: my-rl}`; None: off)."
     )
 
     @field_validator("port_range")

@@ -74,6 +74,19 @@ def _context_fits(cfg: JobConfig) -> list[str]:
     ]
 
 
+def _tracker_packages(cfg: JobConfig) -> list[str]:
+    """The trackers turned on (`metrics.tensorboard`, `metrics.wandb`) have their package here."""
+    import importlib.util
+
+    wanted = {"metrics.tensorboard": ("tensorboard", cfg.metrics.tensorboard)}
+    wanted["metrics.wandb"] = ("wandb", cfg.metrics.wandb is not None)
+    return [
+        f"{field}: needs the `{package}` package (pip install -e '.[tracking]', or pip install {package})"
+        for field, (package, on) in wanted.items()
+        if on and importlib.util.find_spec(package) is None
+    ]
+
+
 def _prompt_file(cfg: JobConfig) -> list[str]:
     # The whole file: every row is checked before any work starts.
     from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
@@ -206,6 +219,7 @@ def _engine_kwargs(cfg: JobConfig) -> list[str]:
 FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _model_dir,
     _context_fits,
+    _tracker_packages,
     _prompt_file,
     _reward_files,
     _episode_code,

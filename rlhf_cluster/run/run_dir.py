@@ -29,6 +29,7 @@ from rlhf_cluster.fileio import (
 )
 from rlhf_cluster.run.checkpoint import MANIFEST, STEP_DIR, Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.run.lock import RunLock, holder, in_use_message
+from rlhf_cluster.telemetry.trackers import TENSORBOARD_DIR, WANDB_DIR, WANDB_ID
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class RunDir:
     EVENTS = "events.jsonl"
     RECEIPTS = "receipts.jsonl"  # every engine's answer to every weight load: the version and its proof
     SCRAPE_TARGETS = "prometheus_targets.json"  # Prometheus file-based service discovery
+    TENSORBOARD, WANDB, WANDB_ID = TENSORBOARD_DIR, WANDB_DIR, WANDB_ID  # the trackers' files (metrics.*)
     ENGINE_INT8 = "engine-int8"  # the int8 checkpoint generation engines start from
     JUDGE_INT8 = "judge-int8"  # the judge's int8 checkpoint (a judge with quantization: int8)
     # Inside a job checkpoint:
@@ -240,6 +242,9 @@ class RunDir:
             self.TRACE,
             self.SAMPLES,
             self.EVENTS,
+            self.TENSORBOARD,
+            self.WANDB,
+            self.WANDB_ID,
             *((self.CONFIG, self.EVAL) if mode == "aside" else ()),
         ]
         return [self.weights_dir, self.checkpoint_dir, *(self.root / n for n in names)]

@@ -11,6 +11,7 @@ import ray
 import torch
 
 from actors.job import Job
+from tests.tracker_files import tensorboard_scalars, wandb_history, wandb_records, wandb_runs
 from rlhf_cluster.weights import WeightStore
 
 
@@ -26,6 +27,7 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         learner={"world_size": 2, "lr": 1e-3},
         train={"total_steps": steps, "prompts_per_step": 4, "max_staleness": max_staleness, "progress": False},
         weights={"transport": "filesystem"},  # every version through the store directory (direct: most tests)
+        metrics={"tensorboard": True, "wandb": {"project": "rlhf-tests", "mode": "offline"}},  # no network
     )
     job = Job(cfg)
     try:
@@ -101,6 +103,17 @@ def test_versions_advance_and_staleness_bound_holds(ray_cluster, job_config, max
         assert any(not torch.equal(gathered[k], v) for k, v in _initial_weights(cfg).items())
     finally:
         job.shutdown()
+
+    # The same rows reached TensorBoard and W&B against the learner step, and the final evaluation at
+    # the last step (the trackers' runs end with the job).
+    charted = tensorboard_scalars(job.run_dir)
+    assert [s for s, _ in charted["reward_mean"]] == list(range(steps))
+    assert [v for _, v in charted["reward_mean"]] == pytest.approx([x["reward_mean"] for x in lines], rel=1e-6)
+    assert charted["eval_accuracy"] == [(steps - 1, pytest.approx(result.accuracy_after))]
+    (wandb_run,) = wandb_runs(job.run_dir)
+    history = wandb_history(wandb_records(wandb_run))
+    assert [h["reward_mean"] for h in history[:steps]] == pytest.approx([x["reward_mean"] for x in lines])
+    assert history[steps] == {**result.evaluation_after, "step": steps - 1}
 
 
 # `slow` (issue 68's time): the pool's error with the death as its cause is unit-tested
