@@ -309,6 +309,11 @@ class DataConfig(_Strict):
                     f"data.{name} holds out part of the user's prompts (data.path), which is not set; the "
                     "built-in task writes its own held-out prompts (data.eval_prompts)"
                 )
+        if self.columns.extra and self.path is None:
+            raise ValueError(
+                f"data.columns.extra: {self.columns.extra} names columns of the prompt file (data.path), which is not "
+                "set; a built-in task's prompts have no other columns"
+            )
         if self.eval_path is not None and self.eval_fraction:
             raise ValueError("data.eval_path and data.eval_fraction both name held-out prompts; set one of them")
         if self.eval_samples and any(not 1 <= k <= self.eval_samples for k in self.eval_pass_k):

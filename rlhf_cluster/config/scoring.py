@@ -43,8 +43,9 @@ class VerifierReward(_Typed):
 
 
 class FunctionReward(_Typed, FailureBudget):
-    """A user's reward function `module:function(response, answer) -> float | dict[str, float]`,
-    in place of the task's verifier (see rlhf_cluster/scoring/rewards.py for the contract)."""
+    """A user's reward function `module:function(response, answer, *, prompt, source, extra, prompt_id)
+    -> float | dict[str, float]` (the keywords it names, any of them, or none), in place of the task's
+    verifier (see rlhf_cluster/scoring/rewards.py for the contract)."""
 
     type: Literal["function"] = Field("function", description="Reward source kind.")
     function: str = Field(..., description="`module:function`, importable on every reward worker.")

@@ -42,7 +42,7 @@ def first_prompt(cfg: JobConfig, tokenizer=None) -> Prompt:
             row = arithmetic_rows(1, cfg.data.seed, "train", cfg.data.max_operand)[0]
         prompt = Prompt(row["prompt_id"], row["prompt"], row["answer"], images=tuple(row.get("images", ())))
     if cfg.data.chat_template:
-        prompt = apply_chat_template([prompt], tokenizer, cfg.data.system_prompt)[0]
+        prompt = apply_chat_template([prompt], tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)[0]
     return prompt
 
 

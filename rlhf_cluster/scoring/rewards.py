@@ -111,7 +111,7 @@ def call_with_timeout(fn: Callable, args: tuple, timeout_s: float | None):
     return outcome["value"]
 
 
-def load_reward_fn(spec: str, field: str = "data.reward_fn") -> RewardFn:
+def load_reward_fn(spec: str, field: str = "scoring.rewards[].function") -> RewardFn:
     """Import `module:function` (the attribute may be dotted, e.g. `module:Class.method`) and
     check its signature (`context_keywords`).
 

@@ -259,13 +259,13 @@ CASES = {
         lambda: _dry_run("data.reward_fn=no_such_rewards_mod:score"), SystemExit, ["scoring.rewards[0].function", "no_such_rewards_mod"]
     ),
     "reward-fn-module-missing": lambda t, mp: (
-        lambda: RuleReward(None, reward_fn="no_such_rewards_mod:score"), ValueError, ["data.reward_fn", "no_such_rewards_mod"]
+        lambda: RuleReward(None, reward_fn="no_such_rewards_mod:score"), ValueError, ["scoring.rewards[].function", "no_such_rewards_mod"]
     ),
     "reward-fn-function-missing": lambda t, mp: (
-        lambda: RuleReward(None, reward_fn="json:no_such_fn"), ValueError, ["data.reward_fn", "no_such_fn"]
+        lambda: RuleReward(None, reward_fn="json:no_such_fn"), ValueError, ["scoring.rewards[].function", "no_such_fn"]
     ),
     "reward-fn-not-callable": lambda t, mp: (
-        lambda: RuleReward(None, reward_fn="json:__version__"), ValueError, ["data.reward_fn", "__version__", "not a function"]
+        lambda: RuleReward(None, reward_fn="json:__version__"), ValueError, ["scoring.rewards[].function", "__version__", "not a function"]
     ),
 }
 

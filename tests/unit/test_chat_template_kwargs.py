@@ -75,3 +75,24 @@ def test_a_kwarg_the_template_does_not_read_is_refused_by_name(thinking_model):
 def test_kwargs_without_the_chat_template_are_refused():
     with pytest.raises(ValueError, match="data.chat_template_kwargs .*set data.chat_template: true"):
         JobConfig.model_validate({"data": {"chat_template_kwargs": {"enable_thinking": False}}})
+
+
+def test_the_dry_runs_first_prompt_is_rendered_as_the_job_renders_it(tmp_path, thinking_model):
+    """`--dry-run` shows the first prompt: with the kwargs, as the job's prompts are (it showed it without)."""
+    from transformers import AutoTokenizer
+
+    from rlhf_cluster.job.preview import first_prompt
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 1+1?", "answer": "2"}) + "\n")
+    cfg = JobConfig.model_validate({
+        "model": {"path": str(thinking_model)},
+        "data": {"path": str(path), "chat_template": True, "chat_template_kwargs": {"enable_thinking": False}},
+    })  # fmt: skip
+    shown = first_prompt(cfg, AutoTokenizer.from_pretrained(thinking_model))
+    assert shown.text.endswith("<think>\n\n</think>\n\n")
+
+
+def test_extra_columns_without_a_prompt_file_are_refused():
+    with pytest.raises(ValueError, match=r"data.columns.extra: \['tests'\] names columns of the prompt file"):
+        JobConfig.model_validate({"data": {"columns": {"extra": ["tests"]}}})
