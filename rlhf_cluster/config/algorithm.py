@@ -16,15 +16,8 @@ DISTILLED_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # the group's advantages fin
 
 
 class LossConfig(_Strict):
-    """The clipped policy loss."""
+    """The clipped policy loss (PPO's surrogate, or CISPO's clipped weight: `mode`)."""
 
-    mode: Literal["ppo", "cispo"] = Field(
-        "ppo",
-        description="ppo: the clipped surrogate (a token whose ratio left [1-clip_low, 1+clip_high] in its advantage's "
-        "direction gives no gradient). cispo (MiniMax-M1; ScaleRL): the importance weight clamped to that band and "
-        "detached, every token's gradient kept (verl policy_loss.loss_mode, SkyRL policy_loss_type, TRL loss_type "
-        "cispo); preset `cispo` clamps to [0, 4] as Tinker's CISPO does.",
-    )
     clip_low: float = Field(0.2, ge=0, description="PPO clip below 1 (verl clip_ratio_low, TRL epsilon).")
     clip_high: float = Field(
         0.2, ge=0, description="PPO clip above 1 (DAPO clip-higher: 0.28; verl clip_ratio_high, TRL epsilon_high)."
@@ -42,6 +35,13 @@ class LossConfig(_Strict):
         description="How per-token losses become one number; denominators are global across ranks. verl "
         "loss_agg_mode token-mean / seq-mean-token-mean / seq-mean-token-sum-norm; TRL loss_type dapo / grpo / "
         "dr_grpo.",
+    )
+    mode: Literal["ppo", "cispo"] = Field(
+        "ppo",
+        description="ppo: the clipped surrogate (a token whose ratio left [1-clip_low, 1+clip_high] in its advantage's "
+        "direction gives no gradient). cispo (MiniMax-M1; ScaleRL): the importance weight clamped to that band and "
+        "detached, every token's gradient kept (verl policy_loss.loss_mode, SkyRL policy_loss_type, TRL loss_type "
+        "cispo); preset `cispo` clamps to [0, 4] as Tinker's CISPO does.",
     )
 
     @model_validator(mode="after")
