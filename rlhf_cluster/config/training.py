@@ -150,12 +150,7 @@ class LearnerConfig(TrainingGroupConfig):
         "No effect on a text-only model.",
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's batch.")
-    mini_batches: int = Field(
-        1,
-        ge=1,
-        description="Optimizer steps per epoch: a COUNT (the batch split evenly), not a size as veRL's "
-        "ppo_mini_batch_size is (its 256 prompts in a batch of 1,024 is mini_batches 4 here).",
-    )
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per epoch: a count (veRL's mini-batch is a size).")
     mixed_precision: Literal["none", "bf16"] = Field(
         "none",
         description="bf16: compute in bf16 (FSDP2: all-gathered bf16 params; DeepSpeed: its bf16 mode), reduce "
