@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
 NOTE = "rlhf_export.json"
 INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 4 << 30
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", INDEX)
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 Source = tuple[Path, str]  # a safetensors file and the tensor's name in it
 
 
@@ -44,8 +46,8 @@ def export_policy(
     weights = Path(cfg.weights.dir).expanduser() if cfg.weights.dir else run_dir / "weights"  # the run may have moved
     version, store = _chosen_version(weights, version)
     base = _base_folder(cfg, run_dir)
-    _check_out_dir(out, overwrite, forbidden=(run_dir, base, store.root))
-    reader = f"export-{os.getpid()}"
+    _check_out_dir(out, overwrite, run_dir, inside_none=(base, store.root))
+    reader = f"export-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # hosts may share the store
     try:
         store.acquire(version, reader)  # retention keeps it while it is read
     except FileNotFoundError:
@@ -116,13 +118,21 @@ def _base_folder(cfg, run_dir: Path) -> Path:
     return base
 
 
-def _check_out_dir(out: Path, overwrite: bool, forbidden: tuple[Path, ...]) -> None:
-    if any(out.resolve() == p.resolve() for p in forbidden):
-        raise ValueError(f"--out {out}: is the run directory, its weight store or the base model folder")
+def _check_out_dir(out: Path, overwrite: bool, run_dir: Path, inside_none: tuple[Path, ...]) -> None:
+    """`out` neither is nor holds the run directory, and is not inside its weight store or the base
+    model folder; `--overwrite` replaces only an earlier export (it holds `rlhf_export.json`), never
+    another folder's files."""
+    where = out.resolve()
+    holds = any(p.resolve().is_relative_to(where) for p in (run_dir, *inside_none))
+    if holds or any(where.is_relative_to(p.resolve()) for p in inside_none):
+        raise ValueError(f"--out {out}: is or holds the run directory, or lies in its weight store or the base model")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out}: is not empty (--overwrite replaces it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--out {out}: is not empty (--overwrite replaces an earlier export there)")
+        if not (out / NOTE).is_file():
+            raise ValueError(f"--out {out}: holds files but no earlier export ({NOTE}); --overwrite replaces only that")
 
 
 def _base_weights(base: Path) -> dict[str, Path]:
@@ -174,7 +184,8 @@ def _sources(store: WeightStore, version: int, base: Path) -> tuple[dict[str, So
 def _tied(base: Path) -> bool:
     """Whether the base model ties its output embedding to the input one (transformers' default: yes)."""
     config = json.loads((base / "config.json").read_text())
-    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", True)))
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
 
 
 def _write_folder(out: Path, base: Path, sources: dict[str, Source], note: dict, overwrite: bool) -> None:
@@ -182,6 +193,9 @@ def _write_folder(out: Path, base: Path, sources: dict[str, Source], note: dict,
     `out` moved aside first and deleted once the new one is there)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep a server run as another user out
     try:
         for file in sorted(base.iterdir()):
             if file.is_file() and not file.name.endswith(WEIGHT_FILES):

@@ -136,13 +136,29 @@ def test_refusals(job_config, chat_model, tmp_path):
         export_policy(run_dir, tmp_path / "hf", version=1)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"--out .*taken: is not empty \(--overwrite replaces it\)"):
+    with pytest.raises(ValueError, match=r"--out .*taken: is not empty \(--overwrite replaces an earlier export"):
         export_policy(run_dir, tmp_path / "taken")
+    # Found in review: --overwrite replaced any folder (a home, a folder of runs). Only an earlier export now.
+    with pytest.raises(ValueError, match=r"--out .*taken: holds files but no earlier export \(rlhf_export.json\)"):
+        export_policy(run_dir, tmp_path / "taken", overwrite=True)
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
-    export_policy(run_dir, tmp_path / "taken", overwrite=True)
-    assert not (tmp_path / "taken" / "keep.txt").exists() and exported_version(tmp_path / "taken") == 4
-    with pytest.raises(ValueError, match="is the run directory"):
-        export_policy(run_dir, run_dir, overwrite=True)
+    export_policy(run_dir, tmp_path / "hf", version=3)
+    export_policy(run_dir, tmp_path / "hf", overwrite=True)
+    assert exported_version(tmp_path / "hf") == 4
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    for out in (run_dir, run_dir.parent, run_dir / "weights" / "x", chat_model / "x"):
+        with pytest.raises(ValueError, match="is or holds the run directory, or lies in its weight store or the base"):
+            export_policy(run_dir, out, overwrite=True)
+    assert (run_dir / "config.yaml").is_file()
+    export_policy(run_dir, run_dir / "hf")  # inside the run directory itself is fine
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_adapters_alone_are_refused(job_config, chat_model, tmp_path):
@@ -180,5 +196,5 @@ def test_cli(job_config, chat_model, tmp_path):
         "(older ones are pruned: weights.keep, weights.persist_every)"
     ]
     result = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "hf")])
-    assert result.exit_code == 2 and "--overwrite replaces it" in result.output
+    assert result.exit_code == 2 and "--overwrite replaces an earlier export" in result.output
     shutil.rmtree(tmp_path / "hf")
