@@ -107,6 +107,15 @@ class CorrectionConfig(_Strict):
         "mask zeroes it (token level: ICEPOP); None: none.",
     )
 
+    @model_validator(mode="after")
+    def _ordered(self) -> CorrectionConfig:
+        if self.lower is not None and self.lower > self.cap:
+            raise ValueError(
+                f"algorithm.correction.lower={self.lower:g} is above cap={self.cap:g}: every weight would be one "
+                "constant; expected lower <= cap"
+            )
+        return self
+
 
 class ShapingConfig(_Strict):
     """Reward shaping and sample filters applied before the learner."""

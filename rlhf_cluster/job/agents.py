@@ -14,6 +14,11 @@ def rules(cfg: JobConfig) -> list[str]:
             "generation.agent.samples: turn with generation.turn_rewards.assign: turn: each turn is its own sample "
             "and takes its episode's advantage; set turn_rewards.assign: episode"
         )
+    if agent is not None and cfg.data.chat_template_kwargs:
+        out.append(
+            f"data.chat_template_kwargs: {cfg.data.chat_template_kwargs} would not reach the agent gateway, which "
+            "renders each episode's messages with the template's defaults; remove it for an agent job"
+        )
     evaluation = {k: v for k, v in cfg.data.eval_sampling.model_dump().items() if v is not None}
     if evaluation and (agent is not None or cfg.generation.environment):
         out.append(

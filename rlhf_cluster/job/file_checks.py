@@ -62,8 +62,7 @@ def _context_fits(cfg: JobConfig) -> list[str]:
             limit, where = folder_max_length(folder), f"{folder / 'config.json'}: max_position_embeddings"
         except (OSError, ValueError):
             return []  # no readable config: `_model_dir` says why
-        sections = [config, config.get("text_config") or {}]
-        if any(isinstance(s.get("rope_scaling"), dict) and s["rope_scaling"].get("factor") for s in sections):
+        if _scales_positions(config):
             return []
     wanted = cfg.generation.max_model_len
     if limit is None or wanted <= limit:
@@ -72,6 +71,19 @@ def _context_fits(cfg: JobConfig) -> list[str]:
         f"generation.max_model_len={wanted} is longer than the model's {limit} positions ({where}), which vLLM "
         f"refuses when an engine starts; expected at most {limit}"
     ]
+
+
+def _scales_positions(config: dict) -> bool:
+    """Whether a model config scales its rotary positions by a factor: `rope_scaling`, or
+    transformers 5's `rope_parameters` (per attention kind, one level down, too), at its top or in
+    its `text_config`."""
+    for section in (config, config.get("text_config") or {}):
+        for key in ("rope_scaling", "rope_parameters"):
+            value = section.get(key)
+            kinds = [value, *value.values()] if isinstance(value, dict) else []
+            if any(isinstance(kind, dict) and kind.get("factor") for kind in kinds):
+                return True
+    return False
 
 
 def _tracker_packages(cfg: JobConfig) -> list[str]:

@@ -41,6 +41,7 @@ its samples would bias or starve training; a warning is logged at half that rate
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -248,7 +249,7 @@ class RuleReward:
         given = {
             "prompt": context.prompt,
             "source": context.source,
-            "extra": dict(context.extra),  # its own copy: a function that edits it changes no other call's
+            "extra": copy.deepcopy(dict(context.extra)),  # its own copy, nested lists too: edits stay in the call
             "prompt_id": rollout.prompt_id,
         }
         fn = partial(self.fn, **{k: given[k] for k in self.keywords}) if self.keywords else self.fn

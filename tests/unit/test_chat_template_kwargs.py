@@ -96,3 +96,16 @@ def test_the_dry_runs_first_prompt_is_rendered_as_the_job_renders_it(tmp_path, t
 def test_extra_columns_without_a_prompt_file_are_refused():
     with pytest.raises(ValueError, match=r"data.columns.extra: \['tests'\] names columns of the prompt file"):
         JobConfig.model_validate({"data": {"columns": {"extra": ["tests"]}}})
+
+
+def test_kwargs_with_an_agent_are_refused_not_ignored():
+    """Found in review: the agent gateway renders each episode with the template's defaults, so the kwargs
+    would have shaped the length checks and the rewards' prompts but not what the policy saw."""
+    from rlhf_cluster.job.preflight import ConfigError, preflight
+
+    cfg = JobConfig.model_validate({
+        "data": {"chat_template": True, "chat_template_kwargs": {"enable_thinking": False}},
+        "generation": {"agent": {"function": "tests.integration.misbehaving_agent:always_raises"}},
+    })  # fmt: skip
+    with pytest.raises(ConfigError, match="data.chat_template_kwargs: .* would not reach the agent gateway"):
+        preflight(cfg, files=False)

@@ -128,3 +128,11 @@ def test_learner_objective_passes_lower_in_truncate_mode():
     w, met = RLObjective(cfg, max_tokens=3).correction_weights(prox, roll, torch.ones(1, 3, dtype=torch.bool))
     torch.testing.assert_close(w, torch.tensor([[0.9, 1.0, 2.0]], dtype=torch.float64))
     assert met["correction/frac_truncated_low"] == pytest.approx(1 / 3)
+
+
+def test_a_lower_bound_above_the_cap_is_refused():
+    from rlhf_cluster.config import AlgorithmConfig
+
+    """Found in review: truncate now clamps to [lower, cap]; lower > cap made every weight the cap."""
+    with pytest.raises(ValueError, match="algorithm.correction.lower=3 is above cap=2"):
+        AlgorithmConfig(correction={"mode": "truncate", "cap": 2.0, "lower": 3.0})

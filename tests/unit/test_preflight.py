@@ -31,13 +31,20 @@ def test_file_checks_are_skipped_without_files(case):
     preflight(build(case), files=False)
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "yarn", "factor": 4.0}])
-def test_a_context_past_the_model_folders_positions_is_refused_unless_scaled(tmp_path, rope_scaling):
+@pytest.mark.parametrize("rope", [
+    {},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},  # transformers 5 writes this
+    {"text_config": {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0}}}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},  # no factor: not scaled
+], ids=["none", "rope_scaling", "rope_parameters", "nested", "default"])
+def test_a_context_past_the_model_folders_positions_is_refused_unless_scaled(tmp_path, rope):
     """vLLM refuses it too, but only once an engine starts; with a rope scaling factor vLLM's own
     arithmetic decides."""
     import json
 
-    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 128, "rope_scaling": rope_scaling}))
+    rope_scaling = None if rope in ({}, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}) else rope
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 128, **rope}))
     with pytest.raises(ConfigError) as info:  # the folder has no weights: refused for that in any case
         preflight(JobConfig.model_validate({"model": {"path": str(tmp_path)}}))
     refused = "generation.max_model_len=256 is longer than the model's 128 positions" in str(info.value)

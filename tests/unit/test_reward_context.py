@@ -179,3 +179,16 @@ def test_the_context_crosses_scoring_calls_and_survives_what_prompts_go_through(
     assert [(p.text, p.extra) for p in templated] == [(f"<user>{p.text}", p.extra) for p in prompts]
     assert reward_contexts(templated)["a"].prompt == "<user>2+2="
     assert reward_contexts(templated)["b"] == RewardContext("1", "<user>print(1)", "code", prompts[1].extra)
+
+
+def test_a_function_that_edits_extra_leaves_the_next_samples_alone():
+    """Found in review: the copy was shallow, so popping a nested test list emptied it for the group's next samples."""
+    from rlhf_cluster.scoring.rewards import RewardContext
+
+    def greedy(response, answer, *, extra):
+        return float(len(extra["tests"].pop() if extra["tests"] else ""))
+
+    reward = RuleReward(None, reward_fn=greedy)
+    contexts = {"a": RewardContext("1", "1+0=", None, {"tests": ["xy"]})}
+    assert [r for r, _ in reward.score(_rollouts([("a", "1"), ("a", "2"), ("a", "3")]), contexts)] == [2.0, 2.0, 2.0]
+    assert contexts["a"].extra == {"tests": ["xy"]}
