@@ -162,6 +162,7 @@ class Driver:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
         result, held_out = self.reporter.result, self.inputs.eval_prompts
         self.stop.bind(asyncio.get_running_loop(), lambda: _notify(self.changed))
+        self.reporter.open_trackers(self.state.start_step)  # (blocks the loop before any watcher runs)
         try:
             result.evaluation_before = await evaluate(self.cluster, held_out, self.published_version, self.cfg.data)
             async with asyncio.TaskGroup() as tg:
@@ -418,14 +419,14 @@ class Driver:
             log.warning(f"{self.run_dir.root / RunDir.EVENTS}: the job's failure was not recorded: {err!r}")
 
     def shutdown(self) -> None:
-        """End every actor of the job (safe after a failed start), and the trackers' runs."""
-        if hasattr(self, "reporter"):
-            self.reporter.close()
+        """End every actor of the job (safe after a failed start), then the trackers' runs."""
         if hasattr(self, "cluster"):
             self.cluster.shutdown()
         if hasattr(self, "trainer"):
             self.trainer.kill()
         self.run_dir.release()
+        if hasattr(self, "reporter"):
+            self.reporter.close()
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:

@@ -129,9 +129,7 @@ class Reporter:
         self.result.rows.append(row)
         self.result.consumed.extend(consumed)
         self.run_dir.append(RunDir.METRICS, [row])
-        if self.trackers is None:
-            self.trackers = open_trackers(self.cfg, self.run_dir.root, first_step=step)
-        for tracker in self.trackers:
+        for tracker in self.trackers or []:
             tracker.log(row, step)
         self.run_dir.append(RunDir.CONSUMED, [vars(c) for c in consumed])
         if self.tokenizer is not None:
@@ -166,15 +164,26 @@ class Reporter:
             for tracker in self.trackers:
                 tracker.log(r.evaluation_after, r.rows[-1]["step"])
 
+    def open_trackers(self, first_step: int) -> None:
+        """TensorBoard and W&B (`metrics.tensorboard`, `metrics.wandb`), for a run whose next row is
+        `first_step`'s: before the pools' watchers start (a W&B start may take seconds, online)."""
+        self.trackers = open_trackers(self.cfg, self.run_dir.root, first_step)
+
     def close(self) -> None:
-        """End the trackers' runs (a W&B run is marked finished; TensorBoard's files closed)."""
+        """End the trackers' runs (a W&B run is marked finished; TensorBoard's files closed); a
+        tracker that fails to close is logged, never raised: the job's own shutdown comes first."""
         for tracker in self.trackers or []:
-            tracker.close()
+            try:
+                tracker.close()
+            except Exception as exc:  # noqa: BLE001 - a tracker's trouble is not the job's
+                log.warning("closing %s failed: %r", type(tracker).__name__, exc)
         self.trackers = []
 
     def keep_steps(self, last_step: int) -> None:
         """A resumed or rolled-back run continues from `last_step`: later rows are forgotten."""
         self.run_dir.keep_steps(last_step)
+        for tracker in self.trackers or []:
+            tracker.rewind(last_step + 1)
         self.result.rows = [r for r in self.result.rows if r["step"] <= last_step]
         self.result.consumed = [c for c in self.result.consumed if c.step <= last_step]
 

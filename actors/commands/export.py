@@ -16,7 +16,9 @@ def export(
     version: int | None = typer.Option(
         None, "--version", min=0, help="The weight version to export (default: the newest the store holds)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out (never a folder of other files)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier export in --out (never a folder of other files)."
+    ),
 ) -> None:
     """Write a run's trained policy (a weight version of its store) as a Hugging Face folder: config,
     tokenizer and safetensors, which transformers' from_pretrained and `vllm serve` load."""

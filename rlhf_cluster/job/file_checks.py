@@ -87,16 +87,38 @@ def _scales_positions(config: dict) -> bool:
 
 
 def _tracker_packages(cfg: JobConfig) -> list[str]:
-    """The trackers turned on (`metrics.tensorboard`, `metrics.wandb`) have their package here."""
+    """The trackers turned on (`metrics.tensorboard`, `metrics.wandb`) have their package here, and
+    an online W&B run a key (or the first step would fail after minutes of start-up)."""
     import importlib.util
 
     wanted = {"metrics.tensorboard": ("tensorboard", cfg.metrics.tensorboard)}
     wanted["metrics.wandb"] = ("wandb", cfg.metrics.wandb is not None)
-    return [
+    out = [
         f"{field}: needs the `{package}` package (pip install -e '.[tracking]', or pip install {package})"
         for field, (package, on) in wanted.items()
         if on and importlib.util.find_spec(package) is None
     ]
+    if cfg.metrics.wandb is not None and cfg.metrics.wandb.mode == "online" and not _wandb_key():
+        out.append(
+            "metrics.wandb: no W&B API key here (WANDB_API_KEY, or `wandb login`); or set metrics.wandb.mode: "
+            "offline and `wandb sync` the run later"
+        )
+    return out
+
+
+def _wandb_key() -> bool:
+    """Whether W&B finds a key: WANDB_API_KEY, a mode that needs none, or `wandb login`'s netrc entry."""
+    import netrc
+    import os
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _prompt_file(cfg: JobConfig) -> list[str]:

@@ -28,6 +28,9 @@ WANDB_ID = "wandb_run_id"  # the W&B run a resume continues
 class Tracker(Protocol):
     def log(self, row: dict[str, Any], step: int) -> None: ...
 
+    def rewind(self, first_step: int) -> None:
+        """The run continues from `first_step` (a rollback, a rebuilt learner): rows logged again."""
+
     def close(self) -> None: ...
 
 
@@ -44,9 +47,17 @@ class TensorBoardTracker:
     """Scalars to `<run_dir>/tensorboard`; a resume drops the events of the steps it logs again."""
 
     def __init__(self, run_dir: Path, first_step: int):
+        self.folder = run_dir / TENSORBOARD_DIR
+        self.writer = self._open(first_step)
+
+    def _open(self, first_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=first_step or None)
+        return SummaryWriter(str(self.folder), purge_step=first_step or None)
+
+    def rewind(self, first_step: int) -> None:
+        self.writer.close()
+        self.writer = self._open(first_step)  # its events of the steps logged again are dropped
 
     def log(self, row: dict[str, Any], step: int) -> None:
         for key, value in _numbers(row).items():
@@ -76,7 +87,7 @@ class WandbTracker:
             id=run_id,
             resume="allow",
             dir=str(run_dir),  # W&B writes under <dir>/wandb (WANDB_DIR)
-            config=cfg.model_dump(mode="json"),
+            config=_without_secrets(cfg.model_dump(mode="json")),
         )
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
@@ -85,8 +96,21 @@ class WandbTracker:
     def log(self, row: dict[str, Any], step: int) -> None:
         self.run.log({**_numbers(row), "step": step})
 
+    def rewind(self, first_step: int) -> None:
+        pass  # W&B keeps what it was sent: the steps logged again chart beside the abandoned ones
+
     def close(self) -> None:
         self.run.finish()
+
+
+def _without_secrets(config: Any) -> Any:
+    """The job's config for W&B, every `token` (the agent gateway's bearer token) masked: a run's
+    config is visible to everyone its project is shared with."""
+    if isinstance(config, dict):
+        return {k: ("***" if k == "token" and v else _without_secrets(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_without_secrets(v) for v in config]
+    return config
 
 
 def open_trackers(cfg: JobConfig, run_dir: Path, first_step: int) -> list[Tracker]:

@@ -41,11 +41,22 @@ def test_tensorboard_charts_every_number_of_a_row_and_a_resume_replaces_what_it_
     after = tensorboard_scalars(run)["reward_mean"]
     assert [s for s, _ in after] == [0, 1, 2, 3, 4]
     assert [v for _, v in after] == pytest.approx([0.0, 0.1, 3.0, 4.0, 5.0])
+    # A rollback inside the run (a guardrail, a rebuilt learner) rewinds it the same way.
+    (again,) = open_trackers(cfg, run, first_step=5)
+    again.log({"step": 5, "reward_mean": 6.0}, 5)
+    again.rewind(4)
+    again.log({"step": 4, "reward_mean": -1.0}, 4)
+    again.close()
+    assert [v for _, v in tensorboard_scalars(run)["reward_mean"]] == pytest.approx([0.0, 0.1, 3.0, 4.0, -1.0])
 
 
 def test_wandb_offline_run_holds_the_rows_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = _cfg(tmp_path, wandb={"project": "rlhf-test", "mode": "offline", "tags": ["unit"]})
+    cfg = JobConfig.model_validate({
+        "name": "tracked", "run_dir": str(tmp_path / "run"),
+        "metrics": {"wandb": {"project": "rlhf-test", "mode": "offline", "tags": ["unit"]}},
+        "generation": {"agent": {"function": "my_agent:run", "token": "s3cret"}},
+    })  # fmt: skip
     run = Path(cfg.run_dir)
     run.mkdir(parents=True)
     (tracker,) = open_trackers(cfg, run, first_step=0)
@@ -61,6 +72,7 @@ def test_wandb_offline_run_holds_the_rows_and_a_resume_continues_the_same_run(tm
     assert (started.project, started.display_name, list(started.tags)) == ("rlhf-test", "tracked", ["unit"])
     config = {i.key: json.loads(i.value_json) for i in started.config.update}
     assert config["name"] == "tracked" and config["metrics"]["wandb"]["project"] == "rlhf-test"  # the job's config
+    assert config["generation"]["agent"]["token"] == "***"  # found in review: the gateway's token went to W&B
     assert wandb_history(records) == [{"step": s, "reward_mean": 0.5 + s, "kl": 0.01} for s in range(3)]
     # Resumed: the same run id (W&B appends to that run), step 2 logged again against the `step` axis.
     (again,) = open_trackers(cfg, run, first_step=2)
@@ -82,3 +94,20 @@ def test_a_tracker_whose_package_is_missing_is_refused_naming_the_extra(tmp_path
         preflight(_cfg(tmp_path, wandb={"project": "p"}))
     with pytest.raises(ValueError, match="metrics.wandb.project"):
         _cfg(tmp_path, wandb={})
+
+
+def test_an_online_wandb_run_without_a_key_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """Found in review: without a key an online run failed only at its first step, minutes in."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    cfg = _cfg(tmp_path, wandb={"project": "p"})
+    with pytest.raises(ConfigError, match=r"metrics.wandb: no W&B API key here \(WANDB_API_KEY, or `wandb login`\)"):
+        preflight(cfg)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    (tmp_path / "netrc").chmod(0o600)
+    preflight(cfg)  # `wandb login` wrote this
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    preflight(cfg)
+    preflight(_cfg(tmp_path, wandb={"project": "p", "mode": "offline"}))
