@@ -235,12 +235,15 @@ def token_rewards(
     return rewards, mask
 
 
-def batch_advantages(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float) -> dict[str, float]:
+def batch_advantages(
+    samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef: float, in_loss: list[bool] | None = None
+) -> dict[str, float]:
     """Fill in advantages that need the whole step's batch, in place: REINFORCE++'s
     (`reinforce_pp_advantages` turns the `token_rewards` into whitened returns-to-go), and
-    REINFORCE++-baseline's group advantages whitened over the batch's valid tokens."""
+    REINFORCE++-baseline's group advantages whitened over the valid tokens of the samples `in_loss`
+    (the overlong filter's truncated ones, long and mostly poor, would shift the mean)."""
     if cfg.advantage == "reinforce_pp_baseline":
-        return _whiten_in_place(samples)
+        return _whiten_in_place(samples, in_loss or [True] * len(samples))
     if cfg.advantage != "reinforce_pp":
         return {}
     rewards, mask = token_rewards(samples, cfg, kl_coef)
@@ -250,14 +253,14 @@ def batch_advantages(samples: list[ScoredSample], cfg: AlgorithmConfig, kl_coef:
     return metrics
 
 
-def _whiten_in_place(samples: list[ScoredSample]) -> dict[str, float]:
-    """The samples' per-token advantages whitened over the batch's valid (model) tokens."""
+def _whiten_in_place(samples: list[ScoredSample], in_loss: list[bool]) -> dict[str, float]:
+    """The samples' per-token advantages whitened over the valid (model) tokens of those in the loss."""
     T = max(max(len(s.response_ids) for s in samples), 1)
     adv, mask = torch.zeros(len(samples), T, dtype=torch.float64), torch.zeros(len(samples), T, dtype=torch.bool)
     for i, s in enumerate(samples):
         n = len(s.response_ids)
         adv[i, :n] = torch.tensor(s.advantages, dtype=adv.dtype)
-        mask[i, :n] = torch.tensor(s.model_tokens, dtype=torch.bool)
+        mask[i, :n] = torch.tensor(s.model_tokens, dtype=torch.bool) & in_loss[i]
     white, stats = whiten(adv, mask)
     for i, s in enumerate(samples):
         s.advantages = white[i, : len(s.response_ids)].tolist()
@@ -347,17 +350,17 @@ def finalize_batch(
     if (cfg.advantage == "gae") != (values is not None):
         raise ValueError("finalize_batch: critic values are needed exactly when algorithm.advantage is gae")
     samples = [replace(s, advantages=list(s.advantages)) for s in samples]
-    metrics: dict[str, float] = {}
-    returns = None
-    if values is not None:
-        returns, metrics = critic_advantages(samples, values, cfg, kl_coef)
-    else:
-        metrics = batch_advantages(samples, cfg, kl_coef)
     in_loss = (
         overlong_filter_mask([s.finish_reason for s in samples]).tolist()
         if cfg.shaping.overlong_filter
         else [True] * len(samples)
     )
+    metrics: dict[str, float] = {}
+    returns = None
+    if values is not None:
+        returns, metrics = critic_advantages(samples, values, cfg, kl_coef)
+    else:
+        metrics = batch_advantages(samples, cfg, kl_coef, in_loss)
     out = {f"advantage/{k}": v for k, v in metrics.items()}
     out["samples_in_loss"] = sum(in_loss)
     return StepBatch(samples, in_loss, returns, values), out

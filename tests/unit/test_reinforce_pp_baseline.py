@@ -5,6 +5,8 @@ when scored, then whitened over the step's valid tokens when the batch is taken.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,3 +51,15 @@ def test_it_is_a_group_estimator_and_not_one_distillation_builds_on():
                                                         "distillation": {"teacher": "/nowhere/teacher"}}})
     with pytest.raises(ConfigError, match="algorithm.advantage=reinforce_pp_baseline: the teacher's per-token"):
         preflight(distilled, files=False)
+
+
+def test_samples_the_overlong_filter_drops_do_not_set_the_batch_scale():
+    """Found in review: truncated responses (long, mostly poor) were in the whitening's mean and std."""
+    cfg = AlgorithmConfig(advantage="reinforce_pp_baseline", kl={"placement": "none"}, shaping={"overlong_filter": True})
+    group = _group("g", [1.0, 0.0, 0.0, 0.0], [2, 2, 2, 8], cfg)
+    group[3] = dataclasses.replace(group[3], finish_reason="length")  # truncated: out of the loss
+    batch, _ = finalize_batch(group, cfg, kl_coef=0.0)
+    assert batch.in_loss == [True, True, True, False]
+    kept = torch.tensor([a for s, on in zip(batch.samples, batch.in_loss) if on for a in s.advantages], dtype=torch.float64)
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-9)
+    assert kept.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-6)
