@@ -207,7 +207,7 @@ def test_empty_batch_is_not_a_failure(user_module):
 def test_bad_function_spec_is_named(user_module, attr, expected):
     with pytest.raises(ValueError) as info:
         load_reward_fn(f"{user_module}:{attr}")
-    assert "data.reward_fn" in str(info.value)
+    assert "scoring.rewards[].function" in str(info.value)
     assert expected in str(info.value)
 
 
@@ -215,7 +215,7 @@ def test_missing_module_is_named():
     with pytest.raises(ValueError) as info:
         RuleReward(None, reward_fn="no_such_module_xyz.sub:fn")
     msg = str(info.value)
-    assert "data.reward_fn" in msg and "'no_such_module_xyz.sub' not found" in msg
+    assert "scoring.rewards[].function" in msg and "'no_such_module_xyz.sub' not found" in msg
 
 
 def test_broken_module_import_is_named(tmp_path, monkeypatch):
