@@ -36,11 +36,7 @@ class Tracker(Protocol):
 
 def _numbers(row: dict[str, Any]) -> dict[str, float]:
     """The row's finite numbers (booleans as 0/1): what a tracker charts."""
-    return {
-        k: float(v)
-        for k, v in row.items()
-        if isinstance(v, (int, float)) and not isinstance(v, str) and math.isfinite(float(v))
-    }
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 class TensorBoardTracker:
