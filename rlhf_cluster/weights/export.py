@@ -202,6 +202,8 @@ def _write_folder(out: Path, base: Path, sources: dict[str, Source], note: dict,
                 shutil.copy2(file, tmp / file.name)
         _write_tensors(tmp, sources)
         (tmp / NOTE).write_text(json.dumps(note, indent=1))
+        for written in tmp.glob("*.safetensors*"):  # safetensors writes 0600: readable as the base's files are
+            written.chmod(0o666 & ~umask)
         for file in tmp.iterdir():
             fsync_path(file)
         fsync_path(tmp)

@@ -146,6 +146,7 @@ def test_refusals(job_config, chat_model, tmp_path):
     export_policy(run_dir, tmp_path / "hf", overwrite=True)
     assert exported_version(tmp_path / "hf") == 4
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()  # not 0600
     for out in (run_dir, run_dir.parent, run_dir / "weights" / "x", chat_model / "x"):
         with pytest.raises(ValueError, match="is or holds the run directory, or lies in its weight store or the base"):
             export_policy(run_dir, out, overwrite=True)
