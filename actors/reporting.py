@@ -86,7 +86,7 @@ class Reporter:
         self.tracer = Tracer("driver", "driver") if cfg.metrics.trace else None
         self.tokenizer: Any = None  # set once the job's inputs are prepared: samples.jsonl decodes with it
         self.trace_full = False  # trace.jsonl reached metrics.trace_max_mb
-        self.trackers: list[Tracker] | None = None  # TensorBoard, W&B: opened at the run's first step row
+        self.trackers: list[Tracker] | None = None  # TensorBoard, W&B: `open_trackers`, before the first evaluation
 
     def step(
         self,

@@ -194,7 +194,7 @@ class GenerationWorker(Worker):
 
     async def evaluate(self, prompts: list[Prompt], min_version: int, samples: int = 0) -> list[Rollout]:
         """Held-out evaluation with weights of version >= `min_version`: one greedy response per
-        prompt, or with `samples` > 0 that many sampled ones (training sampling settings)."""
+        prompt, or with `samples` > 0 that many sampled ones (`data.eval_sampling` over training's settings)."""
         await self.receiver.hold(min_version)
         return await self._groups(prompts, samples or None, samples == 0, self.eval_sampling)
 
