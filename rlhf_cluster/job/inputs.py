@@ -3,7 +3,6 @@ its supervised warm-up when no model is given), the prompt files and the mismatc
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -116,10 +115,8 @@ def _fitting(
             "train": {"limit_tokens": rooms[0], "dropped_ids": _left_out(prompts, kept)},
             "held_out": {"limit_tokens": rooms[1], "dropped_ids": _left_out(eval_prompts, kept_eval)},
         }
-        path = run_dir.root / "data" / "overlong.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-        path.with_suffix(".tmp").replace(path)
+        (run_dir.root / "data").mkdir(parents=True, exist_ok=True)
+        run_dir.write_json("data/overlong.json", record)  # atomic and fsynced, as the run's other JSON
     return kept, kept_eval
 
 
