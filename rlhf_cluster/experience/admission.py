@@ -89,12 +89,18 @@ class Admission:
 
     def _pending_prompt(self, prompt_id: str, text: str, answer: str, token_ids: list[int] | None = None) -> Prompt:
         """A pending prompt of a checkpoint: the source's own where it still holds it unchanged (its
-        images, messages and source come with it: the state keeps only the text fields), else as kept."""
+        images, messages, source and extra columns come with it: the state keeps only the text
+        fields). Where its text changed since (another chat template or its settings) but not its
+        answer, the checkpoint's prompt with the row's source and extra columns, so a reward function
+        reading `extra` still finds them; not its images or messages, which the checkpoint's text may
+        not match. Else as kept."""
         ids = tuple(token_ids) if token_ids else None
         known = self.source.find(prompt_id)
-        if known is not None and (known.text, known.answer, known.token_ids) == (text, answer, ids):
+        if known is None or known.answer != answer:
+            return Prompt(prompt_id, text, answer, ids)
+        if (known.text, known.token_ids) == (text, ids):
             return known
-        return Prompt(prompt_id, text, answer, ids)
+        return Prompt(prompt_id, text, answer, ids, source=known.source, extra=known.extra)
 
     def load_state_dict(self, state: dict, groups_done: int) -> None:
         """Restore the prompt order; `groups_done` groups (trained on or buffered) count as started."""

@@ -7,6 +7,7 @@ import asyncio
 import json
 import textwrap
 import uuid
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -179,6 +180,37 @@ def test_the_context_crosses_scoring_calls_and_survives_what_prompts_go_through(
     assert [(p.text, p.extra) for p in templated] == [(f"<user>{p.text}", p.extra) for p in prompts]
     assert reward_contexts(templated)["a"].prompt == "<user>2+2="
     assert reward_contexts(templated)["b"] == RewardContext("1", "<user>print(1)", "code", prompts[1].extra)
+
+
+def test_a_resume_under_another_rendering_keeps_the_rows_extra_columns(tmp_path):
+    """Left by session 18's review: a pending prompt of a checkpoint whose rendering changed since
+    (another chat template) came back without its extra columns and source. It now keeps the
+    checkpoint's prompt with its row's source and extra; a row whose answer changed is another prompt."""
+    prompts = read_prompt_file(_write(tmp_path, "jsonl"), COLUMNS)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    adm = Admission(cfg.train, cfg.generation, PromptSource(prompts, seed=3))
+    taken = [adm.admit(0)[1][0] for _ in range(2)]
+    state = json.loads(json.dumps(adm.state_dict()))
+
+    class Tokenizer:
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, chat, tokenize, add_generation_prompt, **kwargs):
+            return [7, 8] if tokenize else f"<system/><user>{chat[-1]['content']}"
+
+    rerendered = apply_chat_template(prompts, Tokenizer())
+    again = Admission(cfg.train, cfg.generation, PromptSource(rerendered, seed=3))
+    again.load_state_dict(state, groups_done=0)
+    back = [again.admit(5)[1][0] for _ in range(2)]
+    assert [(p.text, p.token_ids) for p in back] == [(p.text, p.token_ids) for p in taken]  # the checkpoint's
+    assert [(p.extra, p.source) for p in back] == [(p.extra, p.source) for p in taken] != [({}, None)] * 2
+
+    changed = [replace(p, answer=p.answer + "0") for p in prompts]
+    other = Admission(cfg.train, cfg.generation, PromptSource(changed, seed=3))
+    other.load_state_dict(state, groups_done=0)
+    assert [(p.answer, p.extra, p.source) for p in (other.admit(5)[1][0] for _ in range(2))] == [
+        (p.answer, {}, None) for p in taken
+    ]
 
 
 def test_a_function_that_edits_extra_leaves_the_next_samples_alone():
