@@ -101,10 +101,22 @@ def _check_aggregation(aggregation: str) -> None:
 
 
 def aggregate_loss(
-    per_token: torch.Tensor, m: torch.Tensor, aggregation: str, denominator=None, max_tokens: int | None = None
+    per_token: torch.Tensor,
+    m: torch.Tensor,
+    aggregation: str,
+    denominator=None,
+    max_tokens: int | None = None,
+    *,
+    correction: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A per-token loss ``[B, T]`` over the valid tokens of ``m`` (its dtype's 0/1 mask) as one
-    scalar, as `policy_loss` aggregates it (``aggregation``, ``denominator`` and ``max_tokens`` as there)."""
+    """A per-token loss ``[B, T]`` over the valid tokens of ``m`` (a 0/1 mask) as one scalar, as
+    `policy_loss` aggregates it (``aggregation``, ``denominator`` and ``max_tokens`` as there).
+
+    A user's policy loss (`algorithm.loss.function`) ends with it: given the keywords the learner
+    passes, ``correction`` (TIS/MIS weights ``[B, T]`` or None) multiplies the per-token loss,
+    detached, and the denominator is the step's global one, so ranks and micro-batches add up."""
+    if correction is not None:
+        per_token = per_token * correction.detach()
     if aggregation == "token_mean":
         return masked_mean(per_token, m, denominator)
     if aggregation == "sequence_mean":

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf_cluster.algorithms.presets import PRESETS, merge_preset
 from rlhf_cluster.config.base import _Strict
+from rlhf_cluster.config.scoring import _check_function_spec
 
 # Advantage estimators that compare a prompt's samples with each other: a group needs two or more.
 GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # a baseline from the prompt's group
@@ -16,7 +17,8 @@ DISTILLED_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # the group's advantages fin
 
 
 class LossConfig(_Strict):
-    """The clipped policy loss (PPO's surrogate, or CISPO's clipped weight: `mode`)."""
+    """The policy loss: PPO's clipped surrogate or CISPO's clipped weight (`mode`), or a user's own
+    function (`function`)."""
 
     clip_low: float = Field(0.2, ge=0, description="PPO clip below 1 (verl clip_ratio_low, TRL epsilon).")
     clip_high: float = Field(
@@ -43,6 +45,36 @@ class LossConfig(_Strict):
         "detached, every token's gradient kept (verl policy_loss.loss_mode, SkyRL policy_loss_type, TRL loss_type "
         "cispo); preset `cispo` clamps to [0, 4] as Tinker's CISPO does.",
     )
+    function: str | None = Field(
+        None,
+        description="A user's policy loss `module:function` in place of the built-in one (slime --loss-type "
+        "custom_loss with --custom-loss-function-path; verl policy_loss.loss_mode naming a loss registered with "
+        "register_policy_loss). "
+        "Imported on every learner rank and called per micro-batch as fn(logprobs, old_logprobs, advantages, mask, *, "
+        "clip_low, clip_high, aggregation, correction, denominator, max_tokens) -> (0-dim loss tensor, {name: 0-dim "
+        "tensor}), as the built-in losses are (rlhf_cluster/algorithms/losses.py); aggregate with `aggregate_loss` "
+        "to keep the global denominators. Correction weights, KL term and entropy bonus apply around it; its metrics "
+        "report as policy/<name>. Takes mode ppo, ratio_level token and no clip_ratio_c (None: the built-in loss).",
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _function_syntax(cls, spec: str | None) -> str | None:
+        return None if spec is None else _check_function_spec(spec, "algorithm.loss.function")
+
+    @model_validator(mode="after")
+    def _function_alone(self) -> LossConfig:
+        # The user's function gets the settings every loss shares; these three choose among the built-in ones.
+        if self.function is not None and (
+            self.mode != "ppo" or self.ratio_level != "token" or self.clip_ratio_c is not None
+        ):
+            raise ValueError(
+                f"algorithm.loss.function={self.function!r} replaces the built-in loss; algorithm.loss.mode, "
+                "ratio_level and clip_ratio_c choose among the built-in ones and would be ignored: expected mode ppo, "
+                f"ratio_level token, no clip_ratio_c (got mode {self.mode}, ratio_level {self.ratio_level}, "
+                f"clip_ratio_c {self.clip_ratio_c}; presets gspo and cispo set them)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cispo_alone(self) -> LossConfig:

@@ -1,8 +1,9 @@
 """Preflight's checks of the files a config names and of this machine: model folders, the prompt
-file, reward functions and models, episode code (environments, agents), the critic's start, the
-DeepSpeed JSON, bind addresses, vLLM engine arguments, a resume checkpoint. `preflight` runs them
-unless the config is checked on another machine than the one that runs it (`files=False`).
-Ray-free; torch is imported only when a custom reward function or an agent has to be loaded."""
+file, reward functions and models, a policy loss function, episode code (environments, agents),
+the critic's start, the DeepSpeed JSON, bind addresses, vLLM engine arguments, a resume
+checkpoint. `preflight` runs them unless the config is checked on another machine than the one
+that runs it (`files=False`). Ray-free; torch is imported only when a custom reward function,
+policy loss or agent has to be loaded."""
 
 from __future__ import annotations
 
@@ -169,6 +170,21 @@ def _reward_files(cfg: JobConfig) -> list[str]:
     return out
 
 
+def _policy_loss_function(cfg: JobConfig) -> list[str]:
+    # Loaded by the loader each learner rank uses (`RLObjective`), so a missing module, a name that is no
+    # function or a signature the learner cannot call is refused here, before Ray starts.
+    spec = cfg.algorithm.loss.function
+    if spec is None:
+        return []
+    from rlhf_cluster.learner.objective import load_policy_loss  # imports torch: only when there is one
+
+    try:
+        load_policy_loss(spec)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
 def _episode_code(cfg: JobConfig) -> list[str]:
     # Loaded by the loaders the workers use (`load_environment` in each generation worker, `load_agent`
     # in each gateway), so the dry run and the driver refuse what the workers would, before Ray starts.
@@ -256,6 +272,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _tracker_packages,
     _prompt_file,
     _reward_files,
+    _policy_loss_function,
     _episode_code,
     _critic_init,
     _deepspeed_json,

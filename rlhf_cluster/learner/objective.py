@@ -6,19 +6,95 @@ the batch, with the global denominators, and gets back a scalar loss and metrics
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
 
 from rlhf_cluster.algorithms import importance_weights, kl_loss, kl_penalty, masked_mean, policy_loss
 from rlhf_cluster.algorithms.losses import cispo_loss
 from rlhf_cluster.config import AlgorithmConfig
+from rlhf_cluster.user_code import import_spec
+
+FIELD = "algorithm.loss.function"
+# How the learner calls a user's policy loss: the built-in losses' own signature (`policy_loss`, `cispo_loss`).
+CONTRACT = (
+    "fn(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, aggregation, correction, denominator, "
+    "max_tokens) -> (loss, metrics)"
+)
+KEYWORDS = ("clip_low", "clip_high", "aggregation", "correction", "denominator", "max_tokens")
+# Names the objective reports itself under policy/: a user's metric of that name would be overwritten.
+RESERVED_METRICS = ("loss", "kl", "kl_loss_term", "entropy")
+
+
+def load_policy_loss(spec: str) -> Callable:
+    """The user's policy loss `algorithm.loss.function` names, imported (`import_spec`) and checked
+    to be callable as `CONTRACT` says. Errors are ValueErrors that name the field (preflight shows them)."""
+    where = f"{FIELD}={spec!r}"
+    fn = import_spec(spec, FIELD, example="my_losses:reinforce")
+    if not callable(fn):
+        raise ValueError(f"{where}: {spec.strip().partition(':')[2]!r} is a {type(fn).__name__}, not a function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn  # no introspectable signature (a builtin): the first call decides
+    try:
+        signature.bind(None, None, None, None, **dict.fromkeys(KEYWORDS))
+    except TypeError as exc:
+        raise ValueError(
+            f"{where}: the learner calls it as {CONTRACT}, which its signature {signature} refuses: {exc}"
+        ) from None
+    return fn
+
+
+def _what(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
+
+
+def checked_result(spec: str, out: object, needs_grad: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """A user's policy loss's return as the objective uses it: a 0-dim loss tensor (with a gradient
+    when `needs_grad`) and its metrics, a dict of 0-dim tensors (detached here) or numbers. Anything
+    else is a ValueError naming `algorithm.loss.function` and what came back."""
+    where = f"{FIELD}={spec!r} returned"
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(f"{where} {_what(out)}; expected a pair (loss, metrics): {CONTRACT}")
+    loss, metrics = out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            f"{where} a loss of {_what(loss)}; expected a 0-dim tensor (aggregate the per-token loss, e.g. with "
+            "rlhf_cluster.algorithms.losses.aggregate_loss)"
+        )
+    if needs_grad and not loss.requires_grad:
+        raise ValueError(f"{where} a loss with no gradient to the log-probs (detached?); expected one built from them")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{where} metrics of {_what(metrics)}; expected a dict of name -> 0-dim tensor or number")
+    out_metrics: dict[str, torch.Tensor | float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or name in RESERVED_METRICS:
+            reserved = ", ".join(RESERVED_METRICS)
+            raise ValueError(f"{where} a metric named {name!r}; expected a str other than {reserved}")
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            out_metrics[name] = value.detach()
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out_metrics[name] = float(value)
+        else:
+            raise ValueError(f"{where} metric {name!r} as {_what(value)}; expected a 0-dim tensor or a number")
+    return loss, out_metrics
 
 
 class RLObjective:
-    """Clipped policy loss x importance weights, + KL to the reference, - entropy bonus."""
+    """Clipped policy loss (or the user's, `algorithm.loss.function`) x importance weights, + KL to
+    the reference, - entropy bonus."""
 
     def __init__(self, cfg: AlgorithmConfig, max_tokens: int):
         self.cfg = cfg
         self.max_tokens = max_tokens
+        # A user's policy loss, imported once per rank (`algorithm.loss.function`); None: the built-in one.
+        self.custom = None if cfg.loss.function is None else load_policy_loss(cfg.loss.function)
 
     def correction_weights(
         self, prox_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
@@ -53,23 +129,10 @@ class RLObjective:
         kl_coef: float,
         denominator,
         token_denominator,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss and its metrics (0-dim device tensors: read by the learner once per step)."""
-        lc = self.cfg.loss
-        # CISPO: the same clip band bounds a detached weight on every token's log-prob (`algorithm.loss.mode`).
-        pg, metrics = (cispo_loss if lc.mode == "cispo" else policy_loss)(
-            logprobs,
-            old_logprobs,
-            advantages,
-            mask,
-            clip_low=lc.clip_low,
-            clip_high=lc.clip_high,
-            aggregation=lc.aggregation,
-            correction=correction,
-            denominator=denominator,
-            max_tokens=self.max_tokens,
-            **({} if lc.mode == "cispo" else {"clip_ratio_c": lc.clip_ratio_c, "ratio_level": lc.ratio_level}),
-        )
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """The loss and its metrics (0-dim device tensors, or a user's loss's numbers: read by the
+        learner once per step)."""
+        pg, metrics = self.policy_term(logprobs, old_logprobs, advantages, mask, correction, denominator)
         total = pg
         kl_cfg = self.cfg.kl
         metrics = {f"policy/{k}": v for k, v in metrics.items()}
@@ -89,3 +152,30 @@ class RLObjective:
                 total = total - self.cfg.entropy_coef * ent
             metrics["policy/entropy"] = masked_mean(entropy.detach(), mask)
         return total, metrics
+
+    def policy_term(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        correction: torch.Tensor | None,
+        denominator,
+    ) -> tuple[torch.Tensor, Mapping[str, torch.Tensor | float]]:
+        """The policy loss alone and its metrics: the user's function, CISPO or PPO's clipped surrogate."""
+        lc = self.cfg.loss
+        args = (logprobs, old_logprobs, advantages, mask)
+        shared: dict[str, Any] = {
+            "clip_low": lc.clip_low,
+            "clip_high": lc.clip_high,
+            "aggregation": lc.aggregation,
+            "correction": correction,
+            "denominator": denominator,
+            "max_tokens": self.max_tokens,
+        }
+        if self.custom is not None:
+            needs_grad = torch.is_grad_enabled() and logprobs.requires_grad
+            return checked_result(lc.function or "", self.custom(*args, **shared), needs_grad)
+        if lc.mode == "cispo":  # the same clip band bounds a detached weight on every token's log-prob
+            return cispo_loss(*args, **shared)
+        return policy_loss(*args, **shared, clip_ratio_c=lc.clip_ratio_c, ratio_level=lc.ratio_level)
