@@ -40,6 +40,7 @@ PRESETS: dict[str, dict] = {
             "overlong_penalty": 1.0,
             "overlong_filter": True,
             "dynamic_sampling": True,
+            "dynamic_sampling_metric": "task_reward",  # DAPO's accuracy: the penalties are no group signal
         },
     },
     # CISPO (MiniMax-M1): the importance weight clamped and detached, every token's gradient kept; one-sided,

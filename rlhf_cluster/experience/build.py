@@ -47,7 +47,8 @@ def build_group(
     whole step's batch, so its advantages are filled in by `batch_advantages` at take time; GAE
     needs the critic's values of the step, so `critic_advantages` fills them in then. Both put the
     KL on each token (`token_rewards`) rather than summed into the sequence reward here.
-    `metrics["zero_signal"]` is 1 when all rewards of the group are equal. With `turns.assign`
+    `metrics["zero_signal"]` is 1 when all rewards of the group are equal (those trained on, or the
+    scoring pool's: `shaping.dynamic_sampling_metric`). With `turns.assign`
     `turn`, each model turn's tokens get the advantage of that turn's return (`turn_returns`,
     `turn_level_advantages`) instead of the episode's.
     """
@@ -58,7 +59,9 @@ def build_group(
     if cfg.kl.placement == "reward" and kl_coef > 0 and not filled_at_take_time(cfg.advantage):
         rewards = _kl_in_reward(rewards, components, rollouts, refs, kl_coef)
     token_adv, metrics = _token_advantages(rollouts, rewards, cfg.advantage, turns)
-    kept, _ = dynamic_sampling_filter(rewards, [r.group_id for r in rollouts])  # one group: kept whole or not at all
+    # One group: kept whole or not at all. Compared on the reward trained on or the scoring pool's (`task_reward`).
+    signal = rewards if cfg.shaping.dynamic_sampling_metric == "reward" else torch.tensor([s[0] for s in scores])
+    kept, _ = dynamic_sampling_filter(signal, [r.group_id for r in rollouts])
     metrics["zero_signal"] = float(not bool(kept.any()))
     if cfg.distillation is not None:  # the reference log-probs are the teacher's (it is what the reference pool serves)
         token_adv = _distilled(rollouts, refs, token_adv, cfg.distillation, metrics)

@@ -189,6 +189,23 @@ def test_zero_signal_metric():
     assert varied["zero_signal"] == 0.0
 
 
+def test_dynamic_sampling_compares_the_task_reward_when_told():
+    """Right answers told apart only by DAPO's overlong penalty: a signal for the `reward` metric,
+    none for `task_reward` (DAPO's accuracy; verl filter_groups.metric acc), which the dapo preset sets."""
+    lengths = [3, 1, 2, 4]  # the 4-token answer sits in the overlong buffer of max_new_tokens 4
+    shaping = {"overlong_buffer": 2, "dynamic_sampling": True}
+    on_reward = AlgorithmConfig(kl={"placement": "none"}, shaping=shaping)
+    on_task = AlgorithmConfig(kl={"placement": "none"}, shaping={**shaping, "dynamic_sampling_metric": "task_reward"})
+    runs = [_build_group(_rollouts(lengths=lengths), _scores([1.0] * 4), None, c, kl_coef=0.0, max_new_tokens=4)
+            for c in (on_reward, on_task)]  # fmt: skip
+    assert len({s.reward for s in runs[0][0]}) > 1  # the penalty tells them apart
+    assert [metrics["zero_signal"] for _, metrics in runs] == [0.0, 1.0]
+    varied = _build_group(_rollouts(), _scores(), None, on_task, kl_coef=0.0, max_new_tokens=4)[1]
+    assert varied["zero_signal"] == 0.0
+    assert AlgorithmConfig(preset="dapo").shaping.dynamic_sampling_metric == "task_reward"
+    assert AlgorithmConfig().shaping.dynamic_sampling_metric == "reward"
+
+
 def test_group_rollouts_keeps_arrival_order():
     a, b = _rollouts("ga", [1, 1]), _rollouts("gb", [1])
     groups = group_rollouts([a[0], b[0], a[1]])

@@ -21,3 +21,4 @@ def test_peer_names_sit_in_the_descriptions_that_differ_from_them():
     assert "norm_adv_by_std_in_grpo" in _text(AlgorithmConfig, "advantage")
     assert "truncate" in _text(CorrectionConfig, "lower") and "tis-clip-low" in _text(CorrectionConfig, "lower")
     assert "filter_groups" in _text(ShapingConfig, "dynamic_sampling")
+    assert "filter_groups.metric" in _text(ShapingConfig, "dynamic_sampling_metric")
