@@ -14,11 +14,40 @@ BUILT_IN_ENVIRONMENTS = ("tools", "tools_rewarded", "scripted")
 
 
 class SamplingConfig(_Strict):
-    """Sampling settings of the generation engine."""
+    """Sampling settings of the generation engine.
+
+    The rollouts' log-probs are the engine's after all of these (vLLM's `processed_logprobs`:
+    penalties, temperature, min_p, top_k, top_p, renormalised over the tokens kept; checked in
+    vLLM's v1 sampler, its CPU path included), i.e. those of the distribution the tokens were drawn
+    from. The learner's are the model's at `temperature` alone, so importance correction
+    (`algorithm.correction`) sees what top_k, top_p, min_p and repetition_penalty change as
+    rollout/learner mismatch: weights below 1 where they cut the tail, away from 1 where the
+    penalty moved a token."""
 
     n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner divides logits by it too).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    top_k: int = Field(
+        0,
+        ge=-1,
+        description="Sample among the k likeliest tokens only; 0 or -1: off (vLLM's meaning of both; veRL "
+        "rollout.top_k, TRL top_k, OpenRLHF --top_k, slime --rollout-top-k). 1 is greedy decoding.",
+    )
+    min_p: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Drop tokens less likely than min_p x the likeliest token's probability (after temperature); "
+        "0: off (TRL min_p). Not with generation.speculative (vLLM refuses it there).",
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Divide the positive logits of tokens already in the prompt or the response by it (multiply "
+        "the negative ones): above 1 discourages repeats; 1: off (TRL repetition_penalty, vLLM's). Unlike "
+        "top_k, top_p and min_p it also changes greedy answers.",
+    )
     max_new_tokens: int = Field(
         16, ge=1, description="Per-response token limit (bounds the long tail of response lengths)."
     )
@@ -397,6 +426,11 @@ class GenerationConfig(_Strict):
             )
         if self.agent is not None and self.environment is not None:
             raise ValueError("generation.agent and generation.environment both drive episodes; set one of them")
+        if self.speculative is not None and self.sampling.min_p > 0:
+            raise ValueError(
+                "generation.sampling.min_p: vLLM does not sample with min_p under speculative decoding "
+                "(generation.speculative); set min_p 0 or speculative null"
+            )
         taken = [
             f"{k} (set it with {self.OWN_ENGINE_ARGS[k]})" for k in self.engine_kwargs if k in self.OWN_ENGINE_ARGS
         ]

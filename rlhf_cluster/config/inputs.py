@@ -159,11 +159,25 @@ class PromptColumns(_Strict):
 
 class EvalSamplingConfig(_Strict):
     """How held-out evaluation samples (`data.eval_samples`), where it differs from training's
-    `generation.sampling`: e.g. a model card's recommended temperature 0.6 and top_p 0.95 for
-    pass@k. Empty fields keep training's; `max_new_tokens` also bounds the greedy answers."""
+    `generation.sampling`: e.g. a model card's recommended temperature 0.6, top_p 0.95 and top_k 20
+    for pass@k. Empty fields keep training's; `max_new_tokens` and `repetition_penalty` also apply
+    to the greedy answers (top_k, top_p and min_p never change an argmax)."""
 
     temperature: float | None = Field(None, gt=0, description="Sampled answers' temperature (None: training's).")
     top_p: float | None = Field(None, gt=0, le=1, description="Sampled answers' nucleus (None: training's).")
+    top_k: int | None = Field(
+        None,
+        ge=-1,
+        description="Sampled answers' top-k, 0 or -1 for off (None: training's generation.sampling.top_k; veRL "
+        "val_kwargs.top_k, slime --eval-top-k).",
+    )
+    min_p: float | None = Field(None, ge=0, le=1, description="Sampled answers' min_p, 0 for off (None: training's).")
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Every held-out answer's repetition penalty, 1 for off, the greedy ones' too (None: training's).",
+    )
     max_new_tokens: int | None = Field(
         None, ge=1, description="Every held-out answer's token limit (None: training's)."
     )
@@ -291,7 +305,7 @@ class DataConfig(_Strict):
     eval_sampling: EvalSamplingConfig = Field(
         default_factory=EvalSamplingConfig,
         description="Sampling of the held-out answers where it differs from training's (temperature, top_p, "
-        "max_new_tokens); single-turn generation only.",
+        "top_k, min_p, repetition_penalty, max_new_tokens); single-turn generation only.",
     )
     eval_pass_k: list[int] = Field(
         default_factory=lambda: [1, 4],

@@ -3,10 +3,12 @@
 
 A call names its episode in the path (`/episodes/<id>/v1/...`, so an agent only needs a
 `base_url`), in an `X-Episode-Id` header, or in the request's `user` field; an untagged call is
-answered and not recorded. Sampling follows the job's settings, not the request's `temperature`
-or `top_p`: the samples must come from the policy the learner corrects for. `max_tokens` and
-`stop` are honoured within the episode's token budget. Each response carries an `rlhf` field with
-the episode id, the sampled token ids and their weight versions.
+answered and not recorded. Sampling follows the job's settings (`generation.sampling`), not the
+request's: its `temperature`, `top_p`, and vLLM's extra `top_k`, `min_p` and `repetition_penalty`
+are ignored, as are the other sampling fields (the engine never sees them). Every episode's samples
+must come from the one policy the job trains and the learner corrects for, not from whatever each
+agent asks. `max_tokens` and `stop` are honoured within the episode's token budget. Each response
+carries an `rlhf` field with the episode id, the sampled token ids and their weight versions.
 
 A vision-language policy takes `image_url` parts (`images`: data URLs, checked; refused with a 400
 naming the part when unreadable, too large, from a refused URL or too many); the engine gets them

@@ -5,8 +5,10 @@ weight load hands the checked tensors to vLLM's weight-transfer API directly
 (`generation/weight_transfer.py`). `VLLMEngine` drives vLLM's
 engine loop itself (add requests, step, collect finished ones) on one thread, which is what lets
 it take requests while others decode and load weights between two steps. Log-probs are taken in
-`processed_logprobs` mode, i.e. after temperature, so they are the probabilities the tokens
-were actually sampled with; the learner divides its logits by the same temperature.
+`processed_logprobs` mode, i.e. after the repetition penalty, temperature, min_p, top_k and
+top_p (`generation.sampling`), so they are the probabilities the tokens were actually sampled
+with; the learner divides its logits by the same temperature and applies none of the others
+(importance correction sees their effect as mismatch).
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ from rlhf_cluster.models.quantization import check_push, checkpoint_spec
 from rlhf_cluster.models.vision import is_vision_name
 
 log = logging.getLogger(__name__)
+
+
+def policy_sampling(s: SamplingConfig, greedy: bool) -> dict:
+    """vLLM's `SamplingParams` settings for `s`, the same for a group's responses and an episode's
+    turns. Greedy: temperature 0, where vLLM drops top_k, top_p and min_p (they never change an
+    argmax) but keeps the repetition penalty, which does."""
+    return {
+        "temperature": 0.0 if greedy else s.temperature,
+        "top_p": s.top_p,
+        "top_k": max(s.top_k, 0),  # vLLM's off is 0 (its -1 is accepted too)
+        "min_p": s.min_p,
+        "repetition_penalty": s.repetition_penalty,
+        "ignore_eos": s.ignore_eos,
+    }
 
 
 class VLLMEngine(EngineLoop):
@@ -179,10 +195,8 @@ class VLLMEngine(EngineLoop):
         params = SamplingParams(
             detokenize=False,
             n=1,
-            temperature=0.0 if greedy else s.temperature,
-            top_p=s.top_p,
+            **policy_sampling(s, greedy),
             max_tokens=max_tokens or s.max_new_tokens,
-            ignore_eos=s.ignore_eos,
             logprobs=0,
             seed=None,
             output_kind=RequestOutputKind.FINAL_ONLY,
@@ -255,10 +269,8 @@ class VLLMEngine(EngineLoop):
         s = self.cfg.sampling
         params = SamplingParams(
             n=1,
-            temperature=0.0 if greedy else s.temperature,
-            top_p=s.top_p,
+            **policy_sampling(s, greedy),
             max_tokens=max_tokens,
-            ignore_eos=s.ignore_eos,
             logprobs=0,
             seed=None,
             stop=list(stop) or None,

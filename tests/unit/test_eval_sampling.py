@@ -27,7 +27,7 @@ def test_the_workers_evaluate_with_the_set_fields_over_trainings():
     assert GenerationSettings.of(_cfg(max_new_tokens=64)).eval_sampling.max_new_tokens == 64
 
 
-@pytest.mark.parametrize("field,value", [("temperature", 0.0), ("top_p", 1.5), ("max_new_tokens", 0), ("top_k", 5)])
+@pytest.mark.parametrize("field,value", [("temperature", 0.0), ("top_p", 1.5), ("max_new_tokens", 0), ("top_k", -2)])
 def test_a_bad_eval_sampling_field_is_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"data.eval_sampling.{field}"):
         _cfg(**{field: value})
