@@ -1,11 +1,14 @@
 """The trainer: the policy's rank group and, for PPO with a critic, the critic's; trains a step's
-batch on both at once and publishes the policy's result as the next weight version."""
+batch on both at once and publishes the policy's result as the next weight version (during a
+critic warm-up, `critic.freeze_policy_steps`, the critic alone trains and the version holds the
+policy's unchanged weights)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 
 import ray
@@ -42,7 +45,8 @@ class Trainer:
     ):
         self.cfg = cfg
         w = cfg.learner.world_size
-        learner_settings = LearnerRankSettings.of(cfg)  # each rank gets its section, not the whole job
+        learner_settings = policy_rank_settings(cfg)  # each rank gets its section, not the whole job
+        self.held_steps = policy_held_steps(cfg)
         self.policy = RankGroup(
             LearnerRank,
             lambda r: (learner_settings, model_path, r, w, probe),
@@ -92,8 +96,9 @@ class Trainer:
     async def train(
         self, step: int, samples: list[ScoredSample], kl_coef: float
     ) -> tuple[dict[str, float], Awaitable[Publication]]:
-        """One step on every rank; the policy's result is published as version step + 1. Returns
-        the step's stats and its publication: the one that came back with the step (done
+        """One step on every rank; the policy's result is published as version step + 1 (during a
+        critic warm-up, `critic.freeze_policy_steps`, its unchanged weights: only the critic trains).
+        Returns the step's stats and its publication: the one that came back with the step (done
         already), else rank 0's answer when it has published."""
         values = None
         if self.critic is not None:
@@ -104,24 +109,25 @@ class Trainer:
         batch, stats = finalize_batch(samples, self.cfg.algorithm, kl_coef, values)
         created_at = delivery_time()  # the version's identity, the same on every rank that sends a share
         shares = batch.policy_shares(self.policy.world_size)
-        steps = [asyncio.gather(*self.policy.split("train", shares, step + 1, kl_coef, created_at))]
+        held = step < self.held_steps  # the job's step: a resumed job continues the warm-up's count
+        _log_warm_up(step, self.held_steps)
+        if held:  # critic warm-up: the policy ranks run no pass and publish their weights as they are
+            policy_step = self.policy.split("hold", shares, step + 1, created_at)
+        else:
+            policy_step = self.policy.split("train", shares, step + 1, kl_coef, created_at)
+        steps = [asyncio.gather(*policy_step)]
         if self.critic is not None:
             steps.append(asyncio.gather(*self.critic.split("train", batch.critic_shares(self.critic.world_size))))
         # The two groups train on the same batch at the same time; rank 0 speaks for each.
         policy, *critic = await asyncio.gather(*steps)
         metrics, publication = policy[0]
-        parts = [p for _, p in policy[1:] if p is not None]  # the other ranks' shares, where the transport deals
-        if parts:
-            if publication is None or len(parts) != len(policy) - 1:
-                raise RuntimeError(
-                    f"version {step + 1}: {len(parts) + (publication is not None)} of "
-                    f"{len(policy)} learner ranks published their share"
-                )
-            publication = merge_publications([publication, *parts])
+        publication = _merged(step + 1, publication, [p for _, p in policy[1:]])
         stats.update(metrics)
         for group_stats in critic:
             stats.update(group_stats[0])
         stats["kl_coef"] = kl_coef
+        if self.critic is not None:
+            stats["policy/updated"] = float(not held)
         if publication is None:
             return stats, self.policy.leader.wait_published.remote(step + 1)
         done: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
@@ -166,6 +172,47 @@ class Trainer:
     def kill(self) -> None:
         for group in self.groups():
             group.kill()
+
+
+def _merged(version: int, leader: Publication | None, others: list[Publication | None]) -> Publication | None:
+    """Rank 0's publication of `version`, merged with the other ranks' shares where the transport
+    deals the tensors to the ranks (each rank publishes its share); else rank 0's as it is."""
+    parts = [p for p in others if p is not None]
+    if not parts:
+        return leader
+    if leader is None or len(parts) != len(others):
+        raise RuntimeError(
+            f"version {version}: {len(parts) + (leader is not None)} of "
+            f"{len(others) + 1} learner ranks published their share"
+        )
+    return merge_publications([leader, *parts])
+
+
+def policy_held_steps(cfg: JobConfig) -> int:
+    """The job's first steps that train the critic alone (`critic.freeze_policy_steps`; 0 without a
+    critic, which only `algorithm.advantage: gae` trains)."""
+    return cfg.critic.freeze_policy_steps if cfg.algorithm.advantage == "gae" and cfg.critic is not None else 0
+
+
+def policy_rank_settings(cfg: JobConfig) -> LearnerRankSettings:
+    """The policy ranks' settings. Under a critic warm-up the policy's LR schedule counts its own
+    updates only (its scheduler steps when it updates, as veRL's actor's does), so it spans
+    train.total_steps - freeze_policy_steps of them: `learner.lr_warmup_steps` start at its first
+    update and a cosine or linear decay still ends at the job's last step. When versions are
+    persisted still follows the job's steps (`total_steps` of the settings)."""
+    settings = LearnerRankSettings.of(cfg)
+    held = policy_held_steps(cfg)
+    if not held:
+        return settings
+    return replace(settings, spec=replace(settings.spec, total_steps=cfg.train.total_steps - held))
+
+
+def _log_warm_up(step: int, held_steps: int) -> None:
+    """A critic warm-up's start (at step 0) and the policy's first update after it."""
+    if step == 0 and held_steps:
+        log.info(f"critic warm-up: steps 0..{held_steps - 1} train the critic alone (critic.freeze_policy_steps)")
+    elif step == held_steps > 0:
+        log.info(f"step {step}: critic warm-up done ({held_steps} steps); the policy trains from this step on")
 
 
 def start_trainer(

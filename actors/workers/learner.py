@@ -16,6 +16,7 @@ from actors.workers.settings import CriticRankSettings, LearnerRankSettings
 from rlhf_cluster.experience.records import TrainBatch
 from rlhf_cluster.generation.probe import PROBE_FILE, Probe, probe_file
 from rlhf_cluster.learner import create_learner
+from rlhf_cluster.learner.step_metrics import held_policy_metrics
 from rlhf_cluster.models.quantization import quantize_state_dict
 from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.telemetry import tracing
@@ -206,10 +207,25 @@ class LearnerRank(ShardedRank):
             metrics = self._set_up().train_step(batch, kl_coef)
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
+        return metrics, self._publish_step(version, created_at)
+
+    def hold(
+        self, batch: TrainBatch, version: int, created_at: str | None = None
+    ) -> tuple[dict[str, float], Publication | None]:
+        """Collective: a critic warm-up step (`critic.freeze_policy_steps`) on this rank's share. The
+        policy runs no forward, backward or optimizer step, so its optimizer state, the LR schedule's
+        position and the learner's step count (its own updates) stay, and its unchanged weights are
+        published as `version` (every step publishes one). Returns what `train` does, with the
+        batch's metrics over every rank's share (`held_policy_metrics`)."""
+        metrics = held_policy_metrics(batch, self._set_up().device)
+        return metrics, self._publish_step(version, created_at)
+
+    def _publish_step(self, version: int, created_at: str | None) -> Publication | None:
+        """Publish a step's weights as `version`; the publication when it is complete already."""
         with tracing.span("publish", version=version):
             self.publish(version, created_at=created_at)
         publication = self.pending.get(version)
-        return metrics, (self.wait_published(version) if publication is not None and publication.done() else None)
+        return self.wait_published(version) if publication is not None and publication.done() else None
 
     def probe_logprobs(
         self,

@@ -398,6 +398,7 @@ class JobConfig(_Strict):
                 f"{self.algorithm.advantage!r} places rewards per token itself (use assign 'episode')"
             )
         self._check_reference_needed()
+        self._check_critic_warmup()
         s = self.scoring
         check_start_sizes(
             self.scaling.auto,
@@ -409,6 +410,16 @@ class JobConfig(_Strict):
             },
         )
         return self
+
+    def _check_critic_warmup(self) -> None:
+        # A warm-up as long as the job would never train the policy (veRL's trainer.critic_warmup).
+        held = self.critic.freeze_policy_steps if self.critic is not None else 0
+        if held and held >= self.train.total_steps:
+            raise ValueError(
+                f"critic.freeze_policy_steps={held} >= train.total_steps={self.train.total_steps}: the policy "
+                "would never be trained (the critic warm-up holds it for the first freeze_policy_steps steps); "
+                "lower critic.freeze_policy_steps or raise train.total_steps"
+            )
 
     def _check_reference_needed(self) -> None:
         # Without reference log-probs the experience falls back to the rollout's own, so a KL term

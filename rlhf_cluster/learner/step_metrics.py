@@ -1,12 +1,19 @@
 """A policy step's metrics over its micro-batches and ranks, reduced on the device and read once
-(issue 35: the step waits for the device only at its optimizer updates)."""
+(issue 35: the step waits for the device only at its optimizer updates); a critic warm-up step's,
+where the policy runs no pass, from the batch as it is (`held_policy_metrics`)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from rlhf_cluster.algorithms.kl import kl_penalty
 from rlhf_cluster.models.flops import FlopsShape, flops_of_sums
+
+if TYPE_CHECKING:
+    from rlhf_cluster.experience.records import TrainBatch
 
 
 class StepMetrics:
@@ -109,3 +116,16 @@ class StepMetrics:
             counted = flops_of_sums(self.flops, seq_tokens, seq_squares)
             out["learner/flops_dense"], out["learner/flops_with_attention"] = counted
         return out
+
+
+def held_policy_metrics(local: TrainBatch, device: torch.device) -> dict[str, float]:
+    """Collective over the policy's ranks: a critic warm-up step's metrics (`critic.freeze_policy_steps`:
+    the policy runs no pass) over every rank's share. `policy/kl` is the k3 KL to the reference of
+    the rollouts' own log-probs (the unchanged policy's, as its engines scored them; a trained step
+    reports it of the learner's), a token mean over the tokens in the loss; no learner time."""
+    mask = local.response_mask.double()
+    kl = kl_penalty(local.rollout_logprobs.double(), local.ref_logprobs.double(), "k3")
+    sums = torch.stack([(kl * mask).sum(), mask.sum()]).to(device)
+    dist.all_reduce(sums)
+    kl_sum, tokens = sums.tolist()
+    return {"policy/kl": kl_sum / max(tokens, 1.0), "learner/step_seconds": 0.0}
