@@ -399,6 +399,11 @@ class JobConfig(_Strict):
             )
         self._check_reference_needed()
         self._check_critic_warmup()
+        if self.generation.speculative is not None and (self.data.eval_sampling.min_p or 0) > 0:
+            raise ValueError(  # as generation.sampling.min_p: vLLM would refuse each evaluation request
+                "data.eval_sampling.min_p: vLLM does not sample with min_p under speculative decoding "
+                "(generation.speculative); leave it empty or 0, or set speculative null"
+            )
         s = self.scoring
         check_start_sizes(
             self.scaling.auto,

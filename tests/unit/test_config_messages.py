@@ -65,7 +65,7 @@ def test_an_override_that_is_no_yaml_is_refused_naming_it():
         ("scoring.rewards=[{type: model, models: [{path: x, nmae: y}]}]", "scoring.rewards[0].models[0].nmae: Extra "
          "inputs are not permitted (no such field; did you mean 'name'?)"),
         ("generation.sampling.zzzz=1", "generation.sampling.zzzz: Extra inputs are not permitted (no such field; "
-         "generation.sampling has: n, temperature, top_p, max_new_tokens, ignore_eos)"),
+         "generation.sampling has: n, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, ignore_eos)"),
         ("learner.backend={type: fsdp2, config_file: x}", "learner.backend.config_file: Extra inputs are not permitted "
          "(no such field; learner.backend (fsdp2) has: type)"),
     ],

@@ -80,6 +80,9 @@ def test_min_p_with_speculative_decoding_is_refused_by_name():
     with pytest.raises(ValueError, match=r"generation.sampling.min_p: .*speculative"):
         _job(sampling={"min_p": 0.05}, speculative={"method": "ngram"})
     assert _job(sampling={"top_k": 20, "repetition_penalty": 1.1}, speculative={"method": "ngram"})
+    with pytest.raises(ValueError, match=r"data.eval_sampling.min_p: .*speculative"):
+        _job(eval_sampling={"min_p": 0.05}, speculative={"method": "ngram"})
+    assert _job(eval_sampling={"min_p": 0.0}, speculative={"method": "ngram"})
 
 
 def test_a_groups_and_a_turns_params_carry_them():
