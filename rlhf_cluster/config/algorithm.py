@@ -179,10 +179,10 @@ class ShapingConfig(_Strict):
     dynamic_sampling_metric: Literal["reward", "task_reward"] = Field(
         "reward",
         description="What dynamic_sampling compares within a group (verl filter_groups.metric). reward: the reward "
-        "trained on, after the overlong and length penalties and a KL in the reward (verl seq_final_reward); "
-        "task_reward: the scoring pool's reward before them (verl acc / score; DAPO drops groups whose accuracy is "
-        "all 0 or all 1, so a group of right answers that only the overlong penalty tells apart is dropped too). "
-        "The dapo preset sets task_reward.",
+        "trained on, after the overlong and length penalties and a sequence KL in the reward (verl "
+        "seq_final_reward); task_reward: the reward before them, as scored (with an environment's combined turn "
+        "rewards) (verl acc / score; DAPO drops groups whose accuracy is all 0 or all 1, so a group of right "
+        "answers that only the overlong penalty tells apart is dropped too). The dapo preset sets task_reward.",
     )
 
     def overlong_buffer_tokens(self, max_new_tokens: int) -> int:

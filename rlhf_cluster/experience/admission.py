@@ -8,11 +8,20 @@ dynamic sampling), so the producer generates another in its place and no step go
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import Counter, deque
 
 from rlhf_cluster.config import GenerationConfig, TrainConfig
 from rlhf_cluster.data.prompts import Prompt, PromptSource
+
+
+def _columns_digest(prompt: Prompt) -> str | None:
+    """A digest of a prompt's source and extra columns (None without either), kept in a checkpoint
+    in their place: they need not be JSON values (`data.columns.extra` as pyarrow reads them)."""
+    if prompt.source is None and not prompt.extra:
+        return None
+    return hashlib.blake2b(repr((prompt.source, prompt.extra)).encode(), digest_size=16).hexdigest()
 
 
 class Admission:
@@ -83,24 +92,29 @@ class Admission:
         return {
             "source": self.source.state_dict(),
             "pending_prompts": [
-                [p.prompt_id, p.text, p.answer, list(p.token_ids) if p.token_ids else None] for p in pending
+                [p.prompt_id, p.text, p.answer, list(p.token_ids) if p.token_ids else None, _columns_digest(p)]
+                for p in pending
             ],
         }
 
-    def _pending_prompt(self, prompt_id: str, text: str, answer: str, token_ids: list[int] | None = None) -> Prompt:
+    def _pending_prompt(
+        self, prompt_id: str, text: str, answer: str, token_ids: list[int] | None = None, columns: str | None = None
+    ) -> Prompt:
         """A pending prompt of a checkpoint: the source's own where it still holds it unchanged (its
         images, messages, source and extra columns come with it: the state keeps only the text
-        fields). Where its text changed since (another chat template or its settings) but not its
-        answer, the checkpoint's prompt with the row's source and extra columns, so a reward function
-        reading `extra` still finds them; not its images or messages, which the checkpoint's text may
-        not match. Else as kept."""
+        fields and a digest of the others). Where its text changed since (another chat template or
+        its settings) but its answer, source and extra columns did not (`columns`, the digest), the
+        checkpoint's prompt with them, so a reward function reading `extra` still finds them; not its
+        images or messages, which the checkpoint's text may not match. Else as kept."""
         ids = tuple(token_ids) if token_ids else None
         known = self.source.find(prompt_id)
         if known is None or known.answer != answer:
             return Prompt(prompt_id, text, answer, ids)
         if (known.text, known.token_ids) == (text, ids):
             return known
-        return Prompt(prompt_id, text, answer, ids, source=known.source, extra=known.extra)
+        if columns is not None and _columns_digest(known) == columns:
+            return Prompt(prompt_id, text, answer, ids, source=known.source, extra=known.extra)
+        return Prompt(prompt_id, text, answer, ids)
 
     def load_state_dict(self, state: dict, groups_done: int) -> None:
         """Restore the prompt order; `groups_done` groups (trained on or buffered) count as started."""

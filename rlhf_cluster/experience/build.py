@@ -54,13 +54,13 @@ def build_group(
     """
     refs = _checked_refs(rollouts, scores, ref_logprobs)
     components = [dict(s[1]) for s in scores]
-    rewards = torch.tensor([s[0] for s in scores], dtype=torch.float64)
-    rewards = _shaped(rewards, components, rollouts, cfg, max_new_tokens)
+    task = torch.tensor([s[0] for s in scores], dtype=torch.float64)  # as scored (`_shaped` adds, not in place)
+    rewards = _shaped(task, components, rollouts, cfg, max_new_tokens)
     if cfg.kl.placement == "reward" and kl_coef > 0 and not filled_at_take_time(cfg.advantage):
         rewards = _kl_in_reward(rewards, components, rollouts, refs, kl_coef)
     token_adv, metrics = _token_advantages(rollouts, rewards, cfg.advantage, turns)
     # One group: kept whole or not at all. Compared on the reward trained on or the scoring pool's (`task_reward`).
-    signal = rewards if cfg.shaping.dynamic_sampling_metric == "reward" else torch.tensor([s[0] for s in scores])
+    signal = rewards if cfg.shaping.dynamic_sampling_metric == "reward" else task
     kept, _ = dynamic_sampling_filter(signal, [r.group_id for r in rollouts])
     metrics["zero_signal"] = float(not bool(kept.any()))
     if cfg.distillation is not None:  # the reference log-probs are the teacher's (it is what the reference pool serves)

@@ -211,6 +211,14 @@ def test_a_resume_under_another_rendering_keeps_the_rows_extra_columns(tmp_path)
     assert [(p.answer, p.extra, p.source) for p in (other.admit(5)[1][0] for _ in range(2))] == [
         (p.answer, {}, None) for p in taken
     ]
+    # Found in review: rows swapped in the file under the same ids (positional `row-N` ids, no answer
+    # column) must not lend a prompt another row's extra columns: the checkpoint keeps their digest.
+    swapped = [replace(a, text=b.text, extra=b.extra, source=b.source) for a, b in zip(prompts, prompts[::-1])]
+    moved = Admission(cfg.train, cfg.generation, PromptSource(swapped, seed=3))
+    moved.load_state_dict(state, groups_done=0)
+    assert [(p.text, p.extra, p.source) for p in (moved.admit(5)[1][0] for _ in range(2))] == [
+        (p.text, {}, None) for p in taken
+    ]
 
 
 def test_a_function_that_edits_extra_leaves_the_next_samples_alone():
