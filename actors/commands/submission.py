@@ -17,7 +17,7 @@ from rlhf_cluster.config import FunctionReward, JobConfig
 
 def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path | None) -> Path:
     """A working dir holding the code, the validated config, the user's `working_dir` contents
-    and modules (those named and the reward functions' own): what the job runs with. The
+    and modules (those named and the user code's own: `user_modules`): what the job runs with. The
     working dir is on the path of the driver and of every actor, so the modules import there."""
     stage = Path(tempfile.mkdtemp(prefix="rlhf-job-"))
     try:
@@ -27,7 +27,7 @@ def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path 
             shutil.copytree(
                 working_dir, stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".git")
             )
-        for module in [*py_modules, *reward_modules(cfg)]:
+        for module in [*py_modules, *user_modules(cfg)]:
             if not module.exists():
                 raise typer.BadParameter(f"--py-modules {module}: no such file or package directory")
             if module.is_dir():
@@ -45,32 +45,41 @@ def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path 
     return stage
 
 
-def reward_modules(cfg: JobConfig) -> list[Path]:
-    """The local files of the config's reward functions that live outside this project and outside
-    installed packages (a user's `my_rewards.py`): the cluster has no other way to import them."""
+def user_code(cfg: JobConfig) -> list[tuple[str, str]]:
+    """What the config names by `module:function`, as (what, spec): the reward functions
+    (`scoring.rewards`) and the policy loss (`algorithm.loss.function`)."""
+    found = [("reward", source.function) for source in cfg.scoring.rewards if isinstance(source, FunctionReward)]
+    if cfg.algorithm.loss.function is not None:
+        found.append(("policy loss", cfg.algorithm.loss.function))
+    return found
+
+
+def user_modules(cfg: JobConfig) -> list[Path]:
+    """The local files of the config's user code (`user_code`: a user's `my_rewards.py`,
+    `my_losses.py`) that live outside this project and outside installed packages: the cluster
+    has no other way to import them. Each once, in the config's order."""
     import importlib.util
     import sysconfig
 
     installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # `module:function` names a module importable from here
-    found = []
-    for source in cfg.scoring.rewards:
-        if not isinstance(source, FunctionReward):
-            continue
-        top = source.function.split(":")[0].split(".")[0]
+    found: list[Path] = []
+    for what, function in user_code(cfg):
+        top = function.split(":")[0].split(".")[0]
         spec = importlib.util.find_spec(top)
         if spec is None or spec.origin in (None, "built-in", "frozen"):
             continue
         origin = Path(spec.origin).resolve()
         path = origin.parent if origin.name == "__init__.py" else origin
         if (
-            path.is_relative_to(REPO / "rlhf_cluster")
+            path in found
+            or path.is_relative_to(REPO / "rlhf_cluster")
             or path.is_relative_to(REPO / "actors")
             or any(path.is_relative_to(root) for root in installed)
             or path.is_relative_to(Path(sys.base_prefix))
         ):
             continue
-        typer.echo(f"shipping reward module {top} ({path})", err=True)
+        typer.echo(f"shipping {what} module {top} ({path})", err=True)
         found.append(path)
     return found

@@ -49,12 +49,16 @@ class LossConfig(_Strict):
         None,
         description="A user's policy loss `module:function` in place of the built-in one (slime --loss-type "
         "custom_loss with --custom-loss-function-path; verl policy_loss.loss_mode naming a loss registered with "
-        "register_policy_loss). "
-        "Imported on every learner rank and called per micro-batch as fn(logprobs, old_logprobs, advantages, mask, *, "
-        "clip_low, clip_high, aggregation, correction, denominator, max_tokens) -> (0-dim loss tensor, {name: 0-dim "
-        "tensor}), as the built-in losses are (rlhf_cluster/algorithms/losses.py); aggregate with `aggregate_loss` "
-        "to keep the global denominators. Correction weights, KL term and entropy bonus apply around it; its metrics "
-        "report as policy/<name>. Takes mode ppo, ratio_level token and no clip_ratio_c (None: the built-in loss).",
+        "register_policy_loss). Imported on every policy learner rank (not the critic's) and called per micro-batch "
+        "as fn(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, aggregation, correction, "
+        "denominator, max_tokens) -> (0-dim loss tensor, {name: 0-dim tensor}), as the built-in losses are "
+        "(rlhf_cluster/algorithms/losses.py); aggregate with `aggregate_loss` to keep the global denominators. "
+        "The TIS/MIS correction weights (algorithm.correction) are passed in as `correction` and the function "
+        "must apply them, once (aggregate_loss(..., correction=correction) does): nothing applies them around it; "
+        "the KL term and entropy bonus do apply around it. The loss must be built from logprobs on every call, an "
+        "all-masked micro-batch included (aggregate_loss gives 0 with a gradient). Its metrics report as "
+        "policy/<name> and must be fixed names, the same on every call and rank. Takes mode ppo, ratio_level "
+        "token and no clip_ratio_c (None: the built-in loss).",
     )
 
     @field_validator("function")

@@ -59,6 +59,9 @@ class LearnerBase(ABC):
     """
 
     backend_name = "base"
+    # Whether the ranks compute the policy loss: False for the critic's, which then never import the
+    # user's `algorithm.loss.function`.
+    trains_policy = True
 
     def __init__(self, spec: LearnerSpec):
         if not dist.is_initialized():
@@ -68,7 +71,7 @@ class LearnerBase(ABC):
         self.device = default_device()
         torch.manual_seed(spec.learner.seed)
         self.bad_steps = 0
-        self.objective = RLObjective(spec.algorithm, spec.max_new_tokens)
+        self.objective = RLObjective(spec.algorithm, spec.max_new_tokens, user_loss=self.trains_policy)
         self.temperature = spec.temperature
         # The output layer's log-prob head for the step's passes (`learner.logprob_head`).
         lc = spec.learner

@@ -74,6 +74,8 @@ class ValueLearner(FSDP2Learner):
     each forward), so all ranks call it together, each with its own slice of the step's batch.
     """
 
+    trains_policy = False  # the value loss alone: the user's policy loss (algorithm.loss.function) is not imported
+
     def __init__(self, critic: CriticConfig, spec: LearnerSpec, policy_path: str):
         """`spec`: the critic's own learner settings (`critic_spec`) over the shared FSDP2 machinery."""
         self.critic = critic

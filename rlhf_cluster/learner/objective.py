@@ -7,6 +7,7 @@ the batch, with the global denominators, and gets back a scalar loss and metrics
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,8 +25,9 @@ CONTRACT = (
     "max_tokens) -> (loss, metrics)"
 )
 KEYWORDS = ("clip_low", "clip_high", "aggregation", "correction", "denominator", "max_tokens")
-# Names the objective reports itself under policy/: a user's metric of that name would be overwritten.
-RESERVED_METRICS = ("loss", "kl", "kl_loss_term", "entropy")
+# Names reported under policy/ by the objective (and `policy/updated` by the trainer, beside a critic):
+# a user's metric of that name would be overwritten.
+RESERVED_METRICS = ("loss", "kl", "kl_loss_term", "entropy", "updated")
 
 
 def load_policy_loss(spec: str) -> Callable:
@@ -55,10 +57,16 @@ def _what(value: object) -> str:
     return f"{type(value).__name__} {text[:80] + '...' if len(text) > 80 else text}"
 
 
-def checked_result(spec: str, out: object, needs_grad: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+def checked_result(
+    spec: str, out: object, needs_grad: bool, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """A user's policy loss's return as the objective uses it: a 0-dim loss tensor (with a gradient
-    when `needs_grad`) and its metrics, a dict of 0-dim tensors (detached here) or numbers. Anything
-    else is a ValueError naming `algorithm.loss.function` and what came back."""
+    when `needs_grad`) and its metrics, a dict of 0-dim tensors (detached here) or real numbers
+    (numpy's too). Anything else is a ValueError naming `algorithm.loss.function` and what came back.
+
+    Nothing here waits for `device`: a 0-dim tensor on another device than the log-probs' that is
+    on the host becomes a float (read on the host; `StepMetrics` writes floats to the device as a
+    fill's argument, never with a synchronous copy)."""
     where = f"{FIELD}={spec!r} returned"
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(f"{where} {_what(out)}; expected a pair (loss, metrics): {CONTRACT}")
@@ -78,23 +86,42 @@ def checked_result(spec: str, out: object, needs_grad: bool) -> tuple[torch.Tens
             reserved = ", ".join(RESERVED_METRICS)
             raise ValueError(f"{where} a metric named {name!r}; expected a str other than {reserved}")
         if isinstance(value, torch.Tensor) and value.dim() == 0:
-            out_metrics[name] = value.detach()
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+            on_host = value.device.type == "cpu" and value.device != device
+            out_metrics[name] = float(value) if on_host else value.detach()
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
             out_metrics[name] = float(value)
         else:
             raise ValueError(f"{where} metric {name!r} as {_what(value)}; expected a 0-dim tensor or a number")
     return loss, out_metrics
 
 
-class RLObjective:
-    """Clipped policy loss (or the user's, `algorithm.loss.function`) x importance weights, + KL to
-    the reference, - entropy bonus."""
+def same_names(spec: str, first: tuple[str, ...], metrics: Mapping[str, object]) -> None:
+    """Refuses metrics whose names differ from the first call's (`first`, sorted) on this rank:
+    `StepMetrics` reduces them over micro-batches and all-reduces them over ranks by name, so a
+    name missing on one call would misalign the ranks' tensors (a hang or mixed-up values)."""
+    names = tuple(sorted(metrics))
+    if names != first:
+        raise ValueError(
+            f"{FIELD}={spec!r} returned metrics named {list(names)}, its first call on this rank {list(first)}: "
+            "expected the same names on every call and rank (the learner reduces them across micro-batches and "
+            "ranks by name); return every name each time, e.g. 0 for a micro-batch with no valid tokens"
+        )
 
-    def __init__(self, cfg: AlgorithmConfig, max_tokens: int):
+
+class RLObjective:
+    """The built-in clipped policy loss x the TIS/MIS correction weights, or the user's
+    (`algorithm.loss.function`), which gets those weights as `correction` and applies them itself
+    (nothing applies them around it); + KL to the reference, - entropy bonus.
+
+    `user_loss=False` (the critic's ranks, which compute no policy loss): the user's function is
+    not imported."""
+
+    def __init__(self, cfg: AlgorithmConfig, max_tokens: int, *, user_loss: bool = True):
         self.cfg = cfg
         self.max_tokens = max_tokens
         # A user's policy loss, imported once per rank (`algorithm.loss.function`); None: the built-in one.
-        self.custom = None if cfg.loss.function is None else load_policy_loss(cfg.loss.function)
+        self.custom = None if cfg.loss.function is None or not user_loss else load_policy_loss(cfg.loss.function)
+        self.metric_names: tuple[str, ...] | None = None  # the user's function's, from its first call
 
     def correction_weights(
         self, prox_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
@@ -175,7 +202,12 @@ class RLObjective:
         }
         if self.custom is not None:
             needs_grad = torch.is_grad_enabled() and logprobs.requires_grad
-            return checked_result(lc.function or "", self.custom(*args, **shared), needs_grad)
+            spec = lc.function or ""
+            loss, metrics = checked_result(spec, self.custom(*args, **shared), needs_grad, logprobs.device)
+            if self.metric_names is None:
+                self.metric_names = tuple(sorted(metrics))
+            same_names(spec, self.metric_names, metrics)
+            return loss, metrics
         if lc.mode == "cispo":  # the same clip band bounds a detached weight on every token's log-prob
             return cispo_loss(*args, **shared)
         return policy_loss(*args, **shared, clip_ratio_c=lc.clip_ratio_c, ratio_level=lc.ratio_level)

@@ -16,6 +16,16 @@ if TYPE_CHECKING:
     from rlhf_cluster.experience.records import TrainBatch
 
 
+def on_device(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A metric as a float64 0-dim tensor on `device`, without waiting for it: a number is a fill
+    kernel's argument (`torch.as_tensor(v, device=cuda)` would copy it from the host and sync the
+    stream, once per metric per micro-batch); a tensor (a device one; `checked_result` turns a user's
+    host tensors into numbers) is cast where it is, or moved non-blocking."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64, non_blocking=True)
+    return torch.full((), float(value), dtype=torch.float64, device=device)
+
+
 class StepMetrics:
     """A policy step's metrics across micro-batches and ranks, reduced on the device and read once.
 
@@ -60,7 +70,7 @@ class StepMetrics:
                 sequence_sums = sequence_sums + torch.stack([seq.sum(), (seq * seq).sum()])
             local_tokens = mask[rows].sum().double()
             for k, v in metrics.items():
-                v = torch.as_tensor(v, device=dev).double()
+                v = on_device(v, dev)
                 sums[k] = (
                     torch.maximum(sums[k], v)
                     if k.endswith("_max") and k in sums
@@ -72,16 +82,12 @@ class StepMetrics:
         self.from_micro = set(means)
         means.update(
             {
-                k: torch.as_tensor(v, device=dev).double() * local_tok
+                k: on_device(v, dev) * local_tok
                 for k, v in corr_metrics.items()
                 if not k.endswith("_max") and k != "correction/ess"
             }
         )
-        maxima = {
-            k: torch.as_tensor(v, device=dev).double()
-            for k, v in {**corr_metrics, **sums}.items()
-            if k.endswith("_max")
-        }
+        maxima = {k: on_device(v, dev) for k, v in {**corr_metrics, **sums}.items() if k.endswith("_max")}
         self.mean_keys, self.max_keys = sorted(means), sorted(maxima)
         w = correction if correction is not None else torch.ones_like(mask)
         losses = torch.stack(passes.loss_tensors).sum()  # this rank's share of every update's loss

@@ -96,6 +96,31 @@ def test_submit_stages_the_users_modules_and_working_dir(tmp_path, monkeypatch):
         shutil.rmtree(stage)
 
 
+def test_submit_ships_the_policy_loss_module_as_it_does_the_reward_modules(tmp_path, monkeypatch, capsys):
+    """`algorithm.loss.function` names a module beside the user, as a reward function does: both
+    reach the cluster, and a module both name is shipped once."""
+    from actors.commands.submission import stage_working_dir, user_modules
+    from rlhf_cluster.config import load_config
+
+    home = (tmp_path / "home").resolve()
+    home.mkdir()
+    (home / "my_losses.py").write_text("def reinforce(*args, **kwargs):\n    return None\n")
+    (home / "my_code.py").write_text("def score(response, answer):\n    return 1.0\n\ndef loss(*a, **k):\n    pass\n")
+    monkeypatch.chdir(home)
+    cfg = load_config(None, ["algorithm.loss.function=my_losses:reinforce"])
+    stage = stage_working_dir(cfg, [], None)
+    try:
+        assert (stage / "my_losses.py").read_text().startswith("def reinforce")
+    finally:
+        import shutil
+
+        shutil.rmtree(stage)
+    assert f"shipping policy loss module my_losses ({home / 'my_losses.py'})" in capsys.readouterr().err
+    both = load_config(None, ["scoring.rewards=[{type: function, function: 'my_code:score'}]",
+                              "algorithm.loss.function=my_code:loss"])
+    assert user_modules(both) == [home / "my_code.py"]
+
+
 def test_the_real_model_example_names_the_inputs_its_script_builds(tmp_path):
     # configs/examples/ name inputs built by a script (scripts/real_model_example.py), not shipped:
     # until they exist, the dry run refuses and names each missing one.

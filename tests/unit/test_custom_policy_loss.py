@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf_cluster.config import AlgorithmConfig, ConfigError, JobConfig, load_config
-from rlhf_cluster.learner.objective import RLObjective, load_policy_loss
+from rlhf_cluster.learner.objective import RLObjective, checked_result, load_policy_loss
 
 HERE = "tests.unit.user_policy_losses"
 
@@ -82,6 +82,7 @@ def test_reinforce_gives_its_own_loss_and_gradient_with_the_jobs_weights():
     ("metrics_as_list", "returned metrics of list [1.0]; expected a dict"),
     ("vector_metric", "returned metric 'per_row' as a tensor of shape (1,); expected a 0-dim tensor or a number"),
     ("metric_named_kl", "returned a metric named 'kl'; expected a str other than loss, kl"),
+    ("metric_named_updated", "named 'updated'; expected a str other than loss, kl, kl_loss_term, entropy, updated"),
     ("detached_loss", "returned a loss with no gradient to the log-probs"),
 ])
 def test_a_bad_return_names_the_field_and_what_came_back(name, message):
@@ -93,6 +94,64 @@ def test_a_bad_return_names_the_field_and_what_came_back(name, message):
                                             None, None, kl_coef=0.0, denominator=3.0, token_denominator=3.0)
     assert f"algorithm.loss.function='{HERE}:{name}' " in str(info.value)
     assert message in str(info.value)
+
+
+def _call(objective: RLObjective, rows: int):
+    logprobs = torch.zeros(rows, 3, requires_grad=True)
+    mask = torch.ones(rows, 3, dtype=torch.bool)
+    return objective.loss(logprobs, logprobs.detach(), logprobs.detach(), torch.ones(rows, 3), mask, None, None,
+                          kl_coef=0.0, denominator=3.0, token_denominator=3.0)
+
+
+def test_metric_names_that_change_between_calls_fail_naming_the_field():
+    """The step's metrics are all-reduced over the ranks by name: a name some micro-batches leave
+    out would misalign the ranks (a hang), so each rank holds every call to its first call's names."""
+    spec = f"{HERE}:names_by_rows"
+    objective = RLObjective(AlgorithmConfig(loss={"function": spec}), max_tokens=3)
+    _call(objective, 1)
+    _call(objective, 1)  # the same names again
+    with pytest.raises(ValueError) as info:
+        _call(objective, 2)
+    assert f"algorithm.loss.function='{spec}' returned metrics named ['rows'], its first call on this rank []" in str(
+        info.value
+    )
+    assert "expected the same names on every call and rank" in str(info.value)
+    # A fixed set of names passes call after call, whatever the batch.
+    objective = RLObjective(AlgorithmConfig(loss={"function": f"{HERE}:reinforce"}), max_tokens=3)
+    for rows in (1, 2, 1):
+        assert set(_call(objective, rows)[1]) >= {"policy/calls", "policy/logprob_mean"}
+
+
+def test_numpy_scalars_and_host_tensors_are_numbers():
+    """numpy scalars are metrics (numpy-based user code); a 0-dim host tensor where the log-probs
+    are on a device becomes a float on the host, so `StepMetrics` never copies it up synchronously."""
+    metrics = _call(RLObjective(AlgorithmConfig(loss={"function": f"{HERE}:numpy_metrics"}), max_tokens=3), 2)[1]
+    assert metrics["policy/share"] == 0.5 and metrics["policy/rows"] == 2.0
+    assert all(type(metrics[k]) is float for k in ("policy/share", "policy/rows"))
+    loss = torch.zeros((), requires_grad=True)
+    device = torch.device("meta")  # any device other than the host
+    _, out = checked_result("m:f", (loss, {"host": torch.tensor(2.5), "there": torch.zeros((), device=device)}),
+                            True, device)
+    assert out["host"] == 2.5 and type(out["host"]) is float
+    assert isinstance(out["there"], torch.Tensor) and out["there"].device == device
+    _, out = checked_result("m:f", (loss, {"host": torch.tensor(2.5)}), True, torch.device("cpu"))
+    assert isinstance(out["host"], torch.Tensor)  # on the log-probs' own device: kept as it is
+
+
+def test_step_metrics_take_numbers_as_device_scalars(gloo_group):
+    """A user's numbers reach the step's reduction as numbers (a fill on the device, not a copy):
+    token-weighted means, maxima by name."""
+    from rlhf_cluster.learner.spec import Passes
+    from rlhf_cluster.learner.step_metrics import StepMetrics
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    passes = Passes()
+    passes.micro_metrics = [([0], {"policy/x": 1.0, "policy/x_max": 3.0}), ([1], {"policy/x": 4, "policy/x_max": 2.0})]
+    passes.loss_tensors = [torch.zeros((), dtype=torch.float64)]
+    reduction = StepMetrics(torch.device("cpu"), mask)
+    out = reduction.read(reduction.device_values(passes, None, {}).tolist())
+    assert out["policy/x"] == pytest.approx((1.0 * 2 + 4 * 1) / 3)
+    assert out["policy/x_max"] == 3.0
 
 
 @pytest.mark.parametrize("loss", [
@@ -179,3 +238,18 @@ def test_a_real_learner_trains_with_the_users_loss(gloo_group, tiny_model_path):
     assert "policy/clip_frac" not in metrics
     assert metrics["learner/skipped_updates"] == 0.0
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_the_critics_ranks_do_not_import_the_users_loss(gloo_group, tiny_model_path):
+    """The critic's ranks (`ValueLearner`, over the same learner base) compute no policy loss: a
+    module only the policy's ranks can import does not fail the critic naming the policy's field."""
+    from rlhf_cluster.learner.critic import ValueLearner, critic_spec
+
+    cfg = JobConfig.model_validate({
+        "algorithm": {"advantage": "gae", "loss": {"function": "nomod_h19_loss:fn"}},
+        "critic": {"init": "policy", "world_size": 1, "seed": 5}, "generation": {"sampling": {"n": 1}},
+    })
+    critic = ValueLearner(*critic_spec(cfg), tiny_model_path)
+    assert critic.objective.custom is None
+    with pytest.raises(ValueError, match="module 'nomod_h19_loss' not found"):
+        RLObjective(cfg.algorithm, max_tokens=3)  # the policy's ranks do import it

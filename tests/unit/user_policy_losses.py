@@ -3,6 +3,7 @@ names them `tests.unit.user_policy_losses:<name>`), and ones that break the cont
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from rlhf_cluster.algorithms.losses import aggregate_loss, masked_mean, policy_loss
@@ -45,6 +46,22 @@ def vector_metric(logprobs, old_logprobs, advantages, mask, **keywords):
 
 def metric_named_kl(logprobs, old_logprobs, advantages, mask, **keywords):
     return _reinforce_loss(logprobs, advantages, mask), {"kl": torch.tensor(0.0)}
+
+
+def metric_named_updated(logprobs, old_logprobs, advantages, mask, **keywords):
+    return _reinforce_loss(logprobs, advantages, mask), {"updated": 1.0}  # the trainer's policy/updated
+
+
+def names_by_rows(logprobs, old_logprobs, advantages, mask, **keywords):
+    """A metric only some micro-batches report (here: those of more than one row): the ranks'
+    all-reduce of the step's metrics by name would misalign."""
+    metrics = {"rows": float(logprobs.shape[0])} if logprobs.shape[0] > 1 else {}
+    return _reinforce_loss(logprobs, advantages, mask), metrics
+
+
+def numpy_metrics(logprobs, old_logprobs, advantages, mask, **keywords):
+    """Metrics as numpy-based code computes them: numpy scalars."""
+    return _reinforce_loss(logprobs, advantages, mask), {"share": np.float32(0.5), "rows": np.int64(logprobs.shape[0])}
 
 
 def detached_loss(logprobs, old_logprobs, advantages, mask, **keywords):
