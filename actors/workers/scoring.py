@@ -43,6 +43,7 @@ class RewardWorker(Worker):
                 reward_fn=rule.function,
                 on_error=rule.on_error,
                 timeout_s=rule.timeout_s,
+                concurrency=rule.concurrency,
                 max_failure_fraction=rule.max_failure_fraction,
                 failure_window=rule.failure_window,
             )

@@ -60,6 +60,14 @@ class FunctionReward(_Typed, FailureBudget):
     timeout_s: float = Field(
         30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned)."
     )
+    concurrency: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Calls one reward worker runs at once, each on its own thread (an `async def` function on its "
+        "own event loop there), for slow verifiers: a sandbox, a remote API (slime's async reward functions, verl's "
+        "parallel reward managers). Results keep the responses' order; timeout_s bounds each call.",
+    )
 
     @field_validator("function")
     @classmethod

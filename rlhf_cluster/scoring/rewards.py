@@ -20,10 +20,13 @@ The function returns either
   `"reward"` key (the other entries are only recorded), otherwise the sum of all components.
 
 Only per-sample functions are supported (no batch functions, so there is no "wrong number of
-values" case). Each call runs on its own daemon thread and is abandoned after `timeout_s` (a
-Python thread cannot be killed: a call that never returns keeps its thread, but never stalls the
-worker). A call that raises, returns NaN/inf, an empty dict or anything that is not a number or a
-dict of numbers, or runs past its timeout, has failed; the source's `on_error` decides:
+values" case); an `async def` function's coroutine runs to its end on an event loop of its call's
+thread. Each call runs on its own daemon thread and is abandoned after `timeout_s` (a Python
+thread cannot be killed: a call that never returns keeps its thread, but never stalls the
+worker); a worker runs up to `concurrency` calls at once (a slow verifier: a sandbox, a remote
+API), its results in the responses' order. A call that raises, returns NaN/inf, an empty dict or
+anything that is not a number or a dict of numbers, or runs past its timeout, has failed; the
+source's `on_error` decides:
 
 - `fail`: `RewardFunctionError` at once, naming the function, the prompt id and the cause;
 - `drop`: the sample gets reward 0.0 and `reward_components["reward_failed"] = 1.0`; the driver
@@ -41,6 +44,7 @@ its samples would bias or starve training; a warning is logged at half that rate
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import inspect
 import logging
@@ -48,6 +52,7 @@ import math
 import numbers
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, SupportsFloat, cast
@@ -110,6 +115,12 @@ def call_with_timeout(fn: Callable, args: tuple, timeout_s: float | None):
     if failure:
         raise failure[0]
     return outcome["value"]
+
+
+def _awaited(fn: Callable, *args):
+    """`fn(*args)`; an `async def` function's coroutine run to its end on an event loop of this thread."""
+    value = fn(*args)
+    return asyncio.run(value) if inspect.iscoroutine(value) else value
 
 
 def load_reward_fn(spec: str, field: str = "scoring.rewards[].function") -> RewardFn:
@@ -203,7 +214,11 @@ class RuleReward:
         timeout_s: float | None = None,
         max_failure_fraction: float = 0.5,
         failure_window: int = 200,
+        concurrency: int = 1,
     ):
+        if concurrency < 1:
+            raise ValueError(f"concurrency={concurrency}: expected at least 1 call at a time")
+        self.concurrency = concurrency
         self.scored = 0
         self.failed = 0
         self.timed_out = 0
@@ -253,16 +268,35 @@ class RuleReward:
             "prompt_id": rollout.prompt_id,
         }
         fn = partial(self.fn, **{k: given[k] for k in self.keywords}) if self.keywords else self.fn
-        return call_with_timeout(fn, (rollout.response_text, context.answer), self.timeout_s)
+        return call_with_timeout(partial(_awaited, fn), (rollout.response_text, context.answer), self.timeout_s)
+
+    def _outcomes(
+        self, rollouts: list[Rollout], contexts: dict[str, RewardContext]
+    ) -> Iterable[tuple[object, Exception | None]]:
+        """Each rollout's call: its value, or what it raised. One call at a time, lazily (`on_error:
+        fail` stops calling at the first failure), or up to `concurrency` at once, in order."""
+
+        def outcome(rollout: Rollout) -> tuple[object, Exception | None]:
+            try:
+                return self._call(rollout, contexts[rollout.prompt_id]), None
+            except Exception as exc:  # judged in order by `_score_custom`
+                return None, exc
+
+        if self.concurrency == 1 or len(rollouts) < 2:
+            return map(outcome, rollouts)
+        # Each call's own thread is abandoned at its timeout, so the pool's threads end within it.
+        with ThreadPoolExecutor(min(self.concurrency, len(rollouts)), thread_name_prefix="reward-call") as pool:
+            return list(pool.map(outcome, rollouts))
 
     def _score_custom(
         self, rollouts: list[Rollout], contexts: dict[str, RewardContext]
     ) -> list[tuple[float, dict[str, float]]]:
         out: list[tuple[float, dict[str, float]]] = []
         failed = 0
-        for r in rollouts:
+        for r, (value, error) in zip(rollouts, self._outcomes(rollouts, contexts)):
             try:
-                value = self._call(r, contexts[r.prompt_id])
+                if error is not None:
+                    raise error
                 reward, components = _reward_of(value)
             except Exception as exc:  # a bad sample must not end the job unless on_error says so
                 failed += 1

@@ -1,11 +1,13 @@
 """A job on a user's prompt file whose reward function takes the prompt, its source and the row's
 `data.columns.extra` columns: every response's call, in the reward workers of training and of the
 held-out evaluation, gets its own row's values (the function raises otherwise, and `on_error:
-fail` ends the job). The signature, the columns and their path are unit-tested in
-tests/unit/test_reward_context.py."""
+fail` ends the job). The function is an `async def` run three calls at a time
+(`concurrency`). The signature, the columns and their path are unit-tested in
+tests/unit/test_reward_context.py, the concurrency in tests/unit/test_reward_concurrency.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -17,7 +19,10 @@ REWARD = "tests.integration.test_reward_context_job:checks_its_context"
 STEPS = 2
 
 
-def checks_its_context(response: str, answer: str, *, prompt: str, source: str | None, extra: dict, prompt_id: str):
+async def checks_its_context(
+    response: str, answer: str, *, prompt: str, source: str | None, extra: dict, prompt_id: str
+):
+    await asyncio.sleep(0)  # a verifier's service called without blocking
     expected = ("even" if extra["level"] % 2 == 0 else "odd", f"q{extra['level']}", str(extra["level"] + 1))
     got = (source, extra["tests"]["key"], answer)
     if got != expected or extra["question"] not in prompt or prompt_id != expected[1]:
@@ -37,7 +42,7 @@ def test_a_reward_function_gets_each_rows_prompt_source_and_extra_columns(ray_cl
     cfg = job_config(
         name="reward-context",
         data={"path": str(path), "columns": columns, "eval_fraction": 0.2, "eval_prompts": 8},
-        scoring={"rewards": [{"type": "function", "function": REWARD, "on_error": "fail"}]},
+        scoring={"rewards": [{"type": "function", "function": REWARD, "on_error": "fail", "concurrency": 3}]},
         train={"total_steps": STEPS, "prompts_per_step": 2, "max_staleness": 1, "progress": False},
     )
     with Job(cfg) as job:
