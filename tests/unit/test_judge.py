@@ -123,3 +123,21 @@ def test_the_dry_run_shows_the_judges_prompt_for_the_first_prompt():
     prompt = first_prompt(cfg)
     (line,) = [x for x in preview_lines(cfg) if x.startswith("judge ")]
     assert f"Q: {prompt.text} R: <response> A: {prompt.answer}" in line and "verdict yes_no" in line
+
+
+def test_the_judge_decodes_without_the_policys_sampling_filters():
+    """Found in review: the judge's engine settings copy `generation`, so a policy's repetition
+    penalty (kept by vLLM for greedy answers) would push the verdict's words down in every judgement."""
+    from actors.workers.settings import JudgeSettings
+
+    cfg = JobConfig.model_validate(
+        {
+            "generation": {
+                "sampling": {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.3, "ignore_eos": True, "top_p": 0.9}
+            },
+            "scoring": {"rewards": [{"type": "judge", "model": "/models/judge"}]},
+        }
+    )
+    sampling = JudgeSettings.of(cfg).engine.sampling
+    assert (sampling.top_k, sampling.min_p, sampling.repetition_penalty, sampling.ignore_eos) == (0, 0.0, 1.0, False)
+    assert cfg.generation.sampling.repetition_penalty == 1.3  # the policy's own are unchanged
