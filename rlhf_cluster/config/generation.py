@@ -22,7 +22,10 @@ class SamplingConfig(_Strict):
     from. The learner's are the model's at `temperature` alone, so importance correction
     (`algorithm.correction`) sees what top_k, top_p, min_p and repetition_penalty change as
     rollout/learner mismatch: weights below 1 where they cut the tail, away from 1 where the
-    penalty moved a token."""
+    penalty moved a token. Everything else that reads the rollouts' log-probs sees them too: a KL
+    placed in the reward (to the reference), distillation's advantages (to the teacher), the
+    `correction/mismatch_k3` metric and `guardrails.rollback.mismatch_above`; set its bound with
+    the filters in mind (a top_k of 20 raises the mismatch on every sampled token's tail)."""
 
     n: int = Field(4, ge=1, description="Responses per prompt (the GRPO group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the learner divides logits by it too).")
