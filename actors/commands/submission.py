@@ -46,12 +46,17 @@ def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path 
 
 
 def user_code(cfg: JobConfig) -> list[tuple[str, str]]:
-    """What the config names by `module:function`, as (what, spec): the reward functions
-    (`scoring.rewards`) and the policy loss (`algorithm.loss.function`)."""
+    """What the config names by `module:attribute`, as (what, spec): the reward functions
+    (`scoring.rewards`), the policy loss (`algorithm.loss.function`), an environment class
+    (`generation.environment`, not a built-in's name) and an agent (`generation.agent.function`)."""
     found = [("reward", source.function) for source in cfg.scoring.rewards if isinstance(source, FunctionReward)]
-    if cfg.algorithm.loss.function is not None:
-        found.append(("policy loss", cfg.algorithm.loss.function))
-    return found
+    g = cfg.generation
+    named = [
+        ("policy loss", cfg.algorithm.loss.function),
+        ("environment", g.environment if g.environment and ":" in g.environment else None),
+        ("agent", g.agent.function if g.agent is not None else None),
+    ]
+    return found + [(what, spec) for what, spec in named if spec is not None]
 
 
 def user_modules(cfg: JobConfig) -> list[Path]:

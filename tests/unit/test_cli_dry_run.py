@@ -121,6 +121,24 @@ def test_submit_ships_the_policy_loss_module_as_it_does_the_reward_modules(tmp_p
     assert user_modules(both) == [home / "my_code.py"]
 
 
+def test_submit_ships_an_environment_class_and_an_agent_module_too(tmp_path, monkeypatch):
+    """Found in review: only reward and loss modules were shipped, so an environment class or an
+    agent function beside the user failed on the cluster; a built-in environment ships nothing."""
+    from actors.commands.submission import user_modules
+    from rlhf_cluster.config import load_config
+
+    home = (tmp_path / "home").resolve()
+    home.mkdir()
+    (home / "my_envs.py").write_text("class Sokoban:\n    pass\n")
+    (home / "my_agent.py").write_text("def run(client, prompt):\n    return None\n")
+    monkeypatch.chdir(home)
+    env = load_config(None, ["generation.environment=my_envs:Sokoban"])
+    assert user_modules(env) == [home / "my_envs.py"]
+    assert user_modules(load_config(None, ["generation.environment=tools"])) == []
+    agent = load_config(None, ["generation.agent={function: 'my_agent:run'}"])
+    assert user_modules(agent) == [home / "my_agent.py"]
+
+
 def test_the_real_model_example_names_the_inputs_its_script_builds(tmp_path):
     # configs/examples/ name inputs built by a script (scripts/real_model_example.py), not shipped:
     # until they exist, the dry run refuses and names each missing one.
