@@ -96,17 +96,24 @@ def test_submit_stages_the_users_modules_and_working_dir(tmp_path, monkeypatch):
         shutil.rmtree(stage)
 
 
+def _home(tmp_path, monkeypatch, **modules: str):
+    """A user's folder holding `modules` (name -> source), made the working directory."""
+    home = (tmp_path / "home").resolve()
+    home.mkdir()
+    for name, source in modules.items():
+        (home / f"{name}.py").write_text(source)
+    monkeypatch.chdir(home)
+    return home
+
+
 def test_submit_ships_the_policy_loss_module_as_it_does_the_reward_modules(tmp_path, monkeypatch, capsys):
     """`algorithm.loss.function` names a module beside the user, as a reward function does: both
     reach the cluster, and a module both name is shipped once."""
     from actors.commands.submission import stage_working_dir, user_modules
     from rlhf_cluster.config import load_config
 
-    home = (tmp_path / "home").resolve()
-    home.mkdir()
-    (home / "my_losses.py").write_text("def reinforce(*args, **kwargs):\n    return None\n")
-    (home / "my_code.py").write_text("def score(response, answer):\n    return 1.0\n\ndef loss(*a, **k):\n    pass\n")
-    monkeypatch.chdir(home)
+    home = _home(tmp_path, monkeypatch, my_losses="def reinforce(*args, **kwargs):\n    return None\n",
+                 my_code="def score(response, answer):\n    return 1.0\n\ndef loss(*a, **k):\n    pass\n")
     cfg = load_config(None, ["algorithm.loss.function=my_losses:reinforce"])
     stage = stage_working_dir(cfg, [], None)
     try:
@@ -127,11 +134,8 @@ def test_submit_ships_an_environment_class_and_an_agent_module_too(tmp_path, mon
     from actors.commands.submission import user_modules
     from rlhf_cluster.config import load_config
 
-    home = (tmp_path / "home").resolve()
-    home.mkdir()
-    (home / "my_envs.py").write_text("class Sokoban:\n    pass\n")
-    (home / "my_agent.py").write_text("def run(client, prompt):\n    return None\n")
-    monkeypatch.chdir(home)
+    home = _home(tmp_path, monkeypatch, my_envs="class Sokoban:\n    pass\n",
+                 my_agent="def run(client, prompt):\n    return None\n")
     env = load_config(None, ["generation.environment=my_envs:Sokoban"])
     assert user_modules(env) == [home / "my_envs.py"]
     assert user_modules(load_config(None, ["generation.environment=tools"])) == []
