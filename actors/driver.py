@@ -33,7 +33,7 @@ from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.job.guardrails import GuardVerdict, RollbackGuard
+from rlhf_cluster.job.guardrails import GuardVerdict, RollbackGuard, policy_held
 from rlhf_cluster.job.inputs import prepare_inputs
 from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.job.preemption import StopRequest
@@ -255,7 +255,8 @@ class Driver:
                     bar.reset(total)
                     bar.update(step)
                     continue
-                observe_step_kl(self.state.kl, stats["policy/kl"], samples)
+                if not policy_held(stats):  # a critic warm-up step: the policy did not move
+                    observe_step_kl(self.state.kl, stats["policy/kl"], samples)
                 self._publishing = tg.create_task(self._publish(step + 1, published, self.timeline, self._publishing))
                 end = await self._end_step(step, samples, stats, waited, time.perf_counter() - last, began)
                 if end.roll_back is not None:  # this step is not checkpointed: back to the last good one

@@ -13,7 +13,7 @@ from typing import Any
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.generation.probe import MismatchAlarm
-from rlhf_cluster.job.guardrails import GuardVerdict
+from rlhf_cluster.job.guardrails import GuardVerdict, policy_held
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.run.sample_log import pick_samples, sample_rows
 from rlhf_cluster.telemetry import metrics as m
@@ -188,7 +188,10 @@ class Reporter:
         self.result.consumed = [c for c in self.result.consumed if c.step <= last_step]
 
     def _check_bad_step(self, step: int, stats: dict) -> None:
-        """A step whose loss was NaN/inf was skipped by the learner; too many in a row end the job."""
+        """A step whose loss was NaN/inf was skipped by the learner; too many in a row end the job. A
+        critic warm-up step (the policy held) is none of either: it leaves the count as it is."""
+        if policy_held(stats):
+            return
         if not stats.get("learner/skipped_updates"):
             self.bad_steps = 0
             return

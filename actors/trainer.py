@@ -47,6 +47,7 @@ class Trainer:
         w = cfg.learner.world_size
         learner_settings = policy_rank_settings(cfg)  # each rank gets its section, not the whole job
         self.held_steps = policy_held_steps(cfg)
+        self.stepped = False  # whether `train` ran: a run's first step logs a warm-up it starts inside
         self.policy = RankGroup(
             LearnerRank,
             lambda r: (learner_settings, model_path, r, w, probe),
@@ -110,8 +111,10 @@ class Trainer:
         created_at = delivery_time()  # the version's identity, the same on every rank that sends a share
         shares = batch.policy_shares(self.policy.world_size)
         held = step < self.held_steps  # the job's step: a resumed job continues the warm-up's count
-        _log_warm_up(step, self.held_steps)
-        if held:  # critic warm-up: the policy ranks run no pass and publish their weights as they are
+        if (line := warm_up_line(step, self.held_steps, first=not self.stepped)) is not None:
+            log.info(line)
+        self.stepped = True
+        if held:  # critic warm-up: the policy ranks run no training pass and publish their weights as they are
             policy_step = self.policy.split("hold", shares, step + 1, created_at)
         else:
             policy_step = self.policy.split("train", shares, step + 1, kl_coef, created_at)
@@ -155,6 +158,7 @@ class Trainer:
         digests = {"rank_digests": self.policy.call("load_checkpoint", str(path))}
         if self.critic is not None:
             digests["critic_rank_digests"] = self.critic.call("load_checkpoint", str(path / RunDir.CRITIC))
+        self.stepped = False  # the next step is a restored run's first: it logs a warm-up it is inside
         return digests
 
     async def stage_checkpoint(self, tmp) -> dict[str, list[str]]:
@@ -207,12 +211,18 @@ def policy_rank_settings(cfg: JobConfig) -> LearnerRankSettings:
     return replace(settings, spec=replace(settings.spec, total_steps=cfg.train.total_steps - held))
 
 
-def _log_warm_up(step: int, held_steps: int) -> None:
-    """A critic warm-up's start (at step 0) and the policy's first update after it."""
-    if step == 0 and held_steps:
-        log.info(f"critic warm-up: steps 0..{held_steps - 1} train the critic alone (critic.freeze_policy_steps)")
-    elif step == held_steps > 0:
-        log.info(f"step {step}: critic warm-up done ({held_steps} steps); the policy trains from this step on")
+def warm_up_line(step: int, held_steps: int, first: bool) -> str | None:
+    """The log line of a critic warm-up at `step` (None: none): its start, at a run's `first` step
+    inside it (step 0, or a resume or rollback into it), and the policy's first update after it."""
+    if first and step < held_steps:
+        resumed = f" (resumed at step {step})" if step else ""
+        return (
+            f"critic warm-up: steps {step}..{held_steps - 1} train the critic alone{resumed}, "
+            f"{held_steps} in all (critic.freeze_policy_steps)"
+        )
+    if step == held_steps > 0:
+        return f"step {step}: critic warm-up done ({held_steps} steps); the policy trains from this step on"
+    return None
 
 
 def start_trainer(

@@ -213,10 +213,11 @@ class LearnerRank(ShardedRank):
         self, batch: TrainBatch, version: int, created_at: str | None = None
     ) -> tuple[dict[str, float], Publication | None]:
         """Collective: a critic warm-up step (`critic.freeze_policy_steps`) on this rank's share. The
-        policy runs no forward, backward or optimizer step, so its optimizer state, the LR schedule's
-        position and the learner's step count (its own updates) stay, and its unchanged weights are
-        published as `version` (every step publishes one). Returns what `train` does, with the
-        batch's metrics over every rank's share (`held_policy_metrics`)."""
+        policy runs no training pass (only the mismatch probe's forward, as every publish), so its
+        optimizer state, the LR schedule's position and the learner's step count (its own updates)
+        stay, and its unchanged weights are published as `version` (every step publishes one).
+        Returns what `train` does, with the batch's metrics over every rank's share
+        (`held_policy_metrics`)."""
         metrics = held_policy_metrics(batch, self._set_up().device)
         return metrics, self._publish_step(version, created_at)
 

@@ -327,13 +327,16 @@ class CriticConfig(TrainingGroupConfig):
     freeze_policy_steps: int = Field(
         0,
         ge=0,
-        description="Critic warm-up: for the job's first this many learner steps (0-based steps "
-        "0..N-1, counted by the job's step, so a resume continues the count) the critic trains on each step's batch "
-        "as usual and the policy is not run: no forward, backward or optimizer step; its optimizer state, LR "
-        "schedule and step count stay, and each step's version (step + 1) holds its unchanged weights. A fresh value "
-        "head would otherwise give the policy noisy GAE advantages from step one. The policy's LR schedule counts "
-        "its own updates only (its `learner.lr_warmup_steps` start at its first update; a cosine or linear decay "
-        "spans train.total_steps - N steps, ending at the job's last). veRL: `trainer.critic_warmup`; OpenRLHF: "
+        description="Critic warm-up: for the job's first this many learner steps (0-based steps 0..N-1, counted "
+        "by the job's step, so a resume continues the count) the critic trains on each step's batch as usual and "
+        "the policy is not trained: no training pass (only the mismatch probe's forward, as every publish); its "
+        "optimizer state (also across a checkpoint taken meanwhile), LR schedule and step count stay, and each "
+        "step's version (step + 1) holds its unchanged weights. A fresh value head would otherwise give the policy "
+        "noisy GAE advantages from step one. A held step's `kl` is the rollouts' log-probs' against the reference "
+        "(engine numerics, sampling filters): the adaptive KL controller does not observe it and "
+        "`guardrails.rollback.kl_above` does not act on it. The policy's LR schedule counts its own updates only "
+        "(its `learner.lr_warmup_steps` start at its first update; a cosine or linear decay spans "
+        "train.total_steps - N steps, ending at the job's last). veRL: `trainer.critic_warmup`; OpenRLHF: "
         "`--freezing_actor_steps`. Not `critic.lr_warmup_steps` (the critic's learning-rate warm-up).",
     )
 

@@ -10,8 +10,9 @@ evaluation history is replayed from the kept metrics rows on resume.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from rlhf_cluster.config import DataConfig, GuardrailsConfig, JobConfig, RollbackConfig
 from rlhf_cluster.job.override import JobOverride
@@ -88,6 +89,15 @@ class EvalGuard:
             self.observe(int(row["step"]), row)
 
 
+def policy_held(stats: Mapping[str, Any]) -> bool:
+    """Whether a step's stats (or its row) are a critic warm-up step's (`critic.freeze_policy_steps`:
+    `policy/updated` 0): the policy did not update, so nothing reads it as a policy step. Its
+    `policy/kl` (the row's `kl`) is the rollouts' log-probs' against the reference (engine
+    numerics, sampling filters), not a move of the policy: the KL controller does not observe it and
+    `guardrails.rollback.kl_above` does not act on it; it skipped no update (`faults.max_bad_steps`)."""
+    return stats.get("policy/updated") == 0.0
+
+
 # A step row's column each per-step rollback condition reads, and whether it trips above or below.
 _STEP_CONDITIONS = {
     "kl_above": ("kl", 1),
@@ -108,7 +118,7 @@ class RollbackGuard:
         """The condition step `row` meets, named with its value and bound (None: none)."""
         for name, (column, sign) in _STEP_CONDITIONS.items():
             bound = getattr(self.cfg, name)
-            value = row.get(column)
+            value = None if column == "kl" and policy_held(row) else row.get(column)
             if bound is not None and value is not None and sign * (value - bound) > 0:
                 return f"guardrails.rollback.{name}={bound:g}: {column} = {value:.4g} at step {row['step']}"
         drop = self.cfg.eval_drop

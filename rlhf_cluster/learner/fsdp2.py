@@ -220,7 +220,19 @@ class FSDP2Learner(LearnerBase):
     # ---- checkpoints -------------------------------------------------------------------------
     def _digest_parts(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.state_options)
+        self._drop_unstepped_optimizer_state()  # `optim_sd` keeps the tensors hashed
         return {"model": model_sd, "optim": optim_sd}
+
+    def _drop_unstepped_optimizer_state(self) -> None:
+        """Before this learner's first step (a policy held by a critic warm-up,
+        `critic.freeze_policy_steps`), forget the state `get_state_dict` made up: torch gives an
+        optimizer without state one by a zero-gradient step at lr 0 (`_init_optim_state`), AdamW's
+        step count 1 with zero moments, which would make the first real update ~0.74x its size.
+        Called once the state is staged and hashed (save), or restored and hashed (load), so the
+        optimizer is as if no checkpoint or digest was taken (AdamW makes its state at its first
+        step) and a checkpoint's digest is the same on both sides."""
+        if self.step == 0:
+            self.optimizer.state.clear()
 
     def save_checkpoint(self, directory: str | Path) -> tuple[Future, str]:
         """Stage this rank's shards and start writing them in the background.
@@ -237,7 +249,7 @@ class FSDP2Learner(LearnerBase):
         )
         if not isinstance(future, Future):  # an AsyncSaveResponse comes only with an asynchronous stager
             raise RuntimeError(f"dcp.async_save returned {type(future).__name__}, not the write's Future")
-        digest = self.state_digest()
+        digest = self.state_digest()  # after the staging copy: drops a state made up for it at step 0
         self._save_host_state(directory)
         return future, digest
 
@@ -256,7 +268,7 @@ class FSDP2Learner(LearnerBase):
             options=self.state_options,
         )
         self._load_host_state(directory)
-        return self.state_digest()
+        return self.state_digest()  # at step 0 drops the made-up state restored (see `_digest_parts`)
 
     def shard_info(self) -> dict[str, tuple[int, int]]:
         """Per parameter: (elements held by this rank, elements of the full parameter)."""

@@ -2,11 +2,13 @@
 actors (FSDP2 on gloo, the tiny model): through the job's `Trainer`, the first two steps train the
 critic alone and publish the policy's weights unchanged as versions 1 and 2; step 3 trains the
 policy. A checkpoint taken during the warm-up, restored, continues the count by the job's step
-and ends in the same state."""
+and ends in the same state; the restored run's first step, inside the warm-up, logs it again.
+(That such a checkpoint leaves the policy's optimizer untouched: tests/unit/test_critic_warmup_checkpoint.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import torch
@@ -45,7 +47,8 @@ async def _step(trainer: Trainer, step: int, samples: list[ScoredSample]) -> tup
     return (stats, *await _digests(trainer))
 
 
-def test_critic_warm_up_holds_the_policy_then_trains_it(ray_cluster, job_config, tiny_model_path, tmp_path):
+def test_critic_warm_up_holds_the_policy_then_trains_it(ray_cluster, job_config, tiny_model_path, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="actors.trainer")
     cfg = job_config(
         algorithm={"advantage": "gae"},
         critic={"world_size": 1, "lr": 1e-3, "freeze_policy_steps": HELD},
@@ -110,3 +113,11 @@ def test_critic_warm_up_holds_the_policy_then_trains_it(ray_cluster, job_config,
     assert r1["policy/updated"] == 0.0 and rp1 == policy0
     assert r2["policy/updated"] == 1.0 and rp2 == p2 and rc2 == c2
     assert all(torch.equal(resumed[k], weights[3][k]) for k in weights[3])
+    # The warm-up's lines: its start, its end, and after the restore the resumed run's first step.
+    lines = [r.getMessage() for r in caplog.records if r.name == "actors.trainer" and "warm-up" in r.getMessage()]
+    assert lines == [
+        "critic warm-up: steps 0..1 train the critic alone, 2 in all (critic.freeze_policy_steps)",
+        "step 2: critic warm-up done (2 steps); the policy trains from this step on",
+        "critic warm-up: steps 1..1 train the critic alone (resumed at step 1), 2 in all (critic.freeze_policy_steps)",
+        "step 2: critic warm-up done (2 steps); the policy trains from this step on",
+    ]

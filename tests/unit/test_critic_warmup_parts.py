@@ -1,16 +1,22 @@
 """The critic warm-up's pure parts (`critic.freeze_policy_steps`, veRL's `trainer.critic_warmup`):
-the field and its refusal, which steps hold the policy, the policy's LR schedule span, and a held
-step's policy metrics from the batch. Its real run on rank actors: tests/integration/test_critic_warmup_ranks.py."""
+the field and its refusal, which steps hold the policy, the policy's LR schedule span, a held
+step's policy metrics from the batch, what a held step's stats are not read as (the KL controller,
+the `kl_above` rollback, the bad-steps count), and the warm-up's log lines. Its real run on rank
+actors: tests/integration/test_critic_warmup_ranks.py; a checkpoint inside it on a real learner:
+tests/unit/test_critic_warmup_checkpoint.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from actors.trainer import policy_held_steps, policy_rank_settings
-from rlhf_cluster.config import ConfigError, load_config
+from actors.reporting import Reporter
+from actors.trainer import policy_held_steps, policy_rank_settings, warm_up_line
+from rlhf_cluster.config import ConfigError, GuardrailsConfig, JobConfig, RollbackConfig, load_config
 from rlhf_cluster.experience.records import ScoredSample, TrainBatch
+from rlhf_cluster.job.guardrails import EvalGuard, RollbackGuard, policy_held
 from rlhf_cluster.learner.step_metrics import held_policy_metrics
+from rlhf_cluster.run.run_dir import RunDir
 
 PPO = ["algorithm.advantage=gae", "critic.init=policy", "train.total_steps=10"]
 
@@ -80,3 +86,52 @@ def test_a_held_steps_kl_is_the_rollouts_k3_token_mean_over_the_tokens_in_the_lo
     pairs = [(-1.0, -1.5), (-2.0, -1.0), (-0.5, -0.5), (-0.5, -0.7), (-0.5, -0.2)]
     assert metrics["policy/kl"] == pytest.approx(sum(_k3(p, r) for p, r in pairs) / 5)
     assert metrics["learner/step_seconds"] == 0.0
+
+
+HELD = {"policy/updated": 0.0, "policy/kl": 0.5, "learner/step_seconds": 0.0}
+
+
+def test_a_held_steps_kl_is_not_read_as_the_policys():
+    # The driver observes the KL controller only where the policy is not held; a job without a
+    # critic reports no `policy/updated` and every step is the policy's.
+    assert policy_held(HELD)
+    assert not policy_held({**HELD, "policy/updated": 1.0}) and not policy_held({"policy/kl": 0.5})
+    rollback = RollbackGuard(RollbackConfig(kl_above=0.1, response_length_above=100), "eval_accuracy", True)
+    guard = EvalGuard(GuardrailsConfig())
+    row = {"step": 1, "kl": 0.5, "response_len_mean": 40.0, "policy/updated": 0.0}
+    assert rollback.tripped(row, guard, None) is None
+    assert rollback.tripped({**row, "policy/updated": 1.0}, guard, None) == (
+        "guardrails.rollback.kl_above=0.1: kl = 0.5 at step 1"
+    )
+    # The other conditions still read a held step's row.
+    assert rollback.tripped({**row, "response_len_mean": 180.0}, guard, None).startswith(
+        "guardrails.rollback.response_length_above=100"
+    )
+
+
+def test_a_held_step_leaves_the_consecutive_bad_steps_count(tmp_path):
+    cfg = JobConfig.model_validate({"run_dir": str(tmp_path), "faults": {"max_bad_steps": 2}})
+    reporter = Reporter(cfg, RunDir(tmp_path, tmp_path / "weights", tmp_path / "checkpoints"))
+    skipped = {"learner/skipped_updates": 1.0, "policy/updated": 1.0}
+    reporter._check_bad_step(0, skipped)
+    reporter._check_bad_step(1, HELD)  # skipped no update, and made none: the count stays at 1
+    assert reporter.bad_steps == 1
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        reporter._check_bad_step(2, skipped)
+    reporter.bad_steps = 1
+    reporter._check_bad_step(3, {"learner/skipped_updates": 0.0, "policy/updated": 1.0})
+    assert reporter.bad_steps == 0  # a trained step still ends the run of bad ones
+
+
+def test_a_run_starting_inside_the_warm_up_says_so():
+    assert warm_up_line(0, 3, first=True) == (
+        "critic warm-up: steps 0..2 train the critic alone, 3 in all (critic.freeze_policy_steps)"
+    )
+    # Resumed (or rolled back) into the warm-up: its first step logs what is left of it.
+    assert warm_up_line(2, 3, first=True) == (
+        "critic warm-up: steps 2..2 train the critic alone (resumed at step 2), 3 in all (critic.freeze_policy_steps)"
+    )
+    assert warm_up_line(1, 3, first=False) is None and warm_up_line(4, 3, first=True) is None
+    assert warm_up_line(0, 0, first=True) is None
+    done = "step 3: critic warm-up done (3 steps); the policy trains from this step on"
+    assert warm_up_line(3, 3, first=False) == warm_up_line(3, 3, first=True) == done
