@@ -9,6 +9,7 @@ from pathlib import Path
 
 from actors.trainer import Trainer
 from rlhf_cluster.experience.build import kl_controller, observe_step_kl
+from rlhf_cluster.job.guardrails import policy_held
 from rlhf_cluster.job.inputs import prepare_inputs
 from rlhf_cluster.run.checkpoint import CheckpointStore
 from rlhf_cluster.run.replay import recorded_batches, recorded_config
@@ -55,7 +56,8 @@ def replay(run_dir: Path, out_dir: Path, steps: tuple[int, int] | None = None) -
             for step in range(first, last + 1):
                 stats, published = await trainer.train(step, batches[step], kl.value)
                 await published
-                observe_step_kl(kl, stats["policy/kl"], batches[step])
+                if not policy_held(stats):  # as the driver: a critic warm-up step's KL is not the policy's
+                    observe_step_kl(kl, stats["policy/kl"], batches[step])
 
         asyncio.run(train_all())
         digests = trainer.policy.call("state_digest", timeout=600)
