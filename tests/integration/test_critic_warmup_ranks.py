@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
+from dataclasses import replace
 
 import torch
 
 from actors.trainer import Trainer
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.weights import WeightStore
+from tests.integration.test_critic import _samples as critic_samples
 
 HELD = 2
 
 
 def _samples(n: int = 4) -> list[ScoredSample]:
-    rng = random.Random(3)
-    out = []
-    for i in range(n):
-        length = 3 + i % 3
-        out.append(ScoredSample(
-            sample_id=f"s{i}", prompt_id=f"p{i}", group_id=f"g{i}",
-            prompt_ids=[rng.randrange(2, 250) for _ in range(4)],
-            response_ids=[rng.randrange(2, 250) for _ in range(length)],
-            rollout_logprobs=[-5.0 + 0.1 * t for t in range(length)], policy_version=0, finish_reason="stop",
-            reward=float(i % 2), reward_components={}, ref_logprobs=[-5.0] * length, advantages=[0.0] * length,
-        ))
-    return out
+    """test_critic's samples, their rollout log-probs sloped (a held step's KL is not 0)."""
+    samples = critic_samples(n)
+    return [replace(s, rollout_logprobs=[-5.0 + 0.1 * t for t in range(len(s.response_ids))]) for s in samples]
 
 
 async def _digests(trainer: Trainer) -> tuple[list[str], list[str]]:
