@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from rlhf_cluster.config.base import ConfigError, _refuse_renamed, _Strict
 from rlhf_cluster.config.generation import SamplingConfig
@@ -140,7 +140,8 @@ class PromptColumns(_Strict):
     source: str | None = Field(
         None,
         description="Column naming each prompt's source (a dataset, a difficulty): "
-        "evaluation also reports accuracy per source (`eval_accuracy/<source>`).",
+        "evaluation also reports accuracy per source (`eval_accuracy/<source>`). Unset with several prompt files "
+        "(data.path a list): each prompt's source is its file's label (its stem).",
     )
     images: str | None = Field(
         None,
@@ -198,11 +199,14 @@ class DataConfig(_Strict):
         "there are / what colour they are (a vision-language policy; its `images` column is read without "
         "`columns.images`).",
     )
-    path: str | None = Field(
+    path: str | list[str] | None = Field(
         None,
         description="The user's prompts: a .parquet or .jsonl file, or a folder written by `datasets.save_to_disk` "
-        "(its columns named by `columns`). Set: the built-in task writes nothing (its verifier still scores, unless "
-        "`verifier` says otherwise).",
+        "(its columns named by `columns`), or a list of them read as one prompt set in the listed order (veRL's "
+        "`data.train_files`): every file has the `columns`; positional ids are `<file stem>/row-<n>` (a shared stem "
+        "gets its folder's name, `gsm8k/train`); a `prompt_id` in two files is refused; without `columns.source`, "
+        "each prompt's source is that label (per-file eval accuracy). One file (or a list of one) reads as before. "
+        "Set: the built-in task writes nothing (its verifier still scores, unless `verifier` says otherwise).",
     )
     columns: PromptColumns = Field(
         default_factory=lambda: PromptColumns(), description="Which columns of `path` hold what."
@@ -276,16 +280,17 @@ class DataConfig(_Strict):
         description="Held-out prompts of the built-in task (disjoint from train); with the user's "
         "data, at most this many of the held-out prompts (a seeded choice) are evaluated each time.",
     )
-    eval_path: str | None = Field(
+    eval_path: str | list[str] | None = Field(
         None,
-        description="Held-out prompts of the user's data: a file or folder as `path` takes, with the same "
-        "`columns`. Training prompts that repeat one of them are dropped from training.",
+        description="Held-out prompts of the user's data: a file or folder as `path` takes, or a list of them read "
+        "as one as `path` reads its list (veRL's `data.val_files`), with the same `columns`. Training prompts that "
+        "repeat one of them are dropped from training.",
     )
     eval_fraction: float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
-        description="Hold out this fraction of `path`'s distinct prompts (a seeded split by "
+        description="Hold out this fraction of `path`'s distinct prompts (all its files' together; a seeded split by "
         "content: a prompt repeated under another id stays on one side), never trained on; the held-out ids are "
         "written to <run_dir>/data/held_out.json. 0: no split.",
     )
@@ -314,6 +319,20 @@ class DataConfig(_Strict):
     )
     seed: int | None = Field(None, description="Seed for task generation and prompt order (None: the job's `seed`).")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded).")
+
+    @field_validator("path", "eval_path")
+    @classmethod
+    def _file_list(cls, value: str | list[str] | None, info: ValidationInfo) -> str | list[str] | None:
+        where = f"data.{info.field_name}"
+        if isinstance(value, list):
+            if not value:
+                raise ValueError(f"{where}: an empty list; name at least one prompt file (or leave it unset)")
+            for i, item in enumerate(value):
+                if not item.strip():
+                    raise ValueError(f"{where}[{i}]: an empty path")
+                if item in value[:i]:
+                    raise ValueError(f"{where}[{i}]: {item} is listed twice (also {where}[{value.index(item)}])")
+        return value
 
     @model_validator(mode="after")
     def _verifier_and_template(self) -> DataConfig:

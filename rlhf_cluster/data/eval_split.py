@@ -1,5 +1,5 @@
-"""The held-out prompts of a job on the user's data: a seeded split of its prompt file
-(`data.eval_fraction`) or a file of its own (`data.eval_path`), never trained on.
+"""The held-out prompts of a job on the user's data: a seeded split of its prompt file, or of its
+files' union (`data.eval_fraction`), or a file or list of its own (`data.eval_path`), never trained on.
 
 "Never trained on" is by content, not by id: a prompt file may repeat a prompt under another id,
 so prompts are grouped by what the engine would see (the text, or the chat messages and system

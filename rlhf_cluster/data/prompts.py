@@ -110,10 +110,12 @@ def read_prompt_file(
     *,
     max_image_bytes: int = MAX_IMAGE_BYTES,
     max_images: int | None = None,
+    id_prefix: str = "",
 ) -> list[Prompt]:
     """Read prompts from .parquet, .jsonl or a save_to_disk folder, with `columns` naming the
     prompt (or messages), answer, id, image and extra columns (see `PromptColumns`). Without `columns`
-    (a built-in task's own file), an `images` column is the prompts' images.
+    (a built-in task's own file), an `images` column is the prompts' images. Positional ids (no id
+    column) are `<id_prefix>row-<n>` (one of several files: `rlhf_cluster/data/prompt_files.py`).
 
     Every error names the file and what was expected: missing file, wrong suffix, a file that
     does not parse, missing columns, no rows, null/empty/duplicate ids, empty prompts; an image
@@ -143,7 +145,7 @@ def read_prompt_file(
         raise ValueError(f"prompt file {file}: missing column(s) {missing} (data.columns); it has {table.column_names}")
     if table.num_rows == 0:
         raise ValueError(f"prompt file {file} has no rows: expected at least one prompt")
-    ids = _prompt_ids(file, table.column(id_column).to_pylist() if id_column else None, table.num_rows)
+    ids = _prompt_ids(file, table.column(id_column).to_pylist() if id_column else None, table.num_rows, id_prefix)
     answers = table.column(answer_column).to_pylist() if answer_column else [""] * len(ids)
     answers = ["" if a is None else str(a) for a in answers]
     sources = (
@@ -177,9 +179,9 @@ def _extras(table: pa.Table, names: list[str]) -> list[dict[str, Any]]:
     return [{name: column[row] for name, column in values.items()} for row in range(table.num_rows)]
 
 
-def _prompt_ids(file: Path, raw_ids: list | None, rows: int) -> list[str]:
+def _prompt_ids(file: Path, raw_ids: list | None, rows: int, prefix: str = "") -> list[str]:
     if raw_ids is None:
-        return [f"row-{n}" for n in range(rows)]
+        return [f"{prefix}row-{n}" for n in range(rows)]
     if any(x is None for x in raw_ids):
         raise ValueError(f"prompt file {file}: prompt_id has null values ({row_name(file, raw_ids.index(None), rows)})")
     ids = [str(x) for x in raw_ids]
@@ -338,7 +340,9 @@ def prepare_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[Path, Pa
     """The train and held-out eval prompt files of a job (the user's `path` and `eval_path`; a
     built-in task writes both). Both arithmetic tasks ask the same sums; `tool_arithmetic` differs in
     how they are answered and judged. The visual tasks' files hold their images (an `images` column)."""
-    if cfg.path is not None:
+    if cfg.path is not None:  # a list of files: `job_prompt_files` (rlhf_cluster/data/prompt_files.py)
+        if not isinstance(cfg.path, str) or isinstance(cfg.eval_path, list):
+            raise ValueError("data.path / data.eval_path: a list of files is read by job_prompt_files")
         return Path(cfg.path).expanduser(), Path(cfg.eval_path).expanduser() if cfg.eval_path else None
     data_dir = Path(run_dir) / "data"
     train = _write_task_file(task_rows(cfg, cfg.num_prompts, "train"), data_dir / "train.parquet")

@@ -123,24 +123,21 @@ def _wandb_key() -> bool:
 
 
 def _prompt_file(cfg: JobConfig) -> list[str]:
-    # The whole file: every row is checked before any work starts.
+    # Every file, the whole of each: every row is checked before any work starts.
     from rlhf_cluster.data.eval_split import split_by_file, split_by_fraction
-    from rlhf_cluster.data.prompts import read_prompt_file
+    from rlhf_cluster.data.prompt_files import as_paths, describe, read_prompts
     from rlhf_cluster.job.images import image_limits
 
     if cfg.data.path is None:
         return []
     try:
-        prompts = read_prompt_file(cfg.data.path, cfg.data.columns, **image_limits(cfg))
-    except (OSError, ValueError) as exc:
-        return [f"data.path: {exc}"]
+        prompts = read_prompts(cfg.data.path, cfg.data.columns, **image_limits(cfg))
+    except (OSError, ValueError) as exc:  # several files' errors name their place (data.path[1]: ...)
+        return [str(exc) if str(exc).startswith("data.path") else f"data.path: {exc}"]
     try:
         if cfg.data.eval_path is not None:
-            split_by_file(
-                prompts,
-                read_prompt_file(cfg.data.eval_path, cfg.data.columns, **image_limits(cfg)),
-                cfg.data.eval_path,
-            )
+            held_out = read_prompts(cfg.data.eval_path, cfg.data.columns, field="data.eval_path", **image_limits(cfg))
+            split_by_file(prompts, held_out, describe(as_paths(cfg.data.eval_path)))
         elif cfg.data.eval_fraction:
             assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
             split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypedDict
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.config.inputs import VISION_ARCHITECTURES
@@ -102,7 +103,14 @@ def file_checks(cfg: JobConfig) -> list[str]:
     ]
 
 
-def image_limits(cfg: JobConfig) -> dict[str, int]:
+class ImageLimits(TypedDict):
+    """`read_prompt_file`'s (and `read_prompts`') image limits, as keyword arguments."""
+
+    max_image_bytes: int
+    max_images: int
+
+
+def image_limits(cfg: JobConfig) -> ImageLimits:
     """`read_prompt_file`'s image limits from the `data` section (bytes an image, images a row)."""
     return {"max_image_bytes": cfg.data.max_image_bytes, "max_images": cfg.data.max_images_per_prompt}
 

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
 from rlhf_cluster.data.placebo import shuffled_images
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
+from rlhf_cluster.data.prompt_files import describe, job_prompt_files, read_prompts
+from rlhf_cluster.data.prompts import Prompt, apply_chat_template
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
@@ -44,16 +45,16 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
         problem = tokenizer_mismatch(model_path, cfg.algorithm.distillation.teacher)
         if problem:
             raise ValueError(problem)
-    train_file, eval_file = prepare_prompt_files(cfg.data, run_dir.root)
+    train_files, eval_files = job_prompt_files(cfg.data, run_dir.root)  # a user's file or list, or the task's
     columns = cfg.data.columns if cfg.data.path else None
-    prompts = read_prompt_file(train_file, columns, **image_limits(cfg))
-    eval_prompts = read_prompt_file(eval_file, columns, **image_limits(cfg)) if eval_file is not None else []
-    if cfg.data.path is not None and (cfg.data.eval_fraction or eval_file is not None):
+    prompts = read_prompts(train_files, columns, **image_limits(cfg))
+    eval_prompts = read_prompts(eval_files, columns, field="data.eval_path", **image_limits(cfg)) if eval_files else []
+    if cfg.data.path is not None and (cfg.data.eval_fraction or eval_files):
         assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         split = (
             split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
             if cfg.data.eval_fraction
-            else split_by_file(prompts, eval_prompts, str(eval_file))
+            else split_by_file(prompts, eval_prompts, describe(eval_files))
         )
         split.write(run_dir.root / "data" / "held_out.json")
         prompts, eval_prompts = split.train, evaluated(split.held_out, cfg.data.eval_prompts, cfg.data.seed)
@@ -67,7 +68,7 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
         template = (tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
         prompts = apply_chat_template(prompts, *template)
         eval_prompts = apply_chat_template(eval_prompts, *template)
-    sources = (str(train_file), str(eval_file or train_file))
+    sources = (describe(train_files), describe(eval_files or train_files))
     prompts, eval_prompts = _fitting(cfg, run_dir, tokenizer, prompts, eval_prompts, sources, model_path)
     if cfg.model.sft_warmup_steps:
         model_path = _warm_up(cfg, model_path, prompts)

@@ -12,7 +12,8 @@ import torch
 
 from rlhf_cluster.config import FunctionReward, JobConfig
 from rlhf_cluster.data.images import describe_images
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
+from rlhf_cluster.data.prompt_files import read_prompts
+from rlhf_cluster.data.prompts import Prompt, apply_chat_template
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
@@ -33,7 +34,7 @@ def model_folder(cfg: JobConfig) -> Path | None:
 def first_prompt(cfg: JobConfig, tokenizer=None) -> Prompt:
     """The job's first prompt in file order, templated as the engine will receive it."""
     if cfg.data.path:
-        prompt = read_prompt_file(cfg.data.path, cfg.data.columns, **image_limits(cfg))[0]
+        prompt = read_prompts(cfg.data.path, cfg.data.columns, **image_limits(cfg))[0]
     else:
         assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         if cfg.data.task in VISUAL_TASKS:
