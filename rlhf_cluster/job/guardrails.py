@@ -33,9 +33,19 @@ def metric_problem(metric: str, data: DataConfig) -> str | None:
         return f"guardrails.metric={metric!r} comes from sampled answers, and data.eval_samples is 0"
     if match.group(1) is not None and int(match.group(1)) not in data.eval_pass_k:
         return f"guardrails.metric={metric!r}: k={match.group(1)} is not in data.eval_pass_k={data.eval_pass_k}"
-    if metric.startswith("eval_accuracy/") and data.columns.source is None:
-        return f"guardrails.metric={metric!r} is a per-source accuracy, and data.columns.source names no column"
+    if metric.startswith("eval_accuracy/") and data.columns.source is None and not _held_out_per_file(data):
+        return (
+            f"guardrails.metric={metric!r} is a per-source accuracy, and data.columns.source names no column "
+            "(nor are the held-out prompts from several files, each its own source)"
+        )
     return None
+
+
+def _held_out_per_file(data: DataConfig) -> bool:
+    """Whether held-out prompts carry their file's label as source: several `eval_path` files, or
+    a fraction held out of several `path` files (`rlhf_cluster/data/prompt_files.py`)."""
+    held_out = data.eval_path if data.eval_path is not None else data.path if data.eval_fraction else None
+    return isinstance(held_out, list) and len(held_out) > 1
 
 
 @dataclass(frozen=True)

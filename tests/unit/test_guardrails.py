@@ -65,6 +65,18 @@ def test_guardrails_need_the_periodic_evaluation_and_a_metric_it_reports():
     preflight(JobConfig.model_validate({**on, "guardrails": {"keep_best": 1, "metric": "eval_pass@4"}}))
 
 
+def test_a_per_file_accuracy_is_a_metric_when_held_out_prompts_come_from_several_files():
+    """Several prompt files give each held-out prompt its file's label as source (prompt_files.py)."""
+    from rlhf_cluster.config import DataConfig
+    from rlhf_cluster.job.guardrails import metric_problem
+
+    metric = "eval_accuracy/gsm8k"
+    assert metric_problem(metric, DataConfig(path="a.parquet", eval_fraction=0.1)) is not None
+    assert metric_problem(metric, DataConfig(path=["a.parquet", "b.parquet"], eval_fraction=0.1)) is None
+    assert metric_problem(metric, DataConfig(path="a.parquet", eval_path=["c.parquet", "d.parquet"])) is None
+    assert metric_problem(metric, DataConfig(path=["a.parquet", "b.parquet"], eval_path="c.parquet")) is not None
+
+
 def test_rollback_conditions_name_the_bound_and_the_value_and_adjust_the_settings():
     from rlhf_cluster.config import RollbackConfig
     from rlhf_cluster.job.guardrails import RollbackGuard
