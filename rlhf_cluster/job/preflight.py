@@ -269,8 +269,19 @@ def _task_verifier_on_a_users_file(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _filter_metric_unused(cfg: JobConfig) -> list[str]:
+    shaping = cfg.algorithm.shaping
+    if shaping.dynamic_sampling_metric != "reward" and not shaping.dynamic_sampling:
+        return [
+            f"algorithm.shaping.dynamic_sampling_metric={shaping.dynamic_sampling_metric} with dynamic_sampling "
+            "false: no group is dropped, so the metric is unused (set dynamic_sampling true)"
+        ]
+    return []
+
+
 WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
     _unused_critic,
+    _filter_metric_unused,
     _int8_without_correction,
     _oversampling_always_stale,
     _in_flight_update_unused,

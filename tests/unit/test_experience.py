@@ -206,6 +206,16 @@ def test_dynamic_sampling_compares_the_task_reward_when_told():
     assert AlgorithmConfig().shaping.dynamic_sampling_metric == "reward"
 
 
+def test_a_filter_metric_without_the_filter_is_a_warning():
+    from rlhf_cluster.config import load_config
+    from rlhf_cluster.job.preflight import preflight
+
+    alone = load_config(None, ["algorithm.shaping.dynamic_sampling_metric=task_reward"])
+    assert any("dynamic_sampling_metric=task_reward with dynamic_sampling false" in w for w in preflight(alone))
+    dapo = load_config(None, ["algorithm.preset=dapo", "generation.sampling.max_new_tokens=20"])
+    assert not any("dynamic_sampling_metric" in w for w in preflight(dapo))
+
+
 def test_group_rollouts_keeps_arrival_order():
     a, b = _rollouts("ga", [1, 1]), _rollouts("gb", [1])
     groups = group_rollouts([a[0], b[0], a[1]])
