@@ -188,12 +188,13 @@ class Reporter:
         self.result.consumed = [c for c in self.result.consumed if c.step <= last_step]
 
     def _check_bad_step(self, step: int, stats: dict) -> None:
-        """A step whose loss was NaN/inf was skipped by the learner; too many in a row end the job. A
-        critic warm-up step (the policy held) is none of either: it leaves the count as it is."""
-        if policy_held(stats):
-            return
-        if not stats.get("learner/skipped_updates"):
-            self.bad_steps = 0
+        """A step whose loss was NaN/inf was skipped by the learner or the critic; too many in a row
+        end the job. A critic warm-up step (the policy held) is judged by the critic's alone, and a
+        good one leaves the count as it is (the policy made no update to judge)."""
+        held = policy_held(stats)
+        if not (stats.get("critic/skipped_updates") or (not held and stats.get("learner/skipped_updates"))):
+            if not held:
+                self.bad_steps = 0
             return
         self.bad_steps += 1
         self.labels.of(m.BAD_STEPS).inc()

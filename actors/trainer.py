@@ -215,7 +215,7 @@ def warm_up_line(step: int, held_steps: int, first: bool) -> str | None:
     """The log line of a critic warm-up at `step` (None: none): its start, at a run's `first` step
     inside it (step 0, or a resume or rollback into it), and the policy's first update after it."""
     if first and step < held_steps:
-        resumed = f" (resumed at step {step})" if step else ""
+        resumed = f" (from step {step})" if step else ""
         return (
             f"critic warm-up: steps {step}..{held_steps - 1} train the critic alone{resumed}, "
             f"{held_steps} in all (critic.freeze_policy_steps)"

@@ -141,7 +141,7 @@ class PromptColumns(_Strict):
         None,
         description="Column naming each prompt's source (a dataset, a difficulty): "
         "evaluation also reports accuracy per source (`eval_accuracy/<source>`). Unset with several prompt files "
-        "(data.path a list): each prompt's source is its file's label (its stem).",
+        "(data.path a list): each prompt's source is its file's label (its stem; with its folder where stems clash).",
     )
     images: str | None = Field(
         None,
@@ -203,10 +203,11 @@ class DataConfig(_Strict):
         None,
         description="The user's prompts: a .parquet or .jsonl file, or a folder written by `datasets.save_to_disk` "
         "(its columns named by `columns`), or a list of them read as one prompt set in the listed order (veRL's "
-        "`data.train_files`): every file has the `columns`; positional ids are `<file stem>/row-<n>` (a shared stem "
-        "gets its folder's name, `gsm8k/train`); a `prompt_id` in two files is refused; without `columns.source`, "
-        "each prompt's source is that label (per-file eval accuracy). One file (or a list of one) reads as before. "
-        "Set: the built-in task writes nothing (its verifier still scores, unless `verifier` says otherwise).",
+        "`data.train_files`): every file has the `columns`; positional ids are `<label>/row-<n>` (the label: the "
+        "stem; a shared stem gets its folder's name, `gsm8k/train`); a `prompt_id` in two files is refused; "
+        "without `columns.source`, each prompt's source is that label (per-file eval accuracy). One file (or a "
+        "list of one) reads as before; keep a list as it is across a resume. Set: the built-in task writes "
+        "nothing (its verifier still scores, unless `verifier` says otherwise).",
     )
     columns: PromptColumns = Field(
         default_factory=lambda: PromptColumns(), description="Which columns of `path` hold what."

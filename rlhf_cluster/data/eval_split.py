@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_cluster.data.prompts import Prompt
+
+log = logging.getLogger(__name__)
 
 
 def content_key(prompt: Prompt) -> str:
@@ -38,7 +41,18 @@ class EvalSplit:
     dropped_repeats: int  # train prompts dropped for repeating a held-out prompt's content
 
     def write(self, path: Path) -> None:
-        """The held-out prompt ids, for audit (`<run_dir>/data/held_out.json`)."""
+        """The held-out prompt ids, for audit (`<run_dir>/data/held_out.json`). A resume whose split
+        differs from the run's earlier one (its prompt files changed, or a list of them was reordered)
+        is warned of: earlier held-out prompts may now be trained on."""
+        if path.exists():
+            earlier = set(json.loads(path.read_text()).get("held_out_ids", []))
+            now_trained = earlier - {p.prompt_id for p in self.held_out}
+            if now_trained:
+                log.warning(
+                    f"{path}: {len(now_trained)} of the run's {len(earlier)} earlier held-out prompts are held out "
+                    f"no longer (e.g. {sorted(now_trained)[0]!r}): the prompt files changed since, or their list's "
+                    "order; evaluation is no longer on prompts never trained on"
+                )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(

@@ -2,7 +2,9 @@
 `data.train_files` / `data.val_files`), read as one prompt set in the listed order.
 
 One file (a string, or a list of one) reads exactly as `read_prompt_file` does: the same prompt
-ids, order and sources. Several files, each read by `read_prompt_file` with the same `columns`:
+ids, order, sources and errors. Keep a list as it is across a resume: a file added, removed or moved
+renames the positional ids (and changes an `eval_fraction` split, which the job then warns of).
+Several files, each read by `read_prompt_file` with the same `columns`:
 
 - each file has a label: its stem (a folder's name); files that share a stem are labelled with
   their parent folder's name too (`gsm8k/train`, `math/train`), and by their index where that
@@ -43,18 +45,19 @@ def describe(files: list[Path]) -> str:
 def file_labels(files: list[Path]) -> list[str]:
     """Each file's label (its stem; with its parent folder's name where stems repeat; with its
     index where that still repeats): the prefix of its positional ids and its prompts' source."""
+    files = [f.resolve() for f in files]  # `./a.parquet`'s folder is the one it is in; `.` has a name
     stems = [f.name if f.is_dir() else f.stem for f in files]
     labels = [f"{f.parent.name}/{s}" if stems.count(s) > 1 and f.parent.name else s for f, s in zip(files, stems)]
     return [f"{i}:{s}" if labels.count(label) > 1 else label for i, (s, label) in enumerate(zip(stems, labels))]
 
 
-def job_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """The train and held-out prompt files of a job: the user's `path` and `eval_path` (a file or a
-    list each), or the built-in task's (written under `run_dir`, see `prepare_prompt_files`)."""
+def job_prompt_files(cfg: DataConfig, run_dir: str | Path) -> tuple[PathOrList, PathOrList | None]:
+    """The train and held-out prompt files of a job as `read_prompts` takes them: the user's `path`
+    and `eval_path` as written (a file or a list each: a file's errors stay its own), or the
+    built-in task's (written under `run_dir`, see `prepare_prompt_files`)."""
     if cfg.path is not None:
-        return as_paths(cfg.path), as_paths(cfg.eval_path)
-    train, held_out = prepare_prompt_files(cfg, run_dir)
-    return [train], [held_out] if held_out is not None else []
+        return cfg.path, cfg.eval_path
+    return prepare_prompt_files(cfg, run_dir)
 
 
 def read_prompts(
@@ -81,9 +84,11 @@ def read_prompts(
                 file, columns, max_image_bytes=max_image_bytes, max_images=max_images, id_prefix=prefix
             )
         except (OSError, ValueError) as exc:
-            if isinstance(value, str | Path):  # one file named alone: its errors as ever
+            if not isinstance(value, list):  # one file named alone: its errors as ever
                 raise
-            raise type(exc)(f"{field}[{i}]: {exc}") from exc
+            # Of the error's kind as callers catch it (a JSONDecodeError's constructor takes other arguments).
+            kind = next(k for k in (FileNotFoundError, OSError, ValueError) if isinstance(exc, k))
+            raise kind(f"{field}[{i}]: {exc}") from exc
         if label is None:  # one file: its ids and sources as it has them
             return prompts
         for p in prompts:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_cluster.config import DataConfig, GuardrailsConfig, JobConfig, RollbackConfig
+from rlhf_cluster.data.prompt_files import as_paths, file_labels
 from rlhf_cluster.job.override import JobOverride
 
 _METRIC = re.compile(r"eval_accuracy|eval_sampled_accuracy|eval_reward_mean|eval_pass@(\d+)|eval_accuracy/.+")
@@ -33,19 +34,24 @@ def metric_problem(metric: str, data: DataConfig) -> str | None:
         return f"guardrails.metric={metric!r} comes from sampled answers, and data.eval_samples is 0"
     if match.group(1) is not None and int(match.group(1)) not in data.eval_pass_k:
         return f"guardrails.metric={metric!r}: k={match.group(1)} is not in data.eval_pass_k={data.eval_pass_k}"
-    if metric.startswith("eval_accuracy/") and data.columns.source is None and not _held_out_per_file(data):
-        return (
-            f"guardrails.metric={metric!r} is a per-source accuracy, and data.columns.source names no column "
-            "(nor are the held-out prompts from several files, each its own source)"
-        )
+    if metric.startswith("eval_accuracy/") and data.columns.source is None:
+        labels = _held_out_labels(data)
+        if not labels:
+            return (
+                f"guardrails.metric={metric!r} is a per-source accuracy, and data.columns.source names no column "
+                "(nor are the held-out prompts from several files, each its own source)"
+            )
+        if metric.removeprefix("eval_accuracy/") not in labels:
+            return f"guardrails.metric={metric!r}: the held-out prompts' sources are their files' labels {labels}"
     return None
 
 
-def _held_out_per_file(data: DataConfig) -> bool:
-    """Whether held-out prompts carry their file's label as source: several `eval_path` files, or
-    a fraction held out of several `path` files (`rlhf_cluster/data/prompt_files.py`)."""
+def _held_out_labels(data: DataConfig) -> list[str]:
+    """The sources of held-out prompts that carry their file's label (`prompt_files.py`): from
+    several `eval_path` files, or held out (a fraction) of several `path` files; else none."""
     held_out = data.eval_path if data.eval_path is not None else data.path if data.eval_fraction else None
-    return isinstance(held_out, list) and len(held_out) > 1
+    files = as_paths(held_out)
+    return file_labels(files) if len(files) > 1 else []
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
 from rlhf_cluster.data.placebo import shuffled_images
-from rlhf_cluster.data.prompt_files import describe, job_prompt_files, read_prompts
+from rlhf_cluster.data.prompt_files import as_paths, describe, job_prompt_files, read_prompts
 from rlhf_cluster.data.prompts import Prompt, apply_chat_template
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
@@ -54,7 +54,7 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
         split = (
             split_by_fraction(prompts, cfg.data.eval_fraction, cfg.data.seed)
             if cfg.data.eval_fraction
-            else split_by_file(prompts, eval_prompts, describe(eval_files))
+            else split_by_file(prompts, eval_prompts, describe(as_paths(eval_files)))
         )
         split.write(run_dir.root / "data" / "held_out.json")
         prompts, eval_prompts = split.train, evaluated(split.held_out, cfg.data.eval_prompts, cfg.data.seed)
@@ -68,7 +68,7 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
         template = (tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
         prompts = apply_chat_template(prompts, *template)
         eval_prompts = apply_chat_template(eval_prompts, *template)
-    sources = (describe(train_files), describe(eval_files or train_files))
+    sources = (describe(as_paths(train_files)), describe(as_paths(eval_files or train_files)))
     prompts, eval_prompts = _fitting(cfg, run_dir, tokenizer, prompts, eval_prompts, sources, model_path)
     if cfg.model.sft_warmup_steps:
         model_path = _warm_up(cfg, model_path, prompts)

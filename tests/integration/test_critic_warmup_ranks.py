@@ -110,6 +110,6 @@ def test_critic_warm_up_holds_the_policy_then_trains_it(ray_cluster, job_config,
     assert lines == [
         "critic warm-up: steps 0..1 train the critic alone, 2 in all (critic.freeze_policy_steps)",
         "step 2: critic warm-up done (2 steps); the policy trains from this step on",
-        "critic warm-up: steps 1..1 train the critic alone (resumed at step 1), 2 in all (critic.freeze_policy_steps)",
+        "critic warm-up: steps 1..1 train the critic alone (from step 1), 2 in all (critic.freeze_policy_steps)",
         "step 2: critic warm-up done (2 steps); the policy trains from this step on",
     ]

@@ -121,6 +121,11 @@ def test_a_held_step_leaves_the_consecutive_bad_steps_count(tmp_path):
     reporter.bad_steps = 1
     reporter._check_bad_step(3, {"learner/skipped_updates": 0.0, "policy/updated": 1.0})
     assert reporter.bad_steps == 0  # a trained step still ends the run of bad ones
+    # Found in review: a critic that skips its updates (NaN) through the warm-up was never counted.
+    reporter._check_bad_step(4, {**HELD, "critic/skipped_updates": 1.0})
+    assert reporter.bad_steps == 1
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        reporter._check_bad_step(5, {"learner/skipped_updates": 0.0, "critic/skipped_updates": 2.0})
 
 
 def test_a_run_starting_inside_the_warm_up_says_so():
@@ -129,7 +134,7 @@ def test_a_run_starting_inside_the_warm_up_says_so():
     )
     # Resumed (or rolled back) into the warm-up: its first step logs what is left of it.
     assert warm_up_line(2, 3, first=True) == (
-        "critic warm-up: steps 2..2 train the critic alone (resumed at step 2), 3 in all (critic.freeze_policy_steps)"
+        "critic warm-up: steps 2..2 train the critic alone (from step 2), 3 in all (critic.freeze_policy_steps)"
     )
     assert warm_up_line(1, 3, first=False) is None and warm_up_line(4, 3, first=True) is None
     assert warm_up_line(0, 0, first=True) is None

@@ -70,11 +70,14 @@ def test_a_per_file_accuracy_is_a_metric_when_held_out_prompts_come_from_several
     from rlhf_cluster.config import DataConfig
     from rlhf_cluster.job.guardrails import metric_problem
 
-    metric = "eval_accuracy/gsm8k"
+    metric = "eval_accuracy/b"
     assert metric_problem(metric, DataConfig(path="a.parquet", eval_fraction=0.1)) is not None
     assert metric_problem(metric, DataConfig(path=["a.parquet", "b.parquet"], eval_fraction=0.1)) is None
-    assert metric_problem(metric, DataConfig(path="a.parquet", eval_path=["c.parquet", "d.parquet"])) is None
+    assert metric_problem("eval_accuracy/d", DataConfig(path="a.parquet", eval_path=["c.parquet", "d.parquet"])) is None
     assert metric_problem(metric, DataConfig(path=["a.parquet", "b.parquet"], eval_path="c.parquet")) is not None
+    # A label no file has would never be reported, so the guard would never act (review): refused, naming them.
+    assert "labels ['a', 'b']" in metric_problem("eval_accuracy/gsm8k", DataConfig(path=["a.parquet", "b.parquet"],
+                                                                                  eval_fraction=0.1))
 
 
 def test_rollback_conditions_name_the_bound_and_the_value_and_adjust_the_settings():

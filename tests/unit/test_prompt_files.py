@@ -148,3 +148,28 @@ def test_eval_fraction_holds_out_from_the_union(tmp_path, model, two):
     assert sorted(ids) == sorted([f"sums/row-{n}" for n in range(2)] + [f"words/row-{n}" for n in range(3)])
     assert len(inputs.eval_prompts) == 2
     assert {p.source for p in inputs.prompts + inputs.eval_prompts} == {"sums", "words"}
+
+
+def test_a_resume_whose_split_changed_is_warned_of(tmp_path, model, two, caplog):
+    """Found in review: a list reordered (or a file added) on resume changes an eval_fraction split
+    without a word; the job now warns that earlier held-out prompts are trained on."""
+    first = _inputs(tmp_path, model, path=two, eval_fraction=0.4, seed=3)
+    with caplog.at_level("WARNING", logger="rlhf_cluster.data.eval_split"):
+        _inputs(tmp_path, model, path=two, eval_fraction=0.4, seed=3)  # the same list: nothing to say
+        assert not caplog.records
+        again = _inputs(tmp_path, model, path=two[::-1], eval_fraction=0.4, seed=3)
+    moved = {p.prompt_id for p in first.eval_prompts} - {p.prompt_id for p in again.eval_prompts}
+    assert moved and f"{len(moved)} of the run's 2 earlier held-out prompts" in caplog.text
+
+
+def test_an_unreadable_file_in_a_list_is_an_error_of_its_kind_naming_its_place(two, monkeypatch):
+    """Found in review: re-raising as `type(exc)(message)` failed for errors whose constructor takes
+    more (a JSONDecodeError from a dataset folder's state.json) with a TypeError."""
+    from rlhf_cluster.data import prompt_files
+
+    def broken(*args, **kwargs):
+        raise json.JSONDecodeError("Expecting value", "{", 0)
+
+    monkeypatch.setattr(prompt_files, "read_prompt_file", broken)
+    with pytest.raises(ValueError, match=r"^data.path\[0\]: Expecting value"):
+        read_prompts(two, None)
