@@ -47,12 +47,14 @@ def stage_working_dir(cfg: JobConfig, py_modules: list[Path], working_dir: Path 
 
 def user_code(cfg: JobConfig) -> list[tuple[str, str]]:
     """What the config names by `module:attribute`, as (what, spec): the reward functions
-    (`scoring.rewards`), the policy loss (`algorithm.loss.function`), an environment class
+    (`scoring.rewards`), the policy loss (`algorithm.loss.function`), dynamic sampling's filter
+    (`algorithm.shaping.group_filter`), an environment class
     (`generation.environment`, not a built-in's name) and an agent (`generation.agent.function`)."""
     found = [("reward", source.function) for source in cfg.scoring.rewards if isinstance(source, FunctionReward)]
     g = cfg.generation
     named = [
         ("policy loss", cfg.algorithm.loss.function),
+        ("group filter", cfg.algorithm.shaping.group_filter),
         ("environment", g.environment if g.environment and ":" in g.environment else None),
         ("agent", g.agent.function if g.agent is not None else None),
     ]

@@ -188,6 +188,29 @@ class ShapingConfig(_Strict):
         "rewards) (verl acc / score; DAPO drops groups whose accuracy is all 0 or all 1, so a group of right "
         "answers that only the overlong penalty tells apart is dropped too). The dapo preset sets task_reward.",
     )
+    group_filter: str | None = Field(
+        None,
+        description="dynamic_sampling's test as your own `module:function` (slime --dynamic-sampling-filter-path): "
+        "called with a scored group's samples (a list of `ScoredSample`: reward, reward_components, response_ids, "
+        "advantages ...) in the driver, it returns True to keep the group, False to drop it as dynamic sampling "
+        "drops one (counted in dropped_zero_signal; another is generated in its place). Needs dynamic_sampling; "
+        "replaces dynamic_sampling_metric's all-equal test.",
+    )
+
+    @field_validator("group_filter")
+    @classmethod
+    def _filter_syntax(cls, spec: str | None) -> str | None:
+        return None if spec is None else _check_function_spec(spec, "algorithm.shaping.group_filter")
+
+    @model_validator(mode="after")
+    def _filter_needs_dynamic_sampling(self) -> ShapingConfig:
+        if self.group_filter is not None and (not self.dynamic_sampling or self.dynamic_sampling_metric != "reward"):
+            raise ValueError(
+                "algorithm.shaping.group_filter is dynamic sampling's test: set dynamic_sampling true, and leave "
+                f"dynamic_sampling_metric (got dynamic_sampling {self.dynamic_sampling}, dynamic_sampling_metric "
+                f"{self.dynamic_sampling_metric!r}: the filter replaces the metric's all-equal test)"
+            )
+        return self
 
     def overlong_buffer_tokens(self, max_new_tokens: int) -> int:
         """The effective soft-punishment buffer in tokens: `overlong_buffer` when positive, else

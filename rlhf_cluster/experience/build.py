@@ -22,6 +22,7 @@ from rlhf_cluster.algorithms import (
 from rlhf_cluster.algorithms.advantages import estimator, filled_at_take_time  # typed (the package's are lazy: Any)
 from rlhf_cluster.algorithms.kl import AdaptiveKLController, FixedKLController
 from rlhf_cluster.config import AlgorithmConfig, DistillationConfig, KLConfig, TurnRewardsConfig
+from rlhf_cluster.experience.group_filter import keeps
 from rlhf_cluster.experience.records import Rollout, ScoredSample, TrainBatch
 from rlhf_cluster.experience.turn_samples import episode_advantages
 from rlhf_cluster.models.packing import balanced_shares
@@ -86,6 +87,8 @@ def build_group(
         )
         for r, reward, c, ref, a in zip(rollouts, rewards.tolist(), components, refs, token_adv)
     ]
+    if cfg.shaping.group_filter is not None:  # the user's test in place of the all-equal one
+        metrics["zero_signal"] = float(not keeps(cfg.shaping.group_filter, samples))
     return samples, metrics
 
 

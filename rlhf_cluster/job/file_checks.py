@@ -1,5 +1,5 @@
 """Preflight's checks of the files a config names and of this machine: model folders, the prompt
-file, reward functions and models, a policy loss function, episode code (environments, agents),
+file, reward functions and models, a policy loss function, a group filter, episode code (environments, agents),
 the critic's start, the DeepSpeed JSON, bind addresses, vLLM engine arguments, a resume
 checkpoint. `preflight` runs them unless the config is checked on another machine than the one
 that runs it (`files=False`). Ray-free; torch is imported only when a custom reward function,
@@ -182,6 +182,20 @@ def _policy_loss_function(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _group_filter_function(cfg: JobConfig) -> list[str]:
+    # Imported as the driver imports it (`experience.group_filter`), before Ray starts.
+    spec = cfg.algorithm.shaping.group_filter
+    if spec is None:
+        return []
+    from rlhf_cluster.experience.group_filter import load_group_filter
+
+    try:
+        load_group_filter(spec)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
 def _episode_code(cfg: JobConfig) -> list[str]:
     # Loaded by the loaders the workers use (`load_environment` in each generation worker, `load_agent`
     # in each gateway), so the dry run and the driver refuse what the workers would, before Ray starts.
@@ -270,6 +284,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _prompt_file,
     _reward_files,
     _policy_loss_function,
+    _group_filter_function,
     _episode_code,
     _critic_init,
     _deepspeed_json,

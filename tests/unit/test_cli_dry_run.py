@@ -141,6 +141,9 @@ def test_submit_ships_an_environment_class_and_an_agent_module_too(tmp_path, mon
     assert user_modules(load_config(None, ["generation.environment=tools"])) == []
     agent = load_config(None, ["generation.agent={function: 'my_agent:run'}"])
     assert user_modules(agent) == [home / "my_agent.py"]
+    group_filter = load_config(None, ["algorithm.shaping.dynamic_sampling=true",
+                                      "algorithm.shaping.group_filter=my_agent:run"])  # fmt: skip
+    assert user_modules(group_filter) == [home / "my_agent.py"]
 
 
 def test_the_real_model_example_names_the_inputs_its_script_builds(tmp_path):
