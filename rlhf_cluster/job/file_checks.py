@@ -167,33 +167,26 @@ def _reward_files(cfg: JobConfig) -> list[str]:
     return out
 
 
-def _policy_loss_function(cfg: JobConfig) -> list[str]:
-    # Loaded by the loader each learner rank uses (`RLObjective`), so a missing module, a name that is no
-    # function or a signature the learner cannot call is refused here, before Ray starts.
-    spec = cfg.algorithm.loss.function
-    if spec is None:
-        return []
-    from rlhf_cluster.learner.objective import load_policy_loss  # imports torch: only when there is one
+def _user_functions(cfg: JobConfig) -> list[str]:
+    # A policy loss and dynamic sampling's filter, loaded by the loaders the learner ranks and the driver
+    # use (`RLObjective`, `experience.group_filter`): a missing module, a name that is no function or a
+    # signature the learner cannot call is refused here, before Ray starts.
+    named: list[tuple[str, Callable[[str], object]]] = []
+    if cfg.algorithm.loss.function is not None:
+        from rlhf_cluster.learner.objective import load_policy_loss  # imports torch: only when there is one
 
-    try:
-        load_policy_loss(spec)
-    except ValueError as exc:
-        return [str(exc)]
-    return []
+        named.append((cfg.algorithm.loss.function, load_policy_loss))
+    if cfg.algorithm.shaping.group_filter is not None:
+        from rlhf_cluster.experience.group_filter import load_group_filter
 
-
-def _group_filter_function(cfg: JobConfig) -> list[str]:
-    # Imported as the driver imports it (`experience.group_filter`), before Ray starts.
-    spec = cfg.algorithm.shaping.group_filter
-    if spec is None:
-        return []
-    from rlhf_cluster.experience.group_filter import load_group_filter
-
-    try:
-        load_group_filter(spec)
-    except ValueError as exc:
-        return [str(exc)]
-    return []
+        named.append((cfg.algorithm.shaping.group_filter, load_group_filter))
+    out = []
+    for spec, load in named:
+        try:
+            load(spec)
+        except ValueError as exc:
+            out.append(str(exc))
+    return out
 
 
 def _episode_code(cfg: JobConfig) -> list[str]:
@@ -283,8 +276,7 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
     _tracker_packages,
     _prompt_file,
     _reward_files,
-    _policy_loss_function,
-    _group_filter_function,
+    _user_functions,
     _episode_code,
     _critic_init,
     _deepspeed_json,
