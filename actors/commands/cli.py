@@ -53,7 +53,7 @@ def gateway(
 ) -> None:
     """Serve the agent gateway (OpenAI-compatible, token-exact episode traces) over the config's
     model on this machine, without training; Ctrl-C stops it."""
-    from rlhf_cluster.config.generation import is_loopback
+    from rlhf_cluster.config.episodes import is_loopback
     from rlhf_cluster.gateway.standalone import serve
 
     cfg = load_config_or_exit(config, set_)

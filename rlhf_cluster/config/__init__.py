@@ -1,7 +1,7 @@
 """Typed job configuration: one pydantic class per component, loaded from YAML.
 
-One module per part of the job (`inputs`, `generation`, `scoring`, `algorithm`, `training`,
-`scaling`, `job`) on `base`'s building blocks, and `loading` for files and overrides; every public name is
+One module per part of the job (`inputs`, `generation` and its `episodes`, `scoring`, `algorithm`, `training`,
+`scaling`, `weights`, `job`) on `base`'s building blocks, and `loading` for files and overrides; every public name is
 imported from here.
 
 Every field has a description; unknown keys are errors (``extra="forbid"``) so a typo never
@@ -28,33 +28,12 @@ from rlhf_cluster.config.algorithm import (
     ShapingConfig,
 )
 from rlhf_cluster.config.base import ConfigError, ResourcesConfig, typed_union
-from rlhf_cluster.config.generation import (
-    AgentConfig,
-    GenerationConfig,
-    OpenEnvEnvironment,
-    ProbeConfig,
-    SamplingConfig,
-    SpeculativeConfig,
-    TurnRewardsConfig,
-)
+from rlhf_cluster.config.episodes import AgentConfig, OpenEnvEnvironment, TurnRewardsConfig
+from rlhf_cluster.config.generation import GenerationConfig, ProbeConfig, SamplingConfig, SpeculativeConfig
 from rlhf_cluster.config.inputs import DataConfig, ModelConfig, PromptColumns, TinyModelConfig
-from rlhf_cluster.config.job import (
-    BufferConfig,
-    CheckpointConfig,
-    ClusterConfig,
-    CollectiveTransport,
-    DirectTransport,
-    FaultsConfig,
-    FilesystemTransport,
-    GuardrailsConfig,
-    JobConfig,
-    MetricsConfig,
-    RollbackConfig,
-    TrainConfig,
-    WeightsConfig,
-    WeightTransport,
-)
+from rlhf_cluster.config.job import BufferConfig, ClusterConfig, JobConfig, MetricsConfig, TrainConfig
 from rlhf_cluster.config.loading import field_path, load_config
+from rlhf_cluster.config.resilience import CheckpointConfig, FaultsConfig, GuardrailsConfig, RollbackConfig
 from rlhf_cluster.config.scaling import AutoScaling, GenerationAutoscale, PoolAutoscale, ScalingConfig
 from rlhf_cluster.config.scoring import (
     FunctionReward,
@@ -74,6 +53,13 @@ from rlhf_cluster.config.training import (
     LoraConfig,
     StageConfig,
     TrainingGroupConfig,
+)
+from rlhf_cluster.config.weights import (
+    CollectiveTransport,
+    DirectTransport,
+    FilesystemTransport,
+    WeightsConfig,
+    WeightTransport,
 )
 
 __all__ = [

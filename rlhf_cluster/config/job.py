@@ -1,107 +1,26 @@
-"""The whole job: its runtime sections (weights, buffer, metrics, faults, checkpoints, the driver
-loop, the cluster) and `JobConfig`, which holds every section and derives component seeds."""
+"""The whole job: its runtime sections (buffer, metrics, the driver loop, the cluster) and
+`JobConfig`, which holds every section, relates them and derives component seeds. Weights have
+their own module (`weights`), as do faults, checkpoints and guardrails (`resilience`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, TypeAlias
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from rlhf_cluster.config.algorithm import AlgorithmConfig
-from rlhf_cluster.config.base import _Strict, _Typed, typed_union
+from rlhf_cluster.config.base import _Strict
 from rlhf_cluster.config.generation import GenerationConfig
 from rlhf_cluster.config.inputs import DataConfig, ModelConfig
+from rlhf_cluster.config.resilience import CheckpointConfig, FaultsConfig, GuardrailsConfig
 from rlhf_cluster.config.scaling import ScalingConfig, check_start_sizes
 from rlhf_cluster.config.scoring import ScoringConfig, _legacy_rewards
 from rlhf_cluster.config.training import CriticConfig, LearnerConfig, StageConfig
+from rlhf_cluster.config.weights import WeightsConfig
 
 # Group estimators that take turn-level returns (`generation.turn_rewards.assign: turn`).
 TURN_LEVEL_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-
-
-class FilesystemTransport(_Typed):
-    """Every version is written to the weight store's directory; generation workers load it from there."""
-
-    type: Literal["filesystem"] = Field("filesystem", description="Weight transport kind.")
-
-
-class DirectTransport(_Typed):
-    """Each version goes from the learner's rank 0 straight into every generation engine, without
-    disk: layer-aligned buckets of engine-dtype bytes (int8 quantised once on the sender) in Ray's
-    shared-memory object store, each checked by its checksum before the engine loads any of them.
-    The store on disk then keeps only every `weights.persist_every`-th version (recovery, late joiners)."""
-
-    type: Literal["direct"] = Field("direct", description="Weight transport kind.")
-    bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (a bucket never splits a decoder layer).")
-    delta: Literal["none", "sparse"] = Field(
-        "none",
-        description="`sparse`: full-precision engines get only the elements that changed since the previous "
-        "version (indices + values; a tensor whole where that is smaller), rebuilt on the engine and proven by the "
-        "fingerprint of the full weights. Int8 engines still get every version whole.",
-    )
-    full_every: int = Field(
-        10,
-        ge=1,
-        description="With `delta: sparse`, every K-th version (and every one also "
-        "written to the store) goes whole; an engine that missed a delta rebuilds from the "
-        "newest whole version and the deltas since.",
-    )
-    senders: Literal["rank0", "every_rank"] = Field(
-        "rank0",
-        description="`every_rank`: each FSDP2 learner rank casts, checksums and puts its share of a version "
-        "(decoder layers dealt by bytes; engines assemble and prove the whole); `rank0`: rank 0 sends everything. "
-        "Versions also written to the store, sparse deltas and LoRA go from rank 0. Not the default: on a 2-core CPU "
-        "machine one sender already uses every core (two FSDP2 ranks: 1.06-1.07x rank 0's push time, "
-        "benchmarks/weight_sync.py --learner-ranks 2); it is for nodes where each rank has its own device-to-host "
-        "link.",
-    )
-
-
-class CollectiveTransport(_Typed):
-    """Each version is broadcast from the learner's rank 0 to every generation engine over a
-    process group of its own (rank 0 and the engines; rebuilt when an engine joins, leaves or is
-    replaced): NCCL between GPUs, gloo on CPU. The same layer-aligned, checksummed buckets as
-    `direct`, one broadcast per bucket, with the sender taking part in every push. The store on
-    disk keeps every `weights.persist_every`-th version, as with `direct`."""
-
-    type: Literal["collective"] = Field("collective", description="Weight transport kind.")
-    bucket_mb: float = Field(64.0, gt=0, description="Bucket size in MiB (one broadcast each; never splits a layer).")
-    backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto",
-        description="The group's backend: `auto` is nccl where the learner has CUDA, else gloo. Every engine "
-        "of an nccl group needs a GPU of its own.",
-    )
-    timeout_s: float = Field(
-        60.0, gt=0, description="Bound on building the group and on each broadcast (a member that died or hung)."
-    )
-
-
-if TYPE_CHECKING:  # the union alone: mypy cannot read the Annotated union typed_union builds at run time
-    WeightTransport: TypeAlias = FilesystemTransport | DirectTransport | CollectiveTransport
-else:
-    WeightTransport = typed_union(FilesystemTransport, DirectTransport, CollectiveTransport)
-
-
-class WeightsConfig(_Strict):
-    """The weight store and how versions reach generation."""
-
-    transport: WeightTransport = Field(
-        default_factory=DirectTransport,
-        description="How versions move to generation, by `type`: direct (the "
-        "default: learner to engines without disk, through Ray's object store), collective (a broadcast group of "
-        "the learner's rank 0 and the engines: nccl or gloo) or filesystem (every version through the store directory; "
-        "`transport: filesystem` is short for `transport: {type: filesystem}`).",
-    )
-    dir: str | None = Field(None, description="Store directory (default: RUN_DIR/weights).")
-    keep: int = Field(3, ge=1, description="Newest versions kept on disk.")
-    persist_every: int = Field(
-        10,
-        ge=1,
-        description="With `transport: direct` or `collective`, write every K-th version (and every "
-        "checkpoint's) to the store on disk, off the step's critical path; the filesystem transport writes "
-        "every version.",
-    )
 
 
 class BufferConfig(_Strict):
@@ -163,145 +82,6 @@ class MetricsConfig(_Strict):
         if value is not None and not 1024 <= value[0] <= value[1] <= 65535:
             raise ValueError(f"expected [first, last] with 1024 <= first <= last <= 65535, got {list(value)}")
         return value
-
-
-class FaultsConfig(_Strict):
-    """How the job reacts to failures."""
-
-    max_worker_restarts: int = Field(
-        3, ge=0, description="Restarts allowed per pool (generation, reward, reference) over the job."
-    )
-    restart_backoff_s: float = Field(
-        1.0, ge=0, description="Wait before the first restart; doubles with each restart of a pool."
-    )
-    max_learner_restarts: int = Field(
-        2, ge=0, description="Times the learner group is rebuilt from the newest checkpoint after a rank dies."
-    )
-    max_bad_steps: int = Field(
-        3, ge=1, description="Consecutive steps with a NaN/inf loss (skipped) before the job stops."
-    )
-    heartbeat_interval_s: float = Field(
-        5.0, gt=0, description="Every worker of every pool is sent a heartbeat this often."
-    )
-    heartbeat_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        description="A worker that has not answered a heartbeat within this is hung (e.g. SIGSTOP): killed and "
-        "replaced.",
-    )
-    stall_timeout_s: float = Field(
-        60.0,
-        gt=0,
-        description="A generation worker whose engine has requests running but takes no step for this long is hung.",
-    )
-    collective_timeout_s: float = Field(
-        300.0,
-        gt=0,
-        description="A torch.distributed collective that waits this long for a peer rank fails (no silent hang).",
-    )
-    preempt_grace_s: float = Field(
-        120.0,
-        gt=0,
-        description="After SIGTERM/SIGINT, seconds to finish the step in progress and write a checkpoint "
-        "before the job is torn down without one.",
-    )
-    elastic: bool = Field(
-        False,
-        description="When the learner is built (at the start, on resume, or rebuilt after a rank died or "
-        "hung) and its learner.world_size ranks cannot all be placed (a node is gone), continue on the most ranks that "
-        "can be (the checkpoint is resharded; the batch must split evenly over them). FSDP2 only.",
-    )
-    elastic_wait_s: float = Field(
-        30.0,
-        gt=0,
-        description="With `elastic`, how long a rebuilt learner waits for all its ranks to be placed "
-        "before it continues on fewer.",
-    )
-    progress_timeout_s: float = Field(
-        3600.0,
-        gt=0,
-        description="Ceiling of the no-progress watchdog: a step loop that has waited this long for its "
-        "batch fails the job with why (groups dropped and for what, the buffer, requests in flight) instead of "
-        "spinning. Before the first step this is the bound; after, the bound is progress_timeout_factor x the "
-        "slowest recent step, at least 600 s and at most this.",
-    )
-    progress_timeout_factor: float = Field(
-        10.0,
-        ge=1,
-        description="The no-progress watchdog's bound in multiples of the slowest of the last 20 steps "
-        "(wait for the batch included), between 600 s and progress_timeout_s.",
-    )
-
-
-class CheckpointConfig(_Strict):
-    """Learner + driver checkpoints for exact resume."""
-
-    dir: str | None = Field(None, description="Checkpoint directory (default: RUN_DIR/checkpoints).")
-    every_steps: int = Field(10, ge=1, description="Checkpoint after every N learner steps (and after the last one).")
-    keep: int = Field(3, ge=1, description="Newest complete checkpoints kept.")
-
-
-class RollbackConfig(_Strict):
-    """Conditions that roll a run back to its last good checkpoint, with adjusted settings
-    (`guardrails.rollback`; every condition unset: off)."""
-
-    kl_above: float | None = Field(None, gt=0, description="A step's KL to the reference (`kl`) above this.")
-    mismatch_above: float | None = Field(
-        None, gt=0, description="A step's engine/learner mismatch (`correction/mismatch_k3`) above this."
-    )
-    entropy_below: float | None = Field(None, gt=0, description="A step's policy entropy below this (collapse).")
-    response_length_above: float | None = Field(
-        None, gt=0, description="A step's mean response length above this many tokens (runaway)."
-    )
-    eval_drop: float | None = Field(
-        None, gt=0, description="An evaluation's guardrails.metric this far worse than the best so far."
-    )
-    max_rollbacks: int = Field(
-        2, ge=1, description="Rollbacks allowed over the run; one more condition ends it with an error."
-    )
-    lr_factor: float = Field(0.5, gt=0, le=1, description="Each rollback multiplies learner.lr by this.")
-    kl_coef_factor: float = Field(2.0, ge=1, description="Each rollback multiplies algorithm.kl.coef (beta) by this.")
-
-    @property
-    def active(self) -> bool:
-        return any(
-            getattr(self, name) is not None
-            for name in ("kl_above", "mismatch_above", "entropy_below", "response_length_above", "eval_drop")
-        )
-
-
-class GuardrailsConfig(_Strict):
-    """Actions on the periodic evaluation (`data.eval_every_steps`): keep the best checkpoints by an
-    eval metric, and stop early when it stops improving or reaches a target (`rlhf_cluster.job.guardrails`)."""
-
-    metric: str = Field(
-        "eval_accuracy",
-        description="The evaluation's column watched: eval_accuracy, eval_sampled_accuracy, "
-        "eval_reward_mean, eval_pass@<k> (k in data.eval_pass_k) or eval_accuracy/<source>.",
-    )
-    higher_is_better: bool = Field(True, description="False: the metric improves as it falls.")
-    min_delta: float = Field(0.0, ge=0.0, description="An evaluation improves on the best only by more than this.")
-    keep_best: int = Field(
-        0,
-        ge=0,
-        description="Also keep the k checkpoints with the best metric, besides the checkpoint.keep newest; an "
-        "evaluation that improves on the best so far is checkpointed at once. 0: off.",
-    )
-    patience: int | None = Field(
-        None, ge=1, description="Stop (checkpointed, evaluated) after this many evaluations without improvement."
-    )
-    target: float | None = Field(None, description="Stop (checkpointed, evaluated) once the metric reaches this value.")
-    rollback: RollbackConfig = Field(default_factory=RollbackConfig, description="Automatic rollback conditions.")
-
-    @property
-    def active(self) -> bool:
-        """Whether anything acts on the periodic evaluation."""
-        return (
-            bool(self.keep_best)
-            or self.patience is not None
-            or self.target is not None
-            or self.rollback.eval_drop is not None
-        )
 
 
 class TrainConfig(_Strict):
