@@ -156,11 +156,9 @@ class JudgeSettings:
                 "quantization": judge.quantization,
                 "engine_kwargs": {},
                 "enable_prefix_caching": True,  # every judge prompt starts with the same template text
-                # The judge decodes greedily: not with the policy's penalty (which changes greedy answers: it
-                # would push the verdict's words down) nor past its end of sequence.
-                "sampling": g.sampling.model_copy(
-                    update={"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": False}
-                ),
+                # The judge decodes greedily with vLLM's plain settings, none of the policy's sampling (a
+                # penalty changes greedy answers: it would push the verdict's words down; ignore_eos).
+                "sampling": SamplingConfig(),
             }
         )
         return cls(ActorBasics.of(cfg), judge, engine, cfg.engine_dtype, EngineImages(cfg.data.max_images_per_prompt))
