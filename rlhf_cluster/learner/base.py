@@ -79,6 +79,7 @@ class LearnerBase(ABC):
             lc.logprob_head, self.device, spec.algorithm.entropy_coef > 0, lc.mixed_precision == "bf16"
         )
         self.step = 0
+        self.updates = 0  # optimizer updates applied: `step` less those a non-finite loss or gradient skipped
         self.model: Any = None
         self.scheduler: Any = None
         self.memory_plan = plan_memory(spec.learner, None, self.world_size, None)  # a subclass plans by its model
@@ -273,6 +274,7 @@ class LearnerBase(ABC):
                 with tracing.span("optimizer", mini_batch=mini):
                     passes.grad_norm, applied, values = self._clip_and_step(total, also)
                 passes.skipped += int(not applied)
+                self.updates += int(applied)
                 epoch_losses.append(values[0])
                 if last:
                     passes.step_values = values[1:]
@@ -401,7 +403,7 @@ class LearnerBase(ABC):
         return state_digest(self._digest_parts(), self.scheduler.state_dict(), self.step)
 
     def _save_host_state(self, directory: Path) -> None:
-        save_host_state(directory, self.rank, self.scheduler.state_dict(), self.step, self.backend_name)
+        save_host_state(directory, self.rank, self.scheduler.state_dict(), self.step, self.backend_name, self.updates)
 
     def _load_host_state(self, directory: Path) -> None:
-        self.step = restore_host_state(directory, self.rank, self.scheduler)
+        self.step, self.updates = restore_host_state(directory, self.rank, self.scheduler)

@@ -224,14 +224,15 @@ class FSDP2Learner(LearnerBase):
         return {"model": model_sd, "optim": optim_sd}
 
     def _drop_unstepped_optimizer_state(self) -> None:
-        """Before this learner's first step (a policy held by a critic warm-up,
-        `critic.freeze_policy_steps`), forget the state `get_state_dict` made up: torch gives an
-        optimizer without state one by a zero-gradient step at lr 0 (`_init_optim_state`), AdamW's
-        step count 1 with zero moments, which would make the first real update ~0.74x its size.
-        Called once the state is staged and hashed (save), or restored and hashed (load), so the
-        optimizer is as if no checkpoint or digest was taken (AdamW makes its state at its first
-        step) and a checkpoint's digest is the same on both sides."""
-        if self.step == 0:
+        """Before this learner's first applied update (a policy held by a critic warm-up,
+        `critic.freeze_policy_steps`, or whose updates a non-finite loss skipped so far), forget
+        the state `get_state_dict` made up: torch gives an optimizer without state one by a
+        zero-gradient step at lr 0 (`_init_optim_state`), AdamW's step count 1 with zero moments,
+        which would make the first real update ~0.74x its size. Called once the state is staged
+        and hashed (save), or restored and hashed (load), so the optimizer is as if no checkpoint
+        or digest was taken (AdamW makes its state at its first step) and a checkpoint's digest is
+        the same on both sides."""
+        if self.updates == 0:
             self.optimizer.state.clear()
 
     def save_checkpoint(self, directory: str | Path) -> tuple[Future, str]:

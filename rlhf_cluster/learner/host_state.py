@@ -34,8 +34,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def encode_host_state(rng: dict, scheduler: dict, step: int, backend: str) -> dict:
-    """A rank's host state (`rng_state()`, the LR scheduler's state, step, backend) as tensors and
+def encode_host_state(rng: dict, scheduler: dict, step: int, backend: str, updates: int | None = None) -> dict:
+    """A rank's host state (`rng_state()`, the LR scheduler's state, step, backend, and the
+    optimizer updates applied: `step` less those a non-finite loss skipped) as tensors and
     one JSON string: all that `torch.load(weights_only=True)` reads, so loading a checkpoint
     from elsewhere runs no code from it (numpy's and python's RNG tuples would need pickle)."""
     name, keys, pos, has_gauss, cached = rng["numpy"]
@@ -50,12 +51,14 @@ def encode_host_state(rng: dict, scheduler: dict, step: int, backend: str) -> di
         "scheduler": scheduler,
         "step": step,
         "backend": backend,
+        "updates": step if updates is None else updates,
     }
     return {"tensors": tensors, "json": json.dumps(meta)}
 
 
 def decode_host_state(saved: dict) -> dict:
-    """`encode_host_state`'s inverse: {"rng": ..., "scheduler": ..., "step": ..., "backend": ...}."""
+    """`encode_host_state`'s inverse: {"rng", "scheduler", "step", "backend", "updates"} (a file
+    written before `updates` was kept: as many as steps)."""
     meta, tensors = json.loads(saved["json"]), saved["tensors"]
     name, pos, has_gauss, cached = meta["numpy"]
     version, internal, gauss_next = meta["python"]
@@ -66,7 +69,13 @@ def decode_host_state(saved: dict) -> dict:
     }
     if "cuda" in tensors:
         rng["cuda"] = tensors["cuda"]
-    return {"rng": rng, "scheduler": meta["scheduler"], "step": meta["step"], "backend": meta["backend"]}
+    return {
+        "rng": rng,
+        "scheduler": meta["scheduler"],
+        "step": meta["step"],
+        "backend": meta["backend"],
+        "updates": meta.get("updates", meta["step"]),
+    }
 
 
 def load_host_state(path: Path) -> dict:
@@ -94,20 +103,20 @@ def host_state_file(directory: Path, rank: int) -> Path:
     return directory / "rng" / f"rank{rank}.pt"
 
 
-def save_host_state(directory: Path, rank: int, scheduler: dict, step: int, backend: str) -> None:
-    """RNG, scheduler state and step of this rank (the part of the state outside the backend)."""
-    torch.save(encode_host_state(rng_state(), scheduler, step, backend), host_state_file(directory, rank))
+def save_host_state(directory: Path, rank: int, scheduler: dict, step: int, backend: str, updates: int) -> None:
+    """RNG, scheduler state, step and updates applied of this rank (the part of the state outside the backend)."""
+    torch.save(encode_host_state(rng_state(), scheduler, step, backend, updates), host_state_file(directory, rank))
 
 
-def restore_host_state(directory: Path, rank: int, scheduler: Any) -> int:
-    """Load this rank's host state into `scheduler` and the RNGs; returns the step. More ranks than
-    wrote the checkpoint: rank 0's schedule and step, this rank's own RNG."""
+def restore_host_state(directory: Path, rank: int, scheduler: Any) -> tuple[int, int]:
+    """Load this rank's host state into `scheduler` and the RNGs; returns the step and the updates
+    applied. More ranks than wrote the checkpoint: rank 0's schedule and step, this rank's own RNG."""
     path = host_state_file(directory, rank)
     extra = load_host_state(path if path.is_file() else host_state_file(directory, 0))
     scheduler.load_state_dict(extra["scheduler"])
     if path.is_file():
         set_rng_state(extra["rng"])
-    return extra["step"]
+    return extra["step"], extra["updates"]
 
 
 def check_written_by(directory: Path, marker: Path, rank: int, backend: str) -> None:

@@ -312,6 +312,9 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 
     assert _draws() == expected
     assert (state["step"], state["backend"], state["scheduler"]["last_epoch"]) == (7, "fsdp2", 3)
+    assert state["updates"] == 7  # not given: as many as steps
+    torch.save(encode_host_state(rng_state(), {"last_epoch": 3}, 7, "fsdp2", updates=5), path)
+    assert load_host_state(path)["updates"] == 5  # two of the 7 steps skipped their update
 
 
 class _Payload:
