@@ -9,6 +9,7 @@ thread, so no thread assigns the driver's state."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from rlhf_cluster.config import DeepSpeedBackend, JobConfig
 from rlhf_cluster.job.guardrails import EvalGuard, GuardVerdict
 from rlhf_cluster.job.inputs import JobInputs
 from rlhf_cluster.job.override import JobOverride
-from rlhf_cluster.run.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from rlhf_cluster.run.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointStore
 from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
@@ -75,6 +76,11 @@ class Checkpointer:
         """The newest checkpoint that verifies; newer ones that do not are kept aside, not deleted,
         and when none verifies the job stops (`NoVerifiedCheckpoint`) rather than start over."""
         return self.checkpoints.resume_point(on_refused=self._refused)
+
+    def oldest_version(self) -> int | None:
+        """The weight version of the oldest checkpoint kept (None: none yet)."""
+        kept = self.checkpoints.list()
+        return int(json.loads((kept[0] / MANIFEST).read_text())["version"]) if kept else None
 
     def roll_back_to(self, step: int) -> Checkpoint | None:
         """The newest checkpoint of a step <= `step` that verifies (None: the start); every newer

@@ -19,6 +19,7 @@ from actors.workers.autoscaling import PoolAutoscaling
 from actors.workers.control import NAMESPACE, JobController, controller_name
 from actors.workers.pool_table import pool_rows
 from actors.workers.pools import STARTUP_TIMEOUT_S, ActorPool
+from actors.workers.reference_refresh import ReferenceRefresh
 from actors.workers.scoring_calls import ScoringCalls
 from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
@@ -81,19 +82,21 @@ class Cluster:
         engine_paths: dict[str, str],
         other_targets: Callable[[], dict[str, dict[str, dict]]],
         weights: WeightSync,
+        reference: ReferenceRefresh,
     ):
         self.cfg, self.run_dir = cfg, run_dir
         self.other_targets = other_targets
         self.infos: dict[str, dict[str, dict]] = {}
         self.controller = None
         self.activity = PoolActivity()  # every pool's requests in flight, for each step's busy share
-        rows = pool_rows(cfg, model_path, engine_paths, run_dir / RunDir.JUDGE_INT8)
-        # A new worker of a pool that takes weights (generation) loads the newest version before it serves.
+        rows = pool_rows(cfg, model_path, engine_paths, run_dir / RunDir.JUDGE_INT8, reference.model_path)
+        # A new worker loads, before it serves: the newest version (generation), the current reference (reference).
+        prepares = {"weights": weights.join, "reference": reference.join}
         self.pools: dict[str, ActorPool] = {
-            row.name: row.pool(cfg.faults, self.activity, self._on_restart, weights.join, self._register)
-            for row in rows
+            row.name: row.pool(cfg.faults, self.activity, self._on_restart, prepares, self._register) for row in rows
         }
         weights.serve(self.pools["generation"])  # every version is pushed to the generation pool
+        reference.serve(self.pools.get("reference"))  # every refresh is loaded by the reference pool
         self.scoring = ScoringCalls(self.pools, {row.name: row.joined for row in rows})
         self._resizing = asyncio.Lock()
         self.autoscaling = PoolAutoscaling(cfg, run_dir, self.pool_sizes, self._resize)

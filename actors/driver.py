@@ -29,6 +29,7 @@ from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
 from actors.trainer import Trainer, watch_learners
+from actors.workers.reference_refresh import ReferenceRefresh
 from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
@@ -67,6 +68,7 @@ class Driver:
     trainer: Trainer  # the learner's rank groups (the current ones: a rebuild replaces them)
     state: JobState  # the job state the current learner was built with
     cluster: Cluster  # the worker pools
+    reference: ReferenceRefresh  # the KL reference's folder and its refreshes
 
     def __init__(self, cfg: JobConfig, resume: str | None = None, overwrite: bool | str | None = False):
         attach_console()  # the job's lines (and its warnings) reach this process's console
@@ -113,6 +115,10 @@ class Driver:
         """The learner's ranks (in a thread) and the worker pools start at the same time: each loads
         a model, and vLLM's engine start is the longest. Int8 engines start from the learner's
         int8 variant of the job's version, so with int8 rollouts the pools wait for the learner."""
+        start_version = resume_from.version if resume_from is not None else 0
+        self.reference = ReferenceRefresh(  # the KL reference's folder (algorithm.kl.reference_refresh)
+            self.cfg, self.run_dir, self.store, self.inputs.model_path, start_version, self.checkpointer.oldest_version
+        )
         with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
             learner = starter.submit(
                 build_learner,
@@ -141,6 +147,7 @@ class Driver:
                     ),
                     other_targets=lambda: {**self.trainer.infos, "driver": driver},
                     weights=self.weights,
+                    reference=self.reference,
                 )
             finally:
                 started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
@@ -267,16 +274,18 @@ class Driver:
                     continue
                 last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
                 bar.update(1)
+                if self.reference.due(step + 1):  # the KL reference moves to this step's version
+                    self.reference.refresh(tg, step + 1, self._publishing, self.trainer.wait_persisted)
                 if end.checkpoint:
                     with self.reporter.span("checkpoint", step=step):
-                        await self.checkpointer.save(tg, step, self.trainer, self.state, end.verdict)
+                        await self._checkpoint(tg, step, end.verdict)
                     checkpointed = step
                 step += 1
                 if end.early_stop is not None:  # the job ends as if at its last step: evaluated, reported
                     self.reporter.result.early_stop = end.early_stop
                     break
             if self.stop.requested and step > self.state.start_step and checkpointed != step - 1:
-                await self.checkpointer.save(tg, step - 1, self.trainer, self.state)  # no trained step is lost
+                await self._checkpoint(tg, step - 1)  # no trained step is lost
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done
             await self.trainer.wait_persisted()
         finally:
@@ -301,6 +310,7 @@ class Driver:
             "scored_log_failed_flushes": self.state.log.failed_flushes,
             "scored_log_unflushed_groups": self.state.log.unflushed,
             **self.cluster.busy_shares(began, time.time()),
+            **({"reference_version": self.reference.version} if self.reference.every else {}),
         }
         every, total = self.cfg.data.eval_every_steps, self.cfg.train.total_steps
         if every and (step + 1) % every == 0 and step + 1 < total:  # the last step's is the final one (eval.json)
@@ -323,6 +333,12 @@ class Driver:
         early_stop = verdict.stop if verdict is not None else None
         due = self.checkpointer.due(step, self.stop.requested or early_stop is not None, verdict)
         return StepEnd(verdict, early_stop=early_stop, checkpoint=due)
+
+    async def _checkpoint(self, tg: asyncio.TaskGroup, step: int, verdict: GuardVerdict | None = None) -> None:
+        """Checkpoint `step` once the reference refresh in flight is written (the checkpoint's
+        version finds its reference on a resume)."""
+        await self.reference.settled()
+        await self.checkpointer.save(tg, step, self.trainer, self.state, verdict)
 
     async def _take(self, step: int) -> list[ScoredSample] | None:
         """The step's batch, once enough admissible groups are buffered (None if a stop is
@@ -404,6 +420,7 @@ class Driver:
         )
         self._publishing = None  # the old timeline's pushes end without pushing
         await self.weights.restore()  # every engine holds the restored version before new groups start
+        await self.reference.restore(self.published_version)  # and the reference that version calls for
         self.cluster.write_scrape_targets()
         self._producer = tg.create_task(self._produce(tg))
         return self.state.start_step

@@ -160,7 +160,9 @@ class LearnerRank(ShardedRank):
             logprobs = learner.probe_logprobs(self.probe.prompt_ids, self.probe.response_ids)
             files[PROBE_FILE] = probe_file(self.probe, logprobs)
         s = self.settings
-        snapshot = persist or persisted(version, s.weights.persist_every, s.checkpoint_every, s.total_steps)
+        snapshot = persist or persisted(
+            version, s.weights.persist_every, s.checkpoint_every, s.total_steps, s.reference_refresh_every
+        )
         dealer = None
         if self.world_size > 1 and self.transport.shares(snapshot) and learner.deals_engine_tensors():
             dealer = Dealer(self.world_size, self.rank, self.engine_dtype)

@@ -10,11 +10,11 @@ survive restarts).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from actors.workers.generation import GenerationWorker
 from actors.workers.judge import JudgeWorker
@@ -43,8 +43,14 @@ class PoolRow:
     # Scoring calls that wait for a free worker leave together as one call, at most this many
     # items (a step's samples); None: every call alone.
     joined: int | None = None
-    takes_weights: bool = False  # a new worker loads the newest weight version before it serves
+    # What a new worker takes before it serves: "weights", the newest weight version (the job's
+    # `WeightSync`); "reference", the KL reference's current folder (`ReferenceRefresh`); None: nothing.
+    prepared_by: Literal["weights", "reference"] | None = None
     spares: int = 0  # warm spares: started and prepared, out of rotation, standing in for a lost worker
+
+    @property
+    def takes_weights(self) -> bool:
+        return self.prepared_by == "weights"
 
     def create(self, index: int, slot: int) -> Any:
         """Start one worker (its constructor runs in its own process)."""
@@ -57,11 +63,11 @@ class PoolRow:
         faults: FaultsConfig,
         activity: PoolActivity,
         on_restart: Callable[[str, str, str, bool], None],
-        prepare: Callable[[Any], Awaitable[None]] | None,
+        prepares: Mapping[str, Callable[[Any], Awaitable[None]]],
         on_spares: Callable[[str, str | None], Awaitable[None]],
     ) -> ActorPool:
-        """The row's `ActorPool` (no worker started yet); `prepare` runs on every new worker
-        before it serves (with `takes_weights`, the job's weight sync); `on_restart(pool, dead,
+        """The row's `ActorPool` (no worker started yet); `prepares[prepared_by]` runs on every new
+        worker before it serves (the job's weight sync, or the reference's refresh); `on_restart(pool, dead,
         new, spare)` after a worker was replaced, `on_spares(pool, lost)` after its spares changed
         (the name of a spare lost, or None). A spare stands in for a worker whose slot loads the
         same model folder."""
@@ -69,7 +75,7 @@ class PoolRow:
             self.name,
             self.prefix,
             self.create,
-            prepare=prepare if self.takes_weights else None,
+            prepare=prepares[self.prepared_by] if self.prepared_by else None,
             max_restarts=faults.max_worker_restarts,
             backoff_s=faults.restart_backoff_s,
             activity=activity,
@@ -91,9 +97,16 @@ def judge_model_path(cfg: JobConfig, int8_dir: Path) -> str:
     return str(int8_copy(judge.model, getattr(torch, cfg.engine_dtype), int8_dir))
 
 
-def pool_rows(cfg: JobConfig, model_path: str, engine_paths: dict[str, str], judge_int8_dir: Path) -> list[PoolRow]:
+def pool_rows(
+    cfg: JobConfig,
+    model_path: str,
+    engine_paths: dict[str, str],
+    judge_int8_dir: Path,
+    reference_path: Callable[[int], str] | None = None,
+) -> list[PoolRow]:
     """The pools this job runs, generation first. `model_path`: the policy's folder (the
-    reference's); `engine_paths`: what generation engines start from, by weight variant;
+    reference's, unless `reference_path` says where a reference worker starts from: a refreshed
+    reference's folder); `engine_paths`: what generation engines start from, by weight variant;
     `judge_int8_dir`: where an int8 judge's copy goes."""
     g, s, step = cfg.generation, cfg.scoring, cfg.samples_per_step
     # With LoRA the learner's base model (adapters off) is the reference: no copy to run. With
@@ -104,13 +117,14 @@ def pool_rows(cfg: JobConfig, model_path: str, engine_paths: dict[str, str], jud
         PoolRow(
             "generation", "gen", GenerationWorker, lambda: GenerationSettings.of(cfg), g.replicas, g.resources,
             model_path=lambda slot: engine_paths["int8" if g.quantization_of(slot) == "int8" else "full"],
-            takes_weights=True, spares=g.spares,
+            prepared_by="weights", spares=g.spares,
         ),
         PoolRow("reward", "reward", RewardWorker, lambda: ScoringSettings.of(cfg), s.reward_replicas, s.resources,
                 joined=step, spares=s.spares),
         PoolRow(
             "reference", "ref", ReferenceWorker, lambda: ScoringSettings.of(cfg), s.reference_replicas, s.resources,
-            model_path=lambda _: model_path, runs=log_probs and teacher is None, joined=step, spares=s.spares,
+            model_path=reference_path or (lambda _: model_path), runs=log_probs and teacher is None, joined=step,
+            spares=s.spares, prepared_by="reference",
         ),
         PoolRow(
             "teacher", "teacher", TeacherWorker, lambda: ScoringSettings.of(cfg), s.reference_replicas, s.resources,

@@ -97,19 +97,33 @@ class LogProbWorker(Worker):
     def __init__(self, settings: ScoringSettings, model_path: str, index: int, slot: int | None = None):
         """`model_path`: the frozen model's folder; `slot`: unused."""
         super().__init__(settings.basics, self.pool, f"{self.prefix}{index}")
+        limit_threads(2)
+        self.settings = settings
+        self.model = self._build(model_path)
+        self.model_path = model_path
+        if self.pool == "reference":
+            self._record_version()
+
+    def _record_version(self) -> None:
+        """The reference's weight version as a gauge (`rlhf_reference_weight_version`)."""
+        from rlhf_cluster.weights.export import reference_version_of  # torch: where a model is loaded anyway
+
+        self.labels.of(m.REFERENCE_VERSION).set(reference_version_of(self.model_path))
+
+    def _build(self, model_path: str):
         import torch
 
         from rlhf_cluster.scoring.reference import ReferenceModel
 
-        limit_threads(2)
-        self.model = ReferenceModel(
+        s = self.settings
+        return ReferenceModel(
             model_path,
-            getattr(torch, settings.model_dtype),
-            temperature=settings.temperature,
-            max_tokens_per_batch=settings.scoring.max_tokens_per_batch,
-            quantization=settings.scoring.quantization,
-            min_pixels=settings.pixels[0],
-            max_pixels=settings.pixels[1],
+            getattr(torch, s.model_dtype),
+            temperature=s.temperature,
+            max_tokens_per_batch=s.scoring.max_tokens_per_batch,
+            quantization=s.scoring.quantization,
+            min_pixels=s.pixels[0],
+            max_pixels=s.pixels[1],
         )
 
     def logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
@@ -134,9 +148,21 @@ class LogProbWorker(Worker):
 
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups
 class ReferenceWorker(LogProbWorker):
-    """Per-token log-probs of responses under the frozen initial policy (the KL term's reference)."""
+    """Per-token log-probs of responses under the KL term's reference: the initial policy, frozen,
+    or its refresh (`algorithm.kl.reference_refresh`, `load_model`)."""
 
     pool, prefix = "reference", "ref"
+
+    def load_model(self, model_path: str) -> str:
+        """Score with the model in `model_path` from now on (a refreshed reference,
+        `algorithm.kl.reference_refresh`); the folder it holds now (no load when it holds it already)."""
+        if model_path != self.model_path:
+            with tracing.span("reference.load", folder=model_path):
+                del self.model  # the old model's memory is free before the new one loads
+                self.model = self._build(model_path)
+                self.model_path = model_path
+            self._record_version()
+        return self.model_path
 
 
 @ray.remote(concurrency_groups={"health": 1})  # type: ignore[call-overload]  # ray's stubs lack concurrency_groups

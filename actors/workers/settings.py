@@ -169,7 +169,7 @@ class LearnerRankSettings:
     """A policy learner rank's: its `LearnerSpec` (the `learner` and `algorithm` sections and the
     sampling values its maths needs); how rank 0 publishes (the `weights` section, the store's
     directory, the engines' dtype and weight variants); when a version is also persisted (at
-    checkpoint steps and the last step); and the bound of its collectives."""
+    checkpoint steps, the last step and the KL reference's refreshes); and the bound of its collectives."""
 
     basics: ActorBasics
     spec: LearnerSpec
@@ -180,6 +180,7 @@ class LearnerRankSettings:
     checkpoint_every: int
     total_steps: int
     collective_timeout_s: float
+    reference_refresh_every: int  # algorithm.kl.reference_refresh.every_steps (0: no refresh)
 
     @classmethod
     def of(cls, cfg: JobConfig) -> LearnerRankSettings:
@@ -195,6 +196,7 @@ class LearnerRankSettings:
             cfg.checkpoint.every_steps,
             cfg.train.total_steps,
             cfg.faults.collective_timeout_s,
+            cfg.reference_refresh_every,
         )
 
 

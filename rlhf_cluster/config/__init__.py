@@ -25,6 +25,7 @@ from rlhf_cluster.config.algorithm import (
     DistillationConfig,
     KLConfig,
     LossConfig,
+    ReferenceRefreshConfig,
     ShapingConfig,
 )
 from rlhf_cluster.config.base import ConfigError, ResourcesConfig, typed_union
@@ -86,6 +87,7 @@ __all__ = [
     "RewardSource",
     "LossConfig",
     "KLConfig",
+    "ReferenceRefreshConfig",
     "CorrectionConfig",
     "ShapingConfig",
     "AlgorithmConfig",

@@ -91,6 +91,24 @@ class LossConfig(_Strict):
         return self
 
 
+class ReferenceRefreshConfig(_Strict):
+    """The KL reference moved to the policy every `every_steps` steps (`rlhf_cluster/weights/reference_refresh.py`)."""
+
+    every_steps: int = Field(
+        ...,
+        ge=1,
+        description="Refresh the reference after every this many steps, from the policy's weight version of that "
+        "step (TRL ref_model_sync_steps; ProRL's reference reset interval).",
+    )
+    mix: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="How far the reference moves: ref <- mix * policy + (1 - mix) * ref (TRL ref_model_mixup_alpha, "
+        "default 0.6 there); 1 = replaced by the policy (ProRL's hard reset).",
+    )
+
+
 class KLConfig(_Strict):
     """KL to the reference policy."""
 
@@ -127,6 +145,12 @@ class KLConfig(_Strict):
         "verl's per-token mean kl_ctrl.target_kl: a verl target of 0.1 is about 0.1 x mean response tokens here.",
     )
     horizon: int = Field(10000, ge=1, description="Adaptive controller: horizon in samples.")
+    reference_refresh: ReferenceRefreshConfig | None = Field(
+        None,
+        description="Move the reference to the policy every N steps (TRL sync_ref_model, ProRL's reference reset); "
+        "None: the reference stays the model the job started from. Each refresh writes a model folder under the run "
+        "directory (reference/v<version>); samples scored before it keep the old reference's log-probs.",
+    )
 
 
 class CorrectionConfig(_Strict):

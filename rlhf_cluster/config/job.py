@@ -216,6 +216,8 @@ class JobConfig(_Strict):
             needs.append(f"algorithm.kl (placement {kl.placement!r}, coef {kl.coef}, controller {kl.controller!r})")
         if self.guardrails.rollback.kl_above is not None:
             needs.append("guardrails.rollback.kl_above")
+        if kl.reference_refresh is not None:
+            needs.append("algorithm.kl.reference_refresh")
         if needs:
             raise ValueError(
                 f"scoring.reference is false (no reference model), but {' and '.join(needs)} need(s) the "
@@ -227,6 +229,12 @@ class JobConfig(_Strict):
     def engine_dtype(self) -> Literal["float32", "bfloat16", "float16"]:
         """The generation engines' weight dtype: what every weight sync sends."""
         return self.generation.dtype or self.model.dtype
+
+    @property
+    def reference_refresh_every(self) -> int:
+        """Steps between refreshes of the KL reference (`algorithm.kl.reference_refresh`); 0: none."""
+        refresh = self.algorithm.kl.reference_refresh
+        return refresh.every_steps if refresh is not None else 0
 
     @property
     def samples_per_step(self) -> int:

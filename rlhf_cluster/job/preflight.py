@@ -193,6 +193,23 @@ def _guardrails(cfg: JobConfig) -> list[str]:
     return [problem] if problem else []
 
 
+def _reference_refresh(cfg: JobConfig) -> list[str]:
+    kl = cfg.algorithm.kl
+    if kl.reference_refresh is None:
+        return []
+    if cfg.learner.lora.enabled:
+        return [
+            "algorithm.kl.reference_refresh with learner.lora: with LoRA the reference is the learner's base model "
+            "(adapters off), which a refresh cannot move; train without LoRA or without reference_refresh"
+        ]
+    if cfg.algorithm.distillation is not None or kl.placement == "none" or (kl.coef == 0 and kl.controller == "fixed"):
+        return [
+            "algorithm.kl.reference_refresh: no KL term reads the reference (kl.placement none, kl.coef 0 or "
+            "distillation's teacher in its place), so a refresh would change nothing; remove it"
+        ]
+    return []
+
+
 CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     _data_source,
     _reward_sources,
@@ -206,6 +223,7 @@ CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     agents.rules,
     _guardrails,
     teacher.rules,
+    _reference_refresh,
     judge.rules,
     routing_replay.rules,
     images.rules,
@@ -279,7 +297,18 @@ def _filter_metric_unused(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _refresh_never_due(cfg: JobConfig) -> list[str]:
+    every = cfg.reference_refresh_every
+    if every and every >= cfg.train.total_steps:
+        return [
+            f"algorithm.kl.reference_refresh.every_steps={every} with train.total_steps={cfg.train.total_steps}: "
+            "the job ends before its first refresh"
+        ]
+    return []
+
+
 WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
+    _refresh_never_due,
     _unused_critic,
     _filter_metric_unused,
     _int8_without_correction,

@@ -111,6 +111,7 @@ class RunDir:
     TENSORBOARD, WANDB, WANDB_ID = TENSORBOARD_DIR, WANDB_DIR, WANDB_ID  # the trackers' files (metrics.*)
     ENGINE_INT8 = "engine-int8"  # the int8 checkpoint generation engines start from
     JUDGE_INT8 = "judge-int8"  # the judge's int8 checkpoint (a judge with quantization: int8)
+    REFERENCE = "reference"  # refreshed KL references, a folder per refresh (algorithm.kl.reference_refresh)
     # Inside a job checkpoint:
     DRIVER_STATE = "driver.json"
     CHECKPOINT_BUFFER = "buffer.arrow"
@@ -237,6 +238,7 @@ class RunDir:
             self.RESUME,
             self.ENGINE_INT8,
             self.JUDGE_INT8,
+            self.REFERENCE,
             self.TIMELINE,
             self.SCORED_LOG,
             self.TRACE,

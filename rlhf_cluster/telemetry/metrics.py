@@ -130,6 +130,10 @@ WEIGHTS_PUBLISHED_BYTES = _counter(
 BAD_STEPS = _counter("rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.")
 CHECKPOINT_FAILURES = _counter("rlhf_checkpoint_failures_total", "Checkpoints that could not be written.")
 LEARNER_VERSION = _gauge("rlhf_learner_weight_version", "Newest published weight version.")
+REFERENCE_VERSION = _gauge(
+    "rlhf_reference_weight_version",
+    "Weight version the KL reference worker scores with (algorithm.kl.reference_refresh; 0: the starting model).",
+)
 LEARNER_RANKS = _gauge(
     "rlhf_learner_world_size", "Learner ranks training now (fewer than configured after an elastic shrink)."
 )

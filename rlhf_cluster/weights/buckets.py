@@ -298,7 +298,11 @@ def verified_tensors(
     return tensors, fingerprint(manifest.version, manifest.created_at, digests)
 
 
-def persisted(version: int, persist_every: int, checkpoint_every: int, total_steps: int) -> bool:
+def persisted(
+    version: int, persist_every: int, checkpoint_every: int, total_steps: int, refresh_every: int = 0
+) -> bool:
     """Whether the direct transport also writes `version` to the store on disk: every
-    `persist_every`-th, every checkpoint's (version = step + 1) and the last."""
-    return version % persist_every == 0 or version % checkpoint_every == 0 or version == total_steps
+    `persist_every`-th, every checkpoint's (version = step + 1), the last, and every version the
+    KL reference is refreshed from (`refresh_every`: `algorithm.kl.reference_refresh.every_steps`, 0: none)."""
+    refreshed = refresh_every > 0 and version % refresh_every == 0
+    return version % persist_every == 0 or version % checkpoint_every == 0 or version == total_steps or refreshed

@@ -22,6 +22,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ INDEX = "model.safetensors.index.json"
 SHARD_BYTES = 4 << 30
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 Source = tuple[Path, str]  # a safetensors file and the tensor's name in it
+Blend = Callable[[str, Any], Any]  # (name, tensor read) -> the tensor written
 
 
 def export_policy(
@@ -53,7 +55,7 @@ def export_policy(
     except FileNotFoundError:
         raise ValueError(f"weight store {store.root}: version {version} was pruned while being exported") from None
     try:
-        sources, from_base = _sources(store, version, base)
+        sources, from_base = version_sources(store, version, base)
         note = {
             "run_dir": str(run_dir.resolve()),
             "version": version,
@@ -61,7 +63,7 @@ def export_policy(
             "base_model": str(base),
             "from_base": from_base,
         }
-        _write_folder(out, base, sources, note, overwrite)
+        write_folder(out, base, sources, note, overwrite)
     finally:
         store.release(version, reader)
         store.close()
@@ -71,6 +73,11 @@ def export_policy(
 def exported_version(folder: str | Path) -> int:
     """The weight version an exported folder holds (its `rlhf_export.json`)."""
     return int(json.loads((Path(folder) / NOTE).read_text())["version"])
+
+
+def reference_version_of(folder: str | Path) -> int:
+    """The weight version a model folder holds: an export's or a refreshed reference's, else 0 (a model folder)."""
+    return exported_version(folder) if (Path(folder) / NOTE).is_file() else 0
 
 
 def _recorded_config(run_dir: Path):
@@ -135,7 +142,7 @@ def _check_out_dir(out: Path, overwrite: bool, run_dir: Path, inside_none: tuple
             raise ValueError(f"--out {out}: holds files but no earlier export ({NOTE}); --overwrite replaces only that")
 
 
-def _base_weights(base: Path) -> dict[str, Path]:
+def folder_weights(base: Path) -> dict[str, Path]:
     """Each tensor of the base folder's safetensors and the file holding it."""
     from safetensors import safe_open
 
@@ -151,7 +158,7 @@ def _base_weights(base: Path) -> dict[str, Path]:
     return out
 
 
-def _sources(store: WeightStore, version: int, base: Path) -> tuple[dict[str, Source], list[str]]:
+def version_sources(store: WeightStore, version: int, base: Path) -> tuple[dict[str, Source], list[str]]:
     """Where each tensor of the export comes from (the version's shards, checked against their
     manifest, or the base folder), and the names taken from the base."""
     manifest, directory = store.manifest(version), store.version_dir(version)
@@ -161,7 +168,7 @@ def _sources(store: WeightStore, version: int, base: Path) -> tuple[dict[str, So
             f"weight store {store.root}: version {version} holds LoRA adapters alone (learner.lora.sync: "
             "adapters), not a whole model; export a run trained with learner.lora.sync: merged"
         )
-    in_base = _base_weights(base)
+    in_base = folder_weights(base)
     foreign = sorted(set(stored) - set(in_base))
     if foreign:
         raise ValueError(
@@ -188,9 +195,12 @@ def _tied(base: Path) -> bool:
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
 
 
-def _write_folder(out: Path, base: Path, sources: dict[str, Source], note: dict, overwrite: bool) -> None:
+def write_folder(
+    out: Path, base: Path, sources: dict[str, Source], note: dict, overwrite: bool, blend: Blend | None = None
+) -> None:
     """The folder written under a temp name beside `out`, then renamed into place (an earlier
-    `out` moved aside first and deleted once the new one is there)."""
+    `out` moved aside first and deleted once the new one is there). `blend(name, tensor)`: what
+    is written for each tensor read (default: the tensor)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -200,7 +210,7 @@ def _write_folder(out: Path, base: Path, sources: dict[str, Source], note: dict,
         for file in sorted(base.iterdir()):
             if file.is_file() and not file.name.endswith(WEIGHT_FILES):
                 shutil.copy2(file, tmp / file.name)
-        _write_tensors(tmp, sources)
+        _write_tensors(tmp, sources, blend)
         (tmp / NOTE).write_text(json.dumps(note, indent=1))
         for written in tmp.glob("*.safetensors*"):  # safetensors writes 0600: readable as the base's files are
             written.chmod(0o666 & ~umask)
@@ -222,9 +232,9 @@ def _write_folder(out: Path, base: Path, sources: dict[str, Source], note: dict,
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _write_tensors(folder: Path, sources: dict[str, Source]) -> None:
-    """Every tensor of `sources` read one at a time into shards of up to `SHARD_BYTES`: one
-    `model.safetensors`, or `model-0000i-of-0000n.safetensors` and their index."""
+def _write_tensors(folder: Path, sources: dict[str, Source], blend: Blend | None = None) -> None:
+    """Every tensor of `sources` read one at a time (through `blend`, if given) into shards of up
+    to `SHARD_BYTES`: one `model.safetensors`, or `model-0000i-of-0000n.safetensors` and their index."""
     from safetensors import safe_open
 
     shards: list[dict[str, Any]] = []
@@ -241,6 +251,8 @@ def _write_tensors(folder: Path, sources: dict[str, Source]) -> None:
             if (file, key) in read:  # a tied tensor read twice shares its memory, which safetensors refuses
                 tensor = tensor.clone()
             read.add((file, key))
+            if blend is not None:
+                tensor = blend(name, tensor)
             nbytes = tensor.numel() * tensor.element_size()
             if current and size + nbytes > SHARD_BYTES:
                 shards.append(_save(folder, len(shards), current))

@@ -139,3 +139,6 @@ def test_fingerprint_names_the_version_identity_and_survives_serialisation():
 def test_persist_rule():
     kept = [v for v in range(0, 13) if persisted(v, persist_every=5, checkpoint_every=4, total_steps=11)]
     assert kept == [0, 4, 5, 8, 10, 11, 12]
+    # A version the KL reference is refreshed from (algorithm.kl.reference_refresh) is read from the store too.
+    kept = [v for v in range(0, 13) if persisted(v, 5, 4, 11, refresh_every=3)]
+    assert kept == [0, 3, 4, 5, 6, 8, 9, 10, 11, 12]
