@@ -44,6 +44,7 @@ class RewardWorker(Worker):
                 on_error=rule.on_error,
                 timeout_s=rule.timeout_s,
                 concurrency=rule.concurrency,
+                batch=rule.batch,
                 max_failure_fraction=rule.max_failure_fraction,
                 failure_window=rule.failure_window,
             )

@@ -45,7 +45,9 @@ class VerifierReward(_Typed):
 class FunctionReward(_Typed, FailureBudget):
     """A user's reward function `module:function(response, answer, *, prompt, source, extra, prompt_id)
     -> float | dict[str, float]` (the keywords it names, any of them, or none), in place of the task's
-    verifier (see rlhf_cluster/scoring/rewards.py for the contract)."""
+    verifier (see rlhf_cluster/scoring/rewards.py for the contract); with `batch: true`, a TRL-style
+    `function(completions=[...], prompts=[...], ..., **columns) -> list` over a whole batch
+    (rlhf_cluster/scoring/batch_rewards.py)."""
 
     type: Literal["function"] = Field("function", description="Reward source kind.")
     function: str = Field(..., description="`module:function`, importable on every reward worker.")
@@ -58,7 +60,10 @@ class FunctionReward(_Typed, FailureBudget):
         "whole.",
     )
     timeout_s: float = Field(
-        30.0, gt=0, description="Seconds one call may take before it counts as failed (it is abandoned)."
+        30.0,
+        gt=0,
+        description="Seconds one call may take before it counts as failed (it is abandoned); with batch, the one "
+        "call over the batch.",
     )
     concurrency: int = Field(
         1,
@@ -69,10 +74,29 @@ class FunctionReward(_Typed, FailureBudget):
         "parallel reward managers). Results keep the responses' order; timeout_s bounds each call.",
     )
 
+    batch: bool = Field(
+        False,
+        description="Call the function once per scoring call (one or more whole groups) with lists, by keyword: "
+        "completions, prompts, completion_ids, answer, source, prompt_id and each data.columns.extra column under its "
+        "own name; it returns one reward (a number, a dict of components, or None: that sample failed) per "
+        "response. TRL's reward functions (`reward_funcs`) and verl's BatchRewardManager run unchanged. "
+        "timeout_s bounds the one call; a call that raises, times out or returns a wrong length fails every sample "
+        "of it (on_error judges each).",
+    )
+
     @field_validator("function")
     @classmethod
     def _syntax(cls, spec: str) -> str:
         return _check_function_spec(spec, "function")
+
+    @model_validator(mode="after")
+    def _one_batch_call(self) -> FunctionReward:
+        if self.batch and self.concurrency > 1:
+            raise ValueError(
+                f"scoring.rewards function {self.function!r}: batch: true calls the function once per batch, so "
+                f"concurrency: {self.concurrency} has nothing to overlap; set concurrency: 1 (or batch: false)"
+            )
+        return self
 
 
 class ModelReward(_Typed):

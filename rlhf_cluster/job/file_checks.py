@@ -155,7 +155,8 @@ def _reward_files(cfg: JobConfig) -> list[str]:
             from rlhf_cluster.scoring.rewards import load_reward_fn  # imports torch: only when there is one
 
             try:
-                load_reward_fn(source.function, field=f"scoring.rewards[{i}].function")
+                field = f"scoring.rewards[{i}].function"
+                load_reward_fn(source.function, field, batch=source.batch, columns=cfg.data.columns.extra)
             except ValueError as exc:
                 out.append(str(exc))
         elif isinstance(source, ModelReward):

@@ -19,11 +19,14 @@ The function returns either
 - a `dict[str, float]` of components: the reward is `components["reward"]` when the dict has a
   `"reward"` key (the other entries are only recorded), otherwise the sum of all components.
 
-Only per-sample functions are supported (no batch functions, so there is no "wrong number of
-values" case); an `async def` function's coroutine runs to its end on an event loop of its call's
-thread. Each call runs on its own daemon thread and is abandoned after `timeout_s` (a Python
+With `batch: true` the function is instead called once per scoring call, over lists (TRL's
+`reward_func(prompts, completions, completion_ids, **columns)`, verl's BatchRewardManager; see
+rlhf_cluster/scoring/batch_rewards.py): each item of the list it returns is read as above, and
+`None`, a wrong length, a raise or a timeout fails its sample or every sample of the call, judged
+per sample below. An `async def` function's coroutine runs to its end on an event loop of its
+call's thread. Each call runs on its own daemon thread and is abandoned after `timeout_s` (a Python
 thread cannot be killed: a call that never returns keeps its thread, but never stalls the
-worker); a worker runs up to `concurrency` calls at once (a slow verifier: a sandbox, a remote
+worker); a worker runs up to `concurrency` per-sample calls at once (a slow verifier: a sandbox, a remote
 API), its results in the responses' order. A call that raises, returns NaN/inf, an empty dict or
 anything that is not a number or a dict of numbers, or runs past its timeout, has failed; the
 source's `on_error` decides:
@@ -51,7 +54,7 @@ import logging
 import math
 import numbers
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal, SupportsFloat, cast
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.scoring.batch_rewards import batch_keywords, batch_outcomes
 from rlhf_cluster.user_code import FailureRate, import_spec
 
 if TYPE_CHECKING:
@@ -123,9 +127,12 @@ def _awaited(fn: Callable, *args):
     return asyncio.run(value) if inspect.iscoroutine(value) else value
 
 
-def load_reward_fn(spec: str, field: str = "scoring.rewards[].function") -> RewardFn:
+def load_reward_fn(
+    spec: str, field: str = "scoring.rewards[].function", *, batch: bool = False, columns: Sequence[str] | None = None
+) -> RewardFn:
     """Import `module:function` (the attribute may be dotted, e.g. `module:Class.method`) and
-    check its signature (`context_keywords`).
+    check its signature (`context_keywords`; with `batch`, `batch_keywords` over the extra
+    `columns`, None: not known).
 
     Errors are ValueErrors that name the config field, the spec and what went wrong.
     """
@@ -134,7 +141,10 @@ def load_reward_fn(spec: str, field: str = "scoring.rewards[].function") -> Rewa
     attr = spec.strip().partition(":")[2]
     if not callable(fn):
         raise ValueError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
-    context_keywords(fn, where)
+    if batch:
+        batch_keywords(fn, where, columns)
+    else:
+        context_keywords(fn, where)
     return fn
 
 
@@ -215,9 +225,16 @@ class RuleReward:
         max_failure_fraction: float = 0.5,
         failure_window: int = 200,
         concurrency: int = 1,
+        batch: bool = False,
+        columns: Sequence[str] | None = None,
     ):
+        """`batch`: one call over lists per `score` (batch_rewards.py), its signature checked against
+        the extra `columns` when given (`data.columns.extra`; None: not known, any name may be one)."""
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency}: expected at least 1 call at a time")
+        if batch and concurrency > 1:
+            raise ValueError(f"concurrency={concurrency} with batch: a batch function is called once per batch")
+        self.batch = batch
         self.concurrency = concurrency
         self.scored = 0
         self.failed = 0
@@ -229,9 +246,14 @@ class RuleReward:
             f"reward function {self.fn_name} (scoring.rewards)", max_failure_fraction, failure_window, BROKEN_AFTER
         )
         self.keywords: tuple[str, ...] = ()  # the `CONTEXT` the custom function takes
+        self.batch_names: tuple[str, ...] | None = None  # a batch function's keywords (None: all)
         if reward_fn is not None:
-            self.fn = load_reward_fn(reward_fn) if isinstance(reward_fn, str) else reward_fn
-            self.keywords = context_keywords(self.fn, f"reward function {self.fn_name}")
+            self.fn = load_reward_fn(reward_fn, batch=batch) if isinstance(reward_fn, str) else reward_fn
+            where = f"reward function {self.fn_name}"
+            if batch:
+                self.batch_names = batch_keywords(self.fn, where, columns)
+            else:
+                self.keywords = context_keywords(self.fn, where)
             return
         if verifier is None:
             raise ValueError(
@@ -270,11 +292,17 @@ class RuleReward:
         fn = partial(self.fn, **{k: given[k] for k in self.keywords}) if self.keywords else self.fn
         return call_with_timeout(partial(_awaited, fn), (rollout.response_text, context.answer), self.timeout_s)
 
+    def _call_batch(self, arguments: dict[str, list]) -> object:
+        """The batch function's value for one batch (`batch_outcomes`), awaited, within the timeout."""
+        assert self.fn is not None  # score() comes here only for a custom function
+        return call_with_timeout(partial(_awaited, partial(self.fn, **arguments)), (), self.timeout_s)
+
     def _outcomes(
         self, rollouts: list[Rollout], contexts: dict[str, RewardContext]
     ) -> Iterable[tuple[object, Exception | None]]:
         """Each rollout's call: its value, or what it raised. One call at a time, lazily (`on_error:
-        fail` stops calling at the first failure), or up to `concurrency` at once, in order."""
+        fail` stops calling at the first failure), up to `concurrency` at once, in order, or one
+        batch call for them all (`batch`)."""
 
         def outcome(rollout: Rollout) -> tuple[object, Exception | None]:
             try:
@@ -282,6 +310,8 @@ class RuleReward:
             except Exception as exc:  # judged in order by `_score_custom`
                 return None, exc
 
+        if self.batch:
+            return batch_outcomes(self._call_batch, rollouts, contexts, self.batch_names)
         if self.concurrency == 1 or len(rollouts) < 2:
             return map(outcome, rollouts)
         # Each call's own thread is abandoned at its timeout, so the pool's threads end within it.

@@ -1,0 +1,138 @@
+"""Batch reward functions (`scoring.rewards[].batch: true`): one call per scoring call, as TRL
+calls its reward functions and verl's BatchRewardManager its `compute_score`.
+
+`RuleReward.score` (rlhf_cluster/scoring/rewards.py) gets the rollouts of one or more whole groups;
+with `batch: true` the function is called ONCE for them, every argument by keyword and each a list
+aligned with the rollouts:
+
+- `completions`: the response texts; `completion_ids`: the response token ids (a list per row);
+- `prompts`: the prompt texts as the policy saw them; `prompt_id`: the prompts' ids;
+- `answer`: the reference answers ("" without an answer column); `source`: `data.columns.source`'s
+  values (None without that column);
+- each `data.columns.extra` column under its own name (None where a row lacks it; the names above
+  win over a column of the same name).
+
+A function with `**kwargs` gets them all; otherwise only the names its signature has (a named
+parameter that is not one of the fixed names is read as an extra column, and keeps its default
+when no row has that column). A required parameter
+that is neither a fixed name nor an extra column is refused when the function is loaded and the
+columns are known (preflight), naming it. The function returns a list (or tuple, or 1-d numpy
+array) with one item per rollout, each read as a per-sample function's return value (a number or a
+dict of components) or `None`: that sample's reward failed. A call that raises, runs past
+`timeout_s` or returns anything else (a wrong length, a scalar) fails every sample of the call;
+the source's `on_error` then judges each failed sample as it would a per-sample function's.
+
+Ray-free, and no import of rewards.py (it imports this module): the contexts are read by
+attribute (`RewardContext`'s) and the call is handed in.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from rlhf_cluster.experience.records import Rollout
+
+# What every batch function may take by keyword (besides the extra columns), in TRL's spelling.
+BATCH_FIXED: tuple[str, ...] = ("completions", "prompts", "completion_ids", "answer", "source", "prompt_id")
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+class BatchContext(Protocol):
+    """What a batch function reads of one prompt (`rewards.RewardContext` has it)."""
+
+    @property
+    def answer(self) -> str: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def source(self) -> str | None: ...
+    @property
+    def extra(self) -> Mapping[str, Any]: ...
+
+
+def batch_keywords(fn: Callable, where: str, columns: Sequence[str] | None = None) -> tuple[str, ...] | None:
+    """The names `fn` takes by keyword: None for all (a `**kwargs` function), else those its
+    signature names (fixed names, then the others, read as extra columns). `columns`: the job's
+    `data.columns.extra` when known: a required parameter that is neither a fixed name nor one of
+    them is then a ValueError naming `where`; so is one that can only be passed by position."""
+    try:
+        params = inspect.signature(fn).parameters
+    except ValueError:
+        return None  # no introspectable signature (some builtins): offer everything, let the call decide
+    positional = [p.name for p in params.values() if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]
+    if positional:
+        raise ValueError(
+            f"{where}: a batch reward function is called by keyword only, but {positional} can only be passed "
+            "by position (drop the `/`)"
+        )
+    named = [p for p in params.values() if p.kind in _BY_KEYWORD]
+    offered = list(BATCH_FIXED) + [c for c in columns or () if c not in BATCH_FIXED]
+    unknown = [p.name for p in named if p.default is p.empty and p.name not in offered]
+    if columns is not None and unknown:
+        raise ValueError(
+            f"{where}: the batch function requires parameter(s) {unknown}, which a batch reward function is not "
+            f"given: it gets, by keyword, lists of any of {offered} (data.columns.extra names the extra columns; "
+            "**kwargs: all)"
+        )
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return tuple(n for n in BATCH_FIXED if n in params) + tuple(p.name for p in named if p.name not in BATCH_FIXED)
+
+
+def batch_arguments(
+    rollouts: Sequence[Rollout], contexts: Mapping[str, BatchContext], names: tuple[str, ...] | None
+) -> dict[str, list]:
+    """The keyword arguments of one batch call: a list per name, aligned with `rollouts`. `names`:
+    `batch_keywords`'s (None: all); an extra column is given when a row has it (another row: None),
+    so a parameter no row offers keeps its default."""
+    rows = [contexts[r.prompt_id] for r in rollouts]
+    fixed: dict[str, Callable[[], list]] = {
+        "completions": lambda: [r.response_text for r in rollouts],
+        "prompts": lambda: [c.prompt for c in rows],
+        "completion_ids": lambda: [list(r.response_ids) for r in rollouts],
+        "answer": lambda: [c.answer for c in rows],
+        "source": lambda: [c.source for c in rows],
+        "prompt_id": lambda: [r.prompt_id for r in rollouts],
+    }
+    present = list(dict.fromkeys(k for c in rows for k in c.extra))  # the rows' extra columns, in order
+    wanted = BATCH_FIXED + tuple(present) if names is None else names
+    out: dict[str, list] = {name: fixed[name]() for name in wanted if name in fixed}
+    for name in present:  # an extra column: its own copy, nested lists too, so edits stay in the call
+        if name in wanted and name not in fixed:
+            out[name] = [copy.deepcopy(c.extra.get(name)) for c in rows]
+    return out
+
+
+def batch_items(value: object, n: int) -> list[object]:
+    """The `n` items of a batch function's return value; a TypeError or ValueError (every sample
+    of the call failed) when it is not a list, tuple or 1-d array of `n` items."""
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):  # a 1-d numpy array (or tensor)
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"the batch function returned a {type(value).__name__}, expected a list of {n} rewards (one per response)"
+        )
+    if len(value) != n:
+        raise ValueError(f"the batch function returned {len(value)} rewards for {n} responses")
+    return list(value)
+
+
+def batch_outcomes(
+    call: Callable[[dict[str, list]], object],
+    rollouts: Sequence[Rollout],
+    contexts: Mapping[str, BatchContext],
+    names: tuple[str, ...] | None,
+) -> list[tuple[object, Exception | None]]:
+    """Each rollout's value from ONE `call(keyword arguments)`, or why it failed: the call's error
+    (a raise, a timeout, a bad return) for every rollout, or a `None` item's for that one."""
+    if not rollouts:
+        return []
+    try:
+        items = batch_items(call(batch_arguments(rollouts, contexts, names)), len(rollouts))
+    except Exception as exc:  # every sample of the call failed; `on_error` judges each
+        return [(None, exc)] * len(rollouts)
+    missing = ValueError("the batch function returned None for this sample")
+    return [(None, missing) if item is None else (item, None) for item in items]
