@@ -278,14 +278,16 @@ class Driver:
                     self.reference.refresh(tg, step + 1, self._publishing, self.trainer.wait_persisted)
                 if end.checkpoint:
                     with self.reporter.span("checkpoint", step=step):
-                        await self._checkpoint(tg, step, end.verdict)
+                        await self.reference.settled()  # a resume from it finds its version's reference
+                        await self.checkpointer.save(tg, step, self.trainer, self.state, end.verdict)
                     checkpointed = step
                 step += 1
                 if end.early_stop is not None:  # the job ends as if at its last step: evaluated, reported
                     self.reporter.result.early_stop = end.early_stop
                     break
             if self.stop.requested and step > self.state.start_step and checkpointed != step - 1:
-                await self._checkpoint(tg, step - 1)  # no trained step is lost
+                await self.reference.settled()
+                await self.checkpointer.save(tg, step - 1, self.trainer, self.state)  # no trained step is lost
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done
             await self.trainer.wait_persisted()
         finally:
@@ -333,12 +335,6 @@ class Driver:
         early_stop = verdict.stop if verdict is not None else None
         due = self.checkpointer.due(step, self.stop.requested or early_stop is not None, verdict)
         return StepEnd(verdict, early_stop=early_stop, checkpoint=due)
-
-    async def _checkpoint(self, tg: asyncio.TaskGroup, step: int, verdict: GuardVerdict | None = None) -> None:
-        """Checkpoint `step` once the reference refresh in flight is written (the checkpoint's
-        version finds its reference on a resume)."""
-        await self.reference.settled()
-        await self.checkpointer.save(tg, step, self.trainer, self.state, verdict)
 
     async def _take(self, step: int) -> list[ScoredSample] | None:
         """The step's batch, once enough admissible groups are buffered (None if a stop is
