@@ -1,5 +1,6 @@
 """Batch reward functions (`scoring.rewards[].batch: true`): one call per scoring call, as TRL
-calls its reward functions and verl's BatchRewardManager its `compute_score`.
+calls its reward functions and verl's BatchRewardManager its `compute_score` (both run unchanged,
+but a dict a function returns is read as here: its `reward` key, else the sum; verl's is `score`).
 
 `RuleReward.score` (rlhf_cluster/scoring/rewards.py) gets the rollouts of one or more whole groups;
 with `batch: true` the function is called ONCE for them, every argument by keyword and each a list
@@ -9,6 +10,9 @@ aligned with the rollouts:
 - `prompts`: the prompt texts as the policy saw them; `prompt_id`: the prompts' ids;
 - `answer`: the reference answers ("" without an answer column); `source`: `data.columns.source`'s
   values (None without that column);
+- in verl's spelling (its BatchRewardManager's `compute_score`): `solution_strs` (= completions),
+  `ground_truths` (= answer), `data_sources` (= source), `extra_infos` (each row's
+  `data.columns.extra` columns as one dict);
 - each `data.columns.extra` column under its own name (None where a row lacks it; the names above
   win over a column of the same name).
 
@@ -35,8 +39,11 @@ from typing import Any, Protocol
 
 from rlhf_cluster.experience.records import Rollout
 
-# What every batch function may take by keyword (besides the extra columns), in TRL's spelling.
-BATCH_FIXED: tuple[str, ...] = ("completions", "prompts", "completion_ids", "answer", "source", "prompt_id")
+# What every batch function may take by keyword (besides the extra columns), in TRL's spelling, then verl's.
+BATCH_FIXED: tuple[str, ...] = (
+    "completions", "prompts", "completion_ids", "answer", "source", "prompt_id",
+    "solution_strs", "ground_truths", "data_sources", "extra_infos",
+)  # fmt: skip
 _BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
@@ -96,6 +103,10 @@ def batch_arguments(
         "answer": lambda: [c.answer for c in rows],
         "source": lambda: [c.source for c in rows],
         "prompt_id": lambda: [r.prompt_id for r in rollouts],
+        "solution_strs": lambda: [r.response_text for r in rollouts],
+        "ground_truths": lambda: [c.answer for c in rows],
+        "data_sources": lambda: [c.source for c in rows],
+        "extra_infos": lambda: [copy.deepcopy(dict(c.extra)) for c in rows],
     }
     present = list(dict.fromkeys(k for c in rows for k in c.extra))  # the rows' extra columns, in order
     wanted = BATCH_FIXED + tuple(present) if names is None else names

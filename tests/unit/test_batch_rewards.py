@@ -28,7 +28,8 @@ CONTEXTS = {
     "p0": RewardContext("4", "2+2=", "math", {"level": 1, "tests": [["1", "2"]]}),
     "p1": RewardContext("1", "print(1)", "code", {"level": 3}),  # a row without `tests`
 }
-FIXED = ["completions", "prompts", "completion_ids", "answer", "source", "prompt_id"]
+FIXED = ["completions", "prompts", "completion_ids", "answer", "source", "prompt_id",
+         "solution_strs", "ground_truths", "data_sources", "extra_infos"]  # fmt: skip
 
 
 def _rollouts(texts: list[str], prompt_ids: list[str] | None = None) -> list[Rollout]:
@@ -57,6 +58,17 @@ def test_a_trl_shaped_function_scores_the_whole_batch_in_one_call():
     assert got["prompt_id"] == ["p0", "p1", "p0", "p1"] and got["level"] == [1, 3, 1, 3]
     assert got["tests"] == [[["1", "2"]], None, [["1", "2"]], None]  # a row lacking the column: None
     assert (reward.scored, reward.failed, reward.timed_out) == (4, 0, 0)
+
+
+def test_a_function_written_for_verls_batch_reward_manager_runs_unchanged():
+    def compute_score(data_sources, solution_strs, ground_truths, extra_infos, **kwargs):  # verl's keywords
+        assert data_sources == ["math", "code"] and extra_infos == [CONTEXTS["p0"].extra, CONTEXTS["p1"].extra]
+        extra_infos[0]["level"] = 99  # a copy: the row stays as it is
+        return [float(s == g) for s, g in zip(solution_strs, ground_truths)]
+
+    reward = RuleReward(None, reward_fn=compute_score, batch=True)
+    assert [r for r, _ in reward.score(_rollouts(["4", "0"]), CONTEXTS)] == [1.0, 0.0]
+    assert CONTEXTS["p0"].extra["level"] == 1
 
 
 def test_only_the_names_the_signature_has_are_given_and_extra_values_are_copies():
@@ -175,7 +187,7 @@ def user_module(tmp_path, monkeypatch) -> str:
 
 def test_a_required_parameter_nothing_offers_is_refused_at_load(user_module, tmp_path):
     spec = f"{user_module}:needs_solution"
-    offered = r"\['solution'\].*'completions', 'prompts', 'completion_ids', 'answer', 'source', 'prompt_id', 'level'"
+    offered = r"\['solution'\].*'completions', 'prompts', 'completion_ids', 'answer', 'source', 'prompt_id', .*'level'"
     with pytest.raises(ValueError, match=rf"scoring.rewards\[0\].function=.*needs_solution.*{offered}"):
         load_reward_fn(spec, "scoring.rewards[0].function", batch=True, columns=["level"])
     assert load_reward_fn(spec, batch=True, columns=["solution"]) is not None  # an extra column offers it
