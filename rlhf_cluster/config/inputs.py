@@ -125,7 +125,8 @@ class PromptColumns(_Strict):
     """The names of a prompt file's columns: the prompt text (or a chat `messages` list), the
     reference answer, the id, and what a reward function is given besides. An id or answer column
     left unnamed is used when the file has one named `prompt_id` / `answer` (else ids are `row-<n>`,
-    answers empty); a named one must exist."""
+    answers empty); a named one must exist. Any name may be a dotted path into a nested (struct)
+    column, e.g. `reward_model.ground_truth` in verl's parquet files (`rlhf_cluster/data/nested_columns.py`)."""
 
     prompt: str = Field("prompt", description="Column of prompt text (ignored when `messages` is set).")
     messages: str | None = Field(
@@ -133,7 +134,11 @@ class PromptColumns(_Strict):
         description="Column of chat messages (a list of {role, content}) used instead of `prompt`; needs "
         "data.chat_template.",
     )
-    answer: str | None = Field(None, description="Column of reference answers (None: `answer` if present).")
+    answer: str | None = Field(
+        None,
+        description="Column of reference answers (None: `answer` if present); a dotted path reads a nested field, "
+        "e.g. verl's `reward_model.ground_truth`.",
+    )
     prompt_id: str | None = Field(
         None, description="Column of unique ids (None: `prompt_id` if present, else `row-<n>`)."
     )

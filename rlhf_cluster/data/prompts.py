@@ -19,6 +19,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from rlhf_cluster.config import DataConfig, PromptColumns
+from rlhf_cluster.data.nested_columns import with_nested_columns
 from rlhf_cluster.data.prompt_images import check_image_counts, read_images
 from rlhf_cluster.data.row_names import jsonl_error, row_name
 from rlhf_cluster.data.tasks import IMAGE_COLUMN, arithmetic_rows, write_prompt_file
@@ -134,6 +135,9 @@ def read_prompt_file(
     if columns is None:
         columns = PromptColumns(images=IMAGE_COLUMN if IMAGE_COLUMN in table.column_names else None)
     text_column = columns.messages or columns.prompt
+    table = with_nested_columns(
+        file, table, [text_column, columns.prompt_id, columns.answer, columns.source, columns.images, *columns.extra]
+    )
     id_column = columns.prompt_id or ("prompt_id" if "prompt_id" in table.column_names else None)
     answer_column = columns.answer or ("answer" if "answer" in table.column_names else None)
     missing = [
