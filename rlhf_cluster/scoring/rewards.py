@@ -19,7 +19,8 @@ The function returns either
 - a `dict[str, float]` of components: the reward is `components["reward"]` when the dict has a
   `"reward"` key (the other entries are only recorded), otherwise the sum of all components.
 
-With `batch: true` the function is instead called once per scoring call, over lists (TRL's
+A function written for verl (it names `solution_str` and `ground_truth`) is called as verl calls
+its `compute_score`, by keyword (`verl_rewards.py`). With `batch: true` the function is instead called once per scoring call, over lists (TRL's
 `reward_func(prompts, completions, completion_ids, **columns)`, verl's BatchRewardManager; see
 rlhf_cluster/scoring/batch_rewards.py): each item of the list it returns is read as above, and
 `None`, a wrong length, a raise or a timeout fails its sample or every sample of the call, judged
@@ -64,6 +65,7 @@ from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.batch_rewards import batch_keywords, batch_outcomes
+from rlhf_cluster.scoring.verl_rewards import verl_arguments, verl_style, verl_value
 from rlhf_cluster.user_code import FailureRate, import_spec
 
 if TYPE_CHECKING:
@@ -143,7 +145,7 @@ def load_reward_fn(
         raise ValueError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
     if batch:
         batch_keywords(fn, where, columns)
-    else:
+    elif not verl_style(fn):  # a verl compute_score is called by keyword, as verl calls it
         context_keywords(fn, where)
     return fn
 
@@ -247,12 +249,14 @@ class RuleReward:
         )
         self.keywords: tuple[str, ...] = ()  # the `CONTEXT` the custom function takes
         self.batch_names: tuple[str, ...] | None = None  # a batch function's keywords (None: all)
+        self.verl = False  # a function written for verl (`verl_rewards`)
         if reward_fn is not None:
             self.fn = load_reward_fn(reward_fn, batch=batch) if isinstance(reward_fn, str) else reward_fn
             where = f"reward function {self.fn_name}"
+            self.verl = not batch and verl_style(self.fn)
             if batch:
                 self.batch_names = batch_keywords(self.fn, where, columns)
-            else:
+            elif not self.verl:
                 self.keywords = context_keywords(self.fn, where)
             return
         if verifier is None:
@@ -283,6 +287,9 @@ class RuleReward:
     def _call(self, rollout: Rollout, context: RewardContext) -> object:
         """The custom function's value for `rollout`: (response, answer) and the context it takes."""
         assert self.fn is not None  # score() comes here only for a custom function
+        if self.verl:
+            kwargs = verl_arguments(self.fn, rollout.response_text, context.answer, context.source, context.extra)
+            return verl_value(call_with_timeout(partial(_awaited, partial(self.fn, **kwargs)), (), self.timeout_s))
         given = {
             "prompt": context.prompt,
             "source": context.source,

@@ -12,7 +12,7 @@ from rlhf_cluster.config import ConfigError, FunctionReward, load_config
 from rlhf_cluster.data.tasks import combine_reward, verify_arithmetic
 from rlhf_cluster.data.verifiers import REWARD_WEIGHTS
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.scoring.rewards import BROKEN_AFTER, RewardFunctionError, RuleReward, load_reward_fn
+from rlhf_cluster.scoring.rewards import BROKEN_AFTER, FAILED, RewardFunctionError, RuleReward, load_reward_fn
 
 USER_MODULE = '''
 import math
@@ -307,3 +307,32 @@ def test_a_function_failing_below_max_failure_fraction_keeps_scoring(caplog):
 def test_failure_bound_settings_are_checked(fraction, window):
     with pytest.raises(ValueError, match="max_failure_fraction|failure_window"):
         RuleReward(None, reward_fn=lambda r, a: 1.0, max_failure_fraction=fraction, failure_window=window)
+
+
+def test_a_reward_function_written_for_verl_is_called_as_verl_calls_it():
+    """verl's per-sample `compute_score(data_source, solution_str, ground_truth, extra_info)`, by
+    keyword; its dict's `score` is the reward, its other numbers components, its strings left out."""
+    seen = []
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+        seen.append((data_source, solution_str, ground_truth, extra_info))
+        right = solution_str.strip().endswith(ground_truth)
+        return {"score": 1.0 if right else -1.0, "acc": right, "pred": solution_str[-2:]}
+
+    from rlhf_cluster.scoring.rewards import RewardContext
+
+    contexts = {"p": RewardContext("72", "q", "openai/gsm8k", {"extra_info": {"index": 7, "split": "train"}})}
+    rollouts = [
+        Rollout(f"s{i}", "p", "g", [1], [2], [0.0], 0, "stop", text) for i, text in enumerate(["#### 72", "#### 7"])
+    ]
+    out = RuleReward(None, reward_fn=compute_score).score(rollouts, contexts)
+    assert out == [(1.0, {"reward": 1.0, "acc": 1.0, FAILED: 0.0}), (-1.0, {"reward": -1.0, "acc": 0.0, FAILED: 0.0})]
+    assert seen[0] == ("openai/gsm8k", "#### 72", "72", {"index": 7, "split": "train"})
+
+    def scalar(solution_str, ground_truth, **kwargs):  # **kwargs: all four
+        assert set(kwargs) == {"data_source", "extra_info"}
+        return float(solution_str.endswith(ground_truth))
+
+    assert [r for r, _ in RuleReward(None, reward_fn=scalar).score(rollouts, contexts)] == [1.0, 0.0]
+    broken = RuleReward(None, reward_fn=lambda solution_str, ground_truth: {"acc": 1.0}, on_error="drop")
+    assert broken.score(rollouts[:1], contexts)[0][1][FAILED] == 1.0  # no `score`: the sample's reward failed
