@@ -20,7 +20,8 @@ The function returns either
   `"reward"` key (the other entries are only recorded), otherwise the sum of all components.
 
 A function written for verl (it names `solution_str` and `ground_truth`) is called as verl calls
-its `compute_score`, by keyword (`verl_rewards.py`). With `batch: true` the function is instead called once per scoring call, over lists (TRL's
+its `compute_score`, by keyword (`verl_rewards.py`). With `batch: true` the function is instead
+called once per scoring call, over lists (TRL's
 `reward_func(prompts, completions, completion_ids, **columns)`, verl's BatchRewardManager; see
 rlhf_cluster/scoring/batch_rewards.py): each item of the list it returns is read as above, and
 `None`, a wrong length, a raise or a timeout fails its sample or every sample of the call, judged
