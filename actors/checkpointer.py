@@ -77,10 +77,15 @@ class Checkpointer:
         and when none verifies the job stops (`NoVerifiedCheckpoint`) rather than start over."""
         return self.checkpoints.resume_point(on_refused=self._refused)
 
-    def oldest_version(self) -> int | None:
-        """The weight version of the oldest checkpoint kept (None: none yet)."""
-        kept = self.checkpoints.list()
-        return int(json.loads((kept[0] / MANIFEST).read_text())["version"]) if kept else None
+    def kept_versions(self) -> list[int]:
+        """The weight versions of the checkpoints kept (one retention removes meanwhile is left out)."""
+        versions = []
+        for path in self.checkpoints.list():
+            try:
+                versions.append(int(json.loads((path / MANIFEST).read_text())["version"]))
+            except OSError:
+                continue
+        return versions
 
     def roll_back_to(self, step: int) -> Checkpoint | None:
         """The newest checkpoint of a step <= `step` that verifies (None: the start); every newer

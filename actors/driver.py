@@ -117,7 +117,7 @@ class Driver:
         int8 variant of the job's version, so with int8 rollouts the pools wait for the learner."""
         start_version = resume_from.version if resume_from is not None else 0
         self.reference = ReferenceRefresh(  # the KL reference's folder (algorithm.kl.reference_refresh)
-            self.cfg, self.run_dir, self.store, self.inputs.model_path, start_version, self.checkpointer.oldest_version
+            self.cfg, self.run_dir, self.store, self.inputs.model_path, start_version, self.checkpointer.kept_versions
         )
         with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
             learner = starter.submit(
@@ -278,7 +278,7 @@ class Driver:
                     self.reference.refresh(tg, step + 1, self._publishing, self.trainer.wait_persisted)
                 if end.checkpoint:
                     with self.reporter.span("checkpoint", step=step):
-                        await self.reference.settled()  # a resume from it finds its version's reference
+                        await self.reference.written()  # a resume from it finds its version's reference
                         await self.checkpointer.save(tg, step, self.trainer, self.state, end.verdict)
                     checkpointed = step
                 step += 1
@@ -286,7 +286,7 @@ class Driver:
                     self.reporter.result.early_stop = end.early_stop
                     break
             if self.stop.requested and step > self.state.start_step and checkpointed != step - 1:
-                await self.reference.settled()
+                await self.reference.written()
                 await self.checkpointer.save(tg, step - 1, self.trainer, self.state)  # no trained step is lost
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done
             await self.trainer.wait_persisted()
@@ -408,6 +408,7 @@ class Driver:
             self.timeline += 1  # results still arriving from the old timeline are dropped
         self._producer.cancel()
         await asyncio.wait([self._producer])
+        await self.reference.abandon()  # refreshes in flight end before the rebuild discards their versions
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
         self._adopt_learner(
             await asyncio.to_thread(

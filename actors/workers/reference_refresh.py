@@ -23,12 +23,13 @@ import ray
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights import WeightStore
-from rlhf_cluster.weights.export import reference_version_of
+from rlhf_cluster.weights.export import folder_weights
 from rlhf_cluster.weights.reference_refresh import (
     discard_after,
     folder_of,
-    prune_before,
+    prune,
     reference_folder,
+    reference_version,
     write_reference,
 )
 
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 class ReferenceRefresh:
     """The reference pool's folder: `base` (the model the job started from) until the first
     refresh; `version`: the weight version the job starts at (a resume's checkpoint's), whose
-    reference is loaded by the pool's first workers. `oldest_kept()`: the version of the oldest
-    checkpoint kept (None: none), below whose reference no folder is needed."""
+    reference is loaded by the pool's first workers. `kept_versions()`: the weight versions of the
+    checkpoints kept, whose references are kept with the current one (the rest are removed)."""
 
     def __init__(
         self,
@@ -48,21 +49,19 @@ class ReferenceRefresh:
         store: WeightStore,
         base: str,
         version: int,
-        oldest_kept: Callable[[], int | None],
+        kept_versions: Callable[[], list[int]],
     ):
         refresh = cfg.algorithm.kl.reference_refresh
         self.every, self.mix = (refresh.every_steps, refresh.mix) if refresh is not None else (0, 1.0)
-        self.root, self.store, self.base, self.oldest_kept = run_dir.root / RunDir.REFERENCE, store, base, oldest_kept
-        self.run_dir = run_dir
+        self.root, self.store, self.base, self.run_dir = run_dir.root / RunDir.REFERENCE, store, base, run_dir
+        self.kept_versions = kept_versions
         self.pool: Any = None  # the reference pool (`serve`); None: the job runs none
-        self._task: asyncio.Task | None = None
-        self.timeline = 0  # bumped by `restore`: a refresh of an abandoned timeline switches nothing
-        self.current = self._restored(version)
-
-    @property
-    def version(self) -> int:
-        """The weight version the reference is from now (0: the model the job started from)."""
-        return reference_version_of(self.current)
+        self._tasks: list[asyncio.Task] = []  # refreshes in flight, in order
+        self._writes: list[asyncio.Future] = []  # each one's folder written (or not to be)
+        self.timeline = 0  # bumped by `abandon`: a refresh of an abandoned timeline writes and switches nothing
+        if self.every:
+            folder_weights(Path(base))  # a model folder a refresh cannot read fails now, not at the first refresh
+        self.current, self.version = self._restored(version)
 
     def model_path(self, slot: int) -> str:
         """The folder a new reference worker starts from (any slot)."""
@@ -84,22 +83,36 @@ class ReferenceRefresh:
     ) -> None:
         """Refresh the reference from `version` once it is durable in the store: after `publishing`
         (its publication) and `persisted()` (the learner's store writes queued so far)."""
-        self._task = tg.create_task(self._refresh(version, _durable(publishing, persisted), self._task, self.timeline))
+        written = asyncio.get_running_loop().create_future()
+        previous = self._tasks[-1] if self._tasks else None
+        durable = _durable(publishing, persisted)
+        self._tasks.append(tg.create_task(self._refresh(version, durable, previous, self.timeline, written)))
+        self._writes.append(written)
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._writes = [w for w in self._writes if not w.done()]
 
-    async def settled(self) -> None:
-        """Until the refresh in flight (if any) is done."""
-        if self._task is not None and not self._task.done():
-            await asyncio.wait([self._task])
+    async def written(self) -> None:
+        """Until every refresh in flight has written its folder (a checkpoint waits for this: a resume
+        from it finds its version's reference), not for the workers' loads."""
+        if pending := [w for w in self._writes if not w.done()]:
+            await asyncio.wait(pending)
+
+    async def abandon(self) -> None:
+        """The learner is being rebuilt (a rollback, a lost rank): refreshes in flight write and
+        switch nothing more; returns once each has ended (a write's thread cannot be stopped)."""
+        self.timeline += 1
+        if pending := [t for t in self._tasks if not t.done()]:
+            await asyncio.wait(pending)
+        self._tasks, self._writes = [], []
 
     async def restore(self, version: int) -> None:
         """A rebuilt learner continues from `version`: refreshes after it are removed and the pool
         loads the reference `version` calls for."""
         if not self.every:
             return
-        self.timeline += 1
-        await self.settled()  # a write in flight finishes before its folder is judged (its thread cannot stop)
-        self._task = None
-        await self._switch(self._restored(version))
+        await self.abandon()
+        folder, self.version = self._restored(version)
+        await self._switch(folder)
 
     async def join(self, worker: Any) -> None:
         """A new reference worker holds the current folder before it serves (loaded again if a
@@ -109,59 +122,62 @@ class ReferenceRefresh:
             if held == self.current:
                 return
 
-    def _restored(self, version: int) -> str:
+    def _restored(self, version: int) -> tuple[str, int]:
+        """The folder and version of the reference of policy `version`, refreshes after it (and
+        temp folders a killed write left) removed."""
         if not self.every:
-            return self.base
+            return self.base, 0
         gone = discard_after(self.root, version)
         if gone:
             log.info(f"reference refreshes after weight version {version} removed (an abandoned run's): {gone}")
-        return str(reference_folder(self.root, self.base, version, self.every))
+        return str(reference_folder(self.root, self.base, version, self.every)), reference_version(version, self.every)
 
     async def _refresh(
-        self, version: int, durable: Awaitable[None], previous: asyncio.Task | None, timeline: int
+        self,
+        version: int,
+        durable: Awaitable[None],
+        previous: asyncio.Task | None,
+        timeline: int,
+        written: asyncio.Future,
     ) -> None:
         try:
-            await durable
-        except ray.exceptions.RayActorError:
-            return  # the learner died: its rebuild restores the reference its checkpoint calls for
-        if timeline != self.timeline:
-            return
-        lease = f"reference-refresh-queued-{version}"
-        try:
-            self.store.acquire(version, lease)  # retention keeps the version while earlier refreshes finish
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"weight store {self.store.root}: version {version} is gone before the reference refresh read it "
-                "(raise weights.keep)"
-            ) from None
-        try:
+            try:
+                await durable
+            except ray.exceptions.RayActorError:
+                return  # the learner died: its rebuild restores the reference its checkpoint calls for
             if previous is not None:  # in order: this one mixes with the one before (its failure: the TaskGroup's)
                 await asyncio.wait([previous])
+            if timeline != self.timeline:
+                return
+            await self._write(version)
+        except Exception:
             if timeline == self.timeline:
-                await self._write_and_switch(version, timeline)
+                raise
+            return  # abandoned meanwhile: the rollback removed what it read (the store's later versions)
         finally:
-            self.store.release(version, lease)
-
-    async def _write_and_switch(self, version: int, timeline: int) -> None:
-        began, out = time.perf_counter(), folder_of(self.root, version)
-        if not out.is_dir():
-            await asyncio.to_thread(
-                write_reference, self.store, version, Path(self.base), Path(self.current), self.mix, out
-            )
+            if not written.done():
+                written.set_result(None)
         if timeline != self.timeline:
-            return  # a rollback meanwhile; `restore` removes the folder if its version was abandoned
-        await self._switch(str(out))
+            return  # abandoned while writing: `restore` removes the folder
+        before = self.version
+        await self._switch(str(folder_of(self.root, version)), version)
+        # Kept: the kept checkpoints' references, this one and the one before (a worker may still be loading it).
+        prune(self.root, self.every, [*self.kept_versions(), before, version])
+
+    async def _write(self, version: int) -> None:
+        began, out = time.perf_counter(), folder_of(self.root, version)
+        previous = Path(self.current)
+        await asyncio.to_thread(write_reference, self.store, version, Path(self.base), previous, self.mix, out)
         seconds = time.perf_counter() - began
         self.run_dir.event("reference_refreshed", version=version, mix=self.mix, seconds=round(seconds, 3))
-        log.info(f"KL reference refreshed from weight version {version} (mix {self.mix:g}) in {seconds:.1f} s")
-        oldest = self.oldest_kept()
-        if oldest is not None:
-            prune_before(self.root, oldest, self.every)
+        log.info(f"KL reference refreshed from weight version {version} (mix {self.mix:g}): written in {seconds:.1f} s")
 
-    async def _switch(self, folder: str) -> None:
+    async def _switch(self, folder: str, version: int | None = None) -> None:
         """Every reference worker and spare loads `folder`; a dead one is its pool's to replace (its
         replacement starts from `folder`)."""
         self.current = folder
+        if version is not None:
+            self.version = version
         if self.pool is None:
             return
         actors = [*self.pool.actors.values(), *self.pool.spares.values()]

@@ -160,6 +160,7 @@ class ReferenceWorker(LogProbWorker):
         if model_path != self.model_path:
             with tracing.span("reference.load", folder=model_path):
                 del self.model  # the old model's memory is free before the new one loads
+                _free_memory()
                 self.model = self._build(model_path)
                 self.model_path = model_path
             self._record_version()
@@ -173,3 +174,14 @@ class TeacherWorker(LogProbWorker):
     field (the on-disk schema's name), where a job without distillation keeps the reference's."""
 
     pool, prefix = "teacher", "teacher"
+
+
+def _free_memory() -> None:
+    """Collect a dropped model now (its modules hold reference cycles) and give its device memory back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -79,7 +79,7 @@ class LearnerBase(ABC):
             lc.logprob_head, self.device, spec.algorithm.entropy_coef > 0, lc.mixed_precision == "bf16"
         )
         self.step = 0
-        self.updates = 0  # optimizer updates applied: `step` less those a non-finite loss or gradient skipped
+        self.updates = 0  # optimizer steps applied (one per mini-batch and epoch a non-finite loss did not skip)
         self.model: Any = None
         self.scheduler: Any = None
         self.memory_plan = plan_memory(spec.learner, None, self.world_size, None)  # a subclass plans by its model

@@ -36,7 +36,7 @@ def set_rng_state(state: dict) -> None:
 
 def encode_host_state(rng: dict, scheduler: dict, step: int, backend: str, updates: int | None = None) -> dict:
     """A rank's host state (`rng_state()`, the LR scheduler's state, step, backend, and the
-    optimizer updates applied: `step` less those a non-finite loss skipped) as tensors and
+    optimizer steps applied, one per mini-batch and epoch a non-finite loss did not skip) as tensors and
     one JSON string: all that `torch.load(weights_only=True)` reads, so loading a checkpoint
     from elsewhere runs no code from it (numpy's and python's RNG tuples would need pickle)."""
     name, keys, pos, has_gauss, cached = rng["numpy"]

@@ -11,7 +11,7 @@ so a replaced reference worker, a resumed job and a rolled-back one all load the
 version calls for (`reference_version`): the refresh at or before it, the model the job started
 from before the first. A folder is written as an export is (`export.py`: a temp name, renamed
 into place), so a folder that exists is complete. Folders of versions a rollback abandoned are
-removed (`discard_after`); older ones go once no kept checkpoint can need them (`prune_before`).
+removed (`discard_after`); the others go once neither a kept checkpoint nor the pool can need them (`prune`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def reference_folder(root: Path, base: str | Path, version: int, every: int) -> 
 def write_reference(store: WeightStore, version: int, base: Path, previous: Path, mix: float, out: Path) -> Path:
     """Write the reference refreshed at `version` to `out`: the store's `version`, mixed with the
     reference before it (`previous`: a refresh's folder, or `base`) as `mix * policy + (1 - mix) *
-    previous` (computed in float32, kept in the stored dtype) for every tensor the policy trains;
+    previous` (computed and kept in float32, so a small move is not rounded away in bf16) for every
+    tensor the policy trains (`mix: 1`: the stored tensors as they are);
     every other tensor, the config and the tokenizer as `base` has them. Reads under a lease."""
     reader = f"reference-refresh-{version}"
     try:
@@ -102,23 +103,27 @@ def _mixer(previous: dict[str, Path], trained: set[str], mix: float):
             raise ValueError(
                 f"reference refresh: {name} is {tuple(tensor.shape)}, the previous reference's {tuple(before.shape)}"
             )
-        return (mix * tensor.float() + (1.0 - mix) * before.float()).to(tensor.dtype)
+        return mix * tensor.float() + (1.0 - mix) * before.float()  # float32: bf16 would round small moves away
 
     return blend
 
 
 def discard_after(root: Path, version: int) -> list[int]:
-    """Remove the references refreshed after `version` (a rollback or resume abandoned them); the removed versions."""
+    """Remove the references refreshed after `version` (a rollback or resume abandoned them) and
+    the temp folders of writes a kill cut short (call it with no write running); the removed versions."""
     gone = [v for v in written(root) if v > version]
     for v in gone:
         shutil.rmtree(folder_of(root, v), ignore_errors=True)
+    for partial in root.glob(".v*") if root.is_dir() else ():  # a write a kill cut short (none runs now)
+        shutil.rmtree(partial, ignore_errors=True)
     return gone
 
 
-def prune_before(root: Path, version: int, every: int) -> list[int]:
-    """Remove references no policy version from `version` on loads (older than its refresh); the removed versions."""
-    keep_from = reference_version(version, every)
-    gone = [v for v in written(root) if v < keep_from]
+def prune(root: Path, every: int, versions: list[int]) -> list[int]:
+    """Remove every reference no policy version of `versions` loads (the kept checkpoints', the
+    current one's and the one before it); the removed versions."""
+    keep = {reference_version(v, every) for v in versions}
+    gone = [v for v in written(root) if v not in keep]
     for v in gone:
         shutil.rmtree(folder_of(root, v), ignore_errors=True)
     return gone

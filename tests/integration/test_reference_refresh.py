@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 
 from actors.job import Job
 from rlhf_cluster.experience.records import Rollout
@@ -40,7 +41,7 @@ def test_the_reference_moves_with_the_policy_and_a_resume_keeps_it(ray_cluster, 
             algorithm={"kl": {"coef": 0.05, "reference_refresh": {"every_steps": 1, "mix": MIX}}},
             train={"total_steps": steps, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
                    "record_rollouts": True},
-            weights={"keep": 10},
+            weights={"keep": 10}, checkpoint={"every_steps": 1, "keep": 5},  # every refresh kept for a rollback
         )  # fmt: skip
 
     cfg = config(3)
@@ -60,8 +61,8 @@ def test_the_reference_moves_with_the_policy_and_a_resume_keeps_it(ray_cluster, 
         before = safetensors.torch.load_file(str(folders[v - 1] / "model.safetensors"))
         after = safetensors.torch.load_file(str(folders[v] / "model.safetensors"))
         for name, tensor in stored.items():
-            expected = (MIX * tensor.float() + (1 - MIX) * before[name].float()).to(tensor.dtype)
-            assert (after[name] - expected).abs().max() <= 1e-6, (v, name)
+            expected = MIX * tensor.float() + (1 - MIX) * before[name].float()  # kept in float32
+            assert after[name].dtype == torch.float32 and (after[name] - expected).abs().max() <= 1e-6, (v, name)
     # Every scored sample's reference log-probs are one reference's (whichever held the pool then).
     samples = [s for _, group in ScoredLog(run_dir / RunDir.SCORED_LOG).since(0) for s in group]
     rollouts = [Rollout(sample_id=s.sample_id, prompt_id=s.prompt_id, group_id=s.group_id, prompt_ids=s.prompt_ids,

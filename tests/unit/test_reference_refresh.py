@@ -17,7 +17,7 @@ from rlhf_cluster.weights.export import NOTE, reference_version_of
 from rlhf_cluster.weights.reference_refresh import (
     discard_after,
     folder_of,
-    prune_before,
+    prune,
     reference_folder,
     reference_version,
     write_reference,
@@ -41,8 +41,8 @@ def _trained(base: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor
 def store(tmp_path, tiny_model_path):
     store = WeightStore(tmp_path / "weights", keep=10)
     base = _base(tiny_model_path)
-    for v in (2, 4):
-        store.publish(v, _trained(base, v))
+    for v in (2, 4):  # in bf16, as engines often take the weights
+        store.publish(v, {k: t.to(torch.bfloat16) for k, t in _trained(base, v).items()})
     yield store
     store.close()
 
@@ -56,7 +56,7 @@ def test_a_hard_refresh_is_the_stored_version_and_the_rest_of_the_base(store, ti
     out = write_reference(store, 2, Path(tiny_model_path), Path(tiny_model_path), 1.0, folder_of(root, 2))
     assert out == root / "v00000002" and written(root) == {2: out}
     got = safetensors.torch.load_file(str(out / "model.safetensors"))
-    stored = _trained(base, 2)
+    stored = store.load(2)
     assert set(got) == set(base)
     for name, tensor in got.items():
         assert torch.equal(tensor, stored.get(name, base[name])), name
@@ -75,14 +75,15 @@ def test_a_mixed_refresh_moves_part_way_from_the_reference_before_it(store, tiny
     second = write_reference(store, 4, Path(tiny_model_path), first, mix, folder_of(root, 4))
     one = safetensors.torch.load_file(str(first / "model.safetensors"))
     two = safetensors.torch.load_file(str(second / "model.safetensors"))
-    v2, v4 = _trained(base, 2), _trained(base, 4)
+    v2, v4 = (store.load(v) for v in (2, 4))
     for name in base:
         if name not in v2:  # not trained: the base's, bit for bit
             assert torch.equal(one[name], base[name]) and torch.equal(two[name], base[name])
             continue
-        assert torch.allclose(one[name], mix * v2[name] + (1 - mix) * base[name], atol=1e-6), name
-        assert torch.allclose(two[name], mix * v4[name] + (1 - mix) * one[name], atol=1e-6), name
-        assert not torch.equal(two[name], v4[name])
+        assert one[name].dtype == torch.float32  # mixed folders keep float32 (bf16 would round small moves away)
+        assert torch.allclose(one[name], mix * v2[name].float() + (1 - mix) * base[name], atol=1e-6), name
+        assert torch.allclose(two[name], mix * v4[name].float() + (1 - mix) * one[name], atol=1e-6), name
+        assert not torch.equal(two[name], v4[name].float())
     # The reference pool's own loading code takes the folder.
     assert ReferenceModel(str(second)).model.config.vocab_size > 0
 
@@ -103,7 +104,8 @@ def test_rollback_and_retention_remove_the_right_folders(tmp_path):
     (root / ".v00000010.tmp").mkdir()  # a write in progress is no refresh
     assert list(written(root)) == [2, 4, 6, 8]
     assert discard_after(root, 6) == [8]  # a rollback to version 6 keeps 6's own refresh
-    assert prune_before(root, 5, every=2) == [2]  # the oldest checkpoint (version 5) loads 4's
+    assert not (root / ".v00000010.tmp").exists()  # and a write a kill cut short
+    assert prune(root, 2, [5, 6]) == [2]  # checkpoint 5 loads 4's, 6 its own
     assert list(written(root)) == [4, 6]
 
 

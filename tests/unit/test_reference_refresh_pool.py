@@ -8,6 +8,7 @@ not Ray's)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ import pytest
 import ray
 import safetensors.torch
 
+from actors.workers import reference_refresh as refresh_module
 from actors.workers.reference_refresh import ReferenceRefresh
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.weights.reference_refresh import folder_of, written
@@ -43,7 +45,7 @@ class _Worker:
         return folder
 
 
-def _refresher(tmp_path, tiny_model_path, version=0, every=2, mix=1.0, oldest=None, job_config=None):
+def _refresher(tmp_path, tiny_model_path, version=0, every=2, mix=1.0, kept=(), job_config=None):
     refresh = {"every_steps": every, "mix": mix}
     cfg = job_config(reference=True, algorithm={"kl": {"coef": 0.01, "reference_refresh": refresh}})
     run_dir = RunDir(tmp_path / "run", tmp_path / "weights", tmp_path / "ckpt")
@@ -53,7 +55,7 @@ def _refresher(tmp_path, tiny_model_path, version=0, every=2, mix=1.0, oldest=No
     for v in range(1, 9):
         if not store.version_dir(v).is_dir():
             store.publish(v, {k: t + 0.001 * v for k, t in base.items()})
-    return ReferenceRefresh(cfg, run_dir, store, tiny_model_path, version, lambda: oldest), run_dir
+    return ReferenceRefresh(cfg, run_dir, store, tiny_model_path, version, lambda: list(kept)), run_dir
 
 
 async def _persisted() -> None:
@@ -98,25 +100,27 @@ def test_a_worker_that_starts_during_a_refresh_serves_the_newest(tmp_path, tiny_
 
 
 def test_a_rebuilt_learner_puts_back_its_versions_reference(tmp_path, tiny_model_path, job_config):
-    ref, _ = _refresher(tmp_path, tiny_model_path, oldest=1, job_config=job_config)
+    ref, _ = _refresher(tmp_path, tiny_model_path, kept=[1, 5], job_config=job_config)
     worker = _Worker(tiny_model_path)
     ref.serve(SimpleNamespace(actors={"ref0": worker}, spares={}))
 
     async def scenario():
         await _refreshed(ref, 2, 4, 6)
         await ref.restore(5)  # a rollback to the checkpoint of version 5: 6's refresh was the abandoned run's
-        assert list(written(ref.root)) == [2, 4] and worker.holds == str(folder_of(ref.root, 4))
+        assert list(written(ref.root)) == [4] and worker.holds == str(folder_of(ref.root, 4))
         await ref.restore(1)
         assert list(written(ref.root)) == [] and worker.holds == tiny_model_path
 
     asyncio.run(scenario())
 
 
-def test_retention_keeps_what_the_oldest_checkpoint_loads(tmp_path, tiny_model_path, job_config):
-    ref, _ = _refresher(tmp_path, tiny_model_path, oldest=5, job_config=job_config)
+def test_retention_keeps_the_kept_checkpoints_references_the_current_and_the_one_before(
+    tmp_path, tiny_model_path, job_config
+):
+    ref, _ = _refresher(tmp_path, tiny_model_path, kept=[3], job_config=job_config)
     ref.serve(SimpleNamespace(actors={}, spares={}))
-    asyncio.run(_refreshed(ref, 2, 4, 6))
-    assert list(written(ref.root)) == [4, 6]
+    asyncio.run(_refreshed(ref, 2, 4, 6, 8))
+    assert list(written(ref.root)) == [2, 6, 8]  # checkpoint 3 loads 2's; 8 is current, 6 was until now
 
 
 def test_a_refresh_a_rollback_abandons_switches_nothing(tmp_path, tiny_model_path, job_config):
@@ -162,7 +166,97 @@ def test_a_resume_starts_from_its_checkpoints_reference(tmp_path, tiny_model_pat
     first.serve(SimpleNamespace(actors={}, spares={}))
     asyncio.run(_refreshed(first, 2, 4, 6))
     resumed, _ = _refresher(tmp_path, tiny_model_path, version=5, job_config=job_config)
-    assert resumed.current == str(folder_of(resumed.root, 4)) and list(written(resumed.root)) == [2, 4]
+    assert resumed.current == str(folder_of(resumed.root, 4)) and list(written(resumed.root)) == [4]
     (folder_of(resumed.root, 4)).rename(tmp_path / "gone")
     with pytest.raises(FileNotFoundError, match="the reference refreshed at weight version 4"):
         _refresher(tmp_path, tiny_model_path, version=5, job_config=job_config)
+
+
+def _held_writes(monkeypatch, fail: bool = False) -> threading.Event:
+    """Every folder write waits for the returned event (then writes, or raises as a removed version does)."""
+    release, real = threading.Event(), refresh_module.write_reference
+
+    def held(*args):
+        assert release.wait(30)
+        if fail:
+            raise FileNotFoundError("weight store: version 2 is gone before the reference refresh read it")
+        return real(*args)
+
+    monkeypatch.setattr(refresh_module, "write_reference", held)
+    return release
+
+
+def test_a_rollback_waits_for_every_refresh_in_flight(tmp_path, tiny_model_path, job_config, monkeypatch):
+    """One refresh writing, the next waiting for a learner that died: the rebuild's restore waits
+    for the write too, so the abandoned folder it renames into place is removed, never reused."""
+    ref, _ = _refresher(tmp_path, tiny_model_path, job_config=job_config)
+    worker = _Worker(tiny_model_path)
+    ref.serve(SimpleNamespace(actors={"ref0": worker}, spares={}))
+    release = _held_writes(monkeypatch)
+
+    async def died():
+        raise ray.exceptions.RayActorError()
+
+    async def scenario():
+        async with asyncio.TaskGroup() as tg:
+            ref.refresh(tg, 2, None, _persisted)  # writing (held)
+            ref.refresh(tg, 4, None, died)
+            await asyncio.sleep(0.05)
+            restoring = tg.create_task(ref.restore(1))
+            await asyncio.sleep(0.05)
+            assert not restoring.done()  # the write of 2 is still running
+            release.set()
+            await restoring
+
+    asyncio.run(scenario())
+    assert list(written(ref.root)) == [] and worker.loads == [] and ref.current == tiny_model_path
+
+
+def test_an_abandoned_refresh_that_fails_ends_nothing_and_a_live_one_ends_the_job(
+    tmp_path, tiny_model_path, job_config, monkeypatch
+):
+    ref, _ = _refresher(tmp_path, tiny_model_path, job_config=job_config)
+    ref.serve(SimpleNamespace(actors={}, spares={}))
+    release = _held_writes(monkeypatch, fail=True)
+
+    async def abandoned():
+        async with asyncio.TaskGroup() as tg:
+            ref.refresh(tg, 2, None, _persisted)
+            await asyncio.sleep(0.05)
+            abandoning = tg.create_task(ref.abandon())  # a rollback removed version 2 from the store meanwhile
+            await asyncio.sleep(0)
+            release.set()
+            await abandoning
+
+    asyncio.run(abandoned())  # no failure: the rollback's restore decides
+    assert ref.version == 0
+
+    async def live():
+        async with asyncio.TaskGroup() as tg:
+            ref.refresh(tg, 2, None, _persisted)
+
+    with pytest.raises(ExceptionGroup) as failed:
+        asyncio.run(live())
+    assert "gone before the reference refresh read it" in str(failed.value.exceptions[0])
+
+
+def test_a_checkpoint_waits_for_the_write_not_for_the_workers_loads(tmp_path, tiny_model_path, job_config):
+    ref, _ = _refresher(tmp_path, tiny_model_path, job_config=job_config)
+    loading = asyncio.Event()
+
+    async def slow_load(folder):
+        await loading.wait()
+
+    worker = _Worker(tiny_model_path, on_load=slow_load)
+    ref.serve(SimpleNamespace(actors={"ref0": worker}, spares={}))
+
+    async def scenario():
+        async with asyncio.TaskGroup() as tg:
+            ref.refresh(tg, 2, None, _persisted)
+            async with asyncio.timeout(30):
+                await ref.written()
+            assert folder_of(ref.root, 2).is_dir() and worker.loads == []  # written, not yet loaded
+            loading.set()
+
+    asyncio.run(scenario())
+    assert worker.loads == [str(folder_of(ref.root, 2))] and ref.version == 2
