@@ -3,15 +3,37 @@ the verifier."""
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from collections import defaultdict
 
 from actors.cluster import Cluster
 from rlhf_cluster.config import DataConfig
 from rlhf_cluster.data.prompts import Prompt
+from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.experience.turn_samples import scored_indices
 from rlhf_cluster.scoring.rewards import reward_contexts
 from rlhf_cluster.telemetry.rollout_stats import accuracy, accuracy_by_source, mean_pass_at_k
+
+EVAL_SCORING_CALL = 64  # rollouts per scoring call of an evaluation (one prompt's answers may be more)
+
+
+def _by_prompt(rollouts: list[Rollout], size: int) -> list[list[Rollout]]:
+    """`rollouts` in order, in parts of whole prompts (consecutive ones of a prompt id) of at most
+    `size` rollouts, or one prompt's alone where it has more."""
+    groups: list[list[Rollout]] = []  # consecutive rollouts of one prompt
+    for rollout in rollouts:
+        if groups and groups[-1][-1].prompt_id == rollout.prompt_id:
+            groups[-1].append(rollout)
+        else:
+            groups.append([rollout])
+    parts: list[list[Rollout]] = []
+    for group in groups:
+        if parts and len(parts[-1]) + len(group) <= size:
+            parts[-1].extend(group)
+        else:
+            parts.append(list(group))
+    return parts
 
 
 async def _judged(
@@ -21,7 +43,13 @@ async def _judged(
     one greedy answer per prompt, or with `samples` > 0 that many sampled ones."""
     _, rollouts = await cluster.call("generation", "evaluate", prompts, version, samples)
     rollouts = [rollouts[i] for i in scored_indices(rollouts)]  # an episode trained per turn: its answer
-    _, scores = await cluster.call("reward", "score", rollouts, reward_contexts(prompts))
+    contexts = reward_contexts(prompts)
+    # Scored in parts of whole prompts, at once over the reward workers: a batch reward function's
+    # call (and its timeout) sees about a training call's size, not the whole held-out set.
+    parts = await asyncio.gather(
+        *(cluster.call("reward", "score", part, contexts) for part in _by_prompt(rollouts, EVAL_SCORING_CALL))
+    )
+    scores = [score for _, part in parts for score in part]
     correct: dict[str, list[bool]] = defaultdict(list)
     for rollout, (_, components) in zip(rollouts, scores):
         correct[rollout.prompt_id].append(components.get("correct", 0.0) >= 1.0)

@@ -76,12 +76,12 @@ class FunctionReward(_Typed, FailureBudget):
 
     batch: bool = Field(
         False,
-        description="Call the function once per scoring call (one or more whole groups) with lists, by keyword: "
+        description="Call the function once per scoring call (one or more groups) with lists, by keyword: "
         "completions, prompts, completion_ids, answer, source, prompt_id (TRL's names), solution_strs, ground_truths, "
         "data_sources, extra_infos (verl BatchRewardManager's) and each data.columns.extra column under its own name; "
         "it returns one reward (a number, a dict of components, or None: that sample failed) per response. TRL's "
-        "reward functions (`reward_funcs`) and verl's batched compute_score run unchanged (a dict's reward is its "
-        "`reward` key, not verl's `score`). "
+        "reward functions (`reward_funcs`) run unchanged where they read text (completions are strings, None a "
+        "failure, no trainer_state); verl's batched compute_score does, its dicts' `score` the reward. "
         "timeout_s bounds the one call; a call that raises, times out or returns a wrong length fails every sample "
         "of it (on_error judges each).",
     )

@@ -1,8 +1,13 @@
 """Batch reward functions (`scoring.rewards[].batch: true`): one call per scoring call, as TRL
-calls its reward functions and verl's BatchRewardManager its `compute_score` (both run unchanged,
-but a dict a function returns is read as here: its `reward` key, else the sum; verl's is `score`).
+calls its reward functions and verl's BatchRewardManager its `compute_score`. A function written
+for verl (it names `solution_strs` and `ground_truths`) has its dicts read as verl reads them
+(`score` is the reward: `verl_rewards.verl_value`). A TRL function runs unchanged where it reads
+text: `completions` and `prompts` are strings (TRL's conversational datasets give message lists),
+None is a failed sample (TRL: not applicable), and there is no `trainer_state`.
 
-`RuleReward.score` (rlhf_cluster/scoring/rewards.py) gets the rollouts of one or more whole groups;
+`RuleReward.score` (rlhf_cluster/scoring/rewards.py) gets the rollouts of one scoring call: one or
+more groups (a group's failed rollouts left out; an episode trained per turn: its last turn), or a
+held-out evaluation's part of whole prompts (`actors/evaluation.py`);
 with `batch: true` the function is called ONCE for them, every argument by keyword and each a list
 aligned with the rollouts:
 
@@ -38,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from rlhf_cluster.experience.records import Rollout
+from rlhf_cluster.scoring.verl_rewards import verl_extra_info
 
 # What every batch function may take by keyword (besides the extra columns), in TRL's spelling, then verl's.
 BATCH_FIXED: tuple[str, ...] = (
@@ -45,6 +51,11 @@ BATCH_FIXED: tuple[str, ...] = (
     "solution_strs", "ground_truths", "data_sources", "extra_infos",
 )  # fmt: skip
 _BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+class BatchCallFailed(RuntimeError):
+    """A batch call that failed as a whole (a raise, a timeout, a bad return): every sample of it
+    failed, and the function's failure bounds count it once (`RuleReward`)."""
 
 
 class BatchContext(Protocol):
@@ -76,7 +87,13 @@ def batch_keywords(fn: Callable, where: str, columns: Sequence[str] | None = Non
             "by position (drop the `/`)"
         )
     named = [p for p in params.values() if p.kind in _BY_KEYWORD]
-    offered = list(BATCH_FIXED) + [c for c in columns or () if c not in BATCH_FIXED]
+    hidden = [c for c in columns or () if c in BATCH_FIXED]
+    if hidden:
+        raise ValueError(
+            f"{where}: data.columns.extra lists {hidden}, a name a batch function is given already (the fixed "
+            f"arguments {list(BATCH_FIXED)}): it would be hidden; rename the column (or read it through extra_infos)"
+        )
+    offered = list(BATCH_FIXED) + list(columns or ())
     unknown = [p.name for p in named if p.default is p.empty and p.name not in offered]
     if columns is not None and unknown:
         raise ValueError(
@@ -86,7 +103,8 @@ def batch_keywords(fn: Callable, where: str, columns: Sequence[str] | None = Non
         )
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None
-    return tuple(n for n in BATCH_FIXED if n in params) + tuple(p.name for p in named if p.name not in BATCH_FIXED)
+    fixed = tuple(n for n in BATCH_FIXED if n in params and params[n].kind in _BY_KEYWORD)
+    return fixed + tuple(p.name for p in named if p.name not in BATCH_FIXED)
 
 
 def batch_arguments(
@@ -96,6 +114,11 @@ def batch_arguments(
     `batch_keywords`'s (None: all); an extra column is given when a row has it (another row: None),
     so a parameter no row offers keeps its default."""
     rows = [contexts[r.prompt_id] for r in rollouts]
+    present = list(dict.fromkeys(k for c in rows for k in c.extra))  # the rows' extra columns, in order
+    wanted = BATCH_FIXED + tuple(present) if names is None else names
+    # One copy of each row's extra columns, nested lists too, so edits stay in the call (shared by its lists).
+    copies = bool(present) and any(n in wanted for n in (*present, "extra_infos"))
+    extras = [copy.deepcopy(dict(c.extra)) for c in rows] if copies else [{} for _ in rows]
     fixed: dict[str, Callable[[], list]] = {
         "completions": lambda: [r.response_text for r in rollouts],
         "prompts": lambda: [c.prompt for c in rows],
@@ -106,14 +129,12 @@ def batch_arguments(
         "solution_strs": lambda: [r.response_text for r in rollouts],
         "ground_truths": lambda: [c.answer for c in rows],
         "data_sources": lambda: [c.source for c in rows],
-        "extra_infos": lambda: [copy.deepcopy(dict(c.extra)) for c in rows],
+        "extra_infos": lambda: [verl_extra_info(x) for x in extras],
     }
-    present = list(dict.fromkeys(k for c in rows for k in c.extra))  # the rows' extra columns, in order
-    wanted = BATCH_FIXED + tuple(present) if names is None else names
     out: dict[str, list] = {name: fixed[name]() for name in wanted if name in fixed}
-    for name in present:  # an extra column: its own copy, nested lists too, so edits stay in the call
+    for name in present:  # an extra column under its own name
         if name in wanted and name not in fixed:
-            out[name] = [copy.deepcopy(c.extra.get(name)) for c in rows]
+            out[name] = [x.get(name) for x in extras]
     return out
 
 
@@ -143,7 +164,9 @@ def batch_outcomes(
         return []
     try:
         items = batch_items(call(batch_arguments(rollouts, contexts, names)), len(rollouts))
-    except Exception as exc:  # every sample of the call failed; `on_error` judges each
-        return [(None, exc)] * len(rollouts)
+    except Exception as exc:  # every sample of the call failed; `on_error` judges each, the failure counts once
+        failed = BatchCallFailed(f"the batch call over {len(rollouts)} samples: {type(exc).__name__}: {exc}")
+        failed.__cause__ = exc
+        return [(None, failed)] * len(rollouts)
     missing = ValueError("the batch function returned None for this sample")
     return [(None, missing) if item is None else (item, None) for item in items]

@@ -65,8 +65,8 @@ from typing import TYPE_CHECKING, Any, Literal, SupportsFloat, cast
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.scoring.batch_rewards import batch_keywords, batch_outcomes
-from rlhf_cluster.scoring.verl_rewards import verl_arguments, verl_style, verl_value
+from rlhf_cluster.scoring.batch_rewards import BatchCallFailed, batch_keywords, batch_outcomes
+from rlhf_cluster.scoring.verl_rewards import verl_arguments, verl_batch_style, verl_style, verl_value
 from rlhf_cluster.user_code import FailureRate, import_spec
 
 if TYPE_CHECKING:
@@ -254,7 +254,7 @@ class RuleReward:
         if reward_fn is not None:
             self.fn = load_reward_fn(reward_fn, batch=batch) if isinstance(reward_fn, str) else reward_fn
             where = f"reward function {self.fn_name}"
-            self.verl = not batch and verl_style(self.fn)
+            self.verl = verl_batch_style(self.fn) if batch else verl_style(self.fn)
             if batch:
                 self.batch_names = batch_keywords(self.fn, where, columns)
             elif not self.verl:
@@ -288,9 +288,9 @@ class RuleReward:
     def _call(self, rollout: Rollout, context: RewardContext) -> object:
         """The custom function's value for `rollout`: (response, answer) and the context it takes."""
         assert self.fn is not None  # score() comes here only for a custom function
-        if self.verl:
+        if self.verl:  # its value is read as verl reads it (`_score_custom`)
             kwargs = verl_arguments(self.fn, rollout.response_text, context.answer, context.source, context.extra)
-            return verl_value(call_with_timeout(partial(_awaited, partial(self.fn, **kwargs)), (), self.timeout_s))
+            return call_with_timeout(partial(_awaited, partial(self.fn, **kwargs)), (), self.timeout_s)
         given = {
             "prompt": context.prompt,
             "source": context.source,
@@ -331,25 +331,18 @@ class RuleReward:
     ) -> list[tuple[float, dict[str, float]]]:
         out: list[tuple[float, dict[str, float]]] = []
         failed = 0
+        calls: list[BatchCallFailed] = []  # failed batch calls: every sample of one fails, the bounds count it once
         for r, (value, error) in zip(rollouts, self._outcomes(rollouts, contexts)):
             try:
                 if error is not None:
                     raise error
-                reward, components = _reward_of(value)
+                reward, components = _reward_of(verl_value(value) if self.verl else value)
             except Exception as exc:  # a bad sample must not end the job unless on_error says so
                 failed += 1
-                self.timed_out += isinstance(exc, TimeoutError)
-                cause = f"prompt {r.prompt_id!r} (sample {r.sample_id}): {type(exc).__name__}: {exc}"
-                if self.on_error == "fail":
-                    self.scored, self.failed = self.scored + len(out) + 1, self.failed + 1
-                    raise RewardFunctionError(
-                        f"reward function {self.fn_name} failed on {cause} "
-                        "(scoring.rewards on_error: fail; `drop` drops such groups instead)"
-                    ) from exc
-                broken = self.failures.failed(cause)
-                if broken is not None:
-                    self.scored, self.failed = self.scored + len(out) + 1, self.failed + failed
-                    raise RewardFunctionError(broken) from exc
+                if not any(exc is call for call in calls):
+                    if isinstance(exc, BatchCallFailed):
+                        calls.append(exc)
+                    self._judge_failure(r, exc, len(out), failed)
                 out.append((0.0, {FAILED: 1.0}))
                 continue
             self.failures.ok()
@@ -357,6 +350,23 @@ class RuleReward:
         self.scored += len(rollouts)
         self.failed += failed
         return out
+
+    def _judge_failure(self, r: Rollout, exc: Exception, done: int, failed: int) -> None:
+        """A failed sample (or batch call) as `on_error` and the failure bounds judge it: a
+        `RewardFunctionError` ends the job, naming it; `done` samples scored before it in the call."""
+        whole = isinstance(exc, BatchCallFailed)
+        self.timed_out += isinstance(exc.__cause__ if whole else exc, TimeoutError)
+        cause = f"{exc}" if whole else f"prompt {r.prompt_id!r} (sample {r.sample_id}): {type(exc).__name__}: {exc}"
+        if self.on_error == "fail":
+            self.scored, self.failed = self.scored + done + 1, self.failed + 1
+            raise RewardFunctionError(
+                f"reward function {self.fn_name} failed on {cause} "
+                "(scoring.rewards on_error: fail; `drop` drops such groups instead)"
+            ) from exc
+        broken = self.failures.failed(cause)
+        if broken is not None:
+            self.scored, self.failed = self.scored + done + 1, self.failed + failed
+            raise RewardFunctionError(broken) from exc
 
 
 def weighted_rule(rule: list[tuple[float, dict[str, float]]], weight: float) -> list[tuple[float, dict[str, float]]]:

@@ -36,11 +36,30 @@ def verl_arguments(
 ) -> dict[str, Any]:
     """The keyword arguments of one call of the verl-style `fn`, those its signature takes."""
     params = inspect.signature(fn).parameters
-    info = extra["extra_info"] if "extra_info" in extra else dict(extra)
-    given = {"data_source": source, "solution_str": response, "ground_truth": answer, "extra_info": copy.deepcopy(info)}
+    given = {
+        "data_source": source,
+        "solution_str": response,
+        "ground_truth": answer,
+        "extra_info": verl_extra_info(copy.deepcopy(dict(extra))),
+    }
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return given
     return {name: value for name, value in given.items() if name in params}
+
+
+def verl_batch_style(fn: Callable) -> bool:
+    """Whether a batch function takes verl's BatchRewardManager arguments (`solution_strs`, `ground_truths`)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "solution_strs" in params and "ground_truths" in params
+
+
+def verl_extra_info(extra: dict[str, Any]) -> Any:
+    """A row's `extra_info` as verl passes it: the row's `extra_info` column when
+    `data.columns.extra` lists it, else the dict of the listed columns (`extra`: the row's copy)."""
+    return extra["extra_info"] if "extra_info" in extra else extra
 
 
 def verl_value(value: object) -> object:

@@ -71,6 +71,32 @@ def test_a_function_written_for_verls_batch_reward_manager_runs_unchanged():
     assert CONTEXTS["p0"].extra["level"] == 1
 
 
+def test_a_verl_batch_function_gets_the_extra_info_column_and_its_score_dicts_are_read_as_verl_reads_them():
+    contexts = {"p0": RewardContext("4", "2+2=", "math", {"extra_info": {"index": 3}})}
+
+    def compute_score(data_sources, solution_strs, ground_truths, extra_infos):
+        assert extra_infos == [{"index": 3}] * 2  # the row's extra_info column itself, as verl passes it
+        return [{"score": float(s == g), "acc": s == g, "pred": s} for s, g in zip(solution_strs, ground_truths)]
+
+    out = RuleReward(None, reward_fn=compute_score, batch=True).score(_rollouts(["4", "5"], ["p0", "p0"]), contexts)
+    assert out == [(1.0, {"reward": 1.0, "acc": 1.0, FAILED: 0.0}), (0.0, {"reward": 0.0, "acc": 0.0, FAILED: 0.0})]
+
+
+def test_an_extra_column_named_as_a_fixed_argument_is_refused_and_positional_only_names_are_not_passed():
+    def by_answer(completions, answer):
+        return [0.0] * len(completions)
+
+    from rlhf_cluster.scoring.batch_rewards import batch_keywords
+
+    with pytest.raises(ValueError, match=r"data.columns.extra lists \['answer'\].*would be hidden"):
+        batch_keywords(by_answer, "scoring.rewards[0].function", ["answer"])
+
+    def star(completions, *prompts):  # `prompts` cannot be passed by keyword: never given so
+        return [float(not prompts) for _ in completions]
+
+    assert [r for r, _ in RuleReward(None, reward_fn=star, batch=True).score(_rollouts(["a"]), CONTEXTS)] == [1.0]
+
+
 def test_only_the_names_the_signature_has_are_given_and_extra_values_are_copies():
     seen: list[tuple] = []
 
@@ -129,13 +155,15 @@ def test_a_raising_batch_function_names_itself_with_on_error_fail_and_breaks_aft
     def broken_batch(completions, **kwargs):
         raise ZeroDivisionError("broken on purpose")
 
-    with pytest.raises(RewardFunctionError, match=r"broken_batch failed on prompt 'p0'.*ZeroDivisionError"):
+    with pytest.raises(RewardFunctionError, match=r"broken_batch failed on the batch call over 2 samples: Zero"):
         RuleReward(None, reward_fn=broken_batch, batch=True, on_error="fail").score(_rollouts(["a", "b"]), CONTEXTS)
     dropping = RuleReward(None, reward_fn=broken_batch, batch=True, on_error="drop")
-    for _ in range(BROKEN_AFTER // 8 - 1):  # per sample, as before: 8 per call
-        assert dropping.score(_rollouts(["x"] * 8), CONTEXTS) == [(0.0, {FAILED: 1.0})] * 8
-    with pytest.raises(RewardFunctionError, match=f"failed on {BROKEN_AFTER} samples in a row"):
+    # One failed call fails all its samples but counts once: a call larger than BROKEN_AFTER ends nothing.
+    assert dropping.score(_rollouts(["x"] * (2 * BROKEN_AFTER)), CONTEXTS) == [(0.0, {FAILED: 1.0})] * 2 * BROKEN_AFTER
+    for _ in range(BROKEN_AFTER - 2):
         dropping.score(_rollouts(["x"] * 8), CONTEXTS)
+    with pytest.raises(RewardFunctionError, match=f"failed on {BROKEN_AFTER} samples in a row"):
+        dropping.score(_rollouts(["x"] * 8), CONTEXTS)  # the BROKEN_AFTER-th failed call
 
 
 def test_an_async_batch_function_is_awaited():
@@ -157,7 +185,7 @@ def test_the_timeout_bounds_the_one_call_and_fails_its_samples():
     try:
         reward = RuleReward(None, reward_fn=hangs, batch=True, timeout_s=0.2)
         assert reward.score(_rollouts(["a", "b"]), CONTEXTS) == [(0.0, {FAILED: 1.0})] * 2
-        assert (reward.scored, reward.failed, reward.timed_out) == (2, 2, 2)
+        assert (reward.scored, reward.failed, reward.timed_out) == (2, 2, 1)  # one call timed out
     finally:
         release.set()
 
