@@ -49,23 +49,20 @@ its samples would bias or starve training; a warning is logged at half that rate
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import inspect
 import logging
-import math
-import numbers
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, SupportsFloat, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from rlhf_cluster.data.tasks import combine_reward
 from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.batch_rewards import BatchCallFailed, batch_keywords, batch_outcomes
+from rlhf_cluster.scoring.reward_calls import awaited, call_with_timeout, reward_of
 from rlhf_cluster.scoring.verl_rewards import verl_arguments, verl_batch_style, verl_style, verl_value
 from rlhf_cluster.user_code import FailureRate, import_spec
 
@@ -98,36 +95,6 @@ def reward_contexts(prompts: Iterable[Prompt]) -> dict[str, RewardContext]:
 class RewardFunctionError(RuntimeError):
     """The custom reward function failed (`on_error: fail`), failed `BROKEN_AFTER` times in a row,
     or failed on more than `max_failure_fraction` of its recent samples."""
-
-
-def call_with_timeout(fn: Callable, args: tuple, timeout_s: float | None):
-    """`fn(*args)`, abandoned after `timeout_s` seconds with a `TimeoutError` (None: no limit).
-    The call runs on a daemon thread, so one that never returns cannot hold the process open."""
-    if timeout_s is None:
-        return fn(*args)
-    outcome: dict[str, object] = {}
-    failure: list[BaseException] = []  # what the call raised, if it did
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as exc:  # handed to the caller's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name="reward-fn", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise TimeoutError(f"did not return within {timeout_s:g} s")
-    if failure:
-        raise failure[0]
-    return outcome["value"]
-
-
-def _awaited(fn: Callable, *args):
-    """`fn(*args)`; an `async def` function's coroutine run to its end on an event loop of this thread."""
-    value = fn(*args)
-    return asyncio.run(value) if inspect.iscoroutine(value) else value
 
 
 def load_reward_fn(
@@ -180,34 +147,6 @@ def context_keywords(fn: Callable, where: str) -> tuple[str, ...]:
             ) from exc
         raise ValueError(f"{where}: the function must accept (response: str, answer: str): {exc}") from exc
     return wanted
-
-
-def _as_float(value: object, what: str) -> float:
-    if isinstance(value, (str, bytes)) or not (isinstance(value, numbers.Real) or hasattr(type(value), "__float__")):
-        raise TypeError(f"{what} is a {type(value).__name__}, expected a float or a dict[str, float]")
-    # Checked above: a real number or a value with __float__ (0-d numpy/torch values convert; a
-    # multi-element tensor raises here).
-    out = float(cast(SupportsFloat, value))
-    if not math.isfinite(out):
-        raise ValueError(f"{what} is {out}, expected a finite number")
-    return out
-
-
-def _reward_of(value: object) -> tuple[float, dict[str, float]]:
-    """The reward and components of one return value (see the module docstring)."""
-    if isinstance(value, dict):
-        if not value:
-            raise ValueError("returned an empty dict, expected a float or a dict[str, float] with at least one entry")
-        components: dict[str, float] = {}
-        for key, v in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"component key {key!r} is a {type(key).__name__}, expected str")
-            components[key] = _as_float(v, f"component {key!r}")
-        reward = components["reward"] if "reward" in components else math.fsum(components.values())
-        if not math.isfinite(reward):
-            raise ValueError(f"the components sum to {reward}")
-        return reward, components
-    return _as_float(value, "the return value"), {}
 
 
 class RuleReward:
@@ -290,7 +229,7 @@ class RuleReward:
         assert self.fn is not None  # score() comes here only for a custom function
         if self.verl:  # its value is read as verl reads it (`_score_custom`)
             kwargs = verl_arguments(self.fn, rollout.response_text, context.answer, context.source, context.extra)
-            return call_with_timeout(partial(_awaited, partial(self.fn, **kwargs)), (), self.timeout_s)
+            return call_with_timeout(partial(awaited, partial(self.fn, **kwargs)), (), self.timeout_s)
         given = {
             "prompt": context.prompt,
             "source": context.source,
@@ -298,12 +237,12 @@ class RuleReward:
             "prompt_id": rollout.prompt_id,
         }
         fn = partial(self.fn, **{k: given[k] for k in self.keywords}) if self.keywords else self.fn
-        return call_with_timeout(partial(_awaited, fn), (rollout.response_text, context.answer), self.timeout_s)
+        return call_with_timeout(partial(awaited, fn), (rollout.response_text, context.answer), self.timeout_s)
 
     def _call_batch(self, arguments: dict[str, list]) -> object:
         """The batch function's value for one batch (`batch_outcomes`), awaited, within the timeout."""
         assert self.fn is not None  # score() comes here only for a custom function
-        return call_with_timeout(partial(_awaited, partial(self.fn, **arguments)), (), self.timeout_s)
+        return call_with_timeout(partial(awaited, partial(self.fn, **arguments)), (), self.timeout_s)
 
     def _outcomes(
         self, rollouts: list[Rollout], contexts: dict[str, RewardContext]
@@ -336,7 +275,7 @@ class RuleReward:
             try:
                 if error is not None:
                     raise error
-                reward, components = _reward_of(verl_value(value) if self.verl else value)
+                reward, components = reward_of(verl_value(value) if self.verl else value)
             except Exception as exc:  # a bad sample must not end the job unless on_error says so
                 failed += 1
                 if not any(exc is call for call in calls):
