@@ -117,7 +117,8 @@ class Trainer:
         if held:  # critic warm-up: the policy ranks run no training pass and publish their weights as they are
             policy_step = self.policy.split("hold", shares, step + 1, created_at)
         else:
-            policy_step = self.policy.split("train", shares, step + 1, kl_coef, created_at)
+            reset = self.cfg.resets_optimizer(step + 1)  # ProRL: the optimizer cleared with the reference's reset
+            policy_step = self.policy.split("train", shares, step + 1, kl_coef, created_at, reset)
         steps = [asyncio.gather(*policy_step)]
         if self.critic is not None:
             steps.append(asyncio.gather(*self.critic.split("train", batch.critic_shares(self.critic.world_size))))

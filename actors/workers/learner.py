@@ -199,14 +199,24 @@ class LearnerRank(ShardedRank):
         return publication
 
     def train(
-        self, batch: TrainBatch, version: int, kl_coef: float, created_at: str | None = None
+        self,
+        batch: TrainBatch,
+        version: int,
+        kl_coef: float,
+        created_at: str | None = None,
+        reset_optimizer: bool = False,
     ) -> tuple[dict[str, float], Publication | None]:
         """One learner step on this rank's share, then publish the result as `version`. Returns the
         step's metrics and, when the publication is complete already (rank 0's, e.g. packed in the
         object store, or this rank's share), what `wait_published` would: the driver pushes it
-        without another round trip."""
+        without another round trip. `reset_optimizer`: clear the optimizer's state after the update
+        (`algorithm.kl.reference_refresh.reset_optimizer`)."""
         with tracing.span("train_step", version=version):
-            metrics = self._set_up().train_step(batch, kl_coef)
+            learner = self._set_up()
+            metrics = learner.train_step(batch, kl_coef)
+            if reset_optimizer:
+                learner.reset_optimizer()
+                metrics["learner/optimizer_reset"] = 1.0
         self.labels.of(m.LEARNER_STEP_SECONDS).observe(metrics["learner/step_seconds"])
         self.labels.of(m.LEARNER_TOKENS).inc(float(batch.response_mask.sum()))
         return metrics, self._publish_step(version, created_at)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import ray
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.run.run_dir import RunDir
+from rlhf_cluster.telemetry import metrics as m
 from rlhf_cluster.weights import WeightStore
 from rlhf_cluster.weights.export import folder_weights
 from rlhf_cluster.weights.reference_refresh import (
@@ -55,6 +57,7 @@ class ReferenceRefresh:
         self.every, self.mix = (refresh.every_steps, refresh.mix) if refresh is not None else (0, 1.0)
         self.root, self.store, self.base, self.run_dir = run_dir.root / RunDir.REFERENCE, store, base, run_dir
         self.kept_versions = kept_versions
+        self.labels = m.MetricLabels(job=cfg.name, pool="driver", worker="driver")
         self.pool: Any = None  # the reference pool (`serve`); None: the job runs none
         self._tasks: list[asyncio.Task] = []  # refreshes in flight, in order
         self._writes: list[asyncio.Future] = []  # each one's folder written (or not to be)
@@ -145,11 +148,13 @@ class ReferenceRefresh:
                 await durable
             except ray.exceptions.RayActorError:
                 return  # the learner died: its rebuild restores the reference its checkpoint calls for
-            if previous is not None:  # in order: this one mixes with the one before (its failure: the TaskGroup's)
-                await asyncio.wait([previous])
             if timeline != self.timeline:
                 return
-            await self._write(version)
+            with self._leased(version):  # retention keeps the version while earlier refreshes finish
+                if previous is not None:  # in order: this one mixes with the one before (its failure: the TaskGroup's)
+                    await asyncio.wait([previous])
+                if timeline == self.timeline:
+                    await self._write(version)
         except Exception:
             if timeline == self.timeline:
                 raise
@@ -164,12 +169,28 @@ class ReferenceRefresh:
         # Kept: the kept checkpoints' references, this one and the one before (a worker may still be loading it).
         prune(self.root, self.every, [*self.kept_versions(), before, version])
 
+    @contextmanager
+    def _leased(self, version: int) -> Iterator[None]:
+        reader = f"reference-refresh-queued-{version}"
+        try:
+            self.store.acquire(version, reader)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"weight store {self.store.root}: version {version} is gone before the reference refresh read it "
+                "(raise weights.keep)"
+            ) from None
+        try:
+            yield
+        finally:
+            self.store.release(version, reader)
+
     async def _write(self, version: int) -> None:
         began, out = time.perf_counter(), folder_of(self.root, version)
         previous = Path(self.current)
         await asyncio.to_thread(write_reference, self.store, version, Path(self.base), previous, self.mix, out)
         seconds = time.perf_counter() - began
         self.run_dir.event("reference_refreshed", version=version, mix=self.mix, seconds=round(seconds, 3))
+        self.labels.of(m.REFERENCE_REFRESH_SECONDS).observe(seconds)
         log.info(f"KL reference refreshed from weight version {version} (mix {self.mix:g}): written in {seconds:.1f} s")
 
     async def _switch(self, folder: str, version: int | None = None) -> None:

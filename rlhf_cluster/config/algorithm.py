@@ -107,6 +107,11 @@ class ReferenceRefreshConfig(_Strict):
         description="How far the reference moves: ref <- mix * policy + (1 - mix) * ref (TRL ref_model_mixup_alpha, "
         "default 0.6 there); 1 = replaced by the policy (ProRL's hard reset).",
     )
+    reset_optimizer: bool = Field(
+        False,
+        description="Also clear the policy's optimizer state (AdamW's moments and step count) at each refresh, as "
+        "ProRL resets it with the reference; the LR schedule goes on. FSDP2 learners only.",
+    )
 
 
 class KLConfig(_Strict):

@@ -236,6 +236,12 @@ class JobConfig(_Strict):
         refresh = self.algorithm.kl.reference_refresh
         return refresh.every_steps if refresh is not None else 0
 
+    def resets_optimizer(self, version: int) -> bool:
+        """Whether the step that publishes `version` clears the policy's optimizer state after its
+        update (`algorithm.kl.reference_refresh.reset_optimizer`, at each refresh)."""
+        refresh = self.algorithm.kl.reference_refresh
+        return refresh is not None and refresh.reset_optimizer and version % refresh.every_steps == 0
+
     @property
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.generation.sampling.n

@@ -202,6 +202,11 @@ def _reference_refresh(cfg: JobConfig) -> list[str]:
             "algorithm.kl.reference_refresh with learner.lora: with LoRA the reference is the learner's base model "
             "(adapters off), which a refresh cannot move; train without LoRA or without reference_refresh"
         ]
+    if kl.reference_refresh.reset_optimizer and not isinstance(cfg.learner.backend, FSDP2Backend):
+        return [
+            "algorithm.kl.reference_refresh.reset_optimizer with learner.backend deepspeed: only FSDP2 learners "
+            "clear their optimizer state; use learner.backend fsdp2 or leave reset_optimizer false"
+        ]
     if cfg.algorithm.distillation is not None or kl.placement == "none" or (kl.coef == 0 and kl.controller == "fixed"):
         return [
             "algorithm.kl.reference_refresh: no KL term reads the reference (kl.placement none, kl.coef 0 or "

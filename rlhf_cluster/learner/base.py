@@ -284,6 +284,12 @@ class LearnerBase(ABC):
             self.scheduler.step()
         return passes
 
+    def reset_optimizer(self) -> None:
+        """Clear the optimizer's state (AdamW's moments and step count: the next update starts as a
+        first one) as ProRL does at a reference reset; the LR schedule and the step count go on.
+        FSDP2's (`FSDP2Learner.reset_optimizer`); preflight refuses it for the other backends."""
+        raise NotImplementedError(f"{type(self).__name__}: no optimizer reset (learner.backend fsdp2 has one)")
+
     def _micro_batches(self, local: TrainBatch, lo: int, hi: int) -> list[MicroBatch]:
         """Rows [lo, hi) of the host batch `local` as this step's passes (`plan_micro_batches`)."""
         lc, plan = self.spec.learner, self.memory_plan

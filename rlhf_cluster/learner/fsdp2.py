@@ -223,6 +223,10 @@ class FSDP2Learner(LearnerBase):
         self._drop_unstepped_optimizer_state()  # `optim_sd` keeps the tensors hashed
         return {"model": model_sd, "optim": optim_sd}
 
+    def reset_optimizer(self) -> None:
+        self.optimizer.state.clear()
+        self.updates = 0  # a checkpoint before the next update keeps no made-up state either
+
     def _drop_unstepped_optimizer_state(self) -> None:
         """Before this learner's first applied update (a policy held by a critic warm-up,
         `critic.freeze_policy_steps`, or whose updates a non-finite loss skipped so far), forget

@@ -130,6 +130,11 @@ WEIGHTS_PUBLISHED_BYTES = _counter(
 BAD_STEPS = _counter("rlhf_learner_bad_steps_total", "Steps whose update was skipped for a NaN/inf loss or gradient.")
 CHECKPOINT_FAILURES = _counter("rlhf_checkpoint_failures_total", "Checkpoints that could not be written.")
 LEARNER_VERSION = _gauge("rlhf_learner_weight_version", "Newest published weight version.")
+REFERENCE_REFRESH_SECONDS = _histogram(
+    "rlhf_reference_refresh_seconds",
+    "A KL reference refresh's folder write, from its version durable to the folder in place (the driver's).",
+    buckets=_RECOVERY_BUCKETS,
+)
 REFERENCE_VERSION = _gauge(
     "rlhf_reference_weight_version",
     "Weight version the KL reference worker scores with (algorithm.kl.reference_refresh; 0: the starting model).",
