@@ -42,6 +42,7 @@ class Checkpointer:
             cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.guardrails.keep_best, cfg.guardrails.higher_is_better
         )
         self._writing: asyncio.Task | None = None
+        self._writing_version: int | None = None  # the version of the checkpoint being finished, if any
 
     def open_run(self, resume: str | None, overwrite: bool | str | None, job_name: str) -> Checkpoint | None:
         """Lock the run directory (one job per run_dir), then pick the checkpoint to resume from and
@@ -78,12 +79,13 @@ class Checkpointer:
         return self.checkpoints.resume_point(on_refused=self._refused)
 
     def kept_versions(self) -> list[int]:
-        """The weight versions of the checkpoints kept (one retention removes meanwhile is left out)."""
-        versions = []
+        """The weight versions of the checkpoints kept and of the one being written (one retention
+        removes meanwhile, or whose manifest does not read, is left out)."""
+        versions = [] if self._writing_version is None else [self._writing_version]
         for path in self.checkpoints.list():
             try:
                 versions.append(int(json.loads((path / MANIFEST).read_text())["version"]))
-            except OSError:
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
         return versions
 
@@ -198,6 +200,7 @@ class Checkpointer:
             return
         if verdict is not None:
             digests = {**digests, "guard": {"metric": self.cfg.guardrails.metric, "value": verdict.value}}
+        self._writing_version = step + 1
         self._writing = tg.create_task(self._finish(tmp, step, digests, trainer, state))
 
     async def wait(self) -> None:
@@ -216,6 +219,8 @@ class Checkpointer:
                 state.log.compact(oldest.get("scored_seq", 0))
         except (OSError, ray.exceptions.RayError) as exc:
             self._failed(tmp, step, exc)
+        finally:
+            self._writing_version = None
 
     def _failed(self, tmp: Path, step: int, exc: BaseException) -> None:
         # A full disk or a dying rank must not take the job down: the previous checkpoint stays.

@@ -408,8 +408,8 @@ class Driver:
             self.timeline += 1  # results still arriving from the old timeline are dropped
         self._producer.cancel()
         await asyncio.wait([self._producer])
-        await self.reference.abandon()  # refreshes in flight end before the rebuild discards their versions
         self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
+        await self.reference.abandon()  # refreshes in flight end before the rebuild discards their versions
         self._adopt_learner(
             await asyncio.to_thread(
                 build_learner, self.cfg, self.override, self.inputs, self.checkpointer, self.run_dir, ckpt, self.state

@@ -44,12 +44,17 @@ async def _judged(
     _, rollouts = await cluster.call("generation", "evaluate", prompts, version, samples)
     rollouts = [rollouts[i] for i in scored_indices(rollouts)]  # an episode trained per turn: its answer
     contexts = reward_contexts(prompts)
-    # Scored in parts of whole prompts, at once over the reward workers: a batch reward function's
-    # call (and its timeout) sees about a training call's size, not the whole held-out set.
-    parts = await asyncio.gather(
-        *(cluster.call("reward", "score", part, contexts) for part in _by_prompt(rollouts, EVAL_SCORING_CALL))
-    )
-    scores = [score for _, part in parts for score in part]
+    # Scored in parts of whole prompts, as many at once as there are reward workers: a batch reward
+    # function's call (and its timeout) sees about a training call's size, not the whole held-out set.
+    at_once = asyncio.Semaphore(max(1, len(cluster.pools["reward"])))
+
+    async def scored(part: list[Rollout]) -> list:
+        async with at_once:  # each part with its own prompts' contexts
+            own = {r.prompt_id: contexts[r.prompt_id] for r in part}
+            return (await cluster.call("reward", "score", part, own))[1]
+
+    parts = await asyncio.gather(*(scored(part) for part in _by_prompt(rollouts, EVAL_SCORING_CALL)))
+    scores = [score for part in parts for score in part]
     correct: dict[str, list[bool]] = defaultdict(list)
     for rollout, (_, components) in zip(rollouts, scores):
         correct[rollout.prompt_id].append(components.get("correct", 0.0) >= 1.0)

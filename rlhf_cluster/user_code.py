@@ -63,9 +63,10 @@ class FailureRate:
         self.worked = True
         self.recent.append(False)
 
-    def failed(self, cause: str) -> str | None:
+    def failed(self, cause: str, samples: int = 1) -> str | None:
+        """One failed call (of `samples` samples: a batch call's; each counts in the window)."""
         self.in_a_row += 1
-        self.recent.append(True)
+        self.recent.extend([True] * samples)
         if self.in_a_row >= self.limit_in_a_row and not self.worked:
             return f"{self.where} failed on {self.in_a_row} samples in a row; the last: {cause}"
         window = self.recent.maxlen or 1

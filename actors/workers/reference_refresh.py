@@ -165,9 +165,12 @@ class ReferenceRefresh:
         if timeline != self.timeline:
             return  # abandoned while writing: `restore` removes the folder
         before = self.version
-        await self._switch(str(folder_of(self.root, version)), version)
+        await self._switch(str(folder_of(self.root, version)), version, timeline)
+        if timeline != self.timeline:
+            return
         # Kept: the kept checkpoints' references, this one and the one before (a worker may still be loading it).
-        prune(self.root, self.every, [*self.kept_versions(), before, version])
+        kept = [*self.kept_versions(), before, version]
+        await asyncio.to_thread(prune, self.root, self.every, kept)
 
     @contextmanager
     def _leased(self, version: int) -> Iterator[None]:
@@ -193,9 +196,10 @@ class ReferenceRefresh:
         self.labels.of(m.REFERENCE_REFRESH_SECONDS).observe(seconds)
         log.info(f"KL reference refreshed from weight version {version} (mix {self.mix:g}): written in {seconds:.1f} s")
 
-    async def _switch(self, folder: str, version: int | None = None) -> None:
+    async def _switch(self, folder: str, version: int | None = None, timeline: int | None = None) -> None:
         """Every reference worker and spare loads `folder`; a dead one is its pool's to replace (its
-        replacement starts from `folder`)."""
+        replacement starts from `folder`). A load's failure ends the job, unless `timeline` (the
+        refresh's) was abandoned meanwhile."""
         self.current = folder
         if version is not None:
             self.version = version
@@ -204,7 +208,8 @@ class ReferenceRefresh:
         actors = [*self.pool.actors.values(), *self.pool.spares.values()]
         loads = await asyncio.gather(*(a.load_model.remote(folder) for a in actors), return_exceptions=True)
         for result in loads:
-            if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError):
+            live = timeline is None or timeline == self.timeline
+            if isinstance(result, BaseException) and not isinstance(result, ray.exceptions.RayActorError) and live:
                 raise result
 
 

@@ -135,6 +135,7 @@ def read_prompt_file(
     if columns is None:
         columns = PromptColumns(images=IMAGE_COLUMN if IMAGE_COLUMN in table.column_names else None)
     text_column = columns.messages or columns.prompt
+    in_file = table.column_names
     table = with_nested_columns(
         file, table, [text_column, columns.prompt_id, columns.answer, columns.source, columns.images, *columns.extra]
     )
@@ -146,7 +147,7 @@ def read_prompt_file(
         if c is not None and c not in table.column_names
     ]
     if missing:
-        raise ValueError(f"prompt file {file}: missing column(s) {missing} (data.columns); it has {table.column_names}")
+        raise ValueError(f"prompt file {file}: missing column(s) {missing} (data.columns); it has {in_file}")
     if table.num_rows == 0:
         raise ValueError(f"prompt file {file} has no rows: expected at least one prompt")
     ids = _prompt_ids(file, table.column(id_column).to_pylist() if id_column else None, table.num_rows, id_prefix)

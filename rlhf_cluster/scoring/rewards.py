@@ -63,7 +63,7 @@ from rlhf_cluster.data.verifiers import build_verifier
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.batch_rewards import BatchCallFailed, batch_keywords, batch_outcomes
 from rlhf_cluster.scoring.reward_calls import awaited, call_with_timeout, reward_of
-from rlhf_cluster.scoring.verl_rewards import verl_arguments, verl_batch_style, verl_style, verl_value
+from rlhf_cluster.scoring.verl_rewards import verl_arguments, verl_batch_style, verl_keywords, verl_style, verl_value
 from rlhf_cluster.user_code import FailureRate, import_spec
 
 if TYPE_CHECKING:
@@ -113,7 +113,9 @@ def load_reward_fn(
         raise ValueError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function")
     if batch:
         batch_keywords(fn, where, columns)
-    elif not verl_style(fn):  # a verl compute_score is called by keyword, as verl calls it
+    elif verl_style(fn):  # a verl compute_score is called by keyword, as verl calls it
+        verl_keywords(fn, where)
+    else:
         context_keywords(fn, where)
     return fn
 
@@ -190,13 +192,16 @@ class RuleReward:
         self.keywords: tuple[str, ...] = ()  # the `CONTEXT` the custom function takes
         self.batch_names: tuple[str, ...] | None = None  # a batch function's keywords (None: all)
         self.verl = False  # a function written for verl (`verl_rewards`)
+        self.verl_names: tuple[str, ...] | None = None  # what a verl-style per-sample function takes (None: all)
         if reward_fn is not None:
             self.fn = load_reward_fn(reward_fn, batch=batch) if isinstance(reward_fn, str) else reward_fn
             where = f"reward function {self.fn_name}"
             self.verl = verl_batch_style(self.fn) if batch else verl_style(self.fn)
             if batch:
                 self.batch_names = batch_keywords(self.fn, where, columns)
-            elif not self.verl:
+            elif self.verl:
+                self.verl_names = verl_keywords(self.fn, where)
+            else:
                 self.keywords = context_keywords(self.fn, where)
             return
         if verifier is None:
@@ -228,7 +233,10 @@ class RuleReward:
         """The custom function's value for `rollout`: (response, answer) and the context it takes."""
         assert self.fn is not None  # score() comes here only for a custom function
         if self.verl:  # its value is read as verl reads it (`_score_custom`)
-            kwargs = verl_arguments(self.fn, rollout.response_text, context.answer, context.source, context.extra)
+            kwargs = verl_arguments(
+                self.verl_names, rollout.response_text, context.answer, context.source, context.extra,
+                prompt=context.prompt, prompt_id=rollout.prompt_id,
+            )  # fmt: skip
             return call_with_timeout(partial(awaited, partial(self.fn, **kwargs)), (), self.timeout_s)
         given = {
             "prompt": context.prompt,
@@ -281,7 +289,7 @@ class RuleReward:
                 if not any(exc is call for call in calls):
                     if isinstance(exc, BatchCallFailed):
                         calls.append(exc)
-                    self._judge_failure(r, exc, len(out), failed)
+                    self._judge_failure(r, exc, len(out), failed, len(rollouts))
                 out.append((0.0, {FAILED: 1.0}))
                 continue
             self.failures.ok()
@@ -290,21 +298,23 @@ class RuleReward:
         self.failed += failed
         return out
 
-    def _judge_failure(self, r: Rollout, exc: Exception, done: int, failed: int) -> None:
-        """A failed sample (or batch call) as `on_error` and the failure bounds judge it: a
+    def _judge_failure(self, r: Rollout, exc: Exception, done: int, failed: int, samples: int) -> None:
+        """A failed sample, or batch call of `samples` samples, as `on_error` and the failure bounds
+        judge it (a call counts once in a row, each of its samples in the window): a
         `RewardFunctionError` ends the job, naming it; `done` samples scored before it in the call."""
         whole = isinstance(exc, BatchCallFailed)
+        n = samples if whole else 1
         self.timed_out += isinstance(exc.__cause__ if whole else exc, TimeoutError)
         cause = f"{exc}" if whole else f"prompt {r.prompt_id!r} (sample {r.sample_id}): {type(exc).__name__}: {exc}"
         if self.on_error == "fail":
-            self.scored, self.failed = self.scored + done + 1, self.failed + 1
+            self.scored, self.failed = self.scored + done + n, self.failed + n
             raise RewardFunctionError(
                 f"reward function {self.fn_name} failed on {cause} "
                 "(scoring.rewards on_error: fail; `drop` drops such groups instead)"
             ) from exc
-        broken = self.failures.failed(cause)
+        broken = self.failures.failed(cause, n)
         if broken is not None:
-            self.scored, self.failed = self.scored + done + 1, self.failed + failed
+            self.scored, self.failed = self.scored + done + n, self.failed + failed - 1 + n
             raise RewardFunctionError(broken) from exc
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import numbers
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 VERL_NAMES = ("data_source", "solution_str", "ground_truth", "extra_info")
+OURS = ("prompt", "source", "extra", "prompt_id")  # a per-sample reward function's keywords (rewards.CONTEXT)
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def verl_style(fn: Callable) -> bool:
@@ -31,20 +33,43 @@ def verl_style(fn: Callable) -> bool:
     return "solution_str" in params and "ground_truth" in params
 
 
-def verl_arguments(
-    fn: Callable, response: str, answer: str, source: str | None, extra: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The keyword arguments of one call of the verl-style `fn`, those its signature takes."""
+def verl_keywords(fn: Callable, where: str) -> tuple[str, ...] | None:
+    """The verl names (and any of ours: prompt, source, extra, prompt_id) `fn` takes by keyword,
+    None for all (a `**kwargs` function); a ValueError naming `where` when it cannot be called
+    with them by keyword (a positional-only parameter, a required one none of these names)."""
     params = inspect.signature(fn).parameters
+    offered = (*VERL_NAMES, *OURS)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        names = None
+    else:
+        names = tuple(n for n in offered if n in params and params[n].kind in _BY_KEYWORD)
+    try:
+        inspect.signature(fn).bind(**dict.fromkeys(offered if names is None else names))
+    except TypeError as exc:
+        unknown = [p.name for p in params.values() if p.default is p.empty and p.name not in (names or offered)]
+        raise ValueError(
+            f"{where}: a function written for verl is called by keyword with {list(VERL_NAMES)} (and any of "
+            f"{list(OURS)}); it cannot be: {exc}" + (f" (it requires {unknown})" if unknown else "")
+        ) from exc
+    return names
+
+
+def verl_arguments(
+    names: tuple[str, ...] | None, response: str, answer: str, source: str | None, extra: Mapping[str, Any], **ours
+) -> dict[str, Any]:
+    """The keyword arguments of one call of a verl-style function that takes `names` (None, a
+    `**kwargs` function: verl's four, as verl passes them), any of ours it names (`ours`: prompt, prompt_id)."""
+    copied = copy.deepcopy(dict(extra)) if names is None or {"extra_info", "extra"} & set(names) else {}
     given = {
         "data_source": source,
         "solution_str": response,
         "ground_truth": answer,
-        "extra_info": verl_extra_info(copy.deepcopy(dict(extra))),
+        "extra_info": verl_extra_info(copied),
+        "source": source,
+        "extra": copied,
+        **ours,
     }
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return given
-    return {name: value for name, value in given.items() if name in params}
+    return {name: given[name] for name in (VERL_NAMES if names is None else names) if name in given}
 
 
 def verl_batch_style(fn: Callable) -> bool:
@@ -71,6 +96,12 @@ def verl_value(value: object) -> object:
         raise ValueError(f"returned a dict without verl's 'score' key (keys: {sorted(map(str, value))})")
     out: dict[str, object] = {"reward": value["score"]}
     for key, item in value.items():
-        if key != "score" and isinstance(item, (numbers.Real, bool)):
-            out[str(key)] = float(item)
+        if key == "score" or isinstance(item, (str, bytes)) or not hasattr(type(item), "__float__"):
+            continue  # verl's `pred` string, a nested value: not a component
+        try:
+            number = float(item)
+        except (TypeError, ValueError):  # a multi-element array
+            continue
+        if math.isfinite(number):  # (its own `reward` or `reward_failed` kept under verl's name)
+            out[f"verl_{key}" if key in ("reward", "reward_failed") else str(key)] = number
     return out

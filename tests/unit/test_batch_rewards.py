@@ -157,7 +157,7 @@ def test_a_raising_batch_function_names_itself_with_on_error_fail_and_breaks_aft
 
     with pytest.raises(RewardFunctionError, match=r"broken_batch failed on the batch call over 2 samples: Zero"):
         RuleReward(None, reward_fn=broken_batch, batch=True, on_error="fail").score(_rollouts(["a", "b"]), CONTEXTS)
-    dropping = RuleReward(None, reward_fn=broken_batch, batch=True, on_error="drop")
+    dropping = RuleReward(None, reward_fn=broken_batch, batch=True, on_error="drop", failure_window=10_000)
     # One failed call fails all its samples but counts once: a call larger than BROKEN_AFTER ends nothing.
     assert dropping.score(_rollouts(["x"] * (2 * BROKEN_AFTER)), CONTEXTS) == [(0.0, {FAILED: 1.0})] * 2 * BROKEN_AFTER
     for _ in range(BROKEN_AFTER - 2):
@@ -255,3 +255,21 @@ def test_a_reward_worker_built_from_the_config_calls_the_batch_function_once(use
     out = worker.score(_rollouts(["4", "0", "4"]), CONTEXTS)
     assert [r for r, _ in out] == [2.0, 0.0, 2.0] and importlib.import_module(user_module).calls == [3]
     assert worker.stats() == {"scored": 3, "failed": 0, "timed_out": 0}
+
+
+def test_failed_calls_count_their_samples_toward_max_failure_fraction():
+    """A batch function that fails every second call drops half the samples: above a 0.3
+    max_failure_fraction it stops the job, as a per-sample function failing half its samples does."""
+    calls = iter(range(10**6))
+
+    def every_second(completions):
+        if next(calls) % 2:
+            raise RuntimeError("down")
+        return [1.0] * len(completions)
+
+    reward = RuleReward(
+        None, reward_fn=every_second, batch=True, on_error="drop", max_failure_fraction=0.3, failure_window=32
+    )
+    with pytest.raises(RewardFunctionError, match=r"failed on \d+ of its last 32 samples"):
+        for _ in range(20):
+            reward.score(_rollouts(["x"] * 8), CONTEXTS)

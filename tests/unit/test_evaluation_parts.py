@@ -23,3 +23,29 @@ def test_parts_hold_whole_prompts_in_order_up_to_the_size():
     assert [r for part in parts for r in part] == rollouts
     assert [len(part) for part in _by_prompt(_rollouts([8, 2]), 6)] == [8, 2]  # a prompt over the size: alone
     assert _by_prompt([], 6) == []
+
+
+def test_each_part_is_scored_with_its_own_prompts_and_the_scores_keep_their_order():
+    import asyncio
+    from types import SimpleNamespace
+
+    from actors.evaluation import EVAL_SCORING_CALL, _judged
+    from rlhf_cluster.data.prompts import Prompt
+
+    prompts = [Prompt(f"p{i}", f"q{i}", str(i)) for i in range(40)]
+    rollouts = [r for i in range(40) for r in _rollouts([0] * i + [3])[-3:]]  # 3 answers of each prompt, in order
+    sent: list[tuple[list[str], set[str]]] = []
+
+    async def call(pool, method, *args):
+        if pool == "generation":
+            return "gen0", rollouts
+        part, contexts = args
+        sent.append(([r.prompt_id for r in part], set(contexts)))
+        await asyncio.sleep(0.001 * (len(sent) % 3))  # answered out of order
+        return "reward0", [(float(r.prompt_id[1:]), {"correct": 1.0}) for r in part]
+
+    cluster = SimpleNamespace(call=call, pools={"reward": [object(), object()]})
+    correct, rewards = asyncio.run(_judged(cluster, prompts, 0, samples=3))
+    assert rewards == [float(r.prompt_id[1:]) for r in rollouts]  # in the rollouts' order
+    assert all(len(ids) <= EVAL_SCORING_CALL and set(ids) == own for ids, own in sent)
+    assert len(sent) > 1 and len(correct) == 40

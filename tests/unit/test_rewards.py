@@ -336,3 +336,31 @@ def test_a_reward_function_written_for_verl_is_called_as_verl_calls_it():
     assert [r for r, _ in RuleReward(None, reward_fn=scalar).score(rollouts, contexts)] == [1.0, 0.0]
     broken = RuleReward(None, reward_fn=lambda solution_str, ground_truth: {"acc": 1.0}, on_error="drop")
     assert broken.score(rollouts[:1], contexts)[0][1][FAILED] == 1.0  # no `score`: the sample's reward failed
+
+
+def test_a_verl_function_is_checked_at_load_and_its_dicts_read_whole(user_module):
+    import numpy as np
+
+    from rlhf_cluster.scoring.verl_rewards import verl_keywords, verl_value
+
+    def positional(solution_str, ground_truth, /):
+        return 0.0
+
+    def needs_more(data_source, solution_str, ground_truth, tokenizer):
+        return 0.0
+
+    def with_prompt(solution_str, ground_truth, prompt=""):
+        return float(prompt == "q")
+
+    with pytest.raises(ValueError, match=r"where: a function written for verl is called by keyword"):
+        verl_keywords(positional, "where")
+    with pytest.raises(ValueError, match=r"it requires \['tokenizer'\]"):
+        verl_keywords(needs_more, "where")
+    assert verl_keywords(with_prompt, "where") == ("solution_str", "ground_truth", "prompt")
+    from rlhf_cluster.scoring.rewards import RewardContext
+
+    contexts = {"p": RewardContext("1", "q", None, {})}
+    rollout = Rollout("s", "p", "g", [1], [2], [0.0], 0, "stop", "1")
+    assert RuleReward(None, reward_fn=with_prompt).score([rollout], contexts)[0][0] == 1.0  # ours passed too
+    read = verl_value({"score": 0.5, "reward": 3.0, "ok": np.bool_(True), "bad": float("nan"), "pred": "1"})
+    assert read == {"reward": 0.5, "verl_reward": 3.0, "ok": 1.0}
