@@ -5,8 +5,10 @@ calls for. The folders themselves are the library's (`rlhf_cluster/weights/refer
 Each refresh is a task of the job's TaskGroup (a failure ends the job with its cause): it waits
 until the policy's version is durable in the store, writes the refreshed folder (in a thread),
 then every reference worker and spare loads it; a worker that starts meanwhile loads it before
-it serves (`join`). Refreshes run one at a time, in order; a checkpoint waits for the one in
-flight (`settled`), so every checkpoint's version finds its reference written.
+it serves (`join`). Refreshes run one at a time, in order, each leasing its version meanwhile; a
+checkpoint waits for the writes in flight (`written`), so every checkpoint's version finds its
+reference written. A learner rebuild (`abandon`, then `restore`) waits for every refresh in
+flight, whose folders its version does not call for are removed.
 """
 
 from __future__ import annotations
