@@ -45,6 +45,9 @@ class Prompt:
     source: str | None = None  # where the prompt comes from (`data.columns.source`): evaluation reports per source
     images: tuple[bytes, ...] = ()  # `data.columns.images` (a visual task's `images` column)
     extra: dict[str, Any] = field(default_factory=dict)  # `data.columns.extra`, as pyarrow reads them
+    # The answer column's value where it is no string (a list of accepted answers, verl's dict
+    # ground truths): what a verl-style reward function gets as `ground_truth`; None: `answer`.
+    answer_value: Any = None
 
     def encode(self, tokenizer) -> list[int]:
         """The prompt's token ids as the engine sees them."""
@@ -151,8 +154,9 @@ def read_prompt_file(
     if table.num_rows == 0:
         raise ValueError(f"prompt file {file} has no rows: expected at least one prompt")
     ids = _prompt_ids(file, table.column(id_column).to_pylist() if id_column else None, table.num_rows, id_prefix)
-    answers = table.column(answer_column).to_pylist() if answer_column else [""] * len(ids)
-    answers = ["" if a is None else str(a) for a in answers]
+    values = table.column(answer_column).to_pylist() if answer_column else [""] * len(ids)
+    answers = ["" if a is None else str(a) for a in values]
+    raw = [None if a is None or isinstance(a, str) else a for a in values]
     sources = (
         [None if x is None else str(x) for x in table.column(columns.source).to_pylist()]
         if columns.source
@@ -165,16 +169,16 @@ def read_prompt_file(
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
         _check_image_parts(file, ids, chats, images)
         return [
-            Prompt(i, "", a, messages=m, source=src, images=im, extra=x)
-            for i, a, m, src, im, x in zip(ids, answers, chats, sources, images, extras)
+            Prompt(i, "", a, messages=m, source=src, images=im, extra=x, answer_value=v)
+            for i, a, m, src, im, x, v in zip(ids, answers, chats, sources, images, extras, raw)
         ]
     texts = table.column(columns.prompt).to_pylist()
     bad = [i for i, t in zip(ids, texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"prompt file {file}: empty or non-string prompt for prompt_id(s) {bad[:5]}")
     return [
-        Prompt(i, t, a, source=src, images=im, extra=x)
-        for i, t, a, src, im, x in zip(ids, texts, answers, sources, images, extras)
+        Prompt(i, t, a, source=src, images=im, extra=x, answer_value=v)
+        for i, t, a, src, im, x, v in zip(ids, texts, answers, sources, images, extras, raw)
     ]
 
 
@@ -327,6 +331,7 @@ def apply_chat_template(
                 source=p.source,
                 images=p.images,
                 extra=p.extra,
+                answer_value=p.answer_value,
             )
         )
     return out

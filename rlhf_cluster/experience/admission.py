@@ -113,7 +113,9 @@ class Admission:
         if (known.text, known.token_ids) == (text, ids):
             return known
         if columns is not None and _columns_digest(known) == columns:
-            return Prompt(prompt_id, text, answer, ids, source=known.source, extra=known.extra)
+            return Prompt(
+                prompt_id, text, answer, ids, source=known.source, extra=known.extra, answer_value=known.answer_value
+            )
         return Prompt(prompt_id, text, answer, ids)
 
     def load_state_dict(self, state: dict, groups_done: int) -> None:

@@ -69,6 +69,8 @@ class BatchContext(Protocol):
     def source(self) -> str | None: ...
     @property
     def extra(self) -> Mapping[str, Any]: ...
+    @property
+    def answer_value(self) -> Any: ...  # the answer column's own value where it is no string (verl's ground truth)
 
 
 def batch_keywords(fn: Callable, where: str, columns: Sequence[str] | None = None) -> tuple[str, ...] | None:
@@ -127,7 +129,7 @@ def batch_arguments(
         "source": lambda: [c.source for c in rows],
         "prompt_id": lambda: [r.prompt_id for r in rollouts],
         "solution_strs": lambda: [r.response_text for r in rollouts],
-        "ground_truths": lambda: [c.answer for c in rows],
+        "ground_truths": lambda: [c.answer if c.answer_value is None else c.answer_value for c in rows],
         "data_sources": lambda: [c.source for c in rows],
         "extra_infos": lambda: [verl_extra_info(x) for x in extras],
     }

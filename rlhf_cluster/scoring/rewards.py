@@ -85,11 +85,12 @@ class RewardContext:
     prompt: str = ""
     source: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    answer_value: Any = None  # the answer column's own value where it is no string (`Prompt.answer_value`)
 
 
 def reward_contexts(prompts: Iterable[Prompt]) -> dict[str, RewardContext]:
     """Each prompt's `RewardContext`, by prompt id: what scoring its responses is sent."""
-    return {p.prompt_id: RewardContext(p.answer, p.text, p.source, p.extra) for p in prompts}
+    return {p.prompt_id: RewardContext(p.answer, p.text, p.source, p.extra, p.answer_value) for p in prompts}
 
 
 class RewardFunctionError(RuntimeError):
@@ -233,8 +234,9 @@ class RuleReward:
         """The custom function's value for `rollout`: (response, answer) and the context it takes."""
         assert self.fn is not None  # score() comes here only for a custom function
         if self.verl:  # its value is read as verl reads it (`_score_custom`)
+            truth = context.answer if context.answer_value is None else context.answer_value  # verl's raw ground truth
             kwargs = verl_arguments(
-                self.verl_names, rollout.response_text, context.answer, context.source, context.extra,
+                self.verl_names, rollout.response_text, truth, context.source, context.extra,
                 prompt=context.prompt, prompt_id=rollout.prompt_id,
             )  # fmt: skip
             return call_with_timeout(partial(awaited, partial(self.fn, **kwargs)), (), self.timeout_s)

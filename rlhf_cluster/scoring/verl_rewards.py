@@ -3,7 +3,8 @@ solution_str, ground_truth, extra_info=None)` once per response, by keyword. A f
 parameters name `solution_str` and `ground_truth` is one (`verl_style`); it gets
 
 - `solution_str`: the response text; `ground_truth`: the answer (`data.columns.answer`, e.g.
-  `reward_model.ground_truth`); `data_source`: the source (`data.columns.source`);
+  `reward_model.ground_truth`) as the file holds it (a list of accepted answers stays a list);
+  `data_source`: the source (`data.columns.source`);
 - `extra_info`: the row's `extra_info` column when `data.columns.extra` lists it, else the dict of
   the listed extra columns;
 
@@ -55,7 +56,7 @@ def verl_keywords(fn: Callable, where: str) -> tuple[str, ...] | None:
 
 
 def verl_arguments(
-    names: tuple[str, ...] | None, response: str, answer: str, source: str | None, extra: Mapping[str, Any], **ours
+    names: tuple[str, ...] | None, response: str, answer: Any, source: str | None, extra: Mapping[str, Any], **ours
 ) -> dict[str, Any]:
     """The keyword arguments of one call of a verl-style function that takes `names` (None, a
     `**kwargs` function: verl's four, as verl passes them), any of ours it names (`ours`: prompt, prompt_id)."""

@@ -83,3 +83,25 @@ def test_a_verl_dataset_passes_the_dry_run_by_config_alone(tmp_path):
     result = CliRunner().invoke(app, ["train", str(config), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "dry run ok" in result.output and "What is 0 + 0?" in result.output  # the first prompt, templated
+
+
+def test_a_ground_truth_that_is_no_string_reaches_a_verl_function_as_the_file_holds_it(tmp_path):
+    from rlhf_cluster.experience.records import Rollout
+    from rlhf_cluster.scoring.rewards import RuleReward, reward_contexts
+
+    rows = _verl_rows(2)
+    rows[0]["reward_model"]["ground_truth"] = ["0", "zero"]  # accepted answers, as some verl datasets list them
+    rows[1]["reward_model"]["ground_truth"] = ["2", "two"]
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    prompts = read_prompt_file(data, PromptColumns(**VERL_COLUMNS))
+    assert prompts[0].answer == "['0', 'zero']" and prompts[0].answer_value == ["0", "zero"]
+    seen = []
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+        seen.append(ground_truth)
+        return float(solution_str.strip() in ground_truth)
+
+    rollouts = [Rollout(f"s{i}", p.prompt_id, "g", [1], [2], [0.0], 0, "stop", "two") for i, p in enumerate(prompts)]
+    out = RuleReward(None, reward_fn=compute_score).score(rollouts, reward_contexts(prompts))
+    assert [r for r, _ in out] == [0.0, 1.0] and seen == [["0", "zero"], ["2", "two"]]
