@@ -27,11 +27,16 @@ _BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWOR
 
 def verl_style(fn: Callable) -> bool:
     """Whether `fn` takes verl's per-sample arguments (it names `solution_str` and `ground_truth`)."""
+    return _names(fn, "solution_str", "ground_truth")
+
+
+def _names(fn: Callable, *names: str) -> bool:
+    """Whether `fn`'s signature names every one of `names` (False without a signature to read)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "solution_str" in params and "ground_truth" in params
+    return all(name in params for name in names)
 
 
 def verl_keywords(fn: Callable, where: str) -> tuple[str, ...] | None:
@@ -75,11 +80,7 @@ def verl_arguments(
 
 def verl_batch_style(fn: Callable) -> bool:
     """Whether a batch function takes verl's BatchRewardManager arguments (`solution_strs`, `ground_truths`)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "solution_strs" in params and "ground_truths" in params
+    return _names(fn, "solution_strs", "ground_truths")
 
 
 def verl_extra_info(extra: dict[str, Any]) -> Any:
