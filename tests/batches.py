@@ -19,3 +19,8 @@ def ragged_batch(lengths: list[tuple[int, int]], seed: int = 0, vocab: int = 250
             finish_reason="length", reward=0.0, reward_components={}, ref_logprobs=[-5.4] * r,
             advantages=[rng.uniform(-1, 1)] * r))
     return TrainBatch.from_samples(samples)
+
+
+def full_params(learner) -> dict:
+    """A (one-rank FSDP2) learner's parameters, each whole and copied."""
+    return {k: v.full_tensor().clone() for k, v in learner.model.state_dict().items()}

@@ -46,3 +46,20 @@ def gloo_group():
     """A one-rank gloo process group (for code that needs torch.distributed on the CPU)."""
     with one_rank_process_group("gloo"):
         yield
+
+
+@pytest.fixture
+def user_module_of(tmp_path, monkeypatch):
+    """`write(source, prefix)`: `source` (dedented) as a module in tmp_path, on sys.path under a
+    fresh name (`<prefix>_<hex>`, so no test imports another's); returns the name."""
+
+    def write(source: str, prefix: str = "user_module") -> str:
+        import textwrap
+        import uuid
+
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        return name
+
+    return write

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import textwrap
 import threading
-import uuid
 
 import numpy as np
 import pytest
@@ -206,11 +204,8 @@ def counted(completions, answer):
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch) -> str:
-    name = f"batch_rewards_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+def user_module(user_module_of) -> str:
+    return user_module_of(USER_MODULE, "batch_rewards")
 
 
 def test_a_required_parameter_nothing_offers_is_refused_at_load(user_module, tmp_path):

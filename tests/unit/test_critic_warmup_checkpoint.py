@@ -11,11 +11,7 @@ import torch
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.spec import LearnerSpec
-from tests.batches import ragged_batch
-
-
-def _params(learner: FSDP2Learner) -> dict[str, torch.Tensor]:
-    return {k: v.full_tensor().clone() for k, v in learner.model.state_dict().items()}
+from tests.batches import full_params, ragged_batch
 
 
 def test_a_checkpoint_before_the_first_step_leaves_the_first_update_as_it_was(gloo_group, tiny_model_path, tmp_path):
@@ -28,16 +24,16 @@ def test_a_checkpoint_before_the_first_step_leaves_the_first_update_as_it_was(gl
     future.result()
     assert not held.optimizer.state and held.state_digest() == saved  # a digest makes up no state either
     plain = FSDP2Learner(spec, tiny_model_path)  # never checkpointed
-    initial = _params(plain)
+    initial = full_params(plain)
     resumed = FSDP2Learner(spec, tiny_model_path)
     assert resumed.load_checkpoint(tmp_path) == saved and not resumed.optimizer.state
     batch = ragged_batch([(3, 2), (4, 3)], seed=0)
     for learner in (held, plain, resumed):
         learner.train_step(batch, kl_coef=0.0)
-    expected = _params(plain)
+    expected = full_params(plain)
     assert any(not torch.equal(expected[k], v) for k, v in initial.items())  # the step trained
     for learner in (held, resumed):
-        assert all(torch.equal(expected[k], v) for k, v in _params(learner).items())
+        assert all(torch.equal(expected[k], v) for k, v in full_params(learner).items())
         assert learner.state_digest() == plain.state_digest()
 
 
@@ -65,6 +61,6 @@ def test_a_checkpoint_after_only_skipped_updates_leaves_the_first_update_as_it_w
     for learner in (skipped, plain, resumed):
         learner.train_step(batch, kl_coef=0.0)
         assert learner.updates == 1
-    expected = _params(plain)
+    expected = full_params(plain)
     for learner in (skipped, resumed):
-        assert all(torch.equal(expected[k], v) for k, v in _params(learner).items())
+        assert all(torch.equal(expected[k], v) for k, v in full_params(learner).items())

@@ -13,11 +13,7 @@ from rlhf_cluster.config import JobConfig
 from rlhf_cluster.job.preflight import CONFIG_RULES
 from rlhf_cluster.learner.fsdp2 import FSDP2Learner
 from rlhf_cluster.learner.spec import LearnerSpec
-from tests.batches import ragged_batch
-
-
-def _params(learner: FSDP2Learner) -> dict[str, torch.Tensor]:
-    return {k: v.full_tensor().clone() for k, v in learner.model.state_dict().items()}
+from tests.batches import full_params, ragged_batch
 
 
 def test_a_reset_optimizer_steps_as_a_fresh_one_and_checkpoints_so(gloo_group, tiny_model_path, tmp_path):
@@ -42,9 +38,9 @@ def test_a_reset_optimizer_steps_as_a_fresh_one_and_checkpoints_so(gloo_group, t
         learner.train_step(then, kl_coef=0.0)
     steps = {int(state["step"]) for state in reset.optimizer.state.values()}
     assert steps == {1}  # AdamW's count restarted
-    after = _params(reset)
-    assert all(torch.equal(after[k], v) for k, v in _params(resumed).items())
-    assert any(not torch.equal(after[k], v) for k, v in _params(kept).items())  # the reset changed the update
+    after = full_params(reset)
+    assert all(torch.equal(after[k], v) for k, v in full_params(resumed).items())
+    assert any(not torch.equal(after[k], v) for k, v in full_params(kept).items())  # the reset changed the update
 
 
 def test_which_steps_reset_and_where_it_is_refused(job_config):

@@ -13,16 +13,9 @@ import pytest
 import safetensors.torch
 import torch
 
+from rlhf_cluster.weights import reference_refresh as folders
 from rlhf_cluster.weights.export import NOTE, reference_version_of
-from rlhf_cluster.weights.reference_refresh import (
-    discard_after,
-    folder_of,
-    prune,
-    reference_folder,
-    reference_version,
-    write_reference,
-    written,
-)
+from rlhf_cluster.weights.reference_refresh import folder_of, reference_version, write_reference, written
 from rlhf_cluster.weights.store import WeightStore
 
 
@@ -90,11 +83,11 @@ def test_a_mixed_refresh_moves_part_way_from_the_reference_before_it(store, tiny
 
 def test_which_folder_a_version_loads_and_a_missing_one_named(tmp_path, tiny_model_path):
     root = tmp_path / "reference"
-    assert reference_folder(root, tiny_model_path, 2, every=3) == Path(tiny_model_path)
+    assert folders.reference_folder(root, tiny_model_path, 2, every=3) == Path(tiny_model_path)
     folder_of(root, 3).mkdir(parents=True)
-    assert reference_folder(root, tiny_model_path, 5, every=3) == folder_of(root, 3)
+    assert folders.reference_folder(root, tiny_model_path, 5, every=3) == folder_of(root, 3)
     with pytest.raises(FileNotFoundError, match=r"v00000006: the reference refreshed at weight version 6 .* version 7"):
-        reference_folder(root, tiny_model_path, 7, every=3)
+        folders.reference_folder(root, tiny_model_path, 7, every=3)
 
 
 def test_rollback_and_retention_remove_the_right_folders(tmp_path):
@@ -103,9 +96,9 @@ def test_rollback_and_retention_remove_the_right_folders(tmp_path):
         folder_of(root, v).mkdir(parents=True)
     (root / ".v00000010.tmp").mkdir()  # a write in progress is no refresh
     assert list(written(root)) == [2, 4, 6, 8]
-    assert discard_after(root, 6) == [8]  # a rollback to version 6 keeps 6's own refresh
+    assert folders.discard_after(root, 6) == [8]  # a rollback to version 6 keeps 6's own refresh
     assert not (root / ".v00000010.tmp").exists()  # and a write a kill cut short
-    assert prune(root, 2, [5, 6]) == [2]  # checkpoint 5 loads 4's, 6 its own
+    assert folders.prune(root, 2, [5, 6]) == [2]  # checkpoint 5 loads 4's, 6 its own
     assert list(written(root)) == [4, 6]
 
 

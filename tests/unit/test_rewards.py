@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import textwrap
-import uuid
 
 import pytest
 
@@ -68,12 +66,9 @@ not_callable = 3
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch) -> str:
+def user_module(user_module_of) -> str:
     """A reward module written to tmp_path and put on sys.path; a fresh name per test."""
-    name = f"user_rewards_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return name
+    return user_module_of(USER_MODULE, "user_rewards")
 
 
 def _rollouts(texts: list[str], prompt_id: str = "p0") -> list[Rollout]:
