@@ -97,12 +97,16 @@ class FailureBudget(_Strict):
         ge=0,
         le=1,
         description="The job stops with an error naming the part, the failure rate and the last cause when more "
-        "than this share of the last `failure_window` calls a worker made failed (judged once the window is full; "
-        "a warning is logged past half of it), or when its first 32 calls all failed. A reward function or a judge "
-        "has this budget with `on_error: drop`; dropping that many samples would bias or starve training.",
+        "than this share of the last `failure_window` samples a worker scored failed (judged once the window is "
+        "full; a warning is logged past half of it; a failed batch call fails each of its samples), or when its "
+        "first 32 calls all failed. A reward function or a judge has this budget with `on_error: drop`; dropping "
+        "that many samples would bias or starve training.",
     )
     failure_window: int = Field(
-        200, ge=1, description="Recent calls (per worker) over which `max_failure_fraction` is judged."
+        200,
+        ge=1,
+        description="Recent samples (per worker; a per-sample function's calls) over which `max_failure_fraction` is "
+        "judged; size it above a batch function's calls.",
     )
 
 

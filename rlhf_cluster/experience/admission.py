@@ -116,7 +116,7 @@ class Admission:
             return Prompt(
                 prompt_id, text, answer, ids, source=known.source, extra=known.extra, answer_value=known.answer_value
             )
-        return Prompt(prompt_id, text, answer, ids)
+        return Prompt(prompt_id, text, answer, ids, answer_value=known.answer_value)  # the answer matched: its value
 
     def load_state_dict(self, state: dict, groups_done: int) -> None:
         """Restore the prompt order; `groups_done` groups (trained on or buffered) count as started."""

@@ -40,15 +40,17 @@ def _names(fn: Callable, *names: str) -> bool:
 
 
 def verl_keywords(fn: Callable, where: str) -> tuple[str, ...] | None:
-    """The verl names (and any of ours: prompt, source, extra, prompt_id) `fn` takes by keyword,
-    None for all (a `**kwargs` function); a ValueError naming `where` when it cannot be called
-    with them by keyword (a positional-only parameter, a required one none of these names)."""
+    """The verl names (and any of ours: prompt, source, extra, prompt_id) `fn` takes by keyword (a
+    `**kwargs` function: verl's four and those of ours it names), the names each call passes; a
+    ValueError naming `where` when it cannot be called with them by keyword (a positional-only
+    parameter, a required one none of these names)."""
     params = inspect.signature(fn).parameters
     offered = (*VERL_NAMES, *OURS)
+    named = tuple(n for n in offered if n in params and params[n].kind in _BY_KEYWORD)
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        names = None
+        names = VERL_NAMES + tuple(n for n in named if n not in VERL_NAMES)  # verl's four, and ours it names
     else:
-        names = tuple(n for n in offered if n in params and params[n].kind in _BY_KEYWORD)
+        names = named
     try:
         inspect.signature(fn).bind(**dict.fromkeys(offered if names is None else names))
     except TypeError as exc:

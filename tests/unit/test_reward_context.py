@@ -232,3 +232,20 @@ def test_a_function_that_edits_extra_leaves_the_next_samples_alone():
     contexts = {"a": RewardContext("1", "1+0=", None, {"tests": ["xy"]})}
     assert [r for r, _ in reward.score(_rollouts([("a", "1"), ("a", "2"), ("a", "3")]), contexts)] == [2.0, 2.0, 2.0]
     assert contexts["a"].extra == {"tests": ["xy"]}
+
+
+def test_a_resume_under_another_rendering_keeps_a_raw_ground_truth(tmp_path):
+    """Found in review: a pending prompt whose text changed since its checkpoint, without source or
+    extra columns, came back without its raw ground truth (`answer_value`: a verl function's list)."""
+    from rlhf_cluster.data.prompts import Prompt
+
+    prompts = [Prompt(f"p{i}", f"q{i}", str([str(i), "x"]), answer_value=[str(i), "x"]) for i in range(4)]
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    adm = Admission(cfg.train, cfg.generation, PromptSource(prompts, seed=3))
+    [adm.admit(0) for _ in range(2)]
+    state = json.loads(json.dumps(adm.state_dict()))
+    rerendered = [replace(p, text=f"<user>{p.text}") for p in prompts]
+    again = Admission(cfg.train, cfg.generation, PromptSource(rerendered, seed=3))
+    again.load_state_dict(state, groups_done=0)
+    back = [again.admit(5)[1][0] for _ in range(2)]
+    assert all(p.answer_value == [p.prompt_id[1:], "x"] and not p.text.startswith("<user>") for p in back)

@@ -359,3 +359,17 @@ def test_a_verl_function_is_checked_at_load_and_its_dicts_read_whole(user_module
     assert RuleReward(None, reward_fn=with_prompt).score([rollout], contexts)[0][0] == 1.0  # ours passed too
     read = verl_value({"score": 0.5, "reward": 3.0, "ok": np.bool_(True), "bad": float("nan"), "pred": "1"})
     assert read == {"reward": 0.5, "verl_reward": 3.0, "ok": 1.0}
+
+
+def test_a_verl_function_with_kwargs_gets_the_names_its_load_check_bound():
+    from rlhf_cluster.scoring.rewards import RewardContext
+    from rlhf_cluster.scoring.verl_rewards import VERL_NAMES, verl_keywords
+
+    def with_prompt(solution_str, ground_truth, prompt, **kwargs):  # `prompt` required, the rest by **kwargs
+        assert set(kwargs) == {"data_source", "extra_info"}
+        return float(prompt == "q")
+
+    assert verl_keywords(with_prompt, "where") == (*VERL_NAMES, "prompt")
+    rollout = Rollout("s", "p", "g", [1], [2], [0.0], 0, "stop", "1")
+    out = RuleReward(None, reward_fn=with_prompt).score([rollout], {"p": RewardContext("1", "q", None, {})})
+    assert out[0][0] == 1.0
