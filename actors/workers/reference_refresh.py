@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 
+from actors.workers.pools import STARTUP_TIMEOUT_S
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.telemetry import metrics as m
@@ -64,12 +65,15 @@ class ReferenceRefresh:
         self._tasks: list[asyncio.Task] = []  # refreshes in flight, in order
         self._writes: list[asyncio.Future] = []  # each one's folder written (or not to be)
         self.timeline = 0  # bumped by `abandon`: a refresh of an abandoned timeline writes and switches nothing
+        self._handed_out: dict[int, float] = {}  # reference version -> when a starting worker was last given its folder
         if self.every:
             folder_weights(Path(base))  # a model folder a refresh cannot read fails now, not at the first refresh
         self.current, self.version = self._restored(version)
 
     def model_path(self, slot: int) -> str:
-        """The folder a new reference worker starts from (any slot)."""
+        """The folder a new reference worker starts from (any slot). Its constructor may read it for
+        up to the pool's start-up bound, through any number of refreshes: kept that long."""
+        self._handed_out[self.version] = time.monotonic()
         return self.current
 
     def serve(self, pool: Any) -> None:
@@ -170,9 +174,17 @@ class ReferenceRefresh:
         await self._switch(str(folder_of(self.root, version)), version, timeline)
         if timeline != self.timeline:
             return
-        # Kept: the kept checkpoints' references, this one and the one before (a worker may still be loading it).
-        kept = [*self.kept_versions(), before, version]
+        # Kept: the kept checkpoints' references, this one, the one before (a worker may still be loading
+        # it) and those a worker still starting may be reading.
+        kept = [*self.kept_versions(), before, version, *self._starting()]
         await asyncio.to_thread(prune, self.root, self.every, kept)
+
+    def _starting(self) -> list[int]:
+        """The reference versions given to a worker start within the pool's start-up bound (a
+        constructor that takes longer is killed)."""
+        since = time.monotonic() - STARTUP_TIMEOUT_S
+        self._handed_out = {v: t for v, t in self._handed_out.items() if t >= since}
+        return list(self._handed_out)
 
     @contextmanager
     def _leased(self, version: int) -> Iterator[None]:

@@ -123,6 +123,25 @@ def test_retention_keeps_the_kept_checkpoints_references_the_current_and_the_one
     assert list(written(ref.root)) == [2, 6, 8]  # checkpoint 3 loads 2's; 8 is current, 6 was until now
 
 
+def test_a_folder_a_worker_is_still_starting_from_is_kept_through_later_refreshes(
+    tmp_path, tiny_model_path, job_config, monkeypatch
+):
+    ref, _ = _refresher(tmp_path, tiny_model_path, job_config=job_config)
+    ref.serve(SimpleNamespace(actors={}, spares={}))
+
+    async def scenario():
+        await _refreshed(ref, 2)
+        assert ref.model_path(slot=3) == str(folder_of(ref.root, 2))  # a replacement's constructor reads it from now
+        await _refreshed(ref, 4, 6)
+        assert list(written(ref.root)) == [2, 4, 6], "a folder a starting worker reads was removed"
+        # Past the pool's start-up bound the constructor is killed if still running: the folder goes.
+        monkeypatch.setattr(refresh_module, "STARTUP_TIMEOUT_S", 0)
+        await _refreshed(ref, 8)
+        assert list(written(ref.root)) == [6, 8]
+
+    asyncio.run(scenario())
+
+
 def test_a_refresh_a_rollback_abandons_switches_nothing(tmp_path, tiny_model_path, job_config):
     ref, _ = _refresher(tmp_path, tiny_model_path, job_config=job_config)
     worker = _Worker(tiny_model_path)
