@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import ray
 import yaml
+from typer.testing import CliRunner
 
+from actors.commands.cli import app
 from rlhf_cluster.data.prompts import read_prompt_file
 from rlhf_cluster.experience.records import table_to_samples
 from rlhf_cluster.fileio import read_jsonl
@@ -55,6 +58,22 @@ def _launch(config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([CLI, "train", str(config), "--address", gcs, *extra], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _refused(config: Path, *extra: str):
+    """`rlhf-cluster train CONFIG` refused (exit code 2, a message, no traceback) before Ray starts:
+    run in this process (the CLI's own code; a second interpreter importing it all costs ~3 s of a
+    2-core machine, beside a running job), with `ray.init` failing the test if it is reached."""
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the refused command reached ray.init")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "init", reached)
+        done = CliRunner().invoke(app, ["train", str(config), "--address", ray.get_runtime_context().gcs_address,
+                                        *extra])
+    assert done.exit_code == 2 and isinstance(done.exception, SystemExit), (done.output, done.exception)
+    return done
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -96,11 +115,8 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
         assert driver.poll() is None, driver.stdout.read()[-4000:]
         time.sleep(0.1)
     # A second job on the live job's run_dir is refused with one line naming the first; nothing is touched.
-    intruder = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address,
-                             "--overwrite"], cwd=REPO, text=True, capture_output=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert intruder.returncode == 2, intruder.stdout + intruder.stderr
-    assert "is in use by job 'stop-resume'" in intruder.stderr and "Traceback" not in intruder.stderr
+    intruder = _refused(config, "--overwrite")
+    assert "is in use by job 'stop-resume'" in intruder.stderr, intruder.stderr
     out = _stop_after(driver, run_dir, 3, signal.SIGTERM)
     assert "SIGTERM: stopping after the step in progress" in out and "continue with:" in out and "--resume auto" in out
     resumed_at = []
@@ -110,10 +126,8 @@ def test_stops_resume_and_bad_rewards_from_the_cli(ray_cluster, job_config, tmp_
         ckpt = store.latest()
         assert ckpt is not None and ckpt.step == done - 1, "the stop's checkpoint holds every trained step"
         if stop_number == 1:  # starting over without --resume or --overwrite is refused: the stopped run is kept
-            refused = subprocess.run([CLI, "train", str(config), "--address", ray.get_runtime_context().gcs_address],
-                                     cwd=REPO, text=True, capture_output=True, timeout=60,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
-            assert refused.returncode == 2 and "--resume auto" in refused.stderr, refused.stderr
+            refused = _refused(config)
+            assert "--resume auto" in refused.stderr, refused.stderr
         # The first resume also changes the learning rate and the KL coefficient (they apply) and
         # shrinks the learner from 2 ranks to 1; the second grows it back to the config's 2.
         overrides = ["--set", "learner.lr=0.0005", "--set", "algorithm.kl.coef=0.05",
