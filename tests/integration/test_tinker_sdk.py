@@ -1,4 +1,4 @@
-"""`rlhf-cluster tinker` on a local Ray instance, driven by the `tinker` SDK's own client, unmodified:
+"""`rlhf-cluster tinker` joined to a Ray cluster (the session's), driven by the `tinker` SDK's own client, unmodified:
 learner ranks and a vLLM engine behind it, the tiny model as the base.
 
 - an SFT loop (`cross_entropy`, `optim_step`) lowers its loss;
@@ -90,11 +90,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, model_cache) -> Path:
+def config(tmp_path_factory, model_cache, ray_cluster) -> Path:
     root = tmp_path_factory.mktemp("tinker")
     cfg = {
         "token": KEY,
         "port": 0,
+        # The session's Ray, joined as a cluster is (a head of its own per server start is ~3 s and its
+        # shutdown; the server's actors end with its process either way).
+        "ray_address": ray_cluster.get_runtime_context().gcs_address,
         "state_dir": str(root / "state"),
         "session_timeout_s": 120,
         "model": {"name": NAME, "cache_dir": model_cache, "max_context_length": 1024, "tiny": TINY},
