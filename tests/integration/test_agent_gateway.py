@@ -37,19 +37,10 @@ def _model_turns(ids: list[int], mask: list[int]) -> list[list[int]]:
     return turns
 
 
-def test_an_openai_client_agent_trains_through_the_gateway_with_exact_traces(ray_cluster, job_config):
-    cfg = job_config(name="agent", generation={
-        "agent": {"function": "tests.integration.calculator_agent:run", "timeout_s": 120},
-        "sampling": {"n": 4, "max_new_tokens": 64}, "turn_rewards": {"combine": "sum"}},
-        train={"total_steps": 3, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
-               "record_rollouts": True})  # keeps every scored group in the log
-    result = run_job(cfg)
-    assert [r["step"] for r in result.rows] == [0, 1, 2]
-
-    scored = [s for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0) for s in group]
-    assert len(scored) >= 3 * 2 * 4
+def _check_traces(samples: list) -> None:
+    """Each sample is its calculator episode token for token (its trace file, read and removed)."""
     checked = 0
-    for s in scored:
+    for s in samples:
         [trace_file] = TRACES.glob(f"{s.sample_id}:*.json")
         trace = json.loads(trace_file.read_text())
         trace_file.unlink()
@@ -64,10 +55,10 @@ def test_an_openai_client_agent_trains_through_the_gateway_with_exact_traces(ray
         assert sum(1 for m in trace["messages"] if m.get("content") == NUDGE) >= 1
         assert s.reward_components["turn_reward"] in (0.0, 1.0)
         checked += 1
-    assert checked == len(scored)
-    assert any(s.reward_components["turn_reward"] == 1.0 for s in scored)
-    assert any(a != 0.0 for s in scored for a in s.advantages), "no group had a signal: nothing was trained"
-    assert max(s.policy_version for s in scored) >= 1, "no episode was sampled with trained weights"
+    assert checked == len(samples)
+    assert any(s.reward_components["turn_reward"] == 1.0 for s in samples)
+    assert any(a != 0.0 for s in samples for a in s.advantages), "no group had a signal: nothing was trained"
+    assert max(s.policy_version for s in samples) >= 1, "no episode was sampled with trained weights"
 
 
 def _counted(url: str, metric: str, label: str) -> dict[str, float]:
@@ -77,19 +68,9 @@ def _counted(url: str, metric: str, label: str) -> dict[str, float]:
             for line in text.splitlines() if line.startswith(metric + "{")}
 
 
-def test_agents_that_hang_hog_memory_or_exit_cost_only_their_own_samples(ray_cluster, job_config):
-    """`isolation: process`: one episode's agent sleeps forever, one allocates without bound, one
-    exits its process; each is counted by kind and dropped like a failed reward, the worker's
-    process (its counters) outlives all three, and the job goes on training until it is stopped."""
-    shutil.rmtree(MARKERS, ignore_errors=True)
-    MARKERS.mkdir(parents=True)
-    cfg = job_config(name="agent-faults", generation={
-        "agent": {"function": "tests.integration.misbehaving_agent:once_each", "timeout_s": 6,
-                  "isolation": "process", "memory_mb": 512, "max_concurrent": 4},
-        "sampling": {"n": 4, "max_new_tokens": 64}, "turn_rewards": {"combine": "sum"}},
-        # Far more steps than needed: the test stops the job once all three failures are counted.
-        train={"total_steps": 100_000, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
-               "record_rollouts": True})  # keeps every scored group in the log
+def _run_until_three_failures(cfg) -> tuple:
+    """Runs the job until the gateway counted three failed agent calls, the driver dropped a failed
+    sample and three steps were trained; then stops it. Returns (result, failures, dropped)."""
     job = Job(cfg)
     outcome: list = []
     thread = threading.Thread(target=lambda: outcome.append(job.run()), daemon=True)
@@ -104,7 +85,8 @@ def test_agents_that_hang_hog_memory_or_exit_cost_only_their_own_samples(ray_clu
             time.sleep(0.5)
             targets = job.run_dir / RunDir.SCRAPE_TARGETS
             if targets.exists():
-                [worker] = [g["targets"][0] for g in json.loads(targets.read_text()) if g["labels"]["pool"] == "generation"]
+                groups = json.loads(targets.read_text())
+                [worker] = [g["targets"][0] for g in groups if g["labels"]["pool"] == "generation"]
                 failures = _counted(f"http://{worker}/metrics", "rlhf_gateway_agent_failures_total", "kind")
                 dropped = _counted(f"http://127.0.0.1:{job.metrics_port}/metrics", "rlhf_buffer_samples_dropped_total",
                                    "reason")
@@ -112,7 +94,35 @@ def test_agents_that_hang_hog_memory_or_exit_cost_only_their_own_samples(ray_clu
         job.stop()
         thread.join(timeout=300)
         job.shutdown()
-    result = outcome[0]
+    return outcome[0], failures, dropped
+
+
+def test_an_openai_client_agent_trains_with_exact_traces_and_agents_that_hang_hog_or_exit_cost_only_their_samples(
+    ray_cluster, job_config
+):
+    """One job, `isolation: process`, agent `misbehaving_agent.once_each`: one episode's agent sleeps
+    forever, one allocates without bound, one exits its process; each is counted by kind and dropped
+    like a failed reward, the worker's process (its counters) outlives all three, and the job goes on
+    training until it is stopped. Every other episode is the calculator agent (the `openai` client,
+    three turns): every sample the job kept is its episode token for token (see the module's doc).
+
+    Session 21 merged two jobs here (one job start fewer): the exact traces were checked on a job of
+    their own under `isolation: auto`, i.e. a thread (an agent from this project's folder), and are
+    now checked under `process` (child processes). Isolation only decides where the agent function runs
+    (`AgentRunner._call`); the gateway builds the samples the same way for both. An `openai`-client agent
+    in a thread in a job, its exact tokens, log-probs and reward, and a job ending at its `total_steps`,
+    stay covered by test_agent_turn_samples (auto: a thread) and test_vlm_agent_gateway's job (thread)."""
+    shutil.rmtree(MARKERS, ignore_errors=True)
+    MARKERS.mkdir(parents=True)
+    shutil.rmtree(TRACES, ignore_errors=True)  # the calculator's episodes write here; checked below
+    cfg = job_config(name="agent-faults", generation={
+        "agent": {"function": "tests.integration.misbehaving_agent:once_each", "timeout_s": 6,
+                  "isolation": "process", "memory_mb": 512, "max_concurrent": 4},
+        "sampling": {"n": 4, "max_new_tokens": 64}, "turn_rewards": {"combine": "sum"}},
+        # Far more steps than needed: the test stops the job once all three failures are counted.
+        train={"total_steps": 100_000, "prompts_per_step": 2, "max_staleness": 1, "progress": False,
+               "record_rollouts": True})  # keeps every scored group in the log
+    result, failures, dropped = _run_until_three_failures(cfg)
     assert {p.name for p in MARKERS.iterdir()} == {"sleep", "hog", "exit"}  # each misbehaviour happened
     # The sleeper killed at its timeout, the process that exited died; the hog raised MemoryError (or died).
     assert failures.get("timeout") == 1 and failures.get("died", 0) >= 1 and sum(failures.values()) == 3, failures
@@ -126,6 +136,13 @@ def test_agents_that_hang_hog_memory_or_exit_cost_only_their_own_samples(ray_clu
     # A group that lost one sample to its agent trains on the rest (3 of 4: enough for its advantages).
     steps = len(result.rows)
     assert steps >= 3 and steps * cfg.samples_per_step - 3 <= len(trained) <= steps * cfg.samples_per_step
+    assert [r["step"] for r in result.rows] == list(range(steps))
+    # The exact traces, on every logged sample that was not failed (a failed one has no trace; in
+    # practice the failed are left out of their groups before the log), every trained one among them:
+    # at least 3 steps' worth less the 3 failed (the separate job's `>= 3 * 2 * 4` of its 3 full steps).
+    kept = [s for s in logged if s.sample_id not in failed]
+    assert set(trained) <= {s.sample_id for s in kept} and len(kept) >= 3 * cfg.samples_per_step - 3
+    _check_traces(kept)
 
 
 def test_an_agent_that_fails_every_call_stops_the_job_naming_it(ray_cluster, job_config):
