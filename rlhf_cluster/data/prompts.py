@@ -42,6 +42,9 @@ class Prompt:
     answer: str
     token_ids: tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None  # a chat `messages` column, rendered by `apply_chat_template`
+    # The messages column's own messages as read (no `data.system_prompt` or images-column parts
+    # added; `apply_chat_template` keeps them): a batch reward function's `prompts`. None: a plain prompt.
+    conversation: tuple[dict, ...] | None = None
     source: str | None = None  # where the prompt comes from (`data.columns.source`): evaluation reports per source
     images: tuple[bytes, ...] = ()  # `data.columns.images` (a visual task's `images` column)
     extra: dict[str, Any] = field(default_factory=dict)  # `data.columns.extra`, as pyarrow reads them
@@ -169,7 +172,7 @@ def read_prompt_file(
         chats = [_messages(file, i, m) for i, m in zip(ids, table.column(columns.messages).to_pylist())]
         _check_image_parts(file, ids, chats, images)
         return [
-            Prompt(i, "", a, messages=m, source=src, images=im, extra=x, answer_value=v)
+            Prompt(i, "", a, messages=m, source=src, images=im, extra=x, answer_value=v, conversation=m)
             for i, a, m, src, im, x, v in zip(ids, answers, chats, sources, images, extras, raw)
         ]
     texts = table.column(columns.prompt).to_pylist()
@@ -332,6 +335,7 @@ def apply_chat_template(
                 images=p.images,
                 extra=p.extra,
                 answer_value=p.answer_value,
+                conversation=p.conversation,
             )
         )
     return out

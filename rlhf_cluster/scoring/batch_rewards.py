@@ -1,9 +1,10 @@
 """Batch reward functions (`scoring.rewards[].batch: true`): one call per scoring call, as TRL
 calls its reward functions and verl's BatchRewardManager its `compute_score`. A function written
 for verl (it names `solution_strs` and `ground_truths`) has its dicts read as verl reads them
-(`score` is the reward: `verl_rewards.verl_value`). A TRL function runs unchanged where it reads
-text: `completions` and `prompts` are strings (TRL's conversational datasets give message lists),
-None is a failed sample (TRL: not applicable), and there is no `trainer_state`.
+(`score` is the reward: `verl_rewards.verl_value`). A TRL function runs unchanged: its
+`completions` and `prompts` are strings for a plain prompt column, and TRL's conversational form
+when the prompts come from a messages column (`data.columns.messages`; below). None is a failed
+sample (TRL: not applicable), and there is no `trainer_state`.
 
 `RuleReward.score` (rlhf_cluster/scoring/rewards.py) gets the rollouts of one scoring call: one or
 more groups (a group's failed rollouts left out; an episode trained per turn: its last turn), or a
@@ -13,9 +14,17 @@ aligned with the rollouts:
 
 - `completions`: the response texts; `completion_ids`: the response token ids (a list per row);
 - `prompts`: the prompt texts as the policy saw them; `prompt_id`: the prompts' ids;
+- conversational (TRL's form for a dataset whose prompt column holds chat messages): when the
+  prompts come from a messages column, each of `prompts` is instead the row's messages (a list of
+  `{role, content}` dicts, as the file gives them: without `data.system_prompt`'s turn and without
+  the image parts placed for `data.columns.images`; image parts the messages hold themselves stay,
+  as `{type: image}`), and each of `completions` is `[{"role": "assistant", "content": text}]`.
+  TRL's rule for a prompt ending in an assistant turn (its content prefixes the completion) has
+  no use here: such a row is refused when the file is read. A row of that call without messages (a
+  checkpoint's pending prompt whose row or rendering changed since) gets its text as one user turn;
 - `answer`: the reference answers ("" without an answer column); `source`: `data.columns.source`'s
   values (None without that column);
-- in verl's spelling (its BatchRewardManager's `compute_score`): `solution_strs` (= completions),
+- in verl's spelling (its BatchRewardManager's `compute_score`, always text): `solution_strs` (= the texts),
   `ground_truths` (= answer), `data_sources` (= source), `extra_infos` (each row's
   `data.columns.extra` columns as one dict);
 - each `data.columns.extra` column under its own name (None where a row lacks it; the names above
@@ -71,6 +80,8 @@ class BatchContext(Protocol):
     def extra(self) -> Mapping[str, Any]: ...
     @property
     def answer_value(self) -> Any: ...  # the answer column's own value where it is no string (verl's ground truth)
+    @property
+    def messages(self) -> tuple[dict, ...] | None: ...  # the messages column's messages (None: a plain prompt)
 
 
 def batch_keywords(fn: Callable, where: str, columns: Sequence[str] | None = None) -> tuple[str, ...] | None:
@@ -121,9 +132,10 @@ def batch_arguments(
     # One copy of each row's extra columns, nested lists too, so edits stay in the call (shared by its lists).
     copies = bool(present) and any(n in wanted for n in (*present, "extra_infos"))
     extras = [copy.deepcopy(dict(c.extra)) for c in rows] if copies else [{} for _ in rows]
+    chats = any(c.messages is not None for c in rows)  # a messages column's prompts: TRL's conversational form
     fixed: dict[str, Callable[[], list]] = {
-        "completions": lambda: [r.response_text for r in rollouts],
-        "prompts": lambda: [c.prompt for c in rows],
+        "completions": lambda: [_completion(r.response_text, chats) for r in rollouts],
+        "prompts": lambda: [_prompt(c, chats) for c in rows],
         "completion_ids": lambda: [list(r.response_ids) for r in rollouts],
         "answer": lambda: [c.answer for c in rows],
         "source": lambda: [c.source for c in rows],
@@ -138,6 +150,21 @@ def batch_arguments(
         if name in wanted and name not in fixed:
             out[name] = [x.get(name) for x in extras]
     return out
+
+
+def _completion(text: str, chats: bool) -> str | list[dict]:
+    """One of `completions`: the text, or (conversational) TRL's one assistant message holding it."""
+    return [{"role": "assistant", "content": text}] if chats else text
+
+
+def _prompt(context: BatchContext, chats: bool) -> str | list[dict]:
+    """One of `prompts`: the text, or (conversational) the row's messages, its own copy (edits stay
+    in the call); a row without messages in such a call: its text as one user turn."""
+    if not chats:
+        return context.prompt
+    if context.messages is None:
+        return [{"role": "user", "content": context.prompt}]
+    return copy.deepcopy(list(context.messages))
 
 
 def batch_items(value: object, n: int) -> list[object]:

@@ -86,11 +86,16 @@ class RewardContext:
     source: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     answer_value: Any = None  # the answer column's own value where it is no string (`Prompt.answer_value`)
+    # The prompt's chat messages as its data.columns.messages column gives them (`Prompt.conversation`);
+    # None: a plain prompt. A batch function's `prompts` are then these (TRL's conversational form).
+    messages: tuple[dict, ...] | None = None
 
 
 def reward_contexts(prompts: Iterable[Prompt]) -> dict[str, RewardContext]:
     """Each prompt's `RewardContext`, by prompt id: what scoring its responses is sent."""
-    return {p.prompt_id: RewardContext(p.answer, p.text, p.source, p.extra, p.answer_value) for p in prompts}
+    return {
+        p.prompt_id: RewardContext(p.answer, p.text, p.source, p.extra, p.answer_value, p.conversation) for p in prompts
+    }
 
 
 class RewardFunctionError(RuntimeError):
