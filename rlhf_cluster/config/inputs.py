@@ -132,7 +132,8 @@ class PromptColumns(_Strict):
     messages: str | None = Field(
         None,
         description="Column of chat messages (a list of {role, content}) used instead of `prompt`; needs "
-        "data.chat_template.",
+        "data.chat_template. A batch reward function then gets TRL's conversational form (TRL: a conversational "
+        "dataset's `prompt`): `prompts` these messages, `completions` [{role: assistant, content}] lists.",
     )
     answer: str | None = Field(
         None,
