@@ -174,7 +174,7 @@ def agent_messages(prompt: Prompt) -> list[dict]:
     """The messages an agent starts from: the prompt's messages (or its text as one user turn),
     each `{type: image}` part an `image_url` part with the prompt's next image as a data URL
     (images the messages do not place go before the first user turn's text)."""
-    from rlhf_cluster.data.prompts import with_images
+    from rlhf_cluster.data.chat_template import with_images
 
     messages = [dict(m) for m in prompt.messages] if prompt.messages else [{"role": "user", "content": prompt.text}]
     if not prompt.images:

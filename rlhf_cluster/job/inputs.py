@@ -10,10 +10,11 @@ from typing import Literal
 from tqdm import tqdm
 
 from rlhf_cluster.config import JobConfig
+from rlhf_cluster.data.chat_template import apply_chat_template
 from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
 from rlhf_cluster.data.placebo import shuffled_images
 from rlhf_cluster.data.prompt_files import as_paths, describe, job_prompt_files, read_prompts
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template
+from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.config import FunctionReward, JobConfig
+from rlhf_cluster.data.chat_template import apply_chat_template
 from rlhf_cluster.data.images import describe_images
 from rlhf_cluster.data.prompt_files import read_prompts
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template
+from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens

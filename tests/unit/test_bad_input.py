@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from rlhf_cluster.config import ConfigError, DataConfig, PromptColumns, load_config
 from rlhf_cluster.data import tasks
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template, prepare_prompt_files, read_prompt_file
+from rlhf_cluster.data.chat_template import apply_chat_template
+from rlhf_cluster.data.prompts import Prompt, prepare_prompt_files, read_prompt_file
 from rlhf_cluster.job.preflight import preflight
-from rlhf_cluster.scoring.rewards import RuleReward
 from rlhf_cluster.job.validation import validate_model_dir
+from rlhf_cluster.scoring.rewards import RuleReward
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [{"prompt_id": "a", "prompt": "1+2=", "answer": "3"}, {"prompt_id": "b", "prompt": "4+5=", "answer": "9"}]

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhf_cluster.config import PromptColumns
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
+from rlhf_cluster.data.chat_template import apply_chat_template
+from rlhf_cluster.data.prompts import Prompt, read_prompt_file
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.rewards import FAILED, RewardContext, RuleReward, reward_contexts
 

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template
+from rlhf_cluster.data.chat_template import apply_chat_template
+from rlhf_cluster.data.prompts import Prompt
 from tests.byo import CHATML, save_chat_model
 
 # ChatML whose generation prompt closes an empty think block when `enable_thinking` is false (Qwen3's way).

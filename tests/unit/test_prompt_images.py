@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from rlhf_cluster.config import PromptColumns
+from rlhf_cluster.data.chat_template import apply_chat_template
 from rlhf_cluster.data.eval_split import content_key, split_by_fraction
 from rlhf_cluster.data.images import ImageError, check_image, describe_images, image_tokens, resized_size
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template, read_prompt_file
+from rlhf_cluster.data.prompts import Prompt, read_prompt_file
 
 COLUMNS = PromptColumns(images="image")
 

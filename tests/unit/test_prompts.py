@@ -253,7 +253,7 @@ class _ChatML:
 
 def test_chat_template_renders_messages_and_user_turns(tmp_path):
     from rlhf_cluster.config import PromptColumns
-    from rlhf_cluster.data.prompts import apply_chat_template
+    from rlhf_cluster.data.chat_template import apply_chat_template
 
     path = _jsonl(tmp_path / "chat.jsonl", [
         {"id": "a", "messages": [{"role": "user", "content": "2+2?"}], "answer": "4"},
@@ -272,6 +272,7 @@ def test_chat_template_renders_messages_and_user_turns(tmp_path):
 
 def test_a_save_to_disk_folder_is_read(tmp_path):
     import datasets  # a dev dependency (pyproject)
+
     from rlhf_cluster.config import PromptColumns
 
     ds = datasets.Dataset.from_dict({"question": [f"q{i}" for i in range(5)], "answer": [f"#### {i}" for i in range(5)]})

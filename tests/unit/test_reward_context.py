@@ -15,8 +15,9 @@ import pytest
 
 from actors.workers.scoring_calls import ScoringCalls
 from rlhf_cluster.config import ConfigError, JobConfig, PromptColumns, load_config
+from rlhf_cluster.data.chat_template import apply_chat_template
 from rlhf_cluster.data.eval_split import split_by_fraction
-from rlhf_cluster.data.prompts import PromptSource, apply_chat_template, read_prompt_file
+from rlhf_cluster.data.prompts import PromptSource, read_prompt_file
 from rlhf_cluster.experience.admission import Admission
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.job.preflight import preflight

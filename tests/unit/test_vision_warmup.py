@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from rlhf_cluster.config import TinyModelConfig
-from rlhf_cluster.data.prompts import Prompt, apply_chat_template
+from rlhf_cluster.data.chat_template import apply_chat_template
+from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.visual_task import visual_rows
 from rlhf_cluster.job import vision_warmup
 from rlhf_cluster.job.warmup import warmed_model_dir
