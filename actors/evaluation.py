@@ -43,7 +43,7 @@ async def _judged(
     one greedy answer per prompt, or with `samples` > 0 that many sampled ones."""
     _, rollouts = await cluster.call("generation", "evaluate", prompts, version, samples)
     rollouts = [rollouts[i] for i in scored_indices(rollouts)]  # an episode trained per turn: its answer
-    contexts = reward_contexts(prompts)
+    contexts = reward_contexts(prompts, cluster.cfg.data.columns.messages is not None)
     # Scored in parts of whole prompts, as many at once as there are reward workers: a batch reward
     # function's call (and its timeout) sees about a training call's size, not the whole held-out set.
     at_once = asyncio.Semaphore(max(1, len(cluster.pools["reward"])))

@@ -1,5 +1,5 @@
 """Prompt sources: a parquet, jsonl or save_to_disk dataset read with pyarrow (columns mapped by
-`data.columns`, chat templates applied), served in a seeded order.
+`data.columns`; rendered as chats by `chat_template.py`), served in a seeded order.
 
 Built-in tasks write their prompts to parquet first and come back through this same reader,
 so a user's dataset and the demo take one path.

@@ -17,11 +17,17 @@ from rlhf_cluster.data.prompts import Prompt, PromptSource
 
 
 def _columns_digest(prompt: Prompt) -> str | None:
-    """A digest of a prompt's source and extra columns (None without either), kept in a checkpoint
-    in their place: they need not be JSON values (`data.columns.extra` as pyarrow reads them)."""
-    if prompt.source is None and not prompt.extra:
+    """A digest of a prompt's source and extra columns and its row's own messages (None without
+    any), kept in a checkpoint in their place: they need not be JSON values (`data.columns.extra`
+    as pyarrow reads them). Without messages it is what checkpoints before them kept."""
+    if prompt.source is None and not prompt.extra and prompt.conversation is None:
         return None
-    return hashlib.blake2b(repr((prompt.source, prompt.extra)).encode(), digest_size=16).hexdigest()
+    kept = (
+        (prompt.source, prompt.extra)
+        if prompt.conversation is None
+        else (prompt.source, prompt.extra, prompt.conversation)
+    )
+    return hashlib.blake2b(repr(kept).encode(), digest_size=16).hexdigest()
 
 
 class Admission:
@@ -103,9 +109,10 @@ class Admission:
         """A pending prompt of a checkpoint: the source's own where it still holds it unchanged (its
         images, messages, source and extra columns come with it: the state keeps only the text
         fields and a digest of the others). Where its text changed since (another chat template or
-        its settings) but its answer, source and extra columns did not (`columns`, the digest), the
-        checkpoint's prompt with them, so a reward function reading `extra` still finds them; not its
-        images or messages, which the checkpoint's text may not match. Else as kept."""
+        its settings) but its answer, source, extra columns and messages did not (`columns`, the digest), the
+        checkpoint's prompt with them, so a reward function reading `extra` still finds them (and the
+        row's own messages, a batch function's `prompts`); not its images or rendered messages, which
+        the checkpoint's text may not match. Else as kept."""
         ids = tuple(token_ids) if token_ids else None
         known = self.source.find(prompt_id)
         if known is None or known.answer != answer:
@@ -114,7 +121,14 @@ class Admission:
             return known
         if columns is not None and _columns_digest(known) == columns:
             return Prompt(
-                prompt_id, text, answer, ids, source=known.source, extra=known.extra, answer_value=known.answer_value
+                prompt_id,
+                text,
+                answer,
+                ids,
+                source=known.source,
+                extra=known.extra,
+                answer_value=known.answer_value,
+                conversation=known.conversation,  # the row's own messages: a batch reward function's `prompts`
             )
         return Prompt(prompt_id, text, answer, ids, answer_value=known.answer_value)  # the answer matched: its value
 

@@ -1,10 +1,12 @@
 """Batch reward functions (`scoring.rewards[].batch: true`): one call per scoring call, as TRL
 calls its reward functions and verl's BatchRewardManager its `compute_score`. A function written
 for verl (it names `solution_strs` and `ground_truths`) has its dicts read as verl reads them
-(`score` is the reward: `verl_rewards.verl_value`). A TRL function runs unchanged: its
-`completions` and `prompts` are strings for a plain prompt column, and TRL's conversational form
-when the prompts come from a messages column (`data.columns.messages`; below). None is a failed
-sample (TRL: not applicable), and there is no `trainer_state`.
+(`score` is the reward: `verl_rewards.verl_value`). A TRL function runs unchanged where it reads
+what TRL gives it that this job has: its `completions` and `prompts` are strings for a plain prompt
+column, and TRL's conversational form when the prompts come from a messages column
+(`data.columns.messages`; below), the same form for every call of the job. None is a failed
+sample (TRL: not applicable). Not given: TRL's `trainer_state`, `log_extra` and `log_metric`, and a
+dataset column that `data.columns.extra` does not name (a `**kwargs` function indexing one fails).
 
 `RuleReward.score` (rlhf_cluster/scoring/rewards.py) gets the rollouts of one scoring call: one or
 more groups (a group's failed rollouts left out; an episode trained per turn: its last turn), or a
@@ -20,8 +22,9 @@ aligned with the rollouts:
   the image parts placed for `data.columns.images`; image parts the messages hold themselves stay,
   as `{type: image}`), and each of `completions` is `[{"role": "assistant", "content": text}]`.
   TRL's rule for a prompt ending in an assistant turn (its content prefixes the completion) has
-  no use here: such a row is refused when the file is read. A row of that call without messages (a
-  checkpoint's pending prompt whose row or rendering changed since) gets its text as one user turn;
+  no use here: such a row is refused when the file is read. A prompt of such a job without its
+  row's messages (a checkpoint's pending prompt whose row changed since) gets its text as one user
+  turn (`rewards.reward_contexts`);
 - `answer`: the reference answers ("" without an answer column); `source`: `data.columns.source`'s
   values (None without that column);
 - in verl's spelling (its BatchRewardManager's `compute_score`, always text): `solution_strs` (= the texts),
@@ -132,7 +135,8 @@ def batch_arguments(
     # One copy of each row's extra columns, nested lists too, so edits stay in the call (shared by its lists).
     copies = bool(present) and any(n in wanted for n in (*present, "extra_infos"))
     extras = [copy.deepcopy(dict(c.extra)) for c in rows] if copies else [{} for _ in rows]
-    chats = any(c.messages is not None for c in rows)  # a messages column's prompts: TRL's conversational form
+    # A messages column's job: TRL's conversational form (`reward_contexts` gives every context messages).
+    chats = any(c.messages is not None for c in rows)
     fixed: dict[str, Callable[[], list]] = {
         "completions": lambda: [_completion(r.response_text, chats) for r in rollouts],
         "prompts": lambda: [_prompt(c, chats) for c in rows],

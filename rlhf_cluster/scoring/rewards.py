@@ -91,11 +91,21 @@ class RewardContext:
     messages: tuple[dict, ...] | None = None
 
 
-def reward_contexts(prompts: Iterable[Prompt]) -> dict[str, RewardContext]:
-    """Each prompt's `RewardContext`, by prompt id: what scoring its responses is sent."""
+def reward_contexts(prompts: Iterable[Prompt], conversational: bool = False) -> dict[str, RewardContext]:
+    """Each prompt's `RewardContext`, by prompt id: what scoring its responses is sent.
+    `conversational`: the job's prompts come from a messages column (`data.columns.messages`), so
+    every context holds messages, a prompt that lost its own (a checkpoint's pending prompt whose
+    row changed since) its text as one user turn: a batch function gets one form for the whole job."""
     return {
-        p.prompt_id: RewardContext(p.answer, p.text, p.source, p.extra, p.answer_value, p.conversation) for p in prompts
+        p.prompt_id: RewardContext(p.answer, p.text, p.source, p.extra, p.answer_value, _messages(p, conversational))
+        for p in prompts
     }
+
+
+def _messages(prompt: Prompt, conversational: bool) -> tuple[dict, ...] | None:
+    if prompt.conversation is not None or not conversational:
+        return prompt.conversation
+    return ({"role": "user", "content": prompt.text},)
 
 
 class RewardFunctionError(RuntimeError):

@@ -121,7 +121,7 @@ def discard_after(root: Path, version: int) -> list[int]:
 
 def prune(root: Path, every: int, versions: list[int]) -> list[int]:
     """Remove every reference no policy version of `versions` loads (the kept checkpoints', the
-    current one's and the one before it); the removed versions."""
+    current one's, the one before it and those a starting worker may still read); the removed versions."""
     keep = {reference_version(v, every) for v in versions}
     gone = [v for v in written(root) if v not in keep]
     for v in gone:

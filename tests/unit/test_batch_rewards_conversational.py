@@ -128,3 +128,39 @@ def test_a_row_without_messages_in_a_conversational_call_gets_its_text_as_one_us
     RuleReward(None, reward_fn=record, batch=True).score(_rollouts([("a", "x"), ("b", "y")]), contexts)
     assert seen["prompts"] == [[{"role": "user", "content": "q"}], [{"role": "user", "content": "<user>r<assistant>"}]]
     assert seen["completions"] == [[{"role": "assistant", "content": "x"}], [{"role": "assistant", "content": "y"}]]
+
+
+def test_a_conversational_jobs_prompt_without_its_messages_still_gets_the_conversational_form():
+    """Found in review: the form was decided per call, so a call of only such prompts (a resume's
+    pending prompts come first) gave TRL's function strings and failed every sample. The job's
+    config decides it now (`reward_contexts(..., conversational=True)`: `data.columns.messages`)."""
+    pending = Prompt("b", "<user>r<assistant>", "1")  # a checkpoint's prompt whose row changed since
+    contexts = reward_contexts([pending], conversational=True)
+    assert contexts["b"].messages == ({"role": "user", "content": "<user>r<assistant>"},)
+    assert RuleReward(None, reward_fn=correctness, batch=True).score(_rollouts([("b", "1")]), contexts)[0][0] == 2.0
+    assert reward_contexts([pending])["b"].messages is None  # a plain prompt column's job: strings
+
+
+def test_a_resume_under_another_rendering_keeps_the_rows_own_messages(tmp_path):
+    """A checkpoint's pending prompt whose rendering changed since (another chat template) but whose
+    row did not keeps the row's messages, as it keeps its extra columns."""
+    import json
+
+    from rlhf_cluster.config import load_config
+    from rlhf_cluster.data.prompts import PromptSource
+    from rlhf_cluster.experience.admission import Admission
+
+    prompts = read_prompt_file(_file(tmp_path), PromptColumns(messages="prompt", answer="answer", prompt_id="id"))
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    adm = Admission(cfg.train, cfg.generation, PromptSource(apply_chat_template(prompts, Tokenizer()), seed=3))
+    taken = [adm.admit(0)[1][0] for _ in range(2)]
+    state = json.loads(json.dumps(adm.state_dict()))
+    class Another(Tokenizer):
+        def apply_chat_template(self, chat, tokenize, add_generation_prompt, **kwargs):
+            return [2] * len(chat) if tokenize else "<bos>" + super().apply_chat_template(chat, False, True)
+
+    again = Admission(cfg.train, cfg.generation, PromptSource(apply_chat_template(prompts, Another()), seed=3))
+    again.load_state_dict(state, groups_done=0)
+    back = [again.admit(5)[1][0] for _ in range(2)]
+    assert [p.text for p in back] == [p.text for p in taken]  # the checkpoint's rendering
+    assert [p.conversation for p in back] == [p.conversation for p in taken] and all(p.conversation for p in back)
