@@ -38,14 +38,17 @@ MARKERS = Path(tempfile.gettempdir()) / "rlhf-misbehaving-agent"  # the test emp
 
 def once_each(base_url: str, api_key: str, messages: list[dict]) -> float | None:
     """In a job: the first episode of each group's sample 0 that finds a misbehaviour not yet
-    claimed (a marker file made with O_EXCL) does it; every other episode is the calculator's."""
-    episode = base_url.split("/episodes/")[1].removesuffix("/v1")  # <prompt>:<group>:<k>:<suffix>
+    claimed (a marker file made with O_EXCL, holding the episode's sample id) does it; every other
+    episode is the calculator's."""
+    episode = base_url.split("/episodes/")[1].removesuffix("/v1")  # <sample id>:<suffix>
     if episode.split(":")[-2] == "0":
         for what in ("sleep", "hog", "exit"):
             try:
-                os.close(os.open(MARKERS / what, os.O_CREAT | os.O_EXCL))
+                marker = os.open(MARKERS / what, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 continue
+            os.write(marker, episode.rsplit(":", 1)[0].encode())
+            os.close(marker)
             misbehave(what)
     return calculator(base_url, api_key, messages)
 

@@ -109,9 +109,10 @@ def test_an_openai_client_agent_trains_with_exact_traces_and_agents_that_hang_ho
     Session 21 merged two jobs here (one job start fewer): the exact traces were checked on a job of
     their own under `isolation: auto`, i.e. a thread (an agent from this project's folder), and are
     now checked under `process` (child processes). Isolation only decides where the agent function runs
-    (`AgentRunner._call`); the gateway builds the samples the same way for both. An `openai`-client agent
-    in a thread in a job, its exact tokens, log-probs and reward, and a job ending at its `total_steps`,
-    stay covered by test_agent_turn_samples (auto: a thread) and test_vlm_agent_gateway's job (thread)."""
+    (`AgentRunner._call`); the gateway builds the samples the same way for both. An agent in a thread
+    in a job, its exact tokens and log-probs (per turn) and a job ending at its `total_steps`, stay
+    covered by test_agent_turn_samples (auto: a thread); test_vlm_agent_gateway's job (a thread too)
+    checks its image tokens' masks, not the traces."""
     shutil.rmtree(MARKERS, ignore_errors=True)
     MARKERS.mkdir(parents=True)
     shutil.rmtree(TRACES, ignore_errors=True)  # the calculator's episodes write here; checked below
@@ -127,12 +128,21 @@ def test_an_openai_client_agent_trains_with_exact_traces_and_agents_that_hang_ho
     # The sleeper killed at its timeout, the process that exited died; the hog raised MemoryError (or died).
     assert failures.get("timeout") == 1 and failures.get("died", 0) >= 1 and sum(failures.values()) == 3, failures
     assert dropped.get("reward_failed", 0) >= 1, dropped  # left out of their groups (or dropped with a stale one)
-    # A failed episode's sample is marked failed and never trained on.
+    # A failed episode's sample is marked failed (in practice: left out of its group before the log)
+    # and never trained on: the three misbehaving episodes' samples (their markers name them) are
+    # neither trained nor kept unmarked.
     logged = [s for _, group in ScoredLog(Path(cfg.run_dir) / RunDir.SCORED_LOG).since(0) for s in group]
     failed = {s.sample_id for s in logged if s.reward_components.get("reward_failed")}
     assert all(s.sample_id in failed for s in logged if not s.response_ids)
     trained = [c.sample_id for c in result.consumed]
     assert len(trained) == len(set(trained)) and not failed & set(trained)
+    misbehaved = {p.read_text() for p in MARKERS.iterdir()}
+    assert len(misbehaved) == 3 and all(misbehaved), misbehaved
+    # (named as samples are: a group of one of them kept its other samples, ids <group>:<k>)
+    groups = {s.rsplit(":", 1)[0] for s in [*trained, *(s.sample_id for s in logged)]}
+    assert any(m.rsplit(":", 1)[0] in groups for m in misbehaved), (misbehaved, sorted(groups)[:4])
+    assert not misbehaved & set(trained), misbehaved & set(trained)
+    assert not misbehaved & ({s.sample_id for s in logged} - failed), "a failed episode's sample was kept unmarked"
     # A group that lost one sample to its agent trains on the rest (3 of 4: enough for its advantages).
     steps = len(result.rows)
     assert steps >= 3 and steps * cfg.samples_per_step - 3 <= len(trained) <= steps * cfg.samples_per_step
