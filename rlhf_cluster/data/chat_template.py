@@ -37,7 +37,8 @@ def apply_chat_template(
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "data.chat_template: the model's tokenizer has no chat template (tokenizer_config.json "
-            "`chat_template`); set data.chat_template: false or use a tokenizer that has one"
+            "`chat_template`, or chat_template.jinja); set data.chat_template: false or use a tokenizer that has "
+            "one (a messages column needs one)"
         )
     kwargs = dict(template_kwargs or {})
     _check_template_kwargs(tokenizer, kwargs)

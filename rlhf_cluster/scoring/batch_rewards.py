@@ -198,7 +198,13 @@ def batch_outcomes(
     try:
         items = batch_items(call(batch_arguments(rollouts, contexts, names)), len(rollouts))
     except Exception as exc:  # every sample of the call failed; `on_error` judges each, the failure counts once
-        failed = BatchCallFailed(f"the batch call over {len(rollouts)} samples: {type(exc).__name__}: {exc}")
+        form = ""
+        if isinstance(exc, TypeError) and not any(contexts[r.prompt_id].messages for r in rollouts):
+            form = (
+                " (its completions and prompts are strings: the prompts come from a plain text column; "
+                "data.columns.messages gives TRL's conversational form, [{role, content}] lists)"
+            )
+        failed = BatchCallFailed(f"the batch call over {len(rollouts)} samples: {type(exc).__name__}: {exc}{form}")
         failed.__cause__ = exc
         return [(None, failed)] * len(rollouts)
     missing = ValueError("the batch function returned None for this sample")

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from rlhf_cluster.config import PromptColumns
 from rlhf_cluster.data.chat_template import apply_chat_template
 from rlhf_cluster.data.prompts import Prompt, read_prompt_file
 from rlhf_cluster.experience.records import Rollout
-from rlhf_cluster.scoring.rewards import FAILED, RewardContext, RuleReward, reward_contexts
+from rlhf_cluster.scoring.rewards import FAILED, RewardContext, RewardFunctionError, RuleReward, reward_contexts
 
 QUESTIONS = {"a": "Tom has 3 apples and buys 4. How many?", "b": "What is 6 times 7?"}
 ROWS = [
@@ -104,6 +105,11 @@ def test_a_plain_prompt_column_still_gives_strings_though_the_chat_template_sets
     # TRL's conversational function cannot read these: every sample of its call fails (on_error: drop).
     failed = RuleReward(None, reward_fn=correctness, batch=True).score(_rollouts(ANSWERS), reward_contexts(templated))
     assert failed == [(0.0, {FAILED: 1.0})] * 4
+    # ...and its error says why (found trying it as a TRL user would: a TypeError alone sent them looking).
+    with pytest.raises(RewardFunctionError, match=r"string indices.*strings: the prompts come from a plain text "
+                                                  r"column; data.columns.messages gives TRL's conversational form"):
+        RuleReward(None, reward_fn=correctness, batch=True, on_error="fail").score(
+            _rollouts(ANSWERS), reward_contexts(templated))
 
 
 def test_image_parts_placed_for_an_images_column_are_not_in_the_prompts():
