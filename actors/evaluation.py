@@ -37,13 +37,13 @@ def _by_prompt(rollouts: list[Rollout], size: int) -> list[list[Rollout]]:
 
 
 async def _judged(
-    cluster: Cluster, prompts: list[Prompt], version: int, samples: int = 0
+    cluster: Cluster, prompts: list[Prompt], version: int, samples: int = 0, conversational: bool = False
 ) -> tuple[dict[str, list[bool]], list[float]]:
     """Per prompt, whether each answer of `version` (or newer) is right, and every answer's reward:
     one greedy answer per prompt, or with `samples` > 0 that many sampled ones."""
     _, rollouts = await cluster.call("generation", "evaluate", prompts, version, samples)
     rollouts = [rollouts[i] for i in scored_indices(rollouts)]  # an episode trained per turn: its answer
-    contexts = reward_contexts(prompts, cluster.cfg.data.columns.messages is not None)
+    contexts = reward_contexts(prompts, conversational)  # data.columns.messages: TRL's form for batch functions
     # Scored in parts of whole prompts, as many at once as there are reward workers: a batch reward
     # function's call (and its timeout) sees about a training call's size, not the whole held-out set.
     at_once = asyncio.Semaphore(max(1, len(cluster.pools["reward"])))
@@ -69,7 +69,8 @@ async def evaluate(cluster: Cluster, prompts: list[Prompt], version: int, data: 
     samples = data.eval_samples
     if not prompts:
         return {}
-    greedy, rewards = await _judged(cluster, prompts, version)
+    conversational = data.columns.messages is not None
+    greedy, rewards = await _judged(cluster, prompts, version, 0, conversational)
     out = {"eval_accuracy": accuracy(greedy), "eval_reward_mean": statistics.fmean(rewards)}
     out.update(
         {
@@ -78,7 +79,7 @@ async def evaluate(cluster: Cluster, prompts: list[Prompt], version: int, data: 
         }
     )
     if samples:
-        sampled, _ = await _judged(cluster, prompts, version, samples)
+        sampled, _ = await _judged(cluster, prompts, version, samples, conversational)
         out["eval_sampled_accuracy"] = accuracy(sampled)
         out.update({f"eval_pass@{k}": mean_pass_at_k(sampled, k) for k in data.eval_pass_k})
     return out
