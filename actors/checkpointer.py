@@ -1,16 +1,22 @@
 """Checkpointing: snapshot the whole job (the JobState, every rank's state) without stopping the
 step loop, and restore it: on `--resume`, and when a lost learner is rebuilt.
 
-`build_learner` builds the learner from a checkpoint: the rank groups, a fresh job state restored
-beside them and the weights they continue from. Blocking work, done in a worker thread at a
-job's start and at every rebuild; it returns a `LearnerStart` that the driver adopts on its own
-thread, so no thread assigns the driver's state."""
+The learner restored (`LearnerSlot`): its rank groups and what they were built with (a job state
+restored beside them, the guardrails' evaluation guard, the run's override of the config, the
+version they published), built at the job's start beside the worker pools and again from a
+checkpoint when a rank dies or the guardrails roll the run back. `build_learner` is the blocking
+build, run in a worker thread; it returns a `LearnerStart` that `LearnerSlot.adopt` takes on the
+driver's thread, so no thread assigns the job's state. What the driver's loops own around a
+rebuild (the timeline, the producer, the reference's refreshes) stays in the driver."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +24,9 @@ import ray
 
 from actors.reporting import Reporter
 from actors.trainer import Trainer, start_trainer
+from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import DeepSpeedBackend, JobConfig
-from rlhf_cluster.job.guardrails import EvalGuard, GuardVerdict
+from rlhf_cluster.job.guardrails import EvalGuard, GuardVerdict, RollbackGuard
 from rlhf_cluster.job.inputs import JobInputs
 from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.run.checkpoint import MANIFEST, Checkpoint, CheckpointError, CheckpointStore
@@ -231,7 +238,7 @@ class Checkpointer:
 
 @dataclass
 class LearnerStart:
-    """What building the learner yields, for the driver to adopt."""
+    """What building the learner yields, for the slot to adopt."""
 
     trainer: Trainer
     override: JobOverride  # the job's settings from now on (faults.elastic may have shrunk the learner)
@@ -266,3 +273,93 @@ def build_learner(
         trainer.kill()  # the ranks are nobody's yet
         raise
     return LearnerStart(trainer, override, state, version, delivery, guard)
+
+
+class LearnerSlot:
+    """The current learner (a rebuild replaces its parts) and the run's count of its restarts and
+    rollbacks, which span rebuilds. `cfg` stays as the job started; `override` is what the run
+    changed of it (rollbacks' settings, an elastic shrink)."""
+
+    # Set by `adopt`; a failed start has none.
+    trainer: Trainer  # the learner's rank groups
+    state: JobState  # the job state the current learner was built with
+    guard: EvalGuard  # the guardrails' evaluations, replayed up to the learner's checkpoint
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        inputs: JobInputs,
+        checkpointer: Checkpointer,
+        reporter: Reporter,
+        weights: WeightSync,
+        resume_from: Checkpoint | None,
+    ):
+        self.cfg, self.inputs, self.checkpointer, self.reporter = cfg, inputs, checkpointer, reporter
+        self.run_dir = checkpointer.run_dir
+        self.weights = weights  # every version's way to the engines: an adopted learner hands it its start and sender
+        self.published_version = 0  # the newest version the learner has published (the driver moves it on)
+        self.restarts = 0
+        g = cfg.guardrails
+        self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)
+        self.override = JobOverride()
+        if resume_from is not None:  # the rollbacks the run made up to its checkpoint: counted, and their settings kept
+            kept = [e for e in self.run_dir.read(RunDir.EVENTS) if e.get("step", -1) <= resume_from.step]
+            self.override = self.rollback.replay(kept, cfg)
+            self.run_dir.event("resumed", from_step=resume_from.step)
+
+    @contextmanager
+    def starting(self, resume_from: Checkpoint | None) -> Iterator[None]:
+        """The learner's ranks start in a thread while the body starts the worker pools: each loads
+        a model, and vLLM's engine start is the longest. Int8 engines start from the learner's int8
+        variant of the job's version, so with int8 rollouts the body waits for the learner. The
+        learner is waited for and adopted (its ranks are the job's to end) even when the body fails."""
+        with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
+            learner = starter.submit(self._build, resume_from)
+            try:
+                if "int8" in self.cfg.generation.weight_variants:
+                    self.adopt(learner.result())
+                yield
+            finally:
+                started = learner.result()
+                if not hasattr(self, "trainer"):
+                    self.adopt(started)
+
+    def adopt(self, start: LearnerStart) -> None:
+        """The built learner becomes the job's, on the driver's thread."""
+        # faults.elastic may have shrunk the learner (from now on: the checkpoint reshards).
+        self.trainer, self.state, self.guard, self.override = start.trainer, start.state, start.guard, start.override
+        self.published_version = start.published_version
+        self.weights.adopt(start.delivery, start.trainer.send)  # pushed next: by `first`, or a rebuild's `restore`
+        self.reporter.learner_ranks(start.trainer.cfg.learner.world_size)
+        self.reporter.version(start.published_version)
+
+    async def rebuild(self, ckpt: Checkpoint | None) -> None:
+        """New rank groups (the critic's too) from `ckpt` (None: the start), adopted; the old ones are
+        killed first (the driver stops what feeds them beforehand)."""
+        self.trainer.kill()
+        self.adopt(await asyncio.to_thread(self._build, ckpt, self.state))
+
+    async def after_death(self, cause: BaseException) -> Checkpoint | None:
+        """A learner rank died: the checkpoint to rebuild from (the newest), or the cause once
+        `faults.max_learner_restarts` are used up."""
+        if self.restarts >= self.cfg.faults.max_learner_restarts:
+            raise RuntimeError(
+                f"learner rank died and the {self.cfg.faults.max_learner_restarts} learner restarts are used up"
+            ) from cause
+        self.restarts += 1
+        self.reporter.restart("learner", "group")
+        self.run_dir.event("learner_rebuilt", cause=repr(cause)[:500])
+        log.info(f"learner rank died ({cause!r}); rebuilding from the newest checkpoint")
+        await self.checkpointer.wait()
+        return self.checkpointer.newest()
+
+    async def roll_back(self, step: int, reason: str) -> Checkpoint | None:
+        """A guardrails condition held at `step`: the last good checkpoint to rebuild from, with
+        settings adjusted (`RollbackGuard`; an error once its rollbacks are used up); later
+        checkpoints are set aside."""
+        self.override = self.rollback.adjusted(self.override, self.cfg, reason)
+        await self.checkpointer.wait()
+        return self.checkpointer.roll_back_to(self.rollback.last_good_step(step, reason))
+
+    def _build(self, ckpt: Checkpoint | None, previous: JobState | None = None) -> LearnerStart:
+        return build_learner(self.cfg, self.override, self.inputs, self.checkpointer, self.run_dir, ckpt, previous)

@@ -4,9 +4,10 @@
     step loop: take a batch (staleness checked) -> train -> publish -> report -> checkpoint when due
 
 Everything else has a room of its own: `cluster` (pools, scaling, scrape targets), `rollout`,
-`trainer` (policy and critic rank groups), `checkpointer` (snapshots, and the learner built
-from one), `reporting`, `evaluation`, and in the library `JobState` (admission, buffer, KL
-controller) and `finalize_batch` (every advantage).
+`checkpointer` (snapshots, and the learner restored from one, `LearnerSlot`: built at the start and
+again after a lost rank or a rollback), `trainer` (policy and critic rank groups), `reporting`,
+`evaluation`, and in the library `JobState` (admission, buffer, KL controller) and
+`finalize_batch` (every advantage).
 Every task runs in one asyncio.TaskGroup: if any fails, the others are cancelled and the job ends
 with that cause.
 """
@@ -17,30 +18,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
 from tqdm import tqdm
 
-from actors.checkpointer import Checkpointer, LearnerStart, build_learner
+from actors.checkpointer import Checkpointer, LearnerSlot
 from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
 from actors.rollout import rollout
-from actors.trainer import Trainer, watch_learners
+from actors.trainer import watch_learners
 from actors.workers.reference_refresh import ReferenceRefresh
 from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.job.guardrails import GuardVerdict, RollbackGuard, policy_held
+from rlhf_cluster.job.guardrails import GuardVerdict, policy_held
 from rlhf_cluster.job.inputs import prepare_inputs
-from rlhf_cluster.job.override import JobOverride
 from rlhf_cluster.job.preemption import StopRequest
 from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.run.checkpoint import Checkpoint
-from rlhf_cluster.run.job_state import JobState
 from rlhf_cluster.run.run_dir import RunDir
 from rlhf_cluster.telemetry.console import attach_console
 from rlhf_cluster.telemetry.metrics import serve_metrics
@@ -62,11 +60,9 @@ class StepEnd:
 
 
 class Driver:
-    """The two loops of one job and the recovery of a lost learner; `Job` is its public handle."""
+    """The two loops of one job; `Job` is its public handle."""
 
-    # Set by the start (`_start_learner_and_pools`, `_adopt_learner`); a failed start has some or none.
-    trainer: Trainer  # the learner's rank groups (the current ones: a rebuild replaces them)
-    state: JobState  # the job state the current learner was built with
+    # Set by the start (`_start_learner_and_pools`); a failed start has some or none.
     cluster: Cluster  # the worker pools
     reference: ReferenceRefresh  # the KL reference's folder and its refreshes
 
@@ -81,23 +77,13 @@ class Driver:
         self.checkpointer = Checkpointer(cfg, self.run_dir, self.store, self.reporter)
         resume_from = self.checkpointer.open_run(resume, overwrite, cfg.name)  # nothing unverified is deleted
         self.changed = asyncio.Condition()  # the buffer, the published version or the requests in flight moved
-        self.timeline = 0  # bumped by every rollback: late results of an abandoned timeline are ignored
-        self.learner_restarts = 0
-        g = cfg.guardrails
-        self.rollback = RollbackGuard(g.rollback, g.metric, g.higher_is_better)  # its count spans rebuilds
-        # What the run changed of `cfg` (rollbacks, an elastic shrink); `cfg` stays as the job started.
-        self.override = JobOverride()
-        if resume_from is not None:  # the rollbacks the run made up to its checkpoint: counted, and their settings kept
-            kept = [e for e in self.run_dir.read(RunDir.EVENTS) if e.get("step", -1) <= resume_from.step]
-            self.override = self.rollback.replay(kept, cfg)
-            self.run_dir.event("resumed", from_step=resume_from.step)
+        self.timeline = 0  # bumped by every rebuild of the learner: late results of an abandoned timeline are ignored
         self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
-        # Every version's way to the engines; each learner adopted hands it its start and sender.
-        self.weights = WeightSync(self.reporter.receipts)
+        self.weights = WeightSync(self.reporter.receipts)  # every version's way to the engines
         self._publishing: asyncio.Task | None = None  # the newest version's publication
-        self.published_version = 0
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
+            self.learner = LearnerSlot(cfg, self.inputs, self.checkpointer, self.reporter, self.weights, resume_from)
             self.reporter.tokenizer = self.inputs.tokenizer
             self.run_dir.write_yaml(RunDir.CONFIG, cfg.model_dump(mode="json"))
             self.metrics_port = (
@@ -112,90 +98,68 @@ class Driver:
             raise
 
     def _start_learner_and_pools(self, resume_from: Checkpoint | None) -> None:
-        """The learner's ranks (in a thread) and the worker pools start at the same time: each loads
-        a model, and vLLM's engine start is the longest. Int8 engines start from the learner's
-        int8 variant of the job's version, so with int8 rollouts the pools wait for the learner."""
+        """The learner's ranks (in a thread) and the worker pools start at the same time
+        (`LearnerSlot.starting`: int8 engines wait for the learner's int8 variant)."""
         start_version = resume_from.version if resume_from is not None else 0
         self.reference = ReferenceRefresh(  # the KL reference's folder (algorithm.kl.reference_refresh)
             self.cfg, self.run_dir, self.store, self.inputs.model_path, start_version, self.checkpointer.kept_versions
         )
-        with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
-            learner = starter.submit(
-                build_learner,
+        driver = (
+            {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}} if self.metrics_port else {}
+        )
+        with self.learner.starting(resume_from):
+            self.cluster = Cluster(
                 self.cfg,
-                self.override,
-                self.inputs,
-                self.checkpointer,
                 self.run_dir,
-                resume_from,
-                None,
+                self.inputs.model_path,
+                engine_model_paths(
+                    self.cfg, self.inputs.model_path, self.store, self.learner.published_version, self.run_dir
+                ),
+                other_targets=lambda: {**self.learner.trainer.infos, "driver": driver},
+                weights=self.weights,
+                reference=self.reference,
             )
-            try:
-                if "int8" in self.cfg.generation.weight_variants:
-                    self._adopt_learner(learner.result())
-                driver = (
-                    {"driver": {"metrics": f"{self.cfg.metrics.bind_address}:{self.metrics_port}"}}
-                    if self.metrics_port
-                    else {}
-                )
-                self.cluster = Cluster(
-                    self.cfg,
-                    self.run_dir,
-                    self.inputs.model_path,
-                    engine_model_paths(
-                        self.cfg, self.inputs.model_path, self.store, self.published_version, self.run_dir
-                    ),
-                    other_targets=lambda: {**self.trainer.infos, "driver": driver},
-                    weights=self.weights,
-                    reference=self.reference,
-                )
-            finally:
-                started = learner.result()  # waited for (its ranks are ours to end) even when the pools failed to start
-                if not hasattr(self, "trainer"):
-                    self._adopt_learner(started)
         self.weights.first()  # every engine holds the learner's start before anything is generated
         self.cluster.write_scrape_targets()
-
-    def _adopt_learner(self, start: LearnerStart) -> None:
-        """The built learner becomes the job's, on the driver's thread."""
-        # faults.elastic may have shrunk the learner (from now on: the checkpoint reshards).
-        self.trainer, self.state, self.guard, self.override = start.trainer, start.state, start.guard, start.override
-        self.published_version = start.published_version
-        self.weights.adopt(start.delivery, start.trainer.send)  # pushed next: by `first`, or a rebuild's `restore`
-        self.reporter.learner_ranks(start.trainer.cfg.learner.world_size)
-        self.reporter.version(start.published_version)
 
     async def run(self) -> JobResult:
         """Run both loops to the last step; the first failure of any task ends the job with its cause."""
         result, held_out = self.reporter.result, self.inputs.eval_prompts
         self.stop.bind(asyncio.get_running_loop(), lambda: _notify(self.changed))
-        self.reporter.open_trackers(self.state.start_step)  # (blocks the loop before any watcher runs)
+        self.reporter.open_trackers(self.learner.state.start_step)  # (blocks the loop before any watcher runs)
         try:
-            result.evaluation_before = await evaluate(self.cluster, held_out, self.published_version, self.cfg.data)
+            result.evaluation_before = await evaluate(
+                self.cluster, held_out, self.learner.published_version, self.cfg.data
+            )
             async with asyncio.TaskGroup() as tg:
                 self._producer = tg.create_task(self._produce(tg))
-                self._watcher = tg.create_task(self.cluster.watch(lambda: self.published_version, self.reporter.trace))
+                self._watcher = tg.create_task(
+                    self.cluster.watch(lambda: self.learner.published_version, self.reporter.trace)
+                )
                 self._learner_watch = tg.create_task(
-                    watch_learners(lambda: self.trainer, self.cfg.faults, self.reporter.trace)
+                    watch_learners(lambda: self.learner.trainer, self.cfg.faults, self.reporter.trace)
                 )
                 tg.create_task(self._steps(tg))
             if not self.stop.requested:  # a stopped job (e.g. preempted) is continued, not evaluated
-                result.evaluation_after = await evaluate(self.cluster, held_out, self.published_version, self.cfg.data)
-                self.reporter.evaluation(len(held_out), self.published_version, self.cfg.data.eval_samples)
+                result.evaluation_after = await evaluate(
+                    self.cluster, held_out, self.learner.published_version, self.cfg.data
+                )
+                self.reporter.evaluation(len(held_out), self.learner.published_version, self.cfg.data.eval_samples)
         except BaseExceptionGroup as group:
             first = _first_cause(group)
             raise first from first.__cause__  # the cause itself, its own chain kept
         # The spans every actor recorded since its last heartbeat: the trace covers the whole run.
         self.reporter.trace(
-            await self.cluster.collect_spans() + await self.trainer.collect_spans(self.cfg.faults.heartbeat_timeout_s)
+            await self.cluster.collect_spans()
+            + await self.learner.trainer.collect_spans(self.cfg.faults.heartbeat_timeout_s)
         )
-        result.final_version, result.stopped = self.published_version, self.stop.requested
+        result.final_version, result.stopped = self.learner.published_version, self.stop.requested
         return result
 
     # ---- producer ------------------------------------------------------------------------
     async def _produce(self, tg: asyncio.TaskGroup) -> None:
         """Start one request per admitted group (or batch of groups) while admission allows."""
-        admission, workers = self.state.admission, self.cluster.pools["generation"]
+        admission, workers = self.learner.state.admission, self.cluster.pools["generation"]
         in_flight: set[asyncio.Task] = set()
 
         def finished(task: asyncio.Task) -> None:
@@ -206,9 +170,9 @@ class Driver:
             while True:
                 async with self.changed:
                     await self.changed.wait_for(
-                        lambda: admission.may_start(self.published_version, len(in_flight), len(workers))
+                        lambda: admission.may_start(self.learner.published_version, len(in_flight), len(workers))
                     )
-                    key, prompts = admission.admit(self.published_version)
+                    key, prompts = admission.admit(self.learner.published_version)
                 task = tg.create_task(self._rollout(key, prompts, self.timeline))
                 in_flight.add(task)
                 task.add_done_callback(finished)
@@ -219,14 +183,14 @@ class Driver:
 
     async def _rollout(self, key: int, prompts: list, timeline: int) -> None:
         """Generate and score one request's groups, then buffer them (or drop those without signal)."""
-        groups = await rollout(self.cfg, self.cluster, prompts, self.published_version, self.state.kl)
+        groups = await rollout(self.cfg, self.cluster, prompts, self.learner.published_version, self.learner.state.kl)
         async with self.changed:
             if timeline != self.timeline:
                 return  # generated for a timeline a rollback abandoned
-            self.state.admission.buffered(key)
+            self.learner.state.admission.buffered(key)
             failed: dict[str, int] = {}  # worker -> samples whose reward failed, one event row per request
             for g in groups:
-                dropped = self.state.add_group(g.samples, g.metrics, g.worker, g.failed)
+                dropped = self.learner.state.add_group(g.samples, g.metrics, g.worker, g.failed)
                 self.reporter.dropped("reward_failed", g.failed)  # left out of a group that kept the rest
                 if g.failed or dropped == "reward_failed":
                     failed[g.worker] = failed.get(g.worker, 0) + (g.failed or len(g.samples))
@@ -236,14 +200,14 @@ class Driver:
                     self.reporter.dropped(dropped, len(g.samples))
             for worker, samples in failed.items():
                 self.run_dir.event("reward_failed", worker=worker, samples=samples)
-            self.reporter.buffer_depth(self.state.buffer.depth)
+            self.reporter.buffer_depth(self.learner.state.buffer.depth)
             self.changed.notify_all()
 
     # ---- step loop -----------------------------------------------------------------------
     async def _steps(self, tg: asyncio.TaskGroup) -> None:
         """One iteration per learner step, to `train.total_steps` or a requested stop."""
         total = self.cfg.train.total_steps
-        step = self.state.start_step
+        step = self.learner.state.start_step
         bar = tqdm(total=total, initial=step, desc="train", disable=not self.cfg.train.progress, dynamic_ncols=True)
         last, checkpointed, began = time.perf_counter(), None, time.time()
         try:
@@ -256,18 +220,20 @@ class Driver:
                     break
                 try:
                     with self.reporter.span("train", step=step):
-                        stats, published = await self.trainer.train(step, samples, self.state.kl.value)
-                except ray.exceptions.RayActorError as exc:
-                    step = await self._recover_learner(tg, exc)
+                        stats, published = await self.learner.trainer.train(step, samples, self.learner.state.kl.value)
+                except ray.exceptions.RayActorError as exc:  # a rank died: back to the newest checkpoint
+                    step = await self._rebuild_learner(tg, await self.learner.after_death(exc))
                     bar.reset(total)
                     bar.update(step)
                     continue
                 if not policy_held(stats):  # a critic warm-up step: the policy did not move
-                    observe_step_kl(self.state.kl, stats["policy/kl"], samples)
+                    observe_step_kl(self.learner.state.kl, stats["policy/kl"], samples)
                 self._publishing = tg.create_task(self._publish(step + 1, published, self.timeline, self._publishing))
                 end = await self._end_step(step, samples, stats, waited, time.perf_counter() - last, began)
                 if end.roll_back is not None:  # this step is not checkpointed: back to the last good one
-                    step = await self._roll_back(tg, step, end.roll_back)
+                    start = await self._rebuild_learner(tg, await self.learner.roll_back(step, end.roll_back))
+                    self.reporter.rollback(step, start - 1, end.roll_back, self.learner.override.apply(self.cfg))
+                    step = start
                     bar.reset(total)
                     bar.update(step)
                     last, began = time.perf_counter(), time.time()
@@ -275,28 +241,28 @@ class Driver:
                 last, began = time.perf_counter(), time.time()  # an evaluation is in neither step's time
                 bar.update(1)
                 if self.reference.due(step + 1):  # the KL reference moves to this step's version
-                    self.reference.refresh(tg, step + 1, self._publishing, self.trainer.wait_persisted)
+                    self.reference.refresh(tg, step + 1, self._publishing, self.learner.trainer.wait_persisted)
                 if end.checkpoint:
                     with self.reporter.span("checkpoint", step=step):
                         await self.reference.written()  # a resume from it finds its version's reference
-                        await self.checkpointer.save(tg, step, self.trainer, self.state, end.verdict)
+                        await self.checkpointer.save(tg, step, self.learner.trainer, self.learner.state, end.verdict)
                     checkpointed = step
                 step += 1
                 if end.early_stop is not None:  # the job ends as if at its last step: evaluated, reported
                     self.reporter.result.early_stop = end.early_stop
                     break
-            if self.stop.requested and step > self.state.start_step and checkpointed != step - 1:
-                await self.reference.written()
-                await self.checkpointer.save(tg, step - 1, self.trainer, self.state)  # no trained step is lost
+            if self.stop.requested and step > self.learner.state.start_step and checkpointed != step - 1:
+                await self.reference.written()  # no trained step is lost:
+                await self.checkpointer.save(tg, step - 1, self.learner.trainer, self.learner.state)
             await self.checkpointer.wait()  # the final checkpoint is complete before the job reports done
-            await self.trainer.wait_persisted()
+            await self.learner.trainer.wait_persisted()
         finally:
             bar.close()
             self._producer.cancel()
             self._watcher.cancel()
             self._learner_watch.cancel()
         # Scored samples not yet trained on are kept, in the buffer's on-disk (Arrow) format.
-        self.state.buffer.save(self.run_dir / RunDir.BUFFER)
+        self.learner.state.buffer.save(self.run_dir / RunDir.BUFFER)
 
     async def _end_step(
         self, step: int, samples: list[ScoredSample], stats: dict, waited: float, seconds: float, began: float
@@ -305,12 +271,12 @@ class Driver:
         guardrails' verdict, the step's report, and what follows: a rollback, an early stop, a
         checkpoint. `seconds`: the step's time (an evaluation is not in it); `began`: its wall start."""
         counters = {
-            **self.state.counters(),
+            **self.learner.state.counters(),
             "worker_restarts": self.cluster.restarts(),
-            "learner_restarts": self.learner_restarts,
+            "learner_restarts": self.learner.restarts,
             "learner_wait_seconds": waited,
-            "scored_log_failed_flushes": self.state.log.failed_flushes,
-            "scored_log_unflushed_groups": self.state.log.unflushed,
+            "scored_log_failed_flushes": self.learner.state.log.failed_flushes,
+            "scored_log_unflushed_groups": self.learner.state.log.unflushed,
             **self.cluster.busy_shares(began, time.time()),
             **({"reference_version": self.reference.version} if self.reference.every else {}),
         }
@@ -318,20 +284,22 @@ class Driver:
         if every and (step + 1) % every == 0 and step + 1 < total:  # the last step's is the final one (eval.json)
             if self._publishing is not None:  # the step's version, held by the engines
                 await asyncio.wait([self._publishing])
-            with self.reporter.span("evaluate", version=self.published_version):
+            with self.reporter.span("evaluate", version=self.learner.published_version):
                 counters.update(
-                    await evaluate(self.cluster, self.inputs.eval_prompts, self.published_version, self.cfg.data)
+                    await evaluate(
+                        self.cluster, self.inputs.eval_prompts, self.learner.published_version, self.cfg.data
+                    )
                 )
-        verdict = self.guard.observe(step, counters)  # None unless this step evaluated the watched metric
-        row = self.reporter.step(step, samples, stats, seconds, counters, self.state.worker_of)
+        verdict = self.learner.guard.observe(step, counters)  # None unless this step evaluated the watched metric
+        row = self.reporter.step(step, samples, stats, seconds, counters, self.learner.state.worker_of)
         self.cluster.autoscaling.observe(row)  # `scaling.auto`: its resizes run in Cluster.watch, beside the steps
         if verdict is not None:
             self.reporter.guardrails(verdict)
-        reason = self.rollback.tripped(self.reporter.result.rows[-1], self.guard, verdict)
+        reason = self.learner.rollback.tripped(self.reporter.result.rows[-1], self.learner.guard, verdict)
         if reason is not None:
             return StepEnd(verdict, roll_back=reason)
         with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
-            await asyncio.to_thread(self.state.log.flush_or_keep)
+            await asyncio.to_thread(self.learner.state.log.flush_or_keep)
         early_stop = verdict.stop if verdict is not None else None
         due = self.checkpointer.due(step, self.stop.requested or early_stop is not None, verdict)
         return StepEnd(verdict, early_stop=early_stop, checkpoint=due)
@@ -341,17 +309,17 @@ class Driver:
         requested first); stale ones are dropped."""
         async with self.changed:
             while True:
-                samples, dropped = self.state.take(step)
+                samples, dropped = self.learner.state.take(step)
                 if dropped:
                     self.reporter.dropped("stale", dropped)
                     self.changed.notify_all()  # dropped groups free admission: the producer regenerates them
                 if samples is not None:
-                    self.reporter.buffer_depth(self.state.buffer.depth)
+                    self.reporter.buffer_depth(self.learner.state.buffer.depth)
                     return samples
                 if self.stop.requested:
                     return None
                 try:  # wake now and then even if nothing arrives: `take` runs the no-progress watchdog
-                    async with asyncio.timeout(self.state.watchdog.poll_s()):
+                    async with asyncio.timeout(self.learner.state.watchdog.poll_s()):
                         await self.changed.wait()
                 except TimeoutError:
                     pass
@@ -368,8 +336,8 @@ class Driver:
         async with self.changed:
             if timeline != self.timeline:
                 return
-            self.published_version = max(self.published_version, version)
-            self.reporter.version(self.published_version)
+            self.learner.published_version = max(self.learner.published_version, version)
+            self.reporter.version(self.learner.published_version)
             self.changed.notify_all()
         if previous is not None and not previous.done():  # (a done one: no yield, the push goes out now)
             await asyncio.wait([previous])
@@ -378,49 +346,22 @@ class Driver:
         with self.reporter.span("weights.push", version=version):
             await self.weights.push(delivery)
 
-    async def _recover_learner(self, tg: asyncio.TaskGroup, cause: BaseException) -> int:
-        """A learner rank died: rebuild the groups from the newest checkpoint; generation keeps running."""
-        if self.learner_restarts >= self.cfg.faults.max_learner_restarts:
-            raise RuntimeError(
-                f"learner rank died and the {self.cfg.faults.max_learner_restarts} learner restarts are used up"
-            ) from cause
-        self.learner_restarts += 1
-        self.reporter.restart("learner", "group")
-        self.run_dir.event("learner_rebuilt", cause=repr(cause)[:500])
-        log.info(f"learner rank died ({cause!r}); rebuilding from the newest checkpoint")
-        await self.checkpointer.wait()
-        return await self._rebuild_learner(tg, self.checkpointer.newest())
-
-    async def _roll_back(self, tg: asyncio.TaskGroup, step: int, reason: str) -> int:
-        """A guardrails condition held at `step`: the learner is rebuilt from the last good
-        checkpoint with adjusted settings (`RollbackGuard`); later checkpoints are set aside."""
-        self.override = self.rollback.adjusted(self.override, self.cfg, reason)  # an error once they are used up
-        await self.checkpointer.wait()
-        target = self.checkpointer.roll_back_to(self.rollback.last_good_step(step, reason))
-        start = await self._rebuild_learner(tg, target)
-        self.reporter.rollback(step, start - 1, reason, self.override.apply(self.cfg))
-        return start
-
     async def _rebuild_learner(self, tg: asyncio.TaskGroup, ckpt: Checkpoint | None) -> int:
-        """New learner ranks from `ckpt` (None: the start); generation keeps running, and results of
-        the abandoned timeline are dropped. Returns the next step."""
+        """New learner ranks from `ckpt` (None: the start), after a lost rank (`LearnerSlot.after_death`)
+        or a rollback (`LearnerSlot.roll_back`); generation keeps running, and results of the
+        abandoned timeline are dropped. Returns the next step."""
         async with self.changed:
             self.timeline += 1  # results still arriving from the old timeline are dropped
         self._producer.cancel()
         await asyncio.wait([self._producer])
-        self.trainer.kill()  # the critic is rebuilt with the learner, from the same checkpoint
         await self.reference.abandon()  # refreshes in flight end before the rebuild discards their versions
-        self._adopt_learner(
-            await asyncio.to_thread(
-                build_learner, self.cfg, self.override, self.inputs, self.checkpointer, self.run_dir, ckpt, self.state
-            )
-        )
+        await self.learner.rebuild(ckpt)  # the critic is rebuilt with the learner, from the same checkpoint
         self._publishing = None  # the old timeline's pushes end without pushing
         await self.weights.restore()  # every engine holds the restored version before new groups start
-        await self.reference.restore(self.published_version)  # and the reference that version calls for
+        await self.reference.restore(self.learner.published_version)  # and the reference that version calls for
         self.cluster.write_scrape_targets()
         self._producer = tg.create_task(self._produce(tg))
-        return self.state.start_step
+        return self.learner.state.start_step
 
     def record_failure(self, exc: BaseException) -> None:
         """The job ends with `exc`: its one-line cause as events.jsonl's `failed` row, written here,
@@ -437,8 +378,8 @@ class Driver:
         """End every actor of the job (safe after a failed start), then the trackers' runs."""
         if hasattr(self, "cluster"):
             self.cluster.shutdown()
-        if hasattr(self, "trainer"):
-            self.trainer.kill()
+        if hasattr(self, "learner") and hasattr(self.learner, "trainer"):
+            self.learner.trainer.kill()
         self.run_dir.release()
         if hasattr(self, "reporter"):
             self.reporter.close()

@@ -72,7 +72,7 @@ class Job:
     @property
     def published_version(self) -> int:
         """The newest weight version the learner has published (durable in the store)."""
-        return self._driver.published_version
+        return self._driver.learner.published_version
 
     @property
     def rows(self) -> list[dict]:
@@ -93,13 +93,13 @@ class Job:
 
     @property
     def learner_restarts(self) -> int:
-        return self._driver.learner_restarts
+        return self._driver.learner.restarts
 
     @property
     def dropped(self) -> dict[str, int]:
         """Samples the buffer refused or dropped, by reason (`stale`, `duplicate`), and those dropped
         before it (`zero_signal`, `reward_failed`)."""
-        state = self._driver.state
+        state = self._driver.learner.state
         return {"stale": 0, "duplicate": 0, **state.buffer.dropped, **state.dropped}
 
     def pool_sizes(self) -> dict[str, int]:
@@ -125,10 +125,10 @@ class Job:
     @property
     def learner_ranks(self) -> list:
         """The policy learner's rank actors (rank order), for collective calls such as `full_state_dict`."""
-        return list(self._driver.trainer.policy.ranks)
+        return list(self._driver.learner.trainer.policy.ranks)
 
     def learner_pids(self) -> list[int]:
-        return self._driver.trainer.policy.pids()
+        return self._driver.learner.trainer.policy.pids()
 
     def status(self) -> dict:
         """A summary: steps done, the published version, pool sizes, restarts and drops."""

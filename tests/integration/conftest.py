@@ -66,20 +66,27 @@ def demo_learns(tmp_path, model_cache):
 
 @pytest.fixture
 def driver_assigned_on_its_loop(monkeypatch):
-    """Records every assignment to a Driver's attributes made, once the driver runs, from a thread
-    other than its event loop's (the driver's state belongs to its loop: worker threads return
-    values, they do not assign). The test asserts the list it yields is empty."""
+    """Records every assignment to the attributes of a Driver or its LearnerSlot made, once the
+    driver runs, from a thread other than the one running its event loop (the driver's state belongs
+    to its loop: worker threads return values, they do not assign). The test asserts the list it
+    yields is empty."""
+    from actors.checkpointer import LearnerSlot
     from actors.driver import Driver
 
-    offenders: list[tuple[str, str]] = []
+    offenders: list[tuple[str, str, str]] = []
+    loop_thread: list[threading.Thread] = []  # set when `Driver.run` starts
+    run = Driver.run
+
+    async def run_marked(self):
+        loop_thread.append(threading.current_thread())
+        return await run(self)
 
     def checked(self, name, value):
-        owner = self.__dict__.get("_loop_thread")
-        if owner is not None and threading.current_thread() is not owner:
-            offenders.append((name, threading.current_thread().name))
-        if name == "loop" and value is not None:
-            object.__setattr__(self, "_loop_thread", threading.current_thread())
+        if loop_thread and threading.current_thread() is not loop_thread[-1]:
+            offenders.append((type(self).__name__, name, threading.current_thread().name))
         object.__setattr__(self, name, value)
 
-    monkeypatch.setattr(Driver, "__setattr__", checked)
+    monkeypatch.setattr(Driver, "run", run_marked)
+    for cls in (Driver, LearnerSlot):
+        monkeypatch.setattr(cls, "__setattr__", checked)
     yield offenders

@@ -21,7 +21,9 @@ def _waiting_driver() -> SimpleNamespace:
     """What `Driver._take` uses: a buffer that never has a batch, a watchdog polled every 10 s."""
     return SimpleNamespace(
         changed=asyncio.Condition(),
-        state=SimpleNamespace(take=lambda step: (None, 0), watchdog=SimpleNamespace(poll_s=lambda: 10.0)),
+        learner=SimpleNamespace(
+            state=SimpleNamespace(take=lambda step: (None, 0), watchdog=SimpleNamespace(poll_s=lambda: 10.0))
+        ),
         stop=SimpleNamespace(requested=False),
     )
 

@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from bad_configs import BAD_CONFIGS, build
+
 from rlhf_cluster.config import ConfigError, JobConfig, load_config
 from rlhf_cluster.job.preflight import preflight
 
@@ -97,13 +97,14 @@ def test_the_dry_run_and_the_driver_refuse_the_same_bad_configs(case, tmp_path, 
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
     assert result.exit_code != 0 and case.field in result.output, result.output
+    import actors.checkpointer
     import actors.driver
 
     def no_actors(*args, **kwargs):
         raise AssertionError("preflight should have refused the config before any actor starts")
 
     # The two calls that start actors: the learner's ranks and the worker pools.
-    monkeypatch.setattr(actors.driver, "build_learner", no_actors)
+    monkeypatch.setattr(actors.checkpointer, "build_learner", no_actors)
     monkeypatch.setattr(actors.driver, "Cluster", no_actors)
     with pytest.raises(ConfigError) as info:
         Job(load_config(path))
