@@ -69,8 +69,7 @@ async def evaluate(cluster: Cluster, prompts: list[Prompt], version: int, data: 
     samples = data.eval_samples
     if not prompts:
         return {}
-    conversational = data.columns.messages is not None
-    greedy, rewards = await _judged(cluster, prompts, version, 0, conversational)
+    greedy, rewards = await _judged(cluster, prompts, version, 0, data.conversational)
     out = {"eval_accuracy": accuracy(greedy), "eval_reward_mean": statistics.fmean(rewards)}
     out.update(
         {
@@ -79,7 +78,7 @@ async def evaluate(cluster: Cluster, prompts: list[Prompt], version: int, data: 
         }
     )
     if samples:
-        sampled, _ = await _judged(cluster, prompts, version, samples, conversational)
+        sampled, _ = await _judged(cluster, prompts, version, samples, data.conversational)
         out["eval_sampled_accuracy"] = accuracy(sampled)
         out.update({f"eval_pass@{k}": mean_pass_at_k(sampled, k) for k in data.eval_pass_k})
     return out

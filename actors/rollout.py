@@ -48,7 +48,7 @@ async def _scored(calls: ScoringCalls, cfg: JobConfig, rollouts: list[Rollout], 
     rewarded = scored_indices(ok)  # an episode trained per turn is rewarded once, on its last turn
     answering = [ok[i] for i in rewarded]
     scores, reference, teacher, judged = await asyncio.gather(
-        calls.rewards(answering, reward_contexts(prompts, cfg.data.columns.messages is not None)),
+        calls.rewards(answering, reward_contexts(prompts, cfg.data.conversational)),
         calls.reference_logprobs(ok),
         calls.teacher_logprobs(ok),
         calls.judge(answering, texts, answers),

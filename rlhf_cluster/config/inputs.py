@@ -385,6 +385,12 @@ class DataConfig(_Strict):
         """The verifier that scores responses: `verifier`, else the built-in task's."""
         return self.verifier or self.task
 
+    @property
+    def conversational(self) -> bool:
+        """The prompts are chats read from a messages column (`columns.messages`): batch reward
+        functions get TRL's conversational form (message lists, not strings)."""
+        return self.columns.messages is not None
+
 
 def folder_max_length(folder: str | Path) -> int | None:
     """The longest sequence a model folder's config.json accepts (`max_position_embeddings`, at its
