@@ -292,6 +292,18 @@ def _task_verifier_on_a_users_file(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _no_held_out_prompts(cfg: JobConfig) -> list[str]:
+    d = cfg.data
+    if d.path is None or d.eval_path is not None or d.eval_fraction or not d.eval_prompts:
+        return []
+    periodic = f" (nor every data.eval_every_steps={d.eval_every_steps})" if d.eval_every_steps else ""
+    return [
+        f"data.path has no held-out prompts: the job evaluates none before and after training{periodic}, and "
+        f"data.eval_prompts={d.eval_prompts} has none to choose from; set data.eval_fraction (e.g. 0.05) or "
+        "data.eval_path, or data.eval_prompts: 0 to say no evaluation is wanted"
+    ]
+
+
 def _filter_metric_unused(cfg: JobConfig) -> list[str]:
     shaping = cfg.algorithm.shaping
     if shaping.dynamic_sampling_metric != "reward" and not shaping.dynamic_sampling:
@@ -321,4 +333,5 @@ WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
     _in_flight_update_unused,
     _empty_ensemble,
     _task_verifier_on_a_users_file,
+    _no_held_out_prompts,
 ]

@@ -119,6 +119,19 @@ def test_a_users_file_scored_by_the_tasks_verifier_is_warned_about():
         load_config(None, ["data.path=/data/gsm8k.parquet", "data.verifier=gsm8k"]), files=False))
 
 
+def test_a_users_file_without_held_out_prompts_is_warned_about():
+    def warned(*overrides: str) -> list[str]:
+        cfg = load_config(None, ["data.path=/data/gsm8k.parquet", "data.verifier=gsm8k", *overrides])
+        return [w for w in preflight(cfg, files=False) if "held-out" in w]
+
+    [warning] = warned("data.eval_every_steps=5")
+    assert "data.eval_prompts=64 has none to choose from" in warning and "data.eval_fraction" in warning, warning
+    assert "data.eval_every_steps=5" in warning, warning
+    assert warned("data.eval_fraction=0.1") == warned("data.eval_path=/data/test.parquet") == []
+    assert warned("data.eval_prompts=0") == []  # said: no evaluation wanted
+    assert not [w for w in preflight(load_config(None), files=False) if "held-out" in w]  # the built-in task's own
+
+
 # ---- the episode code a config names (generation.environment, generation.agent.function) -------------------
 EPISODE_CODE = [
     ("generation.environment=foo", "generation.environment='foo' must look like 'module:Class'"),
