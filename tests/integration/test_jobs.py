@@ -102,6 +102,15 @@ def _rows(run_dir: Path) -> list[dict]:
     return read_jsonl(run_dir / "metrics.jsonl").rows
 
 
+TRL_REWARD = """
+def score(completions, prompts, completion_ids, **kwargs):
+    rows = {len(completions), len(prompts), len(completion_ids), len(kwargs["answer"])}
+    if len(rows) != 1 or not all(isinstance(c, str) and isinstance(p, str) for c, p in zip(completions, prompts)):
+        raise TypeError(f"not TRL's batch: {rows} rows, {type(completions[0])}, {type(prompts[0])}")
+    return [0.375] * len(completions)
+"""
+
+
 def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
     """One submitted job, followed, resized and stopped from the CLI. (A submitted job that ends by
     itself is SUCCEEDED: Ray's status for an entrypoint that exits 0, which the `train` command
@@ -111,12 +120,15 @@ def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
     # The demo at the test's sizes: one learner rank, no warm-up, no held-out evaluation, and no
     # reference model (the demo's KL coefficient is 0), so the job starts three worker processes, not four.
     # Its reward module lives in the user's own directory, outside the project: submitted from
-    # there, it is shipped with the job and scores every response on the cluster.
+    # there, it is shipped with the job and scores every response on the cluster. It is a TRL reward
+    # function (`reward_funcs`), run as TRL calls it (`batch: true`): once per batch, by keyword, its
+    # lists aligned; on anything else it raises, and `on_error: fail` ends the job with the cause.
     user_dir = tmp_path / "user"
     user_dir.mkdir()
-    (user_dir / "user_reward.py").write_text("def score(response, answer):\n    return 0.375\n")
+    (user_dir / "user_reward.py").write_text(TRL_REWARD)
+    rewards = "[{type: function, function: 'user_reward:score', batch: true, on_error: fail}]"
     job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=100000",
-               "--set", f"run_dir={run_dir}", "--set", "scoring.rewards=[{type: function, function: 'user_reward:score'}]",
+               "--set", f"run_dir={run_dir}", "--set", f"scoring.rewards={rewards}",
                "--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
                "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--set", "data.eval_prompts=0",
                "--set", "scoring.reference=false", "--python", sys.executable, "--address", address,
@@ -133,7 +145,7 @@ def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
         time.sleep(0.5)
     rows = _rows(run_dir)
     assert [r["weight_version"] for r in rows[:2]] == [1, 2]
-    assert all(r["reward_mean"] == 0.375 for r in rows), [r["reward_mean"] for r in rows]  # the user's module scored
+    assert all(r["reward_mean"] == 0.375 for r in rows), [r["reward_mean"] for r in rows]  # the user's function scored
     # ...and the job's log, as the CLI shows it, has the steps (the log reaches the head a moment later).
     logs_deadline = time.monotonic() + 60
     while "step    1 |" not in (logs := _cli(env, "logs", job, "--address", address)):
