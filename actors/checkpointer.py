@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -38,52 +39,72 @@ from rlhf_cluster.weights.messages import Delivery
 log = logging.getLogger(__name__)
 
 
+def job_checkpoints(cfg: JobConfig) -> CheckpointStore:
+    """The job's checkpoint folder, with its retention (`checkpoint.keep`, `guardrails.keep_best`)."""
+    g = cfg.guardrails
+    return CheckpointStore(cfg.checkpoint_dir, cfg.checkpoint.keep, g.keep_best, g.higher_is_better)
+
+
+def open_run(
+    run_dir: RunDir, checkpoints: CheckpointStore, resume: str | None, overwrite: bool | str | None, job_name: str
+) -> Checkpoint | None:
+    """Lock the run directory (one job per run_dir), then pick the checkpoint to resume from and
+    prepare the directory: resumed, or fresh with an earlier run refused / moved aside / deleted
+    as `overwrite` says. `--resume auto` with no checkpoint at all starts over with the earlier
+    files moved aside; with checkpoints of which none verifies it is refused
+    (`NoVerifiedCheckpoint`) and nothing on disk changes. Returns the checkpoint (None: fresh)."""
+    run_dir.acquire(job_name)  # before judging checkpoints: a live job's are not ours to rename
+    try:
+        # `auto`: the newest that verifies (None without any); a path: exactly that one.
+        resume_from = (
+            None if resume is None else newest(checkpoints) if resume == "auto" else checkpoints.verify(resume)
+        )
+        run_dir.prepare(
+            fresh=resume_from is None,
+            job_name=job_name,
+            overwrite=overwrite or ("aside" if resume is not None else False),
+        )
+    except BaseException:
+        run_dir.release()
+        raise
+    return resume_from
+
+
+def newest(checkpoints: CheckpointStore) -> Checkpoint | None:
+    """The newest checkpoint that verifies; newer ones that do not are kept aside, not deleted,
+    and when none verifies the job stops (`NoVerifiedCheckpoint`) rather than start over. Call it
+    holding the run directory's lock."""
+    return checkpoints.resume_point(on_refused=partial(_refused, checkpoints))
+
+
+def _refused(checkpoints: CheckpointStore, path: Path, exc: CheckpointError) -> None:
+    # Left under its name, a later checkpoint of the same step (or retention) would delete it.
+    kept = checkpoints.set_aside(path)
+    log.warning(
+        f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})"
+    )
+
+
 class Checkpointer:
     """Writes job checkpoints (one at a time, files finished in the background) and restores them.
     `cfg` is the job's config as started: what a run changes later (`JobOverride`) is none of
     what this reads, and a restore is handed the settings its ranks were built with."""
 
-    def __init__(self, cfg: JobConfig, run_dir: RunDir, store: WeightStore, reporter: Reporter):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        run_dir: RunDir,
+        store: WeightStore,
+        reporter: Reporter,
+        checkpoints: CheckpointStore | None = None,
+    ):
         self.cfg, self.run_dir, self.store, self.reporter = cfg, run_dir, store, reporter
-        self.checkpoints = CheckpointStore(
-            cfg.checkpoint_dir, cfg.checkpoint.keep, cfg.guardrails.keep_best, cfg.guardrails.higher_is_better
-        )
+        self.checkpoints = checkpoints or job_checkpoints(cfg)  # (`open_run`'s, when it opened the run)
         self._writing: asyncio.Task | None = None
         self._writing_version: int | None = None  # the version of the checkpoint being finished, if any
 
-    def open_run(self, resume: str | None, overwrite: bool | str | None, job_name: str) -> Checkpoint | None:
-        """Lock the run directory (one job per run_dir), then pick the checkpoint to resume from and
-        prepare the directory: resumed, or fresh with an earlier run refused / moved aside / deleted
-        as `overwrite` says. `--resume auto` with no checkpoint at all starts over with the earlier
-        files moved aside; with checkpoints of which none verifies it is refused
-        (`NoVerifiedCheckpoint`) and nothing on disk changes. Returns the checkpoint (None: fresh)."""
-        self.run_dir.acquire(job_name)  # before judging checkpoints: a live job's are not ours to rename
-        try:
-            resume_from = self.to_resume(resume)
-            self.run_dir.prepare(
-                fresh=resume_from is None,
-                job_name=job_name,
-                overwrite=overwrite or ("aside" if resume is not None else False),
-            )
-        except BaseException:
-            self.run_dir.release()
-            raise
-        return resume_from
-
-    def to_resume(self, resume: str | None) -> Checkpoint | None:
-        """`auto`: the newest checkpoint that verifies (None if there is no checkpoint at all;
-        `NoVerifiedCheckpoint` if there are some and none verifies); a path: exactly that one.
-        Call it holding the run directory's lock: a refused checkpoint is renamed aside."""
-        if resume is None:
-            return None
-        if resume == "auto":
-            return self.newest()
-        return CheckpointStore.verify(resume)
-
     def newest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies; newer ones that do not are kept aside, not deleted,
-        and when none verifies the job stops (`NoVerifiedCheckpoint`) rather than start over."""
-        return self.checkpoints.resume_point(on_refused=self._refused)
+        return newest(self.checkpoints)
 
     def kept_versions(self) -> list[int]:
         """The weight versions of the checkpoints kept and of the one being written (one retention
@@ -108,26 +129,15 @@ class Checkpointer:
             try:
                 return self.checkpoints.verify(path)
             except CheckpointError as exc:
-                self._refused(path, exc)
+                _refused(self.checkpoints, path, exc)
         return None
 
-    def _refused(self, path: Path, exc: CheckpointError) -> None:
-        # Left under its name, a later checkpoint of the same step (or retention) would delete it.
-        kept = self.checkpoints.set_aside(path)
-        log.warning(
-            f"refusing {exc}; falling back to an older checkpoint that verifies (the refused one is kept as {kept})"
-        )
-
-    def due(self, step: int, stopping: bool, verdict: GuardVerdict | None = None) -> bool:
-        """Whether step `step` is checkpointed: every `checkpoint.every_steps`, the last, a stop, and
-        (`guardrails.keep_best`) an evaluation better than every earlier one."""
+    def due(self, step: int, last: bool, verdict: GuardVerdict | None = None) -> bool:
+        """Whether step `step` is checkpointed: every `checkpoint.every_steps`, the job's `last` (its
+        final step, a stop, an early stop), and (`guardrails.keep_best`) an evaluation better than
+        every earlier one."""
         best = verdict is not None and verdict.improved and self.cfg.guardrails.keep_best > 0
-        return (
-            (step + 1) % self.cfg.checkpoint.every_steps == 0
-            or step + 1 == self.cfg.train.total_steps
-            or stopping
-            or best
-        )
+        return (step + 1) % self.cfg.checkpoint.every_steps == 0 or last or best
 
     def restore(
         self, ckpt: Checkpoint | None, trainer: Trainer, state: JobState, cfg: JobConfig
@@ -305,7 +315,6 @@ class LearnerSlot:
         if resume_from is not None:  # the rollbacks the run made up to its checkpoint: counted, and their settings kept
             kept = [e for e in self.run_dir.read(RunDir.EVENTS) if e.get("step", -1) <= resume_from.step]
             self.override = self.rollback.replay(kept, cfg)
-            self.run_dir.event("resumed", from_step=resume_from.step)
 
     @contextmanager
     def starting(self, resume_from: Checkpoint | None) -> Iterator[None]:
@@ -314,7 +323,7 @@ class LearnerSlot:
         variant of the job's version, so with int8 rollouts the body waits for the learner. The
         learner is waited for and adopted (its ranks are the job's to end) even when the body fails."""
         with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as starter:
-            learner = starter.submit(self._build, resume_from)
+            learner = starter.submit(self._builder(), resume_from, None)
             try:
                 if "int8" in self.cfg.generation.weight_variants:
                     self.adopt(learner.result())
@@ -334,14 +343,13 @@ class LearnerSlot:
         self.reporter.version(start.published_version)
 
     async def rebuild(self, ckpt: Checkpoint | None) -> None:
-        """New rank groups (the critic's too) from `ckpt` (None: the start), adopted; the old ones are
-        killed first (the driver stops what feeds them beforehand)."""
-        self.trainer.kill()
-        self.adopt(await asyncio.to_thread(self._build, ckpt, self.state))
+        """New rank groups (the critic's too) from `ckpt` (None: the start), adopted; the driver has
+        killed the old ones."""
+        self.adopt(await asyncio.to_thread(self._builder(), ckpt, self.state))
 
     async def after_death(self, cause: BaseException) -> Checkpoint | None:
-        """A learner rank died: the checkpoint to rebuild from (the newest), or the cause once
-        `faults.max_learner_restarts` are used up."""
+        """A learner rank died: the checkpoint to rebuild from (the newest); once
+        `faults.max_learner_restarts` are used up, a RuntimeError from `cause`."""
         if self.restarts >= self.cfg.faults.max_learner_restarts:
             raise RuntimeError(
                 f"learner rank died and the {self.cfg.faults.max_learner_restarts} learner restarts are used up"
@@ -361,5 +369,7 @@ class LearnerSlot:
         await self.checkpointer.wait()
         return self.checkpointer.roll_back_to(self.rollback.last_good_step(step, reason))
 
-    def _build(self, ckpt: Checkpoint | None, previous: JobState | None = None) -> LearnerStart:
-        return build_learner(self.cfg, self.override, self.inputs, self.checkpointer, self.run_dir, ckpt, previous)
+    def _builder(self) -> Callable[[Checkpoint | None, JobState | None], LearnerStart]:
+        """`build_learner(checkpoint, previous state)` with the settings as they are now, for a worker
+        thread (which reads nothing of the slot that the driver's thread may change meanwhile)."""
+        return partial(build_learner, self.cfg, self.override, self.inputs, self.checkpointer, self.run_dir)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import ray
 from tqdm import tqdm
 
-from actors.checkpointer import Checkpointer, LearnerSlot
+from actors.checkpointer import Checkpointer, LearnerSlot, job_checkpoints, open_run
 from actors.cluster import Cluster, engine_model_paths
 from actors.evaluation import evaluate
 from actors.reporting import JobResult, Reporter
@@ -34,6 +34,7 @@ from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
+from rlhf_cluster.job.epochs import with_epoch_steps
 from rlhf_cluster.job.guardrails import GuardVerdict, policy_held
 from rlhf_cluster.job.inputs import prepare_inputs
 from rlhf_cluster.job.preemption import StopRequest
@@ -70,21 +71,25 @@ class Driver:
         attach_console()  # the job's lines (and its warnings) reach this process's console
         for warning in preflight(cfg, resume=resume):  # bad input fails here, before anything is written or started
             log.warning(warning)
-        self.cfg = cfg
         self.run_dir = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
-        self.reporter = Reporter(cfg, self.run_dir)
-        self.checkpointer = Checkpointer(cfg, self.run_dir, self.store, self.reporter)
-        resume_from = self.checkpointer.open_run(resume, overwrite, cfg.name)  # nothing unverified is deleted
+        checkpoints = job_checkpoints(cfg)
+        resume_from = open_run(self.run_dir, checkpoints, resume, overwrite, cfg.name)  # nothing unverified is deleted
+        if resume_from is not None:
+            self.run_dir.event("resumed", from_step=resume_from.step)
         self.changed = asyncio.Condition()  # the buffer, the published version or the requests in flight moved
         self.timeline = 0  # bumped by every rebuild of the learner: late results of an abandoned timeline are ignored
         self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
-        self.weights = WeightSync(self.reporter.receipts)  # every version's way to the engines
         self._publishing: asyncio.Task | None = None  # the newest version's publication
         try:
             self.inputs = prepare_inputs(cfg, self.run_dir)
-            self.learner = LearnerSlot(cfg, self.inputs, self.checkpointer, self.reporter, self.weights, resume_from)
+            # The config the job runs with, from here on (train.total_epochs counted into train.total_steps).
+            self.cfg = cfg = with_epoch_steps(cfg, len(self.inputs.prompts))
+            self.reporter = Reporter(cfg, self.run_dir)
             self.reporter.tokenizer = self.inputs.tokenizer
+            self.checkpointer = Checkpointer(cfg, self.run_dir, self.store, self.reporter, checkpoints)
+            self.weights = WeightSync(self.reporter.receipts)  # every version's way to the engines
+            self.learner = LearnerSlot(cfg, self.inputs, self.checkpointer, self.reporter, self.weights, resume_from)
             self.run_dir.write_yaml(RunDir.CONFIG, cfg.model_dump(mode="json"))
             self.metrics_port = (
                 serve_metrics(cfg.metrics.bind_address, port_range=cfg.metrics.port_range)
@@ -186,7 +191,7 @@ class Driver:
         groups = await rollout(self.cfg, self.cluster, prompts, self.learner.published_version, self.learner.state.kl)
         async with self.changed:
             if timeline != self.timeline:
-                return  # generated for a timeline a rollback abandoned
+                return  # generated for a timeline a rebuild abandoned (a rollback, a lost rank)
             self.learner.state.admission.buffered(key)
             failed: dict[str, int] = {}  # worker -> samples whose reward failed, one event row per request
             for g in groups:
@@ -301,7 +306,8 @@ class Driver:
         with self.reporter.span("scored_log.flush", step=step):  # the groups scored so far survive a kill
             await asyncio.to_thread(self.learner.state.log.flush_or_keep)
         early_stop = verdict.stop if verdict is not None else None
-        due = self.checkpointer.due(step, self.stop.requested or early_stop is not None, verdict)
+        last = step + 1 == self.cfg.train.total_steps or self.stop.requested or early_stop is not None
+        due = self.checkpointer.due(step, last, verdict)
         return StepEnd(verdict, early_stop=early_stop, checkpoint=due)
 
     async def _take(self, step: int) -> list[ScoredSample] | None:
@@ -354,6 +360,7 @@ class Driver:
             self.timeline += 1  # results still arriving from the old timeline are dropped
         self._producer.cancel()
         await asyncio.wait([self._producer])
+        self.learner.trainer.kill()  # (refreshes waiting for its publications end at once)
         await self.reference.abandon()  # refreshes in flight end before the rebuild discards their versions
         await self.learner.rebuild(ckpt)  # the critic is rebuilt with the learner, from the same checkpoint
         self._publishing = None  # the old timeline's pushes end without pushing

@@ -64,6 +64,7 @@ class JobResult:
     run_dir: str = ""
     stopped: bool = False  # ended by `Job.stop` (or a signal) before the last step, with a checkpoint
     early_stop: str | None = None  # why the guardrails ended the run before the last step (checkpointed, evaluated)
+    total_steps: int = 0  # the steps the job was to train (train.total_steps, or counted from train.total_epochs)
 
     accuracy_before = _evaluated("eval_accuracy", after=False)
     accuracy_after = _evaluated("eval_accuracy", after=True)
@@ -80,7 +81,7 @@ class Reporter:
         self.labels.of(m.MISMATCH_ALERTS)  # exported at 0 from the start, so dashboards and rate() see it
         self.labels.of(m.STALENESS_BOUND).set(cfg.train.max_staleness)
         self.mismatch_alarm = MismatchAlarm(cfg.generation.probe.alert_factor, cfg.generation.probe.alert_floor)
-        self.result = JobResult(run_dir=str(run_dir.root))
+        self.result = JobResult(run_dir=str(run_dir.root), total_steps=cfg.train.total_steps)
         self.bad_steps = 0
         # The driver's own track of the trace (an instance: several jobs may share a process).
         self.tracer = Tracer("driver", "driver") if cfg.metrics.trace else None

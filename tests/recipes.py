@@ -40,8 +40,10 @@ def build_inputs(root: Path) -> dict:
 
     model = save_chat_model(root / "model", positions=8192)  # as long as the longest recipe's max_model_len
     RewardModel.from_lm(model).save_pretrained(root / "rm", AutoTokenizer.from_pretrained(model))
-    pq.write_table(pa.table({"prompt": ["What is 2+2?"], "answer": ["\\boxed{4}"]}), root / "prompts.parquet")
+    pq.write_table(pa.table({"prompt": ["What is 2+2?", "What is 3+3?"], "answer": ["\\boxed{4}", "\\boxed{6}"]}),
+                   root / "prompts.parquet")  # two: the recipes hold a share of the prompts out
     return {"model": model, "rm": root / "rm", "gsm8k": write_gsm8k_parquet(root / "gsm8k.parquet", 8),
+            "gsm8k_test": write_gsm8k_parquet(root / "gsm8k_test.parquet", 4, seed=1),
             "prompts": root / "prompts.parquet"}
 
 
@@ -49,7 +51,7 @@ def overrides(recipe: str, inputs: dict) -> list[str]:
     """The `--set` values that point a recipe at `inputs`."""
     sets = [f"model.path={inputs['model']}", "run_dir=/tmp/never-written"]
     if recipe.startswith("qwen"):
-        return sets + [f"data.path={inputs['gsm8k']}"]
+        return sets + [f"data.path={inputs['gsm8k']}", f"data.eval_path={inputs['gsm8k_test']}"]
     sets.append(f"data.path={inputs['prompts']}")
     name = "rm7b" if recipe.startswith("7b") else "rm70b"
     weight = 0.5 if recipe.startswith("7b") else 1.0

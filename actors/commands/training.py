@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from typer.core import TyperCommand
@@ -25,6 +26,9 @@ from actors.commands.common import (
 )
 from rlhf_cluster.config import ConfigError, JobConfig
 from rlhf_cluster.job.preflight import preflight
+
+if TYPE_CHECKING:
+    from rlhf_cluster.run.run_dir import RunDir
 
 
 def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite: str | None) -> None:
@@ -50,7 +54,12 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite:
         typer.echo(f"warning: {warning}", err=True)
     if problems:
         refuse(*problems)
-    typer.echo(f"dry run ok: {cfg.name}, {cfg.train.total_steps} steps, {cfg.samples_per_step} samples per step")
+    steps = (
+        f"{cfg.train.total_steps} steps"
+        if cfg.train.total_epochs is None
+        else f"train.total_epochs={cfg.train.total_epochs} (steps counted from the training prompts at the job's start)"
+    )
+    typer.echo(f"dry run ok: {cfg.name}, {steps}, {cfg.samples_per_step} samples per step")
 
 
 class OverwriteCommand(TyperCommand):
@@ -119,21 +128,39 @@ def train(
 
 def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
     """A resume from a checkpoint of the run's last step has nothing to train: say so and end
-    (exit code 0) before Ray or any pool starts."""
+    (exit code 0) before Ray or any pool starts. With `train.total_epochs` the last step is the
+    run's own count (its config.yaml: the steps an epoch had at its start) times the epochs asked for."""
     from rlhf_cluster.run.run_dir import RunDir
 
     run = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
-    ckpt = run.complete(resume, cfg.train.total_steps)
-    if ckpt is None:
+    epochs = cfg.train.total_epochs
+    total = cfg.train.total_steps if epochs is None else _epoch_steps_of(run, epochs)
+    ckpt = run.complete(resume, total) if total is not None else None
+    if ckpt is None or total is None:
         return
-    done, total = ckpt.step + 1, cfg.train.total_steps
+    done = ckpt.step + 1
+    field, value = ("train.total_steps", total) if epochs is None else ("train.total_epochs", epochs)
     typer.echo(
         f"run_dir {run.root}: the run is already complete at step {done} of "
-        f"{total if done == total else f'{done} (train.total_steps is {total})'} ({ckpt.path.name}); "
-        f"nothing to train. To train further, raise train.total_steps with --set, e.g. "
-        f"--set train.total_steps={2 * done} --resume auto"
+        f"{total if done == total else f'{done} ({field} is {value})'} ({ckpt.path.name}); "
+        f"nothing to train. To train further, raise {field} with --set, e.g. "
+        f"--set {field}={2 * (done if epochs is None else epochs)} --resume auto"
     )
     raise typer.Exit(0)
+
+
+def _epoch_steps_of(run: RunDir, epochs: int) -> int | None:
+    """`epochs` x the steps an epoch had in the run (None: the run did not count epochs)."""
+    import yaml
+
+    from rlhf_cluster.run.run_dir import RunDir
+
+    try:
+        recorded = yaml.safe_load((run.root / RunDir.CONFIG).read_text())["train"]
+        per_epoch = recorded["total_steps"] // recorded["total_epochs"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    return epochs * per_epoch
 
 
 def _child_argv(
@@ -194,6 +221,6 @@ def _run_here(
         why = f" by {stop.received}" if stop.received else ""
         done = result.rows[-1]["step"] + 1 if result.rows else 0
         typer.echo(
-            f"stopped{why} after step {done} of {cfg.train.total_steps}, with a checkpoint; "
+            f"stopped{why} after step {done} of {result.total_steps or cfg.train.total_steps}, with a checkpoint; "
             f"continue with: {resume_command}"
         )

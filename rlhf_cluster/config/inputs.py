@@ -387,9 +387,9 @@ class DataConfig(_Strict):
 
     @property
     def conversational(self) -> bool:
-        """The prompts are chats read from a messages column (`columns.messages`): batch reward
-        functions get TRL's conversational form (message lists, not strings)."""
-        return self.columns.messages is not None
+        """The prompts are chats read from a messages column (`columns.messages` of the user's
+        `path`): batch reward functions get TRL's conversational form (message lists, not strings)."""
+        return self.path is not None and self.columns.messages is not None
 
 
 def folder_max_length(folder: str | Path) -> int | None:

@@ -87,7 +87,18 @@ class MetricsConfig(_Strict):
 class TrainConfig(_Strict):
     """The driver loop."""
 
-    total_steps: int = Field(20, ge=1, description="Learner steps.")
+    total_steps: int = Field(
+        20,
+        ge=1,
+        description="Learner steps. With total_epochs set, the job's start sets it from the training prompts.",
+    )
+    total_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Passes over the training prompts (veRL's trainer.total_epochs, TRL's num_train_epochs): the job "
+        "trains total_epochs x (training prompts // prompts_per_step) steps, counted at its start after the held-out "
+        "split and data.overlong_prompts (the run's config.yaml records the steps). Empty: total_steps.",
+    )
     prompts_per_step: int = Field(8, ge=1, description="Prompt groups per learner step.")
     max_staleness: int = Field(
         1, ge=0, description="Max versions between a sample's weights and the learner's (0 = synchronous)."
@@ -197,9 +208,10 @@ class JobConfig(_Strict):
         return self
 
     def _check_critic_warmup(self) -> None:
-        # A warm-up as long as the job would never train the policy (veRL's trainer.critic_warmup).
+        # A warm-up as long as the job would never train the policy (veRL's trainer.critic_warmup). With
+        # train.total_epochs the steps are counted at the job's start, which checks this there (`epoch_steps`).
         held = self.critic.freeze_policy_steps if self.critic is not None else 0
-        if held and held >= self.train.total_steps:
+        if held and held >= self.train.total_steps and self.train.total_epochs is None:
             raise ValueError(
                 f"critic.freeze_policy_steps={held} >= train.total_steps={self.train.total_steps}: the policy "
                 "would never be trained (the critic warm-up holds it for the first freeze_policy_steps steps); "

@@ -292,6 +292,16 @@ def _task_verifier_on_a_users_file(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _steps_and_epochs(cfg: JobConfig) -> list[str]:
+    t = cfg.train
+    if t.total_epochs is not None and "total_steps" in t.model_fields_set:
+        return [
+            f"train.total_steps={t.total_steps} is replaced by the steps of train.total_epochs={t.total_epochs} "
+            "(counted from the training prompts at the job's start); set one of them"
+        ]
+    return []
+
+
 def _no_held_out_prompts(cfg: JobConfig) -> list[str]:
     d = cfg.data
     if d.path is None or d.eval_path is not None or d.eval_fraction or not d.eval_prompts:
@@ -316,7 +326,7 @@ def _filter_metric_unused(cfg: JobConfig) -> list[str]:
 
 def _refresh_never_due(cfg: JobConfig) -> list[str]:
     every = cfg.reference_refresh_every
-    if every and every >= cfg.train.total_steps:
+    if every and every >= cfg.train.total_steps and cfg.train.total_epochs is None:
         return [
             f"algorithm.kl.reference_refresh.every_steps={every} with train.total_steps={cfg.train.total_steps}: "
             "the job ends before its first refresh"
@@ -334,4 +344,5 @@ WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
     _empty_ensemble,
     _task_verifier_on_a_users_file,
     _no_held_out_prompts,
+    _steps_and_epochs,
 ]

@@ -2,7 +2,9 @@
 `save_pretrained` (ChatML chat template) and a GSM8K-format parquet with its own column names,
 prompts put through the chat template, responses judged by the gsm8k verifier. The engine must
 receive exactly the tokenizer's chat-template encoding of every prompt. A quarter of the file is
-held out (`data.eval_fraction`), evaluated every 2 steps, and never trained on."""
+held out (`data.eval_fraction`), evaluated every 2 steps, and never trained on. The job runs one
+epoch over the rest (`train.total_epochs`, veRL's `trainer.total_epochs`): its steps are counted at
+its start from the prompts left to train on."""
 
 from __future__ import annotations
 
@@ -41,13 +43,15 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
         "generation": {"sampling": {"n": 4, "max_new_tokens": 16}},
         "algorithm": {"preset": "grpo"},
         "learner": {"world_size": 1, "lr": 1e-4},
-        "train": {"total_steps": 3, "prompts_per_step": 4, "progress": False},
+        # Every scored group kept (`record_rollouts`): the checks below read them all, not what is left untrained.
+        "train": {"total_epochs": 1, "prompts_per_step": 12, "progress": False, "record_rollouts": True},
         "checkpoint": {"every_steps": 1},
     }))
 
     # The dry run in this process (the CLI's own code, without a second interpreter importing it all).
     dry = CliRunner().invoke(app, ["train", str(config), "--dry-run"])
     assert dry.exit_code == 0, dry.output
+    assert "dry run ok: byo, train.total_epochs=1 (steps counted from the training prompts" in dry.stdout, dry.stdout
     tokenizer = AutoTokenizer.from_pretrained(model)
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": gsm8k_rows(1)[0]["question"]}]
     rendered = tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
@@ -64,9 +68,13 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
         out = CliRunner().invoke(app, ["train", str(config), "--address", ray.get_runtime_context().gcs_address])
     assert out.exit_code == 0, (out.output[-4000:], out.exception)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["weight_version"] for r in rows] == [1, 2, 3]
+    held_ids = json.loads((run_dir / "data" / "held_out.json").read_text())["held_out_ids"]
+    epoch = (64 - len(held_ids)) // 12  # the steps of one epoch: whole steps of the prompts left to train on
+    assert epoch >= 3, epoch  # (a periodic evaluation, every 2 steps, before the last step's)
+    assert [r["weight_version"] for r in rows] == list(range(1, epoch + 1))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["total_steps"] == epoch  # as it ran
 
-    # Every scored group the run kept: its prompt ids are the chat template's encoding of its row.
+    # Every scored group: its prompt ids are the chat template's encoding of its row.
     questions = {f"row-{i}": r["question"] for i, r in enumerate(gsm8k_rows(64))}
     groups = ScoredLog(run_dir / RunDir.SCORED_LOG).since(0)
     assert groups, "no scored group left in the log"
@@ -79,7 +87,6 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
 
     # The held-out quarter: written down, evaluated every 2 steps and at the end, never trained on
     # (by content: the file repeats some questions under other row ids).
-    held_ids = json.loads((run_dir / "data" / "held_out.json").read_text())["held_out_ids"]
     held_questions = {questions[i] for i in held_ids}
     assert len(held_questions) == -(-len(set(questions.values())) // 4)
     trained = {questions[s.prompt_id] for _fate, samples in groups for s in samples}

@@ -82,7 +82,7 @@ def test_an_unknown_top_level_key_lists_the_sections(tmp_path):
     assert message.startswith(f"invalid config {path}:")
     top = "\n  zzzz: Extra inputs are not permitted (no such field; the top level has: name, run_dir, seed, model, "
     assert top in message
-    typo = "\n  train.total_stepz: Extra inputs are not permitted (no such field; did you mean 'total_steps'?)"
+    typo = "\n  train.total_stepz: Extra inputs are not permitted (no such field; did you mean 'total_steps' or 'total_epochs'?)"
     assert typo in message
 
 

@@ -70,12 +70,14 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _checkpointer(root: Path):
-    from actors.checkpointer import Checkpointer
+def _open_run(root: Path, resume: str, job_name: str) -> tuple[RunDir, object]:
+    """The job's start on `root`'s run: (its run directory, locked; the checkpoint to resume from)."""
+    from actors.checkpointer import job_checkpoints, open_run
 
     cfg = SimpleNamespace(checkpoint_dir=root / "checkpoints", checkpoint=SimpleNamespace(keep=5),
                           guardrails=SimpleNamespace(keep_best=0, higher_is_better=True))
-    return Checkpointer(cfg, _run_dir(root), store=None, reporter=None)
+    run_dir = _run_dir(root)
+    return run_dir, open_run(run_dir, job_checkpoints(cfg), resume, False, job_name)
 
 
 def _group(gid: str) -> list[ScoredSample]:
@@ -92,10 +94,9 @@ def test_resume_auto_falls_back_to_an_older_verified_checkpoint_and_keeps_the_da
     _flip_a_byte(newest / "learner" / "shard.distcp")
     before = _snapshot(root)
 
-    checkpointer = _checkpointer(root)
     with caplog.at_level(logging.WARNING, logger="actors.checkpointer"):
-        chosen = checkpointer.open_run("auto", False, "resumed")
-    checkpointer.run_dir.release()
+        run_dir, chosen = _open_run(root, "auto", "resumed")
+    run_dir.release()
 
     assert chosen is not None and chosen.step == 5, "the newest checkpoint that verifies"
     out = caplog.text  # a warning on the job's console
@@ -121,7 +122,7 @@ def test_resume_auto_refuses_when_no_checkpoint_verifies_naming_each_and_changin
     before = _snapshot(root)
 
     with pytest.raises(NoVerifiedCheckpoint) as info:
-        _checkpointer(root).open_run("auto", False, "resumed")
+        _open_run(root, "auto", "resumed")
 
     msg = str(info.value)
     assert "none of the 3 checkpoint(s)" in msg and "nothing was changed on disk" in msg
@@ -139,9 +140,9 @@ def test_resume_auto_with_no_checkpoint_at_all_starts_over_with_the_earlier_file
     _a_run(root, steps=2, checkpoint_steps=())
     before = _snapshot(root)
 
-    checkpointer = _checkpointer(root)
-    assert checkpointer.open_run("auto", False, "resumed") is None
-    checkpointer.run_dir.release()
+    run_dir, chosen = _open_run(root, "auto", "resumed")
+    assert chosen is None
+    run_dir.release()
 
     (aside,) = tmp_path.glob("run.old-*")
     assert _snapshot(aside) == {k.replace(str(root), str(aside)): v for k, v in before.items()}

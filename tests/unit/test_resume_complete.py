@@ -6,6 +6,7 @@ goes on to start as before. A real run directory with real checkpoints; Ray is n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -67,3 +68,21 @@ def test_a_run_with_steps_left_or_a_damaged_final_checkpoint_goes_on_to_start(fi
     assert isinstance(damaged.exception, _RayStarted) and "complete" not in damaged.output
     fresh = _train(config, "--overwrite")  # not a resume: the checkpoints are not consulted
     assert isinstance(fresh.exception, _RayStarted)
+
+
+def test_a_run_of_epochs_is_complete_at_its_own_count_of_steps(finished):
+    """With train.total_epochs the last step is the run's steps an epoch (its config.yaml, written as
+    it ran) times the epochs asked for now; a run that did not count epochs is not judged here."""
+    config, store = finished
+    epochs = ["--set", "train.total_epochs=1", "--resume", "auto"]
+    unknown = _train(config, *epochs)  # no config.yaml in the run: the job's start counts
+    assert isinstance(unknown.exception, _RayStarted) and "complete" not in unknown.output
+    run = yaml.safe_load(config.read_text())
+    run["train"].update(total_steps=3, total_epochs=1)  # one epoch of 3 steps, as the run recorded it
+    (Path(run["run_dir"]) / "config.yaml").write_text(yaml.safe_dump(run))
+    done = _train(config, *epochs)
+    assert done.exit_code == 0, (done.output, done.exception)
+    assert "complete at step 3 of 3 (step-00000002)" in done.output, done.output
+    assert "raise train.total_epochs with --set, e.g. --set train.total_epochs=2 --resume auto" in done.output
+    more = _train(config, "--set", "train.total_epochs=2", "--resume", "auto")  # 6 steps: 3 left
+    assert isinstance(more.exception, _RayStarted) and "complete" not in more.output

@@ -1,0 +1,39 @@
+"""`train.total_epochs`: the job's steps counted from its training prompts at its start, as veRL
+counts `len(train_dataloader) * total_epochs` (a loader that drops the last partial batch): the
+config a job runs with holds them as `train.total_steps`, set once, before any part that reads it
+is built, and recorded in the run's config.yaml."""
+
+from __future__ import annotations
+
+import logging
+
+from rlhf_cluster.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def with_epoch_steps(cfg: JobConfig, train_prompts: int) -> JobConfig:
+    """`cfg` with `train.total_steps` = `train.total_epochs` x (`train_prompts` // `prompts_per_step`);
+    `cfg` itself without `total_epochs`. `train_prompts`: the prompts the job trains on (after the
+    held-out split and the overlong filter)."""
+    t = cfg.train
+    if t.total_epochs is None:
+        return cfg
+    per_epoch = train_prompts // t.prompts_per_step
+    if per_epoch == 0:
+        raise ValueError(
+            f"train.total_epochs: the {train_prompts} training prompts are fewer than train.prompts_per_step="
+            f"{t.prompts_per_step}, so an epoch has no step; lower train.prompts_per_step or set train.total_steps"
+        )
+    steps = t.total_epochs * per_epoch
+    held = cfg.critic.freeze_policy_steps if cfg.critic is not None else 0
+    if held >= steps:
+        raise ValueError(
+            f"critic.freeze_policy_steps={held} >= the {steps} steps of train.total_epochs={t.total_epochs}: the "
+            "policy would never be trained; lower critic.freeze_policy_steps or raise train.total_epochs"
+        )
+    log.info(
+        f"train.total_epochs={t.total_epochs}: {train_prompts} training prompts, {per_epoch} steps of "
+        f"{t.prompts_per_step} an epoch ({train_prompts - per_epoch * t.prompts_per_step} left over): {steps} steps"
+    )
+    return cfg.model_copy(update={"train": t.model_copy(update={"total_steps": steps})})

@@ -1,0 +1,49 @@
+"""`train.total_epochs` (veRL's `trainer.total_epochs`, TRL's `num_train_epochs`): the job's steps
+are counted at its start from the prompts it trains on (whole steps of `prompts_per_step`, as veRL's
+loader drops the last partial batch), before anything that reads `train.total_steps` is built. The
+driver's use of it runs in tests/integration/test_byo_model.py (a CLI job of one epoch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlhf_cluster.config import load_config
+from rlhf_cluster.job.epochs import with_epoch_steps
+from rlhf_cluster.job.preflight import preflight
+
+
+def test_the_steps_are_whole_steps_of_every_epoch():
+    cfg = load_config(None, ["train.total_epochs=3", "train.prompts_per_step=8"])
+    assert with_epoch_steps(cfg, 35).train.total_steps == 3 * (35 // 8)  # 3 prompts left over each epoch
+    resolved = with_epoch_steps(cfg, 64)
+    assert (resolved.train.total_steps, resolved.train.total_epochs, resolved.train.prompts_per_step) == (24, 3, 8)
+    assert cfg.train.total_steps == 20  # the config as loaded is not changed
+    plain = load_config(None, ["train.total_steps=7"])
+    assert with_epoch_steps(plain, 35) is plain  # without epochs: the config as it is
+
+
+def test_an_epoch_without_a_step_and_a_warm_up_past_the_end_are_refused():
+    with pytest.raises(ValueError, match=r"train.total_epochs: the 5 training prompts are fewer than "
+                                         r"train.prompts_per_step=8, so an epoch has no step"):
+        with_epoch_steps(load_config(None, ["train.total_epochs=2", "train.prompts_per_step=8"]), 5)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "ppo.yaml", ["critic.freeze_policy_steps=4", "train.total_epochs=1",
+                                            "train.prompts_per_step=8"])  # 20 steps as loaded: not checked until counted
+    assert with_epoch_steps(cfg, 40).train.total_steps == 5
+    with pytest.raises(ValueError, match=r"critic.freeze_policy_steps=4 >= the 4 steps of train.total_epochs=1"):
+        with_epoch_steps(cfg, 32)
+
+
+def test_total_steps_beside_total_epochs_is_warned_about():
+    def warned(*overrides: str) -> list[str]:
+        return [w for w in preflight(load_config(None, list(overrides)), files=False) if "total_epochs" in w]
+
+    [warning] = warned("train.total_epochs=2", "train.total_steps=50")
+    assert "train.total_steps=50 is replaced by the steps of train.total_epochs=2" in warning, warning
+    assert warned("train.total_epochs=2") == warned("train.total_steps=50") == []
+    # A refresh "never due" cannot be told before the steps are counted.
+    refresh = "algorithm.kl.reference_refresh={every_steps: 30}"
+    assert any("ends before its first refresh" in w for w in preflight(load_config(None, [refresh]), files=False))
+    assert not any("ends before its first refresh" in w
+                   for w in preflight(load_config(None, [refresh, "train.total_epochs=9"]), files=False))
