@@ -294,12 +294,9 @@ def _task_verifier_on_a_users_file(cfg: JobConfig) -> list[str]:
 
 def _steps_and_epochs(cfg: JobConfig) -> list[str]:
     t = cfg.train
-    if t.total_epochs is not None and "total_steps" in t.model_fields_set:
-        return [
-            f"train.total_steps={t.total_steps} is replaced by the steps of train.total_epochs={t.total_epochs} "
-            "(counted from the training prompts at the job's start); set one of them"
-        ]
-    return []
+    replaced = t.total_epochs is not None and "total_steps" in t.model_fields_set
+    why = f"train.total_steps={t.total_steps} is replaced by the steps of train.total_epochs={t.total_epochs}"
+    return [f"{why} (counted from the training prompts at the job's start); set one of them"] if replaced else []
 
 
 def _no_held_out_prompts(cfg: JobConfig) -> list[str]:
