@@ -75,13 +75,13 @@ class Driver:
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         checkpoints = job_checkpoints(cfg)
         resume_from = open_run(self.run_dir, checkpoints, resume, overwrite, cfg.name)  # nothing unverified is deleted
-        if resume_from is not None:
-            self.run_dir.event("resumed", from_step=resume_from.step)
         self.changed = asyncio.Condition()  # the buffer, the published version or the requests in flight moved
         self.timeline = 0  # bumped by every rebuild of the learner: late results of an abandoned timeline are ignored
         self.stop = StopRequest()  # `Job.stop`, from any thread or a signal handler
         self._publishing: asyncio.Task | None = None  # the newest version's publication
         try:
+            if resume_from is not None:
+                self.run_dir.event("resumed", from_step=resume_from.step)
             self.inputs = prepare_inputs(cfg, self.run_dir)
             # The config the job runs with, from here on (train.total_epochs counted into train.total_steps).
             self.cfg = cfg = with_epoch_steps(cfg, len(self.inputs.prompts))

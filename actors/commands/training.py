@@ -134,7 +134,7 @@ def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
 
     run = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
     epochs = cfg.train.total_epochs
-    total = cfg.train.total_steps if epochs is None else _epoch_steps_of(run, epochs)
+    total = cfg.train.total_steps if epochs is None else _epoch_steps_of(run, epochs, cfg.train.prompts_per_step)
     ckpt = run.complete(resume, total) if total is not None else None
     if ckpt is None or total is None:
         return
@@ -149,8 +149,9 @@ def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
     raise typer.Exit(0)
 
 
-def _epoch_steps_of(run: RunDir, epochs: int) -> int | None:
-    """`epochs` x the steps an epoch had in the run (None: the run did not count epochs)."""
+def _epoch_steps_of(run: RunDir, epochs: int, prompts_per_step: int) -> int | None:
+    """`epochs` x the steps an epoch had in the run (None: the run did not count epochs, or counted
+    them in steps of another `train.prompts_per_step`)."""
     import yaml
 
     from rlhf_cluster.run.run_dir import RunDir
@@ -158,6 +159,8 @@ def _epoch_steps_of(run: RunDir, epochs: int) -> int | None:
     try:
         recorded = yaml.safe_load((run.root / RunDir.CONFIG).read_text())["train"]
         per_epoch = recorded["total_steps"] // recorded["total_epochs"]
+        if recorded["prompts_per_step"] != prompts_per_step:
+            return None
     except (OSError, yaml.YAMLError, KeyError, TypeError, ZeroDivisionError):
         return None
     return epochs * per_epoch

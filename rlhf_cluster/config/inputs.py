@@ -221,7 +221,8 @@ class DataConfig(_Strict):
     chat_template: bool = Field(
         False,
         description="Put each prompt through the model tokenizer's chat template as a user turn (after "
-        "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids.",
+        "`system_prompt`), with the generation prompt added; the engine receives exactly those token ids. The "
+        "built-in tiny text model, which has none, renders with the stand-in template `rlhf-cluster sft` uses.",
     )
     system_prompt: str | None = Field(None, description="A system turn before every prompt (with `chat_template`).")
     chat_template_kwargs: dict[str, object] = Field(

@@ -209,7 +209,7 @@ class JobConfig(_Strict):
 
     def _check_critic_warmup(self) -> None:
         # A warm-up as long as the job would never train the policy (veRL's trainer.critic_warmup). With
-        # train.total_epochs the steps are counted at the job's start, which checks this there (`epoch_steps`).
+        # train.total_epochs the steps are counted at the job's start, which checks this there (`with_epoch_steps`).
         held = self.critic.freeze_policy_steps if self.critic is not None else 0
         if held and held >= self.train.total_steps and self.train.total_epochs is None:
             raise ValueError(

@@ -8,6 +8,29 @@ from dataclasses import replace
 
 from rlhf_cluster.data.prompts import Prompt, image_parts
 
+# For tokenizers without a chat template (the tiny built-in text model's): `role: content` lines, the
+# assistant's ended by EOS. Every prefix of a conversation renders to a prefix of the whole, which is
+# what supervised fine-tuning's locating of assistant turns relies on.
+# (Literal text goes through {{ }}: the chat-template renderer trims newlines after block tags.)
+STAND_IN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def chat_tokenizer(folder, built_in: bool):
+    """The tokenizer of the model folder `folder`; a `built_in` model's (the tiny demo model's, which
+    has no chat template) renders chats with `STAND_IN_CHAT_TEMPLATE`, as supervised fine-tuning renders
+    them for it, so `data.chat_template` (and a messages column) runs on the embedded default. A user's
+    model without a template stays without one: its prompts are refused with the reason."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if built_in and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = STAND_IN_CHAT_TEMPLATE
+    return tokenizer
+
 
 def with_images(chat: list[dict], count: int) -> list[dict]:
     """`chat` with `count` image parts before the text of its first user turn, unless its

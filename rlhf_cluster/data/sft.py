@@ -3,7 +3,7 @@ assistant tokens only.
 
 A row is either single-turn (`prompt`, `response`) or multi-turn (`messages`: a list of
 `{"role", "content"}`); both are rendered with the tokenizer's chat template (or, for a tokenizer
-without one, `DEFAULT_CHAT_TEMPLATE`). Labels are `-100` everywhere except the tokens of every
+without one, `STAND_IN_CHAT_TEMPLATE`). Labels are `-100` everywhere except the tokens of every
 assistant turn, found from character offsets of the rendered text, so they are exact for the full
 tokenization (no re-tokenised fragments). Padding masks come from lengths, never from token ids:
 the pad id may equal EOS.
@@ -16,20 +16,12 @@ from pathlib import Path
 
 import torch
 
+from rlhf_cluster.data.chat_template import STAND_IN_CHAT_TEMPLATE
 from rlhf_cluster.data.prompts import read_table
 from rlhf_cluster.data.row_names import row_name
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
-
-# For tokenizers without a chat template (the tiny built-in one). Every prefix of a conversation
-# renders to a prefix of the whole, which is what locating assistant turns relies on.
-# (Literal text goes through {{ }}: the chat-template renderer trims newlines after block tags.)
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
 
 
 @dataclass
@@ -82,7 +74,7 @@ def _check_conversation(messages, where: str) -> None:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+    template = None if getattr(tokenizer, "chat_template", None) else STAND_IN_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )

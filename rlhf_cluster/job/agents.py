@@ -19,6 +19,11 @@ def rules(cfg: JobConfig) -> list[str]:
             f"data.chat_template_kwargs: {cfg.data.chat_template_kwargs} would not reach the agent gateway, which "
             "renders each episode's messages with the template's defaults; remove it for an agent job"
         )
+    if agent is not None and cfg.data.chat_template and cfg.model.path is None and not cfg.model.tiny.is_vision:
+        out.append(
+            "data.chat_template: the built-in tiny text model renders prompts with a stand-in template, which the "
+            "agent gateway does not render its episodes with; set data.chat_template: false for an agent job on it"
+        )
     evaluation = {k: v for k, v in cfg.data.eval_sampling.model_dump().items() if v is not None}
     if evaluation and (agent is not None or cfg.generation.environment):
         out.append(

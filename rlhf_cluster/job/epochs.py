@@ -32,6 +32,12 @@ def with_epoch_steps(cfg: JobConfig, train_prompts: int) -> JobConfig:
             f"critic.freeze_policy_steps={held} >= the {steps} steps of train.total_epochs={t.total_epochs}: the "
             "policy would never be trained; lower critic.freeze_policy_steps or raise train.total_epochs"
         )
+    every = cfg.reference_refresh_every
+    if every and every >= steps:  # (preflight's warning, which could not count the steps)
+        log.warning(
+            f"algorithm.kl.reference_refresh.every_steps={every} with {steps} steps: the job ends before its first "
+            "refresh"
+        )
     log.info(
         f"train.total_epochs={t.total_epochs}: {train_prompts} training prompts, {per_epoch} steps of "
         f"{t.prompts_per_step} an epoch ({train_prompts - per_epoch * t.prompts_per_step} left over): {steps} steps"

@@ -10,7 +10,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from rlhf_cluster.config import JobConfig
-from rlhf_cluster.data.chat_template import apply_chat_template
+from rlhf_cluster.data.chat_template import apply_chat_template, chat_tokenizer
 from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
 from rlhf_cluster.data.placebo import shuffled_images
 from rlhf_cluster.data.prompt_files import as_paths, describe, job_prompt_files, read_prompts
@@ -62,9 +62,8 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
     if cfg.data.placebo_images:  # the control: each training prompt shown another's images (never the held-out)
         assert cfg.data.seed is not None  # resolved when the config validates
         prompts, _ = shuffled_images(prompts, cfg.data.seed)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)  # the warm-up keeps it: one for templates, lengths, probe
+    # The warm-up keeps it: one for templates, lengths, probe (the built-in model's with a stand-in template).
+    tokenizer = chat_tokenizer(model_path, built_in=cfg.model.path is None)
     if cfg.data.chat_template:
         template = (tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
         prompts = apply_chat_template(prompts, *template)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster.config import FunctionReward, JobConfig
-from rlhf_cluster.data.chat_template import apply_chat_template
+from rlhf_cluster.data.chat_template import apply_chat_template, chat_tokenizer
 from rlhf_cluster.data.images import describe_images
 from rlhf_cluster.data.prompt_files import read_prompts
 from rlhf_cluster.data.prompts import Prompt
@@ -71,9 +71,7 @@ def preview_lines(cfg: JobConfig) -> list[str]:
     folder = model_folder(cfg)
     tokenizer = None
     if folder is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = chat_tokenizer(folder, built_in=cfg.model.path is None)
     if cfg.data.chat_template and tokenizer is None:
         return ["first prompt: the model is not built yet (its tokenizer renders the chat template)"]
     prompt = first_prompt(cfg, tokenizer)

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from rlhf_cluster.algorithms import bradley_terry_loss, sft_loss
 from rlhf_cluster.config import StageConfig
+from rlhf_cluster.data.chat_template import STAND_IN_CHAT_TEMPLATE
 from rlhf_cluster.data.sft import IGNORE_INDEX, SFTExample, collate
 from rlhf_cluster.fileio import write_dir_atomic
 from rlhf_cluster.learner.schedule import lr_multiplier
@@ -173,6 +174,8 @@ class SupervisedTrainer:
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         if self.kind == "sft":
+            if not getattr(tokenizer, "chat_template", None):  # the format the model was fine-tuned on goes with it
+                tokenizer.chat_template = STAND_IN_CHAT_TEMPLATE
             model = load_causal_lm(model_path)
             model.load_state_dict(state)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -105,8 +106,12 @@ def _rows(run_dir: Path) -> list[dict]:
 TRL_REWARD = """
 def score(completions, prompts, completion_ids, **kwargs):
     rows = {len(completions), len(prompts), len(completion_ids), len(kwargs["answer"])}
-    if len(rows) != 1 or not all(isinstance(c, str) and isinstance(p, str) for c, p in zip(completions, prompts)):
-        raise TypeError(f"not TRL's batch: {rows} rows, {type(completions[0])}, {type(prompts[0])}")
+    if len(rows) != 1:
+        raise TypeError(f"not TRL's batch: {rows} rows")
+    for prompt, completion in zip(prompts, completions):  # TRL's conversational form, as its docs read it
+        question, text = prompt[-1]["content"], completion[0]["content"]
+        if not question.endswith("=") or not isinstance(text, str):
+            raise TypeError(f"not TRL's conversational form: {prompt!r}, {completion!r}")
     return [0.375] * len(completions)
 """
 
@@ -122,15 +127,22 @@ def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
     # Its reward module lives in the user's own directory, outside the project: submitted from
     # there, it is shipped with the job and scores every response on the cluster. It is a TRL reward
     # function (`reward_funcs`), run as TRL calls it (`batch: true`): once per batch, by keyword, its
-    # lists aligned; on anything else it raises, and `on_error: fail` ends the job with the cause.
+    # lists aligned, and over a chat dataset (a messages column, rendered by the built-in model's
+    # stand-in chat template) in TRL's conversational form; on anything else it raises, and
+    # `on_error: fail` ends the job with the cause.
     user_dir = tmp_path / "user"
     user_dir.mkdir()
     (user_dir / "user_reward.py").write_text(TRL_REWARD)
+    chats = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)}
+             for a in range(8) for b in range(8)]
+    (user_dir / "chats.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chats))
     rewards = "[{type: function, function: 'user_reward:score', batch: true, on_error: fail}]"
     job = _cli(env, "submit", str(REPO / "configs" / "demo.yaml"), "--set", "train.total_steps=100000",
                "--set", f"run_dir={run_dir}", "--set", f"scoring.rewards={rewards}",
+               "--set", f"data.path={user_dir / 'chats.jsonl'}", "--set", "data.columns={messages: prompt}",
+               "--set", "data.chat_template=true",
                "--set", f"model.cache_dir={model_cache}", "--set", "train.progress=false", "--set", "learner.world_size=1",
-               "--set", "data.num_prompts=128", "--set", "model.sft_warmup_steps=0", "--set", "data.eval_prompts=0",
+               "--set", "model.sft_warmup_steps=0", "--set", "data.eval_prompts=0",
                "--set", "scoring.reference=false", "--python", sys.executable, "--address", address,
                cwd=user_dir).splitlines()[-1]
 

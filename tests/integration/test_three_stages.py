@@ -10,6 +10,7 @@ import torch
 from actors.job import Job
 from actors.commands.supervised import run_stage
 from rlhf_cluster.config import RewardModelSpec
+from rlhf_cluster.data.chat_template import STAND_IN_CHAT_TEMPLATE
 from rlhf_cluster.data.preferences import arithmetic_preference_pairs
 from rlhf_cluster.experience.records import Rollout
 from rlhf_cluster.scoring.reference import ReferenceModel
@@ -122,6 +123,7 @@ def _served_scores_then_rl(cfg, sft, rm) -> list[float]:
 
     rl = _with_reward_model(cfg, sft, rm)
     tokenizer = AutoTokenizer.from_pretrained(sft["output"])
+    assert tokenizer.chat_template == STAND_IN_CHAT_TEMPLATE  # the format it was fine-tuned on went with it
     rollouts, answers = _train_pair_rollouts(cfg, tokenizer)
     with Job(rl) as job:
         worker = next(iter(job.workers("reward").values()))

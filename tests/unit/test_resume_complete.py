@@ -86,3 +86,8 @@ def test_a_run_of_epochs_is_complete_at_its_own_count_of_steps(finished):
     assert "raise train.total_epochs with --set, e.g. --set train.total_epochs=2 --resume auto" in done.output
     more = _train(config, "--set", "train.total_epochs=2", "--resume", "auto")  # 6 steps: 3 left
     assert isinstance(more.exception, _RayStarted) and "complete" not in more.output
+    # Counted in steps of another prompts_per_step: the epoch's steps now are not known before the start.
+    run["train"]["prompts_per_step"] += 1
+    (Path(run["run_dir"]) / "config.yaml").write_text(yaml.safe_dump(run))
+    other = _train(config, *epochs)
+    assert isinstance(other.exception, _RayStarted) and "complete" not in other.output

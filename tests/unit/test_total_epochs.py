@@ -28,11 +28,13 @@ def test_an_epoch_without_a_step_and_a_warm_up_past_the_end_are_refused():
     with pytest.raises(ValueError, match=r"train.total_epochs: the 5 training prompts are fewer than "
                                          r"train.prompts_per_step=8, so an epoch has no step"):
         with_epoch_steps(load_config(None, ["train.total_epochs=2", "train.prompts_per_step=8"]), 5)
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "ppo.yaml", ["critic.freeze_policy_steps=4", "train.total_epochs=1",
-                                            "train.prompts_per_step=8"])  # 20 steps as loaded: not checked until counted
-    assert with_epoch_steps(cfg, 40).train.total_steps == 5
-    with pytest.raises(ValueError, match=r"critic.freeze_policy_steps=4 >= the 4 steps of train.total_epochs=1"):
-        with_epoch_steps(cfg, 32)
+    ppo = Path(__file__).resolve().parents[2] / "configs" / "ppo.yaml"
+    assert load_config(ppo).train.total_steps == 40
+    # A warm-up of 45 steps, past the 40 the file names: not checked until the epochs' steps are counted.
+    cfg = load_config(ppo, ["critic.freeze_policy_steps=45", "train.total_epochs=1", "train.prompts_per_step=8"])
+    assert with_epoch_steps(cfg, 400).train.total_steps == 50
+    with pytest.raises(ValueError, match=r"critic.freeze_policy_steps=45 >= the 45 steps of train.total_epochs=1"):
+        with_epoch_steps(cfg, 360)
 
 
 def test_total_steps_beside_total_epochs_is_warned_about():
