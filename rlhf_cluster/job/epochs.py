@@ -12,10 +12,10 @@ from rlhf_cluster.config import JobConfig
 log = logging.getLogger(__name__)
 
 
-def with_epoch_steps(cfg: JobConfig, train_prompts: int) -> JobConfig:
+def with_epoch_steps(cfg: JobConfig, train_prompts: int, quiet: bool = False) -> JobConfig:
     """`cfg` with `train.total_steps` = `train.total_epochs` x (`train_prompts` // `prompts_per_step`);
     `cfg` itself without `total_epochs`. `train_prompts`: the prompts the job trains on (after the
-    held-out split and the overlong filter)."""
+    held-out split and the overlong filter). `quiet`: no log lines (preflight's check of a built-in task)."""
     t = cfg.train
     if t.total_epochs is None:
         return cfg
@@ -33,13 +33,15 @@ def with_epoch_steps(cfg: JobConfig, train_prompts: int) -> JobConfig:
             "policy would never be trained; lower critic.freeze_policy_steps or raise train.total_epochs"
         )
     every = cfg.reference_refresh_every
-    if every and every >= steps:  # (preflight's warning, which could not count the steps)
+    if every and every >= steps and not quiet:  # (preflight's warning, which could not count the steps)
         log.warning(
             f"algorithm.kl.reference_refresh.every_steps={every} with {steps} steps: the job ends before its first "
             "refresh"
         )
-    log.info(
-        f"train.total_epochs={t.total_epochs}: {train_prompts} training prompts, {per_epoch} steps of "
-        f"{t.prompts_per_step} an epoch ({train_prompts - per_epoch * t.prompts_per_step} left over): {steps} steps"
-    )
+    if not quiet:
+        log.info(
+            f"train.total_epochs={t.total_epochs}: {train_prompts} training prompts, {per_epoch} steps of "
+            f"{t.prompts_per_step} an epoch ({train_prompts - per_epoch * t.prompts_per_step} left over): "
+            f"{steps} steps"
+        )
     return cfg.model_copy(update={"train": t.model_copy(update={"total_steps": steps})})

@@ -20,6 +20,7 @@ from rlhf_cluster.config import ConfigError as ConfigError  # re-exported: what 
 from rlhf_cluster.config import DeepSpeedBackend, FSDP2Backend, FunctionReward, JobConfig, ModelReward, VerifierReward
 from rlhf_cluster.config.algorithm import GROUP_ADVANTAGES
 from rlhf_cluster.job import agents, images, judge, routing_replay, teacher
+from rlhf_cluster.job.epochs import with_epoch_steps
 from rlhf_cluster.job.file_checks import FILE_CHECKS, resume_path_problems
 
 
@@ -44,6 +45,18 @@ def preflight(cfg: JobConfig, *, files: bool = True, resume: str | None = None) 
 def _data_source(cfg: JobConfig) -> list[str]:
     if cfg.data.task is None and cfg.data.path is None:
         return ["data.task / data.path: both empty; set `task` (a built-in task) or `path` (a prompt file)"]
+    return []
+
+
+def _task_epochs(cfg: JobConfig) -> list[str]:
+    # A built-in task's training prompts are its config's count: its epochs' steps are checked before the
+    # run is opened (a user's file is counted at the job's start).
+    if cfg.train.total_epochs is None or cfg.data.path is not None:
+        return []
+    try:
+        with_epoch_steps(cfg, cfg.data.num_prompts, quiet=True)
+    except ValueError as exc:
+        return [str(exc)]
     return []
 
 
@@ -217,6 +230,7 @@ def _reference_refresh(cfg: JobConfig) -> list[str]:
 
 CONFIG_RULES: list[Callable[[JobConfig], list[str]]] = [
     _data_source,
+    _task_epochs,
     _reward_sources,
     _buffer_fits,
     _overlong_fits,

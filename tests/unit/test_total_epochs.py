@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_cluster.config import load_config
+from rlhf_cluster.config import ConfigError, load_config
 from rlhf_cluster.job.epochs import with_epoch_steps
 from rlhf_cluster.job.preflight import preflight
 
@@ -49,3 +49,13 @@ def test_total_steps_beside_total_epochs_is_warned_about():
     assert any("ends before its first refresh" in w for w in preflight(load_config(None, [refresh]), files=False))
     assert not any("ends before its first refresh" in w
                    for w in preflight(load_config(None, [refresh, "train.total_epochs=9"]), files=False))
+
+
+def test_a_built_in_tasks_epochs_are_checked_before_the_start():
+    """A built-in task's training prompts are its `data.num_prompts`: preflight counts its epochs."""
+    with pytest.raises(ConfigError, match=r"train.total_epochs: the 4 training prompts are fewer than "
+                                          r"train.prompts_per_step=8"):
+        preflight(load_config(None, ["train.total_epochs=1", "data.num_prompts=4", "train.prompts_per_step=8"]),
+                  files=False)
+    preflight(load_config(None, ["train.total_epochs=1", "data.num_prompts=8", "train.prompts_per_step=8"]),
+              files=False)
