@@ -34,7 +34,7 @@ from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.job.epochs import with_epoch_steps
+from rlhf_cluster.job.epochs import steps_recounted, with_epoch_steps
 from rlhf_cluster.job.guardrails import GuardVerdict, policy_held
 from rlhf_cluster.job.inputs import prepare_inputs
 from rlhf_cluster.job.preemption import StopRequest
@@ -85,6 +85,8 @@ class Driver:
             self.inputs = prepare_inputs(cfg, self.run_dir)
             # The config the job runs with, from here on (train.total_epochs counted into train.total_steps).
             self.cfg = cfg = with_epoch_steps(cfg, len(self.inputs.prompts))
+            if resume_from is not None and (recounted := steps_recounted(self.run_dir.root / RunDir.CONFIG, cfg)):
+                log.warning(recounted)
             self.reporter = Reporter(cfg, self.run_dir)
             self.reporter.tokenizer = self.inputs.tokenizer
             self.checkpointer = Checkpointer(cfg, self.run_dir, self.store, self.reporter, checkpoints)

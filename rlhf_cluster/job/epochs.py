@@ -6,6 +6,9 @@ is built, and recorded in the run's config.yaml."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+import yaml
 
 from rlhf_cluster.config import JobConfig
 
@@ -45,3 +48,23 @@ def with_epoch_steps(cfg: JobConfig, train_prompts: int, quiet: bool = False) ->
             f"{steps} steps"
         )
     return cfg.model_copy(update={"train": t.model_copy(update={"total_steps": steps})})
+
+
+def steps_recounted(run_config: Path, cfg: JobConfig) -> str | None:
+    """A warning when a resumed run of epochs counts other steps than it ran with (its prompt file or
+    `prompts_per_step` changed): the LR schedule's end moves with them. `run_config`: the run's
+    config.yaml, as the run last wrote it; None when nothing changed or nothing tells."""
+    if cfg.train.total_epochs is None:
+        return None
+    try:
+        before = int(yaml.safe_load(run_config.read_text())["train"]["total_steps"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+    now = cfg.train.total_steps
+    if before == now:
+        return None
+    return (
+        f"train.total_epochs={cfg.train.total_epochs}: the run counted {before} steps, the training prompts give "
+        f"{now} now (the prompt file or train.prompts_per_step changed); the job trains to step {now} and the "
+        "learning-rate schedule ends there"
+    )

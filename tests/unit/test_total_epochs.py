@@ -59,3 +59,20 @@ def test_a_built_in_tasks_epochs_are_checked_before_the_start():
                   files=False)
     preflight(load_config(None, ["train.total_epochs=1", "data.num_prompts=8", "train.prompts_per_step=8"]),
               files=False)
+
+
+def test_a_resumed_run_whose_epochs_count_other_steps_is_warned_about(tmp_path):
+    """The prompt file (or prompts_per_step) changed since the run: the end of training and of the LR
+    schedule moves with the count; said, against the run's own config.yaml."""
+    import yaml
+
+    from rlhf_cluster.job.epochs import steps_recounted
+
+    cfg = load_config(None, ["train.total_epochs=2", "train.prompts_per_step=8"])
+    run_config = tmp_path / "config.yaml"
+    assert steps_recounted(run_config, with_epoch_steps(cfg, 64)) is None  # no record: nothing to compare
+    run_config.write_text(yaml.safe_dump(with_epoch_steps(cfg, 64).model_dump(mode="json")))  # 16 steps, as it ran
+    assert steps_recounted(run_config, with_epoch_steps(cfg, 64)) is None
+    warning = steps_recounted(run_config, with_epoch_steps(cfg, 40))
+    assert warning is not None and "the run counted 16 steps, the training prompts give 10 now" in warning, warning
+    assert steps_recounted(run_config, load_config(None, ["train.total_steps=10"])) is None  # not a run of epochs
