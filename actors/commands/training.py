@@ -7,7 +7,6 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from typer.core import TyperCommand
@@ -26,9 +25,6 @@ from actors.commands.common import (
 )
 from rlhf_cluster.config import ConfigError, JobConfig
 from rlhf_cluster.job.preflight import preflight
-
-if TYPE_CHECKING:
-    from rlhf_cluster.run.run_dir import RunDir
 
 
 def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite: str | None) -> None:
@@ -130,11 +126,12 @@ def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
     """A resume from a checkpoint of the run's last step has nothing to train: say so and end
     (exit code 0) before Ray or any pool starts. With `train.total_epochs` the last step is the
     run's own count (its config.yaml: the steps an epoch had at its start) times the epochs asked for."""
+    from rlhf_cluster.job.epochs import recorded_epoch_steps
     from rlhf_cluster.run.run_dir import RunDir
 
     run = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
     epochs = cfg.train.total_epochs
-    total = cfg.train.total_steps if epochs is None else _epoch_steps_of(run, epochs, cfg.train.prompts_per_step)
+    total = cfg.train.total_steps if epochs is None else recorded_epoch_steps(run.root / RunDir.CONFIG, cfg)
     ckpt = run.complete(resume, total) if total is not None else None
     if ckpt is None or total is None:
         return
@@ -147,23 +144,6 @@ def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
         f"--set {field}={2 * (done if epochs is None else epochs)} --resume auto"
     )
     raise typer.Exit(0)
-
-
-def _epoch_steps_of(run: RunDir, epochs: int, prompts_per_step: int) -> int | None:
-    """`epochs` x the steps an epoch had in the run (None: the run did not count epochs, or counted
-    them in steps of another `train.prompts_per_step`)."""
-    import yaml
-
-    from rlhf_cluster.run.run_dir import RunDir
-
-    try:
-        recorded = yaml.safe_load((run.root / RunDir.CONFIG).read_text())["train"]
-        per_epoch = recorded["total_steps"] // recorded["total_epochs"]
-        if recorded["prompts_per_step"] != prompts_per_step:
-            return None
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ZeroDivisionError):
-        return None
-    return epochs * per_epoch
 
 
 def _child_argv(

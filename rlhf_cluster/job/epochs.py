@@ -50,15 +50,35 @@ def with_epoch_steps(cfg: JobConfig, train_prompts: int, quiet: bool = False) ->
     return cfg.model_copy(update={"train": t.model_copy(update={"total_steps": steps})})
 
 
+def _recorded_train(run_config: Path) -> dict:
+    """The `train` section of a run's config.yaml, as the run last wrote it ({} when unreadable)."""
+    try:
+        train = yaml.safe_load(run_config.read_text())["train"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}
+    return train if isinstance(train, dict) else {}
+
+
+def recorded_epoch_steps(run_config: Path, cfg: JobConfig) -> int | None:
+    """`cfg`'s `train.total_epochs` x the steps an epoch had in the run of `run_config` (its
+    config.yaml), before the prompts are read; None when the run did not count epochs, or counted
+    them in steps of another `train.prompts_per_step`."""
+    recorded, t = _recorded_train(run_config), cfg.train
+    if (
+        t.total_epochs is None
+        or not recorded.get("total_epochs")
+        or recorded.get("prompts_per_step") != t.prompts_per_step
+    ):
+        return None
+    return t.total_epochs * (int(recorded.get("total_steps", 0)) // int(recorded["total_epochs"]))
+
+
 def steps_recounted(run_config: Path, cfg: JobConfig) -> str | None:
     """A warning when a resumed run of epochs counts other steps than it ran with (its prompt file or
     `prompts_per_step` changed): the LR schedule's end moves with them. `run_config`: the run's
     config.yaml, as the run last wrote it; None when nothing changed or nothing tells."""
-    if cfg.train.total_epochs is None:
-        return None
-    try:
-        before = int(yaml.safe_load(run_config.read_text())["train"]["total_steps"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+    before = _recorded_train(run_config).get("total_steps")
+    if cfg.train.total_epochs is None or before is None:
         return None
     now = cfg.train.total_steps
     if before == now:
