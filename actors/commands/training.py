@@ -29,7 +29,7 @@ from rlhf_cluster.job.preflight import preflight
 
 def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite: str | None) -> None:
     from rlhf_cluster.job.placement import check_placement, format_plan, resource_plan
-    from rlhf_cluster.job.preview import preview_lines
+    from rlhf_cluster.job.preview import preview
 
     problems: list[str] = []
     warnings: list[str] = []
@@ -43,19 +43,26 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite:
     plan = resource_plan(cfg)
     problems += check_placement(plan, cluster_capacity(address, cfg))
     typer.echo(format_plan(plan))
+    steps: int | None = None
     if not problems:  # the inputs are readable: show them as the engine will see them
-        for line in preview_lines(cfg):
-            typer.echo(line)
+        try:
+            shown = preview(cfg)
+        except ValueError as exc:  # what the job's start would refuse on its prompts
+            problems.append(str(exc))
+        else:
+            for line in shown.lines:
+                typer.echo(line)
+            steps = shown.total_steps
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     if problems:
         refuse(*problems)
-    steps = (
-        f"{cfg.train.total_steps} steps"
-        if cfg.train.total_epochs is None
-        else f"train.total_epochs={cfg.train.total_epochs} (steps counted from the training prompts at the job's start)"
-    )
-    typer.echo(f"dry run ok: {cfg.name}, {steps}, {cfg.samples_per_step} samples per step")
+    epochs = cfg.train.total_epochs
+    if steps is None:  # a user's file on a model not built yet
+        counted = f"train.total_epochs={epochs} (steps counted from the training prompts at the job's start)"
+    else:
+        counted = f"{steps} steps" + (f" (train.total_epochs={epochs})" if epochs is not None else "")
+    typer.echo(f"dry run ok: {cfg.name}, {counted}, {cfg.samples_per_step} samples per step")
 
 
 class OverwriteCommand(TyperCommand):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from tqdm import tqdm
 
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.data.chat_template import apply_chat_template, chat_tokenizer
-from rlhf_cluster.data.eval_split import evaluated, split_by_file, split_by_fraction
+from rlhf_cluster.data.eval_split import EvalSplit, evaluated, split_by_file, split_by_fraction
 from rlhf_cluster.data.placebo import shuffled_images
 from rlhf_cluster.data.prompt_files import as_paths, describe, job_prompt_files, read_prompts
 from rlhf_cluster.data.prompts import Prompt
@@ -46,10 +47,43 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
         problem = tokenizer_mismatch(model_path, cfg.algorithm.distillation.teacher)
         if problem:
             raise ValueError(problem)
-    train_files, eval_files = job_prompt_files(cfg.data, run_dir.root)  # a user's file or list, or the task's
+    # The warm-up keeps it: one for templates, lengths, probe (the built-in model's with a stand-in template).
+    tokenizer = chat_tokenizer(model_path, built_in=cfg.model.path is None)
+    sets = prompt_sets(cfg, *job_prompt_files(cfg.data, run_dir.root), tokenizer, model_path)
+    sets.write(run_dir)
+    if cfg.model.sft_warmup_steps:
+        model_path = _warm_up(cfg, model_path, sets.prompts)
+    return JobInputs(
+        model_path, sets.prompts, sets.eval_prompts, build_job_probe(cfg, tokenizer, sets.prompts), tokenizer
+    )
+
+
+@dataclass
+class PromptSets:
+    """The prompts a job trains and evaluates on, as its engines will receive them, and the records
+    their selection leaves in the run directory (`write`)."""
+
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    split: EvalSplit | None  # the held-out split of a user's file: data/held_out.json
+    overlong: dict | None  # what data.overlong_prompts: drop left out: data/overlong.json
+
+    def write(self, run_dir: RunDir) -> None:
+        if self.split is not None:
+            self.split.write(run_dir.root / "data" / "held_out.json")
+        if self.overlong is not None:  # for audit (like held_out.json)
+            (run_dir.root / "data").mkdir(parents=True, exist_ok=True)
+            run_dir.write_json("data/overlong.json", self.overlong)  # atomic and fsynced, as the run's other JSON
+
+
+def prompt_sets(cfg: JobConfig, train_files, eval_files, tokenizer, model_path: str | Path) -> PromptSets:
+    """The job's prompt sets from its files (`job_prompt_files`): read, the held-out ones split off
+    a user's file, templated with `tokenizer`, and those too long for a full response checked
+    (`data.overlong_prompts`). Writes nothing: the job's start and the dry run both read them."""
     columns = cfg.data.columns if cfg.data.path else None
     prompts = read_prompts(train_files, columns, **image_limits(cfg))
     eval_prompts = read_prompts(eval_files, columns, field="data.eval_path", **image_limits(cfg)) if eval_files else []
+    split = None
     if cfg.data.path is not None and (cfg.data.eval_fraction or eval_files):
         assert cfg.data.seed is not None  # JobConfig resolves every component seed when it validates
         split = (
@@ -57,22 +91,23 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
             if cfg.data.eval_fraction
             else split_by_file(prompts, eval_prompts, describe(as_paths(eval_files)))
         )
-        split.write(run_dir.root / "data" / "held_out.json")
         prompts, eval_prompts = split.train, evaluated(split.held_out, cfg.data.eval_prompts, cfg.data.seed)
     if cfg.data.placebo_images:  # the control: each training prompt shown another's images (never the held-out)
         assert cfg.data.seed is not None  # resolved when the config validates
         prompts, _ = shuffled_images(prompts, cfg.data.seed)
-    # The warm-up keeps it: one for templates, lengths, probe (the built-in model's with a stand-in template).
-    tokenizer = chat_tokenizer(model_path, built_in=cfg.model.path is None)
     if cfg.data.chat_template:
         template = (tokenizer, cfg.data.system_prompt, cfg.data.chat_template_kwargs)
         prompts = apply_chat_template(prompts, *template)
         eval_prompts = apply_chat_template(eval_prompts, *template)
     sources = (describe(as_paths(train_files)), describe(as_paths(eval_files or train_files)))
-    prompts, eval_prompts = _fitting(cfg, run_dir, tokenizer, prompts, eval_prompts, sources, model_path)
-    if cfg.model.sft_warmup_steps:
-        model_path = _warm_up(cfg, model_path, prompts)
-    return JobInputs(model_path, prompts, eval_prompts, build_job_probe(cfg, tokenizer, prompts), tokenizer)
+    kept, kept_eval = _fitting(cfg, tokenizer, prompts, eval_prompts, sources, model_path)
+    overlong = None
+    if cfg.data.overlong_prompts == "drop":
+        overlong = {
+            "train": {"limit_tokens": _rooms(cfg)[0], "dropped_ids": _left_out(prompts, kept)},
+            "held_out": {"limit_tokens": _rooms(cfg)[1], "dropped_ids": _left_out(eval_prompts, kept_eval)},
+        }
+    return PromptSets(kept, kept_eval, split, overlong)
 
 
 def _warm_up(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> str:
@@ -88,36 +123,33 @@ def _warm_up(cfg: JobConfig, model_path: str, prompts: list[Prompt]) -> str:
     return str(ensure_warmed_model(*common, progress=progress, demonstrations=demonstrations))
 
 
+def _rooms(cfg: JobConfig) -> tuple[int, int]:
+    """The prompt tokens that leave room for a full response: training's, and the held-out evaluation's."""
+    answer_tokens = cfg.generation.sampling.max_new_tokens
+    eval_tokens = cfg.data.eval_sampling.max_new_tokens
+    return (
+        cfg.generation.max_model_len - answer_tokens,
+        cfg.generation.max_model_len - (eval_tokens or answer_tokens),
+    )
+
+
 def _fitting(
     cfg: JobConfig,
-    run_dir: RunDir,
     tokenizer,
     prompts: list[Prompt],
     eval_prompts: list[Prompt],
     sources: tuple[str, str],
-    model_path: str,
+    model_path: str | Path,
 ) -> tuple[list[Prompt], list[Prompt]]:
     """The training and held-out prompts that leave room for a full response (`check_prompt_lengths`,
-    `data.overlong_prompts`); with `drop`, the dropped ids are listed in <run_dir>/data/overlong.json."""
-    pixels, drop = pixel_limits(cfg, model_path), cfg.data.overlong_prompts
-    answer_tokens = cfg.generation.sampling.max_new_tokens
+    `data.overlong_prompts`)."""
+    pixels, drop, rooms = pixel_limits(cfg, model_path), cfg.data.overlong_prompts, _rooms(cfg)
     eval_tokens = cfg.data.eval_sampling.max_new_tokens
-    field = "data.eval_sampling.max_new_tokens" if eval_tokens else "generation.sampling.max_new_tokens"
-    rooms = (
-        cfg.generation.max_model_len - answer_tokens,
-        cfg.generation.max_model_len - (eval_tokens or answer_tokens),
-    )
+    answers = "data.eval_sampling.max_new_tokens" if eval_tokens else "generation.sampling.max_new_tokens"
     kept = check_prompt_lengths(prompts, tokenizer, rooms[0], sources[0], pixels, overlong=drop)
     kept_eval = eval_prompts
     if eval_prompts:  # from their own file, or held out of the training one
-        kept_eval = check_prompt_lengths(eval_prompts, tokenizer, rooms[1], sources[1], pixels, field, drop)
-    if drop == "drop":  # what was dropped, for audit (like held_out.json)
-        record = {
-            "train": {"limit_tokens": rooms[0], "dropped_ids": _left_out(prompts, kept)},
-            "held_out": {"limit_tokens": rooms[1], "dropped_ids": _left_out(eval_prompts, kept_eval)},
-        }
-        (run_dir.root / "data").mkdir(parents=True, exist_ok=True)
-        run_dir.write_json("data/overlong.json", record)  # atomic and fsynced, as the run's other JSON
+        kept_eval = check_prompt_lengths(eval_prompts, tokenizer, rooms[1], sources[1], pixels, answers, drop)
     return kept, kept_eval
 
 

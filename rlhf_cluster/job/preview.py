@@ -1,11 +1,13 @@
 """What the dry run shows before anything starts: the first prompt exactly as the engine will
-receive it (after the chat template) with its token count, and the bytes one weight sync moves
+receive it (after the chat template) with its token count, the prompts the job trains and
+evaluates on (and so the steps of `train.total_epochs`), and the bytes one weight sync moves
 to each engine, per weight variant. Ray-free; reads the model folder's tokenizer and safetensors
 headers only (no weights are loaded)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +19,9 @@ from rlhf_cluster.data.prompt_files import read_prompts
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
+from rlhf_cluster.job.epochs import with_epoch_steps
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
+from rlhf_cluster.job.inputs import PromptSets, prompt_sets
 from rlhf_cluster.models.quantization import checkpoint_spec, is_quantized_weight
 from rlhf_cluster.models.tiny_model import tiny_model_dir
 
@@ -66,14 +70,27 @@ def sync_bytes(model_path: str | Path, dtype: str, variants: list[str]) -> dict[
     return out
 
 
-def preview_lines(cfg: JobConfig) -> list[str]:
-    """The dry run's view of the job's inputs (see the module docstring)."""
+@dataclass(frozen=True)
+class Preview:
+    """The dry run's view of a job's inputs (see the module docstring) and the steps it will train
+    (None when `train.total_epochs` is counted only at the start: the model is not built yet)."""
+
+    lines: list[str]
+    total_steps: int | None
+
+
+def preview(cfg: JobConfig) -> Preview:
+    """The dry run's view of the job's inputs: its first prompt, reward, prompt counts, weight
+    sync bytes and learner memory plan. Raises what the job's start would on its prompts
+    (`train.total_epochs` without a step, a prompt too long for `data.overlong_prompts: error`)."""
     folder = model_folder(cfg)
     tokenizer = None
     if folder is not None:
         tokenizer = chat_tokenizer(folder, built_in=cfg.model.path is None)
     if cfg.data.chat_template and tokenizer is None:
-        return ["first prompt: the model is not built yet (its tokenizer renders the chat template)"]
+        return Preview(
+            ["first prompt: the model is not built yet (its tokenizer renders the chat template)"], _steps(cfg, None)
+        )
     prompt = first_prompt(cfg, tokenizer)
     pixels = pixel_limits(cfg, folder) if folder is not None else (cfg.data.min_pixels, cfg.data.max_pixels)
     count = (
@@ -88,6 +105,8 @@ def preview_lines(cfg: JobConfig) -> list[str]:
         + (" + reward models" if cfg.scoring.model_source else "")
         + (" + judge" if cfg.scoring.judge_source else ""),
     ]
+    sets = prompt_sets(cfg, cfg.data.path, cfg.data.eval_path, tokenizer, folder) if cfg.data.path and folder else None
+    lines.append(prompts_line(cfg, sets))
     judge = cfg.scoring.judge_source
     if judge is not None:
         from rlhf_cluster.scoring.judge import render, render_group
@@ -105,7 +124,36 @@ def preview_lines(cfg: JobConfig) -> list[str]:
             + ", ".join(f"{variant} {n / 1e6:.1f} MB" for variant, n in per_variant.items())
         )
         lines.append(learner_memory_line(cfg, folder))
-    return lines
+    return Preview(lines, _steps(cfg, len(sets.prompts) if sets is not None else None))
+
+
+def prompts_line(cfg: JobConfig, sets: PromptSets | None) -> str:
+    """The prompts the job trains and evaluates on: a user's file's as its start will select them
+    (`sets`: None before the model is built), a built-in task's as `data.num_prompts` asks."""
+    d = cfg.data
+    if d.path is None:
+        return f"prompts: {d.num_prompts} training, {d.eval_prompts} held out (the built-in task {d.task})"
+    if sets is None:
+        return "prompts: counted at the job's start (the model is not built yet: its tokenizer measures them)"
+    dropped = len(sets.overlong["train"]["dropped_ids"]) if sets.overlong else 0
+    line = f"prompts: {len(sets.prompts)} training"
+    line += f" ({dropped} too long, dropped: data.overlong_prompts)" if dropped else ""
+    if sets.split is None:
+        return line + ", none held out (data.eval_fraction, data.eval_path)"
+    evaluated = f"{len(sets.eval_prompts)} of them evaluated (data.eval_prompts)"
+    return line + f", {len(sets.split.held_out)} held out, {evaluated}"
+
+
+def _steps(cfg: JobConfig, train_prompts: int | None) -> int | None:
+    """The steps the job trains: `train.total_steps`, or `train.total_epochs` counted over
+    `train_prompts` (the built-in task's `data.num_prompts` when no file is given; None: not counted yet)."""
+    if cfg.train.total_epochs is None:
+        return cfg.train.total_steps
+    if cfg.data.path is None:
+        train_prompts = cfg.data.num_prompts
+    if train_prompts is None:
+        return None
+    return with_epoch_steps(cfg, train_prompts, quiet=True).train.total_steps
 
 
 def learner_memory_line(cfg: JobConfig, folder: Path) -> str:

@@ -117,11 +117,11 @@ def test_preflight_names_a_bad_template_and_a_missing_judge_folder():
 
 
 def test_the_dry_run_shows_the_judges_prompt_for_the_first_prompt():
-    from rlhf_cluster.job.preview import first_prompt, preview_lines
+    from rlhf_cluster.job.preview import first_prompt, preview
 
     cfg = _cfg(template="Q: {prompt} R: {response} A: {answer}")
     prompt = first_prompt(cfg)
-    (line,) = [x for x in preview_lines(cfg) if x.startswith("judge ")]
+    (line,) = [x for x in preview(cfg).lines if x.startswith("judge ")]
     assert f"Q: {prompt.text} R: <response> A: {prompt.answer}" in line and "verdict yes_no" in line
 
 

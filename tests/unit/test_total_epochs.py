@@ -76,3 +76,38 @@ def test_a_resumed_run_whose_epochs_count_other_steps_is_warned_about(tmp_path):
     warning = steps_recounted(run_config, with_epoch_steps(cfg, 40))
     assert warning is not None and "the run counted 16 steps, the training prompts give 10 now" in warning, warning
     assert steps_recounted(run_config, load_config(None, ["train.total_steps=10"])) is None  # not a run of epochs
+
+
+def test_the_dry_run_counts_a_user_files_epochs_as_the_start_will(tmp_path):
+    """A user's file is counted by the dry run with the job start's own selection (`prompt_sets`:
+    the held-out split, the overlong filter): the steps it names, and an epoch without a step
+    refused there, before a run directory exists."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from actors.commands.cli import app
+    from tests.byo import save_chat_model
+
+    model = save_chat_model(tmp_path / "model")
+    data = tmp_path / "prompts.jsonl"
+    rows = [
+        {"prompt": f"What is {i} + {i}?" + (" and" * 300 if i == 9 else ""), "answer": str(2 * i)} for i in range(12)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = ["train", "--dry-run", "--set", f"model.path={model}", "--set", f"data.path={data}",
+            "--set", "data.eval_fraction=0.25", "--set", "data.eval_prompts=2", "--set", "data.overlong_prompts=drop",
+            "--set", "generation.max_model_len=256", "--set", f"run_dir={run}", "--set", "learner.world_size=1",
+            "--set", "train.total_epochs=3", "--set", "train.prompts_per_step=2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    # 12 rows: 3 held out (0.25), one of the 9 left too long for a response: 8 training, 4 steps an epoch.
+    assert "prompts: 8 training (1 too long, dropped: data.overlong_prompts), 3 held out, 2 of them evaluated" in (
+        result.output
+    )
+    assert "dry run ok: " in result.output and "12 steps (train.total_epochs=3)" in result.output
+    refused = CliRunner().invoke(app, [*args, "--set", "train.prompts_per_step=9"])
+    assert refused.exit_code == 2 and "dry run ok" not in refused.output
+    assert "train.total_epochs: the 8 training prompts are fewer than train.prompts_per_step=9" in refused.output
+    assert not run.exists()
