@@ -47,10 +47,17 @@ class PoolRow:
     # `WeightSync`); "reference", the KL reference's current folder (`ReferenceRefresh`); None: nothing.
     prepared_by: Literal["weights", "reference"] | None = None
     spares: int = 0  # warm spares: started and prepared, out of rotation, standing in for a lost worker
+    # What a spare shares with the worker it stands in for; None: the folder its slot loads. The
+    # reference's folder moves for every worker and spare at once (its refreshes): one kind, and
+    # asking it never hands a folder out (`ReferenceRefresh.model_path` records who may be reading).
+    kind: Callable[[int], Any] | None = None
 
     @property
     def takes_weights(self) -> bool:
         return self.prepared_by == "weights"
+
+    def kind_of(self, slot: int) -> Any:
+        return (self.kind or self.model_path)(slot)
 
     def create(self, index: int, slot: int) -> Any:
         """Start one worker (its constructor runs in its own process)."""
@@ -81,7 +88,7 @@ class PoolRow:
             activity=activity,
             on_restart=partial(on_restart, self.name),
             spares=self.spares,
-            kind_of=self.model_path,
+            kind_of=self.kind_of,
             on_spares=partial(on_spares, self.name),
         )
 
@@ -124,7 +131,7 @@ def pool_rows(
         PoolRow(
             "reference", "ref", ReferenceWorker, lambda: ScoringSettings.of(cfg), s.reference_replicas, s.resources,
             model_path=reference_path or (lambda _: model_path), runs=log_probs and teacher is None, joined=step,
-            spares=s.spares, prepared_by="reference",
+            spares=s.spares, prepared_by="reference", kind=lambda _: "reference",
         ),
         PoolRow(
             "teacher", "teacher", TeacherWorker, lambda: ScoringSettings.of(cfg), s.reference_replicas, s.resources,
