@@ -56,9 +56,10 @@ class JobResult:
     rows: list[dict] = field(default_factory=list)
     consumed: list[ConsumedSample] = field(default_factory=list)
     final_version: int = 0
-    # Held-out evaluation before and after training (`actors.evaluation.evaluate`): eval_accuracy
-    # (greedy, verifier), eval_sampled_accuracy (mean verifier correctness of data.eval_samples
-    # answers per prompt), eval_pass@k; empty without held-out prompts.
+    # Held-out evaluation before and after training (`actors.evaluation.evaluate`): eval_reward_mean
+    # and eval_accuracy (greedy), eval_sampled_reward_mean and eval_sampled_accuracy (data.eval_samples
+    # answers per prompt), eval_pass@k (the accuracies where the reward says an answer is right); empty
+    # without held-out prompts.
     evaluation_before: dict[str, float] = field(default_factory=dict)
     evaluation_after: dict[str, float] = field(default_factory=dict)
     run_dir: str = ""
@@ -70,6 +71,10 @@ class JobResult:
     accuracy_after = _evaluated("eval_accuracy", after=True)
     sampled_accuracy_before = _evaluated("eval_sampled_accuracy", after=False)
     sampled_accuracy_after = _evaluated("eval_sampled_accuracy", after=True)
+    reward_before = _evaluated("eval_reward_mean", after=False)
+    reward_after = _evaluated("eval_reward_mean", after=True)
+    sampled_reward_before = _evaluated("eval_sampled_reward_mean", after=False)
+    sampled_reward_after = _evaluated("eval_sampled_reward_mean", after=True)
 
 
 class Reporter:
@@ -140,9 +145,10 @@ class Reporter:
         return row
 
     def evaluation(self, prompts: int, version: int, samples_per_prompt: int) -> None:
-        """Held-out accuracy before and after RL to `eval.json` (when the job has held-out prompts)."""
+        """Held-out reward and accuracy (None where the reward does not say whether an answer is right)
+        before and after RL to `eval.json` (when the job has held-out prompts)."""
         r = self.result
-        if r.accuracy_before is not None:
+        if r.reward_before is not None:
             self.run_dir.write_json(
                 RunDir.EVAL,
                 {
@@ -153,6 +159,10 @@ class Reporter:
                     "samples_per_prompt": samples_per_prompt,
                     "sampled_accuracy_before": r.sampled_accuracy_before,
                     "sampled_accuracy_after": r.sampled_accuracy_after,
+                    "reward_before": r.reward_before,
+                    "reward_after": r.reward_after,
+                    "sampled_reward_before": r.sampled_reward_before,
+                    "sampled_reward_after": r.sampled_reward_after,
                     **{
                         f"{k.removeprefix('eval_')}_{when}": v
                         for when, e in (("before", r.evaluation_before), ("after", r.evaluation_after))

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from rlhf_cluster.config import ConfigError, JobConfig, load_config
+from rlhf_cluster.config import ConfigError, FunctionReward, JobConfig, load_config
 from rlhf_cluster.job.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[2]
@@ -197,7 +197,8 @@ def exit_on_input_error(exc: BaseException, debug: bool) -> None:
 
 
 def print_result(cfg: JobConfig, result) -> None:
-    """What an RL job ends with: held-out accuracy before and after, an early stop, the last step's reward."""
+    """What an RL job ends with: held-out accuracy before and after (its reward where the reward does
+    not say which answers are right), an early stop, the last step's reward."""
     if not result.rows:
         return
     last = result.rows[-1]
@@ -209,15 +210,22 @@ def print_result(cfg: JobConfig, result) -> None:
             else f"before {before:.3f} (stopped before the last)"
         )
 
+    samples = f"{cfg.data.eval_samples} samples per prompt"
     if result.accuracy_before is not None:
-        typer.echo(
-            f"held-out accuracy (greedy, verifier): {before_after(result.accuracy_before, result.accuracy_after)}"
-        )
-    if result.sampled_accuracy_before is not None:
-        typer.echo(
-            f"held-out accuracy ({cfg.data.eval_samples} samples per prompt, verifier): "
-            f"{before_after(result.sampled_accuracy_before, result.sampled_accuracy_after)}"
-        )
+        rule = cfg.scoring.rule_source
+        judged = f"{rule.function}'s correct" if isinstance(rule, FunctionReward) else "verifier"
+        figures = [
+            ("accuracy", f"greedy, {judged}", result.accuracy_before, result.accuracy_after),
+            ("accuracy", f"{samples}, {judged}", result.sampled_accuracy_before, result.sampled_accuracy_after),
+        ]
+    else:  # the reward does not say which answers are right: its mean
+        figures = [
+            ("reward", "greedy", result.reward_before, result.reward_after),
+            ("reward", samples, result.sampled_reward_before, result.sampled_reward_after),
+        ]
+    for what, how, before, after in figures:
+        if before is not None:
+            typer.echo(f"held-out {what} ({how}): {before_after(before, after)}")
     if result.early_stop:
         typer.echo(f"stopped early: {result.early_stop}")
     typer.echo(

@@ -121,7 +121,9 @@ class GuardrailsConfig(_Strict):
     metric: str = Field(
         "eval_accuracy",
         description="The evaluation's column watched: eval_accuracy, eval_sampled_accuracy, "
-        "eval_reward_mean, eval_pass@<k> (k in data.eval_pass_k) or eval_accuracy/<source>.",
+        "eval_reward_mean, eval_sampled_reward_mean, eval_pass@<k> (k in data.eval_pass_k) or "
+        "eval_accuracy/<source> (the accuracies need a reward that says which answers are right: a "
+        "`correct` or verl's `acc` component).",
     )
     higher_is_better: bool = Field(True, description="False: the metric improves as it falls.")
     min_delta: float = Field(0.0, ge=0.0, description="An evaluation improves on the best only by more than this.")

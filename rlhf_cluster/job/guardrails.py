@@ -9,6 +9,7 @@ evaluation history is replayed from the kept metrics rows on resume.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,11 @@ from rlhf_cluster.config import DataConfig, GuardrailsConfig, JobConfig, Rollbac
 from rlhf_cluster.data.prompt_files import as_paths, file_labels
 from rlhf_cluster.job.override import JobOverride
 
-_METRIC = re.compile(r"eval_accuracy|eval_sampled_accuracy|eval_reward_mean|eval_pass@(\d+)|eval_accuracy/.+")
+log = logging.getLogger(__name__)
+
+_METRIC = re.compile(
+    r"eval_accuracy|eval_sampled_accuracy|eval_reward_mean|eval_sampled_reward_mean|eval_pass@(\d+)|eval_accuracy/.+"
+)
 
 
 def metric_problem(metric: str, data: DataConfig) -> str | None:
@@ -27,9 +32,9 @@ def metric_problem(metric: str, data: DataConfig) -> str | None:
     if match is None:
         return (
             f"guardrails.metric={metric!r}: not an evaluation column; use eval_accuracy, eval_sampled_accuracy, "
-            "eval_reward_mean, eval_pass@<k> or eval_accuracy/<source>"
+            "eval_reward_mean, eval_sampled_reward_mean, eval_pass@<k> or eval_accuracy/<source>"
         )
-    sampled = metric == "eval_sampled_accuracy" or match.group(1) is not None
+    sampled = metric in ("eval_sampled_accuracy", "eval_sampled_reward_mean") or match.group(1) is not None
     if sampled and not data.eval_samples:
         return f"guardrails.metric={metric!r} comes from sampled answers, and data.eval_samples is 0"
     if match.group(1) is not None and int(match.group(1)) not in data.eval_pass_k:
@@ -72,6 +77,7 @@ class EvalGuard:
         self.best: float | None = None
         self.best_step: int | None = None
         self.since_best = 0  # evaluations since the best one
+        self.unmeasured = False  # an evaluation ran without the metric (said once)
 
     def _better(self, value: float, than: float) -> bool:
         gain = value - than if self.cfg.higher_is_better else than - value
@@ -81,6 +87,13 @@ class EvalGuard:
         """The verdict on step `step`'s evaluation; None when `metrics` holds no evaluation of the metric."""
         value = metrics.get(self.cfg.metric)
         if value is None:
+            if self.cfg.active and "eval_reward_mean" in metrics and not self.unmeasured:
+                self.unmeasured = True
+                log.warning(
+                    f"guardrails.metric={self.cfg.metric}: the evaluation does not report it (accuracy needs a reward "
+                    "that says whether an answer is right: a `correct` or verl's `acc` component); the guardrails "
+                    "that read it do nothing; watch eval_reward_mean instead"
+                )
             return None
         value = float(value)
         improved = self.best is None or self._better(value, self.best)

@@ -335,6 +335,18 @@ def _filter_metric_unused(cfg: JobConfig) -> list[str]:
     return []
 
 
+def _accuracy_of_a_function(cfg: JobConfig) -> list[str]:
+    g, rule = cfg.guardrails, cfg.scoring.rule_source
+    if not g.active or "reward_mean" in g.metric or not isinstance(rule, FunctionReward):
+        return []
+    return [
+        f"guardrails.metric={g.metric} with the reward function {rule.function}: held-out accuracy is measured only "
+        "where it returns a dict with `correct` (or verl's `acc`), 0 or 1; one returning a number gets "
+        "eval_reward_mean alone and the guardrails would do nothing; watch eval_reward_mean, or return "
+        "{'reward': r, 'correct': c}"
+    ]
+
+
 def _refresh_never_due(cfg: JobConfig) -> list[str]:
     every = cfg.reference_refresh_every
     if every and every >= cfg.train.total_steps and cfg.train.total_epochs is None:
@@ -356,4 +368,5 @@ WARNING_RULES: list[Callable[[JobConfig], list[str]]] = [
     _task_verifier_on_a_users_file,
     _no_held_out_prompts,
     _steps_and_epochs,
+    _accuracy_of_a_function,
 ]

@@ -35,23 +35,30 @@ def describe_run(root: Path) -> list[str]:
         )
     else:
         lines.append(f"steps: none of {cfg.train.total_steps} yet")
-    evaluation = _read_json(root / RunDir.EVAL)
-    if evaluation and evaluation.get("accuracy_before") is not None:
-        lines.append(
-            f"held-out accuracy: greedy {evaluation['accuracy_before']:.3f} -> {evaluation['accuracy_after']:.3f}"
-            + (
-                f", sampled {evaluation['sampled_accuracy_before']:.3f} -> {evaluation['sampled_accuracy_after']:.3f}"
-                if evaluation.get("sampled_accuracy_after") is not None
-                else ""
-            )
-            + f" ({evaluation.get('prompts')} prompts)"
-        )
+    lines += _held_out(_read_json(root / RunDir.EVAL) or {})
     lines.append(_checkpoints(cfg))
     lines += describe_pools(every_event)
     events = [e for e in every_event if e.get("event") == "guardrails"]
     lines.append(f"guardrail actions: {len(events) or 'none'}")
     lines += [f"  {_describe_event(e)}" for e in events]
     return lines
+
+
+def _held_out(evaluation: dict) -> list[str]:
+    """eval.json's figures before -> after: accuracy, or the reward where the reward does not say
+    which answers are right (no accuracy measured); none without a held-out evaluation."""
+    what = "accuracy" if evaluation.get("accuracy_before") is not None else "reward"
+    if evaluation.get(f"{what}_before") is None:
+        return []
+    sampled = (
+        f", sampled {evaluation[f'sampled_{what}_before']:.3f} -> {evaluation[f'sampled_{what}_after']:.3f}"
+        if evaluation.get(f"sampled_{what}_after") is not None
+        else ""
+    )
+    return [
+        f"held-out {what}: greedy {evaluation[f'{what}_before']:.3f} -> {evaluation[f'{what}_after']:.3f}{sampled} "
+        f"({evaluation.get('prompts')} prompts)"
+    ]
 
 
 def _state(live: dict | None, events: list[dict]) -> str:

@@ -167,7 +167,7 @@ STALENESS_BOUND = _gauge("rlhf_staleness_bound_steps", "Configured max_staleness
 # The step's rollouts (rlhf_cluster/telemetry/rollout_stats.py): length runaway, truncation, reward spread, diversity.
 EVAL_ACCURACY = _gauge(
     "rlhf_eval_accuracy",
-    "Held-out accuracy at the last periodic evaluation (verifier), greedy "
+    "Held-out accuracy at the last periodic evaluation (the reward's correct or acc component), greedy "
     "or sampled (mean over data.eval_samples answers per prompt).",
     "mode",
 )
@@ -300,6 +300,10 @@ STEP_GAUGES = {
             "eval_reward_mean": (
                 "rlhf_eval_reward_mean",
                 "Held-out mean reward of the greedy answers at the last periodic evaluation.",
+            ),
+            "eval_sampled_reward_mean": (
+                "rlhf_eval_sampled_reward_mean",
+                "Held-out mean reward of data.eval_samples sampled answers per prompt at the last periodic evaluation.",
             ),
             # Mixture-of-experts policies (`learner.routing`): the step's routing probe on its first micro-batch.
             "routing/expert_set_agreement": (

@@ -75,11 +75,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def _draw_evaluation(ax, rows: list[dict], evaluation: dict | None) -> None:
-    """The held-out accuracy panel: eval.json's before and after (`evaluation`) around the
-    periodic evaluations of the metrics rows, greedy, sampled and pass@k."""
-    ax.set_title("held-out accuracy (verifier)")
+    """The held-out panel: eval.json's before and after (`evaluation`) around the periodic
+    evaluations of the metrics rows, greedy, sampled and pass@k accuracy; the greedy and sampled
+    reward where the reward does not say which answers are right (no accuracy measured)."""
+    measured = any("eval_accuracy" in r for r in rows)
+    measured = measured or (evaluation or {}).get("accuracy_before") is not None
+    what, column = ("accuracy", "eval_accuracy") if measured else ("reward", "eval_reward_mean")
+    ax.set_title("held-out accuracy" if measured else "held-out reward (mean)")
     ax.set_xlabel("step")
-    periodic = [r for r in rows if "eval_accuracy" in r]  # data.eval_every_steps: after step r["step"]
+    periodic = [r for r in rows if column in r]  # data.eval_every_steps: after step r["step"]
     if evaluation is None and not periodic:
         ax.text(0.5, 0.5, "no held-out evaluation in this run", ha="center", va="center", transform=ax.transAxes)
         return
@@ -91,8 +95,9 @@ def _draw_evaluation(ax, rows: list[dict], evaluation: dict | None) -> None:
         points = [(x, y) for x, y in points if y is not None]
         return [x for x, _ in points], [y for _, y in points]
 
-    ax.plot(*eval_series("eval_accuracy", "accuracy_before", "accuracy_after"), marker="o", label="greedy")
-    xs, ys = eval_series("eval_sampled_accuracy", "sampled_accuracy_before", "sampled_accuracy_after")
+    ax.plot(*eval_series(column, f"{what}_before", f"{what}_after"), marker="o", label="greedy")
+    sampled = f"eval_sampled_{'accuracy' if measured else 'reward_mean'}"
+    xs, ys = eval_series(sampled, f"sampled_{what}_before", f"sampled_{what}_after")
     if ys:
         ax.plot(xs, ys, marker="o", label="sampled (mean)")
     for column in sorted({c for r in periodic for c in r if c.startswith("eval_pass@")}):
@@ -104,7 +109,8 @@ def _draw_evaluation(ax, rows: list[dict], evaluation: dict | None) -> None:
             label=f"pass@{k}",
         )
     ax.legend()
-    ax.set_ylim(0, 1)
+    if measured:
+        ax.set_ylim(0, 1)
 
 
 def plot_trace(doc: dict, out: str | Path, title: str = "") -> Path:

@@ -1,6 +1,6 @@
 """Statistics of a step's rollouts that warn of reward hacking before it shows in the reward:
 response length (mean, percentiles, share truncated), reward spread, diversity (distinct-n over
-the step's responses, unique responses per group), and pass@k of held-out answers. Pure
+the step's responses, unique responses per group), and held-out answers' correctness and pass@k. Pure
 functions of token ids and numbers; Ray-free."""
 
 from __future__ import annotations
@@ -85,6 +85,21 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     if n - correct < k:
         return 1.0
     return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+# The reward components that say whether an answer is right: the verifier's (or a function's own)
+# `correct`, else verl's `acc` (a compute_score returning {"score": ..., "acc": ...}).
+CORRECTNESS = ("correct", "acc")
+
+
+def answer_correct(components: dict[str, float]) -> bool | None:
+    """Whether an answer is right by its reward's components (`CORRECTNESS`, the first present, at
+    least 1); None when they say nothing of it (a reward function returning a bare number, a
+    reward model): its held-out accuracy is not measured, only its reward."""
+    for key in CORRECTNESS:
+        if key in components:
+            return components[key] >= 1.0
+    return None
 
 
 def accuracy(correct_by_prompt: dict[str, list[bool]]) -> float:

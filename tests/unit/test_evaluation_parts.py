@@ -49,3 +49,37 @@ def test_each_part_is_scored_with_its_own_prompts_and_the_scores_keep_their_orde
     assert rewards == [float(r.prompt_id[1:]) for r in rollouts]  # in the rollouts' order
     assert all(len(ids) <= EVAL_SCORING_CALL and set(ids) == own for ids, own in sent)
     assert len(sent) > 1 and len(correct) == 40
+
+
+def test_accuracy_is_reported_only_where_the_reward_says_which_answers_are_right():
+    """Trial 23a B3: a reward function returning a number (no `correct` component) had held-out
+    accuracy and pass@k a constant 0 (and `guardrails.patience` stopped a run whose every answer
+    earned 1.0). Now such a run reports its held-out reward alone (greedy and sampled); verl's
+    `acc` component counts as the verifier's `correct` does."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from actors.evaluation import evaluate
+    from rlhf_cluster.config import DataConfig
+    from rlhf_cluster.data.prompts import Prompt
+
+    prompts = [Prompt(f"p{i}", f"q{i}", str(i)) for i in range(4)]
+
+    def run(components: dict, samples: int = 2) -> dict:
+        async def call(pool, method, *args):
+            if pool == "generation":
+                _, _, n = args
+                return "gen0", [r for i in range(4) for r in _rollouts([0] * i + [max(n, 1)])[-max(n, 1) :]]
+            part, _ = args
+            return "reward0", [(1.0 if r.prompt_id != "p0" else 0.0, dict(components)) for r in part]
+
+        cluster = SimpleNamespace(call=call, pools={"reward": [object()]})
+        data = DataConfig(eval_samples=samples, eval_pass_k=[1, 2])
+        return asyncio.run(evaluate(cluster, prompts, 0, data))
+
+    bare = run({})
+    assert bare == {"eval_reward_mean": 0.75, "eval_sampled_reward_mean": 0.75}
+    verl = run({"acc": 1.0})
+    assert verl["eval_accuracy"] == verl["eval_sampled_accuracy"] == verl["eval_pass@2"] == 1.0
+    verifier = run({"correct": 0.0, "acc": 1.0})  # the verifier's `correct` first
+    assert verifier["eval_accuracy"] == 0.0 and verifier["eval_reward_mean"] == 0.75

@@ -68,3 +68,15 @@ def test_a_run_whose_last_event_is_a_failure_is_shown_failed_until_a_later_start
     restarted = {**started, "time": 3.0}  # a later start (or resume) writes rows after the failure
     (tmp_path / "run" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (started, failed, restarted)))
     assert describe_run(tmp_path / "run")[1] == "state: not running"
+
+
+def test_a_run_whose_reward_says_no_answer_right_shows_its_held_out_reward(tmp_path):
+    """Trial 23a B3: a reward function returning a number measures no accuracy; eval.json holds the
+    held-out reward, which status shows in its place."""
+    root = _run(tmp_path, [], {})
+    (root / "eval.json").write_text(json.dumps({"prompts": 8, "accuracy_before": None, "accuracy_after": None,
+                                                "reward_before": 0.25, "reward_after": 0.75,
+                                                "sampled_reward_before": 0.2, "sampled_reward_after": 0.7}))  # fmt: skip
+    lines = describe_run(root)
+    assert "held-out reward: greedy 0.250 -> 0.750, sampled 0.200 -> 0.700 (8 prompts)" in lines
+    assert not any(line.startswith("held-out accuracy") for line in lines)
