@@ -3,6 +3,7 @@ and the resources section every pool uses."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Union
 
@@ -70,13 +71,30 @@ def typed_union(*kinds: type[_Typed]):
         if isinstance(value, str):
             return {"type": value}
         if isinstance(value, dict) and "type" not in value:
-            raise ValueError(f"needs a `type`: one of {', '.join(names)}")
+            raise ValueError(f"needs a `type`: one of {', '.join(names)}{_kind_hint(value, kinds, names)}")
         if isinstance(value, (int, float, list, tuple)):  # neither a kind's name nor a section (bool is an int)
             raise ValueError(f"expected one of {', '.join(names)}, or a mapping with `type`: one of them")
         return value
 
     # Union over a tuple built at run time: `X | Y` cannot spell it.
     return Annotated[Union[kinds], Field(discriminator="type"), BeforeValidator(shorthand)]  # noqa: UP007
+
+
+def _kind_hint(value: dict, kinds: tuple, names: list[str]) -> str:
+    """What a typed union's mapping without `type` has and which kind it fits: `zero_stage` alone
+    (an override `--set learner.backend.zero_stage=2`) is deepspeed's; `typ` is close to `type`."""
+    keys = [str(k) for k in value]
+    if not keys:
+        return ""
+    near = difflib.get_close_matches("type", keys, n=1, cutoff=0.6)
+    if near:
+        return f"; it has {near[0]!r}: did you mean 'type'?"
+    fits = [name for kind, name in zip(kinds, names) if set(keys) <= set(kind.model_fields)]
+    if not fits:
+        return f"; it has {', '.join(keys)}, which no kind has together"
+    fields = ", ".join(f"{k}: {value[k]!r}" for k in keys)
+    whose = f"{'is' if len(keys) == 1 else 'are'} {' or '.join(fits)}'s"
+    return f"; {', '.join(keys)} {whose}: {{type: {fits[0]}, {fields}}}"
 
 
 def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None:

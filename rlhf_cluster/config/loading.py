@@ -35,7 +35,7 @@ def _set_dotted(tree: dict, dotted: str, value: object) -> None:
 _UNION_TAGS = {
     "backend": {"fsdp2", "deepspeed"},
     "transport": {"filesystem", "direct", "collective"},
-    "rewards": {"verifier", "function", "model"},
+    "rewards": {"verifier", "function", "model", "judge"},
 }
 
 
@@ -112,7 +112,8 @@ def load_model(root: type[Root], path: str | Path | None = None, overrides: list
         return root.model_validate(raw)
     except ValidationError as exc:
         lines = [f"  {field_path(err['loc'])}: {_explain(root, err)}" for err in exc.errors()]
-        raise ConfigError(f"invalid config {source}:\n" + "\n".join(lines)) from None
+        given = f" with --set {' '.join(overrides)}" if overrides else ""  # an error may be the override's
+        raise ConfigError(f"invalid config {source}{given}:\n" + "\n".join(lines)) from None
 
 
 def _explain(root: type[BaseModel], err: ErrorDetails) -> str:
@@ -136,9 +137,15 @@ def _unknown_field(root: type[BaseModel], loc: tuple) -> str:
     if close:
         return f"did you mean {' or '.join(repr(c) for c in close)}?"
     section = field_path(loc[:-1]) if loc[:-1] else "the top level"
+    other = ""
     if len(loc) > 2 and section == field_path(loc[:-2]):  # loc[-2] is a union's tag: name the kind
         section += f" ({loc[-2]})"
-    return f"{section} has: {', '.join(fields)}"
+        owner = loc[-3] if isinstance(loc[-3], str) else loc[-4]  # (a list's index sits between)
+        kinds = sorted(_UNION_TAGS.get(owner, set()) - {loc[-2]})
+        fits = [kind for kind in kinds if loc[-1] in _fields_at(root, (*loc[:-2], kind))]
+        if fits:
+            other = f"; {loc[-1]} is {' or '.join(fits)}'s: set {section.split(' (')[0]}.type to it"
+    return f"{section} has: {', '.join(fields)}{other}"
 
 
 def _fields_at(root: type[BaseModel], loc: tuple) -> list[str]:

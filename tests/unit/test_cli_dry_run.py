@@ -154,3 +154,21 @@ def test_the_real_model_example_names_the_inputs_its_script_builds(tmp_path):
                                       "--set", f"data.path={tmp_path}/sums.parquet"])
     assert result.exit_code == 2
     assert "model.path: model folder" in result.output and "data.path: prompt file" in result.output
+
+
+def test_a_reward_module_beside_you_is_found_as_python_m_would(tmp_path, monkeypatch):
+    """Trial 23a M2: README's `function: "my_rewards:score"` with my_rewards.py in the working
+    directory was refused by `rlhf-cluster train` (a console script's sys.path lacks the working
+    directory; `submit` had added it). A job started from here gives it to its workers (Ray adds
+    the driver's working directory to theirs)."""
+    import sys
+
+    module = "my_rewards_23m2"
+    (tmp_path / f"{module}.py").write_text("def score(response: str, answer: str) -> float:\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    args = ["train", str(CONFIGS[0]), "--dry-run", "--set", f"run_dir={tmp_path}/run",
+            "--set", f"scoring.rewards=[{{type: function, function: '{module}:score'}}]"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "reward: function my_rewards_23m2:score" in result.output
