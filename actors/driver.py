@@ -36,7 +36,7 @@ from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
 from rlhf_cluster.job.epochs import steps_recounted, with_epoch_steps
 from rlhf_cluster.job.guardrails import GuardVerdict, policy_held
-from rlhf_cluster.job.inputs import prepare_inputs
+from rlhf_cluster.job.inputs import check_inputs, prepare_inputs
 from rlhf_cluster.job.preemption import StopRequest
 from rlhf_cluster.job.preflight import preflight
 from rlhf_cluster.run.checkpoint import Checkpoint
@@ -71,6 +71,7 @@ class Driver:
         attach_console()  # the job's lines (and its warnings) reach this process's console
         for warning in preflight(cfg, resume=resume):  # bad input fails here, before anything is written or started
             log.warning(warning)
+        checked = check_inputs(cfg)  # a user's prompt files too, before the run is opened (or moved aside)
         self.run_dir = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir)
         self.store = WeightStore(cfg.weights_dir, cfg.weights.keep)
         checkpoints = job_checkpoints(cfg)
@@ -82,7 +83,7 @@ class Driver:
         try:
             if resume_from is not None:
                 self.run_dir.event("resumed", from_step=resume_from.step)
-            self.inputs = prepare_inputs(cfg, self.run_dir)
+            self.inputs = prepare_inputs(cfg, self.run_dir, checked)
             # The config the job runs with, from here on (train.total_epochs counted into train.total_steps).
             self.cfg = cfg = with_epoch_steps(cfg, len(self.inputs.prompts))
             if resume_from is not None and (recounted := steps_recounted(self.run_dir.root / RunDir.CONFIG, cfg)):

@@ -18,6 +18,7 @@ from rlhf_cluster.data.prompt_files import as_paths, describe, job_prompt_files,
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tool_task import tool_demonstrations
 from rlhf_cluster.generation.probe import Probe, build_probe
+from rlhf_cluster.job.epochs import with_epoch_steps
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
 from rlhf_cluster.job.teacher import tokenizer_mismatch
 from rlhf_cluster.job.vision_warmup import ensure_warmed_vision_model
@@ -39,9 +40,21 @@ class JobInputs:
     tokenizer: object  # the model's tokenizer (templates, lengths, probe; decoding samples.jsonl)
 
 
-def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
-    """Build (or find cached) the model and the prompt files; the warmed-up model is version 0:
-    the reference, the learner and generation all start there."""
+@dataclass(frozen=True)
+class CheckedInputs:
+    """A job's inputs as far as they are checked before its run directory is opened: the model
+    folder (the built-in one built or found cached) and its tokenizer, and a user's file's prompt
+    sets (None for a built-in task, whose files are written into the run)."""
+
+    model_path: str
+    tokenizer: object
+    sets: PromptSets | None
+
+
+def check_inputs(cfg: JobConfig) -> CheckedInputs:
+    """What can refuse a job's inputs, read before anything of the run is touched (an `--overwrite`
+    has not yet moved the earlier run aside): a teacher's tokenizer, a user's prompt files (columns,
+    lengths: `prompt_sets`) and the steps of `train.total_epochs` over them."""
     model_path = str(cfg.model.path or ensure_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
     if cfg.algorithm.distillation is not None:  # (preflight checked it where the policy's folder existed)
         problem = tokenizer_mismatch(model_path, cfg.algorithm.distillation.teacher)
@@ -49,7 +62,20 @@ def prepare_inputs(cfg: JobConfig, run_dir: RunDir) -> JobInputs:
             raise ValueError(problem)
     # The warm-up keeps it: one for templates, lengths, probe (the built-in model's with a stand-in template).
     tokenizer = chat_tokenizer(model_path, built_in=cfg.model.path is None)
-    sets = prompt_sets(cfg, *job_prompt_files(cfg.data, run_dir.root), tokenizer, model_path)
+    sets = None
+    if cfg.data.path is not None:
+        sets = prompt_sets(cfg, cfg.data.path, cfg.data.eval_path, tokenizer, model_path)
+        with_epoch_steps(cfg, len(sets.prompts), quiet=True)  # an epoch without a step is refused here
+    return CheckedInputs(model_path, tokenizer, sets)
+
+
+def prepare_inputs(cfg: JobConfig, run_dir: RunDir, checked: CheckedInputs | None = None) -> JobInputs:
+    """The job's inputs in its opened run directory (`checked` before it was opened, or now): a
+    built-in task's prompt files written, the prompt sets' records, the supervised warm-up; the
+    warmed-up model is version 0: the reference, the learner and generation all start there."""
+    checked = checked or check_inputs(cfg)
+    model_path, tokenizer = checked.model_path, checked.tokenizer
+    sets = checked.sets or prompt_sets(cfg, *job_prompt_files(cfg.data, run_dir.root), tokenizer, model_path)
     sets.write(run_dir)
     if cfg.model.sft_warmup_steps:
         model_path = _warm_up(cfg, model_path, sets.prompts)

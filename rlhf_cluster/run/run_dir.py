@@ -107,6 +107,11 @@ class RunDir:
     # failed rewards dropped: rows of a time, kept by every resume; `event`).
     EVENTS = "events.jsonl"
     RECEIPTS = "receipts.jsonl"  # every engine's answer to every weight load: the version and its proof
+    # What the job's start writes under data/: the held-out split and the overlong prompts left out
+    # (a user's file), or the built-in task's files.
+    DATA_RECORDS = ("data/held_out.json", "data/overlong.json", "data/train.parquet", "data/eval.parquet")
+    # What `rlhf-cluster plot`, `trace` and `replay` write by default, from the run's files.
+    VIEWS = ("metrics.png", "trace.json", "replay")
     SCRAPE_TARGETS = "prometheus_targets.json"  # Prometheus file-based service discovery
     TENSORBOARD, WANDB, WANDB_ID = TENSORBOARD_DIR, WANDB_DIR, WANDB_ID  # the trackers' files (metrics.*)
     ENGINE_INT8 = "engine-int8"  # the int8 checkpoint generation engines start from
@@ -229,7 +234,9 @@ class RunDir:
         return sorted(names, key=lambda name: name.removeprefix("refused-"))
 
     def artifacts(self, mode: str) -> list[Path]:
-        """What a fresh run clears away; moved aside, the earlier run's config and evaluation go with it."""
+        """What a fresh run clears away: every file a job and the views of it write here, but its
+        lock and scrape targets (rewritten at once); deleted (`mode` 'delete'), the earlier run's
+        config stays until the new one writes its own."""
         names = [
             self.METRICS,
             self.CONSUMED,
@@ -247,7 +254,11 @@ class RunDir:
             self.TENSORBOARD,
             self.WANDB,
             self.WANDB_ID,
-            *((self.CONFIG, self.EVAL) if mode == "aside" else ()),
+            self.RECEIPTS,
+            self.EVAL,
+            *self.DATA_RECORDS,
+            *self.VIEWS,
+            *((self.CONFIG,) if mode == "aside" else ()),
         ]
         return [self.weights_dir, self.checkpoint_dir, *(self.root / n for n in names)]
 

@@ -21,6 +21,9 @@ from rlhf_cluster.run.run_dir import FAILED, RunDir
 
 def describe_run(root: Path) -> list[str]:
     """The status lines of the run in `root`; `FileNotFoundError` when `root` holds no run."""
+    if not (root / RunDir.CONFIG).exists() and (root / RunDir.EVENTS).exists():  # a job that failed at its start
+        events = RunDir(root, root / "weights", root / "checkpoints").read(RunDir.EVENTS)
+        return [f"run: {root} (no {RunDir.CONFIG}: the job ended before it wrote one)", _state(holder(root), events)]
     cfg = recorded_config(root)
     run = RunDir(root, cfg.weights_dir, cfg.checkpoint_dir)
     lines = [f"run: {cfg.name} ({root})"]

@@ -9,6 +9,7 @@ its start from the prompts left to train on."""
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,7 +52,10 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
     # The dry run in this process (the CLI's own code, without a second interpreter importing it all).
     dry = CliRunner().invoke(app, ["train", str(config), "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert "dry run ok: byo, train.total_epochs=1 (steps counted from the training prompts" in dry.stdout, dry.stdout
+    # The dry run counts the epoch as the start will (checked below against the run's own split).
+    counted = re.search(r"prompts: (\d+) training, (\d+) held out, 4 of them evaluated", dry.stdout)
+    assert counted is not None, dry.stdout
+    assert f"dry run ok: byo, {int(counted[1]) // 12} steps (train.total_epochs=1)" in dry.stdout, dry.stdout
     tokenizer = AutoTokenizer.from_pretrained(model)
     first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": gsm8k_rows(1)[0]["question"]}]
     rendered = tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
@@ -71,6 +75,7 @@ def test_hf_folder_and_gsm8k_parquet_train_by_config_alone(ray_cluster, tmp_path
     held_ids = json.loads((run_dir / "data" / "held_out.json").read_text())["held_out_ids"]
     epoch = (64 - len(held_ids)) // 12  # the steps of one epoch: whole steps of the prompts left to train on
     assert epoch >= 3, epoch  # (a periodic evaluation, every 2 steps, before the last step's)
+    assert (int(counted[1]), int(counted[2])) == (64 - len(held_ids), len(held_ids))  # the dry run's count
     assert [r["weight_version"] for r in rows] == list(range(1, epoch + 1))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["total_steps"] == epoch  # as it ran
 

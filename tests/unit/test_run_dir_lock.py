@@ -123,3 +123,26 @@ def test_a_lock_file_from_another_host_does_not_refuse_before_the_lock_is_tried(
     assert holder(root)["host"] == "another-host"  # what `status` shows
     assert _run_dir(root).refusal(fresh=True, overwrite=None) is None
     _run_dir(root).prepare(fresh=True, job_name="here").release()  # the lock is free: the job starts
+
+
+@pytest.mark.parametrize("mode", ["aside", "delete"])
+def test_overwrite_leaves_nothing_of_the_earlier_run_a_new_one_would_read(tmp_path, mode):
+    """Trial 23a B2: `--overwrite` left receipts.jsonl (a new run appended to the old one's proofs,
+    which the served_proven invariant reads), data/held_out.json (compared with the new split: a
+    false "held out no longer" warning) and the views' outputs. Every log the run appends to and
+    every record its start writes goes; moved aside, all of it lands in RUN_DIR.old-<time>."""
+    root = tmp_path / "run"
+    (root / "checkpoints" / "step-00000001").mkdir(parents=True)
+    written = [*RunDir.JSONL_LOGS, RunDir.EVAL, RunDir.CONFIG, *RunDir.DATA_RECORDS, "metrics.png", "trace.json"]
+    for name in written:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("{}\n")
+    (root / "replay" / "rank0").mkdir(parents=True)
+    (root / "replay" / "rank0" / "digest.json").write_text("{}")
+    _run_dir(root).prepare(fresh=True, job_name="new", overwrite=mode).release()
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert left == (["config.yaml", "job.lock"] if mode == "delete" else ["job.lock"])
+    if mode == "aside":
+        (aside,) = tmp_path.glob("run.old-*")
+        moved = {str(p.relative_to(aside)) for p in aside.rglob("*") if p.is_file()}
+        assert moved == {*written, "replay/rank0/digest.json"}

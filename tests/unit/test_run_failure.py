@@ -84,7 +84,7 @@ def test_a_stop_is_no_failure(started):
 def test_a_failed_start_is_recorded_and_a_refused_job_writes_nothing(job_config, monkeypatch):
     cfg = job_config()
 
-    def broken_inputs(cfg, run_dir):
+    def broken_inputs(cfg, run_dir, checked):
         run_dir.write_yaml(RunDir.CONFIG, cfg.model_dump(mode="json"))
         raise FileNotFoundError("data.train_file: /data/missing.parquet not found")
 
@@ -141,3 +141,25 @@ def test_a_fresh_run_sets_the_earlier_runs_events_aside(job_config):
         assert "pools_started" in (aside / RunDir.EVENTS).read_text()
     finally:
         fresh.release()
+
+
+@pytest.mark.parametrize("refused", ["epochs", "overlong"])
+def test_inputs_the_start_refuses_leave_an_earlier_run_where_it_was(job_config, tmp_path, refused):
+    """Trial 23a B1: a user's prompt file the start refuses (an epoch without a step, a prompt too
+    long for a response) was read after the run was opened: `--overwrite` had moved the earlier
+    run aside, and the refused start left a `failed` row and a lock behind. The file is read before."""
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(3)]
+    if refused == "overlong":
+        rows[2]["prompt"] = "1+" * 300 + "1="
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = {"total_epochs": 1, "prompts_per_step": 8 if refused == "epochs" else 1}
+    cfg = job_config(data={"path": str(data), "verifier": "arithmetic", "eval_prompts": 0}, train=train)
+    root = RunDir(cfg.run_dir, cfg.weights_dir, cfg.checkpoint_dir).root
+    root.mkdir(parents=True)
+    (root / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(5)))
+    match = "the 3 training prompts are fewer than" if refused == "epochs" else "1 prompt\\(s\\) longer than"
+    with pytest.raises(ValueError, match=match):
+        Driver(cfg, overwrite="aside")
+    assert sorted(p.name for p in root.iterdir()) == ["metrics.jsonl"]  # no lock, no `failed` row, nothing moved
+    assert not list(root.parent.glob(f"{root.name}.old-*"))

@@ -80,3 +80,15 @@ def test_a_run_whose_reward_says_no_answer_right_shows_its_held_out_reward(tmp_p
     lines = describe_run(root)
     assert "held-out reward: greedy 0.250 -> 0.750, sampled 0.200 -> 0.700 (8 prompts)" in lines
     assert not any(line.startswith("held-out accuracy") for line in lines)
+
+
+def test_a_run_that_failed_before_it_wrote_its_config_shows_its_failure(tmp_path):
+    """Trial 23a M1: a job that failed at its start (its inputs refused after the run directory was
+    opened) left events.jsonl's `failed` row and no config.yaml; status called it no run."""
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "events.jsonl").write_text(json.dumps({"event": "failed", "error": "ValueError: prompt file x: 1 too long"}) + "\n")
+    assert describe_run(root) == [
+        f"run: {root} (no config.yaml: the job ended before it wrote one)",
+        "state: failed (ValueError: prompt file x: 1 too long)",
+    ]
