@@ -34,7 +34,7 @@ from actors.workers.weight_sync import WeightSync
 from rlhf_cluster.config import JobConfig
 from rlhf_cluster.experience.build import observe_step_kl
 from rlhf_cluster.experience.records import ScoredSample
-from rlhf_cluster.job.epochs import steps_recounted, with_epoch_steps
+from rlhf_cluster.job.epochs import prompts_drawn_again, steps_recounted, with_epoch_steps
 from rlhf_cluster.job.guardrails import GuardVerdict, policy_held
 from rlhf_cluster.job.inputs import check_inputs, prepare_inputs
 from rlhf_cluster.job.preemption import StopRequest
@@ -88,6 +88,8 @@ class Driver:
             self.cfg = cfg = with_epoch_steps(cfg, len(self.inputs.prompts))
             if resume_from is not None and (recounted := steps_recounted(self.run_dir.root / RunDir.CONFIG, cfg)):
                 log.warning(recounted)
+            if drawn_again := prompts_drawn_again(cfg, len(self.inputs.prompts)):
+                log.warning(drawn_again)
             self.reporter = Reporter(cfg, self.run_dir)
             self.reporter.tokenizer = self.inputs.tokenizer
             self.checkpointer = Checkpointer(cfg, self.run_dir, self.store, self.reporter, checkpoints)

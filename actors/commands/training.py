@@ -52,7 +52,7 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite:
         else:
             for line in shown.lines:
                 typer.echo(line)
-            steps = shown.total_steps
+            steps, warnings = shown.total_steps, [*warnings, *shown.warnings]
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     if problems:

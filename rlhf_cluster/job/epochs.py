@@ -50,6 +50,19 @@ def with_epoch_steps(cfg: JobConfig, train_prompts: int, quiet: bool = False) ->
     return cfg.model_copy(update={"train": t.model_copy(update={"total_steps": steps})})
 
 
+def prompts_drawn_again(cfg: JobConfig, train_prompts: int) -> str | None:
+    """A warning when a step asks for more prompts than the job trains on (`train.total_steps`: under
+    `total_epochs` that is refused): every step then draws each prompt several times."""
+    per_step = cfg.train.prompts_per_step
+    if cfg.train.total_epochs is not None or train_prompts >= per_step:
+        return None
+    return (
+        f"train.prompts_per_step={per_step} with {train_prompts} training prompts: each step draws every prompt "
+        f"about {per_step / train_prompts:.3g} times (several groups of one prompt in a batch); lower "
+        "train.prompts_per_step, or add prompts"
+    )
+
+
 def _recorded_train(run_config: Path) -> dict:
     """The `train` section of a run's config.yaml, as the run last wrote it ({} when unreadable)."""
     try:

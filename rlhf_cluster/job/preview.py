@@ -19,7 +19,7 @@ from rlhf_cluster.data.prompt_files import read_prompts
 from rlhf_cluster.data.prompts import Prompt
 from rlhf_cluster.data.tasks import arithmetic_rows
 from rlhf_cluster.data.visual_task import VISUAL_TASKS, visual_rows
-from rlhf_cluster.job.epochs import with_epoch_steps
+from rlhf_cluster.job.epochs import prompts_drawn_again, with_epoch_steps
 from rlhf_cluster.job.images import image_limits, pixel_limits, prompt_tokens
 from rlhf_cluster.job.inputs import PromptSets, prompt_sets
 from rlhf_cluster.models.quantization import checkpoint_spec, is_quantized_weight
@@ -77,6 +77,7 @@ class Preview:
 
     lines: list[str]
     total_steps: int | None
+    warnings: tuple[str, ...] = ()
 
 
 def preview(cfg: JobConfig) -> Preview:
@@ -89,7 +90,8 @@ def preview(cfg: JobConfig) -> Preview:
         tokenizer = chat_tokenizer(folder, built_in=cfg.model.path is None)
     if cfg.data.chat_template and tokenizer is None:
         return Preview(
-            ["first prompt: the model is not built yet (its tokenizer renders the chat template)"], _steps(cfg, None)
+            ["first prompt: the model is not built yet (its tokenizer renders the chat template)"],
+            _steps(cfg, _train_prompts(cfg, None)),
         )
     prompt = first_prompt(cfg, tokenizer)
     pixels = pixel_limits(cfg, folder) if folder is not None else (cfg.data.min_pixels, cfg.data.max_pixels)
@@ -124,7 +126,9 @@ def preview(cfg: JobConfig) -> Preview:
             + ", ".join(f"{variant} {n / 1e6:.1f} MB" for variant, n in per_variant.items())
         )
         lines.append(learner_memory_line(cfg, folder))
-    return Preview(lines, _steps(cfg, len(sets.prompts) if sets is not None else None))
+    counted = _train_prompts(cfg, sets)
+    drawn_again = prompts_drawn_again(cfg, counted) if counted is not None else None
+    return Preview(lines, _steps(cfg, counted), (drawn_again,) if drawn_again else ())
 
 
 def prompts_line(cfg: JobConfig, sets: PromptSets | None) -> str:
@@ -144,13 +148,19 @@ def prompts_line(cfg: JobConfig, sets: PromptSets | None) -> str:
     return line + f", {len(sets.split.held_out)} held out, {evaluated}"
 
 
+def _train_prompts(cfg: JobConfig, sets: PromptSets | None) -> int | None:
+    """The prompts the job trains on: a user's file's as selected (`sets`; None before the model is
+    built), a built-in task's `data.num_prompts`."""
+    if cfg.data.path is None:
+        return cfg.data.num_prompts
+    return len(sets.prompts) if sets is not None else None
+
+
 def _steps(cfg: JobConfig, train_prompts: int | None) -> int | None:
     """The steps the job trains: `train.total_steps`, or `train.total_epochs` counted over
-    `train_prompts` (the built-in task's `data.num_prompts` when no file is given; None: not counted yet)."""
+    `train_prompts` (None: not counted yet)."""
     if cfg.train.total_epochs is None:
         return cfg.train.total_steps
-    if cfg.data.path is None:
-        train_prompts = cfg.data.num_prompts
     if train_prompts is None:
         return None
     return with_epoch_steps(cfg, train_prompts, quiet=True).train.total_steps

@@ -111,3 +111,10 @@ def test_the_dry_run_counts_a_user_files_epochs_as_the_start_will(tmp_path):
     assert refused.exit_code == 2 and "dry run ok" not in refused.output
     assert "train.total_epochs: the 8 training prompts are fewer than train.prompts_per_step=9" in refused.output
     assert not run.exists()
+    # By total_steps the same step is taken, drawing every prompt twice a step: said (trial 23a M8).
+    steps = [*args, "--set", "train.total_epochs=null", "--set", "train.total_steps=2", "--set", "train.prompts_per_step=16"]
+    drawn = CliRunner().invoke(app, steps)
+    assert drawn.exit_code == 0 and "dry run ok: " in drawn.output and ", 2 steps, " in drawn.output, drawn.output
+    assert "warning: train.prompts_per_step=16 with 8 training prompts: each step draws every prompt about 2 times" in (
+        drawn.output
+    )
