@@ -64,6 +64,8 @@ def open_run(
             job_name=job_name,
             overwrite=overwrite or ("aside" if resume is not None else False),
         )
+        if resume_from is not None and overwrite:  # (without a checkpoint it applies to the fresh start)
+            log.warning(f"--overwrite is not applied: --resume {resume} continues the run from {resume_from.path.name}")
     except BaseException:
         run_dir.release()
         raise

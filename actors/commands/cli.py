@@ -27,11 +27,15 @@ def _before_any_command() -> None:
     if (Path.home() / ".ray" / "auth_token").exists():
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     attach_console()  # what the job and its actors log reaches this console, above the progress bars
-    # A config's `module:function` (a reward function, a loss) names a module beside you, as `python -m`
-    # finds one; a console script's sys.path lacks the working directory (Ray gives it to the workers
-    # of a job it starts from here: `ray.init` adds the driver's working directory to theirs).
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    # A config's `module:function` (a reward function, a loss) names a module beside you, found first as
+    # `python -m` finds one; a console script's sys.path lacks the working directory (Ray gives it to the
+    # workers of a job it starts from here: `ray.init` adds the driver's working directory to theirs).
+    try:
+        here = os.getcwd()
+    except FileNotFoundError:  # a working directory deleted under the shell: nothing to find there
+        here = None
+    if here is not None and here not in sys.path:
+        sys.path.insert(0, here)
 
 
 # A bare `--overwrite` means `--overwrite=aside` for every command that takes one (`OverwriteCommand`).

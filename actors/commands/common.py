@@ -18,6 +18,8 @@ import typer
 from rlhf_cluster.config import ConfigError, FunctionReward, JobConfig, load_config
 from rlhf_cluster.job.preflight import preflight
 
+SET_HELP = "Override a field: section.field=value, a list's item by index (scoring.rewards.0.weight=2); repeatable."
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -204,16 +206,14 @@ def print_result(cfg: JobConfig, result) -> None:
     last = result.rows[-1]
 
     def before_after(before: float, after: float | None) -> str:  # a stopped run has no final evaluation
-        return (
-            f"before {before:.3f}, after {after:.3f}"
-            if after is not None
-            else f"before {before:.3f} (stopped before the last)"
-        )
+        if after is not None:
+            return f"before {before:.3f}, after {after:.3f}"
+        return f"before {before:.3f}" + (" (stopped before the last)" if result.stopped else ", after n/a")
 
     samples = f"{cfg.data.eval_samples} samples per prompt"
     if result.accuracy_before is not None:
         rule = cfg.scoring.rule_source
-        judged = f"{rule.function}'s correct" if isinstance(rule, FunctionReward) else "verifier"
+        judged = rule.function if isinstance(rule, FunctionReward) else "verifier"  # who says an answer is right
         figures = [
             ("accuracy", f"greedy, {judged}", result.accuracy_before, result.accuracy_after),
             ("accuracy", f"{samples}, {judged}", result.sampled_accuracy_before, result.sampled_accuracy_after),

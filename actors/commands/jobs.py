@@ -13,6 +13,7 @@ import typer
 
 from actors.commands import run_views
 from actors.commands.common import (
+    SET_HELP,
     connect,
     first_sentence,
     load_config_or_exit,
@@ -46,7 +47,7 @@ def job_client(address: str):
 def submit(
     config: Path = typer.Argument(..., help="YAML job config."),
     address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     python: str = typer.Option(
         "python", help="Python on the cluster's head node that has rlhf_cluster's dependencies."
     ),

@@ -12,6 +12,7 @@ import typer
 from actors.commands import common
 from actors.commands.common import (
     REPO,
+    SET_HELP,
     connect,
     load_config_or_exit,
     preflight_or_exit,
@@ -149,7 +150,7 @@ def _stage_command(name: str, kind: str, section_help: str, start_from_sft: bool
     def command(
         config: Path = typer.Argument(..., help=section_help),
         address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
-        set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
         overwrite: str | None = _overwrite_option(),
         debug: bool = common.debug_option(),
     ) -> None:
@@ -180,7 +181,7 @@ def pipeline(
         REPO / "configs" / "three_stage.yaml", help="YAML job config with `sft` and `reward_model` sections."
     ),
     address: str | None = typer.Option(None, help="Ray address; empty starts a local instance."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     overwrite: str | None = _overwrite_option(),
     debug: bool = common.debug_option(),
 ) -> None:

@@ -13,6 +13,7 @@ from typer.core import TyperCommand
 
 from actors.commands.common import (
     DEFAULT_CONFIG,
+    SET_HELP,
     cluster_capacity,
     connect,
     debug_option,
@@ -57,6 +58,8 @@ def _dry_run(cfg: JobConfig, address: str | None, resume: str | None, overwrite:
         typer.echo(f"warning: {warning}", err=True)
     if problems:
         refuse(*problems)
+    if (resumed := _resume_line(cfg, resume)) is not None:
+        typer.echo(resumed)
     epochs = cfg.train.total_epochs
     if steps is None:  # a user's file on a model not built yet
         counted = f"train.total_epochs={epochs} (steps counted from the training prompts at the job's start)"
@@ -79,7 +82,7 @@ def train(
     address: str | None = typer.Option(
         None, help="Ray address of an existing cluster ('auto' inside a Ray job); empty starts a local instance."
     ),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: section.field=value (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate the config and check the cluster can place every pool; start nothing."
     ),
@@ -131,8 +134,16 @@ def train(
 
 def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
     """A resume from a checkpoint of the run's last step has nothing to train: say so and end
-    (exit code 0) before Ray or any pool starts. With `train.total_epochs` the last step is the
-    run's own count (its config.yaml: the steps an epoch had at its start) times the epochs asked for."""
+    (exit code 0) before Ray or any pool starts."""
+    if (complete := _complete(cfg, resume)) is not None:
+        typer.echo(complete)
+        raise typer.Exit(0)
+
+
+def _complete(cfg: JobConfig, resume: str | None) -> str | None:
+    """Why a resume has nothing to train (its checkpoint holds the run's last step), or None. With
+    `train.total_epochs` the last step is the run's own count (its config.yaml: the steps an epoch
+    had at its start) times the epochs asked for."""
     from rlhf_cluster.job.epochs import recorded_epoch_steps
     from rlhf_cluster.run.run_dir import RunDir
 
@@ -141,16 +152,30 @@ def _exit_if_complete(cfg: JobConfig, resume: str | None) -> None:
     total = cfg.train.total_steps if epochs is None else recorded_epoch_steps(run.root / RunDir.CONFIG, cfg)
     ckpt = run.complete(resume, total) if total is not None else None
     if ckpt is None or total is None:
-        return
+        return None
     done = ckpt.step + 1
     field, value = ("train.total_steps", total) if epochs is None else ("train.total_epochs", epochs)
-    typer.echo(
-        f"run_dir {run.root}: the run is already complete at step {done} of "
-        f"{total if done == total else f'{done} ({field} is {value})'} ({ckpt.path.name}); "
+    return (
+        f"run_dir {run.root}: the run is already complete: "
+        f"{f'{done} of {total}' if done == total else done} steps trained ({ckpt.path.name})"
+        f"{'' if done == total else f', {field} is {value}'}; "
         f"nothing to train. To train further, raise {field} with --set, e.g. "
         f"--set {field}={2 * (done if epochs is None else epochs)} --resume auto"
     )
-    raise typer.Exit(0)
+
+
+def _resume_line(cfg: JobConfig, resume: str | None) -> str | None:
+    """What the dry run says of `--resume`: a run with nothing left to train, or `auto` with no
+    checkpoint (the job starts over, the earlier files moved aside)."""
+    from rlhf_cluster.run.checkpoint import CheckpointStore
+
+    if resume is None:
+        return None
+    if (complete := _complete(cfg, resume)) is not None:
+        return complete
+    if resume == "auto" and not CheckpointStore(cfg.checkpoint_dir).candidates():
+        return f"--resume auto: no checkpoint in {cfg.checkpoint_dir}: the job starts over (earlier files moved aside)"
+    return None
 
 
 def _child_argv(
@@ -211,6 +236,6 @@ def _run_here(
         why = f" by {stop.received}" if stop.received else ""
         done = result.rows[-1]["step"] + 1 if result.rows else 0
         typer.echo(
-            f"stopped{why} after step {done} of {result.total_steps or cfg.train.total_steps}, with a checkpoint; "
+            f"stopped{why} after {done} of {result.total_steps or cfg.train.total_steps} steps, with a checkpoint; "
             f"continue with: {resume_command}"
         )

@@ -82,19 +82,23 @@ def typed_union(*kinds: type[_Typed]):
 
 def _kind_hint(value: dict, kinds: tuple, names: list[str]) -> str:
     """What a typed union's mapping without `type` has and which kind it fits: `zero_stage` alone
-    (an override `--set learner.backend.zero_stage=2`) is deepspeed's; `typ` is close to `type`."""
+    (an override `--set learner.backend.zero_stage=2`) is deepspeed's; `typ` is close to `type`; a
+    key that is a kind's name (`model: ...`) is that kind."""
     keys = [str(k) for k in value]
     if not keys:
         return ""
-    near = difflib.get_close_matches("type", keys, n=1, cutoff=0.6)
-    if near:
+    if near := difflib.get_close_matches("type", keys, n=1, cutoff=0.6):
         return f"; it has {near[0]!r}: did you mean 'type'?"
+    if named := [k for k in keys if k in names]:
+        return f"; {named[0]!r} is a kind: {{type: {named[0]}, ...}}"
     fits = [name for kind, name in zip(kinds, names) if set(keys) <= set(kind.model_fields)]
     if not fits:
-        return f"; it has {', '.join(keys)}, which no kind has together"
-    fields = ", ".join(f"{k}: {value[k]!r}" for k in keys)
+        fields = {f for kind in kinds for f in kind.model_fields}
+        close = [c for k in keys for c in difflib.get_close_matches(k, fields, n=1)]
+        return f"; no kind has {', '.join(keys)}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+    given = ", ".join(f"{k}: {value[k]!r}" for k in keys)
     whose = f"{'is' if len(keys) == 1 else 'are'} {' or '.join(fits)}'s"
-    return f"; {', '.join(keys)} {whose}: {{type: {fits[0]}, {fields}}}"
+    return f"; {', '.join(keys)} {whose}: {{type: {fits[0]}, {given}}}"
 
 
 def _refuse_renamed(data: object, section: str, renamed: dict[str, str]) -> None:

@@ -4,6 +4,7 @@ one message naming the file and every dotted field."""
 from __future__ import annotations
 
 import difflib
+import re
 import types
 from pathlib import Path
 from typing import Annotated, TypeVar, Union, get_args, get_origin
@@ -18,16 +19,74 @@ from rlhf_cluster.config.job import JobConfig
 Root = TypeVar("Root", bound=BaseModel)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as a config is read: PyYAML's safe loader, but `1e-5` is the number YAML 1.2 (and every
+    peer's config) reads it as, not a string (YAML 1.1 floats need a dot): a string reached
+    `data.chat_template_kwargs` and `generation.engine_kwargs` as written."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+_INDEXED = re.compile(r"([A-Za-z_]\w*)\[(\d+)\]")
+
+
+def _segments(dotted: str) -> list[str | int]:
+    """An override's key as the path it walks: `scoring.rewards[0].weight` and Hydra's
+    `scoring.rewards.0.weight` both give ['scoring', 'rewards', 0, 'weight']."""
+    out: list[str | int] = []
+    for part in dotted.split("."):
+        if indexed := _INDEXED.fullmatch(part):
+            out += [indexed[1], int(indexed[2])]
+        else:
+            out.append(int(part) if part.isdigit() else part)
+    return out
+
+
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        if key in _UNION_TAGS and isinstance(node.get(key), str):
-            node[key] = {"type": node[key]}  # `backend: deepspeed`, then `--set learner.backend.zero_stage=2`
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-    node[keys[-1]] = value
+    """Set `dotted` (`section.field`, a list's item by index) in the raw config `tree` to `value`."""
+    keys = _segments(dotted)
+    node: dict | list = tree
+    for depth, key in enumerate(keys[:-1]):
+        where = field_path(tuple(keys[: depth + 1]))
+        if isinstance(node, list):
+            index = _index(node, key, dotted, field_path(tuple(keys[:depth])))
+            if isinstance(node[index], str) and keys[depth - 1] in _UNION_TAGS:
+                node[index] = {"type": node[index]}  # `rewards: [verifier]`, then `rewards.0.weight=2`
+            node = node[index]
+        else:
+            key = _key(node, key, dotted, where)
+            if key in _UNION_TAGS and isinstance(node.get(key), str):
+                node[key] = {"type": node[key]}  # `backend: deepspeed`, then `--set learner.backend.zero_stage=2`
+            node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {dotted!r}: {where} is not a section")
+    if isinstance(node, list):
+        node[_index(node, keys[-1], dotted, field_path(tuple(keys[:-1])))] = value
+    else:
+        node[_key(node, keys[-1], dotted, field_path(tuple(keys)))] = value
+
+
+def _index(items: list, key: str | int, dotted: str, where: str) -> int:
+    if not isinstance(key, int):
+        raise ConfigError(f"override {dotted!r}: {where} is a list; name an item by its index ({where}[0])")
+    if key >= len(items):
+        raise ConfigError(f"override {dotted!r}: {where} has {len(items)} item(s), no [{key}]")
+    return key
+
+
+def _key(node: dict, key: str | int, dotted: str, where: str) -> str:
+    if isinstance(key, int) and str(key) not in node:
+        listed = where.rsplit("[", 1)[0]
+        raise ConfigError(
+            f"override {dotted!r}: {listed} is not a list the config file sets (its default cannot be indexed); "
+            f"give the whole list: --set '{listed}=[...]'"
+        )
+    return str(key)
 
 
 # Where pydantic puts a union's tag into an error location (`learner.backend.deepspeed.zero_stage`):
@@ -71,7 +130,7 @@ def _read_file(file: Path) -> dict:
         )
     try:
         with file.open(encoding="utf-8") as stream:  # read from the file, YAML's errors name it
-            raw = yaml.safe_load(stream)
+            raw = yaml.load(stream, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {file} is not valid YAML: {exc}") from exc
     if raw is None:  # comments only: no settings, most likely not what was meant either
@@ -86,7 +145,7 @@ def _read_file(file: Path) -> dict:
 
 def _override_value(item: str, value: str) -> object:
     """The YAML value of the override `item`; one that does not parse is refused naming the override."""
-    loader = yaml.SafeLoader(value)
+    loader = ConfigLoader(value)
     loader.name = f"--set {item}"  # YAML's error marks name the override, not "<unicode string>"
     try:
         return loader.get_single_data()
@@ -112,7 +171,8 @@ def load_model(root: type[Root], path: str | Path | None = None, overrides: list
         return root.model_validate(raw)
     except ValidationError as exc:
         lines = [f"  {field_path(err['loc'])}: {_explain(root, err)}" for err in exc.errors()]
-        given = f" with --set {' '.join(overrides)}" if overrides else ""  # an error may be the override's
+        given = "".join(f" --set {o}" for o in overrides or [])  # an error may be the override's
+        given = f" with{given}" if given else ""
         raise ConfigError(f"invalid config {source}{given}:\n" + "\n".join(lines)) from None
 
 

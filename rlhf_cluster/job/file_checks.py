@@ -8,7 +8,9 @@ policy loss or agent has to be loaded."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 
 from rlhf_cluster.config import DeepSpeedBackend, FunctionReward, JobConfig, ModelReward
 from rlhf_cluster.job import agents, images, judge, routing_replay, teacher
@@ -90,14 +92,12 @@ def _scales_positions(config: dict) -> bool:
 def _tracker_packages(cfg: JobConfig) -> list[str]:
     """The trackers turned on (`metrics.tensorboard`, `metrics.wandb`) have their package here, and
     an online W&B run a key (or the first step would fail after minutes of start-up)."""
-    import importlib.util
-
     wanted = {"metrics.tensorboard": ("tensorboard", cfg.metrics.tensorboard)}
     wanted["metrics.wandb"] = ("wandb", cfg.metrics.wandb is not None)
     out = [
         f"{field}: needs the `{package}` package (pip install -e '.[tracking]', or pip install {package})"
         for field, (package, on) in wanted.items()
-        if on and importlib.util.find_spec(package) is None
+        if on and not _installed(package)
     ]
     if cfg.metrics.wandb is not None and cfg.metrics.wandb.mode == "online" and not _wandb_key():
         out.append(
@@ -291,11 +291,23 @@ FILE_CHECKS: list[Callable[[JobConfig], list[str]]] = [
 ]
 
 
+def _installed(package: str) -> bool:
+    """Whether `package` imports as a package or module: a folder of that name in the working directory
+    (a run directory's `wandb/`) is a namespace package, no install."""
+    spec = importlib.util.find_spec(package)
+    return spec is not None and spec.origin is not None
+
+
 def resume_path_problems(resume: str | None) -> list[str]:
     if resume is None or resume == "auto":
         return []  # auto: the newest checkpoint that verifies, or a fresh start when there is none
     from rlhf_cluster.run.checkpoint import CheckpointError, CheckpointStore
 
+    if not Path(resume).expanduser().is_dir():  # `latest`, a mistyped path: say what the option takes
+        return [
+            f"--resume {resume}: no such checkpoint folder; --resume takes `auto` (the run's newest checkpoint that "
+            "verifies) or a checkpoint folder (<run_dir>/checkpoints/step-NNNNNNNN)"
+        ]
     try:
         CheckpointStore.verify(resume)
     except CheckpointError as exc:

@@ -90,9 +90,11 @@ class EvalGuard:
             if self.cfg.active and "eval_reward_mean" in metrics and not self.unmeasured:
                 self.unmeasured = True
                 log.warning(
-                    f"guardrails.metric={self.cfg.metric}: the evaluation does not report it (accuracy needs a reward "
-                    "that says whether an answer is right: a `correct` or verl's `acc` component); the guardrails "
-                    "that read it do nothing; watch eval_reward_mean instead"
+                    f"guardrails.metric={self.cfg.metric}: the evaluation after step {step} does not report it, and "
+                    "the guardrails skip such an evaluation: accuracy needs a reward that says whether an answer is "
+                    "right (a `correct` or verl's `acc` component: a function returning a number says not), and an "
+                    "evaluation whose every reward failed says nothing; watch eval_reward_mean for the former "
+                    "(said once)"
                 )
             return None
         value = float(value)

@@ -126,12 +126,13 @@ def prompt_sets(cfg: JobConfig, train_files, eval_files, tokenizer, model_path: 
         prompts = apply_chat_template(prompts, *template)
         eval_prompts = apply_chat_template(eval_prompts, *template)
     sources = (describe(as_paths(train_files)), describe(as_paths(eval_files or train_files)))
-    kept, kept_eval = _fitting(cfg, tokenizer, prompts, eval_prompts, sources, model_path)
+    rooms = _rooms(cfg)
+    kept, kept_eval = _fitting(cfg, tokenizer, prompts, eval_prompts, sources, model_path, rooms)
     overlong = None
     if cfg.data.overlong_prompts == "drop":
         overlong = {
-            "train": {"limit_tokens": _rooms(cfg)[0], "dropped_ids": _left_out(prompts, kept)},
-            "held_out": {"limit_tokens": _rooms(cfg)[1], "dropped_ids": _left_out(eval_prompts, kept_eval)},
+            "train": {"limit_tokens": rooms[0], "dropped_ids": _left_out(prompts, kept)},
+            "held_out": {"limit_tokens": rooms[1], "dropped_ids": _left_out(eval_prompts, kept_eval)},
         }
     return PromptSets(kept, kept_eval, split, overlong)
 
@@ -166,10 +167,11 @@ def _fitting(
     eval_prompts: list[Prompt],
     sources: tuple[str, str],
     model_path: str | Path,
+    rooms: tuple[int, int],
 ) -> tuple[list[Prompt], list[Prompt]]:
     """The training and held-out prompts that leave room for a full response (`check_prompt_lengths`,
     `data.overlong_prompts`)."""
-    pixels, drop, rooms = pixel_limits(cfg, model_path), cfg.data.overlong_prompts, _rooms(cfg)
+    pixels, drop = pixel_limits(cfg, model_path), cfg.data.overlong_prompts
     eval_tokens = cfg.data.eval_sampling.max_new_tokens
     answers = "data.eval_sampling.max_new_tokens" if eval_tokens else "generation.sampling.max_new_tokens"
     kept = check_prompt_lengths(prompts, tokenizer, rooms[0], sources[0], pixels, overlong=drop)

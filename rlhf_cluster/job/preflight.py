@@ -340,10 +340,9 @@ def _accuracy_of_a_function(cfg: JobConfig) -> list[str]:
     if not g.active or "reward_mean" in g.metric or not isinstance(rule, FunctionReward):
         return []
     return [
-        f"guardrails.metric={g.metric} with the reward function {rule.function}: held-out accuracy is measured only "
-        "where it returns a dict with `correct` (or verl's `acc`), 0 or 1; one returning a number gets "
-        "eval_reward_mean alone and the guardrails would do nothing; watch eval_reward_mean, or return "
-        "{'reward': r, 'correct': c}"
+        f"guardrails.metric={g.metric} with the reward function {rule.function}: if it returns a number (not a dict "
+        "with `correct`, or verl's `acc`, 0 or 1), no held-out accuracy is measured and these guardrails do nothing; "
+        "then watch eval_reward_mean, or return {'reward': r, 'correct': c}"
     ]
 
 

@@ -139,13 +139,17 @@ def prompts_line(cfg: JobConfig, sets: PromptSets | None) -> str:
         return f"prompts: {d.num_prompts} training, {d.eval_prompts} held out (the built-in task {d.task})"
     if sets is None:
         return "prompts: counted at the job's start (the model is not built yet: its tokenizer measures them)"
-    dropped = len(sets.overlong["train"]["dropped_ids"]) if sets.overlong else 0
-    line = f"prompts: {len(sets.prompts)} training"
-    line += f" ({dropped} too long, dropped: data.overlong_prompts)" if dropped else ""
+    dropped = {part: len(record["dropped_ids"]) for part, record in (sets.overlong or {}).items()}
+
+    def too_long(part: str) -> str:
+        return f" ({dropped[part]} too long, dropped)" if dropped.get(part) else ""
+
+    line = f"prompts: {len(sets.prompts)} training{too_long('train')}"
     if sets.split is None:
         return line + ", none held out (data.eval_fraction, data.eval_path)"
-    evaluated = f"{len(sets.eval_prompts)} of them evaluated (data.eval_prompts)"
-    return line + f", {len(sets.split.held_out)} held out, {evaluated}"
+    held = len(sets.split.held_out)
+    chosen = f" (data.eval_prompts={d.eval_prompts})" if d.eval_prompts < held else ""
+    return line + f", {held} held out, {len(sets.eval_prompts)} of them evaluated{chosen}{too_long('held_out')}"
 
 
 def _train_prompts(cfg: JobConfig, sets: PromptSets | None) -> int | None:

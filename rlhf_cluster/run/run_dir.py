@@ -234,9 +234,10 @@ class RunDir:
         return sorted(names, key=lambda name: name.removeprefix("refused-"))
 
     def artifacts(self, mode: str) -> list[Path]:
-        """What a fresh run clears away: every file a job and the views of it write here, but its
-        lock and scrape targets (rewritten at once); deleted (`mode` 'delete'), the earlier run's
-        config stays until the new one writes its own."""
+        """What a fresh run clears away: the logs, records and views a job and `plot`/`trace`/`replay`
+        write here (not its lock and scrape targets, rewritten at once, nor the stages' outputs `sft/`,
+        `reward_model/` or an export); deleted (`mode` 'delete'), the earlier run's config stays until
+        the new one writes its own."""
         names = [
             self.METRICS,
             self.CONSUMED,

@@ -28,8 +28,9 @@ def describe_run(root: Path) -> list[str]:
     run = RunDir(root, cfg.weights_dir, cfg.checkpoint_dir)
     lines = [f"run: {cfg.name} ({root})"]
     every_event = run.read(RunDir.EVENTS)
-    lines.append(_state(holder(root), every_event))
     rows = run.read(RunDir.METRICS)
+    trained = rows[-1]["step"] + 1 if rows else 0
+    lines.append(_state(holder(root), every_event, (trained, cfg.train.total_steps)))
     if rows:
         last = rows[-1]
         lines.append(
@@ -49,24 +50,24 @@ def describe_run(root: Path) -> list[str]:
 
 def _held_out(evaluation: dict) -> list[str]:
     """eval.json's figures before -> after: accuracy, or the reward where the reward does not say
-    which answers are right (no accuracy measured); none without a held-out evaluation."""
+    which answers are right (no accuracy measured); none without a held-out evaluation. A figure
+    an evaluation lacks (every reward failed in it) is n/a."""
     what = "accuracy" if evaluation.get("accuracy_before") is not None else "reward"
     if evaluation.get(f"{what}_before") is None:
         return []
-    sampled = (
-        f", sampled {evaluation[f'sampled_{what}_before']:.3f} -> {evaluation[f'sampled_{what}_after']:.3f}"
-        if evaluation.get(f"sampled_{what}_after") is not None
-        else ""
-    )
-    return [
-        f"held-out {what}: greedy {evaluation[f'{what}_before']:.3f} -> {evaluation[f'{what}_after']:.3f}{sampled} "
-        f"({evaluation.get('prompts')} prompts)"
-    ]
+
+    def moved(prefix: str) -> str:
+        before, after = (evaluation.get(f"{prefix}{what}_{when}") for when in ("before", "after"))
+        return " -> ".join("n/a" if x is None else f"{x:.3f}" for x in (before, after))
+
+    sampled = f", sampled {moved('sampled_')}" if evaluation.get(f"sampled_{what}_before") is not None else ""
+    return [f"held-out {what}: greedy {moved('')}{sampled} ({evaluation.get('prompts')} prompts)"]
 
 
-def _state(live: dict | None, events: list[dict]) -> str:
+def _state(live: dict | None, events: list[dict], steps: tuple[int, int] | None = None) -> str:
     """Running (a job holds the directory), failed (the last event is a job's failure: a later
-    start or resume writes rows after it) or not running (finished, stopped or killed)."""
+    start or resume writes rows after it), finished (`steps`: trained, of the job's total; or
+    stopped early by the guardrails) or not running (stopped or killed)."""
     if live:
         return (
             f"state: running: job {live.get('job')!r}, pid {live.get('pid')} on {live.get('host')}, "
@@ -74,6 +75,11 @@ def _state(live: dict | None, events: list[dict]) -> str:
         )
     if events and events[-1].get("event") == FAILED:
         return f"state: failed ({events[-1].get('error')})"
+    if steps is not None and steps[0] >= steps[1]:
+        return f"state: finished ({steps[1]} steps)"
+    stops = [e for e in events if e.get("event") == "guardrails" and "stop" in e.get("actions", ())]
+    if stops and steps is not None and stops[-1].get("step", -1) + 1 >= steps[0]:
+        return f"state: finished early at step {stops[-1]['step']} ({stops[-1].get('reason')})"
     return "state: not running"
 
 

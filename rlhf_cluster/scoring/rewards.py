@@ -20,8 +20,9 @@ The function returns either
   `"reward"` key (the other entries are only recorded), otherwise the sum of all components.
 
 Held-out accuracy (and pass@k, and guardrails on them) counts an answer right by its `correct`
-component (the verifier's name), else verl's `acc`, at least 1: a function returning a number
-says no answer right, and its evaluation reports the held-out reward alone (`answer_correct`).
+component (the verifier's name), else verl's `acc`, at least 1: a function returning a number (or
+a dict without either) says no answer right, and its evaluation reports the held-out reward alone
+(`answer_correct`).
 
 A function written for verl (it names `solution_str` and `ground_truth`) is called as verl calls
 its `compute_score`, by keyword (`verl_rewards.py`). With `batch: true` the function is instead

@@ -186,3 +186,37 @@ def test_every_typed_unions_kinds_are_left_out_of_error_paths():
     assert set(unions) == {"backend", "transport", "rewards"} and unions == _UNION_TAGS
     judge = "scoring.rewards=[{type: judge, model: /j, temprature: 0}]"
     assert "\n  scoring.rewards[0].temprature: Extra inputs are not permitted" in refusal(overrides=[judge])
+
+
+def test_an_override_names_a_list_item_by_its_index(tmp_path):
+    """Trial 23a M3: `--set` could not reach into a list (`scoring.rewards[0].weight`, Hydra's
+    `scoring.rewards.0.weight`), and the errors did not say so. Both spellings index a list the file
+    sets (a bare kind's name becomes its mapping); one the file does not set, a missing index or a
+    field on the list itself is refused naming it."""
+    from rlhf_cluster.config import load_config
+
+    path = tmp_path / "rewards.yaml"
+    path.write_text("scoring:\n  rewards: [verifier, {type: model, models: [{path: /rm, name: a}]}]\n")
+    cfg = load_config(path, ["scoring.rewards.0.weight=0.5", "scoring.rewards[1].models[0].name=b"])
+    assert cfg.scoring.rewards[0].weight == 0.5 and cfg.scoring.rewards[1].models[0].name == "b"
+    assert refusal(path, ["scoring.rewards.2.weight=1"]) == (
+        "override 'scoring.rewards.2.weight': scoring.rewards has 2 item(s), no [2]"
+    )
+    assert refusal(path, ["scoring.rewards.weight=1"]) == (
+        "override 'scoring.rewards.weight': scoring.rewards is a list; name an item by its index (scoring.rewards[0])"
+    )
+    assert refusal(None, ["scoring.rewards.0.weight=1"]).startswith(
+        "override 'scoring.rewards.0.weight': scoring.rewards is not a list the config file sets"
+    )
+
+
+def test_an_exponent_without_a_dot_is_a_number_in_a_file_and_an_override(tmp_path):
+    """Trial 23a M7: YAML 1.1 (PyYAML) read `1e-5` as a string: coerced where the field is a float,
+    but it reached `generation.engine_kwargs` and `data.chat_template_kwargs` as the string."""
+    from rlhf_cluster.config import load_config
+
+    path = tmp_path / "lr.yaml"
+    path.write_text("learner: {lr: 3e-6}\ngeneration: {engine_kwargs: {swap_space: 2E+0}}\n")
+    cfg = load_config(path, ["data.chat_template=true", "data.chat_template_kwargs={scale: -1e-5, name: v1e5}"])
+    assert cfg.learner.lr == 3e-6 and cfg.generation.engine_kwargs == {"swap_space": 2.0}
+    assert cfg.data.chat_template_kwargs == {"scale": -1e-5, "name": "v1e5"}

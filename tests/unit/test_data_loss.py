@@ -70,14 +70,14 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _open_run(root: Path, resume: str, job_name: str) -> tuple[RunDir, object]:
+def _open_run(root: Path, resume: str, job_name: str, overwrite: str | bool = False) -> tuple[RunDir, object]:
     """The job's start on `root`'s run: (its run directory, locked; the checkpoint to resume from)."""
     from actors.checkpointer import job_checkpoints, open_run
 
     cfg = SimpleNamespace(checkpoint_dir=root / "checkpoints", checkpoint=SimpleNamespace(keep=5),
                           guardrails=SimpleNamespace(keep_best=0, higher_is_better=True))
     run_dir = _run_dir(root)
-    return run_dir, open_run(run_dir, job_checkpoints(cfg), resume, False, job_name)
+    return run_dir, open_run(run_dir, job_checkpoints(cfg), resume, overwrite, job_name)
 
 
 def _group(gid: str) -> list[ScoredSample]:
@@ -110,6 +110,19 @@ def test_resume_auto_falls_back_to_an_older_verified_checkpoint_and_keeps_the_da
     store.keep = 1
     _checkpoint(store, 8)
     assert kept.is_dir() and [p.name for p in store.list()] == ["step-00000008"]
+
+
+def test_resume_auto_beside_overwrite_says_the_overwrite_is_not_applied(tmp_path, caplog):
+    """Trial 23a M7: `--resume auto --overwrite` on a run with a checkpoint resumed, dropping the
+    overwrite silently; it is said (without a checkpoint the overwrite applies to the fresh start)."""
+    root = tmp_path / "run"
+    _a_run(root)
+    before = _snapshot(root)
+    with caplog.at_level(logging.WARNING, logger="actors.checkpointer"):
+        run_dir, chosen = _open_run(root, "auto", "resumed", overwrite="aside")
+    run_dir.release()
+    assert chosen is not None and _snapshot(root) == before
+    assert "--overwrite is not applied: --resume auto continues the run from step-00000008" in caplog.text
 
 
 def test_resume_auto_refuses_when_no_checkpoint_verifies_naming_each_and_changing_nothing(tmp_path):

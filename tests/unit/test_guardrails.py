@@ -147,14 +147,14 @@ def test_guardrails_on_accuracy_with_a_function_reward_are_warned_of_and_said_id
             "scoring.rewards=[{type: function, function: 'rlhf_cluster.rewards.controls:digit_share'}]"]  # fmt: skip
     from rlhf_cluster.config import load_config
 
-    warned = [w for w in preflight(load_config(None, base), files=False) if "held-out accuracy is measured" in w]
+    warned = [w for w in preflight(load_config(None, base), files=False) if "no held-out accuracy is measured" in w]
     assert len(warned) == 1 and warned[0].startswith("guardrails.metric=eval_accuracy with the reward function")
     reward_mean = load_config(None, [*base, "guardrails.metric=eval_reward_mean"])
-    assert not any("held-out accuracy is measured" in w for w in preflight(reward_mean, files=False))
+    assert not any("no held-out accuracy is measured" in w for w in preflight(reward_mean, files=False))
     guard = EvalGuard(GuardrailsConfig(patience=1))
     with caplog.at_level("WARNING"):
         assert guard.observe(1, {"eval_reward_mean": 1.0}) is None
         assert guard.observe(3, {"eval_reward_mean": 1.0}) is None
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
-    assert "guardrails.metric=eval_accuracy: the evaluation does not report it" in caplog.records[0].message
+    assert "guardrails.metric=eval_accuracy: the evaluation after step 1 does not report it" in caplog.records[0].message
     assert _verdicts(GuardrailsConfig(metric="eval_sampled_reward_mean", patience=1), [0.5, 0.4])[1].stop is not None

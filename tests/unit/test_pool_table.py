@@ -52,7 +52,6 @@ def test_lora_runs_no_reference_and_a_judge_is_one_more_row(tmp_path):
     assert (judge.worker, judge.replicas, judge.model_path(0)) == (JudgeWorker, 2, "/judge")
 
 
-
 def test_a_spares_kind_check_hands_no_reference_folder_out(tmp_path):
     """Review 21a R4: the pool's spare matching asked the reference row's `model_path`, which records
     a hand-out (`ReferenceRefresh.model_path`: kept through refreshes for a starting worker), so
@@ -66,6 +65,7 @@ def test_a_spares_kind_check_hands_no_reference_folder_out(tmp_path):
     ref.model_path(0)  # a worker that starts does record it
     assert handed_out == [0]
     assert [gen.kind_of(slot) for slot in (0, 1)] == ["/policy", "/policy-int8"]
+
 
 class FakePool:
     """An ActorPool's `call` with `workers` workers, each answering after the test releases it."""

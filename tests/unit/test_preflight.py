@@ -53,7 +53,11 @@ def test_a_context_past_the_model_folders_positions_is_refused_unless_scaled(tmp
 
 def test_a_resume_path_that_is_no_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--resume .*no manifest.json"):
-        preflight(JobConfig(), resume=str(tmp_path / "nowhere"))
+        preflight(JobConfig(), resume=str(tmp_path))  # a folder, but no checkpoint
+    # A path that is no folder (`latest`, a typo) is told what --resume takes (trial 23a M7).
+    for nowhere in ("latest", str(tmp_path / "nowhere")):
+        with pytest.raises(ConfigError, match=f"--resume {nowhere}: no such checkpoint folder; --resume takes `auto`"):
+            preflight(JobConfig(), resume=nowhere)
     assert preflight(JobConfig(), resume="auto") == []  # auto: the newest checkpoint, or a fresh start
 
 

@@ -53,10 +53,10 @@ def test_a_finished_run_says_it_is_complete_and_starts_nothing(finished):
     for resume in ("auto", str(store.list()[-1])):
         result = _train(config, "--resume", resume)
         assert result.exit_code == 0, (result.output, result.exception)
-        assert "the run is already complete at step 3 of 3 (step-00000002); nothing to train" in result.output
+        assert "the run is already complete: 3 of 3 steps trained (step-00000002); nothing to train" in result.output
         assert "raise train.total_steps with --set, e.g. --set train.total_steps=6 --resume auto" in result.output
     fewer = _train(config, "--set", "train.total_steps=2", "--resume", "auto")  # past the end counts too
-    assert fewer.exit_code == 0 and "complete at step 3 of 3 (train.total_steps is 2)" in fewer.output
+    assert fewer.exit_code == 0 and "complete: 3 steps trained (step-00000002), train.total_steps is 2; nothing" in fewer.output
 
 
 def test_a_run_with_steps_left_or_a_damaged_final_checkpoint_goes_on_to_start(finished):
@@ -82,7 +82,7 @@ def test_a_run_of_epochs_is_complete_at_its_own_count_of_steps(finished):
     (Path(run["run_dir"]) / "config.yaml").write_text(yaml.safe_dump(run))
     done = _train(config, *epochs)
     assert done.exit_code == 0, (done.output, done.exception)
-    assert "complete at step 3 of 3 (step-00000002)" in done.output, done.output
+    assert "complete: 3 of 3 steps trained (step-00000002)" in done.output, done.output
     assert "raise train.total_epochs with --set, e.g. --set train.total_epochs=2 --resume auto" in done.output
     more = _train(config, "--set", "train.total_epochs=2", "--resume", "auto")  # 6 steps: 3 left
     assert isinstance(more.exception, _RayStarted) and "complete" not in more.output
@@ -91,3 +91,18 @@ def test_a_run_of_epochs_is_complete_at_its_own_count_of_steps(finished):
     (Path(run["run_dir"]) / "config.yaml").write_text(yaml.safe_dump(run))
     other = _train(config, *epochs)
     assert isinstance(other.exception, _RayStarted) and "complete" not in other.output
+
+
+def test_the_dry_run_says_what_resume_auto_will_do(finished, tmp_path):
+    """Trial 23a M7: `--dry-run --resume auto` said `dry run ok` on a finished run (the real command
+    then trains nothing) and on a run without a checkpoint (it starts over)."""
+    config, store = finished
+    done = _train(config, "--dry-run", "--resume", "auto")
+    assert done.exit_code == 0 and "the run is already complete: 3 of 3 steps trained (step-00000002)" in done.output
+    for path in store.list():
+        for file in sorted(path.rglob("*"), reverse=True):
+            file.unlink() if file.is_file() else file.rmdir()
+        path.rmdir()
+    fresh = _train(config, "--dry-run", "--resume", "auto")
+    assert fresh.exit_code == 0 and "dry run ok" in fresh.output, fresh.output
+    assert f"--resume auto: no checkpoint in {store.root}: the job starts over" in fresh.output

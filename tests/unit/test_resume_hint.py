@@ -37,7 +37,7 @@ def test_a_stopped_run_prints_a_command_that_resumes_the_same_run(job_config, tm
     sets = [f"run_dir={run_dir}", "train.total_steps=7"]
     result = CliRunner().invoke(app, ["train", str(config), *(w for s in sets for w in ("--set", s))])
     assert result.exit_code == 0, result.output
-    assert "stopped after step 2 of 7, with a checkpoint" in result.output
+    assert "stopped after 2 of 7 steps, with a checkpoint" in result.output  # a count: its last step is 1
     words = _continue_command(result.output)
     assert words[:3] == ["rlhf-cluster", "train", str(config)] and words[-2:] == ["--resume", "auto"]
     assert "--address" not in words

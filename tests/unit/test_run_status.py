@@ -40,7 +40,8 @@ def test_a_guarded_run_shows_its_progress_checkpoints_and_every_action(tmp_path)
     ]
     lines = describe_run(_run(tmp_path, events, {1: 0.6, 5: 0.5}))
     text = "\n".join(lines)
-    assert lines[0].startswith("run: guarded (") and "state: not running" in lines
+    assert lines[0].startswith("run: guarded (")
+    assert "state: finished early at step 5 (guardrails.patience: eval_accuracy did not improve)" in lines
     assert "steps: 6 of 10 (last: step 5, weight version 6, reward +0.500)" in text
     assert "greedy 0.300 -> 0.500, sampled 0.200 -> 0.400 (30 prompts)" in text
     assert "checkpoints: 2 kept, newest step-00000005; best by eval_accuracy: step-00000001 (0.600)" in text
@@ -83,12 +84,21 @@ def test_a_run_whose_reward_says_no_answer_right_shows_its_held_out_reward(tmp_p
 
 
 def test_a_run_that_failed_before_it_wrote_its_config_shows_its_failure(tmp_path):
-    """Trial 23a M1: a job that failed at its start (its inputs refused after the run directory was
-    opened) left events.jsonl's `failed` row and no config.yaml; status called it no run."""
+    """Trial 23a M1: a job that failed at its start after the run directory was opened and before it
+    wrote its config (the supervised warm-up failing, say) left events.jsonl's `failed` row and no
+    config.yaml; status called it no run."""
     root = tmp_path / "run"
     root.mkdir()
-    (root / "events.jsonl").write_text(json.dumps({"event": "failed", "error": "ValueError: prompt file x: 1 too long"}) + "\n")
+    (root / "events.jsonl").write_text(json.dumps({"event": "failed", "error": "RuntimeError: the warm-up failed"}) + "\n")
     assert describe_run(root) == [
         f"run: {root} (no config.yaml: the job ended before it wrote one)",
-        "state: failed (ValueError: prompt file x: 1 too long)",
+        "state: failed (RuntimeError: the warm-up failed)",
     ]
+
+
+def test_a_run_that_trained_every_step_is_finished_and_one_cut_short_is_not_running(tmp_path):
+    """Trial 23a M7: a finished run said `state: not running`, as a stopped or killed one does."""
+    root = _run(tmp_path, [], {})
+    assert "state: not running" in describe_run(root)  # 6 of its 10 steps
+    (root / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "weight_version": i + 1}) + "\n" for i in range(10)))
+    assert "state: finished (10 steps)" in describe_run(root)

@@ -103,7 +103,7 @@ def test_the_dry_run_counts_a_user_files_epochs_as_the_start_will(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     # 12 rows: 3 held out (0.25), one of the 9 left too long for a response: 8 training, 4 steps an epoch.
-    assert "prompts: 8 training (1 too long, dropped: data.overlong_prompts), 3 held out, 2 of them evaluated" in (
+    assert "prompts: 8 training (1 too long, dropped), 3 held out, 2 of them evaluated (data.eval_prompts=2)" in (
         result.output
     )
     assert "dry run ok: " in result.output and "12 steps (train.total_epochs=3)" in result.output

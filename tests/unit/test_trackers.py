@@ -111,3 +111,14 @@ def test_an_online_wandb_run_without_a_key_is_refused_before_anything_starts(tmp
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     preflight(cfg)
     preflight(_cfg(tmp_path, wandb={"project": "p", "mode": "offline"}))
+
+
+def test_a_folder_named_like_a_tracker_is_no_install(tmp_path, monkeypatch):
+    """Review 23a R1: the CLI puts the working directory on sys.path; a run directory holds `wandb/`
+    and `tensorboard/` folders, which import as namespace packages: no install of the package."""
+    from rlhf_cluster.job.file_checks import _installed
+
+    (tmp_path / "folder_23r1").mkdir()
+    (tmp_path / "module_23r1.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not _installed("folder_23r1") and _installed("module_23r1") and not _installed("nowhere_23r1")
