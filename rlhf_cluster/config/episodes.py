@@ -18,7 +18,8 @@ class TurnRewardsConfig(_Strict):
     combine: Literal["none", "sum", "last", "weighted"] = Field(
         "none",
         description="none: turn rewards are ignored; sum: final + the turns' sum; last: final + the last "
-        "turn's; weighted: final + weight x the turns' sum.",
+        "turn's; weighted: final + weight x the turns' sum. Default none, but sum with generation.agent (the "
+        "reward an agent returns, or an OpenEnv environment's, is a turn reward).",
     )
     weight: float = Field(1.0, description="`weighted`: the factor on the turns' sum.")
     assign: Literal["episode", "turn"] = Field(

@@ -211,6 +211,18 @@ class GenerationConfig(_Strict):
         "EngineArgs by the dry run and the driver (a typo names the field).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _an_agents_reward_counts(cls, data):
+        # The reward an agent returns (an OpenEnv environment's steps') is a turn reward: with
+        # `turn_rewards.combine` at its default `none` it would be dropped without a word; an agent
+        # job adds it (`sum`) unless its config says how.
+        if isinstance(data, dict) and data.get("agent") is not None:
+            rewards = data.get("turn_rewards")
+            if rewards is None or (isinstance(rewards, dict) and "combine" not in rewards):
+                data = {**data, "turn_rewards": {**(rewards or {}), "combine": "sum"}}
+        return data
+
     @field_validator("environment", mode="before")
     @classmethod
     def _environment_is_a_name(cls, value):

@@ -25,6 +25,23 @@ def test_an_agent_is_a_function_or_an_environment_never_both_or_neither():
         OpenEnvEnvironment(url="h:8000")
 
 
+def test_an_agents_returned_reward_counts_unless_the_config_says_how():
+    """Trial 23b A1: README says a number the agent returns is its reward, but it is a turn reward and
+    `turn_rewards.combine` defaulted to `none`: every agent job's (and OpenEnv environment's) reward
+    was dropped without a word. An agent job adds it (`sum`) where its config does not say."""
+    from rlhf_cluster.config import JobConfig, load_config
+
+    agent = "generation.agent={function: 'm:run'}"
+    assert load_config(None, [agent]).generation.turn_rewards.combine == "sum"
+    openenv = load_config(None, ["generation.agent={environment: {url: 'http://h:1'}}"])
+    assert openenv.generation.turn_rewards.combine == "sum"
+    kept = load_config(None, [agent, "generation.turn_rewards={combine: none, weight: 2}"]).generation.turn_rewards
+    assert (kept.combine, kept.weight) == ("none", 2.0)
+    assert load_config(None, ["generation.environment=tools"]).generation.turn_rewards.combine == "none"
+    recorded = load_config(None, [agent, "generation.turn_rewards.assign=turn"])
+    assert JobConfig.model_validate(recorded.model_dump(mode="json")) == recorded  # as config.yaml reads back
+
+
 def test_the_adapters_pure_parts():
     assert ws_url("http://h:8000") == "ws://h:8000/ws" and ws_url("https://h/env/") == "wss://h/env/ws"
     a, b = [{"role": "user", "content": "2+3?"}], [{"role": "user", "content": "4+4?"}]
