@@ -70,6 +70,12 @@ def gateway(
     if not is_loopback(host) and not token:
         refuse(f"--host {host} is reachable from other machines: set --token")
     out = out or Path(cfg.run_dir) / "gateway" / "episodes.jsonl"
+    if cfg.model.sft_warmup_steps:  # trial 23b G1: what a job trains from is its warm-up, not this
+        typer.echo(
+            f"gateway: serving the base model; a job of this config starts from its supervised warm-up "
+            f"(model.sft_warmup_steps={cfg.model.sft_warmup_steps}), which the gateway does not run",
+            err=True,
+        )
     serve(
         cfg,
         stages.base_model(cfg),

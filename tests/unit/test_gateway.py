@@ -234,3 +234,21 @@ def test_a_completions_prompt_that_drops_earlier_text_goes_per_turn_or_is_refuse
         assert engine.contexts[1] == tokenizer("summary: 12")["input_ids"]
         first, second = trace.to_rollouts(tokenizer, "p", "g", "g:0", "gen0", 0)
         assert (first.prompt_ids, second.prompt_ids) == (engine.contexts[0], engine.contexts[1])
+
+
+def test_the_standalone_gateway_says_it_serves_the_model_before_a_warm_up(model_cache, tmp_path, monkeypatch):
+    """Trial 23b G1: `rlhf-cluster gateway configs/demo.yaml` served the built-in model as built, while
+    a job of that config trains from its supervised warm-up: said, where the config has one."""
+    from typer.testing import CliRunner
+
+    from actors.commands.cli import app
+    from rlhf_cluster.gateway import standalone
+
+    served = []
+    monkeypatch.setattr(standalone, "serve", lambda cfg, model, *args, **kwargs: served.append(model))
+    args = ["gateway", "--set", f"model.cache_dir={model_cache}", "--set", f"run_dir={tmp_path}/run"]
+    warmed = CliRunner().invoke(app, [*args, "--set", "model.sft_warmup_steps=100"])
+    assert warmed.exit_code == 0, warmed.output
+    assert "gateway: serving the base model; a job of this config starts from its supervised warm-up" in warmed.output
+    plain = CliRunner().invoke(app, [*args, "--set", "model.sft_warmup_steps=0"])
+    assert plain.exit_code == 0 and "warm-up" not in plain.output and len(served) == 2
