@@ -17,6 +17,7 @@ index; `rlhf_export.json` beside them says which run and version it is, and what
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -29,6 +30,8 @@ from typing import Any
 
 from rlhf_cluster.fileio import checksum_file, fsync_path
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
+
+log = logging.getLogger(__name__)
 
 NOTE = "rlhf_export.json"
 INDEX = "model.safetensors.index.json"
@@ -46,7 +49,15 @@ def export_policy(
     run_dir, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     cfg = _recorded_config(run_dir)
     weights = Path(cfg.weights.dir).expanduser() if cfg.weights.dir else run_dir / "weights"  # the run may have moved
+    asked = version
     version, store = _chosen_version(weights, version)
+    trained = _newest_trained(run_dir)
+    if asked is None and trained is not None and trained > version:  # (a stop's version, between persisted ones)
+        log.warning(
+            f"{run_dir}: the run trained to weight version {trained}, the store's newest is {version} "
+            "(weights.persist_every: the versions between live only in the engines); exporting version "
+            f"{version}. A resume from the run's checkpoint that trains on writes the versions it reaches."
+        )
     base = _base_folder(cfg, run_dir)
     _check_out_dir(out, overwrite, run_dir, inside_none=(base, store.root))
     reader = f"export-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # hosts may share the store
@@ -103,11 +114,28 @@ def _chosen_version(root: Path, version: int | None) -> tuple[int, WeightStore]:
         latest = store.latest_version()
         return (latest if latest in held else held[-1]), store
     if version not in held:
-        raise ValueError(
-            f"--version {version}: weight store {root} holds versions {', '.join(map(str, held))} "
-            "(older ones are pruned: weights.keep, weights.persist_every)"
-        )
+        if version == 0:
+            why = "version 0 is the base model (model.path, or the built-in one), not a trained version"
+        elif version > held[-1]:
+            why = "newer than its newest: only some versions are written to it (weights.persist_every, checkpoints')"
+        else:
+            why = "older ones are pruned (weights.keep), and between them only some are written (weights.persist_every)"
+        raise ValueError(f"--version {version}: weight store {root} holds versions {', '.join(map(str, held))}: {why}")
     return version, store
+
+
+def _newest_trained(run_dir: Path) -> int | None:
+    """The weight version of the run's last trained step (metrics.jsonl), None when it has none."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    versions = []
+    for line in path.read_text().splitlines():
+        try:
+            versions.append(int(json.loads(line)["weight_version"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line, a row of another kind
+    return max(versions, default=None)
 
 
 def _base_folder(cfg, run_dir: Path) -> Path:

@@ -132,7 +132,7 @@ def test_refusals(job_config, chat_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no weight version"):
         export_policy(run_dir, tmp_path / "hf")
     _publish(run_dir, {3: _trained(chat_model, 3, skip=("lm_head.",)), 4: _trained(chat_model, 4, skip=("lm_head.",))})
-    with pytest.raises(ValueError, match=r"--version 1: weight store .* holds versions 3, 4 "):
+    with pytest.raises(ValueError, match=r"--version 1: weight store .* holds versions 3, 4: older ones are pruned"):
         export_policy(run_dir, tmp_path / "hf", version=1)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
@@ -193,9 +193,32 @@ def test_cli(job_config, chat_model, tmp_path):
     result = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "hf"), "--version", "7"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        f"error: --version 7: weight store {run_dir / 'weights'} holds versions 2 "
-        "(older ones are pruned: weights.keep, weights.persist_every)"
+        f"error: --version 7: weight store {run_dir / 'weights'} holds versions 2: newer than its newest: only "
+        "some versions are written to it (weights.persist_every, checkpoints')"
     ]
+    # Trial 23b E2: version 0 and a pruned one are told apart from a version never written.
+    zero = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "hf0"), "--version", "0"])
+    assert zero.exit_code == 2 and "version 0 is the base model" in zero.output
+    pruned = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "hf1"), "--version", "1"])
+    assert pruned.exit_code == 2 and "older ones are pruned (weights.keep)" in pruned.output
     result = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "hf")])
     assert result.exit_code == 2 and "--overwrite replaces an earlier export" in result.output
     shutil.rmtree(tmp_path / "hf")
+
+
+def test_a_run_trained_past_the_stores_newest_version_is_said_at_export(job_config, chat_model, tmp_path, caplog):
+    """Trial 23b E1: a job stopped between persisted versions (direct transport, `persist_every`)
+    trained to a version the store does not hold; export wrote the store's newest without a word."""
+    import json
+    import logging
+
+    run_dir = _run(job_config, path=str(chat_model))
+    _publish(run_dir, {2: _trained(chat_model, 2, skip=("lm_head.",))})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "weight_version": s + 1}) + "\n" for s in range(3)))
+    with caplog.at_level(logging.WARNING, logger="rlhf_cluster.weights.export"):
+        export_policy(run_dir, tmp_path / "hf")
+    assert "the run trained to weight version 3, the store's newest is 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhf_cluster.weights.export"):
+        export_policy(run_dir, tmp_path / "hf2", version=2)  # asked for: nothing to say
+    assert "trained to" not in caplog.text
