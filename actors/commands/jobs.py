@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import difflib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -95,7 +97,10 @@ def status(
         return run_views.run_status(Path(job))
     if address is None:
         refuse(f"{job!r} is not a run directory (a submitted job's id needs --address)")
-    typer.echo(str(job_client(address).get_job_status(job).value))
+    with known_job(job, address):
+        info = job_client(address).get_job_info(job)
+    said = str(info.status.value)
+    typer.echo(f"{said}: {info.message}" if said == "FAILED" and info.message else said)
 
 
 def logs(
@@ -106,7 +111,8 @@ def logs(
     """Print a submitted job's logs."""
     client = job_client(address)
     if not follow:
-        typer.echo(client.get_job_logs(job), nl=False)
+        with known_job(job, address):
+            typer.echo(client.get_job_logs(job), nl=False)
         return
     import asyncio
 
@@ -121,8 +127,20 @@ def stop(
     job: str = typer.Argument(..., help="Job id from `submit`."), address: str = typer.Option(..., help=DASHBOARD_HELP)
 ) -> None:
     """Stop a submitted job."""
-    stopped = job_client(address).stop_job(job)
+    with known_job(job, address):
+        stopped = job_client(address).stop_job(job)
     typer.echo("stopping" if stopped else "not running")
+
+
+@contextmanager
+def known_job(job: str, address: str) -> Iterator[None]:
+    """Ray's job API's 404 for an id it does not know as one line naming the id, not a traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc):
+            refuse(f"no job {job!r} at {address} (the ids `submit` printed; `ray job list --address {address}`)")
+        raise
 
 
 def scale(
@@ -133,7 +151,7 @@ def scale(
         "the reference or teacher pool).",
     ),
     replicas: int | None = typer.Option(
-        None, help="New number of workers; pins the pool's size (the autoscaler leaves it alone until --auto)."
+        None, min=1, help="New number of workers; pins the pool's size (the autoscaler leaves it alone until --auto)."
     ),
     auto: bool = typer.Option(
         False, "--auto", help="Hand the pool back to the autoscaler (scaling.auto) without resizing it."
@@ -154,9 +172,20 @@ def scale(
         name = (info.metadata or {}).get("rlhf_job_name", job)
     import ray
 
+    if address.startswith(("http://", "https://")):
+        refuse(
+            f"--address {address}: scale joins the cluster as a driver: give its GCS address (HEAD:6379); the "
+            "dashboard URL is for submit, status, logs and stop (scale's --dashboard, for a submission id)"
+        )
     connect(address, log_to_driver=False)
     try:
         outcomes = scale_pool(name, pool, replicas)
+    except ValueError as exc:  # no controller actor of that name: no such job runs there
+        if "look up actor" not in str(exc):
+            raise
+        refuse(f"no running job named {name!r} on the cluster at {address} (a job's name is its config's `name`)")
+    except RuntimeError as exc:  # the job refused the resize (a pool it does not run), with its reason
+        refuse(str(exc))
     finally:
         ray.shutdown()
     for pool_name, outcome in outcomes.items():
