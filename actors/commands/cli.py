@@ -44,7 +44,8 @@ app.command(cls=training.OverwriteCommand)(stages.sft)
 app.command("train-rm", cls=training.OverwriteCommand)(stages.train_rm)
 app.command(cls=training.OverwriteCommand)(stages.pipeline)
 # ---- jobs on a cluster (Ray Jobs API) ---------------------------------------------------------
-for command in (jobs.submit, jobs.status, jobs.logs, jobs.stop, jobs.scale):
+app.command(cls=training.OverwriteCommand)(jobs.submit)
+for command in (jobs.status, jobs.logs, jobs.stop, jobs.scale):
     app.command()(command)
 
 

@@ -5,6 +5,7 @@ by `submission.py`; these commands are registered by `actors/commands/cli.py`.""
 from __future__ import annotations
 
 import difflib
+import shlex
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from actors.commands.common import (
 )
 from actors.commands.submission import stage_working_dir
 
+RESUME_HINT = "RLHF_CLUSTER_RESUME_COMMAND"  # set in a submitted job: how its user continues it
 DASHBOARD_HELP = "Ray dashboard address (the job API), e.g. http://HEAD:8265."
 
 
@@ -67,9 +69,20 @@ def submit(
         "--working-dir",
         help="A directory whose contents are shipped into the job's working directory (on the path of every actor).",
     ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Continue the run in the config's run_dir: `auto` (its newest checkpoint) or a path."
+    ),
+    overwrite: str | None = typer.Option(
+        None,
+        "--overwrite",
+        metavar="[=delete]",
+        help="Start over where an earlier run is: moved aside to RUN_DIR.old-<time>; --overwrite=delete deletes it.",
+    ),
 ) -> None:
     """Submit a job through Ray's Jobs API (code, config and the user's modules shipped as the working dir);
     print its id."""
+    if overwrite not in (None, "aside", "delete"):
+        refuse(f"--overwrite={overwrite}: expected --overwrite (moves the earlier run aside) or --overwrite=delete")
     cfg = load_config_or_exit(config, set_)
     # The files a config names are paths on the cluster, not here: only the config's own rules.
     for warning in preflight_or_exit(cfg, files=False):
@@ -77,9 +90,16 @@ def submit(
     client = job_client(address)  # an unreachable cluster is refused before anything is staged
     stage = stage_working_dir(cfg, py_modules, working_dir)
     try:
+        given = [*(["--resume", resume] if resume else []), *([f"--overwrite={overwrite}"] if overwrite else [])]
+        # The stop's "continue with" line names this command, not the job's own copy of the config.
+        again = [*(w for s in set_ for w in ("--set", s)), *(["--python", python] if python != "python" else [])]
+        hint = shlex.join(["rlhf-cluster", "submit", str(config), "--address", address, *again, "--resume", "auto"])
         job_id = client.submit_job(
-            entrypoint=f"{python} -m actors.commands.cli train job.yaml --address auto --max-retries {max_retries}",
-            runtime_env={"working_dir": str(stage)},
+            entrypoint=shlex.join(
+                [python, "-m", "actors.commands.cli", "train", "job.yaml", "--address", "auto"]
+                + ["--max-retries", str(max_retries), *given]
+            ),
+            runtime_env={"working_dir": str(stage), "env_vars": {RESUME_HINT: hint}},
             metadata={"rlhf_job_name": cfg.name},
         )
     finally:

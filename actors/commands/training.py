@@ -4,6 +4,7 @@ Registered by `actors/commands/cli.py`, with `OverwriteCommand` as its command c
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -199,6 +200,10 @@ def _child_argv(
 def _resume_command(config: Path, set_: list[str], address: str | None) -> str:
     """The shell command that continues this run (`--resume auto`): the same config, every
     `--set` (so the same run_dir and settings) and the `--address` given, each word quoted."""
+    from actors.commands.jobs import RESUME_HINT
+
+    if submitted := os.environ.get(RESUME_HINT):  # a job of `submit`: its user resubmits, from their own config
+        return submitted
     words = ["rlhf-cluster", "train", str(config), *(w for s in set_ for w in ("--set", s))]
     words += [*(["--address", address] if address else []), "--resume", "auto"]
     return shlex.join(words)

@@ -174,3 +174,12 @@ def test_submit_follow_scale_and_stop(ray_head, model_cache, tmp_path):
     assert _cli(env, "stop", job, "--address", address) == "stopping"
     assert _wait_status(env, address, job, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout=120, poll_s=2) == "STOPPED"
     assert trained >= 2 and len(_rows(run_dir)) >= trained
+    # The stop says how to continue: the user's own submit command, resumed (trial 23b C1: it named the
+    # job's copy of the config, `train job.yaml`, a file the user does not have).
+    logs_deadline = time.monotonic() + 60
+    while "continue with:" not in (logs := _cli(env, "logs", job, "--address", address)):
+        assert time.monotonic() < logs_deadline, logs[-3000:]
+        time.sleep(POLL_S)
+    resume = logs.split("continue with: ", 1)[1].splitlines()[0]
+    assert resume.startswith("rlhf-cluster submit ") and "demo.yaml --address " in resume, resume
+    assert resume.endswith("--resume auto") and f"run_dir={run_dir}" in resume, resume

@@ -72,3 +72,36 @@ def test_scale_refuses_a_dashboard_url_a_size_below_one_and_names_an_unknown_job
     assert teacher.exit_code == 2 and "error: job demo: resize of teacher failed: 'this job has no teacher pool'" in (
         teacher.output
     )
+
+
+def test_submit_passes_resume_and_overwrite_and_the_users_own_command_to_continue(tmp_path, monkeypatch):
+    """Trial 23b C1: a stopped submitted job could not be continued through `submit` (no --resume or
+    --overwrite; resubmitting was refused for the used run_dir), and its stop line named the job's
+    copy of the config. Both ride to the job's `train`; the stop line is the user's submit, resumed."""
+    import shlex
+
+    from actors.commands.training import _resume_command
+
+    sent = {}
+
+    class _Submitting(_Client):
+        def submit_job(self, **kwargs):
+            sent.update(kwargs)
+            return "raysubmit_1"
+
+    monkeypatch.setattr(jobs, "job_client", lambda address: _Submitting())
+    monkeypatch.chdir(tmp_path)
+    from actors.commands.common import REPO
+
+    config = str(REPO / "configs" / "demo.yaml")
+    args = ["submit", config, "--address", "http://h:8265", "--set", "run_dir=/shared/r"]
+    result = CliRunner().invoke(app, [*args, "--resume", "auto", "--overwrite"])
+    assert result.exit_code == 0 and result.output.strip().endswith("raysubmit_1"), result.output
+    words = shlex.split(sent["entrypoint"])
+    assert words[-3:] == ["--resume", "auto", "--overwrite=aside"] and words[3:5] == ["train", "job.yaml"]
+    hint = sent["runtime_env"]["env_vars"][jobs.RESUME_HINT]
+    assert hint == f"rlhf-cluster submit {config} --address http://h:8265 --set run_dir=/shared/r --resume auto"
+    monkeypatch.setenv(jobs.RESUME_HINT, hint)
+    assert _resume_command(tmp_path / "job.yaml", [], "auto") == hint  # what the job's stop line says
+    bad = CliRunner().invoke(app, [*args, "--overwrite=delet"])
+    assert bad.exit_code == 2 and "--overwrite=delet: expected" in bad.output
