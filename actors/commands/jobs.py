@@ -87,6 +87,12 @@ def submit(
     # The files a config names are paths on the cluster, not here: only the config's own rules.
     for warning in preflight_or_exit(cfg, files=False):
         typer.echo(f"warning: {warning}", err=True)
+    relative = [f"{field}={value}" for field, value in _run_paths(cfg) if not Path(value).expanduser().is_absolute()]
+    if relative:  # trial 23b C6: the run landed in Ray's per-job package folder, which Ray removes
+        refuse(
+            f"{', '.join(relative)}: relative, so on the cluster it would be inside the job's temporary working "
+            "directory, which Ray deletes; give a path every node shares, e.g. --set run_dir=/shared/runs/NAME"
+        )
     client = job_client(address)  # an unreachable cluster is refused before anything is staged
     stage = stage_working_dir(cfg, py_modules, working_dir)
     try:
@@ -105,6 +111,13 @@ def submit(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     typer.echo(job_id)
+
+
+def _run_paths(cfg) -> list[tuple[str, str]]:
+    """The config's folders a submitted job writes: the run directory, and the weight store and
+    checkpoints where they are set apart from it."""
+    given = [("run_dir", cfg.run_dir), ("weights.dir", cfg.weights.dir), ("checkpoint.dir", cfg.checkpoint.dir)]
+    return [(field, str(value)) for field, value in given if value is not None]
 
 
 def status(

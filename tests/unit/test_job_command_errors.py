@@ -105,3 +105,17 @@ def test_submit_passes_resume_and_overwrite_and_the_users_own_command_to_continu
     assert _resume_command(tmp_path / "job.yaml", [], "auto") == hint  # what the job's stop line says
     bad = CliRunner().invoke(app, [*args, "--overwrite=delet"])
     assert bad.exit_code == 2 and "--overwrite=delet: expected" in bad.output
+
+
+def test_submit_refuses_a_relative_run_dir(monkeypatch):
+    """Trial 23b C6: configs/demo.yaml's `run_dir: runs/demo`, submitted, ran inside Ray's per-job
+    package folder (which Ray deletes): weights, checkpoints and metrics lost, with no warning."""
+    from actors.commands.common import REPO
+
+    monkeypatch.setattr(jobs, "job_client", lambda address: pytest.fail("refused before the cluster is asked"))
+    config = str(REPO / "configs" / "demo.yaml")
+    result = CliRunner().invoke(app, ["submit", config, "--address", "http://h:8265"])
+    assert result.exit_code == 2 and result.output.startswith("error: run_dir=runs/demo: relative"), result.output
+    stored = CliRunner().invoke(app, ["submit", config, "--address", "http://h:8265", "--set", "run_dir=/shared/r",
+                                      "--set", "weights.dir=w"])  # fmt: skip
+    assert stored.exit_code == 2 and "error: weights.dir=w: relative" in stored.output
