@@ -83,7 +83,7 @@ def loss_spec(name: str) -> LossSpec:
         raise LossError(f"loss_fn {name!r} is not served by this server; served: {served}", "loss_fn")
     near = difflib.get_close_matches(name, SERVED_LOSSES, n=1)
     hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise LossError(f"unknown loss_fn {name!r}{hint} served: {served}", "loss_fn")
+    raise LossError(f"unknown loss_fn {name!r}{hint}; served: {served}", "loss_fn")
 
 
 def resolve_config(name: str, config: Mapping[str, Any] | None) -> dict[str, float]:

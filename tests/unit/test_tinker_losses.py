@@ -191,7 +191,7 @@ def test_unknown_and_unserved_losses_are_named():
     err = _raises("loss_fn", builtin_loss, "ppoo", lps, inputs, {})
     assert "unknown loss_fn 'ppoo'" in str(err) and "'ppo'" in str(err) and SERVED in str(err)
     _raises("loss_fn", check_loss, "cross_entropi", {}, inputs, match="did you mean 'cross_entropy'")
-    _raises("loss_fn", check_loss, "zzz", {}, inputs, match=f"unknown loss_fn 'zzz' served: {SERVED}")
+    _raises("loss_fn", check_loss, "zzz", {}, inputs, match=f"unknown loss_fn 'zzz'; served: {SERVED}")
     for name in ("gspo", "stable_reinforce", "custom"):
         err = _raises("loss_fn", check_loss, name, {}, inputs)
         assert str(err) == f"loss_fn {name!r} is not served by this server; served: {SERVED}"

@@ -162,6 +162,8 @@ def test_bad_requests_get_the_sdks_errors_and_the_server_keeps_serving(client, s
         tc.forward_backward([bad], "cross_entropy").result()
     with pytest.raises(tinker.NotFoundError):
         client.create_sampling_client(model_path=f"tinker://{tc.model_id}/sampler_weights/never-saved").result()
+    with pytest.raises(tinker.NotFoundError, match="names no saved state"):  # as for a sampler (trial 23b T1)
+        client.create_training_client_from_state(f"tinker://{tc.model_id}/weights/never-saved").result()
     with pytest.raises(tinker.AuthenticationError):
         tinker.RestClient(base_url=url, api_key="tml-wrong").get_server_capabilities().result()
     import httpx
