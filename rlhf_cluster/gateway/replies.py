@@ -136,8 +136,10 @@ def usage(context: list[int], turn: Turn) -> dict:
     }
 
 
-def stream_chat(reply: dict) -> StreamingResponse:
-    """A finished reply as OpenAI server-sent events: one delta with the whole turn, then its end."""
+def stream_chat(reply: dict, include_usage: bool = False) -> StreamingResponse:
+    """A finished reply as OpenAI server-sent events: one delta with the whole turn, then its end;
+    with `include_usage` (the request's `stream_options.include_usage`) a last chunk of no choices
+    and the reply's usage, as OpenAI and vLLM send it."""
     choice = reply["choices"][0]
     delta = {k: v for k, v in choice["message"].items() if v is not None}
     if "tool_calls" in delta:
@@ -151,6 +153,9 @@ def stream_chat(reply: dict) -> StreamingResponse:
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": part, "finish_reason": finish}],
             }
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if include_usage:
+            chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": reply["usage"]}
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 

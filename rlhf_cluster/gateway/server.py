@@ -353,7 +353,10 @@ def build_app(gateway: Gateway) -> FastAPI:
         authorized(request)
         body = await _body_of(request)
         reply = await gateway.chat(_episode_of(request, body, episode), body)
-        return stream_chat(reply) if body.get("stream") else reply
+        if not body.get("stream"):
+            return reply
+        options = body.get("stream_options")  # trial 23b G2: an agent counting tokens from the stream
+        return stream_chat(reply, isinstance(options, dict) and bool(options.get("include_usage")))
 
     async def complete(request: Request, episode: str | None = None):
         authorized(request)

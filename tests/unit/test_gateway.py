@@ -183,7 +183,7 @@ def test_dropped_history_unknown_episodes_and_missing_tokens_are_refused(tokeniz
 
 
 def test_streaming_and_completions_and_the_token_budget(tokenizer):
-    engine = ScriptedEngine(tokenizer, ["12345678", "1", "more"])
+    engine = ScriptedEngine(tokenizer, ["12345678", "1", "1", "more"])
     gateway = Gateway(tokenizer, engine, "policy", budget=10, max_model_len=4096, open_on_first_use=True)
 
     async def calls():
@@ -192,6 +192,13 @@ def test_streaming_and_completions_and_the_token_budget(tokenizer):
                                                       stream=True)
         text = "".join([c.choices[0].delta.content or "" async for c in stream])
         assert text == "12345678"
+        # Asked for, the stream ends with the usage (trial 23b G2: an agent counting tokens got none).
+        counted = await client_of(gateway, "s2").chat.completions.create(
+            model="policy", messages=[{"role": "user", "content": "x"}], stream=True,
+            stream_options={"include_usage": True})  # fmt: skip
+        chunks = [c async for c in counted]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2, chunks[-1]  # "1" and EOS
+        assert all(c.usage is None for c in chunks[:-1]) and chunks[0].choices[0].delta.content == "1"
         done = await client_of(gateway, "c1").completions.create(model="policy", prompt="1+1=")
         assert done.choices[0].text == "1"
         later = await client_of(gateway, "c1").completions.create(model="policy", prompt="1+1=1 and 2+2=")
@@ -202,7 +209,7 @@ def test_streaming_and_completions_and_the_token_budget(tokenizer):
     # The model's "1" and EOS, then the prompt's new text cut at the episode's 10-token budget: nothing left to sample.
     assert "1+1=1 and 2+2=".startswith(tokenizer.decode(c1.prompt_ids + c1.response_ids, skip_special_tokens=True))
     assert len(c1.response_ids) == 10 and c1.loss_mask[:2] == [1, 1] and not any(c1.loss_mask[2:])
-    assert later.choices[0].finish_reason == "length" and len(engine.contexts) == 2
+    assert later.choices[0].finish_reason == "length" and len(engine.contexts) == 3
 
 
 def test_the_continuation_finishes_the_assistant_turn_the_model_left_open(tokenizer):
