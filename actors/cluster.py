@@ -225,6 +225,7 @@ class Cluster:
                     "sizes": self.pool_sizes(),
                     "version": version(),
                     "auto": self.autoscaling.auto_pools(),
+                    "managed": self.autoscaling.auto_pools(pinned_too=True),  # scaling.auto's, pinned or not
                 }
             except (ValueError, KeyError) as exc:
                 outcome = {"error": str(exc), "sizes": self.pool_sizes()}

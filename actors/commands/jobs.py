@@ -224,10 +224,20 @@ def scale(
     for pool_name, outcome in outcomes.items():
         typer.echo(
             f"{pool_name}: {outcome['sizes'][pool_name]} workers (changed: {', '.join(outcome['changed']) or 'none'}; "
-            f"{'auto' if pool_name in outcome.get('auto', ()) else 'pinned' if replicas is not None else 'not auto'})"
+            f"{_sizing(pool_name, outcome, replicas)})"
         )
     sizes = list(outcomes.values())[-1]["sizes"]
     typer.echo("layout: " + ", ".join(f"{name} {count}" for name, count in sizes.items()))
+
+
+def _sizing(pool: str, outcome: dict, replicas: int | None) -> str:
+    """Who sizes `pool` now, in `status`'s words: the autoscaler (auto), the operator's pin of an
+    auto pool (pinned), or nobody but `scale` (fixed: the job has no `scaling.auto.<pool>`)."""
+    if pool in outcome.get("auto", ()):
+        return "auto"
+    if pool not in outcome.get("managed", ()):
+        return "fixed" if replicas is not None else f"fixed: the job has no scaling.auto.{pool} to hand it back to"
+    return "pinned (--auto releases it)"
 
 
 def check_scale_flags(replicas: int | None, auto: bool) -> None:

@@ -84,10 +84,10 @@ class PoolAutoscaling:
         self.pending: asyncio.Queue[Decision] = asyncio.Queue()
         self.busy = False  # a decision is queued or being applied
 
-    def auto_pools(self) -> list[str]:
-        """The job's pools the autoscaler may resize (enabled, not pinned)."""
+    def auto_pools(self, pinned_too: bool = False) -> list[str]:
+        """The job's pools the autoscaler may resize (enabled, not pinned; `pinned_too`: enabled)."""
         auto = self.autoscaler.auto
-        return [p for p in self.sizes() if auto.of(p).enabled and p not in self.autoscaler.pinned]
+        return [p for p in self.sizes() if auto.of(p).enabled and (pinned_too or p not in self.autoscaler.pinned)]
 
     def started(self, spares: Mapping[str, int] | None = None) -> None:
         """The pools are up: their sizes (and warm spares, by pool) as events.jsonl's

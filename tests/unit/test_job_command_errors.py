@@ -119,3 +119,13 @@ def test_submit_refuses_a_relative_run_dir(monkeypatch):
     stored = CliRunner().invoke(app, ["submit", config, "--address", "http://h:8265", "--set", "run_dir=/shared/r",
                                       "--set", "weights.dir=w"])  # fmt: skip
     assert stored.exit_code == 2 and "error: weights.dir=w: relative" in stored.output
+
+
+def test_scale_names_who_sizes_the_pool_in_status_words():
+    """Trial 23b C7: `scale` said `pinned` of a pool the job does not autoscale, which `status` calls
+    `fixed`, and `--auto` on it said `not auto`."""
+    auto_reward = {"auto": ["reward"], "managed": ["reward", "generation"]}
+    assert jobs._sizing("reward", auto_reward, None) == "auto"
+    assert jobs._sizing("generation", auto_reward, 3) == "pinned (--auto releases it)"
+    assert jobs._sizing("reference", auto_reward, 2) == "fixed"
+    assert jobs._sizing("reference", auto_reward, None) == "fixed: the job has no scaling.auto.reference to hand it back to"
