@@ -100,11 +100,14 @@ def submit(
         # The stop's "continue with" line names this command, not the job's own copy of the config.
         again = [*(w for s in set_ for w in ("--set", s)), *(["--python", python] if python != "python" else [])]
         hint = shlex.join(["rlhf-cluster", "submit", str(config), "--address", address, *again, "--resume", "auto"])
+        train = [python, "-m", "actors.commands.cli", "train", "job.yaml", "--address", "auto"]
+        # Trial 23b C5: an interpreter without the project's dependencies failed with a bare
+        # ModuleNotFoundError in the log and FAILED in status; it is named, with the option to fix it.
+        lacks = f"error: {python} on the cluster lacks rlhf_cluster's dependencies; pass submit --python PATH"
         job_id = client.submit_job(
-            entrypoint=shlex.join(
-                [python, "-m", "actors.commands.cli", "train", "job.yaml", "--address", "auto"]
-                + ["--max-retries", str(max_retries), *given]
-            ),
+            entrypoint=f"{shlex.join([python, '-c', 'import typer, pydantic, yaml'])} || "
+            f"{{ echo {shlex.quote(lacks)} >&2; exit 2; }}; "
+            + shlex.join([*train, "--max-retries", str(max_retries), *given]),
             runtime_env={"working_dir": str(stage), "env_vars": {RESUME_HINT: hint}},
             metadata={"rlhf_job_name": cfg.name},
         )

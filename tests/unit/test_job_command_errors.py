@@ -5,6 +5,7 @@ what the trial saw them raise."""
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -94,13 +95,24 @@ def test_submit_passes_resume_and_overwrite_and_the_users_own_command_to_continu
     from actors.commands.common import REPO
 
     config = str(REPO / "configs" / "demo.yaml")
-    args = ["submit", config, "--address", "http://h:8265", "--set", "run_dir=/shared/r"]
+    args = ["submit", config, "--address", "http://h:8265", "--set", "run_dir=/shared/r", "--python", sys.executable]
     result = CliRunner().invoke(app, [*args, "--resume", "auto", "--overwrite"])
     assert result.exit_code == 0 and result.output.strip().endswith("raysubmit_1"), result.output
-    words = shlex.split(sent["entrypoint"])
+    check, train = sent["entrypoint"].rsplit("; ", 1)
+    words = shlex.split(train)
     assert words[-3:] == ["--resume", "auto", "--overwrite=aside"] and words[3:5] == ["train", "job.yaml"]
+    # The entrypoint first checks its interpreter (trial 23b C5), in the shell Ray runs it in.
+    import subprocess
+
+    assert subprocess.run(["bash", "-c", f"{check}; echo ok"], capture_output=True, text=True).stdout == "ok\n"
+    lacking = check.replace(sys.executable, "/nonexistent/python")
+    ran = subprocess.run(["bash", "-c", f"{lacking}; echo train"], capture_output=True, text=True)
+    assert ran.returncode == 2 and ran.stdout == "" and "lacks rlhf_cluster's dependencies" in ran.stderr
     hint = sent["runtime_env"]["env_vars"][jobs.RESUME_HINT]
-    assert hint == f"rlhf-cluster submit {config} --address http://h:8265 --set run_dir=/shared/r --resume auto"
+    assert hint == (
+        f"rlhf-cluster submit {config} --address http://h:8265 --set run_dir=/shared/r --python {sys.executable} "
+        "--resume auto"
+    )
     monkeypatch.setenv(jobs.RESUME_HINT, hint)
     assert _resume_command(tmp_path / "job.yaml", [], "auto") == hint  # what the job's stop line says
     bad = CliRunner().invoke(app, [*args, "--overwrite=delet"])
