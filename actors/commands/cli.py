@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from actors.commands import export, jobs, run_views, stages, tinker, training
-from actors.commands.common import DEFAULT_CONFIG, REPO, load_config_or_exit, refuse
+from actors.commands.common import DEFAULT_CONFIG, REPO, load_config_or_exit, refuse, refuse_a_taken_port
 from rlhf_cluster.telemetry.console import attach_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decoupled, distributed RLHF on Ray.")
@@ -70,6 +70,7 @@ def gateway(
     cfg = load_config_or_exit(config, set_)
     if not is_loopback(host) and not token:
         refuse(f"--host {host} is reachable from other machines: set --token")
+    refuse_a_taken_port(host, port, "--port N (0: any free one)")
     out = out or Path(cfg.run_dir) / "gateway" / "episodes.jsonl"
     if cfg.model.sft_warmup_steps:  # trial 23b G1: what a job trains from is its warm-up, not this
         typer.echo(

@@ -128,6 +128,20 @@ def connect(address: str | None, num_cpus: int | None = None, log_to_driver: boo
         refuse(f"cannot reach Ray at {address}: {first_sentence(str(exc))} (--address)")
 
 
+def refuse_a_taken_port(host: str, port: int, option: str) -> None:
+    """End the command now when `host:port` cannot be listened on (another server holds it), before
+    minutes of start-up end in a bind error's traceback (trial 23b: the gateway after its engine,
+    `tinker` after Ray and the learner). Port 0 (any free one) always can."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds (a closed one's TIME_WAIT)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            refuse(f"{host}:{port}: cannot listen there ({exc.strerror}); another server holds it? {option}")
+
+
 def first_sentence(message: str) -> str:
     """`message` up to its first full stop (or its first line): Ray's errors run on with advice."""
     line = message.strip().splitlines()[0] if message.strip() else message

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from actors.commands.common import refuse, refused_input
+from actors.commands.common import refuse, refuse_a_taken_port, refused_input
 from rlhf_cluster.config.base import ConfigError
 from rlhf_cluster.config.loading import load_model
 from rlhf_cluster.config.tinker import TinkerConfig, check_context_length
@@ -34,6 +34,7 @@ def tinker(
         refuse(str(exc), hint="set `token: tml-...` in the config or export the variable it names")
     with refused_input(ConfigError, ValueError):  # no model folder, or a context longer than it accepts
         check_context_length(cfg.model, model_folder(cfg))
+    refuse_a_taken_port(cfg.host, cfg.port, "--set port=N (0: any free one)")
     name, state = cfg.model.name, cfg.state_dir
     try:
         serve(cfg, on_ready=lambda url: typer.echo(f"tinker: serving {name} at {url} (state: {state})"))
