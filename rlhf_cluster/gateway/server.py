@@ -343,7 +343,8 @@ def build_app(gateway: Gateway) -> FastAPI:
         if gateway.token and request.headers.get("authorization") != f"Bearer {gateway.token}":
             raise GatewayError(
                 401,
-                "missing or wrong bearer token (Authorization: Bearer <generation.agent.token>)",
+                "missing or wrong bearer token (Authorization: Bearer <the token>: generation.agent.token, or "
+                "the standalone gateway's --token)",
                 "authentication_error",
             )
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def serve(
 
     async def run() -> None:
         server, serving, bound = await start_server(gateway, host, port)
-        on_ready(f"http://{host}:{bound}")
+        # A wildcard bind is no address a client can use: this machine's name (reachable on every interface).
+        on_ready(f"http://{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{bound}")
         await serving
 
     def interrupted(signum, frame):

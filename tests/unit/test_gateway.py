@@ -164,7 +164,7 @@ def test_dropped_history_unknown_episodes_and_missing_tokens_are_refused(tokeniz
 
     async def calls():
         ok = client_of(gateway, key="secret")
-        with pytest.raises(openai.AuthenticationError):
+        with pytest.raises(openai.AuthenticationError, match="generation.agent.token, or the standalone gateway's --token"):
             await client_of(gateway, key="wrong").chat.completions.create(model="policy", messages=[{"role": "user", "content": "x"}])
         with pytest.raises(openai.NotFoundError, match="not open"):
             await client_of(gateway, "nope", key="secret").chat.completions.create(
