@@ -119,7 +119,7 @@ def test_train_refuses_an_address_that_is_not_ray_in_one_line(web_server):
 
 @pytest.mark.parametrize(
     "args",
-    [["logs", "abc"], ["stop", "abc"], ["status", "abc"], ["submit", DEMO]],
+    [["logs", "abc"], ["stop", "abc"], ["status", "abc"], ["submit", DEMO, "--set", "run_dir=/shared/runs/demo"]],
     ids=["logs", "stop", "status", "submit"],
 )
 def test_job_api_commands_refuse_an_unreachable_dashboard_in_one_line(args, closed_port):
