@@ -74,7 +74,7 @@ def gateway(
     out = out or Path(cfg.run_dir) / "gateway" / "episodes.jsonl"
     if cfg.model.sft_warmup_steps:  # trial 23b G1: what a job trains from is its warm-up, not this
         typer.echo(
-            f"gateway: serving the base model; a job of this config starts from its supervised warm-up "
+            f"warning: the gateway serves the base model; a job of this config starts from its supervised warm-up "
             f"(model.sft_warmup_steps={cfg.model.sft_warmup_steps}), which the gateway does not run",
             err=True,
         )

@@ -76,7 +76,7 @@ def test_a_kl_blow_up_is_rolled_back_with_a_smaller_lr_and_the_run_recovers(ray_
     # (in this process: the CLI's own code, without a second interpreter importing it, ~3 s of 2 cores)
     shown = CliRunner().invoke(app, ["status", str(cfg.run_dir)])
     assert shown.exit_code == 0, (shown.output, shown.exception)
-    assert "state: not running" in shown.output and "steps: 4 of 4" in shown.output, shown.output
+    assert "state: finished (4 steps)" in shown.output and "steps: 4 of 4" in shown.output, shown.output
     assert "guardrail actions: 1" in shown.output and f"step {event['at_step']}: rolled back (guardrails.rollback" \
         ".kl_above=1: kl = " in shown.output and "learner.lr 5e-05" in shown.output, shown.output
 

@@ -256,6 +256,8 @@ def test_the_standalone_gateway_says_it_serves_the_model_before_a_warm_up(model_
     args = ["gateway", "--set", f"model.cache_dir={model_cache}", "--set", f"run_dir={tmp_path}/run"]
     warmed = CliRunner().invoke(app, [*args, "--set", "model.sft_warmup_steps=100"])
     assert warmed.exit_code == 0, warmed.output
-    assert "gateway: serving the base model; a job of this config starts from its supervised warm-up" in warmed.output
+    assert "warning: the gateway serves the base model; a job of this config starts from its supervised warm-up" in (
+        warmed.output
+    )
     plain = CliRunner().invoke(app, [*args, "--set", "model.sft_warmup_steps=0"])
     assert plain.exit_code == 0 and "warm-up" not in plain.output and len(served) == 2
