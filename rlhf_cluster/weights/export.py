@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from rlhf_cluster.fileio import checksum_file, fsync_path
+from rlhf_cluster.fileio import CorruptLogError, checksum_file, fsync_path, read_jsonl
 from rlhf_cluster.weights.store import WeightIntegrityError, WeightStore
 
 log = logging.getLogger(__name__)
@@ -126,16 +126,11 @@ def _chosen_version(root: Path, version: int | None) -> tuple[int, WeightStore]:
 
 def _newest_trained(run_dir: Path) -> int | None:
     """The weight version of the run's last trained step (metrics.jsonl), None when it has none."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    versions = []
-    for line in path.read_text().splitlines():
-        try:
-            versions.append(int(json.loads(line)["weight_version"]))
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line, a row of another kind
-    return max(versions, default=None)
+    try:
+        rows = read_jsonl(run_dir / "metrics.jsonl").rows  # (a torn last line left out)
+    except CorruptLogError:
+        return None  # the export's own figures do not depend on it
+    return max((int(r["weight_version"]) for r in rows if "weight_version" in r), default=None)
 
 
 def _base_folder(cfg, run_dir: Path) -> Path:
